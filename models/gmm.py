@@ -1,0 +1,81 @@
+"""Gaussian mixture in d dimensions with isotropic components and its exact score at every u.
+
+Component k: weight w_k, mean mu_k, covariance sigma_k^2 I. The VP marginal at OU clock u is
+the mixture of N(a mu_k, (a^2 sigma_k^2 + s^2) I), a = e^{-u/2}, s^2 = 1 - e^{-u}, whose score
+is sum_k r_k(x) (a mu_k - x) / (a^2 sigma_k^2 + s^2) with responsibilities r_k(x).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class GaussianMixture:
+    """Exact score model (``models.contract``) of an isotropic Gaussian mixture on ``shape``.
+
+    ``means`` (K, d) with d = prod(shape), ``stds`` (K,), ``weights`` (K,) summing to 1.
+    """
+
+    shape: tuple[int, ...]
+    means: torch.Tensor
+    stds: torch.Tensor
+    weights: torch.Tensor
+    log_weights: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        k, d = self.means.shape
+        if d != math.prod(self.shape) or self.stds.shape != (k,) or self.weights.shape != (k,):
+            raise ValueError("gmm: means must be (K, prod(shape)), stds and weights (K,)")
+        if not torch.isclose(self.weights.sum(), torch.tensor(1.0, dtype=self.weights.dtype)):
+            raise ValueError("gmm: weights must sum to 1")
+        object.__setattr__(self, "log_weights", torch.log(self.weights))
+
+    @classmethod
+    def random(cls, shape, components: int = 3, spread: float = 3.0, std: float = 0.5,
+               seed: int = 0, weights=None) -> "GaussianMixture":
+        """Well-separated modes: means of norm ``spread * sqrt(d)``-ish at random directions."""
+        d = math.prod(shape)
+        rng = np.random.default_rng(seed)
+        means = torch.from_numpy(rng.standard_normal((components, d))) * spread / math.sqrt(1 + spread**2)
+        w = torch.full((components,), 1 / components, dtype=torch.float64) if weights is None \
+            else torch.as_tensor(weights, dtype=torch.float64)
+        stds = torch.full((components,), std / math.sqrt(1 + spread**2), dtype=torch.float64)
+        return cls(tuple(shape), means, stds, w / w.sum())
+
+    def responsibilities(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Posterior component probabilities (B, K) of states x (B, *shape) at clocks u (B,)."""
+        xf = x.reshape(x.shape[0], -1).to(torch.float64)
+        a = torch.exp(-0.5 * u.to(torch.float64))[:, None]
+        var = a**2 * self.stds[None] ** 2 - torch.expm1(-u.to(torch.float64))[:, None]
+        d = xf.shape[1]
+        dist2 = _sqdist(xf, a, self.means)
+        logp = self.log_weights[None] - 0.5 * dist2 / var - 0.5 * d * torch.log(var)
+        return torch.softmax(logp, dim=1)
+
+    def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Exact score at (x (B, *shape), u (B,))."""
+        xf = x.reshape(x.shape[0], -1).to(torch.float64)
+        a = torch.exp(-0.5 * u.to(torch.float64))[:, None]
+        var = a**2 * self.stds[None] ** 2 - torch.expm1(-u.to(torch.float64))[:, None]
+        r = self.responsibilities(x, u)
+        # sum_k r_k (a mu_k - x) / var_k
+        coef = r / var
+        score = a * (coef @ self.means) - coef.sum(1, keepdim=True) * xf
+        return score.to(x.dtype).reshape(x.shape)
+
+    def sample(self, n: int, seed: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """n exact draws (n, *shape) and their component labels (n,)."""
+        rng = np.random.default_rng(seed)
+        labels = torch.from_numpy(rng.choice(len(self.weights), size=n, p=self.weights.numpy()))
+        z = torch.from_numpy(rng.standard_normal((n, self.means.shape[1])))
+        x = self.means[labels] + self.stds[labels, None] * z
+        return x.reshape(n, *self.shape).to(dtype), labels
+
+
+def _sqdist(x: torch.Tensor, a: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """||x_b - a_b mu_k||^2, (B, K)."""
+    return (x**2).sum(1, keepdim=True) - 2 * a * (x @ means.T) + a**2 * (means**2).sum(1)[None]

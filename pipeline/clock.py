@@ -1,0 +1,158 @@
+"""Forward processes mapped onto the one OU clock (ALGORITHM.md section 1).
+
+Every process here is described by its native time ``t`` (a DDPM index, a continuous VP time,
+an EDM sigma, a flow-matching time) and the map to the OU clock ``u = -2 log a(t)``, where
+``a`` is the signal coefficient of the equivalent variance-preserving marginal
+``x_u = e^{-u/2} x_0 + sqrt(1 - e^{-u}) z``. ``input_scale(u)`` turns a VP state into the
+network's native state (1 for VP, ``1/a`` for VE, ``1/(a+s)`` for flow matching).
+
+All functions take and return float64 tensors of any shape.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def signal(u: Tensor) -> Tensor:
+    """Signal coefficient a(u) = e^{-u/2} of the VP marginal."""
+    return torch.exp(-0.5 * u)
+
+
+def noise_std(u: Tensor) -> Tensor:
+    """Noise coefficient s(u) = sqrt(1 - e^{-u}) of the VP marginal."""
+    return torch.sqrt(-torch.expm1(-u))
+
+
+@dataclass(frozen=True)
+class OU:
+    """The OU clock itself: native time is u."""
+
+    def u_of_t(self, t: Tensor) -> Tensor:
+        return t
+
+    def t_of_u(self, u: Tensor) -> Tensor:
+        return u
+
+    def input_scale(self, u: Tensor) -> Tensor:
+        return torch.ones_like(u)
+
+
+@dataclass(frozen=True)
+class VPLinear:
+    """Continuous VP-SDE with linear beta(t) on t in [0, 1] (Song et al. 2021)."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def u_of_t(self, t: Tensor) -> Tensor:
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+
+    def t_of_u(self, u: Tensor) -> Tensor:
+        db = self.beta_max - self.beta_min
+        # Positive root of 0.5 db t^2 + beta_min t - u = 0, in the cancellation-free form.
+        return 2 * u / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * db * u))
+
+    def input_scale(self, u: Tensor) -> Tensor:
+        return torch.ones_like(u)
+
+
+@dataclass(frozen=True)
+class VPCosine:
+    """Cosine schedule of Nichol and Dhariwal, alpha_bar(t) = cos^2((t+s)/(1+s) pi/2) / f(0)."""
+
+    s: float = 0.008
+    t_max: float = 0.9946  # keeps alpha_bar > 0, as the usual beta <= 0.999 clipping does
+
+    def _phase(self, t: Tensor) -> Tensor:
+        return (t + self.s) / (1 + self.s) * (math.pi / 2)
+
+    def u_of_t(self, t: Tensor) -> Tensor:
+        c0 = math.cos(self.s / (1 + self.s) * math.pi / 2)
+        return -2 * torch.log(torch.cos(self._phase(t)) / c0)
+
+    def t_of_u(self, u: Tensor) -> Tensor:
+        c0 = math.cos(self.s / (1 + self.s) * math.pi / 2)
+        phase = torch.arccos(torch.exp(-0.5 * u) * c0)
+        return phase * (2 / math.pi) * (1 + self.s) - self.s
+
+    def input_scale(self, u: Tensor) -> Tensor:
+        return torch.ones_like(u)
+
+
+@dataclass(frozen=True)
+class DiscreteVP:
+    """Discrete DDPM schedule: index i = 0..T-1 with alpha_bar_i = prod_{j<=i} (1 - beta_j).
+
+    Native time is the (continuous) index; u is interpolated linearly between integer
+    indices, so u_of_t and t_of_u are exact inverses and exact at the integers.
+    """
+
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    num_steps: int = 1000
+
+    def table(self) -> Tensor:
+        """u at each integer index, shape (T,)."""
+        betas = torch.linspace(self.beta_start, self.beta_end, self.num_steps, dtype=torch.float64)
+        return -torch.cumsum(torch.log1p(-betas), 0)
+
+    def u_of_t(self, t: Tensor) -> Tensor:
+        table = self.table()
+        t = t.to(torch.float64).clamp(0, self.num_steps - 1)
+        i = t.floor().clamp(max=self.num_steps - 2).long()
+        w = t - i
+        return table[i] * (1 - w) + table[i + 1] * w
+
+    def t_of_u(self, u: Tensor) -> Tensor:
+        table = self.table()
+        i = (torch.searchsorted(table, u.contiguous()) - 1).clamp(0, self.num_steps - 2)
+        w = (u - table[i]) / (table[i + 1] - table[i])
+        return i + w
+
+    def input_scale(self, u: Tensor) -> Tensor:
+        return torch.ones_like(u)
+
+
+@dataclass(frozen=True)
+class VE:
+    """Variance-exploding / EDM process x = x_0 + sigma z; native time is sigma."""
+
+    def u_of_t(self, sigma: Tensor) -> Tensor:
+        return torch.log1p(sigma**2)
+
+    def t_of_u(self, u: Tensor) -> Tensor:
+        return torch.sqrt(torch.expm1(u))
+
+    def input_scale(self, u: Tensor) -> Tensor:
+        return 1 / signal(u)
+
+
+@dataclass(frozen=True)
+class Flow:
+    """Rectified-flow interpolation x_t = (1 - t) x_0 + t z, t in [0, 1)."""
+
+    def u_of_t(self, t: Tensor) -> Tensor:
+        return torch.log1p((t / (1 - t)) ** 2)
+
+    def t_of_u(self, u: Tensor) -> Tensor:
+        a, s = signal(u), noise_std(u)
+        return s / (a + s)
+
+    def input_scale(self, u: Tensor) -> Tensor:
+        return 1 / (signal(u) + noise_std(u))
+
+
+PROCESSES = {
+    "ou": OU,
+    "vp-linear": VPLinear,
+    "vp-cosine": VPCosine,
+    "ddpm": DiscreteVP,
+    "ve": VE,
+    "edm": VE,
+    "flow": Flow,
+}

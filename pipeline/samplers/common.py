@@ -1,0 +1,68 @@
+"""Small tensor helpers shared by the samplers."""
+from __future__ import annotations
+
+import torch
+
+from pipeline.clock import noise_std, signal
+from pipeline.integrators import Steps
+
+
+def per_point(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape coefficients (M,) or (B, M) to broadcast against ``like`` (B, M, *S)."""
+    c = c.to(like.dtype)
+    c = c[None] if c.dim() == 1 else c
+    return c.reshape(c.shape + (1,) * (like.dim() - 2))
+
+
+def field_mean(x: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """Mean over every dim after the first ``batch_dims``."""
+    return x.flatten(batch_dims).mean(-1)
+
+
+def evaluate(model, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Score at states y (B, M, *S) with clocks u (M,) or (B, M): one batched model call."""
+    b, m = y.shape[:2]
+    if b * m == 0:
+        return torch.zeros_like(y)
+    u = u.to(y.dtype).expand(b, m).reshape(-1)
+    return model(y.reshape(b * m, *y.shape[2:]), u).reshape(y.shape)
+
+
+def run_steps(model, y: torch.Tensor, u: torch.Tensor, steps: Steps,
+              xi: torch.Tensor | None) -> torch.Tensor:
+    """Sequential steps (ALGORITHM.md section 2) from y (B, *S) over clocks u (n,) with noise
+    xi (B, n, *S) or None (ODE); returns the state after the n steps, (B, *S)."""
+    for j in range(u.numel()):
+        g = evaluate(model, y[:, None], u[j : j + 1])[:, 0]
+        y = float(steps.decay[j]) * y + float(steps.drift[j]) * g
+        if xi is not None:
+            y = y + float(steps.noise[j]) * xi[:, j]
+    return y
+
+
+def denoise(model, y: torch.Tensor, u: float) -> torch.Tensor:
+    """Tweedie mean E[x_0 | y] = (y + s^2 score) / a at OU clock u, (B, *S)."""
+    uu = torch.tensor(u, dtype=torch.float64)
+    a, s2 = float(signal(uu)), float(noise_std(uu) ** 2)
+    return (y + s2 * evaluate(model, y[:, None], uu.reshape(1))[:, 0]) / a
+
+
+def residual(new: torch.Tensor, old: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """max_m ||new_m - old_m||^2 / (d var_m) per row (ALGORITHM.md section 5): (B, n, *S) -> (B,).
+
+    Zero for an empty slice, so a max-reduction over ranks ignores it."""
+    r = field_mean((new - old) ** 2, 2) / var.to(new.dtype)
+    return r.amax(1) if r.shape[1] else torch.zeros(r.shape[0], dtype=new.dtype)
+
+
+def prefix_states(y0: torch.Tensor, b: torch.Tensor, e: torch.Tensor, *, comm):
+    """Unrolled linear recurrence y_{j+1} = (E_{j+1}/E_j) y_j + b_j over a rank's slice.
+
+    y0 (B, *S) the block start; b (B, n, *S) the slice's increments; e (n+1,) float64 the
+    products E_lo..E_hi. Returns (y_lo (B, 1, *S), y_{lo+1..hi} (B, n, *S)); the sum over
+    earlier slices comes from one exclusive scan over the communicator.
+    """
+    w = b / per_point(e[1:], b)
+    base = (y0 + comm.exscan_sum(w.sum(1)))[:, None]
+    after = per_point(e[1:], b) * (base + torch.cumsum(w, 1))
+    return per_point(e[:1], b) * base, after

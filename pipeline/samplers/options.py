@@ -1,0 +1,63 @@
+"""Sampler options and statistics, shared by every sampler in this package."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Options:
+    """Typed sampler settings; each sampler reads the ones it uses.
+
+    form: ``exponential`` (score frozen per step) or ``eps`` (DDPM/DDIM), see integrators.
+    max_sweeps: Picard sweeps per block (capped at the block's points, where it is exact).
+    tol: stop a member's block once max_m r_m <= tol^2 (ALGORITHM.md section 5); None for
+        exactly ``max_sweeps`` sweeps.
+    window: points in the sliding window (``window`` sampler).
+    on_divergence: ``sequential`` (redo the block step by step) or ``error`` when a residual is
+        NaN/Inf or exceeds ``divergence_threshold``.
+    corrector_*: underdamped Langevin corrector of PIADM-ODE (section 4); steps = 0 turns it off.
+    denoise_final: return the Tweedie denoised mean E[x_0 | y] at u_min (one more model call).
+    """
+
+    form: str = "exponential"
+    max_sweeps: int = 20
+    tol: float | None = None
+    window: int = 100
+    on_divergence: str = "sequential"
+    divergence_threshold: float = 1e8
+    corrector_steps: int = 8
+    corrector_length: float = 0.5
+    corrector_gamma: float = 2.0
+    corrector_sweeps: int = 8
+    denoise_final: bool = False
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What a sampling run cost.
+
+    rounds: sequential batched model calls (the parallel depth).
+    model_calls: field-sized model evaluations per trajectory (mean over the batch).
+    residuals: max residual r over the batch after each sweep, in sweep order.
+    sweeps: sweeps run in each block (or window advances), per block.
+    fallbacks: blocks redone sequentially after a divergence.
+    """
+
+    rounds: int = 0
+    model_calls: float = 0.0
+    residuals: tuple[float, ...] = ()
+    sweeps: tuple[int, ...] = ()
+    fallbacks: int = 0
+
+    def __add__(self, other: "Stats") -> "Stats":
+        return Stats(
+            self.rounds + other.rounds,
+            self.model_calls + other.model_calls,
+            self.residuals + other.residuals,
+            self.sweeps + other.sweeps,
+            self.fallbacks + other.fallbacks,
+        )
+
+
+class PicardDivergence(RuntimeError):
+    """A Picard block produced NaN/Inf or a runaway residual."""

@@ -1,0 +1,131 @@
+"""Block-parallel Picard samplers PIADM-SDE and PIADM-ODE (ALGORITHM.md sections 3, 4 and 6).
+
+Inside a block of M steps with start state y_0 and E_m = prod_{j<m} decay_j (= e^{t_m/2}),
+
+    y_m = E_m ( y_0 + sum_{j<m} b_j / E_{j+1} ),   b_j = drift_j g_j + noise_j xi_j.
+
+A sweep evaluates every g_j at the previous sweep's states in one batched call, then rebuilds
+every y_m with one prefix sum. Each rank owns a contiguous slice [lo, hi) of the block's steps:
+it evaluates its own g_j, takes a local cumsum and adds the exclusive scan of the slice totals
+over the communicator (section 6). A member stops sweeping once its residual is within
+tolerance; its states freeze there, so its result does not depend on who shares its batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.comm import SerialComm
+from pipeline.decomposition import owner_of, slice_bounds
+from pipeline.grids import Grid
+from pipeline.integrators import Steps, step_coefficients
+from pipeline.noise import Noise
+from pipeline.samplers.common import denoise, evaluate, per_point, prefix_states, residual, run_steps
+from pipeline.samplers.corrector import langevin_corrector
+from pipeline.samplers.options import Options, PicardDivergence, Stats
+
+
+def sweep(model, y0, inputs, u, drift, e, noise_term, *, comm):
+    """One Picard sweep over a rank's slice [lo, hi) of a block (section 3).
+
+    y0 (B, *S) block start; inputs (B, n, *S) states y_lo..y_{hi-1} of the previous sweep;
+    u (n,) their clocks; drift (n,) and e (n+1,) = E_lo..E_hi float64; noise_term (B, n, *S)
+    or None. Returns (inputs for the next sweep, states y_{lo+1..hi}), both (B, n, *S).
+    """
+    b = per_point(drift, inputs) * evaluate(model, inputs, u)
+    if noise_term is not None:
+        b = b + noise_term
+    first, after = prefix_states(y0, b, e, comm=comm)
+    return torch.cat([first, after[:, :-1]], 1), after
+
+
+def picard_block(model, y0, u, steps: Steps, noise: Noise | None, start: int, *, comm,
+                 options: Options):
+    """Sweep one block of M steps from y0 (B, *S) until tolerance or ``max_sweeps``.
+
+    u (M,) clocks of the block's steps, steps their coefficients, ``start`` the global index of
+    the block's first step (the noise key); noise None for the ODE. Returns (y_end, Stats).
+    """
+    m, batch, shape = u.numel(), y0.shape[0], y0.shape[1:]
+    lo, hi = slice_bounds(m, comm.size, comm.rank)
+    e = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(steps.decay, 0)])
+    mine = steps.slice(lo, hi)
+    noise_term = None
+    if noise is not None:
+        xi = noise.path(start + lo, start + hi)
+        noise_term = per_point(mine.noise, xi) * xi
+    inputs = y0[:, None].expand(batch, hi - lo, *shape).clone()
+    after = inputs.clone()
+    rows = torch.arange(batch)
+    history, calls, sweeps, diverged = [], 0, 0, []
+    while rows.numel() and sweeps < min(options.max_sweeps, m):
+        sweeps += 1
+        new_inputs, new_after = sweep(
+            model, y0[rows], inputs[rows], u[lo:hi], mine.drift, e[lo : hi + 1],
+            None if noise_term is None else noise_term[rows], comm=comm,
+        )
+        r = comm.allreduce_max(residual(new_after, after[rows], mine.var))
+        inputs[rows], after[rows] = new_inputs, new_after
+        calls += rows.numel() * m
+        history.append(float(r.max()))
+        bad = ~torch.isfinite(r) | (r > options.divergence_threshold)
+        diverged += rows[bad].tolist()
+        keep = ~bad if options.tol is None else ~bad & (r > options.tol**2)
+        rows = rows[keep]
+    owner = owner_of(m, comm.size, m - 1)
+    y_end = comm.bcast(after[:, -1] if comm.rank == owner else torch.empty_like(y0), owner)
+    stats = Stats(rounds=sweeps, model_calls=calls / batch, residuals=tuple(history),
+                  sweeps=(sweeps,))
+    if diverged:
+        y_end, extra = _fallback(model, y0, y_end, u, steps, noise, start, diverged, options, history)
+        stats += extra
+    return y_end, stats
+
+
+def _fallback(model, y0, y_end, u, steps, noise, start, rows, options, history):
+    """Redo diverged rows step by step (every rank alike) or raise, per ``on_divergence``."""
+    if options.on_divergence != "sequential":
+        raise PicardDivergence(
+            f"Picard residual went NaN/Inf or above {options.divergence_threshold:g} "
+            f"(history {history[-3:]}) in the block starting at step {start}: use a smaller "
+            "sampler.block_size, or set sampler.on_divergence = 'sequential'"
+        )
+    m = u.numel()
+    xi = None if noise is None else noise.path(start, start + m, rows)
+    y_end = y_end.clone()
+    y_end[rows] = run_steps(model, y0[rows], u, steps, xi)
+    if not torch.isfinite(y_end[rows]).all():
+        raise PicardDivergence(
+            f"the sequential steps from step {start} also give NaN/Inf: the model or the grid "
+            "is broken there (check model output and sampler.u_min)"
+        )
+    return y_end, Stats(rounds=m, model_calls=len(rows) * m / y0.shape[0], fallbacks=1)
+
+
+def _piadm(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stochastic: bool):
+    steps = step_coefficients(grid.u, stochastic=stochastic, form=options.form)
+    y, stats = y0, Stats()
+    for n, (a, b) in enumerate(grid.blocks):
+        y, s = picard_block(model, y, grid.u[a:b], steps.slice(a, b),
+                            noise if stochastic else None, a, comm=comm, options=options)
+        stats += s
+        if not stochastic and options.corrector_steps > 0:
+            y, s = langevin_corrector(model, y, float(grid.u[b]), noise, n, comm=comm,
+                                      options=options)
+            stats += s
+    if options.denoise_final:
+        y = denoise(model, y, float(grid.u[-1]))
+        stats += Stats(rounds=1, model_calls=1.0)
+    return y, stats
+
+
+def piadm_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+              options: Options = Options()):
+    """PIADM-SDE: block Picard on the reverse SDE from y0 (B, *S); returns (y (B, *S), Stats)."""
+    return _piadm(model, y0, grid, noise, comm=comm, options=options, stochastic=True)
+
+
+def piadm_ode(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+              options: Options = Options()):
+    """PIADM-ODE: block Picard on the probability-flow ODE, each block followed by the
+    Langevin corrector (off when ``corrector_steps = 0``); returns (y (B, *S), Stats)."""
+    return _piadm(model, y0, grid, noise, comm=comm, options=options, stochastic=False)
