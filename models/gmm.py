@@ -79,3 +79,15 @@ class GaussianMixture:
 def _sqdist(x: torch.Tensor, a: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """||x_b - a_b mu_k||^2, (B, K)."""
     return (x**2).sum(1, keepdim=True) - 2 * a * (x @ means.T) + a**2 * (means**2).sum(1)[None]
+
+
+def mode_fractions(model: GaussianMixture, x: torch.Tensor, u: float) -> torch.Tensor:
+    """Fraction of samples x (B, *shape) at clock u whose most likely mode is k, (K,)."""
+    uu = torch.full((x.shape[0],), u, dtype=torch.float64)
+    labels = model.responsibilities(x, uu).argmax(1)
+    return torch.bincount(labels, minlength=len(model.weights)).to(torch.float64) / x.shape[0]
+
+
+def weight_error(model: GaussianMixture, x: torch.Tensor, u: float, denoised: bool = False) -> float:
+    """Largest |sampled mode fraction - mode weight| (the Tweedie mean classifies alike)."""
+    return float((mode_fractions(model, x, u) - model.weights).abs().max())

@@ -74,3 +74,45 @@ class GaussianRandomField:
         zf = torch.fft.rfftn(z, dim=self.dims, norm="ortho")
         x = torch.fft.irfftn(zf * self.spectrum.sqrt(), s=self.shape, dim=self.dims, norm="ortho")
         return x.to(dtype)
+
+
+def radial_spectrum(x: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Radially binned variance spectrum of fields x (B, *shape) over the last ``ndim`` dims.
+
+    Returns (k (K,), power (K,)): shell k = round(|k|) for k = 1 .. min(shape)//2, power the
+    mean of |F x|^2 (orthonormal FFT) over the members and the shell's modes.
+    """
+    shape = tuple(x.shape[-ndim:])
+    dims = tuple(range(-ndim, 0))
+    power = torch.fft.rfftn(x.to(torch.float64), dim=dims, norm="ortho").abs() ** 2
+    return _shell_mean(power.mean(0), shape)
+
+
+def _shell_mean(values: torch.Tensor, shape: tuple[int, ...]):
+    shell = torch.round(wavenumbers(shape)).long()
+    weights = _full_weights(shape)
+    kmax = min(shape) // 2
+    inside = (shell <= kmax).flatten()
+    index = shell.flatten()[inside]
+    num = torch.zeros(kmax + 1, dtype=torch.float64).index_add_(
+        0, index, (values * weights).flatten()[inside])
+    den = torch.zeros(kmax + 1, dtype=torch.float64).index_add_(0, index, weights.flatten()[inside])
+    k = torch.arange(1, kmax + 1)
+    return k, num[1:] / den[1:]
+
+
+def target_spectrum(model: GaussianRandomField, u: float, denoised: bool) -> torch.Tensor:
+    """Exact per-mode variance of the sampler's target at clock u (rfft half-grid).
+
+    The VP marginal a^2 lambda + s^2, or for the Tweedie mean E[x_0 | x_u] of a Gaussian,
+    a^2 lambda^2 / (a^2 lambda + s^2)."""
+    marg = model.marginal_spectrum(u)
+    return math.exp(-u) * model.spectrum**2 / marg if denoised else marg
+
+
+def spectrum_error(model: GaussianRandomField, x: torch.Tensor, u: float,
+                   denoised: bool = False) -> float:
+    """Mean over shells of |binned spectrum of x / exact target - 1| (x (B, *shape))."""
+    _, est = radial_spectrum(x, len(model.shape))
+    _, true = _shell_mean(target_spectrum(model, u, denoised), model.shape)
+    return float((est / true - 1).abs().mean())

@@ -61,11 +61,6 @@ class Noise:
         rows = range(len(self.keys)) if rows is None else rows
         return self._draw(PATH, rows, range(lo, hi))
 
-    def path_at(self, steps: Sequence[Sequence[int]]) -> torch.Tensor:
-        """xi at per-row steps ``steps[b]`` (equal lengths), (B, len(steps[0]), *shape)."""
-        parts = [self._draw(PATH, [b], s) for b, s in enumerate(steps)]
-        return torch.cat(parts, 0)
-
     def corrector(self, block: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Corrector start velocity (B, *shape) and Brownian increments (B, hi - lo, *shape)."""
         rows = range(len(self.keys))

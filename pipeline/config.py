@@ -1,0 +1,249 @@
+"""The run configuration: TOML parsed once, at the edge, into typed and validated values.
+
+``load_config(path, overrides)`` reads a TOML file, applies ``key=value`` overrides (values
+in TOML syntax; bare words are strings), rejects unknown keys and bad values with a one-line
+``ConfigError`` that names the key and the fix, and returns a frozen ``Config``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "grf"
+    shape: tuple[int, ...] = (64, 64)
+    slope: float = 3.0  # grf: spectral slope of the power law
+    length: float = 8.0  # grf: correlation length in grid points
+    components: int = 3  # gmm: number of modes
+    spread: float = 3.0  # gmm: mode separation in units of the mode width
+    std: float = 0.5  # gmm: mode width before normalisation
+    weights: tuple[float, ...] = ()  # gmm: mode weights (empty: equal)
+    seed: int = 0  # gmm: seed of the mode positions
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    method: str = "piadm-sde"
+    steps: int = 1000
+    block_size: int = 100
+    tol: float | None = None
+    max_sweeps: int = 100
+    seed: int = 0
+    grid: str = "ou"
+    u_min: float = 1e-3
+    u_max: float = 10.0
+    knee: float = 1.0
+    form: str = "exponential"
+    dtype: str = "float32"
+    window: int = 100
+    on_divergence: str = "sequential"
+    denoise_final: bool = False
+    corrector_steps: int = 8
+    corrector_length: float = 0.5
+    corrector_gamma: float = 2.0
+    corrector_sweeps: int = 8
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    members: int = 8
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    path: str = "out/ensemble.zarr"
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    methods: tuple[str, ...] = ("sequential-sde", "piadm-sde", "window")
+    sizes: tuple[tuple[int, ...], ...] = ()  # field shapes to sweep; empty: model.shape
+    members: int = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    text: str = ""  # the effective configuration as TOML-like text, for provenance
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the effective configuration text."""
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig, "sampler": SamplerConfig, "ensemble": EnsembleConfig,
+    "output": OutputConfig, "bench": BenchConfig,
+}
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(key: str, value, hint):
+    """Check ``value`` against the annotation ``hint``; return it in the field's type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config: {key} must be a list, got {value!r}")
+        inner = args[0]
+        return tuple(_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(
+            f"config: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _section(name: str, table: dict):
+    cls = _SECTION_TYPES[name]
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in table.items():
+        if key not in hints:
+            raise ConfigError(
+                f"config: unknown key {name}.{key}{_suggest(key, hints)}; "
+                f"valid keys: {', '.join(hints)}"
+            )
+        values[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**values)
+
+
+def _set(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    if len(keys) != 2 or not all(keys):
+        raise ConfigError(f"--set {dotted}={raw}: the key must look like section.key, e.g. sampler.steps")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: a string
+    tree.setdefault(keys[0], {})[keys[1]] = value
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _text(cfg: Config) -> str:
+    """The effective configuration as TOML (keys left at None are omitted)."""
+    lines = []
+    for name in _SECTION_TYPES:
+        lines.append(f"[{name}]")
+        for key, value in dataclasses.asdict(getattr(cfg, name)).items():
+            if value is not None:
+                lines.append(f"{key} = {_toml(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Validate a nested dict {section: {key: value}} into a ``Config``."""
+    for name in tree:
+        if name not in _SECTION_TYPES:
+            raise ConfigError(
+                f"config: unknown section [{name}]{_suggest(name, _SECTION_TYPES)}; "
+                f"valid sections: {', '.join(_SECTION_TYPES)}"
+            )
+    cfg = Config(**{n: _section(n, tree.get(n, {})) for n in _SECTION_TYPES})
+    validate(cfg)
+    return dataclasses.replace(cfg, text=_text(cfg))
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read TOML at ``path`` (None: defaults only), apply ``section.key=value`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found: pass an existing TOML file")
+        try:
+            tree = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: use the form section.key=value")
+        _set(tree, *item.split("=", 1))
+    return config_from_dict(tree)
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"config: {key} {problem}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; raises ConfigError naming the key."""
+    from models import MODELS
+    from pipeline.grids import GRIDS
+    from pipeline.integrators import FORMS
+    from pipeline.samplers import SAMPLERS
+
+    m, s, e = cfg.model, cfg.sampler, cfg.ensemble
+    _check(m.kind in MODELS, "model.kind", f"= {m.kind!r} is unknown: use one of {', '.join(MODELS)}")
+    _check(1 <= len(m.shape) <= 3 and min(m.shape) >= 2, "model.shape",
+           f"= {list(m.shape)} must have 1 to 3 sizes, each >= 2")
+    _check(s.method in SAMPLERS, "sampler.method",
+           f"= {s.method!r} is unknown: use one of {', '.join(SAMPLERS)}")
+    _check(s.steps >= 1, "sampler.steps", f"= {s.steps} must be >= 1")
+    _check(s.block_size >= 1, "sampler.block_size", f"= {s.block_size} must be >= 1")
+    _check(s.max_sweeps >= 1, "sampler.max_sweeps", f"= {s.max_sweeps} must be >= 1")
+    _check(s.tol is None or s.tol >= 0, "sampler.tol", f"= {s.tol} must be >= 0")
+    _check(s.method != "window" or s.tol is not None, "sampler.tol",
+           "must be set for sampler.method = 'window' (ParaDiGMS uses 0.1)")
+    _check(s.window >= 1, "sampler.window", f"= {s.window} must be >= 1")
+    _check(0 < s.u_min < s.u_max, "sampler.u_min",
+           f"= {s.u_min} must be > 0 and below sampler.u_max = {s.u_max}")
+    _check(s.knee > 0, "sampler.knee", f"= {s.knee} must be > 0")
+    _check(s.grid in GRIDS, "sampler.grid", f"= {s.grid!r} is unknown: use one of {', '.join(GRIDS)}")
+    _check(s.form in FORMS, "sampler.form", f"= {s.form!r} is unknown: use one of {', '.join(FORMS)}")
+    _check(s.dtype in ("float32", "float64"), "sampler.dtype", f"= {s.dtype!r}: use float32 or float64")
+    _check(s.on_divergence in ("sequential", "error"), "sampler.on_divergence",
+           f"= {s.on_divergence!r}: use 'sequential' or 'error'")
+    _check(s.seed >= 0, "sampler.seed", f"= {s.seed} must be >= 0")
+    _check(s.corrector_steps >= 0, "sampler.corrector_steps", "must be >= 0 (0 turns it off)")
+    _check(s.corrector_sweeps >= 1, "sampler.corrector_sweeps", "must be >= 1")
+    _check(s.corrector_length > 0 and s.corrector_gamma > 0, "sampler.corrector_length",
+           "and sampler.corrector_gamma must be > 0")
+    _check(e.members >= 1, "ensemble.members", f"= {e.members} must be >= 1")
+    _check(e.batch_size >= 1, "ensemble.batch_size", f"= {e.batch_size} must be >= 1")
+    _check(bool(cfg.output.path), "output.path", "must not be empty")
+    for method in cfg.bench.methods:
+        _check(method in SAMPLERS, "bench.methods",
+               f"has unknown method {method!r}: use any of {', '.join(SAMPLERS)}")
+    for size in cfg.bench.sizes:
+        _check(1 <= len(size) <= 3 and min(size) >= 2, "bench.sizes",
+               f"has bad shape {list(size)}: each needs 1 to 3 sizes >= 2")
+    _check(cfg.bench.members >= 1, "bench.members", f"= {cfg.bench.members} must be >= 1")
