@@ -50,10 +50,10 @@ class SamplerConfig:
     window: int = 100
     on_divergence: str = "sequential"
     denoise_final: bool = False
-    corrector_steps: int = 8
-    corrector_length: float = 0.5
+    corrector_steps: int = 4
+    corrector_length: float = 0.25
     corrector_gamma: float = 2.0
-    corrector_sweeps: int = 8
+    corrector_sweeps: int = 4
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 def slice_bounds(n: int, parts: int, index: int) -> tuple[int, int]:
     """Half-open range [lo, hi) of part ``index`` when n points are cut into ``parts`` contiguous
     slices whose sizes differ by at most one (the first ``n % parts`` slices get one more)."""
-    if parts < 1 or not 0 <= index < parts:
-        raise ValueError(f"bad slice request: part {index} of {parts}")
+    if n < 0 or parts < 1 or not 0 <= index < parts:
+        raise ValueError(f"bad slice request: part {index} of {parts} over {n} points")
     size, extra = divmod(n, parts)
     lo = index * size + min(index, extra)
     return lo, lo + size + (1 if index < extra else 0)
@@ -14,8 +14,8 @@ def slice_bounds(n: int, parts: int, index: int) -> tuple[int, int]:
 
 def owner_of(n: int, parts: int, point: int) -> int:
     """Index of the part whose slice (as in ``slice_bounds``) holds ``point`` of n."""
-    if not 0 <= point < n:
-        raise ValueError(f"point {point} outside 0..{n - 1}")
+    if parts < 1 or not 0 <= point < n:
+        raise ValueError(f"bad owner request: point {point} of {n} over {parts} parts")
     size, extra = divmod(n, parts)
     cut = extra * (size + 1)
     return point // (size + 1) if point < cut else extra + (point - cut) // size

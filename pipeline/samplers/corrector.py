@@ -2,8 +2,11 @@
 
 Target: the VP marginal at the block's end clock u_end, with the score frozen there:
 dx = v dr, dv = (s(x, u_end) - gamma v) dr + sqrt(2 gamma) dB, v_0 ~ N(0, I).
-On a uniform grid of N steps of length delta, with D = e^{-gamma delta}, the velocity takes an
-exact Ornstein-Uhlenbeck step with the force frozen and the position a symplectic-Euler step:
+Near the data end the score's stiffness grows like 1/s(u)^2, so time is measured in units of
+the marginal noise scale s = s(u_end): delta = (length / N) s and gamma = gamma_0 / s keep
+the step stable and the damping ratio fixed at every noise level. On that uniform grid of N
+steps, with D = e^{-gamma delta}, the velocity takes an exact Ornstein-Uhlenbeck step with the
+force frozen and the position a symplectic-Euler step:
 
     v_{n+1} = D v_n + (1 - D)/gamma * s(x_n) + sqrt(1 - D^2) zeta_n,   x_{n+1} = x_n + delta v_{n+1}.
 
@@ -17,6 +20,7 @@ import math
 
 import torch
 
+from pipeline.clock import noise_std
 from pipeline.decomposition import owner_of, slice_bounds
 from pipeline.samplers.common import evaluate, prefix_states
 from pipeline.samplers.options import Options, Stats
@@ -25,8 +29,9 @@ from pipeline.samplers.options import Options, Stats
 def langevin_corrector(model, x0: torch.Tensor, u_end: float, noise, block: int, *, comm,
                        options: Options):
     """Run the corrector from x0 (B, *S) at clock u_end; returns (x (B, *S), Stats)."""
-    n, gamma = options.corrector_steps, options.corrector_gamma
-    delta = options.corrector_length / n
+    scale = float(noise_std(torch.tensor(u_end, dtype=torch.float64)))
+    n, gamma = options.corrector_steps, options.corrector_gamma / scale
+    delta = options.corrector_length / n * scale
     d = math.exp(-gamma * delta)
     lo, hi = slice_bounds(n, comm.size, comm.rank)
     v0, zeta = noise.corrector(block, lo, hi)

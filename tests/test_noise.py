@@ -1,0 +1,138 @@
+"""Counter-based keyed noise (ALGORITHM.md section 6, STYLE.md 'noise is an argument')."""
+import math
+
+import pytest
+import torch
+
+from pipeline.noise import Noise, standard_normal
+
+F64 = torch.float64
+SHAPE = (3, 4)
+KEYS = ((0, 0), (0, 1), (0, 2))
+
+
+def noise(keys=KEYS, seed=11, shape=SHAPE, dtype=F64):
+    return Noise(seed, keys, shape, dtype=dtype)
+
+
+def test_prior_is_independent_of_batch_composition():
+    full = noise().prior()
+    alone = noise(keys=((0, 1),)).prior()
+    torch.testing.assert_close(full[1:2], alone, rtol=0, atol=0)
+    torch.testing.assert_close(noise().subset([1]).prior(), alone, rtol=0, atol=0)
+    reordered = noise(keys=((0, 2), (5, 5), (0, 0))).prior()
+    torch.testing.assert_close(reordered[[2, 0]], full[[0, 2]], rtol=0, atol=0)
+
+
+def test_path_is_independent_of_batch_composition():
+    full = noise().path(3, 9)
+    alone = noise(keys=((0, 1),)).path(3, 9)
+    torch.testing.assert_close(full[1:2], alone, rtol=0, atol=0)
+    torch.testing.assert_close(noise().subset([1]).path(3, 9), alone, rtol=0, atol=0)
+    torch.testing.assert_close(noise().path(3, 9, rows=[2, 1]), full[[2, 1]], rtol=0, atol=0)
+
+
+def test_corrector_is_independent_of_batch_composition():
+    v0, dw = noise().corrector(2, 0, 5)
+    v0_alone, dw_alone = noise().subset([2]).corrector(2, 0, 5)
+    torch.testing.assert_close(v0[2:], v0_alone, rtol=0, atol=0)
+    torch.testing.assert_close(dw[2:], dw_alone, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lo,mid,hi", [(0, 1, 2), (0, 4, 10), (5, 5, 9), (7, 12, 12)])
+def test_path_splits_at_any_point(lo, mid, hi):
+    n = noise()
+    whole = n.path(lo, hi)
+    torch.testing.assert_close(torch.cat([n.path(lo, mid), n.path(mid, hi)], 1), whole,
+                               rtol=0, atol=0)
+
+
+def test_corrector_path_splits_at_any_point():
+    n = noise()
+    _, whole = n.corrector(1, 0, 9)
+    _, left = n.corrector(1, 0, 4)
+    _, right = n.corrector(1, 4, 9)
+    torch.testing.assert_close(torch.cat([left, right], 1), whole, rtol=0, atol=0)
+
+
+def test_path_step_j_is_the_same_draw_in_any_window():
+    n = noise()
+    torch.testing.assert_close(n.path(0, 10)[:, 6], n.path(6, 7)[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(n.path(0, 10)[:, 6], n.path(4, 8)[:, 2], rtol=0, atol=0)
+
+
+def test_draws_are_reproducible():
+    torch.testing.assert_close(noise().path(0, 3), noise().path(0, 3), rtol=0, atol=0)
+
+
+def distinct(*draws):
+    flat = [d.flatten() for d in draws]
+    return all(not torch.equal(flat[i], flat[j])
+               for i in range(len(flat)) for j in range(i + 1, len(flat)))
+
+
+def test_different_keys_give_different_draws():
+    n = noise(keys=((0, 0), (0, 1), (1, 0), (1, 1)))
+    rows = n.path(0, 1)[:, 0]
+    assert distinct(*rows)  # items and members, and (0, 1) vs (1, 0)
+    assert distinct(noise(seed=1).prior(), noise(seed=2).prior())
+    steps = noise().path(0, 5)
+    assert distinct(*steps.unbind(1))
+
+
+def test_streams_give_different_draws_at_the_same_index():
+    n = noise()
+    prior = n.prior()
+    step0 = n.path(0, 1)[:, 0]
+    v0, dw = n.corrector(0, 0, 1)
+    assert distinct(prior, step0, v0, dw[:, 0])
+
+
+def test_corrector_blocks_give_different_draws():
+    n = noise()
+    v0_a, dw_a = n.corrector(0, 0, 3)
+    v0_b, dw_b = n.corrector(1, 0, 3)
+    assert distinct(v0_a, v0_b)
+    assert distinct(dw_a, dw_b)
+    assert distinct(*dw_a.unbind(1))
+
+
+def test_draws_are_standard_normal():
+    n = 200_000
+    x = torch.from_numpy(standard_normal(5, 1, 0, 0, 0, (n,)))
+    se = 1 / math.sqrt(n)
+    assert abs(float(x.mean())) < 5 * se
+    assert abs(float(x.var()) - 1) < 5 * math.sqrt(2) * se
+    assert abs(float((x**4).mean()) - 3) < 5 * math.sqrt(96) * se  # E z^8 - (E z^4)^2 = 96
+    assert abs(float((x.abs() < 1).double().mean()) - 0.682689492137) < 5 * 0.5 * se
+
+
+def test_noise_draws_are_standard_normal_and_uncorrelated_across_keys():
+    draws = Noise(3, ((0, 0), (0, 1)), (100, 100), dtype=F64).path(0, 10)
+    x = draws.reshape(2, -1)
+    n = x.shape[1]
+    se = 1 / math.sqrt(n)
+    assert float(x.mean(1).abs().max()) < 5 * se
+    assert float((x.var(1) - 1).abs().max()) < 5 * math.sqrt(2) * se
+    assert abs(float((x[0] * x[1]).mean())) < 5 * se
+    # Consecutive steps of one trajectory are uncorrelated too.
+    assert abs(float((draws[0, :-1] * draws[0, 1:]).mean())) < 5 / math.sqrt(9 * 100 * 100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtype_and_shapes(dtype):
+    n = noise(dtype=dtype)
+    assert n.prior().shape == (3, *SHAPE) and n.prior().dtype == dtype
+    assert n.path(2, 7).shape == (3, 5, *SHAPE) and n.path(2, 7).dtype == dtype
+    assert n.path(2, 7, rows=[0]).shape == (1, 5, *SHAPE)
+    v0, dw = n.corrector(1, 3, 7)
+    assert v0.shape == (3, *SHAPE) and dw.shape == (3, 4, *SHAPE)
+    assert v0.dtype == dtype and dw.dtype == dtype
+    assert n.path(4, 4).shape == (3, 0, *SHAPE)
+
+
+def test_default_dtype_is_float32_and_matches_float64_draws():
+    low = Noise(11, KEYS, SHAPE).path(0, 2)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, noise().path(0, 2).float(), rtol=0, atol=0)
+
