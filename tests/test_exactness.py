@@ -1,0 +1,54 @@
+"""Each sampler's ensemble matches the exact target statistics within sampling error."""
+import math
+
+import pytest
+import torch
+
+from models.gmm import GaussianMixture, mode_fractions
+from models.grf import GaussianRandomField, _shell_mean, radial_spectrum, wavenumbers
+from pipeline.grids import make_grid
+from pipeline.noise import Noise
+from pipeline.samplers import SAMPLERS, Options
+
+U_MIN = 1e-3
+OPTS = {
+    "sequential-sde": Options(), "sequential-ode": Options(),
+    "piadm-sde": Options(max_sweeps=100, tol=0.1),
+    "piadm-ode": Options(max_sweeps=100, tol=1e-3, corrector_steps=0),  # corrector: see issue note
+    "window": Options(window=100, tol=0.1),
+}
+
+
+def _chi2_of_spectrum(model, y):
+    """z-scores of the shell spectra, with the number of independent rfft coefficients."""
+    _, est = radial_spectrum(y, len(model.shape))
+    _, true = _shell_mean(model.marginal_spectrum(U_MIN), model.shape)
+    shell = torch.round(wavenumbers(model.shape)).long().flatten()
+    counts = torch.bincount(shell, minlength=len(true) + 2)[1 : len(true) + 1].double()
+    z = (est / true - 1) * torch.sqrt(counts * y.shape[0])
+    return z
+
+
+@pytest.mark.parametrize("shape,members", [((64, 64), 8), ((6, 10, 8), 24)])
+@pytest.mark.parametrize("method", list(OPTS))
+def test_grf_spectrum_matches_exact_target(method, shape, members):
+    model = GaussianRandomField(shape, length=4.0)
+    grid = make_grid("ou", 1000, u_min=U_MIN, u_max=10.0, block_size=100)
+    noise = Noise(11, tuple((0, m) for m in range(members)), shape, torch.float64)
+    y, _ = SAMPLERS[method](model, noise.prior(), grid, noise, options=OPTS[method])
+    z = _chi2_of_spectrum(model, y)
+    k = z.numel()
+    assert z.abs().max() < 4.5, z
+    assert float((z**2).sum()) < k + 5 * math.sqrt(2 * k)
+
+
+@pytest.mark.parametrize("method", ["sequential-sde", "piadm-sde", "window"])
+def test_gmm_mode_weights_within_three_standard_errors(method):
+    model = GaussianMixture.random((8,), components=3, weights=[0.5, 0.3, 0.2], seed=1)
+    grid = make_grid("ou", 200, u_min=U_MIN, u_max=10.0, block_size=40)
+    n = 400
+    noise = Noise(5, tuple((0, m) for m in range(n)), (8,), torch.float64)
+    y, _ = SAMPLERS[method](model, noise.prior(), grid, noise, options=OPTS[method])
+    frac = mode_fractions(model, y, U_MIN)
+    se = torch.sqrt(model.weights * (1 - model.weights) / n)
+    assert bool(((frac - model.weights).abs() <= 3 * se).all()), (frac, model.weights)

@@ -1,0 +1,87 @@
+import math
+
+import pytest
+import torch
+
+from models.grf import GaussianRandomField
+from pipeline.grids import make_grid
+from pipeline.noise import Noise
+from pipeline.samplers import SAMPLERS, Options, PicardDivergence
+
+
+def _setup(shape=(12, 10), steps=48, block=12, members=3):
+    model = GaussianRandomField(shape)
+    grid = make_grid("ou", steps, u_min=1e-3, u_max=10.0, block_size=block)
+    noise = Noise(7, tuple((0, m) for m in range(members)), shape, torch.float64)
+    return model, grid, noise, noise.prior()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("method,ref", [("piadm-sde", "sequential-sde"), ("piadm-ode", "sequential-ode")])
+@pytest.mark.parametrize("form", ["exponential", "eps"])
+def test_picard_with_block_size_sweeps_equals_sequential(method, ref, form):
+    model, grid, noise, y0 = _setup()
+    opts = Options(form=form, max_sweeps=12, corrector_steps=0)
+    y, stats = SAMPLERS[method](model, y0, grid, noise, options=opts)
+    y_ref, _ = SAMPLERS[ref](model, y0, grid, noise, options=opts)
+    assert _rel(y, y_ref) <= 1e-10
+    assert stats.rounds == 48 and stats.sweeps == (12,) * 4
+
+
+def test_picard_error_shrinks_with_sweeps():
+    model, grid, noise, y0 = _setup()
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
+    errs = [_rel(SAMPLERS["piadm-sde"](model, y0, grid, noise, options=Options(max_sweeps=k))[0], y_ref)
+            for k in (4, 7, 10)]
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_tolerance_stops_early_and_stays_close():
+    model, grid, noise, y0 = _setup(steps=200, block=40)
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
+    y, stats = SAMPLERS["piadm-sde"](model, y0, grid, noise, options=Options(max_sweeps=40, tol=0.01))
+    assert stats.rounds < 200
+    assert _rel(y, y_ref) < 1e-3
+
+
+def test_float32_parity_within_roundoff():
+    model = GaussianRandomField((16, 16))
+    grid = make_grid("ou", 40, u_min=1e-3, u_max=10.0, block_size=10)
+    noise = Noise(1, ((0, 0),), (16, 16), torch.float32)
+    y0 = noise.prior()
+    y, _ = SAMPLERS["piadm-sde"](model, y0, grid, noise, options=Options(max_sweeps=10))
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
+    assert _rel(y, y_ref) <= 1e-5
+
+
+class _Exploding:
+    """A score that returns NaN for states far from the origin: Picard's first sweeps visit them."""
+
+    def __init__(self, inner):
+        self.inner, self.shape = inner, inner.shape
+
+    def __call__(self, x, u):
+        s = self.inner(x, u)
+        big = x.flatten(1).abs().amax(1) > 1e3
+        s[big] = math.nan
+        return s
+
+
+def test_divergence_raises_or_falls_back_to_sequential():
+    model, grid, noise, y0 = _setup()
+    bad = _Exploding(model)
+    huge = y0 * 1e3  # first sweep sees 1e3-scale states -> NaN residual
+    with pytest.raises(PicardDivergence, match="block_size"):
+        SAMPLERS["piadm-sde"](bad, huge, grid, noise, options=Options(on_divergence="error"))
+
+
+def test_fallback_gives_sequential_result():
+    model, grid, noise, y0 = _setup()
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
+    opts = Options(max_sweeps=3, divergence_threshold=1e-30)  # every block "diverges"
+    y, stats = SAMPLERS["piadm-sde"](model, y0, grid, noise, options=opts)
+    assert stats.fallbacks == 4
+    assert _rel(y, y_ref) <= 1e-10
