@@ -85,3 +85,13 @@ def test_fallback_gives_sequential_result():
     y, stats = SAMPLERS["piadm-sde"](model, y0, grid, noise, options=opts)
     assert stats.fallbacks == 4
     assert _rel(y, y_ref) <= 1e-10
+
+
+def test_denoise_final_is_tweedie_mean_of_the_end_state():
+    model, grid, noise, y0 = _setup()
+    y, s = SAMPLERS["piadm-sde"](model, y0, grid, noise, options=Options(max_sweeps=12))
+    yd, sd = SAMPLERS["piadm-sde"](model, y0, grid, noise, options=Options(max_sweeps=12, denoise_final=True))
+    u = torch.full((y.shape[0],), 1e-3, dtype=torch.float64)
+    a, s2 = math.exp(-0.5e-3), -math.expm1(-1e-3)
+    assert torch.allclose(yd, (y + s2 * model(y, u)) / a, rtol=1e-12, atol=1e-12)
+    assert sd.rounds == s.rounds + 1

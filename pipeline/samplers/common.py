@@ -5,6 +5,7 @@ import torch
 
 from pipeline.clock import noise_std, signal
 from pipeline.integrators import Steps
+from pipeline.samplers.options import Options, Stats
 
 
 def per_point(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -66,3 +67,10 @@ def prefix_states(y0: torch.Tensor, b: torch.Tensor, e: torch.Tensor, *, comm):
     base = (y0 + comm.exscan_sum(w.sum(1)))[:, None]
     after = per_point(e[1:], b) * (base + torch.cumsum(w, 1))
     return per_point(e[:1], b) * base, after
+
+
+def finish(model, y: torch.Tensor, stats: Stats, u_min: float, options: Options):
+    """Apply the optional final Tweedie denoising (one more round); returns (y, stats)."""
+    if not options.denoise_final:
+        return y, stats
+    return denoise(model, y, u_min), stats + Stats(rounds=1, model_calls=1.0)

@@ -19,7 +19,7 @@ from pipeline.decomposition import owner_of, slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
-from pipeline.samplers.common import denoise, evaluate, per_point, prefix_states, residual, run_steps
+from pipeline.samplers.common import finish, evaluate, per_point, prefix_states, residual, run_steps
 from pipeline.samplers.corrector import langevin_corrector
 from pipeline.samplers.options import Options, PicardDivergence, Stats
 
@@ -112,10 +112,7 @@ def _piadm(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoch
             y, s = langevin_corrector(model, y, float(grid.u[b]), noise, n, comm=comm,
                                       options=options)
             stats += s
-    if options.denoise_final:
-        y = denoise(model, y, float(grid.u[-1]))
-        stats += Stats(rounds=1, model_calls=1.0)
-    return y, stats
+    return finish(model, y, stats, float(grid.u[-1]), options)
 
 
 def piadm_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),

@@ -7,7 +7,7 @@ from pipeline.comm import SerialComm
 from pipeline.grids import Grid
 from pipeline.integrators import step_coefficients
 from pipeline.noise import Noise
-from pipeline.samplers.common import denoise, run_steps
+from pipeline.samplers.common import finish, run_steps
 from pipeline.samplers.options import Options, Stats
 
 
@@ -19,10 +19,8 @@ def _sequential(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     for lo, hi in grid.blocks:
         xi = noise.path(lo, hi) if stochastic else None
         y = run_steps(model, y, grid.u[lo:hi], steps.slice(lo, hi), xi)
-    n = grid.steps + int(options.denoise_final)
-    if options.denoise_final:
-        y = denoise(model, y, float(grid.u[-1]))
-    return y, Stats(rounds=n, model_calls=float(n), sweeps=(1,) * grid.steps)
+    stats = Stats(rounds=grid.steps, model_calls=float(grid.steps), sweeps=(1,) * grid.steps)
+    return finish(model, y, stats, float(grid.u[-1]), options)
 
 
 def sequential_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *,

@@ -15,7 +15,7 @@ from pipeline.comm import SerialComm
 from pipeline.grids import Grid
 from pipeline.integrators import step_coefficients
 from pipeline.noise import Noise
-from pipeline.samplers.common import denoise, evaluate, field_mean, per_point
+from pipeline.samplers.common import finish, evaluate, field_mean, per_point
 from pipeline.samplers.options import Options, PicardDivergence, Stats
 
 
@@ -88,10 +88,7 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
     y = states[:, 0]
     stats = Stats(rounds=rounds, model_calls=calls / batch, residuals=tuple(history),
                   sweeps=tuple(advances))
-    if options.denoise_final:
-        y = denoise(model, y, float(grid.u[-1]))
-        stats += Stats(rounds=1, model_calls=1.0)
-    return y, stats
+    return finish(model, y, stats, float(grid.u[-1]), options)
 
 
 def window_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
