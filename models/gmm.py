@@ -48,20 +48,20 @@ class GaussianMixture:
 
     def responsibilities(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Posterior component probabilities (B, K) of states x (B, *shape) at clocks u (B,)."""
+        return self._terms(x, u)[3]
+
+    def _terms(self, x: torch.Tensor, u: torch.Tensor):
+        """Flattened x (B, d), a (B, 1), component variances (B, K), responsibilities (B, K)."""
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
         a = torch.exp(-0.5 * u.to(torch.float64))[:, None]
         var = a**2 * self.stds[None] ** 2 - torch.expm1(-u.to(torch.float64))[:, None]
-        d = xf.shape[1]
         dist2 = _sqdist(xf, a, self.means)
-        logp = self.log_weights[None] - 0.5 * dist2 / var - 0.5 * d * torch.log(var)
-        return torch.softmax(logp, dim=1)
+        logp = self.log_weights[None] - 0.5 * dist2 / var - 0.5 * xf.shape[1] * torch.log(var)
+        return xf, a, var, torch.softmax(logp, dim=1)
 
     def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Exact score at (x (B, *shape), u (B,))."""
-        xf = x.reshape(x.shape[0], -1).to(torch.float64)
-        a = torch.exp(-0.5 * u.to(torch.float64))[:, None]
-        var = a**2 * self.stds[None] ** 2 - torch.expm1(-u.to(torch.float64))[:, None]
-        r = self.responsibilities(x, u)
+        xf, a, var, r = self._terms(x, u)
         # sum_k r_k (a mu_k - x) / var_k
         coef = r / var
         score = a * (coef @ self.means) - coef.sum(1, keepdim=True) * xf
