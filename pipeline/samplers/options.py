@@ -25,9 +25,9 @@ class Options:
     window: int = 100
     on_divergence: str = "sequential"
     divergence_threshold: float = 1e8
-    corrector_steps: int = 4
-    corrector_length: float = 0.25
-    corrector_gamma: float = 2.0
+    corrector_steps: int = 8
+    corrector_length: float = 1.0
+    corrector_gamma: float = 1.0
     corrector_sweeps: int = 4
     denoise_final: bool = False
 
