@@ -1,22 +1,26 @@
-"""The communicator interface samplers use, and its serial implementation.
+"""The communicator interface samplers use: a serial one and one over mpi4py.
 
 Samplers receive a communicator explicitly (STYLE.md); a one-rank communicator runs the same
 code path as many. Tensors passed to the collectives are reduced element-wise and keep their
-shape, dtype and device.
+shape, dtype and device. ``seconds`` accumulates the wall time spent inside collectives, which
+the bench reports as the communication share.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import time
 
+import numpy as np
 import torch
 
+# Environment variables that MPI launchers (mpiexec/Hydra, srun --mpi=pmi2/pmix, Open MPI) set.
+LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 
-@dataclass(frozen=True)
+
 class SerialComm:
     """A one-rank communicator: every collective is the identity (or zero for exscan)."""
 
-    rank: int = 0
-    size: int = 1
+    rank, size, seconds = 0, 1, 0.0
 
     def exscan_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Exclusive prefix sum over ranks: sum of x on ranks < this rank (zeros on rank 0)."""
@@ -34,5 +38,112 @@ class SerialComm:
     def bcast(self, x: torch.Tensor, root: int) -> torch.Tensor:
         return x
 
+    def bcast_object(self, obj, root: int = 0):
+        return obj
+
+    def allgather_object(self, obj) -> list:
+        return [obj]
+
+    def alltoall_object(self, objs: list) -> list:
+        return list(objs)
+
     def barrier(self) -> None:
         return None
+
+    def split(self, color: int, key: int) -> "SerialComm":
+        return self
+
+    def local_layout(self) -> tuple[int, int]:
+        """(rank, size) among the ranks on this node."""
+        return 0, 1
+
+    def abort(self, code: int) -> None:
+        raise SystemExit(code)
+
+
+class MPIComm:
+    """A communicator over an mpi4py ``Comm``. Tensors travel through host numpy buffers, so
+    any MPI works (no CUDA-aware build needed); the copies are timed with the collective."""
+
+    def __init__(self, comm):
+        from mpi4py import MPI
+
+        self._mpi, self._comm = MPI, comm
+        self.rank, self.size, self.seconds = comm.Get_rank(), comm.Get_size(), 0.0
+
+    def _reduce(self, x: torch.Tensor, op, exclusive: bool = False) -> torch.Tensor:
+        start = time.perf_counter()
+        send = np.ascontiguousarray(x.detach().cpu().numpy())
+        recv = np.zeros_like(send)
+        if exclusive:
+            self._comm.Exscan(send, recv, op=op)
+            if self.rank == 0:  # MPI leaves rank 0's Exscan result undefined
+                recv[...] = 0
+        else:
+            self._comm.Allreduce(send, recv, op=op)
+        out = torch.from_numpy(recv).to(x.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def exscan_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Exclusive prefix sum over ranks: sum of x on ranks < this rank (zeros on rank 0)."""
+        return self._reduce(x, self._mpi.SUM, exclusive=True)
+
+    def allreduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        return self._reduce(x, self._mpi.MAX)
+
+    def allreduce_min(self, x: torch.Tensor) -> torch.Tensor:
+        return self._reduce(x, self._mpi.MIN)
+
+    def allreduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self._reduce(x, self._mpi.SUM)
+
+    def bcast(self, x: torch.Tensor, root: int) -> torch.Tensor:
+        """x from rank ``root``; other ranks pass a tensor of the same shape and dtype."""
+        start = time.perf_counter()
+        buf = np.ascontiguousarray(x.detach().cpu().numpy())
+        self._comm.Bcast(buf, root=root)
+        out = torch.from_numpy(buf).to(x.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def _timed(self, fn, *args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def bcast_object(self, obj, root: int = 0):
+        return self._timed(self._comm.bcast, obj, root=root)
+
+    def allgather_object(self, obj) -> list:
+        return self._timed(self._comm.allgather, obj)
+
+    def alltoall_object(self, objs: list) -> list:
+        """objs[r] goes to rank r; returns what every rank sent here, by source rank."""
+        return self._timed(self._comm.alltoall, objs)
+
+    def barrier(self) -> None:
+        self._timed(self._comm.Barrier)
+
+    def split(self, color: int, key: int) -> "MPIComm":
+        return MPIComm(self._comm.Split(color, key))
+
+    def local_layout(self) -> tuple[int, int]:
+        """(rank, size) among the ranks sharing this node's memory."""
+        node = self._comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank)
+        layout = node.Get_rank(), node.Get_size()
+        node.Free()
+        return layout
+
+    def abort(self, code: int) -> None:
+        """End every rank of the job now (an exception on one rank must not hang the others)."""
+        self._comm.Abort(code)
+
+
+def launched_by_mpi() -> bool:
+    """Whether an MPI launcher started this process (``PIADM_MPI=0/1`` overrides)."""
+    forced = os.environ.get("PIADM_MPI")
+    if forced is not None:
+        return forced == "1"
+    return any(v in os.environ for v in LAUNCHER_VARS)

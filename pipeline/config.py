@@ -69,6 +69,12 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    time_slices: int = 1  # ranks that split each Picard block; world = groups x time_slices
+    threads: int = 0  # torch CPU threads per rank; 0: this node's cores / ranks on it
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     methods: tuple[str, ...] = ("sequential-sde", "piadm-sde", "window")
     sizes: tuple[tuple[int, ...], ...] = ()  # field shapes to sweep; empty: model.shape
@@ -81,6 +87,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     text: str = ""  # the effective configuration as TOML-like text, for provenance
 
@@ -92,7 +99,7 @@ class Config:
 
 _SECTION_TYPES = {
     "model": ModelConfig, "sampler": SamplerConfig, "ensemble": EnsembleConfig,
-    "output": OutputConfig, "bench": BenchConfig,
+    "output": OutputConfig, "parallel": ParallelConfig, "bench": BenchConfig,
 }
 
 
@@ -204,6 +211,21 @@ def _check(ok: bool, key: str, problem: str) -> None:
         raise ConfigError(f"config: {key} {problem}")
 
 
+def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
+    """A layout must give every time slice at least one point to own."""
+    _check(p.time_slices >= 1, "parallel.time_slices", f"= {p.time_slices} must be >= 1")
+    _check(p.threads >= 0, "parallel.threads", f"= {p.threads} must be >= 0 (0: automatic)")
+    points = {"block_size": min(s.block_size, s.steps)}
+    if s.method.startswith("window"):
+        points = {"window": min(s.window, s.steps)}
+    if s.method == "piadm-ode" and s.corrector_steps > 0:
+        points["corrector_steps"] = s.corrector_steps
+    for key, n in points.items():
+        _check(p.time_slices <= n, "parallel.time_slices",
+               f"= {p.time_slices} is more than the {n} points of sampler.{key}: "
+               f"use at most {n} time slices, or raise sampler.{key}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
     from models import MODELS
@@ -240,6 +262,7 @@ def validate(cfg: Config) -> None:
     _check(e.members >= 1, "ensemble.members", f"= {e.members} must be >= 1")
     _check(e.batch_size >= 1, "ensemble.batch_size", f"= {e.batch_size} must be >= 1")
     _check(bool(cfg.output.path), "output.path", "must not be empty")
+    _check_parallel(cfg.parallel, s)
     for method in cfg.bench.methods:
         _check(method in SAMPLERS, "bench.methods",
                f"has unknown method {method!r}: use any of {', '.join(SAMPLERS)}")

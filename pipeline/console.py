@@ -1,4 +1,5 @@
-"""Rank-0 output: the one place that decides who speaks (STYLE.md, 'rank-0 work has a name')."""
+"""Rank-0 work, named (STYLE.md, 'rank-0 work has a name'): who speaks, and what is done once
+for everyone with the outcome shared."""
 from __future__ import annotations
 
 import sys
@@ -8,3 +9,21 @@ def print0(comm, *args, **kwargs) -> None:
     """Print to stderr on rank 0 only, flushed, so progress shows up in batch logs."""
     if comm.rank == 0:
         print(*args, file=sys.stderr, flush=True, **kwargs)
+
+
+def on_rank0(comm, fn, *args, **kwargs):
+    """Run ``fn`` on rank 0 only; every rank returns its result or raises its exception.
+
+    For checks and creation that must happen once (the output store) while any failure must
+    stop all ranks together, before anything else is written."""
+    result, error = None, None
+    if comm.rank == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as err:  # shared below, re-raised on every rank
+            error = err
+    result, error = comm.bcast_object((result, error), 0)
+    if error is not None:
+        error.collective = True  # every rank raises it: the CLI exits cleanly, no abort
+        raise error
+    return result

@@ -19,3 +19,16 @@ def owner_of(n: int, parts: int, point: int) -> int:
     size, extra = divmod(n, parts)
     cut = extra * (size + 1)
     return point // (size + 1) if point < cut else extra + (point - cut) // size
+
+
+def share(items: list, parts: int, index: int) -> list:
+    """The contiguous share of ``items`` that part ``index`` of ``parts`` owns."""
+    lo, hi = slice_bounds(len(items), parts, index)
+    return items[lo:hi]
+
+
+def group_of(rank: int, time_slices: int) -> tuple[int, int]:
+    """(group, slice) of a world rank when consecutive ranks form the time slices of a group."""
+    if time_slices < 1 or rank < 0:
+        raise ValueError(f"bad rank grid request: rank {rank} with {time_slices} time slices")
+    return divmod(rank, time_slices)

@@ -11,8 +11,10 @@ from models import build_model
 from pipeline import __version__
 from pipeline.comm import SerialComm
 from pipeline.config import Config, SamplerConfig
-from pipeline.console import print0
+from pipeline.console import on_rank0, print0
+from pipeline.decomposition import share
 from pipeline.grids import Grid, make_grid
+from pipeline.layout import RankGrid, rank_grid
 from pipeline.noise import Noise
 from pipeline.samplers import SAMPLERS, Options, Stats
 from pipeline.store import check_target, create_store, finalize, write_members
@@ -52,11 +54,12 @@ class Batch:
 
 def sample_batches(model, *, method: str, grid: Grid, options: Options, seed: int,
                    batches: list[tuple[int, ...]], dtype: torch.dtype, comm=SerialComm(),
-                   item: int = 0) -> Iterator[Batch]:
-    """Sample each member batch with keyed noise (seed, item, member, step)."""
+                   item: int = 0, device: str | torch.device = "cpu") -> Iterator[Batch]:
+    """Sample each member batch with keyed noise (seed, item, member, step); ``comm`` holds the
+    time slices that share each batch's Picard blocks."""
     sampler = SAMPLERS[method]
     for members in batches:
-        noise = Noise(seed, tuple((item, m) for m in members), tuple(model.shape), dtype)
+        noise = Noise(seed, tuple((item, m) for m in members), tuple(model.shape), dtype, device)
         y, stats = sampler(model, noise.prior(), grid, noise, comm=comm, options=options)
         yield Batch(members, y, stats)
 
@@ -91,33 +94,47 @@ class Summary:
     seconds: float
 
 
-def sample_to_store(cfg: Config, *, comm=SerialComm()) -> Summary:
-    """Sample ``cfg``'s ensemble into its Zarr store, printing progress on rank 0."""
-    check_target(cfg.output.path, cfg.output.overwrite)  # before any work
+def _create(cfg: Config, model) -> None:
+    create_store(cfg.output.path, shape=tuple(model.shape), members=cfg.ensemble.members,
+                 member_chunk=cfg.ensemble.batch_size, dtype=cfg.sampler.dtype,
+                 attrs=provenance(cfg), overwrite=cfg.output.overwrite)
+
+
+def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None,
+                    device: str | torch.device = "cpu") -> Summary:
+    """Sample ``cfg``'s ensemble into its Zarr store, printing progress on rank 0.
+
+    Each group of ``ranks`` samples a contiguous share of the member batches, its time slices
+    splitting every block; the group's first slice writes the batch (one whole chunk)."""
+    ranks = ranks or rank_grid(SerialComm(), 1)
+    world, slices = ranks.world, ranks.slices
     model = build_model(cfg.model)
     grid, options = sampler_grid(cfg.sampler), sampler_options(cfg.sampler)
     batches = member_batches(cfg.ensemble.members, cfg.ensemble.batch_size)
-    if comm.rank == 0:
-        create_store(cfg.output.path, shape=tuple(model.shape), members=cfg.ensemble.members,
-                     member_chunk=cfg.ensemble.batch_size, dtype=cfg.sampler.dtype,
-                     attrs=provenance(cfg), overwrite=cfg.output.overwrite)
-    comm.barrier()
+    mine = share(batches, ranks.groups, ranks.group)
+    on_rank0(world, _create, cfg, model)  # checks the target before anything is written
+    world.barrier()
     start, rounds, calls, done = time.perf_counter(), 0, 0.0, 0
+    total = sum(len(b) for b in mine)
     for batch in sample_batches(model, method=cfg.sampler.method, grid=grid, options=options,
-                                seed=cfg.sampler.seed, batches=batches,
-                                dtype=DTYPES[cfg.sampler.dtype], comm=comm):
-        if comm.rank == 0:
+                                seed=cfg.sampler.seed, batches=mine,
+                                dtype=DTYPES[cfg.sampler.dtype], comm=slices, device=device):
+        if slices.rank == 0:
             write_members(cfg.output.path, batch.members[0], batch.fields.cpu().numpy(),
                           batch.stats.rounds, batch.stats.model_calls)
         done += len(batch.members)
         rounds, calls = rounds + batch.stats.rounds, calls + batch.stats.model_calls * len(batch.members)
         elapsed = time.perf_counter() - start
-        eta = elapsed / done * (cfg.ensemble.members - done)
-        print0(comm, f"members {done}/{cfg.ensemble.members}  rounds {batch.stats.rounds}  "
-                     f"model calls/member {batch.stats.model_calls:.0f}  "
-                     f"elapsed {elapsed:.1f}s  eta {eta:.1f}s")
-    comm.barrier()
-    if comm.rank == 0:
-        finalize(cfg.output.path)
-    return Summary(cfg.output.path, cfg.ensemble.members, rounds,
-                   calls / cfg.ensemble.members, time.perf_counter() - start)
+        eta = elapsed / done * (total - done)
+        print0(world, f"group {ranks.group + 1}/{ranks.groups}: members {done}/{total}  "
+                      f"rounds {batch.stats.rounds}  "
+                      f"model calls/member {batch.stats.model_calls:.0f}  "
+                      f"elapsed {elapsed:.1f}s  eta {eta:.1f}s")
+    world.barrier()
+    on_rank0(world, finalize, cfg.output.path)
+    # Each group's time slices count the same calls once each: count one slice per group.
+    head = torch.tensor([calls if slices.rank == 0 else 0.0, float(rounds)], dtype=torch.float64)
+    calls_all = float(world.allreduce_sum(head)[0])
+    rounds_max = int(world.allreduce_max(head)[1])
+    return Summary(cfg.output.path, cfg.ensemble.members, rounds_max,
+                   calls_all / cfg.ensemble.members, time.perf_counter() - start)

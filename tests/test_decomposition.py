@@ -1,7 +1,7 @@
 """Who owns which points: pure block distribution, no MPI."""
 import pytest
 
-from pipeline.decomposition import owner_of, slice_bounds
+from pipeline.decomposition import group_of, owner_of, share, slice_bounds
 
 CASES = [(n, parts) for n in list(range(0, 26)) + [99, 100, 101, 1000] for parts in range(1, 12)]
 
@@ -57,3 +57,15 @@ def test_owner_of_rejects_non_positive_parts(parts):
 def test_slice_bounds_rejects_negative_n():
     with pytest.raises(ValueError):
         slice_bounds(-3, 2, 0)
+
+
+def test_shares_cover_the_items_once_in_order():
+    items = list(range(7))
+    parts = [share(items, 3, k) for k in range(3)]
+    assert parts == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+def test_consecutive_ranks_form_a_group():
+    assert [group_of(r, 2) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    with pytest.raises(ValueError):
+        group_of(0, 0)

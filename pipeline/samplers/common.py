@@ -59,14 +59,14 @@ def residual(new: torch.Tensor, old: torch.Tensor, var: torch.Tensor) -> torch.T
 def prefix_states(y0: torch.Tensor, b: torch.Tensor, e: torch.Tensor, *, comm):
     """Unrolled linear recurrence y_{j+1} = (E_{j+1}/E_j) y_j + b_j over a rank's slice.
 
-    y0 (B, *S) the block start; b (B, n, *S) the slice's increments; e (n+1,) float64 the
-    products E_lo..E_hi. Returns (y_lo (B, 1, *S), y_{lo+1..hi} (B, n, *S)); the sum over
+    y0 (B, *S) the block start; b (B, n, *S) the slice's increments; e (n+1,) or per row
+    (B, n+1) float64, the products E_lo..E_hi. Returns (y_lo (B, 1, *S), y_{lo+1..hi} (B, n, *S)); the sum over
     earlier slices comes from one exclusive scan over the communicator.
     """
-    w = b / per_point(e[1:], b)
+    w = b / per_point(e[..., 1:], b)
     base = (y0 + comm.exscan_sum(w.sum(1)))[:, None]
-    after = per_point(e[1:], b) * (base + torch.cumsum(w, 1))
-    return per_point(e[:1], b) * base, after
+    after = per_point(e[..., 1:], b) * (base + torch.cumsum(w, 1))
+    return per_point(e[..., :1], b) * base, after
 
 
 def finish(model, y: torch.Tensor, stats: Stats, u_min: float, options: Options):

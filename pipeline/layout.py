@@ -1,0 +1,67 @@
+"""The rank grid: world = groups x time slices (ALGORITHM.md section 6), and where each rank
+computes (device, CPU threads).
+
+Consecutive world ranks form one group, so a group's time slices share a node when they can:
+their Exscan and Allreduce run every sweep, while groups never talk until the end.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.decomposition import group_of
+
+
+@dataclass(frozen=True)
+class RankGrid:
+    """A rank's place: ``world``, its group's communicator ``slices`` (one rank per time slice),
+    ``groups`` in all and this rank's ``group``."""
+
+    world: object
+    slices: object
+    groups: int
+    group: int
+
+
+def rank_grid(world, time_slices: int) -> RankGrid:
+    """Split ``world`` into groups of ``time_slices`` consecutive ranks."""
+    if world.size % time_slices:
+        raise ConfigError(
+            f"config: parallel.time_slices = {time_slices} does not divide the {world.size} "
+            f"ranks: launch a multiple of {time_slices} ranks, or pick a divisor of {world.size}"
+        )
+    group, index = group_of(world.rank, time_slices)
+    slices = world.split(group, index) if world.size > 1 else world
+    return RankGrid(world, slices, world.size // time_slices, group)
+
+
+def choose_device(local_rank: int) -> torch.device:
+    """This rank's device: with ``--gpus-per-task=1`` each rank sees one GPU (cuda:0); with
+    every GPU visible, ranks on a node take them in turn by node-local rank; else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def cpu_threads(local_size: int, requested: int = 0) -> int:
+    """Torch threads per rank so the ranks on a node do not oversubscribe its cores.
+
+    ``requested`` > 0 wins; a launcher that pinned this rank to fewer cores than the node has
+    (srun --cpus-per-task) is trusted; otherwise the node's cores are shared evenly."""
+    if requested > 0:
+        return requested
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    total = os.cpu_count() or 1
+    if allowed < total:
+        return max(1, allowed)
+    return max(1, total // max(1, local_size))
+
+
+def place_rank(world, threads: int = 0) -> torch.device:
+    """Pick this rank's device and set its torch CPU threads; returns the device."""
+    local_rank, local_size = world.local_layout()
+    torch.set_num_threads(cpu_threads(local_size, threads))
+    return choose_device(local_rank)

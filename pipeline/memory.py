@@ -1,0 +1,48 @@
+"""Peak memory of a stretch of work, per rank: device memory on a GPU, resident memory on CPU.
+
+On Linux the resident high-water mark can be reset (``/proc/self/clear_refs``), so the peak of
+one sampler run is measured above what the process already held, not the process's lifetime
+peak (which the torch import alone sets)."""
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import torch
+
+_STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def start_peak(device: torch.device) -> int:
+    """Reset the high-water mark and return the bytes held now (the baseline)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        _CLEAR.write_text("5")
+    except OSError:
+        pass  # no reset: the peak below is then the process's lifetime peak
+    rss = _status_kib("VmRSS")
+    return 1024 * rss if rss is not None else 0
+
+
+def peak_since(device: torch.device, baseline: int) -> int:
+    """Bytes of peak memory above ``baseline`` since ``start_peak``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - baseline
+    hwm = _status_kib("VmHWM")
+    if hwm is None:
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return max(0, 1024 * hwm - baseline)

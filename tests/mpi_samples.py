@@ -1,0 +1,54 @@
+"""Run under ``mpiexec -n N``: sample a small ensemble with several samplers on a rank grid
+of N / time_slices groups and save every member on rank 0 (``tests/test_mpi.py`` compares
+the layouts). Usage: python tests/mpi_samples.py OUT.npz TIME_SLICES
+"""
+import sys
+
+import numpy as np
+import torch
+
+from models.grf import GaussianRandomField
+from pipeline.cli import world_comm
+from pipeline.decomposition import share
+from pipeline.grids import make_grid
+from pipeline.layout import place_rank, rank_grid
+from pipeline.run import member_batches, sample_batches
+from pipeline.samplers import Options
+
+CASES = {  # name: (method, dtype, options)
+    "sde64": ("piadm-sde", torch.float64, Options(max_sweeps=6)),
+    "ode64": ("piadm-ode", torch.float64, Options(max_sweeps=6)),
+    "sde32": ("piadm-sde", torch.float32, Options(max_sweeps=6)),
+    "ode32": ("piadm-ode", torch.float32, Options(max_sweeps=6)),
+    "sde64tol": ("piadm-sde", torch.float64, Options(max_sweeps=20, tol=0.05)),
+    "window64": ("window", torch.float64, Options(window=20, tol=0.05)),
+    "windowode64": ("window-ode", torch.float64, Options(window=20, tol=0.05)),
+    "window32": ("window", torch.float32, Options(window=20, tol=0.05)),
+}
+
+
+def main(out: str, time_slices: int) -> None:
+    world = world_comm()
+    ranks = rank_grid(world, time_slices)
+    place_rank(world)
+    model = GaussianRandomField((12, 10))
+    grid = make_grid("ou", 60, u_min=1e-3, u_max=10.0, block_size=20)
+    mine = share(member_batches(6, 2), ranks.groups, ranks.group)
+    results = {}
+    for name, (method, dtype, options) in CASES.items():
+        fields = {}
+        for batch in sample_batches(model, method=method, grid=grid, options=options, seed=4,
+                                    batches=mine, dtype=dtype, comm=ranks.slices):
+            fields.update({m: batch.fields[i].double().numpy() for i, m in enumerate(batch.members)})
+        if ranks.slices.rank != 0:
+            fields = {}
+        merged = {}
+        for part in world.allgather_object(fields):
+            merged.update(part)
+        results[name] = np.stack([merged[m] for m in range(6)])
+    if world.rank == 0:
+        np.savez(out, **results)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

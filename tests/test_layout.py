@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from pipeline.comm import SerialComm
+from pipeline.config import ConfigError, load_config
+from pipeline.layout import choose_device, cpu_threads, rank_grid
+
+
+def test_one_rank_is_one_group_of_one_slice():
+    grid = rank_grid(SerialComm(), 1)
+    assert (grid.groups, grid.group, grid.slices.size) == (1, 0, 1)
+
+
+def test_time_slices_must_divide_the_ranks():
+    with pytest.raises(ConfigError, match="parallel.time_slices = 2 does not divide the 1 ranks"):
+        rank_grid(SerialComm(), 2)
+
+
+def test_threads_share_the_node_unless_pinned_or_asked(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert cpu_threads(4) == 4 and cpu_threads(32) == 1 and cpu_threads(4, requested=3) == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})  # srun --cpus-per-task=2
+    assert cpu_threads(4) == 2
+
+
+def test_cpu_when_there_is_no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device(3) == torch.device("cpu")
+
+
+def test_gpus_are_taken_in_turn_by_node_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert choose_device(5) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # --gpus-per-task=1
+    assert choose_device(5) == torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("sets,key", [
+    (["parallel.time_slices=30", "sampler.block_size=20"], "sampler.block_size"),
+    (["parallel.time_slices=12", "sampler.method=window", "sampler.tol=0.1", "sampler.window=10"],
+     "sampler.window"),
+    (["parallel.time_slices=6", "sampler.method=piadm-ode", "sampler.corrector_steps=4"],
+     "sampler.corrector_steps"),
+])
+def test_more_time_slices_than_points_is_refused_naming_the_key(sets, key):
+    with pytest.raises(ConfigError, match=f"parallel.time_slices = .* points of {key}"):
+        load_config(None, sets)

@@ -1,0 +1,100 @@
+"""MPI runs as subprocesses (``mpiexec -n N``): results independent of the rank layout, a
+failure on one rank ending the whole job, collective errors exiting cleanly."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from pipeline.cli import main
+
+pytest.importorskip("mpi4py")
+ROOT = Path(__file__).resolve().parents[1]
+MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
+if not Path(MPIEXEC).exists():
+    MPIEXEC = shutil.which("mpiexec")
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
+LAYOUTS = [(1, 1), (2, 2), (4, 4), (4, 2)]  # (ranks, time slices): 4 ranks, 2 = 2 x 2 grid
+SMALL = ["model.shape=[12, 10]", "sampler.steps=60", "sampler.block_size=20",
+         "ensemble.members=6", "ensemble.batch_size=2", "sampler.max_sweeps=8"]
+
+
+def mpirun(n: int, args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([MPIEXEC, "-n", str(n), sys.executable, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _sets(items):
+    return sum((["--set", s] for s in items), [])
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    out = {}
+    for n, slices in LAYOUTS:
+        path = tmp_path_factory.mktemp("mpi") / f"r{n}x{slices}.npz"
+        proc = mpirun(n, ["tests/mpi_samples.py", str(path), str(slices)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[(n, slices)] = dict(np.load(path))
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
+def test_every_layout_gives_the_one_rank_ensemble(layouts, layout):
+    ref, got = layouts[(1, 1)], layouts[layout]
+    bounds = {"64": 1e-10, "32": 1e-5}
+    for case, y in got.items():
+        rel = np.linalg.norm(y - ref[case]) / np.linalg.norm(ref[case])
+        # float64 with a tolerance: the stopping decisions match too, so the results agree to
+        # rounding; a flip near the threshold would move a member by less than the tolerance.
+        bound = bounds["64" if "64" in case else "32"]
+        assert rel <= bound, (case, rel)
+
+
+def test_sample_on_a_two_by_two_grid_writes_the_serial_store(tmp_path):
+    serial, grid = tmp_path / "serial.zarr", tmp_path / "grid.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *_sets(SMALL + [f"output.path={serial}"])]) == 0
+    proc = mpirun(4, ["-m", "pipeline.cli", "sample", "jobs/configs/grf.toml",
+                      *_sets(SMALL + [f"output.path={grid}", "parallel.time_slices=2"])])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 ranks = 2 groups x 2 time slices" in proc.stderr
+    a, b = xr.open_zarr(serial), xr.open_zarr(grid)
+    rel = float(np.linalg.norm(a.field - b.field) / np.linalg.norm(a.field))
+    assert rel <= 1e-5 and a.field.dtype == np.float32
+    assert (a.rounds.values == b.rounds.values).all()
+
+
+def test_an_exception_on_one_rank_ends_every_rank_promptly(tmp_path):
+    start = time.monotonic()
+    proc = mpirun(4, ["tests/mpi_fail.py", "2", "sample", "jobs/configs/grf.toml",
+                      *_sets([f"output.path={tmp_path / 'f.zarr'}", "parallel.time_slices=2"])],
+                  timeout=60)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 30
+    assert "injected failure" in proc.stderr and "rank 2 failed" in proc.stderr
+
+
+def test_a_bad_layout_is_one_clean_error_from_every_rank(tmp_path):
+    proc = mpirun(2, ["-m", "pipeline.cli", "sample", "jobs/configs/grf.toml",
+                      *_sets([f"output.path={tmp_path / 'x.zarr'}", "parallel.time_slices=3"])],
+                  timeout=60)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("piadm: error")]
+    assert len(errors) == 1 and "parallel.time_slices = 3 does not divide the 2 ranks" in errors[0]
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_an_existing_store_is_refused_by_every_rank_and_kept(tmp_path):
+    path = tmp_path / "keep.zarr"
+    path.mkdir()
+    (path / "precious").write_text("data")
+    proc = mpirun(2, ["-m", "pipeline.cli", "sample", "jobs/configs/grf.toml",
+                      *_sets([f"output.path={path}", "parallel.time_slices=2"])], timeout=60)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert (path / "precious").read_text() == "data"
