@@ -51,10 +51,12 @@ class GaussianMixture:
         return self._terms(x, u)[3]
 
     def _terms(self, x: torch.Tensor, u: torch.Tensor):
-        """Flattened x (B, d), a (B, 1), component variances (B, K), responsibilities (B, K)."""
-        xf = x.reshape(x.shape[0], -1).to(torch.float64)
-        a = torch.exp(-0.5 * u.to(torch.float64))[:, None]
-        var = a**2 * self.stds[None] ** 2 - torch.expm1(-u.to(torch.float64))[:, None]
+        """Flattened x (B, d), a (B, 1), component variances (B, K), responsibilities (B, K),
+        all float64 on the CPU (a small exact model: its parameters stay there)."""
+        xf = x.reshape(x.shape[0], -1).to("cpu", torch.float64)
+        u = u.to("cpu", torch.float64)
+        a = torch.exp(-0.5 * u)[:, None]
+        var = a**2 * self.stds[None] ** 2 - torch.expm1(-u)[:, None]
         dist2 = _sqdist(xf, a, self.means)
         logp = self.log_weights[None] - 0.5 * dist2 / var - 0.5 * xf.shape[1] * torch.log(var)
         return xf, a, var, torch.softmax(logp, dim=1)
@@ -65,7 +67,7 @@ class GaussianMixture:
         # sum_k r_k (a mu_k - x) / var_k
         coef = r / var
         score = a * (coef @ self.means) - coef.sum(1, keepdim=True) * xf
-        return score.to(x.dtype).reshape(x.shape)
+        return score.to(x.device, x.dtype).reshape(x.shape)
 
     def sample(self, n: int, seed: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
         """n exact draws (n, *shape) and their component labels (n,)."""

@@ -64,7 +64,8 @@ class GaussianRandomField:
         """Exact score at (x (B, *shape), u (B,))."""
         xf = torch.fft.rfftn(x, dim=self.dims, norm="ortho")
         a2 = torch.exp(-u.to(torch.float64)).reshape(-1, *(1,) * len(self.shape))
-        var = (a2 * self.spectrum - torch.expm1(-u.to(torch.float64)).reshape(a2.shape))
+        spectrum = self.spectrum.to(x.device)
+        var = (a2 * spectrum - torch.expm1(-u.to(torch.float64)).reshape(a2.shape))
         score_f = -xf / var.to(x.dtype)
         return torch.fft.irfftn(score_f, s=self.shape, dim=self.dims, norm="ortho")
 

@@ -120,8 +120,13 @@ class MPIComm:
         return self._timed(self._comm.allgather, obj)
 
     def alltoall_object(self, objs: list) -> list:
-        """objs[r] goes to rank r; returns what every rank sent here, by source rank."""
-        return self._timed(self._comm.alltoall, objs)
+        """objs[r] goes to rank r; returns what every rank sent here, by source rank. The
+        rank's own share stays in memory (never pickled)."""
+        own = objs[self.rank]
+        got = self._timed(self._comm.alltoall, [None if r == self.rank else o
+                                                for r, o in enumerate(objs)])
+        got[self.rank] = own
+        return got
 
     def barrier(self) -> None:
         self._timed(self._comm.Barrier)

@@ -5,12 +5,29 @@ one sampler run is measured above what the process already held, not the process
 peak (which the torch import alone sets)."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import resource
 from pathlib import Path
 
 import torch
 
 _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS, so the next peak is measured from what is live.
+
+    glibc keeps freed heap memory resident (and after large frees it serves later tensors from
+    that heap), which would hide the next run's peak; ``malloc_trim`` releases those pages."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _status_kib(field: str) -> int | None:
@@ -29,6 +46,7 @@ def start_peak(device: torch.device) -> int:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
+    _release_free_memory()
     try:
         _CLEAR.write_text("5")
     except OSError:

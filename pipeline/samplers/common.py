@@ -10,7 +10,7 @@ from pipeline.samplers.options import Options, Stats
 
 def per_point(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape coefficients (M,) or (B, M) to broadcast against ``like`` (B, M, *S)."""
-    c = c.to(like.dtype)
+    c = c.to(like.device, like.dtype)
     c = c[None] if c.dim() == 1 else c
     return c.reshape(c.shape + (1,) * (like.dim() - 2))
 
@@ -25,7 +25,7 @@ def evaluate(model, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     b, m = y.shape[:2]
     if b * m == 0:
         return torch.zeros_like(y)
-    u = u.to(y.dtype).expand(b, m).reshape(-1)
+    u = u.to(y.device, y.dtype).expand(b, m).reshape(-1)
     return model(y.reshape(b * m, *y.shape[2:]), u).reshape(y.shape)
 
 
@@ -52,8 +52,8 @@ def residual(new: torch.Tensor, old: torch.Tensor, var: torch.Tensor) -> torch.T
     """max_m ||new_m - old_m||^2 / (d var_m) per row (ALGORITHM.md section 5): (B, n, *S) -> (B,).
 
     Zero for an empty slice, so a max-reduction over ranks ignores it."""
-    r = field_mean((new - old) ** 2, 2) / var.to(new.dtype)
-    return r.amax(1) if r.shape[1] else torch.zeros(r.shape[0], dtype=new.dtype)
+    r = field_mean((new - old) ** 2, 2) / var.to(new.device, new.dtype)
+    return r.amax(1) if r.shape[1] else torch.zeros(r.shape[0], dtype=new.dtype, device=new.device)
 
 
 def prefix_states(y0: torch.Tensor, b: torch.Tensor, e: torch.Tensor, *, comm):

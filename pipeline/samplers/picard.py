@@ -63,7 +63,7 @@ def picard_block(model, y0, u, steps: Steps, noise: Noise | None, start: int, *,
             model, y0[rows], inputs[rows], u[lo:hi], mine.drift, e[lo : hi + 1],
             None if noise_term is None else noise_term[rows], comm=comm,
         )
-        r = comm.allreduce_max(residual(new_after, after[rows], mine.var))
+        r = comm.allreduce_max(residual(new_after, after[rows], mine.var)).cpu()
         inputs[rows], after[rows] = new_inputs, new_after
         calls += rows.numel() * m
         history.append(float(r.max()))

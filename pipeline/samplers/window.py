@@ -29,6 +29,12 @@ def _padded(c: torch.Tensor, p: int, value: float) -> torch.Tensor:
     return torch.cat([c, torch.full((p,), value, dtype=c.dtype)])
 
 
+def _payload(t: torch.Tensor, dest: int, comm):
+    """What goes into the exchange: the tensor itself for this rank, else a numpy copy (which
+    pickles without torch's storage machinery)."""
+    return t if dest == comm.rank else t.cpu().numpy()
+
+
 def _slide(x0, after, xi, accept, p, comm):
     """Exchange window states after a sweep so every rank holds its positions shifted by
     ``accept`` (B,) per row. ``after`` (B, hi - lo, *S) are the fresh states at positions
@@ -38,24 +44,24 @@ def _slide(x0, after, xi, accept, p, comm):
     bounds = [slice_bounds(p, comm.size, k) for k in range(comm.size)]
     lo, hi = bounds[comm.rank]
     outgoing = []
-    for klo, khi in bounds:
+    for k, (klo, khi) in enumerate(bounds):
         parts = []
         for b, a in enumerate(accept.tolist()):
             # states: positions min(q, p) for q in [klo + a, khi + a]; the x0 at position a.
             for kind, q0, q1 in (("s", klo + a, khi + a), ("x0", a, a)):
                 s0, s1 = max(min(q0, p), lo + 1), min(min(q1, p), hi)
                 if s0 <= s1:
-                    parts.append((kind, b, s0, after[b, s0 - lo - 1 : s1 - lo]))
+                    parts.append((kind, b, s0, _payload(after[b, s0 - lo - 1 : s1 - lo], k, comm)))
             t0, t1 = max(klo + a, lo), min(khi + a, p, hi)  # noise of steps [klo+a, khi+a)
             if t0 < t1:
-                parts.append(("xi", b, t0, xi[b, t0 - lo : t1 - lo]))
+                parts.append(("xi", b, t0, _payload(xi[b, t0 - lo : t1 - lo], k, comm)))
         outgoing.append(parts)
     states = torch.empty((x0.shape[0], hi - lo + 1, *x0.shape[1:]), dtype=after.dtype,
                          device=after.device)
     new_xi, new_x0 = torch.zeros_like(xi), torch.empty_like(x0)
     for parts in comm.alltoall_object(outgoing):
         for kind, b, start, values in parts:
-            a = int(accept[b])
+            values, a = torch.as_tensor(values, device=after.device), int(accept[b])
             if kind == "x0":
                 new_x0[b] = values[0]
             elif kind == "xi":
@@ -102,13 +108,14 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
         valid = idx < n
         cur = states[rows]
         g = torch.zeros_like(cur[:, 1:])
-        g[valid] = evaluate(model, cur[:, :-1][valid][None], u[idx][valid])[0]
+        on = valid.to(cur.device)
+        g[on] = evaluate(model, cur[:, :-1][on][None], u[idx][valid])[0]
         b = per_point(drift[idx], g) * g + per_point(coef_noise[idx], g) * xi[rows]
         whole = w0[rows, None] + torch.arange(p)[None]
         e = torch.cat([torch.ones(len(rows), 1, dtype=torch.float64),
                        torch.cumprod(decay[whole], 1)], 1)[:, lo : hi + 1]
         _, after = prefix_states(x0[rows], b, e, comm=comm)
-        r = field_mean((after - cur[:, 1:]) ** 2, 2) / var[idx].to(after.dtype)
+        r = field_mean((after - cur[:, 1:]) ** 2, 2).cpu() / var[idx].to(after.dtype)
         r = torch.where(valid, r, torch.zeros_like(r))
         over = ~(r <= options.tol**2)  # NaN counts as over tolerance
         local_first = torch.where(over.any(1), lo + over.int().argmax(1), p)
