@@ -10,11 +10,13 @@ from pipeline.comm import SerialComm, launched_by_mpi
 from pipeline.config import ConfigError, load_config
 from pipeline.console import print0
 from pipeline.samplers import PicardDivergence
+from pipeline.status import NotAStore
 from pipeline.store import StoreExists
 
 EXAMPLES = {
     "sample": "example: piadm sample jobs/configs/grf.toml --set ensemble.members=16",
     "bench": "example: piadm bench jobs/configs/grf.toml --json out/bench.json",
+    "status": "example: piadm status out/grf.zarr   (exit 0 when complete, 1 when not)",
 }
 
 
@@ -33,16 +35,26 @@ def _setup(args, world):
 
 
 def _cmd_sample(args, world) -> int:
-    from pipeline.run import sample_to_store
+    from pipeline.ensemble import sample_to_store
+    from pipeline.signals import EXIT_PREEMPTED, StopRequest
 
+    stop = StopRequest().install()
     cfg, ranks, device = _setup(args, world)
     print0(world, f"piadm sample: {cfg.sampler.method} on {cfg.model.kind} {list(cfg.model.shape)}, "
                   f"{cfg.ensemble.members} members -> {cfg.output.path}; {world.size} ranks = "
                   f"{ranks.groups} groups x {cfg.parallel.time_slices} time slices, {device}")
-    summary = sample_to_store(cfg, ranks=ranks, device=device)
-    print0(world, f"done: {summary.members} members, {summary.rounds} parallel rounds, "
-                 f"{summary.model_calls:.0f} model calls per member, {summary.seconds:.1f} s; "
-                 f"open with xarray.open_zarr({summary.path!r})")
+    summary = sample_to_store(cfg, ranks=ranks, device=device, stop=stop)
+    share = summary.write_wait_s / summary.seconds if summary.seconds else 0.0
+    print0(world, f"{'stopped' if summary.preempted else 'done'}: {summary.members} members "
+                  f"written ({summary.skipped} were already done), {summary.rounds} parallel "
+                  f"rounds, {summary.model_calls:.0f} model calls per member, "
+                  f"{summary.seconds:.1f} s, writing {summary.write_s:.1f} s of which "
+                  f"{summary.write_wait_s:.1f} s ({100 * share:.1f}%) held up sampling")
+    if summary.preempted:
+        print0(world, f"piadm: stopped by a signal; rerun the same command to resume "
+                      f"(exit {EXIT_PREEMPTED})")
+        return EXIT_PREEMPTED
+    print0(world, f"open with xarray.open_zarr({summary.path!r})")
     return 0
 
 
@@ -54,7 +66,16 @@ def _cmd_bench(args, world) -> int:
     return 0
 
 
-COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench}
+def _cmd_status(args, world) -> int:
+    from pipeline.status import report
+
+    text, complete = report(args.store)
+    if world.rank == 0:
+        print(text, flush=True)
+    return 0 if complete else 1
+
+
+COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "status": _cmd_status}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,10 +83,14 @@ def parser() -> argparse.ArgumentParser:
                                 "diffusion models for ensembles of physics fields.")
     p.add_argument("--version", action="version", version=f"piadm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    helps = {"sample": "sample an ensemble into a Zarr store",
-             "bench": "compare sequential and parallel samplers"}
+    helps = {"sample": "sample an ensemble into a Zarr store (resumes an unfinished one)",
+             "bench": "compare sequential and parallel samplers",
+             "status": "members done / total in an ensemble store"}
     for name, text in helps.items():
         sp = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES[name])
+        if name == "status":
+            sp.add_argument("store", help="path of the ensemble store")
+            continue
         sp.add_argument("config", help="TOML configuration file")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set sampler.steps=200 (repeatable)")
@@ -74,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-USER_ERRORS = (ConfigError, StoreExists, PicardDivergence)
+USER_ERRORS = (ConfigError, StoreExists, PicardDivergence, NotAStore)
 
 
 def world_comm():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import json
 import tomllib
 import types
 import typing
@@ -31,6 +32,7 @@ class ModelConfig:
     std: float = 0.5  # gmm: mode width before normalisation
     weights: tuple[float, ...] = ()  # gmm: mode weights (empty: equal)
     seed: int = 0  # gmm: seed of the mode positions
+    condition: str = "none"  # "mean": each item's input field is the ensemble's mean
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,26 @@ class EnsembleConfig:
 
 
 @dataclass(frozen=True)
+class InputConfig:
+    path: str = ""  # Zarr store of conditioning fields; empty: unconditional, one item
+    variable: str = ""  # the variable to condition on
+    item_dim: str = "time"  # the dimension whose labels are the work items
+    items: tuple[str, ...] = ()  # labels to take (e.g. dates); empty: all
+    range: tuple[str, ...] = ()  # [first, last] labels, inclusive; empty: all
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     path: str = "out/ensemble.zarr"
     overwrite: bool = False
+    variable: str = ""  # name of the sampled field; empty: the input variable, or "field"
+    background: bool = True  # write while the next batch samples (a bounded writer thread)
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
     time_slices: int = 1  # ranks that split each Picard block; world = groups x time_slices
+    items: tuple[int, ...] = ()  # indices of the items this job fills; empty: all
     threads: int = 0  # torch CPU threads per rank; 0: this node's cores / ranks on it
 
 
@@ -86,6 +100,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
@@ -96,10 +111,23 @@ class Config:
         """SHA-256 of the effective configuration text."""
         return hashlib.sha256(self.text.encode()).hexdigest()
 
+    @property
+    def store_digest(self) -> str:
+        """SHA-256 of what decides the store's contents: every key except where it lives, the
+        rank layout, the job's share of items, the writer and the bench. Runs that may fill
+        one store share it."""
+        kept = {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items()
+                       if (name, k) not in _LAYOUT_KEYS}
+                for name in _SECTION_TYPES if name not in ("parallel", "bench")}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_LAYOUT_KEYS = {("output", "path"), ("output", "overwrite"), ("output", "background")}
+
 
 _SECTION_TYPES = {
     "model": ModelConfig, "sampler": SamplerConfig, "ensemble": EnsembleConfig,
-    "output": OutputConfig, "parallel": ParallelConfig, "bench": BenchConfig,
+    "input": InputConfig, "output": OutputConfig, "parallel": ParallelConfig, "bench": BenchConfig,
 }
 
 
@@ -262,6 +290,14 @@ def validate(cfg: Config) -> None:
     _check(e.members >= 1, "ensemble.members", f"= {e.members} must be >= 1")
     _check(e.batch_size >= 1, "ensemble.batch_size", f"= {e.batch_size} must be >= 1")
     _check(bool(cfg.output.path), "output.path", "must not be empty")
+    _check(m.condition in ("none", "mean"), "model.condition",
+           f"= {m.condition!r} is unknown: use 'none' or 'mean'")
+    _check((m.condition == "none") == (not cfg.input.path), "model.condition",
+           "= 'mean' needs input.path (and input.path needs a conditioned model): set both or neither")
+    _check(not cfg.input.path or bool(cfg.input.variable), "input.variable",
+           "must name the variable to condition on when input.path is set")
+    _check(len(cfg.input.range) in (0, 2), "input.range", "must be [first, last] or empty")
+    _check(all(i >= 0 for i in cfg.parallel.items), "parallel.items", "must be item indices >= 0")
     _check_parallel(cfg.parallel, s)
     for method in cfg.bench.methods:
         _check(method in SAMPLERS, "bench.methods",

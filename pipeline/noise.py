@@ -1,8 +1,10 @@
-"""Counter-based Gaussian noise keyed by (seed, stream, item, member, index).
+"""Counter-based Gaussian noise keyed by (seed, item, member, stream, index).
 
-Every field-sized draw has its own key, hashed by numpy's ``SeedSequence`` into a Philox
-key, so a draw depends only on its key: never on batching, block layout or rank count
-(ALGORITHM.md section 6). Streams separate the uses of noise in one trajectory.
+Each trajectory has a member seed hashed from (seed, item, member), stored with the ensemble;
+every field-sized draw of it is keyed by (member seed, stream, index) and hashed by numpy's
+``SeedSequence`` into a Philox key, so a draw depends only on its key: never on batching,
+block layout or rank count (ALGORITHM.md section 6). Streams separate the uses of noise in
+one trajectory.
 """
 from __future__ import annotations
 
@@ -18,10 +20,15 @@ PRIOR, PATH, CORRECTOR_V0, CORRECTOR_PATH = 0, 1, 2, 3
 CORRECTOR_STRIDE = 1 << 20
 
 
-def standard_normal(seed: int, stream: int, item: int, member: int, index: int,
-                    shape: Sequence[int]) -> np.ndarray:
-    """One float64 N(0, I) draw of ``shape`` for the key (seed, stream, item, member, index)."""
-    ss = np.random.SeedSequence(seed, spawn_key=(stream, item, member, index))
+def member_seed(seed: int, item: int, member: int) -> int:
+    """The 63-bit seed of trajectory (item, member) of a run with base ``seed``."""
+    state = np.random.SeedSequence(seed, spawn_key=(item, member)).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def standard_normal(key: int, stream: int, index: int, shape: Sequence[int]) -> np.ndarray:
+    """One float64 N(0, I) draw of ``shape`` for (member seed ``key``, stream, index)."""
+    ss = np.random.SeedSequence(key, spawn_key=(stream, index))
     gen = np.random.Generator(np.random.Philox(key=ss.generate_state(2, np.uint64)))
     return gen.standard_normal(tuple(shape))
 
@@ -42,9 +49,9 @@ class Noise:
     def _draw(self, stream: int, rows: Sequence[int], indices: Sequence[int]) -> torch.Tensor:
         out = np.empty((len(rows), len(indices), *self.shape))
         for i, b in enumerate(rows):
-            item, member = self.keys[b]
+            key = member_seed(self.seed, *self.keys[b])
             for j, idx in enumerate(indices):
-                out[i, j] = standard_normal(self.seed, stream, item, member, idx, self.shape)
+                out[i, j] = standard_normal(key, stream, idx, self.shape)
         return torch.from_numpy(out).to(device=self.device, dtype=self.dtype)
 
     def subset(self, rows: Sequence[int]) -> "Noise":

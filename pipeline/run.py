@@ -1,6 +1,9 @@
 """From a validated Config to samples: the pieces the CLI and the Python API share."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -11,13 +14,9 @@ from models import build_model
 from pipeline import __version__
 from pipeline.comm import SerialComm
 from pipeline.config import Config, SamplerConfig
-from pipeline.console import on_rank0, print0
-from pipeline.decomposition import share
 from pipeline.grids import Grid, make_grid
-from pipeline.layout import RankGrid, rank_grid
 from pipeline.noise import Noise
 from pipeline.samplers import SAMPLERS, Options, Stats
-from pipeline.store import check_target, create_store, finalize, write_members
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -64,6 +63,12 @@ def sample_batches(model, *, method: str, grid: Grid, options: Options, seed: in
         yield Batch(members, y, stats)
 
 
+def model_digest(cfg: Config) -> str:
+    """SHA-256 identifying the model: its section (exact models are defined by it)."""
+    text = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def provenance(cfg: Config) -> dict:
     """Store attributes that say how the ensemble was made."""
     s = cfg.sampler
@@ -77,64 +82,9 @@ def provenance(cfg: Config) -> dict:
         "sampler_block_size": s.block_size,
         "sampler_seed": s.seed,
         "model_kind": cfg.model.kind,
+        "model_sha256": model_digest(cfg),
+        "store_sha256": cfg.store_digest,
         "u_min": s.u_min,
         "denoised": int(s.denoise_final),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-@dataclass(frozen=True)
-class Summary:
-    """What ``sample_to_store`` did."""
-
-    path: str
-    members: int
-    rounds: int
-    model_calls: float
-    seconds: float
-
-
-def _create(cfg: Config, model) -> None:
-    create_store(cfg.output.path, shape=tuple(model.shape), members=cfg.ensemble.members,
-                 member_chunk=cfg.ensemble.batch_size, dtype=cfg.sampler.dtype,
-                 attrs=provenance(cfg), overwrite=cfg.output.overwrite)
-
-
-def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None,
-                    device: str | torch.device = "cpu") -> Summary:
-    """Sample ``cfg``'s ensemble into its Zarr store, printing progress on rank 0.
-
-    Each group of ``ranks`` samples a contiguous share of the member batches, its time slices
-    splitting every block; the group's first slice writes the batch (one whole chunk)."""
-    ranks = ranks or rank_grid(SerialComm(), 1)
-    world, slices = ranks.world, ranks.slices
-    model = build_model(cfg.model)
-    grid, options = sampler_grid(cfg.sampler), sampler_options(cfg.sampler)
-    batches = member_batches(cfg.ensemble.members, cfg.ensemble.batch_size)
-    mine = share(batches, ranks.groups, ranks.group)
-    on_rank0(world, _create, cfg, model)  # checks the target before anything is written
-    world.barrier()
-    start, rounds, calls, done = time.perf_counter(), 0, 0.0, 0
-    total = sum(len(b) for b in mine)
-    for batch in sample_batches(model, method=cfg.sampler.method, grid=grid, options=options,
-                                seed=cfg.sampler.seed, batches=mine,
-                                dtype=DTYPES[cfg.sampler.dtype], comm=slices, device=device):
-        if slices.rank == 0:
-            write_members(cfg.output.path, batch.members[0], batch.fields.cpu().numpy(),
-                          batch.stats.rounds, batch.stats.model_calls)
-        done += len(batch.members)
-        rounds, calls = rounds + batch.stats.rounds, calls + batch.stats.model_calls * len(batch.members)
-        elapsed = time.perf_counter() - start
-        eta = elapsed / done * (total - done)
-        print0(world, f"group {ranks.group + 1}/{ranks.groups}: members {done}/{total}  "
-                      f"rounds {batch.stats.rounds}  "
-                      f"model calls/member {batch.stats.model_calls:.0f}  "
-                      f"elapsed {elapsed:.1f}s  eta {eta:.1f}s")
-    world.barrier()
-    on_rank0(world, finalize, cfg.output.path)
-    # Each group's time slices count the same calls once each: count one slice per group.
-    head = torch.tensor([calls if slices.rank == 0 else 0.0, float(rounds)], dtype=torch.float64)
-    calls_all = float(world.allreduce_sum(head)[0])
-    rounds_max = int(world.allreduce_max(head)[1])
-    return Summary(cfg.output.path, cfg.ensemble.members, rounds_max,
-                   calls_all / cfg.ensemble.members, time.perf_counter() - start)

@@ -1,14 +1,23 @@
-"""The ensemble store: a chunked Zarr (format 3) group that xarray opens.
+"""The ensemble store: a chunked Zarr (format 3) group that xarray opens, safe to resume.
 
-Layout: variable ``field`` with dims (member, *field dims), one chunk per member batch and the
-whole field per chunk, so each writer owns whole chunks; per-member ``rounds`` and
-``model_calls``; provenance in the attributes. The interface is small and explicit: create,
-write a member range, finalize.
+Layout: one variable per field with dims (item, member, *field dims), chunked (1, member
+batch, *whole field) so every writer owns whole chunks; per-(item, member) ``seed``,
+``rounds``, ``model_calls`` and ``done`` (1 once that member's data is written; chunked like
+the fields). Provenance and the store's configuration digest are attributes. The interface is
+small and explicit: open or create, see what is done, write a batch, mark it done, finalize.
+
+Completion lives in ``done``, written after the data: a member killed mid-write is not done,
+and Zarr's atomic chunk writes mean a rerun simply rewrites it.
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import time
+import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask.array as da
@@ -17,54 +26,121 @@ import xarray as xr
 import zarr
 
 FIELD_DIMS = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x")}
+PER_MEMBER = {"seed": "int64", "rounds": "float64", "model_calls": "float64", "done": "int8"}
 
 
 class StoreExists(FileExistsError):
-    """The output path already holds data and overwriting was not asked for."""
+    """The output path holds data this run may not use, and overwriting was not asked for."""
 
 
-def check_target(path: str | Path, overwrite: bool) -> None:
-    """Refuse to touch an existing path unless ``overwrite``; raises StoreExists."""
-    if Path(path).exists() and not overwrite:
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a store holds: ``items`` labels along ``item_dim``, ``members`` per item, one
+    ``variable`` of ``shape`` and ``dtype``; ``member_chunk`` members per chunk; ``digest``
+    identifies the configuration that fills it; ``attrs`` the provenance."""
+
+    path: str
+    item_dim: str
+    items: np.ndarray
+    members: int
+    member_chunk: int
+    variable: str
+    shape: tuple[int, ...]
+    dtype: str
+    digest: str
+    attrs: dict
+
+
+def _dataset(spec: StoreSpec) -> xr.Dataset:
+    dims = (spec.item_dim, "member", *FIELD_DIMS[len(spec.shape)])
+    n = len(spec.items)
+    field = da.zeros((n, spec.members, *spec.shape), dtype=spec.dtype,
+                     chunks=(1, spec.member_chunk, *spec.shape))
+    per_member = {
+        name: ((spec.item_dim, "member"),
+               da.zeros((n, spec.members), dtype=dtype, chunks=(1, spec.member_chunk)))
+        for name, dtype in PER_MEMBER.items()
+    }
+    coords = {spec.item_dim: spec.items, "member": np.arange(spec.members)}
+    coords.update({d: np.arange(k) for d, k in zip(dims[2:], spec.shape)})
+    ds = xr.Dataset({spec.variable: (dims, field), **per_member}, coords=coords)
+    ds.attrs.update(spec.attrs, piadm_store_digest=spec.digest,
+                    history=json.dumps([f"{_now()} created"]))
+    ds["member"].attrs.update(standard_name="realization", units="1", long_name="ensemble member")
+    ds["done"].attrs.update(long_name="1 once the member's fields are completely written")
+    ds["seed"].attrs.update(long_name="noise key of the member: seed, item and member index")
+    return ds
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def stored_digest(path: str | Path) -> str | None:
+    """The configuration digest of the piadm store at ``path``; None if it is not one."""
+    try:
+        return zarr.open_group(path, mode="r").attrs.get("piadm_store_digest")
+    except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
+        return None
+
+
+def _refuse_unless_same(spec: StoreSpec) -> None:
+    found = stored_digest(spec.path)
+    if found is None:
+        raise StoreExists(f"output {spec.path} exists and is not a piadm store: choose another "
+                          "output.path, or set output.overwrite = true to replace it")
+    if found != spec.digest:
         raise StoreExists(
-            f"output {path} already exists: set output.overwrite = true to replace it, "
-            "or choose another output.path"
-        )
+            f"output {spec.path} was made by a different configuration (digest {found[:12]}, "
+            f"this run {spec.digest[:12]}): rerun its own config to resume it, choose another "
+            "output.path, or set output.overwrite = true to replace it")
 
 
-def create_store(path: str | Path, *, shape: tuple[int, ...], members: int, member_chunk: int,
-                 dtype: str, attrs: dict, overwrite: bool) -> None:
-    """Create the (empty) store for ``members`` fields of ``shape``; metadata only."""
-    check_target(path, overwrite)
-    if Path(path).exists():
+def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
+    """Create the store (metadata only) or check an existing one is this run's; returns
+    ``created`` or ``resumed``. Creation is built aside and renamed into place, so the path
+    is either absent or complete, and two runs racing to create it agree on one."""
+    path = Path(spec.path)
+    if path.exists() and overwrite:
         shutil.rmtree(path)
-    dims = ("member", *FIELD_DIMS[len(shape)])
-    chunks = (member_chunk, *shape)
-    field = da.zeros((members, *shape), dtype=dtype, chunks=chunks)
-    per_member = da.zeros(members, dtype="float64", chunks=member_chunk)
-    coords = {"member": np.arange(members)}
-    coords.update({d: np.arange(n) for d, n in zip(dims[1:], shape)})
-    ds = xr.Dataset(
-        {"field": (dims, field), "rounds": ("member", per_member),
-         "model_calls": ("member", per_member)},
-        coords=coords, attrs=attrs,
-    )
-    ds["member"].attrs.update(standard_name="realization", units="1")
-    ds.to_zarr(path, mode="w", compute=False, consolidated=False, zarr_format=3)
+    if path.exists():
+        _refuse_unless_same(spec)
+        return "resumed"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.creating")
+    _dataset(spec).to_zarr(aside, mode="w", compute=False, consolidated=False, zarr_format=3)
+    try:
+        os.rename(aside, path)
+    except OSError:  # another run created it first: use theirs if it is the same config
+        shutil.rmtree(aside, ignore_errors=True)
+        _refuse_unless_same(spec)
+        return "resumed"
+    return "created"
 
 
-def write_members(path: str | Path, start: int, field: np.ndarray, rounds: float,
-                  model_calls: float) -> None:
-    """Write members [start, start + len(field)) : whole chunks, so concurrent writers are safe."""
+def done_members(path: str | Path) -> np.ndarray:
+    """(items, members) bool: which members are completely written."""
+    return zarr.open_group(path, mode="r")["done"][:] == 1
+
+
+def write_batch(path: str | Path, *, variable: str, item: int, start: int, field: np.ndarray,
+                seed: np.ndarray, rounds: float, model_calls: float) -> None:
+    """Write members [start, start + len(field)) of item index ``item``, then mark them done.
+    Whole chunks only, so writers on other ranks or in other jobs never share a chunk."""
     group = zarr.open_group(path, mode="r+")
     stop = start + field.shape[0]
-    group["field"][start:stop] = field
-    group["rounds"][start:stop] = rounds
-    group["model_calls"][start:stop] = model_calls
+    group[variable][item, start:stop] = field
+    group["seed"][item, start:stop] = seed
+    group["rounds"][item, start:stop] = rounds
+    group["model_calls"][item, start:stop] = model_calls
+    group["done"][item, start:stop] = 1  # last: only now do these members count as done
 
 
-def finalize(path: str | Path) -> None:
-    """Consolidate the metadata once, after every write."""
+def finalize(path: str | Path, note: str) -> None:
+    """Append ``note`` to the history attribute and consolidate the metadata."""
+    group = zarr.open_group(path, mode="r+")
+    history = json.loads(group.attrs.get("history", "[]"))
+    group.attrs["history"] = json.dumps(history + [f"{_now()} {note}"])
     with warnings.catch_warnings():
         # Zarr 3 calls consolidated metadata an extension; xarray reads it and it saves listing.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)

@@ -96,5 +96,5 @@ def test_an_existing_store_is_refused_by_every_rank_and_kept(tmp_path):
     (path / "precious").write_text("data")
     proc = mpirun(2, ["-m", "pipeline.cli", "sample", "jobs/configs/grf.toml",
                       *_sets([f"output.path={path}", "parallel.time_slices=2"])], timeout=60)
-    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert proc.returncode == 2 and "is not a piadm store" in proc.stderr
     assert (path / "precious").read_text() == "data"

@@ -99,7 +99,7 @@ def test_corrector_blocks_give_different_draws():
 
 def test_draws_are_standard_normal():
     n = 200_000
-    x = torch.from_numpy(standard_normal(5, 1, 0, 0, 0, (n,)))
+    x = torch.from_numpy(standard_normal(5, 1, 0, (n,)))
     se = 1 / math.sqrt(n)
     assert abs(float(x.mean())) < 5 * se
     assert abs(float(x.var()) - 1) < 5 * math.sqrt(2) * se

@@ -34,7 +34,8 @@ def test_sample_command_writes_store_xarray_opens(tmp_path):
         (["--set", s] for s in SMALL), [])])
     assert rc == 0
     ds = xr.open_zarr(path)
-    assert ds.field.dims == ("member", "y", "x") and ds.field.shape == (5, 16, 16)
+    assert ds.field.dims == ("item", "member", "y", "x") and ds.field.shape == (1, 5, 16, 16)
+    assert bool((ds.done == 1).all()) and len(set(ds.seed.values.ravel().tolist())) == 5
     assert ds.member.attrs["standard_name"] == "realization"
     assert ds.attrs["sampler_method"] == "piadm-sde" and "config_sha256" in ds.attrs
     assert bool((ds.rounds > 0).all()) and float(ds.field.std()) > 0.5

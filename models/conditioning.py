@@ -1,0 +1,32 @@
+"""Conditioning an exact model on an input field.
+
+``MeanShift(base, mean)``: the data are ``mean + z`` with z drawn from ``base``. The VP state
+at clock u is then a(u) mean + (a z + s eps), so the score is exact:
+score(x, u) = base_score(x - a(u) mean, u), with a = e^{-u/2}.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MeanShift:
+    """``base`` (a score model) shifted to mean ``mean`` (*shape)."""
+
+    base: object
+    mean: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Exact score at (x (B, *shape), u (B,))."""
+        a = torch.exp(-0.5 * u).reshape(-1, *(1,) * (x.dim() - 1))
+        return self.base(x - a * self.mean.to(x.device, x.dtype), u)
+
+
+# model.condition -> how an item's input field (a tensor of the model's shape) binds a model.
+CONDITIONS = {"mean": MeanShift}

@@ -1,0 +1,161 @@
+"""Filling an ensemble store: work items x member batches over the rank grid, resumable.
+
+The work is every (item, member batch) of the store not yet done. Groups of ranks take
+contiguous shares of it; a group's time slices split each batch's Picard blocks and its first
+slice hands the result to the writer, which marks the members done after their data. Between
+batches each group agrees whether a stop signal arrived; a stopped run exits with
+``EXIT_PREEMPTED`` and a rerun of the same config does the rest.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models import build_model
+from models.conditioning import CONDITIONS
+from pipeline.comm import SerialComm
+from pipeline.config import Config, ConfigError
+from pipeline.console import on_rank0, print0
+from pipeline.decomposition import share
+from pipeline.inputs import Items, open_items, unconditional
+from pipeline.layout import RankGrid, rank_grid
+from pipeline.noise import member_seed
+from pipeline.run import DTYPES, member_batches, provenance, sample_batches, sampler_grid, sampler_options
+from pipeline.signals import StopRequest
+from pipeline.store import StoreSpec, done_members, finalize, open_or_create, write_batch
+from pipeline.writer import make_writer
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What ``sample_to_store`` did: members written by this run, those found done, parallel
+    rounds (the slowest group's), model calls per member, wall seconds, seconds the writer
+    spent writing and the seconds compute waited for it, and whether a signal stopped it."""
+
+    path: str
+    members: int
+    skipped: int
+    rounds: int
+    model_calls: float
+    seconds: float
+    write_s: float
+    write_wait_s: float
+    preempted: bool
+
+
+def load_items(cfg: Config, *, check: bool) -> Items:
+    """The run's work items: the input selection (validated when ``check``), or one item."""
+    i = cfg.input
+    if not i.path:
+        return unconditional()
+    return open_items(i.path, variable=i.variable, dim=i.item_dim, items=i.items, span=i.range,
+                      shape=tuple(cfg.model.shape), check=check)
+
+
+def store_spec(cfg: Config, items: Items, shape: tuple[int, ...]) -> StoreSpec:
+    """The store ``cfg`` fills, with the input's statistics in its provenance."""
+    variable = cfg.output.variable or cfg.input.variable or "field"
+    attrs = provenance(cfg)
+    attrs.update(input_path=cfg.input.path, input_mean=items.mean, input_std=items.std)
+    return StoreSpec(cfg.output.path, items.dim, items.labels, cfg.ensemble.members,
+                     cfg.ensemble.batch_size, variable, shape, cfg.sampler.dtype,
+                     cfg.store_digest, attrs)
+
+
+def work_list(done: np.ndarray, batches: list[tuple[int, ...]], only: tuple[int, ...]):
+    """(item, members) pairs still to do: every batch of every item in ``only`` (all if
+    empty) with a member not done."""
+    items = only or range(done.shape[0])
+    return [(i, b) for i in items for b in batches if not done[i, list(b)].all()]
+
+
+def _check_only(only: tuple[int, ...], count: int) -> None:
+    if any(i >= count for i in only):
+        raise ConfigError(f"config: parallel.items {list(only)} goes past the {count} items of "
+                          f"the input selection: use indices 0 .. {count - 1}")
+
+
+def _prepare(cfg: Config, shape) -> tuple[StoreSpec, str]:
+    """Rank 0's checks and creation: validate the input, open or create the store."""
+    items = load_items(cfg, check=True)
+    _check_only(cfg.parallel.items, len(items.labels))
+    spec = store_spec(cfg, items, shape)
+    return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
+
+
+def _bind(model, condition: str, field: np.ndarray | None, device):
+    if field is None:
+        return model
+    return CONDITIONS[condition](model, torch.as_tensor(field, device=device))
+
+
+def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
+                    stop: StopRequest | None = None) -> Summary:
+    """Fill ``cfg``'s ensemble store (creating or resuming it), printing progress on rank 0."""
+    ranks = ranks or rank_grid(SerialComm(), 1)
+    world, slices = ranks.world, ranks.slices
+    stop = stop if stop is not None else StopRequest()
+    model = build_model(cfg.model)
+    spec, state = on_rank0(world, _prepare, cfg, tuple(model.shape))  # before anything is written
+    items = load_items(cfg, check=False)
+    items = Items(items.dim, items.labels, items.fields, spec.attrs["input_mean"],
+                  spec.attrs["input_std"])
+    world.barrier()
+    done = done_members(spec.path)
+    todo = work_list(done, member_batches(cfg.ensemble.members, cfg.ensemble.batch_size),
+                     cfg.parallel.items)
+    mine = share(todo, ranks.groups, ranks.group)
+    print0(world, f"store {spec.path} {state}: {int(done.sum())} of {done.size} members done, "
+                  f"{sum(len(b) for _, b in todo)} to sample")
+    writer = make_writer(cfg.output.background) if slices.rank == 0 else None
+    grid, options = sampler_grid(cfg.sampler), sampler_options(cfg.sampler)
+    start, rounds, calls, count, stopped = time.perf_counter(), 0, 0.0, 0, False
+    total = sum(len(b) for _, b in mine)
+    for item, members in mine:
+        flag = torch.tensor([1.0 if stop else 0.0], dtype=torch.float64)
+        if float(slices.allreduce_max(flag)[0]) > 0:  # the group stops together
+            stopped = True
+            break
+        bound = _bind(model, cfg.model.condition, items.normalised(item), device)
+        (batch,) = sample_batches(bound, method=cfg.sampler.method, grid=grid, options=options,
+                                  seed=cfg.sampler.seed, batches=[members],
+                                  dtype=DTYPES[cfg.sampler.dtype], comm=slices, item=item,
+                                  device=device)
+        if writer is not None:
+            field = batch.fields.cpu().numpy() * items.std + items.mean
+            seeds = np.array([member_seed(cfg.sampler.seed, item, m) for m in members])
+            writer.submit(write_batch, spec.path, variable=spec.variable, item=item,
+                          start=members[0], field=field.astype(spec.dtype), seed=seeds,
+                          rounds=batch.stats.rounds, model_calls=batch.stats.model_calls)
+        count += len(members)
+        rounds += batch.stats.rounds
+        calls += batch.stats.model_calls * len(members)
+        elapsed = time.perf_counter() - start
+        print0(world, f"group {ranks.group + 1}/{ranks.groups}: members {count}/{total}  "
+                      f"{items.dim} {items.labels[item]}  rounds {batch.stats.rounds}  "
+                      f"elapsed {elapsed:.1f}s  eta {elapsed / count * (total - count):.1f}s")
+    if writer is not None:
+        writer.close()  # every member this rank sampled is written and marked done
+    return _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count,
+                   skipped=int(done.sum()))
+
+
+def _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count, *, skipped):
+    world, slices = ranks.world, ranks.slices
+    world.barrier()
+    lead = slices.rank == 0
+    local = torch.tensor([float(stopped), float(rounds), calls if lead else 0.0,
+                          float(count) if lead else 0.0], dtype=torch.float64)
+    peak, total = world.allreduce_max(local), world.allreduce_sum(local)
+    preempted = bool(peak[0] > 0)
+    written = int(total[3])
+    note = (f"piadm stopped by a signal after {written} members" if preempted
+            else f"piadm wrote {written} members")
+    on_rank0(world, finalize, spec.path, note)
+    write_s = writer.busy if writer is not None else 0.0
+    wait_s = writer.waited if writer is not None else 0.0
+    return Summary(spec.path, written, skipped, int(peak[1]), float(total[2]) / max(written, 1),
+                   time.perf_counter() - start, write_s, wait_s, preempted)

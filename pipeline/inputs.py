@@ -1,0 +1,121 @@
+"""Conditioning inputs: a Zarr store opened lazily (xarray + dask), its work items chosen from
+the config, validated before anything is written, normalised with statistics computed once.
+
+Memory does not grow with the store: the selection stays a dask array, the checks and the
+statistics stream over its chunks, and each work item loads only its own field.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import numpy as np
+import xarray as xr
+
+from pipeline.config import ConfigError
+
+
+class InputError(ConfigError):
+    """An input store, variable or selection that cannot be used: the message says which."""
+
+
+@dataclass(frozen=True)
+class Items:
+    """The work items: ``labels`` along ``dim``; ``fields`` the lazy selected inputs
+    (items, *shape) or None when unconditional; ``mean`` and ``std`` their statistics."""
+
+    dim: str
+    labels: np.ndarray
+    fields: xr.DataArray | None = None
+    mean: float = 0.0
+    std: float = 1.0
+
+    def normalised(self, index: int) -> np.ndarray | None:
+        """Item ``index``'s input in model units (float64, *shape), or None."""
+        if self.fields is None:
+            return None
+        return (self.fields.isel({self.dim: index}).values.astype(np.float64) - self.mean) / self.std
+
+
+def unconditional() -> Items:
+    """One work item, labelled 0, with no input."""
+    return Items("item", np.arange(1))
+
+
+def _label(text: str, coord: xr.DataArray):
+    """A config label (a string) as a value of ``coord``'s dtype."""
+    kind = coord.dtype.kind
+    try:
+        if kind == "M":
+            return np.datetime64(text)
+        if kind in "iu":
+            return int(text)
+        if kind == "f":
+            return float(text)
+    except ValueError:
+        raise InputError(f"input: label {text!r} is not a valid {coord.name} value "
+                         f"(dtype {coord.dtype})") from None
+    return text
+
+
+def _open(path: str) -> xr.Dataset:
+    if not Path(path).exists():
+        raise InputError(f"input.path {path} does not exist: point it at a Zarr store")
+    try:
+        with warnings.catch_warnings():  # stores without consolidated metadata are fine too
+            warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated")
+            return xr.open_zarr(path, chunks={})
+    except Exception as err:  # zarr and xarray raise many kinds for a store they cannot read
+        raise InputError(f"input.path {path} is not a readable Zarr store ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def _select(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
+    coord = var[dim]
+    lo, hi = coord.values.min(), coord.values.max()
+    if items:
+        labels = [_label(t, coord) for t in items]
+        present = np.isin(np.array(labels), coord.values)
+        missing = [t for t, ok in zip(items, present) if not ok]
+        if missing:
+            raise InputError(f"input.items {missing} are not in {dim} (it runs {lo} .. {hi}): "
+                             f"pick labels from the store")
+        var = var.sel({dim: labels})
+    if span:
+        first, last = (_label(t, coord) for t in span)
+        var = var.sel({dim: slice(first, last)})
+        if var.sizes[dim] == 0:
+            raise InputError(f"input.range {list(span)} selects nothing: {dim} runs {lo} .. {hi}")
+    return var
+
+
+def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
+               shape: tuple[int, ...], check: bool = True) -> Items:
+    """Open the conditioning input and check its layout; with ``check`` also stream over the
+    selection once for NaN/Inf and the normalisation statistics (else mean 0, std 1).
+    Raises InputError naming the problem."""
+    ds = _open(path)
+    if variable not in ds.data_vars:
+        raise InputError(f"input.variable {variable!r} is not in {path}: it has "
+                         f"{', '.join(map(str, ds.data_vars)) or 'no variables'}")
+    var = ds[variable]
+    if var.dims[:1] != (dim,) or dim not in var.coords:
+        raise InputError(f"input: {variable} has dims {var.dims}; its first dim must be "
+                         f"input.item_dim = {dim!r}, with coordinates")
+    if tuple(var.shape[1:]) != tuple(shape):
+        raise InputError(f"input: {variable} fields are {list(var.shape[1:])} but model.shape "
+                         f"is {list(shape)}: set model.shape to match the input")
+    var = _select(var, dim, items, span)
+    field_dims = var.dims[1:]
+    if not check:
+        return Items(dim, var[dim].values, var.transpose(dim, *field_dims))
+    finite = np.isfinite(var.data).all(axis=tuple(range(1, var.ndim)))
+    ok, mean, std = dask.compute(finite, var.data.mean(), var.data.std())
+    if not ok.all():
+        bad = var[dim].values[~np.asarray(ok)]
+        raise InputError(f"input: {variable} has NaN/Inf at {dim} = {bad[0]} "
+                         f"({len(bad)} item(s)): fix the data or leave those items out")
+    std = float(std) if float(std) > 0 else 1.0
+    return Items(dim, var[dim].values, var.transpose(dim, *field_dims), float(mean), std)

@@ -1,0 +1,75 @@
+"""Writes that overlap compute: a bounded background writer, or the same interface inline.
+
+The writer runs submitted jobs in order on one thread. ``submit`` blocks while ``depth`` jobs
+wait, so memory stays bounded; an error in a job is raised in the caller at the next
+``submit`` or at ``close``. ``busy`` is the seconds spent writing, ``waited`` the seconds the
+caller spent blocked on the writer: the write cost that compute did not hide.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+
+class InlineWriter:
+    """Runs each job at once, in the caller (``output.background = false``)."""
+
+    def __init__(self):
+        self.busy = self.waited = 0.0
+
+    def submit(self, fn, *args, **kwargs) -> None:
+        start = time.perf_counter()
+        fn(*args, **kwargs)
+        self.busy += time.perf_counter() - start
+        self.waited = self.busy
+
+    def close(self) -> None:
+        return None
+
+
+class BackgroundWriter:
+    """Runs jobs on a worker thread, at most ``depth`` waiting."""
+
+    def __init__(self, depth: int = 2):
+        self._jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self.busy = self.waited = 0.0
+        self._thread = threading.Thread(target=self._run, name="piadm-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if self._error is None:  # after a failure, drain without writing
+                start = time.perf_counter()
+                try:
+                    job[0](*job[1], **job[2])
+                except BaseException as err:  # re-raised in the caller
+                    self._error = err
+                self.busy += time.perf_counter() - start
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"background write failed: {self._error}") from self._error
+
+    def submit(self, fn, *args, **kwargs) -> None:
+        self._raise()
+        start = time.perf_counter()
+        self._jobs.put((fn, args, kwargs))
+        self.waited += time.perf_counter() - start
+
+    def close(self) -> None:
+        """Wait for every submitted job; raise the first error."""
+        start = time.perf_counter()
+        self._jobs.put(None)
+        self._thread.join()
+        self.waited += time.perf_counter() - start
+        self._raise()
+
+
+def make_writer(background: bool):
+    """The writer for ``output.background``."""
+    return BackgroundWriter() if background else InlineWriter()

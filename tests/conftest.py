@@ -1,0 +1,34 @@
+"""Shared test helpers: a small conditioning input store and config overrides."""
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+SHAPE = (16, 16)
+
+
+def make_input(path, times: int = 6, nan_at: int | None = None) -> str:
+    """A Zarr store with ``vort(time, y, x)``: smooth fields with daily time labels."""
+    rng = np.random.default_rng(0)
+    y, x = np.meshgrid(np.arange(SHAPE[0]), np.arange(SHAPE[1]), indexing="ij")
+    data = np.stack([3 * np.sin(2 * np.pi * (x + t) / SHAPE[1]) + np.cos(2 * np.pi * y / SHAPE[0])
+                     + 0.1 * rng.standard_normal(SHAPE) for t in range(times)]) + 5.0
+    if nan_at is not None:
+        data[nan_at, 3, 4] = np.nan
+    ds = xr.Dataset({"vort": (("time", "y", "x"), data.astype("float32"))},
+                    coords={"time": pd.date_range("2020-01-01", periods=times)})
+    ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    return str(path)
+
+
+def conditional_sets(input_path, output_path, *extra) -> list[str]:
+    items = ["model.shape=[16, 16]", "model.condition=mean", f"input.path={input_path}",
+             "input.variable=vort", "sampler.steps=60", "sampler.block_size=20",
+             "sampler.tol=0.05", "ensemble.members=6", "ensemble.batch_size=2",
+             f"output.path={output_path}", *extra]
+    return sum((["--set", s] for s in items), [])
+
+
+@pytest.fixture
+def input_store(tmp_path):
+    return make_input(tmp_path / "input.zarr")

@@ -1,0 +1,134 @@
+"""The ensemble store: conditional items, layout and provenance, resume after a stop, item
+subsets filling one store, input validation before anything is written, ``piadm status``."""
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scoringrules
+import xarray as xr
+
+from conftest import conditional_sets, make_input
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.ensemble import sample_to_store
+from pipeline.signals import EXIT_PREEMPTED, StopRequest
+
+
+def assert_same_store(a, b):
+    x, y = xr.open_zarr(a), xr.open_zarr(b)
+    assert set(x.data_vars) == set(y.data_vars)
+    for name in x.data_vars:
+        assert np.array_equal(x[name].values, y[name].values), name
+
+
+def _overrides(sets):
+    return [s for s in sets if s != "--set"]
+
+
+class StopAfter(StopRequest):
+    """A stop request that arrives after ``checks`` safe points (as a signal would)."""
+
+    def __init__(self, checks):
+        super().__init__()
+        self.left = checks
+
+    def __bool__(self):
+        self.left -= 1
+        return self.left < 0
+
+
+def test_conditional_store_has_items_provenance_and_scores_with_crps(tmp_path, input_store):
+    out = tmp_path / "ens.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
+    ds, truth = xr.open_zarr(out), xr.open_zarr(input_store).vort
+    assert ds.vort.dims == ("time", "member", "y", "x") and ds.vort.shape == (6, 6, 16, 16)
+    assert (ds.time.values == truth.time.values).all()
+    assert ds.member.attrs["standard_name"] == "realization" and ds.member.attrs["units"] == "1"
+    for key in ("config", "config_sha256", "piadm_version", "sampler_method", "sampler_seed",
+                "model_sha256", "history", "input_mean", "input_std"):
+        assert key in ds.attrs, key
+    assert len(np.unique(ds.seed.values)) == 36 and bool((ds.done == 1).all())
+    # The ensemble is centred on its input: CRPS against it beats CRPS against a shifted truth.
+    fc = ds.vort.transpose(..., "member").values
+    crps = scoringrules.crps_ensemble(truth.values, fc, m_axis=-1).mean()
+    shifted = scoringrules.crps_ensemble(truth.values + 3 * ds.attrs["input_std"], fc, m_axis=-1).mean()
+    assert np.isfinite(crps) and crps < 0.5 * shifted
+
+
+def test_a_stopped_run_resumes_to_the_uninterrupted_store(tmp_path, input_store, capsys):
+    clean, cut = tmp_path / "clean.zarr", tmp_path / "cut.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, clean)]) == 0
+    cfg = load_config("jobs/configs/grf.toml", _overrides(conditional_sets(input_store, cut)))
+    summary = sample_to_store(cfg, stop=StopAfter(5))
+    assert summary.preempted and summary.members == 10
+    assert main(["status", str(cut)]) == 1
+    assert "10/36 members done" in capsys.readouterr().out
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, cut)]) == 0
+    assert "10 of 36 members done, 26 to sample" in capsys.readouterr().err
+    assert main(["status", str(cut)]) == 0
+    assert_same_store(clean, cut)
+
+
+def test_status_of_a_path_that_is_no_store_is_an_error(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == 2
+    assert "is not a piadm ensemble store" in capsys.readouterr().err
+
+
+def test_jobs_with_distinct_items_fill_one_store(tmp_path, input_store):
+    clean, shared = tmp_path / "clean.zarr", tmp_path / "shared.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, clean)]) == 0
+    for part in ("[0, 2, 4]", "[1, 3, 5]"):
+        sets = conditional_sets(input_store, shared, f"parallel.items={part}")
+        assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    assert_same_store(clean, shared)
+
+
+def test_a_different_config_is_refused_and_the_store_kept(tmp_path, input_store, capsys):
+    out = tmp_path / "ens.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
+    before = _digest_files(out)
+    sets = conditional_sets(input_store, out, "sampler.seed=5")
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 2
+    assert "different configuration" in capsys.readouterr().err
+    assert _digest_files(out) == before
+
+
+def _digest_files(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["input.path={missing}"], "does not exist"),
+    (["input.variable=temp"], "input.variable 'temp' is not in"),
+    (["model.shape=[16, 18]"], "model.shape"),
+    (["input.items=['2020-01-02', '2021-05-01']"], "input.items ['2021-05-01'] are not in time"),
+    (["input.range=['2019-01-01', '2019-02-01']"], "selects nothing"),
+    (["input.path={nan}"], "NaN/Inf at time = 2020-01-03"),
+    (["input.item_dim=level"], "input.item_dim = 'level'"),
+    (["parallel.items=[9]"], "parallel.items [9] goes past the 6 items"),
+])
+def test_bad_input_is_one_line_error_and_the_store_is_untouched(tmp_path, input_store, capsys,
+                                                                extra, needle):
+    out = tmp_path / "ens.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
+    before = _digest_files(out)
+    capsys.readouterr()
+    nan = make_input(tmp_path / "nan.zarr", nan_at=2)
+    extra = [e.format(missing=tmp_path / "nope.zarr", nan=nan) for e in extra]
+    sets = conditional_sets(input_store, out, *extra)
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("piadm: error") and needle in err[-1], err
+    assert _digest_files(out) == before
+
+
+def test_nan_outside_the_selection_is_fine(tmp_path):
+    nan = make_input(tmp_path / "nan.zarr", nan_at=2)
+    sets = conditional_sets(nan, tmp_path / "ens.zarr", "input.range=['2020-01-04', '2020-01-06']")
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    assert xr.open_zarr(tmp_path / "ens.zarr").sizes["time"] == 3
