@@ -41,7 +41,7 @@ class StopAfter(StopRequest):
 def test_conditional_store_has_items_provenance_and_scores_with_crps(tmp_path, input_store):
     out = tmp_path / "ens.zarr"
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
-    ds, truth = xr.open_zarr(out), xr.open_zarr(input_store).vort
+    ds, truth = xr.open_zarr(out), xr.open_zarr(input_store, consolidated=False).vort
     assert ds.vort.dims == ("time", "member", "y", "x") and ds.vort.shape == (6, 6, 16, 16)
     assert (ds.time.values == truth.time.values).all()
     assert ds.member.attrs["standard_name"] == "realization" and ds.member.attrs["units"] == "1"

@@ -98,3 +98,44 @@ def test_an_existing_store_is_refused_by_every_rank_and_kept(tmp_path):
                       *_sets([f"output.path={path}", "parallel.time_slices=2"])], timeout=60)
     assert proc.returncode == 2 and "is not a piadm store" in proc.stderr
     assert (path / "precious").read_text() == "data"
+
+
+def test_one_two_and_four_ranks_write_identical_stores(tmp_path, input_store):
+    from conftest import conditional_sets
+    from test_ensemble import assert_same_store
+
+    serial = tmp_path / "serial.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, serial)]) == 0
+    for n in (2, 4):  # n groups of one rank each: members spread over ranks
+        out = tmp_path / f"n{n}.zarr"
+        proc = mpirun(n, ["-m", "pipeline.cli", "sample", "jobs/configs/grf.toml",
+                          *conditional_sets(input_store, out)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert_same_store(serial, out)
+
+
+def test_sigterm_to_mpiexec_stops_every_rank_and_a_rerun_completes(tmp_path, input_store):
+    from conftest import conditional_sets
+    from test_ensemble import assert_same_store
+    from test_preemption import MORE_WORK, members_done
+
+    out, ref = tmp_path / "ens.zarr", tmp_path / "ref.zarr"
+    sets = conditional_sets(input_store, out, *MORE_WORK, "parallel.time_slices=2")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "pipeline.cli", "sample",
+                             "jobs/configs/grf.toml", *sets], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while members_done(out) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.terminate()  # Hydra forwards SIGTERM to every rank, as srun does
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err[-3000:]
+    # The rerun may use another layout: here one rank finishes what two started.
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(input_store, out, *MORE_WORK)]) == 0
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(input_store, ref, *MORE_WORK)]) == 0
+    rel = {name: float(np.abs(xr.open_zarr(out)[name] - xr.open_zarr(ref)[name]).max())
+           for name in ("vort", "done", "seed")}
+    assert rel["done"] == 0 and rel["seed"] == 0 and rel["vort"] < 1e-4
