@@ -17,6 +17,7 @@ EXAMPLES = {
     "sample": "example: piadm sample jobs/configs/grf.toml --set ensemble.members=16",
     "bench": "example: piadm bench jobs/configs/grf.toml --json out/bench.json",
     "status": "example: piadm status out/grf.zarr   (exit 0 when complete, 1 when not)",
+    "generate-data": "example: piadm generate-data jobs/configs/kolmogorov.toml --set data.snapshots=100",
 }
 
 
@@ -66,6 +67,21 @@ def _cmd_bench(args, world) -> int:
     return 0
 
 
+def _cmd_generate(args, world) -> int:
+    from pipeline.console import on_rank0
+    from pipeline.generate import generate
+
+    cfg, _, device = _setup(args, world)
+    d = cfg.data
+    print0(world, f"piadm generate-data: Kolmogorov flow {d.resolution}x{d.resolution}, "
+                  f"nu {d.viscosity}, {d.snapshots} snapshots every {d.interval} after "
+                  f"{d.spinup} of spin-up -> {d.path}")
+    path = on_rank0(world, generate, d, config_text=cfg.text, device=device,
+                    progress=lambda text: print0(world, text))
+    print0(world, f"done: open with xarray.open_zarr({path!r})")
+    return 0
+
+
 def _cmd_status(args, world) -> int:
     from pipeline.status import report
 
@@ -75,7 +91,8 @@ def _cmd_status(args, world) -> int:
     return 0 if complete else 1
 
 
-COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "status": _cmd_status}
+COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "status": _cmd_status,
+            "generate-data": _cmd_generate}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,7 +102,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     helps = {"sample": "sample an ensemble into a Zarr store (resumes an unfinished one)",
              "bench": "compare sequential and parallel samplers",
-             "status": "members done / total in an ensemble store"}
+             "status": "members done / total in an ensemble store",
+             "generate-data": "simulate Kolmogorov-flow vorticity snapshots into Zarr"}
     for name, text in helps.items():
         sp = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES[name])
         if name == "status":

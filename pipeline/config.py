@@ -89,6 +89,27 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """``piadm generate-data``: Kolmogorov flow snapshots (pipeline.kolmogorov)."""
+
+    path: str = "out/kolmogorov.zarr"
+    resolution: int = 64
+    viscosity: float = 5e-3
+    drag: float = 0.1
+    forcing_wavenumber: int = 4
+    forcing: float = 1.0
+    cfl: float = 0.5
+    dt_max: float = 0.05
+    spinup: float = 30.0  # time units simulated and discarded before the first snapshot
+    interval: float = 0.5  # time units between snapshots
+    snapshots: int = 400
+    chunk: int = 50  # snapshots per Zarr chunk (and per write)
+    coarse_factor: int = 4  # block-average factor of the coarse copy
+    seed: int = 0
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     methods: tuple[str, ...] = ("sequential-sde", "piadm-sde", "window")
     sizes: tuple[tuple[int, ...], ...] = ()  # field shapes to sweep; empty: model.shape
@@ -103,6 +124,7 @@ class Config:
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     text: str = ""  # the effective configuration as TOML-like text, for provenance
 
@@ -118,7 +140,7 @@ class Config:
         one store share it."""
         kept = {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items()
                        if (name, k) not in _LAYOUT_KEYS}
-                for name in _SECTION_TYPES if name not in ("parallel", "bench")}
+                for name in _SECTION_TYPES if name not in ("parallel", "data", "bench")}
         return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -127,7 +149,8 @@ _LAYOUT_KEYS = {("output", "path"), ("output", "overwrite"), ("output", "backgro
 
 _SECTION_TYPES = {
     "model": ModelConfig, "sampler": SamplerConfig, "ensemble": EnsembleConfig,
-    "input": InputConfig, "output": OutputConfig, "parallel": ParallelConfig, "bench": BenchConfig,
+    "input": InputConfig, "output": OutputConfig, "parallel": ParallelConfig, "data": DataConfig,
+    "bench": BenchConfig,
 }
 
 
@@ -254,6 +277,20 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
                f"use at most {n} time slices, or raise sampler.{key}")
 
 
+def _check_data(d: DataConfig) -> None:
+    _check(d.resolution >= 8 and d.resolution % 2 == 0, "data.resolution",
+           f"= {d.resolution} must be an even number >= 8")
+    _check(d.coarse_factor >= 1 and d.resolution % d.coarse_factor == 0, "data.coarse_factor",
+           f"= {d.coarse_factor} must divide data.resolution = {d.resolution}")
+    _check(d.viscosity > 0, "data.viscosity", f"= {d.viscosity} must be > 0")
+    _check(d.drag >= 0, "data.drag", f"= {d.drag} must be >= 0")
+    _check(0 < d.cfl <= 1, "data.cfl", f"= {d.cfl} must be in (0, 1]")
+    _check(d.dt_max > 0 and d.interval > 0 and d.spinup >= 0, "data.interval",
+           "and data.dt_max must be > 0, data.spinup >= 0")
+    _check(d.snapshots >= 1 and d.chunk >= 1, "data.snapshots", "and data.chunk must be >= 1")
+    _check(d.forcing_wavenumber >= 1, "data.forcing_wavenumber", "must be >= 1")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
     from models import MODELS
@@ -298,6 +335,7 @@ def validate(cfg: Config) -> None:
            "must name the variable to condition on when input.path is set")
     _check(len(cfg.input.range) in (0, 2), "input.range", "must be [first, last] or empty")
     _check(all(i >= 0 for i in cfg.parallel.items), "parallel.items", "must be item indices >= 0")
+    _check_data(cfg.data)
     _check_parallel(cfg.parallel, s)
     for method in cfg.bench.methods:
         _check(method in SAMPLERS, "bench.methods",

@@ -141,6 +141,11 @@ def finalize(path: str | Path, note: str) -> None:
     group = zarr.open_group(path, mode="r+")
     history = json.loads(group.attrs.get("history", "[]"))
     group.attrs["history"] = json.dumps(history + [f"{_now()} {note}"])
+    consolidate(path)
+
+
+def consolidate(path: str | Path) -> None:
+    """Write the consolidated metadata, so readers open the store with one request."""
     with warnings.catch_warnings():
         # Zarr 3 calls consolidated metadata an extension; xarray reads it and it saves listing.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
