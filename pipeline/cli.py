@@ -18,6 +18,7 @@ EXAMPLES = {
     "bench": "example: piadm bench jobs/configs/grf.toml --json out/bench.json",
     "status": "example: piadm status out/grf.zarr   (exit 0 when complete, 1 when not)",
     "generate-data": "example: piadm generate-data jobs/configs/kolmogorov.toml --set data.snapshots=100",
+    "train": "example: mpiexec -n 2 piadm train jobs/configs/kolmogorov.toml --set train.steps=500",
 }
 
 
@@ -82,6 +83,20 @@ def _cmd_generate(args, world) -> int:
     return 0
 
 
+def _cmd_train(args, world) -> int:
+    from pipeline.train import train
+
+    cfg, _, device = _setup(args, world)
+    t = cfg.train
+    print0(world, f"piadm train: U-Net {list(t.channels)} on {t.data}:{t.variable}"
+                  f"{' | ' + t.condition if t.condition else ''}, {t.steps} steps of "
+                  f"{t.batch_size} over {world.size} ranks -> {t.checkpoint}")
+    result = train(t, comm=world, device=device, config_text=cfg.text)
+    print0(world, f"done: step {result.step}, train loss {result.train_loss:.4f}, validation "
+                  f"loss {result.val_loss:.4f}, {result.seconds:.0f} s; checkpoint {t.checkpoint}")
+    return 0
+
+
 def _cmd_status(args, world) -> int:
     from pipeline.status import report
 
@@ -92,7 +107,7 @@ def _cmd_status(args, world) -> int:
 
 
 COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "status": _cmd_status,
-            "generate-data": _cmd_generate}
+            "generate-data": _cmd_generate, "train": _cmd_train}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -103,7 +118,8 @@ def parser() -> argparse.ArgumentParser:
     helps = {"sample": "sample an ensemble into a Zarr store (resumes an unfinished one)",
              "bench": "compare sequential and parallel samplers",
              "status": "members done / total in an ensemble store",
-             "generate-data": "simulate Kolmogorov-flow vorticity snapshots into Zarr"}
+             "generate-data": "simulate Kolmogorov-flow vorticity snapshots into Zarr",
+             "train": "train a U-Net score model on a Zarr dataset (data-parallel)"}
     for name, text in helps.items():
         sp = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES[name])
         if name == "status":

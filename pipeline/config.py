@@ -110,6 +110,28 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """``piadm train``: denoising score matching of a U-Net (models.unet) on a Zarr dataset."""
+
+    data: str = "out/kolmogorov.zarr"
+    variable: str = "vorticity"
+    condition: str = ""  # a coarse variable to condition on (upsampled); empty: unconditional
+    validation: float = 0.2  # the last fraction of the time axis, held out
+    batch_size: int = 32  # global: split over the ranks
+    steps: int = 2000
+    lr: float = 2e-3
+    ema: float = 0.999
+    val_every: int = 200
+    log_every: int = 50
+    checkpoint: str = "out/unet.pt"
+    resume: bool = True  # continue from the checkpoint when it exists
+    seed: int = 0
+    channels: tuple[int, ...] = (32, 64, 96)
+    p_mean: float = -1.2  # log-normal training noise levels (EDM)
+    p_std: float = 1.2
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     methods: tuple[str, ...] = ("sequential-sde", "piadm-sde", "window")
     sizes: tuple[tuple[int, ...], ...] = ()  # field shapes to sweep; empty: model.shape
@@ -125,6 +147,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     text: str = ""  # the effective configuration as TOML-like text, for provenance
 
@@ -140,7 +163,7 @@ class Config:
         one store share it."""
         kept = {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items()
                        if (name, k) not in _LAYOUT_KEYS}
-                for name in _SECTION_TYPES if name not in ("parallel", "data", "bench")}
+                for name in _SECTION_TYPES if name not in ("parallel", "data", "train", "bench")}
         return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -150,7 +173,7 @@ _LAYOUT_KEYS = {("output", "path"), ("output", "overwrite"), ("output", "backgro
 _SECTION_TYPES = {
     "model": ModelConfig, "sampler": SamplerConfig, "ensemble": EnsembleConfig,
     "input": InputConfig, "output": OutputConfig, "parallel": ParallelConfig, "data": DataConfig,
-    "bench": BenchConfig,
+    "train": TrainConfig, "bench": BenchConfig,
 }
 
 
@@ -291,6 +314,16 @@ def _check_data(d: DataConfig) -> None:
     _check(d.forcing_wavenumber >= 1, "data.forcing_wavenumber", "must be >= 1")
 
 
+def _check_train(t: TrainConfig) -> None:
+    _check(0 < t.validation < 1, "train.validation", f"= {t.validation} must be in (0, 1)")
+    _check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size", "and train.steps must be >= 1")
+    _check(t.lr > 0, "train.lr", f"= {t.lr} must be > 0")
+    _check(0 <= t.ema < 1, "train.ema", f"= {t.ema} must be in [0, 1)")
+    _check(t.val_every >= 1 and t.log_every >= 1, "train.val_every", "and train.log_every must be >= 1")
+    _check(len(t.channels) >= 1 and min(t.channels) >= 8, "train.channels",
+           f"= {list(t.channels)}: give one width >= 8 per level")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
     from models import MODELS
@@ -336,6 +369,7 @@ def validate(cfg: Config) -> None:
     _check(len(cfg.input.range) in (0, 2), "input.range", "must be [first, last] or empty")
     _check(all(i >= 0 for i in cfg.parallel.items), "parallel.items", "must be item indices >= 0")
     _check_data(cfg.data)
+    _check_train(cfg.train)
     _check_parallel(cfg.parallel, s)
     for method in cfg.bench.methods:
         _check(method in SAMPLERS, "bench.methods",

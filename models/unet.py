@@ -1,0 +1,116 @@
+"""A small U-Net denoiser for periodic 2-D fields, with EDM preconditioning (Karras et al. 2022).
+
+``Denoiser(x, sigma, cond=None) -> x0_hat`` in the VE convention x = x0 + sigma n, data in
+units where its std is ``sigma_data``:
+
+    D(x; sigma) = c_skip x + c_out F(c_in x, c_noise),
+    c_in = 1 / sqrt(sigma^2 + sd^2), c_skip = sd^2 / (sigma^2 + sd^2),
+    c_out = sigma sd / sqrt(sigma^2 + sd^2), c_noise = log(sigma) / 4.
+
+F is a U-Net whose convolutions pad circularly (the fields are periodic), with a Fourier
+embedding of c_noise added to every residual block. Optional conditioning channels (e.g. a
+coarse field upsampled to the grid) are concatenated to the input. ``models.adapters`` turns
+the denoiser into a score on the OU clock (process VE, prediction x0).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture: ``channels`` per level (each level halves the grid), ``cond_channels``
+    extra input channels, ``sigma_data`` the data std the preconditioning assumes."""
+
+    channels: tuple[int, ...] = (32, 64, 96)
+    cond_channels: int = 0
+    embed: int = 64
+    sigma_data: float = 1.0
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _conv(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=1, padding_mode="circular")
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, c), c)
+
+
+class ResBlock(nn.Module):
+    """Two circular convolutions with a noise-embedding shift, and a skip connection."""
+
+    def __init__(self, cin: int, cout: int, embed: int):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), _conv(cin, cout)
+        self.shift = nn.Linear(embed, cout)
+        self.norm2, self.conv2 = _norm(cout), _conv(cout, cout)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(nn.functional.silu(self.norm1(x)))
+        h = h + self.shift(emb)[:, :, None, None]
+        h = self.conv2(nn.functional.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class UNet(nn.Module):
+    """F(x, c_noise): (B, 1 + cond, H, W), (B,) -> (B, 1, H, W); H, W divisible by
+    2^(levels - 1)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        c, e = cfg.channels, cfg.embed
+        self.register_buffer("freqs", torch.randn(e // 2, generator=torch.Generator().manual_seed(0)))
+        self.embed = nn.Sequential(nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e))
+        self.inp = _conv(1 + cfg.cond_channels, c[0])
+        self.down = nn.ModuleList(ResBlock(a, b, e) for a, b in zip((c[0],) + c[:-1], c))
+        self.mid = ResBlock(c[-1], c[-1], e)
+        self.up = nn.ModuleList(ResBlock(2 * b, a, e) for a, b in zip((c[0],) + c[:-1], c))
+        self.out = nn.Sequential(_norm(c[0]), nn.SiLU(), _conv(c[0], 1))
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        angle = 2 * math.pi * c_noise[:, None] * self.freqs[None]
+        emb = self.embed(torch.cat([angle.cos(), angle.sin()], 1))
+        h, skips = self.inp(x), []
+        for i, block in enumerate(self.down):
+            h = block(h, emb)
+            skips.append(h)
+            if i < len(self.down) - 1:
+                h = nn.functional.avg_pool2d(h, 2)
+        h = self.mid(h, emb)
+        for i, block in reversed(list(enumerate(self.up))):
+            h = block(torch.cat([h, skips[i]], 1), emb)
+            if i > 0:
+                h = nn.functional.interpolate(h, scale_factor=2, mode="nearest")
+        return self.out(h)
+
+
+class Denoiser(nn.Module):
+    """EDM-preconditioned D(x, sigma, cond): x (B, H, W), sigma (B,), cond (B, C, H, W) or
+    None -> x0_hat (B, H, W)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg, self.net = cfg, UNet(cfg)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None):
+        sd = self.cfg.sigma_data
+        s = sigma.to(x.dtype).reshape(-1, 1, 1)
+        total = s**2 + sd**2
+        c_in, c_skip, c_out = 1 / total.sqrt(), sd**2 / total, s * sd / total.sqrt()
+        h = (c_in * x)[:, None]
+        if cond is not None:
+            h = torch.cat([h, cond.to(x.dtype)], 1)
+        f = self.net(h, torch.log(sigma.to(x.dtype)) / 4)[:, 0]
+        return c_skip * x + c_out * f

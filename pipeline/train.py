@@ -1,0 +1,199 @@
+"""``piadm train``: denoising score matching of the EDM U-Net on a Zarr dataset, data-parallel.
+
+Every step draws a global batch of training times and noise from keys (seed, step), so the
+run does not depend on the number of ranks: each rank takes a contiguous slice of the batch,
+its loss is summed over its samples and divided by the global batch, and the gradients are
+summed over ranks (one Allreduce), which is exactly the one-rank gradient. EMA weights are
+kept for sampling; the validation loss (held-out last times, fixed noise) uses them.
+Checkpoints hold tensors only (``torch.load(weights_only=True)``) plus a JSON sidecar with the
+architecture, normalisation and variables; training resumes from them.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from models.unet import Denoiser, UNetConfig
+from pipeline.config import TrainConfig
+from pipeline.console import print0
+from pipeline.decomposition import slice_bounds
+from pipeline.inputs import InputError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Lazy fields (time, H, W) and optional coarse fields, normalised by (mean, std)."""
+
+    fields: xr.DataArray
+    coarse: xr.DataArray | None
+    mean: float
+    std: float
+
+    def batch(self, times: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised fields (B, H, W) and upsampled conditioning (B, 1, H, W) or None."""
+        order = np.argsort(times)
+        back = np.argsort(order)
+        x = self.fields.isel(time=times[order]).values[back]
+        x = torch.as_tensor((x - self.mean) / self.std, dtype=torch.float32, device=device)
+        if self.coarse is None:
+            return x, None
+        c = self.coarse.isel(time=times[order]).values[back]
+        c = torch.as_tensor((c - self.mean) / self.std, dtype=torch.float32, device=device)
+        factor = x.shape[-1] // c.shape[-1]
+        return x, c.repeat_interleave(factor, -2).repeat_interleave(factor, -1)[:, None]
+
+
+def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
+    """(training, validation) split by time; raises InputError for a bad dataset."""
+    if not Path(t.data).exists():
+        raise InputError(f"train.data {t.data} does not exist: run piadm generate-data first")
+    ds = xr.open_zarr(t.data)
+    for name in filter(None, (t.variable, t.condition)):
+        if name not in ds.data_vars:
+            raise InputError(f"train: {name!r} is not in {t.data}: it has {', '.join(ds.data_vars)}")
+    n = ds.sizes["time"]
+    cut = int(round(n * (1 - t.validation)))
+    if cut < 1 or cut >= n:
+        raise InputError(f"train.validation = {t.validation} leaves no training or validation "
+                         f"times out of {n}")
+    fields = ds[t.variable]
+    mean, std = (float(v) for v in (fields[:cut].mean().compute(), fields[:cut].std().compute()))
+    coarse = ds[t.condition] if t.condition else None
+    part = lambda sl: Dataset(fields.isel(time=sl), None if coarse is None else  # noqa: E731
+                              coarse.isel(time=sl), mean, std)
+    return part(slice(0, cut)), part(slice(cut, n))
+
+
+def _draws(seed: int, step: int, batch: int, n: int, shape, t: TrainConfig):
+    """The global batch of step ``step``: times (B,), sigmas (B,), noise (B, *shape)."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(step,)))
+    times = rng.integers(0, n, batch)
+    sigma = np.exp(t.p_mean + t.p_std * rng.standard_normal(batch))
+    noise = rng.standard_normal((batch, *shape))
+    return times, torch.as_tensor(sigma, dtype=torch.float32), torch.as_tensor(noise, dtype=torch.float32)
+
+
+def edm_loss(den: Denoiser, x0, sigma, noise, cond) -> torch.Tensor:
+    """Sum over the batch of the EDM-weighted denoising error (per-sample mean over pixels)."""
+    sd = den.cfg.sigma_data
+    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+    pred = den(x0 + sigma[:, None, None] * noise, sigma, cond)
+    return (weight * ((pred - x0) ** 2).flatten(1).mean(1)).sum()
+
+
+def _allreduce_grads(den: Denoiser, comm) -> None:
+    grads = [p.grad for p in den.parameters()]
+    flat = comm.allreduce_sum(torch.cat([g.flatten() for g in grads]))
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def validation_loss(ema: Denoiser, val: Dataset, t: TrainConfig, comm, device) -> float:
+    """Mean EDM loss over the held-out times with fixed noise, split over ranks."""
+    n = val.fields.sizes["time"]
+    shape = tuple(val.fields.shape[1:])
+    _, sigma, noise = _draws(t.seed + 1, 0, n, n, shape, t)
+    times = np.arange(n)  # every held-out time once, with fixed noise levels and noise
+    lo, hi = slice_bounds(n, comm.size, comm.rank)
+    total = torch.zeros(1, dtype=torch.float64)
+    with torch.no_grad():
+        for a in range(lo, hi, 64):
+            b = min(a + 64, hi)
+            x, c = val.batch(times[a:b], device)
+            total += float(edm_loss(ema, x, sigma[a:b].to(device), noise[a:b].to(device), c))
+    return float(comm.allreduce_sum(total)[0]) / n
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(path.suffix + ".json")
+
+
+def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
+    """Write tensors and the JSON sidecar, each atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    tmp_meta = _sidecar(path).with_name(_sidecar(path).name + ".tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp_meta, _sidecar(path))
+
+
+def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:
+    """The EMA denoiser of a checkpoint and its metadata (no pickle: tensors only)."""
+    path = Path(path)
+    meta = json.loads(_sidecar(path).read_text())
+    den = Denoiser(UNetConfig.from_dict(meta["unet"])).to(device)
+    state = torch.load(path, map_location=device, weights_only=True)
+    den.load_state_dict(state["ema"])
+    return den.eval(), meta
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float
+    val_loss: float
+    seconds: float
+
+
+def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> TrainResult:
+    """Run (or resume) the training of ``t``; checkpoints on rank 0."""
+    trn, held = open_dataset(t)
+    shape = tuple(trn.fields.shape[1:])
+    ucfg = UNetConfig(channels=tuple(t.channels), cond_channels=1 if t.condition else 0)
+    torch.manual_seed(t.seed)
+    den = Denoiser(ucfg).to(device)
+    ema = copy.deepcopy(den).requires_grad_(False)
+    opt = torch.optim.Adam(den.parameters(), lr=t.lr)
+    path, step, history = Path(t.checkpoint), 0, []
+    if t.resume and path.exists():
+        state = torch.load(path, map_location=device, weights_only=True)
+        den.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, history = int(state["step"]), state["history"].tolist()
+        print0(comm, f"resuming {path} at step {step}")
+    meta = {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std, "variable": t.variable,
+            "condition": t.condition, "shape": list(shape), "data": t.data, "config": config_text}
+    n, start, loss_sum, val_loss = trn.fields.sizes["time"], time.perf_counter(), 0.0, float("nan")
+    lo, hi = slice_bounds(t.batch_size, comm.size, comm.rank)
+    while step < t.steps:
+        times, sigma, noise = _draws(t.seed, step, t.batch_size, n, shape, t)
+        x, c = trn.batch(times[lo:hi], device)
+        opt.zero_grad(set_to_none=False)
+        loss = edm_loss(den, x, sigma[lo:hi].to(device), noise[lo:hi].to(device), c) / t.batch_size
+        loss.backward()
+        _allreduce_grads(den, comm)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), den.parameters()):
+                pe.lerp_(p, 1 - t.ema)
+        step += 1
+        batch_loss = float(comm.allreduce_sum(loss.detach().double().reshape(1).cpu())[0])
+        history.append(batch_loss)
+        loss_sum += batch_loss
+        if step % t.val_every == 0 or step == t.steps:
+            val_loss = validation_loss(ema, held, t, comm, device)
+            if comm.rank == 0:
+                save_checkpoint(path, {"model": den.state_dict(), "ema": ema.state_dict(),
+                                       "opt": opt.state_dict(), "step": step,
+                                       "history": torch.tensor(history, dtype=torch.float64)},
+                                meta | {"step": step, "val_loss": val_loss})
+        if step % t.log_every == 0 or step == t.steps:
+            elapsed = time.perf_counter() - start
+            print0(comm, f"step {step}/{t.steps}  loss {loss_sum / t.log_every:.4f}  "
+                         f"val {val_loss:.4f}  elapsed {elapsed:.0f}s")
+            loss_sum = 0.0
+    comm.barrier()
+    return TrainResult(step, history[-1], val_loss, time.perf_counter() - start)
