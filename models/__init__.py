@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from models.gmm import GaussianMixture, weight_error
 from models.grf import GaussianRandomField, spectrum_error
+from models.learned import load_unet
 
 MODELS = {
     "grf": lambda c: GaussianRandomField(tuple(c.shape), slope=c.slope, length=c.length),
@@ -13,6 +14,7 @@ MODELS = {
         tuple(c.shape), components=c.components, spread=c.spread, std=c.std, seed=c.seed,
         weights=list(c.weights) or None,
     ),
+    "unet": lambda c: load_unet(c.checkpoint, tuple(c.shape)),
 }
 
 # Error of an ensemble's statistics against the model's exact target:

@@ -28,5 +28,7 @@ class MeanShift:
         return self.base(x - a * self.mean.to(x.device, x.dtype), u)
 
 
-# model.condition -> how an item's input field (a tensor of the model's shape) binds a model.
-CONDITIONS = {"mean": MeanShift}
+# model.condition -> how an item's input field (model units) binds a model: "mean" for the
+# exact models (the field is the ensemble mean, of the model's shape), "coarse" for a
+# conditional U-Net (a block-averaged field, upsampled inside).
+CONDITIONS = {"mean": MeanShift, "coarse": lambda model, field: model.conditioned(field)}

@@ -1,6 +1,9 @@
 """Trained U-Net checkpoints (``pipeline.train``) as score models on the OU clock."""
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from pathlib import Path
+
 import torch
 
 from models.adapters import NetworkAdapter
@@ -18,3 +21,46 @@ def unet_score_model(den, shape: tuple[int, ...], cond: torch.Tensor | None = No
         return den(x_native.float(), sigma.float(), c).to(x_native.dtype)
 
     return NetworkAdapter(net, VE(), "x0", tuple(shape))
+
+
+@dataclass(frozen=True)
+class LearnedUNet:
+    """A trained denoiser as a score model (``models.contract``) in the normalised units it
+    was trained in: data = ``data_mean`` + ``data_std`` * model units. ``cond`` (1, H, W) is
+    the bound conditioning field, already upsampled and normalised."""
+
+    den: object
+    shape: tuple[int, ...]
+    data_mean: float
+    data_std: float
+    cond_channels: int
+    variable: str = "field"  # the dataset variable it was trained on
+    cond: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if self.cond_channels and self.cond is None:
+            raise ValueError("this model is conditional: set model.condition = 'coarse' and an input")
+        return unet_score_model(self.den, self.shape, self.cond)(x, u)
+
+    def conditioned(self, coarse: torch.Tensor) -> "LearnedUNet":
+        """Bind a coarse field (h, w), in model units, upsampled to the grid by blocks."""
+        fy, fx = self.shape[0] // coarse.shape[-2], self.shape[1] // coarse.shape[-1]
+        up = coarse.float().repeat_interleave(fy, -2).repeat_interleave(fx, -1)
+        return replace(self, cond=up[None])
+
+
+def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu") -> LearnedUNet:
+    """The EMA model of ``checkpoint``; raises ConfigError naming model.checkpoint or
+    model.shape when they do not fit."""
+    from pipeline.config import ConfigError
+    from pipeline.train import load_denoiser
+
+    if not checkpoint or not Path(checkpoint).is_file():
+        raise ConfigError(f"config: model.checkpoint = {checkpoint!r} is not a file: point it at "
+                          "a piadm train checkpoint (e.g. models/checkpoints/kolmogorov_uncond.pt)")
+    den, meta = load_denoiser(checkpoint, device)
+    if tuple(meta["shape"]) != tuple(shape):
+        raise ConfigError(f"config: model.shape = {list(shape)} but {checkpoint} was trained on "
+                          f"{meta['shape']}: set model.shape = {meta['shape']}")
+    return LearnedUNet(den, tuple(shape), meta["mean"], meta["std"], den.cfg.cond_channels,
+                       meta["variable"])

@@ -32,7 +32,8 @@ class ModelConfig:
     std: float = 0.5  # gmm: mode width before normalisation
     weights: tuple[float, ...] = ()  # gmm: mode weights (empty: equal)
     seed: int = 0  # gmm: seed of the mode positions
-    condition: str = "none"  # "mean": each item's input field is the ensemble's mean
+    condition: str = "none"  # "mean" (exact models) or "coarse" (a conditional unet)
+    checkpoint: str = ""  # unet: a piadm train checkpoint
 
 
 @dataclass(frozen=True)
@@ -360,10 +361,13 @@ def validate(cfg: Config) -> None:
     _check(e.members >= 1, "ensemble.members", f"= {e.members} must be >= 1")
     _check(e.batch_size >= 1, "ensemble.batch_size", f"= {e.batch_size} must be >= 1")
     _check(bool(cfg.output.path), "output.path", "must not be empty")
-    _check(m.condition in ("none", "mean"), "model.condition",
-           f"= {m.condition!r} is unknown: use 'none' or 'mean'")
+    _check(m.condition in ("none", "mean", "coarse"), "model.condition",
+           f"= {m.condition!r} is unknown: use 'none', 'mean' or 'coarse'")
     _check((m.condition == "none") == (not cfg.input.path), "model.condition",
-           "= 'mean' needs input.path (and input.path needs a conditioned model): set both or neither")
+           f"= {m.condition!r} and input.path = {cfg.input.path!r}: a conditioned model needs an "
+           "input and an input needs a conditioned model; set both or neither")
+    _check(m.condition != "coarse" or m.kind == "unet", "model.condition",
+           "= 'coarse' needs model.kind = 'unet' (exact models condition with 'mean')")
     _check(not cfg.input.path or bool(cfg.input.variable), "input.variable",
            "must name the variable to condition on when input.path is set")
     _check(len(cfg.input.range) in (0, 2), "input.range", "must be [first, last] or empty")

@@ -52,12 +52,16 @@ def load_items(cfg: Config, *, check: bool) -> Items:
     if not i.path:
         return unconditional()
     return open_items(i.path, variable=i.variable, dim=i.item_dim, items=i.items, span=i.range,
-                      shape=tuple(cfg.model.shape), check=check)
+                      shape=tuple(cfg.model.shape), check=check,
+                      coarse=cfg.model.condition == "coarse")
 
 
-def store_spec(cfg: Config, items: Items, shape: tuple[int, ...]) -> StoreSpec:
-    """The store ``cfg`` fills, with the input's statistics in its provenance."""
-    variable = cfg.output.variable or cfg.input.variable or "field"
+def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
+               trained_on: str | None = None) -> StoreSpec:
+    """The store ``cfg`` fills, with the input's statistics in its provenance. The field is
+    named by output.variable, else the variable a learned model was trained on, else the
+    input variable (exact models), else ``field``."""
+    variable = cfg.output.variable or trained_on or cfg.input.variable or "field"
     attrs = provenance(cfg)
     attrs.update(input_path=cfg.input.path, input_mean=items.mean, input_std=items.std)
     return StoreSpec(cfg.output.path, items.dim, items.labels, cfg.ensemble.members,
@@ -78,11 +82,11 @@ def _check_only(only: tuple[int, ...], count: int) -> None:
                           f"the input selection: use indices 0 .. {count - 1}")
 
 
-def _prepare(cfg: Config, shape) -> tuple[StoreSpec, str]:
+def _prepare(cfg: Config, shape, trained_on) -> tuple[StoreSpec, str]:
     """Rank 0's checks and creation: validate the input, open or create the store."""
     items = load_items(cfg, check=True)
     _check_only(cfg.parallel.items, len(items.labels))
-    spec = store_spec(cfg, items, shape)
+    spec = store_spec(cfg, items, shape, trained_on)
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
 
 
@@ -98,11 +102,20 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     ranks = ranks or rank_grid(SerialComm(), 1)
     world, slices = ranks.world, ranks.slices
     stop = stop if stop is not None else StopRequest()
-    model = build_model(cfg.model)
-    spec, state = on_rank0(world, _prepare, cfg, tuple(model.shape))  # before anything is written
+    try:
+        model = build_model(cfg.model)
+    except ConfigError as err:  # the same files on every rank: every rank raises it
+        err.collective = True
+        raise
+    # A learned model brings its training normalisation; exact ones use the input's.
+    mean = getattr(model, "data_mean", None)
+    spec, state = on_rank0(world, _prepare, cfg, tuple(model.shape),  # before anything is written
+                           getattr(model, "variable", None))
     items = load_items(cfg, check=False)
-    items = Items(items.dim, items.labels, items.fields, spec.attrs["input_mean"],
-                  spec.attrs["input_std"])
+    if mean is None:
+        mean, std = spec.attrs["input_mean"], spec.attrs["input_std"]
+    else:
+        std = model.data_std
     world.barrier()
     done = done_members(spec.path)
     todo = work_list(done, member_batches(cfg.ensemble.members, cfg.ensemble.batch_size),
@@ -119,13 +132,15 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         if float(slices.allreduce_max(flag)[0]) > 0:  # the group stops together
             stopped = True
             break
-        bound = _bind(model, cfg.model.condition, items.normalised(item), device)
+        raw = items.field(item)
+        bound = _bind(model, cfg.model.condition, None if raw is None else (raw - mean) / std,
+                      device)
         (batch,) = sample_batches(bound, method=cfg.sampler.method, grid=grid, options=options,
                                   seed=cfg.sampler.seed, batches=[members],
                                   dtype=DTYPES[cfg.sampler.dtype], comm=slices, item=item,
                                   device=device)
         if writer is not None:
-            field = batch.fields.cpu().numpy() * items.std + items.mean
+            field = batch.fields.cpu().numpy() * std + mean
             seeds = np.array([member_seed(cfg.sampler.seed, item, m) for m in members])
             writer.submit(write_batch, spec.path, variable=spec.variable, item=item,
                           start=members[0], field=field.astype(spec.dtype), seed=seeds,

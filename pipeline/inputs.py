@@ -32,11 +32,11 @@ class Items:
     mean: float = 0.0
     std: float = 1.0
 
-    def normalised(self, index: int) -> np.ndarray | None:
-        """Item ``index``'s input in model units (float64, *shape), or None."""
+    def field(self, index: int) -> np.ndarray | None:
+        """Item ``index``'s input field (float64, *shape), or None."""
         if self.fields is None:
             return None
-        return (self.fields.isel({self.dim: index}).values.astype(np.float64) - self.mean) / self.std
+        return self.fields.isel({self.dim: index}).values.astype(np.float64)
 
 
 def unconditional() -> Items:
@@ -91,8 +91,14 @@ def _select(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
     return var
 
 
+def _fits(got: tuple[int, ...], shape: tuple[int, ...], coarse: bool) -> bool:
+    if not coarse:
+        return got == shape
+    return len(got) == len(shape) and all(n % g == 0 for g, n in zip(got, shape))
+
+
 def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
-               shape: tuple[int, ...], check: bool = True) -> Items:
+               shape: tuple[int, ...], check: bool = True, coarse: bool = False) -> Items:
     """Open the conditioning input and check its layout; with ``check`` also stream over the
     selection once for NaN/Inf and the normalisation statistics (else mean 0, std 1).
     Raises InputError naming the problem."""
@@ -104,9 +110,10 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
     if var.dims[:1] != (dim,) or dim not in var.coords:
         raise InputError(f"input: {variable} has dims {var.dims}; its first dim must be "
                          f"input.item_dim = {dim!r}, with coordinates")
-    if tuple(var.shape[1:]) != tuple(shape):
-        raise InputError(f"input: {variable} fields are {list(var.shape[1:])} but model.shape "
-                         f"is {list(shape)}: set model.shape to match the input")
+    if not _fits(tuple(var.shape[1:]), tuple(shape), coarse):
+        want = "divide model.shape evenly" if coarse else "equal model.shape"
+        raise InputError(f"input: {variable} fields are {list(var.shape[1:])} but must {want} "
+                         f"= {list(shape)}: pick the matching variable or set model.shape")
     var = _select(var, dim, items, span)
     field_dims = var.dims[1:]
     if not check:

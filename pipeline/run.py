@@ -6,6 +6,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -64,7 +65,10 @@ def sample_batches(model, *, method: str, grid: Grid, options: Options, seed: in
 
 
 def model_digest(cfg: Config) -> str:
-    """SHA-256 identifying the model: its section (exact models are defined by it)."""
+    """SHA-256 identifying the model: its checkpoint's bytes for a learned model, else its
+    section (an exact model is defined by it)."""
+    if cfg.model.checkpoint:
+        return hashlib.sha256(Path(cfg.model.checkpoint).read_bytes()).hexdigest()
     text = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

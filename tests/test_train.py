@@ -73,3 +73,34 @@ def test_checkpoint_reloads_and_samples(tmp_path, dataset):
     noise = Noise(0, ((0, 0), (0, 1)), (16, 16))
     y, stats = SAMPLERS["piadm-sde"](model, noise.prior(), grid, noise, options=Options(tol=0.1))
     assert y.shape == (2, 16, 16) and bool(torch.isfinite(y).all()) and stats.rounds > 0
+
+
+def _sample_args(out, *sets):
+    base = ["model.kind=unet", "model.shape=[16, 16]", "sampler.steps=40", "sampler.block_size=20",
+            "sampler.tol=0.1", "ensemble.members=4", "ensemble.batch_size=2", f"output.path={out}"]
+    return ["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in base + list(sets)), [])]
+
+
+def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path, dataset):
+    import xarray as xr
+
+    plain, cond = tmp_path / "plain.pt", tmp_path / "cond.pt"
+    assert main(_train_args(dataset, plain)) == 0
+    assert main(_train_args(dataset, cond, "train.condition=vorticity_coarse")) == 0
+    out = tmp_path / "plain.zarr"
+    assert main(_sample_args(out, f"model.checkpoint={plain}")) == 0
+    ds = xr.open_zarr(out)
+    assert ds.vorticity.shape == (1, 4, 16, 16) and bool(np.isfinite(ds.vorticity).all())
+    assert len(ds.attrs["model_sha256"]) == 64
+    out = tmp_path / "cond.zarr"
+    sets = [f"model.checkpoint={cond}", "model.condition=coarse", f"input.path={dataset}",
+            "input.variable=vorticity_coarse", "input.items=['3.0', '3.25']"]
+    assert main(_sample_args(out, *sets)) == 0
+    ds = xr.open_zarr(out)
+    assert ds.vorticity.dims == ("time", "member", "y", "x")  # named as the model's data
+    assert ds.vorticity.shape == (2, 4, 16, 16) and list(ds.time.values) == [3.0, 3.25]
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    assert main(_sample_args(tmp_path / "x.zarr", "model.checkpoint=nope.pt")) == 2
+    assert "model.checkpoint = 'nope.pt' is not a file" in capsys.readouterr().err
