@@ -56,7 +56,7 @@ def test_existing_store_is_refused_and_untouched(tmp_path, capsys):
     ("sampler.stpes=3", "did you mean 'steps'"),
     ("sampler.block_size=0", "sampler.block_size"),
     ("sampler.method=magic", "sampler.method"),
-    ("model.kind=unet", "model.kind"),
+    ("model.kind=transformer", "model.kind"),
     ("sampler.u_min=20", "sampler.u_min"),
     ("ensemble.members=two", "ensemble.members must be int"),
     ("nosuch.key=1", "unknown section"),
