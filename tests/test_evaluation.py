@@ -1,0 +1,36 @@
+import math
+
+import numpy as np
+
+from pipeline.evaluation import crps, energy_spectrum, ensemble_mean_rmse, rank_histogram, spread_skill
+
+
+def test_energy_spectrum_of_one_mode_sits_at_its_wavenumber_with_its_energy():
+    n, k = 32, 3
+    x = np.arange(n) * 2 * math.pi / n
+    psi = np.cos(k * x)[None, :] * np.ones((n, 1))  # stream function cos(3x)
+    w = k**2 * psi  # vorticity = -lap psi
+    ks, e = energy_spectrum(w)
+    u_sq = (k * np.sin(k * x)) ** 2  # v = -dpsi/dx; u = 0
+    assert np.argmax(e) == k - 1 and math.isclose(e.sum(), 0.5 * u_sq.mean(), rel_tol=1e-10)
+
+
+def test_a_reliable_ensemble_scores_as_one():
+    rng = np.random.default_rng(1)
+    centre = rng.standard_normal((50, 8, 8))
+    draws = centre[None] + rng.standard_normal((11, 50, 8, 8))  # truth = one more draw
+    ens, truth = draws[:10], draws[10]
+    assert abs(spread_skill(ens, truth) - 1) < 0.05
+    hist = rank_histogram(ens, truth)
+    assert hist.sum() == truth.size and hist.min() > 0.8 * hist.mean() and hist.max() < 1.2 * hist.mean()
+    assert ensemble_mean_rmse(ens, truth) > 0.9
+    # CRPS rewards the right centre: shifting the truth makes it worse.
+    assert crps(ens, truth) < crps(ens, truth + 2.0)
+
+
+def test_an_underdispersive_ensemble_has_a_u_shaped_histogram():
+    rng = np.random.default_rng(2)
+    truth = rng.standard_normal(4000)
+    ens = 0.3 * rng.standard_normal((9, 4000))
+    hist = rank_histogram(ens, truth)
+    assert hist[0] > 3 * hist[5] and hist[-1] > 3 * hist[5] and spread_skill(ens, truth) < 0.5
