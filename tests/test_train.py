@@ -104,3 +104,28 @@ def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert main(_sample_args(tmp_path / "x.zarr", "model.checkpoint=nope.pt")) == 2
     assert "model.checkpoint = 'nope.pt' is not a file" in capsys.readouterr().err
+
+
+def test_exported_checkpoint_keeps_only_ema_and_loads(tmp_path, dataset):
+    from models.export import export
+
+    ckpt, shipped = tmp_path / "train.pt", tmp_path / "ship.pt"
+    assert main(_train_args(dataset, ckpt)) == 0
+    export(ckpt, shipped)
+    assert set(torch.load(shipped, weights_only=True)) == {"ema", "step"}
+    a, _ = load_denoiser(ckpt)
+    b, meta = load_denoiser(shipped)
+    x, s = torch.randn(2, 16, 16), torch.tensor([0.5, 2.0])
+    assert torch.equal(a(x, s), b(x, s)) and meta["variable"] == "vorticity"
+
+
+def test_the_shipped_unconditional_model_samples_out_of_the_box(tmp_path):
+    import xarray as xr
+
+    out = tmp_path / "shipped.zarr"
+    sets = ["sampler.steps=20", "sampler.block_size=10", "ensemble.members=2",
+            "ensemble.batch_size=2", f"output.path={out}"]
+    assert main(["sample", "jobs/configs/kolmogorov_uncond.toml",
+                 *sum((["--set", s] for s in sets), [])]) == 0
+    w = xr.open_zarr(out).vorticity.values
+    assert w.shape == (1, 2, 64, 64) and np.isfinite(w).all() and 1 < w.std() < 10
