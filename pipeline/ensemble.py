@@ -127,14 +127,17 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     grid, options = sampler_grid(cfg.sampler), sampler_options(cfg.sampler)
     start, rounds, calls, count, stopped = time.perf_counter(), 0, 0.0, 0, False
     total = sum(len(b) for _, b in mine)
+    bound, bound_item = model, None
     for item, members in mine:
         flag = torch.tensor([1.0 if stop else 0.0], dtype=torch.float64)
         if float(slices.allreduce_max(flag)[0]) > 0:  # the group stops together
             stopped = True
             break
-        raw = items.field(item)
-        bound = _bind(model, cfg.model.condition, None if raw is None else (raw - mean) / std,
-                      device)
+        if item != bound_item:  # the work is ordered by item: read each input once per run
+            raw = items.field(item)
+            bound = _bind(model, cfg.model.condition,
+                          None if raw is None else (raw - mean) / std, device)
+            bound_item = item
         (batch,) = sample_batches(bound, method=cfg.sampler.method, grid=grid, options=options,
                                   seed=cfg.sampler.seed, batches=[members],
                                   dtype=DTYPES[cfg.sampler.dtype], comm=slices, item=item,

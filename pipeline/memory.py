@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import resource
 from pathlib import Path
@@ -16,17 +17,20 @@ import torch
 _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
+@functools.lru_cache(maxsize=1)
+def _libc():
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
 def _release_free_memory() -> None:
     """Hand freed heap memory back to the OS, so the next peak is measured from what is live.
 
     glibc keeps freed heap memory resident (and after large frees it serves later tensors from
     that heap), which would hide the next run's peak; ``malloc_trim`` releases those pages."""
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    libc = ctypes.CDLL(name)
-    if hasattr(libc, "malloc_trim"):
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
 

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask
 import numpy as np
 import torch
 import xarray as xr
@@ -65,7 +66,7 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
         raise InputError(f"train.validation = {t.validation} leaves no training or validation "
                          f"times out of {n}")
     fields = ds[t.variable]
-    mean, std = (float(v) for v in (fields[:cut].mean().compute(), fields[:cut].std().compute()))
+    mean, std = (float(v) for v in dask.compute(fields[:cut].mean(), fields[:cut].std()))
     coarse = ds[t.condition] if t.condition else None
     part = lambda sl: Dataset(fields.isel(time=sl), None if coarse is None else  # noqa: E731
                               coarse.isel(time=sl), mean, std)
