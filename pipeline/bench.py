@@ -36,8 +36,9 @@ def _row(method, ranks, steps, d, stats, dist, err, timing) -> dict:
 
 def _format(row: dict) -> str:
     dist = "-" if row["rel_dist"] is None else f"{row['rel_dist']:.2e}"
+    err = "-" if row["stat_err"] is None else f"{row['stat_err']:.3e}"
     return (f"{row['method']:<15} {row['ranks']:>5} {row['steps']:>6} {row['d']:>9} "
-            f"{row['rounds']:>7} {row['model_calls']:>12.1f} {dist:>9} {row['stat_err']:>9.3e} "
+            f"{row['rounds']:>7} {row['model_calls']:>12.1f} {dist:>9} {err:>9} "
             f"{row['wall_s']:>8.2f} {row['comm_share']:>10.3f} {row['peak_mib']:>9.1f}")
 
 
@@ -70,7 +71,7 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
     noise = Noise(s.seed, tuple((0, m) for m in range(cfg.bench.members)), tuple(shape), dtype,
                   device)
     y0 = noise.prior()
-    stat_error = STAT_ERRORS[cfg.model.kind]
+    stat_error = STAT_ERRORS.get(cfg.model.kind)  # exact models only: a learned one has none
     references: dict[str, torch.Tensor] = {}
     rows = []
     methods = sorted(cfg.bench.methods, key=lambda m: m not in REFERENCE.values())
@@ -85,15 +86,19 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
             ref, _ = SAMPLERS[ref_name](model, y0, grid, noise, comm=comm, options=options)
             references[ref_name] = ref
         dist = None if method == ref_name else float((y - ref).norm() / ref.norm())
-        err = stat_error(model, y.to(torch.float64), s.u_min, s.denoise_final)
+        err = (None if stat_error is None
+               else stat_error(model, y.to(torch.float64), s.u_min, s.denoise_final))
         rows.append(_row(method, comm.size, s.steps, math.prod(shape), stats, dist, err, timing))
         print0(comm, _format(rows[-1]))
     return rows
 
 
-def run_bench(cfg: Config, *, json_path: str | None = None, comm=SerialComm(),
+def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None = None,
+              compare: tuple[str, ...] = (), comm=SerialComm(),
               device: torch.device = torch.device("cpu")) -> list[dict]:
-    """Bench every shape in ``bench.sizes`` (or the model's shape); optionally save JSON."""
+    """Bench every shape in ``bench.sizes`` (or the model's shape); optionally save JSON, and a
+    PNG plot of these rows with those of earlier JSON tables ``compare`` (e.g. other rank
+    counts)."""
     shapes = cfg.bench.sizes or (cfg.model.shape,)
     print0(comm, f"piadm bench: model {cfg.model.kind}, {cfg.sampler.steps} steps, "
                  f"block {cfg.sampler.block_size}, tol {cfg.sampler.tol}, "
@@ -105,4 +110,10 @@ def run_bench(cfg: Config, *, json_path: str | None = None, comm=SerialComm(),
     if json_path and comm.rank == 0:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps({"config": cfg.text, "rows": rows}, indent=2))
+    if png_path and comm.rank == 0:
+        from pipeline.figures import bench_figure
+
+        earlier = [row for p in compare for row in json.loads(Path(p).read_text())["rows"]]
+        Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+        print0(comm, f"plot: {bench_figure(earlier + rows, Path(png_path))}")
     return rows

@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from pathlib import Path
 
 from pipeline import __version__
 from pipeline.comm import SerialComm, launched_by_mpi
 from pipeline.config import ConfigError, load_config
 from pipeline.console import print0
 from pipeline.samplers import PicardDivergence
+from pipeline.scoring import EvaluationError
 from pipeline.status import NotAStore
 from pipeline.store import StoreExists
 
@@ -19,6 +21,8 @@ EXAMPLES = {
     "status": "example: piadm status out/grf.zarr   (exit 0 when complete, 1 when not)",
     "generate-data": "example: piadm generate-data jobs/configs/kolmogorov.toml --set data.snapshots=100",
     "train": "example: mpiexec -n 2 piadm train jobs/configs/kolmogorov.toml --set train.steps=500",
+    "evaluate": "example: piadm evaluate out/kolmogorov_down_ensemble.zarr --truth "
+                "out/kolmogorov_1600.zarr   (writes out/kolmogorov_down_ensemble_eval/)",
 }
 
 
@@ -64,7 +68,14 @@ def _cmd_bench(args, world) -> int:
     from pipeline.bench import run_bench
 
     cfg, _, device = _setup(args, world)
-    run_bench(cfg, json_path=args.json, comm=world, device=device)
+    for path in args.compare:
+        if not Path(path).is_file():
+            err = ConfigError(f"--compare {path}: no such file; give JSON tables written by "
+                              "piadm bench --json")
+            err.collective = True
+            raise err
+    run_bench(cfg, json_path=args.json, png_path=args.png, compare=tuple(args.compare),
+              comm=world, device=device)
     return 0
 
 
@@ -97,6 +108,20 @@ def _cmd_train(args, world) -> int:
     return 0
 
 
+def _cmd_evaluate(args, world) -> int:
+    from pipeline.console import on_rank0
+    from pipeline.scoring import evaluate, table
+
+    metrics, files = on_rank0(world, evaluate, args.store, args.truth,
+                              truth_variable=args.truth_variable,
+                              truth_range=tuple(args.truth_range) if args.truth_range else None,
+                              kmax=args.kmax, out=args.out)
+    if world.rank == 0:
+        print(table(metrics), flush=True)
+    print0(world, "wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def _cmd_status(args, world) -> int:
     from pipeline.status import report
 
@@ -107,7 +132,7 @@ def _cmd_status(args, world) -> int:
 
 
 COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "status": _cmd_status,
-            "generate-data": _cmd_generate, "train": _cmd_train}
+            "generate-data": _cmd_generate, "train": _cmd_train, "evaluate": _cmd_evaluate}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -119,21 +144,45 @@ def parser() -> argparse.ArgumentParser:
              "bench": "compare sequential and parallel samplers",
              "status": "members done / total in an ensemble store",
              "generate-data": "simulate Kolmogorov-flow vorticity snapshots into Zarr",
-             "train": "train a U-Net score model on a Zarr dataset (data-parallel)"}
+             "train": "train a U-Net score model on a Zarr dataset (data-parallel)",
+             "evaluate": "score an ensemble store against the truth: table, JSON, NetCDF, PNGs"}
     for name, text in helps.items():
         sp = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES[name])
         if name == "status":
             sp.add_argument("store", help="path of the ensemble store")
+            continue
+        if name == "evaluate":
+            _evaluate_arguments(sp)
             continue
         sp.add_argument("config", help="TOML configuration file")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set sampler.steps=200 (repeatable)")
         if name == "bench":
             sp.add_argument("--json", metavar="PATH", help="also save the table as JSON")
+            sp.add_argument("--png", metavar="PATH", help="also plot rounds and wall time "
+                            "against d (and against ranks, with --compare) as a PNG")
+            sp.add_argument("--compare", nargs="+", default=[], metavar="JSON",
+                            help="earlier --json tables (e.g. at other rank counts) to plot too")
     return p
 
 
-USER_ERRORS = (ConfigError, StoreExists, PicardDivergence, NotAStore)
+def _evaluate_arguments(sp) -> None:
+    sp.add_argument("store", help="the ensemble store (output.path of piadm sample)")
+    sp.add_argument("--truth", required=True, metavar="PATH",
+                    help="Zarr store of the true fields: paired item by item when it has the "
+                         "ensemble's item dimension (e.g. time), else compared as a climatology")
+    sp.add_argument("--truth-variable", metavar="NAME",
+                    help="the truth's variable (default: the ensemble's variable name)")
+    sp.add_argument("--truth-range", nargs=2, metavar=("START", "STOP"),
+                    help="labels along the truth's first dimension to compare with "
+                         "(climatology only), e.g. --truth-range 670.5 830")
+    sp.add_argument("--kmax", type=int, metavar="K",
+                    help="largest wavenumber in the spectrum score (default: n / 8)")
+    sp.add_argument("--out", metavar="DIR",
+                    help="where the table and figures go (default: STORE without .zarr + _eval)")
+
+
+USER_ERRORS = (ConfigError, StoreExists, PicardDivergence, NotAStore, EvaluationError)
 
 
 def world_comm():

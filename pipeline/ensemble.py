@@ -23,7 +23,8 @@ from pipeline.decomposition import share
 from pipeline.inputs import Items, open_items, unconditional
 from pipeline.layout import RankGrid, rank_grid
 from pipeline.noise import member_seed
-from pipeline.run import DTYPES, member_batches, provenance, sample_batches, sampler_grid, sampler_options
+from pipeline.run import (DTYPES, member_batches, provenance, residual_length, sample_batches,
+                          sampler_grid, sampler_options)
 from pipeline.signals import StopRequest
 from pipeline.store import StoreSpec, done_members, finalize, open_or_create, write_batch
 from pipeline.writer import make_writer
@@ -66,7 +67,7 @@ def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
     attrs.update(input_path=cfg.input.path, input_mean=items.mean, input_std=items.std)
     return StoreSpec(cfg.output.path, items.dim, items.labels, cfg.ensemble.members,
                      cfg.ensemble.batch_size, variable, shape, cfg.sampler.dtype,
-                     cfg.store_digest, attrs)
+                     cfg.store_digest, attrs, sweeps=residual_length(cfg.sampler))
 
 
 def work_list(done: np.ndarray, batches: list[tuple[int, ...]], only: tuple[int, ...]):
@@ -147,7 +148,8 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
             seeds = np.array([member_seed(cfg.sampler.seed, item, m) for m in members])
             writer.submit(write_batch, spec.path, variable=spec.variable, item=item,
                           start=members[0], field=field.astype(spec.dtype), seed=seeds,
-                          rounds=batch.stats.rounds, model_calls=batch.stats.model_calls)
+                          rounds=batch.stats.rounds, model_calls=batch.stats.model_calls,
+                          residuals=batch.stats.residuals)
         count += len(members)
         rounds += batch.stats.rounds
         calls += batch.stats.model_calls * len(members)

@@ -7,6 +7,15 @@ import numpy as np
 import scoringrules
 
 
+def _radial(density: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum a spectral density (n, n) over shells |k| = 1 .. n/2 (rounded)."""
+    k1 = np.fft.fftfreq(n, 1.0 / n)
+    shell = np.rint(np.sqrt(k1[:, None] ** 2 + k1[None, :] ** 2)).astype(int)
+    total = np.bincount(shell.ravel(), density.ravel(), minlength=n)
+    k = np.arange(1, n // 2 + 1)
+    return k, total[k]
+
+
 def energy_spectrum(vorticity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Radially binned kinetic energy spectrum of periodic vorticity fields (..., n, n) on
     [0, 2 pi)^2, averaged over the leading axes: (k = 1 .. n/2, E(k)), with
@@ -16,11 +25,15 @@ def energy_spectrum(vorticity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k1 = np.fft.fftfreq(n, 1.0 / n)
     k2 = k1[:, None] ** 2 + k1[None, :] ** 2
     density = np.where(k2 > 0, np.abs(w_hat) ** 2 / np.where(k2 > 0, k2, 1), 0.0) / 2
-    density = density.reshape(-1, n, n).mean(0)
-    shell = np.rint(np.sqrt(k2)).astype(int)
-    energy = np.bincount(shell.ravel(), density.ravel(), minlength=n)
-    k = np.arange(1, n // 2 + 1)
-    return k, energy[k]
+    return _radial(density.reshape(-1, n, n).mean(0), n)
+
+
+def power_spectrum(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Radially binned power spectrum of periodic fields (..., n, n), averaged over the leading
+    axes: (k = 1 .. n/2, P(k)), with sum_k P(k) = the variance up to the shells cut at n/2."""
+    n = field.shape[-1]
+    density = np.abs(np.fft.fft2(field, norm="forward")) ** 2
+    return _radial(density.reshape(-1, n, n).mean(0), n)
 
 
 def ensemble_mean_rmse(ens: np.ndarray, truth: np.ndarray) -> float:

@@ -38,6 +38,16 @@ def sampler_grid(s: SamplerConfig) -> Grid:
                      knee=s.knee)
 
 
+def residual_length(s: SamplerConfig) -> int:
+    """Rounds of residual history a store keeps per member: none for the sequential samplers;
+    otherwise at most one round per step (a sweep or a window advance settles at least one
+    step), plus the corrector's sweeps after each block."""
+    if s.method.startswith("sequential"):
+        return 0
+    blocks = -(-s.steps // s.block_size)
+    return s.steps + (blocks * s.corrector_sweeps if s.method == "piadm-ode" else 0)
+
+
 def member_batches(members: int, batch_size: int) -> list[tuple[int, ...]]:
     """Consecutive member batches [(0..b-1), (b..2b-1), ...]; the last may be short."""
     return [tuple(range(a, min(a + batch_size, members))) for a in range(0, members, batch_size)]

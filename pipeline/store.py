@@ -3,7 +3,9 @@
 Layout: one variable per field with dims (item, member, *field dims), chunked (1, member
 batch, *whole field) so every writer owns whole chunks; per-(item, member) ``seed``,
 ``rounds``, ``model_calls`` and ``done`` (1 once that member's data is written; chunked like
-the fields). Provenance and the store's configuration digest are attributes. The interface is
+the fields), and ``residual`` (item, member, sweep): the Picard residual of the member's batch
+after each parallel round, NaN-padded. Provenance and the store's configuration digest are
+attributes. The interface is
 small and explicit: open or create, see what is done, write a batch, mark it done, finalize.
 
 Completion lives in ``done``, written after the data: a member killed mid-write is not done,
@@ -49,6 +51,7 @@ class StoreSpec:
     dtype: str
     digest: str
     attrs: dict
+    sweeps: int = 0  # length of the residual history kept per member (0: none)
 
 
 def _dataset(spec: StoreSpec) -> xr.Dataset:
@@ -61,6 +64,11 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
                da.zeros((n, spec.members), dtype=dtype, chunks=(1, spec.member_chunk)))
         for name, dtype in PER_MEMBER.items()
     }
+    if spec.sweeps:
+        per_member["residual"] = (
+            (spec.item_dim, "member", "sweep"),
+            da.full((n, spec.members, spec.sweeps), np.nan, dtype="float32",
+                    chunks=(1, spec.member_chunk, spec.sweeps)))
     coords = {spec.item_dim: spec.items, "member": np.arange(spec.members)}
     coords.update({d: np.arange(k) for d, k in zip(dims[2:], spec.shape)})
     ds = xr.Dataset({spec.variable: (dims, field), **per_member}, coords=coords)
@@ -69,7 +77,19 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
     ds["member"].attrs.update(standard_name="realization", units="1", long_name="ensemble member")
     ds["done"].attrs.update(long_name="1 once the member's fields are completely written")
     ds["seed"].attrs.update(long_name="noise key of the member: seed, item and member index")
+    if spec.sweeps:
+        ds["residual"].attrs.update(
+            long_name="Picard residual r (mean square change over the state variance, max over "
+                      "the member's batch) after each parallel round; compare with tol**2")
     return ds
+
+
+def field_variable(ds: xr.Dataset) -> str:
+    """The ensemble variable of a piadm store: the one that is not per-member bookkeeping."""
+    names = [v for v in ds.data_vars if v not in PER_MEMBER and v != "residual"]
+    if len(names) != 1:
+        raise ValueError(f"expected one field variable in the store, found {names}")
+    return names[0]
 
 
 def _now() -> str:
@@ -124,7 +144,8 @@ def done_members(path: str | Path) -> np.ndarray:
 
 
 def write_batch(path: str | Path, *, variable: str, item: int, start: int, field: np.ndarray,
-                seed: np.ndarray, rounds: float, model_calls: float) -> None:
+                seed: np.ndarray, rounds: float, model_calls: float,
+                residuals: tuple[float, ...] = ()) -> None:
     """Write members [start, start + len(field)) of item index ``item``, then mark them done.
     Whole chunks only, so writers on other ranks or in other jobs never share a chunk."""
     group = zarr.open_group(path, mode="r+")
@@ -133,6 +154,11 @@ def write_batch(path: str | Path, *, variable: str, item: int, start: int, field
     group["seed"][item, start:stop] = seed
     group["rounds"][item, start:stop] = rounds
     group["model_calls"][item, start:stop] = model_calls
+    if "residual" in group:
+        kept = group["residual"].shape[-1]
+        history = np.full(kept, np.nan, dtype="float32")
+        history[: min(kept, len(residuals))] = residuals[:kept]
+        group["residual"][item, start:stop] = np.broadcast_to(history, (stop - start, kept))
     group["done"][item, start:stop] = 1  # last: only now do these members count as done
 
 

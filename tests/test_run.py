@@ -77,3 +77,22 @@ def test_bench_reports_rows_and_json(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert rc == 0 and [r["method"] for r in rows] == ["sequential-sde", "piadm-sde", "window"]
     assert rows[1]["rounds"] < rows[0]["rounds"] and rows[1]["rel_dist"] < 1e-2
+
+
+def test_bench_plots_against_d_and_against_ranks(tmp_path, capsys):
+    import json
+
+    base = ["--set", "bench.sizes=[[8, 8], [16, 16]]", "--set", "sampler.steps=40",
+            "--set", "sampler.block_size=20", "--set", "bench.methods=['piadm-sde']"]
+    first = tmp_path / "one.json"
+    assert main(["bench", "jobs/configs/grf.toml", "--json", str(first), *base]) == 0
+    other = json.loads(first.read_text())
+    for row in other["rows"]:  # stand in for a 2-rank run's table
+        row.update(ranks=2, wall_s=row["wall_s"] / 2)
+    (tmp_path / "two.json").write_text(json.dumps(other))
+    png = tmp_path / "bench.png"
+    assert main(["bench", "jobs/configs/grf.toml", "--png", str(png), "--compare",
+                 str(tmp_path / "two.json"), *base]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["bench", "jobs/configs/grf.toml", "--compare", str(tmp_path / "no.json")]) == 2
+    assert "--compare" in capsys.readouterr().err.splitlines()[-1]

@@ -99,6 +99,13 @@ def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path
     ds = xr.open_zarr(out)
     assert ds.vorticity.dims == ("time", "member", "y", "x")  # named as the model's data
     assert ds.vorticity.shape == (2, 4, 16, 16) and list(ds.time.values) == [3.0, 3.25]
+    assert main(["evaluate", str(out), "--truth", str(dataset)]) == 0
+    metrics = xr.open_dataset(tmp_path / "cond_eval" / "metrics.nc", engine="scipy")
+    truth = xr.open_zarr(dataset).sel(time=[3.0, 3.25])
+    upsampled = np.repeat(np.repeat(truth.vorticity_coarse.values, 4, 1), 4, 2)
+    mae = np.abs(upsampled - truth.vorticity.values).mean()
+    assert metrics.attrs["pairing"] == "paired"
+    assert metrics.attrs["baseline_mae"] == pytest.approx(mae, rel=1e-5)
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):

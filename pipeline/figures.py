@@ -1,0 +1,174 @@
+"""PNG figures of an evaluation and of a benchmark (matplotlib, no display needed)."""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from pipeline.store import field_variable
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # batch nodes have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fields_figure(ens: xr.Dataset, truth: xr.DataArray, paired: bool, path: Path,
+                  items: int = 3, members: int = 3) -> Path:
+    """Rows of items: truth, a few members, ensemble mean and spread, on shared colour scales."""
+    plt = _pyplot()
+    name = field_variable(ens)
+    field = ens[name]
+    rows = min(items, field.shape[0]) if paired else 1
+    shown = min(members, field.shape[1])
+    cols = 1 + shown + 2
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.3 * rows + 0.4), squeeze=False)
+    for r in range(rows):
+        e = field.isel({field.dims[0]: r}).values
+        t = truth.isel({truth.dims[0]: r}).values if paired else truth.isel(
+            {truth.dims[0]: 0}).values
+        lim = float(max(np.abs(t).max(), np.abs(e[:shown]).max()))
+        panels = [("truth" if paired else "a truth sample", t)]
+        panels += [(f"member {m}", e[m]) for m in range(shown)]
+        panels += [("ensemble mean", e.mean(0))]
+        for c, (title, img) in enumerate(panels):
+            ax = axes[r, c]
+            im = ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
+            ax.set_title(title, fontsize=9)
+        spread = e.std(0)
+        ax = axes[r, -1]
+        sp = ax.imshow(spread, cmap="magma", vmin=0, origin="lower")
+        ax.set_title("ensemble spread", fontsize=9)
+        fig.colorbar(sp, ax=ax, fraction=0.046, pad=0.04)
+        axes[r, 0].set_ylabel(f"{field.dims[0]} {field[field.dims[0]].values[r]}" if paired
+                              else "", fontsize=9)
+        fig.colorbar(im, ax=axes[r, -2], fraction=0.046, pad=0.04)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{name}: truth, members, ensemble mean and spread", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def spectrum_figure(metrics: xr.Dataset, path: Path) -> Path:
+    """Ensemble and truth spectra (log-log) with their ratio below."""
+    plt = _pyplot()
+    k = metrics["k"].values
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 5.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1.3]})
+    top.loglog(k, metrics["spectrum_truth"].values, "k-", lw=2, label="truth")
+    top.loglog(k, metrics["spectrum_ensemble"].values, "C3--", lw=1.5, label="ensemble members")
+    top.set_ylabel(f"{metrics.attrs['spectrum']} spectrum")
+    top.legend()
+    kmax = metrics.attrs["kmax"]
+    bottom.semilogx(k, metrics["spectrum_ratio"].values, "C3.-")
+    bottom.axhspan(0.75, 1.25, color="0.9", label="within 25%")
+    bottom.axhline(1, color="k", lw=0.8)
+    bottom.axvline(kmax, color="0.5", ls=":", lw=1)
+    bottom.set_ylim(0, 2)
+    bottom.set_xlabel("wavenumber k")
+    bottom.set_ylabel("ensemble / truth")
+    top.set_title(f"max deviation for k <= {kmax}: "
+                  f"{100 * metrics.attrs['spectrum_max_deviation']:.0f}%", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def rank_figure(metrics: xr.Dataset, path: Path) -> Path:
+    """The rank histogram as shares of the points, against the flat line of a reliable
+    ensemble."""
+    plt = _pyplot()
+    h = metrics["rank_histogram"].values.astype(float)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.bar(np.arange(h.size), h / h.sum(), color="C0")
+    ax.axhline(1 / h.size, color="k", ls="--", lw=1, label="reliable ensemble")
+    ax.set_xlabel("rank of the truth among the members")
+    ax.set_ylabel("share of points")
+    ax.set_title(f"rank histogram, spread/skill {metrics.attrs['spread_skill']:.2f}", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def residual_figure(ens: xr.Dataset, path: Path, batches: int = 4) -> Path | None:
+    """The Picard residual after every parallel round for the first few member batches, with
+    the tolerance; None when the store has no residuals (sequential samplers)."""
+    if "residual" not in ens:
+        return None
+    plt = _pyplot()
+    cfg = tomllib.loads(ens.attrs.get("config", ""))
+    sampler = cfg.get("sampler", {})
+    res = ens["residual"].isel({ens["residual"].dims[0]: 0}).values  # (member, sweep)
+    per_batch = cfg.get("ensemble", {}).get("batch_size", 1)  # a batch shares one history
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for row in range(0, res.shape[0], per_batch)[:batches]:
+        r = res[row][np.isfinite(res[row])]
+        ax.semilogy(np.arange(1, r.size + 1), np.sqrt(np.maximum(r, 1e-30)), ".-", ms=3,
+                    lw=0.8, label=f"batch from member {row}")
+    if sampler.get("tol"):
+        ax.axhline(sampler["tol"], color="k", ls="--", lw=1, label=f"tol {sampler['tol']}")
+    ax.set_xlabel("parallel round (sweep)")
+    ax.set_ylabel("relative Picard residual")
+    ax.set_title(f"{sampler.get('method', '')}: residual per sweep, blocks of "
+                 f"{sampler.get('block_size', '?')} steps", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bench_figure(rows: list[dict], path: Path) -> Path:
+    """Rounds and wall time against the field dimension d per method (at the largest rank
+    count), and wall time against ranks per (method, d) when the rows span several counts."""
+    plt = _pyplot()
+    methods = sorted({r["method"] for r in rows})
+    counts = sorted({r["ranks"] for r in rows})
+    panels = 3 if len(counts) > 1 else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.9))
+    top = [r for r in rows if r["ranks"] == counts[-1]]
+    for i, method in enumerate(methods):
+        mine = sorted((r for r in top if r["method"] == method), key=lambda r: r["d"])
+        d = [r["d"] for r in mine]
+        axes[0].semilogx(d, [r["rounds"] for r in mine], "o-", color=f"C{i}", label=method)
+        axes[1].loglog(d, [r["wall_s"] for r in mine], "o-", color=f"C{i}", label=method)
+    axes[0].set_ylim(bottom=0)
+    axes[0].set_xlabel("field dimension d")
+    axes[0].set_ylabel("parallel rounds (sequential model calls)")
+    axes[0].legend(fontsize=8)
+    axes[1].set_xlabel("field dimension d")
+    axes[1].set_ylabel("wall time per batch (s)")
+    axes[1].set_title(f"{counts[-1]} rank(s)", fontsize=10)
+    if panels == 3:
+        styles = ["-", "--", ":", "-."]
+        for i, method in enumerate(methods):
+            for j, d in enumerate(sorted({r["d"] for r in rows})):
+                mine = sorted((r for r in rows if r["method"] == method and r["d"] == d),
+                              key=lambda r: r["ranks"])
+                if len(mine) > 1:
+                    axes[2].plot([r["ranks"] for r in mine], [r["wall_s"] for r in mine],
+                                 marker="o", ls=styles[j % 4], color=f"C{i}",
+                                 label=f"{method}, d={d}")
+        axes[2].set_xscale("log", base=2)
+        axes[2].set_yscale("log")
+        axes[2].set_xticks(counts, [str(c) for c in counts])
+        axes[2].set_xlabel("MPI ranks (time slices)")
+        axes[2].set_ylabel("wall time per batch (s)")
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,258 @@
+"""Score an ensemble store against the truth, item by item so memory stays one item's worth.
+
+Two cases, told apart by the truth's dimensions:
+- paired: the truth has the store's item dimension (e.g. ``time`` for downscaling); each item's
+  members are scored against that item's true field: CRPS, ensemble-mean RMSE, spread/skill,
+  rank histogram, and for a model conditioned on a coarse input the upsampled-input baseline.
+- climatological: it does not (an unconditional store); the members are compared with the
+  truth's selection as distributions: spectra, mean and standard deviation.
+Both compare radially averaged spectra (kinetic energy for vorticity, power otherwise).
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from pipeline.evaluation import crps, energy_spectrum, power_spectrum, rank_histogram
+from pipeline.inputs import _label
+from pipeline.store import field_variable
+
+
+class EvaluationError(ValueError):
+    """The store or the truth cannot be evaluated as asked; the message says how to fix it."""
+
+
+def _field_variable(ds: xr.Dataset) -> str:
+    try:
+        return field_variable(ds)
+    except ValueError as err:
+        raise EvaluationError(str(err)) from err
+
+
+def open_ensemble(path: str | Path) -> xr.Dataset:
+    """The complete store at ``path``, opened lazily."""
+    if not Path(path).exists():
+        raise EvaluationError(f"store {path} does not exist: give the output.path of a "
+                              "piadm sample run")
+    try:
+        with warnings.catch_warnings():  # Zarr 3 calls consolidated metadata an extension
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            ds = xr.open_zarr(path)
+    except Exception as err:  # zarr's errors for a non-store are many and unspecific
+        raise EvaluationError(f"{path} is not a readable Zarr store ({err})") from err
+    if "done" not in ds or "piadm_store_digest" not in ds.attrs:
+        raise EvaluationError(f"{path} is not a piadm ensemble store")
+    done = ds["done"].values == 1
+    if not done.all():
+        raise EvaluationError(
+            f"store {path} is incomplete ({int(done.sum())} of {done.size} members done): "
+            "rerun its piadm sample command to finish it (piadm status shows progress)")
+    return ds
+
+
+def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
+               truth_range: tuple[str, str] | None = None) -> tuple[xr.DataArray, bool]:
+    """The truth for ``ens`` and whether it is paired item by item (see the module doc)."""
+    if not Path(path).exists():
+        raise EvaluationError(f"truth {path} does not exist: give the Zarr store of the data "
+                              "(e.g. made by piadm generate-data)")
+    truth_ds = xr.open_zarr(path)
+    if variable not in truth_ds:
+        raise EvaluationError(f"truth {path} has no variable {variable!r} (it has "
+                              f"{', '.join(map(str, truth_ds.data_vars))}): use --truth-variable")
+    truth = truth_ds[variable]
+    name = _field_variable(ens)
+    item_dim = ens[name].dims[0]
+    shape = ens[name].shape[2:]
+    if tuple(truth.shape[-len(shape):]) != tuple(shape):
+        raise EvaluationError(f"truth {variable} fields are {tuple(truth.shape[-len(shape):])}, "
+                              f"the ensemble's {tuple(shape)}: give the truth at the model's "
+                              "resolution")
+    paired = item_dim in truth.dims and item_dim != "item"
+    if paired:
+        missing = np.setdiff1d(ens[item_dim].values, truth[item_dim].values)
+        if missing.size:
+            raise EvaluationError(f"truth {path} lacks {item_dim} {missing[:3].tolist()} of the "
+                                  "ensemble: give the data the ensemble was conditioned on")
+        return truth.sel({item_dim: ens[item_dim].values}), True
+    if truth_range is not None:
+        dim = truth.dims[0]
+        lo, hi = (_label(t, truth[dim]) for t in truth_range)
+        truth = truth.sel({dim: slice(lo, hi)})
+        if truth.sizes[dim] == 0:
+            raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} selects no "
+                                  f"{dim} of {path}: pick labels inside its coordinate")
+    return truth, False
+
+
+def spectrum_of(variable: str):
+    """The spectrum used for ``variable``: kinetic energy for vorticity, else power."""
+    return energy_spectrum if "vorticity" in variable else power_spectrum
+
+
+def coarse_baseline(ens: xr.Dataset) -> xr.DataArray | None:
+    """The conditioning input upsampled by block repetition, when the ensemble was conditioned
+    on a coarse field (the downscaling baseline), else None."""
+    cfg = tomllib.loads(ens.attrs.get("config", ""))
+    if cfg.get("model", {}).get("condition") != "coarse":
+        return None
+    name = _field_variable(ens)
+    inp = cfg["input"]
+    coarse = xr.open_zarr(inp["path"])[inp["variable"]]
+    item_dim = ens[name].dims[0]
+    coarse = coarse.sel({item_dim: ens[item_dim].values})
+    factors = [f // c for f, c in zip(ens[name].shape[2:], coarse.shape[1:])]
+    values = coarse.values
+    for axis, f in enumerate(factors, start=1):
+        values = np.repeat(values, f, axis=axis)
+    return xr.DataArray(values, dims=ens[name].dims[:1] + ens[name].dims[2:])
+
+
+def _square(shape) -> bool:
+    return len(shape) == 2 and shape[0] == shape[1]
+
+
+def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | None = None,
+          progress=None) -> xr.Dataset:
+    """Metrics of ``ens`` against ``truth`` as a small dataset: per-item scores (paired),
+    spectra over k, the rank histogram; overall figures are its attributes."""
+    name = _field_variable(ens)
+    field = ens[name]
+    items, members, shape = field.shape[0], field.shape[1], field.shape[2:]
+    spectrum = spectrum_of(name) if _square(shape) else None
+    baseline = coarse_baseline(ens) if paired else None
+    per_item = {k: np.full(items, np.nan) for k in
+                ("crps", "rmse", "spread", "baseline_mae", "baseline_rmse")}
+    ranks = np.zeros(members + 1, dtype=np.int64)
+    spec_sum, moments = 0.0, np.zeros(3)  # sum, sum of squares, count of ensemble values
+    for i in range(items):
+        e = field.isel({field.dims[0]: i}).values.astype(np.float64)
+        moments += [e.sum(), (e ** 2).sum(), e.size]
+        if spectrum is not None:
+            k, s = spectrum(e)
+            spec_sum = spec_sum + s
+        if paired:
+            t = truth.isel({truth.dims[0]: i}).values.astype(np.float64)
+            per_item["crps"][i] = crps(e, t)
+            per_item["rmse"][i] = np.sqrt(((e.mean(0) - t) ** 2).mean())
+            per_item["spread"][i] = np.sqrt(e.var(0, ddof=1).mean() * (members + 1) / members)
+            ranks += rank_histogram(e, t)
+            if baseline is not None:
+                b = baseline.isel({baseline.dims[0]: i}).values
+                per_item["baseline_mae"][i] = np.abs(b - t).mean()
+                per_item["baseline_rmse"][i] = np.sqrt(((b - t) ** 2).mean())
+        if progress is not None:
+            progress(i + 1, items)
+    out = xr.Dataset()
+    mean = moments[0] / moments[2]
+    attrs = {"store_variable": name, "pairing": "paired" if paired else "climatological",
+             "items": items, "members": members,
+             "ensemble_mean": mean, "ensemble_std": np.sqrt(moments[1] / moments[2] - mean ** 2),
+             "rounds_mean": float(ens["rounds"].mean()),
+             "model_calls_mean": float(ens["model_calls"].mean())}
+    if paired:
+        item_dim = field.dims[0]
+        for key, values in per_item.items():
+            if not np.isnan(values).all():
+                out[key] = ((item_dim,), values)
+        out = out.assign_coords({item_dim: field[item_dim].values})
+        out["rank_histogram"] = (("rank",), ranks.astype(np.int32))
+        attrs.update(crps=float(np.mean(per_item["crps"])),
+                     ensemble_mean_rmse=float(np.sqrt(np.mean(per_item["rmse"] ** 2))),
+                     spread_skill=float(np.sqrt(np.mean(per_item["spread"] ** 2)) /
+                                        np.sqrt(np.mean(per_item["rmse"] ** 2))))
+        if baseline is not None:
+            attrs.update(baseline_mae=float(np.mean(per_item["baseline_mae"])),
+                         baseline_rmse=float(np.sqrt(np.mean(per_item["baseline_rmse"] ** 2))))
+    truth_values = truth.values.astype(np.float64)
+    attrs.update(truth_mean=float(truth_values.mean()), truth_std=float(truth_values.std()),
+                 truth_fields=int(np.prod(truth.shape[: truth.ndim - len(shape)])))
+    if spectrum is not None:
+        k, s_truth = spectrum(truth_values)
+        s_ens = spec_sum / items
+        kmax = kmax or shape[-1] // 8
+        ratio = s_ens / s_truth
+        out = out.assign_coords(k=k.astype(np.int32))  # NetCDF 3 has no int64
+        out["spectrum_ensemble"] = (("k",), s_ens)
+        out["spectrum_truth"] = (("k",), s_truth)
+        out["spectrum_ratio"] = (("k",), ratio)
+        attrs.update(spectrum="kinetic energy" if spectrum is energy_spectrum else "power",
+                     kmax=int(kmax), spectrum_max_deviation=float(np.abs(ratio[:kmax] - 1).max()))
+    out.attrs.update(attrs)
+    return out
+
+
+def table(metrics: xr.Dataset) -> str:
+    """The overall figures as an aligned two-column text table."""
+    a = metrics.attrs
+    rows = [("pairing", a["pairing"]), ("items x members", f"{a['items']} x {a['members']}")]
+    for key, label in [("crps", "CRPS"), ("baseline_mae", "baseline MAE (upsampled input)"),
+                       ("ensemble_mean_rmse", "ensemble-mean RMSE"),
+                       ("baseline_rmse", "baseline RMSE"), ("spread_skill", "spread/skill"),
+                       ("ensemble_mean", "ensemble mean"), ("truth_mean", "truth mean"),
+                       ("ensemble_std", "ensemble std"), ("truth_std", "truth std"),
+                       ("rounds_mean", "parallel rounds / batch"),
+                       ("model_calls_mean", "model calls / member")]:
+        if key in a:
+            rows.append((label, f"{a[key]:.4g}"))
+    if "spectrum_ratio" in metrics:
+        kmax = a["kmax"]
+        ratios = " ".join(f"{r:.2f}" for r in metrics["spectrum_ratio"].values[:kmax])
+        rows.append((f"{a['spectrum']} ratio k=1..{kmax}", ratios))
+        rows.append((f"max |ratio - 1|, k <= {kmax}", f"{a['spectrum_max_deviation']:.3f}"))
+    if "rank_histogram" in metrics:
+        h = metrics["rank_histogram"].values
+        rows.append(("rank histogram (share)", " ".join(f"{c / h.sum():.2f}" for c in h)))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _as_json(metrics: xr.Dataset) -> dict:
+    """The overall figures at the top level; per-item scores, spectra and ranks below."""
+    out = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.attrs.items()}
+    per_item = [v for v in metrics.data_vars if metrics[v].dims == metrics["crps"].dims] \
+        if "crps" in metrics else []
+    if per_item:
+        dim = metrics["crps"].dims[0]
+        out["per_item"] = {dim: metrics[dim].values.tolist(),
+                           **{v: metrics[v].values.tolist() for v in per_item}}
+    if "k" in metrics.coords:
+        out["spectrum_k"] = {"k": metrics["k"].values.tolist(),
+                             **{v.removeprefix("spectrum_"): metrics[v].values.tolist()
+                                for v in ("spectrum_ensemble", "spectrum_truth",
+                                          "spectrum_ratio")}}
+    if "rank_histogram" in metrics:
+        out["rank_histogram"] = metrics["rank_histogram"].values.tolist()
+    return out
+
+
+def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str | None = None,
+             truth_range: tuple[str, str] | None = None, kmax: int | None = None,
+             out: str | Path | None = None, progress=None) -> tuple[xr.Dataset, list[Path]]:
+    """Score ``store`` against the truth and save metrics.json, metrics.nc and the PNG figures
+    in ``out`` (default: next to the store, ``<store>_eval``); returns (metrics, files)."""
+    from pipeline.figures import fields_figure, rank_figure, residual_figure, spectrum_figure
+
+    ens = open_ensemble(store)
+    truth, paired = open_truth(truth_path, truth_variable or _field_variable(ens), ens,
+                               truth_range)
+    metrics = score(ens, truth, paired, kmax=kmax, progress=progress)
+    metrics.attrs.update(store=str(store), truth=f"{truth_path}:{truth.name}")
+    folder = Path(out) if out else Path(str(store).rstrip("/").removesuffix(".zarr") + "_eval")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(_as_json(metrics), indent=2, default=str))
+    metrics.to_netcdf(str(folder / "metrics.nc"), engine="scipy")  # scipy: NetCDF 3, no extra library
+    files = [folder / "metrics.json", folder / "metrics.nc",
+             fields_figure(ens, truth, paired, folder / "fields.png")]
+    if "spectrum_ratio" in metrics:
+        files.append(spectrum_figure(metrics, folder / "spectrum.png"))
+    if "rank_histogram" in metrics:
+        files.append(rank_figure(metrics, folder / "rank_histogram.png"))
+    residuals = residual_figure(ens, folder / "residuals.png")
+    files += [residuals] if residuals else []
+    return metrics, files

@@ -1,0 +1,123 @@
+"""``piadm evaluate``: paired scores respond to a right and a wrong truth, the climatological
+spectrum score tells a right from a rescaled truth, the outputs are written and readable, and
+bad input is a one-line error."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from pipeline.cli import main
+from tests.conftest import conditional_sets, make_input
+
+
+def _sample(tmp_path, name, *extra):
+    inp = tmp_path / "input.zarr"
+    if not inp.exists():
+        make_input(inp)
+    out = tmp_path / name
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(inp, out, *extra)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory):
+    """An ensemble conditioned on the input mean, and truths: one drawn like a member (another
+    seed) and one shifted by three standard deviations."""
+    tmp = tmp_path_factory.mktemp("paired")
+    ens = _sample(tmp, "ens.zarr")
+    other = xr.open_zarr(_sample(tmp, "other.zarr", "sampler.seed=9"))
+    good = other.vort.isel(member=0).drop_vars("member")
+    xr.Dataset({"vort": good}).to_zarr(tmp / "truth.zarr", zarr_format=3)
+    shift = 3 * float(good.std())
+    xr.Dataset({"vort": good + shift}).to_zarr(tmp / "shifted.zarr", zarr_format=3)
+    return tmp, ens
+
+
+def _metrics(folder):
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def test_paired_scores_reward_the_right_truth(paired, capsys):
+    tmp, ens = paired
+    assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr")]) == 0
+    table = capsys.readouterr().out
+    assert "spread/skill" in table and "CRPS" in table
+    good = _metrics(tmp / "ens_eval")
+    assert good["pairing"] == "paired" and good["items"] == 6 and good["members"] == 6
+    assert 0.7 < good["spread_skill"] < 1.4  # the truth is drawn like a member
+    assert sum(good["rank_histogram"]) == 6 * 16 * 16
+    assert main(["evaluate", str(ens), "--truth", str(tmp / "shifted.zarr"),
+                 "--out", str(tmp / "bad")]) == 0
+    bad = _metrics(tmp / "bad")
+    assert bad["crps"] > 3 * good["crps"] and bad["spread_skill"] < 0.4
+    assert bad["rank_histogram"][-1] > 0.9 * sum(bad["rank_histogram"])  # truth above all members
+
+
+def test_outputs_are_written_and_open(paired):
+    tmp, ens = paired
+    assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
+                 "--out", str(tmp / "files")]) == 0
+    names = {p.name for p in (tmp / "files").iterdir()}
+    assert names == {"metrics.json", "metrics.nc", "fields.png", "spectrum.png",
+                     "rank_histogram.png", "residuals.png"}
+    for name in names - {"metrics.json", "metrics.nc"}:
+        assert (tmp / "files" / name).read_bytes()[:4] == b"\x89PNG"
+    nc = xr.open_dataset(tmp / "files" / "metrics.nc", engine="scipy")
+    assert nc.attrs["crps"] == pytest.approx(_metrics(tmp / "files")["crps"])
+    assert nc.crps.sizes["time"] == 6
+
+
+def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
+    base = ["model.shape=[16, 16]", "sampler.steps=60", "sampler.block_size=20",
+            "sampler.tol=0.05", "ensemble.batch_size=8"]
+    sets = lambda *s: sum((["--set", x] for x in base + list(s)), [])
+    ens, truth = tmp_path / "ens.zarr", tmp_path / "truth.zarr"
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *sets("ensemble.members=32", f"output.path={ens}")]) == 0
+    assert main(["sample", "jobs/configs/grf.toml", *sets("ensemble.members=32",
+                 "sampler.seed=4", f"output.path={truth}")]) == 0
+    fields = xr.open_zarr(truth).field.isel(item=0).rename(member="sample")
+    xr.Dataset({"field": fields}).to_zarr(tmp_path / "t.zarr", zarr_format=3)
+    xr.Dataset({"field": 2 * fields}).to_zarr(tmp_path / "t2.zarr", zarr_format=3)
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "t.zarr"),
+                 "--truth-range", "0", "31", "--out", str(tmp_path / "a")]) == 0
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "t2.zarr"),
+                 "--out", str(tmp_path / "b")]) == 0
+    right, scaled = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert right["pairing"] == "climatological" and right["truth_fields"] == 32
+    assert right["spectrum_max_deviation"] < 0.35
+    assert scaled["spectrum_max_deviation"] > 0.7  # power / 4
+    assert "crps" not in right
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing store", "does not exist: give the output.path"),
+    ("missing truth", "truth nope.zarr does not exist"),
+    ("wrong variable", "has no variable 'nope'"),
+    ("incomplete store", "is incomplete (0 of 36 members done)"),
+    ("truth lacks items", "lacks time"),
+    ("empty range", "selects no"),
+])
+def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, message):
+    tmp, ens = paired
+    args = {"missing store": [str(tmp_path / "none.zarr"), "--truth", str(tmp / "truth.zarr")],
+            "missing truth": [str(ens), "--truth", "nope.zarr"],
+            "wrong variable": [str(ens), "--truth", str(tmp / "truth.zarr"),
+                               "--truth-variable", "nope"]}
+    if case == "incomplete store":  # a copy whose members are not marked done
+        shutil.copytree(ens, tmp_path / "undone.zarr")
+        zarr.open_group(tmp_path / "undone.zarr", mode="r+")["done"][:] = 0
+        args[case] = [str(tmp_path / "undone.zarr"), "--truth", str(tmp / "truth.zarr")]
+    if case == "truth lacks items":
+        xr.open_zarr(tmp / "truth.zarr").isel(time=slice(0, 3)).to_zarr(tmp_path / "t.zarr")
+        args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
+    if case == "empty range":
+        fields = xr.open_zarr(ens).vort.isel(time=0).rename(member="sample")
+        xr.Dataset({"vort": fields}).to_zarr(tmp_path / "c.zarr")
+        args[case] = [str(ens), "--truth", str(tmp_path / "c.zarr"), "--truth-range", "50", "60"]
+    assert main(["evaluate", *args[case]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
