@@ -263,17 +263,20 @@ def config_from_dict(tree: dict) -> Config:
     return dataclasses.replace(cfg, text=_text(cfg))
 
 
+def read_toml(path: str | Path) -> dict:
+    """The nested dict of the TOML file at ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found: pass an existing TOML file")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read TOML at ``path`` (None: defaults only), apply ``section.key=value`` overrides."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found: pass an existing TOML file")
-        try:
-            tree = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    tree = read_toml(path) if path is not None else {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item}: use the form section.key=value")
