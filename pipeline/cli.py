@@ -51,16 +51,17 @@ def _cmd_sample(args, world) -> int:
                   f"{ranks.groups} groups x {cfg.parallel.time_slices} time slices, {device}")
     summary = sample_to_store(cfg, ranks=ranks, device=device, stop=stop)
     share = summary.write_wait_s / summary.seconds if summary.seconds else 0.0
+    where = "" if summary.preempted else f"\n  open with        xarray.open_zarr({summary.path!r})"
     print0(world, f"{'stopped' if summary.preempted else 'done'}: {summary.members} members "
-                  f"written ({summary.skipped} were already done), {summary.rounds} parallel "
-                  f"rounds, {summary.model_calls:.0f} model calls per member, "
-                  f"{summary.seconds:.1f} s, writing {summary.write_s:.1f} s of which "
-                  f"{summary.write_wait_s:.1f} s ({100 * share:.1f}%) held up sampling")
+                  f"written to {summary.path} ({summary.skipped} were already done)\n"
+                  f"  parallel rounds  {summary.rounds} (sequential model calls, slowest group)\n"
+                  f"  model calls      {summary.model_calls:.0f} per member\n"
+                  f"  wall time        {summary.seconds:.1f} s; writing {summary.write_s:.1f} s, "
+                  f"of which {summary.write_wait_s:.1f} s ({100 * share:.1f}%) held up sampling{where}")
     if summary.preempted:
         print0(world, f"piadm: stopped by a signal; rerun the same command to resume "
                       f"(exit {EXIT_PREEMPTED})")
         return EXIT_PREEMPTED
-    print0(world, f"open with xarray.open_zarr({summary.path!r})")
     return 0
 
 

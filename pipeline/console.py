@@ -5,10 +5,15 @@ from __future__ import annotations
 import sys
 
 
+def tag(comm) -> str:
+    """``[rank r/N] `` under MPI, so a log line says which rank speaks; empty on one rank."""
+    return f"[rank {comm.rank}/{comm.size}] " if comm.size > 1 else ""
+
+
 def print0(comm, *args, **kwargs) -> None:
-    """Print to stderr on rank 0 only, flushed, so progress shows up in batch logs."""
+    """Print to stderr on rank 0 only, tagged and flushed, so progress shows in batch logs."""
     if comm.rank == 0:
-        print(*args, file=sys.stderr, flush=True, **kwargs)
+        print(tag(comm) + " ".join(map(str, args)), file=sys.stderr, flush=True, **kwargs)
 
 
 def on_rank0(comm, fn, *args, **kwargs):

@@ -8,6 +8,8 @@ batches each group agrees whether a stop signal arrived; a stopped run exits wit
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
@@ -23,6 +25,7 @@ from pipeline.decomposition import share
 from pipeline.inputs import Items, open_items, unconditional
 from pipeline.layout import RankGrid, rank_grid
 from pipeline.noise import member_seed
+from pipeline.progress import Progress
 from pipeline.run import (DTYPES, member_batches, provenance, residual_length, sample_batches,
                           sampler_grid, sampler_options)
 from pipeline.signals import StopRequest
@@ -128,6 +131,10 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     grid, options = sampler_grid(cfg.sampler), sampler_options(cfg.sampler)
     start, rounds, calls, count, stopped = time.perf_counter(), 0, 0.0, 0, False
     total = sum(len(b) for _, b in mine)
+    bar = Progress(world, total, f"group {ranks.group + 1}/{ranks.groups} members",
+                   speak=slices.rank == 0)
+    options = dataclasses.replace(options, on_sweep=lambda step, sweep, r: bar.note(
+        f"block from step {step}/{grid.steps}: sweep {sweep}, residual {math.sqrt(r):.1e}"))
     bound, bound_item = model, None
     for item, members in mine:
         flag = torch.tensor([1.0 if stop else 0.0], dtype=torch.float64)
@@ -153,10 +160,8 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         count += len(members)
         rounds += batch.stats.rounds
         calls += batch.stats.model_calls * len(members)
-        elapsed = time.perf_counter() - start
-        print0(world, f"group {ranks.group + 1}/{ranks.groups}: members {count}/{total}  "
-                      f"{items.dim} {items.labels[item]}  rounds {batch.stats.rounds}  "
-                      f"elapsed {elapsed:.1f}s  eta {elapsed / count * (total - count):.1f}s")
+        bar.advance(len(members), f"{items.dim} {items.labels[item]}: {batch.stats.rounds} rounds")
+    bar.close()
     if writer is not None:
         writer.close()  # every member this rank sampled is written and marked done
     return _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count,

@@ -17,6 +17,9 @@ class Options:
         NaN/Inf or exceeds ``divergence_threshold``.
     corrector_*: underdamped Langevin corrector of PIADM-ODE (section 4); steps = 0 turns it off.
     denoise_final: return the Tweedie denoised mean E[x_0 | y] at u_min (one more model call).
+    on_sweep: None, or a callable (step, sweep, residual) told after every parallel round: the
+        first step of the block (window) in flight, the round within it and max r. Progress
+        reporting only; it must not change anything.
     """
 
     form: str = "exponential"
@@ -30,6 +33,7 @@ class Options:
     corrector_gamma: float = 1.0
     corrector_sweeps: int = 4
     denoise_final: bool = False
+    on_sweep: object = None
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,8 @@ def picard_block(model, y0, u, steps: Steps, noise: Noise | None, start: int, *,
         inputs[rows], after[rows] = new_inputs, new_after
         calls += rows.numel() * m
         history.append(float(r.max()))
+        if options.on_sweep is not None:
+            options.on_sweep(start, sweeps, history[-1])
         bad = ~torch.isfinite(r) | (r > options.divergence_threshold)
         diverged += rows[bad].tolist()
         keep = ~bad if options.tol is None else ~bad & (r > options.tol**2)

@@ -137,6 +137,8 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
         history.append(float(comm.allreduce_max(r.amax().reshape(1) if r.numel()
                                                 else torch.zeros(1, dtype=r.dtype))[0]))
         advances.append(int(accept.max()))
+        if options.on_sweep is not None:
+            options.on_sweep(int(w0.min()), rounds, history[-1])
     stats = Stats(rounds=rounds, model_calls=calls / batch, residuals=tuple(history),
                   sweeps=tuple(advances))
     return finish(model, x0, stats, float(grid.u[-1]), options)
