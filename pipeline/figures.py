@@ -20,21 +20,24 @@ def _pyplot():
 
 
 def fields_figure(ens: xr.Dataset, truth: xr.DataArray, paired: bool, path: Path,
-                  items: int = 3, members: int = 3) -> Path:
-    """Rows of items: truth, a few members, ensemble mean and spread, on shared colour scales."""
+                  items: int = 3, members: int = 3, inputs: xr.DataArray | None = None) -> Path:
+    """Rows of items: the (upsampled) input when given, truth, a few members, ensemble mean
+    and spread, on shared colour scales."""
     plt = _pyplot()
     name = field_variable(ens)
     field = ens[name]
     rows = min(items, field.shape[0]) if paired else 1
     shown = min(members, field.shape[1])
-    cols = 1 + shown + 2
+    cols = (inputs is not None) + 1 + shown + 2
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.3 * rows + 0.4), squeeze=False)
     for r in range(rows):
         e = field.isel({field.dims[0]: r}).values
         t = truth.isel({truth.dims[0]: r}).values if paired else truth.isel(
             {truth.dims[0]: 0}).values
         lim = float(max(np.abs(t).max(), np.abs(e[:shown]).max()))
-        panels = [("truth" if paired else "a truth sample", t)]
+        panels = [] if inputs is None else [
+            ("coarse input", inputs.isel({inputs.dims[0]: r}).values)]
+        panels += [("truth" if paired else "a truth sample", t)]
         panels += [(f"member {m}", e[m]) for m in range(shown)]
         panels += [("ensemble mean", e.mean(0))]
         for c, (title, img) in enumerate(panels):

@@ -248,7 +248,8 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     (folder / "metrics.json").write_text(json.dumps(_as_json(metrics), indent=2, default=str))
     metrics.to_netcdf(str(folder / "metrics.nc"), engine="scipy")  # scipy: NetCDF 3, no extra library
     files = [folder / "metrics.json", folder / "metrics.nc",
-             fields_figure(ens, truth, paired, folder / "fields.png")]
+             fields_figure(ens, truth, paired, folder / "fields.png",
+                           inputs=coarse_baseline(ens) if paired else None)]
     if "spectrum_ratio" in metrics:
         files.append(spectrum_figure(metrics, folder / "spectrum.png"))
     if "rank_histogram" in metrics:
