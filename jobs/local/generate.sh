@@ -8,11 +8,12 @@
 # `--set key=value` overrides. PIADM_SHARDS sets the number of shards (default 2). How to open
 # the shards together: see jobs/slurm/generate.sbatch.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 if [ $# -lt 2 ]; then
-    echo "usage: [PIADM_SHARDS=N] bash jobs/local/generate.sh CONFIG SHARD_FOLDER [--set KEY=VALUE ...]" >&2
+    echo "usage: [PIADM_SHARDS=N] bash jobs/local/generate.sh CONFIG SHARD_FOLDER" \
+         "[--set KEY=VALUE ...]" >&2
     exit 2
 fi
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 config="$1" folder="$2"
 shift 2
 mkdir -p "$folder"

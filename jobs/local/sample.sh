@@ -8,12 +8,12 @@
 # (default 2). `kill -TERM` to mpiexec (which passes it to every rank) stops the run after the
 # current batch with exit 75; running the same command again resumes the store.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
-command -v mpiexec >/dev/null || source "$piadm_root/jobs/local/setup.sh"
 if [ $# -lt 1 ]; then
     echo "usage: [PIADM_RANKS=N] bash jobs/local/sample.sh CONFIG [--set KEY=VALUE ...]" >&2
     exit 2
 fi
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+command -v mpiexec >/dev/null || source "$piadm_root/jobs/local/setup.sh"
 rc=0
 mpiexec -n "${PIADM_RANKS:-2}" "${piadm[@]}" sample "$@" || rc=$?
 if [ "$rc" -eq 75 ]; then

@@ -7,10 +7,10 @@
 # Arguments: a config file with a [train] section, then any `--set key=value` overrides.
 # PIADM_RANKS sets the rank count (default 2). Rerunning resumes from the last checkpoint.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
-command -v mpiexec >/dev/null || source "$piadm_root/jobs/local/setup.sh"
 if [ $# -lt 1 ]; then
     echo "usage: [PIADM_RANKS=N] bash jobs/local/train.sh CONFIG [--set KEY=VALUE ...]" >&2
     exit 2
 fi
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+command -v mpiexec >/dev/null || source "$piadm_root/jobs/local/setup.sh"
 exec mpiexec -n "${PIADM_RANKS:-2}" "${piadm[@]}" train "$@"

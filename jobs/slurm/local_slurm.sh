@@ -127,15 +127,20 @@ start() {
         return 0
     fi
     if [ -e "$etc_conf" ] && [ "$(readlink "$etc_conf" || true)" != "$conf" ]; then
-        say "$etc_conf belongs to another SLURM set-up: leaving it alone (the SLURM tests will skip)"
+        say "$etc_conf belongs to another SLURM set-up: leaving it alone" \
+            "(the SLURM tests will skip)"
         return 0
     fi
     if ! command -v sbatch >/dev/null && ! command -v apt-get >/dev/null; then
-        say "no SLURM and no apt-get to install it: not starting one (the SLURM tests will skip)"
+        say "no SLURM and no apt-get to install it: not starting one" \
+            "(the SLURM tests will skip)"
         return 0
     fi
     mkdir -p "$base"
-    install_packages || { say "apt-get install failed (see $base/apt.log); not starting"; return 0; }
+    if ! install_packages; then
+        say "apt-get install failed (see $base/apt.log): not starting one"
+        return 0
+    fi
     start_munge
     if ! running "$base/slurmctld.pid" || ! running "$base/slurmd.pid"; then
         write_conf
