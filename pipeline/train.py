@@ -193,7 +193,8 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
                                 meta | {"step": step, "val_loss": val_loss})
         if step % t.log_every == 0 or step == t.steps:
             elapsed = time.perf_counter() - start
-            print0(comm, f"step {step}/{t.steps}  loss {loss_sum / t.log_every:.4f}  "
+            since = (step - 1) % t.log_every + 1  # the last window may be short
+            print0(comm, f"step {step}/{t.steps}  loss {loss_sum / since:.4f}  "
                          f"val {val_loss:.4f}  elapsed {elapsed:.0f}s")
             loss_sum = 0.0
     comm.barrier()

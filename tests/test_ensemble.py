@@ -19,7 +19,7 @@ def assert_same_store(a, b):
     x, y = xr.open_zarr(a), xr.open_zarr(b)
     assert set(x.data_vars) == set(y.data_vars)
     for name in x.data_vars:
-        assert np.array_equal(x[name].values, y[name].values), name
+        assert np.array_equal(x[name].values, y[name].values, equal_nan=True), name
 
 
 def _overrides(sets):
