@@ -70,6 +70,10 @@ def spectrum_figure(metrics: xr.Dataset, path: Path) -> Path:
                                       gridspec_kw={"height_ratios": [3, 1.3]})
     top.loglog(k, metrics["spectrum_truth"].values, "k-", lw=2, label="truth")
     top.loglog(k, metrics["spectrum_ensemble"].values, "C3--", lw=1.5, label="ensemble members")
+    # A dealiased truth drops to round-off past its cut; keep the axis on the resolved range.
+    resolved = np.concatenate([metrics["spectrum_ensemble"].values, metrics["spectrum_truth"].values])
+    resolved = resolved[resolved > resolved.max() * 1e-12]
+    top.set_ylim(resolved.min() / 3, resolved.max() * 3)
     top.set_ylabel(f"{metrics.attrs['spectrum']} spectrum")
     top.legend()
     kmax = metrics.attrs["kmax"]
