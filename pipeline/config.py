@@ -120,7 +120,7 @@ class TrainConfig:
     validation: float = 0.2  # the last fraction of the time axis, held out
     batch_size: int = 32  # global: split over the ranks
     steps: int = 2000
-    lr: float = 2e-3
+    lr: float = 2e-3  # also applied on resume, so a second run can anneal it
     ema: float = 0.999
     val_every: int = 200
     log_every: int = 50

@@ -163,6 +163,8 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
         den.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
+        for group in opt.param_groups:  # train.lr wins, so a resumed run can anneal
+            group["lr"] = t.lr
         step, history = int(state["step"]), state["history"].tolist()
         print0(comm, f"resuming {path} at step {step}")
     meta = {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std, "variable": t.variable,
