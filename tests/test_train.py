@@ -63,6 +63,14 @@ def test_training_resumes_from_its_checkpoint(tmp_path, dataset):
     assert np.allclose(_history(whole), _history(split), rtol=1e-5)
 
 
+def test_a_resumed_run_takes_the_configured_learning_rate(tmp_path, dataset):
+    ckpt = tmp_path / "anneal.pt"
+    assert main(_train_args(dataset, ckpt, "train.steps=3")) == 0
+    assert main(_train_args(dataset, ckpt, "train.lr=1e-4")) == 0
+    groups = torch.load(ckpt, weights_only=True)["opt"]["param_groups"]
+    assert [g["lr"] for g in groups] == [1e-4]
+
+
 def test_checkpoint_reloads_and_samples(tmp_path, dataset):
     ckpt = tmp_path / "m.pt"
     assert main(_train_args(dataset, ckpt)) == 0
