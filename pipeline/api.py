@@ -13,12 +13,13 @@ communicator is taken from the launcher unless one is passed.
 from __future__ import annotations
 
 import copy
-import warnings
 from pathlib import Path
 
 import xarray as xr
 
+from pipeline.comm import world_comm
 from pipeline.config import Config, ConfigError, config_from_dict, read_toml
+from pipeline.store import open_store
 
 __all__ = ["load_config", "sample", "open_ensemble", "evaluate", "world"]
 
@@ -42,8 +43,6 @@ def load_config(source: str | Path | dict | None = None, overrides: dict | None 
 
 def world():
     """MPI.COMM_WORLD wrapped when an MPI launcher started this process, else a serial one."""
-    from pipeline.cli import world_comm
-
     return world_comm()
 
 
@@ -62,9 +61,7 @@ def sample(cfg: Config, *, comm=None, stop=None):
 
 def open_ensemble(path: str | Path) -> xr.Dataset:
     """The ensemble store at ``path`` as a lazy ``xarray.Dataset``."""
-    with warnings.catch_warnings():  # Zarr 3 calls consolidated metadata an extension
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        return xr.open_zarr(path)
+    return open_store(path)
 
 
 def evaluate(store: str | Path, truth: str | Path, **options) -> xr.Dataset:

@@ -7,7 +7,7 @@ import traceback
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.comm import SerialComm, launched_by_mpi
+from pipeline.comm import world_comm
 from pipeline.config import ConfigError, load_config
 from pipeline.console import print0
 from pipeline.samplers import PicardDivergence
@@ -184,16 +184,6 @@ def _evaluate_arguments(sp) -> None:
 
 
 USER_ERRORS = (ConfigError, StoreExists, PicardDivergence, NotAStore, EvaluationError)
-
-
-def world_comm():
-    """MPI.COMM_WORLD when an MPI launcher started us, else the serial communicator."""
-    if not launched_by_mpi():
-        return SerialComm()
-    from pipeline.comm import MPIComm
-    from mpi4py import MPI
-
-    return MPIComm(MPI.COMM_WORLD)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,3 +152,12 @@ def launched_by_mpi() -> bool:
     if forced is not None:
         return forced == "1"
     return any(v in os.environ for v in LAUNCHER_VARS)
+
+
+def world_comm():
+    """MPI.COMM_WORLD when an MPI launcher started us, else the serial communicator."""
+    if not launched_by_mpi():
+        return SerialComm()
+    from mpi4py import MPI
+
+    return MPIComm(MPI.COMM_WORLD)

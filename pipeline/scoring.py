@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import tomllib
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import xarray as xr
 
 from pipeline.evaluation import crps, energy_spectrum, power_spectrum, rank_histogram
 from pipeline.inputs import _label
-from pipeline.store import field_variable
+from pipeline.store import field_variable, open_store
 
 
 class EvaluationError(ValueError):
@@ -40,9 +39,7 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
         raise EvaluationError(f"store {path} does not exist: give the output.path of a "
                               "piadm sample run")
     try:
-        with warnings.catch_warnings():  # Zarr 3 calls consolidated metadata an extension
-            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            ds = xr.open_zarr(path)
+        ds = open_store(path)
     except Exception as err:  # zarr's errors for a non-store are many and unspecific
         raise EvaluationError(f"{path} is not a readable Zarr store ({err})") from err
     if "done" not in ds or "piadm_store_digest" not in ds.attrs:
@@ -118,14 +115,15 @@ def _square(shape) -> bool:
 
 
 def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | None = None,
-          progress=None) -> xr.Dataset:
-    """Metrics of ``ens`` against ``truth`` as a small dataset: per-item scores (paired),
-    spectra over k, the rank histogram; overall figures are its attributes."""
+          baseline: xr.DataArray | None = None, progress=None) -> xr.Dataset:
+    """Metrics of ``ens`` against ``truth`` as a small dataset: per-item scores (paired, with
+    the MAE of ``baseline``, e.g. ``coarse_baseline``, when given), spectra over k, the rank
+    histogram; overall figures are its attributes."""
     name = _field_variable(ens)
     field = ens[name]
     items, members, shape = field.shape[0], field.shape[1], field.shape[2:]
     spectrum = spectrum_of(name) if _square(shape) else None
-    baseline = coarse_baseline(ens) if paired else None
+    truth_values = truth.values.astype(np.float64)  # read once: per item below, then whole
     per_item = {k: np.full(items, np.nan) for k in
                 ("crps", "rmse", "spread", "baseline_mae", "baseline_rmse")}
     ranks = np.zeros(members + 1, dtype=np.int64)
@@ -137,7 +135,7 @@ def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | Non
             k, s = spectrum(e)
             spec_sum = spec_sum + s
         if paired:
-            t = truth.isel({truth.dims[0]: i}).values.astype(np.float64)
+            t = truth_values[i]
             per_item["crps"][i] = crps(e, t)
             per_item["rmse"][i] = np.sqrt(((e.mean(0) - t) ** 2).mean())
             per_item["spread"][i] = np.sqrt(e.var(0, ddof=1).mean() * (members + 1) / members)
@@ -169,7 +167,6 @@ def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | Non
         if baseline is not None:
             attrs.update(baseline_mae=float(np.mean(per_item["baseline_mae"])),
                          baseline_rmse=float(np.sqrt(np.mean(per_item["baseline_rmse"] ** 2))))
-    truth_values = truth.values.astype(np.float64)
     attrs.update(truth_mean=float(truth_values.mean()), truth_std=float(truth_values.std()),
                  truth_fields=int(np.prod(truth.shape[: truth.ndim - len(shape)])))
     if spectrum is not None:
@@ -241,7 +238,8 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     ens = open_ensemble(store)
     truth, paired = open_truth(truth_path, truth_variable or _field_variable(ens), ens,
                                truth_range)
-    metrics = score(ens, truth, paired, kmax=kmax, progress=progress)
+    baseline = coarse_baseline(ens) if paired else None
+    metrics = score(ens, truth, paired, kmax=kmax, baseline=baseline, progress=progress)
     metrics.attrs.update(store=str(store), truth=f"{truth_path}:{truth.name}")
     folder = Path(out) if out else Path(str(store).rstrip("/").removesuffix(".zarr") + "_eval")
     folder.mkdir(parents=True, exist_ok=True)
@@ -249,7 +247,7 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     metrics.to_netcdf(str(folder / "metrics.nc"), engine="scipy")  # scipy: NetCDF 3, no extra library
     files = [folder / "metrics.json", folder / "metrics.nc",
              fields_figure(ens, truth, paired, folder / "fields.png",
-                           inputs=coarse_baseline(ens) if paired else None)]
+                           inputs=baseline)]
     if "spectrum_ratio" in metrics:
         files.append(spectrum_figure(metrics, folder / "spectrum.png"))
     if "rank_histogram" in metrics:

@@ -13,6 +13,7 @@ and Zarr's atomic chunk writes mean a rerun simply rewrites it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -170,9 +171,22 @@ def finalize(path: str | Path, note: str) -> None:
     consolidate(path)
 
 
+@contextlib.contextmanager
+def _quiet_consolidated():
+    """Zarr 3 calls consolidated metadata an extension and warns; xarray reads it, and it
+    saves listing the store."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        yield
+
+
+def open_store(path: str | Path) -> xr.Dataset:
+    """The store at ``path`` as a lazy ``xarray.Dataset``."""
+    with _quiet_consolidated():
+        return xr.open_zarr(path)
+
+
 def consolidate(path: str | Path) -> None:
     """Write the consolidated metadata, so readers open the store with one request."""
-    with warnings.catch_warnings():
-        # Zarr 3 calls consolidated metadata an extension; xarray reads it and it saves listing.
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+    with _quiet_consolidated():
         zarr.consolidate_metadata(path)
