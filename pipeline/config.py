@@ -130,6 +130,7 @@ class TrainConfig:
     channels: tuple[int, ...] = (32, 64, 96)
     p_mean: float = -1.2  # log-normal training noise levels (EDM)
     p_std: float = 1.2
+    cache_mb: float = 1024.0  # splits smaller than this are read into memory once; 0: lazy reads
 
 
 @dataclass(frozen=True)

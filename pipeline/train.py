@@ -67,6 +67,11 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
                          f"times out of {n}")
     fields = ds[t.variable]
     mean, std = (float(v) for v in dask.compute(fields[:cut].mean(), fields[:cut].std()))
+    names = [name for name in (t.variable, t.condition) if name]
+    if sum(ds[name].nbytes for name in names) < t.cache_mb * 2**20:
+        # a random batch touches a whole chunk per time: under the budget, read everything once
+        ds = ds[names].load()
+        fields = ds[t.variable]
     coarse = ds[t.condition] if t.condition else None
     part = lambda sl: Dataset(fields.isel(time=sl), None if coarse is None else  # noqa: E731
                               coarse.isel(time=sl), mean, std)

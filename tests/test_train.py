@@ -63,6 +63,22 @@ def test_training_resumes_from_its_checkpoint(tmp_path, dataset):
     assert np.allclose(_history(whole), _history(split), rtol=1e-5)
 
 
+def test_a_dataset_read_into_memory_trains_exactly_as_lazy_reads(tmp_path, dataset):
+    from pipeline.config import TrainConfig
+    from pipeline.train import open_dataset
+
+    lazy, cached = (open_dataset(TrainConfig(data=str(dataset), condition="vorticity_coarse",
+                                             cache_mb=mb))[0] for mb in (0, 64))
+    assert lazy.fields.chunks is not None and cached.fields.chunks is None
+    times = np.array([5, 0, 9, 5])
+    for a, b in zip(lazy.batch(times, "cpu"), cached.batch(times, "cpu")):
+        assert torch.equal(a, b)
+    one, two = tmp_path / "lazy.pt", tmp_path / "cached.pt"
+    assert main(_train_args(dataset, one, "train.cache_mb=0")) == 0
+    assert main(_train_args(dataset, two)) == 0
+    assert np.allclose(_history(one), _history(two), rtol=1e-6)
+
+
 def test_a_resumed_run_takes_the_configured_learning_rate(tmp_path, dataset):
     ckpt = tmp_path / "anneal.pt"
     assert main(_train_args(dataset, ckpt, "train.steps=3")) == 0
