@@ -57,7 +57,8 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     if not Path(t.data).exists():
         raise InputError(f"train.data {t.data} does not exist: run piadm generate-data first")
     ds = xr.open_zarr(t.data)
-    for name in filter(None, (t.variable, t.condition)):
+    names = [name for name in (t.variable, t.condition) if name]
+    for name in names:
         if name not in ds.data_vars:
             raise InputError(f"train: {name!r} is not in {t.data}: it has {', '.join(ds.data_vars)}")
     n = ds.sizes["time"]
@@ -67,7 +68,6 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
                          f"times out of {n}")
     fields = ds[t.variable]
     mean, std = (float(v) for v in dask.compute(fields[:cut].mean(), fields[:cut].std()))
-    names = [name for name in (t.variable, t.condition) if name]
     if sum(ds[name].nbytes for name in names) < t.cache_mb * 2**20:
         # a random batch touches a whole chunk per time: under the budget, read everything once
         ds = ds[names].load()
