@@ -41,6 +41,7 @@ class GaussianRandomField:
     shape: tuple[int, ...]
     slope: float = 3.0
     length: float = 8.0
+    device: torch.device | str = field(default="cpu", repr=False, compare=False)
     spectrum: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -50,7 +51,7 @@ class GaussianRandomField:
         lam = (1 + (k * self.length / (2 * math.pi)) ** 2) ** (-self.slope / 2)
         weights = _full_weights(self.shape)
         lam = lam * (weights.sum() / (lam * weights).sum())  # mean per-point variance 1
-        object.__setattr__(self, "spectrum", lam)
+        object.__setattr__(self, "spectrum", lam.to(self.device))
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -61,11 +62,10 @@ class GaussianRandomField:
         return math.exp(-u) * self.spectrum - math.expm1(-u)
 
     def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Exact score at (x (B, *shape), u (B,))."""
+        """Exact score at (x (B, *shape), u (B,)), x on the model's device."""
         xf = torch.fft.rfftn(x, dim=self.dims, norm="ortho")
         a2 = torch.exp(-u.to(torch.float64)).reshape(-1, *(1,) * len(self.shape))
-        spectrum = self.spectrum.to(x.device)
-        var = (a2 * spectrum - torch.expm1(-u.to(torch.float64)).reshape(a2.shape))
+        var = (a2 * self.spectrum - torch.expm1(-u.to(torch.float64)).reshape(a2.shape))
         score_f = -xf / var.to(x.dtype)
         return torch.fft.irfftn(score_f, s=self.shape, dim=self.dims, norm="ortho")
 
@@ -73,7 +73,7 @@ class GaussianRandomField:
         """n exact draws from the data distribution, (n, *shape)."""
         z = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, *self.shape)))
         zf = torch.fft.rfftn(z, dim=self.dims, norm="ortho")
-        x = torch.fft.irfftn(zf * self.spectrum.sqrt(), s=self.shape, dim=self.dims, norm="ortho")
+        x = torch.fft.irfftn(zf * self.spectrum.cpu().sqrt(), s=self.shape, dim=self.dims, norm="ortho")
         return x.to(dtype)
 
 
@@ -114,6 +114,6 @@ def target_spectrum(model: GaussianRandomField, u: float, denoised: bool) -> tor
 def spectrum_error(model: GaussianRandomField, x: torch.Tensor, u: float,
                    denoised: bool = False) -> float:
     """Mean over shells of |binned spectrum of x / exact target - 1| (x (B, *shape))."""
-    _, est = radial_spectrum(x, len(model.shape))
-    _, true = _shell_mean(target_spectrum(model, u, denoised), model.shape)
+    _, est = radial_spectrum(x.cpu(), len(model.shape))
+    _, true = _shell_mean(target_spectrum(model, u, denoised).cpu(), model.shape)
     return float((est / true - 1).abs().mean())

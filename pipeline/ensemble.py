@@ -107,7 +107,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     world, slices = ranks.world, ranks.slices
     stop = stop if stop is not None else StopRequest()
     try:
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, device)
     except ConfigError as err:  # the same files on every rank: every rank raises it
         err.collective = True
         raise

@@ -96,3 +96,16 @@ def test_bench_plots_against_d_and_against_ranks(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "jobs/configs/grf.toml", "--compare", str(tmp_path / "no.json")]) == 2
     assert "--compare" in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("kind", ["grf", "unet"])
+def test_build_model_puts_its_tensors_on_the_sampling_device(kind):
+    # "meta" stands in for a GPU here: a model left on the CPU fails there at its first call
+    sets = ["model.kind=unet", "model.checkpoint=models/checkpoints/kolmogorov_uncond.pt",
+            "model.shape=[64, 64]"] if kind == "unet" else ["model.shape=[8, 8]"]
+    model = build_model(load_config(None, sets).model, "meta")
+    tensors = [model.spectrum] if kind == "grf" else [*model.den.parameters(),
+                                                      *model.den.buffers()]
+    assert tensors and all(t.device.type == "meta" for t in tensors)
+    x = torch.zeros(2, *model.shape, device="meta")
+    assert model(x, torch.ones(2, device="meta")).device.type == "meta"
