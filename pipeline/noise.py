@@ -8,6 +8,8 @@ one trajectory.
 """
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,6 +20,17 @@ PRIOR, PATH, CORRECTOR_V0, CORRECTOR_PATH = 0, 1, 2, 3
 
 # Corrector draws of block n, step r use index n * CORRECTOR_STRIDE + r.
 CORRECTOR_STRIDE = 1 << 20
+
+# Draws of at least this many numbers in all are filled by threads: numpy's generators release
+# the GIL while they fill, and on a GPU the host's draws are what the sampler waits for.
+_THREADED_SIZE = 1 << 18
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """One pool per process, as wide as this rank's share of the cores (``place_rank``)."""
+    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()),
+                              thread_name_prefix="piadm-noise")
 
 
 def member_seed(seed: int, item: int, member: int) -> int:
@@ -47,11 +60,22 @@ class Noise:
     device: str | torch.device = "cpu"
 
     def _draw(self, stream: int, rows: Sequence[int], indices: Sequence[int]) -> torch.Tensor:
-        out = np.empty((len(rows), len(indices), *self.shape))
-        for i, b in enumerate(rows):
-            key = member_seed(self.seed, *self.keys[b])
-            for j, idx in enumerate(indices):
-                out[i, j] = standard_normal(key, stream, idx, self.shape)
+        # Cast to the working dtype on the host: the same rounding as torch's, and half the bytes
+        # to copy to a GPU. Draws are independent, so threads fill them in any order.
+        host = np.float32 if self.dtype == torch.float32 else np.float64
+        out = np.empty((len(rows), len(indices), *self.shape), dtype=host)
+        keys = [member_seed(self.seed, *self.keys[b]) for b in rows]
+
+        def fill(ij: tuple[int, int]) -> None:
+            i, j = ij
+            out[i, j] = standard_normal(keys[i], stream, indices[j], self.shape)
+
+        pairs = [(i, j) for i in range(len(rows)) for j in range(len(indices))]
+        if len(pairs) > 1 and out.size >= _THREADED_SIZE:
+            list(_pool().map(fill, pairs))
+        else:
+            for ij in pairs:
+                fill(ij)
         return torch.from_numpy(out).to(device=self.device, dtype=self.dtype)
 
     def subset(self, rows: Sequence[int]) -> "Noise":

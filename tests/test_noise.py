@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pipeline.noise import Noise, standard_normal
+from pipeline.noise import PATH, Noise, member_seed, standard_normal
 
 F64 = torch.float64
 SHAPE = (3, 4)
@@ -136,3 +136,15 @@ def test_default_dtype_is_float32_and_matches_float64_draws():
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, noise().path(0, 2).float(), rtol=0, atol=0)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_threaded_draws_equal_the_draws_made_one_at_a_time(dtype):
+    # 2 x 3 fields of 256 x 256 pass the threading threshold; single draws never use threads
+    n = Noise(5, ((0, 0), (1, 3)), (256, 256), dtype=dtype)
+    together = n.path(7, 10)
+    alone = torch.stack([torch.cat([n.subset([b]).path(j, j + 1) for j in range(7, 10)], 1)[0]
+                         for b in range(2)])
+    assert torch.equal(together, alone)
+    ref = standard_normal(member_seed(5, 1, 3), PATH, 9, (256, 256))  # row 1, step 9
+    assert torch.equal(together[1, 2], torch.from_numpy(ref).to(dtype))
