@@ -77,7 +77,7 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
     grid, options = sampler_grid(s), sampler_options(s)
     dtype = DTYPES[s.dtype]
     noise = Noise(s.seed, tuple((0, m) for m in range(cfg.bench.members)), tuple(shape), dtype,
-                  device)
+                  device, s.noise)
     y0 = noise.prior()
     stat_error = STAT_ERRORS.get(cfg.model.kind)  # exact models only: a learned one has none
     references: dict[str, torch.Tensor] = {}
@@ -110,7 +110,8 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
     shapes = cfg.bench.sizes or (cfg.model.shape,)
     print0(comm, f"piadm bench: model {cfg.model.kind}, {cfg.sampler.steps} steps, "
                  f"block {cfg.sampler.block_size}, tol {cfg.sampler.tol}, "
-                 f"{cfg.bench.members} members, {cfg.sampler.dtype}, {comm.size} ranks "
+                 f"{cfg.bench.members} members, {cfg.sampler.dtype}, {cfg.sampler.noise} noise, "
+                 f"{comm.size} ranks "
                  f"(time slices), {device}")
     print0(comm, header())
     rows = [row for shape in shapes for row in bench_shape(cfg, tuple(shape), comm=comm,

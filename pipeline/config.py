@@ -50,6 +50,7 @@ class SamplerConfig:
     knee: float = 1.0
     form: str = "exponential"
     dtype: str = "float32"
+    noise: str = "host"
     window: int = 100
     on_divergence: str = "sequential"
     denoise_final: bool = False
@@ -355,6 +356,8 @@ def validate(cfg: Config) -> None:
     _check(s.grid in GRIDS, "sampler.grid", f"= {s.grid!r} is unknown: use one of {', '.join(GRIDS)}")
     _check(s.form in FORMS, "sampler.form", f"= {s.form!r} is unknown: use one of {', '.join(FORMS)}")
     _check(s.dtype in ("float32", "float64"), "sampler.dtype", f"= {s.dtype!r}: use float32 or float64")
+    _check(s.noise in ("host", "device"), "sampler.noise",
+           f"= {s.noise!r}: use host (the same draws on every device) or device (fast on GPUs)")
     _check(s.on_divergence in ("sequential", "error"), "sampler.on_divergence",
            f"= {s.on_divergence!r}: use 'sequential' or 'error'")
     _check(s.seed >= 0, "sampler.seed", f"= {s.seed} must be >= 0")

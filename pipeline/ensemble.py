@@ -149,7 +149,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         (batch,) = sample_batches(bound, method=cfg.sampler.method, grid=grid, options=options,
                                   seed=cfg.sampler.seed, batches=[members],
                                   dtype=DTYPES[cfg.sampler.dtype], comm=slices, item=item,
-                                  device=device)
+                                  device=device, noise_source=cfg.sampler.noise)
         if writer is not None:
             field = batch.fields.cpu().numpy() * std + mean
             seeds = np.array([member_seed(cfg.sampler.seed, item, m) for m in members])

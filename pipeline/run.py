@@ -64,12 +64,15 @@ class Batch:
 
 def sample_batches(model, *, method: str, grid: Grid, options: Options, seed: int,
                    batches: list[tuple[int, ...]], dtype: torch.dtype, comm=SerialComm(),
-                   item: int = 0, device: str | torch.device = "cpu") -> Iterator[Batch]:
-    """Sample each member batch with keyed noise (seed, item, member, step); ``comm`` holds the
-    time slices that share each batch's Picard blocks."""
+                   item: int = 0, device: str | torch.device = "cpu",
+                   noise_source: str = "host") -> Iterator[Batch]:
+    """Sample each member batch with keyed noise (seed, item, member, step) from
+    ``noise_source`` (``pipeline.noise``); ``comm`` holds the time slices that share each
+    batch's Picard blocks."""
     sampler = SAMPLERS[method]
     for members in batches:
-        noise = Noise(seed, tuple((item, m) for m in members), tuple(model.shape), dtype, device)
+        noise = Noise(seed, tuple((item, m) for m in members), tuple(model.shape), dtype, device,
+                      noise_source)
         y, stats = sampler(model, noise.prior(), grid, noise, comm=comm, options=options)
         yield Batch(members, y, stats)
 

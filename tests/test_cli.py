@@ -33,6 +33,8 @@ def test_version_and_the_installed_entry_point():
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.steps=1.5"], "sampler.steps must be int"),
     (["train", "jobs/configs/kolmogorov.toml", "--set", "train.data=none.zarr"], "none.zarr"),
     (["status", "not-a-store"], "not-a-store"),
+    (["sample", "jobs/configs/grf.toml", "--set", "sampler.noise=gpu"],
+     "sampler.noise = 'gpu': use host"),
 ])
 def test_file_and_override_errors_are_one_line(args, needle, capsys, tmp_path):
     assert main(args) == 2

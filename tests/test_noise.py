@@ -4,59 +4,65 @@ import math
 import pytest
 import torch
 
-from pipeline.noise import PATH, Noise, member_seed, standard_normal
+from pipeline.noise import PATH, SOURCES, Noise, member_seed, standard_normal
 
 F64 = torch.float64
 SHAPE = (3, 4)
 KEYS = ((0, 0), (0, 1), (0, 2))
 
 
-def noise(keys=KEYS, seed=11, shape=SHAPE, dtype=F64):
-    return Noise(seed, keys, shape, dtype=dtype)
+def noise(keys=KEYS, seed=11, shape=SHAPE, dtype=F64, source="host"):
+    return Noise(seed, keys, shape, dtype=dtype, source=source)
 
 
-def test_prior_is_independent_of_batch_composition():
-    full = noise().prior()
-    alone = noise(keys=((0, 1),)).prior()
+@pytest.mark.parametrize("source", SOURCES)
+def test_prior_is_independent_of_batch_composition(source):
+    full = noise(source=source).prior()
+    alone = noise(source=source, keys=((0, 1),)).prior()
     torch.testing.assert_close(full[1:2], alone, rtol=0, atol=0)
-    torch.testing.assert_close(noise().subset([1]).prior(), alone, rtol=0, atol=0)
-    reordered = noise(keys=((0, 2), (5, 5), (0, 0))).prior()
+    torch.testing.assert_close(noise(source=source).subset([1]).prior(), alone, rtol=0, atol=0)
+    reordered = noise(source=source, keys=((0, 2), (5, 5), (0, 0))).prior()
     torch.testing.assert_close(reordered[[2, 0]], full[[0, 2]], rtol=0, atol=0)
 
 
-def test_path_is_independent_of_batch_composition():
-    full = noise().path(3, 9)
-    alone = noise(keys=((0, 1),)).path(3, 9)
+@pytest.mark.parametrize("source", SOURCES)
+def test_path_is_independent_of_batch_composition(source):
+    full = noise(source=source).path(3, 9)
+    alone = noise(source=source, keys=((0, 1),)).path(3, 9)
     torch.testing.assert_close(full[1:2], alone, rtol=0, atol=0)
-    torch.testing.assert_close(noise().subset([1]).path(3, 9), alone, rtol=0, atol=0)
-    torch.testing.assert_close(noise().path(3, 9, rows=[2, 1]), full[[2, 1]], rtol=0, atol=0)
+    torch.testing.assert_close(noise(source=source).subset([1]).path(3, 9), alone, rtol=0, atol=0)
+    torch.testing.assert_close(noise(source=source).path(3, 9, rows=[2, 1]), full[[2, 1]], rtol=0, atol=0)
 
 
-def test_corrector_is_independent_of_batch_composition():
-    v0, dw = noise().corrector(2, 0, 5)
-    v0_alone, dw_alone = noise().subset([2]).corrector(2, 0, 5)
+@pytest.mark.parametrize("source", SOURCES)
+def test_corrector_is_independent_of_batch_composition(source):
+    v0, dw = noise(source=source).corrector(2, 0, 5)
+    v0_alone, dw_alone = noise(source=source).subset([2]).corrector(2, 0, 5)
     torch.testing.assert_close(v0[2:], v0_alone, rtol=0, atol=0)
     torch.testing.assert_close(dw[2:], dw_alone, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("lo,mid,hi", [(0, 1, 2), (0, 4, 10), (5, 5, 9), (7, 12, 12)])
-def test_path_splits_at_any_point(lo, mid, hi):
-    n = noise()
+@pytest.mark.parametrize("source", SOURCES)
+def test_path_splits_at_any_point(lo, mid, hi, source):
+    n = noise(source=source)
     whole = n.path(lo, hi)
     torch.testing.assert_close(torch.cat([n.path(lo, mid), n.path(mid, hi)], 1), whole,
                                rtol=0, atol=0)
 
 
-def test_corrector_path_splits_at_any_point():
-    n = noise()
+@pytest.mark.parametrize("source", SOURCES)
+def test_corrector_path_splits_at_any_point(source):
+    n = noise(source=source)
     _, whole = n.corrector(1, 0, 9)
     _, left = n.corrector(1, 0, 4)
     _, right = n.corrector(1, 4, 9)
     torch.testing.assert_close(torch.cat([left, right], 1), whole, rtol=0, atol=0)
 
 
-def test_path_step_j_is_the_same_draw_in_any_window():
-    n = noise()
+@pytest.mark.parametrize("source", SOURCES)
+def test_path_step_j_is_the_same_draw_in_any_window(source):
+    n = noise(source=source)
     torch.testing.assert_close(n.path(0, 10)[:, 6], n.path(6, 7)[:, 0], rtol=0, atol=0)
     torch.testing.assert_close(n.path(0, 10)[:, 6], n.path(4, 8)[:, 2], rtol=0, atol=0)
 
@@ -148,3 +154,23 @@ def test_threaded_draws_equal_the_draws_made_one_at_a_time(dtype):
     assert torch.equal(together, alone)
     ref = standard_normal(member_seed(5, 1, 3), PATH, 9, (256, 256))  # row 1, step 9
     assert torch.equal(together[1, 2], torch.from_numpy(ref).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_device_draws_are_standard_normal_keyed_and_not_the_host_draws(dtype):
+    n = Noise(3, ((0, 0), (0, 1)), (100, 100), dtype=dtype, source="device")
+    draws = n.path(0, 10)
+    assert draws.dtype == dtype and torch.equal(draws, n.path(0, 10))
+    x = draws.reshape(2, -1).double()
+    se = 1 / math.sqrt(x.shape[1])
+    assert float(x.mean(1).abs().max()) < 5 * se
+    assert float((x.var(1) - 1).abs().max()) < 5 * math.sqrt(2) * se
+    assert abs(float((x[0] * x[1]).mean())) < 5 * se
+    assert abs(float((draws[0, :-1] * draws[0, 1:]).double().mean())) < 5 / math.sqrt(9 * 100 * 100)
+    host = Noise(3, ((0, 0), (0, 1)), (100, 100), dtype=dtype).path(0, 10)
+    assert not torch.equal(draws, host)
+
+
+def test_an_unknown_noise_source_is_refused():
+    with pytest.raises(ValueError, match="noise source 'gpu'"):
+        Noise(0, KEYS, SHAPE, source="gpu")

@@ -11,15 +11,18 @@ SMALL = ["model.shape=[16, 16]", "sampler.steps=60", "sampler.block_size=20",
          "sampler.tol=0.05", "ensemble.members=5"]
 
 
-@pytest.mark.parametrize("method", ["piadm-sde", "window", "piadm-ode"])
-def test_same_seed_same_members_whatever_the_batch_size(method):
-    cfg = load_config(None, SMALL + [f"sampler.method={method}", "sampler.dtype=float64"])
+@pytest.mark.parametrize("method, source", [("piadm-sde", "host"), ("window", "host"),
+                                            ("piadm-ode", "host"), ("piadm-sde", "device")])
+def test_same_seed_same_members_whatever_the_batch_size(method, source):
+    cfg = load_config(None, SMALL + [f"sampler.method={method}", "sampler.dtype=float64",
+                                     f"sampler.noise={source}"])
     model = build_model(cfg.model)
     out = {}
     for bs in (1, 2, 5):
         fields = [b.fields for b in sample_batches(
             model, method=method, grid=sampler_grid(cfg.sampler), options=sampler_options(cfg.sampler),
-            seed=cfg.sampler.seed, batches=member_batches(5, bs), dtype=DTYPES["float64"])]
+            seed=cfg.sampler.seed, batches=member_batches(5, bs), dtype=DTYPES["float64"],
+            noise_source=cfg.sampler.noise)]
         out[bs] = torch.cat(fields)
     assert torch.equal(out[1], out[2]) and torch.equal(out[1], out[5])
 
