@@ -335,6 +335,7 @@ def validate(cfg: Config) -> None:
     from models import MODELS
     from pipeline.grids import GRIDS
     from pipeline.integrators import FORMS
+    from pipeline.noise import SOURCES
     from pipeline.samplers import SAMPLERS
 
     m, s, e = cfg.model, cfg.sampler, cfg.ensemble
@@ -356,7 +357,7 @@ def validate(cfg: Config) -> None:
     _check(s.grid in GRIDS, "sampler.grid", f"= {s.grid!r} is unknown: use one of {', '.join(GRIDS)}")
     _check(s.form in FORMS, "sampler.form", f"= {s.form!r} is unknown: use one of {', '.join(FORMS)}")
     _check(s.dtype in ("float32", "float64"), "sampler.dtype", f"= {s.dtype!r}: use float32 or float64")
-    _check(s.noise in ("host", "device"), "sampler.noise",
+    _check(s.noise in SOURCES, "sampler.noise",
            f"= {s.noise!r}: use host (the same draws on every device) or device (fast on GPUs)")
     _check(s.on_divergence in ("sequential", "error"), "sampler.on_divergence",
            f"= {s.on_divergence!r}: use 'sequential' or 'error'")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 PRIOR, PATH, CORRECTOR_V0, CORRECTOR_PATH = 0, 1, 2, 3
+SOURCES = ("host", "device")  # sampler.noise
 
 # Corrector draws of block n, step r use index n * CORRECTOR_STRIDE + r.
 CORRECTOR_STRIDE = 1 << 20
@@ -43,9 +44,6 @@ def member_seed(seed: int, item: int, member: int) -> int:
     """The 63-bit seed of trajectory (item, member) of a run with base ``seed``."""
     state = np.random.SeedSequence(seed, spawn_key=(item, member)).generate_state(1, np.uint64)
     return int(state[0] >> np.uint64(1))
-
-
-SOURCES = ("host", "device")
 
 
 def draw_seed(key: int, stream: int, index: int) -> int:
