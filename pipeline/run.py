@@ -98,6 +98,8 @@ def provenance(cfg: Config) -> dict:
         "sampler_steps": s.steps,
         "sampler_block_size": s.block_size,
         "sampler_seed": s.seed,
+        "sampler_noise": s.noise,
+        "torch_version": torch.__version__,  # device noise depends on it
         "model_kind": cfg.model.kind,
         "model_sha256": model_digest(cfg),
         "store_sha256": cfg.store_digest,

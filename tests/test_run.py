@@ -41,6 +41,7 @@ def test_sample_command_writes_store_xarray_opens(tmp_path):
     assert bool((ds.done == 1).all()) and len(set(ds.seed.values.ravel().tolist())) == 5
     assert ds.member.attrs["standard_name"] == "realization"
     assert ds.attrs["sampler_method"] == "piadm-sde" and "config_sha256" in ds.attrs
+    assert ds.attrs["sampler_noise"] == "host" and ds.attrs["torch_version"] == torch.__version__
     assert bool((ds.rounds > 0).all()) and float(ds.field.std()) > 0.5
 
 
