@@ -15,15 +15,16 @@ from pipeline.layout import place_rank, rank_grid
 from pipeline.run import member_batches, sample_batches
 from pipeline.samplers import Options
 
-CASES = {  # name: (method, dtype, options)
-    "sde64": ("piadm-sde", torch.float64, Options(max_sweeps=6)),
-    "ode64": ("piadm-ode", torch.float64, Options(max_sweeps=6)),
-    "sde32": ("piadm-sde", torch.float32, Options(max_sweeps=6)),
-    "ode32": ("piadm-ode", torch.float32, Options(max_sweeps=6)),
-    "sde64tol": ("piadm-sde", torch.float64, Options(max_sweeps=20, tol=0.05)),
-    "window64": ("window", torch.float64, Options(window=20, tol=0.05)),
-    "windowode64": ("window-ode", torch.float64, Options(window=20, tol=0.05)),
-    "window32": ("window", torch.float32, Options(window=20, tol=0.05)),
+CASES = {  # name: (method, dtype, options, noise source)
+    "sde64": ("piadm-sde", torch.float64, Options(max_sweeps=6), "host"),
+    "ode64": ("piadm-ode", torch.float64, Options(max_sweeps=6), "host"),
+    "sde32": ("piadm-sde", torch.float32, Options(max_sweeps=6), "host"),
+    "ode32": ("piadm-ode", torch.float32, Options(max_sweeps=6), "host"),
+    "sde64tol": ("piadm-sde", torch.float64, Options(max_sweeps=20, tol=0.05), "host"),
+    "sde64device": ("piadm-sde", torch.float64, Options(max_sweeps=20, tol=0.05), "device"),
+    "window64": ("window", torch.float64, Options(window=20, tol=0.05), "host"),
+    "windowode64": ("window-ode", torch.float64, Options(window=20, tol=0.05), "host"),
+    "window32": ("window", torch.float32, Options(window=20, tol=0.05), "host"),
 }
 
 
@@ -35,10 +36,11 @@ def main(out: str, time_slices: int) -> None:
     grid = make_grid("ou", 60, u_min=1e-3, u_max=10.0, block_size=20)
     mine = share(member_batches(6, 2), ranks.groups, ranks.group)
     results = {}
-    for name, (method, dtype, options) in CASES.items():
+    for name, (method, dtype, options, source) in CASES.items():
         fields = {}
         for batch in sample_batches(model, method=method, grid=grid, options=options, seed=4,
-                                    batches=mine, dtype=dtype, comm=ranks.slices):
+                                    batches=mine, dtype=dtype, comm=ranks.slices,
+                                    noise_source=source):
             fields.update({m: batch.fields[i].double().numpy() for i, m in enumerate(batch.members)})
         if ranks.slices.rank != 0:
             fields = {}
