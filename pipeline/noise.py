@@ -40,16 +40,19 @@ def _pool() -> ThreadPoolExecutor:
                               thread_name_prefix="piadm-noise")
 
 
+def _hash63(entropy: int, a: int, b: int) -> int:
+    state = np.random.SeedSequence(entropy, spawn_key=(a, b)).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
 def member_seed(seed: int, item: int, member: int) -> int:
     """The 63-bit seed of trajectory (item, member) of a run with base ``seed``."""
-    state = np.random.SeedSequence(seed, spawn_key=(item, member)).generate_state(1, np.uint64)
-    return int(state[0] >> np.uint64(1))
+    return _hash63(seed, item, member)
 
 
 def draw_seed(key: int, stream: int, index: int) -> int:
     """The 63-bit torch generator seed of draw (member seed ``key``, stream, index)."""
-    state = np.random.SeedSequence(key, spawn_key=(stream, index)).generate_state(1, np.uint64)
-    return int(state[0] >> np.uint64(1))
+    return _hash63(key, stream, index)
 
 
 def standard_normal(key: int, stream: int, index: int, shape: Sequence[int]) -> np.ndarray:
@@ -78,19 +81,19 @@ class Noise:
             raise ValueError(f"noise source {self.source!r}: use one of {', '.join(SOURCES)}")
 
     def _draw(self, stream: int, rows: Sequence[int], indices: Sequence[int]) -> torch.Tensor:
+        keys = [member_seed(self.seed, *self.keys[b]) for b in rows]
         if self.source == "device":
-            return self._device_draw(stream, rows, indices)
+            return self._device_draw(stream, keys, indices)
         # Cast to the working dtype on the host: the same rounding as torch's, and half the bytes
         # to copy to a GPU. Draws are independent, so threads fill them in any order.
         host = np.float32 if self.dtype == torch.float32 else np.float64
         out = np.empty((len(rows), len(indices), *self.shape), dtype=host)
-        keys = [member_seed(self.seed, *self.keys[b]) for b in rows]
 
         def fill(ij: tuple[int, int]) -> None:
             i, j = ij
             out[i, j] = standard_normal(keys[i], stream, indices[j], self.shape)
 
-        pairs = [(i, j) for i in range(len(rows)) for j in range(len(indices))]
+        pairs = [(i, j) for i in range(len(keys)) for j in range(len(indices))]
         if len(pairs) > 1 and out.size >= _THREADED_SIZE:
             list(_pool().map(fill, pairs))
         else:
@@ -98,12 +101,11 @@ class Noise:
                 fill(ij)
         return torch.from_numpy(out).to(device=self.device, dtype=self.dtype)
 
-    def _device_draw(self, stream: int, rows: Sequence[int], indices: Sequence[int]) -> torch.Tensor:
-        out = torch.empty((len(rows), len(indices), *self.shape), dtype=self.dtype,
+    def _device_draw(self, stream: int, keys: list[int], indices: Sequence[int]) -> torch.Tensor:
+        out = torch.empty((len(keys), len(indices), *self.shape), dtype=self.dtype,
                           device=self.device)
         gen = torch.Generator(device=out.device)
-        for i, b in enumerate(rows):
-            key = member_seed(self.seed, *self.keys[b])
+        for i, key in enumerate(keys):
             for j, idx in enumerate(indices):
                 gen.manual_seed(draw_seed(key, stream, idx))
                 out[i, j] = torch.randn(self.shape, generator=gen, dtype=self.dtype,
