@@ -46,6 +46,15 @@ class GaussianMixture:
         stds = torch.full((components,), std / math.sqrt(1 + spread**2), dtype=torch.float64)
         return cls(tuple(shape), means, stds, w / w.sum())
 
+    @property
+    def data_bound(self) -> float:
+        """S: the largest eigenvalue of the mixture's covariance,
+        sum_k w_k sigma_k^2 I + sum_k w_k (mu_k - mu)(mu_k - mu)^T, from its K x K Gram form."""
+        w = self.weights
+        centred = self.means - w @ self.means
+        gram = torch.sqrt(w)[:, None] * (centred @ centred.T) * torch.sqrt(w)[None]
+        return float((w * self.stds**2).sum() + torch.linalg.eigvalsh(gram).max())
+
     def responsibilities(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Posterior component probabilities (B, K) of states x (B, *shape) at clocks u (B,)."""
         return self._terms(x, u)[3]

@@ -54,6 +54,11 @@ class GaussianRandomField:
         object.__setattr__(self, "spectrum", lam.to(self.device))
 
     @property
+    def data_bound(self) -> float:
+        """S: the largest eigenvalue of the data covariance (its largest mode variance)."""
+        return float(self.spectrum.max())
+
+    @property
     def dims(self) -> tuple[int, ...]:
         return tuple(range(-len(self.shape), 0))
 

@@ -36,6 +36,9 @@ class LearnedUNet:
     cond_channels: int
     variable: str = "field"  # the dataset variable it was trained on
     cond: torch.Tensor | None = None
+    # S: the largest mode variance of the normalised training data (pc-window); inf when the
+    # checkpoint does not record it, which keeps pc-window's acceptance safe.
+    data_bound: float = float("inf")
 
     def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if self.cond_channels and self.cond is None:
@@ -63,4 +66,4 @@ def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu") -> LearnedU
         raise ConfigError(f"config: model.shape = {list(shape)} but {checkpoint} was trained on "
                           f"{meta['shape']}: set model.shape = {meta['shape']}")
     return LearnedUNet(den, tuple(shape), meta["mean"], meta["std"], den.cfg.cond_channels,
-                       meta["variable"])
+                       meta["variable"], data_bound=float(meta.get("data_bound", float("inf"))))

@@ -1,13 +1,20 @@
 """``piadm bench``: sequential against parallel samplers on the same model, noise and steps.
 
-Under ``mpiexec -n N`` every rank is a time slice of one group (the latency of one batch):
-rounds, wall seconds (slowest rank), the share of that time spent in collectives (largest over
-ranks) and the peak memory of the run on the rank that needs most."""
+Under ``mpiexec -n N`` every rank is a time slice of one group (the latency of one batch).
+Columns: the method's tolerance (after calibration for ``sampler.tol = "auto"``), parallel
+rounds, model calls per member and their ratio to the sequential sampler's, the relative
+distance to the sequential path with the same noise (``rel_dist``), the error of the
+ensemble's statistics against an exact model's target (``stat_err``: spectrum error for grf,
+mode-weight error for gmm), wall seconds (slowest rank; min and median over
+``bench.repeats``), the share of that time in collectives and the peak memory. With
+``bench.seeds`` > 1 every method runs on each noise seed, and a ``worst`` row per method
+gives the largest rounds, calls and distance over the seeds."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -16,35 +23,54 @@ import torch
 from models import STAT_ERRORS, build_model
 from pipeline.comm import SerialComm
 from pipeline.config import Config
-from pipeline.console import print0
+from pipeline.console import on_rank0, print0
 from pipeline.memory import peak_since, start_peak
 from pipeline.noise import Noise
-from pipeline.run import DTYPES, sampler_grid, sampler_options
+from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
 from pipeline.samplers import REFERENCE, SAMPLERS
 
-COLUMNS = ("method", "ranks", "steps", "d", "rounds", "model_calls", "rel_dist", "stat_err",
-           "wall_s", "comm_share", "peak_mib")
+COLUMNS = ("method", "seed", "tol", "ranks", "steps", "d", "rounds", "model_calls",
+           "calls_ratio", "rel_dist", "stat_err", "wall_s", "wall_med_s", "comm_share",
+           "peak_mib")
 
 
-def _row(method, ranks, steps, d, stats, dist, err, timing) -> dict:
-    wall, comm_s, peak = timing
-    return {"method": method, "ranks": ranks, "steps": steps, "d": d, "rounds": stats.rounds,
-            "model_calls": round(stats.model_calls, 1), "rel_dist": dist, "stat_err": err,
-            "wall_s": round(wall, 3), "comm_share": round(comm_s / wall, 4) if wall else 0.0,
+def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing) -> dict:
+    walls, comm_s, peak = timing
+    wall = min(walls)
+    return {"method": method, "seed": seed, "tol": tol, "ranks": ranks, "steps": steps, "d": d,
+            "rounds": stats.rounds, "model_calls": round(stats.model_calls, 1),
+            "calls_ratio": round(stats.model_calls / ref_calls, 3), "rel_dist": dist,
+            "stat_err": err, "wall_s": round(wall, 3),
+            "wall_med_s": round(statistics.median(walls), 3),
+            "comm_share": round(comm_s / wall, 4) if wall else 0.0,
             "peak_mib": round(peak / 2**20, 1)}
+
+
+def worst_row(rows: list[dict]) -> dict:
+    """The worst over seeds of one method's rows: largest rounds, calls and distance."""
+    out = dict(rows[-1], seed="worst")
+    for key in ("rounds", "model_calls", "calls_ratio", "rel_dist", "stat_err", "wall_s",
+                "wall_med_s", "comm_share", "peak_mib"):
+        values = [r[key] for r in rows if r[key] is not None]
+        out[key] = max(values) if values else None
+    return out
 
 
 def _format(row: dict) -> str:
     dist = "-" if row["rel_dist"] is None else f"{row['rel_dist']:.2e}"
     err = "-" if row["stat_err"] is None else f"{row['stat_err']:.3e}"
-    return (f"{row['method']:<15} {row['ranks']:>5} {row['steps']:>6} {row['d']:>9} "
-            f"{row['rounds']:>7} {row['model_calls']:>12.1f} {dist:>9} {err:>9} "
-            f"{row['wall_s']:>8.2f} {row['comm_share']:>10.3f} {row['peak_mib']:>9.1f}")
+    tol = "-" if row["tol"] is None else f"{row['tol']:.1e}"
+    return (f"{row['method']:<15} {row['seed']!s:>5} {tol:>7} {row['ranks']:>5} {row['steps']:>6} "
+            f"{row['d']:>9} {row['rounds']:>7} {row['model_calls']:>12.1f} "
+            f"{row['calls_ratio']:>11.2f} {dist:>9} {err:>9} {row['wall_s']:>8.2f} "
+            f"{row['wall_med_s']:>10.2f} {row['comm_share']:>10.3f} {row['peak_mib']:>9.1f}")
 
 
 def header() -> str:
-    return (f"{'method':<15} {'ranks':>5} {'steps':>6} {'d':>9} {'rounds':>7} {'model_calls':>12} "
-            f"{'rel_dist':>9} {'stat_err':>9} {'wall_s':>8} {'comm_share':>10} {'peak_mib':>9}")
+    return (f"{'method':<15} {'seed':>5} {'tol':>7} {'ranks':>5} {'steps':>6} {'d':>9} "
+            f"{'rounds':>7} {'model_calls':>12} {'calls_ratio':>11} {'rel_dist':>9} "
+            f"{'stat_err':>9} {'wall_s':>8} {'wall_med_s':>10} {'comm_share':>10} "
+            f"{'peak_mib':>9}")
 
 
 def _sync(device: torch.device) -> None:
@@ -52,53 +78,87 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device):
-    """Run one sampler; returns (y, stats, (wall s, comm s, peak bytes)), each the largest
-    over ranks. On a GPU an untimed first run pays for kernel loading and FFT plans."""
+def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeats=1):
+    """Run one sampler ``repeats`` times; returns (y, stats, (wall seconds of each repeat,
+    comm s, peak bytes)), each the largest over ranks (comm and peak of the last repeat). On
+    a GPU an untimed first run pays for kernel loading and FFT plans."""
     if device.type == "cuda":
         sampler(model, y0, grid, noise, comm=comm, options=options)
-    comm.barrier()
-    comm_before, baseline = comm.seconds, start_peak(device)
-    start = time.perf_counter()
-    y, stats = sampler(model, y0, grid, noise, comm=comm, options=options)
-    _sync(device)
-    wall = time.perf_counter() - start
-    local = torch.tensor([wall, comm.seconds - comm_before, peak_since(device, baseline)],
-                         dtype=torch.float64)
-    return y, stats, tuple(float(v) for v in comm.allreduce_max(local))
+    walls = []
+    for _ in range(repeats):
+        comm.barrier()
+        comm_before, baseline = comm.seconds, start_peak(device)
+        start = time.perf_counter()
+        y, stats = sampler(model, y0, grid, noise, comm=comm, options=options)
+        _sync(device)
+        wall = time.perf_counter() - start
+        local = torch.tensor([wall, comm.seconds - comm_before, peak_since(device, baseline)],
+                             dtype=torch.float64)
+        wall, comm_s, peak = (float(v) for v in comm.allreduce_max(local))
+        walls.append(wall)
+    return y, stats, (walls, comm_s, peak)
+
+
+def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | None]:
+    """The tolerance each bench method runs with: the configured one, or for "auto" each
+    parallel method's own calibration (rank 0 calibrates, every rank gets the result)."""
+    from pipeline.calibrate import resolve_tol
+
+    out = {}
+    for method in cfg.bench.methods:
+        if method in REFERENCE.values() or cfg.sampler.tol is None:
+            out[method] = None if method in REFERENCE.values() else cfg.sampler.tol
+            continue
+        mine = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, method=method))
+        out[method] = on_rank0(comm, resolve_tol, mine, model, device=device,
+                               say=lambda text: print0(comm, text)).tol
+    return out
 
 
 def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
                 device: torch.device = torch.device("cpu")) -> list[dict]:
-    """Run every bench method on one field shape, its blocks split over ``comm``'s ranks;
-    returns one row per method."""
-    model = build_model(dataclasses.replace(cfg.model, shape=tuple(shape)), device)
+    """Run every bench method on one field shape for each of ``bench.seeds`` noise seeds, its
+    blocks split over ``comm``'s ranks; returns one row per method and seed (and a worst row
+    per method over several seeds)."""
+    shaped = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shape=tuple(shape)))
+    model = build_model(shaped.model, device)
     s = cfg.sampler
-    grid, options = sampler_grid(s), sampler_options(s)
-    dtype = DTYPES[s.dtype]
-    noise = Noise(s.seed, tuple((0, m) for m in range(cfg.bench.members)), tuple(shape), dtype,
-                  device, s.noise)
-    y0 = noise.prior()
+    tolerances = method_tolerances(shaped, model, comm=comm, device=device)
+    grid = sampler_grid(s)
+    bound = model_data_bound(model, cfg.model)
     stat_error = STAT_ERRORS.get(cfg.model.kind)  # exact models only: a learned one has none
-    references: dict[str, torch.Tensor] = {}
-    rows = []
     methods = sorted(cfg.bench.methods, key=lambda m: m not in REFERENCE.values())
-    for method in methods:
-        y, stats, timing = _timed_run(SAMPLERS[method], model, y0, grid, noise, comm=comm,
-                                      options=options, device=device)
-        ref_name = REFERENCE[method]
-        if method == ref_name:
-            references[method] = y
-        ref = references.get(ref_name)
-        if ref is None and method != ref_name:
-            ref, _ = SAMPLERS[ref_name](model, y0, grid, noise, comm=comm, options=options)
-            references[ref_name] = ref
-        dist = None if method == ref_name else float((y - ref).norm() / ref.norm())
-        err = (None if stat_error is None
-               else stat_error(model, y.to(torch.float64), s.u_min, s.denoise_final))
-        rows.append(_row(method, comm.size, s.steps, math.prod(shape), stats, dist, err, timing))
-        print0(comm, _format(rows[-1]))
-    return rows
+    rows: dict[str, list[dict]] = {m: [] for m in methods}
+    for seed in range(s.seed, s.seed + cfg.bench.seeds):
+        noise = Noise(seed, tuple((0, m) for m in range(cfg.bench.members)), tuple(shape),
+                      DTYPES[s.dtype], device, s.noise)
+        y0 = noise.prior()
+        references: dict[str, tuple] = {}
+        for method in methods:
+            options = sampler_options(s, tol=tolerances[method], data_bound=bound)
+            y, stats, timing = _timed_run(SAMPLERS[method], model, y0, grid, noise, comm=comm,
+                                          options=options, device=device,
+                                          repeats=cfg.bench.repeats)
+            ref_name = REFERENCE[method]
+            if method == ref_name:
+                references[method] = (y, stats)
+            if ref_name not in references:
+                references[ref_name] = SAMPLERS[ref_name](model, y0, grid, noise, comm=comm,
+                                                          options=options)
+            ref, ref_stats = references[ref_name]
+            dist = None if method == ref_name else float((y - ref).norm() / ref.norm())
+            err = (None if stat_error is None
+                   else stat_error(model, y.to(torch.float64), s.u_min, s.denoise_final))
+            row = _row(method, seed, tolerances[method], comm.size, s.steps, math.prod(shape),
+                       stats, ref_stats.model_calls, dist, err, timing)
+            rows[method].append(row)
+            print0(comm, _format(row))
+    out = [row for m in methods for row in rows[m]]
+    if cfg.bench.seeds > 1:
+        for m in methods:
+            out.append(worst_row(rows[m]))
+            print0(comm, _format(out[-1]))
+    return out
 
 
 def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None = None,
@@ -110,9 +170,9 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
     shapes = cfg.bench.sizes or (cfg.model.shape,)
     print0(comm, f"piadm bench: model {cfg.model.kind}, {cfg.sampler.steps} steps, "
                  f"block {cfg.sampler.block_size}, tol {cfg.sampler.tol}, "
-                 f"{cfg.bench.members} members, {cfg.sampler.dtype}, {cfg.sampler.noise} noise, "
-                 f"{comm.size} ranks "
-                 f"(time slices), {device}")
+                 f"{cfg.bench.members} members, {cfg.bench.seeds} seed(s), "
+                 f"{cfg.bench.repeats} repeat(s), {cfg.sampler.dtype}, {cfg.sampler.noise} "
+                 f"noise, {comm.size} ranks (time slices), {device}")
     print0(comm, header())
     rows = [row for shape in shapes for row in bench_shape(cfg, tuple(shape), comm=comm,
                                                            device=device)]
@@ -126,3 +186,25 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
         print0(comm, f"plot: {bench_figure(earlier + rows, Path(png_path))}")
     return rows
+
+
+def run_peer(cfg: Config, peer: str, *, comm=SerialComm(),
+             device: torch.device = torch.device("cpu")) -> list[tuple]:
+    """``--peer diffusers``: the peer's parallel sampler beside piadm's on DDPM-1000 with the
+    bench's model (``pipeline.peer``); rank 0 runs it, the table is printed there."""
+    from pipeline.peer import compare_diffusers, format_rows
+
+    model = build_model(cfg.model, device)
+
+    def run():
+        rows = compare_diffusers(
+            model, members=cfg.bench.members, seed=cfg.sampler.seed, dtype=DTYPES[cfg.sampler.dtype],
+            device=device, data_bound=model_data_bound(model, cfg.model),
+            ladder=cfg.calibrate.ladder, say=lambda text: print0(comm, text))
+        print0(comm, f"peer {peer}: DDPM-1000 (linear betas 1e-4..0.02, posterior variance), "
+                     f"{cfg.model.kind} {list(cfg.model.shape)}, {cfg.bench.members} members, "
+                     f"{cfg.sampler.dtype}; pc-window's tol is the loosest of calibrate.ladder "
+                     "within the peer's distance\n" + format_rows(rows))
+        return rows
+
+    return on_rank0(comm, run)

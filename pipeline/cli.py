@@ -9,8 +9,9 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.comm import world_comm
 from pipeline.config import ConfigError, load_config
-from pipeline.console import print0
-from pipeline.samplers import PicardDivergence
+from pipeline.console import on_rank0, print0
+from pipeline.peer import PEERS
+from pipeline.samplers import WINDOWED, PicardDivergence
 from pipeline.scoring import EvaluationError
 from pipeline.status import NotAStore
 from pipeline.store import StoreExists
@@ -18,6 +19,7 @@ from pipeline.store import StoreExists
 EXAMPLES = {
     "sample": "example: piadm sample jobs/configs/grf.toml --set ensemble.members=16",
     "bench": "example: piadm bench jobs/configs/grf.toml --json out/bench.json",
+    "calibrate": "example: piadm calibrate jobs/configs/grf.toml --set sampler.method=pc-window",
     "status": "example: piadm status out/grf.zarr   (exit 0 when complete, 1 when not)",
     "generate-data": "example: piadm generate-data jobs/configs/kolmogorov.toml --set data.snapshots=100",
     "train": "example: mpiexec -n 2 piadm train jobs/configs/kolmogorov.toml --set train.steps=500",
@@ -75,8 +77,32 @@ def _cmd_bench(args, world) -> int:
                               "piadm bench --json")
             err.collective = True
             raise err
+    if args.peer:
+        from pipeline.bench import run_peer
+
+        run_peer(cfg, args.peer, comm=world, device=device)
+        return 0
     run_bench(cfg, json_path=args.json, png_path=args.png, compare=tuple(args.compare),
               comm=world, device=device)
+    return 0
+
+
+def _cmd_calibrate(args, world) -> int:
+    from models import build_model
+    from pipeline.calibrate import cache_file
+    from pipeline.ensemble import calibration_target
+
+    cfg, _, device = _setup(args, world)
+    if cfg.sampler.method not in WINDOWED:
+        err = ConfigError(f"calibrate: sampler.method = {cfg.sampler.method!r} has no tolerance "
+                          f"to calibrate: use one of {', '.join(WINDOWED)}")
+        err.collective = True
+        raise err
+    model = build_model(cfg.model, device)
+    result = on_rank0(world, calibration_target, cfg, model, device, force=args.force)
+    print0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} "
+                  f"({'measured now' if result.rungs else 'from ' + str(cache_file())}); "
+                  "runs with sampler.tol = \"auto\" use it")
     return 0
 
 
@@ -132,7 +158,8 @@ def _cmd_status(args, world) -> int:
     return 0 if complete else 1
 
 
-COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "status": _cmd_status,
+COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "calibrate": _cmd_calibrate,
+            "status": _cmd_status,
             "generate-data": _cmd_generate, "train": _cmd_train, "evaluate": _cmd_evaluate}
 
 
@@ -143,6 +170,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     helps = {"sample": "sample an ensemble into a Zarr store (resumes an unfinished one)",
              "bench": "compare sequential and parallel samplers",
+             "calibrate": "choose sampler.tol: the loosest that keeps a few members within "
+                          "half of sampler.distance of the sequential path (cached)",
              "status": "members done / total in an ensemble store",
              "generate-data": "simulate Kolmogorov-flow vorticity snapshots into Zarr",
              "train": "train a U-Net score model on a Zarr dataset (data-parallel)",
@@ -158,7 +187,12 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("config", help="TOML configuration file")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set sampler.steps=200 (repeatable)")
+        if name == "calibrate":
+            sp.add_argument("--force", action="store_true",
+                            help="measure anew even when a calibration is cached")
         if name == "bench":
+            sp.add_argument("--peer", choices=PEERS, help="run the peer library's parallel "
+                            "sampler beside piadm's on DDPM-1000 (needs piadm[bench])")
             sp.add_argument("--json", metavar="PATH", help="also save the table as JSON")
             sp.add_argument("--png", metavar="PATH", help="also plot rounds and wall time "
                             "against d (and against ranks, with --compare) as a PNG")

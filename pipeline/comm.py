@@ -38,6 +38,10 @@ class SerialComm:
     def bcast(self, x: torch.Tensor, root: int) -> torch.Tensor:
         return x
 
+    def allgather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x stacked by rank, (size, *x.shape)."""
+        return x[None]
+
     def bcast_object(self, obj, root: int = 0):
         return obj
 
@@ -104,6 +108,16 @@ class MPIComm:
         buf = np.ascontiguousarray(x.detach().cpu().numpy())
         self._comm.Bcast(buf, root=root)
         out = torch.from_numpy(buf).to(x.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def allgather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x stacked by rank, (size, *x.shape); one buffer-based Allgather."""
+        start = time.perf_counter()
+        send = np.ascontiguousarray(x.detach().cpu().numpy())
+        recv = np.empty((self.size, *send.shape), dtype=send.dtype)
+        self._comm.Allgather(send, recv)
+        out = torch.from_numpy(recv).to(x.device)
         self.seconds += time.perf_counter() - start
         return out
 

@@ -34,6 +34,7 @@ class ModelConfig:
     seed: int = 0  # gmm: seed of the mode positions
     condition: str = "none"  # "mean" (exact models) or "coarse" (a conditional unet)
     checkpoint: str = ""  # unet: a piadm train checkpoint
+    data_bound: float = 0.0  # S for pc-window; 0: the model's own (exact, or the checkpoint's)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class SamplerConfig:
     method: str = "piadm-sde"
     steps: int = 1000
     block_size: int = 100
-    tol: float | None = None
+    tol: float | str | None = None  # a number, or "auto": calibrated (piadm calibrate)
     max_sweeps: int = 100
     seed: int = 0
     grid: str = "ou"
@@ -51,13 +52,22 @@ class SamplerConfig:
     form: str = "exponential"
     dtype: str = "float32"
     noise: str = "host"
-    window: int = 100
+    window: int = 0  # window points; 0: the method's own (window 100, pc-window 65)
+    distance: float = 1e-3  # what tol = "auto" aims at: relative distance to the sequential path
     on_divergence: str = "sequential"
     denoise_final: bool = False
     corrector_steps: int = 8
     corrector_length: float = 1.0
     corrector_gamma: float = 1.0
     corrector_sweeps: int = 4
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """``piadm calibrate`` and ``sampler.tol = "auto"``: members run both ways, tolerances to try."""
+
+    members: int = 4
+    ladder: tuple[float, ...] = (0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6)
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,8 @@ class BenchConfig:
     methods: tuple[str, ...] = ("sequential-sde", "piadm-sde", "window")
     sizes: tuple[tuple[int, ...], ...] = ()  # field shapes to sweep; empty: model.shape
     members: int = 4
+    seeds: int = 1  # noise seeds sampler.seed, sampler.seed + 1, ...: rows per seed and a worst row
+    repeats: int = 1  # timed runs per row: wall_s is their min, wall_med_s their median
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     text: str = ""  # the effective configuration as TOML-like text, for provenance
 
     @property
@@ -166,7 +179,8 @@ class Config:
         one store share it."""
         kept = {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items()
                        if (name, k) not in _LAYOUT_KEYS}
-                for name in _SECTION_TYPES if name not in ("parallel", "data", "train", "bench")}
+                for name in _SECTION_TYPES
+                if name not in ("parallel", "data", "train", "bench", "calibrate")}
         return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -176,7 +190,7 @@ _LAYOUT_KEYS = {("output", "path"), ("output", "overwrite"), ("output", "backgro
 _SECTION_TYPES = {
     "model": ModelConfig, "sampler": SamplerConfig, "ensemble": EnsembleConfig,
     "input": InputConfig, "output": OutputConfig, "parallel": ParallelConfig, "data": DataConfig,
-    "train": TrainConfig, "bench": BenchConfig,
+    "train": TrainConfig, "bench": BenchConfig, "calibrate": CalibrateConfig,
 }
 
 
@@ -191,7 +205,13 @@ def _coerce(key: str, value, hint):
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
             return None
-        return _coerce(key, value, next(a for a in args if a is not type(None)))
+        kinds = [a for a in args if a is not type(None)]
+        for kind in kinds[:-1]:
+            try:
+                return _coerce(key, value, kind)
+            except ConfigError:
+                pass
+        return _coerce(key, value, kinds[-1])
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config: {key} must be a list, got {value!r}")
@@ -293,11 +313,13 @@ def _check(ok: bool, key: str, problem: str) -> None:
 
 def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
     """A layout must give every time slice at least one point to own."""
+    from pipeline.samplers import WINDOWED
+
     _check(p.time_slices >= 1, "parallel.time_slices", f"= {p.time_slices} must be >= 1")
     _check(p.threads >= 0, "parallel.threads", f"= {p.threads} must be >= 0 (0: automatic)")
     points = {"block_size": min(s.block_size, s.steps)}
-    if s.method.startswith("window"):
-        points = {"window": min(s.window, s.steps)}
+    if s.method in WINDOWED:
+        points = {"window": min(s.window or WINDOWED[s.method], s.steps)}
     if s.method == "piadm-ode" and s.corrector_steps > 0:
         points["corrector_steps"] = s.corrector_steps
     for key, n in points.items():
@@ -336,7 +358,7 @@ def validate(cfg: Config) -> None:
     from pipeline.grids import GRIDS
     from pipeline.integrators import FORMS
     from pipeline.noise import SOURCES
-    from pipeline.samplers import SAMPLERS
+    from pipeline.samplers import SAMPLERS, WINDOWED
 
     m, s, e = cfg.model, cfg.sampler, cfg.ensemble
     _check(m.kind in MODELS, "model.kind", f"= {m.kind!r} is unknown: use one of {', '.join(MODELS)}")
@@ -347,10 +369,13 @@ def validate(cfg: Config) -> None:
     _check(s.steps >= 1, "sampler.steps", f"= {s.steps} must be >= 1")
     _check(s.block_size >= 1, "sampler.block_size", f"= {s.block_size} must be >= 1")
     _check(s.max_sweeps >= 1, "sampler.max_sweeps", f"= {s.max_sweeps} must be >= 1")
-    _check(s.tol is None or s.tol >= 0, "sampler.tol", f"= {s.tol} must be >= 0")
-    _check(s.method != "window" or s.tol is not None, "sampler.tol",
-           "must be set for sampler.method = 'window' (ParaDiGMS uses 0.1)")
-    _check(s.window >= 1, "sampler.window", f"= {s.window} must be >= 1")
+    _check(s.tol is None or s.tol == "auto" or (isinstance(s.tol, float) and s.tol >= 0),
+           "sampler.tol", f"= {s.tol!r} must be a number >= 0 or \"auto\"")
+    _check(s.method not in WINDOWED or s.tol is not None, "sampler.tol",
+           f"must be set for sampler.method = {s.method!r}: a number (window: ParaDiGMS uses "
+           "0.1) or \"auto\" to calibrate it against the sequential sampler")
+    _check(s.window >= 0, "sampler.window", f"= {s.window} must be >= 1 (0: the method's own)")
+    _check(0 < s.distance < 1, "sampler.distance", f"= {s.distance} must be in (0, 1), e.g. 1e-3")
     _check(0 < s.u_min < s.u_max, "sampler.u_min",
            f"= {s.u_min} must be > 0 and below sampler.u_max = {s.u_max}")
     _check(s.knee > 0, "sampler.knee", f"= {s.knee} must be > 0")
@@ -390,3 +415,11 @@ def validate(cfg: Config) -> None:
         _check(1 <= len(size) <= 3 and min(size) >= 2, "bench.sizes",
                f"has bad shape {list(size)}: each needs 1 to 3 sizes >= 2")
     _check(cfg.bench.members >= 1, "bench.members", f"= {cfg.bench.members} must be >= 1")
+    _check(cfg.bench.seeds >= 1 and cfg.bench.repeats >= 1, "bench.seeds",
+           "and bench.repeats must be >= 1")
+    _check(m.data_bound >= 0, "model.data_bound",
+           f"= {m.data_bound} must be >= 0 (0: the model's own bound)")
+    c = cfg.calibrate
+    _check(c.members >= 1, "calibrate.members", f"= {c.members} must be >= 1")
+    _check(len(c.ladder) >= 1 and all(v > 0 for v in c.ladder), "calibrate.ladder",
+           f"= {list(c.ladder)}: give tolerances > 0, loosest first")

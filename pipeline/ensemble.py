@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -26,10 +27,12 @@ from pipeline.inputs import Items, open_items, unconditional
 from pipeline.layout import RankGrid, rank_grid
 from pipeline.noise import member_seed
 from pipeline.progress import Progress
-from pipeline.run import (DTYPES, member_batches, provenance, residual_length, sample_batches,
-                          sampler_grid, sampler_options)
+from pipeline.calibrate import Calibration, resolve_tol
+from pipeline.run import (DTYPES, member_batches, model_data_bound, provenance, residual_length,
+                          sample_batches, sampler_grid, sampler_options)
 from pipeline.signals import StopRequest
-from pipeline.store import StoreSpec, done_members, finalize, open_or_create, write_batch
+from pipeline.store import (StoreSpec, done_members, finalize, open_or_create, stored_attribute,
+                            write_batch)
 from pipeline.writer import make_writer
 
 
@@ -86,12 +89,32 @@ def _check_only(only: tuple[int, ...], count: int) -> None:
                           f"the input selection: use indices 0 .. {count - 1}")
 
 
-def _prepare(cfg: Config, shape, trained_on) -> tuple[StoreSpec, str]:
+def _prepare(cfg: Config, shape, trained_on, tol: Calibration) -> tuple[StoreSpec, str]:
     """Rank 0's checks and creation: validate the input, open or create the store."""
     items = load_items(cfg, check=True)
     _check_only(cfg.parallel.items, len(items.labels))
     spec = store_spec(cfg, items, shape, trained_on)
+    spec.attrs.update(sampler_tol=tol.tol, sampler_tol_source=tol.source)
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
+
+
+def calibration_target(cfg: Config, model, device, *, force: bool = False) -> Calibration:
+    """Rank 0: the tolerance of the run. For ``"auto"``: the one its store was made with (a
+    resumed run), else the cached or a new calibration (``force``: always new), on the first
+    item's input when the model is conditioned."""
+    if cfg.sampler.tol != "auto" and not force:
+        return Calibration(cfg.sampler.tol, (), "config")
+    stored = None if cfg.output.overwrite or force else stored_attribute(
+        cfg.output.path, cfg.store_digest, "sampler_tol")
+    target = model
+    if cfg.input.path:
+        items = load_items(cfg, check=True)
+        raw = items.field(cfg.parallel.items[0] if cfg.parallel.items else 0)
+        mean = getattr(model, "data_mean", None)
+        mean, std = (items.mean, items.std) if mean is None else (mean, model.data_std)
+        target = _bind(model, cfg.model.condition, (raw - mean) / std, device)
+    return resolve_tol(cfg, target, device=device, stored=stored, force=force,
+                       say=lambda text: print(text, file=sys.stderr, flush=True))
 
 
 def _bind(model, condition: str, field: np.ndarray | None, device):
@@ -113,8 +136,9 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         raise
     # A learned model brings its training normalisation; exact ones use the input's.
     mean = getattr(model, "data_mean", None)
+    tol = on_rank0(world, calibration_target, cfg, model, device)
     spec, state = on_rank0(world, _prepare, cfg, tuple(model.shape),  # before anything is written
-                           getattr(model, "variable", None))
+                           getattr(model, "variable", None), tol)
     items = load_items(cfg, check=False)
     if mean is None:
         mean, std = spec.attrs["input_mean"], spec.attrs["input_std"]
@@ -128,7 +152,9 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     print0(world, f"store {spec.path} {state}: {int(done.sum())} of {done.size} members done, "
                   f"{sum(len(b) for _, b in todo)} to sample")
     writer = make_writer(cfg.output.background) if slices.rank == 0 else None
-    grid, options = sampler_grid(cfg.sampler), sampler_options(cfg.sampler)
+    grid = sampler_grid(cfg.sampler)
+    options = sampler_options(cfg.sampler, tol=tol.tol,
+                              data_bound=model_data_bound(model, cfg.model))
     start, rounds, calls, count, stopped = time.perf_counter(), 0, 0.0, 0, False
     total = sum(len(b) for _, b in mine)
     bar = Progress(world, total, f"group {ranks.group + 1}/{ranks.groups} members",

@@ -22,10 +22,21 @@ from pipeline.samplers import SAMPLERS, Options, Stats
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def sampler_options(s: SamplerConfig) -> Options:
-    """The sampler's typed options from the sampler section."""
+def model_data_bound(model, section) -> float:
+    """S for pc-window: ``model.data_bound`` when set (> 0), else the model's own (exact for
+    grf and gmm, recorded with a trained checkpoint), else inf (assume nothing)."""
+    return section.data_bound or float(getattr(model, "data_bound", float("inf")))
+
+
+def sampler_options(s: SamplerConfig, *, tol: float | None = None,
+                    data_bound: float = float("inf")) -> Options:
+    """The sampler's typed options from the sampler section; ``tol`` replaces the configured
+    one (which must be a number unless given: "auto" is resolved by ``pipeline.calibrate``)."""
+    tol = s.tol if tol is None else tol
+    if isinstance(tol, str):
+        raise ValueError(f"sampler.tol = {tol!r} must be resolved (pipeline.calibrate.resolve_tol)")
     return Options(
-        form=s.form, max_sweeps=s.max_sweeps, tol=s.tol, window=s.window,
+        form=s.form, max_sweeps=s.max_sweeps, tol=tol, window=s.window, data_bound=data_bound,
         on_divergence=s.on_divergence, corrector_steps=s.corrector_steps,
         corrector_length=s.corrector_length, corrector_gamma=s.corrector_gamma,
         corrector_sweeps=s.corrector_sweeps, denoise_final=s.denoise_final,

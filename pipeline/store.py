@@ -105,6 +105,16 @@ def stored_digest(path: str | Path) -> str | None:
         return None
 
 
+def stored_attribute(path: str | Path, digest: str, name: str):
+    """Attribute ``name`` of the piadm store at ``path`` when that store was made by the
+    configuration with ``digest`` (a run that will resume it); else None."""
+    try:
+        attrs = zarr.open_group(path, mode="r").attrs
+    except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
+        return None
+    return attrs.get(name) if attrs.get("piadm_store_digest") == digest else None
+
+
 def _refuse_unless_same(spec: StoreSpec) -> None:
     found = stored_digest(spec.path)
     if found is None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from models.bound import largest_mode_power
 from models.unet import Denoiser, UNetConfig
 from pipeline.config import TrainConfig
 from pipeline.console import print0
@@ -37,6 +38,7 @@ class Dataset:
     coarse: xr.DataArray | None
     mean: float
     std: float
+    data_bound: float  # S of the training split (models.bound), recorded with the checkpoint
 
     def batch(self, times: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised fields (B, H, W) and upsampled conditioning (B, 1, H, W) or None."""
@@ -68,13 +70,15 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
                          f"times out of {n}")
     fields = ds[t.variable]
     mean, std = (float(v) for v in dask.compute(fields[:cut].mean(), fields[:cut].std()))
+    bound = largest_mode_power((fields[a : min(a + 256, cut)].values for a in range(0, cut, 256)),
+                               mean, std)
     if sum(ds[name].nbytes for name in names) < t.cache_mb * 2**20:
         # a random batch touches a whole chunk per time: under the budget, read everything once
         ds = ds[names].load()
         fields = ds[t.variable]
     coarse = ds[t.condition] if t.condition else None
     part = lambda sl: Dataset(fields.isel(time=sl), None if coarse is None else  # noqa: E731
-                              coarse.isel(time=sl), mean, std)
+                              coarse.isel(time=sl), mean, std, bound)
     return part(slice(0, cut)), part(slice(cut, n))
 
 
@@ -172,7 +176,8 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
             group["lr"] = t.lr
         step, history = int(state["step"]), state["history"].tolist()
         print0(comm, f"resuming {path} at step {step}")
-    meta = {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std, "variable": t.variable,
+    meta = {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std,
+            "data_bound": trn.data_bound, "variable": t.variable,
             "condition": t.condition, "shape": list(shape), "data": t.data, "config": config_text}
     n, start, loss_sum, val_loss = trn.fields.sizes["time"], time.perf_counter(), 0.0, float("nan")
     lo, hi = slice_bounds(t.batch_size, comm.size, comm.rank)

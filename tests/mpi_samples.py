@@ -2,6 +2,7 @@
 of N / time_slices groups and save every member on rank 0 (``tests/test_mpi.py`` compares
 the layouts). Usage: python tests/mpi_samples.py OUT.npz TIME_SLICES
 """
+import dataclasses
 import sys
 
 import numpy as np
@@ -25,6 +26,10 @@ CASES = {  # name: (method, dtype, options, noise source)
     "window64": ("window", torch.float64, Options(window=20, tol=0.05), "host"),
     "windowode64": ("window-ode", torch.float64, Options(window=20, tol=0.05), "host"),
     "window32": ("window", torch.float32, Options(window=20, tol=0.05), "host"),
+    "pcwindow64": ("pc-window", torch.float64, Options(window=20, tol=1e-3), "host"),
+    "pcwindowode64": ("pc-window-ode", torch.float64, Options(window=20, tol=1e-5), "host"),
+    "pcwindow32": ("pc-window", torch.float32, Options(window=20, tol=1e-3), "host"),
+    "pcwindow64device": ("pc-window", torch.float64, Options(window=20, tol=1e-3), "device"),
 }
 
 
@@ -37,6 +42,7 @@ def main(out: str, time_slices: int) -> None:
     mine = share(member_batches(6, 2), ranks.groups, ranks.group)
     results = {}
     for name, (method, dtype, options, source) in CASES.items():
+        options = dataclasses.replace(options, data_bound=model.data_bound)
         fields = {}
         for batch in sample_batches(model, method=method, grid=grid, options=options, seed=4,
                                     batches=mine, dtype=dtype, comm=ranks.slices,

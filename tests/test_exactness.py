@@ -1,4 +1,5 @@
 """Each sampler's ensemble matches the exact target statistics within sampling error."""
+import dataclasses
 import math
 
 import pytest
@@ -17,6 +18,8 @@ OPTS = {
     "piadm-ode": Options(max_sweeps=100, tol=1e-3),
     "piadm-ode-predictor": Options(max_sweeps=100, tol=1e-3, corrector_steps=0),
     "window": Options(window=100, tol=0.1),
+    "pc-window": Options(tol=1e-3),
+    "pc-window-ode": Options(tol=1e-5),
 }
 
 
@@ -36,20 +39,24 @@ def test_grf_spectrum_matches_exact_target(method, shape, members):
     model = GaussianRandomField(shape, length=4.0)
     grid = make_grid("ou", 1000, u_min=U_MIN, u_max=10.0, block_size=100)
     noise = Noise(11, tuple((0, m) for m in range(members)), shape, torch.float64)
-    y, _ = SAMPLERS[method.removesuffix("-predictor")](model, noise.prior(), grid, noise, options=OPTS[method])
+    options = dataclasses.replace(OPTS[method], data_bound=model.data_bound)
+    y, _ = SAMPLERS[method.removesuffix("-predictor")](model, noise.prior(), grid, noise,
+                                                      options=options)
     z = _chi2_of_spectrum(model, y)
     k = z.numel()
     assert z.abs().max() < 4.5, z
     assert float((z**2).sum()) < k + 5 * math.sqrt(2 * k)
 
 
-@pytest.mark.parametrize("method", ["sequential-sde", "sequential-ode", "piadm-sde", "piadm-ode", "window"])
+@pytest.mark.parametrize("method", ["sequential-sde", "sequential-ode", "piadm-sde", "piadm-ode",
+                                    "window", "pc-window", "pc-window-ode"])
 def test_gmm_mode_weights_within_three_standard_errors(method):
     model = GaussianMixture.random((8,), components=3, weights=[0.5, 0.3, 0.2], seed=1)
     grid = make_grid("ou", 200, u_min=U_MIN, u_max=10.0, block_size=40)
     n = 400
     noise = Noise(5, tuple((0, m) for m in range(n)), (8,), torch.float64)
-    y, _ = SAMPLERS[method](model, noise.prior(), grid, noise, options=OPTS[method])
+    options = dataclasses.replace(OPTS[method], data_bound=model.data_bound)
+    y, _ = SAMPLERS[method](model, noise.prior(), grid, noise, options=options)
     frac = mode_fractions(model, y, U_MIN)
     se = torch.sqrt(model.weights * (1 - model.weights) / n)
     assert bool(((frac - model.weights).abs() <= 3 * se).all()), (frac, model.weights)

@@ -12,7 +12,10 @@ class Options:
     max_sweeps: Picard sweeps per block (capped at the block's points, where it is exact).
     tol: stop a member's block once max_m r_m <= tol^2 (ALGORITHM.md section 5); None for
         exactly ``max_sweeps`` sweeps.
-    window: points in the sliding window (``window`` sampler).
+    window: points in the sliding window (``window``, ``pc-window``); 0: the sampler's own
+        measured default.
+    data_bound: S, an upper bound on the eigenvalues of the data covariance in model units,
+        for ``pc-window``'s certified acceptance; inf (the safe default) assumes nothing.
     on_divergence: ``sequential`` (redo the block step by step) or ``error`` when a residual is
         NaN/Inf or exceeds ``divergence_threshold``.
     corrector_*: underdamped Langevin corrector of PIADM-ODE (section 4); steps = 0 turns it off.
@@ -25,7 +28,8 @@ class Options:
     form: str = "exponential"
     max_sweeps: int = 20
     tol: float | None = None
-    window: int = 100
+    window: int = 0
+    data_bound: float = float("inf")
     on_divergence: str = "sequential"
     divergence_threshold: float = 1e8
     corrector_steps: int = 8

@@ -24,6 +24,8 @@ from pipeline.noise import Noise
 from pipeline.samplers.common import evaluate, field_mean, finish, per_point, prefix_states
 from pipeline.samplers.options import Options, PicardDivergence, Stats
 
+DEFAULT_WINDOW = 100  # p, as ParaDiGMS ships it
+
 
 def _padded(c: torch.Tensor, p: int, value: float) -> torch.Tensor:
     return torch.cat([c, torch.full((p,), value, dtype=c.dtype)])
@@ -88,7 +90,7 @@ def _fresh_noise(xi, w0, accept, lo, hi, p, n, noise: Noise):
 def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stochastic: bool):
     if options.tol is None:
         raise ValueError("sampler.tol must be set for the window sampler (ParaDiGMS uses 0.1)")
-    n, p = grid.steps, min(options.window, grid.steps)
+    n, p = grid.steps, min(options.window or DEFAULT_WINDOW, grid.steps)
     lo, hi = slice_bounds(p, comm.size, comm.rank)
     steps = step_coefficients(grid.u, stochastic=stochastic, form=options.form)
     u, decay = _padded(grid.u[:-1], p, float(grid.u[-1])), _padded(steps.decay, p, 1.0)

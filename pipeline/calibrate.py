@@ -1,0 +1,155 @@
+"""Tolerance calibration: ``piadm calibrate`` and ``sampler.tol = "auto"``.
+
+A parallel sampler's tolerance trades rounds for distance to the sequential path, and the
+distance at a given tolerance depends on the model, the grid and the field size (for
+pc-window it varies several-fold between seeds). Calibration runs a few members with the
+sequential reference and with the parallel sampler on a ladder of tolerances, loosest first,
+with the same keyed noise, and takes the loosest tolerance whose worst member distance is at
+most half of ``sampler.distance``. The choice is cached (keyed by the model's hash, the
+method, grid, steps, dtype, shape and the other settings that change it) in
+``$PIADM_CACHE/calibration.json`` (default ``~/.cache/piadm``), so later runs reuse it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config, ConfigError
+from pipeline.noise import Noise
+from pipeline.samplers import REFERENCE, SAMPLERS, Options
+
+# Calibration members are keyed apart from any ensemble's members (an item index no input
+# reaches), so the choice is not tuned on the very trajectories it will produce.
+CALIBRATION_ITEM = 2**40
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One tolerance tried: rounds, model calls over the sequential sampler's, worst member
+    distance (relative, to the sequential path with the same noise)."""
+
+    tol: float
+    rounds: int
+    calls_ratio: float
+    worst: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The chosen ``tol``, the ladder measured (empty when read from the cache) and where the
+    choice came from: ``calibrated``, ``cache`` or ``store``."""
+
+    tol: float
+    rungs: tuple[Rung, ...]
+    source: str
+
+
+def cache_file() -> Path:
+    """Where calibrations are kept: $PIADM_CACHE/calibration.json, else ~/.cache/piadm/."""
+    root = os.environ.get("PIADM_CACHE") or Path.home() / ".cache" / "piadm"
+    return Path(root) / "calibration.json"
+
+
+def calibration_key(cfg: Config, model_sha256: str) -> str:
+    """What decides the calibrated tolerance: the model and every sampler setting that changes
+    the path or the distance, the members tried and the ladder."""
+    s = cfg.sampler
+    kept = {"model_sha256": model_sha256, "shape": list(cfg.model.shape),
+            "data_bound": cfg.model.data_bound, "condition": cfg.model.condition,
+            "input": cfg.input.path, "calibrate": dataclasses.asdict(cfg.calibrate),
+            "sampler": {k: v for k, v in dataclasses.asdict(s).items()
+                        if k not in ("tol", "max_sweeps", "on_divergence", "block_size")}}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_cached(key: str) -> float | None:
+    """The cached tolerance for ``key``, or None."""
+    try:
+        entry = json.loads(cache_file().read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+    return None if entry is None else float(entry["tol"])
+
+
+def write_cached(key: str, calibration: Calibration, note: str) -> None:
+    """Record a calibration (atomically: temp file, then rename)."""
+    path = cache_file()
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        entries = {}
+    entries[key] = {"tol": calibration.tol, "note": note,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "ladder": [dataclasses.asdict(r) for r in calibration.rungs]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(entries, indent=2))
+    os.replace(tmp, path)
+
+
+def _worst(y: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (y - ref).flatten(1).double().norm(dim=1)
+    return float((diff / ref.flatten(1).double().norm(dim=1)).max())
+
+
+def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, device,
+               noise_source: str, members: int, distance: float, ladder, say=print) -> Calibration:
+    """Measure ``ladder`` (loosest first) until a tolerance keeps every member within
+    ``distance / 2`` of the sequential path; ``say`` reports each rung."""
+    noise = Noise(seed, tuple((CALIBRATION_ITEM, m) for m in range(members)), tuple(model.shape),
+                  dtype, device, noise_source)
+    y0 = noise.prior()
+    ref, ref_stats = SAMPLERS[REFERENCE[method]](model, y0, grid, noise, options=options)
+    rungs = []
+    say(f"calibrating {method}: {members} members, {grid.steps} steps, aiming at a worst "
+        f"distance <= {distance / 2:.1e} (half of sampler.distance)")
+    say(f"{'tol':>9} {'rounds':>7} {'calls_ratio':>12} {'worst_dist':>11}")
+    for tol in ladder:
+        y, stats = SAMPLERS[method](model, y0, grid, noise,
+                                    options=dataclasses.replace(options, tol=float(tol)))
+        rung = Rung(float(tol), stats.rounds, stats.model_calls / ref_stats.model_calls,
+                    _worst(y, ref))
+        rungs.append(rung)
+        say(f"{rung.tol:>9.1e} {rung.rounds:>7} {rung.calls_ratio:>12.2f} {rung.worst:>11.2e}")
+        if rung.worst <= distance / 2:
+            return Calibration(rung.tol, tuple(rungs), "calibrated")
+    raise ConfigError(
+        f"calibrate: no tolerance in calibrate.ladder keeps {method} within {distance / 2:.1e} "
+        f"of the sequential path (tightest {ladder[-1]:g} gave {rungs[-1].worst:.1e}): add "
+        "smaller tolerances to calibrate.ladder, or raise sampler.distance")
+
+
+def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, force: bool = False,
+                say=print) -> Calibration:
+    """The tolerance a run uses: the configured number; for ``"auto"`` the one its store was
+    made with (``stored``), else the cached calibration, else a new one (cached). ``force``
+    calibrates anew whatever the config and cache say; ``model`` is the score model to
+    calibrate on (bound to a conditioning input when the model needs one)."""
+    from pipeline.run import DTYPES, model_data_bound, model_digest, sampler_grid, sampler_options
+
+    s = cfg.sampler
+    if s.tol != "auto" and not force:
+        return Calibration(s.tol, (), "config")
+    if stored is not None and not force:
+        return Calibration(stored, (), "store")
+    key = calibration_key(cfg, model_digest(cfg))
+    cached = None if force else read_cached(key)
+    if cached is not None:
+        say(f"sampler.tol = auto: {cached:g}, calibrated earlier ({cache_file()})")
+        return Calibration(cached, (), "cache")
+    options = sampler_options(s, tol=0.0, data_bound=model_data_bound(model, cfg.model))
+    result = run_ladder(model, method=s.method, grid=sampler_grid(s), options=options,
+                        seed=s.seed, dtype=DTYPES[s.dtype], device=device,
+                        noise_source=s.noise, members=cfg.calibrate.members,
+                        distance=s.distance, ladder=cfg.calibrate.ladder, say=say)
+    write_cached(key, result, f"{s.method} on {cfg.model.kind} {list(cfg.model.shape)}, "
+                              f"{s.steps} steps")
+    say(f"chose tol = {result.tol:g}; cached in {cache_file()}")
+    return result

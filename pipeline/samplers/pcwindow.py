@@ -1,0 +1,276 @@
+"""Work-efficient sliding window: predictor plus certified acceptance (docs/algorithms.md,
+section "pc-window").
+
+One step is y_{j+1} = Phi_j(y_j) = decay_j y_j + drift_j s(y_j, u_j) + noise_j xi_j, with
+increment D_j(y) = Phi_j(y) - y. A window of W <= p positions b .. b+W-1 starts at the
+accepted state Y_b. One round:
+
+  1. evaluates the score at every window point in one batched call;
+  2. rebuilds the window by one prefix sum of whole-step increments at the old states,
+     Yhat_{n+1} = Y_b + sum_{k=b}^{n} D_k(Y_k) (the linear part is lagged too);
+  3. accepts the longest prefix whose error is certified, E_{n+1} <= tol * scale_n with
+     E_{n+1} = sum_{k=b+1}^{n} L_k delta_k, delta_k the RMS change of point k and L_k a bound
+     on the Jacobian of D_k from the score's eigenvalue range [-1/v0, -1/vS] (v0 = 1 - e^{-u},
+     vS = e^{-u} S + v0, S the data-covariance bound); at least one point, so never more
+     rounds than steps; scale_n is the step's noise std (SDE) or 1 + RMS(Yhat_{n+1}) (ODE);
+  4. refills the freed window slots past the window end by the predictor: steps with the
+     denoiser frozen at the last evaluated point's Tweedie mean x0hat (no model call),
+     Psi_j(y) = decay_j y + drift_j (e^{-u_j/2} x0hat - y) / v0_j + noise_j xi_j.
+
+As tol -> 0 it is the sequential sampler with the same keyed noise. Every trajectory of a
+batch keeps its own window, so its result does not depend on who shares its batch.
+
+Across ranks (``pipeline.samplers.ring``): the window lives in p ring slots, each rank owns a
+contiguous slot range and keeps the states and noise of its slots. A round costs two
+collectives: one Allgather of each rank's run totals (two per rank: the window's head and the
+part that wrapped around the ring) with the Tweedie mean of the window's last point, from which
+every rank forms its prefix offsets and the window's end state; and one Allreduce of the p
+point changes, from which every rank takes the same acceptance. Freed slots are refilled
+locally, regenerating the keyed noise of the predictor's steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.comm import SerialComm
+from pipeline.decomposition import slice_bounds
+from pipeline.grids import Grid
+from pipeline.integrators import Steps, step_coefficients
+from pipeline.noise import Noise
+from pipeline.samplers.common import field_mean, finish, per_point
+from pipeline.samplers.options import Options, PicardDivergence, Stats
+from pipeline.samplers.ring import HIGH, LOW, before, chain_index, run_starts
+
+DEFAULT_WINDOW = 65  # p: measured on grf and the shipped U-Nets (docs/algorithms.md)
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Per-step float64 coefficients (N + 2p,), padded past the last step with a step that
+    does nothing, so window positions past the end need no special case."""
+
+    u: torch.Tensor
+    dec1: torch.Tensor  # decay - 1: D's coefficient on y
+    drift: torch.Tensor
+    noise: torch.Tensor
+    v0: torch.Tensor  # 1 - e^{-u}: the marginal noise variance
+    alpha: torch.Tensor  # predictor: decay - drift / v0
+    beta: torch.Tensor  # predictor: drift e^{-u/2} / v0 (the x0hat coefficient)
+    lipschitz: torch.Tensor  # L_k
+
+
+def lipschitz(steps: Steps, u: torch.Tensor, bound: float) -> torch.Tensor:
+    """L_k = max over the score's eigenvalues -lambda in [-1/v0, -1/vS] of
+    |decay - 1 - drift lambda|, (N,) float64, for clocks u (N,) of the steps and data-covariance
+    bound ``bound`` (S; inf is the safe choice)."""
+    v0 = -torch.expm1(-u)
+    vs = torch.exp(-u) * bound + v0 if bound != float("inf") else torch.full_like(u, bound)
+    d1 = steps.decay - 1
+    return torch.maximum((d1 - steps.drift / vs).abs(), (d1 - steps.drift / v0).abs())
+
+
+def tables(grid: Grid, steps: Steps, bound: float, p: int) -> Tables:
+    """The padded coefficient tables of ``grid`` (see ``Tables``)."""
+    u = grid.u[:-1]
+    v0 = -torch.expm1(-u)
+    pad = lambda t, value: torch.cat([t, torch.full((2 * p,), value, dtype=t.dtype)])  # noqa: E731
+    return Tables(
+        u=pad(u, float(grid.u[-1])), dec1=pad(steps.decay - 1, 0.0), drift=pad(steps.drift, 0.0),
+        noise=pad(steps.noise, 0.0), v0=pad(v0, 1.0),
+        alpha=pad(steps.decay - steps.drift / v0, 1.0),
+        beta=pad(steps.drift * torch.exp(-u / 2) / v0, 0.0),
+        lipschitz=pad(lipschitz(steps, u, bound), 0.0),
+    )
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square over the field dims of x (B, M, *S), float64 (B, M)."""
+    return field_mean(x.double() ** 2, 2).sqrt()
+
+
+def accept(delta: torch.Tensor, y_rms: torch.Tensor, start: torch.Tensor, width: torch.Tensor,
+           t: Tables, tol: float, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3: points to accept per trajectory and the certified bound of the last one.
+
+    delta (B, p): RMS change of chain point c (position start + c) this round; y_rms (B, p+1):
+    RMS of the new states Yhat at chain points 0..p; start, width (B,) long: window start and
+    evaluated points. Returns (accepted (B,) long in [1, width], bound / scale (B,) float64);
+    rows with width 0 accept 0."""
+    c = torch.arange(delta.shape[1] + 1)
+    pos = start[:, None] + c  # position of chain point c
+    contrib = t.lipschitz[pos[:, :-1]] * delta
+    contrib[:, 0] = 0.0  # Y_b is exact
+    bound = torch.cat([torch.zeros_like(contrib[:, :1]), torch.cumsum(contrib, 1)], 1)
+    if stochastic:
+        scale = t.noise[(pos - 1).clamp(min=0)]
+    else:
+        scale = 1 + y_rms
+    ok = bound <= tol * scale  # NaN is never ok
+    ok[:, 0] = True
+    ok &= c[None] <= width[:, None]
+    accepted = torch.cumprod(ok[:, 1:].long(), 1).sum(1)
+    accepted = torch.minimum(accepted.clamp(min=1), width)
+    rows = torch.arange(len(start))
+    return accepted, bound[rows, accepted] / scale[rows, accepted]
+
+
+def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e: torch.Tensor, upto: torch.Tensor,
+            t: Tables, noise: Noise | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4: predictor states Y_{e+j} and noise xi_{e+j} for j = 0 .. max(upto), from
+    Y_e = y_e (B, *S) with the denoiser frozen at x0hat (B, *S). Row r needs j <= upto[r]
+    (-1: none). Returns (states, noise), each (B, J + 1, *S); noise is zero past step n or
+    where not needed, and for the ODE (``noise`` None)."""
+    batch, depth = y_e.shape[0], int(upto.max()) + 1
+    xi = torch.zeros((batch, depth, *y_e.shape[1:]), dtype=y_e.dtype, device=y_e.device)
+    if noise is not None:
+        for r in range(batch):
+            lo, hi = int(e[r]), min(int(e[r] + upto[r]) + 1, n)
+            if lo < hi:
+                xi[r, : hi - lo] = noise.path(lo, hi, [r])[0]
+    states = torch.empty_like(xi)
+    y = y_e
+    for j in range(depth):
+        states[:, j] = y
+        if j + 1 < depth:
+            k = e + j
+            y = (_col(t.alpha[k], y) * y + _col(t.beta[k], y) * x0hat
+                 + _col(t.noise[k], y) * xi[:, j])
+    return states, xi
+
+
+def _mask(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B, M) bool mask shaped to broadcast against (B, M, *S)."""
+    return m.to(like.device).reshape(m.shape + (1,) * (like.dim() - 2))
+
+
+def _col(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-row coefficients (B,) shaped to broadcast against (B, *S)."""
+    return c.to(like.device, like.dtype).reshape(-1, *(1,) * (like.dim() - 1))
+
+
+def _refill(states, xi, freed, chain, e, y_e, x0hat, t, noise, n):
+    """Put the predictor's states and noise into the freed slots: slot with chain index c
+    now holds position e + c (only positions before n matter)."""
+    need = freed & (e[:, None] + chain < n)
+    if not bool(need.any()):
+        return states, xi
+    upto = torch.where(need, chain, -1).amax(1)
+    pred, pred_xi = predict(y_e, x0hat, e, upto, t, noise, n)
+    rows, cols = need.nonzero(as_tuple=True)
+    states[rows, cols] = pred[rows, chain[rows, cols]]
+    xi[rows, cols] = pred_xi[rows, chain[rows, cols]]
+    return states, xi
+
+
+def _check_finite(ok: torch.Tensor, start, noise: Noise, accepted) -> None:
+    if bool(ok.all()):
+        return
+    r = int((~ok).nonzero()[0])
+    item, member = noise.keys[r]
+    raise PicardDivergence(
+        f"member {member} of item {item} went NaN/Inf by step {int(start[r] + accepted[r])}: "
+        "the model returns non-finite scores there; check the model (its parameters or "
+        "checkpoint) and sampler.u_min")
+
+
+def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
+               stochastic: bool):
+    if options.tol is None:
+        raise ValueError("pc-window needs sampler.tol (a number, or 'auto' to calibrate it)")
+    n = grid.steps
+    p = min(options.window or DEFAULT_WINDOW, n)
+    lo, hi = slice_bounds(p, comm.size, comm.rank)
+    bounds = [slice_bounds(p, comm.size, r) for r in range(comm.size)]
+    steps = step_coefficients(grid.u, stochastic=stochastic, form=options.form)
+    t = tables(grid, steps, options.data_bound, p)
+    step_noise = noise if stochastic else None
+    batch, shape = y0.shape[0], y0.shape[1:]
+    slots = torch.arange(lo, hi)
+    start = torch.zeros(batch, dtype=torch.long)
+    states = torch.empty((batch, hi - lo, *shape), dtype=y0.dtype, device=y0.device)
+    xi = torch.zeros_like(states)
+    chain = chain_index(lo, hi, start, p)
+    states, xi = _refill(states, xi, torch.ones_like(chain, dtype=torch.bool), chain, start,
+                         y0, torch.zeros_like(y0), t, step_noise, n)
+    y_out = y0.clone()
+    rounds, calls, history, advances = 0, 0, [], []
+    while bool((start < n).any()):
+        width = torch.clamp(n - start, min=0, max=p)
+        chain = chain_index(lo, hi, start, p)
+        pos = start[:, None] + chain
+        valid = chain < width[:, None]
+        # 1. one batched model call at every window point this rank owns
+        g = torch.zeros_like(states)
+        if bool(valid.any()):
+            g[valid] = model(states[valid], t.u[pos[valid]].to(y0.dtype))
+        # 2. whole-step increments, summed along the chain by runs (ring.py)
+        d = (per_point(t.dec1[pos], states) * states + per_point(t.drift[pos], states) * g
+             + per_point(t.noise[pos], states) * xi)
+        d = torch.where(_mask(valid, d), d, torch.zeros_like(d))
+        head = start % p
+        high = _mask(slots[None] >= head[:, None], d)
+        base = torch.zeros_like(y0)  # Y_b, held by the owner of its slot
+        (owner,) = ((head >= lo) & (head < hi) & (width > 0)).nonzero(as_tuple=True)
+        base[owner] = states[owner, head[owner] - lo]
+        cum_high = torch.cumsum(torch.where(high, d, 0.0), 1)
+        cum_low = torch.cumsum(torch.where(high, 0.0, d), 1)
+        last = valid & (chain == (width - 1)[:, None])
+        rows, cols = last.nonzero(as_tuple=True)
+        x0part = torch.zeros_like(y0)
+        k = pos[rows, cols]
+        x0part[rows] = ((states[rows, cols] + _col(t.v0[k], y0[rows]) * g[rows, cols])
+                        / _col(torch.exp(-t.u[k] / 2), y0[rows]))
+        mine_out = torch.stack([base + cum_high[:, -1], cum_low[:, -1], x0part], 1)
+        gathered = comm.allgather(mine_out).transpose(0, 1)  # (B, ranks, 3, *S)
+        totals = gathered[:, :, :2]
+        x0hat = gathered[:, :, 2].sum(1)
+        y_e = totals.sum((1, 2))  # the state after the window's last point
+        prec = before(run_starts(bounds, start, p), comm.rank).to(totals.dtype)
+        offset = torch.einsum("bkrj,brj...->bk...", prec, totals)
+        prefix = torch.where(high, offset[:, HIGH, None] + base[:, None] + cum_high - d,
+                             offset[:, LOW, None] + cum_low - d)  # Yhat at each own point
+        # 3. certified acceptance, the same on every rank
+        local = torch.zeros((batch, 2, p), dtype=torch.float64)
+        r_idx, s_idx = valid.nonzero(as_tuple=True)
+        c_idx = chain[r_idx, s_idx]
+        local[r_idx, 0, c_idx] = rms(prefix - states)[r_idx, s_idx]
+        local[r_idx, 1, c_idx] = rms(prefix)[r_idx, s_idx]
+        summed = comm.allreduce_sum(local)
+        y_rms = torch.cat([summed[:, 1], torch.zeros(batch, 1, dtype=torch.float64)], 1)
+        y_rms[torch.arange(batch), width] = rms(y_e[:, None])[:, 0]
+        accepted, bound = accept(summed[:, 0], y_rms, start, width, t, options.tol, stochastic)
+        active = width > 0
+        ok = ~active | torch.isfinite(y_rms[torch.arange(batch), accepted])
+        _check_finite(ok, start, noise, accepted)
+        # 4. slide: kept points take their new values, freed slots the predictor's
+        freed = valid & (chain < accepted[:, None])
+        states = torch.where(_mask(freed, states), states, prefix)
+        done = active & (start + accepted >= n)
+        y_out[done] = y_e[done]
+        e = start + p
+        start = start + accepted
+        states, xi = _refill(states, xi, freed, chain, e, y_e, x0hat, t, step_noise, n)
+        rounds += 1
+        calls += int(width.sum())
+        history.append(float(bound[active].max()) ** 2)
+        advances.append(int(accepted.max()))
+        if options.on_sweep is not None:
+            options.on_sweep(int(start.min()), rounds, history[-1])
+    stats = Stats(rounds=rounds, model_calls=calls / batch, residuals=tuple(history),
+                  sweeps=tuple(advances))
+    return finish(model, y_out, stats, float(grid.u[-1]), options)
+
+
+def pc_window_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+                  options: Options = Options()):
+    """Predictor-corrector window on the reverse SDE from y0 (B, *S); returns (y, Stats)."""
+    return _pc_window(model, y0, grid, noise, comm=comm, options=options, stochastic=True)
+
+
+def pc_window_ode(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+                  options: Options = Options()):
+    """Predictor-corrector window on the probability-flow ODE from y0 (B, *S); returns
+    (y, Stats)."""
+    return _pc_window(model, y0, grid, noise, comm=comm, options=options, stochastic=False)

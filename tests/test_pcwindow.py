@@ -1,0 +1,188 @@
+"""pc-window: the work-efficient window reproduces the sequential path, certifies what it
+accepts, and its ring maths gives every rank the right prefix."""
+import math
+
+import pytest
+import torch
+
+from models.gmm import GaussianMixture
+from models.grf import GaussianRandomField
+from pipeline.decomposition import slice_bounds
+from pipeline.grids import make_grid
+from pipeline.integrators import step_coefficients
+from pipeline.noise import Noise
+from pipeline.samplers import SAMPLERS, Options, PicardDivergence
+from pipeline.samplers.pcwindow import accept, lipschitz, predict, tables
+from pipeline.samplers.ring import before, chain_index, run_starts
+
+
+def _setup(shape=(10, 10), steps=120, members=3, seed=3):
+    model = GaussianRandomField(shape)
+    grid = make_grid("ou", steps, u_min=1e-3, u_max=10.0, block_size=steps)
+    noise = Noise(seed, tuple((0, m) for m in range(members)), shape, torch.float64)
+    return model, grid, noise, noise.prior()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("method,ref", [("pc-window", "sequential-sde"),
+                                        ("pc-window-ode", "sequential-ode")])
+@pytest.mark.parametrize("form", ["exponential", "eps"])
+def test_zero_tolerance_is_the_sequential_sampler(method, ref, form):
+    model, grid, noise, y0 = _setup()
+    opts = Options(form=form, window=16, tol=0.0, data_bound=model.data_bound)
+    y, stats = SAMPLERS[method](model, y0, grid, noise, options=opts)
+    y_ref, _ = SAMPLERS[ref](model, y0, grid, noise, options=opts)
+    assert _rel(y, y_ref) <= 1e-12
+    # a point is certified only when nothing before it moved: about one per round
+    assert grid.steps * 0.9 <= stats.rounds <= grid.steps
+
+
+def test_tolerance_trades_distance_for_rounds_and_the_window_bounds_the_work():
+    model, grid, noise, y0 = _setup(steps=300)
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
+    runs = {tol: SAMPLERS["pc-window"](model, y0, grid, noise, options=Options(
+        window=40, tol=tol, data_bound=model.data_bound)) for tol in (1e-2, 1e-3, 1e-4)}
+    dist = {tol: _rel(y, y_ref) for tol, (y, _) in runs.items()}
+    rounds = {tol: s.rounds for tol, (_, s) in runs.items()}
+    assert dist[1e-4] < dist[1e-3] < dist[1e-2] < 0.05
+    assert rounds[1e-2] < rounds[1e-3] < rounds[1e-4] < 0.3 * grid.steps
+    for _, stats in runs.values():
+        assert stats.model_calls <= 40 * stats.rounds  # never more than a window per round
+        assert stats.model_calls >= grid.steps  # every step evaluated at least once
+
+
+def test_each_member_is_independent_of_its_batch():
+    model, grid, noise, y0 = _setup(steps=200, members=4)
+    opts = Options(window=30, tol=1e-3, data_bound=model.data_bound)
+    y, _ = SAMPLERS["pc-window"](model, y0, grid, noise, options=opts)
+    for k in (0, 3):
+        one = noise.subset([k])
+        y_one, _ = SAMPLERS["pc-window"](model, one.prior(), grid, one, options=opts)
+        assert torch.equal(y_one[0], y[k])
+
+
+def test_certified_bound_covers_the_true_error_of_every_accepted_point():
+    """Run one round by hand from a known start and check E_{n+1} >= the real error."""
+    model, grid, noise, y0 = _setup(steps=80, members=1)
+    steps = step_coefficients(grid.u, stochastic=True)
+    t = tables(grid, steps, model.data_bound, 40)
+    xi = noise.path(0, 80)
+    exact = [y0]
+    for k in range(40):  # the sequential path, the truth for the window's first 40 points
+        g = model(exact[-1], grid.u[k : k + 1])
+        exact.append(steps.decay[k] * exact[-1] + steps.drift[k] * g + steps.noise[k] * xi[:, k])
+    start = torch.zeros(1, dtype=torch.long)
+    guess, _ = predict(y0, torch.zeros_like(y0), start, torch.tensor([40]), t, noise, 80)
+    for _ in range(3):  # three rounds on the same window (no sliding)
+        g = model(guess[0, :40], grid.u[:40])[None]
+        d = ((steps.decay[:40] - 1).reshape(1, -1, 1, 1) * guess[:, :40]
+             + steps.drift[:40].reshape(1, -1, 1, 1) * g
+             + steps.noise[:40].reshape(1, -1, 1, 1) * xi[:, :40])
+        new = torch.cat([y0[:, None], y0[:, None] + torch.cumsum(d, 1)], 1)
+        delta = ((new[:, :40] - guess[:, :40]) ** 2).flatten(2).mean(-1).sqrt()
+        contrib = t.lipschitz[:40] * delta[0]
+        contrib[0] = 0
+        bound = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(contrib, 0)])
+        true = torch.stack([((new[0, c] - exact[c]) ** 2).mean().sqrt() for c in range(41)])
+        assert bool((true <= bound + 1e-12).all()), (true - bound).max()
+        guess = new
+
+
+def test_lipschitz_bound_covers_every_eigenvalue_and_tightens_with_s():
+    grid = make_grid("ou", 50, u_min=1e-3, u_max=10.0, block_size=50)
+    u = grid.u[:-1]
+    for stochastic in (True, False):
+        steps = step_coefficients(grid.u, stochastic=stochastic)
+        for bound in (0.5, 4.0, 300.0):
+            lip = lipschitz(steps, u, bound)
+            v0, vs = -torch.expm1(-u), torch.exp(-u) * bound - torch.expm1(-u)
+            for frac in torch.linspace(0, 1, 11, dtype=torch.float64):
+                lam = 1 / vs + frac * (1 / v0 - 1 / vs)  # an eigenvalue of -J_s in range
+                jac = (steps.decay - 1 - steps.drift * lam).abs()
+                assert bool((jac <= lip + 1e-15).all())
+        safe = lipschitz(steps, u, float("inf"))
+        assert bool((safe >= lipschitz(steps, u, 4.0) - 1e-15).all())
+
+
+def test_accept_takes_the_certified_prefix_and_at_least_one_point():
+    grid = make_grid("ou", 20, u_min=1e-3, u_max=10.0, block_size=20)
+    steps = step_coefficients(grid.u, stochastic=True)
+    t = tables(grid, steps, 1.0, 8)
+    start, width = torch.tensor([0, 0, 3]), torch.tensor([8, 8, 0])
+    delta = torch.zeros(3, 8, dtype=torch.float64)
+    delta[0, 5] = 1.0  # point 5 is wrong: points up to 5 are certified, 6 is not
+    delta[1, 1] = float("nan")  # a NaN change certifies nothing past the exact first point
+    accepted, _ = accept(delta, torch.zeros(3, 9, dtype=torch.float64), start, width, t, 1e-3,
+                         True)
+    assert accepted.tolist() == [5, 1, 0]
+
+
+def test_ring_runs_give_each_slot_the_prefix_of_the_points_before_it():
+    """With p slots over R ranks and any window start, summing the totals of the runs that
+    precede a rank's run, plus its own partial sums, is the plain prefix in position order."""
+    for p in (1, 5, 13):
+        for ranks in range(1, min(p, 5) + 1):
+            bounds = [slice_bounds(p, ranks, r) for r in range(ranks)]
+            for b in range(0, 2 * p + 1):
+                start = torch.tensor([b])
+                values = {c: float(2**c) for c in range(p)}  # the value at chain index c
+                starts = run_starts(bounds, start, p)
+                for r, (lo, hi) in enumerate(bounds):
+                    chain = chain_index(lo, hi, start, p)[0]
+                    prec = before(starts, r)[0]  # (2, ranks, 2)
+                    totals = torch.zeros(ranks, 2, dtype=torch.float64)
+                    for q, (qlo, qhi) in enumerate(bounds):
+                        for s, c in zip(range(qlo, qhi), chain_index(qlo, qhi, start, p)[0]):
+                            totals[q, 0 if s >= b % p else 1] += values[int(c)]
+                    for s, c in zip(range(lo, hi), chain.tolist()):
+                        kind = 0 if s >= b % p else 1
+                        own = sum(values[int(cc)] for ss, cc in zip(range(lo, hi), chain)
+                                  if (0 if ss >= b % p else 1) == kind and cc < c)
+                        got = float((prec[kind] * totals).sum()) + own
+                        assert got == sum(values[k] for k in range(c)), (p, ranks, b, r, s)
+
+
+def test_exactness_on_a_gaussian_mixture_keeps_the_mode_weights():
+    model = GaussianMixture.random((8,), components=3, weights=[0.5, 0.3, 0.2], seed=1)
+    grid = make_grid("ou", 200, u_min=1e-3, u_max=10.0, block_size=40)
+    n = 400
+    noise = Noise(5, tuple((0, m) for m in range(n)), (8,), torch.float64)
+    from models.gmm import mode_fractions
+
+    y, _ = SAMPLERS["pc-window"](model, noise.prior(), grid, noise,
+                                 options=Options(window=40, tol=1e-3, data_bound=model.data_bound))
+    frac = mode_fractions(model, y, 1e-3)
+    se = torch.sqrt(model.weights * (1 - model.weights) / n)
+    assert bool(((frac - model.weights).abs() <= 3 * se).all()), (frac, model.weights)
+
+
+def test_ode_variant_matches_the_sequential_ode_within_1e_3():
+    model, grid, noise, y0 = _setup(shape=(16, 16), steps=400, members=2)
+    y_ref, _ = SAMPLERS["sequential-ode"](model, y0, grid, noise)
+    # the ODE's tolerance is absolute plus relative per point (no step noise to scale by)
+    y, stats = SAMPLERS["pc-window-ode"](model, y0, grid, noise,
+                                         options=Options(tol=1e-5, data_bound=model.data_bound))
+    assert _rel(y, y_ref) <= 1e-3 and stats.rounds < grid.steps / 4
+
+
+def test_a_model_that_returns_nan_stops_with_the_member_and_step():
+    model, grid, noise, y0 = _setup(steps=60, members=2)
+
+    def broken(x, u):
+        out = model(x, u)
+        return torch.where(u.reshape(-1, 1, 1) < 0.5, torch.nan, out)
+
+    with pytest.raises(PicardDivergence, match=r"member \d of item 0 went NaN/Inf by step \d+"):
+        SAMPLERS["pc-window"](broken, y0, grid, noise, options=Options(tol=1e-3))
+
+
+def test_data_bounds_are_exact_for_the_gaussian_models():
+    grf = GaussianRandomField((8, 6))
+    assert math.isclose(grf.data_bound, float(grf.spectrum.max()))
+    gmm = GaussianMixture.random((5,), components=3, weights=[0.5, 0.3, 0.2], seed=2)
+    x, _ = gmm.sample(400_000, 0)
+    cov = torch.cov(x.T)
+    assert math.isclose(gmm.data_bound, float(torch.linalg.eigvalsh(cov).max()), rel_tol=0.02)
