@@ -22,6 +22,11 @@ class MeanShift:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.base.shape)
 
+    @property
+    def data_bound(self) -> float:
+        """S: a shift leaves the data covariance, and so its bound, as it was."""
+        return float(getattr(self.base, "data_bound", float("inf")))
+
     def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Exact score at (x (B, *shape), u (B,))."""
         a = torch.exp(-0.5 * u).reshape(-1, *(1,) * (x.dim() - 1))

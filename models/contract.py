@@ -3,7 +3,7 @@
 A score model is any callable ``model(x, u) -> score`` with
 
 - ``x``: tensor (B, *shape), a batch of VP states;
-- ``u``: tensor (B,), the OU clock of each state (ALGORITHM.md section 1), same dtype as x;
+- ``u``: tensor (B,), the OU clock of each state (docs/algorithms.md section 1), same dtype as x;
 - returns the score of the VP marginal at u, tensor (B, *shape), same dtype and device as x.
 
 Exact models implement it directly; learned networks are wrapped by ``models.adapters``.

@@ -106,9 +106,6 @@ def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | 
 
     out = {}
     for method in cfg.bench.methods:
-        if method in REFERENCE.values() or cfg.sampler.tol is None:
-            out[method] = None if method in REFERENCE.values() else cfg.sampler.tol
-            continue
         mine = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, method=method))
         out[method] = on_rank0(comm, resolve_tol, mine, model, device=device,
                                say=lambda text: print0(comm, text)).tol
@@ -120,8 +117,10 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
     """Run every bench method on one field shape for each of ``bench.seeds`` noise seeds, its
     blocks split over ``comm``'s ranks; returns one row per method and seed (and a worst row
     per method over several seeds)."""
+    from pipeline.ensemble import first_item_model
+
     shaped = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shape=tuple(shape)))
-    model = build_model(shaped.model, device)
+    model = first_item_model(shaped, build_model(shaped.model, device), device)
     s = cfg.sampler
     tolerances = method_tolerances(shaped, model, comm=comm, device=device)
     grid = sampler_grid(s)
@@ -204,7 +203,7 @@ def run_peer(cfg: Config, peer: str, *, comm=SerialComm(),
         print0(comm, f"peer {peer}: DDPM-1000 (linear betas 1e-4..0.02, posterior variance), "
                      f"{cfg.model.kind} {list(cfg.model.shape)}, {cfg.bench.members} members, "
                      f"{cfg.sampler.dtype}; pc-window's tol is the loosest of calibrate.ladder "
-                     "within the peer's distance\n" + format_rows(rows))
+                     "at no larger a distance than the peer's\n" + format_rows(rows))
         return rows
 
     return on_rank0(comm, run)

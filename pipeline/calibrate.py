@@ -44,9 +44,10 @@ class Rung:
 @dataclass(frozen=True)
 class Calibration:
     """The chosen ``tol``, the ladder measured (empty when read from the cache) and where the
-    choice came from: ``calibrated``, ``cache`` or ``store``."""
+    choice came from: ``config``, ``calibrated``, ``cache``, ``store``, or ``unused`` (None:
+    a sequential sampler)."""
 
-    tol: float
+    tol: float | None
     rungs: tuple[Rung, ...]
     source: str
 
@@ -135,6 +136,8 @@ def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, forc
     from pipeline.run import DTYPES, model_data_bound, model_digest, sampler_grid, sampler_options
 
     s = cfg.sampler
+    if REFERENCE[s.method] == s.method:  # a sequential sampler has no tolerance
+        return Calibration(None, (), "unused")
     if s.tol != "auto" and not force:
         return Calibration(s.tol, (), "config")
     if stored is not None and not force:

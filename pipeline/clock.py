@@ -1,4 +1,4 @@
-"""Forward processes mapped onto the one OU clock (ALGORITHM.md section 1).
+"""Forward processes mapped onto the one OU clock (docs/algorithms.md section 1).
 
 Every process here is described by its native time ``t`` (a DDPM index, a continuous VP time,
 an EDM sigma, a flow-matching time) and the map to the OU clock ``u = -2 log a(t)``, where

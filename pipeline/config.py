@@ -67,7 +67,8 @@ class CalibrateConfig:
     """``piadm calibrate`` and ``sampler.tol = "auto"``: members run both ways, tolerances to try."""
 
     members: int = 4
-    ladder: tuple[float, ...] = (0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6)
+    ladder: tuple[float, ...] = (0.1, 0.05, 0.02, 0.01, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4, 5e-5,
+                                 2e-5, 1e-5, 5e-6, 2e-6, 1e-6)
 
 
 @dataclass(frozen=True)

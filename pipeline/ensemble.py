@@ -30,6 +30,7 @@ from pipeline.progress import Progress
 from pipeline.calibrate import Calibration, resolve_tol
 from pipeline.run import (DTYPES, member_batches, model_data_bound, provenance, residual_length,
                           sample_batches, sampler_grid, sampler_options)
+from pipeline.samplers import REFERENCE
 from pipeline.signals import StopRequest
 from pipeline.store import (StoreSpec, done_members, finalize, open_or_create, stored_attribute,
                             write_batch)
@@ -39,13 +40,15 @@ from pipeline.writer import make_writer
 @dataclass(frozen=True)
 class Summary:
     """What ``sample_to_store`` did: members written by this run, those found done, parallel
-    rounds (the slowest group's), model calls per member, wall seconds, seconds the writer
-    spent writing and the seconds compute waited for it, and whether a signal stopped it."""
+    rounds (the slowest group's), the most rounds one batch took, model calls per member, wall
+    seconds, seconds the writer spent writing and the seconds compute waited for it, and
+    whether a signal stopped it."""
 
     path: str
     members: int
     skipped: int
     rounds: int
+    batch_rounds: int
     model_calls: float
     seconds: float
     write_s: float
@@ -102,19 +105,24 @@ def calibration_target(cfg: Config, model, device, *, force: bool = False) -> Ca
     """Rank 0: the tolerance of the run. For ``"auto"``: the one its store was made with (a
     resumed run), else the cached or a new calibration (``force``: always new), on the first
     item's input when the model is conditioned."""
-    if cfg.sampler.tol != "auto" and not force:
-        return Calibration(cfg.sampler.tol, (), "config")
+    if (cfg.sampler.tol != "auto" and not force) or REFERENCE[cfg.sampler.method] == cfg.sampler.method:
+        return resolve_tol(cfg, model, device=device)  # the configured tol, or none at all
     stored = None if cfg.output.overwrite or force else stored_attribute(
         cfg.output.path, cfg.store_digest, "sampler_tol")
-    target = model
-    if cfg.input.path:
-        items = load_items(cfg, check=True)
-        raw = items.field(cfg.parallel.items[0] if cfg.parallel.items else 0)
-        mean = getattr(model, "data_mean", None)
-        mean, std = (items.mean, items.std) if mean is None else (mean, model.data_std)
-        target = _bind(model, cfg.model.condition, (raw - mean) / std, device)
-    return resolve_tol(cfg, target, device=device, stored=stored, force=force,
-                       say=lambda text: print(text, file=sys.stderr, flush=True))
+    return resolve_tol(cfg, first_item_model(cfg, model, device), device=device, stored=stored,
+                       force=force, say=lambda text: print(text, file=sys.stderr, flush=True))
+
+
+def first_item_model(cfg: Config, model, device):
+    """``model`` as the run's first item samples it: bound to that item's conditioning input
+    when the model is conditioned (calibration and the bench use it), else itself."""
+    if not cfg.input.path:
+        return model
+    items = load_items(cfg, check=True)
+    raw = items.field(cfg.parallel.items[0] if cfg.parallel.items else 0)
+    mean = getattr(model, "data_mean", None)
+    mean, std = (items.mean, items.std) if mean is None else (mean, model.data_std)
+    return _bind(model, cfg.model.condition, (raw - mean) / std, device)
 
 
 def _bind(model, condition: str, field: np.ndarray | None, device):
@@ -155,7 +163,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     grid = sampler_grid(cfg.sampler)
     options = sampler_options(cfg.sampler, tol=tol.tol,
                               data_bound=model_data_bound(model, cfg.model))
-    start, rounds, calls, count, stopped = time.perf_counter(), 0, 0.0, 0, False
+    start, rounds, calls, count, stopped = time.perf_counter(), [], 0.0, 0, False
     total = sum(len(b) for _, b in mine)
     bar = Progress(world, total, f"group {ranks.group + 1}/{ranks.groups} members",
                    speak=slices.rank == 0)
@@ -184,7 +192,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
                           rounds=batch.stats.rounds, model_calls=batch.stats.model_calls,
                           residuals=batch.stats.residuals)
         count += len(members)
-        rounds += batch.stats.rounds
+        rounds.append(batch.stats.rounds)
         calls += batch.stats.model_calls * len(members)
         bar.advance(len(members), f"{items.dim} {items.labels[item]}: {batch.stats.rounds} rounds")
     bar.close()
@@ -198,8 +206,9 @@ def _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count, *, s
     world, slices = ranks.world, ranks.slices
     world.barrier()
     lead = slices.rank == 0
-    local = torch.tensor([float(stopped), float(rounds), calls if lead else 0.0,
-                          float(count) if lead else 0.0], dtype=torch.float64)
+    local = torch.tensor([float(stopped), float(sum(rounds)), calls if lead else 0.0,
+                          float(count) if lead else 0.0, float(max(rounds, default=0))],
+                         dtype=torch.float64)
     peak, total = world.allreduce_max(local), world.allreduce_sum(local)
     preempted = bool(peak[0] > 0)
     written = int(total[3])
@@ -208,5 +217,6 @@ def _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count, *, s
     on_rank0(world, finalize, spec.path, note)
     write_s = writer.busy if writer is not None else 0.0
     wait_s = writer.waited if writer is not None else 0.0
-    return Summary(spec.path, written, skipped, int(peak[1]), float(total[2]) / max(written, 1),
+    return Summary(spec.path, written, skipped, int(peak[1]), int(peak[4]),
+                   float(total[2]) / max(written, 1),
                    time.perf_counter() - start, write_s, wait_s, preempted)

@@ -1,4 +1,4 @@
-"""Time grids on the OU clock, cut into Picard blocks (ALGORITHM.md sections 3 and 5).
+"""Time grids on the OU clock, cut into Picard blocks (docs/algorithms.md sections 3 and 4).
 
 A ``Grid`` holds the OU clock at every state the sampler visits, ``u[0] = u_max`` (prior end)
 down to ``u[N] = u_min`` (early stopping), and the block boundaries. Step j goes from state

@@ -1,4 +1,4 @@
-"""Per-step coefficients of the one-step maps every sampler shares (ALGORITHM.md section 2).
+"""Per-step coefficients of the one-step maps every sampler shares (docs/algorithms.md section 2).
 
 Each step is affine in the state, the frozen score and the noise:
 

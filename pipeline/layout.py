@@ -1,4 +1,4 @@
-"""The rank grid: world = groups x time slices (ALGORITHM.md section 6), and where each rank
+"""The rank grid: world = groups x time slices (docs/algorithms.md section 3), and where each rank
 computes (device, CPU threads).
 
 Consecutive world ranks form one group, so a group's time slices share a node when they can:

@@ -18,7 +18,6 @@ import math
 
 import torch
 
-from pipeline.calibrate import run_ladder
 from pipeline.clock import DiscreteVP, noise_std
 from pipeline.grids import Grid
 from pipeline.noise import Noise
@@ -107,7 +106,8 @@ def compare_diffusers(model, *, members: int, seed: int, dtype, device, window: 
                       tol: float = 0.1, data_bound: float = float("inf"), ladder=(), say=print):
     """diffusers' ParaDiGMS against piadm's window and pc-window on DDPM-1000; returns rows
     (method, settings, rounds, calls_ratio, distance). pc-window's tolerance is the loosest
-    of ``ladder`` whose worst distance is no larger than diffusers'."""
+    of ``ladder`` whose worst distance on these members is no larger than diffusers' (the
+    tightest, if none is)."""
     scheduler = _scheduler()
     scheduler.set_timesteps(1000)
     grid = ddpm_grid()
@@ -127,14 +127,13 @@ def compare_diffusers(model, *, members: int, seed: int, dtype, device, window: 
     y, stats = SAMPLERS["window"](model, y0, grid, noise, options=options)
     rows.append(("piadm window", f"p={window} tol={tol:g}", stats.rounds, stats.model_calls / n,
                  _dist(y, ours_seq)))
-    target = rows[0][4]
-    chosen = run_ladder(model, method="pc-window", grid=grid, options=dataclasses.replace(
-        options, window=0), seed=seed, dtype=dtype, device=device, noise_source="host",
-        members=members, distance=2 * target, ladder=ladder, say=lambda text: None)
-    pc = dataclasses.replace(options, window=0, tol=chosen.tol)
-    y, stats = SAMPLERS["pc-window"](model, y0, grid, noise, options=pc)
-    rows.append(("piadm pc-window", f"p=65 tol={chosen.tol:g}", stats.rounds,
-                 stats.model_calls / n, _dist(y, ours_seq)))
+    for tol in ladder:  # the loosest tolerance at no larger a distance, on the same noise
+        pc = dataclasses.replace(options, window=0, tol=float(tol))
+        y, stats = SAMPLERS["pc-window"](model, y0, grid, noise, options=pc)
+        if _dist(y, ours_seq) <= rows[0][4]:
+            break
+    rows.append(("piadm pc-window", f"p=65 tol={tol:g}", stats.rounds, stats.model_calls / n,
+                 _dist(y, ours_seq)))
     return rows
 
 

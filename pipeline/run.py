@@ -31,10 +31,9 @@ def model_data_bound(model, section) -> float:
 def sampler_options(s: SamplerConfig, *, tol: float | None = None,
                     data_bound: float = float("inf")) -> Options:
     """The sampler's typed options from the sampler section; ``tol`` replaces the configured
-    one (which must be a number unless given: "auto" is resolved by ``pipeline.calibrate``)."""
-    tol = s.tol if tol is None else tol
-    if isinstance(tol, str):
-        raise ValueError(f"sampler.tol = {tol!r} must be resolved (pipeline.calibrate.resolve_tol)")
+    one ("auto" is resolved by ``pipeline.calibrate.resolve_tol``, for the method run)."""
+    if tol is None and not isinstance(s.tol, str):
+        tol = s.tol
     return Options(
         form=s.form, max_sweeps=s.max_sweeps, tol=tol, window=s.window, data_bound=data_bound,
         on_divergence=s.on_divergence, corrector_steps=s.corrector_steps,

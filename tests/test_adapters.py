@@ -1,4 +1,4 @@
-"""Network parameterisations converted to the VP score on the OU clock (ALGORITHM.md section 1).
+"""Network parameterisations converted to the VP score on the OU clock (docs/algorithms.md section 1).
 
 The exact networks are Gaussian posterior means of the GRF, written in each process's native
 state x_n = alpha x_0 + beta eps with its native time: per Fourier mode of data variance lam,

@@ -1,4 +1,4 @@
-"""The OU clock of every forward process (ALGORITHM.md section 1)."""
+"""The OU clock of every forward process (docs/algorithms.md section 1)."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""OU-clock grids and their blocks (ALGORITHM.md sections 3 and 5)."""
+"""OU-clock grids and their blocks (docs/algorithms.md sections 3 and 4)."""
 import math
 
 import numpy as np

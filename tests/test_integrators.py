@@ -1,4 +1,4 @@
-"""Step coefficients and the sequential samplers (ALGORITHM.md section 2).
+"""Step coefficients and the sequential samplers (docs/algorithms.md section 2).
 
 With ``form="eps"`` the sequential SDE/ODE are DDPM (posterior variance beta_tilde, DDIM eta=1)
 and DDIM (eta=0); they are checked against plain loops in the usual alpha_bar notation, on

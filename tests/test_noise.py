@@ -1,4 +1,4 @@
-"""Counter-based keyed noise (ALGORITHM.md section 6, STYLE.md 'noise is an argument')."""
+"""Counter-based keyed noise (docs/algorithms.md section 3, STYLE.md 'noise is an argument')."""
 import math
 
 import pytest

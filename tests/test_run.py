@@ -83,6 +83,46 @@ def test_bench_reports_rows_and_json(tmp_path):
     assert rows[1]["rounds"] < rows[0]["rounds"] and rows[1]["rel_dist"] < 1e-2
 
 
+def test_bench_reports_calls_ratio_tolerances_and_the_worst_seed(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "b.json"
+    sets = ["bench.sizes=[[12, 12]]", "sampler.steps=200", "bench.members=1", "bench.seeds=2",
+            "bench.repeats=2", "bench.methods=['sequential-sde', 'pc-window']",
+            'sampler.tol="auto"', "calibrate.members=2"]
+    assert main(["bench", "jobs/configs/grf.toml", "--json", str(out),
+                 *sum((["--set", s] for s in sets), [])]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        ("sequential-sde", 0), ("sequential-sde", 1), ("pc-window", 0), ("pc-window", 1),
+        ("sequential-sde", "worst"), ("pc-window", "worst")]
+    seq, pcw, worst = rows[0], rows[2:4], rows[5]
+    assert seq["calls_ratio"] == 1.0 and seq["tol"] is None
+    for r in pcw:  # a calibrated tolerance, and calls counted against the sequential sampler
+        assert r["tol"] == rows[2]["tol"] > 0
+        assert r["calls_ratio"] == pytest.approx(r["model_calls"] / 200, abs=1e-3)
+        assert r["wall_s"] <= r["wall_med_s"]
+    assert worst["rounds"] == max(r["rounds"] for r in pcw)
+    assert worst["rel_dist"] == max(r["rel_dist"] for r in pcw) <= 1e-3
+
+
+def test_bench_peer_runs_diffusers_paradigms_beside_the_piadm_windows(capsys):
+    pytest.importorskip("diffusers")
+    assert main(["bench", "jobs/configs/grf.toml", "--peer", "diffusers", "--set",
+                 "model.shape=[8, 8]", "--set", "bench.members=1"]) == 0
+    err = capsys.readouterr().err
+    rows = {line.split("  ")[0].strip(): line.split() for line in err.splitlines()
+            if line.startswith(("diffusers ParaDiGMS", "piadm window", "piadm pc-window"))
+            and "/ diffusers" not in line}
+    assert set(rows) == {"diffusers ParaDiGMS", "piadm window", "piadm pc-window"}
+    same = float(err.split("piadm's differ by ")[1].split()[0])
+    assert same < 1e-5  # diffusers' DDPM loop and piadm's eps form are one map
+    theirs, ours = rows["diffusers ParaDiGMS"], rows["piadm pc-window"]
+    assert float(ours[-1]) <= float(theirs[-1])  # at equal or smaller distance
+    assert float(ours[-2]) < float(theirs[-2])  # fewer calls
+
+
 def test_bench_plots_against_d_and_against_ranks(tmp_path, capsys):
     import json
 

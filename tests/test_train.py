@@ -160,3 +160,41 @@ def test_the_shipped_unconditional_model_samples_out_of_the_box(tmp_path):
                  *sum((["--set", s] for s in sets), [])]) == 0
     w = xr.open_zarr(out).vorticity.values
     assert w.shape == (1, 2, 64, 64) and np.isfinite(w).all() and 1 < w.std() < 10
+
+
+def test_training_records_s_and_export_recomputes_it(tmp_path, dataset):
+    import json
+
+    import xarray as xr
+
+    from models.bound import largest_mode_power
+    from models.export import export
+    from models.learned import load_unet
+
+    ckpt = tmp_path / "s.pt"
+    assert main(_train_args(dataset, ckpt)) == 0
+    meta = json.loads(Path(str(ckpt) + ".json").read_text())
+    fields = xr.open_zarr(dataset)["vorticity"].values
+    cut = int(round(len(fields) * 0.75))  # train.validation = 0.25
+    expect = largest_mode_power([fields[:cut]], meta["mean"], meta["std"])
+    assert meta["data_bound"] == pytest.approx(expect, rel=1e-6)
+    # by hand: the largest mean power of one Fourier mode of the normalised fields
+    x = (fields[:cut] - meta["mean"]) / meta["std"]
+    power = (np.abs(np.fft.fft2(x, norm="ortho")) ** 2).mean(0)
+    assert meta["data_bound"] == pytest.approx(float(power.max()), rel=1e-6)
+    assert load_unet(str(ckpt), (16, 16)).data_bound == pytest.approx(expect)
+    # a checkpoint from before S was recorded: the safe fallback, then export --data adds it
+    del meta["data_bound"]
+    Path(str(ckpt) + ".json").write_text(json.dumps(meta))
+    assert load_unet(str(ckpt), (16, 16)).data_bound == float("inf")
+    shipped = tmp_path / "shipped.pt"
+    assert export(ckpt, shipped, dataset)["data_bound"] == pytest.approx(expect, rel=1e-6)
+    assert load_unet(str(shipped), (16, 16)).data_bound == pytest.approx(expect, rel=1e-6)
+
+
+def test_the_shipped_checkpoints_record_s():
+    from models.learned import load_unet
+
+    for name in ("kolmogorov_uncond", "kolmogorov_down"):
+        bound = load_unet(f"models/checkpoints/{name}.pt", (64, 64)).data_bound
+        assert 100 < bound < 1000  # the forced mode holds a few percent of the variance

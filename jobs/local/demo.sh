@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on this machine (jobs/configs/demo.toml):
 #   1. simulate fresh Kolmogorov flow the shipped models never saw   -> out/demo_truth.zarr
-#   2. sample 8 fine fields per coarse snapshot with the shipped 4x downscaling U-Net,
-#      block-parallel Picard split over PIADM_RANKS (default 2) local MPI ranks -> out/demo.zarr
+#   2. sample 6 fine fields per coarse snapshot with the shipped 4x downscaling U-Net, the
+#      parallel window split over PIADM_RANKS (default 2) local MPI ranks -> out/demo.zarr
 #   3. score the ensemble against the truth, print the table, draw the figures -> out/demo_eval/
 # Extra arguments are --set overrides for the sampling step.
 set -euo pipefail

@@ -12,7 +12,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$venv/bin/python" -m pip install -q --upgrade pip
     # torch is pinned here, not in pyproject: an unpinned torch pulls a multi-GB CUDA build.
     "$venv/bin/python" -m pip install -q "torch==2.13.0"
-    "$venv/bin/python" -m pip install -q -e "$root[mpi,dev]"
+    "$venv/bin/python" -m pip install -q -e "$root[mpi,dev,bench]"
     echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

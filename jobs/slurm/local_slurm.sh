@@ -10,7 +10,7 @@
 # Idempotent: when the node already answers, it returns at once. Where it cannot run (not
 # root, no apt-get, a site's own slurm.conf) it prints one line and exits 0 without starting
 # anything, so CI elsewhere still runs the test suite, whose SLURM tests then skip.
-# The settings follow the notes in /work/shared/SLURM_LOCAL.md: munge authentication, root as
+# The settings: munge authentication, root as
 # SlurmUser, no cgroups or accounting, a 2 s scheduler, cred_expire=5 so that a requeued job
 # restarts after about 5 s.
 set -euo pipefail

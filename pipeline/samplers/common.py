@@ -31,7 +31,7 @@ def evaluate(model, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def run_steps(model, y: torch.Tensor, u: torch.Tensor, steps: Steps,
               xi: torch.Tensor | None) -> torch.Tensor:
-    """Sequential steps (ALGORITHM.md section 2) from y (B, *S) over clocks u (n,) with noise
+    """Sequential steps (docs/algorithms.md section 2) from y (B, *S) over clocks u (n,) with noise
     xi (B, n, *S) or None (ODE); returns the state after the n steps, (B, *S)."""
     for j in range(u.numel()):
         g = evaluate(model, y[:, None], u[j : j + 1])[:, 0]
@@ -49,7 +49,7 @@ def denoise(model, y: torch.Tensor, u: float) -> torch.Tensor:
 
 
 def residual(new: torch.Tensor, old: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """max_m ||new_m - old_m||^2 / (d var_m) per row (ALGORITHM.md section 5): (B, n, *S) -> (B,).
+    """max_m ||new_m - old_m||^2 / (d var_m) per row (docs/algorithms.md section 4): (B, n, *S) -> (B,).
 
     Zero for an empty slice, so a max-reduction over ranks ignores it."""
     r = field_mean((new - old) ** 2, 2) / var.to(new.device, new.dtype)

@@ -10,7 +10,7 @@ class Options:
 
     form: ``exponential`` (score frozen per step) or ``eps`` (DDPM/DDIM), see integrators.
     max_sweeps: Picard sweeps per block (capped at the block's points, where it is exact).
-    tol: stop a member's block once max_m r_m <= tol^2 (ALGORITHM.md section 5); None for
+    tol: stop a member's block once max_m r_m <= tol^2 (docs/algorithms.md section 4); None for
         exactly ``max_sweeps`` sweeps.
     window: points in the sliding window (``window``, ``pc-window``); 0: the sampler's own
         measured default.

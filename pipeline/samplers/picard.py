@@ -1,4 +1,4 @@
-"""Block-parallel Picard samplers PIADM-SDE and PIADM-ODE (ALGORITHM.md sections 3, 4 and 6).
+"""Block-parallel Picard samplers PIADM-SDE and PIADM-ODE (docs/algorithms.md section 3).
 
 Inside a block of M steps with start state y_0 and E_m = prod_{j<m} decay_j (= e^{t_m/2}),
 

@@ -1,4 +1,4 @@
-"""Sequential exponential-integrator samplers, the reference path (ALGORITHM.md section 2)."""
+"""Sequential exponential-integrator samplers, the reference path (docs/algorithms.md section 2)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""ParaDiGMS sliding-window Picard sampler (ALGORITHM.md section 5), in the block framework.
+"""ParaDiGMS sliding-window Picard sampler (docs/algorithms.md section 4), in the block framework.
 
 Each trajectory keeps a window of p steps starting at its accepted state x0. A sweep evaluates
 the window's p scores in one batched call and rebuilds its states with one prefix sum (the

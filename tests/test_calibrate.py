@@ -1,0 +1,105 @@
+"""Tolerance calibration: the ladder picks the loosest tolerance within half the allowed
+distance, the choice is cached and reused, and sample records it in the store."""
+import json
+
+import pytest
+import xarray as xr
+
+from models import build_model
+from pipeline.calibrate import cache_file, calibration_key, read_cached
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.ensemble import calibration_target
+from pipeline.run import model_digest
+
+SMALL = ["model.shape=[12, 12]", "sampler.steps=200", "sampler.method=pc-window",
+         'sampler.tol="auto"', "calibrate.members=2", "ensemble.members=2",
+         "ensemble.batch_size=2"]
+
+
+def _sets(items):
+    return sum((["--set", s] for s in items), [])
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _ladder(err: str) -> list[list[str]]:
+    lines = err[err.index("worst_dist"):].splitlines()[1:]
+    return [line.split() for line in lines if line.strip() and line.split()[0][0].isdigit()]
+
+
+def test_calibrate_takes_the_loosest_tolerance_within_half_the_distance(capsys):
+    assert main(["calibrate", "jobs/configs/grf.toml", *_sets(SMALL)]) == 0
+    err = capsys.readouterr().err
+    rows = _ladder(err)
+    worst = [float(r[3]) for r in rows]
+    assert all(w > 5e-4 for w in worst[:-1]) and worst[-1] <= 5e-4
+    chosen = float(rows[-1][0])
+    cfg = load_config("jobs/configs/grf.toml", SMALL)
+    assert read_cached(calibration_key(cfg, model_digest(cfg))) == chosen
+    assert f"sampler.tol = {chosen:g}" in err
+    # a looser target stops earlier on the ladder: the choice follows sampler.distance
+    assert main(["calibrate", "jobs/configs/grf.toml", *_sets(SMALL + ["sampler.distance=0.1"])]) == 0
+    loose = _ladder(capsys.readouterr().err)
+    assert len(loose) < len(rows) and float(loose[-1][0]) > chosen
+
+
+def test_sample_reuses_the_cached_calibration_and_records_it(tmp_path, capsys):
+    assert main(["calibrate", "jobs/configs/grf.toml", *_sets(SMALL)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "s.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *_sets(SMALL + [f"output.path={out}"])]) == 0
+    err = capsys.readouterr().err
+    assert "calibrated earlier" in err and "worst_dist" not in err  # no new ladder
+    attrs = xr.open_zarr(out).attrs
+    entry = next(iter(json.loads(cache_file().read_text()).values()))
+    assert attrs["sampler_tol"] == entry["tol"] and attrs["sampler_tol_source"] == "cache"
+
+
+def test_a_resumed_store_keeps_its_tolerance_whatever_the_cache_says(tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    sets = SMALL + [f"output.path={out}", "ensemble.members=4"]
+    assert main(["sample", "jobs/configs/grf.toml", *_sets(sets)]) == 0  # calibrates
+    first = xr.open_zarr(out).attrs["sampler_tol"]
+    capsys.readouterr()
+    cache_file().write_text("{}")  # forget every calibration
+    assert main(["sample", "jobs/configs/grf.toml", *_sets(sets)]) == 0
+    assert "worst_dist" not in capsys.readouterr().err  # the store's tolerance, no ladder
+    cfg = load_config("jobs/configs/grf.toml", sets)
+    assert calibration_target(cfg, build_model(cfg.model), "cpu").tol == first
+
+
+def test_a_method_without_a_tolerance_cannot_be_calibrated(capsys):
+    assert main(["calibrate", "jobs/configs/grf.toml", "--set", "sampler.method=sequential-ode"]) == 2
+    assert "has no tolerance to calibrate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, needle", [
+    ('sampler.tol="often"', 'must be a number >= 0 or "auto"'),
+    ("sampler.distance=2", "sampler.distance = 2.0 must be in (0, 1)"),
+    ("calibrate.ladder=[0.1, -1]", "calibrate.ladder"),
+    ("calibrate.members=0", "calibrate.members = 0 must be >= 1"),
+    ("model.data_bound=-1", "model.data_bound = -1.0 must be >= 0"),
+])
+def test_bad_calibration_settings_are_one_line_errors(override, needle, capsys, tmp_path):
+    out = tmp_path / "x.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", "--set", override, "--set",
+                 f"output.path={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("method", ["window", "window-ode", "pc-window", "pc-window-ode"])
+def test_window_samplers_without_a_tolerance_are_refused_before_anything_is_written(
+        method, capsys, tmp_path):
+    out = tmp_path / "x.zarr"
+    config = tmp_path / "c.toml"
+    config.write_text(f'[sampler]\nmethod = "{method}"\n[output]\npath = "{out}"\n')
+    assert main(["sample", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"sampler.tol must be set for sampler.method = '{method}'" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
