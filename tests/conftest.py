@@ -29,6 +29,21 @@ def conditional_sets(input_path, output_path, *extra) -> list[str]:
     return sum((["--set", s] for s in items), [])
 
 
+@pytest.fixture(autouse=True, scope="session")
+def calibration_cache(tmp_path_factory):
+    """Calibrations (sampler.tol = "auto") go to a cache of the test session's own."""
+    import os
+
+    path = tmp_path_factory.mktemp("piadm-cache")
+    old = os.environ.get("PIADM_CACHE")
+    os.environ["PIADM_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("PIADM_CACHE", None)
+    else:
+        os.environ["PIADM_CACHE"] = old
+
+
 @pytest.fixture
 def input_store(tmp_path):
     return make_input(tmp_path / "input.zarr")

@@ -40,7 +40,8 @@ def test_sample_command_writes_store_xarray_opens(tmp_path):
     assert ds.field.dims == ("item", "member", "y", "x") and ds.field.shape == (1, 5, 16, 16)
     assert bool((ds.done == 1).all()) and len(set(ds.seed.values.ravel().tolist())) == 5
     assert ds.member.attrs["standard_name"] == "realization"
-    assert ds.attrs["sampler_method"] == "piadm-sde" and "config_sha256" in ds.attrs
+    assert ds.attrs["sampler_method"] == "pc-window" and "config_sha256" in ds.attrs
+    assert ds.attrs["sampler_tol_source"] == "config" and ds.attrs["sampler_tol"] == 0.05
     assert ds.attrs["sampler_noise"] == "host" and ds.attrs["torch_version"] == torch.__version__
     assert bool((ds.rounds > 0).all()) and float(ds.field.std()) > 0.5
 
@@ -79,7 +80,8 @@ def test_bench_reports_rows_and_json(tmp_path):
                "--set", "sampler.steps=100", "--set", "sampler.block_size=20"])
     import json
     rows = json.loads(out.read_text())["rows"]
-    assert rc == 0 and [r["method"] for r in rows] == ["sequential-sde", "piadm-sde", "window"]
+    assert rc == 0 and [r["method"] for r in rows] == ["sequential-sde", "piadm-sde", "window",
+                                                       "pc-window"]
     assert rows[1]["rounds"] < rows[0]["rounds"] and rows[1]["rel_dist"] < 1e-2
 
 
