@@ -168,7 +168,8 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     bar = Progress(world, total, f"group {ranks.group + 1}/{ranks.groups} members",
                    speak=slices.rank == 0)
     options = dataclasses.replace(options, on_sweep=lambda step, sweep, r: bar.note(
-        f"block from step {step}/{grid.steps}: sweep {sweep}, residual {math.sqrt(r):.1e}"))
+        f"{'block' if cfg.sampler.method.startswith('piadm') else 'window'} from step "
+        f"{step}/{grid.steps}: round {sweep}, residual {math.sqrt(r):.1e}"))
     bound, bound_item = model, None
     for item, members in mine:
         flag = torch.tensor([1.0 if stop else 0.0], dtype=torch.float64)
