@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from models.emulate import Emulated
 from models.gmm import GaussianMixture, weight_error
 from models.grf import GaussianRandomField, spectrum_error
 from models.learned import load_unet
@@ -29,5 +30,9 @@ STAT_ERRORS = {"grf": spectrum_error, "gmm": weight_error}
 
 def build_model(section, device="cpu"):
     """The score model of a validated model section (``pipeline.config.ModelConfig``), its
-    tensors on ``device`` (the device of the states it will be called with)."""
-    return MODELS[section.kind](section, torch.device(device))
+    tensors on ``device`` (the device of the states it will be called with); with
+    ``emulate_ms = [latency, per_item]`` its calls take as long as an emulated accelerator's."""
+    model = MODELS[section.kind](section, torch.device(device))
+    if section.emulate_ms:
+        model = Emulated(model, *section.emulate_ms)
+    return model

@@ -172,6 +172,10 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
                  f"{cfg.bench.members} members, {cfg.bench.seeds} seed(s), "
                  f"{cfg.bench.repeats} repeat(s), {cfg.sampler.dtype}, {cfg.sampler.noise} "
                  f"noise, {comm.size} ranks (time slices), {device}")
+    if cfg.model.emulate_ms:
+        latency, per_item = cfg.model.emulate_ms
+        print0(comm, f"emulating an accelerator: every model call of n items takes at least "
+                     f"{latency:g} + n x {per_item:g} ms (model.emulate_ms)")
     print0(comm, header())
     rows = [row for shape in shapes for row in bench_shape(cfg, tuple(shape), comm=comm,
                                                            device=device)]

@@ -35,6 +35,7 @@ class ModelConfig:
     condition: str = "none"  # "mean" (exact models) or "coarse" (a conditional unet)
     checkpoint: str = ""  # unet: a piadm train checkpoint
     data_bound: float = 0.0  # S for pc-window; 0: the model's own (exact, or the checkpoint's)
+    emulate_ms: tuple[float, ...] = ()  # [latency, per_item]: an emulated accelerator; empty: off
 
 
 @dataclass(frozen=True)
@@ -418,6 +419,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.bench.members >= 1, "bench.members", f"= {cfg.bench.members} must be >= 1")
     _check(cfg.bench.seeds >= 1 and cfg.bench.repeats >= 1, "bench.seeds",
            "and bench.repeats must be >= 1")
+    _check(not m.emulate_ms or (len(m.emulate_ms) == 2 and min(m.emulate_ms) >= 0),
+           "model.emulate_ms", f"= {list(m.emulate_ms)} must be [latency_ms, per_item_ms], "
+           "both >= 0, or empty (off)")
     _check(m.data_bound >= 0, "model.data_bound",
            f"= {m.data_bound} must be >= 0 (0: the model's own bound)")
     c = cfg.calibrate

@@ -29,7 +29,6 @@ CASES = {  # name: (method, dtype, options, noise source)
     "pcwindow64": ("pc-window", torch.float64, Options(window=20, tol=1e-3), "host"),
     "pcwindowode64": ("pc-window-ode", torch.float64, Options(window=20, tol=1e-5), "host"),
     "pcwindow32": ("pc-window", torch.float32, Options(window=20, tol=1e-3), "host"),
-    "pcwindow64device": ("pc-window", torch.float64, Options(window=20, tol=1e-3), "device"),
 }
 
 

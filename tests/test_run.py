@@ -65,6 +65,8 @@ def test_existing_store_is_refused_and_untouched(tmp_path, capsys):
     ("sampler.u_min=20", "sampler.u_min"),
     ("ensemble.members=two", "ensemble.members must be int"),
     ("nosuch.key=1", "unknown section"),
+    ("model.emulate_ms=[5]", "model.emulate_ms = [5.0] must be [latency_ms, per_item_ms]"),
+    ("bench.seeds=0", "bench.seeds"),
 ])
 def test_bad_config_gives_one_line_error_naming_the_key(tmp_path, capsys, override, needle):
     path = tmp_path / "never.zarr"
