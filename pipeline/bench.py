@@ -48,7 +48,7 @@ def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing
 
 def worst_row(rows: list[dict]) -> dict:
     """The worst over seeds of one method's rows: largest rounds, calls and distance."""
-    out = dict(rows[-1], seed="worst")
+    out = dict(rows[-1], seed="worst", collectives={})
     for key in ("rounds", "model_calls", "calls_ratio", "rel_dist", "stat_err", "wall_s",
                 "wall_med_s", "comm_share", "peak_mib"):
         values = [r[key] for r in rows if r[key] is not None]
@@ -78,25 +78,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _since(comm, before: dict) -> dict:
+    """{kind: [count, seconds]} of this rank's collectives since the tally ``before``."""
+    return {k: [v[0] - before.get(k, [0, 0.0])[0], v[1] - before.get(k, [0, 0.0])[1]]
+            for k, v in comm.tally.items() if v[0] > before.get(k, [0, 0.0])[0]}
+
+
+def _collectives(comm, mine: dict) -> dict:
+    """Every rank's tally ``mine`` merged: counts as on every rank, seconds the largest."""
+    merged: dict = {}
+    for part in comm.allgather_object(mine):
+        for kind, (count, seconds) in part.items():
+            entry = merged.setdefault(kind, [count, 0.0])
+            entry[1] = round(max(entry[1], seconds), 6)
+    return merged
+
+
 def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeats=1):
     """Run one sampler ``repeats`` times; returns (y, stats, (wall seconds of each repeat,
-    comm s, peak bytes)), each the largest over ranks (comm and peak of the last repeat). On
-    a GPU an untimed first run pays for kernel loading and FFT plans."""
+    comm s, peak bytes), collectives of the last repeat), wall, comm and peak the largest over
+    ranks (comm and peak of the last repeat). On a GPU an untimed first run pays for kernel
+    loading and FFT plans."""
     if device.type == "cuda":
         sampler(model, y0, grid, noise, comm=comm, options=options)
     walls = []
     for _ in range(repeats):
         comm.barrier()
+        tally = {k: list(v) for k, v in comm.tally.items()}
         comm_before, baseline = comm.seconds, start_peak(device)
         start = time.perf_counter()
         y, stats = sampler(model, y0, grid, noise, comm=comm, options=options)
         _sync(device)
         wall = time.perf_counter() - start
+        mine = _since(comm, tally)
         local = torch.tensor([wall, comm.seconds - comm_before, peak_since(device, baseline)],
                              dtype=torch.float64)
         wall, comm_s, peak = (float(v) for v in comm.allreduce_max(local))
         walls.append(wall)
-    return y, stats, (walls, comm_s, peak)
+    return y, stats, (walls, comm_s, peak), _collectives(comm, mine)
 
 
 def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | None]:
@@ -135,9 +154,9 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
         references: dict[str, tuple] = {}
         for method in methods:
             options = sampler_options(s, tol=tolerances[method], data_bound=bound)
-            y, stats, timing = _timed_run(SAMPLERS[method], model, y0, grid, noise, comm=comm,
-                                          options=options, device=device,
-                                          repeats=cfg.bench.repeats)
+            y, stats, timing, collectives = _timed_run(
+                SAMPLERS[method], model, y0, grid, noise, comm=comm, options=options,
+                device=device, repeats=cfg.bench.repeats)
             ref_name = REFERENCE[method]
             if method == ref_name:
                 references[method] = (y, stats)
@@ -150,8 +169,13 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
                    else stat_error(model, y.to(torch.float64), s.u_min, s.denoise_final))
             row = _row(method, seed, tolerances[method], comm.size, s.steps, math.prod(shape),
                        stats, ref_stats.model_calls, dist, err, timing)
+            row["collectives"] = collectives
             rows[method].append(row)
             print0(comm, _format(row))
+            if collectives:
+                print0(comm, "    collectives: " + ", ".join(
+                    f"{kind} {count} x ({seconds:.3f} s, {count / stats.rounds:.1f} a round)"
+                    for kind, (count, seconds) in sorted(collectives.items())))
     out = [row for m in methods for row in rows[m]]
     if cfg.bench.seeds > 1:
         for m in methods:

@@ -3,7 +3,8 @@
 Samplers receive a communicator explicitly (STYLE.md); a one-rank communicator runs the same
 code path as many. Tensors passed to the collectives are reduced element-wise and keep their
 shape, dtype and device. ``seconds`` accumulates the wall time spent inside collectives, which
-the bench reports as the communication share.
+the bench reports as the communication share, and ``tally`` the count and seconds of each kind
+of collective.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class SerialComm:
     """A one-rank communicator: every collective is the identity (or zero for exscan)."""
 
     rank, size, seconds = 0, 1, 0.0
+    tally: dict = {}  # one rank talks to no one
 
     def exscan_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Exclusive prefix sum over ranks: sum of x on ranks < this rank (zeros on rank 0)."""
@@ -74,6 +76,14 @@ class MPIComm:
 
         self._mpi, self._comm = MPI, comm
         self.rank, self.size, self.seconds = comm.Get_rank(), comm.Get_size(), 0.0
+        self.tally: dict[str, list] = {}  # kind -> [count, seconds]
+
+    def _count(self, kind: str, start: float) -> None:
+        spent = time.perf_counter() - start
+        entry = self.tally.setdefault(kind, [0, 0.0])
+        entry[0] += 1
+        entry[1] += spent
+        self.seconds += spent
 
     def _reduce(self, x: torch.Tensor, op, exclusive: bool = False) -> torch.Tensor:
         start = time.perf_counter()
@@ -86,7 +96,7 @@ class MPIComm:
         else:
             self._comm.Allreduce(send, recv, op=op)
         out = torch.from_numpy(recv).to(x.device)
-        self.seconds += time.perf_counter() - start
+        self._count("Exscan" if exclusive else "Allreduce", start)
         return out
 
     def exscan_sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +118,7 @@ class MPIComm:
         buf = np.ascontiguousarray(x.detach().cpu().numpy())
         self._comm.Bcast(buf, root=root)
         out = torch.from_numpy(buf).to(x.device)
-        self.seconds += time.perf_counter() - start
+        self._count("Bcast", start)
         return out
 
     def allgather(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,32 +128,33 @@ class MPIComm:
         recv = np.empty((self.size, *send.shape), dtype=send.dtype)
         self._comm.Allgather(send, recv)
         out = torch.from_numpy(recv).to(x.device)
-        self.seconds += time.perf_counter() - start
+        self._count("Allgather", start)
         return out
 
-    def _timed(self, fn, *args, **kwargs):
+    def _timed(self, kind: str, fn, *args, **kwargs):
         start = time.perf_counter()
         out = fn(*args, **kwargs)
-        self.seconds += time.perf_counter() - start
+        self._count(kind, start)
         return out
 
     def bcast_object(self, obj, root: int = 0):
-        return self._timed(self._comm.bcast, obj, root=root)
+        return self._timed("bcast (pickled)", self._comm.bcast, obj, root=root)
 
     def allgather_object(self, obj) -> list:
-        return self._timed(self._comm.allgather, obj)
+        return self._timed("allgather (pickled)", self._comm.allgather, obj)
 
     def alltoall_object(self, objs: list) -> list:
         """objs[r] goes to rank r; returns what every rank sent here, by source rank. The
         rank's own share stays in memory (never pickled)."""
         own = objs[self.rank]
-        got = self._timed(self._comm.alltoall, [None if r == self.rank else o
+        got = self._timed("alltoall (pickled)", self._comm.alltoall,
+                          [None if r == self.rank else o
                                                 for r, o in enumerate(objs)])
         got[self.rank] = own
         return got
 
     def barrier(self) -> None:
-        self._timed(self._comm.Barrier)
+        self._timed("Barrier", self._comm.Barrier)
 
     def split(self, color: int, key: int) -> "MPIComm":
         return MPIComm(self._comm.Split(color, key))

@@ -140,3 +140,21 @@ def test_sigterm_to_mpiexec_stops_every_rank_and_a_rerun_completes(tmp_path, inp
     rel = {name: float(np.abs(xr.open_zarr(out)[name] - xr.open_zarr(ref)[name]).max())
            for name in ("vort", "done", "seed")}
     assert rel["done"] == 0 and rel["seed"] == 0 and rel["vort"] < 1e-4
+
+
+def test_bench_under_mpiexec_reports_each_kind_of_collective(tmp_path):
+    import json
+
+    out = tmp_path / "b.json"
+    proc = mpirun(2, ["-m", "pipeline.cli", "bench", "jobs/configs/grf.toml", "--json", str(out),
+                      *_sets(["bench.sizes=[[12, 12]]", "sampler.steps=120",
+                              "bench.methods=['sequential-sde', 'pc-window']",
+                              "sampler.tol=1e-3", "parallel.time_slices=2"])])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text())["rows"][1]
+    assert row["method"] == "pc-window" and row["ranks"] == 2
+    # two buffer collectives a round, nothing else: the bench's own reductions are not counted
+    assert row["collectives"] == {"Allgather": [row["rounds"], pytest.approx(
+        row["collectives"]["Allgather"][1])], "Allreduce": [row["rounds"], pytest.approx(
+        row["collectives"]["Allreduce"][1])]}
+    assert f"Allgather {row['rounds']} x" in proc.stderr
