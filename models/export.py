@@ -46,7 +46,8 @@ def export(src: str | Path, dst: str | Path, data: str | Path | None = None) -> 
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m models.export",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("src", help="a piadm train checkpoint (or a shipped one)")
     parser.add_argument("dst", help="where the shipped checkpoint goes")
     parser.add_argument("--data", help="the training data, to record S (models.bound)")

@@ -19,7 +19,8 @@ from pipeline.store import StoreExists
 EXAMPLES = {
     "sample": "example: piadm sample jobs/configs/grf.toml --set ensemble.members=16",
     "bench": "example: piadm bench jobs/configs/grf.toml --json out/bench.json",
-    "calibrate": "example: piadm calibrate jobs/configs/grf.toml --set sampler.method=pc-window",
+    "calibrate": "example: piadm calibrate jobs/configs/kolmogorov_uncond.toml "
+                 "--set 'sampler.tol=\"auto\"'",
     "status": "example: piadm status out/grf.zarr   (exit 0 when complete, 1 when not)",
     "generate-data": "example: piadm generate-data jobs/configs/kolmogorov.toml --set data.snapshots=100",
     "train": "example: mpiexec -n 2 piadm train jobs/configs/kolmogorov.toml --set train.steps=500",
@@ -104,7 +105,7 @@ def _cmd_bench(args, world) -> int:
 def _cmd_calibrate(args, world) -> int:
     from models import build_model
     from pipeline.calibrate import cache_file
-    from pipeline.ensemble import calibration_target
+    from pipeline.ensemble import run_tolerance
 
     cfg, _, device = _setup(args, world)
     if REFERENCE[cfg.sampler.method] == cfg.sampler.method:
@@ -113,7 +114,7 @@ def _cmd_calibrate(args, world) -> int:
         err.collective = True
         raise err
     model = build_model(cfg.model, device)
-    result = on_rank0(world, calibration_target, cfg, model, device, force=args.force)
+    result = on_rank0(world, run_tolerance, cfg, model, device, force=args.force)
     print0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} "
                   f"({'measured now' if result.rungs else 'from ' + str(cache_file())}); "
                   "runs with sampler.tol = \"auto\" use it")

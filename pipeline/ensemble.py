@@ -19,6 +19,7 @@ import torch
 
 from models import build_model
 from models.conditioning import CONDITIONS
+from pipeline.calibrate import Calibration, resolve_tol
 from pipeline.comm import SerialComm
 from pipeline.config import Config, ConfigError
 from pipeline.console import on_rank0, print0
@@ -27,7 +28,6 @@ from pipeline.inputs import Items, open_items, unconditional
 from pipeline.layout import RankGrid, rank_grid
 from pipeline.noise import member_seed
 from pipeline.progress import Progress
-from pipeline.calibrate import Calibration, resolve_tol
 from pipeline.run import (DTYPES, member_batches, model_data_bound, provenance, residual_length,
                           sample_batches, sampler_grid, sampler_options)
 from pipeline.samplers import REFERENCE
@@ -101,11 +101,12 @@ def _prepare(cfg: Config, shape, trained_on, tol: Calibration) -> tuple[StoreSpe
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
 
 
-def calibration_target(cfg: Config, model, device, *, force: bool = False) -> Calibration:
+def run_tolerance(cfg: Config, model, device, *, force: bool = False) -> Calibration:
     """Rank 0: the tolerance of the run. For ``"auto"``: the one its store was made with (a
     resumed run), else the cached or a new calibration (``force``: always new), on the first
     item's input when the model is conditioned."""
-    if (cfg.sampler.tol != "auto" and not force) or REFERENCE[cfg.sampler.method] == cfg.sampler.method:
+    s = cfg.sampler
+    if REFERENCE[s.method] == s.method or (s.tol != "auto" and not force):
         return resolve_tol(cfg, model, device=device)  # the configured tol, or none at all
     stored = None if cfg.output.overwrite or force else stored_attribute(
         cfg.output.path, cfg.store_digest, "sampler_tol")
@@ -144,7 +145,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         raise
     # A learned model brings its training normalisation; exact ones use the input's.
     mean = getattr(model, "data_mean", None)
-    tol = on_rank0(world, calibration_target, cfg, model, device)
+    tol = on_rank0(world, run_tolerance, cfg, model, device)
     spec, state = on_rank0(world, _prepare, cfg, tuple(model.shape),  # before anything is written
                            getattr(model, "variable", None), tol)
     items = load_items(cfg, check=False)

@@ -9,7 +9,7 @@ from models import build_model
 from pipeline.calibrate import cache_file, calibration_key, read_cached
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.ensemble import calibration_target
+from pipeline.ensemble import run_tolerance
 from pipeline.run import model_digest
 
 SMALL = ["model.shape=[12, 12]", "sampler.steps=200", "sampler.method=pc-window",
@@ -70,7 +70,7 @@ def test_a_resumed_store_keeps_its_tolerance_whatever_the_cache_says(tmp_path, c
     assert main(["sample", "jobs/configs/grf.toml", *_sets(sets)]) == 0
     assert "worst_dist" not in capsys.readouterr().err  # the store's tolerance, no ladder
     cfg = load_config("jobs/configs/grf.toml", sets)
-    assert calibration_target(cfg, build_model(cfg.model), "cpu").tol == first
+    assert run_tolerance(cfg, build_model(cfg.model), "cpu").tol == first
 
 
 def test_a_method_without_a_tolerance_cannot_be_calibrated(capsys):
