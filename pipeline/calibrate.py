@@ -95,7 +95,8 @@ def write_cached(key: str, calibration: Calibration, note: str) -> None:
     os.replace(tmp, path)
 
 
-def _worst(y: torch.Tensor, ref: torch.Tensor) -> float:
+def worst_distance(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest relative distance of a member of y (B, *S) to its row of ref."""
     diff = (y - ref).flatten(1).double().norm(dim=1)
     return float((diff / ref.flatten(1).double().norm(dim=1)).max())
 
@@ -116,7 +117,7 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
         y, stats = SAMPLERS[method](model, y0, grid, noise,
                                     options=dataclasses.replace(options, tol=float(tol)))
         rung = Rung(float(tol), stats.rounds, stats.model_calls / ref_stats.model_calls,
-                    _worst(y, ref))
+                    worst_distance(y, ref))
         rungs.append(rung)
         say(f"{rung.tol:>9.1e} {rung.rounds:>7} {rung.calls_ratio:>12.2f} {rung.worst:>11.2e}")
         if rung.worst <= distance / 2:

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from pipeline.calibrate import worst_distance
 from pipeline.clock import DiscreteVP, noise_std
 from pipeline.grids import Grid
 from pipeline.noise import Noise
@@ -96,12 +97,6 @@ def sequential(scheduler, eps, x_t: torch.Tensor, xi: torch.Tensor) -> torch.Ten
     return x
 
 
-def _dist(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """Worst member's relative distance."""
-    return float(((y - ref).flatten(1).double().norm(dim=1)
-                  / ref.flatten(1).double().norm(dim=1)).max())
-
-
 def compare_diffusers(model, *, members: int, seed: int, dtype, device, window: int = 100,
                       tol: float = 0.1, data_bound: float = float("inf"), ladder=(), say=print):
     """diffusers' ParaDiGMS against piadm's window and pc-window on DDPM-1000; returns rows
@@ -121,19 +116,19 @@ def compare_diffusers(model, *, members: int, seed: int, dtype, device, window: 
     options = Options(form="eps", window=window, tol=tol, data_bound=data_bound)
     ours_seq, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise, options=options)
     say(f"DDPM-1000 on {list(model.shape)}, {members} members: diffusers' sequential DDPM and "
-        f"piadm's differ by {_dist(theirs_seq, ours_seq):.1e} (the same map, float rounding)")
+        f"piadm's differ by {worst_distance(theirs_seq, ours_seq):.1e} (the same map, float rounding)")
     rows = [("diffusers ParaDiGMS", f"p={window} tol={tol:g}", rounds, calls / n,
-             _dist(theirs, theirs_seq))]
+             worst_distance(theirs, theirs_seq))]
     y, stats = SAMPLERS["window"](model, y0, grid, noise, options=options)
     rows.append(("piadm window", f"p={window} tol={tol:g}", stats.rounds, stats.model_calls / n,
-                 _dist(y, ours_seq)))
+                 worst_distance(y, ours_seq)))
     for tol in ladder:  # the loosest tolerance at no larger a distance, on the same noise
         pc = dataclasses.replace(options, window=0, tol=float(tol))
         y, stats = SAMPLERS["pc-window"](model, y0, grid, noise, options=pc)
-        if _dist(y, ours_seq) <= rows[0][4]:
+        if worst_distance(y, ours_seq) <= rows[0][4]:
             break
     rows.append(("piadm pc-window", f"p=65 tol={tol:g}", stats.rounds, stats.model_calls / n,
-                 _dist(y, ours_seq)))
+                 worst_distance(y, ours_seq)))
     return rows
 
 
