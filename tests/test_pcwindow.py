@@ -186,33 +186,3 @@ def test_data_bounds_are_exact_for_the_gaussian_models():
     x, _ = gmm.sample(400_000, 0)
     cov = torch.cov(x.T)
     assert math.isclose(gmm.data_bound, float(torch.linalg.eigvalsh(cov).max()), rel_tol=0.02)
-
-
-class CountingComm:
-    """A one-rank communicator that counts the collectives a sampler calls."""
-
-    def __init__(self):
-        from pipeline.comm import SerialComm
-
-        self._inner, self.calls = SerialComm(), []
-        self.rank, self.size, self.seconds = 0, 1, 0.0
-
-    def __getattr__(self, name):
-        method = getattr(self._inner, name)
-
-        def counted(*args, **kwargs):
-            self.calls.append(name)
-            return method(*args, **kwargs)
-
-        return counted
-
-
-@pytest.mark.parametrize("method", ["pc-window", "pc-window-ode"])
-def test_a_round_costs_two_buffer_collectives_and_nothing_pickled(method):
-    model, grid, noise, y0 = _setup(steps=150, members=2)
-    comm = CountingComm()
-    _, stats = SAMPLERS[method](model, y0, grid, noise, comm=comm,
-                                options=Options(window=30, tol=1e-3, data_bound=model.data_bound))
-    assert comm.calls.count("allgather") == stats.rounds
-    assert comm.calls.count("allreduce_sum") == stats.rounds
-    assert len(comm.calls) == 2 * stats.rounds  # no pickled objects, no broadcasts

@@ -41,7 +41,7 @@ from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
 from pipeline.samplers.common import field_mean, finish, per_point
 from pipeline.samplers.options import Options, PicardDivergence, Stats
-from pipeline.samplers.ring import HIGH, LOW, before, chain_index, run_starts
+from pipeline.samplers.ring import chain_index, chain_prefix
 
 DEFAULT_WINDOW = 65  # p: measured on grf and the shipped U-Nets (docs/algorithms.md)
 
@@ -175,34 +175,21 @@ def _check_finite(ok: torch.Tensor, start, noise: Noise, accepted) -> None:
         "checkpoint) and sampler.u_min")
 
 
-def _rebuild(states, g, xi, start, width, pos, valid, t: Tables, p, lo, hi, bounds, comm):
-    """Step 2 on this rank's slots [lo, hi): the prefix sums Yhat of whole-step increments
-    at the old states, from one Allgather of every rank's run totals. Returns (Yhat at each
-    own point (B, hi - lo, *S), the state after the window's last point (B, *S), the Tweedie
-    mean of the window's last point (B, *S)), the last two the same on every rank."""
+def _rebuild(states, g, xi, start, width, pos, valid, t: Tables, p, bounds, comm):
+    """Step 2 on this rank's slots: the prefix sums Yhat of whole-step increments at the old
+    states (``ring.chain_prefix``). Returns (Yhat at each own point (B, hi - lo, *S), the state
+    after the window's last point (B, *S), the Tweedie mean of the window's last point
+    (B, *S)), the last two the same on every rank."""
     d = (per_point(t.dec1[pos], states) * states + per_point(t.drift[pos], states) * g
          + per_point(t.noise[pos], states) * xi)
     d = torch.where(_mask(valid, d), d, torch.zeros_like(d))
-    head = start % p
-    high = _mask(torch.arange(lo, hi)[None] >= head[:, None], d)
-    base = torch.zeros_like(states[:, 0])  # Y_b, held by the owner of its slot
-    (owner,) = ((head >= lo) & (head < hi) & (width > 0)).nonzero(as_tuple=True)
-    base[owner] = states[owner, head[owner] - lo]
-    cum_high = torch.cumsum(torch.where(high, d, 0.0), 1)
-    cum_low = torch.cumsum(torch.where(high, 0.0, d), 1)
+    # the Tweedie mean of the window's last point, from the rank that holds it
     rows, cols = (valid & (pos == (start + width - 1)[:, None])).nonzero(as_tuple=True)
-    x0part = torch.zeros_like(base)
+    x0part = torch.zeros_like(states[:, 0])
     k = pos[rows, cols]
-    x0part[rows] = ((states[rows, cols] + _col(t.v0[k], base[rows]) * g[rows, cols])
-                    / _col(torch.exp(-t.u[k] / 2), base[rows]))
-    mine = torch.stack([base + cum_high[:, -1], cum_low[:, -1], x0part], 1)
-    gathered = comm.allgather(mine).transpose(0, 1)  # (B, ranks, 3, *S)
-    totals = gathered[:, :, :2]
-    prec = before(run_starts(bounds, start, p), comm.rank).to(totals.dtype)
-    offset = torch.einsum("bkrj,brj...->bk...", prec, totals)
-    prefix = torch.where(high, offset[:, HIGH, None] + base[:, None] + cum_high - d,
-                         offset[:, LOW, None] + cum_low - d)
-    return prefix, totals.sum((1, 2)), gathered[:, :, 2].sum(1)
+    last = states[rows, cols]
+    x0part[rows] = (last + _col(t.v0[k], last) * g[rows, cols]) / _col(torch.exp(-t.u[k] / 2), last)
+    return chain_prefix(d, states, start, width, bounds, p, comm, extra=x0part)
 
 
 def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
@@ -235,8 +222,8 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         if bool(valid.any()):
             g[valid] = model(states[valid], t.u[pos[valid]].to(y0.dtype))
         # 2. whole-step increments, summed along the chain across ranks (ring.py)
-        prefix, y_e, x0hat = _rebuild(states, g, xi, start, width, pos, valid, t, p, lo, hi,
-                                      bounds, comm)
+        prefix, y_e, x0hat = _rebuild(states, g, xi, start, width, pos, valid, t, p, bounds,
+                                      comm)
         # 3. certified acceptance, the same on every rank
         local = torch.zeros((batch, 2, p), dtype=torch.float64)
         r_idx, s_idx = valid.nonzero(as_tuple=True)

@@ -6,6 +6,9 @@ contiguous slot ranges (``pipeline.decomposition.slice_bounds``). Seen from the 
 slot s holds chain index c = (s - b) mod p, i.e. position b + c; a rank's slots form at most
 two runs of consecutive chain indices: the *high* run (slots >= b mod p, the window's head)
 and the *low* run (slots < b mod p, the part that wrapped around the ring).
+
+``chain_prefix`` sums a per-slot quantity along the chain across ranks with one Allgather of
+every rank's two run totals; the samplers pass their communicator in.
 """
 from __future__ import annotations
 
@@ -37,3 +40,40 @@ def before(starts: torch.Tensor, rank: int) -> torch.Tensor:
     low run in the chain (the runs whose totals make up that run's offset)."""
     mine = starts[:, rank]  # (B, 2)
     return starts[:, None, :, :] < mine[:, :, None, None]
+
+
+def _mask(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B, M) bool mask shaped to broadcast against (B, M, *S)."""
+    return m.to(like.device).reshape(m.shape + (1,) * (like.dim() - 2))
+
+
+def chain_prefix(w: torch.Tensor, states: torch.Tensor, start: torch.Tensor, width: torch.Tensor,
+                 bounds: list[tuple[int, int]], p: int, comm, extra: torch.Tensor | None = None):
+    """Exclusive chain prefix sums of w over the ring, from one Allgather.
+
+    w (B, hi - lo, *S): this rank's per-slot terms (zero where not needed); states
+    (B, hi - lo, *S): this rank's slot states, of which the one at chain index 0 is the base
+    Y_b; start, width (B,) long: window starts and evaluated points; bounds: every rank's slot
+    range. extra (B, *S) or None: a term summed over ranks in the same message. Returns
+    (Y_b + the sum of w over the chain indices before each own slot (B, hi - lo, *S),
+    Y_b + the sum of w over the whole window (B, *S), the sum of extra or None), the last two
+    the same on every rank."""
+    lo, hi = bounds[comm.rank]
+    head = start % p
+    high = _mask(torch.arange(lo, hi)[None] >= head[:, None], w)
+    own_base = torch.zeros_like(states[:, 0])  # Y_b where this rank holds it, else zero
+    (owner,) = ((head >= lo) & (head < hi) & (width > 0)).nonzero(as_tuple=True)
+    own_base[owner] = states[owner, head[owner] - lo]
+    cum_high = torch.cumsum(torch.where(high, w, 0.0), 1)
+    cum_low = torch.cumsum(torch.where(high, 0.0, w), 1)
+    parts = [own_base + cum_high[:, -1], cum_low[:, -1]]
+    if extra is not None:
+        parts.append(extra)
+    gathered = comm.allgather(torch.stack(parts, 1)).transpose(0, 1)  # (B, ranks, parts, *S)
+    totals = gathered[:, :, :2]
+    prec = before(run_starts(bounds, start, p), comm.rank).to(totals.dtype)
+    offset = torch.einsum("bkrj,brj...->bk...", prec, totals)
+    prefix = torch.where(high, offset[:, HIGH, None] + own_base[:, None] + cum_high - w,
+                         offset[:, LOW, None] + cum_low - w)
+    summed = None if extra is None else gathered[:, :, 2].sum(1)
+    return prefix, totals.sum((1, 2)), summed

@@ -1,0 +1,64 @@
+"""Synchronisation points: every parallel sampler costs at most two buffer collectives a
+round, and these tests fail when a sampler adds one (or a pickled exchange)."""
+import pytest
+import torch
+
+from models.grf import GaussianRandomField
+from pipeline.comm import SerialComm
+from pipeline.grids import make_grid
+from pipeline.noise import Noise
+from pipeline.samplers import SAMPLERS, Options
+
+
+class CountingComm:
+    """A one-rank communicator that records the collectives a sampler calls, by name."""
+
+    def __init__(self):
+        self._inner, self.calls = SerialComm(), []
+        self.rank, self.size, self.seconds = 0, 1, 0.0
+
+    def __getattr__(self, name):
+        method = getattr(self._inner, name)
+
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return method(*args, **kwargs)
+
+        return counted
+
+    def counts(self) -> dict:
+        return {name: self.calls.count(name) for name in set(self.calls)}
+
+
+def _run(method, **options):
+    model = GaussianRandomField((8, 8))
+    grid = make_grid("ou", 120, u_min=1e-3, u_max=10.0, block_size=30)
+    noise = Noise(1, ((0, 0), (0, 1)), (8, 8), torch.float64)
+    comm = CountingComm()
+    _, stats = SAMPLERS[method](model, noise.prior(), grid, noise, comm=comm,
+                                options=Options(data_bound=model.data_bound, **options))
+    return comm.counts(), stats, len(grid.blocks)
+
+
+@pytest.mark.parametrize("method", ["window", "window-ode", "pc-window", "pc-window-ode"])
+def test_a_window_round_is_one_allgather_and_one_allreduce(method):
+    counts, stats, _ = _run(method, window=24, tol=1e-3)
+    assert stats.rounds > 5
+    assert counts == {"allgather": stats.rounds, "allreduce_sum": stats.rounds}
+
+
+def test_a_picard_sweep_is_one_scan_and_one_residual_reduction():
+    counts, stats, blocks = _run("piadm-sde", max_sweeps=8, tol=1e-3)
+    # the block's end state is broadcast once per block, not per sweep
+    assert counts == {"exscan_sum": stats.rounds, "allreduce_max": stats.rounds,
+                      "bcast": blocks}
+
+
+def test_a_picard_ode_round_is_at_most_two_scans():
+    counts, stats, blocks = _run("piadm-ode", max_sweeps=5, corrector_sweeps=3)
+    block_sweeps, corrector_sweeps = 5 * blocks, 3 * blocks
+    assert stats.rounds == block_sweeps + corrector_sweeps
+    # a block sweep: its scan and its residual; a corrector sweep: the velocity and the
+    # position scans; one end-state broadcast after each block and each corrector
+    assert counts == {"exscan_sum": block_sweeps + 2 * corrector_sweeps,
+                      "allreduce_max": block_sweeps, "bcast": 2 * blocks}
