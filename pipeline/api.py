@@ -52,11 +52,15 @@ def sample(cfg: Config, *, comm=None, stop=None):
     ``world()``; ``stop`` is an optional ``pipeline.signals.StopRequest``."""
     from pipeline.ensemble import sample_to_store
     from pipeline.layout import place_rank, rank_grid
+    from pipeline.planner import needs_plan, resolve_plan
 
     comm = comm if comm is not None else world()
-    ranks = rank_grid(comm, cfg.parallel.time_slices)
     device = place_rank(comm, cfg.parallel.threads)
-    return sample_to_store(cfg, ranks=ranks, device=device, stop=stop)
+    attrs = {}
+    if needs_plan(cfg):  # "auto": the planner's fastest layout for these ranks
+        cfg, attrs = resolve_plan(cfg, comm, device)
+    ranks = rank_grid(comm, cfg.parallel.time_slices)
+    return sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
 
 
 def open_ensemble(path: str | Path) -> xr.Dataset:

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import traceback
 from pathlib import Path
 
 from pipeline import __version__
 from pipeline.comm import world_comm
-from pipeline.config import ConfigError, load_config
+from pipeline.config import AUTO_METHODS, ConfigError, load_config
 from pipeline.console import on_rank0, print0
 from pipeline.peer import PEERS
 from pipeline.samplers import REFERENCE, PicardDivergence
@@ -21,6 +23,7 @@ EXAMPLES = {
     "bench": "example: piadm bench jobs/configs/grf.toml --json out/bench.json",
     "calibrate": "example: piadm calibrate jobs/configs/kolmogorov_uncond.toml "
                  "--set 'sampler.tol=\"auto\"'",
+    "plan": "example: piadm plan jobs/configs/grf.toml --ranks 8 --set ensemble.members=64",
     "status": "example: piadm status out/grf.zarr   (exit 0 when complete, 1 when not)",
     "generate-data": "example: piadm generate-data jobs/configs/kolmogorov.toml --set data.snapshots=100",
     "train": "example: mpiexec -n 2 piadm train jobs/configs/kolmogorov.toml --set train.steps=500",
@@ -29,18 +32,30 @@ EXAMPLES = {
 }
 
 
-def _setup(args, world):
-    """Config and rank grid: the same on every rank, so an error here is raised by all."""
+def _setup(args, world, plan: bool = False):
+    """Config, rank grid and device: the same on every rank, so an error here is raised by
+    all. ``plan``: resolve ``"auto"`` sampler and time slices (``pipeline.planner``) and
+    return the store attributes recording the choice too; other commands run ``"auto"``
+    time slices as one group of every rank."""
     from pipeline.layout import place_rank, rank_grid
+    from pipeline.planner import needs_plan, resolve_plan
 
     try:
         cfg = load_config(args.config, args.set)
-        ranks = rank_grid(world, cfg.parallel.time_slices)
     except ConfigError as err:
         err.collective = True
         raise
     device = place_rank(world, cfg.parallel.threads)
-    return cfg, ranks, device
+    attrs = {}
+    if plan and needs_plan(cfg):
+        cfg, attrs = resolve_plan(cfg, world, device)
+    slices = world.size if cfg.parallel.time_slices == "auto" else cfg.parallel.time_slices
+    try:
+        ranks = rank_grid(world, slices)
+    except ConfigError as err:
+        err.collective = True
+        raise
+    return (cfg, ranks, device, attrs) if plan else (cfg, ranks, device)
 
 
 def _cmd_sample(args, world) -> int:
@@ -48,11 +63,11 @@ def _cmd_sample(args, world) -> int:
     from pipeline.signals import EXIT_PREEMPTED, StopRequest
 
     stop = StopRequest().install()
-    cfg, ranks, device = _setup(args, world)
+    cfg, ranks, device, attrs = _setup(args, world, plan=True)
     print0(world, f"piadm sample: {cfg.sampler.method} on {cfg.model.kind} {list(cfg.model.shape)}, "
                   f"{cfg.ensemble.members} members -> {cfg.output.path}; {world.size} ranks = "
                   f"{ranks.groups} groups x {cfg.parallel.time_slices} time slices, {device}")
-    summary = sample_to_store(cfg, ranks=ranks, device=device, stop=stop)
+    summary = sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
     share = summary.write_wait_s / summary.seconds if summary.seconds else 0.0
     where = "" if summary.preempted else f"\n  open with        xarray.open_zarr({summary.path!r})"
     print0(world, f"{'stopped' if summary.preempted else 'done'}: {summary.members} members "
@@ -60,7 +75,7 @@ def _cmd_sample(args, world) -> int:
                   f"  parallel rounds  {summary.rounds} (sequential model calls, slowest group)\n"
                   f"  model calls      {summary.model_calls:.0f} per member\n"
                   f"{_against_sequential(cfg, summary)}"
-                  f"  wall time        {summary.seconds:.1f} s; writing {summary.write_s:.1f} s, "
+                  f"  wall time        {summary.seconds:.2f} s; writing {summary.write_s:.1f} s, "
                   f"of which {summary.write_wait_s:.1f} s ({100 * share:.1f}%) held up sampling{where}")
     if summary.preempted:
         print0(world, f"piadm: stopped by a signal; rerun the same command to resume "
@@ -108,6 +123,12 @@ def _cmd_calibrate(args, world) -> int:
     from pipeline.ensemble import run_tolerance
 
     cfg, _, device = _setup(args, world)
+    if cfg.sampler.method in AUTO_METHODS:
+        err = ConfigError(f"calibrate: sampler.method = {cfg.sampler.method!r} leaves the "
+                          "sampler to the planner, which calibrates each one it weighs: run "
+                          "piadm plan, or name a parallel sampler, e.g. pc-window")
+        err.collective = True
+        raise err
     if REFERENCE[cfg.sampler.method] == cfg.sampler.method:
         err = ConfigError(f"calibrate: sampler.method = {cfg.sampler.method!r} has no tolerance "
                           "to calibrate: use a parallel sampler, e.g. pc-window")
@@ -118,6 +139,43 @@ def _cmd_calibrate(args, world) -> int:
     print0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} "
                   f"({'measured now' if result.rungs else 'from ' + str(cache_file())}); "
                   "runs with sampler.tol = \"auto\" use it")
+    return 0
+
+
+def _cmd_plan(args, world) -> int:
+    from models import build_model
+    from pipeline.ensemble import first_item_model
+    from pipeline.planner import make_plan, settings, table, describe
+
+    cfg, _, device = _setup(args, world)
+    if args.ranks < 1 or args.gpus_per_node < 0:
+        err = ConfigError(f"plan: --ranks {args.ranks} must be >= 1 and --gpus-per-node "
+                          f"{args.gpus_per_node} >= 0")
+        err.collective = True
+        raise err
+
+    def plan_here():
+        model = first_item_model(cfg, build_model(cfg.model, device), device)
+        say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+        say(f"piadm plan: {cfg.ensemble.members} members of {cfg.model.kind} "
+            f"{list(cfg.model.shape)}, {cfg.sampler.steps} steps, on {args.ranks} ranks"
+            + (f" ({args.gpus_per_node} GPUs a node)" if args.gpus_per_node else
+               f" of this node's CPU ({device})"))
+        return make_plan(cfg, model, device, ranks=args.ranks, gpus_per_node=args.gpus_per_node,
+                         say=say)
+
+    plan = on_rank0(world, plan_here, idle=True)
+    chosen = settings(plan.best)
+    print0(world, table(plan, rows=args.rows))
+    print0(world, describe(plan))
+    print0(world, "use: " + " ".join(f"--set {k}={v!r}" if isinstance(v, str) else
+                                     f"--set {k}={v}" for k, v in chosen.items()))
+    if args.json and world.rank == 0:
+        rows = [{**dataclasses.asdict(p.layout), "rounds": p.profile.rounds,
+                 "calls": p.profile.calls, "tol": p.profile.tol, "round_s": p.round_s,
+                 "batches": p.batches, "predicted_s": p.seconds} for p in plan.ranked]
+        Path(args.json).write_text(json.dumps({"machine": dataclasses.asdict(plan.machine),
+                                               "settings": chosen, "layouts": rows}, indent=1))
     return 0
 
 
@@ -174,7 +232,7 @@ def _cmd_status(args, world) -> int:
 
 
 COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "calibrate": _cmd_calibrate,
-            "status": _cmd_status,
+            "plan": _cmd_plan, "status": _cmd_status,
             "generate-data": _cmd_generate, "train": _cmd_train, "evaluate": _cmd_evaluate}
 
 
@@ -187,6 +245,8 @@ def parser() -> argparse.ArgumentParser:
              "bench": "compare sequential and parallel samplers",
              "calibrate": "choose sampler.tol: the loosest that keeps a few members within "
                           "half of sampler.distance of the sequential path (cached)",
+             "plan": "predict the time of every layout (sampler, groups x time slices, window, "
+                     "batch) from measured model costs and rounds, and rank them",
              "status": "members done / total in an ensemble store",
              "generate-data": "simulate Kolmogorov-flow vorticity snapshots into Zarr",
              "train": "train a U-Net score model on a Zarr dataset (data-parallel)",
@@ -205,6 +265,13 @@ def parser() -> argparse.ArgumentParser:
         if name == "calibrate":
             sp.add_argument("--force", action="store_true",
                             help="measure anew even when a calibration is cached")
+        if name == "plan":
+            sp.add_argument("--ranks", type=int, required=True, help="ranks the job will run")
+            sp.add_argument("--gpus-per-node", type=int, default=0, metavar="G",
+                            help="one rank per GPU on nodes of G GPUs (default: every rank on "
+                                 "this node's CPU cores)")
+            sp.add_argument("--rows", type=int, default=12, help="layouts to show (default 12)")
+            sp.add_argument("--json", metavar="PATH", help="also save every layout as JSON")
         if name == "bench":
             sp.add_argument("--peer", choices=PEERS, help="run the peer library's parallel "
                             "sampler beside piadm's on DDPM-1000 (needs piadm[bench])")

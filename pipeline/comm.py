@@ -14,6 +14,8 @@ import time
 import numpy as np
 import torch
 
+IDLE_POLL_S = 0.002  # an idle barrier's sleep between polls
+
 # Environment variables that MPI launchers (mpiexec/Hydra, srun --mpi=pmi2/pmix, Open MPI) set.
 LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 
@@ -53,7 +55,7 @@ class SerialComm:
     def alltoall_object(self, objs: list) -> list:
         return list(objs)
 
-    def barrier(self) -> None:
+    def barrier(self, idle: bool = False) -> None:
         return None
 
     def split(self, color: int, key: int) -> "SerialComm":
@@ -153,8 +155,15 @@ class MPIComm:
         got[self.rank] = own
         return got
 
-    def barrier(self) -> None:
-        self._timed("Barrier", self._comm.Barrier)
+    def barrier(self, idle: bool = False) -> None:
+        """Wait for every rank; ``idle``: sleeping between polls (a long wait on a node
+        whose cores another rank needs)."""
+        if not idle:
+            self._timed("Barrier", self._comm.Barrier)
+            return
+        request = self._comm.Ibarrier()
+        while not request.Test():
+            time.sleep(IDLE_POLL_S)
 
     def split(self, color: int, key: int) -> "MPIComm":
         return MPIComm(self._comm.Split(color, key))

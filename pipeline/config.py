@@ -97,7 +97,7 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    time_slices: int = 1  # ranks that split each Picard block; world = groups x time_slices
+    time_slices: int | str = 1  # ranks that split each Picard block (world = groups x time_slices); "auto": piadm plan's choice
     items: tuple[int, ...] = ()  # indices of the items this job fills; empty: all
     threads: int = 0  # torch CPU threads per rank; 0: this node's cores / ranks on it
 
@@ -185,6 +185,9 @@ class Config:
                 if name not in ("parallel", "data", "train", "bench", "calibrate")}
         return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
+
+# sampler.method values that let ``piadm plan`` choose: among the SDE or the ODE samplers.
+AUTO_METHODS = ("auto", "auto-ode")
 
 _LAYOUT_KEYS = {("output", "path"), ("output", "overwrite"), ("output", "background")}
 
@@ -287,6 +290,15 @@ def config_from_dict(tree: dict) -> Config:
     return dataclasses.replace(cfg, text=_text(cfg))
 
 
+def with_settings(cfg: Config, settings: dict) -> Config:
+    """``cfg`` with ``{"section.key": value}`` replaced, validated again."""
+    tree = {name: dataclasses.asdict(getattr(cfg, name)) for name in _SECTION_TYPES}
+    for dotted, value in settings.items():
+        section, key = dotted.split(".")
+        tree[section][key] = value
+    return config_from_dict(tree)
+
+
 def read_toml(path: str | Path) -> dict:
     """The nested dict of the TOML file at ``path``."""
     path = Path(path)
@@ -317,8 +329,13 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
     """A layout must give every time slice at least one point to own."""
     from pipeline.samplers import WINDOWED
 
-    _check(p.time_slices >= 1, "parallel.time_slices", f"= {p.time_slices} must be >= 1")
     _check(p.threads >= 0, "parallel.threads", f"= {p.threads} must be >= 0 (0: automatic)")
+    if p.time_slices == "auto" or s.method in AUTO_METHODS:
+        _check(p.time_slices == "auto" or p.time_slices >= 1, "parallel.time_slices",
+               f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")
+        return  # the planner picks a layout that fits
+    _check(isinstance(p.time_slices, int) and p.time_slices >= 1, "parallel.time_slices",
+           f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")
     points = {"block_size": min(s.block_size, s.steps)}
     if s.method in WINDOWED:
         points = {"window": min(s.window or WINDOWED[s.method], s.steps)}
@@ -366,8 +383,8 @@ def validate(cfg: Config) -> None:
     _check(m.kind in MODELS, "model.kind", f"= {m.kind!r} is unknown: use one of {', '.join(MODELS)}")
     _check(1 <= len(m.shape) <= 3 and min(m.shape) >= 2, "model.shape",
            f"= {list(m.shape)} must have 1 to 3 sizes, each >= 2")
-    _check(s.method in SAMPLERS, "sampler.method",
-           f"= {s.method!r} is unknown: use one of {', '.join(SAMPLERS)}")
+    _check(s.method in SAMPLERS or s.method in AUTO_METHODS, "sampler.method",
+           f"= {s.method!r} is unknown: use one of {', '.join((*SAMPLERS, *AUTO_METHODS))}")
     _check(s.steps >= 1, "sampler.steps", f"= {s.steps} must be >= 1")
     _check(s.block_size >= 1, "sampler.block_size", f"= {s.block_size} must be >= 1")
     _check(s.max_sweeps >= 1, "sampler.max_sweeps", f"= {s.max_sweeps} must be >= 1")

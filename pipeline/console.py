@@ -16,17 +16,20 @@ def print0(comm, *args, **kwargs) -> None:
         print(tag(comm) + " ".join(map(str, args)), file=sys.stderr, flush=True, **kwargs)
 
 
-def on_rank0(comm, fn, *args, **kwargs):
+def on_rank0(comm, fn, *args, idle: bool = False, **kwargs):
     """Run ``fn`` on rank 0 only; every rank returns its result or raises its exception.
 
     For checks and creation that must happen once (the output store) while any failure must
-    stop all ranks together, before anything else is written."""
+    stop all ranks together, before anything else is written. ``idle``: the other ranks sleep
+    while they wait instead of polling, leaving rank 0 the cores (for measuring)."""
     result, error = None, None
     if comm.rank == 0:
         try:
             result = fn(*args, **kwargs)
         except Exception as err:  # shared below, re-raised on every rank
             error = err
+    if idle:
+        comm.barrier(idle=True)
     result, error = comm.bcast_object((result, error), 0)
     if error is not None:
         error.collective = True  # every rank raises it: the CLI exits cleanly, no abort

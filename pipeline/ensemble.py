@@ -92,12 +92,13 @@ def _check_only(only: tuple[int, ...], count: int) -> None:
                           f"the input selection: use indices 0 .. {count - 1}")
 
 
-def _prepare(cfg: Config, shape, trained_on, tol: Calibration) -> tuple[StoreSpec, str]:
+def _prepare(cfg: Config, shape, trained_on, tol: Calibration,
+             attrs: dict) -> tuple[StoreSpec, str]:
     """Rank 0's checks and creation: validate the input, open or create the store."""
     items = load_items(cfg, check=True)
     _check_only(cfg.parallel.items, len(items.labels))
     spec = store_spec(cfg, items, shape, trained_on)
-    spec.attrs.update(sampler_tol=tol.tol, sampler_tol_source=tol.source)
+    spec.attrs.update(sampler_tol=tol.tol, sampler_tol_source=tol.source, **attrs)
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
 
 
@@ -133,8 +134,9 @@ def _bind(model, condition: str, field: np.ndarray | None, device):
 
 
 def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
-                    stop: StopRequest | None = None) -> Summary:
-    """Fill ``cfg``'s ensemble store (creating or resuming it), printing progress on rank 0."""
+                    stop: StopRequest | None = None, attrs: dict | None = None) -> Summary:
+    """Fill ``cfg``'s ensemble store (creating or resuming it), printing progress on rank 0;
+    ``attrs`` are extra store attributes (the planner's choice)."""
     ranks = ranks or rank_grid(SerialComm(), 1)
     world, slices = ranks.world, ranks.slices
     stop = stop if stop is not None else StopRequest()
@@ -147,7 +149,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     mean = getattr(model, "data_mean", None)
     tol = on_rank0(world, run_tolerance, cfg, model, device)
     spec, state = on_rank0(world, _prepare, cfg, tuple(model.shape),  # before anything is written
-                           getattr(model, "variable", None), tol)
+                           getattr(model, "variable", None), tol, attrs or {})
     items = load_items(cfg, check=False)
     if mean is None:
         mean, std = spec.attrs["input_mean"], spec.attrs["input_std"]
@@ -206,7 +208,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
 
 def _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count, *, skipped):
     world, slices = ranks.world, ranks.slices
-    world.barrier()
+    world.barrier(idle=True)  # groups done early sleep: others on the node may need its cores
     lead = slices.rank == 0
     local = torch.tensor([float(stopped), float(sum(rounds)), calls if lead else 0.0,
                           float(count) if lead else 0.0, float(max(rounds, default=0))],

@@ -105,14 +105,16 @@ def stored_digest(path: str | Path) -> str | None:
         return None
 
 
-def stored_attribute(path: str | Path, digest: str, name: str):
+def stored_attribute(path: str | Path, digest: str, name: str,
+                     digest_key: str = "piadm_store_digest"):
     """Attribute ``name`` of the piadm store at ``path`` when that store was made by the
-    configuration with ``digest`` (a run that will resume it); else None."""
+    configuration with ``digest`` (a run that will resume it; ``digest_key`` names the
+    attribute holding it); else None."""
     try:
         attrs = zarr.open_group(path, mode="r").attrs
     except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
         return None
-    return attrs.get(name) if attrs.get("piadm_store_digest") == digest else None
+    return attrs.get(name) if attrs.get(digest_key) == digest else None
 
 
 def _refuse_unless_same(spec: StoreSpec) -> None:

@@ -1,0 +1,154 @@
+"""The layout planner's cost model: pure, no measuring and no MPI (``pipeline.planner``
+measures its inputs).
+
+A layout runs ``groups`` x ``time_slices`` ranks: groups share the member batches, the time
+slices of a group split every round's points. With a model call of n items costing c(n)
+seconds on a rank (the measured cost curve), a round of a sampler that evaluates P points per
+member costs, on each of T slices with b members a batch,
+
+    round = c(ceil(P / T) b) + h(ceil(P / T)) + k L ceil(log2 T),
+
+where h(n) is the sampler's own host work per round at n points a rank (measured), k its
+collectives per round and L the latency of one collective stage. Ranks that share a node's
+cores share the part of that time that keeps a core busy: when R busy ranks of t threads each
+run on C cores with R t > C, that part takes R t / C times longer (ranks of groups left without
+a batch wait asleep). A batch takes the sampler's rounds
+(measured on one member) times the round, and each group does ceil(batches / groups) batches.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """Seconds of one model call of n items at the measured ``sizes`` (increasing): ``wall``
+    in all and ``busy`` the part that keeps a CPU core busy (all of it for a model on the CPU,
+    little for an accelerator's or the emulated one)."""
+
+    sizes: tuple[int, ...]
+    wall: tuple[float, ...]
+    busy: tuple[float, ...]
+
+    def at(self, n: int) -> tuple[float, float]:
+        """(wall, busy) seconds of a call of n items: linear between the measured sizes,
+        extended along the last segment past the largest (zero items cost nothing)."""
+        if n <= 0:
+            return 0.0, 0.0
+        return _interp(self.sizes, self.wall, n), _interp(self.sizes, self.busy, n)
+
+
+def _interp(xs: tuple[int, ...], ys: tuple[float, ...], x: float) -> float:
+    if len(xs) == 1:
+        return ys[0] * x / xs[0]
+    i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One sampler setting measured on one rank: ``param`` is its window (windowed methods),
+    block size (``piadm-*``) or 0 (sequential); ``rounds`` and ``calls`` (model calls per
+    member) of a batch; host seconds per round ``host`` at ``host_points`` points (two
+    measurements, increasing, to interpolate); ``collectives`` per round on several slices."""
+
+    method: str
+    param: int
+    tol: float | None
+    rounds: int
+    calls: float
+    host_points: tuple[int, ...]
+    host: tuple[float, ...]
+    collectives: int
+
+    @property
+    def points(self) -> float:
+        """Mean points each member evaluates per round."""
+        return self.calls / self.rounds
+
+    def host_at(self, points: int) -> float:
+        """Host seconds per round when a rank holds ``points`` points."""
+        return _interp(self.host_points, self.host, points)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where the job runs: ``ranks`` in all, ``ranks_per_node``, ``cores`` per node, torch
+    ``threads`` per rank and ``latency`` seconds of one collective stage."""
+
+    ranks: int
+    ranks_per_node: int
+    cores: int
+    threads: int
+    latency: float
+
+    def stretch(self, busy_ranks: int) -> float:
+        """How much longer busy time takes when ``busy_ranks`` ranks (of the job) want more of
+        a node's cores than it has."""
+        return max(1.0, min(busy_ranks, self.ranks_per_node) * self.threads / self.cores)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run: a sampler setting on ``groups`` x ``time_slices`` ranks, ``batch``
+    members a batch."""
+
+    method: str
+    param: int
+    groups: int
+    time_slices: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A layout's predicted ``seconds`` to fill the ensemble, from ``batches`` per group of
+    ``rounds`` rounds of ``round_s`` seconds."""
+
+    layout: Layout
+    profile: Profile
+    seconds: float
+    batches: int
+    round_s: float
+
+
+def predict(layout: Layout, profile: Profile, curve: CostCurve, machine: Machine,
+            members: int) -> Prediction:
+    """The time ``layout`` takes to sample ``members`` members (see the module docstring)."""
+    t = layout.time_slices
+    per_rank = math.ceil(profile.points / t)
+    wall, busy = curve.at(per_rank * layout.batch)
+    host = profile.host_at(per_rank)
+    batches = math.ceil(members / layout.batch)
+    stretch = machine.stretch(min(layout.groups, batches) * t)  # groups without work wait
+    comm = profile.collectives * machine.latency * math.ceil(math.log2(t)) if t > 1 else 0.0
+    round_s = wall + busy * (stretch - 1) + host * stretch + comm
+    per_group = math.ceil(batches / layout.groups)
+    return Prediction(layout, profile, per_group * profile.rounds * round_s, per_group, round_s)
+
+
+def layouts(profiles: list[Profile], ranks: int, members: int,
+            batches: tuple[int, ...]) -> list[tuple[Layout, Profile]]:
+    """Every layout of ``ranks`` ranks for each profile: time slices a divisor of ``ranks``
+    (one for a sequential sampler, at most its points per round), member batch sizes from
+    ``batches`` up to the members a group gets."""
+    out = []
+    for prof in profiles:
+        for t in range(1, ranks + 1):
+            if ranks % t or (prof.param == 0 and t > 1) or t > max(1, prof.param):
+                continue
+            groups = ranks // t
+            for b in sorted(set(batches)):
+                if b > max(1, math.ceil(members / groups)):
+                    continue
+                out.append((Layout(prof.method, prof.param, groups, t, b), prof))
+    return out
+
+
+def rank(predictions: list[Prediction]) -> list[Prediction]:
+    """Fastest first; ties go to fewer time slices, then larger batches (less to go wrong)."""
+    return sorted(predictions, key=lambda p: (round(p.seconds, 9), p.layout.time_slices,
+                                              -p.layout.batch))

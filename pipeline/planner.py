@@ -1,0 +1,321 @@
+"""``piadm plan`` and ``sampler.method = "auto"``: measure what the cost model of
+``pipeline.plan`` needs on this rank's device, rank every layout, pick the fastest.
+
+Measured here: the model's cost curve (wall and busy seconds of one call against its batch
+size, with the torch threads a rank of the layout gets), and a profile of every candidate
+sampler setting: rounds and model calls of one member with the run's tolerance (calibrated and
+cached for ``"auto"``), and the sampler's own host seconds per round at the full window and
+at the smallest share a time slice would hold. Profiles are cached beside the calibrations.
+The sequential sampler with ensemble groups is always a candidate, so the plan never picks a
+layout it predicts to be slower.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.calibrate import CALIBRATION_ITEM, cache_file, calibration_key, resolve_tol
+from pipeline.config import AUTO_METHODS, Config, ConfigError, with_settings
+from pipeline.layout import cpu_threads
+from pipeline.noise import Noise
+from pipeline.plan import CostCurve, Machine, Prediction, Profile, layouts, predict, rank
+from pipeline.samplers import REFERENCE, SAMPLERS, WINDOWED
+
+FAMILIES = {"auto": ("sequential-sde", "piadm-sde", "window", "pc-window"),
+            "auto-ode": ("sequential-ode", "piadm-ode", "window-ode", "pc-window-ode")}
+
+# One collective stage when the plan cannot time one (a single process): measured with MPICH
+# on one node (an 8-float Allreduce over 8 ranks took 0.1 ms, three stages).
+DEFAULT_LATENCY = 3e-5
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every layout's prediction, fastest first, the best sequential one, and the machine."""
+
+    ranked: list[Prediction]
+    sequential: Prediction
+    machine: Machine
+
+    @property
+    def best(self) -> Prediction:
+        return self.ranked[0]
+
+
+def methods_of(cfg: Config) -> tuple[str, ...]:
+    """The samplers a plan weighs: the family of ``"auto"``, else the configured method and
+    its sequential reference."""
+    m = cfg.sampler.method
+    return FAMILIES[m] if m in FAMILIES else tuple(dict.fromkeys((REFERENCE[m], m)))
+
+
+def params_of(cfg: Config, method: str) -> tuple[int, ...]:
+    """Window (or block) sizes to weigh: the configured one, half and twice it."""
+    s = cfg.sampler
+    if REFERENCE[method] == method:
+        return (0,)
+    base = (s.window or WINDOWED[method]) if method in WINDOWED else s.block_size
+    return tuple(sorted({min(max(2, v), s.steps) for v in (base // 2, base, 2 * base)}))
+
+
+def settings(pred: Prediction) -> dict:
+    """The config keys that run ``pred``'s layout."""
+    lay, prof = pred.layout, pred.profile
+    out = {"sampler.method": lay.method, "parallel.time_slices": lay.time_slices,
+           "ensemble.batch_size": lay.batch}
+    if lay.method in WINDOWED:
+        out["sampler.window"] = lay.param
+    elif lay.param:
+        out["sampler.block_size"] = lay.param
+    if prof.tol is not None:
+        out["sampler.tol"] = prof.tol
+    return out
+
+
+class _Timed:
+    """A model whose calls are timed (``seconds``), synchronising an accelerator first."""
+
+    def __init__(self, model, device):
+        self.model, self.device, self.seconds = model, torch.device(device), 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, x, u):
+        start = time.perf_counter()
+        out = self.model(x, u)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def _profile_file():
+    return cache_file().with_name("profiles.json")
+
+
+def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: int):
+    """(Stats, host seconds) of one member of ``method`` at ``param`` over ``steps`` steps."""
+    from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
+
+    s = cfg.sampler
+    s = dataclasses.replace(s, steps=steps, method=method,
+                            window=param if method in WINDOWED else s.window,
+                            block_size=param if method.startswith("piadm") else s.block_size)
+    options = sampler_options(s, tol=tol, data_bound=model_data_bound(model, cfg.model))
+    noise = Noise(s.seed, ((CALIBRATION_ITEM, 0),), tuple(model.shape), DTYPES[s.dtype], device,
+                  s.noise)
+    timed = _Timed(model, device)
+    start = time.perf_counter()
+    _, stats = SAMPLERS[method](timed, noise.prior(), sampler_grid(s), noise, options=options)
+    wall = time.perf_counter() - start
+    return stats, max(0.0, wall - timed.seconds) / stats.rounds
+
+
+def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: int,
+            model_sha: str) -> Profile:
+    """Measure (or read from the cache) the profile of ``method`` at ``param``; ``smallest``
+    is the fewest points a time slice would hold, where the host time is measured again."""
+    key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha), method, param, tol,
+                                     smallest, str(device)]).encode()).hexdigest()
+    path = _profile_file()
+    try:
+        cached = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError):
+        cached = None
+    if cached is not None:
+        return Profile(**{**cached, "host_points": tuple(cached["host_points"]),
+                          "host": tuple(cached["host"])})
+    stats, host = _run_one(cfg, model, method, param, tol, device, cfg.sampler.steps)
+    points = math.ceil(stats.model_calls / stats.rounds)
+    host_points, hosts = (points,), (host,)
+    if smallest < points:  # the host work of a rank that holds a small share of the window
+        _, small = _run_one(cfg, model, method, smallest, tol, device,
+                            min(cfg.sampler.steps, 20 * smallest))
+        host_points, hosts = (smallest, points), (small, host)
+    result = Profile(method, param, tol, stats.rounds, stats.model_calls, host_points, hosts,
+                     0 if REFERENCE[method] == method else 2)
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        entries = {}
+    entries[key] = dataclasses.asdict(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(entries, indent=1))
+    os.replace(tmp, path)
+    return result
+
+
+def cost_curve(model, shape, dtype, device, sizes, threads: int, repeats: int = 3) -> CostCurve:
+    """Time one model call at each batch size (the least of ``repeats``), with ``threads``
+    torch threads; busy is the CPU time spent, per thread, capped at the wall time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    walls, busies = [], []
+    try:
+        for n in sizes:
+            x = torch.randn((n, *shape), dtype=dtype, device=device)
+            u = torch.full((n,), 1.0, dtype=dtype, device=device)
+            model(x, u)  # warm-up: allocation, kernel choice
+            best = (math.inf, math.inf)
+            for _ in range(repeats):
+                wall0, cpu0 = time.perf_counter(), time.process_time()
+                model(x, u)
+                if torch.device(device).type == "cuda":
+                    torch.cuda.synchronize(device)
+                wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+                best = min(best, (wall, min(wall, cpu / threads)))
+            walls.append(best[0])
+            busies.append(best[1])
+    finally:
+        torch.set_num_threads(before)
+    return CostCurve(tuple(sizes), tuple(walls), tuple(busies))
+
+
+def machine_for(ranks: int, gpus_per_node: int, device, threads: int = 0,
+                latency: float = DEFAULT_LATENCY) -> Machine:
+    """The machine a plan is for: ``ranks`` on nodes of ``gpus_per_node`` GPUs (one rank per
+    GPU), or all on this node's cores when 0."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_node = min(ranks, gpus_per_node) if gpus_per_node else ranks
+    return Machine(ranks, per_node, cores or 1, cpu_threads(per_node, threads), latency)
+
+
+def _batch_sizes(cfg: Config) -> tuple[int, ...]:
+    members = cfg.ensemble.members
+    powers = [2**k for k in range(0, members.bit_length()) if 2**k <= members]
+    return tuple(sorted({*powers, min(cfg.ensemble.batch_size, members)}))
+
+
+def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
+              latency: float = DEFAULT_LATENCY, say=print) -> Plan:
+    """Measure and rank every layout of ``cfg``'s ensemble on ``ranks`` ranks (module doc)."""
+    from pipeline.run import DTYPES, model_digest
+
+    machine = machine_for(ranks, gpus_per_node, device, cfg.parallel.threads, latency)
+    base = getattr(model, "base", model)  # profiles count rounds: no emulated waiting
+    sha = model_digest(cfg)
+    profiles = []
+    for method in methods_of(cfg):
+        tol = resolve_tol(with_settings(cfg, {"sampler.method": method}), base, device=device,
+                          say=say).tol
+        for param in params_of(cfg, method):
+            smallest = max(1, math.ceil(param / min(ranks, max(1, param)))) if param else 1
+            prof = profile(cfg, base, method, param, tol, device, smallest, sha)
+            say(f"  profiled {method:<14} {'p=' + str(param) if param else '':<6} tol "
+                f"{'-' if tol is None else format(tol, '.1e')}: {prof.rounds} rounds, "
+                f"{prof.calls:.0f} calls a member")
+            profiles.append(prof)
+    pairs = layouts(profiles, ranks, cfg.ensemble.members, _batch_sizes(cfg))
+    sizes = sorted({math.ceil(p.points / lay.time_slices) * lay.batch for lay, p in pairs})
+    say(f"  timing the model at {len(sizes)} batch sizes up to {sizes[-1]}, "
+        f"{machine.threads} threads")
+    curve = cost_curve(model, tuple(model.shape), DTYPES[cfg.sampler.dtype], device, sizes,
+                       machine.threads)
+    ranked = rank([predict(lay, prof, curve, machine, cfg.ensemble.members)
+                   for lay, prof in pairs])
+    sequential = next(p for p in ranked if REFERENCE[p.layout.method] == p.layout.method)
+    return Plan(ranked, sequential, machine)
+
+
+def table(plan: Plan, rows: int = 12) -> str:
+    """The ranked plan as text: the fastest ``rows`` and the best sequential layout."""
+    seq = plan.sequential
+    head = (f"{'#':>3} {'method':<14} {'param':>5} {'groups':>6} {'slices':>6} {'batch':>5} "
+            f"{'rounds':>6} {'calls':>7} {'round_ms':>9} {'predicted_s':>11} {'vs_seq':>6}")
+    lines = [head]
+    shown = plan.ranked[:rows] + ([] if seq in plan.ranked[:rows] else [seq])
+    for p in shown:
+        lay = p.layout
+        lines.append(f"{plan.ranked.index(p) + 1:>3} {lay.method:<14} {lay.param or '-':>5} "
+                     f"{lay.groups:>6} {lay.time_slices:>6} {lay.batch:>5} "
+                     f"{p.profile.rounds:>6} {p.profile.calls:>7.0f} {1e3 * p.round_s:>9.2f} "
+                     f"{p.seconds:>11.3f} {seq.seconds / p.seconds:>5.2f}x")
+    return "\n".join(lines)
+
+
+def describe(plan: Plan) -> str:
+    """One line: what was chosen and why."""
+    b = plan.best
+    return (f"plan: {b.layout.method} on {b.layout.groups} groups x {b.layout.time_slices} "
+            f"time slices, {b.layout.batch} members a batch: predicted {b.seconds:.2f} s, "
+            f"{plan.sequential.seconds / b.seconds:.2f}x the best sequential layout")
+
+
+def needs_plan(cfg: Config) -> bool:
+    """Whether the run leaves its sampler or its time slices to the planner."""
+    return cfg.sampler.method in AUTO_METHODS or cfg.parallel.time_slices == "auto"
+
+
+def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int, latency: float,
+                   stored: dict | None, say=print) -> tuple[Config, dict]:
+    """Rank 0: the concrete config of an ``"auto"`` run and the store attributes that record
+    the choice. A resumed store's own choice (``stored``) wins, so its members stay alike."""
+    if stored is not None:
+        say(f"plan: the store's own choice, {stored}")
+        chosen = stored
+    else:
+        if cfg.parallel.time_slices != "auto":
+            t = cfg.parallel.time_slices
+            if ranks % t:
+                raise ConfigError(f"config: parallel.time_slices = {t} does not divide the "
+                                  f"{ranks} ranks: launch a multiple of {t}, or set it \"auto\"")
+        plan = make_plan(cfg, model, device, ranks=ranks, gpus_per_node=gpus_per_node,
+                         latency=latency, say=say)
+        ranked = [p for p in plan.ranked if cfg.parallel.time_slices == "auto"
+                  or p.layout.time_slices == cfg.parallel.time_slices]
+        if not ranked:
+            raise ConfigError("config: no layout fits parallel.time_slices = "
+                              f"{cfg.parallel.time_slices}: set it \"auto\"")
+        plan = dataclasses.replace(plan, ranked=ranked)
+        say(table(plan, rows=6))
+        say(describe(plan))
+        chosen = settings(plan.best)
+    attrs = {"plan_settings": json.dumps(chosen), "plan_config_sha256": cfg.store_digest}
+    return with_settings(cfg, chosen), attrs
+
+
+def collective_latency(comm, repeats: int = 20) -> float:
+    """Seconds of one collective stage among ``comm``'s ranks (a median 8-float Allreduce over
+    ceil(log2 ranks) stages); ``DEFAULT_LATENCY`` on one rank. Every rank calls it."""
+    if comm.size == 1:
+        return DEFAULT_LATENCY
+    x, times = torch.zeros(8, dtype=torch.float64), []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        comm.allreduce_sum(x)
+        times.append(time.perf_counter() - start)
+    median = sorted(times)[len(times) // 2]
+    return float(comm.allreduce_max(torch.tensor([median]))[0]) / math.ceil(math.log2(comm.size))
+
+
+def resolve_plan(cfg: Config, world, device) -> tuple[Config, dict]:
+    """Every rank: the concrete config of an ``"auto"`` run, planned on rank 0 for the world's
+    ranks (the other ranks sleep meanwhile, leaving it the cores), and the store attributes
+    that record the choice."""
+    from models import build_model
+    from pipeline.console import on_rank0
+    from pipeline.ensemble import first_item_model
+    from pipeline.store import stored_attribute
+
+    latency = collective_latency(world)
+    gpus = torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
+
+    def plan_here():
+        stored = None if cfg.output.overwrite else stored_attribute(
+            cfg.output.path, cfg.store_digest, "plan_settings", digest_key="plan_config_sha256")
+        model = first_item_model(cfg, build_model(cfg.model, device), device)
+        return planned_config(cfg, model, device, ranks=world.size, gpus_per_node=gpus,
+                              latency=latency, stored=None if stored is None else json.loads(stored),
+                              say=lambda text: print(text, file=sys.stderr, flush=True))
+
+    return on_rank0(world, plan_here, idle=True)

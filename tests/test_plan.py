@@ -1,0 +1,113 @@
+"""The layout planner: its cost model on synthetic cost curves with a known best layout, and
+``piadm plan`` / ``sampler.method = "auto"`` end to end on a small exact model."""
+import json
+
+import pytest
+import xarray as xr
+
+from pipeline.api import load_config, sample
+from pipeline.cli import main
+from pipeline.plan import CostCurve, Layout, Machine, Profile, layouts, predict, rank
+
+SEQUENTIAL = Profile("sequential-sde", 0, None, 1000, 1000.0, (1,), (0.0,), 0)
+WINDOW = Profile("pc-window", 64, 1e-3, 40, 2400.0, (8, 60), (0.0, 0.0), 2)
+
+
+def _best(profiles, curve, machine, members, batches=(1, 2, 4, 8, 16, 32, 64)):
+    pairs = layouts(profiles, machine.ranks, members, batches)
+    return rank([predict(lay, prof, curve, machine, members) for lay, prof in pairs])
+
+
+def test_the_cost_curve_interpolates_and_extends_its_last_segment():
+    curve = CostCurve((1, 8, 16), (0.010, 0.010, 0.020), (0.0, 0.0, 0.004))
+    assert curve.at(0) == (0.0, 0.0)
+    assert curve.at(4) == pytest.approx((0.010, 0.0))
+    assert curve.at(12) == pytest.approx((0.015, 0.002))
+    assert curve.at(32) == pytest.approx((0.040, 0.012))  # the last slope, carried on
+
+
+def test_a_latency_bound_device_and_one_member_pick_all_ranks_as_time_slices():
+    # a GPU-like curve: flat to 8 items, then linear; 8 ranks, one member; the window's 60
+    # points a round fill the flat part only on 8 slices
+    curve = CostCurve((1, 8, 64), (0.005, 0.005, 0.040), (0.0, 0.0, 0.0))
+    machine = Machine(ranks=8, ranks_per_node=8, cores=64, threads=1, latency=1e-5)
+    best = _best([SEQUENTIAL, WINDOW], curve, machine, members=1)[0]
+    assert (best.layout.method, best.layout.time_slices) == ("pc-window", 8)
+    # 40 rounds of one flat call (8 points a rank) against 1000 sequential calls
+    assert best.seconds == pytest.approx(40 * (0.005 + 2 * 1e-5 * 3))
+
+
+def test_a_compute_bound_device_with_many_members_picks_sequential_groups():
+    # every item costs the same: parallel rounds only add the window's extra calls
+    curve = CostCurve((1, 512), (0.001, 0.512), (0.0, 0.0))
+    machine = Machine(ranks=8, ranks_per_node=8, cores=64, threads=1, latency=1e-5)
+    ranked = _best([SEQUENTIAL, WINDOW], curve, machine, members=64)
+    best = ranked[0]
+    assert best.layout == Layout("sequential-sde", 0, 8, 1, 8)
+    assert best.seconds == pytest.approx(1000 * 0.008)  # one batch of 8 per group
+    assert all(p.seconds >= best.seconds for p in ranked)
+
+
+def test_ranks_sharing_too_few_cores_stretch_the_busy_part():
+    curve = CostCurve((1, 100), (0.001, 0.1), (0.001, 0.1))  # all CPU compute
+    roomy = Machine(ranks=4, ranks_per_node=4, cores=4, threads=1, latency=0.0)
+    crowded = Machine(ranks=4, ranks_per_node=4, cores=2, threads=1, latency=0.0)
+    lay = Layout("pc-window", 64, 1, 4, 1)
+    assert predict(lay, WINDOW, curve, crowded, 1).seconds == pytest.approx(
+        2 * predict(lay, WINDOW, curve, roomy, 1).seconds)
+    # one member on four sequential groups: three groups wait, one rank computes alone
+    seq = Layout("sequential-sde", 0, 4, 1, 1)
+    assert predict(seq, SEQUENTIAL, curve, crowded, 1).seconds == pytest.approx(1.0)
+
+
+def test_layouts_divide_the_ranks_and_fit_the_points():
+    short = Profile("window", 3, 0.1, 10, 30.0, (3,), (0.0,), 2)
+    pairs = layouts([SEQUENTIAL, short], ranks=6, members=4, batches=(1, 2, 4, 8))
+    slices = {(lay.method, lay.time_slices) for lay, _ in pairs}
+    assert slices == {("sequential-sde", 1), ("window", 1), ("window", 2), ("window", 3)}
+    # a group of the 6 sequential groups gets at most one member: batches of one
+    assert {lay.batch for lay, _ in pairs if lay.groups == 6} == {1}
+
+
+def _small(tmp_path, **extra):
+    sets = {"model.shape": [8, 8], "sampler.steps": 60, "sampler.block_size": 20,
+            "sampler.tol": "auto", "ensemble.members": 2, "ensemble.batch_size": 2,
+            "calibrate.members": 2, "output.path": str(tmp_path / "auto.zarr")}
+    sets.update(extra)
+    return sets
+
+
+def test_plan_command_prints_a_ranked_table_and_the_settings(tmp_path, capsys):
+    sets = _small(tmp_path, **{"sampler.method": "auto"})
+    out = tmp_path / "plan.json"
+    args = ["plan", "jobs/configs/grf.toml", "--ranks", "2", "--json", str(out)]
+    assert main(args + sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])) == 0
+    err = capsys.readouterr().err
+    assert "predicted_s" in err and "plan: " in err and "use: --set sampler.method=" in err
+    table = json.loads(out.read_text())
+    predicted = [row["predicted_s"] for row in table["layouts"]]
+    assert predicted == sorted(predicted)
+    methods = {row["method"] for row in table["layouts"]}
+    assert methods == {"sequential-sde", "piadm-sde", "window", "pc-window"}
+    assert table["settings"]["sampler.method"] == table["layouts"][0]["method"]
+
+
+def test_plan_rejects_a_rank_count_below_one(capsys):
+    assert main(["plan", "jobs/configs/grf.toml", "--ranks", "0"]) == 2
+    assert "--ranks 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_auto_sampling_runs_the_plan_and_records_it_and_a_resume_keeps_it(tmp_path, capsys):
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "sampler.method": "auto", "parallel.time_slices": "auto"}))
+    summary = sample(cfg)
+    assert summary.members == 2
+    chosen = json.loads(xr.open_zarr(summary.path).attrs["plan_settings"])
+    assert chosen["sampler.method"] in ("sequential-sde", "piadm-sde", "window", "pc-window")
+    assert chosen["parallel.time_slices"] == 1  # one rank here
+    attrs = xr.open_zarr(summary.path).attrs
+    assert attrs["sampler_method"] == chosen["sampler.method"]
+    assert "plan: " in capsys.readouterr().err
+    again = sample(cfg)  # resumes: the store's own choice, nothing left to sample
+    assert again.members == 0 and again.skipped == 2
+    assert "the store's own choice" in capsys.readouterr().err
