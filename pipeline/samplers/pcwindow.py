@@ -130,13 +130,16 @@ def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e: torch.Tensor, upto: torch
             if lo < hi:
                 xi[r, : hi - lo] = noise.path(lo, hi, [r])[0]
     states = torch.empty_like(xi)
+    # every step's coefficients gathered once, shaped (B, J, 1, ...): the loop only takes views
+    k = e[:, None] + torch.arange(depth)[None]
+    shape = (batch, depth) + (1,) * (y_e.dim() - 1)
+    a, b, c = (getattr(t, name)[k].to(y_e.device, y_e.dtype).reshape(shape)
+               for name in ("alpha", "beta", "noise"))
     y = y_e
     for j in range(depth):
         states[:, j] = y
         if j + 1 < depth:
-            k = e + j
-            y = (_col(t.alpha[k], y) * y + _col(t.beta[k], y) * x0hat
-                 + _col(t.noise[k], y) * xi[:, j])
+            y = torch.addcmul(torch.addcmul(a[:, j] * y, b[:, j], x0hat), c[:, j], xi[:, j])
     return states, xi
 
 
