@@ -303,7 +303,7 @@ def resolve_plan(cfg: Config, world, device) -> tuple[Config, dict]:
     ranks (the other ranks sleep meanwhile, leaving it the cores), and the store attributes
     that record the choice."""
     from models import build_model
-    from pipeline.console import on_rank0
+    from pipeline.console import on_rank0, tag
     from pipeline.ensemble import first_item_model
     from pipeline.store import stored_attribute
 
@@ -316,6 +316,7 @@ def resolve_plan(cfg: Config, world, device) -> tuple[Config, dict]:
         model = first_item_model(cfg, build_model(cfg.model, device), device)
         return planned_config(cfg, model, device, ranks=world.size, gpus_per_node=gpus,
                               latency=latency, stored=None if stored is None else json.loads(stored),
-                              say=lambda text: print(text, file=sys.stderr, flush=True))
+                              say=lambda text: print(tag(world) + text, file=sys.stderr,
+                                                     flush=True))
 
     return on_rank0(world, plan_here, idle=True)
