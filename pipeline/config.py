@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -347,6 +348,28 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
                f"use at most {n} time slices, or raise sampler.{key}")
 
 
+def _check_model(m: ModelConfig) -> None:
+    """Model parameters in their ranges: a NaN or a negative length would sample NaN fields."""
+    finite = math.isfinite
+    _check(finite(m.slope) and 0 <= m.slope <= 100, "model.slope",
+           f"= {m.slope} must be a number in [0, 100] (the spectrum's power-law decay)")
+    _check(finite(m.length) and 0 < m.length <= 1e6, "model.length",
+           f"= {m.length} must be a number in (0, 1e6] (grid points)")
+    _check(m.components >= 1, "model.components", f"= {m.components} must be >= 1")
+    _check(finite(m.spread) and 0 <= m.spread <= 1e6, "model.spread",
+           f"= {m.spread} must be a number in [0, 1e6] (mode widths)")
+    _check(finite(m.std) and 1e-6 <= m.std <= 1e6, "model.std",
+           f"= {m.std} must be a number in [1e-6, 1e6]")
+    _check(all(finite(w) and w >= 0 for w in m.weights) and (not m.weights or sum(m.weights) > 0),
+           "model.weights", f"= {list(m.weights)} must be finite numbers >= 0, not all zero")
+    _check(not m.weights or len(m.weights) == m.components, "model.weights",
+           f"has {len(m.weights)} values for model.components = {m.components}: give one each")
+    _check(finite(m.data_bound) and m.data_bound >= 0, "model.data_bound",
+           f"= {m.data_bound} must be a finite number >= 0 (0: the model's own)")
+    _check(all(finite(v) for v in m.emulate_ms), "model.emulate_ms",
+           f"= {list(m.emulate_ms)} must be finite numbers")
+
+
 def _check_data(d: DataConfig) -> None:
     _check(d.resolution >= 8 and d.resolution % 2 == 0, "data.resolution",
            f"= {d.resolution} must be an even number >= 8")
@@ -436,6 +459,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.bench.members >= 1, "bench.members", f"= {cfg.bench.members} must be >= 1")
     _check(cfg.bench.seeds >= 1 and cfg.bench.repeats >= 1, "bench.seeds",
            "and bench.repeats must be >= 1")
+    _check_model(m)
     _check(not m.emulate_ms or (len(m.emulate_ms) == 2 and min(m.emulate_ms) >= 0),
            "model.emulate_ms", f"= {list(m.emulate_ms)} must be [latency_ms, per_item_ms], "
            "both >= 0, or empty (off)")

@@ -18,6 +18,7 @@ from pipeline.config import Config, SamplerConfig
 from pipeline.grids import Grid, make_grid
 from pipeline.noise import Noise
 from pipeline.samplers import SAMPLERS, Options, Stats
+from pipeline.samplers.common import check_finite
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -84,6 +85,7 @@ def sample_batches(model, *, method: str, grid: Grid, options: Options, seed: in
         noise = Noise(seed, tuple((item, m) for m in members), tuple(model.shape), dtype, device,
                       noise_source)
         y, stats = sampler(model, noise.prior(), grid, noise, comm=comm, options=options)
+        check_finite(y, noise.keys, "by the end of sampling")  # never written, never marked done
         yield Batch(members, y, stats)
 
 

@@ -135,6 +135,10 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
     is either absent or complete, and two runs racing to create it agree on one."""
     path = Path(spec.path)
     if path.exists() and overwrite:
+        if stored_digest(path) is None:  # never delete what piadm did not make
+            raise StoreExists(
+                f"output {spec.path} exists and is not a piadm store, so output.overwrite = true "
+                "will not delete it: move it away, or choose another output.path")
         shutil.rmtree(path)
     if path.exists():
         _refuse_unless_same(spec)

@@ -5,7 +5,10 @@ import torch
 
 from pipeline.clock import noise_std, signal
 from pipeline.integrators import Steps
-from pipeline.samplers.options import Options, Stats
+from pipeline.samplers.options import Options, PicardDivergence, Stats
+
+LIKELY_CAUSE = ("the model returns non-finite scores there: check the model's parameters "
+                "(model.*) or its checkpoint, and sampler.u_min")
 
 
 def per_point(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -74,3 +77,13 @@ def finish(model, y: torch.Tensor, stats: Stats, u_min: float, options: Options)
     if not options.denoise_final:
         return y, stats
     return denoise(model, y, u_min), stats + Stats(rounds=1, model_calls=1.0)
+
+
+def check_finite(y: torch.Tensor, keys, where: str) -> None:
+    """Raise ``PicardDivergence`` naming the first member of y (B, *S) that is NaN/Inf;
+    ``keys[b]`` is row b's (item, member) and ``where`` says when it was seen."""
+    bad = ~torch.isfinite(y.flatten(1)).all(1)
+    if bool(bad.any()):
+        item, member = keys[int(bad.nonzero()[0])]
+        raise PicardDivergence(f"member {member} of item {item} went NaN/Inf {where}: "
+                               f"{LIKELY_CAUSE}")

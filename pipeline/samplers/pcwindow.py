@@ -39,7 +39,7 @@ from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
-from pipeline.samplers.common import field_mean, finish, per_point
+from pipeline.samplers.common import LIKELY_CAUSE, field_mean, finish, per_point
 from pipeline.samplers.options import Options, PicardDivergence, Stats
 from pipeline.samplers.ring import chain_index, chain_prefix
 
@@ -174,8 +174,7 @@ def _check_finite(ok: torch.Tensor, start, noise: Noise, accepted) -> None:
     item, member = noise.keys[r]
     raise PicardDivergence(
         f"member {member} of item {item} went NaN/Inf by step {int(start[r] + accepted[r])}: "
-        "the model returns non-finite scores there; check the model (its parameters or "
-        "checkpoint) and sampler.u_min")
+        f"{LIKELY_CAUSE}")
 
 
 def _rebuild(states, g, xi, start, width, pos, valid, t: Tables, p, bounds, comm):

@@ -7,7 +7,7 @@ from pipeline.comm import SerialComm
 from pipeline.grids import Grid
 from pipeline.integrators import step_coefficients
 from pipeline.noise import Noise
-from pipeline.samplers.common import finish, run_steps
+from pipeline.samplers.common import check_finite, finish, run_steps
 from pipeline.samplers.options import Options, Stats
 
 
@@ -19,6 +19,7 @@ def _sequential(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     for lo, hi in grid.blocks:
         xi = noise.path(lo, hi) if stochastic else None
         y = run_steps(model, y, grid.u[lo:hi], steps.slice(lo, hi), xi)
+        check_finite(y, noise.keys, f"between steps {lo} and {hi}")  # once a block: no per-step sync
     stats = Stats(rounds=grid.steps, model_calls=float(grid.steps), sweeps=(1,) * grid.steps)
     return finish(model, y, stats, float(grid.u[-1]), options)
 

@@ -1,0 +1,102 @@
+"""Data safety: a non-finite member is never written as done, and output.overwrite deletes
+only a store piadm made."""
+import json
+
+import pytest
+import torch
+import zarr
+
+from models.grf import GaussianRandomField
+from pipeline.api import load_config, sample
+from pipeline.cli import main
+from pipeline.config import ConfigError
+from pipeline.grids import make_grid
+from pipeline.noise import Noise
+from pipeline.samplers import SAMPLERS, PicardDivergence
+
+
+def _small(tmp_path, **extra):
+    sets = {"model.shape": [8, 8], "sampler.steps": 40, "sampler.block_size": 10,
+            "ensemble.members": 2, "ensemble.batch_size": 2,
+            "output.path": str(tmp_path / "out.zarr")}
+    sets.update(extra)
+    return sets
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("model.slope", float("nan"), "model.slope = nan must be a number in [0, 100]"),
+    ("model.length", -1e9, "model.length = -1000000000.0 must be a number in (0, 1e6]"),
+    ("model.std", 0.0, "model.std = 0.0 must be a number in [1e-6, 1e6]"),
+    ("model.spread", 1e300, "model.spread = 1e+300 must be a number in [0, 1e6]"),
+    ("model.weights", [1.0, float("inf")], "model.weights"),
+])
+def test_model_parameters_are_range_checked(tmp_path, key, value, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("jobs/configs/grf.toml", _small(tmp_path, **{key: value}))
+    assert needle in str(err.value)
+
+
+class NaNAfter:
+    """A score model that turns NaN for one batch row once the clock falls below ``u``."""
+
+    def __init__(self, base, u, row):
+        self.base, self.u, self.row, self.shape = base, u, row, base.shape
+
+    def __call__(self, x, t):
+        out = self.base(x, t).clone()
+        out[(t < self.u) & (torch.arange(len(t)) % 2 == self.row)] = float("nan")
+        return out
+
+
+@pytest.mark.parametrize("method", ["sequential-sde", "sequential-ode"])
+def test_a_sequential_sampler_names_the_member_and_steps_where_it_went_nan(method):
+    model = NaNAfter(GaussianRandomField((8, 8)), u=1.0, row=1)
+    grid = make_grid("ou", 60, u_min=1e-3, u_max=10.0, block_size=20)
+    noise = Noise(0, ((3, 0), (3, 5)), (8, 8), torch.float64)
+    with pytest.raises(PicardDivergence, match=r"member 5 of item 3 went NaN/Inf between steps "
+                                               r"\d+ and \d+: the model returns non-finite"):
+        SAMPLERS[method](model, noise.prior(), grid, noise)
+
+
+def test_a_nan_ensemble_stops_with_one_line_and_nothing_marked_done(tmp_path, capsys,
+                                                                   monkeypatch):
+    # a model that breaks partway (as a damaged checkpoint would) for the second member
+    import pipeline.ensemble
+
+    real = pipeline.ensemble.build_model
+    monkeypatch.setattr(pipeline.ensemble, "build_model",
+                        lambda section, device: NaNAfter(real(section, device), u=1.0, row=1))
+    sets = _small(tmp_path, **{"sampler.method": "sequential-sde"})
+    args = ["sample", "jobs/configs/grf.toml"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "member 1 of item 0 went NaN/Inf" in errors[0]
+    assert "model.*" in errors[0]
+    assert not zarr.open_group(sets["output.path"], mode="r")["done"][:].any()
+
+
+def test_overwrite_refuses_a_folder_piadm_did_not_make(tmp_path, capsys):
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("years of work")
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "output.path": str(precious), "output.overwrite": True}))
+    with pytest.raises(Exception, match="is not a piadm store, so output.overwrite = true will "
+                                        "not delete it"):
+        sample(cfg)
+    assert (precious / "chapter1.tex").read_text() == "years of work"
+
+
+def test_overwrite_refuses_a_plain_file_and_replaces_its_own_store(tmp_path):
+    plain = tmp_path / "notes.zarr"
+    plain.write_text("not a store")
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "output.path": str(plain), "output.overwrite": True}))
+    with pytest.raises(Exception, match="is not a piadm store"):
+        sample(cfg)
+    assert plain.read_text() == "not a store"
+    ours = load_config("jobs/configs/grf.toml", _small(tmp_path, **{"output.overwrite": True}))
+    assert sample(ours).members == 2
+    assert sample(ours).members == 2  # its own store: replaced, every member sampled again
