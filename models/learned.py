@@ -1,6 +1,7 @@
 """Trained U-Net checkpoints (``pipeline.train``) as score models on the OU clock."""
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -61,7 +62,18 @@ def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu") -> LearnedU
     if not checkpoint or not Path(checkpoint).is_file():
         raise ConfigError(f"config: model.checkpoint = {checkpoint!r} is not a file: point it at "
                           "a piadm train checkpoint (e.g. models/checkpoints/kolmogorov_uncond.pt)")
-    den, meta = load_denoiser(checkpoint, device)
+    try:
+        den, meta = load_denoiser(checkpoint, device)
+    except FileNotFoundError as err:  # the weights without their sidecar
+        raise ConfigError(f"config: model.checkpoint = {checkpoint!r} has no metadata file "
+                          f"{err.filename}: piadm train writes both; copy the .json beside "
+                          "the checkpoint") from None
+    except (RuntimeError, ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError) as err:
+        first = ("not a tensors-only torch file" if isinstance(err, pickle.UnpicklingError)
+                 else (str(err).strip().splitlines() or [type(err).__name__])[0])
+        raise ConfigError(f"config: model.checkpoint = {checkpoint!r} is not a readable piadm "
+                          f"checkpoint (truncated, damaged or not one: {first[:120]}): train it "
+                          "again or point at another") from None
     if tuple(meta["shape"]) != tuple(shape):
         raise ConfigError(f"config: model.shape = {list(shape)} but {checkpoint} was trained on "
                           f"{meta['shape']}: set model.shape = {meta['shape']}")

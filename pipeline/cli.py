@@ -1,22 +1,29 @@
 """The ``piadm`` command: parse once at the edge, then call the library."""
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
+import os
 import sys
-import traceback
-from pathlib import Path
 
-from pipeline import __version__
-from pipeline.comm import world_comm
-from pipeline.config import AUTO_METHODS, ConfigError, load_config
-from pipeline.console import on_rank0, print0
-from pipeline.peer import PEERS
-from pipeline.samplers import REFERENCE, PicardDivergence
-from pipeline.scoring import EvaluationError
-from pipeline.status import NotAStore
-from pipeline.store import StoreExists
+from pipeline.signals import defer_early, release_early
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "piadm":
+    defer_early()  # before the heavy imports below: a stop signal now must not kill the job
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from pipeline import __version__  # noqa: E402
+from pipeline.comm import world_comm  # noqa: E402
+from pipeline.config import AUTO_METHODS, ConfigError, load_config  # noqa: E402
+from pipeline.console import on_rank0, print0  # noqa: E402
+from pipeline.peer import PEERS  # noqa: E402
+from pipeline.samplers import REFERENCE, PicardDivergence  # noqa: E402
+from pipeline.scoring import EvaluationError  # noqa: E402
+from pipeline.status import NotAStore  # noqa: E402
+from pipeline.store import StoreExists  # noqa: E402
 
 EXAMPLES = {
     "sample": "example: piadm sample jobs/configs/grf.toml --set ensemble.members=16",
@@ -299,22 +306,33 @@ def _evaluate_arguments(sp) -> None:
                     help="where the table and figures go (default: STORE without .zarr + _eval)")
 
 
-USER_ERRORS = (ConfigError, StoreExists, PicardDivergence, NotAStore, EvaluationError)
+USER_ERRORS = (ConfigError, StoreExists, PicardDivergence, NotAStore, EvaluationError, OSError)
+
+
+def explain(err: Exception) -> str:
+    """The one line a user error prints: an I/O failure names its file and what to check."""
+    if not isinstance(err, OSError) or isinstance(err, StoreExists):
+        return str(err)
+    where = f" {err.filename}" if err.filename else ""
+    return (f"cannot use{where}: {err.strerror or err}: check that the path exists, that you "
+            "may write there and that its disk has space")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. An error every rank raised together exits 2 on all of them; any other
     error under MPI aborts the whole job, so no rank waits forever in a collective."""
     args = parser().parse_args(argv)
+    if args.command != "sample":  # only sample stops gracefully: others die as they would
+        release_early()
     world = world_comm()
     try:
         return COMMANDS[args.command](args, world)
     except USER_ERRORS as err:
         if world.size == 1 or getattr(err, "collective", False):
             if world.rank == 0:
-                print(f"piadm: error: {err}", file=sys.stderr, flush=True)
+                print(f"piadm: error: {explain(err)}", file=sys.stderr, flush=True)
             return 2
-        print(f"piadm: error on rank {world.rank}: {err}", file=sys.stderr, flush=True)
+        print(f"piadm: error on rank {world.rank}: {explain(err)}", file=sys.stderr, flush=True)
         world.abort(2)
     except Exception:
         if world.size == 1:

@@ -148,6 +148,9 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     # A learned model brings its training normalisation; exact ones use the input's.
     mean = getattr(model, "data_mean", None)
     tol = on_rank0(world, run_tolerance, cfg, model, device)
+    if _stop_agreed(world, stop):  # stopped during start-up: exit before writing anything
+        print0(world, "stopped before sampling began: nothing was written")
+        return Summary(cfg.output.path, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, True)
     spec, state = on_rank0(world, _prepare, cfg, tuple(model.shape),  # before anything is written
                            getattr(model, "variable", None), tol, attrs or {})
     items = load_items(cfg, check=False)
@@ -175,8 +178,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         f"{step}/{grid.steps}: round {sweep}, residual {math.sqrt(r):.1e}"))
     bound, bound_item = model, None
     for item, members in mine:
-        flag = torch.tensor([1.0 if stop else 0.0], dtype=torch.float64)
-        if float(slices.allreduce_max(flag)[0]) > 0:  # the group stops together
+        if _stop_agreed(slices, stop):  # the group stops together
             stopped = True
             break
         if item != bound_item:  # the work is ordered by item: read each input once per run
@@ -204,6 +206,12 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         writer.close()  # every member this rank sampled is written and marked done
     return _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count,
                    skipped=int(done.sum()))
+
+
+def _stop_agreed(comm, stop) -> bool:
+    """Whether a stop signal reached any rank of ``comm`` (every rank calls it)."""
+    flag = torch.tensor([1.0 if stop else 0.0], dtype=torch.float64)
+    return float(comm.allreduce_max(flag)[0]) > 0
 
 
 def _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count, *, skipped):

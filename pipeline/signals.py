@@ -1,7 +1,14 @@
 """Preemption: SIGTERM and SIGUSR1 (what SLURM sends before a time limit or preemption) ask
-every rank to stop at its next safe point instead of dying mid-batch."""
+every rank to stop at its next safe point instead of dying mid-batch.
+
+The command line defers both signals from its first lines, before the seconds of heavy imports
+(``defer_early``): a command that stops gracefully takes over what arrived meanwhile
+(``StopRequest.install``), any other gets the default handling back and a deferred signal
+takes effect then (``release_early``). This module imports nothing heavy for that reason.
+"""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -9,6 +16,28 @@ import sys
 # (75 is EX_TEMPFAIL in sysexits.h: "try again later".)
 EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+_early: list[int] = []  # stop signals received before a command took them over
+
+
+def _record(signum, frame) -> None:
+    _early.append(signum)
+
+
+def defer_early() -> None:
+    """Hold SIGTERM and SIGUSR1 until the command decides what they mean (call first)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _record)
+
+
+def release_early() -> None:
+    """For commands that do not stop gracefully: the default handling again, and a signal
+    that arrived while deferred takes effect now."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    if _early:
+        os.kill(os.getpid(), _early[0])
 
 
 class StopRequest:
@@ -27,7 +56,11 @@ class StopRequest:
         self.signal = signum
 
     def install(self) -> "StopRequest":
-        """Handle the stop signals (main thread only); returns self."""
+        """Handle the stop signals (main thread only), counting one that arrived while they
+        were deferred; returns self."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        if _early:
+            self._handle(_early[0], None)
+            _early.clear()
         return self

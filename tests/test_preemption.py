@@ -89,3 +89,28 @@ def test_concurrent_jobs_on_distinct_items_lose_nothing(tmp_path, clean, attempt
         assert proc.returncode == 0, err
     assert members_done(out) == 36
     assert_same_store(ref, out)
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has installed a handler for ``sig`` (Linux /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines()
+                      if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_during_start_up_exits_75_with_nothing_written(tmp_path, sig):
+    out = tmp_path / "ens.zarr"
+    proc = start([f"--set=output.path={out}", "--set=ensemble.members=2"])
+    deadline = time.monotonic() + 30
+    while not _catches(proc.pid, sig) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(sig)  # the heavy imports are still to come
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert "nothing was written" in err and not out.exists()

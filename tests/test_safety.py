@@ -100,3 +100,48 @@ def test_overwrite_refuses_a_plain_file_and_replaces_its_own_store(tmp_path):
     ours = load_config("jobs/configs/grf.toml", _small(tmp_path, **{"output.overwrite": True}))
     assert sample(ours).members == 2
     assert sample(ours).members == 2  # its own store: replaced, every member sampled again
+
+
+SHIPPED = "models/checkpoints/kolmogorov_uncond.pt"
+
+
+def _broken_checkpoints(tmp_path):
+    data = open(SHIPPED, "rb").read()
+    sidecar = open(SHIPPED + ".json").read()
+    cases = {"truncated.pt": data[:1000], "random.pt": bytes(range(256)) * 20,
+             "alone.pt": data}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        if name != "alone.pt":
+            (tmp_path / (name + ".json")).write_text(sidecar)
+    return cases
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("truncated.pt", "is not a readable piadm checkpoint (truncated, damaged or not one"),
+    ("random.pt", "is not a readable piadm checkpoint (truncated, damaged or not one"),
+    ("alone.pt", "has no metadata file"),
+])
+def test_a_broken_checkpoint_is_one_line(tmp_path, capsys, name, needle):
+    _broken_checkpoints(tmp_path)
+    args = ["sample", "jobs/configs/kolmogorov_uncond.toml", "--set",
+            f"model.checkpoint={json.dumps(str(tmp_path / name))}", "--set",
+            f"output.path={json.dumps(str(tmp_path / 'out.zarr'))}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in err
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_an_output_path_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    sets = _small(tmp_path, **{"output.path": str(tmp_path / "a-file" / "out.zarr")})
+    args = ["sample", "jobs/configs/grf.toml"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert f"cannot use {tmp_path / 'a-file'}" in errors[0] and "may write there" in errors[0]
