@@ -364,8 +364,6 @@ def _check_model(m: ModelConfig) -> None:
            "model.weights", f"= {list(m.weights)} must be finite numbers >= 0, not all zero")
     _check(not m.weights or len(m.weights) == m.components, "model.weights",
            f"has {len(m.weights)} values for model.components = {m.components}: give one each")
-    _check(finite(m.data_bound) and m.data_bound >= 0, "model.data_bound",
-           f"= {m.data_bound} must be a finite number >= 0 (0: the model's own)")
     _check(all(finite(v) for v in m.emulate_ms), "model.emulate_ms",
            f"= {list(m.emulate_ms)} must be finite numbers")
 
@@ -463,8 +461,8 @@ def validate(cfg: Config) -> None:
     _check(not m.emulate_ms or (len(m.emulate_ms) == 2 and min(m.emulate_ms) >= 0),
            "model.emulate_ms", f"= {list(m.emulate_ms)} must be [latency_ms, per_item_ms], "
            "both >= 0, or empty (off)")
-    _check(m.data_bound >= 0, "model.data_bound",
-           f"= {m.data_bound} must be >= 0 (0: the model's own bound)")
+    _check(m.data_bound >= 0 and math.isfinite(m.data_bound), "model.data_bound",
+           f"= {m.data_bound} must be >= 0 and finite (0: the model's own bound)")
     c = cfg.calibrate
     _check(c.members >= 1, "calibrate.members", f"= {c.members} must be >= 1")
     _check(len(c.ladder) >= 1 and all(v > 0 for v in c.ladder), "calibrate.ladder",
