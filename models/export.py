@@ -5,8 +5,8 @@
 The result holds only the EMA state (a few MB) and the JSON sidecar, and loads with
 ``torch.load(weights_only=True)`` like any piadm checkpoint. ``--data`` (re)computes S, the
 data-covariance bound pc-window uses (``models.bound``), on the training split of ZARR (the
-times before the sidecar's ``train.validation`` fraction), for checkpoints trained before it
-was recorded; SRC may be DST."""
+times before the sidecar's ``train.validation`` fraction), and records the data's grid
+(``models.grid``), for checkpoints trained before they were recorded; SRC may be DST."""
 from __future__ import annotations
 
 import argparse
@@ -36,7 +36,12 @@ def export(src: str | Path, dst: str | Path, data: str | Path | None = None) -> 
     src, dst = Path(src), Path(dst)
     meta = json.loads(Path(str(src) + ".json").read_text())
     if data is not None:
+        import xarray as xr
+
+        from models.grid import grid_of
+
         meta["data_bound"] = data_bound(meta, data)
+        meta["grid"] = grid_of(xr.open_zarr(data)[meta["variable"]])
     dst.parent.mkdir(parents=True, exist_ok=True)
     if src.resolve() != dst.resolve():  # in place: only the sidecar changes
         state = torch.load(src, map_location="cpu", weights_only=True)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,8 @@ class LearnedUNet:
     # S: the largest mode variance of the normalised training data (pc-window); inf when the
     # checkpoint does not record it, which keeps pc-window's acceptance safe.
     data_bound: float = float("inf")
+    # the training data's grid (models.grid): coordinates and attributes for the stores
+    grid: dict = field(default_factory=dict)
 
     def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if self.cond_channels and self.cond is None:
@@ -78,4 +80,5 @@ def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu") -> LearnedU
         raise ConfigError(f"config: model.shape = {list(shape)} but {checkpoint} was trained on "
                           f"{meta['shape']}: set model.shape = {meta['shape']}")
     return LearnedUNet(den, tuple(shape), meta["mean"], meta["std"], den.cfg.cond_channels,
-                       meta["variable"], data_bound=float(meta.get("data_bound", float("inf"))))
+                       meta["variable"], data_bound=float(meta.get("data_bound", float("inf"))),
+                       grid=meta.get("grid", {}))

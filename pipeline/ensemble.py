@@ -32,8 +32,8 @@ from pipeline.run import (DTYPES, member_batches, model_data_bound, provenance, 
                           sample_batches, sampler_grid, sampler_options)
 from pipeline.samplers import REFERENCE
 from pipeline.signals import StopRequest
-from pipeline.store import (StoreSpec, done_members, finalize, open_or_create, stored_attribute,
-                            write_batch)
+from pipeline.store import (StoreSpec, done_members, finalize, member_chunk, open_or_create,
+                            stored_attribute, write_batch)
 from pipeline.writer import make_writer
 
 
@@ -67,16 +67,26 @@ def load_items(cfg: Config, *, check: bool) -> Items:
 
 
 def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
-               trained_on: str | None = None) -> StoreSpec:
+               trained_on: str | None = None, grid: dict | None = None) -> StoreSpec:
     """The store ``cfg`` fills, with the input's statistics in its provenance. The field is
     named by output.variable, else the variable a learned model was trained on, else the
     input variable (exact models), else ``field``."""
     variable = cfg.output.variable or trained_on or cfg.input.variable or "field"
     attrs = provenance(cfg)
     attrs.update(input_path=cfg.input.path, input_mean=items.mean, input_std=items.std)
+    field_bytes = math.prod(shape) * np.dtype(cfg.sampler.dtype).itemsize
+    # coordinates: the item dim's from the input; the field's from the model's training grid
+    # (a learned model), else from an input on the same grid
+    coords = items.coords(coarse=cfg.model.condition == "coarse")
+    grid = grid or {}
+    coords.update({d: (np.asarray(c["values"]), c["attrs"])
+                   for d, c in grid.get("coords", {}).items()})
+    field_attrs = {**items.field_attrs(), **grid.get("attrs", {})}
     return StoreSpec(cfg.output.path, items.dim, items.labels, cfg.ensemble.members,
-                     cfg.ensemble.batch_size, variable, shape, cfg.sampler.dtype,
-                     cfg.store_digest, attrs, sweeps=residual_length(cfg.sampler))
+                     member_chunk(cfg.ensemble.batch_size, field_bytes), variable, shape,
+                     cfg.sampler.dtype, cfg.store_digest, attrs,
+                     sweeps=residual_length(cfg.sampler),
+                     coords=coords, field_attrs=field_attrs)
 
 
 def work_list(done: np.ndarray, batches: list[tuple[int, ...]], only: tuple[int, ...]):
@@ -92,12 +102,12 @@ def _check_only(only: tuple[int, ...], count: int) -> None:
                           f"the input selection: use indices 0 .. {count - 1}")
 
 
-def _prepare(cfg: Config, shape, trained_on, tol: Calibration,
-             attrs: dict) -> tuple[StoreSpec, str]:
+def _prepare(cfg: Config, shape, trained_on, tol: Calibration, attrs: dict,
+             grid: dict) -> tuple[StoreSpec, str]:
     """Rank 0's checks and creation: validate the input, open or create the store."""
     items = load_items(cfg, check=True)
     _check_only(cfg.parallel.items, len(items.labels))
-    spec = store_spec(cfg, items, shape, trained_on)
+    spec = store_spec(cfg, items, shape, trained_on, grid)
     spec.attrs.update(sampler_tol=tol.tol, sampler_tol_source=tol.source, **attrs)
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
 
@@ -152,7 +162,8 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         print0(world, "stopped before sampling began: nothing was written")
         return Summary(cfg.output.path, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, True)
     spec, state = on_rank0(world, _prepare, cfg, tuple(model.shape),  # before anything is written
-                           getattr(model, "variable", None), tol, attrs or {})
+                           getattr(model, "variable", None), tol, attrs or {},
+                           getattr(model, "grid", {}))
     items = load_items(cfg, check=False)
     if mean is None:
         mean, std = spec.attrs["input_mean"], spec.attrs["input_std"]

@@ -123,7 +123,7 @@ def residual_figure(ens: xr.Dataset, path: Path, batches: int = 4) -> Path | Non
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for row in range(0, res.shape[0], per_batch)[:batches]:
         r = res[row][np.isfinite(res[row])]
-        ax.semilogy(np.arange(1, r.size + 1), np.sqrt(np.maximum(r, 1e-30)), ".-", ms=3,
+        ax.semilogy(np.arange(1, r.size + 1), np.maximum(r, 1e-15), ".-", ms=3,
                     lw=0.8, label=f"batch from member {row}")
     if sampler.get("tol"):
         ax.axhline(sampler["tol"], color="k", ls="--", lw=1, label=f"tol {sampler['tol']}")

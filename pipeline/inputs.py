@@ -32,6 +32,26 @@ class Items:
     mean: float = 0.0
     std: float = 1.0
 
+    def coords(self, coarse: bool) -> dict:
+        """{dim: (values, attrs)} the ensemble store takes over: the item coordinate with its
+        attributes (units, axis, ...) and, unless the input is a coarse field on another
+        grid, the field coordinates."""
+        if self.fields is None:
+            return {}
+        out = {self.dim: (self.labels, dict(self.fields[self.dim].attrs))}
+        if not coarse:
+            for d in self.fields.dims[1:]:
+                if d in self.fields.coords:
+                    out[d] = (self.fields[d].values, dict(self.fields[d].attrs))
+        return out
+
+    def field_attrs(self) -> dict:
+        """The input variable's descriptive attributes (units, long_name, standard_name)."""
+        if self.fields is None:
+            return {}
+        return {k: v for k, v in self.fields.attrs.items()
+                if k in ("units", "long_name", "standard_name")}
+
     def field(self, index: int) -> np.ndarray | None:
         """Item ``index``'s input field (float64, *shape), or None."""
         if self.fields is None:

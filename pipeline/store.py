@@ -1,10 +1,12 @@
 """The ensemble store: a chunked Zarr (format 3) group that xarray opens, safe to resume.
 
-Layout: one variable per field with dims (item, member, *field dims), chunked (1, member
-batch, *whole field) so every writer owns whole chunks; per-(item, member) ``seed``,
+Layout: one variable per field with dims (item, member, *field dims), chunked (1, m members,
+*whole field) with m a divisor of the member batch (``member_chunk``), so every writer owns
+whole chunks; per-(item, member) ``seed``,
 ``rounds``, ``model_calls`` and ``done`` (1 once that member's data is written; chunked like
 the fields), and ``residual`` (item, member, sweep): the Picard residual of the member's batch
-after each parallel round, NaN-padded. Provenance and the store's configuration digest are
+after each parallel round in the units of the tolerance, NaN-padded. The field dims carry the
+coordinates and attributes the run knows (``StoreSpec.coords``), with CF conventions. Provenance and the store's configuration digest are
 attributes. The interface is
 small and explicit: open or create, see what is done, write a batch, mark it done, finalize.
 
@@ -20,6 +22,7 @@ import shutil
 import time
 import uuid
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +56,19 @@ class StoreSpec:
     digest: str
     attrs: dict
     sweeps: int = 0  # length of the residual history kept per member (0: none)
+    coords: dict = dataclasses.field(default_factory=dict)  # dim -> (values, attrs) to carry
+    field_attrs: dict = dataclasses.field(default_factory=dict)  # units, long_name, ...
+
+
+CHUNK_BYTES = 64 * 2**20  # the most a field chunk holds, when the member batch allows
+
+
+def member_chunk(batch_size: int, field_bytes: int) -> int:
+    """Members per chunk: the largest divisor of the batch size whose chunk stays within
+    ``CHUNK_BYTES`` (at least one member), so every writer still owns whole chunks."""
+    fits = [k for k in range(1, batch_size + 1)
+            if batch_size % k == 0 and k * field_bytes <= CHUNK_BYTES]
+    return max(fits, default=1)
 
 
 def _dataset(spec: StoreSpec) -> xr.Dataset:
@@ -72,16 +88,33 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
                     chunks=(1, spec.member_chunk, spec.sweeps)))
     coords = {spec.item_dim: spec.items, "member": np.arange(spec.members)}
     coords.update({d: np.arange(k) for d, k in zip(dims[2:], spec.shape)})
+    if spec.sweeps:
+        coords["sweep"] = np.arange(1, spec.sweeps + 1)
+    for d, (values, _) in spec.coords.items():
+        if d in coords and len(values) == len(coords[d]):
+            coords[d] = values
     ds = xr.Dataset({spec.variable: (dims, field), **per_member}, coords=coords)
-    ds.attrs.update(spec.attrs, piadm_store_digest=spec.digest,
-                    history=json.dumps([f"{_now()} created"]))
+    created = f"{_now()} piadm {spec.attrs.get('piadm_version', '')}: store created".strip()
+    ds.attrs.update(spec.attrs, piadm_store_digest=spec.digest, Conventions="CF-1.10",
+                    history=created, piadm_history=json.dumps([created]))
+    for d in dims[2:]:
+        ds[d].attrs.update(long_name=f"grid index along {d}", units="1")
+    for d, (values, attrs) in spec.coords.items():
+        if d in ds.coords and len(values) == ds.sizes[d]:
+            ds[d].attrs = dict(attrs)
+    ds[spec.variable].attrs.update(spec.field_attrs)
+    ds[spec.variable].attrs.setdefault("long_name", f"ensemble of {spec.variable}")
     ds["member"].attrs.update(standard_name="realization", units="1", long_name="ensemble member")
     ds["done"].attrs.update(long_name="1 once the member's fields are completely written")
     ds["seed"].attrs.update(long_name="noise key of the member: seed, item and member index")
     if spec.sweeps:
+        ds["sweep"].attrs.update(long_name="parallel round (Picard sweep or window advance)",
+                                 units="1")
         ds["residual"].attrs.update(
-            long_name="Picard residual r (mean square change over the state variance, max over "
-                      "the member's batch) after each parallel round; compare with tol**2")
+            long_name="Picard residual after each parallel round: the root mean square change "
+                      "over the step's noise scale, max over the member's batch; in the units "
+                      "of sampler.tol",
+            units="1")
     return ds
 
 
@@ -174,16 +207,19 @@ def write_batch(path: str | Path, *, variable: str, item: int, start: int, field
     if "residual" in group:
         kept = group["residual"].shape[-1]
         history = np.full(kept, np.nan, dtype="float32")
-        history[: min(kept, len(residuals))] = residuals[:kept]
+        history[: min(kept, len(residuals))] = np.sqrt(residuals[:kept])  # tol's units
         group["residual"][item, start:stop] = np.broadcast_to(history, (stop - start, kept))
     group["done"][item, start:stop] = 1  # last: only now do these members count as done
 
 
 def finalize(path: str | Path, note: str) -> None:
-    """Append ``note`` to the history attribute and consolidate the metadata."""
+    """Append ``note`` to the history (CF text, newest last, and the same lines as a JSON
+    list in ``piadm_history``) and consolidate the metadata."""
     group = zarr.open_group(path, mode="r+")
-    history = json.loads(group.attrs.get("history", "[]"))
-    group.attrs["history"] = json.dumps(history + [f"{_now()} {note}"])
+    line = f"{_now()} {note}"
+    lines = json.loads(group.attrs.get("piadm_history", "[]")) + [line]
+    group.attrs["piadm_history"] = json.dumps(lines)
+    group.attrs["history"] = "\n".join(lines)
     consolidate(path)
 
 

@@ -23,6 +23,7 @@ import torch
 import xarray as xr
 
 from models.bound import largest_mode_power
+from models.grid import grid_of
 from models.unet import Denoiser, UNetConfig
 from pipeline.config import TrainConfig
 from pipeline.console import print0
@@ -178,7 +179,8 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
         print0(comm, f"resuming {path} at step {step}")
     meta = {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std,
             "data_bound": trn.data_bound, "variable": t.variable,
-            "condition": t.condition, "shape": list(shape), "data": t.data, "config": config_text}
+            "condition": t.condition, "shape": list(shape), "data": t.data, "config": config_text,
+            "grid": grid_of(xr.open_zarr(t.data)[t.variable])}
     n, start, loss_sum, val_loss = trn.fields.sizes["time"], time.perf_counter(), 0.0, float("nan")
     lo, hi = slice_bounds(t.batch_size, comm.size, comm.rank)
     while step < t.steps:

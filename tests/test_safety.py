@@ -145,3 +145,69 @@ def test_an_output_path_that_cannot_be_made_is_one_line(tmp_path, capsys):
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "Traceback" not in err
     assert f"cannot use {tmp_path / 'a-file'}" in errors[0] and "may write there" in errors[0]
+
+
+def test_the_store_carries_the_inputs_grid_and_cf_metadata(tmp_path):
+    import numpy as np
+    import xarray as xr
+
+    from conftest import conditional_sets
+    from pipeline.store import open_store
+
+    data = np.random.default_rng(0).standard_normal((3, 16, 16)).astype("float32") + 5
+    coords = {"time": ("time", [0.5, 1.0, 1.5], {"units": "days since 2020-01-01",
+                                                 "axis": "T"}),
+              "y": ("y", np.linspace(0, 1.5, 16), {"units": "m", "axis": "Y"}),
+              "x": ("x", np.linspace(0, 3.0, 16), {"units": "m", "axis": "X"})}
+    src = xr.Dataset({"vort": (("time", "y", "x"), data,
+                               {"units": "s-1", "long_name": "relative vorticity"})},
+                     coords=coords)
+    src.to_zarr(tmp_path / "in.zarr", zarr_format=3, consolidated=False)
+    out = tmp_path / "ens.zarr"
+    sets = conditional_sets(tmp_path / "in.zarr", out, "sampler.method=piadm-sde")
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    ds = open_store(out)
+    truth = xr.open_zarr(tmp_path / "in.zarr", consolidated=False)
+    assert np.allclose(ds.x, truth.x) and ds.x.attrs["units"] == "m"
+    assert ds.x.attrs["axis"] == "X" and ds.y.attrs["axis"] == "Y"
+    raw = xr.open_zarr(out, decode_times=False)  # CF time: xarray re-encodes the same instants
+    assert "since" in raw.time.attrs["units"] and raw.time.attrs["axis"] == "T"
+    assert (ds.time.values == xr.open_zarr(tmp_path / "in.zarr").time.values).all()
+    assert ds.vort.attrs["units"] == "s-1" and ds.vort.attrs["long_name"] == "relative vorticity"
+    # the ensemble lines up with its truth point by point
+    diff = ds.vort.mean("member") - truth.vort.assign_coords(time=ds.time)
+    assert diff.sizes == {"time": 3, "y": 16, "x": 16}
+    assert ds.attrs["Conventions"] == "CF-1.10"
+    lines = ds.attrs["history"].splitlines()
+    assert lines[0].endswith("store created") and lines[-1].endswith("piadm wrote 18 members")  # 3 times x 6
+    assert json.loads(ds.attrs["piadm_history"]) == lines
+    # the residual is in tol's units: a block stops once it is within sampler.tol = 0.05
+    assert list(ds.sweep.values[:3]) == [1, 2, 3] and ds.sweep.attrs["long_name"]
+    last = [r[np.isfinite(r)][-1] for r in ds.residual.values.reshape(-1, ds.sizes["sweep"])]
+    assert max(last) <= 0.05
+
+
+def test_a_learned_models_store_has_its_training_grid(tmp_path):
+    import numpy as np
+
+    from pipeline.store import open_store
+
+    sets = {"model.shape": [64, 64], "sampler.steps": 4, "sampler.method": "sequential-sde",
+            "ensemble.members": 1, "ensemble.batch_size": 1, "output.path": str(tmp_path / "u")}
+    args = ["sample", "jobs/configs/kolmogorov_uncond.toml"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(args) == 0
+    ds = open_store(tmp_path / "u")
+    assert np.allclose(ds.x.values, 2 * np.pi * np.arange(64) / 64)
+    assert ds.x.attrs["axis"] == "X" and ds.vorticity.attrs["long_name"] == "relative vorticity"
+
+
+def test_chunks_stay_under_64_mib_and_writers_keep_whole_chunks():
+    from pipeline.store import member_chunk
+
+    assert member_chunk(16, 64 * 64 * 4) == 16  # small fields: the batch is one chunk
+    assert member_chunk(64, 1024 * 1024 * 4) == 16  # 4 MiB a member: 16 a chunk
+    assert member_chunk(6, 1024 * 1024 * 4) == 6
+    assert member_chunk(48, 1024 * 1024 * 4) == 16  # the largest divisor of the batch that fits
+    assert member_chunk(8, 4096 * 4096 * 8) == 1  # one member over the cap: one a chunk
