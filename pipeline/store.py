@@ -2,13 +2,13 @@
 
 Layout: one variable per field with dims (item, member, *field dims), chunked (1, m members,
 *whole field) with m a divisor of the member batch (``member_chunk``), so every writer owns
-whole chunks; per-(item, member) ``seed``,
-``rounds``, ``model_calls`` and ``done`` (1 once that member's data is written; chunked like
-the fields), and ``residual`` (item, member, sweep): the Picard residual of the member's batch
-after each parallel round in the units of the tolerance, NaN-padded. The field dims carry the
-coordinates and attributes the run knows (``StoreSpec.coords``), with CF conventions. Provenance and the store's configuration digest are
-attributes. The interface is
-small and explicit: open or create, see what is done, write a batch, mark it done, finalize.
+whole chunks; per-(item, member) ``seed``, ``rounds``, ``model_calls`` and ``done`` (1 once
+that member's data is written; chunked like the fields), and ``residual`` (item, member,
+sweep): the Picard residual of the member's batch after each parallel round in the units of
+the tolerance, NaN-padded. The field dims carry the coordinates and attributes the run knows
+(``StoreSpec.coords``), under CF conventions. Provenance and the store's configuration digest
+are attributes. The interface is small and explicit: open or create, see what is done, write
+a batch, mark it done, finalize.
 
 Completion lives in ``done``, written after the data: a member killed mid-write is not done,
 and Zarr's atomic chunk writes mean a rerun simply rewrites it.
