@@ -20,6 +20,7 @@ import torch
 from models import build_model
 from models.conditioning import CONDITIONS
 from pipeline.calibrate import Calibration, resolve_tol
+from pipeline.claims import Heartbeat, claim, claims_dir, new_job_id
 from pipeline.comm import SerialComm
 from pipeline.config import Config, ConfigError
 from pipeline.console import on_rank0, print0
@@ -32,8 +33,8 @@ from pipeline.run import (DTYPES, member_batches, model_data_bound, provenance, 
                           sample_batches, sampler_grid, sampler_options)
 from pipeline.samplers import REFERENCE
 from pipeline.signals import StopRequest
-from pipeline.store import (StoreSpec, done_members, finalize, member_chunk, open_or_create,
-                            stored_attribute, write_batch)
+from pipeline.store import (StoreSpec, batch_done, done_members, finalize, member_chunk,
+                            open_or_create, stored_attribute, write_batch)
 from pipeline.writer import make_writer
 
 
@@ -188,35 +189,72 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         f"{'block' if cfg.sampler.method.startswith('piadm') else 'window'} from step "
         f"{step}/{grid.steps}: round {sweep}, residual {math.sqrt(r):.1e}"))
     bound, bound_item = model, None
-    for item, members in mine:
-        if _stop_agreed(slices, stop):  # the group stops together
-            stopped = True
-            break
-        if item != bound_item:  # the work is ordered by item: read each input once per run
-            raw = items.field(item)
-            bound = _bind(model, cfg.model.condition,
-                          None if raw is None else (raw - mean) / std, device)
-            bound_item = item
-        (batch,) = sample_batches(bound, method=cfg.sampler.method, grid=grid, options=options,
-                                  seed=cfg.sampler.seed, batches=[members],
-                                  dtype=DTYPES[cfg.sampler.dtype], comm=slices, item=item,
-                                  device=device, noise_source=cfg.sampler.noise)
-        if writer is not None:
-            field = batch.fields.cpu().numpy() * std + mean
-            seeds = np.array([member_seed(cfg.sampler.seed, item, m) for m in members])
-            writer.submit(write_batch, spec.path, variable=spec.variable, item=item,
-                          start=members[0], field=field.astype(spec.dtype), seed=seeds,
-                          rounds=batch.stats.rounds, model_calls=batch.stats.model_calls,
-                          residuals=batch.stats.residuals)
-        count += len(members)
-        rounds.append(batch.stats.rounds)
-        calls += batch.stats.model_calls * len(members)
-        bar.advance(len(members), f"{items.dim} {items.labels[item]}: {batch.stats.rounds} rounds")
+    job = on_rank0(world, new_job_id)
+    folder = claims_dir(spec.path)
+    beat = Heartbeat(folder, job).start() if world.rank == 0 else None
+    queue, deferred = list(mine), []  # deferred: batches another live job has claimed
+    try:
+        while queue or deferred:
+            if _stop_agreed(slices, stop):  # the group stops together
+                stopped = True
+                break
+            if not queue:  # what is left is another job's: wait for it, or for it to die
+                time.sleep(CLAIM_POLL_S)
+                queue, deferred = deferred, []
+            item, members = queue.pop(0)
+            state = slices.bcast_object(
+                _claim_state(spec.path, folder, item, members, job) if slices.rank == 0
+                else None, 0)
+            if state == "done":  # finished by another job meanwhile
+                bar.advance(len(members), f"{items.dim} {items.labels[item]}: another job's")
+                continue
+            if state == "theirs":
+                deferred.append((item, members))
+                continue
+            if item != bound_item:  # the work is ordered by item: read each input once
+                raw = items.field(item)
+                bound = _bind(model, cfg.model.condition,
+                              None if raw is None else (raw - mean) / std, device)
+                bound_item = item
+            (batch,) = sample_batches(bound, method=cfg.sampler.method, grid=grid,
+                                      options=options, seed=cfg.sampler.seed, batches=[members],
+                                      dtype=DTYPES[cfg.sampler.dtype], comm=slices, item=item,
+                                      device=device, noise_source=cfg.sampler.noise)
+            if writer is not None:
+                field = batch.fields.cpu().numpy() * std + mean
+                seeds = np.array([member_seed(cfg.sampler.seed, item, m) for m in members])
+                writer.submit(write_batch, spec.path, variable=spec.variable, item=item,
+                              start=members[0], field=field.astype(spec.dtype), seed=seeds,
+                              rounds=batch.stats.rounds, model_calls=batch.stats.model_calls,
+                              residuals=batch.stats.residuals)
+            count += len(members)
+            rounds.append(batch.stats.rounds)
+            calls += batch.stats.model_calls * len(members)
+            bar.advance(len(members),
+                        f"{items.dim} {items.labels[item]}: {batch.stats.rounds} rounds")
+    finally:
+        if beat is not None:
+            beat.stop()
     bar.close()
     if writer is not None:
         writer.close()  # every member this rank sampled is written and marked done
-    return _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count,
-                   skipped=int(done.sum()))
+    try:  # the heartbeat lasts until every group is done: their claims stay alive till then
+        return _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count,
+                       skipped=int(done.sum()))
+    finally:
+        if beat is not None:
+            beat.stop()
+
+
+CLAIM_POLL_S = 2.0  # how often a job waiting on another job's batches looks again
+
+
+def _claim_state(path, folder, item: int, members, job: str) -> str:
+    """Lead rank: ``done`` (written already), ``ours`` (claimed now or before, or taken over
+    from a dead job) or ``theirs`` (a live job is on it)."""
+    if batch_done(path, item, members):
+        return "done"
+    return "ours" if claim(folder, f"{item}-{members[0]}", job) else "theirs"
 
 
 def _stop_agreed(comm, stop) -> bool:

@@ -173,6 +173,7 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
                 f"output {spec.path} exists and is not a piadm store, so output.overwrite = true "
                 "will not delete it: move it away, or choose another output.path")
         shutil.rmtree(path)
+        shutil.rmtree(f"{path}.claims", ignore_errors=True)  # claims on the old store's batches
     if path.exists():
         _refuse_unless_same(spec)
         return "resumed"
@@ -191,6 +192,12 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
 def done_members(path: str | Path) -> np.ndarray:
     """(items, members) bool: which members are completely written."""
     return zarr.open_group(path, mode="r")["done"][:] == 1
+
+
+def batch_done(path: str | Path, item: int, members) -> bool:
+    """Whether every member of ``members`` (consecutive) of item index ``item`` is written."""
+    done = zarr.open_group(path, mode="r")["done"]
+    return bool((done[item, members[0] : members[-1] + 1] == 1).all())
 
 
 def write_batch(path: str | Path, *, variable: str, item: int, start: int, field: np.ndarray,

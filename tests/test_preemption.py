@@ -91,6 +91,23 @@ def test_concurrent_jobs_on_distinct_items_lose_nothing(tmp_path, clean, attempt
     assert_same_store(ref, out)
 
 
+def test_two_identical_jobs_share_the_batches_and_write_each_member_once(tmp_path, clean):
+    import json
+    import re
+
+    inp, ref = clean
+    out = tmp_path / "ens.zarr"
+    procs = [start(conditional_sets(inp, out, *MORE_WORK)) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+    assert_same_store(ref, out)
+    history = json.loads(zarr.open_group(out, mode="r").attrs["piadm_history"])
+    written = [int(m.group(1)) for line in history
+               if (m := re.search(r"piadm wrote (\d+) members", line))]
+    assert len(written) == 2 and sum(written) == 36  # each member written by one job only
+
+
 def _catches(pid: int, sig: int) -> bool:
     """Whether process ``pid`` has installed a handler for ``sig`` (Linux /proc)."""
     try:

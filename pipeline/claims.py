@@ -1,0 +1,111 @@
+"""Claims on member batches, so that several jobs filling one store share the work.
+
+Before a group samples a batch its lead rank claims it: a file ``ITEM-START.json`` in the
+folder ``STORE.claims`` beside the store, created atomically (``O_EXCL``) and naming the job.
+Another job skips a batch claimed by a live job and comes back to it at the end: by then it
+is done, or its claimant died and the batch is taken over. A job is alive while its
+heartbeat file (touched every ``HEARTBEAT_S`` by a thread on the job's first rank) is younger
+than ``STALE_S``; on the same host a claimant whose process is gone is dead at once, so a job
+killed and rerun at once does not wait. Claims are only a way to share: ``done`` in the store
+stays the one record of what is written, so a claim is never trusted over it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+HEARTBEAT_S = 10.0
+STALE_S = 60.0
+
+
+def claims_dir(store: str | Path) -> Path:
+    """The folder of claims on ``store``'s batches (beside it, never inside)."""
+    return Path(f"{store}.claims")
+
+
+def new_job_id() -> str:
+    """An id for this run: the SLURM job (a requeued job keeps it) or this host, process and
+    a random suffix."""
+    slurm = os.environ.get("SLURM_JOB_ID")
+    return f"slurm-{slurm}" if slurm else f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Heartbeat:
+    """Touches ``job-ID.alive`` in the claims folder every ``HEARTBEAT_S`` from a thread."""
+
+    def __init__(self, folder: Path, job: str):
+        self.path = folder / f"job-{job}.alive"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="piadm-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self._beat()
+
+    def start(self) -> "Heartbeat":
+        self._beat()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(folder: Path, owner: dict) -> bool:
+    beat = folder / f"job-{owner.get('job')}.alive"
+    try:
+        age = time.time() - beat.stat().st_mtime
+        info = json.loads(beat.read_text())
+    except (OSError, ValueError):
+        return False
+    if info.get("host") == socket.gethostname():
+        try:
+            os.kill(int(info["pid"]), 0)
+        except ProcessLookupError:
+            return False  # its process is gone: no need to wait for the heartbeat to age
+        except PermissionError:
+            pass  # another user's live process
+    return age < STALE_S
+
+
+def claim(folder: Path, key: str, job: str) -> bool:
+    """Claim batch ``key`` for ``job``; True when it is ours (new, already ours, or taken
+    over from a dead job), False while a live job holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key}.json"
+    record = json.dumps({"job": job, "time": time.time()})
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            owner = json.loads(path.read_text())
+        except (OSError, ValueError):  # being written this instant: leave it to its writer
+            return False
+        if owner.get("job") == job:
+            return True
+        if _alive(folder, owner):
+            return False
+        # a dead job's claim: one taker wins the takeover of this very claim
+        lock = folder / f"{key}.{owner.get('job')}.takeover"
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return False
+        tmp = folder / f"{key}.{job}.tmp"
+        tmp.write_text(record)
+        os.replace(tmp, path)
+        return True
+    with os.fdopen(fd, "w") as f:
+        f.write(record)
+    return True
