@@ -41,7 +41,7 @@ from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
 from pipeline.samplers.common import LIKELY_CAUSE, field_mean, finish, per_point
 from pipeline.samplers.options import Options, PicardDivergence, Stats
-from pipeline.samplers.ring import chain_index, chain_prefix
+from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
 
 DEFAULT_WINDOW = 65  # p: measured on grf and the shipped U-Nets (docs/algorithms.md)
 
@@ -215,14 +215,9 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     y_out = y0.clone()
     rounds, calls, history, advances = 0, 0, [], []
     while bool((start < n).any()):
-        width = torch.clamp(n - start, min=0, max=p)
-        chain = chain_index(lo, hi, start, p)
-        pos = start[:, None] + chain
-        valid = chain < width[:, None]
         # 1. one batched model call at every window point this rank owns
-        g = torch.zeros_like(states)
-        if bool(valid.any()):
-            g[valid] = model(states[valid], t.u[pos[valid]].to(y0.dtype))
+        width, chain, pos, valid, g = evaluate_window(model, states, start, bounds, p, n, t.u,
+                                                      comm.rank)
         # 2. whole-step increments, summed along the chain across ranks (ring.py)
         prefix, y_e, x0hat = _rebuild(states, g, xi, start, width, pos, valid, t, p, bounds,
                                       comm)

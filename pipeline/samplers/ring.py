@@ -1,4 +1,5 @@
-"""Index maths of the ring window (docs/algorithms.md, "Distributed form"): pure, no MPI.
+"""The ring window (docs/algorithms.md, "Distributed form"): index maths (no MPI) and the
+round's two shared steps, the batched call on a rank's slots and the chain prefix.
 
 A window of ``p`` points lives in ``p`` ring slots: trajectory position n sits in slot n mod p,
 so sliding the window frees the slots of the accepted points and nothing else moves. Ranks own
@@ -77,3 +78,21 @@ def chain_prefix(w: torch.Tensor, states: torch.Tensor, start: torch.Tensor, wid
                          offset[:, LOW, None] + cum_low - w)
     summed = None if extra is None else gathered[:, :, 2].sum(1)
     return prefix, totals.sum((1, 2)), summed
+
+
+def evaluate_window(model, states: torch.Tensor, start: torch.Tensor, bounds, p: int, n: int,
+                    u: torch.Tensor, rank: int):
+    """One round's batched model call on this rank's slots: the window points before step n.
+
+    states (B, hi - lo, *S) slot states, start (B,) window starts, u the clock of each step
+    (padded past n). Returns (width (B,), chain (B, hi - lo), positions, valid mask, scores
+    (B, hi - lo, *S), zero where not valid)."""
+    lo, hi = bounds[rank]
+    width = torch.clamp(n - start, min=0, max=p)
+    chain = chain_index(lo, hi, start, p)
+    pos = start[:, None] + chain
+    valid = chain < width[:, None]
+    g = torch.zeros_like(states)
+    if bool(valid.any()):
+        g[valid] = model(states[valid], u[pos[valid]].to(states.dtype))
+    return width, chain, pos, valid, g

@@ -25,7 +25,7 @@ from pipeline.integrators import step_coefficients
 from pipeline.noise import Noise
 from pipeline.samplers.common import field_mean, finish, per_point
 from pipeline.samplers.options import Options, PicardDivergence, Stats
-from pipeline.samplers.ring import chain_index, chain_prefix
+from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
 
 DEFAULT_WINDOW = 100  # p, as ParaDiGMS ships it
 
@@ -68,13 +68,8 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
     rows_all = torch.arange(batch)
     rounds, calls, history, advances = 0, 0, [], []
     while bool((start < n).any()):
-        width = torch.clamp(n - start, min=0, max=p)
-        chain = chain_index(lo, hi, start, p)
-        pos = start[:, None] + chain
-        valid = chain < width[:, None]
-        g = torch.zeros_like(states)
-        if bool(valid.any()):
-            g[valid] = model(states[valid], u[pos[valid]].to(y0.dtype))
+        width, chain, pos, valid, g = evaluate_window(model, states, start, bounds, p, n, u,
+                                                      comm.rank)
         # E_c relative to the window start, c = 0 .. p
         e = torch.cat([torch.ones(batch, 1, dtype=torch.float64),
                        torch.cumprod(decay[start[:, None] + torch.arange(p)], 1)], 1)
