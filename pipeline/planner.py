@@ -271,11 +271,16 @@ def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int
                                   f"{ranks} ranks: launch a multiple of {t}, or set it \"auto\"")
         plan = make_plan(cfg, model, device, ranks=ranks, gpus_per_node=gpus_per_node,
                          latency=latency, say=say)
-        ranked = [p for p in plan.ranked if cfg.parallel.time_slices == "auto"
-                  or p.layout.time_slices == cfg.parallel.time_slices]
+        # only what the config leaves open: a named method stays, numbered slices stay
+        ranked = [p for p in plan.ranked
+                  if (cfg.parallel.time_slices == "auto"
+                      or p.layout.time_slices == cfg.parallel.time_slices)
+                  and (cfg.sampler.method in AUTO_METHODS
+                       or p.layout.method == cfg.sampler.method)]
         if not ranked:
-            raise ConfigError("config: no layout fits parallel.time_slices = "
-                              f"{cfg.parallel.time_slices}: set it \"auto\"")
+            raise ConfigError(f"config: no layout of {cfg.sampler.method} fits "
+                              f"parallel.time_slices = {cfg.parallel.time_slices}: set it "
+                              "\"auto\"")
         plan = dataclasses.replace(plan, ranked=ranked)
         say(table(plan, rows=6))
         say(describe(plan))

@@ -111,3 +111,11 @@ def test_auto_sampling_runs_the_plan_and_records_it_and_a_resume_keeps_it(tmp_pa
     again = sample(cfg)  # resumes: the store's own choice, nothing left to sample
     assert again.members == 0 and again.skipped == 2
     assert "the store's own choice" in capsys.readouterr().err
+
+
+def test_auto_time_slices_keep_the_named_sampler(tmp_path):
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "sampler.method": "window", "sampler.tol": 0.1, "parallel.time_slices": "auto"}))
+    summary = sample(cfg)
+    chosen = json.loads(xr.open_zarr(summary.path).attrs["plan_settings"])
+    assert chosen["sampler.method"] == "window" and chosen["parallel.time_slices"] == 1
