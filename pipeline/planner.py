@@ -236,7 +236,8 @@ def table(plan: Plan, rows: int = 12) -> str:
     shown = plan.ranked[:rows] + ([] if seq in plan.ranked[:rows] else [seq])
     for p in shown:
         lay = p.layout
-        lines.append(f"{plan.ranked.index(p) + 1:>3} {lay.method:<14} {lay.param or '-':>5} "
+        place = plan.ranked.index(p) + 1 if p in plan.ranked else "-"  # not a candidate
+        lines.append(f"{place:>3} {lay.method:<14} {lay.param or '-':>5} "
                      f"{lay.groups:>6} {lay.time_slices:>6} {lay.batch:>5} "
                      f"{p.profile.rounds:>6} {p.profile.calls:>7.0f} {1e3 * p.round_s:>9.2f} "
                      f"{p.seconds:>11.3f} {seq.seconds / p.seconds:>5.2f}x")
