@@ -246,7 +246,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
             beat.stop()
 
 
-CLAIM_POLL_S = 2.0  # how often a job waiting on another job's batches looks again
+CLAIM_POLL_S = 0.5  # how often a job waiting on another job's batches looks again
 
 
 def _claim_state(path, folder, item: int, members, job: str) -> str:
