@@ -15,15 +15,11 @@ import json  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+# Only light modules here: parsing (and --help) must not wait for torch, xarray or zarr;
+# each command imports what it needs.
 from pipeline import __version__  # noqa: E402
-from pipeline.comm import world_comm  # noqa: E402
-from pipeline.config import AUTO_METHODS, ConfigError, load_config  # noqa: E402
+from pipeline.config import AUTO_METHODS, PEERS, ConfigError, load_config  # noqa: E402
 from pipeline.console import on_rank0, print0  # noqa: E402
-from pipeline.peer import PEERS  # noqa: E402
-from pipeline.samplers import REFERENCE, PicardDivergence  # noqa: E402
-from pipeline.scoring import EvaluationError  # noqa: E402
-from pipeline.status import NotAStore  # noqa: E402
-from pipeline.store import StoreExists  # noqa: E402
 
 EXAMPLES = {
     "sample": "example: piadm sample jobs/configs/grf.toml --set ensemble.members=16",
@@ -31,6 +27,7 @@ EXAMPLES = {
     "calibrate": "example: piadm calibrate jobs/configs/kolmogorov_uncond.toml "
                  "--set 'sampler.tol=\"auto\"'",
     "plan": "example: piadm plan jobs/configs/grf.toml --ranks 8 --set ensemble.members=64",
+    "config": "example: piadm config jobs/configs/grf.toml --set sampler.steps=200",
     "status": "example: piadm status out/grf.zarr   (exit 0 when complete, 1 when not)",
     "generate-data": "example: piadm generate-data jobs/configs/kolmogorov.toml --set data.snapshots=100",
     "train": "example: mpiexec -n 2 piadm train jobs/configs/kolmogorov.toml --set train.steps=500",
@@ -94,6 +91,8 @@ def _cmd_sample(args, world) -> int:
 def _against_sequential(cfg, summary) -> str:
     """What the parallel sampler bought over the sequential one for the same members: the
     sequential path takes one round and one model call per step."""
+    from pipeline.samplers import REFERENCE
+
     s = cfg.sampler
     if REFERENCE[s.method] == s.method or not summary.members:
         return ""
@@ -128,6 +127,7 @@ def _cmd_calibrate(args, world) -> int:
     from models import build_model
     from pipeline.calibrate import cache_file
     from pipeline.ensemble import run_tolerance
+    from pipeline.samplers import REFERENCE
 
     cfg, _, device = _setup(args, world)
     if cfg.sampler.method in AUTO_METHODS:
@@ -229,17 +229,32 @@ def _cmd_evaluate(args, world) -> int:
     return 0
 
 
-def _cmd_status(args, world) -> int:
-    from pipeline.status import report
+def _cmd_config(args, world) -> int:
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as err:
+        err.collective = True
+        raise
+    if world.rank == 0:
+        print(cfg.text, end="", flush=True)
+    return 0
 
-    text, complete = report(args.store)
+
+def _cmd_status(args, world) -> int:
+    from pipeline.status import progress, report
+
+    if args.json:
+        state = progress(args.store)
+        text, complete = json.dumps(state, indent=1), state["complete"]
+    else:
+        text, complete = report(args.store)
     if world.rank == 0:
         print(text, flush=True)
     return 0 if complete else 1
 
 
 COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "calibrate": _cmd_calibrate,
-            "plan": _cmd_plan, "status": _cmd_status,
+            "plan": _cmd_plan, "config": _cmd_config, "status": _cmd_status,
             "generate-data": _cmd_generate, "train": _cmd_train, "evaluate": _cmd_evaluate}
 
 
@@ -254,6 +269,7 @@ def parser() -> argparse.ArgumentParser:
                           "half of sampler.distance of the sequential path (cached)",
              "plan": "predict the time of every layout (sampler, groups x time slices, window, "
                      "batch) from measured model costs and rounds, and rank them",
+             "config": "print the resolved configuration (file, overrides and defaults) as TOML",
              "status": "members done / total in an ensemble store",
              "generate-data": "simulate Kolmogorov-flow vorticity snapshots into Zarr",
              "train": "train a U-Net score model on a Zarr dataset (data-parallel)",
@@ -262,6 +278,8 @@ def parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES[name])
         if name == "status":
             sp.add_argument("store", help="path of the ensemble store")
+            sp.add_argument("--json", action="store_true",
+                            help="print one JSON document (members done per item, complete)")
             continue
         if name == "evaluate":
             _evaluate_arguments(sp)
@@ -306,12 +324,19 @@ def _evaluate_arguments(sp) -> None:
                     help="where the table and figures go (default: STORE without .zarr + _eval)")
 
 
-USER_ERRORS = (ConfigError, StoreExists, PicardDivergence, NotAStore, EvaluationError, OSError)
+def user_errors() -> tuple:
+    """The errors a user's input causes: one line each, no traceback."""
+    from pipeline.samplers import PicardDivergence
+    from pipeline.scoring import EvaluationError
+    from pipeline.status import NotAStore
+    from pipeline.store import StoreExists
+
+    return (ConfigError, StoreExists, PicardDivergence, NotAStore, EvaluationError, OSError)
 
 
 def explain(err: Exception) -> str:
     """The one line a user error prints: an I/O failure names its file and what to check."""
-    if not isinstance(err, OSError) or isinstance(err, StoreExists):
+    if not isinstance(err, OSError) or type(err).__module__.startswith("pipeline"):
         return str(err)
     where = f" {err.filename}" if err.filename else ""
     return (f"cannot use{where}: {err.strerror or err}: check that the path exists, that you "
@@ -324,10 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command != "sample":  # only sample stops gracefully: others die as they would
         release_early()
+    from pipeline.comm import world_comm
+
     world = world_comm()
     try:
         return COMMANDS[args.command](args, world)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         if world.size == 1 or getattr(err, "collective", False):
             if world.rank == 0:
                 print(f"piadm: error: {explain(err)}", file=sys.stderr, flush=True)

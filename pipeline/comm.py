@@ -1,6 +1,6 @@
 """The communicator interface samplers use: a serial one and one over mpi4py.
 
-Samplers receive a communicator explicitly (STYLE.md); a one-rank communicator runs the same
+Samplers receive a communicator explicitly, never a global; a one-rank communicator runs the same
 code path as many. Tensors passed to the collectives are reduced element-wise and keep their
 shape, dtype and device. ``seconds`` accumulates the wall time spent inside collectives, which
 the bench reports as the communication share, and ``tally`` the count and seconds of each kind

@@ -187,6 +187,9 @@ class Config:
         return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# Peer libraries ``piadm bench --peer`` runs beside piadm (``pipeline.peer``).
+PEERS = ("diffusers",)
+
 # sampler.method values that let ``piadm plan`` choose: among the SDE or the ODE samplers.
 AUTO_METHODS = ("auto", "auto-ode")
 

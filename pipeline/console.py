@@ -1,4 +1,4 @@
-"""Rank-0 work, named (STYLE.md, 'rank-0 work has a name'): who speaks, and what is done once
+"""Rank-0 work, named and kept in one place: who speaks, and what is done once
 for everyone with the outcome shared."""
 from __future__ import annotations
 

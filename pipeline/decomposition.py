@@ -1,4 +1,4 @@
-"""Who owns what: pure functions, no MPI (STYLE.md, 'decomposition maths has no MPI in it')."""
+"""Who owns what: pure functions; the decomposition maths has no MPI in it."""
 from __future__ import annotations
 
 

@@ -24,8 +24,6 @@ from pipeline.grids import Grid
 from pipeline.noise import Noise
 from pipeline.samplers import SAMPLERS, Options
 
-PEERS = ("diffusers",)
-
 
 def _scheduler():
     try:

@@ -12,17 +12,26 @@ class NotAStore(FileNotFoundError):
     """The path is not a piadm ensemble store."""
 
 
-def report(path: str) -> tuple[str, bool]:
-    """A short text of members done per item and in all; and whether every member is done."""
+def progress(path: str) -> dict:
+    """``{"path", "item_dim", "done", "members", "complete", "items": [{"label", "done",
+    "members"}]}`` of the store at ``path``: members done per item and in all."""
     if not Path(path).exists() or stored_digest(path) is None:
         raise NotAStore(f"{path} is not a piadm ensemble store: pass the output.path of a run")
     group = zarr.open_group(path, mode="r")
     done = done_members(path)
     dim = next(d for d in group["done"].metadata.dimension_names if d != "member")
-    labels = group[dim][:]
-    lines = [f"{path}: {int(done.sum())}/{done.size} members done"]
-    if done.shape[0] > 1:
-        lines += [f"  {dim} {label}: {int(row.sum())}/{row.size}" for label, row in zip(labels, done)]
-    complete = bool(done.all())
-    lines.append("complete" if complete else "incomplete: rerun the same config to finish")
-    return "\n".join(lines), complete
+    items = [{"label": str(label), "done": int(row.sum()), "members": int(row.size)}
+             for label, row in zip(group[dim][:], done)]
+    return {"path": str(path), "item_dim": dim, "done": int(done.sum()),
+            "members": int(done.size), "complete": bool(done.all()), "items": items}
+
+
+def report(path: str) -> tuple[str, bool]:
+    """A short text of members done per item and in all; and whether every member is done."""
+    state = progress(path)
+    lines = [f"{path}: {state['done']}/{state['members']} members done"]
+    if len(state["items"]) > 1:
+        lines += [f"  {state['item_dim']} {i['label']}: {i['done']}/{i['members']}"
+                  for i in state["items"]]
+    lines.append("complete" if state["complete"] else "incomplete: rerun the same config to finish")
+    return "\n".join(lines), state["complete"]

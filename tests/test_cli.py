@@ -47,3 +47,47 @@ def test_invalid_toml_is_named(tmp_path, capsys):
     bad.write_text("[sampler\nsteps = 3\n")
     assert main(["sample", str(bad)]) == 2
     assert "is not valid TOML" in capsys.readouterr().err
+
+
+def test_help_parses_without_importing_the_heavy_libraries():
+    code = ("import sys\nfrom pipeline.cli import parser\n"
+            "for argv in (['--help'], ['sample', '--help'], ['evaluate', '--help']):\n"
+            "    try:\n        parser().parse_args(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'xarray', 'zarr', 'scoringrules') "
+            "if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip().splitlines()[-1] == "[]", run.stderr
+
+
+def test_config_prints_toml_that_loads_back_to_the_same_config(capsys):
+    import tomllib
+
+    from pipeline.config import config_from_dict, load_config
+
+    assert main(["config", "jobs/configs/grf.toml", "--set", "sampler.steps=200"]) == 0
+    again = config_from_dict(tomllib.loads(capsys.readouterr().out))
+    want = load_config("jobs/configs/grf.toml", ["sampler.steps=200"])
+    assert again.digest == want.digest and again.sampler.steps == 200
+
+
+def test_status_json_is_one_document(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "s.zarr"
+    sets = ["model.shape=[8, 8]", "sampler.steps=20", "sampler.method=sequential-sde",
+            "ensemble.members=2", f"output.path={out}"]
+    assert main(["sample", "jobs/configs/grf.toml"] + sum((["--set", s] for s in sets), [])) == 0
+    capsys.readouterr()
+    assert main(["status", str(out), "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert state["complete"] and state["done"] == state["members"] == 2
+    assert state["items"] == [{"label": "0", "done": 2, "members": 2}]
+
+
+@pytest.mark.parametrize("method", ["window", "window-ode", "pc-window", "pc-window-ode"])
+def test_a_windowed_sampler_without_tol_is_a_config_error(method):
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="sampler.tol must be set"):
+        load_config(None, [f"sampler.method={method}"])

@@ -1,4 +1,4 @@
-"""Counter-based keyed noise (docs/algorithms.md section 3, STYLE.md 'noise is an argument')."""
+"""Counter-based keyed noise (docs/algorithms.md section 3): noise is an argument, never hidden state."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Samplers sharing one signature (STYLE.md):
+"""Samplers sharing one signature:
 
     sample(model, y0, grid, noise, *, comm, options) -> (y, Stats)
 
