@@ -70,7 +70,9 @@ def _cmd_sample(args, world) -> int:
     cfg, ranks, device, attrs = _setup(args, world, plan=True)
     print0(world, f"piadm sample: {cfg.sampler.method} on {cfg.model.kind} {list(cfg.model.shape)}, "
                   f"{cfg.ensemble.members} members -> {cfg.output.path}; {world.size} ranks = "
-                  f"{ranks.groups} groups x {cfg.parallel.time_slices} time slices, {device}")
+                  f"{ranks.groups} group{'s' if ranks.groups > 1 else ''} x "
+                  f"{cfg.parallel.time_slices} time slice{'s' if ranks.slices.size > 1 else ''}, "
+                  f"{device}")
     summary = sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
     share = summary.write_wait_s / summary.seconds if summary.seconds else 0.0
     where = "" if summary.preempted else f"\n  open with        xarray.open_zarr({summary.path!r})"
@@ -223,8 +225,8 @@ def _cmd_evaluate(args, world) -> int:
                               truth_variable=args.truth_variable,
                               truth_range=tuple(args.truth_range) if args.truth_range else None,
                               kmax=args.kmax, out=args.out)
-    if world.rank == 0:
-        print(table(metrics), flush=True)
+    if world.rank == 0:  # --json: the document evaluate saved as metrics.json
+        print(files[0].read_text() if args.json else table(metrics), flush=True)
     print0(world, "wrote " + ", ".join(str(f) for f in files))
     return 0
 
@@ -320,6 +322,9 @@ def _evaluate_arguments(sp) -> None:
                          "(climatology only), e.g. --truth-range 670.5 830")
     sp.add_argument("--kmax", type=int, metavar="K",
                     help="largest wavenumber in the spectrum score (default: n / 8)")
+    sp.add_argument("--json", action="store_true",
+                    help="print the metrics as one JSON document (as saved in metrics.json) "
+                         "instead of the table")
     sp.add_argument("--out", metavar="DIR",
                     help="where the table and figures go (default: STORE without .zarr + _eval)")
 

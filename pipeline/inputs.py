@@ -82,7 +82,9 @@ def _label(text: str, coord: xr.DataArray):
 
 def _open(path: str) -> xr.Dataset:
     if not Path(path).exists():
-        raise InputError(f"input.path {path} does not exist: point it at a Zarr store")
+        raise InputError(f"input.path {path} does not exist: point it at a Zarr store (piadm "
+                         f"generate-data CONFIG writes one at data.path, e.g. "
+                         f"jobs/configs/kolmogorov_uncond.toml makes out/kolmogorov_1600.zarr)")
     try:
         with warnings.catch_warnings():  # stores without consolidated metadata are fine too
             warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated")

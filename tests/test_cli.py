@@ -91,3 +91,17 @@ def test_a_windowed_sampler_without_tol_is_a_config_error(method):
 
     with pytest.raises(ConfigError, match="sampler.tol must be set"):
         load_config(None, [f"sampler.method={method}"])
+
+
+def test_evaluate_json_is_the_metrics_document(tmp_path, capsys):
+    import json
+
+    from conftest import conditional_sets, make_input
+
+    inp = make_input(tmp_path / "in.zarr")
+    out = tmp_path / "ens.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(inp, out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--truth", inp, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == json.loads((tmp_path / "ens_eval" / "metrics.json").read_text())
