@@ -67,6 +67,12 @@ def _cmd_sample(args, world) -> int:
     from pipeline.signals import EXIT_PREEMPTED, StopRequest
 
     stop = StopRequest().install()
+    if args.dry_run:
+        from pipeline.ensemble import dry_run
+
+        cfg, ranks, _ = _setup(args, world)
+        print0(world, on_rank0(world, dry_run, cfg, ranks))
+        return 0
     cfg, ranks, device, attrs = _setup(args, world, plan=True)
     print0(world, f"piadm sample: {cfg.sampler.method} on {cfg.model.kind} {list(cfg.model.shape)}, "
                   f"{cfg.ensemble.members} members -> {cfg.output.path}; {world.size} ranks = "
@@ -292,6 +298,10 @@ def parser() -> argparse.ArgumentParser:
         if name == "calibrate":
             sp.add_argument("--force", action="store_true",
                             help="measure anew even when a calibration is cached")
+        if name == "sample":
+            sp.add_argument("--dry-run", action="store_true",
+                            help="print the items, members, batches, store, rank layout and "
+                                 "sampler settings the run would use, and write nothing")
         if name == "plan":
             sp.add_argument("--ranks", type=int, required=True, help="ranks the job will run")
             sp.add_argument("--gpus-per-node", type=int, default=0, metavar="G",

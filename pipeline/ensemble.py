@@ -12,6 +12,7 @@ import dataclasses
 import math
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +112,54 @@ def _prepare(cfg: Config, shape, trained_on, tol: Calibration, attrs: dict,
     spec = store_spec(cfg, items, shape, trained_on, grid)
     spec.attrs.update(sampler_tol=tol.tol, sampler_tol_source=tol.source, **attrs)
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
+
+
+def dry_run(cfg: Config, ranks: RankGrid) -> str:
+    """What ``sample_to_store`` would do, as text, touching nothing: the items, members and
+    batches, what the store at output.path holds, the rank layout and the sampler settings."""
+    from pipeline.calibrate import cache_file, calibration_key, read_cached
+    from pipeline.run import model_digest
+    from pipeline.store import stored_digest
+
+    s, e = cfg.sampler, cfg.ensemble
+    items = load_items(cfg, check=True)
+    _check_only(cfg.parallel.items, len(items.labels))
+    batches = member_batches(e.members, e.batch_size)
+    path, found = cfg.output.path, stored_digest(cfg.output.path)
+    if found is None:
+        store = ("exists and is not a piadm store: the run would refuse it"
+                 if Path(path).exists() else "would be created")
+    elif cfg.output.overwrite:
+        store = "is a piadm store: output.overwrite = true would replace it"
+    elif found != cfg.store_digest:
+        store = "was made by another configuration: the run would refuse it"
+    else:
+        done = done_members(path)
+        store = f"would be resumed: {int(done.sum())} of {done.size} members done"
+    tol = s.tol
+    if tol == "auto" and REFERENCE[s.method] != s.method:
+        cached = read_cached(calibration_key(cfg, model_digest(cfg)))
+        tol = (f"auto: {cached:g}, calibrated earlier ({cache_file()})" if cached is not None
+               else "auto: would be calibrated first (piadm calibrate)")
+    todo = len(cfg.parallel.items or items.labels) * len(batches)
+    lines = [
+        f"items      {len(items.labels)} along {items.dim}"
+        + (f" ({items.labels[0]} .. {items.labels[-1]})" if len(items.labels) > 1 else "")
+        + (f"; this job fills {list(cfg.parallel.items)}" if cfg.parallel.items else ""),
+        f"members    {e.members} per item in {len(batches)} batches of up to {e.batch_size}; "
+        f"{todo} (item, batch) pairs in all",
+        f"store      {path} {store}",
+        f"ranks      {ranks.world.size} = {ranks.groups} group(s) x {ranks.slices.size} time "
+        f"slice(s); each group takes about {-(-todo // ranks.groups)} pairs",
+        f"sampler    {s.method}, {s.steps} steps on the {s.grid} grid (u {s.u_min:g} .. "
+        f"{s.u_max:g}), {s.dtype}, {s.noise} noise, seed {s.seed}, tol {tol}"
+        + (f", window {s.window or 'default'}" if "window" in s.method else "")
+        + (f", blocks of {s.block_size}" if s.method.startswith("piadm") else ""),
+        f"model      {cfg.model.kind} {list(cfg.model.shape)}"
+        + (f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else ""),
+        "nothing was written (--dry-run)",
+    ]
+    return "\n".join(lines)
 
 
 def run_tolerance(cfg: Config, model, device, *, force: bool = False) -> Calibration:

@@ -105,3 +105,14 @@ def test_evaluate_json_is_the_metrics_document(tmp_path, capsys):
     assert main(["evaluate", str(out), "--truth", inp, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc == json.loads((tmp_path / "ens_eval" / "metrics.json").read_text())
+
+
+def test_sample_dry_run_says_what_it_would_do_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "ens.zarr"
+    args = ["sample", "jobs/configs/grf.toml", "--dry-run", "--set", f"output.path={out}",
+            "--set", "ensemble.members=6", "--set", "ensemble.batch_size=4"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "members    6 per item in 2 batches of up to 4" in err
+    assert f"store      {out} would be created" in err and "pc-window, 1000 steps" in err
+    assert "nothing was written" in err and not out.exists()
