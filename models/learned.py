@@ -58,8 +58,8 @@ class LearnedUNet:
 def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu") -> LearnedUNet:
     """The EMA model of ``checkpoint``; raises ConfigError naming model.checkpoint or
     model.shape when they do not fit."""
-    from pipeline.config import ConfigError
-    from pipeline.train import load_denoiser
+    from models.checkpoint import load_denoiser
+    from pipeline.errors import ConfigError
 
     if not checkpoint or not Path(checkpoint).is_file():
         raise ConfigError(f"config: model.checkpoint = {checkpoint!r} is not a file: point it at "

@@ -32,7 +32,9 @@ def new_job_id() -> str:
     """An id for this run: the SLURM job (a requeued job keeps it) or this host, process and
     a random suffix."""
     slurm = os.environ.get("SLURM_JOB_ID")
-    return f"slurm-{slurm}" if slurm else f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    if slurm:
+        return f"slurm-{slurm}"
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class Heartbeat:

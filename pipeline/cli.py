@@ -117,10 +117,8 @@ def _cmd_bench(args, world) -> int:
     cfg, _, device = _setup(args, world)
     for path in args.compare:
         if not Path(path).is_file():
-            err = ConfigError(f"--compare {path}: no such file; give JSON tables written by "
-                              "piadm bench --json")
-            err.collective = True
-            raise err
+            raise ConfigError(f"--compare {path}: no such file; give JSON tables written by "
+                              "piadm bench --json", collective=True)
     if args.peer:
         from pipeline.bench import run_peer
 
@@ -139,16 +137,14 @@ def _cmd_calibrate(args, world) -> int:
 
     cfg, _, device = _setup(args, world)
     if cfg.sampler.method in AUTO_METHODS:
-        err = ConfigError(f"calibrate: sampler.method = {cfg.sampler.method!r} leaves the "
+        raise ConfigError(f"calibrate: sampler.method = {cfg.sampler.method!r} leaves the "
                           "sampler to the planner, which calibrates each one it weighs: run "
-                          "piadm plan, or name a parallel sampler, e.g. pc-window")
-        err.collective = True
-        raise err
+                          "piadm plan, or name a parallel sampler, e.g. pc-window",
+                          collective=True)
     if REFERENCE[cfg.sampler.method] == cfg.sampler.method:
-        err = ConfigError(f"calibrate: sampler.method = {cfg.sampler.method!r} has no tolerance "
-                          "to calibrate: use a parallel sampler, e.g. pc-window")
-        err.collective = True
-        raise err
+        raise ConfigError(f"calibrate: sampler.method = {cfg.sampler.method!r} has no tolerance "
+                          "to calibrate: use a parallel sampler, e.g. pc-window",
+                          collective=True)
     model = build_model(cfg.model, device)
     result = on_rank0(world, run_tolerance, cfg, model, device, force=args.force)
     print0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} "
@@ -164,10 +160,8 @@ def _cmd_plan(args, world) -> int:
 
     cfg, _, device = _setup(args, world)
     if args.ranks < 1 or args.gpus_per_node < 0:
-        err = ConfigError(f"plan: --ranks {args.ranks} must be >= 1 and --gpus-per-node "
-                          f"{args.gpus_per_node} >= 0")
-        err.collective = True
-        raise err
+        raise ConfigError(f"plan: --ranks {args.ranks} must be >= 1 and --gpus-per-node "
+                          f"{args.gpus_per_node} >= 0", collective=True)
 
     def plan_here():
         model = first_item_model(cfg, build_model(cfg.model, device), device)

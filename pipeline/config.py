@@ -17,9 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A bad configuration: the message names the key and how to fix it."""
+from pipeline.errors import ConfigError  # noqa: F401  (raised here; its home is the leaf)
 
 
 @dataclass(frozen=True)
@@ -98,7 +96,8 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    time_slices: int | str = 1  # ranks that split each Picard block (world = groups x time_slices); "auto": piadm plan's choice
+    # ranks that split each Picard block (world = groups x time_slices); "auto": piadm plan's
+    time_slices: int | str = 1
     items: tuple[int, ...] = ()  # indices of the items this job fills; empty: all
     threads: int = 0  # torch CPU threads per rank; 0: this node's cores / ranks on it
 

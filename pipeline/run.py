@@ -11,7 +11,6 @@ from typing import Iterator
 
 import torch
 
-from models import build_model
 from pipeline import __version__
 from pipeline.comm import SerialComm
 from pipeline.config import Config, SamplerConfig

@@ -11,8 +11,6 @@ architecture, normalisation and variables; training resumes from them.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import xarray as xr
 
 from models.bound import largest_mode_power
 from models.grid import grid_of
+from models.checkpoint import save_checkpoint
 from models.unet import Denoiser, UNetConfig
 from pipeline.config import TrainConfig
 from pipeline.console import print0
@@ -123,31 +122,6 @@ def validation_loss(ema: Denoiser, val: Dataset, t: TrainConfig, comm, device) -
             x, c = val.batch(times[a:b], device)
             total += float(edm_loss(ema, x, sigma[a:b].to(device), noise[a:b].to(device), c))
     return float(comm.allreduce_sum(total)[0]) / n
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_suffix(path.suffix + ".json")
-
-
-def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
-    """Write tensors and the JSON sidecar, each atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    tmp_meta = _sidecar(path).with_name(_sidecar(path).name + ".tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_meta, _sidecar(path))
-
-
-def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:
-    """The EMA denoiser of a checkpoint and its metadata (no pickle: tensors only)."""
-    path = Path(path)
-    meta = json.loads(_sidecar(path).read_text())
-    den = Denoiser(UNetConfig.from_dict(meta["unet"])).to(device)
-    state = torch.load(path, map_location=device, weights_only=True)
-    den.load_state_dict(state["ema"])
-    return den.eval(), meta
 
 
 @dataclass

@@ -18,3 +18,47 @@ def test_no_file_refers_to_documents_outside_the_repository():
         hits += [f"{name}: {word}" for word in OUTSIDE if word in text and name != __file__]
     hits = [h for h in hits if not h.startswith("tests/test_repository.py")]
     assert hits == []
+
+
+def _imports() -> dict:
+    """{module: the piadm modules it imports anywhere in its file} for pipeline/ and models/."""
+    import ast
+
+    mods = {}
+    for path in [*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("models/**/*.py")]:
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in (
+                    "pipeline", "models"):
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.split(".")[0] in ("pipeline", "models")}
+        mods[name] = deps
+    return {m: {d for d in deps if d in mods and d != m} for m, deps in mods.items()}
+
+
+def test_the_import_graph_has_no_cycle():
+    graph, state = _imports(), {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for dep in graph[module]:
+            assert state.get(dep) != "open", " -> ".join(path + [dep])
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+
+
+def test_models_import_only_leaf_modules_of_the_pipeline():
+    graph = _imports()
+    leaves = {"pipeline.clock", "pipeline.errors"}
+    for module, deps in graph.items():
+        if module.startswith("models"):
+            assert {d for d in deps if d.startswith("pipeline")} <= leaves, module
+    for leaf in leaves:  # a leaf imports nothing of piadm's
+        assert graph[leaf] == set(), leaf

@@ -14,7 +14,7 @@ from pipeline.cli import main
 from pipeline.grids import make_grid
 from pipeline.noise import Noise
 from pipeline.samplers import SAMPLERS, Options
-from pipeline.train import load_denoiser
+from models.checkpoint import load_denoiser
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["train.steps=6", "train.batch_size=6", "train.channels=[8, 16]", "train.val_every=3",

@@ -1,0 +1,39 @@
+"""Checkpoints of trained U-Nets: tensors (``torch.save``, loaded with ``weights_only``: no
+pickle) and a JSON sidecar ``PATH.json`` with the metadata (architecture, normalisation,
+data-covariance bound, training grid, config). ``pipeline.train`` writes them; score models
+load them."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from models.unet import Denoiser, UNetConfig
+
+
+def sidecar(path: Path) -> Path:
+    """The metadata file of checkpoint ``path``."""
+    return path.with_suffix(path.suffix + ".json")
+
+
+def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
+    """Write tensors and the JSON sidecar, each atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    tmp_meta = sidecar(path).with_name(sidecar(path).name + ".tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp_meta, sidecar(path))
+
+
+def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:
+    """The EMA denoiser of a checkpoint and its metadata (no pickle: tensors only)."""
+    path = Path(path)
+    meta = json.loads(sidecar(path).read_text())
+    den = Denoiser(UNetConfig.from_dict(meta["unet"])).to(device)
+    state = torch.load(path, map_location=device, weights_only=True)
+    den.load_state_dict(state["ema"])
+    return den.eval(), meta
