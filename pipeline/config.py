@@ -96,7 +96,7 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    # ranks that split each Picard block (world = groups x time_slices); "auto": piadm plan's
+    # ranks that split each Picard block (world = groups x time_slices); "auto": the plan's pick
     time_slices: int | str = 1
     items: tuple[int, ...] = ()  # indices of the items this job fills; empty: all
     threads: int = 0  # torch CPU threads per rank; 0: this node's cores / ranks on it

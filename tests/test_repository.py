@@ -62,3 +62,16 @@ def test_models_import_only_leaf_modules_of_the_pipeline():
             assert {d for d in deps if d.startswith("pipeline")} <= leaves, module
     for leaf in leaves:  # a leaf imports nothing of piadm's
         assert graph[leaf] == set(), leaf
+
+
+def test_each_sampler_setting_has_one_default():
+    import dataclasses
+
+    from pipeline.config import SamplerConfig
+    from pipeline.samplers import Options
+
+    config = {f.name: f.default for f in dataclasses.fields(SamplerConfig)}
+    shared = [f for f in dataclasses.fields(Options) if f.name in config]
+    assert len(shared) >= 9
+    for f in shared:
+        assert f.default == config[f.name] or (f.name == "tol"), f.name

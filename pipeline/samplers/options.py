@@ -26,7 +26,7 @@ class Options:
     """
 
     form: str = "exponential"
-    max_sweeps: int = 20
+    max_sweeps: int = 100
     tol: float | None = None
     window: int = 0
     data_bound: float = float("inf")
