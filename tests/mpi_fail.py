@@ -5,6 +5,7 @@ import sys
 
 from models.grf import GaussianRandomField
 from pipeline import cli
+from pipeline.comm import world_comm
 
 
 def _fail_after(calls: int):
@@ -20,6 +21,6 @@ def _fail_after(calls: int):
 
 
 if __name__ == "__main__":
-    if cli.world_comm().rank == int(sys.argv[1]):
+    if world_comm().rank == int(sys.argv[1]):
         GaussianRandomField.__call__ = _fail_after(3)
     sys.exit(cli.main(sys.argv[2:]))

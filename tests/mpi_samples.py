@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from models.grf import GaussianRandomField
-from pipeline.cli import world_comm
+from pipeline.comm import world_comm
 from pipeline.decomposition import share
 from pipeline.grids import make_grid
 from pipeline.layout import place_rank, rank_grid
