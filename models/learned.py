@@ -42,11 +42,16 @@ class LearnedUNet:
     data_bound: float = float("inf")
     # the training data's grid (models.grid): coordinates and attributes for the stores
     grid: dict = field(default_factory=dict)
+    _score: object = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        # built once per binding (replace() makes a new model for a new cond), not per call
+        object.__setattr__(self, "_score", unet_score_model(self.den, self.shape, self.cond))
 
     def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if self.cond_channels and self.cond is None:
             raise ValueError("this model is conditional: set model.condition = 'coarse' and an input")
-        return unet_score_model(self.den, self.shape, self.cond)(x, u)
+        return self._score(x, u)
 
     def conditioned(self, coarse: torch.Tensor) -> "LearnedUNet":
         """Bind a coarse field (h, w), in model units, upsampled to the grid by blocks."""

@@ -59,10 +59,12 @@ def picard_block(model, y0, u, steps: Steps, noise: Noise | None, start: int, *,
     history, calls, sweeps, diverged = [], 0, 0, []
     while rows.numel() and sweeps < min(options.max_sweeps, m):
         sweeps += 1
+        # 1. one batched model call at every point of the slice, 2. one prefix sum (Exscan)
         new_inputs, new_after = sweep(
             model, y0[rows], inputs[rows], u[lo:hi], mine.drift, e[lo : hi + 1],
             None if noise_term is None else noise_term[rows], comm=comm,
         )
+        # 3. the residual, the same on every rank (one Allreduce); 4. stop the settled rows
         r = comm.allreduce_max(residual(new_after, after[rows], mine.var)).cpu()
         inputs[rows], after[rows] = new_inputs, new_after
         calls += rows.numel() * m

@@ -68,9 +68,11 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
     rows_all = torch.arange(batch)
     rounds, calls, history, advances = 0, 0, [], []
     while bool((start < n).any()):
+        # 1. one batched model call at every window point this rank owns
         width, chain, pos, valid, g = evaluate_window(model, states, start, bounds, p, n, u,
                                                       comm.rank)
-        # E_c relative to the window start, c = 0 .. p
+        # 2. the prefix sum along the chain across ranks (ring.chain_prefix), with E_c the
+        # decay products from the window start, c = 0 .. p
         e = torch.cat([torch.ones(batch, 1, dtype=torch.float64),
                        torch.cumprod(decay[start[:, None] + torch.arange(p)], 1)], 1)
         b = per_point(drift[pos], g) * g + per_point(coef_noise[pos], g) * xi
@@ -79,7 +81,8 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
         sums, total, _ = chain_prefix(w, states, start, width, bounds, p, comm)
         new = per_point(e.gather(1, chain), sums) * sums
         y_end = per_point(e[rows_all, width][:, None], total[:, None])[:, 0] * total
-        # residual of point c >= 1 against the step that produced it; chain 0 is exact
+        # 3. residual of point c >= 1 against the step that produced it (chain 0 is exact),
+        # one Allreduce, and the same acceptance on every rank
         r = field_mean((new - states) ** 2, 2).cpu().double() / var[(pos - 1).clamp(min=0)]
         r = torch.where(valid & (chain > 0), r, torch.zeros_like(r))
         local = torch.zeros((batch, p), dtype=torch.float64)
@@ -97,6 +100,7 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
             raise PicardDivergence(
                 f"the window sampler went NaN/Inf near step {int(start[bad].min())}: "
                 "check the model there, or lower sampler.tol")
+        # 4. slide: kept points take their new values, freed slots the end state and new noise
         freed = valid & (chain < accept[:, None])
         states = torch.where(valid.reshape(valid.shape + (1,) * (new.dim() - 2)), new, states)
         done = active & (start + accept >= n)
