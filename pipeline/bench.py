@@ -66,6 +66,14 @@ def _format(row: dict) -> str:
             f"{row['wall_med_s']:>10.2f} {row['comm_share']:>10.3f} {row['peak_mib']:>9.1f}")
 
 
+LEGEND = ("columns: rounds = sequential batched model calls (the parallel depth); "
+          "calls_ratio = model calls over the sequential sampler's; rel_dist = |y - y_seq| / "
+          "|y_seq| against the sequential path with the same noise; stat_err = the ensemble "
+          "statistics' error against the exact model's target (grf: spectrum, gmm: mode "
+          "weights); wall_s, wall_med_s = min and median over bench.repeats; comm_share = "
+          "time in collectives over wall time")
+
+
 def header() -> str:
     return (f"{'method':<15} {'seed':>5} {'tol':>7} {'ranks':>5} {'steps':>6} {'d':>9} "
             f"{'rounds':>7} {'model_calls':>12} {'calls_ratio':>11} {'rel_dist':>9} "
@@ -200,6 +208,7 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
         latency, per_item = cfg.model.emulate_ms
         print0(comm, f"emulating an accelerator: every model call of n items takes at least "
                      f"{latency:g} + n x {per_item:g} ms (model.emulate_ms)")
+    print0(comm, LEGEND)
     print0(comm, header())
     rows = [row for shape in shapes for row in bench_shape(cfg, tuple(shape), comm=comm,
                                                            device=device)]
