@@ -9,12 +9,14 @@ of collective.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
 import torch
 
 IDLE_POLL_S = 0.002  # an idle barrier's sleep between polls
+ABORT_GRACE_S = 0.5  # before an abort: time for the launcher to forward the last message
 
 # Environment variables that MPI launchers (mpiexec/Hydra, srun --mpi=pmi2/pmix, Open MPI) set.
 LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
@@ -176,7 +178,12 @@ class MPIComm:
         return layout
 
     def abort(self, code: int) -> None:
-        """End every rank of the job now (an exception on one rank must not hang the others)."""
+        """End every rank of the job now (an exception on one rank must not hang the others),
+        after a moment for the launcher to forward what this rank just printed: an abort
+        tears down the pipes it reads, and the reason would be lost with them."""
+        sys.stderr.flush()
+        sys.stdout.flush()
+        time.sleep(ABORT_GRACE_S)
         self._comm.Abort(code)
 
 
