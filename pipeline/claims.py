@@ -11,6 +11,7 @@ stays the one record of what is written, so a claim is never trusted over it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
+LOCK_POLL_S = 0.05  # a lock is held for one metadata update: look again soon
 
 
 def claims_dir(store: str | Path) -> Path:
@@ -111,3 +113,16 @@ def claim(folder: Path, key: str, job: str) -> bool:
     with os.fdopen(fd, "w") as f:
         f.write(record)
     return True
+
+
+@contextlib.contextmanager
+def holding(folder: Path, name: str, job: str):
+    """Hold the lock ``name`` for ``job`` while the block runs: a claim that is given back
+    on leaving, so that jobs finishing together update shared metadata one at a time (a
+    dead holder's lock is taken over like a dead job's batch)."""
+    while not claim(folder, name, job):
+        time.sleep(LOCK_POLL_S)
+    try:
+        yield
+    finally:
+        (folder / f"{name}.json").unlink(missing_ok=True)

@@ -21,7 +21,7 @@ import torch
 from models import build_model
 from models.conditioning import CONDITIONS
 from pipeline.calibrate import Calibration, resolve_tol
-from pipeline.claims import Heartbeat, claim, claims_dir, new_job_id
+from pipeline.claims import Heartbeat, claim, claims_dir, holding, new_job_id
 from pipeline.comm import SerialComm
 from pipeline.config import Config, ConfigError
 from pipeline.console import on_rank0, print0
@@ -242,7 +242,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     folder = claims_dir(spec.path)
     beat = Heartbeat(folder, job).start() if world.rank == 0 else None
     queue, deferred = list(mine), []  # deferred: batches another live job has claimed
-    try:
+    try:  # the heartbeat lasts until every group is done: their claims stay alive till then
         while queue or deferred:
             if _stop_agreed(slices, stop):  # the group stops together
                 stopped = True
@@ -281,15 +281,11 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
             calls += batch.stats.model_calls * len(members)
             bar.advance(len(members),
                         f"{items.dim} {items.labels[item]}: {batch.stats.rounds} rounds")
-    finally:
-        if beat is not None:
-            beat.stop()
-    bar.close()
-    if writer is not None:
-        writer.close()  # every member this rank sampled is written and marked done
-    try:  # the heartbeat lasts until every group is done: their claims stay alive till then
+        bar.close()
+        if writer is not None:
+            writer.close()  # every member this rank sampled is written and marked done
         return _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count,
-                       skipped=int(done.sum()))
+                       skipped=int(done.sum()), job=job)
     finally:
         if beat is not None:
             beat.stop()
@@ -312,7 +308,14 @@ def _stop_agreed(comm, stop) -> bool:
     return float(comm.allreduce_max(flag)[0]) > 0
 
 
-def _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count, *, skipped):
+def _finalize_alone(path, note: str, job: str) -> None:
+    """``finalize`` under the store's lock: two jobs finishing together would each read the
+    history, append their line and write it back, and one line would be lost."""
+    with holding(claims_dir(path), "finalize", job):
+        finalize(path, note)
+
+
+def _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count, *, skipped, job):
     world, slices = ranks.world, ranks.slices
     world.barrier(idle=True)  # groups done early sleep: others on the node may need its cores
     lead = slices.rank == 0
@@ -324,7 +327,7 @@ def _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count, *, s
     written = int(total[3])
     note = (f"piadm stopped by a signal after {written} members" if preempted
             else f"piadm wrote {written} members")
-    on_rank0(world, finalize, spec.path, note)
+    on_rank0(world, _finalize_alone, spec.path, note, job)
     write_s = writer.busy if writer is not None else 0.0
     wait_s = writer.waited if writer is not None else 0.0
     return Summary(spec.path, written, skipped, int(peak[1]), int(peak[4]),

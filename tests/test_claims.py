@@ -1,0 +1,74 @@
+"""Claims and locks that jobs sharing one store use: a live job's claim is respected, a dead
+job's is taken over by one taker, and the lock makes read-modify-write updates of shared
+metadata (the store's history) lose nothing when jobs finish together."""
+import json
+import threading
+import time
+
+from pipeline.claims import Heartbeat, claim, holding
+
+
+def test_a_live_jobs_claim_is_respected_and_its_owner_keeps_it(tmp_path):
+    beats = [Heartbeat(tmp_path, job).start() for job in ("a", "b")]
+    try:
+        assert claim(tmp_path, "0-0", "a")
+        assert not claim(tmp_path, "0-0", "b")
+        assert claim(tmp_path, "0-0", "a")  # a requeued job keeps its own claims
+        assert claim(tmp_path, "0-4", "b")
+    finally:
+        for beat in beats:
+            beat.stop()
+
+
+def test_a_dead_jobs_claim_goes_to_exactly_one_taker(tmp_path):
+    (tmp_path / "0-0.json").write_text(json.dumps({"job": "gone", "time": 0.0}))
+    beats = [Heartbeat(tmp_path, job).start() for job in ("a", "b")]
+    try:
+        won = [claim(tmp_path, "0-0", job) for job in ("a", "b")]
+        assert won == [True, False]
+        assert json.loads((tmp_path / "0-0.json").read_text())["job"] == "a"
+    finally:
+        for beat in beats:
+            beat.stop()
+
+
+def test_the_lock_makes_concurrent_updates_lose_nothing(tmp_path):
+    counter = tmp_path / "count.json"
+    counter.write_text("0")
+    jobs, rounds = 4, 5
+
+    def update(job):
+        beat = Heartbeat(tmp_path, job).start()
+        try:
+            for _ in range(rounds):
+                with holding(tmp_path, "finalize", job):
+                    seen = int(counter.read_text())
+                    time.sleep(0.01)  # without the lock the others read the same value here
+                    counter.write_text(str(seen + 1))
+        finally:
+            beat.stop()
+
+    threads = [threading.Thread(target=update, args=(f"job{j}",)) for j in range(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert int(counter.read_text()) == jobs * rounds
+    assert not (tmp_path / "finalize.json").exists()  # given back
+
+
+def test_a_dead_holders_lock_is_taken_over(tmp_path):
+    (tmp_path / "finalize.json").write_text(json.dumps({"job": "gone", "time": 0.0}))
+    beat = Heartbeat(tmp_path, "me").start()
+    try:
+        done = threading.Event()
+
+        def run():
+            with holding(tmp_path, "finalize", "me"):
+                done.set()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        assert done.wait(10)
+    finally:
+        beat.stop()
