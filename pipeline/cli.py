@@ -36,6 +36,19 @@ EXAMPLES = {
 }
 
 
+def overrides(args) -> list[str]:
+    """The ``--set`` overrides of a command: those in the environment variable ``PIADM_SET``
+    (``section.key=value`` items separated by ``;`` or new lines, each as ``--set`` takes it;
+    for a whole batch script or session) first, then the command line's."""
+    items = [item.strip() for line in os.environ.get("PIADM_SET", "").splitlines()
+             for item in line.split(";")]
+    for item in filter(None, items):
+        if "=" not in item:
+            raise ConfigError(f"PIADM_SET: {item!r} is not section.key=value (separate the "
+                              "items with ';' or new lines)")
+    return [*filter(None, items), *args.set]
+
+
 def _setup(args, world, plan: bool = False):
     """Config, rank grid and device: the same on every rank, so an error here is raised by
     all. ``plan``: resolve ``"auto"`` sampler and time slices (``pipeline.planner``) and
@@ -45,7 +58,7 @@ def _setup(args, world, plan: bool = False):
     from pipeline.planner import needs_plan, resolve_plan
 
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, overrides(args))
     except ConfigError as err:
         err.collective = True
         raise
@@ -233,7 +246,7 @@ def _cmd_evaluate(args, world) -> int:
 
 def _cmd_config(args, world) -> int:
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, overrides(args))
     except ConfigError as err:
         err.collective = True
         raise

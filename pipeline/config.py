@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import ConfigError  # noqa: F401  (raised here; its home is the leaf)
+from pipeline.samplers.options import Options  # the samplers' own defaults (no torch)
 
 
 @dataclass(frozen=True)
@@ -39,27 +40,30 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
+    """The ``[sampler]`` section. Settings the samplers read take ``Options``' defaults, so each
+    has one definition; what a method needs is declared with it (``pipeline.samplers``)."""
+
     method: str = "piadm-sde"
     steps: int = 1000
     block_size: int = 100
     tol: float | str | None = None  # a number, or "auto": calibrated (piadm calibrate)
-    max_sweeps: int = 100
+    max_sweeps: int = Options.max_sweeps
     seed: int = 0
     grid: str = "ou"
     u_min: float = 1e-3
     u_max: float = 10.0
     knee: float = 1.0
-    form: str = "exponential"
+    form: str = Options.form
     dtype: str = "float32"
     noise: str = "host"
-    window: int = 0  # window points; 0: the method's own (window 100, pc-window 65)
+    window: int = Options.window  # window points; 0: the method's own (window 100, pc-window 65)
     distance: float = 1e-3  # what tol = "auto" aims at: relative distance to the sequential path
-    on_divergence: str = "sequential"
-    denoise_final: bool = False
-    corrector_steps: int = 8
-    corrector_length: float = 1.0
-    corrector_gamma: float = 1.0
-    corrector_sweeps: int = 4
+    on_divergence: str = Options.on_divergence
+    denoise_final: bool = Options.denoise_final
+    corrector_steps: int = Options.corrector_steps
+    corrector_length: float = Options.corrector_length
+    corrector_gamma: float = Options.corrector_gamma
+    corrector_sweeps: int = Options.corrector_sweeps
 
 
 @dataclass(frozen=True)
@@ -330,7 +334,7 @@ def _check(ok: bool, key: str, problem: str) -> None:
 
 def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
     """A layout must give every time slice at least one point to own."""
-    from pipeline.samplers import WINDOWED
+    from pipeline.samplers import REGISTRY
 
     _check(p.threads >= 0, "parallel.threads", f"= {p.threads} must be >= 0 (0: automatic)")
     if p.time_slices == "auto" or s.method in AUTO_METHODS:
@@ -339,12 +343,7 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
         return  # the planner picks a layout that fits
     _check(isinstance(p.time_slices, int) and p.time_slices >= 1, "parallel.time_slices",
            f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")
-    points = {"block_size": min(s.block_size, s.steps)}
-    if s.method in WINDOWED:
-        points = {"window": min(s.window or WINDOWED[s.method], s.steps)}
-    if s.method == "piadm-ode" and s.corrector_steps > 0:
-        points["corrector_steps"] = s.corrector_steps
-    for key, n in points.items():
+    for key, n in REGISTRY[s.method].points(s).items():
         _check(p.time_slices <= n, "parallel.time_slices",
                f"= {p.time_slices} is more than the {n} points of sampler.{key}: "
                f"use at most {n} time slices, or raise sampler.{key}")
@@ -400,7 +399,7 @@ def validate(cfg: Config) -> None:
     from pipeline.grids import GRIDS
     from pipeline.integrators import FORMS
     from pipeline.noise import SOURCES
-    from pipeline.samplers import SAMPLERS, WINDOWED
+    from pipeline.samplers import REGISTRY, SAMPLERS
 
     m, s, e = cfg.model, cfg.sampler, cfg.ensemble
     _check(m.kind in MODELS, "model.kind", f"= {m.kind!r} is unknown: use one of {', '.join(MODELS)}")
@@ -413,9 +412,9 @@ def validate(cfg: Config) -> None:
     _check(s.max_sweeps >= 1, "sampler.max_sweeps", f"= {s.max_sweeps} must be >= 1")
     _check(s.tol is None or s.tol == "auto" or (isinstance(s.tol, float) and s.tol >= 0),
            "sampler.tol", f"= {s.tol!r} must be a number >= 0 or \"auto\"")
-    _check(s.method not in WINDOWED or s.tol is not None, "sampler.tol",
-           f"must be set for sampler.method = {s.method!r}: a number (window: ParaDiGMS uses "
-           "0.1) or \"auto\" to calibrate it against the sequential sampler")
+    if s.method in REGISTRY:  # what the chosen sampler itself needs (declared with it)
+        for key, problem in REGISTRY[s.method].problems(s):
+            raise ConfigError(f"config: {key} {problem}")
     _check(s.window >= 0, "sampler.window", f"= {s.window} must be >= 1 (0: the method's own)")
     _check(0 < s.distance < 1, "sampler.distance", f"= {s.distance} must be in (0, 1), e.g. 1e-3")
     _check(0 < s.u_min < s.u_max, "sampler.u_min",

@@ -32,10 +32,10 @@ from pipeline.noise import member_seed
 from pipeline.progress import Progress
 from pipeline.run import (DTYPES, member_batches, model_data_bound, provenance, residual_length,
                           sample_batches, sampler_grid, sampler_options)
-from pipeline.samplers import REFERENCE
+from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.signals import StopRequest
-from pipeline.store import (StoreSpec, batch_done, done_members, finalize, member_chunk,
-                            open_or_create, stored_attribute, write_batch)
+from pipeline.store import (StoreSpec, batch_done, check_target, done_members, finalize,
+                            member_chunk, open_or_create, stored_attribute, write_batch)
 from pipeline.writer import make_writer
 
 
@@ -104,6 +104,12 @@ def _check_only(only: tuple[int, ...], count: int) -> None:
                           f"the input selection: use indices 0 .. {count - 1}")
 
 
+def _check_early(cfg: Config) -> None:
+    """Rank 0: the input selection and the output target, before the start-up's costly work."""
+    _check_only(cfg.parallel.items, len(load_items(cfg, check=True).labels))
+    check_target(cfg.output.path, cfg.store_digest, overwrite=cfg.output.overwrite)
+
+
 def _prepare(cfg: Config, shape, trained_on, tol: Calibration, attrs: dict,
              grid: dict) -> tuple[StoreSpec, str]:
     """Rank 0's checks and creation: validate the input, open or create the store."""
@@ -154,7 +160,7 @@ def dry_run(cfg: Config, ranks: RankGrid) -> str:
         f"sampler    {s.method}, {s.steps} steps on the {s.grid} grid (u {s.u_min:g} .. "
         f"{s.u_max:g}), {s.dtype}, {s.noise} noise, seed {s.seed}, tol {tol}"
         + (f", window {s.window or 'default'}" if "window" in s.method else "")
-        + (f", blocks of {s.block_size}" if s.method.startswith("piadm") else ""),
+        + (f", blocks of {s.block_size}" if REGISTRY[s.method].blocked else ""),
         f"model      {cfg.model.kind} {list(cfg.model.shape)}"
         + (f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else ""),
         "nothing was written (--dry-run)",
@@ -207,6 +213,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         raise
     # A learned model brings its training normalisation; exact ones use the input's.
     mean = getattr(model, "data_mean", None)
+    on_rank0(world, _check_early, cfg)  # a refusal now, not after a calibration
     tol = on_rank0(world, run_tolerance, cfg, model, device)
     if _stop_agreed(world, stop):  # stopped during start-up: exit before writing anything
         print0(world, "stopped before sampling began: nothing was written")
@@ -235,7 +242,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     bar = Progress(world, total, f"group {ranks.group + 1}/{ranks.groups} members",
                    speak=slices.rank == 0)
     options = dataclasses.replace(options, on_sweep=lambda step, sweep, r: bar.note(
-        f"{'block' if cfg.sampler.method.startswith('piadm') else 'window'} from step "
+        f"{'block' if REGISTRY[cfg.sampler.method].blocked else 'window'} from step "
         f"{step}/{grid.steps}: round {sweep}, residual {math.sqrt(r):.1e}"))
     bound, bound_item = model, None
     job = on_rank0(world, new_job_id)

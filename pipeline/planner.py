@@ -27,7 +27,7 @@ from pipeline.config import AUTO_METHODS, Config, ConfigError, with_settings
 from pipeline.layout import cpu_threads
 from pipeline.noise import Noise
 from pipeline.plan import CostCurve, Machine, Prediction, Profile, layouts, predict, rank
-from pipeline.samplers import REFERENCE, SAMPLERS, WINDOWED
+from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS
 
 FAMILIES = {"auto": ("sequential-sde", "piadm-sde", "window", "pc-window"),
             "auto-ode": ("sequential-ode", "piadm-ode", "window-ode", "pc-window-ode")}
@@ -62,7 +62,8 @@ def params_of(cfg: Config, method: str) -> tuple[int, ...]:
     s = cfg.sampler
     if REFERENCE[method] == method:
         return (0,)
-    base = (s.window or WINDOWED[method]) if method in WINDOWED else s.block_size
+    entry = REGISTRY[method]
+    base = (s.window or entry.default_window) if entry.windowed else s.block_size
     return tuple(sorted({min(max(2, v), s.steps) for v in (base // 2, base, 2 * base)}))
 
 
@@ -71,7 +72,7 @@ def settings(pred: Prediction) -> dict:
     lay, prof = pred.layout, pred.profile
     out = {"sampler.method": lay.method, "parallel.time_slices": lay.time_slices,
            "ensemble.batch_size": lay.batch}
-    if lay.method in WINDOWED:
+    if REGISTRY[lay.method].windowed:
         out["sampler.window"] = lay.param
     elif lay.param:
         out["sampler.block_size"] = lay.param
@@ -108,8 +109,8 @@ def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: in
 
     s = cfg.sampler
     s = dataclasses.replace(s, steps=steps, method=method,
-                            window=param if method in WINDOWED else s.window,
-                            block_size=param if method.startswith("piadm") else s.block_size)
+                            window=param if REGISTRY[method].windowed else s.window,
+                            block_size=param if REGISTRY[method].blocked else s.block_size)
     options = sampler_options(s, tol=tol, data_bound=model_data_bound(model, cfg.model))
     noise = Noise(s.seed, ((CALIBRATION_ITEM, 0),), tuple(model.shape), DTYPES[s.dtype], device,
                   s.noise)

@@ -16,7 +16,7 @@ from pipeline.comm import SerialComm
 from pipeline.config import Config, SamplerConfig
 from pipeline.grids import Grid, make_grid
 from pipeline.noise import Noise
-from pipeline.samplers import SAMPLERS, Options, Stats
+from pipeline.samplers import REGISTRY, SAMPLERS, Options, Stats
 from pipeline.samplers.common import check_finite
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -52,10 +52,11 @@ def residual_length(s: SamplerConfig) -> int:
     """Rounds of residual history a store keeps per member: none for the sequential samplers;
     otherwise at most one round per step (a sweep or a window advance settles at least one
     step), plus the corrector's sweeps after each block."""
-    if s.method.startswith("sequential"):
+    entry = REGISTRY[s.method]
+    if entry.reference == s.method:
         return 0
     blocks = -(-s.steps // s.block_size)
-    return s.steps + (blocks * s.corrector_sweeps if s.method == "piadm-ode" else 0)
+    return s.steps + (blocks * s.corrector_sweeps if entry.corrector else 0)
 
 
 def member_batches(members: int, batch_size: int) -> list[tuple[int, ...]]:

@@ -150,16 +150,29 @@ def stored_attribute(path: str | Path, digest: str, name: str,
     return attrs.get(name) if attrs.get(digest_key) == digest else None
 
 
-def _refuse_unless_same(spec: StoreSpec) -> None:
-    found = stored_digest(spec.path)
+def _refuse_unless_same(path, digest: str) -> None:
+    found = stored_digest(path)
     if found is None:
-        raise StoreExists(f"output {spec.path} exists and is not a piadm store: choose another "
+        raise StoreExists(f"output {path} exists and is not a piadm store: choose another "
                           "output.path, or set output.overwrite = true to replace it")
-    if found != spec.digest:
+    if found != digest:
         raise StoreExists(
-            f"output {spec.path} was made by a different configuration (digest {found[:12]}, "
-            f"this run {spec.digest[:12]}): rerun its own config to resume it, choose another "
+            f"output {path} was made by a different configuration (digest {found[:12]}, "
+            f"this run {digest[:12]}): rerun its own config to resume it, choose another "
             "output.path, or set output.overwrite = true to replace it")
+
+
+def check_target(path: str | Path, digest: str, *, overwrite: bool) -> None:
+    """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse:
+    a folder that is not a piadm store, or (unless ``overwrite``) another configuration's."""
+    if not Path(path).exists():
+        return
+    if overwrite and stored_digest(path) is None:
+        raise StoreExists(
+            f"output {path} exists and is not a piadm store, so output.overwrite = true "
+            "will not delete it: move it away, or choose another output.path")
+    if not overwrite:
+        _refuse_unless_same(path, digest)
 
 
 def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
@@ -167,15 +180,11 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
     ``created`` or ``resumed``. Creation is built aside and renamed into place, so the path
     is either absent or complete, and two runs racing to create it agree on one."""
     path = Path(spec.path)
+    check_target(path, spec.digest, overwrite=overwrite)  # never delete what piadm did not make
     if path.exists() and overwrite:
-        if stored_digest(path) is None:  # never delete what piadm did not make
-            raise StoreExists(
-                f"output {spec.path} exists and is not a piadm store, so output.overwrite = true "
-                "will not delete it: move it away, or choose another output.path")
         shutil.rmtree(path)
         shutil.rmtree(f"{path}.claims", ignore_errors=True)  # claims on the old store's batches
     if path.exists():
-        _refuse_unless_same(spec)
         return "resumed"
     path.parent.mkdir(parents=True, exist_ok=True)
     aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.creating")
@@ -184,7 +193,7 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
         os.rename(aside, path)
     except OSError:  # another run created it first: use theirs if it is the same config
         shutil.rmtree(aside, ignore_errors=True)
-        _refuse_unless_same(spec)
+        _refuse_unless_same(path, spec.digest)
         return "resumed"
     return "created"
 

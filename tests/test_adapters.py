@@ -5,7 +5,6 @@ state x_n = alpha x_0 + beta eps with its native time: per Fourier mode of data 
 x_n has variance v = alpha^2 lam + beta^2, E[eps | x_n] = beta x_n / v,
 E[x_0 | x_n] = alpha lam x_n / v and the native score is -x_n / v.
 """
-import math
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ from conftest import conditional_sets, make_input
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.ensemble import sample_to_store
-from pipeline.signals import EXIT_PREEMPTED, StopRequest
+from pipeline.signals import StopRequest
 
 
 def assert_same_store(a, b):

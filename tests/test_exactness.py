@@ -37,7 +37,7 @@ def _chi2_of_spectrum(model, y):
 @pytest.mark.parametrize("method", list(OPTS))
 def test_grf_spectrum_matches_exact_target(method, shape, members):
     model = GaussianRandomField(shape, length=4.0)
-    grid = make_grid("ou", 1000, u_min=U_MIN, u_max=10.0, block_size=100)
+    grid = make_grid("ou", 400, u_min=U_MIN, u_max=10.0, block_size=50)
     noise = Noise(11, tuple((0, m) for m in range(members)), shape, torch.float64)
     options = dataclasses.replace(OPTS[method], data_bound=model.data_bound)
     y, _ = SAMPLERS[method.removesuffix("-predictor")](model, noise.prior(), grid, noise,

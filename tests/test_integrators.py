@@ -6,7 +6,6 @@ the DDPM table of 1000 steps built here independently, with the same keyed noise
 """
 import math
 
-import numpy as np
 import pytest
 import torch
 

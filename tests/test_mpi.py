@@ -117,7 +117,6 @@ def test_one_two_and_four_ranks_write_identical_stores(tmp_path, input_store):
 
 def test_sigterm_to_mpiexec_stops_every_rank_and_a_rerun_completes(tmp_path, input_store):
     from conftest import conditional_sets
-    from test_ensemble import assert_same_store
     from test_preemption import MORE_WORK, members_done
 
     out, ref = tmp_path / "ens.zarr", tmp_path / "ref.zarr"

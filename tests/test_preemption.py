@@ -78,8 +78,7 @@ def test_kill_9_at_random_moments_then_a_rerun_gives_the_clean_store(tmp_path, c
     assert_same_store(ref, out)
 
 
-@pytest.mark.parametrize("attempt", range(2))
-def test_concurrent_jobs_on_distinct_items_lose_nothing(tmp_path, clean, attempt):
+def test_concurrent_jobs_on_distinct_items_lose_nothing(tmp_path, clean):
     inp, ref = clean
     out = tmp_path / "ens.zarr"
     procs = [start(conditional_sets(inp, out, *MORE_WORK, f"parallel.items={part}"))

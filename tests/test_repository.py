@@ -76,13 +76,21 @@ def test_models_import_only_leaf_modules_of_the_pipeline():
 
 
 def test_each_sampler_setting_has_one_default():
+    """The settings the config shares with the samplers' Options take Options' defaults by
+    reference: the default is written once."""
+    import ast
     import dataclasses
 
     from pipeline.config import SamplerConfig
     from pipeline.samplers import Options
 
-    config = {f.name: f.default for f in dataclasses.fields(SamplerConfig)}
-    shared = [f for f in dataclasses.fields(Options) if f.name in config]
+    options = {f.name for f in dataclasses.fields(Options)}
+    tree = ast.parse((ROOT / "pipeline" / "config.py").read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SamplerConfig"]
+    shared = {n.target.id: n.value for n in cls.body
+              if isinstance(n, ast.AnnAssign) and n.target.id in options and n.target.id != "tol"}
     assert len(shared) >= 9
-    for f in shared:
-        assert f.default == config[f.name] or (f.name == "tol"), f.name
+    for name, value in shared.items():
+        assert ast.unparse(value) == f"Options.{name}", name
+    config = {f.name: f.default for f in dataclasses.fields(SamplerConfig)}
+    assert all(config[name] == getattr(Options, name) for name in shared)

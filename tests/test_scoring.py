@@ -4,7 +4,6 @@ bad input is a one-line error."""
 import json
 import shutil
 
-import numpy as np
 import pytest
 import xarray as xr
 import zarr

@@ -5,45 +5,95 @@
 with y0 and y (B, *shape) tensors, ``grid`` a ``pipeline.grids.Grid``, ``noise`` a
 ``pipeline.noise.Noise`` for the batch, ``comm`` a communicator (``pipeline.comm``) and
 ``options`` a ``pipeline.samplers.options.Options``.
+
+``REGISTRY`` below is the one place a sampler is declared: where its function lives, the
+sequential sampler whose path it reproduces, how it cuts the steps, and what it needs from
+the ``[sampler]`` settings. No sampler module (nor torch) is imported until a sampler is
+used, so that the CLI's help and its config checks stay light.
 """
 from __future__ import annotations
 
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 from pipeline.samplers.options import Options, PicardDivergence, Stats
-from pipeline.samplers import pcwindow, window
-from pipeline.samplers.pcwindow import pc_window_ode, pc_window_sde
-from pipeline.samplers.picard import piadm_ode, piadm_sde
-from pipeline.samplers.sequential import sequential_ode, sequential_sde
-from pipeline.samplers.window import window_ode, window_sde
 
-SAMPLERS = {
-    "sequential-sde": sequential_sde,
-    "sequential-ode": sequential_ode,
-    "piadm-sde": piadm_sde,
-    "piadm-ode": piadm_ode,
-    "window": window_sde,
-    "window-ode": window_ode,
-    "pc-window": pc_window_sde,
-    "pc-window-ode": pc_window_ode,
+
+@dataclass(frozen=True)
+class Registered:
+    """A sampler's declaration.
+
+    target: ``module:function``. reference: the sequential sampler it reproduces with the same
+    noise (itself for a sequential one). windowed: slides a window of ``sampler.window``
+    points (its module's ``DEFAULT_WINDOW`` when 0) and stops on ``sampler.tol``, which it
+    therefore needs. blocked: cuts the steps into blocks of ``sampler.block_size``.
+    corrector: runs the Langevin corrector's ``sampler.corrector_steps`` points after each block.
+    """
+
+    target: str
+    reference: str
+    windowed: bool = False
+    blocked: bool = False
+    corrector: bool = False
+
+    def load(self):
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    @property
+    def default_window(self) -> int:
+        """The window's points when ``sampler.window`` is 0 (windowed samplers only)."""
+        return importlib.import_module(self.target.split(":")[0]).DEFAULT_WINDOW
+
+    def points(self, s) -> dict[str, int]:
+        """The points each ``[sampler]`` setting ``s`` gives a round, by setting name: a layout
+        needs at most that many time slices."""
+        points = ({"window": min(s.window or self.default_window, s.steps)} if self.windowed
+                  else {"block_size": min(s.block_size, s.steps)})
+        if self.corrector and s.corrector_steps > 0:
+            points["corrector_steps"] = s.corrector_steps
+        return points
+
+    def problems(self, s) -> list[tuple[str, str]]:
+        """(key, problem) for each ``[sampler]`` setting of ``s`` this sampler cannot run with."""
+        if self.windowed and s.tol is None:
+            return [("sampler.tol", f"must be set for sampler.method = {s.method!r}, a sliding "
+                     "window that stops on it: a number (window: ParaDiGMS uses 0.1) or "
+                     "\"auto\" to calibrate it against the sequential sampler")]
+        return []
+
+
+_SDE, _ODE = "sequential-sde", "sequential-ode"
+REGISTRY = {
+    "sequential-sde": Registered("pipeline.samplers.sequential:sequential_sde", _SDE),
+    "sequential-ode": Registered("pipeline.samplers.sequential:sequential_ode", _ODE),
+    "piadm-sde": Registered("pipeline.samplers.picard:piadm_sde", _SDE, blocked=True),
+    "piadm-ode": Registered("pipeline.samplers.picard:piadm_ode", _ODE, blocked=True,
+                            corrector=True),
+    "window": Registered("pipeline.samplers.window:window_sde", _SDE, windowed=True),
+    "window-ode": Registered("pipeline.samplers.window:window_ode", _ODE, windowed=True),
+    "pc-window": Registered("pipeline.samplers.pcwindow:pc_window_sde", _SDE, windowed=True),
+    "pc-window-ode": Registered("pipeline.samplers.pcwindow:pc_window_ode", _ODE,
+                                windowed=True),
 }
 
-# The sequential sampler whose path a parallel sampler reproduces with the same noise.
-REFERENCE = {
-    "sequential-sde": "sequential-sde",
-    "sequential-ode": "sequential-ode",
-    "piadm-sde": "sequential-sde",
-    "piadm-ode": "sequential-ode",
-    "window": "sequential-sde",
-    "window-ode": "sequential-ode",
-    "pc-window": "sequential-sde",
-    "pc-window-ode": "sequential-ode",
-}
 
-# Sliding-window samplers: they need sampler.tol, and their window's default length p.
-WINDOWED = {
-    "window": window.DEFAULT_WINDOW,
-    "window-ode": window.DEFAULT_WINDOW,
-    "pc-window": pcwindow.DEFAULT_WINDOW,
-    "pc-window-ode": pcwindow.DEFAULT_WINDOW,
-}
+class _Functions(Mapping):
+    """Method name -> sampler function, each imported on first use."""
 
-__all__ = ["WINDOWED", "SAMPLERS", "REFERENCE", "Options", "Stats", "PicardDivergence"]
+    def __getitem__(self, name: str):
+        return REGISTRY[name].load()
+
+    def __iter__(self):
+        return iter(REGISTRY)
+
+    def __len__(self) -> int:
+        return len(REGISTRY)
+
+
+SAMPLERS = _Functions()
+REFERENCE = {name: entry.reference for name, entry in REGISTRY.items()}
+
+__all__ = ["REGISTRY", "REFERENCE", "SAMPLERS", "Registered", "Options", "Stats",
+           "PicardDivergence"]
