@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,10 +28,10 @@ from pipeline.console import on_rank0, print0
 from pipeline.decomposition import share
 from pipeline.inputs import Items, open_items, unconditional
 from pipeline.layout import RankGrid, rank_grid
-from pipeline.noise import member_seed
+from pipeline.noise import Noise
 from pipeline.progress import Progress
 from pipeline.run import (DTYPES, member_batches, model_data_bound, provenance, residual_length,
-                          sample_batches, sampler_grid, sampler_options)
+                          sample_batch, sampler_grid, sampler_options)
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.signals import StopRequest
 from pipeline.store import (StoreSpec, batch_done, check_target, done_members, finalize,
@@ -237,7 +237,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     grid = sampler_grid(cfg.sampler)
     options = sampler_options(cfg.sampler, tol=tol.tol,
                               data_bound=model_data_bound(model, cfg.model))
-    start, rounds, calls, count, stopped = time.perf_counter(), [], 0.0, 0, False
+    tally = _Tally(time.perf_counter())
     total = sum(len(b) for _, b in mine)
     bar = Progress(world, total, f"group {ranks.group + 1}/{ranks.groups} members",
                    speak=slices.rank == 0)
@@ -252,7 +252,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
         while queue or deferred:
             if _stop_agreed(slices, stop):  # the group stops together
-                stopped = True
+                tally.stopped = True
                 break
             if not queue:  # what is left is another job's: wait for it, or for it to die
                 time.sleep(CLAIM_POLL_S)
@@ -272,27 +272,25 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
                 bound = _bind(model, cfg.model.condition,
                               None if raw is None else (raw - mean) / std, device)
                 bound_item = item
-            (batch,) = sample_batches(bound, method=cfg.sampler.method, grid=grid,
-                                      options=options, seed=cfg.sampler.seed, batches=[members],
-                                      dtype=DTYPES[cfg.sampler.dtype], comm=slices, item=item,
-                                      device=device, noise_source=cfg.sampler.noise)
+            s = cfg.sampler
+            noise = Noise.members(s.seed, item, members, model.shape, DTYPES[s.dtype], device,
+                                  s.noise)
+            batch = sample_batch(bound, noise, method=s.method, grid=grid, options=options,
+                                 comm=slices)
             if writer is not None:
                 field = batch.fields.cpu().numpy() * std + mean
-                seeds = np.array([member_seed(cfg.sampler.seed, item, m) for m in members])
                 writer.submit(write_batch, spec.path, variable=spec.variable, item=item,
-                              start=members[0], field=field.astype(spec.dtype), seed=seeds,
-                              rounds=batch.stats.rounds, model_calls=batch.stats.model_calls,
+                              start=members[0], field=field.astype(spec.dtype),
+                              seed=np.array(batch.seeds), rounds=batch.stats.rounds,
+                              model_calls=batch.stats.model_calls,
                               residuals=batch.stats.residuals)
-            count += len(members)
-            rounds.append(batch.stats.rounds)
-            calls += batch.stats.model_calls * len(members)
+            tally.add(len(members), batch.stats)
             bar.advance(len(members),
                         f"{items.dim} {items.labels[item]}: {batch.stats.rounds} rounds")
         bar.close()
         if writer is not None:
             writer.close()  # every member this rank sampled is written and marked done
-        return _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count,
-                       skipped=int(done.sum()), job=job)
+        return _finish(cfg, spec, ranks, writer, tally, skipped=int(done.sum()), job=job)
     finally:
         if beat is not None:
             beat.stop()
@@ -315,6 +313,22 @@ def _stop_agreed(comm, stop) -> bool:
     return float(comm.allreduce_max(flag)[0]) > 0
 
 
+@dataclass
+class _Tally:
+    """What this group has sampled so far: members, rounds of each batch, model calls."""
+
+    start: float
+    rounds: list = field(default_factory=list)
+    calls: float = 0.0
+    count: int = 0
+    stopped: bool = False
+
+    def add(self, members: int, stats) -> None:
+        self.count += members
+        self.rounds.append(stats.rounds)
+        self.calls += stats.model_calls * members
+
+
 def _finalize_alone(path, note: str, job: str) -> None:
     """``finalize`` under the store's lock: two jobs finishing together would each read the
     history, append their line and write it back, and one line would be lost."""
@@ -322,12 +336,13 @@ def _finalize_alone(path, note: str, job: str) -> None:
         finalize(path, note)
 
 
-def _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count, *, skipped, job):
+def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str):
     world, slices = ranks.world, ranks.slices
     world.barrier(idle=True)  # groups done early sleep: others on the node may need its cores
     lead = slices.rank == 0
-    local = torch.tensor([float(stopped), float(sum(rounds)), calls if lead else 0.0,
-                          float(count) if lead else 0.0, float(max(rounds, default=0))],
+    local = torch.tensor([float(tally.stopped), float(sum(tally.rounds)),
+                          tally.calls if lead else 0.0, float(tally.count) if lead else 0.0,
+                          float(max(tally.rounds, default=0))],
                          dtype=torch.float64)
     peak, total = world.allreduce_max(local), world.allreduce_sum(local)
     preempted = bool(peak[0] > 0)
@@ -339,4 +354,4 @@ def _finish(cfg, spec, ranks, writer, stopped, start, rounds, calls, count, *, s
     wait_s = writer.waited if writer is not None else 0.0
     return Summary(spec.path, written, skipped, int(peak[1]), int(peak[4]),
                    float(total[2]) / max(written, 1),
-                   time.perf_counter() - start, write_s, wait_s, preempted)
+                   time.perf_counter() - tally.start, write_s, wait_s, preempted)

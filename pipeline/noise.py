@@ -25,9 +25,6 @@ import torch
 PRIOR, PATH, CORRECTOR_V0, CORRECTOR_PATH = 0, 1, 2, 3
 SOURCES = ("host", "device")  # sampler.noise
 
-# Corrector draws of block n, step r use index n * CORRECTOR_STRIDE + r.
-CORRECTOR_STRIDE = 1 << 20
-
 # Draws of at least this many numbers in all are filled by threads: numpy's generators release
 # the GIL while they fill, and on a GPU the host's draws are what the sampler waits for.
 _THREADED_SIZE = 1 << 18
@@ -40,8 +37,15 @@ def _pool() -> ThreadPoolExecutor:
                               thread_name_prefix="piadm-noise")
 
 
-def _hash63(entropy: int, a: int, b: int) -> int:
-    state = np.random.SeedSequence(entropy, spawn_key=(a, b)).generate_state(1, np.uint64)
+Index = int | tuple[int, ...]  # a draw's place in its stream: a step, or (block, step)
+
+
+def _spawn(stream: int, index: Index) -> tuple[int, ...]:
+    return (stream, *index) if isinstance(index, tuple) else (stream, index)
+
+
+def _hash63(entropy: int, *spawn: int) -> int:
+    state = np.random.SeedSequence(entropy, spawn_key=spawn).generate_state(1, np.uint64)
     return int(state[0] >> np.uint64(1))
 
 
@@ -50,14 +54,14 @@ def member_seed(seed: int, item: int, member: int) -> int:
     return _hash63(seed, item, member)
 
 
-def draw_seed(key: int, stream: int, index: int) -> int:
+def draw_seed(key: int, stream: int, index: Index) -> int:
     """The 63-bit torch generator seed of draw (member seed ``key``, stream, index)."""
-    return _hash63(key, stream, index)
+    return _hash63(key, *_spawn(stream, index))
 
 
-def standard_normal(key: int, stream: int, index: int, shape: Sequence[int]) -> np.ndarray:
+def standard_normal(key: int, stream: int, index: Index, shape: Sequence[int]) -> np.ndarray:
     """One float64 N(0, I) draw of ``shape`` for (member seed ``key``, stream, index)."""
-    ss = np.random.SeedSequence(key, spawn_key=(stream, index))
+    ss = np.random.SeedSequence(key, spawn_key=_spawn(stream, index))
     gen = np.random.Generator(np.random.Philox(key=ss.generate_state(2, np.uint64)))
     return gen.standard_normal(tuple(shape))
 
@@ -76,12 +80,28 @@ class Noise:
     device: str | torch.device = "cpu"
     source: str = "host"
 
+    @classmethod
+    def members(cls, seed: int, item: int, members: Sequence[int], shape: Sequence[int],
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                source: str = "host") -> "Noise":
+        """The noise of members ``members`` of item index ``item`` of a run with ``seed``."""
+        return cls(seed, tuple((item, m) for m in members), tuple(shape), dtype, device, source)
+
+    def member_seeds(self) -> tuple[int, ...]:
+        """The seed of each row's trajectory (stored with the ensemble), (B,)."""
+        return self._seeds
+
+    @functools.cached_property
+    def _seeds(self) -> tuple[int, ...]:  # hashed once per batch, not once per draw
+        return tuple(member_seed(self.seed, *key) for key in self.keys)
+
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"noise source {self.source!r}: use one of {', '.join(SOURCES)}")
 
-    def _draw(self, stream: int, rows: Sequence[int], indices: Sequence[int]) -> torch.Tensor:
-        keys = [member_seed(self.seed, *self.keys[b]) for b in rows]
+    def _draw(self, stream: int, rows: Sequence[int], indices: Sequence[Index]) -> torch.Tensor:
+        seeds = self.member_seeds()
+        keys = [seeds[b] for b in rows]
         if self.source == "device":
             return self._device_draw(stream, keys, indices)
         # Cast to the working dtype on the host: the same rounding as torch's, and half the bytes
@@ -101,7 +121,7 @@ class Noise:
                 fill(ij)
         return torch.from_numpy(out).to(device=self.device, dtype=self.dtype)
 
-    def _device_draw(self, stream: int, keys: list[int], indices: Sequence[int]) -> torch.Tensor:
+    def _device_draw(self, stream: int, keys: list[int], indices: Sequence[Index]) -> torch.Tensor:
         out = torch.empty((len(keys), len(indices), *self.shape), dtype=self.dtype,
                           device=self.device)
         gen = torch.Generator(device=out.device)
@@ -130,5 +150,4 @@ class Noise:
         """Corrector start velocity (B, *shape) and Brownian increments (B, hi - lo, *shape)."""
         rows = range(len(self.keys))
         v0 = self._draw(CORRECTOR_V0, rows, [block])[:, 0]
-        base = block * CORRECTOR_STRIDE
-        return v0, self._draw(CORRECTOR_PATH, rows, range(base + lo, base + hi))
+        return v0, self._draw(CORRECTOR_PATH, rows, [(block, r) for r in range(lo, hi)])

@@ -7,7 +7,6 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -66,27 +65,22 @@ def member_batches(members: int, batch_size: int) -> list[tuple[int, ...]]:
 
 @dataclass(frozen=True)
 class Batch:
-    """One sampled batch: member ids, fields (B, *shape) and the sampler's stats."""
+    """One sampled batch: fields (B, *shape), the member seeds (B,) that keyed their noise,
+    and the sampler's stats."""
 
-    members: tuple[int, ...]
     fields: torch.Tensor
+    seeds: tuple[int, ...]
     stats: Stats
 
 
-def sample_batches(model, *, method: str, grid: Grid, options: Options, seed: int,
-                   batches: list[tuple[int, ...]], dtype: torch.dtype, comm=SerialComm(),
-                   item: int = 0, device: str | torch.device = "cpu",
-                   noise_source: str = "host") -> Iterator[Batch]:
-    """Sample each member batch with keyed noise (seed, item, member, step) from
-    ``noise_source`` (``pipeline.noise``); ``comm`` holds the time slices that share each
-    batch's Picard blocks."""
-    sampler = SAMPLERS[method]
-    for members in batches:
-        noise = Noise(seed, tuple((item, m) for m in members), tuple(model.shape), dtype, device,
-                      noise_source)
-        y, stats = sampler(model, noise.prior(), grid, noise, comm=comm, options=options)
-        check_finite(y, noise.keys, "by the end of sampling")  # never written, never marked done
-        yield Batch(members, y, stats)
+def sample_batch(model, noise: Noise, *, method: str, grid: Grid, options: Options,
+                 comm=SerialComm()) -> Batch:
+    """Sample the trajectories of ``noise`` (one per key (item, member), see ``Noise.members``)
+    with ``method``; ``comm`` holds the time slices that share the Picard blocks. A NaN/Inf
+    field raises: it is never written, never marked done."""
+    y, stats = SAMPLERS[method](model, noise.prior(), grid, noise, comm=comm, options=options)
+    check_finite(y, noise.keys, "by the end of sampling")
+    return Batch(y, noise.member_seeds(), stats)
 
 
 def model_digest(cfg: Config) -> str:

@@ -13,7 +13,8 @@ from pipeline.comm import world_comm
 from pipeline.decomposition import share
 from pipeline.grids import make_grid
 from pipeline.layout import place_rank, rank_grid
-from pipeline.run import member_batches, sample_batches
+from pipeline.noise import Noise
+from pipeline.run import member_batches, sample_batch
 from pipeline.samplers import Options
 
 CASES = {  # name: (method, dtype, options, noise source)
@@ -43,10 +44,11 @@ def main(out: str, time_slices: int) -> None:
     for name, (method, dtype, options, source) in CASES.items():
         options = dataclasses.replace(options, data_bound=model.data_bound)
         fields = {}
-        for batch in sample_batches(model, method=method, grid=grid, options=options, seed=4,
-                                    batches=mine, dtype=dtype, comm=ranks.slices,
-                                    noise_source=source):
-            fields.update({m: batch.fields[i].double().numpy() for i, m in enumerate(batch.members)})
+        for members in mine:
+            noise = Noise.members(4, 0, members, model.shape, dtype, source=source)
+            batch = sample_batch(model, noise, method=method, grid=grid, options=options,
+                                 comm=ranks.slices)
+            fields.update({m: batch.fields[i].double().numpy() for i, m in enumerate(members)})
         if ranks.slices.rank != 0:
             fields = {}
         merged = {}

@@ -5,7 +5,8 @@ import xarray as xr
 from models import build_model
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.run import DTYPES, member_batches, sample_batches, sampler_grid, sampler_options
+from pipeline.noise import Noise
+from pipeline.run import DTYPES, member_batches, sample_batch, sampler_grid, sampler_options
 
 SMALL = ["model.shape=[16, 16]", "sampler.steps=60", "sampler.block_size=20",
          "sampler.tol=0.05", "ensemble.members=5"]
@@ -19,10 +20,11 @@ def test_same_seed_same_members_whatever_the_batch_size(method, source):
     model = build_model(cfg.model)
     out = {}
     for bs in (1, 2, 5):
-        fields = [b.fields for b in sample_batches(
-            model, method=method, grid=sampler_grid(cfg.sampler), options=sampler_options(cfg.sampler),
-            seed=cfg.sampler.seed, batches=member_batches(5, bs), dtype=DTYPES["float64"],
-            noise_source=cfg.sampler.noise)]
+        fields = [sample_batch(model, Noise.members(cfg.sampler.seed, 0, members, model.shape,
+                                                    DTYPES["float64"], source=cfg.sampler.noise),
+                               method=method, grid=sampler_grid(cfg.sampler),
+                               options=sampler_options(cfg.sampler)).fields
+                  for members in member_batches(5, bs)]
         out[bs] = torch.cat(fields)
     assert torch.equal(out[1], out[2]) and torch.equal(out[1], out[5])
 

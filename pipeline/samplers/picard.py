@@ -12,6 +12,8 @@ tolerance; its states freeze there, so its result does not depend on who shares 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pipeline.comm import SerialComm
@@ -80,13 +82,28 @@ def picard_block(model, y0, u, steps: Steps, noise: Noise | None, start: int, *,
     stats = Stats(rounds=sweeps, model_calls=calls / batch, residuals=tuple(history),
                   sweeps=(sweeps,))
     if diverged:
-        y_end, extra = _fallback(model, y0, y_end, u, steps, noise, start, diverged, options, history)
+        y_end, extra = _fallback(model, _Block(y0, u, steps, noise, start), y_end, diverged,
+                                 options=options, history=history)
         stats += extra
     return y_end, stats
 
 
-def _fallback(model, y0, y_end, u, steps, noise, start, rows, options, history):
-    """Redo diverged rows step by step (every rank alike) or raise, per ``on_divergence``."""
+@dataclass(frozen=True)
+class _Block:
+    """A block as ``picard_block`` was given it: start states, clocks, coefficients, noise
+    (None for the ODE) and the global index of its first step."""
+
+    y0: torch.Tensor
+    u: torch.Tensor
+    steps: Steps
+    noise: Noise | None
+    start: int
+
+
+def _fallback(model, block: _Block, y_end, rows, *, options: Options, history):
+    """Redo the diverged ``rows`` of ``block`` step by step (every rank alike) or raise, per
+    ``on_divergence``; ``y_end`` (B, *S) the block's end states so far."""
+    y0, u, steps, noise, start = block.y0, block.u, block.steps, block.noise, block.start
     if options.on_divergence != "sequential":
         raise PicardDivergence(
             f"Picard residual went NaN/Inf or above {options.divergence_threshold:g} "
