@@ -13,6 +13,7 @@ communicator is taken from the launcher unless one is passed.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import xarray as xr
@@ -55,7 +56,7 @@ def sample(cfg: Config, *, comm=None, stop=None):
     from pipeline.planner import needs_plan, resolve_plan
 
     comm = comm if comm is not None else world()
-    device = place_rank(comm, cfg.parallel.threads)
+    device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape))
     attrs = {}
     if needs_plan(cfg):  # "auto": the planner's fastest layout for these ranks
         cfg, attrs = resolve_plan(cfg, comm, device)

@@ -12,6 +12,7 @@ if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "piadm":
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -62,7 +63,7 @@ def _setup(args, world, plan: bool = False):
     except ConfigError as err:
         err.collective = True
         raise
-    device = place_rank(world, cfg.parallel.threads)
+    device = place_rank(world, cfg.parallel.threads, math.prod(cfg.model.shape))
     attrs = {}
     if plan and needs_plan(cfg):
         cfg, attrs = resolve_plan(cfg, world, device)

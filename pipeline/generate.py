@@ -55,6 +55,22 @@ def _empty(d: DataConfig, config_text: str) -> xr.Dataset:
     return ds
 
 
+PROGRESS_S = 5.0  # the longest silence between progress lines
+
+
+def _every(seconds: float, progress):
+    """``progress``, but passing on at most one line each ``seconds``."""
+    last = [time.perf_counter()]
+
+    def say(line: str) -> None:
+        now = time.perf_counter()
+        if now - last[0] >= seconds:
+            last[0] = now
+            progress(line)
+
+    return say
+
+
 def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=print) -> str:
     """Simulate and write the dataset of ``d``; returns its path."""
     path = Path(d.path)
@@ -68,14 +84,20 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
                 forcing=d.forcing)
     sp = Spectral(flow, device)
     w_hat = torch.fft.rfft2(random_vorticity(d.resolution, d.seed, device=device))
-    w_hat = advance(sp, w_hat, d.spinup, cfl=d.cfl, dt_max=d.dt_max)
+    start = time.perf_counter()
+    say = _every(PROGRESS_S, progress)
+    w_hat = advance(sp, w_hat, d.spinup, cfl=d.cfl, dt_max=d.dt_max, on_step=lambda t: say(
+        f"spin-up t = {t:.1f} of {d.spinup:g}  elapsed {time.perf_counter() - start:.1f}s"))
     start = time.perf_counter()
     for lo in range(0, d.snapshots, d.chunk):
         hi = min(lo + d.chunk, d.snapshots)
         frames = []
-        for _ in range(lo, hi):
+        for i in range(lo, hi):
             w_hat = advance(sp, w_hat, d.interval, cfl=d.cfl, dt_max=d.dt_max)
             frames.append(torch.fft.irfft2(w_hat, s=(d.resolution, d.resolution)))
+            elapsed = time.perf_counter() - start
+            say(f"snapshots {i + 1}/{d.snapshots}  elapsed {elapsed:.1f}s  "
+                f"eta {elapsed / (i + 1) * (d.snapshots - i - 1):.1f}s")
         w = torch.stack(frames)
         part = xr.Dataset({
             "vorticity": (("time", "y", "x"), w.cpu().numpy().astype("float32")),
@@ -84,7 +106,7 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
         })
         part.to_zarr(path, region={"time": slice(lo, hi)}, mode="r+", consolidated=False)
         elapsed = time.perf_counter() - start
-        progress(f"snapshots {hi}/{d.snapshots}  elapsed {elapsed:.1f}s  "
+        progress(f"snapshots {hi}/{d.snapshots} written  elapsed {elapsed:.1f}s  "
                  f"eta {elapsed / hi * (d.snapshots - hi):.1f}s")
     consolidate(path)
     return str(path)

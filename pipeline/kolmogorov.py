@@ -81,13 +81,16 @@ def stable_dt(sp: Spectral, w_hat: torch.Tensor, cfl: float, dt_max: float) -> f
 
 
 def advance(sp: Spectral, w_hat: torch.Tensor, duration: float, *, cfl: float = 0.5,
-            dt_max: float = 0.05) -> torch.Tensor:
-    """Integrate for exactly ``duration`` time units with stable steps; raises on blow-up."""
+            dt_max: float = 0.05, on_step=None) -> torch.Tensor:
+    """Integrate for exactly ``duration`` time units with stable steps; raises on blow-up.
+    ``on_step``: None, or a callable told the time reached after every step (progress)."""
     t = 0.0
     while t < duration - 1e-12:
         dt = min(stable_dt(sp, w_hat, cfl, dt_max), duration - t)
         w_hat = step(sp, w_hat, dt)
         t += dt
+        if on_step is not None:
+            on_step(t)
     if not torch.isfinite(w_hat).all():
         raise FloatingPointError("the vorticity blew up: lower data.cfl or raise data.viscosity")
     return w_hat

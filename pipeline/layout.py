@@ -46,22 +46,32 @@ def choose_device(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def cpu_threads(local_size: int, requested: int = 0) -> int:
+# Automatic threads stop at one per this many field points: on a field smaller than 32x32 a
+# second thread has little to share (no gain on 16x16 on 2 idle cores) and on a busy core its
+# spinning costs far more (threads wait for each other every op).
+POINTS_PER_THREAD = 32 * 32
+
+
+def cpu_threads(local_size: int, requested: int = 0, field_points: int = 0) -> int:
     """Torch threads per rank so the ranks on a node do not oversubscribe its cores.
 
     ``requested`` > 0 wins; a launcher that pinned this rank to fewer cores than the node has
-    (srun --cpus-per-task) is trusted; otherwise the node's cores are shared evenly."""
+    (srun --cpus-per-task) is trusted; otherwise the node's cores are shared evenly. Either
+    way a field of ``field_points`` (0: unknown) gets at most one thread per
+    ``POINTS_PER_THREAD`` points."""
     if requested > 0:
         return requested
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     total = os.cpu_count() or 1
-    if allowed < total:
-        return max(1, allowed)
-    return max(1, total // max(1, local_size))
+    share = max(1, allowed) if allowed < total else max(1, total // max(1, local_size))
+    if field_points:
+        share = min(share, max(1, field_points // POINTS_PER_THREAD))
+    return share
 
 
-def place_rank(world, threads: int = 0) -> torch.device:
-    """Pick this rank's device and set its torch CPU threads; returns the device."""
+def place_rank(world, threads: int = 0, field_points: int = 0) -> torch.device:
+    """Pick this rank's device and set its torch CPU threads (``cpu_threads``); returns the
+    device."""
     local_rank, local_size = world.local_layout()
-    torch.set_num_threads(cpu_threads(local_size, threads))
+    torch.set_num_threads(cpu_threads(local_size, threads, field_points))
     return choose_device(local_rank)

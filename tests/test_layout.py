@@ -24,6 +24,15 @@ def test_threads_share_the_node_unless_pinned_or_asked(monkeypatch):
     assert cpu_threads(4) == 2
 
 
+def test_automatic_threads_stay_at_one_on_small_fields(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert cpu_threads(1, field_points=16 * 16) == 1
+    assert cpu_threads(1, field_points=64 * 64) == 4  # one per 32x32 points
+    assert cpu_threads(1, field_points=512 * 512) == 16  # then the node's share
+    assert cpu_threads(1, requested=2, field_points=16 * 16) == 2  # asked: given
+
+
 def test_cpu_when_there_is_no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert choose_device(3) == torch.device("cpu")
