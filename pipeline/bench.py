@@ -41,7 +41,7 @@ def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing
             "rounds": stats.rounds, "model_calls": round(stats.model_calls, 1),
             "calls_ratio": round(stats.model_calls / ref_calls, 3), "rel_dist": dist,
             "stat_err": err, "wall_s": round(wall, 3),
-            "wall_med_s": round(statistics.median(walls), 3),
+            "wall_med_s": round(statistics.median(walls), 3), "repeats": len(walls),
             "comm_share": round(comm_s / wall, 4) if wall else 0.0,
             "peak_mib": round(peak / 2**20, 1)}
 

@@ -121,21 +121,39 @@ def residual_figure(ens: xr.Dataset, path: Path, batches: int = 4) -> Path | Non
     res = ens["residual"].isel({ens["residual"].dims[0]: 0}).values  # (member, sweep)
     per_batch = cfg.get("ensemble", {}).get("batch_size", 1)  # a batch shares one history
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for row in range(0, res.shape[0], per_batch)[:batches]:
+    blocked = sampler.get("method") == "piadm-sde" and sampler.get("tol")
+    for n, row in enumerate(range(0, res.shape[0], per_batch)[:batches]):
         r = res[row][np.isfinite(res[row])]
-        ax.semilogy(np.arange(1, r.size + 1), np.maximum(r, 1e-15), ".-", ms=3,
-                    lw=0.8, label=f"batch from member {row}")
+        x = np.arange(1, r.size + 1, dtype=float)
+        y = np.maximum(r, 1e-15)
+        if blocked:  # a block ends at the round its residual reaches tol: break the line there
+            ends = np.flatnonzero(r[:-1] <= sampler["tol"]) + 1
+            x, y = np.insert(x, ends, np.nan), np.insert(y, ends, np.nan)
+            if n == 0:
+                for end in ends:
+                    ax.axvline(end + 0.5, color="0.8", lw=0.6, zorder=0)
+        ax.semilogy(x, y, ".-", ms=3, lw=0.8, label=f"batch from member {row}")
     if sampler.get("tol"):
         ax.axhline(sampler["tol"], color="k", ls="--", lw=1, label=f"tol {sampler['tol']}")
     ax.set_xlabel("parallel round (sweep)")
     ax.set_ylabel("relative Picard residual")
-    ax.set_title(f"{sampler.get('method', '')}: residual per sweep, blocks of "
-                 f"{sampler.get('block_size', '?')} steps", fontsize=10)
+    ax.set_title(f"{sampler.get('method', '')}: residual per round"
+                 + (f", blocks of {sampler.get('block_size', '?')} steps (grey: block starts)"
+                    if blocked else ""), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _timed(ax, x, rows: list[dict], **style) -> None:
+    """Wall time per row: the min of the repeats, with a bar up to their median, so that one
+    slow repeat under load does not read as a result."""
+    low = np.array([r["wall_s"] for r in rows])
+    med = np.array([r.get("wall_med_s", r["wall_s"]) for r in rows])
+    ax.errorbar(x, low, yerr=[np.zeros_like(low), np.maximum(med - low, 0)], fmt="o-",
+                capsize=3, **style)
 
 
 def bench_figure(rows: list[dict], path: Path) -> Path:
@@ -151,21 +169,24 @@ def bench_figure(rows: list[dict], path: Path) -> Path:
         mine = sorted((r for r in top if r["method"] == method), key=lambda r: r["d"])
         d = [r["d"] for r in mine]
         axes[0].semilogx(d, [r["rounds"] for r in mine], "o-", color=f"C{i}", label=method)
-        axes[1].loglog(d, [r["wall_s"] for r in mine], "o-", color=f"C{i}", label=method)
+        _timed(axes[1], d, mine, color=f"C{i}", label=method)
+        axes[1].set_xscale("log")
+        axes[1].set_yscale("log")
     axes[0].set_ylim(bottom=0)
     axes[0].set_xlabel("field dimension d")
     axes[0].set_ylabel("parallel rounds (sequential model calls)")
     axes[0].legend(fontsize=8)
     axes[1].set_xlabel("field dimension d")
     axes[1].set_ylabel("wall time per batch (s)")
-    axes[1].set_title(f"{counts[-1]} rank(s)", fontsize=10)
+    repeats = min(r.get("repeats", 1) for r in rows)
+    axes[1].set_title(f"{counts[-1]} rank(s); dot: min, bar: to the median"
+                      + ("" if repeats > 1 else " (1 timing: raise bench.repeats)"), fontsize=9)
     if panels == 3:  # the largest field, where splitting a block over ranks matters most
         d = max(r["d"] for r in rows)
         for i, method in enumerate(methods):
             mine = sorted((r for r in rows if r["method"] == method and r["d"] == d),
                           key=lambda r: r["ranks"])
-            axes[2].plot([r["ranks"] for r in mine], [r["wall_s"] for r in mine], "o-",
-                         color=f"C{i}", label=method)
+            _timed(axes[2], [r["ranks"] for r in mine], mine, color=f"C{i}", label=method)
         axes[2].set_xscale("log", base=2)
         axes[2].set_yscale("log")
         axes[2].set_xticks(counts, [str(c) for c in counts])
