@@ -2,7 +2,8 @@
 # A one-node SLURM on this machine, for tests and trying the batch scripts (not for production).
 #
 #   bash jobs/slurm/local_slurm.sh          install if missing (apt-get), start, wait until idle
-#   bash jobs/slurm/local_slurm.sh stop     cancel every job, stop the daemons it started
+#   bash jobs/slurm/local_slurm.sh stop     cancel every job, stop the daemons it started and
+#                                           remove its /etc/slurm/slurm.conf link
 #
 # Everything it writes lives under PIADM_SLURM_DIR (default /tmp/piadm-slurm): slurm.conf,
 # state, spool, pid and log files; /etc/slurm/slurm.conf is a link to that slurm.conf (made only
@@ -49,6 +50,11 @@ stop() {
         say "stopped $(basename "$pidfile" .pid) (pid $pid)"
     done
     rm -f "$base/munged.pid"
+    # the system-wide link into this folder goes too (only ours: a site's own file is kept)
+    if [ -L "$etc_conf" ] && [ "$(readlink "$etc_conf")" = "$conf" ]; then
+        rm -f "$etc_conf"
+        say "removed the link $etc_conf"
+    fi
 }
 
 install_packages() {
