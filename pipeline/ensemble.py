@@ -214,8 +214,9 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     # A learned model brings its training normalisation; exact ones use the input's.
     mean = getattr(model, "data_mean", None)
     on_rank0(world, _check_early, cfg)  # a refusal now, not after a calibration
-    tol = on_rank0(world, run_tolerance, cfg, model, device)
-    if _stop_agreed(world, stop):  # stopped during start-up: exit before writing anything
+    # stopped during start-up (before or after a calibration): exit before writing anything
+    tol = None if _stop_agreed(world, stop) else on_rank0(world, run_tolerance, cfg, model, device)
+    if tol is None or _stop_agreed(world, stop):
         print0(world, "stopped before sampling began: nothing was written")
         return Summary(cfg.output.path, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, True)
     spec, state = on_rank0(world, _prepare, cfg, tuple(model.shape),  # before anything is written
