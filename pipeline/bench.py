@@ -150,7 +150,7 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
     model = first_item_model(shaped, build_model(shaped.model, device), device)
     s = cfg.sampler
     tolerances = method_tolerances(shaped, model, comm=comm, device=device)
-    grid = sampler_grid(s)
+    grid = sampler_grid(s, model)
     bound = model_data_bound(model, cfg.model)
     stat_error = STAT_ERRORS.get(cfg.model.kind)  # exact models only: a learned one has none
     methods = sorted(cfg.bench.methods, key=lambda m: m not in REFERENCE.values())

@@ -149,7 +149,7 @@ def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, forc
         say(f"sampler.tol = auto: {cached:g}, calibrated earlier ({cache_file()})")
         return Calibration(cached, (), "cache")
     options = sampler_options(s, tol=0.0, data_bound=model_data_bound(model, cfg.model))
-    result = run_ladder(model, method=s.method, grid=sampler_grid(s), options=options,
+    result = run_ladder(model, method=s.method, grid=sampler_grid(s, model), options=options,
                         seed=s.seed, dtype=DTYPES[s.dtype], device=device,
                         noise_source=s.noise, members=cfg.calibrate.members,
                         distance=s.distance, ladder=cfg.calibrate.ladder, say=say)

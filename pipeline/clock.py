@@ -95,9 +95,14 @@ class DiscreteVP:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     num_steps: int = 1000
+    # alpha_bar_i given outright (a trained model's own schedule, e.g. as diffusers computes
+    # it); empty: linear betas beta_start .. beta_end in float64
+    alphas_cumprod: tuple[float, ...] = ()
 
     def table(self) -> Tensor:
         """u at each integer index, shape (T,)."""
+        if self.alphas_cumprod:
+            return -torch.log(torch.tensor(self.alphas_cumprod, dtype=torch.float64))
         betas = torch.linspace(self.beta_start, self.beta_end, self.num_steps, dtype=torch.float64)
         return -torch.cumsum(torch.log1p(-betas), 0)
 
@@ -145,6 +150,27 @@ class Flow:
 
     def input_scale(self, u: Tensor) -> Tensor:
         return 1 / (signal(u) + noise_std(u))
+
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+
+
+def ddpm_alphas_cumprod(schedule: str, beta_start: float, beta_end: float,
+                        steps: int) -> tuple[float, ...]:
+    """alpha_bar_i, i = 0..steps-1, of a DDPM schedule computed as diffusers computes it (betas
+    in float32, ``cosine`` being its ``squaredcos_cap_v2``), so that a network trained there
+    sees the same noise levels here: (steps,) floats."""
+    if schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float32)
+    elif schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float32) ** 2
+    elif schedule == "cosine":
+        bar = [math.cos((i / steps + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(steps + 1)]
+        betas = torch.tensor([min(1 - bar[i + 1] / bar[i], 0.999) for i in range(steps)],
+                             dtype=torch.float32)
+    else:
+        raise ValueError(f"unknown beta schedule {schedule!r}: use one of {BETA_SCHEDULES}")
+    return tuple(torch.cumprod(1.0 - betas, 0).double().tolist())
 
 
 PROCESSES = {

@@ -30,12 +30,23 @@ class ModelConfig:
     components: int = 3  # gmm: number of modes
     spread: float = 3.0  # gmm: mode separation in units of the mode width
     std: float = 0.5  # gmm: mode width before normalisation
-    weights: tuple[float, ...] = ()  # gmm: mode weights (empty: equal)
+    weights: tuple[float, ...] | str = ()  # gmm: mode weights (empty: equal); module: state dict
     seed: int = 0  # gmm: seed of the mode positions
     condition: str = "none"  # "mean" (exact models) or "coarse" (a conditional unet)
     checkpoint: str = ""  # unet: a piadm train checkpoint
     data_bound: float = 0.0  # S for pc-window; 0: the model's own (exact, or the checkpoint's)
     emulate_ms: tuple[float, ...] = ()  # [latency, per_item]: an emulated accelerator; empty: off
+    # Bring your own network (models/module.py, models/pretrained.py):
+    target: str = ""  # module: "package.module:factory" returning a torch.nn.Module
+    path: str = ""  # diffusers: a folder written by save_pretrained (model + scheduler config)
+    prediction: str = ""  # module: score, eps, x0, v or velocity (diffusers: its scheduler's)
+    process: str = ""  # module: ddpm, vp-linear, vp-cosine, ve, edm or flow
+    beta_schedule: str = "linear"  # module, process ddpm: linear, scaled_linear or cosine
+    beta_start: float = 1e-4  # module, process ddpm
+    beta_end: float = 0.02  # module, process ddpm
+    train_steps: int = 1000  # module, process ddpm: the schedule's timesteps
+    input_scale: str = "native"  # module: the network sees the process's state, or "unit" (VP)
+    args: dict = field(default_factory=dict)  # module: [model] keys piadm does not know
 
 
 @dataclass(frozen=True)
@@ -229,6 +240,10 @@ def _coerce(key: str, value, hint):
             raise ConfigError(f"config: {key} must be a list, got {value!r}")
         inner = args[0]
         return tuple(_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {key} must be a table, got {value!r}")
+        return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
@@ -238,10 +253,28 @@ def _coerce(key: str, value, hint):
     return value
 
 
+# model.kind values whose builder takes the [model] keys piadm does not know, as arguments
+# (module; a kind an installed package registers is the same, see models.model_kinds)
+OPEN_KINDS = ("module",)
+
+
+def _open_kind(kind) -> bool:
+    if kind in OPEN_KINDS:
+        return True
+    from models import MODELS
+
+    return isinstance(kind, str) and kind not in MODELS
+
+
 def _section(name: str, table: dict):
     cls = _SECTION_TYPES[name]
     hints = typing.get_type_hints(cls)
     values = {}
+    if name == "model" and _open_kind(table.get("kind", cls.kind)):
+        extra = {k: v for k, v in table.items() if k not in hints}
+        table = {k: v for k, v in table.items() if k in hints}
+        if extra:
+            table["args"] = {**table.get("args", {}), **extra}
     for key, value in table.items():
         if key not in hints:
             raise ConfigError(
@@ -270,6 +303,8 @@ def _toml(value) -> str:
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
@@ -279,7 +314,9 @@ def _text(cfg: Config) -> str:
     for name in _SECTION_TYPES:
         lines.append(f"[{name}]")
         for key, value in dataclasses.asdict(getattr(cfg, name)).items():
-            if value is not None:
+            if name == "model" and key == "args":  # written back as the keys they were given as
+                lines.extend(f"{k} = {_toml(v)}" for k, v in value.items())
+            elif value is not None:
                 lines.append(f"{key} = {_toml(value)}")
     return "\n".join(lines) + "\n"
 
@@ -361,10 +398,15 @@ def _check_model(m: ModelConfig) -> None:
            f"= {m.spread} must be a number in [0, 1e6] (mode widths)")
     _check(finite(m.std) and 1e-6 <= m.std <= 1e6, "model.std",
            f"= {m.std} must be a number in [1e-6, 1e6]")
-    _check(all(finite(w) and w >= 0 for w in m.weights) and (not m.weights or sum(m.weights) > 0),
-           "model.weights", f"= {list(m.weights)} must be finite numbers >= 0, not all zero")
-    _check(not m.weights or len(m.weights) == m.components, "model.weights",
-           f"has {len(m.weights)} values for model.components = {m.components}: give one each")
+    if isinstance(m.weights, str):  # a state-dict file
+        _check(m.kind == "module", "model.weights", f"= {m.weights!r} must be a list of mode "
+               "weights (a state-dict file is for model.kind = 'module')")
+    else:
+        _check(all(finite(w) and w >= 0 for w in m.weights)
+               and (not m.weights or sum(m.weights) > 0), "model.weights",
+               f"= {list(m.weights)} must be finite numbers >= 0, not all zero")
+        _check(not m.weights or len(m.weights) == m.components, "model.weights",
+               f"has {len(m.weights)} values for model.components = {m.components}: give one each")
     _check(all(finite(v) for v in m.emulate_ms), "model.emulate_ms",
            f"= {list(m.emulate_ms)} must be finite numbers")
 
@@ -395,16 +437,20 @@ def _check_train(t: TrainConfig) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
-    from models import MODELS
-    from pipeline.grids import GRIDS
+    from models import model_kinds
+    from pipeline.grids import GRIDS, SCHEDULER_GRID
     from pipeline.integrators import FORMS
     from pipeline.noise import SOURCES
     from pipeline.samplers import REGISTRY, SAMPLERS
 
     m, s, e = cfg.model, cfg.sampler, cfg.ensemble
-    _check(m.kind in MODELS, "model.kind", f"= {m.kind!r} is unknown: use one of {', '.join(MODELS)}")
-    _check(1 <= len(m.shape) <= 3 and min(m.shape) >= 2, "model.shape",
-           f"= {list(m.shape)} must have 1 to 3 sizes, each >= 2")
+    kinds = model_kinds()
+    _check(m.kind in kinds, "model.kind", f"= {m.kind!r} is unknown: use one of {', '.join(kinds)}")
+    _check(not m.args or _open_kind(m.kind), "model.args",
+           f"are only for model.kind = 'module' or a plugin's kind, not {m.kind!r}")
+    least = 2 if m.kind in ("grf", "gmm") else 1  # a network may take a channel axis of 1
+    _check(1 <= len(m.shape) <= 3 and min(m.shape) >= least, "model.shape",
+           f"= {list(m.shape)} must have 1 to 3 sizes, each >= {least}")
     _check(s.method in SAMPLERS or s.method in AUTO_METHODS, "sampler.method",
            f"= {s.method!r} is unknown: use one of {', '.join((*SAMPLERS, *AUTO_METHODS))}")
     _check(s.steps >= 1, "sampler.steps", f"= {s.steps} must be >= 1")
@@ -420,7 +466,8 @@ def validate(cfg: Config) -> None:
     _check(0 < s.u_min < s.u_max, "sampler.u_min",
            f"= {s.u_min} must be > 0 and below sampler.u_max = {s.u_max}")
     _check(s.knee > 0, "sampler.knee", f"= {s.knee} must be > 0")
-    _check(s.grid in GRIDS, "sampler.grid", f"= {s.grid!r} is unknown: use one of {', '.join(GRIDS)}")
+    _check(s.grid in (*GRIDS, SCHEDULER_GRID), "sampler.grid",
+           f"= {s.grid!r} is unknown: use one of {', '.join((*GRIDS, SCHEDULER_GRID))}")
     _check(s.form in FORMS, "sampler.form", f"= {s.form!r} is unknown: use one of {', '.join(FORMS)}")
     _check(s.dtype in ("float32", "float64"), "sampler.dtype", f"= {s.dtype!r}: use float32 or float64")
     _check(s.noise in SOURCES, "sampler.noise",
@@ -440,8 +487,17 @@ def validate(cfg: Config) -> None:
     _check((m.condition == "none") == (not cfg.input.path), "model.condition",
            f"= {m.condition!r} and input.path = {cfg.input.path!r}: a conditioned model needs an "
            "input and an input needs a conditioned model; set both or neither")
-    _check(m.condition != "coarse" or m.kind == "unet", "model.condition",
-           "= 'coarse' needs model.kind = 'unet' (exact models condition with 'mean')")
+    _check(m.condition != "coarse" or m.kind in ("unet", "module", "diffusers"),
+           "model.condition", "= 'coarse' needs a network (model.kind = 'unet', 'module' or "
+           "'diffusers'); exact models condition with 'mean'")
+    _check(s.grid != SCHEDULER_GRID or m.kind == "diffusers", "sampler.grid",
+           "= 'scheduler' samples on a diffusers scheduler's timesteps: it needs "
+           "model.kind = 'diffusers'")
+    if m.kind == "module":
+        from models.module import check_section
+
+        check_section(m)
+
     _check(not cfg.input.path or bool(cfg.input.variable), "input.variable",
            "must name the variable to condition on when input.path is set")
     _check(len(cfg.input.range) in (0, 2), "input.range", "must be [first, last] or empty")

@@ -235,7 +235,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     print0(world, f"store {spec.path} {state}: {int(done.sum())} of {done.size} members done, "
                   f"{sum(len(b) for _, b in todo)} to sample")
     writer = make_writer(cfg.output.background) if slices.rank == 0 else None
-    grid = sampler_grid(cfg.sampler)
+    grid = sampler_grid(cfg.sampler, model)
     options = sampler_options(cfg.sampler, tol=tol.tol,
                               data_bound=model_data_bound(model, cfg.model))
     tally = _Tally(time.perf_counter())

@@ -96,6 +96,19 @@ GRIDS = {
 }
 
 
+# sampler.grid: the model's own timesteps (a diffusers scheduler's), see ``scheduler_grid``
+SCHEDULER_GRID = "scheduler"
+
+
+def scheduler_grid(u: torch.Tensor, block_size: int) -> Grid:
+    """A blocked grid on the clocks ``u`` (N+1,) a model's scheduler gives, which may end at
+    u = 0 (the clean data)."""
+    u = u.to(torch.float64)
+    if not bool((u[:-1] > u[1:]).all()) or float(u[-1]) < 0:
+        raise ValueError("the scheduler's timesteps do not make a decreasing noise level")
+    return Grid(u=u, edges=block_edges(u.numel() - 1, block_size))
+
+
 def make_grid(
     kind: str,
     steps: int,

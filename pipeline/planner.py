@@ -116,7 +116,7 @@ def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: in
                   s.noise)
     timed = _Timed(model, device)
     start = time.perf_counter()
-    _, stats = SAMPLERS[method](timed, noise.prior(), sampler_grid(s), noise, options=options)
+    _, stats = SAMPLERS[method](timed, noise.prior(), sampler_grid(s, model), noise, options=options)
     wall = time.perf_counter() - start
     return stats, max(0.0, wall - timed.seconds) / stats.rounds
 

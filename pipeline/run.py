@@ -13,7 +13,7 @@ import torch
 from pipeline import __version__
 from pipeline.comm import SerialComm
 from pipeline.config import Config, SamplerConfig
-from pipeline.grids import Grid, make_grid
+from pipeline.grids import SCHEDULER_GRID, Grid, make_grid, scheduler_grid
 from pipeline.noise import Noise
 from pipeline.samplers import REGISTRY, SAMPLERS, Options, Stats
 from pipeline.samplers.common import check_finite
@@ -41,8 +41,11 @@ def sampler_options(s: SamplerConfig, *, tol: float | None = None,
     )
 
 
-def sampler_grid(s: SamplerConfig) -> Grid:
-    """The blocked OU-clock grid of the sampler section."""
+def sampler_grid(s: SamplerConfig, model=None) -> Grid:
+    """The blocked OU-clock grid of the sampler section; ``sampler.grid = "scheduler"`` takes
+    the model's own (``model.scheduler_u``)."""
+    if s.grid == SCHEDULER_GRID:
+        return scheduler_grid(model.scheduler_u(s.steps), s.block_size)
     return make_grid(s.grid, s.steps, u_min=s.u_min, u_max=s.u_max, block_size=s.block_size,
                      knee=s.knee)
 
@@ -86,6 +89,14 @@ def sample_batch(model, noise: Noise, *, method: str, grid: Grid, options: Optio
 def model_digest(cfg: Config) -> str:
     """SHA-256 identifying the model: its checkpoint's bytes for a learned model, else its
     section (an exact model is defined by it)."""
+    if cfg.model.kind == "module":
+        from models.module import module_digest
+
+        return module_digest(cfg.model)
+    if cfg.model.kind == "diffusers":
+        from models.pretrained import pretrained_digest
+
+        return pretrained_digest(cfg.model)
     if cfg.model.checkpoint:
         return hashlib.sha256(Path(cfg.model.checkpoint).read_bytes()).hexdigest()
     text = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
@@ -108,8 +119,22 @@ def provenance(cfg: Config) -> dict:
         "torch_version": torch.__version__,  # device noise depends on it
         "model_kind": cfg.model.kind,
         "model_sha256": model_digest(cfg),
+        **_network_provenance(cfg.model),
         "store_sha256": cfg.store_digest,
         "u_min": s.u_min,
         "denoised": int(s.denoise_final),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _network_provenance(m) -> dict:
+    """What a brought network was: its factory or folder, and what it predicts on which
+    process (a shipped checkpoint records its own in model_sha256 and its sidecar)."""
+    if m.kind == "module":
+        return {"model_target": m.target, "model_weights": str(m.weights),
+                "model_prediction": m.prediction, "model_process": m.process}
+    if m.kind == "diffusers":
+        from models.pretrained import describe
+
+        return {"model_path": m.path, **describe(m)}
+    return {}

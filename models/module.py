@@ -1,0 +1,249 @@
+"""Bring your own network: ``model.kind = "module"``.
+
+``model.target = "package.module:factory"`` names any importable callable that returns a
+``torch.nn.Module``; it is called with the ``[model]`` keys piadm does not know as keyword
+arguments, and ``model.weights`` (a ``.safetensors`` file, or a torch file of tensors only)
+fills its state dict. The network is called as ``net(x_native, t_native)`` (and a bound
+conditioning field as a third argument) and predicts ``model.prediction`` on the forward
+process ``model.process``; ``models.adapters`` turns that into the score on the OU clock.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from models.adapters import PREDICTIONS, NetworkAdapter
+from pipeline.clock import (BETA_SCHEDULES, VE, DiscreteVP, Flow, VPCosine, VPLinear,
+                            ddpm_alphas_cumprod)
+from pipeline.errors import ConfigError
+
+PROCESS_NAMES = ("ddpm", "vp-linear", "vp-cosine", "ve", "edm", "flow")
+INPUT_SCALES = ("native", "unit")
+
+
+def process_of(section):
+    """The forward process of a ``[model]`` section (``pipeline.config.ModelConfig``)."""
+    name = section.process
+    if name == "ddpm":
+        table = ddpm_alphas_cumprod(section.beta_schedule, section.beta_start,
+                                    section.beta_end, section.train_steps)
+        return DiscreteVP(section.beta_start, section.beta_end, section.train_steps, table)
+    return {"vp-linear": VPLinear, "vp-cosine": VPCosine, "ve": VE, "edm": VE,
+            "flow": Flow}[name]()
+
+
+def check_section(section) -> None:
+    """One-line errors for the keys a module model needs, before anything is imported."""
+    if not section.target or section.target.count(":") != 1:
+        raise ConfigError(f"config: model.target = {section.target!r} must name a factory as "
+                          "'package.module:function' (a callable returning a torch.nn.Module)")
+    if section.prediction not in PREDICTIONS:
+        raise ConfigError(f"config: model.prediction = {section.prediction!r} is unknown: use "
+                          f"one of {', '.join(PREDICTIONS)} (what the network outputs)")
+    if section.process not in PROCESS_NAMES:
+        raise ConfigError(f"config: model.process = {section.process!r} is unknown: use one of "
+                          f"{', '.join(PROCESS_NAMES)} (the forward process it was trained on)")
+    if section.process == "ddpm" and section.beta_schedule not in BETA_SCHEDULES:
+        raise ConfigError(f"config: model.beta_schedule = {section.beta_schedule!r} is unknown: "
+                          f"use one of {', '.join(BETA_SCHEDULES)}")
+    if section.input_scale not in INPUT_SCALES:
+        raise ConfigError(f"config: model.input_scale = {section.input_scale!r}: use 'native' "
+                          "(the process's own state) or 'unit' (scaled to unit variance)")
+    if section.weights and not isinstance(section.weights, str):
+        raise ConfigError("config: model.weights must be a file path for model.kind = 'module'")
+
+
+def import_target(target: str, key: str = "model.target"):
+    """The object ``package.module:name`` names; a one-line ConfigError when it cannot."""
+    module, _, name = target.partition(":")
+    try:
+        obj = importlib.import_module(module)
+    except Exception as err:  # ImportError, or the module itself failing on import
+        raise ConfigError(f"config: {key} = {target!r}: cannot import {module!r} "
+                          f"({type(err).__name__}: {_first_line(err)}): install it, or put "
+                          "its folder on PYTHONPATH") from None
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"config: {key} = {target!r}: {module!r} has no {name!r}"
+                              f"{_suggest(part, dir(obj))}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"config: {key} = {target!r} is not callable: name a function or "
+                          "class that returns a torch.nn.Module")
+    return obj
+
+
+def _first_line(err: BaseException) -> str:
+    return ((str(err).strip().splitlines() or [type(err).__name__])[0])[:160]
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def load_weights(net: torch.nn.Module, path: str, key: str = "model.weights") -> None:
+    """Fill ``net``'s parameters from a safetensors file or a tensors-only torch file."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config: {key} = {path!r} is not a file: point it at the network's "
+                          "state dict (.safetensors, or a torch file saved from state_dict())")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    except Exception as err:  # damaged file, pickled objects, or keys that do not fit
+        raise ConfigError(f"config: {key} = {path!r} does not load into the network "
+                          f"({type(err).__name__}: {_first_line(err)}): save it from this "
+                          "network's state_dict()") from None
+
+
+def weights_digest(paths) -> str:
+    """SHA-256 over the bytes of ``paths`` in order (the identity of a network's weights)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class _Net:
+    """``net(x, t[, cond])`` in the dtype and device of its input, returning a tensor (a
+    diffusers output's ``.sample``); ``channel``: add a channel axis around the call (a
+    one-channel image network on (B, H, W) fields)."""
+
+    def __init__(self, net: torch.nn.Module, channel: bool = False):
+        self.net, self.channel = net, channel
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None):
+        param = next(self.net.parameters(), None)
+        if param is not None and (param.dtype != x.dtype or param.device != x.device):
+            # runs in the sampler's dtype (torch's own .to: diffusers' warns on any cast)
+            torch.nn.Module.to(self.net, device=x.device, dtype=x.dtype)
+        if self.channel:
+            x = x[:, None]
+            cond = None if cond is None else cond[:, None]
+        out = self.net(x, t) if cond is None else self.net(x, t, cond)
+        out = getattr(out, "sample", out)
+        return out[:, 0] if self.channel else out
+
+
+@dataclass(frozen=True)
+class UnitInput:
+    """``process`` for a network that is given the state scaled to unit variance (the VP
+    state, as EDM's c_in scales it) instead of the process's own state."""
+
+    process: object
+
+    def u_of_t(self, t: torch.Tensor) -> torch.Tensor:
+        return self.process.u_of_t(t)
+
+    def t_of_u(self, u: torch.Tensor) -> torch.Tensor:
+        return self.process.t_of_u(u)
+
+    def input_scale(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(u)
+
+
+@dataclass(frozen=True)
+class NetworkModel:
+    """A user's network as a score model (``models.contract``) on fields of ``shape``.
+
+    net: ``_Net``; process: its forward process (``UnitInput`` when it sees unit-variance
+    states); prediction: what it outputs; cond: a bound conditioning field (1, *shape).
+    """
+
+    net: object
+    shape: tuple[int, ...]
+    process: object
+    prediction: str
+    cond: torch.Tensor | None = None
+    data_bound: float = float("inf")
+    grid: dict = field(default_factory=dict)
+    scheduler_u: object = None  # steps -> u (steps + 1,): the grid of sampler.grid = "scheduler"
+    _adapter: object = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        net, cond = self.net, self.cond
+
+        def call(x_native: torch.Tensor, t_native: torch.Tensor) -> torch.Tensor:
+            c = None if cond is None else cond.expand(x_native.shape[0], *cond.shape[1:])
+            return net(x_native, t_native, c)
+
+        # built once per binding (conditioned() makes a new model), not per call
+        object.__setattr__(self, "_adapter", NetworkAdapter(call, self.process, self.prediction,
+                                                            tuple(self.shape)))
+
+    def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self._adapter(x, u)
+
+    def conditioned(self, coarse: torch.Tensor) -> "NetworkModel":
+        """Bind a coarse field (h, w) in model units, upsampled by blocks to the model's grid."""
+        fy, fx = self.shape[0] // coarse.shape[-2], self.shape[1] // coarse.shape[-1]
+        up = coarse.repeat_interleave(fy, -2).repeat_interleave(fx, -1)
+        return replace(self, cond=up[None])
+
+
+def check_output(model, shape: tuple[int, ...], what: str) -> None:
+    """Call ``model`` once on zeros (1, *shape) at a middle noise level: a network that fails,
+    or returns another shape than its input's, is a one-line error now, not mid-run."""
+    x = torch.zeros((1, *shape), dtype=torch.float32)
+    try:
+        out = model(x, torch.tensor([1.0], dtype=torch.float64))
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"config: {what}: calling the network on a (1, {', '.join(map(str, shape))}) "
+                          f"input failed ({type(err).__name__}: {_first_line(err)}): check "
+                          "model.shape and that it takes (x, t)") from None
+    if tuple(out.shape) != tuple(x.shape):
+        raise ConfigError(f"config: {what}: the network returns shape {list(out.shape)} for input "
+                          f"{list(x.shape)}: it must return its input's shape (check model.shape "
+                          "and its channels)")
+    if not bool(torch.isfinite(out).all()):
+        raise ConfigError(f"config: {what}: the network returns NaN/Inf on a zero input")
+
+
+def load_module(section, device="cpu") -> NetworkModel:
+    """The ``model.kind = "module"`` model of a validated ``[model]`` section."""
+    check_section(section)
+    factory = import_target(section.target)
+    try:
+        net = factory(**section.args)
+    except Exception as err:
+        given = ", ".join(section.args) or "none"
+        raise ConfigError(f"config: model.target = {section.target!r} raised "
+                          f"{type(err).__name__}: {_first_line(err)} (keyword arguments from "
+                          f"[model]: {given}): fix the factory or those keys") from None
+    if not isinstance(net, torch.nn.Module):
+        raise ConfigError(f"config: model.target = {section.target!r} returned "
+                          f"{type(net).__name__}, not a torch.nn.Module")
+    if section.weights:
+        load_weights(net, section.weights)
+    net.to(device).eval()
+    process = process_of(section)
+    if section.input_scale == "unit":
+        process = UnitInput(process)
+    model = NetworkModel(_Net(net), tuple(section.shape), process, section.prediction)
+    if section.condition == "none":
+        check_output(model, tuple(section.shape), f"model.target = {section.target!r}")
+    return model
+
+
+def module_digest(section) -> str:
+    """What identifies a module model: its target, arguments and weights."""
+    text = f"{section.target}|{sorted(section.args.items())}|{section.prediction}|{section.process}"
+    weights = [section.weights] if section.weights and Path(section.weights).is_file() else []
+    return hashlib.sha256((text + weights_digest(weights)).encode()).hexdigest()
+
+

@@ -1,0 +1,156 @@
+"""``model.kind = "diffusers"``: a network and its scheduler from a ``save_pretrained`` folder.
+
+``model.path`` holds either a pipeline (``model_index.json`` with ``unet/`` or ``transformer/``
+and ``scheduler/`` folders) or one model's ``config.json`` beside a ``scheduler_config.json``.
+The scheduler config says what the network predicts (``prediction_type``) and on which DDPM
+schedule (``beta_schedule``, ``beta_start``, ``beta_end``, ``num_train_timesteps``, or
+``trained_betas``); its noise levels are computed as diffusers computes them, so the network
+sees exactly the timesteps it was trained on. ``sampler.grid = "scheduler"`` samples on the
+scheduler's own timesteps (its ``set_timesteps``) and ends where its last step ends.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from models.module import NetworkModel, _Net, check_output, weights_digest
+from pipeline.clock import DiscreteVP, ddpm_alphas_cumprod
+from pipeline.errors import ConfigError
+
+# diffusers' prediction_type -> models.adapters' prediction
+PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+# diffusers' beta_schedule -> pipeline.clock's
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
+                  "squaredcos_cap_v2": "cosine"}
+WEIGHT_FILES = ("*.safetensors", "*.bin")
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        raise ConfigError("config: model.kind = 'diffusers' needs the diffusers package: pip "
+                          "install 'piadm[diffusers]' (or pip install diffusers)") from None
+    return diffusers
+
+
+def layout(path: str) -> tuple[Path, Path]:
+    """(model folder, scheduler folder) of a save_pretrained folder; one-line errors."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"config: model.path = {path!r} is not a folder: point it at a folder "
+                          "written by save_pretrained (a pipeline, or a model with its scheduler)")
+    if (root / "model_index.json").is_file():
+        model = next((root / n for n in ("unet", "transformer") if (root / n).is_dir()), None)
+        if model is None:
+            raise ConfigError(f"config: model.path = {path!r} is a pipeline without a unet/ or "
+                              "transformer/ folder")
+        scheduler = root / "scheduler"
+    else:
+        model, scheduler = root, root
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"config: model.path = {path!r} has no model config.json in {model}: "
+                          "save the model there with save_pretrained")
+    if not (scheduler / "scheduler_config.json").is_file():
+        raise ConfigError(f"config: model.path = {path!r} has no scheduler_config.json in "
+                          f"{scheduler}: save the scheduler it was trained with there too "
+                          "(scheduler.save_pretrained(folder))")
+    return model, scheduler
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config: model.path: {path} is not readable JSON ({err})") from None
+
+
+def schedule_of(scheduler_config: dict, where: str) -> tuple[str, tuple[float, ...]]:
+    """(prediction, alpha_bar per training timestep) that a scheduler config describes."""
+    kind = scheduler_config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ConfigError(f"config: model.path: {where} has prediction_type = {kind!r}, which "
+                          f"piadm does not know: it reads {', '.join(PREDICTION_TYPES)}")
+    steps = int(scheduler_config.get("num_train_timesteps", 1000))
+    trained = scheduler_config.get("trained_betas")
+    if trained:
+        betas = torch.tensor(trained, dtype=torch.float32)
+        return PREDICTION_TYPES[kind], tuple(torch.cumprod(1.0 - betas, 0).double().tolist())
+    schedule = scheduler_config.get("beta_schedule", "linear")
+    if schedule not in BETA_SCHEDULES:
+        raise ConfigError(f"config: model.path: {where} has beta_schedule = {schedule!r}, which "
+                          f"piadm does not map: it reads {', '.join(BETA_SCHEDULES)}")
+    table = ddpm_alphas_cumprod(BETA_SCHEDULES[schedule],
+                                float(scheduler_config.get("beta_start", 1e-4)),
+                                float(scheduler_config.get("beta_end", 0.02)), steps)
+    return PREDICTION_TYPES[kind], table
+
+
+def scheduler_grid(scheduler_dir: Path, process: DiscreteVP):
+    """steps -> the OU clock (steps + 1,) at the scheduler's own timesteps for ``steps``
+    inference steps, then where its last step lands (the clean end, or its final alpha_bar)."""
+
+    def grid(steps: int) -> torch.Tensor:
+        diffusers = _diffusers()
+        config = _read(scheduler_dir / "scheduler_config.json")
+        cls = getattr(diffusers, config.get("_class_name", "DDPMScheduler"), None)
+        if cls is None:
+            raise ConfigError(f"config: sampler.grid = 'scheduler': diffusers has no scheduler "
+                              f"{config.get('_class_name')!r}")
+        scheduler = cls.from_pretrained(scheduler_dir)
+        scheduler.set_timesteps(steps)
+        t = scheduler.timesteps.to(torch.float64)
+        table = process.table()
+        final = float(getattr(scheduler, "final_alpha_cumprod", torch.tensor(1.0)))
+        end = torch.tensor([-torch.log(torch.tensor(final, dtype=torch.float64))])
+        return torch.cat([table[t.long()], end.clamp(min=0.0)])
+
+    return grid
+
+
+def load_pretrained(section, device="cpu") -> NetworkModel:
+    """The ``model.kind = "diffusers"`` model of a validated ``[model]`` section."""
+    model_dir, scheduler_dir = layout(section.path)
+    config = _read(model_dir / "config.json")
+    prediction, table = schedule_of(_read(scheduler_dir / "scheduler_config.json"),
+                                    str(scheduler_dir / "scheduler_config.json"))
+    diffusers = _diffusers()
+    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    if cls is None:
+        raise ConfigError(f"config: model.path = {section.path!r}: diffusers has no model class "
+                          f"{config.get('_class_name')!r} (from {model_dir / 'config.json'})")
+    diffusers.utils.logging.set_verbosity_error()  # its advice on optional packages is noise here
+    try:
+        net = cls.from_pretrained(model_dir)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ConfigError(f"config: model.path = {section.path!r}: {cls.__name__} does not load "
+                          f"({type(err).__name__}: {first})") from None
+    net.to(device).eval()
+    # a one-channel network on a 2-D field: the channel axis is added around each call
+    channel = len(section.shape) == 2 and config.get("in_channels") == 1
+    process = DiscreteVP(num_steps=len(table), alphas_cumprod=table)
+    model = NetworkModel(_Net(net, channel), tuple(section.shape), process, prediction,
+                         scheduler_u=scheduler_grid(scheduler_dir, process))
+    if section.condition == "none":
+        check_output(model, tuple(section.shape), f"model.path = {section.path!r}")
+    return model
+
+
+def pretrained_digest(section) -> str:
+    """SHA-256 of the folder's weight files and configs (sorted by path)."""
+    root = Path(section.path)
+    files = sorted(p for pattern in (*WEIGHT_FILES, "*.json") for p in root.rglob(pattern))
+    return weights_digest(files)
+
+
+def describe(section) -> dict:
+    """Store attributes for a folder: what it predicts, and its schedule."""
+    _, scheduler_dir = layout(section.path)
+    config = _read(scheduler_dir / "scheduler_config.json")
+    return {"model_prediction": PREDICTION_TYPES.get(config.get("prediction_type", "epsilon")),
+            "model_process": f"ddpm {config.get('beta_schedule', 'linear')} "
+                             f"{config.get('num_train_timesteps', 1000)} steps",
+            "model_scheduler": config.get("_class_name", "")}

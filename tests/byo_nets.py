@@ -1,0 +1,61 @@
+"""Networks a user would bring, for tests/test_byo.py: importable by ``model.target``."""
+import torch
+
+
+def small_unet(init: int = 0, channels: int = 8):
+    """A small randomly initialised diffusers UNet2DModel on 16x16 one-channel fields."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(init)
+    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
+                       block_out_channels=(channels, 2 * channels),
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+
+
+class EDMDenoiser(torch.nn.Module):
+    """An EDM-style denoiser D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) around a small
+    random convolutional F, on (B, H, W) fields (Karras et al. 2022's preconditioning)."""
+
+    def __init__(self, seed: int = 0, sigma_data: float = 0.5):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.sigma_data = sigma_data
+        self.f = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.SiLU(),
+                                     torch.nn.Conv2d(8, 1, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sd = self.sigma_data
+        sigma = sigma.reshape(-1, 1, 1)
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sigma**2 + sd**2).sqrt()
+        c_noise = (sigma.log() / 4).expand_as(x)
+        return c_skip * x + c_out * self.f(torch.stack([c_in * x, c_noise], 1))[:, 0]
+
+
+class _TwoChannels(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def wrong_shape():
+    """A network whose output is not its input's shape: two channels out of one."""
+    return _TwoChannels()
+
+
+def raising(**kwargs):
+    raise RuntimeError("no GPU found")
+
+
+def build_plugin(section, device):
+    """A model kind an installed package registers (entry point ``piadm.models``): an exact
+    Gaussian field whose spectral slope comes from a key piadm does not know."""
+    from models.grf import GaussianRandomField
+
+    return GaussianRandomField(tuple(section.shape), slope=float(section.args["steepness"]),
+                               device=device)

@@ -1,0 +1,200 @@
+"""Bring your own network: a diffusers folder and a module of one's own sample what their own
+library computes (DDPM and DDIM loops fed the same noise), the two doors agree, an EDM
+denoiser matches EDM's first-order sampler, and each mistake is a one-line error."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from byo_nets import EDMDenoiser, small_unet  # noqa: E402
+from models import build_model  # noqa: E402
+from pipeline import api  # noqa: E402
+from pipeline.cli import main  # noqa: E402
+from pipeline.clock import VE  # noqa: E402
+from pipeline.grids import make_grid  # noqa: E402
+from pipeline.noise import Noise  # noqa: E402
+from pipeline.run import sampler_grid, sampler_options  # noqa: E402
+from pipeline.samplers import SAMPLERS  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """save_pretrained folders of one seeded UNet2DModel with a DDPM and a DDIM scheduler."""
+    base = tmp_path_factory.mktemp("byo")
+    unet = small_unet()
+    out = {}
+    for name, scheduler in (("ddpm", diffusers.DDPMScheduler), ("ddim", diffusers.DDIMScheduler)):
+        unet.save_pretrained(base / name)
+        scheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(base / name)
+        out[name] = base / name
+    return out
+
+
+def _run(settings: dict, members=(0, 1), shape=(16, 16)):
+    cfg = api.load_config(None, {"sampler.dtype": "float64", **settings})
+    model = build_model(cfg.model)
+    noise = Noise.members(0, 0, members, shape, torch.float64)
+    y, stats = SAMPLERS[cfg.sampler.method](model, noise.prior(), sampler_grid(cfg.sampler, model),
+                                            noise, options=sampler_options(cfg.sampler))
+    return y, stats, noise
+
+
+def _one_error(err: str, needle: str) -> bool:
+    """One error line, naming the problem, and no traceback (the run's header may precede)."""
+    errors = [line for line in err.splitlines() if line.startswith("piadm: error:")]
+    return len(errors) == 1 and needle in errors[0] and "Traceback" not in err
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _ddpm(folders) -> dict:
+    return {"model.kind": "diffusers", "model.path": str(folders["ddpm"]), "model.shape": [16, 16],
+            "sampler.grid": "scheduler", "sampler.steps": 1000, "sampler.form": "eps",
+            "sampler.tol": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def ddpm_path(folders):
+    """piadm's sequential DDPM path on the scheduler's 1000 timesteps, and its noise."""
+    y, _, noise = _run({**_ddpm(folders), "sampler.method": "sequential-sde"})
+    return y, noise
+
+
+def test_sequential_sde_on_the_scheduler_grid_is_diffusers_ddpm_loop(ddpm_path):
+    y, noise = ddpm_path
+    from diffusers.utils.torch_utils import randn_tensor
+
+    unet = small_unet().double()
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+    scheduler.set_timesteps(1000)
+    x, xi = noise.prior(), noise.path(0, 1000)
+    with torch.no_grad():
+        for j, t in enumerate(scheduler.timesteps):
+            eps = unet(x[:, None], t).sample[:, 0]
+            out = scheduler.step(eps, t, x, generator=torch.Generator().manual_seed(j)).prev_sample
+            if t > 0:  # swap the scheduler's own draw for the noise piadm used at this step
+                theirs = randn_tensor(x.shape, generator=torch.Generator().manual_seed(j),
+                                      dtype=x.dtype)
+                sd = scheduler._get_variance(t) ** 0.5
+                out = out - sd * theirs + sd * xi[:, j]
+            x = out
+    assert float(eps.std()) > 0.1  # a network that answers, not a zero map
+    assert _rel(y, x) <= 1e-5
+
+
+def test_sequential_ode_on_the_scheduler_grid_is_diffusers_ddim_loop(folders):
+    y, _, noise = _run({"model.kind": "diffusers", "model.path": str(folders["ddim"]),
+                        "model.shape": [16, 16], "sampler.method": "sequential-ode",
+                        "sampler.grid": "scheduler", "sampler.steps": 50, "sampler.form": "eps"})
+    unet = small_unet().double()
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    scheduler.set_timesteps(50)
+    x = noise.prior()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x[:, None], t).sample[:, 0], t, x, eta=0.0).prev_sample
+    assert _rel(y, x) <= 1e-5
+
+
+def test_the_module_door_samples_what_the_diffusers_door_does(folders):
+    common = {"sampler.method": "sequential-ode", "sampler.steps": 40, "sampler.form": "eps"}
+    via_folder, _, _ = _run({"model.kind": "diffusers", "model.path": str(folders["ddim"]),
+                             "model.shape": [16, 16], **common})
+    sys.path.insert(0, str(TESTS))
+    via_module, _, _ = _run({
+        "model.kind": "module", "model.target": "byo_nets:small_unet", "model.init": 1,
+        "model.weights": str(folders["ddim"] / "diffusion_pytorch_model.safetensors"),
+        "model.prediction": "eps", "model.process": "ddpm", "model.shape": [1, 16, 16],
+        **common}, shape=(1, 16, 16))
+    assert _rel(via_module[:, 0], via_folder) <= 1e-12  # init=1 made other weights: the file's won
+
+
+def test_pc_window_on_the_unet_stays_within_1e_3_of_the_sequential_path(folders, ddpm_path):
+    seq, _ = ddpm_path
+    y, stats, _ = _run({**_ddpm(folders), "sampler.method": "pc-window"})
+    dist = ((y - seq).flatten(1).norm(dim=1) / seq.flatten(1).norm(dim=1)).max()
+    assert float(dist) <= 1e-3 and stats.rounds < 100 and stats.model_calls < 4 * 1000
+
+
+def test_an_edm_denoiser_matches_edm_first_order_sampler():
+    sys.path.insert(0, str(TESTS))
+    steps = 18
+    y, _, noise = _run({"model.kind": "module", "model.target": "byo_nets:EDMDenoiser",
+                        "model.prediction": "x0", "model.process": "edm", "model.shape": [8, 8],
+                        "sampler.method": "sequential-ode", "sampler.grid": "edm",
+                        "sampler.steps": steps, "sampler.form": "eps",
+                        "sampler.u_min": math.log1p(0.002**2), "sampler.u_max": math.log1p(80.0**2)},
+                       shape=(8, 8))
+    den = EDMDenoiser().double()
+    u = make_grid("edm", steps, u_min=math.log1p(0.002**2), u_max=math.log1p(80.0**2),
+                  block_size=steps).u
+    sigma = VE().t_of_u(u)
+    x = noise.prior() * torch.sqrt(1 + sigma[0] ** 2)  # the VE state of piadm's prior draw
+    with torch.no_grad():
+        for i in range(steps):  # Euler in sigma: dx/dsigma = (x - D(x, sigma)) / sigma
+            d = (x - den(x, sigma[i].expand(x.shape[0]))) / sigma[i]
+            x = x + (sigma[i + 1] - sigma[i]) * d
+    assert _rel(y, x / torch.sqrt(1 + sigma[-1] ** 2)) <= 1e-5
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["model.target=no_such_package.nets:unet"], "cannot import 'no_such_package.nets'"),
+    (["model.target=byo_nets:small_unett"], "did you mean 'small_unet'"),
+    (["model.target=byo_nets:raising"], "raised RuntimeError: no GPU found"),
+    (["model.target=byo_nets:wrong_shape", "model.shape=[1, 16, 16]"], "returns shape [1, 2, 16, 16]"),
+    (["model.prediction=noise"], "model.prediction = 'noise' is unknown"),
+    (["model.process=ddim"], "model.process = 'ddim' is unknown"),
+])
+def test_module_mistakes_are_one_line_errors(sets, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    out = tmp_path / "x.zarr"
+    base = ["model.kind=module", "model.target=byo_nets:small_unet", "model.prediction=eps",
+            "model.process=ddpm", "model.shape=[1, 16, 16]", "sampler.method=sequential-sde",
+            "sampler.steps=4", f"output.path={out}"]
+    rc = main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in base + sets), [])])
+    err = capsys.readouterr().err
+    assert rc == 2 and _one_error(err, needle), err
+    assert not out.exists()
+
+
+def test_a_folder_without_its_scheduler_config_is_a_one_line_error(tmp_path, capsys):
+    small_unet().save_pretrained(tmp_path / "net")
+    rc = main(["sample", "jobs/configs/grf.toml", "--set", "model.kind=diffusers",
+               "--set", f"model.path={tmp_path / 'net'}", "--set", "model.shape=[16, 16]",
+               "--set", f"output.path={tmp_path / 'x.zarr'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and _one_error(err, "has no scheduler_config.json"), err
+
+
+def test_the_module_example_config_samples_a_store(tmp_path):
+    out = tmp_path / "m.zarr"
+    assert main(["sample", "jobs/configs/module.toml", "--set", f"output.path={out}",
+                 "--set", "sampler.steps=10", "--set", "ensemble.members=1"]) == 0
+    attrs = api.open_ensemble(out).attrs
+    assert attrs["model_target"] == "diffusers:UNet2DModel" and attrs["model_process"] == "ddpm"
+
+
+def test_an_installed_package_registers_a_model_kind(tmp_path, monkeypatch):
+    """An entry point in the group piadm.models adds a kind; its own keys reach it in args."""
+    dist = tmp_path / "mynets-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mynets\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[piadm.models]\nsteepgrf = byo_nets:build_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(TESTS))
+    cfg = api.load_config(None, {"model.kind": "steepgrf", "model.steepness": 4.0,
+                                 "model.shape": [8, 8], "sampler.method": "sequential-sde",
+                                 "sampler.steps": 5})
+    assert cfg.model.args == {"steepness": 4.0} and "steepness = 4.0" in cfg.text
+    model = build_model(cfg.model)
+    assert model.slope == 4.0
+    with pytest.raises(api.ConfigError, match="model.kind = 'nosuchkind' is unknown"):
+        api.load_config(None, {"model.kind": "nosuchkind"})
