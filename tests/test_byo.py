@@ -198,3 +198,18 @@ def test_an_installed_package_registers_a_model_kind(tmp_path, monkeypatch):
     assert model.slope == 4.0
     with pytest.raises(api.ConfigError, match="model.kind = 'nosuchkind' is unknown"):
         api.load_config(None, {"model.kind": "nosuchkind"})
+
+
+def test_a_conditional_module_gets_the_bound_coarse_field_upsampled(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    from pipeline.config import ModelConfig
+
+    section = ModelConfig(kind="module", target="byo_nets:Conditional", prediction="eps",
+                          process="ddpm", shape=(4, 4), condition="coarse")
+    coarse = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    model = build_model(section).conditioned(coarse)
+    u = torch.full((2,), 1.0, dtype=torch.float64)
+    score = model(torch.zeros(2, 4, 4, dtype=torch.float64), u)
+    eps = -score * torch.sqrt(-torch.expm1(-u)).reshape(-1, 1, 1)  # eps = -s(u) score
+    expected = coarse.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert torch.allclose(eps, expected.expand(2, 4, 4), atol=1e-12)

@@ -60,8 +60,9 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_store(tmp_path, input_store,
     clean, cut = tmp_path / "clean.zarr", tmp_path / "cut.zarr"
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, clean)]) == 0
     cfg = load_config("jobs/configs/grf.toml", _overrides(conditional_sets(input_store, cut)))
-    # safe points: one before anything is written, then one before each batch of 2 members
-    summary = sample_to_store(cfg, stop=StopAfter(6))
+    # safe points: two before anything is written (before and after the tolerance is
+    # settled), then one before each batch of 2 members
+    summary = sample_to_store(cfg, stop=StopAfter(7))
     assert summary.preempted and summary.members == 10
     assert main(["status", str(cut)]) == 1
     assert "10/36 members done" in capsys.readouterr().out
