@@ -68,6 +68,9 @@ _SDE, _ODE = "sequential-sde", "sequential-ode"
 REGISTRY = {
     "sequential-sde": Registered("pipeline.samplers.sequential:sequential_sde", _SDE),
     "sequential-ode": Registered("pipeline.samplers.sequential:sequential_ode", _ODE),
+    # second-order sequential ODE solvers, each its own reference (highorder.py)
+    "dpmpp-2m": Registered("pipeline.samplers.highorder:dpmpp_2m", "dpmpp-2m"),
+    "edm-heun": Registered("pipeline.samplers.highorder:edm_heun", "edm-heun"),
     "piadm-sde": Registered("pipeline.samplers.picard:piadm_sde", _SDE, blocked=True),
     "piadm-ode": Registered("pipeline.samplers.picard:piadm_ode", _ODE, blocked=True,
                             corrector=True),

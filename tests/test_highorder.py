@@ -1,0 +1,55 @@
+"""Second-order sequential solvers: their exact W2 to the grf target falls at second order in
+the steps (the first-order samplers' at first order), and they keep GMM mode weights."""
+import math
+
+import pytest
+import torch
+
+from models.gmm import GaussianMixture, mode_fractions
+from models.grf import GaussianRandomField
+from pipeline.grids import make_grid
+from pipeline.noise import Noise
+from pipeline.quality import grf_w2
+from pipeline.samplers import SAMPLERS, Options
+
+MODEL = GaussianRandomField((16, 16), length=4.0)
+
+
+def _w2(method: str, steps: int, options: Options = Options()) -> float:
+    grid = make_grid("ou", steps, u_min=1e-3, u_max=10.0, block_size=steps)
+    return grf_w2(MODEL, method, grid, options)
+
+
+@pytest.mark.parametrize("method,form,order", [("sequential-ode", "exponential", 1),
+                                               ("sequential-ode", "eps", 1),
+                                               ("dpmpp-2m", "exponential", 2),
+                                               ("edm-heun", "exponential", 2)])
+def test_exact_w2_falls_at_the_solvers_order(method, form, order):
+    options = Options(form=form)
+    coarse, fine = _w2(method, 40, options), _w2(method, 80, options)
+    observed = math.log2(coarse / fine)
+    assert abs(observed - order) < 0.25, (coarse, fine, observed)
+    assert fine < 0.05
+
+
+def test_w2_is_zero_only_for_the_exact_law():
+    """The measure itself: near zero for a fine solve, large for a two-step one, and refused
+    for a sampler whose law its gains do not fix."""
+    grid = make_grid("ou", 400, u_min=1e-3, u_max=10.0, block_size=400)
+    assert _w2("dpmpp-2m", 400) < 1e-3
+    assert _w2("sequential-ode", 2) > 0.2
+    with pytest.raises(ValueError, match="adds noise"):
+        grf_w2(MODEL, "sequential-sde", grid)
+
+
+@pytest.mark.parametrize("method", ["dpmpp-2m", "edm-heun"])
+def test_gmm_mode_weights_within_three_standard_errors(method):
+    model = GaussianMixture.random((8,), components=3, weights=[0.5, 0.3, 0.2], seed=1)
+    grid = make_grid("ou", 100, u_min=1e-3, u_max=10.0, block_size=100)
+    n = 400
+    noise = Noise(5, tuple((0, m) for m in range(n)), (8,), torch.float64)
+    y, stats = SAMPLERS[method](model, noise.prior(), grid, noise)
+    frac = mode_fractions(model, y, 1e-3)
+    se = torch.sqrt(model.weights * (1 - model.weights) / n)
+    assert bool(((frac - model.weights).abs() <= 3 * se).all()), (frac, model.weights)
+    assert stats.model_calls == (2 if method == "edm-heun" else 1) * 100
