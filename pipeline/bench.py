@@ -27,20 +27,22 @@ from pipeline.console import on_rank0, print0
 from pipeline.memory import peak_since, start_peak
 from pipeline.noise import Noise
 from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
+from pipeline.quality import DETERMINISTIC, grf_w2
 from pipeline.samplers import REFERENCE, SAMPLERS
 
 COLUMNS = ("method", "seed", "tol", "ranks", "steps", "d", "rounds", "model_calls",
-           "calls_ratio", "rel_dist", "stat_err", "wall_s", "wall_med_s", "comm_share",
+           "calls_ratio", "rel_dist", "stat_err", "w2", "wall_s", "wall_med_s", "comm_share",
            "peak_mib")
 
 
-def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing) -> dict:
+def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing, *,
+         w2=None) -> dict:
     walls, comm_s, peak = timing
     wall = min(walls)
     return {"method": method, "seed": seed, "tol": tol, "ranks": ranks, "steps": steps, "d": d,
             "rounds": stats.rounds, "model_calls": round(stats.model_calls, 1),
             "calls_ratio": round(stats.model_calls / ref_calls, 3), "rel_dist": dist,
-            "stat_err": err, "wall_s": round(wall, 3),
+            "stat_err": err, "w2": w2, "wall_s": round(wall, 3),
             "wall_med_s": round(statistics.median(walls), 3), "repeats": len(walls),
             "comm_share": round(comm_s / wall, 4) if wall else 0.0,
             "peak_mib": round(peak / 2**20, 1)}
@@ -49,7 +51,7 @@ def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing
 def worst_row(rows: list[dict]) -> dict:
     """The worst over seeds of one method's rows: largest rounds, calls and distance."""
     out = dict(rows[-1], seed="worst", collectives={})
-    for key in ("rounds", "model_calls", "calls_ratio", "rel_dist", "stat_err", "wall_s",
+    for key in ("rounds", "model_calls", "calls_ratio", "rel_dist", "stat_err", "w2", "wall_s",
                 "wall_med_s", "comm_share", "peak_mib"):
         values = [r[key] for r in rows if r[key] is not None]
         out[key] = max(values) if values else None
@@ -59,10 +61,11 @@ def worst_row(rows: list[dict]) -> dict:
 def _format(row: dict) -> str:
     dist = "-" if row["rel_dist"] is None else f"{row['rel_dist']:.2e}"
     err = "-" if row["stat_err"] is None else f"{row['stat_err']:.3e}"
+    w2 = "-" if row.get("w2") is None else f"{row['w2']:.3e}"
     tol = "-" if row["tol"] is None else f"{row['tol']:.1e}"
     return (f"{row['method']:<15} {row['seed']!s:>5} {tol:>7} {row['ranks']:>5} {row['steps']:>6} "
             f"{row['d']:>9} {row['rounds']:>7} {row['model_calls']:>12.1f} "
-            f"{row['calls_ratio']:>11.2f} {dist:>9} {err:>9} {row['wall_s']:>8.2f} "
+            f"{row['calls_ratio']:>11.2f} {dist:>9} {err:>9} {w2:>9} {row['wall_s']:>8.2f} "
             f"{row['wall_med_s']:>10.2f} {row['comm_share']:>10.3f} {row['peak_mib']:>9.1f}")
 
 
@@ -70,14 +73,16 @@ LEGEND = ("columns: rounds = sequential batched model calls (the parallel depth)
           "calls_ratio = model calls over the sequential sampler's; rel_dist = |y - y_seq| / "
           "|y_seq| against the sequential path with the same noise; stat_err = the ensemble "
           "statistics' error against the exact model's target (grf: spectrum, gmm: mode "
-          "weights); wall_s, wall_med_s = min and median over bench.repeats; comm_share = "
+          "weights); w2 = the exact Wasserstein-2 distance of a deterministic sequential "
+          "sampler's law to the grf target, relative (docs/algorithms.md section 7); "
+          "wall_s, wall_med_s = min and median over bench.repeats; comm_share = "
           "time in collectives over wall time")
 
 
 def header() -> str:
     return (f"{'method':<15} {'seed':>5} {'tol':>7} {'ranks':>5} {'steps':>6} {'d':>9} "
             f"{'rounds':>7} {'model_calls':>12} {'calls_ratio':>11} {'rel_dist':>9} "
-            f"{'stat_err':>9} {'wall_s':>8} {'wall_med_s':>10} {'comm_share':>10} "
+            f"{'stat_err':>9} {'w2':>9} {'wall_s':>8} {'wall_med_s':>10} {'comm_share':>10} "
             f"{'peak_mib':>9}")
 
 
@@ -155,6 +160,8 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
     stat_error = STAT_ERRORS.get(cfg.model.kind)  # exact models only: a learned one has none
     methods = sorted(cfg.bench.methods, key=lambda m: m not in REFERENCE.values())
     rows: dict[str, list[dict]] = {m: [] for m in methods}
+    w2s: dict[str, float | None] = {}
+    exact_law = cfg.model.kind == "grf" and cfg.model.condition == "none"
     for seed in range(s.seed, s.seed + cfg.bench.seeds):
         noise = Noise(seed, tuple((0, m) for m in range(cfg.bench.members)), tuple(shape),
                       DTYPES[s.dtype], device, s.noise)
@@ -175,8 +182,11 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
             dist = None if method == ref_name else float((y - ref).norm() / ref.norm())
             err = (None if stat_error is None
                    else stat_error(model, y.to(torch.float64), s.u_min, s.denoise_final))
+            if method not in w2s:  # the law's, so once for every seed
+                w2s[method] = (grf_w2(model, method, grid, options) if exact_law
+                               and method in DETERMINISTIC else None)
             row = _row(method, seed, tolerances[method], comm.size, s.steps, math.prod(shape),
-                       stats, ref_stats.model_calls, dist, err, timing)
+                       stats, ref_stats.model_calls, dist, err, timing, w2=w2s[method])
             row["collectives"] = collectives
             rows[method].append(row)
             print0(comm, _format(row))
