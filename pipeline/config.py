@@ -380,6 +380,9 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
         return  # the planner picks a layout that fits
     _check(isinstance(p.time_slices, int) and p.time_slices >= 1, "parallel.time_slices",
            f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")
+    _check(REGISTRY[s.method].splits or p.time_slices == 1, "parallel.time_slices",
+           f"= {p.time_slices}: sampler.method = {s.method!r} runs on one time slice; set "
+           "parallel.time_slices = 1 (the ranks then share the members)")
     for key, n in REGISTRY[s.method].points(s).items():
         _check(p.time_slices <= n, "parallel.time_slices",
                f"= {p.time_slices} is more than the {n} points of sampler.{key}: "

@@ -29,6 +29,7 @@ class Registered:
     points (its module's ``DEFAULT_WINDOW`` when 0) and stops on ``sampler.tol``, which it
     therefore needs. blocked: cuts the steps into blocks of ``sampler.block_size``.
     corrector: runs the Langevin corrector's ``sampler.corrector_steps`` points after each block.
+    needs_tol: stops on ``sampler.tol``. splits: its rounds can be split over time slices.
     """
 
     target: str
@@ -36,6 +37,8 @@ class Registered:
     windowed: bool = False
     blocked: bool = False
     corrector: bool = False
+    needs_tol: bool = False  # stops on sampler.tol (every windowed sampler does too)
+    splits: bool = True  # its rounds can be split over time slices (ranks)
 
     def load(self):
         module, name = self.target.split(":")
@@ -57,7 +60,7 @@ class Registered:
 
     def problems(self, s) -> list[tuple[str, str]]:
         """(key, problem) for each ``[sampler]`` setting of ``s`` this sampler cannot run with."""
-        if self.windowed and s.tol is None:
+        if (self.windowed or self.needs_tol) and s.tol is None:
             return [("sampler.tol", f"must be set for sampler.method = {s.method!r}, a sliding "
                      "window that stops on it: a number (window: ParaDiGMS uses 0.1) or "
                      "\"auto\" to calibrate it against the sequential sampler")]
@@ -71,6 +74,8 @@ REGISTRY = {
     # second-order sequential ODE solvers, each its own reference (highorder.py)
     "dpmpp-2m": Registered("pipeline.samplers.highorder:dpmpp_2m", "dpmpp-2m"),
     "edm-heun": Registered("pipeline.samplers.highorder:edm_heun", "edm-heun"),
+    "dpmpp-2m-window": Registered("pipeline.samplers.highorder:dpmpp_2m_window", "dpmpp-2m",
+                                  needs_tol=True, splits=False),
     "piadm-sde": Registered("pipeline.samplers.picard:piadm_sde", _SDE, blocked=True),
     "piadm-ode": Registered("pipeline.samplers.picard:piadm_ode", _ODE, blocked=True,
                             corrector=True),

@@ -15,13 +15,15 @@ Each returns after ``grid.steps`` steps with Stats whose rounds are its sequenti
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pipeline.clock import noise_std, signal
 from pipeline.comm import SerialComm
 from pipeline.grids import Grid
 from pipeline.noise import Noise
-from pipeline.samplers.common import check_finite, evaluate, finish
+from pipeline.samplers.common import check_finite, evaluate, finish, per_point
 from pipeline.samplers.options import Options, Stats
 
 
@@ -50,7 +52,7 @@ def dpmpp_2m(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialCo
         else:  # the previous denoised mean makes the step second order
             r = float(lam[i] - lam[i - 1]) / h
             blend = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * previous
-        y = float(s[i + 1] / s[i]) * y - float(a[i + 1] * torch.expm1(torch.tensor(-h))) * blend
+        y = float(s[i + 1] / s[i]) * y - float(a[i + 1]) * math.expm1(-h) * blend
         previous = d
         if (i + 1) % 50 == 0 or i + 1 == grid.steps:  # a NaN shows within 50 steps, no sync per step
             check_finite(y, noise.keys, f"by step {i + 1}")
@@ -76,3 +78,79 @@ def edm_heun(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialCo
     stats = Stats(rounds=2 * grid.steps, model_calls=2.0 * grid.steps,
                   sweeps=(2,) * grid.steps)
     return finish(model, x * float(a[-1]), stats, float(u[-1]), options)
+
+
+def dpmpp_2m_coefficients(u: torch.Tensor):
+    """DPM-Solver++(2M) as an affine recurrence y_{i+1} = c_i y_i + e_i (alpha_i D_i + beta_i
+    D_{i-1}) on the clocks u (N+1,): returns (c, e, alpha, beta), each float64 (N,)."""
+    lam = half_log_snr(u)
+    h = lam[1:] - lam[:-1]
+    c = noise_std(u[1:]) / noise_std(u[:-1])
+    e = -signal(u[1:]) * torch.expm1(-h)
+    alpha, beta = torch.ones_like(h), torch.zeros_like(h)
+    r = h[:-1] / h[1:]
+    alpha[1:], beta[1:] = 1 + 1 / (2 * r), -1 / (2 * r)
+    return c, e, alpha, beta
+
+
+def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A bool mask (B,) or (B, M) broadcast against ``like`` (B, ..., *S) over its trailing dims."""
+    return mask.reshape(*mask.shape, *(1,) * (like.dim() - mask.dim()))
+
+
+def dpmpp_2m_window(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+                    options: Options = Options()):
+    """A sliding Picard window over DPM-Solver++(2M) (docs/algorithms.md section 7) from y0
+    (B, *S): every round evaluates the denoised mean at all points from the first unsettled
+    one, in one batched call, and rebuilds the path from them; a row's window start moves to
+    its first point whose input changed by more than tol (mean square <= tol^2 settles it).
+    Returns (y (B, *S), Stats); one time slice (``comm`` of one rank)."""
+    if comm.size != 1:
+        raise ValueError("dpmpp-2m-window runs on one time slice: use parallel.time_slices = 1")
+    if options.tol is None:
+        raise ValueError("dpmpp-2m-window needs a tolerance (options.tol)")
+    u = grid.u.to(torch.float64)
+    n, batch = grid.steps, y0.shape[0]
+    c, e, alpha, beta = dpmpp_2m_coefficients(u)
+    a, s = signal(u), noise_std(u)
+    inputs = y0[:, None].expand(batch, n, *y0.shape[1:]).clone()  # y_0 .. y_{n-1}
+    dens = torch.zeros_like(inputs)
+    end = y0.clone()
+    start = torch.zeros(batch, dtype=torch.long)  # each row's first unsettled point
+    active = torch.ones(batch, dtype=torch.bool)
+    rounds, calls, history = 0, 0, []
+    while bool(active.any()) and rounds < max(options.max_sweeps, n):
+        rounds += 1
+        rows = active.nonzero()[:, 0]
+        lo = int(start[rows].min())
+        g = evaluate(model, inputs[rows, lo:], u[lo:n])
+        calls += rows.numel() * (n - lo)
+        fresh = (inputs[rows, lo:] + per_point(s[lo:n] ** 2, g) * g) / per_point(a[lo:n], g)
+        mine = torch.arange(lo, n)[None] >= start[rows, None]  # (rows, points) re-evaluated
+        dens[rows, lo:] = torch.where(_expand(mine, g), fresh, dens[rows, lo:])
+        old = inputs[rows].clone()
+        y = inputs[rows, lo]
+        for i in range(lo, n):  # rebuild each row's path from its own window start on
+            prev = dens[rows, i - 1] if i > 0 else torch.zeros_like(y)
+            step = float(c[i]) * y + float(e[i]) * (float(alpha[i]) * dens[rows, i]
+                                                     + float(beta[i]) * prev)
+            frozen = _expand(i + 1 <= start[rows], step)  # before the row's window: as it was
+            y = torch.where(frozen, inputs[rows, i + 1] if i + 1 < n else end[rows], step)
+            if i + 1 < n:
+                inputs[rows, i + 1] = y
+        end[rows] = y
+        change = ((inputs[rows] - old) ** 2).flatten(2).mean(-1)  # (rows, n)
+        history.append(float(change.max()))
+        if options.on_sweep is not None:
+            options.on_sweep(lo, rounds, history[-1])
+        moved = change > options.tol**2
+        after = torch.arange(n)[None] > start[rows, None]
+        unsettled = moved & after
+        first = torch.where(unsettled.any(1), unsettled.float().argmax(1),
+                            torch.full_like(start[rows], n))
+        start[rows] = torch.maximum(first, start[rows] + 1)  # at least one point settles a round
+        active[rows] = start[rows] < n
+    check_finite(end, noise.keys, "by the end of the window")
+    stats = Stats(rounds=rounds, model_calls=calls / batch, residuals=tuple(history),
+                  sweeps=(rounds,))
+    return finish(model, end, stats, float(u[-1]), options)
