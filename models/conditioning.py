@@ -33,6 +33,12 @@ class MeanShift:
         return self.base(x - a * self.mean.to(x.device, x.dtype), u)
 
 
+def upsample_blocks(coarse: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A coarse field (h, w) repeated over blocks to the grid ``shape`` (H, W): (H, W)."""
+    fy, fx = shape[0] // coarse.shape[-2], shape[1] // coarse.shape[-1]
+    return coarse.repeat_interleave(fy, -2).repeat_interleave(fx, -1)
+
+
 # model.condition -> how an item's input field (model units) binds a model: "mean" for the
 # exact models (the field is the ensemble mean, of the model's shape), "coarse" for a
 # conditional U-Net (a block-averaged field, upsampled inside).

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from models.adapters import NetworkAdapter
+from models.conditioning import upsample_blocks
 from pipeline.clock import VE
 
 
@@ -55,9 +56,7 @@ class LearnedUNet:
 
     def conditioned(self, coarse: torch.Tensor) -> "LearnedUNet":
         """Bind a coarse field (h, w), in model units, upsampled to the grid by blocks."""
-        fy, fx = self.shape[0] // coarse.shape[-2], self.shape[1] // coarse.shape[-1]
-        up = coarse.float().repeat_interleave(fy, -2).repeat_interleave(fx, -1)
-        return replace(self, cond=up[None])
+        return replace(self, cond=upsample_blocks(coarse.float(), self.shape)[None])
 
 
 def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu") -> LearnedUNet:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from models.adapters import PREDICTIONS, NetworkAdapter
+from models.conditioning import upsample_blocks
 from pipeline.clock import (BETA_SCHEDULES, VE, DiscreteVP, Flow, VPCosine, VPLinear,
                             ddpm_alphas_cumprod)
 from pipeline.errors import ConfigError
@@ -189,9 +190,7 @@ class NetworkModel:
 
     def conditioned(self, coarse: torch.Tensor) -> "NetworkModel":
         """Bind a coarse field (h, w) in model units, upsampled by blocks to the model's grid."""
-        fy, fx = self.shape[0] // coarse.shape[-2], self.shape[1] // coarse.shape[-1]
-        up = coarse.repeat_interleave(fy, -2).repeat_interleave(fx, -1)
-        return replace(self, cond=up[None])
+        return replace(self, cond=upsample_blocks(coarse, self.shape)[None])
 
 
 def check_output(model, shape: tuple[int, ...], what: str) -> None:

@@ -104,17 +104,20 @@ def _check_only(only: tuple[int, ...], count: int) -> None:
                           f"the input selection: use indices 0 .. {count - 1}")
 
 
-def _check_early(cfg: Config) -> None:
-    """Rank 0: the input selection and the output target, before the start-up's costly work."""
-    _check_only(cfg.parallel.items, len(load_items(cfg, check=True).labels))
-    check_target(cfg.output.path, cfg.store_digest, overwrite=cfg.output.overwrite)
-
-
-def _prepare(cfg: Config, shape, trained_on, tol: Calibration, attrs: dict,
-             grid: dict) -> tuple[StoreSpec, str]:
-    """Rank 0's checks and creation: validate the input, open or create the store."""
+def _check_early(cfg: Config) -> tuple[float, float]:
+    """Rank 0: the input (its layout, selection and one pass over its values) and the output
+    target, before the start-up's costly work; returns the input's (mean, std)."""
     items = load_items(cfg, check=True)
     _check_only(cfg.parallel.items, len(items.labels))
+    check_target(cfg.output.path, cfg.store_digest, overwrite=cfg.output.overwrite)
+    return items.mean, items.std
+
+
+def _prepare(cfg: Config, stats: tuple[float, float], shape, trained_on, tol: Calibration,
+             attrs: dict, grid: dict) -> tuple[StoreSpec, str]:
+    """Rank 0's creation: open or create the store, with the input's ``stats`` (mean, std)
+    that ``_check_early`` measured."""
+    items = dataclasses.replace(load_items(cfg, check=False), mean=stats[0], std=stats[1])
     spec = store_spec(cfg, items, shape, trained_on, grid)
     spec.attrs.update(sampler_tol=tol.tol, sampler_tol_source=tol.source, **attrs)
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
@@ -213,13 +216,13 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         raise
     # A learned model brings its training normalisation; exact ones use the input's.
     mean = getattr(model, "data_mean", None)
-    on_rank0(world, _check_early, cfg)  # a refusal now, not after a calibration
+    stats = on_rank0(world, _check_early, cfg)  # a refusal now, not after a calibration
     # stopped during start-up (before or after a calibration): exit before writing anything
     tol = None if _stop_agreed(world, stop) else on_rank0(world, run_tolerance, cfg, model, device)
     if tol is None or _stop_agreed(world, stop):
         print0(world, "stopped before sampling began: nothing was written")
         return Summary(cfg.output.path, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, True)
-    spec, state = on_rank0(world, _prepare, cfg, tuple(model.shape),  # before anything is written
+    spec, state = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),  # before any write
                            getattr(model, "variable", None), tol, attrs or {},
                            getattr(model, "grid", {}))
     items = load_items(cfg, check=False)

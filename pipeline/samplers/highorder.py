@@ -15,22 +15,14 @@ Each returns after ``grid.steps`` steps with Stats whose rounds are its sequenti
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pipeline.clock import noise_std, signal
 from pipeline.comm import SerialComm
 from pipeline.grids import Grid
 from pipeline.noise import Noise
-from pipeline.samplers.common import check_finite, evaluate, finish, per_point
+from pipeline.samplers.common import check_finite, denoise, evaluate, finish, per_point
 from pipeline.samplers.options import Options, Stats
-
-
-def denoised(model, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """D(y, u) = (y + s(u)^2 score(y, u)) / a(u) for states y (B, *S) at one clock u (1,)."""
-    a, s = float(signal(u)), float(noise_std(u))
-    return (y + s * s * evaluate(model, y[:, None], u.reshape(1))[:, 0]) / a
 
 
 def half_log_snr(u: torch.Tensor) -> torch.Tensor:
@@ -38,21 +30,28 @@ def half_log_snr(u: torch.Tensor) -> torch.Tensor:
     return -0.5 * u - 0.5 * torch.log(-torch.expm1(-u))
 
 
+def dpmpp_2m_coefficients(u: torch.Tensor):
+    """DPM-Solver++(2M) as an affine recurrence y_{i+1} = c_i y_i + e_i (alpha_i D_i + beta_i
+    D_{i-1}) on the clocks u (N+1,): returns (c, e, alpha, beta), each float64 (N,)."""
+    lam = half_log_snr(u)
+    h = lam[1:] - lam[:-1]
+    c = noise_std(u[1:]) / noise_std(u[:-1])
+    e = -signal(u[1:]) * torch.expm1(-h)
+    alpha, beta = torch.ones_like(h), torch.zeros_like(h)
+    r = h[:-1] / h[1:]
+    alpha[1:], beta[1:] = 1 + 1 / (2 * r), -1 / (2 * r)
+    return c, e, alpha, beta
+
+
 def dpmpp_2m(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
              options: Options = Options()):
     """DPM-Solver++(2M) from y0 (B, *S) at u_max to u_min; returns (y (B, *S), Stats)."""
     u = grid.u.to(torch.float64)
-    lam, a, s = half_log_snr(u), signal(u), noise_std(u)
-    y, previous = y0, None
+    c, e, alpha, beta = dpmpp_2m_coefficients(u)
+    y, previous = y0, torch.zeros_like(y0)  # beta_0 = 0: the first step is first order
     for i in range(grid.steps):
-        d = denoised(model, y, u[i])
-        h = float(lam[i + 1] - lam[i])
-        if previous is None:
-            blend = d
-        else:  # the previous denoised mean makes the step second order
-            r = float(lam[i] - lam[i - 1]) / h
-            blend = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * previous
-        y = float(s[i + 1] / s[i]) * y - float(a[i + 1]) * math.expm1(-h) * blend
+        d = denoise(model, y, float(u[i]))
+        y = float(c[i]) * y + float(e[i]) * (float(alpha[i]) * d + float(beta[i]) * previous)
         previous = d
         if (i + 1) % 50 == 0 or i + 1 == grid.steps:  # a NaN shows within 50 steps, no sync per step
             check_finite(y, noise.keys, f"by step {i + 1}")
@@ -68,29 +67,16 @@ def edm_heun(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialCo
     sigma = noise_std(u) / a
     x = y0 / float(a[0])  # the VE state
     for i in range(grid.steps):
-        d = (x - denoised(model, x * float(a[i]), u[i])) / float(sigma[i])
+        d = (x - denoise(model, x * float(a[i]), float(u[i]))) / float(sigma[i])
         step = float(sigma[i + 1] - sigma[i])
         end = x + step * d
-        d_end = (end - denoised(model, end * float(a[i + 1]), u[i + 1])) / float(sigma[i + 1])
+        d_end = (end - denoise(model, end * float(a[i + 1]), float(u[i + 1]))) / float(sigma[i + 1])
         x = x + step * 0.5 * (d + d_end)
         if (i + 1) % 50 == 0 or i + 1 == grid.steps:
             check_finite(x, noise.keys, f"by step {i + 1}")
     stats = Stats(rounds=2 * grid.steps, model_calls=2.0 * grid.steps,
                   sweeps=(2,) * grid.steps)
     return finish(model, x * float(a[-1]), stats, float(u[-1]), options)
-
-
-def dpmpp_2m_coefficients(u: torch.Tensor):
-    """DPM-Solver++(2M) as an affine recurrence y_{i+1} = c_i y_i + e_i (alpha_i D_i + beta_i
-    D_{i-1}) on the clocks u (N+1,): returns (c, e, alpha, beta), each float64 (N,)."""
-    lam = half_log_snr(u)
-    h = lam[1:] - lam[:-1]
-    c = noise_std(u[1:]) / noise_std(u[:-1])
-    e = -signal(u[1:]) * torch.expm1(-h)
-    alpha, beta = torch.ones_like(h), torch.zeros_like(h)
-    r = h[:-1] / h[1:]
-    alpha[1:], beta[1:] = 1 + 1 / (2 * r), -1 / (2 * r)
-    return c, e, alpha, beta
 
 
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
