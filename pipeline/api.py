@@ -71,7 +71,7 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
 
 def evaluate(store: str | Path, truth: str | Path, **options) -> xr.Dataset:
     """Score ``store`` against ``truth`` as ``piadm evaluate`` does (same options:
-    truth_variable, truth_range, kmax, out); returns the metrics dataset, whose attributes
+    truth_variable, truth_range, kmax, cut, out); returns the metrics dataset, whose attributes
     hold the overall figures."""
     from pipeline.scoring import evaluate as _evaluate
 

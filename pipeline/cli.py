@@ -238,7 +238,7 @@ def _cmd_evaluate(args, world) -> int:
     metrics, files = on_rank0(world, evaluate, args.store, args.truth,
                               truth_variable=args.truth_variable,
                               truth_range=tuple(args.truth_range) if args.truth_range else None,
-                              kmax=args.kmax, out=args.out)
+                              kmax=args.kmax, cut=args.cut, out=args.out)
     if world.rank == 0:  # --json: the document evaluate saved as metrics.json
         print(files[0].read_text() if args.json else table(metrics), flush=True)
     print0(world, "wrote " + ", ".join(str(f) for f in files))
@@ -340,6 +340,9 @@ def _evaluate_arguments(sp) -> None:
                          "(climatology only), e.g. --truth-range 670.5 830")
     sp.add_argument("--kmax", type=int, metavar="K",
                     help="largest wavenumber in the spectrum score (default: n / 8)")
+    sp.add_argument("--cut", type=int, metavar="K",
+                    help="finest wavenumber the truth resolves: the spectral bands end there "
+                         "(default: the truth's resolved_wavenumber attribute, else n / 2)")
     sp.add_argument("--json", action="store_true",
                     help="print the metrics as one JSON document (as saved in metrics.json) "
                          "instead of the table")

@@ -154,6 +154,9 @@ class TrainConfig:
     log_every: int = 50
     checkpoint: str = "out/unet.pt"
     resume: bool = True  # continue from the checkpoint when it exists
+    # a checkpoint whose EMA weights start this run (fine-tuning; a fresh optimizer and step 0);
+    # ignored when resuming
+    init: str = ""
     seed: int = 0
     channels: tuple[int, ...] = (32, 64, 96)
     p_mean: float = -1.2  # log-normal training noise levels (EDM)

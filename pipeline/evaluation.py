@@ -8,32 +8,45 @@ import scoringrules
 
 
 def _radial(density: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sum a spectral density (n, n) over shells |k| = 1 .. n/2 (rounded)."""
+    """Sum spectral densities (N, n, n) over shells |k| = 1 .. n/2 (rounded): (k, (N, n/2))."""
     k1 = np.fft.fftfreq(n, 1.0 / n)
-    shell = np.rint(np.sqrt(k1[:, None] ** 2 + k1[None, :] ** 2)).astype(int)
-    total = np.bincount(shell.ravel(), density.ravel(), minlength=n)
+    shell = np.rint(np.sqrt(k1[:, None] ** 2 + k1[None, :] ** 2)).astype(int).ravel()
     k = np.arange(1, n // 2 + 1)
-    return k, total[k]
+    onehot = (shell[:, None] == k[None, :]).astype(density.dtype)  # (n*n, n/2)
+    return k, density.reshape(-1, n * n) @ onehot
 
 
-def energy_spectrum(vorticity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Radially binned kinetic energy spectrum of periodic vorticity fields (..., n, n) on
-    [0, 2 pi)^2, averaged over the leading axes: (k = 1 .. n/2, E(k)), with
-    sum_k E(k) = mean kinetic energy (1/2 <|u|^2>) up to the shells cut at n/2."""
+def energy_spectra(vorticity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Radially binned kinetic energy spectra of periodic vorticity fields (..., n, n) on
+    [0, 2 pi)^2, one per field: (k = 1 .. n/2, E (N, n/2)) with N the product of the leading
+    axes; sum_k E(k) = the field's kinetic energy (1/2 <|u|^2>) up to the shells cut at n/2."""
     n = vorticity.shape[-1]
     w_hat = np.fft.fft2(vorticity, norm="forward")
     k1 = np.fft.fftfreq(n, 1.0 / n)
     k2 = k1[:, None] ** 2 + k1[None, :] ** 2
     density = np.where(k2 > 0, np.abs(w_hat) ** 2 / np.where(k2 > 0, k2, 1), 0.0) / 2
-    return _radial(density.reshape(-1, n, n).mean(0), n)
+    return _radial(density.reshape(-1, n, n), n)
+
+
+def power_spectra(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Radially binned power spectra of periodic fields (..., n, n), one per field:
+    (k = 1 .. n/2, P (N, n/2)), with sum_k P(k) = the field's variance up to the shells cut at
+    n/2."""
+    n = field.shape[-1]
+    density = np.abs(np.fft.fft2(field, norm="forward")) ** 2
+    return _radial(density.reshape(-1, n, n), n)
+
+
+def energy_spectrum(vorticity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``energy_spectra`` averaged over the fields: (k, E (n/2,))."""
+    k, e = energy_spectra(vorticity)
+    return k, e.mean(0)
 
 
 def power_spectrum(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Radially binned power spectrum of periodic fields (..., n, n), averaged over the leading
-    axes: (k = 1 .. n/2, P(k)), with sum_k P(k) = the variance up to the shells cut at n/2."""
-    n = field.shape[-1]
-    density = np.abs(np.fft.fft2(field, norm="forward")) ** 2
-    return _radial(density.reshape(-1, n, n).mean(0), n)
+    """``power_spectra`` averaged over the fields: (k, P (n/2,))."""
+    k, p = power_spectra(field)
+    return k, p.mean(0)
 
 
 def ensemble_mean_rmse(ens: np.ndarray, truth: np.ndarray) -> float:

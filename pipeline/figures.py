@@ -62,30 +62,50 @@ def fields_figure(ens: xr.Dataset, truth: xr.DataArray, paired: bool, path: Path
     return path
 
 
+BAND_SHADES = {"input": "0.93", "resolved": "0.93", "added": "#fdebd0", "beyond": "0.82"}
+
+
+def _headline(a: dict) -> str:
+    name = a["headline_band"]
+    b = lambda key: a[f"band_{name}_{key}"]  # noqa: E731
+    return (f"{name} band k={b('k')}: max deviation {100 * b('max_deviation'):.0f}% "
+            f"[{100 * b('max_deviation_lo'):.0f}, {100 * b('max_deviation_hi'):.0f}], "
+            f"energy ratio {b('energy_ratio'):.2f}")
+
+
 def spectrum_figure(metrics: xr.Dataset, path: Path) -> Path:
-    """Ensemble and truth spectra (log-log) with their ratio below."""
+    """Ensemble and truth spectra (log-log) with their ratio and its bootstrap interval below,
+    the bands shaded; the title is the headline band's figures."""
     plt = _pyplot()
+    a = metrics.attrs
     k = metrics["k"].values
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 5.5), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1.3]})
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5.8), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1.5]})
+    for name in a["bands"].split(","):
+        lo, hi = (int(v) for v in a[f"band_{name}_k"].split(".."))
+        for ax in (top, bottom):
+            ax.axvspan(lo - 0.5, hi + 0.5, color=BAND_SHADES.get(name, "0.9"), lw=0, zorder=0)
+        top.text(np.sqrt(max(lo - 0.5, 0.7) * (hi + 0.5)), 0.02, name, ha="center",
+                 transform=top.get_xaxis_transform(), fontsize=8, color="0.3")
     top.loglog(k, metrics["spectrum_truth"].values, "k-", lw=2, label="truth")
     top.loglog(k, metrics["spectrum_ensemble"].values, "C3--", lw=1.5, label="ensemble members")
     # A dealiased truth drops to round-off past its cut; keep the axis on the resolved range.
     resolved = np.concatenate([metrics["spectrum_ensemble"].values, metrics["spectrum_truth"].values])
     resolved = resolved[resolved > resolved.max() * 1e-12]
     top.set_ylim(resolved.min() / 3, resolved.max() * 3)
-    top.set_ylabel(f"{metrics.attrs['spectrum']} spectrum")
+    top.set_ylabel(f"{a['spectrum']} spectrum")
     top.legend()
-    kmax = metrics.attrs["kmax"]
+    bottom.fill_between(k, metrics["spectrum_ratio_lo"].values, metrics["spectrum_ratio_hi"].values,
+                        color="C3", alpha=0.25, lw=0, label="90% bootstrap interval")
     bottom.semilogx(k, metrics["spectrum_ratio"].values, "C3.-")
-    bottom.axhspan(0.75, 1.25, color="0.9", label="within 25%")
     bottom.axhline(1, color="k", lw=0.8)
-    bottom.axvline(kmax, color="0.5", ls=":", lw=1)
+    for level in (0.8, 1.2):
+        bottom.axhline(level, color="0.5", lw=0.6, ls="--")
     bottom.set_ylim(0, 2)
     bottom.set_xlabel("wavenumber k")
     bottom.set_ylabel("ensemble / truth")
-    top.set_title(f"max deviation for k <= {kmax}: "
-                  f"{100 * metrics.attrs['spectrum_max_deviation']:.0f}%", fontsize=10)
+    bottom.legend(fontsize=8, loc="upper left")
+    top.set_title(_headline(a), fontsize=9.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

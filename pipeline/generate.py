@@ -19,7 +19,8 @@ import xarray as xr
 
 from pipeline import __version__
 from pipeline.config import DataConfig
-from pipeline.kolmogorov import Flow, Spectral, advance, coarse_grain, random_vorticity
+from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
+                                 resolved_wavenumber)
 from pipeline.store import StoreExists, consolidate
 
 
@@ -45,7 +46,9 @@ def _empty(d: DataConfig, config_text: str) -> xr.Dataset:
     for name in ("y", "x", "y_coarse", "x_coarse"):
         ds[name].attrs.update(long_name=f"{name[0]} position on [0, 2 pi)", units="1",
                               axis=name[0].upper())
-    ds.vorticity.attrs.update(long_name="relative vorticity", units="1")
+    # evaluate's spectral bands end here: the solver keeps no finer scale (its 2/3 rule)
+    ds.vorticity.attrs.update(long_name="relative vorticity", units="1",
+                              resolved_wavenumber=resolved_wavenumber(n))
     ds.vorticity_coarse.attrs.update(long_name=f"relative vorticity, {d.coarse_factor}x"
                                      f"{d.coarse_factor} block average", units="1")
     ds.attrs.update(Conventions="CF-1.10", title="Kolmogorov flow, 2-D incompressible "

@@ -29,6 +29,11 @@ class Flow:
     forcing: float = 1.0
 
 
+def resolved_wavenumber(n: int) -> int:
+    """The largest wavenumber per axis that the 2/3 rule keeps on an n-point grid (k < n/3)."""
+    return -(-n // 3) - 1
+
+
 class Spectral:
     """Wavenumbers, dealiasing mask and the forcing of ``flow`` on ``device`` (float64)."""
 
@@ -39,8 +44,8 @@ class Spectral:
         self.ky, self.kx = torch.meshgrid(k, kr, indexing="ij")
         self.k2 = self.kx**2 + self.ky**2
         self.inv_k2 = torch.where(self.k2 > 0, 1.0 / self.k2.clamp(min=1e-30), torch.zeros_like(self.k2))
-        cut = n / 3.0  # 2/3 rule
-        self.dealias = ((self.kx.abs() < cut) & (self.ky.abs() < cut)).to(torch.float64)
+        cut = resolved_wavenumber(n)
+        self.dealias = ((self.kx.abs() <= cut) & (self.ky.abs() <= cut)).to(torch.float64)
         self.linear = -flow.nu * self.k2 - flow.drag
         y = torch.arange(n, dtype=torch.float64, device=device) * (2 * math.pi / n)
         f = -flow.forcing * flow.k_f * torch.cos(flow.k_f * y)[:, None].expand(n, n)

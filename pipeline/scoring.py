@@ -6,7 +6,8 @@ Two cases, told apart by the truth's dimensions:
   rank histogram, and for a model conditioned on a coarse input the upsampled-input baseline.
 - climatological: it does not (an unconditional store); the members are compared with the
   truth's selection as distributions: spectra, mean and standard deviation.
-Both compare radially averaged spectra (kinetic energy for vorticity, power otherwise).
+Both compare radially averaged spectra (kinetic energy for vorticity, power otherwise), per
+band of scales (``pipeline.bands``) with bootstrap intervals.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from pipeline.evaluation import crps, energy_spectrum, power_spectrum, rank_histogram
+from pipeline.bands import band_figures, spectral_bands
+from pipeline.evaluation import crps, energy_spectra, power_spectra, rank_histogram
 from pipeline.inputs import _label
 from pipeline.store import field_variable, open_store
 
@@ -87,14 +89,14 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
     return truth, False
 
 
-def spectrum_of(variable: str):
-    """The spectrum used for ``variable``: kinetic energy for vorticity, else power."""
-    return energy_spectrum if "vorticity" in variable else power_spectrum
+def spectra_of(variable: str):
+    """The per-field spectra used for ``variable``: kinetic energy for vorticity, else power."""
+    return energy_spectra if "vorticity" in variable else power_spectra
 
 
-def coarse_baseline(ens: xr.Dataset) -> xr.DataArray | None:
-    """The conditioning input upsampled by block repetition, when the ensemble was conditioned
-    on a coarse field (the downscaling baseline), else None."""
+def coarse_input(ens: xr.Dataset) -> xr.DataArray | None:
+    """The coarse fields (items, h, w) the ensemble was conditioned on, when its model was
+    conditioned on a coarse field, else None."""
     cfg = tomllib.loads(ens.attrs.get("config", ""))
     if cfg.get("model", {}).get("condition") != "coarse":
         return None
@@ -102,12 +104,16 @@ def coarse_baseline(ens: xr.Dataset) -> xr.DataArray | None:
     inp = cfg["input"]
     coarse = xr.open_zarr(inp["path"])[inp["variable"]]
     item_dim = ens[name].dims[0]
-    coarse = coarse.sel({item_dim: ens[item_dim].values})
-    factors = [f // c for f, c in zip(ens[name].shape[2:], coarse.shape[1:])]
+    return coarse.sel({item_dim: ens[item_dim].values})
+
+
+def upsampled(coarse: xr.DataArray, ens: xr.Dataset) -> xr.DataArray:
+    """``coarse`` repeated over blocks to the ensemble's grid: the downscaling baseline."""
+    field = ens[_field_variable(ens)]
     values = coarse.values
-    for axis, f in enumerate(factors, start=1):
-        values = np.repeat(values, f, axis=axis)
-    return xr.DataArray(values, dims=ens[name].dims[:1] + ens[name].dims[2:])
+    for axis, (f, c) in enumerate(zip(field.shape[2:], coarse.shape[1:]), start=1):
+        values = np.repeat(values, f // c, axis=axis)
+    return xr.DataArray(values, dims=field.dims[:1] + field.dims[2:])
 
 
 def _square(shape) -> bool:
@@ -115,25 +121,28 @@ def _square(shape) -> bool:
 
 
 def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | None = None,
-          baseline: xr.DataArray | None = None, progress=None) -> xr.Dataset:
+          baseline: xr.DataArray | None = None, input_n: int | None = None,
+          cut: int | None = None, progress=None) -> xr.Dataset:
     """Metrics of ``ens`` against ``truth`` as a small dataset: per-item scores (paired, with
-    the MAE of ``baseline``, e.g. ``coarse_baseline``, when given), spectra over k, the rank
-    histogram; overall figures are its attributes."""
+    the MAE of ``baseline``, e.g. ``upsampled(coarse_input(ens))``, when given), spectra over
+    k with their bands (``pipeline.bands``: the input's ``input_n`` points per side, the
+    truth's resolved wavenumber ``cut``), the rank histogram; overall figures are its
+    attributes."""
     name = _field_variable(ens)
     field = ens[name]
     items, members, shape = field.shape[0], field.shape[1], field.shape[2:]
-    spectrum = spectrum_of(name) if _square(shape) else None
+    spectra = spectra_of(name) if _square(shape) else None
     truth_values = truth.values.astype(np.float64)  # read once: per item below, then whole
     per_item = {k: np.full(items, np.nan) for k in
                 ("crps", "rmse", "spread", "baseline_mae", "baseline_rmse")}
     ranks = np.zeros(members + 1, dtype=np.int64)
-    spec_sum, moments = 0.0, np.zeros(3)  # sum, sum of squares, count of ensemble values
+    ens_spectra, moments = [], np.zeros(3)  # spectra; sum, sum of squares, count of values
     for i in range(items):
         e = field.isel({field.dims[0]: i}).values.astype(np.float64)
         moments += [e.sum(), (e ** 2).sum(), e.size]
-        if spectrum is not None:
-            k, s = spectrum(e)
-            spec_sum = spec_sum + s
+        if spectra is not None:
+            k, s = spectra(e)  # (members, K): one unit per item when paired, else per field
+            ens_spectra.append(s.mean(0, keepdims=True) if paired else s)
         if paired:
             t = truth_values[i]
             per_item["crps"][i] = crps(e, t)
@@ -169,17 +178,24 @@ def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | Non
                          baseline_rmse=float(np.sqrt(np.mean(per_item["baseline_rmse"] ** 2))))
     attrs.update(truth_mean=float(truth_values.mean()), truth_std=float(truth_values.std()),
                  truth_fields=int(np.prod(truth.shape[: truth.ndim - len(shape)])))
-    if spectrum is not None:
-        k, s_truth = spectrum(truth_values)
-        s_ens = spec_sum / items
+    if spectra is not None:
+        k, truth_spectra = spectra(truth_values)
+        ens_spectra = np.concatenate(ens_spectra)
         kmax = kmax or shape[-1] // 8
-        ratio = s_ens / s_truth
+        bands = spectral_bands(shape[-1], cut=cut, input_n=input_n)
+        figs = band_figures(ens_spectra, truth_spectra, bands, paired=paired)
         out = out.assign_coords(k=k.astype(np.int32))  # NetCDF 3 has no int64
-        out["spectrum_ensemble"] = (("k",), s_ens)
-        out["spectrum_truth"] = (("k",), s_truth)
-        out["spectrum_ratio"] = (("k",), ratio)
-        attrs.update(spectrum="kinetic energy" if spectrum is energy_spectrum else "power",
-                     kmax=int(kmax), spectrum_max_deviation=float(np.abs(ratio[:kmax] - 1).max()))
+        out["spectrum_ensemble"] = (("k",), ens_spectra.mean(0))
+        out["spectrum_truth"] = (("k",), truth_spectra.mean(0))
+        out["spectrum_ratio"] = (("k",), figs.ratio)
+        out["spectrum_ratio_lo"] = (("k",), figs.ratio_lo)
+        out["spectrum_ratio_hi"] = (("k",), figs.ratio_hi)
+        # what a model is judged on: the scales it adds when it is given coarse ones
+        headline = "added" if any(b.name == "added" for b in bands) else bands[0].name
+        attrs.update(spectrum="kinetic energy" if spectra is energy_spectra else "power",
+                     kmax=int(kmax), spectrum_max_deviation=float(
+                         np.nanmax(np.abs(figs.ratio[:kmax] - 1))),
+                     headline_band=headline, **figs.attrs())
     out.attrs.update(attrs)
     return out
 
@@ -202,6 +218,14 @@ def table(metrics: xr.Dataset) -> str:
         ratios = " ".join(f"{r:.2f}" for r in metrics["spectrum_ratio"].values[:kmax])
         rows.append((f"{a['spectrum']} ratio k=1..{kmax}", ratios))
         rows.append((f"max |ratio - 1|, k <= {kmax}", f"{a['spectrum_max_deviation']:.3f}"))
+        for name in a["bands"].split(","):
+            b = lambda key: a[f"band_{name}_{key}"]  # noqa: E731
+            mark = " (headline)" if name == a["headline_band"] else ""
+            rows.append((f"{name} band k={b('k')}{mark}",
+                         f"energy ratio {b('energy_ratio'):.2f} [{b('energy_ratio_lo'):.2f}, "
+                         f"{b('energy_ratio_hi'):.2f}], max |ratio - 1| "
+                         f"{b('max_deviation'):.2f} [{b('max_deviation_lo'):.2f}, "
+                         f"{b('max_deviation_hi'):.2f}]"))
     if "rank_histogram" in metrics:
         h = metrics["rank_histogram"].values
         rows.append(("rank histogram (share)", " ".join(f"{c / h.sum():.2f}" for c in h)))
@@ -222,7 +246,8 @@ def _as_json(metrics: xr.Dataset) -> dict:
         out["spectrum_k"] = {"k": metrics["k"].values.tolist(),
                              **{v.removeprefix("spectrum_"): metrics[v].values.tolist()
                                 for v in ("spectrum_ensemble", "spectrum_truth",
-                                          "spectrum_ratio")}}
+                                          "spectrum_ratio", "spectrum_ratio_lo",
+                                          "spectrum_ratio_hi")}}
     if "rank_histogram" in metrics:
         out["rank_histogram"] = metrics["rank_histogram"].values.tolist()
     return out
@@ -230,16 +255,25 @@ def _as_json(metrics: xr.Dataset) -> dict:
 
 def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str | None = None,
              truth_range: tuple[str, str] | None = None, kmax: int | None = None,
-             out: str | Path | None = None, progress=None) -> tuple[xr.Dataset, list[Path]]:
+             cut: int | None = None, out: str | Path | None = None,
+             progress=None) -> tuple[xr.Dataset, list[Path]]:
     """Score ``store`` against the truth and save metrics.json, metrics.nc and the PNG figures
-    in ``out`` (default: next to the store, ``<store>_eval``); returns (metrics, files)."""
+    in ``out`` (default: next to the store, ``<store>_eval``); returns (metrics, files).
+    ``cut``: the finest wavenumber the truth resolves (default: its ``resolved_wavenumber``
+    attribute, which piadm generate-data writes, else all)."""
     from pipeline.figures import fields_figure, rank_figure, residual_figure, spectrum_figure
 
+    if cut is not None and cut < 1:
+        raise EvaluationError(f"--cut {cut}: the truth's finest resolved wavenumber must be >= 1")
     ens = open_ensemble(store)
     truth, paired = open_truth(truth_path, truth_variable or _field_variable(ens), ens,
                                truth_range)
-    baseline = coarse_baseline(ens) if paired else None
-    metrics = score(ens, truth, paired, kmax=kmax, baseline=baseline, progress=progress)
+    coarse = coarse_input(ens)
+    baseline = upsampled(coarse, ens) if paired and coarse is not None else None
+    if cut is None and "resolved_wavenumber" in truth.attrs:
+        cut = int(truth.attrs["resolved_wavenumber"])
+    metrics = score(ens, truth, paired, kmax=kmax, baseline=baseline, cut=cut,
+                    input_n=None if coarse is None else coarse.shape[-1], progress=progress)
     metrics.attrs.update(store=str(store), truth=f"{truth_path}:{truth.name}")
     folder = Path(out) if out else Path(str(store).rstrip("/").removesuffix(".zarr") + "_eval")
     folder.mkdir(parents=True, exist_ok=True)

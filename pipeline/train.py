@@ -124,6 +124,27 @@ def validation_loss(ema: Denoiser, val: Dataset, t: TrainConfig, comm, device) -
     return float(comm.allreduce_sum(total)[0]) / n
 
 
+def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device) -> None:
+    """Load the EMA weights of checkpoint ``init`` into both networks; raises InputError
+    when it is not a checkpoint of this architecture."""
+    from models.checkpoint import load_denoiser
+
+    if not Path(init).is_file():
+        raise InputError(f"train.init = {init!r} is not a file: give a piadm checkpoint to "
+                         "start from, or leave it empty")
+    try:
+        trained, _ = load_denoiser(init, device)
+    except (FileNotFoundError, RuntimeError, ValueError, KeyError, OSError) as err:
+        raise InputError(f"train.init = {init!r} is not a readable piadm checkpoint with its "
+                         f".json sidecar ({type(err).__name__}): point it at one") from None
+    if trained.cfg != ucfg:
+        raise InputError(f"train.init = {init!r} is a U-Net {trained.cfg.to_dict()}, this "
+                         f"run's is {ucfg.to_dict()}: set train.channels (and condition) to "
+                         "match it")
+    den.load_state_dict(trained.state_dict())
+    ema.load_state_dict(trained.state_dict())
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -151,6 +172,9 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
             group["lr"] = t.lr
         step, history = int(state["step"]), state["history"].tolist()
         print0(comm, f"resuming {path} at step {step}")
+    elif t.init:
+        start_from(den, ema, t.init, ucfg, device)
+        print0(comm, f"starting from the EMA weights of {t.init}")
     meta = {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std,
             "data_bound": trn.data_bound, "variable": t.variable,
             "condition": t.condition, "shape": list(shape), "data": t.data, "config": config_text,

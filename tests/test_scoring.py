@@ -82,7 +82,7 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     xr.Dataset({"field": fields}).to_zarr(tmp_path / "t.zarr", zarr_format=3)
     xr.Dataset({"field": 2 * fields}).to_zarr(tmp_path / "t2.zarr", zarr_format=3)
     assert main(["evaluate", str(ens), "--truth", str(tmp_path / "t.zarr"),
-                 "--truth-range", "0", "31", "--out", str(tmp_path / "a")]) == 0
+                 "--truth-range", "0", "31", "--cut", "6", "--out", str(tmp_path / "a")]) == 0
     assert main(["evaluate", str(ens), "--truth", str(tmp_path / "t2.zarr"),
                  "--out", str(tmp_path / "b")]) == 0
     right, scaled = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
@@ -90,6 +90,13 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     assert right["spectrum_max_deviation"] < 0.35
     assert scaled["spectrum_max_deviation"] > 0.7  # power / 4
     assert "crps" not in right
+    # per band, with bootstrap intervals over the fields: the right truth's cover 1, the
+    # rescaled one's sit at a quarter
+    assert right["bands"] == "resolved,beyond" and right["band_resolved_k"] == "1..6"
+    assert scaled["bands"] == "resolved" and scaled["headline_band"] == "resolved"
+    for band in ("resolved", "beyond"):
+        assert right[f"band_{band}_energy_ratio_lo"] < 1 < right[f"band_{band}_energy_ratio_hi"]
+    assert 0.2 < scaled["band_resolved_energy_ratio_lo"] < scaled["band_resolved_energy_ratio_hi"] < 0.3
 
 
 @pytest.mark.parametrize("case, message", [

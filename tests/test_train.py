@@ -63,6 +63,25 @@ def test_training_resumes_from_its_checkpoint(tmp_path, dataset):
     assert np.allclose(_history(whole), _history(split), rtol=1e-5)
 
 
+def test_training_can_start_from_another_checkpoints_ema_weights(tmp_path, dataset, capsys):
+    from models.export import export
+
+    first, shipped, tuned = tmp_path / "first.pt", tmp_path / "ship.pt", tmp_path / "tuned.pt"
+    assert main(_train_args(dataset, first)) == 0
+    export(first, shipped)
+    # a vanishing learning rate: the tuned run's networks are the shipped EMA weights
+    assert main(_train_args(dataset, tuned, f"train.init={shipped}", "train.steps=1",
+                            "train.lr=1e-12")) == 0
+    a, _ = load_denoiser(shipped)
+    b, _ = load_denoiser(tuned)
+    x, s = torch.randn(2, 16, 16), torch.tensor([0.5, 2.0])
+    assert torch.allclose(a(x, s), b(x, s), atol=1e-6)
+    assert _history(tuned)[0] < _history(first)[0]  # it starts where the first run ended
+    assert main(_train_args(dataset, tmp_path / "other.pt", f"train.init={shipped}",
+                            "train.channels=[8, 16, 32]")) == 2
+    assert "train.init" in capsys.readouterr().err
+
+
 def test_a_dataset_read_into_memory_trains_exactly_as_lazy_reads(tmp_path, dataset):
     from pipeline.config import TrainConfig
     from pipeline.train import open_dataset

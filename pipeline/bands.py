@@ -1,0 +1,126 @@
+"""Spectral bands of an ensemble's spectrum, and their figures with bootstrap uncertainty.
+
+A downscaling model is told the scales its coarse input resolves (k up to the input's Nyquist
+wavenumber) and must add the rest, up to the finest scale the truth resolves (its dealiasing
+cut); past the cut the truth holds nothing, so any energy there is the sampler's noise or the
+network's artefact. The figures are therefore reported per band, not over one k range.
+
+Spectra come per unit: for a paired (downscaling) evaluation one spectrum per item for the
+ensemble (its members' mean) and one for the truth, resampled together; for a climatological
+one every ensemble field and every truth field, resampled independently. Consecutive truth
+times are correlated, so the intervals are a lower bound on the true uncertainty.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+DRAWS = 1000  # bootstrap resamples: the interval's ends move by < 1% of its width at this size
+LEVEL = 0.9  # central interval reported
+# Shells whose truth holds less than this share of its largest shell's energy are empty: the
+# round-off of a dealiased field (float32 leaves about 1e-14), not a scale to compare.
+EMPTY = 1e-9
+
+
+@dataclass(frozen=True)
+class Band:
+    """Shells k = kmin .. kmax (inclusive) under one name: input, added, resolved, beyond."""
+
+    name: str
+    kmin: int
+    kmax: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} k={self.kmin}..{self.kmax}"
+
+
+def spectral_bands(n: int, *, cut: int | None = None, input_n: int | None = None) -> list[Band]:
+    """The bands of an n x n field whose truth resolves k <= ``cut`` (default n / 2: all):
+    with a conditioning input of ``input_n`` points per side, the scales it resolves (k <=
+    input_n / 2, "input") and those the model adds ("added"); without one, "resolved"; then
+    "beyond" the cut when the grid has shells past it."""
+    top = n // 2
+    cut = top if cut is None else min(cut, top)
+    if input_n:
+        nyquist = min(input_n // 2, cut)
+        bands = [Band("input", 1, nyquist)]
+        if nyquist < cut:
+            bands.append(Band("added", nyquist + 1, cut))
+    else:
+        bands = [Band("resolved", 1, cut)]
+    if cut < top:
+        bands.append(Band("beyond", cut + 1, top))
+    return bands
+
+
+def _interval(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    tail = 100 * (1 - LEVEL) / 2
+    with warnings.catch_warnings():  # shells the truth leaves empty stay NaN, as intended
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanpercentile(draws, tail, axis=0), np.nanpercentile(draws, 100 - tail, axis=0)
+
+
+def _figures(ens: np.ndarray, truth: np.ndarray, bands: list[Band]) -> np.ndarray:
+    """Per band (energy ratio, max |ratio - 1| over its shells) of mean spectra ens (..., K)
+    and truth (..., K): (..., bands, 2). Shells where the truth is empty are left out."""
+    out = np.full((*ens.shape[:-1], len(bands), 2), np.nan)
+    floor = EMPTY * truth.max(-1, keepdims=True)
+    for i, b in enumerate(bands):
+        sl = slice(b.kmin - 1, b.kmax)
+        e, t = ens[..., sl], truth[..., sl]
+        held = t > floor
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a band the truth leaves empty
+            out[..., i, 0] = np.where(held, e, 0).sum(-1) / np.where(held, t, 0).sum(-1)
+            out[..., i, 1] = np.nanmax(np.where(held, np.abs(e / t - 1), np.nan), axis=-1)
+    return out
+
+
+@dataclass(frozen=True)
+class BandFigures:
+    """The per-k ratio with its interval ((K,) each) and, per band, the energy ratio and the
+    largest per-shell deviation |ratio - 1|, each with its interval."""
+
+    bands: list[Band]
+    ratio: np.ndarray
+    ratio_lo: np.ndarray
+    ratio_hi: np.ndarray
+    energy_ratio: np.ndarray  # (bands, 3): value, lo, hi
+    max_deviation: np.ndarray  # (bands, 3)
+
+    def attrs(self) -> dict:
+        """Flat attributes band_<name>_<figure> for a metrics dataset."""
+        out = {"bands": ",".join(b.name for b in self.bands)}
+        for i, b in enumerate(self.bands):
+            out[f"band_{b.name}_k"] = f"{b.kmin}..{b.kmax}"
+            for key, values in (("energy_ratio", self.energy_ratio[i]),
+                                ("max_deviation", self.max_deviation[i])):
+                for suffix, v in zip(("", "_lo", "_hi"), values):
+                    out[f"band_{b.name}_{key}{suffix}"] = float(v)
+        return out
+
+
+def band_figures(ens: np.ndarray, truth: np.ndarray, bands: list[Band], *, paired: bool,
+                 draws: int = DRAWS, seed: int = 0) -> BandFigures:
+    """Band figures of spectra ens (N, K) against truth (M, K); ``paired`` (then N == M)
+    resamples the rows of both together, else each on its own. Deterministic in ``seed``."""
+    if paired and ens.shape[0] != truth.shape[0]:
+        raise ValueError(f"paired spectra need as many rows: {ens.shape[0]} and {truth.shape[0]}")
+    rng = np.random.default_rng(seed)
+    e_mean, t_mean = ens.mean(0), truth.mean(0)
+    pick_e = rng.integers(0, ens.shape[0], (draws, ens.shape[0]))
+    pick_t = pick_e if paired else rng.integers(0, truth.shape[0], (draws, truth.shape[0]))
+    e_draws = ens[pick_e].mean(1)  # (draws, K)
+    t_draws = truth[pick_t].mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(t_mean > EMPTY * t_mean.max(), e_mean / t_mean, np.nan)
+        ratio_draws = np.where(t_draws > EMPTY * t_draws.max(-1, keepdims=True),
+                               e_draws / t_draws, np.nan)
+    lo, hi = _interval(ratio_draws)
+    point, spread = _figures(e_mean, t_mean, bands), _figures(e_draws, t_draws, bands)
+    flo, fhi = _interval(spread)
+    stack = lambda j: np.stack([point[:, j], flo[:, j], fhi[:, j]], axis=1)  # noqa: E731
+    return BandFigures(bands, ratio, lo, hi, stack(0), stack(1))
