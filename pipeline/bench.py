@@ -27,12 +27,24 @@ from pipeline.console import on_rank0, print0
 from pipeline.memory import peak_since, start_peak
 from pipeline.noise import Noise
 from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
-from pipeline.quality import DETERMINISTIC, grf_w2
+from pipeline.quality import DETERMINISTIC, STOCHASTIC, grf_w2
 from pipeline.samplers import REFERENCE, SAMPLERS
 
 COLUMNS = ("method", "seed", "tol", "ranks", "steps", "d", "rounds", "model_calls",
            "calls_ratio", "rel_dist", "stat_err", "w2", "wall_s", "wall_med_s", "comm_share",
            "peak_mib")
+
+
+# An SDE sampler's exact W2 takes one run per step (pipeline.quality): steps^2 * d point-steps,
+# kept under about a minute of CPU (1000 steps at 64 x 64).
+W2_SDE_BUDGET = 1000**2 * 64 * 64
+
+
+def _w2_affordable(method: str, steps: int, shape) -> bool:
+    """Whether bench reports ``method``'s exact W2 on ``steps`` steps of a grf of ``shape``."""
+    if method in DETERMINISTIC:
+        return True
+    return method in STOCHASTIC and steps**2 * math.prod(shape) <= W2_SDE_BUDGET
 
 
 def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing, *,
@@ -73,8 +85,8 @@ LEGEND = ("columns: rounds = sequential batched model calls (the parallel depth)
           "calls_ratio = model calls over the sequential sampler's; rel_dist = |y - y_seq| / "
           "|y_seq| against the sequential path with the same noise; stat_err = the ensemble "
           "statistics' error against the exact model's target (grf: spectrum, gmm: mode "
-          "weights); w2 = the exact Wasserstein-2 distance of a deterministic sequential "
-          "sampler's law to the grf target, relative (docs/algorithms.md section 7); "
+          "weights); w2 = the exact Wasserstein-2 distance of a sequential sampler's law to "
+          "the grf target, relative (docs/algorithms.md section 7); "
           "wall_s, wall_med_s = min and median over bench.repeats; comm_share = "
           "time in collectives over wall time")
 
@@ -183,8 +195,8 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
             err = (None if stat_error is None
                    else stat_error(model, y.to(torch.float64), s.u_min, s.denoise_final))
             if method not in w2s:  # the law's, so once for every seed
-                w2s[method] = (grf_w2(model, method, grid, options) if exact_law
-                               and method in DETERMINISTIC else None)
+                w2s[method] = (grf_w2(model, method, grid, options)
+                               if exact_law and _w2_affordable(method, s.steps, shape) else None)
             row = _row(method, seed, tolerances[method], comm.size, s.steps, math.prod(shape),
                        stats, ref_stats.model_calls, dist, err, timing, w2=w2s[method])
             row["collectives"] = collectives

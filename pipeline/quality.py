@@ -1,13 +1,16 @@
-"""Exact quality of a deterministic sampler on the Gaussian random field (docs/algorithms.md
+"""Exact quality of a sequential sampler on the Gaussian random field (docs/algorithms.md
 section 7).
 
-The ``grf`` score is linear and diagonal in Fourier space, so every probability-flow sampler
-here is a linear map with one gain g_k per Fourier mode: started from N(0, I) its output is
-Gaussian with mode variances g_k^2, while its target (the VP marginal at the grid's end, or the
-Tweedie mean's law with ``denoise_final``) has variances t_k. The Wasserstein-2 distance
-between the two centred Gaussians with commuting covariances is then exact, with no sampling
-error: W2^2 = sum_k w_k (|g_k| - sqrt(t_k))^2, w_k the mode's multiplicity in the half
-spectrum. It is reported relative to the target's total standard deviation sqrt(sum_k w_k t_k).
+The ``grf`` score is linear and diagonal in Fourier space, so every sequential sampler here is
+a linear map of its inputs, mode by mode: of the prior draw (gain g_k) and, for an SDE sampler,
+of each step's noise xi_j (gain g_jk). Started from N(0, I) with white noise its output is
+Gaussian with mode variances v_k = g_k^2 + sum_j g_jk^2, while its target (the VP marginal at
+the grid's end, or the Tweedie mean's law with ``denoise_final``) has variances t_k. The
+Wasserstein-2 distance between the two centred Gaussians with commuting covariances is then
+exact, with no sampling error: W2^2 = sum_k w_k (sqrt(v_k) - sqrt(t_k))^2, w_k the mode's
+multiplicity in the half spectrum. It is reported relative to the target's total standard
+deviation sqrt(sum_k w_k t_k). Every gain is read from a run on a unit impulse, whose spectrum
+is 1 at every mode: one run for an ODE sampler, one more per step for an SDE sampler.
 """
 from __future__ import annotations
 
@@ -21,6 +24,36 @@ from pipeline.samplers import SAMPLERS, Options
 # sequential samplers with no noise after the prior draw: linear maps, fixed by their gains (a
 # parallel sampler that stops on a tolerance is not linear: when it stops depends on its input)
 DETERMINISTIC = ("sequential-ode", "dpmpp-2m", "edm-heun")
+# sequential samplers that draw step noise with Noise.path, and nothing else: linear in it too
+STOCHASTIC = ("sequential-sde", "dpmpp-2m-sde")
+IMPULSE_ROWS = 64  # noise impulses per run: bounds the memory of a block of path noise
+
+
+class ImpulseNoise:
+    """Stands in for ``pipeline.noise.Noise`` with unit impulses at pixel 0: row r starts from
+    the impulse when ``prior_rows[r]``, and takes it as the noise of step ``steps[r]`` (-1:
+    none); every other draw is zero."""
+
+    def __init__(self, shape, prior_rows, steps):
+        self.shape, self.prior_rows, self.steps = tuple(shape), list(prior_rows), list(steps)
+        self.keys = tuple(range(len(self.steps)))
+
+    def _impulses(self, rows: int, points: int) -> torch.Tensor:
+        return torch.zeros((rows, points, *self.shape), dtype=torch.float64)
+
+    def prior(self) -> torch.Tensor:
+        out = self._impulses(len(self.keys), 1)[:, 0]
+        for r, on in enumerate(self.prior_rows):
+            out.view(len(self.keys), -1)[r, 0] = float(on)
+        return out
+
+    def path(self, lo: int, hi: int, rows=None) -> torch.Tensor:
+        rows = range(len(self.keys)) if rows is None else rows
+        out = self._impulses(len(rows), hi - lo)
+        for i, r in enumerate(rows):
+            if lo <= self.steps[r] < hi:
+                out[i, self.steps[r] - lo].view(-1)[0] = 1.0
+        return out
 
 
 def grf_gains(model: GaussianRandomField, method: str, grid: Grid,
@@ -37,11 +70,30 @@ def grf_gains(model: GaussianRandomField, method: str, grid: Grid,
     return torch.fft.rfftn(out[0], dim=model.dims).real
 
 
+def grf_variances(model: GaussianRandomField, method: str, grid: Grid,
+                  options: Options = Options()) -> torch.Tensor:
+    """The per-mode output variances v_k of ``method`` on ``grid`` (the rfft half-grid shape)
+    from N(0, I) and white step noise (see above)."""
+    if method in DETERMINISTIC:
+        return grf_gains(model, method, grid, options) ** 2
+    if method not in STOCHASTIC:
+        raise ValueError(f"{method!r} is not a sequential sampler: grf_variances takes one of "
+                         f"{', '.join(DETERMINISTIC + STOCHASTIC)}")
+    inputs = [-1, *range(grid.steps)]  # the prior, then each step's noise
+    total = 0.0
+    for a in range(0, len(inputs), IMPULSE_ROWS):
+        chunk = inputs[a : a + IMPULSE_ROWS]
+        noise = ImpulseNoise(model.shape, [j < 0 for j in chunk], chunk)
+        out, _ = SAMPLERS[method](model, noise.prior(), grid, noise, options=options)
+        total = total + (torch.fft.rfftn(out, dim=model.dims).real ** 2).sum(0)
+    return total
+
+
 def grf_w2(model: GaussianRandomField, method: str, grid: Grid,
            options: Options = Options()) -> float:
     """Relative W2 of ``method``'s output law on ``grid`` to its exact target (see above)."""
-    gains = grf_gains(model, method, grid, options)
+    variances = grf_variances(model, method, grid, options)
     target = target_spectrum(model, float(grid.u[-1]), options.denoise_final).cpu()
     weights = _full_weights(model.shape)
-    w2 = (weights * (gains.abs() - target.sqrt()) ** 2).sum()
+    w2 = (weights * (variances.sqrt() - target.sqrt()) ** 2).sum()
     return float((w2 / (weights * target).sum()).sqrt())

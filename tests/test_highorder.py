@@ -1,5 +1,6 @@
 """Second-order sequential solvers: their exact W2 to the grf target falls at second order in
-the steps (the first-order samplers' at first order), and they keep GMM mode weights."""
+the steps (the first-order samplers' at first order), the SDE samplers' exact variances are
+the ones their samples show, and they keep GMM mode weights."""
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from models.gmm import GaussianMixture, mode_fractions
 from models.grf import GaussianRandomField
 from pipeline.grids import make_grid
 from pipeline.noise import Noise
-from pipeline.quality import grf_w2
+from pipeline.quality import grf_variances, grf_w2
 from pipeline.samplers import SAMPLERS, Options
 
 MODEL = GaussianRandomField((16, 16), length=4.0)
@@ -23,7 +24,9 @@ def _w2(method: str, steps: int, options: Options = Options()) -> float:
 @pytest.mark.parametrize("method,form,order", [("sequential-ode", "exponential", 1),
                                                ("sequential-ode", "eps", 1),
                                                ("dpmpp-2m", "exponential", 2),
-                                               ("edm-heun", "exponential", 2)])
+                                               ("edm-heun", "exponential", 2),
+                                               ("sequential-sde", "exponential", 1),
+                                               ("dpmpp-2m-sde", "exponential", 2)])
 def test_exact_w2_falls_at_the_solvers_order(method, form, order):
     options = Options(form=form)
     coarse, fine = _w2(method, 40, options), _w2(method, 80, options)
@@ -34,15 +37,35 @@ def test_exact_w2_falls_at_the_solvers_order(method, form, order):
 
 def test_w2_is_zero_only_for_the_exact_law():
     """The measure itself: near zero for a fine solve, large for a two-step one, and refused
-    for a sampler whose law its gains do not fix."""
+    for a sampler that is not a linear map of its inputs."""
     grid = make_grid("ou", 400, u_min=1e-3, u_max=10.0, block_size=400)
     assert _w2("dpmpp-2m", 400) < 1e-3
     assert _w2("sequential-ode", 2) > 0.2
-    with pytest.raises(ValueError, match="adds noise"):
-        grf_w2(MODEL, "sequential-sde", grid)
+    with pytest.raises(ValueError, match="not a sequential sampler"):
+        grf_w2(MODEL, "pc-window", grid)
 
 
-@pytest.mark.parametrize("method", ["dpmpp-2m", "edm-heun"])
+@pytest.mark.parametrize("method", ["sequential-sde", "dpmpp-2m-sde"])
+def test_sde_variances_from_impulses_are_what_the_samples_show(method):
+    model = GaussianRandomField((8, 8), length=2.0)
+    grid = make_grid("ou", 10, u_min=1e-3, u_max=10.0, block_size=5)
+    exact = grf_variances(model, method, grid)
+    n = 4000
+    noise = Noise(3, tuple((0, m) for m in range(n)), (8, 8), torch.float64)
+    y, _ = SAMPLERS[method](model, noise.prior(), grid, noise)
+    seen = (torch.fft.rfftn(y, dim=model.dims).abs() ** 2).mean(0) / 64  # white: E|F_k|^2 = 64 v_k
+    assert float((seen / exact - 1).abs().max()) < 5 * math.sqrt(2 / n)
+
+
+def test_the_first_step_of_dpmpp_2m_sde_is_ddpms_with_the_same_noise():
+    grid = make_grid("ou", 1, u_min=0.5, u_max=10.0, block_size=1)
+    noise = Noise(2, ((0, 0), (0, 1)), MODEL.shape, torch.float64)
+    ddpm, _ = SAMPLERS["sequential-sde"](MODEL, noise.prior(), grid, noise, options=Options(form="eps"))
+    ours, _ = SAMPLERS["dpmpp-2m-sde"](MODEL, noise.prior(), grid, noise)
+    assert torch.allclose(ours, ddpm, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["dpmpp-2m", "dpmpp-2m-sde", "edm-heun"])
 def test_gmm_mode_weights_within_three_standard_errors(method):
     model = GaussianMixture.random((8,), components=3, weights=[0.5, 0.3, 0.2], seed=1)
     grid = make_grid("ou", 100, u_min=1e-3, u_max=10.0, block_size=100)

@@ -89,17 +89,19 @@ def test_bench_reports_rows_and_json(tmp_path):
     assert rows[1]["rounds"] < rows[0]["rounds"] and rows[1]["rel_dist"] < 1e-2
 
 
-def test_bench_reports_the_exact_w2_of_deterministic_sequential_samplers(tmp_path):
+def test_bench_reports_the_exact_w2_of_sequential_samplers_only(tmp_path):
     import json
 
     out = tmp_path / "b.json"
     sets = ["bench.sizes=[[16, 16]]", "sampler.steps=40", "sampler.tol=1e-4",
-            "bench.methods=['sequential-ode', 'dpmpp-2m', 'sequential-sde']"]
+            "bench.methods=['sequential-ode', 'dpmpp-2m', 'sequential-sde', 'dpmpp-2m-sde', "
+            "'pc-window']"]
     assert main(["bench", "jobs/configs/grf.toml", "--json", str(out),
                  *sum((["--set", s] for s in sets), [])]) == 0
     w2 = {r["method"]: r["w2"] for r in json.loads(out.read_text())["rows"]}
-    assert w2["sequential-sde"] is None  # noise along the path: no exact law from its gains
+    assert w2["pc-window"] is None  # stops on a tolerance: not a linear map, no exact law
     assert 0 < w2["dpmpp-2m"] < w2["sequential-ode"] / 5  # second order at 40 steps
+    assert 0 < w2["dpmpp-2m-sde"] < w2["sequential-sde"] / 1.5
 
 
 def test_bench_reports_calls_ratio_tolerances_and_the_worst_seed(tmp_path, monkeypatch):

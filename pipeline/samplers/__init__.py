@@ -71,8 +71,9 @@ _SDE, _ODE = "sequential-sde", "sequential-ode"
 REGISTRY = {
     "sequential-sde": Registered("pipeline.samplers.sequential:sequential_sde", _SDE),
     "sequential-ode": Registered("pipeline.samplers.sequential:sequential_ode", _ODE),
-    # second-order sequential ODE solvers, each its own reference (highorder.py)
+    # second-order sequential solvers, each its own reference (highorder.py)
     "dpmpp-2m": Registered("pipeline.samplers.highorder:dpmpp_2m", "dpmpp-2m"),
+    "dpmpp-2m-sde": Registered("pipeline.samplers.highorder:dpmpp_2m_sde", "dpmpp-2m-sde"),
     "edm-heun": Registered("pipeline.samplers.highorder:edm_heun", "edm-heun"),
     "dpmpp-2m-window": Registered("pipeline.samplers.highorder:dpmpp_2m_window", "dpmpp-2m",
                                   needs_tol=True, splits=False),
