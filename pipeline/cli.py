@@ -133,6 +133,13 @@ def _cmd_bench(args, world) -> int:
         if not Path(path).is_file():
             raise ConfigError(f"--compare {path}: no such file; give JSON tables written by "
                               "piadm bench --json", collective=True)
+    if args.quality is not None:
+        from pipeline.equal_quality import check_quality_bench, run_quality
+
+        check_quality_bench(cfg, args.quality)
+        run_quality(cfg, args.quality, comm=world, device=device, json_path=args.json,
+                    png_path=args.png)
+        return 0
     if args.peer:
         from pipeline.bench import run_peer
 
@@ -320,6 +327,9 @@ def parser() -> argparse.ArgumentParser:
         if name == "bench":
             sp.add_argument("--peer", choices=PEERS, help="run the peer library's parallel "
                             "sampler beside piadm's on DDPM-1000 (needs piadm[bench])")
+            sp.add_argument("--quality", type=float, metavar="W2",
+                            help="bench each method at the fewest steps whose exact W2 to the "
+                                 "grf target is <= W2 (sampler.steps is searched, not taken)")
             sp.add_argument("--json", metavar="PATH", help="also save the table as JSON")
             sp.add_argument("--png", metavar="PATH", help="also plot rounds and wall time "
                             "against d (and against ranks, with --compare) as a PNG")

@@ -114,3 +114,38 @@ def test_the_dpmpp_window_needs_a_tolerance_and_one_time_slice():
     with pytest.raises(ConfigError, match="runs on one time slice"):
         load_config(None, ["sampler.method=dpmpp-2m-window", "sampler.tol=1e-4",
                            "parallel.time_slices=2"])
+
+
+def test_fewest_steps_is_the_first_that_reaches_the_quality():
+    from pipeline.equal_quality import fewest_steps
+
+    w2 = lambda n: 1.0 / n  # noqa: E731
+    steps, seen = fewest_steps(w2, 1 / 37.5)
+    assert steps == 38 and seen[38] <= 1 / 37.5 < seen[37]
+    assert fewest_steps(w2, 1e-6, most=1024)[0] is None  # out of reach: said, not guessed
+    assert fewest_steps(w2, 1e-2, affordable=lambda n: n <= 64)[0] is None
+
+
+def test_bench_at_equal_quality_names_the_fewest_rounds_and_calls(tmp_path, capsys):
+    import json
+
+    from pipeline.cli import main
+
+    sets = ["bench.sizes=[[8, 8]]", "sampler.tol=1e-3",
+            "bench.methods=['sequential-ode', 'dpmpp-2m', 'dpmpp-2m-window']"]
+    out = tmp_path / "q.json"
+    assert main(["bench", "jobs/configs/grf.toml", "--quality", "0.02", "--json", str(out),
+                 "--png", str(tmp_path / "q.png"), *sum((["--set", s] for s in sets), [])]) == 0
+    text = capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    rows = {r["method"]: r for r in doc["rows"]}
+    for name in ("sequential-ode", "dpmpp-2m"):  # the fewest steps: W2 reached there, not before
+        n, curve = rows[name]["steps"], dict(doc["curves"][name])
+        assert curve[n] <= 0.02 < curve[n - 1]
+    assert rows["dpmpp-2m-window"]["steps"] == rows["dpmpp-2m"]["steps"]
+    assert rows["dpmpp-2m"]["steps"] < rows["sequential-ode"]["steps"] / 3
+    assert rows["dpmpp-2m-window"]["rounds"] < rows["dpmpp-2m"]["rounds"]
+    assert "fewest rounds: dpmpp-2m-window" in text and "fewest model calls: dpmpp-2m " in text
+    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["bench", "jobs/configs/gmm.toml", "--quality", "0.02"]) == 2
+    assert "needs the exact W2" in capsys.readouterr().err
