@@ -75,6 +75,7 @@ class SamplerConfig:
     corrector_length: float = Options.corrector_length
     corrector_gamma: float = Options.corrector_gamma
     corrector_sweeps: int = Options.corrector_sweeps
+    churn: float = Options.churn  # edm-heun's S_churn: 0 is its ODE, > 0 adds noise each step
 
 
 @dataclass(frozen=True)
@@ -483,6 +484,8 @@ def validate(cfg: Config) -> None:
     _check(s.seed >= 0, "sampler.seed", f"= {s.seed} must be >= 0")
     _check(s.corrector_steps >= 0, "sampler.corrector_steps", "must be >= 0 (0 turns it off)")
     _check(s.corrector_sweeps >= 1, "sampler.corrector_sweeps", "must be >= 1")
+    _check(s.churn >= 0 and math.isfinite(s.churn), "sampler.churn",
+           f"= {s.churn} must be a number >= 0 (EDM's S_churn; 0 turns it off)")
     _check(s.corrector_length > 0 and s.corrector_gamma > 0, "sampler.corrector_length",
            "and sampler.corrector_gamma must be > 0")
     _check(e.members >= 1, "ensemble.members", f"= {e.members} must be >= 1")

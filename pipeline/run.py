@@ -37,7 +37,7 @@ def sampler_options(s: SamplerConfig, *, tol: float | None = None,
         form=s.form, max_sweeps=s.max_sweeps, tol=tol, window=s.window, data_bound=data_bound,
         on_divergence=s.on_divergence, corrector_steps=s.corrector_steps,
         corrector_length=s.corrector_length, corrector_gamma=s.corrector_gamma,
-        corrector_sweeps=s.corrector_sweeps, denoise_final=s.denoise_final,
+        corrector_sweeps=s.corrector_sweeps, churn=s.churn, denoise_final=s.denoise_final,
     )
 
 

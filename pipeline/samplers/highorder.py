@@ -13,13 +13,16 @@ their papers step with, on the OU clock's VP state y:
   means: D' = D_{i-1} + k (D_{i-1} - D_{i-2}), k = (h - (1 - e^{-2h}) / 2) / ((1 - e^{-2h}) r h)
   (-> 1 / (2 r) as h -> 0, the ODE's). Its first step is DDPM's ancestral step, with the same
   keyed noise xi_i as ``sequential-sde``. One model call a step.
-- ``edm-heun``: the second-order sampler of Karras et al. (2022) without churn: Euler in
-  sigma = s / a on the VE state x = y / a, d = (x - D) / sigma, corrected by the slope at the
-  step's end (Heun). Two model calls a step.
+- ``edm-heun``: the second-order sampler of Karras et al. (2022): Euler in sigma = s / a on
+  the VE state x = y / a, d = (x - D) / sigma, corrected by the slope at the step's end
+  (Heun). Two model calls a step. With churn each step first lifts sigma to sigma (1 + gamma)
+  by adding Gaussian noise of variance sigma^2 ((1 + gamma)^2 - 1), then steps from there.
 
 Each returns after ``grid.steps`` steps with Stats whose rounds are its sequential model calls.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -103,22 +106,41 @@ def dpmpp_2m_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=Seri
 
 def edm_heun(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
              options: Options = Options()):
-    """EDM's Heun sampler (no churn) from y0 (B, *S); returns (y (B, *S), Stats)."""
+    """EDM's Heun sampler from y0 (B, *S), with its churn when ``options.churn`` > 0 (the
+    churn noise of step i is ``noise.path``'s xi_i); returns (y (B, *S), Stats)."""
     u = grid.u.to(torch.float64)
     a = signal(u)
     sigma = noise_std(u) / a
+    gamma = min(options.churn / grid.steps, math.sqrt(2) - 1)
     x = y0 / float(a[0])  # the VE state
-    for i in range(grid.steps):
-        d = (x - denoise(model, x * float(a[i]), float(u[i]))) / float(sigma[i])
-        step = float(sigma[i + 1] - sigma[i])
-        end = x + step * d
-        d_end = (end - denoise(model, end * float(a[i + 1]), float(u[i + 1]))) / float(sigma[i + 1])
-        x = x + step * 0.5 * (d + d_end)
-        if (i + 1) % 50 == 0 or i + 1 == grid.steps:
-            check_finite(x, noise.keys, f"by step {i + 1}")
+    for lo, hi in grid.blocks:
+        xi = noise.path(lo, hi) if gamma > 0 else None
+        for i in range(lo, hi):
+            x, level = _heun_step(model, x, float(sigma[i]), float(sigma[i + 1]), gamma,
+                                  None if xi is None else xi[:, i - lo])
+        check_finite(x, noise.keys, f"between steps {lo} and {hi}")
     stats = Stats(rounds=2 * grid.steps, model_calls=2.0 * grid.steps,
                   sweeps=(2,) * grid.steps)
     return finish(model, x * float(a[-1]), stats, float(u[-1]), options)
+
+
+def _ve_denoise(model, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """D at the VE state x (B, *S) of noise level sigma: the VP state is x a, u = log(1 +
+    sigma^2)."""
+    u = math.log1p(sigma**2)
+    return denoise(model, x * math.exp(-u / 2), u)
+
+
+def _heun_step(model, x, sigma: float, sigma_next: float, gamma: float, xi):
+    """One Heun step of dx/dsigma = (x - D) / sigma from sigma to sigma_next, after raising the
+    level to sigma (1 + gamma) with noise xi (churn; none when gamma = 0)."""
+    level = sigma * (1 + gamma)
+    if gamma > 0:
+        x = x + math.sqrt(level**2 - sigma**2) * xi
+    d = (x - _ve_denoise(model, x, level)) / level
+    end = x + (sigma_next - level) * d
+    d_end = (end - _ve_denoise(model, end, sigma_next)) / sigma_next
+    return x + (sigma_next - level) * 0.5 * (d + d_end), level
 
 
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ class Options:
     on_divergence: ``sequential`` (redo the block step by step) or ``error`` when a residual is
         NaN/Inf or exceeds ``divergence_threshold``.
     corrector_*: underdamped Langevin corrector of PIADM-ODE (section 4); steps = 0 turns it off.
+    churn: ``edm-heun``'s S_churn: each step first raises the noise level by the factor
+        1 + min(churn / steps, sqrt 2 - 1) with fresh keyed noise; 0 (the default) is the ODE.
     denoise_final: return the Tweedie denoised mean E[x_0 | y] at u_min (one more model call).
     on_sweep: None, or a callable (step, sweep, residual) told after every parallel round: the
         first step of the block (window) in flight, the round within it and max r. Progress
@@ -36,6 +38,7 @@ class Options:
     corrector_length: float = 1.0
     corrector_gamma: float = 1.0
     corrector_sweeps: int = 4
+    churn: float = 0.0
     denoise_final: bool = False
     on_sweep: object = None
 
