@@ -114,7 +114,8 @@ def run_quality(cfg: Config, quality: float, *, comm, device, json_path: str | N
         row.update(quality=quality, steps=steps, w2=found[REFERENCE[method]][1][steps])
         rows.append(row)
     print0(comm, summary(rows, quality))
-    curves = {ref: sorted(seen.items()) for ref, (_, seen) in found.items()}
+    curves = {ref: [[n, n * calls_per_step(ref), w2] for n, w2 in sorted(seen.items())]
+              for ref, (_, seen) in found.items()}  # [steps, sequential calls, W2]
     if json_path and comm.rank == 0:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps({"config": cfg.text, "quality": quality,

@@ -222,18 +222,16 @@ def bench_figure(rows: list[dict], path: Path) -> Path:
 
 def quality_figure(rows: list[dict], curves: dict[str, list], quality: float, path: Path) -> Path:
     """Exact W2 against rounds and against model calls: each sequential reference's curve
-    over the steps its search computed (``curves`` {method: [(steps, W2)]}), and every
+    over the steps its search computed (``curves`` {method: [(steps, calls, W2)]}), and every
     benched method (``rows``) where it reaches ``quality``."""
-    from pipeline.equal_quality import calls_per_step
-
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     names = list(dict.fromkeys([r["method"] for r in rows] + sorted(curves)))
     color = {name: f"C{i % 10}" for i, name in enumerate(names)}  # a reference's line and mark alike
     shown = {r["method"] for r in rows}
     for ref, points in sorted(curves.items()):
-        steps = np.array([n for n, _ in points], dtype=float) * calls_per_step(ref)
-        w2 = [w for _, w in points]
+        steps = [calls for _, calls, _ in points]  # a sequential sampler's rounds are its calls
+        w2 = [w for _, _, w in points]
         for k, ax in enumerate(axes):
             ax.loglog(steps, w2, "-", color=color[ref], lw=1, alpha=0.6,
                       label=None if k or ref in shown else f"{ref} (reference)")
