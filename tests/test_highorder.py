@@ -51,7 +51,7 @@ def test_sde_variances_from_impulses_are_what_the_samples_show(method, settings)
     grid = make_grid("ou", 10, u_min=1e-3, u_max=10.0, block_size=5)
     options = Options(**settings)
     exact = grf_variances(model, method, grid, options)
-    n = 4000
+    n = 2000
     noise = Noise(3, tuple((0, m) for m in range(n)), (8, 8), torch.float64)
     y, _ = SAMPLERS[method](model, noise.prior(), grid, noise, options=options)
     seen = (torch.fft.rfftn(y, dim=model.dims).abs() ** 2).mean(0) / 64  # white: E|F_k|^2 = 64 v_k
