@@ -134,9 +134,8 @@ def _cmd_bench(args, world) -> int:
             raise ConfigError(f"--compare {path}: no such file; give JSON tables written by "
                               "piadm bench --json", collective=True)
     if args.quality is not None:
-        from pipeline.equal_quality import check_quality_bench, run_quality
+        from pipeline.equal_quality import run_quality
 
-        check_quality_bench(cfg, args.quality)
         run_quality(cfg, args.quality, comm=world, device=device, json_path=args.json,
                     png_path=args.png)
         return 0

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from pipeline.config import Config, ConfigError
 from pipeline.console import print0
-from pipeline.grids import Grid
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, grf_w2
 from pipeline.run import sampler_grid, sampler_options
 from pipeline.samplers import REFERENCE
@@ -42,9 +41,10 @@ def check_quality_bench(cfg: Config, quality: float) -> None:
                               "exact W2: drop it from bench.methods", collective=True)
 
 
-def _grid(cfg: Config, steps: int, model) -> Grid:
-    s = dataclasses.replace(cfg.sampler, steps=steps, block_size=min(cfg.sampler.block_size, steps))
-    return sampler_grid(s, model)
+def _at_steps(cfg: Config, steps: int) -> Config:
+    """``cfg`` with ``steps`` sampler steps (blocks no longer than the steps)."""
+    return dataclasses.replace(cfg, sampler=dataclasses.replace(
+        cfg.sampler, steps=steps, block_size=min(cfg.sampler.block_size, steps)))
 
 
 def _affordable(method: str, steps: int, d: int) -> bool:
@@ -90,10 +90,11 @@ def run_quality(cfg: Config, quality: float, *, comm, device, json_path: str | N
     print0(comm, f"piadm bench --quality {quality:g}: grf {list(shape)}, exact W2 of each "
                  f"reference, {cfg.sampler.grid} grid, u_min {cfg.sampler.u_min:g}")
     found: dict[str, tuple[int | None, dict[int, float]]] = {}
+    options = sampler_options(cfg.sampler)
     for ref in dict.fromkeys(REFERENCE[m] for m in cfg.bench.methods):
-        options = sampler_options(cfg.sampler)
         found[ref] = fewest_steps(
-            lambda n, ref=ref: grf_w2(model, ref, _grid(cfg, n, model), options), quality,
+            lambda n, ref=ref: grf_w2(model, ref, sampler_grid(_at_steps(cfg, n).sampler, model),
+                                      options), quality,
             affordable=lambda n, ref=ref: _affordable(ref, n, d))
         steps = found[ref][0]
         print0(comm, f"  {ref}: " + (f"{steps} steps (W2 {found[ref][1][steps]:.3e})"
@@ -105,10 +106,8 @@ def run_quality(cfg: Config, quality: float, *, comm, device, json_path: str | N
         steps = found[REFERENCE[method]][0]
         if steps is None:
             continue
-        at = dataclasses.replace(
-            cfg, sampler=dataclasses.replace(cfg.sampler, steps=steps,
-                                             block_size=min(cfg.sampler.block_size, steps)),
-            bench=dataclasses.replace(cfg.bench, methods=(method,), seeds=1))
+        at = dataclasses.replace(_at_steps(cfg, steps),
+                                 bench=dataclasses.replace(cfg.bench, methods=(method,), seeds=1))
         row = [r for r in bench_shape(at, shape, comm=comm, device=device)
                if r["method"] == method][0]
         row.update(quality=quality, steps=steps, w2=found[REFERENCE[method]][1][steps])

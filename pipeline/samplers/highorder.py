@@ -116,7 +116,7 @@ def edm_heun(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialCo
     for lo, hi in grid.blocks:
         xi = noise.path(lo, hi) if gamma > 0 else None
         for i in range(lo, hi):
-            x, level = _heun_step(model, x, float(sigma[i]), float(sigma[i + 1]), gamma,
+            x = _heun_step(model, x, float(sigma[i]), float(sigma[i + 1]), gamma,
                                   None if xi is None else xi[:, i - lo])
         check_finite(x, noise.keys, f"between steps {lo} and {hi}")
     stats = Stats(rounds=2 * grid.steps, model_calls=2.0 * grid.steps,
@@ -140,7 +140,7 @@ def _heun_step(model, x, sigma: float, sigma_next: float, gamma: float, xi):
     d = (x - _ve_denoise(model, x, level)) / level
     end = x + (sigma_next - level) * d
     d_end = (end - _ve_denoise(model, end, sigma_next)) / sigma_next
-    return x + (sigma_next - level) * 0.5 * (d + d_end), level
+    return x + (sigma_next - level) * 0.5 * (d + d_end)
 
 
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
