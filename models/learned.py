@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from models.adapters import NetworkAdapter
-from models.conditioning import upsample_blocks
+from models.conditioning import MeanShift, spectral_upsample, upsample_blocks
 from pipeline.clock import VE
 
 
@@ -29,7 +29,9 @@ def unet_score_model(den, shape: tuple[int, ...], cond: torch.Tensor | None = No
 class LearnedUNet:
     """A trained denoiser as a score model (``models.contract``) in the normalised units it
     was trained in: data = ``data_mean`` + ``data_std`` * model units. ``cond`` (1, H, W) is
-    the bound conditioning field, already upsampled and normalised."""
+    the bound conditioning field, already upsampled and normalised. A ``residual`` model
+    learned the field minus the smooth upsampling of its coarse field: bound, it is that
+    upsampling plus the learned remainder (an exact shift, ``MeanShift``)."""
 
     den: object
     shape: tuple[int, ...]
@@ -41,13 +43,17 @@ class LearnedUNet:
     # S: the largest mode variance of the normalised training data (pc-window); inf when the
     # checkpoint does not record it, which keeps pc-window's acceptance safe.
     data_bound: float = float("inf")
+    residual: bool = False
     # the training data's grid (models.grid): coordinates and attributes for the stores
     grid: dict = field(default_factory=dict)
     _score: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         # built once per binding (replace() makes a new model for a new cond), not per call
-        object.__setattr__(self, "_score", unet_score_model(self.den, self.shape, self.cond))
+        score = unet_score_model(self.den, self.shape, self.cond)
+        if self.residual and self.cond is not None:
+            score = MeanShift(score, self.cond[0])
+        object.__setattr__(self, "_score", score)
 
     def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if self.cond_channels and self.cond is None:
@@ -55,8 +61,10 @@ class LearnedUNet:
         return self._score(x, u)
 
     def conditioned(self, coarse: torch.Tensor) -> "LearnedUNet":
-        """Bind a coarse field (h, w), in model units, upsampled to the grid by blocks."""
-        return replace(self, cond=upsample_blocks(coarse.float(), self.shape)[None])
+        """Bind a coarse field (h, w), in model units, upsampled to the grid (smoothly for a
+        residual model, by blocks otherwise: as in training)."""
+        up = spectral_upsample if self.residual else upsample_blocks
+        return replace(self, cond=up(coarse.float(), self.shape)[None])
 
 
 def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu") -> LearnedUNet:
@@ -85,4 +93,5 @@ def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu") -> LearnedU
                           f"{meta['shape']}: set model.shape = {meta['shape']}")
     return LearnedUNet(den, tuple(shape), meta["mean"], meta["std"], den.cfg.cond_channels,
                        meta["variable"], data_bound=float(meta.get("data_bound", float("inf"))),
+                       residual=bool(meta.get("residual", False)),
                        grid=meta.get("grid", {}))

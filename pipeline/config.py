@@ -146,6 +146,9 @@ class TrainConfig:
     data: str = "out/kolmogorov.zarr"
     variable: str = "vorticity"
     condition: str = ""  # a coarse variable to condition on (upsampled); empty: unconditional
+    # learn the fine field minus the smooth upsampling of its coarse condition
+    # (models.conditioning.spectral_upsample), at that remainder's own scale
+    residual: bool = False
     validation: float = 0.2  # the last fraction of the time axis, held out
     batch_size: int = 32  # global: split over the ranks
     steps: int = 2000
@@ -440,6 +443,8 @@ def _check_train(t: TrainConfig) -> None:
     _check(t.val_every >= 1 and t.log_every >= 1, "train.val_every", "and train.log_every must be >= 1")
     _check(len(t.channels) >= 1 and min(t.channels) >= 8, "train.channels",
            f"= {list(t.channels)}: give one width >= 8 per level")
+    _check(not t.residual or bool(t.condition), "train.residual",
+           "= true needs a coarse field to take the remainder from: set train.condition")
 
 
 def validate(cfg: Config) -> None:

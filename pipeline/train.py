@@ -23,6 +23,7 @@ import xarray as xr
 from models.bound import largest_mode_power
 from models.grid import grid_of
 from models.checkpoint import save_checkpoint
+from models.conditioning import spectral_upsample, upsample_blocks
 from models.unet import Denoiser, UNetConfig
 from pipeline.config import TrainConfig
 from pipeline.console import print0
@@ -32,16 +33,18 @@ from pipeline.inputs import InputError
 
 @dataclass(frozen=True)
 class Dataset:
-    """Lazy fields (time, H, W) and optional coarse fields, normalised by (mean, std)."""
+    """Lazy fields (time, H, W) and optional coarse fields, normalised by (mean, std). With
+    ``residual`` the target is the field minus the smooth upsampling of its coarse field."""
 
     fields: xr.DataArray
     coarse: xr.DataArray | None
     mean: float
     std: float
     data_bound: float  # S of the training split (models.bound), recorded with the checkpoint
+    residual: bool = False
 
     def batch(self, times: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalised fields (B, H, W) and upsampled conditioning (B, 1, H, W) or None."""
+        """Normalised targets (B, H, W) and upsampled conditioning (B, 1, H, W) or None."""
         order = np.argsort(times)
         back = np.argsort(order)
         x = self.fields.isel(time=times[order]).values[back]
@@ -50,8 +53,18 @@ class Dataset:
             return x, None
         c = self.coarse.isel(time=times[order]).values[back]
         c = torch.as_tensor((c - self.mean) / self.std, dtype=torch.float32, device=device)
-        factor = x.shape[-1] // c.shape[-1]
-        return x, c.repeat_interleave(factor, -2).repeat_interleave(factor, -1)[:, None]
+        if self.residual:
+            smooth = spectral_upsample(c, tuple(x.shape[-2:]))
+            return x - smooth, smooth[:, None]
+        return x, upsample_blocks(c, tuple(x.shape[-2:]))[:, None]
+
+    def target_std(self, device="cpu") -> float:
+        """The standard deviation of the normalised targets over every time."""
+        n, total, count = self.fields.sizes["time"], 0.0, 0
+        for a in range(0, n, 256):
+            x, _ = self.batch(np.arange(a, min(a + 256, n)), device)
+            total, count = total + float((x.double() ** 2).sum()), count + x.numel()
+        return (total / count) ** 0.5  # about the mean: the targets' mean is ~0 either way
 
 
 def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
@@ -78,7 +91,7 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
         fields = ds[t.variable]
     coarse = ds[t.condition] if t.condition else None
     part = lambda sl: Dataset(fields.isel(time=sl), None if coarse is None else  # noqa: E731
-                              coarse.isel(time=sl), mean, std, bound)
+                              coarse.isel(time=sl), mean, std, bound, t.residual)
     return part(slice(0, cut)), part(slice(cut, n))
 
 
@@ -157,7 +170,10 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
     """Run (or resume) the training of ``t``; checkpoints on rank 0."""
     trn, held = open_dataset(t)
     shape = tuple(trn.fields.shape[1:])
-    ucfg = UNetConfig(channels=tuple(t.channels), cond_channels=1 if t.condition else 0)
+    # a residual's scale is far below the field's: the preconditioning is told it
+    sd = round(trn.target_std(device), 4) if t.residual else 1.0
+    ucfg = UNetConfig(channels=tuple(t.channels), cond_channels=1 if t.condition else 0,
+                      sigma_data=sd)
     torch.manual_seed(t.seed)
     den = Denoiser(ucfg).to(device)
     ema = copy.deepcopy(den).requires_grad_(False)
@@ -177,7 +193,7 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
         print0(comm, f"starting from the EMA weights of {t.init}")
     meta = {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std,
             "data_bound": trn.data_bound, "variable": t.variable,
-            "condition": t.condition, "shape": list(shape), "data": t.data, "config": config_text,
+            "condition": t.condition, "residual": t.residual, "shape": list(shape), "data": t.data, "config": config_text,
             "grid": grid_of(xr.open_zarr(t.data)[t.variable])}
     n, start, loss_sum, val_loss = trn.fields.sizes["time"], time.perf_counter(), 0.0, float("nan")
     lo, hi = slice_bounds(t.batch_size, comm.size, comm.rank)

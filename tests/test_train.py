@@ -217,3 +217,60 @@ def test_the_shipped_checkpoints_record_s():
     for name in ("kolmogorov_uncond", "kolmogorov_down"):
         bound = load_unet(f"models/checkpoints/{name}.pt", (64, 64)).data_bound
         assert 100 < bound < 1000  # the forced mode holds a few percent of the variance
+
+
+def test_spectral_upsampling_inverts_block_averages_of_resolved_fields():
+    from models.conditioning import spectral_upsample
+
+    n, axis = 32, torch.arange(32, dtype=torch.float64) * 2 * np.pi / 32
+    # modes |k| < 4 per axis: all an 8x8 block-average grid holds below its Nyquist
+    field = (torch.sin(3 * axis + 0.4)[:, None] * torch.cos(2 * axis - 1.1)[None, :]
+             + 0.5 * torch.cos(axis)[None, :] + 0.25)
+    coarse = field.reshape(8, 4, 8, 4).mean((1, 3))
+    assert torch.allclose(spectral_upsample(coarse, (n, n)), field, atol=1e-10)
+    # any coarse field without Nyquist content is the block average of its upsampling
+    rough = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    spec = torch.fft.fft2(rough)
+    spec[4, :], spec[:, 4] = 0, 0
+    rough = torch.fft.ifft2(spec).real
+    up = spectral_upsample(rough[None], (n, n))
+    assert up.shape == (1, n, n)
+    assert torch.allclose(up.reshape(1, 8, 4, 8, 4).mean((2, 4)), rough[None], atol=1e-10)
+
+
+def test_a_residual_model_learns_the_remainder_and_samples_as_upsampling_plus_it(tmp_path, dataset):
+    from models.conditioning import spectral_upsample
+    from models.learned import load_unet
+    from pipeline.config import TrainConfig
+    from pipeline.train import open_dataset
+
+    cfg = TrainConfig(data=str(dataset), condition="vorticity_coarse", residual=True,
+                      validation=0.25)
+    trn = open_dataset(cfg)[0]
+    times = np.array([3, 0, 7])
+    target, cond = trn.batch(times, "cpu")
+    plain, _ = open_dataset(TrainConfig(data=str(dataset), condition="vorticity_coarse",
+                                        validation=0.25))[0].batch(times, "cpu")
+    coarse = (trn.coarse.isel(time=times).values - trn.mean) / trn.std
+    smooth = spectral_upsample(torch.as_tensor(coarse, dtype=torch.float32), (16, 16))
+    assert torch.allclose(cond[:, 0], smooth, atol=1e-5)
+    assert torch.allclose(target, plain - smooth, atol=1e-5)
+
+    ckpt = tmp_path / "residual.pt"
+    assert main(_train_args(dataset, ckpt, "train.condition=vorticity_coarse",
+                            "train.residual=true")) == 0
+    den, meta = load_denoiser(ckpt)
+    assert meta["residual"] is True
+    assert den.cfg.sigma_data == pytest.approx(trn.target_std(), abs=1e-4)
+    model = load_unet(str(ckpt), (16, 16)).conditioned(torch.as_tensor(coarse[0]))
+    x, u = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0.3, 2.0])
+    a = torch.exp(-u / 2)[:, None, None]
+    remainder = unet_score_model(den, (16, 16), model.cond)
+    assert torch.allclose(model(x, u), remainder(x - a * model.cond, u), atol=1e-6)
+
+
+def test_a_residual_run_without_a_condition_is_a_one_line_error(tmp_path, dataset, capsys):
+    assert main(_train_args(dataset, tmp_path / "r.pt", "train.residual=true")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.residual" in err and "train.condition" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r.pt").exists()
