@@ -27,7 +27,7 @@ from pipeline.console import on_rank0, print0
 from pipeline.memory import peak_since, start_peak
 from pipeline.noise import Noise
 from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
-from pipeline.quality import DETERMINISTIC, STOCHASTIC, grf_w2
+from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
 from pipeline.samplers import REFERENCE, SAMPLERS
 
 COLUMNS = ("method", "seed", "tol", "ranks", "steps", "d", "rounds", "model_calls",
@@ -40,11 +40,11 @@ COLUMNS = ("method", "seed", "tol", "ranks", "steps", "d", "rounds", "model_call
 W2_SDE_BUDGET = 1000**2 * 64 * 64
 
 
-def _w2_affordable(method: str, steps: int, shape) -> bool:
+def _w2_affordable(method: str, steps: int, shape, options) -> bool:
     """Whether bench reports ``method``'s exact W2 on ``steps`` steps of a grf of ``shape``."""
-    if method in DETERMINISTIC:
+    if not draws_noise(method, options):
         return True
-    return method in STOCHASTIC and steps**2 * math.prod(shape) <= W2_SDE_BUDGET
+    return method in STOCHASTIC + DETERMINISTIC and steps**2 * math.prod(shape) <= W2_SDE_BUDGET
 
 
 def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing, *,
@@ -195,8 +195,8 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
             err = (None if stat_error is None
                    else stat_error(model, y.to(torch.float64), s.u_min, s.denoise_final))
             if method not in w2s:  # the law's, so once for every seed
-                w2s[method] = (grf_w2(model, method, grid, options)
-                               if exact_law and _w2_affordable(method, s.steps, shape) else None)
+                affordable = exact_law and _w2_affordable(method, s.steps, shape, options)
+                w2s[method] = grf_w2(model, method, grid, options) if affordable else None
             row = _row(method, seed, tolerances[method], comm.size, s.steps, math.prod(shape),
                        stats, ref_stats.model_calls, dist, err, timing, w2=w2s[method])
             row["collectives"] = collectives

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.config import Config, ConfigError
 from pipeline.console import print0
-from pipeline.quality import DETERMINISTIC, STOCHASTIC, grf_w2
+from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
 from pipeline.run import sampler_grid, sampler_options
 from pipeline.samplers import REFERENCE
 
@@ -47,8 +47,8 @@ def _at_steps(cfg: Config, steps: int) -> Config:
         cfg.sampler, steps=steps, block_size=min(cfg.sampler.block_size, steps)))
 
 
-def _affordable(method: str, steps: int, d: int) -> bool:
-    return method in DETERMINISTIC or steps**2 * d <= SDE_SEARCH_BUDGET
+def _affordable(method: str, steps: int, d: int, options) -> bool:
+    return not draws_noise(method, options) or steps**2 * d <= SDE_SEARCH_BUDGET
 
 
 def fewest_steps(w2_at, quality: float, *, affordable=lambda n: True,
@@ -95,7 +95,7 @@ def run_quality(cfg: Config, quality: float, *, comm, device, json_path: str | N
         found[ref] = fewest_steps(
             lambda n, ref=ref: grf_w2(model, ref, sampler_grid(_at_steps(cfg, n).sampler, model),
                                       options), quality,
-            affordable=lambda n, ref=ref: _affordable(ref, n, d))
+            affordable=lambda n, ref=ref: _affordable(ref, n, d, options))
         steps = found[ref][0]
         print0(comm, f"  {ref}: " + (f"{steps} steps (W2 {found[ref][1][steps]:.3e})"
                                      if steps else "not reached within the search's budget"))

@@ -27,6 +27,14 @@ DETERMINISTIC = ("sequential-ode", "dpmpp-2m", "edm-heun")
 # sequential samplers that draw step noise with Noise.path, and nothing else: linear in it too
 # (as is edm-heun with churn)
 STOCHASTIC = ("sequential-sde", "dpmpp-2m-sde")
+
+
+def draws_noise(method: str, options: Options = Options()) -> bool:
+    """Whether ``method`` with ``options`` adds noise along its path (its exact W2 then takes
+    one impulse run per step, not one run)."""
+    return method not in DETERMINISTIC or (method == "edm-heun" and options.churn > 0)
+
+
 IMPULSE_ROWS = 64  # noise impulses per run: bounds the memory of a block of path noise
 
 
@@ -61,7 +69,7 @@ def grf_gains(model: GaussianRandomField, method: str, grid: Grid,
               options: Options = Options()) -> torch.Tensor:
     """The per-mode gains g_k of ``method`` on ``grid`` (the rfft half-grid shape), from one
     run on a unit impulse, whose spectrum is 1 at every mode."""
-    if method not in DETERMINISTIC or (method == "edm-heun" and options.churn):
+    if draws_noise(method, options):
         raise ValueError(f"{method!r} adds noise along its path: grf_gains needs a "
                          f"deterministic sampler, one of {', '.join(DETERMINISTIC)}")
     impulse = torch.zeros((1, *model.shape), dtype=torch.float64)
@@ -75,7 +83,7 @@ def grf_variances(model: GaussianRandomField, method: str, grid: Grid,
                   options: Options = Options()) -> torch.Tensor:
     """The per-mode output variances v_k of ``method`` on ``grid`` (the rfft half-grid shape)
     from N(0, I) and white step noise (see above)."""
-    if method in DETERMINISTIC and not (method == "edm-heun" and options.churn):
+    if not draws_noise(method, options):
         return grf_gains(model, method, grid, options) ** 2
     if method not in STOCHASTIC + DETERMINISTIC:
         raise ValueError(f"{method!r} is not a sequential sampler: grf_variances takes one of "

@@ -193,7 +193,8 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
         print0(comm, f"starting from the EMA weights of {t.init}")
     meta = {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std,
             "data_bound": trn.data_bound, "variable": t.variable,
-            "condition": t.condition, "residual": t.residual, "shape": list(shape), "data": t.data, "config": config_text,
+            "condition": t.condition, "residual": t.residual, "shape": list(shape), "data": t.data,
+            "config": config_text,
             "grid": grid_of(xr.open_zarr(t.data)[t.variable])}
     n, start, loss_sum, val_loss = trn.fields.sizes["time"], time.perf_counter(), 0.0, float("nan")
     lo, hi = slice_bounds(t.batch_size, comm.size, comm.rank)

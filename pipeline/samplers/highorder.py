@@ -117,7 +117,7 @@ def edm_heun(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialCo
         xi = noise.path(lo, hi) if gamma > 0 else None
         for i in range(lo, hi):
             x = _heun_step(model, x, float(sigma[i]), float(sigma[i + 1]), gamma,
-                                  None if xi is None else xi[:, i - lo])
+                           None if xi is None else xi[:, i - lo])
         check_finite(x, noise.keys, f"between steps {lo} and {hi}")
     stats = Stats(rounds=2 * grid.steps, model_calls=2.0 * grid.steps,
                   sweeps=(2,) * grid.steps)
