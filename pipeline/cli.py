@@ -326,9 +326,11 @@ def parser() -> argparse.ArgumentParser:
         if name == "bench":
             sp.add_argument("--peer", choices=PEERS, help="run the peer library's parallel "
                             "sampler beside piadm's on DDPM-1000 (needs piadm[bench])")
-            sp.add_argument("--quality", type=float, metavar="W2",
-                            help="bench each method at the fewest steps whose exact W2 to the "
-                                 "grf target is <= W2 (sampler.steps is searched, not taken)")
+            sp.add_argument("--quality", type=float, metavar="Q",
+                            help="bench each method at the fewest steps whose error is <= Q: "
+                                 "the exact W2 to the target on a grf, the log-spectral "
+                                 "distance to held-out data on a trained U-Net "
+                                 "(sampler.steps is searched, not taken)")
             sp.add_argument("--json", metavar="PATH", help="also save the table as JSON")
             sp.add_argument("--png", metavar="PATH", help="also plot rounds and wall time "
                             "against d (and against ranks, with --compare) as a PNG")

@@ -173,6 +173,8 @@ class BenchConfig:
     methods: tuple[str, ...] = ("sequential-sde", "piadm-sde", "window")
     sizes: tuple[tuple[int, ...], ...] = ()  # field shapes to sweep; empty: model.shape
     members: int = 4
+    # --quality on a trained model: members whose spectra are compared with the held-out data
+    quality_members: int = 64
     seeds: int = 1  # noise seeds sampler.seed, sampler.seed + 1, ...: rows per seed and a worst row
     repeats: int = 1  # timed runs per row: wall_s is their min, wall_med_s their median
 
@@ -387,9 +389,6 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
         return  # the planner picks a layout that fits
     _check(isinstance(p.time_slices, int) and p.time_slices >= 1, "parallel.time_slices",
            f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")
-    _check(REGISTRY[s.method].splits or p.time_slices == 1, "parallel.time_slices",
-           f"= {p.time_slices}: sampler.method = {s.method!r} runs on one time slice; set "
-           "parallel.time_slices = 1 (the ranks then share the members)")
     for key, n in REGISTRY[s.method].points(s).items():
         _check(p.time_slices <= n, "parallel.time_slices",
                f"= {p.time_slices} is more than the {n} points of sampler.{key}: "
@@ -526,6 +525,8 @@ def validate(cfg: Config) -> None:
         _check(1 <= len(size) <= 3 and min(size) >= 2, "bench.sizes",
                f"has bad shape {list(size)}: each needs 1 to 3 sizes >= 2")
     _check(cfg.bench.members >= 1, "bench.members", f"= {cfg.bench.members} must be >= 1")
+    _check(cfg.bench.quality_members >= 2, "bench.quality_members",
+           f"= {cfg.bench.quality_members} must be >= 2 (a spectrum's bootstrap resamples them)")
     _check(cfg.bench.seeds >= 1 and cfg.bench.repeats >= 1, "bench.seeds",
            "and bench.repeats must be >= 1")
     _check_model(m)

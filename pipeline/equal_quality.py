@@ -1,18 +1,23 @@
 """``piadm bench --quality Q``: every method at the fewest steps that reach quality Q.
 
-Quality is the exact W2 of a sequential sampler's law to the ``grf`` target
-(``pipeline.quality``), which falls as its steps grow. For each method the fewest steps N at
-which its sequential reference (``pipeline.samplers.REFERENCE``) reaches W2 <= Q are found by
-doubling and then bisection; a parallel method runs on those N steps, where it reproduces its
-reference's path to its tolerance (its ``rel_dist``). Each method is then benched there like
-``piadm bench`` does: rounds, model calls, distance, wall time. The figure plots W2 against
-rounds and against model calls for every W2 the search computed, all methods on one figure.
+Quality is an error that falls as a sequential sampler's steps grow: on an unconditioned
+``grf`` the exact W2 of its law to the target (``pipeline.quality``), on a trained U-Net the
+log-spectral distance of ``bench.quality_members`` samples to the held-out data
+(``pipeline.spectrum_quality``, with a bootstrap interval). For each method the fewest steps N
+at which its sequential reference (``pipeline.samplers.REFERENCE``) reaches error <= Q are found
+by doubling and then bisection; a parallel method runs on those N steps, where it reproduces
+its reference's path to its tolerance (its ``rel_dist``). Each method is then benched there
+like ``piadm bench`` does: rounds, model calls, distance, wall time. The figure plots the error
+against rounds and against model calls for every error the search computed, all methods on one
+figure.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from pipeline.config import Config, ConfigError
 from pipeline.console import print0
@@ -24,21 +29,93 @@ MOST_STEPS = 8192  # the search gives up past this many steps
 # an SDE reference's W2 costs steps^2 x d point-steps (pipeline.quality): the search stops
 # doubling beyond this budget and says so (about 10 minutes of one CPU core)
 SDE_SEARCH_BUDGET = 10 * 1000**2 * 64 * 64
+LEARNED_KINDS = ("unet",)  # trained on data the config names (train.data): held-out spectra
+QUALITY_BATCH = 64  # members sampled at once for a learned model's error
+# a learned model's error converges to its network's own (nonzero) error: once doubling the
+# steps moves it by under 0.2%, more steps will not reach a quality below it
+LEARNED_PLATEAU = 2e-3
 
 
 def check_quality_bench(cfg: Config, quality: float) -> None:
-    """Raise ConfigError unless ``--quality`` can run on ``cfg`` (exact W2: an unconditioned
-    grf, and sequential references whose W2 is exact)."""
+    """Raise ConfigError unless ``--quality`` can run on ``cfg``: an unconditioned grf whose
+    sequential references have an exact W2, or an unconditioned trained U-Net."""
     if not quality > 0:
-        raise ConfigError(f"--quality {quality}: give the W2 to reach, a number > 0 (e.g. 1e-2)",
+        raise ConfigError(f"--quality {quality}: give the error to reach, a number > 0 (e.g. "
+                          "1e-2)", collective=True)
+    if cfg.model.kind not in ("grf", *LEARNED_KINDS) or cfg.model.condition != "none":
+        raise ConfigError("bench --quality needs the exact W2 of an unconditioned grf or the "
+                          "held-out spectra of an unconditioned trained U-Net: run it on "
+                          "jobs/configs/grf.toml or jobs/configs/kolmogorov_uncond.toml",
                           collective=True)
-    if cfg.model.kind != "grf" or cfg.model.condition != "none":
-        raise ConfigError("bench --quality needs the exact W2 of model.kind = \"grf\" with no "
-                          "conditioning: run it on jobs/configs/grf.toml", collective=True)
+    if cfg.model.kind != "grf":
+        return
     for method in cfg.bench.methods:
         if REFERENCE[method] not in DETERMINISTIC + STOCHASTIC:
             raise ConfigError(f"bench --quality: {method}'s reference {REFERENCE[method]} has no "
                               "exact W2: drop it from bench.methods", collective=True)
+
+
+@dataclass
+class Measure:
+    """The quality searched: its name, its axis label, the error of a sequential reference at
+    n steps, whether that error is affordable to compute, and each sampled error's bootstrap
+    interval {(reference, n): (lo, hi)}."""
+
+    name: str
+    label: str
+    error: Callable[[str, int], float]
+    affordable: Callable[[str, int], bool] = lambda ref, n: True
+    plateau: float = 0.0  # see fewest_steps: a sampled error stops the search once converged
+    intervals: dict = field(default_factory=dict)
+
+
+def grf_measure(cfg: Config, model, shape: tuple[int, ...]) -> Measure:
+    """The exact W2 of each reference's law to the grf target."""
+    options = sampler_options(cfg.sampler)
+    d = math.prod(shape)
+    return Measure(
+        "W2", "exact W2 to the grf target (relative)",
+        lambda ref, n: grf_w2(model, ref, sampler_grid(_at_steps(cfg, n).sampler, model),
+                              options),
+        lambda ref, n: _affordable(ref, n, d, options))
+
+
+def learned_measure(cfg: Config, model, shape: tuple[int, ...], *, comm, device) -> Measure:
+    """The log-spectral distance of ``bench.quality_members`` samples of each reference to the
+    held-out data, the members split over ``comm``'s ranks."""
+    import numpy as np
+
+    from pipeline.decomposition import slice_bounds
+    from pipeline.noise import Noise
+    from pipeline.run import DTYPES
+    from pipeline.samplers import SAMPLERS
+    from pipeline.spectrum_quality import held_out, spectrum_error
+
+    s, members = cfg.sampler, cfg.bench.quality_members
+    held = held_out(cfg.train, model.data_mean, model.data_std, shape)
+    options = sampler_options(s)
+    lo, hi = slice_bounds(members, comm.size, comm.rank)
+    measure = Measure("spectrum error", f"log-spectral distance to held-out data, k <= "
+                                        f"{held.kmax}", lambda ref, n: 0.0,
+                      plateau=LEARNED_PLATEAU)
+
+    def error(ref: str, n: int) -> float:
+        grid = sampler_grid(_at_steps(cfg, n).sampler, model)
+        mine = [np.empty((0, held.kmax))]
+        for a in range(lo, hi, QUALITY_BATCH):
+            noise = Noise.members(s.seed, 0, range(a, min(a + QUALITY_BATCH, hi)), shape,
+                                  DTYPES[s.dtype], device, s.noise)
+            y, _ = SAMPLERS[ref](model, noise.prior(), grid, noise, options=options)
+            mine.append(held.spectra_of(y.detach().cpu().numpy()))
+        ens = np.concatenate(comm.allgather_object(np.concatenate(mine)))
+        value, *interval = spectrum_error(ens, held)
+        measure.intervals[ref, n] = tuple(interval)
+        print0(comm, f"    {ref} at {n} steps: spectrum error {value:.4f} "
+                     f"[{interval[0]:.4f}, {interval[1]:.4f}] ({members} members)")
+        return value
+
+    measure.error = error
+    return measure
 
 
 def _at_steps(cfg: Config, steps: int) -> Config:
@@ -51,20 +128,24 @@ def _affordable(method: str, steps: int, d: int, options) -> bool:
     return not draws_noise(method, options) or steps**2 * d <= SDE_SEARCH_BUDGET
 
 
-def fewest_steps(w2_at, quality: float, *, affordable=lambda n: True,
-                 most: int = MOST_STEPS) -> tuple[int | None, dict[int, float]]:
-    """The fewest steps N with ``w2_at(N) <= quality`` (W2 falling with N): doubling from 2,
-    then bisection. Returns (N or None when out of reach or of budget, every {N: W2} computed)."""
+def fewest_steps(error_at, quality: float, *, affordable=lambda n: True,
+                 most: int = MOST_STEPS, plateau: float = 0.0) -> tuple[int | None, dict[int, float]]:
+    """The fewest steps N with ``error_at(N) <= quality`` (the error falling with N): doubling
+    from 2, then bisection. Doubling stops when the error moves by less than ``plateau``
+    (relative) from one step count to twice it: converged above the quality. Returns (N or
+    None when out of reach or of budget, every {N: error} computed)."""
     seen: dict[int, float] = {}
 
     def w2(n: int) -> float:
         if n not in seen:
-            seen[n] = w2_at(n)
+            seen[n] = error_at(n)
         return seen[n]
 
     lo, hi = 1, 2
     while w2(hi) > quality:
         if hi * 2 > most or not affordable(hi * 2):
+            return None, seen
+        if lo > 1 and abs(w2(hi) - w2(lo)) <= plateau * w2(hi):
             return None, seen
         lo, hi = hi, hi * 2
     while hi - lo > 1:  # w2(lo) > quality >= w2(hi)
@@ -75,9 +156,10 @@ def fewest_steps(w2_at, quality: float, *, affordable=lambda n: True,
 
 def run_quality(cfg: Config, quality: float, *, comm, device, json_path: str | None = None,
                 png_path: str | None = None) -> list[dict]:
-    """Bench every method of ``cfg.bench.methods`` at the fewest steps reaching W2 <= quality
-    on ``cfg.model.shape`` (the first of ``bench.sizes`` when given); prints the table and the
-    methods with the fewest rounds and calls; returns the rows."""
+    """Bench every method of ``cfg.bench.methods`` at the fewest steps whose error (exact W2
+    on a grf, spectrum error on a trained U-Net) is <= quality, on ``cfg.model.shape`` (the
+    first of ``bench.sizes`` when given); prints the table and the methods with the fewest
+    rounds and calls; returns the rows."""
     import json
 
     from models import build_model
@@ -86,54 +168,65 @@ def run_quality(cfg: Config, quality: float, *, comm, device, json_path: str | N
     check_quality_bench(cfg, quality)
     shape = tuple(cfg.bench.sizes[0]) if cfg.bench.sizes else tuple(cfg.model.shape)
     model = build_model(dataclasses.replace(cfg.model, shape=shape), device)
-    d = math.prod(shape)
-    print0(comm, f"piadm bench --quality {quality:g}: grf {list(shape)}, exact W2 of each "
-                 f"reference, {cfg.sampler.grid} grid, u_min {cfg.sampler.u_min:g}")
+    if cfg.model.kind == "grf":
+        measure = grf_measure(cfg, model, shape)
+    else:
+        measure = learned_measure(cfg, model, shape, comm=comm, device=device)
+    print0(comm, f"piadm bench --quality {quality:g}: {cfg.model.kind} {list(shape)}, "
+                 f"{measure.label} of each reference, {cfg.sampler.grid} grid, u_min "
+                 f"{cfg.sampler.u_min:g}")
     found: dict[str, tuple[int | None, dict[int, float]]] = {}
-    options = sampler_options(cfg.sampler)
     for ref in dict.fromkeys(REFERENCE[m] for m in cfg.bench.methods):
-        found[ref] = fewest_steps(
-            lambda n, ref=ref: grf_w2(model, ref, sampler_grid(_at_steps(cfg, n).sampler, model),
-                                      options), quality,
-            affordable=lambda n, ref=ref: _affordable(ref, n, d, options))
-        steps = found[ref][0]
-        print0(comm, f"  {ref}: " + (f"{steps} steps (W2 {found[ref][1][steps]:.3e})"
-                                     if steps else "not reached within the search's budget"))
+        found[ref] = fewest_steps(lambda n, ref=ref: measure.error(ref, n), quality,
+                                  affordable=lambda n, ref=ref: measure.affordable(ref, n),
+                                  plateau=measure.plateau)
+        steps, seen = found[ref]
+        most = max(seen)
+        print0(comm, f"  {ref}: " + (f"{steps} steps ({measure.name} {seen[steps]:.3e})" if steps
+                                     else f"not reached (the search stopped at {most} steps, "
+                                          f"{measure.name} {seen[most]:.3e})"))
     print0(comm, LEGEND)
     print0(comm, header())
     rows = []
     for method in cfg.bench.methods:
-        steps = found[REFERENCE[method]][0]
+        ref = REFERENCE[method]
+        steps = found[ref][0]
         if steps is None:
             continue
         at = dataclasses.replace(_at_steps(cfg, steps),
                                  bench=dataclasses.replace(cfg.bench, methods=(method,), seeds=1))
         row = [r for r in bench_shape(at, shape, comm=comm, device=device)
                if r["method"] == method][0]
-        row.update(quality=quality, steps=steps, w2=found[REFERENCE[method]][1][steps])
+        row.update(quality=quality, steps=steps, error=found[ref][1][steps])
+        if (ref, steps) in measure.intervals:
+            row["error_lo"], row["error_hi"] = measure.intervals[ref, steps]
         rows.append(row)
-    print0(comm, summary(rows, quality))
-    curves = {ref: [[n, n * calls_per_step(ref), w2] for n, w2 in sorted(seen.items())]
-              for ref, (_, seen) in found.items()}  # [steps, sequential calls, W2]
+    print0(comm, summary(rows, quality, measure.name))
+    curves = {ref: [[n, n * calls_per_step(ref), error] for n, error in sorted(seen.items())]
+              for ref, (_, seen) in found.items()}  # [steps, sequential calls, error]
+    intervals = {ref: [[n, *measure.intervals[ref, n]] for n in sorted(seen)
+                       if (ref, n) in measure.intervals] for ref, (_, seen) in found.items()}
     if json_path and comm.rank == 0:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"config": cfg.text, "quality": quality,
-                                               "rows": rows, "curves": curves}, indent=2))
+        Path(json_path).write_text(json.dumps(
+            {"config": cfg.text, "quality": quality, "measure": measure.name, "rows": rows,
+             "curves": curves, "intervals": intervals}, indent=2))
     if png_path and comm.rank == 0:
         from pipeline.figures import quality_figure
 
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-        print0(comm, f"plot: {quality_figure(rows, curves, quality, Path(png_path))}")
+        print0(comm, f"plot: {quality_figure(rows, curves, quality, Path(png_path), measure.label)}")
     return rows
 
 
-def summary(rows: list[dict], quality: float) -> str:
+def summary(rows: list[dict], quality: float, name: str = "W2") -> str:
     """The equal-quality table and the methods with the fewest rounds and model calls."""
-    lines = [f"at W2 <= {quality:g}:",
-             f"{'method':<18} {'steps':>6} {'rounds':>7} {'calls':>8} {'rel_dist':>9} {'wall_s':>8}"]
+    lines = [f"at {name} <= {quality:g}:",
+             f"{'method':<18} {'steps':>6} {'error':>9} {'rounds':>7} {'calls':>8} "
+             f"{'rel_dist':>9} {'wall_s':>8}"]
     for r in rows:
         dist = "-" if r["rel_dist"] is None else f"{r['rel_dist']:.1e}"
-        lines.append(f"{r['method']:<18} {r['steps']:>6} {r['rounds']:>7.1f} "
+        lines.append(f"{r['method']:<18} {r['steps']:>6} {r['error']:>9.3e} {r['rounds']:>7.1f} "
                      f"{r['model_calls']:>8.1f} {dist:>9} {r['wall_s']:>8.2f}")
     if rows:
         fewest_rounds = min(rows, key=lambda r: (r["rounds"], r["model_calls"]))

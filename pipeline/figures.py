@@ -220,10 +220,12 @@ def bench_figure(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def quality_figure(rows: list[dict], curves: dict[str, list], quality: float, path: Path) -> Path:
-    """Exact W2 against rounds and against model calls: each sequential reference's curve
-    over the steps its search computed (``curves`` {method: [(steps, calls, W2)]}), and every
-    benched method (``rows``) where it reaches ``quality``."""
+def quality_figure(rows: list[dict], curves: dict[str, list], quality: float, path: Path,
+                   label: str = "exact W2 to the grf target (relative)") -> Path:
+    """An error (``label``: exact W2, spectrum error) against rounds and against model calls:
+    each sequential reference's curve over the steps its search computed (``curves``
+    {method: [(steps, calls, error)]}), and every benched method (``rows``) where it reaches
+    ``quality``."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     names = list(dict.fromkeys([r["method"] for r in rows] + sorted(curves)))
@@ -231,24 +233,24 @@ def quality_figure(rows: list[dict], curves: dict[str, list], quality: float, pa
     shown = {r["method"] for r in rows}
     for ref, points in sorted(curves.items()):
         steps = [calls for _, calls, _ in points]  # a sequential sampler's rounds are its calls
-        w2 = [w for _, _, w in points]
+        errors = [w for _, _, w in points]
         for k, ax in enumerate(axes):
-            ax.loglog(steps, w2, "-", color=color[ref], lw=1, alpha=0.6,
+            ax.loglog(steps, errors, "-", color=color[ref], lw=1, alpha=0.6,
                       label=None if k or ref in shown else f"{ref} (reference)")
     markers = "osD^v<>p*h"
     for j, r in enumerate(rows):
         style = dict(marker=markers[j % len(markers)], ms=8, ls="none", mfc="none", mew=1.6,
                      color=color[r["method"]], label=f"{r['method']} ({r['steps']} steps)")
-        axes[0].loglog(r["rounds"], r["w2"], **style)
+        axes[0].loglog(r["rounds"], r["error"], **style)
         style.pop("label")
-        axes[1].loglog(r["model_calls"], r["w2"], **style)
+        axes[1].loglog(r["model_calls"], r["error"], **style)
     for ax, label in zip(axes, ("parallel rounds (sequential model calls)",
                                 "model calls per member")):
         ax.axhline(quality, color="k", ls="--", lw=0.8)
         ax.set_xlabel(label)
-    axes[0].set_ylabel("exact W2 to the grf target (relative)")
+    axes[0].set_ylabel(label)
     axes[0].legend(fontsize=7)
-    axes[0].set_title(f"lines: sequential references; marks: each method at W2 <= {quality:g}",
+    axes[0].set_title(f"lines: sequential references; marks: each method at error <= {quality:g}",
                       fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

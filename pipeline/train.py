@@ -67,6 +67,11 @@ class Dataset:
         return (total / count) ** 0.5  # about the mean: the targets' mean is ~0 either way
 
 
+def held_out_start(n: int, validation: float) -> int:
+    """The first held-out time of ``n``: the last ``validation`` share is never trained on."""
+    return int(round(n * (1 - validation)))
+
+
 def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     """(training, validation) split by time; raises InputError for a bad dataset."""
     if not Path(t.data).exists():
@@ -77,7 +82,7 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
         if name not in ds.data_vars:
             raise InputError(f"train: {name!r} is not in {t.data}: it has {', '.join(ds.data_vars)}")
     n = ds.sizes["time"]
-    cut = int(round(n * (1 - t.validation)))
+    cut = held_out_start(n, t.validation)
     if cut < 1 or cut >= n:
         raise InputError(f"train.validation = {t.validation} leaves no training or validation "
                          f"times out of {n}")

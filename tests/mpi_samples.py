@@ -30,6 +30,7 @@ CASES = {  # name: (method, dtype, options, noise source)
     "pcwindow64": ("pc-window", torch.float64, Options(window=20, tol=1e-3), "host"),
     "pcwindowode64": ("pc-window-ode", torch.float64, Options(window=20, tol=1e-5), "host"),
     "pcwindow32": ("pc-window", torch.float32, Options(window=20, tol=1e-3), "host"),
+    "dpmppwindow64": ("dpmpp-2m-window", torch.float64, Options(tol=1e-4), "host"),
 }
 
 

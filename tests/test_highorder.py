@@ -107,14 +107,16 @@ def test_the_dpmpp_window_reaches_the_sequential_quality_in_fewer_rounds_than_st
     assert float((alone[0] - y[2]).abs().max()) < 1e-12  # a member does not depend on its batch
 
 
-def test_the_dpmpp_window_needs_a_tolerance_and_one_time_slice():
+def test_the_dpmpp_window_needs_a_tolerance_and_a_step_per_time_slice():
     from pipeline.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="sampler.tol must be set"):
         load_config(None, ["sampler.method=dpmpp-2m-window"])
-    with pytest.raises(ConfigError, match="runs on one time slice"):
+    with pytest.raises(ConfigError, match="more than the 4 points of sampler.steps"):
         load_config(None, ["sampler.method=dpmpp-2m-window", "sampler.tol=1e-4",
-                           "parallel.time_slices=2"])
+                           "sampler.steps=4", "parallel.time_slices=8"])
+    load_config(None, ["sampler.method=dpmpp-2m-window", "sampler.tol=1e-4",
+                       "parallel.time_slices=4"])
 
 
 def test_fewest_steps_is_the_first_that_reaches_the_quality():
@@ -125,6 +127,9 @@ def test_fewest_steps_is_the_first_that_reaches_the_quality():
     assert steps == 38 and seen[38] <= 1 / 37.5 < seen[37]
     assert fewest_steps(w2, 1e-6, most=1024)[0] is None  # out of reach: said, not guessed
     assert fewest_steps(w2, 1e-2, affordable=lambda n: n <= 64)[0] is None
+    flat = lambda n: 0.5 + 1.0 / n**2  # noqa: E731  converges to 0.5: never reaches 0.4
+    steps, seen = fewest_steps(flat, 0.4, plateau=1e-3)
+    assert steps is None and max(seen) == 128  # 0.50024 -> 0.50006: stops, not at 8192
 
 
 def test_bench_at_equal_quality_names_the_fewest_rounds_and_calls(tmp_path, capsys):

@@ -29,7 +29,8 @@ class Registered:
     points (its module's ``DEFAULT_WINDOW`` when 0) and stops on ``sampler.tol``, which it
     therefore needs. blocked: cuts the steps into blocks of ``sampler.block_size``.
     corrector: runs the Langevin corrector's ``sampler.corrector_steps`` points after each block.
-    needs_tol: stops on ``sampler.tol``. splits: its rounds can be split over time slices.
+    needs_tol: stops on ``sampler.tol``. whole_path: its rounds span every step not yet
+    settled, so its time slices cut ``sampler.steps``.
     """
 
     target: str
@@ -38,7 +39,7 @@ class Registered:
     blocked: bool = False
     corrector: bool = False
     needs_tol: bool = False  # stops on sampler.tol (every windowed sampler does too)
-    splits: bool = True  # its rounds can be split over time slices (ranks)
+    whole_path: bool = False
 
     def load(self):
         module, name = self.target.split(":")
@@ -52,8 +53,12 @@ class Registered:
     def points(self, s) -> dict[str, int]:
         """The points each ``[sampler]`` setting ``s`` gives a round, by setting name: a layout
         needs at most that many time slices."""
-        points = ({"window": min(s.window or self.default_window, s.steps)} if self.windowed
-                  else {"block_size": min(s.block_size, s.steps)})
+        if self.whole_path:
+            points = {"steps": s.steps}
+        elif self.windowed:
+            points = {"window": min(s.window or self.default_window, s.steps)}
+        else:
+            points = {"block_size": min(s.block_size, s.steps)}
         if self.corrector and s.corrector_steps > 0:
             points["corrector_steps"] = s.corrector_steps
         return points
@@ -76,7 +81,7 @@ REGISTRY = {
     "dpmpp-2m-sde": Registered("pipeline.samplers.highorder:dpmpp_2m_sde", "dpmpp-2m-sde"),
     "edm-heun": Registered("pipeline.samplers.highorder:edm_heun", "edm-heun"),
     "dpmpp-2m-window": Registered("pipeline.samplers.highorder:dpmpp_2m_window", "dpmpp-2m",
-                                  needs_tol=True, splits=False),
+                                  needs_tol=True, whole_path=True),
     "piadm-sde": Registered("pipeline.samplers.picard:piadm_sde", _SDE, blocked=True),
     "piadm-ode": Registered("pipeline.samplers.picard:piadm_ode", _ODE, blocked=True,
                             corrector=True),

@@ -28,6 +28,7 @@ import torch
 
 from pipeline.clock import noise_std, signal
 from pipeline.comm import SerialComm
+from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.noise import Noise
 from pipeline.samplers.common import check_finite, denoise, evaluate, finish, per_point
@@ -148,22 +149,40 @@ def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.reshape(*mask.shape, *(1,) * (like.dim() - mask.dim()))
 
 
+def _chain(c: torch.Tensor, e0beta0: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """How the values a slice's steps i = lo .. hi-1 produce depend on the two things it gets
+    from before it, its input y_lo and the halo D_{lo-1} (through step lo's beta term): for
+    c = c_lo .. c_{hi-1} (hi - lo,) returns (P, Q), each (hi - lo,) float64, with y_{i+1} =
+    (a run from zero) + P_i y_lo + Q_i D_{lo-1}."""
+    p = torch.cumprod(c, 0)
+    return p, e0beta0 * p / c[0]
+
+
 def dpmpp_2m_window(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
                     options: Options = Options()):
     """A sliding Picard window over DPM-Solver++(2M) (docs/algorithms.md section 7) from y0
     (B, *S): every round evaluates the denoised mean at all points from the first unsettled
     one, in one batched call, and rebuilds the path from them; a row's window start moves to
     its first point whose input changed by more than tol (mean square <= tol^2 settles it).
-    Returns (y (B, *S), Stats); one time slice (``comm`` of one rank)."""
-    if comm.size != 1:
-        raise ValueError("dpmpp-2m-window runs on one time slice: use parallel.time_slices = 1")
+    The N points are cut into one contiguous slice per rank of ``comm`` (time slices); a round
+    costs one Allgather (each slice's end state and last denoised mean) and one Allreduce (the
+    next window starts). Returns (y (B, *S), Stats)."""
     if options.tol is None:
         raise ValueError("dpmpp-2m-window needs a tolerance (options.tol)")
     u = grid.u.to(torch.float64)
     n, batch = grid.steps, y0.shape[0]
+    if n < comm.size:
+        raise ValueError(f"dpmpp-2m-window: {n} steps over {comm.size} time slices leaves a "
+                         "slice empty: use at most as many time slices as steps")
     c, e, alpha, beta = dpmpp_2m_coefficients(u)
     a, s = signal(u), noise_std(u)
-    inputs = y0[:, None].expand(batch, n, *y0.shape[1:]).clone()  # y_0 .. y_{n-1}
+    bounds = [slice_bounds(n, comm.size, q) for q in range(comm.size)]
+    lo, hi = bounds[comm.rank]
+    # (P, Q) of every slice's last point: how each slice's end depends on its input and halo
+    ends = [tuple(float(t[-1]) for t in _chain(c[b0:b1], float(e[b0] * beta[b0])))
+            for b0, b1 in bounds]
+    p_own, q_own = _chain(c[lo:hi], float(e[lo] * beta[lo]))
+    inputs = y0[:, None].expand(batch, hi - lo, *y0.shape[1:]).clone()  # own points y_lo ..
     dens = torch.zeros_like(inputs)
     end = y0.clone()
     start = torch.zeros(batch, dtype=torch.long)  # each row's first unsettled point
@@ -172,35 +191,67 @@ def dpmpp_2m_window(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=S
     while bool(active.any()) and rounds < max(options.max_sweeps, n):
         rounds += 1
         rows = active.nonzero()[:, 0]
-        lo = int(start[rows].min())
-        g = evaluate(model, inputs[rows, lo:], u[lo:n])
-        calls += rows.numel() * (n - lo)
-        fresh = (inputs[rows, lo:] + per_point(s[lo:n] ** 2, g) * g) / per_point(a[lo:n], g)
-        mine = torch.arange(lo, n)[None] >= start[rows, None]  # (rows, points) re-evaluated
-        dens[rows, lo:] = torch.where(_expand(mine, g), fresh, dens[rows, lo:])
+        first = int(start[rows].min())
+        calls += rows.numel() * (n - first)
+        here = max(first, lo)  # this slice's points in the window
+        if here < hi:
+            g = evaluate(model, inputs[rows, here - lo:], u[here:hi])
+            fresh = ((inputs[rows, here - lo:] + per_point(s[here:hi] ** 2, g) * g)
+                     / per_point(a[here:hi], g))
+            mine = torch.arange(here, hi)[None] >= start[rows, None]  # (rows, points) re-evaluated
+            dens[rows, here - lo:] = torch.where(_expand(mine, g), fresh, dens[rows, here - lo:])
         old = inputs[rows].clone()
-        y = inputs[rows, lo]
-        for i in range(lo, n):  # rebuild each row's path from its own window start on
-            prev = dens[rows, i - 1] if i > 0 else torch.zeros_like(y)
-            step = float(c[i]) * y + float(e[i]) * (float(alpha[i]) * dens[rows, i]
-                                                     + float(beta[i]) * prev)
-            frozen = _expand(i + 1 <= start[rows], step)  # before the row's window: as it was
-            y = torch.where(frozen, inputs[rows, i + 1] if i + 1 < n else end[rows], step)
-            if i + 1 < n:
-                inputs[rows, i + 1] = y
-        end[rows] = y
-        change = ((inputs[rows] - old) ** 2).flatten(2).mean(-1)  # (rows, n)
-        history.append(float(change.max()))
+        new, y_end = _rebuild(inputs[rows], dens[rows], start[rows], c, e, alpha, beta, lo, hi,
+                              p_own, q_own, ends, bounds, comm)
+        inputs[rows] = new
+        end[rows] = y_end
+        change = ((new - old) ** 2).flatten(2).mean(-1)  # (rows, own points)
+        moved = (change > options.tol**2) & (torch.arange(lo, hi)[None] > start[rows, None])
+        local = torch.stack([torch.where(moved.any(1), moved.float().argmax(1) + lo, n).double(),
+                             -change.amax(1).double()], 1)
+        shared = comm.allreduce_min(local)  # the first unsettled point, the largest change
+        history.append(float(-shared[:, 1].min()))
         if options.on_sweep is not None:
-            options.on_sweep(lo, rounds, history[-1])
-        moved = change > options.tol**2
-        after = torch.arange(n)[None] > start[rows, None]
-        unsettled = moved & after
-        first = torch.where(unsettled.any(1), unsettled.float().argmax(1),
-                            torch.full_like(start[rows], n))
-        start[rows] = torch.maximum(first, start[rows] + 1)  # at least one point settles a round
+            options.on_sweep(first, rounds, history[-1])
+        # at least one point settles a round
+        start[rows] = torch.maximum(shared[:, 0].long(), start[rows] + 1)
         active[rows] = start[rows] < n
     check_finite(end, noise.keys, "by the end of the window")
     stats = Stats(rounds=rounds, model_calls=calls / batch, residuals=tuple(history),
                   sweeps=(rounds,))
     return finish(model, end, stats, float(u[-1]), options)
+
+
+def _rebuild(inputs, dens, start, c, e, alpha, beta, lo, hi, p_own, q_own, ends, bounds, comm):
+    """The path rebuilt from the denoised means ``dens`` on this slice's points lo .. hi-1
+    (inputs, dens (R, hi - lo, *S); start (R,) each row's window start, before which a point
+    stays as it was). The slice first runs from zero input and zero halo, the slices' ends and
+    last denoised means are gathered, and each slice's true input y_lo and halo D_{lo-1} are
+    then composed from them (``_chain``). Returns (new inputs (R, hi - lo, *S), the path's end
+    y_N (R, *S), the same on every rank)."""
+    runs = torch.empty_like(inputs)  # the run from zero: y_{i+1} for i = lo .. hi-1
+    y = torch.where(_expand(start >= lo, inputs[:, 0]), inputs[:, 0], torch.zeros_like(inputs[:, 0]))
+    for i in range(lo, hi):
+        prev = dens[:, i - lo - 1] if i > lo else torch.zeros_like(y)
+        step = float(c[i]) * y + float(e[i]) * (float(alpha[i]) * dens[:, i - lo]
+                                                 + float(beta[i]) * prev)
+        # before the row's window the point stays as it was
+        kept = inputs[:, i + 1 - lo] if i + 1 < hi else torch.zeros_like(y)
+        y = torch.where(_expand(i + 1 <= start, step), kept, step)
+        runs[:, i - lo] = y
+    gathered = comm.allgather(torch.stack([runs[:, -1], dens[:, -1]], 1))  # (ranks, R, 2, *S)
+    y_in = torch.zeros_like(y)  # the input of slice q, composed slice by slice
+    for q, (b0, _) in enumerate(bounds):
+        if q == comm.rank:
+            y_lo, halo = y_in, gathered[q - 1, :, 1] if q else torch.zeros_like(y)
+        p_end, q_end = ends[q]
+        y_in = (gathered[q, :, 0] + _expand(start < b0, y_in) * p_end * y_in
+                + (_expand(start <= b0, y_in) * q_end * gathered[q - 1, :, 1] if q else 0.0))
+    shape = (1, -1) + (1,) * (y.dim() - 1)
+    corr = (_expand(start < lo, y) * y_lo)[:, None] * p_own.to(y).reshape(shape)
+    if comm.rank:
+        corr = corr + (_expand(start <= lo, y) * halo)[:, None] * q_own.to(y).reshape(shape)
+    runs = runs + corr if comm.size > 1 else runs
+    new = torch.cat([torch.where(_expand(start < lo, y), y_lo, inputs[:, 0])[:, None],
+                     runs[:, :-1]], 1)
+    return new, y_in

@@ -1,0 +1,92 @@
+"""Quality of a learned model's samples: the log-spectral distance of an ensemble to held-out
+data (docs/algorithms.md section 7).
+
+A trained network has no exact law to compare with; what its samples should reproduce is the
+data's spectrum. The distance of an ensemble's mean radial spectrum E(k) (kinetic energy for
+vorticity, power otherwise) to the held-out data's T(k) is the root mean square over the
+resolved shells k = 1 .. K of ln(E(k) / T(k)): 0 for the data's spectrum, about 0.1 for 10%
+off at every scale, and every scale counts alike whatever energy it carries. Its sampling
+uncertainty is a bootstrap over the ensemble's members and the data's fields, resampled
+independently. The held-out data are the last ``train.validation`` share of ``train.data``'s
+times, which training never saw, in the model's normalised units.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.bands import DRAWS, LEVEL
+from pipeline.config import ConfigError, TrainConfig
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Per-field spectra (T, K) of the held-out data over the shells k = 1 .. K."""
+
+    spectra: np.ndarray
+    variable: str
+
+    @property
+    def kmax(self) -> int:
+        return self.spectra.shape[1]
+
+    def spectra_of(self, fields: np.ndarray) -> np.ndarray:
+        """The spectra (M, K) of fields (M, H, W) in the model's units, as the data's."""
+        return shell_spectra(fields, self.variable, self.kmax)
+
+
+def shell_spectra(fields: np.ndarray, variable: str, kmax: int) -> np.ndarray:
+    """Per-field radial spectra (M, kmax) of fields (M, H, W) over k = 1 .. kmax: kinetic
+    energy for vorticity, power otherwise (``pipeline.scoring.spectra_of``)."""
+    from pipeline.scoring import spectra_of
+
+    return spectra_of(variable)(np.asarray(fields, dtype=np.float64))[1][:, :kmax]
+
+
+def log_spectral_distance(ens: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """RMS over shells of ln(mean ens / mean truth): spectra (..., M, K) and (..., T, K) give
+    (...,); the leading dims are bootstrap draws when present."""
+    ratio = ens.mean(-2) / truth.mean(-2)
+    return np.sqrt(np.mean(np.log(ratio) ** 2, -1))
+
+
+def spectrum_error(ens: np.ndarray, held: HeldOut, *, seed: int = 0
+                   ) -> tuple[float, float, float]:
+    """(log-spectral distance of the ensemble spectra ``ens`` (M, K) to ``held``, and the ends
+    of its central ``LEVEL`` bootstrap interval)."""
+    rng = np.random.default_rng(seed)
+    m, t = len(ens), len(held.spectra)
+    draws = log_spectral_distance(ens[rng.integers(0, m, (DRAWS, m))],
+                                  held.spectra[rng.integers(0, t, (DRAWS, t))])
+    tail = 100 * (1 - LEVEL) / 2
+    lo, hi = np.percentile(draws, [tail, 100 - tail])
+    return float(log_spectral_distance(ens, held.spectra)), float(lo), float(hi)
+
+
+def held_out(train: TrainConfig, mean: float, std: float, shape: tuple[int, ...]) -> HeldOut:
+    """The held-out split of ``train.data`` (its ``train.variable``), normalised by the
+    model's (mean, std), as spectra over k = 1 .. its ``resolved_wavenumber`` attribute (n / 2
+    without one). Raises ConfigError when the data is missing or does not fit the model."""
+    import xarray as xr
+
+    from pipeline.train import held_out_start
+
+    if not Path(train.data).exists():
+        raise ConfigError(f"bench --quality compares a learned model's samples with held-out "
+                          f"data: train.data {train.data} does not exist (run piadm "
+                          "generate-data on the model's config first)", collective=True)
+    ds = xr.open_zarr(train.data)
+    if train.variable not in ds.data_vars:
+        raise ConfigError(f"train.variable {train.variable!r} is not in {train.data}: it has "
+                          f"{', '.join(map(str, ds.data_vars))}", collective=True)
+    fields = ds[train.variable]
+    if tuple(fields.shape[1:]) != tuple(shape) or len(shape) != 2 or shape[0] != shape[1]:
+        raise ConfigError(f"bench --quality: {train.data} holds {tuple(fields.shape[1:])} "
+                          f"fields, the model samples {tuple(shape)}; spectra need square 2-D "
+                          "fields of the model's shape", collective=True)
+    first = held_out_start(fields.sizes[fields.dims[0]], train.validation)
+    kmax = int(fields.attrs.get("resolved_wavenumber", shape[-1] // 2))
+    values = (fields[first:].values.astype(np.float64) - mean) / std
+    return HeldOut(shell_spectra(values, train.variable, kmax), train.variable)

@@ -1,0 +1,102 @@
+"""The quality of a trained model's samples (``pipeline.spectrum_quality``): the log-spectral
+distance to held-out data, its bootstrap interval, and ``piadm bench --quality`` on a U-Net."""
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from pipeline.cli import main
+from pipeline.config import TrainConfig
+from pipeline.spectrum_quality import (HeldOut, held_out, log_spectral_distance,
+                                       shell_spectra, spectrum_error)
+
+
+def _fields(rng, n, size=16, scale=1.0):
+    return scale * rng.standard_normal((n, size, size))
+
+
+def test_the_distance_is_the_log_of_a_uniform_energy_ratio():
+    rng = np.random.default_rng(0)
+    truth = shell_spectra(_fields(rng, 200), "vorticity", 8)
+    held = HeldOut(truth, "vorticity")
+    for c in (0.5, 1.0, 1.3):  # the ensemble is the truth with every scale's energy times c
+        ens = held.spectra_of(np.sqrt(c) * _fields(np.random.default_rng(0), 200))
+        assert float(log_spectral_distance(ens, truth)) == pytest.approx(abs(np.log(c)), abs=1e-9)
+
+
+def test_the_interval_holds_the_distance_and_shrinks_with_members():
+    rng = np.random.default_rng(1)
+    held = HeldOut(shell_spectra(_fields(rng, 400), "field", 8), "field")
+    widths = []
+    for members in (16, 256):
+        ens = held.spectra_of(_fields(rng, members, scale=np.sqrt(0.8)))
+        value, lo, hi = spectrum_error(ens, held)
+        assert lo <= value <= hi
+        widths.append(hi - lo)
+    assert value == pytest.approx(-np.log(0.8), abs=0.05)  # 256 members: close to the truth
+    assert widths[1] < widths[0] / 2  # about 1 / sqrt(members)
+
+
+def test_held_out_data_are_the_last_share_in_the_models_units(tmp_path):
+    rng = np.random.default_rng(2)
+    values = 1.0 + 2.0 * _fields(rng, 20)
+    data = xr.Dataset({"w": (("time", "y", "x"), values, {"resolved_wavenumber": 5})},
+                      coords={"time": np.arange(20.0)})
+    data.to_zarr(tmp_path / "d.zarr")
+    held = held_out(TrainConfig(data=str(tmp_path / "d.zarr"), variable="w", validation=0.25),
+                    1.0, 2.0, (16, 16))
+    assert held.spectra.shape == (5, 5)  # the last 5 of 20 times; shells k = 1 .. 5
+    assert np.allclose(held.spectra, shell_spectra((values[15:] - 1.0) / 2.0, "w", 5))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny U-Net trained a few steps on 16x16 Kolmogorov data, and that data."""
+    root = tmp_path_factory.mktemp("q")
+    data, ckpt = root / "k.zarr", root / "m.pt"
+    sets = ["data.resolution=16", "data.spinup=1.0", "data.interval=0.25", "data.snapshots=16",
+            "data.chunk=8", f"data.path={data}"]
+    assert main(["generate-data", "jobs/configs/kolmogorov.toml",
+                 *sum((["--set", s] for s in sets), [])]) == 0
+    sets = ["train.steps=6", "train.batch_size=6", "train.channels=[8, 16]",
+            "train.val_every=3", "train.log_every=3", "train.validation=0.25",
+            f"train.data={data}", f"train.checkpoint={ckpt}"]
+    assert main(["train", "jobs/configs/kolmogorov.toml",
+                 *sum((["--set", s] for s in sets), [])]) == 0
+    return data, ckpt
+
+
+def test_bench_at_equal_quality_on_a_trained_model(tmp_path, trained, capsys):
+    data, ckpt = trained
+    sets = ["model.kind=unet", "model.shape=[16, 16]", f"model.checkpoint={ckpt}",
+            f"train.data={data}", "train.validation=0.25", "bench.quality_members=8",
+            "bench.members=1", "sampler.tol=1e-3", "bench.sizes=[[16, 16]]",
+            "bench.methods=['sequential-ode', 'dpmpp-2m', 'dpmpp-2m-window']"]
+    args = ["bench", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]
+    out = tmp_path / "q.json"
+    assert main([*args, "--quality", "100", "--json", str(out)]) == 0  # reached at 2 steps
+    doc = json.loads(out.read_text())
+    assert doc["measure"] == "spectrum error"
+    assert {r["method"]: r["steps"] for r in doc["rows"]} == {
+        "sequential-ode": 2, "dpmpp-2m": 2, "dpmpp-2m-window": 2}
+    quality = doc["curves"]["dpmpp-2m"][0][2] * 0.999  # just under the 2-step error
+    assert main([*args, "--quality", str(quality), "--json", str(out)]) == 0
+    text = capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    rows = {r["method"]: r for r in doc["rows"]}
+    curve = {n: e for n, _, e in doc["curves"]["dpmpp-2m"]}
+    if "dpmpp-2m" in rows:  # reached: the first step count at or under the quality
+        n = rows["dpmpp-2m"]["steps"]
+        assert curve[n] <= quality < curve[n - 1] and n > 2
+        assert rows["dpmpp-2m"]["error_lo"] <= rows["dpmpp-2m"]["error"] <= rows["dpmpp-2m"]["error_hi"]
+    else:  # the tiny network's error converged above the quality: the search says so early
+        assert "dpmpp-2m: not reached (the search stopped at" in text and max(curve) < 8192
+    assert "dpmpp-2m at 2 steps: spectrum error" in text and "(8 members)" in text
+
+
+def test_bench_quality_refuses_a_conditioned_model(capsys):
+    sets = ["model.kind=unet", "model.condition=coarse"]
+    assert main(["bench", "jobs/configs/kolmogorov_down.toml", "--quality", "0.1",
+                 *sum((["--set", s] for s in sets), [])]) == 2
+    assert "unconditioned trained U-Net" in capsys.readouterr().err
