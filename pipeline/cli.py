@@ -200,7 +200,8 @@ def _cmd_plan(args, world) -> int:
     print0(world, "use: " + " ".join(f"--set {k}={v!r}" if isinstance(v, str) else
                                      f"--set {k}={v}" for k, v in chosen.items()))
     if args.json and world.rank == 0:
-        rows = [{**dataclasses.asdict(p.layout), "rounds": p.profile.rounds,
+        rows = [{**dataclasses.asdict(p.layout), "steps": p.profile.steps or cfg.sampler.steps,
+                 "rounds": p.profile.rounds,
                  "calls": p.profile.calls, "tol": p.profile.tol, "round_s": p.round_s,
                  "batches": p.batches, "predicted_s": p.seconds} for p in plan.ranked]
         Path(args.json).write_text(json.dumps({"machine": dataclasses.asdict(plan.machine),

@@ -214,7 +214,7 @@ class Config:
 PEERS = ("diffusers",)
 
 # sampler.method values that let ``piadm plan`` choose: among the SDE or the ODE samplers.
-AUTO_METHODS = ("auto", "auto-ode")
+AUTO_METHODS = ("auto", "auto-ode", "auto-quality")
 
 _LAYOUT_KEYS = {("output", "path"), ("output", "overwrite"), ("output", "background")}
 

@@ -34,25 +34,34 @@ QUALITY_BATCH = 64  # members sampled at once for a learned model's error
 # a learned model's error converges to its network's own (nonzero) error: once doubling the
 # steps moves it by under 0.2%, more steps will not reach a quality below it
 LEARNED_PLATEAU = 2e-3
+# and each try samples bench.quality_members members: the search stops past this many steps
+LEARNED_MOST_STEPS = 1024
 
 
 def check_quality_bench(cfg: Config, quality: float) -> None:
-    """Raise ConfigError unless ``--quality`` can run on ``cfg``: an unconditioned grf whose
-    sequential references have an exact W2, or an unconditioned trained U-Net."""
+    """Raise ConfigError unless ``--quality`` can run on ``cfg``: a quality > 0, a model with
+    a quality measure (``check_measurable``) and, on a grf, sequential references whose W2 is
+    exact."""
     if not quality > 0:
         raise ConfigError(f"--quality {quality}: give the error to reach, a number > 0 (e.g. "
                           "1e-2)", collective=True)
-    if cfg.model.kind not in ("grf", *LEARNED_KINDS) or cfg.model.condition != "none":
-        raise ConfigError("bench --quality needs the exact W2 of an unconditioned grf or the "
-                          "held-out spectra of an unconditioned trained U-Net: run it on "
-                          "jobs/configs/grf.toml or jobs/configs/kolmogorov_uncond.toml",
-                          collective=True)
+    check_measurable(cfg)
     if cfg.model.kind != "grf":
         return
     for method in cfg.bench.methods:
         if REFERENCE[method] not in DETERMINISTIC + STOCHASTIC:
             raise ConfigError(f"bench --quality: {method}'s reference {REFERENCE[method]} has no "
                               "exact W2: drop it from bench.methods", collective=True)
+
+
+def check_measurable(cfg: Config) -> None:
+    """Raise ConfigError unless ``cfg``'s model has a quality measure: an unconditioned grf
+    (exact W2) or an unconditioned trained U-Net (spectrum error)."""
+    if cfg.model.kind not in ("grf", *LEARNED_KINDS) or cfg.model.condition != "none":
+        raise ConfigError("equal quality (bench --quality, sampler.method = \"auto-quality\") "
+                          "needs the exact W2 of an unconditioned grf or the held-out spectra "
+                          "of an unconditioned trained U-Net: run it on jobs/configs/grf.toml "
+                          "or jobs/configs/kolmogorov_uncond.toml", collective=True)
 
 
 @dataclass
@@ -65,6 +74,7 @@ class Measure:
     label: str
     error: Callable[[str, int], float]
     affordable: Callable[[str, int], bool] = lambda ref, n: True
+    most: int = MOST_STEPS  # see fewest_steps
     plateau: float = 0.0  # see fewest_steps: a sampled error stops the search once converged
     intervals: dict = field(default_factory=dict)
 
@@ -97,7 +107,7 @@ def learned_measure(cfg: Config, model, shape: tuple[int, ...], *, comm, device)
     lo, hi = slice_bounds(members, comm.size, comm.rank)
     measure = Measure("spectrum error", f"log-spectral distance to held-out data, k <= "
                                         f"{held.kmax}", lambda ref, n: 0.0,
-                      plateau=LEARNED_PLATEAU)
+                      most=LEARNED_MOST_STEPS, plateau=LEARNED_PLATEAU)
 
     def error(ref: str, n: int) -> float:
         grid = sampler_grid(_at_steps(cfg, n).sampler, model)
@@ -116,6 +126,15 @@ def learned_measure(cfg: Config, model, shape: tuple[int, ...], *, comm, device)
 
     measure.error = error
     return measure
+
+
+def measure_for(cfg: Config, model, shape: tuple[int, ...], *, comm, device) -> Measure:
+    """The quality measure of ``cfg``'s model: exact W2 on an unconditioned grf, the spectrum
+    error on an unconditioned trained U-Net (ConfigError otherwise)."""
+    check_measurable(cfg)
+    if cfg.model.kind == "grf":
+        return grf_measure(cfg, model, shape)
+    return learned_measure(cfg, model, shape, comm=comm, device=device)
 
 
 def _at_steps(cfg: Config, steps: int) -> Config:
@@ -168,10 +187,7 @@ def run_quality(cfg: Config, quality: float, *, comm, device, json_path: str | N
     check_quality_bench(cfg, quality)
     shape = tuple(cfg.bench.sizes[0]) if cfg.bench.sizes else tuple(cfg.model.shape)
     model = build_model(dataclasses.replace(cfg.model, shape=shape), device)
-    if cfg.model.kind == "grf":
-        measure = grf_measure(cfg, model, shape)
-    else:
-        measure = learned_measure(cfg, model, shape, comm=comm, device=device)
+    measure = measure_for(cfg, model, shape, comm=comm, device=device)
     print0(comm, f"piadm bench --quality {quality:g}: {cfg.model.kind} {list(shape)}, "
                  f"{measure.label} of each reference, {cfg.sampler.grid} grid, u_min "
                  f"{cfg.sampler.u_min:g}")
@@ -179,7 +195,7 @@ def run_quality(cfg: Config, quality: float, *, comm, device, json_path: str | N
     for ref in dict.fromkeys(REFERENCE[m] for m in cfg.bench.methods):
         found[ref] = fewest_steps(lambda n, ref=ref: measure.error(ref, n), quality,
                                   affordable=lambda n, ref=ref: measure.affordable(ref, n),
-                                  plateau=measure.plateau)
+                                  most=measure.most, plateau=measure.plateau)
         steps, seen = found[ref]
         most = max(seen)
         print0(comm, f"  {ref}: " + (f"{steps} steps ({measure.name} {seen[steps]:.3e})" if steps

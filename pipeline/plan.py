@@ -63,6 +63,7 @@ class Profile:
     host_points: tuple[int, ...]
     host: tuple[float, ...]
     collectives: int
+    steps: int = 0  # the steps it ran when not the config's (at equal quality), else 0
 
     @property
     def points(self) -> float:

@@ -30,7 +30,13 @@ from pipeline.plan import CostCurve, Machine, Prediction, Profile, layouts, pred
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS
 
 FAMILIES = {"auto": ("sequential-sde", "piadm-sde", "window", "pc-window"),
-            "auto-ode": ("sequential-ode", "piadm-ode", "window-ode", "pc-window-ode")}
+            "auto-ode": ("sequential-ode", "piadm-ode", "window-ode", "pc-window-ode"),
+            # every sampler at the quality sequential-ode reaches in sampler.steps, each at the
+            # fewest steps of its own that reach it (pipeline.equal_quality)
+            "auto-quality": ("sequential-ode", "dpmpp-2m", "edm-heun", "sequential-sde",
+                             "dpmpp-2m-sde", "pc-window-ode", "pc-window", "dpmpp-2m-window")}
+EQUAL_QUALITY = "auto-quality"
+QUALITY_REFERENCE = "sequential-ode"  # auto-quality: its quality at sampler.steps is the target
 
 # One collective stage when the plan cannot time one (a single process): measured with MPICH
 # on one node (an 8-float Allreduce over 8 ranks took 0.1 ms, three stages).
@@ -63,6 +69,8 @@ def params_of(cfg: Config, method: str) -> tuple[int, ...]:
     if REFERENCE[method] == method:
         return (0,)
     entry = REGISTRY[method]
+    if entry.whole_path:  # its rounds span the path: time slices cut the steps
+        return (s.steps,)
     base = (s.window or entry.default_window) if entry.windowed else s.block_size
     return tuple(sorted({min(max(2, v), s.steps) for v in (base // 2, base, 2 * base)}))
 
@@ -74,8 +82,10 @@ def settings(pred: Prediction) -> dict:
            "ensemble.batch_size": lay.batch}
     if REGISTRY[lay.method].windowed:
         out["sampler.window"] = lay.param
-    elif lay.param:
+    elif REGISTRY[lay.method].blocked:
         out["sampler.block_size"] = lay.param
+    if prof.steps:
+        out["sampler.steps"] = prof.steps
     if prof.tol is not None:
         out["sampler.tol"] = prof.tol
     return out
@@ -122,9 +132,10 @@ def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: in
 
 
 def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: int,
-            model_sha: str) -> Profile:
+            model_sha: str, steps: int = 0) -> Profile:
     """Measure (or read from the cache) the profile of ``method`` at ``param``; ``smallest``
-    is the fewest points a time slice would hold, where the host time is measured again."""
+    is the fewest points a time slice would hold, where the host time is measured again;
+    ``steps``: the steps ``cfg`` runs, recorded when they are not the user's (0)."""
     key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha), method, param, tol,
                                      smallest, str(device)]).encode()).hexdigest()
     path = _profile_file()
@@ -134,7 +145,7 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
         cached = None
     if cached is not None:
         return Profile(**{**cached, "host_points": tuple(cached["host_points"]),
-                          "host": tuple(cached["host"])})
+                          "host": tuple(cached["host"]), "steps": steps})
     stats, host = _run_one(cfg, model, method, param, tol, device, cfg.sampler.steps)
     points = math.ceil(stats.model_calls / stats.rounds)
     host_points, hosts = (points,), (host,)
@@ -143,7 +154,7 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
                             min(cfg.sampler.steps, 20 * smallest))
         host_points, hosts = (smallest, points), (small, host)
     result = Profile(method, param, tol, stats.rounds, stats.model_calls, host_points, hosts,
-                     0 if REFERENCE[method] == method else 2)
+                     0 if REFERENCE[method] == method else 2, steps)
     try:
         entries = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -154,6 +165,43 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
     tmp.write_text(json.dumps(entries, indent=1))
     os.replace(tmp, path)
     return result
+
+
+def quality_steps(cfg: Config, model, device, model_sha: str, say) -> dict[str, int | None]:
+    """``auto-quality``: for each sequential sampler of the family, the fewest steps at which
+    it reaches the quality ``QUALITY_REFERENCE`` has at ``sampler.steps`` (exact W2 on a grf,
+    the spectrum error on a trained U-Net: ``pipeline.equal_quality``), None when out of reach.
+    Cached beside the calibrations: the search samples the model many times."""
+    from pipeline.comm import SerialComm
+    from pipeline.equal_quality import fewest_steps, measure_for
+
+    key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha), "quality-steps",
+                                     cfg.bench.quality_members]).encode()).hexdigest()
+    path = cache_file().with_name("quality_steps.json")
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        entries = {}
+    if key in entries:
+        say(f"  equal quality: each sampler's steps from {path}: {entries[key]}")
+        return entries[key]
+    measure = measure_for(cfg, model, tuple(model.shape), comm=SerialComm(), device=device)
+    target = measure.error(QUALITY_REFERENCE, cfg.sampler.steps)
+    say(f"  equal quality: {QUALITY_REFERENCE} at {cfg.sampler.steps} steps has "
+        f"{measure.name} {target:.3e}; each sampler's fewest steps to reach it:")
+    found: dict[str, int | None] = {QUALITY_REFERENCE: cfg.sampler.steps}
+    for ref in dict.fromkeys(REFERENCE[m] for m in FAMILIES[EQUAL_QUALITY]):
+        if ref not in found:
+            found[ref], _ = fewest_steps(lambda n, ref=ref: measure.error(ref, n), target,
+                                         affordable=lambda n, ref=ref: measure.affordable(ref, n),
+                                         most=measure.most, plateau=measure.plateau)
+        say(f"    {ref}: {found[ref] or 'out of reach'}")
+    entries[key] = found
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(entries, indent=1))
+    os.replace(tmp, path)
+    return found
 
 
 def cost_curve(model, shape, dtype, device, sizes, threads: int, repeats: int = 3) -> CostCurve:
@@ -205,16 +253,24 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
     machine = machine_for(ranks, gpus_per_node, device, cfg.parallel.threads, latency)
     base = getattr(model, "base", model)  # profiles count rounds: no emulated waiting
     sha = model_digest(cfg)
+    steps = (quality_steps(cfg, base, device, sha, say) if cfg.sampler.method == EQUAL_QUALITY
+             else {})
     profiles = []
     for method in methods_of(cfg):
-        tol = resolve_tol(with_settings(cfg, {"sampler.method": method}), base, device=device,
+        mine = cfg
+        if cfg.sampler.method == EQUAL_QUALITY:
+            if steps.get(REFERENCE[method]) is None:
+                continue  # out of reach (said when searched)
+            mine = with_settings(cfg, {"sampler.steps": steps[REFERENCE[method]]})
+        tol = resolve_tol(with_settings(mine, {"sampler.method": method}), base, device=device,
                           say=say).tol
-        for param in params_of(cfg, method):
+        for param in params_of(mine, method):
             smallest = max(1, math.ceil(param / min(ranks, max(1, param)))) if param else 1
-            prof = profile(cfg, base, method, param, tol, device, smallest, sha)
-            say(f"  profiled {method:<14} {'p=' + str(param) if param else '':<6} tol "
-                f"{'-' if tol is None else format(tol, '.1e')}: {prof.rounds} rounds, "
-                f"{prof.calls:.0f} calls a member")
+            prof = profile(mine, base, method, param, tol, device, smallest, sha,
+                           mine.sampler.steps if mine is not cfg else 0)
+            say(f"  profiled {method:<15} {'p=' + str(param) if param else '':<6} tol "
+                f"{'-' if tol is None else format(tol, '.1e')}: {mine.sampler.steps} steps, "
+                f"{prof.rounds} rounds, {prof.calls:.0f} calls a member")
             profiles.append(prof)
     pairs = layouts(profiles, ranks, cfg.ensemble.members, _batch_sizes(cfg))
     sizes = sorted({math.ceil(p.points / lay.time_slices) * lay.batch for lay, p in pairs})
@@ -229,18 +285,22 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
 
 
 def table(plan: Plan, rows: int = 12) -> str:
-    """The ranked plan as text: the fastest ``rows`` and the best sequential layout."""
+    """The ranked plan as text: the fastest ``rows`` and the best sequential layout (with each
+    layout's steps when they differ, at equal quality)."""
     seq = plan.sequential
-    head = (f"{'#':>3} {'method':<14} {'param':>5} {'groups':>6} {'slices':>6} {'batch':>5} "
-            f"{'rounds':>6} {'calls':>7} {'round_ms':>9} {'predicted_s':>11} {'vs_seq':>6}")
+    steps = any(p.profile.steps for p in plan.ranked)
+    head = (f"{'#':>3} {'method':<15} {'param':>5} {'groups':>6} {'slices':>6} {'batch':>5} "
+            + (f"{'steps':>5} " if steps else "")
+            + f"{'rounds':>6} {'calls':>7} {'round_ms':>9} {'predicted_s':>11} {'vs_seq':>6}")
     lines = [head]
     shown = plan.ranked[:rows] + ([] if seq in plan.ranked[:rows] else [seq])
     for p in shown:
         lay = p.layout
         place = plan.ranked.index(p) + 1 if p in plan.ranked else "-"  # not a candidate
-        lines.append(f"{place:>3} {lay.method:<14} {lay.param or '-':>5} "
+        lines.append(f"{place:>3} {lay.method:<15} {lay.param or '-':>5} "
                      f"{lay.groups:>6} {lay.time_slices:>6} {lay.batch:>5} "
-                     f"{p.profile.rounds:>6} {p.profile.calls:>7.0f} {1e3 * p.round_s:>9.2f} "
+                     + (f"{p.profile.steps:>5} " if steps else "")
+                     + f"{p.profile.rounds:>6} {p.profile.calls:>7.0f} {1e3 * p.round_s:>9.2f} "
                      f"{p.seconds:>11.3f} {seq.seconds / p.seconds:>5.2f}x")
     return "\n".join(lines)
 

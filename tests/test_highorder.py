@@ -154,4 +154,4 @@ def test_bench_at_equal_quality_names_the_fewest_rounds_and_calls(tmp_path, caps
     assert "fewest rounds: dpmpp-2m-window" in text and "fewest model calls: dpmpp-2m " in text
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "jobs/configs/gmm.toml", "--quality", "0.02"]) == 2
-    assert "needs the exact W2" in capsys.readouterr().err
+    assert "needs the exact W2 of an unconditioned grf" in capsys.readouterr().err

@@ -119,3 +119,29 @@ def test_auto_time_slices_keep_the_named_sampler(tmp_path):
     summary = sample(cfg)
     chosen = json.loads(xr.open_zarr(summary.path).attrs["plan_settings"])
     assert chosen["sampler.method"] == "window" and chosen["parallel.time_slices"] == 1
+
+
+def test_auto_quality_weighs_every_sampler_at_the_steps_that_reach_the_same_w2(tmp_path, capsys):
+    """sampler.method = "auto-quality": each sequential sampler runs at the fewest steps whose
+    exact W2 reaches sequential-ode's at sampler.steps, and the plan says which steps to run."""
+    from models.grf import GaussianRandomField
+    from pipeline.grids import make_grid
+    from pipeline.quality import grf_w2
+
+    sets = _small(tmp_path, **{"sampler.method": "auto-quality", "sampler.steps": 100})
+    out = tmp_path / "plan.json"
+    args = ["plan", "jobs/configs/grf.toml", "--ranks", "2", "--json", str(out)]
+    assert main(args + sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])) == 0
+    assert "equal quality: sequential-ode at 100 steps has W2" in capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    steps = {row["method"]: row["steps"] for row in doc["layouts"]}
+    assert steps["sequential-ode"] == 100 and steps["dpmpp-2m-window"] == steps["dpmpp-2m"]
+    model = GaussianRandomField((8, 8))
+    w2 = lambda method, n: grf_w2(model, method, make_grid(  # noqa: E731
+        "ou", n, u_min=1e-3, u_max=10.0, block_size=n))
+    target = w2("sequential-ode", 100)
+    for method in ("dpmpp-2m", "edm-heun"):  # the fewest steps: reached there, not before
+        assert w2(method, steps[method]) <= target < w2(method, steps[method] - 1)
+    assert steps["dpmpp-2m"] < 30  # second order: far fewer steps at the same W2
+    best = doc["layouts"][0]
+    assert doc["settings"]["sampler.steps"] == best["steps"]
