@@ -134,9 +134,9 @@ def _cmd_bench(args, world) -> int:
             raise ConfigError(f"--compare {path}: no such file; give JSON tables written by "
                               "piadm bench --json", collective=True)
     if args.quality is not None:
-        from pipeline.equal_quality import run_quality
+        from pipeline.equal_quality import parse_quality, run_quality
 
-        run_quality(cfg, args.quality, comm=world, device=device, json_path=args.json,
+        run_quality(cfg, parse_quality(args.quality), comm=world, device=device, json_path=args.json,
                     png_path=args.png)
         return 0
     if args.peer:
@@ -327,8 +327,10 @@ def parser() -> argparse.ArgumentParser:
         if name == "bench":
             sp.add_argument("--peer", choices=PEERS, help="run the peer library's parallel "
                             "sampler beside piadm's on DDPM-1000 (needs piadm[bench])")
-            sp.add_argument("--quality", type=float, metavar="Q",
-                            help="bench each method at the fewest steps whose error is <= Q: "
+            sp.add_argument("--quality", metavar="Q",
+                            help="bench each method at the fewest steps whose error is <= Q "
+                                 "(a number, or METHOD@STEPS: the error that sequential "
+                                 "sampler reaches in STEPS steps): "
                                  "the exact W2 to the target on a grf, the log-spectral "
                                  "distance to held-out data on a trained U-Net "
                                  "(sampler.steps is searched, not taken)")

@@ -173,10 +173,31 @@ def fewest_steps(error_at, quality: float, *, affordable=lambda n: True,
     return hi, seen
 
 
-def run_quality(cfg: Config, quality: float, *, comm, device, json_path: str | None = None,
-                png_path: str | None = None) -> list[dict]:
+def parse_quality(text: str) -> float | tuple[str, int]:
+    """``--quality``'s value: an error (a number > 0), or ``METHOD@STEPS``, the error a
+    sequential sampler reaches in that many steps. Raises ConfigError otherwise."""
+    method, at, steps = text.partition("@")
+    if at:
+        if REFERENCE.get(method) != method or not steps.isdigit() or int(steps) < 1:
+            raise ConfigError(f"--quality {text}: give METHOD@STEPS with a sequential sampler "
+                              f"({', '.join(m for m, r in REFERENCE.items() if m == r)}) and "
+                              "steps >= 1, e.g. sequential-ode@1000", collective=True)
+        return method, int(steps)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise ConfigError(f"--quality {text}: give the error to reach, a number > 0 (e.g. "
+                          "1e-2), or METHOD@STEPS (e.g. sequential-ode@1000)", collective=True)
+    return value
+
+
+def run_quality(cfg: Config, quality: float | tuple[str, int], *, comm, device,
+                json_path: str | None = None, png_path: str | None = None) -> list[dict]:
     """Bench every method of ``cfg.bench.methods`` at the fewest steps whose error (exact W2
-    on a grf, spectrum error on a trained U-Net) is <= quality, on ``cfg.model.shape`` (the
+    on a grf, spectrum error on a trained U-Net) is <= quality (or, given (method, steps),
+    the error that sequential method reaches in those steps), on ``cfg.model.shape`` (the
     first of ``bench.sizes`` when given); prints the table and the methods with the fewest
     rounds and calls; returns the rows."""
     import json
@@ -184,10 +205,15 @@ def run_quality(cfg: Config, quality: float, *, comm, device, json_path: str | N
     from models import build_model
     from pipeline.bench import LEGEND, bench_shape, header
 
-    check_quality_bench(cfg, quality)
+    check_quality_bench(cfg, 1.0 if isinstance(quality, tuple) else quality)
     shape = tuple(cfg.bench.sizes[0]) if cfg.bench.sizes else tuple(cfg.model.shape)
     model = build_model(dataclasses.replace(cfg.model, shape=shape), device)
     measure = measure_for(cfg, model, shape, comm=comm, device=device)
+    if isinstance(quality, tuple):
+        method, steps = quality
+        quality = measure.error(method, steps)
+        print0(comm, f"  the quality: {method} at {steps} steps has {measure.name} "
+                     f"{quality:.4e}")
     print0(comm, f"piadm bench --quality {quality:g}: {cfg.model.kind} {list(shape)}, "
                  f"{measure.label} of each reference, {cfg.sampler.grid} grid, u_min "
                  f"{cfg.sampler.u_min:g}")

@@ -221,11 +221,13 @@ def bench_figure(rows: list[dict], path: Path) -> Path:
 
 
 def quality_figure(rows: list[dict], curves: dict[str, list], quality: float, path: Path,
-                   label: str = "exact W2 to the grf target (relative)") -> Path:
-    """An error (``label``: exact W2, spectrum error) against rounds and against model calls:
+                   ylabel: str = "exact W2 to the grf target (relative)") -> Path:
+    """An error (``ylabel``: exact W2, spectrum error) against rounds and against model calls:
     each sequential reference's curve over the steps its search computed (``curves``
     {method: [(steps, calls, error)]}), and every benched method (``rows``) where it reaches
     ``quality``."""
+    from matplotlib.ticker import NullFormatter
+
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     names = list(dict.fromkeys([r["method"] for r in rows] + sorted(curves)))
@@ -248,7 +250,8 @@ def quality_figure(rows: list[dict], curves: dict[str, list], quality: float, pa
                                 "model calls per member")):
         ax.axhline(quality, color="k", ls="--", lw=0.8)
         ax.set_xlabel(label)
-    axes[0].set_ylabel(label)
+        ax.xaxis.set_minor_formatter(NullFormatter())  # a short decade: labels would overlap
+    axes[0].set_ylabel(ylabel)
     axes[0].legend(fontsize=7)
     axes[0].set_title(f"lines: sequential references; marks: each method at error <= {quality:g}",
                       fontsize=9)

@@ -155,3 +155,27 @@ def test_bench_at_equal_quality_names_the_fewest_rounds_and_calls(tmp_path, caps
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "jobs/configs/gmm.toml", "--quality", "0.02"]) == 2
     assert "needs the exact W2 of an unconditioned grf" in capsys.readouterr().err
+
+
+def test_the_quality_is_a_number_or_a_sequential_sampler_at_some_steps(tmp_path, capsys):
+    import json
+
+    from pipeline.cli import main
+    from pipeline.equal_quality import parse_quality
+
+    assert parse_quality("1e-2") == 0.01
+    assert parse_quality("sequential-ode@1000") == ("sequential-ode", 1000)
+    for bad, said in (("-1", "a number > 0"), ("nope", "a number > 0"),
+                      ("window@100", "with a sequential sampler"),
+                      ("dpmpp-2m@0", "steps >= 1")):
+        assert main(["bench", "jobs/configs/grf.toml", "--quality", bad]) == 2
+        assert said in capsys.readouterr().err
+    out = tmp_path / "q.json"
+    sets = ["bench.sizes=[[8, 8]]", "bench.methods=['sequential-ode', 'dpmpp-2m']"]
+    assert main(["bench", "jobs/configs/grf.toml", "--quality", "sequential-ode@100", "--json",
+                 str(out), *sum((["--set", s] for s in sets), [])]) == 0
+    doc = json.loads(out.read_text())
+    rows = {r["method"]: r for r in doc["rows"]}
+    target = doc["quality"]  # sequential-ode's own W2 at 100 steps: it needs no fewer
+    assert rows["sequential-ode"]["steps"] == 100 and rows["sequential-ode"]["error"] == target
+    assert rows["dpmpp-2m"]["steps"] < 100 / 3  # second order
