@@ -100,3 +100,18 @@ def test_bench_quality_refuses_a_conditioned_model(capsys):
     assert main(["bench", "jobs/configs/kolmogorov_down.toml", "--quality", "0.1",
                  *sum((["--set", s] for s in sets), [])]) == 2
     assert "unconditioned trained U-Net" in capsys.readouterr().err
+
+
+def test_auto_quality_plans_a_trained_model_at_its_spectrum_error(tmp_path, trained, capsys):
+    data, ckpt = trained
+    sets = ["model.kind=unet", "model.shape=[16, 16]", f"model.checkpoint={ckpt}",
+            f"train.data={data}", "train.validation=0.25", "bench.quality_members=8",
+            "sampler.method=auto-quality", "sampler.steps=16", "sampler.tol=1e-3",
+            "ensemble.members=2", "ensemble.batch_size=2", f"output.path={tmp_path / 'x.zarr'}"]
+    out = tmp_path / "plan.json"
+    assert main(["plan", "jobs/configs/grf.toml", "--ranks", "1", "--json", str(out),
+                 *sum((["--set", s] for s in sets), [])]) == 0
+    err = capsys.readouterr().err
+    assert "equal quality: sequential-ode at 16 steps has spectrum error" in err
+    steps = {row["method"]: row["steps"] for row in json.loads(out.read_text())["layouts"]}
+    assert steps["sequential-ode"] == 16 and steps["dpmpp-2m-window"] == steps["dpmpp-2m"]
