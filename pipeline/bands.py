@@ -56,7 +56,9 @@ def spectral_bands(n: int, *, cut: int | None = None, input_n: int | None = None
     return bands
 
 
-def _interval(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def interval(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The central ``LEVEL`` interval of bootstrap ``draws`` (DRAWS, ...) along the first
+    axis, NaN where every draw is."""
     tail = 100 * (1 - LEVEL) / 2
     with warnings.catch_warnings():  # shells the truth leaves empty stay NaN, as intended
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -119,8 +121,8 @@ def band_figures(ens: np.ndarray, truth: np.ndarray, bands: list[Band], *, paire
         ratio = np.where(t_mean > EMPTY * t_mean.max(), e_mean / t_mean, np.nan)
         ratio_draws = np.where(t_draws > EMPTY * t_draws.max(-1, keepdims=True),
                                e_draws / t_draws, np.nan)
-    lo, hi = _interval(ratio_draws)
+    lo, hi = interval(ratio_draws)
     point, spread = _figures(e_mean, t_mean, bands), _figures(e_draws, t_draws, bands)
-    flo, fhi = _interval(spread)
+    flo, fhi = interval(spread)
     stack = lambda j: np.stack([point[:, j], flo[:, j], fhi[:, j]], axis=1)  # noqa: E731
     return BandFigures(bands, ratio, lo, hi, stack(0), stack(1))

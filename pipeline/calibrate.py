@@ -72,26 +72,34 @@ def calibration_key(cfg: Config, model_sha256: str) -> str:
 
 def read_cached(key: str) -> float | None:
     """The cached tolerance for ``key``, or None."""
-    try:
-        entry = json.loads(cache_file().read_text()).get(key)
-    except (OSError, ValueError):
-        return None
+    entry = read_cache(cache_file()).get(key)
     return None if entry is None else float(entry["tol"])
 
 
 def write_cached(key: str, calibration: Calibration, note: str) -> None:
-    """Record a calibration (atomically: temp file, then rename)."""
-    path = cache_file()
+    """Record a calibration."""
+    update_cache(cache_file(), key, {
+        "tol": calibration.tol, "note": note,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ladder": [dataclasses.asdict(r) for r in calibration.rungs]})
+
+
+def read_cache(path) -> dict:
+    """The entries of the JSON cache file ``path``, {} when it is missing or unreadable."""
     try:
-        entries = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        entries = {}
-    entries[key] = {"tol": calibration.tol, "note": note,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "ladder": [dataclasses.asdict(r) for r in calibration.rungs]}
+        return {}
+
+
+def update_cache(path, key: str, entry) -> None:
+    """Set ``key`` to ``entry`` in the JSON cache file ``path`` (atomically: temp file, then
+    rename)."""
+    entries = read_cache(path)
+    entries[key] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entries, indent=2))
+    tmp.write_text(json.dumps(entries, indent=1))
     os.replace(tmp, path)
 
 

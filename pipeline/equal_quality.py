@@ -105,9 +105,7 @@ def learned_measure(cfg: Config, model, shape: tuple[int, ...], *, comm, device)
     held = held_out(cfg.train, model.data_mean, model.data_std, shape)
     options = sampler_options(s)
     lo, hi = slice_bounds(members, comm.size, comm.rank)
-    measure = Measure("spectrum error", f"log-spectral distance to held-out data, k <= "
-                                        f"{held.kmax}", lambda ref, n: 0.0,
-                      most=LEARNED_MOST_STEPS, plateau=LEARNED_PLATEAU)
+    intervals: dict = {}
 
     def error(ref: str, n: int) -> float:
         grid = sampler_grid(_at_steps(cfg, n).sampler, model)
@@ -119,13 +117,13 @@ def learned_measure(cfg: Config, model, shape: tuple[int, ...], *, comm, device)
             mine.append(held.spectra_of(y.detach().cpu().numpy()))
         ens = np.concatenate(comm.allgather_object(np.concatenate(mine)))
         value, *interval = spectrum_error(ens, held)
-        measure.intervals[ref, n] = tuple(interval)
+        intervals[ref, n] = tuple(interval)
         print0(comm, f"    {ref} at {n} steps: spectrum error {value:.4f} "
                      f"[{interval[0]:.4f}, {interval[1]:.4f}] ({members} members)")
         return value
 
-    measure.error = error
-    return measure
+    return Measure("spectrum error", f"log-spectral distance to held-out data, k <= {held.kmax}",
+                   error, most=LEARNED_MOST_STEPS, plateau=LEARNED_PLATEAU, intervals=intervals)
 
 
 def measure_for(cfg: Config, model, shape: tuple[int, ...], *, comm, device) -> Measure:

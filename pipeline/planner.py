@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.calibrate import CALIBRATION_ITEM, cache_file, calibration_key, resolve_tol
+from pipeline.calibrate import (CALIBRATION_ITEM, cache_file, calibration_key, read_cache,
+                                resolve_tol, update_cache)
 from pipeline.config import AUTO_METHODS, Config, ConfigError, with_settings
 from pipeline.layout import cpu_threads
 from pipeline.noise import Noise
@@ -138,11 +139,7 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
     ``steps``: the steps ``cfg`` runs, recorded when they are not the user's (0)."""
     key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha), method, param, tol,
                                      smallest, str(device)]).encode()).hexdigest()
-    path = _profile_file()
-    try:
-        cached = json.loads(path.read_text()).get(key)
-    except (OSError, ValueError):
-        cached = None
+    cached = read_cache(_profile_file()).get(key)
     if cached is not None:
         return Profile(**{**cached, "host_points": tuple(cached["host_points"]),
                           "host": tuple(cached["host"]), "steps": steps})
@@ -155,15 +152,7 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
         host_points, hosts = (smallest, points), (small, host)
     result = Profile(method, param, tol, stats.rounds, stats.model_calls, host_points, hosts,
                      0 if REFERENCE[method] == method else 2, steps)
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        entries = {}
-    entries[key] = dataclasses.asdict(result)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entries, indent=1))
-    os.replace(tmp, path)
+    update_cache(_profile_file(), key, dataclasses.asdict(result))
     return result
 
 
@@ -178,13 +167,10 @@ def quality_steps(cfg: Config, model, device, model_sha: str, say) -> dict[str, 
     key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha), "quality-steps",
                                      cfg.bench.quality_members]).encode()).hexdigest()
     path = cache_file().with_name("quality_steps.json")
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        entries = {}
-    if key in entries:
-        say(f"  equal quality: each sampler's steps from {path}: {entries[key]}")
-        return entries[key]
+    cached = read_cache(path).get(key)
+    if cached is not None:
+        say(f"  equal quality: each sampler's steps from {path}: {cached}")
+        return cached
     measure = measure_for(cfg, model, tuple(model.shape), comm=SerialComm(), device=device)
     target = measure.error(QUALITY_REFERENCE, cfg.sampler.steps)
     say(f"  equal quality: {QUALITY_REFERENCE} at {cfg.sampler.steps} steps has "
@@ -196,11 +182,7 @@ def quality_steps(cfg: Config, model, device, model_sha: str, say) -> dict[str, 
                                          affordable=lambda n, ref=ref: measure.affordable(ref, n),
                                          most=measure.most, plateau=measure.plateau)
         say(f"    {ref}: {found[ref] or 'out of reach'}")
-    entries[key] = found
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entries, indent=1))
-    os.replace(tmp, path)
+    update_cache(path, key, found)
     return found
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bands import DRAWS, LEVEL
+from pipeline.bands import DRAWS, interval
 from pipeline.config import ConfigError, TrainConfig
 
 
@@ -60,8 +60,7 @@ def spectrum_error(ens: np.ndarray, held: HeldOut, *, seed: int = 0
     m, t = len(ens), len(held.spectra)
     draws = log_spectral_distance(ens[rng.integers(0, m, (DRAWS, m))],
                                   held.spectra[rng.integers(0, t, (DRAWS, t))])
-    tail = 100 * (1 - LEVEL) / 2
-    lo, hi = np.percentile(draws, [tail, 100 - tail])
+    lo, hi = interval(draws)
     return float(log_spectral_distance(ens, held.spectra)), float(lo), float(hi)
 
 

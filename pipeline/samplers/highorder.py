@@ -247,11 +247,10 @@ def _rebuild(inputs, dens, start, c, e, alpha, beta, lo, hi, p_own, q_own, ends,
         p_end, q_end = ends[q]
         y_in = (gathered[q, :, 0] + _expand(start < b0, y_in) * p_end * y_in
                 + (_expand(start <= b0, y_in) * q_end * gathered[q - 1, :, 1] if q else 0.0))
-    shape = (1, -1) + (1,) * (y.dim() - 1)
-    corr = (_expand(start < lo, y) * y_lo)[:, None] * p_own.to(y).reshape(shape)
-    if comm.rank:
-        corr = corr + (_expand(start <= lo, y) * halo)[:, None] * q_own.to(y).reshape(shape)
-    runs = runs + corr if comm.size > 1 else runs
+    if comm.rank:  # slice 0 starts from y_0 itself and has no halo (beta_0 = 0)
+        shape = (1, -1) + (1,) * (y.dim() - 1)
+        runs = (runs + (_expand(start < lo, y) * y_lo)[:, None] * p_own.to(y).reshape(shape)
+                + (_expand(start <= lo, y) * halo)[:, None] * q_own.to(y).reshape(shape))
     new = torch.cat([torch.where(_expand(start < lo, y), y_lo, inputs[:, 0])[:, None],
                      runs[:, :-1]], 1)
     return new, y_in
