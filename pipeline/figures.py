@@ -239,7 +239,7 @@ def quality_figure(rows: list[dict], curves: dict[str, list], quality: float, pa
         for k, ax in enumerate(axes):
             ax.loglog(steps, errors, "-", color=color[ref], lw=1, alpha=0.6,
                       label=None if k or ref in shown else f"{ref} (reference)")
-    markers = "osD^v<>p*h"
+    markers = "osD^v<>p*hXPd"  # a mark apiece for up to 13 methods (colours repeat after 10)
     for j, r in enumerate(rows):
         style = dict(marker=markers[j % len(markers)], ms=8, ls="none", mfc="none", mew=1.6,
                      color=color[r["method"]], label=f"{r['method']} ({r['steps']} steps)")
