@@ -75,7 +75,7 @@ def test_sequential_sde_on_the_scheduler_grid_is_diffusers_ddpm_loop(ddpm_path):
     unet = small_unet().double()
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
     # diffusers keeps its alpha bars in float32 and works its step coefficients out in that
-    # precision: a 1e-5 drift over 1000 steps that moves with the host's libm. Promoted to
+    # precision: a 1e-5 drift over 1000 steps that differs from host to host. Promoted to
     # float64 (the same values piadm reads) the two loops must agree to rounding.
     scheduler.alphas_cumprod, scheduler.one = (scheduler.alphas_cumprod.double(),
                                                scheduler.one.double())
