@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pipeline.cache import cache_path, read_cache, update_cache
 from pipeline.config import Config, ConfigError
 from pipeline.noise import Noise
 from pipeline.samplers import REFERENCE, SAMPLERS, Options
@@ -54,8 +54,7 @@ class Calibration:
 
 def cache_file() -> Path:
     """Where calibrations are kept: $PIADM_CACHE/calibration.json, else ~/.cache/piadm/."""
-    root = os.environ.get("PIADM_CACHE") or Path.home() / ".cache" / "piadm"
-    return Path(root) / "calibration.json"
+    return cache_path("calibration.json")
 
 
 def calibration_key(cfg: Config, model_sha256: str) -> str:
@@ -82,25 +81,6 @@ def write_cached(key: str, calibration: Calibration, note: str) -> None:
         "tol": calibration.tol, "note": note,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "ladder": [dataclasses.asdict(r) for r in calibration.rungs]})
-
-
-def read_cache(path) -> dict:
-    """The entries of the JSON cache file ``path``, {} when it is missing or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def update_cache(path, key: str, entry) -> None:
-    """Set ``key`` to ``entry`` in the JSON cache file ``path`` (atomically: temp file, then
-    rename)."""
-    entries = read_cache(path)
-    entries[key] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entries, indent=1))
-    os.replace(tmp, path)
 
 
 def worst_distance(y: torch.Tensor, ref: torch.Tensor) -> float:

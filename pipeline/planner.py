@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.calibrate import (CALIBRATION_ITEM, cache_file, calibration_key, read_cache,
-                                resolve_tol, update_cache)
+from pipeline.cache import cache_path, read_cache, update_cache
+from pipeline.calibrate import CALIBRATION_ITEM, calibration_key, resolve_tol
 from pipeline.config import AUTO_METHODS, Config, ConfigError, with_settings
 from pipeline.layout import cpu_threads
 from pipeline.noise import Noise
@@ -111,7 +111,7 @@ class _Timed:
 
 
 def _profile_file():
-    return cache_file().with_name("profiles.json")
+    return cache_path("profiles.json")
 
 
 def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: int):
@@ -166,7 +166,7 @@ def quality_steps(cfg: Config, model, device, model_sha: str, say) -> dict[str, 
 
     key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha), "quality-steps",
                                      cfg.bench.quality_members]).encode()).hexdigest()
-    path = cache_file().with_name("quality_steps.json")
+    path = cache_path("quality_steps.json")
     cached = read_cache(path).get(key)
     if cached is not None:
         say(f"  equal quality: each sampler's steps from {path}: {cached}")

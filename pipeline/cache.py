@@ -1,0 +1,35 @@
+"""The measurement caches beside each other in ``$PIADM_CACHE`` (default ``~/.cache/piadm``):
+calibrated tolerances, planner profiles and equal-quality steps, each a JSON object keyed by
+a hash of what decides the entry. Writes are atomic (temp file, then rename), so concurrent
+runs never leave a half-written file; the last writer of a key wins.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def cache_path(name: str) -> Path:
+    """The cache file ``name`` (e.g. ``calibration.json``) under $PIADM_CACHE, else
+    ~/.cache/piadm/."""
+    root = os.environ.get("PIADM_CACHE") or Path.home() / ".cache" / "piadm"
+    return Path(root) / name
+
+
+def read_cache(path: Path) -> dict:
+    """The entries of the JSON cache file ``path``, {} when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def update_cache(path: Path, key: str, entry) -> None:
+    """Set ``key`` to ``entry`` in the JSON cache file ``path``."""
+    entries = read_cache(path)
+    entries[key] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(entries, indent=1))
+    os.replace(tmp, path)
