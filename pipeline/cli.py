@@ -139,6 +139,11 @@ def _cmd_bench(args, world) -> int:
         run_quality(cfg, parse_quality(args.quality), comm=world, device=device, json_path=args.json,
                     png_path=args.png)
         return 0
+    if args.renoise:
+        from pipeline.renoise import run_renoise
+
+        run_renoise(cfg, comm=world, device=device, json_path=args.json)
+        return 0
     if args.peer:
         from pipeline.bench import run_peer
 
@@ -334,6 +339,10 @@ def parser() -> argparse.ArgumentParser:
                                  "the exact W2 to the target on a grf, the log-spectral "
                                  "distance to held-out data on a trained U-Net "
                                  "(sampler.steps is searched, not taken)")
+            sp.add_argument("--renoise", action="store_true",
+                            help="where a trained U-Net loses energy: noise held-out fields to "
+                                 "a ladder of levels, sample them back, and print the energy "
+                                 "kept per octave band at each level")
             sp.add_argument("--json", metavar="PATH", help="also save the table as JSON")
             sp.add_argument("--png", metavar="PATH", help="also plot rounds and wall time "
                             "against d (and against ranks, with --compare) as a PNG")

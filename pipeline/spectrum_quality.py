@@ -68,13 +68,21 @@ def held_out(train: TrainConfig, mean: float, std: float, shape: tuple[int, ...]
     """The held-out split of ``train.data`` (its ``train.variable``), normalised by the
     model's (mean, std), as spectra over k = 1 .. its ``resolved_wavenumber`` attribute (n / 2
     without one). Raises ConfigError when the data is missing or does not fit the model."""
+    values, kmax = held_out_fields(train, mean, std, shape)
+    return HeldOut(shell_spectra(values, train.variable, kmax), train.variable)
+
+
+def held_out_fields(train: TrainConfig, mean: float, std: float, shape: tuple[int, ...]
+                    ) -> tuple[np.ndarray, int]:
+    """The held-out fields (T, H, W) of ``train.data`` in the model's units, and the largest
+    resolved shell K (``held_out``)."""
     import xarray as xr
 
     from pipeline.train import held_out_start
 
     if not Path(train.data).exists():
-        raise ConfigError(f"bench --quality compares a learned model's samples with held-out "
-                          f"data: train.data {train.data} does not exist (run piadm "
+        raise ConfigError(f"comparing a learned model's samples with held-out data needs "
+                          f"train.data, and {train.data} does not exist (run piadm "
                           "generate-data on the model's config first)", collective=True)
     ds = xr.open_zarr(train.data)
     if train.variable not in ds.data_vars:
@@ -82,10 +90,9 @@ def held_out(train: TrainConfig, mean: float, std: float, shape: tuple[int, ...]
                           f"{', '.join(map(str, ds.data_vars))}", collective=True)
     fields = ds[train.variable]
     if tuple(fields.shape[1:]) != tuple(shape) or len(shape) != 2 or shape[0] != shape[1]:
-        raise ConfigError(f"bench --quality: {train.data} holds {tuple(fields.shape[1:])} "
-                          f"fields, the model samples {tuple(shape)}; spectra need square 2-D "
-                          "fields of the model's shape", collective=True)
+        raise ConfigError(f"{train.data} holds {tuple(fields.shape[1:])} fields, the model "
+                          f"samples {tuple(shape)}; spectra need square 2-D fields of the "
+                          "model's shape", collective=True)
     first = held_out_start(fields.sizes[fields.dims[0]], train.validation)
     kmax = int(fields.attrs.get("resolved_wavenumber", shape[-1] // 2))
-    values = (fields[first:].values.astype(np.float64) - mean) / std
-    return HeldOut(shell_spectra(values, train.variable, kmax), train.variable)
+    return (fields[first:].values.astype(np.float64) - mean) / std, kmax

@@ -1,0 +1,116 @@
+"""Where a learned model loses energy: renoise held-out data and sample it back.
+
+An ensemble short of energy at some scales says nothing of the noise levels where the
+shortfall arises. Noising a held-out field to OU clock u (y = a(u) x_0 + s(u) z) and running
+the sampler from there to u_min draws, for an exact model, a field with the data's law again,
+so every shell keeps its energy at every u. With a learned model the energy ratio against the
+same held-out fields, as a function of the starting level u, shows where it is lost: near 1
+from small u and falling from larger u means the loss arises at the noise levels in between
+(docs/algorithms.md section 9).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from pipeline.grids import Grid, block_edges
+from pipeline.noise import Noise
+from pipeline.samplers import SAMPLERS, Options
+
+# starting levels tried below the grid's u_max (which is tried too): sigma 0.17 .. 4.4
+LEVELS = (0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+def from_level(grid: Grid, u_start: float) -> Grid:
+    """The part of ``grid`` below ``u_start``, started at ``u_start`` (one block): the same
+    step density as the full sampler's."""
+    if not u_start > float(grid.u[-1]):
+        raise ValueError(f"the starting level u = {u_start:g} must lie above the grid's end "
+                         f"{float(grid.u[-1]):g}")
+    rest = grid.u[grid.u < u_start]
+    u = torch.cat([torch.tensor([u_start], dtype=grid.u.dtype), rest])
+    return Grid(u=u, edges=block_edges(u.numel() - 1, u.numel() - 1))
+
+
+def octave_bands(kmax: int) -> list[tuple[int, int]]:
+    """Shell ranges (lo, hi) inclusive: 1..2, 3..4, 5..8, 9..16, .. up to ``kmax``."""
+    bands, lo = [], 1
+    while lo <= kmax:
+        hi = min(kmax, 2 if lo == 1 else 2 * (lo - 1))
+        bands.append((lo, hi))
+        lo = hi + 1
+    return bands
+
+
+def renoised(model, x0: torch.Tensor, grid: Grid, u_start: float, noise: Noise, method: str,
+             options: Options = Options()) -> torch.Tensor:
+    """Fields x0 (B, *S) noised to ``u_start`` with ``noise``'s prior draw and sampled back
+    to the end of ``grid`` by ``method``: (B, *S)."""
+    a, s = math.exp(-u_start / 2), math.sqrt(-math.expm1(-u_start))
+    y0 = a * x0.to(noise.dtype) + s * noise.prior()
+    y, _ = SAMPLERS[method](model, y0, from_level(grid, u_start), noise, options=options)
+    return y
+
+
+def band_ratios(ens: np.ndarray, truth: np.ndarray, bands: list[tuple[int, int]]) -> np.ndarray:
+    """Energy of spectra ens (M, K) over truth (T, K) in each band (shells k = 1 .. K), and
+    over all of them last: (len(bands) + 1,)."""
+    e, t = ens.mean(0), truth.mean(0)
+    parts = [e[lo - 1 : hi].sum() / t[lo - 1 : hi].sum() for lo, hi in bands]
+    return np.array([*parts, e.sum() / t.sum()])
+
+
+def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict]:
+    """``piadm bench --renoise``: for each starting level, ``bench.quality_members`` held-out
+    fields of an unconditioned trained U-Net's ``train.data``, renoised and sampled back by
+    the sequential reference of ``sampler.method`` on the config's grid; prints and returns
+    each level's energy ratio per octave band and over the resolved shells."""
+    import json
+
+    from models import build_model
+    from pipeline.config import ConfigError
+    from pipeline.console import print0
+    from pipeline.decomposition import slice_bounds
+    from pipeline.equal_quality import LEARNED_KINDS, QUALITY_BATCH
+    from pipeline.run import DTYPES, sampler_grid, sampler_options
+    from pipeline.samplers import REFERENCE
+    from pipeline.spectrum_quality import held_out_fields, shell_spectra
+
+    if cfg.model.kind not in LEARNED_KINDS or cfg.model.condition != "none":
+        raise ConfigError("bench --renoise renoises the held-out data of an unconditioned "
+                          "trained U-Net (train.data): run it on "
+                          "jobs/configs/kolmogorov_uncond.toml", collective=True)
+    s, shape = cfg.sampler, tuple(cfg.model.shape)
+    model = build_model(cfg.model, device)
+    fields, kmax = held_out_fields(cfg.train, model.data_mean, model.data_std, shape)
+    pick = np.unique(np.linspace(0, len(fields) - 1, cfg.bench.quality_members).round().astype(int))
+    x0, variable = torch.as_tensor(fields[pick]), cfg.train.variable
+    truth = shell_spectra(fields[pick], variable, kmax)
+    method, grid, bands = REFERENCE[s.method], sampler_grid(s, model), octave_bands(kmax)
+    names = [f"k={lo}..{hi}" for lo, hi in bands] + [f"k<={kmax}"]
+    print0(comm, f"piadm bench --renoise: {len(pick)} held-out fields of {cfg.train.data} "
+                 f"noised to u and sampled back by {method} ({s.grid} grid below u, to u_min "
+                 f"{s.u_min:g}); energy over the same fields' (1 for an exact model):")
+    print0(comm, f"{'u':>7} {'sigma':>8} {'steps':>6} " + " ".join(f"{n:>9}" for n in names))
+    lo, hi = slice_bounds(len(pick), comm.size, comm.rank)
+    rows = []
+    for u in (*(level for level in LEVELS if level < s.u_max), s.u_max):
+        mine = [np.empty((0, kmax))]
+        for a in range(lo, hi, QUALITY_BATCH):
+            b = min(a + QUALITY_BATCH, hi)
+            noise = Noise.members(s.seed, 0, range(a, b), shape, DTYPES[s.dtype], device, s.noise)
+            y = renoised(model, x0[a:b].to(device), grid, u, noise, method, sampler_options(s))
+            mine.append(shell_spectra(y.detach().cpu().numpy(), variable, kmax))
+        ens = np.concatenate(comm.allgather_object(np.concatenate(mine)))
+        ratios = band_ratios(ens, truth, bands)
+        steps = from_level(grid, u).steps
+        rows.append({"u": u, "sigma": math.sqrt(math.expm1(u)), "steps": steps,
+                     "ratios": dict(zip(names, map(float, ratios)))})
+        print0(comm, f"{u:7.3g} {rows[-1]['sigma']:8.3g} {steps:6d} "
+                     + " ".join(f"{r:9.3f}" for r in ratios))
+    if json_path and comm.rank == 0:
+        with open(json_path, "w") as out:
+            json.dump({"method": method, "fields": len(pick), "rows": rows}, out, indent=1)
+    return rows
