@@ -21,6 +21,7 @@ from pipeline.samplers import SAMPLERS, Options
 
 # starting levels tried below the grid's u_max (which is tried too): sigma 0.17 .. 4.4
 LEVELS = (0.03, 0.1, 0.3, 1.0, 3.0)
+DRAWS_PER_FIELD = 4  # a downscaler's renoised draws of each held-out field
 
 
 def from_level(grid: Grid, u_start: float) -> Grid:
@@ -63,10 +64,12 @@ def band_ratios(ens: np.ndarray, truth: np.ndarray, bands: list[tuple[int, int]]
 
 
 def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict]:
-    """``piadm bench --renoise``: for each starting level, ``bench.quality_members`` held-out
-    fields of an unconditioned trained U-Net's ``train.data``, renoised and sampled back by
-    the sequential reference of ``sampler.method`` on the config's grid; prints and returns
-    each level's energy ratio per octave band and over the resolved shells."""
+    """``piadm bench --renoise``: for each starting level, held-out fields of a trained
+    U-Net's ``train.data`` renoised and sampled back by the sequential reference of
+    ``sampler.method`` on the config's grid: ``bench.quality_members`` fields, or for a
+    downscaler a quarter as many fields with ``DRAWS_PER_FIELD`` draws each, every one given
+    its own coarse field. Prints and returns each level's energy ratio per octave band and
+    over the resolved shells."""
     import json
 
     from models import build_model
@@ -76,32 +79,46 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
     from pipeline.equal_quality import LEARNED_KINDS, QUALITY_BATCH
     from pipeline.run import DTYPES, sampler_grid, sampler_options
     from pipeline.samplers import REFERENCE
-    from pipeline.spectrum_quality import held_out_fields, shell_spectra
+    from pipeline.spectrum_quality import held_out_coarse, held_out_fields, shell_spectra
 
-    if cfg.model.kind not in LEARNED_KINDS or cfg.model.condition != "none":
-        raise ConfigError("bench --renoise renoises the held-out data of an unconditioned "
-                          "trained U-Net (train.data): run it on "
-                          "jobs/configs/kolmogorov_uncond.toml", collective=True)
+    coarse_given = cfg.model.condition == "coarse"
+    if cfg.model.kind not in LEARNED_KINDS or cfg.model.condition == "mean" or (
+            coarse_given and not cfg.train.condition):
+        raise ConfigError("bench --renoise renoises the held-out data of a trained U-Net "
+                          "(train.data, and train.condition for a downscaler): run it on "
+                          "jobs/configs/kolmogorov_uncond.toml or kolmogorov_down.toml",
+                          collective=True)
     s, shape = cfg.sampler, tuple(cfg.model.shape)
     model = build_model(cfg.model, device)
     fields, kmax = held_out_fields(cfg.train, model.data_mean, model.data_std, shape)
-    pick = np.unique(np.linspace(0, len(fields) - 1, cfg.bench.quality_members).round().astype(int))
-    x0, variable = torch.as_tensor(fields[pick]), cfg.train.variable
+    draws = DRAWS_PER_FIELD if coarse_given else 1
+    count = max(1, cfg.bench.quality_members // draws)
+    pick = np.unique(np.linspace(0, len(fields) - 1, count).round().astype(int))
+    coarse = (torch.as_tensor(held_out_coarse(cfg.train, model.data_mean, model.data_std)[pick])
+              if coarse_given else None)
+    x0, variable = torch.as_tensor(fields[pick]).repeat_interleave(draws, 0), cfg.train.variable
     truth = shell_spectra(fields[pick], variable, kmax)
     method, grid, bands = REFERENCE[s.method], sampler_grid(s, model), octave_bands(kmax)
     names = [f"k={lo}..{hi}" for lo, hi in bands] + [f"k<={kmax}"]
-    print0(comm, f"piadm bench --renoise: {len(pick)} held-out fields of {cfg.train.data} "
-                 f"noised to u and sampled back by {method} ({s.grid} grid below u, to u_min "
-                 f"{s.u_min:g}); energy over the same fields' (1 for an exact model):")
+    given = f", {draws} draws each given its coarse field" if coarse_given else ""
+    print0(comm, f"piadm bench --renoise: {len(pick)} held-out fields of {cfg.train.data}"
+                 f"{given}, noised to u and sampled back by {method} ({s.grid} grid below u, "
+                 f"to u_min {s.u_min:g}); energy over the same fields' (1 for an exact model):")
     print0(comm, f"{'u':>7} {'sigma':>8} {'steps':>6} " + " ".join(f"{n:>9}" for n in names))
-    lo, hi = slice_bounds(len(pick), comm.size, comm.rank)
+    if coarse_given:  # a batch shares one coarse field: a field's draws at a time
+        lo, hi = slice_bounds(len(pick), comm.size, comm.rank)
+        units = [(i * draws, (i + 1) * draws, i) for i in range(lo, hi)]
+    else:
+        lo, hi = slice_bounds(len(x0), comm.size, comm.rank)
+        units = [(a, min(a + QUALITY_BATCH, hi), 0) for a in range(lo, hi, QUALITY_BATCH)]
     rows = []
     for u in (*(level for level in LEVELS if level < s.u_max), s.u_max):
         mine = [np.empty((0, kmax))]
-        for a in range(lo, hi, QUALITY_BATCH):
-            b = min(a + QUALITY_BATCH, hi)
-            noise = Noise.members(s.seed, 0, range(a, b), shape, DTYPES[s.dtype], device, s.noise)
-            y = renoised(model, x0[a:b].to(device), grid, u, noise, method, sampler_options(s))
+        for a, b, item in units:
+            bound = model.conditioned(coarse[item].to(device)) if coarse_given else model
+            members = range(b - a) if coarse_given else range(a, b)
+            noise = Noise.members(s.seed, item, members, shape, DTYPES[s.dtype], device, s.noise)
+            y = renoised(bound, x0[a:b].to(device), grid, u, noise, method, sampler_options(s))
             mine.append(shell_spectra(y.detach().cpu().numpy(), variable, kmax))
         ens = np.concatenate(comm.allgather_object(np.concatenate(mine)))
         ratios = band_ratios(ens, truth, bands)
@@ -112,5 +129,6 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
                      + " ".join(f"{r:9.3f}" for r in ratios))
     if json_path and comm.rank == 0:
         with open(json_path, "w") as out:
-            json.dump({"method": method, "fields": len(pick), "rows": rows}, out, indent=1)
+            json.dump({"method": method, "fields": len(pick), "draws": draws, "rows": rows},
+                      out, indent=1)
     return rows

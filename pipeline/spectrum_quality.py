@@ -96,3 +96,15 @@ def held_out_fields(train: TrainConfig, mean: float, std: float, shape: tuple[in
     first = held_out_start(fields.sizes[fields.dims[0]], train.validation)
     kmax = int(fields.attrs.get("resolved_wavenumber", shape[-1] // 2))
     return (fields[first:].values.astype(np.float64) - mean) / std, kmax
+
+
+def held_out_coarse(train: TrainConfig, mean: float, std: float) -> np.ndarray:
+    """The coarse fields (T, h, w) a downscaler is given (``train.condition``) at the held-out
+    times of ``held_out_fields``, normalised as the fine fields are."""
+    import xarray as xr
+
+    from pipeline.train import held_out_start
+
+    coarse = xr.open_zarr(train.data)[train.condition]
+    first = held_out_start(coarse.sizes[coarse.dims[0]], train.validation)
+    return (coarse[first:].values.astype(np.float64) - mean) / std

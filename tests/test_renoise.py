@@ -55,4 +55,5 @@ def test_a_wrong_model_loses_energy_only_from_the_levels_above_the_loss():
 
 def test_renoise_refuses_a_model_without_held_out_data(capsys):
     assert main(["bench", "jobs/configs/grf.toml", "--renoise"]) == 2
-    assert "unconditioned trained U-Net" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert "renoises the held-out data of a trained U-Net" in err and len(err.splitlines()) == 1

@@ -151,6 +151,26 @@ def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path
     assert metrics.attrs["baseline_mae"] == pytest.approx(mae, rel=1e-5)
 
 
+def test_bench_renoise_gives_each_downscaled_field_its_own_coarse_input(tmp_path, dataset, capsys):
+    import json
+
+    cond = tmp_path / "cond.pt"
+    assert main(_train_args(dataset, cond, "train.condition=vorticity_coarse")) == 0
+    sets = ["model.kind=unet", "model.shape=[16, 16]", f"model.checkpoint={cond}",
+            "model.condition=coarse", f"input.path={dataset}", "input.variable=vorticity_coarse",
+            f"train.data={dataset}", "train.condition=vorticity_coarse", "train.validation=0.25",
+            "bench.quality_members=8", "sampler.method=sequential-sde", "sampler.steps=20"]
+    out = tmp_path / "r.json"
+    assert main(["bench", "jobs/configs/grf.toml", "--renoise", "--json", str(out),
+                 *sum((["--set", s] for s in sets), [])]) == 0
+    doc = json.loads(out.read_text())
+    assert (doc["fields"], doc["draws"]) == (2, 4)  # 8 samples: 2 held-out times x 4 draws
+    assert len(doc["rows"]) == 6 and doc["rows"][-1]["steps"] == 20
+    for row in doc["rows"]:
+        assert all(np.isfinite(v) and v > 0 for v in row["ratios"].values())
+    assert "4 draws each given its coarse field" in capsys.readouterr().err
+
+
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert main(_sample_args(tmp_path / "x.zarr", "model.checkpoint=nope.pt")) == 2
     assert "model.checkpoint = 'nope.pt' is not a file" in capsys.readouterr().err
