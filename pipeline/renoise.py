@@ -99,26 +99,28 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
     x0, variable = torch.as_tensor(fields[pick]).repeat_interleave(draws, 0), cfg.train.variable
     truth = shell_spectra(fields[pick], variable, kmax)
     method, grid, bands = REFERENCE[s.method], sampler_grid(s, model), octave_bands(kmax)
+    options = sampler_options(s)
     names = [f"k={lo}..{hi}" for lo, hi in bands] + [f"k<={kmax}"]
     given = f", {draws} draws each given its coarse field" if coarse_given else ""
     print0(comm, f"piadm bench --renoise: {len(pick)} held-out fields of {cfg.train.data}"
                  f"{given}, noised to u and sampled back by {method} ({s.grid} grid below u, "
                  f"to u_min {s.u_min:g}); energy over the same fields' (1 for an exact model):")
     print0(comm, f"{'u':>7} {'sigma':>8} {'steps':>6} " + " ".join(f"{n:>9}" for n in names))
-    if coarse_given:  # a batch shares one coarse field: a field's draws at a time
+    # (rows a..b, item, model, members): a downscaler's batch is one field's draws, bound once
+    if coarse_given:
         lo, hi = slice_bounds(len(pick), comm.size, comm.rank)
-        units = [(i * draws, (i + 1) * draws, i) for i in range(lo, hi)]
+        units = [(i * draws, (i + 1) * draws, i, model.conditioned(coarse[i].to(device)),
+                  range(draws)) for i in range(lo, hi)]
     else:
         lo, hi = slice_bounds(len(x0), comm.size, comm.rank)
-        units = [(a, min(a + QUALITY_BATCH, hi), 0) for a in range(lo, hi, QUALITY_BATCH)]
+        units = [(a, min(a + QUALITY_BATCH, hi), 0, model, range(a, min(a + QUALITY_BATCH, hi)))
+                 for a in range(lo, hi, QUALITY_BATCH)]
     rows = []
     for u in (*(level for level in LEVELS if level < s.u_max), s.u_max):
         mine = [np.empty((0, kmax))]
-        for a, b, item in units:
-            bound = model.conditioned(coarse[item].to(device)) if coarse_given else model
-            members = range(b - a) if coarse_given else range(a, b)
+        for a, b, item, bound, members in units:
             noise = Noise.members(s.seed, item, members, shape, DTYPES[s.dtype], device, s.noise)
-            y = renoised(bound, x0[a:b].to(device), grid, u, noise, method, sampler_options(s))
+            y = renoised(bound, x0[a:b].to(device), grid, u, noise, method, options)
             mine.append(shell_spectra(y.detach().cpu().numpy(), variable, kmax))
         ens = np.concatenate(comm.allgather_object(np.concatenate(mine)))
         ratios = band_ratios(ens, truth, bands)

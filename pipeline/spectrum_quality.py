@@ -76,6 +76,24 @@ def held_out_fields(train: TrainConfig, mean: float, std: float, shape: tuple[in
                     ) -> tuple[np.ndarray, int]:
     """The held-out fields (T, H, W) of ``train.data`` in the model's units, and the largest
     resolved shell K (``held_out``)."""
+    fields = _held_out_split(train, train.variable)
+    if tuple(fields.shape[1:]) != tuple(shape) or len(shape) != 2 or shape[0] != shape[1]:
+        raise ConfigError(f"{train.data} holds {tuple(fields.shape[1:])} fields, the model "
+                          f"samples {tuple(shape)}; spectra need square 2-D fields of the "
+                          "model's shape", collective=True)
+    kmax = int(fields.attrs.get("resolved_wavenumber", shape[-1] // 2))
+    return (fields.values.astype(np.float64) - mean) / std, kmax
+
+
+def held_out_coarse(train: TrainConfig, mean: float, std: float) -> np.ndarray:
+    """The coarse fields (T, h, w) a downscaler is given (``train.condition``) at the held-out
+    times of ``held_out_fields``, normalised as the fine fields are."""
+    return (_held_out_split(train, train.condition).values.astype(np.float64) - mean) / std
+
+
+def _held_out_split(train: TrainConfig, name: str):
+    """Variable ``name`` of ``train.data`` at its held-out times (lazy); raises ConfigError
+    when the data or the variable is missing."""
     import xarray as xr
 
     from pipeline.train import held_out_start
@@ -85,26 +103,9 @@ def held_out_fields(train: TrainConfig, mean: float, std: float, shape: tuple[in
                           f"train.data, and {train.data} does not exist (run piadm "
                           "generate-data on the model's config first)", collective=True)
     ds = xr.open_zarr(train.data)
-    if train.variable not in ds.data_vars:
-        raise ConfigError(f"train.variable {train.variable!r} is not in {train.data}: it has "
-                          f"{', '.join(map(str, ds.data_vars))}", collective=True)
-    fields = ds[train.variable]
-    if tuple(fields.shape[1:]) != tuple(shape) or len(shape) != 2 or shape[0] != shape[1]:
-        raise ConfigError(f"{train.data} holds {tuple(fields.shape[1:])} fields, the model "
-                          f"samples {tuple(shape)}; spectra need square 2-D fields of the "
-                          "model's shape", collective=True)
-    first = held_out_start(fields.sizes[fields.dims[0]], train.validation)
-    kmax = int(fields.attrs.get("resolved_wavenumber", shape[-1] // 2))
-    return (fields[first:].values.astype(np.float64) - mean) / std, kmax
-
-
-def held_out_coarse(train: TrainConfig, mean: float, std: float) -> np.ndarray:
-    """The coarse fields (T, h, w) a downscaler is given (``train.condition``) at the held-out
-    times of ``held_out_fields``, normalised as the fine fields are."""
-    import xarray as xr
-
-    from pipeline.train import held_out_start
-
-    coarse = xr.open_zarr(train.data)[train.condition]
-    first = held_out_start(coarse.sizes[coarse.dims[0]], train.validation)
-    return (coarse[first:].values.astype(np.float64) - mean) / std
+    if name not in ds.data_vars:
+        raise ConfigError(f"{name!r} (train.variable or train.condition) is not in "
+                          f"{train.data}: it has {', '.join(map(str, ds.data_vars))}",
+                          collective=True)
+    fields = ds[name]
+    return fields[held_out_start(fields.sizes[fields.dims[0]], train.validation):]
