@@ -235,7 +235,8 @@ def _cmd_train(args, world) -> int:
     cfg, _, device = _setup(args, world)
     t = cfg.train
     print0(world, f"piadm train: U-Net {list(t.channels)} on {t.data}:{t.variable}"
-                  f"{' | ' + t.condition if t.condition else ''}, {t.steps} steps of "
+                  f"{' | ' + t.condition if t.condition else ''}"
+                  f"{f' (+ {len(t.extra)} more stores)' if t.extra else ''}, {t.steps} steps of "
                   f"{t.batch_size} over {world.size} ranks -> {t.checkpoint}")
     result = train(t, comm=world, device=device, config_text=cfg.text)
     print0(world, f"done: step {result.step}, train loss {result.train_loss:.4f}, validation "

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import tomllib
 import types
 import typing
@@ -150,6 +151,9 @@ class TrainConfig:
     # (models.conditioning.spectral_upsample), at that remainder's own scale
     residual: bool = False
     validation: float = 0.2  # the last fraction of the time axis, held out
+    # more stores (other trajectories) whose every time is trained on, beside train.data's
+    # training split; the held-out split is train.data's alone
+    extra: tuple[str, ...] = ()
     batch_size: int = 32  # global: split over the ranks
     steps: int = 2000
     lr: float = 2e-3  # also applied on resume, so a second run can anneal it
@@ -444,6 +448,10 @@ def _check_train(t: TrainConfig) -> None:
            f"= {list(t.channels)}: give one width >= 8 per level")
     _check(not t.residual or bool(t.condition), "train.residual",
            "= true needs a coarse field to take the remainder from: set train.condition")
+    stores = [os.path.realpath(path) for path in (t.data, *t.extra)]
+    _check(len(set(stores)) == len(stores), "train.extra",
+           f"= {list(t.extra)} repeats a store (or train.data, whose held-out times would be "
+           "trained on): list each other store once")
 
 
 def validate(cfg: Config) -> None:

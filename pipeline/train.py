@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,32 +73,72 @@ def held_out_start(n: int, validation: float) -> int:
     return int(round(n * (1 - validation)))
 
 
-def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
-    """(training, validation) split by time; raises InputError for a bad dataset."""
-    if not Path(t.data).exists():
-        raise InputError(f"train.data {t.data} does not exist: run piadm generate-data first")
-    ds = xr.open_zarr(t.data)
-    names = [name for name in (t.variable, t.condition) if name]
+def _open_store(path: str, names: list[str], key: str) -> xr.Dataset:
+    """Variables ``names`` of the store at ``path``; raises InputError when it lacks one."""
+    if not Path(path).exists():
+        raise InputError(f"{key} {path} does not exist: run piadm generate-data first")
+    ds = xr.open_zarr(path)
     for name in names:
         if name not in ds.data_vars:
-            raise InputError(f"train: {name!r} is not in {t.data}: it has {', '.join(ds.data_vars)}")
+            raise InputError(f"train: {name!r} is not in {path}: it has {', '.join(ds.data_vars)}")
+    return ds[names]
+
+
+def _trajectory(ds: xr.Dataset) -> dict | None:
+    """The [data] settings piadm generate-data recorded for a store, or None."""
+    try:
+        return tomllib.loads(ds.attrs["config"])["data"]
+    except (KeyError, TypeError, tomllib.TOMLDecodeError):
+        return None
+
+
+def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str]) -> list[xr.Dataset]:
+    """The stores of ``train.extra``, checked against ``train.data``'s: the same variables and
+    field shapes, and not a stretch of the same trajectory (which holds its held-out times)."""
+    extras, mine = [], _trajectory(first)
+    for path in t.extra:
+        ds = _open_store(path, names, "train.extra")
+        for name in names:
+            if ds[name].shape[1:] != first[name].shape[1:]:
+                raise InputError(f"train.extra {path} holds {name} of shape "
+                                 f"{ds[name].shape[1:]}, train.data {first[name].shape[1:]}: "
+                                 "generate it at train.data's resolution")
+        theirs = _trajectory(ds)
+        if mine and theirs and theirs.get("seed") == mine.get("seed") and all(
+                theirs.get(k) == mine.get(k) for k in ("resolution", "viscosity", "drag",
+                                                       "forcing_wavenumber", "spinup")):
+            raise InputError(f"train.extra {path} is the trajectory of train.data (data.seed = "
+                             f"{mine.get('seed')}), so it holds the held-out times: generate it "
+                             "with another data.seed")
+        extras.append(ds.drop_vars(list(ds.coords)))
+    return extras
+
+
+def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
+    """(training, validation): train.data split by time, the training split followed by every
+    time of the train.extra stores; raises InputError for a bad dataset."""
+    names = [name for name in (t.variable, t.condition) if name]
+    ds = _open_store(t.data, names, "train.data")
     n = ds.sizes["time"]
     cut = held_out_start(n, t.validation)
     if cut < 1 or cut >= n:
         raise InputError(f"train.validation = {t.validation} leaves no training or validation "
                          f"times out of {n}")
-    fields = ds[t.variable]
-    mean, std = (float(v) for v in dask.compute(fields[:cut].mean(), fields[:cut].std()))
-    bound = largest_mode_power((fields[a : min(a + 256, cut)].values for a in range(0, cut, 256)),
+    extras = _extra_stores(t, ds, names)
+    trn, val = ds.isel(time=slice(0, cut)), ds.isel(time=slice(cut, n))
+    if extras:  # by position: the trajectories' times need not differ
+        trn = xr.concat([trn.drop_vars(list(trn.coords)), *extras], "time")
+    fields = trn[t.variable]
+    mean, std = (float(v) for v in dask.compute(fields.mean(), fields.std()))
+    m = fields.sizes["time"]
+    bound = largest_mode_power((fields[a : min(a + 256, m)].values for a in range(0, m, 256)),
                                mean, std)
-    if sum(ds[name].nbytes for name in names) < t.cache_mb * 2**20:
+    if trn.nbytes + val.nbytes < t.cache_mb * 2**20:
         # a random batch touches a whole chunk per time: under the budget, read everything once
-        ds = ds[names].load()
-        fields = ds[t.variable]
-    coarse = ds[t.condition] if t.condition else None
-    part = lambda sl: Dataset(fields.isel(time=sl), None if coarse is None else  # noqa: E731
-                              coarse.isel(time=sl), mean, std, bound, t.residual)
-    return part(slice(0, cut)), part(slice(cut, n))
+        trn, val = trn.load(), val.load()
+    part = lambda d: Dataset(d[t.variable], d[t.condition] if t.condition else None,  # noqa: E731
+                             mean, std, bound, t.residual)
+    return part(trn), part(val)
 
 
 def _draws(seed: int, step: int, batch: int, n: int, shape, t: TrainConfig):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 from models.learned import unet_score_model
 from pipeline.cli import main
@@ -26,6 +27,16 @@ def dataset(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "k.zarr"
     sets = ["data.resolution=16", "data.spinup=1.0", "data.interval=0.25", "data.snapshots=16",
             "data.chunk=8", f"data.path={path}"]
+    assert main(["generate-data", "jobs/configs/kolmogorov.toml", *sum((["--set", s] for s in sets), [])]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """A second, independent trajectory (data.seed = 1) at the same resolution."""
+    path = tmp_path_factory.mktemp("data") / "k1.zarr"
+    sets = ["data.resolution=16", "data.spinup=1.0", "data.interval=0.25", "data.snapshots=8",
+            "data.chunk=8", "data.seed=1", f"data.path={path}"]
     assert main(["generate-data", "jobs/configs/kolmogorov.toml", *sum((["--set", s] for s in sets), [])]) == 0
     return path
 
@@ -294,3 +305,41 @@ def test_a_residual_run_without_a_condition_is_a_one_line_error(tmp_path, datase
     err = capsys.readouterr().err.strip()
     assert "train.residual" in err and "train.condition" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r.pt").exists()
+
+
+def test_extra_stores_are_trained_on_and_the_held_out_split_stays_train_datas(dataset, other):
+    from pipeline.config import TrainConfig
+    from pipeline.train import open_dataset
+
+    plain = TrainConfig(data=str(dataset), condition="vorticity_coarse", validation=0.25)
+    more = TrainConfig(data=str(dataset), condition="vorticity_coarse", validation=0.25,
+                       extra=(str(other),))
+    (a, held_a), (b, held_b) = open_dataset(plain), open_dataset(more)
+    assert a.fields.sizes["time"] == 12 and b.fields.sizes["time"] == 12 + 8
+    assert np.array_equal(held_a.fields.values, held_b.fields.values)
+    truth = np.concatenate([a.fields.values, xr.open_zarr(other)["vorticity"].values])
+    assert np.array_equal(b.fields.values, truth)
+    assert b.coarse.sizes["time"] == 20
+    assert b.mean == pytest.approx(truth.mean(), abs=1e-6) and b.std == pytest.approx(truth.std(), rel=1e-5)
+    x, c = b.batch(np.array([15, 2]), "cpu")  # a time of the extra store, one of train.data's
+    assert torch.allclose(x[0], torch.as_tensor((truth[15] - b.mean) / b.std, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("case", ["same trajectory", "same store", "other shape"])
+def test_a_bad_extra_store_is_a_one_line_error_before_training(tmp_path, dataset, case, capsys):
+    store = {"same trajectory": tmp_path / "again.zarr", "same store": dataset,
+             "other shape": tmp_path / "big.zarr"}[case]
+    if case != "same store":
+        sets = ["data.resolution=32" if case == "other shape" else "data.resolution=16",
+                "data.spinup=1.0", "data.interval=0.25", "data.snapshots=8", "data.chunk=8",
+                f"data.path={store}"]
+        assert main(["generate-data", "jobs/configs/kolmogorov.toml",
+                     *sum((["--set", s] for s in sets), [])]) == 0
+        capsys.readouterr()
+    ckpt = tmp_path / "x.pt"
+    assert main(_train_args(dataset, ckpt, f'train.extra=["{store}"]')) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "train.extra" in lines[-1] and all(line.startswith("piadm train:") for line in lines[:-1])
+    assert {"same trajectory": "data.seed", "same store": "repeats",
+            "other shape": "resolution"}[case] in lines[-1]
+    assert not ckpt.exists()
