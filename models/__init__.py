@@ -22,7 +22,8 @@ MODELS = {
         tuple(c.shape), components=c.components, spread=c.spread, std=c.std, seed=c.seed,
         weights=list(c.weights) or None,
     ),
-    "unet": lambda c, device: load_unet(c.checkpoint, tuple(c.shape), device),
+    "unet": lambda c, device: load_unet(c.checkpoint, tuple(c.shape), device, c.guide,
+                                        c.guidance),
     "module": load_module,  # bring your own network: model.target (models/module.py)
     "diffusers": load_pretrained,  # a diffusers save_pretrained folder (models/pretrained.py)
 }

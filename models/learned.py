@@ -9,6 +9,7 @@ import torch
 
 from models.adapters import NetworkAdapter
 from models.conditioning import MeanShift, spectral_upsample, upsample_blocks
+from models.guidance import Guided
 from pipeline.clock import VE
 
 
@@ -67,30 +68,57 @@ class LearnedUNet:
         return replace(self, cond=up(coarse.float(), self.shape)[None])
 
 
-def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu") -> LearnedUNet:
-    """The EMA model of ``checkpoint``; raises ConfigError naming model.checkpoint or
-    model.shape when they do not fit."""
+def _read(checkpoint: str, key: str, device):
+    """(denoiser, metadata) of a piadm train checkpoint; raises ConfigError naming config key
+    ``key`` when it is missing or unreadable."""
     from models.checkpoint import load_denoiser
     from pipeline.errors import ConfigError
 
     if not checkpoint or not Path(checkpoint).is_file():
-        raise ConfigError(f"config: model.checkpoint = {checkpoint!r} is not a file: point it at "
+        raise ConfigError(f"config: {key} = {checkpoint!r} is not a file: point it at "
                           "a piadm train checkpoint (e.g. models/checkpoints/kolmogorov_uncond.pt)")
     try:
-        den, meta = load_denoiser(checkpoint, device)
+        return load_denoiser(checkpoint, device)
     except FileNotFoundError as err:  # the weights without their sidecar
-        raise ConfigError(f"config: model.checkpoint = {checkpoint!r} has no metadata file "
+        raise ConfigError(f"config: {key} = {checkpoint!r} has no metadata file "
                           f"{err.filename}: piadm train writes both; copy the .json beside "
                           "the checkpoint") from None
     except (RuntimeError, ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError) as err:
         first = ("not a tensors-only torch file" if isinstance(err, pickle.UnpicklingError)
                  else (str(err).strip().splitlines() or [type(err).__name__])[0])
-        raise ConfigError(f"config: model.checkpoint = {checkpoint!r} is not a readable piadm "
+        raise ConfigError(f"config: {key} = {checkpoint!r} is not a readable piadm "
                           f"checkpoint (truncated, damaged or not one: {first[:120]}): train it "
                           "again or point at another") from None
+
+
+def _same_units(meta: dict, guide_meta: dict) -> bool:
+    """Whether two checkpoints were trained in the same normalised units on the same task."""
+    close = lambda a, b: abs(a - b) <= 1e-6 * max(abs(b), 1e-12)  # noqa: E731
+    return (close(guide_meta["std"], meta["std"])
+            and abs(guide_meta["mean"] - meta["mean"]) <= 1e-6 * meta["std"]
+            and all(guide_meta.get(k) == meta.get(k) for k in ("variable", "condition", "residual")))
+
+
+def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu", guide: str = "",
+              guidance: float = 1.0) -> LearnedUNet:
+    """The EMA model of ``checkpoint``, autoguided (``models.guidance``) by the weaker
+    checkpoint ``guide`` with weight ``guidance`` when ``guide`` is set; raises ConfigError
+    naming model.checkpoint, model.guide or model.shape when they do not fit."""
+    from pipeline.errors import ConfigError
+
+    den, meta = _read(checkpoint, "model.checkpoint", device)
     if tuple(meta["shape"]) != tuple(shape):
         raise ConfigError(f"config: model.shape = {list(shape)} but {checkpoint} was trained on "
                           f"{meta['shape']}: set model.shape = {meta['shape']}")
+    if guide:
+        weak, guide_meta = _read(guide, "model.guide", device)
+        if tuple(guide_meta["shape"]) != tuple(shape) or not _same_units(meta, guide_meta):
+            raise ConfigError(
+                f"config: model.guide = {guide!r} was not trained on the same data as "
+                f"{checkpoint} (shape, variable, conditioning or normalisation differ: mean "
+                f"{guide_meta['mean']:.6g} std {guide_meta['std']:.6g} against {meta['mean']:.6g} "
+                f"{meta['std']:.6g}): train the guide with the same train.data and train.extra")
+        den = Guided(den, weak, guidance)
     return LearnedUNet(den, tuple(shape), meta["mean"], meta["std"], den.cfg.cond_channels,
                        meta["variable"], data_bound=float(meta.get("data_bound", float("inf"))),
                        residual=bool(meta.get("residual", False)),

@@ -88,7 +88,10 @@ def _cmd_sample(args, world) -> int:
         print0(world, on_rank0(world, dry_run, cfg, ranks))
         return 0
     cfg, ranks, device, attrs = _setup(args, world, plan=True)
-    print0(world, f"piadm sample: {cfg.sampler.method} on {cfg.model.kind} {list(cfg.model.shape)}, "
+    guided = (f" (autoguided by {cfg.model.guide}, weight {cfg.model.guidance:g})"
+              if cfg.model.guide else "")
+    print0(world, f"piadm sample: {cfg.sampler.method} on {cfg.model.kind} {list(cfg.model.shape)}"
+                  f"{guided}, "
                   f"{cfg.ensemble.members} members -> {cfg.output.path}; {world.size} ranks = "
                   f"{ranks.groups} group{'s' if ranks.groups > 1 else ''} x "
                   f"{cfg.parallel.time_slices} time slice{'s' if ranks.slices.size > 1 else ''}, "

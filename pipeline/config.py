@@ -35,6 +35,8 @@ class ModelConfig:
     seed: int = 0  # gmm: seed of the mode positions
     condition: str = "none"  # "mean" (exact models) or "coarse" (a conditional unet)
     checkpoint: str = ""  # unet: a piadm train checkpoint
+    guide: str = ""  # unet: a weaker checkpoint of the same data to guide away from (autoguidance)
+    guidance: float = 1.0  # unet: D = guide + guidance (checkpoint - guide); 1: no guidance
     data_bound: float = 0.0  # S for pc-window; 0: the model's own (exact, or the checkpoint's)
     emulate_ms: tuple[float, ...] = ()  # [latency, per_item]: an emulated accelerator; empty: off
     # Bring your own network (models/module.py, models/pretrained.py):
@@ -422,6 +424,15 @@ def _check_model(m: ModelConfig) -> None:
                f"has {len(m.weights)} values for model.components = {m.components}: give one each")
     _check(all(finite(v) for v in m.emulate_ms), "model.emulate_ms",
            f"= {list(m.emulate_ms)} must be finite numbers")
+    _check(finite(m.guidance) and 1 <= m.guidance <= 20, "model.guidance",
+           f"= {m.guidance} must be a number in [1, 20] (1: the checkpoint alone)")
+    _check(not m.guide or m.kind == "unet", "model.guide",
+           f"= {m.guide!r} guides a piadm U-Net: it needs model.kind = 'unet'")
+    _check(bool(m.guide) or m.guidance == 1, "model.guidance",
+           f"= {m.guidance} needs a weaker checkpoint to guide away from: set model.guide")
+    _check(not m.guide or m.guidance > 1, "model.guide",
+           f"= {m.guide!r} is unused at model.guidance = 1: set model.guidance > 1 (e.g. 2) "
+           "or drop model.guide")
 
 
 def _check_data(d: DataConfig) -> None:

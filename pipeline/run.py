@@ -87,8 +87,9 @@ def sample_batch(model, noise: Noise, *, method: str, grid: Grid, options: Optio
 
 
 def model_digest(cfg: Config) -> str:
-    """SHA-256 identifying the model: its checkpoint's bytes for a learned model, else its
-    section (an exact model is defined by it)."""
+    """SHA-256 identifying the model: its checkpoint's bytes for a learned model (with its
+    guide's and the guidance weight when guided), else its section (an exact model is defined
+    by it)."""
     if cfg.model.kind == "module":
         from models.module import module_digest
 
@@ -98,7 +99,11 @@ def model_digest(cfg: Config) -> str:
 
         return pretrained_digest(cfg.model)
     if cfg.model.checkpoint:
-        return hashlib.sha256(Path(cfg.model.checkpoint).read_bytes()).hexdigest()
+        digest = hashlib.sha256(Path(cfg.model.checkpoint).read_bytes())
+        if cfg.model.guide:  # the guided model is the pair and its weight
+            digest.update(Path(cfg.model.guide).read_bytes())
+            digest.update(repr(float(cfg.model.guidance)).encode())
+        return digest.hexdigest()
     text = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -1,0 +1,97 @@
+"""Autoguidance (models/guidance.py): the guided score, its checks and its identity."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from models.checkpoint import save_checkpoint
+from models.learned import load_unet
+from models.unet import Denoiser, UNetConfig
+from pipeline.api import load_config
+from pipeline.cli import main
+from pipeline.config import ConfigError
+from pipeline.run import model_digest
+
+SHAPE = (8, 8)
+
+
+def _checkpoint(path, seed, channels=(4, 8), **meta):
+    torch.manual_seed(seed)
+    den = Denoiser(UNetConfig(channels=channels, embed=8))
+    info = {"unet": den.cfg.to_dict(), "mean": 0.5, "std": 2.0, "variable": "vorticity",
+            "condition": "", "residual": False, "shape": list(SHAPE), "data_bound": 10.0}
+    info.update(meta)
+    save_checkpoint(path, {"ema": den.state_dict()}, info)
+    return str(path)
+
+
+def test_the_guided_score_extrapolates_from_the_guide_through_the_checkpoint(tmp_path):
+    strong = _checkpoint(tmp_path / "strong.pt", 0, channels=(8, 16))
+    weak = _checkpoint(tmp_path / "weak.pt", 1)
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(2))
+    u = torch.tensor([0.05, 1.0, 6.0])
+    s_strong = load_unet(strong, SHAPE)(x, u)
+    s_weak = load_unet(weak, SHAPE)(x, u)
+    guided = load_unet(strong, SHAPE, guide=weak, guidance=2.5)
+    # the score is affine in the denoiser, so the denoisers' combination is the scores'
+    torch.testing.assert_close(guided(x, u), s_weak + 2.5 * (s_strong - s_weak),
+                               rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(guided(x, u), s_strong, atol=1e-3)
+    torch.testing.assert_close(load_unet(strong, SHAPE, guide=weak, guidance=1.0)(x, u), s_strong)
+    assert guided.data_std == 2.0 and guided.cond_channels == 0
+
+
+@pytest.mark.parametrize("change", [{"std": 2.1}, {"mean": 0.7}, {"variable": "u"},
+                                    {"residual": True}, {"shape": [16, 16]}])
+def test_a_guide_of_other_units_or_another_task_is_refused(tmp_path, change):
+    strong = _checkpoint(tmp_path / "strong.pt", 0)
+    weak = _checkpoint(tmp_path / "weak.pt", 1, **change)
+    with pytest.raises(ConfigError, match="model.guide = .* was not trained on the same data"):
+        load_unet(strong, SHAPE, guide=weak, guidance=2.0)
+
+
+@pytest.mark.parametrize("sets, needle", [
+    ({"model.guide": "", "model.guidance": 2.0}, "model.guidance = 2.0 needs a weaker checkpoint"),
+    ({"model.guide": "x.pt", "model.guidance": 1.0}, "is unused at model.guidance = 1"),
+    ({"model.guide": "x.pt", "model.guidance": 0.5}, "model.guidance = 0.5 must be a number in [1, 20]"),
+    ({"model.guide": "x.pt", "model.guidance": float("nan")}, "must be a number in [1, 20]"),
+])
+def test_guidance_settings_are_checked(sets, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("jobs/configs/kolmogorov_uncond.toml", sets)
+    assert needle in str(err.value)
+
+
+def test_a_guide_needs_a_unet():
+    with pytest.raises(ConfigError, match="model.guide = 'x.pt' guides a piadm U-Net"):
+        load_config("jobs/configs/grf.toml", {"model.guide": "x.pt", "model.guidance": 2.0})
+
+
+def test_a_missing_guide_is_one_line_before_anything_is_written(tmp_path, capsys):
+    args = ["sample", "jobs/configs/kolmogorov_uncond.toml", "--set",
+            f"model.guide={json.dumps(str(tmp_path / 'none.pt'))}", "--set", "model.guidance=2",
+            "--set", f"output.path={json.dumps(str(tmp_path / 'out.zarr'))}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "model.guide = " in errors[0] and "is not a file" in errors[0]
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_the_model_identity_covers_the_guide_and_its_weight(tmp_path):
+    strong = _checkpoint(tmp_path / "strong.pt", 0)
+    weak = _checkpoint(tmp_path / "weak.pt", 1)
+    other = _checkpoint(tmp_path / "other.pt", 3)
+    cfg = load_config("jobs/configs/kolmogorov_uncond.toml", {
+        "model.checkpoint": strong, "model.shape": list(SHAPE), "model.guide": weak,
+        "model.guidance": 2.0})
+    digests = {model_digest(cfg),
+               model_digest(dataclasses.replace(cfg, model=dataclasses.replace(
+                   cfg.model, guidance=3.0))),
+               model_digest(dataclasses.replace(cfg, model=dataclasses.replace(
+                   cfg.model, guide=other))),
+               model_digest(dataclasses.replace(cfg, model=dataclasses.replace(
+                   cfg.model, guide="", guidance=1.0)))}
+    assert len(digests) == 4
+
