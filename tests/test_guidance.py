@@ -95,3 +95,13 @@ def test_the_model_identity_covers_the_guide_and_its_weight(tmp_path):
                    cfg.model, guide="", guidance=1.0)))}
     assert len(digests) == 4
 
+
+def test_the_shipped_unconditional_model_is_autoguided_in_its_own_units():
+    from models import build_model
+    from models.guidance import Guided
+
+    cfg = load_config("jobs/configs/kolmogorov_uncond.toml")
+    assert cfg.model.guide and cfg.model.guidance > 1
+    model = build_model(cfg.model)  # refuses a guide in other units
+    assert isinstance(model.den, Guided) and model.den.guidance == cfg.model.guidance
+    assert model.den.strong.cfg.channels != model.den.weak.cfg.channels
