@@ -25,3 +25,17 @@ def test_the_config_key_wraps_any_model_and_is_off_by_default():
     assert not isinstance(build_model(load_config(None, []).model), Emulated)
     model = build_model(load_config(None, ["model.emulate_ms=[5, 1]", "model.shape=[8, 8]"]).model)
     assert isinstance(model, Emulated) and model.seconds(65) == (5 + 65) / 1000
+
+
+def test_bench_reports_the_exact_w2_of_the_model_itself_when_emulating():
+    # the W2 is the law's: it must not run its impulse responses through the emulated sleeps
+    from pipeline.bench import bench_shape
+
+    sets = ["model.shape=[8, 8]", "sampler.steps=40", "bench.members=1",
+            'bench.methods=["sequential-sde"]']
+    plain = bench_shape(load_config(None, sets), (8, 8))[0]
+    start = time.perf_counter()
+    emulated = bench_shape(load_config(None, sets + ["model.emulate_ms=[20, 1]"]), (8, 8))[0]
+    # the timed run's own 40 calls sleep 40 x 21 ms; the W2's impulse runs would add far more
+    assert time.perf_counter() - start < 40 * 0.021 * 4
+    assert emulated["w2"] == plain["w2"] and plain["w2"] is not None
