@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from models import STAT_ERRORS, build_model
-from models.emulate import Emulated
 from pipeline.comm import SerialComm
 from pipeline.config import Config
 from pipeline.console import on_rank0, print0
@@ -197,10 +196,7 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
                    else stat_error(model, y.to(torch.float64), s.u_min, s.denoise_final))
             if method not in w2s:  # the law's, so once for every seed
                 affordable = exact_law and _w2_affordable(method, s.steps, shape, options)
-                # the law, not a timing: on the model itself, never through an emulated device,
-                # whose sleeps over the impulse runs would take hours
-                law_model = model.base if isinstance(model, Emulated) else model
-                w2s[method] = grf_w2(law_model, method, grid, options) if affordable else None
+                w2s[method] = grf_w2(model, method, grid, options) if affordable else None
             row = _row(method, seed, tolerances[method], comm.size, s.steps, math.prod(shape),
                        stats, ref_stats.model_calls, dist, err, timing, w2=w2s[method])
             row["collectives"] = collectives
