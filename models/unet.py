@@ -8,7 +8,9 @@ units where its std is ``sigma_data``:
     c_out = sigma sd / sqrt(sigma^2 + sd^2), c_noise = log(sigma) / 4.
 
 F is a U-Net whose convolutions pad circularly (the fields are periodic), with a Fourier
-embedding of c_noise added to every residual block. Optional conditioning channels (e.g. a
+embedding of c_noise added to every residual block. With ``global_modes`` = m > 0 its coarsest
+level also mixes channels through the field's lowest Fourier modes (|k_x|, |k_y| <= m), so the
+largest scales are estimated from the whole field rather than from a convolution's window. Optional conditioning channels (e.g. a
 coarse field upsampled to the grid) are concatenated to the input. ``models.adapters`` turns
 the denoiser into a score on the OU clock (process VE, prediction x0).
 """
@@ -30,6 +32,7 @@ class UNetConfig:
     cond_channels: int = 0
     embed: int = 64
     sigma_data: float = 1.0
+    global_modes: int = 0  # m of GlobalMix at the coarsest level; 0: none
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -64,6 +67,36 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+class GlobalMix(nn.Module):
+    """h + P(W * FFT(Q h)): a residual channel mix per Fourier mode, for the modes with
+    |k_x|, |k_y| <= m of the (periodic) grid. Its receptive field is the whole field, which the
+    3x3 convolutions of a shallow U-Net never reach; the output projection P starts at zero, so
+    adding it to a trained network leaves that network's function unchanged."""
+
+    def __init__(self, c: int, modes: int, embed: int, width: int = 32):
+        super().__init__()
+        self.modes = modes
+        self.norm, self.inp = _norm(c), nn.Conv2d(c, width, 1)
+        self.scale = nn.Linear(embed, width)
+        rows = 2 * modes + 1
+        self.weight = nn.Parameter(torch.randn(width, width, rows, modes + 1, 2) / width)
+        self.out = nn.Conv2d(width, c, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        m, (height, width) = self.modes, h.shape[-2:]
+        z = self.inp(nn.functional.silu(self.norm(h))) * (1 + self.scale(emb))[:, :, None, None]
+        f = torch.fft.rfft2(z.float(), norm="ortho")
+        rows = torch.cat([f[:, :, : m + 1, : m + 1], f[:, :, height - m :, : m + 1]], 2)
+        mixed = torch.einsum("bixy,ioxy->boxy", rows, torch.view_as_complex(self.weight))
+        g = torch.zeros_like(f)
+        g[:, :, : m + 1, : m + 1] = mixed[:, :, : m + 1]
+        g[:, :, height - m :, : m + 1] = mixed[:, :, m + 1 :]
+        z = torch.fft.irfft2(g, s=(height, width), norm="ortho").to(h.dtype)
+        return h + self.out(z)
+
+
 class UNet(nn.Module):
     """F(x, c_noise): (B, 1 + cond, H, W), (B,) -> (B, 1, H, W); H, W divisible by
     2^(levels - 1)."""
@@ -76,6 +109,7 @@ class UNet(nn.Module):
         self.inp = _conv(1 + cfg.cond_channels, c[0])
         self.down = nn.ModuleList(ResBlock(a, b, e) for a, b in zip((c[0],) + c[:-1], c))
         self.mid = ResBlock(c[-1], c[-1], e)
+        self.mix = GlobalMix(c[-1], cfg.global_modes, e) if cfg.global_modes else None
         self.up = nn.ModuleList(ResBlock(2 * b, a, e) for a, b in zip((c[0],) + c[:-1], c))
         self.out = nn.Sequential(_norm(c[0]), nn.SiLU(), _conv(c[0], 1))
 
@@ -89,6 +123,8 @@ class UNet(nn.Module):
             if i < len(self.down) - 1:
                 h = nn.functional.avg_pool2d(h, 2)
         h = self.mid(h, emb)
+        if self.mix is not None:
+            h = self.mix(h, emb)
         for i, block in reversed(list(enumerate(self.up))):
             h = block(torch.cat([h, skips[i]], 1), emb)
             if i > 0:

@@ -237,7 +237,8 @@ def _cmd_train(args, world) -> int:
 
     cfg, _, device = _setup(args, world)
     t = cfg.train
-    print0(world, f"piadm train: U-Net {list(t.channels)} on {t.data}:{t.variable}"
+    mix = f" + global mixing of k <= {t.global_modes}" if t.global_modes else ""
+    print0(world, f"piadm train: U-Net {list(t.channels)}{mix} on {t.data}:{t.variable}"
                   f"{' | ' + t.condition if t.condition else ''}"
                   f"{f' (+ {len(t.extra)} more stores)' if t.extra else ''}, {t.steps} steps of "
                   f"{t.batch_size} over {world.size} ranks -> {t.checkpoint}")

@@ -169,6 +169,9 @@ class TrainConfig:
     init: str = ""
     seed: int = 0
     channels: tuple[int, ...] = (32, 64, 96)
+    # lowest Fourier modes the coarsest level mixes over the whole field (models.unet.GlobalMix);
+    # 0: none. A run with train.init from a network without it adds it, starting at zero
+    global_modes: int = 0
     p_mean: float = -1.2  # log-normal training noise levels (EDM)
     p_std: float = 1.2
     cache_mb: float = 1024.0  # splits smaller than this are read into memory once; 0: lazy reads
@@ -457,6 +460,8 @@ def _check_train(t: TrainConfig) -> None:
     _check(t.val_every >= 1 and t.log_every >= 1, "train.val_every", "and train.log_every must be >= 1")
     _check(len(t.channels) >= 1 and min(t.channels) >= 8, "train.channels",
            f"= {list(t.channels)}: give one width >= 8 per level")
+    _check(0 <= t.global_modes <= 16, "train.global_modes",
+           f"= {t.global_modes} must be in [0, 16] (0: no global mixing)")
     _check(not t.residual or bool(t.condition), "train.residual",
            "= true needs a coarse field to take the remainder from: set train.condition")
     stores = [os.path.realpath(path) for path in (t.data, *t.extra)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dask
@@ -196,12 +196,16 @@ def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device
     except (FileNotFoundError, RuntimeError, ValueError, KeyError, OSError) as err:
         raise InputError(f"train.init = {init!r} is not a readable piadm checkpoint with its "
                          f".json sidecar ({type(err).__name__}): point it at one") from None
-    if trained.cfg != ucfg:
+    adds_mix = not trained.cfg.global_modes and trained.cfg == replace(ucfg, global_modes=0)
+    if trained.cfg != ucfg and not adds_mix:
         raise InputError(f"train.init = {init!r} is a U-Net {trained.cfg.to_dict()}, this "
-                         f"run's is {ucfg.to_dict()}: set train.channels (and condition) to "
-                         "match it")
-    den.load_state_dict(trained.state_dict())
-    ema.load_state_dict(trained.state_dict())
+                         f"run's is {ucfg.to_dict()}: set train.channels, condition and "
+                         "global_modes to match it")
+    # a new GlobalMix keeps its own initialisation, whose zero output projection leaves the
+    # trained function unchanged
+    for net in (den, ema):
+        missing, unexpected = net.load_state_dict(trained.state_dict(), strict=not adds_mix)
+        assert not unexpected and all(k.startswith("net.mix.") for k in missing), missing
 
 
 @dataclass
@@ -218,8 +222,13 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
     shape = tuple(trn.fields.shape[1:])
     # a residual's scale is far below the field's: the preconditioning is told it
     sd = round(trn.target_std(device), 4) if t.residual else 1.0
+    coarsest = min(shape) // 2 ** (len(t.channels) - 1)
+    if 2 * t.global_modes + 1 > coarsest:
+        raise InputError(f"train.global_modes = {t.global_modes} needs a coarsest grid of at "
+                         f"least {2 * t.global_modes + 1} points, this network's is {coarsest}: "
+                         f"set it to at most {(coarsest - 1) // 2}")
     ucfg = UNetConfig(channels=tuple(t.channels), cond_channels=1 if t.condition else 0,
-                      sigma_data=sd)
+                      sigma_data=sd, global_modes=t.global_modes)
     torch.manual_seed(t.seed)
     den = Denoiser(ucfg).to(device)
     ema = copy.deepcopy(den).requires_grad_(False)
