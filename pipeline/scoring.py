@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from pipeline.bands import band_figures, spectral_bands
+from pipeline.bands import band_figures, correlation_block, spectral_bands
 from pipeline.evaluation import crps, energy_spectra, power_spectra, rank_histogram
 from pipeline.inputs import _label
 from pipeline.store import field_variable, open_store
@@ -183,7 +183,10 @@ def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | Non
         ens_spectra = np.concatenate(ens_spectra)
         kmax = kmax or shape[-1] // 8
         bands = spectral_bands(shape[-1], cut=cut, input_n=input_n)
-        figs = band_figures(ens_spectra, truth_spectra, bands, paired=paired)
+        block = 1 if paired else correlation_block(truth_spectra)
+        figs = band_figures(ens_spectra, truth_spectra, bands, paired=paired, block=block)
+        if not paired:
+            attrs["truth_block"] = block
         out = out.assign_coords(k=k.astype(np.int32))  # NetCDF 3 has no int64
         out["spectrum_ensemble"] = (("k",), ens_spectra.mean(0))
         out["spectrum_truth"] = (("k",), truth_spectra.mean(0))
@@ -226,6 +229,9 @@ def table(metrics: xr.Dataset) -> str:
                          f"{b('energy_ratio_hi'):.2f}], max |ratio - 1| "
                          f"{b('max_deviation'):.2f} [{b('max_deviation_lo'):.2f}, "
                          f"{b('max_deviation_hi'):.2f}]"))
+    if "truth_block" in a:
+        rows.append(("intervals", f"90% bootstrap, the truth in blocks of {a['truth_block']} "
+                                  "consecutive fields"))
     if "rank_histogram" in metrics:
         h = metrics["rank_histogram"].values
         rows.append(("rank histogram (share)", " ".join(f"{c / h.sum():.2f}" for c in h)))

@@ -3,7 +3,7 @@ ratios they name, and that the bootstrap intervals cover the figures and tell pa
 from unpaired ones."""
 import numpy as np
 
-from pipeline.bands import band_figures, spectral_bands
+from pipeline.bands import Band, band_figures, correlation_block, spectral_bands
 
 
 def _names(bands):
@@ -72,3 +72,37 @@ def test_shells_where_the_truth_has_nothing_are_left_out():
     figs = band_figures(truth * 2, truth, spectral_bands(64, cut=21), paired=True)
     assert np.isnan(figs.ratio[30:]).all()
     assert np.allclose(figs.energy_ratio[1, 0], 2.0) and np.allclose(figs.max_deviation[1, 0], 1.0)
+
+
+def _ar1(rng, m, k, rho):
+    """m consecutive rows of k AR(1) columns with lag-one correlation rho, unit variance."""
+    x = np.empty((m, k))
+    x[0] = rng.standard_normal(k)
+    for i in range(1, m):
+        x[i] = rho * x[i - 1] + np.sqrt(1 - rho ** 2) * rng.standard_normal(k)
+    return x
+
+
+def test_the_truth_block_follows_the_slowest_columns_correlation():
+    rng = np.random.default_rng(0)
+    white = rng.standard_normal((2000, 3))
+    assert correlation_block(white) == 4  # e-folds within one row
+    slow = np.concatenate([white, _ar1(rng, 2000, 1, 0.95)], axis=1)  # e-folds in about 20
+    assert 70 <= correlation_block(slow) <= 90
+    assert correlation_block(_ar1(rng, 200, 1, 0.999)) == 50  # capped at a quarter of the rows
+    assert correlation_block(np.ones((100, 2))) == 1 and correlation_block(white[:5]) == 1
+
+
+def test_block_intervals_cover_a_correlated_truth_and_row_by_row_ones_do_not():
+    rng = np.random.default_rng(1)
+    bands = [Band("resolved", 1, 1)]
+    ens = 1 + 0.3 * rng.standard_normal((4000, 1))  # independent members, mean 1
+    covered = {"rows": 0, "blocks": 0}
+    for trial in range(40):
+        truth = 1 + 0.3 * _ar1(rng, 1000, 1, 0.95)  # one trajectory of the same climate
+        block = correlation_block(truth)
+        for name, b in (("rows", 1), ("blocks", block)):
+            figs = band_figures(ens, truth, bands, paired=False, draws=400, seed=trial, block=b)
+            covered[name] += figs.ratio_lo[0] <= 1 <= figs.ratio_hi[0]
+    assert covered["blocks"] >= 0.7 * 40  # a 90% interval, from about 12 blocks a resample
+    assert covered["rows"] <= 0.5 * 40  # row by row: about 6 times too narrow

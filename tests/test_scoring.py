@@ -90,6 +90,7 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     assert right["spectrum_max_deviation"] < 0.35
     assert scaled["spectrum_max_deviation"] > 0.7  # power / 4
     assert "crps" not in right
+    assert 1 <= right["truth_block"] <= 8  # independent truth fields: short blocks, <= M / 4
     # per band, with bootstrap intervals over the fields: the right truth's cover 1, the
     # rescaled one's sit at a quarter
     assert right["bands"] == "resolved,beyond" and right["band_resolved_k"] == "1..6"
