@@ -10,9 +10,10 @@ units where its std is ``sigma_data``:
 F is a U-Net whose convolutions pad circularly (the fields are periodic), with a Fourier
 embedding of c_noise added to every residual block. With ``global_modes`` = m > 0 its coarsest
 level also mixes channels through the field's lowest Fourier modes (|k_x|, |k_y| <= m), so the
-largest scales are estimated from the whole field rather than from a convolution's window. Optional conditioning channels (e.g. a
-coarse field upsampled to the grid) are concatenated to the input. ``models.adapters`` turns
-the denoiser into a score on the OU clock (process VE, prediction x0).
+largest scales are estimated from the whole field rather than from a convolution's window.
+Optional conditioning channels (e.g. a coarse field upsampled to the grid) are concatenated to
+the input. ``models.adapters`` turns the denoiser into a score on the OU clock (process VE,
+prediction x0).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class ResBlock(nn.Module):
 class GlobalMix(nn.Module):
     """h + P(W * FFT(Q h)): a residual channel mix per Fourier mode, for the modes with
     |k_x|, |k_y| <= m of the (periodic) grid. Its receptive field is the whole field, which the
-    3x3 convolutions of a shallow U-Net never reach; the output projection P starts at zero, so
+    3x3 convolutions of a shallow U-Net barely reach; the output projection P starts at zero, so
     adding it to a trained network leaves that network's function unchanged."""
 
     def __init__(self, c: int, modes: int, embed: int, width: int = 32):
@@ -87,9 +88,9 @@ class GlobalMix(nn.Module):
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         m, (height, width) = self.modes, h.shape[-2:]
         z = self.inp(nn.functional.silu(self.norm(h))) * (1 + self.scale(emb))[:, :, None, None]
-        f = torch.fft.rfft2(z.float(), norm="ortho")
+        f = torch.fft.rfft2(z.float(), norm="ortho")  # FFTs and weights in float32 at any dtype
         rows = torch.cat([f[:, :, : m + 1, : m + 1], f[:, :, height - m :, : m + 1]], 2)
-        mixed = torch.einsum("bixy,ioxy->boxy", rows, torch.view_as_complex(self.weight))
+        mixed = torch.einsum("bixy,ioxy->boxy", rows, torch.view_as_complex(self.weight.float()))
         g = torch.zeros_like(f)
         g[:, :, : m + 1, : m + 1] = mixed[:, :, : m + 1]
         g[:, :, height - m :, : m + 1] = mixed[:, :, m + 1 :]
