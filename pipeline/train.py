@@ -196,7 +196,7 @@ def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device
     except (FileNotFoundError, RuntimeError, ValueError, KeyError, OSError) as err:
         raise InputError(f"train.init = {init!r} is not a readable piadm checkpoint with its "
                          f".json sidecar ({type(err).__name__}): point it at one") from None
-    adds_mix = not trained.cfg.global_modes and trained.cfg == replace(ucfg, global_modes=0)
+    adds_mix = ucfg.global_modes > 0 and trained.cfg == replace(ucfg, global_modes=0)
     if trained.cfg != ucfg and not adds_mix:
         raise InputError(f"train.init = {init!r} is a U-Net {trained.cfg.to_dict()}, this "
                          f"run's is {ucfg.to_dict()}: set train.channels, condition and "
