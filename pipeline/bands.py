@@ -91,8 +91,9 @@ def correlation_block(series: np.ndarray) -> int:
     return int(min(max(1, m // 4), max(1, BLOCK_EFOLDS * lags.max())))
 
 
-def _picks(rng: np.random.Generator, n: int, draws: int, block: int) -> np.ndarray:
-    """Row indices (draws, n) of bootstrap resamples, in circular blocks of ``block`` rows."""
+def block_picks(rng: np.random.Generator, n: int, draws: int, block: int) -> np.ndarray:
+    """Row indices (draws, n) of bootstrap resamples of n rows, in circular blocks of
+    ``block`` consecutive rows (1: row by row)."""
     if block <= 1:
         return rng.integers(0, n, (draws, n))
     starts = rng.integers(0, n, (draws, -(-n // block)))
@@ -149,7 +150,7 @@ def band_figures(ens: np.ndarray, truth: np.ndarray, bands: list[Band], *, paire
     rng = np.random.default_rng(seed)
     e_mean, t_mean = ens.mean(0), truth.mean(0)
     pick_e = rng.integers(0, ens.shape[0], (draws, ens.shape[0]))
-    pick_t = pick_e if paired else _picks(rng, truth.shape[0], draws, block)
+    pick_t = pick_e if paired else block_picks(rng, truth.shape[0], draws, block)
     e_draws = ens[pick_e].mean(1)  # (draws, K)
     t_draws = truth[pick_t].mean(1)
     with np.errstate(divide="ignore", invalid="ignore"):

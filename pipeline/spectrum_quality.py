@@ -6,8 +6,9 @@ data's spectrum. The distance of an ensemble's mean radial spectrum E(k) (kineti
 vorticity, power otherwise) to the held-out data's T(k) is the root mean square over the
 resolved shells k = 1 .. K of ln(E(k) / T(k)): 0 for the data's spectrum, about 0.1 for 10%
 off at every scale, and every scale counts alike whatever energy it carries. Its sampling
-uncertainty is a bootstrap over the ensemble's members and the data's fields, resampled
-independently. The held-out data are the last ``train.validation`` share of ``train.data``'s
+uncertainty is a bootstrap over the ensemble's members (one by one: independent draws) and the
+data's fields (in blocks of consecutive times, ``pipeline.bands.correlation_block``: a
+trajectory's neighbouring times are correlated), resampled independently. The held-out data are the last ``train.validation`` share of ``train.data``'s
 times, which training never saw, in the model's normalised units.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bands import DRAWS, interval
+from pipeline.bands import DRAWS, block_picks, correlation_block, interval
 from pipeline.config import ConfigError, TrainConfig
 
 
@@ -55,11 +56,12 @@ def log_spectral_distance(ens: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def spectrum_error(ens: np.ndarray, held: HeldOut, *, seed: int = 0
                    ) -> tuple[float, float, float]:
     """(log-spectral distance of the ensemble spectra ``ens`` (M, K) to ``held``, and the ends
-    of its central ``LEVEL`` bootstrap interval)."""
+    of its central ``LEVEL`` bootstrap interval, the held-out times resampled in blocks)."""
     rng = np.random.default_rng(seed)
     m, t = len(ens), len(held.spectra)
-    draws = log_spectral_distance(ens[rng.integers(0, m, (DRAWS, m))],
-                                  held.spectra[rng.integers(0, t, (DRAWS, t))])
+    pick_e = rng.integers(0, m, (DRAWS, m))
+    pick_t = block_picks(rng, t, DRAWS, correlation_block(held.spectra))
+    draws = log_spectral_distance(ens[pick_e], held.spectra[pick_t])
     lo, hi = interval(draws)
     return float(log_spectral_distance(ens, held.spectra)), float(lo), float(hi)
 

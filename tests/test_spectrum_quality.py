@@ -38,6 +38,23 @@ def test_the_interval_holds_the_distance_and_shrinks_with_members():
     assert widths[1] < widths[0] / 2  # about 1 / sqrt(members)
 
 
+def test_correlated_held_out_times_widen_the_interval():
+    """Held-out times that follow each other closely hold fewer independent fields than rows:
+    resampled in blocks, the interval is several times wider than for the same rows shuffled."""
+    rng = np.random.default_rng(3)
+    t, rho = 400, 0.97
+    amp = np.empty(t)  # a slowly varying field amplitude: neighbouring times alike
+    amp[0] = rng.standard_normal()
+    for i in range(1, t):
+        amp[i] = rho * amp[i - 1] + np.sqrt(1 - rho ** 2) * rng.standard_normal()
+    fields = _fields(rng, t) * np.exp(0.2 * amp)[:, None, None]
+    spectra = shell_spectra(fields, "field", 8)
+    ens = shell_spectra(_fields(rng, 1024), "field", 8)
+    _, lo, hi = spectrum_error(ens, HeldOut(spectra, "field"))
+    _, lo_s, hi_s = spectrum_error(ens, HeldOut(spectra[rng.permutation(t)], "field"))
+    assert hi - lo > 2.5 * (hi_s - lo_s)
+
+
 def test_held_out_data_are_the_last_share_in_the_models_units(tmp_path):
     rng = np.random.default_rng(2)
     values = 1.0 + 2.0 * _fields(rng, 20)
