@@ -79,11 +79,18 @@ def finish(model, y: torch.Tensor, stats: Stats, u_min: float, options: Options)
     return denoise(model, y, u_min), stats + Stats(rounds=1, model_calls=1.0)
 
 
-def check_finite(y: torch.Tensor, keys, where: str) -> None:
+def check_finite(y: torch.Tensor, keys, where) -> None:
     """Raise ``PicardDivergence`` naming the first member of y (B, *S) that is NaN/Inf;
-    ``keys[b]`` is row b's (item, member) and ``where`` says when it was seen."""
-    bad = ~torch.isfinite(y.flatten(1)).all(1)
-    if bool(bad.any()):
-        item, member = keys[int(bad.nonzero()[0])]
-        raise PicardDivergence(f"member {member} of item {item} went NaN/Inf {where}: "
-                               f"{LIKELY_CAUSE}")
+    ``keys[b]`` is row b's (item, member) and ``where`` says when it was seen (a string, or
+    a function of the row that gives one)."""
+    check_rows(torch.isfinite(y.flatten(1)).all(1), keys, where)
+
+
+def check_rows(ok: torch.Tensor, keys, where) -> None:
+    """``check_finite`` on a finiteness verdict per row, ok (B,) bool."""
+    if bool(ok.all()):
+        return
+    row = int((~ok).nonzero()[0])
+    item, member = keys[row]
+    when = where(row) if callable(where) else where
+    raise PicardDivergence(f"member {member} of item {item} went NaN/Inf {when}: {LIKELY_CAUSE}")

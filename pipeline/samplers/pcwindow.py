@@ -39,8 +39,8 @@ from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
-from pipeline.samplers.common import LIKELY_CAUSE, field_mean, finish, per_point
-from pipeline.samplers.options import Options, PicardDivergence, Stats
+from pipeline.samplers.common import check_rows, field_mean, finish, per_point
+from pipeline.samplers.options import Options, Stats
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
 
 DEFAULT_WINDOW = 65  # p: measured on grf and the shipped U-Nets (docs/algorithms.md)
@@ -167,16 +167,6 @@ def _refill(states, xi, freed, chain, e, y_e, x0hat, t, noise, n):
     return states, xi
 
 
-def _check_finite(ok: torch.Tensor, start, noise: Noise, accepted) -> None:
-    if bool(ok.all()):
-        return
-    r = int((~ok).nonzero()[0])
-    item, member = noise.keys[r]
-    raise PicardDivergence(
-        f"member {member} of item {item} went NaN/Inf by step {int(start[r] + accepted[r])}: "
-        f"{LIKELY_CAUSE}")
-
-
 def _rebuild(states, g, xi, start, width, pos, valid, t: Tables, p, bounds, comm):
     """Step 2 on this rank's slots: the prefix sums Yhat of whole-step increments at the old
     states (``ring.chain_prefix``). Returns (Yhat at each own point (B, hi - lo, *S), the state
@@ -233,7 +223,7 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         accepted, bound = accept(summed[:, 0], y_rms, start, width, t, options.tol, stochastic)
         active = width > 0
         ok = ~active | torch.isfinite(y_rms[torch.arange(batch), accepted])
-        _check_finite(ok, start, noise, accepted)
+        check_rows(ok, noise.keys, lambda r: f"by step {int(start[r] + accepted[r])}")
         # 4. slide: kept points take their new values, freed slots the predictor's
         freed = valid & (chain < accepted[:, None])
         states = torch.where(_mask(freed, states), states, prefix)
