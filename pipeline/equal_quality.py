@@ -109,6 +109,8 @@ def learned_measure(cfg: Config, model, shape: tuple[int, ...], *, comm, device)
 
     def error(ref: str, n: int) -> float:
         grid = sampler_grid(_at_steps(cfg, n).sampler, model)
+        # a try can take many minutes (64 members x 1000 steps of a U-Net on a CPU): say so first
+        print0(comm, f"    {ref} at {n} steps: sampling {members} members ...")
         mine = [np.empty((0, held.kmax))]
         for a in range(lo, hi, QUALITY_BATCH):
             noise = Noise.members(s.seed, 0, range(a, min(a + QUALITY_BATCH, hi)), shape,

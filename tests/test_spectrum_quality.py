@@ -110,6 +110,9 @@ def test_bench_at_equal_quality_on_a_trained_model(tmp_path, trained, capsys):
     else:  # the tiny network's error converged above the quality: the search says so early
         assert "dpmpp-2m: not reached (the search stopped at" in text and max(curve) < 8192
     assert "dpmpp-2m at 2 steps: spectrum error" in text and "(8 members)" in text
+    # each try says it has started before it samples: a long one is not silent
+    assert text.index("dpmpp-2m at 2 steps: sampling 8 members ...") < text.index(
+        "dpmpp-2m at 2 steps: spectrum error")
 
 
 def test_bench_quality_refuses_a_conditioned_model(capsys):
