@@ -220,13 +220,13 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
     """Run (or resume) the training of ``t``; checkpoints on rank 0."""
     trn, held = open_dataset(t)
     shape = tuple(trn.fields.shape[1:])
-    # a residual's scale is far below the field's: the preconditioning is told it
-    sd = round(trn.target_std(device), 4) if t.residual else 1.0
     coarsest = min(shape) // 2 ** (len(t.channels) - 1)
     if 2 * t.global_modes + 1 > coarsest:
         raise InputError(f"train.global_modes = {t.global_modes} needs a coarsest grid of at "
                          f"least {2 * t.global_modes + 1} points, this network's is {coarsest}: "
                          f"set it to at most {(coarsest - 1) // 2}")
+    # a residual's scale is far below the field's: the preconditioning is told it
+    sd = round(trn.target_std(device), 4) if t.residual else 1.0
     ucfg = UNetConfig(channels=tuple(t.channels), cond_channels=1 if t.condition else 0,
                       sigma_data=sd, global_modes=t.global_modes)
     torch.manual_seed(t.seed)
