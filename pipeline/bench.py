@@ -6,7 +6,8 @@ rounds, model calls per member and their ratio to the sequential sampler's, the 
 distance to the sequential path with the same noise (``rel_dist``), the error of the
 ensemble's statistics against an exact model's target (``stat_err``: spectrum error for grf,
 mode-weight error for gmm), wall seconds (slowest rank; min and median over
-``bench.repeats``), the share of that time in collectives and the peak memory. With
+``bench.repeats``), the share of that time in collectives, the share that is the
+collectives' own (the rest is waiting for slower ranks) and the peak memory. With
 ``bench.seeds`` > 1 every method runs on each noise seed, and a ``worst`` row per method
 gives the largest rounds, calls and distance over the seeds."""
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pipeline.samplers import REFERENCE, SAMPLERS
 
 COLUMNS = ("method", "seed", "tol", "ranks", "steps", "d", "rounds", "model_calls",
            "calls_ratio", "rel_dist", "stat_err", "w2", "wall_s", "wall_med_s", "comm_share",
-           "peak_mib")
+           "own_share", "peak_mib")
 
 
 # An SDE sampler's exact W2 takes one run per step (pipeline.quality): steps^2 * d point-steps,
@@ -49,7 +50,7 @@ def _w2_affordable(method: str, steps: int, shape, options) -> bool:
 
 def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing, *,
          w2=None) -> dict:
-    walls, comm_s, peak = timing
+    walls, comm_s, own_s, peak = timing
     wall = min(walls)
     return {"method": method, "seed": seed, "tol": tol, "ranks": ranks, "steps": steps, "d": d,
             "rounds": stats.rounds, "model_calls": round(stats.model_calls, 1),
@@ -57,6 +58,7 @@ def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing
             "stat_err": err, "w2": w2, "wall_s": round(wall, 3),
             "wall_med_s": round(statistics.median(walls), 3), "repeats": len(walls),
             "comm_share": round(comm_s / wall, 4) if wall else 0.0,
+            "own_share": round(own_s / wall, 4) if wall else 0.0,
             "peak_mib": round(peak / 2**20, 1)}
 
 
@@ -64,7 +66,7 @@ def worst_row(rows: list[dict]) -> dict:
     """The worst over seeds of one method's rows: largest rounds, calls and distance."""
     out = dict(rows[-1], seed="worst", collectives={})
     for key in ("rounds", "model_calls", "calls_ratio", "rel_dist", "stat_err", "w2", "wall_s",
-                "wall_med_s", "comm_share", "peak_mib"):
+                "wall_med_s", "comm_share", "own_share", "peak_mib"):
         values = [r[key] for r in rows if r[key] is not None]
         out[key] = max(values) if values else None
     return out
@@ -78,7 +80,8 @@ def _format(row: dict) -> str:
     return (f"{row['method']:<15} {row['seed']!s:>5} {tol:>7} {row['ranks']:>5} {row['steps']:>6} "
             f"{row['d']:>9} {row['rounds']:>7} {row['model_calls']:>12.1f} "
             f"{row['calls_ratio']:>11.2f} {dist:>9} {err:>9} {w2:>9} {row['wall_s']:>8.2f} "
-            f"{row['wall_med_s']:>10.2f} {row['comm_share']:>10.3f} {row['peak_mib']:>9.1f}")
+            f"{row['wall_med_s']:>10.2f} {row['comm_share']:>10.3f} {row['own_share']:>9.3f} "
+            f"{row['peak_mib']:>9.1f}")
 
 
 LEGEND = ("columns: rounds = sequential batched model calls (the parallel depth); "
@@ -88,14 +91,16 @@ LEGEND = ("columns: rounds = sequential batched model calls (the parallel depth)
           "weights); w2 = the exact Wasserstein-2 distance of a sequential sampler's law to "
           "the grf target, relative (docs/algorithms.md section 7); "
           "wall_s, wall_med_s = min and median over bench.repeats; comm_share = "
-          "time in collectives over wall time")
+          "time in collectives over wall time (the rank that spent most); own_share = the "
+          "collectives' own time over wall time: per call the least any rank spent in it, as "
+          "the last rank to arrive waits for no other (the rest is waiting for slower ranks)")
 
 
 def header() -> str:
     return (f"{'method':<15} {'seed':>5} {'tol':>7} {'ranks':>5} {'steps':>6} {'d':>9} "
             f"{'rounds':>7} {'model_calls':>12} {'calls_ratio':>11} {'rel_dist':>9} "
             f"{'stat_err':>9} {'w2':>9} {'wall_s':>8} {'wall_med_s':>10} {'comm_share':>10} "
-            f"{'peak_mib':>9}")
+            f"{'own_share':>9} {'peak_mib':>9}")
 
 
 def _sync(device: torch.device) -> None:
@@ -109,21 +114,39 @@ def _since(comm, before: dict) -> dict:
             for k, v in comm.tally.items() if v[0] > before.get(k, [0, 0.0])[0]}
 
 
-def _collectives(comm, mine: dict) -> dict:
-    """Every rank's tally ``mine`` merged: counts as on every rank, seconds the largest."""
+def _collectives(comm, mine: dict, own: dict) -> dict:
+    """Every rank's tally ``mine`` merged with each kind's own seconds ``own``:
+    {kind: [count as on every rank, the largest seconds, own seconds]}."""
     merged: dict = {}
     for part in comm.allgather_object(mine):
         for kind, (count, seconds) in part.items():
-            entry = merged.setdefault(kind, [count, 0.0])
+            entry = merged.setdefault(kind, [count, 0.0, round(own.get(kind, 0.0), 6)])
             entry[1] = round(max(entry[1], seconds), 6)
     return merged
 
 
+def _own_seconds(comm, calls: list | None) -> dict[str, float]:
+    """Each kind's own seconds in ``calls``, this rank's (kind, seconds) of every collective
+    in order: per call the least time any rank spent in it, since the last rank to arrive
+    waits for no other; the rest of the time in collectives is waiting for slower ranks.
+    Empty for one rank, or where the ranks' records do not pair up."""
+    if calls is None:
+        return {}
+    sizes = comm.allreduce_max(torch.tensor([len(calls), -len(calls)], dtype=torch.float64))
+    if not calls or sizes[0] != -sizes[1]:  # the same verdict on every rank
+        return {}
+    least = comm.allreduce_min(torch.tensor([s for _, s in calls], dtype=torch.float64))
+    out: dict[str, float] = {}
+    for (kind, _), seconds in zip(calls, least.tolist()):
+        out[kind] = out.get(kind, 0.0) + seconds
+    return out
+
+
 def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeats=1):
     """Run one sampler ``repeats`` times; returns (y, stats, (wall seconds of each repeat,
-    comm s, peak bytes), collectives of the last repeat), wall, comm and peak the largest over
-    ranks (comm and peak of the last repeat). On a GPU an untimed first run pays for kernel
-    loading and FFT plans."""
+    comm s, the collectives' own s, peak bytes), collectives of the last repeat), wall, comm
+    and peak the largest over ranks (comm, own and peak of the last repeat). On a GPU an
+    untimed first run pays for kernel loading and FFT plans."""
     if device.type == "cuda":
         sampler(model, y0, grid, noise, comm=comm, options=options)
     walls = []
@@ -131,16 +154,20 @@ def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeat
         comm.barrier()
         tally = {k: list(v) for k, v in comm.tally.items()}
         comm_before, baseline = comm.seconds, start_peak(device)
+        if comm.size > 1:
+            comm.calls = []
         start = time.perf_counter()
         y, stats = sampler(model, y0, grid, noise, comm=comm, options=options)
         _sync(device)
         wall = time.perf_counter() - start
+        calls, comm.calls = comm.calls, None
         mine = _since(comm, tally)
         local = torch.tensor([wall, comm.seconds - comm_before, peak_since(device, baseline)],
                              dtype=torch.float64)
         wall, comm_s, peak = (float(v) for v in comm.allreduce_max(local))
         walls.append(wall)
-    return y, stats, (walls, comm_s, peak), _collectives(comm, mine)
+    own = _own_seconds(comm, calls)
+    return y, stats, (walls, comm_s, sum(own.values()), peak), _collectives(comm, mine, own)
 
 
 def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | None]:
@@ -204,8 +231,9 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
             print0(comm, _format(row))
             if collectives:
                 print0(comm, "    collectives: " + ", ".join(
-                    f"{kind} {count} x ({seconds:.3f} s, {count / stats.rounds:.1f} a round)"
-                    for kind, (count, seconds) in sorted(collectives.items())))
+                    f"{kind} {count} x ({seconds:.3f} s, of which {own:.3f} s its own, "
+                    f"{count / stats.rounds:.1f} a round)"
+                    for kind, (count, seconds, own) in sorted(collectives.items())))
     out = [row for m in methods for row in rows[m]]
     if cfg.bench.seeds > 1:
         for m in methods:

@@ -4,7 +4,9 @@ Samplers receive a communicator explicitly, never a global; a one-rank communica
 code path as many. Tensors passed to the collectives are reduced element-wise and keep their
 shape, dtype and device. ``seconds`` accumulates the wall time spent inside collectives, which
 the bench reports as the communication share, and ``tally`` the count and seconds of each kind
-of collective.
+of collective. Setting an ``MPIComm``'s ``calls`` to a list records every collective's kind and
+seconds in order, so that the bench can tell a collective's own time from waiting for other
+ranks.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class SerialComm:
 
     rank, size, seconds = 0, 1, 0.0
     tally: dict = {}  # one rank talks to no one
+    calls = None
 
     def exscan_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Exclusive prefix sum over ranks: sum of x on ranks < this rank (zeros on rank 0)."""
@@ -81,6 +84,7 @@ class MPIComm:
         self._mpi, self._comm = MPI, comm
         self.rank, self.size, self.seconds = comm.Get_rank(), comm.Get_size(), 0.0
         self.tally: dict[str, list] = {}  # kind -> [count, seconds]
+        self.calls: list[tuple[str, float]] | None = None  # a list: each call's (kind, seconds)
 
     def _count(self, kind: str, start: float) -> None:
         spent = time.perf_counter() - start
@@ -88,6 +92,8 @@ class MPIComm:
         entry[0] += 1
         entry[1] += spent
         self.seconds += spent
+        if self.calls is not None:
+            self.calls.append((kind, spent))
 
     def _reduce(self, x: torch.Tensor, op, exclusive: bool = False) -> torch.Tensor:
         start = time.perf_counter()
