@@ -125,13 +125,11 @@ def _collectives(comm, mine: dict, own: dict) -> dict:
     return merged
 
 
-def _own_seconds(comm, calls: list | None) -> dict[str, float]:
+def _own_seconds(comm, calls: list) -> dict[str, float]:
     """Each kind's own seconds in ``calls``, this rank's (kind, seconds) of every collective
     in order: per call the least time any rank spent in it, since the last rank to arrive
     waits for no other; the rest of the time in collectives is waiting for slower ranks.
-    Empty for one rank, or where the ranks' records do not pair up."""
-    if calls is None:
-        return {}
+    Empty where the ranks' records do not pair up."""
     sizes = comm.allreduce_max(torch.tensor([len(calls), -len(calls)], dtype=torch.float64))
     if not calls or sizes[0] != -sizes[1]:  # the same verdict on every rank
         return {}
@@ -154,8 +152,7 @@ def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeat
         comm.barrier()
         tally = {k: list(v) for k, v in comm.tally.items()}
         comm_before, baseline = comm.seconds, start_peak(device)
-        if comm.size > 1:
-            comm.calls = []
+        comm.calls = []
         start = time.perf_counter()
         y, stats = sampler(model, y0, grid, noise, comm=comm, options=options)
         _sync(device)
