@@ -9,7 +9,11 @@ member costs, on each of T slices with b members a batch,
     round = c(ceil(P / T) b) + h(ceil(P / T)) + k L ceil(log2 T),
 
 where h(n) is the sampler's own host work per round at n points a rank (measured), k its
-collectives per round and L the latency of one collective stage. Ranks that share a node's
+collectives per round and L the latency of one collective stage. Where the profile recorded
+the size of every model call of its member, the c term is the sum over those calls (each
+split over the slices) rather than the rounds times the mean call: a block that falls back to
+sequential steps makes one wide call and many of one point, which costs far more than as many
+calls of the mean. Ranks that share a node's
 cores share the part of that time that keeps a core busy: when R busy ranks of t threads each
 run on C cores with R t > C, that part takes R t / C times longer (ranks of groups left without
 a batch wait asleep). A batch takes the sampler's rounds
@@ -64,6 +68,12 @@ class Profile:
     host: tuple[float, ...]
     collectives: int
     steps: int = 0  # the steps it ran when not the config's (at equal quality), else 0
+    calls_by_size: tuple[tuple[int, int], ...] = ()  # (points, calls) of the member's calls
+
+    def call_sizes(self) -> tuple[tuple[int, int], ...]:
+        """(points, count) of one member's model calls: as measured, else ``rounds`` calls of
+        the mean points."""
+        return self.calls_by_size or ((math.ceil(self.points), self.rounds),)
 
     @property
     def points(self) -> float:
@@ -121,12 +131,15 @@ def predict(layout: Layout, profile: Profile, curve: CostCurve, machine: Machine
     """The time ``layout`` takes to sample ``members`` members (see the module docstring)."""
     t = layout.time_slices
     per_rank = math.ceil(profile.points / t)
-    wall, busy = curve.at(per_rank * layout.batch)
     host = profile.host_at(per_rank)
     batches = math.ceil(members / layout.batch)
     stretch = machine.stretch(min(layout.groups, batches) * t)  # groups without work wait
+    model_s = 0.0
+    for size, count in profile.call_sizes():
+        wall, busy = curve.at(math.ceil(size / t) * layout.batch)
+        model_s += count * (wall + busy * (stretch - 1))
     comm = profile.collectives * machine.latency * math.ceil(math.log2(t)) if t > 1 else 0.0
-    round_s = wall + busy * (stretch - 1) + host * stretch + comm
+    round_s = model_s / profile.rounds + host * stretch + comm
     per_group = math.ceil(batches / layout.groups)
     return Prediction(layout, profile, per_group * profile.rounds * round_s, per_group, round_s)
 

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -93,16 +94,19 @@ def settings(pred: Prediction) -> dict:
 
 
 class _Timed:
-    """A model whose calls are timed (``seconds``), synchronising an accelerator first."""
+    """A model whose calls are timed (``seconds``), synchronising an accelerator first, and
+    counted by batch size (``sizes``)."""
 
     def __init__(self, model, device):
         self.model, self.device, self.seconds = model, torch.device(device), 0.0
+        self.sizes: Counter = Counter()
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
     def __call__(self, x, u):
         start = time.perf_counter()
+        self.sizes[x.shape[0]] += 1
         out = self.model(x, u)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -115,7 +119,8 @@ def _profile_file():
 
 
 def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: int):
-    """(Stats, host seconds) of one member of ``method`` at ``param`` over ``steps`` steps."""
+    """(Stats, host seconds a round, (points, count) of its model calls) of one member of
+    ``method`` at ``param`` over ``steps`` steps."""
     from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
 
     s = cfg.sampler
@@ -129,7 +134,8 @@ def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: in
     start = time.perf_counter()
     _, stats = SAMPLERS[method](timed, noise.prior(), sampler_grid(s, model), noise, options=options)
     wall = time.perf_counter() - start
-    return stats, max(0.0, wall - timed.seconds) / stats.rounds
+    return (stats, max(0.0, wall - timed.seconds) / stats.rounds,
+            tuple(sorted(timed.sizes.items())))
 
 
 def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: int,
@@ -142,16 +148,17 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
     cached = read_cache(_profile_file()).get(key)
     if cached is not None:
         return Profile(**{**cached, "host_points": tuple(cached["host_points"]),
-                          "host": tuple(cached["host"]), "steps": steps})
-    stats, host = _run_one(cfg, model, method, param, tol, device, cfg.sampler.steps)
+                          "host": tuple(cached["host"]), "steps": steps,
+                          "calls_by_size": tuple(map(tuple, cached.get("calls_by_size", ())))})
+    stats, host, sizes = _run_one(cfg, model, method, param, tol, device, cfg.sampler.steps)
     points = math.ceil(stats.model_calls / stats.rounds)
     host_points, hosts = (points,), (host,)
     if smallest < points:  # the host work of a rank that holds a small share of the window
-        _, small = _run_one(cfg, model, method, smallest, tol, device,
-                            min(cfg.sampler.steps, 20 * smallest))
+        _, small, _ = _run_one(cfg, model, method, smallest, tol, device,
+                               min(cfg.sampler.steps, 20 * smallest))
         host_points, hosts = (smallest, points), (small, host)
     result = Profile(method, param, tol, stats.rounds, stats.model_calls, host_points, hosts,
-                     0 if REFERENCE[method] == method else 2, steps)
+                     0 if REFERENCE[method] == method else 2, steps, sizes)
     update_cache(_profile_file(), key, dataclasses.asdict(result))
     return result
 
@@ -221,6 +228,10 @@ def machine_for(ranks: int, gpus_per_node: int, device, threads: int = 0,
     return Machine(ranks, per_node, cores or 1, cpu_threads(per_node, threads), latency)
 
 
+def _extremes(calls: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    return calls[0][0], calls[-1][0]  # sorted by size
+
+
 def _batch_sizes(cfg: Config) -> tuple[int, ...]:
     members = cfg.ensemble.members
     powers = [2**k for k in range(0, members.bit_length()) if 2**k <= members]
@@ -255,7 +266,9 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
                 f"{prof.rounds} rounds, {prof.calls:.0f} calls a member")
             profiles.append(prof)
     pairs = layouts(profiles, ranks, cfg.ensemble.members, _batch_sizes(cfg))
-    sizes = sorted({math.ceil(p.points / lay.time_slices) * lay.batch for lay, p in pairs})
+    # every layout's mean call, and its widest and narrowest: the curve is linear in between
+    sizes = sorted({math.ceil(n / lay.time_slices) * lay.batch for lay, p in pairs
+                    for n in (p.points, *_extremes(p.call_sizes()))})
     say(f"  timing the model at {len(sizes)} batch sizes up to {sizes[-1]}, "
         f"{machine.threads} threads")
     curve = cost_curve(model, tuple(model.shape), DTYPES[cfg.sampler.dtype], device, sizes,

@@ -1,5 +1,6 @@
 """The layout planner: its cost model on synthetic cost curves with a known best layout, and
 ``piadm plan`` / ``sampler.method = "auto"`` end to end on a small exact model."""
+import dataclasses
 import json
 
 import pytest
@@ -58,6 +59,24 @@ def test_ranks_sharing_too_few_cores_stretch_the_busy_part():
     # one member on four sequential groups: three groups wait, one rank computes alone
     seq = Layout("sequential-sde", 0, 4, 1, 1)
     assert predict(seq, SEQUENTIAL, curve, crowded, 1).seconds == pytest.approx(1.0)
+
+
+def test_a_block_that_falls_back_is_predicted_from_its_calls_not_their_mean():
+    # a CPU whose second item is nearly free, then 12 ms an item; a block of 100 steps that
+    # diverged: one wide sweep, then its 100 sequential steps one point at a time
+    curve = CostCurve((1, 2, 200), (0.020, 0.025, 2.4), (0.0, 0.0, 0.0))
+    machine = Machine(ranks=1, ranks_per_node=1, cores=4, threads=1, latency=0.0)
+    fell = Profile("piadm-sde", 100, 1e-4, 101, 200.0, (2,), (0.0,), 2, 0, ((1, 100), (100, 1)))
+    lay = Layout("piadm-sde", 100, 1, 1, 1)
+    wide = curve.at(100)[0]
+    assert predict(lay, fell, curve, machine, 1).seconds == pytest.approx(100 * 0.020 + wide)
+    # the mean call (2 points) would have said 101 x 25 ms: a fifth too fast
+    mean = dataclasses.replace(fell, calls_by_size=())
+    assert predict(lay, mean, curve, machine, 1).seconds == pytest.approx(101 * 0.025)
+    # two members a batch: every call twice as wide
+    lay2 = dataclasses.replace(lay, batch=2)
+    assert predict(lay2, fell, curve, machine, 2).seconds == pytest.approx(
+        100 * 0.025 + curve.at(200)[0])
 
 
 def test_layouts_divide_the_ranks_and_fit_the_points():
