@@ -95,8 +95,16 @@ class MPIComm:
         if self.calls is not None:
             self.calls.append((kind, spent))
 
+    @staticmethod
+    def _start(x: torch.Tensor) -> float:
+        """The clock at a collective's start, after x's device has finished computing it: the
+        wait for a GPU's queued kernels is the rank's compute, not communication."""
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        return time.perf_counter()
+
     def _reduce(self, x: torch.Tensor, op, exclusive: bool = False) -> torch.Tensor:
-        start = time.perf_counter()
+        start = self._start(x)
         send = np.ascontiguousarray(x.detach().cpu().numpy())
         recv = np.zeros_like(send)
         if exclusive:
@@ -124,7 +132,7 @@ class MPIComm:
 
     def bcast(self, x: torch.Tensor, root: int) -> torch.Tensor:
         """x from rank ``root``; other ranks pass a tensor of the same shape and dtype."""
-        start = time.perf_counter()
+        start = self._start(x)
         buf = np.ascontiguousarray(x.detach().cpu().numpy())
         self._comm.Bcast(buf, root=root)
         out = torch.from_numpy(buf).to(x.device)
@@ -133,7 +141,7 @@ class MPIComm:
 
     def allgather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's x stacked by rank, (size, *x.shape); one buffer-based Allgather."""
-        start = time.perf_counter()
+        start = self._start(x)
         send = np.ascontiguousarray(x.detach().cpu().numpy())
         recv = np.empty((self.size, *send.shape), dtype=send.dtype)
         self._comm.Allgather(send, recv)

@@ -44,6 +44,10 @@ QUALITY_REFERENCE = "sequential-ode"  # auto-quality: its quality at sampler.ste
 # on one node (an 8-float Allreduce over 8 ranks took 0.1 ms, three stages).
 DEFAULT_LATENCY = 3e-5
 
+# Part of a profile's cache key: a profile of another version has other fields (2: the calls
+# by batch size), so it is measured again rather than read.
+PROFILE_VERSION = 2
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -144,12 +148,12 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
     is the fewest points a time slice would hold, where the host time is measured again;
     ``steps``: the steps ``cfg`` runs, recorded when they are not the user's (0)."""
     key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha), method, param, tol,
-                                     smallest, str(device)]).encode()).hexdigest()
+                                     smallest, str(device), PROFILE_VERSION]).encode()).hexdigest()
     cached = read_cache(_profile_file()).get(key)
     if cached is not None:
         return Profile(**{**cached, "host_points": tuple(cached["host_points"]),
                           "host": tuple(cached["host"]), "steps": steps,
-                          "calls_by_size": tuple(map(tuple, cached.get("calls_by_size", ())))})
+                          "calls_by_size": tuple(map(tuple, cached["calls_by_size"]))})
     stats, host, sizes = _run_one(cfg, model, method, param, tol, device, cfg.sampler.steps)
     points = math.ceil(stats.model_calls / stats.rounds)
     host_points, hosts = (points,), (host,)
@@ -229,7 +233,7 @@ def machine_for(ranks: int, gpus_per_node: int, device, threads: int = 0,
 
 
 def _extremes(calls: tuple[tuple[int, int], ...]) -> tuple[int, int]:
-    return calls[0][0], calls[-1][0]  # sorted by size
+    return min(size for size, _ in calls), max(size for size, _ in calls)
 
 
 def _batch_sizes(cfg: Config) -> tuple[int, ...]:

@@ -91,6 +91,22 @@ def test_certified_bound_covers_the_true_error_of_every_accepted_point():
         guess = new
 
 
+def test_the_predictor_steps_each_row_as_far_as_it_needs_and_no_further():
+    model, grid, noise, y0 = _setup(steps=80, members=2)
+    steps = step_coefficients(grid.u, stochastic=True)
+    t = tables(grid, steps, model.data_bound, 20)
+    start, x0 = torch.tensor([5, 30]), torch.zeros_like(y0)
+    states, xi = predict(y0, x0, start, torch.tensor([3, -1]), t, noise, 80)
+    assert states.shape[:2] == (2, 4) and torch.equal(states[:, 0], y0)
+    y = y0[0]  # row 0 by hand: Psi_j with the denoiser frozen at zero
+    for j in range(3):
+        y = float(t.alpha[5 + j]) * y + float(t.noise[5 + j]) * noise.path(5 + j, 6 + j, [0])[0, 0]
+        assert torch.allclose(states[0, j + 1], y, rtol=0, atol=1e-12)
+    assert not xi[1].any()  # row 1 needs no point: no noise drawn for it
+    none, _ = predict(y0, x0, start, torch.tensor([-1, -1]), t, noise, 80)
+    assert none.shape[:2] == (2, 0)
+
+
 def test_lipschitz_bound_covers_every_eigenvalue_and_tightens_with_s():
     grid = make_grid("ou", 50, u_min=1e-3, u_max=10.0, block_size=50)
     u = grid.u[:-1]
