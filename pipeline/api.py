@@ -56,7 +56,8 @@ def sample(cfg: Config, *, comm=None, stop=None):
     from pipeline.planner import needs_plan, resolve_plan
 
     comm = comm if comm is not None else world()
-    device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape))
+    device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),
+                        cfg.parallel.keep_freed)
     attrs = {}
     if needs_plan(cfg):  # "auto": the planner's fastest layout for these ranks
         cfg, attrs = resolve_plan(cfg, comm, device)

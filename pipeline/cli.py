@@ -63,7 +63,8 @@ def _setup(args, world, plan: bool = False):
     except ConfigError as err:
         err.collective = True
         raise
-    device = place_rank(world, cfg.parallel.threads, math.prod(cfg.model.shape))
+    device = place_rank(world, cfg.parallel.threads, math.prod(cfg.model.shape),
+                        cfg.parallel.keep_freed)
     attrs = {}
     if plan and needs_plan(cfg):
         cfg, attrs = resolve_plan(cfg, world, device)

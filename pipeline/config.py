@@ -119,6 +119,9 @@ class ParallelConfig:
     time_slices: int | str = 1
     items: tuple[int, ...] = ()  # indices of the items this job fills; empty: all
     threads: int = 0  # torch CPU threads per rank; 0: this node's cores / ranks on it
+    # glibc keeps freed memory for the next model call (pipeline.memory.keep_freed_memory):
+    # faster on a CPU, for more resident memory; false leaves the allocator as it is
+    keep_freed: bool = True
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.decomposition import group_of
+from pipeline.memory import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,13 @@ def cpu_threads(local_size: int, requested: int = 0, field_points: int = 0) -> i
     return share
 
 
-def place_rank(world, threads: int = 0, field_points: int = 0) -> torch.device:
-    """Pick this rank's device and set its torch CPU threads (``cpu_threads``); returns the
-    device."""
+def place_rank(world, threads: int = 0, field_points: int = 0,
+               keep_freed: bool = True) -> torch.device:
+    """Pick this rank's device, set its torch CPU threads (``cpu_threads``) and, with
+    ``keep_freed``, have the C allocator keep freed memory for the next model call
+    (``memory.keep_freed_memory``); returns the device."""
     local_rank, local_size = world.local_layout()
     torch.set_num_threads(cpu_threads(local_size, threads, field_points))
+    if keep_freed:
+        keep_freed_memory()
     return choose_device(local_rank)
