@@ -137,9 +137,9 @@ def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e: torch.Tensor, upto: torch
                for name in ("alpha", "beta", "noise"))
     # in place on views taken once: a step is three kernels instead of eight (on many ranks a
     # round's host time is mostly the dispatch of small kernels)
-    ys, xs, a, b, c = (v.unbind(1) for v in (states, xi, a, b, c))
     if depth == 0:  # no row needs a point
         return states, xi
+    ys, xs, a, b, c = (v.unbind(1) for v in (states, xi, a, b, c))
     ys[0].copy_(y_e)
     for j in range(depth - 1):
         torch.mul(a[j], ys[j], out=ys[j + 1])
