@@ -44,9 +44,10 @@ QUALITY_REFERENCE = "sequential-ode"  # auto-quality: its quality at sampler.ste
 # on one node (an 8-float Allreduce over 8 ranks took 0.1 ms, three stages).
 DEFAULT_LATENCY = 3e-5
 
-# Part of a profile's cache key: a profile of another version has other fields (2: the calls
-# by batch size), so it is measured again rather than read.
-PROFILE_VERSION = 2
+# Part of a profile's cache key: a profile of another version has other fields or another
+# meaning (2: the calls by batch size; 3: host time measured around the emulated device's
+# waits), so it is measured again rather than read.
+PROFILE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
     is the fewest points a time slice would hold, where the host time is measured again;
     ``steps``: the steps ``cfg`` runs, recorded when they are not the user's (0)."""
     key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha), method, param, tol,
-                                     smallest, str(device), PROFILE_VERSION]).encode()).hexdigest()
+                                     smallest, str(device), list(cfg.model.emulate_ms),
+                                     PROFILE_VERSION]).encode()).hexdigest()
     cached = read_cache(_profile_file()).get(key)
     if cached is not None:
         return Profile(**{**cached, "host_points": tuple(cached["host_points"]),
@@ -248,7 +250,10 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
     from pipeline.run import DTYPES, model_digest
 
     machine = machine_for(ranks, gpus_per_node, device, cfg.parallel.threads, latency)
-    base = getattr(model, "base", model)  # profiles count rounds: no emulated waiting
+    # Tolerances and steps depend on the path alone: found without the emulated waits. The
+    # profiles run the model as configured, so that their host time is that of a rank whose
+    # host work follows each wait for its device (docs/planning.md).
+    base = getattr(model, "base", model)
     sha = model_digest(cfg)
     steps = (quality_steps(cfg, base, device, sha, say) if cfg.sampler.method == EQUAL_QUALITY
              else {})
@@ -263,7 +268,7 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
                           say=say).tol
         for param in params_of(mine, method):
             smallest = max(1, math.ceil(param / min(ranks, max(1, param)))) if param else 1
-            prof = profile(mine, base, method, param, tol, device, smallest, sha,
+            prof = profile(mine, model, method, param, tol, device, smallest, sha,
                            mine.sampler.steps if mine is not cfg else 0)
             say(f"  profiled {method:<15} {'p=' + str(param) if param else '':<6} tol "
                 f"{'-' if tol is None else format(tol, '.1e')}: {mine.sampler.steps} steps, "

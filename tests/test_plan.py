@@ -164,3 +164,43 @@ def test_auto_quality_weighs_every_sampler_at_the_steps_that_reach_the_same_w2(t
     assert steps["dpmpp-2m"] < 30  # second order: far fewer steps at the same W2
     best = doc["layouts"][0]
     assert doc["settings"]["sampler.steps"] == best["steps"]
+
+
+
+def test_an_emulated_model_is_profiled_through_its_waits_and_anew_for_another_latency(
+        tmp_path, monkeypatch):
+    """Profiles run the model as configured: an emulated call waits its emulated time, so the
+    host time is measured as it runs between such waits; a checkpoint's digest does not hold
+    the emulated latency, so the profile's cache key does."""
+    import time
+
+    from models import build_model
+    from models.emulate import Emulated
+    from pipeline import planner
+    from pipeline.cache import read_cache
+
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "model.emulate_ms": [20, 0], "sampler.method": "pc-window", "sampler.window": 8,
+        "sampler.tol": 1e-3}))
+    run_one, profiled = planner._run_one, []
+    monkeypatch.setattr(planner, "_run_one",
+                        lambda c, model, *a: profiled.append(model) or run_one(c, model, *a))
+    planner.make_plan(cfg, build_model(cfg.model), "cpu", ranks=1, say=lambda *_: None)
+    assert profiled and all(isinstance(model, Emulated) for model in profiled)
+
+    def timed_profile(latency_ms):
+        mine = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+            "model.emulate_ms": [latency_ms, 0], "sampler.tol": 1e-3}))
+        start = time.perf_counter()
+        prof = planner.profile(mine, build_model(mine.model), "pc-window", 8, 1e-3, "cpu", 8,
+                               "a checkpoint's digest")
+        return prof, time.perf_counter() - start
+
+    prof, seconds = timed_profile(20)
+    assert seconds >= prof.rounds * 0.020  # every model call waited
+    assert 0 < prof.host[0] < 0.020  # and the waits are not host time
+    entries = len(read_cache(planner._profile_file()))
+    again, seconds = timed_profile(40)  # the same digest, another latency: measured, not read
+    assert seconds >= again.rounds * 0.040
+    assert len(read_cache(planner._profile_file())) == entries + 1
