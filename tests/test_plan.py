@@ -166,7 +166,6 @@ def test_auto_quality_weighs_every_sampler_at_the_steps_that_reach_the_same_w2(t
     assert doc["settings"]["sampler.steps"] == best["steps"]
 
 
-
 def test_an_emulated_model_is_profiled_through_its_waits_and_anew_for_another_latency(
         tmp_path, monkeypatch):
     """Profiles run the model as configured: an emulated call waits its emulated time, so the
