@@ -46,8 +46,9 @@ DEFAULT_LATENCY = 3e-5
 
 # Part of a profile's cache key: a profile of another version has other fields or another
 # meaning (2: the calls by batch size; 3: host time measured around the emulated device's
-# waits), so it is measured again rather than read.
-PROFILE_VERSION = 3
+# waits; 4: the window samplers' rounds take less host time), so it is measured again rather
+# than read.
+PROFILE_VERSION = 4
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
-from pipeline.samplers.common import check_rows, field_mean, finish, per_point
+from pipeline.samplers.common import check_rows, finish
 from pipeline.samplers.options import Options, Stats
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
 
@@ -59,6 +59,8 @@ class Tables:
     alpha: torch.Tensor  # predictor: decay - drift / v0
     beta: torch.Tensor  # predictor: drift e^{-u/2} / v0 (the x0hat coefficient)
     lipschitz: torch.Tensor  # L_k
+    increment: torch.Tensor  # (N + 2p, 3): dec1, drift, noise side by side, gathered at once
+    tweedie: torch.Tensor  # e^{u/2}: x0hat = e^{u/2} (y + v0 s(y, u))
 
 
 def lipschitz(steps: Steps, u: torch.Tensor, bound: float) -> torch.Tensor:
@@ -76,18 +78,20 @@ def tables(grid: Grid, steps: Steps, bound: float, p: int) -> Tables:
     u = grid.u[:-1]
     v0 = -torch.expm1(-u)
     pad = lambda t, value: torch.cat([t, torch.full((2 * p,), value, dtype=t.dtype)])  # noqa: E731
+    dec1, drift, noise = pad(steps.decay - 1, 0.0), pad(steps.drift, 0.0), pad(steps.noise, 0.0)
     return Tables(
-        u=pad(u, float(grid.u[-1])), dec1=pad(steps.decay - 1, 0.0), drift=pad(steps.drift, 0.0),
-        noise=pad(steps.noise, 0.0), v0=pad(v0, 1.0),
+        u=pad(u, float(grid.u[-1])), dec1=dec1, drift=drift, noise=noise, v0=pad(v0, 1.0),
         alpha=pad(steps.decay - steps.drift / v0, 1.0),
         beta=pad(steps.drift * torch.exp(-u / 2) / v0, 0.0),
         lipschitz=pad(lipschitz(steps, u, bound), 0.0),
+        increment=torch.stack([dec1, drift, noise], 1), tweedie=pad(torch.exp(u / 2), 1.0),
     )
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
     """Root mean square over the field dims of x (B, M, *S), float64 (B, M)."""
-    return field_mean(x.double() ** 2, 2).sqrt()
+    field = x.flatten(2)
+    return torch.linalg.vector_norm(field, dim=-1, dtype=torch.float64) / field.shape[-1] ** 0.5
 
 
 def accept(delta: torch.Tensor, y_rms: torch.Tensor, start: torch.Tensor, width: torch.Tensor,
@@ -116,6 +120,22 @@ def accept(delta: torch.Tensor, y_rms: torch.Tensor, start: torch.Tensor, width:
     return accepted, bound[rows, accepted] / scale[rows, accepted]
 
 
+def _affine_coefficients(a: list[float], b: list[float]) -> tuple[list[float], list[float]]:
+    """(A_j, B_j) for j = 0 .. len(a) of the recurrence y_{j+1} = a_j y_j + b_j x (x fixed):
+    y_j = A_j y_0 + B_j x. Plain floats: a few hundred scalar products cost less than one
+    tensor kernel's dispatch, and each row's values do not depend on how far others go."""
+    on_y, on_x = [1.0], [0.0]
+    for aj, bj in zip(a, b):
+        on_y.append(aj * on_y[-1])
+        on_x.append(aj * on_x[-1] + bj)
+    return on_y, on_x
+
+
+def _per_state(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Coefficients (B, J) shaped to broadcast against states (B, J, *S) of ``like`` (B, *S)."""
+    return c.to(like.device, like.dtype).reshape(c.shape + (1,) * (like.dim() - 1))
+
+
 def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e: torch.Tensor, upto: torch.Tensor,
             t: Tables, noise: Noise | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 4: predictor states Y_{e+j} and noise xi_{e+j} for j = 0 .. max(upto), from
@@ -124,27 +144,29 @@ def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e: torch.Tensor, upto: torch
     where not needed, and for the ODE (``noise`` None)."""
     batch, depth = y_e.shape[0], int(upto.max()) + 1
     xi = torch.zeros((batch, depth, *y_e.shape[1:]), dtype=y_e.dtype, device=y_e.device)
-    if noise is not None:
-        for r in range(batch):
-            lo, hi = int(e[r]), min(int(e[r] + upto[r]) + 1, n)
-            if lo < hi:
-                xi[r, : hi - lo] = noise.path(lo, hi, [r])[0]
-    states = torch.empty_like(xi)
-    # every step's coefficients gathered once, shaped (B, J, 1, ...): the loop only takes views
-    k = e[:, None] + torch.arange(depth)[None]
-    shape = (batch, depth) + (1,) * (y_e.dim() - 1)
-    a, b, c = (getattr(t, name)[k].to(y_e.device, y_e.dtype).reshape(shape)
-               for name in ("alpha", "beta", "noise"))
-    # in place on views taken once: a step is three kernels instead of eight (on many ranks a
-    # round's host time is mostly the dispatch of small kernels)
     if depth == 0:  # no row needs a point
+        return torch.empty_like(xi), xi
+    # Psi_j(y) = alpha_j y + beta_j x0hat + noise_j xi_j is affine in y with x0hat frozen, so
+    # its deterministic part is two coefficients per state, in closed form: a step-by-step loop
+    # would dispatch a few small kernels per step, the bulk of a round's host time on many ranks
+    k = e[:, None] + torch.arange(depth - 1)[None]
+    coef = [_affine_coefficients(a, b) for a, b in zip(t.alpha[k].tolist(), t.beta[k].tolist())]
+    on_y, on_x0 = (torch.tensor([c[i] for c in coef], dtype=torch.float64) for i in (0, 1))
+    states = _per_state(on_y, y_e) * y_e[:, None] + _per_state(on_x0, y_e) * x0hat[:, None]
+    if noise is None:
         return states, xi
-    ys, xs, a, b, c = (v.unbind(1) for v in (states, xi, a, b, c))
-    ys[0].copy_(y_e)
+    for r in range(batch):
+        lo, hi = int(e[r]), min(int(e[r] + upto[r]) + 1, n)
+        if lo < hi:
+            xi[r, : hi - lo] = noise.path(lo, hi, [r])[0]
+    # the noise's part has no closed form as cheap: the steps' own draws, accumulated in place
+    a, c = _per_state(t.alpha[k], y_e).unbind(1), _per_state(t.noise[k], y_e).unbind(1)
+    acc = torch.zeros_like(states)
+    sums, xs = acc.unbind(1), xi.unbind(1)
     for j in range(depth - 1):
-        torch.mul(a[j], ys[j], out=ys[j + 1])
-        ys[j + 1].addcmul_(b[j], x0hat).addcmul_(c[j], xs[j])
-    return states, xi
+        torch.mul(a[j], sums[j], out=sums[j + 1])
+        sums[j + 1].addcmul_(c[j], xs[j])
+    return states.add_(acc), xi
 
 
 def _mask(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -176,15 +198,17 @@ def _rebuild(states, g, xi, start, width, pos, valid, t: Tables, p, bounds, comm
     states (``ring.chain_prefix``). Returns (Yhat at each own point (B, hi - lo, *S), the state
     after the window's last point (B, *S), the Tweedie mean of the window's last point
     (B, *S)), the last two the same on every rank."""
-    d = (per_point(t.dec1[pos], states) * states + per_point(t.drift[pos], states) * g
-         + per_point(t.noise[pos], states) * xi)
+    coef = t.increment[pos].to(states.device, states.dtype)  # (B, M, 3)
+    on_y, on_g, on_xi = coef.view(coef.shape + (1,) * (states.dim() - 2)).unbind(2)
+    d = torch.mul(on_y, states).addcmul_(on_g, g).addcmul_(on_xi, xi)
     d = torch.where(_mask(valid, d), d, torch.zeros_like(d))
     # the Tweedie mean of the window's last point, from the rank that holds it
     rows, cols = (valid & (pos == (start + width - 1)[:, None])).nonzero(as_tuple=True)
     x0part = torch.zeros_like(states[:, 0])
     k = pos[rows, cols]
     last = states[rows, cols]
-    x0part[rows] = (last + _col(t.v0[k], last) * g[rows, cols]) / _col(torch.exp(-t.u[k] / 2), last)
+    x0part[rows] = torch.addcmul(last, _col(t.v0[k], last), g[rows, cols]).mul_(
+        _col(t.tweedie[k], last))
     return chain_prefix(d, states, start, width, bounds, p, comm, extra=x0part)
 
 
@@ -219,11 +243,11 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         local = torch.zeros((batch, 2, p), dtype=torch.float64)
         r_idx, s_idx = valid.nonzero(as_tuple=True)
         c_idx = chain[r_idx, s_idx]
-        local[r_idx, 0, c_idx] = rms(prefix - states)[r_idx, s_idx]
-        local[r_idx, 1, c_idx] = rms(prefix)[r_idx, s_idx]
+        local[r_idx, 0, c_idx] = rms(prefix - states).cpu()[r_idx, s_idx]
+        local[r_idx, 1, c_idx] = rms(prefix).cpu()[r_idx, s_idx]
         summed = comm.allreduce_sum(local)
         y_rms = torch.cat([summed[:, 1], torch.zeros(batch, 1, dtype=torch.float64)], 1)
-        y_rms[torch.arange(batch), width] = rms(y_e[:, None])[:, 0]
+        y_rms[torch.arange(batch), width] = rms(y_e[:, None]).cpu()[:, 0]
         accepted, bound = accept(summed[:, 0], y_rms, start, width, t, options.tol, stochastic)
         active = width > 0
         ok = ~active | torch.isfinite(y_rms[torch.arange(batch), accepted])

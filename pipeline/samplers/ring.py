@@ -13,6 +13,8 @@ every rank's two run totals; the samplers pass their communicator in.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from pipeline.samplers.common import point_cumsum
@@ -26,13 +28,20 @@ def chain_index(lo: int, hi: int, start: torch.Tensor, p: int) -> torch.Tensor:
     return (slots[None] - start[:, None]) % p
 
 
+@lru_cache(maxsize=64)
+def _edges(bounds: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ranks' first and last-plus-one slots, each (1, ranks) long: built once per layout,
+    not once per round."""
+    lo, hi = torch.tensor(bounds).T
+    return lo[None], hi[None]
+
+
 def run_starts(bounds: list[tuple[int, int]], start: torch.Tensor, p: int) -> torch.Tensor:
     """First chain index of every rank's high and low run, (B, ranks, 2) long; ``p`` for a run
     that is empty. ``bounds`` are the ranks' slot ranges [lo, hi), ``start`` the window starts.
     Runs never overlap, so a run precedes another exactly when its first index is smaller."""
     head = (start % p)[:, None]  # the slot of position b
-    lo = torch.tensor([b[0] for b in bounds])[None]
-    hi = torch.tensor([b[1] for b in bounds])[None]
+    lo, hi = _edges(tuple(map(tuple, bounds)))
     high = torch.where(hi > head, torch.maximum(lo, head) - head, p)
     low = torch.where((lo < head) & (hi > lo), lo + p - head, p)
     return torch.stack([high, low], -1)
@@ -74,10 +83,12 @@ def chain_prefix(w: torch.Tensor, states: torch.Tensor, start: torch.Tensor, wid
         parts.append(extra)
     gathered = comm.allgather(torch.stack(parts, 1)).transpose(0, 1)  # (B, ranks, parts, *S)
     totals = gathered[:, :, :2]
-    prec = before(run_starts(bounds, start, p), comm.rank).to(totals.dtype)
-    offset = torch.einsum("bkrj,brj...->bk...", prec, totals)
-    prefix = torch.where(high, offset[:, HIGH, None] + own_base[:, None] + cum_high - w,
-                         offset[:, LOW, None] + cum_low - w)
+    prec = before(run_starts(bounds, start, p), comm.rank).to(totals.device, totals.dtype)
+    # one batched product: (B, 2 runs, ranks x 2 totals) @ (B, ranks x 2 totals, field)
+    offset = torch.bmm(prec.flatten(2), totals.flatten(3).flatten(1, 2)).view(
+        totals.shape[:1] + (2,) + totals.shape[3:])
+    base_high, base_low = (offset[:, HIGH] + own_base)[:, None], offset[:, LOW, None]
+    prefix = torch.where(high, base_high + cum_high, base_low + cum_low).sub_(w)
     summed = None if extra is None else gathered[:, :, 2].sum(1)
     return prefix, totals.sum((1, 2)), summed
 
@@ -94,7 +105,11 @@ def evaluate_window(model, states: torch.Tensor, start: torch.Tensor, bounds, p:
     chain = chain_index(lo, hi, start, p)
     pos = start[:, None] + chain
     valid = chain < width[:, None]
+    if bool(valid.all()):  # every round but the last few: no gather or scatter
+        x, clock = states.flatten(0, 1), u[pos.flatten()]
+        return width, chain, pos, valid, model(x, clock.to(x.device, x.dtype)).view_as(states)
     g = torch.zeros_like(states)
     if bool(valid.any()):
-        g[valid] = model(states[valid], u[pos[valid]].to(states.dtype))
+        x, clock = states[valid], u[pos[valid]]
+        g[valid] = model(x, clock.to(x.device, x.dtype))
     return width, chain, pos, valid, g
