@@ -107,6 +107,27 @@ def test_the_predictor_steps_each_row_as_far_as_it_needs_and_no_further():
     assert none.shape[:2] == (2, 0)
 
 
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_the_predictor_is_psi_step_by_step_with_the_denoiser_frozen(stochastic):
+    model, grid, noise, y0 = _setup(steps=80, members=2)
+    t = tables(grid, step_coefficients(grid.u, stochastic=stochastic), model.data_bound, 30)
+    start, x0 = torch.tensor([7, 41]), torch.randn_like(y0)
+    step_noise = noise if stochastic else None
+    states, xi = predict(y0, x0, start, torch.tensor([25, 12]), t, step_noise, 80)
+    for r, depth in ((0, 25), (1, 12)):
+        y = y0[r]
+        for j in range(depth):
+            k = int(start[r]) + j
+            drawn = noise.path(k, k + 1, [r])[0, 0] if stochastic else torch.zeros_like(y)
+            y = float(t.alpha[k]) * y + float(t.beta[k]) * x0[r] + float(t.noise[k]) * drawn
+            assert torch.allclose(states[r, j + 1], y, rtol=1e-12, atol=1e-12)
+            assert torch.equal(xi[r, j], drawn)
+    # a row's points do not depend on how far the other rows go
+    one = noise.subset([1]) if stochastic else None
+    alone, _ = predict(y0[1:], x0[1:], start[1:], torch.tensor([12]), t, one, 80)
+    assert torch.equal(alone[0], states[1, :13])
+
+
 def test_lipschitz_bound_covers_every_eigenvalue_and_tightens_with_s():
     grid = make_grid("ou", 50, u_min=1e-3, u_max=10.0, block_size=50)
     u = grid.u[:-1]
