@@ -223,3 +223,13 @@ def test_data_bounds_are_exact_for_the_gaussian_models():
     x, _ = gmm.sample(400_000, 0)
     cov = torch.cov(x.T)
     assert math.isclose(gmm.data_bound, float(torch.linalg.eigvalsh(cov).max()), rel_tol=0.02)
+
+
+def test_a_host_mask_is_moved_to_the_fields_device_and_shaped_to_broadcast():
+    # the samplers keep their bookkeeping (window starts, masks) on the host; a mask that meets
+    # the fields must follow them to their device ("meta" stands in for a GPU here)
+    from pipeline.samplers.common import point_mask
+    fields = torch.empty((2, 5, 8, 8), device="meta")
+    mask = point_mask(torch.tensor([[True, False, True, True, False]] * 2), fields)
+    assert mask.device.type == "meta" and mask.shape == (2, 5, 1, 1)
+    assert point_mask(torch.tensor([True, False]), fields).shape == (2, 1, 1, 1)

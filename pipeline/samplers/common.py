@@ -22,6 +22,12 @@ def point_cumsum(w: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(w.movedim(1, -1), -1).movedim(-1, 1).contiguous()
 
 
+def point_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A bool mask (B,) or (B, M), kept on the host like all of a sampler's bookkeeping, moved
+    to ``like``'s device and shaped to broadcast against ``like`` (B, ..., *S)."""
+    return mask.to(like.device).reshape(*mask.shape, *(1,) * (like.dim() - mask.dim()))
+
+
 def per_point(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape coefficients (M,) or (B, M) to broadcast against ``like`` (B, M, *S)."""
     c = c.to(like.device, like.dtype)

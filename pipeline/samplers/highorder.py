@@ -31,7 +31,7 @@ from pipeline.comm import SerialComm
 from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.noise import Noise
-from pipeline.samplers.common import check_finite, denoise, evaluate, finish, per_point
+from pipeline.samplers.common import check_finite, denoise, evaluate, finish, per_point, point_mask
 from pipeline.samplers.options import Options, Stats
 
 
@@ -144,11 +144,6 @@ def _heun_step(model, x, sigma: float, sigma_next: float, gamma: float, xi):
     return x + (sigma_next - level) * 0.5 * (d + d_end)
 
 
-def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A bool mask (B,) or (B, M) broadcast against ``like`` (B, ..., *S) over its trailing dims."""
-    return mask.reshape(*mask.shape, *(1,) * (like.dim() - mask.dim()))
-
-
 def _chain(c: torch.Tensor, e0beta0: float) -> tuple[torch.Tensor, torch.Tensor]:
     """How the values a slice's steps i = lo .. hi-1 produce depend on the two things it gets
     from before it, its input y_lo and the halo D_{lo-1} (through step lo's beta term): for
@@ -199,13 +194,13 @@ def dpmpp_2m_window(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=S
             fresh = ((inputs[rows, here - lo:] + per_point(s[here:hi] ** 2, g) * g)
                      / per_point(a[here:hi], g))
             mine = torch.arange(here, hi)[None] >= start[rows, None]  # (rows, points) re-evaluated
-            dens[rows, here - lo:] = torch.where(_expand(mine, g), fresh, dens[rows, here - lo:])
+            dens[rows, here - lo:] = torch.where(point_mask(mine, g), fresh, dens[rows, here - lo:])
         old = inputs[rows].clone()
         new, y_end = _rebuild(inputs[rows], dens[rows], start[rows], c, e, alpha, beta, lo, hi,
                               p_own, q_own, ends, bounds, comm)
         inputs[rows] = new
         end[rows] = y_end
-        change = ((new - old) ** 2).flatten(2).mean(-1)  # (rows, own points)
+        change = ((new - old) ** 2).flatten(2).mean(-1).cpu()  # (rows, own points), on the host
         moved = (change > options.tol**2) & (torch.arange(lo, hi)[None] > start[rows, None])
         local = torch.stack([torch.where(moved.any(1), moved.float().argmax(1) + lo, n).double(),
                              -change.amax(1).double()], 1)
@@ -230,14 +225,15 @@ def _rebuild(inputs, dens, start, c, e, alpha, beta, lo, hi, p_own, q_own, ends,
     then composed from them (``_chain``). Returns (new inputs (R, hi - lo, *S), the path's end
     y_N (R, *S), the same on every rank)."""
     runs = torch.empty_like(inputs)  # the run from zero: y_{i+1} for i = lo .. hi-1
-    y = torch.where(_expand(start >= lo, inputs[:, 0]), inputs[:, 0], torch.zeros_like(inputs[:, 0]))
+    first = inputs[:, 0]
+    y = torch.where(point_mask(start >= lo, first), first, torch.zeros_like(first))
     for i in range(lo, hi):
         prev = dens[:, i - lo - 1] if i > lo else torch.zeros_like(y)
         step = float(c[i]) * y + float(e[i]) * (float(alpha[i]) * dens[:, i - lo]
                                                  + float(beta[i]) * prev)
         # before the row's window the point stays as it was
         kept = inputs[:, i + 1 - lo] if i + 1 < hi else torch.zeros_like(y)
-        y = torch.where(_expand(i + 1 <= start, step), kept, step)
+        y = torch.where(point_mask(i + 1 <= start, step), kept, step)
         runs[:, i - lo] = y
     gathered = comm.allgather(torch.stack([runs[:, -1], dens[:, -1]], 1))  # (ranks, R, 2, *S)
     y_in = torch.zeros_like(y)  # the input of slice q, composed slice by slice
@@ -245,12 +241,12 @@ def _rebuild(inputs, dens, start, c, e, alpha, beta, lo, hi, p_own, q_own, ends,
         if q == comm.rank:
             y_lo, halo = y_in, gathered[q - 1, :, 1] if q else torch.zeros_like(y)
         p_end, q_end = ends[q]
-        y_in = (gathered[q, :, 0] + _expand(start < b0, y_in) * p_end * y_in
-                + (_expand(start <= b0, y_in) * q_end * gathered[q - 1, :, 1] if q else 0.0))
+        y_in = (gathered[q, :, 0] + point_mask(start < b0, y_in) * p_end * y_in
+                + (point_mask(start <= b0, y_in) * q_end * gathered[q - 1, :, 1] if q else 0.0))
     if comm.rank:  # slice 0 starts from y_0 itself and has no halo (beta_0 = 0)
         shape = (1, -1) + (1,) * (y.dim() - 1)
-        runs = (runs + (_expand(start < lo, y) * y_lo)[:, None] * p_own.to(y).reshape(shape)
-                + (_expand(start <= lo, y) * halo)[:, None] * q_own.to(y).reshape(shape))
-    new = torch.cat([torch.where(_expand(start < lo, y), y_lo, inputs[:, 0])[:, None],
+        runs = (runs + (point_mask(start < lo, y) * y_lo)[:, None] * p_own.to(y).reshape(shape)
+                + (point_mask(start <= lo, y) * halo)[:, None] * q_own.to(y).reshape(shape))
+    new = torch.cat([torch.where(point_mask(start < lo, y), y_lo, inputs[:, 0])[:, None],
                      runs[:, :-1]], 1)
     return new, y_in

@@ -39,7 +39,7 @@ from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
-from pipeline.samplers.common import check_rows, finish
+from pipeline.samplers.common import check_rows, finish, point_mask
 from pipeline.samplers.options import Options, Stats
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
 
@@ -169,11 +169,6 @@ def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e: torch.Tensor, upto: torch
     return states.add_(acc), xi
 
 
-def _mask(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A (B, M) bool mask shaped to broadcast against (B, M, *S)."""
-    return m.to(like.device).reshape(m.shape + (1,) * (like.dim() - 2))
-
-
 def _col(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-row coefficients (B,) shaped to broadcast against (B, *S)."""
     return c.to(like.device, like.dtype).reshape(-1, *(1,) * (like.dim() - 1))
@@ -201,7 +196,7 @@ def _rebuild(states, g, xi, start, width, pos, valid, t: Tables, p, bounds, comm
     coef = t.increment[pos].to(states.device, states.dtype)  # (B, M, 3)
     on_y, on_g, on_xi = coef.view(coef.shape + (1,) * (states.dim() - 2)).unbind(2)
     d = torch.mul(on_y, states).addcmul_(on_g, g).addcmul_(on_xi, xi)
-    d = torch.where(_mask(valid, d), d, torch.zeros_like(d))
+    d = torch.where(point_mask(valid, d), d, torch.zeros_like(d))
     # the Tweedie mean of the window's last point, from the rank that holds it
     rows, cols = (valid & (pos == (start + width - 1)[:, None])).nonzero(as_tuple=True)
     x0part = torch.zeros_like(states[:, 0])
@@ -254,7 +249,7 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         check_rows(ok, noise.keys, lambda r: f"by step {int(start[r] + accepted[r])}")
         # 4. slide: kept points take their new values, freed slots the predictor's
         freed = valid & (chain < accepted[:, None])
-        states = torch.where(_mask(freed, states), states, prefix)
+        states = torch.where(point_mask(freed, states), states, prefix)
         done = active & (start + accepted >= n)
         y_out[done] = y_e[done]
         e = start + p

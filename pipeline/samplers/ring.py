@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import torch
 
-from pipeline.samplers.common import point_cumsum
+from pipeline.samplers.common import point_cumsum, point_mask
 
 HIGH, LOW = 0, 1
 
@@ -54,11 +54,6 @@ def before(starts: torch.Tensor, rank: int) -> torch.Tensor:
     return starts[:, None, :, :] < mine[:, :, None, None]
 
 
-def _mask(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A (B, M) bool mask shaped to broadcast against (B, M, *S)."""
-    return m.to(like.device).reshape(m.shape + (1,) * (like.dim() - 2))
-
-
 def chain_prefix(w: torch.Tensor, states: torch.Tensor, start: torch.Tensor, width: torch.Tensor,
                  bounds: list[tuple[int, int]], p: int, comm, extra: torch.Tensor | None = None):
     """Exclusive chain prefix sums of w over the ring, from one Allgather.
@@ -72,7 +67,7 @@ def chain_prefix(w: torch.Tensor, states: torch.Tensor, start: torch.Tensor, wid
     the same on every rank."""
     lo, hi = bounds[comm.rank]
     head = start % p
-    high = _mask(torch.arange(lo, hi)[None] >= head[:, None], w)
+    high = point_mask(torch.arange(lo, hi)[None] >= head[:, None], w)
     own_base = torch.zeros_like(states[:, 0])  # Y_b where this rank holds it, else zero
     (owner,) = ((head >= lo) & (head < hi) & (width > 0)).nonzero(as_tuple=True)
     own_base[owner] = states[owner, head[owner] - lo]

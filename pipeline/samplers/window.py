@@ -23,7 +23,7 @@ from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import step_coefficients
 from pipeline.noise import Noise
-from pipeline.samplers.common import field_mean, finish, per_point
+from pipeline.samplers.common import field_mean, finish, per_point, point_mask
 from pipeline.samplers.options import Options, PicardDivergence, Stats
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
 
@@ -37,8 +37,7 @@ def _padded(c: torch.Tensor, p: int, value: float) -> torch.Tensor:
 def _fill(states, xi, freed, chain, e, y_end, noise: Noise | None, n: int):
     """Freed slots (B, M) bool with chain index ``chain`` now hold position e + chain: the
     window's end state ``y_end`` (B, *S) and, for the SDE, the keyed noise of that step."""
-    states = torch.where(freed.reshape(freed.shape + (1,) * (states.dim() - 2)),
-                         y_end[:, None], states)
+    states = torch.where(point_mask(freed, states), y_end[:, None], states)
     if noise is not None:
         for r, col in freed.nonzero().tolist():
             step = int(e[r] + chain[r, col])
@@ -76,8 +75,8 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
         e = torch.cat([torch.ones(batch, 1, dtype=torch.float64),
                        torch.cumprod(decay[start[:, None] + torch.arange(p)], 1)], 1)
         b = per_point(drift[pos], g) * g + per_point(coef_noise[pos], g) * xi
-        w = torch.where(valid.reshape(valid.shape + (1,) * (b.dim() - 2)),
-                        b / per_point(e.gather(1, chain + 1), b), torch.zeros_like(b))
+        w = torch.where(point_mask(valid, b), b / per_point(e.gather(1, chain + 1), b),
+                        torch.zeros_like(b))
         sums, total, _ = chain_prefix(w, states, start, width, bounds, p, comm)
         new = per_point(e.gather(1, chain), sums) * sums
         y_end = per_point(e[rows_all, width][:, None], total[:, None])[:, 0] * total
@@ -95,14 +94,14 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
         # the new start is the first point over tolerance: NaN there, or a NaN end state that
         # fills the freed slots, would carry on into every later step
         nan_start = (first < p) & ~torch.isfinite(r_all[rows_all, first.clamp(max=p - 1)])
-        bad = active & (nan_start | ~torch.isfinite(y_end.flatten(1)).all(1))
+        bad = active & (nan_start | ~torch.isfinite(y_end.flatten(1)).all(1).cpu())
         if bool(bad.any()):
             raise PicardDivergence(
                 f"the window sampler went NaN/Inf near step {int(start[bad].min())}: "
                 "check the model there, or lower sampler.tol")
         # 4. slide: kept points take their new values, freed slots the end state and new noise
         freed = valid & (chain < accept[:, None])
-        states = torch.where(valid.reshape(valid.shape + (1,) * (new.dim() - 2)), new, states)
+        states = torch.where(point_mask(valid, new), new, states)
         done = active & (start + accept >= n)
         y_out[done] = y_end[done]
         e_next = start + p
