@@ -52,14 +52,14 @@ class Tables:
     does nothing, so window positions past the end need no special case."""
 
     u: torch.Tensor
-    dec1: torch.Tensor  # decay - 1: D's coefficient on y
-    drift: torch.Tensor
-    noise: torch.Tensor
+    noise: torch.Tensor  # the step noise's std
     v0: torch.Tensor  # 1 - e^{-u}: the marginal noise variance
     alpha: torch.Tensor  # predictor: decay - drift / v0
     beta: torch.Tensor  # predictor: drift e^{-u/2} / v0 (the x0hat coefficient)
     lipschitz: torch.Tensor  # L_k
-    increment: torch.Tensor  # (N + 2p, 3): dec1, drift, noise side by side, gathered at once
+    # D's coefficients on y, the score and the noise (decay - 1, drift, noise), (N + 2p, 3):
+    # side by side, so that a round gathers them at once
+    increment: torch.Tensor
     tweedie: torch.Tensor  # e^{u/2}: x0hat = e^{u/2} (y + v0 s(y, u))
 
 
@@ -80,7 +80,7 @@ def tables(grid: Grid, steps: Steps, bound: float, p: int) -> Tables:
     pad = lambda t, value: torch.cat([t, torch.full((2 * p,), value, dtype=t.dtype)])  # noqa: E731
     dec1, drift, noise = pad(steps.decay - 1, 0.0), pad(steps.drift, 0.0), pad(steps.noise, 0.0)
     return Tables(
-        u=pad(u, float(grid.u[-1])), dec1=dec1, drift=drift, noise=noise, v0=pad(v0, 1.0),
+        u=pad(u, float(grid.u[-1])), noise=noise, v0=pad(v0, 1.0),
         alpha=pad(steps.decay - steps.drift / v0, 1.0),
         beta=pad(steps.drift * torch.exp(-u / 2) / v0, 0.0),
         lipschitz=pad(lipschitz(steps, u, bound), 0.0),
