@@ -29,7 +29,8 @@ def point_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def per_point(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape coefficients (M,) or (B, M) to broadcast against ``like`` (B, M, *S)."""
+    """Reshape coefficients (M,) or (B, M), or (B, M, K) for K per point, to broadcast against
+    ``like`` (B, M, *S) over its field dims *S, on its device and dtype."""
     c = c.to(like.device, like.dtype)
     c = c[None] if c.dim() == 1 else c
     return c.reshape(c.shape + (1,) * (like.dim() - 2))

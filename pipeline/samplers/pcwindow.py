@@ -39,7 +39,7 @@ from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
-from pipeline.samplers.common import check_rows, finish, point_mask
+from pipeline.samplers.common import check_rows, finish, per_point, point_mask
 from pipeline.samplers.options import Options, Stats
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
 
@@ -131,11 +131,6 @@ def _affine_coefficients(a: list[float], b: list[float]) -> tuple[list[float], l
     return on_y, on_x
 
 
-def _per_state(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Coefficients (B, J) shaped to broadcast against states (B, J, *S) of ``like`` (B, *S)."""
-    return c.to(like.device, like.dtype).reshape(c.shape + (1,) * (like.dim() - 1))
-
-
 def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e: torch.Tensor, upto: torch.Tensor,
             t: Tables, noise: Noise | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 4: predictor states Y_{e+j} and noise xi_{e+j} for j = 0 .. max(upto), from
@@ -152,7 +147,7 @@ def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e: torch.Tensor, upto: torch
     k = e[:, None] + torch.arange(depth - 1)[None]
     coef = [_affine_coefficients(a, b) for a, b in zip(t.alpha[k].tolist(), t.beta[k].tolist())]
     on_y, on_x0 = (torch.tensor([c[i] for c in coef], dtype=torch.float64) for i in (0, 1))
-    states = _per_state(on_y, y_e) * y_e[:, None] + _per_state(on_x0, y_e) * x0hat[:, None]
+    states = per_point(on_y, xi) * y_e[:, None] + per_point(on_x0, xi) * x0hat[:, None]
     if noise is None:
         return states, xi
     for r in range(batch):
@@ -160,7 +155,7 @@ def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e: torch.Tensor, upto: torch
         if lo < hi:
             xi[r, : hi - lo] = noise.path(lo, hi, [r])[0]
     # the noise's part has no closed form as cheap: the steps' own draws, accumulated in place
-    a, c = _per_state(t.alpha[k], y_e).unbind(1), _per_state(t.noise[k], y_e).unbind(1)
+    a, c = per_point(t.alpha[k], xi).unbind(1), per_point(t.noise[k], xi).unbind(1)
     acc = torch.zeros_like(states)
     sums, xs = acc.unbind(1), xi.unbind(1)
     for j in range(depth - 1):
@@ -193,8 +188,7 @@ def _rebuild(states, g, xi, start, width, pos, valid, t: Tables, p, bounds, comm
     states (``ring.chain_prefix``). Returns (Yhat at each own point (B, hi - lo, *S), the state
     after the window's last point (B, *S), the Tweedie mean of the window's last point
     (B, *S)), the last two the same on every rank."""
-    coef = t.increment[pos].to(states.device, states.dtype)  # (B, M, 3)
-    on_y, on_g, on_xi = coef.view(coef.shape + (1,) * (states.dim() - 2)).unbind(2)
+    on_y, on_g, on_xi = per_point(t.increment[pos], states).unbind(2)  # (B, M, 3) gathered
     d = torch.mul(on_y, states).addcmul_(on_g, g).addcmul_(on_xi, xi)
     d = torch.where(point_mask(valid, d), d, torch.zeros_like(d))
     # the Tweedie mean of the window's last point, from the rank that holds it
