@@ -19,7 +19,8 @@ from pathlib import Path  # noqa: E402
 # Only light modules here: parsing (and --help) must not wait for torch, xarray or zarr;
 # each command imports what it needs.
 from pipeline import __version__  # noqa: E402
-from pipeline.config import AUTO_METHODS, PEERS, ConfigError, load_config  # noqa: E402
+from pipeline.config import (AUTO_METHODS, PEERS, ConfigError, load_config,  # noqa: E402
+                             with_settings)
 from pipeline.console import on_rank0, print0  # noqa: E402
 
 EXAMPLES = {
@@ -174,10 +175,13 @@ def _cmd_calibrate(args, world) -> int:
         raise ConfigError(f"calibrate: sampler.method = {cfg.sampler.method!r} has no tolerance "
                           "to calibrate: use a parallel sampler, e.g. pc-window",
                           collective=True)
+    # whatever number the config's sampler.tol holds, the command calibrates (or reads the
+    # cache): that choice is what runs with sampler.tol = "auto" take
+    cfg = with_settings(cfg, {"sampler.tol": "auto"})
     model = build_model(cfg.model, device)
-    result = on_rank0(world, run_tolerance, cfg, model, device, force=args.force)
-    print0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} "
-                  f"({'measured now' if result.rungs else 'from ' + str(cache_file())}); "
+    result = on_rank0(world, run_tolerance, cfg, model, device, force=args.force, store=False)
+    where = "measured now" if result.rungs else f"calibrated earlier, {cache_file()}"
+    print0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} ({where}); "
                   "runs with sampler.tol = \"auto\" use it")
     return 0
 

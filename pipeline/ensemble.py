@@ -171,14 +171,15 @@ def dry_run(cfg: Config, ranks: RankGrid) -> str:
     return "\n".join(lines)
 
 
-def run_tolerance(cfg: Config, model, device, *, force: bool = False) -> Calibration:
+def run_tolerance(cfg: Config, model, device, *, force: bool = False,
+                  store: bool = True) -> Calibration:
     """Rank 0: the tolerance of the run. For ``"auto"``: the one its store was made with (a
-    resumed run), else the cached or a new calibration (``force``: always new), on the first
-    item's input when the model is conditioned."""
+    resumed run; not with ``store`` False), else the cached or a new calibration (``force``:
+    always new), on the first item's input when the model is conditioned."""
     s = cfg.sampler
     if REFERENCE[s.method] == s.method or (s.tol != "auto" and not force):
         return resolve_tol(cfg, model, device=device)  # the configured tol, or none at all
-    stored = None if cfg.output.overwrite or force else stored_attribute(
+    stored = None if cfg.output.overwrite or force or not store else stored_attribute(
         cfg.output.path, cfg.store_digest, "sampler_tol")
     return resolve_tol(cfg, first_item_model(cfg, model, device), device=device, stored=stored,
                        force=force, say=lambda text: print(text, file=sys.stderr, flush=True))

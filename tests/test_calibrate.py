@@ -48,6 +48,19 @@ def test_calibrate_takes_the_loosest_tolerance_within_half_the_distance(capsys):
     assert len(loose) < len(rows) and float(loose[-1][0]) > chosen
 
 
+def test_calibrate_measures_even_when_the_config_holds_a_number(capsys):
+    numeric = [s for s in SMALL if not s.startswith("sampler.tol")] + ["sampler.tol=0.5"]
+    assert main(["calibrate", "jobs/configs/grf.toml", *_sets(numeric)]) == 0
+    err = capsys.readouterr().err
+    chosen = float(_ladder(err)[-1][0])
+    assert chosen != 0.5 and f"sampler.tol = {chosen:g} for pc-window (measured now)" in err
+    cfg = load_config("jobs/configs/grf.toml", SMALL)  # what sampler.tol = "auto" runs look up
+    assert read_cached(calibration_key(cfg, model_digest(cfg))) == chosen
+    assert main(["calibrate", "jobs/configs/grf.toml", *_sets(numeric)]) == 0
+    again = capsys.readouterr().err
+    assert "worst_dist" not in again and f"sampler.tol = {chosen:g} for pc-window (calibrated earlier" in again
+
+
 def test_sample_reuses_the_cached_calibration_and_records_it(tmp_path, capsys):
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(SMALL)]) == 0
     capsys.readouterr()
