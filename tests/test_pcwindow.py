@@ -12,7 +12,9 @@ from pipeline.grids import make_grid
 from pipeline.integrators import step_coefficients
 from pipeline.noise import Noise
 from pipeline.samplers import SAMPLERS, Options, PicardDivergence
-from pipeline.samplers.pcwindow import accept, lipschitz, predict, tables
+from pipeline.samplers import pcwindow
+from pipeline.samplers.pcwindow import (accept, denoiser_nodes, lagrange_weights, lipschitz,
+                                        predict, tables)
 from pipeline.samplers.ring import before, chain_index, run_starts
 
 
@@ -126,6 +128,59 @@ def test_the_predictor_is_psi_step_by_step_with_the_denoiser_frozen(stochastic):
     one = noise.subset([1]) if stochastic else None
     alone, _ = predict(y0[1:], x0[1:], start[1:], torch.tensor([12]), t, one, 80)
     assert torch.equal(alone[0], states[1, :13])
+
+
+def test_lagrange_weights_extrapolate_a_polynomial_of_their_degree_exactly():
+    quad = lambda x: 1.5 - 2 * x + 0.7 * x**2  # noqa: E731
+    line = lambda x: 0.3 + 4 * x  # noqa: E731
+    at = [1.9, 0.4, -2.0]
+    for w, x in zip(lagrange_weights([2.0, 2.5, 3.0], at), at):
+        assert abs(sum(wi * quad(n) for wi, n in zip(w, [2.0, 2.5, 3.0])) - quad(x)) < 1e-10
+    nan = float("nan")
+    for w, x in zip(lagrange_weights([1.0, nan, 4.0], at), at):
+        assert w[1] == 0  # the missing node weighs nothing; a line through the other two
+        assert abs(w[0] * line(1.0) + w[2] * line(4.0) - line(x)) < 1e-12
+    assert lagrange_weights([nan, nan], at) == [[0.0, 0.0]] * 3
+    assert lagrange_weights([5.0], at) == [[1.0]] * 3  # one node: the value frozen
+
+
+def test_denoiser_nodes_are_the_last_point_and_every_lag_th_before_it_inside_the_window():
+    nodes = denoiser_nodes(torch.tensor([10, 10, 10, 50]), torch.tensor([20, 12, 5, 0]), 3, 8)
+    assert nodes.tolist() == [[29, 21, 13], [21, 13, -1], [14, -1, -1], [-1, -1, -1]]
+
+
+def test_the_predictor_follows_psi_with_the_denoiser_extrapolated_through_its_nodes():
+    model, grid, noise, y0 = _setup(steps=80, members=2)
+    t = tables(grid, step_coefficients(grid.u, stochastic=False), model.data_bound, 30)
+    start, x0 = torch.tensor([20, 41]), torch.randn((2, 3, *y0.shape[1:]), dtype=y0.dtype)
+    nodes = t.u[torch.tensor([[19, 11, 3], [40, 32, 24]])]
+    nodes[1, 2] = float("nan")  # row 1 has two nodes: a line
+    states, _ = predict(y0, x0, start, torch.tensor([25, 12]), t, None, 80, nodes)
+    for r, depth in ((0, 25), (1, 12)):
+        y, kept = y0[r], torch.isfinite(nodes[r])
+        for j in range(depth):
+            k = int(start[r]) + j
+            u = float(t.u[k])
+            # the denoiser at u: the polynomial through (nodes, x0) evaluated by Lagrange's rule
+            x0hat = torch.zeros_like(y)
+            for i in torch.nonzero(kept).flatten().tolist():
+                others = [float(nodes[r, m]) for m in torch.nonzero(kept).flatten().tolist()
+                          if m != i]
+                weight = math.prod((u - o) / (float(nodes[r, i]) - o) for o in others)
+                x0hat += weight * x0[r, i]
+            y = float(t.alpha[k]) * y + float(t.beta[k]) * x0hat
+            assert torch.allclose(states[r, j + 1], y, rtol=1e-12, atol=1e-12)
+
+
+def test_extrapolating_the_denoiser_saves_the_ode_window_calls_at_no_larger_distance(monkeypatch):
+    model, grid, noise, y0 = _setup(shape=(16, 16), steps=400, members=2)
+    y_ref, _ = SAMPLERS["sequential-ode"](model, y0, grid, noise)
+    opts = Options(tol=1e-5, data_bound=model.data_bound)
+    y, stats = SAMPLERS["pc-window-ode"](model, y0, grid, noise, options=opts)
+    monkeypatch.setattr(pcwindow, "ODE_TERMS", 1)  # the denoiser frozen, as the SDE's predictor
+    y_frozen, frozen = SAMPLERS["pc-window-ode"](model, y0, grid, noise, options=opts)
+    assert stats.model_calls <= 0.9 * frozen.model_calls and stats.rounds < frozen.rounds
+    assert _rel(y, y_ref) <= _rel(y_frozen, y_ref) <= 1e-3
 
 
 def test_lipschitz_bound_covers_every_eigenvalue_and_tightens_with_s():

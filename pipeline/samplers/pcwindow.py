@@ -14,8 +14,11 @@ accepted state Y_b. One round:
      vS = e^{-u} S + v0, S the data-covariance bound); at least one point, so never more
      rounds than steps; scale_n is the step's noise std (SDE) or 1 + RMS(Yhat_{n+1}) (ODE);
   4. refills the freed window slots past the window end by the predictor: steps with the
-     denoiser frozen at the last evaluated point's Tweedie mean x0hat (no model call),
-     Psi_j(y) = decay_j y + drift_j (e^{-u_j/2} x0hat - y) / v0_j + noise_j xi_j.
+     denoiser given, not evaluated (no model call),
+     Psi_j(y) = decay_j y + drift_j (e^{-u_j/2} x0hat_j - y) / v0_j + noise_j xi_j, where
+     x0hat_j is the last evaluated point's Tweedie mean, frozen (SDE), or the quadratic in u
+     through the Tweedie means of the window's last point and of every ODE_LAG-th point
+     before it, extrapolated (ODE).
 
 As tol -> 0 it is the sequential sampler with the same keyed noise. Every trajectory of a
 batch keeps its own window, so its result does not depend on who shares its batch.
@@ -23,13 +26,14 @@ batch keeps its own window, so its result does not depend on who shares its batc
 Across ranks (``pipeline.samplers.ring``): the window lives in p ring slots, each rank owns a
 contiguous slot range and keeps the states and noise of its slots. A round costs two
 collectives: one Allgather of each rank's run totals (two per rank: the window's head and the
-part that wrapped around the ring) with the Tweedie mean of the window's last point, from which
+part that wrapped around the ring) with the predictor's Tweedie means, from which
 every rank forms its prefix offsets and the window's end state; and one Allreduce of the p
 point changes, from which every rank takes the same acceptance. Freed slots are refilled
 locally, regenerating the keyed noise of the predictor's steps.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +48,11 @@ from pipeline.samplers.options import Options, Stats
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
 
 DEFAULT_WINDOW = 65  # p: measured on grf and the shipped U-Nets (docs/algorithms.md)
+# The ODE's predictor extrapolates the denoiser through its values at the window's last point
+# and every ODE_LAG-th point before it (a quadratic); the SDE's freezes it, since along the
+# reverse SDE the denoiser is a martingale and its own value the best forecast (measured,
+# docs/algorithms.md)
+ODE_TERMS, ODE_LAG = 3, 8
 
 
 @dataclass(frozen=True)
@@ -120,34 +129,63 @@ def accept(delta: torch.Tensor, y_rms: torch.Tensor, start: torch.Tensor, width:
     return accepted, bound[rows, accepted] / scale[rows, accepted]
 
 
-def _affine_coefficients(a: list[float], b: list[float]) -> tuple[list[float], list[float]]:
-    """(A_j, B_j) for j = 0 .. len(a) of the recurrence y_{j+1} = a_j y_j + b_j x (x fixed):
-    y_j = A_j y_0 + B_j x. Plain floats: a few hundred scalar products cost less than one
-    tensor kernel's dispatch, and each row's values do not depend on how far others go."""
-    on_y, on_x = [1.0], [0.0]
-    for aj, bj in zip(a, b):
+def lagrange_weights(nodes: list[float], at: list[float]) -> list[list[float]]:
+    """For each clock in ``at``, the weights w (one per node) with which sum_i w_i f(nodes[i])
+    is the polynomial through the points (nodes[i], f(nodes[i])) evaluated there. A NaN node is
+    missing: it weighs 0 and the polynomial goes through the others (none: all weigh 0).
+    Plain floats, like ``_affine_coefficients``: a handful of nodes and a window of clocks."""
+    have = [i for i, x in enumerate(nodes) if x == x]
+    out = []
+    for x in at:
+        w = [0.0] * len(nodes)
+        for i in have:
+            w[i] = math.prod((x - nodes[m]) / (nodes[i] - nodes[m]) for m in have if m != i)
+        out.append(w)
+    return out
+
+
+def _affine_coefficients(a: list[float], b: list[float], w: list[list[float]],
+                         terms: int) -> tuple[list[float], list[list[float]]]:
+    """(A_j, B_j) for j = 0 .. len(a) of the recurrence y_{j+1} = a_j y_j + b_j x_j, with
+    x_j = sum_i w_j[i] x^(i) a fixed combination of ``terms`` fields:
+    y_j = A_j y_0 + sum_i B_j[i] x^(i).
+    Plain floats: a few hundred scalar products cost less than one tensor kernel's dispatch,
+    and each row's values do not depend on how far others go."""
+    on_y, on_x = [1.0], [[0.0] * terms]
+    for aj, bj, wj in zip(a, b, w):
         on_y.append(aj * on_y[-1])
-        on_x.append(aj * on_x[-1] + bj)
+        on_x.append([aj * c + bj * wi for c, wi in zip(on_x[-1], wj)])
     return on_y, on_x
 
 
 def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e: torch.Tensor, upto: torch.Tensor,
-            t: Tables, noise: Noise | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            t: Tables, noise: Noise | None, n: int,
+            nodes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 4: predictor states Y_{e+j} and noise xi_{e+j} for j = 0 .. max(upto), from
-    Y_e = y_e (B, *S) with the denoiser frozen at x0hat (B, *S). Row r needs j <= upto[r]
-    (-1: none). Returns (states, noise), each (B, J + 1, *S); noise is zero past step n or
-    where not needed, and for the ODE (``noise`` None)."""
+    Y_e = y_e (B, *S) with the denoiser frozen at x0hat (B, *S), or, given ``nodes`` (B, K)
+    float64, extrapolated from its values x0hat (B, K, *S) at those clocks (NaN: missing) by
+    the polynomial through them. Row r needs j <= upto[r] (-1: none). Returns (states,
+    noise), each (B, J + 1, *S); noise is zero past step n or where not needed, and for the
+    ODE (``noise`` None)."""
     batch, depth = y_e.shape[0], int(upto.max()) + 1
     xi = torch.zeros((batch, depth, *y_e.shape[1:]), dtype=y_e.dtype, device=y_e.device)
     if depth == 0:  # no row needs a point
         return torch.empty_like(xi), xi
-    # Psi_j(y) = alpha_j y + beta_j x0hat + noise_j xi_j is affine in y with x0hat frozen, so
-    # its deterministic part is two coefficients per state, in closed form: a step-by-step loop
-    # would dispatch a few small kernels per step, the bulk of a round's host time on many ranks
     k = e[:, None] + torch.arange(depth - 1)[None]
-    coef = [_affine_coefficients(a, b) for a, b in zip(t.alpha[k].tolist(), t.beta[k].tolist())]
-    on_y, on_x0 = (torch.tensor([c[i] for c in coef], dtype=torch.float64) for i in (0, 1))
-    states = per_point(on_y, xi) * y_e[:, None] + per_point(on_x0, xi) * x0hat[:, None]
+    if nodes is None:  # one node anywhere: a constant
+        x0hat, nodes = x0hat[:, None], torch.zeros((batch, 1), dtype=torch.float64)
+    # Psi_j(y) = alpha_j y + beta_j x0hat_j + noise_j xi_j is affine in y, and x0hat_j a fixed
+    # combination of the given denoiser values, so its deterministic part is a few
+    # coefficients per state, in closed form: a step-by-step loop would dispatch a few small
+    # kernels per step, the bulk of a round's host time on many ranks
+    terms = nodes.shape[1]
+    coef = [_affine_coefficients(a, b, lagrange_weights(x, at), terms) for a, b, x, at in
+            zip(t.alpha[k].tolist(), t.beta[k].tolist(), nodes.tolist(), t.u[k].tolist())]
+    on_y = torch.tensor([c[0] for c in coef], dtype=torch.float64)  # (B, J + 1)
+    on_x0 = torch.tensor([c[1] for c in coef], dtype=torch.float64)  # (B, J + 1, K)
+    states = per_point(on_y, xi) * y_e[:, None]
+    for i in range(terms):
+        states = states + per_point(on_x0[..., i], xi) * x0hat[:, None, i]
     if noise is None:
         return states, xi
     for r in range(batch):
@@ -169,35 +207,46 @@ def _col(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return c.to(like.device, like.dtype).reshape(-1, *(1,) * (like.dim() - 1))
 
 
-def _refill(states, xi, freed, chain, e, y_e, x0hat, t, noise, n):
+def denoiser_nodes(start: torch.Tensor, width: torch.Tensor, terms: int, lag: int) -> torch.Tensor:
+    """Positions (B, terms) long of the window points whose denoiser values the predictor
+    extrapolates: the window's last point and every ``lag``-th one before it; -1 where the
+    window (start, width (B,) long) is too short."""
+    pos = (start + width - 1)[:, None] - lag * torch.arange(terms)[None]
+    return torch.where((pos >= start[:, None]) & (width[:, None] > 0), pos, -1)
+
+
+def _refill(states, xi, freed, chain, e, y_e, x0hat, nodes, t, noise, n):
     """Put the predictor's states and noise into the freed slots: slot with chain index c
     now holds position e + c (only positions before n matter)."""
     need = freed & (e[:, None] + chain < n)
     if not bool(need.any()):
         return states, xi
     upto = torch.where(need, chain, -1).amax(1)
-    pred, pred_xi = predict(y_e, x0hat, e, upto, t, noise, n)
+    clocks = torch.where(nodes >= 0, t.u[nodes.clamp(min=0)], float("nan"))
+    pred, pred_xi = predict(y_e, x0hat, e, upto, t, noise, n, clocks)
     rows, cols = need.nonzero(as_tuple=True)
     states[rows, cols] = pred[rows, chain[rows, cols]]
     xi[rows, cols] = pred_xi[rows, chain[rows, cols]]
     return states, xi
 
 
-def _rebuild(states, g, xi, start, width, pos, valid, t: Tables, p, bounds, comm):
+def _rebuild(states, g, xi, start, width, pos, valid, nodes, t: Tables, p, bounds, comm):
     """Step 2 on this rank's slots: the prefix sums Yhat of whole-step increments at the old
     states (``ring.chain_prefix``). Returns (Yhat at each own point (B, hi - lo, *S), the state
-    after the window's last point (B, *S), the Tweedie mean of the window's last point
-    (B, *S)), the last two the same on every rank."""
+    after the window's last point (B, *S), the Tweedie means at positions ``nodes`` (B, K)
+    (B, K, *S), zero where a node is -1), the last two the same on every rank."""
     on_y, on_g, on_xi = per_point(t.increment[pos], states).unbind(2)  # (B, M, 3) gathered
     d = torch.mul(on_y, states).addcmul_(on_g, g).addcmul_(on_xi, xi)
     d = torch.where(point_mask(valid, d), d, torch.zeros_like(d))
-    # the Tweedie mean of the window's last point, from the rank that holds it
-    rows, cols = (valid & (pos == (start + width - 1)[:, None])).nonzero(as_tuple=True)
-    x0part = torch.zeros_like(states[:, 0])
+    # the Tweedie means at the predictor's nodes, each from the rank that holds it
+    rows, cols, terms = (valid[..., None] & (pos[..., None] == nodes[:, None])).nonzero(
+        as_tuple=True)
+    x0part = torch.zeros((states.shape[0], nodes.shape[1], *states.shape[2:]),
+                         dtype=states.dtype, device=states.device)
     k = pos[rows, cols]
-    last = states[rows, cols]
-    x0part[rows] = torch.addcmul(last, _col(t.v0[k], last), g[rows, cols]).mul_(
-        _col(t.tweedie[k], last))
+    at = states[rows, cols]
+    x0part[rows, terms] = torch.addcmul(at, _col(t.v0[k], at), g[rows, cols]).mul_(
+        _col(t.tweedie[k], at))
     return chain_prefix(d, states, start, width, bounds, p, comm, extra=x0part)
 
 
@@ -216,9 +265,12 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     start = torch.zeros(batch, dtype=torch.long)
     states = torch.empty((batch, hi - lo, *shape), dtype=y0.dtype, device=y0.device)
     xi = torch.zeros_like(states)
+    terms, lag = (1, 1) if stochastic else (ODE_TERMS, min(ODE_LAG, max(1, (p - 1) // 2)))
     chain = chain_index(lo, hi, start, p)
+    nowhere = torch.full((batch, terms), -1)  # the first guesses: the prior mean, 0
     states, xi = _refill(states, xi, torch.ones_like(chain, dtype=torch.bool), chain, start,
-                         y0, torch.zeros_like(y0), t, step_noise, n)
+                         y0, torch.zeros((batch, terms, *shape), dtype=y0.dtype,
+                                         device=y0.device), nowhere, t, step_noise, n)
     y_out = y0.clone()
     rounds, calls, history, advances = 0, 0, [], []
     while bool((start < n).any()):
@@ -226,8 +278,9 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         width, chain, pos, valid, g = evaluate_window(model, states, start, bounds, p, n, t.u,
                                                       comm.rank)
         # 2. whole-step increments, summed along the chain across ranks (ring.py)
-        prefix, y_e, x0hat = _rebuild(states, g, xi, start, width, pos, valid, t, p, bounds,
-                                      comm)
+        nodes = denoiser_nodes(start, width, terms, lag)
+        prefix, y_e, x0hat = _rebuild(states, g, xi, start, width, pos, valid, nodes, t, p,
+                                      bounds, comm)
         # 3. certified acceptance, the same on every rank
         local = torch.zeros((batch, 2, p), dtype=torch.float64)
         r_idx, s_idx = valid.nonzero(as_tuple=True)
@@ -248,7 +301,7 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         y_out[done] = y_e[done]
         e = start + p
         start = start + accepted
-        states, xi = _refill(states, xi, freed, chain, e, y_e, x0hat, t, step_noise, n)
+        states, xi = _refill(states, xi, freed, chain, e, y_e, x0hat, nodes, t, step_noise, n)
         rounds += 1
         calls += int(width.sum())
         history.append(float(bound[active].max()) ** 2)

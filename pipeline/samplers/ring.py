@@ -61,7 +61,7 @@ def chain_prefix(w: torch.Tensor, states: torch.Tensor, start: torch.Tensor, wid
     w (B, hi - lo, *S): this rank's per-slot terms (zero where not needed); states
     (B, hi - lo, *S): this rank's slot states, of which the one at chain index 0 is the base
     Y_b; start, width (B,) long: window starts and evaluated points; bounds: every rank's slot
-    range. extra (B, *S) or None: a term summed over ranks in the same message. Returns
+    range. extra (B, K, *S) or None: terms summed over ranks in the same message. Returns
     (Y_b + the sum of w over the chain indices before each own slot (B, hi - lo, *S),
     Y_b + the sum of w over the whole window (B, *S), the sum of extra or None), the last two
     the same on every rank."""
@@ -73,10 +73,10 @@ def chain_prefix(w: torch.Tensor, states: torch.Tensor, start: torch.Tensor, wid
     own_base[owner] = states[owner, head[owner] - lo]
     cum_high = point_cumsum(torch.where(high, w, 0.0))
     cum_low = point_cumsum(torch.where(high, 0.0, w))
-    parts = [own_base + cum_high[:, -1], cum_low[:, -1]]
+    parts = torch.stack([own_base + cum_high[:, -1], cum_low[:, -1]], 1)
     if extra is not None:
-        parts.append(extra)
-    gathered = comm.allgather(torch.stack(parts, 1)).transpose(0, 1)  # (B, ranks, parts, *S)
+        parts = torch.cat([parts, extra], 1)
+    gathered = comm.allgather(parts).transpose(0, 1)  # (B, ranks, parts, *S)
     totals = gathered[:, :, :2]
     prec = before(run_starts(bounds, start, p), comm.rank).to(totals.device, totals.dtype)
     # one batched product: (B, 2 runs, ranks x 2 totals) @ (B, ranks x 2 totals, field)
@@ -84,7 +84,7 @@ def chain_prefix(w: torch.Tensor, states: torch.Tensor, start: torch.Tensor, wid
         totals.shape[:1] + (2,) + totals.shape[3:])
     base_high, base_low = (offset[:, HIGH] + own_base)[:, None], offset[:, LOW, None]
     prefix = torch.where(high, base_high + cum_high, base_low + cum_low).sub_(w)
-    summed = None if extra is None else gathered[:, :, 2].sum(1)
+    summed = None if extra is None else gathered[:, :, 2:].sum(1)
     return prefix, totals.sum((1, 2)), summed
 
 
