@@ -23,7 +23,7 @@ import torch
 from pipeline.cache import cache_path, read_cache, update_cache
 from pipeline.config import Config, ConfigError
 from pipeline.noise import Noise
-from pipeline.samplers import REFERENCE, SAMPLERS, Options
+from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, Options
 
 # Calibration members are keyed apart from any ensemble's members (an item index no input
 # reaches), so the choice is not tuned on the very trajectories it will produce.
@@ -66,6 +66,9 @@ def calibration_key(cfg: Config, model_sha256: str) -> str:
             "input": cfg.input.path, "calibrate": dataclasses.asdict(cfg.calibrate),
             "sampler": {k: v for k, v in dataclasses.asdict(s).items()
                         if k not in ("tol", "max_sweeps", "on_divergence", "block_size")}}
+    revision = REGISTRY[s.method].revision if s.method in REGISTRY else 1
+    if revision > 1:  # absent at 1, so that calibrations made before revisions stay valid
+        kept["revision"] = revision
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 

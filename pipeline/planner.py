@@ -151,7 +151,8 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
     ``steps``: the steps ``cfg`` runs, recorded when they are not the user's (0)."""
     key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha), method, param, tol,
                                      smallest, str(device), list(cfg.model.emulate_ms),
-                                     PROFILE_VERSION]).encode()).hexdigest()
+                                     PROFILE_VERSION, REGISTRY[method].revision]
+                                    ).encode()).hexdigest()
     cached = read_cache(_profile_file()).get(key)
     if cached is not None:
         return Profile(**{**cached, "host_points": tuple(cached["host_points"]),

@@ -116,3 +116,16 @@ def test_window_samplers_without_a_tolerance_are_refused_before_anything_is_writ
     err = capsys.readouterr().err.strip()
     assert f"sampler.tol must be set for sampler.method = '{method}'" in err
     assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_a_raised_sampler_revision_measures_its_calibration_again(monkeypatch):
+    import dataclasses
+
+    from pipeline.samplers import REGISTRY
+
+    cfg = load_config("jobs/configs/grf.toml", SMALL)
+    first = calibration_key(cfg, "0" * 64)
+    assert calibration_key(cfg, "0" * 64) == first  # the same sampler: the same key
+    monkeypatch.setitem(REGISTRY, "pc-window",
+                        dataclasses.replace(REGISTRY["pc-window"], revision=2))
+    assert calibration_key(cfg, "0" * 64) != first

@@ -30,7 +30,9 @@ class Registered:
     therefore needs. blocked: cuts the steps into blocks of ``sampler.block_size``.
     corrector: runs the Langevin corrector's ``sampler.corrector_steps`` points after each block.
     needs_tol: stops on ``sampler.tol``. whole_path: its rounds span every step not yet
-    settled, so its time slices cut ``sampler.steps``.
+    settled, so its time slices cut ``sampler.steps``. revision: raised when the sampler's
+    way to its path changes (its rounds, calls and the tolerance a calibration finds), so
+    that cached calibrations and planner profiles of the old one are measured again.
     """
 
     target: str
@@ -40,6 +42,7 @@ class Registered:
     corrector: bool = False
     needs_tol: bool = False  # stops on sampler.tol (every windowed sampler does too)
     whole_path: bool = False
+    revision: int = 1
 
     def load(self):
         module, name = self.target.split(":")
@@ -88,8 +91,9 @@ REGISTRY = {
     "window": Registered("pipeline.samplers.window:window_sde", _SDE, windowed=True),
     "window-ode": Registered("pipeline.samplers.window:window_ode", _ODE, windowed=True),
     "pc-window": Registered("pipeline.samplers.pcwindow:pc_window_sde", _SDE, windowed=True),
+    # revision 2: the predictor extrapolates the denoiser instead of freezing it
     "pc-window-ode": Registered("pipeline.samplers.pcwindow:pc_window_ode", _ODE,
-                                windowed=True),
+                                windowed=True, revision=2),
 }
 
 
