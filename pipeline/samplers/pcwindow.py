@@ -135,6 +135,8 @@ def lagrange_weights(nodes: list[float], at: list[float]) -> list[list[float]]:
     missing: it weighs 0 and the polynomial goes through the others (none: all weigh 0).
     Plain floats, like ``_affine_coefficients``: a handful of nodes and a window of clocks."""
     have = [i for i, x in enumerate(nodes) if x == x]
+    if len(have) <= 1:  # a constant (or nothing): the same weights everywhere
+        return [[float(i in have) for i in range(len(nodes))]] * len(at)
     out = []
     for x in at:
         w = [0.0] * len(nodes)
