@@ -73,10 +73,10 @@ def chain_prefix(w: torch.Tensor, states: torch.Tensor, start: torch.Tensor, wid
     own_base[owner] = states[owner, head[owner] - lo]
     cum_high = point_cumsum(torch.where(high, w, 0.0))
     cum_low = point_cumsum(torch.where(high, 0.0, w))
-    parts = torch.stack([own_base + cum_high[:, -1], cum_low[:, -1]], 1)
+    parts = [(own_base + cum_high[:, -1])[:, None], cum_low[:, -1:]]
     if extra is not None:
-        parts = torch.cat([parts, extra], 1)
-    gathered = comm.allgather(parts).transpose(0, 1)  # (B, ranks, parts, *S)
+        parts.append(extra)
+    gathered = comm.allgather(torch.cat(parts, 1)).transpose(0, 1)  # (B, ranks, parts, *S)
     totals = gathered[:, :, :2]
     prec = before(run_starts(bounds, start, p), comm.rank).to(totals.device, totals.dtype)
     # one batched product: (B, 2 runs, ranks x 2 totals) @ (B, ranks x 2 totals, field)
