@@ -2,6 +2,7 @@
 accepts, and its ring maths gives every rank the right prefix."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,7 +86,7 @@ def test_certified_bound_covers_the_true_error_of_every_accepted_point():
              + steps.noise[:40].reshape(1, -1, 1, 1) * xi[:, :40])
         new = torch.cat([y0[:, None], y0[:, None] + torch.cumsum(d, 1)], 1)
         delta = ((new[:, :40] - guess[:, :40]) ** 2).flatten(2).mean(-1).sqrt()
-        contrib = t.lipschitz[:40] * delta[0]
+        contrib = torch.from_numpy(t.lipschitz[:40]) * delta[0]
         contrib[0] = 0
         bound = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(contrib, 0)])
         true = torch.stack([((new[0, c] - exact[c]) ** 2).mean().sqrt() for c in range(41)])
@@ -153,7 +154,7 @@ def test_the_predictor_follows_psi_with_the_denoiser_extrapolated_through_its_no
     model, grid, noise, y0 = _setup(steps=80, members=2)
     t = tables(grid, step_coefficients(grid.u, stochastic=False), model.data_bound, 30)
     start, x0 = torch.tensor([20, 41]), torch.randn((2, 3, *y0.shape[1:]), dtype=y0.dtype)
-    nodes = t.u[torch.tensor([[19, 11, 3], [40, 32, 24]])]
+    nodes = torch.from_numpy(t.u[[[19, 11, 3], [40, 32, 24]]])
     nodes[1, 2] = float("nan")  # row 1 has two nodes: a line
     states, _ = predict(y0, x0, start, torch.tensor([25, 12]), t, None, 80, nodes)
     for r, depth in ((0, 25), (1, 12)):
@@ -225,7 +226,7 @@ def test_ring_runs_give_each_slot_the_prefix_of_the_points_before_it():
                 for r, (lo, hi) in enumerate(bounds):
                     chain = chain_index(lo, hi, start, p)[0]
                     prec = before(starts, r)[0]  # (2, ranks, 2)
-                    totals = torch.zeros(ranks, 2, dtype=torch.float64)
+                    totals = np.zeros((ranks, 2))
                     for q, (qlo, qhi) in enumerate(bounds):
                         for s, c in zip(range(qlo, qhi), chain_index(qlo, qhi, start, p)[0]):
                             totals[q, 0 if s >= b % p else 1] += values[int(c)]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline.comm import SerialComm
@@ -58,18 +59,19 @@ ODE_TERMS, ODE_LAG = 3, 8
 @dataclass(frozen=True)
 class Tables:
     """Per-step float64 coefficients (N + 2p,), padded past the last step with a step that
-    does nothing, so window positions past the end need no special case."""
+    does nothing, so window positions past the end need no special case. numpy on the host,
+    like the rest of a round's bookkeeping (``pipeline.samplers.ring``)."""
 
-    u: torch.Tensor
-    noise: torch.Tensor  # the step noise's std
-    v0: torch.Tensor  # 1 - e^{-u}: the marginal noise variance
-    alpha: torch.Tensor  # predictor: decay - drift / v0
-    beta: torch.Tensor  # predictor: drift e^{-u/2} / v0 (the x0hat coefficient)
-    lipschitz: torch.Tensor  # L_k
+    u: np.ndarray
+    noise: np.ndarray  # the step noise's std
+    v0: np.ndarray  # 1 - e^{-u}: the marginal noise variance
+    alpha: np.ndarray  # predictor: decay - drift / v0
+    beta: np.ndarray  # predictor: drift e^{-u/2} / v0 (the x0hat coefficient)
+    lipschitz: np.ndarray  # L_k
     # D's coefficients on y, the score and the noise (decay - 1, drift, noise), (N + 2p, 3):
     # side by side, so that a round gathers them at once
-    increment: torch.Tensor
-    tweedie: torch.Tensor  # e^{u/2}: x0hat = e^{u/2} (y + v0 s(y, u))
+    increment: np.ndarray
+    tweedie: np.ndarray  # e^{u/2}: x0hat = e^{u/2} (y + v0 s(y, u))
 
 
 def lipschitz(steps: Steps, u: torch.Tensor, bound: float) -> torch.Tensor:
@@ -89,11 +91,12 @@ def tables(grid: Grid, steps: Steps, bound: float, p: int) -> Tables:
     pad = lambda t, value: torch.cat([t, torch.full((2 * p,), value, dtype=t.dtype)])  # noqa: E731
     dec1, drift, noise = pad(steps.decay - 1, 0.0), pad(steps.drift, 0.0), pad(steps.noise, 0.0)
     return Tables(
-        u=pad(u, float(grid.u[-1])), noise=noise, v0=pad(v0, 1.0),
-        alpha=pad(steps.decay - steps.drift / v0, 1.0),
-        beta=pad(steps.drift * torch.exp(-u / 2) / v0, 0.0),
-        lipschitz=pad(lipschitz(steps, u, bound), 0.0),
-        increment=torch.stack([dec1, drift, noise], 1), tweedie=pad(torch.exp(u / 2), 1.0),
+        u=pad(u, float(grid.u[-1])).numpy(), noise=noise.numpy(), v0=pad(v0, 1.0).numpy(),
+        alpha=pad(steps.decay - steps.drift / v0, 1.0).numpy(),
+        beta=pad(steps.drift * torch.exp(-u / 2) / v0, 0.0).numpy(),
+        lipschitz=pad(lipschitz(steps, u, bound), 0.0).numpy(),
+        increment=torch.stack([dec1, drift, noise], 1).numpy(),
+        tweedie=pad(torch.exp(u / 2), 1.0).numpy(),
     )
 
 
@@ -103,30 +106,33 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(field, dim=-1, dtype=torch.float64) / field.shape[-1] ** 0.5
 
 
-def accept(delta: torch.Tensor, y_rms: torch.Tensor, start: torch.Tensor, width: torch.Tensor,
-           t: Tables, tol: float, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def accept(delta, y_rms, start, width, t: Tables, tol: float,
+           stochastic: bool) -> tuple[np.ndarray, np.ndarray]:
     """Step 3: points to accept per trajectory and the certified bound of the last one.
 
-    delta (B, p): RMS change of chain point c (position start + c) this round; y_rms (B, p+1):
-    RMS of the new states Yhat at chain points 0..p; start, width (B,) long: window start and
-    evaluated points. Returns (accepted (B,) long in [1, width], bound / scale (B,) float64);
-    rows with width 0 accept 0."""
-    c = torch.arange(delta.shape[1] + 1)
+    delta (B, p) float64: RMS change of chain point c (position start + c) this round; y_rms
+    (B, p+1): RMS of the new states Yhat at chain points 0..p; start, width (B,) int: window
+    start and evaluated points. Returns (accepted (B,) int64 in [1, width], bound / scale (B,)
+    float64), numpy; rows with width 0 accept 0."""
+    delta, y_rms = np.asarray(delta), np.asarray(y_rms)
+    start, width = np.asarray(start), np.asarray(width)
+    c = np.arange(delta.shape[1] + 1)
     pos = start[:, None] + c  # position of chain point c
     contrib = t.lipschitz[pos[:, :-1]] * delta
     contrib[:, 0] = 0.0  # Y_b is exact
-    bound = torch.cat([torch.zeros_like(contrib[:, :1]), torch.cumsum(contrib, 1)], 1)
+    bound = np.concatenate([np.zeros_like(contrib[:, :1]), np.cumsum(contrib, 1)], 1)
     if stochastic:
-        scale = t.noise[(pos - 1).clamp(min=0)]
+        scale = t.noise[np.maximum(pos - 1, 0)]
     else:
         scale = 1 + y_rms
     ok = bound <= tol * scale  # NaN is never ok
     ok[:, 0] = True
     ok &= c[None] <= width[:, None]
-    accepted = torch.cumprod(ok[:, 1:].long(), 1).sum(1)
-    accepted = torch.minimum(accepted.clamp(min=1), width)
-    rows = torch.arange(len(start))
-    return accepted, bound[rows, accepted] / scale[rows, accepted]
+    accepted = np.cumprod(ok[:, 1:], 1, dtype=np.int64).sum(1)
+    accepted = np.minimum(np.maximum(accepted, 1), width)
+    rows = np.arange(len(start))
+    with np.errstate(invalid="ignore", divide="ignore"):  # a finished row's scale may be 0
+        return accepted, bound[rows, accepted] / scale[rows, accepted]
 
 
 def lagrange_weights(nodes: list[float], at: list[float]) -> list[list[float]]:
@@ -160,22 +166,23 @@ def _affine_coefficients(a: list[float], b: list[float], w: list[list[float]],
     return on_y, on_x
 
 
-def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e: torch.Tensor, upto: torch.Tensor,
-            t: Tables, noise: Noise | None, n: int,
-            nodes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e, upto, t: Tables, noise: Noise | None,
+            n: int, nodes=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 4: predictor states Y_{e+j} and noise xi_{e+j} for j = 0 .. max(upto), from
     Y_e = y_e (B, *S) with the denoiser frozen at x0hat (B, *S), or, given ``nodes`` (B, K)
     float64, extrapolated from its values x0hat (B, K, *S) at those clocks (NaN: missing) by
-    the polynomial through them. Row r needs j <= upto[r] (-1: none). Returns (states,
-    noise), each (B, J + 1, *S); noise is zero past step n or where not needed, and for the
-    ODE (``noise`` None)."""
+    the polynomial through them. e, upto (B,) int; row r needs j <= upto[r] (-1: none).
+    Returns (states, noise), each (B, J + 1, *S); noise is zero past step n or where not
+    needed, and for the ODE (``noise`` None)."""
+    e, upto = np.asarray(e), np.asarray(upto)
     batch, depth = y_e.shape[0], int(upto.max()) + 1
     xi = torch.zeros((batch, depth, *y_e.shape[1:]), dtype=y_e.dtype, device=y_e.device)
     if depth == 0:  # no row needs a point
         return torch.empty_like(xi), xi
-    k = e[:, None] + torch.arange(depth - 1)[None]
+    k = e[:, None] + np.arange(depth - 1)[None]
     if nodes is None:  # one node anywhere: a constant
-        x0hat, nodes = x0hat[:, None], torch.zeros((batch, 1), dtype=torch.float64)
+        x0hat, nodes = x0hat[:, None], np.zeros((batch, 1))
+    nodes = np.asarray(nodes, dtype=np.float64)
     # Psi_j(y) = alpha_j y + beta_j x0hat_j + noise_j xi_j is affine in y, and x0hat_j a fixed
     # combination of the given denoiser values, so its deterministic part is a few
     # coefficients per state, in closed form: a step-by-step loop would dispatch a few small
@@ -184,10 +191,11 @@ def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e: torch.Tensor, upto: torch
     coef = [_affine_coefficients(a, b, lagrange_weights(x, at), terms) for a, b, x, at in
             zip(t.alpha[k].tolist(), t.beta[k].tolist(), nodes.tolist(), t.u[k].tolist())]
     on_y = torch.tensor([c[0] for c in coef], dtype=torch.float64)  # (B, J + 1)
-    on_x0 = torch.tensor([c[1] for c in coef], dtype=torch.float64)  # (B, J + 1, K)
+    # (B, J + 1, K), converted to the field's dtype once for all K
+    on_x0 = per_point(torch.tensor([c[1] for c in coef], dtype=torch.float64), xi)
     states = per_point(on_y, xi) * y_e[:, None]
     for i in range(terms):
-        states = states + per_point(on_x0[..., i], xi) * x0hat[:, None, i]
+        states = states + on_x0[:, :, i] * x0hat[:, None, i]
     if noise is None:
         return states, xi
     for r in range(batch):
@@ -195,7 +203,8 @@ def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e: torch.Tensor, upto: torch
         if lo < hi:
             xi[r, : hi - lo] = noise.path(lo, hi, [r])[0]
     # the noise's part has no closed form as cheap: the steps' own draws, accumulated in place
-    a, c = per_point(t.alpha[k], xi).unbind(1), per_point(t.noise[k], xi).unbind(1)
+    a = per_point(torch.from_numpy(t.alpha[k]), xi).unbind(1)
+    c = per_point(torch.from_numpy(t.noise[k]), xi).unbind(1)
     acc = torch.zeros_like(states)
     sums, xs = acc.unbind(1), xi.unbind(1)
     for j in range(depth - 1):
@@ -204,31 +213,39 @@ def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e: torch.Tensor, upto: torch
     return states.add_(acc), xi
 
 
-def _col(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _col(c: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """Per-row coefficients (B,) shaped to broadcast against (B, *S)."""
-    return c.to(like.device, like.dtype).reshape(-1, *(1,) * (like.dim() - 1))
+    return torch.from_numpy(c).to(like.device, like.dtype).reshape(-1, *(1,) * (like.dim() - 1))
 
 
-def denoiser_nodes(start: torch.Tensor, width: torch.Tensor, terms: int, lag: int) -> torch.Tensor:
-    """Positions (B, terms) long of the window points whose denoiser values the predictor
+def _rows(*index: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """Host index arrays as torch indices (views, no copies)."""
+    return tuple(torch.from_numpy(i) for i in index)
+
+
+def denoiser_nodes(start, width, terms: int, lag: int) -> np.ndarray:
+    """Positions (B, terms) int64 of the window points whose denoiser values the predictor
     extrapolates: the window's last point and every ``lag``-th one before it; -1 where the
-    window (start, width (B,) long) is too short."""
-    pos = (start + width - 1)[:, None] - lag * torch.arange(terms)[None]
-    return torch.where((pos >= start[:, None]) & (width[:, None] > 0), pos, -1)
+    window (start, width (B,) int) is too short."""
+    start, width = np.asarray(start), np.asarray(width)
+    pos = (start + width - 1)[:, None] - lag * np.arange(terms)[None]
+    return np.where((pos >= start[:, None]) & (width[:, None] > 0), pos, -1)
 
 
 def _refill(states, xi, freed, chain, e, y_e, x0hat, nodes, t, noise, n):
     """Put the predictor's states and noise into the freed slots: slot with chain index c
     now holds position e + c (only positions before n matter)."""
     need = freed & (e[:, None] + chain < n)
-    if not bool(need.any()):
+    if not need.any():
         return states, xi
-    upto = torch.where(need, chain, -1).amax(1)
-    clocks = torch.where(nodes >= 0, t.u[nodes.clamp(min=0)], float("nan"))
+    upto = np.where(need, chain, -1).max(1)
+    clocks = np.where(nodes >= 0, t.u[np.maximum(nodes, 0)], np.nan)
     pred, pred_xi = predict(y_e, x0hat, e, upto, t, noise, n, clocks)
-    rows, cols = need.nonzero(as_tuple=True)
-    states[rows, cols] = pred[rows, chain[rows, cols]]
-    xi[rows, cols] = pred_xi[rows, chain[rows, cols]]
+    rows, cols = need.nonzero()
+    rows, cols, at = _rows(rows, cols, chain[rows, cols])
+    states[rows, cols] = pred[rows, at]
+    if noise is not None:  # the ODE's slots keep their zero noise
+        xi[rows, cols] = pred_xi[rows, at]
     return states, xi
 
 
@@ -237,18 +254,21 @@ def _rebuild(states, g, xi, start, width, pos, valid, nodes, t: Tables, p, bound
     states (``ring.chain_prefix``). Returns (Yhat at each own point (B, hi - lo, *S), the state
     after the window's last point (B, *S), the Tweedie means at positions ``nodes`` (B, K)
     (B, K, *S), zero where a node is -1), the last two the same on every rank."""
-    on_y, on_g, on_xi = per_point(t.increment[pos], states).unbind(2)  # (B, M, 3) gathered
+    # (B, M, 3) gathered
+    on_y, on_g, on_xi = per_point(torch.from_numpy(t.increment[pos]), states).unbind(2)
     d = torch.mul(on_y, states).addcmul_(on_g, g).addcmul_(on_xi, xi)
-    d = torch.where(point_mask(valid, d), d, torch.zeros_like(d))
+    if not valid.all():
+        d = torch.where(point_mask(torch.from_numpy(valid), d), d, torch.zeros_like(d))
     # the Tweedie means at the predictor's nodes, each from the rank that holds it
-    rows, cols, terms = (valid[..., None] & (pos[..., None] == nodes[:, None])).nonzero(
-        as_tuple=True)
+    rows, cols, terms = (valid[..., None] & (pos[..., None] == nodes[:, None])).nonzero()
     x0part = torch.zeros((states.shape[0], nodes.shape[1], *states.shape[2:]),
                          dtype=states.dtype, device=states.device)
-    k = pos[rows, cols]
-    at = states[rows, cols]
-    x0part[rows, terms] = torch.addcmul(at, _col(t.v0[k], at), g[rows, cols]).mul_(
-        _col(t.tweedie[k], at))
+    if len(rows):
+        k = pos[rows, cols]
+        rows, cols, terms = _rows(rows, cols, terms)
+        at = states[rows, cols]
+        x0part[rows, terms] = torch.addcmul(at, _col(t.v0[k], at), g[rows, cols]).mul_(
+            _col(t.tweedie[k], at))
     return chain_prefix(d, states, start, width, bounds, p, comm, extra=x0part)
 
 
@@ -264,18 +284,19 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     t = tables(grid, steps, options.data_bound, p)
     step_noise = noise if stochastic else None
     batch, shape = y0.shape[0], y0.shape[1:]
-    start = torch.zeros(batch, dtype=torch.long)
+    start = np.zeros(batch, dtype=np.int64)
     states = torch.empty((batch, hi - lo, *shape), dtype=y0.dtype, device=y0.device)
     xi = torch.zeros_like(states)
     terms, lag = (1, 1) if stochastic else (ODE_TERMS, min(ODE_LAG, max(1, (p - 1) // 2)))
     chain = chain_index(lo, hi, start, p)
-    nowhere = torch.full((batch, terms), -1)  # the first guesses: the prior mean, 0
-    states, xi = _refill(states, xi, torch.ones_like(chain, dtype=torch.bool), chain, start,
+    nowhere = np.full((batch, terms), -1)  # the first guesses: the prior mean, 0
+    states, xi = _refill(states, xi, np.ones_like(chain, dtype=bool), chain, start,
                          y0, torch.zeros((batch, terms, *shape), dtype=y0.dtype,
                                          device=y0.device), nowhere, t, step_noise, n)
     y_out = y0.clone()
     rounds, calls, history, advances = 0, 0, [], []
-    while bool((start < n).any()):
+    rows = np.arange(batch)
+    while (start < n).any():
         # 1. one batched model call at every window point this rank owns
         width, chain, pos, valid, g = evaluate_window(model, states, start, bounds, p, n, t.u,
                                                       comm.rank)
@@ -284,23 +305,26 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         prefix, y_e, x0hat = _rebuild(states, g, xi, start, width, pos, valid, nodes, t, p,
                                       bounds, comm)
         # 3. certified acceptance, the same on every rank
-        local = torch.zeros((batch, 2, p), dtype=torch.float64)
-        r_idx, s_idx = valid.nonzero(as_tuple=True)
+        local = np.zeros((batch, 2, p))
+        r_idx, s_idx = valid.nonzero()
         c_idx = chain[r_idx, s_idx]
-        local[r_idx, 0, c_idx] = rms(prefix - states).cpu()[r_idx, s_idx]
-        local[r_idx, 1, c_idx] = rms(prefix).cpu()[r_idx, s_idx]
-        summed = comm.allreduce_sum(local)
-        y_rms = torch.cat([summed[:, 1], torch.zeros(batch, 1, dtype=torch.float64)], 1)
-        y_rms[torch.arange(batch), width] = rms(y_e[:, None]).cpu()[:, 0]
+        local[r_idx, 0, c_idx] = rms(prefix - states).cpu().numpy()[r_idx, s_idx]
+        local[r_idx, 1, c_idx] = rms(prefix).cpu().numpy()[r_idx, s_idx]
+        summed = comm.allreduce_sum(torch.from_numpy(local)).numpy()
+        y_rms = np.concatenate([summed[:, 1], np.zeros((batch, 1))], 1)
+        y_rms[rows, width] = rms(y_e[:, None]).cpu().numpy()[:, 0]
         accepted, bound = accept(summed[:, 0], y_rms, start, width, t, options.tol, stochastic)
         active = width > 0
-        ok = ~active | torch.isfinite(y_rms[torch.arange(batch), accepted])
-        check_rows(ok, noise.keys, lambda r: f"by step {int(start[r] + accepted[r])}")
+        ok = ~active | np.isfinite(y_rms[rows, accepted])
+        check_rows(torch.from_numpy(ok), noise.keys,
+                   lambda r: f"by step {int(start[r] + accepted[r])}")
         # 4. slide: kept points take their new values, freed slots the predictor's
         freed = valid & (chain < accepted[:, None])
-        states = torch.where(point_mask(freed, states), states, prefix)
+        states = torch.where(point_mask(torch.from_numpy(freed), states), states, prefix)
         done = active & (start + accepted >= n)
-        y_out[done] = y_e[done]
+        if done.any():
+            (finished,) = _rows(done.nonzero()[0])
+            y_out[finished] = y_e[finished]
         e = start + p
         start = start + accepted
         states, xi = _refill(states, xi, freed, chain, e, y_e, x0hat, nodes, t, step_noise, n)

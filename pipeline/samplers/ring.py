@@ -10,11 +10,17 @@ and the *low* run (slots < b mod p, the part that wrapped around the ring).
 
 ``chain_prefix`` sums a per-slot quantity along the chain across ranks with one Allgather of
 every rank's two run totals; the samplers pass their communicator in.
+
+The index bookkeeping (window starts, chain indices, masks, positions) is numpy on the host:
+a round does a few hundred such operations on arrays of a few elements, where a numpy
+operation costs a microsecond and a torch one five or more, and on many ranks sharing a
+node's cores that host time is what a round waits for (docs/planning.md). Fields stay torch.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from pipeline.samplers.common import point_cumsum, point_mask
@@ -22,89 +28,110 @@ from pipeline.samplers.common import point_cumsum, point_mask
 HIGH, LOW = 0, 1
 
 
-def chain_index(lo: int, hi: int, start: torch.Tensor, p: int) -> torch.Tensor:
-    """Chain index (B, hi - lo) long of slots lo..hi-1 for window starts ``start`` (B,)."""
-    slots = torch.arange(lo, hi)
-    return (slots[None] - start[:, None]) % p
+def chain_index(lo: int, hi: int, start, p: int) -> np.ndarray:
+    """Chain index (B, hi - lo) int64 of slots lo..hi-1 for window starts ``start`` (B,)."""
+    return (np.arange(lo, hi)[None] - np.asarray(start)[:, None]) % p
 
 
 @lru_cache(maxsize=64)
-def _edges(bounds: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ranks' first and last-plus-one slots, each (1, ranks) long: built once per layout,
-    not once per round."""
-    lo, hi = torch.tensor(bounds).T
+def _edges(bounds: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The ranks' first and last-plus-one slots, each (1, ranks): built once per layout, not
+    once per round."""
+    lo, hi = np.array(bounds, dtype=np.int64).T
     return lo[None], hi[None]
 
 
-def run_starts(bounds: list[tuple[int, int]], start: torch.Tensor, p: int) -> torch.Tensor:
-    """First chain index of every rank's high and low run, (B, ranks, 2) long; ``p`` for a run
+def run_starts(bounds: list[tuple[int, int]], start, p: int) -> np.ndarray:
+    """First chain index of every rank's high and low run, (B, ranks, 2) int64; ``p`` for a run
     that is empty. ``bounds`` are the ranks' slot ranges [lo, hi), ``start`` the window starts.
     Runs never overlap, so a run precedes another exactly when its first index is smaller."""
-    head = (start % p)[:, None]  # the slot of position b
+    head = (np.asarray(start) % p)[:, None]  # the slot of position b
     lo, hi = _edges(tuple(map(tuple, bounds)))
-    high = torch.where(hi > head, torch.maximum(lo, head) - head, p)
-    low = torch.where((lo < head) & (hi > lo), lo + p - head, p)
-    return torch.stack([high, low], -1)
+    high = np.where(hi > head, np.maximum(lo, head) - head, p)
+    low = np.where((lo < head) & (hi > lo), lo + p - head, p)
+    return np.stack([high, low], -1)
 
 
-def before(starts: torch.Tensor, rank: int) -> torch.Tensor:
+def before(starts: np.ndarray, rank: int) -> np.ndarray:
     """(B, 2, ranks, 2) bool: whether each run of every rank precedes this rank's high and
     low run in the chain (the runs whose totals make up that run's offset)."""
     mine = starts[:, rank]  # (B, 2)
     return starts[:, None, :, :] < mine[:, :, None, None]
 
 
-def chain_prefix(w: torch.Tensor, states: torch.Tensor, start: torch.Tensor, width: torch.Tensor,
+def _host(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A host array as a mask or index for ``like``'s rows (a view, no copy on CPU)."""
+    return torch.from_numpy(x).to(like.device)
+
+
+def chain_prefix(w: torch.Tensor, states: torch.Tensor, start, width,
                  bounds: list[tuple[int, int]], p: int, comm, extra: torch.Tensor | None = None):
     """Exclusive chain prefix sums of w over the ring, from one Allgather.
 
     w (B, hi - lo, *S): this rank's per-slot terms (zero where not needed); states
     (B, hi - lo, *S): this rank's slot states, of which the one at chain index 0 is the base
-    Y_b; start, width (B,) long: window starts and evaluated points; bounds: every rank's slot
+    Y_b; start, width (B,) int: window starts and evaluated points; bounds: every rank's slot
     range. extra (B, K, *S) or None: terms summed over ranks in the same message. Returns
     (Y_b + the sum of w over the chain indices before each own slot (B, hi - lo, *S),
     Y_b + the sum of w over the whole window (B, *S), the sum of extra or None), the last two
     the same on every rank."""
+    start, width = np.asarray(start), np.asarray(width)
     lo, hi = bounds[comm.rank]
     head = start % p
-    high = point_mask(torch.arange(lo, hi)[None] >= head[:, None], w)
+    high_np = np.arange(lo, hi)[None] >= head[:, None]
+    high = point_mask(_host(high_np, w), w)
     own_base = torch.zeros_like(states[:, 0])  # Y_b where this rank holds it, else zero
-    (owner,) = ((head >= lo) & (head < hi) & (width > 0)).nonzero(as_tuple=True)
-    own_base[owner] = states[owner, head[owner] - lo]
-    cum_high = point_cumsum(torch.where(high, w, 0.0))
-    cum_low = point_cumsum(torch.where(high, 0.0, w))
+    (owner,) = ((head >= lo) & (head < hi) & (width > 0)).nonzero()
+    if len(owner):
+        rows = _host(owner, states)
+        own_base[rows] = states[rows, _host(head[owner] - lo, states)]
+    # a rank whose slots all lie on one side of the window start (most of them, most rounds)
+    # has one run: the other's masked copy and scan would only add zeros
+    if high_np.all():
+        cum_high, cum_low = point_cumsum(w), torch.zeros_like(w)
+    elif not high_np.any():
+        cum_high, cum_low = torch.zeros_like(w), point_cumsum(w)
+    else:
+        cum_high = point_cumsum(torch.where(high, w, 0.0))
+        cum_low = point_cumsum(torch.where(high, 0.0, w))
     parts = [(own_base + cum_high[:, -1])[:, None], cum_low[:, -1:]]
     if extra is not None:
         parts.append(extra)
     gathered = comm.allgather(torch.cat(parts, 1)).transpose(0, 1)  # (B, ranks, parts, *S)
     totals = gathered[:, :, :2]
-    prec = before(run_starts(bounds, start, p), comm.rank).to(totals.device, totals.dtype)
+    prec = torch.from_numpy(before(run_starts(bounds, start, p), comm.rank)).to(
+        totals.device, totals.dtype)
     # one batched product: (B, 2 runs, ranks x 2 totals) @ (B, ranks x 2 totals, field)
     offset = torch.bmm(prec.flatten(2), totals.flatten(3).flatten(1, 2)).view(
         totals.shape[:1] + (2,) + totals.shape[3:])
     base_high, base_low = (offset[:, HIGH] + own_base)[:, None], offset[:, LOW, None]
-    prefix = torch.where(high, base_high + cum_high, base_low + cum_low).sub_(w)
+    if high_np.all():
+        prefix = (base_high + cum_high).sub_(w)
+    else:
+        prefix = torch.where(high, base_high + cum_high, base_low + cum_low).sub_(w)
     summed = None if extra is None else gathered[:, :, 2:].sum(1)
     return prefix, totals.sum((1, 2)), summed
 
 
-def evaluate_window(model, states: torch.Tensor, start: torch.Tensor, bounds, p: int, n: int,
-                    u: torch.Tensor, rank: int):
+def evaluate_window(model, states: torch.Tensor, start, bounds, p: int, n: int,
+                    u: np.ndarray, rank: int):
     """One round's batched model call on this rank's slots: the window points before step n.
 
-    states (B, hi - lo, *S) slot states, start (B,) window starts, u the clock of each step
-    (padded past n). Returns (width (B,), chain (B, hi - lo), positions, valid mask, scores
-    (B, hi - lo, *S), zero where not valid)."""
+    states (B, hi - lo, *S) slot states, start (B,) int window starts, u (N + 2p,) float64 the
+    clock of each step (padded past n). Returns (width (B,), chain (B, hi - lo), positions,
+    valid mask, all numpy, and scores (B, hi - lo, *S), zero where not valid)."""
     lo, hi = bounds[rank]
-    width = torch.clamp(n - start, min=0, max=p)
+    start = np.asarray(start)
+    width = np.minimum(np.maximum(n - start, 0), p)  # np.clip costs 3 times as much
     chain = chain_index(lo, hi, start, p)
     pos = start[:, None] + chain
     valid = chain < width[:, None]
-    if bool(valid.all()):  # every round but the last few: no gather or scatter
-        x, clock = states.flatten(0, 1), u[pos.flatten()]
+    if valid.all():  # every round but the last few: no gather or scatter
+        x, clock = states.flatten(0, 1), torch.from_numpy(u[pos.ravel()])
         return width, chain, pos, valid, model(x, clock.to(x.device, x.dtype)).view_as(states)
     g = torch.zeros_like(states)
-    if bool(valid.any()):
-        x, clock = states[valid], u[pos[valid]]
-        g[valid] = model(x, clock.to(x.device, x.dtype))
+    if valid.any():
+        mask = _host(valid, states)
+        x, clock = states[mask], torch.from_numpy(u[pos[valid]])
+        g[mask] = model(x, clock.to(x.device, x.dtype))
     return width, chain, pos, valid, g

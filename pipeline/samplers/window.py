@@ -52,7 +52,8 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
     bounds = [slice_bounds(p, comm.size, r) for r in range(comm.size)]
     lo, hi = bounds[comm.rank]
     steps = step_coefficients(grid.u, stochastic=stochastic, form=options.form)
-    u, decay = _padded(grid.u[:-1], 2 * p, float(grid.u[-1])), _padded(steps.decay, 2 * p, 1.0)
+    u = _padded(grid.u[:-1], 2 * p, float(grid.u[-1])).numpy()
+    decay = _padded(steps.decay, 2 * p, 1.0)
     drift, var = _padded(steps.drift, 2 * p, 0.0), _padded(steps.var, 2 * p, 1.0)
     coef_noise = _padded(steps.noise, 2 * p, 0.0)
     step_noise = noise if stochastic else None
@@ -60,7 +61,7 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
     start = torch.zeros(batch, dtype=torch.long)
     states = y0[:, None].expand(batch, hi - lo, *y0.shape[1:]).clone()
     xi = torch.zeros_like(states)
-    chain = chain_index(lo, hi, start, p)
+    chain = torch.from_numpy(chain_index(lo, hi, start, p))
     states, xi = _fill(states, xi, torch.ones_like(chain, dtype=torch.bool), chain, start, y0,
                        step_noise, n)
     y_out = y0.clone()
@@ -68,8 +69,8 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
     rounds, calls, history, advances = 0, 0, [], []
     while bool((start < n).any()):
         # 1. one batched model call at every window point this rank owns
-        width, chain, pos, valid, g = evaluate_window(model, states, start, bounds, p, n, u,
-                                                      comm.rank)
+        *index, g = evaluate_window(model, states, start, bounds, p, n, u, comm.rank)
+        width, chain, pos, valid = map(torch.from_numpy, index)
         # 2. the prefix sum along the chain across ranks (ring.chain_prefix), with E_c the
         # decay products from the window start, c = 0 .. p
         e = torch.cat([torch.ones(batch, 1, dtype=torch.float64),
