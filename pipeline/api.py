@@ -57,7 +57,7 @@ def sample(cfg: Config, *, comm=None, stop=None):
 
     comm = comm if comm is not None else world()
     device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),
-                        cfg.parallel.keep_freed)
+                        cfg.parallel.keep_freed, cfg.parallel.wait)
     attrs = {}
     if needs_plan(cfg):  # "auto": the planner's fastest layout for these ranks
         cfg, attrs = resolve_plan(cfg, comm, device)

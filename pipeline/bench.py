@@ -251,6 +251,11 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
                  f"{cfg.bench.members} members, {cfg.bench.seeds} seed(s), "
                  f"{cfg.bench.repeats} repeat(s), {cfg.sampler.dtype}, {cfg.sampler.noise} "
                  f"noise, {comm.size} ranks (time slices), {device}")
+    if comm.poll_s is not None:
+        why = ": this node's ranks need more threads than it has cores" * (
+            cfg.parallel.wait == "auto")
+        print0(comm, f"ranks wait in collectives by polling every {comm.poll_s * 1e6:g} us, "
+                     f"sleeping in between (parallel.wait = {cfg.parallel.wait!r}{why})")
     if cfg.model.emulate_ms:
         latency, per_item = cfg.model.emulate_ms
         print0(comm, f"emulating an accelerator: every model call of n items takes at least "

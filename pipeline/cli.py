@@ -65,7 +65,7 @@ def _setup(args, world, plan: bool = False):
         err.collective = True
         raise
     device = place_rank(world, cfg.parallel.threads, math.prod(cfg.model.shape),
-                        cfg.parallel.keep_freed)
+                        cfg.parallel.keep_freed, cfg.parallel.wait)
     attrs = {}
     if plan and needs_plan(cfg):
         cfg, attrs = resolve_plan(cfg, world, device)

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 IDLE_POLL_S = 0.002  # an idle barrier's sleep between polls
+# A sleeping wait's poll (``MPIComm.poll_s``): 50 to 100 us measured best on 8 ranks sharing 2
+# cores; 1 ms adds a poll's latency to every hop of a collective (docs/planning.md)
+WAIT_POLL_S = 1e-4
 ABORT_GRACE_S = 0.5  # before an abort: time for the launcher to forward the last message
 
 # Environment variables that MPI launchers (mpiexec/Hydra, srun --mpi=pmi2/pmix, Open MPI) set.
@@ -30,6 +33,7 @@ class SerialComm:
     rank, size, seconds = 0, 1, 0.0
     tally: dict = {}  # one rank talks to no one
     calls = None
+    poll_s = None  # nothing to wait for
 
     def exscan_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Exclusive prefix sum over ranks: sum of x on ranks < this rank (zeros on rank 0)."""
@@ -78,13 +82,26 @@ class MPIComm:
     """A communicator over an mpi4py ``Comm``. Tensors travel through host numpy buffers, so
     any MPI works (no CUDA-aware build needed); the copies are timed with the collective."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, poll_s: float | None = None):
         from mpi4py import MPI
 
         self._mpi, self._comm = MPI, comm
         self.rank, self.size, self.seconds = comm.Get_rank(), comm.Get_size(), 0.0
         self.tally: dict[str, list] = {}  # kind -> [count, seconds]
         self.calls: list[tuple[str, float]] | None = None  # a list: each call's (kind, seconds)
+        # None: the buffer collectives wait inside MPI, which spins on the core; seconds: they
+        # are started nonblocking and polled with sleeps of this length in between, so that a
+        # waiting rank leaves its core to the ranks still computing (``parallel.wait``)
+        self.poll_s = poll_s
+
+    def _run(self, blocking, nonblocking, *args, **kwargs) -> None:
+        """One buffer collective, waited for as ``poll_s`` says."""
+        if self.poll_s is None:
+            blocking(*args, **kwargs)
+            return
+        request = nonblocking(*args, **kwargs)
+        while not request.Test():
+            time.sleep(self.poll_s)
 
     def _count(self, kind: str, start: float) -> None:
         spent = time.perf_counter() - start
@@ -108,11 +125,11 @@ class MPIComm:
         send = np.ascontiguousarray(x.detach().cpu().numpy())
         recv = np.zeros_like(send)
         if exclusive:
-            self._comm.Exscan(send, recv, op=op)
+            self._run(self._comm.Exscan, self._comm.Iexscan, send, recv, op=op)
             if self.rank == 0:  # MPI leaves rank 0's Exscan result undefined
                 recv[...] = 0
         else:
-            self._comm.Allreduce(send, recv, op=op)
+            self._run(self._comm.Allreduce, self._comm.Iallreduce, send, recv, op=op)
         out = torch.from_numpy(recv).to(x.device)
         self._count("Exscan" if exclusive else "Allreduce", start)
         return out
@@ -134,7 +151,7 @@ class MPIComm:
         """x from rank ``root``; other ranks pass a tensor of the same shape and dtype."""
         start = self._start(x)
         buf = np.ascontiguousarray(x.detach().cpu().numpy())
-        self._comm.Bcast(buf, root=root)
+        self._run(self._comm.Bcast, self._comm.Ibcast, buf, root=root)
         out = torch.from_numpy(buf).to(x.device)
         self._count("Bcast", start)
         return out
@@ -144,7 +161,7 @@ class MPIComm:
         start = self._start(x)
         send = np.ascontiguousarray(x.detach().cpu().numpy())
         recv = np.empty((self.size, *send.shape), dtype=send.dtype)
-        self._comm.Allgather(send, recv)
+        self._run(self._comm.Allgather, self._comm.Iallgather, send, recv)
         out = torch.from_numpy(recv).to(x.device)
         self._count("Allgather", start)
         return out
@@ -182,7 +199,7 @@ class MPIComm:
             time.sleep(IDLE_POLL_S)
 
     def split(self, color: int, key: int) -> "MPIComm":
-        return MPIComm(self._comm.Split(color, key))
+        return MPIComm(self._comm.Split(color, key), self.poll_s)
 
     def local_layout(self) -> tuple[int, int]:
         """(rank, size) among the ranks sharing this node's memory."""

@@ -122,6 +122,10 @@ class ParallelConfig:
     # glibc keeps freed memory for the next model call (pipeline.memory.keep_freed_memory):
     # faster on a CPU, for more resident memory; false leaves the allocator as it is
     keep_freed: bool = True
+    # how a rank waits in a collective: "spin" (MPI's own wait, the lowest latency), "sleep"
+    # (polled with short sleeps, leaving the core to ranks still computing), "auto": sleep
+    # where this node's ranks need more threads than it has cores (pipeline.layout)
+    wait: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,9 @@ PEERS = ("diffusers",)
 
 # sampler.method values that let ``piadm plan`` choose: among the SDE or the ODE samplers.
 AUTO_METHODS = ("auto", "auto-ode", "auto-quality")
+
+# parallel.wait values (``pipeline.layout.place_rank``).
+WAITS = ("auto", "spin", "sleep")
 
 _LAYOUT_KEYS = {("output", "path"), ("output", "overwrite"), ("output", "background")}
 
@@ -395,6 +402,7 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
     from pipeline.samplers import REGISTRY
 
     _check(p.threads >= 0, "parallel.threads", f"= {p.threads} must be >= 0 (0: automatic)")
+    _check(p.wait in WAITS, "parallel.wait", f"= {p.wait!r} must be one of {', '.join(WAITS)}")
     if p.time_slices == "auto" or s.method in AUTO_METHODS:
         _check(p.time_slices == "auto" or p.time_slices >= 1, "parallel.time_slices",
                f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.comm import WAIT_POLL_S
 from pipeline.config import ConfigError
 from pipeline.decomposition import group_of
 from pipeline.memory import keep_freed_memory
@@ -53,6 +54,12 @@ def choose_device(local_rank: int) -> torch.device:
 POINTS_PER_THREAD = 32 * 32
 
 
+def _cores() -> tuple[int, int]:
+    """(cores this rank may run on, cores of the node)."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return allowed or 1, os.cpu_count() or 1
+
+
 def cpu_threads(local_size: int, requested: int = 0, field_points: int = 0) -> int:
     """Torch threads per rank so the ranks on a node do not oversubscribe its cores.
 
@@ -62,21 +69,42 @@ def cpu_threads(local_size: int, requested: int = 0, field_points: int = 0) -> i
     ``POINTS_PER_THREAD`` points."""
     if requested > 0:
         return requested
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    total = os.cpu_count() or 1
+    allowed, total = _cores()
     share = max(1, allowed) if allowed < total else max(1, total // max(1, local_size))
     if field_points:
         share = min(share, max(1, field_points // POINTS_PER_THREAD))
     return share
 
 
-def place_rank(world, threads: int = 0, field_points: int = 0,
-               keep_freed: bool = True) -> torch.device:
-    """Pick this rank's device, set its torch CPU threads (``cpu_threads``) and, with
-    ``keep_freed``, have the C allocator keep freed memory for the next model call
-    (``memory.keep_freed_memory``); returns the device."""
+def oversubscribed(local_size: int, threads: int) -> bool:
+    """Whether the ``local_size`` ranks of a node, ``threads`` each, need more cores than they
+    have: a rank pinned to its own cores (srun --cpus-per-task) is judged on those."""
+    allowed, total = _cores()
+    if allowed < total:
+        return threads > allowed
+    return local_size * threads > total
+
+
+def collective_poll(wait: str, local_size: int, threads: int) -> float | None:
+    """``parallel.wait`` as the communicator's poll interval: None to spin inside MPI,
+    seconds to sleep between polls. A spinning rank holds a core while it waits; on a node
+    with more busy threads than cores that core is one a rank still computing needs (8 ranks
+    on 2 cores: a round 33 ms instead of 40, docs/planning.md)."""
+    if wait == "spin" or (wait == "auto" and not oversubscribed(local_size, threads)):
+        return None
+    return WAIT_POLL_S
+
+
+def place_rank(world, threads: int = 0, field_points: int = 0, keep_freed: bool = True,
+               wait: str = "auto") -> torch.device:
+    """Pick this rank's device, set its torch CPU threads (``cpu_threads``) and how it waits
+    in collectives (``collective_poll``) and, with ``keep_freed``, have the C allocator keep
+    freed memory for the next model call (``memory.keep_freed_memory``); returns the
+    device."""
     local_rank, local_size = world.local_layout()
-    torch.set_num_threads(cpu_threads(local_size, threads, field_points))
+    threads = cpu_threads(local_size, threads, field_points)
+    torch.set_num_threads(threads)
+    world.poll_s = collective_poll(wait, local_size, threads) if world.size > 1 else None
     if keep_freed:
         keep_freed_memory()
     return choose_device(local_rank)

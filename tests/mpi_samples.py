@@ -1,6 +1,7 @@
 """Run under ``mpiexec -n N``: sample a small ensemble with several samplers on a rank grid
 of N / time_slices groups and save every member on rank 0 (``tests/test_mpi.py`` compares
-the layouts). Usage: python tests/mpi_samples.py OUT.npz TIME_SLICES
+the layouts). Usage: python tests/mpi_samples.py OUT.npz TIME_SLICES [WAIT], WAIT a
+``parallel.wait`` value (default "auto").
 """
 import dataclasses
 import sys
@@ -34,10 +35,10 @@ CASES = {  # name: (method, dtype, options, noise source)
 }
 
 
-def main(out: str, time_slices: int) -> None:
+def main(out: str, time_slices: int, wait: str = "auto") -> None:
     world = world_comm()
+    place_rank(world, wait=wait)
     ranks = rank_grid(world, time_slices)
-    place_rank(world)
     model = GaussianRandomField((12, 10))
     grid = make_grid("ou", 60, u_min=1e-3, u_max=10.0, block_size=20)
     mine = share(member_batches(6, 2), ranks.groups, ranks.group)
@@ -61,4 +62,4 @@ def main(out: str, time_slices: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])

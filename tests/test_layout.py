@@ -3,7 +3,8 @@ import torch
 
 from pipeline.comm import SerialComm
 from pipeline.config import ConfigError, load_config
-from pipeline.layout import choose_device, cpu_threads, rank_grid
+from pipeline.comm import WAIT_POLL_S
+from pipeline.layout import choose_device, collective_poll, cpu_threads, rank_grid
 
 
 def test_one_rank_is_one_group_of_one_slice():
@@ -31,6 +32,23 @@ def test_automatic_threads_stay_at_one_on_small_fields(monkeypatch):
     assert cpu_threads(1, field_points=64 * 64) == 4  # one per 32x32 points
     assert cpu_threads(1, field_points=512 * 512) == 16  # then the node's share
     assert cpu_threads(1, requested=2, field_points=16 * 16) == 2  # asked: given
+
+
+def test_ranks_sleep_in_collectives_only_where_they_outnumber_the_cores(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert collective_poll("auto", 2, 1) is None  # a core each: spin, the lowest latency
+    assert collective_poll("auto", 8, 1) == WAIT_POLL_S  # 4 to a core: leave it to others
+    assert collective_poll("auto", 1, 4) == WAIT_POLL_S  # more threads than cores
+    assert collective_poll("spin", 8, 1) is None and collective_poll("sleep", 1, 1) == WAIT_POLL_S
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})  # srun --cpus-per-task=2
+    assert collective_poll("auto", 16, 2) is None and collective_poll("auto", 16, 3) == WAIT_POLL_S
+
+
+def test_an_unknown_wait_is_refused_naming_the_key_and_the_choices():
+    with pytest.raises(ConfigError, match="parallel.wait = 'busy' must be one of auto, spin, sleep"):
+        load_config("jobs/configs/grf.toml", ["parallel.wait=busy"])
 
 
 def test_cpu_when_there_is_no_gpu(monkeypatch):

@@ -57,6 +57,19 @@ def test_every_layout_gives_the_one_rank_ensemble(layouts, layout):
         assert rel <= bound, (case, rel)
 
 
+@pytest.mark.parametrize("ranks,wait", [(2, "sleep"), (4, "spin")])
+def test_waiting_by_sleeping_or_spinning_gives_the_one_rank_ensemble(layouts, tmp_path, ranks,
+                                                                      wait):
+    """parallel.wait changes how a rank waits, never what the collectives return."""
+    path = tmp_path / "samples.npz"
+    proc = mpirun(ranks, ["tests/mpi_samples.py", str(path), str(ranks), wait])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, ref = dict(np.load(path)), layouts[(1, 1)]
+    for case in ("pcwindow64", "sde64", "window64"):
+        rel = np.linalg.norm(got[case] - ref[case]) / np.linalg.norm(ref[case])
+        assert rel <= 1e-10, (case, rel)
+
+
 def test_sample_on_a_two_by_two_grid_writes_the_serial_store(tmp_path):
     serial, grid = tmp_path / "serial.zarr", tmp_path / "grid.zarr"
     assert main(["sample", "jobs/configs/grf.toml", *_sets(SMALL + [f"output.path={serial}"])]) == 0
