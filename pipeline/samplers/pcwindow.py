@@ -254,7 +254,6 @@ def _rebuild(states, g, xi, start, width, pos, valid, nodes, t: Tables, p, bound
     states (``ring.chain_prefix``). Returns (Yhat at each own point (B, hi - lo, *S), the state
     after the window's last point (B, *S), the Tweedie means at positions ``nodes`` (B, K)
     (B, K, *S), zero where a node is -1), the last two the same on every rank."""
-    # (B, M, 3) gathered
     on_y, on_g, on_xi = per_point(torch.from_numpy(t.increment[pos]), states).unbind(2)
     d = torch.mul(on_y, states).addcmul_(on_g, g).addcmul_(on_xi, xi)
     if not valid.all():
