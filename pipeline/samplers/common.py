@@ -1,6 +1,7 @@
 """Small tensor helpers shared by the samplers."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pipeline.clock import noise_std, signal
@@ -20,6 +21,12 @@ def point_cumsum(w: torch.Tensor) -> torch.Tensor:
     if w.device.type != "cpu":
         return torch.cumsum(w, 1)
     return torch.cumsum(w.movedim(1, -1), -1).movedim(-1, 1).contiguous()
+
+
+def indices(like: torch.Tensor, *index: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """Host index or mask arrays (a sampler's numpy bookkeeping) as torch tensors on
+    ``like``'s device, to index its rows and points (views, no copies on a CPU)."""
+    return tuple(torch.from_numpy(i).to(like.device) for i in index)
 
 
 def point_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
-from pipeline.samplers.common import check_rows, finish, per_point, point_mask
+from pipeline.samplers.common import check_rows, finish, indices, per_point, point_mask
 from pipeline.samplers.options import Options, Stats
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
 
@@ -218,11 +218,6 @@ def _col(c: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(c).to(like.device, like.dtype).reshape(-1, *(1,) * (like.dim() - 1))
 
 
-def _rows(*index: np.ndarray) -> tuple[torch.Tensor, ...]:
-    """Host index arrays as torch indices (views, no copies)."""
-    return tuple(torch.from_numpy(i) for i in index)
-
-
 def denoiser_nodes(start, width, terms: int, lag: int) -> np.ndarray:
     """Positions (B, terms) int64 of the window points whose denoiser values the predictor
     extrapolates: the window's last point and every ``lag``-th one before it; -1 where the
@@ -242,7 +237,7 @@ def _refill(states, xi, freed, chain, e, y_e, x0hat, nodes, t, noise, n):
     clocks = np.where(nodes >= 0, t.u[np.maximum(nodes, 0)], np.nan)
     pred, pred_xi = predict(y_e, x0hat, e, upto, t, noise, n, clocks)
     rows, cols = need.nonzero()
-    rows, cols, at = _rows(rows, cols, chain[rows, cols])
+    rows, cols, at = indices(states, rows, cols, chain[rows, cols])
     states[rows, cols] = pred[rows, at]
     if noise is not None:  # the ODE's slots keep their zero noise
         xi[rows, cols] = pred_xi[rows, at]
@@ -264,7 +259,7 @@ def _rebuild(states, g, xi, start, width, pos, valid, nodes, t: Tables, p, bound
                          dtype=states.dtype, device=states.device)
     if len(rows):
         k = pos[rows, cols]
-        rows, cols, terms = _rows(rows, cols, terms)
+        rows, cols, terms = indices(states, rows, cols, terms)
         at = states[rows, cols]
         x0part[rows, terms] = torch.addcmul(at, _col(t.v0[k], at), g[rows, cols]).mul_(
             _col(t.tweedie[k], at))
@@ -322,7 +317,7 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         states = torch.where(point_mask(torch.from_numpy(freed), states), states, prefix)
         done = active & (start + accepted >= n)
         if done.any():
-            (finished,) = _rows(done.nonzero()[0])
+            (finished,) = indices(y_out, done.nonzero()[0])
             y_out[finished] = y_e[finished]
         e = start + p
         start = start + accepted

@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from pipeline.samplers.common import point_cumsum, point_mask
+from pipeline.samplers.common import indices, point_cumsum, point_mask
 
 HIGH, LOW = 0, 1
 
@@ -59,11 +59,6 @@ def before(starts: np.ndarray, rank: int) -> np.ndarray:
     return starts[:, None, :, :] < mine[:, :, None, None]
 
 
-def _host(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """A host array as a mask or index for ``like``'s rows (a view, no copy on CPU)."""
-    return torch.from_numpy(x).to(like.device)
-
-
 def chain_prefix(w: torch.Tensor, states: torch.Tensor, start, width,
                  bounds: list[tuple[int, int]], p: int, comm, extra: torch.Tensor | None = None):
     """Exclusive chain prefix sums of w over the ring, from one Allgather.
@@ -79,19 +74,20 @@ def chain_prefix(w: torch.Tensor, states: torch.Tensor, start, width,
     lo, hi = bounds[comm.rank]
     head = start % p
     high_np = np.arange(lo, hi)[None] >= head[:, None]
-    high = point_mask(_host(high_np, w), w)
     own_base = torch.zeros_like(states[:, 0])  # Y_b where this rank holds it, else zero
     (owner,) = ((head >= lo) & (head < hi) & (width > 0)).nonzero()
     if len(owner):
-        rows = _host(owner, states)
-        own_base[rows] = states[rows, _host(head[owner] - lo, states)]
+        rows, cols = indices(states, owner, head[owner] - lo)
+        own_base[rows] = states[rows, cols]
     # a rank whose slots all lie on one side of the window start (most of them, most rounds)
     # has one run: the other's masked copy and scan would only add zeros
+    one_run = high_np.all() or not high_np.any()
     if high_np.all():
         cum_high, cum_low = point_cumsum(w), torch.zeros_like(w)
-    elif not high_np.any():
+    elif one_run:
         cum_high, cum_low = torch.zeros_like(w), point_cumsum(w)
     else:
+        high = point_mask(torch.from_numpy(high_np), w)
         cum_high = point_cumsum(torch.where(high, w, 0.0))
         cum_low = point_cumsum(torch.where(high, 0.0, w))
     parts = [(own_base + cum_high[:, -1])[:, None], cum_low[:, -1:]]
@@ -107,6 +103,8 @@ def chain_prefix(w: torch.Tensor, states: torch.Tensor, start, width,
     base_high, base_low = (offset[:, HIGH] + own_base)[:, None], offset[:, LOW, None]
     if high_np.all():
         prefix = (base_high + cum_high).sub_(w)
+    elif one_run:
+        prefix = (base_low + cum_low).sub_(w)
     else:
         prefix = torch.where(high, base_high + cum_high, base_low + cum_low).sub_(w)
     summed = None if extra is None else gathered[:, :, 2:].sum(1)
@@ -131,7 +129,7 @@ def evaluate_window(model, states: torch.Tensor, start, bounds, p: int, n: int,
         return width, chain, pos, valid, model(x, clock.to(x.device, x.dtype)).view_as(states)
     g = torch.zeros_like(states)
     if valid.any():
-        mask = _host(valid, states)
+        (mask,) = indices(states, valid)
         x, clock = states[mask], torch.from_numpy(u[pos[valid]])
         g[mask] = model(x, clock.to(x.device, x.dtype))
     return width, chain, pos, valid, g
