@@ -134,15 +134,20 @@ def test_the_predictor_is_psi_step_by_step_with_the_denoiser_frozen(stochastic):
 def test_lagrange_weights_extrapolate_a_polynomial_of_their_degree_exactly():
     quad = lambda x: 1.5 - 2 * x + 0.7 * x**2  # noqa: E731
     line = lambda x: 0.3 + 4 * x  # noqa: E731
-    at = [1.9, 0.4, -2.0]
-    for w, x in zip(lagrange_weights([2.0, 2.5, 3.0], at), at):
-        assert abs(sum(wi * quad(n) for wi, n in zip(w, [2.0, 2.5, 3.0])) - quad(x)) < 1e-10
     nan = float("nan")
-    for w, x in zip(lagrange_weights([1.0, nan, 4.0], at), at):
-        assert w[1] == 0  # the missing node weighs nothing; a line through the other two
-        assert abs(w[0] * line(1.0) + w[2] * line(4.0) - line(x)) < 1e-12
-    assert lagrange_weights([nan, nan], at) == [[0.0, 0.0]] * 3
-    assert lagrange_weights([5.0], at) == [[1.0]] * 3  # one node: the value frozen
+    at = np.array([[1.9, 0.4, -2.0]] * 4)
+    w = lagrange_weights(np.array([[2.0, 2.5, 3.0], [1.0, nan, 4.0], [nan, 7.0, nan],
+                                   [nan, nan, nan]]), at)
+    assert w.shape == (4, 3, 3)
+    for j, x in enumerate(at[0]):
+        assert abs(sum(w[0, j, i] * quad(n) for i, n in enumerate([2.0, 2.5, 3.0]))
+                   - quad(x)) < 1e-10
+        assert w[1, j, 1] == 0  # the missing node weighs nothing; a line through the other two
+        assert abs(w[1, j, 0] * line(1.0) + w[1, j, 2] * line(4.0) - line(x)) < 1e-12
+    assert w[2].tolist() == [[0.0, 1.0, 0.0]] * 3  # one node: the value frozen
+    assert not w[3].any()
+    # a row's weights do not depend on the other rows
+    assert np.array_equal(lagrange_weights(np.array([[1.0, nan, 4.0]]), at[:1])[0], w[1])
 
 
 def test_denoiser_nodes_are_the_last_point_and_every_lag_th_before_it_inside_the_window():

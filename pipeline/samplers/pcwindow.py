@@ -33,7 +33,6 @@ locally, regenerating the keyed noise of the predictor's steps.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,21 +134,28 @@ def accept(delta, y_rms, start, width, t: Tables, tol: float,
         return accepted, bound[rows, accepted] / scale[rows, accepted]
 
 
-def lagrange_weights(nodes: list[float], at: list[float]) -> list[list[float]]:
-    """For each clock in ``at``, the weights w (one per node) with which sum_i w_i f(nodes[i])
-    is the polynomial through the points (nodes[i], f(nodes[i])) evaluated there. A NaN node is
-    missing: it weighs 0 and the polynomial goes through the others (none: all weigh 0).
-    Plain floats, like ``_affine_coefficients``: a handful of nodes and a window of clocks."""
-    have = [i for i, x in enumerate(nodes) if x == x]
-    if len(have) <= 1:  # a constant (or nothing): the same weights everywhere
-        return [[float(i in have) for i in range(len(nodes))]] * len(at)
-    out = []
-    for x in at:
-        w = [0.0] * len(nodes)
-        for i in have:
-            w[i] = math.prod((x - nodes[m]) / (nodes[i] - nodes[m]) for m in have if m != i)
-        out.append(w)
-    return out
+def lagrange_weights(nodes: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Weights (B, J, K) float64 with which sum_i w[r, j, i] f(nodes[r, i]) is the polynomial
+    through the points (nodes[r, i], f(nodes[r, i])) evaluated at ``at[r, j]``; nodes (B, K),
+    at (B, J) float64. A NaN node is missing: it weighs 0 and the polynomial goes through the
+    others (none: all weigh 0). Products in the nodes' order, so a row's weights do not depend
+    on the other rows."""
+    nodes, at = np.asarray(nodes, dtype=np.float64), np.asarray(at, dtype=np.float64)
+    have = ~np.isnan(nodes)
+    terms, every = nodes.shape[1], bool(have.all())
+    w = np.ones(at.shape + (terms,))
+    with np.errstate(invalid="ignore", divide="ignore"):  # a missing node's factors are NaN
+        for i in range(terms):
+            for m in range(terms):
+                if m != i:
+                    factor = (at - nodes[:, m, None]) / (nodes[:, i] - nodes[:, m])[:, None]
+                    w[:, :, i] *= factor if every else np.where(have[:, m, None], factor, 1.0)
+    if every and terms > 1:
+        return w
+    w = np.where(have[:, None, :], w, 0.0)
+    few = have.sum(1) <= 1  # a constant (or nothing): the same weights everywhere
+    w[few] = have[few][:, None, :]
+    return w
 
 
 def _affine_coefficients(a: list[float], b: list[float], w: list[list[float]],
@@ -166,6 +172,37 @@ def _affine_coefficients(a: list[float], b: list[float], w: list[list[float]],
     return on_y, on_x
 
 
+def _coefficients(e: np.ndarray, depth: int, t: Tables,
+                  nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The predictor's Y_{e+j} = A_j Y_e + sum_i C_j[i] x0hat^(i) for j < depth, with the
+    denoiser extrapolated from its values at clocks ``nodes`` (B, K) (NaN: missing):
+    (A (B, depth), C (B, depth, K)) float64, per batch row.
+
+    Psi_j(y) = alpha_j y + beta_j x0hat_j is affine in y, and x0hat_j a fixed combination of
+    the given denoiser values, so a predicted state is a few coefficients per state in closed
+    form: a step-by-step loop over fields would dispatch a few small kernels per step, the
+    bulk of a round's host time on many ranks."""
+    k = e[:, None] + np.arange(depth - 1)[None]
+    weights = lagrange_weights(nodes, t.u[k])
+    terms = nodes.shape[1]
+    coef = [_affine_coefficients(a, b, w, terms) for a, b, w in
+            zip(t.alpha[k].tolist(), t.beta[k].tolist(), weights.tolist())]
+    return (np.array([c[0] for c in coef], dtype=np.float64).reshape(len(e), depth),
+            np.array([c[1] for c in coef], dtype=np.float64).reshape(len(e), depth, terms))
+
+
+def _combine(on_y: np.ndarray, on_x0: np.ndarray, y: torch.Tensor,
+             x0: torch.Tensor) -> torch.Tensor:
+    """on_y (*P) y + sum_i on_x0 (*P, K)[..., i] x0^(i): fields (*P, *S) from coefficients
+    (float64 numpy) and y (*Q, *S), x0 (*Q, K, *S) with Q broadcasting to P, in y's dtype."""
+    shape = on_y.shape + (1,) * (y.dim() - on_y.ndim)
+    out = torch.from_numpy(on_y).to(y.device, y.dtype).reshape(shape) * y
+    c = torch.from_numpy(on_x0).to(y.device, y.dtype)
+    for i in range(on_x0.shape[-1]):
+        out = out + c[..., i].reshape(shape) * x0.select(on_y.ndim, i)
+    return out
+
+
 def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e, upto, t: Tables, noise: Noise | None,
             n: int, nodes=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 4: predictor states Y_{e+j} and noise xi_{e+j} for j = 0 .. max(upto), from
@@ -179,25 +216,13 @@ def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e, upto, t: Tables, noise: N
     xi = torch.zeros((batch, depth, *y_e.shape[1:]), dtype=y_e.dtype, device=y_e.device)
     if depth == 0:  # no row needs a point
         return torch.empty_like(xi), xi
-    k = e[:, None] + np.arange(depth - 1)[None]
     if nodes is None:  # one node anywhere: a constant
         x0hat, nodes = x0hat[:, None], np.zeros((batch, 1))
-    nodes = np.asarray(nodes, dtype=np.float64)
-    # Psi_j(y) = alpha_j y + beta_j x0hat_j + noise_j xi_j is affine in y, and x0hat_j a fixed
-    # combination of the given denoiser values, so its deterministic part is a few
-    # coefficients per state, in closed form: a step-by-step loop would dispatch a few small
-    # kernels per step, the bulk of a round's host time on many ranks
-    terms = nodes.shape[1]
-    coef = [_affine_coefficients(a, b, lagrange_weights(x, at), terms) for a, b, x, at in
-            zip(t.alpha[k].tolist(), t.beta[k].tolist(), nodes.tolist(), t.u[k].tolist())]
-    on_y = torch.tensor([c[0] for c in coef], dtype=torch.float64)  # (B, J + 1)
-    # (B, J + 1, K), converted to the field's dtype once for all K
-    on_x0 = per_point(torch.tensor([c[1] for c in coef], dtype=torch.float64), xi)
-    states = per_point(on_y, xi) * y_e[:, None]
-    for i in range(terms):
-        states = states + on_x0[:, :, i] * x0hat[:, None, i]
+    on_y, on_x0 = _coefficients(e, depth, t, np.asarray(nodes, dtype=np.float64))
+    states = _combine(on_y, on_x0, y_e[:, None], x0hat[:, None])
     if noise is None:
         return states, xi
+    k = e[:, None] + np.arange(depth - 1)[None]
     for r in range(batch):
         lo, hi = int(e[r]), min(int(e[r] + upto[r]) + 1, n)
         if lo < hi:
@@ -229,18 +254,24 @@ def denoiser_nodes(start, width, terms: int, lag: int) -> np.ndarray:
 
 def _refill(states, xi, freed, chain, e, y_e, x0hat, nodes, t, noise, n):
     """Put the predictor's states and noise into the freed slots: slot with chain index c
-    now holds position e + c (only positions before n matter)."""
+    now holds position e + c (only positions before n matter). The ODE (``noise`` None, no
+    noise kept) forms only its own slots' points."""
     need = freed & (e[:, None] + chain < n)
     if not need.any():
         return states, xi
-    upto = np.where(need, chain, -1).max(1)
     clocks = np.where(nodes >= 0, t.u[np.maximum(nodes, 0)], np.nan)
-    pred, pred_xi = predict(y_e, x0hat, e, upto, t, noise, n, clocks)
     rows, cols = need.nonzero()
-    rows, cols, at = indices(states, rows, cols, chain[rows, cols])
-    states[rows, cols] = pred[rows, at]
-    if noise is not None:  # the ODE's slots keep their zero noise
-        xi[rows, cols] = pred_xi[rows, at]
+    at = chain[rows, cols]
+    r_t, c_t = indices(states, rows, cols)
+    if noise is None:
+        on_y, on_x0 = _coefficients(e, int(at.max()) + 1, t, clocks)
+        states[r_t, c_t] = _combine(on_y[rows, at], on_x0[rows, at], y_e[r_t], x0hat[r_t])
+        return states, xi
+    upto = np.where(need, chain, -1).max(1)
+    pred, pred_xi = predict(y_e, x0hat, e, upto, t, noise, n, clocks)
+    (a_t,) = indices(states, at)
+    states[r_t, c_t] = pred[r_t, a_t]
+    xi[r_t, c_t] = pred_xi[r_t, a_t]
     return states, xi
 
 
@@ -250,7 +281,9 @@ def _rebuild(states, g, xi, start, width, pos, valid, nodes, t: Tables, p, bound
     after the window's last point (B, *S), the Tweedie means at positions ``nodes`` (B, K)
     (B, K, *S), zero where a node is -1), the last two the same on every rank."""
     on_y, on_g, on_xi = per_point(torch.from_numpy(t.increment[pos]), states).unbind(2)
-    d = torch.mul(on_y, states).addcmul_(on_g, g).addcmul_(on_xi, xi)
+    d = torch.mul(on_y, states).addcmul_(on_g, g)
+    if xi is not None:  # the ODE keeps no noise
+        d.addcmul_(on_xi, xi)
     if not valid.all():
         d = torch.where(point_mask(torch.from_numpy(valid), d), d, torch.zeros_like(d))
     # the Tweedie means at the predictor's nodes, each from the rank that holds it
@@ -280,7 +313,7 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     batch, shape = y0.shape[0], y0.shape[1:]
     start = np.zeros(batch, dtype=np.int64)
     states = torch.empty((batch, hi - lo, *shape), dtype=y0.dtype, device=y0.device)
-    xi = torch.zeros_like(states)
+    xi = torch.zeros_like(states) if stochastic else None
     terms, lag = (1, 1) if stochastic else (ODE_TERMS, min(ODE_LAG, max(1, (p - 1) // 2)))
     chain = chain_index(lo, hi, start, p)
     nowhere = np.full((batch, terms), -1)  # the first guesses: the prior mean, 0
@@ -312,9 +345,10 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         ok = ~active | np.isfinite(y_rms[rows, accepted])
         check_rows(torch.from_numpy(ok), noise.keys,
                    lambda r: f"by step {int(start[r] + accepted[r])}")
-        # 4. slide: kept points take their new values, freed slots the predictor's
+        # 4. slide: kept points take their new values, freed slots the predictor's (a freed
+        # slot past the last step is never evaluated again: its value does not matter)
         freed = valid & (chain < accepted[:, None])
-        states = torch.where(point_mask(torch.from_numpy(freed), states), states, prefix)
+        states = prefix
         done = active & (start + accepted >= n)
         if done.any():
             (finished,) = indices(y_out, done.nonzero()[0])
