@@ -150,7 +150,7 @@ def lagrange_weights(nodes: np.ndarray, at: np.ndarray) -> np.ndarray:
                 if m != i:
                     factor = (at - nodes[:, m, None]) / (nodes[:, i] - nodes[:, m])[:, None]
                     w[:, :, i] *= factor if every else np.where(have[:, m, None], factor, 1.0)
-    if every and terms > 1:
+    if every:
         return w
     w = np.where(have[:, None, :], w, 0.0)
     few = have.sum(1) <= 1  # a constant (or nothing): the same weights everywhere
