@@ -126,6 +126,7 @@ def test_a_raised_sampler_revision_measures_its_calibration_again(monkeypatch):
     cfg = load_config("jobs/configs/grf.toml", SMALL)
     first = calibration_key(cfg, "0" * 64)
     assert calibration_key(cfg, "0" * 64) == first  # the same sampler: the same key
+    raised = REGISTRY["pc-window"].revision + 1
     monkeypatch.setitem(REGISTRY, "pc-window",
-                        dataclasses.replace(REGISTRY["pc-window"], revision=2))
+                        dataclasses.replace(REGISTRY["pc-window"], revision=raised))
     assert calibration_key(cfg, "0" * 64) != first

@@ -8,6 +8,7 @@ import torch
 
 from models.gmm import GaussianMixture
 from models.grf import GaussianRandomField
+from pipeline.comm import SerialComm
 from pipeline.decomposition import slice_bounds
 from pipeline.grids import make_grid
 from pipeline.integrators import step_coefficients
@@ -43,6 +44,25 @@ def test_zero_tolerance_is_the_sequential_sampler(method, ref, form):
     assert grid.steps * 0.9 <= stats.rounds <= grid.steps
 
 
+@pytest.mark.parametrize("steps", [4, 11])
+def test_a_coarse_grid_where_steps_contract_past_zero_still_converges(steps):
+    """Steps so long that J_max <= 0 (no positive theta is exact there): theta stays within
+    the float range the rebuild's products allow, and the window is still the sequential
+    sampler at tol 0 and finite at a loose tol."""
+    model, grid, noise, y0 = _setup(steps=steps)
+    st = step_coefficients(grid.u, stochastic=True)
+    u = grid.u[:-1]
+    assert float((st.decay - st.drift / (torch.exp(-u) * model.data_bound
+                                         - torch.expm1(-u))).min()) < 0
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
+    for tol in (0.0, 0.1):
+        opts = Options(tol=tol, data_bound=model.data_bound)
+        y, stats = SAMPLERS["pc-window"](model, y0, grid, noise, options=opts)
+        assert bool(torch.isfinite(y).all()) and stats.rounds <= steps
+        if tol == 0.0:
+            assert _rel(y, y_ref) <= 1e-12
+
+
 def test_tolerance_trades_distance_for_rounds_and_the_window_bounds_the_work():
     model, grid, noise, y0 = _setup(steps=300)
     y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
@@ -68,30 +88,51 @@ def test_each_member_is_independent_of_its_batch():
 
 
 def test_certified_bound_covers_the_true_error_of_every_accepted_point():
-    """Run one round by hand from a known start and check E_{n+1} >= the real error."""
+    """Run rounds by hand from a known start: Yhat_{n+1} = theta_n Yhat_n + Phi_n(Y_n) -
+    theta_n Y_n with theta = J_max, and E_{n+1} = theta_n E_n + L_n delta_n bounds its real
+    error; the sampler's own rebuild and acceptance compute exactly these."""
     model, grid, noise, y0 = _setup(steps=80, members=1)
     steps = step_coefficients(grid.u, stochastic=True)
     t = tables(grid, steps, model.data_bound, 40)
+    u = grid.u[:-1]
+    v0 = -torch.expm1(-u)
+    theta = steps.decay - steps.drift / (torch.exp(-u) * model.data_bound + v0)
     xi = noise.path(0, 80)
     exact = [y0]
     for k in range(40):  # the sequential path, the truth for the window's first 40 points
         g = model(exact[-1], grid.u[k : k + 1])
         exact.append(steps.decay[k] * exact[-1] + steps.drift[k] * g + steps.noise[k] * xi[:, k])
-    start = torch.zeros(1, dtype=torch.long)
+    start, width = np.zeros(1, dtype=np.int64), np.array([40])
+    pos = np.arange(40)[None]
     guess, _ = predict(y0, torch.zeros_like(y0), start, torch.tensor([40]), t, noise, 80)
+    guess = guess[:, :40]
     for _ in range(3):  # three rounds on the same window (no sliding)
-        g = model(guess[0, :40], grid.u[:40])[None]
-        d = ((steps.decay[:40] - 1).reshape(1, -1, 1, 1) * guess[:, :40]
-             + steps.drift[:40].reshape(1, -1, 1, 1) * g
-             + steps.noise[:40].reshape(1, -1, 1, 1) * xi[:, :40])
-        new = torch.cat([y0[:, None], y0[:, None] + torch.cumsum(d, 1)], 1)
-        delta = ((new[:, :40] - guess[:, :40]) ** 2).flatten(2).mean(-1).sqrt()
-        contrib = torch.from_numpy(t.lipschitz[:40]) * delta[0]
-        contrib[0] = 0
-        bound = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(contrib, 0)])
+        g = model(guess[0], grid.u[:40])[None]
+        new = [y0[0]]
+        for k in range(40):
+            phi = (steps.decay[k] * guess[0, k] + steps.drift[k] * g[0, k]
+                   + steps.noise[k] * xi[0, k])
+            new.append(theta[k] * new[-1] + phi - theta[k] * guess[0, k])
+        new = torch.stack(new)[None]
+        delta = ((new[:, :40] - guess) ** 2).flatten(2).mean(-1).sqrt()
+        bound = [0.0, 0.0]  # Y_b is exact, so its change adds nothing
+        for k in range(1, 40):
+            bound.append(float(theta[k]) * bound[-1] + float(t.lipschitz[k] * delta[0, k]))
+        bound = torch.tensor(bound, dtype=torch.float64)
         true = torch.stack([((new[0, c] - exact[c]) ** 2).mean().sqrt() for c in range(41)])
         assert bool((true <= bound + 1e-12).all()), (true - bound).max()
-        guess = new
+        # the sampler's rebuild: one prefix sum scaled by the products of theta
+        prefix, y_e, _ = pcwindow._rebuild(guess, g, xi[:, :40], start, width, pos,
+                                           np.ones((1, 40), dtype=bool), np.full((1, 1), -1),
+                                           t, 40, [(0, 40)], SerialComm())
+        assert torch.allclose(prefix, new[:, :40], rtol=1e-12, atol=1e-12)
+        assert torch.allclose(y_e, new[:, 40], rtol=1e-12, atol=1e-12)
+        for c in (2, 17, 40):  # its certified bound, read where it accepts everything
+            _, got = accept(delta, torch.zeros(1, 41, dtype=torch.float64), start,
+                            np.array([c]), t, float("inf"), True)
+            assert math.isclose(float(got[0]) * float(t.noise[c - 1]), float(bound[c]),
+                                rel_tol=1e-12)
+        guess = new[:, :40]
 
 
 def test_the_predictor_steps_each_row_as_far_as_it_needs_and_no_further():

@@ -90,7 +90,9 @@ REGISTRY = {
                             corrector=True),
     "window": Registered("pipeline.samplers.window:window_sde", _SDE, windowed=True),
     "window-ode": Registered("pipeline.samplers.window:window_ode", _ODE, windowed=True),
-    "pc-window": Registered("pipeline.samplers.pcwindow:pc_window_sde", _SDE, windowed=True),
+    # revision 2: the rebuild scales its lag by theta = J_max (a tolerance means less error)
+    "pc-window": Registered("pipeline.samplers.pcwindow:pc_window_sde", _SDE, windowed=True,
+                            revision=2),
     # revision 2: the predictor extrapolates the denoiser instead of freezing it
     "pc-window-ode": Registered("pipeline.samplers.pcwindow:pc_window_ode", _ODE,
                                 windowed=True, revision=2),

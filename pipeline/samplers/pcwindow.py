@@ -1,27 +1,29 @@
 """Work-efficient sliding window: predictor plus certified acceptance (docs/algorithms.md,
 section "pc-window").
 
-One step is y_{j+1} = Phi_j(y_j) = decay_j y_j + drift_j s(y_j, u_j) + noise_j xi_j, with
-increment D_j(y) = Phi_j(y) - y. A window of W <= p positions b .. b+W-1 starts at the
-accepted state Y_b. One round:
+One step is y_{j+1} = Phi_j(y_j) = decay_j y_j + drift_j s(y_j, u_j) + noise_j xi_j. A window
+of W <= p positions b .. b+W-1 starts at the accepted state Y_b. One round:
 
   1. evaluates the score at every window point in one batched call;
-  2. rebuilds the window by one prefix sum of whole-step increments at the old states,
-     Yhat_{n+1} = Y_b + sum_{k=b}^{n} D_k(Y_k) (the linear part is lagged too);
+  2. rebuilds the window from the old states Y_k by
+     Yhat_{n+1} = theta_n Yhat_n + Phi_n(Y_n) - theta_n Y_n,  Yhat_b = Y_b,
+     one prefix sum once divided by the products P_n = theta_b ... theta_{n-1}:
+     Yhat_n / P_n = Y_b + sum_{k=b}^{n-1} (Phi_k(Y_k) - theta_k Y_k) / P_{k+1}.
+     theta_n is the step's largest Jacobian eigenvalue, J_max = decay - drift / vS (SDE): exact
+     in the data's largest-variance directions, the ones that amplify an error; theta = 1
+     (the whole step lagged, a plain prefix sum) for the ODE, where J_max measured worse;
   3. accepts the longest prefix whose error is certified, E_{n+1} <= tol * scale_n with
-     E_{n+1} = sum_{k=b+1}^{n} L_k delta_k, delta_k the RMS change of point k and L_k a bound
-     on the Jacobian of D_k from the score's eigenvalue range [-1/v0, -1/vS] (v0 = 1 - e^{-u},
-     vS = e^{-u} S + v0, S the data-covariance bound); at least one point, so never more
-     rounds than steps; scale_n is the step's noise std (SDE) or 1 + RMS(Yhat_{n+1}) (ODE);
+     E_{n+1} = theta_n E_n + L_n delta_n, E_{b+1} = 0, delta_k the RMS change of point k and
+     L_k the largest |Jacobian eigenvalue - theta_k| of Phi_k over the score's eigenvalue range
+     [-1/v0, -1/vS] (v0 = 1 - e^{-u}, vS = e^{-u} S + v0, S the data-covariance bound); at
+     least one point, so never more rounds than steps; scale_n is the step's noise std (SDE)
+     or 1 + RMS(Yhat_{n+1}) (ODE);
   4. refills the freed window slots past the window end by the predictor: steps with the
      denoiser given, not evaluated (no model call),
      Psi_j(y) = decay_j y + drift_j (e^{-u_j/2} x0hat_j - y) / v0_j + noise_j xi_j, where
      x0hat_j is the last evaluated point's Tweedie mean, frozen (SDE), or the quadratic in u
      through the Tweedie means of the window's last point and of every ODE_LAG-th point
      before it, extrapolated (ODE).
-
-As tol -> 0 it is the sequential sampler with the same keyed noise. Every trajectory of a
-batch keeps its own window, so its result does not depend on who shares its batch.
 
 Across ranks (``pipeline.samplers.ring``): the window lives in p ring slots, each rank owns a
 contiguous slot range and keeps the states and noise of its slots. A round costs two
@@ -33,6 +35,7 @@ locally, regenerating the keyed noise of the predictor's steps.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +56,11 @@ DEFAULT_WINDOW = 65  # p: measured on grf and the shipped U-Nets (docs/algorithm
 # reverse SDE the denoiser is a martingale and its own value the best forecast (measured,
 # docs/algorithms.md)
 ODE_TERMS, ODE_LAG = 3, 8
+# The rebuild divides a window's terms by products of theta and multiplies the sums back:
+# theta is kept within e^{+-GROWTH_RANGE / p}, so no product over p steps leaves
+# e^{+-GROWTH_RANGE}, far inside float32's range. Only coarse grids reach the limit (a step
+# long enough to make J_max <= 0): there theta is the limit, the certificate uses it.
+GROWTH_RANGE = 30.0
 
 
 @dataclass(frozen=True)
@@ -66,37 +74,68 @@ class Tables:
     v0: np.ndarray  # 1 - e^{-u}: the marginal noise variance
     alpha: np.ndarray  # predictor: decay - drift / v0
     beta: np.ndarray  # predictor: drift e^{-u/2} / v0 (the x0hat coefficient)
-    lipschitz: np.ndarray  # L_k
-    # D's coefficients on y, the score and the noise (decay - 1, drift, noise), (N + 2p, 3):
-    # side by side, so that a round gathers them at once
+    lipschitz: np.ndarray  # L_k: the largest |Jacobian eigenvalue - theta_k| of Phi_k
+    # the coefficients of Phi_k(y) - theta_k y on y, the score and the noise (decay - theta,
+    # drift, noise), (N + 2p, 3): side by side, so that a round gathers them at once
     increment: np.ndarray
+    # log P: the cumulative sum of log theta_k, (N + 2p + 1,); P_n / P_b = e^{growth[n] -
+    # growth[b]}. None where theta = 1 (the ODE): nothing to scale
+    growth: np.ndarray | None
     tweedie: np.ndarray  # e^{u/2}: x0hat = e^{u/2} (y + v0 s(y, u))
 
 
-def lipschitz(steps: Steps, u: torch.Tensor, bound: float) -> torch.Tensor:
+def lipschitz(steps: Steps, u: torch.Tensor, bound: float,
+              theta: torch.Tensor | float = 1.0) -> torch.Tensor:
     """L_k = max over the score's eigenvalues -lambda in [-1/v0, -1/vS] of
-    |decay - 1 - drift lambda|, (N,) float64, for clocks u (N,) of the steps and data-covariance
-    bound ``bound`` (S; inf is the safe choice)."""
+    |decay - theta - drift lambda|, (N,) float64, for clocks u (N,) of the steps, data-covariance
+    bound ``bound`` (S; inf is the safe choice) and the rebuild's theta (N,) or a number."""
     v0 = -torch.expm1(-u)
-    vs = torch.exp(-u) * bound + v0 if bound != float("inf") else torch.full_like(u, bound)
-    d1 = steps.decay - 1
-    return torch.maximum((d1 - steps.drift / vs).abs(), (d1 - steps.drift / v0).abs())
+    d = steps.decay - theta
+    return torch.maximum((d - steps.drift / variance_bound(u, bound)).abs(),
+                         (d - steps.drift / v0).abs())
 
 
-def tables(grid: Grid, steps: Steps, bound: float, p: int) -> Tables:
-    """The padded coefficient tables of ``grid`` (see ``Tables``)."""
+def variance_bound(u: torch.Tensor, bound: float) -> torch.Tensor:
+    """vS = e^{-u} S + (1 - e^{-u}), (N,): the largest marginal variance at clocks u (N,) for
+    data-covariance bound S (inf where S is)."""
+    if bound == float("inf"):
+        return torch.full_like(u, bound)
+    return torch.exp(-u) * bound - torch.expm1(-u)
+
+
+def tables(grid: Grid, steps: Steps, bound: float, p: int, stochastic: bool = True) -> Tables:
+    """The padded coefficient tables of ``grid`` for a window of p (see ``Tables``); theta =
+    J_max for the SDE (``stochastic``, within ``GROWTH_RANGE``), 1 for the ODE."""
     u = grid.u[:-1]
     v0 = -torch.expm1(-u)
+    theta = torch.ones_like(u)
+    if stochastic:
+        limit = GROWTH_RANGE / p
+        theta = (steps.decay - steps.drift / variance_bound(u, bound)).clamp(
+            math.exp(-limit), math.exp(limit))
     pad = lambda t, value: torch.cat([t, torch.full((2 * p,), value, dtype=t.dtype)])  # noqa: E731
-    dec1, drift, noise = pad(steps.decay - 1, 0.0), pad(steps.drift, 0.0), pad(steps.noise, 0.0)
+    dec, drift, noise = pad(steps.decay - theta, 0.0), pad(steps.drift, 0.0), pad(steps.noise, 0.0)
+    growth = None
+    if stochastic:
+        growth = torch.cat([torch.zeros(1, dtype=u.dtype), torch.cumsum(torch.log(theta), 0)])
+        growth = pad(growth, float(growth[-1])).numpy()
     return Tables(
         u=pad(u, float(grid.u[-1])).numpy(), noise=noise.numpy(), v0=pad(v0, 1.0).numpy(),
         alpha=pad(steps.decay - steps.drift / v0, 1.0).numpy(),
         beta=pad(steps.drift * torch.exp(-u / 2) / v0, 0.0).numpy(),
-        lipschitz=pad(lipschitz(steps, u, bound), 0.0).numpy(),
-        increment=torch.stack([dec1, drift, noise], 1).numpy(),
+        lipschitz=pad(lipschitz(steps, u, bound, theta), 0.0).numpy(),
+        increment=torch.stack([dec, drift, noise], 1).numpy(), growth=growth,
         tweedie=pad(torch.exp(u / 2), 1.0).numpy(),
     )
+
+
+def growth(t: Tables, start, pos) -> np.ndarray:
+    """P_pos / P_start, float64 shaped like pos: the product of theta over the steps from each
+    row's window start (start (B,)) to positions pos (B, *)."""
+    if t.growth is None:
+        return np.ones(np.shape(pos))
+    start = np.asarray(start).reshape(-1, *(1,) * (np.ndim(pos) - 1))
+    return np.exp(t.growth[pos] - t.growth[start])
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
@@ -117,9 +156,11 @@ def accept(delta, y_rms, start, width, t: Tables, tol: float,
     start, width = np.asarray(start), np.asarray(width)
     c = np.arange(delta.shape[1] + 1)
     pos = start[:, None] + c  # position of chain point c
-    contrib = t.lipschitz[pos[:, :-1]] * delta
+    grow = growth(t, start, pos)
+    # E_n / P_n is a plain sum (step 3), as Yhat_n / P_n is in step 2
+    contrib = t.lipschitz[pos[:, :-1]] * delta / grow[:, 1:]
     contrib[:, 0] = 0.0  # Y_b is exact
-    bound = np.concatenate([np.zeros_like(contrib[:, :1]), np.cumsum(contrib, 1)], 1)
+    bound = np.concatenate([np.zeros_like(contrib[:, :1]), np.cumsum(contrib, 1)], 1) * grow
     if stochastic:
         scale = t.noise[np.maximum(pos - 1, 0)]
     else:
@@ -276,11 +317,15 @@ def _refill(states, xi, freed, chain, e, y_e, x0hat, nodes, t, noise, n):
 
 
 def _rebuild(states, g, xi, start, width, pos, valid, nodes, t: Tables, p, bounds, comm):
-    """Step 2 on this rank's slots: the prefix sums Yhat of whole-step increments at the old
-    states (``ring.chain_prefix``). Returns (Yhat at each own point (B, hi - lo, *S), the state
-    after the window's last point (B, *S), the Tweedie means at positions ``nodes`` (B, K)
-    (B, K, *S), zero where a node is -1), the last two the same on every rank."""
-    on_y, on_g, on_xi = per_point(torch.from_numpy(t.increment[pos]), states).unbind(2)
+    """Step 2 on this rank's slots: Yhat from one chain prefix sum of the old states' terms
+    (Phi_k(Y_k) - theta_k Y_k) / P_{k+1} (``ring.chain_prefix``), times P_n. Returns (Yhat at
+    each own point (B, hi - lo, *S), the state after the window's last point (B, *S), the
+    Tweedie means at positions ``nodes`` (B, K) (B, K, *S), zero where a node is -1), the last
+    two the same on every rank."""
+    coef = t.increment[pos]
+    if t.growth is not None:  # the division by P_{k+1} folds into the step's coefficients
+        coef = coef / growth(t, start, pos + 1)[..., None]
+    on_y, on_g, on_xi = per_point(torch.from_numpy(coef), states).unbind(2)
     d = torch.mul(on_y, states).addcmul_(on_g, g)
     if xi is not None:  # the ODE keeps no noise
         d.addcmul_(on_xi, xi)
@@ -296,7 +341,11 @@ def _rebuild(states, g, xi, start, width, pos, valid, nodes, t: Tables, p, bound
         at = states[rows, cols]
         x0part[rows, terms] = torch.addcmul(at, _col(t.v0[k], at), g[rows, cols]).mul_(
             _col(t.tweedie[k], at))
-    return chain_prefix(d, states, start, width, bounds, p, comm, extra=x0part)
+    prefix, y_e, x0hat = chain_prefix(d, states, start, width, bounds, p, comm, extra=x0part)
+    if t.growth is not None:
+        prefix = prefix.mul_(per_point(torch.from_numpy(growth(t, start, pos)), prefix))
+        y_e = y_e.mul_(_col(growth(t, start, np.asarray(start) + width), y_e))
+    return prefix, y_e, x0hat
 
 
 def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
@@ -308,7 +357,7 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     lo, hi = slice_bounds(p, comm.size, comm.rank)
     bounds = [slice_bounds(p, comm.size, r) for r in range(comm.size)]
     steps = step_coefficients(grid.u, stochastic=stochastic, form=options.form)
-    t = tables(grid, steps, options.data_bound, p)
+    t = tables(grid, steps, options.data_bound, p, stochastic)
     step_noise = noise if stochastic else None
     batch, shape = y0.shape[0], y0.shape[1:]
     start = np.zeros(batch, dtype=np.int64)
