@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import ConfigError  # noqa: F401  (raised here; its home is the leaf)
-from pipeline.samplers.options import Options  # the samplers' own defaults (no torch)
+from pipeline.samplers.options import THETAS, Options  # the samplers' own defaults (no torch)
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class SamplerConfig:
     dtype: str = "float32"
     noise: str = "host"
     window: int = Options.window  # window points; 0: the method's own (window 100, pc-window 65)
+    theta: str = Options.theta  # pc-window's corrector: "j_max" or "one" (docs/algorithms.md)
     distance: float = 1e-3  # what tol = "auto" aims at: relative distance to the sequential path
     on_divergence: str = Options.on_divergence
     denoise_final: bool = Options.denoise_final
@@ -502,6 +503,8 @@ def validate(cfg: Config) -> None:
     _check(s.steps >= 1, "sampler.steps", f"= {s.steps} must be >= 1")
     _check(s.block_size >= 1, "sampler.block_size", f"= {s.block_size} must be >= 1")
     _check(s.max_sweeps >= 1, "sampler.max_sweeps", f"= {s.max_sweeps} must be >= 1")
+    _check(s.theta in THETAS, "sampler.theta",
+           f"= {s.theta!r}: use one of {', '.join(THETAS)}")
     _check(s.tol is None or s.tol == "auto" or (isinstance(s.tol, float) and s.tol >= 0),
            "sampler.tol", f"= {s.tol!r} must be a number >= 0 or \"auto\"")
     if s.method in REGISTRY:  # what the chosen sampler itself needs (declared with it)

@@ -35,6 +35,8 @@ def test_version_and_the_installed_entry_point():
     (["status", "not-a-store"], "not-a-store"),
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.noise=gpu"],
      "sampler.noise = 'gpu': use host"),
+    (["sample", "jobs/configs/grf.toml", "--set", "sampler.theta=max"],
+     "sampler.theta = 'max': use one of j_max, one"),
 ])
 def test_file_and_override_errors_are_one_line(args, needle, capsys, tmp_path):
     assert main(args) == 2

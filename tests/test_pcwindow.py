@@ -135,6 +135,21 @@ def test_certified_bound_covers_the_true_error_of_every_accepted_point():
         guess = new[:, :40]
 
 
+def test_theta_one_lags_the_whole_step_and_both_reach_the_sequential_path():
+    model, grid, noise, y0 = _setup(steps=200, members=2)
+    steps = step_coefficients(grid.u, stochastic=True)
+    one = tables(grid, steps, model.data_bound, 30, "one")
+    assert one.growth is None and np.array_equal(one.increment[:200, 0],
+                                                 (steps.decay - 1).numpy())
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
+    for theta in ("j_max", "one"):
+        opts = Options(window=30, tol=0.0, theta=theta, data_bound=model.data_bound)
+        y, _ = SAMPLERS["pc-window"](model, y0, grid, noise, options=opts)
+        assert _rel(y, y_ref) <= 1e-12
+    with pytest.raises(ValueError, match="theta = 'max'"):
+        tables(grid, steps, model.data_bound, 30, "max")
+
+
 def test_the_predictor_steps_each_row_as_far_as_it_needs_and_no_further():
     model, grid, noise, y0 = _setup(steps=80, members=2)
     steps = step_coefficients(grid.u, stochastic=True)

@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+THETAS = ("j_max", "one")  # the values of Options.theta
+
+
 @dataclass(frozen=True)
 class Options:
     """Typed sampler settings; each sampler reads the ones it uses.
@@ -16,6 +19,9 @@ class Options:
         measured default.
     data_bound: S, an upper bound on the eigenvalues of the data covariance in model units,
         for ``pc-window``'s certified acceptance; inf (the safe default) assumes nothing.
+    theta: ``pc-window``'s corrector, Yhat_{n+1} = theta Yhat_n + Phi(Y_n) - theta Y_n:
+        ``j_max`` (the step's largest Jacobian eigenvalue, from data_bound) or ``one`` (the
+        whole step lagged); ``pc-window-ode`` always takes ``one``.
     on_divergence: ``sequential`` (redo the block step by step) or ``error`` when a residual is
         NaN/Inf or exceeds ``divergence_threshold``.
     corrector_*: underdamped Langevin corrector of PIADM-ODE (section 4); steps = 0 turns it off.
@@ -32,6 +38,7 @@ class Options:
     tol: float | None = None
     window: int = 0
     data_bound: float = float("inf")
+    theta: str = "j_max"
     on_divergence: str = "sequential"
     divergence_threshold: float = 1e8
     corrector_steps: int = 8

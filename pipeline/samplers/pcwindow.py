@@ -47,7 +47,7 @@ from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
 from pipeline.samplers.common import check_rows, finish, indices, per_point, point_mask
-from pipeline.samplers.options import Options, Stats
+from pipeline.samplers.options import THETAS, Options, Stats
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
 
 DEFAULT_WINDOW = 65  # p: measured on grf and the shipped U-Nets (docs/algorithms.md)
@@ -103,20 +103,23 @@ def variance_bound(u: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.exp(-u) * bound - torch.expm1(-u)
 
 
-def tables(grid: Grid, steps: Steps, bound: float, p: int, stochastic: bool = True) -> Tables:
-    """The padded coefficient tables of ``grid`` for a window of p (see ``Tables``); theta =
-    J_max for the SDE (``stochastic``, within ``GROWTH_RANGE``), 1 for the ODE."""
+def tables(grid: Grid, steps: Steps, bound: float, p: int, theta: str = "j_max") -> Tables:
+    """The padded coefficient tables of ``grid`` for a window of p (see ``Tables``); ``theta``
+    "j_max" (within ``GROWTH_RANGE``) or "one"."""
     u = grid.u[:-1]
     v0 = -torch.expm1(-u)
+    if theta not in THETAS:
+        raise ValueError(f"theta = {theta!r}: use one of {', '.join(THETAS)}")
+    scaled = theta == "j_max"
     theta = torch.ones_like(u)
-    if stochastic:
+    if scaled:
         limit = GROWTH_RANGE / p
         theta = (steps.decay - steps.drift / variance_bound(u, bound)).clamp(
             math.exp(-limit), math.exp(limit))
     pad = lambda t, value: torch.cat([t, torch.full((2 * p,), value, dtype=t.dtype)])  # noqa: E731
     dec, drift, noise = pad(steps.decay - theta, 0.0), pad(steps.drift, 0.0), pad(steps.noise, 0.0)
     growth = None
-    if stochastic:
+    if scaled:
         growth = torch.cat([torch.zeros(1, dtype=u.dtype), torch.cumsum(torch.log(theta), 0)])
         growth = pad(growth, float(growth[-1])).numpy()
     return Tables(
@@ -357,7 +360,7 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     lo, hi = slice_bounds(p, comm.size, comm.rank)
     bounds = [slice_bounds(p, comm.size, r) for r in range(comm.size)]
     steps = step_coefficients(grid.u, stochastic=stochastic, form=options.form)
-    t = tables(grid, steps, options.data_bound, p, stochastic)
+    t = tables(grid, steps, options.data_bound, p, options.theta if stochastic else "one")
     step_noise = noise if stochastic else None
     batch, shape = y0.shape[0], y0.shape[1:]
     start = np.zeros(batch, dtype=np.int64)
