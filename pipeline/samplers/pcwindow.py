@@ -11,7 +11,7 @@ of W <= p positions b .. b+W-1 starts at the accepted state Y_b. One round:
      Yhat_n / P_n = Y_b + sum_{k=b}^{n-1} (Phi_k(Y_k) - theta_k Y_k) / P_{k+1}.
      theta_n is the step's largest Jacobian eigenvalue, J_max = decay - drift / vS (SDE): exact
      in the data's largest-variance directions, the ones that amplify an error; theta = 1
-     (the whole step lagged, a plain prefix sum) for the ODE, where J_max measured worse;
+     (the whole step lagged, a plain prefix sum) for the ODE, where J_max measured no better;
   3. accepts the longest prefix whose error is certified, E_{n+1} <= tol * scale_n with
      E_{n+1} = theta_n E_n + L_n delta_n, E_{b+1} = 0, delta_k the RMS change of point k and
      L_k the largest |Jacobian eigenvalue - theta_k| of Phi_k over the score's eigenvalue range
