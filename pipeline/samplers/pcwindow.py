@@ -25,6 +25,9 @@ of W <= p positions b .. b+W-1 starts at the accepted state Y_b. One round:
      through the Tweedie means of the window's last point and of every ODE_LAG-th point
      before it, extrapolated (ODE).
 
+As tol -> 0 it is the sequential sampler with the same keyed noise. Every trajectory of a
+batch keeps its own window, so its result does not depend on who shares its batch.
+
 Across ranks (``pipeline.samplers.ring``): the window lives in p ring slots, each rank owns a
 contiguous slot range and keeps the states and noise of its slots. A round costs two
 collectives: one Allgather of each rank's run totals (two per rank: the window's head and the
@@ -110,23 +113,20 @@ def tables(grid: Grid, steps: Steps, bound: float, p: int, theta: str = "j_max")
     v0 = -torch.expm1(-u)
     if theta not in THETAS:
         raise ValueError(f"theta = {theta!r}: use one of {', '.join(THETAS)}")
-    scaled = theta == "j_max"
-    theta = torch.ones_like(u)
-    if scaled:
-        limit = GROWTH_RANGE / p
-        theta = (steps.decay - steps.drift / variance_bound(u, bound)).clamp(
-            math.exp(-limit), math.exp(limit))
     pad = lambda t, value: torch.cat([t, torch.full((2 * p,), value, dtype=t.dtype)])  # noqa: E731
-    dec, drift, noise = pad(steps.decay - theta, 0.0), pad(steps.drift, 0.0), pad(steps.noise, 0.0)
-    growth = None
-    if scaled:
-        growth = torch.cat([torch.zeros(1, dtype=u.dtype), torch.cumsum(torch.log(theta), 0)])
-        growth = pad(growth, float(growth[-1])).numpy()
+    factor, growth = torch.ones_like(u), None
+    if theta == "j_max":
+        limit = GROWTH_RANGE / p
+        factor = (steps.decay - steps.drift / variance_bound(u, bound)).clamp(
+            math.exp(-limit), math.exp(limit))
+        logs = torch.cat([torch.zeros(1, dtype=u.dtype), torch.cumsum(torch.log(factor), 0)])
+        growth = pad(logs, float(logs[-1])).numpy()
+    dec, drift, noise = pad(steps.decay - factor, 0.0), pad(steps.drift, 0.0), pad(steps.noise, 0.0)
     return Tables(
         u=pad(u, float(grid.u[-1])).numpy(), noise=noise.numpy(), v0=pad(v0, 1.0).numpy(),
         alpha=pad(steps.decay - steps.drift / v0, 1.0).numpy(),
         beta=pad(steps.drift * torch.exp(-u / 2) / v0, 0.0).numpy(),
-        lipschitz=pad(lipschitz(steps, u, bound, theta), 0.0).numpy(),
+        lipschitz=pad(lipschitz(steps, u, bound, factor), 0.0).numpy(),
         increment=torch.stack([dec, drift, noise], 1).numpy(), growth=growth,
         tweedie=pad(torch.exp(u / 2), 1.0).numpy(),
     )
