@@ -23,6 +23,7 @@ from pipeline.clock import DiscreteVP, noise_std
 from pipeline.grids import Grid
 from pipeline.noise import Noise
 from pipeline.samplers import SAMPLERS, Options
+from pipeline.samplers.pcwindow import DEFAULT_WINDOW
 
 
 def _scheduler():
@@ -96,11 +97,13 @@ def sequential(scheduler, eps, x_t: torch.Tensor, xi: torch.Tensor) -> torch.Ten
 
 
 def compare_diffusers(model, *, members: int, seed: int, dtype, device, window: int = 100,
-                      tol: float = 0.1, data_bound: float = float("inf"), ladder=(), say=print):
+                      tol: float = 0.1, data_bound: float = float("inf"), ladder=(),
+                      pc_window: int = 0, say=print):
     """diffusers' ParaDiGMS against piadm's window and pc-window on DDPM-1000; returns rows
-    (method, settings, rounds, calls_ratio, distance). pc-window's tolerance is the loosest
-    of ``ladder`` whose worst distance on these members is no larger than diffusers' (the
-    tightest, if none is)."""
+    (method, settings, rounds, calls_ratio, distance). ``window`` and ``tol`` are ParaDiGMS'
+    (for both ParaDiGMS samplers); pc-window runs with ``pc_window`` points (0: its own
+    default) at the loosest tolerance of ``ladder`` whose worst distance on these members is
+    no larger than diffusers' (the tightest, if none is)."""
     scheduler = _scheduler()
     scheduler.set_timesteps(1000)
     grid = ddpm_grid()
@@ -121,11 +124,12 @@ def compare_diffusers(model, *, members: int, seed: int, dtype, device, window: 
     rows.append(("piadm window", f"p={window} tol={tol:g}", stats.rounds, stats.model_calls / n,
                  worst_distance(y, ours_seq)))
     for tol in ladder:  # the loosest tolerance at no larger a distance, on the same noise
-        pc = dataclasses.replace(options, window=0, tol=float(tol))
+        pc = dataclasses.replace(options, window=pc_window, tol=float(tol))
         y, stats = SAMPLERS["pc-window"](model, y0, grid, noise, options=pc)
         if worst_distance(y, ours_seq) <= rows[0][4]:
             break
-    rows.append(("piadm pc-window", f"p=65 tol={tol:g}", stats.rounds, stats.model_calls / n,
+    p = min(pc_window or DEFAULT_WINDOW, n)
+    rows.append(("piadm pc-window", f"p={p} tol={tol:g}", stats.rounds, stats.model_calls / n,
                  worst_distance(y, ours_seq)))
     return rows
 

@@ -144,6 +144,18 @@ def test_bench_peer_runs_diffusers_paradigms_beside_the_piadm_windows(capsys):
     theirs, ours = rows["diffusers ParaDiGMS"], rows["piadm pc-window"]
     assert float(ours[-1]) <= float(theirs[-1])  # at equal or smaller distance
     assert float(ours[-2]) < float(theirs[-2])  # fewer calls
+    assert "p=100" in " ".join(theirs) and "p=65" in " ".join(ours)  # each its own default
+
+
+def test_bench_peer_runs_pc_window_at_the_configured_window(capsys):
+    pytest.importorskip("diffusers")
+    assert main(["bench", "jobs/configs/grf.toml", "--peer", "diffusers", "--set",
+                 "model.shape=[8, 8]", "--set", "bench.members=1", "--set",
+                 "sampler.window=90"]) == 0
+    rows = [line.split() for line in capsys.readouterr().err.splitlines()
+            if line.startswith(("diffusers ParaDiGMS", "piadm pc-window"))
+            and "/ diffusers" not in line]
+    assert [row[2] for row in rows] == ["p=100", "p=90"]  # ParaDiGMS keeps its own window
 
 
 def test_bench_plots_against_d_and_against_ranks(tmp_path, capsys):
