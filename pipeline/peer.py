@@ -98,11 +98,11 @@ def sequential(scheduler, eps, x_t: torch.Tensor, xi: torch.Tensor) -> torch.Ten
 
 def compare_diffusers(model, *, members: int, seed: int, dtype, device, window: int = 100,
                       tol: float = 0.1, data_bound: float = float("inf"), ladder=(),
-                      pc_window: int = 0, say=print):
+                      pc_window: int = 0, theta: str = Options.theta, say=print):
     """diffusers' ParaDiGMS against piadm's window and pc-window on DDPM-1000; returns rows
     (method, settings, rounds, calls_ratio, distance). ``window`` and ``tol`` are ParaDiGMS'
     (for both ParaDiGMS samplers); pc-window runs with ``pc_window`` points (0: its own
-    default) at the loosest tolerance of ``ladder`` whose worst distance on these members is
+    default) and corrector ``theta`` at the loosest tolerance of ``ladder`` whose worst distance on these members is
     no larger than diffusers' (the tightest, if none is)."""
     scheduler = _scheduler()
     scheduler.set_timesteps(1000)
@@ -124,7 +124,7 @@ def compare_diffusers(model, *, members: int, seed: int, dtype, device, window: 
     rows.append(("piadm window", f"p={window} tol={tol:g}", stats.rounds, stats.model_calls / n,
                  worst_distance(y, ours_seq)))
     for tol in ladder:  # the loosest tolerance at no larger a distance, on the same noise
-        pc = dataclasses.replace(options, window=pc_window, tol=float(tol))
+        pc = dataclasses.replace(options, window=pc_window, tol=float(tol), theta=theta)
         y, stats = SAMPLERS["pc-window"](model, y0, grid, noise, options=pc)
         if worst_distance(y, ours_seq) <= rows[0][4]:
             break
