@@ -22,8 +22,7 @@ from pipeline.calibrate import worst_distance
 from pipeline.clock import DiscreteVP, noise_std
 from pipeline.grids import Grid
 from pipeline.noise import Noise
-from pipeline.samplers import SAMPLERS, Options
-from pipeline.samplers.pcwindow import DEFAULT_WINDOW
+from pipeline.samplers import REGISTRY, SAMPLERS, Options
 
 
 def _scheduler():
@@ -102,8 +101,8 @@ def compare_diffusers(model, *, members: int, seed: int, dtype, device, window: 
     """diffusers' ParaDiGMS against piadm's window and pc-window on DDPM-1000; returns rows
     (method, settings, rounds, calls_ratio, distance). ``window`` and ``tol`` are ParaDiGMS'
     (for both ParaDiGMS samplers); pc-window runs with ``pc_window`` points (0: its own
-    default) and corrector ``theta`` at the loosest tolerance of ``ladder`` whose worst distance on these members is
-    no larger than diffusers' (the tightest, if none is)."""
+    default) and corrector ``theta`` at the loosest tolerance of ``ladder`` whose worst
+    distance on these members is no larger than diffusers' (the tightest, if none is)."""
     scheduler = _scheduler()
     scheduler.set_timesteps(1000)
     grid = ddpm_grid()
@@ -128,7 +127,7 @@ def compare_diffusers(model, *, members: int, seed: int, dtype, device, window: 
         y, stats = SAMPLERS["pc-window"](model, y0, grid, noise, options=pc)
         if worst_distance(y, ours_seq) <= rows[0][4]:
             break
-    p = min(pc_window or DEFAULT_WINDOW, n)
+    p = min(pc_window or REGISTRY["pc-window"].default_window, n)
     rows.append(("piadm pc-window", f"p={p} tol={tol:g}", stats.rounds, stats.model_calls / n,
                  worst_distance(y, ours_seq)))
     return rows
