@@ -7,6 +7,13 @@ import xarray as xr
 SHAPE = (16, 16)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` run first (in their collected order): split over the workers of
+    ``-n 2``, a long test (or file) dealt out last would keep one worker busy after the other
+    is done."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def make_input(path, times: int = 6, nan_at: int | None = None) -> str:
     """A Zarr store with ``vort(time, y, x)``: smooth fields with daily time labels."""
     rng = np.random.default_rng(0)

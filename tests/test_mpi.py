@@ -56,6 +56,7 @@ def layouts(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_every_layout_gives_the_one_rank_ensemble(layouts, layout):
     ref, got = layouts[(1, 1)], layouts[layout]
@@ -64,6 +65,7 @@ def test_every_layout_gives_the_one_rank_ensemble(layouts, layout):
         assert rel <= LAYOUT_BOUND["float64" if "64" in case else "float32"], (case, rel)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks,wait", [(2, "sleep"), (4, "spin")])
 def test_waiting_by_sleeping_or_spinning_gives_the_one_rank_ensemble(layouts, tmp_path, ranks,
                                                                       wait):
@@ -120,6 +122,7 @@ def test_an_existing_store_is_refused_by_every_rank_and_kept(tmp_path):
     assert (path / "precious").read_text() == "data"
 
 
+@pytest.mark.slow
 def test_one_two_and_four_ranks_write_identical_stores(tmp_path, input_store):
     from conftest import conditional_sets
     from test_ensemble import assert_same_store
@@ -134,6 +137,7 @@ def test_one_two_and_four_ranks_write_identical_stores(tmp_path, input_store):
         assert_same_store(serial, out)
 
 
+@pytest.mark.slow
 def test_sigterm_to_mpiexec_stops_every_rank_and_a_rerun_completes(tmp_path, input_store):
     from conftest import conditional_sets
     from test_preemption import MORE_WORK, members_done

@@ -45,6 +45,7 @@ def clean(tmp_path_factory):
     return inp, base / "clean.zarr"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_stop_signal_ends_promptly_and_a_rerun_completes(tmp_path, clean, sig):
     inp, ref = clean
@@ -64,6 +65,7 @@ def test_a_stop_signal_ends_promptly_and_a_rerun_completes(tmp_path, clean, sig)
     assert_same_store(ref, out)
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_a_rerun_gives_the_clean_store(tmp_path, clean):
     inp, ref = clean
     out = tmp_path / "ens.zarr"

@@ -39,6 +39,7 @@ def _blocks(section: str, lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_every_command_and_the_python_api_run_as_written(tmp_path):
     """The "Commands" block line by line, then the "Python API" example, in a fresh working
