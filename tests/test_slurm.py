@@ -50,7 +50,7 @@ def _cluster_problem() -> str | None:
 pytest.importorskip("mpi4py")
 _PROBLEM = _cluster_problem()
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM)),
-              pytest.mark.timeout(150)]
+              pytest.mark.timeout(150), pytest.mark.slow]  # 35 s a job on a local SLURM
 
 from pipeline.cli import main  # noqa: E402
 from test_mpi import mpirun  # noqa: E402
