@@ -80,6 +80,7 @@ def test_kill_9_at_random_moments_then_a_rerun_gives_the_clean_store(tmp_path, c
     assert_same_store(ref, out)
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_on_distinct_items_lose_nothing(tmp_path, clean):
     inp, ref = clean
     out = tmp_path / "ens.zarr"
@@ -92,6 +93,7 @@ def test_concurrent_jobs_on_distinct_items_lose_nothing(tmp_path, clean):
     assert_same_store(ref, out)
 
 
+@pytest.mark.slow
 def test_two_identical_jobs_share_the_batches_and_write_each_member_once(tmp_path, clean):
     import json
     import re
