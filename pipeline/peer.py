@@ -127,7 +127,7 @@ def compare_diffusers(model, *, members: int, seed: int, dtype, device, window: 
         y, stats = SAMPLERS["pc-window"](model, y0, grid, noise, options=pc)
         if worst_distance(y, ours_seq) <= rows[0][4]:
             break
-    p = min(pc_window or REGISTRY["pc-window"].default_window, n)
+    p = REGISTRY["pc-window"].window_points(pc_window, n)
     rows.append(("piadm pc-window", f"p={p} tol={tol:g}", stats.rounds, stats.model_calls / n,
                  worst_distance(y, ours_seq)))
     return rows

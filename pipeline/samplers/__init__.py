@@ -53,13 +53,17 @@ class Registered:
         """The window's points when ``sampler.window`` is 0 (windowed samplers only)."""
         return importlib.import_module(self.target.split(":")[0]).DEFAULT_WINDOW
 
+    def window_points(self, window: int, steps: int) -> int:
+        """The points of a window set to ``window`` (0: the default) on a path of ``steps``."""
+        return min(window or self.default_window, steps)
+
     def points(self, s) -> dict[str, int]:
         """The points each ``[sampler]`` setting ``s`` gives a round, by setting name: a layout
         needs at most that many time slices."""
         if self.whole_path:
             points = {"steps": s.steps}
         elif self.windowed:
-            points = {"window": min(s.window or self.default_window, s.steps)}
+            points = {"window": self.window_points(s.window, s.steps)}
         else:
             points = {"block_size": min(s.block_size, s.steps)}
         if self.corrector and s.corrector_steps > 0:
