@@ -384,9 +384,10 @@ def _evaluate_arguments(sp) -> None:
 
 
 def user_errors() -> tuple:
-    """The errors a user's input causes: one line each, no traceback."""
-    from pipeline.samplers import PicardDivergence
-    from pipeline.scoring import EvaluationError
+    """The errors a user's input causes: one line each, no traceback. Only light modules
+    (no torch, xarray or dask), so that the error of a light command prints at once."""
+    from pipeline.errors import EvaluationError
+    from pipeline.samplers.options import PicardDivergence
     from pipeline.status import NotAStore
     from pipeline.store import StoreExists
 

@@ -7,15 +7,22 @@ the bench reports as the communication share, and ``tally`` the count and second
 of collective. Setting an ``MPIComm``'s ``calls`` to a list records every collective's kind and
 seconds in order, so that the bench can tell a collective's own time from waiting for other
 ranks.
+
+torch is imported where a tensor is made, not with the module: `world_comm()` then costs no
+torch import, so the light commands (`piadm status`, `piadm config`) start in a fraction of a
+second.
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 IDLE_POLL_S = 0.002  # an idle barrier's sleep between polls
 # A sleeping wait's poll (``MPIComm.poll_s``): 50 to 100 us measured best on 8 ranks sharing 2
@@ -25,6 +32,13 @@ ABORT_GRACE_S = 0.5  # before an abort: time for the launcher to forward the las
 
 # Environment variables that MPI launchers (mpiexec/Hydra, srun --mpi=pmi2/pmix, Open MPI) set.
 LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+
+def _as_tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``array`` (shared, not copied, on the host) as a tensor on ``like``'s device."""
+    import torch  # a lookup once imported: microseconds against a collective
+
+    return torch.from_numpy(array).to(like.device)
 
 
 class SerialComm:
@@ -37,7 +51,7 @@ class SerialComm:
 
     def exscan_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Exclusive prefix sum over ranks: sum of x on ranks < this rank (zeros on rank 0)."""
-        return torch.zeros_like(x)
+        return x.new_zeros(x.shape)
 
     def allreduce_max(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -117,6 +131,8 @@ class MPIComm:
         """The clock at a collective's start, after x's device has finished computing it: the
         wait for a GPU's queued kernels is the rank's compute, not communication."""
         if x.is_cuda:
+            import torch
+
             torch.cuda.synchronize(x.device)
         return time.perf_counter()
 
@@ -130,7 +146,7 @@ class MPIComm:
                 recv[...] = 0
         else:
             self._run(self._comm.Allreduce, self._comm.Iallreduce, send, recv, op=op)
-        out = torch.from_numpy(recv).to(x.device)
+        out = _as_tensor(recv, x)
         self._count("Exscan" if exclusive else "Allreduce", start)
         return out
 
@@ -152,7 +168,7 @@ class MPIComm:
         start = self._start(x)
         buf = np.ascontiguousarray(x.detach().cpu().numpy())
         self._run(self._comm.Bcast, self._comm.Ibcast, buf, root=root)
-        out = torch.from_numpy(buf).to(x.device)
+        out = _as_tensor(buf, x)
         self._count("Bcast", start)
         return out
 
@@ -162,7 +178,7 @@ class MPIComm:
         send = np.ascontiguousarray(x.detach().cpu().numpy())
         recv = np.empty((self.size, *send.shape), dtype=send.dtype)
         self._run(self._comm.Allgather, self._comm.Iallgather, send, recv)
-        out = torch.from_numpy(recv).to(x.device)
+        out = _as_tensor(recv, x)
         self._count("Allgather", start)
         return out
 

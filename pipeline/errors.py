@@ -17,3 +17,7 @@ class PiadmError(Exception):
 
 class ConfigError(PiadmError, ValueError):
     """A bad configuration: the message names the key and how to fix it."""
+
+
+class EvaluationError(ValueError):
+    """The store or the truth cannot be evaluated as asked; the message says how to fix it."""

@@ -19,13 +19,10 @@ import numpy as np
 import xarray as xr
 
 from pipeline.bands import band_figures, correlation_block, spectral_bands
+from pipeline.errors import EvaluationError
 from pipeline.evaluation import crps, energy_spectra, power_spectra, rank_histogram
 from pipeline.inputs import _label
 from pipeline.store import field_variable, open_store
-
-
-class EvaluationError(ValueError):
-    """The store or the truth cannot be evaluated as asked; the message says how to fix it."""
 
 
 def _field_variable(ds: xr.Dataset) -> str:

@@ -25,11 +25,13 @@ import warnings
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dask.array as da
 import numpy as np
-import xarray as xr
 import zarr
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 FIELD_DIMS = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x")}
 PER_MEMBER = {"seed": "int64", "rounds": "float64", "model_calls": "float64", "done": "int8"}
@@ -72,6 +74,11 @@ def member_chunk(batch_size: int, field_bytes: int) -> int:
 
 
 def _dataset(spec: StoreSpec) -> xr.Dataset:
+    # xarray and dask only where a dataset is made or opened: `piadm status` reads `done`
+    # with zarr alone, in a fraction of a second rather than seconds of imports
+    import dask.array as da
+    import xarray as xr
+
     dims = (spec.item_dim, "member", *FIELD_DIMS[len(spec.shape)])
     n = len(spec.items)
     field = da.zeros((n, spec.members, *spec.shape), dtype=spec.dtype,
@@ -250,6 +257,8 @@ def _quiet_consolidated():
 
 def open_store(path: str | Path) -> xr.Dataset:
     """The store at ``path`` as a lazy ``xarray.Dataset``."""
+    import xarray as xr
+
     with _quiet_consolidated():
         return xr.open_zarr(path)
 

@@ -73,18 +73,37 @@ def test_config_prints_toml_that_loads_back_to_the_same_config(capsys):
     assert again.digest == want.digest and again.sampler.steps == 200
 
 
+def _small_store(path) -> None:
+    sets = ["model.shape=[8, 8]", "sampler.steps=20", "sampler.method=sequential-sde",
+            "ensemble.members=2", f"output.path={path}"]
+    assert main(["sample", "jobs/configs/grf.toml"] + sum((["--set", s] for s in sets), [])) == 0
+
+
 def test_status_json_is_one_document(tmp_path, capsys):
     import json
 
     out = tmp_path / "s.zarr"
-    sets = ["model.shape=[8, 8]", "sampler.steps=20", "sampler.method=sequential-sde",
-            "ensemble.members=2", f"output.path={out}"]
-    assert main(["sample", "jobs/configs/grf.toml"] + sum((["--set", s] for s in sets), [])) == 0
+    _small_store(out)
     capsys.readouterr()
     assert main(["status", str(out), "--json"]) == 0
     state = json.loads(capsys.readouterr().out)
     assert state["complete"] and state["done"] == state["members"] == 2
     assert state["items"] == [{"label": "0", "done": 2, "members": 2}]
+
+
+def test_status_reads_a_store_without_the_heavy_libraries(tmp_path):
+    # a workflow polls `piadm status`: it must answer in a fraction of a second, so neither
+    # the store's done array nor a wrong path may import torch, xarray or dask
+    out = tmp_path / "s.zarr"
+    _small_store(out)
+    code = ("import sys\nfrom pipeline.cli import main\n"
+            "codes = [main(['status', sys.argv[1]]), main(['status', sys.argv[1] + '.none'])]\n"
+            "print(codes, sorted(m for m in ('torch', 'xarray', 'dask') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "2/2 members done" in run.stdout and "is not a piadm ensemble store" in run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[0, 2] []", run.stdout
 
 
 @pytest.mark.parametrize("method", ["window", "window-ode", "pc-window", "pc-window-ode"])
