@@ -482,22 +482,13 @@ def _check_train(t: TrainConfig) -> None:
            "trained on): list each other store once")
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks; raises ConfigError naming the key."""
-    from models import model_kinds
+def _check_sampler(s: SamplerConfig) -> None:
+    """The sampler's own keys in their ranges, and what the chosen method needs."""
     from pipeline.grids import GRIDS, SCHEDULER_GRID
     from pipeline.integrators import FORMS
     from pipeline.noise import SOURCES
     from pipeline.samplers import REGISTRY, SAMPLERS
 
-    m, s, e = cfg.model, cfg.sampler, cfg.ensemble
-    kinds = model_kinds()
-    _check(m.kind in kinds, "model.kind", f"= {m.kind!r} is unknown: use one of {', '.join(kinds)}")
-    _check(not m.args or _open_kind(m.kind), "model.args",
-           f"are only for model.kind = 'module' or a plugin's kind, not {m.kind!r}")
-    least = 2 if m.kind in ("grf", "gmm") else 1  # a network may take a channel axis of 1
-    _check(1 <= len(m.shape) <= 3 and min(m.shape) >= least, "model.shape",
-           f"= {list(m.shape)} must have 1 to 3 sizes, each >= {least}")
     _check(s.method in SAMPLERS or s.method in AUTO_METHODS, "sampler.method",
            f"= {s.method!r} is unknown: use one of {', '.join((*SAMPLERS, *AUTO_METHODS))}")
     _check(s.steps >= 1, "sampler.steps", f"= {s.steps} must be >= 1")
@@ -530,9 +521,13 @@ def validate(cfg: Config) -> None:
            f"= {s.churn} must be a number >= 0 (EDM's S_churn; 0 turns it off)")
     _check(s.corrector_length > 0 and s.corrector_gamma > 0, "sampler.corrector_length",
            "and sampler.corrector_gamma must be > 0")
-    _check(e.members >= 1, "ensemble.members", f"= {e.members} must be >= 1")
-    _check(e.batch_size >= 1, "ensemble.batch_size", f"= {e.batch_size} must be >= 1")
-    _check(bool(cfg.output.path), "output.path", "must not be empty")
+
+
+def _check_conditioning(cfg: Config) -> None:
+    """A conditioned model and its input come together, and suit the model's kind."""
+    from pipeline.grids import SCHEDULER_GRID
+
+    m = cfg.model
     _check(m.condition in ("none", "mean", "coarse"), "model.condition",
            f"= {m.condition!r} is unknown: use 'none', 'mean' or 'coarse'")
     _check((m.condition == "none") == (not cfg.input.path), "model.condition",
@@ -541,39 +536,64 @@ def validate(cfg: Config) -> None:
     _check(m.condition != "coarse" or m.kind in ("unet", "module", "diffusers"),
            "model.condition", "= 'coarse' needs a network (model.kind = 'unet', 'module' or "
            "'diffusers'); exact models condition with 'mean'")
-    _check(s.grid != SCHEDULER_GRID or m.kind == "diffusers", "sampler.grid",
+    _check(cfg.sampler.grid != SCHEDULER_GRID or m.kind == "diffusers", "sampler.grid",
            "= 'scheduler' samples on a diffusers scheduler's timesteps: it needs "
            "model.kind = 'diffusers'")
+    _check(not cfg.input.path or bool(cfg.input.variable), "input.variable",
+           "must name the variable to condition on when input.path is set")
+    _check(len(cfg.input.range) in (0, 2), "input.range", "must be [first, last] or empty")
+
+
+def _check_bench(b: BenchConfig, c: CalibrateConfig) -> None:
+    """The bench's methods and sizes; the calibration's members and ladder."""
+    from pipeline.samplers import SAMPLERS
+
+    for method in b.methods:
+        _check(method in SAMPLERS, "bench.methods",
+               f"has unknown method {method!r}: use any of {', '.join(SAMPLERS)}")
+    for size in b.sizes:
+        _check(1 <= len(size) <= 3 and min(size) >= 2, "bench.sizes",
+               f"has bad shape {list(size)}: each needs 1 to 3 sizes >= 2")
+    _check(b.members >= 1, "bench.members", f"= {b.members} must be >= 1")
+    _check(b.quality_members >= 2, "bench.quality_members",
+           f"= {b.quality_members} must be >= 2 (a spectrum's bootstrap resamples them)")
+    _check(b.seeds >= 1 and b.repeats >= 1, "bench.seeds", "and bench.repeats must be >= 1")
+    _check(c.members >= 1, "calibrate.members", f"= {c.members} must be >= 1")
+    _check(len(c.ladder) >= 1 and all(v > 0 for v in c.ladder), "calibrate.ladder",
+           f"= {list(c.ladder)}: give tolerances > 0, loosest first")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; raises ConfigError naming the key."""
+    from models import model_kinds
+
+    m = cfg.model
+    kinds = model_kinds()
+    _check(m.kind in kinds, "model.kind", f"= {m.kind!r} is unknown: use one of {', '.join(kinds)}")
+    _check(not m.args or _open_kind(m.kind), "model.args",
+           f"are only for model.kind = 'module' or a plugin's kind, not {m.kind!r}")
+    least = 2 if m.kind in ("grf", "gmm") else 1  # a network may take a channel axis of 1
+    _check(1 <= len(m.shape) <= 3 and min(m.shape) >= least, "model.shape",
+           f"= {list(m.shape)} must have 1 to 3 sizes, each >= {least}")
+    _check_sampler(cfg.sampler)
+    _check(cfg.ensemble.members >= 1, "ensemble.members",
+           f"= {cfg.ensemble.members} must be >= 1")
+    _check(cfg.ensemble.batch_size >= 1, "ensemble.batch_size",
+           f"= {cfg.ensemble.batch_size} must be >= 1")
+    _check(bool(cfg.output.path), "output.path", "must not be empty")
+    _check_conditioning(cfg)
     if m.kind == "module":
         from models.module import check_section
 
         check_section(m)
-
-    _check(not cfg.input.path or bool(cfg.input.variable), "input.variable",
-           "must name the variable to condition on when input.path is set")
-    _check(len(cfg.input.range) in (0, 2), "input.range", "must be [first, last] or empty")
     _check(all(i >= 0 for i in cfg.parallel.items), "parallel.items", "must be item indices >= 0")
     _check_data(cfg.data)
     _check_train(cfg.train)
-    _check_parallel(cfg.parallel, s)
-    for method in cfg.bench.methods:
-        _check(method in SAMPLERS, "bench.methods",
-               f"has unknown method {method!r}: use any of {', '.join(SAMPLERS)}")
-    for size in cfg.bench.sizes:
-        _check(1 <= len(size) <= 3 and min(size) >= 2, "bench.sizes",
-               f"has bad shape {list(size)}: each needs 1 to 3 sizes >= 2")
-    _check(cfg.bench.members >= 1, "bench.members", f"= {cfg.bench.members} must be >= 1")
-    _check(cfg.bench.quality_members >= 2, "bench.quality_members",
-           f"= {cfg.bench.quality_members} must be >= 2 (a spectrum's bootstrap resamples them)")
-    _check(cfg.bench.seeds >= 1 and cfg.bench.repeats >= 1, "bench.seeds",
-           "and bench.repeats must be >= 1")
+    _check_parallel(cfg.parallel, cfg.sampler)
+    _check_bench(cfg.bench, cfg.calibrate)
     _check_model(m)
     _check(not m.emulate_ms or (len(m.emulate_ms) == 2 and min(m.emulate_ms) >= 0),
            "model.emulate_ms", f"= {list(m.emulate_ms)} must be [latency_ms, per_item_ms], "
            "both >= 0, or empty (off)")
     _check(m.data_bound >= 0 and math.isfinite(m.data_bound), "model.data_bound",
            f"= {m.data_bound} must be >= 0 and finite (0: the model's own bound)")
-    c = cfg.calibrate
-    _check(c.members >= 1, "calibrate.members", f"= {c.members} must be >= 1")
-    _check(len(c.ladder) >= 1 and all(v > 0 for v in c.ladder), "calibrate.ladder",
-           f"= {list(c.ladder)}: give tolerances > 0, loosest first")
