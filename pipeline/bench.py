@@ -193,6 +193,9 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
     tolerances = method_tolerances(shaped, model, comm=comm, device=device)
     grid = sampler_grid(s, model)
     bound = model_data_bound(model, cfg.model)
+    if math.isfinite(bound):  # what sets pc-window's rounds (docs/benchmarks.md)
+        print0(comm, f"field {'x'.join(map(str, shape))}: S = {bound:.4g}, the data's largest "
+                     "mode variance (pc-window's rounds grow with log S)")
     stat_error = STAT_ERRORS.get(cfg.model.kind)  # exact models only: a learned one has none
     methods = sorted(cfg.bench.methods, key=lambda m: m not in REFERENCE.values())
     rows: dict[str, list[dict]] = {m: [] for m in methods}

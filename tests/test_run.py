@@ -78,7 +78,9 @@ def test_bad_config_gives_one_line_error_naming_the_key(tmp_path, capsys, overri
     assert not path.exists()
 
 
-def test_bench_reports_rows_and_json(tmp_path):
+def test_bench_reports_rows_and_json(tmp_path, capsys):
+    from models.grf import GaussianRandomField
+
     out = tmp_path / "b.json"
     rc = main(["bench", "jobs/configs/grf.toml", "--json", str(out), "--set", "bench.sizes=[[16, 16]]",
                "--set", "sampler.steps=100", "--set", "sampler.block_size=20"])
@@ -87,6 +89,9 @@ def test_bench_reports_rows_and_json(tmp_path):
     assert rc == 0 and [r["method"] for r in rows] == ["sequential-sde", "piadm-sde", "window",
                                                        "pc-window"]
     assert rows[1]["rounds"] < rows[0]["rounds"] and rows[1]["rel_dist"] < 1e-2
+    # the field's S, which sets pc-window's rounds, is named once for the shape
+    bound = GaussianRandomField((16, 16), slope=3.0, length=8.0).data_bound
+    assert capsys.readouterr().err.count(f"field 16x16: S = {bound:.4g}, ") == 1
 
 
 def test_bench_reports_the_exact_w2_of_sequential_samplers_only(tmp_path):
