@@ -2,19 +2,22 @@
 the config, validated before anything is written, normalised with statistics computed once.
 
 Memory does not grow with the store: the selection stays a dask array, the checks and the
-statistics stream over its chunks, and each work item loads only its own field.
+statistics stream over its chunks, and each work item loads only its own field. xarray and
+dask are imported only where a store is opened: an unconditional run's ranks never need them.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dask
 import numpy as np
-import xarray as xr
 
 from pipeline.config import ConfigError
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 
 class InputError(ConfigError):
@@ -85,6 +88,8 @@ def _open(path: str) -> xr.Dataset:
         raise InputError(f"input.path {path} does not exist: point it at a Zarr store (piadm "
                          f"generate-data CONFIG writes one at data.path, e.g. "
                          f"jobs/configs/kolmogorov_uncond.toml makes out/kolmogorov_1600.zarr)")
+    import xarray as xr
+
     try:
         with warnings.catch_warnings():  # stores without consolidated metadata are fine too
             warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated")
@@ -140,6 +145,8 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
     field_dims = var.dims[1:]
     if not check:
         return Items(dim, var[dim].values, var.transpose(dim, *field_dims))
+    import dask
+
     finite = np.isfinite(var.data).all(axis=tuple(range(1, var.ndim)))
     ok, mean, std = dask.compute(finite, var.data.mean(), var.data.std())
     if not ok.all():
