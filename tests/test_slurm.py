@@ -19,8 +19,9 @@ SLURM = ROOT / "jobs" / "slurm"
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
          "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 # 4 members per rank of about a second each on 2 busy cores: long enough to signal mid-run.
+# A fixed tol (what calibration picks here): each job calibrating anew would add 12 s of CPU.
 SAMPLE = ["model.shape=[64, 64]", "sampler.steps=400", "sampler.block_size=50",
-          "ensemble.members=8", "ensemble.batch_size=1", "parallel.threads=1"]
+          "sampler.tol=1e-3", "ensemble.members=8", "ensemble.batch_size=1", "parallel.threads=1"]
 DATA = ["data.snapshots=4", "data.resolution=32", "data.spinup=1.0", "data.chunk=2",
         "parallel.threads=1"]
 
