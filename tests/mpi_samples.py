@@ -1,7 +1,8 @@
 """Run under ``mpiexec -n N``: sample a small ensemble with several samplers on a rank grid
 of N / time_slices groups and save every member on rank 0 (``tests/test_mpi.py`` compares
-the layouts). Usage: python tests/mpi_samples.py OUT.npz TIME_SLICES [WAIT], WAIT a
-``parallel.wait`` value (default "auto").
+the layouts). Usage: python tests/mpi_samples.py OUT.npz TIME_SLICES [WAIT [CASES]], WAIT a
+``parallel.wait`` value (default "auto"), CASES names of ``CASES`` separated by commas
+(default all).
 """
 import dataclasses
 import sys
@@ -35,7 +36,7 @@ CASES = {  # name: (method, dtype, options, noise source)
 }
 
 
-def main(out: str, time_slices: int, wait: str = "auto") -> None:
+def main(out: str, time_slices: int, wait: str = "auto", cases: str = "") -> None:
     world = world_comm()
     place_rank(world, wait=wait)
     ranks = rank_grid(world, time_slices)
@@ -43,7 +44,8 @@ def main(out: str, time_slices: int, wait: str = "auto") -> None:
     grid = make_grid("ou", 60, u_min=1e-3, u_max=10.0, block_size=20)
     mine = share(member_batches(6, 2), ranks.groups, ranks.group)
     results = {}
-    for name, (method, dtype, options, source) in CASES.items():
+    for name in cases.split(",") if cases else CASES:
+        method, dtype, options, source = CASES[name]
         options = dataclasses.replace(options, data_bound=model.data_bound)
         fields = {}
         for members in mine:
