@@ -17,7 +17,7 @@ OPTS = {
     "piadm-sde": Options(max_sweeps=100, tol=0.1),
     "piadm-ode": Options(max_sweeps=100, tol=1e-3),
     "piadm-ode-predictor": Options(max_sweeps=100, tol=1e-3, corrector_steps=0),
-    "window": Options(window=100, tol=0.1),
+    "window": Options(window=40, tol=0.1),
     "pc-window": Options(tol=1e-3),
     "pc-window-ode": Options(tol=1e-5),
 }
