@@ -176,7 +176,8 @@ def test_bench_under_mpiexec_reports_each_kind_of_collective(tmp_path):
     proc = mpirun(2, ["-m", "pipeline.cli", "bench", "jobs/configs/grf.toml", "--json", str(out),
                       *_sets(["bench.sizes=[[12, 12]]", "sampler.steps=120",
                               "bench.methods=['sequential-sde', 'pc-window']",
-                              "sampler.tol=1e-3", "parallel.time_slices=2"])])
+                              "sampler.tol=1e-3", "parallel.time_slices=2",
+                              "bench.repeats=1"])])
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(out.read_text())["rows"][1]
     assert row["method"] == "pc-window" and row["ranks"] == 2

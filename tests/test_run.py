@@ -83,7 +83,8 @@ def test_bench_reports_rows_and_json(tmp_path, capsys):
 
     out = tmp_path / "b.json"
     rc = main(["bench", "jobs/configs/grf.toml", "--json", str(out), "--set", "bench.sizes=[[16, 16]]",
-               "--set", "sampler.steps=100", "--set", "sampler.block_size=20"])
+               "--set", "sampler.steps=100", "--set", "sampler.block_size=20",
+               "--set", "bench.repeats=1"])
     import json
     rows = json.loads(out.read_text())["rows"]
     assert rc == 0 and [r["method"] for r in rows] == ["sequential-sde", "piadm-sde", "window",
@@ -98,7 +99,7 @@ def test_bench_reports_the_exact_w2_of_sequential_samplers_only(tmp_path):
     import json
 
     out = tmp_path / "b.json"
-    sets = ["bench.sizes=[[16, 16]]", "sampler.steps=40", "sampler.tol=1e-4",
+    sets = ["bench.sizes=[[16, 16]]", "sampler.steps=40", "sampler.tol=1e-4", "bench.repeats=1",
             "bench.methods=['sequential-ode', 'dpmpp-2m', 'sequential-sde', 'dpmpp-2m-sde', "
             "'pc-window']"]
     assert main(["bench", "jobs/configs/grf.toml", "--json", str(out),
@@ -167,7 +168,8 @@ def test_bench_plots_against_d_and_against_ranks(tmp_path, capsys):
     import json
 
     base = ["--set", "bench.sizes=[[8, 8], [16, 16]]", "--set", "sampler.steps=40",
-            "--set", "sampler.block_size=20", "--set", "bench.methods=['piadm-sde']"]
+            "--set", "sampler.block_size=20", "--set", "bench.methods=['piadm-sde']",
+            "--set", "bench.repeats=1"]
     first = tmp_path / "one.json"
     assert main(["bench", "jobs/configs/grf.toml", "--json", str(first), *base]) == 0
     other = json.loads(first.read_text())
