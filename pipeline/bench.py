@@ -181,10 +181,11 @@ def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | 
 
 
 def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
-                device: torch.device = torch.device("cpu")) -> list[dict]:
+                device: torch.device = torch.device("cpu"), name_bound: bool = True) -> list[dict]:
     """Run every bench method on one field shape for each of ``bench.seeds`` noise seeds, its
     blocks split over ``comm``'s ranks; returns one row per method and seed (and a worst row
-    per method over several seeds)."""
+    per method over several seeds). ``name_bound``: first print the field's S, when it has one
+    (off for callers that bench one shape method by method)."""
     from pipeline.ensemble import first_item_model
 
     shaped = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shape=tuple(shape)))
@@ -193,7 +194,7 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
     tolerances = method_tolerances(shaped, model, comm=comm, device=device)
     grid = sampler_grid(s, model)
     bound = model_data_bound(model, cfg.model)
-    if math.isfinite(bound):  # what sets pc-window's rounds (docs/benchmarks.md)
+    if name_bound and math.isfinite(bound):  # what sets pc-window's rounds (docs/benchmarks.md)
         print0(comm, f"field {'x'.join(map(str, shape))}: S = {bound:.4g}, the data's largest "
                      "mode variance (pc-window's rounds grow with log S)")
     stat_error = STAT_ERRORS.get(cfg.model.kind)  # exact models only: a learned one has none

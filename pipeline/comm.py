@@ -9,8 +9,7 @@ seconds in order, so that the bench can tell a collective's own time from waitin
 ranks.
 
 torch is imported where a tensor is made, not with the module: `world_comm()` then costs no
-torch import, so the light commands (`piadm status`, `piadm config`) start in a fraction of a
-second.
+torch import, so `piadm status` answers in a fraction of a second.
 """
 from __future__ import annotations
 

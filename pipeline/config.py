@@ -524,7 +524,7 @@ def _check_sampler(s: SamplerConfig) -> None:
 
 
 def _check_conditioning(cfg: Config) -> None:
-    """A conditioned model and its input come together, and suit the model's kind."""
+    """A conditioned model and its input come together, and suit the model's kind and grid."""
     from pipeline.grids import SCHEDULER_GRID
 
     m = cfg.model
@@ -539,13 +539,10 @@ def _check_conditioning(cfg: Config) -> None:
     _check(cfg.sampler.grid != SCHEDULER_GRID or m.kind == "diffusers", "sampler.grid",
            "= 'scheduler' samples on a diffusers scheduler's timesteps: it needs "
            "model.kind = 'diffusers'")
-    _check(not cfg.input.path or bool(cfg.input.variable), "input.variable",
-           "must name the variable to condition on when input.path is set")
-    _check(len(cfg.input.range) in (0, 2), "input.range", "must be [first, last] or empty")
 
 
-def _check_bench(b: BenchConfig, c: CalibrateConfig) -> None:
-    """The bench's methods and sizes; the calibration's members and ladder."""
+def _check_bench(b: BenchConfig) -> None:
+    """The bench's methods, sizes, members, seeds and repeats."""
     from pipeline.samplers import SAMPLERS
 
     for method in b.methods:
@@ -558,9 +555,6 @@ def _check_bench(b: BenchConfig, c: CalibrateConfig) -> None:
     _check(b.quality_members >= 2, "bench.quality_members",
            f"= {b.quality_members} must be >= 2 (a spectrum's bootstrap resamples them)")
     _check(b.seeds >= 1 and b.repeats >= 1, "bench.seeds", "and bench.repeats must be >= 1")
-    _check(c.members >= 1, "calibrate.members", f"= {c.members} must be >= 1")
-    _check(len(c.ladder) >= 1 and all(v > 0 for v in c.ladder), "calibrate.ladder",
-           f"= {list(c.ladder)}: give tolerances > 0, loosest first")
 
 
 def validate(cfg: Config) -> None:
@@ -586,14 +580,21 @@ def validate(cfg: Config) -> None:
         from models.module import check_section
 
         check_section(m)
+    _check(not cfg.input.path or bool(cfg.input.variable), "input.variable",
+           "must name the variable to condition on when input.path is set")
+    _check(len(cfg.input.range) in (0, 2), "input.range", "must be [first, last] or empty")
     _check(all(i >= 0 for i in cfg.parallel.items), "parallel.items", "must be item indices >= 0")
     _check_data(cfg.data)
     _check_train(cfg.train)
     _check_parallel(cfg.parallel, cfg.sampler)
-    _check_bench(cfg.bench, cfg.calibrate)
+    _check_bench(cfg.bench)
     _check_model(m)
     _check(not m.emulate_ms or (len(m.emulate_ms) == 2 and min(m.emulate_ms) >= 0),
            "model.emulate_ms", f"= {list(m.emulate_ms)} must be [latency_ms, per_item_ms], "
            "both >= 0, or empty (off)")
     _check(m.data_bound >= 0 and math.isfinite(m.data_bound), "model.data_bound",
            f"= {m.data_bound} must be >= 0 and finite (0: the model's own bound)")
+    c = cfg.calibrate
+    _check(c.members >= 1, "calibrate.members", f"= {c.members} must be >= 1")
+    _check(len(c.ladder) >= 1 and all(v > 0 for v in c.ladder), "calibrate.ladder",
+           f"= {list(c.ladder)}: give tolerances > 0, loosest first")

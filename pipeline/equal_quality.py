@@ -237,7 +237,7 @@ def run_quality(cfg: Config, quality: float | tuple[str, int], *, comm, device,
             continue
         at = dataclasses.replace(_at_steps(cfg, steps),
                                  bench=dataclasses.replace(cfg.bench, methods=(method,), seeds=1))
-        row = [r for r in bench_shape(at, shape, comm=comm, device=device)
+        row = [r for r in bench_shape(at, shape, comm=comm, device=device, name_bound=False)
                if r["method"] == method][0]
         row.update(quality=quality, steps=steps, error=found[ref][1][steps])
         if (ref, steps) in measure.intervals:
