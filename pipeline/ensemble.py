@@ -208,100 +208,141 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     """Fill ``cfg``'s ensemble store (creating or resuming it), printing progress on rank 0;
     ``attrs`` are extra store attributes (the planner's choice)."""
     ranks = ranks or rank_grid(SerialComm(), 1)
-    world, slices = ranks.world, ranks.slices
     stop = stop if stop is not None else StopRequest()
     try:
         model = build_model(cfg.model, device)
     except ConfigError as err:  # the same files on every rank: every rank raises it
         err.collective = True
         raise
-    # A learned model brings its training normalisation; exact ones use the input's.
-    mean = getattr(model, "data_mean", None)
+    started = _start_up(cfg, model, ranks.world, stop, device, attrs or {})
+    if started is None:
+        print0(ranks.world, "stopped before sampling began: nothing was written")
+        return Summary(cfg.output.path, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, True)
+    spec, state, tol = started
+    items, scale, done, mine = _open_work(cfg, model, spec, state, ranks)
+    return _fill(cfg, ranks, model, tol, spec, mine, items=items, scale=scale, stop=stop,
+                 device=device, skipped=int(done.sum()))
+
+
+def _start_up(cfg: Config, model, world, stop, device,
+              attrs: dict) -> tuple[StoreSpec, str, Calibration] | None:
+    """Every rank: rank 0's checks of the input and target, the run's tolerance, then the
+    store it creates or opens; returns (spec, state, tol), or None when a stop signal came
+    first (nothing written)."""
     stats = on_rank0(world, _check_early, cfg)  # a refusal now, not after a calibration
     # stopped during start-up (before or after a calibration): exit before writing anything
     tol = None if _stop_agreed(world, stop) else on_rank0(world, run_tolerance, cfg, model, device)
     if tol is None or _stop_agreed(world, stop):
-        print0(world, "stopped before sampling began: nothing was written")
-        return Summary(cfg.output.path, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, True)
+        return None
     spec, state = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),  # before any write
-                           getattr(model, "variable", None), tol, attrs or {},
+                           getattr(model, "variable", None), tol, attrs,
                            getattr(model, "grid", {}))
+    return spec, state, tol
+
+
+def _open_work(cfg: Config, model, spec: StoreSpec, state: str, ranks: RankGrid):
+    """Every rank, once the store exists: the input items, the (mean, std) the model's fields
+    are in, the store's done flags (items, members) and this group's share of the (item,
+    members) batches left; rank 0 says what the store holds."""
     items = load_items(cfg, check=False)
+    # A learned model brings its training normalisation; exact ones use the input's.
+    mean = getattr(model, "data_mean", None)
     if mean is None:
-        mean, std = spec.attrs["input_mean"], spec.attrs["input_std"]
+        scale = spec.attrs["input_mean"], spec.attrs["input_std"]
     else:
-        std = model.data_std
-    world.barrier()
+        scale = mean, model.data_std
+    ranks.world.barrier()
     done = done_members(spec.path)
     todo = work_list(done, member_batches(cfg.ensemble.members, cfg.ensemble.batch_size),
                      cfg.parallel.items)
     mine = share(todo, ranks.groups, ranks.group)
-    print0(world, f"store {spec.path} {state}: {int(done.sum())} of {done.size} members done, "
-                  f"{sum(len(b) for _, b in todo)} to sample")
+    print0(ranks.world, f"store {spec.path} {state}: {int(done.sum())} of {done.size} members "
+                        f"done, {sum(len(b) for _, b in todo)} to sample")
+    return items, scale, done, mine
+
+
+def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec, mine, *,
+          items: Items, scale, stop, device, skipped: int) -> Summary:
+    """Every rank: sample the group's share ``mine`` of (item, members) batches, the model's
+    fields being the data less ``scale``'s mean over its std, the group's lead rank writing
+    them; then agree what the run did (``_finish``)."""
+    world, slices, s = ranks.world, ranks.slices, cfg.sampler
+    mean, std = scale
     writer = make_writer(cfg.output.background) if slices.rank == 0 else None
-    grid = sampler_grid(cfg.sampler, model)
-    options = sampler_options(cfg.sampler, tol=tol.tol,
-                              data_bound=model_data_bound(model, cfg.model))
+    grid = sampler_grid(s, model)
+    options = sampler_options(s, tol=tol.tol, data_bound=model_data_bound(model, cfg.model))
     tally = _Tally(time.perf_counter())
-    total = sum(len(b) for _, b in mine)
-    bar = Progress(world, total, f"group {ranks.group + 1}/{ranks.groups} members",
-                   speak=slices.rank == 0)
+    bar = Progress(world, sum(len(b) for _, b in mine),
+                   f"group {ranks.group + 1}/{ranks.groups} members", speak=slices.rank == 0)
     options = dataclasses.replace(options, on_sweep=lambda step, sweep, r: bar.note(
-        f"{'block' if REGISTRY[cfg.sampler.method].blocked else 'window'} from step "
+        f"{'block' if REGISTRY[s.method].blocked else 'window'} from step "
         f"{step}/{grid.steps}: round {sweep}, residual {math.sqrt(r):.1e}"))
     bound, bound_item = model, None
     job = on_rank0(world, new_job_id)
-    folder = claims_dir(spec.path)
-    beat = Heartbeat(folder, job).start() if world.rank == 0 else None
-    queue, deferred = list(mine), []  # deferred: batches another live job has claimed
+    beat = Heartbeat(claims_dir(spec.path), job).start() if world.rank == 0 else None
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
-        while queue or deferred:
-            if _stop_agreed(slices, stop):  # the group stops together
-                tally.stopped = True
-                break
-            if not queue:  # what is left is another job's: wait for it, or for it to die
-                time.sleep(CLAIM_POLL_S)
-                queue, deferred = deferred, []
-            item, members = queue.pop(0)
-            state = slices.bcast_object(
-                _claim_state(spec.path, folder, item, members, job) if slices.rank == 0
-                else None, 0)
-            if state == "done":  # finished by another job meanwhile
-                bar.advance(len(members), f"{items.dim} {items.labels[item]}: another job's")
-                continue
-            if state == "theirs":
-                deferred.append((item, members))
-                continue
+        for item, members in _claimed(mine, slices, stop, tally, bar, items, spec.path, job):
             if item != bound_item:  # the work is ordered by item: read each input once
                 raw = items.field(item)
                 bound = _bind(model, cfg.model.condition,
                               None if raw is None else (raw - mean) / std, device)
                 bound_item = item
-            s = cfg.sampler
             noise = Noise.members(s.seed, item, members, model.shape, DTYPES[s.dtype], device,
                                   s.noise)
             batch = sample_batch(bound, noise, method=s.method, grid=grid, options=options,
                                  comm=slices)
             if writer is not None:
-                field = batch.fields.cpu().numpy() * std + mean
-                writer.submit(write_batch, spec.path, variable=spec.variable, item=item,
-                              start=members[0], field=field.astype(spec.dtype),
-                              seed=np.array(batch.seeds), rounds=batch.stats.rounds,
-                              model_calls=batch.stats.model_calls,
-                              residuals=batch.stats.residuals)
+                _submit(writer, spec, item, members, batch, scale)
             tally.add(len(members), batch.stats)
             bar.advance(len(members),
                         f"{items.dim} {items.labels[item]}: {batch.stats.rounds} rounds")
         bar.close()
         if writer is not None:
             writer.close()  # every member this rank sampled is written and marked done
-        return _finish(cfg, spec, ranks, writer, tally, skipped=int(done.sum()), job=job)
+        return _finish(cfg, spec, ranks, writer, tally, skipped=skipped, job=job)
     finally:
         if beat is not None:
             beat.stop()
 
 
 CLAIM_POLL_S = 0.5  # how often a job waiting on another job's batches looks again
+
+
+def _claimed(mine, slices, stop, tally: "_Tally", bar: Progress, items: Items, path, job: str):
+    """Every rank of a group, in step: yields the (item, members) batches of ``mine`` the
+    group's lead has claimed for it, in order; a batch a live job holds waits till the rest
+    are done, one another job finished only advances ``bar``. Stops early, with
+    ``tally.stopped`` set, when a stop signal reaches any rank of ``slices``."""
+    folder = claims_dir(path)
+    queue, deferred = list(mine), []  # deferred: batches another live job has claimed
+    while queue or deferred:
+        if _stop_agreed(slices, stop):  # the group stops together
+            tally.stopped = True
+            return
+        if not queue:  # what is left is another job's: wait for it, or for it to die
+            time.sleep(CLAIM_POLL_S)
+            queue, deferred = deferred, []
+        item, members = queue.pop(0)
+        state = slices.bcast_object(
+            _claim_state(path, folder, item, members, job) if slices.rank == 0 else None, 0)
+        if state == "done":  # finished by another job meanwhile
+            bar.advance(len(members), f"{items.dim} {items.labels[item]}: another job's")
+            continue
+        if state == "theirs":
+            deferred.append((item, members))
+            continue
+        yield item, members
+
+
+def _submit(writer, spec: StoreSpec, item: int, members, batch, scale) -> None:
+    """Hand ``batch`` (fields (members, *shape), normalised) to ``writer``, back in the data's
+    units ``scale`` (mean, std) and the store's dtype."""
+    mean, std = scale
+    field = batch.fields.cpu().numpy() * std + mean
+    writer.submit(write_batch, spec.path, variable=spec.variable, item=item,
+                  start=members[0], field=field.astype(spec.dtype),
+                  seed=np.array(batch.seeds), rounds=batch.stats.rounds,
+                  model_calls=batch.stats.model_calls, residuals=batch.stats.residuals)
 
 
 def _claim_state(path, folder, item: int, members, job: str) -> str:
