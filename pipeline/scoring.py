@@ -127,18 +127,47 @@ def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | Non
     attributes."""
     name = _field_variable(ens)
     field = ens[name]
-    items, members, shape = field.shape[0], field.shape[1], field.shape[2:]
+    shape = field.shape[2:]
     spectra = spectra_of(name) if _square(shape) else None
     truth_values = truth.values.astype(np.float64)  # read once: per item below, then whole
+    per_item, ranks, ens_spectra, moments = _item_by_item(field, truth_values, paired, spectra,
+                                                          baseline, progress)
+    out = xr.Dataset()
+    mean = moments[0] / moments[2]
+    attrs = {"store_variable": name, "pairing": "paired" if paired else "climatological",
+             "items": field.shape[0], "members": field.shape[1],
+             "ensemble_mean": mean, "ensemble_std": np.sqrt(moments[1] / moments[2] - mean ** 2),
+             "rounds_mean": float(ens["rounds"].mean()),
+             "model_calls_mean": float(ens["model_calls"].mean())}
+    if paired:
+        out, figures = _paired_scores(out, field, per_item, ranks, baseline)
+        attrs.update(figures)
+    attrs.update(truth_mean=float(truth_values.mean()), truth_std=float(truth_values.std()),
+                 truth_fields=int(np.prod(truth.shape[: truth.ndim - len(shape)])))
+    if spectra is not None:
+        out, figures = _spectrum_scores(out, spectra, ens_spectra, truth_values, shape[-1],
+                                        paired=paired, kmax=kmax, cut=cut, input_n=input_n)
+        attrs.update(figures)
+    out.attrs.update(attrs)
+    return out
+
+
+def _item_by_item(field: xr.DataArray, truth_values: np.ndarray, paired: bool, spectra,
+                  baseline: xr.DataArray | None, progress):
+    """One pass over ``field`` (items, members, *shape), an item in memory at a time: the
+    per-item scores {name: (items,)} and rank histogram counts (members + 1,) when ``paired``
+    (NaN and zeros otherwise), the ensemble's spectra (a list of (units, K), when ``spectra``)
+    and the sum, sum of squares and count of all its values."""
+    items, members = field.shape[0], field.shape[1]
     per_item = {k: np.full(items, np.nan) for k in
                 ("crps", "rmse", "spread", "baseline_mae", "baseline_rmse")}
     ranks = np.zeros(members + 1, dtype=np.int64)
-    ens_spectra, moments = [], np.zeros(3)  # spectra; sum, sum of squares, count of values
+    ens_spectra, moments = [], np.zeros(3)
     for i in range(items):
         e = field.isel({field.dims[0]: i}).values.astype(np.float64)
         moments += [e.sum(), (e ** 2).sum(), e.size]
         if spectra is not None:
-            k, s = spectra(e)  # (members, K): one unit per item when paired, else per field
+            _, s = spectra(e)  # (members, K): one unit per item when paired, else per field
             ens_spectra.append(s.mean(0, keepdims=True) if paired else s)
         if paired:
             t = truth_values[i]
@@ -152,52 +181,55 @@ def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | Non
                 per_item["baseline_rmse"][i] = np.sqrt(((b - t) ** 2).mean())
         if progress is not None:
             progress(i + 1, items)
-    out = xr.Dataset()
-    mean = moments[0] / moments[2]
-    attrs = {"store_variable": name, "pairing": "paired" if paired else "climatological",
-             "items": items, "members": members,
-             "ensemble_mean": mean, "ensemble_std": np.sqrt(moments[1] / moments[2] - mean ** 2),
-             "rounds_mean": float(ens["rounds"].mean()),
-             "model_calls_mean": float(ens["model_calls"].mean())}
-    if paired:
-        item_dim = field.dims[0]
-        for key, values in per_item.items():
-            if not np.isnan(values).all():
-                out[key] = ((item_dim,), values)
-        out = out.assign_coords({item_dim: field[item_dim].values})
-        out["rank_histogram"] = (("rank",), ranks.astype(np.int32))
-        attrs.update(crps=float(np.mean(per_item["crps"])),
-                     ensemble_mean_rmse=float(np.sqrt(np.mean(per_item["rmse"] ** 2))),
-                     spread_skill=float(np.sqrt(np.mean(per_item["spread"] ** 2)) /
-                                        np.sqrt(np.mean(per_item["rmse"] ** 2))))
-        if baseline is not None:
-            attrs.update(baseline_mae=float(np.mean(per_item["baseline_mae"])),
-                         baseline_rmse=float(np.sqrt(np.mean(per_item["baseline_rmse"] ** 2))))
-    attrs.update(truth_mean=float(truth_values.mean()), truth_std=float(truth_values.std()),
-                 truth_fields=int(np.prod(truth.shape[: truth.ndim - len(shape)])))
-    if spectra is not None:
-        k, truth_spectra = spectra(truth_values)
-        ens_spectra = np.concatenate(ens_spectra)
-        kmax = kmax or shape[-1] // 8
-        bands = spectral_bands(shape[-1], cut=cut, input_n=input_n)
-        block = 1 if paired else correlation_block(truth_spectra)
-        figs = band_figures(ens_spectra, truth_spectra, bands, paired=paired, block=block)
-        if not paired:
-            attrs["truth_block"] = block
-        out = out.assign_coords(k=k.astype(np.int32))  # NetCDF 3 has no int64
-        out["spectrum_ensemble"] = (("k",), ens_spectra.mean(0))
-        out["spectrum_truth"] = (("k",), truth_spectra.mean(0))
-        out["spectrum_ratio"] = (("k",), figs.ratio)
-        out["spectrum_ratio_lo"] = (("k",), figs.ratio_lo)
-        out["spectrum_ratio_hi"] = (("k",), figs.ratio_hi)
-        # what a model is judged on: the scales it adds when it is given coarse ones
-        headline = "added" if any(b.name == "added" for b in bands) else bands[0].name
-        attrs.update(spectrum="kinetic energy" if spectra is energy_spectra else "power",
-                     kmax=int(kmax), spectrum_max_deviation=float(
-                         np.nanmax(np.abs(figs.ratio[:kmax] - 1))),
-                     headline_band=headline, **figs.attrs())
-    out.attrs.update(attrs)
-    return out
+    return per_item, ranks, ens_spectra, moments
+
+
+def _paired_scores(out: xr.Dataset, field: xr.DataArray, per_item: dict, ranks: np.ndarray,
+                   baseline: xr.DataArray | None) -> tuple[xr.Dataset, dict]:
+    """``out`` with the per-item scores along ``field``'s item dim and the rank histogram, and
+    the overall figures: CRPS, ensemble-mean RMSE, spread/skill (and the baseline's)."""
+    item_dim = field.dims[0]
+    for key, values in per_item.items():
+        if not np.isnan(values).all():
+            out[key] = ((item_dim,), values)
+    out = out.assign_coords({item_dim: field[item_dim].values})
+    out["rank_histogram"] = (("rank",), ranks.astype(np.int32))
+    figures = dict(crps=float(np.mean(per_item["crps"])),
+                   ensemble_mean_rmse=float(np.sqrt(np.mean(per_item["rmse"] ** 2))),
+                   spread_skill=float(np.sqrt(np.mean(per_item["spread"] ** 2)) /
+                                      np.sqrt(np.mean(per_item["rmse"] ** 2))))
+    if baseline is not None:
+        figures.update(baseline_mae=float(np.mean(per_item["baseline_mae"])),
+                       baseline_rmse=float(np.sqrt(np.mean(per_item["baseline_rmse"] ** 2))))
+    return out, figures
+
+
+def _spectrum_scores(out: xr.Dataset, spectra, ens_spectra: list, truth_values: np.ndarray,
+                     n: int, *, paired: bool, kmax: int | None, cut: int | None,
+                     input_n: int | None) -> tuple[xr.Dataset, dict]:
+    """``out`` with the ensemble's and the truth's mean spectra over k and their ratio with its
+    interval, and the overall figures: the deviation up to ``kmax`` and per band of the
+    ``n`` x ``n`` grid's scales (``pipeline.bands``)."""
+    k, truth_spectra = spectra(truth_values)
+    ens_spectra = np.concatenate(ens_spectra)
+    kmax = kmax or n // 8
+    bands = spectral_bands(n, cut=cut, input_n=input_n)
+    block = 1 if paired else correlation_block(truth_spectra)
+    figs = band_figures(ens_spectra, truth_spectra, bands, paired=paired, block=block)
+    figures = {} if paired else {"truth_block": block}
+    out = out.assign_coords(k=k.astype(np.int32))  # NetCDF 3 has no int64
+    out["spectrum_ensemble"] = (("k",), ens_spectra.mean(0))
+    out["spectrum_truth"] = (("k",), truth_spectra.mean(0))
+    out["spectrum_ratio"] = (("k",), figs.ratio)
+    out["spectrum_ratio_lo"] = (("k",), figs.ratio_lo)
+    out["spectrum_ratio_hi"] = (("k",), figs.ratio_hi)
+    # what a model is judged on: the scales it adds when it is given coarse ones
+    headline = "added" if any(b.name == "added" for b in bands) else bands[0].name
+    figures.update(spectrum="kinetic energy" if spectra is energy_spectra else "power",
+                   kmax=int(kmax), spectrum_max_deviation=float(
+                       np.nanmax(np.abs(figs.ratio[:kmax] - 1))),
+                   headline_band=headline, **figs.attrs())
+    return out, figures
 
 
 def table(metrics: xr.Dataset) -> str:
