@@ -22,6 +22,7 @@ from pipeline import __version__  # noqa: E402
 from pipeline.config import (AUTO_METHODS, PEERS, ConfigError, load_config,  # noqa: E402
                              with_settings)
 from pipeline.console import on_rank0, print0  # noqa: E402
+from pipeline.errors import raised_by_every_rank  # noqa: E402
 
 EXAMPLES = {
     "sample": "example: piadm sample jobs/configs/grf.toml --set ensemble.members=16",
@@ -59,22 +60,16 @@ def _setup(args, world, plan: bool = False):
     from pipeline.layout import place_rank, rank_grid
     from pipeline.planner import needs_plan, resolve_plan
 
-    try:
+    with raised_by_every_rank():
         cfg = load_config(args.config, overrides(args))
-    except ConfigError as err:
-        err.collective = True
-        raise
     device = place_rank(world, cfg.parallel.threads, math.prod(cfg.model.shape),
                         cfg.parallel.keep_freed, cfg.parallel.wait)
     attrs = {}
     if plan and needs_plan(cfg):
         cfg, attrs = resolve_plan(cfg, world, device)
     slices = world.size if cfg.parallel.time_slices == "auto" else cfg.parallel.time_slices
-    try:
+    with raised_by_every_rank():
         ranks = rank_grid(world, slices)
-    except ConfigError as err:
-        err.collective = True
-        raise
     return (cfg, ranks, device, attrs) if plan else (cfg, ranks, device)
 
 
@@ -268,11 +263,8 @@ def _cmd_evaluate(args, world) -> int:
 
 
 def _cmd_config(args, world) -> int:
-    try:
+    with raised_by_every_rank():
         cfg = load_config(args.config, overrides(args))
-    except ConfigError as err:
-        err.collective = True
-        raise
     if world.rank == 0:
         print(cfg.text, end="", flush=True)
     return 0

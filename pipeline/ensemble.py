@@ -26,6 +26,7 @@ from pipeline.comm import SerialComm
 from pipeline.config import Config, ConfigError
 from pipeline.console import on_rank0, print0
 from pipeline.decomposition import share
+from pipeline.errors import raised_by_every_rank
 from pipeline.inputs import Items, open_items, unconditional
 from pipeline.layout import RankGrid, rank_grid
 from pipeline.noise import Noise
@@ -209,11 +210,8 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     ``attrs`` are extra store attributes (the planner's choice)."""
     ranks = ranks or rank_grid(SerialComm(), 1)
     stop = stop if stop is not None else StopRequest()
-    try:
+    with raised_by_every_rank():  # the same files on every rank
         model = build_model(cfg.model, device)
-    except ConfigError as err:  # the same files on every rank: every rank raises it
-        err.collective = True
-        raise
     started = _start_up(cfg, model, ranks.world, stop, device, attrs or {})
     if started is None:
         print0(ranks.world, "stopped before sampling began: nothing was written")

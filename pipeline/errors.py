@@ -6,6 +6,8 @@ prints it once and exits 2 on all ranks, where an error on one rank alone aborts
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 
 class PiadmError(Exception):
     """A user error; ``collective``: every rank raised it together."""
@@ -17,6 +19,18 @@ class PiadmError(Exception):
 
 class ConfigError(PiadmError, ValueError):
     """A bad configuration: the message names the key and how to fix it."""
+
+
+@contextmanager
+def raised_by_every_rank():
+    """Re-raise a ``PiadmError`` from the block as collective: for work whose inputs (the
+    config, the rank count) are the same on every rank, so that every rank raises it."""
+    try:
+        yield
+    except PiadmError as err:
+        if err.collective:
+            raise
+        raise type(err)(str(err), collective=True) from err.__cause__
 
 
 class EvaluationError(ValueError):
