@@ -30,7 +30,7 @@ def raised_by_every_rank():
     except PiadmError as err:
         if err.collective:
             raise
-        raise type(err)(str(err), collective=True) from err.__cause__
+        raise type(err)(str(err), collective=True) from err
 
 
 class EvaluationError(ValueError):
