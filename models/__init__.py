@@ -48,7 +48,7 @@ def model_kinds() -> list[str]:
 
 
 def build_model(section, device="cpu"):
-    """The score model of a validated model section (``pipeline.config.ModelConfig``), its
+    """The score model of a validated model section (``pipeline.settings.ModelConfig``), its
     tensors on ``device`` (the device of the states it will be called with); with
     ``emulate_ms = [latency, per_item]`` its calls take as long as an emulated accelerator's."""
     builder = MODELS.get(section.kind)

@@ -28,7 +28,7 @@ INPUT_SCALES = ("native", "unit")
 
 
 def process_of(section):
-    """The forward process of a ``[model]`` section (``pipeline.config.ModelConfig``)."""
+    """The forward process of a ``[model]`` section (``pipeline.settings.ModelConfig``)."""
     name = section.process
     if name == "ddpm":
         table = ddpm_alphas_cumprod(section.beta_schedule, section.beta_start,

@@ -19,7 +19,8 @@ from pathlib import Path
 import xarray as xr
 
 from pipeline.comm import world_comm
-from pipeline.config import Config, ConfigError, config_from_dict, read_toml
+from pipeline.config import ConfigError, config_from_dict, read_toml
+from pipeline.settings import Config
 from pipeline.store import open_store
 
 __all__ = ["load_config", "sample", "open_ensemble", "evaluate", "world"]

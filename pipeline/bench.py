@@ -23,13 +23,13 @@ import torch
 
 from models import STAT_ERRORS, build_model
 from pipeline.comm import SerialComm
-from pipeline.config import Config
 from pipeline.console import on_rank0, print0
 from pipeline.memory import peak_since, start_peak
 from pipeline.noise import Noise
 from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
 from pipeline.samplers import REFERENCE, SAMPLERS
+from pipeline.settings import Config
 
 COLUMNS = ("method", "seed", "tol", "ranks", "steps", "d", "rounds", "model_calls",
            "calls_ratio", "rel_dist", "stat_err", "w2", "wall_s", "wall_med_s", "comm_share",

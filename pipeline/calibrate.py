@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from pipeline.cache import cache_path, read_cache, update_cache
-from pipeline.config import Config, ConfigError
+from pipeline.config import ConfigError
 from pipeline.noise import Noise
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, Options
+from pipeline.settings import Config
 
 # Calibration members are keyed apart from any ensemble's members (an item index no input
 # reaches), so the choice is not tuned on the very trajectories it will produce.

@@ -19,10 +19,10 @@ from pathlib import Path  # noqa: E402
 # Only light modules here: parsing (and --help) must not wait for torch, xarray or zarr;
 # each command imports what it needs.
 from pipeline import __version__  # noqa: E402
-from pipeline.config import (AUTO_METHODS, PEERS, ConfigError, load_config,  # noqa: E402
-                             with_settings)
+from pipeline.config import ConfigError, load_config, with_settings  # noqa: E402
 from pipeline.console import on_rank0, print0  # noqa: E402
 from pipeline.errors import raised_by_every_rank  # noqa: E402
+from pipeline.settings import AUTO_METHODS, PEERS  # noqa: E402
 
 EXAMPLES = {
     "sample": "example: piadm sample jobs/configs/grf.toml --set ensemble.members=16",

@@ -23,7 +23,7 @@ from models.conditioning import CONDITIONS
 from pipeline.calibrate import Calibration, resolve_tol
 from pipeline.claims import Heartbeat, claim, claims_dir, holding, new_job_id
 from pipeline.comm import SerialComm
-from pipeline.config import Config, ConfigError
+from pipeline.config import ConfigError
 from pipeline.console import on_rank0, print0
 from pipeline.decomposition import share
 from pipeline.errors import raised_by_every_rank
@@ -34,6 +34,7 @@ from pipeline.progress import Progress
 from pipeline.run import (DTYPES, member_batches, model_data_bound, provenance, residual_length,
                           sample_batch, sampler_grid, sampler_options)
 from pipeline.samplers import REFERENCE, REGISTRY
+from pipeline.settings import Config
 from pipeline.signals import StopRequest
 from pipeline.store import (StoreSpec, batch_done, check_target, done_members, finalize,
                             member_chunk, open_or_create, stored_attribute, write_batch)

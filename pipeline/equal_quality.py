@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import ConfigError
+
 from pipeline.console import print0
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
 from pipeline.run import sampler_grid, sampler_options
 from pipeline.samplers import REFERENCE
+from pipeline.settings import Config
 
 MOST_STEPS = 8192  # the search gives up past this many steps
 # an SDE reference's W2 costs steps^2 x d point-steps (pipeline.quality): the search stops

@@ -18,9 +18,9 @@ import torch
 import xarray as xr
 
 from pipeline import __version__
-from pipeline.config import DataConfig
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
                                  resolved_wavenumber)
+from pipeline.settings import DataConfig
 from pipeline.store import StoreExists, consolidate
 
 

@@ -25,11 +25,12 @@ import torch
 
 from pipeline.cache import cache_path, read_cache, update_cache
 from pipeline.calibrate import CALIBRATION_ITEM, calibration_key, resolve_tol
-from pipeline.config import AUTO_METHODS, Config, ConfigError, with_settings
+from pipeline.config import ConfigError, with_settings
 from pipeline.layout import cpu_threads
 from pipeline.noise import Noise
 from pipeline.plan import CostCurve, Machine, Prediction, Profile, layouts, predict, rank
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS
+from pipeline.settings import AUTO_METHODS, Config
 
 FAMILIES = {"auto": ("sequential-sde", "piadm-sde", "window", "pc-window"),
             "auto-ode": ("sequential-ode", "piadm-ode", "window-ode", "pc-window-ode"),

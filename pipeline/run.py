@@ -12,11 +12,11 @@ import torch
 
 from pipeline import __version__
 from pipeline.comm import SerialComm
-from pipeline.config import Config, SamplerConfig
 from pipeline.grids import SCHEDULER_GRID, Grid, make_grid, scheduler_grid
 from pipeline.noise import Noise
 from pipeline.samplers import REGISTRY, SAMPLERS, Options, Stats
 from pipeline.samplers.common import check_finite
+from pipeline.settings import Config, SamplerConfig
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bands import DRAWS, block_picks, correlation_block, interval
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import ConfigError
+from pipeline.settings import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ from models.grid import grid_of
 from models.checkpoint import save_checkpoint
 from models.conditioning import spectral_upsample, upsample_blocks
 from models.unet import Denoiser, UNetConfig
-from pipeline.config import TrainConfig
 from pipeline.console import print0
 from pipeline.decomposition import slice_bounds
 from pipeline.inputs import InputError
+from pipeline.settings import TrainConfig
 
 
 @dataclass(frozen=True)

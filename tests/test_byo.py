@@ -207,7 +207,7 @@ def test_an_installed_package_registers_a_model_kind(tmp_path, monkeypatch):
 
 def test_a_conditional_module_gets_the_bound_coarse_field_upsampled(monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
-    from pipeline.config import ModelConfig
+    from pipeline.settings import ModelConfig
 
     section = ModelConfig(kind="module", target="byo_nets:Conditional", prediction="eps",
                           process="ddpm", shape=(4, 4), condition="coarse")

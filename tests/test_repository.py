@@ -81,11 +81,11 @@ def test_each_sampler_setting_has_one_default():
     import ast
     import dataclasses
 
-    from pipeline.config import SamplerConfig
+    from pipeline.settings import SamplerConfig
     from pipeline.samplers import Options
 
     options = {f.name for f in dataclasses.fields(Options)}
-    tree = ast.parse((ROOT / "pipeline" / "config.py").read_text())
+    tree = ast.parse((ROOT / "pipeline" / "settings.py").read_text())
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SamplerConfig"]
     shared = {n.target.id: n.value for n in cls.body
               if isinstance(n, ast.AnnAssign) and n.target.id in options and n.target.id != "tol"}

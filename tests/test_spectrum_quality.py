@@ -7,7 +7,7 @@ import pytest
 import xarray as xr
 
 from pipeline.cli import main
-from pipeline.config import TrainConfig
+from pipeline.settings import TrainConfig
 from pipeline.spectrum_quality import (HeldOut, held_out, log_spectral_distance,
                                        shell_spectra, spectrum_error)
 

@@ -94,7 +94,7 @@ def test_training_can_start_from_another_checkpoints_ema_weights(tmp_path, datas
 
 
 def test_a_dataset_read_into_memory_trains_exactly_as_lazy_reads(tmp_path, dataset):
-    from pipeline.config import TrainConfig
+    from pipeline.settings import TrainConfig
     from pipeline.train import open_dataset
 
     lazy, cached = (open_dataset(TrainConfig(data=str(dataset), condition="vorticity_coarse",
@@ -272,7 +272,7 @@ def test_spectral_upsampling_inverts_block_averages_of_resolved_fields():
 def test_a_residual_model_learns_the_remainder_and_samples_as_upsampling_plus_it(tmp_path, dataset):
     from models.conditioning import spectral_upsample
     from models.learned import load_unet
-    from pipeline.config import TrainConfig
+    from pipeline.settings import TrainConfig
     from pipeline.train import open_dataset
 
     cfg = TrainConfig(data=str(dataset), condition="vorticity_coarse", residual=True,
@@ -308,7 +308,7 @@ def test_a_residual_run_without_a_condition_is_a_one_line_error(tmp_path, datase
 
 
 def test_extra_stores_are_trained_on_and_the_held_out_split_stays_train_datas(dataset, other):
-    from pipeline.config import TrainConfig
+    from pipeline.settings import TrainConfig
     from pipeline.train import open_dataset
 
     plain = TrainConfig(data=str(dataset), condition="vorticity_coarse", validation=0.25)

@@ -1,0 +1,250 @@
+"""The settings: every key of every section of a run's configuration, with its one default.
+
+``pipeline.config`` reads TOML into these frozen dataclasses; ``pipeline.validation`` holds
+the checks their values must pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from pipeline.samplers.options import Options  # the samplers' own defaults (no torch)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "grf"
+    shape: tuple[int, ...] = (64, 64)
+    slope: float = 3.0  # grf: spectral slope of the power law
+    length: float = 8.0  # grf: correlation length in grid points
+    components: int = 3  # gmm: number of modes
+    spread: float = 3.0  # gmm: mode separation in units of the mode width
+    std: float = 0.5  # gmm: mode width before normalisation
+    weights: tuple[float, ...] | str = ()  # gmm: mode weights (empty: equal); module: state dict
+    seed: int = 0  # gmm: seed of the mode positions
+    condition: str = "none"  # "mean" (exact models) or "coarse" (a conditional unet)
+    checkpoint: str = ""  # unet: a piadm train checkpoint
+    guide: str = ""  # unet: a weaker checkpoint of the same data to guide away from (autoguidance)
+    guidance: float = 1.0  # unet: D = guide + guidance (checkpoint - guide); 1: no guidance
+    data_bound: float = 0.0  # S for pc-window; 0: the model's own (exact, or the checkpoint's)
+    emulate_ms: tuple[float, ...] = ()  # [latency, per_item]: an emulated accelerator; empty: off
+    # Bring your own network (models/module.py, models/pretrained.py):
+    target: str = ""  # module: "package.module:factory" returning a torch.nn.Module
+    path: str = ""  # diffusers: a folder written by save_pretrained (model + scheduler config)
+    prediction: str = ""  # module: score, eps, x0, v or velocity (diffusers: its scheduler's)
+    process: str = ""  # module: ddpm, vp-linear, vp-cosine, ve, edm or flow
+    beta_schedule: str = "linear"  # module, process ddpm: linear, scaled_linear or cosine
+    beta_start: float = 1e-4  # module, process ddpm
+    beta_end: float = 0.02  # module, process ddpm
+    train_steps: int = 1000  # module, process ddpm: the schedule's timesteps
+    input_scale: str = "native"  # module: the network sees the process's state, or "unit" (VP)
+    args: dict = field(default_factory=dict)  # module: [model] keys piadm does not know
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """The ``[sampler]`` section. Settings the samplers read take ``Options``' defaults, so each
+    has one definition; what a method needs is declared with it (``pipeline.samplers``)."""
+
+    method: str = "piadm-sde"
+    steps: int = 1000
+    block_size: int = 100
+    tol: float | str | None = None  # a number, or "auto": calibrated (piadm calibrate)
+    max_sweeps: int = Options.max_sweeps
+    seed: int = 0
+    grid: str = "ou"
+    u_min: float = 1e-3
+    u_max: float = 10.0
+    knee: float = 1.0
+    form: str = Options.form
+    dtype: str = "float32"
+    noise: str = "host"
+    window: int = Options.window  # window points; 0: the method's own (window 100, pc-window 65)
+    theta: str = Options.theta  # pc-window's corrector: "j_max" or "one" (docs/algorithms.md)
+    distance: float = 1e-3  # what tol = "auto" aims at: relative distance to the sequential path
+    on_divergence: str = Options.on_divergence
+    denoise_final: bool = Options.denoise_final
+    corrector_steps: int = Options.corrector_steps
+    corrector_length: float = Options.corrector_length
+    corrector_gamma: float = Options.corrector_gamma
+    corrector_sweeps: int = Options.corrector_sweeps
+    churn: float = Options.churn  # edm-heun's S_churn: 0 is its ODE, > 0 adds noise each step
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """``piadm calibrate`` and ``sampler.tol = "auto"``: members run both ways, tolerances to try."""
+
+    members: int = 4
+    ladder: tuple[float, ...] = (0.1, 0.05, 0.02, 0.01, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4, 5e-5,
+                                 2e-5, 1e-5, 5e-6, 2e-6, 1e-6)
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    members: int = 8
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    path: str = ""  # Zarr store of conditioning fields; empty: unconditional, one item
+    variable: str = ""  # the variable to condition on
+    item_dim: str = "time"  # the dimension whose labels are the work items
+    items: tuple[str, ...] = ()  # labels to take (e.g. dates); empty: all
+    range: tuple[str, ...] = ()  # [first, last] labels, inclusive; empty: all
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    path: str = "out/ensemble.zarr"
+    overwrite: bool = False
+    variable: str = ""  # name of the sampled field; empty: the input variable, or "field"
+    background: bool = True  # write while the next batch samples (a bounded writer thread)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    # ranks that split each Picard block (world = groups x time_slices); "auto": the plan's pick
+    time_slices: int | str = 1
+    items: tuple[int, ...] = ()  # indices of the items this job fills; empty: all
+    threads: int = 0  # torch CPU threads per rank; 0: this node's cores / ranks on it
+    # glibc keeps freed memory for the next model call (pipeline.memory.keep_freed_memory):
+    # faster on a CPU, for more resident memory; false leaves the allocator as it is
+    keep_freed: bool = True
+    # how a rank waits in a collective: "spin" (MPI's own wait, the lowest latency), "sleep"
+    # (polled with short sleeps, leaving the core to ranks still computing), "auto": sleep
+    # where this node's ranks need more threads than it has cores (pipeline.layout)
+    wait: str = "auto"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``piadm generate-data``: Kolmogorov flow snapshots (pipeline.kolmogorov)."""
+
+    path: str = "out/kolmogorov.zarr"
+    resolution: int = 64
+    viscosity: float = 5e-3
+    drag: float = 0.1
+    forcing_wavenumber: int = 4
+    forcing: float = 1.0
+    cfl: float = 0.5
+    dt_max: float = 0.05
+    spinup: float = 30.0  # time units simulated and discarded before the first snapshot
+    interval: float = 0.5  # time units between snapshots
+    snapshots: int = 400
+    chunk: int = 50  # snapshots per Zarr chunk (and per write)
+    coarse_factor: int = 4  # block-average factor of the coarse copy
+    seed: int = 0
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``piadm train``: denoising score matching of a U-Net (models.unet) on a Zarr dataset."""
+
+    data: str = "out/kolmogorov.zarr"
+    variable: str = "vorticity"
+    condition: str = ""  # a coarse variable to condition on (upsampled); empty: unconditional
+    # learn the fine field minus the smooth upsampling of its coarse condition
+    # (models.conditioning.spectral_upsample), at that remainder's own scale
+    residual: bool = False
+    validation: float = 0.2  # the last fraction of the time axis, held out
+    # more stores (other trajectories) whose every time is trained on, beside train.data's
+    # training split; the held-out split is train.data's alone
+    extra: tuple[str, ...] = ()
+    batch_size: int = 32  # global: split over the ranks
+    steps: int = 2000
+    lr: float = 2e-3  # also applied on resume, so a second run can anneal it
+    ema: float = 0.999
+    val_every: int = 200
+    log_every: int = 50
+    checkpoint: str = "out/unet.pt"
+    resume: bool = True  # continue from the checkpoint when it exists
+    # a checkpoint whose EMA weights start this run (fine-tuning; a fresh optimizer and step 0);
+    # ignored when resuming
+    init: str = ""
+    seed: int = 0
+    channels: tuple[int, ...] = (32, 64, 96)
+    # lowest Fourier modes the coarsest level mixes over the whole field (models.unet.GlobalMix);
+    # 0: none. A run with train.init from a network without it adds it, starting at zero
+    global_modes: int = 0
+    p_mean: float = -1.2  # log-normal training noise levels (EDM)
+    p_std: float = 1.2
+    cache_mb: float = 1024.0  # splits smaller than this are read into memory once; 0: lazy reads
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    methods: tuple[str, ...] = ("sequential-sde", "piadm-sde", "window")
+    sizes: tuple[tuple[int, ...], ...] = ()  # field shapes to sweep; empty: model.shape
+    members: int = 4
+    # --quality on a trained model: members whose spectra are compared with the held-out data
+    quality_members: int = 64
+    seeds: int = 1  # noise seeds sampler.seed, sampler.seed + 1, ...: rows per seed and a worst row
+    repeats: int = 1  # timed runs per row: wall_s is their min, wall_med_s their median
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    text: str = ""  # the effective configuration as TOML-like text, for provenance
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the effective configuration text."""
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def store_digest(self) -> str:
+        """SHA-256 of what decides the store's contents: every key except where it lives, the
+        rank layout, the job's share of items, the writer and the bench. Runs that may fill
+        one store share it."""
+        kept = {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items()
+                       if (name, k) not in LAYOUT_KEYS}
+                for name in SECTION_TYPES
+                if name not in ("parallel", "data", "train", "bench", "calibrate")}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# Peer libraries ``piadm bench --peer`` runs beside piadm (``pipeline.peer``).
+PEERS = ("diffusers",)
+
+# sampler.method values that let ``piadm plan`` choose: among the SDE or the ODE samplers.
+AUTO_METHODS = ("auto", "auto-ode", "auto-quality")
+
+# parallel.wait values (``pipeline.layout.place_rank``).
+WAITS = ("auto", "spin", "sleep")
+
+LAYOUT_KEYS = {("output", "path"), ("output", "overwrite"), ("output", "background")}
+
+
+SECTION_TYPES = {
+    "model": ModelConfig, "sampler": SamplerConfig, "ensemble": EnsembleConfig,
+    "input": InputConfig, "output": OutputConfig, "parallel": ParallelConfig, "data": DataConfig,
+    "train": TrainConfig, "bench": BenchConfig, "calibrate": CalibrateConfig,
+}
+
+
+# model.kind values whose builder takes the [model] keys piadm does not know, as arguments
+# (module; a kind an installed package registers is the same, see models.model_kinds)
+OPEN_KINDS = ("module",)
+
+
+def open_kind(kind) -> bool:
+    if kind in OPEN_KINDS:
+        return True
+    from models import MODELS
+
+    return isinstance(kind, str) and kind not in MODELS

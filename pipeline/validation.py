@@ -1,0 +1,220 @@
+"""The checks a configuration's values must pass beyond their types: each in its range, and
+those that must agree across sections. Each failure is a one-line ``ConfigError`` that names
+the key and the fix; ``pipeline.config`` runs ``validate`` on every configuration it builds.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from pipeline.errors import ConfigError
+from pipeline.samplers.options import THETAS
+from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataConfig, ModelConfig,
+                               ParallelConfig, SamplerConfig, TrainConfig, open_kind)
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"config: {key} {problem}")
+
+
+def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
+    """A layout must give every time slice at least one point to own."""
+    from pipeline.samplers import REGISTRY
+
+    _check(p.threads >= 0, "parallel.threads", f"= {p.threads} must be >= 0 (0: automatic)")
+    _check(p.wait in WAITS, "parallel.wait", f"= {p.wait!r} must be one of {', '.join(WAITS)}")
+    if p.time_slices == "auto" or s.method in AUTO_METHODS:
+        _check(p.time_slices == "auto" or p.time_slices >= 1, "parallel.time_slices",
+               f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")
+        return  # the planner picks a layout that fits
+    _check(isinstance(p.time_slices, int) and p.time_slices >= 1, "parallel.time_slices",
+           f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")
+    for key, n in REGISTRY[s.method].points(s).items():
+        _check(p.time_slices <= n, "parallel.time_slices",
+               f"= {p.time_slices} is more than the {n} points of sampler.{key}: "
+               f"use at most {n} time slices, or raise sampler.{key}")
+
+
+def _check_model(m: ModelConfig) -> None:
+    """Model parameters in their ranges: a NaN or a negative length would sample NaN fields."""
+    finite = math.isfinite
+    _check(finite(m.slope) and 0 <= m.slope <= 100, "model.slope",
+           f"= {m.slope} must be a number in [0, 100] (the spectrum's power-law decay)")
+    _check(finite(m.length) and 0 < m.length <= 1e6, "model.length",
+           f"= {m.length} must be a number in (0, 1e6] (grid points)")
+    _check(m.components >= 1, "model.components", f"= {m.components} must be >= 1")
+    _check(finite(m.spread) and 0 <= m.spread <= 1e6, "model.spread",
+           f"= {m.spread} must be a number in [0, 1e6] (mode widths)")
+    _check(finite(m.std) and 1e-6 <= m.std <= 1e6, "model.std",
+           f"= {m.std} must be a number in [1e-6, 1e6]")
+    if isinstance(m.weights, str):  # a state-dict file
+        _check(m.kind == "module", "model.weights", f"= {m.weights!r} must be a list of mode "
+               "weights (a state-dict file is for model.kind = 'module')")
+    else:
+        _check(all(finite(w) and w >= 0 for w in m.weights)
+               and (not m.weights or sum(m.weights) > 0), "model.weights",
+               f"= {list(m.weights)} must be finite numbers >= 0, not all zero")
+        _check(not m.weights or len(m.weights) == m.components, "model.weights",
+               f"has {len(m.weights)} values for model.components = {m.components}: give one each")
+    _check(all(finite(v) for v in m.emulate_ms), "model.emulate_ms",
+           f"= {list(m.emulate_ms)} must be finite numbers")
+    _check(finite(m.guidance) and 1 <= m.guidance <= 20, "model.guidance",
+           f"= {m.guidance} must be a number in [1, 20] (1: the checkpoint alone)")
+    _check(not m.guide or m.kind == "unet", "model.guide",
+           f"= {m.guide!r} guides a piadm U-Net: it needs model.kind = 'unet'")
+    _check(bool(m.guide) or m.guidance == 1, "model.guidance",
+           f"= {m.guidance} needs a weaker checkpoint to guide away from: set model.guide")
+    _check(not m.guide or m.guidance > 1, "model.guide",
+           f"= {m.guide!r} is unused at model.guidance = 1: set model.guidance > 1 (e.g. 2) "
+           "or drop model.guide")
+
+
+def _check_data(d: DataConfig) -> None:
+    _check(d.resolution >= 8 and d.resolution % 2 == 0, "data.resolution",
+           f"= {d.resolution} must be an even number >= 8")
+    _check(d.coarse_factor >= 1 and d.resolution % d.coarse_factor == 0, "data.coarse_factor",
+           f"= {d.coarse_factor} must divide data.resolution = {d.resolution}")
+    _check(d.viscosity > 0, "data.viscosity", f"= {d.viscosity} must be > 0")
+    _check(d.drag >= 0, "data.drag", f"= {d.drag} must be >= 0")
+    _check(0 < d.cfl <= 1, "data.cfl", f"= {d.cfl} must be in (0, 1]")
+    _check(d.dt_max > 0 and d.interval > 0 and d.spinup >= 0, "data.interval",
+           "and data.dt_max must be > 0, data.spinup >= 0")
+    _check(d.snapshots >= 1 and d.chunk >= 1, "data.snapshots", "and data.chunk must be >= 1")
+    _check(d.forcing_wavenumber >= 1, "data.forcing_wavenumber", "must be >= 1")
+
+
+def _check_train(t: TrainConfig) -> None:
+    _check(0 < t.validation < 1, "train.validation", f"= {t.validation} must be in (0, 1)")
+    _check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size", "and train.steps must be >= 1")
+    _check(t.lr > 0, "train.lr", f"= {t.lr} must be > 0")
+    _check(0 <= t.ema < 1, "train.ema", f"= {t.ema} must be in [0, 1)")
+    _check(t.val_every >= 1 and t.log_every >= 1, "train.val_every", "and train.log_every must be >= 1")
+    _check(len(t.channels) >= 1 and min(t.channels) >= 8, "train.channels",
+           f"= {list(t.channels)}: give one width >= 8 per level")
+    _check(0 <= t.global_modes <= 16, "train.global_modes",
+           f"= {t.global_modes} must be in [0, 16] (0: no global mixing)")
+    _check(not t.residual or bool(t.condition), "train.residual",
+           "= true needs a coarse field to take the remainder from: set train.condition")
+    stores = [os.path.realpath(path) for path in (t.data, *t.extra)]
+    _check(len(set(stores)) == len(stores), "train.extra",
+           f"= {list(t.extra)} repeats a store (or train.data, whose held-out times would be "
+           "trained on): list each other store once")
+
+
+def _check_sampler(s: SamplerConfig) -> None:
+    """The sampler's own keys in their ranges, and what the chosen method needs."""
+    from pipeline.grids import GRIDS, SCHEDULER_GRID
+    from pipeline.integrators import FORMS
+    from pipeline.noise import SOURCES
+    from pipeline.samplers import REGISTRY, SAMPLERS
+
+    _check(s.method in SAMPLERS or s.method in AUTO_METHODS, "sampler.method",
+           f"= {s.method!r} is unknown: use one of {', '.join((*SAMPLERS, *AUTO_METHODS))}")
+    _check(s.steps >= 1, "sampler.steps", f"= {s.steps} must be >= 1")
+    _check(s.block_size >= 1, "sampler.block_size", f"= {s.block_size} must be >= 1")
+    _check(s.max_sweeps >= 1, "sampler.max_sweeps", f"= {s.max_sweeps} must be >= 1")
+    _check(s.theta in THETAS, "sampler.theta",
+           f"= {s.theta!r}: use one of {', '.join(THETAS)}")
+    _check(s.tol is None or s.tol == "auto" or (isinstance(s.tol, float) and s.tol >= 0),
+           "sampler.tol", f"= {s.tol!r} must be a number >= 0 or \"auto\"")
+    if s.method in REGISTRY:  # what the chosen sampler itself needs (declared with it)
+        for key, problem in REGISTRY[s.method].problems(s):
+            raise ConfigError(f"config: {key} {problem}")
+    _check(s.window >= 0, "sampler.window", f"= {s.window} must be >= 1 (0: the method's own)")
+    _check(0 < s.distance < 1, "sampler.distance", f"= {s.distance} must be in (0, 1), e.g. 1e-3")
+    _check(0 < s.u_min < s.u_max, "sampler.u_min",
+           f"= {s.u_min} must be > 0 and below sampler.u_max = {s.u_max}")
+    _check(s.knee > 0, "sampler.knee", f"= {s.knee} must be > 0")
+    _check(s.grid in (*GRIDS, SCHEDULER_GRID), "sampler.grid",
+           f"= {s.grid!r} is unknown: use one of {', '.join((*GRIDS, SCHEDULER_GRID))}")
+    _check(s.form in FORMS, "sampler.form", f"= {s.form!r} is unknown: use one of {', '.join(FORMS)}")
+    _check(s.dtype in ("float32", "float64"), "sampler.dtype", f"= {s.dtype!r}: use float32 or float64")
+    _check(s.noise in SOURCES, "sampler.noise",
+           f"= {s.noise!r}: use host (the same draws on every device) or device (fast on GPUs)")
+    _check(s.on_divergence in ("sequential", "error"), "sampler.on_divergence",
+           f"= {s.on_divergence!r}: use 'sequential' or 'error'")
+    _check(s.seed >= 0, "sampler.seed", f"= {s.seed} must be >= 0")
+    _check(s.corrector_steps >= 0, "sampler.corrector_steps", "must be >= 0 (0 turns it off)")
+    _check(s.corrector_sweeps >= 1, "sampler.corrector_sweeps", "must be >= 1")
+    _check(s.churn >= 0 and math.isfinite(s.churn), "sampler.churn",
+           f"= {s.churn} must be a number >= 0 (EDM's S_churn; 0 turns it off)")
+    _check(s.corrector_length > 0 and s.corrector_gamma > 0, "sampler.corrector_length",
+           "and sampler.corrector_gamma must be > 0")
+
+
+def _check_conditioning(cfg: Config) -> None:
+    """A conditioned model and its input come together, and suit the model's kind and grid."""
+    from pipeline.grids import SCHEDULER_GRID
+
+    m = cfg.model
+    _check(m.condition in ("none", "mean", "coarse"), "model.condition",
+           f"= {m.condition!r} is unknown: use 'none', 'mean' or 'coarse'")
+    _check((m.condition == "none") == (not cfg.input.path), "model.condition",
+           f"= {m.condition!r} and input.path = {cfg.input.path!r}: a conditioned model needs an "
+           "input and an input needs a conditioned model; set both or neither")
+    _check(m.condition != "coarse" or m.kind in ("unet", "module", "diffusers"),
+           "model.condition", "= 'coarse' needs a network (model.kind = 'unet', 'module' or "
+           "'diffusers'); exact models condition with 'mean'")
+    _check(cfg.sampler.grid != SCHEDULER_GRID or m.kind == "diffusers", "sampler.grid",
+           "= 'scheduler' samples on a diffusers scheduler's timesteps: it needs "
+           "model.kind = 'diffusers'")
+
+
+def _check_bench(b: BenchConfig) -> None:
+    """The bench's methods, sizes, members, seeds and repeats."""
+    from pipeline.samplers import SAMPLERS
+
+    for method in b.methods:
+        _check(method in SAMPLERS, "bench.methods",
+               f"has unknown method {method!r}: use any of {', '.join(SAMPLERS)}")
+    for size in b.sizes:
+        _check(1 <= len(size) <= 3 and min(size) >= 2, "bench.sizes",
+               f"has bad shape {list(size)}: each needs 1 to 3 sizes >= 2")
+    _check(b.members >= 1, "bench.members", f"= {b.members} must be >= 1")
+    _check(b.quality_members >= 2, "bench.quality_members",
+           f"= {b.quality_members} must be >= 2 (a spectrum's bootstrap resamples them)")
+    _check(b.seeds >= 1 and b.repeats >= 1, "bench.seeds", "and bench.repeats must be >= 1")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; raises ConfigError naming the key."""
+    from models import model_kinds
+
+    m = cfg.model
+    kinds = model_kinds()
+    _check(m.kind in kinds, "model.kind", f"= {m.kind!r} is unknown: use one of {', '.join(kinds)}")
+    _check(not m.args or open_kind(m.kind), "model.args",
+           f"are only for model.kind = 'module' or a plugin's kind, not {m.kind!r}")
+    least = 2 if m.kind in ("grf", "gmm") else 1  # a network may take a channel axis of 1
+    _check(1 <= len(m.shape) <= 3 and min(m.shape) >= least, "model.shape",
+           f"= {list(m.shape)} must have 1 to 3 sizes, each >= {least}")
+    _check_sampler(cfg.sampler)
+    _check(cfg.ensemble.members >= 1, "ensemble.members",
+           f"= {cfg.ensemble.members} must be >= 1")
+    _check(cfg.ensemble.batch_size >= 1, "ensemble.batch_size",
+           f"= {cfg.ensemble.batch_size} must be >= 1")
+    _check(bool(cfg.output.path), "output.path", "must not be empty")
+    _check_conditioning(cfg)
+    if m.kind == "module":
+        from models.module import check_section
+
+        check_section(m)
+    _check(not cfg.input.path or bool(cfg.input.variable), "input.variable",
+           "must name the variable to condition on when input.path is set")
+    _check(len(cfg.input.range) in (0, 2), "input.range", "must be [first, last] or empty")
+    _check(all(i >= 0 for i in cfg.parallel.items), "parallel.items", "must be item indices >= 0")
+    _check_data(cfg.data)
+    _check_train(cfg.train)
+    _check_parallel(cfg.parallel, cfg.sampler)
+    _check_bench(cfg.bench)
+    _check_model(m)
+    _check(not m.emulate_ms or (len(m.emulate_ms) == 2 and min(m.emulate_ms) >= 0),
+           "model.emulate_ms", f"= {list(m.emulate_ms)} must be [latency_ms, per_item_ms], "
+           "both >= 0, or empty (off)")
+    _check(m.data_bound >= 0 and math.isfinite(m.data_bound), "model.data_bound",
+           f"= {m.data_bound} must be >= 0 and finite (0: the model's own bound)")
+    c = cfg.calibrate
+    _check(c.members >= 1, "calibrate.members", f"= {c.members} must be >= 1")
+    _check(len(c.ladder) >= 1 and all(v > 0 for v in c.ladder), "calibrate.ladder",
+           f"= {list(c.ladder)}: give tolerances > 0, loosest first")
