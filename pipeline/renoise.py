@@ -63,6 +63,35 @@ def band_ratios(ens: np.ndarray, truth: np.ndarray, bands: list[tuple[int, int]]
     return np.array([*parts, e.sum() / t.sum()])
 
 
+def _check_renoise(cfg) -> None:
+    """Only a trained U-Net has held-out data to renoise (and a downscaler its coarse fields)."""
+    from pipeline.config import ConfigError
+    from pipeline.equal_quality import LEARNED_KINDS
+
+    if cfg.model.kind not in LEARNED_KINDS or cfg.model.condition == "mean" or (
+            cfg.model.condition == "coarse" and not cfg.train.condition):
+        raise ConfigError("bench --renoise renoises the held-out data of a trained U-Net "
+                          "(train.data, and train.condition for a downscaler): run it on "
+                          "jobs/configs/kolmogorov_uncond.toml or kolmogorov_down.toml",
+                          collective=True)
+
+
+def _units(model, coarse, fields: int, draws: int, comm, device) -> list[tuple]:
+    """This rank's share of the work as (rows a..b of x0, item, model, members): a
+    downscaler's unit is one field's ``draws``, its model bound to that field's coarse input
+    (``coarse``: (fields, *coarse shape)) once; an unconditional one's is up to
+    ``QUALITY_BATCH`` fields, one draw each."""
+    from pipeline.decomposition import slice_bounds
+    from pipeline.equal_quality import QUALITY_BATCH
+
+    lo, hi = slice_bounds(fields, comm.size, comm.rank)
+    if coarse is not None:
+        return [(i * draws, (i + 1) * draws, i, model.conditioned(coarse[i].to(device)),
+                 range(draws)) for i in range(lo, hi)]
+    return [(a, min(a + QUALITY_BATCH, hi), 0, model, range(a, min(a + QUALITY_BATCH, hi)))
+            for a in range(lo, hi, QUALITY_BATCH)]
+
+
 def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict]:
     """``piadm bench --renoise``: for each starting level, held-out fields of a trained
     U-Net's ``train.data`` renoised and sampled back by the sequential reference of
@@ -73,21 +102,13 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
     import json
 
     from models import build_model
-    from pipeline.config import ConfigError
     from pipeline.console import print0
-    from pipeline.decomposition import slice_bounds
-    from pipeline.equal_quality import LEARNED_KINDS, QUALITY_BATCH
     from pipeline.run import DTYPES, sampler_grid, sampler_options
     from pipeline.samplers import REFERENCE
     from pipeline.spectrum_quality import held_out_coarse, held_out_fields, shell_spectra
 
+    _check_renoise(cfg)
     coarse_given = cfg.model.condition == "coarse"
-    if cfg.model.kind not in LEARNED_KINDS or cfg.model.condition == "mean" or (
-            coarse_given and not cfg.train.condition):
-        raise ConfigError("bench --renoise renoises the held-out data of a trained U-Net "
-                          "(train.data, and train.condition for a downscaler): run it on "
-                          "jobs/configs/kolmogorov_uncond.toml or kolmogorov_down.toml",
-                          collective=True)
     s, shape = cfg.sampler, tuple(cfg.model.shape)
     model = build_model(cfg.model, device)
     fields, kmax = held_out_fields(cfg.train, model.data_mean, model.data_std, shape)
@@ -106,15 +127,7 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
                  f"{given}, noised to u and sampled back by {method} ({s.grid} grid below u, "
                  f"to u_min {s.u_min:g}); energy over the same fields' (1 for an exact model):")
     print0(comm, f"{'u':>7} {'sigma':>8} {'steps':>6} " + " ".join(f"{n:>9}" for n in names))
-    # (rows a..b, item, model, members): a downscaler's batch is one field's draws, bound once
-    if coarse_given:
-        lo, hi = slice_bounds(len(pick), comm.size, comm.rank)
-        units = [(i * draws, (i + 1) * draws, i, model.conditioned(coarse[i].to(device)),
-                  range(draws)) for i in range(lo, hi)]
-    else:
-        lo, hi = slice_bounds(len(x0), comm.size, comm.rank)
-        units = [(a, min(a + QUALITY_BATCH, hi), 0, model, range(a, min(a + QUALITY_BATCH, hi)))
-                 for a in range(lo, hi, QUALITY_BATCH)]
+    units = _units(model, coarse, len(pick), draws, comm, device)
     rows = []
     for u in (*(level for level in LEVELS if level < s.u_max), s.u_max):
         mine = [np.empty((0, kmax))]
