@@ -216,10 +216,8 @@ class TrainResult:
     seconds: float
 
 
-def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> TrainResult:
-    """Run (or resume) the training of ``t``; checkpoints on rank 0."""
-    trn, held = open_dataset(t)
-    shape = tuple(trn.fields.shape[1:])
+def _network(t: TrainConfig, trn, shape: tuple[int, ...], device):
+    """The U-Net ``t`` describes, seeded, with its EMA copy and optimiser; (config, den, ema, opt)."""
     coarsest = min(shape) // 2 ** (len(t.channels) - 1)
     if 2 * t.global_modes + 1 > coarsest:
         raise InputError(f"train.global_modes = {t.global_modes} needs a coarsest grid of at "
@@ -232,8 +230,13 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
     torch.manual_seed(t.seed)
     den = Denoiser(ucfg).to(device)
     ema = copy.deepcopy(den).requires_grad_(False)
-    opt = torch.optim.Adam(den.parameters(), lr=t.lr)
-    path, step, history = Path(t.checkpoint), 0, []
+    return ucfg, den, ema, torch.optim.Adam(den.parameters(), lr=t.lr)
+
+
+def _restore(t: TrainConfig, ucfg, den, ema, opt, comm, device) -> tuple[int, list[float]]:
+    """Resume from ``train.checkpoint`` (with ``train.resume``), or start from the EMA weights
+    of ``train.init``; the step reached and the loss history."""
+    path = Path(t.checkpoint)
     if t.resume and path.exists():
         state = torch.load(path, map_location=device, weights_only=True)
         den.load_state_dict(state["model"])
@@ -241,11 +244,21 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
         opt.load_state_dict(state["opt"])
         for group in opt.param_groups:  # train.lr wins, so a resumed run can anneal
             group["lr"] = t.lr
-        step, history = int(state["step"]), state["history"].tolist()
-        print0(comm, f"resuming {path} at step {step}")
-    elif t.init:
+        print0(comm, f"resuming {path} at step {int(state['step'])}")
+        return int(state["step"]), state["history"].tolist()
+    if t.init:
         start_from(den, ema, t.init, ucfg, device)
         print0(comm, f"starting from the EMA weights of {t.init}")
+    return 0, []
+
+
+def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> TrainResult:
+    """Run (or resume) the training of ``t``; checkpoints on rank 0."""
+    trn, held = open_dataset(t)
+    shape = tuple(trn.fields.shape[1:])
+    ucfg, den, ema, opt = _network(t, trn, shape, device)
+    path = Path(t.checkpoint)
+    step, history = _restore(t, ucfg, den, ema, opt, comm, device)
     meta = {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std,
             "data_bound": trn.data_bound, "variable": t.variable,
             "condition": t.condition, "residual": t.residual, "shape": list(shape), "data": t.data,
