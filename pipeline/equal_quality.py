@@ -202,10 +202,8 @@ def run_quality(cfg: Config, quality: float | tuple[str, int], *, comm, device,
     the error that sequential method reaches in those steps), on ``cfg.model.shape`` (the
     first of ``bench.sizes`` when given); prints the table and the methods with the fewest
     rounds and calls; returns the rows."""
-    import json
-
     from models import build_model
-    from pipeline.bench import LEGEND, bench_shape, header
+    from pipeline.bench import LEGEND, header
 
     check_quality_bench(cfg, 1.0 if isinstance(quality, tuple) else quality)
     shape = tuple(cfg.bench.sizes[0]) if cfg.bench.sizes else tuple(cfg.model.shape)
@@ -219,6 +217,19 @@ def run_quality(cfg: Config, quality: float | tuple[str, int], *, comm, device,
     print0(comm, f"piadm bench --quality {quality:g}: {cfg.model.kind} {list(shape)}, "
                  f"{measure.label} of each reference, {cfg.sampler.grid} grid, u_min "
                  f"{cfg.sampler.u_min:g}")
+    found = _references(cfg, measure, quality, comm)
+    print0(comm, LEGEND)
+    print0(comm, header())
+    rows = _rows_at_steps(cfg, shape, found, measure, quality, comm=comm, device=device)
+    print0(comm, summary(rows, quality, measure.name))
+    if comm.rank == 0:
+        _save(cfg, rows, found, measure, quality, json_path, png_path, comm)
+    return rows
+
+
+def _references(cfg: Config, measure, quality: float, comm) -> dict:
+    """{reference method: (its fewest steps within ``quality`` or None, {steps: error} seen)}
+    for the sequential references of ``bench.methods``, each printed as found."""
     found: dict[str, tuple[int | None, dict[int, float]]] = {}
     for ref in dict.fromkeys(REFERENCE[m] for m in cfg.bench.methods):
         found[ref] = fewest_steps(lambda n, ref=ref: measure.error(ref, n), quality,
@@ -229,8 +240,14 @@ def run_quality(cfg: Config, quality: float | tuple[str, int], *, comm, device,
         print0(comm, f"  {ref}: " + (f"{steps} steps ({measure.name} {seen[steps]:.3e})" if steps
                                      else f"not reached (the search stopped at {most} steps, "
                                           f"{measure.name} {seen[most]:.3e})"))
-    print0(comm, LEGEND)
-    print0(comm, header())
+    return found
+
+
+def _rows_at_steps(cfg: Config, shape, found: dict, measure, quality: float, *, comm,
+                   device) -> list[dict]:
+    """One bench row per method whose reference reached ``quality``, at that reference's steps."""
+    from pipeline.bench import bench_shape
+
     rows = []
     for method in cfg.bench.methods:
         ref = REFERENCE[method]
@@ -245,23 +262,28 @@ def run_quality(cfg: Config, quality: float | tuple[str, int], *, comm, device,
         if (ref, steps) in measure.intervals:
             row["error_lo"], row["error_hi"] = measure.intervals[ref, steps]
         rows.append(row)
-    print0(comm, summary(rows, quality, measure.name))
+    return rows
+
+
+def _save(cfg: Config, rows, found: dict, measure, quality: float, json_path, png_path,
+          comm) -> None:
+    """Rank 0: the table and every reference's error curve as JSON, and the figure."""
+    import json
+
     curves = {ref: [[n, n * calls_per_step(ref), error] for n, error in sorted(seen.items())]
               for ref, (_, seen) in found.items()}  # [steps, sequential calls, error]
     intervals = {ref: [[n, *measure.intervals[ref, n]] for n in sorted(seen)
                        if (ref, n) in measure.intervals] for ref, (_, seen) in found.items()}
-    if json_path and comm.rank == 0:
+    if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(
             {"config": cfg.text, "quality": quality, "measure": measure.name, "rows": rows,
              "curves": curves, "intervals": intervals}, indent=2))
-    if png_path and comm.rank == 0:
+    if png_path:
         from pipeline.figures import quality_figure
 
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
         print0(comm, f"plot: {quality_figure(rows, curves, quality, Path(png_path), measure.label)}")
-    return rows
-
 
 def summary(rows: list[dict], quality: float, name: str = "W2") -> str:
     """The equal-quality table and the methods with the fewest rounds and model calls."""
