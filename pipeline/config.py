@@ -30,12 +30,14 @@ def _coerce(key: str, value, hint):
         if value is None and type(None) in args:
             return None
         kinds = [a for a in args if a is not type(None)]
-        for kind in kinds[:-1]:
+        for kind in kinds:
             try:
                 return _coerce(key, value, kind)
             except ConfigError:
                 pass
-        return _coerce(key, value, kinds[-1])
+        names = " or ".join("list" if typing.get_origin(k) is tuple else k.__name__
+                            for k in kinds)  # every kind it may take, not only the last one tried
+        raise ConfigError(f"config: {key} must be {names}, got {type(value).__name__} {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config: {key} must be a list, got {value!r}")
@@ -74,7 +76,8 @@ def _section(name: str, table: dict):
 
 
 def _set(tree: dict, dotted: str, raw: str) -> None:
-    keys = dotted.split(".")
+    dotted, raw = dotted.strip(), raw.strip()  # "sampler.steps = 7" reads as sampler.steps=7
+    keys = [key.strip() for key in dotted.split(".")]
     if len(keys) != 2 or not all(keys):
         raise ConfigError(f"--set {dotted}={raw}: the key must look like section.key, e.g. sampler.steps")
     try:
