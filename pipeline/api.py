@@ -54,7 +54,8 @@ def sample(cfg: Config, *, comm=None, stop=None):
     ``world()``; ``stop`` is an optional ``pipeline.signals.StopRequest``."""
     from pipeline.ensemble import sample_to_store
     from pipeline.layout import place_rank, rank_grid
-    from pipeline.planner import needs_plan, resolve_plan
+    from pipeline.planner import resolve_plan
+    from pipeline.settings import needs_plan
 
     comm = comm if comm is not None else world()
     device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),

@@ -58,7 +58,8 @@ def _setup(args, world, plan: bool = False):
     return the store attributes recording the choice too; other commands run ``"auto"``
     time slices as one group of every rank."""
     from pipeline.layout import place_rank, rank_grid
-    from pipeline.planner import needs_plan, resolve_plan
+    from pipeline.planner import resolve_plan
+    from pipeline.settings import needs_plan
 
     with raised_by_every_rank():
         cfg = load_config(args.config, overrides(args))

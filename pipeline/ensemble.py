@@ -34,7 +34,7 @@ from pipeline.progress import Progress
 from pipeline.run import (DTYPES, member_batches, model_data_bound, provenance, residual_length,
                           sample_batch, sampler_grid, sampler_options)
 from pipeline.samplers import REFERENCE, REGISTRY
-from pipeline.settings import Config
+from pipeline.settings import AUTO_METHODS, Config, needs_plan
 from pipeline.signals import StopRequest
 from pipeline.store import (StoreSpec, batch_done, check_target, done_members, finalize,
                             member_chunk, open_or_create, stored_attribute, write_batch)
@@ -128,49 +128,68 @@ def _prepare(cfg: Config, stats: tuple[float, float], shape, trained_on, tol: Ca
 def dry_run(cfg: Config, ranks: RankGrid) -> str:
     """What ``sample_to_store`` would do, as text, touching nothing: the items, members and
     batches, what the store at output.path holds, the rank layout and the sampler settings."""
-    from pipeline.calibrate import cache_file, calibration_key, read_cached
-    from pipeline.run import model_digest
-    from pipeline.store import stored_digest
-
-    s, e = cfg.sampler, cfg.ensemble
+    e = cfg.ensemble
     items = load_items(cfg, check=True)
     _check_only(cfg.parallel.items, len(items.labels))
     batches = member_batches(e.members, e.batch_size)
-    path, found = cfg.output.path, stored_digest(cfg.output.path)
-    if found is None:
-        store = ("exists and is not a piadm store: the run would refuse it"
-                 if Path(path).exists() else "would be created")
-    elif cfg.output.overwrite:
-        store = "is a piadm store: output.overwrite = true would replace it"
-    elif found != cfg.store_digest:
-        store = "was made by another configuration: the run would refuse it"
-    else:
-        done = done_members(path)
-        store = f"would be resumed: {int(done.sum())} of {done.size} members done"
-    tol = s.tol
-    if tol == "auto" and REFERENCE[s.method] != s.method:
-        cached = read_cached(calibration_key(cfg, model_digest(cfg)))
-        tol = (f"auto: {cached:g}, calibrated earlier ({cache_file()})" if cached is not None
-               else "auto: would be calibrated first (piadm calibrate)")
     todo = len(cfg.parallel.items or items.labels) * len(batches)
+    planned = needs_plan(cfg)
     lines = [
         f"items      {len(items.labels)} along {items.dim}"
         + (f" ({items.labels[0]} .. {items.labels[-1]})" if len(items.labels) > 1 else "")
         + (f"; this job fills {list(cfg.parallel.items)}" if cfg.parallel.items else ""),
         f"members    {e.members} per item in {len(batches)} batches of up to {e.batch_size}; "
         f"{todo} (item, batch) pairs in all",
-        f"store      {path} {store}",
+        f"store      {cfg.output.path} {_store_fate(cfg, planned)}",
         f"ranks      {ranks.world.size} = {ranks.groups} group(s) x {ranks.slices.size} time "
-        f"slice(s); each group takes about {-(-todo // ranks.groups)} pairs",
-        f"sampler    {s.method}, {s.steps} steps on the {s.grid} grid (u {s.u_min:g} .. "
-        f"{s.u_max:g}), {s.dtype}, {s.noise} noise, seed {s.seed}, tol {tol}"
-        + (f", window {s.window or 'default'}" if "window" in s.method else "")
-        + (f", blocks of {s.block_size}" if REGISTRY[s.method].blocked else ""),
+        f"slice(s); each group takes about {-(-todo // ranks.groups)} pairs"
+        + ("; \"auto\" time slices: the planner picks them" if planned else ""),
+        _sampler_line(cfg, planned),
         f"model      {cfg.model.kind} {list(cfg.model.shape)}"
         + (f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else ""),
         "nothing was written (--dry-run)",
     ]
     return "\n".join(lines)
+
+
+def _store_fate(cfg: Config, planned: bool) -> str:
+    """What a run would do with the store at output.path. An ``"auto"`` run's store records
+    the plan it was made with (keyed by the unresolved config), which a rerun repeats."""
+    from pipeline.store import stored_digest
+
+    path, found = cfg.output.path, stored_digest(cfg.output.path)
+    ours = found == cfg.store_digest or (planned and stored_attribute(
+        path, cfg.store_digest, "plan_settings", digest_key="plan_config_sha256") is not None)
+    if found is None:
+        return ("exists and is not a piadm store: the run would refuse it"
+                if Path(path).exists() else "would be created")
+    if ours:
+        done = done_members(path)
+        return f"would be resumed: {int(done.sum())} of {done.size} members done"
+    if cfg.output.overwrite:
+        return "was made by another configuration: output.overwrite = true would replace it"
+    return "was made by another configuration: the run would refuse it"
+
+
+def _sampler_line(cfg: Config, planned: bool) -> str:
+    """The sampler settings a run would use; for an ``"auto"`` one, who picks them."""
+    from pipeline.calibrate import cache_file, calibration_key, read_cached
+    from pipeline.run import model_digest
+
+    s = cfg.sampler
+    if planned and s.method in AUTO_METHODS:
+        return (f"sampler    {s.method}: the planner picks the method, its window and the time "
+                f"slices at start-up (`piadm plan CONFIG --ranks N` prints its table), "
+                f"{s.steps} steps on the {s.grid} grid, {s.dtype}, seed {s.seed}")
+    tol = s.tol
+    if tol == "auto" and REFERENCE[s.method] != s.method:
+        cached = read_cached(calibration_key(cfg, model_digest(cfg)))
+        tol = (f"auto: {cached:g}, calibrated earlier ({cache_file()})" if cached is not None
+               else "auto: would be calibrated first (piadm calibrate)")
+    return (f"sampler    {s.method}, {s.steps} steps on the {s.grid} grid (u {s.u_min:g} .. "
+            f"{s.u_max:g}), {s.dtype}, {s.noise} noise, seed {s.seed}, tol {tol}"
+            + (f", window {s.window or 'default'}" if "window" in s.method else "")
+            + (f", blocks of {s.block_size}" if REGISTRY[s.method].blocked else ""))
 
 
 def run_tolerance(cfg: Config, model, device, *, force: bool = False,
@@ -181,7 +200,7 @@ def run_tolerance(cfg: Config, model, device, *, force: bool = False,
     s = cfg.sampler
     if REFERENCE[s.method] == s.method or (s.tol != "auto" and not force):
         return resolve_tol(cfg, model, device=device)  # the configured tol, or none at all
-    stored = None if cfg.output.overwrite or force or not store else stored_attribute(
+    stored = None if force or not store else stored_attribute(
         cfg.output.path, cfg.store_digest, "sampler_tol")
     return resolve_tol(cfg, first_item_model(cfg, model, device), device=device, stored=stored,
                        force=force, say=lambda text: print(text, file=sys.stderr, flush=True))

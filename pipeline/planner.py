@@ -320,11 +320,6 @@ def describe(plan: Plan) -> str:
             f"{plan.sequential.seconds / b.seconds:.2f}x the best sequential layout")
 
 
-def needs_plan(cfg: Config) -> bool:
-    """Whether the run leaves its sampler or its time slices to the planner."""
-    return cfg.sampler.method in AUTO_METHODS or cfg.parallel.time_slices == "auto"
-
-
 def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int, latency: float,
                    stored: dict | None, say=print) -> tuple[Config, dict]:
     """Rank 0: the concrete config of an ``"auto"`` run and the store attributes that record
@@ -385,7 +380,7 @@ def resolve_plan(cfg: Config, world, device) -> tuple[Config, dict]:
     gpus = torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
 
     def plan_here():
-        stored = None if cfg.output.overwrite else stored_attribute(
+        stored = stored_attribute(  # a store this config made is resumed: its plan is kept
             cfg.output.path, cfg.store_digest, "plan_settings", digest_key="plan_config_sha256")
         model = first_item_model(cfg, build_model(cfg.model, device), device)
         return planned_config(cfg, model, device, ranks=world.size, gpus_per_node=gpus,

@@ -224,6 +224,13 @@ PEERS = ("diffusers",)
 # sampler.method values that let ``piadm plan`` choose: among the SDE or the ODE samplers.
 AUTO_METHODS = ("auto", "auto-ode", "auto-quality")
 
+
+
+def needs_plan(cfg: Config) -> bool:
+    """Whether the run leaves its sampler or its time slices to the planner."""
+    return cfg.sampler.method in AUTO_METHODS or cfg.parallel.time_slices == "auto"
+
+
 # parallel.wait values (``pipeline.layout.place_rank``).
 WAITS = ("auto", "spin", "sleep")
 

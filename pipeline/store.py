@@ -157,38 +157,33 @@ def stored_attribute(path: str | Path, digest: str, name: str,
     return attrs.get(name) if attrs.get(digest_key) == digest else None
 
 
-def _refuse_unless_same(path, digest: str) -> None:
+def check_target(path: str | Path, digest: str, *, overwrite: bool) -> None:
+    """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse:
+    anything that is not a piadm store, or (unless ``overwrite``) another configuration's
+    store. This configuration's own store is resumed, with or without ``overwrite``."""
+    if not Path(path).exists():
+        return
     found = stored_digest(path)
     if found is None:
-        raise StoreExists(f"output {path} exists and is not a piadm store: choose another "
-                          "output.path, or set output.overwrite = true to replace it")
-    if found != digest:
+        raise StoreExists(
+            f"output {path} exists and is not a piadm store, and piadm deletes only stores it "
+            "made (output.overwrite = true too): move it away, or choose another output.path")
+    if found != digest and not overwrite:
         raise StoreExists(
             f"output {path} was made by a different configuration (digest {found[:12]}, "
             f"this run {digest[:12]}): rerun its own config to resume it, choose another "
             "output.path, or set output.overwrite = true to replace it")
 
 
-def check_target(path: str | Path, digest: str, *, overwrite: bool) -> None:
-    """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse:
-    a folder that is not a piadm store, or (unless ``overwrite``) another configuration's."""
-    if not Path(path).exists():
-        return
-    if overwrite and stored_digest(path) is None:
-        raise StoreExists(
-            f"output {path} exists and is not a piadm store, so output.overwrite = true "
-            "will not delete it: move it away, or choose another output.path")
-    if not overwrite:
-        _refuse_unless_same(path, digest)
-
-
 def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
     """Create the store (metadata only) or check an existing one is this run's; returns
     ``created`` or ``resumed``. Creation is built aside and renamed into place, so the path
-    is either absent or complete, and two runs racing to create it agree on one."""
+    is either absent or complete, and two runs racing to create it agree on one. With
+    ``overwrite`` another configuration's store is deleted first; this configuration's is
+    resumed (a requeued job, or a second job sharing its batches, must not delete the work)."""
     path = Path(spec.path)
     check_target(path, spec.digest, overwrite=overwrite)  # never delete what piadm did not make
-    if path.exists() and overwrite:
+    if path.exists() and overwrite and stored_digest(path) != spec.digest:
         shutil.rmtree(path)
         shutil.rmtree(f"{path}.claims", ignore_errors=True)  # claims on the old store's batches
     if path.exists():

@@ -132,6 +132,20 @@ def test_auto_sampling_runs_the_plan_and_records_it_and_a_resume_keeps_it(tmp_pa
     assert "the store's own choice" in capsys.readouterr().err
 
 
+def test_a_dry_run_of_an_auto_run_names_the_planner_and_then_the_store_it_would_resume(
+        tmp_path, capsys):
+    sets = _small(tmp_path, **{"sampler.method": "auto"})
+    args = ["sample", "jobs/configs/grf.toml", "--dry-run",
+            *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "sampler    auto: the planner picks the method" in err and "would be created" in err
+    sample(load_config("jobs/configs/grf.toml", sets))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "would be resumed: 2 of 2 members done" in capsys.readouterr().err
+
+
 def test_auto_time_slices_keep_the_named_sampler(tmp_path):
     cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
         "sampler.method": "window", "sampler.tol": 0.1, "parallel.time_slices": "auto"}))

@@ -83,13 +83,13 @@ def test_overwrite_refuses_a_folder_piadm_did_not_make(tmp_path, capsys):
     (precious / "chapter1.tex").write_text("years of work")
     cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
         "output.path": str(precious), "output.overwrite": True}))
-    with pytest.raises(Exception, match="is not a piadm store, so output.overwrite = true will "
-                                        "not delete it"):
+    with pytest.raises(Exception, match="is not a piadm store, and piadm deletes only stores it "
+                                        "made"):
         sample(cfg)
     assert (precious / "chapter1.tex").read_text() == "years of work"
 
 
-def test_overwrite_refuses_a_plain_file_and_replaces_its_own_store(tmp_path):
+def test_overwrite_refuses_a_plain_file_and_resumes_its_own_store(tmp_path):
     plain = tmp_path / "notes.zarr"
     plain.write_text("not a store")
     cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
@@ -99,7 +99,21 @@ def test_overwrite_refuses_a_plain_file_and_replaces_its_own_store(tmp_path):
     assert plain.read_text() == "not a store"
     ours = load_config("jobs/configs/grf.toml", _small(tmp_path, **{"output.overwrite": True}))
     assert sample(ours).members == 2
-    assert sample(ours).members == 2  # its own store: replaced, every member sampled again
+    before = zarr.open_group(ours.output.path, mode="r")["field"][:]
+    # its own store is this config's work (a requeued job, or a second one sharing it): kept
+    again = sample(ours)
+    assert (again.members, again.skipped) == (0, 2)
+    assert (zarr.open_group(ours.output.path, mode="r")["field"][:] == before).all()
+
+
+def test_overwrite_replaces_another_configurations_store(tmp_path):
+    first = load_config("jobs/configs/grf.toml", _small(tmp_path))
+    assert sample(first).members == 2
+    other = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "sampler.seed": 9, "output.overwrite": True}))
+    assert sample(other).members == 2
+    attrs = zarr.open_group(other.output.path, mode="r").attrs
+    assert attrs["piadm_store_digest"] == other.store_digest != first.store_digest
 
 
 SHIPPED = "models/checkpoints/kolmogorov_uncond.pt"
