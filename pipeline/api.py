@@ -33,8 +33,14 @@ def load_config(source: str | Path | dict | None = None, overrides: dict | None 
         tree = copy.deepcopy(source)
     elif source is None:
         tree = {}
-    else:
+    elif isinstance(source, (str, Path)):
         tree = read_toml(source)
+    else:
+        raise ConfigError(f"load_config takes a TOML path, a dict {{section: {{key: value}}}} or "
+                          f"None, not {type(source).__name__}")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"load_config's overrides are a dict {{'section.key': value}}, not "
+                          f"{type(overrides).__name__} {overrides!r}")
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if not key:
@@ -48,15 +54,17 @@ def world():
     return world_comm()
 
 
-def sample(cfg: Config, *, comm=None, stop=None):
+def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     """Fill ``cfg``'s ensemble store (creating or resuming it) and return the run's
-    ``Summary`` (path, members, rounds, model_calls, seconds, ...). ``comm`` defaults to
-    ``world()``; ``stop`` is an optional ``pipeline.signals.StopRequest``."""
+    ``Summary`` (path, members, rounds, model_calls, seconds, ...). ``cfg`` is a ``Config``
+    or what ``load_config`` takes; ``comm`` defaults to ``world()``; ``stop`` is an optional
+    ``pipeline.signals.StopRequest``."""
     from pipeline.ensemble import sample_to_store
     from pipeline.layout import place_rank, rank_grid
     from pipeline.planner import resolve_plan
     from pipeline.settings import needs_plan
 
+    cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
     comm = comm if comm is not None else world()
     device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),
                         cfg.parallel.keep_freed, cfg.parallel.wait)
@@ -68,8 +76,13 @@ def sample(cfg: Config, *, comm=None, stop=None):
 
 
 def open_ensemble(path: str | Path) -> xr.Dataset:
-    """The ensemble store at ``path`` as a lazy ``xarray.Dataset``."""
-    return open_store(path)
+    """The ensemble store at ``path`` as a lazy ``xarray.Dataset``; a store that ``piadm
+    sample`` did not make is refused (read it with ``xarray.open_zarr``)."""
+    ds = open_store(path)
+    if "piadm_store_digest" not in ds.attrs:
+        raise ConfigError(f"{path} is not a piadm ensemble store (it has no piadm_store_digest "
+                          "attribute): open other Zarr stores with xarray.open_zarr")
+    return ds
 
 
 def evaluate(store: str | Path, truth: str | Path, **options) -> xr.Dataset:

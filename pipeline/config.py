@@ -47,6 +47,8 @@ def _coerce(key: str, value, hint):
         if not isinstance(value, dict):
             raise ConfigError(f"config: {key} must be a table, got {value!r}")
         return dict(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        value = value.item()  # a numpy scalar from a workflow script: its Python value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
@@ -57,6 +59,9 @@ def _coerce(key: str, value, hint):
 
 
 def _section(name: str, table: dict):
+    if not isinstance(table, dict):
+        raise ConfigError(f"config: [{name}] must be a table of keys (e.g. {{\"steps\": 200}} "
+                          f"in a dict), got {type(table).__name__} {table!r}")
     cls = SECTION_TYPES[name]
     hints = typing.get_type_hints(cls)
     values = {}

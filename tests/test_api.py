@@ -20,6 +20,41 @@ def test_dict_config_and_overrides_validate_like_the_cli():
         api.load_config(None, {"steps": 40})
 
 
+def test_wrong_argument_types_are_config_errors_and_numpy_scalars_are_numbers():
+    with pytest.raises(ConfigError, match="overrides are a dict"):
+        api.load_config("jobs/configs/grf.toml", ["sampler.steps=5"])
+    with pytest.raises(ConfigError, match="a TOML path, a dict"):
+        api.load_config(5)
+    with pytest.raises(ConfigError, match=r"\[sampler\] must be a table"):
+        api.load_config({"sampler": 5})
+    with pytest.raises(ConfigError, match="sampler.tol must be float or str, got bool"):
+        api.load_config(None, {"sampler.tol": True})
+    cfg = api.load_config(None, {"sampler.steps": np.int64(40), "model.length": np.float32(2)})
+    assert (cfg.sampler.steps, cfg.model.length) == (40, 2.0) and type(cfg.sampler.steps) is int
+
+
+def test_a_set_with_spaces_around_the_equals_sign_reads_as_without():
+    from pipeline.config import load_config
+
+    cfg = load_config("jobs/configs/grf.toml", ["sampler.steps = 7", " sampler . seed=3 "])
+    assert (cfg.sampler.steps, cfg.sampler.seed) == (7, 3)
+
+
+def test_sample_takes_what_load_config_takes(tmp_path):
+    tree = {"model": {"shape": [8, 8]}, "sampler": {"steps": 10, "block_size": 5},
+            "ensemble": {"members": 2, "batch_size": 2},
+            "output": {"path": str(tmp_path / "d.zarr")}}
+    assert api.sample(tree).members == 2
+
+
+def test_open_ensemble_refuses_a_store_piadm_did_not_make(tmp_path):
+    import xarray as xr
+
+    xr.Dataset({"a": ("x", np.zeros(3))}).to_zarr(tmp_path / "plain.zarr")
+    with pytest.raises(ConfigError, match="is not a piadm ensemble store"):
+        api.open_ensemble(tmp_path / "plain.zarr")
+
+
 def test_api_run_equals_the_cli_run(tmp_path):
     sets = {"model.shape": [16, 16], "sampler.steps": 40, "sampler.block_size": 20,
             "ensemble.members": 4, "ensemble.batch_size": 2}
