@@ -203,6 +203,9 @@ def validate(cfg: Config) -> None:
     _check(not cfg.input.path or bool(cfg.input.variable), "input.variable",
            "must name the variable to condition on when input.path is set")
     _check(len(cfg.input.range) in (0, 2), "input.range", "must be [first, last] or empty")
+    _check(not (cfg.input.items and cfg.input.range), "input.items",
+           f"= {list(cfg.input.items)} and input.range = {list(cfg.input.range)} both choose the "
+           "items: give one (e.g. --set 'input.range=[]' to take just input.items)")
     _check(all(i >= 0 for i in cfg.parallel.items), "parallel.items", "must be item indices >= 0")
     _check_data(cfg.data)
     _check_train(cfg.train)
