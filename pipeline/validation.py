@@ -165,6 +165,8 @@ def _check_bench(b: BenchConfig) -> None:
     """The bench's methods, sizes, members, seeds and repeats."""
     from pipeline.samplers import SAMPLERS
 
+    _check(len(b.methods) >= 1, "bench.methods",
+           "is empty: name the methods to bench, e.g. [\"sequential-sde\", \"pc-window\"]")
     for method in b.methods:
         _check(method in SAMPLERS, "bench.methods",
                f"has unknown method {method!r}: use any of {', '.join(SAMPLERS)}")

@@ -29,6 +29,7 @@ def _small(tmp_path, **extra):
     ("model.std", 0.0, "model.std = 0.0 must be a number in [1e-6, 1e6]"),
     ("model.spread", 1e300, "model.spread = 1e+300 must be a number in [0, 1e6]"),
     ("model.weights", [1.0, float("inf")], "model.weights"),
+    ("bench.methods", [], "bench.methods is empty: name the methods to bench"),
 ])
 def test_model_parameters_are_range_checked(tmp_path, key, value, needle):
     with pytest.raises(ConfigError) as err:
