@@ -3,7 +3,8 @@
 One trajectory from a seeded random start: ``spinup`` time units are simulated and dropped,
 then a snapshot every ``interval``. Each chunk of snapshots is written when it is complete, so
 memory stays at one chunk whatever the run length. Variables: ``vorticity(time, y, x)`` and
-its block average ``vorticity_coarse(time, y_coarse, x_coarse)``, with CF attributes.
+its block average ``vorticity_coarse(time, y_coarse, x_coarse)``, with CF attributes and the
+marker ``piadm_dataset``: ``data.overwrite`` deletes only a store that carries it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import dask.array as da
 import numpy as np
 import torch
 import xarray as xr
+import zarr
 
 from pipeline import __version__
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
@@ -24,8 +26,42 @@ from pipeline.settings import DataConfig
 from pipeline.store import StoreExists, consolidate
 
 
+MARKER = "piadm_dataset"  # says generate-data made the store; its value: piadm's version
+VARIABLES = ("vorticity", "vorticity_coarse")
+ARRAYS = {*VARIABLES, "time", "y", "x", "y_coarse", "x_coarse"}  # all a dataset holds
+
+
 def _axis(n: int) -> np.ndarray:
     return np.arange(n) * (2 * math.pi / n)
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is a dataset generate-data made: it carries ``MARKER`` or (made before
+    the marker) generate-data's ``source`` attribute and both variables, and holds nothing
+    else (a store derived from a dataset keeps its attributes, not its arrays alone)."""
+    try:
+        group = zarr.open_group(path, mode="r")
+    except (FileNotFoundError, ValueError, KeyError, NotADirectoryError):
+        return False  # a plain folder or file: not a zarr group
+    names, source = set(group.array_keys()), str(group.attrs.get("source", ""))
+    legacy = source.startswith("piadm ") and source.endswith(" generate-data")
+    made = MARKER in group.attrs or (legacy and set(VARIABLES) <= names)
+    return made and names <= ARRAYS and not set(group.group_keys())
+
+
+def _check_target(d: DataConfig) -> None:
+    """Refuse, before anything is simulated, a data.path that exists and may not be replaced:
+    anything generate-data did not make, and its own datasets unless data.overwrite."""
+    path = Path(d.path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_symlink() or not _ours(path):  # a link: rmtree refuses one
+        raise StoreExists(f"data.path {path} exists and is not a dataset piadm generate-data "
+                          "made, which data.overwrite = true will not delete either: move it "
+                          "away, or choose another data.path")
+    if not d.overwrite:
+        raise StoreExists(f"data.path {path} already exists: set data.overwrite = true to "
+                          "replace it, or choose another data.path")
 
 
 def _empty(d: DataConfig, config_text: str) -> xr.Dataset:
@@ -55,6 +91,7 @@ def _empty(d: DataConfig, config_text: str) -> xr.Dataset:
                     "Navier-Stokes", source=f"piadm {__version__} generate-data",
                     config=config_text, history=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} "
                     "created by piadm generate-data")
+    ds.attrs[MARKER] = __version__
     return ds
 
 
@@ -77,9 +114,7 @@ def _every(seconds: float, progress):
 def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=print) -> str:
     """Simulate and write the dataset of ``d``; returns its path."""
     path = Path(d.path)
-    if path.exists() and not d.overwrite:
-        raise StoreExists(f"data.path {path} already exists: set data.overwrite = true to "
-                          "replace it, or choose another data.path")
+    _check_target(d)  # never delete what generate-data did not make
     if path.exists():
         shutil.rmtree(path)
     _empty(d, config_text).to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False)

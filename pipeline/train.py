@@ -6,11 +6,15 @@ its loss is summed over its samples and divided by the global batch, and the gra
 summed over ranks (one Allreduce), which is exactly the one-rank gradient. EMA weights are
 kept for sampling; the validation loss (held-out last times, fixed noise) uses them.
 Checkpoints hold tensors only (``torch.load(weights_only=True)``) plus a JSON sidecar with the
-architecture, normalisation and variables; training resumes from them.
+architecture, normalisation and variables; training resumes from them, once the sidecar shows
+the checkpoint was trained as this run would train (``RESUME_MUST_MATCH``).
 """
 from __future__ import annotations
 
 import copy
+import json
+import os
+import pickle
 import time
 import tomllib
 from dataclasses import dataclass, replace
@@ -23,11 +27,12 @@ import xarray as xr
 
 from models.bound import largest_mode_power
 from models.grid import grid_of
-from models.checkpoint import save_checkpoint
+from models.checkpoint import save_checkpoint, sidecar
 from models.conditioning import spectral_upsample, upsample_blocks
 from models.unet import Denoiser, UNetConfig
 from pipeline.console import print0
 from pipeline.decomposition import slice_bounds
+from pipeline.errors import raised_by_every_rank
 from pipeline.inputs import InputError
 from pipeline.settings import TrainConfig
 
@@ -233,37 +238,117 @@ def _network(t: TrainConfig, trn, shape: tuple[int, ...], device):
     return ucfg, den, ema, torch.optim.Adam(den.parameters(), lr=t.lr)
 
 
-def _restore(t: TrainConfig, ucfg, den, ema, opt, comm, device) -> tuple[int, list[float]]:
-    """Resume from ``train.checkpoint`` (with ``train.resume``), or start from the EMA weights
-    of ``train.init``; the step reached and the loss history."""
-    path = Path(t.checkpoint)
-    if t.resume and path.exists():
+# What a resumed run must share with its checkpoint, by sidecar key and the setting it comes
+# from: the network (the weights and optimiser state must fit it) and what it learns (the
+# variable, its condition and residual, the data and its fields' shape, the held-out share:
+# a new share would validate on times already trained on). What resuming is for may change:
+# train.steps and train.lr (more steps, annealing), train.extra (more data), batch_size,
+# ema, seed, p_mean, p_std; train.init is ignored. The normalisation and a residual's
+# sigma_data follow the data (train.extra moves them), so they are not compared.
+RESUME_MUST_MATCH = {"channels": "train.channels", "global_modes": "train.global_modes",
+                     "embed": "the U-Net's embedding width", "variable": "train.variable",
+                     "condition": "train.condition", "cond_channels": "train.condition",
+                     "residual": "train.residual", "data": "train.data",
+                     "shape": "the shape of train.variable's fields",
+                     "validation": "train.validation"}
+
+
+def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: str) -> dict:
+    """The sidecar of this run's checkpoints, less the step and validation loss."""
+    return {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std,
+            "data_bound": trn.data_bound, "variable": t.variable, "condition": t.condition,
+            "residual": t.residual, "shape": list(shape), "data": t.data,
+            "validation": t.validation, "config": config_text,
+            "grid": grid_of(xr.open_zarr(t.data)[t.variable])}
+
+
+def _recorded(path: Path) -> dict:
+    """The settings the sidecar of checkpoint ``path`` records, flat (the U-Net's with the
+    rest); raises InputError when there is no readable sidecar."""
+    try:
+        meta = json.loads(sidecar(path).read_text())
+        return {**meta, **UNetConfig.from_dict(meta["unet"]).to_dict()}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"train.checkpoint {path} is not a piadm train checkpoint: its sidecar "
+                         f"{sidecar(path).name} is missing or unreadable ({type(err).__name__}):"
+                         " choose another train.checkpoint, or move the file away") from None
+
+
+def _check_same_training(path: Path, meta: dict) -> None:
+    """Raise InputError naming each setting of ``RESUME_MUST_MATCH`` in which this run
+    (``meta``) differs from checkpoint ``path``; a setting its sidecar lacks (an older
+    checkpoint's) is not compared."""
+    theirs, ours = _recorded(path), {**meta, **meta["unet"]}
+    differ = {}
+    for key, setting in RESUME_MUST_MATCH.items():
+        if key not in theirs or setting in differ:
+            continue
+        same = (os.path.realpath(theirs[key]) == os.path.realpath(ours[key])
+                if key == "data" else theirs[key] == ours[key])
+        if not same:
+            differ[setting] = f"{setting} (checkpoint {theirs[key]!r}, this run {ours[key]!r})"
+    if differ:
+        raise InputError(f"train.checkpoint {path} cannot be resumed by this run, which differs "
+                         f"in {'; '.join(differ.values())}: rerun with the checkpoint's settings, "
+                         "choose another train.checkpoint, or set train.resume = false to start "
+                         "anew, replacing it")
+
+
+STATE = ("model", "ema", "opt", "step", "history")  # what a training checkpoint holds
+
+
+def _resume(path: Path, meta: dict, den, ema, opt, device) -> dict:
+    """Load checkpoint ``path`` into the networks and optimiser after checking it was trained
+    as this run (``meta``) would; its state. Raises InputError when it cannot be resumed."""
+    _check_same_training(path, meta)
+    try:
         state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as err:
+        raise InputError(f"train.checkpoint {path} is not a readable piadm train checkpoint "
+                         f"({type(err).__name__}): choose another train.checkpoint, or move "
+                         "the file away") from None
+    if not isinstance(state, dict) or not all(key in state for key in STATE):
+        raise InputError(f"train.checkpoint {path} holds no training state (an exported "
+                         "checkpoint keeps the EMA weights alone): start from it with "
+                         "train.init and another train.checkpoint")
+    try:
         den.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise InputError(f"train.checkpoint {path} does not fit this run's U-Net "
+                         f"({type(err).__name__}): rerun with the settings in its sidecar, or "
+                         "set train.resume = false to start anew, replacing it") from None
+    return state
+
+
+def _restore(t: TrainConfig, meta: dict, den, ema, opt, comm, device) -> tuple[int, list[float]]:
+    """Resume from ``train.checkpoint`` (with ``train.resume``), or start from the EMA weights
+    of ``train.init``; the step reached and the loss history."""
+    path = Path(t.checkpoint)
+    if path.exists() and not t.resume:
+        _recorded(path)  # starting anew replaces a training checkpoint, never another file
+    if t.resume and path.exists():
+        state = _resume(path, meta, den, ema, opt, device)
         for group in opt.param_groups:  # train.lr wins, so a resumed run can anneal
             group["lr"] = t.lr
         print0(comm, f"resuming {path} at step {int(state['step'])}")
         return int(state["step"]), state["history"].tolist()
     if t.init:
-        start_from(den, ema, t.init, ucfg, device)
+        start_from(den, ema, t.init, UNetConfig.from_dict(meta["unet"]), device)
         print0(comm, f"starting from the EMA weights of {t.init}")
     return 0, []
 
 
 def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> TrainResult:
     """Run (or resume) the training of ``t``; checkpoints on rank 0."""
-    trn, held = open_dataset(t)
-    shape = tuple(trn.fields.shape[1:])
-    ucfg, den, ema, opt = _network(t, trn, shape, device)
+    with raised_by_every_rank():  # the same config and files on every rank
+        trn, held = open_dataset(t)
+        shape = tuple(trn.fields.shape[1:])
+        ucfg, den, ema, opt = _network(t, trn, shape, device)
+        meta = _meta(t, ucfg, trn, shape, config_text)
+        step, history = _restore(t, meta, den, ema, opt, comm, device)
     path = Path(t.checkpoint)
-    step, history = _restore(t, ucfg, den, ema, opt, comm, device)
-    meta = {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std,
-            "data_bound": trn.data_bound, "variable": t.variable,
-            "condition": t.condition, "residual": t.residual, "shape": list(shape), "data": t.data,
-            "config": config_text,
-            "grid": grid_of(xr.open_zarr(t.data)[t.variable])}
     n, start, loss_sum, val_loss = trn.fields.sizes["time"], time.perf_counter(), 0.0, float("nan")
     lo, hi = slice_bounds(t.batch_size, comm.size, comm.rank)
     while step < t.steps:

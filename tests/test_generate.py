@@ -1,6 +1,7 @@
 """``piadm generate-data``: a Kolmogorov-flow dataset in Zarr, CF-described, deterministic."""
 import numpy as np
 import xarray as xr
+import zarr
 
 from pipeline.cli import main
 
@@ -33,3 +34,61 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path, capsys):
     assert np.array_equal(a, b) and not np.allclose(a, c)
     assert _run(tmp_path / "a.zarr") == 2  # exists: refused
     assert "data.overwrite" in capsys.readouterr().err
+
+
+SHORT = ("data.spinup=0.5", "data.snapshots=2")  # a dataset made only to be replaced
+
+
+def test_overwrite_replaces_a_dataset_generate_data_made(tmp_path):
+    ours = tmp_path / "k.zarr"
+    assert _run(ours, *SHORT, "data.seed=1") == 0
+    first = xr.open_zarr(ours).vorticity.values
+    assert _run(ours, *SHORT, "data.overwrite=true") == 0
+    ds = xr.open_zarr(ours)
+    assert ds.attrs["piadm_dataset"] and not np.allclose(ds.vorticity.values, first)
+    # made before the piadm_dataset marker: generate-data's source attribute is recognised
+    del zarr.open_group(ours, mode="r+").attrs["piadm_dataset"]
+    assert _run(ours, *SHORT, "data.overwrite=true") == 0
+
+
+def _contents(path):
+    if path.is_dir():
+        return sorted((str(p.relative_to(path)), p.read_bytes()) for p in path.rglob("*")
+                      if p.is_file())
+    return path.read_bytes()
+
+
+def _kept(path, capsys) -> str:
+    """The one-line error of an overwrite of ``path`` refused before any simulation, with what
+    was there kept byte for byte."""
+    before = _contents(path)
+    capsys.readouterr()
+    assert _run(path, "data.overwrite=true") == 2
+    assert _contents(path) == before
+    *header, err = capsys.readouterr().err.strip().splitlines()
+    assert all(line.startswith("piadm generate-data:") for line in header)  # no progress
+    assert err.startswith("piadm: error: ")
+    return err
+
+
+def test_overwrite_refuses_and_keeps_what_generate_data_did_not_make(tmp_path, capsys):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("\\chapter{Four years}")
+    err = _kept(folder, capsys)
+    assert f"data.path {folder} exists and is not a dataset piadm generate-data made" in err
+    assert "move it away, or choose another data.path" in err
+    plain = tmp_path / "notes.txt"
+    plain.write_text("keep me")
+    assert "is not a dataset" in _kept(plain, capsys)
+    # an ensemble store of piadm sample, and a store derived from a dataset (attributes copied)
+    ensemble = tmp_path / "ensemble.zarr"
+    sets = ["model.shape=[8, 8]", "sampler.method='sequential-sde'", "sampler.steps=10",
+            "ensemble.members=2", "ensemble.batch_size=2", f"output.path={ensemble}"]
+    assert main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]) == 0
+    assert "is not a dataset" in _kept(ensemble, capsys)
+    data, derived = tmp_path / "k.zarr", tmp_path / "derived.zarr"
+    assert _run(data, *SHORT) == 0
+    ds = xr.open_zarr(data)
+    ds.assign(mean=ds.vorticity.mean("time")).to_zarr(derived, zarr_format=3, consolidated=False)
+    assert "is not a dataset" in _kept(derived, capsys)

@@ -343,3 +343,101 @@ def test_a_bad_extra_store_is_a_one_line_error_before_training(tmp_path, dataset
     assert {"same trajectory": "data.seed", "same store": "repeats",
             "other shape": "resolution"}[case] in lines[-1]
     assert not ckpt.exists()
+
+
+def _refused(args, capsys) -> str:
+    """The one-line error of a ``piadm train`` that exits 2 before its first step."""
+    capsys.readouterr()
+    assert main(args) == 2
+    *header, err = capsys.readouterr().err.strip().splitlines()
+    assert all(line.startswith("piadm train:") for line in header)  # no step, no resume
+    assert err.startswith("piadm: error: ")
+    return err
+
+
+def _files(ckpt) -> tuple[bytes, bytes]:
+    return ckpt.read_bytes(), Path(f"{ckpt}.json").read_bytes()
+
+
+def test_a_checkpoint_of_other_settings_is_refused_and_kept(tmp_path, dataset, capsys):
+    ckpt = tmp_path / "v.pt"
+    assert main(_train_args(dataset, ckpt, "train.steps=3")) == 0
+    kept = _files(ckpt)
+    err = _refused(_train_args(dataset, ckpt, "train.variable=vorticity_coarse"), capsys)
+    assert "train.variable (checkpoint 'vorticity', this run 'vorticity_coarse')" in err
+    assert "the shape of train.variable's fields (checkpoint [16, 16], this run [4, 4])" in err
+    assert "set train.resume = false to start anew, replacing it" in err
+    err = _refused(_train_args(dataset, ckpt, "train.channels=[8, 16, 32]"), capsys)
+    assert "train.channels (checkpoint [8, 16], this run [8, 16, 32])" in err
+    err = _refused(_train_args(dataset, ckpt, "train.condition=vorticity_coarse",
+                               "train.validation=0.5"), capsys)
+    assert "train.condition" in err and "train.validation" in err
+    assert _files(ckpt) == kept
+    # train.resume = false starts anew, with this run's settings
+    assert main(_train_args(dataset, ckpt, "train.channels=[8, 16, 32]", "train.steps=3",
+                            "train.resume=false")) == 0
+    assert load_denoiser(ckpt)[1]["unet"]["channels"] == [8, 16, 32]
+
+
+def test_a_resume_may_change_steps_lr_and_extra_stores(tmp_path, dataset, other, capsys):
+    import json
+
+    ckpt = tmp_path / "more.pt"
+    assert main(_train_args(dataset, ckpt, "train.steps=3")) == 0
+    meta = json.loads(Path(f"{ckpt}.json").read_text())
+    del meta["validation"]  # a checkpoint from before it was recorded: not compared
+    Path(f"{ckpt}.json").write_text(json.dumps(meta))
+    assert main(_train_args(dataset, ckpt, "train.steps=4", "train.lr=1e-4",
+                            f'train.extra=["{other}"]')) == 0
+    assert f"resuming {ckpt} at step 3" in capsys.readouterr().err
+    assert len(_history(ckpt)) == 4
+
+
+def test_a_file_that_is_no_training_checkpoint_is_a_one_line_error(tmp_path, dataset, capsys):
+    from models.export import export
+
+    text = tmp_path / "thesis.tex"
+    text.write_text("\\documentclass{article}\n")
+    err = _refused(_train_args(dataset, text), capsys)
+    assert f"train.checkpoint {text} is not a piadm train checkpoint" in err
+    assert text.read_text() == "\\documentclass{article}\n"
+    # starting anew replaces a training checkpoint only
+    err = _refused(_train_args(dataset, text, "train.resume=false"), capsys)
+    assert f"train.checkpoint {text} is not a piadm train checkpoint" in err
+    assert text.read_text() == "\\documentclass{article}\n"
+    ckpt = tmp_path / "t.pt"
+    assert main(_train_args(dataset, ckpt, "train.steps=3")) == 0
+    Path(f"{text}.json").write_bytes(Path(f"{ckpt}.json").read_bytes())  # a sidecar, no tensors
+    assert "is not a readable piadm train checkpoint (UnpicklingError)" in _refused(
+        _train_args(dataset, text), capsys)
+    shipped = tmp_path / "ship.pt"
+    export(ckpt, shipped)
+    assert "train.init" in _refused(_train_args(dataset, shipped), capsys)
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_is_a_one_line_error(tmp_path, dataset, capsys):
+    import json
+
+    ckpt = tmp_path / "w.pt"
+    assert main(_train_args(dataset, ckpt, "train.steps=3")) == 0
+    meta = json.loads(Path(f"{ckpt}.json").read_text())
+    meta["unet"]["channels"] = [8, 16, 32]  # a sidecar that disagrees with its tensors
+    Path(f"{ckpt}.json").write_text(json.dumps(meta))
+    err = _refused(_train_args(dataset, ckpt, "train.channels=[8, 16, 32]"), capsys)
+    assert f"train.checkpoint {ckpt} does not fit this run's U-Net (RuntimeError)" in err
+
+
+def test_two_ranks_refuse_a_checkpoint_of_other_settings_together(tmp_path, dataset):
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip("no mpiexec (pip install mpich)")
+    ckpt = tmp_path / "v.pt"
+    assert main(_train_args(dataset, ckpt, "train.steps=3")) == 0
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-m", "pipeline.cli",
+                           *_train_args(dataset, ckpt, "train.variable=vorticity_coarse")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("piadm: error: train.checkpoint") and "train.variable" in errors[0]
