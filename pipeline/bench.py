@@ -24,6 +24,7 @@ import torch
 from models import STAT_ERRORS, build_model
 from pipeline.comm import SerialComm
 from pipeline.console import on_rank0, print0
+from pipeline.errors import ConfigError
 from pipeline.memory import peak_since, start_peak
 from pipeline.noise import Noise
 from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
@@ -249,6 +250,7 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
     """Bench every shape in ``bench.sizes`` (or the model's shape); optionally save JSON, and a
     PNG plot of these rows with those of earlier JSON tables ``compare`` (e.g. other rank
     counts)."""
+    earlier = read_tables(compare)  # before any bench work: a bad table fails now, not after it
     shapes = cfg.bench.sizes or (cfg.model.shape,)
     print0(comm, f"piadm bench: model {cfg.model.kind}, {cfg.sampler.steps} steps, "
                  f"block {cfg.sampler.block_size}, tol {cfg.sampler.tol}, "
@@ -274,10 +276,58 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
     if png_path and comm.rank == 0:
         from pipeline.figures import bench_figure
 
-        earlier = [row for p in compare for row in json.loads(Path(p).read_text())["rows"]]
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
         print0(comm, f"plot: {bench_figure(earlier + rows, Path(png_path))}")
     return rows
+
+
+def read_tables(paths: tuple[str, ...]) -> list[dict]:
+    """The rows of the earlier ``--json`` tables ``paths`` (``--compare``), each checked to
+    hold what the plot reads; a ConfigError naming the file otherwise (every rank reads them)."""
+    return [row for path in paths for row in _table_rows(path)]
+
+
+def _table_rows(path: str) -> list[dict]:
+    """One ``--compare`` table's rows, or a ConfigError saying what is wrong with the file."""
+    from pipeline.figures import BENCH_ROW_KEYS
+
+    fix = "give JSON tables written by piadm bench --json"
+    if Path(path).is_dir():
+        raise ConfigError(f"--compare {path} is a directory: {fix}", collective=True)
+    if not Path(path).is_file():
+        raise ConfigError(f"--compare {path}: no such file; {fix}", collective=True)
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"--compare {path}: cannot read it ({err.strerror or err}): check its "
+                          "permissions", collective=True) from err
+    except ValueError as err:  # not UTF-8, or not JSON
+        raise ConfigError(f"--compare {path} is not JSON: {fix}", collective=True) from err
+    rows = doc.get("rows") if isinstance(doc, dict) else None
+    problem = _rows_problem(rows, BENCH_ROW_KEYS)
+    if problem:
+        raise ConfigError(f"--compare {path} is not a bench table ({problem}): {fix}",
+                          collective=True)
+    return rows
+
+
+def _rows_problem(rows, keys: tuple[str, ...]) -> str | None:
+    """What keeps ``rows`` from being a bench table's: a list of objects with a method name
+    ``keys[0]`` and the numbers ``keys[1:]``; None when nothing does."""
+    if not isinstance(rows, list):
+        return 'it has no "rows" list'
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            return f"row {i} is not an object"
+        missing = [key for key in keys if key not in row]
+        if missing:
+            return f"row {i} has no {', '.join(missing)}"
+        wrong = [key for key in keys[1:] if isinstance(row[key], bool)
+                 or not isinstance(row[key], (int, float))]
+        if not isinstance(row[keys[0]], str) or wrong:
+            return (f"row {i}'s {', '.join(wrong)} is not a number" if wrong
+                    else f"row {i}'s {keys[0]} is not a name")
+    return None
 
 
 def run_peer(cfg: Config, peer: str, *, comm=SerialComm(),

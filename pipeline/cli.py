@@ -122,18 +122,24 @@ def _against_sequential(cfg, summary) -> str:
     steps = s.steps + int(s.denoise_final)
     return (f"  vs sequential    {REFERENCE[s.method]} would take {steps} rounds and {steps} "
             f"model calls per batch and member; {s.method} took at most {summary.batch_rounds} "
-            f"rounds ({steps / max(summary.batch_rounds, 1):.1f}x fewer) for "
+            f"rounds ({_times(summary.batch_rounds, steps)}) for "
             f"{summary.model_calls / steps:.1f}x the calls\n")
 
 
-def _cmd_bench(args, world) -> int:
-    from pipeline.bench import run_bench
+def _times(ours: float, theirs: float) -> str:
+    """``ours`` against ``theirs`` as "2.0x fewer", "1.1x more" or "as many"."""
+    if ours == theirs:
+        return "as many"
+    if ours < theirs:
+        return f"{theirs / max(ours, 1):.1f}x fewer"
+    return f"{ours / theirs:.1f}x more"
 
+
+def _cmd_bench(args, world) -> int:
+    _check_bench_flags(args)  # the arguments first: refused before torch loads or a bench runs
+    _output_file("--json", args.json)
+    _figure_file("--png", args.png)
     cfg, _, device = _setup(args, world)
-    for path in args.compare:
-        if not Path(path).is_file():
-            raise ConfigError(f"--compare {path}: no such file; give JSON tables written by "
-                              "piadm bench --json", collective=True)
     if args.quality is not None:
         from pipeline.equal_quality import parse_quality, run_quality
 
@@ -150,9 +156,67 @@ def _cmd_bench(args, world) -> int:
 
         run_peer(cfg, args.peer, comm=world, device=device)
         return 0
+    from pipeline.bench import run_bench
+
     run_bench(cfg, json_path=args.json, png_path=args.png, compare=tuple(args.compare),
               comm=world, device=device)
     return 0
+
+
+# The files each kind of bench writes: any other output flag would be silently ignored.
+BENCH_OUTPUTS = {"bench": ("--json", "--png", "--compare"), "bench --quality": ("--json", "--png"),
+                 "bench --renoise": ("--json",), "bench --peer": ()}
+
+
+def _check_bench_flags(args) -> None:
+    """Refuse two benches at once, and an output flag the bench asked for does not write."""
+    given = [flag for flag, on in (("--quality", args.quality is not None),
+                                   ("--renoise", args.renoise), ("--peer", args.peer)) if on]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} are different benches: give one",
+                          collective=True)
+    mode = " ".join(["bench", *given])
+    takes = BENCH_OUTPUTS[mode]
+    for flag, value in (("--json", args.json), ("--png", args.png), ("--compare", args.compare)):
+        if value and flag not in takes:
+            kept = f"takes only {' and '.join(takes)}" if takes else "writes no file"
+            raise ConfigError(f"{flag}: {mode} {kept}: drop {flag}", collective=True)
+    if args.compare and not args.png:
+        raise ConfigError("--compare adds earlier tables to the --png plot: give --png PATH too",
+                          collective=True)
+
+
+def _output_file(flag: str, path: str | None, name: str = "bench.json") -> None:
+    """Refuse an output file that cannot be written, before the work whose result it holds
+    (``name``: the file the error suggests in a directory given instead)."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory: give a file path, e.g. {p / name}",
+                          collective=True)
+    folder = next(f for f in (p.parent, *p.parent.parents) if f.exists())  # mkdir starts here
+    if not folder.is_dir():
+        raise ConfigError(f"{flag} {path}: {folder} is a file, so no folder can be made there: "
+                          "give another path", collective=True)
+    if not os.access(p if p.exists() else folder, os.W_OK):
+        raise ConfigError(f"{flag} {path}: you may not write there: give another path",
+                          collective=True)
+
+
+def _figure_file(flag: str, path: str | None) -> None:
+    """``_output_file``, and a suffix matplotlib saves a figure as."""
+    _output_file(flag, path, "bench.png")
+    if path is None:
+        return
+    from pipeline.figures import save_formats
+
+    formats = save_formats()
+    suffix = Path(path).suffix.lower().removeprefix(".")
+    if suffix not in formats:
+        why = f"'.{suffix}' is not a figure format" if suffix else "it has no suffix"
+        raise ConfigError(f"{flag} {path}: {why}: end it in .png (or any of "
+                          f"{', '.join(sorted(formats - {'png'}))})", collective=True)
 
 
 def _cmd_calibrate(args, world) -> int:
@@ -348,9 +412,11 @@ def parser() -> argparse.ArgumentParser:
                                  "kept per octave band at each level")
             sp.add_argument("--json", metavar="PATH", help="also save the table as JSON")
             sp.add_argument("--png", metavar="PATH", help="also plot rounds and wall time "
-                            "against d (and against ranks, with --compare) as a PNG")
+                            "against d (and against ranks, with --compare) as a PNG (or PDF, "
+                            "SVG, ...: by the suffix)")
             sp.add_argument("--compare", nargs="+", default=[], metavar="JSON",
-                            help="earlier --json tables (e.g. at other rank counts) to plot too")
+                            help="earlier --json tables (e.g. at other rank counts) to plot too, "
+                                 "with --png")
     return p
 
 
@@ -391,6 +457,8 @@ def explain(err: Exception) -> str:
     """The one line a user error prints: an I/O failure names its file and what to check."""
     if not isinstance(err, OSError) or type(err).__module__.startswith("pipeline"):
         return str(err)
+    if type(err).__module__.startswith("zarr"):  # nothing found to read; the message names where
+        return f"cannot read a Zarr store: {err}: check that the path is the store it should be"
     where = f" {err.filename}" if err.filename else ""
     return (f"cannot use{where}: {err.strerror or err}: check that the path exists, that you "
             "may write there and that its disk has space")

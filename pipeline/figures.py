@@ -19,6 +19,13 @@ def _pyplot():
     return plt
 
 
+def save_formats() -> set[str]:
+    """The file suffixes (no dot, lower case) the figures here can be saved as: matplotlib's."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
 def fields_figure(ens: xr.Dataset, truth: xr.DataArray, paired: bool, path: Path,
                   items: int = 3, members: int = 3, inputs: xr.DataArray | None = None) -> Path:
     """Rows of items: the (upsampled) input when given, truth, a few members, ensemble mean
@@ -32,8 +39,9 @@ def fields_figure(ens: xr.Dataset, truth: xr.DataArray, paired: bool, path: Path
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.3 * rows + 0.4), squeeze=False)
     for r in range(rows):
         e = field.isel({field.dims[0]: r}).values
+        # a climatology may have several dims before the field's (e.g. time and member)
         t = truth.isel({truth.dims[0]: r}).values if paired else truth.isel(
-            {truth.dims[0]: 0}).values
+            {d: 0 for d in truth.dims[:truth.ndim - e.ndim + 1]}).values
         lim = float(max(np.abs(t).max(), np.abs(e[:shown]).max()))
         panels = [] if inputs is None else [
             ("coarse input", inputs.isel({inputs.dims[0]: r}).values)]
@@ -174,6 +182,11 @@ def _timed(ax, x, rows: list[dict], **style) -> None:
     med = np.array([r.get("wall_med_s", r["wall_s"]) for r in rows])
     ax.errorbar(x, low, yerr=[np.zeros_like(low), np.maximum(med - low, 0)], fmt="o-",
                 capsize=3, **style)
+
+
+# What bench_figure reads of every row: the method's name, then numbers (and wall_med_s and
+# repeats where a row has them).
+BENCH_ROW_KEYS = ("method", "ranks", "d", "rounds", "wall_s")
 
 
 def bench_figure(rows: list[dict], path: Path) -> Path:

@@ -32,17 +32,26 @@ def _field_variable(ds: xr.Dataset) -> str:
         raise EvaluationError(str(err)) from err
 
 
+def _open_zarr(path: str | Path, what: str, fix: str) -> xr.Dataset:
+    """The Zarr store at ``path``, opened lazily; else an error naming ``what`` it is for and
+    the ``fix``."""
+    try:
+        return open_store(path)
+    except PermissionError:  # a store we may not read: the I/O error names the file
+        raise
+    except Exception as err:  # zarr's errors for a non-store are many and unspecific
+        raise EvaluationError(f"{what} is not a Zarr store: {fix}") from err
+
+
 def open_ensemble(path: str | Path) -> xr.Dataset:
     """The complete store at ``path``, opened lazily."""
     if not Path(path).exists():
         raise EvaluationError(f"store {path} does not exist: give the output.path of a "
                               "piadm sample run")
-    try:
-        ds = open_store(path)
-    except Exception as err:  # zarr's errors for a non-store are many and unspecific
-        raise EvaluationError(f"{path} is not a readable Zarr store ({err})") from err
+    ds = _open_zarr(path, f"store {path}", "give the output.path of a piadm sample run")
     if "done" not in ds or "piadm_store_digest" not in ds.attrs:
-        raise EvaluationError(f"{path} is not a piadm ensemble store")
+        raise EvaluationError(f"{path} is not a piadm ensemble store: give the output.path of "
+                              "a piadm sample run")
     done = ds["done"].values == 1
     if not done.all():
         raise EvaluationError(
@@ -57,7 +66,8 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
     if not Path(path).exists():
         raise EvaluationError(f"truth {path} does not exist: give the Zarr store of the data "
                               "(e.g. made by piadm generate-data)")
-    truth_ds = xr.open_zarr(path)
+    truth_ds = _open_zarr(path, f"--truth {path}", "give the store written by piadm "
+                          "generate-data (or any Zarr store with the truth variable)")
     if variable not in truth_ds:
         raise EvaluationError(f"truth {path} has no variable {variable!r} (it has "
                               f"{', '.join(map(str, truth_ds.data_vars))}): use --truth-variable")
@@ -115,6 +125,21 @@ def upsampled(coarse: xr.DataArray, ens: xr.Dataset) -> xr.DataArray:
 
 def _square(shape) -> bool:
     return len(shape) == 2 and shape[0] == shape[1]
+
+
+def _check_kmax(kmax: int | None, ens: xr.Dataset) -> None:
+    """Refuse a ``kmax`` the store's spectra do not reach: they have shells k = 1 .. n / 2,
+    and none unless the fields are square."""
+    if kmax is None:
+        return
+    shape = ens[_field_variable(ens)].shape[2:]
+    if not _square(shape):
+        raise EvaluationError(f"--kmax {kmax}: the store's fields {tuple(shape)} are not square, "
+                              "so no spectrum is scored: drop --kmax")
+    if kmax > shape[-1] // 2:
+        raise EvaluationError(f"--kmax {kmax} is past the largest shell of the store's "
+                              f"{shape[0]}x{shape[1]} fields: give at most {shape[-1] // 2} "
+                              "(n / 2)")
 
 
 def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | None = None,
@@ -212,7 +237,7 @@ def _spectrum_scores(out: xr.Dataset, spectra, ens_spectra: list, truth_values: 
     ``n`` x ``n`` grid's scales (``pipeline.bands``)."""
     k, truth_spectra = spectra(truth_values)
     ens_spectra = np.concatenate(ens_spectra)
-    kmax = kmax or n // 8
+    kmax = max(n // 8, 1) if kmax is None else kmax  # fields under 8 points still score k = 1
     bands = spectral_bands(n, cut=cut, input_n=input_n)
     block = 1 if paired else correlation_block(truth_spectra)
     figs = band_figures(ens_spectra, truth_spectra, bands, paired=paired, block=block)
@@ -300,7 +325,11 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
 
     if cut is not None and cut < 1:
         raise EvaluationError(f"--cut {cut}: the truth's finest resolved wavenumber must be >= 1")
+    if kmax is not None and kmax < 1:
+        raise EvaluationError(f"--kmax {kmax}: the largest wavenumber scored must be >= 1 "
+                              "(leave it out for n / 8)")
     ens = open_ensemble(store)
+    _check_kmax(kmax, ens)
     truth, paired = open_truth(truth_path, truth_variable or _field_variable(ens), ens,
                                truth_range)
     coarse = coarse_input(ens)

@@ -1,0 +1,179 @@
+"""Bad command-line arguments are refused with one line before any costly work: bench's
+output paths, --compare tables and flags that do not go together, evaluate's --kmax and
+a --truth or store that is not a Zarr store; and the sample summary words a ratio right."""
+import errno
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline.cli import _against_sequential, explain, main
+
+TINY = ["--set", "model.shape=[8, 8]", "--set", "sampler.steps=10", "--set",
+        "bench.sizes=[[8, 8]]", "--set", "bench.repeats=1"]
+
+
+def _one_error(capsys) -> str:
+    """The error line of a refused command, checked to be the only output: no bench ran."""
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("piadm: error: "), err
+    return err
+
+
+def _bench(*args) -> int:
+    return main(["bench", "jobs/configs/grf.toml", *TINY, *args])
+
+
+@pytest.mark.parametrize("png, message", [
+    ("x.txt", "--png {tmp}/x.txt: '.txt' is not a figure format: end it in .png (or any of "),
+    ("plot", "--png {tmp}/plot: it has no suffix: end it in .png"),
+    ("a.zarr", "--png {tmp}/a.zarr is a directory: give a file path, e.g. {tmp}/a.zarr/bench.png"),
+])
+def test_bench_refuses_a_figure_path_it_cannot_save(tmp_path, capsys, png, message):
+    (tmp_path / "a.zarr").mkdir()
+    assert _bench("--png", str(tmp_path / png)) == 2
+    assert message.format(tmp=tmp_path) in _one_error(capsys)
+
+
+def test_bench_figure_formats_are_what_matplotlib_saves():
+    from pipeline.figures import save_formats
+
+    assert {"png", "pdf", "svg"} <= save_formats() and "txt" not in save_formats()
+
+
+@pytest.mark.parametrize("json_path, message", [
+    ("a.zarr", "--json {tmp}/a.zarr is a directory: give a file path, e.g. "
+               "{tmp}/a.zarr/bench.json"),
+    ("afile.txt/b.json", "--json {tmp}/afile.txt/b.json: {tmp}/afile.txt is a file, so no "
+                         "folder can be made there"),
+])
+def test_bench_refuses_a_json_path_it_cannot_write(tmp_path, capsys, json_path, message):
+    (tmp_path / "a.zarr").mkdir()
+    (tmp_path / "afile.txt").write_text("x")
+    assert _bench("--json", str(tmp_path / json_path)) == 2
+    assert message.format(tmp=tmp_path) in _one_error(capsys)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ({"kmax": 3, "crps": 0.1}, 'is not a bench table (it has no "rows" list)'),  # evaluate's
+    ({"rows": 5}, 'is not a bench table (it has no "rows" list)'),
+    ([1, 2], 'is not a bench table (it has no "rows" list)'),
+    ({"rows": [5]}, "is not a bench table (row 0 is not an object)"),
+    ({"rows": [{"method": "pc-window", "ranks": 1}]}, "(row 0 has no d, rounds, wall_s)"),
+    ({"rows": [{"method": "pc-window", "ranks": 1, "d": 64, "rounds": "9", "wall_s": 1.0}]},
+     "(row 0's rounds is not a number)"),
+    ("not json", "is not JSON"),
+    (None, "is a directory"),
+])
+def test_bench_refuses_a_compare_file_that_is_not_a_bench_table(tmp_path, capsys, content,
+                                                                problem):
+    table = tmp_path / "t.json"
+    if content is None:
+        table.mkdir()
+    else:
+        table.write_text(content if isinstance(content, str) else json.dumps(content))
+    assert _bench("--png", str(tmp_path / "b.png"), "--compare", str(table)) == 2
+    err = _one_error(capsys)
+    assert f"--compare {table}" in err and problem in err, err
+    assert err.endswith("give JSON tables written by piadm bench --json")
+    assert not (tmp_path / "b.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--renoise", "--quality", "0.1"], "--quality and --renoise are different benches: give one"),
+    (["--peer", "diffusers", "--quality", "0.1"], "--quality and --peer are different benches"),
+    (["--peer", "diffusers", "--renoise"], "--renoise and --peer are different benches"),
+    (["--renoise", "--png", "r.png"], "--png: bench --renoise takes only --json: drop --png"),
+    (["--peer", "diffusers", "--json", "p.json"], "--json: bench --peer writes no file: drop"),
+    (["--quality", "0.1", "--png", "q.png", "--compare", "t.json"],
+     "--compare: bench --quality takes only --json and --png: drop --compare"),
+    (["--compare", "t.json"], "--compare adds earlier tables to the --png plot: give --png"),
+])
+def test_bench_refuses_flags_that_do_not_go_together(capsys, args, message):
+    assert _bench(*args) == 2
+    assert message in _one_error(capsys)
+
+
+def test_bench_refuses_an_empty_method_list(capsys):
+    assert _bench("--set", "bench.methods=[]") == 2
+    assert "bench.methods" in _one_error(capsys)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A complete 8 x 8 ensemble store of two members."""
+    path = tmp_path_factory.mktemp("store") / "ens.zarr"
+    sets = ["model.shape=[8, 8]", "sampler.steps=10", "sampler.method=sequential-sde",
+            "ensemble.members=2", f"output.path={path}"]
+    assert main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]) == 0
+    return path
+
+
+@pytest.mark.parametrize("kmax", ["-3", "0"])
+def test_evaluate_refuses_kmax_below_one_before_reading(tmp_path, capsys, kmax):
+    # no store at all: the argument is refused first
+    assert main(["evaluate", str(tmp_path / "none.zarr"), "--truth", "t.zarr", "--kmax", kmax]) == 2
+    assert f"--kmax {kmax}: the largest wavenumber scored must be >= 1" in _one_error(capsys)
+
+
+def test_evaluate_refuses_kmax_past_the_largest_shell(store, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", str(store), "--truth", str(store), "--truth-variable", "field",
+                 "--kmax", "1000", "--out", str(tmp_path / "e")]) == 2
+    assert ("--kmax 1000 is past the largest shell of the store's 8x8 fields: give at most 4"
+            in _one_error(capsys))
+    assert not (tmp_path / "e").exists()
+
+
+def test_evaluate_takes_kmax_up_to_the_largest_shell(store, tmp_path, capsys):
+    # the store as its own truth: a climatology with two dims (item, member) before the field
+    assert main(["evaluate", str(store), "--truth", str(store), "--truth-variable", "field",
+                 "--kmax", "4", "--out", str(tmp_path / "e"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["kmax"] == 4 and len(doc["spectrum_k"]["k"]) == 4
+    assert (tmp_path / "e" / "fields.png").exists()
+
+
+@pytest.mark.parametrize("what", ["a plain file", "an empty folder"])
+def test_evaluate_names_a_truth_or_store_that_is_not_a_zarr_store(store, tmp_path, capsys,
+                                                                    what):
+    path = tmp_path / "afile.txt"
+    if what == "a plain file":
+        path.write_text("x")
+    else:
+        path.mkdir()
+    capsys.readouterr()
+    assert main(["evaluate", str(store), "--truth", str(path)]) == 2
+    assert _one_error(capsys) == (
+        f"piadm: error: --truth {path} is not a Zarr store: give the store written by piadm "
+        "generate-data (or any Zarr store with the truth variable)")
+    assert main(["evaluate", str(path), "--truth", str(store)]) == 2
+    assert _one_error(capsys) == (f"piadm: error: store {path} is not a Zarr store: give the "
+                                  "output.path of a piadm sample run")
+
+
+def test_a_zarr_read_error_is_not_told_to_check_disk_space(tmp_path):
+    import xarray as xr
+
+    (tmp_path / "afile.txt").write_text("x")
+    with pytest.raises(OSError) as read:
+        xr.open_zarr(tmp_path / "afile.txt")
+    said = explain(read.value)
+    assert said.startswith("cannot read a Zarr store: ") and str(tmp_path / "afile.txt") in said
+    assert "disk" not in said and "write" not in said
+    full = OSError(errno.ENOSPC, "No space left on device", "out/x.zarr")  # a write's: as before
+    assert explain(full) == ("cannot use out/x.zarr: No space left on device: check that the "
+                             "path exists, that you may write there and that its disk has space")
+
+
+@pytest.mark.parametrize("rounds, words", [(22, "took at most 22 rounds (1.1x more)"),
+                                           (20, "took at most 20 rounds (as many)"),
+                                           (5, "took at most 5 rounds (4.0x fewer)")])
+def test_the_sample_summary_says_more_rounds_when_there_were_more(rounds, words):
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["sampler.method=piadm-sde", "sampler.steps=20",
+                             "sampler.denoise_final=false"])
+    summary = SimpleNamespace(members=2, batch_rounds=rounds, model_calls=30.0)
+    line = _against_sequential(cfg, summary)
+    assert "would take 20 rounds" in line and words in line and "1.5x the calls" in line
