@@ -251,6 +251,7 @@ def _cmd_plan(args, world) -> int:
     from pipeline.ensemble import first_item_model
     from pipeline.planner import make_plan, settings, table, describe
 
+    _output_file("--json", args.json, "plan.json")
     cfg, _, device = _setup(args, world)
     if args.ranks < 1 or args.gpus_per_node < 0:
         raise ConfigError(f"plan: --ranks {args.ranks} must be >= 1 and --gpus-per-node "

@@ -54,6 +54,11 @@ def test_bench_refuses_a_json_path_it_cannot_write(tmp_path, capsys, json_path, 
     assert message.format(tmp=tmp_path) in _one_error(capsys)
 
 
+def test_plan_refuses_a_json_path_that_is_a_directory(tmp_path, capsys):
+    assert main(["plan", "jobs/configs/grf.toml", "--ranks", "2", "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path} is a directory: give a file path" in _one_error(capsys)
+
+
 @pytest.mark.parametrize("content, problem", [
     ({"kmax": 3, "crps": 0.1}, 'is not a bench table (it has no "rows" list)'),  # evaluate's
     ({"rows": 5}, 'is not a bench table (it has no "rows" list)'),
