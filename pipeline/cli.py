@@ -278,6 +278,7 @@ def _cmd_plan(args, world) -> int:
                  "rounds": p.profile.rounds,
                  "calls": p.profile.calls, "tol": p.profile.tol, "round_s": p.round_s,
                  "batches": p.batches, "predicted_s": p.seconds} for p in plan.ranked]
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": dataclasses.asdict(plan.machine),
                                                "settings": chosen, "layouts": rows}, indent=1))
     return 0

@@ -47,7 +47,7 @@ def _coerce(key: str, value, hint):
         if not isinstance(value, dict):
             raise ConfigError(f"config: {key} must be a table, got {value!r}")
         return dict(value)
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
         value = value.item()  # a numpy scalar from a workflow script: its Python value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -11,6 +11,7 @@ from small u and falling from larger u means the loss arises at the noise levels
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -143,6 +144,7 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
         print0(comm, f"{u:7.3g} {rows[-1]['sigma']:8.3g} {steps:6d} "
                      + " ".join(f"{r:9.3f}" for r in ratios))
     if json_path and comm.rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as out:
             json.dump({"method": method, "fields": len(pick), "draws": draws, "rows": rows},
                       out, indent=1)

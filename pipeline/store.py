@@ -195,7 +195,7 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
         os.rename(aside, path)
     except OSError:  # another run created it first: use theirs if it is the same config
         shutil.rmtree(aside, ignore_errors=True)
-        _refuse_unless_same(path, spec.digest)
+        check_target(path, spec.digest, overwrite=False)  # never "resume" another config's
         return "resumed"
     return "created"
 
