@@ -6,7 +6,8 @@ The result holds only the EMA state (a few MB) and the JSON sidecar, and loads w
 ``torch.load(weights_only=True)`` like any piadm checkpoint. ``--data`` (re)computes S, the
 data-covariance bound pc-window uses (``models.bound``), on the training split of ZARR (the
 times before the sidecar's ``train.validation`` fraction), and records the data's grid
-(``models.grid``), for checkpoints trained before they were recorded; SRC may be DST."""
+(``models.grid``) and a conditional model's coarse-field shape, for checkpoints trained before
+they were recorded; SRC may be DST."""
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,10 @@ def export(src: str | Path, dst: str | Path, data: str | Path | None = None) -> 
         from models.grid import grid_of
 
         meta["data_bound"] = data_bound(meta, data)
-        meta["grid"] = grid_of(xr.open_zarr(data)[meta["variable"]])
+        ds = xr.open_zarr(data)
+        meta["grid"] = grid_of(ds[meta["variable"]])
+        if meta.get("condition"):
+            meta["cond_shape"] = list(ds[meta["condition"]].shape[1:])
     dst.parent.mkdir(parents=True, exist_ok=True)
     if src.resolve() != dst.resolve():  # in place: only the sidecar changes
         state = torch.load(src, map_location="cpu", weights_only=True)

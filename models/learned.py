@@ -47,6 +47,8 @@ class LearnedUNet:
     residual: bool = False
     # the training data's grid (models.grid): coordinates and attributes for the stores
     grid: dict = field(default_factory=dict)
+    # the conditioning fields' shape in training; None when the checkpoint does not record it
+    cond_shape: tuple[int, ...] | None = None
     _score: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -63,7 +65,11 @@ class LearnedUNet:
 
     def conditioned(self, coarse: torch.Tensor) -> "LearnedUNet":
         """Bind a coarse field (h, w), in model units, upsampled to the grid (smoothly for a
-        residual model, by blocks otherwise: as in training)."""
+        residual model, by blocks otherwise: as in training). Raises ValueError for a field
+        of another shape than the training's conditioning fields."""
+        if self.cond_shape is not None and tuple(coarse.shape) != self.cond_shape:
+            raise ValueError(f"the conditioning field is {list(coarse.shape)} but this model was "
+                             f"trained on {list(self.cond_shape)}")
         up = spectral_upsample if self.residual else upsample_blocks
         return replace(self, cond=up(coarse.float(), self.shape)[None])
 
@@ -122,4 +128,5 @@ def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu", guide: str 
     return LearnedUNet(den, tuple(shape), meta["mean"], meta["std"], den.cfg.cond_channels,
                        meta["variable"], data_bound=float(meta.get("data_bound", float("inf"))),
                        residual=bool(meta.get("residual", False)),
-                       grid=meta.get("grid", {}))
+                       grid=meta.get("grid", {}),
+                       cond_shape=tuple(meta["cond_shape"]) if meta.get("cond_shape") else None)

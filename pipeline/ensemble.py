@@ -60,14 +60,16 @@ class Summary:
     preempted: bool
 
 
-def load_items(cfg: Config, *, check: bool) -> Items:
-    """The run's work items: the input selection (validated when ``check``), or one item."""
+def load_items(cfg: Config, *, check: bool, model=None) -> Items:
+    """The run's work items: the input selection (validated when ``check``, against the
+    conditioning shape ``model`` was trained on when it records one), or one item."""
     i = cfg.input
     if not i.path:
         return unconditional()
     return open_items(i.path, variable=i.variable, dim=i.item_dim, items=i.items, span=i.range,
                       shape=tuple(cfg.model.shape), check=check,
-                      coarse=cfg.model.condition == "coarse")
+                      coarse=cfg.model.condition == "coarse",
+                      cond_shape=getattr(model, "cond_shape", None))
 
 
 def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
@@ -106,10 +108,10 @@ def _check_only(only: tuple[int, ...], count: int) -> None:
                           f"the input selection: use indices 0 .. {count - 1}")
 
 
-def _check_early(cfg: Config) -> tuple[float, float]:
+def _check_early(cfg: Config, model) -> tuple[float, float]:
     """Rank 0: the input (its layout, selection and one pass over its values) and the output
     target, before the start-up's costly work; returns the input's (mean, std)."""
-    items = load_items(cfg, check=True)
+    items = load_items(cfg, check=True, model=model)
     _check_only(cfg.parallel.items, len(items.labels))
     check_target(cfg.output.path, cfg.store_digest, overwrite=cfg.output.overwrite)
     return items.mean, items.std
@@ -211,7 +213,7 @@ def first_item_model(cfg: Config, model, device):
     when the model is conditioned (calibration and the bench use it), else itself."""
     if not cfg.input.path:
         return model
-    items = load_items(cfg, check=True)
+    items = load_items(cfg, check=True, model=model)
     raw = items.field(cfg.parallel.items[0] if cfg.parallel.items else 0)
     mean = getattr(model, "data_mean", None)
     mean, std = (items.mean, items.std) if mean is None else (mean, model.data_std)
@@ -247,7 +249,7 @@ def _start_up(cfg: Config, model, world, stop, device,
     """Every rank: rank 0's checks of the input and target, the run's tolerance, then the
     store it creates or opens; returns (spec, state, tol), or None when a stop signal came
     first (nothing written)."""
-    stats = on_rank0(world, _check_early, cfg)  # a refusal now, not after a calibration
+    stats = on_rank0(world, _check_early, cfg, model)  # a refusal now, not after a calibration
     # stopped during start-up (before or after a calibration): exit before writing anything
     tol = None if _stop_agreed(world, stop) else on_rank0(world, run_tolerance, cfg, model, device)
     if tol is None or _stop_agreed(world, stop):

@@ -125,8 +125,10 @@ def _fits(got: tuple[int, ...], shape: tuple[int, ...], coarse: bool) -> bool:
 
 
 def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
-               shape: tuple[int, ...], check: bool = True, coarse: bool = False) -> Items:
-    """Open the conditioning input and check its layout; with ``check`` also stream over the
+               shape: tuple[int, ...], check: bool = True, coarse: bool = False,
+               cond_shape: tuple[int, ...] | None = None) -> Items:
+    """Open the conditioning input and check its layout (``cond_shape``: the coarse fields'
+    shape the model was trained on, when known); with ``check`` also stream over the
     selection once for NaN/Inf and the normalisation statistics (else mean 0, std 1).
     Raises InputError naming the problem."""
     ds = _open(path)
@@ -141,6 +143,10 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
         want = "divide model.shape evenly" if coarse else "equal model.shape"
         raise InputError(f"input: {variable} fields are {list(var.shape[1:])} but must {want} "
                          f"= {list(shape)}: pick the matching variable or set model.shape")
+    if coarse and cond_shape is not None and tuple(var.shape[1:]) != tuple(cond_shape):
+        raise InputError(f"input: {variable} fields are {list(var.shape[1:])} but the model was "
+                         f"trained on coarse fields of {list(cond_shape)}: set input.variable "
+                         "to the coarse field of that resolution")
     var = _select(var, dim, items, span)
     field_dims = var.dims[1:]
     if not check:

@@ -258,6 +258,8 @@ def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: st
     return {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std,
             "data_bound": trn.data_bound, "variable": t.variable, "condition": t.condition,
             "residual": t.residual, "shape": list(shape), "data": t.data,
+            # the conditioning grid: sampling refuses an input of another resolution
+            "cond_shape": None if trn.coarse is None else list(trn.coarse.shape[1:]),
             "validation": t.validation, "config": config_text,
             "grid": grid_of(xr.open_zarr(t.data)[t.variable])}
 

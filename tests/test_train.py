@@ -10,7 +10,7 @@ import pytest
 import torch
 import xarray as xr
 
-from models.learned import unet_score_model
+from models.learned import load_unet, unet_score_model
 from pipeline.cli import main
 from pipeline.grids import make_grid
 from pipeline.noise import Noise
@@ -162,6 +162,21 @@ def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path
     assert metrics.attrs["baseline_mae"] == pytest.approx(mae, rel=1e-5)
 
 
+def test_a_downscaler_refuses_an_input_of_another_resolution_than_its_training(tmp_path,
+                                                                            dataset, capsys):
+    cond = tmp_path / "cond.pt"
+    assert main(_train_args(dataset, cond, "train.condition=vorticity_coarse")) == 0
+    assert load_unet(str(cond), (16, 16)).cond_shape == (4, 4)
+    out = tmp_path / "fine.zarr"
+    sets = [f"model.checkpoint={cond}", "model.condition=coarse", f"input.path={dataset}",
+            "input.variable=vorticity", "input.items=['3.0']"]
+    capsys.readouterr()
+    assert main(_sample_args(out, *sets)) == 2  # the fine field divides the grid, but is not
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # what the model was trained on
+    assert err.startswith("piadm: error: input: vorticity fields are [16, 16]")
+    assert "coarse fields of [4, 4]" in err and not out.exists()
+
+
 def test_bench_renoise_gives_each_downscaled_field_its_own_coarse_input(tmp_path, dataset, capsys):
     import json
 
@@ -219,7 +234,6 @@ def test_training_records_s_and_export_recomputes_it(tmp_path, dataset):
 
     from models.bound import largest_mode_power
     from models.export import export
-    from models.learned import load_unet
 
     ckpt = tmp_path / "s.pt"
     assert main(_train_args(dataset, ckpt)) == 0
@@ -242,12 +256,11 @@ def test_training_records_s_and_export_recomputes_it(tmp_path, dataset):
     assert load_unet(str(shipped), (16, 16)).data_bound == pytest.approx(expect, rel=1e-6)
 
 
-def test_the_shipped_checkpoints_record_s():
-    from models.learned import load_unet
-
+def test_the_shipped_checkpoints_record_s_and_the_downscalers_input_grid():
     for name in ("kolmogorov_uncond", "kolmogorov_down"):
         bound = load_unet(f"models/checkpoints/{name}.pt", (64, 64)).data_bound
         assert 100 < bound < 1000  # the forced mode holds a few percent of the variance
+    assert load_unet("models/checkpoints/kolmogorov_down.pt", (64, 64)).cond_shape == (16, 16)
 
 
 def test_spectral_upsampling_inverts_block_averages_of_resolved_fields():
@@ -271,7 +284,6 @@ def test_spectral_upsampling_inverts_block_averages_of_resolved_fields():
 
 def test_a_residual_model_learns_the_remainder_and_samples_as_upsampling_plus_it(tmp_path, dataset):
     from models.conditioning import spectral_upsample
-    from models.learned import load_unet
     from pipeline.settings import TrainConfig
     from pipeline.train import open_dataset
 
