@@ -39,12 +39,26 @@ EXAMPLES = {
 }
 
 
+def _split_items(text: str) -> list[str]:
+    """``text`` cut at each ``;`` or new line outside quotes, so that a quoted value (a path
+    such as ``"runs;1.zarr"``) stays whole."""
+    items, start, quote = [], 0, ""
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in ";\n":
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
+
+
 def overrides(args) -> list[str]:
     """The ``--set`` overrides of a command: those in the environment variable ``PIADM_SET``
     (``section.key=value`` items separated by ``;`` or new lines, each as ``--set`` takes it;
     for a whole batch script or session) first, then the command line's."""
-    items = [item.strip() for line in os.environ.get("PIADM_SET", "").splitlines()
-             for item in line.split(";")]
+    items = [item.strip() for item in _split_items(os.environ.get("PIADM_SET", ""))]
     for item in filter(None, items):
         if "=" not in item:
             raise ConfigError(f"PIADM_SET: {item!r} is not section.key=value (separate the "

@@ -44,6 +44,16 @@ def test_file_and_override_errors_are_one_line(args, needle, capsys, tmp_path):
     assert len(errors) == 1 and needle in errors[0] and errors[0].startswith("piadm: error:")
 
 
+def test_piadm_set_items_split_at_semicolons_and_lines_but_not_inside_quotes(monkeypatch):
+    from argparse import Namespace
+
+    from pipeline.cli import overrides
+
+    monkeypatch.setenv("PIADM_SET", 'a.b=1; output.path="x;y.zarr"\n c.d=[\'p;q\', 2];')
+    assert overrides(Namespace(set=["e.f=3"])) == [
+        "a.b=1", 'output.path="x;y.zarr"', "c.d=['p;q', 2]", "e.f=3"]
+
+
 def test_invalid_toml_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("[sampler\nsteps = 3\n")
