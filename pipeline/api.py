@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import xarray as xr
@@ -89,7 +90,12 @@ def evaluate(store: str | Path, truth: str | Path, **options) -> xr.Dataset:
     """Score ``store`` against ``truth`` as ``piadm evaluate`` does (same options:
     truth_variable, truth_range, kmax, cut, out); returns the metrics dataset, whose attributes
     hold the overall figures."""
+    from pipeline.errors import EvaluationError
     from pipeline.scoring import evaluate as _evaluate
 
-    metrics, _ = _evaluate(store, truth, **options)
+    try:
+        metrics, _ = _evaluate(store, truth, **options)
+    except EvaluationError as err:  # its messages name the CLI's flags: name the keywords
+        raise EvaluationError(re.sub(r"--([a-z]+(?:-[a-z]+)*)",
+                                     lambda m: m[1].replace("-", "_"), str(err))) from None
     return metrics

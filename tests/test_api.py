@@ -55,6 +55,18 @@ def test_open_ensemble_refuses_a_store_piadm_did_not_make(tmp_path):
         api.open_ensemble(tmp_path / "plain.zarr")
 
 
+def test_evaluate_errors_name_the_keyword_arguments(tmp_path):
+    from pipeline.errors import EvaluationError
+
+    cfg = api.load_config("jobs/configs/grf.toml", {
+        "model.shape": [8, 8], "sampler.steps": 10, "sampler.block_size": 5,
+        "ensemble.members": 2, "ensemble.batch_size": 2, "output.path": str(tmp_path / "e.zarr")})
+    path = api.sample(cfg).path
+    with pytest.raises(EvaluationError, match=r"^kmax 99 is past the largest shell") as err:
+        api.evaluate(path, path, kmax=99)
+    assert "--" not in str(err.value)
+
+
 def test_api_run_equals_the_cli_run(tmp_path):
     sets = {"model.shape": [16, 16], "sampler.steps": 40, "sampler.block_size": 20,
             "ensemble.members": 4, "ensemble.batch_size": 2}
