@@ -37,7 +37,8 @@ from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, Config, needs_plan
 from pipeline.signals import StopRequest
 from pipeline.store import (StoreSpec, batch_done, check_target, done_members, finalize,
-                            member_chunk, open_or_create, stored_attribute, write_batch)
+                            member_chunk, open_or_create, store_fate, stored_attribute,
+                            write_batch)
 from pipeline.writer import make_writer
 
 
@@ -155,22 +156,22 @@ def dry_run(cfg: Config, ranks: RankGrid) -> str:
 
 
 def _store_fate(cfg: Config, planned: bool) -> str:
-    """What a run would do with the store at output.path. An ``"auto"`` run's store records
-    the plan it was made with (keyed by the unresolved config), which a rerun repeats."""
-    from pipeline.store import stored_digest
-
-    path, found = cfg.output.path, stored_digest(cfg.output.path)
-    ours = found == cfg.store_digest or (planned and stored_attribute(
-        path, cfg.store_digest, "plan_settings", digest_key="plan_config_sha256") is not None)
-    if found is None:
-        return ("exists and is not a piadm store: the run would refuse it"
-                if Path(path).exists() else "would be created")
-    if ours:
+    """What a run would do with the store at output.path (``store_fate``). An ``"auto"``
+    run's store records the plan it was made with (keyed by the unresolved config), which a
+    rerun repeats."""
+    path = cfg.output.path
+    fate = store_fate(path, cfg.store_digest, overwrite=cfg.output.overwrite)
+    if fate in ("replace", "other") and planned and stored_attribute(
+            path, cfg.store_digest, "plan_settings", digest_key="plan_config_sha256") is not None:
+        fate = "resume"
+    if fate == "resume":
         done = done_members(path)
         return f"would be resumed: {int(done.sum())} of {done.size} members done"
-    if cfg.output.overwrite:
-        return "was made by another configuration: output.overwrite = true would replace it"
-    return "was made by another configuration: the run would refuse it"
+    return {"create": "would be created",
+            "foreign": "exists and is not a piadm store: the run would refuse it",
+            "replace": ("was made by another configuration: output.overwrite = true would "
+                        "replace it"),
+            "other": "was made by another configuration: the run would refuse it"}[fate]
 
 
 def _sampler_line(cfg: Config, planned: bool) -> str:

@@ -157,22 +157,35 @@ def stored_attribute(path: str | Path, digest: str, name: str,
     return attrs.get(name) if attrs.get(digest_key) == digest else None
 
 
-def check_target(path: str | Path, digest: str, *, overwrite: bool) -> None:
-    """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse:
-    anything that is not a piadm store, or (unless ``overwrite``) another configuration's
-    store. This configuration's own store is resumed, with or without ``overwrite``."""
+def store_fate(path: str | Path, digest: str, *, overwrite: bool) -> str:
+    """What a run whose store digest is ``digest`` does with ``path``: ``create`` it,
+    ``resume`` its own store, ``replace`` another configuration's (with ``overwrite``), or
+    refuse: ``foreign`` (not a piadm store: never deleted) or ``other`` (another
+    configuration's, without ``overwrite``)."""
     if not Path(path).exists():
-        return
+        return "create"
     found = stored_digest(path)
     if found is None:
+        return "foreign"
+    if found == digest:
+        return "resume"
+    return "replace" if overwrite else "other"
+
+
+def check_target(path: str | Path, digest: str, *, overwrite: bool) -> str:
+    """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse
+    (``store_fate``); returns the fate otherwise."""
+    fate = store_fate(path, digest, overwrite=overwrite)
+    if fate == "foreign":
         raise StoreExists(
             f"output {path} exists and is not a piadm store, and piadm deletes only stores it "
             "made (output.overwrite = true too): move it away, or choose another output.path")
-    if found != digest and not overwrite:
+    if fate == "other":
         raise StoreExists(
-            f"output {path} was made by a different configuration (digest {found[:12]}, "
-            f"this run {digest[:12]}): rerun its own config to resume it, choose another "
-            "output.path, or set output.overwrite = true to replace it")
+            f"output {path} was made by a different configuration (digest "
+            f"{stored_digest(path)[:12]}, this run {digest[:12]}): rerun its own config to "
+            "resume it, choose another output.path, or set output.overwrite = true to replace it")
+    return fate
 
 
 def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
@@ -182,12 +195,12 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
     ``overwrite`` another configuration's store is deleted first; this configuration's is
     resumed (a requeued job, or a second job sharing its batches, must not delete the work)."""
     path = Path(spec.path)
-    check_target(path, spec.digest, overwrite=overwrite)  # never delete what piadm did not make
-    if path.exists() and overwrite and stored_digest(path) != spec.digest:
+    fate = check_target(path, spec.digest, overwrite=overwrite)  # never delete what we did not make
+    if fate == "resume":
+        return "resumed"
+    if fate == "replace":
         shutil.rmtree(path)
         shutil.rmtree(f"{path}.claims", ignore_errors=True)  # claims on the old store's batches
-    if path.exists():
-        return "resumed"
     path.parent.mkdir(parents=True, exist_ok=True)
     aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.creating")
     _dataset(spec).to_zarr(aside, mode="w", compute=False, consolidated=False, zarr_format=3)

@@ -117,6 +117,38 @@ def test_overwrite_replaces_another_configurations_store(tmp_path):
     assert attrs["piadm_store_digest"] == other.store_digest != first.store_digest
 
 
+def _spec(path, digest):
+    import numpy as np
+
+    from pipeline.store import StoreSpec
+
+    return StoreSpec(str(path), "item", np.arange(1), 2, 2, "field", (4, 4), "float32", digest, {})
+
+
+@pytest.mark.parametrize("racer, outcome", [("a" * 64, "resumed"), ("b" * 64, "refused")])
+def test_a_run_that_loses_the_race_to_create_its_store_resumes_only_its_own(
+        tmp_path, monkeypatch, racer, outcome):
+    import os
+
+    from pipeline import store
+    from pipeline.store import StoreExists, open_or_create, stored_digest
+
+    path, rename = tmp_path / "raced.zarr", os.rename
+
+    def late(src, dst):  # another run creates the store between our check and our rename
+        monkeypatch.setattr(store.os, "rename", rename)
+        open_or_create(_spec(path, racer), overwrite=False)
+        rename(src, dst)
+
+    monkeypatch.setattr(store.os, "rename", late)
+    if outcome == "refused":
+        with pytest.raises(StoreExists, match="different configuration"):
+            open_or_create(_spec(path, "a" * 64), overwrite=True)  # never replaces the winner
+    else:
+        assert open_or_create(_spec(path, "a" * 64), overwrite=False) == "resumed"
+    assert stored_digest(path) == racer and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 SHIPPED = "models/checkpoints/kolmogorov_uncond.pt"
 
 
