@@ -142,7 +142,8 @@ def dry_run(cfg: Config, ranks: RankGrid) -> str:
         + (f" ({items.labels[0]} .. {items.labels[-1]})" if len(items.labels) > 1 else "")
         + (f"; this job fills {list(cfg.parallel.items)}" if cfg.parallel.items else ""),
         f"members    {e.members} per item in {len(batches)} batches of up to {e.batch_size}; "
-        f"{todo} (item, batch) pairs in all",
+        f"{todo} (item, batch) pairs in all"
+        + ("; with \"auto\" the planner may pick another batch size" if planned else ""),
         f"store      {cfg.output.path} {_store_fate(cfg, planned)}",
         f"ranks      {ranks.world.size} = {ranks.groups} group(s) x {ranks.slices.size} time "
         f"slice(s); each group takes about {-(-todo // ranks.groups)} pairs"

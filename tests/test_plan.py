@@ -140,6 +140,7 @@ def test_a_dry_run_of_an_auto_run_names_the_planner_and_then_the_store_it_would_
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "sampler    auto: the planner picks the method" in err and "would be created" in err
+    assert "the planner may pick another batch size" in err
     sample(load_config("jobs/configs/grf.toml", sets))
     capsys.readouterr()
     assert main(args) == 0
