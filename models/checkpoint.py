@@ -19,14 +19,16 @@ def sidecar(path: Path) -> Path:
 
 
 def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
-    """Write tensors and the JSON sidecar, each atomically (temp file, then rename)."""
+    """Write the JSON sidecar, then the tensors, each atomically (temp file, then rename).
+    In that order a run killed in between leaves no tensors without their sidecar: at worst
+    the sidecar is a save ahead (the resumed step is the tensors')."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
     tmp_meta = sidecar(path).with_name(sidecar(path).name + ".tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2))
     os.replace(tmp_meta, sidecar(path))
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:

@@ -74,6 +74,24 @@ def test_training_resumes_from_its_checkpoint(tmp_path, dataset):
     assert np.allclose(_history(whole), _history(split), rtol=1e-5)
 
 
+def test_a_run_killed_while_saving_its_first_checkpoint_trains_again(tmp_path, dataset,
+                                                                     monkeypatch):
+    from models.checkpoint import sidecar
+
+    def killed(*args, **kwargs):
+        raise SystemExit(137)
+
+    ckpt = tmp_path / "k.pt"
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(SystemExit):
+        main(_train_args(dataset, ckpt))
+    monkeypatch.undo()
+    assert sidecar(ckpt).exists() and not ckpt.exists()  # never tensors without a sidecar
+    assert main(_train_args(dataset, ckpt)) == 0  # from step 0, as a run never killed
+    assert main(_train_args(dataset, tmp_path / "clean.pt")) == 0
+    assert np.allclose(_history(ckpt), _history(tmp_path / "clean.pt"), rtol=1e-5)
+
+
 def test_training_can_start_from_another_checkpoints_ema_weights(tmp_path, dataset, capsys):
     from models.export import export
 
