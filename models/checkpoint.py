@@ -20,8 +20,8 @@ def sidecar(path: Path) -> Path:
 
 def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
     """Write the JSON sidecar, then the tensors, each atomically (temp file, then rename).
-    In that order a run killed in between leaves no tensors without their sidecar: at worst
-    the sidecar is a save ahead (the resumed step is the tensors')."""
+    In that order a run killed in between never leaves a new checkpoint's tensors without a
+    sidecar; a resumed run's sidecar may be a save ahead (its step is read from the tensors)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_meta = sidecar(path).with_name(sidecar(path).name + ".tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2))

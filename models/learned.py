@@ -102,7 +102,9 @@ def _same_units(meta: dict, guide_meta: dict) -> bool:
     close = lambda a, b: abs(a - b) <= 1e-6 * max(abs(b), 1e-12)  # noqa: E731
     return (close(guide_meta["std"], meta["std"])
             and abs(guide_meta["mean"] - meta["mean"]) <= 1e-6 * meta["std"]
-            and all(guide_meta.get(k) == meta.get(k) for k in ("variable", "condition", "residual")))
+            and all(guide_meta.get(k) == meta.get(k) for k in ("variable", "condition", "residual"))
+            and (None in (guide_meta.get("cond_shape"), meta.get("cond_shape"))  # not recorded
+                 or guide_meta["cond_shape"] == meta["cond_shape"]))
 
 
 def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu", guide: str = "",

@@ -26,6 +26,9 @@ from pipeline.store import open_store
 
 __all__ = ["load_config", "sample", "open_ensemble", "evaluate", "world"]
 
+# piadm evaluate's flags as its messages name them (not inside a path: "runs/a--kmax.zarr")
+EVALUATE_FLAGS = r"(?<![\w./-])--(truth-variable|truth-range|truth|kmax|cut|out)\b"
+
 
 def load_config(source: str | Path | dict | None = None, overrides: dict | None = None) -> Config:
     """A validated ``Config`` from a TOML file, a nested dict {section: {key: value}} or None
@@ -96,6 +99,6 @@ def evaluate(store: str | Path, truth: str | Path, **options) -> xr.Dataset:
     try:
         metrics, _ = _evaluate(store, truth, **options)
     except EvaluationError as err:  # its messages name the CLI's flags: name the keywords
-        raise EvaluationError(re.sub(r"--([a-z]+(?:-[a-z]+)*)",
-                                     lambda m: m[1].replace("-", "_"), str(err))) from None
+        raise EvaluationError(re.sub(EVALUATE_FLAGS, lambda m: m[1].replace("-", "_"),
+                                     str(err))) from err
     return metrics

@@ -40,18 +40,26 @@ EXAMPLES = {
 
 
 def _split_items(text: str) -> list[str]:
-    """``text`` cut at each ``;`` or new line outside quotes, so that a quoted value (a path
-    such as ``"runs;1.zarr"``) stays whole."""
-    items, start, quote = [], 0, ""
-    for i, char in enumerate(text):
+    """``text`` cut at each new line, and at each ``;`` outside a quoted value, so that a value
+    such as ``"runs;1.zarr"`` stays whole. A quote opens a value only where a value starts
+    (after ``=``, ``[``, ``,``, ``{`` or a space), so an apostrophe inside a path is text."""
+    items = []
+    for line in text.splitlines():
+        start, quote = 0, ""
+        for i, char in enumerate(line):
+            if quote:
+                if char == quote and not (quote == '"' and line[i - 1] == "\\"):
+                    quote = ""
+            elif char in "'\"" and (i == 0 or line[i - 1] in "=[,{ \t"):
+                quote = char
+            elif char == ";":
+                items.append(line[start:i])
+                start = i + 1
         if quote:
-            quote = "" if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char in ";\n":
-            items.append(text[start:i])
-            start = i + 1
-    return [*items, text[start:]]
+            raise ConfigError(f"PIADM_SET: the quote in {line[start:].strip()!r} is never "
+                              "closed: close it (items are separated by ';' or new lines)")
+        items.append(line[start:])
+    return items
 
 
 def overrides(args) -> list[str]:

@@ -103,6 +103,7 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
     import json
 
     from models import build_model
+    from pipeline.config import ConfigError
     from pipeline.console import print0
     from pipeline.run import DTYPES, sampler_grid, sampler_options
     from pipeline.samplers import REFERENCE
@@ -118,6 +119,12 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
     pick = np.unique(np.linspace(0, len(fields) - 1, count).round().astype(int))
     coarse = (torch.as_tensor(held_out_coarse(cfg.train, model.data_mean, model.data_std)[pick])
               if coarse_given else None)
+    trained = getattr(model, "cond_shape", None)
+    if coarse is not None and trained is not None and tuple(coarse.shape[1:]) != trained:
+        raise ConfigError(f"bench --renoise: train.condition {cfg.train.condition} fields are "
+                          f"{list(coarse.shape[1:])} but the model was trained on coarse fields "
+                          f"of {list(trained)}: set train.condition to that variable",
+                          collective=True)
     x0, variable = torch.as_tensor(fields[pick]).repeat_interleave(draws, 0), cfg.train.variable
     truth = shell_spectra(fields[pick], variable, kmax)
     method, grid, bands = REFERENCE[s.method], sampler_grid(s, model), octave_bands(kmax)

@@ -157,34 +157,38 @@ def stored_attribute(path: str | Path, digest: str, name: str,
     return attrs.get(name) if attrs.get(digest_key) == digest else None
 
 
+def _fate(path: str | Path, digest: str, overwrite: bool) -> tuple[str, str | None]:
+    if not Path(path).exists():
+        return "create", None
+    found = stored_digest(path)
+    if found is None:
+        return "foreign", None
+    if found == digest:
+        return "resume", found
+    return ("replace" if overwrite else "other"), found
+
+
 def store_fate(path: str | Path, digest: str, *, overwrite: bool) -> str:
     """What a run whose store digest is ``digest`` does with ``path``: ``create`` it,
     ``resume`` its own store, ``replace`` another configuration's (with ``overwrite``), or
     refuse: ``foreign`` (not a piadm store: never deleted) or ``other`` (another
     configuration's, without ``overwrite``)."""
-    if not Path(path).exists():
-        return "create"
-    found = stored_digest(path)
-    if found is None:
-        return "foreign"
-    if found == digest:
-        return "resume"
-    return "replace" if overwrite else "other"
+    return _fate(path, digest, overwrite)[0]
 
 
 def check_target(path: str | Path, digest: str, *, overwrite: bool) -> str:
     """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse
     (``store_fate``); returns the fate otherwise."""
-    fate = store_fate(path, digest, overwrite=overwrite)
+    fate, found = _fate(path, digest, overwrite)
     if fate == "foreign":
         raise StoreExists(
             f"output {path} exists and is not a piadm store, and piadm deletes only stores it "
             "made (output.overwrite = true too): move it away, or choose another output.path")
     if fate == "other":
         raise StoreExists(
-            f"output {path} was made by a different configuration (digest "
-            f"{stored_digest(path)[:12]}, this run {digest[:12]}): rerun its own config to "
-            "resume it, choose another output.path, or set output.overwrite = true to replace it")
+            f"output {path} was made by a different configuration (digest {found[:12]}, this "
+            f"run {digest[:12]}): rerun its own config to resume it, choose another "
+            "output.path, or set output.overwrite = true to replace it")
     return fate
 
 
@@ -193,7 +197,8 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
     ``created`` or ``resumed``. Creation is built aside and renamed into place, so the path
     is either absent or complete, and two runs racing to create it agree on one. With
     ``overwrite`` another configuration's store is deleted first; this configuration's is
-    resumed (a requeued job, or a second job sharing its batches, must not delete the work)."""
+    resumed (a requeued job, or a second job sharing its batches, must not delete the work;
+    two jobs of one config both replacing another's store at once can still race)."""
     path = Path(spec.path)
     fate = check_target(path, spec.digest, overwrite=overwrite)  # never delete what we did not make
     if fate == "resume":

@@ -65,6 +65,8 @@ def test_evaluate_errors_name_the_keyword_arguments(tmp_path):
     with pytest.raises(EvaluationError, match=r"^kmax 99 is past the largest shell") as err:
         api.evaluate(path, path, kmax=99)
     assert "--" not in str(err.value)
+    with pytest.raises(EvaluationError, match="runs--kmax.zarr"):  # a path keeps its name
+        api.evaluate(tmp_path / "runs--kmax.zarr", path)
 
 
 def test_api_run_equals_the_cli_run(tmp_path):

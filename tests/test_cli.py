@@ -8,6 +8,7 @@ import pytest
 
 from pipeline import __version__
 from pipeline.cli import COMMANDS, main
+from pipeline.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,13 @@ def test_piadm_set_items_split_at_semicolons_and_lines_but_not_inside_quotes(mon
     monkeypatch.setenv("PIADM_SET", 'a.b=1; output.path="x;y.zarr"\n c.d=[\'p;q\', 2];')
     assert overrides(Namespace(set=["e.f=3"])) == [
         "a.b=1", 'output.path="x;y.zarr"', "c.d=['p;q', 2]", "e.f=3"]
+    # an apostrophe inside a value is text, and an escaped quote does not close the value
+    monkeypatch.setenv("PIADM_SET", 'output.path=/runs/o\'brien.zarr; g.h="a\\";b"; e.f=4')
+    assert overrides(Namespace(set=[])) == [
+        "output.path=/runs/o'brien.zarr", 'g.h="a\\";b"', "e.f=4"]
+    monkeypatch.setenv("PIADM_SET", 'output.path="runs.zarr; e.f=4')
+    with pytest.raises(ConfigError, match="never closed"):
+        overrides(Namespace(set=[]))
 
 
 def test_invalid_toml_is_named(tmp_path, capsys):

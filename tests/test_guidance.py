@@ -51,6 +51,16 @@ def test_a_guide_of_other_units_or_another_task_is_refused(tmp_path, change):
         load_unet(strong, SHAPE, guide=weak, guidance=2.0)
 
 
+def test_a_guide_trained_on_another_coarse_grid_is_refused_and_one_that_does_not_say_is_not(
+        tmp_path):
+    strong = _checkpoint(tmp_path / "strong.pt", 0, cond_shape=[2, 2])
+    weak = _checkpoint(tmp_path / "weak.pt", 1, cond_shape=[4, 4])
+    with pytest.raises(ConfigError, match="model.guide = .* was not trained on the same data"):
+        load_unet(strong, SHAPE, guide=weak, guidance=2.0)
+    older = _checkpoint(tmp_path / "older.pt", 1)  # trained before cond_shape was recorded
+    assert load_unet(strong, SHAPE, guide=older, guidance=2.0).cond_shape == (2, 2)
+
+
 @pytest.mark.parametrize("sets, needle", [
     ({"model.guide": "", "model.guidance": 2.0}, "model.guidance = 2.0 needs a weaker checkpoint"),
     ({"model.guide": "x.pt", "model.guidance": 1.0}, "is unused at model.guidance = 1"),
