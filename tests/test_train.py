@@ -41,6 +41,22 @@ def other(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, dataset):
+    """The tiny run's checkpoint, trained once for the tests that only read it."""
+    path = tmp_path_factory.mktemp("plain") / "plain.pt"
+    assert main(_train_args(dataset, path)) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def cond(tmp_path_factory, dataset):
+    """The tiny downscaler's checkpoint (conditioned on vorticity_coarse), trained once."""
+    path = tmp_path_factory.mktemp("cond") / "cond.pt"
+    assert main(_train_args(dataset, path, "train.condition=vorticity_coarse")) == 0
+    return path
+
+
 def _train_args(dataset, ckpt, *extra):
     sets = TINY + [f"train.data={dataset}", f"train.checkpoint={ckpt}", *extra]
     return ["train", "jobs/configs/kolmogorov.toml", *sum((["--set", s] for s in sets), [])]
@@ -66,15 +82,14 @@ def test_one_and_two_ranks_reach_the_same_losses(tmp_path, dataset):
     assert a[-1] < a[0]  # it learns
 
 
-def test_training_resumes_from_its_checkpoint(tmp_path, dataset):
-    whole, split = tmp_path / "whole.pt", tmp_path / "split.pt"
-    assert main(_train_args(dataset, whole)) == 0
+def test_training_resumes_from_its_checkpoint(tmp_path, dataset, plain):
+    split = tmp_path / "split.pt"
     assert main(_train_args(dataset, split, "train.steps=3")) == 0
     assert main(_train_args(dataset, split)) == 0  # continues from step 3
-    assert np.allclose(_history(whole), _history(split), rtol=1e-5)
+    assert np.allclose(_history(plain), _history(split), rtol=1e-5)
 
 
-def test_a_run_killed_while_saving_its_first_checkpoint_trains_again(tmp_path, dataset,
+def test_a_run_killed_while_saving_its_first_checkpoint_trains_again(tmp_path, dataset, plain,
                                                                      monkeypatch):
     from models.checkpoint import sidecar
 
@@ -88,8 +103,7 @@ def test_a_run_killed_while_saving_its_first_checkpoint_trains_again(tmp_path, d
     monkeypatch.undo()
     assert sidecar(ckpt).exists() and not ckpt.exists()  # never tensors without a sidecar
     assert main(_train_args(dataset, ckpt)) == 0  # from step 0, as a run never killed
-    assert main(_train_args(dataset, tmp_path / "clean.pt")) == 0
-    assert np.allclose(_history(ckpt), _history(tmp_path / "clean.pt"), rtol=1e-5)
+    assert np.allclose(_history(ckpt), _history(plain), rtol=1e-5)
 
 
 def test_training_can_start_from_another_checkpoints_ema_weights(tmp_path, dataset, capsys):
@@ -135,10 +149,8 @@ def test_a_resumed_run_takes_the_configured_learning_rate(tmp_path, dataset):
     assert [g["lr"] for g in groups] == [1e-4]
 
 
-def test_checkpoint_reloads_and_samples(tmp_path, dataset):
-    ckpt = tmp_path / "m.pt"
-    assert main(_train_args(dataset, ckpt)) == 0
-    den, meta = load_denoiser(ckpt)
+def test_checkpoint_reloads_and_samples(plain):
+    den, meta = load_denoiser(plain)
     assert meta["shape"] == [16, 16] and meta["std"] > 0
     model = unet_score_model(den, (16, 16))
     grid = make_grid("ou", 40, u_min=1e-3, u_max=10.0, block_size=20)
@@ -153,12 +165,8 @@ def _sample_args(out, *sets):
     return ["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in base + list(sets)), [])]
 
 
-def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path, dataset):
-    import xarray as xr
-
-    plain, cond = tmp_path / "plain.pt", tmp_path / "cond.pt"
-    assert main(_train_args(dataset, plain)) == 0
-    assert main(_train_args(dataset, cond, "train.condition=vorticity_coarse")) == 0
+def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path, dataset,
+                                                                       plain, cond):
     out = tmp_path / "plain.zarr"
     assert main(_sample_args(out, f"model.checkpoint={plain}")) == 0
     ds = xr.open_zarr(out)
@@ -180,10 +188,8 @@ def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path
     assert metrics.attrs["baseline_mae"] == pytest.approx(mae, rel=1e-5)
 
 
-def test_a_downscaler_refuses_an_input_of_another_resolution_than_its_training(tmp_path,
-                                                                            dataset, capsys):
-    cond = tmp_path / "cond.pt"
-    assert main(_train_args(dataset, cond, "train.condition=vorticity_coarse")) == 0
+def test_a_downscaler_refuses_an_input_of_another_resolution_than_its_training(
+        tmp_path, dataset, cond, capsys):
     assert load_unet(str(cond), (16, 16)).cond_shape == (4, 4)
     out = tmp_path / "fine.zarr"
     sets = [f"model.checkpoint={cond}", "model.condition=coarse", f"input.path={dataset}",
@@ -195,11 +201,10 @@ def test_a_downscaler_refuses_an_input_of_another_resolution_than_its_training(t
     assert "coarse fields of [4, 4]" in err and not out.exists()
 
 
-def test_bench_renoise_gives_each_downscaled_field_its_own_coarse_input(tmp_path, dataset, capsys):
+def test_bench_renoise_gives_each_downscaled_field_its_own_coarse_input(tmp_path, dataset, cond,
+                                                                        capsys):
     import json
 
-    cond = tmp_path / "cond.pt"
-    assert main(_train_args(dataset, cond, "train.condition=vorticity_coarse")) == 0
     sets = ["model.kind=unet", "model.shape=[16, 16]", f"model.checkpoint={cond}",
             "model.condition=coarse", f"input.path={dataset}", "input.variable=vorticity_coarse",
             f"train.data={dataset}", "train.condition=vorticity_coarse", "train.validation=0.25",
@@ -220,11 +225,10 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert "model.checkpoint = 'nope.pt' is not a file" in capsys.readouterr().err
 
 
-def test_exported_checkpoint_keeps_only_ema_and_loads(tmp_path, dataset):
+def test_exported_checkpoint_keeps_only_ema_and_loads(tmp_path, plain):
     from models.export import export
 
-    ckpt, shipped = tmp_path / "train.pt", tmp_path / "ship.pt"
-    assert main(_train_args(dataset, ckpt)) == 0
+    ckpt, shipped = plain, tmp_path / "ship.pt"
     export(ckpt, shipped)
     assert set(torch.load(shipped, weights_only=True)) == {"ema", "step"}
     a, _ = load_denoiser(ckpt)
