@@ -45,8 +45,11 @@ def test_overwrite_replaces_a_dataset_generate_data_made(tmp_path):
     first = xr.open_zarr(ours).vorticity.values
     assert _run(ours, *SHORT, "data.overwrite=true") == 0
     ds = xr.open_zarr(ours)
-    assert ds.attrs["piadm_dataset"] and not np.allclose(ds.vorticity.values, first)
-    # made before the piadm_dataset marker: generate-data's source attribute is recognised
+    assert ds.attrs["piadm_dataset"]["shape"] == [2, 16, 16]
+    assert not np.allclose(ds.vorticity.values, first)
+    # an older marker (the version alone), and none (generate-data's source attribute)
+    zarr.open_group(ours, mode="r+").attrs["piadm_dataset"] = "0.1.0"
+    assert _run(ours, *SHORT, "data.overwrite=true") == 0
     del zarr.open_group(ours, mode="r+").attrs["piadm_dataset"]
     assert _run(ours, *SHORT, "data.overwrite=true") == 0
 
@@ -92,3 +95,6 @@ def test_overwrite_refuses_and_keeps_what_generate_data_did_not_make(tmp_path, c
     ds = xr.open_zarr(data)
     ds.assign(mean=ds.vorticity.mean("time")).to_zarr(derived, zarr_format=3, consolidated=False)
     assert "is not a dataset" in _kept(derived, capsys)
+    cut = tmp_path / "cut.zarr"  # the same arrays and attributes, fewer times
+    ds.isel(time=slice(0, 1)).to_zarr(cut, zarr_format=3, consolidated=False)
+    assert "is not a dataset" in _kept(cut, capsys)
