@@ -26,8 +26,8 @@ from pipeline.settings import DataConfig
 from pipeline.store import StoreExists, consolidate
 
 
-# says generate-data made the store; its value: piadm's version and the fields' shape as made
-# (an older dataset's: the version alone)
+# says generate-data made the store; its value: piadm's version and the fields' shape as made,
+# "0.9.0 1600x64x64" (an older dataset's: the version alone); a string, as netCDF allows
 MARKER = "piadm_dataset"
 VARIABLES = ("vorticity", "vorticity_coarse")
 ARRAYS = {*VARIABLES, "time", "y", "x", "y_coarse", "x_coarse"}  # all a dataset holds
@@ -48,9 +48,9 @@ def _ours(path: Path) -> bool:
     names, source = set(group.array_keys()), str(group.attrs.get("source", ""))
     legacy = source.startswith("piadm ") and source.endswith(" generate-data")
     made = MARKER in group.attrs or (legacy and set(VARIABLES) <= names)
-    marker = group.attrs.get(MARKER)
-    if isinstance(marker, dict):  # a cut of a dataset keeps the marker, not the shape it names
-        made = "vorticity" in names and list(group["vorticity"].shape) == marker.get("shape")
+    _, _, shape = str(group.attrs.get(MARKER, "")).partition(" ")
+    if shape:  # a cut of a dataset keeps the marker, not the shape it names
+        made = "vorticity" in names and "x".join(map(str, group["vorticity"].shape)) == shape
     return made and names <= ARRAYS and not set(group.group_keys())
 
 
@@ -96,7 +96,7 @@ def _empty(d: DataConfig, config_text: str) -> xr.Dataset:
                     "Navier-Stokes", source=f"piadm {__version__} generate-data",
                     config=config_text, history=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} "
                     "created by piadm generate-data")
-    ds.attrs[MARKER] = {"version": __version__, "shape": [d.snapshots, n, n]}
+    ds.attrs[MARKER] = f"{__version__} {d.snapshots}x{n}x{n}"
     return ds
 
 
