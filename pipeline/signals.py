@@ -5,6 +5,7 @@ The command line defers both signals from its first lines, before the seconds of
 (``defer_early``): a command that stops gracefully takes over what arrived meanwhile
 (``StopRequest.install``), any other gets the default handling back and a deferred signal
 takes effect then (``release_early``). This module imports nothing heavy for that reason.
+While sampling, a first Ctrl-C (SIGINT) is a stop request too, and a second stops at once.
 """
 from __future__ import annotations
 
@@ -55,11 +56,21 @@ class StopRequest:
                   "then stopping", file=sys.stderr, flush=True)
         self.signal = signum
 
+    def _interrupt(self, signum, frame) -> None:
+        # Ctrl-C: a user at a terminal, who may not want to wait for the batch twice
+        if self.signal is not None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        print("piadm: received SIGINT (Ctrl-C): finishing the current batch, then stopping "
+              "(Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+        self.signal = signum
+
     def install(self) -> "StopRequest":
-        """Handle the stop signals (main thread only), counting one that arrived while they
-        were deferred; returns self."""
+        """Handle the stop signals (main thread only), and a first Ctrl-C as one of them,
+        counting one that arrived while they were deferred; returns self."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        signal.signal(signal.SIGINT, self._interrupt)
         if _early:
             self._handle(_early[0], None)
             _early.clear()

@@ -46,7 +46,7 @@ def clean(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_a_stop_signal_ends_promptly_and_a_rerun_completes(tmp_path, clean, sig):
     inp, ref = clean
     out = tmp_path / "ens.zarr"
@@ -60,7 +60,7 @@ def test_a_stop_signal_ends_promptly_and_a_rerun_completes(tmp_path, clean, sig)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == EXIT_PREEMPTED, err
     assert time.monotonic() - sent < 10 and f"received {sig.name}" in err
-    assert 2 <= members_done(out) < 36
+    assert "Traceback" not in err and 2 <= members_done(out) < 36
     assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
     assert_same_store(ref, out)
 
