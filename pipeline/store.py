@@ -16,9 +16,11 @@ and Zarr's atomic chunk writes mean a rerun simply rewrites it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 import warnings
@@ -176,10 +178,25 @@ def store_fate(path: str | Path, digest: str, *, overwrite: bool) -> str:
     return _fate(path, digest, overwrite)[0]
 
 
+def _check_writable(path: Path) -> None:
+    """Raise OSError naming the folder when a store cannot be made at ``path``: its nearest
+    existing folder must take a new entry (tried with an empty folder, removed at once)."""
+    existing = next(p for p in (path.parent.absolute(), *path.parent.absolute().parents)
+                    if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".piadm-check-", dir=existing))
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(existing)) from None
+
+
 def check_target(path: str | Path, digest: str, *, overwrite: bool) -> str:
     """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse
-    (``store_fate``); returns the fate otherwise."""
+    (``store_fate``) or could not make; returns the fate otherwise."""
     fate, found = _fate(path, digest, overwrite)
+    if fate == "create":
+        _check_writable(Path(path))
     if fate == "foreign":
         raise StoreExists(
             f"output {path} exists and is not a piadm store, and piadm deletes only stores it "

@@ -181,9 +181,10 @@ def test_a_broken_checkpoint_is_one_line(tmp_path, capsys, name, needle):
     assert not (tmp_path / "out.zarr").exists()
 
 
-def test_an_output_path_that_cannot_be_made_is_one_line(tmp_path, capsys):
+def test_an_output_path_that_cannot_be_made_is_one_line_before_a_calibration(tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
-    sets = _small(tmp_path, **{"output.path": str(tmp_path / "a-file" / "out.zarr")})
+    sets = _small(tmp_path, **{"output.path": str(tmp_path / "a-file" / "sub" / "out.zarr"),
+                               "sampler.tol": "auto"})
     args = ["sample", "jobs/configs/grf.toml"]
     for key, value in sets.items():
         args += ["--set", f"{key}={json.dumps(value)}"]
@@ -192,6 +193,7 @@ def test_an_output_path_that_cannot_be_made_is_one_line(tmp_path, capsys):
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "Traceback" not in err
     assert f"cannot use {tmp_path / 'a-file'}" in errors[0] and "may write there" in errors[0]
+    assert "calibrat" not in err  # refused before the costly start-up
 
 
 def test_the_store_carries_the_inputs_grid_and_cf_metadata(tmp_path):
