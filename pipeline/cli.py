@@ -264,7 +264,8 @@ def _cmd_calibrate(args, world) -> int:
     result = on_rank0(world, run_tolerance, cfg, model, device, force=args.force, store=False)
     where = "measured now" if result.rungs else f"calibrated earlier, {cache_file()}"
     print0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} ({where}); "
-                  "runs with sampler.tol = \"auto\" use it")
+                  "runs with sampler.tol = \"auto\" and these [sampler], [calibrate] and model "
+                  "settings use it")
     return 0
 
 
