@@ -105,8 +105,9 @@ def _cmd_sample(args, world) -> int:
         from pipeline.ensemble import dry_run
 
         cfg, ranks, _ = _setup(args, world)
-        print0(world, on_rank0(world, dry_run, cfg, ranks))
-        return 0
+        text, runs = on_rank0(world, dry_run, cfg, ranks)
+        print0(world, text)
+        return 0 if runs else 2  # a script's pre-check: the run itself would be refused
     cfg, ranks, device, attrs = _setup(args, world, plan=True)
     guided = (f" (autoguided by {cfg.model.guide}, weight {cfg.model.guidance:g})"
               if cfg.model.guide else "")

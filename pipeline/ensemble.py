@@ -128,15 +128,17 @@ def _prepare(cfg: Config, stats: tuple[float, float], shape, trained_on, tol: Ca
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
 
 
-def dry_run(cfg: Config, ranks: RankGrid) -> str:
+def dry_run(cfg: Config, ranks: RankGrid) -> tuple[str, bool]:
     """What ``sample_to_store`` would do, as text, touching nothing: the items, members and
-    batches, what the store at output.path holds, the rank layout and the sampler settings."""
+    batches, what the store at output.path holds, the rank layout and the sampler settings;
+    and whether the run would go ahead (False: it would refuse the store)."""
     e = cfg.ensemble
     items = load_items(cfg, check=True)
     _check_only(cfg.parallel.items, len(items.labels))
     batches = member_batches(e.members, e.batch_size)
     todo = len(cfg.parallel.items or items.labels) * len(batches)
     planned = needs_plan(cfg)
+    fate, runs = _store_fate(cfg, planned)
     lines = [
         f"items      {len(items.labels)} along {items.dim}"
         + (f" ({items.labels[0]} .. {items.labels[-1]})" if len(items.labels) > 1 else "")
@@ -144,7 +146,7 @@ def dry_run(cfg: Config, ranks: RankGrid) -> str:
         f"members    {e.members} per item in {len(batches)} batches of up to {e.batch_size}; "
         f"{todo} (item, batch) pairs in all"
         + ("; with \"auto\" the planner may pick another batch size" if planned else ""),
-        f"store      {cfg.output.path} {_store_fate(cfg, planned)}",
+        f"store      {cfg.output.path} {fate}",
         f"ranks      {ranks.world.size} = {ranks.groups} group(s) x {ranks.slices.size} time "
         f"slice(s); each group takes about {-(-todo // ranks.groups)} pairs"
         + ("; \"auto\" time slices: the planner picks them" if planned else ""),
@@ -153,13 +155,13 @@ def dry_run(cfg: Config, ranks: RankGrid) -> str:
         + (f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else ""),
         "nothing was written (--dry-run)",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines), runs
 
 
-def _store_fate(cfg: Config, planned: bool) -> str:
-    """What a run would do with the store at output.path (``store_fate``). An ``"auto"``
-    run's store records the plan it was made with (keyed by the unresolved config), which a
-    rerun repeats."""
+def _store_fate(cfg: Config, planned: bool) -> tuple[str, bool]:
+    """What a run would do with the store at output.path (``store_fate``), and whether it
+    would go ahead. An ``"auto"`` run's store records the plan it was made with (keyed by the
+    unresolved config), which a rerun repeats."""
     path = cfg.output.path
     fate = store_fate(path, cfg.store_digest, overwrite=cfg.output.overwrite)
     if fate in ("replace", "other") and planned and stored_attribute(
@@ -167,12 +169,13 @@ def _store_fate(cfg: Config, planned: bool) -> str:
         fate = "resume"
     if fate == "resume":
         done = done_members(path)
-        return f"would be resumed: {int(done.sum())} of {done.size} members done"
+        return f"would be resumed: {int(done.sum())} of {done.size} members done", True
     return {"create": "would be created",
             "foreign": "exists and is not a piadm store: the run would refuse it",
             "replace": ("was made by another configuration: output.overwrite = true would "
                         "replace it"),
-            "other": "was made by another configuration: the run would refuse it"}[fate]
+            "other": "was made by another configuration: the run would refuse it"}[fate], \
+        fate in ("create", "replace")
 
 
 def _sampler_line(cfg: Config, planned: bool) -> str:

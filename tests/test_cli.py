@@ -155,3 +155,7 @@ def test_sample_dry_run_says_what_it_would_do_and_writes_nothing(tmp_path, capsy
     assert "members    6 per item in 2 batches of up to 4" in err
     assert f"store      {out} would be created" in err and "pc-window, 1000 steps" in err
     assert "nothing was written" in err and not out.exists()
+    out.mkdir()  # not a piadm store: the run would refuse it, so the dry run exits 2
+    (out / "notes.txt").write_text("keep")
+    assert main(args) == 2
+    assert "exists and is not a piadm store: the run would refuse it" in capsys.readouterr().err
