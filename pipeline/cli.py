@@ -74,11 +74,13 @@ def overrides(args) -> list[str]:
     return [*filter(None, items), *args.set]
 
 
-def _setup(args, world, plan: bool = False):
+def _setup(args, world, plan: bool = False, layout: bool = True):
     """Config, rank grid and device: the same on every rank, so an error here is raised by
     all. ``plan``: resolve ``"auto"`` sampler and time slices (``pipeline.planner``) and
     return the store attributes recording the choice too; other commands run ``"auto"``
-    time slices as one group of every rank."""
+    time slices as one group of every rank. Without ``layout`` (a command that does not
+    sample on this launch's ranks) the rank grid is None and the time slices are not
+    checked against the launch: a job's config then works on a login node too."""
     from pipeline.layout import place_rank, rank_grid
     from pipeline.planner import resolve_plan
     from pipeline.settings import needs_plan
@@ -92,7 +94,7 @@ def _setup(args, world, plan: bool = False):
         cfg, attrs = resolve_plan(cfg, world, device)
     slices = world.size if cfg.parallel.time_slices == "auto" else cfg.parallel.time_slices
     with raised_by_every_rank():
-        ranks = rank_grid(world, slices)
+        ranks = rank_grid(world, slices) if layout else None
     return (cfg, ranks, device, attrs) if plan else (cfg, ranks, device)
 
 
@@ -248,7 +250,7 @@ def _cmd_calibrate(args, world) -> int:
     from pipeline.ensemble import run_tolerance
     from pipeline.samplers import REFERENCE
 
-    cfg, _, device = _setup(args, world)
+    cfg, _, device = _setup(args, world, layout=False)
     if cfg.sampler.method in AUTO_METHODS:
         raise ConfigError(f"calibrate: sampler.method = {cfg.sampler.method!r} leaves the "
                           "sampler to the planner, which calibrates each one it weighs: run "
@@ -276,7 +278,7 @@ def _cmd_plan(args, world) -> int:
     from pipeline.planner import make_plan, settings, table, describe
 
     _output_file("--json", args.json, "plan.json")
-    cfg, _, device = _setup(args, world)
+    cfg, _, device = _setup(args, world, layout=False)
     if args.ranks < 1 or args.gpus_per_node < 0:
         raise ConfigError(f"plan: --ranks {args.ranks} must be >= 1 and --gpus-per-node "
                           f"{args.gpus_per_node} >= 0", collective=True)
@@ -312,7 +314,7 @@ def _cmd_generate(args, world) -> int:
     from pipeline.console import on_rank0
     from pipeline.generate import generate
 
-    cfg, _, device = _setup(args, world)
+    cfg, _, device = _setup(args, world, layout=False)
     d = cfg.data
     print0(world, f"piadm generate-data: Kolmogorov flow {d.resolution}x{d.resolution}, "
                   f"nu {d.viscosity}, {d.snapshots} snapshots every {d.interval} after "
@@ -326,7 +328,7 @@ def _cmd_generate(args, world) -> int:
 def _cmd_train(args, world) -> int:
     from pipeline.train import train
 
-    cfg, _, device = _setup(args, world)
+    cfg, _, device = _setup(args, world, layout=False)
     t = cfg.train
     mix = f" + global mixing of k <= {t.global_modes}" if t.global_modes else ""
     print0(world, f"piadm train: U-Net {list(t.channels)}{mix} on {t.data}:{t.variable}"

@@ -97,7 +97,8 @@ def _small(tmp_path, **extra):
 
 
 def test_plan_command_prints_a_ranked_table_and_the_settings(tmp_path, capsys):
-    sets = _small(tmp_path, **{"sampler.method": "auto"})
+    # a job's config (2 time slices) planned from a login node's single process
+    sets = _small(tmp_path, **{"sampler.method": "auto", "parallel.time_slices": 2})
     out = tmp_path / "plan.json"
     args = ["plan", "jobs/configs/grf.toml", "--ranks", "2", "--json", str(out)]
     assert main(args + sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])) == 0
