@@ -158,3 +158,19 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"--set {item}: use the form section.key=value")
         _set(tree, *item.split("=", 1))
     return config_from_dict(tree)
+
+
+def store_differences(cfg: Config, text: str, most: int = 4) -> list[str]:
+    """The store-deciding settings (``Config.store_settings``) in which the config TOML
+    ``text`` (a store's ``config`` attribute) differs from ``cfg``, as "key: theirs -> ours";
+    empty when ``text`` does not parse as a config of this version."""
+    try:
+        theirs = config_from_dict(tomllib.loads(text)).store_settings()
+    except (ValueError, TypeError, KeyError):  # ConfigError and TOMLDecodeError among them
+        return []
+    ours = cfg.store_settings()
+    out = [f"{name}.{key}: {theirs[name][key]!r} -> {value!r}"
+           for name, table in ours.items() for key, value in table.items()
+           if theirs.get(name, {}).get(key) != value]
+    return out[:most] + ([f"and {len(out) - most} more"] if len(out) > most else [])
+

@@ -23,7 +23,7 @@ from models.conditioning import CONDITIONS
 from pipeline.calibrate import Calibration, resolve_tol
 from pipeline.claims import Heartbeat, claim, claims_dir, holding, new_job_id
 from pipeline.comm import SerialComm
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, store_differences
 from pipeline.console import on_rank0, print0
 from pipeline.decomposition import share
 from pipeline.errors import raised_by_every_rank
@@ -114,7 +114,8 @@ def _check_early(cfg: Config, model) -> tuple[float, float]:
     target, before the start-up's costly work; returns the input's (mean, std)."""
     items = load_items(cfg, check=True, model=model)
     _check_only(cfg.parallel.items, len(items.labels))
-    check_target(cfg.output.path, cfg.store_digest, overwrite=cfg.output.overwrite)
+    check_target(cfg.output.path, cfg.store_digest, overwrite=cfg.output.overwrite,
+                 differs=lambda text: store_differences(cfg, text))
     return items.mean, items.std
 
 

@@ -206,15 +206,18 @@ class Config:
         """SHA-256 of the effective configuration text."""
         return hashlib.sha256(self.text.encode()).hexdigest()
 
-    @property
-    def store_digest(self) -> str:
-        """SHA-256 of what decides the store's contents: every key except where it lives, the
-        rank layout, the job's share of items, the writer and the bench. Runs that may fill
-        one store share it."""
-        kept = {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items()
+    def store_settings(self) -> dict:
+        """What decides the store's contents, {section: {key: value}}: every key except where
+        it lives, the rank layout, the job's share of items, the writer and the bench."""
+        return {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items()
                        if (name, k) not in LAYOUT_KEYS}
                 for name in SECTION_TYPES
                 if name not in ("parallel", "data", "train", "bench", "calibrate")}
+
+    @property
+    def store_digest(self) -> str:
+        """SHA-256 of ``store_settings``: runs that may fill one store share it."""
+        kept = self.store_settings()
         return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -191,9 +191,18 @@ def _check_writable(path: Path) -> None:
         raise OSError(err.errno, err.strerror, str(existing)) from None
 
 
-def check_target(path: str | Path, digest: str, *, overwrite: bool) -> str:
+def stored_config(path: str | Path) -> str:
+    """The config TOML a piadm store at ``path`` was made with ('' when unreadable)."""
+    try:
+        return str(zarr.open_group(path, mode="r").attrs.get("config", ""))
+    except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
+        return ""
+
+
+def check_target(path: str | Path, digest: str, *, overwrite: bool, differs=()) -> str:
     """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse
-    (``store_fate``) or could not make; returns the fate otherwise."""
+    (``store_fate``) or could not make; returns the fate otherwise. ``differs``: a callable
+    giving the settings in which another configuration's store differs, for the message."""
     fate, found = _fate(path, digest, overwrite)
     if fate == "create":
         _check_writable(Path(path))
@@ -202,10 +211,12 @@ def check_target(path: str | Path, digest: str, *, overwrite: bool) -> str:
             f"output {path} exists and is not a piadm store, and piadm deletes only stores it "
             "made (output.overwrite = true too): move it away, or choose another output.path")
     if fate == "other":
+        changed = "; ".join(differs(stored_config(path))) if differs else ""
         raise StoreExists(
             f"output {path} was made by a different configuration (digest {found[:12]}, this "
-            f"run {digest[:12]}): rerun its own config to resume it, choose another "
-            "output.path, or set output.overwrite = true to replace it")
+            f"run {digest[:12]}" + (f"; it differs in {changed}" if changed else "") + "): "
+            "rerun its own config to resume it, choose another output.path, or set "
+            "output.overwrite = true to replace it")
     return fate
 
 

@@ -90,9 +90,11 @@ def test_a_different_config_is_refused_and_the_store_kept(tmp_path, input_store,
     out = tmp_path / "ens.zarr"
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
     before = _digest_files(out)
-    sets = conditional_sets(input_store, out, "sampler.seed=5")
+    sets = conditional_sets(input_store, out, "sampler.seed=5", "ensemble.members=3")
     assert main(["sample", "jobs/configs/grf.toml", *sets]) == 2
-    assert "different configuration" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "different configuration" in err  # and which settings make it so
+    assert "it differs in sampler.seed: 0 -> 5; ensemble.members: " in err
     assert _digest_files(out) == before
 
 
