@@ -481,10 +481,22 @@ def user_errors() -> tuple:
     return (ConfigError, StoreExists, PicardDivergence, NotAStore, EvaluationError, OSError)
 
 
+def _from_environment(text: str) -> str:
+    """`` (from PIADM_SET: item)`` for each PIADM_SET item whose key ``text`` names: a
+    setting exported long ago is easy to forget."""
+    try:
+        items = [item.strip() for item in _split_items(os.environ.get("PIADM_SET", ""))]
+    except ConfigError:
+        return ""
+    named = [item for item in items if "=" in item and item.split("=")[0].strip() in text]
+    return "".join(f" (from PIADM_SET: {item})" for item in named)
+
+
 def explain(err: Exception) -> str:
-    """The one line a user error prints: an I/O failure names its file and what to check."""
+    """The one line a user error prints: an I/O failure names its file and what to check; a
+    setting that came from PIADM_SET says so."""
     if not isinstance(err, OSError) or type(err).__module__.startswith("pipeline"):
-        return str(err)
+        return f"{err}{_from_environment(str(err))}"
     if type(err).__module__.startswith("zarr"):  # nothing found to read; the message names where
         return f"cannot read a Zarr store: {err}: check that the path is the store it should be"
     where = f" {err.filename}" if err.filename else ""

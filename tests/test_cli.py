@@ -62,6 +62,13 @@ def test_piadm_set_items_split_at_semicolons_and_lines_but_not_inside_quotes(mon
         overrides(Namespace(set=[]))
 
 
+def test_an_error_from_a_piadm_set_item_says_so(monkeypatch, capsys):
+    monkeypatch.setenv("PIADM_SET", "ensemble.members=0; sampler.steps=20")
+    assert main(["sample", "jobs/configs/grf.toml", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "ensemble.members" in err and err.endswith("(from PIADM_SET: ensemble.members=0)")
+
+
 def test_invalid_toml_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("[sampler\nsteps = 3\n")
