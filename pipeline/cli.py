@@ -279,9 +279,10 @@ def _cmd_plan(args, world) -> int:
 
     _output_file("--json", args.json, "plan.json")
     cfg, _, device = _setup(args, world, layout=False)
-    if args.ranks < 1 or args.gpus_per_node < 0:
-        raise ConfigError(f"plan: --ranks {args.ranks} must be >= 1 and --gpus-per-node "
-                          f"{args.gpus_per_node} >= 0", collective=True)
+    for flag, value, least in (("--ranks", args.ranks, 1), ("--gpus-per-node",
+                                args.gpus_per_node, 0), ("--rows", args.rows, 1)):
+        if value < least:
+            raise ConfigError(f"plan: {flag} {value} must be >= {least}", collective=True)
 
     def plan_here():
         model = first_item_model(cfg, build_model(cfg.model, device), device)

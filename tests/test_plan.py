@@ -112,9 +112,14 @@ def test_plan_command_prints_a_ranked_table_and_the_settings(tmp_path, capsys):
     assert table["settings"]["sampler.method"] == table["layouts"][0]["method"]
 
 
-def test_plan_rejects_a_rank_count_below_one(capsys):
-    assert main(["plan", "jobs/configs/grf.toml", "--ranks", "0"]) == 2
-    assert "--ranks 0 must be >= 1" in capsys.readouterr().err
+@pytest.mark.parametrize("flags, needle", [(["--ranks", "0"], "plan: --ranks 0 must be >= 1"),
+                                           (["--ranks", "2", "--rows", "0"],
+                                            "plan: --rows 0 must be >= 1"),
+                                           (["--ranks", "2", "--gpus-per-node", "-1"],
+                                            "plan: --gpus-per-node -1 must be >= 0")])
+def test_plan_rejects_counts_below_their_least(flags, needle, capsys):
+    assert main(["plan", "jobs/configs/grf.toml", *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"piadm: error: {needle}"
 
 
 def test_auto_sampling_runs_the_plan_and_records_it_and_a_resume_keeps_it(tmp_path, capsys):
