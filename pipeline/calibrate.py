@@ -46,7 +46,7 @@ class Rung:
 class Calibration:
     """The chosen ``tol``, the ladder measured (empty when read from the cache) and where the
     choice came from: ``config``, ``calibrated``, ``cache``, ``store``, or ``unused`` (None:
-    a sequential sampler)."""
+    a sequential sampler); a store records ``plan`` for one the planner set."""
 
     tol: float | None
     rungs: tuple[Rung, ...]

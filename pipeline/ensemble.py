@@ -9,6 +9,7 @@ batches each group agrees whether a stop signal arrived; a stopped run exits wit
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -125,7 +126,10 @@ def _prepare(cfg: Config, stats: tuple[float, float], shape, trained_on, tol: Ca
     that ``_check_early`` measured."""
     items = dataclasses.replace(load_items(cfg, check=False), mean=stats[0], std=stats[1])
     spec = store_spec(cfg, items, shape, trained_on, grid)
-    spec.attrs.update(sampler_tol=tol.tol, sampler_tol_source=tol.source, **attrs)
+    # a tolerance the planner set (it calibrates each sampler it weighs) is its, not the config's
+    planned = "sampler.tol" in json.loads(attrs.get("plan_settings", "{}"))
+    source = "plan" if planned and tol.source == "config" else tol.source
+    spec.attrs.update(sampler_tol=tol.tol, sampler_tol_source=source, **attrs)
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
 
 

@@ -132,6 +132,7 @@ def test_auto_sampling_runs_the_plan_and_records_it_and_a_resume_keeps_it(tmp_pa
     assert chosen["parallel.time_slices"] == 1  # one rank here
     attrs = xr.open_zarr(summary.path).attrs
     assert attrs["sampler_method"] == chosen["sampler.method"]
+    assert attrs["sampler_tol_source"] == ("plan" if "sampler.tol" in chosen else "unused")
     assert "plan: " in capsys.readouterr().err
     again = sample(cfg)  # resumes: the store's own choice, nothing left to sample
     assert again.members == 0 and again.skipped == 2
@@ -151,6 +152,14 @@ def test_a_dry_run_of_an_auto_run_names_the_planner_and_then_the_store_it_would_
     capsys.readouterr()
     assert main(args) == 0
     assert "would be resumed: 2 of 2 members done" in capsys.readouterr().err
+
+
+def test_a_tolerance_the_planner_calibrated_is_recorded_as_the_plans(tmp_path):
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "sampler.method": "pc-window", "sampler.tol": "auto", "parallel.time_slices": "auto"}))
+    attrs = xr.open_zarr(sample(cfg).path).attrs
+    assert json.loads(attrs["plan_settings"])["sampler.tol"] == attrs["sampler_tol"]
+    assert attrs["sampler_tol_source"] == "plan"
 
 
 def test_auto_time_slices_keep_the_named_sampler(tmp_path):
