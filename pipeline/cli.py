@@ -62,16 +62,22 @@ def _split_items(text: str) -> list[str]:
     return items
 
 
+def _environment_items() -> list[str]:
+    """The non-empty items of ``PIADM_SET``, stripped."""
+    return [item.strip() for item in _split_items(os.environ.get("PIADM_SET", ""))
+            if item.strip()]
+
+
 def overrides(args) -> list[str]:
     """The ``--set`` overrides of a command: those in the environment variable ``PIADM_SET``
     (``section.key=value`` items separated by ``;`` or new lines, each as ``--set`` takes it;
     for a whole batch script or session) first, then the command line's."""
-    items = [item.strip() for item in _split_items(os.environ.get("PIADM_SET", ""))]
-    for item in filter(None, items):
+    items = _environment_items()
+    for item in items:
         if "=" not in item:
             raise ConfigError(f"PIADM_SET: {item!r} is not section.key=value (separate the "
                               "items with ';' or new lines)")
-    return [*filter(None, items), *args.set]
+    return [*items, *args.set]
 
 
 def _setup(args, world, plan: bool = False, layout: bool = True):
@@ -278,11 +284,11 @@ def _cmd_plan(args, world) -> int:
     from pipeline.planner import make_plan, settings, table, describe
 
     _output_file("--json", args.json, "plan.json")
-    cfg, _, device = _setup(args, world, layout=False)
     for flag, value, least in (("--ranks", args.ranks, 1), ("--gpus-per-node",
                                 args.gpus_per_node, 0), ("--rows", args.rows, 1)):
         if value < least:
             raise ConfigError(f"plan: {flag} {value} must be >= {least}", collective=True)
+    cfg, _, device = _setup(args, world, layout=False)
 
     def plan_here():
         model = first_item_model(cfg, build_model(cfg.model, device), device)
@@ -486,7 +492,7 @@ def _from_environment(text: str) -> str:
     """`` (from PIADM_SET: item)`` for each PIADM_SET item whose key ``text`` names: a
     setting exported long ago is easy to forget."""
     try:
-        items = [item.strip() for item in _split_items(os.environ.get("PIADM_SET", ""))]
+        items = _environment_items()
     except ConfigError:
         return ""
     named = [item for item in items if "=" in item and item.split("=")[0].strip() in text]

@@ -173,4 +173,3 @@ def store_differences(cfg: Config, text: str, most: int = 4) -> list[str]:
            for name, table in ours.items() for key, value in table.items()
            if theirs.get(name, {}).get(key) != value]
     return out[:most] + ([f"and {len(out) - most} more"] if len(out) > most else [])
-

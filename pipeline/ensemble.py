@@ -37,9 +37,9 @@ from pipeline.run import (DTYPES, member_batches, model_data_bound, provenance, 
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, Config, needs_plan
 from pipeline.signals import StopRequest
-from pipeline.store import (StoreSpec, batch_done, check_target, done_members, finalize,
-                            member_chunk, open_or_create, store_fate, stored_attribute,
-                            write_batch)
+from pipeline.store import (StoreSpec, batch_done, check_target, check_writable, done_members,
+                            finalize, member_chunk, open_or_create, store_fate,
+                            stored_attribute, write_batch)
 from pipeline.writer import make_writer
 
 
@@ -115,8 +115,10 @@ def _check_early(cfg: Config, model) -> tuple[float, float]:
     target, before the start-up's costly work; returns the input's (mean, std)."""
     items = load_items(cfg, check=True, model=model)
     _check_only(cfg.parallel.items, len(items.labels))
-    check_target(cfg.output.path, cfg.store_digest, overwrite=cfg.output.overwrite,
-                 differs=lambda text: store_differences(cfg, text))
+    fate = check_target(cfg.output.path, cfg.store_digest, overwrite=cfg.output.overwrite,
+                        differs=lambda text: store_differences(cfg, text))
+    if fate == "create":  # found now, not when the store is made after a calibration
+        check_writable(cfg.output.path)
     return items.mean, items.std
 
 

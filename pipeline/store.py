@@ -178,11 +178,11 @@ def store_fate(path: str | Path, digest: str, *, overwrite: bool) -> str:
     return _fate(path, digest, overwrite)[0]
 
 
-def _check_writable(path: Path) -> None:
+def check_writable(path: str | Path) -> None:
     """Raise OSError naming the folder when a store cannot be made at ``path``: its nearest
     existing folder must take a new entry (tried with an empty folder, removed at once)."""
-    existing = next(p for p in (path.parent.absolute(), *path.parent.absolute().parents)
-                    if p.exists())
+    folder = Path(path).parent.absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
     try:
@@ -201,11 +201,9 @@ def stored_config(path: str | Path) -> str:
 
 def check_target(path: str | Path, digest: str, *, overwrite: bool, differs=()) -> str:
     """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse
-    (``store_fate``) or could not make; returns the fate otherwise. ``differs``: a callable
-    giving the settings in which another configuration's store differs, for the message."""
+    (``store_fate``); returns the fate otherwise. ``differs``: a callable giving the settings
+    in which another configuration's store differs, for the message."""
     fate, found = _fate(path, digest, overwrite)
-    if fate == "create":
-        _check_writable(Path(path))
     if fate == "foreign":
         raise StoreExists(
             f"output {path} exists and is not a piadm store, and piadm deletes only stores it "
