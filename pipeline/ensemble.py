@@ -427,6 +427,8 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
     written = int(total[3])
     note = (f"piadm stopped by a signal after {written} members" if preempted
             else f"piadm wrote {written} members")
+    if skipped:  # a rerun says what it found, so a line of 0 is not read as a lost run
+        note += f" ({skipped} already written)"
     on_rank0(world, _finalize_alone, spec.path, note, job)
     write_s = writer.busy if writer is not None else 0.0
     wait_s = writer.waited if writer is not None else 0.0

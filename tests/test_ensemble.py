@@ -1,12 +1,14 @@
 """The ensemble store: conditional items, layout and provenance, resume after a stop, item
 subsets filling one store, input validation before anything is written, ``piadm status``."""
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scoringrules
 import xarray as xr
+import zarr
 
 from conftest import conditional_sets, make_input
 from pipeline.cli import main
@@ -70,6 +72,9 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_store(tmp_path, input_store,
     assert "10 of 36 members done, 26 to sample" in capsys.readouterr().err
     assert main(["status", str(cut)]) == 0
     assert_same_store(clean, cut)
+    history = json.loads(zarr.open_group(cut, mode="r").attrs["piadm_history"])
+    assert history[-2].endswith("piadm stopped by a signal after 10 members")
+    assert history[-1].endswith("piadm wrote 26 members (10 already written)")
 
 
 def test_status_of_a_path_that_is_no_store_is_an_error(tmp_path, capsys):
