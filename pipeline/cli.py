@@ -21,6 +21,7 @@ from pathlib import Path  # noqa: E402
 from pipeline import __version__  # noqa: E402
 from pipeline.config import ConfigError, load_config, with_settings  # noqa: E402
 from pipeline.console import on_rank0, print0  # noqa: E402
+from pipeline.environment import environment_settings, from_environment  # noqa: E402
 from pipeline.errors import raised_by_every_rank  # noqa: E402
 from pipeline.settings import AUTO_METHODS, PEERS  # noqa: E402
 
@@ -39,45 +40,10 @@ EXAMPLES = {
 }
 
 
-def _split_items(text: str) -> list[str]:
-    """``text`` cut at each new line, and at each ``;`` outside a quoted value, so that a value
-    such as ``"runs;1.zarr"`` stays whole. A quote opens a value only where a value starts
-    (after ``=``, ``[``, ``,``, ``{`` or a space), so an apostrophe inside a path is text."""
-    items = []
-    for line in text.splitlines():
-        start, quote = 0, ""
-        for i, char in enumerate(line):
-            if quote:
-                if char == quote and not (quote == '"' and line[i - 1] == "\\"):
-                    quote = ""
-            elif char in "'\"" and (i == 0 or line[i - 1] in "=[,{ \t"):
-                quote = char
-            elif char == ";":
-                items.append(line[start:i])
-                start = i + 1
-        if quote:
-            raise ConfigError(f"PIADM_SET: the quote in {line[start:].strip()!r} is never "
-                              "closed: close it (items are separated by ';' or new lines)")
-        items.append(line[start:])
-    return items
-
-
-def _environment_items() -> list[str]:
-    """The non-empty items of ``PIADM_SET``, stripped."""
-    return [item.strip() for item in _split_items(os.environ.get("PIADM_SET", ""))
-            if item.strip()]
-
-
 def overrides(args) -> list[str]:
-    """The ``--set`` overrides of a command: those in the environment variable ``PIADM_SET``
-    (``section.key=value`` items separated by ``;`` or new lines, each as ``--set`` takes it;
-    for a whole batch script or session) first, then the command line's."""
-    items = _environment_items()
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"PIADM_SET: {item!r} is not section.key=value (separate the "
-                              "items with ';' or new lines)")
-    return [*items, *args.set]
+    """The ``--set`` overrides of a command: ``PIADM_SET``'s items first, then the command
+    line's."""
+    return [*environment_settings(), *args.set]
 
 
 def _setup(args, world, plan: bool = False, layout: bool = True):
@@ -488,22 +454,11 @@ def user_errors() -> tuple:
     return (ConfigError, StoreExists, PicardDivergence, NotAStore, EvaluationError, OSError)
 
 
-def _from_environment(text: str) -> str:
-    """`` (from PIADM_SET: item)`` for each PIADM_SET item whose key ``text`` names: a
-    setting exported long ago is easy to forget."""
-    try:
-        items = _environment_items()
-    except ConfigError:
-        return ""
-    named = [item for item in items if "=" in item and item.split("=")[0].strip() in text]
-    return "".join(f" (from PIADM_SET: {item})" for item in named)
-
-
 def explain(err: Exception) -> str:
     """The one line a user error prints: an I/O failure names its file and what to check; a
     setting that came from PIADM_SET says so."""
     if not isinstance(err, OSError) or type(err).__module__.startswith("pipeline"):
-        return f"{err}{_from_environment(str(err))}"
+        return f"{err}{from_environment(str(err))}"
     if type(err).__module__.startswith("zarr"):  # nothing found to read; the message names where
         return f"cannot read a Zarr store: {err}: check that the path is the store it should be"
     where = f" {err.filename}" if err.filename else ""

@@ -1,0 +1,58 @@
+"""``PIADM_SET``: ``--set`` overrides held in the environment, for a whole batch script or
+session (``section.key=value`` items separated by ``;`` or new lines)."""
+from __future__ import annotations
+
+import os
+
+from pipeline.config import ConfigError
+
+
+def split_items(text: str) -> list[str]:
+    """``text`` cut at each new line, and at each ``;`` outside a quoted value, so that a value
+    such as ``"runs;1.zarr"`` stays whole. A quote opens a value only where a value starts
+    (after ``=``, ``[``, ``,``, ``{`` or a space), so an apostrophe inside a path is text."""
+    items = []
+    for line in text.splitlines():
+        start, quote = 0, ""
+        for i, char in enumerate(line):
+            if quote:
+                if char == quote and not (quote == '"' and line[i - 1] == "\\"):
+                    quote = ""
+            elif char in "'\"" and (i == 0 or line[i - 1] in "=[,{ \t"):
+                quote = char
+            elif char == ";":
+                items.append(line[start:i])
+                start = i + 1
+        if quote:
+            raise ConfigError(f"PIADM_SET: the quote in {line[start:].strip()!r} is never "
+                              "closed: close it (items are separated by ';' or new lines)")
+        items.append(line[start:])
+    return items
+
+
+def _environment_items() -> list[str]:
+    """The non-empty items of ``PIADM_SET``, stripped."""
+    return [item.strip() for item in split_items(os.environ.get("PIADM_SET", ""))
+            if item.strip()]
+
+
+def environment_settings() -> list[str]:
+    """``PIADM_SET``'s items, each as ``--set`` takes it; raises ConfigError for an item that
+    is not ``section.key=value``."""
+    items = _environment_items()
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"PIADM_SET: {item!r} is not section.key=value (separate the "
+                              "items with ';' or new lines)")
+    return items
+
+
+def from_environment(text: str) -> str:
+    """`` (from PIADM_SET: item)`` for each PIADM_SET item whose key ``text`` names: a
+    setting exported long ago is easy to forget."""
+    try:
+        items = _environment_items()
+    except ConfigError:
+        return ""
+    named = [item for item in items if "=" in item and item.split("=")[0].strip() in text]
+    return "".join(f" (from PIADM_SET: {item})" for item in named)
