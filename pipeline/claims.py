@@ -115,6 +115,14 @@ def claim(folder: Path, key: str, job: str) -> bool:
     return True
 
 
+def clear_claims(folder: Path, keep: str) -> None:
+    """Remove the batch claims in ``folder`` (their store is being replaced, its batches are
+    gone), keeping the lock ``keep`` and the jobs' heartbeats."""
+    for entry in folder.glob("*"):
+        if entry.name != f"{keep}.json" and not entry.name.startswith("job-"):
+            entry.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def holding(folder: Path, name: str, job: str):
     """Hold the lock ``name`` for ``job`` while the block runs: a claim that is given back

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
+from pipeline.claims import Heartbeat, claims_dir, clear_claims, holding, new_job_id
+
 if TYPE_CHECKING:
     import xarray as xr
 
@@ -223,15 +225,34 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
     ``created`` or ``resumed``. Creation is built aside and renamed into place, so the path
     is either absent or complete, and two runs racing to create it agree on one. With
     ``overwrite`` another configuration's store is deleted first; this configuration's is
-    resumed (a requeued job, or a second job sharing its batches, must not delete the work;
-    two jobs of one config both replacing another's store at once can still race)."""
-    path = Path(spec.path)
-    fate = check_target(path, spec.digest, overwrite=overwrite)  # never delete what we did not make
+    resumed (a requeued job, or a second job sharing its batches, must not delete the work)."""
+    fate = check_target(spec.path, spec.digest, overwrite=overwrite)  # never delete what we did not make
     if fate == "resume":
         return "resumed"
-    if fate == "replace":
-        shutil.rmtree(path)
-        shutil.rmtree(f"{path}.claims", ignore_errors=True)  # claims on the old store's batches
+    return _replace(spec) if fate == "replace" else _create(spec)
+
+
+def _replace(spec: StoreSpec) -> str:
+    """Delete another configuration's store and create this one's, one job at a time (a lock
+    in the claims folder): two jobs of one configuration started together both find the old
+    store, and the second must resume the first's new store, not delete it."""
+    folder, job = claims_dir(spec.path), new_job_id()
+    beat = Heartbeat(folder, job).start()  # a live holder: waiting jobs never take its lock
+    try:
+        with holding(folder, "replace", job):
+            fate = check_target(spec.path, spec.digest, overwrite=True)  # as it is now
+            if fate == "resume":
+                return "resumed"
+            if fate == "replace":
+                shutil.rmtree(spec.path)
+                clear_claims(folder, keep="replace")  # claims on the old store's batches
+            return _create(spec)
+    finally:
+        beat.stop()
+
+
+def _create(spec: StoreSpec) -> str:
+    path = Path(spec.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.creating")
     _dataset(spec).to_zarr(aside, mode="w", compute=False, consolidated=False, zarr_format=3)

@@ -149,6 +149,29 @@ def test_a_run_that_loses_the_race_to_create_its_store_resumes_only_its_own(
     assert stored_digest(path) == racer and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_of_two_jobs_replacing_another_configs_store_the_second_resumes_the_firsts(
+        tmp_path, monkeypatch):
+    from pipeline import store
+    from pipeline.store import open_or_create, stored_digest
+
+    path, holding = tmp_path / "old.zarr", store.holding
+    open_or_create(_spec(path, "c" * 64), overwrite=False)  # another configuration's store
+
+    def first_job_replaces_it_meanwhile(folder, name, job):
+        # the other job found the old store too, took the lock first, replaced the store
+        # and wrote into it while this one waited for the lock
+        monkeypatch.setattr(store, "holding", holding)
+        assert open_or_create(_spec(path, "a" * 64), overwrite=True) == "created"
+        zarr.open_group(path, mode="r+").attrs["written_by_the_first"] = True
+        return holding(folder, name, job)
+
+    monkeypatch.setattr(store, "holding", first_job_replaces_it_meanwhile)
+    assert open_or_create(_spec(path, "a" * 64), overwrite=True) == "resumed"
+    assert stored_digest(path) == "a" * 64
+    assert zarr.open_group(path, mode="r").attrs["written_by_the_first"]
+    assert not list((tmp_path / "old.zarr.claims").glob("*"))  # the lock and its heartbeat gone
+
+
 SHIPPED = "models/checkpoints/kolmogorov_uncond.pt"
 
 
