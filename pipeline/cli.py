@@ -76,7 +76,7 @@ def _cmd_sample(args, world) -> int:
 
     stop = StopRequest().install()
     if args.dry_run:
-        from pipeline.ensemble import dry_run
+        from pipeline.dry_run import dry_run
 
         cfg, ranks, _ = _setup(args, world)
         text, runs = on_rank0(world, dry_run, cfg, ranks)

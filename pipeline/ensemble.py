@@ -13,7 +13,6 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,11 +34,11 @@ from pipeline.progress import Progress
 from pipeline.run import (DTYPES, member_batches, model_data_bound, provenance, residual_length,
                           sample_batch, sampler_grid, sampler_options)
 from pipeline.samplers import REFERENCE, REGISTRY
-from pipeline.settings import AUTO_METHODS, Config, needs_plan
+from pipeline.settings import Config
 from pipeline.signals import StopRequest
 from pipeline.store import (StoreSpec, batch_done, check_target, check_writable, done_members,
-                            finalize, member_chunk, open_or_create, store_fate,
-                            stored_attribute, write_batch)
+                            finalize, member_chunk, open_or_create, stored_attribute,
+                            write_batch)
 from pipeline.writer import make_writer
 
 
@@ -104,7 +103,8 @@ def work_list(done: np.ndarray, batches: list[tuple[int, ...]], only: tuple[int,
     return [(i, b) for i in items for b in batches if not done[i, list(b)].all()]
 
 
-def _check_only(only: tuple[int, ...], count: int) -> None:
+def check_only(only: tuple[int, ...], count: int) -> None:
+    """Raise ConfigError when ``parallel.items`` (``only``) goes past the ``count`` items."""
     if any(i >= count for i in only):
         raise ConfigError(f"config: parallel.items {list(only)} goes past the {count} items of "
                           f"the input selection: use indices 0 .. {count - 1}")
@@ -114,7 +114,7 @@ def _check_early(cfg: Config, model) -> tuple[float, float]:
     """Rank 0: the input (its layout, selection and one pass over its values) and the output
     target, before the start-up's costly work; returns the input's (mean, std)."""
     items = load_items(cfg, check=True, model=model)
-    _check_only(cfg.parallel.items, len(items.labels))
+    check_only(cfg.parallel.items, len(items.labels))
     fate = check_target(cfg.output.path, cfg.store_digest, overwrite=cfg.output.overwrite,
                         differs=lambda text: store_differences(cfg, text))
     if fate == "create":  # found now, not when the store is made after a calibration
@@ -133,77 +133,6 @@ def _prepare(cfg: Config, stats: tuple[float, float], shape, trained_on, tol: Ca
     source = "plan" if planned and tol.source == "config" else tol.source
     spec.attrs.update(sampler_tol=tol.tol, sampler_tol_source=source, **attrs)
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
-
-
-def dry_run(cfg: Config, ranks: RankGrid) -> tuple[str, bool]:
-    """What ``sample_to_store`` would do, as text, touching nothing: the items, members and
-    batches, what the store at output.path holds, the rank layout and the sampler settings;
-    and whether the run would go ahead (False: it would refuse the store)."""
-    e = cfg.ensemble
-    items = load_items(cfg, check=True)
-    _check_only(cfg.parallel.items, len(items.labels))
-    batches = member_batches(e.members, e.batch_size)
-    todo = len(cfg.parallel.items or items.labels) * len(batches)
-    planned = needs_plan(cfg)
-    fate, runs = _store_fate(cfg, planned)
-    lines = [
-        f"items      {len(items.labels)} along {items.dim}"
-        + (f" ({items.labels[0]} .. {items.labels[-1]})" if len(items.labels) > 1 else "")
-        + (f"; this job fills {list(cfg.parallel.items)}" if cfg.parallel.items else ""),
-        f"members    {e.members} per item in {len(batches)} batches of up to {e.batch_size}; "
-        f"{todo} (item, batch) pairs in all"
-        + ("; with \"auto\" the planner may pick another batch size" if planned else ""),
-        f"store      {cfg.output.path} {fate}",
-        f"ranks      {ranks.world.size} = {ranks.groups} group(s) x {ranks.slices.size} time "
-        f"slice(s); each group takes about {-(-todo // ranks.groups)} pairs"
-        + ("; \"auto\" time slices: the planner picks them" if planned else ""),
-        _sampler_line(cfg, planned),
-        f"model      {cfg.model.kind} {list(cfg.model.shape)}"
-        + (f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else ""),
-        "nothing was written (--dry-run)",
-    ]
-    return "\n".join(lines), runs
-
-
-def _store_fate(cfg: Config, planned: bool) -> tuple[str, bool]:
-    """What a run would do with the store at output.path (``store_fate``), and whether it
-    would go ahead. An ``"auto"`` run's store records the plan it was made with (keyed by the
-    unresolved config), which a rerun repeats."""
-    path = cfg.output.path
-    fate = store_fate(path, cfg.store_digest, overwrite=cfg.output.overwrite)
-    if fate in ("replace", "other") and planned and stored_attribute(
-            path, cfg.store_digest, "plan_settings", digest_key="plan_config_sha256") is not None:
-        fate = "resume"
-    if fate == "resume":
-        done = done_members(path)
-        return f"would be resumed: {int(done.sum())} of {done.size} members done", True
-    return {"create": "would be created",
-            "foreign": "exists and is not a piadm store: the run would refuse it",
-            "replace": ("was made by another configuration: output.overwrite = true would "
-                        "replace it"),
-            "other": "was made by another configuration: the run would refuse it"}[fate], \
-        fate in ("create", "replace")
-
-
-def _sampler_line(cfg: Config, planned: bool) -> str:
-    """The sampler settings a run would use; for an ``"auto"`` one, who picks them."""
-    from pipeline.calibrate import cache_file, calibration_key, read_cached
-    from pipeline.run import model_digest
-
-    s = cfg.sampler
-    if planned and s.method in AUTO_METHODS:
-        return (f"sampler    {s.method}: the planner picks the method, its window and the time "
-                f"slices at start-up (`piadm plan CONFIG --ranks N` prints its table), "
-                f"{s.steps} steps on the {s.grid} grid, {s.dtype}, seed {s.seed}")
-    tol = s.tol
-    if tol == "auto" and REFERENCE[s.method] != s.method:
-        cached = read_cached(calibration_key(cfg, model_digest(cfg)))
-        tol = (f"auto: {cached:g}, calibrated earlier ({cache_file()})" if cached is not None
-               else "auto: would be calibrated first (piadm calibrate)")
-    return (f"sampler    {s.method}, {s.steps} steps on the {s.grid} grid (u {s.u_min:g} .. "
-            f"{s.u_max:g}), {s.dtype}, {s.noise} noise, seed {s.seed}, tol {tol}"
-            + (f", window {s.window or 'default'}" if "window" in s.method else "")
-            + (f", blocks of {s.block_size}" if REGISTRY[s.method].blocked else ""))
 
 
 def run_tolerance(cfg: Config, model, device, *, force: bool = False,

@@ -1,0 +1,80 @@
+"""``piadm sample --dry-run``: what a run would do, as text, touching nothing."""
+from __future__ import annotations
+
+from pipeline.ensemble import check_only, load_items
+from pipeline.layout import RankGrid
+from pipeline.run import member_batches
+from pipeline.samplers import REFERENCE, REGISTRY
+from pipeline.settings import AUTO_METHODS, Config, needs_plan
+from pipeline.store import done_members, store_fate, stored_attribute
+
+
+def dry_run(cfg: Config, ranks: RankGrid) -> tuple[str, bool]:
+    """What ``sample_to_store`` would do, as text, touching nothing: the items, members and
+    batches, what the store at output.path holds, the rank layout and the sampler settings;
+    and whether the run would go ahead (False: it would refuse the store)."""
+    e = cfg.ensemble
+    items = load_items(cfg, check=True)
+    check_only(cfg.parallel.items, len(items.labels))
+    batches = member_batches(e.members, e.batch_size)
+    todo = len(cfg.parallel.items or items.labels) * len(batches)
+    planned = needs_plan(cfg)
+    fate, runs = _store_fate(cfg, planned)
+    lines = [
+        f"items      {len(items.labels)} along {items.dim}"
+        + (f" ({items.labels[0]} .. {items.labels[-1]})" if len(items.labels) > 1 else "")
+        + (f"; this job fills {list(cfg.parallel.items)}" if cfg.parallel.items else ""),
+        f"members    {e.members} per item in {len(batches)} batches of up to {e.batch_size}; "
+        f"{todo} (item, batch) pairs in all"
+        + ("; with \"auto\" the planner may pick another batch size" if planned else ""),
+        f"store      {cfg.output.path} {fate}",
+        f"ranks      {ranks.world.size} = {ranks.groups} group(s) x {ranks.slices.size} time "
+        f"slice(s); each group takes about {-(-todo // ranks.groups)} pairs"
+        + ("; \"auto\" time slices: the planner picks them" if planned else ""),
+        _sampler_line(cfg, planned),
+        f"model      {cfg.model.kind} {list(cfg.model.shape)}"
+        + (f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else ""),
+        "nothing was written (--dry-run)",
+    ]
+    return "\n".join(lines), runs
+
+
+def _store_fate(cfg: Config, planned: bool) -> tuple[str, bool]:
+    """What a run would do with the store at output.path (``store_fate``), and whether it
+    would go ahead. An ``"auto"`` run's store records the plan it was made with (keyed by the
+    unresolved config), which a rerun repeats."""
+    path = cfg.output.path
+    fate = store_fate(path, cfg.store_digest, overwrite=cfg.output.overwrite)
+    if fate in ("replace", "other") and planned and stored_attribute(
+            path, cfg.store_digest, "plan_settings", digest_key="plan_config_sha256") is not None:
+        fate = "resume"
+    if fate == "resume":
+        done = done_members(path)
+        return f"would be resumed: {int(done.sum())} of {done.size} members done", True
+    return {"create": "would be created",
+            "foreign": "exists and is not a piadm store: the run would refuse it",
+            "replace": ("was made by another configuration: output.overwrite = true would "
+                        "replace it"),
+            "other": "was made by another configuration: the run would refuse it"}[fate], \
+        fate in ("create", "replace")
+
+
+def _sampler_line(cfg: Config, planned: bool) -> str:
+    """The sampler settings a run would use; for an ``"auto"`` one, who picks them."""
+    from pipeline.calibrate import cache_file, calibration_key, read_cached
+    from pipeline.run import model_digest
+
+    s = cfg.sampler
+    if planned and s.method in AUTO_METHODS:
+        return (f"sampler    {s.method}: the planner picks the method, its window and the time "
+                f"slices at start-up (`piadm plan CONFIG --ranks N` prints its table), "
+                f"{s.steps} steps on the {s.grid} grid, {s.dtype}, seed {s.seed}")
+    tol = s.tol
+    if tol == "auto" and REFERENCE[s.method] != s.method:
+        cached = read_cached(calibration_key(cfg, model_digest(cfg)))
+        tol = (f"auto: {cached:g}, calibrated earlier ({cache_file()})" if cached is not None
+               else "auto: would be calibrated first (piadm calibrate)")
+    return (f"sampler    {s.method}, {s.steps} steps on the {s.grid} grid (u {s.u_min:g} .. "
+            f"{s.u_max:g}), {s.dtype}, {s.noise} noise, seed {s.seed}, tol {tol}"
+            + (f", window {s.window or 'default'}" if "window" in s.method else "")
+            + (f", blocks of {s.block_size}" if REGISTRY[s.method].blocked else ""))
