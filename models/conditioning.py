@@ -35,7 +35,7 @@ class MeanShift:
 
 def upsample_blocks(coarse: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """A coarse field (h, w) repeated over blocks to the grid ``shape`` (H, W): (H, W)."""
-    fy, fx = shape[0] // coarse.shape[-2], shape[1] // coarse.shape[-1]
+    fy, fx = shape[-2] // coarse.shape[-2], shape[-1] // coarse.shape[-1]
     return coarse.repeat_interleave(fy, -2).repeat_interleave(fx, -1)
 
 

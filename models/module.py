@@ -131,6 +131,8 @@ class _Net:
         if param is not None and (param.dtype != x.dtype or param.device != x.device):
             # runs in the sampler's dtype (torch's own .to: diffusers' warns on any cast)
             torch.nn.Module.to(self.net, device=x.device, dtype=x.dtype)
+        if cond is not None:  # the bound field comes in the input's dtype, as x does
+            cond = cond.to(device=x.device, dtype=x.dtype)
         if self.channel:
             x = x[:, None]
             cond = None if cond is None else cond[:, None]
@@ -189,8 +191,10 @@ class NetworkModel:
         return self._adapter(x, u)
 
     def conditioned(self, coarse: torch.Tensor) -> "NetworkModel":
-        """Bind a coarse field (h, w) in model units, upsampled by blocks to the model's grid."""
-        return replace(self, cond=upsample_blocks(coarse, self.shape)[None])
+        """Bind a coarse field (h, w) in model units, upsampled by blocks to the model's grid
+        (H, W) and shaped like one input (a channel axis of 1 kept): cond (1, *shape)."""
+        fine = upsample_blocks(coarse, self.shape[-2:])
+        return replace(self, cond=fine.reshape(self.shape)[None])
 
 
 def check_output(model, shape: tuple[int, ...], what: str) -> None:
@@ -218,7 +222,11 @@ def load_module(section, device="cpu") -> NetworkModel:
     check_section(section)
     factory = import_target(section.target)
     try:
-        net = factory(**section.args)
+        # a network without model.weights keeps its initial weights: seeded, so that every run
+        # and every rank samples the same network (its store then resumes and splits safely)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = factory(**section.args)
     except Exception as err:
         given = ", ".join(section.args) or "none"
         raise ConfigError(f"config: model.target = {section.target!r} raised "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pipeline.ensemble import check_only, load_items
 from pipeline.layout import RankGrid
-from pipeline.run import member_batches
+from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, Config, needs_plan
 from pipeline.store import done_members, store_fate, stored_attribute
@@ -44,7 +44,8 @@ def _store_fate(cfg: Config, planned: bool) -> tuple[str, bool]:
     would go ahead. An ``"auto"`` run's store records the plan it was made with (keyed by the
     unresolved config), which a rerun repeats."""
     path = cfg.output.path
-    fate = store_fate(path, cfg.store_digest, overwrite=cfg.output.overwrite)
+    fate = store_fate(path, cfg.store_digest, overwrite=cfg.output.overwrite,
+                      model=model_digest(cfg))
     if fate in ("replace", "other") and planned and stored_attribute(
             path, cfg.store_digest, "plan_settings", digest_key="plan_config_sha256") is not None:
         fate = "resume"
@@ -55,14 +56,15 @@ def _store_fate(cfg: Config, planned: bool) -> tuple[str, bool]:
             "foreign": "exists and is not a piadm store: the run would refuse it",
             "replace": ("was made by another configuration: output.overwrite = true would "
                         "replace it"),
-            "other": "was made by another configuration: the run would refuse it"}[fate], \
+            "other": "was made by another configuration: the run would refuse it",
+            "weights": ("was made by this configuration with other model files: the run "
+                        "would refuse it")}[fate], \
         fate in ("create", "replace")
 
 
 def _sampler_line(cfg: Config, planned: bool) -> str:
     """The sampler settings a run would use; for an ``"auto"`` one, who picks them."""
     from pipeline.calibrate import cache_file, calibration_key, read_cached
-    from pipeline.run import model_digest
 
     s = cfg.sampler
     if planned and s.method in AUTO_METHODS:

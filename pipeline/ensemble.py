@@ -31,8 +31,8 @@ from pipeline.inputs import Items, open_items, unconditional
 from pipeline.layout import RankGrid, rank_grid
 from pipeline.noise import Noise
 from pipeline.progress import Progress
-from pipeline.run import (DTYPES, member_batches, model_data_bound, provenance, residual_length,
-                          sample_batch, sampler_grid, sampler_options)
+from pipeline.run import (DTYPES, member_batches, model_data_bound, model_digest, provenance,
+                          residual_length, sample_batch, sampler_grid, sampler_options)
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
@@ -116,7 +116,7 @@ def _check_early(cfg: Config, model) -> tuple[float, float]:
     items = load_items(cfg, check=True, model=model)
     check_only(cfg.parallel.items, len(items.labels))
     fate = check_target(cfg.output.path, cfg.store_digest, overwrite=cfg.output.overwrite,
-                        differs=lambda text: store_differences(cfg, text))
+                        model=model_digest(cfg), differs=lambda text: store_differences(cfg, text))
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
     return items.mean, items.std

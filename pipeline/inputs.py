@@ -121,6 +121,8 @@ def _select(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
 def _fits(got: tuple[int, ...], shape: tuple[int, ...], coarse: bool) -> bool:
     if not coarse:
         return got == shape
+    if len(shape) == len(got) + 1 and shape[0] == 1:  # a network's channel axis of 1
+        shape = shape[1:]
     return len(got) == len(shape) and all(n % g == 0 for g, n in zip(got, shape))
 
 

@@ -161,23 +161,29 @@ def stored_attribute(path: str | Path, digest: str, name: str,
     return attrs.get(name) if attrs.get(digest_key) == digest else None
 
 
-def _fate(path: str | Path, digest: str, overwrite: bool) -> tuple[str, str | None]:
+def _fate(path: str | Path, digest: str, overwrite: bool,
+          model: str | None) -> tuple[str, str | None]:
     if not Path(path).exists():
         return "create", None
     found = stored_digest(path)
     if found is None:
         return "foreign", None
-    if found == digest:
+    made_with = stored_attribute(path, digest, "model_sha256") if model else None
+    if found == digest and made_with in (None, model):
         return "resume", found
+    if found == digest:  # the same settings, but the model's files have changed since
+        return ("replace" if overwrite else "weights"), made_with
     return ("replace" if overwrite else "other"), found
 
 
-def store_fate(path: str | Path, digest: str, *, overwrite: bool) -> str:
-    """What a run whose store digest is ``digest`` does with ``path``: ``create`` it,
-    ``resume`` its own store, ``replace`` another configuration's (with ``overwrite``), or
-    refuse: ``foreign`` (not a piadm store: never deleted) or ``other`` (another
-    configuration's, without ``overwrite``)."""
-    return _fate(path, digest, overwrite)[0]
+def store_fate(path: str | Path, digest: str, *, overwrite: bool,
+               model: str | None = None) -> str:
+    """What a run whose store digest is ``digest`` and whose model's digest is ``model`` (its
+    ``model_sha256``; None: not compared) does with ``path``: ``create`` it, ``resume`` its
+    own store, ``replace`` another configuration's or another model's (with ``overwrite``),
+    or refuse: ``foreign`` (not a piadm store: never deleted), ``other`` (another
+    configuration's) or ``weights`` (made by this configuration with other model files)."""
+    return _fate(path, digest, overwrite, model)[0]
 
 
 def check_writable(path: str | Path) -> None:
@@ -201,11 +207,18 @@ def stored_config(path: str | Path) -> str:
         return ""
 
 
-def check_target(path: str | Path, digest: str, *, overwrite: bool, differs=()) -> str:
+def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str | None = None,
+                 differs=()) -> str:
     """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse
     (``store_fate``); returns the fate otherwise. ``differs``: a callable giving the settings
     in which another configuration's store differs, for the message."""
-    fate, found = _fate(path, digest, overwrite)
+    fate, found = _fate(path, digest, overwrite, model)
+    if fate == "weights":  # mixing two networks' members in one ensemble would go unseen
+        raise StoreExists(
+            f"output {path} was made by this configuration with other model files (model "
+            f"digest {found[:12]}, now {model[:12]}): the checkpoint, guide or weights file "
+            "has changed since; put the original back to resume it, choose another "
+            "output.path, or set output.overwrite = true to replace it")
     if fate == "foreign":
         raise StoreExists(
             f"output {path} exists and is not a piadm store, and piadm deletes only stores it "
@@ -226,7 +239,8 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
     is either absent or complete, and two runs racing to create it agree on one. With
     ``overwrite`` another configuration's store is deleted first; this configuration's is
     resumed (a requeued job, or a second job sharing its batches, must not delete the work)."""
-    fate = check_target(spec.path, spec.digest, overwrite=overwrite)  # never delete what we did not make
+    model = spec.attrs.get("model_sha256")
+    fate = check_target(spec.path, spec.digest, overwrite=overwrite, model=model)  # never delete what we did not make
     if fate == "resume":
         return "resumed"
     return _replace(spec) if fate == "replace" else _create(spec)
@@ -240,7 +254,8 @@ def _replace(spec: StoreSpec) -> str:
     beat = Heartbeat(folder, job).start()  # a live holder: waiting jobs never take its lock
     try:
         with holding(folder, "replace", job):
-            fate = check_target(spec.path, spec.digest, overwrite=True)  # as it is now
+            fate = check_target(spec.path, spec.digest, overwrite=True,  # as it is now
+                                model=spec.attrs.get("model_sha256"))
             if fate == "resume":
                 return "resumed"
             if fate == "replace":
@@ -260,7 +275,8 @@ def _create(spec: StoreSpec) -> str:
         os.rename(aside, path)
     except OSError:  # another run created it first: use theirs if it is the same config
         shutil.rmtree(aside, ignore_errors=True)
-        check_target(path, spec.digest, overwrite=False)  # never "resume" another config's
+        check_target(path, spec.digest, overwrite=False,  # never "resume" another config's
+                     model=spec.attrs.get("model_sha256"))
         return "resumed"
     return "created"
 

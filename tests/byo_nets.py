@@ -70,4 +70,18 @@ class Conditional(torch.nn.Module):
         self.unused = torch.nn.Linear(1, 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return cond.to(x.dtype).expand_as(x)
+        # as a convolution would, it takes cond only in x's dtype and layout
+        if cond.dtype != x.dtype or cond.shape != x.shape:
+            raise RuntimeError(f"cond {cond.dtype} {list(cond.shape)}, x {x.dtype} {list(x.shape)}")
+        return cond
+
+
+class Unseeded(torch.nn.Module):
+    """A network whose factory leaves its initial weights to torch's global generator."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)

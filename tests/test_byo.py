@@ -170,6 +170,39 @@ def test_module_mistakes_are_one_line_errors(sets, needle, tmp_path, capsys, mon
     assert not out.exists()
 
 
+def _module_run(out, *sets):
+    base = ["model.kind=module", "model.prediction=eps", "model.process=ddpm",
+            "model.shape=[1, 16, 16]", "sampler.method=sequential-sde", "sampler.steps=4",
+            "ensemble.members=2", "ensemble.batch_size=2", f"output.path={out}"]
+    return main(["sample", "jobs/configs/grf.toml",
+                 *sum((["--set", s] for s in base + list(sets)), [])])
+
+
+def test_a_store_resumes_only_with_the_model_files_it_was_made_with(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(TESTS))
+    weights, out = tmp_path / "w.pt", tmp_path / "x.zarr"
+    net = ["model.target=byo_nets:small_unet", f"model.weights={weights}"]
+    torch.save(small_unet(init=0).state_dict(), weights)
+    assert _module_run(out, *net) == 0
+    made_with = api.open_ensemble(out).attrs["model_sha256"]
+    torch.save(small_unet(init=1).state_dict(), weights)  # retrained in place
+    assert _module_run(out, *net) == 2
+    assert _one_error(capsys.readouterr().err, "was made by this configuration with other model files")
+    assert api.open_ensemble(out).attrs["model_sha256"] == made_with  # kept
+    assert _module_run(out, *net, "output.overwrite=true") == 0
+    assert api.open_ensemble(out).attrs["model_sha256"] != made_with
+
+
+def test_a_network_without_weights_is_the_same_network_on_every_run(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    torch.manual_seed(1)  # whatever the process drew before
+    assert _module_run(tmp_path / "a.zarr", "model.target=byo_nets:Unseeded") == 0
+    torch.manual_seed(2)
+    assert _module_run(tmp_path / "b.zarr", "model.target=byo_nets:Unseeded") == 0
+    a, b = (api.open_ensemble(tmp_path / f"{n}.zarr") for n in "ab")
+    assert float(abs(a["field"] - b["field"]).max()) == 0.0
+
+
 def test_a_folder_without_its_scheduler_config_is_a_one_line_error(tmp_path, capsys):
     small_unet().save_pretrained(tmp_path / "net")
     rc = main(["sample", "jobs/configs/grf.toml", "--set", "model.kind=diffusers",
@@ -205,16 +238,17 @@ def test_an_installed_package_registers_a_model_kind(tmp_path, monkeypatch):
         api.load_config(None, {"model.kind": "nosuchkind"})
 
 
-def test_a_conditional_module_gets_the_bound_coarse_field_upsampled(monkeypatch):
+@pytest.mark.parametrize("shape, dtype", [((4, 4), torch.float64), ((1, 4, 4), torch.float32)])
+def test_a_conditional_module_gets_the_bound_coarse_field_upsampled(monkeypatch, shape, dtype):
     monkeypatch.syspath_prepend(str(TESTS))
     from pipeline.settings import ModelConfig
 
     section = ModelConfig(kind="module", target="byo_nets:Conditional", prediction="eps",
-                          process="ddpm", shape=(4, 4), condition="coarse")
-    coarse = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+                          process="ddpm", shape=shape, condition="coarse")
+    coarse = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)  # as inputs give it
     model = build_model(section).conditioned(coarse)
-    u = torch.full((2,), 1.0, dtype=torch.float64)
-    score = model(torch.zeros(2, 4, 4, dtype=torch.float64), u)
-    eps = -score * torch.sqrt(-torch.expm1(-u)).reshape(-1, 1, 1)  # eps = -s(u) score
-    expected = coarse.repeat_interleave(2, 0).repeat_interleave(2, 1)
-    assert torch.allclose(eps, expected.expand(2, 4, 4), atol=1e-12)
+    u = torch.full((2,), 1.0, dtype=dtype)  # the samplers call in the field's dtype
+    score = model(torch.zeros(2, *shape, dtype=dtype), u)
+    eps = -score * torch.sqrt(-torch.expm1(-u)).reshape(-1, *(1,) * len(shape))  # eps = -s(u) score
+    expected = coarse.repeat_interleave(2, 0).repeat_interleave(2, 1).to(dtype)
+    assert torch.allclose(eps, expected.expand(2, *shape), atol=1e-6)
