@@ -31,35 +31,89 @@ def data_bound(meta: dict, data: str | Path) -> float:
     return largest_mode_power(chunks, meta["mean"], meta["std"])
 
 
+class ExportError(ValueError):
+    """What is wrong with an export's arguments, in one line."""
+
+
+def _source(src: Path) -> dict:
+    """The sidecar of training checkpoint ``src``; raises ExportError when there is none."""
+    if not src.is_file():
+        raise ExportError(f"{src} is not a file: give a piadm train checkpoint")
+    try:
+        return json.loads(Path(f"{src}.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{src} has no readable sidecar {src.name}.json ({type(err).__name__}): "
+                          "piadm train writes both; copy the .json beside it") from None
+
+
+def _fields(data: str | Path, meta: dict, src: Path):
+    """The dataset ``data`` after checking it holds the checkpoint's variables on its grid."""
+    import xarray as xr
+
+    try:
+        ds = xr.open_zarr(data)
+    except (OSError, ValueError, KeyError) as err:
+        raise ExportError(f"--data {data} is not a readable Zarr store ({type(err).__name__}): "
+                          "give the model's training data") from None
+    for name in filter(None, (meta["variable"], meta.get("condition"))):
+        if name not in ds.data_vars:
+            raise ExportError(f"--data {data} has no variable {name!r}, which {src} was trained "
+                              "on: give the model's training data")
+    shape = list(ds[meta["variable"]].shape[1:])
+    if shape != list(meta["shape"]):
+        raise ExportError(f"--data {data}: its {meta['variable']} fields are {shape} but {src} "
+                          f"was trained on {list(meta['shape'])}: give the model's training data")
+    return ds
+
+
 def export(src: str | Path, dst: str | Path, data: str | Path | None = None) -> dict:
     """Copy the EMA weights of ``src`` and its sidecar to ``dst`` (with S from ``data`` when
-    given); returns the sidecar written."""
+    given); returns the sidecar written. Raises ExportError before writing anything when an
+    argument does not fit: ``dst`` is replaced only when it is ``src`` or a piadm checkpoint."""
     src, dst = Path(src), Path(dst)
-    meta = json.loads(Path(str(src) + ".json").read_text())
+    meta = _source(src)
+    in_place = dst.exists() and src.resolve() == dst.resolve()
+    if dst.exists() and not in_place and not Path(f"{dst}.json").is_file():
+        raise ExportError(f"{dst} exists and is not a piadm checkpoint (no {dst.name}.json "
+                          "beside it): choose another destination, or move it away")
     if data is not None:
-        import xarray as xr
-
         from models.grid import grid_of
 
+        ds = _fields(data, meta, src)
         meta["data_bound"] = data_bound(meta, data)
-        ds = xr.open_zarr(data)
         meta["grid"] = grid_of(ds[meta["variable"]])
         if meta.get("condition"):
             meta["cond_shape"] = list(ds[meta["condition"]].shape[1:])
+    state = None
+    if not in_place:  # in place: only the sidecar changes
+        try:
+            state = torch.load(src, map_location="cpu", weights_only=True)
+        except Exception as err:  # damaged, pickled objects, not torch at all
+            raise ExportError(f"{src} is not a readable piadm checkpoint "
+                              f"({type(err).__name__}): give a piadm train checkpoint") from None
+        if not isinstance(state, dict) or "ema" not in state:
+            raise ExportError(f"{src} holds no EMA weights: give a piadm train checkpoint")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.resolve() != dst.resolve():  # in place: only the sidecar changes
-        state = torch.load(src, map_location="cpu", weights_only=True)
-        torch.save({"ema": state["ema"], "step": state["step"]}, dst)
-    Path(str(dst) + ".json").write_text(json.dumps(meta, indent=2))
+    # the sidecar first, as piadm train writes it: a kill between the two leaves a
+    # checkpoint that a rerun of the export may replace
+    Path(f"{dst}.json").write_text(json.dumps(meta, indent=2))
+    if state is not None:
+        torch.save({"ema": state["ema"], "step": state.get("step", 0)}, dst)
     return meta
 
 
 if __name__ == "__main__":
+    import sys
+
     parser = argparse.ArgumentParser(prog="python -m models.export",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("src", help="a piadm train checkpoint (or a shipped one)")
     parser.add_argument("dst", help="where the shipped checkpoint goes")
     parser.add_argument("--data", help="the training data, to record S (models.bound)")
     args = parser.parse_args()
-    meta = export(args.src, args.dst, args.data)
+    try:
+        meta = export(args.src, args.dst, args.data)
+    except ExportError as err:
+        print(f"python -m models.export: error: {err}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {args.dst} (data_bound {meta.get('data_bound', 'not recorded')})")

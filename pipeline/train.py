@@ -299,6 +299,21 @@ def _check_same_training(path: Path, meta: dict) -> None:
 STATE = ("model", "ema", "opt", "step", "history")  # what a training checkpoint holds
 
 
+def _check_replaceable(path: Path) -> None:
+    """Starting anew replaces a training checkpoint, never another file: not one without a
+    sidecar, nor an exported (shipped) one, which holds the EMA weights alone."""
+    _recorded(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError):
+        return  # a training checkpoint cut short by a kill: a new run may replace it
+    if not isinstance(state, dict) or not all(key in state for key in STATE):
+        raise InputError(f"train.checkpoint {path} is an exported checkpoint (the EMA weights "
+                         "alone), not a training one, and train.resume = false would replace "
+                         f"it: choose another train.checkpoint (train.init = {str(path)!r} "
+                         "starts from its weights)")
+
+
 def _resume(path: Path, meta: dict, den, ema, opt, device) -> dict:
     """Load checkpoint ``path`` into the networks and optimiser after checking it was trained
     as this run (``meta``) would; its state. Raises InputError when it cannot be resumed."""
@@ -329,7 +344,7 @@ def _restore(t: TrainConfig, meta: dict, den, ema, opt, comm, device) -> tuple[i
     of ``train.init``; the step reached and the loss history."""
     path = Path(t.checkpoint)
     if path.exists() and not t.resume:
-        _recorded(path)  # starting anew replaces a training checkpoint, never another file
+        _check_replaceable(path)
     if t.resume and path.exists():
         state = _resume(path, meta, den, ema, opt, device)
         for group in opt.param_groups:  # train.lr wins, so a resumed run can anneal

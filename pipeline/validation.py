@@ -96,6 +96,9 @@ def _check_train(t: TrainConfig) -> None:
            f"= {t.global_modes} must be in [0, 16] (0: no global mixing)")
     _check(not t.residual or bool(t.condition), "train.residual",
            "= true needs a coarse field to take the remainder from: set train.condition")
+    _check(t.condition != t.variable, "train.condition",
+           f"= {t.condition!r} is the field the model learns (train.variable): condition on "
+           "its coarse version, e.g. 'vorticity_coarse'")
     stores = [os.path.realpath(path) for path in (t.data, *t.extra)]
     _check(len(set(stores)) == len(stores), "train.extra",
            f"= {list(t.extra)} repeats a store (or train.data, whose held-out times would be "

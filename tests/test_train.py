@@ -237,6 +237,36 @@ def test_exported_checkpoint_keeps_only_ema_and_loads(tmp_path, plain):
     assert torch.equal(a(x, s), b(x, s)) and meta["variable"] == "vorticity"
 
 
+def test_export_refuses_what_does_not_fit_before_writing(tmp_path, plain):
+    import subprocess
+    import sys
+
+    import numpy as np
+    import xarray as xr
+
+    from models.export import ExportError, export
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(ExportError, match="exists and is not a piadm checkpoint"):
+        export(plain, notes)
+    assert notes.read_text() == "my notes" and not Path(f"{notes}.json").exists()
+    coarse = tmp_path / "d8.zarr"
+    xr.Dataset({"vorticity": (("time", "y", "x"), np.zeros((4, 8, 8)))},
+               coords={"time": np.arange(4.0)}).to_zarr(coarse)
+    shipped = tmp_path / "ship.pt"
+    export(plain, shipped)
+    sidecar = Path(f"{shipped}.json").read_text()
+    with pytest.raises(ExportError, match=r"fields are \[8, 8\] but .* was trained on \[16, 16\]"):
+        export(shipped, shipped, data=coarse)
+    assert Path(f"{shipped}.json").read_text() == sidecar
+    run = subprocess.run([sys.executable, "-m", "models.export", str(tmp_path / "nope.pt"),
+                          str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        f"python -m models.export: error: {tmp_path / 'nope.pt'} is not a file: give a piadm "
+        "train checkpoint"]
+
+
 def test_the_shipped_unconditional_model_samples_out_of_the_box(tmp_path):
     import xarray as xr
 
@@ -338,6 +368,10 @@ def test_a_residual_run_without_a_condition_is_a_one_line_error(tmp_path, datase
     assert main(_train_args(dataset, tmp_path / "r.pt", "train.residual=true")) == 2
     err = capsys.readouterr().err.strip()
     assert "train.residual" in err and "train.condition" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r.pt").exists()
+    assert main(_train_args(dataset, tmp_path / "r.pt", "train.condition=vorticity")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.condition = 'vorticity' is the field the model learns" in err
     assert not (tmp_path / "r.pt").exists()
 
 
@@ -447,6 +481,10 @@ def test_a_file_that_is_no_training_checkpoint_is_a_one_line_error(tmp_path, dat
     shipped = tmp_path / "ship.pt"
     export(ckpt, shipped)
     assert "train.init" in _refused(_train_args(dataset, shipped), capsys)
+    before = shipped.read_bytes()  # starting anew does not replace a shipped checkpoint either
+    err = _refused(_train_args(dataset, shipped, "train.resume=false"), capsys)
+    assert f"train.checkpoint {shipped} is an exported checkpoint" in err
+    assert shipped.read_bytes() == before
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_is_a_one_line_error(tmp_path, dataset, capsys):
