@@ -12,6 +12,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import pickle
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -83,6 +85,13 @@ def _first_line(err: BaseException) -> str:
     return ((str(err).strip().splitlines() or [type(err).__name__])[0])[:160]
 
 
+def _details(err: BaseException, limit: int = 300) -> str:
+    """The first lines of ``err`` on one line, without terminal colours: load_state_dict puts
+    the key or size that does not fit on its second line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return re.sub(r"\x1b\[[0-9;]*m", "", " ".join(lines[:2]) or type(err).__name__)[:limit]
+
+
 def _suggest(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -100,11 +109,28 @@ def load_weights(net: torch.nn.Module, path: str, key: str = "model.weights") ->
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "safe_globals" not in str(err):  # no pickled class named: not torch at all
+            raise ConfigError(f"config: {key} = {path!r} is not a readable state dict (not a "
+                              "torch file, or a damaged one): save it with "
+                              "torch.save(net.state_dict(), path) or safetensors") from None
+        raise ConfigError(f"config: {key} = {path!r} holds pickled objects, not tensors alone "
+                          "(a whole saved model?): save torch.save(net.state_dict(), path) "
+                          "instead") from None
+    except Exception as err:  # damaged, or not a torch or safetensors file at all
+        raise ConfigError(f"config: {key} = {path!r} is not a readable state dict "
+                          f"({type(err).__name__}: {_first_line(err)}): save it with "
+                          "torch.save(net.state_dict(), path) or safetensors") from None
+    nested = [k for k, v in state.items() if isinstance(v, dict)] if isinstance(state, dict) else []
+    if nested:
+        raise ConfigError(f"config: {key} = {path!r} nests its tensors under {nested[0]!r}: "
+                          f"save that dict alone (torch.save(ckpt[{nested[0]!r}], path))")
+    try:
         net.load_state_dict(state)
-    except Exception as err:  # damaged file, pickled objects, or keys that do not fit
+    except Exception as err:  # keys or sizes that do not fit
         raise ConfigError(f"config: {key} = {path!r} does not load into the network "
-                          f"({type(err).__name__}: {_first_line(err)}): save it from this "
-                          "network's state_dict()") from None
+                          f"({type(err).__name__}: {_details(err)}): save it from this "
+                          "network's state_dict(), with the same [model] arguments") from None
 
 
 def weights_digest(paths) -> str:
@@ -243,7 +269,9 @@ def load_module(section, device="cpu") -> NetworkModel:
         process = UnitInput(process)
     model = NetworkModel(_Net(net), tuple(section.shape), process, section.prediction)
     if section.condition == "none":
-        check_output(model, tuple(section.shape), f"model.target = {section.target!r}")
+        what = f"model.target = {section.target!r}" + (
+            f" with model.weights = {section.weights!r}" if section.weights else "")
+        check_output(model, tuple(section.shape), what)
     return model
 
 

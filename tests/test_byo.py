@@ -193,6 +193,30 @@ def test_a_store_resumes_only_with_the_model_files_it_was_made_with(tmp_path, mo
     assert api.open_ensemble(out).attrs["model_sha256"] != made_with
 
 
+@pytest.mark.parametrize("case, needle", [
+    ("sizes", "does not load into the network (RuntimeError: Error(s) in loading state_dict for "
+              "UNet2DModel: size mismatch for"),
+    ("nested", "nests its tensors under 'state_dict': save that dict alone"),
+    ("pickled", "holds pickled objects, not tensors alone (a whole saved model?)"),
+    ("garbage", "is not a readable state dict"),
+])
+def test_weights_that_do_not_fit_say_why_in_one_line(case, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(TESTS))
+    weights, out = tmp_path / "w.pt", tmp_path / "x.zarr"
+    if case == "sizes":
+        torch.save(small_unet(channels=4).state_dict(), weights)
+    elif case == "nested":
+        torch.save({"state_dict": small_unet().state_dict(), "epoch": 3}, weights)
+    elif case == "pickled":
+        torch.save(small_unet(), weights)
+    else:
+        weights.write_bytes(bytes(range(256)) * 8)
+    rc = _module_run(out, "model.target=byo_nets:small_unet", f"model.weights={weights}")
+    err = capsys.readouterr().err
+    assert rc == 2 and _one_error(err, needle) and "\x1b" not in err, err
+    assert not out.exists()
+
+
 def test_a_network_without_weights_is_the_same_network_on_every_run(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     torch.manual_seed(1)  # whatever the process drew before
