@@ -45,9 +45,9 @@ from pipeline.writer import make_writer
 @dataclass(frozen=True)
 class Summary:
     """What ``sample_to_store`` did: members written by this run, those found done, parallel
-    rounds (the slowest group's), the most rounds one batch took, model calls per member, wall
-    seconds, seconds the writer spent writing and the seconds compute waited for it, and
-    whether a signal stopped it."""
+    rounds in all (the slowest group's batches, one after another), the most rounds one batch
+    took, model calls per member, wall seconds, seconds the writer spent writing and the
+    seconds compute waited for it, and whether a signal stopped it."""
 
     path: str
     members: int
