@@ -80,6 +80,9 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
                               f"the ensemble's {tuple(shape)}: give the truth at the model's "
                               "resolution")
     paired = item_dim in truth.dims and item_dim != "item"
+    if paired and truth_range is not None:
+        raise EvaluationError(f"--truth-range selects a climatology, but {path} pairs each "
+                              f"{item_dim} of the ensemble with its own truth: leave it out")
     if paired:
         missing = np.setdiff1d(ens[item_dim].values, truth[item_dim].values)
         if missing.size:
@@ -89,11 +92,23 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
     if truth_range is not None:
         dim = truth.dims[0]
         lo, hi = (_label(t, truth[dim]) for t in truth_range)
+        if lo > hi:
+            raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} is reversed: "
+                                  "give the earlier label first")
         truth = truth.sel({dim: slice(lo, hi)})
         if truth.sizes[dim] == 0:
             raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} selects no "
                                   f"{dim} of {path}: pick labels inside its coordinate")
     return truth, False
+
+
+def _without_channel(ens: xr.Dataset) -> xr.Dataset:
+    """The ensemble with a network's channel axis of 1 (``model.shape = [1, H, W]``) dropped,
+    so that its fields are scored as the 2-D fields they are."""
+    dims = ens[_field_variable(ens)].dims  # (item, member, *field)
+    if len(dims) == 5 and ens.sizes[dims[2]] == 1:
+        return ens.isel({dims[2]: 0})
+    return ens
 
 
 def spectra_of(variable: str):
@@ -328,7 +343,11 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     if kmax is not None and kmax < 1:
         raise EvaluationError(f"--kmax {kmax}: the largest wavenumber scored must be >= 1 "
                               "(leave it out for n / 8)")
-    ens = open_ensemble(store)
+    folder = Path(out) if out else Path(str(store).rstrip("/").removesuffix(".zarr") + "_eval")
+    if any((folder / name).exists() for name in ("zarr.json", ".zgroup")):
+        raise EvaluationError(f"--out {folder} is a Zarr store: give a folder for the table "
+                              "and figures (default: the store's name + _eval)")
+    ens = _without_channel(open_ensemble(store))
     _check_kmax(kmax, ens)
     truth, paired = open_truth(truth_path, truth_variable or _field_variable(ens), ens,
                                truth_range)
@@ -336,10 +355,13 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     baseline = upsampled(coarse, ens) if paired and coarse is not None else None
     if cut is None and "resolved_wavenumber" in truth.attrs:
         cut = int(truth.attrs["resolved_wavenumber"])
+    if cut is not None and coarse is not None and cut <= coarse.shape[-1] // 2:
+        raise EvaluationError(f"--cut {cut} is within the scales the coarse input resolves (k <= "
+                              f"{coarse.shape[-1] // 2}), which would leave no band the model "
+                              "adds: give the truth's finest resolved wavenumber")
     metrics = score(ens, truth, paired, kmax=kmax, baseline=baseline, cut=cut,
                     input_n=None if coarse is None else coarse.shape[-1], progress=progress)
     metrics.attrs.update(store=str(store), truth=f"{truth_path}:{truth.name}")
-    folder = Path(out) if out else Path(str(store).rstrip("/").removesuffix(".zarr") + "_eval")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(_as_json(metrics), indent=2, default=str))
     metrics.to_netcdf(str(folder / "metrics.nc"), engine="scipy")  # scipy: NetCDF 3, no extra library

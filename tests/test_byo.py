@@ -217,6 +217,22 @@ def test_weights_that_do_not_fit_say_why_in_one_line(case, needle, tmp_path, mon
     assert not out.exists()
 
 
+def test_a_store_with_a_channel_axis_is_evaluated_as_its_2d_fields(tmp_path, monkeypatch):
+    import numpy as np
+    import xarray as xr
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    out, truth = tmp_path / "x.zarr", tmp_path / "truth.zarr"
+    assert _module_run(out, "model.target=byo_nets:small_unet") == 0
+    assert api.open_ensemble(out)["field"].shape[-3:] == (1, 16, 16)
+    fields = np.random.default_rng(0).standard_normal((8, 16, 16))
+    xr.Dataset({"field": (("time", "y", "x"), fields)},
+               coords={"time": np.arange(8.0)}).to_zarr(truth)
+    metrics = api.evaluate(out, truth, out=tmp_path / "eval")
+    assert metrics.attrs["pairing"] == "climatological"
+    assert np.isfinite(metrics.attrs["spectrum_max_deviation"])
+
+
 def test_a_network_without_weights_is_the_same_network_on_every_run(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     torch.manual_seed(1)  # whatever the process drew before

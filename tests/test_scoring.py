@@ -107,6 +107,9 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("incomplete store", "is incomplete (0 of 36 members done)"),
     ("truth lacks items", "lacks time"),
     ("empty range", "selects no"),
+    ("reversed range", "is reversed: give the earlier label first"),
+    ("range on paired truth", "--truth-range selects a climatology, but"),
+    ("out into a store", "is a Zarr store: give a folder"),
 ])
 def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, message):
     tmp, ens = paired
@@ -121,10 +124,15 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
     if case == "truth lacks items":
         xr.open_zarr(tmp / "truth.zarr").isel(time=slice(0, 3)).to_zarr(tmp_path / "t.zarr")
         args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
-    if case == "empty range":
+    if case in ("empty range", "reversed range"):
         fields = xr.open_zarr(ens).vort.isel(time=0).rename(member="sample")
         xr.Dataset({"vort": fields}).to_zarr(tmp_path / "c.zarr")
-        args[case] = [str(ens), "--truth", str(tmp_path / "c.zarr"), "--truth-range", "50", "60"]
+        span = ["50", "60"] if case == "empty range" else ["5", "0"]
+        args[case] = [str(ens), "--truth", str(tmp_path / "c.zarr"), "--truth-range", *span]
+    if case == "range on paired truth":
+        args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--truth-range", "0", "5"]
+    if case == "out into a store":
+        args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--out", str(ens)]
     assert main(["evaluate", *args[case]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err

@@ -166,7 +166,7 @@ def _sample_args(out, *sets):
 
 
 def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path, dataset,
-                                                                       plain, cond):
+                                                                       plain, cond, capsys):
     out = tmp_path / "plain.zarr"
     assert main(_sample_args(out, f"model.checkpoint={plain}")) == 0
     ds = xr.open_zarr(out)
@@ -186,6 +186,10 @@ def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path
     mae = np.abs(upsampled - truth.vorticity.values).mean()
     assert metrics.attrs["pairing"] == "paired"
     assert metrics.attrs["baseline_mae"] == pytest.approx(mae, rel=1e-5)
+    # a cut at or below the coarse input's resolution (4x4: k <= 2) leaves no added band
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--truth", str(dataset), "--cut", "2"]) == 2
+    assert "--cut 2 is within the scales the coarse input resolves" in capsys.readouterr().err
 
 
 def test_a_downscaler_refuses_an_input_of_another_resolution_than_its_training(
