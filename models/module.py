@@ -100,8 +100,9 @@ def _suggest(name: str, options) -> str:
 def load_weights(net: torch.nn.Module, path: str, key: str = "model.weights") -> None:
     """Fill ``net``'s parameters from a safetensors file or a tensors-only torch file."""
     if not Path(path).is_file():
-        raise ConfigError(f"config: {key} = {path!r} is not a file: point it at the network's "
-                          "state dict (.safetensors, or a torch file saved from state_dict())")
+        raise ConfigError(f"config: {key} = {path!r} is not a file (looked for "
+                          f"{Path(path).absolute()}): point it at the network's state dict "
+                          "(.safetensors, or a torch file saved from state_dict())")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

@@ -300,7 +300,7 @@ def _cmd_generate(args, world) -> int:
 
 
 def _cmd_train(args, world) -> int:
-    from pipeline.train import train
+    from pipeline.train import loss_text, train
 
     cfg, _, device = _setup(args, world, layout=False)
     t = cfg.train
@@ -311,7 +311,8 @@ def _cmd_train(args, world) -> int:
                   f"{t.batch_size} over {world.size} ranks -> {t.checkpoint}")
     result = train(t, comm=world, device=device, config_text=cfg.text)
     print0(world, f"done: step {result.step}, train loss {result.train_loss:.4f}, validation "
-                  f"loss {result.val_loss:.4f}, {result.seconds:.0f} s; checkpoint {t.checkpoint}")
+                  f"loss {loss_text(result.val_loss)}, {result.seconds:.0f} s; checkpoint "
+                  f"{t.checkpoint}")
     return 0
 
 

@@ -239,8 +239,9 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
     is either absent or complete, and two runs racing to create it agree on one. With
     ``overwrite`` another configuration's store is deleted first; this configuration's is
     resumed (a requeued job, or a second job sharing its batches, must not delete the work)."""
-    model = spec.attrs.get("model_sha256")
-    fate = check_target(spec.path, spec.digest, overwrite=overwrite, model=model)  # never delete what we did not make
+    # never delete what we did not make
+    fate = check_target(spec.path, spec.digest, overwrite=overwrite,
+                        model=spec.attrs.get("model_sha256"))
     if fate == "resume":
         return "resumed"
     return _replace(spec) if fate == "replace" else _create(spec)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import pickle
 import time
@@ -357,6 +358,11 @@ def _restore(t: TrainConfig, meta: dict, den, ema, opt, comm, device) -> tuple[i
     return 0, []
 
 
+def loss_text(value: float) -> str:
+    """A loss for the log: "-" before the first validation."""
+    return "-" if math.isnan(value) else f"{value:.4f}"
+
+
 def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> TrainResult:
     """Run (or resume) the training of ``t``; checkpoints on rank 0."""
     with raised_by_every_rank():  # the same config and files on every rank
@@ -366,7 +372,9 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
         meta = _meta(t, ucfg, trn, shape, config_text)
         step, history = _restore(t, meta, den, ema, opt, comm, device)
     path = Path(t.checkpoint)
-    n, start, loss_sum, val_loss = trn.fields.sizes["time"], time.perf_counter(), 0.0, float("nan")
+    # until the next validation, a resumed run's is its checkpoint's
+    val_loss = float(_recorded(path).get("val_loss", math.nan)) if step else math.nan
+    n, start, loss_sum = trn.fields.sizes["time"], time.perf_counter(), 0.0
     lo, hi = slice_bounds(t.batch_size, comm.size, comm.rank)
     while step < t.steps:
         times, sigma, noise = _draws(t.seed, step, t.batch_size, n, shape, t)
@@ -394,7 +402,7 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
             elapsed = time.perf_counter() - start
             since = (step - 1) % t.log_every + 1  # the last window may be short
             print0(comm, f"step {step}/{t.steps}  loss {loss_sum / since:.4f}  "
-                         f"val {val_loss:.4f}  elapsed {elapsed:.0f}s")
+                         f"val {loss_text(val_loss)}  elapsed {elapsed:.0f}s")
             loss_sum = 0.0
     comm.barrier()
     return TrainResult(step, history[-1], val_loss, time.perf_counter() - start)

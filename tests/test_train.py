@@ -1,5 +1,6 @@
 """``piadm train``: the same short run on 1 and 2 ranks reaches the same losses; the
 checkpoint reloads without pickle and its model samples through the model adapters."""
+import json
 import os
 import subprocess
 import sys
@@ -82,11 +83,15 @@ def test_one_and_two_ranks_reach_the_same_losses(tmp_path, dataset):
     assert a[-1] < a[0]  # it learns
 
 
-def test_training_resumes_from_its_checkpoint(tmp_path, dataset, plain):
+def test_training_resumes_from_its_checkpoint(tmp_path, dataset, plain, capsys):
     split = tmp_path / "split.pt"
     assert main(_train_args(dataset, split, "train.steps=3")) == 0
     assert main(_train_args(dataset, split)) == 0  # continues from step 3
     assert np.allclose(_history(plain), _history(split), rtol=1e-5)
+    recorded = json.loads(Path(f"{split}.json").read_text())["val_loss"]
+    capsys.readouterr()
+    assert main(_train_args(dataset, split)) == 0  # nothing left to train: its validation loss
+    assert f"validation loss {recorded:.4f}" in capsys.readouterr().err
 
 
 def test_a_run_killed_while_saving_its_first_checkpoint_trains_again(tmp_path, dataset, plain,
