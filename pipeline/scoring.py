@@ -56,7 +56,7 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
     if not done.all():
         raise EvaluationError(
             f"store {path} is incomplete ({int(done.sum())} of {done.size} members done): "
-            "rerun its piadm sample command to finish it (piadm status shows progress)")
+            "rerun its piadm sample command to finish it (piadm status shows what is left)")
     return ds
 
 

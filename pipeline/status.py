@@ -33,5 +33,15 @@ def report(path: str) -> tuple[str, bool]:
     if len(state["items"]) > 1:
         lines += [f"  {state['item_dim']} {i['label']}: {i['done']}/{i['members']}"
                   for i in state["items"]]
-    lines.append("complete" if state["complete"] else "incomplete: rerun the same config to finish")
+    lines.append("complete" if state["complete"] else "incomplete: " + _to_finish(state["items"]))
     return "\n".join(lines), state["complete"]
+
+
+def _to_finish(items: list[dict]) -> str:
+    """How to finish the store: a job of parallel.items fills only its items, so where some
+    items are complete, name the indices still to do."""
+    left = [n for n, item in enumerate(items) if item["done"] < item["members"]]
+    if len(left) == len(items):
+        return "rerun the same config to finish"
+    return (f"rerun the same config to finish (items still to do: {left}; a job with "
+            "parallel.items fills only its own)")

@@ -82,12 +82,16 @@ def test_status_of_a_path_that_is_no_store_is_an_error(tmp_path, capsys):
     assert "is not a piadm ensemble store" in capsys.readouterr().err
 
 
-def test_jobs_with_distinct_items_fill_one_store(tmp_path, input_store):
+def test_jobs_with_distinct_items_fill_one_store(tmp_path, input_store, capsys):
     clean, shared = tmp_path / "clean.zarr", tmp_path / "shared.zarr"
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, clean)]) == 0
     for part in ("[0, 2, 4]", "[1, 3, 5]"):
         sets = conditional_sets(input_store, shared, f"parallel.items={part}")
         assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+        if part == "[0, 2, 4]":  # half done: status names what is left to whom
+            capsys.readouterr()
+            assert main(["status", str(shared)]) == 1
+            assert "items still to do: [1, 3, 5]" in capsys.readouterr().out
     assert_same_store(clean, shared)
 
 
