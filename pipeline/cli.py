@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 # each command imports what it needs.
 from pipeline import __version__  # noqa: E402
 from pipeline.config import ConfigError, load_config, with_settings  # noqa: E402
-from pipeline.console import on_rank0, print0  # noqa: E402
+from pipeline.console import on_rank0, print0, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
 from pipeline.errors import raised_by_every_rank  # noqa: E402
 from pipeline.settings import AUTO_METHODS, PEERS  # noqa: E402
@@ -74,7 +74,7 @@ def _cmd_sample(args, world) -> int:
     from pipeline.ensemble import sample_to_store
     from pipeline.signals import EXIT_PREEMPTED, StopRequest
 
-    stop = StopRequest().install()
+    stop = StopRequest(tag(world)).install()
     if args.dry_run:
         from pipeline.dry_run import dry_run
 

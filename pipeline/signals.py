@@ -44,16 +44,17 @@ def release_early() -> None:
 class StopRequest:
     """A flag the signal handlers set; the sampling loop polls it between batches."""
 
-    def __init__(self):
+    def __init__(self, tag: str = ""):
         self.signal: int | None = None
+        self.tag = tag  # "[rank r/N] " under MPI (pipeline.console.tag): each rank says it
 
     def __bool__(self) -> bool:
         return self.signal is not None
 
     def _handle(self, signum, frame) -> None:
         if self.signal is None:
-            print(f"piadm: received {signal.Signals(signum).name}: finishing the current batch, "
-                  "then stopping", file=sys.stderr, flush=True)
+            print(f"{self.tag}piadm: received {signal.Signals(signum).name}: finishing the "
+                  "current batch, then stopping", file=sys.stderr, flush=True)
         self.signal = signum
 
     def _interrupt(self, signum, frame) -> None:
@@ -61,8 +62,8 @@ class StopRequest:
         if self.signal is not None:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        print("piadm: received SIGINT (Ctrl-C): finishing the current batch, then stopping "
-              "(Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+        print(f"{self.tag}piadm: received SIGINT (Ctrl-C): finishing the current batch, then "
+              "stopping (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
         self.signal = signum
 
     def install(self) -> "StopRequest":

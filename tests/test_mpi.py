@@ -165,6 +165,8 @@ def test_sigterm_to_mpiexec_stops_every_rank_and_a_rerun_completes(tmp_path, inp
     proc.terminate()  # Hydra forwards SIGTERM to every rank, as srun does
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 75, err[-3000:]
+    for rank in (0, 1):  # each rank says it was told, and which rank it is
+        assert f"[rank {rank}/2] piadm: received SIGTERM" in err
     # The rerun may use another layout: here one rank finishes what two started.
     assert main(["sample", "jobs/configs/grf.toml",
                  *conditional_sets(input_store, out, *MORE_WORK)]) == 0
