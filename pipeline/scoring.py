@@ -344,9 +344,10 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
         raise EvaluationError(f"--kmax {kmax}: the largest wavenumber scored must be >= 1 "
                               "(leave it out for n / 8)")
     folder = Path(out) if out else Path(str(store).rstrip("/").removesuffix(".zarr") + "_eval")
-    if any((folder / name).exists() for name in ("zarr.json", ".zgroup")):
-        raise EvaluationError(f"--out {folder} is a Zarr store: give a folder for the table "
-                              "and figures (default: the store's name + _eval)")
+    if folder.is_file() or any((folder / name).exists() for name in ("zarr.json", ".zgroup")):
+        kind = "a file" if folder.is_file() else "a Zarr store"
+        raise EvaluationError(f"--out {folder} is {kind}: give a folder for the table and "
+                              "figures (default: the store's name + _eval)")
     ens = _without_channel(open_ensemble(store))
     _check_kmax(kmax, ens)
     truth, paired = open_truth(truth_path, truth_variable or _field_variable(ens), ens,

@@ -110,6 +110,7 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("reversed range", "is reversed: give the earlier label first"),
     ("range on paired truth", "--truth-range selects a climatology, but"),
     ("out into a store", "is a Zarr store: give a folder"),
+    ("out onto a file", "is a file: give a folder"),
 ])
 def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, message):
     tmp, ens = paired
@@ -133,6 +134,10 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
         args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--truth-range", "0", "5"]
     if case == "out into a store":
         args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--out", str(ens)]
+    if case == "out onto a file":
+        (tmp_path / "notes.txt").write_text("mine")
+        args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--out",
+                      str(tmp_path / "notes.txt")]
     assert main(["evaluate", *args[case]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
