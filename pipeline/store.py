@@ -326,9 +326,11 @@ def finalize(path: str | Path, note: str) -> None:
 @contextlib.contextmanager
 def _quiet_consolidated():
     """Zarr 3 calls consolidated metadata an extension and warns; xarray reads it, and it
-    saves listing the store."""
+    saves listing the store. A store still being filled (or stopped) has none yet: xarray
+    lists it instead, with a warning that says nothing to a piadm user."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated")
         yield
 
 
