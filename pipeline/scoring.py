@@ -275,7 +275,9 @@ def _spectrum_scores(out: xr.Dataset, spectra, ens_spectra: list, truth_values: 
 def table(metrics: xr.Dataset) -> str:
     """The overall figures as an aligned two-column text table."""
     a = metrics.attrs
-    rows = [("pairing", a["pairing"]), ("items x members", f"{a['items']} x {a['members']}")]
+    note = f" ({a['pairing_note']})" if "pairing_note" in a else ""
+    rows = [("pairing", a["pairing"] + note),
+            ("items x members", f"{a['items']} x {a['members']}")]
     for key, label in [("crps", "CRPS"), ("baseline_mae", "baseline MAE (upsampled input)"),
                        ("ensemble_mean_rmse", "ensemble-mean RMSE"),
                        ("baseline_rmse", "baseline RMSE"), ("spread_skill", "spread/skill"),
@@ -363,6 +365,9 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     metrics = score(ens, truth, paired, kmax=kmax, baseline=baseline, cut=cut,
                     input_n=None if coarse is None else coarse.shape[-1], progress=progress)
     metrics.attrs.update(store=str(store), truth=f"{truth_path}:{truth.name}")
+    item_dim = ens[_field_variable(ens)].dims[0]
+    if not paired and item_dim != "item":  # a conditioned ensemble: pairing may have been meant
+        metrics.attrs["pairing_note"] = f"the truth has no {item_dim} dim to pair by"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(_as_json(metrics), indent=2, default=str))
     metrics.to_netcdf(str(folder / "metrics.nc"), engine="scipy")  # scipy: NetCDF 3, no extra library

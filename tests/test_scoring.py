@@ -69,6 +69,16 @@ def test_outputs_are_written_and_open(paired):
     assert nc.crps.sizes["time"] == 6
 
 
+def test_a_truth_without_the_ensembles_items_is_a_climatology_that_says_why(paired, tmp_path,
+                                                                           capsys):
+    tmp, ens = paired
+    xr.open_zarr(tmp / "truth.zarr").rename(time="t").to_zarr(tmp_path / "t.zarr")
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "t.zarr"),
+                 "--out", str(tmp_path / "e")]) == 0
+    captured = capsys.readouterr()
+    assert "climatological (the truth has no time dim to pair by)" in captured.out + captured.err
+
+
 def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     base = ["model.shape=[16, 16]", "sampler.steps=60", "sampler.block_size=20",
             "sampler.tol=0.05", "ensemble.batch_size=8"]
