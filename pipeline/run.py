@@ -136,7 +136,7 @@ def _network_provenance(m) -> dict:
     """What a brought network was: its factory or folder, and what it predicts on which
     process (a shipped checkpoint records its own in model_sha256 and its sidecar)."""
     if m.kind == "module":
-        return {"model_target": m.target, "model_weights": str(m.weights),
+        return {"model_target": m.target, "model_weights": str(m.weights or ""),
                 "model_prediction": m.prediction, "model_process": m.process}
     if m.kind == "diffusers":
         from models.pretrained import describe
