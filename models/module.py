@@ -10,8 +10,10 @@ process ``model.process``; ``models.adapters`` turns that into the score on the 
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib
+import os
 import pickle
 import re
 from dataclasses import dataclass, field, replace
@@ -136,8 +138,19 @@ def load_weights(net: torch.nn.Module, path: str, key: str = "model.weights") ->
 
 def weights_digest(paths) -> str:
     """SHA-256 over the bytes of ``paths`` in order (the identity of a network's weights)."""
+    # a run asks twice (checking its store, then recording it): a large network is read once
+    return _digest(tuple((str(p), *_stamp(p)) for p in paths))
+
+
+def _stamp(path) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.sha256()
-    for path in paths:
+    for path, *_ in files:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
