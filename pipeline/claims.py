@@ -23,6 +23,7 @@ from pathlib import Path
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
 LOCK_POLL_S = 0.05  # a lock is held for one metadata update: look again soon
+WRITE_S = 10.0  # a claim file is written, and a takeover done, within milliseconds
 
 
 def claims_dir(store: str | Path) -> Path:
@@ -92,27 +93,57 @@ def claim(folder: Path, key: str, job: str) -> bool:
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        try:
-            owner = json.loads(path.read_text())
-        except (OSError, ValueError):  # being written this instant: leave it to its writer
+        owner = _owner(path)
+        if owner is None:  # being written this instant: leave it to its writer
             return False
         if owner.get("job") == job:
             return True
         if _alive(folder, owner):
             return False
-        # a dead job's claim: one taker wins the takeover of this very claim
-        lock = folder / f"{key}.{owner.get('job')}.takeover"
-        try:
-            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            return False
-        tmp = folder / f"{key}.{job}.tmp"
-        tmp.write_text(record)
-        os.replace(tmp, path)
-        return True
+        return _take_over(folder, key, owner, job, record)
     with os.fdopen(fd, "w") as f:
         f.write(record)
     return True
+
+
+def _owner(path: Path) -> dict | None:
+    """The record of claim ``path``; None while it may still be being written. A claim left
+    empty or cut short (its job killed between creating and writing it, or a full disk) for
+    longer than ``WRITE_S`` reads as a dead job's."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:  # gone: given back meanwhile
+            return None
+        return {"job": "(unwritten)"} if age > WRITE_S else None
+
+
+def _take_over(folder: Path, key: str, owner: dict, job: str, record: str) -> bool:
+    """Take claim ``key`` from its dead ``owner``. One taker at a time holds the takeover
+    lock, checks the claim is still the dead job's (another taker may have come first),
+    replaces it and gives the lock back: a job id that comes back (a requeued SLURM job)
+    may be taken over from again."""
+    lock = folder / f"{key}.takeover"
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        try:  # a taker killed while holding it (a takeover takes milliseconds)
+            if time.time() - lock.stat().st_mtime > WRITE_S:
+                lock.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return False
+    try:
+        if (_owner(folder / f"{key}.json") or {}).get("job") != owner.get("job"):
+            return False
+        tmp = folder / f"{key}.{job}.tmp"
+        tmp.write_text(record)
+        os.replace(tmp, folder / f"{key}.json")
+        return True
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def clear_claims(folder: Path, keep: str) -> None:

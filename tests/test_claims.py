@@ -2,6 +2,7 @@
 job's is taken over by one taker, and the lock makes read-modify-write updates of shared
 metadata (the store's history) lose nothing when jobs finish together."""
 import json
+import os
 import threading
 import time
 
@@ -72,3 +73,37 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path):
         assert done.wait(10)
     finally:
         beat.stop()
+
+
+def _age(path, seconds):
+    past = time.time() - seconds
+    os.utime(path, (past, past))
+
+
+def test_claims_go_back_and_forth_between_requeued_jobs_that_keep_their_ids(tmp_path):
+    # slurm-1 claims, dies; slurm-2 takes over, dies; slurm-1 (requeued) takes over, dies; ...
+    # no job holds a heartbeat here, so each owner in turn is dead to the next
+    assert claim(tmp_path, "0-0", "slurm-1")
+    for job in ("slurm-2", "slurm-1", "slurm-2", "slurm-1"):
+        assert claim(tmp_path, "0-0", job)
+        assert json.loads((tmp_path / "0-0.json").read_text())["job"] == job
+    assert not list(tmp_path.glob("*.takeover"))  # every takeover gave its lock back
+
+
+def test_a_claim_left_empty_by_a_kill_is_taken_over_once_it_is_old(tmp_path):
+    empty = tmp_path / "0-4.json"
+    empty.write_text("")  # created, then killed before writing
+    assert not claim(tmp_path, "0-4", "a")  # it may be being written this instant
+    _age(empty, 60)
+    assert claim(tmp_path, "0-4", "a")
+    assert json.loads(empty.read_text())["job"] == "a"
+
+
+def test_a_takeover_lock_left_by_a_killed_taker_is_cleared_once_it_is_old(tmp_path):
+    (tmp_path / "0-0.json").write_text(json.dumps({"job": "gone", "time": 0.0}))
+    lock = tmp_path / "0-0.takeover"
+    lock.write_text("")
+    assert not claim(tmp_path, "0-0", "a")  # another taker may hold it now
+    _age(lock, 60)
+    assert not claim(tmp_path, "0-0", "a")  # this look clears it ...
+    assert claim(tmp_path, "0-0", "a")  # ... and the next takes the claim over
