@@ -146,6 +146,13 @@ def _take_over(folder: Path, key: str, owner: dict, job: str, record: str) -> bo
         lock.unlink(missing_ok=True)
 
 
+def live_jobs(folder: Path) -> list[str]:
+    """The jobs with a live heartbeat in ``folder``."""
+    names = (beat.name.removeprefix("job-").removesuffix(".alive")
+             for beat in folder.glob("job-*.alive"))
+    return sorted(job for job in names if _alive(folder, {"job": job}))
+
+
 def clear_claims(folder: Path, keep: str) -> None:
     """Remove the batch claims in ``folder`` (their store is being replaced, its batches are
     gone), keeping the lock ``keep`` and the jobs' heartbeats."""

@@ -36,9 +36,9 @@ from pipeline.run import (DTYPES, member_batches, model_data_bound, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
-from pipeline.store import (StoreSpec, batch_done, check_target, check_writable, done_members,
-                            finalize, member_chunk, open_or_create, stored_attribute,
-                            write_batch)
+from pipeline.store import (StoreSpec, batch_done, check_idle, check_target, check_writable,
+                            done_members, finalize, member_chunk, open_or_create,
+                            stored_attribute, write_batch)
 from pipeline.writer import make_writer
 
 
@@ -119,6 +119,8 @@ def _check_early(cfg: Config, model) -> tuple[float, float]:
                         model=model_digest(cfg), differs=lambda text: store_differences(cfg, text))
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
+    if fate == "replace":
+        check_idle(cfg.output.path)
     return items.mean, items.std
 
 
@@ -303,7 +305,8 @@ def _submit(writer, spec: StoreSpec, item: int, members, batch, scale) -> None:
     writer.submit(write_batch, spec.path, variable=spec.variable, item=item,
                   start=members[0], field=field.astype(spec.dtype),
                   seed=np.array(batch.seeds), rounds=batch.stats.rounds,
-                  model_calls=batch.stats.model_calls, residuals=batch.stats.residuals)
+                  model_calls=batch.stats.model_calls, residuals=batch.stats.residuals,
+                  digest=spec.digest, model=spec.attrs.get("model_sha256"))
 
 
 def _claim_state(path, folder, item: int, members, job: str) -> str:

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
-from pipeline.claims import Heartbeat, claims_dir, clear_claims, holding, new_job_id
+from pipeline.claims import (Heartbeat, claims_dir, clear_claims, holding, live_jobs,
+                             new_job_id)
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -247,11 +248,25 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
     return _replace(spec) if fate == "replace" else _create(spec)
 
 
+REPLACER = "replacing-"  # the job ids of runs waiting to replace a store: they write nothing
+
+
+def check_idle(path: str | Path) -> None:
+    """Raise StoreExists while a live job fills the store at ``path`` (a heartbeat in its
+    claims folder): replacing it then would let that job's members land in the new store,
+    marked done."""
+    busy = [job for job in live_jobs(claims_dir(path)) if not job.startswith(REPLACER)]
+    if busy:
+        raise StoreExists(f"output {path} is being filled by a live job ({', '.join(busy)}); "
+                          "piadm replaces a store only when no job writes to it: wait for that "
+                          "job to end (or stop it), then rerun")
+
+
 def _replace(spec: StoreSpec) -> str:
     """Delete another configuration's store and create this one's, one job at a time (a lock
     in the claims folder): two jobs of one configuration started together both find the old
     store, and the second must resume the first's new store, not delete it."""
-    folder, job = claims_dir(spec.path), new_job_id()
+    folder, job = claims_dir(spec.path), f"{REPLACER}{new_job_id()}"
     beat = Heartbeat(folder, job).start()  # a live holder: waiting jobs never take its lock
     try:
         with holding(folder, "replace", job):
@@ -260,6 +275,7 @@ def _replace(spec: StoreSpec) -> str:
             if fate == "resume":
                 return "resumed"
             if fate == "replace":
+                check_idle(spec.path)
                 shutil.rmtree(spec.path)
                 clear_claims(folder, keep="replace")  # claims on the old store's batches
             return _create(spec)
@@ -293,12 +309,33 @@ def batch_done(path: str | Path, item: int, members) -> bool:
     return bool((done[item, members[0] : members[-1] + 1] == 1).all())
 
 
+def _still_ours(path: str | Path, digest: str, model: str | None):
+    """The store at ``path`` opened for writing, after checking it is still the one this run
+    writes: made by the configuration with ``digest`` and the model with digest ``model``.
+    Raises StoreExists when another run replaced (or deleted) it meanwhile."""
+    try:
+        group = zarr.open_group(path, mode="r+")
+        attrs = group.attrs
+        ours = (attrs.get("piadm_store_digest") == digest
+                and (model is None or attrs.get("model_sha256") in (None, model)))
+    except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
+        ours = False
+    if not ours:
+        raise StoreExists(f"output {path} was replaced or deleted by another run while this "
+                          "one wrote to it: this run's remaining members are not written; "
+                          "rerun it once the other run is done, or on another output.path")
+    return group
+
+
 def write_batch(path: str | Path, *, variable: str, item: int, start: int, field: np.ndarray,
                 seed: np.ndarray, rounds: float, model_calls: float,
-                residuals: tuple[float, ...] = ()) -> None:
+                residuals: tuple[float, ...] = (), digest: str = "",
+                model: str | None = None) -> None:
     """Write members [start, start + len(field)) of item index ``item``, then mark them done.
-    Whole chunks only, so writers on other ranks or in other jobs never share a chunk."""
-    group = zarr.open_group(path, mode="r+")
+    Whole chunks only, so writers on other ranks or in other jobs never share a chunk. With
+    ``digest`` the store must still be this run's (``_still_ours``) when the writing starts
+    and again before the members are marked done."""
+    group = _still_ours(path, digest, model) if digest else zarr.open_group(path, mode="r+")
     stop = start + field.shape[0]
     group[variable][item, start:stop] = field
     group["seed"][item, start:stop] = seed
@@ -309,6 +346,8 @@ def write_batch(path: str | Path, *, variable: str, item: int, start: int, field
         history = np.full(kept, np.nan, dtype="float32")
         history[: min(kept, len(residuals))] = np.sqrt(residuals[:kept])  # tol's units
         group["residual"][item, start:stop] = np.broadcast_to(history, (stop - start, kept))
+    if digest:
+        group = _still_ours(path, digest, model)
     group["done"][item, start:stop] = 1  # last: only now do these members count as done
 
 

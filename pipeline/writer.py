@@ -52,8 +52,8 @@ class BackgroundWriter:
                 self.busy += time.perf_counter() - start
 
     def _raise(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"background write failed: {self._error}") from self._error
+        if self._error is not None:  # as it was raised, so a full disk is a one-line error
+            raise self._error
 
     def submit(self, fn, *args, **kwargs) -> None:
         self._raise()

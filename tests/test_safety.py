@@ -172,6 +172,40 @@ def test_of_two_jobs_replacing_another_configs_store_the_second_resumes_the_firs
     assert not list((tmp_path / "old.zarr.claims").glob("*"))  # the lock and its heartbeat gone
 
 
+def test_a_store_a_live_job_fills_is_not_replaced_and_a_replaced_store_is_not_written(tmp_path):
+    import errno
+
+    import numpy as np
+
+    from pipeline.claims import Heartbeat, claims_dir
+    from pipeline.store import StoreExists, open_or_create, stored_digest, write_batch
+    from pipeline.writer import BackgroundWriter
+
+    path = tmp_path / "old.zarr"
+    open_or_create(_spec(path, "c" * 64), overwrite=False)
+    beat = Heartbeat(claims_dir(path), "old-config-job").start()  # it is filling the store
+    try:
+        with pytest.raises(StoreExists, match=r"is being filled by a live job \(old-config-job\)"):
+            open_or_create(_spec(path, "a" * 64), overwrite=True)
+        assert stored_digest(path) == "c" * 64
+    finally:
+        beat.stop()
+    assert open_or_create(_spec(path, "a" * 64), overwrite=True) == "created"
+    # the old config's job, still running, may not write into the new store
+    batch = dict(variable="field", item=0, start=0, field=np.ones((2, 4, 4), "float32"),
+                 seed=np.arange(2), rounds=1.0, model_calls=1.0)
+    with pytest.raises(StoreExists, match="was replaced or deleted by another run"):
+        write_batch(path, **batch, digest="c" * 64)
+    assert not zarr.open_group(path, mode="r")["done"][:].any()
+    write_batch(path, **batch, digest="a" * 64)
+    assert zarr.open_group(path, mode="r")["done"][:].all()
+    # a write's own error (a full disk) comes back as it was raised: a one-line OSError
+    writer = BackgroundWriter()
+    writer.submit(lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+
+
 SHIPPED = "models/checkpoints/kolmogorov_uncond.pt"
 
 
