@@ -389,6 +389,12 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
                 pe.lerp_(p, 1 - t.ema)
         step += 1
         batch_loss = float(comm.allreduce_sum(loss.detach().double().reshape(1).cpu())[0])
+        if not math.isfinite(batch_loss):  # the same sum on every rank: all stop together
+            with raised_by_every_rank():
+                raise InputError(f"train: the loss is {batch_loss} at step {step + 1}, before "
+                                 "any checkpoint holds it: train.data or train.extra has NaN/Inf "
+                                 "fields (a generate-data run cut short leaves NaN: rerun it "
+                                 "with data.overwrite = true), or train.lr is too large")
         history.append(batch_loss)
         loss_sum += batch_loss
         if step % t.val_every == 0 or step == t.steps:
