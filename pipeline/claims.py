@@ -32,11 +32,13 @@ def claims_dir(store: str | Path) -> Path:
 
 
 def new_job_id() -> str:
-    """An id for this run: the SLURM job (a requeued job keeps it) or this host, process and
-    a random suffix."""
+    """An id for this run: the SLURM job and its step (a requeued job keeps both; two steps
+    run side by side in one allocation do not share one) or this host, process and a random
+    suffix."""
     slurm = os.environ.get("SLURM_JOB_ID")
     if slurm:
-        return f"slurm-{slurm}"
+        step = os.environ.get("SLURM_STEP_ID")
+        return f"slurm-{slurm}" + (f".{step}" if step else "")
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 

@@ -107,3 +107,13 @@ def test_a_takeover_lock_left_by_a_killed_taker_is_cleared_once_it_is_old(tmp_pa
     _age(lock, 60)
     assert not claim(tmp_path, "0-0", "a")  # this look clears it ...
     assert claim(tmp_path, "0-0", "a")  # ... and the next takes the claim over
+
+
+def test_slurm_job_ids_keep_the_job_and_its_step(monkeypatch):
+    from pipeline.claims import new_job_id
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+    assert new_job_id() == "slurm-4242" == new_job_id()  # a requeued job is the same job
+    monkeypatch.setenv("SLURM_STEP_ID", "1")
+    assert new_job_id() == "slurm-4242.1"  # two steps side by side are two jobs
