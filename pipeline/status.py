@@ -15,7 +15,10 @@ class NotAStore(FileNotFoundError):
 def progress(path: str) -> dict:
     """``{"path", "item_dim", "done", "members", "complete", "items": [{"label", "done",
     "members"}]}`` of the store at ``path``: members done per item and in all."""
-    if not Path(path).exists() or stored_digest(path) is None:
+    if not Path(path).exists():
+        raise NotAStore(f"{path} does not exist: pass the output.path of a run (a run that has "
+                        "not started has no store yet)")
+    if stored_digest(path) is None:
         raise NotAStore(f"{path} is not a piadm ensemble store: pass the output.path of a run")
     group = zarr.open_group(path, mode="r")
     done = done_members(path)

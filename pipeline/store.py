@@ -189,8 +189,14 @@ def store_fate(path: str | Path, digest: str, *, overwrite: bool,
 
 def check_writable(path: str | Path) -> None:
     """Raise OSError naming the folder when a store cannot be made at ``path``: its nearest
-    existing folder must take a new entry (tried with an empty folder, removed at once)."""
+    existing folder must take a new entry (tried with an empty folder, removed at once); and
+    StoreExists when ``path`` lies inside another Zarr store."""
     folder = Path(path).parent.absolute()
+    store = next((p for p in (folder, *folder.parents)
+                  if (p / "zarr.json").is_file() or (p / ".zgroup").is_file()), None)
+    if store is not None:
+        raise StoreExists(f"output {path} is inside the Zarr store {store}: choose an "
+                          "output.path outside it")
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
@@ -214,6 +220,9 @@ def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str |
     (``store_fate``); returns the fate otherwise. ``differs``: a callable giving the settings
     in which another configuration's store differs, for the message."""
     fate, found = _fate(path, digest, overwrite, model)
+    if fate == "replace" and Path(path).is_symlink():
+        raise StoreExists(f"output {path} is a symbolic link, and piadm does not replace a store "
+                          "through a link: point output.path at the store itself")
     if fate == "weights":  # mixing two networks' members in one ensemble would go unseen
         raise StoreExists(
             f"output {path} was made by this configuration with other model files (model "

@@ -206,6 +206,26 @@ def test_a_store_a_live_job_fills_is_not_replaced_and_a_replaced_store_is_not_wr
         writer.close()
 
 
+def test_an_output_inside_a_store_or_replacing_one_through_a_link_is_refused(tmp_path, capsys):
+    first = load_config("jobs/configs/grf.toml", _small(tmp_path))
+    assert sample(first).members == 2
+    store = first.output.path
+    sets = _small(tmp_path, **{"output.path": f"{store}/sub.zarr"})
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]) == 2
+    assert f"is inside the Zarr store {store}" in capsys.readouterr().err
+    link = tmp_path / "link.zarr"
+    link.symlink_to(store)
+    sets = _small(tmp_path, **{"output.path": str(link), "output.overwrite": True,
+                               "sampler.seed": 9})
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]) == 2
+    assert "is a symbolic link, and piadm does not replace a store through a link" in (
+        capsys.readouterr().err)
+    assert zarr.open_group(store, mode="r").attrs["piadm_store_digest"] == first.store_digest
+    assert not (tmp_path / "link.zarr.claims").exists()
+
+
 SHIPPED = "models/checkpoints/kolmogorov_uncond.pt"
 
 
