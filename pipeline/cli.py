@@ -339,9 +339,13 @@ def _cmd_config(args, world) -> int:
 
 
 def _cmd_status(args, world) -> int:
-    from pipeline.status import progress, report
+    from pipeline.status import progress, report, verify
 
-    if args.json:
+    if args.repair and not args.verify:
+        raise ConfigError("status --repair works with --verify: add --verify")
+    if args.verify:
+        text, complete = verify(args.store, args.repair)
+    elif args.json:
         state = progress(args.store)
         text, complete = json.dumps(state, indent=1), state["complete"]
     else:
@@ -378,6 +382,12 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("store", help="path of the ensemble store")
             sp.add_argument("--json", action="store_true",
                             help="print one JSON document (members done per item, complete)")
+            sp.add_argument("--verify", action="store_true",
+                            help="read every member marked done and report those that are "
+                                 "unreadable or not finite (damaged after writing)")
+            sp.add_argument("--repair", action="store_true",
+                            help="with --verify: mark the damaged members not done, so that "
+                                 "rerunning the sample command samples them again")
             continue
         if name == "evaluate":
             _evaluate_arguments(sp)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import zarr
 
-from pipeline.store import done_members, stored_digest
+from pipeline.store import PER_MEMBER, StoreExists, check_idle, done_members, stored_digest
 
 
 class NotAStore(FileNotFoundError):
@@ -48,3 +49,56 @@ def _to_finish(items: list[dict]) -> str:
         return "rerun the same config to finish"
     return (f"rerun the same config to finish (items still to do: {left}; a job with "
             "parallel.items fills only its own)")
+
+
+def damaged(path: str) -> list[tuple[int, int, str]]:
+    """(item index, member, what is wrong) of every member marked done whose field cannot be
+    read (a damaged chunk) or is not finite: piadm never marks such a member done, so it was
+    damaged after writing (a chunk file deleted or cut short reads as the NaN fill value or
+    fails to decode). Reads every done member, one chunk of members at a time."""
+    progress(path)  # a piadm store, or NotAStore
+    group = zarr.open_group(path, mode="r")
+    dims = group["done"].metadata.dimension_names
+    name = next(key for key, array in group.arrays()
+                if key not in PER_MEMBER and key != "residual"
+                and array.metadata.dimension_names[:2] == dims)
+    field, done = group[name], group["done"][:] == 1
+    step = field.chunks[1]
+    found = []
+    for item in range(done.shape[0]):
+        for start in range(0, done.shape[1], step):
+            members = np.flatnonzero(done[item, start:start + step]) + start
+            if not members.size:
+                continue
+            try:
+                block = field[item, start:start + step]
+            except Exception as err:  # a codec's error on damaged bytes
+                found += [(item, int(m), f"unreadable ({type(err).__name__})") for m in members]
+                continue
+            finite = np.isfinite(block.reshape(block.shape[0], -1)).all(1)
+            found += [(item, int(m), "not finite (missing or damaged data)")
+                      for m in members if not finite[m - start]]
+    return found
+
+
+def verify(path: str, repair: bool) -> tuple[str, bool]:
+    """The text of ``status --verify`` and whether the store is sound; with ``repair`` the
+    damaged members are marked not done, so that a rerun of the run samples them again."""
+    found = damaged(path)
+    if not found:
+        return f"{path}: every member marked done reads back finite", True
+    lines = [f"{path}: {len(found)} member(s) marked done are damaged:"]
+    lines += [f"  item {item}, member {member}: {what}" for item, member, what in found[:10]]
+    if len(found) > 10:
+        lines.append(f"  ... and {len(found) - 10} more")
+    if not repair:
+        lines.append("mark them not done with `piadm status --verify --repair STORE`, then rerun "
+                     "the sample command to sample them again")
+        return "\n".join(lines), False
+    check_idle(path)  # a live job's writes and ours would race on the done flags
+    done = zarr.open_group(path, mode="r+")["done"]
+    for item, member, _ in found:
+        done[item, member] = 0
+    lines.append(f"marked {len(found)} member(s) not done: rerun the sample command to sample "
+                 "them again")
+    return "\n".join(lines), False

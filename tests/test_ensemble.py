@@ -82,6 +82,31 @@ def test_status_of_a_path_that_is_no_store_is_an_error(tmp_path, capsys):
     assert "is not a piadm ensemble store" in capsys.readouterr().err
 
 
+def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resample_them(
+        tmp_path, input_store, capsys):
+    import shutil
+
+    clean, hurt = tmp_path / "clean.zarr", tmp_path / "hurt.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, clean)]) == 0
+    shutil.copytree(clean, hurt)
+    assert main(["status", "--verify", str(hurt)]) == 0
+    assert "every member marked done reads back finite" in capsys.readouterr().out
+    chunks = sorted(p for p in (hurt / "vort" / "c").rglob("*") if p.is_file())
+    chunks[0].unlink()  # deleted by hand: reads back as the NaN fill value
+    chunks[-1].write_bytes(chunks[-1].read_bytes()[:20])  # cut short: does not decode
+    assert main(["status", str(hurt)]) == 0  # the done flags alone cannot tell
+    assert main(["status", "--verify", str(hurt)]) == 1
+    out = capsys.readouterr().out
+    assert "4 member(s) marked done are damaged" in out  # two chunks of 2 members
+    assert "not finite" in out and "unreadable" in out and "--verify --repair" in out
+    assert main(["status", "--verify", "--repair", str(hurt)]) == 1
+    assert "marked 4 member(s) not done" in capsys.readouterr().out
+    assert main(["status", str(hurt)]) == 1
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, hurt)]) == 0
+    assert main(["status", "--verify", str(hurt)]) == 0
+    assert_same_store(clean, hurt)
+
+
 def test_jobs_with_distinct_items_fill_one_store(tmp_path, input_store, capsys):
     clean, shared = tmp_path / "clean.zarr", tmp_path / "shared.zarr"
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, clean)]) == 0
