@@ -102,6 +102,18 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
     return truth, False
 
 
+def _check_sound(store, err: Exception | None) -> None:
+    """After ``err`` (or NaN figures) while reading ``store``: raise EvaluationError when
+    members marked done are damaged (the likely cause), naming the fix."""
+    from pipeline.status import damaged
+
+    found = damaged(str(store))
+    if found:
+        raise EvaluationError(f"store {store} has {len(found)} damaged member(s) (e.g. item "
+                              f"{found[0][0]}, member {found[0][1]}: {found[0][2]}): run piadm "
+                              "status --verify --repair on it, then rerun its sample command") from err
+
+
 def _without_channel(ens: xr.Dataset) -> xr.Dataset:
     """The ensemble with a network's channel axis of 1 (``model.shape = [1, H, W]``) dropped,
     so that its fields are scored as the 2-D fields they are."""
@@ -362,8 +374,14 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
         raise EvaluationError(f"--cut {cut} is within the scales the coarse input resolves (k <= "
                               f"{coarse.shape[-1] // 2}), which would leave no band the model "
                               "adds: give the truth's finest resolved wavenumber")
-    metrics = score(ens, truth, paired, kmax=kmax, baseline=baseline, cut=cut,
-                    input_n=None if coarse is None else coarse.shape[-1], progress=progress)
+    try:
+        metrics = score(ens, truth, paired, kmax=kmax, baseline=baseline, cut=cut,
+                        input_n=None if coarse is None else coarse.shape[-1], progress=progress)
+    except (RuntimeError, ValueError) as err:
+        _check_sound(store, err)
+        raise
+    if not np.isfinite(metrics.attrs.get("ensemble_std", 0.0)):  # a NaN member read back
+        _check_sound(store, None)
     metrics.attrs.update(store=str(store), truth=f"{truth_path}:{truth.name}")
     item_dim = ens[_field_variable(ens)].dims[0]
     if not paired and item_dim != "item":  # a conditioned ensemble: pairing may have been meant

@@ -99,6 +99,9 @@ def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resa
     out = capsys.readouterr().out
     assert "4 member(s) marked done are damaged" in out  # two chunks of 2 members
     assert "not finite" in out and "unreadable" in out and "--verify --repair" in out
+    assert main(["evaluate", str(hurt), "--truth", str(input_store),
+                 "--out", str(tmp_path / "eval")]) == 2
+    assert "has 4 damaged member(s)" in capsys.readouterr().err
     assert main(["status", "--verify", "--repair", str(hurt)]) == 1
     assert "marked 4 member(s) not done" in capsys.readouterr().out
     assert main(["status", str(hurt)]) == 1
