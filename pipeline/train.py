@@ -400,6 +400,8 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
         if step % t.val_every == 0 or step == t.steps:
             val_loss = validation_loss(ema, held, t, comm, device)
             if comm.rank == 0:
+                if step <= t.val_every and not t.resume:  # this run's first save, anew
+                    path.unlink(missing_ok=True)  # never the old run's tensors by our sidecar
                 save_checkpoint(path, {"model": den.state_dict(), "ema": ema.state_dict(),
                                        "opt": opt.state_dict(), "step": step,
                                        "history": torch.tensor(history, dtype=torch.float64)},

@@ -109,6 +109,12 @@ def test_a_run_killed_while_saving_its_first_checkpoint_trains_again(tmp_path, d
     assert sidecar(ckpt).exists() and not ckpt.exists()  # never tensors without a sidecar
     assert main(_train_args(dataset, ckpt)) == 0  # from step 0, as a run never killed
     assert np.allclose(_history(ckpt), _history(plain), rtol=1e-5)
+    # starting anew over it, killed the same way: its sidecar never sits on the old tensors
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(SystemExit):
+        main(_train_args(dataset, ckpt, "train.resume=false", "train.lr=1e-3"))
+    monkeypatch.undo()
+    assert sidecar(ckpt).exists() and not ckpt.exists()
 
 
 def test_training_can_start_from_another_checkpoints_ema_weights(tmp_path, dataset, capsys):
