@@ -1,12 +1,14 @@
 """``piadm sample --dry-run``: what a run would do, as text, touching nothing."""
 from __future__ import annotations
 
+from pipeline.config import store_differences
 from pipeline.ensemble import check_only, load_items
 from pipeline.layout import RankGrid
 from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, Config, needs_plan
-from pipeline.store import done_members, store_fate, stored_attribute
+from pipeline.store import (StoreExists, check_idle, check_target, check_writable, done_members,
+                            stored_attribute)
 
 
 def dry_run(cfg: Config, ranks: RankGrid) -> tuple[str, bool]:
@@ -40,26 +42,33 @@ def dry_run(cfg: Config, ranks: RankGrid) -> tuple[str, bool]:
 
 
 def _store_fate(cfg: Config, planned: bool) -> tuple[str, bool]:
-    """What a run would do with the store at output.path (``store_fate``), and whether it
-    would go ahead. An ``"auto"`` run's store records the plan it was made with (keyed by the
-    unresolved config), which a rerun repeats."""
+    """What a run would do with the store at output.path, by the run's own start-up checks
+    (``pipeline.ensemble._check_early``'s), and whether it would go ahead. An ``"auto"`` run's
+    store records the plan it was made with (keyed by the unresolved config), which a rerun
+    repeats."""
     path = cfg.output.path
-    fate = store_fate(path, cfg.store_digest, overwrite=cfg.output.overwrite,
-                      model=model_digest(cfg))
-    if fate in ("replace", "other") and planned and stored_attribute(
-            path, cfg.store_digest, "plan_settings", digest_key="plan_config_sha256") is not None:
+    if planned and stored_attribute(path, cfg.store_digest, "plan_settings",
+                                    digest_key="plan_config_sha256") is not None:
         fate = "resume"
+    else:
+        try:
+            fate = check_target(path, cfg.store_digest, overwrite=cfg.output.overwrite,
+                                model=model_digest(cfg),
+                                differs=lambda text: store_differences(cfg, text))
+            if fate == "replace":
+                check_idle(path)
+            if fate == "create":
+                check_writable(path)
+        except StoreExists as err:
+            return f"would be refused: {err}", False
+        except OSError as err:  # check_writable: the folder named
+            return f"would be refused: cannot make a store in {err.filename}: {err.strerror}", False
     if fate == "resume":
         done = done_members(path)
         return f"would be resumed: {int(done.sum())} of {done.size} members done", True
     return {"create": "would be created",
-            "foreign": "exists and is not a piadm store: the run would refuse it",
-            "replace": ("was made by another configuration: output.overwrite = true would "
-                        "replace it"),
-            "other": "was made by another configuration: the run would refuse it",
-            "weights": ("was made by this configuration with other model files: the run "
-                        "would refuse it")}[fate], \
-        fate in ("create", "replace")
+            "replace": ("was made by another configuration or other model files: "
+                        "output.overwrite = true would replace it")}[fate], True
 
 
 def _sampler_line(cfg: Config, planned: bool) -> str:

@@ -177,16 +177,6 @@ def _fate(path: str | Path, digest: str, overwrite: bool,
     return ("replace" if overwrite else "other"), found
 
 
-def store_fate(path: str | Path, digest: str, *, overwrite: bool,
-               model: str | None = None) -> str:
-    """What a run whose store digest is ``digest`` and whose model's digest is ``model`` (its
-    ``model_sha256``; None: not compared) does with ``path``: ``create`` it, ``resume`` its
-    own store, ``replace`` another configuration's or another model's (with ``overwrite``),
-    or refuse: ``foreign`` (not a piadm store: never deleted), ``other`` (another
-    configuration's) or ``weights`` (made by this configuration with other model files)."""
-    return _fate(path, digest, overwrite, model)[0]
-
-
 def check_writable(path: str | Path) -> None:
     """Raise OSError naming the folder when a store cannot be made at ``path``: its nearest
     existing folder must take a new entry (tried with an empty folder, removed at once); and
@@ -216,9 +206,13 @@ def stored_config(path: str | Path) -> str:
 
 def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str | None = None,
                  differs=()) -> str:
-    """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse
-    (``store_fate``); returns the fate otherwise. ``differs``: a callable giving the settings
-    in which another configuration's store differs, for the message."""
+    """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse;
+    returns the fate otherwise: ``create`` it, ``resume`` this run's own store, or ``replace``
+    another configuration's or another model's (with ``overwrite``). Refused: ``foreign`` (not
+    a piadm store: never deleted), ``other`` (another configuration's), ``weights`` (this
+    configuration's with other model files), and a replacement through a symbolic link.
+    ``model``: the run's model digest (None: not compared); ``differs``: a callable giving the
+    settings in which another configuration's store differs, for the message."""
     fate, found = _fate(path, digest, overwrite, model)
     if fate == "replace" and Path(path).is_symlink():
         raise StoreExists(f"output {path} is a symbolic link, and piadm does not replace a store "

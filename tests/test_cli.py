@@ -165,4 +165,5 @@ def test_sample_dry_run_says_what_it_would_do_and_writes_nothing(tmp_path, capsy
     out.mkdir()  # not a piadm store: the run would refuse it, so the dry run exits 2
     (out / "notes.txt").write_text("keep")
     assert main(args) == 2
-    assert "exists and is not a piadm store: the run would refuse it" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"store      {out} would be refused: output {out} exists and is not a piadm store" in err

@@ -211,15 +211,22 @@ def test_an_output_inside_a_store_or_replacing_one_through_a_link_is_refused(tmp
     assert sample(first).members == 2
     store = first.output.path
     sets = _small(tmp_path, **{"output.path": f"{store}/sub.zarr"})
-    assert main(["sample", "jobs/configs/grf.toml",
-                 *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]) == 2
+    args = ["sample", "jobs/configs/grf.toml",
+            *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]
+    assert main([*args, "--dry-run"]) == 2  # the dry run refuses what the run refuses
+    assert f"would be refused: output {store}/sub.zarr is inside the Zarr store" in (
+        capsys.readouterr().err)
+    assert main(args) == 2
     assert f"is inside the Zarr store {store}" in capsys.readouterr().err
     link = tmp_path / "link.zarr"
     link.symlink_to(store)
     sets = _small(tmp_path, **{"output.path": str(link), "output.overwrite": True,
                                "sampler.seed": 9})
-    assert main(["sample", "jobs/configs/grf.toml",
-                 *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]) == 2
+    args = ["sample", "jobs/configs/grf.toml",
+            *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]
+    assert main([*args, "--dry-run"]) == 2
+    assert "would be refused" in capsys.readouterr().err
+    assert main(args) == 2
     assert "is a symbolic link, and piadm does not replace a store through a link" in (
         capsys.readouterr().err)
     assert zarr.open_group(store, mode="r").attrs["piadm_store_digest"] == first.store_digest
