@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tomllib
 from pathlib import Path
 
 import torch
+
+from models.checkpoint import save_checkpoint
 
 
 def data_bound(meta: dict, data: str | Path) -> float:
@@ -93,12 +96,12 @@ def export(src: str | Path, dst: str | Path, data: str | Path | None = None) -> 
                               f"({type(err).__name__}): give a piadm train checkpoint") from None
         if not isinstance(state, dict) or "ema" not in state:
             raise ExportError(f"{src} holds no EMA weights: give a piadm train checkpoint")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    # the sidecar first, as piadm train writes it: a kill between the two leaves a
-    # checkpoint that a rerun of the export may replace
-    Path(f"{dst}.json").write_text(json.dumps(meta, indent=2))
-    if state is not None:
-        torch.save({"ema": state["ema"], "step": state.get("step", 0)}, dst)
+    if state is None:  # in place: the sidecar alone, atomically
+        tmp = Path(f"{dst}.json.tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, f"{dst}.json")
+    else:  # as piadm train saves: each file atomically, the sidecar first
+        save_checkpoint(dst, {"ema": state["ema"], "step": state.get("step", 0)}, meta)
     return meta
 
 

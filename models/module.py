@@ -142,13 +142,14 @@ def weights_digest(paths) -> str:
     return _digest(tuple((str(p), *_stamp(p)) for p in paths))
 
 
-def _stamp(path) -> tuple[int, int]:
+def _stamp(path) -> tuple[int, ...]:
+    """What changes whenever the file does (a save by rename is a new inode)."""
     stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 @functools.lru_cache(maxsize=8)
-def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
+def _digest(files: tuple[tuple, ...]) -> str:
     h = hashlib.sha256()
     for path, *_ in files:
         with open(path, "rb") as f:
@@ -233,8 +234,7 @@ class NetworkModel:
     def conditioned(self, coarse: torch.Tensor) -> "NetworkModel":
         """Bind a coarse field (h, w) in model units, upsampled by blocks to the model's grid
         (H, W) and shaped like one input (a channel axis of 1 kept): cond (1, *shape)."""
-        fine = upsample_blocks(coarse, self.shape[-2:])
-        return replace(self, cond=fine.reshape(self.shape)[None])
+        return replace(self, cond=upsample_blocks(coarse, self.shape).reshape(self.shape)[None])
 
 
 def check_output(model, shape: tuple[int, ...], what: str) -> None:
@@ -264,8 +264,8 @@ def load_module(section, device="cpu") -> NetworkModel:
     try:
         # a network without model.weights keeps its initial weights: seeded, so that every run
         # and every rank samples the same network (its store then resumes and splits safely)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator, given back after
+            torch.default_generator.manual_seed(0)
             net = factory(**section.args)
     except Exception as err:
         given = ", ".join(section.args) or "none"

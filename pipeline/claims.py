@@ -27,8 +27,9 @@ WRITE_S = 10.0  # a claim file is written, and a takeover done, within milliseco
 
 
 def claims_dir(store: str | Path) -> Path:
-    """The folder of claims on ``store``'s batches (beside it, never inside)."""
-    return Path(f"{store}.claims")
+    """The folder of claims on ``store``'s batches (beside it, never inside; the same for
+    every name of the store: a link, a trailing slash)."""
+    return Path(f"{os.path.realpath(store)}.claims")
 
 
 def new_job_id() -> str:
@@ -138,7 +139,8 @@ def _take_over(folder: Path, key: str, owner: dict, job: str, record: str) -> bo
             pass
         return False
     try:
-        if (_owner(folder / f"{key}.json") or {}).get("job") != owner.get("job"):
+        now = _owner(folder / f"{key}.json") or {}
+        if now.get("job") != owner.get("job") or _alive(folder, now):  # taken, or back
             return False
         tmp = folder / f"{key}.{job}.tmp"
         tmp.write_text(record)

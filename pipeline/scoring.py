@@ -377,7 +377,9 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     try:
         metrics = score(ens, truth, paired, kmax=kmax, baseline=baseline, cut=cut,
                         input_n=None if coarse is None else coarse.shape[-1], progress=progress)
-    except (RuntimeError, ValueError) as err:
+    except EvaluationError:
+        raise
+    except (RuntimeError, ValueError) as err:  # a codec's error on damaged bytes, say
         _check_sound(store, err)
         raise
     if not np.isfinite(metrics.attrs.get("ensemble_std", 0.0)):  # a NaN member read back

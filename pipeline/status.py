@@ -13,14 +13,19 @@ class NotAStore(FileNotFoundError):
     """The path is not a piadm ensemble store."""
 
 
-def progress(path: str) -> dict:
-    """``{"path", "item_dim", "done", "members", "complete", "items": [{"label", "done",
-    "members"}]}`` of the store at ``path``: members done per item and in all."""
+def _check_store(path: str) -> None:
+    """Raise NotAStore unless ``path`` holds a piadm ensemble store."""
     if not Path(path).exists():
         raise NotAStore(f"{path} does not exist: pass the output.path of a run (a run that has "
                         "not started has no store yet)")
     if stored_digest(path) is None:
         raise NotAStore(f"{path} is not a piadm ensemble store: pass the output.path of a run")
+
+
+def progress(path: str) -> dict:
+    """``{"path", "item_dim", "done", "members", "complete", "items": [{"label", "done",
+    "members"}]}`` of the store at ``path``: members done per item and in all."""
+    _check_store(path)
     group = zarr.open_group(path, mode="r")
     done = done_members(path)
     dim = next(d for d in group["done"].metadata.dimension_names if d != "member")
@@ -56,7 +61,7 @@ def damaged(path: str) -> list[tuple[int, int, str]]:
     read (a damaged chunk) or is not finite: piadm never marks such a member done, so it was
     damaged after writing (a chunk file deleted or cut short reads as the NaN fill value or
     fails to decode). Reads every done member, one chunk of members at a time."""
-    progress(path)  # a piadm store, or NotAStore
+    _check_store(path)
     group = zarr.open_group(path, mode="r")
     dims = group["done"].metadata.dimension_names
     name = next(key for key, array in group.arrays()

@@ -241,8 +241,9 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
     """Create the store (metadata only) or check an existing one is this run's; returns
     ``created`` or ``resumed``. Creation is built aside and renamed into place, so the path
     is either absent or complete, and two runs racing to create it agree on one. With
-    ``overwrite`` another configuration's store is deleted first; this configuration's is
-    resumed (a requeued job, or a second job sharing its batches, must not delete the work)."""
+    ``overwrite`` another configuration's store (or one made with other model files) is
+    deleted first; this configuration's own is resumed (a requeued job, or a second job
+    sharing its batches, must not delete the work)."""
     # never delete what we did not make
     fate = check_target(spec.path, spec.digest, overwrite=overwrite,
                         model=spec.attrs.get("model_sha256"))

@@ -218,7 +218,7 @@ def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device
 class TrainResult:
     step: int
     train_loss: float
-    val_loss: float
+    val_loss: float | None  # None: not measured (a run shorter than train.val_every)
     seconds: float
 
 
@@ -305,7 +305,7 @@ def _check_replaceable(path: Path) -> None:
     sidecar, nor an exported (shipped) one, which holds the EMA weights alone."""
     _recorded(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError):
         return  # a training checkpoint cut short by a kill: a new run may replace it
     if not isinstance(state, dict) or not all(key in state for key in STATE):
@@ -358,9 +358,9 @@ def _restore(t: TrainConfig, meta: dict, den, ema, opt, comm, device) -> tuple[i
     return 0, []
 
 
-def loss_text(value: float) -> str:
+def loss_text(value: float | None) -> str:
     """A loss for the log: "-" before the first validation."""
-    return "-" if math.isnan(value) else f"{value:.4f}"
+    return "-" if value is None else f"{value:.4f}"
 
 
 def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> TrainResult:
@@ -373,7 +373,7 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
         step, history = _restore(t, meta, den, ema, opt, comm, device)
     path = Path(t.checkpoint)
     # until the next validation, a resumed run's is its checkpoint's
-    val_loss = float(_recorded(path).get("val_loss", math.nan)) if step else math.nan
+    val_loss = _recorded(path).get("val_loss") if step else None
     n, start, loss_sum = trn.fields.sizes["time"], time.perf_counter(), 0.0
     lo, hi = slice_bounds(t.batch_size, comm.size, comm.rank)
     while step < t.steps:
@@ -390,11 +390,10 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
         step += 1
         batch_loss = float(comm.allreduce_sum(loss.detach().double().reshape(1).cpu())[0])
         if not math.isfinite(batch_loss):  # the same sum on every rank: all stop together
-            with raised_by_every_rank():
-                raise InputError(f"train: the loss is {batch_loss} at step {step + 1}, before "
-                                 "any checkpoint holds it: train.data or train.extra has NaN/Inf "
-                                 "fields (a generate-data run cut short leaves NaN: rerun it "
-                                 "with data.overwrite = true), or train.lr is too large")
+            raise InputError(f"train: the loss is {batch_loss} at step {step}, before any "
+                             "checkpoint holds it: train.data or train.extra has NaN/Inf fields "
+                             "(a generate-data run cut short leaves NaN: rerun it with "
+                             "data.overwrite = true), or train.lr is too large", collective=True)
         history.append(batch_loss)
         loss_sum += batch_loss
         if step % t.val_every == 0 or step == t.steps:
