@@ -218,7 +218,7 @@ def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device
 class TrainResult:
     step: int
     train_loss: float
-    val_loss: float | None  # None: not measured (a run shorter than train.val_every)
+    val_loss: float | None  # None: never measured (no step run, none in the checkpoint)
     seconds: float
 
 
