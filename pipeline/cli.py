@@ -458,12 +458,13 @@ def _evaluate_arguments(sp) -> None:
 def user_errors() -> tuple:
     """The errors a user's input causes: one line each, no traceback. Only light modules
     (no torch, xarray or dask), so that the error of a light command prints at once."""
-    from pipeline.errors import EvaluationError
+    from pipeline.errors import EvaluationError, WriteFailed
     from pipeline.samplers.options import PicardDivergence
     from pipeline.status import NotAStore
     from pipeline.store import StoreExists
 
-    return (ConfigError, StoreExists, PicardDivergence, NotAStore, EvaluationError, OSError)
+    return (ConfigError, StoreExists, PicardDivergence, NotAStore, EvaluationError, WriteFailed,
+            OSError)
 
 
 def explain(err: Exception) -> str:

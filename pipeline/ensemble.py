@@ -26,7 +26,7 @@ from pipeline.comm import SerialComm
 from pipeline.config import ConfigError, store_differences
 from pipeline.console import on_rank0, print0
 from pipeline.decomposition import share
-from pipeline.errors import raised_by_every_rank
+from pipeline.errors import WriteFailed, raised_by_every_rank
 from pipeline.inputs import Items, open_items, unconditional
 from pipeline.layout import RankGrid, rank_grid
 from pipeline.noise import Noise
@@ -241,10 +241,11 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
         f"{'block' if REGISTRY[s.method].blocked else 'window'} from step "
         f"{step}/{grid.steps}: round {sweep}, residual {math.sqrt(r):.1e}"))
     bound, bound_item = model, None
+    halt = _Halt(stop)
     job = on_rank0(world, new_job_id)
     beat = Heartbeat(claims_dir(spec.path), job).start() if world.rank == 0 else None
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
-        for item, members in _claimed(mine, slices, stop, tally, bar, items, spec.path, job):
+        for item, members in _claimed(mine, slices, halt, tally, bar, items, spec.path, job):
             if item != bound_item:  # the work is ordered by item: read each input once
                 raw = items.field(item)
                 bound = _bind(model, cfg.model.condition,
@@ -255,14 +256,15 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
             batch = sample_batch(bound, noise, method=s.method, grid=grid, options=options,
                                  comm=slices)
             if writer is not None:
-                _submit(writer, spec, item, members, batch, scale)
+                halt.attempt(_submit, writer, spec, item, members, batch, scale)
             tally.add(len(members), batch.stats)
             bar.advance(len(members),
                         f"{items.dim} {items.labels[item]}: {batch.stats.rounds} rounds")
         bar.close()
-        if writer is not None:
-            writer.close()  # every member this rank sampled is written and marked done
-        return _finish(cfg, spec, ranks, writer, tally, skipped=skipped, job=job)
+        if writer is not None:  # every member this rank sampled is written and marked done
+            halt.attempt(writer.close, after_error=True)
+        return _finish(cfg, spec, ranks, writer, tally, skipped=skipped, job=job,
+                       failed=halt.error)
     finally:
         if beat is not None:
             beat.stop()
@@ -317,6 +319,27 @@ def _claim_state(path, folder, item: int, members, job: str) -> str:
     return "ours" if claim(folder, f"{item}-{members[0]}", job) else "theirs"
 
 
+class _Halt:
+    """What stops a group's loop: a stop signal, or a write that failed on this rank (its
+    lead's). A failed write stops the group as a signal would (``_stop_agreed``), so that
+    every rank reaches ``_finish`` and raises there, none waiting in a collective."""
+
+    def __init__(self, stop):
+        self.stop, self.error = stop, None
+
+    def __bool__(self) -> bool:
+        return bool(self.stop) or self.error is not None
+
+    def attempt(self, fn, *args, after_error: bool = False) -> None:
+        """Run a write step unless one failed already (``after_error``: even then, e.g. to
+        join the writer); keep the first error."""
+        if self.error is None or after_error:
+            try:
+                fn(*args)
+            except Exception as err:  # raised again in _finish, on this rank
+                self.error = self.error or err
+
+
 def _stop_agreed(comm, stop) -> bool:
     """Whether a stop signal reached any rank of ``comm`` (every rank calls it)."""
     flag = torch.tensor([1.0 if stop else 0.0], dtype=torch.float64)
@@ -346,15 +369,22 @@ def _finalize_alone(path, note: str, job: str) -> None:
         finalize(path, note)
 
 
-def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str):
+def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str,
+            failed: Exception | None = None):
     world, slices = ranks.world, ranks.slices
     world.barrier(idle=True)  # groups done early sleep: others on the node may need its cores
     lead = slices.rank == 0
     local = torch.tensor([float(tally.stopped), float(sum(tally.rounds)),
                           tally.calls if lead else 0.0, float(tally.count) if lead else 0.0,
-                          float(max(tally.rounds, default=0))],
+                          float(max(tally.rounds, default=0)), float(failed is not None)],
                          dtype=torch.float64)
     peak, total = world.allreduce_max(local), world.allreduce_sum(local)
+    if failed is not None:  # the members written before it stay done: a rerun finishes
+        raise failed
+    if peak[5] > 0:
+        raise WriteFailed("a write failed on another rank of this run (its error is printed "
+                          "there); the members written before it are kept: fix the cause and "
+                          "rerun to finish", collective=True)
     preempted = bool(peak[0] > 0)
     written = int(total[3])
     note = (f"piadm stopped by a signal after {written} members" if preempted

@@ -33,5 +33,9 @@ def raised_by_every_rank():
         raise type(err)(str(err), collective=True) from err
 
 
+class WriteFailed(PiadmError):
+    """A write failed on another rank of the run; that rank names the cause."""
+
+
 class EvaluationError(ValueError):
     """The store or the truth cannot be evaluated as asked; the message says how to fix it."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 from pipeline.cli import main
 
@@ -109,6 +110,20 @@ def test_an_exception_on_one_rank_ends_every_rank_promptly(tmp_path):
     assert proc.returncode != 0
     assert time.monotonic() - start < 30
     assert "injected failure" in proc.stderr and "rank 2 failed" in proc.stderr
+
+
+@pytest.mark.parametrize("writer", ["background", "inline"])
+def test_a_failed_write_on_the_lead_rank_is_raised_on_every_rank_through_the_api(tmp_path,
+                                                                                 writer):
+    out = tmp_path / "w.zarr"
+    proc = mpirun(2, ["tests/mpi_write_fail.py", str(out), writer], timeout=90)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    raised = sorted(line for line in proc.stdout.splitlines() if line.startswith("raised"))
+    assert raised == ["raised OSError: [Errno 28] No space left on device",
+                      "raised WriteFailed: a write failed on another rank of this run (its "
+                      "error is printed there); the members written before it are kept: fix "
+                      "the cause and rerun to finish"]
+    assert int(zarr.open_group(out, mode="r")["done"][:].sum()) == 2  # the first batch, kept
 
 
 def test_a_bad_layout_is_one_clean_error_from_every_rank(tmp_path):

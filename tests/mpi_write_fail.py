@@ -1,0 +1,27 @@
+"""Run under ``mpiexec -n 2`` (two time slices of one group): ``api.sample`` with the lead
+rank's second batch write failing (a full disk), to check that every rank raises and none
+waits in a collective. Usage: python tests/mpi_write_fail.py STORE background|inline"""
+import errno
+import sys
+
+from pipeline import api, ensemble
+
+real, calls = ensemble.write_batch, [0]
+
+
+def failing(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 2:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(*args, **kwargs)
+
+
+ensemble.write_batch = failing
+cfg = api.load_config("jobs/configs/grf.toml", {
+    "model.shape": [8, 8], "sampler.steps": 20, "sampler.method": "sequential-sde",
+    "ensemble.members": 8, "ensemble.batch_size": 2, "parallel.time_slices": 2,
+    "output.background": sys.argv[2] == "background", "output.path": sys.argv[1]})
+try:
+    api.sample(cfg)
+except Exception as err:
+    print(f"raised {type(err).__name__}: {err}", flush=True)
