@@ -1,14 +1,12 @@
 """``piadm sample --dry-run``: what a run would do, as text, touching nothing."""
 from __future__ import annotations
 
-from pipeline.config import store_differences
-from pipeline.ensemble import check_only, load_items
+from pipeline.ensemble import check_only, check_output, load_items
 from pipeline.layout import RankGrid
 from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, Config, needs_plan
-from pipeline.store import (StoreExists, check_idle, check_target, check_writable, done_members,
-                            stored_attribute)
+from pipeline.store import StoreExists, done_members, stored_attribute
 
 
 def dry_run(cfg: Config, ranks: RankGrid) -> tuple[str, bool]:
@@ -43,7 +41,7 @@ def dry_run(cfg: Config, ranks: RankGrid) -> tuple[str, bool]:
 
 def _store_fate(cfg: Config, planned: bool) -> tuple[str, bool]:
     """What a run would do with the store at output.path, by the run's own start-up checks
-    (``pipeline.ensemble._check_early``'s), and whether it would go ahead. An ``"auto"`` run's
+    (``pipeline.ensemble.check_output``), and whether it would go ahead. An ``"auto"`` run's
     store records the plan it was made with (keyed by the unresolved config), which a rerun
     repeats."""
     path = cfg.output.path
@@ -52,13 +50,7 @@ def _store_fate(cfg: Config, planned: bool) -> tuple[str, bool]:
         fate = "resume"
     else:
         try:
-            fate = check_target(path, cfg.store_digest, overwrite=cfg.output.overwrite,
-                                model=model_digest(cfg),
-                                differs=lambda text: store_differences(cfg, text))
-            if fate == "replace":
-                check_idle(path)
-            if fate == "create":
-                check_writable(path)
+            fate = check_output(cfg)
         except StoreExists as err:
             return f"would be refused: {err}", False
         except OSError as err:  # check_writable: the folder named

@@ -115,13 +115,21 @@ def _check_early(cfg: Config, model) -> tuple[float, float]:
     target, before the start-up's costly work; returns the input's (mean, std)."""
     items = load_items(cfg, check=True, model=model)
     check_only(cfg.parallel.items, len(items.labels))
+    check_output(cfg)
+    return items.mean, items.std
+
+
+def check_output(cfg: Config) -> str:
+    """What the run does with its store at output.path (``store.check_target``'s fate),
+    after the checks that fate needs: a new store's folder must take it, a replaced one
+    must have no live job filling it. Raises StoreExists or OSError naming the problem."""
     fate = check_target(cfg.output.path, cfg.store_digest, overwrite=cfg.output.overwrite,
                         model=model_digest(cfg), differs=lambda text: store_differences(cfg, text))
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
     if fate == "replace":
         check_idle(cfg.output.path)
-    return items.mean, items.std
+    return fate
 
 
 def _prepare(cfg: Config, stats: tuple[float, float], shape, trained_on, tol: Calibration,

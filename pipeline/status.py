@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.store import PER_MEMBER, StoreExists, check_idle, done_members, stored_digest
+from pipeline.store import PER_MEMBER, check_idle, done_members, stored_digest
 
 
 class NotAStore(FileNotFoundError):

@@ -142,12 +142,17 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def stored_digest(path: str | Path) -> str | None:
-    """The configuration digest of the piadm store at ``path``; None if it is not one."""
+def _attrs(path: str | Path) -> dict | None:
+    """The attributes of the Zarr group at ``path``, read once; None if it is not one."""
     try:
-        return zarr.open_group(path, mode="r").attrs.get("piadm_store_digest")
+        return dict(zarr.open_group(path, mode="r").attrs)
     except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
         return None
+
+
+def stored_digest(path: str | Path) -> str | None:
+    """The configuration digest of the piadm store at ``path``; None if it is not one."""
+    return (_attrs(path) or {}).get("piadm_store_digest")
 
 
 def stored_attribute(path: str | Path, digest: str, name: str,
@@ -155,10 +160,7 @@ def stored_attribute(path: str | Path, digest: str, name: str,
     """Attribute ``name`` of the piadm store at ``path`` when that store was made by the
     configuration with ``digest`` (a run that will resume it; ``digest_key`` names the
     attribute holding it); else None."""
-    try:
-        attrs = zarr.open_group(path, mode="r").attrs
-    except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
-        return None
+    attrs = _attrs(path) or {}
     return attrs.get(name) if attrs.get(digest_key) == digest else None
 
 
@@ -166,10 +168,11 @@ def _fate(path: str | Path, digest: str, overwrite: bool,
           model: str | None) -> tuple[str, str | None]:
     if not Path(path).exists():
         return "create", None
-    found = stored_digest(path)
+    attrs = _attrs(path) or {}
+    found = attrs.get("piadm_store_digest")
     if found is None:
         return "foreign", None
-    made_with = stored_attribute(path, digest, "model_sha256") if model else None
+    made_with = attrs.get("model_sha256") if model else None
     if found == digest and made_with in (None, model):
         return "resume", found
     if found == digest:  # the same settings, but the model's files have changed since
