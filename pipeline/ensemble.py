@@ -36,9 +36,9 @@ from pipeline.run import (DTYPES, member_batches, model_data_bound, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
-from pipeline.store import (StoreSpec, batch_done, check_idle, check_target, check_writable,
-                            done_members, finalize, member_chunk, open_or_create,
+from pipeline.store import (StoreSpec, batch_done, done_members, finalize, member_chunk,
                             stored_attribute, write_batch)
+from pipeline.target import check_idle, check_target, check_writable, open_or_create
 from pipeline.writer import make_writer
 
 
@@ -120,7 +120,7 @@ def _check_early(cfg: Config, model) -> tuple[float, float]:
 
 
 def check_output(cfg: Config) -> str:
-    """What the run does with its store at output.path (``store.check_target``'s fate),
+    """What the run does with its store at output.path (``target.check_target``'s fate),
     after the checks that fate needs: a new store's folder must take it, a replaced one
     must have no live job filling it. Raises StoreExists or OSError naming the problem."""
     fate = check_target(cfg.output.path, cfg.store_digest, overwrite=cfg.output.overwrite,

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.store import PER_MEMBER, check_idle, done_members, stored_digest
+from pipeline.store import PER_MEMBER, done_members, stored_digest
+from pipeline.target import check_idle
 
 
 class NotAStore(FileNotFoundError):

@@ -16,11 +16,9 @@ and Zarr's atomic chunk writes mean a rerun simply rewrites it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
 import warnings
@@ -32,8 +30,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
-from pipeline.claims import (Heartbeat, claims_dir, clear_claims, holding, live_jobs,
-                             new_job_id)
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -142,7 +138,7 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _attrs(path: str | Path) -> dict | None:
+def read_attrs(path: str | Path) -> dict | None:
     """The attributes of the Zarr group at ``path``, read once; None if it is not one."""
     try:
         return dict(zarr.open_group(path, mode="r").attrs)
@@ -152,7 +148,7 @@ def _attrs(path: str | Path) -> dict | None:
 
 def stored_digest(path: str | Path) -> str | None:
     """The configuration digest of the piadm store at ``path``; None if it is not one."""
-    return (_attrs(path) or {}).get("piadm_store_digest")
+    return (read_attrs(path) or {}).get("piadm_store_digest")
 
 
 def stored_attribute(path: str | Path, digest: str, name: str,
@@ -160,149 +156,25 @@ def stored_attribute(path: str | Path, digest: str, name: str,
     """Attribute ``name`` of the piadm store at ``path`` when that store was made by the
     configuration with ``digest`` (a run that will resume it; ``digest_key`` names the
     attribute holding it); else None."""
-    attrs = _attrs(path) or {}
+    attrs = read_attrs(path) or {}
     return attrs.get(name) if attrs.get(digest_key) == digest else None
 
 
-def _fate(path: str | Path, digest: str, overwrite: bool,
-          model: str | None) -> tuple[str, str | None]:
-    if not Path(path).exists():
-        return "create", None
-    attrs = _attrs(path) or {}
-    found = attrs.get("piadm_store_digest")
-    if found is None:
-        return "foreign", None
-    made_with = attrs.get("model_sha256") if model else None
-    if found == digest and made_with in (None, model):
-        return "resume", found
-    if found == digest:  # the same settings, but the model's files have changed since
-        return ("replace" if overwrite else "weights"), made_with
-    return ("replace" if overwrite else "other"), found
-
-
-def check_writable(path: str | Path) -> None:
-    """Raise OSError naming the folder when a store cannot be made at ``path``: its nearest
-    existing folder must take a new entry (tried with an empty folder, removed at once); and
-    StoreExists when ``path`` lies inside another Zarr store."""
-    folder = Path(path).parent.absolute()
-    store = next((p for p in (folder, *folder.parents)
-                  if (p / "zarr.json").is_file() or (p / ".zgroup").is_file()), None)
-    if store is not None:
-        raise StoreExists(f"output {path} is inside the Zarr store {store}: choose an "
-                          "output.path outside it")
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".piadm-check-", dir=existing))
-    except OSError as err:
-        raise OSError(err.errno, err.strerror, str(existing)) from None
-
-
-def stored_config(path: str | Path) -> str:
-    """The config TOML a piadm store at ``path`` was made with ('' when unreadable)."""
-    try:
-        return str(zarr.open_group(path, mode="r").attrs.get("config", ""))
-    except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
-        return ""
-
-
-def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str | None = None,
-                 differs=()) -> str:
-    """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse;
-    returns the fate otherwise: ``create`` it, ``resume`` this run's own store, or ``replace``
-    another configuration's or another model's (with ``overwrite``). Refused: ``foreign`` (not
-    a piadm store: never deleted), ``other`` (another configuration's), ``weights`` (this
-    configuration's with other model files), and a replacement through a symbolic link.
-    ``model``: the run's model digest (None: not compared); ``differs``: a callable giving the
-    settings in which another configuration's store differs, for the message."""
-    fate, found = _fate(path, digest, overwrite, model)
-    if fate == "replace" and Path(path).is_symlink():
-        raise StoreExists(f"output {path} is a symbolic link, and piadm does not replace a store "
-                          "through a link: point output.path at the store itself")
-    if fate == "weights":  # mixing two networks' members in one ensemble would go unseen
-        raise StoreExists(
-            f"output {path} was made by this configuration with other model files (model "
-            f"digest {found[:12]}, now {model[:12]}): the checkpoint, guide or weights file "
-            "has changed since; put the original back to resume it, choose another "
-            "output.path, or set output.overwrite = true to replace it")
-    if fate == "foreign":
-        raise StoreExists(
-            f"output {path} exists and is not a piadm store, and piadm deletes only stores it "
-            "made (output.overwrite = true too): move it away, or choose another output.path")
-    if fate == "other":
-        changed = "; ".join(differs(stored_config(path))) if differs else ""
-        raise StoreExists(
-            f"output {path} was made by a different configuration (digest {found[:12]}, this "
-            f"run {digest[:12]}" + (f"; it differs in {changed}" if changed else "") + "): "
-            "rerun its own config to resume it, choose another output.path, or set "
-            "output.overwrite = true to replace it")
-    return fate
-
-
-def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
-    """Create the store (metadata only) or check an existing one is this run's; returns
-    ``created`` or ``resumed``. Creation is built aside and renamed into place, so the path
-    is either absent or complete, and two runs racing to create it agree on one. With
-    ``overwrite`` another configuration's store (or one made with other model files) is
-    deleted first; this configuration's own is resumed (a requeued job, or a second job
-    sharing its batches, must not delete the work)."""
-    # never delete what we did not make
-    fate = check_target(spec.path, spec.digest, overwrite=overwrite,
-                        model=spec.attrs.get("model_sha256"))
-    if fate == "resume":
-        return "resumed"
-    return _replace(spec) if fate == "replace" else _create(spec)
-
-
-REPLACER = "replacing-"  # the job ids of runs waiting to replace a store: they write nothing
-
-
-def check_idle(path: str | Path) -> None:
-    """Raise StoreExists while a live job fills the store at ``path`` (a heartbeat in its
-    claims folder): replacing it then would let that job's members land in the new store,
-    marked done."""
-    busy = [job for job in live_jobs(claims_dir(path)) if not job.startswith(REPLACER)]
-    if busy:
-        raise StoreExists(f"output {path} is being filled by a live job ({', '.join(busy)}); "
-                          "piadm replaces a store only when no job writes to it: wait for that "
-                          "job to end (or stop it), then rerun")
-
-
-def _replace(spec: StoreSpec) -> str:
-    """Delete another configuration's store and create this one's, one job at a time (a lock
-    in the claims folder): two jobs of one configuration started together both find the old
-    store, and the second must resume the first's new store, not delete it."""
-    folder, job = claims_dir(spec.path), f"{REPLACER}{new_job_id()}"
-    beat = Heartbeat(folder, job).start()  # a live holder: waiting jobs never take its lock
-    try:
-        with holding(folder, "replace", job):
-            fate = check_target(spec.path, spec.digest, overwrite=True,  # as it is now
-                                model=spec.attrs.get("model_sha256"))
-            if fate == "resume":
-                return "resumed"
-            if fate == "replace":
-                check_idle(spec.path)
-                shutil.rmtree(spec.path)
-                clear_claims(folder, keep="replace")  # claims on the old store's batches
-            return _create(spec)
-    finally:
-        beat.stop()
-
-
-def _create(spec: StoreSpec) -> str:
+def create(spec: StoreSpec) -> bool:
+    """Create the store at ``spec.path`` (metadata only), built aside and renamed into place,
+    so the path is either absent or complete. Returns False when another run created it
+    first: whether that store is this run's to use is the caller's to decide
+    (``pipeline.target``)."""
     path = Path(spec.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.creating")
     _dataset(spec).to_zarr(aside, mode="w", compute=False, consolidated=False, zarr_format=3)
     try:
         os.rename(aside, path)
-    except OSError:  # another run created it first: use theirs if it is the same config
+    except OSError:
         shutil.rmtree(aside, ignore_errors=True)
-        check_target(path, spec.digest, overwrite=False,  # never "resume" another config's
-                     model=spec.attrs.get("model_sha256"))
-        return "resumed"
-    return "created"
+        return False
+    return True
 
 
 def done_members(path: str | Path) -> np.ndarray:

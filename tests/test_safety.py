@@ -131,7 +131,8 @@ def test_a_run_that_loses_the_race_to_create_its_store_resumes_only_its_own(
     import os
 
     from pipeline import store
-    from pipeline.store import StoreExists, open_or_create, stored_digest
+    from pipeline.store import StoreExists, stored_digest
+    from pipeline.target import open_or_create
 
     path, rename = tmp_path / "raced.zarr", os.rename
 
@@ -151,21 +152,22 @@ def test_a_run_that_loses_the_race_to_create_its_store_resumes_only_its_own(
 
 def test_of_two_jobs_replacing_another_configs_store_the_second_resumes_the_firsts(
         tmp_path, monkeypatch):
-    from pipeline import store
-    from pipeline.store import open_or_create, stored_digest
+    from pipeline import target
+    from pipeline.store import stored_digest
+    from pipeline.target import open_or_create
 
-    path, holding = tmp_path / "old.zarr", store.holding
+    path, holding = tmp_path / "old.zarr", target.holding
     open_or_create(_spec(path, "c" * 64), overwrite=False)  # another configuration's store
 
     def first_job_replaces_it_meanwhile(folder, name, job):
         # the other job found the old store too, took the lock first, replaced the store
         # and wrote into it while this one waited for the lock
-        monkeypatch.setattr(store, "holding", holding)
+        monkeypatch.setattr(target, "holding", holding)
         assert open_or_create(_spec(path, "a" * 64), overwrite=True) == "created"
         zarr.open_group(path, mode="r+").attrs["written_by_the_first"] = True
         return holding(folder, name, job)
 
-    monkeypatch.setattr(store, "holding", first_job_replaces_it_meanwhile)
+    monkeypatch.setattr(target, "holding", first_job_replaces_it_meanwhile)
     assert open_or_create(_spec(path, "a" * 64), overwrite=True) == "resumed"
     assert stored_digest(path) == "a" * 64
     assert zarr.open_group(path, mode="r").attrs["written_by_the_first"]
@@ -178,7 +180,8 @@ def test_a_store_a_live_job_fills_is_not_replaced_and_a_replaced_store_is_not_wr
     import numpy as np
 
     from pipeline.claims import Heartbeat, claims_dir
-    from pipeline.store import StoreExists, open_or_create, stored_digest, write_batch
+    from pipeline.store import StoreExists, stored_digest, write_batch
+    from pipeline.target import open_or_create
     from pipeline.writer import BackgroundWriter
 
     path = tmp_path / "old.zarr"

@@ -1,0 +1,157 @@
+"""What a run does with its output path: create a store, resume its own, replace another
+configuration's, or refuse; and the coordination that replacing needs with other jobs.
+
+The store's contents and I/O are ``pipeline.store``; here are the decisions around it. A
+store is resumed only by the configuration (digest) and model files that made it, deleted
+only when piadm made it and ``output.overwrite`` asks, never through a symbolic link, and
+never while a live job (a heartbeat in its claims folder, ``pipeline.claims``) still fills
+it. Two jobs replacing one store take turns under a lock in the claims folder.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import zarr
+
+from pipeline.claims import Heartbeat, claims_dir, clear_claims, holding, live_jobs, new_job_id
+from pipeline.store import StoreExists, StoreSpec, create, read_attrs
+
+
+def _fate(path: str | Path, digest: str, overwrite: bool,
+          model: str | None) -> tuple[str, str | None]:
+    if not Path(path).exists():
+        return "create", None
+    attrs = read_attrs(path) or {}
+    found = attrs.get("piadm_store_digest")
+    if found is None:
+        return "foreign", None
+    made_with = attrs.get("model_sha256") if model else None
+    if found == digest and made_with in (None, model):
+        return "resume", found
+    if found == digest:  # the same settings, but the model's files have changed since
+        return ("replace" if overwrite else "weights"), made_with
+    return ("replace" if overwrite else "other"), found
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise OSError naming the folder when a store cannot be made at ``path``: its nearest
+    existing folder must take a new entry (tried with an empty folder, removed at once); and
+    StoreExists when ``path`` lies inside another Zarr store."""
+    folder = Path(path).parent.absolute()
+    store = next((p for p in (folder, *folder.parents)
+                  if (p / "zarr.json").is_file() or (p / ".zgroup").is_file()), None)
+    if store is not None:
+        raise StoreExists(f"output {path} is inside the Zarr store {store}: choose an "
+                          "output.path outside it")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".piadm-check-", dir=existing))
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(existing)) from None
+
+
+def stored_config(path: str | Path) -> str:
+    """The config TOML a piadm store at ``path`` was made with ('' when unreadable)."""
+    try:
+        return str(zarr.open_group(path, mode="r").attrs.get("config", ""))
+    except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
+        return ""
+
+
+def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str | None = None,
+                 differs=()) -> str:
+    """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse;
+    returns the fate otherwise: ``create`` it, ``resume`` this run's own store, or ``replace``
+    another configuration's or another model's (with ``overwrite``). Refused: ``foreign`` (not
+    a piadm store: never deleted), ``other`` (another configuration's), ``weights`` (this
+    configuration's with other model files), and a replacement through a symbolic link.
+    ``model``: the run's model digest (None: not compared); ``differs``: a callable giving the
+    settings in which another configuration's store differs, for the message."""
+    fate, found = _fate(path, digest, overwrite, model)
+    if fate == "replace" and Path(path).is_symlink():
+        raise StoreExists(f"output {path} is a symbolic link, and piadm does not replace a store "
+                          "through a link: point output.path at the store itself")
+    if fate == "weights":  # mixing two networks' members in one ensemble would go unseen
+        raise StoreExists(
+            f"output {path} was made by this configuration with other model files (model "
+            f"digest {found[:12]}, now {model[:12]}): the checkpoint, guide or weights file "
+            "has changed since; put the original back to resume it, choose another "
+            "output.path, or set output.overwrite = true to replace it")
+    if fate == "foreign":
+        raise StoreExists(
+            f"output {path} exists and is not a piadm store, and piadm deletes only stores it "
+            "made (output.overwrite = true too): move it away, or choose another output.path")
+    if fate == "other":
+        changed = "; ".join(differs(stored_config(path))) if differs else ""
+        raise StoreExists(
+            f"output {path} was made by a different configuration (digest {found[:12]}, this "
+            f"run {digest[:12]}" + (f"; it differs in {changed}" if changed else "") + "): "
+            "rerun its own config to resume it, choose another output.path, or set "
+            "output.overwrite = true to replace it")
+    return fate
+
+
+def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
+    """Create the store (metadata only) or check an existing one is this run's; returns
+    ``created`` or ``resumed``. Creation is built aside and renamed into place, so the path
+    is either absent or complete, and two runs racing to create it agree on one. With
+    ``overwrite`` another configuration's store (or one made with other model files) is
+    deleted first; this configuration's own is resumed (a requeued job, or a second job
+    sharing its batches, must not delete the work)."""
+    # never delete what we did not make
+    fate = check_target(spec.path, spec.digest, overwrite=overwrite,
+                        model=spec.attrs.get("model_sha256"))
+    if fate == "resume":
+        return "resumed"
+    return _replace(spec) if fate == "replace" else _create(spec)
+
+
+def _create(spec: StoreSpec) -> str:
+    """Create the store; when another run created it first, use theirs if it is this
+    configuration's (``check_target`` refuses any other)."""
+    if create(spec):
+        return "created"
+    check_target(spec.path, spec.digest, overwrite=False,  # never "resume" another config's
+                 model=spec.attrs.get("model_sha256"))
+    return "resumed"
+
+
+REPLACER = "replacing-"  # the job ids of runs waiting to replace a store: they write nothing
+
+
+def check_idle(path: str | Path) -> None:
+    """Raise StoreExists while a live job fills the store at ``path`` (a heartbeat in its
+    claims folder): replacing it then would let that job's members land in the new store,
+    marked done."""
+    busy = [job for job in live_jobs(claims_dir(path)) if not job.startswith(REPLACER)]
+    if busy:
+        raise StoreExists(f"output {path} is being filled by a live job ({', '.join(busy)}); "
+                          "piadm replaces a store only when no job writes to it: wait for that "
+                          "job to end (or stop it), then rerun")
+
+
+def _replace(spec: StoreSpec) -> str:
+    """Delete another configuration's store and create this one's, one job at a time (a lock
+    in the claims folder): two jobs of one configuration started together both find the old
+    store, and the second must resume the first's new store, not delete it."""
+    folder, job = claims_dir(spec.path), f"{REPLACER}{new_job_id()}"
+    beat = Heartbeat(folder, job).start()  # a live holder: waiting jobs never take its lock
+    try:
+        with holding(folder, "replace", job):
+            fate = check_target(spec.path, spec.digest, overwrite=True,  # as it is now
+                                model=spec.attrs.get("model_sha256"))
+            if fate == "resume":
+                return "resumed"
+            if fate == "replace":
+                check_idle(spec.path)
+                shutil.rmtree(spec.path)
+                clear_claims(folder, keep="replace")  # claims on the old store's batches
+            return _create(spec)
+    finally:
+        beat.stop()
