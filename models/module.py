@@ -238,17 +238,20 @@ class NetworkModel:
 
 
 def check_output(model, shape: tuple[int, ...], what: str) -> None:
-    """Call ``model`` once on zeros (1, *shape) at a middle noise level: a network that fails,
-    or returns another shape than its input's, is a one-line error now, not mid-run."""
-    x = torch.zeros((1, *shape), dtype=torch.float32)
+    """Call ``model`` once on zeros (2, *shape) at a middle noise level: a network that fails,
+    or returns another shape than its input's, is a one-line error now, not mid-run. Two
+    states, not one: a convolution takes a batch of one 1-channel field, (1, H, W), for one
+    unbatched 1-channel image, so a shape without its channel axis would pass."""
+    x = torch.zeros((2, *shape), dtype=torch.float32)
     try:
         out = model(x, torch.tensor([1.0], dtype=torch.float64))
     except ConfigError:
         raise
     except Exception as err:
-        raise ConfigError(f"config: {what}: calling the network on a (1, {', '.join(map(str, shape))}) "
+        raise ConfigError(f"config: {what}: calling the network on a (2, {', '.join(map(str, shape))}) "
                           f"input failed ({type(err).__name__}: {_first_line(err)}): check "
-                          "model.shape and that it takes (x, t)") from None
+                          "model.shape (with its channel axis, e.g. [1, H, W]) and that it "
+                          "takes (x, t)") from None
     if tuple(out.shape) != tuple(x.shape):
         raise ConfigError(f"config: {what}: the network returns shape {list(out.shape)} for input "
                           f"{list(x.shape)}: it must return its input's shape (check model.shape "
@@ -287,6 +290,12 @@ def load_module(section, device="cpu") -> NetworkModel:
             f" with model.weights = {section.weights!r}" if section.weights else "")
         check_output(model, tuple(section.shape), what)
     return model
+
+
+# The [model] keys that set a module model's noise schedule and input: they change its score
+# but not its files (``module_digest``), so what is measured on the model (a calibrated
+# tolerance) is keyed by them too (``pipeline.calibrate.calibration_key``)
+SCHEDULE_KEYS = ("beta_schedule", "beta_start", "beta_end", "train_steps", "input_scale")
 
 
 def module_digest(section) -> str:

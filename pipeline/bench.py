@@ -181,6 +181,19 @@ def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | 
     return out
 
 
+NETWORK_KINDS = ("module", "diffusers")  # models whose model.shape may lead with channels
+
+
+def model_shape(model, size: tuple[int, ...]) -> tuple[int, ...]:
+    """The ``model.shape`` that bench size ``size`` stands for: a network's leading (channel)
+    axes are kept, so that ``bench.sizes`` name a field's sizes alone, [[32, 32]] for a
+    model of shape [1, 16, 16]."""
+    extra = len(model.shape) - len(size)
+    if model.kind in NETWORK_KINDS and extra > 0:
+        return tuple(model.shape[:extra]) + tuple(size)
+    return tuple(size)
+
+
 def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
                 device: torch.device = torch.device("cpu"), name_bound: bool = True) -> list[dict]:
     """Run every bench method on one field shape for each of ``bench.seeds`` noise seeds, its
@@ -189,7 +202,8 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
     (off for callers that bench one shape method by method)."""
     from pipeline.ensemble import first_item_model
 
-    shaped = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shape=tuple(shape)))
+    shape = model_shape(cfg.model, shape)
+    shaped = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shape=shape))
     model = first_item_model(shaped, build_model(shaped.model, device), device)
     s = cfg.sampler
     tolerances = method_tolerances(shaped, model, comm=comm, device=device)

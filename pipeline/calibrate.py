@@ -67,6 +67,10 @@ def calibration_key(cfg: Config, model_sha256: str) -> str:
             "input": cfg.input.path, "calibrate": dataclasses.asdict(cfg.calibrate),
             "sampler": {k: v for k, v in dataclasses.asdict(s).items()
                         if k not in ("tol", "max_sweeps", "on_divergence", "block_size")}}
+    if cfg.model.kind == "module":  # its schedule is not in its digest (models.module)
+        from models.module import SCHEDULE_KEYS
+
+        kept["schedule"] = {k: getattr(cfg.model, k) for k in SCHEDULE_KEYS}
     revision = REGISTRY[s.method].revision if s.method in REGISTRY else 1
     if revision > 1:  # absent at 1, so that calibrations made before revisions stay valid
         kept["revision"] = revision

@@ -48,6 +48,20 @@ def wrong_shape():
     return _TwoChannels()
 
 
+class _OneChannel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def one_channel():
+    """A convolution on (B, 1, H, W) fields, which also takes one unbatched (1, H, W) field."""
+    return _OneChannel()
+
+
 def raising(**kwargs):
     raise RuntimeError("no GPU found")
 

@@ -1,6 +1,7 @@
 """Bring your own network: a diffusers folder and a module of one's own sample what their own
 library computes (DDPM and DDIM loops fed the same noise), the two doors agree, an EDM
 denoiser matches EDM's first-order sampler, and each mistake is a one-line error."""
+import json
 import math
 import sys
 from pathlib import Path
@@ -154,7 +155,10 @@ def test_an_edm_denoiser_matches_edm_first_order_sampler():
     (["model.target=no_such_package.nets:unet"], "cannot import 'no_such_package.nets'"),
     (["model.target=byo_nets:small_unett"], "did you mean 'small_unet'"),
     (["model.target=byo_nets:raising"], "raised RuntimeError: no GPU found"),
-    (["model.target=byo_nets:wrong_shape", "model.shape=[1, 16, 16]"], "returns shape [1, 2, 16, 16]"),
+    (["model.target=byo_nets:wrong_shape", "model.shape=[1, 16, 16]"], "returns shape [2, 2, 16, 16]"),
+    # a batch of one (1, 16, 16) passes a convolution as one unbatched image: not mistaken
+    (["model.target=byo_nets:one_channel", "model.shape=[16, 16]"],
+     "calling the network on a (2, 16, 16) input failed"),
     (["model.prediction=noise"], "model.prediction = 'noise' is unknown"),
     (["model.process=ddim"], "model.process = 'ddim' is unknown"),
 ])
@@ -168,6 +172,35 @@ def test_module_mistakes_are_one_line_errors(sets, needle, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert rc == 2 and _one_error(err, needle), err
     assert not out.exists()
+
+
+def test_bench_sizes_keep_a_networks_channel_axis(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(TESTS))
+    sets = ["model.kind=module", "model.target=byo_nets:one_channel", "model.prediction=eps",
+            "model.process=ddpm", "model.shape=[1, 16, 16]", "sampler.steps=4",
+            "sampler.tol=1e-3", "bench.sizes=[[8, 8]]", "bench.members=2",
+            'bench.methods=["sequential-sde", "pc-window"]']
+    rc = main(["bench", "jobs/configs/grf.toml", "--json", str(tmp_path / "b.json"),
+               *sum((["--set", s] for s in sets), [])])
+    assert rc == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [row["d"] for row in rows] == [64, 64]  # one channel of 8x8
+
+
+def test_a_module_models_schedule_keys_its_calibration():
+    from models.module import SCHEDULE_KEYS
+    from pipeline.calibrate import calibration_key
+
+    base = {"model.kind": "module", "model.target": "byo_nets:one_channel",
+            "model.prediction": "eps", "model.process": "ddpm", "model.shape": [1, 8, 8],
+            "sampler.method": "pc-window", "sampler.tol": "auto"}
+    first = calibration_key(api.load_config(None, base), "0" * 64)
+    changed = {"beta_schedule": "cosine", "beta_start": 2e-4, "beta_end": 0.04,
+               "train_steps": 500, "input_scale": "unit"}
+    assert set(changed) == set(SCHEDULE_KEYS)
+    for key, value in changed.items():
+        other = api.load_config(None, {**base, f"model.{key}": value})
+        assert calibration_key(other, "0" * 64) != first, key
 
 
 def _module_run(out, *sets):
