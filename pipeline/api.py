@@ -19,7 +19,7 @@ from pathlib import Path
 
 import xarray as xr
 
-from pipeline.comm import world_comm
+from pipeline.comm import MPIComm, SerialComm, world_comm
 from pipeline.config import ConfigError, config_from_dict, read_toml
 from pipeline.settings import Config
 from pipeline.store import open_store
@@ -58,18 +58,57 @@ def world():
     return world_comm()
 
 
+class _StopWhen:
+    """A ``stop`` given as a function: asked between batches."""
+
+    def __init__(self, ask):
+        self.ask = ask
+
+    def __bool__(self) -> bool:
+        return bool(self.ask())
+
+
+def _communicator(comm):
+    """``comm`` as piadm's communicator: ``world()`` for None, an mpi4py one wrapped."""
+    if comm is None:
+        return world()
+    if isinstance(comm, (SerialComm, MPIComm)):
+        return comm
+    if hasattr(comm, "Get_rank") and hasattr(comm, "Allgather"):  # an mpi4py communicator
+        return MPIComm(comm)
+    raise TypeError(f"api.sample's comm is an mpi4py communicator (e.g. MPI.COMM_WORLD), "
+                    f"api.world() or None, not {type(comm).__name__}")
+
+
+def _check_same_config(comm, cfg: Config) -> None:
+    """Raise ConfigError on every rank when the ranks were given different configs: they
+    would disagree on the store and wait for each other forever."""
+    digests = comm.allgather_object(cfg.digest)
+    odd = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+    if odd:
+        raise ConfigError(
+            f"api.sample: rank(s) {', '.join(map(str, odd))} of {comm.size} were given another "
+            "config than rank 0: every rank must pass the same config (an output.path or "
+            "setting made from the time, the rank or the host differs between ranks)")
+
+
 def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     """Fill ``cfg``'s ensemble store (creating or resuming it) and return the run's
     ``Summary`` (path, members, rounds, model_calls, seconds, ...). ``cfg`` is a ``Config``
-    or what ``load_config`` takes; ``comm`` defaults to ``world()``; ``stop`` is an optional
-    ``pipeline.signals.StopRequest``."""
+    or what ``load_config`` takes, the same on every rank; ``comm`` an mpi4py communicator,
+    ``world()`` or None (``world()``); ``stop`` an optional ``pipeline.signals.StopRequest``
+    (``.install()`` it for SIGTERM and Ctrl-C) or a function of no arguments that returns
+    True once the run should stop, asked between batches."""
     from pipeline.ensemble import sample_to_store
     from pipeline.layout import place_rank, rank_grid
     from pipeline.planner import resolve_plan
     from pipeline.settings import needs_plan
 
     cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
-    comm = comm if comm is not None else world()
+    comm = _communicator(comm)
+    _check_same_config(comm, cfg)
+    if callable(stop):
+        stop = _StopWhen(stop)
     device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),
                         cfg.parallel.keep_freed, cfg.parallel.wait)
     attrs = {}

@@ -3,6 +3,7 @@ README's example runs in tests/test_readme.py)."""
 
 import numpy as np
 import pytest
+import zarr
 
 from pipeline import api
 from pipeline.cli import main
@@ -45,6 +46,26 @@ def test_sample_takes_what_load_config_takes(tmp_path):
             "ensemble": {"members": 2, "batch_size": 2},
             "output": {"path": str(tmp_path / "d.zarr")}}
     assert api.sample(tree).members == 2
+
+
+def test_stop_may_be_a_function_asked_between_batches(tmp_path):
+    tree = {"model": {"shape": [8, 8]}, "sampler": {"steps": 10, "block_size": 5},
+            "ensemble": {"members": 4, "batch_size": 2},
+            "output": {"path": str(tmp_path / "d.zarr"), "background": False}}
+    def after_one_batch():
+        store = tmp_path / "d.zarr"
+        return store.exists() and int(zarr.open_group(store, mode="r")["done"][:].sum()) >= 2
+
+    stopped = api.sample(tree, stop=after_one_batch)
+    assert stopped.preempted and stopped.members == 2
+    resumed = api.sample(tree, stop=lambda: False)  # a function is not a stop by being one
+    assert not resumed.preempted and (resumed.members, resumed.skipped) == (2, 2)
+
+
+def test_a_comm_that_is_no_communicator_is_a_type_error(tmp_path):
+    with pytest.raises(TypeError, match="an mpi4py communicator .* not dict"):
+        api.sample({"output": {"path": str(tmp_path / "d.zarr")}}, comm={})
+    assert not (tmp_path / "d.zarr").exists()
 
 
 def test_open_ensemble_refuses_a_store_piadm_did_not_make(tmp_path):

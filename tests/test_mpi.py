@@ -126,6 +126,18 @@ def test_a_failed_write_on_the_lead_rank_is_raised_on_every_rank_through_the_api
     assert int(zarr.open_group(out, mode="r")["done"][:].sum()) == 2  # the first batch, kept
 
 
+def test_ranks_given_other_configs_through_the_api_are_refused_on_every_rank(tmp_path):
+    proc = mpirun(2, ["tests/mpi_api.py", str(tmp_path)], timeout=90)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    raised = [line for line in lines if line.startswith("raised")]
+    assert len(raised) == 2 and all(
+        "raised ConfigError: api.sample: rank(s) 1 of 2 were given another config than rank 0"
+        in line for line in raised), proc.stdout
+    assert not list(tmp_path.glob("rank*"))  # refused before anything was written
+    assert lines.count("sampled 2") == 2  # then a plain mpi4py communicator samples
+
+
 def test_a_bad_layout_is_one_clean_error_from_every_rank(tmp_path):
     proc = mpirun(2, ["-m", "pipeline.cli", "sample", "jobs/configs/grf.toml",
                       *_sets([f"output.path={tmp_path / 'x.zarr'}", "parallel.time_slices=3"])],
