@@ -3,6 +3,7 @@ output paths, --compare tables and flags that do not go together, evaluate's --k
 a --truth or store that is not a Zarr store; and the sample summary words a ratio right."""
 import errno
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -52,6 +53,27 @@ def test_bench_refuses_a_json_path_it_cannot_write(tmp_path, capsys, json_path, 
     (tmp_path / "afile.txt").write_text("x")
     assert _bench("--json", str(tmp_path / json_path)) == 2
     assert message.format(tmp=tmp_path) in _one_error(capsys)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("flag", ["--json", "--png"])
+def test_bench_refuses_a_folder_where_no_file_can_be_made(capsys, flag):
+    # /proc takes no new file even from root, whom a permission check lets through
+    assert _bench(flag, "/proc/bench.png") == 2
+    assert f"{flag} /proc/bench.png: cannot write there" in _one_error(capsys)
+
+
+def test_a_bench_of_one_size_draws_both_panels(tmp_path):
+    import warnings
+
+    from pipeline.figures import bench_figure
+
+    rows = [{"method": m, "ranks": 1, "d": 256, "rounds": r, "wall_s": w, "wall_med_s": w}
+            for m, r, w in (("sequential-sde", 50, 1.6), ("pc-window", 14, 0.76))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of a singular axis it cannot draw
+        bench_figure(rows, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 0
 
 
 def test_plan_refuses_a_json_path_that_is_a_directory(tmp_path, capsys):
