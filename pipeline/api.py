@@ -121,7 +121,13 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
 def open_ensemble(path: str | Path) -> xr.Dataset:
     """The ensemble store at ``path`` as a lazy ``xarray.Dataset``; a store that ``piadm
     sample`` did not make is refused (read it with ``xarray.open_zarr``)."""
-    ds = open_store(path)
+    import zarr
+
+    try:
+        ds = open_store(path)
+    except zarr.errors.GroupNotFoundError:  # a plain folder or file
+        raise ConfigError(f"{path} is not a Zarr store: give the output.path of a piadm "
+                          "sample run") from None
     if "piadm_store_digest" not in ds.attrs:
         raise ConfigError(f"{path} is not a piadm ensemble store (it has no piadm_store_digest "
                           "attribute): open other Zarr stores with xarray.open_zarr")

@@ -74,6 +74,11 @@ def test_open_ensemble_refuses_a_store_piadm_did_not_make(tmp_path):
     xr.Dataset({"a": ("x", np.zeros(3))}).to_zarr(tmp_path / "plain.zarr")
     with pytest.raises(ConfigError, match="is not a piadm ensemble store"):
         api.open_ensemble(tmp_path / "plain.zarr")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    for other in ("folder", "file.txt"):
+        with pytest.raises(ConfigError, match=f"{other} is not a Zarr store"):
+            api.open_ensemble(tmp_path / other)
 
 
 def test_evaluate_errors_name_the_keyword_arguments(tmp_path):

@@ -37,3 +37,19 @@ def test_window_per_member_result_independent_of_batch():
     one = noise.subset([1])
     y_one, _ = SAMPLERS["window"](model, one.prior(), grid, one, options=opts)
     assert torch.equal(y_both[1], y_one[0])
+
+
+def test_a_model_that_returns_nan_stops_the_window_naming_the_step_and_the_model():
+    import pytest
+
+    from pipeline.samplers import PicardDivergence
+
+    model, grid, noise, y0 = _setup()
+
+    def broken(x, u):
+        out = model(x, u)
+        return torch.where(u.reshape(-1, *(1,) * (out.dim() - 1)) < 0.5, torch.nan, out)
+
+    with pytest.raises(PicardDivergence, match=r"went NaN/Inf near step \d+: the model returns "
+                                               r"non-finite scores there"):
+        SAMPLERS["window"](broken, y0, grid, noise, options=Options(window=20, tol=0.01))

@@ -22,8 +22,9 @@ class Options:
     theta: ``pc-window``'s corrector, Yhat_{n+1} = theta Yhat_n + Phi(Y_n) - theta Y_n:
         ``j_max`` (the step's largest Jacobian eigenvalue, from data_bound) or ``one`` (the
         whole step lagged); ``pc-window-ode`` always takes ``one``.
-    on_divergence: ``sequential`` (redo the block step by step) or ``error`` when a residual is
-        NaN/Inf or exceeds ``divergence_threshold``.
+    on_divergence: ``sequential`` (redo the block step by step) or ``error`` when a fixed
+        block's residual is NaN/Inf or exceeds ``divergence_threshold``; the window samplers
+        raise ``PicardDivergence`` on NaN/Inf.
     corrector_*: underdamped Langevin corrector of PIADM-ODE (section 4); steps = 0 turns it off.
     churn: ``edm-heun``'s S_churn: each step first raises the noise level by the factor
         1 + min(churn / steps, sqrt 2 - 1) with fresh keyed noise; 0 (the default) is the ODE.

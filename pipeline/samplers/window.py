@@ -23,7 +23,7 @@ from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import step_coefficients
 from pipeline.noise import Noise
-from pipeline.samplers.common import field_mean, finish, per_point, point_mask
+from pipeline.samplers.common import LIKELY_CAUSE, field_mean, finish, per_point, point_mask
 from pipeline.samplers.options import Options, PicardDivergence, Stats
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
 
@@ -99,7 +99,7 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
         if bool(bad.any()):
             raise PicardDivergence(
                 f"the window sampler went NaN/Inf near step {int(start[bad].min())}: "
-                "check the model there, or lower sampler.tol")
+                f"{LIKELY_CAUSE}; if sequential-sde stays finite there, lower sampler.tol")
         # 4. slide: kept points take their new values, freed slots the end state and new noise
         freed = valid & (chain < accept[:, None])
         states = torch.where(point_mask(valid, new), new, states)
