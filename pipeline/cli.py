@@ -246,7 +246,8 @@ def _cmd_calibrate(args, world) -> int:
     # cache): that choice is what runs with sampler.tol = "auto" take
     cfg = with_settings(cfg, {"sampler.tol": "auto"})
     model = build_model(cfg.model, device)
-    result = on_rank0(world, run_tolerance, cfg, model, device, force=args.force, store=False)
+    result = on_rank0(world, run_tolerance, cfg, model, device, force=args.force, store=False,
+                      say=lambda text: print0(world, text))
     where = "measured now" if result.rungs else f"calibrated earlier, {cache_file()}"
     print0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} ({where}); "
                   "runs with sampler.tol = \"auto\" and these [sampler], [calibrate] and model "

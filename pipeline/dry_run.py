@@ -72,8 +72,8 @@ def _sampler_line(cfg: Config, planned: bool) -> str:
         return (f"sampler    {s.method}: the planner picks the method, its window and the time "
                 f"slices at start-up (`piadm plan CONFIG --ranks N` prints its table), "
                 f"{s.steps} steps on the {s.grid} grid, {s.dtype}, seed {s.seed}")
-    tol = s.tol
-    if tol == "auto" and REFERENCE[s.method] != s.method:
+    tol = s.tol if REFERENCE[s.method] != s.method else "none (a sequential sampler)"
+    if tol == "auto":
         cached = read_cached(calibration_key(cfg, model_digest(cfg)))
         tol = (f"auto: {cached:g}, calibrated earlier ({cache_file()})" if cached is not None
                else "auto: would be calibrated first (piadm calibrate)")

@@ -145,18 +145,19 @@ def _prepare(cfg: Config, stats: tuple[float, float], shape, trained_on, tol: Ca
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
 
 
-def run_tolerance(cfg: Config, model, device, *, force: bool = False,
-                  store: bool = True) -> Calibration:
+def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: bool = True,
+                  say=lambda text: print(text, file=sys.stderr, flush=True)) -> Calibration:
     """Rank 0: the tolerance of the run. For ``"auto"``: the one its store was made with (a
     resumed run; not with ``store`` False), else the cached or a new calibration (``force``:
-    always new), on the first item's input when the model is conditioned."""
+    always new), on the first item's input when the model is conditioned; ``say`` reports
+    it."""
     s = cfg.sampler
     if REFERENCE[s.method] == s.method or (s.tol != "auto" and not force):
         return resolve_tol(cfg, model, device=device)  # the configured tol, or none at all
     stored = None if force or not store else stored_attribute(
         cfg.output.path, cfg.store_digest, "sampler_tol")
     return resolve_tol(cfg, first_item_model(cfg, model, device), device=device, stored=stored,
-                       force=force, say=lambda text: print(text, file=sys.stderr, flush=True))
+                       force=force, say=say)
 
 
 def first_item_model(cfg: Config, model, device):
@@ -202,7 +203,8 @@ def _start_up(cfg: Config, model, world, stop, device,
     first (nothing written)."""
     stats = on_rank0(world, _check_early, cfg, model)  # a refusal now, not after a calibration
     # stopped during start-up (before or after a calibration): exit before writing anything
-    tol = None if _stop_agreed(world, stop) else on_rank0(world, run_tolerance, cfg, model, device)
+    tol = None if _stop_agreed(world, stop) else on_rank0(
+        world, run_tolerance, cfg, model, device, say=lambda text: print0(world, text))
     if tol is None or _stop_agreed(world, stop):
         return None
     spec, state = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),  # before any write

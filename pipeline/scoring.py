@@ -76,7 +76,7 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
     item_dim = ens[name].dims[0]
     shape = ens[name].shape[2:]
     if tuple(truth.shape[-len(shape):]) != tuple(shape):
-        raise EvaluationError(f"truth {variable} fields are {tuple(truth.shape[-len(shape):])}, "
+        raise EvaluationError(f"the truth's {variable!r} fields are {tuple(truth.shape[-len(shape):])}, "
                               f"the ensemble's {tuple(shape)}: give the truth at the model's "
                               "resolution")
     paired = item_dim in truth.dims and item_dim != "item"

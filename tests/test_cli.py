@@ -167,3 +167,11 @@ def test_sample_dry_run_says_what_it_would_do_and_writes_nothing(tmp_path, capsy
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"store      {out} would be refused: output {out} exists and is not a piadm store" in err
+
+
+def test_a_dry_run_of_a_sequential_sampler_names_no_tolerance(tmp_path, capsys):
+    assert main(["sample", "jobs/configs/grf.toml", "--dry-run", "--set",
+                 f"output.path={tmp_path / 'e.zarr'}", "--set", "sampler.method=sequential-sde",
+                 "--set", 'sampler.tol="auto"']) == 0
+    err = capsys.readouterr().err
+    assert "tol none (a sequential sampler)" in err and "tol auto" not in err
