@@ -1,5 +1,6 @@
-"""The repository stands alone: the documents it names are its own, and no path in it climbs
-out of it."""
+"""The repository stands alone: the documents it names are its own, no path in it climbs out
+of it, its imports keep their layers, and its set-up script leaves a shell that sources it as
+it was."""
 import re
 import subprocess
 from pathlib import Path
@@ -94,3 +95,15 @@ def test_each_sampler_setting_has_one_default():
         assert ast.unparse(value) == f"Options.{name}", name
     config = {f.name: f.default for f in dataclasses.fields(SamplerConfig)}
     assert all(config[name] == getattr(Options, name) for name in shared)
+
+
+def test_sourcing_the_setup_leaves_the_shell_as_it_was_even_when_it_fails():
+    # a sourced `set -euo pipefail` would end an interactive shell at its next failing command
+    script = ('echo "before $-"; PIADM_VENV=/dev/null/venv source jobs/local/setup.sh; '
+              'echo "rc $? after $-"; false; echo "still here"')
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    lines = proc.stdout.splitlines()
+    before, after = lines[0].split()[1], lines[1].split()[3]
+    assert lines[1].startswith("rc 1 ") and before == after and "e" not in after
+    assert lines[2] == "still here" and "setting up /dev/null/venv failed" in proc.stderr
