@@ -92,9 +92,11 @@ LEGEND = ("columns: rounds = sequential batched model calls (the parallel depth)
           "weights); w2 = the exact Wasserstein-2 distance of a sequential sampler's law to "
           "the grf target, relative (docs/algorithms.md section 7); "
           "wall_s, wall_med_s = min and median over bench.repeats; comm_share = "
-          "time in collectives over wall time (the rank that spent most); own_share = the "
-          "collectives' own time over wall time: per call the least any rank spent in it, as "
-          "the last rank to arrive waits for no other (the rest is waiting for slower ranks)")
+          "time in collectives over wall time in the fastest repeat (the rank that spent "
+          "most); own_share = the collectives' own time over wall time: per call the least "
+          "any rank spent in it, as the last rank to arrive waits for no other (the rest is "
+          "waiting for slower ranks); peak_mib = memory added above the run's start, on the "
+          "rank that added most")
 
 
 def header() -> str:
@@ -143,12 +145,13 @@ def _own_seconds(comm, calls: list) -> dict[str, float]:
 
 def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeats=1):
     """Run one sampler ``repeats`` times; returns (y, stats, (wall seconds of each repeat,
-    comm s, the collectives' own s, peak bytes), collectives of the last repeat), wall, comm
-    and peak the largest over ranks (comm, own and peak of the last repeat). On a GPU an
-    untimed first run pays for kernel loading and FFT plans."""
+    comm s, the collectives' own s, peak bytes), collectives), wall, comm and peak the largest
+    over ranks; comm, own and the collectives those of the fastest repeat, whose wall the
+    row's shares divide them by (peak: of the last). On a GPU an untimed first run pays for
+    kernel loading and FFT plans."""
     if device.type == "cuda":
         sampler(model, y0, grid, noise, comm=comm, options=options)
-    walls = []
+    walls, repeat = [], []
     for _ in range(repeats):
         comm.barrier()
         tally = {k: list(v) for k, v in comm.tally.items()}
@@ -159,11 +162,12 @@ def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeat
         _sync(device)
         wall = time.perf_counter() - start
         calls, comm.calls = comm.calls, None
-        mine = _since(comm, tally)
         local = torch.tensor([wall, comm.seconds - comm_before, peak_since(device, baseline)],
                              dtype=torch.float64)
         wall, comm_s, peak = (float(v) for v in comm.allreduce_max(local))
         walls.append(wall)
+        repeat.append((comm_s, calls, _since(comm, tally)))
+    comm_s, calls, mine = repeat[walls.index(min(walls))]  # the same repeat on every rank
     own = _own_seconds(comm, calls)
     return y, stats, (walls, comm_s, sum(own.values()), peak), _collectives(comm, mine, own)
 

@@ -1,0 +1,25 @@
+"""The bench's bookkeeping: a row's shares of time are of one repeat."""
+import time
+
+import torch
+
+from pipeline.bench import _row, _timed_run
+from pipeline.comm import SerialComm
+from pipeline.samplers import Stats
+
+
+def test_the_time_in_collectives_is_the_fastest_repeats_over_its_own_wall():
+    comm = SerialComm()
+    repeats = iter([(0.02, 0.01), (0.2, 0.15)])  # (wall, of which in collectives): fast first
+
+    def sampler(model, y0, grid, noise, *, comm, options):
+        wall, in_collectives = next(repeats)
+        time.sleep(wall)
+        comm.seconds += in_collectives
+        return y0, Stats(rounds=1, model_calls=1.0)
+
+    _, stats, timing, _ = _timed_run(sampler, None, torch.zeros(1), None, None, comm=comm,
+                                     options=None, device=torch.device("cpu"), repeats=2)
+    row = _row("m", 0, None, 1, 1, 1, stats, 1.0, None, None, timing)
+    assert 0.02 <= row["wall_s"] < 0.1 and row["wall_med_s"] >= 0.1
+    assert 0.1 < row["comm_share"] <= 0.5  # the first repeat's 0.01 s of its ~0.02 s
