@@ -57,8 +57,9 @@ step() {
 step unet_1 bench "$unet" "${common[@]}" --set bench.members=1 --set bench.repeats=3 \
     --set "bench.methods=$methods"
 for members in 1 "$big"; do
-    step "plan_$members" plan "$unet" --ranks 1 --set sampler.tol=auto "${quick[@]}" --set "ensemble.members=$members" \
-        --json "$out/plan_$members.json"
+    # the plan the auto run below makes for itself: the same settings, its table kept
+    step "plan_$members" plan "$unet" --ranks 1 "${common[@]}" --set sampler.method=auto \
+        --set "ensemble.members=$members" --json "$out/plan_$members.json"
     step "sample_${members}_auto" sample "$unet" "${common[@]}" --set sampler.method=auto \
         --set "ensemble.members=$members" --set output.overwrite=true \
         --set "output.path=\"$out/auto_$members.zarr\""
