@@ -112,7 +112,8 @@ if __name__ == "__main__":
                                      description=__doc__.split("\n")[0])
     parser.add_argument("src", help="a piadm train checkpoint (or a shipped one)")
     parser.add_argument("dst", help="where the shipped checkpoint goes")
-    parser.add_argument("--data", help="the training data, to record S (models.bound)")
+    parser.add_argument("--data", help="the training data, to record S (models.bound), its "
+                        "grid and a conditional model's coarse-field shape")
     args = parser.parse_args()
     try:
         meta = export(args.src, args.dst, args.data)

@@ -41,6 +41,12 @@ EXAMPLES = {
 }
 
 
+SET_EXAMPLES = {"sample": "ensemble.members=16", "bench": "sampler.steps=200",
+                "calibrate": "calibrate.members=8", "plan": "ensemble.members=64",
+                "config": "sampler.steps=200", "generate-data": "data.snapshots=100",
+                "train": "train.steps=500"}
+
+
 def overrides(args) -> list[str]:
     """The ``--set`` overrides of a command: ``PIADM_SET``'s items first, then the command
     line's."""
@@ -371,8 +377,13 @@ COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "calibrate": _cmd_calibr
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="piadm", description="Block-parallel Picard sampling of "
-                                "diffusion models for ensembles of physics fields.")
+    p = argparse.ArgumentParser(
+        prog="piadm", description="Block-parallel Picard sampling of diffusion models for "
+        "ensembles of physics fields.", epilog="PIADM_SET holds more KEY=VALUE overrides, "
+        "separated by ';' or new lines, that every command taking a config applies before its "
+        "own --set. Exit codes: 0 done, 1 an unexpected failure (or status: incomplete), 2 a "
+        "bad input refused before anything was written, 75 sample stopped by a signal (rerun "
+        "to resume).")
     p.add_argument("--version", action="version", version=f"piadm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     helps = {"sample": "sample an ensemble into a Zarr store (resumes an unfinished one)",
@@ -404,14 +415,16 @@ def parser() -> argparse.ArgumentParser:
             continue
         sp.add_argument("config", help="TOML configuration file")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set sampler.steps=200 (repeatable)")
+                        help=f"override a config key, e.g. --set {SET_EXAMPLES[name]} "
+                             "(repeatable; after PIADM_SET's)")
         if name == "calibrate":
             sp.add_argument("--force", action="store_true",
                             help="measure anew even when a calibration is cached")
         if name == "sample":
             sp.add_argument("--dry-run", action="store_true",
                             help="print the items, members, batches, store, rank layout and "
-                                 "sampler settings the run would use, and write nothing")
+                                 "sampler settings the run would use, and write nothing (exit "
+                                 "2 when the run would refuse its store)")
         if name == "plan":
             sp.add_argument("--ranks", type=int, required=True, help="ranks the job will run")
             sp.add_argument("--gpus-per-node", type=int, default=0, metavar="G",

@@ -101,7 +101,8 @@ class InputConfig:
 class OutputConfig:
     path: str = "out/ensemble.zarr"
     overwrite: bool = False
-    variable: str = ""  # name of the sampled field; empty: the input variable, or "field"
+    variable: str = ""  # the sampled field's name; empty: the model's training variable, else
+    # the input's, else "field"
     background: bool = True  # write while the next batch samples (a bounded writer thread)
 
 

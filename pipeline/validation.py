@@ -124,7 +124,7 @@ def _check_sampler(s: SamplerConfig) -> None:
     if s.method in REGISTRY:  # what the chosen sampler itself needs (declared with it)
         for key, problem in REGISTRY[s.method].problems(s):
             raise ConfigError(f"config: {key} {problem}")
-    _check(s.window >= 0, "sampler.window", f"= {s.window} must be >= 1 (0: the method's own)")
+    _check(s.window >= 0, "sampler.window", f"= {s.window} must be >= 0 (0: the method's own)")
     _check(0 < s.distance < 1, "sampler.distance", f"= {s.distance} must be in (0, 1), e.g. 1e-3")
     _check(0 < s.u_min < s.u_max, "sampler.u_min",
            f"= {s.u_min} must be > 0 and below sampler.u_max = {s.u_max}")

@@ -4,7 +4,8 @@
 #
 #   PIADM_RANKS=2 bash jobs/local/train.sh jobs/configs/kolmogorov.toml --set train.steps=500
 #
-# Arguments: a config file with a [train] section, then any `--set key=value` overrides.
+# Arguments: a config file (its [train] section, or train.* defaults: kolmogorov.toml has none
+# and trains on out/kolmogorov.zarr into out/unet.pt), then any `--set key=value` overrides.
 # PIADM_RANKS sets the rank count (default 2). Rerunning resumes from the last checkpoint.
 set -euo pipefail
 if [ $# -lt 1 ]; then
