@@ -162,11 +162,12 @@ def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeat
         _sync(device)
         wall = time.perf_counter() - start
         calls, comm.calls = comm.calls, None
+        mine = _since(comm, tally)  # before the Allreduce below, which is the bench's own
         local = torch.tensor([wall, comm.seconds - comm_before, peak_since(device, baseline)],
                              dtype=torch.float64)
         wall, comm_s, peak = (float(v) for v in comm.allreduce_max(local))
         walls.append(wall)
-        repeat.append((comm_s, calls, _since(comm, tally)))
+        repeat.append((comm_s, calls, mine))
     comm_s, calls, mine = repeat[walls.index(min(walls))]  # the same repeat on every rank
     own = _own_seconds(comm, calls)
     return y, stats, (walls, comm_s, sum(own.values()), peak), _collectives(comm, mine, own)
