@@ -34,10 +34,12 @@ class EDMDenoiser(torch.nn.Module):
         return c_skip * x + c_out * self.f(torch.stack([c_in * x, c_noise], 1))[:, 0]
 
 
-class _TwoChannels(torch.nn.Module):
-    def __init__(self):
+class _Conv(torch.nn.Module):
+    """One convolution of (B, 1, H, W) fields to ``out`` channels, t ignored."""
+
+    def __init__(self, out: int):
         super().__init__()
-        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+        self.conv = torch.nn.Conv2d(1, out, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -45,21 +47,12 @@ class _TwoChannels(torch.nn.Module):
 
 def wrong_shape():
     """A network whose output is not its input's shape: two channels out of one."""
-    return _TwoChannels()
-
-
-class _OneChannel(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+    return _Conv(2)
 
 
 def one_channel():
     """A convolution on (B, 1, H, W) fields, which also takes one unbatched (1, H, W) field."""
-    return _OneChannel()
+    return _Conv(1)
 
 
 def raising(**kwargs):
