@@ -18,14 +18,19 @@ def sidecar(path: Path) -> Path:
     return path.with_suffix(path.suffix + ".json")
 
 
-def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
-    """Write the JSON sidecar, then the tensors, each atomically (temp file, then rename).
-    In that order a run killed in between never leaves a new checkpoint's tensors without a
-    sidecar; a resumed run's sidecar may be a save ahead (its step is read from the tensors)."""
+def save_sidecar(path: Path, meta: dict) -> None:
+    """Write checkpoint ``path``'s JSON sidecar atomically (temp file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_meta = sidecar(path).with_name(sidecar(path).name + ".tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2))
     os.replace(tmp_meta, sidecar(path))
+
+
+def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
+    """Write the JSON sidecar, then the tensors, each atomically (temp file, then rename).
+    In that order a run killed in between never leaves a new checkpoint's tensors without a
+    sidecar; a resumed run's sidecar may be a save ahead (its step is read from the tensors)."""
+    save_sidecar(path, meta)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)

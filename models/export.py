@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tomllib
 from pathlib import Path
 
 import torch
 
-from models.checkpoint import save_checkpoint
+from models.checkpoint import save_checkpoint, save_sidecar
 
 
 def data_bound(meta: dict, data: str | Path) -> float:
@@ -96,10 +95,8 @@ def export(src: str | Path, dst: str | Path, data: str | Path | None = None) -> 
                               f"({type(err).__name__}): give a piadm train checkpoint") from None
         if not isinstance(state, dict) or "ema" not in state:
             raise ExportError(f"{src} holds no EMA weights: give a piadm train checkpoint")
-    if state is None:  # in place: the sidecar alone, atomically
-        tmp = Path(f"{dst}.json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, f"{dst}.json")
+    if state is None:  # in place: the sidecar alone
+        save_sidecar(dst, meta)
     else:  # as piadm train saves: each file atomically, the sidecar first
         save_checkpoint(dst, {"ema": state["ema"], "step": state.get("step", 0)}, meta)
     return meta

@@ -184,9 +184,10 @@ def _timed(ax, x, rows: list[dict], **style) -> None:
                 capsize=3, **style)
 
 
-def _log_limits(ax, x, y) -> None:
-    """Log axes around all of x and y with a margin: one point (a bench of one size) would
-    leave matplotlib a range of zero width and an empty panel."""
+def _log_limits(ax, x, rows: list[dict]) -> None:
+    """Log axes around all of x and the rows' wall times with a margin: one point (a bench
+    of one size) would leave matplotlib a range of zero width and an empty panel."""
+    y = [v for r in rows for v in (r["wall_s"], r.get("wall_med_s", r["wall_s"]))]
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     ax.set_xlim(x.min() / 1.5, x.max() * 1.5)
     ax.set_ylim(y.min() / 1.5, y.max() * 1.5)
@@ -220,8 +221,7 @@ def bench_figure(rows: list[dict], path: Path) -> Path:
     axes[1].set_xlabel("field dimension d")
     axes[1].set_ylabel("wall time per batch (s)")
     repeats = min(r.get("repeats", 1) for r in rows)
-    _log_limits(axes[1], [r["d"] for r in top],
-                [v for r in top for v in (r["wall_s"], r.get("wall_med_s", r["wall_s"]))])
+    _log_limits(axes[1], [r["d"] for r in top], top)
     axes[1].set_title(f"{counts[-1]} rank(s); dot: min, bar: to the median"
                       + ("" if repeats > 1 else "\n(1 timing: raise bench.repeats)"), fontsize=9)
     if panels == 3:  # the largest field, where splitting a block over ranks matters most
@@ -232,9 +232,7 @@ def bench_figure(rows: list[dict], path: Path) -> Path:
             _timed(axes[2], [r["ranks"] for r in mine], mine, color=f"C{i}", label=method)
         axes[2].set_xscale("log", base=2)
         axes[2].set_yscale("log")
-        biggest = [r for r in rows if r["d"] == d]
-        _log_limits(axes[2], counts, [v for r in biggest
-                                      for v in (r["wall_s"], r.get("wall_med_s", r["wall_s"]))])
+        _log_limits(axes[2], counts, [r for r in rows if r["d"] == d])
         axes[2].set_xticks(counts, [str(c) for c in counts])
         axes[2].set_xlabel("MPI ranks (time slices)")
         axes[2].set_ylabel("wall time per batch (s)")
