@@ -15,7 +15,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import zarr
 
 from pipeline.claims import Heartbeat, claims_dir, clear_claims, holding, live_jobs, new_job_id
 from pipeline.store import StoreExists, StoreSpec, create, read_attrs
@@ -58,10 +57,7 @@ def check_writable(path: str | Path) -> None:
 
 def stored_config(path: str | Path) -> str:
     """The config TOML a piadm store at ``path`` was made with ('' when unreadable)."""
-    try:
-        return str(zarr.open_group(path, mode="r").attrs.get("config", ""))
-    except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
-        return ""
+    return str((read_attrs(path) or {}).get("config", ""))
 
 
 def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str | None = None,
