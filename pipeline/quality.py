@@ -14,6 +14,8 @@ is 1 at every mode: one run for an ODE sampler, one more per step for an SDE sam
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from models.emulate import Emulated
@@ -106,6 +108,8 @@ def grf_w2(model: GaussianRandomField, method: str, grid: Grid,
     # over the impulse runs would take hours
     if isinstance(model, Emulated):
         model = model.base
+    # the impulse runs draw their inputs on the host, in float64: so does the law's model
+    model = dataclasses.replace(model, device="cpu")
     variances = grf_variances(model, method, grid, options)
     target = target_spectrum(model, float(grid.u[-1]), options.denoise_final).cpu()
     weights = _full_weights(model.shape)

@@ -179,3 +179,12 @@ def test_the_quality_is_a_number_or_a_sequential_sampler_at_some_steps(tmp_path,
     target = doc["quality"]  # sequential-ode's own W2 at 100 steps: it needs no fewer
     assert rows["sequential-ode"]["steps"] == 100 and rows["sequential-ode"]["error"] == target
     assert rows["dpmpp-2m"]["steps"] < 100 / 3  # second order
+
+
+def test_w2_of_a_model_on_another_device_is_computed_on_the_host():
+    """A bench on a GPU holds the grf on the device while the law's impulse runs are drawn on
+    the host: the measure must not mix the two (the "meta" device stands in for a GPU)."""
+    grid = make_grid("ou", 20, u_min=1e-3, u_max=10.0, block_size=20)
+    away = GaussianRandomField(MODEL.shape, length=MODEL.length, device="meta")
+    assert away.spectrum.device.type == "meta"
+    assert grf_w2(away, "sequential-sde", grid) == grf_w2(MODEL, "sequential-sde", grid)
