@@ -110,7 +110,7 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     if callable(stop):
         stop = _StopWhen(stop)
     device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),
-                        cfg.parallel.keep_freed, cfg.parallel.wait)
+                        cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)
     attrs = {}
     if needs_plan(cfg):  # "auto": the planner's fastest layout for these ranks
         cfg, attrs = resolve_plan(cfg, comm, device)

@@ -175,14 +175,18 @@ def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeat
 
 def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | None]:
     """The tolerance each bench method runs with: the configured one, or for "auto" each
-    parallel method's own calibration (rank 0 calibrates, every rank gets the result)."""
-    from pipeline.calibrate import resolve_tol
+    parallel method's own calibration (rank 0 calibrates, every rank gets the result). A
+    method whose calibration falls short of ``sampler.distance`` is said and left out."""
+    from pipeline.calibrate import Unreachable, resolve_tol
 
     out = {}
     for method in cfg.bench.methods:
         mine = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, method=method))
-        out[method] = on_rank0(comm, resolve_tol, mine, model, device=device,
-                               say=lambda text: print0(comm, text)).tol
+        try:
+            out[method] = on_rank0(comm, resolve_tol, mine, model, device=device,
+                                   say=lambda text: print0(comm, text)).tol
+        except Unreachable as err:  # the other methods are still worth their rows
+            print0(comm, f"left out {method}: {err}")
     return out
 
 
@@ -218,7 +222,7 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
         print0(comm, f"field {'x'.join(map(str, shape))}: S = {bound:.4g}, the data's largest "
                      "mode variance (pc-window's rounds grow with log S)")
     stat_error = STAT_ERRORS.get(cfg.model.kind)  # exact models only: a learned one has none
-    methods = sorted(cfg.bench.methods, key=lambda m: m not in REFERENCE.values())
+    methods = sorted(tolerances, key=lambda m: m not in REFERENCE.values())
     rows: dict[str, list[dict]] = {m: [] for m in methods}
     w2s: dict[str, float | None] = {}
     exact_law = cfg.model.kind == "grf" and cfg.model.condition == "none"

@@ -7,7 +7,9 @@ sequential reference and with the parallel sampler on a ladder of tolerances, lo
 with the same keyed noise, and takes the loosest tolerance whose worst member distance is at
 most half of ``sampler.distance``. The choice is cached (keyed by the model's hash, the
 method, grid, steps, dtype, shape and the other settings that change it) in
-``$PIADM_CACHE/calibration.json`` (default ``~/.cache/piadm``), so later runs reuse it.
+``$PIADM_CACHE/calibration.json`` (default ``~/.cache/piadm``), so later runs reuse it; so
+is a ladder that fell short (``Unreachable``), until ``piadm calibrate`` measures again or a
+setting in the key changes (a longer ladder, say).
 """
 from __future__ import annotations
 
@@ -53,6 +55,12 @@ class Calibration:
     source: str
 
 
+class Unreachable(ConfigError):
+    """No tolerance of ``calibrate.ladder`` keeps the method within ``sampler.distance`` / 2
+    of the sequential path: on this model and device the method cannot be used at that
+    distance (an ``"auto"`` plan leaves it out)."""
+
+
 def cache_file() -> Path:
     """Where calibrations are kept: $PIADM_CACHE/calibration.json, else ~/.cache/piadm/."""
     return cache_path("calibration.json")
@@ -71,6 +79,8 @@ def calibration_key(cfg: Config, model_sha256: str) -> str:
         from models.module import SCHEDULE_KEYS
 
         kept["schedule"] = {k: getattr(cfg.model, k) for k in SCHEDULE_KEYS}
+    if cfg.model.tf32:  # absent when off, so that earlier calibrations stay valid
+        kept["tf32"] = True
     revision = REGISTRY[s.method].revision if s.method in REGISTRY else 1
     if revision > 1:  # absent at 1, so that calibrations made before revisions stay valid
         kept["revision"] = revision
@@ -78,9 +88,14 @@ def calibration_key(cfg: Config, model_sha256: str) -> str:
 
 
 def read_cached(key: str) -> float | None:
-    """The cached tolerance for ``key``, or None."""
+    """The cached tolerance for ``key``, or None (none cached, or the ladder fell short)."""
     entry = read_cache(cache_file()).get(key)
-    return None if entry is None else float(entry["tol"])
+    return None if entry is None or entry.get("tol") is None else float(entry["tol"])
+
+
+def read_unreachable(key: str) -> str | None:
+    """Why the ladder fell short for ``key`` when it was last measured, or None."""
+    return read_cache(cache_file()).get(key, {}).get("unreachable")
 
 
 def write_cached(key: str, calibration: Calibration, note: str) -> None:
@@ -89,6 +104,14 @@ def write_cached(key: str, calibration: Calibration, note: str) -> None:
         "tol": calibration.tol, "note": note,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "ladder": [dataclasses.asdict(r) for r in calibration.rungs]})
+
+
+def write_unreachable(key: str, reason: str, rungs: tuple[Rung, ...], note: str) -> None:
+    """Record that the ladder fell short, so that later runs need not measure it again."""
+    update_cache(cache_file(), key, {
+        "tol": None, "unreachable": reason, "note": note,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ladder": [dataclasses.asdict(r) for r in rungs]})
 
 
 def worst_distance(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -118,10 +141,12 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
         say(f"{rung.tol:>9.1e} {rung.rounds:>7} {rung.calls_ratio:>12.2f} {rung.worst:>11.2e}")
         if rung.worst <= distance / 2:
             return Calibration(rung.tol, tuple(rungs), "calibrated")
-    raise ConfigError(
+    error = Unreachable(
         f"calibrate: no tolerance in calibrate.ladder keeps {method} within {distance / 2:.1e} "
         f"of the sequential path (tightest {ladder[-1]:g} gave {rungs[-1].worst:.1e}): add "
         "smaller tolerances to calibrate.ladder, or raise sampler.distance")
+    error.rungs = tuple(rungs)
+    raise error
 
 
 def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, force: bool = False,
@@ -144,12 +169,20 @@ def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, forc
     if cached is not None:
         say(f"sampler.tol = auto: {cached:g}, calibrated earlier ({cache_file()})")
         return Calibration(cached, (), "cache")
+    short = None if force else read_unreachable(key)
+    if short is not None:  # the same ladder would fall short again: say so at once
+        raise Unreachable(f"{short} (measured earlier, {cache_file()}; piadm calibrate "
+                          "--force measures again)")
     options = sampler_options(s, tol=0.0, data_bound=model_data_bound(model, cfg.model))
-    result = run_ladder(model, method=s.method, grid=sampler_grid(s, model), options=options,
-                        seed=s.seed, dtype=DTYPES[s.dtype], device=device,
-                        noise_source=s.noise, members=cfg.calibrate.members,
-                        distance=s.distance, ladder=cfg.calibrate.ladder, say=say)
-    write_cached(key, result, f"{s.method} on {cfg.model.kind} {list(cfg.model.shape)}, "
-                              f"{s.steps} steps")
+    note = f"{s.method} on {cfg.model.kind} {list(cfg.model.shape)}, {s.steps} steps"
+    try:
+        result = run_ladder(model, method=s.method, grid=sampler_grid(s, model),
+                            options=options, seed=s.seed, dtype=DTYPES[s.dtype], device=device,
+                            noise_source=s.noise, members=cfg.calibrate.members,
+                            distance=s.distance, ladder=cfg.calibrate.ladder, say=say)
+    except Unreachable as err:
+        write_unreachable(key, str(err), err.rungs, note)
+        raise
+    write_cached(key, result, note)
     say(f"chose tol = {result.tol:g}; cached in {cache_file()}")
     return result

@@ -67,7 +67,7 @@ def _setup(args, world, plan: bool = False, layout: bool = True):
     with raised_by_every_rank():
         cfg = load_config(args.config, overrides(args))
     device = place_rank(world, cfg.parallel.threads, math.prod(cfg.model.shape),
-                        cfg.parallel.keep_freed, cfg.parallel.wait)
+                        cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)
     attrs = {}
     if plan and needs_plan(cfg):
         cfg, attrs = resolve_plan(cfg, world, device)
@@ -277,9 +277,10 @@ def _cmd_plan(args, world) -> int:
         model = first_item_model(cfg, build_model(cfg.model, device), device)
         say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
         say(f"piadm plan: {cfg.ensemble.members} members of {cfg.model.kind} "
-            f"{list(cfg.model.shape)}, {cfg.sampler.steps} steps, on {args.ranks} ranks"
+            f"{list(cfg.model.shape)}, {cfg.sampler.steps} steps, on {args.ranks} "
+            f"rank{'s' if args.ranks != 1 else ''}"
             + (f" ({args.gpus_per_node} GPUs a node)" if args.gpus_per_node else
-               f" of this node's CPU ({device})"))
+               f" of this node ({'its CPU' if device.type == 'cpu' else device})"))
         return make_plan(cfg, model, device, ranks=args.ranks, gpus_per_node=args.gpus_per_node,
                          say=say)
 

@@ -65,7 +65,7 @@ def _store_fate(cfg: Config, planned: bool) -> tuple[str, bool]:
 
 def _sampler_line(cfg: Config, planned: bool) -> str:
     """The sampler settings a run would use; for an ``"auto"`` one, who picks them."""
-    from pipeline.calibrate import cache_file, calibration_key, read_cached
+    from pipeline.calibrate import cache_file, calibration_key, read_cached, read_unreachable
 
     s = cfg.sampler
     if planned and s.method in AUTO_METHODS:
@@ -74,8 +74,11 @@ def _sampler_line(cfg: Config, planned: bool) -> str:
                 f"{s.steps} steps on the {s.grid} grid, {s.dtype}, seed {s.seed}")
     tol = s.tol if REFERENCE[s.method] != s.method else "none (a sequential sampler)"
     if tol == "auto":
-        cached = read_cached(calibration_key(cfg, model_digest(cfg)))
+        key = calibration_key(cfg, model_digest(cfg))
+        cached, short = read_cached(key), read_unreachable(key)
         tol = (f"auto: {cached:g}, calibrated earlier ({cache_file()})" if cached is not None
+               else f"auto: no tolerance of calibrate.ladder was close enough when measured "
+                    f"({cache_file()}): the run would stop" if short is not None
                else "auto: would be calibrated first (piadm calibrate)")
     return (f"sampler    {s.method}, {s.steps} steps on the {s.grid} grid (u {s.u_min:g} .. "
             f"{s.u_max:g}), {s.dtype}, {s.noise} noise, seed {s.seed}, tol {tol}"

@@ -95,12 +95,33 @@ def collective_poll(wait: str, local_size: int, threads: int) -> float | None:
     return WAIT_POLL_S
 
 
+def float32_precision(tf32: bool) -> None:
+    """Whether CUDA convolutions and matrix products may round float32 inputs to TensorFloat-32.
+
+    torch lets cuDNN convolutions do so by default. Its 10-bit mantissa rounds each call to
+    about 5e-4, and a parallel sampler's batched calls round differently from the sequential
+    ones, so the distance between the two paths stops falling near 5e-4 however tight the
+    tolerance (seen on an H200 with the shipped U-Net: ``docs/benchmarks.md``). Off by default
+    (``model.tf32``); no effect on a CPU."""
+    mode = "tf32" if tf32 else "ieee"
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):
+        # torch >= 2.9: set per operation, never through the older flags (torch refuses to
+        # mix the two)
+        cudnn_conv.fp32_precision = mode
+        torch.backends.cuda.matmul.fp32_precision = mode
+    else:
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def place_rank(world, threads: int = 0, field_points: int = 0, keep_freed: bool = True,
-               wait: str = "auto") -> torch.device:
-    """Pick this rank's device, set its torch CPU threads (``cpu_threads``) and how it waits
-    in collectives (``collective_poll``) and, with ``keep_freed``, have the C allocator keep
-    freed memory for the next model call (``memory.keep_freed_memory``); returns the
-    device."""
+               wait: str = "auto", tf32: bool = False) -> torch.device:
+    """Pick this rank's device, set its torch CPU threads (``cpu_threads``), how it waits
+    in collectives (``collective_poll``) and its float32 precision on CUDA
+    (``float32_precision``) and, with ``keep_freed``, have the C allocator keep freed memory
+    for the next model call (``memory.keep_freed_memory``); returns the device."""
+    float32_precision(tf32)
     local_rank, local_size = world.local_layout()
     threads = cpu_threads(local_size, threads, field_points)
     torch.set_num_threads(threads)

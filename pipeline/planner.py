@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.cache import cache_path, read_cache, update_cache
-from pipeline.calibrate import CALIBRATION_ITEM, calibration_key, resolve_tol
+from pipeline.calibrate import CALIBRATION_ITEM, Unreachable, calibration_key, resolve_tol
 from pipeline.config import ConfigError, with_settings
 from pipeline.layout import cpu_threads
 from pipeline.noise import Noise
@@ -267,8 +267,14 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
             if steps.get(REFERENCE[method]) is None:
                 continue  # out of reach (said when searched)
             mine = with_settings(cfg, {"sampler.steps": steps[REFERENCE[method]]})
-        tol = resolve_tol(with_settings(mine, {"sampler.method": method}), base, device=device,
-                          say=say).tol
+        try:
+            tol = resolve_tol(with_settings(mine, {"sampler.method": method}), base,
+                              device=device, say=say).tol
+        except Unreachable as err:
+            if cfg.sampler.method not in AUTO_METHODS:
+                raise
+            say(f"  left out {method}: {err}")  # e.g. a device whose rounding is too coarse
+            continue
         for param in params_of(mine, method):
             smallest = max(1, math.ceil(param / min(ranks, max(1, param)))) if param else 1
             prof = profile(mine, model, method, param, tol, device, smallest, sha,

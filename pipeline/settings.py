@@ -30,6 +30,7 @@ class ModelConfig:
     guidance: float = 1.0  # unet: D = guide + guidance (checkpoint - guide); 1: no guidance
     data_bound: float = 0.0  # S for pc-window; 0: the model's own (exact, or the checkpoint's)
     emulate_ms: tuple[float, ...] = ()  # [latency, per_item]: an emulated accelerator; empty: off
+    tf32: bool = False  # CUDA: TensorFloat-32 convolutions and matmuls (faster; ~5e-4 rounding)
     # Bring your own network (models/module.py, models/pretrained.py):
     target: str = ""  # module: "package.module:factory" returning a torch.nn.Module
     path: str = ""  # diffusers: a folder written by save_pretrained (model + scheduler config)

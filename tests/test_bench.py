@@ -4,6 +4,7 @@ import time
 import torch
 
 from pipeline.bench import _row, _timed_run
+from pipeline.cli import main
 from pipeline.comm import SerialComm
 from pipeline.samplers import Stats
 
@@ -23,3 +24,17 @@ def test_the_time_in_collectives_is_the_fastest_repeats_over_its_own_wall():
     row = _row("m", 0, None, 1, 1, 1, stats, 1.0, None, None, timing)
     assert 0.02 <= row["wall_s"] < 0.1 and row["wall_med_s"] >= 0.1
     assert 0.1 < row["comm_share"] <= 0.5  # the first repeat's 0.01 s of its ~0.02 s
+
+
+def test_a_method_whose_calibration_falls_short_is_left_out_of_the_bench(capsys):
+    """One method that cannot reach sampler.distance costs its own rows, not the bench's."""
+    sets = ["model.shape=[8, 8]", "sampler.steps=40", 'sampler.tol="auto"',
+            "sampler.distance=1e-12", "calibrate.ladder=[0.1]", "calibrate.members=1",
+            'bench.methods=["sequential-sde", "window"]', "bench.sizes=[[8, 8]]"]
+    assert main(["bench", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "left out window: calibrate: no tolerance in calibrate.ladder keeps window" in text
+    rows = [line.split()[0] for line in text.splitlines() if line.split()[:1] in
+            (["sequential-sde"], ["window"])]
+    assert rows == ["sequential-sde"]

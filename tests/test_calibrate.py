@@ -132,3 +132,11 @@ def test_a_raised_sampler_revision_measures_its_calibration_again(monkeypatch):
     monkeypatch.setitem(REGISTRY, "pc-window",
                         dataclasses.replace(REGISTRY["pc-window"], revision=raised))
     assert calibration_key(cfg, "0" * 64) != first
+
+
+def test_a_calibration_with_tf32_is_kept_apart():
+    """TF32 rounding changes how close a parallel path can come to the sequential one: a
+    tolerance calibrated with it is not reused without it, and the other way round."""
+    cfg = load_config("jobs/configs/grf.toml", SMALL)
+    rounded = load_config("jobs/configs/grf.toml", SMALL + ["model.tf32=true"])
+    assert calibration_key(cfg, "m") != calibration_key(rounded, "m")

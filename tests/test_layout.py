@@ -4,7 +4,7 @@ import torch
 from pipeline.comm import SerialComm
 from pipeline.config import ConfigError, load_config
 from pipeline.comm import WAIT_POLL_S
-from pipeline.layout import choose_device, collective_poll, cpu_threads, rank_grid
+from pipeline.layout import choose_device, collective_poll, cpu_threads, place_rank, rank_grid
 
 
 def test_one_rank_is_one_group_of_one_slice():
@@ -74,3 +74,28 @@ def test_gpus_are_taken_in_turn_by_node_local_rank(monkeypatch):
 def test_more_time_slices_than_points_is_refused_naming_the_key(sets, key):
     with pytest.raises(ConfigError, match=f"parallel.time_slices = .* points of {key}"):
         load_config(None, sets)
+
+
+def _cuda_float32_modes() -> tuple:
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):  # torch < 2.9: the older flags
+        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    return conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+
+
+def test_cuda_float32_stays_full_precision_unless_tf32_is_asked():
+    """torch lets cuDNN convolutions round float32 to TF32 by default, which put a floor of
+    about 5e-4 under the parallel samplers' distance on an H200: every command's rank set-up
+    turns that off, and model.tf32 = true turns it back on."""
+    before = _cuda_float32_modes()
+    full = ("ieee", "ieee") if isinstance(before[0], str) else (False, False)
+    tf32 = ("tf32", "tf32") if isinstance(before[0], str) else (True, True)
+    try:
+        place_rank(SerialComm(), threads=torch.get_num_threads(), keep_freed=False)
+        assert _cuda_float32_modes() == full
+        cfg = load_config("jobs/configs/grf.toml", ["model.tf32=true"])
+        place_rank(SerialComm(), threads=torch.get_num_threads(), keep_freed=False,
+                   tf32=cfg.model.tf32)
+        assert _cuda_float32_modes() == tf32
+    finally:
+        place_rank(SerialComm(), threads=torch.get_num_threads(), keep_freed=False)

@@ -233,3 +233,29 @@ def test_an_emulated_model_is_profiled_through_its_waits_and_anew_for_another_la
     again, seconds = timed_profile(40)  # the same digest, another latency: measured, not read
     assert seconds >= again.rounds * 0.040
     assert len(read_cache(planner._profile_file())) == entries + 1
+
+
+def test_an_auto_plan_leaves_out_a_sampler_that_cannot_reach_the_distance(tmp_path, capsys):
+    """On an H200 one sampler's calibration fell short (TF32 rounding) and the whole plan, and
+    every auto run after it, stopped: the planner now weighs the samplers that can be used,
+    and the shortfall is kept so that the next command says it without measuring again."""
+    sets = _small(tmp_path, **{"sampler.method": "auto", "sampler.distance": 1e-12,
+                               "calibrate.ladder": [0.1, 0.01], "calibrate.members": 1})
+    args = ["plan", "jobs/configs/grf.toml", "--ranks", "1", "--json", str(tmp_path / "p.json"),
+            *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    for method in ("piadm-sde", "window", "pc-window"):
+        assert f"left out {method}: calibrate: no tolerance in calibrate.ladder" in err
+    assert err.count("calibrating ") == 3
+    table = json.loads((tmp_path / "p.json").read_text())
+    assert {row["method"] for row in table["layouts"]} == {"sequential-sde"}
+    assert main(args) == 0  # again: the shortfall is read, not measured
+    err = capsys.readouterr().err
+    assert "calibrating " not in err and err.count("(measured earlier") == 3
+    # a named sampler that cannot reach the distance still stops the command
+    named = [a.replace('sampler.method="auto"', 'sampler.method="window"') for a in args]
+    assert main(named) == 2
+    assert "calibrate: no tolerance in calibrate.ladder keeps window" in capsys.readouterr().err
+    assert main(["sample", "jobs/configs/grf.toml", "--dry-run", *named[6:]]) == 0  # its --sets
+    assert "tol auto: no tolerance of calibrate.ladder was close enough" in capsys.readouterr().err
