@@ -85,8 +85,10 @@ def _cmd_sample(args, world) -> int:
     if args.dry_run:
         from pipeline.dry_run import dry_run
 
-        cfg, ranks, _ = _setup(args, world)
-        text, runs = on_rank0(world, dry_run, cfg, ranks)
+        from pipeline.ensemble import memory_sharing
+
+        cfg, ranks, device = _setup(args, world)
+        text, runs = on_rank0(world, dry_run, cfg, ranks, device, memory_sharing(world, device))
         print0(world, text)
         return 0 if runs else 2  # a script's pre-check: the run itself would be refused
     cfg, ranks, device, attrs = _setup(args, world, plan=True)
@@ -482,13 +484,29 @@ def _evaluate_arguments(sp) -> None:
 def user_errors() -> tuple:
     """The errors a user's input causes: one line each, no traceback. Only light modules
     (no torch, xarray or dask), so that the error of a light command prints at once."""
-    from pipeline.errors import EvaluationError, WriteFailed
+    from pipeline.errors import EvaluationError, OutOfMemory, WriteFailed
     from pipeline.samplers.options import PicardDivergence
     from pipeline.status import NotAStore
     from pipeline.store import StoreExists
 
     return (ConfigError, StoreExists, PicardDivergence, NotAStore, EvaluationError, WriteFailed,
-            OSError)
+            OutOfMemory, OSError)
+
+
+def _as_user_error(err: Exception, command: str) -> Exception:
+    """An allocation that failed outside a sampled batch (which says its own settings) as
+    one line naming what to lower; any other error as it is."""
+    if "torch" not in sys.modules:  # nothing could have allocated through it
+        return err
+    from pipeline.errors import OutOfMemory
+    from pipeline.memory import is_out_of_memory
+
+    if isinstance(err, OutOfMemory) or not is_out_of_memory(err):
+        return err
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return OutOfMemory(f"{command}: out of memory ({first}): lower what runs at once "
+                       "(ensemble.batch_size, calibrate.members, bench.members, sampler.window "
+                       "or sampler.block_size) or the field, or add time slices")
 
 
 def explain(err: Exception) -> str:
@@ -513,7 +531,13 @@ def main(argv: list[str] | None = None) -> int:
 
     world = world_comm()
     try:
-        return COMMANDS[args.command](args, world)
+        try:
+            return COMMANDS[args.command](args, world)
+        except Exception as err:
+            mended = _as_user_error(err, args.command)
+            if mended is err:
+                raise
+            raise mended from None
     except user_errors() as err:
         if world.size == 1 or getattr(err, "collective", False):
             if world.rank == 0:

@@ -1,7 +1,10 @@
 """``piadm sample --dry-run``: what a run would do, as text, touching nothing."""
 from __future__ import annotations
 
-from pipeline.ensemble import check_only, check_output, load_items
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.ensemble import check_memory, check_only, check_output, load_items
 from pipeline.layout import RankGrid
 from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
@@ -9,10 +12,11 @@ from pipeline.settings import AUTO_METHODS, Config, needs_plan
 from pipeline.store import StoreExists, done_members, stored_attribute
 
 
-def dry_run(cfg: Config, ranks: RankGrid) -> tuple[str, bool]:
+def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tuple[str, bool]:
     """What ``sample_to_store`` would do, as text, touching nothing: the items, members and
-    batches, what the store at output.path holds, the rank layout and the sampler settings;
-    and whether the run would go ahead (False: it would refuse the store)."""
+    batches, what the store at output.path holds, the rank layout, the sampler settings and
+    the memory its state needs on ``device`` (``sharing`` ranks sharing it); and whether the
+    run would go ahead (False: it would refuse the store or the batch)."""
     e = cfg.ensemble
     items = load_items(cfg, check=True)
     check_only(cfg.parallel.items, len(items.labels))
@@ -34,8 +38,16 @@ def dry_run(cfg: Config, ranks: RankGrid) -> tuple[str, bool]:
         _sampler_line(cfg, planned),
         f"model      {cfg.model.kind} {list(cfg.model.shape)}"
         + (f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else ""),
-        "nothing was written (--dry-run)",
     ]
+    if not planned:  # else the planner leaves out the layouts that do not fit
+        try:
+            lines.append("memory     " + check_memory(cfg, tuple(cfg.model.shape),
+                                                      torch.device(device), sharing=sharing,
+                                                      time_slices=ranks.slices.size))
+        except ConfigError as err:
+            lines.append(f"memory     the run would stop: {err}")
+            runs = False
+    lines.append("nothing was written (--dry-run)")
     return "\n".join(lines), runs
 
 

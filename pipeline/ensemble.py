@@ -8,6 +8,7 @@ batches each group agrees whether a stop signal arrived; a stopped run exits wit
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,9 +27,10 @@ from pipeline.comm import SerialComm
 from pipeline.config import ConfigError, store_differences
 from pipeline.console import on_rank0, print0
 from pipeline.decomposition import share
-from pipeline.errors import WriteFailed, raised_by_every_rank
+from pipeline.errors import OutOfMemory, WriteFailed, raised_by_every_rank
 from pipeline.inputs import Items, open_items, unconditional
 from pipeline.layout import RankGrid, rank_grid
+from pipeline.memory import available_bytes, format_bytes, is_out_of_memory, sampler_floor
 from pipeline.noise import Noise
 from pipeline.progress import Progress
 from pipeline.run import (DTYPES, member_batches, model_data_bound, model_digest, provenance,
@@ -119,6 +121,45 @@ def _check_early(cfg: Config, model) -> tuple[float, float]:
     return items.mean, items.std
 
 
+def memory_sharing(world, device) -> int:
+    """Every rank (collective): how many ranks share this rank's memory, the node's host
+    memory or, on GPUs, one GPU's."""
+    _, local = world.local_layout()
+    gpus = torch.cuda.device_count() if torch.device(device).type == "cuda" else 1
+    return -(-local // max(1, gpus))
+
+
+def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: int = 1) -> str:
+    """Refuse a batch whose sampler state alone (``memory.sampler_floor``) cannot fit in what
+    this rank may still allocate (``sharing`` ranks of the node sharing it), naming the
+    setting to lower: better now than an allocation failure after the store is made. Returns
+    what it found, as text."""
+    room = available_bytes(device, sharing)
+    s = cfg.sampler
+    points = REGISTRY[s.method].points(s)
+    key, n = max(points.items(), key=lambda kv: kv[1])
+    field_bytes = math.prod(shape) * torch.finfo(DTYPES[s.dtype]).bits // 8
+    batch = cfg.ensemble.batch_size
+    need = sampler_floor(s.method, n, batch, field_bytes, time_slices)
+    if room is None:
+        return f"at least {format_bytes(need)} per rank for the sampler's state"
+    if need <= room[0]:
+        return (f"at least {format_bytes(need)} per rank for the sampler's state, of "
+                f"{format_bytes(room[0])} {room[1]}")
+    per_member = need // batch
+    fits = room[0] // per_member if per_member else batch
+    fix = (f"lower ensemble.batch_size to {fits} or fewer" if fits >= 1 else
+           f"lower sampler.{key}, add time slices (parallel.time_slices) or use a sequential "
+           "sampler")
+    raise ConfigError(
+        f"config: {batch} members a batch of {s.method} ({n} points of sampler.{key}"
+        + (f" over {time_slices} time slices" if time_slices > 1 else "")
+        + f", {'x'.join(map(str, shape))} {s.dtype} fields) need at least "
+        f"{format_bytes(need)} per rank for the sampler's state alone, and "
+        f"{format_bytes(room[0])} is {room[1]}"
+        + (f" for each of {sharing} ranks" if sharing > 1 else "") + f": {fix}")
+
+
 def check_output(cfg: Config) -> str:
     """What the run does with its store at output.path (``target.check_target``'s fate),
     after the checks that fate needs: a new store's folder must take it, a replaced one
@@ -186,6 +227,8 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     stop = stop if stop is not None else StopRequest()
     with raised_by_every_rank():  # the same files on every rank
         model = build_model(cfg.model, device)
+    on_rank0(ranks.world, check_memory, cfg, tuple(model.shape), torch.device(device),
+             sharing=memory_sharing(ranks.world, device), time_slices=ranks.slices.size)
     started = _start_up(cfg, model, ranks.world, stop, device, attrs or {})
     if started is None:
         print0(ranks.world, "stopped before sampling began: nothing was written")
@@ -263,8 +306,13 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
                 bound_item = item
             noise = Noise.members(s.seed, item, members, model.shape, DTYPES[s.dtype], device,
                                   s.noise)
-            batch = sample_batch(bound, noise, method=s.method, grid=grid, options=options,
-                                 comm=slices)
+            try:
+                batch = sample_batch(bound, noise, method=s.method, grid=grid, options=options,
+                                     comm=slices)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                raise OutOfMemory(_out_of_memory(cfg, world.rank, device, len(members))) from None
             if writer is not None:
                 halt.attempt(_submit, writer, spec, item, members, batch, scale)
             tally.add(len(members), batch.stats)
@@ -275,9 +323,24 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
             halt.attempt(writer.close, after_error=True)
         return _finish(cfg, spec, ranks, writer, tally, skipped=skipped, job=job,
                        failed=halt.error)
+    except Exception:
+        if writer is not None:  # the members sampled before the failure are written first
+            with contextlib.suppress(Exception):
+                writer.close()
+        raise
     finally:
         if beat is not None:
             beat.stop()
+
+
+def _out_of_memory(cfg: Config, rank: int, device, members: int) -> str:
+    s = cfg.sampler
+    key, n = max(REGISTRY[s.method].points(s).items(), key=lambda kv: kv[1])
+    return (f"sample: rank {rank} ran out of memory ({device}) sampling {members} members at "
+            f"once with {s.method} ({n} points of sampler.{key}): lower ensemble.batch_size"
+            + (f" (now {cfg.ensemble.batch_size})" if cfg.ensemble.batch_size > 1 else "")
+            + f", sampler.{key}, or add time slices; the members written so far are kept, and "
+            "the same command resumes after them")
 
 
 CLAIM_POLL_S = 0.5  # how often a job waiting on another job's batches looks again

@@ -33,6 +33,10 @@ def raised_by_every_rank():
         raise type(err)(str(err), collective=True) from err
 
 
+class OutOfMemory(PiadmError):
+    """A rank ran out of memory; the message names the settings that would make the run fit."""
+
+
 class WriteFailed(PiadmError):
     """A write failed on another rank of the run; that rank names the cause."""
 

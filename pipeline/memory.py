@@ -88,3 +88,70 @@ def peak_since(device: torch.device, baseline: int) -> int:
     if hwm is None:
         hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return max(0, 1024 * hwm - baseline)
+
+
+def _meminfo_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return 1024 * int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _cgroup_room() -> int | None:
+    """What this process's cgroup (v2; a SLURM job's --mem) still lets it allocate."""
+    try:
+        line = Path("/proc/self/cgroup").read_text().splitlines()[0]
+        group = Path("/sys/fs/cgroup") / line.split("::", 1)[1].lstrip("/")
+        limit = (group / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int((group / "memory.current").read_text())
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def available_bytes(device: torch.device, sharing: int = 1) -> tuple[int, str] | None:
+    """(bytes this rank may still allocate, where) on ``device``, with ``sharing`` ranks of the
+    node sharing it evenly: a GPU's free memory, or the host's available memory within the
+    cgroup and address-space limits; None when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // max(1, sharing), f"free on {device}"
+    room = [b for b in (_meminfo_bytes("MemAvailable"), _cgroup_room()) if b is not None]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    size = _status_kib("VmSize")
+    if soft != resource.RLIM_INFINITY and size is not None:
+        room.append(soft - 1024 * size)
+    if not room:
+        return None
+    return max(0, min(room)) // max(1, sharing), "available on this node's host"
+
+
+def sampler_floor(method: str, points: int, batch: int, field_bytes: int,
+                  time_slices: int = 1) -> int:
+    """Bytes a batch of ``batch`` members certainly needs for the sampler's own state (its
+    registered ``state`` buffers per point and member, the round's ``points`` split over
+    ``time_slices``), before any model call: a floor, so that a run refused by it could not
+    have fitted."""
+    from pipeline.samplers import REGISTRY
+
+    share = -(-points // max(1, time_slices))
+    return int(REGISTRY[method].state * share * batch * field_bytes)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed: torch's on a GPU, the C allocator's on the
+    host (a RuntimeError naming it), or Python's own."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text
+                                              or "not enough memory" in text)
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes as GiB, or MiB below one GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -27,6 +27,7 @@ from pipeline.cache import cache_path, read_cache, update_cache
 from pipeline.calibrate import CALIBRATION_ITEM, Unreachable, calibration_key, resolve_tol
 from pipeline.config import ConfigError, with_settings
 from pipeline.layout import cpu_threads
+from pipeline.memory import available_bytes, format_bytes, is_out_of_memory, sampler_floor
 from pipeline.noise import Noise
 from pipeline.plan import CostCurve, Machine, Prediction, Profile, layouts, predict, rank
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS
@@ -204,15 +205,24 @@ def quality_steps(cfg: Config, model, device, model_sha: str, say) -> dict[str, 
 
 def cost_curve(model, shape, dtype, device, sizes, threads: int, repeats: int = 3) -> CostCurve:
     """Time one model call at each batch size (the least of ``repeats``), with ``threads``
-    torch threads; busy is the CPU time spent, per thread, capped at the wall time."""
+    torch threads; busy is the CPU time spent, per thread, capped at the wall time. It stops
+    at the first size that runs out of memory (its sizes are then fewer than asked)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     walls, busies = [], []
     try:
         for n in sizes:
-            x = torch.randn((n, *shape), dtype=dtype, device=device)
-            u = torch.full((n,), 1.0, dtype=dtype, device=device)
-            model(x, u)  # warm-up: allocation, kernel choice
+            try:
+                x = torch.randn((n, *shape), dtype=dtype, device=device)
+                u = torch.full((n,), 1.0, dtype=dtype, device=device)
+                model(x, u)  # warm-up: allocation, kernel choice
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                x = u = None
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()
+                break  # the curve stops at the largest call that fits (make_plan says so)
             best = (math.inf, math.inf)
             for _ in range(repeats):
                 wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -225,7 +235,7 @@ def cost_curve(model, shape, dtype, device, sizes, threads: int, repeats: int = 
             busies.append(best[1])
     finally:
         torch.set_num_threads(before)
-    return CostCurve(tuple(sizes), tuple(walls), tuple(busies))
+    return CostCurve(tuple(sizes[: len(walls)]), tuple(walls), tuple(busies))
 
 
 def machine_for(ranks: int, gpus_per_node: int, device, threads: int = 0,
@@ -283,18 +293,56 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
                 f"{'-' if tol is None else format(tol, '.1e')}: {mine.sampler.steps} steps, "
                 f"{prof.rounds} rounds, {prof.calls:.0f} calls a member")
             profiles.append(prof)
-    pairs = layouts(profiles, ranks, cfg.ensemble.members, _batch_sizes(cfg))
+    pairs = _fitting(cfg, layouts(profiles, ranks, cfg.ensemble.members, _batch_sizes(cfg)),
+                     device, machine, gpus_per_node, tuple(model.shape), say)
     # every layout's mean call, and its widest and narrowest: the curve is linear in between
-    sizes = sorted({math.ceil(n / lay.time_slices) * lay.batch for lay, p in pairs
-                    for n in (p.points, *_extremes(p.call_sizes()))})
+    calls = lambda lay, p: [math.ceil(n / lay.time_slices) * lay.batch  # noqa: E731
+                            for n in (p.points, *_extremes(p.call_sizes()))]
+    sizes = sorted({n for lay, p in pairs for n in calls(lay, p)})
     say(f"  timing the model at {len(sizes)} batch sizes up to {sizes[-1]}, "
         f"{machine.threads} threads")
     curve = cost_curve(model, tuple(model.shape), DTYPES[cfg.sampler.dtype], device, sizes,
                        machine.threads)
+    if len(curve.sizes) < len(sizes):  # a call ran out of memory: larger ones cannot run
+        if not curve.sizes:
+            raise ConfigError(f"plan: one model call of {sizes[0]} items does not fit in this "
+                              "device's memory: lower ensemble.batch_size or the field")
+        say(f"  calls of more than {curve.sizes[-1]} items ran out of memory: the layouts that "
+            "make them are left out")
+        pairs = [(lay, p) for lay, p in pairs if max(calls(lay, p)) <= curve.sizes[-1]]
     ranked = rank([predict(lay, prof, curve, machine, cfg.ensemble.members)
                    for lay, prof in pairs])
     sequential = next(p for p in ranked if REFERENCE[p.layout.method] == p.layout.method)
     return Plan(ranked, sequential, machine)
+
+
+def _fitting(cfg: Config, pairs, device, machine: Machine, gpus_per_node: int, shape, say):
+    """The (layout, profile) pairs whose sampler state fits in a rank's memory
+    (``memory.sampler_floor`` against ``memory.available_bytes``), said when some do not; all
+    of them where this device says nothing of the ranks' (a GPU plan made on a CPU)."""
+    from pipeline.run import DTYPES
+
+    device = torch.device(device)
+    if gpus_per_node and device.type != "cuda":
+        return pairs
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 1
+    sharing = 1 if gpus_per_node else -(-machine.ranks_per_node // gpus)
+    room = available_bytes(device, sharing)
+    if room is None:
+        return pairs
+    s = cfg.sampler
+    field_bytes = math.prod(shape) * torch.finfo(DTYPES[s.dtype]).bits // 8
+    points = lambda lay: lay.param or min(s.block_size, s.steps)  # noqa: E731
+    fits = [(lay, p) for lay, p in pairs if sampler_floor(
+        lay.method, points(lay), lay.batch, field_bytes, lay.time_slices) <= room[0]]
+    if not fits:
+        raise ConfigError(f"plan: no layout's sampler state fits in the "
+                          f"{format_bytes(room[0])} {room[1]} per rank: lower the field or the "
+                          "window")
+    if len(fits) < len(pairs):
+        say(f"  left out {len(pairs) - len(fits)} layouts whose sampler state alone needs more "
+            f"than the {format_bytes(room[0])} {room[1]} per rank")
+    return fits
 
 
 def table(plan: Plan, rows: int = 12) -> str:

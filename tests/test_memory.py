@@ -24,3 +24,109 @@ def test_after_keep_freed_memory_a_freed_model_buffer_stays_for_the_next_call():
     del x
     # kept for reuse, not handed back to the kernel (to be faulted in again by the next call)
     assert _status_kib("VmRSS") > held - 8 * 1024
+
+
+@pytest.mark.parametrize("method", ["sequential-sde", "piadm-sde", "piadm-ode", "window",
+                                    "window-ode", "pc-window", "pc-window-ode",
+                                    "dpmpp-2m-window"])
+def test_each_samplers_registered_state_is_a_floor_of_what_it_holds(method):
+    """The refusal of a batch too large (``ensemble.check_memory``) must never refuse one that
+    fits: what each sampler registers is at most its measured peak, model calls included."""
+    from models.grf import GaussianRandomField
+    from pipeline.grids import make_grid
+    from pipeline.memory import sampler_floor
+    from pipeline.noise import Noise
+    from pipeline.samplers import REGISTRY, SAMPLERS, Options
+
+    shape, batch, steps = (128, 128), 2, 100
+    model = GaussianRandomField(shape)
+    grid = make_grid("ou", steps, u_min=1e-3, u_max=10.0, block_size=50)
+    noise = Noise(0, tuple((0, m) for m in range(batch)), shape, torch.float32, "cpu", "host")
+    tol = 1e-5 if REGISTRY[method].reference == "sequential-ode" else 1e-3
+    y0 = noise.prior()
+    cpu = torch.device("cpu")
+    base = start_peak(cpu)
+    SAMPLERS[method](model, y0, grid, noise, options=Options(tol=tol, data_bound=model.data_bound))
+    peak = peak_since(cpu, base)
+    s = type("S", (), {"steps": steps, "block_size": 50, "window": 0, "corrector_steps": 0})()
+    points = max(REGISTRY[method].points(s).values())
+    floor = sampler_floor(method, points, batch, 4 * 128 * 128)
+    assert 0 < floor <= peak, (floor / 2**20, peak / 2**20)
+
+
+def _grf_run(tmp_path, *sets):
+    sets = ["model.shape=[16, 16]", "sampler.steps=20", "sampler.tol=1e-3",
+            "ensemble.members=4", "ensemble.batch_size=2", f'output.path="{tmp_path / "o.zarr"}"',
+            *sets]
+    return ["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]
+
+
+def test_a_batch_whose_sampler_state_cannot_fit_is_refused_before_anything_is_written(
+        tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.setattr("pipeline.ensemble.available_bytes",
+                        lambda device, sharing=1: (10 * 2**20, "available on this node's host"))
+    args = _grf_run(tmp_path, "model.shape=[256, 256]", "ensemble.batch_size=4")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    # pc-window's window of 20 points (the steps) x 256 KiB x 8 buffers: 40 MiB a member
+    assert err.startswith("piadm: error: config: 4 members a batch of pc-window (20 points")
+    assert "need at least" in err and "lower sampler.window, add time slices" in err
+    assert not (tmp_path / "o.zarr").exists()
+    monkeypatch.setattr("pipeline.ensemble.available_bytes",
+                        lambda device, sharing=1: (100 * 2**20, "available on this node's host"))
+    assert main(args) == 2
+    assert "lower ensemble.batch_size to 2 or fewer" in capsys.readouterr().err
+
+
+def test_running_out_of_memory_mid_run_is_one_line_and_the_rerun_resumes(
+        tmp_path, monkeypatch, capsys):
+    """An allocation the floor could not foresee (the model's own) fails on the second batch:
+    the first batch's members stay written, and the same command finishes the rest."""
+    from pipeline import ensemble
+    from pipeline.cli import main
+
+    real, calls = ensemble.sample_batch, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ensemble, "sample_batch", second_fails)
+    assert main(_grf_run(tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("piadm: error: sample: rank 0 ran out of memory (cpu) sampling 2 "
+                          "members at once with pc-window")
+    assert "lower ensemble.batch_size (now 2)" in err
+    assert main(_grf_run(tmp_path)) == 0
+    again = capsys.readouterr().err
+    assert "2 of 4 members done, 2 to sample" in again, again
+
+
+def test_an_allocation_failure_outside_a_batch_is_one_line_naming_what_to_lower():
+    from pipeline.cli import _as_user_error
+    from pipeline.errors import OutOfMemory
+
+    host = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                        "can't allocate memory: you tried to allocate 1090519040 bytes.")
+    mended = _as_user_error(host, "calibrate")
+    assert isinstance(mended, OutOfMemory) and str(mended).startswith("calibrate: out of memory")
+    assert "calibrate.members" in str(mended)
+    other = RuntimeError("shapes do not match")
+    assert _as_user_error(other, "calibrate") is other
+
+
+def test_the_cost_curve_stops_at_the_first_call_that_runs_out_of_memory():
+    from pipeline.planner import cost_curve
+
+    def model(x, u):
+        if x.shape[0] > 8:
+            raise torch.OutOfMemoryError("out of memory")
+        return -x
+
+    curve = cost_curve(model, (4, 4), torch.float32, "cpu", [1, 4, 8, 16, 32], threads=1,
+                       repeats=1)
+    assert curve.sizes == (1, 4, 8)

@@ -259,3 +259,23 @@ def test_an_auto_plan_leaves_out_a_sampler_that_cannot_reach_the_distance(tmp_pa
     assert "calibrate: no tolerance in calibrate.ladder keeps window" in capsys.readouterr().err
     assert main(["sample", "jobs/configs/grf.toml", "--dry-run", *named[6:]]) == 0  # its --sets
     assert "tol auto: no tolerance of calibrate.ladder was close enough" in capsys.readouterr().err
+
+
+def test_the_plan_leaves_out_layouts_whose_sampler_state_cannot_fit(tmp_path, monkeypatch, capsys):
+    from pipeline.memory import sampler_floor
+
+    room = 3 * 2**20
+    monkeypatch.setattr("pipeline.planner.available_bytes",
+                        lambda device, sharing=1: (room, "available on this node's host"))
+    sets = _small(tmp_path, **{"sampler.method": "auto", "model.shape": [32, 32],
+                               "ensemble.members": 16, "ensemble.batch_size": 16})
+    args = ["plan", "jobs/configs/grf.toml", "--ranks", "2", "--json", str(tmp_path / "p.json"),
+            *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]
+    assert main(args) == 0
+    assert "layouts whose sampler state alone needs more than the 3.0 MiB" in (
+        capsys.readouterr().err)
+    rows = json.loads((tmp_path / "p.json").read_text())["layouts"]
+    assert rows and all(sampler_floor(r["method"], r["param"] or 20, r["batch"], 4 * 32 * 32,
+                                      r["time_slices"]) <= room for r in rows)
+    # the sequential sampler holds one noise buffer per block point: its largest batch fits
+    assert max(r["batch"] for r in rows if r["method"] == "sequential-sde") == 8

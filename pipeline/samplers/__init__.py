@@ -30,7 +30,10 @@ class Registered:
     therefore needs. blocked: cuts the steps into blocks of ``sampler.block_size``.
     corrector: runs the Langevin corrector's ``sampler.corrector_steps`` points after each block.
     needs_tol: stops on ``sampler.tol``. whole_path: its rounds span every step not yet
-    settled, so its time slices cut ``sampler.steps``. revision: raised when the sampler's
+    settled, so its time slices cut ``sampler.steps``. state: field-sized buffers a member
+    holds at least per point of a round (``points``), model calls aside: measured peaks on
+    ``grf`` rounded down to a floor (``pipeline.memory.sampler_floor``). revision: raised when
+    the sampler's
     way to its path changes (its rounds, calls and the tolerance a calibration finds), so
     that cached calibrations and planner profiles of the old one are measured again.
     """
@@ -42,6 +45,7 @@ class Registered:
     corrector: bool = False
     needs_tol: bool = False  # stops on sampler.tol (every windowed sampler does too)
     whole_path: bool = False
+    state: float = 0.0
     revision: int = 1
 
     def load(self):
@@ -81,25 +85,26 @@ class Registered:
 
 _SDE, _ODE = "sequential-sde", "sequential-ode"
 REGISTRY = {
-    "sequential-sde": Registered("pipeline.samplers.sequential:sequential_sde", _SDE),
+    "sequential-sde": Registered("pipeline.samplers.sequential:sequential_sde", _SDE, state=1),
     "sequential-ode": Registered("pipeline.samplers.sequential:sequential_ode", _ODE),
     # second-order sequential solvers, each its own reference (highorder.py)
     "dpmpp-2m": Registered("pipeline.samplers.highorder:dpmpp_2m", "dpmpp-2m"),
     "dpmpp-2m-sde": Registered("pipeline.samplers.highorder:dpmpp_2m_sde", "dpmpp-2m-sde"),
     "edm-heun": Registered("pipeline.samplers.highorder:edm_heun", "edm-heun"),
     "dpmpp-2m-window": Registered("pipeline.samplers.highorder:dpmpp_2m_window", "dpmpp-2m",
-                                  needs_tol=True, whole_path=True),
-    "piadm-sde": Registered("pipeline.samplers.picard:piadm_sde", _SDE, blocked=True),
+                                  needs_tol=True, whole_path=True, state=8),
+    "piadm-sde": Registered("pipeline.samplers.picard:piadm_sde", _SDE, blocked=True, state=10),
     "piadm-ode": Registered("pipeline.samplers.picard:piadm_ode", _ODE, blocked=True,
-                            corrector=True),
-    "window": Registered("pipeline.samplers.window:window_sde", _SDE, windowed=True),
-    "window-ode": Registered("pipeline.samplers.window:window_ode", _ODE, windowed=True),
+                            corrector=True, state=8),
+    "window": Registered("pipeline.samplers.window:window_sde", _SDE, windowed=True, state=12),
+    "window-ode": Registered("pipeline.samplers.window:window_ode", _ODE, windowed=True,
+                             state=10),
     # revision 2: the rebuild scales its lag by theta = J_max (a tolerance means less error)
     "pc-window": Registered("pipeline.samplers.pcwindow:pc_window_sde", _SDE, windowed=True,
-                            revision=2),
+                            state=8, revision=2),
     # revision 2: the predictor extrapolates the denoiser instead of freezing it
     "pc-window-ode": Registered("pipeline.samplers.pcwindow:pc_window_ode", _ODE,
-                                windowed=True, revision=2),
+                                windowed=True, state=7, revision=2),
 }
 
 
