@@ -30,7 +30,8 @@ from pipeline.decomposition import share
 from pipeline.errors import OutOfMemory, WriteFailed, raised_by_every_rank
 from pipeline.inputs import Items, open_items, unconditional
 from pipeline.layout import RankGrid, rank_grid
-from pipeline.memory import available_bytes, format_bytes, is_out_of_memory, sampler_floor
+from pipeline.memory import (available_bytes, field_bytes, format_bytes, is_out_of_memory,
+                             ranks_sharing, sampler_floor)
 from pipeline.noise import Noise
 from pipeline.progress import Progress
 from pipeline.run import (DTYPES, member_batches, model_data_bound, model_digest, provenance,
@@ -83,7 +84,6 @@ def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
     variable = cfg.output.variable or trained_on or cfg.input.variable or "field"
     attrs = provenance(cfg)
     attrs.update(input_path=cfg.input.path, input_mean=items.mean, input_std=items.std)
-    field_bytes = math.prod(shape) * np.dtype(cfg.sampler.dtype).itemsize
     # coordinates: the item dim's from the input; the field's from the model's training grid
     # (a learned model), else from an input on the same grid
     coords = items.coords(coarse=cfg.model.condition == "coarse")
@@ -92,7 +92,8 @@ def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
                    for d, c in grid.get("coords", {}).items()})
     field_attrs = {**items.field_attrs(), **grid.get("attrs", {})}
     return StoreSpec(cfg.output.path, items.dim, items.labels, cfg.ensemble.members,
-                     member_chunk(cfg.ensemble.batch_size, field_bytes), variable, shape,
+                     member_chunk(cfg.ensemble.batch_size,
+                                  field_bytes(shape, DTYPES[cfg.sampler.dtype])), variable, shape,
                      cfg.sampler.dtype, cfg.store_digest, attrs,
                      sweeps=residual_length(cfg.sampler),
                      coords=coords, field_attrs=field_attrs)
@@ -124,9 +125,7 @@ def _check_early(cfg: Config, model) -> tuple[float, float]:
 def memory_sharing(world, device) -> int:
     """Every rank (collective): how many ranks share this rank's memory, the node's host
     memory or, on GPUs, one GPU's."""
-    _, local = world.local_layout()
-    gpus = torch.cuda.device_count() if torch.device(device).type == "cuda" else 1
-    return -(-local // max(1, gpus))
+    return ranks_sharing(world.local_layout()[1], torch.device(device))
 
 
 def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: int = 1) -> str:
@@ -136,11 +135,9 @@ def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: i
     what it found, as text."""
     room = available_bytes(device, sharing)
     s = cfg.sampler
-    points = REGISTRY[s.method].points(s)
-    key, n = max(points.items(), key=lambda kv: kv[1])
-    field_bytes = math.prod(shape) * torch.finfo(DTYPES[s.dtype]).bits // 8
+    key, n = _round_points(s)
     batch = cfg.ensemble.batch_size
-    need = sampler_floor(s.method, n, batch, field_bytes, time_slices)
+    need = sampler_floor(s.method, n, batch, field_bytes(shape, DTYPES[s.dtype]), time_slices)
     if room is None:
         return f"at least {format_bytes(need)} per rank for the sampler's state"
     if need <= room[0]:
@@ -333,9 +330,14 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
             beat.stop()
 
 
+def _round_points(s) -> tuple[str, int]:
+    """(setting, points) of the widest part of a round of sampler section ``s``."""
+    return max(REGISTRY[s.method].points(s).items(), key=lambda kv: kv[1])
+
+
 def _out_of_memory(cfg: Config, rank: int, device, members: int) -> str:
     s = cfg.sampler
-    key, n = max(REGISTRY[s.method].points(s).items(), key=lambda kv: kv[1])
+    key, n = _round_points(s)
     return (f"sample: rank {rank} ran out of memory ({device}) sampling {members} members at "
             f"once with {s.method} ({n} points of sampler.{key}): lower ensemble.batch_size"
             + (f" (now {cfg.ensemble.batch_size})" if cfg.ensemble.batch_size > 1 else "")

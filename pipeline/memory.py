@@ -9,6 +9,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import math
 import resource
 from pathlib import Path
 
@@ -54,9 +55,10 @@ def _release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
-def _status_kib(field: str) -> int | None:
+def _status_kib(field: str, path: Path = _STATUS) -> int | None:
+    """A ``field: N kB`` line of a /proc file (this process's status by default), in KiB."""
     try:
-        for line in _STATUS.read_text().splitlines():
+        for line in path.read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -90,16 +92,6 @@ def peak_since(device: torch.device, baseline: int) -> int:
     return max(0, 1024 * hwm - baseline)
 
 
-def _meminfo_bytes(field: str) -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return 1024 * int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _cgroup_room() -> int | None:
     """What this process's cgroup (v2; a SLURM job's --mem) still lets it allocate."""
     try:
@@ -120,7 +112,8 @@ def available_bytes(device: torch.device, sharing: int = 1) -> tuple[int, str] |
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free // max(1, sharing), f"free on {device}"
-    room = [b for b in (_meminfo_bytes("MemAvailable"), _cgroup_room()) if b is not None]
+    free = _status_kib("MemAvailable", Path("/proc/meminfo"))
+    room = [b for b in (None if free is None else 1024 * free, _cgroup_room()) if b is not None]
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     size = _status_kib("VmSize")
     if soft != resource.RLIM_INFINITY and size is not None:
@@ -128,6 +121,18 @@ def available_bytes(device: torch.device, sharing: int = 1) -> tuple[int, str] |
     if not room:
         return None
     return max(0, min(room)) // max(1, sharing), "available on this node's host"
+
+
+def field_bytes(shape, dtype: torch.dtype) -> int:
+    """Bytes of one field of ``shape`` in ``dtype``."""
+    return math.prod(shape) * torch.finfo(dtype).bits // 8
+
+
+def ranks_sharing(local_ranks: int, device: torch.device) -> int:
+    """How many of a node's ``local_ranks`` share ``device``'s memory: all of them share the
+    host's; on GPUs, those that take the same GPU in turn (``layout.choose_device``)."""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 1
+    return -(-local_ranks // max(1, gpus))
 
 
 def sampler_floor(method: str, points: int, batch: int, field_bytes: int,

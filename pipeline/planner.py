@@ -27,7 +27,8 @@ from pipeline.cache import cache_path, read_cache, update_cache
 from pipeline.calibrate import CALIBRATION_ITEM, Unreachable, calibration_key, resolve_tol
 from pipeline.config import ConfigError, with_settings
 from pipeline.layout import cpu_threads
-from pipeline.memory import available_bytes, format_bytes, is_out_of_memory, sampler_floor
+from pipeline.memory import (available_bytes, field_bytes, format_bytes, is_out_of_memory,
+                             ranks_sharing, sampler_floor)
 from pipeline.noise import Noise
 from pipeline.plan import CostCurve, Machine, Prediction, Profile, layouts, predict, rank
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS
@@ -325,16 +326,15 @@ def _fitting(cfg: Config, pairs, device, machine: Machine, gpus_per_node: int, s
     device = torch.device(device)
     if gpus_per_node and device.type != "cuda":
         return pairs
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 1
-    sharing = 1 if gpus_per_node else -(-machine.ranks_per_node // gpus)
+    sharing = 1 if gpus_per_node else ranks_sharing(machine.ranks_per_node, device)
     room = available_bytes(device, sharing)
     if room is None:
         return pairs
     s = cfg.sampler
-    field_bytes = math.prod(shape) * torch.finfo(DTYPES[s.dtype]).bits // 8
+    one = field_bytes(shape, DTYPES[s.dtype])
     points = lambda lay: lay.param or min(s.block_size, s.steps)  # noqa: E731
     fits = [(lay, p) for lay, p in pairs if sampler_floor(
-        lay.method, points(lay), lay.batch, field_bytes, lay.time_slices) <= room[0]]
+        lay.method, points(lay), lay.batch, one, lay.time_slices) <= room[0]]
     if not fits:
         raise ConfigError(f"plan: no layout's sampler state fits in the "
                           f"{format_bytes(room[0])} {room[1]} per rank: lower the field or the "
