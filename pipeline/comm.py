@@ -106,6 +106,7 @@ class MPIComm:
         # are started nonblocking and polled with sleeps of this length in between, so that a
         # waiting rank leaves its core to the ranks still computing (``parallel.wait``)
         self.poll_s = poll_s
+        self._layout: tuple[int, int] | None = None  # local_layout's, once asked
 
     def _run(self, blocking, nonblocking, *args, **kwargs) -> None:
         """One buffer collective, waited for as ``poll_s`` says."""
@@ -217,11 +218,13 @@ class MPIComm:
         return MPIComm(self._comm.Split(color, key), self.poll_s)
 
     def local_layout(self) -> tuple[int, int]:
-        """(rank, size) among the ranks sharing this node's memory."""
-        node = self._comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank)
-        layout = node.Get_rank(), node.Get_size()
-        node.Free()
-        return layout
+        """(rank, size) among the ranks sharing this node's memory: collective the first time,
+        then remembered (the ranks stay where they are)."""
+        if self._layout is None:
+            node = self._comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank)
+            self._layout = node.Get_rank(), node.Get_size()
+            node.Free()
+        return self._layout
 
     def abort(self, code: int) -> None:
         """End every rank of the job now (an exception on one rank must not hang the others),
