@@ -274,6 +274,24 @@ def _open_work(cfg: Config, model, spec: StoreSpec, state: str, ranks: RankGrid)
     return items, scale, done, mine
 
 
+class _ProgressHook:
+    """The samplers' ``on_sweep``, told to the progress bar: what the batch in flight is doing,
+    and how far along its steps it is (for the ETA before the first batch ends)."""
+
+    def __init__(self, bar: Progress, method: str, steps: int):
+        self.bar, self.steps, self.members = bar, steps, 0
+        self.what = ("sequential" if REGISTRY[method].reference == method else
+                     "block" if REGISTRY[method].blocked else "window")
+
+    def __call__(self, step: int, sweep: int, residual: float) -> None:
+        part = self.members * step / self.steps
+        if self.what == "sequential":
+            self.bar.note(f"step {step}/{self.steps}", part)
+        else:
+            self.bar.note(f"{self.what} from step {step}/{self.steps}: round {sweep}, "
+                          f"residual {math.sqrt(residual):.1e}", part)
+
+
 def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec, mine, *,
           items: Items, scale, stop, device, skipped: int) -> Summary:
     """Every rank: sample the group's share ``mine`` of (item, members) batches, the model's
@@ -287,9 +305,8 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     tally = _Tally(time.perf_counter())
     bar = Progress(world, sum(len(b) for _, b in mine),
                    f"group {ranks.group + 1}/{ranks.groups} members", speak=slices.rank == 0)
-    options = dataclasses.replace(options, on_sweep=lambda step, sweep, r: bar.note(
-        f"{'block' if REGISTRY[s.method].blocked else 'window'} from step "
-        f"{step}/{grid.steps}: round {sweep}, residual {math.sqrt(r):.1e}"))
+    hook = _ProgressHook(bar, s.method, grid.steps)
+    options = dataclasses.replace(options, on_sweep=hook)
     bound, bound_item = model, None
     halt = _Halt(stop)
     job = on_rank0(world, new_job_id)
@@ -303,6 +320,7 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
                 bound_item = item
             noise = Noise.members(s.seed, item, members, model.shape, DTYPES[s.dtype], device,
                                   s.noise)
+            hook.members = len(members)
             try:
                 batch = sample_batch(bound, noise, method=s.method, grid=grid, options=options,
                                      comm=slices)

@@ -2,7 +2,8 @@
 
 Only the ranks given ``speak = True`` report (group leads), each line tagged with its rank, so a
 SLURM log says who is where. The bar counts finished units (members, steps) and shows the
-detail of the unit in flight (the current block's sweep and residual) with an ETA.
+detail of the unit in flight (the current block's sweep and residual) with an ETA, which counts
+the part of the unit in flight already done, so it is known before the first unit ends.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from pipeline.console import tag
 class Progress:
     """Report ``done`` of ``total`` units; ``detail`` says what the current unit is doing.
 
-    On a terminal the line is redrawn at most every ``redraw`` s; otherwise a line is printed
-    when a unit finishes and detail lines at most every ``every`` s."""
+    On a terminal the line is redrawn at most every ``redraw`` s. In a batch log a line is
+    printed at most every ``every`` s, and always for the first and the last unit: a job of
+    thousands of small batches must not write a line for each."""
 
     def __init__(self, comm, total: int, unit: str, *, speak: bool | None = None,
                  stream=None, every: float = 30.0, redraw: float = 0.2, width: int = 24):
@@ -26,13 +28,15 @@ class Progress:
         self.live = self.speak and comm.rank == 0 and self.stream.isatty()
         self.every, self.redraw = every, redraw
         self.start = self._last = time.perf_counter()
-        self.done, self.detail = 0, ""
+        self.done, self.detail, self.part = 0, "", 0.0
+        self._first = True  # the first finished unit always prints: it shows the pace
 
     def _line(self) -> str:
         elapsed = time.perf_counter() - self.start
         frac = self.done / self.total if self.total else 1.0
         bar = "#" * round(frac * self.width) + "." * (self.width - round(frac * self.width))
-        eta = f"eta {elapsed / self.done * (self.total - self.done):.0f}s" if self.done else "eta ?"
+        done = self.done + self.part
+        eta = f"eta {elapsed / done * (self.total - done):.0f}s" if done > 0 else "eta ?"
         detail = f" | {self.detail}" if self.detail else ""
         return (f"{tag(self.comm)}{self.unit} {self.done}/{self.total} [{bar}] {100 * frac:3.0f}%"
                 f"{detail} | {elapsed:.0f}s, {eta}")
@@ -48,13 +52,20 @@ class Progress:
     def advance(self, count: int, detail: str = "") -> None:
         """``count`` more units finished; ``detail`` describes the last one."""
         self.done += count
-        self.detail = detail
-        if self.speak:
+        self.detail, self.part = detail, 0.0
+        if not self.speak:
+            return
+        due = time.perf_counter() - self._last >= self.every
+        if self.live or self._first or self.done >= self.total or due:
             self._emit(final=False)
+            self._first = False
 
-    def note(self, detail: str) -> None:
-        """What the unit in flight is doing (throttled)."""
+    def note(self, detail: str, part: float | None = None) -> None:
+        """What the unit in flight is doing (throttled); ``part``: how much of it is done, in
+        units (e.g. 0.5 of a batch of 4 members is 2)."""
         self.detail = detail
+        if part is not None:
+            self.part = max(0.0, part)
         if not self.speak:
             return
         wait = self.redraw if self.live else self.every

@@ -1,5 +1,6 @@
-"""Progress: redrawn in place on a terminal, whole tagged lines in batch logs, throttled
-sweep detail, silent on ranks that do not speak, and the sampler's sweep hook feeds it."""
+"""Progress: redrawn in place on a terminal, whole tagged lines in batch logs (throttled, the
+first and last unit always), an ETA that counts the unit in flight, silent on ranks that do
+not speak, and the samplers' sweep hook (sequential ones: a block) feeds it."""
 import io
 
 from pipeline.comm import SerialComm
@@ -63,3 +64,42 @@ def test_piadm_sampler_reports_every_sweep():
                                      options=opts)
     assert len(seen) == stats.rounds and {s[0] for s in seen} == {0, 20}
     assert [s[2] for s in seen] == list(stats.residuals)
+
+
+def test_batch_log_prints_the_first_and_last_unit_not_every_one():
+    out = io.StringIO()
+    bar = Progress(SerialComm(), 100, "members", stream=out, every=3600)
+    for i in range(100):
+        bar.advance(1, f"item {i}")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "members 1/100" in lines[0] and "members 100/100" in lines[1]
+
+
+def test_batch_log_prints_again_once_the_interval_passed():
+    out = io.StringIO()
+    bar = Progress(SerialComm(), 10, "members", stream=out, every=0.0)
+    for _ in range(3):
+        bar.advance(1)
+    assert len(out.getvalue().splitlines()) == 3
+
+
+def test_eta_counts_the_part_of_the_unit_in_flight():
+    out = io.StringIO()
+    bar = Progress(SerialComm(), 4, "members", stream=out, every=0.0)
+    bar.note("step 50/100")
+    assert "eta ?" in out.getvalue()  # nothing known yet
+    bar.note("step 50/100", part=0.5)
+    assert "eta ?" not in out.getvalue().splitlines()[-1]
+    bar.advance(1)
+    assert bar.part == 0.0  # a finished unit clears the part in flight
+
+
+def test_sequential_sampler_reports_each_block():
+    model = GaussianRandomField((8, 8), slope=3.0, length=4.0)
+    grid = make_grid("ou", 40, u_min=1e-3, u_max=10.0, block_size=15)
+    noise = Noise(0, ((0, 0),), (8, 8))
+    seen = []
+    opts = Options(on_sweep=lambda *a: seen.append(a))
+    SAMPLERS["sequential-sde"](model, noise.prior(), grid, noise, comm=SerialComm(), options=opts)
+    assert [s[0] for s in seen] == [15, 30, 40] and [s[1] for s in seen] == [15, 15, 10]

@@ -20,6 +20,8 @@ def _sequential(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         xi = noise.path(lo, hi) if stochastic else None
         y = run_steps(model, y, grid.u[lo:hi], steps.slice(lo, hi), xi)
         check_finite(y, noise.keys, f"between steps {lo} and {hi}")  # once a block: no per-step sync
+        if options.on_sweep is not None:  # a block is a "round" of progress, at its end step
+            options.on_sweep(hi, hi - lo, 0.0)
     stats = Stats(rounds=grid.steps, model_calls=float(grid.steps), sweeps=(1,) * grid.steps)
     return finish(model, y, stats, float(grid.u[-1]), options)
 
