@@ -75,6 +75,15 @@ def _store_fate(cfg: Config, planned: bool) -> tuple[str, bool]:
                         "output.overwrite = true would replace it")}[fate], True
 
 
+def _window(s) -> str:
+    """The window a run slides: sampler.window (its sampler's default when 0), at most the
+    steps."""
+    points = REGISTRY[s.method].window_points(s.window, s.steps)
+    asked = s.window or REGISTRY[s.method].default_window
+    return (f", window {points}" + ("" if s.window else " (its default)") if points == asked
+            else f", window {points} (sampler.window {asked} is cut to the {s.steps} steps)")
+
+
 def _sampler_line(cfg: Config, planned: bool) -> str:
     """The sampler settings a run would use; for an ``"auto"`` one, who picks them."""
     from pipeline.calibrate import cache_file, calibration_key, read_cached, read_unreachable
@@ -94,5 +103,5 @@ def _sampler_line(cfg: Config, planned: bool) -> str:
                else "auto: would be calibrated first (piadm calibrate)")
     return (f"sampler    {s.method}, {s.steps} steps on the {s.grid} grid (u {s.u_min:g} .. "
             f"{s.u_max:g}), {s.dtype}, {s.noise} noise, seed {s.seed}, tol {tol}"
-            + (f", window {s.window or 'default'}" if "window" in s.method else "")
+            + (_window(s) if REGISTRY[s.method].windowed else "")
             + (f", blocks of {s.block_size}" if REGISTRY[s.method].blocked else ""))
