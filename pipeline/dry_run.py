@@ -4,12 +4,12 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.ensemble import check_memory, check_only, check_output, load_items
+from pipeline.ensemble import batch_note, check_memory, check_only, check_output, load_items
 from pipeline.layout import RankGrid
 from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, Config, needs_plan
-from pipeline.store import StoreExists, done_members, stored_attribute
+from pipeline.store import StoreExists, done_members, member_batch, stored_attribute
 
 
 def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tuple[str, bool]:
@@ -20,16 +20,18 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     e = cfg.ensemble
     items = load_items(cfg, check=True)
     check_only(cfg.parallel.items, len(items.labels))
-    batches = member_batches(e.members, e.batch_size)
-    todo = len(cfg.parallel.items or items.labels) * len(batches)
     planned = needs_plan(cfg)
-    fate, runs = _store_fate(cfg, planned)
+    fate, runs, resumed = _store_fate(cfg, planned)
+    unit = member_batch(cfg.output.path) if resumed else e.batch_size
+    batches = member_batches(e.members, unit)
+    todo = len(cfg.parallel.items or items.labels) * len(batches)
     lines = [
         f"items      {len(items.labels)} along {items.dim}"
         + (f" ({items.labels[0]} .. {items.labels[-1]})" if len(items.labels) > 1 else "")
         + (f"; this job fills {list(cfg.parallel.items)}" if cfg.parallel.items else ""),
-        f"members    {e.members} per item in {len(batches)} batches of up to {e.batch_size}; "
-        f"{todo} (item, batch) pairs in all"
+        f"members    {e.members} per item in {len(batches)} batches of up to {unit}"
+        + batch_note(unit, e.batch_size)
+        + f"; {todo} (item, batch) pairs in all"
         + ("; with \"auto\" the planner may pick another batch size" if planned else ""),
         f"store      {cfg.output.path} {fate}",
         f"ranks      {ranks.world.size} = {ranks.groups} group(s) x {ranks.slices.size} time "
@@ -51,28 +53,31 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     return "\n".join(lines), runs
 
 
-def _store_fate(cfg: Config, planned: bool) -> tuple[str, bool]:
+def _store_fate(cfg: Config, planned: bool) -> tuple[str, bool, bool]:
     """What a run would do with the store at output.path, by the run's own start-up checks
-    (``pipeline.ensemble.check_output``), and whether it would go ahead. An ``"auto"`` run's
-    store records the plan it was made with (keyed by the unresolved config), which a rerun
-    repeats."""
+    (``pipeline.ensemble.check_output``), whether it would go ahead, and whether it would
+    resume the store in the store's own batches (an older piadm's store: in the config's). An ``"auto"`` run's store records the plan it was made with (keyed by
+    the unresolved config), which a rerun repeats."""
     path = cfg.output.path
-    if planned and stored_attribute(path, cfg.store_digest, "plan_settings",
+    if planned and stored_attribute(path, cfg.store_digests, "plan_settings",
                                     digest_key="plan_config_sha256") is not None:
         fate = "resume"
     else:
         try:
             fate = check_output(cfg)
         except StoreExists as err:
-            return f"would be refused: {err}", False
+            return f"would be refused: {err}", False, False
         except OSError as err:  # check_writable: the folder named
-            return f"would be refused: cannot make a store in {err.filename}: {err.strerror}", False
-    if fate == "resume":
+            return (f"would be refused: cannot make a store in {err.filename}: {err.strerror}",
+                    False, False)
+    if fate in ("resume", "upgrade"):
         done = done_members(path)
-        return f"would be resumed: {int(done.sum())} of {done.size} members done", True
+        return (f"would be resumed: {int(done.sum())} of {done.size} members done"
+                + ("; an older piadm made it, and its identity would be brought up to date"
+                   if fate == "upgrade" else ""), True, fate == "resume")
     return {"create": "would be created",
             "replace": ("was made by another configuration or other model files: "
-                        "output.overwrite = true would replace it")}[fate], True
+                        "output.overwrite = true would replace it")}[fate], True, False
 
 
 def _window(s) -> str:

@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,7 @@ from models.conditioning import CONDITIONS
 from pipeline.calibrate import Calibration, resolve_tol
 from pipeline.claims import Heartbeat, claim, claims_dir, holding, new_job_id
 from pipeline.comm import SerialComm
-from pipeline.config import ConfigError, store_differences
+from pipeline.config import ConfigError, config_from_dict, store_differences
 from pipeline.console import on_rank0, print0
 from pipeline.decomposition import share
 from pipeline.errors import OutOfMemory, WriteFailed, raised_by_every_rank
@@ -39,9 +40,10 @@ from pipeline.run import (DTYPES, member_batches, model_data_bound, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
-from pipeline.store import (StoreSpec, batch_done, done_members, finalize, member_chunk,
-                            stored_attribute, write_batch)
-from pipeline.target import check_idle, check_target, check_writable, open_or_create
+from pipeline.store import (MEMBER_BATCH, StoreSpec, batch_done, done_members, finalize,
+                            member_batch, member_chunk, stored_attribute, write_batch)
+from pipeline.target import (check_idle, check_target, check_writable, open_or_create,
+                             upgrade_identity)
 from pipeline.writer import make_writer
 
 
@@ -84,6 +86,7 @@ def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
     variable = cfg.output.variable or trained_on or cfg.input.variable or "field"
     attrs = provenance(cfg)
     attrs.update(input_path=cfg.input.path, input_mean=items.mean, input_std=items.std)
+    attrs[MEMBER_BATCH] = cfg.ensemble.batch_size  # the unit of work of every run that fills it
     # coordinates: the item dim's from the input; the field's from the model's training grid
     # (a learned model), else from an input on the same grid
     coords = items.coords(coarse=cfg.model.condition == "coarse")
@@ -157,15 +160,31 @@ def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: i
         + (f" for each of {sharing} ranks" if sharing > 1 else "") + f": {fix}")
 
 
+def _differences(cfg: Config, text: str) -> list[str]:
+    """The settings in which a store's config ``text`` differs from ``cfg``; for an older
+    piadm's store (whose identity counted it), the batch size when nothing else differs."""
+    found = store_differences(cfg, text)
+    if not found:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            theirs = config_from_dict(tomllib.loads(text)).ensemble.batch_size
+            if theirs != cfg.ensemble.batch_size:
+                found = [f"ensemble.batch_size: {theirs} -> {cfg.ensemble.batch_size} (an "
+                         f"older piadm made it: resume it at {theirs}, and later runs may change it)"]
+    return found
+
+
 def check_output(cfg: Config) -> str:
     """What the run does with its store at output.path (``target.check_target``'s fate),
     after the checks that fate needs: a new store's folder must take it, a replaced one
-    must have no live job filling it. Raises StoreExists or OSError naming the problem."""
-    fate = check_target(cfg.output.path, cfg.store_digest, overwrite=cfg.output.overwrite,
-                        model=model_digest(cfg), differs=lambda text: store_differences(cfg, text))
+    must have no live job filling it, nor an older piadm's store brought up to date
+    (``upgrade``). Raises StoreExists or OSError naming the problem."""
+    digest, legacy = cfg.store_digests
+    fate = check_target(cfg.output.path, digest, overwrite=cfg.output.overwrite,
+                        model=model_digest(cfg), differs=lambda text: _differences(cfg, text),
+                        legacy=legacy)
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
-    if fate == "replace":
+    if fate in ("replace", "upgrade"):
         check_idle(cfg.output.path)
     return fate
 
@@ -180,6 +199,10 @@ def _prepare(cfg: Config, stats: tuple[float, float], shape, trained_on, tol: Ca
     planned = "sampler.tol" in json.loads(attrs.get("plan_settings", "{}"))
     source = "plan" if planned and tol.source == "config" else tol.source
     spec.attrs.update(sampler_tol=tol.tol, sampler_tol_source=source, **attrs)
+    digest, legacy = cfg.store_digests
+    if check_target(spec.path, digest, overwrite=cfg.output.overwrite,
+                    model=spec.attrs.get("model_sha256"), legacy=legacy) == "upgrade":
+        upgrade_identity(spec.path, legacy, digest, cfg.ensemble.batch_size)
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
 
 
@@ -193,7 +216,7 @@ def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: boo
     if REFERENCE[s.method] == s.method or (s.tol != "auto" and not force):
         return resolve_tol(cfg, model, device=device)  # the configured tol, or none at all
     stored = None if force or not store else stored_attribute(
-        cfg.output.path, cfg.store_digest, "sampler_tol")
+        cfg.output.path, cfg.store_digests, "sampler_tol")
     return resolve_tol(cfg, first_item_model(cfg, model, device), device=device, stored=stored,
                        force=force, say=say)
 
@@ -266,12 +289,39 @@ def _open_work(cfg: Config, model, spec: StoreSpec, state: str, ranks: RankGrid)
         scale = mean, model.data_std
     ranks.world.barrier()
     done = done_members(spec.path)
-    todo = work_list(done, member_batches(cfg.ensemble.members, cfg.ensemble.batch_size),
-                     cfg.parallel.items)
+    unit, size = member_batch(spec.path), cfg.ensemble.batch_size
+    todo = [(i, b, tuple(m for m in b if not done[i, m]))
+            for i, b in work_list(done, member_batches(cfg.ensemble.members, unit),
+                                  cfg.parallel.items)]
     mine = share(todo, ranks.groups, ranks.group)
     print0(ranks.world, f"store {spec.path} {state}: {int(done.sum())} of {done.size} members "
-                        f"done, {sum(len(b) for _, b in todo)} to sample")
+                        f"done, {sum(len(left) for _, _, left in todo)} to sample"
+           + (f" in its batches of {unit}{batch_note(unit, size)}" if unit != size else ""))
     return items, scale, done, mine
+
+
+def batch_note(unit: int, size: int) -> str:
+    """How a store made in batches of ``unit`` members is filled at ensemble.batch_size
+    ``size``, in parentheses (empty when they agree)."""
+    if size < unit:
+        return f" ({size} member(s) a call: ensemble.batch_size)"
+    if size > unit:
+        return f" (ensemble.batch_size = {size} sets the batches of a new store)"
+    return ""
+
+
+def member_calls(left: tuple[int, ...], size: int) -> list[tuple[int, ...]]:
+    """The sampler calls for the members ``left`` of one of the store's batches: runs of
+    consecutive members (each written as a run), cut into at most ``size`` members each."""
+    runs, calls = [], []
+    for m in left:
+        if runs and m == runs[-1][-1] + 1:
+            runs[-1].append(m)
+        else:
+            runs.append([m])
+    for run in runs:
+        calls += [tuple(run[a:a + size]) for a in range(0, len(run), size)]
+    return calls
 
 
 class _ProgressHook:
@@ -303,7 +353,7 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     grid = sampler_grid(s, model)
     options = sampler_options(s, tol=tol.tol, data_bound=model_data_bound(model, cfg.model))
     tally = _Tally(time.perf_counter())
-    bar = Progress(world, sum(len(b) for _, b in mine),
+    bar = Progress(world, sum(len(left) for _, _, left in mine),
                    f"group {ranks.group + 1}/{ranks.groups} members", speak=slices.rank == 0)
     hook = _ProgressHook(bar, s.method, grid.steps)
     options = dataclasses.replace(options, on_sweep=hook)
@@ -312,7 +362,8 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     job = on_rank0(world, new_job_id)
     beat = Heartbeat(claims_dir(spec.path), job).start() if world.rank == 0 else None
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
-        for item, members in _claimed(mine, slices, halt, tally, bar, items, spec.path, job):
+        for item, members in _claimed(mine, cfg.ensemble.batch_size, slices, halt, tally, bar,
+                                      items, spec.path, job):
             if item != bound_item:  # the work is ordered by item: read each input once
                 raw = items.field(item)
                 bound = _bind(model, cfg.model.condition,
@@ -366,10 +417,12 @@ def _out_of_memory(cfg: Config, rank: int, device, members: int) -> str:
 CLAIM_POLL_S = 0.5  # how often a job waiting on another job's batches looks again
 
 
-def _claimed(mine, slices, stop, tally: "_Tally", bar: Progress, items: Items, path, job: str):
-    """Every rank of a group, in step: yields the (item, members) batches of ``mine`` the
-    group's lead has claimed for it, in order; a batch a live job holds waits till the rest
-    are done, one another job finished only advances ``bar``. Stops early, with
+def _claimed(mine, size: int, slices, stop, tally: "_Tally", bar: Progress, items: Items, path,
+             job: str):
+    """Every rank of a group, in step: yields the (item, members) sampler calls, at most
+    ``size`` members each, of the store's batches in ``mine`` ((item, members, members left)
+    each) that the group's lead has claimed for it, in order; a batch a live job holds waits
+    till the rest are done, one another job finished only advances ``bar``. Stops early, with
     ``tally.stopped`` set, when a stop signal reaches any rank of ``slices``."""
     folder = claims_dir(path)
     queue, deferred = list(mine), []  # deferred: batches another live job has claimed
@@ -380,16 +433,20 @@ def _claimed(mine, slices, stop, tally: "_Tally", bar: Progress, items: Items, p
         if not queue:  # what is left is another job's: wait for it, or for it to die
             time.sleep(CLAIM_POLL_S)
             queue, deferred = deferred, []
-        item, members = queue.pop(0)
+        item, members, left = queue.pop(0)
         state = slices.bcast_object(
             _claim_state(path, folder, item, members, job) if slices.rank == 0 else None, 0)
         if state == "done":  # finished by another job meanwhile
-            bar.advance(len(members), f"{items.dim} {items.labels[item]}: another job's")
+            bar.advance(len(left), f"{items.dim} {items.labels[item]}: another job's")
             continue
         if state == "theirs":
-            deferred.append((item, members))
+            deferred.append((item, members, left))
             continue
-        yield item, members
+        for k, call in enumerate(member_calls(left, size)):
+            if k and _stop_agreed(slices, stop):  # between calls too: a batch may take many
+                tally.stopped = True
+                return
+            yield item, call
 
 
 def _submit(writer, spec: StoreSpec, item: int, members, batch, scale) -> None:

@@ -435,7 +435,7 @@ def resolve_plan(cfg: Config, world, device) -> tuple[Config, dict]:
 
     def plan_here():
         stored = stored_attribute(  # a store this config made is resumed: its plan is kept
-            cfg.output.path, cfg.store_digest, "plan_settings", digest_key="plan_config_sha256")
+            cfg.output.path, cfg.store_digests, "plan_settings", digest_key="plan_config_sha256")
         model = first_item_model(cfg, build_model(cfg.model, device), device)
         return planned_config(cfg, model, device, ranks=world.size, gpus_per_node=gpus,
                               latency=latency, stored=None if stored is None else json.loads(stored),

@@ -210,7 +210,8 @@ class Config:
 
     def store_settings(self) -> dict:
         """What decides the store's contents, {section: {key: value}}: every key except where
-        it lives, the rank layout, the job's share of items, the writer and the bench."""
+        it lives, the rank layout, the members per batch, the job's share of items, the
+        writer and the bench."""
         return {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items()
                        if (name, k) not in LAYOUT_KEYS}
                 for name in SECTION_TYPES
@@ -219,8 +220,20 @@ class Config:
     @property
     def store_digest(self) -> str:
         """SHA-256 of ``store_settings``: runs that may fill one store share it."""
-        kept = self.store_settings()
-        return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+        return _settings_digest(self.store_settings())
+
+    @property
+    def store_digests(self) -> tuple[str, str]:
+        """(``store_digest``, the digest piadm 0.1 gave the same settings, which counted
+        ensemble.batch_size): the stores this configuration may resume; an old one is brought
+        up to date when resumed (``pipeline.target.upgrade_identity``)."""
+        old = self.store_settings()
+        old["ensemble"]["batch_size"] = self.ensemble.batch_size
+        return self.store_digest, _settings_digest(old)
+
+
+def _settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # Peer libraries ``piadm bench --peer`` runs beside piadm (``pipeline.peer``).
@@ -239,7 +252,12 @@ def needs_plan(cfg: Config) -> bool:
 # parallel.wait values (``pipeline.layout.place_rank``).
 WAITS = ("auto", "spin", "sleep")
 
-LAYOUT_KEYS = {("output", "path"), ("output", "overwrite"), ("output", "background")}
+# Settings that do not decide a store's contents. The members are the same at any
+# ensemble.batch_size (each member's noise is keyed by its index, and a window sampler keeps a
+# window per member), so a run resumed with a smaller batch (after running out of memory) keeps
+# the members already written: the store's own batches stay its units of work.
+LAYOUT_KEYS = {("output", "path"), ("output", "overwrite"), ("output", "background"),
+               ("ensemble", "batch_size")}
 
 
 SECTION_TYPES = {

@@ -64,6 +64,7 @@ class StoreSpec:
 
 
 CHUNK_BYTES = 64 * 2**20  # the most a field chunk holds, when the member batch allows
+MEMBER_BATCH = "piadm_member_batch"  # the attribute of the store's unit of work (``member_batch``)
 
 
 def member_chunk(batch_size: int, field_bytes: int) -> int:
@@ -146,18 +147,34 @@ def read_attrs(path: str | Path) -> dict | None:
         return None
 
 
+def update_attrs(path: str | Path, changes: dict) -> None:
+    """Set attributes of the store at ``path``, and its consolidated metadata if it has
+    some (a finished store: readers see only that)."""
+    group = zarr.open_group(path, mode="r+")
+    group.attrs.update(changes)
+    if group.metadata.consolidated_metadata is not None:
+        consolidate(path)
+
+
+def member_batch(path: str | Path) -> int:
+    """The store's unit of work: members a run claims, samples and writes together (whole
+    chunks, so writers never share one); the chunk when an older store does not say."""
+    group = zarr.open_group(path, mode="r")
+    return int(group.attrs.get(MEMBER_BATCH) or group["done"].chunks[1])
+
+
 def stored_digest(path: str | Path) -> str | None:
     """The configuration digest of the piadm store at ``path``; None if it is not one."""
     return (read_attrs(path) or {}).get("piadm_store_digest")
 
 
-def stored_attribute(path: str | Path, digest: str, name: str,
+def stored_attribute(path: str | Path, digests: tuple[str, ...], name: str,
                      digest_key: str = "piadm_store_digest"):
-    """Attribute ``name`` of the piadm store at ``path`` when that store was made by the
-    configuration with ``digest`` (a run that will resume it; ``digest_key`` names the
-    attribute holding it); else None."""
+    """Attribute ``name`` of the piadm store at ``path`` when that store was made by a
+    configuration with one of ``digests`` (a run that will resume it: ``Config.store_digests``;
+    ``digest_key`` names the attribute holding it); else None."""
     attrs = read_attrs(path) or {}
-    return attrs.get(name) if attrs.get(digest_key) == digest else None
+    return attrs.get(name) if attrs.get(digest_key) in digests else None
 
 
 def create(spec: StoreSpec) -> bool:
@@ -211,7 +228,9 @@ def write_batch(path: str | Path, *, variable: str, item: int, start: int, field
                 residuals: tuple[float, ...] = (), digest: str = "",
                 model: str | None = None) -> None:
     """Write members [start, start + len(field)) of item index ``item``, then mark them done.
-    Whole chunks only, so writers on other ranks or in other jobs never share a chunk. With
+    Within one of the store's batches (``member_batch``: whole chunks) that the caller has
+    claimed, and writes to one batch in order, so writers on other ranks or in other jobs
+    never share a chunk, nor one writer's part-chunk writes overlap. With
     ``digest`` the store must still be this run's (``_still_ours``) when the writing starts
     and again before the members are marked done."""
     group = _still_ours(path, digest, model) if digest else zarr.open_group(path, mode="r+")

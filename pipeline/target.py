@@ -15,13 +15,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-
 from pipeline.claims import Heartbeat, claims_dir, clear_claims, holding, live_jobs, new_job_id
-from pipeline.store import StoreExists, StoreSpec, create, read_attrs
+from pipeline.store import MEMBER_BATCH, StoreExists, StoreSpec, create, read_attrs, update_attrs
 
 
-def _fate(path: str | Path, digest: str, overwrite: bool,
-          model: str | None) -> tuple[str, str | None]:
+def _fate(path: str | Path, digest: str, overwrite: bool, model: str | None,
+          legacy: str | None) -> tuple[str, str | None]:
     if not Path(path).exists():
         return "create", None
     attrs = read_attrs(path) or {}
@@ -29,9 +28,11 @@ def _fate(path: str | Path, digest: str, overwrite: bool,
     if found is None:
         return "foreign", None
     made_with = attrs.get("model_sha256") if model else None
+    if legacy is not None and found == legacy and made_with in (None, model):
+        return "upgrade", found
     if found == digest and made_with in (None, model):
         return "resume", found
-    if found == digest:  # the same settings, but the model's files have changed since
+    if found in (digest, legacy):  # the same settings, but the model's files have changed since
         return ("replace" if overwrite else "weights"), made_with
     return ("replace" if overwrite else "other"), found
 
@@ -55,21 +56,36 @@ def check_writable(path: str | Path) -> None:
         raise OSError(err.errno, err.strerror, str(existing)) from None
 
 
+def upgrade_identity(path: str | Path, legacy: str, digest: str, member_batch: int) -> None:
+    """Give a store that an older piadm made under the ``legacy`` digest this version's
+    ``digest`` and its unit of work, ``member_batch`` members (the batch size it was made
+    with, which that digest counted), so that runs of any batch size resume it. Only while no
+    live job fills it (``check_idle``): an older job still writing would find its store
+    changed, and stop."""
+    check_idle(path)
+    attrs = read_attrs(path) or {}
+    digests = {key: digest for key in ("piadm_store_digest", "plan_config_sha256", "store_sha256")
+               if attrs.get(key) == legacy}
+    update_attrs(path, {**digests, MEMBER_BATCH: member_batch})
+
+
 def stored_config(path: str | Path) -> str:
     """The config TOML a piadm store at ``path`` was made with ('' when unreadable)."""
     return str((read_attrs(path) or {}).get("config", ""))
 
 
 def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str | None = None,
-                 differs=()) -> str:
+                 differs=(), legacy: str | None = None) -> str:
     """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse;
-    returns the fate otherwise: ``create`` it, ``resume`` this run's own store, or ``replace``
-    another configuration's or another model's (with ``overwrite``). Refused: ``foreign`` (not
-    a piadm store: never deleted), ``other`` (another configuration's), ``weights`` (this
-    configuration's with other model files), and a replacement through a symbolic link.
-    ``model``: the run's model digest (None: not compared); ``differs``: a callable giving the
-    settings in which another configuration's store differs, for the message."""
-    fate, found = _fate(path, digest, overwrite, model)
+    returns the fate otherwise: ``create`` it, ``resume`` this run's own store, ``upgrade``
+    this run's own store made by an older piadm under the ``legacy`` digest
+    (``upgrade_identity``, then resume it), or ``replace`` another configuration's or another
+    model's (with ``overwrite``). Refused: ``foreign`` (not a piadm store: never deleted),
+    ``other`` (another configuration's), ``weights`` (this configuration's with other model
+    files), and a replacement through a symbolic link. ``model``: the run's model digest
+    (None: not compared); ``differs``: a callable giving the settings in which another
+    configuration's store differs, for the message."""
+    fate, found = _fate(path, digest, overwrite, model, legacy)
     if fate == "replace" and Path(path).is_symlink():
         raise StoreExists(f"output {path} is a symbolic link, and piadm does not replace a store "
                           "through a link: point output.path at the store itself")

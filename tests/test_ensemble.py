@@ -77,6 +77,66 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_store(tmp_path, input_store,
     assert history[-1].endswith("piadm wrote 26 members (10 already written)")
 
 
+def _same_members(a, b):
+    """The same fields, seeds and done flags (rounds and calls are a call's, and differ)."""
+    x, y = xr.open_zarr(a), xr.open_zarr(b)
+    for name in ("vort", "seed", "done"):
+        assert np.array_equal(x[name].values, y[name].values, equal_nan=True), name
+
+
+def test_a_store_resumes_at_another_batch_size_in_its_own_batches(tmp_path, input_store, capsys):
+    """After running out of memory a user lowers ensemble.batch_size: the store made in
+    batches of 2 resumes (the batch size is not its identity), its batches sampled a member a
+    call, a stop may come between the calls, and a larger batch size resumes it too; the
+    members are those of an uninterrupted run."""
+    clean, cut = tmp_path / "clean.zarr", tmp_path / "cut.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, clean)]) == 0
+    cfg = load_config("jobs/configs/grf.toml", _overrides(conditional_sets(input_store, cut)))
+    assert sample_to_store(cfg, stop=StopAfter(3)).members == 2  # 2 safe points, 1 batch
+    one = load_config("jobs/configs/grf.toml", _overrides(conditional_sets(
+        input_store, cut, "ensemble.batch_size=1")))
+    capsys.readouterr()
+    # safe points: 2 before writing, then before each batch of 2 and between its 2 calls
+    summary = sample_to_store(one, stop=StopAfter(5))
+    assert summary.preempted and summary.members == 3  # the stop came between two calls
+    assert ("2 of 36 members done, 34 to sample in its batches of 2 (1 member(s) a call: "
+            "ensemble.batch_size)") in capsys.readouterr().err
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(input_store, cut, "ensemble.batch_size=4")]) == 0
+    assert ("5 of 36 members done, 31 to sample in its batches of 2 (ensemble.batch_size = 4 "
+            "sets the batches of a new store)") in capsys.readouterr().err
+    _same_members(clean, cut)
+    assert zarr.open_group(cut, mode="r").attrs["piadm_member_batch"] == 2
+
+
+def test_an_older_piadms_store_is_resumed_and_brought_up_to_date(tmp_path, input_store, capsys):
+    """Stores made before the batch size left the store's identity carry a digest that
+    counted it: the same configuration resumes them (a dry run says so first), another batch
+    size is told it is another configuration."""
+    out = tmp_path / "old.zarr"
+    cfg = load_config("jobs/configs/grf.toml", _overrides(conditional_sets(input_store, out)))
+    assert sample_to_store(cfg, stop=StopAfter(3)).members == 2
+    new, legacy = cfg.store_digests
+    group = zarr.open_group(out, mode="r+")  # as piadm 0.1 left it
+    group.attrs.update(piadm_store_digest=legacy, store_sha256=legacy)
+    del group.attrs["piadm_member_batch"]
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(input_store, out, "ensemble.batch_size=1")]) == 2
+    err = capsys.readouterr().err
+    assert "was made by a different configuration" in err
+    assert "differs in ensemble.batch_size: 2 -> 1 (an older piadm made it: resume it at 2" in err
+    assert main(["sample", "jobs/configs/grf.toml", "--dry-run",
+                 *conditional_sets(input_store, out)]) == 0
+    assert "an older piadm made it" in capsys.readouterr().err
+    assert zarr.open_group(out, mode="r").attrs["piadm_store_digest"] == legacy  # untouched
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
+    assert "2 of 36 members done, 34 to sample" in capsys.readouterr().err
+    attrs = zarr.open_group(out, mode="r").attrs
+    assert attrs["piadm_store_digest"] == new and attrs["store_sha256"] == new
+    assert attrs["piadm_member_batch"] == 2
+    assert main(["status", str(out)]) == 0
+
+
 def test_status_of_a_path_that_is_no_store_is_an_error(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
     assert "is not a piadm ensemble store" in capsys.readouterr().err

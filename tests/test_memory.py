@@ -83,7 +83,8 @@ def test_a_batch_whose_sampler_state_cannot_fit_is_refused_before_anything_is_wr
 def test_running_out_of_memory_mid_run_is_one_line_and_the_rerun_resumes(
         tmp_path, monkeypatch, capsys):
     """An allocation the floor could not foresee (the model's own) fails on the second batch:
-    the first batch's members stay written, and the same command finishes the rest."""
+    the first batch's members stay written, and the command with the smaller batch size the
+    message asks for finishes the rest in the same store."""
     from pipeline import ensemble
     from pipeline.cli import main
 
@@ -101,9 +102,9 @@ def test_running_out_of_memory_mid_run_is_one_line_and_the_rerun_resumes(
     assert err.startswith("piadm: error: sample: rank 0 ran out of memory (cpu) sampling 2 "
                           "members at once with pc-window")
     assert "lower ensemble.batch_size (now 2)" in err
-    assert main(_grf_run(tmp_path)) == 0
+    assert main(_grf_run(tmp_path, "ensemble.batch_size=1")) == 0
     again = capsys.readouterr().err
-    assert "2 of 4 members done, 2 to sample" in again, again
+    assert "2 of 4 members done, 2 to sample in its batches of 2 (1 member(s) a call" in again
 
 
 def test_an_allocation_failure_outside_a_batch_is_one_line_naming_what_to_lower():
