@@ -1,36 +1,58 @@
 """Score models behind one contract (``models.contract``): exact Gaussian models and adapters.
 
 ``MODELS`` maps ``model.kind`` to a builder taking the model section of the configuration and
-the torch device the sampler runs on.
+the torch device the sampler runs on. This module imports no torch: each builder imports its
+model when it is called, so that checking a configuration's ``model.kind`` (``piadm config``,
+``--help``) takes a fraction of a second instead of torch's second and a half.
 """
 from __future__ import annotations
 
-import torch
 
-from models.emulate import Emulated
-from models.gmm import GaussianMixture, weight_error
-from models.grf import GaussianRandomField, spectrum_error
-from models.learned import load_unet
-from models.module import load_module
-from models.pretrained import load_pretrained
+def _grf(c, device):
+    from models.grf import GaussianRandomField
 
-MODELS = {
-    "grf": lambda c, device: GaussianRandomField(tuple(c.shape), slope=c.slope, length=c.length,
-                                                 device=device),
+    return GaussianRandomField(tuple(c.shape), slope=c.slope, length=c.length, device=device)
+
+
+def _gmm(c, device):
+    from models.gmm import GaussianMixture
+
     # a small exact model: its float64 parameters stay on the CPU whatever the device
-    "gmm": lambda c, device: GaussianMixture.random(
-        tuple(c.shape), components=c.components, spread=c.spread, std=c.std, seed=c.seed,
-        weights=list(c.weights) or None,
-    ),
-    "unet": lambda c, device: load_unet(c.checkpoint, tuple(c.shape), device, c.guide,
-                                        c.guidance),
-    "module": load_module,  # bring your own network: model.target (models/module.py)
-    "diffusers": load_pretrained,  # a diffusers save_pretrained folder (models/pretrained.py)
-}
+    return GaussianMixture.random(tuple(c.shape), components=c.components, spread=c.spread,
+                                  std=c.std, seed=c.seed, weights=list(c.weights) or None)
 
-# Error of an ensemble's statistics against the model's exact target:
-# STAT_ERRORS[kind](model, x (B, *shape), u_min, denoised) -> float.
-STAT_ERRORS = {"grf": spectrum_error, "gmm": weight_error}
+
+def _unet(c, device):
+    from models.learned import load_unet
+
+    return load_unet(c.checkpoint, tuple(c.shape), device, c.guide, c.guidance)
+
+
+def _module(c, device):
+    from models.module import load_module  # bring your own network: model.target
+
+    return load_module(c, device)
+
+
+def _diffusers(c, device):
+    from models.pretrained import load_pretrained  # a diffusers save_pretrained folder
+
+    return load_pretrained(c, device)
+
+
+MODELS = {"grf": _grf, "gmm": _gmm, "unet": _unet, "module": _module, "diffusers": _diffusers}
+
+
+def __getattr__(name: str):
+    """``STAT_ERRORS``, imported on first use (it needs torch): the error of an ensemble's
+    statistics against an exact model's target,
+    ``STAT_ERRORS[kind](model, x (B, *shape), u_min, denoised) -> float``."""
+    if name == "STAT_ERRORS":
+        from models.gmm import weight_error
+        from models.grf import spectrum_error
+
+        return {"grf": spectrum_error, "gmm": weight_error}
+    raise AttributeError(f"module 'models' has no attribute {name!r}")
 
 
 def plugin_kinds() -> dict:
@@ -51,6 +73,10 @@ def build_model(section, device="cpu"):
     """The score model of a validated model section (``pipeline.settings.ModelConfig``), its
     tensors on ``device`` (the device of the states it will be called with); with
     ``emulate_ms = [latency, per_item]`` its calls take as long as an emulated accelerator's."""
+    import torch
+
+    from models.emulate import Emulated
+
     builder = MODELS.get(section.kind)
     if builder is None:
         builder = _plugin(section.kind)

@@ -89,15 +89,12 @@ def edm_grid(steps: int, u_min: float, u_max: float, rho: float = 7.0) -> torch.
     return u
 
 
+# sampler.grid: one entry per name of pipeline.choices.GRIDS (which the config is checked against)
 GRIDS = {
     "ou": lambda n, lo, hi, process, knee, rho: ou_grid(n, lo, hi, knee),
     "uniform": lambda n, lo, hi, process, knee, rho: uniform_grid(n, lo, hi, process),
     "edm": lambda n, lo, hi, process, knee, rho: edm_grid(n, lo, hi, rho),
 }
-
-
-# sampler.grid: the model's own timesteps (a diffusers scheduler's), see ``scheduler_grid``
-SCHEDULER_GRID = "scheduler"
 
 
 def scheduler_grid(u: torch.Tensor, block_size: int) -> Grid:

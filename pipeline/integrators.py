@@ -55,6 +55,7 @@ def _eps(u: torch.Tensor, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]
     return drift, sigma
 
 
+# sampler.form: one entry per name of pipeline.choices.FORMS (which the config is checked against)
 FORMS = {"exponential": _exponential, "eps": _eps}
 
 

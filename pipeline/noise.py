@@ -22,8 +22,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from pipeline.choices import SOURCES  # sampler.noise
+
 PRIOR, PATH, CORRECTOR_V0, CORRECTOR_PATH = 0, 1, 2, 3
-SOURCES = ("host", "device")  # sampler.noise
 
 # Draws of at least this many numbers in all are filled by threads: numpy's generators release
 # the GIL while they fill, and on a GPU the host's draws are what the sampler waits for.

@@ -12,7 +12,8 @@ import torch
 
 from pipeline import __version__
 from pipeline.comm import SerialComm
-from pipeline.grids import SCHEDULER_GRID, Grid, make_grid, scheduler_grid
+from pipeline.choices import SCHEDULER_GRID
+from pipeline.grids import Grid, make_grid, scheduler_grid
 from pipeline.noise import Noise
 from pipeline.samplers import REGISTRY, SAMPLERS, Options, Stats
 from pipeline.samplers.common import check_finite

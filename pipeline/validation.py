@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 
+from pipeline.choices import FORMS, GRIDS, SCHEDULER_GRID, SOURCES
 from pipeline.errors import ConfigError
 from pipeline.samplers.options import THETAS
 from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataConfig, ModelConfig,
@@ -107,9 +108,6 @@ def _check_train(t: TrainConfig) -> None:
 
 def _check_sampler(s: SamplerConfig) -> None:
     """The sampler's own keys in their ranges, and what the chosen method needs."""
-    from pipeline.grids import GRIDS, SCHEDULER_GRID
-    from pipeline.integrators import FORMS
-    from pipeline.noise import SOURCES
     from pipeline.samplers import REGISTRY, SAMPLERS
 
     _check(s.method in SAMPLERS or s.method in AUTO_METHODS, "sampler.method",
@@ -148,8 +146,6 @@ def _check_sampler(s: SamplerConfig) -> None:
 
 def _check_conditioning(cfg: Config) -> None:
     """A conditioned model and its input come together, and suit the model's kind and grid."""
-    from pipeline.grids import SCHEDULER_GRID
-
     m = cfg.model
     _check(m.condition in ("none", "mean", "coarse"), "model.condition",
            f"= {m.condition!r} is unknown: use 'none', 'mean' or 'coarse'")

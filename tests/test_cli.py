@@ -87,6 +87,20 @@ def test_help_parses_without_importing_the_heavy_libraries():
     assert run.returncode == 0 and run.stdout.strip().splitlines()[-1] == "[]", run.stderr
 
 
+@pytest.mark.parametrize("config", ["grf.toml", "kolmogorov_uncond.toml"])
+def test_config_checks_and_prints_without_importing_torch(config):
+    # `piadm config` answers at once: validating model.kind, sampler.grid, the window's
+    # points and the rest reads names declared without torch (models, pipeline.choices)
+    code = ("import sys\nfrom pipeline.cli import main\n"
+            "code = main(['config', sys.argv[1], '--set', 'sampler.window=0'])\n"
+            "print(code, sorted(m for m in ('torch', 'xarray', 'zarr', 'dask') "
+            "if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code, f"jobs/configs/{config}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "[model]" in run.stdout and run.stdout.strip().splitlines()[-1] == "0 []", run.stdout
+
+
 def test_config_prints_toml_that_loads_back_to_the_same_config(capsys):
     import tomllib
 

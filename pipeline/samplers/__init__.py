@@ -17,7 +17,8 @@ import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pipeline.samplers.options import Options, PicardDivergence, Stats
+from pipeline.samplers.options import (PC_WINDOW_POINTS, WINDOW_POINTS, Options,
+                                      PicardDivergence, Stats)
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,8 @@ class Registered:
 
     target: ``module:function``. reference: the sequential sampler it reproduces with the same
     noise (itself for a sequential one). windowed: slides a window of ``sampler.window``
-    points (its module's ``DEFAULT_WINDOW`` when 0) and stops on ``sampler.tol``, which it
-    therefore needs. blocked: cuts the steps into blocks of ``sampler.block_size``.
+    points (``default_window`` when 0) and stops on ``sampler.tol``, which it therefore
+    needs. blocked: cuts the steps into blocks of ``sampler.block_size``.
     corrector: runs the Langevin corrector's ``sampler.corrector_steps`` points after each block.
     needs_tol: stops on ``sampler.tol``. whole_path: its rounds span every step not yet
     settled, so its time slices cut ``sampler.steps``. state: field-sized buffers a member
@@ -47,15 +48,11 @@ class Registered:
     whole_path: bool = False
     state: float = 0.0
     revision: int = 1
+    default_window: int = 0  # the window's points when sampler.window is 0 (windowed only)
 
     def load(self):
         module, name = self.target.split(":")
         return getattr(importlib.import_module(module), name)
-
-    @property
-    def default_window(self) -> int:
-        """The window's points when ``sampler.window`` is 0 (windowed samplers only)."""
-        return importlib.import_module(self.target.split(":")[0]).DEFAULT_WINDOW
 
     def window_points(self, window: int, steps: int) -> int:
         """The points of a window set to ``window`` (0: the default) on a path of ``steps``."""
@@ -96,15 +93,17 @@ REGISTRY = {
     "piadm-sde": Registered("pipeline.samplers.picard:piadm_sde", _SDE, blocked=True, state=10),
     "piadm-ode": Registered("pipeline.samplers.picard:piadm_ode", _ODE, blocked=True,
                             corrector=True, state=8),
-    "window": Registered("pipeline.samplers.window:window_sde", _SDE, windowed=True, state=12),
+    "window": Registered("pipeline.samplers.window:window_sde", _SDE, windowed=True, state=12,
+                         default_window=WINDOW_POINTS),
     "window-ode": Registered("pipeline.samplers.window:window_ode", _ODE, windowed=True,
-                             state=10),
+                             state=10, default_window=WINDOW_POINTS),
     # revision 2: the rebuild scales its lag by theta = J_max (a tolerance means less error)
     "pc-window": Registered("pipeline.samplers.pcwindow:pc_window_sde", _SDE, windowed=True,
-                            state=8, revision=2),
+                            state=8, revision=2, default_window=PC_WINDOW_POINTS),
     # revision 2: the predictor extrapolates the denoiser instead of freezing it
     "pc-window-ode": Registered("pipeline.samplers.pcwindow:pc_window_ode", _ODE,
-                                windowed=True, state=7, revision=2),
+                                windowed=True, state=7, revision=2,
+                                default_window=PC_WINDOW_POINTS),
 }
 
 
@@ -113,6 +112,9 @@ class _Functions(Mapping):
 
     def __getitem__(self, name: str):
         return REGISTRY[name].load()
+
+    def __contains__(self, name) -> bool:  # Mapping's own would import the sampler to ask
+        return name in REGISTRY
 
     def __iter__(self):
         return iter(REGISTRY)

@@ -6,6 +6,13 @@ from dataclasses import dataclass
 
 THETAS = ("j_max", "one")  # the values of Options.theta
 
+# The points p of a windowed sampler's window when Options.window is 0. Declared here, beside
+# Options and without torch, so that checking a configuration reads them without importing
+# the samplers (pipeline.samplers.REGISTRY).
+WINDOW_POINTS = 100  # window, window-ode: p as ParaDiGMS ships it
+PC_WINDOW_POINTS = 65  # pc-window, pc-window-ode: measured on grf and the shipped U-Nets
+# (docs/algorithms.md)
+
 
 @dataclass(frozen=True)
 class Options:

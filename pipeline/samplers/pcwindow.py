@@ -50,10 +50,9 @@ from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
 from pipeline.samplers.common import check_rows, finish, indices, per_point, point_mask
-from pipeline.samplers.options import THETAS, Options, Stats
+from pipeline.samplers.options import PC_WINDOW_POINTS, THETAS, Options, Stats
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
 
-DEFAULT_WINDOW = 65  # p: measured on grf and the shipped U-Nets (docs/algorithms.md)
 # The ODE's predictor extrapolates the denoiser through its values at the window's last point
 # and every ODE_LAG-th point before it (a quadratic); the SDE's freezes it, since along the
 # reverse SDE the denoiser is a martingale and its own value the best forecast (measured,
@@ -356,7 +355,7 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     if options.tol is None:
         raise ValueError("pc-window needs sampler.tol (a number, or 'auto' to calibrate it)")
     n = grid.steps
-    p = min(options.window or DEFAULT_WINDOW, n)
+    p = min(options.window or PC_WINDOW_POINTS, n)
     lo, hi = slice_bounds(p, comm.size, comm.rank)
     bounds = [slice_bounds(p, comm.size, r) for r in range(comm.size)]
     steps = step_coefficients(grid.u, stochastic=stochastic, form=options.form)

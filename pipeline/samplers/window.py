@@ -24,10 +24,8 @@ from pipeline.grids import Grid
 from pipeline.integrators import step_coefficients
 from pipeline.noise import Noise
 from pipeline.samplers.common import LIKELY_CAUSE, field_mean, finish, per_point, point_mask
-from pipeline.samplers.options import Options, PicardDivergence, Stats
+from pipeline.samplers.options import WINDOW_POINTS, Options, PicardDivergence, Stats
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
-
-DEFAULT_WINDOW = 100  # p, as ParaDiGMS ships it
 
 
 def _padded(c: torch.Tensor, p: int, value: float) -> torch.Tensor:
@@ -48,7 +46,7 @@ def _fill(states, xi, freed, chain, e, y_end, noise: Noise | None, n: int):
 def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stochastic: bool):
     if options.tol is None:
         raise ValueError("sampler.tol must be set for the window sampler (ParaDiGMS uses 0.1)")
-    n, p = grid.steps, min(options.window or DEFAULT_WINDOW, grid.steps)
+    n, p = grid.steps, min(options.window or WINDOW_POINTS, grid.steps)
     bounds = [slice_bounds(p, comm.size, r) for r in range(comm.size)]
     lo, hi = bounds[comm.rank]
     steps = step_coefficients(grid.u, stochastic=stochastic, form=options.form)

@@ -1,0 +1,11 @@
+"""The names some ``[sampler]`` settings choose among, whose implementations import torch.
+
+They are declared here, in a module that imports nothing, so that checking a configuration
+(``pipeline.validation``, hence ``piadm config``) loads no torch. Each implementing module
+keys its registry by these names; ``tests/test_choices.py`` checks that the two agree.
+"""
+
+GRIDS = ("ou", "uniform", "edm")  # sampler.grid: the families of pipeline.grids.GRIDS
+SCHEDULER_GRID = "scheduler"  # sampler.grid: the model's own timesteps (a diffusers scheduler's)
+FORMS = ("exponential", "eps")  # sampler.form: the step maps of pipeline.integrators.FORMS
+SOURCES = ("host", "device")  # sampler.noise: who fills pipeline.noise.Noise's draws
