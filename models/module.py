@@ -10,10 +10,8 @@ process ``model.process``; ``models.adapters`` turns that into the score on the 
 from __future__ import annotations
 
 import difflib
-import functools
 import hashlib
 import importlib
-import os
 import pickle
 import re
 from dataclasses import dataclass, field, replace
@@ -23,6 +21,7 @@ import torch
 
 from models.adapters import PREDICTIONS, NetworkAdapter
 from models.conditioning import upsample_blocks
+from models.digest import files_digest
 from pipeline.clock import (BETA_SCHEDULES, VE, DiscreteVP, Flow, VPCosine, VPLinear,
                             ddpm_alphas_cumprod)
 from pipeline.errors import ConfigError
@@ -134,28 +133,6 @@ def load_weights(net: torch.nn.Module, path: str, key: str = "model.weights") ->
         raise ConfigError(f"config: {key} = {path!r} does not load into the network "
                           f"({type(err).__name__}: {_details(err)}): save it from this "
                           "network's state_dict(), with the same [model] arguments") from None
-
-
-def weights_digest(paths) -> str:
-    """SHA-256 over the bytes of ``paths`` in order (the identity of a network's weights)."""
-    # a run asks twice (checking its store, then recording it): a large network is read once
-    return _digest(tuple((str(p), *_stamp(p)) for p in paths))
-
-
-def _stamp(path) -> tuple[int, ...]:
-    """What changes whenever the file does (a save by rename is a new inode)."""
-    stat = os.stat(path)
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
-
-
-@functools.lru_cache(maxsize=8)
-def _digest(files: tuple[tuple, ...]) -> str:
-    h = hashlib.sha256()
-    for path, *_ in files:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 class _Net:
@@ -302,6 +279,6 @@ def module_digest(section) -> str:
     """What identifies a module model: its target, arguments and weights."""
     text = f"{section.target}|{sorted(section.args.items())}|{section.prediction}|{section.process}"
     weights = [section.weights] if section.weights and Path(section.weights).is_file() else []
-    return hashlib.sha256((text + weights_digest(weights)).encode()).hexdigest()
+    return hashlib.sha256((text + files_digest(weights)).encode()).hexdigest()
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from models.module import NetworkModel, _Net, check_output, weights_digest
+from models.digest import files_digest
+from models.module import NetworkModel, _Net, check_output
 from pipeline.clock import DiscreteVP, ddpm_alphas_cumprod
 from pipeline.errors import ConfigError
 
@@ -143,7 +144,7 @@ def pretrained_digest(section) -> str:
     """SHA-256 of the folder's weight files and configs (sorted by path)."""
     root = Path(section.path)
     files = sorted(p for pattern in (*WEIGHT_FILES, "*.json") for p in root.rglob(pattern))
-    return weights_digest(files)
+    return files_digest(files)
 
 
 def describe(section) -> dict:

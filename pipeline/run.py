@@ -6,7 +6,6 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -100,11 +99,12 @@ def model_digest(cfg: Config) -> str:
 
         return pretrained_digest(cfg.model)
     if cfg.model.checkpoint:
-        digest = hashlib.sha256(Path(cfg.model.checkpoint).read_bytes())
+        from models.digest import files_digest  # each start asks more than once: read once
+
         if cfg.model.guide:  # the guided model is the pair and its weight
-            digest.update(Path(cfg.model.guide).read_bytes())
-            digest.update(repr(float(cfg.model.guidance)).encode())
-        return digest.hexdigest()
+            return files_digest([cfg.model.checkpoint, cfg.model.guide],
+                                repr(float(cfg.model.guidance)).encode())
+        return files_digest([cfg.model.checkpoint])
     text = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
