@@ -131,15 +131,18 @@ def memory_sharing(world, device) -> int:
     return ranks_sharing(world.local_layout()[1], torch.device(device))
 
 
-def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: int = 1) -> str:
+def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: int = 1,
+                 calibration: bool = False) -> str:
     """Refuse a batch whose sampler state alone (``memory.sampler_floor``) cannot fit in what
     this rank may still allocate (``sharing`` ranks of the node sharing it), naming the
-    setting to lower: better now than an allocation failure after the store is made. Returns
-    what it found, as text."""
+    setting to lower: better now than an allocation failure after the store is made (or
+    after minutes of calibration: ``calibration``, the batch of calibrate.members on one
+    rank). Returns what it found, as text."""
     room = available_bytes(device, sharing)
     s = cfg.sampler
     key, n = _round_points(s)
-    batch = cfg.ensemble.batch_size
+    batch, setting = ((cfg.calibrate.members, "calibrate.members") if calibration else
+                      (cfg.ensemble.batch_size, "ensemble.batch_size"))
     need = sampler_floor(s.method, n, batch, field_bytes(shape, DTYPES[s.dtype]), time_slices)
     if room is None:
         return f"at least {format_bytes(need)} per rank for the sampler's state"
@@ -148,11 +151,13 @@ def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: i
                 f"{format_bytes(room[0])} {room[1]}")
     per_member = need // batch
     fits = room[0] // per_member if per_member else batch
-    fix = (f"lower ensemble.batch_size to {fits} or fewer" if fits >= 1 else
+    fix = (f"lower {setting} to {fits} or fewer" if fits >= 1 else
+           f"lower sampler.{key} or the field" if calibration else
            f"lower sampler.{key}, add time slices (parallel.time_slices) or use a sequential "
            "sampler")
     raise ConfigError(
-        f"config: {batch} members a batch of {s.method} ({n} points of sampler.{key}"
+        f"config: {batch} members {'calibrating' if calibration else 'a batch of'} {s.method} "
+        f"({n} points of sampler.{key}"
         + (f" over {time_slices} time slices" if time_slices > 1 else "")
         + f", {'x'.join(map(str, shape))} {s.dtype} fields) need at least "
         f"{format_bytes(need)} per rank for the sampler's state alone, and "

@@ -80,6 +80,22 @@ def test_a_batch_whose_sampler_state_cannot_fit_is_refused_before_anything_is_wr
     assert "lower ensemble.batch_size to 2 or fewer" in capsys.readouterr().err
 
 
+def test_a_calibration_whose_sampler_state_cannot_fit_is_refused_before_it_measures(
+        tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.setattr("pipeline.ensemble.available_bytes",
+                        lambda device, sharing=1: (100 * 2**20, "available on this node's host"))
+    args = ["calibrate", "jobs/configs/grf.toml", "--force", "--set", "model.shape=[256, 256]",
+            "--set", "sampler.steps=20", "--set", "calibrate.members=8"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("piadm: error: config: 8 members calibrating pc-window (20 points")
+    assert "lower calibrate.members to 2 or fewer" in last
+    assert "calibrating pc-window:" not in err  # nothing was measured
+
+
 def test_running_out_of_memory_mid_run_is_one_line_and_the_rerun_resumes(
         tmp_path, monkeypatch, capsys):
     """An allocation the floor could not foresee (the model's own) fails on the second batch:
