@@ -42,6 +42,9 @@ def _diffusers(c, device):
 
 MODELS = {"grf": _grf, "gmm": _gmm, "unet": _unet, "module": _module, "diffusers": _diffusers}
 
+# model.kind values whose model.shape may lead with channel axes before the field's own
+CHANNEL_KINDS = ("module", "diffusers")
+
 
 def __getattr__(name: str):
     """``STAT_ERRORS``, imported on first use (it needs torch): the error of an ensemble's

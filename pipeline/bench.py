@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from models import STAT_ERRORS, build_model
+from models import CHANNEL_KINDS, STAT_ERRORS, build_model
 from pipeline.comm import SerialComm
 from pipeline.console import on_rank0, print0
 from pipeline.errors import ConfigError
@@ -190,15 +190,12 @@ def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | 
     return out
 
 
-NETWORK_KINDS = ("module", "diffusers")  # models whose model.shape may lead with channels
-
-
 def model_shape(model, size: tuple[int, ...]) -> tuple[int, ...]:
     """The ``model.shape`` that bench size ``size`` stands for: a network's leading (channel)
     axes are kept, so that ``bench.sizes`` name a field's sizes alone, [[32, 32]] for a
     model of shape [1, 16, 16]."""
     extra = len(model.shape) - len(size)
-    if model.kind in NETWORK_KINDS and extra > 0:
+    if model.kind in CHANNEL_KINDS and extra > 0:
         return tuple(model.shape[:extra]) + tuple(size)
     return tuple(size)
 
