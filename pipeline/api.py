@@ -20,7 +20,7 @@ from pathlib import Path
 import xarray as xr
 
 from pipeline.comm import MPIComm, SerialComm, world_comm
-from pipeline.config import ConfigError, config_from_dict, read_toml
+from pipeline.config import ConfigError, check_same_config, config_from_dict, read_toml
 from pipeline.settings import Config
 from pipeline.store import open_store
 
@@ -80,18 +80,6 @@ def _communicator(comm):
                     f"api.world() or None, not {type(comm).__name__}")
 
 
-def _check_same_config(comm, cfg: Config) -> None:
-    """Raise ConfigError on every rank when the ranks were given different configs: they
-    would disagree on the store and wait for each other forever."""
-    digests = comm.allgather_object(cfg.digest)
-    odd = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
-    if odd:
-        raise ConfigError(
-            f"api.sample: rank(s) {', '.join(map(str, odd))} of {comm.size} were given another "
-            "config than rank 0: every rank must pass the same config (an output.path or "
-            "setting made from the time, the rank or the host differs between ranks)")
-
-
 def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     """Fill ``cfg``'s ensemble store (creating or resuming it) and return the run's
     ``Summary`` (path, members, rounds, model_calls, seconds, ...). ``cfg`` is a ``Config``
@@ -106,7 +94,7 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
 
     cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
     comm = _communicator(comm)
-    _check_same_config(comm, cfg)
+    check_same_config(comm, cfg, "api.sample")
     if callable(stop):
         stop = _StopWhen(stop)
     device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),

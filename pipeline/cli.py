@@ -20,7 +20,8 @@ from pathlib import Path  # noqa: E402
 # Only light modules here: parsing (and --help) must not wait for torch, xarray or zarr;
 # each command imports what it needs.
 from pipeline import __version__  # noqa: E402
-from pipeline.config import ConfigError, load_config, with_settings  # noqa: E402
+from pipeline.config import (ConfigError, check_same_config, load_config,  # noqa: E402
+                             with_settings)
 from pipeline.console import on_rank0, print0, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
 from pipeline.errors import raised_by_every_rank  # noqa: E402
@@ -66,6 +67,7 @@ def _setup(args, world, plan: bool = False, layout: bool = True):
 
     with raised_by_every_rank():
         cfg = load_config(args.config, overrides(args))
+    check_same_config(world, cfg, f"piadm {args.command}")
     device = place_rank(world, cfg.parallel.threads, math.prod(cfg.model.shape),
                         cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)
     attrs = {}
