@@ -66,6 +66,15 @@ class StopRequest:
               "stopping (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
         self.signal = signum
 
+    def finished(self) -> None:
+        """The work is over (done, or stopped and saved): a stop signal from now on has
+        nothing to stop, so it is ignored. Not merely left to the handler: the interpreter's
+        shutdown, which takes a few tenths of a second after a run, puts the default handling
+        back (keeping only ignored signals), and a SIGTERM then would exit 143, telling the
+        scheduler that a finished job failed, or hiding a stopped one's 75."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def install(self) -> "StopRequest":
         """Handle the stop signals (main thread only), and a first Ctrl-C as one of them,
         counting one that arrived while they were deferred; returns self."""

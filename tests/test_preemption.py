@@ -134,3 +134,17 @@ def test_a_stop_signal_during_start_up_exits_75_with_nothing_written(tmp_path, s
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err
     assert "nothing was written" in err and not out.exists()
+
+
+def test_a_stop_signal_after_the_run_finished_does_not_fail_the_job(tmp_path):
+    """SLURM's SIGTERM may land while the interpreter shuts down after a finished run, which
+    puts the default handling back: the exit status stays 0, not 143."""
+    proc = start(["--set", f"output.path={tmp_path / 'e.zarr'}", "--set", "model.shape=[8, 8]",
+                  "--set", "sampler.steps=20", "--set", "ensemble.members=2"])
+    for line in proc.stderr:  # the summary's last line: the work is over
+        if "open with" in line:
+            break
+    time.sleep(0.05)  # into the shutdown
+    proc.send_signal(signal.SIGTERM)
+    proc.stderr.read()
+    assert proc.wait(timeout=60) == 0
