@@ -24,6 +24,7 @@ import torch
 
 from pipeline.cache import cache_path, read_cache, update_cache
 from pipeline.config import ConfigError
+from pipeline.memory_check import check_memory
 from pipeline.noise import Noise
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, Options
 from pipeline.settings import Config
@@ -173,8 +174,6 @@ def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, forc
     if short is not None:  # the same ladder would fall short again: say so at once
         raise Unreachable(f"{short} (measured earlier, {cache_file()}; piadm calibrate "
                           "--force measures again)")
-    from pipeline.ensemble import check_memory
-
     check_memory(cfg, tuple(model.shape), torch.device(device), calibration=True)
     options = sampler_options(s, tol=0.0, data_bound=model_data_bound(model, cfg.model))
     note = f"{s.method} on {cfg.model.kind} {list(cfg.model.shape)}, {s.steps} steps"

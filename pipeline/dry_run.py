@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.ensemble import batch_note, check_memory, check_only, check_output, load_items
+from pipeline.ensemble import batch_note, check_only, check_output, load_items
+from pipeline.memory_check import check_memory
 from pipeline.layout import RankGrid
 from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY

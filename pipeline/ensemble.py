@@ -31,8 +31,8 @@ from pipeline.decomposition import share
 from pipeline.errors import OutOfMemory, WriteFailed, raised_by_every_rank
 from pipeline.inputs import Items, open_items, unconditional
 from pipeline.layout import RankGrid, rank_grid
-from pipeline.memory import (available_bytes, field_bytes, format_bytes, is_out_of_memory,
-                             ranks_sharing, sampler_floor)
+from pipeline.memory import field_bytes, is_out_of_memory, ranks_sharing
+from pipeline.memory_check import check_memory, round_points
 from pipeline.noise import Noise
 from pipeline.progress import Progress
 from pipeline.run import (DTYPES, member_batches, model_data_bound, model_digest, provenance,
@@ -129,40 +129,6 @@ def memory_sharing(world, device) -> int:
     """Every rank (collective): how many ranks share this rank's memory, the node's host
     memory or, on GPUs, one GPU's."""
     return ranks_sharing(world.local_layout()[1], torch.device(device))
-
-
-def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: int = 1,
-                 calibration: bool = False) -> str:
-    """Refuse a batch whose sampler state alone (``memory.sampler_floor``) cannot fit in what
-    this rank may still allocate (``sharing`` ranks of the node sharing it), naming the
-    setting to lower: better now than an allocation failure after the store is made (or
-    after minutes of calibration: ``calibration``, the batch of calibrate.members on one
-    rank). Returns what it found, as text."""
-    room = available_bytes(device, sharing)
-    s = cfg.sampler
-    key, n = _round_points(s)
-    batch, setting = ((cfg.calibrate.members, "calibrate.members") if calibration else
-                      (cfg.ensemble.batch_size, "ensemble.batch_size"))
-    need = sampler_floor(s.method, n, batch, field_bytes(shape, DTYPES[s.dtype]), time_slices)
-    if room is None:
-        return f"at least {format_bytes(need)} per rank for the sampler's state"
-    if need <= room[0]:
-        return (f"at least {format_bytes(need)} per rank for the sampler's state, of "
-                f"{format_bytes(room[0])} {room[1]}")
-    per_member = need // batch
-    fits = room[0] // per_member if per_member else batch
-    fix = (f"lower {setting} to {fits} or fewer" if fits >= 1 else
-           f"lower sampler.{key} or the field" if calibration else
-           f"lower sampler.{key}, add time slices (parallel.time_slices) or use a sequential "
-           "sampler")
-    raise ConfigError(
-        f"config: {batch} members {'calibrating' if calibration else 'a batch of'} {s.method} "
-        f"({n} points of sampler.{key}"
-        + (f" over {time_slices} time slices" if time_slices > 1 else "")
-        + f", {'x'.join(map(str, shape))} {s.dtype} fields) need at least "
-        f"{format_bytes(need)} per rank for the sampler's state alone, and "
-        f"{format_bytes(room[0])} is {room[1]}"
-        + (f" for each of {sharing} ranks" if sharing > 1 else "") + f": {fix}")
 
 
 def _differences(cfg: Config, text: str) -> list[str]:
@@ -404,14 +370,9 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
             beat.stop()
 
 
-def _round_points(s) -> tuple[str, int]:
-    """(setting, points) of the widest part of a round of sampler section ``s``."""
-    return max(REGISTRY[s.method].points(s).items(), key=lambda kv: kv[1])
-
-
 def _out_of_memory(cfg: Config, rank: int, device, members: int) -> str:
     s = cfg.sampler
-    key, n = _round_points(s)
+    key, n = round_points(s)
     return (f"sample: rank {rank} ran out of memory ({device}) sampling {members} members at "
             f"once with {s.method} ({n} points of sampler.{key}): lower ensemble.batch_size"
             + (f" (now {cfg.ensemble.batch_size})" if cfg.ensemble.batch_size > 1 else "")

@@ -30,7 +30,7 @@ def test_after_keep_freed_memory_a_freed_model_buffer_stays_for_the_next_call():
                                     "window-ode", "pc-window", "pc-window-ode",
                                     "dpmpp-2m-window"])
 def test_each_samplers_registered_state_is_a_floor_of_what_it_holds(method):
-    """The refusal of a batch too large (``ensemble.check_memory``) must never refuse one that
+    """The refusal of a batch too large (``memory_check.check_memory``) must never refuse one that
     fits: what each sampler registers is at most its measured peak, model calls included."""
     from models.grf import GaussianRandomField
     from pipeline.grids import make_grid
@@ -65,7 +65,7 @@ def test_a_batch_whose_sampler_state_cannot_fit_is_refused_before_anything_is_wr
         tmp_path, monkeypatch, capsys):
     from pipeline.cli import main
 
-    monkeypatch.setattr("pipeline.ensemble.available_bytes",
+    monkeypatch.setattr("pipeline.memory_check.available_bytes",
                         lambda device, sharing=1: (10 * 2**20, "available on this node's host"))
     args = _grf_run(tmp_path, "model.shape=[256, 256]", "ensemble.batch_size=4")
     assert main(args) == 2
@@ -74,7 +74,7 @@ def test_a_batch_whose_sampler_state_cannot_fit_is_refused_before_anything_is_wr
     assert err.startswith("piadm: error: config: 4 members a batch of pc-window (20 points")
     assert "need at least" in err and "lower sampler.window, add time slices" in err
     assert not (tmp_path / "o.zarr").exists()
-    monkeypatch.setattr("pipeline.ensemble.available_bytes",
+    monkeypatch.setattr("pipeline.memory_check.available_bytes",
                         lambda device, sharing=1: (100 * 2**20, "available on this node's host"))
     assert main(args) == 2
     assert "lower ensemble.batch_size to 2 or fewer" in capsys.readouterr().err
@@ -84,7 +84,7 @@ def test_a_calibration_whose_sampler_state_cannot_fit_is_refused_before_it_measu
         tmp_path, monkeypatch, capsys):
     from pipeline.cli import main
 
-    monkeypatch.setattr("pipeline.ensemble.available_bytes",
+    monkeypatch.setattr("pipeline.memory_check.available_bytes",
                         lambda device, sharing=1: (100 * 2**20, "available on this node's host"))
     args = ["calibrate", "jobs/configs/grf.toml", "--force", "--set", "model.shape=[256, 256]",
             "--set", "sampler.steps=20", "--set", "calibrate.members=8"]

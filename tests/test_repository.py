@@ -66,6 +66,16 @@ def test_the_import_graph_has_no_cycle():
             visit(module, [module])
 
 
+def test_the_readmes_code_layout_names_every_module():
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Code layout"):]
+    layout = layout[: layout.index("\n## ", 3)] if "\n## " in layout[3:] else layout
+    missing = [str(p.relative_to(ROOT)) for p in sorted(
+                   [*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("models/**/*.py")])
+               if p.name not in ("__init__.py", "__main__.py") and p.name not in layout]
+    assert not missing, f"README.md's Code layout does not name {missing}"
+
+
 def test_models_import_only_leaf_modules_of_the_pipeline():
     graph = _imports()
     leaves = {"pipeline.clock", "pipeline.errors"}

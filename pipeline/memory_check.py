@@ -1,0 +1,48 @@
+"""Whether a batch's sampler state fits in the memory a rank has left: the refusal before a
+run (or a calibration) starts, naming the setting to lower."""
+from __future__ import annotations
+
+from pipeline.errors import ConfigError
+from pipeline.memory import available_bytes, field_bytes, format_bytes, sampler_floor
+from pipeline.run import DTYPES
+from pipeline.samplers import REGISTRY
+from pipeline.settings import Config
+
+
+def round_points(s) -> tuple[str, int]:
+    """(setting, points) of the widest part of a round of sampler section ``s``."""
+    return max(REGISTRY[s.method].points(s).items(), key=lambda kv: kv[1])
+
+
+def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: int = 1,
+                 calibration: bool = False) -> str:
+    """Refuse a batch whose sampler state alone (``memory.sampler_floor``) cannot fit in what
+    this rank may still allocate (``sharing`` ranks of the node sharing it), naming the
+    setting to lower: better now than an allocation failure after the store is made (or
+    after minutes of calibration: ``calibration``, the batch of calibrate.members on one
+    rank). Returns what it found, as text."""
+    room = available_bytes(device, sharing)
+    s = cfg.sampler
+    key, n = round_points(s)
+    batch, setting = ((cfg.calibrate.members, "calibrate.members") if calibration else
+                      (cfg.ensemble.batch_size, "ensemble.batch_size"))
+    need = sampler_floor(s.method, n, batch, field_bytes(shape, DTYPES[s.dtype]), time_slices)
+    if room is None:
+        return f"at least {format_bytes(need)} per rank for the sampler's state"
+    if need <= room[0]:
+        return (f"at least {format_bytes(need)} per rank for the sampler's state, of "
+                f"{format_bytes(room[0])} {room[1]}")
+    per_member = need // batch
+    fits = room[0] // per_member if per_member else batch
+    fix = (f"lower {setting} to {fits} or fewer" if fits >= 1 else
+           f"lower sampler.{key} or the field" if calibration else
+           f"lower sampler.{key}, add time slices (parallel.time_slices) or use a sequential "
+           "sampler")
+    raise ConfigError(
+        f"config: {batch} members {'calibrating' if calibration else 'a batch of'} {s.method} "
+        f"({n} points of sampler.{key}"
+        + (f" over {time_slices} time slices" if time_slices > 1 else "")
+        + f", {'x'.join(map(str, shape))} {s.dtype} fields) need at least "
+        f"{format_bytes(need)} per rank for the sampler's state alone, and "
+        f"{format_bytes(room[0])} is {room[1]}"
+        + (f" for each of {sharing} ranks" if sharing > 1 else "") + f": {fix}")
