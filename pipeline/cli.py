@@ -67,7 +67,8 @@ def _setup(args, world, plan: bool = False, layout: bool = True):
 
     with raised_by_every_rank():
         cfg = load_config(args.config, overrides(args))
-    check_same_config(world, cfg, f"piadm {args.command}")
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in ("config", "set")}
+    check_same_config(world, cfg, f"piadm {args.command}", mode=repr(options))
     device = place_rank(world, cfg.parallel.threads, math.prod(cfg.model.shape),
                         cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)
     attrs = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import tomllib
 import types
 import typing
@@ -175,15 +176,17 @@ def store_differences(cfg: Config, text: str, most: int = 4) -> list[str]:
     return out[:most] + ([f"and {len(out) - most} more"] if len(out) > most else [])
 
 
-def check_same_config(comm, cfg: Config, who: str) -> None:
-    """Raise ConfigError on every rank of ``comm`` when its ranks hold different configs
-    (``who``: the command or function, for the message): they would disagree on the store
-    and wait for each other forever."""
-    digests = comm.allgather_object(cfg.digest)
+def check_same_config(comm, cfg: Config, who: str, mode: str = "") -> None:
+    """Raise ConfigError on every rank of ``comm`` when its ranks hold different configs, or
+    different ``mode`` (the command's other options, e.g. ``--dry-run``; ``who``: the command
+    or function, for the message): they would disagree on the store and wait for each other
+    forever."""
+    mine = hashlib.sha256(f"{cfg.digest}\n{mode}".encode()).hexdigest()
+    digests = comm.allgather_object(mine)
     odd = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
     if odd:
         raise ConfigError(
             f"{who}: rank(s) {', '.join(map(str, odd))} of {comm.size} were given another "
-            "config than rank 0: every rank must have the same config (an output.path or "
-            "setting made from the time, the rank or the host, or a PIADM_SET or config file "
-            "that differs between nodes)", collective=True)
+            f"config{' or options' if mode else ''} than rank 0: every rank must have the same "
+            "(an output.path or setting made from the time, the rank or the host, or a "
+            "PIADM_SET or config file that differs between nodes)", collective=True)

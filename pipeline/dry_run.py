@@ -1,12 +1,15 @@
 """``piadm sample --dry-run``: what a run would do, as text, touching nothing."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.ensemble import batch_note, check_only, check_output, load_items
-from pipeline.memory_check import check_memory
+from pipeline.ensemble import (batch_note, check_only, check_output, load_items, store_digests,
+                               stored_batch, work_list)
 from pipeline.layout import RankGrid
+from pipeline.memory_check import check_memory
+from pipeline.planner import resumed_batch_size, stored_plan
 from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, Config, needs_plan
@@ -22,18 +25,23 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     items = load_items(cfg, check=True)
     check_only(cfg.parallel.items, len(items.labels))
     planned = needs_plan(cfg)
-    fate, runs, resumed = _store_fate(cfg, planned)
-    unit = member_batch(cfg.output.path) if resumed else e.batch_size
-    batches = member_batches(e.members, unit)
-    todo = len(cfg.parallel.items or items.labels) * len(batches)
+    stored = stored_plan(cfg) if planned else None
+    fate, runs, unit = _store_fate(cfg, stored)
+    size = e.batch_size if stored is None else resumed_batch_size(cfg, stored)
+    batches = member_batches(e.members, unit or size)
+    done = (done_members(cfg.output.path) if unit else
+            np.zeros((len(items.labels), e.members), dtype=bool))
+    todo = len(work_list(done, batches, cfg.parallel.items))
+    unit = unit or size
     lines = [
         f"items      {len(items.labels)} along {items.dim}"
         + (f" ({items.labels[0]} .. {items.labels[-1]})" if len(items.labels) > 1 else "")
         + (f"; this job fills {list(cfg.parallel.items)}" if cfg.parallel.items else ""),
         f"members    {e.members} per item in {len(batches)} batches of up to {unit}"
-        + batch_note(unit, e.batch_size)
-        + f"; {todo} (item, batch) pairs in all"
-        + ("; with \"auto\" the planner may pick another batch size" if planned else ""),
+        + batch_note(unit, size)
+        + f"; {todo} (item, batch) pairs to sample"
+        + ("; with \"auto\" the planner may pick another batch size"
+           if planned and stored is None else ""),
         f"store      {cfg.output.path} {fate}",
         f"ranks      {ranks.world.size} = {ranks.groups} group(s) x {ranks.slices.size} time "
         f"slice(s); each group takes about {-(-todo // ranks.groups)} pairs"
@@ -46,7 +54,11 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
         try:
             lines.append("memory     " + check_memory(cfg, tuple(cfg.model.shape),
                                                       torch.device(device), sharing=sharing,
-                                                      time_slices=ranks.slices.size))
+                                                      time_slices=ranks.slices.size,
+                                                      batch=min(size, unit, e.members)))
+            if _would_calibrate(cfg, resumed=fate.startswith("would be resumed")):
+                check_memory(cfg, tuple(cfg.model.shape), torch.device(device),
+                             calibration=True)
         except ConfigError as err:
             lines.append(f"memory     the run would stop: {err}")
             runs = False
@@ -54,31 +66,47 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     return "\n".join(lines), runs
 
 
-def _store_fate(cfg: Config, planned: bool) -> tuple[str, bool, bool]:
+def _store_fate(cfg: Config, stored) -> tuple[str, bool, int | None]:
     """What a run would do with the store at output.path, by the run's own start-up checks
-    (``pipeline.ensemble.check_output``), whether it would go ahead, and whether it would
-    resume the store in the store's own batches (an older piadm's store: in the config's). An ``"auto"`` run's store records the plan it was made with (keyed by
-    the unresolved config), which a rerun repeats."""
+    (``pipeline.ensemble.check_output``), whether it would go ahead, and the store's batches
+    when it would resume it (None: it would make them). An ``"auto"`` run's store records the
+    plan it was made with (``stored``: keyed by the unresolved config), which a rerun
+    repeats."""
     path = cfg.output.path
-    if planned and stored_attribute(path, cfg.store_digests, "plan_settings",
-                                    digest_key="plan_config_sha256") is not None:
+    if stored is not None:
         fate = "resume"
     else:
         try:
             fate = check_output(cfg)
         except StoreExists as err:
-            return f"would be refused: {err}", False, False
+            return f"would be refused: {err}", False, None
         except OSError as err:  # check_writable: the folder named
             return (f"would be refused: cannot make a store in {err.filename}: {err.strerror}",
-                    False, False)
+                    False, None)
     if fate in ("resume", "upgrade"):
         done = done_members(path)
         return (f"would be resumed: {int(done.sum())} of {done.size} members done"
                 + ("; an older piadm made it, and its identity would be brought up to date"
-                   if fate == "upgrade" else ""), True, fate == "resume")
+                   if fate == "upgrade" else ""), True,
+                member_batch(path) if fate == "resume" else stored_batch(path))
     return {"create": "would be created",
             "replace": ("was made by another configuration or other model files: "
-                        "output.overwrite = true would replace it")}[fate], True, False
+                        "output.overwrite = true would replace it")}[fate], True, None
+
+
+def _would_calibrate(cfg: Config, resumed: bool) -> bool:
+    """Whether the run would measure its tolerance first: ``"auto"``, with none kept by the
+    store it resumes nor cached (an unreachable ladder stops it before it measures)."""
+    from pipeline.calibrate import calibration_key, read_cached, read_unreachable
+
+    s = cfg.sampler
+    if s.tol != "auto" or REFERENCE[s.method] == s.method:
+        return False
+    kept = stored_attribute(cfg.output.path, store_digests(cfg), "sampler_tol")
+    if resumed and kept is not None:
+        return False
+    key = calibration_key(cfg, model_digest(cfg))
+    return read_cached(key) is None and read_unreachable(key) is None
 
 
 def _window(s) -> str:

@@ -40,10 +40,11 @@ from pipeline.run import (DTYPES, member_batches, model_data_bound, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
-from pipeline.store import (MEMBER_BATCH, StoreSpec, batch_done, done_members, finalize,
-                            member_batch, member_chunk, stored_attribute, write_batch)
+from pipeline.store import (ASKED, MEMBER_BATCH, StoreSpec, done_members, finalize,
+                            member_batch, member_chunk, members_left, stored_attribute,
+                            stored_digest, write_batch)
 from pipeline.target import (check_idle, check_target, check_writable, open_or_create,
-                             upgrade_identity)
+                             stored_config, upgrade_identity)
 from pipeline.writer import make_writer
 
 
@@ -131,17 +132,43 @@ def memory_sharing(world, device) -> int:
     return ranks_sharing(world.local_layout()[1], torch.device(device))
 
 
-def _differences(cfg: Config, text: str) -> list[str]:
-    """The settings in which a store's config ``text`` differs from ``cfg``; for an older
-    piadm's store (whose identity counted it), the batch size when nothing else differs."""
-    found = store_differences(cfg, text)
-    if not found:
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            theirs = config_from_dict(tomllib.loads(text)).ensemble.batch_size
-            if theirs != cfg.ensemble.batch_size:
-                found = [f"ensemble.batch_size: {theirs} -> {cfg.ensemble.batch_size} (an "
-                         f"older piadm made it: resume it at {theirs}, and later runs may change it)"]
-    return found
+def _check_call_memory(cfg: Config, shape, device, **kwargs) -> str:
+    """Rank 0: ``check_memory`` for the members a call of this run holds: ensemble.batch_size
+    (at most the members), or fewer when it resumes a store made in smaller batches."""
+    path, batch = cfg.output.path, min(cfg.ensemble.batch_size, cfg.ensemble.members)
+    found, digests = stored_digest(path), store_digests(cfg)
+    if found == digests[0]:
+        batch = min(batch, member_batch(path))
+    elif found in digests[1:]:  # an older piadm's, in batches of the size it was made with
+        batch = min(batch, stored_batch(path) or batch)
+    return check_memory(cfg, shape, device, batch=batch, **kwargs)
+
+
+def stored_batch(path) -> int | None:
+    """The ensemble.batch_size of the config the store at ``path`` was made with (None when
+    there is none to read): an older piadm's store's unit of work."""
+    try:
+        return config_from_dict(tomllib.loads(stored_config(path))).ensemble.batch_size
+    except (ValueError, TypeError, KeyError):  # ConfigError and TOMLDecodeError among them
+        return None
+
+
+def store_digests(cfg: Config) -> tuple[str, ...]:
+    """The digests under which a store is this configuration's: ``store_digest``, then the
+    ones an older piadm gave it (which counted ensemble.batch_size), at the batch size the
+    store at output.path was made with and at the config's."""
+    batches = dict.fromkeys(b for b in (stored_batch(cfg.output.path), cfg.ensemble.batch_size)
+                            if b is not None)
+    return (cfg.store_digest, *(cfg.legacy_store_digest(b) for b in batches))
+
+
+def _upgrade_fate(cfg: Config, model: str | None, **kwargs) -> tuple[str, str | None, int | None]:
+    """``check_target``'s fate of output.path, an older piadm's store of this configuration
+    (at any batch size) being ``upgrade``; with the legacy digest and batch size found."""
+    batch = stored_batch(cfg.output.path)
+    legacy = None if batch is None else cfg.legacy_store_digest(batch)
+    fate = check_target(cfg.output.path, cfg.store_digest, model=model, legacy=legacy, **kwargs)
+    return fate, legacy, batch
 
 
 def check_output(cfg: Config) -> str:
@@ -149,10 +176,8 @@ def check_output(cfg: Config) -> str:
     after the checks that fate needs: a new store's folder must take it, a replaced one
     must have no live job filling it, nor an older piadm's store brought up to date
     (``upgrade``). Raises StoreExists or OSError naming the problem."""
-    digest, legacy = cfg.store_digests
-    fate = check_target(cfg.output.path, digest, overwrite=cfg.output.overwrite,
-                        model=model_digest(cfg), differs=lambda text: _differences(cfg, text),
-                        legacy=legacy)
+    fate, _, _ = _upgrade_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
+                               differs=lambda text: store_differences(cfg, text))
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
     if fate in ("replace", "upgrade"):
@@ -170,10 +195,11 @@ def _prepare(cfg: Config, stats: tuple[float, float], shape, trained_on, tol: Ca
     planned = "sampler.tol" in json.loads(attrs.get("plan_settings", "{}"))
     source = "plan" if planned and tol.source == "config" else tol.source
     spec.attrs.update(sampler_tol=tol.tol, sampler_tol_source=source, **attrs)
-    digest, legacy = cfg.store_digests
-    if check_target(spec.path, digest, overwrite=cfg.output.overwrite,
-                    model=spec.attrs.get("model_sha256"), legacy=legacy) == "upgrade":
-        upgrade_identity(spec.path, legacy, digest, cfg.ensemble.batch_size)
+    fate, legacy, batch = _upgrade_fate(cfg, spec.attrs.get("model_sha256"),
+                                        overwrite=cfg.output.overwrite)
+    if fate == "upgrade":
+        upgrade_identity(spec.path, legacy, cfg.store_digest, batch,
+                         plan=spec.attrs.get("plan_config_sha256"))
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
 
 
@@ -187,7 +213,7 @@ def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: boo
     if REFERENCE[s.method] == s.method or (s.tol != "auto" and not force):
         return resolve_tol(cfg, model, device=device)  # the configured tol, or none at all
     stored = None if force or not store else stored_attribute(
-        cfg.output.path, cfg.store_digests, "sampler_tol")
+        cfg.output.path, store_digests(cfg), "sampler_tol")
     return resolve_tol(cfg, first_item_model(cfg, model, device), device=device, stored=stored,
                        force=force, say=say)
 
@@ -218,7 +244,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     stop = stop if stop is not None else StopRequest()
     with raised_by_every_rank():  # the same files on every rank
         model = build_model(cfg.model, device)
-    on_rank0(ranks.world, check_memory, cfg, tuple(model.shape), torch.device(device),
+    on_rank0(ranks.world, _check_call_memory, cfg, tuple(model.shape), torch.device(device),
              sharing=memory_sharing(ranks.world, device), time_slices=ranks.slices.size)
     started = _start_up(cfg, model, ranks.world, stop, device, attrs or {})
     if started is None:
@@ -349,7 +375,8 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
             except Exception as err:
                 if not is_out_of_memory(err):
                     raise
-                raise OutOfMemory(_out_of_memory(cfg, world.rank, device, len(members))) from None
+                raise OutOfMemory(_out_of_memory(cfg, world.rank, device, len(members),
+                                                 spec.attrs.get(ASKED))) from None
             if writer is not None:
                 halt.attempt(_submit, writer, spec, item, members, batch, scale)
             tally.add(len(members), batch.stats)
@@ -370,12 +397,18 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
             beat.stop()
 
 
-def _out_of_memory(cfg: Config, rank: int, device, members: int) -> str:
+def _out_of_memory(cfg: Config, rank: int, device, members: int, asked=None) -> str:
+    """The one line of a batch that ran out of memory; ``asked``: the batch size the config
+    asked when an ``"auto"`` run's plan was made (a resume keeps the plan's unless another
+    is asked)."""
     s = cfg.sampler
     key, n = round_points(s)
+    now = cfg.ensemble.batch_size
     return (f"sample: rank {rank} ran out of memory ({device}) sampling {members} members at "
             f"once with {s.method} ({n} points of sampler.{key}): lower ensemble.batch_size"
-            + (f" (now {cfg.ensemble.batch_size})" if cfg.ensemble.batch_size > 1 else "")
+            + (f" (now {now}" + (f", the plan's; any size but the {asked} the plan was made "
+                                 "for replaces it" if asked not in (None, now) else "") + ")"
+               if now > 1 else "")
             + f", sampler.{key}, or add time slices; the members written so far are kept, and "
             "the same command resumes after them")
 
@@ -400,15 +433,14 @@ def _claimed(mine, size: int, slices, stop, tally: "_Tally", bar: Progress, item
             time.sleep(CLAIM_POLL_S)
             queue, deferred = deferred, []
         item, members, left = queue.pop(0)
-        state = slices.bcast_object(
+        state, now = slices.bcast_object(
             _claim_state(path, folder, item, members, job) if slices.rank == 0 else None, 0)
-        if state == "done":  # finished by another job meanwhile
-            bar.advance(len(left), f"{items.dim} {items.labels[item]}: another job's")
-            continue
         if state == "theirs":
             deferred.append((item, members, left))
             continue
-        for k, call in enumerate(member_calls(left, size)):
+        if len(now) < len(left):  # written by another job meanwhile (all, or part: a dead one)
+            bar.advance(len(left) - len(now), f"{items.dim} {items.labels[item]}: another job's")
+        for k, call in enumerate(member_calls(now, size)):
             if k and _stop_agreed(slices, stop):  # between calls too: a batch may take many
                 tally.stopped = True
                 return
@@ -427,12 +459,15 @@ def _submit(writer, spec: StoreSpec, item: int, members, batch, scale) -> None:
                   digest=spec.digest, model=spec.attrs.get("model_sha256"))
 
 
-def _claim_state(path, folder, item: int, members, job: str) -> str:
-    """Lead rank: ``done`` (written already), ``ours`` (claimed now or before, or taken over
-    from a dead job) or ``theirs`` (a live job is on it)."""
-    if batch_done(path, item, members):
-        return "done"
-    return "ours" if claim(folder, f"{item}-{members[0]}", job) else "theirs"
+def _claim_state(path, folder, item: int, members, job: str) -> tuple[str, tuple[int, ...]]:
+    """Lead rank: (``done``, ()) when the batch is written already; (``ours``, the members
+    still to write) when claimed now or before, or taken over from a dead job, which may
+    have written part of it; (``theirs``, ()) while a live job is on it."""
+    if not members_left(path, item, members):
+        return "done", ()
+    if not claim(folder, f"{item}-{members[0]}", job):
+        return "theirs", ()
+    return "ours", members_left(path, item, members)  # read now that no one else writes it
 
 
 class _Halt:

@@ -15,17 +15,19 @@ def round_points(s) -> tuple[str, int]:
 
 
 def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: int = 1,
-                 calibration: bool = False) -> str:
+                 calibration: bool = False, batch: int | None = None) -> str:
     """Refuse a batch whose sampler state alone (``memory.sampler_floor``) cannot fit in what
     this rank may still allocate (``sharing`` ranks of the node sharing it), naming the
     setting to lower: better now than an allocation failure after the store is made (or
     after minutes of calibration: ``calibration``, the batch of calibrate.members on one
-    rank). Returns what it found, as text."""
+    rank). ``batch``: the members a call holds, when not the setting's (a store resumed in
+    its smaller batches). Returns what it found, as text."""
     room = available_bytes(device, sharing)
     s = cfg.sampler
     key, n = round_points(s)
-    batch, setting = ((cfg.calibrate.members, "calibrate.members") if calibration else
-                      (cfg.ensemble.batch_size, "ensemble.batch_size"))
+    members, setting = ((cfg.calibrate.members, "calibrate.members") if calibration else
+                        (cfg.ensemble.batch_size, "ensemble.batch_size"))
+    batch = batch or members
     need = sampler_floor(s.method, n, batch, field_bytes(shape, DTYPES[s.dtype]), time_slices)
     if room is None:
         return f"at least {format_bytes(need)} per rank for the sampler's state"
@@ -39,7 +41,8 @@ def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: i
            f"lower sampler.{key}, add time slices (parallel.time_slices) or use a sequential "
            "sampler")
     raise ConfigError(
-        f"config: {batch} members {'calibrating' if calibration else 'a batch of'} {s.method} "
+        f"config: {batch} member{'s' if batch > 1 else ''} "
+        f"{'calibrating' if calibration else 'a batch of'} {s.method} "
         f"({n} points of sampler.{key}"
         + (f" over {time_slices} time slices" if time_slices > 1 else "")
         + f", {'x'.join(map(str, shape))} {s.dtype} fields) need at least "

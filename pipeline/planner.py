@@ -33,6 +33,7 @@ from pipeline.noise import Noise
 from pipeline.plan import CostCurve, Machine, Prediction, Profile, layouts, predict, rank
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS
 from pipeline.settings import AUTO_METHODS, Config
+from pipeline.store import ASKED, read_attrs
 
 FAMILIES = {"auto": ("sequential-sde", "piadm-sde", "window", "pc-window"),
             "auto-ode": ("sequential-ode", "piadm-ode", "window-ode", "pc-window-ode"),
@@ -375,12 +376,17 @@ def describe(plan: Plan) -> str:
 
 
 def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int, latency: float,
-                   stored: dict | None, say=print) -> tuple[Config, dict]:
+                   stored: tuple[dict, int | None] | None, say=print) -> tuple[Config, dict]:
     """Rank 0: the concrete config of an ``"auto"`` run and the store attributes that record
     the choice. A resumed store's own choice (``stored``) wins, so its members stay alike."""
     if stored is not None:
-        say(f"plan: the store's own choice, {stored}")
-        chosen = stored
+        chosen, asked = dict(stored[0]), stored[1]
+        say(f"plan: the store's own choice, {chosen}")
+        batch = resumed_batch_size(cfg, stored)
+        if batch != chosen["ensemble.batch_size"]:  # not the store's identity: a resume may
+            chosen["ensemble.batch_size"] = batch   # lower it (after running out of memory)
+            say(f"plan: at ensemble.batch_size = {batch}, the config's (it asked {asked} when "
+                "the plan was made)")
     else:
         if cfg.parallel.time_slices != "auto":
             t = cfg.parallel.time_slices
@@ -403,8 +409,30 @@ def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int
         say(table(plan, rows=6))
         say(describe(plan))
         chosen = settings(plan.best)
-    attrs = {"plan_settings": json.dumps(chosen), "plan_config_sha256": cfg.store_digest}
+    attrs = {"plan_settings": json.dumps(chosen), "plan_config_sha256": cfg.store_digest,
+             ASKED: stored[1] if stored else cfg.ensemble.batch_size}
     return with_settings(cfg, chosen), attrs
+
+
+def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
+    """The plan the store at output.path was made with, when it is this ``"auto"``
+    configuration's store: (its settings, the batch size asked then; None in an older
+    store); else None."""
+    from pipeline.ensemble import store_digests
+
+    attrs = read_attrs(cfg.output.path) or {}
+    if attrs.get("plan_config_sha256") not in store_digests(cfg) or "plan_settings" not in attrs:
+        return None
+    return json.loads(attrs["plan_settings"]), attrs.get(ASKED)
+
+
+def resumed_batch_size(cfg: Config, stored: tuple[dict, int | None]) -> int:
+    """The ensemble.batch_size a resumed ``"auto"`` run of ``cfg`` samples at: the stored
+    plan's, unless the config asks another than when the plan was made."""
+    chosen, asked = stored
+    if asked is not None and cfg.ensemble.batch_size != asked:
+        return cfg.ensemble.batch_size
+    return chosen["ensemble.batch_size"]
 
 
 def collective_latency(comm, repeats: int = 20) -> float:
@@ -428,17 +456,15 @@ def resolve_plan(cfg: Config, world, device) -> tuple[Config, dict]:
     from models import build_model
     from pipeline.console import on_rank0, tag
     from pipeline.ensemble import first_item_model
-    from pipeline.store import stored_attribute
 
     latency = collective_latency(world)
     gpus = torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
 
     def plan_here():
-        stored = stored_attribute(  # a store this config made is resumed: its plan is kept
-            cfg.output.path, cfg.store_digests, "plan_settings", digest_key="plan_config_sha256")
+        stored = stored_plan(cfg)  # a store this config made is resumed: its plan is kept
         model = first_item_model(cfg, build_model(cfg.model, device), device)
         return planned_config(cfg, model, device, ranks=world.size, gpus_per_node=gpus,
-                              latency=latency, stored=None if stored is None else json.loads(stored),
+                              latency=latency, stored=stored,
                               say=lambda text: print(tag(world) + text, file=sys.stderr,
                                                      flush=True))
 

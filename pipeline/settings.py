@@ -222,14 +222,13 @@ class Config:
         """SHA-256 of ``store_settings``: runs that may fill one store share it."""
         return _settings_digest(self.store_settings())
 
-    @property
-    def store_digests(self) -> tuple[str, str]:
-        """(``store_digest``, the digest piadm 0.1 gave the same settings, which counted
-        ensemble.batch_size): the stores this configuration may resume; an old one is brought
-        up to date when resumed (``pipeline.target.upgrade_identity``)."""
+    def legacy_store_digest(self, batch_size: int) -> str:
+        """The digest piadm 0.1 gave these settings with ``ensemble.batch_size`` (it counted
+        it): a store of this configuration made by it is resumed and brought up to date
+        (``pipeline.ensemble.store_digests``)."""
         old = self.store_settings()
-        old["ensemble"]["batch_size"] = self.ensemble.batch_size
-        return self.store_digest, _settings_digest(old)
+        old["ensemble"]["batch_size"] = batch_size
+        return _settings_digest(old)
 
 
 def _settings_digest(settings: dict) -> str:

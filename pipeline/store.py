@@ -65,6 +65,10 @@ class StoreSpec:
 
 CHUNK_BYTES = 64 * 2**20  # the most a field chunk holds, when the member batch allows
 MEMBER_BATCH = "piadm_member_batch"  # the attribute of the store's unit of work (``member_batch``)
+# The attribute of the ensemble.batch_size an "auto" run's config asked when its plan was made
+# (``pipeline.planner``): a resume whose config asks another samples at that size instead of
+# the plan's (after running out of memory, say); one that asks the same keeps the plan's.
+ASKED = "plan_batch_size_asked"
 
 
 def member_chunk(batch_size: int, field_bytes: int) -> int:
@@ -171,7 +175,7 @@ def stored_digest(path: str | Path) -> str | None:
 def stored_attribute(path: str | Path, digests: tuple[str, ...], name: str,
                      digest_key: str = "piadm_store_digest"):
     """Attribute ``name`` of the piadm store at ``path`` when that store was made by a
-    configuration with one of ``digests`` (a run that will resume it: ``Config.store_digests``;
+    configuration with one of ``digests`` (a run that will resume it: ``ensemble.store_digests``;
     ``digest_key`` names the attribute holding it); else None."""
     attrs = read_attrs(path) or {}
     return attrs.get(name) if attrs.get(digest_key) in digests else None
@@ -199,10 +203,10 @@ def done_members(path: str | Path) -> np.ndarray:
     return zarr.open_group(path, mode="r")["done"][:] == 1
 
 
-def batch_done(path: str | Path, item: int, members) -> bool:
-    """Whether every member of ``members`` (consecutive) of item index ``item`` is written."""
-    done = zarr.open_group(path, mode="r")["done"]
-    return bool((done[item, members[0] : members[-1] + 1] == 1).all())
+def members_left(path: str | Path, item: int, members) -> tuple[int, ...]:
+    """The members of ``members`` (consecutive) of item index ``item`` not yet written."""
+    done = zarr.open_group(path, mode="r")["done"][item, members[0] : members[-1] + 1]
+    return tuple(m for m, flag in zip(members, done) if flag != 1)
 
 
 def _still_ours(path: str | Path, digest: str, model: str | None):

@@ -16,7 +16,9 @@ import tempfile
 from pathlib import Path
 
 from pipeline.claims import Heartbeat, claims_dir, clear_claims, holding, live_jobs, new_job_id
-from pipeline.store import MEMBER_BATCH, StoreExists, StoreSpec, create, read_attrs, update_attrs
+from pipeline import __version__
+from pipeline.store import (MEMBER_BATCH, StoreExists, StoreSpec, create, finalize, read_attrs,
+                            update_attrs)
 
 
 def _fate(path: str | Path, digest: str, overwrite: bool, model: str | None,
@@ -56,17 +58,23 @@ def check_writable(path: str | Path) -> None:
         raise OSError(err.errno, err.strerror, str(existing)) from None
 
 
-def upgrade_identity(path: str | Path, legacy: str, digest: str, member_batch: int) -> None:
+def upgrade_identity(path: str | Path, legacy: str, digest: str, member_batch: int,
+                     plan: str | None = None) -> None:
     """Give a store that an older piadm made under the ``legacy`` digest this version's
-    ``digest`` and its unit of work, ``member_batch`` members (the batch size it was made
-    with, which that digest counted), so that runs of any batch size resume it. Only while no
-    live job fills it (``check_idle``): an older job still writing would find its store
-    changed, and stop."""
+    ``digest`` (and ``plan``, the digest of the ``"auto"`` config whose plan it keeps, when it
+    has one) and its unit of work, ``member_batch`` members (the batch size it was made with,
+    which that digest counted), so that runs of any batch size resume it; its history says
+    so. Only while no live job fills it (``check_idle``): an older job still writing would
+    find its store changed, and stop."""
     check_idle(path)
     attrs = read_attrs(path) or {}
-    digests = {key: digest for key in ("piadm_store_digest", "plan_config_sha256", "store_sha256")
+    changes = {key: digest for key in ("piadm_store_digest", "store_sha256")
                if attrs.get(key) == legacy}
-    update_attrs(path, {**digests, MEMBER_BATCH: member_batch})
+    if plan is not None and "plan_config_sha256" in attrs:
+        changes["plan_config_sha256"] = plan
+    update_attrs(path, {**changes, MEMBER_BATCH: member_batch})
+    finalize(path, f"piadm {__version__}: the store's identity no longer counts "
+                   f"ensemble.batch_size; its batches of {member_batch} stay its unit of work")
 
 
 def stored_config(path: str | Path) -> str:

@@ -109,31 +109,51 @@ def test_a_store_resumes_at_another_batch_size_in_its_own_batches(tmp_path, inpu
     assert zarr.open_group(cut, mode="r").attrs["piadm_member_batch"] == 2
 
 
+def test_a_batch_taken_over_samples_only_the_members_its_dead_claimant_did_not_write(
+        tmp_path, input_store):
+    """What a group found left at start-up may be stale: a job that held the batch wrote part
+    of it, then died. Once claimed, the batch is read again, and only the rest is sampled."""
+    import io
+
+    from pipeline.comm import SerialComm
+    from pipeline.ensemble import _claimed, _Tally
+    from pipeline.progress import Progress
+
+    out = tmp_path / "e.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
+    zarr.open_group(out, mode="r+")["done"][0, 1] = 0  # as if the claimant died after member 0
+    items = type("I", (), {"dim": "time", "labels": ["t0"]})()
+    bar = Progress(SerialComm(), 2, "members", stream=io.StringIO())
+    calls = list(_claimed([(0, (0, 1), (0, 1))], 2, SerialComm(), False, _Tally(0.0), bar,
+                          items, out, "job-x"))
+    assert calls == [(0, (1,))] and bar.done == 1
+
+
 def test_an_older_piadms_store_is_resumed_and_brought_up_to_date(tmp_path, input_store, capsys):
     """Stores made before the batch size left the store's identity carry a digest that
-    counted it: the same configuration resumes them (a dry run says so first), another batch
-    size is told it is another configuration."""
+    counted it: the same configuration resumes them at any batch size, output.overwrite
+    too (it is this configuration's store: never deleted), after a dry run says so."""
     out = tmp_path / "old.zarr"
     cfg = load_config("jobs/configs/grf.toml", _overrides(conditional_sets(input_store, out)))
     assert sample_to_store(cfg, stop=StopAfter(3)).members == 2
-    new, legacy = cfg.store_digests
+    legacy = cfg.legacy_store_digest(2)
     group = zarr.open_group(out, mode="r+")  # as piadm 0.1 left it
     group.attrs.update(piadm_store_digest=legacy, store_sha256=legacy)
     del group.attrs["piadm_member_batch"]
-    assert main(["sample", "jobs/configs/grf.toml",
-                 *conditional_sets(input_store, out, "ensemble.batch_size=1")]) == 2
+    again = conditional_sets(input_store, out, "ensemble.batch_size=1", "output.overwrite=true")
+    assert main(["sample", "jobs/configs/grf.toml", "--dry-run", *again]) == 0
     err = capsys.readouterr().err
-    assert "was made by a different configuration" in err
-    assert "differs in ensemble.batch_size: 2 -> 1 (an older piadm made it: resume it at 2" in err
-    assert main(["sample", "jobs/configs/grf.toml", "--dry-run",
-                 *conditional_sets(input_store, out)]) == 0
-    assert "an older piadm made it" in capsys.readouterr().err
+    assert "would be resumed: 2 of 36 members done; an older piadm made it" in err
+    assert ("in 3 batches of up to 2 (1 member(s) a call: ensemble.batch_size); 17 (item, "
+            "batch) pairs to sample") in err
     assert zarr.open_group(out, mode="r").attrs["piadm_store_digest"] == legacy  # untouched
-    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
-    assert "2 of 36 members done, 34 to sample" in capsys.readouterr().err
+    assert main(["sample", "jobs/configs/grf.toml", *again]) == 0
+    assert ("2 of 36 members done, 34 to sample in its batches of 2 (1 member(s) a call"
+            in capsys.readouterr().err)
     attrs = zarr.open_group(out, mode="r").attrs
-    assert attrs["piadm_store_digest"] == new and attrs["store_sha256"] == new
+    assert attrs["piadm_store_digest"] == cfg.store_digest == attrs["store_sha256"]
     assert attrs["piadm_member_batch"] == 2
+    assert "identity no longer counts ensemble.batch_size" in attrs["history"]
     assert main(["status", str(out)]) == 0
 
 

@@ -96,6 +96,40 @@ def test_a_calibration_whose_sampler_state_cannot_fit_is_refused_before_it_measu
     assert "calibrating pc-window:" not in err  # nothing was measured
 
 
+def test_a_dry_run_foresees_the_calibrations_refusal(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))  # nothing calibrated yet
+    monkeypatch.setattr("pipeline.memory_check.available_bytes",
+                        lambda device, sharing=1: (100 * 2**20, "available on this node's host"))
+    args = _grf_run(tmp_path, "model.shape=[256, 256]", 'sampler.tol="auto"',
+                    "calibrate.members=8", "ensemble.batch_size=1", "ensemble.members=1")
+    assert main([*args[:2], "--dry-run", *args[2:]]) == 2
+    err = capsys.readouterr().err
+    assert "memory     the run would stop: config: 8 members calibrating pc-window" in err
+    assert main(args) == 2 and not (tmp_path / "o.zarr").exists()
+
+
+def test_a_store_resumed_at_a_larger_batch_size_is_checked_at_its_own_batches(
+        tmp_path, monkeypatch, capsys):
+    """Its calls hold no more than the store's batches, so a batch size too large for memory
+    is no reason to refuse the resume."""
+    from pipeline.cli import main
+
+    assert main(_grf_run(tmp_path, "model.shape=[256, 256]", "ensemble.members=2")) == 0
+    monkeypatch.setattr("pipeline.memory_check.available_bytes",
+                        lambda device, sharing=1: (100 * 2**20, "available on this node's host"))
+    larger = _grf_run(tmp_path, "model.shape=[256, 256]", "ensemble.members=2",
+                      "ensemble.batch_size=64")
+    capsys.readouterr()
+    assert main([*larger[:2], "--dry-run", *larger[2:]]) == 0
+    assert "the run would stop" not in capsys.readouterr().err
+    assert main(larger) == 0
+    fresh = _grf_run(tmp_path, "model.shape=[256, 256]", "ensemble.members=64",
+                     "ensemble.batch_size=64", f'output.path="{tmp_path / "new.zarr"}"')
+    assert main(fresh) == 2  # a new store's batches would be 64
+
+
 def test_running_out_of_memory_mid_run_is_one_line_and_the_rerun_resumes(
         tmp_path, monkeypatch, capsys):
     """An allocation the floor could not foresee (the model's own) fails on the second batch:
@@ -147,3 +181,14 @@ def test_the_cost_curve_stops_at_the_first_call_that_runs_out_of_memory():
     curve = cost_curve(model, (4, 4), torch.float32, "cpu", [1, 4, 8, 16, 32], threads=1,
                        repeats=1)
     assert curve.sizes == (1, 4, 8)
+
+
+def test_an_auto_runs_out_of_memory_line_says_which_batch_sizes_replace_the_plans():
+    from pipeline.config import load_config
+    from pipeline.ensemble import _out_of_memory
+
+    cfg = load_config("jobs/configs/grf.toml", ["ensemble.batch_size=8"])
+    line = _out_of_memory(cfg, 0, "cuda:0", 8, asked=4)
+    assert "lower ensemble.batch_size (now 8, the plan's; any size but the 4 the plan was " \
+           "made for replaces it)" in line
+    assert "(now 8)" in _out_of_memory(cfg, 0, "cuda:0", 8)  # not planned

@@ -140,20 +140,22 @@ def test_ranks_given_other_configs_through_the_api_are_refused_on_every_rank(tmp
 
 
 def test_ranks_of_the_cli_given_other_configs_are_refused_on_every_rank(tmp_path):
-    """Two ranks whose command lines differ (as a PIADM_SET or a config file differing
-    between nodes would make them): one clean error, nothing written."""
+    """Two ranks whose configs differ (as a PIADM_SET or a config file differing between
+    nodes would make them), or their options (a dry run on one): one clean error, nothing
+    written."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     rank = [sys.executable, "-m", "pipeline.cli", "sample", "jobs/configs/grf.toml",
             *_sets([f"output.path={tmp_path / 'x.zarr'}", "model.shape=[8, 8]",
                     "sampler.steps=20"])]
-    proc = subprocess.run([MPIEXEC, "-n", "1", *rank, ":", "-n", "1", *rank, "--set",
-                           "sampler.seed=7"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("piadm: error")]
-    assert len(errors) == 1 and errors[0].startswith(
-        "piadm: error: piadm sample: rank(s) 1 of 2 were given another config than rank 0")
-    assert not (tmp_path / "x.zarr").exists()
+    for other in (["--set", "sampler.seed=7"], ["--dry-run"]):
+        proc = subprocess.run([MPIEXEC, "-n", "1", *rank, ":", "-n", "1", *rank, *other],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("piadm: error")]
+        assert len(errors) == 1 and errors[0].startswith(
+            "piadm: error: piadm sample: rank(s) 1 of 2 were given another config or options "
+            "than rank 0"), errors
+        assert not (tmp_path / "x.zarr").exists()
 
 
 def test_a_bad_layout_is_one_clean_error_from_every_rank(tmp_path):

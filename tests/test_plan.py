@@ -139,6 +139,36 @@ def test_auto_sampling_runs_the_plan_and_records_it_and_a_resume_keeps_it(tmp_pa
     assert "the store's own choice" in capsys.readouterr().err
 
 
+def test_a_resumed_auto_run_takes_a_batch_size_the_config_changed_since_the_plan(
+        tmp_path, capsys):
+    """The plan's batch size is not the store's identity: after running out of memory a user
+    lowers ensemble.batch_size, and the resumed "auto" run (and its dry run) samples at it;
+    a config that asks what it asked when the plan was made keeps the plan's."""
+    import zarr
+
+    sets = _small(tmp_path, **{"sampler.method": "auto", "ensemble.members": 4,
+                               "ensemble.batch_size": 4})
+    sample(load_config("jobs/configs/grf.toml", sets))
+    path = sets["output.path"]
+    attrs = zarr.open_group(path, mode="r").attrs
+    planned = json.loads(attrs["plan_settings"])["ensemble.batch_size"]
+    assert attrs["plan_batch_size_asked"] == 4 and planned > 1  # else nothing to lower
+    zarr.open_group(path, mode="r+")["done"][0, :] = 0  # as if it ran out of memory at once
+    capsys.readouterr()
+    lower = {**sets, "ensemble.batch_size": 1}
+    args = ["sample", "jobs/configs/grf.toml", "--dry-run",
+            *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in lower.items()), [])]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"batches of up to {planned} (1 member(s) a call" in err
+    summary = sample(load_config("jobs/configs/grf.toml", lower))
+    err = capsys.readouterr().err
+    assert summary.members == 4 and "the config's (it asked 4 when the plan was made)" in err
+    zarr.open_group(path, mode="r+")["done"][0, :] = 0
+    sample(load_config("jobs/configs/grf.toml", sets))  # asks 4 again: the plan's size
+    assert "the config's (it asked" not in capsys.readouterr().err
+
+
 def test_a_dry_run_of_an_auto_run_names_the_planner_and_then_the_store_it_would_resume(
         tmp_path, capsys):
     sets = _small(tmp_path, **{"sampler.method": "auto"})
