@@ -176,8 +176,9 @@ def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeat
 def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | None]:
     """The tolerance each bench method runs with: the configured one, or for "auto" each
     parallel method's own calibration (rank 0 calibrates, every rank gets the result). A
-    method whose calibration falls short of ``sampler.distance`` is said and left out."""
-    from pipeline.calibrate import Unreachable, resolve_tol
+    method whose calibration falls short of ``sampler.distance`` or cannot fit in memory is
+    said and left out."""
+    from pipeline.calibrate import CANNOT_CALIBRATE, resolve_tol
 
     out = {}
     for method in cfg.bench.methods:
@@ -185,7 +186,7 @@ def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | 
         try:
             out[method] = on_rank0(comm, resolve_tol, mine, model, device=device,
                                    say=lambda text: print0(comm, text)).tol
-        except Unreachable as err:  # the other methods are still worth their rows
+        except CANNOT_CALIBRATE as err:  # the other methods are still worth their rows
             print0(comm, f"left out {method}: {err}")
     return out
 

@@ -24,7 +24,7 @@ import torch
 
 from pipeline.cache import cache_path, read_cache, update_cache
 from pipeline.config import ConfigError
-from pipeline.memory_check import check_memory
+from pipeline.memory_check import TooLarge, check_memory
 from pipeline.noise import Noise
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, Options
 from pipeline.settings import Config
@@ -60,6 +60,11 @@ class Unreachable(ConfigError):
     """No tolerance of ``calibrate.ladder`` keeps the method within ``sampler.distance`` / 2
     of the sequential path: on this model and device the method cannot be used at that
     distance (an ``"auto"`` plan leaves it out)."""
+
+
+# What leaves a sampler out of a plan or a bench rather than stopping it: no tolerance of the
+# ladder was close enough, or the calibration's batch cannot fit in memory.
+CANNOT_CALIBRATE = (Unreachable, TooLarge)
 
 
 def cache_file() -> Path:

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.ensemble import (batch_note, check_only, check_output, load_items, store_digests,
-                               stored_batch, work_list)
+from pipeline.ensemble import batch_note, check_only, check_output, load_items, work_list
+from pipeline.identity import store_digests
 from pipeline.layout import RankGrid
 from pipeline.memory_check import check_memory
 from pipeline.planner import resumed_batch_size, stored_plan
@@ -88,7 +88,7 @@ def _store_fate(cfg: Config, stored) -> tuple[str, bool, int | None]:
         return (f"would be resumed: {int(done.sum())} of {done.size} members done"
                 + ("; an older piadm made it, and its identity would be brought up to date"
                    if fate == "upgrade" else ""), True,
-                member_batch(path) if fate == "resume" else stored_batch(path))
+                member_batch(path))
     return {"create": "would be created",
             "replace": ("was made by another configuration or other model files: "
                         "output.overwrite = true would replace it")}[fate], True, None

@@ -14,7 +14,6 @@ import json
 import math
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,11 +24,12 @@ from models.conditioning import CONDITIONS
 from pipeline.calibrate import Calibration, resolve_tol
 from pipeline.claims import Heartbeat, claim, claims_dir, holding, new_job_id
 from pipeline.comm import SerialComm
-from pipeline.config import ConfigError, config_from_dict, store_differences
+from pipeline.config import ConfigError, store_differences
 from pipeline.console import on_rank0, print0
 from pipeline.decomposition import share
 from pipeline.errors import OutOfMemory, WriteFailed, raised_by_every_rank
 from pipeline.inputs import Items, open_items, unconditional
+from pipeline.identity import call_batch, store_digests, target_fate
 from pipeline.layout import RankGrid, rank_grid
 from pipeline.memory import field_bytes, is_out_of_memory, ranks_sharing
 from pipeline.memory_check import check_memory, round_points
@@ -42,9 +42,8 @@ from pipeline.settings import Config
 from pipeline.signals import StopRequest
 from pipeline.store import (ASKED, MEMBER_BATCH, StoreSpec, done_members, finalize,
                             member_batch, member_chunk, members_left, stored_attribute,
-                            stored_digest, write_batch)
-from pipeline.target import (check_idle, check_target, check_writable, open_or_create,
-                             stored_config, upgrade_identity)
+                            write_batch)
+from pipeline.target import check_idle, check_writable, open_or_create, upgrade_identity
 from pipeline.writer import make_writer
 
 
@@ -132,56 +131,19 @@ def memory_sharing(world, device) -> int:
     return ranks_sharing(world.local_layout()[1], torch.device(device))
 
 
-def _check_call_memory(cfg: Config, shape, device, **kwargs) -> str:
-    """Rank 0: ``check_memory`` for the members a call of this run holds: ensemble.batch_size
-    (at most the members), or fewer when it resumes a store made in smaller batches."""
-    path, batch = cfg.output.path, min(cfg.ensemble.batch_size, cfg.ensemble.members)
-    found, digests = stored_digest(path), store_digests(cfg)
-    if found == digests[0]:
-        batch = min(batch, member_batch(path))
-    elif found in digests[1:]:  # an older piadm's, in batches of the size it was made with
-        batch = min(batch, stored_batch(path) or batch)
-    return check_memory(cfg, shape, device, batch=batch, **kwargs)
-
-
-def stored_batch(path) -> int | None:
-    """The ensemble.batch_size of the config the store at ``path`` was made with (None when
-    there is none to read): an older piadm's store's unit of work."""
-    try:
-        return config_from_dict(tomllib.loads(stored_config(path))).ensemble.batch_size
-    except (ValueError, TypeError, KeyError):  # ConfigError and TOMLDecodeError among them
-        return None
-
-
-def store_digests(cfg: Config) -> tuple[str, ...]:
-    """The digests under which a store is this configuration's: ``store_digest``, then the
-    ones an older piadm gave it (which counted ensemble.batch_size), at the batch size the
-    store at output.path was made with and at the config's."""
-    batches = dict.fromkeys(b for b in (stored_batch(cfg.output.path), cfg.ensemble.batch_size)
-                            if b is not None)
-    return (cfg.store_digest, *(cfg.legacy_store_digest(b) for b in batches))
-
-
-def _upgrade_fate(cfg: Config, model: str | None, **kwargs) -> tuple[str, str | None, int | None]:
-    """``check_target``'s fate of output.path, an older piadm's store of this configuration
-    (at any batch size) being ``upgrade``; with the legacy digest and batch size found."""
-    batch = stored_batch(cfg.output.path)
-    legacy = None if batch is None else cfg.legacy_store_digest(batch)
-    fate = check_target(cfg.output.path, cfg.store_digest, model=model, legacy=legacy, **kwargs)
-    return fate, legacy, batch
-
-
 def check_output(cfg: Config) -> str:
     """What the run does with its store at output.path (``target.check_target``'s fate),
     after the checks that fate needs: a new store's folder must take it, a replaced one
     must have no live job filling it, nor an older piadm's store brought up to date
     (``upgrade``). Raises StoreExists or OSError naming the problem."""
-    fate, _, _ = _upgrade_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
-                               differs=lambda text: store_differences(cfg, text))
+    fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
+                          differs=lambda text: store_differences(cfg, text))
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
-    if fate in ("replace", "upgrade"):
+    if fate == "replace":
         check_idle(cfg.output.path)
+    if fate == "upgrade":
+        check_idle(cfg.output.path, "brings an older piadm's store up to date")
     return fate
 
 
@@ -195,11 +157,11 @@ def _prepare(cfg: Config, stats: tuple[float, float], shape, trained_on, tol: Ca
     planned = "sampler.tol" in json.loads(attrs.get("plan_settings", "{}"))
     source = "plan" if planned and tol.source == "config" else tol.source
     spec.attrs.update(sampler_tol=tol.tol, sampler_tol_source=source, **attrs)
-    fate, legacy, batch = _upgrade_fate(cfg, spec.attrs.get("model_sha256"),
-                                        overwrite=cfg.output.overwrite)
+    fate, legacy = target_fate(cfg, spec.attrs.get("model_sha256"),
+                               overwrite=cfg.output.overwrite)
     if fate == "upgrade":
-        upgrade_identity(spec.path, legacy, cfg.store_digest, batch,
-                         plan=spec.attrs.get("plan_config_sha256"))
+        upgrade_identity(spec.path, legacy, cfg.store_digest,
+                         plan=spec.attrs.get("plan_config_sha256"), asked=spec.attrs.get(ASKED))
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
 
 
@@ -244,8 +206,10 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     stop = stop if stop is not None else StopRequest()
     with raised_by_every_rank():  # the same files on every rank
         model = build_model(cfg.model, device)
-    on_rank0(ranks.world, _check_call_memory, cfg, tuple(model.shape), torch.device(device),
-             sharing=memory_sharing(ranks.world, device), time_slices=ranks.slices.size)
+    sharing = memory_sharing(ranks.world, device)  # collective: before rank 0 alone checks
+    on_rank0(ranks.world, lambda: check_memory(  # at the most members a call holds
+        cfg, tuple(model.shape), torch.device(device), sharing=sharing,
+        time_slices=ranks.slices.size, batch=call_batch(cfg)))
     started = _start_up(cfg, model, ranks.world, stop, device, attrs or {})
     if started is None:
         print0(ranks.world, "stopped before sampling began: nothing was written")
@@ -398,18 +362,20 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
 
 
 def _out_of_memory(cfg: Config, rank: int, device, members: int, asked=None) -> str:
-    """The one line of a batch that ran out of memory; ``asked``: the batch size the config
-    asked when an ``"auto"`` run's plan was made (a resume keeps the plan's unless another
-    is asked)."""
+    """The one line of a call of ``members`` that ran out of memory; ``asked``: the batch
+    size the config asked when an ``"auto"`` run's plan was made (a resume keeps the plan's
+    unless another is asked)."""
     s = cfg.sampler
     key, n = round_points(s)
     now = cfg.ensemble.batch_size
+    planned = asked not in (None, now)  # the plan's size, which only another asked replaces
     return (f"sample: rank {rank} ran out of memory ({device}) sampling {members} members at "
-            f"once with {s.method} ({n} points of sampler.{key}): lower ensemble.batch_size"
-            + (f" (now {now}" + (f", the plan's; any size but the {asked} the plan was made "
-                                 "for replaces it" if asked not in (None, now) else "") + ")"
-               if now > 1 else "")
-            + f", sampler.{key}, or add time slices; the members written so far are kept, and "
+            f"once with {s.method} ({n} points of sampler.{key}): "
+            + (f"lower ensemble.batch_size below {members}"
+               + (f" (now {now}, the plan's; any size but the {asked} the plan was made for "
+                  "replaces it)" if planned else f" (now {now})" if now != members else "")
+               + ", " if members > 1 else "lower ")
+            + f"sampler.{key}, or add time slices; the members written so far are kept, and "
             "the same command resumes after them")
 
 

@@ -9,6 +9,10 @@ from pipeline.samplers import REGISTRY
 from pipeline.settings import Config
 
 
+class TooLarge(ConfigError):
+    """A batch (or calibration batch) whose sampler state cannot fit in memory."""
+
+
 def round_points(s) -> tuple[str, int]:
     """(setting, points) of the widest part of a round of sampler section ``s``."""
     return max(REGISTRY[s.method].points(s).items(), key=lambda kv: kv[1])
@@ -40,7 +44,7 @@ def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: i
            f"lower sampler.{key} or the field" if calibration else
            f"lower sampler.{key}, add time slices (parallel.time_slices) or use a sequential "
            "sampler")
-    raise ConfigError(
+    raise TooLarge(
         f"config: {batch} member{'s' if batch > 1 else ''} "
         f"{'calibrating' if calibration else 'a batch of'} {s.method} "
         f"({n} points of sampler.{key}"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.cache import cache_path, read_cache, update_cache
-from pipeline.calibrate import CALIBRATION_ITEM, Unreachable, calibration_key, resolve_tol
+from pipeline.calibrate import CALIBRATION_ITEM, CANNOT_CALIBRATE, calibration_key, resolve_tol
 from pipeline.config import ConfigError, with_settings
 from pipeline.layout import cpu_threads
 from pipeline.memory import (available_bytes, field_bytes, format_bytes, is_out_of_memory,
@@ -282,7 +282,7 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
         try:
             tol = resolve_tol(with_settings(mine, {"sampler.method": method}), base,
                               device=device, say=say).tol
-        except Unreachable as err:
+        except CANNOT_CALIBRATE as err:
             if cfg.sampler.method not in AUTO_METHODS:
                 raise
             say(f"  left out {method}: {err}")  # e.g. a device whose rounding is too coarse
@@ -416,21 +416,29 @@ def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int
 
 def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
     """The plan the store at output.path was made with, when it is this ``"auto"``
-    configuration's store: (its settings, the batch size asked then; None in an older
-    store); else None."""
-    from pipeline.ensemble import store_digests
-
+    configuration's store: (its settings, the batch size the config asked then; None when
+    not known); else None."""
     attrs = read_attrs(cfg.output.path) or {}
-    if attrs.get("plan_config_sha256") not in store_digests(cfg) or "plan_settings" not in attrs:
+    if "plan_settings" not in attrs:
         return None
-    return json.loads(attrs["plan_settings"]), attrs.get(ASKED)
+    plan, key = json.loads(attrs["plan_settings"]), attrs.get("plan_config_sha256")
+    if key == cfg.store_digest:
+        return plan, attrs.get(ASKED)
+    if key == cfg.legacy_store_digest(cfg.ensemble.batch_size):  # an older piadm's store
+        return plan, cfg.ensemble.batch_size
+    # an older piadm's, whose config asked another batch size (not known): the plan is this
+    # config's when, applied to it, it gives the store's own digest
+    made = with_settings(cfg, plan)
+    if attrs.get("piadm_store_digest") == made.legacy_store_digest(made.ensemble.batch_size):
+        return plan, None
+    return None
 
 
 def resumed_batch_size(cfg: Config, stored: tuple[dict, int | None]) -> int:
     """The ensemble.batch_size a resumed ``"auto"`` run of ``cfg`` samples at: the stored
     plan's, unless the config asks another than when the plan was made."""
     chosen, asked = stored
-    if asked is not None and cfg.ensemble.batch_size != asked:
+    if cfg.ensemble.batch_size != asked:  # asked None: not known, so the config's
         return cfg.ensemble.batch_size
     return chosen["ensemble.batch_size"]
 

@@ -223,9 +223,9 @@ class Config:
         return _settings_digest(self.store_settings())
 
     def legacy_store_digest(self, batch_size: int) -> str:
-        """The digest piadm 0.1 gave these settings with ``ensemble.batch_size`` (it counted
-        it): a store of this configuration made by it is resumed and brought up to date
-        (``pipeline.ensemble.store_digests``)."""
+        """The digest piadm gave these settings at ``batch_size`` before the batch size left
+        the store's identity (2026-12): a store it made is still this configuration's
+        (``pipeline.identity``), resumed at any batch size and brought up to date."""
         old = self.store_settings()
         old["ensemble"]["batch_size"] = batch_size
         return _settings_digest(old)

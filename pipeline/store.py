@@ -16,13 +16,14 @@ and Zarr's atomic chunk writes mean a rerun simply rewrites it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import time
+import tomllib
 import uuid
 import warnings
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -151,20 +152,23 @@ def read_attrs(path: str | Path) -> dict | None:
         return None
 
 
-def update_attrs(path: str | Path, changes: dict) -> None:
-    """Set attributes of the store at ``path``, and its consolidated metadata if it has
-    some (a finished store: readers see only that)."""
-    group = zarr.open_group(path, mode="r+")
-    group.attrs.update(changes)
-    if group.metadata.consolidated_metadata is not None:
-        consolidate(path)
+def config_batch(text: str) -> int | None:
+    """The ensemble.batch_size in a store's ``config`` attribute (TOML); None without one."""
+    try:
+        batch = tomllib.loads(text).get("ensemble", {}).get("batch_size")
+    except tomllib.TOMLDecodeError:
+        return None
+    return batch if isinstance(batch, int) and batch >= 1 else None
 
 
 def member_batch(path: str | Path) -> int:
     """The store's unit of work: members a run claims, samples and writes together (whole
-    chunks, so writers never share one); the chunk when an older store does not say."""
+    chunks, so writers never share one). A store an older piadm made does not record it:
+    there it is the batch size of the config it was made with."""
     group = zarr.open_group(path, mode="r")
-    return int(group.attrs.get(MEMBER_BATCH) or group["done"].chunks[1])
+    attrs = group.attrs
+    return int(attrs.get(MEMBER_BATCH) or config_batch(str(attrs.get("config", "")))
+               or group["done"].chunks[1])
 
 
 def stored_digest(path: str | Path) -> str | None:
@@ -172,13 +176,12 @@ def stored_digest(path: str | Path) -> str | None:
     return (read_attrs(path) or {}).get("piadm_store_digest")
 
 
-def stored_attribute(path: str | Path, digests: tuple[str, ...], name: str,
-                     digest_key: str = "piadm_store_digest"):
+def stored_attribute(path: str | Path, digests: tuple[str, ...], name: str):
     """Attribute ``name`` of the piadm store at ``path`` when that store was made by a
-    configuration with one of ``digests`` (a run that will resume it: ``ensemble.store_digests``;
-    ``digest_key`` names the attribute holding it); else None."""
+    configuration with one of ``digests`` (a run that will resume it:
+    ``identity.store_digests``); else None."""
     attrs = read_attrs(path) or {}
-    return attrs.get(name) if attrs.get(digest_key) in digests else None
+    return attrs.get(name) if attrs.get("piadm_store_digest") in digests else None
 
 
 def create(spec: StoreSpec) -> bool:
@@ -253,10 +256,11 @@ def write_batch(path: str | Path, *, variable: str, item: int, start: int, field
     group["done"][item, start:stop] = 1  # last: only now do these members count as done
 
 
-def finalize(path: str | Path, note: str) -> None:
-    """Append ``note`` to the history (CF text, newest last, and the same lines as a JSON
-    list in ``piadm_history``) and consolidate the metadata."""
+def finalize(path: str | Path, note: str, attrs: dict | None = None) -> None:
+    """Set ``attrs`` (if any), append ``note`` to the history (CF text, newest last, and the
+    same lines as a JSON list in ``piadm_history``) and consolidate the metadata."""
     group = zarr.open_group(path, mode="r+")
+    group.attrs.update(attrs or {})
     line = f"{_now()} {note}"
     lines = json.loads(group.attrs.get("piadm_history", "[]")) + [line]
     group.attrs["piadm_history"] = json.dumps(lines)

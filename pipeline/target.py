@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pipeline.claims import Heartbeat, claims_dir, clear_claims, holding, live_jobs, new_job_id
 from pipeline import __version__
-from pipeline.store import (MEMBER_BATCH, StoreExists, StoreSpec, create, finalize, read_attrs,
-                            update_attrs)
+from pipeline.store import (ASKED, MEMBER_BATCH, StoreExists, StoreSpec, create, finalize,
+                            member_batch, read_attrs)
 
 
 def _fate(path: str | Path, digest: str, overwrite: bool, model: str | None,
@@ -58,23 +58,27 @@ def check_writable(path: str | Path) -> None:
         raise OSError(err.errno, err.strerror, str(existing)) from None
 
 
-def upgrade_identity(path: str | Path, legacy: str, digest: str, member_batch: int,
-                     plan: str | None = None) -> None:
-    """Give a store that an older piadm made under the ``legacy`` digest this version's
-    ``digest`` (and ``plan``, the digest of the ``"auto"`` config whose plan it keeps, when it
-    has one) and its unit of work, ``member_batch`` members (the batch size it was made with,
-    which that digest counted), so that runs of any batch size resume it; its history says
-    so. Only while no live job fills it (``check_idle``): an older job still writing would
-    find its store changed, and stop."""
-    check_idle(path)
+def upgrade_identity(path: str | Path, legacy: str, digest: str, *, plan: str | None = None,
+                     asked: int | None = None) -> None:
+    """Give a store that an older piadm made under the ``legacy`` digest (which counted
+    ensemble.batch_size) this version's ``digest``, its unit of work (``member_batch``: the
+    batch size it was made with) and, for an ``"auto"`` run's store, ``plan`` (the digest of
+    the config whose plan it keeps) and ``asked`` (the batch size that config asked, when
+    known), so that runs of any batch size resume it; its history says so. Only while no
+    live job fills it (``check_idle``): an older job still writing would find its store
+    changed, and stop."""
+    check_idle(path, "brings an older piadm's store up to date")
     attrs = read_attrs(path) or {}
     changes = {key: digest for key in ("piadm_store_digest", "store_sha256")
                if attrs.get(key) == legacy}
     if plan is not None and "plan_config_sha256" in attrs:
         changes["plan_config_sha256"] = plan
-    update_attrs(path, {**changes, MEMBER_BATCH: member_batch})
+        if asked is not None:
+            changes[ASKED] = asked
+    unit = member_batch(path)
     finalize(path, f"piadm {__version__}: the store's identity no longer counts "
-                   f"ensemble.batch_size; its batches of {member_batch} stay its unit of work")
+                   f"ensemble.batch_size; its batches of {unit} stay its unit of work",
+             {**changes, MEMBER_BATCH: unit})
 
 
 def stored_config(path: str | Path) -> str:
@@ -145,15 +149,15 @@ def _create(spec: StoreSpec) -> str:
 REPLACER = "replacing-"  # the job ids of runs waiting to replace a store: they write nothing
 
 
-def check_idle(path: str | Path) -> None:
+def check_idle(path: str | Path, what: str = "replaces a store") -> None:
     """Raise StoreExists while a live job fills the store at ``path`` (a heartbeat in its
     claims folder): replacing it then would let that job's members land in the new store,
-    marked done."""
+    marked done. ``what`` piadm would do, for the message."""
     busy = [job for job in live_jobs(claims_dir(path)) if not job.startswith(REPLACER)]
     if busy:
         raise StoreExists(f"output {path} is being filled by a live job ({', '.join(busy)}); "
-                          "piadm replaces a store only when no job writes to it: wait for that "
-                          "job to end (or stop it), then rerun")
+                          f"piadm {what} only when no job writes to it: wait for that job to "
+                          "end (or stop it), then rerun")
 
 
 def _replace(spec: StoreSpec) -> str:

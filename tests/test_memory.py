@@ -151,7 +151,7 @@ def test_running_out_of_memory_mid_run_is_one_line_and_the_rerun_resumes(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("piadm: error: sample: rank 0 ran out of memory (cpu) sampling 2 "
                           "members at once with pc-window")
-    assert "lower ensemble.batch_size (now 2)" in err
+    assert "lower ensemble.batch_size below 2, " in err
     assert main(_grf_run(tmp_path, "ensemble.batch_size=1")) == 0
     again = capsys.readouterr().err
     assert "2 of 4 members done, 2 to sample in its batches of 2 (1 member(s) a call" in again
@@ -189,6 +189,10 @@ def test_an_auto_runs_out_of_memory_line_says_which_batch_sizes_replace_the_plan
 
     cfg = load_config("jobs/configs/grf.toml", ["ensemble.batch_size=8"])
     line = _out_of_memory(cfg, 0, "cuda:0", 8, asked=4)
-    assert "lower ensemble.batch_size (now 8, the plan's; any size but the 4 the plan was " \
-           "made for replaces it)" in line
-    assert "(now 8)" in _out_of_memory(cfg, 0, "cuda:0", 8)  # not planned
+    assert "lower ensemble.batch_size below 8 (now 8, the plan's; any size but the 4 the plan " \
+           "was made for replaces it), sampler.window" in line
+    plain = _out_of_memory(cfg, 0, "cuda:0", 8)  # not planned
+    assert "lower ensemble.batch_size below 8, sampler.window" in plain
+    # a store resumed in its batches of 2: the call held 2, whatever the setting says
+    assert "lower ensemble.batch_size below 2 (now 8), " in _out_of_memory(cfg, 0, "cpu", 2)
+    assert ": lower sampler.window, or add" in _out_of_memory(cfg, 0, "cpu", 1)

@@ -1,0 +1,45 @@
+"""Whether a store is this configuration's, and in what batches it is filled.
+
+A store is a configuration's when its digest is ``Config.store_digest``, or the digest an
+older piadm gave the same settings, which counted ensemble.batch_size: that store is
+resumed at any batch size and brought up to date (``target.upgrade_identity``). A store's
+unit of work is its own batch (``store.member_batch``); a run resuming it samples that
+batch ensemble.batch_size members a call.
+"""
+from __future__ import annotations
+
+from pipeline.settings import Config
+from pipeline.store import config_batch, member_batch, stored_digest
+from pipeline.target import check_target, stored_config
+
+
+def _legacy_batches(cfg: Config) -> tuple[int, ...]:
+    """The batch sizes an older piadm's store of ``cfg`` may have counted: the one the store
+    at output.path was made with, and the config's."""
+    made = config_batch(stored_config(cfg.output.path))
+    return tuple(dict.fromkeys(b for b in (made, cfg.ensemble.batch_size) if b is not None))
+
+
+def store_digests(cfg: Config) -> tuple[str, ...]:
+    """The digests under which the store at output.path is ``cfg``'s: ``store_digest`` first,
+    then an older piadm's (``Config.legacy_store_digest``) at the batch sizes it may have
+    counted."""
+    return (cfg.store_digest, *(cfg.legacy_store_digest(b) for b in _legacy_batches(cfg)))
+
+
+def target_fate(cfg: Config, model: str | None, **kwargs) -> tuple[str, str | None]:
+    """``target.check_target``'s fate of output.path, an older piadm's store of ``cfg`` being
+    ``upgrade``; with the older digest it matched (None: none)."""
+    found = stored_digest(cfg.output.path)
+    legacy = next((d for d in store_digests(cfg)[1:] if d == found), None)
+    return check_target(cfg.output.path, cfg.store_digest, model=model, legacy=legacy,
+                        **kwargs), legacy
+
+
+def call_batch(cfg: Config) -> int:
+    """Rank 0: the most members a sampler call of a run of ``cfg`` holds: ensemble.batch_size,
+    at most the members, and at most the batches of a store of ``cfg`` it resumes."""
+    batch = min(cfg.ensemble.batch_size, cfg.ensemble.members)
+    if stored_digest(cfg.output.path) in store_digests(cfg):
+        batch = min(batch, member_batch(cfg.output.path))
+    return batch
