@@ -109,6 +109,13 @@ def claim(folder: Path, key: str, job: str) -> bool:
     return True
 
 
+def holds(folder: Path, key: str, job: str) -> bool:
+    """Whether ``job`` still holds claim ``key``: another job takes a claim over when its
+    holder's heartbeat looks dead, which a slow file system can make a live job's look."""
+    owner = _owner(folder / f"{key}.json")
+    return owner is not None and owner.get("job") == job
+
+
 def _owner(path: Path) -> dict | None:
     """The record of claim ``path``; None while it may still be being written. A claim left
     empty or cut short (its job killed between creating and writing it, or a full disk) for

@@ -5,7 +5,7 @@ import os
 import sys
 import tempfile
 
-from pipeline.signals import defer_early, release_early
+from pipeline.signals import defer_early, ignore_stop_signals, release_early
 
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "piadm":
     defer_early()  # before the heavy imports below: a stop signal now must not kill the job
@@ -104,7 +104,6 @@ def _cmd_sample(args, world) -> int:
                   f"{cfg.parallel.time_slices} time slice{'s' if ranks.slices.size > 1 else ''}, "
                   f"{device}")
     summary = sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
-    stop.finished()
     share = summary.write_wait_s / summary.seconds if summary.seconds else 0.0
     where = "" if summary.preempted else f"\n  open with        xarray.open_zarr({summary.path!r})"
     print0(world, f"{'stopped' if summary.preempted else 'done'}: {summary.members} members "
@@ -558,5 +557,16 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def entry() -> None:
+    """The ``piadm`` command: ``main``, then exit with its status, which a stop signal
+    landing during the interpreter's shutdown no longer changes (``ignore_stop_signals``;
+    only here, not in ``main``, which tests and scripts call in a process that goes on)."""
+    try:
+        code = main()
+    finally:
+        ignore_stop_signals()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

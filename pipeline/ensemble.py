@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -22,7 +23,7 @@ import torch
 from models import build_model
 from models.conditioning import CONDITIONS
 from pipeline.calibrate import Calibration, resolve_tol
-from pipeline.claims import Heartbeat, claim, claims_dir, holding, new_job_id
+from pipeline.claims import Heartbeat, claim, claims_dir, holding, holds, new_job_id
 from pipeline.comm import SerialComm
 from pipeline.config import ConfigError, store_differences
 from pipeline.console import on_rank0, print0
@@ -248,8 +249,9 @@ def _open_work(cfg: Config, model, spec: StoreSpec, state: str, ranks: RankGrid)
         scale = spec.attrs["input_mean"], spec.attrs["input_std"]
     else:
         scale = mean, model.data_std
-    ranks.world.barrier()
-    done = done_members(spec.path)
+    # rank 0 reads, every rank gets the same: another job writing meanwhile must not give two
+    # ranks of a group different work lists (they would wait in different collectives)
+    done = on_rank0(ranks.world, done_members, spec.path)
     unit, size = member_batch(spec.path), cfg.ensemble.batch_size
     todo = [(i, b, tuple(m for m in b if not done[i, m]))
             for i, b in work_list(done, member_batches(cfg.ensemble.members, unit),
@@ -286,16 +288,17 @@ def member_calls(left: tuple[int, ...], size: int) -> list[tuple[int, ...]]:
 
 
 class _ProgressHook:
-    """The samplers' ``on_sweep``, told to the progress bar: what the batch in flight is doing,
-    and how far along its steps it is (for the ETA before the first batch ends)."""
+    """The samplers' ``on_sweep`` for a call of ``members`` members (``functools.partial``),
+    told to the progress bar: what the call in flight is doing, and how far along its steps
+    it is (for the ETA before the first call ends)."""
 
     def __init__(self, bar: Progress, method: str, steps: int):
-        self.bar, self.steps, self.members = bar, steps, 0
+        self.bar, self.steps = bar, steps
         self.what = ("sequential" if REGISTRY[method].reference == method else
                      "block" if REGISTRY[method].blocked else "window")
 
-    def __call__(self, step: int, sweep: int, residual: float) -> None:
-        part = self.members * step / self.steps
+    def __call__(self, members: int, step: int, sweep: int, residual: float) -> None:
+        part = members * step / self.steps
         if self.what == "sequential":
             self.bar.note(f"step {step}/{self.steps}", part)
         else:
@@ -317,14 +320,13 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     bar = Progress(world, sum(len(left) for _, _, left in mine),
                    f"group {ranks.group + 1}/{ranks.groups} members", speak=slices.rank == 0)
     hook = _ProgressHook(bar, s.method, grid.steps)
-    options = dataclasses.replace(options, on_sweep=hook)
     bound, bound_item = model, None
     halt = _Halt(stop)
     job = on_rank0(world, new_job_id)
     beat = Heartbeat(claims_dir(spec.path), job).start() if world.rank == 0 else None
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
-        for item, members in _claimed(mine, cfg.ensemble.batch_size, slices, halt, tally, bar,
-                                      items, spec.path, job):
+        for item, members, start in _claimed(mine, cfg.ensemble.batch_size, slices, halt,
+                                             tally, bar, items, spec.path, job):
             if item != bound_item:  # the work is ordered by item: read each input once
                 raw = items.field(item)
                 bound = _bind(model, cfg.model.condition,
@@ -332,9 +334,9 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
                 bound_item = item
             noise = Noise.members(s.seed, item, members, model.shape, DTYPES[s.dtype], device,
                                   s.noise)
-            hook.members = len(members)
+            told = dataclasses.replace(options, on_sweep=functools.partial(hook, len(members)))
             try:
-                batch = sample_batch(bound, noise, method=s.method, grid=grid, options=options,
+                batch = sample_batch(bound, noise, method=s.method, grid=grid, options=told,
                                      comm=slices)
             except Exception as err:
                 if not is_out_of_memory(err):
@@ -342,7 +344,8 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
                 raise OutOfMemory(_out_of_memory(cfg, world.rank, device, len(members),
                                                  spec.attrs.get(ASKED))) from None
             if writer is not None:
-                halt.attempt(_submit, writer, spec, item, members, batch, scale)
+                owned = functools.partial(holds, claims_dir(spec.path), f"{item}-{start}", job)
+                halt.attempt(_submit, writer, spec, item, members, batch, scale, owned)
             tally.add(len(members), batch.stats)
             bar.advance(len(members),
                         f"{items.dim} {items.labels[item]}: {batch.stats.rounds} rounds")
@@ -384,9 +387,9 @@ CLAIM_POLL_S = 0.5  # how often a job waiting on another job's batches looks aga
 
 def _claimed(mine, size: int, slices, stop, tally: "_Tally", bar: Progress, items: Items, path,
              job: str):
-    """Every rank of a group, in step: yields the (item, members) sampler calls, at most
-    ``size`` members each, of the store's batches in ``mine`` ((item, members, members left)
-    each) that the group's lead has claimed for it, in order; a batch a live job holds waits
+    """Every rank of a group, in step: yields the (item, members, first member of the store's
+    batch) sampler calls, at most ``size`` members each, of the store's batches in ``mine``
+    ((item, members, members left) each) that the group's lead has claimed for it, in order; a batch a live job holds waits
     till the rest are done, one another job finished only advances ``bar``. Stops early, with
     ``tally.stopped`` set, when a stop signal reaches any rank of ``slices``."""
     folder = claims_dir(path)
@@ -410,19 +413,20 @@ def _claimed(mine, size: int, slices, stop, tally: "_Tally", bar: Progress, item
             if k and _stop_agreed(slices, stop):  # between calls too: a batch may take many
                 tally.stopped = True
                 return
-            yield item, call
+            yield item, call, members[0]
 
 
-def _submit(writer, spec: StoreSpec, item: int, members, batch, scale) -> None:
+def _submit(writer, spec: StoreSpec, item: int, members, batch, scale, owned) -> None:
     """Hand ``batch`` (fields (members, *shape), normalised) to ``writer``, back in the data's
-    units ``scale`` (mean, std) and the store's dtype."""
+    units ``scale`` (mean, std) and the store's dtype; ``owned``: whether this job still holds
+    the claim on the store's batch (``store.write_batch``)."""
     mean, std = scale
     field = batch.fields.cpu().numpy() * std + mean
     writer.submit(write_batch, spec.path, variable=spec.variable, item=item,
                   start=members[0], field=field.astype(spec.dtype),
                   seed=np.array(batch.seeds), rounds=batch.stats.rounds,
                   model_calls=batch.stats.model_calls, residuals=batch.stats.residuals,
-                  digest=spec.digest, model=spec.attrs.get("model_sha256"))
+                  digest=spec.digest, model=spec.attrs.get("model_sha256"), owned=owned)
 
 
 def _claim_state(path, folder, item: int, members, job: str) -> tuple[str, tuple[int, ...]]:

@@ -41,6 +41,16 @@ def release_early() -> None:
         os.kill(os.getpid(), _early[0])
 
 
+def ignore_stop_signals() -> None:
+    """The work is over (done, stopped and saved, or failed with its message): a stop signal
+    from now on has nothing to stop, so it is ignored. Not merely left to a handler: the
+    interpreter's shutdown, which takes a few tenths of a second after a run, puts the default
+    handling back (keeping only ignored signals), and a SIGTERM then would exit 143, telling
+    the scheduler that a finished job failed, or hiding a stopped one's 75 or a failed one's 2."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StopRequest:
     """A flag the signal handlers set; the sampling loop polls it between batches."""
 
@@ -66,14 +76,6 @@ class StopRequest:
               "stopping (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
         self.signal = signum
 
-    def finished(self) -> None:
-        """The work is over (done, or stopped and saved): a stop signal from now on has
-        nothing to stop, so it is ignored. Not merely left to the handler: the interpreter's
-        shutdown, which takes a few tenths of a second after a run, puts the default handling
-        back (keeping only ignored signals), and a SIGTERM then would exit 143, telling the
-        scheduler that a finished job failed, or hiding a stopped one's 75."""
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
 
     def install(self) -> "StopRequest":
         """Handle the stop signals (main thread only), and a first Ctrl-C as one of them,

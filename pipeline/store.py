@@ -126,8 +126,8 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
                                  units="1")
         ds["residual"].attrs.update(
             long_name="Picard residual after each parallel round: the root mean square change "
-                      "over the step's noise scale, max over the member's batch; in the units "
-                      "of sampler.tol",
+                      "over the step's noise scale, max over the members of the member's "
+                      "sampler call; in the units of sampler.tol",
             units="1")
     return ds
 
@@ -230,16 +230,23 @@ def _still_ours(path: str | Path, digest: str, model: str | None):
     return group
 
 
+class BatchTaken(StoreExists):
+    """Another job took over the batch this one was writing (its heartbeat looked dead)."""
+
+
 def write_batch(path: str | Path, *, variable: str, item: int, start: int, field: np.ndarray,
                 seed: np.ndarray, rounds: float, model_calls: float,
                 residuals: tuple[float, ...] = (), digest: str = "",
-                model: str | None = None) -> None:
+                model: str | None = None, owned=None) -> None:
     """Write members [start, start + len(field)) of item index ``item``, then mark them done.
     Within one of the store's batches (``member_batch``: whole chunks) that the caller has
     claimed, and writes to one batch in order, so writers on other ranks or in other jobs
     never share a chunk, nor one writer's part-chunk writes overlap. With
     ``digest`` the store must still be this run's (``_still_ours``) when the writing starts
-    and again before the members are marked done."""
+    and again before the members are marked done; so must the batch's claim, with ``owned``
+    (a callable: whether this job still holds it), since a second writer's part-chunk writes
+    into the same chunks would lose one of the two."""
+    _check_owned(owned, path, item, start)
     group = _still_ours(path, digest, model) if digest else zarr.open_group(path, mode="r+")
     stop = start + field.shape[0]
     group[variable][item, start:stop] = field
@@ -253,7 +260,15 @@ def write_batch(path: str | Path, *, variable: str, item: int, start: int, field
         group["residual"][item, start:stop] = np.broadcast_to(history, (stop - start, kept))
     if digest:
         group = _still_ours(path, digest, model)
+    _check_owned(owned, path, item, start)
     group["done"][item, start:stop] = 1  # last: only now do these members count as done
+
+
+def _check_owned(owned, path, item: int, start: int) -> None:
+    if owned is not None and not owned():
+        raise BatchTaken(f"output {path}: another job took over the batch of item index {item} "
+                         f"from member {start} (this job's heartbeat looked dead to it): this "
+                         "job stops writing; rerun it once the other is done to finish the rest")
 
 
 def finalize(path: str | Path, note: str, attrs: dict | None = None) -> None:

@@ -126,7 +126,78 @@ def test_a_batch_taken_over_samples_only_the_members_its_dead_claimant_did_not_w
     bar = Progress(SerialComm(), 2, "members", stream=io.StringIO())
     calls = list(_claimed([(0, (0, 1), (0, 1))], 2, SerialComm(), False, _Tally(0.0), bar,
                           items, out, "job-x"))
-    assert calls == [(0, (1,))] and bar.done == 1
+    assert calls == [(0, (1,), 0)] and bar.done == 1
+
+
+def test_a_job_whose_batch_was_taken_over_writes_no_more_of_it(tmp_path, input_store):
+    """A live job whose heartbeat looked dead loses its claim; its next write into the
+    batch's chunks (a part-chunk write) would race the new holder's, so it stops instead."""
+    from pipeline.store import BatchTaken, write_batch
+
+    out = tmp_path / "e.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
+    group = zarr.open_group(out, mode="r+")
+    group["done"][0, 0] = 0
+    before = group["vort"][0, 0]
+    with pytest.raises(BatchTaken, match="another job took over the batch of item index 0"):
+        write_batch(out, variable="vort", item=0, start=0, field=np.zeros((1, 16, 16), "f4"),
+                    seed=np.zeros(1), rounds=1, model_calls=1, owned=lambda: False)
+    assert np.array_equal(group["vort"][0, 0], before) and group["done"][0, 0] == 0
+
+
+@pytest.mark.parametrize("left, size, calls", [
+    ((0, 1, 2, 3), 4, [(0, 1, 2, 3)]),
+    ((0, 1, 2, 3), 3, [(0, 1, 2), (3,)]),
+    ((0, 1, 2, 3), 8, [(0, 1, 2, 3)]),
+    ((1, 2, 5, 6, 7), 2, [(1, 2), (5, 6), (7,)]),  # a gap: each run written as a run
+    ((4,), 1, [(4,)]),
+])
+def test_member_calls_cut_the_members_left_into_runs_of_at_most_size(left, size, calls):
+    from pipeline.ensemble import member_calls
+
+    assert member_calls(left, size) == calls
+
+
+def test_the_older_digest_is_the_one_piadm_gave_before_the_batch_size_left_it():
+    """Measured with the code of 05e67cf (the last whose digest counted the batch size):
+    load_config("jobs/configs/grf.toml").store_digest there. A setting added since changes
+    every store's digest, this one's too: then this pin says older stores are no longer
+    recognised."""
+    cfg = load_config("jobs/configs/grf.toml")
+    assert cfg.legacy_store_digest(4) == \
+        "d753ba209bb4fe37a0620f520fee342a414d2faed995dd8ec771bcc24ac91c92"
+    assert cfg.legacy_store_digest(2) == \
+        "b6a170c80cccd198829a6728dbaeff1ff0f6dc20d505c91c9cc167fb7e93621a"
+
+
+def test_an_older_auto_store_resumes_at_a_batch_size_asked_since(tmp_path, capsys):
+    """An older piadm's "auto" store, its plan keyed by the batch size asked then: a config
+    asking another still finds the plan (applied, it gives the store's digest), samples at
+    its own batch size, and the upgrade records nothing it does not know."""
+    sets = ["model.shape=[8, 8]", "sampler.steps=40", 'sampler.method="auto"',
+            "ensemble.members=4", "ensemble.batch_size=4", "calibrate.members=2",
+            f'output.path="{tmp_path / "a.zarr"}"']
+    args = ["sample", "jobs/configs/grf.toml", *sum((["--set", x] for x in sets), [])]
+    assert main(args) == 0
+    path = tmp_path / "a.zarr"
+    group = zarr.open_group(path, mode="r+")
+    plan = json.loads(group.attrs["plan_settings"])
+    unresolved = load_config("jobs/configs/grf.toml", _overrides(args[2:]))
+    resolved = load_config("jobs/configs/grf.toml", _overrides(args[2:]) + [
+        f"{k}={json.dumps(v)}" for k, v in plan.items()])
+    group.attrs.update(  # as piadm 0.1 left it
+        piadm_store_digest=resolved.legacy_store_digest(plan["ensemble.batch_size"]),
+        plan_config_sha256=unresolved.legacy_store_digest(4))
+    for key in ("piadm_member_batch", "plan_batch_size_asked"):
+        del group.attrs[key]
+    group["done"][0, :] = 0
+    capsys.readouterr()
+    assert main([*args, "--set", "ensemble.batch_size=1"]) == 0
+    err = capsys.readouterr().err
+    assert "plan: the store's own choice" in err and "4 to sample" in err
+    attrs = zarr.open_group(path, mode="r").attrs
+    assert attrs["plan_config_sha256"] == unresolved.store_digest
+    assert "plan_batch_size_asked" not in attrs  # not known: a resume takes the config's
 
 
 def test_an_older_piadms_store_is_resumed_and_brought_up_to_date(tmp_path, input_store, capsys):

@@ -38,8 +38,9 @@ class Options:
     denoise_final: return the Tweedie denoised mean E[x_0 | y] at u_min (one more model call).
     on_sweep: None, or a callable (step, sweep, residual) told after every parallel round: the
         first step of the block (window) in flight, the round within it and max r; the
-        sequential samplers tell it after each block of steps: (the next step, the block's
-        steps, 0). Progress reporting only; it must not change anything.
+        exponential-integrator sequential samplers tell it after each block of steps: (the
+        next step, the block's steps, 0); the second-order ones do not. Progress reporting
+        only; it must not change anything.
     """
 
     form: str = "exponential"
