@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.ensemble import batch_note, check_only, check_output, load_items, work_list
+from pipeline.ensemble import check_only, check_output, load_items
 from pipeline.identity import store_digests
 from pipeline.layout import RankGrid
 from pipeline.memory_check import check_memory
@@ -14,6 +14,7 @@ from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, Config, needs_plan
 from pipeline.store import StoreExists, done_members, member_batch, stored_attribute
+from pipeline.work import batch_note, work_list
 
 
 def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tuple[str, bool]:

@@ -45,6 +45,7 @@ from pipeline.store import (ASKED, MEMBER_BATCH, StoreSpec, done_members, finali
                             member_batch, member_chunk, members_left, stored_attribute,
                             write_batch)
 from pipeline.target import check_idle, check_writable, open_or_create, upgrade_identity
+from pipeline.work import batch_note, member_calls, work_list
 from pipeline.writer import make_writer
 
 
@@ -101,13 +102,6 @@ def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
                      cfg.sampler.dtype, cfg.store_digest, attrs,
                      sweeps=residual_length(cfg.sampler),
                      coords=coords, field_attrs=field_attrs)
-
-
-def work_list(done: np.ndarray, batches: list[tuple[int, ...]], only: tuple[int, ...]):
-    """(item, members) pairs still to do: every batch of every item in ``only`` (all if
-    empty) with a member not done."""
-    items = only or range(done.shape[0])
-    return [(i, b) for i in items for b in batches if not done[i, list(b)].all()]
 
 
 def check_only(only: tuple[int, ...], count: int) -> None:
@@ -261,30 +255,6 @@ def _open_work(cfg: Config, model, spec: StoreSpec, state: str, ranks: RankGrid)
                         f"done, {sum(len(left) for _, _, left in todo)} to sample"
            + (f" in its batches of {unit}{batch_note(unit, size)}" if unit != size else ""))
     return items, scale, done, mine
-
-
-def batch_note(unit: int, size: int) -> str:
-    """How a store made in batches of ``unit`` members is filled at ensemble.batch_size
-    ``size``, in parentheses (empty when they agree)."""
-    if size < unit:
-        return f" ({size} member(s) a call: ensemble.batch_size)"
-    if size > unit:
-        return f" (ensemble.batch_size = {size} sets the batches of a new store)"
-    return ""
-
-
-def member_calls(left: tuple[int, ...], size: int) -> list[tuple[int, ...]]:
-    """The sampler calls for the members ``left`` of one of the store's batches: runs of
-    consecutive members (each written as a run), cut into at most ``size`` members each."""
-    runs, calls = [], []
-    for m in left:
-        if runs and m == runs[-1][-1] + 1:
-            runs[-1].append(m)
-        else:
-            runs.append([m])
-    for run in runs:
-        calls += [tuple(run[a:a + size]) for a in range(0, len(run), size)]
-    return calls
 
 
 class _ProgressHook:

@@ -153,7 +153,7 @@ def test_a_job_whose_batch_was_taken_over_writes_no_more_of_it(tmp_path, input_s
     ((4,), 1, [(4,)]),
 ])
 def test_member_calls_cut_the_members_left_into_runs_of_at_most_size(left, size, calls):
-    from pipeline.ensemble import member_calls
+    from pipeline.work import member_calls
 
     assert member_calls(left, size) == calls
 
