@@ -138,19 +138,29 @@ def rank_figure(metrics: xr.Dataset, path: Path) -> Path:
     return path
 
 
+def call_starts(res: np.ndarray) -> list[int]:
+    """The first member of each sampler call, from the residual histories ``res`` (member,
+    sweep): the members of a call share its history, so a call starts where it changes (not
+    every ensemble.batch_size members: a resumed store may have been sampled in smaller calls
+    than it was made with)."""
+    return [m for m in range(res.shape[0])
+            if m == 0 or not np.array_equal(res[m], res[m - 1], equal_nan=True)]
+
+
 def residual_figure(ens: xr.Dataset, path: Path, batches: int = 4) -> Path | None:
-    """The Picard residual after every parallel round for the first few member batches, with
-    the tolerance; None when the store has no residuals (sequential samplers)."""
+    """The Picard residual after every parallel round for the first few sampler calls (of
+    the first item), with the tolerance; None when the store has no residuals (sequential
+    samplers)."""
     if "residual" not in ens:
         return None
     plt = _pyplot()
     cfg = tomllib.loads(ens.attrs.get("config", ""))
     sampler = cfg.get("sampler", {})
     res = ens["residual"].isel({ens["residual"].dims[0]: 0}).values  # (member, sweep)
-    per_batch = cfg.get("ensemble", {}).get("batch_size", 1)  # a batch shares one history
+    starts = call_starts(res)
     fig, ax = plt.subplots(figsize=(6, 3.6))
     blocked = sampler.get("method") == "piadm-sde" and sampler.get("tol")
-    for n, row in enumerate(range(0, res.shape[0], per_batch)[:batches]):
+    for n, row in enumerate(starts[:batches]):
         r = res[row][np.isfinite(res[row])]
         x = np.arange(1, r.size + 1, dtype=float)
         y = np.maximum(r, 1e-15)
@@ -160,7 +170,7 @@ def residual_figure(ens: xr.Dataset, path: Path, batches: int = 4) -> Path | Non
             if n == 0:
                 for end in ends:
                     ax.axvline(end + 0.5, color="0.8", lw=0.6, zorder=0)
-        ax.semilogy(x, y, ".-", ms=3, lw=0.8, label=f"batch from member {row}")
+        ax.semilogy(x, y, ".-", ms=3, lw=0.8, label=f"call from member {row}")
     if sampler.get("tol"):
         ax.axhline(sampler["tol"], color="k", ls="--", lw=1, label=f"tol {sampler['tol']}")
     ax.set_xlabel("parallel round (sweep)")

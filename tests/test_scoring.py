@@ -151,3 +151,13 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
     assert main(["evaluate", *args[case]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
+
+
+def test_the_residual_figure_finds_each_sampler_calls_history():
+    import numpy as np
+
+    from pipeline.figures import call_starts
+
+    a, b, c = [0.5, 0.1, np.nan], [0.4, 0.2, 0.05], [0.3, np.nan, np.nan]
+    # calls of 2, 1 and 2 members (a store resumed in smaller calls than it was made with)
+    assert call_starts(np.array([a, a, b, c, c])) == [0, 2, 3]
