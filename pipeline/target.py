@@ -67,8 +67,10 @@ def upgrade_identity(path: str | Path, legacy: str, digest: str, *, plan: str | 
     known), so that runs of any batch size resume it; its history says so. Only while no
     live job fills it (``check_idle``): an older job still writing would find its store
     changed, and stop."""
-    check_idle(path, "brings an older piadm's store up to date")
     attrs = read_attrs(path) or {}
+    if attrs.get("piadm_store_digest") != legacy:  # another job of this config came first
+        return
+    check_idle(path, "brings an older piadm's store up to date")
     changes = {key: digest for key in ("piadm_store_digest", "store_sha256")
                if attrs.get(key) == legacy}
     if plan is not None and "plan_config_sha256" in attrs:
