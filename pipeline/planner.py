@@ -428,7 +428,10 @@ def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
         return plan, cfg.ensemble.batch_size
     # an older piadm's, whose config asked another batch size (not known): the plan is this
     # config's when, applied to it, it gives the store's own digest
-    made = with_settings(cfg, plan)
+    try:
+        made = with_settings(cfg, plan)
+    except ConfigError:  # a plan this config cannot take is not its own
+        return None
     if attrs.get("piadm_store_digest") == made.legacy_store_digest(made.ensemble.batch_size):
         return plan, None
     return None
