@@ -214,6 +214,10 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
     model = first_item_model(shaped, build_model(shaped.model, device), device)
     s = cfg.sampler
     tolerances = method_tolerances(shaped, model, comm=comm, device=device)
+    if not tolerances:
+        raise ConfigError(f"bench: every method of bench.methods was left out on the "
+                          f"{'x'.join(map(str, shape))} field (said above): nothing to bench",
+                          collective=True)
     grid = sampler_grid(s, model)
     bound = model_data_bound(model, cfg.model)
     if name_bound and math.isfinite(bound):  # what sets pc-window's rounds (docs/benchmarks.md)

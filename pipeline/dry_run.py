@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, with_settings
 from pipeline.ensemble import check_only, check_output, load_items
 from pipeline.identity import store_digests
 from pipeline.layout import RankGrid
@@ -53,13 +53,13 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     ]
     if not planned:  # else the planner leaves out the layouts that do not fit
         try:
-            lines.append("memory     " + check_memory(cfg, tuple(cfg.model.shape),
-                                                      torch.device(device), sharing=sharing,
-                                                      time_slices=ranks.slices.size,
-                                                      batch=min(size, unit, e.members)))
+            text = check_memory(cfg, tuple(cfg.model.shape), torch.device(device),
+                                sharing=sharing, time_slices=ranks.slices.size,
+                                batch=min(size, unit, e.members))
             if _would_calibrate(cfg, resumed=fate.startswith("would be resumed")):
                 check_memory(cfg, tuple(cfg.model.shape), torch.device(device),
                              calibration=True)
+            lines.append("memory     " + text)
         except ConfigError as err:
             lines.append(f"memory     the run would stop: {err}")
             runs = False
@@ -74,16 +74,16 @@ def _store_fate(cfg: Config, stored) -> tuple[str, bool, int | None]:
     plan it was made with (``stored``: keyed by the unresolved config), which a rerun
     repeats."""
     path = cfg.output.path
-    if stored is not None:
-        fate = "resume"
-    else:
-        try:
-            fate = check_output(cfg)
-        except StoreExists as err:
-            return f"would be refused: {err}", False, None
-        except OSError as err:  # check_writable: the folder named
-            return (f"would be refused: cannot make a store in {err.filename}: {err.strerror}",
-                    False, None)
+    if stored is not None:  # the run's checks, on the config the store's plan makes of it
+        cfg = with_settings(cfg, {**stored[0],
+                                  "ensemble.batch_size": resumed_batch_size(cfg, stored)})
+    try:
+        fate = check_output(cfg)
+    except StoreExists as err:
+        return f"would be refused: {err}", False, None
+    except OSError as err:  # check_writable: the folder named
+        return (f"would be refused: cannot make a store in {err.filename}: {err.strerror}",
+                False, None)
     if fate in ("resume", "upgrade"):
         done = done_members(path)
         return (f"would be resumed: {int(done.sum())} of {done.size} members done"

@@ -311,8 +311,10 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
             except Exception as err:
                 if not is_out_of_memory(err):
                     raise
-                raise OutOfMemory(_out_of_memory(cfg, world.rank, device, len(members),
-                                                 spec.attrs.get(ASKED))) from None
+                plan = json.loads(spec.attrs.get("plan_settings", "{}"))
+                raise OutOfMemory(_out_of_memory(
+                    cfg, world.rank, device, len(members), spec.attrs.get(ASKED),
+                    plan.get("ensemble.batch_size"))) from None
             if writer is not None:
                 owned = functools.partial(holds, claims_dir(spec.path), f"{item}-{start}", job)
                 halt.attempt(_submit, writer, spec, item, members, batch, scale, owned)
@@ -334,14 +336,15 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
             beat.stop()
 
 
-def _out_of_memory(cfg: Config, rank: int, device, members: int, asked=None) -> str:
+def _out_of_memory(cfg: Config, rank: int, device, members: int, asked=None,
+                   plan_batch=None) -> str:
     """The one line of a call of ``members`` that ran out of memory; ``asked``: the batch
-    size the config asked when an ``"auto"`` run's plan was made (a resume keeps the plan's
-    unless another is asked)."""
+    size the config asked when an ``"auto"`` run's plan was made, ``plan_batch`` the plan's
+    (a resume keeps the plan's unless another is asked)."""
     s = cfg.sampler
     key, n = round_points(s)
     now = cfg.ensemble.batch_size
-    planned = asked not in (None, now)  # the plan's size, which only another asked replaces
+    planned = asked is not None and now == plan_batch != asked  # only another asked replaces it
     return (f"sample: rank {rank} ran out of memory ({device}) sampling {members} members at "
             f"once with {s.method} ({n} points of sampler.{key}): "
             + (f"lower ensemble.batch_size below {members}"

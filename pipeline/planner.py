@@ -385,8 +385,9 @@ def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int
         batch = resumed_batch_size(cfg, stored)
         if batch != chosen["ensemble.batch_size"]:  # not the store's identity: a resume may
             chosen["ensemble.batch_size"] = batch   # lower it (after running out of memory)
-            say(f"plan: at ensemble.batch_size = {batch}, the config's (it asked {asked} when "
-                "the plan was made)")
+            say(f"plan: at ensemble.batch_size = {batch}, the config's ("
+                + (f"it asked {asked} when the plan was made)" if asked is not None else
+                   "the size it asked when the plan was made is not recorded)"))
     else:
         if cfg.parallel.time_slices != "auto":
             t = cfg.parallel.time_slices
@@ -424,17 +425,24 @@ def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
     plan, key = json.loads(attrs["plan_settings"]), attrs.get("plan_config_sha256")
     if key == cfg.store_digest:
         return plan, attrs.get(ASKED)
-    if key == cfg.legacy_store_digest(cfg.ensemble.batch_size):  # an older piadm's store
-        return plan, cfg.ensemble.batch_size
-    # an older piadm's, whose config asked another batch size (not known): the plan is this
-    # config's when, applied to it, it gives the store's own digest
+    # an older piadm's store: its key counted the batch size the config asked then
+    asked = next((b for b in (cfg.ensemble.batch_size, *range(1, OLDER_ASKED + 1))
+                  if cfg.legacy_store_digest(b) == key), None)
+    if asked is not None:
+        return plan, asked
+    # asked a size past those: the plan is this config's when, applied to it, it gives the
+    # store's digest (an older piadm's, or this version's once another run brought it up to date)
     try:
         made = with_settings(cfg, plan)
     except ConfigError:  # a plan this config cannot take is not its own
         return None
-    if attrs.get("piadm_store_digest") == made.legacy_store_digest(made.ensemble.batch_size):
+    if attrs.get("piadm_store_digest") in (made.store_digest,
+                                           made.legacy_store_digest(made.ensemble.batch_size)):
         return plan, None
     return None
+
+
+OLDER_ASKED = 1024  # the batch sizes an older store's plan key is tried at (0.1 ms each)
 
 
 def resumed_batch_size(cfg: Config, stored: tuple[dict, int | None]) -> int:

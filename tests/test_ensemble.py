@@ -170,34 +170,65 @@ def test_the_older_digest_is_the_one_piadm_gave_before_the_batch_size_left_it():
         "b6a170c80cccd198829a6728dbaeff1ff0f6dc20d505c91c9cc167fb7e93621a"
 
 
-def test_an_older_auto_store_resumes_at_a_batch_size_asked_since(tmp_path, capsys):
-    """An older piadm's "auto" store, its plan keyed by the batch size asked then: a config
-    asking another still finds the plan (applied, it gives the store's digest), samples at
-    its own batch size, and the upgrade records nothing it does not know."""
+def _older_auto_store(tmp_path):
+    """An "auto" store as an older piadm left it (its config asked batch size 4), members
+    left to sample; returns (the sample arguments, the unresolved and the resolved config)."""
     sets = ["model.shape=[8, 8]", "sampler.steps=40", 'sampler.method="auto"',
             "ensemble.members=4", "ensemble.batch_size=4", "calibrate.members=2",
             f'output.path="{tmp_path / "a.zarr"}"']
     args = ["sample", "jobs/configs/grf.toml", *sum((["--set", x] for x in sets), [])]
     assert main(args) == 0
-    path = tmp_path / "a.zarr"
-    group = zarr.open_group(path, mode="r+")
+    group = zarr.open_group(tmp_path / "a.zarr", mode="r+")
     plan = json.loads(group.attrs["plan_settings"])
-    unresolved = load_config("jobs/configs/grf.toml", _overrides(args[2:]))
-    resolved = load_config("jobs/configs/grf.toml", _overrides(args[2:]) + [
+    unresolved = load_config("jobs/configs/grf.toml", sets)
+    resolved = load_config("jobs/configs/grf.toml", sets + [
         f"{k}={json.dumps(v)}" for k, v in plan.items()])
-    group.attrs.update(  # as piadm 0.1 left it
+    group.attrs.update(
         piadm_store_digest=resolved.legacy_store_digest(plan["ensemble.batch_size"]),
         plan_config_sha256=unresolved.legacy_store_digest(4))
     for key in ("piadm_member_batch", "plan_batch_size_asked"):
         del group.attrs[key]
     group["done"][0, :] = 0
+    return args, unresolved, plan
+
+
+def test_an_older_auto_store_resumes_at_a_batch_size_asked_since(tmp_path, capsys):
+    """An older piadm's "auto" store, its plan keyed by the batch size asked then: a config
+    asking another finds the plan (and the size asked then), samples at its own batch size,
+    and the upgrade records both."""
+    from pipeline.claims import Heartbeat, claims_dir
+
+    args, unresolved, _ = _older_auto_store(tmp_path)
+    beat = Heartbeat(claims_dir(tmp_path / "a.zarr"), "older-job").start()  # still filling it
     capsys.readouterr()
+    assert main([*args, "--set", "ensemble.batch_size=1", "--dry-run"]) == 2  # as the run would
+    assert "being filled by a live job (older-job)" in capsys.readouterr().err
+    beat.stop()
+    assert main([*args, "--set", "ensemble.batch_size=1", "--dry-run"]) == 0
+    assert "an older piadm made it" in capsys.readouterr().err
     assert main([*args, "--set", "ensemble.batch_size=1"]) == 0
     err = capsys.readouterr().err
     assert "plan: the store's own choice" in err and "4 to sample" in err
-    attrs = zarr.open_group(path, mode="r").attrs
+    attrs = zarr.open_group(tmp_path / "a.zarr", mode="r").attrs
     assert attrs["plan_config_sha256"] == unresolved.store_digest
-    assert "plan_batch_size_asked" not in attrs  # not known: a resume takes the config's
+    assert attrs["plan_batch_size_asked"] == 4
+
+
+def test_an_older_auto_store_a_plain_config_brought_up_to_date_stays_the_auto_configs(
+        tmp_path, capsys):
+    """Resumed once with the settings its plan names (a plain config), its plan key stays the
+    older one: the "auto" config still finds its plan at any batch size, and resumes the
+    store, output.overwrite too, never re-planning and replacing it."""
+    args, _, plan = _older_auto_store(tmp_path)
+    plain = args + sum((["--set", f"{k}={json.dumps(v)}"] for k, v in plan.items()), [])
+    assert main(plain) == 0
+    group = zarr.open_group(tmp_path / "a.zarr", mode="r+")
+    assert "identity no longer counts" in group.attrs["history"]
+    group["done"][0, 2:] = 0
+    capsys.readouterr()
+    assert main([*args, "--set", "ensemble.batch_size=1", "--set", "output.overwrite=true"]) == 0
+    err = capsys.readouterr().err
+    assert "plan: the store's own choice" in err and "2 of 4 members done, 2 to sample" in err
 
 
 def test_an_older_piadms_store_is_resumed_and_brought_up_to_date(tmp_path, input_store, capsys):

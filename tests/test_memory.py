@@ -188,7 +188,9 @@ def test_an_auto_runs_out_of_memory_line_says_which_batch_sizes_replace_the_plan
     from pipeline.ensemble import _out_of_memory
 
     cfg = load_config("jobs/configs/grf.toml", ["ensemble.batch_size=8"])
-    line = _out_of_memory(cfg, 0, "cuda:0", 8, asked=4)
+    line = _out_of_memory(cfg, 0, "cuda:0", 8, asked=4, plan_batch=8)
+    # the config's own size replaced the plan's (it asked 8, not the 4 of then): plain
+    assert "(now 8, the plan's" not in _out_of_memory(cfg, 0, "cuda:0", 8, asked=4, plan_batch=16)
     assert "lower ensemble.batch_size below 8 (now 8, the plan's; any size but the 4 the plan " \
            "was made for replaces it), sampler.window" in line
     plain = _out_of_memory(cfg, 0, "cuda:0", 8)  # not planned
