@@ -76,7 +76,6 @@ class StopRequest:
               "stopping (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
         self.signal = signum
 
-
     def install(self) -> "StopRequest":
         """Handle the stop signals (main thread only), and a first Ctrl-C as one of them,
         counting one that arrived while they were deferred; returns self."""
