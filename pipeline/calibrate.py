@@ -106,16 +106,17 @@ def read_unreachable(key: str) -> str | None:
 
 def write_cached(key: str, calibration: Calibration, note: str) -> None:
     """Record a calibration."""
-    update_cache(cache_file(), key, {
-        "tol": calibration.tol, "note": note,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "ladder": [dataclasses.asdict(r) for r in calibration.rungs]})
+    _record(key, calibration.tol, calibration.rungs, note)
 
 
 def write_unreachable(key: str, reason: str, rungs: tuple[Rung, ...], note: str) -> None:
     """Record that the ladder fell short, so that later runs need not measure it again."""
+    _record(key, None, rungs, note, unreachable=reason)
+
+
+def _record(key: str, tol: float | None, rungs: tuple[Rung, ...], note: str, **extra) -> None:
     update_cache(cache_file(), key, {
-        "tol": None, "unreachable": reason, "note": note,
+        "tol": tol, **extra, "note": note,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "ladder": [dataclasses.asdict(r) for r in rungs]})
 

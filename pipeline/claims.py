@@ -109,6 +109,11 @@ def claim(folder: Path, key: str, job: str) -> bool:
     return True
 
 
+def batch_key(item: int, start: int) -> str:
+    """The claim key of the store's batch of item index ``item`` from member ``start``."""
+    return f"{item}-{start}"
+
+
 def holds(folder: Path, key: str, job: str) -> bool:
     """Whether ``job`` still holds claim ``key``: another job takes a claim over when its
     holder's heartbeat looks dead, which a slow file system can make a live job's look."""

@@ -23,7 +23,8 @@ import torch
 from models import build_model
 from models.conditioning import CONDITIONS
 from pipeline.calibrate import Calibration, resolve_tol
-from pipeline.claims import Heartbeat, claim, claims_dir, holding, holds, new_job_id
+from pipeline.claims import (Heartbeat, batch_key, claim, claims_dir, holding, holds,
+                             new_job_id)
 from pipeline.comm import SerialComm
 from pipeline.config import ConfigError, store_differences
 from pipeline.console import on_rank0, print0
@@ -316,7 +317,7 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
                     cfg, world.rank, device, len(members), spec.attrs.get(ASKED),
                     plan.get("ensemble.batch_size"))) from None
             if writer is not None:
-                owned = functools.partial(holds, claims_dir(spec.path), f"{item}-{start}", job)
+                owned = functools.partial(holds, claims_dir(spec.path), batch_key(item, start), job)
                 halt.attempt(_submit, writer, spec, item, members, batch, scale, owned)
             tally.add(len(members), batch.stats)
             bar.advance(len(members),
@@ -344,15 +345,19 @@ def _out_of_memory(cfg: Config, rank: int, device, members: int, asked=None,
     s = cfg.sampler
     key, n = round_points(s)
     now = cfg.ensemble.batch_size
-    planned = asked is not None and now == plan_batch != asked  # only another asked replaces it
+    lower = "lower "
+    if members > 1:
+        lower += f"ensemble.batch_size below {members}"
+        if asked is not None and now == plan_batch != asked:  # only another asked replaces it
+            lower += (f" (now {now}, the plan's; any size but the {asked} the plan was made "
+                      "for replaces it)")
+        elif now != members:
+            lower += f" (now {now})"
+        lower += ", "
     return (f"sample: rank {rank} ran out of memory ({device}) sampling {members} members at "
-            f"once with {s.method} ({n} points of sampler.{key}): "
-            + (f"lower ensemble.batch_size below {members}"
-               + (f" (now {now}, the plan's; any size but the {asked} the plan was made for "
-                  "replaces it)" if planned else f" (now {now})" if now != members else "")
-               + ", " if members > 1 else "lower ")
-            + f"sampler.{key}, or add time slices; the members written so far are kept, and "
-            "the same command resumes after them")
+            f"once with {s.method} ({n} points of sampler.{key}): {lower}sampler.{key}, or "
+            "add time slices; the members written so far are kept, and the same command "
+            "resumes after them")
 
 
 CLAIM_POLL_S = 0.5  # how often a job waiting on another job's batches looks again
@@ -408,7 +413,7 @@ def _claim_state(path, folder, item: int, members, job: str) -> tuple[str, tuple
     have written part of it; (``theirs``, ()) while a live job is on it."""
     if not members_left(path, item, members):
         return "done", ()
-    if not claim(folder, f"{item}-{members[0]}", job):
+    if not claim(folder, batch_key(item, members[0]), job):
         return "theirs", ()
     return "ours", members_left(path, item, members)  # read now that no one else writes it
 
