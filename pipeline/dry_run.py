@@ -6,7 +6,7 @@ import torch
 
 from pipeline.config import ConfigError, with_settings
 from pipeline.ensemble import check_only, check_output, load_items
-from pipeline.identity import call_batch, store_digests
+from pipeline.identity import store_digests
 from pipeline.layout import RankGrid
 from pipeline.memory_check import check_memory
 from pipeline.planner import resumed_batch_size, stored_plan
@@ -14,7 +14,7 @@ from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, Config, needs_plan
 from pipeline.store import StoreExists, done_members, member_batch, stored_attribute
-from pipeline.work import batch_note, work_list
+from pipeline.work import batch_note, call_batch, work_list
 
 
 def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tuple[str, bool]:
@@ -55,7 +55,7 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
         try:
             text = check_memory(cfg, tuple(cfg.model.shape), torch.device(device),
                                 sharing=sharing, time_slices=ranks.slices.size,
-                                batch=call_batch(cfg))
+                                batch=call_batch(size, e.members))
             if _would_calibrate(cfg, resumed=fate.startswith("would be resumed")):
                 check_memory(cfg, tuple(cfg.model.shape), torch.device(device),
                              calibration=True)

@@ -31,7 +31,7 @@ from pipeline.console import on_rank0, print0
 from pipeline.decomposition import share
 from pipeline.errors import OutOfMemory, WriteFailed, raised_by_every_rank
 from pipeline.inputs import Items, open_items, unconditional
-from pipeline.identity import call_batch, store_digests, target_fate
+from pipeline.identity import store_digests, target_fate
 from pipeline.layout import RankGrid, rank_grid
 from pipeline.memory import field_bytes, is_out_of_memory, ranks_sharing
 from pipeline.memory_check import check_memory, round_points
@@ -46,7 +46,7 @@ from pipeline.store import (ASKED, MEMBER_BATCH, StoreSpec, done_members, finali
                             member_batch, member_chunk, members_left, stored_attribute,
                             write_batch)
 from pipeline.target import check_idle, check_writable, open_or_create, upgrade_identity
-from pipeline.work import batch_note, member_calls, work_list
+from pipeline.work import PAUSE, batch_note, call_batch, cut_calls, work_list, write_runs
 from pipeline.writer import make_writer
 
 
@@ -205,15 +205,16 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     sharing = memory_sharing(ranks.world, device)  # collective: before rank 0 alone checks
     on_rank0(ranks.world, lambda: check_memory(  # at the most members a call holds
         cfg, tuple(model.shape), torch.device(device), sharing=sharing,
-        time_slices=ranks.slices.size, batch=call_batch(cfg)))
+        time_slices=ranks.slices.size,
+        batch=call_batch(cfg.ensemble.batch_size, cfg.ensemble.members)))
     started = _start_up(cfg, model, ranks.world, stop, device, attrs or {})
     if started is None:
         print0(ranks.world, "stopped before sampling began: nothing was written")
         return Summary(cfg.output.path, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, True)
     spec, state, tol = started
-    items, scale, done, mine = _open_work(cfg, model, spec, state, ranks)
+    items, scale, done, mine, unit = _open_work(cfg, model, spec, state, ranks)
     return _fill(cfg, ranks, model, tol, spec, mine, items=items, scale=scale, stop=stop,
-                 device=device, skipped=int(done.sum()))
+                 device=device, skipped=int(done.sum()), unit=unit)
 
 
 def _start_up(cfg: Config, model, world, stop, device,
@@ -235,8 +236,8 @@ def _start_up(cfg: Config, model, world, stop, device,
 
 def _open_work(cfg: Config, model, spec: StoreSpec, state: str, ranks: RankGrid):
     """Every rank, once the store exists: the input items, the (mean, std) the model's fields
-    are in, the store's done flags (items, members) and this group's share of the (item,
-    members) batches left; rank 0 says what the store holds."""
+    are in, the store's done flags (items, members), this group's share of the (item,
+    members) batches left and the store's batch size; rank 0 says what the store holds."""
     items = load_items(cfg, check=False)
     # A learned model brings its training normalisation; exact ones use the input's.
     mean = getattr(model, "data_mean", None)
@@ -255,7 +256,7 @@ def _open_work(cfg: Config, model, spec: StoreSpec, state: str, ranks: RankGrid)
     print0(ranks.world, f"store {spec.path} {state}: {int(done.sum())} of {done.size} members "
                         f"done, {sum(len(left) for _, _, left in todo)} to sample"
            + (f" in its batches of {unit}{batch_note(unit, size)}" if unit != size else ""))
-    return items, scale, done, mine
+    return items, scale, done, mine, unit
 
 
 class _ProgressHook:
@@ -278,10 +279,10 @@ class _ProgressHook:
 
 
 def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec, mine, *,
-          items: Items, scale, stop, device, skipped: int) -> Summary:
-    """Every rank: sample the group's share ``mine`` of (item, members) batches, the model's
-    fields being the data less ``scale``'s mean over its std, the group's lead rank writing
-    them; then agree what the run did (``_finish``)."""
+          items: Items, scale, stop, device, skipped: int, unit: int) -> Summary:
+    """Every rank: sample the group's share ``mine`` of the store's (item, members) batches
+    of ``unit``, the model's fields being the data less ``scale``'s mean over its std, the
+    group's lead rank writing them; then agree what the run did (``_finish``)."""
     world, slices, s = ranks.world, ranks.slices, cfg.sampler
     mean, std = scale
     writer = make_writer(cfg.output.background) if slices.rank == 0 else None
@@ -296,8 +297,8 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     job = on_rank0(world, new_job_id)
     beat = Heartbeat(claims_dir(spec.path), job).start() if world.rank == 0 else None
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
-        for item, members, start in _claimed(mine, cfg.ensemble.batch_size, slices, halt,
-                                             tally, bar, items, spec.path, job):
+        for item, members in _claimed(mine, cfg.ensemble.batch_size, slices, halt, tally, bar,
+                                      items, spec.path, job):
             if item != bound_item:  # the work is ordered by item: read each input once
                 raw = items.field(item)
                 bound = _bind(model, cfg.model.condition,
@@ -316,9 +317,11 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
                 raise OutOfMemory(_out_of_memory(
                     cfg, world.rank, device, len(members), spec.attrs.get(ASKED),
                     plan.get("ensemble.batch_size"))) from None
-            if writer is not None:
+            for lo, hi in write_runs(members, unit) if writer is not None else ():
+                start = members[lo] - members[lo] % unit  # the store batch's claim
                 owned = functools.partial(holds, claims_dir(spec.path), batch_key(item, start), job)
-                halt.attempt(_submit, writer, spec, item, members, batch, scale, owned)
+                halt.attempt(_submit, writer, spec, item, members[lo:hi], batch, slice(lo, hi),
+                             scale, owned)
             tally.add(len(members), batch.stats)
             bar.advance(len(members),
                         f"{items.dim} {items.labels[item]}: {batch.stats.rounds} rounds")
@@ -365,18 +368,32 @@ CLAIM_POLL_S = 0.5  # how often a job waiting on another job's batches looks aga
 
 def _claimed(mine, size: int, slices, stop, tally: "_Tally", bar: Progress, items: Items, path,
              job: str):
-    """Every rank of a group, in step: yields the (item, members, first member of the store's
-    batch) sampler calls, at most ``size`` members each, of the store's batches in ``mine``
-    ((item, members, members left) each) that the group's lead has claimed for it, in order; a batch a live job holds waits
-    till the rest are done, one another job finished only advances ``bar``. Stops early, with
-    ``tally.stopped`` set, when a stop signal reaches any rank of ``slices``."""
+    """Every rank of a group, in step: yields the (item, members) sampler calls, at most
+    ``size`` members of one item each, of the store's batches in ``mine`` ((item, members,
+    members left) each) that the group's lead has claimed for it, in order (``cut_calls``:
+    consecutive batches share a call). Stops early, with ``tally.stopped`` set, when a stop
+    signal reaches any rank of ``slices``: before each call, and while waiting for another
+    job's batches."""
+    for call in cut_calls(_claims(mine, slices, stop, tally, bar, items, path, job), size):
+        if _stop_agreed(slices, stop):  # the group stops together; its claims die with it
+            tally.stopped = True
+            return
+        yield call
+
+
+def _claims(mine, slices, stop, tally: "_Tally", bar: Progress, items: Items, path, job: str):
+    """Every rank of a group, in step: yields (item, members still to write) for each batch
+    of ``mine`` once the group's lead has claimed it, and ``PAUSE`` before waiting: a batch
+    a live job holds waits till the rest are done, one another job finished only advances
+    ``bar``."""
     folder = claims_dir(path)
     queue, deferred = list(mine), []  # deferred: batches another live job has claimed
     while queue or deferred:
-        if _stop_agreed(slices, stop):  # the group stops together
-            tally.stopped = True
-            return
         if not queue:  # what is left is another job's: wait for it, or for it to die
+            yield PAUSE  # the members held for a call are sampled first
+            if _stop_agreed(slices, stop):
+                tally.stopped = True
+                return
             time.sleep(CLAIM_POLL_S)
             queue, deferred = deferred, []
         item, members, left = queue.pop(0)
@@ -387,22 +404,21 @@ def _claimed(mine, size: int, slices, stop, tally: "_Tally", bar: Progress, item
             continue
         if len(now) < len(left):  # written by another job meanwhile (all, or part: a dead one)
             bar.advance(len(left) - len(now), f"{items.dim} {items.labels[item]}: another job's")
-        for k, call in enumerate(member_calls(now, size)):
-            if k and _stop_agreed(slices, stop):  # between calls too: a batch may take many
-                tally.stopped = True
-                return
-            yield item, call, members[0]
+        if now:
+            yield item, now
 
 
-def _submit(writer, spec: StoreSpec, item: int, members, batch, scale, owned) -> None:
-    """Hand ``batch`` (fields (members, *shape), normalised) to ``writer``, back in the data's
+def _submit(writer, spec: StoreSpec, item: int, members, batch, rows: slice, scale,
+            owned) -> None:
+    """Hand the ``rows`` of ``batch`` (fields (call members, *shape), normalised), the
+    consecutive ``members`` of one of the store's batches, to ``writer``, back in the data's
     units ``scale`` (mean, std) and the store's dtype; ``owned``: whether this job still holds
-    the claim on the store's batch (``store.write_batch``)."""
+    the claim on that store batch (``store.write_batch``)."""
     mean, std = scale
-    field = batch.fields.cpu().numpy() * std + mean
+    field = batch.fields[rows].cpu().numpy() * std + mean
     writer.submit(write_batch, spec.path, variable=spec.variable, item=item,
                   start=members[0], field=field.astype(spec.dtype),
-                  seed=np.array(batch.seeds), rounds=batch.stats.rounds,
+                  seed=np.array(batch.seeds[rows]), rounds=batch.stats.rounds,
                   model_calls=batch.stats.model_calls, residuals=batch.stats.residuals,
                   digest=spec.digest, model=spec.attrs.get("model_sha256"), owned=owned)
 

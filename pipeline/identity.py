@@ -3,13 +3,13 @@
 A store is a configuration's when its digest is ``Config.store_digest``, or the digest an
 older piadm gave the same settings, which counted ensemble.batch_size: that store is
 resumed at any batch size and brought up to date (``target.upgrade_identity``). A store's
-unit of work is its own batch (``store.member_batch``); a run resuming it samples that
-batch ensemble.batch_size members a call.
+unit of work is its own batch (``store.member_batch``); a run resuming it samples its
+batches ensemble.batch_size members a call (``work.cut_calls``).
 """
 from __future__ import annotations
 
 from pipeline.settings import Config
-from pipeline.store import config_batch, member_batch, stored_digest
+from pipeline.store import config_batch, stored_digest
 from pipeline.target import check_target, stored_config
 
 
@@ -35,11 +35,3 @@ def target_fate(cfg: Config, model: str | None, **kwargs) -> tuple[str, str | No
     return check_target(cfg.output.path, cfg.store_digest, model=model, legacy=legacy,
                         **kwargs), legacy
 
-
-def call_batch(cfg: Config) -> int:
-    """Rank 0: the most members a sampler call of a run of ``cfg`` holds: ensemble.batch_size,
-    at most the members, and at most the batches of a store of ``cfg`` it resumes."""
-    batch = min(cfg.ensemble.batch_size, cfg.ensemble.members)
-    if stored_digest(cfg.output.path) in store_digests(cfg):
-        batch = min(batch, member_batch(cfg.output.path))
-    return batch

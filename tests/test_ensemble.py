@@ -84,11 +84,13 @@ def _same_members(a, b):
         assert np.array_equal(x[name].values, y[name].values, equal_nan=True), name
 
 
-def test_a_store_resumes_at_another_batch_size_in_its_own_batches(tmp_path, input_store, capsys):
+def test_a_store_resumes_at_another_batch_size_in_its_own_batches(tmp_path, input_store, capsys,
+                                                                   monkeypatch):
     """After running out of memory a user lowers ensemble.batch_size: the store made in
     batches of 2 resumes (the batch size is not its identity), its batches sampled a member a
-    call, a stop may come between the calls, and a larger batch size resumes it too; the
-    members are those of an uninterrupted run."""
+    call, a stop may come between the calls, and a larger batch size resumes it too, its
+    calls holding several of the store's batches; the members are those of an uninterrupted
+    run."""
     clean, cut = tmp_path / "clean.zarr", tmp_path / "cut.zarr"
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, clean)]) == 0
     cfg = load_config("jobs/configs/grf.toml", _overrides(conditional_sets(input_store, cut)))
@@ -101,10 +103,19 @@ def test_a_store_resumes_at_another_batch_size_in_its_own_batches(tmp_path, inpu
     assert summary.preempted and summary.members == 3  # the stop came between two calls
     assert ("2 of 36 members done, 34 to sample in its batches of 2 (1 member(s) a call: "
             "ensemble.batch_size)") in capsys.readouterr().err
+    from pipeline import ensemble
+
+    calls, sample = [], ensemble.sample_batch
+    monkeypatch.setattr(ensemble, "sample_batch",
+                        lambda model, noise, **kw: calls.append(noise.keys) or sample(
+                            model, noise, **kw))
     assert main(["sample", "jobs/configs/grf.toml",
                  *conditional_sets(input_store, cut, "ensemble.batch_size=4")]) == 0
-    assert ("5 of 36 members done, 31 to sample in its batches of 2 (ensemble.batch_size = 4 "
-            "sets the batches of a new store)") in capsys.readouterr().err
+    # the 6 members of an item: member 5 left of item 0, then 0 .. 3 of item 1 from two of
+    # its batches and 4, 5 (a call never holds two items)
+    assert calls[:3] == [((0, 5),), tuple((1, m) for m in range(4)), ((1, 4), (1, 5))]
+    assert ("5 of 36 members done, 31 to sample in its batches of 2 (up to 4 members a call, "
+            "its batches together: ensemble.batch_size)") in capsys.readouterr().err
     _same_members(clean, cut)
     assert zarr.open_group(cut, mode="r").attrs["piadm_member_batch"] == 2
 
@@ -126,7 +137,7 @@ def test_a_batch_taken_over_samples_only_the_members_its_dead_claimant_did_not_w
     bar = Progress(SerialComm(), 2, "members", stream=io.StringIO())
     calls = list(_claimed([(0, (0, 1), (0, 1))], 2, SerialComm(), False, _Tally(0.0), bar,
                           items, out, "job-x"))
-    assert calls == [(0, (1,), 0)] and bar.done == 1
+    assert calls == [(0, (1,))] and bar.done == 1
 
 
 def test_a_job_whose_batch_was_taken_over_writes_no_more_of_it(tmp_path, input_store):
@@ -145,17 +156,45 @@ def test_a_job_whose_batch_was_taken_over_writes_no_more_of_it(tmp_path, input_s
     assert np.array_equal(group["vort"][0, 0], before) and group["done"][0, 0] == 0
 
 
-@pytest.mark.parametrize("left, size, calls", [
-    ((0, 1, 2, 3), 4, [(0, 1, 2, 3)]),
-    ((0, 1, 2, 3), 3, [(0, 1, 2), (3,)]),
-    ((0, 1, 2, 3), 8, [(0, 1, 2, 3)]),
-    ((1, 2, 5, 6, 7), 2, [(1, 2), (5, 6), (7,)]),  # a gap: each run written as a run
-    ((4,), 1, [(4,)]),
+@pytest.mark.parametrize("batches, size, calls", [
+    ([(0, (0, 1, 2, 3))], 4, [(0, (0, 1, 2, 3))]),
+    ([(0, (0, 1, 2, 3))], 3, [(0, (0, 1, 2)), (0, (3,))]),
+    ([(0, (0, 1)), (0, (2, 3)), (0, (4,))], 4, [(0, (0, 1, 2, 3)), (0, (4,))]),  # batches join
+    ([(0, (1,)), (0, (2, 3)), (0, (5,))], 8, [(0, (1, 2, 3, 5))]),  # gaps: written apart
+    ([(0, (0, 1)), (1, (0, 1))], 4, [(0, (0, 1)), (1, (0, 1))]),  # a call holds one item
+    ([(0, (0, 1)), None, (0, (4, 5))], 4, [(0, (0, 1)), (0, (4, 5))]),  # none held in a wait
+    ([], 2, []),
 ])
-def test_member_calls_cut_the_members_left_into_runs_of_at_most_size(left, size, calls):
-    from pipeline.work import member_calls
+def test_cut_calls_fill_calls_of_size_from_the_batches_of_one_item(batches, size, calls):
+    from pipeline.work import cut_calls
 
-    assert member_calls(left, size) == calls
+    assert list(cut_calls(iter(batches), size)) == calls
+
+
+def test_cut_calls_claim_a_batch_only_when_a_call_needs_it():
+    from pipeline.work import cut_calls
+
+    pulled = []
+
+    def batches():
+        for b in [(0, (0, 1)), (0, (2, 3)), (0, (4, 5))]:
+            pulled.append(b)
+            yield b
+
+    calls = cut_calls(batches(), 2)
+    assert next(calls) == (0, (0, 1)) and len(pulled) == 1
+
+
+@pytest.mark.parametrize("call, unit, runs", [
+    ((0, 1, 2, 3), 4, [(0, 4)]),
+    ((0, 1, 2, 3), 2, [(0, 2), (2, 4)]),  # one region per store batch: each its own claim
+    ((1, 2, 3, 4, 6, 7), 2, [(0, 1), (1, 3), (3, 4), (4, 6)]),
+    ((1, 2, 5, 6, 7), 8, [(0, 2), (2, 5)]),  # a gap in one batch: two regions
+])
+def test_write_runs_are_consecutive_members_of_one_store_batch(call, unit, runs):
+    from pipeline.work import write_runs
+
+    assert write_runs(call, unit) == runs
 
 
 def test_the_older_digest_is_the_one_piadm_gave_before_the_batch_size_left_it():

@@ -110,13 +110,15 @@ def test_a_dry_run_foresees_the_calibrations_refusal(tmp_path, monkeypatch, caps
     assert main(args) == 2 and not (tmp_path / "o.zarr").exists()
 
 
-def test_a_store_resumed_at_a_larger_batch_size_is_checked_at_its_own_batches(
+def test_a_call_is_checked_at_the_members_it_holds_batch_size_at_most_the_members(
         tmp_path, monkeypatch, capsys):
-    """Its calls hold no more than the store's batches, so a batch size too large for memory
-    is no reason to refuse the resume."""
+    """A call holds up to ensemble.batch_size members of one item, however small the batches
+    of a store it resumes (``work.cut_calls``): a store of 2 members resumes at a batch size
+    of 64 in memory that 16 members a call would not fit."""
     from pipeline.cli import main
 
-    assert main(_grf_run(tmp_path, "model.shape=[256, 256]", "ensemble.members=2")) == 0
+    assert main(_grf_run(tmp_path, "model.shape=[256, 256]", "ensemble.members=2",
+                         "ensemble.batch_size=1")) == 0
     monkeypatch.setattr("pipeline.memory_check.available_bytes",
                         lambda device, sharing=1: (100 * 2**20, "available on this node's host"))
     larger = _grf_run(tmp_path, "model.shape=[256, 256]", "ensemble.members=2",
@@ -124,10 +126,11 @@ def test_a_store_resumed_at_a_larger_batch_size_is_checked_at_its_own_batches(
     capsys.readouterr()
     assert main([*larger[:2], "--dry-run", *larger[2:]]) == 0
     assert "the run would stop" not in capsys.readouterr().err
-    assert main(larger) == 0
-    fresh = _grf_run(tmp_path, "model.shape=[256, 256]", "ensemble.members=64",
-                     "ensemble.batch_size=64", f'output.path="{tmp_path / "new.zarr"}"')
-    assert main(fresh) == 2  # a new store's batches would be 64
+    sixteen = _grf_run(tmp_path, "model.shape=[256, 256]", "ensemble.members=16",
+                       "ensemble.batch_size=64", f'output.path="{tmp_path / "new.zarr"}"')
+    assert main([*sixteen[:2], "--dry-run", *sixteen[2:]]) == 2  # as the run would
+    assert "the run would stop: config: 16 members a batch" in capsys.readouterr().err
+    assert main(sixteen) == 2 and not (tmp_path / "new.zarr").exists()
 
 
 def test_running_out_of_memory_mid_run_is_one_line_and_the_rerun_resumes(
