@@ -60,7 +60,7 @@ _CONVERTERS: dict[str, Callable[..., torch.Tensor]] = {
     "v": _score_from_v,
     "velocity": _score_from_velocity,
 }
-PREDICTIONS = ("score", *_CONVERTERS)
+PREDICTIONS = ("score", *_CONVERTERS)  # pipeline.choices.PREDICTIONS, for checking configs
 
 
 @dataclass(frozen=True)

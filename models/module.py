@@ -19,15 +19,14 @@ from pathlib import Path
 
 import torch
 
-from models.adapters import PREDICTIONS, NetworkAdapter
+from models.adapters import NetworkAdapter
 from models.conditioning import upsample_blocks
 from models.digest import files_digest
-from pipeline.clock import (BETA_SCHEDULES, VE, DiscreteVP, Flow, VPCosine, VPLinear,
+from models.module_check import check_section
+from pipeline.clock import (VE, DiscreteVP, Flow, VPCosine, VPLinear,
                             ddpm_alphas_cumprod)
 from pipeline.errors import ConfigError
 
-PROCESS_NAMES = ("ddpm", "vp-linear", "vp-cosine", "ve", "edm", "flow")
-INPUT_SCALES = ("native", "unit")
 
 
 def process_of(section):
@@ -39,27 +38,6 @@ def process_of(section):
         return DiscreteVP(section.beta_start, section.beta_end, section.train_steps, table)
     return {"vp-linear": VPLinear, "vp-cosine": VPCosine, "ve": VE, "edm": VE,
             "flow": Flow}[name]()
-
-
-def check_section(section) -> None:
-    """One-line errors for the keys a module model needs, before anything is imported."""
-    if not section.target or section.target.count(":") != 1:
-        raise ConfigError(f"config: model.target = {section.target!r} must name a factory as "
-                          "'package.module:function' (a callable returning a torch.nn.Module)")
-    if section.prediction not in PREDICTIONS:
-        raise ConfigError(f"config: model.prediction = {section.prediction!r} is unknown: use "
-                          f"one of {', '.join(PREDICTIONS)} (what the network outputs)")
-    if section.process not in PROCESS_NAMES:
-        raise ConfigError(f"config: model.process = {section.process!r} is unknown: use one of "
-                          f"{', '.join(PROCESS_NAMES)} (the forward process it was trained on)")
-    if section.process == "ddpm" and section.beta_schedule not in BETA_SCHEDULES:
-        raise ConfigError(f"config: model.beta_schedule = {section.beta_schedule!r} is unknown: "
-                          f"use one of {', '.join(BETA_SCHEDULES)}")
-    if section.input_scale not in INPUT_SCALES:
-        raise ConfigError(f"config: model.input_scale = {section.input_scale!r}: use 'native' "
-                          "(the process's own state) or 'unit' (scaled to unit variance)")
-    if section.weights and not isinstance(section.weights, str):
-        raise ConfigError("config: model.weights must be a file path for model.kind = 'module'")
 
 
 def import_target(target: str, key: str = "model.target"):

@@ -1,4 +1,4 @@
-"""The names some ``[sampler]`` settings choose among, whose implementations import torch.
+"""The names some settings choose among, whose implementations import torch.
 
 They are declared here, in a module that imports nothing, so that checking a configuration
 (``pipeline.validation``, hence ``piadm config``) loads no torch. Each implementing module
@@ -9,3 +9,9 @@ GRIDS = ("ou", "uniform", "edm")  # sampler.grid: the families of pipeline.grids
 SCHEDULER_GRID = "scheduler"  # sampler.grid: the model's own timesteps (a diffusers scheduler's)
 FORMS = ("exponential", "eps")  # sampler.form: the step maps of pipeline.integrators.FORMS
 SOURCES = ("host", "device")  # sampler.noise: who fills pipeline.noise.Noise's draws
+
+# [model] of a bring-your-own network (models/module_check.py checks them)
+PREDICTIONS = ("score", "eps", "x0", "v", "velocity")  # model.prediction: models.adapters
+PROCESSES = ("ddpm", "vp-linear", "vp-cosine", "ve", "edm", "flow")  # model.process: models.module
+INPUT_SCALES = ("native", "unit")  # model.input_scale: the process's own state, or unit variance
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")  # model.beta_schedule: pipeline.clock

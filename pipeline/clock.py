@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.choices import BETA_SCHEDULES
+
 Tensor = torch.Tensor
 
 
@@ -152,7 +154,6 @@ class Flow:
         return 1 / (signal(u) + noise_std(u))
 
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 
 
 def ddpm_alphas_cumprod(schedule: str, beta_start: float, beta_end: float,

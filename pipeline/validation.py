@@ -198,7 +198,7 @@ def validate(cfg: Config) -> None:
     _check(bool(cfg.output.path), "output.path", "must not be empty")
     _check_conditioning(cfg)
     if m.kind == "module":
-        from models.module import check_section
+        from models.module_check import check_section
 
         check_section(m)
     _check(not cfg.input.path or bool(cfg.input.variable), "input.variable",

@@ -78,12 +78,12 @@ def test_the_readmes_code_layout_names_every_module():
 
 def test_models_import_only_leaf_modules_of_the_pipeline():
     graph = _imports()
-    leaves = {"pipeline.clock", "pipeline.errors"}
+    leaves = {"pipeline.clock", "pipeline.errors", "pipeline.choices"}
     for module, deps in graph.items():
         if module.startswith("models"):
             assert {d for d in deps if d.startswith("pipeline")} <= leaves, module
-    for leaf in leaves:  # a leaf imports nothing of piadm's
-        assert graph[leaf] == set(), leaf
+    for leaf in leaves:  # a leaf imports nothing of piadm's but other leaves
+        assert graph[leaf] <= leaves, leaf
 
 
 def test_each_sampler_setting_has_one_default():

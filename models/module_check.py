@@ -1,0 +1,27 @@
+"""One-line checks of a bring-your-own network's ``[model]`` keys (``model.kind =
+"module"``, ``models/module.py``), importing no torch, so that ``piadm config`` stays quick."""
+from __future__ import annotations
+
+from pipeline.choices import BETA_SCHEDULES, INPUT_SCALES, PREDICTIONS, PROCESSES
+from pipeline.errors import ConfigError
+
+
+def check_section(section) -> None:
+    """One-line errors for the keys a module model needs, before anything is imported."""
+    if not section.target or section.target.count(":") != 1:
+        raise ConfigError(f"config: model.target = {section.target!r} must name a factory as "
+                          "'package.module:function' (a callable returning a torch.nn.Module)")
+    if section.prediction not in PREDICTIONS:
+        raise ConfigError(f"config: model.prediction = {section.prediction!r} is unknown: use "
+                          f"one of {', '.join(PREDICTIONS)} (what the network outputs)")
+    if section.process not in PROCESSES:
+        raise ConfigError(f"config: model.process = {section.process!r} is unknown: use one of "
+                          f"{', '.join(PROCESSES)} (the forward process it was trained on)")
+    if section.process == "ddpm" and section.beta_schedule not in BETA_SCHEDULES:
+        raise ConfigError(f"config: model.beta_schedule = {section.beta_schedule!r} is unknown: "
+                          f"use one of {', '.join(BETA_SCHEDULES)}")
+    if section.input_scale not in INPUT_SCALES:
+        raise ConfigError(f"config: model.input_scale = {section.input_scale!r}: use 'native' "
+                          "(the process's own state) or 'unit' (scaled to unit variance)")
+    if section.weights and not isinstance(section.weights, str):
+        raise ConfigError("config: model.weights must be a file path for model.kind = 'module'")
