@@ -42,9 +42,9 @@ from pipeline.run import (DTYPES, member_batches, model_data_bound, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
-from pipeline.store import (ASKED, MEMBER_BATCH, StoreSpec, done_members, finalize,
-                            member_batch, member_chunk, members_left, stored_attribute,
-                            write_batch)
+from pipeline.store import (ASKED, MEMBER_BATCH, StoreExists, StoreSpec, done_members,
+                            finalize, member_batch, member_chunk, members_left, read_attrs,
+                            stored_attribute, write_batch)
 from pipeline.target import check_idle, check_writable, open_or_create, upgrade_identity
 from pipeline.work import PAUSE, batch_note, call_batch, cut_calls, work_list, write_runs
 from pipeline.writer import make_writer
@@ -117,7 +117,7 @@ def _check_early(cfg: Config, model) -> tuple[float, float]:
     target, before the start-up's costly work; returns the input's (mean, std)."""
     items = load_items(cfg, check=True, model=model)
     check_only(cfg.parallel.items, len(items.labels))
-    check_output(cfg)
+    check_output(cfg, (items.mean, items.std))
     return items.mean, items.std
 
 
@@ -127,13 +127,17 @@ def memory_sharing(world, device) -> int:
     return ranks_sharing(world.local_layout()[1], torch.device(device))
 
 
-def check_output(cfg: Config) -> str:
+def check_output(cfg: Config, stats: tuple[float, float] | None = None) -> str:
     """What the run does with its store at output.path (``target.check_target``'s fate),
     after the checks that fate needs: a new store's folder must take it, a replaced one
     must have no live job filling it, nor an older piadm's store brought up to date
-    (``upgrade``). Raises StoreExists or OSError naming the problem."""
+    (``upgrade``), and a resumed one must find the input it was conditioned on, by its
+    ``stats`` (mean, std of the input selection). Raises StoreExists or OSError naming the
+    problem."""
     fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
                           differs=lambda text: store_differences(cfg, text))
+    if fate in ("resume", "upgrade") and stats is not None:
+        _check_same_input(cfg, stats)
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
     if fate == "replace":
@@ -141,6 +145,27 @@ def check_output(cfg: Config) -> str:
     if fate == "upgrade":
         check_idle(cfg.output.path, "brings an older piadm's store up to date")
     return fate
+
+
+INPUT_RTOL = 1e-5  # the same values summed in other chunks agree far closer; new data do not
+
+
+def _check_same_input(cfg: Config, stats: tuple[float, float]) -> None:
+    """Refuse to resume a store whose conditioning input changed since it was made (data
+    regenerated in place): its members so far were drawn for the old fields, the rest would
+    be for the new ones. The input selection's mean and std, recorded at creation, tell."""
+    attrs = read_attrs(cfg.output.path) or {}
+    then = attrs.get("input_mean"), attrs.get("input_std")
+    if not cfg.input.path or None in then:
+        return
+    if all(math.isclose(a, b, rel_tol=INPUT_RTOL, abs_tol=1e-12) for a, b in zip(then, stats)):
+        return
+    raise StoreExists(
+        f"output {cfg.output.path}: its members were conditioned on input {cfg.input.path} "
+        f"when its {cfg.input.variable} had mean {then[0]:.6g} and std {then[1]:.6g}; it now "
+        f"has mean {stats[0]:.6g} and std {stats[1]:.6g}, so the input changed since the store "
+        "was made: restore that input, or write the ensemble of the new one to another "
+        "output.path")
 
 
 def _prepare(cfg: Config, stats: tuple[float, float], shape, trained_on, tol: Calibration,

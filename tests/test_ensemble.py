@@ -120,6 +120,25 @@ def test_a_store_resumes_at_another_batch_size_in_its_own_batches(tmp_path, inpu
     assert zarr.open_group(cut, mode="r").attrs["piadm_member_batch"] == 2
 
 
+def test_a_store_whose_input_changed_since_is_not_resumed(tmp_path, input_store, capsys):
+    """Input data regenerated in place under a half-filled store: resuming would condition
+    the rest of the members on other fields than the first. The run, and its dry run, refuse
+    it, and the store is kept as it was."""
+    out = tmp_path / "e.zarr"
+    cfg = load_config("jobs/configs/grf.toml", _overrides(conditional_sets(input_store, out)))
+    assert sample_to_store(cfg, stop=StopAfter(3)).members == 2
+    zarr.open_group(input_store, mode="r+")["vort"][1] = 0.0  # one field rewritten
+    before = zarr.open_group(out, mode="r")["done"][:].copy()
+    capsys.readouterr()
+    args = ["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]
+    assert main([*args, "--dry-run"]) == 2
+    assert "the input changed since the store was made" in capsys.readouterr().err
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "its members were conditioned on input" in err and "another output.path" in err
+    assert np.array_equal(zarr.open_group(out, mode="r")["done"][:], before)
+
+
 def test_a_batch_taken_over_samples_only_the_members_its_dead_claimant_did_not_write(
         tmp_path, input_store):
     """What a group found left at start-up may be stale: a job that held the batch wrote part
