@@ -388,6 +388,12 @@ def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int
             say(f"plan: at ensemble.batch_size = {batch}, the config's ("
                 + (f"it asked {asked} when the plan was made)" if asked is not None else
                    "the size it asked when the plan was made is not recorded)"))
+        slices = resumed_time_slices(cfg, chosen, ranks)
+        if slices != chosen["parallel.time_slices"]:  # nor are the time slices: any ranks
+            say(f"plan: on {slices} time slice(s) of the {ranks} ranks ("
+                + ("the config's" if cfg.parallel.time_slices != "auto" else
+                   f"the plan's {chosen['parallel.time_slices']} do not divide them") + ")")
+            chosen["parallel.time_slices"] = slices
     else:
         if cfg.parallel.time_slices != "auto":
             t = cfg.parallel.time_slices
@@ -452,6 +458,16 @@ def resumed_batch_size(cfg: Config, stored: tuple[dict, int | None]) -> int:
     if cfg.ensemble.batch_size != asked:  # asked None: not known, so the config's
         return cfg.ensemble.batch_size
     return chosen["ensemble.batch_size"]
+
+
+def resumed_time_slices(cfg: Config, chosen: dict, ranks: int) -> int:
+    """The time slices a resumed ``"auto"`` run on ``ranks`` ranks takes: the config's when it
+    names them, else the plan's ``chosen``, or the most below them that divide the ranks
+    (the layout is not the store's identity: a resume may run on other ranks)."""
+    if cfg.parallel.time_slices != "auto":
+        return cfg.parallel.time_slices
+    planned = chosen["parallel.time_slices"]
+    return max(t for t in range(1, planned + 1) if ranks % t == 0)
 
 
 def collective_latency(comm, repeats: int = 20) -> float:

@@ -185,6 +185,28 @@ def test_a_resumed_auto_run_takes_a_batch_size_the_config_changed_since_the_plan
     assert "the config's (it asked" not in capsys.readouterr().err
 
 
+def test_a_resumed_auto_run_takes_time_slices_that_fit_the_ranks_it_has(tmp_path, capsys):
+    """The layout is not the store's identity: an "auto" store planned on 2 time slices
+    resumes on 1 rank (the most slices below the plan's that divide the ranks), or on the
+    time slices the config names."""
+    import zarr
+
+    sets = _small(tmp_path, **{"sampler.method": "auto", "parallel.time_slices": "auto"})
+    sample(load_config("jobs/configs/grf.toml", sets))
+    group = zarr.open_group(sets["output.path"], mode="r+")
+    plan = {**json.loads(group.attrs["plan_settings"]), "parallel.time_slices": 2}
+    group.attrs["plan_settings"] = json.dumps(plan)  # as if planned for 2 ranks
+    group["done"][0, :] = 0
+    capsys.readouterr()
+    assert sample(load_config("jobs/configs/grf.toml", sets)).members == 2
+    assert "plan: on 1 time slice(s) of the 1 ranks (the plan's 2 do not divide them)" in (
+        capsys.readouterr().err)
+    group["done"][0, :] = 0
+    named = {**sets, "parallel.time_slices": 1}
+    assert sample(load_config("jobs/configs/grf.toml", named)).members == 2
+    assert "(the config's)" in capsys.readouterr().err
+
+
 def test_a_dry_run_of_an_auto_run_names_the_planner_and_then_the_store_it_would_resume(
         tmp_path, capsys):
     sets = _small(tmp_path, **{"sampler.method": "auto"})
