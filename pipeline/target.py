@@ -135,16 +135,25 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
                         model=spec.attrs.get("model_sha256"))
     if fate == "resume":
         return "resumed"
-    return _replace(spec) if fate == "replace" else _create(spec)
+    return _replace(spec) if fate == "replace" else _create(spec, overwrite)
 
 
-def _create(spec: StoreSpec) -> str:
+def _create(spec: StoreSpec, overwrite: bool) -> str:
     """Create the store; when another run created it first, use theirs if it is this
     configuration's (``check_target`` refuses any other)."""
     if create(spec):
         return "created"
-    check_target(spec.path, spec.digest, overwrite=False,  # never "resume" another config's
-                 model=spec.attrs.get("model_sha256"))
+    try:
+        check_target(spec.path, spec.digest, overwrite=False,  # never "resume" another config's
+                     model=spec.attrs.get("model_sha256"))
+    except StoreExists:
+        if not overwrite:
+            raise
+        # the other run is filling it now: replacing it would lose its members
+        raise StoreExists(f"output {spec.path} was made just now by another job of another "
+                          "configuration (or other model files), which is filling it: "
+                          "output.overwrite replaces a store only when no job writes to it: "
+                          "wait for that job to end (or stop it), then rerun") from None
     return "resumed"
 
 
@@ -178,6 +187,6 @@ def _replace(spec: StoreSpec) -> str:
                 check_idle(spec.path)
                 shutil.rmtree(spec.path)
                 clear_claims(folder, keep="replace")  # claims on the old store's batches
-            return _create(spec)
+            return _create(spec, overwrite=True)
     finally:
         beat.stop()
