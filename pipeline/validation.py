@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 
-from pipeline.choices import FORMS, GRIDS, SCHEDULER_GRID, SOURCES
+from pipeline.choices import FORMS, GRIDS, SCHEDULER_GRID, SOURCES, STORE_DIMS, STORE_VARIABLES
 from pipeline.errors import ConfigError
 from pipeline.samplers.options import THETAS
 from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataConfig, ModelConfig,
@@ -144,6 +144,19 @@ def _check_sampler(s: SamplerConfig) -> None:
            "and sampler.corrector_gamma must be > 0")
 
 
+def _check_variable(name: str, item_dim: str) -> None:
+    """output.variable names a Zarr array beside the store's own: not one of those, nor a
+    path."""
+    if not name:
+        return  # the default name
+    taken = (*STORE_VARIABLES, *STORE_DIMS, item_dim, "zarr.json")
+    _check(name == name.strip() and name not in (".", "..") and "/" not in name,
+           "output.variable", f"= {name!r} is not a name a Zarr store can hold: give a plain "
+           "name without '/' or surrounding spaces, e.g. 'vorticity'")
+    _check(name not in taken, "output.variable",
+           f"= {name!r} is a name the store uses itself: use none of {', '.join(taken)}")
+
+
 def _check_conditioning(cfg: Config) -> None:
     """A conditioned model and its input come together, and suit the model's kind and grid."""
     m = cfg.model
@@ -196,6 +209,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.ensemble.batch_size >= 1, "ensemble.batch_size",
            f"= {cfg.ensemble.batch_size} must be >= 1")
     _check(bool(cfg.output.path), "output.path", "must not be empty")
+    _check_variable(cfg.output.variable, cfg.input.item_dim)
     _check_conditioning(cfg)
     if m.kind == "module":
         from models.module_check import check_section

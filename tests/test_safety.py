@@ -78,6 +78,30 @@ def test_a_nan_ensemble_stops_with_one_line_and_nothing_marked_done(tmp_path, ca
     assert not zarr.open_group(sets["output.path"], mode="r")["done"][:].any()
 
 
+@pytest.mark.parametrize("name, needle", [
+    ("done", "'done' is a name the store uses itself: use none of done, seed, rounds, "
+             "model_calls, residual, item, member, sweep, x, y, z, level, zarr.json"),
+    ("residual", "'residual' is a name the store uses itself"),
+    ("member", "'member' is a name the store uses itself"),
+    ("level", "'level' is a name the store uses itself"),  # input.item_dim below
+    ("x", "'x' is a name the store uses itself"),
+    ("zarr.json", "'zarr.json' is a name the store uses itself"),
+    ("a/b", "'a/b' is not a name a Zarr store can hold"),
+    ("  ", "'  ' is not a name a Zarr store can hold"),
+    ("..", "'..' is not a name a Zarr store can hold"),
+])
+def test_an_output_variable_the_store_cannot_hold_is_refused_before_sampling(
+        tmp_path, capsys, name, needle):
+    sets = _small(tmp_path, **{"output.variable": name, "input.item_dim": "level"})
+    args = ["sample", "jobs/configs/grf.toml"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"config: output.variable = {needle}" in err, err
+    assert not (tmp_path / "out.zarr").exists()
+
+
 def test_overwrite_refuses_a_folder_piadm_did_not_make(tmp_path, capsys):
     precious = tmp_path / "thesis"
     precious.mkdir()
