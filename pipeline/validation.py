@@ -19,6 +19,11 @@ def _check(ok: bool, key: str, problem: str) -> None:
         raise ConfigError(f"config: {key} {problem}")
 
 
+def _check_unique(values: tuple, key: str, why: str) -> None:
+    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    _check(twice is None, key, f"= {list(values)} names {twice!r} twice ({why}): list each once")
+
+
 def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
     """A layout must give every time slice at least one point to own."""
     from pipeline.samplers import REGISTRY
@@ -222,6 +227,8 @@ def validate(cfg: Config) -> None:
            f"= {list(cfg.input.items)} and input.range = {list(cfg.input.range)} both choose the "
            "items: give one (e.g. --set 'input.range=[]' to take just input.items)")
     _check(all(i >= 0 for i in cfg.parallel.items), "parallel.items", "must be item indices >= 0")
+    _check_unique(cfg.parallel.items, "parallel.items", "its members would be sampled twice")
+    _check_unique(cfg.input.items, "input.items", "the store would hold it twice")
     _check_data(cfg.data)
     _check_train(cfg.train)
     _check_parallel(cfg.parallel, cfg.sampler)
