@@ -21,3 +21,6 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")  # model.beta_schedule: p
 # input.item_dim ("item" without an input; a field's dims are x, y and z)
 STORE_VARIABLES = ("done", "seed", "rounds", "model_calls", "residual")
 STORE_DIMS = ("item", "member", "sweep", "x", "y", "z")
+
+# train.channels: the U-Net's group norms (models.unet) split each width into this many groups
+NORM_GROUPS = 8

@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 import os
 
-from pipeline.choices import FORMS, GRIDS, SCHEDULER_GRID, SOURCES, STORE_DIMS, STORE_VARIABLES
+from pipeline.choices import (FORMS, GRIDS, NORM_GROUPS, SCHEDULER_GRID, SOURCES, STORE_DIMS,
+                              STORE_VARIABLES)
 from pipeline.errors import ConfigError
 from pipeline.samplers.options import THETAS
 from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataConfig, ModelConfig,
@@ -96,8 +97,9 @@ def _check_train(t: TrainConfig) -> None:
     _check(t.lr > 0, "train.lr", f"= {t.lr} must be > 0")
     _check(0 <= t.ema < 1, "train.ema", f"= {t.ema} must be in [0, 1)")
     _check(t.val_every >= 1 and t.log_every >= 1, "train.val_every", "and train.log_every must be >= 1")
-    _check(len(t.channels) >= 1 and min(t.channels) >= 8, "train.channels",
-           f"= {list(t.channels)}: give one width >= 8 per level")
+    _check(len(t.channels) >= 1 and all(c >= 1 and c % NORM_GROUPS == 0 for c in t.channels),
+           "train.channels", f"= {list(t.channels)}: give one width per level, each a multiple "
+           f"of {NORM_GROUPS} (the U-Net's group norms split it into {NORM_GROUPS} groups)")
     _check(0 <= t.global_modes <= 16, "train.global_modes",
            f"= {t.global_modes} must be in [0, 16] (0: no global mixing)")
     _check(not t.residual or bool(t.condition), "train.residual",
