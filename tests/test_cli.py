@@ -76,6 +76,26 @@ def test_invalid_toml_is_named(tmp_path, capsys):
     assert "is not valid TOML" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["config", "sample"])
+def test_a_config_not_in_utf8_is_named_with_its_byte(tmp_path, capsys, command):
+    from pipeline.api import load_config
+
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes("[ensemble]\nmembers = 4  # réglages\n".encode("latin-1"))
+    needle = f"config file {latin} is not UTF-8: byte 27 (line 2) is 0xe9: save the file as UTF-8"
+    assert main([command, str(latin)]) == 2
+    assert capsys.readouterr().err.strip() == f"piadm: error: {needle}"
+    with pytest.raises(ConfigError, match="byte 27"):
+        load_config(latin)
+
+
+def test_a_config_that_is_a_directory_says_so(tmp_path, capsys):
+    assert main(["config", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"piadm: error: config file {tmp_path} is a directory: a config must be a TOML file, "
+        "e.g. jobs/configs/grf.toml")
+
+
 def test_help_parses_without_importing_the_heavy_libraries():
     code = ("import sys\nfrom pipeline.cli import parser\n"
             "for argv in (['--help'], ['sample', '--help'], ['evaluate', '--help']):\n"
