@@ -2,6 +2,7 @@
 only a store piadm made."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -30,11 +31,28 @@ def _small(tmp_path, **extra):
     ("model.spread", 1e300, "model.spread = 1e+300 must be a number in [0, 1e6]"),
     ("model.weights", [1.0, float("inf")], "model.weights"),
     ("bench.methods", [], "bench.methods is empty: name the methods to bench"),
+    ("sampler.u_max", float("inf"), "sampler.u_max = inf must be a finite number <= 100"),
+    ("sampler.u_max", float("nan"), "sampler.u_max = nan must be a finite number <= 100"),
+    ("sampler.u_max", 1e10, "sampler.u_max = 10000000000.0 must be a finite number <= 100"),
+    ("sampler.u_min", float("nan"), "sampler.u_min = nan must be > 0"),
 ])
 def test_model_parameters_are_range_checked(tmp_path, key, value, needle):
     with pytest.raises(ConfigError) as err:
         load_config("jobs/configs/grf.toml", _small(tmp_path, **{key: value}))
     assert needle in str(err.value)
+
+
+def test_the_largest_u_max_samples_finite_fields_in_float32(tmp_path):
+    # validation.U_MAX: the window sampler on the edm grid was the first to go NaN as u_max
+    # grew past it (at 150, 1000 steps), its float32 window spanning e^{u/2}
+    from pipeline.validation import U_MAX
+
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "sampler.method": "window", "sampler.grid": "edm", "sampler.dtype": "float32",
+        "sampler.steps": 1000, "sampler.tol": 1e-3, "sampler.u_max": U_MAX}))
+    assert sample(cfg).members == 2
+    field = zarr.open_group(cfg.output.path, mode="r")["field"][:]
+    assert np.isfinite(field).all()
 
 
 class NaNAfter:
