@@ -19,6 +19,7 @@ from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataCon
 # model, 1000 steps), while every sampler, grid and dtype samples finite fields at 100. No
 # data is left there to sample from: e^{-100} = 4e-44.
 U_MAX = 100.0
+INT64_MAX = 2**63 - 1  # the largest count numpy and dask take for the store's member axis
 
 
 def _check(ok: bool, key: str, problem: str) -> None:
@@ -221,10 +222,11 @@ def validate(cfg: Config) -> None:
     _check(1 <= len(m.shape) <= 3 and min(m.shape) >= least, "model.shape",
            f"= {list(m.shape)} must have 1 to 3 sizes, each >= {least}")
     _check_sampler(cfg.sampler)
-    _check(cfg.ensemble.members >= 1, "ensemble.members",
-           f"= {cfg.ensemble.members} must be >= 1")
-    _check(cfg.ensemble.batch_size >= 1, "ensemble.batch_size",
-           f"= {cfg.ensemble.batch_size} must be >= 1")
+    for key, n in (("ensemble.members", cfg.ensemble.members),
+                   ("ensemble.batch_size", cfg.ensemble.batch_size)):
+        _check(n >= 1, key, f"= {n} must be >= 1")
+        _check(n <= INT64_MAX, key, f"= {n} is more than the store's int64 index holds: use at "
+               f"most {INT64_MAX}")
     _check(bool(cfg.output.path), "output.path", "must not be empty")
     _check_variable(cfg.output.variable, cfg.input.item_dim)
     _check_conditioning(cfg)

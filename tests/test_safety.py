@@ -35,6 +35,9 @@ def _small(tmp_path, **extra):
     ("sampler.u_max", float("nan"), "sampler.u_max = nan must be a finite number <= 100"),
     ("sampler.u_max", 1e10, "sampler.u_max = 10000000000.0 must be a finite number <= 100"),
     ("sampler.u_min", float("nan"), "sampler.u_min = nan must be > 0"),
+    ("ensemble.members", 10**23, "ensemble.members = 100000000000000000000000 is more than the "
+                                 "store's int64 index holds: use at most 9223372036854775807"),
+    ("ensemble.batch_size", 2**63, "ensemble.batch_size = 9223372036854775808 is more than"),
 ])
 def test_model_parameters_are_range_checked(tmp_path, key, value, needle):
     with pytest.raises(ConfigError) as err:
