@@ -69,6 +69,17 @@ def test_an_error_from_a_piadm_set_item_says_so(monkeypatch, capsys):
     assert "ensemble.members" in err and err.endswith("(from PIADM_SET: ensemble.members=0)")
 
 
+def test_a_piadm_set_item_the_command_line_overrode_is_not_blamed(monkeypatch, capsys):
+    monkeypatch.setenv("PIADM_SET", "ensemble.members=4; sampler.u_max=0.5; sampler.u_max=8")
+    assert main(["config", "jobs/configs/grf.toml", "--set", "ensemble.members=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "piadm: error: config: ensemble.members = 0 must be >= 1"
+    # of two items of one key, the later is the value taken, and the one to name
+    assert main(["config", "jobs/configs/grf.toml", "--set", "sampler.u_min=9"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "below sampler.u_max = 8.0 (from PIADM_SET: sampler.u_max=8)")
+
+
 def test_invalid_toml_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("[sampler\nsteps = 3\n")
