@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from pipeline.choices import NORM_GROUPS
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -48,7 +50,7 @@ def _conv(cin: int, cout: int) -> nn.Conv2d:
 
 
 def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, c), c)
+    return nn.GroupNorm(min(NORM_GROUPS, c), c)
 
 
 class ResBlock(nn.Module):

@@ -15,3 +15,12 @@ PREDICTIONS = ("score", "eps", "x0", "v", "velocity")  # model.prediction: model
 PROCESSES = ("ddpm", "vp-linear", "vp-cosine", "ve", "edm", "flow")  # model.process: models.module
 INPUT_SCALES = ("native", "unit")  # model.input_scale: the process's own state, or unit variance
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")  # model.beta_schedule: pipeline.clock
+
+# pipeline.store's own names, which output.variable may not take (tests/test_choices.py builds
+# a store to check them): its bookkeeping variables, and the dims it makes besides
+# input.item_dim ("item" without an input; a field's dims are x, y and z)
+STORE_VARIABLES = ("done", "seed", "rounds", "model_calls", "residual")
+STORE_DIMS = ("item", "member", "sweep", "x", "y", "z")
+
+# train.channels: the U-Net's group norms (models.unet) split each width into this many groups
+NORM_GROUPS = 8

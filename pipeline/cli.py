@@ -15,6 +15,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import traceback  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 # Only light modules here: parsing (and --help) must not wait for torch, xarray or zarr;
@@ -512,11 +513,11 @@ def _as_user_error(err: Exception, command: str) -> Exception:
                        "or sampler.block_size) or the field, or add time slices")
 
 
-def explain(err: Exception) -> str:
+def explain(err: Exception, sets: Sequence[str] = ()) -> str:
     """The one line a user error prints: an I/O failure names its file and what to check; a
-    setting that came from PIADM_SET says so."""
+    setting that came from PIADM_SET (not overridden by ``sets``, the --set items) says so."""
     if not isinstance(err, OSError) or type(err).__module__.startswith("pipeline"):
-        return f"{err}{from_environment(str(err))}"
+        return f"{err}{from_environment(str(err), sets)}"
     if type(err).__module__.startswith("zarr"):  # nothing found to read; the message names where
         return f"cannot read a Zarr store: {err}: check that the path is the store it should be"
     where = f" {err.filename}" if err.filename else ""
@@ -542,11 +543,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             raise mended from None
     except user_errors() as err:
+        line = explain(err, getattr(args, "set", None) or ())
         if world.size == 1 or getattr(err, "collective", False):
             if world.rank == 0:
-                print(f"piadm: error: {explain(err)}", file=sys.stderr, flush=True)
+                print(f"piadm: error: {line}", file=sys.stderr, flush=True)
             return 2
-        print(f"piadm: error on rank {world.rank}: {explain(err)}", file=sys.stderr, flush=True)
+        print(f"piadm: error on rank {world.rank}: {line}", file=sys.stderr, flush=True)
         world.abort(2)
     except Exception:
         if world.size == 1:

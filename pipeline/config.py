@@ -143,10 +143,18 @@ def with_settings(cfg: Config, settings: dict) -> Config:
 def read_toml(path: str | Path) -> dict:
     """The nested dict of the TOML file at ``path``."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory: a config must be a TOML file, "
+                          "e.g. jobs/configs/grf.toml")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found: pass an existing TOML file")
+    data = path.read_bytes()
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:  # TOML is UTF-8: an editor's Latin-1 comment is not
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"config file {path} is not UTF-8: byte {err.start} (line {line}) is "
+                          f"0x{data[err.start]:02x}: save the file as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
 

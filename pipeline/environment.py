@@ -3,6 +3,8 @@ session (``section.key=value`` items separated by ``;`` or new lines)."""
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
 
 from pipeline.config import ConfigError
 
@@ -47,12 +49,21 @@ def environment_settings() -> list[str]:
     return items
 
 
-def from_environment(text: str) -> str:
-    """`` (from PIADM_SET: item)`` for each PIADM_SET item whose key ``text`` names: a
-    setting exported long ago is easy to forget."""
+def _key(item: str) -> str:
+    """The ``section.key`` of a ``section.key=value`` item, spaced as ``--set`` reads it."""
+    return ".".join(part.strip() for part in item.split("=")[0].split("."))
+
+
+def from_environment(text: str, command_line: Sequence[str] = ()) -> str:
+    """`` (from PIADM_SET: item)`` for each PIADM_SET item whose key ``text`` names and whose
+    value the run took, not a later item's or a ``--set`` of ``command_line``'s: a setting
+    exported long ago is easy to forget, and one the command line overrode is not to blame."""
     try:
         items = _environment_items()
     except ConfigError:
         return ""
-    named = [item for item in items if "=" in item and item.split("=")[0].strip() in text]
+    overridden = {_key(item) for item in command_line if "=" in item}
+    taken = {_key(item): item for item in items if "=" in item}  # the last item of a key wins
+    named = [item for key, item in taken.items() if key not in overridden
+             and re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", text)]
     return "".join(f" (from PIADM_SET: {item})" for item in named)

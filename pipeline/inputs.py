@@ -109,6 +109,13 @@ def _select(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
         if missing:
             raise InputError(f"input.items {missing} are not in {dim} (it runs {lo} .. {hi}): "
                              f"pick labels from the store")
+        # the same label written two ways ("21" and "21.0"), which validation's check of
+        # the text lets through
+        twice = next(((items[labels.index(v)], t) for i, (t, v) in enumerate(zip(items, labels))
+                      if v in labels[:i]), None)
+        if twice:
+            raise InputError(f"input.items {list(items)} name one {dim} twice ({twice[1]!r} is "
+                             f"{twice[0]!r}): list each once")
         var = var.sel({dim: labels})
     if span:
         first, last = (_label(t, coord) for t in span)

@@ -224,6 +224,12 @@ class TrainResult:
 
 def _network(t: TrainConfig, trn, shape: tuple[int, ...], device):
     """The U-Net ``t`` describes, seeded, with its EMA copy and optimiser; (config, den, ema, opt)."""
+    # each level past the first halves the grid, which must split evenly to be doubled back
+    most = 1 + min((n & -n).bit_length() - 1 for n in shape)
+    if len(t.channels) > most:
+        raise InputError(f"train.channels = {list(t.channels)} has {len(t.channels)} levels, but "
+                         f"{t.variable}'s {'x'.join(map(str, shape))} fields allow at most {most} "
+                         f"(each level halves the grid): give at most {most} widths")
     coarsest = min(shape) // 2 ** (len(t.channels) - 1)
     if 2 * t.global_modes + 1 > coarsest:
         raise InputError(f"train.global_modes = {t.global_modes} needs a coarsest grid of at "

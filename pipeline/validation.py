@@ -7,16 +7,29 @@ from __future__ import annotations
 import math
 import os
 
-from pipeline.choices import FORMS, GRIDS, SCHEDULER_GRID, SOURCES
+from pipeline.choices import (FORMS, GRIDS, NORM_GROUPS, SCHEDULER_GRID, SOURCES, STORE_DIMS,
+                              STORE_VARIABLES)
 from pipeline.errors import ConfigError
 from pipeline.samplers.options import THETAS
 from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataConfig, ModelConfig,
                                ParallelConfig, SamplerConfig, TrainConfig, open_kind)
 
+# The largest sampler.u_max: past it the float32 state overflows (e^{u/2} passes float32's
+# 3.4e38 at u = 177; the window sampler on the edm grid already went NaN at 150 with the grf
+# model, 1000 steps), while every sampler, grid and dtype samples finite fields at 100. No
+# data is left there to sample from: e^{-100} = 4e-44.
+U_MAX = 100.0
+INT64_MAX = 2**63 - 1  # the largest count numpy and dask take for the store's member axis
+
 
 def _check(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise ConfigError(f"config: {key} {problem}")
+
+
+def _check_unique(values: tuple, key: str, why: str) -> None:
+    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    _check(twice is None, key, f"= {list(values)} names {twice!r} twice ({why}): list each once")
 
 
 def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
@@ -91,8 +104,9 @@ def _check_train(t: TrainConfig) -> None:
     _check(t.lr > 0, "train.lr", f"= {t.lr} must be > 0")
     _check(0 <= t.ema < 1, "train.ema", f"= {t.ema} must be in [0, 1)")
     _check(t.val_every >= 1 and t.log_every >= 1, "train.val_every", "and train.log_every must be >= 1")
-    _check(len(t.channels) >= 1 and min(t.channels) >= 8, "train.channels",
-           f"= {list(t.channels)}: give one width >= 8 per level")
+    _check(len(t.channels) >= 1 and all(c >= 1 and c % NORM_GROUPS == 0 for c in t.channels),
+           "train.channels", f"= {list(t.channels)}: give one width per level, each a multiple "
+           f"of {NORM_GROUPS} (the U-Net's group norms split it into {NORM_GROUPS} groups)")
     _check(0 <= t.global_modes <= 16, "train.global_modes",
            f"= {t.global_modes} must be in [0, 16] (0: no global mixing)")
     _check(not t.residual or bool(t.condition), "train.residual",
@@ -124,7 +138,11 @@ def _check_sampler(s: SamplerConfig) -> None:
             raise ConfigError(f"config: {key} {problem}")
     _check(s.window >= 0, "sampler.window", f"= {s.window} must be >= 0 (0: the method's own)")
     _check(0 < s.distance < 1, "sampler.distance", f"= {s.distance} must be in (0, 1), e.g. 1e-3")
-    _check(0 < s.u_min < s.u_max, "sampler.u_min",
+    _check(math.isfinite(s.u_max) and s.u_max <= U_MAX, "sampler.u_max",
+           f"= {s.u_max} must be a finite number <= {U_MAX:g}: larger ones overflow a float32 "
+           f"state (at 150 already) and add nothing (e^{{-u}} = {math.exp(-U_MAX):.0e} of the data "
+           "is left at 100); the default is 10")
+    _check(math.isfinite(s.u_min) and 0 < s.u_min < s.u_max, "sampler.u_min",
            f"= {s.u_min} must be > 0 and below sampler.u_max = {s.u_max}")
     _check(s.knee > 0, "sampler.knee", f"= {s.knee} must be > 0")
     _check(s.grid in (*GRIDS, SCHEDULER_GRID), "sampler.grid",
@@ -142,6 +160,19 @@ def _check_sampler(s: SamplerConfig) -> None:
            f"= {s.churn} must be a number >= 0 (EDM's S_churn; 0 turns it off)")
     _check(s.corrector_length > 0 and s.corrector_gamma > 0, "sampler.corrector_length",
            "and sampler.corrector_gamma must be > 0")
+
+
+def _check_variable(name: str, item_dim: str) -> None:
+    """output.variable names a Zarr array beside the store's own: not one of those, nor a
+    path."""
+    if not name:
+        return  # the default name
+    taken = (*STORE_VARIABLES, *STORE_DIMS, item_dim, "zarr.json")
+    _check(name == name.strip() and name not in (".", "..") and "/" not in name,
+           "output.variable", f"= {name!r} is not a name a Zarr store can hold: give a plain "
+           "name without '/' or surrounding spaces, e.g. 'vorticity'")
+    _check(name not in taken, "output.variable",
+           f"= {name!r} is a name the store uses itself: use none of {', '.join(taken)}")
 
 
 def _check_conditioning(cfg: Config) -> None:
@@ -191,11 +222,13 @@ def validate(cfg: Config) -> None:
     _check(1 <= len(m.shape) <= 3 and min(m.shape) >= least, "model.shape",
            f"= {list(m.shape)} must have 1 to 3 sizes, each >= {least}")
     _check_sampler(cfg.sampler)
-    _check(cfg.ensemble.members >= 1, "ensemble.members",
-           f"= {cfg.ensemble.members} must be >= 1")
-    _check(cfg.ensemble.batch_size >= 1, "ensemble.batch_size",
-           f"= {cfg.ensemble.batch_size} must be >= 1")
+    for key, n in (("ensemble.members", cfg.ensemble.members),
+                   ("ensemble.batch_size", cfg.ensemble.batch_size)):
+        _check(n >= 1, key, f"= {n} must be >= 1")
+        _check(n <= INT64_MAX, key, f"= {n} is more than the store's int64 index holds: use at "
+               f"most {INT64_MAX}")
     _check(bool(cfg.output.path), "output.path", "must not be empty")
+    _check_variable(cfg.output.variable, cfg.input.item_dim)
     _check_conditioning(cfg)
     if m.kind == "module":
         from models.module_check import check_section
@@ -208,6 +241,8 @@ def validate(cfg: Config) -> None:
            f"= {list(cfg.input.items)} and input.range = {list(cfg.input.range)} both choose the "
            "items: give one (e.g. --set 'input.range=[]' to take just input.items)")
     _check(all(i >= 0 for i in cfg.parallel.items), "parallel.items", "must be item indices >= 0")
+    _check_unique(cfg.parallel.items, "parallel.items", "its members would be sampled twice")
+    _check_unique(cfg.input.items, "input.items", "the store would hold it twice")
     _check_data(cfg.data)
     _check_train(cfg.train)
     _check_parallel(cfg.parallel, cfg.sampler)

@@ -1,5 +1,7 @@
 """The names a configuration is checked against (pipeline/choices.py) are those the
 implementing modules' registries hold."""
+import pytest
+
 from models.adapters import PREDICTIONS
 from models.module import process_of
 from pipeline import choices
@@ -24,3 +26,18 @@ def test_the_module_model_names_are_the_implemented_ones():
         assert process_of(ModelConfig(kind="module", process=name)) is not None
     for schedule in choices.BETA_SCHEDULES:
         assert len(ddpm_alphas_cumprod(schedule, 1e-4, 0.02, 10)) == 10
+
+
+@pytest.mark.parametrize("shape", [(4,), (4, 4), (2, 4, 4)])
+def test_the_names_output_variable_may_not_take_are_all_the_stores_own(shape):
+    import numpy as np
+
+    from pipeline.inputs import unconditional
+    from pipeline.store import StoreSpec, _dataset
+
+    spec = StoreSpec("unused", "time", np.arange(2), 2, 2, "field", shape, "float32", "d", {},
+                     sweeps=3)
+    ds = _dataset(spec)
+    own = {*ds.variables, *ds.dims} - {"field", "time"}
+    assert own <= {*choices.STORE_VARIABLES, *choices.STORE_DIMS}
+    assert unconditional().dim in choices.STORE_DIMS  # the item dim without an input

@@ -69,11 +69,42 @@ def test_an_error_from_a_piadm_set_item_says_so(monkeypatch, capsys):
     assert "ensemble.members" in err and err.endswith("(from PIADM_SET: ensemble.members=0)")
 
 
+def test_a_piadm_set_item_the_command_line_overrode_is_not_blamed(monkeypatch, capsys):
+    monkeypatch.setenv("PIADM_SET", "ensemble.members=4; sampler.u_max=0.5; sampler.u_max=8")
+    assert main(["config", "jobs/configs/grf.toml", "--set", "ensemble.members=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "piadm: error: config: ensemble.members = 0 must be >= 1"
+    # of two items of one key, the later is the value taken, and the one to name
+    assert main(["config", "jobs/configs/grf.toml", "--set", "sampler.u_min=9"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "below sampler.u_max = 8.0 (from PIADM_SET: sampler.u_max=8)")
+
+
 def test_invalid_toml_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("[sampler\nsteps = 3\n")
     assert main(["sample", str(bad)]) == 2
     assert "is not valid TOML" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["config", "sample"])
+def test_a_config_not_in_utf8_is_named_with_its_byte(tmp_path, capsys, command):
+    from pipeline.api import load_config
+
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes("[ensemble]\nmembers = 4  # réglages\n".encode("latin-1"))
+    needle = f"config file {latin} is not UTF-8: byte 27 (line 2) is 0xe9: save the file as UTF-8"
+    assert main([command, str(latin)]) == 2
+    assert capsys.readouterr().err.strip() == f"piadm: error: {needle}"
+    with pytest.raises(ConfigError, match="byte 27"):
+        load_config(latin)
+
+
+def test_a_config_that_is_a_directory_says_so(tmp_path, capsys):
+    assert main(["config", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"piadm: error: config file {tmp_path} is a directory: a config must be a TOML file, "
+        "e.g. jobs/configs/grf.toml")
 
 
 def test_help_parses_without_importing_the_heavy_libraries():

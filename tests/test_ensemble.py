@@ -394,6 +394,10 @@ def _digest_files(path: Path) -> str:
     (["input.path={nan}"], "NaN/Inf at time = 2020-01-03"),
     (["input.item_dim=level"], "input.item_dim = 'level'"),
     (["parallel.items=[9]"], "parallel.items [9] goes past the 6 items"),
+    (["parallel.items=[1, 0, 1]"], "parallel.items = [1, 0, 1] names 1 twice"),
+    (["input.items=['2020-01-02', '2020-01-02']"],
+     "input.items = ['2020-01-02', '2020-01-02'] names '2020-01-02' twice"),
+    (["input.items=['2020-01-02', '2020-01-02T00:00']"], "name one time twice ('2020-01-02T00:00' is '2020-01-02')"),
 ])
 def test_bad_input_is_one_line_error_and_the_store_is_untouched(tmp_path, input_store, capsys,
                                                                 extra, needle):

@@ -2,6 +2,7 @@
 only a store piadm made."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -30,11 +31,31 @@ def _small(tmp_path, **extra):
     ("model.spread", 1e300, "model.spread = 1e+300 must be a number in [0, 1e6]"),
     ("model.weights", [1.0, float("inf")], "model.weights"),
     ("bench.methods", [], "bench.methods is empty: name the methods to bench"),
+    ("sampler.u_max", float("inf"), "sampler.u_max = inf must be a finite number <= 100"),
+    ("sampler.u_max", float("nan"), "sampler.u_max = nan must be a finite number <= 100"),
+    ("sampler.u_max", 1e10, "sampler.u_max = 10000000000.0 must be a finite number <= 100"),
+    ("sampler.u_min", float("nan"), "sampler.u_min = nan must be > 0"),
+    ("ensemble.members", 10**23, "ensemble.members = 100000000000000000000000 is more than the "
+                                 "store's int64 index holds: use at most 9223372036854775807"),
+    ("ensemble.batch_size", 2**63, "ensemble.batch_size = 9223372036854775808 is more than"),
 ])
 def test_model_parameters_are_range_checked(tmp_path, key, value, needle):
     with pytest.raises(ConfigError) as err:
         load_config("jobs/configs/grf.toml", _small(tmp_path, **{key: value}))
     assert needle in str(err.value)
+
+
+def test_the_largest_u_max_samples_finite_fields_in_float32(tmp_path):
+    # validation.U_MAX: the window sampler on the edm grid was the first to go NaN as u_max
+    # grew past it (at 150, 1000 steps), its float32 window spanning e^{u/2}
+    from pipeline.validation import U_MAX
+
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "sampler.method": "window", "sampler.grid": "edm", "sampler.dtype": "float32",
+        "sampler.steps": 1000, "sampler.tol": 1e-3, "sampler.u_max": U_MAX}))
+    assert sample(cfg).members == 2
+    field = zarr.open_group(cfg.output.path, mode="r")["field"][:]
+    assert np.isfinite(field).all()
 
 
 class NaNAfter:
@@ -76,6 +97,30 @@ def test_a_nan_ensemble_stops_with_one_line_and_nothing_marked_done(tmp_path, ca
     assert len(errors) == 1 and "member 1 of item 0 went NaN/Inf" in errors[0]
     assert "model.*" in errors[0]
     assert not zarr.open_group(sets["output.path"], mode="r")["done"][:].any()
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("done", "'done' is a name the store uses itself: use none of done, seed, rounds, "
+             "model_calls, residual, item, member, sweep, x, y, z, level, zarr.json"),
+    ("residual", "'residual' is a name the store uses itself"),
+    ("member", "'member' is a name the store uses itself"),
+    ("level", "'level' is a name the store uses itself"),  # input.item_dim below
+    ("x", "'x' is a name the store uses itself"),
+    ("zarr.json", "'zarr.json' is a name the store uses itself"),
+    ("a/b", "'a/b' is not a name a Zarr store can hold"),
+    ("  ", "'  ' is not a name a Zarr store can hold"),
+    ("..", "'..' is not a name a Zarr store can hold"),
+])
+def test_an_output_variable_the_store_cannot_hold_is_refused_before_sampling(
+        tmp_path, capsys, name, needle):
+    sets = _small(tmp_path, **{"output.variable": name, "input.item_dim": "level"})
+    args = ["sample", "jobs/configs/grf.toml"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"config: output.variable = {needle}" in err, err
+    assert not (tmp_path / "out.zarr").exists()
 
 
 def test_overwrite_refuses_a_folder_piadm_did_not_make(tmp_path, capsys):

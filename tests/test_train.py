@@ -235,6 +235,21 @@ def test_bench_renoise_gives_each_downscaled_field_its_own_coarse_input(tmp_path
     assert "4 draws each given its coarse field" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("channels, needle", [
+    ("[8, 12]", "train.channels = [8, 12]: give one width per level, each a multiple of 8"),
+    ("[12]", "train.channels = [12]: give one width per level, each a multiple of 8"),
+    ("[8, 8, 8, 8, 8, 8]", "train.channels = [8, 8, 8, 8, 8, 8] has 6 levels, but vorticity's "
+                           "16x16 fields allow at most 5 (each level halves the grid)"),
+])
+def test_a_network_the_fields_cannot_hold_is_a_one_line_error(tmp_path, dataset, capsys,
+                                                             channels, needle):
+    ckpt = tmp_path / "bad.pt"
+    assert main(_train_args(dataset, ckpt, f"train.channels={channels}")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert needle in lines[-1] and all(line.startswith("piadm train:") for line in lines[:-1])
+    assert not ckpt.exists()
+
+
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert main(_sample_args(tmp_path / "x.zarr", "model.checkpoint=nope.pt")) == 2
     assert "model.checkpoint = 'nope.pt' is not a file" in capsys.readouterr().err
