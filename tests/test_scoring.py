@@ -123,6 +123,7 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("out onto a file", "is a file: give a folder"),
     ("truth not finite", "has 2 of the 6 fields scored not finite (e.g. time 2020-01-03 "
                          "00:00:00, 2020-01-05 00:00:00): a generate-data run stopped part way"),
+    ("ensemble as truth", "is ('time', 'member', 'y', 'x'), not one field per time"),
 ])
 def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, message):
     tmp, ens = paired
@@ -155,6 +156,8 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
         truth.vort[[2, 4]] = float("nan")
         truth.to_zarr(tmp_path / "t.zarr")
         args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
+    if case == "ensemble as truth":
+        args[case] = [str(ens), "--truth", str(ens)]
     out = [] if "--out" in args[case] else ["--out", str(tmp_path / "e")]
     assert main(["evaluate", *args[case], *out]) == 2
     err = capsys.readouterr().err.strip()
