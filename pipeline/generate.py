@@ -20,6 +20,7 @@ import xarray as xr
 import zarr
 
 from pipeline import __version__
+from pipeline.errors import Interrupted
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
                                  resolved_wavenumber)
 from pipeline.settings import DataConfig
@@ -122,6 +123,21 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
     _check_target(d)  # never delete what generate-data did not make
     if path.exists():
         shutil.rmtree(path)
+    written = 0
+    try:
+        for written in _simulate(d, path, config_text, device, progress):
+            pass
+    except KeyboardInterrupt:
+        raise Interrupted(f"data.path {path} holds {written} of its {d.snapshots} snapshots, "
+                          "the rest NaN; generate-data does not resume: rerun it with "
+                          "data.overwrite = true to make the dataset anew") from None
+    consolidate(path)
+    return str(path)
+
+
+def _simulate(d: DataConfig, path: Path, config_text: str, device, progress):
+    """Create the store at ``path`` and fill it chunk by chunk, yielding the snapshots written
+    so far after each chunk."""
     _empty(d, config_text).to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False)
     flow = Flow(d.resolution, nu=d.viscosity, drag=d.drag, k_f=d.forcing_wavenumber,
                 forcing=d.forcing)
@@ -151,5 +167,4 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
         elapsed = time.perf_counter() - start
         progress(f"snapshots {hi}/{d.snapshots} written  elapsed {elapsed:.1f}s  "
                  f"eta {elapsed / hi * (d.snapshots - hi):.1f}s")
-    consolidate(path)
-    return str(path)
+        yield hi
