@@ -24,7 +24,7 @@ from pipeline.errors import Interrupted
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
                                  resolved_wavenumber)
 from pipeline.settings import DataConfig
-from pipeline.store import StoreExists, consolidate
+from pipeline.store import StoreExists, consolidate, enclosing_store
 
 
 # says generate-data made the store; its value: piadm's version and the fields' shape as made,
@@ -56,9 +56,14 @@ def _ours(path: Path) -> bool:
 
 
 def _check_target(d: DataConfig) -> None:
-    """Refuse, before anything is simulated, a data.path that exists and may not be replaced:
-    anything generate-data did not make, and its own datasets unless data.overwrite."""
+    """Refuse, before anything is simulated, a data.path inside a Zarr store, or one that
+    exists and may not be replaced: anything generate-data did not make, and its own datasets
+    unless data.overwrite."""
     path = Path(d.path)
+    store = enclosing_store(path)
+    if store is not None:
+        raise StoreExists(f"data.path {path} is inside the Zarr store {store}: choose a "
+                          "data.path outside it")
     if not (path.exists() or path.is_symlink()):
         return
     if path.is_symlink() or not _ours(path):  # a link: rmtree refuses one

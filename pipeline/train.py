@@ -36,6 +36,7 @@ from pipeline.decomposition import slice_bounds
 from pipeline.errors import Interrupted, raised_by_every_rank
 from pipeline.inputs import InputError
 from pipeline.settings import TrainConfig
+from pipeline.store import enclosing_store
 
 
 @dataclass(frozen=True)
@@ -376,6 +377,10 @@ def _kept(t: TrainConfig, saved: int) -> str:
 def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> TrainResult:
     """Run (or resume) the training of ``t``; checkpoints on rank 0."""
     with raised_by_every_rank():  # the same config and files on every rank
+        store = enclosing_store(t.checkpoint)
+        if store is not None:
+            raise InputError(f"train.checkpoint {t.checkpoint} is inside the Zarr store {store}: "
+                             "choose a train.checkpoint outside it")
         trn, held = open_dataset(t)
         shape = tuple(trn.fields.shape[1:])
         ucfg, den, ema, opt = _network(t, trn, shape, device)

@@ -128,3 +128,15 @@ def test_ctrl_c_says_what_the_store_holds_and_exits_130(tmp_path):
     assert last.startswith(f"piadm: interrupted (Ctrl-C): data.path {path} holds "), last
     assert last.endswith(" of its 4000 snapshots, the rest NaN; generate-data does not resume: "
                          "rerun it with data.overwrite = true to make the dataset anew"), last
+
+
+def test_a_data_path_inside_a_zarr_store_is_refused_before_writing(tmp_path, capsys):
+    store = tmp_path / "d.zarr"
+    assert _run(store, *SHORT) == 0
+    before = _contents(store)
+    capsys.readouterr()
+    assert _run(store / "sub.zarr", *SHORT) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"piadm: error: data.path {store / 'sub.zarr'} is inside the Zarr store {store}: "
+        "choose a data.path outside it")
+    assert _contents(store) == before

@@ -142,6 +142,15 @@ def test_ctrl_c_says_which_step_the_checkpoint_holds_and_a_rerun_resumes(tmp_pat
     assert np.allclose(_history(ckpt), _history(plain), rtol=1e-5)
 
 
+def test_a_checkpoint_inside_a_zarr_store_is_refused_before_writing(dataset, capsys):
+    ckpt = dataset / "m.pt"
+    assert main(_train_args(dataset, ckpt)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"piadm: error: train.checkpoint {ckpt} is inside the Zarr store {dataset}: choose a "
+        "train.checkpoint outside it")
+    assert not ckpt.exists() and not Path(f"{ckpt}.json").exists()
+
+
 def test_training_can_start_from_another_checkpoints_ema_weights(tmp_path, dataset, capsys):
     from models.export import export
 
