@@ -89,10 +89,10 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
             raise EvaluationError(f"truth {path} lacks {item_dim} {missing[:3].tolist()} of the "
                                   "ensemble: give the data the ensemble was conditioned on")
         if truth.ndim != 1 + len(shape):  # e.g. an ensemble store's (time, member, y, x)
+            fields = ", ".join(truth.dims[-len(shape):])
             raise EvaluationError(f"truth {path}'s {variable!r} is {truth.dims}, not one field "
-                                  f"per {item_dim} ({item_dim}, {', '.join(truth.dims[-len(shape):])}): "
-                                  "give the data the ensemble was conditioned on, not an "
-                                  "ensemble store")
+                                  f"per {item_dim} ({item_dim}, {fields}): give the data the "
+                                  "ensemble was conditioned on, not an ensemble store")
         truth = truth.sel({item_dim: ens[item_dim].values})
         _check_finite(truth, path, len(shape), paired=True)
         return truth, True
