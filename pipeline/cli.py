@@ -5,7 +5,7 @@ import os
 import sys
 import tempfile
 
-from pipeline.signals import defer_early, ignore_stop_signals, release_early
+from pipeline.signals import EXIT_INTERRUPTED, defer_early, ignore_stop_signals, release_early
 
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "piadm":
     defer_early()  # before the heavy imports below: a stop signal now must not kill the job
@@ -390,7 +390,7 @@ def parser() -> argparse.ArgumentParser:
         "separated by ';' or new lines, that every command taking a config applies before its "
         "own --set. Exit codes: 0 done, 1 an unexpected failure (or status: incomplete), 2 a "
         "bad input refused before anything was written, 75 sample stopped by a signal (rerun "
-        "to resume).")
+        "to resume), 130 stopped at once by Ctrl-C.")
     p.add_argument("--version", action="version", version=f"piadm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     helps = {"sample": "sample an ensemble into a Zarr store (resumes an unfinished one)",
@@ -542,6 +542,11 @@ def main(argv: list[str] | None = None) -> int:
             if mended is err:
                 raise
             raise mended from None
+    except KeyboardInterrupt as err:  # Ctrl-C: what the command kept, not where it stood
+        if world.rank == 0:
+            print(f"piadm: interrupted (Ctrl-C){': ' if str(err) else ''}{err}",
+                  file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except user_errors() as err:
         line = explain(err, getattr(args, "set", None) or ())
         if world.size == 1 or getattr(err, "collective", False):

@@ -43,3 +43,7 @@ class WriteFailed(PiadmError):
 
 class EvaluationError(ValueError):
     """The store or the truth cannot be evaluated as asked; the message says how to fix it."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a command part way; the message says what it kept and how to go on."""

@@ -20,10 +20,11 @@ import xarray as xr
 import zarr
 
 from pipeline import __version__
+from pipeline.errors import Interrupted
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
                                  resolved_wavenumber)
 from pipeline.settings import DataConfig
-from pipeline.store import StoreExists, consolidate
+from pipeline.store import StoreExists, consolidate, enclosing_store
 
 
 # says generate-data made the store; its value: piadm's version and the fields' shape as made,
@@ -55,9 +56,14 @@ def _ours(path: Path) -> bool:
 
 
 def _check_target(d: DataConfig) -> None:
-    """Refuse, before anything is simulated, a data.path that exists and may not be replaced:
-    anything generate-data did not make, and its own datasets unless data.overwrite."""
+    """Refuse, before anything is simulated, a data.path inside a Zarr store, or one that
+    exists and may not be replaced: anything generate-data did not make, and its own datasets
+    unless data.overwrite."""
     path = Path(d.path)
+    store = enclosing_store(path)
+    if store is not None:
+        raise StoreExists(f"data.path {path} is inside the Zarr store {store}: choose a "
+                          "data.path outside it")
     if not (path.exists() or path.is_symlink()):
         return
     if path.is_symlink() or not _ours(path):  # a link: rmtree refuses one
@@ -122,6 +128,21 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
     _check_target(d)  # never delete what generate-data did not make
     if path.exists():
         shutil.rmtree(path)
+    written = 0
+    try:
+        for written in _simulate(d, path, config_text, device, progress):
+            pass
+    except KeyboardInterrupt:
+        raise Interrupted(f"data.path {path} holds {written} of its {d.snapshots} snapshots, "
+                          "the rest NaN; generate-data does not resume: rerun it with "
+                          "data.overwrite = true to make the dataset anew") from None
+    consolidate(path)
+    return str(path)
+
+
+def _simulate(d: DataConfig, path: Path, config_text: str, device, progress):
+    """Create the store at ``path`` and fill it chunk by chunk, yielding the snapshots written
+    so far after each chunk."""
     _empty(d, config_text).to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False)
     flow = Flow(d.resolution, nu=d.viscosity, drag=d.drag, k_f=d.forcing_wavenumber,
                 forcing=d.forcing)
@@ -151,5 +172,4 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
         elapsed = time.perf_counter() - start
         progress(f"snapshots {hi}/{d.snapshots} written  elapsed {elapsed:.1f}s  "
                  f"eta {elapsed / hi * (d.snapshots - hi):.1f}s")
-    consolidate(path)
-    return str(path)
+        yield hi

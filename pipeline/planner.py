@@ -336,13 +336,20 @@ def _fitting(cfg: Config, pairs, device, machine: Machine, gpus_per_node: int, s
     points = lambda lay: lay.param or min(s.block_size, s.steps)  # noqa: E731
     fits = [(lay, p) for lay, p in pairs if sampler_floor(
         lay.method, points(lay), lay.batch, one, lay.time_slices) <= room[0]]
+    where = f"{format_bytes(room[0])} {room[1]} per rank"
+    fewer = f"run fewer than {sharing} ranks a node, or " if sharing > 1 else ""
     if not fits:
-        raise ConfigError(f"plan: no layout's sampler state fits in the "
-                          f"{format_bytes(room[0])} {room[1]} per rank: lower the field or the "
-                          "window")
+        raise ConfigError(f"plan: no layout's sampler state fits in the {where}: {fewer}lower "
+                          "the field or the window")
+    if not any(REFERENCE[lay.method] == lay.method for lay, _ in fits):
+        # every layout is measured against it (the table's vs_seq): no plan without it
+        raise ConfigError(f"plan: the sequential sampler's state, which every layout is "
+                          f"compared with, does not fit in the {where} (its "
+                          f"{min(s.block_size, s.steps)} points of sampler.block_size): "
+                          f"{fewer}lower the field or sampler.block_size")
     if len(fits) < len(pairs):
         say(f"  left out {len(pairs) - len(fits)} layouts whose sampler state alone needs more "
-            f"than the {format_bytes(room[0])} {room[1]} per rank")
+            f"than the {where}")
     return fits
 
 

@@ -88,7 +88,14 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
         if missing.size:
             raise EvaluationError(f"truth {path} lacks {item_dim} {missing[:3].tolist()} of the "
                                   "ensemble: give the data the ensemble was conditioned on")
-        return truth.sel({item_dim: ens[item_dim].values}), True
+        if truth.ndim != 1 + len(shape):  # e.g. an ensemble store's (time, member, y, x)
+            fields = ", ".join(truth.dims[-len(shape):])
+            raise EvaluationError(f"truth {path}'s {variable!r} is {truth.dims}, not one field "
+                                  f"per {item_dim} ({item_dim}, {fields}): give the data the "
+                                  "ensemble was conditioned on, not an ensemble store")
+        truth = truth.sel({item_dim: ens[item_dim].values})
+        _check_finite(truth, path, len(shape), paired=True)
+        return truth, True
     if truth_range is not None:
         dim = truth.dims[0]
         lo, hi = (_label(t, truth[dim]) for t in truth_range)
@@ -99,7 +106,28 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
         if truth.sizes[dim] == 0:
             raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} selects no "
                                   f"{dim} of {path}: pick labels inside its coordinate")
+    _check_finite(truth, path, len(shape), paired=False)
     return truth, False
+
+
+def _check_finite(truth: xr.DataArray, path, field_ndim: int, *, paired: bool) -> None:
+    """Read ``truth`` (fields of ``field_ndim`` dims) and raise EvaluationError when a field
+    holds NaN or inf: its scores would be NaN and the figures fail."""
+    values = truth.load().values  # score reads it whole anyway: loaded once, here
+    lead = values.shape[: values.ndim - field_ndim]
+    bad = ~np.isfinite(values.reshape(*lead, -1)).all(axis=-1)
+    if not bad.any():
+        return
+    dim = truth.dims[0]
+    labels = truth[dim].to_index()[bad] if bad.ndim == 1 else np.nonzero(bad)[0]
+    where = f"{dim} {', '.join(map(str, labels[:3]))}"
+    # unwritten snapshots read back as the store's fill value, NaN
+    choose = ("sample items whose truth was written (input.range)" if paired else
+              "choose its finite fields with --truth-range")
+    raise EvaluationError(f"truth {path} has {int(bad.sum())} of the {bad.size} fields scored "
+                          f"not finite (e.g. {where}): a generate-data run stopped part way "
+                          "leaves its unwritten snapshots NaN; rerun it with data.overwrite = "
+                          f"true (it starts again), or {choose}")
 
 
 def _check_sound(store, err: Exception | None) -> None:
@@ -339,7 +367,19 @@ def _as_json(metrics: xr.Dataset) -> dict:
                                           "spectrum_ratio_hi")}}
     if "rank_histogram" in metrics:
         out["rank_histogram"] = metrics["rank_histogram"].values.tolist()
-    return out
+    return _finite_or_null(out)
+
+
+def _finite_or_null(value):
+    """``value`` with every NaN or infinite number as None: JSON has no NaN, and a reader
+    that follows the standard refuses a file holding one."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str | None = None,
@@ -389,7 +429,8 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     if not paired and item_dim != "item":  # a conditioned ensemble: pairing may have been meant
         metrics.attrs["pairing_note"] = f"the truth has no {item_dim} dim to pair by"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps(_as_json(metrics), indent=2, default=str))
+    document = json.dumps(_as_json(metrics), indent=2, default=str, allow_nan=False)
+    (folder / "metrics.json").write_text(document)
     metrics.to_netcdf(str(folder / "metrics.nc"), engine="scipy")  # scipy: NetCDF 3, no extra library
     files = [folder / "metrics.json", folder / "metrics.nc",
              fields_figure(ens, truth, paired, folder / "fields.png",

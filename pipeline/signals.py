@@ -13,10 +13,14 @@ import os
 import signal
 import sys
 
+from pipeline.errors import Interrupted
+
 # Exit status of a run stopped by a signal with its finished members saved: rerun to resume.
 # (75 is EX_TEMPFAIL in sysexits.h: "try again later".)
 EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Exit status of a command stopped at once by Ctrl-C: the shell's 128 + SIGINT.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 _early: list[int] = []  # stop signals received before a command took them over
@@ -71,7 +75,8 @@ class StopRequest:
         # Ctrl-C: a user at a terminal, who may not want to wait for the batch twice
         if self.signal is not None:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
+            raise Interrupted("the members marked done are kept: rerun the same command to "
+                              "resume")
         print(f"{self.tag}piadm: received SIGINT (Ctrl-C): finishing the current batch, then "
               "stopping (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
         self.signal = signum

@@ -144,6 +144,14 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def enclosing_store(path: str | Path) -> Path | None:
+    """The Zarr store that ``path`` would lie inside, or None: a file or store written there
+    would be taken for part of that store, and lost when it is replaced."""
+    folder = Path(path).parent.absolute()
+    return next((p for p in (folder, *folder.parents)
+                 if (p / "zarr.json").is_file() or (p / ".zgroup").is_file()), None)
+
+
 def read_attrs(path: str | Path) -> dict | None:
     """The attributes of the Zarr group at ``path``, read once; None if it is not one."""
     try:

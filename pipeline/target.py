@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pipeline.claims import Heartbeat, claims_dir, clear_claims, holding, live_jobs, new_job_id
 from pipeline import __version__
-from pipeline.store import (ASKED, MEMBER_BATCH, StoreExists, StoreSpec, create, finalize,
-                            member_batch, read_attrs)
+from pipeline.store import (ASKED, MEMBER_BATCH, StoreExists, StoreSpec, create,
+                            enclosing_store, finalize, member_batch, read_attrs)
 
 
 def _fate(path: str | Path, digest: str, overwrite: bool, model: str | None,
@@ -44,8 +44,7 @@ def check_writable(path: str | Path) -> None:
     existing folder must take a new entry (tried with an empty folder, removed at once); and
     StoreExists when ``path`` lies inside another Zarr store."""
     folder = Path(path).parent.absolute()
-    store = next((p for p in (folder, *folder.parents)
-                  if (p / "zarr.json").is_file() or (p / ".zgroup").is_file()), None)
+    store = enclosing_store(path)
     if store is not None:
         raise StoreExists(f"output {path} is inside the Zarr store {store}: choose an "
                           "output.path outside it")

@@ -33,9 +33,10 @@ from models.conditioning import spectral_upsample, upsample_blocks
 from models.unet import Denoiser, UNetConfig
 from pipeline.console import print0
 from pipeline.decomposition import slice_bounds
-from pipeline.errors import raised_by_every_rank
+from pipeline.errors import Interrupted, raised_by_every_rank
 from pipeline.inputs import InputError
 from pipeline.settings import TrainConfig
+from pipeline.store import enclosing_store
 
 
 @dataclass(frozen=True)
@@ -369,9 +370,23 @@ def loss_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _kept(t: TrainConfig, saved: int) -> str:
+    """What an interrupted run kept, and how to go on from it."""
+    if not saved:
+        return (f"no checkpoint of this run was saved yet (the first comes at step "
+                f"{min(t.val_every, t.steps)}): rerun the same command to start again")
+    how = "the same command" if t.resume else "it with train.resume = true"
+    return (f"train.checkpoint {t.checkpoint} holds step {saved} of {t.steps} (saved every "
+            f"train.val_every = {t.val_every} steps): rerun {how} to resume from there")
+
+
 def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> TrainResult:
     """Run (or resume) the training of ``t``; checkpoints on rank 0."""
     with raised_by_every_rank():  # the same config and files on every rank
+        store = enclosing_store(t.checkpoint)
+        if store is not None:
+            raise InputError(f"train.checkpoint {t.checkpoint} is inside the Zarr store {store}: "
+                             "choose a train.checkpoint outside it")
         trn, held = open_dataset(t)
         shape = tuple(trn.fields.shape[1:])
         ucfg, den, ema, opt = _network(t, trn, shape, device)
@@ -382,40 +397,47 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
     val_loss = _recorded(path).get("val_loss") if step else None
     n, start, loss_sum = trn.fields.sizes["time"], time.perf_counter(), 0.0
     lo, hi = slice_bounds(t.batch_size, comm.size, comm.rank)
-    while step < t.steps:
-        times, sigma, noise = _draws(t.seed, step, t.batch_size, n, shape, t)
-        x, c = trn.batch(times[lo:hi], device)
-        opt.zero_grad(set_to_none=False)
-        loss = edm_loss(den, x, sigma[lo:hi].to(device), noise[lo:hi].to(device), c) / t.batch_size
-        loss.backward()
-        _allreduce_grads(den, comm)
-        opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), den.parameters()):
-                pe.lerp_(p, 1 - t.ema)
-        step += 1
-        batch_loss = float(comm.allreduce_sum(loss.detach().double().reshape(1).cpu())[0])
-        if not math.isfinite(batch_loss):  # the same sum on every rank: all stop together
-            raise InputError(f"train: the loss is {batch_loss} at step {step}, before any "
-                             "checkpoint holds it: train.data or train.extra has NaN/Inf fields "
-                             "(a generate-data run cut short leaves NaN: rerun it with "
-                             "data.overwrite = true), or train.lr is too large", collective=True)
-        history.append(batch_loss)
-        loss_sum += batch_loss
-        if step % t.val_every == 0 or step == t.steps:
-            val_loss = validation_loss(ema, held, t, comm, device)
-            if comm.rank == 0:
-                if step <= t.val_every and not t.resume:  # this run's first save, anew
-                    path.unlink(missing_ok=True)  # never the old run's tensors by our sidecar
-                save_checkpoint(path, {"model": den.state_dict(), "ema": ema.state_dict(),
-                                       "opt": opt.state_dict(), "step": step,
-                                       "history": torch.tensor(history, dtype=torch.float64)},
-                                meta | {"step": step, "val_loss": val_loss})
-        if step % t.log_every == 0 or step == t.steps:
-            elapsed = time.perf_counter() - start
-            since = (step - 1) % t.log_every + 1  # the last window may be short
-            print0(comm, f"step {step}/{t.steps}  loss {loss_sum / since:.4f}  "
-                         f"val {loss_text(val_loss)}  elapsed {elapsed:.0f}s")
-            loss_sum = 0.0
+    saved = step  # the step train.checkpoint holds of this run (0: none yet)
+    try:
+        while step < t.steps:
+            times, sigma, noise = _draws(t.seed, step, t.batch_size, n, shape, t)
+            x, c = trn.batch(times[lo:hi], device)
+            opt.zero_grad(set_to_none=False)
+            loss = edm_loss(den, x, sigma[lo:hi].to(device), noise[lo:hi].to(device),
+                            c) / t.batch_size
+            loss.backward()
+            _allreduce_grads(den, comm)
+            opt.step()
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), den.parameters()):
+                    pe.lerp_(p, 1 - t.ema)
+            step += 1
+            batch_loss = float(comm.allreduce_sum(loss.detach().double().reshape(1).cpu())[0])
+            if not math.isfinite(batch_loss):  # the same sum on every rank: all stop together
+                raise InputError(f"train: the loss is {batch_loss} at step {step}, before any "
+                                 "checkpoint holds it: train.data or train.extra has NaN/Inf "
+                                 "fields (a generate-data run cut short leaves NaN: rerun it "
+                                 "with data.overwrite = true), or train.lr is too large",
+                                 collective=True)
+            history.append(batch_loss)
+            loss_sum += batch_loss
+            if step % t.val_every == 0 or step == t.steps:
+                val_loss = validation_loss(ema, held, t, comm, device)
+                if comm.rank == 0:
+                    if step <= t.val_every and not t.resume:  # this run's first save, anew
+                        path.unlink(missing_ok=True)  # never the old run's tensors by our sidecar
+                    save_checkpoint(path, {"model": den.state_dict(), "ema": ema.state_dict(),
+                                           "opt": opt.state_dict(), "step": step,
+                                           "history": torch.tensor(history, dtype=torch.float64)},
+                                    meta | {"step": step, "val_loss": val_loss})
+                saved = step
+            if step % t.log_every == 0 or step == t.steps:
+                elapsed = time.perf_counter() - start
+                since = (step - 1) % t.log_every + 1  # the last window may be short
+                print0(comm, f"step {step}/{t.steps}  loss {loss_sum / since:.4f}  "
+                             f"val {loss_text(val_loss)}  elapsed {elapsed:.0f}s")
+                loss_sum = 0.0
+    except KeyboardInterrupt:
+        raise Interrupted(_kept(t, saved)) from None
     comm.barrier()
     return TrainResult(step, history[-1], val_loss, time.perf_counter() - start)

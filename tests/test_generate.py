@@ -1,4 +1,11 @@
 """``piadm generate-data``: a Kolmogorov-flow dataset in Zarr, CF-described, deterministic."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import xarray as xr
 import zarr
@@ -99,3 +106,37 @@ def test_overwrite_refuses_and_keeps_what_generate_data_did_not_make(tmp_path, c
     cut = tmp_path / "cut.zarr"  # the same arrays and attributes, fewer times
     ds.isel(time=slice(0, 1)).to_zarr(cut, zarr_format=3, consolidated=False)
     assert "is not a dataset" in _kept(cut, capsys)
+
+
+def test_ctrl_c_says_what_the_store_holds_and_exits_130(tmp_path):
+    path = tmp_path / "k.zarr"
+    sets = sum((["--set", s] for s in SMALL + ["data.snapshots=4000", "data.chunk=2",
+                                               f"data.path={path}"]), [])
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "generate-data",
+                             "jobs/configs/kolmogorov.toml", *sets], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (path / "vorticity").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"piadm: interrupted (Ctrl-C): data.path {path} holds "), last
+    assert last.endswith(" of its 4000 snapshots, the rest NaN; generate-data does not resume: "
+                         "rerun it with data.overwrite = true to make the dataset anew"), last
+
+
+def test_a_data_path_inside_a_zarr_store_is_refused_before_writing(tmp_path, capsys):
+    store = tmp_path / "d.zarr"
+    assert _run(store, *SHORT) == 0
+    before = _contents(store)
+    capsys.readouterr()
+    assert _run(store / "sub.zarr", *SHORT) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"piadm: error: data.path {store / 'sub.zarr'} is inside the Zarr store {store}: "
+        "choose a data.path outside it")
+    assert _contents(store) == before

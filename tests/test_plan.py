@@ -347,3 +347,27 @@ def test_the_plan_leaves_out_layouts_whose_sampler_state_cannot_fit(tmp_path, mo
                                       r["time_slices"]) <= room for r in rows)
     # the sequential sampler holds one noise buffer per block point: its largest batch fits
     assert max(r["batch"] for r in rows if r["method"] == "sequential-sde") == 8
+
+
+def test_a_plan_whose_sequential_sampler_cannot_fit_is_one_line(tmp_path, monkeypatch, capsys):
+    """At 16 ranks of 32x32 fields the sequential sampler holds its 20 block points (80 KiB a
+    member), pc-window on 16 time slices 2 points of 8 buffers (64 KiB): with 70 KiB a rank
+    only the latter fits, and the plan has nothing to compare it with."""
+    monkeypatch.setattr("pipeline.planner.available_bytes",
+                        lambda device, sharing=1: (70 * 2**10, "available on this node's host"))
+    sets = _small(tmp_path, **{"sampler.method": "pc-window", "sampler.tol": 0.05,
+                               "model.shape": [32, 32], "ensemble.members": 16})
+    args = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])
+    assert main(["plan", "jobs/configs/grf.toml", "--ranks", "16", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("piadm: error: plan: the sequential sampler's state, which every "
+                          "layout is compared with, does not fit in the 0.1 MiB"), err
+    assert err.endswith("run fewer than 16 ranks a node, or lower the field or "
+                        "sampler.block_size"), err
+    # sampled on one rank, "auto" weighs layouts of one time slice: none fits
+    auto = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in
+                {**sets, "sampler.method": "auto", "sampler.tol": 0.05}.items()), [])
+    assert main(["sample", "jobs/configs/grf.toml", *auto]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("piadm: error: plan: no layout's sampler state fits in the"), err
+    assert not (tmp_path / "auto.zarr").exists()

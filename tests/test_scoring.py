@@ -121,6 +121,9 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("range on paired truth", "--truth-range selects a climatology, but"),
     ("out into a store", "is a Zarr store: give a folder"),
     ("out onto a file", "is a file: give a folder"),
+    ("truth not finite", "has 2 of the 6 fields scored not finite (e.g. time 2020-01-03 "
+                         "00:00:00, 2020-01-05 00:00:00): a generate-data run stopped part way"),
+    ("ensemble as truth", "is ('time', 'member', 'y', 'x'), not one field per time"),
 ])
 def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, message):
     tmp, ens = paired
@@ -148,9 +151,28 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
         (tmp_path / "notes.txt").write_text("mine")
         args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--out",
                       str(tmp_path / "notes.txt")]
-    assert main(["evaluate", *args[case]]) == 2
+    if case == "truth not finite":  # as a stopped generate-data leaves its unwritten times
+        truth = xr.open_zarr(tmp / "truth.zarr").load()
+        truth.vort[[2, 4]] = float("nan")
+        truth.to_zarr(tmp_path / "t.zarr")
+        args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
+    if case == "ensemble as truth":
+        args[case] = [str(ens), "--truth", str(ens)]
+    out = [] if "--out" in args[case] else ["--out", str(tmp_path / "e")]
+    assert main(["evaluate", *args[case], *out]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "e").exists()  # refused before anything is written
+
+
+def test_metrics_json_holds_no_nan():
+    from pipeline.scoring import _as_json
+
+    metrics = xr.Dataset({"crps": (("time",), [0.5, float("nan")])},
+                         coords={"time": [0.0, 1.0]},
+                         attrs={"spread_skill": float("nan"), "crps": 0.5})
+    doc = json.loads(json.dumps(_as_json(metrics), allow_nan=False))
+    assert doc["spread_skill"] is None and doc["per_item"]["crps"] == [0.5, None]
 
 
 def test_the_residual_figure_finds_each_sampler_calls_history():

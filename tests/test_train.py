@@ -117,6 +117,40 @@ def test_a_run_killed_while_saving_its_first_checkpoint_trains_again(tmp_path, d
     assert sidecar(ckpt).exists() and not ckpt.exists()
 
 
+def test_ctrl_c_says_which_step_the_checkpoint_holds_and_a_rerun_resumes(tmp_path, dataset,
+                                                                         plain, monkeypatch,
+                                                                         capsys):
+    import pipeline.train
+
+    validations = []
+
+    def interrupted_at_the_second(*args):
+        validations.append(1)
+        if len(validations) == 2:  # step 6, before its save: the checkpoint holds step 3
+            raise KeyboardInterrupt
+        return measured(*args)
+
+    measured = pipeline.train.validation_loss
+    monkeypatch.setattr(pipeline.train, "validation_loss", interrupted_at_the_second)
+    ckpt = tmp_path / "c.pt"
+    assert main(_train_args(dataset, ckpt)) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"piadm: interrupted (Ctrl-C): train.checkpoint {ckpt} holds step 3 of 6 (saved every "
+        "train.val_every = 3 steps): rerun the same command to resume from there")
+    monkeypatch.undo()
+    assert main(_train_args(dataset, ckpt)) == 0
+    assert np.allclose(_history(ckpt), _history(plain), rtol=1e-5)
+
+
+def test_a_checkpoint_inside_a_zarr_store_is_refused_before_writing(dataset, capsys):
+    ckpt = dataset / "m.pt"
+    assert main(_train_args(dataset, ckpt)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"piadm: error: train.checkpoint {ckpt} is inside the Zarr store {dataset}: choose a "
+        "train.checkpoint outside it")
+    assert not ckpt.exists() and not Path(f"{ckpt}.json").exists()
+
+
 def test_training_can_start_from_another_checkpoints_ema_weights(tmp_path, dataset, capsys):
     from models.export import export
 
