@@ -50,8 +50,9 @@ def ignore_stop_signals() -> None:
     from now on has nothing to stop, so it is ignored. Not merely left to a handler: the
     interpreter's shutdown, which takes a few tenths of a second after a run, puts the default
     handling back (keeping only ignored signals), and a SIGTERM then would exit 143, telling
-    the scheduler that a finished job failed, or hiding a stopped one's 75 or a failed one's 2."""
-    for sig in STOP_SIGNALS:
+    the scheduler that a finished job failed, or hiding a stopped one's 75 or a failed one's 2.
+    Ctrl-C too: a second press as the summary prints would turn its status into 130."""
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

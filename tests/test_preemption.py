@@ -136,15 +136,17 @@ def test_a_stop_signal_during_start_up_exits_75_with_nothing_written(tmp_path, s
     assert "nothing was written" in err and not out.exists()
 
 
-def test_a_stop_signal_after_the_run_finished_does_not_fail_the_job(tmp_path):
-    """SLURM's SIGTERM may land while the interpreter shuts down after a finished run, which
-    puts the default handling back: the exit status stays 0, not 143."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_after_the_run_finished_does_not_fail_the_job(tmp_path, sig):
+    """SLURM's SIGTERM (or a late Ctrl-C) may land while the interpreter shuts down after a
+    finished run, which puts the default handling back: the exit status stays 0, not 143 or
+    130."""
     proc = start(["--set", f"output.path={tmp_path / 'e.zarr'}", "--set", "model.shape=[8, 8]",
                   "--set", "sampler.steps=20", "--set", "ensemble.members=2"])
     for line in proc.stderr:  # the summary's last line: the work is over
         if "open with" in line:
             break
     time.sleep(0.05)  # into the shutdown
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     proc.stderr.read()
     assert proc.wait(timeout=60) == 0
