@@ -17,10 +17,12 @@ INPUT_SCALES = ("native", "unit")  # model.input_scale: the process's own state,
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")  # model.beta_schedule: pipeline.clock
 
 # pipeline.store's own names, which output.variable may not take (tests/test_choices.py builds
-# a store to check them): its bookkeeping variables, and the dims it makes besides
-# input.item_dim ("item" without an input; a field's dims are x, y and z)
+# a store to check them): its bookkeeping variables, the dims it makes besides
+# input.item_dim ("item" without an input), and a field's dims by its number of axes (only
+# those of the run's fields: a 2-D field leaves "z", e.g. geopotential, free)
 STORE_VARIABLES = ("done", "seed", "rounds", "model_calls", "residual")
-STORE_DIMS = ("item", "member", "sweep", "x", "y", "z")
+STORE_DIMS = ("item", "member", "sweep")
+FIELD_DIMS = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x")}
 
 # train.channels: the U-Net's group norms (models.unet) split each width into this many groups
 NORM_GROUPS = 8

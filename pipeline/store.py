@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
+from pipeline.choices import FIELD_DIMS
+
 
 if TYPE_CHECKING:
     import xarray as xr
 
-FIELD_DIMS = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x")}
 PER_MEMBER = {"seed": "int64", "rounds": "float64", "model_calls": "float64", "done": "int8"}
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 import os
 
-from pipeline.choices import (FORMS, GRIDS, NORM_GROUPS, SCHEDULER_GRID, SOURCES, STORE_DIMS,
-                              STORE_VARIABLES)
+from pipeline.choices import (FIELD_DIMS, FORMS, GRIDS, NORM_GROUPS, SCHEDULER_GRID, SOURCES,
+                              STORE_DIMS, STORE_VARIABLES)
 from pipeline.errors import ConfigError
 from pipeline.samplers.options import THETAS
 from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataConfig, ModelConfig,
@@ -162,12 +162,13 @@ def _check_sampler(s: SamplerConfig) -> None:
            "and sampler.corrector_gamma must be > 0")
 
 
-def _check_variable(name: str, item_dim: str) -> None:
-    """output.variable names a Zarr array beside the store's own: not one of those, nor a
-    path."""
+def _check_variable(name: str, item_dim: str, field_axes: int) -> None:
+    """output.variable names a Zarr array beside the store's own (of fields of
+    ``field_axes`` axes): not one of those, nor a path."""
     if not name:
         return  # the default name
-    taken = (*STORE_VARIABLES, *STORE_DIMS, item_dim, "zarr.json")
+    taken = (*STORE_VARIABLES, *STORE_DIMS, *FIELD_DIMS.get(field_axes, ()), item_dim,
+             "zarr.json")
     _check(name == name.strip() and name not in (".", "..") and "/" not in name,
            "output.variable", f"= {name!r} is not a name a Zarr store can hold: give a plain "
            "name without '/' or surrounding spaces, e.g. 'vorticity'")
@@ -228,7 +229,7 @@ def validate(cfg: Config) -> None:
         _check(n <= INT64_MAX, key, f"= {n} is more than the store's int64 index holds: use at "
                f"most {INT64_MAX}")
     _check(bool(cfg.output.path), "output.path", "must not be empty")
-    _check_variable(cfg.output.variable, cfg.input.item_dim)
+    _check_variable(cfg.output.variable, cfg.input.item_dim, len(m.shape))
     _check_conditioning(cfg)
     if m.kind == "module":
         from models.module_check import check_section

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 import zarr
 
 from models.grf import GaussianRandomField
@@ -101,7 +102,7 @@ def test_a_nan_ensemble_stops_with_one_line_and_nothing_marked_done(tmp_path, ca
 
 @pytest.mark.parametrize("name, needle", [
     ("done", "'done' is a name the store uses itself: use none of done, seed, rounds, "
-             "model_calls, residual, item, member, sweep, x, y, z, level, zarr.json"),
+             "model_calls, residual, item, member, sweep, y, x, level, zarr.json"),
     ("residual", "'residual' is a name the store uses itself"),
     ("member", "'member' is a name the store uses itself"),
     ("level", "'level' is a name the store uses itself"),  # input.item_dim below
@@ -121,6 +122,16 @@ def test_an_output_variable_the_store_cannot_hold_is_refused_before_sampling(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"config: output.variable = {needle}" in err, err
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_an_output_variable_names_only_the_dims_of_the_runs_fields_taken(tmp_path):
+    """A 2-D field's store has no "z" dim: a geopotential may keep its usual name there."""
+    sets = _small(tmp_path, **{"output.variable": "z"})
+    args = ["sample", "jobs/configs/grf.toml"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(args) == 0
+    assert "z" in xr.open_zarr(tmp_path / "out.zarr").data_vars
 
 
 def test_overwrite_refuses_a_folder_piadm_did_not_make(tmp_path, capsys):
