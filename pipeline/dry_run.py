@@ -27,7 +27,7 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     check_only(cfg.parallel.items, len(items.labels))
     planned = needs_plan(cfg)
     stored = stored_plan(cfg) if planned else None
-    fate, runs, unit = _store_fate(cfg, stored, (items.mean, items.std))
+    fate, runs, unit = _store_fate(cfg, stored, items.fingerprint)
     size = e.batch_size if stored is None else resumed_batch_size(cfg, stored)
     batches = member_batches(e.members, unit or size)
     done = (done_members(cfg.output.path) if unit else
@@ -67,19 +67,19 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     return "\n".join(lines), runs
 
 
-def _store_fate(cfg: Config, stored, stats) -> tuple[str, bool, int | None]:
+def _store_fate(cfg: Config, stored, fingerprint) -> tuple[str, bool, int | None]:
     """What a run would do with the store at output.path, by the run's own start-up checks
     (``pipeline.ensemble.check_output``), whether it would go ahead, and the store's batches
     when it would resume it (None: it would make them). An ``"auto"`` run's store records the
     plan it was made with (``stored``: keyed by the unresolved config), which a rerun
-    repeats. ``stats``: the input's (mean, std), which a resumed store must have been made
-    with."""
+    repeats. ``fingerprint``: the input's (``inputs.fingerprint``), which a resumed store
+    must have been made with."""
     path = cfg.output.path
     if stored is not None:  # the run's checks, on the config the store's plan makes of it
         cfg = with_settings(cfg, {**stored[0],
                                   "ensemble.batch_size": resumed_batch_size(cfg, stored)})
     try:
-        fate = check_output(cfg, stats)
+        fate = check_output(cfg, fingerprint)
     except StoreExists as err:
         return f"would be refused: {err}", False, None
     except OSError as err:  # check_writable: the folder named

@@ -30,7 +30,7 @@ from pipeline.config import ConfigError, store_differences
 from pipeline.console import on_rank0, print0
 from pipeline.decomposition import share
 from pipeline.errors import OutOfMemory, WriteFailed, raised_by_every_rank
-from pipeline.inputs import Items, open_items, unconditional
+from pipeline.inputs import Items, open_items, same_fingerprint, unconditional
 from pipeline.identity import store_digests, target_fate
 from pipeline.layout import RankGrid, rank_grid
 from pipeline.memory import field_bytes, is_out_of_memory, ranks_sharing
@@ -42,9 +42,9 @@ from pipeline.run import (DTYPES, member_batches, model_data_bound, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
-from pipeline.store import (ASKED, MEMBER_BATCH, StoreExists, StoreSpec, done_members,
-                            finalize, member_batch, member_chunk, members_left, read_attrs,
-                            stored_attribute, write_batch)
+from pipeline.store import (ASKED, INPUT_FINGERPRINT, MEMBER_BATCH, StoreExists, StoreSpec,
+                            done_members, finalize, member_batch, member_chunk, members_left,
+                            read_attrs, stored_attribute, write_batch)
 from pipeline.target import check_idle, check_writable, open_or_create, upgrade_identity
 from pipeline.work import PAUSE, batch_note, call_batch, cut_calls, work_list, write_runs
 from pipeline.writer import make_writer
@@ -89,6 +89,8 @@ def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
     variable = cfg.output.variable or trained_on or cfg.input.variable or "field"
     attrs = provenance(cfg)
     attrs.update(input_path=cfg.input.path, input_mean=items.mean, input_std=items.std)
+    if items.fingerprint:  # what a resume checks its input against (_check_same_input)
+        attrs[INPUT_FINGERPRINT] = list(items.fingerprint)
     attrs[MEMBER_BATCH] = cfg.ensemble.batch_size  # the unit of work of every run that fills it
     # coordinates: the item dim's from the input; the field's from the model's training grid
     # (a learned model), else from an input on the same grid
@@ -112,13 +114,13 @@ def check_only(only: tuple[int, ...], count: int) -> None:
                           f"the input selection: use indices 0 .. {count - 1}")
 
 
-def _check_early(cfg: Config, model) -> tuple[float, float]:
+def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:
     """Rank 0: the input (its layout, selection and one pass over its values) and the output
-    target, before the start-up's costly work; returns the input's (mean, std)."""
+    target, before the start-up's costly work; returns the input's (mean, std, fingerprint)."""
     items = load_items(cfg, check=True, model=model)
     check_only(cfg.parallel.items, len(items.labels))
-    check_output(cfg, (items.mean, items.std))
-    return items.mean, items.std
+    check_output(cfg, items.fingerprint)
+    return items.mean, items.std, items.fingerprint
 
 
 def memory_sharing(world, device) -> int:
@@ -127,17 +129,17 @@ def memory_sharing(world, device) -> int:
     return ranks_sharing(world.local_layout()[1], torch.device(device))
 
 
-def check_output(cfg: Config, stats: tuple[float, float] | None = None) -> str:
+def check_output(cfg: Config, fingerprint: tuple[float, ...] = ()) -> str:
     """What the run does with its store at output.path (``target.check_target``'s fate),
     after the checks that fate needs: a new store's folder must take it, a replaced one
     must have no live job filling it, nor an older piadm's store brought up to date
-    (``upgrade``), and a resumed one must find the input it was conditioned on, by its
-    ``stats`` (mean, std of the input selection). Raises StoreExists or OSError naming the
-    problem."""
+    (``upgrade``), and a resumed one must find the input fields it was conditioned on, by
+    their ``fingerprint`` (``inputs.fingerprint``; empty: unconditional). Raises StoreExists
+    or OSError naming the problem."""
     fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
                           differs=lambda text: store_differences(cfg, text))
-    if fate in ("resume", "upgrade") and stats is not None:
-        _check_same_input(cfg, stats)
+    if fate in ("resume", "upgrade") and fingerprint:
+        _check_same_input(cfg, fingerprint)
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
     if fate == "replace":
@@ -147,32 +149,32 @@ def check_output(cfg: Config, stats: tuple[float, float] | None = None) -> str:
     return fate
 
 
-INPUT_RTOL = 1e-5  # the same values summed in other chunks agree far closer; new data do not
-
-
-def _check_same_input(cfg: Config, stats: tuple[float, float]) -> None:
+def _check_same_input(cfg: Config, now: tuple[float, ...]) -> None:
     """Refuse to resume a store whose conditioning input changed since it was made (data
-    regenerated in place): its members so far were drawn for the old fields, the rest would
-    be for the new ones. The input selection's mean and std, recorded at creation, tell."""
-    attrs = read_attrs(cfg.output.path) or {}
-    then = attrs.get("input_mean"), attrs.get("input_std")
-    if not cfg.input.path or None in then:
-        return
-    if all(math.isclose(a, b, rel_tol=INPUT_RTOL, abs_tol=1e-12) for a, b in zip(then, stats)):
+    regenerated or edited in place): its members so far were drawn for the old fields, the
+    rest would be for the new ones. A store made before piadm recorded the fingerprint is not
+    checked."""
+    then = (read_attrs(cfg.output.path) or {}).get(INPUT_FINGERPRINT)
+    if then is None or same_fingerprint(then, now):
         return
     raise StoreExists(
-        f"output {cfg.output.path}: its members were conditioned on input {cfg.input.path} "
-        f"when its {cfg.input.variable} had mean {then[0]:.6g} and std {then[1]:.6g}; it now "
-        f"has mean {stats[0]:.6g} and std {stats[1]:.6g}, so the input changed since the store "
-        "was made: restore that input, or write the ensemble of the new one to another "
-        "output.path")
+        f"output {cfg.output.path}: its members were conditioned on the {cfg.input.variable} "
+        f"fields of input {cfg.input.path} as they were when it was made (their fingerprint, "
+        f"the attribute {INPUT_FINGERPRINT}: {_short(then)}), and they have changed since "
+        f"({_short(now)}): restore that input, or write the ensemble of the new one to "
+        "another output.path")
 
 
-def _prepare(cfg: Config, stats: tuple[float, float], shape, trained_on, tol: Calibration,
+def _short(values) -> str:
+    return "[" + ", ".join(f"{v:.9g}" for v in values) + "]"
+
+
+def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
              attrs: dict, grid: dict) -> tuple[StoreSpec, str]:
-    """Rank 0's creation: open or create the store, with the input's ``stats`` (mean, std)
-    that ``_check_early`` measured."""
-    items = dataclasses.replace(load_items(cfg, check=False), mean=stats[0], std=stats[1])
+    """Rank 0's creation: open or create the store, with the input's ``stats`` (mean, std,
+    fingerprint) that ``_check_early`` measured."""
+    items = dataclasses.replace(load_items(cfg, check=False), mean=stats[0], std=stats[1],
+                                fingerprint=stats[2])
     spec = store_spec(cfg, items, shape, trained_on, grid)
     # a tolerance the planner set (it calibrates each sampler it weighs) is its, not the config's
     planned = "sampler.tol" in json.loads(attrs.get("plan_settings", "{}"))

@@ -27,13 +27,15 @@ class InputError(ConfigError):
 @dataclass(frozen=True)
 class Items:
     """The work items: ``labels`` along ``dim``; ``fields`` the lazy selected inputs
-    (items, *shape) or None when unconditional; ``mean`` and ``std`` their statistics."""
+    (items, *shape) or None when unconditional; ``mean`` and ``std`` their statistics;
+    ``fingerprint`` what tells these fields from others (``fingerprint``; empty: not read)."""
 
     dim: str
     labels: np.ndarray
     fields: xr.DataArray | None = None
     mean: float = 0.0
     std: float = 1.0
+    fingerprint: tuple[float, ...] = ()
 
     def coords(self, coarse: bool) -> dict:
         """{dim: (values, attrs)} the ensemble store takes over: the item coordinate with its
@@ -162,11 +164,31 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
         return Items(dim, var[dim].values, var.transpose(dim, *field_dims))
     import dask
 
-    finite = np.isfinite(var.data).all(axis=tuple(range(1, var.ndim)))
-    ok, mean, std = dask.compute(finite, var.data.mean(), var.data.std())
+    axes = tuple(range(1, var.ndim))
+    finite = np.isfinite(var.data).all(axis=axes)
+    wide = var.data.astype("float64")  # the same sums whatever the chunks or the dtype stored
+    ok, mean, std, means, squares = dask.compute(finite, var.data.mean(), var.data.std(),
+                                                 wide.mean(axis=axes), (wide**2).mean(axis=axes))
     if not ok.all():
         bad = var[dim].values[~np.asarray(ok)]
         raise InputError(f"input: {variable} has NaN/Inf at {dim} = {bad[0]} "
                          f"({len(bad)} item(s)): fix the data or leave those items out")
     std = float(std) if float(std) > 0 else 1.0
-    return Items(dim, var[dim].values, var.transpose(dim, *field_dims), float(mean), std)
+    return Items(dim, var[dim].values, var.transpose(dim, *field_dims), float(mean), std,
+                 fingerprint(np.asarray(means), np.asarray(squares)))
+
+
+def fingerprint(means: np.ndarray, squares: np.ndarray) -> tuple[float, float, float]:
+    """Three numbers that tell a selection of fields from another, from each item's mean and
+    mean square (items,), float64: the mean of the item means, the mean of their root mean
+    squares, and the item means weighted by position (so items reordered or swapped differ).
+    The same values give the same numbers to rounding (float64 sums in any order: about 1e-16
+    of the rms, far below ``same_fingerprint``'s 1e-11) however they are chunked or stored."""
+    weights = np.arange(1, len(means) + 1) / len(means)
+    return (float(means.mean()), float(np.sqrt(squares).mean()), float((weights * means).mean()))
+
+
+def same_fingerprint(a, b, rtol: float = 1e-11) -> bool:
+    """Whether two ``fingerprint``s are of the same fields, to ``rtol`` of their rms."""
+    scale = rtol * max(abs(a[1]), abs(b[1]), 1e-300)
+    return len(a) == len(b) and all(abs(x - y) <= scale for x, y in zip(a, b))

@@ -67,6 +67,7 @@ class StoreSpec:
 
 CHUNK_BYTES = 64 * 2**20  # the most a field chunk holds, when the member batch allows
 MEMBER_BATCH = "piadm_member_batch"  # the attribute of the store's unit of work (``member_batch``)
+INPUT_FINGERPRINT = "input_fingerprint"  # the input fields a store was conditioned on
 # The attribute of the ensemble.batch_size an "auto" run's config asked when its plan was made
 # (``pipeline.planner``): a resume whose config asks another samples at that size instead of
 # the plan's (after running out of memory, say); one that asks the same keeps the plan's.
