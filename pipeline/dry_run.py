@@ -9,7 +9,7 @@ from pipeline.ensemble import check_only, check_output, load_items
 from pipeline.identity import store_digests
 from pipeline.layout import RankGrid
 from pipeline.memory_check import check_memory
-from pipeline.planner import resumed_batch_size, stored_plan
+from pipeline.planner import resumed_batch_size, resumed_time_slices, stored_plan
 from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, Config, needs_plan
@@ -29,6 +29,12 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     stored = stored_plan(cfg) if planned else None
     fate, runs, unit = _store_fate(cfg, stored, items.fingerprint)
     size = e.batch_size if stored is None else resumed_batch_size(cfg, stored)
+    groups, slices, shown = ranks.groups, ranks.slices.size, cfg
+    if stored is not None:  # the layout and sampler the resume takes from the store's plan
+        slices = resumed_time_slices(cfg, stored[0], ranks.world.size)
+        groups = ranks.world.size // slices
+        shown = with_settings(cfg, {**stored[0], "ensemble.batch_size": size,
+                                    "parallel.time_slices": slices})
     batches = member_batches(e.members, unit or size)
     done = (done_members(cfg.output.path) if unit else
             np.zeros((len(items.labels), e.members), dtype=bool))
@@ -44,10 +50,12 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
         + ("; with \"auto\" the planner may pick another batch size"
            if planned and stored is None else ""),
         f"store      {cfg.output.path} {fate}",
-        f"ranks      {ranks.world.size} = {ranks.groups} group(s) x {ranks.slices.size} time "
-        f"slice(s); each group takes about {-(-todo // ranks.groups)} pairs"
-        + ("; \"auto\" time slices: the planner picks them" if planned else ""),
-        _sampler_line(cfg, planned),
+        f"ranks      {ranks.world.size} = {groups} group(s) x {slices} time "
+        f"slice(s); each group takes about {-(-todo // groups)} pairs"
+        + ("; \"auto\" time slices: the planner picks them" if planned and stored is None
+           else "; from the store's plan" if stored is not None else ""),
+        _sampler_line(shown, planned and stored is None)
+        + ("; from the store's plan" if stored is not None else ""),
         f"model      {cfg.model.kind} {list(cfg.model.shape)}"
         + (f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else ""),
     ]

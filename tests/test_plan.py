@@ -188,7 +188,7 @@ def test_a_resumed_auto_run_takes_a_batch_size_the_config_changed_since_the_plan
 def test_a_resumed_auto_run_takes_time_slices_that_fit_the_ranks_it_has(tmp_path, capsys):
     """The layout is not the store's identity: an "auto" store planned on 2 time slices
     resumes on 1 rank (the most slices below the plan's that divide the ranks), or on the
-    time slices the config names."""
+    time slices the config names; a dry run on 4 ranks shows the plan's layout, 2 x 2."""
     import zarr
 
     sets = _small(tmp_path, **{"sampler.method": "auto", "parallel.time_slices": "auto"})
@@ -201,6 +201,14 @@ def test_a_resumed_auto_run_takes_time_slices_that_fit_the_ranks_it_has(tmp_path
     assert sample(load_config("jobs/configs/grf.toml", sets)).members == 2
     assert "plan: on 1 time slice(s) of the 1 ranks (the plan's 2 do not divide them)" in (
         capsys.readouterr().err)
+    from types import SimpleNamespace
+
+    from pipeline.dry_run import dry_run
+
+    four = SimpleNamespace(world=SimpleNamespace(size=4), groups=1, slices=SimpleNamespace(size=4))
+    text, runs = dry_run(load_config("jobs/configs/grf.toml", sets), four)  # on 4 ranks
+    assert runs and "ranks      4 = 2 group(s) x 2 time slice(s)" in text
+    assert f"{plan['sampler.method']}, " in text and "from the store's plan" in text
     group["done"][0, :] = 0
     named = {**sets, "parallel.time_slices": 1}
     assert sample(load_config("jobs/configs/grf.toml", named)).members == 2
