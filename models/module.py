@@ -27,6 +27,8 @@ from pipeline.clock import (VE, DiscreteVP, Flow, VPCosine, VPLinear,
                             ddpm_alphas_cumprod)
 from pipeline.errors import ConfigError
 
+# model.process: the continuous forward processes ("ddpm" is built from its own table)
+CONTINUOUS = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "ve": VE, "edm": VE, "flow": Flow}
 
 
 def process_of(section):
@@ -36,8 +38,7 @@ def process_of(section):
         table = ddpm_alphas_cumprod(section.beta_schedule, section.beta_start,
                                     section.beta_end, section.train_steps)
         return DiscreteVP(section.beta_start, section.beta_end, section.train_steps, table)
-    return {"vp-linear": VPLinear, "vp-cosine": VPCosine, "ve": VE, "edm": VE,
-            "flow": Flow}[name]()
+    return CONTINUOUS[name]()
 
 
 def import_target(target: str, key: str = "model.target"):

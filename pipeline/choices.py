@@ -1,8 +1,10 @@
-"""The names some settings choose among, whose implementations import torch.
+"""The names and sizes a configuration is checked against, whose owners import torch or
+zarr: the names some settings choose among, the store's own names, the U-Net's group count.
 
 They are declared here, in a module that imports nothing, so that checking a configuration
-(``pipeline.validation``, hence ``piadm config``) loads no torch. Each implementing module
-keys its registry by these names; ``tests/test_choices.py`` checks that the two agree.
+(``pipeline.validation``, hence ``piadm config``) loads neither. Each owner keys its
+registry by these names or uses these values; ``tests/test_choices.py`` checks that the two
+agree.
 """
 
 GRIDS = ("ou", "uniform", "edm")  # sampler.grid: the families of pipeline.grids.GRIDS

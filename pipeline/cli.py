@@ -543,10 +543,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             raise mended from None
     except KeyboardInterrupt as err:  # Ctrl-C: what the command kept, not where it stood
-        if world.rank == 0:
-            print(f"piadm: interrupted (Ctrl-C){': ' if str(err) else ''}{err}",
-                  file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        where = "" if world.size == 1 else f" on rank {world.rank}"
+        print(f"piadm: interrupted (Ctrl-C){where}{': ' if str(err) else ''}{err}",
+              file=sys.stderr, flush=True)
+        if world.size == 1:
+            return EXIT_INTERRUPTED
+        # each rank stopped wherever it stood: another may wait in a collective for it
+        world.abort(EXIT_INTERRUPTED)
     except user_errors() as err:
         line = explain(err, getattr(args, "set", None) or ())
         if world.size == 1 or getattr(err, "collective", False):

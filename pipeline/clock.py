@@ -154,8 +154,6 @@ class Flow:
         return 1 / (signal(u) + noise_std(u))
 
 
-
-
 def ddpm_alphas_cumprod(schedule: str, beta_start: float, beta_end: float,
                         steps: int) -> tuple[float, ...]:
     """alpha_bar_i, i = 0..steps-1, of a DDPM schedule computed as diffusers computes it (betas

@@ -46,6 +46,7 @@ from pipeline.store import (ASKED, INPUT_FINGERPRINT, MEMBER_BATCH, StoreExists,
                             done_members, finalize, member_batch, member_chunk, members_left,
                             read_attrs, stored_attribute, write_batch)
 from pipeline.target import check_idle, check_writable, open_or_create, upgrade_identity
+from pipeline.validation import check_variable
 from pipeline.work import PAUSE, batch_note, call_batch, cut_calls, work_list, write_runs
 from pipeline.writer import make_writer
 
@@ -81,12 +82,18 @@ def load_items(cfg: Config, *, check: bool, model=None) -> Items:
                       cond_shape=getattr(model, "cond_shape", None))
 
 
+def store_variable(cfg: Config, trained_on: str | None) -> str:
+    """The name of the ensemble's field in its store: output.variable, else the variable a
+    learned model was trained on (``trained_on``), else the input variable (exact models),
+    else ``field``."""
+    return cfg.output.variable or trained_on or cfg.input.variable or "field"
+
+
 def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
                trained_on: str | None = None, grid: dict | None = None) -> StoreSpec:
-    """The store ``cfg`` fills, with the input's statistics in its provenance. The field is
-    named by output.variable, else the variable a learned model was trained on, else the
-    input variable (exact models), else ``field``."""
-    variable = cfg.output.variable or trained_on or cfg.input.variable or "field"
+    """The store ``cfg`` fills, with the input's statistics in its provenance; its field
+    named by ``store_variable``."""
+    variable = store_variable(cfg, trained_on)
     attrs = provenance(cfg)
     attrs.update(input_path=cfg.input.path, input_mean=items.mean, input_std=items.std)
     if items.fingerprint:  # what a resume checks its input against (_check_same_input)
@@ -119,6 +126,10 @@ def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:
     target, before the start-up's costly work; returns the input's (mean, std, fingerprint)."""
     items = load_items(cfg, check=True, model=model)
     check_only(cfg.parallel.items, len(items.labels))
+    if not cfg.output.variable:  # a name from the model or the input: checked once known
+        trained_on = getattr(model, "variable", None)
+        check_variable(store_variable(cfg, trained_on), items.dim, len(cfg.model.shape),
+                       "the model's variable" if trained_on else "input.variable")
     check_output(cfg, items.fingerprint)
     return items.mean, items.std, items.fingerprint
 
@@ -152,10 +163,10 @@ def check_output(cfg: Config, fingerprint: tuple[float, ...] = ()) -> str:
 def _check_same_input(cfg: Config, now: tuple[float, ...]) -> None:
     """Refuse to resume a store whose conditioning input changed since it was made (data
     regenerated or edited in place): its members so far were drawn for the old fields, the
-    rest would be for the new ones. A store made before piadm recorded the fingerprint is not
-    checked."""
+    rest would be for the new ones. A store made before piadm recorded this fingerprint is
+    not checked."""
     then = (read_attrs(cfg.output.path) or {}).get(INPUT_FINGERPRINT)
-    if then is None or same_fingerprint(then, now):
+    if then is None or len(then) != len(now) or same_fingerprint(then, now):
         return
     raise StoreExists(
         f"output {cfg.output.path}: its members were conditioned on the {cfg.input.variable} "

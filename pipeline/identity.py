@@ -34,4 +34,3 @@ def target_fate(cfg: Config, model: str | None, **kwargs) -> tuple[str, str | No
     legacy = next((d for d in store_digests(cfg)[1:] if d == found), None)
     return check_target(cfg.output.path, cfg.store_digest, model=model, legacy=legacy,
                         **kwargs), legacy
-

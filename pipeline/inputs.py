@@ -7,6 +7,8 @@ dask are imported only where a store is opened: an unconditional run's ranks nev
 """
 from __future__ import annotations
 
+import math
+
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,28 +169,32 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
     axes = tuple(range(1, var.ndim))
     finite = np.isfinite(var.data).all(axis=axes)
     wide = var.data.astype("float64")  # the same sums whatever the chunks or the dtype stored
-    ok, mean, std, means, squares = dask.compute(finite, var.data.mean(), var.data.std(),
-                                                 wide.mean(axis=axes), (wide**2).mean(axis=axes))
+    ramp = np.linspace(-1.0, 1.0, math.prod(var.shape[1:])).reshape(var.shape[1:])
+    ok, mean, std, *moments = dask.compute(
+        finite, var.data.mean(), var.data.std(), wide.mean(axis=axes),
+        np.sqrt((wide**2).mean(axis=axes)), (wide * ramp).mean(axis=axes))
     if not ok.all():
         bad = var[dim].values[~np.asarray(ok)]
         raise InputError(f"input: {variable} has NaN/Inf at {dim} = {bad[0]} "
                          f"({len(bad)} item(s)): fix the data or leave those items out")
     std = float(std) if float(std) > 0 else 1.0
     return Items(dim, var[dim].values, var.transpose(dim, *field_dims), float(mean), std,
-                 fingerprint(np.asarray(means), np.asarray(squares)))
+                 fingerprint(np.stack(moments, axis=1)))
 
 
-def fingerprint(means: np.ndarray, squares: np.ndarray) -> tuple[float, float, float]:
-    """Three numbers that tell a selection of fields from another, from each item's mean and
-    mean square (items,), float64: the mean of the item means, the mean of their root mean
-    squares, and the item means weighted by position (so items reordered or swapped differ).
-    The same values give the same numbers to rounding (float64 sums in any order: about 1e-16
-    of the rms, far below ``same_fingerprint``'s 1e-11) however they are chunked or stored."""
-    weights = np.arange(1, len(means) + 1) / len(means)
-    return (float(means.mean()), float(np.sqrt(squares).mean()), float((weights * means).mean()))
+def fingerprint(moments: np.ndarray) -> tuple[float, ...]:
+    """Numbers that tell a selection of fields from another, from each item's moments
+    (items, 3), float64: its mean, its root mean square, and its mean weighted by a ramp over
+    the grid points (so a field flipped or shifted differs, mean zero or not). Each moment
+    averaged over the items, then weighted by the items' positions (so items reordered or
+    swapped differ): 6 numbers, the second the mean rms, the scale ``same_fingerprint``
+    compares at. The same values give the same numbers to rounding (float64 sums in any
+    order: about 1e-16 of the rms, far below its 1e-11) however they are chunked or stored."""
+    weights = np.arange(1, len(moments) + 1)[:, None] / len(moments)
+    return (*map(float, moments.mean(0)), *map(float, (weights * moments).mean(0)))
 
 
 def same_fingerprint(a, b, rtol: float = 1e-11) -> bool:
-    """Whether two ``fingerprint``s are of the same fields, to ``rtol`` of their rms."""
+    """Whether two ``fingerprint``s are of the same fields, to ``rtol`` of their mean rms."""
     scale = rtol * max(abs(a[1]), abs(b[1]), 1e-300)
     return len(a) == len(b) and all(abs(x - y) <= scale for x, y in zip(a, b))

@@ -314,7 +314,11 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
         pairs = [(lay, p) for lay, p in pairs if max(calls(lay, p)) <= curve.sizes[-1]]
     ranked = rank([predict(lay, prof, curve, machine, cfg.ensemble.members)
                    for lay, prof in pairs])
-    sequential = next(p for p in ranked if REFERENCE[p.layout.method] == p.layout.method)
+    sequential = next((p for p in ranked if REFERENCE[p.layout.method] == p.layout.method), None)
+    if sequential is None:  # every layout is weighed against it (the table's vs_seq)
+        raise ConfigError(f"plan: the sequential sampler, which every layout is compared with, "
+                          f"has no layout whose calls fit this device's memory (calls of up to "
+                          f"{curve.sizes[-1]} items ran): lower ensemble.batch_size or the field")
     return Plan(ranked, sequential, machine)
 
 

@@ -141,7 +141,7 @@ def _check_sampler(s: SamplerConfig) -> None:
     _check(math.isfinite(s.u_max) and s.u_max <= U_MAX, "sampler.u_max",
            f"= {s.u_max} must be a finite number <= {U_MAX:g}: larger ones overflow a float32 "
            f"state (at 150 already) and add nothing (e^{{-u}} = {math.exp(-U_MAX):.0e} of the data "
-           "is left at 100); the default is 10")
+           f"is left at 100); the default is {SamplerConfig.u_max:g}")
     _check(math.isfinite(s.u_min) and 0 < s.u_min < s.u_max, "sampler.u_min",
            f"= {s.u_min} must be > 0 and below sampler.u_max = {s.u_max}")
     _check(s.knee > 0, "sampler.knee", f"= {s.knee} must be > 0")
@@ -162,18 +162,21 @@ def _check_sampler(s: SamplerConfig) -> None:
            "and sampler.corrector_gamma must be > 0")
 
 
-def _check_variable(name: str, item_dim: str, field_axes: int) -> None:
-    """output.variable names a Zarr array beside the store's own (of fields of
-    ``field_axes`` axes): not one of those, nor a path."""
+def check_variable(name: str, item_dim: str, field_axes: int,
+                   key: str = "output.variable") -> None:
+    """The field's name in the store (``key`` says where it came from) is a Zarr array's
+    beside the store's own (of fields of ``field_axes`` axes): not one of those, nor a
+    path."""
     if not name:
         return  # the default name
     taken = (*STORE_VARIABLES, *STORE_DIMS, *FIELD_DIMS.get(field_axes, ()), item_dim,
              "zarr.json")
     _check(name == name.strip() and name not in (".", "..") and "/" not in name,
-           "output.variable", f"= {name!r} is not a name a Zarr store can hold: give a plain "
+           key, f"= {name!r} is not a name a Zarr store can hold: give a plain "
            "name without '/' or surrounding spaces, e.g. 'vorticity'")
-    _check(name not in taken, "output.variable",
-           f"= {name!r} is a name the store uses itself: use none of {', '.join(taken)}")
+    _check(name not in taken, key, f"= {name!r} is a name the store uses itself: use none of "
+           f"{', '.join(taken)}" + ("" if key == "output.variable" else
+                                    ", or name the ensemble's field with output.variable"))
 
 
 def _check_conditioning(cfg: Config) -> None:
@@ -229,7 +232,7 @@ def validate(cfg: Config) -> None:
         _check(n <= INT64_MAX, key, f"= {n} is more than the store's int64 index holds: use at "
                f"most {INT64_MAX}")
     _check(bool(cfg.output.path), "output.path", "must not be empty")
-    _check_variable(cfg.output.variable, cfg.input.item_dim, len(m.shape))
+    check_variable(cfg.output.variable, cfg.input.item_dim, len(m.shape))
     _check_conditioning(cfg)
     if m.kind == "module":
         from models.module_check import check_section

@@ -22,6 +22,9 @@ def test_the_module_model_names_are_the_implemented_ones():
     from pipeline.settings import ModelConfig
 
     assert PREDICTIONS == choices.PREDICTIONS
+    from models.module import CONTINUOUS
+
+    assert set(choices.PROCESSES) == {"ddpm", *CONTINUOUS}
     for name in choices.PROCESSES:  # each builds its process
         assert process_of(ModelConfig(kind="module", process=name)) is not None
     for schedule in choices.BETA_SCHEDULES:

@@ -160,20 +160,26 @@ def test_the_same_input_values_rechunked_or_widened_resume(tmp_path, input_store
         zarr.open_group(out, mode="r+")["done"][1:] = 0  # left to do again
 
 
-def test_a_fingerprint_tells_values_apart_to_rounding_and_not_their_layout():
+@pytest.mark.parametrize("offset", [0.0, 1e5])  # a vorticity's mean 0, and a large one
+def test_a_fingerprint_tells_values_apart_to_rounding_and_not_their_layout(offset):
     from pipeline.inputs import fingerprint, same_fingerprint
 
+    def of(fields):  # fields (items, 8, 8), float64, summed as a chunked reader might
+        flat = fields.reshape(len(fields), -1)
+        ramp = np.linspace(-1.0, 1.0, flat.shape[1])
+        return fingerprint(np.stack([flat.mean(1), np.sqrt((flat**2).mean(1)),
+                                     (flat * ramp).mean(1)], axis=1))
+
     rng = np.random.default_rng(0)
-    fields = (1e5 + rng.standard_normal((50, 64))).astype("float32")  # a large offset
+    fields = rng.standard_normal((50, 8, 8))
+    fields = (fields - fields.mean(axis=(1, 2), keepdims=True) + offset).astype("float32")
     wide = fields.astype("float64")
-    base = fingerprint(wide.mean(1), (wide**2).mean(1))
-    summed = wide.reshape(50, 8, 8).sum(2).sum(1) / 64  # other summation order
-    assert same_fingerprint(base, fingerprint(summed, (wide**2).mean(1)))
+    base = of(wide)  # the same values in other chunks: test_the_same_input_values_rechunked...
     nudged = wide.copy()
-    nudged[7, 3] += 0.1  # one value of 3200, by a tenth of the spread
-    assert not same_fingerprint(base, fingerprint(nudged.mean(1), (nudged**2).mean(1)))
-    swapped = wide[[1, 0, *range(2, 50)]]
-    assert not same_fingerprint(base, fingerprint(swapped.mean(1), (swapped**2).mean(1)))
+    nudged[7, 3, 2] += 0.1  # one value of 3200, by a tenth of the spread
+    for other in (nudged, wide[[1, 0, *range(2, 50)]], wide[:, ::-1, :],
+                  np.roll(wide, 1, axis=2)):  # a value, two items swapped, a flip, a shift
+        assert not same_fingerprint(base, of(other))
 
 
 def test_a_batch_taken_over_samples_only_the_members_its_dead_claimant_did_not_write(
@@ -434,7 +440,8 @@ def _digest_files(path: Path) -> str:
     (["parallel.items=[1, 0, 1]"], "parallel.items = [1, 0, 1] names 1 twice"),
     (["input.items=['2020-01-02', '2020-01-02']"],
      "input.items = ['2020-01-02', '2020-01-02'] names '2020-01-02' twice"),
-    (["input.items=['2020-01-02', '2020-01-02T00:00']"], "name one time twice ('2020-01-02T00:00' is '2020-01-02')"),
+    (["input.items=['2020-01-02', '2020-01-02T00:00']"],
+     "name one time twice ('2020-01-02T00:00' is '2020-01-02')"),
 ])
 def test_bad_input_is_one_line_error_and_the_store_is_untouched(tmp_path, input_store, capsys,
                                                                 extra, needle):

@@ -113,7 +113,8 @@ def test_ctrl_c_says_what_the_store_holds_and_exits_130(tmp_path):
     sets = sum((["--set", s] for s in SMALL + ["data.snapshots=4000", "data.chunk=2",
                                                f"data.path={path}"]), [])
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    search = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=search)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "generate-data",
                              "jobs/configs/kolmogorov.toml", *sets], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

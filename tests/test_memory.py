@@ -126,6 +126,7 @@ def test_a_call_is_checked_at_the_members_it_holds_batch_size_at_most_the_member
     capsys.readouterr()
     assert main([*larger[:2], "--dry-run", *larger[2:]]) == 0
     assert "the run would stop" not in capsys.readouterr().err
+    assert main(larger) == 0
     sixteen = _grf_run(tmp_path, "model.shape=[256, 256]", "ensemble.members=16",
                        "ensemble.batch_size=64", f'output.path="{tmp_path / "new.zarr"}"')
     assert main([*sixteen[:2], "--dry-run", *sixteen[2:]]) == 2  # as the run would

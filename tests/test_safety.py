@@ -124,6 +124,30 @@ def test_an_output_variable_the_store_cannot_hold_is_refused_before_sampling(
     assert not (tmp_path / "out.zarr").exists()
 
 
+def test_an_input_variable_the_store_would_be_named_by_is_checked_too(tmp_path, capsys):
+    """Without output.variable an exact model's store takes the input's name: one the store
+    uses itself is refused before anything is written, as output.variable's would be."""
+    from conftest import make_input
+
+    data = make_input(tmp_path / "in.zarr")
+    ds = xr.open_zarr(data, consolidated=False).rename({"vort": "seed"})
+    for name in ds.variables:
+        ds[name].encoding = {}
+    ds.to_zarr(tmp_path / "seed.zarr", zarr_format=3, consolidated=False)
+    sets = _small(tmp_path, **{"model.shape": [16, 16], "model.condition": "mean",
+                               "input.path": str(tmp_path / "seed.zarr"),
+                               "input.variable": "seed"})
+    args = ["sample", "jobs/configs/grf.toml"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ("config: input.variable = 'seed' is a name the store uses itself" in err
+            and err.endswith("or name the ensemble's field with output.variable")), err
+    assert not (tmp_path / "out.zarr").exists()
+    assert main([*args, "--set", 'output.variable="vort"']) == 0
+
+
 def test_an_output_variable_names_only_the_dims_of_the_runs_fields_taken(tmp_path):
     """A 2-D field's store has no "z" dim: a geopotential may keep its usual name there."""
     sets = _small(tmp_path, **{"output.variable": "z"})

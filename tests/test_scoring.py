@@ -3,6 +3,7 @@ spectrum score tells a right from a rescaled truth, the outputs are written and 
 bad input is a one-line error."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import xarray as xr
@@ -163,6 +164,10 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
     assert not (tmp_path / "e").exists()  # refused before anything is written
+    if case == "out onto a file":  # nor where --out pointed
+        assert (tmp_path / "notes.txt").read_text() == "mine"
+    if case == "out into a store":
+        assert not (Path(ens) / "metrics.json").exists()
 
 
 def test_metrics_json_holds_no_nan():
