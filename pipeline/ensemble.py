@@ -23,8 +23,8 @@ import torch
 from models import build_model
 from models.conditioning import CONDITIONS
 from pipeline.calibrate import Calibration, resolve_tol
-from pipeline.claims import (Heartbeat, batch_key, claim, claims_dir, holding, holds,
-                             new_job_id)
+from pipeline.claimed import claimed_calls, stop_agreed
+from pipeline.claims import Heartbeat, batch_key, claims_dir, holding, holds, new_job_id
 from pipeline.comm import SerialComm
 from pipeline.config import ConfigError, store_differences
 from pipeline.console import on_rank0, print0
@@ -43,11 +43,11 @@ from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
 from pipeline.store import (ASKED, INPUT_FINGERPRINT, MEMBER_BATCH, StoreExists, StoreSpec,
-                            done_members, finalize, member_batch, member_chunk, members_left,
-                            read_attrs, stored_attribute, write_batch)
+                            done_members, finalize, member_batch, member_chunk, read_attrs,
+                            stored_attribute, write_batch)
 from pipeline.target import check_idle, check_writable, open_or_create, upgrade_identity
 from pipeline.validation import check_variable
-from pipeline.work import PAUSE, batch_note, call_batch, cut_calls, work_list, write_runs
+from pipeline.work import batch_note, call_batch, work_list, write_runs
 from pipeline.writer import make_writer
 
 
@@ -262,9 +262,9 @@ def _start_up(cfg: Config, model, world, stop, device,
     first (nothing written)."""
     stats = on_rank0(world, _check_early, cfg, model)  # a refusal now, not after a calibration
     # stopped during start-up (before or after a calibration): exit before writing anything
-    tol = None if _stop_agreed(world, stop) else on_rank0(
+    tol = None if stop_agreed(world, stop) else on_rank0(
         world, run_tolerance, cfg, model, device, say=lambda text: print0(world, text))
-    if tol is None or _stop_agreed(world, stop):
+    if tol is None or stop_agreed(world, stop):
         return None
     spec, state = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),  # before any write
                            getattr(model, "variable", None), tol, attrs,
@@ -335,7 +335,7 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     job = on_rank0(world, new_job_id)
     beat = Heartbeat(claims_dir(spec.path), job).start() if world.rank == 0 else None
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
-        for item, members in _claimed(mine, cfg.ensemble.batch_size, slices, halt, tally, bar,
+        for item, members in claimed_calls(mine, cfg.ensemble.batch_size, slices, halt, tally, bar,
                                       items, spec.path, job):
             if item != bound_item:  # the work is ordered by item: read each input once
                 raw = items.field(item)
@@ -401,51 +401,6 @@ def _out_of_memory(cfg: Config, rank: int, device, members: int, asked=None,
             "resumes after them")
 
 
-CLAIM_POLL_S = 0.5  # how often a job waiting on another job's batches looks again
-
-
-def _claimed(mine, size: int, slices, stop, tally: "_Tally", bar: Progress, items: Items, path,
-             job: str):
-    """Every rank of a group, in step: yields the (item, members) sampler calls, at most
-    ``size`` members of one item each, of the store's batches in ``mine`` ((item, members,
-    members left) each) that the group's lead has claimed for it, in order (``cut_calls``:
-    consecutive batches share a call). Stops early, with ``tally.stopped`` set, when a stop
-    signal reaches any rank of ``slices``: before each call, and while waiting for another
-    job's batches."""
-    for call in cut_calls(_claims(mine, slices, stop, tally, bar, items, path, job), size):
-        if _stop_agreed(slices, stop):  # the group stops together; its claims die with it
-            tally.stopped = True
-            return
-        yield call
-
-
-def _claims(mine, slices, stop, tally: "_Tally", bar: Progress, items: Items, path, job: str):
-    """Every rank of a group, in step: yields (item, members still to write) for each batch
-    of ``mine`` once the group's lead has claimed it, and ``PAUSE`` before waiting: a batch
-    a live job holds waits till the rest are done, one another job finished only advances
-    ``bar``."""
-    folder = claims_dir(path)
-    queue, deferred = list(mine), []  # deferred: batches another live job has claimed
-    while queue or deferred:
-        if not queue:  # what is left is another job's: wait for it, or for it to die
-            yield PAUSE  # the members held for a call are sampled first
-            if _stop_agreed(slices, stop):
-                tally.stopped = True
-                return
-            time.sleep(CLAIM_POLL_S)
-            queue, deferred = deferred, []
-        item, members, left = queue.pop(0)
-        state, now = slices.bcast_object(
-            _claim_state(path, folder, item, members, job) if slices.rank == 0 else None, 0)
-        if state == "theirs":
-            deferred.append((item, members, left))
-            continue
-        if len(now) < len(left):  # written by another job meanwhile (all, or part: a dead one)
-            bar.advance(len(left) - len(now), f"{items.dim} {items.labels[item]}: another job's")
-        if now:
-            yield item, now
-
-
 def _submit(writer, spec: StoreSpec, item: int, members, batch, rows: slice, scale,
             owned) -> None:
     """Hand the ``rows`` of ``batch`` (fields (call members, *shape), normalised), the
@@ -461,20 +416,9 @@ def _submit(writer, spec: StoreSpec, item: int, members, batch, rows: slice, sca
                   digest=spec.digest, model=spec.attrs.get("model_sha256"), owned=owned)
 
 
-def _claim_state(path, folder, item: int, members, job: str) -> tuple[str, tuple[int, ...]]:
-    """Lead rank: (``done``, ()) when the batch is written already; (``ours``, the members
-    still to write) when claimed now or before, or taken over from a dead job, which may
-    have written part of it; (``theirs``, ()) while a live job is on it."""
-    if not members_left(path, item, members):
-        return "done", ()
-    if not claim(folder, batch_key(item, members[0]), job):
-        return "theirs", ()
-    return "ours", members_left(path, item, members)  # read now that no one else writes it
-
-
 class _Halt:
     """What stops a group's loop: a stop signal, or a write that failed on this rank (its
-    lead's). A failed write stops the group as a signal would (``_stop_agreed``), so that
+    lead's). A failed write stops the group as a signal would (``stop_agreed``), so that
     every rank reaches ``_finish`` and raises there, none waiting in a collective."""
 
     def __init__(self, stop):
@@ -491,12 +435,6 @@ class _Halt:
                 fn(*args)
             except Exception as err:  # raised again in _finish, on this rank
                 self.error = self.error or err
-
-
-def _stop_agreed(comm, stop) -> bool:
-    """Whether a stop signal reached any rank of ``comm`` (every rank calls it)."""
-    flag = torch.tensor([1.0 if stop else 0.0], dtype=torch.float64)
-    return float(comm.allreduce_max(flag)[0]) > 0
 
 
 @dataclass

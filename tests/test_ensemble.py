@@ -189,7 +189,8 @@ def test_a_batch_taken_over_samples_only_the_members_its_dead_claimant_did_not_w
     import io
 
     from pipeline.comm import SerialComm
-    from pipeline.ensemble import _claimed, _Tally
+    from pipeline.claimed import claimed_calls
+    from pipeline.ensemble import _Tally
     from pipeline.progress import Progress
 
     out = tmp_path / "e.zarr"
@@ -197,8 +198,8 @@ def test_a_batch_taken_over_samples_only_the_members_its_dead_claimant_did_not_w
     zarr.open_group(out, mode="r+")["done"][0, 1] = 0  # as if the claimant died after member 0
     items = type("I", (), {"dim": "time", "labels": ["t0"]})()
     bar = Progress(SerialComm(), 2, "members", stream=io.StringIO())
-    calls = list(_claimed([(0, (0, 1), (0, 1))], 2, SerialComm(), False, _Tally(0.0), bar,
-                          items, out, "job-x"))
+    calls = list(claimed_calls([(0, (0, 1), (0, 1))], 2, SerialComm(), False, _Tally(0.0),
+                               bar, items, out, "job-x"))
     assert calls == [(0, (1,))] and bar.done == 1
 
 

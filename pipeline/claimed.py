@@ -1,0 +1,79 @@
+"""A group's walk through its share of the store's batches: each claimed by the group's lead
+rank before it is sampled (``pipeline.claims``), the sampler calls cut from the batches
+claimed (``work.cut_calls``), and a stop that any rank of the group saw, agreed by all."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipeline.claims import batch_key, claim, claims_dir
+from pipeline.store import members_left
+from pipeline.work import PAUSE, cut_calls
+
+if TYPE_CHECKING:
+    from pipeline.inputs import Items
+    from pipeline.progress import Progress
+
+CLAIM_POLL_S = 0.5  # how often a job waiting on another job's batches looks again
+
+
+def claimed_calls(mine, size: int, slices, stop, tally, bar: Progress, items: Items, path,
+                  job: str):
+    """Every rank of a group, in step: yields the (item, members) sampler calls, at most
+    ``size`` members of one item each, of the store's batches in ``mine`` ((item, members,
+    members left) each) that the group's lead has claimed for it, in order (``cut_calls``:
+    consecutive batches share a call). Stops early, with ``tally.stopped`` set (``tally``:
+    the caller's record of the run), when a stop
+    signal reaches any rank of ``slices``: before each call, and while waiting for another
+    job's batches."""
+    for call in cut_calls(_claims(mine, slices, stop, tally, bar, items, path, job), size):
+        if stop_agreed(slices, stop):  # the group stops together; its claims die with it
+            tally.stopped = True
+            return
+        yield call
+
+
+def _claims(mine, slices, stop, tally, bar: Progress, items: Items, path, job: str):
+    """Every rank of a group, in step: yields (item, members still to write) for each batch
+    of ``mine`` once the group's lead has claimed it, and ``PAUSE`` before waiting: a batch
+    a live job holds waits till the rest are done, one another job finished only advances
+    ``bar``."""
+    folder = claims_dir(path)
+    queue, deferred = list(mine), []  # deferred: batches another live job has claimed
+    while queue or deferred:
+        if not queue:  # what is left is another job's: wait for it, or for it to die
+            yield PAUSE  # the members held for a call are sampled first
+            if stop_agreed(slices, stop):
+                tally.stopped = True
+                return
+            time.sleep(CLAIM_POLL_S)
+            queue, deferred = deferred, []
+        item, members, left = queue.pop(0)
+        state, now = slices.bcast_object(
+            _claim_state(path, folder, item, members, job) if slices.rank == 0 else None, 0)
+        if state == "theirs":
+            deferred.append((item, members, left))
+            continue
+        if len(now) < len(left):  # written by another job meanwhile (all, or part: a dead one)
+            bar.advance(len(left) - len(now), f"{items.dim} {items.labels[item]}: another job's")
+        if now:
+            yield item, now
+
+
+def _claim_state(path, folder, item: int, members, job: str) -> tuple[str, tuple[int, ...]]:
+    """Lead rank: (``done``, ()) when the batch is written already; (``ours``, the members
+    still to write) when claimed now or before, or taken over from a dead job, which may
+    have written part of it; (``theirs``, ()) while a live job is on it."""
+    if not members_left(path, item, members):
+        return "done", ()
+    if not claim(folder, batch_key(item, members[0]), job):
+        return "theirs", ()
+    return "ours", members_left(path, item, members)  # read now that no one else writes it
+
+
+def stop_agreed(comm, stop) -> bool:
+    """Whether a stop signal reached any rank of ``comm`` (every rank calls it)."""
+    flag = torch.tensor([1.0 if stop else 0.0], dtype=torch.float64)
+    return float(comm.allreduce_max(flag)[0]) > 0
