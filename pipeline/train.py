@@ -380,6 +380,32 @@ def _kept(t: TrainConfig, saved: int) -> str:
             f"train.val_every = {t.val_every} steps): rerun {how} to resume from there")
 
 
+def _step(t: TrainConfig, step: int, nets, trn, rows: tuple[int, int], comm, device) -> float:
+    """Optimisation step ``step`` (from 0) of ``nets`` (network, its EMA copy, optimiser) on
+    this rank's ``rows`` [lo, hi) of the batch: the batch's loss, summed over the ranks (the
+    same on every rank, so a NaN stops them all with one line)."""
+    den, ema, opt = nets
+    lo, hi = rows
+    times, sigma, noise = _draws(t.seed, step, t.batch_size, trn.fields.sizes["time"],
+                                 tuple(trn.fields.shape[1:]), t)
+    x, c = trn.batch(times[lo:hi], device)
+    opt.zero_grad(set_to_none=False)
+    loss = edm_loss(den, x, sigma[lo:hi].to(device), noise[lo:hi].to(device), c) / t.batch_size
+    loss.backward()
+    _allreduce_grads(den, comm)
+    opt.step()
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), den.parameters()):
+            pe.lerp_(p, 1 - t.ema)
+    batch_loss = float(comm.allreduce_sum(loss.detach().double().reshape(1).cpu())[0])
+    if not math.isfinite(batch_loss):
+        raise InputError(f"train: the loss is {batch_loss} at step {step + 1}, before any "
+                         "checkpoint holds it: train.data or train.extra has NaN/Inf fields (a "
+                         "generate-data run cut short leaves NaN: rerun it with data.overwrite "
+                         "= true), or train.lr is too large", collective=True)
+    return batch_loss
+
+
 def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> TrainResult:
     """Run (or resume) the training of ``t``; checkpoints on rank 0."""
     with raised_by_every_rank():  # the same config and files on every rank
@@ -395,30 +421,13 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
     path = Path(t.checkpoint)
     # until the next validation, a resumed run's is its checkpoint's
     val_loss = _recorded(path).get("val_loss") if step else None
-    n, start, loss_sum = trn.fields.sizes["time"], time.perf_counter(), 0.0
+    start, loss_sum = time.perf_counter(), 0.0
     lo, hi = slice_bounds(t.batch_size, comm.size, comm.rank)
     saved = step  # the step train.checkpoint holds of this run (0: none yet)
     try:
         while step < t.steps:
-            times, sigma, noise = _draws(t.seed, step, t.batch_size, n, shape, t)
-            x, c = trn.batch(times[lo:hi], device)
-            opt.zero_grad(set_to_none=False)
-            loss = edm_loss(den, x, sigma[lo:hi].to(device), noise[lo:hi].to(device),
-                            c) / t.batch_size
-            loss.backward()
-            _allreduce_grads(den, comm)
-            opt.step()
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), den.parameters()):
-                    pe.lerp_(p, 1 - t.ema)
+            batch_loss = _step(t, step, (den, ema, opt), trn, (lo, hi), comm, device)
             step += 1
-            batch_loss = float(comm.allreduce_sum(loss.detach().double().reshape(1).cpu())[0])
-            if not math.isfinite(batch_loss):  # the same sum on every rank: all stop together
-                raise InputError(f"train: the loss is {batch_loss} at step {step}, before any "
-                                 "checkpoint holds it: train.data or train.extra has NaN/Inf "
-                                 "fields (a generate-data run cut short leaves NaN: rerun it "
-                                 "with data.overwrite = true), or train.lr is too large",
-                                 collective=True)
             history.append(batch_loss)
             loss_sum += batch_loss
             if step % t.val_every == 0 or step == t.steps:
