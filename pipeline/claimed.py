@@ -25,9 +25,8 @@ def claimed_calls(mine, size: int, slices, stop, tally, bar: Progress, items: It
     ``size`` members of one item each, of the store's batches in ``mine`` ((item, members,
     members left) each) that the group's lead has claimed for it, in order (``cut_calls``:
     consecutive batches share a call). Stops early, with ``tally.stopped`` set (``tally``:
-    the caller's record of the run), when a stop
-    signal reaches any rank of ``slices``: before each call, and while waiting for another
-    job's batches."""
+    the caller's record of the run), when a stop signal reaches any rank of ``slices``:
+    before each call, and while waiting for another job's batches."""
     for call in cut_calls(_claims(mine, slices, stop, tally, bar, items, path, job), size):
         if stop_agreed(slices, stop):  # the group stops together; its claims die with it
             tally.stopped = True
