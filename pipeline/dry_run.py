@@ -27,7 +27,6 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     check_only(cfg.parallel.items, len(items.labels))
     planned = needs_plan(cfg)
     stored = stored_plan(cfg) if planned else None
-    fate, runs, unit = _store_fate(cfg, stored, items.fingerprint)
     size = e.batch_size if stored is None else resumed_batch_size(cfg, stored)
     groups, slices, shown = ranks.groups, ranks.slices.size, cfg
     if stored is not None:  # the layout and sampler the resume takes from the store's plan
@@ -35,6 +34,7 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
         groups = ranks.world.size // slices
         shown = with_settings(cfg, {**stored[0], "ensemble.batch_size": size,
                                     "parallel.time_slices": slices})
+    fate, runs, unit = _store_fate(shown, items.fingerprint)
     batches = member_batches(e.members, unit or size)
     done = (done_members(cfg.output.path) if unit else
             np.zeros((len(items.labels), e.members), dtype=bool))
@@ -75,17 +75,13 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     return "\n".join(lines), runs
 
 
-def _store_fate(cfg: Config, stored, fingerprint) -> tuple[str, bool, int | None]:
-    """What a run would do with the store at output.path, by the run's own start-up checks
+def _store_fate(cfg: Config, fingerprint) -> tuple[str, bool, int | None]:
+    """What a run of ``cfg`` (for a resumed ``"auto"`` store, the config its plan makes)
+    would do with the store at output.path, by the run's own start-up checks
     (``pipeline.ensemble.check_output``), whether it would go ahead, and the store's batches
-    when it would resume it (None: it would make them). An ``"auto"`` run's store records the
-    plan it was made with (``stored``: keyed by the unresolved config), which a rerun
-    repeats. ``fingerprint``: the input's (``inputs.fingerprint``), which a resumed store
-    must have been made with."""
+    when it would resume it (None: it would make them). ``fingerprint``: the input's
+    (``inputs.fingerprint``), which a resumed store must have been made with."""
     path = cfg.output.path
-    if stored is not None:  # the run's checks, on the config the store's plan makes of it
-        cfg = with_settings(cfg, {**stored[0],
-                                  "ensemble.batch_size": resumed_batch_size(cfg, stored)})
     try:
         fate = check_output(cfg, fingerprint)
     except StoreExists as err:

@@ -285,8 +285,9 @@ def _open_work(cfg: Config, model, spec: StoreSpec, state: str, ranks: RankGrid)
         scale = mean, model.data_std
     # rank 0 reads, every rank gets the same: another job writing meanwhile must not give two
     # ranks of a group different work lists (they would wait in different collectives)
-    done = on_rank0(ranks.world, done_members, spec.path)
-    unit, size = member_batch(spec.path), cfg.ensemble.batch_size
+    done, unit = on_rank0(ranks.world, lambda: (done_members(spec.path),
+                                                member_batch(spec.path)))
+    size = cfg.ensemble.batch_size
     todo = [(i, b, tuple(m for m in b if not done[i, m]))
             for i, b in work_list(done, member_batches(cfg.ensemble.members, unit),
                                   cfg.parallel.items)]
@@ -333,10 +334,11 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     bound, bound_item = model, None
     halt = _Halt(stop)
     job = on_rank0(world, new_job_id)
-    beat = Heartbeat(claims_dir(spec.path), job).start() if world.rank == 0 else None
+    folder = claims_dir(spec.path)
+    beat = Heartbeat(folder, job).start() if world.rank == 0 else None
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
-        for item, members in claimed_calls(mine, cfg.ensemble.batch_size, slices, halt, tally, bar,
-                                      items, spec.path, job):
+        for item, members in claimed_calls(mine, cfg.ensemble.batch_size, slices, halt, tally,
+                                           bar, items, spec.path, job):
             if item != bound_item:  # the work is ordered by item: read each input once
                 raw = items.field(item)
                 bound = _bind(model, cfg.model.condition,
@@ -357,7 +359,7 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
                     plan.get("ensemble.batch_size"))) from None
             for lo, hi in write_runs(members, unit) if writer is not None else ():
                 start = members[lo] - members[lo] % unit  # the store batch's claim
-                owned = functools.partial(holds, claims_dir(spec.path), batch_key(item, start), job)
+                owned = functools.partial(holds, folder, batch_key(item, start), job)
                 halt.attempt(_submit, writer, spec, item, members[lo:hi], batch, slice(lo, hi),
                              scale, owned)
             tally.add(len(members), batch.stats)
