@@ -7,7 +7,10 @@ distance to the sequential path with the same noise (``rel_dist``), the error of
 ensemble's statistics against an exact model's target (``stat_err``: spectrum error for grf,
 mode-weight error for gmm), wall seconds (slowest rank; min and median over
 ``bench.repeats``), the share of that time in collectives, the share that is the
-collectives' own (the rest is waiting for slower ranks) and the peak memory. With
+collectives' own (the rest is waiting for slower ranks) and the peak memory. Under MPI the
+JSON rows also split that waiting: ``model_wait_share`` is the part spent waiting while the
+last rank to arrive was in more model calls than this one (a path's last rounds leave some
+ranks without window points), the rest waits for other ranks' host work. With
 ``bench.seeds`` > 1 every method runs on each noise seed, and a ``worst`` row per method
 gives the largest rounds, calls and distance over the seeds."""
 from __future__ import annotations
@@ -19,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models import CHANNEL_KINDS, STAT_ERRORS, build_model
@@ -36,6 +40,10 @@ COLUMNS = ("method", "seed", "tol", "ranks", "steps", "d", "rounds", "model_call
            "calls_ratio", "rel_dist", "stat_err", "w2", "wall_s", "wall_med_s", "comm_share",
            "own_share", "peak_mib")
 
+# The bench's records of every collective, gathered once per timed run: (seconds in it, model
+# seconds since the rank's previous collective) per rank and call
+SPENT, MODEL = 0, 1
+
 
 # An SDE sampler's exact W2 takes one run per step (pipeline.quality): steps^2 * d point-steps,
 # kept under about a minute of CPU (1000 steps at 64 x 64).
@@ -51,7 +59,7 @@ def _w2_affordable(method: str, steps: int, shape, options) -> bool:
 
 def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing, *,
          w2=None) -> dict:
-    walls, comm_s, own_s, peak = timing
+    walls, comm_s, own_s, model_wait_s, peak = timing
     wall = min(walls)
     return {"method": method, "seed": seed, "tol": tol, "ranks": ranks, "steps": steps, "d": d,
             "rounds": stats.rounds, "model_calls": round(stats.model_calls, 1),
@@ -60,6 +68,7 @@ def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing
             "wall_med_s": round(statistics.median(walls), 3), "repeats": len(walls),
             "comm_share": round(comm_s / wall, 4) if wall else 0.0,
             "own_share": round(own_s / wall, 4) if wall else 0.0,
+            "model_wait_share": round(model_wait_s / wall, 4) if wall else 0.0,
             "peak_mib": round(peak / 2**20, 1)}
 
 
@@ -67,7 +76,7 @@ def worst_row(rows: list[dict]) -> dict:
     """The worst over seeds of one method's rows: largest rounds, calls and distance."""
     out = dict(rows[-1], seed="worst", collectives={})
     for key in ("rounds", "model_calls", "calls_ratio", "rel_dist", "stat_err", "w2", "wall_s",
-                "wall_med_s", "comm_share", "own_share", "peak_mib"):
+                "wall_med_s", "comm_share", "own_share", "model_wait_share", "peak_mib"):
         values = [r[key] for r in rows if r[key] is not None]
         out[key] = max(values) if values else None
     return out
@@ -128,35 +137,79 @@ def _collectives(comm, mine: dict, own: dict) -> dict:
     return merged
 
 
-def _own_seconds(comm, calls: list) -> dict[str, float]:
-    """Each kind's own seconds in ``calls``, this rank's (kind, seconds) of every collective
-    in order: per call the least time any rank spent in it, since the last rank to arrive
-    waits for no other; the rest of the time in collectives is waiting for slower ranks.
-    Empty where the ranks' records do not pair up."""
+class _ModelClock:
+    """``model`` whose calls add their wall seconds to ``seconds`` (waiting for a GPU's
+    kernels included): the rank's model time between two collectives, for the bench's split of
+    waiting for other ranks (``_split_calls``)."""
+
+    def __init__(self, model, device: torch.device):
+        self.model, self.device, self.seconds = model, device, 0.0
+
+    def __getattr__(self, name):  # shape, data_bound, ... are the model's
+        return getattr(self.model, name)
+
+    def __call__(self, x, u):
+        start = time.perf_counter()
+        out = self.model(x, u)
+        _sync(self.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def model_waits(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split the waiting in collectives. table (ranks, calls, 2) float64: per rank and
+    collective, the seconds spent in it and the model seconds since that rank's previous
+    collective. The last rank to arrive spent least in a call, and that least is the call's
+    own time; every other rank waited the rest. Of that wait, the part that the last rank's
+    extra model time explains (its model seconds less this rank's, at most the wait) is
+    waiting for model calls. Returns (own seconds per call (calls,), each rank's seconds
+    waiting for other ranks' model calls (ranks,))."""
+    spent, model = table[..., SPENT], table[..., MODEL]
+    last = spent.argmin(0)
+    cols = np.arange(spent.shape[1])
+    own = spent[last, cols]
+    extra = np.clip(model[last, cols][None] - model, 0.0, spent - own[None])
+    return own, extra.sum(1)
+
+
+def _split_calls(comm, calls: list) -> tuple[dict[str, float], float]:
+    """From ``calls``, this rank's (kind, seconds, model seconds so far) of every collective in
+    order: each kind's own seconds, and the seconds the rank that spent most in collectives
+    waited for other ranks' model calls (``model_waits``). ({}, 0.0) where the ranks' records
+    do not pair up."""
     sizes = comm.allreduce_max(torch.tensor([len(calls), -len(calls)], dtype=torch.float64))
     if not calls or sizes[0] != -sizes[1]:  # the same verdict on every rank
-        return {}
-    least = comm.allreduce_min(torch.tensor([s for _, s in calls], dtype=torch.float64))
+        return {}, 0.0
+    spent = torch.tensor([s for _, s, _ in calls], dtype=torch.float64)
+    clock = torch.tensor([m for _, _, m in calls], dtype=torch.float64)
+    model = torch.diff(clock, prepend=clock.new_zeros(1))  # since the previous collective
+    table = comm.allgather(torch.stack([spent, model], -1)).cpu().numpy()
+    own, waits = model_waits(table)
     out: dict[str, float] = {}
-    for (kind, _), seconds in zip(calls, least.tolist()):
+    for (kind, _, _), seconds in zip(calls, own.tolist()):
         out[kind] = out.get(kind, 0.0) + seconds
-    return out
+    return out, float(waits[table[..., SPENT].sum(1).argmax()])
 
 
 def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeats=1):
     """Run one sampler ``repeats`` times; returns (y, stats, (wall seconds of each repeat,
-    comm s, the collectives' own s, peak bytes), collectives), wall, comm and peak the largest
-    over ranks; comm, own and the collectives those of the fastest repeat, whose wall the
-    row's shares divide them by (peak: of the last). On a GPU an untimed first run pays for
-    kernel loading and FFT plans."""
+    comm s, the collectives' own s, s waiting for other ranks' model calls, peak bytes),
+    collectives), wall, comm and peak the largest over ranks; comm, own, the wait and the
+    collectives those of the fastest repeat, whose wall the row's shares divide them by (peak:
+    of the last). On a GPU an untimed first run pays for kernel loading and FFT plans."""
     if device.type == "cuda":
         sampler(model, y0, grid, noise, comm=comm, options=options)
+    if comm.size > 1:  # the model's time between collectives, for splitting the waits
+        model = _ModelClock(model, device)
+        comm.marker = lambda: model.seconds
     walls, repeat = [], []
     for _ in range(repeats):
         comm.barrier()
         tally = {k: list(v) for k, v in comm.tally.items()}
         comm_before, baseline = comm.seconds, start_peak(device)
         comm.calls = []
+        if comm.size > 1:
+            model.seconds = 0.0
         start = time.perf_counter()
         y, stats = sampler(model, y0, grid, noise, comm=comm, options=options)
         _sync(device)
@@ -168,9 +221,11 @@ def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeat
         wall, comm_s, peak = (float(v) for v in comm.allreduce_max(local))
         walls.append(wall)
         repeat.append((comm_s, calls, mine))
+    comm.marker = None
     comm_s, calls, mine = repeat[walls.index(min(walls))]  # the same repeat on every rank
-    own = _own_seconds(comm, calls)
-    return y, stats, (walls, comm_s, sum(own.values()), peak), _collectives(comm, mine, own)
+    own, model_wait = _split_calls(comm, calls)
+    return (y, stats, (walls, comm_s, sum(own.values()), model_wait, peak),
+            _collectives(comm, mine, own))
 
 
 def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | None]:
@@ -260,7 +315,9 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
                 print0(comm, "    collectives: " + ", ".join(
                     f"{kind} {count} x ({seconds:.3f} s, of which {own:.3f} s its own, "
                     f"{count / stats.rounds:.1f} a round)"
-                    for kind, (count, seconds, own) in sorted(collectives.items())))
+                    for kind, (count, seconds, own) in sorted(collectives.items()))
+                    + f"; {row['model_wait_share']:.1%} of the wall waiting for other ranks' "
+                    "model calls")
     out = [row for m in methods for row in rows[m]]
     if cfg.bench.seeds > 1:
         for m in methods:

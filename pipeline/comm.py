@@ -4,9 +4,10 @@ Samplers receive a communicator explicitly, never a global; a one-rank communica
 code path as many. Tensors passed to the collectives are reduced element-wise and keep their
 shape, dtype and device. ``seconds`` accumulates the wall time spent inside collectives, which
 the bench reports as the communication share, and ``tally`` the count and seconds of each kind
-of collective. Setting an ``MPIComm``'s ``calls`` to a list records every collective's kind and
-seconds in order, so that the bench can tell a collective's own time from waiting for other
-ranks.
+of collective. Setting an ``MPIComm``'s ``calls`` to a list records every collective's kind,
+seconds and the value of its ``marker`` (a clock of the rank's model time, or 0) in order, so
+that the bench can tell a collective's own time from waiting for other ranks, and waiting for
+their model calls from waiting for the rest of their work.
 
 torch is imported where a tensor is made, not with the module: `world_comm()` then costs no
 torch import, so `piadm status` answers in a fraction of a second.
@@ -101,7 +102,9 @@ class MPIComm:
         self._mpi, self._comm = MPI, comm
         self.rank, self.size, self.seconds = comm.Get_rank(), comm.Get_size(), 0.0
         self.tally: dict[str, list] = {}  # kind -> [count, seconds]
-        self.calls: list[tuple[str, float]] | None = None  # a list: each call's (kind, seconds)
+        # a list: each call's (kind, seconds, marker's value), marker a zero-argument callable
+        self.calls: list[tuple[str, float, float]] | None = None
+        self.marker = None
         # None: the buffer collectives wait inside MPI, which spins on the core; seconds: they
         # are started nonblocking and polled with sleeps of this length in between, so that a
         # waiting rank leaves its core to the ranks still computing (``parallel.wait``)
@@ -124,7 +127,7 @@ class MPIComm:
         entry[1] += spent
         self.seconds += spent
         if self.calls is not None:
-            self.calls.append((kind, spent))
+            self.calls.append((kind, spent, self.marker() if self.marker else 0.0))
 
     @staticmethod
     def _start(x: torch.Tensor) -> float:

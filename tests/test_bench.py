@@ -1,9 +1,10 @@
 """The bench's bookkeeping: a row's shares of time are of one repeat."""
 import time
 
+import numpy as np
 import torch
 
-from pipeline.bench import _row, _timed_run
+from pipeline.bench import _row, _timed_run, model_waits
 from pipeline.cli import main
 from pipeline.comm import SerialComm
 from pipeline.samplers import Stats
@@ -24,6 +25,19 @@ def test_the_time_in_collectives_is_the_fastest_repeats_over_its_own_wall():
     row = _row("m", 0, None, 1, 1, 1, stats, 1.0, None, None, timing)
     assert 0.02 <= row["wall_s"] < 0.1 and row["wall_med_s"] >= 0.1
     assert 0.1 < row["comm_share"] <= 0.5  # the first repeat's 0.01 s of its ~0.02 s
+
+
+def test_waiting_is_split_into_the_last_ranks_extra_model_time_and_the_rest():
+    # (ranks 3, calls 2, [seconds in the call, model seconds since the previous collective])
+    table = np.array([[[0.010, 0.005], [0.001, 0.0]],
+                      [[0.002, 0.012], [0.004, 0.0]],
+                      [[0.007, 0.004], [0.004, 0.0]]])
+    own, waits = model_waits(table)
+    # the last to arrive spends least: rank 1 in the first call, rank 0 in the second
+    assert np.allclose(own, [0.002, 0.001])
+    # rank 0 waited 8 ms, 7 of them while rank 1 was in its 7 ms more of model calls; rank 2
+    # waited 5 ms for 8 ms more (at most its wait); equal model time explains no waiting
+    assert np.allclose(waits, [0.007, 0.0, 0.005])
 
 
 def test_a_method_whose_calibration_falls_short_is_left_out_of_the_bench(capsys):

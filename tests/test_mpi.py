@@ -246,7 +246,11 @@ def test_bench_under_mpiexec_reports_each_kind_of_collective(tmp_path):
     # a collective's own time is the least any rank spent in it: part of the time in collectives
     own = sum(entry[2] for entry in row["collectives"].values())
     assert 0 < row["own_share"] <= row["comm_share"]
+    # waiting for other ranks' model calls is part of the waiting, the rest of the time in
+    # collectives (each share rounded to 1e-4)
+    assert 0 <= row["model_wait_share"] <= row["comm_share"] - row["own_share"] + 2e-4
     # wall_s is rounded to the millisecond: allow for that on runs of a few milliseconds
     assert row["own_share"] == pytest.approx(own / row["wall_s"],
                                              rel=0.01 + 0.0006 / row["wall_s"])
     assert f"Allgather {row['rounds']} x" in proc.stderr and "its own" in proc.stderr
+    assert "of the wall waiting for other ranks' model calls" in proc.stderr
