@@ -29,7 +29,8 @@ from models import CHANNEL_KINDS, STAT_ERRORS, build_model
 from pipeline.comm import SerialComm
 from pipeline.console import on_rank0, print0
 from pipeline.errors import ConfigError
-from pipeline.memory import peak_since, start_peak
+from pipeline.memory import peak_since, ranks_sharing, start_peak
+from pipeline.memory_check import check_memory
 from pipeline.noise import Noise
 from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
@@ -231,14 +232,17 @@ def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeat
 def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | None]:
     """The tolerance each bench method runs with: the configured one, or for "auto" each
     parallel method's own calibration (rank 0 calibrates, every rank gets the result). A
-    method whose calibration falls short of ``sampler.distance`` or cannot fit in memory is
-    said and left out."""
+    method whose ``bench.members`` or calibration cannot fit in memory, or whose calibration
+    falls short of ``sampler.distance``, is said and left out."""
     from pipeline.calibrate import CANNOT_CALIBRATE, resolve_tol
 
+    sharing = ranks_sharing(comm.local_layout()[1], device)  # collective: before rank 0 checks
     out = {}
     for method in cfg.bench.methods:
         mine = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, method=method))
         try:
+            on_rank0(comm, check_memory, mine, tuple(model.shape), device, sharing=sharing,
+                     time_slices=comm.size, batch=cfg.bench.members, setting="bench.members")
             out[method] = on_rank0(comm, resolve_tol, mine, model, device=device,
                                    say=lambda text: print0(comm, text)).tol
         except CANNOT_CALIBRATE as err:  # the other methods are still worth their rows

@@ -19,19 +19,21 @@ def round_points(s) -> tuple[str, int]:
 
 
 def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: int = 1,
-                 calibration: bool = False, batch: int | None = None) -> str:
+                 calibration: bool = False, batch: int | None = None,
+                 setting: str | None = None) -> str:
     """Refuse a batch whose sampler state alone (``memory.sampler_floor``) cannot fit in what
     this rank may still allocate (``sharing`` ranks of the node sharing it), naming the
     setting to lower: better now than an allocation failure after the store is made (or
     after minutes of calibration: ``calibration``, the batch of calibrate.members on one
     rank). ``batch``: the members a call holds, when not the setting's (a store resumed in
-    its smaller batches). Returns what it found, as text."""
+    its smaller batches); ``setting``: the one that sets ``batch``, when another (the
+    bench's ``bench.members``). Returns what it found, as text."""
     room = available_bytes(device, sharing)
     s = cfg.sampler
     key, n = round_points(s)
-    members, setting = ((cfg.calibrate.members, "calibrate.members") if calibration else
-                        (cfg.ensemble.batch_size, "ensemble.batch_size"))
-    batch = batch or members
+    members, named = ((cfg.calibrate.members, "calibrate.members") if calibration else
+                      (cfg.ensemble.batch_size, "ensemble.batch_size"))
+    batch, setting = batch or members, setting or named
     need = sampler_floor(s.method, n, batch, field_bytes(shape, DTYPES[s.dtype]), time_slices)
     if room is None:
         return f"at least {format_bytes(need)} per rank for the sampler's state"

@@ -20,6 +20,9 @@ from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataCon
 # data is left there to sample from: e^{-100} = 4e-44.
 U_MAX = 100.0
 INT64_MAX = 2**63 - 1  # the largest count numpy and dask take for the store's member axis
+# A path's time grid and its samplers' per-step tables are float64 arrays of steps + 1 (a
+# window's tables a few more): 10^8 steps is about 8 GB of them, where samplers take 10 to 10^4
+STEPS_MAX = 10**8
 
 
 def _check(ok: bool, key: str, problem: str) -> None:
@@ -126,7 +129,9 @@ def _check_sampler(s: SamplerConfig) -> None:
 
     _check(s.method in SAMPLERS or s.method in AUTO_METHODS, "sampler.method",
            f"= {s.method!r} is unknown: use one of {', '.join((*SAMPLERS, *AUTO_METHODS))}")
-    _check(s.steps >= 1, "sampler.steps", f"= {s.steps} must be >= 1")
+    _check(1 <= s.steps <= STEPS_MAX, "sampler.steps",
+           f"= {s.steps} must be >= 1 and at most {STEPS_MAX} (its time grid's tables "
+           "alone would outgrow a node's memory)")
     _check(s.block_size >= 1, "sampler.block_size", f"= {s.block_size} must be >= 1")
     _check(s.max_sweeps >= 1, "sampler.max_sweeps", f"= {s.max_sweeps} must be >= 1")
     _check(s.theta in THETAS, "sampler.theta",

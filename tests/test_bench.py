@@ -40,6 +40,18 @@ def test_waiting_is_split_into_the_last_ranks_extra_model_time_and_the_rest():
     assert np.allclose(waits, [0.007, 0.0, 0.005])
 
 
+def test_a_method_whose_members_cannot_fit_in_memory_is_left_out_of_the_bench(capsys):
+    # 10^9 members of 64x64 float32: terabytes for pc-window's window, refused before the
+    # bench draws any noise (it hung building 10^9 noise keys)
+    sets = ["model.shape=[64, 64]", "sampler.steps=20", "sampler.tol=1e-3",
+            "bench.members=1000000000", 'bench.methods=["pc-window"]', "bench.sizes=[[64, 64]]"]
+    assert main(["bench", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]) == 2
+    err = capsys.readouterr().err
+    assert "left out pc-window: config: 1000000000 members a batch of pc-window" in err
+    assert "lower bench.members to" in err
+    assert "error: bench: every method of bench.methods was left out" in err
+
+
 def test_a_method_whose_calibration_falls_short_is_left_out_of_the_bench(capsys):
     """One method that cannot reach sampler.distance costs its own rows, not the bench's."""
     sets = ["model.shape=[8, 8]", "sampler.steps=40", 'sampler.tol="auto"',

@@ -39,6 +39,8 @@ def _small(tmp_path, **extra):
     ("ensemble.members", 10**23, "ensemble.members = 100000000000000000000000 is more than the "
                                  "store's int64 index holds: use at most 9223372036854775807"),
     ("ensemble.batch_size", 2**63, "ensemble.batch_size = 9223372036854775808 is more than"),
+    ("sampler.steps", 10**23, "sampler.steps = 100000000000000000000000 must be >= 1 and at "
+                              "most 100000000"),
 ])
 def test_model_parameters_are_range_checked(tmp_path, key, value, needle):
     with pytest.raises(ConfigError) as err:
