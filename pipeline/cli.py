@@ -5,7 +5,7 @@ import os
 import sys
 import tempfile
 
-from pipeline.signals import EXIT_INTERRUPTED, defer_early, ignore_stop_signals, release_early
+from pipeline.signals import defer_early, ignore_stop_signals, interrupt_early, stopped_by
 
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "piadm":
     defer_early()  # before the heavy imports below: a stop signal now must not kill the job
@@ -390,7 +390,8 @@ def parser() -> argparse.ArgumentParser:
         "separated by ';' or new lines, that every command taking a config applies before its "
         "own --set. Exit codes: 0 done, 1 an unexpected failure (or status: incomplete), 2 a "
         "bad input refused before anything was written, 75 sample stopped by a signal (rerun "
-        "to resume), 130 stopped at once by Ctrl-C.")
+        "to resume), 130 stopped at once by Ctrl-C, 143 or 138 any other command stopped by "
+        "SIGTERM or SIGUSR1.")
     p.add_argument("--version", action="version", version=f"piadm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     helps = {"sample": "sample an ensemble into a Zarr store (resumes an unfinished one)",
@@ -529,13 +530,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. An error every rank raised together exits 2 on all of them; any other
     error under MPI aborts the whole job, so no rank waits forever in a collective."""
     args = parser().parse_args(argv)
-    if args.command != "sample":  # only sample stops gracefully: others die as they would
-        release_early()
     from pipeline.comm import world_comm
 
     world = world_comm()
     try:
         try:
+            if args.command != "sample":  # only sample stops gracefully: others as by Ctrl-C
+                interrupt_early()
             return COMMANDS[args.command](args, world)
         except Exception as err:
             mended = _as_user_error(err, args.command)
@@ -544,12 +545,13 @@ def main(argv: list[str] | None = None) -> int:
             raise mended from None
     except KeyboardInterrupt as err:  # Ctrl-C: what the command kept, not where it stood
         where = "" if world.size == 1 else f" on rank {world.rank}"
-        print(f"piadm: interrupted (Ctrl-C){where}{': ' if str(err) else ''}{err}",
-              file=sys.stderr, flush=True)
+        what, code = stopped_by(err)
+        print(f"piadm: {what}{where}{': ' if str(err) else ''}{err}", file=sys.stderr,
+              flush=True)
         if world.size == 1:
-            return EXIT_INTERRUPTED
+            return code
         # each rank stopped wherever it stood: another may wait in a collective for it
-        world.abort(EXIT_INTERRUPTED)
+        world.abort(code)
     except user_errors() as err:
         line = explain(err, getattr(args, "set", None) or ())
         if world.size == 1 or getattr(err, "collective", False):

@@ -6,6 +6,7 @@ prints it once and exits 2 on all ranks, where an error on one rank alone aborts
 """
 from __future__ import annotations
 
+import signal
 from contextlib import contextmanager
 
 
@@ -46,4 +47,9 @@ class EvaluationError(ValueError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a command part way; the message says what it kept and how to go on."""
+    """Ctrl-C (or, for a command that does not stop gracefully, a stop signal: ``signum``)
+    stopped a command part way; the message says what it kept and how to go on."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum

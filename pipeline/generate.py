@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -132,10 +133,11 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
     try:
         for written in _simulate(d, path, config_text, device, progress):
             pass
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or a stop signal (pipeline.signals)
         raise Interrupted(f"data.path {path} holds {written} of its {d.snapshots} snapshots, "
                           "the rest NaN; generate-data does not resume: rerun it with "
-                          "data.overwrite = true to make the dataset anew") from None
+                          "data.overwrite = true to make the dataset anew",
+                          getattr(err, "signum", signal.SIGINT)) from None
     consolidate(path)
     return str(path)
 

@@ -3,13 +3,13 @@ every rank to stop at its next safe point instead of dying mid-batch.
 
 The command line defers both signals from its first lines, before the seconds of heavy imports
 (``defer_early``): a command that stops gracefully takes over what arrived meanwhile
-(``StopRequest.install``), any other gets the default handling back and a deferred signal
-takes effect then (``release_early``). This module imports nothing heavy for that reason.
+(``StopRequest.install``); any other is interrupted by them as by Ctrl-C, saying what it
+kept, and a deferred signal interrupts it at once (``interrupt_early``). This module imports
+nothing heavy for that reason.
 While sampling, a first Ctrl-C (SIGINT) is a stop request too, and a second stops at once.
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
@@ -19,8 +19,6 @@ from pipeline.errors import Interrupted
 # (75 is EX_TEMPFAIL in sysexits.h: "try again later".)
 EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# Exit status of a command stopped at once by Ctrl-C: the shell's 128 + SIGINT.
-EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 _early: list[int] = []  # stop signals received before a command took them over
@@ -36,13 +34,27 @@ def defer_early() -> None:
         signal.signal(sig, _record)
 
 
-def release_early() -> None:
-    """For commands that do not stop gracefully: the default handling again, and a signal
-    that arrived while deferred takes effect now."""
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signum=signum)
+
+
+def interrupt_early() -> None:
+    """For commands that do not stop gracefully: a stop signal interrupts them as Ctrl-C
+    does (``Interrupted`` with its ``signum``, which the command turns into what it kept),
+    and one that arrived while deferred interrupts now."""
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
+        signal.signal(sig, _interrupt)
     if _early:
-        os.kill(os.getpid(), _early[0])
+        raise Interrupted(signum=_early[0])
+
+
+def stopped_by(err: KeyboardInterrupt) -> tuple[str, int]:
+    """How a command stopped at once by ``err`` says so, and its exit status (128 + the
+    signal, as a shell reports a process the signal killed)."""
+    signum = getattr(err, "signum", signal.SIGINT)
+    what = ("interrupted (Ctrl-C)" if signum == signal.SIGINT else
+            f"stopped by {signal.Signals(signum).name}")
+    return what, 128 + signum
 
 
 def ignore_stop_signals() -> None:

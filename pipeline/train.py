@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import time
 import tomllib
 from dataclasses import dataclass, replace
@@ -446,7 +447,7 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
                 print0(comm, f"step {step}/{t.steps}  loss {loss_sum / since:.4f}  "
                              f"val {loss_text(val_loss)}  elapsed {elapsed:.0f}s")
                 loss_sum = 0.0
-    except KeyboardInterrupt:
-        raise Interrupted(_kept(t, saved)) from None
+    except KeyboardInterrupt as err:  # Ctrl-C, or a stop signal (pipeline.signals)
+        raise Interrupted(_kept(t, saved), getattr(err, "signum", signal.SIGINT)) from None
     comm.barrier()
     return TrainResult(step, history[-1], val_loss, time.perf_counter() - start)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import xarray as xr
 import zarr
 
@@ -108,7 +109,10 @@ def test_overwrite_refuses_and_keeps_what_generate_data_did_not_make(tmp_path, c
     assert "is not a dataset" in _kept(cut, capsys)
 
 
-def test_ctrl_c_says_what_the_store_holds_and_exits_130(tmp_path):
+@pytest.mark.parametrize("sig, said, code", [(signal.SIGINT, "interrupted (Ctrl-C)", 130),
+                                             (signal.SIGTERM, "stopped by SIGTERM", 143)])
+def test_ctrl_c_or_sigterm_says_what_the_store_holds_and_exits_128_plus_it(tmp_path, sig, said,
+                                                                            code):
     path = tmp_path / "k.zarr"
     sets = sum((["--set", s] for s in SMALL + ["data.snapshots=4000", "data.chunk=2",
                                                f"data.path={path}"]), [])
@@ -122,11 +126,11 @@ def test_ctrl_c_says_what_the_store_holds_and_exits_130(tmp_path):
     while not (path / "vorticity").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)  # SLURM's SIGTERM at a time limit: said, not a silent death
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert proc.returncode == code and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"piadm: interrupted (Ctrl-C): data.path {path} holds "), last
+    assert last.startswith(f"piadm: {said}: data.path {path} holds "), last
     assert last.endswith(" of its 4000 snapshots, the rest NaN; generate-data does not resume: "
                          "rerun it with data.overwrite = true to make the dataset anew"), last
 

@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MORE_WORK = ("sampler.steps=200", "sampler.block_size=50", "ensemble.batch_size=1")
 
 
-def start(sets) -> subprocess.Popen:
+def start(sets, command="sample") -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sample", "jobs/configs/grf.toml",
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", command, "jobs/configs/grf.toml",
                              *sets], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -134,6 +134,20 @@ def test_a_stop_signal_during_start_up_exits_75_with_nothing_written(tmp_path, s
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err
     assert "nothing was written" in err and not out.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_during_another_commands_start_up_says_so_and_exits_128_plus_it(sig):
+    # bench does not stop gracefully: the signal held through its imports stops it at once
+    proc = start(["--set=bench.sizes=[[8, 8]]", "--set=sampler.steps=20"], command="bench")
+    deadline = time.monotonic() + 30
+    while not _catches(proc.pid, sig) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(sig)  # the heavy imports are still to come
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert err.strip().splitlines()[-1] == f"piadm: stopped by {signal.Signals(sig).name}", err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

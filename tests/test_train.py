@@ -2,6 +2,7 @@
 checkpoint reloads without pickle and its model samples through the model adapters."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import xarray as xr
 
 from models.learned import load_unet, unet_score_model
 from pipeline.cli import main
+from pipeline.errors import Interrupted
 from pipeline.grids import make_grid
 from pipeline.noise import Noise
 from pipeline.samplers import SAMPLERS, Options
@@ -117,9 +119,11 @@ def test_a_run_killed_while_saving_its_first_checkpoint_trains_again(tmp_path, d
     assert sidecar(ckpt).exists() and not ckpt.exists()
 
 
-def test_ctrl_c_says_which_step_the_checkpoint_holds_and_a_rerun_resumes(tmp_path, dataset,
-                                                                         plain, monkeypatch,
-                                                                         capsys):
+@pytest.mark.parametrize("stop, said, code", [
+    (KeyboardInterrupt, "interrupted (Ctrl-C)", 130),
+    (lambda: Interrupted(signum=signal.SIGTERM), "stopped by SIGTERM", 143)])  # its handler's
+def test_ctrl_c_or_sigterm_says_which_step_the_checkpoint_holds_and_a_rerun_resumes(
+        tmp_path, dataset, plain, monkeypatch, capsys, stop, said, code):
     import pipeline.train
 
     validations = []
@@ -127,15 +131,15 @@ def test_ctrl_c_says_which_step_the_checkpoint_holds_and_a_rerun_resumes(tmp_pat
     def interrupted_at_the_second(*args):
         validations.append(1)
         if len(validations) == 2:  # step 6, before its save: the checkpoint holds step 3
-            raise KeyboardInterrupt
+            raise stop()
         return measured(*args)
 
     measured = pipeline.train.validation_loss
     monkeypatch.setattr(pipeline.train, "validation_loss", interrupted_at_the_second)
     ckpt = tmp_path / "c.pt"
-    assert main(_train_args(dataset, ckpt)) == 130
+    assert main(_train_args(dataset, ckpt)) == code
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"piadm: interrupted (Ctrl-C): train.checkpoint {ckpt} holds step 3 of 6 (saved every "
+        f"piadm: {said}: train.checkpoint {ckpt} holds step 3 of 6 (saved every "
         "train.val_every = 3 steps): rerun the same command to resume from there")
     monkeypatch.undo()
     assert main(_train_args(dataset, ckpt)) == 0
