@@ -8,6 +8,8 @@
 #      a whole `piadm sample` run                         -> plan_M.log, sample_M_{auto,seq}.log
 #   3. the same U-Net with 16 members in one batch                           -> unet_16.log
 #   4. the exact grf model, 1 member, 64x64 to 2048x2048, the same methods   -> grf.log
+#   5. where mpiexec is on PATH, the scale-out table on the host's cores, GPU hidden
+#      (jobs/local/scale_bench.sh: a core per rank, which a laptop or CI machine lacks) -> scale/
 # Tolerances are calibrated on the GPU (sampler.tol = "auto"), noise drawn on the device.
 #   bash jobs/local/gpu_bench.sh [OUTDIR]      (default out/gpu; summary.txt gathers the rows)
 # PIADM_GPU_QUICK=1 runs every step tiny (few steps, small fields) to try the script on a CPU.
@@ -73,4 +75,14 @@ step "unet_$wide" bench "$unet" "${common[@]}" --set "bench.members=$wide" --set
 # two calibration members: four 2048x2048 windows at once would not fit beside the others
 step grf bench "$grf" "${common[@]}" --set calibrate.members=2 --set bench.members=1 --set bench.repeats=3 \
     --set "bench.methods=$methods" --set "bench.sizes=$grf_sizes"
+if [ -n "${PIADM_GPU_QUICK:-}" ]; then
+    echo "== scale: skipped (PIADM_GPU_QUICK)" | tee -a "$summary"
+elif command -v mpiexec >/dev/null; then
+    echo "== scale: bash jobs/local/scale_bench.sh $out/scale" | tee -a "$summary"
+    timeout "$limit" bash jobs/local/scale_bench.sh "$out/scale" >/dev/null 2>&1
+    echo "   rc $?" | tee -a "$summary"
+    cat "$out/scale/summary.txt" >>"$summary" 2>/dev/null
+else
+    echo "== scale: skipped (no mpiexec on PATH: pip install mpich)" | tee -a "$summary"
+fi
 echo "done: $summary"
