@@ -79,7 +79,7 @@ if [ -n "${PIADM_GPU_QUICK:-}" ]; then
     echo "== scale: skipped (PIADM_GPU_QUICK)" | tee -a "$summary"
 elif command -v mpiexec >/dev/null; then
     echo "== scale: bash jobs/local/scale_bench.sh $out/scale" | tee -a "$summary"
-    timeout "$limit" bash jobs/local/scale_bench.sh "$out/scale" >/dev/null 2>&1
+    timeout "$((2 * limit))" bash jobs/local/scale_bench.sh "$out/scale" >/dev/null 2>&1  # 4 runs
     echo "   rc $?" | tee -a "$summary"
     cat "$out/scale/summary.txt" >>"$summary" 2>/dev/null
 else
