@@ -45,7 +45,9 @@ def interrupt_early() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, _interrupt)
     if _early:
-        raise Interrupted(signum=_early[0])
+        signum = _early[0]
+        _early.clear()  # taken: a later command in this process starts afresh
+        raise Interrupted(signum=signum)
 
 
 def stopped_by(err: KeyboardInterrupt) -> tuple[str, int]:

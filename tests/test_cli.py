@@ -233,3 +233,14 @@ def test_a_dry_run_names_the_window_the_sampler_slides(window, shown, tmp_path, 
                  "--set", "sampler.steps=100", "--set", f"sampler.window={window}"]) == 0
     line = next(x for x in capsys.readouterr().err.splitlines() if "sampler    " in x)
     assert line.endswith(shown)
+
+
+def test_a_stop_signal_held_through_start_up_stops_the_command_once(capsys, monkeypatch):
+    import signal
+
+    from pipeline import signals
+
+    monkeypatch.setattr(signals, "_early", [signal.SIGUSR1])  # arrived during the imports
+    assert main(["config", "jobs/configs/grf.toml"]) == 128 + signal.SIGUSR1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "piadm: stopped by SIGUSR1"
+    assert main(["config", "jobs/configs/grf.toml"]) == 0  # taken: the next command runs
