@@ -198,6 +198,11 @@ def _check_conditioning(cfg: Config) -> None:
     _check(cfg.sampler.grid != SCHEDULER_GRID or m.kind == "diffusers", "sampler.grid",
            "= 'scheduler' samples on a diffusers scheduler's timesteps: it needs "
            "model.kind = 'diffusers'")
+    # the input's item dimension becomes the store's first: it must not clash with the others
+    taken = (*STORE_VARIABLES, "member", "sweep", *FIELD_DIMS.get(len(m.shape), ()))
+    _check(not cfg.input.path or cfg.input.item_dim not in taken, "input.item_dim",
+           f"= {cfg.input.item_dim!r} is a name the ensemble store uses itself: rename that "
+           f"dimension of the input (xarray's Dataset.rename) to none of {', '.join(taken)}")
 
 
 def _check_bench(b: BenchConfig) -> None:

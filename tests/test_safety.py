@@ -432,3 +432,13 @@ def test_chunks_stay_under_64_mib_and_writers_keep_whole_chunks():
     assert member_chunk(6, 1024 * 1024 * 4) == 6
     assert member_chunk(48, 1024 * 1024 * 4) == 16  # the largest divisor of the batch that fits
     assert member_chunk(8, 4096 * 4096 * 8) == 1  # one member over the cap: one a chunk
+
+
+@pytest.mark.parametrize("dim", ["member", "sweep", "x", "seed"])
+def test_an_input_item_dimension_the_store_uses_itself_is_refused(tmp_path, dim):
+    # it became the store's first dimension beside its own 'member': a traceback from xarray
+    sets = _small(tmp_path, **{"model.condition": "mean", "input.path": str(tmp_path / "in.zarr"),
+                               "input.variable": "vort", "input.item_dim": dim})
+    with pytest.raises(ConfigError) as err:
+        load_config("jobs/configs/grf.toml", sets)
+    assert f"input.item_dim = {dim!r} is a name the ensemble store uses itself" in str(err.value)
