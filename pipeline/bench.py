@@ -29,7 +29,7 @@ from models import CHANNEL_KINDS, STAT_ERRORS, build_model
 from pipeline.comm import SerialComm
 from pipeline.console import on_rank0, print0
 from pipeline.errors import ConfigError
-from pipeline.memory import peak_since, ranks_sharing, start_peak
+from pipeline.memory import peak_since, start_peak
 from pipeline.memory_check import check_memory
 from pipeline.noise import Noise
 from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
@@ -69,7 +69,8 @@ def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing
             "wall_med_s": round(statistics.median(walls), 3), "repeats": len(walls),
             "comm_share": round(comm_s / wall, 4) if wall else 0.0,
             "own_share": round(own_s / wall, 4) if wall else 0.0,
-            "model_wait_share": round(model_wait_s / wall, 4) if wall else 0.0,
+            "model_wait_share": (None if model_wait_s is None else
+                                 round(model_wait_s / wall, 4) if wall else 0.0),
             "peak_mib": round(peak / 2**20, 1)}
 
 
@@ -139,21 +140,22 @@ def _collectives(comm, mine: dict, own: dict) -> dict:
 
 
 class _ModelClock:
-    """``model`` whose calls add their wall seconds to ``seconds`` (waiting for a GPU's
-    kernels included): the rank's model time between two collectives, for the bench's split of
-    waiting for other ranks (``_split_calls``)."""
+    """``model`` whose calls add their wall seconds to ``_elapsed``: the rank's model time
+    between two collectives, for the bench's split of waiting for other ranks
+    (``_split_calls``). On a GPU each call is waited for, so that its kernels count as model
+    time; that costs the overlap of a launch-bound loop, under MPI only."""
 
     def __init__(self, model, device: torch.device):
-        self.model, self.device, self.seconds = model, device, 0.0
+        self._model, self._device, self._elapsed = model, device, 0.0
 
     def __getattr__(self, name):  # shape, data_bound, ... are the model's
-        return getattr(self.model, name)
+        return getattr(self._model, name)
 
     def __call__(self, x, u):
         start = time.perf_counter()
-        out = self.model(x, u)
-        _sync(self.device)
-        self.seconds += time.perf_counter() - start
+        out = self._model(x, u)
+        _sync(self._device)
+        self._elapsed += time.perf_counter() - start
         return out
 
 
@@ -173,14 +175,14 @@ def model_waits(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return own, extra.sum(1)
 
 
-def _split_calls(comm, calls: list) -> tuple[dict[str, float], float]:
+def _split_calls(comm, calls: list) -> tuple[dict[str, float], float | None]:
     """From ``calls``, this rank's (kind, seconds, model seconds so far) of every collective in
     order: each kind's own seconds, and the seconds the rank that spent most in collectives
-    waited for other ranks' model calls (``model_waits``). ({}, 0.0) where the ranks' records
+    waited for other ranks' model calls (``model_waits``). ({}, None) where the ranks' records
     do not pair up."""
     sizes = comm.allreduce_max(torch.tensor([len(calls), -len(calls)], dtype=torch.float64))
     if not calls or sizes[0] != -sizes[1]:  # the same verdict on every rank
-        return {}, 0.0
+        return {}, None
     spent = torch.tensor([s for _, s, _ in calls], dtype=torch.float64)
     clock = torch.tensor([m for _, _, m in calls], dtype=torch.float64)
     model = torch.diff(clock, prepend=clock.new_zeros(1))  # since the previous collective
@@ -202,7 +204,7 @@ def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeat
         sampler(model, y0, grid, noise, comm=comm, options=options)
     if comm.size > 1:  # the model's time between collectives, for splitting the waits
         model = _ModelClock(model, device)
-        comm.marker = lambda: model.seconds
+        comm.marker = lambda: model._elapsed
     walls, repeat = [], []
     for _ in range(repeats):
         comm.barrier()
@@ -210,7 +212,7 @@ def _timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeat
         comm_before, baseline = comm.seconds, start_peak(device)
         comm.calls = []
         if comm.size > 1:
-            model.seconds = 0.0
+            model._elapsed = 0.0
         start = time.perf_counter()
         y, stats = sampler(model, y0, grid, noise, comm=comm, options=options)
         _sync(device)
@@ -236,7 +238,9 @@ def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | 
     falls short of ``sampler.distance``, is said and left out."""
     from pipeline.calibrate import CANNOT_CALIBRATE, resolve_tol
 
-    sharing = ranks_sharing(comm.local_layout()[1], device)  # collective: before rank 0 checks
+    from pipeline.ensemble import memory_sharing
+
+    sharing = memory_sharing(comm, device)  # collective: before rank 0 alone checks
     out = {}
     for method in cfg.bench.methods:
         mine = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, method=method))
@@ -320,8 +324,9 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
                     f"{kind} {count} x ({seconds:.3f} s, of which {own:.3f} s its own, "
                     f"{count / stats.rounds:.1f} a round)"
                     for kind, (count, seconds, own) in sorted(collectives.items()))
-                    + f"; {row['model_wait_share']:.1%} of the wall waiting for other ranks' "
-                    "model calls")
+                    + ("" if row["model_wait_share"] is None else
+                       f"; {row['model_wait_share']:.1%} of the wall waiting for other "
+                       "ranks' model calls"))
     out = [row for m in methods for row in rows[m]]
     if cfg.bench.seeds > 1:
         for m in methods:
@@ -425,6 +430,10 @@ def run_peer(cfg: Config, peer: str, *, comm=SerialComm(),
     model = build_model(cfg.model, device)
 
     def run():
+        for method in ("window", "pc-window"):  # the peer's ParaDiGMS window, and ours
+            check_memory(dataclasses.replace(cfg, sampler=dataclasses.replace(
+                cfg.sampler, method=method)), tuple(model.shape), device,
+                batch=cfg.bench.members, setting="bench.members")
         rows = compare_diffusers(
             model, members=cfg.bench.members, seed=cfg.sampler.seed,
             dtype=DTYPES[cfg.sampler.dtype], device=device,

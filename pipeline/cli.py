@@ -5,7 +5,8 @@ import os
 import sys
 import tempfile
 
-from pipeline.signals import defer_early, ignore_stop_signals, interrupt_early, stopped_by
+from pipeline.signals import (defer_early, ignore_stop_signals, interrupted_by_stop_signals,
+                              stopped_by)
 
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "piadm":
     defer_early()  # before the heavy imports below: a stop signal now must not kill the job
@@ -535,9 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     world = world_comm()
     try:
         try:
-            if args.command != "sample":  # only sample stops gracefully: others as by Ctrl-C
-                interrupt_early()
-            return COMMANDS[args.command](args, world)
+            if args.command == "sample":  # it stops gracefully (pipeline.signals.StopRequest)
+                return COMMANDS[args.command](args, world)
+            with interrupted_by_stop_signals():  # the others say what they kept, as on Ctrl-C
+                return COMMANDS[args.command](args, world)
         except Exception as err:
             mended = _as_user_error(err, args.command)
             if mended is err:

@@ -46,7 +46,7 @@ class SerialComm:
 
     rank, size, seconds = 0, 1, 0.0
     tally: dict = {}  # one rank talks to no one
-    calls = None
+    calls = marker = None
     poll_s = None  # nothing to wait for
 
     def exscan_sum(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from pipeline.errors import Interrupted
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
                                  resolved_wavenumber)
 from pipeline.settings import DataConfig
+from pipeline.signals import signal_of
 from pipeline.store import StoreExists, consolidate, enclosing_store
 
 
@@ -137,7 +137,7 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
         raise Interrupted(f"data.path {path} holds {written} of its {d.snapshots} snapshots, "
                           "the rest NaN; generate-data does not resume: rerun it with "
                           "data.overwrite = true to make the dataset anew",
-                          getattr(err, "signum", signal.SIGINT)) from None
+                          signal_of(err)) from None
     consolidate(path)
     return str(path)
 

@@ -44,6 +44,8 @@ def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: i
     fits = room[0] // per_member if per_member else batch
     fix = (f"lower {setting} to {fits} or fewer" if fits >= 1 else
            f"lower sampler.{key} or the field" if calibration else
+           f"lower sampler.{key} or the field, or run on more ranks (the bench's time slices)"
+           if setting == "bench.members" else
            f"lower sampler.{key}, add time slices (parallel.time_slices) or use a sequential "
            "sampler")
     raise TooLarge(

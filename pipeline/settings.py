@@ -79,8 +79,8 @@ class CalibrateConfig:
     """``piadm calibrate`` and ``sampler.tol = "auto"``: members run both ways, tolerances to try."""
 
     members: int = 4
-    # down to 1e-7: the ODE window on fields of 256x256 and more needs 5e-7 (float32 paths
-    # still converge there; docs/benchmarks.md, "On a GPU")
+    # down to 1e-7: the ODE window's distance was still falling at 1e-6 on larger fields
+    # (GRF 256x256 reaches 3.7e-4 at 5e-7 on the CPU; docs/benchmarks.md, "On a GPU")
     ladder: tuple[float, ...] = (0.1, 0.05, 0.02, 0.01, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4, 5e-5,
                                  2e-5, 1e-5, 5e-6, 2e-6, 1e-6, 5e-7, 2e-7, 1e-7)
 

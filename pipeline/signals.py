@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from contextlib import contextmanager
 
 from pipeline.errors import Interrupted
 
@@ -35,25 +36,41 @@ def defer_early() -> None:
 
 
 def _interrupt(signum, frame) -> None:
+    # once: a second signal (srun and mpiexec may both deliver one) must not interrupt the
+    # reporting of the first with a traceback; it ends the process as it always did
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
     raise Interrupted(signum=signum)
 
 
-def interrupt_early() -> None:
-    """For commands that do not stop gracefully: a stop signal interrupts them as Ctrl-C
-    does (``Interrupted`` with its ``signum``, which the command turns into what it kept),
-    and one that arrived while deferred interrupts now."""
+@contextmanager
+def interrupted_by_stop_signals():
+    """For commands that do not stop gracefully: inside, a stop signal interrupts them as
+    Ctrl-C does (``Interrupted`` with its ``signum``, which the command turns into what it
+    kept), one that arrived while deferred at once; on leaving, the handlers before it."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in STOP_SIGNALS:
         signal.signal(sig, _interrupt)
-    if _early:
-        signum = _early[0]
-        _early.clear()  # taken: a later command in this process starts afresh
-        raise Interrupted(signum=signum)
+    try:
+        if _early:
+            signum = _early[0]
+            _early.clear()  # taken: a later command in this process starts afresh
+            raise Interrupted(signum=signum)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def signal_of(err: KeyboardInterrupt) -> int:
+    """The signal that interrupted: a stop signal's (``Interrupted.signum``), else Ctrl-C's."""
+    return getattr(err, "signum", signal.SIGINT)
 
 
 def stopped_by(err: KeyboardInterrupt) -> tuple[str, int]:
     """How a command stopped at once by ``err`` says so, and its exit status (128 + the
     signal, as a shell reports a process the signal killed)."""
-    signum = getattr(err, "signum", signal.SIGINT)
+    signum = signal_of(err)
     what = ("interrupted (Ctrl-C)" if signum == signal.SIGINT else
             f"stopped by {signal.Signals(signum).name}")
     return what, 128 + signum

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import pickle
-import signal
 import time
 import tomllib
 from dataclasses import dataclass, replace
@@ -37,6 +36,7 @@ from pipeline.decomposition import slice_bounds
 from pipeline.errors import Interrupted, raised_by_every_rank
 from pipeline.inputs import InputError
 from pipeline.settings import TrainConfig
+from pipeline.signals import signal_of
 from pipeline.store import enclosing_store
 
 
@@ -448,6 +448,6 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
                              f"val {loss_text(val_loss)}  elapsed {elapsed:.0f}s")
                 loss_sum = 0.0
     except KeyboardInterrupt as err:  # Ctrl-C, or a stop signal (pipeline.signals)
-        raise Interrupted(_kept(t, saved), getattr(err, "signum", signal.SIGINT)) from None
+        raise Interrupted(_kept(t, saved), signal_of(err)) from None
     comm.barrier()
     return TrainResult(step, history[-1], val_loss, time.perf_counter() - start)

@@ -167,6 +167,12 @@ def _check_sampler(s: SamplerConfig) -> None:
            "and sampler.corrector_gamma must be > 0")
 
 
+def _store_names(field_axes: int) -> tuple[str, ...]:
+    """The names an ensemble store of fields of ``field_axes`` axes gives its own variables
+    and dimensions ("item" for an unconditioned store's items)."""
+    return (*STORE_VARIABLES, *STORE_DIMS, *FIELD_DIMS.get(field_axes, ()))
+
+
 def check_variable(name: str, item_dim: str, field_axes: int,
                    key: str = "output.variable") -> None:
     """The field's name in the store (``key`` says where it came from) is a Zarr array's
@@ -174,8 +180,7 @@ def check_variable(name: str, item_dim: str, field_axes: int,
     path."""
     if not name:
         return  # the default name
-    taken = (*STORE_VARIABLES, *STORE_DIMS, *FIELD_DIMS.get(field_axes, ()), item_dim,
-             "zarr.json")
+    taken = (*_store_names(field_axes), item_dim, "zarr.json")
     _check(name == name.strip() and name not in (".", "..") and "/" not in name,
            key, f"= {name!r} is not a name a Zarr store can hold: give a plain "
            "name without '/' or surrounding spaces, e.g. 'vorticity'")
@@ -198,8 +203,9 @@ def _check_conditioning(cfg: Config) -> None:
     _check(cfg.sampler.grid != SCHEDULER_GRID or m.kind == "diffusers", "sampler.grid",
            "= 'scheduler' samples on a diffusers scheduler's timesteps: it needs "
            "model.kind = 'diffusers'")
-    # the input's item dimension becomes the store's first: it must not clash with the others
-    taken = (*STORE_VARIABLES, "member", "sweep", *FIELD_DIMS.get(len(m.shape), ()))
+    # the input's item dimension becomes the store's first, in place of "item": it must not
+    # clash with the others
+    taken = tuple(name for name in _store_names(len(m.shape)) if name != "item")
     _check(not cfg.input.path or cfg.input.item_dim not in taken, "input.item_dim",
            f"= {cfg.input.item_dim!r} is a name the ensemble store uses itself: rename that "
            f"dimension of the input (xarray's Dataset.rename) to none of {', '.join(taken)}")

@@ -2,9 +2,10 @@
 import time
 
 import numpy as np
+import pytest
 import torch
 
-from pipeline.bench import _row, _timed_run, model_waits
+from pipeline.bench import _row, _split_calls, _timed_run, model_waits
 from pipeline.cli import main
 from pipeline.comm import SerialComm
 from pipeline.samplers import Stats
@@ -38,6 +39,33 @@ def test_waiting_is_split_into_the_last_ranks_extra_model_time_and_the_rest():
     # rank 0 waited 8 ms, 7 of them while rank 1 was in its 7 ms more of model calls; rank 2
     # waited 5 ms for 8 ms more (at most its wait); equal model time explains no waiting
     assert np.allclose(waits, [0.007, 0.0, 0.005])
+
+
+class TwoRanks:
+    """Rank 0 of two, the other rank's records of the same collectives given: the gathers
+    ``_split_calls`` makes, without MPI."""
+
+    size, rank = 2, 0
+
+    def __init__(self, other):
+        self.other = torch.tensor(other, dtype=torch.float64)
+
+    def allreduce_max(self, x):
+        return x  # both ranks recorded as many calls
+
+    def allgather(self, x):
+        return torch.stack([x, self.other])
+
+
+def test_the_split_takes_model_time_between_collectives_on_the_rank_that_waited_most():
+    # rank 0's calls: (kind, seconds in it, model seconds since the run began: 4 ms before the
+    # first, 2 more before the second); rank 1 spent 1 ms in each, after 9 and 4 ms of model
+    calls = [("Allgather", 0.006, 0.004), ("Allreduce", 0.003, 0.006)]
+    own, wait = _split_calls(TwoRanks([[0.001, 0.009], [0.001, 0.004]]), calls)
+    # rank 1 arrived last at both: their own time is its 1 ms. Rank 0, which spent most,
+    # waited 5 ms for rank 1's 5 more of model time, then 2 ms for its 2 more (4 less 2)
+    assert own == pytest.approx({"Allgather": 0.001, "Allreduce": 0.001})
+    assert wait == pytest.approx(0.007)
 
 
 def test_a_method_whose_members_cannot_fit_in_memory_is_left_out_of_the_bench(capsys):

@@ -244,3 +244,24 @@ def test_a_stop_signal_held_through_start_up_stops_the_command_once(capsys, monk
     assert main(["config", "jobs/configs/grf.toml"]) == 128 + signal.SIGUSR1
     assert capsys.readouterr().err.strip().splitlines()[-1] == "piadm: stopped by SIGUSR1"
     assert main(["config", "jobs/configs/grf.toml"]) == 0  # taken: the next command runs
+
+
+def test_a_stop_signal_interrupts_once_and_the_handlers_before_come_back():
+    import os
+    import signal
+    import time
+
+    from pipeline.errors import Interrupted
+    from pipeline.signals import interrupted_by_stop_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as err:
+        with interrupted_by_stop_signals():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises long before
+            finally:
+                # a second signal while the first is reported ends the process, no traceback
+                assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert err.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
