@@ -34,7 +34,7 @@ from pipeline.memory_check import check_memory
 from pipeline.noise import Noise
 from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
-from pipeline.samplers import REFERENCE, SAMPLERS
+from pipeline.samplers import REFERENCE, SAMPLERS, redone
 from pipeline.settings import Config
 
 COLUMNS = ("method", "seed", "tol", "ranks", "steps", "d", "rounds", "model_calls",
@@ -71,7 +71,7 @@ def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing
             "own_share": round(own_s / wall, 4) if wall else 0.0,
             "model_wait_share": (None if model_wait_s is None else
                                  round(model_wait_s / wall, 4) if wall else 0.0),
-            "peak_mib": round(peak / 2**20, 1)}
+            "peak_mib": round(peak / 2**20, 1), "fallbacks": stats.fallbacks}
 
 
 def worst_row(rows: list[dict]) -> dict:
@@ -319,6 +319,8 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
             row["collectives"] = collectives
             rows[method].append(row)
             print0(comm, _format(row))
+            if stats.fallbacks:  # its distance is the sequential path's: say why
+                print0(comm, f"    note: {redone(stats.fallbacks)}")
             if collectives:
                 print0(comm, "    collectives: " + ", ".join(
                     f"{kind} {count} x ({seconds:.3f} s, of which {own:.3f} s its own, "

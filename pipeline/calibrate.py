@@ -26,7 +26,7 @@ from pipeline.cache import cache_path, read_cache, update_cache
 from pipeline.config import ConfigError
 from pipeline.memory_check import TooLarge, check_memory
 from pipeline.noise import Noise
-from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, Options
+from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, Options, redone
 from pipeline.settings import Config
 
 # Calibration members are keyed apart from any ensemble's members (an item index no input
@@ -145,7 +145,8 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
         rung = Rung(float(tol), stats.rounds, stats.model_calls / ref_stats.model_calls,
                     worst_distance(y, ref))
         rungs.append(rung)
-        say(f"{rung.tol:>9.1e} {rung.rounds:>7} {rung.calls_ratio:>12.2f} {rung.worst:>11.2e}")
+        say(f"{rung.tol:>9.1e} {rung.rounds:>7} {rung.calls_ratio:>12.2f} {rung.worst:>11.2e}"
+            + (f"  ({redone(stats.fallbacks)})" if stats.fallbacks else ""))
         if rung.worst <= distance / 2:
             return Calibration(rung.tol, tuple(rungs), "calibrated")
     error = Unreachable(

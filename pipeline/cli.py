@@ -84,6 +84,7 @@ def _setup(args, world, plan: bool = False, layout: bool = True):
 
 def _cmd_sample(args, world) -> int:
     from pipeline.ensemble import sample_to_store
+    from pipeline.samplers import redone
     from pipeline.signals import EXIT_PREEMPTED, StopRequest
 
     stop = StopRequest(tag(world)).install()
@@ -116,6 +117,8 @@ def _cmd_sample(args, world) -> int:
                   f"{_against_sequential(cfg, summary)}"
                   f"  wall time        {summary.seconds:.2f} s; writing {summary.write_s:.1f} s, "
                   f"of which {summary.write_wait_s:.1f} s ({100 * share:.1f}%) held up sampling{where}")
+    if summary.fallbacks:
+        print0(world, f"note: {redone(summary.fallbacks)}")
     if summary.preempted:
         print0(world, f"piadm: stopped by a signal; rerun the same command to resume "
                       f"(exit {EXIT_PREEMPTED})")
@@ -368,7 +371,7 @@ def _cmd_status(args, world) -> int:
     if args.repair and not args.verify:
         raise ConfigError("status --repair works with --verify: add --verify")
     if args.verify:
-        text, complete = verify(args.store, args.repair)
+        text, complete = verify(args.store, args.repair, args.json)
     elif args.json:
         state = progress(args.store)
         text, complete = json.dumps(state, indent=1), state["complete"]

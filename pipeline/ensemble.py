@@ -56,7 +56,8 @@ class Summary:
     """What ``sample_to_store`` did: members written by this run, those found done, parallel
     rounds in all (the slowest group's batches, one after another), the most rounds one batch
     took, model calls per member, wall seconds, seconds the writer spent writing and the
-    seconds compute waited for it, and whether a signal stopped it."""
+    seconds compute waited for it, whether a signal stopped it, and the Picard blocks that
+    diverged and were redone step by step (``Stats.fallbacks``, summed over the batches)."""
 
     path: str
     members: int
@@ -68,6 +69,7 @@ class Summary:
     write_s: float
     write_wait_s: float
     preempted: bool
+    fallbacks: int = 0
 
 
 def load_items(cfg: Config, *, check: bool, model=None) -> Items:
@@ -448,11 +450,13 @@ class _Tally:
     calls: float = 0.0
     count: int = 0
     stopped: bool = False
+    fallbacks: int = 0
 
     def add(self, members: int, stats) -> None:
         self.count += members
         self.rounds.append(stats.rounds)
         self.calls += stats.model_calls * members
+        self.fallbacks += stats.fallbacks
 
 
 def _finalize_alone(path, note: str, job: str) -> None:
@@ -469,7 +473,8 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
     lead = slices.rank == 0
     local = torch.tensor([float(tally.stopped), float(sum(tally.rounds)),
                           tally.calls if lead else 0.0, float(tally.count) if lead else 0.0,
-                          float(max(tally.rounds, default=0)), float(failed is not None)],
+                          float(max(tally.rounds, default=0)), float(failed is not None),
+                          float(tally.fallbacks) if lead else 0.0],
                          dtype=torch.float64)
     peak, total = world.allreduce_max(local), world.allreduce_sum(local)
     if failed is not None:  # the members written before it stay done: a rerun finishes
@@ -489,4 +494,5 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
     wait_s = writer.waited if writer is not None else 0.0
     return Summary(spec.path, written, skipped, int(peak[1]), int(peak[4]),
                    float(total[2]) / max(written, 1),
-                   time.perf_counter() - tally.start, write_s, wait_s, preempted)
+                   time.perf_counter() - tally.start, write_s, wait_s, preempted,
+                   int(total[6]))

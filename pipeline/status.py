@@ -1,6 +1,7 @@
 """``piadm status``: how much of an ensemble store is done, read from its ``done`` array."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -87,10 +88,21 @@ def damaged(path: str) -> list[tuple[int, int, str]]:
     return found
 
 
-def verify(path: str, repair: bool) -> tuple[str, bool]:
-    """The text of ``status --verify`` and whether the store is sound; with ``repair`` the
-    damaged members are marked not done, so that a rerun of the run samples them again."""
+def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
+    """The text of ``status --verify`` (``as_json``: a JSON object of the store, whether it is
+    sound, each damaged member and whether they were marked not done) and whether the store
+    is sound; with ``repair`` the damaged members are marked not done, so that a rerun of the
+    run samples them again."""
     found = damaged(path)
+    if found and repair:
+        check_idle(path)  # a live job's writes and ours would race on the done flags
+        done = zarr.open_group(path, mode="r+")["done"]
+        for item, member, _ in found:
+            done[item, member] = 0
+    if as_json:
+        return json.dumps({"store": path, "sound": not found, "repaired": bool(found and repair),
+                           "damaged": [{"item": item, "member": member, "problem": what}
+                                       for item, member, what in found]}, indent=1), not found
     if not found:
         return f"{path}: every member marked done reads back finite", True
     lines = [f"{path}: {len(found)} member(s) marked done are damaged:"]
@@ -101,10 +113,6 @@ def verify(path: str, repair: bool) -> tuple[str, bool]:
         lines.append("mark them not done with `piadm status --verify --repair STORE`, then rerun "
                      "the sample command to sample them again")
         return "\n".join(lines), False
-    check_idle(path)  # a live job's writes and ours would race on the done flags
-    done = zarr.open_group(path, mode="r+")["done"]
-    for item, member, _ in found:
-        done[item, member] = 0
     lines.append(f"marked {len(found)} member(s) not done: rerun the sample command to sample "
                  "them again")
     return "\n".join(lines), False

@@ -136,8 +136,9 @@ def _check_sampler(s: SamplerConfig) -> None:
     _check(s.max_sweeps >= 1, "sampler.max_sweeps", f"= {s.max_sweeps} must be >= 1")
     _check(s.theta in THETAS, "sampler.theta",
            f"= {s.theta!r}: use one of {', '.join(THETAS)}")
-    _check(s.tol is None or s.tol == "auto" or (isinstance(s.tol, float) and s.tol >= 0),
-           "sampler.tol", f"= {s.tol!r} must be a number >= 0 or \"auto\"")
+    number = isinstance(s.tol, float) and math.isfinite(s.tol) and s.tol >= 0
+    _check(s.tol is None or s.tol == "auto" or number,
+           "sampler.tol", f"= {s.tol!r} must be a finite number >= 0 or \"auto\"")
     if s.method in REGISTRY:  # what the chosen sampler itself needs (declared with it)
         for key, problem in REGISTRY[s.method].problems(s):
             raise ConfigError(f"config: {key} {problem}")

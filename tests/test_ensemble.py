@@ -383,6 +383,10 @@ def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resa
     out = capsys.readouterr().out
     assert "4 member(s) marked done are damaged" in out  # two chunks of 2 members
     assert "not finite" in out and "unreadable" in out and "--verify --repair" in out
+    assert main(["status", "--verify", "--json", str(hurt)]) == 1  # for scripts: JSON
+    found = json.loads(capsys.readouterr().out)
+    assert not found["sound"] and not found["repaired"] and len(found["damaged"]) == 4
+    assert {d["problem"].split()[0] for d in found["damaged"]} == {"not", "unreadable"}
     assert main(["evaluate", str(hurt), "--truth", str(input_store),
                  "--out", str(tmp_path / "eval")]) == 2
     assert "has 4 damaged member(s)" in capsys.readouterr().err

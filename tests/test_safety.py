@@ -41,6 +41,7 @@ def _small(tmp_path, **extra):
     ("ensemble.batch_size", 2**63, "ensemble.batch_size = 9223372036854775808 is more than"),
     ("sampler.steps", 10**23, "sampler.steps = 100000000000000000000000 must be >= 1 and at "
                               "most 100000000"),
+    ("sampler.tol", float("inf"), "sampler.tol = inf must be a finite number >= 0"),
 ])
 def test_model_parameters_are_range_checked(tmp_path, key, value, needle):
     with pytest.raises(ConfigError) as err:
@@ -442,3 +443,18 @@ def test_an_input_item_dimension_the_store_uses_itself_is_refused(tmp_path, dim)
     with pytest.raises(ConfigError) as err:
         load_config("jobs/configs/grf.toml", sets)
     assert f"input.item_dim = {dim!r} is a name the ensemble store uses itself" in str(err.value)
+
+
+def test_blocks_redone_step_by_step_are_said_by_sample_and_bench(tmp_path, capsys):
+    # one block of 100 over 50 steps diverges on this field: each batch redoes it sequentially
+    sets = sum((["--set", f"{k}={v}"] for k, v in _small(tmp_path, **{
+        "model.shape": [16, 16], "sampler.steps": 50, "sampler.block_size": 100,
+        "sampler.method": "piadm-sde", "sampler.tol": 0.01}).items()), [])
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    err = capsys.readouterr().err
+    assert "note: 1 Picard block diverged and was redone step by step" in err
+    bench = ["--set", "bench.methods=['sequential-sde', 'piadm-sde']", "--set",
+             "bench.sizes=[[16, 16]]", "--set", "bench.repeats=1"]
+    assert main(["bench", "jobs/configs/grf.toml", *sets, *bench]) == 0
+    err = capsys.readouterr().err
+    assert "    note: 1 Picard block diverged and was redone step by step" in err

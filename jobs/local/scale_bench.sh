@@ -10,15 +10,19 @@
 # collectives lines (time in collectives, their own, and waiting for other ranks' model calls).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-source jobs/common.sh
-command -v mpiexec >/dev/null || { echo "scale_bench: no mpiexec on PATH (pip install mpich)" >&2; exit 2; }
 out="${1:-out/scale}"
 shift $(($# > 0 ? 1 : 0))
 ranks=("$@")
 [ ${#ranks[@]} -gt 0 ] || ranks=(1 2 4 8)
+for n in "${ranks[@]}"; do
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "scale_bench: rank count '$n' is not a positive whole number" >&2; exit 2; }
+done
+source jobs/common.sh
+command -v mpiexec >/dev/null || { echo "scale_bench: no mpiexec on PATH (pip install mpich)" >&2; exit 2; }
 mkdir -p "$out"
 summary="$out/summary.txt"
-echo "# piadm scale-out, $(date -u +%FT%TZ), $(nproc) cores" >>"$summary"
+# every core of the machine (nproc would count OMP_NUM_THREADS)
+echo "# piadm scale-out, $(date -u +%FT%TZ), $(getconf _NPROCESSORS_ONLN) cores" >>"$summary"
 export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1
 rc=0
 for n in "${ranks[@]}"; do
@@ -30,7 +34,8 @@ for n in "${ranks[@]}"; do
         </dev/null >"$out/ranks_$n.log" 2>&1 || status=$?
     [ "$status" -eq 0 ] || rc=$status
     echo "== $n ranks: rc $status" | tee -a "$summary"
-    grep -E '(sequential-ode|pc-window-ode) +[0-9]|collectives:' "$out/ranks_$n.log" \
+    grep -E '^(\[rank 0/[0-9]+\] )?method |(sequential-ode|pc-window-ode) +[0-9]|collectives:' \
+        "$out/ranks_$n.log" \
         | tee -a "$summary"
 done
 exit "$rc"

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pipeline.samplers.options import (PC_WINDOW_POINTS, WINDOW_POINTS, Options,
-                                      PicardDivergence, Stats)
+                                      PicardDivergence, Stats, redone)
 
 
 @dataclass(frozen=True)
@@ -127,4 +127,4 @@ SAMPLERS = _Functions()
 REFERENCE = {name: entry.reference for name, entry in REGISTRY.items()}
 
 __all__ = ["REGISTRY", "REFERENCE", "SAMPLERS", "Registered", "Options", "Stats",
-           "PicardDivergence"]
+           "PicardDivergence", "redone"]

@@ -87,5 +87,14 @@ class Stats:
         )
 
 
+def redone(blocks: int) -> str:
+    """What ``Stats.fallbacks`` = ``blocks`` > 0 means, as every command that reports it says
+    it: the run is right, but paid a sequential sampler's calls on top for those blocks."""
+    many = blocks > 1
+    return (f"{blocks} Picard block{'s' if many else ''} diverged and {'were' if many else 'was'}"
+            " redone step by step, at a sequential sampler's cost: lower sampler.block_size, "
+            "or set sampler.on_divergence = 'error' to stop instead")
+
+
 class PicardDivergence(RuntimeError):
     """A Picard block produced NaN/Inf or a runaway residual."""
