@@ -127,10 +127,16 @@ def worst_distance(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((diff / ref.flatten(1).double().norm(dim=1)).max())
 
 
+class Stopped(Exception):
+    """A stop request came while calibrating: nothing was cached; a rerun measures anew."""
+
+
 def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, device,
-               noise_source: str, members: int, distance: float, ladder, say=print) -> Calibration:
+               noise_source: str, members: int, distance: float, ladder, say=print,
+               stopped=lambda: False) -> Calibration:
     """Measure ``ladder`` (loosest first) until a tolerance keeps every member within
-    ``distance / 2`` of the sequential path; ``say`` reports each rung."""
+    ``distance / 2`` of the sequential path; ``say`` reports each rung. ``stopped`` is asked
+    before each rung: true raises ``Stopped`` (a rung takes as long as a few members' run)."""
     noise = Noise(seed, tuple((CALIBRATION_ITEM, m) for m in range(members)), tuple(model.shape),
                   dtype, device, noise_source)
     y0 = noise.prior()
@@ -140,6 +146,8 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
         f"distance <= {distance / 2:.1e} (half of sampler.distance)")
     say(f"{'tol':>9} {'rounds':>7} {'calls_ratio':>12} {'worst_dist':>11}")
     for tol in ladder:
+        if stopped():
+            raise Stopped(f"calibrate: stopped by a signal before tol {tol:g}")
         y, stats = SAMPLERS[method](model, y0, grid, noise,
                                     options=dataclasses.replace(options, tol=float(tol)))
         rung = Rung(float(tol), stats.rounds, stats.model_calls / ref_stats.model_calls,
@@ -158,11 +166,12 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
 
 
 def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, force: bool = False,
-                say=print) -> Calibration:
+                say=print, stopped=lambda: False) -> Calibration:
     """The tolerance a run uses: the configured number; for ``"auto"`` the one its store was
     made with (``stored``), else the cached calibration, else a new one (cached). ``force``
     calibrates anew whatever the config and cache say; ``model`` is the score model to
-    calibrate on (bound to a conditioning input when the model needs one)."""
+    calibrate on (bound to a conditioning input when the model needs one); ``stopped``, asked
+    between the calibration's rungs, stops it (``Stopped``)."""
     from pipeline.run import DTYPES, model_data_bound, model_digest, sampler_grid, sampler_options
 
     s = cfg.sampler
@@ -188,7 +197,8 @@ def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, forc
         result = run_ladder(model, method=s.method, grid=sampler_grid(s, model),
                             options=options, seed=s.seed, dtype=DTYPES[s.dtype], device=device,
                             noise_source=s.noise, members=cfg.calibrate.members,
-                            distance=s.distance, ladder=cfg.calibrate.ladder, say=say)
+                            distance=s.distance, ladder=cfg.calibrate.ladder, say=say,
+                            stopped=stopped)
     except Unreachable as err:
         write_unreachable(key, str(err), err.rungs, note)
         raise

@@ -107,6 +107,10 @@ def _cmd_sample(args, world) -> int:
                   f"{cfg.parallel.time_slices} time slice{'s' if ranks.slices.size > 1 else ''}, "
                   f"{device}")
     summary = sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
+    if not summary.began:
+        print0(world, "piadm: stopped by a signal before sampling began: nothing was written; "
+                      f"rerun the same command to start (exit {EXIT_PREEMPTED})")
+        return EXIT_PREEMPTED
     share = summary.write_wait_s / summary.seconds if summary.seconds else 0.0
     where = "" if summary.preempted else f"\n  open with        xarray.open_zarr({summary.path!r})"
     print0(world, f"{'stopped' if summary.preempted else 'done'}: {summary.members} members "

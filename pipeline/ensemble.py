@@ -70,6 +70,7 @@ class Summary:
     write_wait_s: float
     preempted: bool
     fallbacks: int = 0
+    began: bool = True  # False: a stop signal came during start-up, and nothing was written
 
 
 def load_items(cfg: Config, *, check: bool, model=None) -> Items:
@@ -202,18 +203,19 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
 
 
 def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: bool = True,
-                  say=lambda text: print(text, file=sys.stderr, flush=True)) -> Calibration:
+                  say=lambda text: print(text, file=sys.stderr, flush=True),
+                  stopped=lambda: False) -> Calibration:
     """Rank 0: the tolerance of the run. For ``"auto"``: the one its store was made with (a
     resumed run; not with ``store`` False), else the cached or a new calibration (``force``:
-    always new), on the first item's input when the model is conditioned; ``say`` reports
-    it."""
+    always new; ``stopped`` ends it between rungs, ``calibrate.Stopped``), on the first
+    item's input when the model is conditioned; ``say`` reports it."""
     s = cfg.sampler
     if REFERENCE[s.method] == s.method or (s.tol != "auto" and not force):
         return resolve_tol(cfg, model, device=device)  # the configured tol, or none at all
     stored = None if force or not store else stored_attribute(
         cfg.output.path, store_digests(cfg), "sampler_tol")
     return resolve_tol(cfg, first_item_model(cfg, model, device), device=device, stored=stored,
-                       force=force, say=say)
+                       force=force, say=say, stopped=stopped)
 
 
 def first_item_model(cfg: Config, model, device):
@@ -249,8 +251,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         batch=call_batch(cfg.ensemble.batch_size, cfg.ensemble.members)))
     started = _start_up(cfg, model, ranks.world, stop, device, attrs or {})
     if started is None:
-        print0(ranks.world, "stopped before sampling began: nothing was written")
-        return Summary(cfg.output.path, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, True)
+        return Summary(cfg.output.path, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, True, began=False)
     spec, state, tol = started
     items, scale, done, mine, unit = _open_work(cfg, model, spec, state, ranks)
     return _fill(cfg, ranks, model, tol, spec, mine, items=items, scale=scale, stop=stop,
@@ -262,11 +263,18 @@ def _start_up(cfg: Config, model, world, stop, device,
     """Every rank: rank 0's checks of the input and target, the run's tolerance, then the
     store it creates or opens; returns (spec, state, tol), or None when a stop signal came
     first (nothing written)."""
+    from pipeline.calibrate import Stopped
+
     stats = on_rank0(world, _check_early, cfg, model)  # a refusal now, not after a calibration
-    # stopped during start-up (before or after a calibration): exit before writing anything
-    tol = None if stop_agreed(world, stop) else on_rank0(
-        world, run_tolerance, cfg, model, device, say=lambda text: print0(world, text))
-    if tol is None or stop_agreed(world, stop):
+    # stopped during start-up (before, during or after a calibration): exit before writing
+    if stop_agreed(world, stop):
+        return None
+    try:
+        tol = on_rank0(world, run_tolerance, cfg, model, device,
+                       say=lambda text: print0(world, text), stopped=lambda: bool(stop))
+    except Stopped:
+        return None
+    if stop_agreed(world, stop):
         return None
     spec, state = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),  # before any write
                            getattr(model, "variable", None), tol, attrs,

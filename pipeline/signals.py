@@ -100,7 +100,8 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.signal is None:
             print(f"{self.tag}piadm: received {signal.Signals(signum).name}: finishing the "
-                  "current batch, then stopping", file=sys.stderr, flush=True)
+                  "batch (or calibration rung) under way, then stopping", file=sys.stderr,
+                  flush=True)
         self.signal = signum
 
     def _interrupt(self, signum, frame) -> None:
@@ -109,8 +110,9 @@ class StopRequest:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise Interrupted("the members marked done are kept: rerun the same command to "
                               "resume")
-        print(f"{self.tag}piadm: received SIGINT (Ctrl-C): finishing the current batch, then "
-              "stopping (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+        print(f"{self.tag}piadm: received SIGINT (Ctrl-C): finishing the batch (or "
+              "calibration rung) under way, then stopping (Ctrl-C again stops at once)",
+              file=sys.stderr, flush=True)
         self.signal = signum
 
     def install(self) -> "StopRequest":

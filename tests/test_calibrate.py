@@ -140,3 +140,22 @@ def test_a_calibration_with_tf32_is_kept_apart():
     cfg = load_config("jobs/configs/grf.toml", SMALL)
     rounded = load_config("jobs/configs/grf.toml", SMALL + ["model.tf32=true"])
     assert calibration_key(cfg, "m") != calibration_key(rounded, "m")
+
+
+def test_a_stop_during_the_calibration_ends_it_at_the_next_rung_with_nothing_written(
+        tmp_path, capsys):
+    from pipeline.api import sample
+
+    asked = []
+
+    def stop():  # SLURM's SIGTERM once the calibration has begun
+        asked.append(1)
+        return len(asked) > 1
+
+    out = tmp_path / "s.zarr"
+    cfg = load_config("jobs/configs/grf.toml", [*SMALL, f"output.path={out}"])
+    summary = sample(cfg, stop=stop)
+    assert not summary.began and summary.preempted and summary.members == 0
+    rows = _ladder(capsys.readouterr().err)
+    assert rows == []  # stopped before its first rung: a rung takes as long as a short run
+    assert not out.exists() and not cache_file().exists()  # no store, no half a calibration
