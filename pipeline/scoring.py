@@ -164,7 +164,7 @@ def coarse_input(ens: xr.Dataset) -> xr.DataArray | None:
         return None
     name = _field_variable(ens)
     inp = cfg["input"]
-    coarse = xr.open_zarr(inp["path"])[inp["variable"]]
+    coarse = open_store(inp["path"])[inp["variable"]]
     item_dim = ens[name].dims[0]
     return coarse.sel({item_dim: ens[item_dim].values})
 

@@ -97,15 +97,14 @@ def held_out_coarse(train: TrainConfig, mean: float, std: float) -> np.ndarray:
 def _held_out_split(train: TrainConfig, name: str):
     """Variable ``name`` of ``train.data`` at its held-out times (lazy); raises ConfigError
     when the data or the variable is missing."""
-    import xarray as xr
-
+    from pipeline.store import open_store
     from pipeline.train import held_out_start
 
     if not Path(train.data).exists():
         raise ConfigError(f"comparing a learned model's samples with held-out data needs "
                           f"train.data, and {train.data} does not exist (run piadm "
                           "generate-data on the model's config first)", collective=True)
-    ds = xr.open_zarr(train.data)
+    ds = open_store(train.data)
     if name not in ds.data_vars:
         raise ConfigError(f"{name!r} (train.variable or train.condition) is not in "
                           f"{train.data}: it has {', '.join(map(str, ds.data_vars))}",

@@ -37,7 +37,7 @@ from pipeline.errors import Interrupted, raised_by_every_rank
 from pipeline.inputs import InputError
 from pipeline.settings import TrainConfig
 from pipeline.signals import signal_of
-from pipeline.store import enclosing_store
+from pipeline.store import enclosing_store, open_store
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def _open_store(path: str, names: list[str], key: str) -> xr.Dataset:
     """Variables ``names`` of the store at ``path``; raises InputError when it lacks one."""
     if not Path(path).exists():
         raise InputError(f"{key} {path} does not exist: run piadm generate-data first")
-    ds = xr.open_zarr(path)
+    ds = open_store(path)  # quiet about a store without consolidated metadata
     for name in names:
         if name not in ds.data_vars:
             raise InputError(f"train: {name!r} is not in {path}: it has {', '.join(ds.data_vars)}")
@@ -270,7 +270,7 @@ def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: st
             # the conditioning grid: sampling refuses an input of another resolution
             "cond_shape": None if trn.coarse is None else list(trn.coarse.shape[1:]),
             "validation": t.validation, "config": config_text,
-            "grid": grid_of(xr.open_zarr(t.data)[t.variable])}
+            "grid": grid_of(open_store(t.data)[t.variable])}
 
 
 def _recorded(path: Path) -> dict:

@@ -555,14 +555,17 @@ def test_a_file_that_is_no_training_checkpoint_is_a_one_line_error(tmp_path, dat
     assert shipped.read_bytes() == before
 
 
-def test_a_dataset_cut_short_stops_training_before_a_nan_checkpoint(tmp_path, dataset, capsys):
+def test_a_dataset_cut_short_stops_training_before_a_nan_checkpoint(tmp_path, dataset, capsys,
+                                                                   recwarn):
     ds = xr.open_zarr(dataset).load()
-    ds["vorticity"][8:] = np.nan  # a generate-data run killed after its first chunk
-    ds.to_zarr(tmp_path / "cut.zarr")
+    ds["vorticity"][8:] = np.nan  # a generate-data run killed after its first chunk,
+    ds.to_zarr(tmp_path / "cut.zarr", consolidated=False)  # before it consolidates
     ckpt = tmp_path / "t.pt"
     err = _refused(_train_args(tmp_path / "cut.zarr", ckpt, "train.steps=3"), capsys)
     assert "train: the loss is nan at step " in err and "before any checkpoint holds it" in err
     assert not ckpt.exists()
+    # the one line alone: not xarray's warnings about the missing consolidated metadata
+    assert not [w for w in recwarn if "consolidated metadata" in str(w.message)]
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_is_a_one_line_error(tmp_path, dataset, capsys):
