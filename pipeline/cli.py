@@ -519,7 +519,7 @@ def _as_user_error(err: Exception, command: str) -> Exception:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return OutOfMemory(f"{command}: out of memory ({first}): lower what runs at once "
                        "(ensemble.batch_size, calibrate.members, bench.members, sampler.window "
-                       "or sampler.block_size) or the field, or add time slices")
+                       "or sampler.block_size) or the field (model.shape), or add time slices")
 
 
 def explain(err: Exception, sets: Sequence[str] = ()) -> str:
