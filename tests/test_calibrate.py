@@ -92,7 +92,7 @@ def test_a_method_without_a_tolerance_cannot_be_calibrated(capsys):
 
 
 @pytest.mark.parametrize("override, needle", [
-    ('sampler.tol="often"', 'must be a number >= 0 or "auto"'),
+    ('sampler.tol="often"', 'must be a finite number >= 0 or "auto"'),
     ("sampler.distance=2", "sampler.distance = 2.0 must be in (0, 1)"),
     ("calibrate.ladder=[0.1, -1]", "calibrate.ladder"),
     ("calibrate.ladder=[0.001, 0.1]", "calibrate.ladder = [0.001, 0.1]: give tolerances > 0, "
