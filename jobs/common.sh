@@ -66,3 +66,14 @@ clear_stale_mpich_segments() {
     srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
         --mpi=none bash -c "rm -f$patterns" || true
 }
+
+# The positive whole number in environment variable $1 (default $2), or exit 2 naming it: a
+# count like "abc" or 0 made mpiexec quietly run one rank.
+positive_count() {
+    local value="${!1:-$2}"
+    if ! [[ "$value" =~ ^[1-9][0-9]*$ ]]; then
+        echo "$1=$value: give a positive whole number" >&2
+        exit 2
+    fi
+    echo "$value"
+}

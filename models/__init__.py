@@ -25,7 +25,7 @@ def _gmm(c, device):
 def _unet(c, device):
     from models.learned import load_unet
 
-    return load_unet(c.checkpoint, tuple(c.shape), device, c.guide, c.guidance)
+    return load_unet(c.checkpoint, tuple(c.shape), device, c.guide, c.guidance, c.condition)
 
 
 def _module(c, device):

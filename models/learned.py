@@ -97,35 +97,52 @@ def _read(checkpoint: str, key: str, device):
                           "again or point at another") from None
 
 
-def _same_units(meta: dict, guide_meta: dict) -> bool:
-    """Whether two checkpoints were trained in the same normalised units on the same task."""
+def _unit_differences(meta: dict, guide_meta: dict) -> list[str]:
+    """What differs between two checkpoints' training (units, task), as "key: guide's against
+    the model's"; empty when they were trained in the same normalised units on the same task."""
     close = lambda a, b: abs(a - b) <= 1e-6 * max(abs(b), 1e-12)  # noqa: E731
-    return (close(guide_meta["std"], meta["std"])
-            and abs(guide_meta["mean"] - meta["mean"]) <= 1e-6 * meta["std"]
-            and all(guide_meta.get(k) == meta.get(k) for k in ("variable", "condition", "residual"))
-            and (None in (guide_meta.get("cond_shape"), meta.get("cond_shape"))  # not recorded
-                 or guide_meta["cond_shape"] == meta["cond_shape"]))
+    out = [f"{k}: {guide_meta.get(k)!r} against {meta.get(k)!r}"
+           for k in ("shape", "variable", "condition", "residual")
+           if guide_meta.get(k) != meta.get(k)]
+    if None not in (guide_meta.get("cond_shape"), meta.get("cond_shape")):  # when recorded
+        if guide_meta["cond_shape"] != meta["cond_shape"]:
+            out.append(f"cond_shape: {guide_meta['cond_shape']} against {meta['cond_shape']}")
+    if not (close(guide_meta["std"], meta["std"])
+            and abs(guide_meta["mean"] - meta["mean"]) <= 1e-6 * meta["std"]):
+        out.append(f"normalisation: mean {guide_meta['mean']:.6g} std {guide_meta['std']:.6g} "
+                   f"against {meta['mean']:.6g} {meta['std']:.6g}")
+    return out
 
 
 def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu", guide: str = "",
-              guidance: float = 1.0) -> LearnedUNet:
+              guidance: float = 1.0, condition: str = "none") -> LearnedUNet:
     """The EMA model of ``checkpoint``, autoguided (``models.guidance``) by the weaker
     checkpoint ``guide`` with weight ``guidance`` when ``guide`` is set; raises ConfigError
-    naming model.checkpoint, model.guide or model.shape when they do not fit."""
+    naming model.checkpoint, model.guide, model.shape or model.condition (``condition``) when
+    they do not fit."""
     from pipeline.errors import ConfigError
 
     den, meta = _read(checkpoint, "model.checkpoint", device)
     if tuple(meta["shape"]) != tuple(shape):
         raise ConfigError(f"config: model.shape = {list(shape)} but {checkpoint} was trained on "
                           f"{meta['shape']}: set model.shape = {meta['shape']}")
+    # found now, before a store is made: a mismatch only showed at the first model call
+    if den.cfg.cond_channels and condition != "coarse":
+        raise ConfigError(f"config: model.condition = {condition!r} but {checkpoint} was trained "
+                          "on coarse conditioning fields: set model.condition = 'coarse' with "
+                          "input.path and input.variable, or use an unconditional checkpoint")
+    if not den.cfg.cond_channels and condition == "coarse":
+        raise ConfigError(f"config: model.condition = 'coarse' but {checkpoint} was trained "
+                          "without conditioning fields: set model.condition = 'none' and "
+                          "input.path = '', or use a downscaling checkpoint")
     if guide:
         weak, guide_meta = _read(guide, "model.guide", device)
-        if tuple(guide_meta["shape"]) != tuple(shape) or not _same_units(meta, guide_meta):
+        differ = _unit_differences(meta, guide_meta)
+        if differ:
             raise ConfigError(
                 f"config: model.guide = {guide!r} was not trained on the same data as "
-                f"{checkpoint} (shape, variable, conditioning or normalisation differ: mean "
-                f"{guide_meta['mean']:.6g} std {guide_meta['std']:.6g} against {meta['mean']:.6g} "
-                f"{meta['std']:.6g}): train the guide with the same train.data and train.extra")
+                f"{checkpoint} ({'; '.join(differ)}): train the guide with the same "
+                "train.data and train.extra")
         den = Guided(den, weak, guidance)
     return LearnedUNet(den, tuple(shape), meta["mean"], meta["std"], den.cfg.cond_channels,
                        meta["variable"], data_bound=float(meta.get("data_bound", float("inf"))),

@@ -42,13 +42,33 @@ def test_the_guided_score_extrapolates_from_the_guide_through_the_checkpoint(tmp
     assert guided.data_std == 2.0 and guided.cond_channels == 0
 
 
-@pytest.mark.parametrize("change", [{"std": 2.1}, {"mean": 0.7}, {"variable": "u"},
-                                    {"residual": True}, {"shape": [16, 16]}])
-def test_a_guide_of_other_units_or_another_task_is_refused(tmp_path, change):
+@pytest.mark.parametrize("change, named", [
+    ({"std": 2.1}, "normalisation: mean 0.5 std 2.1 against 0.5 2"),
+    ({"mean": 0.7}, "normalisation: mean 0.7"), ({"variable": "u"}, "variable: 'u' against"),
+    ({"residual": True}, "residual: True against False"), ({"shape": [16, 16]}, "shape:"),
+    ({"condition": "coarse_u"}, "condition: 'coarse_u' against ''")])
+def test_a_guide_of_other_units_or_another_task_is_refused_naming_what_differs(tmp_path, change,
+                                                                                named):
     strong = _checkpoint(tmp_path / "strong.pt", 0)
     weak = _checkpoint(tmp_path / "weak.pt", 1, **change)
-    with pytest.raises(ConfigError, match="model.guide = .* was not trained on the same data"):
+    with pytest.raises(ConfigError, match="model.guide = .* was not trained on the same data") as err:
         load_unet(strong, SHAPE, guide=weak, guidance=2.0)
+    assert named in str(err.value)
+
+
+def test_a_checkpoint_and_model_condition_that_disagree_are_refused_at_loading(tmp_path):
+    # it showed only at the first model call, after the store was made
+    plain = _checkpoint(tmp_path / "plain.pt", 0)
+    torch.manual_seed(0)
+    den = Denoiser(UNetConfig(channels=(4, 8), embed=8, cond_channels=1))
+    save_checkpoint(tmp_path / "down.pt", {"ema": den.state_dict()},
+                    {"unet": den.cfg.to_dict(), "mean": 0.5, "std": 2.0, "variable": "vorticity",
+                     "condition": "vorticity_coarse", "residual": False, "shape": list(SHAPE)})
+    with pytest.raises(ConfigError, match="model.condition = 'none' but .* was trained on coarse"):
+        load_unet(str(tmp_path / "down.pt"), SHAPE)
+    with pytest.raises(ConfigError, match="model.condition = 'coarse' but .* without"):
+        load_unet(plain, SHAPE, condition="coarse")
+    assert load_unet(str(tmp_path / "down.pt"), SHAPE, condition="coarse").cond_channels == 1
 
 
 def test_a_guide_trained_on_another_coarse_grid_is_refused_and_one_that_does_not_say_is_not(

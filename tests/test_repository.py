@@ -117,3 +117,17 @@ def test_sourcing_the_setup_leaves_the_shell_as_it_was_even_when_it_fails():
     before, after = lines[0].split()[1], lines[1].split()[3]
     assert lines[1].startswith("rc 1 ") and before == after and "e" not in after
     assert lines[2] == "still here" and "setting up /dev/null/venv failed" in proc.stderr
+
+
+def test_the_local_scripts_refuse_a_count_that_is_not_a_positive_number():
+    # mpiexec -n abc (or 0) quietly ran one rank; a shard count of x died on an unbound name
+    for script, var, args in (("sample.sh", "PIADM_RANKS", ["jobs/configs/grf.toml"]),
+                              ("train.sh", "PIADM_RANKS", ["jobs/configs/kolmogorov.toml"]),
+                              ("generate.sh", "PIADM_SHARDS", ["jobs/configs/kolmogorov.toml",
+                                                               "/nonexistent/shards"])):
+        for value in ("abc", "0", "-3"):
+            proc = subprocess.run(["bash", f"jobs/local/{script}", *args], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60,
+                                  env={"PATH": "/usr/bin:/bin", var: value, "PIADM": "true"})
+            assert proc.returncode == 2, (script, value, proc.stderr)
+            assert f"{var}={value}: give a positive whole number" in proc.stderr

@@ -16,8 +16,9 @@ fi
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 config="$1" folder="$2"
 shift 2
+shards=$(positive_count PIADM_SHARDS 2) || exit 2
 mkdir -p "$folder"
-for ((task = 0; task < ${PIADM_SHARDS:-2}; task++)); do
+for ((task = 0; task < shards; task++)); do
     mapfile -t shard < <(shard_sets "$task" "$folder")
     "${piadm[@]}" generate-data "$config" "$@" "${shard[@]}"
 done

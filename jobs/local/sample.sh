@@ -13,9 +13,10 @@ if [ $# -lt 1 ]; then
     exit 2
 fi
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+ranks=$(positive_count PIADM_RANKS 2) || exit 2
 command -v mpiexec >/dev/null || source "$piadm_root/jobs/local/setup.sh"
 rc=0
-mpiexec -n "${PIADM_RANKS:-2}" "${piadm[@]}" sample "$@" || rc=$?
+mpiexec -n "$ranks" "${piadm[@]}" sample "$@" || rc=$?
 if [ "$rc" -eq 75 ]; then
     echo "stopped early: run the same command again to resume" >&2
 fi

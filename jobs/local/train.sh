@@ -13,5 +13,6 @@ if [ $# -lt 1 ]; then
     exit 2
 fi
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+ranks=$(positive_count PIADM_RANKS 2) || exit 2
 command -v mpiexec >/dev/null || source "$piadm_root/jobs/local/setup.sh"
-exec mpiexec -n "${PIADM_RANKS:-2}" "${piadm[@]}" train "$@"
+exec mpiexec -n "$ranks" "${piadm[@]}" train "$@"
