@@ -115,11 +115,11 @@ def _unit_differences(meta: dict, guide_meta: dict) -> list[str]:
 
 
 def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu", guide: str = "",
-              guidance: float = 1.0, condition: str = "none") -> LearnedUNet:
+              guidance: float = 1.0, condition: str | None = None) -> LearnedUNet:
     """The EMA model of ``checkpoint``, autoguided (``models.guidance``) by the weaker
     checkpoint ``guide`` with weight ``guidance`` when ``guide`` is set; raises ConfigError
-    naming model.checkpoint, model.guide, model.shape or model.condition (``condition``) when
-    they do not fit."""
+    naming model.checkpoint, model.guide, model.shape or model.condition (``condition``, the
+    config's; None for a caller that binds conditioning fields itself) when they do not fit."""
     from pipeline.errors import ConfigError
 
     den, meta = _read(checkpoint, "model.checkpoint", device)
@@ -127,7 +127,7 @@ def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu", guide: str 
         raise ConfigError(f"config: model.shape = {list(shape)} but {checkpoint} was trained on "
                           f"{meta['shape']}: set model.shape = {meta['shape']}")
     # found now, before a store is made: a mismatch only showed at the first model call
-    if den.cfg.cond_channels and condition != "coarse":
+    if condition is not None and den.cfg.cond_channels and condition != "coarse":
         raise ConfigError(f"config: model.condition = {condition!r} but {checkpoint} was trained "
                           "on coarse conditioning fields: set model.condition = 'coarse' with "
                           "input.path and input.variable, or use an unconditional checkpoint")
