@@ -8,7 +8,6 @@ dask are imported only where a store is opened: an unconditional run's ranks nev
 from __future__ import annotations
 
 import math
-
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
