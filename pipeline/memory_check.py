@@ -34,6 +34,9 @@ def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: i
     members, named = ((cfg.calibrate.members, "calibrate.members") if calibration else
                       (cfg.ensemble.batch_size, "ensemble.batch_size"))
     batch, setting = batch or members, setting or named
+    whole = s.window_split == "replicated" and time_slices > 1
+    if whole:  # every time slice keeps the whole window
+        time_slices = 1
     need = sampler_floor(s.method, n, batch, field_bytes(shape, DTYPES[s.dtype]), time_slices)
     if room is None:
         return f"at least {format_bytes(need)} per rank for the sampler's state"
@@ -46,13 +49,16 @@ def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: i
            f"lower sampler.{key} or the field" if calibration else
            f"lower sampler.{key} or the field, or run on more ranks (the bench's time slices)"
            if setting == "bench.members" else
+           f"lower sampler.{key}, set sampler.window_split = 'slots' to split the window over "
+           "the time slices, or use a sequential sampler" if whole else
            f"lower sampler.{key}, add time slices (parallel.time_slices) or use a sequential "
            "sampler")
     raise TooLarge(
         f"config: {batch} member{'s' if batch > 1 else ''} "
         f"{'calibrating' if calibration else 'a batch of'} {s.method} "
         f"({n} points of sampler.{key}"
-        + (f" over {time_slices} time slices" if time_slices > 1 else "")
+        + (f" over {time_slices} time slices" if time_slices > 1 else
+           " on every time slice (sampler.window_split = 'replicated')" if whole else "")
         + f", {'x'.join(map(str, shape))} {s.dtype} fields) need at least "
         f"{format_bytes(need)} per rank for the sampler's state alone, and "
         f"{format_bytes(room[0])} is {room[1]}"

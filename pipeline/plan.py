@@ -9,7 +9,9 @@ member costs, on each of T slices with b members a batch,
     round = c(ceil(P / T) b) + h(ceil(P / T)) + k L ceil(log2 T),
 
 where h(n) is the sampler's own host work per round at n points a rank (measured), k its
-collectives per round and L the latency of one collective stage. Where the profile recorded
+collectives per round and L the latency of one collective stage. A replicated window
+(``sampler.window_split``) cuts the round's P b points evenly and keeps the whole window on
+every slice: c(ceil(P b / T)) + h(P) + L ceil(log2 T). Where the profile recorded
 the size of every model call of its member, the c term is the sum over those calls (each
 split over the slices) rather than the rounds times the mean call: a block that falls back to
 sequential steps makes one wide call and many of one point, which costs far more than as many
@@ -112,6 +114,7 @@ class Layout:
     groups: int
     time_slices: int
     batch: int
+    replicated: bool = False  # every time slice keeps the whole window (sampler.window_split)
 
 
 @dataclass(frozen=True)
@@ -126,29 +129,38 @@ class Prediction:
     round_s: float
 
 
+def call_items(layout: Layout, points: float) -> int:
+    """Items of the widest model call a rank makes when each member evaluates ``points`` in a
+    round: its slots' share of every member's, or an even share of all of them
+    (replicated)."""
+    t, b = layout.time_slices, layout.batch
+    return math.ceil(points * b / t) if layout.replicated else math.ceil(points / t) * b
+
+
 def predict(layout: Layout, profile: Profile, curve: CostCurve, machine: Machine,
             members: int) -> Prediction:
     """The time ``layout`` takes to sample ``members`` members (see the module docstring)."""
-    t = layout.time_slices
-    per_rank = math.ceil(profile.points / t)
-    host = profile.host_at(per_rank)
+    t, whole = layout.time_slices, layout.replicated
+    host = profile.host_at(math.ceil(profile.points) if whole else math.ceil(profile.points / t))
     batches = math.ceil(members / layout.batch)
     stretch = machine.stretch(min(layout.groups, batches) * t)  # groups without work wait
     model_s = 0.0
     for size, count in profile.call_sizes():
-        wall, busy = curve.at(math.ceil(size / t) * layout.batch)
+        wall, busy = curve.at(call_items(layout, size))
         model_s += count * (wall + busy * (stretch - 1))
-    comm = profile.collectives * machine.latency * math.ceil(math.log2(t)) if t > 1 else 0.0
+    stages = machine.latency * math.ceil(math.log2(t)) if t > 1 else 0.0
+    comm = (1 if whole else profile.collectives) * stages
     round_s = model_s / profile.rounds + host * stretch + comm
     per_group = math.ceil(batches / layout.groups)
     return Prediction(layout, profile, per_group * profile.rounds * round_s, per_group, round_s)
 
 
-def layouts(profiles: list[Profile], ranks: int, members: int,
-            batches: tuple[int, ...]) -> list[tuple[Layout, Profile]]:
+def layouts(profiles: list[Profile], ranks: int, members: int, batches: tuple[int, ...],
+            replicable: tuple[str, ...] = ()) -> list[tuple[Layout, Profile]]:
     """Every layout of ``ranks`` ranks for each profile: time slices a divisor of ``ranks``
     (one for a sequential sampler, at most its points per round), member batch sizes from
-    ``batches`` up to the members a group gets."""
+    ``batches`` up to the members a group gets; on several slices, the methods named in
+    ``replicable`` also with the whole window on every slice."""
     out = []
     for prof in profiles:
         for t in range(1, ranks + 1):
@@ -159,10 +171,13 @@ def layouts(profiles: list[Profile], ranks: int, members: int,
                 if b > max(1, math.ceil(members / groups)):
                     continue
                 out.append((Layout(prof.method, prof.param, groups, t, b), prof))
+                if t > 1 and prof.method in replicable:
+                    out.append((Layout(prof.method, prof.param, groups, t, b, True), prof))
     return out
 
 
 def rank(predictions: list[Prediction]) -> list[Prediction]:
-    """Fastest first; ties go to fewer time slices, then larger batches (less to go wrong)."""
+    """Fastest first; ties go to fewer time slices, then larger batches (less to go wrong),
+    then split windows (less memory)."""
     return sorted(predictions, key=lambda p: (round(p.seconds, 9), p.layout.time_slices,
-                                              -p.layout.batch))
+                                              -p.layout.batch, p.layout.replicated))

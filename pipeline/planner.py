@@ -30,8 +30,10 @@ from pipeline.layout import cpu_threads
 from pipeline.memory import (available_bytes, field_bytes, format_bytes, is_out_of_memory,
                              ranks_sharing, sampler_floor)
 from pipeline.noise import Noise
-from pipeline.plan import CostCurve, Machine, Prediction, Profile, layouts, predict, rank
+from pipeline.plan import (CostCurve, Layout, Machine, Prediction, Profile, call_items, layouts,
+                          predict, rank)
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS
+from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import AUTO_METHODS, Config
 from pipeline.store import ASKED, read_attrs
 
@@ -94,6 +96,8 @@ def settings(pred: Prediction) -> dict:
            "ensemble.batch_size": lay.batch}
     if REGISTRY[lay.method].windowed:
         out["sampler.window"] = lay.param
+    if lay.method in REPLICABLE:
+        out["sampler.window_split"] = "replicated" if lay.replicated else "slots"
     elif REGISTRY[lay.method].blocked:
         out["sampler.block_size"] = lay.param
     if prof.steps:
@@ -295,10 +299,11 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
                 f"{'-' if tol is None else format(tol, '.1e')}: {mine.sampler.steps} steps, "
                 f"{prof.rounds} rounds, {prof.calls:.0f} calls a member")
             profiles.append(prof)
-    pairs = _fitting(cfg, layouts(profiles, ranks, cfg.ensemble.members, _batch_sizes(cfg)),
+    pairs = _fitting(cfg, layouts(profiles, ranks, cfg.ensemble.members, _batch_sizes(cfg),
+                                  REPLICABLE),
                      device, machine, gpus_per_node, tuple(model.shape), say)
     # every layout's mean call, and its widest and narrowest: the curve is linear in between
-    calls = lambda lay, p: [math.ceil(n / lay.time_slices) * lay.batch  # noqa: E731
+    calls = lambda lay, p: [call_items(lay, n)  # noqa: E731
                             for n in (p.points, *_extremes(p.call_sizes()))]
     sizes = sorted({n for lay, p in pairs for n in calls(lay, p)})
     say(f"  timing the model at {len(sizes)} batch sizes up to {sizes[-1]}, "
@@ -339,7 +344,8 @@ def _fitting(cfg: Config, pairs, device, machine: Machine, gpus_per_node: int, s
     one = field_bytes(shape, DTYPES[s.dtype])
     points = lambda lay: lay.param or min(s.block_size, s.steps)  # noqa: E731
     fits = [(lay, p) for lay, p in pairs if sampler_floor(
-        lay.method, points(lay), lay.batch, one, lay.time_slices) <= room[0]]
+        lay.method, points(lay), lay.batch, one, 1 if lay.replicated else lay.time_slices)
+        <= room[0]]
     where = f"{format_bytes(room[0])} {room[1]} per rank"
     fewer = f"run fewer than {sharing} ranks a node, or " if sharing > 1 else ""
     if not fits:
@@ -362,7 +368,8 @@ def table(plan: Plan, rows: int = 12) -> str:
     layout's steps when they differ, at equal quality)."""
     seq = plan.sequential
     steps = any(p.profile.steps for p in plan.ranked)
-    head = (f"{'#':>3} {'method':<15} {'param':>5} {'groups':>6} {'slices':>6} {'batch':>5} "
+    head = (f"{'#':>3} {'method':<15} {'param':>5} {'groups':>6} {'slices':>6} {'split':>5} "
+            f"{'batch':>5} "
             + (f"{'steps':>5} " if steps else "")
             + f"{'rounds':>6} {'calls':>7} {'round_ms':>9} {'predicted_s':>11} {'vs_seq':>6}")
     lines = [head]
@@ -371,18 +378,26 @@ def table(plan: Plan, rows: int = 12) -> str:
         lay = p.layout
         place = plan.ranked.index(p) + 1 if p in plan.ranked else "-"  # not a candidate
         lines.append(f"{place:>3} {lay.method:<15} {lay.param or '-':>5} "
-                     f"{lay.groups:>6} {lay.time_slices:>6} {lay.batch:>5} "
+                     f"{lay.groups:>6} {lay.time_slices:>6} {_split(lay):>5} {lay.batch:>5} "
                      + (f"{p.profile.steps:>5} " if steps else "")
                      + f"{p.profile.rounds:>6} {p.profile.calls:>7.0f} {1e3 * p.round_s:>9.2f} "
                      f"{p.seconds:>11.3f} {seq.seconds / p.seconds:>5.2f}x")
     return "\n".join(lines)
 
 
+def _split(lay: Layout) -> str:
+    """The table's word for how a layout's time slices share a window."""
+    if lay.time_slices == 1 or lay.method not in REPLICABLE:
+        return "-"
+    return "repl" if lay.replicated else "slots"
+
+
 def describe(plan: Plan) -> str:
     """One line: what was chosen and why."""
     b = plan.best
     return (f"plan: {b.layout.method} on {b.layout.groups} groups x {b.layout.time_slices} "
-            f"time slices, {b.layout.batch} members a batch: predicted {b.seconds:.2f} s, "
+            f"time slices{', each with the whole window' if b.layout.replicated else ''}, "
+            f"{b.layout.batch} members a batch: predicted {b.seconds:.2f} s, "
             f"{plan.sequential.seconds / b.seconds:.2f}x the best sequential layout")
 
 

@@ -64,6 +64,8 @@ class SamplerConfig:
     noise: str = "host"
     window: int = Options.window  # window points; 0: the method's own (window 100, pc-window 65)
     theta: str = Options.theta  # pc-window's corrector: "j_max" or "one" (docs/algorithms.md)
+    # how pc-window's time slices share its window: "slots" or "replicated" (docs/algorithms.md)
+    window_split: str = Options.window_split
     distance: float = 1e-3  # what tol = "auto" aims at: relative distance to the sequential path
     on_divergence: str = Options.on_divergence
     denoise_final: bool = Options.denoise_final
@@ -256,9 +258,10 @@ WAITS = ("auto", "spin", "sleep")
 # Settings that do not decide a store's contents. The members are the same at any
 # ensemble.batch_size (each member's noise is keyed by its index, and a window sampler keeps a
 # window per member), so a run resumed with a smaller batch (after running out of memory) keeps
-# the members already written: the store's own batches stay its units of work.
+# the members already written: the store's own batches stay its units of work. How the time
+# slices share pc-window's window changes its rounding only, as the time slices themselves do.
 LAYOUT_KEYS = {("output", "path"), ("output", "overwrite"), ("output", "background"),
-               ("ensemble", "batch_size")}
+               ("ensemble", "batch_size"), ("sampler", "window_split")}
 
 
 SECTION_TYPES = {

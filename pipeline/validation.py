@@ -10,7 +10,7 @@ import os
 from pipeline.choices import (FIELD_DIMS, FORMS, GRIDS, NORM_GROUPS, SCHEDULER_GRID, SOURCES,
                               STORE_DIMS, STORE_VARIABLES)
 from pipeline.errors import ConfigError
-from pipeline.samplers.options import THETAS
+from pipeline.samplers.options import THETAS, WINDOW_SPLITS
 from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataConfig, ModelConfig,
                                ParallelConfig, SamplerConfig, TrainConfig, open_kind)
 
@@ -136,6 +136,8 @@ def _check_sampler(s: SamplerConfig) -> None:
     _check(s.max_sweeps >= 1, "sampler.max_sweeps", f"= {s.max_sweeps} must be >= 1")
     _check(s.theta in THETAS, "sampler.theta",
            f"= {s.theta!r}: use one of {', '.join(THETAS)}")
+    _check(s.window_split in WINDOW_SPLITS, "sampler.window_split",
+           f"= {s.window_split!r}: use one of {', '.join(WINDOW_SPLITS)}")
     number = isinstance(s.tol, float) and math.isfinite(s.tol) and s.tol >= 0
     _check(s.tol is None or s.tol == "auto" or number,
            "sampler.tol", f"= {s.tol!r} must be a finite number >= 0 or \"auto\"")

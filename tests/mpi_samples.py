@@ -32,6 +32,13 @@ CASES = {  # name: (method, dtype, options, noise source)
     "pcwindow64": ("pc-window", torch.float64, Options(window=20, tol=1e-3), "host"),
     "pcwindowode64": ("pc-window-ode", torch.float64, Options(window=20, tol=1e-5), "host"),
     "pcwindow32": ("pc-window", torch.float32, Options(window=20, tol=1e-3), "host"),
+    # every rank keeps the whole window and evaluates an even share of its points
+    "pcwindowrep64": ("pc-window", torch.float64,
+                      Options(window=20, tol=1e-3, window_split="replicated"), "host"),
+    "pcwindowoderep64": ("pc-window-ode", torch.float64,
+                         Options(window=20, tol=1e-5, window_split="replicated"), "host"),
+    "pcwindowrep32": ("pc-window", torch.float32,
+                      Options(window=20, tol=1e-3, window_split="replicated"), "host"),
     "dpmppwindow64": ("dpmpp-2m-window", torch.float64, Options(tol=1e-4), "host"),
 }
 

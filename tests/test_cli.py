@@ -38,6 +38,8 @@ def test_version_and_the_installed_entry_point():
      "sampler.noise = 'gpu': use host"),
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.theta=max"],
      "sampler.theta = 'max': use one of j_max, one"),
+    (["sample", "jobs/configs/grf.toml", "--set", "sampler.window_split=copies"],
+     "sampler.window_split = 'copies': use one of slots, replicated"),
 ])
 def test_file_and_override_errors_are_one_line(args, needle, capsys, tmp_path):
     assert main(args) == 2

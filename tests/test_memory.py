@@ -202,3 +202,21 @@ def test_an_auto_runs_out_of_memory_line_says_which_batch_sizes_replace_the_plan
     # a store resumed in its batches of 2: the call held 2, whatever the setting says
     assert "lower ensemble.batch_size below 2 (now 8), " in _out_of_memory(cfg, 0, "cpu", 2)
     assert ": lower sampler.window, or add" in _out_of_memory(cfg, 0, "cpu", 1)
+
+
+def test_a_replicated_window_needs_the_whole_window_on_every_time_slice(tmp_path, monkeypatch):
+    from pipeline.config import load_config
+    from pipeline.memory_check import TooLarge, check_memory
+
+    # pc-window's 20 points x 256 KiB x 8 buffers: 40 MiB a member, a quarter on 4 slices
+    monkeypatch.setattr("pipeline.memory_check.available_bytes",
+                        lambda device, sharing=1: (30 * 2**20, "available on this node's host"))
+    sets = ["model.shape=[256, 256]", "ensemble.batch_size=1"]
+    cfg = load_config("jobs/configs/grf.toml", _grf_run(tmp_path, *sets)[3::2])
+    cpu = torch.device("cpu")
+    assert "10.0 MiB per rank" in check_memory(cfg, (256, 256), cpu, time_slices=4)
+    whole = load_config("jobs/configs/grf.toml", _grf_run(
+        tmp_path, *sets, "sampler.window_split=replicated")[3::2])
+    with pytest.raises(TooLarge, match="on every time slice .*40.0 MiB .*set "
+                                       "sampler.window_split = 'slots'"):
+        check_memory(whole, (256, 256), cpu, time_slices=4)

@@ -49,7 +49,7 @@ def _sets(items):
 # On 4 ranks the float64 cases only: the float32 ones repeat their samplers (their own bound
 # is checked on 2 ranks), and 4 ranks oversubscribe the 2 cores tests run on.
 FLOAT64_CASES = ("sde64,ode64,sde64tol,sde64device,window64,windowode64,pcwindow64,"
-                 "pcwindowode64,dpmppwindow64")
+                 "pcwindowode64,pcwindowrep64,pcwindowoderep64,dpmppwindow64")
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,18 @@ def test_every_layout_gives_the_one_rank_ensemble(layouts, layout):
     for case, y in got.items():
         rel = relative(y, ref[case])
         assert rel <= LAYOUT_BOUND["float64" if "64" in case else "float32"], (case, rel)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
+def test_a_replicated_window_gives_the_one_rank_ensemble_bit_for_bit(layouts, layout):
+    """Every rank does the one-rank round on the same scores: only the model's batches differ,
+    and the GRF evaluates each member alone."""
+    ref, got = layouts[(1, 1)], layouts[layout]
+    cases = [case for case in got if "rep" in case]
+    assert cases
+    for case in cases:
+        assert np.array_equal(got[case], ref[case]), case
 
 
 @pytest.mark.slow
@@ -254,3 +266,21 @@ def test_bench_under_mpiexec_reports_each_kind_of_collective(tmp_path):
                                              rel=0.01 + 0.0006 / row["wall_s"])
     assert f"Allgather {row['rounds']} x" in proc.stderr and "its own" in proc.stderr
     assert "of the wall waiting for other ranks' model calls" in proc.stderr
+
+
+def test_a_replicated_window_costs_one_allgather_a_round(tmp_path):
+    import json
+
+    out = tmp_path / "b.json"
+    proc = mpirun(2, ["-m", "pipeline.cli", "bench", "jobs/configs/grf.toml", "--json", str(out),
+                      *_sets(["bench.sizes=[[12, 12]]", "sampler.steps=120",
+                              "bench.methods=['sequential-sde', 'pc-window', 'pc-window-ode']",
+                              "sampler.tol=1e-4", "sampler.window_split=replicated",
+                              "bench.repeats=1"])])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"][1:]
+    assert [row["method"] for row in rows] == ["pc-window", "pc-window-ode"]
+    for row in rows:
+        assert row["ranks"] == 2 and row["rounds"] > 5
+        assert list(row["collectives"]) == ["Allgather"]
+        assert row["collectives"]["Allgather"][0] == row["rounds"]

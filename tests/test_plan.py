@@ -14,8 +14,8 @@ SEQUENTIAL = Profile("sequential-sde", 0, None, 1000, 1000.0, (1,), (0.0,), 0)
 WINDOW = Profile("pc-window", 64, 1e-3, 40, 2400.0, (8, 60), (0.0, 0.0), 2)
 
 
-def _best(profiles, curve, machine, members, batches=(1, 2, 4, 8, 16, 32, 64)):
-    pairs = layouts(profiles, machine.ranks, members, batches)
+def _best(profiles, curve, machine, members, batches=(1, 2, 4, 8, 16, 32, 64), replicable=()):
+    pairs = layouts(profiles, machine.ranks, members, batches, replicable)
     return rank([predict(lay, prof, curve, machine, members) for lay, prof in pairs])
 
 
@@ -77,6 +77,35 @@ def test_a_block_that_falls_back_is_predicted_from_its_calls_not_their_mean():
     lay2 = dataclasses.replace(lay, batch=2)
     assert predict(lay2, fell, curve, machine, 2).seconds == pytest.approx(
         100 * 0.025 + curve.at(200)[0])
+
+
+def test_a_replicated_window_wins_where_collectives_cost_and_the_whole_window_is_cheap():
+    # a flat GPU-like curve to 8 items; one collective stage costs 1 ms
+    curve = CostCurve((1, 8, 64), (0.005, 0.005, 0.040), (0.0, 0.0, 0.0))
+    machine = Machine(ranks=8, ranks_per_node=8, cores=64, threads=1, latency=1e-3)
+    free = dataclasses.replace(WINDOW, host=(0.0001, 0.0002))
+    best = _best([SEQUENTIAL, free], curve, machine, members=1, replicable=("pc-window",))[0]
+    assert best.layout == Layout("pc-window", 64, 1, 8, 1, replicated=True)
+    # 40 rounds of one call of 8 items, the whole window's host work and one Allgather (3
+    # stages), against two collectives on split slots
+    assert best.seconds == pytest.approx(40 * (0.005 + 0.0002 + 3e-3))
+    # host work that grows with the window: each slice's share of the slots wins
+    dear = dataclasses.replace(WINDOW, host=(0.0005, 0.010))
+    best = _best([SEQUENTIAL, dear], curve, machine, members=1, replicable=("pc-window",))[0]
+    assert best.layout == Layout("pc-window", 64, 1, 8, 1, replicated=False)
+    # without the option, no replicated layout is weighed
+    assert not any(p.layout.replicated for p in _best([free], curve, machine, members=1))
+
+
+def test_a_replicated_window_cuts_the_members_points_evenly():
+    curve = CostCurve((1, 100), (0.001, 0.1), (0.0, 0.0))  # 1 ms an item
+    machine = Machine(ranks=4, ranks_per_node=4, cores=64, threads=1, latency=0.0)
+    # 60 points of 3 members over 4 slices: 15 x 3 = 45 items on split slots, 45 replicated;
+    # 61 points: 16 x 3 = 48 against 46
+    odd = dataclasses.replace(WINDOW, calls=61.0 * 40, host=(0.0, 0.0))
+    slots, whole = (predict(Layout("pc-window", 64, 1, 4, 3, rep), odd, curve, machine, 3)
+                    for rep in (False, True))
+    assert slots.round_s == pytest.approx(0.048) and whole.round_s == pytest.approx(0.046)
 
 
 def test_layouts_divide_the_ranks_and_fit_the_points():
@@ -236,6 +265,18 @@ def test_a_tolerance_the_planner_calibrated_is_recorded_as_the_plans(tmp_path):
     attrs = xr.open_zarr(sample(cfg).path).attrs
     assert json.loads(attrs["plan_settings"])["sampler.tol"] == attrs["sampler_tol"]
     assert attrs["sampler_tol_source"] == "plan"
+
+
+def test_an_auto_run_asking_for_a_replicated_window_runs_whatever_the_plan_picks(tmp_path):
+    """The plan chooses how time slices share a window, as it chooses the window, and weighs
+    the other samplers too: the setting only matters to pc-window's."""
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "sampler.method": "auto", "sampler.window_split": "replicated"}))
+    summary = sample(cfg)
+    chosen = json.loads(xr.open_zarr(summary.path).attrs["plan_settings"])
+    if chosen["sampler.method"] == "pc-window":  # one rank: nothing to replicate
+        assert chosen["sampler.window_split"] == "slots"
+    assert summary.members == 2
 
 
 def test_auto_time_slices_keep_the_named_sampler(tmp_path):

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 
 THETAS = ("j_max", "one")  # the values of Options.theta
+WINDOW_SPLITS = ("slots", "replicated")  # the values of Options.window_split
+REPLICABLE = ("pc-window", "pc-window-ode")  # the samplers that read Options.window_split
 
 # The points p of a windowed sampler's window when Options.window is 0. Declared here, beside
 # Options and without torch, so that checking a configuration reads them without importing
@@ -29,6 +31,11 @@ class Options:
     theta: ``pc-window``'s corrector, Yhat_{n+1} = theta Yhat_n + Phi(Y_n) - theta Y_n:
         ``j_max`` (the step's largest Jacobian eigenvalue, from data_bound) or ``one`` (the
         whole step lagged); ``pc-window-ode`` always takes ``one``.
+    window_split: how ``pc-window``'s time slices share a window: ``slots`` (each rank keeps
+        a fixed range of its ring slots and their host work, two collectives a round) or
+        ``replicated`` (every rank keeps the whole window and evaluates an even share of its
+        points, one collective a round: balanced calls and the same result on every layout,
+        for the whole window's memory and host work on every rank).
     on_divergence: ``sequential`` (redo the block step by step) or ``error`` when a fixed
         block's residual is NaN/Inf or exceeds ``divergence_threshold``; the window samplers
         raise ``PicardDivergence`` on NaN/Inf.
@@ -49,6 +56,7 @@ class Options:
     window: int = 0
     data_bound: float = float("inf")
     theta: str = "j_max"
+    window_split: str = "slots"
     on_divergence: str = "sequential"
     divergence_threshold: float = 1e8
     corrector_steps: int = 8

@@ -35,6 +35,12 @@ part that wrapped around the ring) with the predictor's Tweedie means, from whic
 every rank forms its prefix offsets and the window's end state; and one Allreduce of the p
 point changes, from which every rank takes the same acceptance. Freed slots are refilled
 locally, regenerating the keyed noise of the predictor's steps.
+
+Replicated (``Options.window_split``): every rank keeps the whole ring, evaluates an even share
+of the round's points and joins the scores in one Allgather (``ring.evaluate_shared``); the
+rest of the round is the one-rank round, the same on every rank. One collective a round and
+calls within one point of each other, even where the window runs past the last step, for the
+whole window's memory and host work on every rank and p B d words gathered a round.
 """
 from __future__ import annotations
 
@@ -51,7 +57,7 @@ from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
 from pipeline.samplers.common import check_rows, finish, indices, per_point, point_mask
 from pipeline.samplers.options import PC_WINDOW_POINTS, THETAS, Options, Stats
-from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
+from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_shared, evaluate_window
 
 # The ODE's predictor extrapolates the denoiser through its values at the window's last point
 # and every ODE_LAG-th point before it (a quadratic); the SDE's freezes it, since along the
@@ -356,8 +362,11 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         raise ValueError("pc-window needs sampler.tol (a number, or 'auto' to calibrate it)")
     n = grid.steps
     p = min(options.window or PC_WINDOW_POINTS, n)
-    lo, hi = slice_bounds(p, comm.size, comm.rank)
-    bounds = [slice_bounds(p, comm.size, r) for r in range(comm.size)]
+    # the ranks that split the ring's slots: replicated, each rank holds them all
+    shared = options.window_split == "replicated" and comm.size > 1
+    ring = SerialComm() if shared else comm
+    lo, hi = slice_bounds(p, ring.size, ring.rank)
+    bounds = [slice_bounds(p, ring.size, r) for r in range(ring.size)]
     steps = step_coefficients(grid.u, stochastic=stochastic, form=options.form)
     t = tables(grid, steps, options.data_bound, p, options.theta if stochastic else "one")
     step_noise = noise if stochastic else None
@@ -376,19 +385,22 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     rows = np.arange(batch)
     while (start < n).any():
         # 1. one batched model call at every window point this rank owns
-        width, chain, pos, valid, g = evaluate_window(model, states, start, bounds, p, n, t.u,
-                                                      comm.rank)
+        if shared:
+            width, chain, pos, valid, g = evaluate_shared(model, states, start, p, n, t.u, comm)
+        else:
+            width, chain, pos, valid, g = evaluate_window(model, states, start, bounds, p, n,
+                                                          t.u, comm.rank)
         # 2. whole-step increments, summed along the chain across ranks (ring.py)
         nodes = denoiser_nodes(start, width, terms, lag)
         prefix, y_e, x0hat = _rebuild(states, g, xi, start, width, pos, valid, nodes, t, p,
-                                      bounds, comm)
+                                      bounds, ring)
         # 3. certified acceptance, the same on every rank
         local = np.zeros((batch, 2, p))
         r_idx, s_idx = valid.nonzero()
         c_idx = chain[r_idx, s_idx]
         local[r_idx, 0, c_idx] = rms(prefix - states).cpu().numpy()[r_idx, s_idx]
         local[r_idx, 1, c_idx] = rms(prefix).cpu().numpy()[r_idx, s_idx]
-        summed = comm.allreduce_sum(torch.from_numpy(local)).numpy()
+        summed = ring.allreduce_sum(torch.from_numpy(local)).numpy()
         y_rms = np.concatenate([summed[:, 1], np.zeros((batch, 1))], 1)
         y_rms[rows, width] = rms(y_e[:, None]).cpu().numpy()[:, 0]
         accepted, bound = accept(summed[:, 0], y_rms, start, width, t, options.tol, stochastic)

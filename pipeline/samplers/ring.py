@@ -11,6 +11,11 @@ and the *low* run (slots < b mod p, the part that wrapped around the ring).
 ``chain_prefix`` sums a per-slot quantity along the chain across ranks with one Allgather of
 every rank's two run totals; the samplers pass their communicator in.
 
+``evaluate_shared`` is the other way to split a round (``sampler.window_split =
+"replicated"``): every rank keeps all p slots, the round's points are cut evenly over the
+ranks for the model call, and one Allgather of the scores gives every rank the whole round,
+whose rest it then does on its own, as one rank would.
+
 The index bookkeeping (window starts, chain indices, masks, positions) is numpy on the host:
 a round does a few hundred such operations on arrays of a few elements, where a numpy
 operation costs a microsecond and a torch one five or more, and on many ranks sharing a
@@ -23,6 +28,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from pipeline.decomposition import slice_bounds
 from pipeline.samplers.common import indices, point_cumsum, point_mask
 
 HIGH, LOW = 0, 1
@@ -82,6 +88,8 @@ def chain_prefix(w: torch.Tensor, states: torch.Tensor, start, width,
     # a rank whose slots all lie on one side of the window start (most of them, most rounds)
     # has one run: the other's masked copy and scan would only add zeros
     one_run = high_np.all() or not high_np.any()
+    if len(bounds) == 1:  # every row alike, so that a row's sums do not depend on its batch
+        return _whole_ring_prefix(w, own_base, head, p, comm, extra)
     if high_np.all():
         cum_high, cum_low = point_cumsum(w), torch.zeros_like(w)
     elif one_run:
@@ -111,6 +119,26 @@ def chain_prefix(w: torch.Tensor, states: torch.Tensor, start, width,
     return prefix, totals.sum((1, 2)), summed
 
 
+def _whole_ring_prefix(w: torch.Tensor, base: torch.Tensor, head: np.ndarray, p: int, comm,
+                       extra: torch.Tensor | None):
+    """``chain_prefix`` where one rank holds all p slots (one rank, or a replicated window):
+    the slots gathered in chain order and scanned once, where a window that wraps around the
+    ring would be masked into two runs and scanned twice (a third of a one-rank round's host
+    time at p = 96 on 32 x 32 fields). w (B, p, *S), base (B, *S) the Y_b, head (B,) its
+    slots; ``comm`` has one rank, and its Allgather is kept so that a round makes the same
+    collectives on any communicator (``tests/test_collectives.py`` counts them on one)."""
+    order = (head[:, None] + np.arange(p)[None]) % p  # the slot of each chain index
+    rows = np.ascontiguousarray(np.broadcast_to(np.arange(len(head))[:, None], order.shape))
+    r, o = indices(w, rows, order)
+    in_chain = w[r, o]
+    cum = point_cumsum(in_chain)
+    parts = [(base + cum[:, -1])[:, None]] + ([] if extra is None else [extra])
+    gathered = comm.allgather(torch.cat(parts, 1))[0]
+    prefix = torch.empty_like(w)
+    prefix[r, o] = (base[:, None] + cum).sub_(in_chain)
+    return prefix, gathered[:, 0], None if extra is None else gathered[:, 1:]
+
+
 def evaluate_window(model, states: torch.Tensor, start, bounds, p: int, n: int,
                     u: np.ndarray, rank: int):
     """One round's batched model call on this rank's slots: the window points before step n.
@@ -132,4 +160,33 @@ def evaluate_window(model, states: torch.Tensor, start, bounds, p: int, n: int,
         (mask,) = indices(states, valid)
         x, clock = states[mask], torch.from_numpy(u[pos[valid]])
         g[mask] = model(x, clock.to(x.device, x.dtype))
+    return width, chain, pos, valid, g
+
+
+def evaluate_shared(model, states: torch.Tensor, start, p: int, n: int, u: np.ndarray, comm):
+    """One round's model call with the whole window on every rank: the window points before
+    step n split evenly over ``comm``'s ranks, each evaluating its share, the scores joined by
+    one Allgather. states (B, p, *S) slot states, start (B,) int window starts, u the clocks.
+    Returns (width, chain, positions, valid) as ``evaluate_window`` with the rank's range the
+    whole ring, and scores (B, p, *S), zero where not valid, the same on every rank."""
+    start = np.asarray(start)
+    width = np.minimum(np.maximum(n - start, 0), p)
+    chain = chain_index(0, p, start, p)
+    pos = start[:, None] + chain
+    valid = chain < width[:, None]
+    rows, slots = valid.nonzero()  # every rank lists the points in the same order
+    total = len(rows)
+    lo, hi = slice_bounds(total, comm.size, comm.rank)
+    share = -(-total // comm.size)  # an Allgather's parts are equal: shorter ones are padded
+    piece = states.new_zeros((share, *states.shape[2:]))
+    if hi > lo:
+        r, s = indices(states, rows[lo:hi], slots[lo:hi])
+        clock = torch.from_numpy(u[pos[rows[lo:hi], slots[lo:hi]]])
+        piece[: hi - lo] = model(states[r, s], clock.to(states.device, states.dtype))
+    sizes = [slice_bounds(total, comm.size, k) for k in range(comm.size)]
+    gathered = comm.allgather(piece)
+    joined = torch.cat([gathered[k, : b - a] for k, (a, b) in enumerate(sizes)])
+    g = torch.zeros_like(states)
+    r, s = indices(states, rows, slots)
+    g[r, s] = joined
     return width, chain, pos, valid, g
