@@ -74,13 +74,15 @@ def cache_file() -> Path:
 
 def calibration_key(cfg: Config, model_sha256: str) -> str:
     """What decides the calibrated tolerance: the model and every sampler setting that changes
-    the path or the distance, the members tried and the ladder."""
+    the path or the distance, the members tried and the ladder (not how time slices share a
+    window: calibration runs on one rank)."""
     s = cfg.sampler
     kept = {"model_sha256": model_sha256, "shape": list(cfg.model.shape),
             "data_bound": cfg.model.data_bound, "condition": cfg.model.condition,
             "input": cfg.input.path, "calibrate": dataclasses.asdict(cfg.calibrate),
             "sampler": {k: v for k, v in dataclasses.asdict(s).items()
-                        if k not in ("tol", "max_sweeps", "on_divergence", "block_size")}}
+                        if k not in ("tol", "max_sweeps", "on_divergence", "block_size",
+                                     "window_split")}}
     if cfg.model.kind == "module":  # its schedule is not in its digest (models.module)
         from models.module import SCHEDULE_KEYS
 

@@ -6,6 +6,7 @@ from pipeline.errors import ConfigError
 from pipeline.memory import available_bytes, field_bytes, format_bytes, sampler_floor
 from pipeline.run import DTYPES
 from pipeline.samplers import REGISTRY
+from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
 
 
@@ -34,7 +35,7 @@ def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: i
     members, named = ((cfg.calibrate.members, "calibrate.members") if calibration else
                       (cfg.ensemble.batch_size, "ensemble.batch_size"))
     batch, setting = batch or members, setting or named
-    whole = s.window_split == "replicated" and time_slices > 1
+    whole = s.window_split == "replicated" and s.method in REPLICABLE and time_slices > 1
     if whole:  # every time slice keeps the whole window
         time_slices = 1
     need = sampler_floor(s.method, n, batch, field_bytes(shape, DTYPES[s.dtype]), time_slices)

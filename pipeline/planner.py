@@ -96,10 +96,10 @@ def settings(pred: Prediction) -> dict:
            "ensemble.batch_size": lay.batch}
     if REGISTRY[lay.method].windowed:
         out["sampler.window"] = lay.param
-    if lay.method in REPLICABLE:
-        out["sampler.window_split"] = "replicated" if lay.replicated else "slots"
     elif REGISTRY[lay.method].blocked:
         out["sampler.block_size"] = lay.param
+    if lay.method in REPLICABLE:
+        out["sampler.window_split"] = "replicated" if lay.replicated else "slots"
     if prof.steps:
         out["sampler.steps"] = prof.steps
     if prof.tol is not None:
@@ -317,7 +317,8 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
         say(f"  calls of more than {curve.sizes[-1]} items ran out of memory: the layouts that "
             "make them are left out")
         pairs = [(lay, p) for lay, p in pairs if max(calls(lay, p)) <= curve.sizes[-1]]
-    ranked = rank([predict(lay, prof, curve, machine, cfg.ensemble.members)
+    one = field_bytes(tuple(model.shape), DTYPES[cfg.sampler.dtype])
+    ranked = rank([predict(lay, prof, curve, machine, cfg.ensemble.members, one)
                    for lay, prof in pairs])
     sequential = next((p for p in ranked if REFERENCE[p.layout.method] == p.layout.method), None)
     if sequential is None:  # every layout is weighed against it (the table's vs_seq)

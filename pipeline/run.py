@@ -35,8 +35,9 @@ def sampler_options(s: SamplerConfig, *, tol: float | None = None,
         tol = s.tol
     return Options(
         form=s.form, max_sweeps=s.max_sweeps, tol=tol, window=s.window, data_bound=data_bound,
-        theta=s.theta, window_split=s.window_split, on_divergence=s.on_divergence, corrector_steps=s.corrector_steps,
-        corrector_length=s.corrector_length, corrector_gamma=s.corrector_gamma,
+        theta=s.theta, window_split=s.window_split, on_divergence=s.on_divergence,
+        corrector_steps=s.corrector_steps, corrector_length=s.corrector_length,
+        corrector_gamma=s.corrector_gamma,
         corrector_sweeps=s.corrector_sweeps, churn=s.churn, denoise_final=s.denoise_final,
     )
 

@@ -134,6 +134,14 @@ def test_a_raised_sampler_revision_measures_its_calibration_again(monkeypatch):
     assert calibration_key(cfg, "0" * 64) != first
 
 
+def test_how_time_slices_share_a_window_keeps_the_calibration():
+    """Calibration runs on one rank, where a replicated window is the split one: the key,
+    and every tolerance cached before the setting existed, stay."""
+    cfg = load_config("jobs/configs/grf.toml", SMALL)
+    replicated = load_config("jobs/configs/grf.toml", SMALL + ["sampler.window_split=replicated"])
+    assert calibration_key(cfg, "m") == calibration_key(replicated, "m")
+
+
 def test_a_calibration_with_tf32_is_kept_apart():
     """TF32 rounding changes how close a parallel path can come to the sequential one: a
     tolerance calibrated with it is not reused without it, and the other way round."""

@@ -220,3 +220,18 @@ def test_a_replicated_window_needs_the_whole_window_on_every_time_slice(tmp_path
     with pytest.raises(TooLarge, match="on every time slice .*40.0 MiB .*set "
                                        "sampler.window_split = 'slots'"):
         check_memory(whole, (256, 256), cpu, time_slices=4)
+
+
+def test_a_replicated_window_means_nothing_to_samplers_that_split_no_window(tmp_path,
+                                                                             monkeypatch):
+    from pipeline.config import load_config
+    from pipeline.memory_check import check_memory
+
+    monkeypatch.setattr("pipeline.memory_check.available_bytes",
+                        lambda device, sharing=1: (30 * 2**20, "available on this node's host"))
+    cfg = load_config("jobs/configs/grf.toml", _grf_run(
+        tmp_path, "model.shape=[256, 256]", "ensemble.batch_size=1", "sampler.method=window",
+        "sampler.tol=0.1", "sampler.window=20", "sampler.window_split=replicated")[3::2])
+    # window's 12 buffers x 20 points x 256 KiB: 60 MiB, a quarter on each of 4 slices
+    assert "15.0 MiB per rank" in check_memory(cfg, (256, 256), torch.device("cpu"),
+                                               time_slices=4)

@@ -95,6 +95,11 @@ def test_a_replicated_window_wins_where_collectives_cost_and_the_whole_window_is
     assert best.layout == Layout("pc-window", 64, 1, 8, 1, replicated=False)
     # without the option, no replicated layout is weighed
     assert not any(p.layout.replicated for p in _best([free], curve, machine, members=1))
+    # 60 fields of 4 MiB a round, gathered at 2 GB/s: 0.13 s a round, far more than the
+    # collective it saves
+    lay = Layout("pc-window", 64, 1, 8, 1, replicated=True)
+    big = predict(lay, free, curve, machine, 1, field_bytes=4 * 2**20)
+    assert big.round_s == pytest.approx(0.005 + 0.0002 + 3e-3 + 60 * 4 * 2**20 / 2e9)
 
 
 def test_a_replicated_window_cuts_the_members_points_evenly():
@@ -267,16 +272,19 @@ def test_a_tolerance_the_planner_calibrated_is_recorded_as_the_plans(tmp_path):
     assert attrs["sampler_tol_source"] == "plan"
 
 
-def test_an_auto_run_asking_for_a_replicated_window_runs_whatever_the_plan_picks(tmp_path):
-    """The plan chooses how time slices share a window, as it chooses the window, and weighs
-    the other samplers too: the setting only matters to pc-window's."""
-    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
-        "sampler.method": "auto", "sampler.window_split": "replicated"}))
-    summary = sample(cfg)
-    chosen = json.loads(xr.open_zarr(summary.path).attrs["plan_settings"])
-    if chosen["sampler.method"] == "pc-window":  # one rank: nothing to replicate
-        assert chosen["sampler.window_split"] == "slots"
-    assert summary.members == 2
+def test_a_plans_settings_name_how_its_time_slices_share_the_window():
+    from pipeline.plan import Prediction
+    from pipeline.planner import settings
+
+    def chosen(lay):
+        return settings(Prediction(lay, WINDOW, 1.0, 1, 0.025))
+
+    assert chosen(Layout("pc-window", 64, 1, 4, 1, True))["sampler.window_split"] == "replicated"
+    assert chosen(Layout("pc-window", 64, 1, 4, 1))["sampler.window_split"] == "slots"
+    # the setting means nothing to other samplers: the config's stays
+    piadm = Profile("piadm-sde", 50, 1e-3, 40, 2400.0, (8, 60), (0.0, 0.0), 2)
+    assert "sampler.window_split" not in settings(
+        Prediction(Layout("piadm-sde", 50, 1, 4, 1), piadm, 1.0, 1, 0.025))
 
 
 def test_auto_time_slices_keep_the_named_sampler(tmp_path):

@@ -78,8 +78,9 @@ step grf bench "$grf" "${common[@]}" --set calibrate.members=2 --set bench.membe
 if [ -n "${PIADM_GPU_QUICK:-}" ]; then
     echo "== scale: skipped (PIADM_GPU_QUICK)" | tee -a "$summary"
 elif command -v mpiexec >/dev/null; then
-    echo "== scale: bash jobs/local/scale_bench.sh $out/scale" | tee -a "$summary"
-    timeout "$((2 * limit))" bash jobs/local/scale_bench.sh "$out/scale" >/dev/null 2>&1  # 4 runs
+    # 8 ranks first: the rows that decide the most, should the timeout cut the rest (7 runs)
+    echo "== scale: bash jobs/local/scale_bench.sh $out/scale 8 4 2 1" | tee -a "$summary"
+    timeout "$((2 * limit))" bash jobs/local/scale_bench.sh "$out/scale" 8 4 2 1 >/dev/null 2>&1
     echo "   rc $?" | tee -a "$summary"
     cat "$out/scale/summary.txt" >>"$summary" 2>/dev/null
 else

@@ -128,7 +128,7 @@ def _whole_ring_prefix(w: torch.Tensor, base: torch.Tensor, head: np.ndarray, p:
     slots; ``comm`` has one rank, and its Allgather is kept so that a round makes the same
     collectives on any communicator (``tests/test_collectives.py`` counts them on one)."""
     order = (head[:, None] + np.arange(p)[None]) % p  # the slot of each chain index
-    rows = np.ascontiguousarray(np.broadcast_to(np.arange(len(head))[:, None], order.shape))
+    rows = np.repeat(np.arange(len(head)), p).reshape(order.shape)
     r, o = indices(w, rows, order)
     in_chain = w[r, o]
     cum = point_cumsum(in_chain)
