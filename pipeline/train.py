@@ -419,6 +419,9 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
         ucfg, den, ema, opt = _network(t, trn, shape, device)
         meta = _meta(t, ucfg, trn, shape, config_text)
         step, history = _restore(t, meta, den, ema, opt, comm, device)
+    if step >= t.steps:  # resumed at or past the steps asked: say so rather than idle
+        print0(comm, f"{t.checkpoint} already holds step {step}, train.steps = {t.steps}: "
+                     "nothing to train (raise train.steps to train on)")
     path = Path(t.checkpoint)
     # until the next validation, a resumed run's is its checkpoint's
     val_loss = _recorded(path).get("val_loss") if step else None

@@ -93,7 +93,14 @@ def test_training_resumes_from_its_checkpoint(tmp_path, dataset, plain, capsys):
     recorded = json.loads(Path(f"{split}.json").read_text())["val_loss"]
     capsys.readouterr()
     assert main(_train_args(dataset, split)) == 0  # nothing left to train: its validation loss
-    assert f"validation loss {recorded:.4f}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"validation loss {recorded:.4f}" in err
+    assert "already holds step 6, train.steps = 6: nothing to train" in err
+    # fewer steps than it holds: still nothing trained, and said so
+    assert main(_train_args(dataset, split, "train.steps=4")) == 0
+    err = capsys.readouterr().err
+    assert "already holds step 6, train.steps = 4: nothing to train (raise train.steps" in err
+    assert json.loads(Path(f"{split}.json").read_text())["step"] == 6
 
 
 def test_a_run_killed_while_saving_its_first_checkpoint_trains_again(tmp_path, dataset, plain,
