@@ -350,3 +350,24 @@ def test_a_host_mask_is_moved_to_the_fields_device_and_shaped_to_broadcast():
     mask = point_mask(torch.tensor([[True, False, True, True, False]] * 2), fields)
     assert mask.device.type == "meta" and mask.shape == (2, 5, 1, 1)
     assert point_mask(torch.tensor([True, False]), fields).shape == (2, 1, 1, 1)
+
+
+class _PartedComm:
+    """Two ranks as seen from rank 0, the other's window having started elsewhere: its
+    Allgather part is this rank's with the start row changed."""
+
+    rank, size = 0, 2
+
+    def allgather(self, x):
+        other = x.clone()
+        other[-1].view(-1)[0] += 1
+        return torch.stack([x, other])
+
+
+def test_ranks_of_a_replicated_window_that_part_ways_stop_with_the_reason():
+    from pipeline.samplers.ring import evaluate_shared
+
+    states = torch.zeros(1, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="disagree on where it starts"):
+        evaluate_shared(lambda x, u: x, states, np.array([0]), 4, 10, np.linspace(0, 1, 20),
+                        _PartedComm())

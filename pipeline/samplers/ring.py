@@ -178,13 +178,21 @@ def evaluate_shared(model, states: torch.Tensor, start, p: int, n: int, u: np.nd
     total = len(rows)
     lo, hi = slice_bounds(total, comm.size, comm.rank)
     share = -(-total // comm.size)  # an Allgather's parts are equal: shorter ones are padded
-    piece = states.new_zeros((share, *states.shape[2:]))
+    # one more row carries where this rank's windows start (a sum, exact in float32), so that
+    # ranks whose arithmetic parted ways stop rather than join others' scores
+    piece = states.new_zeros((share + 1, *states.shape[2:]))
+    piece[share].view(-1)[0] = float(int(start.sum()) % 2**24)
     if hi > lo:
         r, s = indices(states, rows[lo:hi], slots[lo:hi])
         clock = torch.from_numpy(u[pos[rows[lo:hi], slots[lo:hi]]])
         piece[: hi - lo] = model(states[r, s], clock.to(states.device, states.dtype))
     sizes = [slice_bounds(total, comm.size, k) for k in range(comm.size)]
     gathered = comm.allgather(piece)
+    starts = gathered[:, share].flatten(1)[:, 0]
+    if not bool((starts == starts[0]).all()):
+        raise RuntimeError("the ranks of a replicated window disagree on where it starts: their "
+                           "arithmetic differs (run every rank on the same kind of device, or "
+                           "set sampler.window_split = 'slots')")
     joined = torch.cat([gathered[k, : b - a] for k, (a, b) in enumerate(sizes)])
     g = torch.zeros_like(states)
     r, s = indices(states, rows, slots)
