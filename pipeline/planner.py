@@ -52,9 +52,9 @@ DEFAULT_LATENCY = 3e-5
 
 # Part of a profile's cache key: a profile of another version has other fields or another
 # meaning (2: the calls by batch size; 3: host time measured around the emulated device's
-# waits; 4: the window samplers' rounds take less host time), so it is measured again rather
-# than read.
-PROFILE_VERSION = 4
+# waits; 4: the window samplers' rounds take less host time; 5: one rank scans its window in
+# one pass), so it is measured again rather than read.
+PROFILE_VERSION = 5
 
 
 @dataclass(frozen=True)
