@@ -35,6 +35,7 @@ from pipeline.noise import Noise
 from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
 from pipeline.samplers import REFERENCE, SAMPLERS, redone
+from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
 
 COLUMNS = ("method", "seed", "tol", "ranks", "steps", "d", "rounds", "model_calls",
@@ -317,6 +318,8 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
             row = _row(method, seed, tolerances[method], comm.size, s.steps, math.prod(shape),
                        stats, ref_stats.model_calls, dist, err, timing, w2=w2s[method])
             row["collectives"] = collectives
+            if method in REPLICABLE:  # how its time slices shared the window (on one: alike)
+                row["window_split"] = s.window_split
             rows[method].append(row)
             print0(comm, _format(row))
             if stats.fallbacks:  # its distance is the sequential path's: say why
@@ -349,7 +352,9 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
                  f"block {cfg.sampler.block_size}, tol {cfg.sampler.tol}, "
                  f"{cfg.bench.members} members, {cfg.bench.seeds} seed(s), "
                  f"{cfg.bench.repeats} repeat(s), {cfg.sampler.dtype}, {cfg.sampler.noise} "
-                 f"noise, {comm.size} ranks (time slices), {device}")
+                 f"noise, {comm.size} ranks (time slices"
+                 + (f", pc-window's window split: {cfg.sampler.window_split}" if comm.size > 1
+                    else "") + f"), {device}")
     if comm.poll_s is not None:
         why = ": this node's ranks need more threads than it has cores" * (
             cfg.parallel.wait == "auto")

@@ -40,6 +40,7 @@ from pipeline.progress import Progress
 from pipeline.run import (DTYPES, member_batches, model_data_bound, model_digest, provenance,
                           residual_length, sample_batch, sampler_grid, sampler_options)
 from pipeline.samplers import REFERENCE, REGISTRY
+from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
 from pipeline.store import (ASKED, INPUT_FINGERPRINT, MEMBER_BATCH, StoreExists, StoreSpec,
@@ -497,6 +498,11 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
             else f"piadm wrote {written} members")
     if skipped:  # a rerun says what it found, so a line of 0 is not read as a lost run
         note += f" ({skipped} already written)"
+    if world.size > 1:  # members agree across layouts to rounding only: say which wrote them
+        note += (f" on {world.size} ranks = {ranks.groups} group{'s' if ranks.groups > 1 else ''}"
+                 f" x {slices.size} time slice{'s' if slices.size > 1 else ''}")
+        if slices.size > 1 and cfg.sampler.method in REPLICABLE:
+            note += f", window split {cfg.sampler.window_split}"
     on_rank0(world, _finalize_alone, spec.path, note, job)
     write_s = writer.busy if writer is not None else 0.0
     wait_s = writer.waited if writer is not None else 0.0

@@ -48,9 +48,12 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
     _check(isinstance(p.time_slices, int) and p.time_slices >= 1, "parallel.time_slices",
            f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")
     for key, n in REGISTRY[s.method].points(s).items():
+        capped = key != "steps" and n == s.steps  # a window or block of the whole path
         _check(p.time_slices <= n, "parallel.time_slices",
-               f"= {p.time_slices} is more than the {n} points of sampler.{key}: "
-               f"use at most {n} time slices, or raise sampler.{key}")
+               f"= {p.time_slices} is more than the {n} points of sampler.{key}"
+               + (f" (at most sampler.steps = {s.steps})" if capped else "")
+               + f": use at most {n} time slices, or raise sampler."
+               + ("steps" if capped else key))
 
 
 def _check_model(m: ModelConfig) -> None:

@@ -40,6 +40,10 @@ def test_version_and_the_installed_entry_point():
      "sampler.theta = 'max': use one of j_max, one"),
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.window_split=copies"],
      "sampler.window_split = 'copies': use one of slots, replicated"),
+    (["sample", "jobs/configs/grf.toml", "--set", "sampler.steps=3", "--set",
+      "sampler.window=100", "--set", "parallel.time_slices=4"],
+     "time_slices = 4 is more than the 3 points of sampler.window (at most sampler.steps = 3): "
+     "use at most 3 time slices, or raise sampler.steps"),
 ])
 def test_file_and_override_errors_are_one_line(args, needle, capsys, tmp_path):
     assert main(args) == 2

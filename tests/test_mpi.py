@@ -109,6 +109,9 @@ def test_sample_on_a_two_by_two_grid_writes_the_serial_store(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 ranks = 2 groups x 2 time slices" in proc.stderr
     a, b = xr.open_zarr(serial), xr.open_zarr(grid)
+    # the history says which layout wrote the members (they agree with one rank's to rounding)
+    assert b.attrs["history"].splitlines()[-1].endswith(
+        "piadm wrote 6 members on 4 ranks = 2 groups x 2 time slices, window split slots")
     assert relative(b.field, a.field) <= LAYOUT_BOUND["float32"] and a.field.dtype == np.float32
     assert (a.rounds.values == b.rounds.values).all()
 
@@ -279,8 +282,9 @@ def test_a_replicated_window_costs_one_allgather_a_round(tmp_path):
                               "bench.repeats=1"])])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"][1:]
+    assert "2 ranks (time slices, pc-window's window split: replicated)" in proc.stderr
     assert [row["method"] for row in rows] == ["pc-window", "pc-window-ode"]
     for row in rows:
-        assert row["ranks"] == 2 and row["rounds"] > 5
+        assert row["ranks"] == 2 and row["rounds"] > 5 and row["window_split"] == "replicated"
         assert list(row["collectives"]) == ["Allgather"]
         assert row["collectives"]["Allgather"][0] == row["rounds"]

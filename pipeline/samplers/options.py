@@ -34,8 +34,9 @@ class Options:
     window_split: how ``pc-window``'s time slices share a window: ``slots`` (each rank keeps
         a fixed range of its ring slots and their host work, two collectives a round) or
         ``replicated`` (every rank keeps the whole window and evaluates an even share of its
-        points, one collective a round: balanced calls and the same result on every layout,
-        for the whole window's memory and host work on every rank).
+        points, one collective a round: balanced calls and one rank's result, to the model's
+        rounding for other batch sizes, for the whole window's memory and host work on every
+        rank).
     on_divergence: ``sequential`` (redo the block step by step) or ``error`` when a fixed
         block's residual is NaN/Inf or exceeds ``divergence_threshold``; the window samplers
         raise ``PicardDivergence`` on NaN/Inf.
