@@ -159,10 +159,17 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
             + (f"  ({redone(stats.fallbacks)})" if stats.fallbacks else ""))
         if rung.worst <= distance / 2:
             return Calibration(rung.tol, tuple(rungs), "calibrated")
+    first, last = rungs[0], rungs[-1]
+    if len(rungs) >= 3 and last.worst > first.worst / 2:  # no closer at any tolerance
+        fix = (f"no closer than at {first.tol:g} ({first.worst:.1e}), so smaller tolerances "
+               f"would not help: {method} does not converge to {REFERENCE[method]}'s path (a "
+               "corrector, for one, changes it); compare them by quality (piadm bench's "
+               "stat_err and w2), or raise sampler.distance")
+    else:
+        fix = "add smaller tolerances to calibrate.ladder, or raise sampler.distance"
     error = Unreachable(
         f"calibrate: no tolerance in calibrate.ladder keeps {method} within {distance / 2:.1e} "
-        f"of the sequential path (tightest {ladder[-1]:g} gave {rungs[-1].worst:.1e}): add "
-        "smaller tolerances to calibrate.ladder, or raise sampler.distance")
+        f"of the sequential path (tightest {ladder[-1]:g} gave {last.worst:.1e}): {fix}")
     error.rungs = tuple(rungs)
     raise error
 

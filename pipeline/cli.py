@@ -14,6 +14,7 @@ if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "piadm":
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import math  # noqa: E402
 import traceback  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -553,10 +554,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             raise mended from None
     except KeyboardInterrupt as err:  # Ctrl-C: what the command kept, not where it stood
+        # a write the stop cut short leaves zarr's task pending: asyncio would log it at exit,
+        # after the line below, as if something else had failed
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         where = "" if world.size == 1 else f" on rank {world.rank}"
         what, code = stopped_by(err)
-        print(f"piadm: {what}{where}{': ' if str(err) else ''}{err}", file=sys.stderr,
-              flush=True)
+        # on a terminal a progress bar (or the ^C echo) may hold the line: start a new one
+        fresh = "\n" if sys.stderr.isatty() else ""
+        sys.stderr.write(f"{fresh}piadm: {what}{where}{': ' if str(err) else ''}{err}\n")
+        sys.stderr.flush()
         if world.size == 1:
             return code
         # each rank stopped wherever it stood: another may wait in a collective for it

@@ -10,10 +10,13 @@ def tag(comm) -> str:
     return f"[rank {comm.rank}/{comm.size}] " if comm.size > 1 else ""
 
 
-def print0(comm, *args, **kwargs) -> None:
-    """Print to stderr on rank 0 only, tagged and flushed, so progress shows in batch logs."""
+def print0(comm, *args) -> None:
+    """Print to stderr on rank 0 only, tagged and flushed, so progress shows in batch logs.
+    The line and its newline go out in one write: a stop signal between the two (``print``
+    writes them apart) would run the next line, the command's last word, onto this one."""
     if comm.rank == 0:
-        print(tag(comm) + " ".join(map(str, args)), file=sys.stderr, flush=True, **kwargs)
+        sys.stderr.write(tag(comm) + " ".join(map(str, args)) + "\n")
+        sys.stderr.flush()
 
 
 def on_rank0(comm, fn, *args, idle: bool = False, **kwargs):

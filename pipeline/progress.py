@@ -45,8 +45,9 @@ class Progress:
         if self.live:
             end = "\n" if final else ""
             print(f"\r\033[K{self._line()}", end=end, file=self.stream, flush=True)
-        else:
-            print(self._line(), file=self.stream, flush=True)
+        else:  # one write, as console.print0 does: a stop between text and newline would
+            self.stream.write(self._line() + "\n")  # run the command's last line onto it
+            self.stream.flush()
         self._last = time.perf_counter()
 
     def advance(self, count: int, detail: str = "") -> None:

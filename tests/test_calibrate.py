@@ -142,6 +142,21 @@ def test_how_time_slices_share_a_window_keeps_the_calibration():
     assert calibration_key(cfg, "m") == calibration_key(replicated, "m")
 
 
+def test_a_method_that_never_nears_the_sequential_path_is_not_told_to_try_smaller_tolerances(
+        tmp_path, capsys, monkeypatch):
+    """piadm-ode's corrector moves it off the probability-flow path: more rungs cannot help."""
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path))
+    args = ["calibrate", "jobs/configs/grf.toml"] + sum((["--set", s] for s in [
+        "sampler.method=piadm-ode", "model.shape=[8, 8]", "sampler.steps=60",
+        "sampler.block_size=20", "calibrate.ladder=[0.1, 0.01, 0.001]", "calibrate.members=1",
+        "sampler.tol=auto"]), [])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no closer than at 0.1" in err and "smaller tolerances would not help" in err
+    assert "piadm-ode does not converge to sequential-ode's path" in err
+    assert "add smaller tolerances" not in err
+
+
 def test_a_calibration_with_tf32_is_kept_apart():
     """TF32 rounding changes how close a parallel path can come to the sequential one: a
     tolerance calibrated with it is not reused without it, and the other way round."""

@@ -103,3 +103,31 @@ def test_sequential_sampler_reports_each_block():
     opts = Options(on_sweep=lambda *a: seen.append(a))
     SAMPLERS["sequential-sde"](model, noise.prior(), grid, noise, comm=SerialComm(), options=opts)
     assert [s[0] for s in seen] == [15, 30, 40] and [s[1] for s in seen] == [15, 15, 10]
+
+
+class Writes(io.StringIO):
+    """A log that records each write call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def write(self, text):
+        self.calls.append(text)
+        return super().write(text)
+
+
+def test_a_log_line_and_its_newline_are_one_write(monkeypatch):
+    """A stop signal is taken between two writes: had a line and its newline gone out apart,
+    the command's last line (what the stop kept) could run on after it."""
+    import sys
+
+    from pipeline.console import print0
+
+    log = Writes()
+    bar = Progress(SerialComm(), 2, "members", stream=log, every=0.0)
+    bar.advance(1, "item 0")
+    assert log.calls and all(call.endswith("\n") for call in log.calls)
+    monkeypatch.setattr(sys, "stderr", Writes())
+    print0(SerialComm(), "snapshots 6/4000 written")
+    assert sys.stderr.calls == ["snapshots 6/4000 written\n"]
