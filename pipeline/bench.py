@@ -353,8 +353,9 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
                  f"{cfg.bench.members} members, {cfg.bench.seeds} seed(s), "
                  f"{cfg.bench.repeats} repeat(s), {cfg.sampler.dtype}, {cfg.sampler.noise} "
                  f"noise, {comm.size} ranks (time slices"
-                 + (f", pc-window's window split: {cfg.sampler.window_split}" if comm.size > 1
-                    else "") + f"), {device}")
+                 + (f", pc-window's window split: {cfg.sampler.window_split}"
+                    if comm.size > 1 and set(cfg.bench.methods) & set(REPLICABLE) else "")
+                 + f"), {device}")
     if comm.poll_s is not None:
         why = ": this node's ranks need more threads than it has cores" * (
             cfg.parallel.wait == "auto")

@@ -129,6 +129,26 @@ def worst_distance(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((diff / ref.flatten(1).double().norm(dim=1)).max())
 
 
+def _unreachable_fix(method: str, rungs: list[Rung]) -> str:
+    """What to do when no rung came close enough. Smaller tolerances help unless the distance
+    stopped falling: over tolerances 100 times apart the rounds rose, yet the later half's
+    best is not half the earlier half's (a method with another fixed point, or a rounding
+    floor: the dtype, TF32)."""
+    early, late = rungs[: len(rungs) // 2], rungs[len(rungs) // 2:]
+    best = min(early, key=lambda r: r.worst, default=None)
+    flat = (best is not None and rungs[0].tol >= 100 * rungs[-1].tol
+            and rungs[-1].rounds > rungs[0].rounds
+            and min(r.worst for r in late) > best.worst / 2)
+    if not flat:
+        return "add smaller tolerances to calibrate.ladder, or raise sampler.distance"
+    why = ("its corrector changes the path" if REGISTRY[method].corrector else
+           "another fixed point, or a rounding floor: sampler.dtype, model.tf32")
+    return (f"its distance stopped falling near {best.worst:.1e} (tol {best.tol:g}) while its "
+            f"rounds rose, so smaller tolerances would not help ({why}); compare {method} with "
+            f"{REFERENCE[method]} by quality (piadm bench's stat_err and w2), or raise "
+            "sampler.distance")
+
+
 class Stopped(Exception):
     """A stop request came while calibrating: nothing was cached; a rerun measures anew."""
 
@@ -159,17 +179,10 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
             + (f"  ({redone(stats.fallbacks)})" if stats.fallbacks else ""))
         if rung.worst <= distance / 2:
             return Calibration(rung.tol, tuple(rungs), "calibrated")
-    first, last = rungs[0], rungs[-1]
-    if len(rungs) >= 3 and last.worst > first.worst / 2:  # no closer at any tolerance
-        fix = (f"no closer than at {first.tol:g} ({first.worst:.1e}), so smaller tolerances "
-               f"would not help: {method} does not converge to {REFERENCE[method]}'s path (a "
-               "corrector, for one, changes it); compare them by quality (piadm bench's "
-               "stat_err and w2), or raise sampler.distance")
-    else:
-        fix = "add smaller tolerances to calibrate.ladder, or raise sampler.distance"
     error = Unreachable(
         f"calibrate: no tolerance in calibrate.ladder keeps {method} within {distance / 2:.1e} "
-        f"of the sequential path (tightest {ladder[-1]:g} gave {last.worst:.1e}): {fix}")
+        f"of the sequential path (tightest {ladder[-1]:g} gave {rungs[-1].worst:.1e}): "
+        + _unreachable_fix(method, rungs))
     error.rungs = tuple(rungs)
     raise error
 

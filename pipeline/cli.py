@@ -554,9 +554,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             raise mended from None
     except KeyboardInterrupt as err:  # Ctrl-C: what the command kept, not where it stood
-        # a write the stop cut short leaves zarr's task pending: asyncio would log it at exit,
-        # after the line below, as if something else had failed
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         where = "" if world.size == 1 else f" on rank {world.rank}"
         what, code = stopped_by(err)
         # on a terminal a progress bar (or the ^C echo) may hold the line: start a new one
@@ -592,6 +589,9 @@ def entry() -> None:
         code = main()
     finally:
         ignore_stop_signals()
+    if code >= 128:  # stopped by a signal: a write it cut short leaves zarr's task pending,
+        # which asyncio would log at exit, after the stop's line, as if something else failed
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sys.exit(code)
 
 

@@ -47,13 +47,16 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
         return  # the planner picks a layout that fits
     _check(isinstance(p.time_slices, int) and p.time_slices >= 1, "parallel.time_slices",
            f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")
-    for key, n in REGISTRY[s.method].points(s).items():
-        capped = key != "steps" and n == s.steps  # a window or block of the whole path
+    registered = REGISTRY[s.method]
+    for key, n in registered.points(s).items():
+        asked = getattr(s, key) or (registered.default_window if key == "window" else 0)
+        capped = key != "steps" and asked > s.steps  # the path is shorter than the setting
+        more = ("sampler.steps" if capped else f"sampler.steps and sampler.{key}"
+                if key != "steps" and n == s.steps else f"sampler.{key}")
         _check(p.time_slices <= n, "parallel.time_slices",
                f"= {p.time_slices} is more than the {n} points of sampler.{key}"
                + (f" (at most sampler.steps = {s.steps})" if capped else "")
-               + f": use at most {n} time slices, or raise sampler."
-               + ("steps" if capped else key))
+               + f": use at most {n} time slices, or raise {more}")
 
 
 def _check_model(m: ModelConfig) -> None:

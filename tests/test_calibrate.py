@@ -152,9 +152,23 @@ def test_a_method_that_never_nears_the_sequential_path_is_not_told_to_try_smalle
         "sampler.tol=auto"]), [])
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "no closer than at 0.1" in err and "smaller tolerances would not help" in err
-    assert "piadm-ode does not converge to sequential-ode's path" in err
+    assert "its distance stopped falling near 7.9e-01 (tol 0.1) while its rounds rose" in err
+    assert "smaller tolerances would not help (its corrector changes the path)" in err
     assert "add smaller tolerances" not in err
+
+
+def test_a_method_calibrated_on_close_rungs_is_still_told_to_try_smaller_tolerances(
+        tmp_path, capsys, monkeypatch):
+    """pc-window's distance moves with its rounds, not smoothly: three close rungs may look
+    flat (6.3e-3, 3.4e-3, 5.8e-3 here), yet smaller tolerances reach it."""
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path))
+    args = ["calibrate", "jobs/configs/grf.toml"] + sum((["--set", s] for s in [
+        "sampler.method=pc-window", "model.shape=[8, 8]", "sampler.steps=60",
+        "calibrate.ladder=[0.1, 0.07, 0.05]", "calibrate.members=1", "sampler.distance=2e-3",
+        "sampler.tol=auto"]), [])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("add smaller tolerances to calibrate.ladder, or raise sampler.distance")
 
 
 def test_a_calibration_with_tf32_is_kept_apart():

@@ -44,6 +44,9 @@ def test_version_and_the_installed_entry_point():
       "sampler.window=100", "--set", "parallel.time_slices=4"],
      "time_slices = 4 is more than the 3 points of sampler.window (at most sampler.steps = 3): "
      "use at most 3 time slices, or raise sampler.steps"),
+    (["sample", "jobs/configs/grf.toml", "--set", "sampler.steps=10", "--set",
+      "sampler.window=10", "--set", "parallel.time_slices=16"],
+     "use at most 10 time slices, or raise sampler.steps and sampler.window"),
 ])
 def test_file_and_override_errors_are_one_line(args, needle, capsys, tmp_path):
     assert main(args) == 2
