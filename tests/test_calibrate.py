@@ -142,16 +142,21 @@ def test_how_time_slices_share_a_window_keeps_the_calibration():
     assert calibration_key(cfg, "m") == calibration_key(replicated, "m")
 
 
+def _calibration_refusal(tmp_path, capsys, monkeypatch, *sets: str) -> str:
+    """The one-line error of ``piadm calibrate`` on an 8x8 GRF of 60 steps, one member."""
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path))  # measured anew
+    args = ["calibrate", "jobs/configs/grf.toml"] + sum((["--set", s] for s in [
+        "model.shape=[8, 8]", "sampler.steps=60", "calibrate.members=1", "sampler.tol=auto",
+        *sets]), [])
+    assert main(args) == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_a_method_that_never_nears_the_sequential_path_is_not_told_to_try_smaller_tolerances(
         tmp_path, capsys, monkeypatch):
     """piadm-ode's corrector moves it off the probability-flow path: more rungs cannot help."""
-    monkeypatch.setenv("PIADM_CACHE", str(tmp_path))
-    args = ["calibrate", "jobs/configs/grf.toml"] + sum((["--set", s] for s in [
-        "sampler.method=piadm-ode", "model.shape=[8, 8]", "sampler.steps=60",
-        "sampler.block_size=20", "calibrate.ladder=[0.1, 0.01, 0.001]", "calibrate.members=1",
-        "sampler.tol=auto"]), [])
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = _calibration_refusal(tmp_path, capsys, monkeypatch, "sampler.method=piadm-ode",
+                               "sampler.block_size=20", "calibrate.ladder=[0.1, 0.01, 0.001]")
     assert "its distance stopped falling near 7.9e-01 (tol 0.1) while its rounds rose" in err
     assert "smaller tolerances would not help (its corrector changes the path)" in err
     assert "add smaller tolerances" not in err
@@ -161,13 +166,8 @@ def test_a_method_calibrated_on_close_rungs_is_still_told_to_try_smaller_toleran
         tmp_path, capsys, monkeypatch):
     """pc-window's distance moves with its rounds, not smoothly: three close rungs may look
     flat (6.3e-3, 3.4e-3, 5.8e-3 here), yet smaller tolerances reach it."""
-    monkeypatch.setenv("PIADM_CACHE", str(tmp_path))
-    args = ["calibrate", "jobs/configs/grf.toml"] + sum((["--set", s] for s in [
-        "sampler.method=pc-window", "model.shape=[8, 8]", "sampler.steps=60",
-        "calibrate.ladder=[0.1, 0.07, 0.05]", "calibrate.members=1", "sampler.distance=2e-3",
-        "sampler.tol=auto"]), [])
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = _calibration_refusal(tmp_path, capsys, monkeypatch, "sampler.method=pc-window",
+                               "calibrate.ladder=[0.1, 0.07, 0.05]", "sampler.distance=2e-3")
     assert err.endswith("add smaller tolerances to calibrate.ladder, or raise sampler.distance")
 
 

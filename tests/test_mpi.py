@@ -242,17 +242,22 @@ def test_sigterm_to_mpiexec_stops_every_rank_and_a_rerun_completes(tmp_path, inp
     assert relative(got["vort"], want["vort"]) <= LAYOUT_BOUND["float32"]
 
 
-def test_bench_under_mpiexec_reports_each_kind_of_collective(tmp_path):
+def _bench_two_ranks(tmp_path, methods: str, *sets: str):
+    """``piadm bench`` of ``methods`` on a 12x12 GRF on 2 ranks: (its stderr, the rows of the
+    parallel methods)."""
     import json
 
     out = tmp_path / "b.json"
     proc = mpirun(2, ["-m", "pipeline.cli", "bench", "jobs/configs/grf.toml", "--json", str(out),
                       *_sets(["bench.sizes=[[12, 12]]", "sampler.steps=120",
-                              "bench.methods=['sequential-sde', 'pc-window']",
-                              "sampler.tol=1e-3", "parallel.time_slices=2",
-                              "bench.repeats=1"])])
+                              f"bench.methods={methods}", "bench.repeats=1", *sets])])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    row = json.loads(out.read_text())["rows"][1]
+    return proc.stderr, json.loads(out.read_text())["rows"][1:]
+
+
+def test_bench_under_mpiexec_reports_each_kind_of_collective(tmp_path):
+    err, (row,) = _bench_two_ranks(tmp_path, "['sequential-sde', 'pc-window']",
+                                   "sampler.tol=1e-3", "parallel.time_slices=2")
     assert row["method"] == "pc-window" and row["ranks"] == 2
     # two buffer collectives a round, nothing else: the bench's own reductions are not counted
     assert sorted(row["collectives"]) == ["Allgather", "Allreduce"]
@@ -267,22 +272,14 @@ def test_bench_under_mpiexec_reports_each_kind_of_collective(tmp_path):
     # wall_s is rounded to the millisecond: allow for that on runs of a few milliseconds
     assert row["own_share"] == pytest.approx(own / row["wall_s"],
                                              rel=0.01 + 0.0006 / row["wall_s"])
-    assert f"Allgather {row['rounds']} x" in proc.stderr and "its own" in proc.stderr
-    assert "of the wall waiting for other ranks' model calls" in proc.stderr
+    assert f"Allgather {row['rounds']} x" in err and "its own" in err
+    assert "of the wall waiting for other ranks' model calls" in err
 
 
 def test_a_replicated_window_costs_one_allgather_a_round(tmp_path):
-    import json
-
-    out = tmp_path / "b.json"
-    proc = mpirun(2, ["-m", "pipeline.cli", "bench", "jobs/configs/grf.toml", "--json", str(out),
-                      *_sets(["bench.sizes=[[12, 12]]", "sampler.steps=120",
-                              "bench.methods=['sequential-sde', 'pc-window', 'pc-window-ode']",
-                              "sampler.tol=1e-4", "sampler.window_split=replicated",
-                              "bench.repeats=1"])])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"][1:]
-    assert "2 ranks (time slices, pc-window's window split: replicated)" in proc.stderr
+    err, rows = _bench_two_ranks(tmp_path, "['sequential-sde', 'pc-window', 'pc-window-ode']",
+                                 "sampler.tol=1e-4", "sampler.window_split=replicated")
+    assert "2 ranks (time slices, pc-window's window split: replicated)" in err
     assert [row["method"] for row in rows] == ["pc-window", "pc-window-ode"]
     for row in rows:
         assert row["ranks"] == 2 and row["rounds"] > 5 and row["window_split"] == "replicated"
