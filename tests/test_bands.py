@@ -106,3 +106,24 @@ def test_block_intervals_cover_a_correlated_truth_and_row_by_row_ones_do_not():
             covered[name] += figs.ratio_lo[0] <= 1 <= figs.ratio_hi[0]
     assert covered["blocks"] >= 0.7 * 40  # a 90% interval, from about 12 blocks a resample
     assert covered["rows"] <= 0.5 * 40  # row by row: about 6 times too narrow
+
+
+def test_the_largest_deviations_bounds_hold_it_even_for_an_ensemble_against_itself():
+    """The bootstrap's own interval of a maximum sits above it (resampled shells scatter from
+    1 and their largest deviation grows): an ensemble against itself got 0.00 [0.10, 0.34].
+    The bounds come from the shells' intervals instead."""
+    rng = np.random.default_rng(5)
+    bands = spectral_bands(64, cut=21, input_n=16)
+    same = _spectra(rng, 24)
+    figs = band_figures(same, same, bands, paired=False)
+    assert np.all(figs.max_deviation[:, 0] == 0.0) and np.all(figs.max_deviation[:, 1] == 0.0)
+    assert np.all(figs.max_deviation[:, 2] > 0.05)  # the scatter of 24 units allows as much
+    # a real deficit: at least what the shell farthest from 1 certainly has, at most its reach
+    gain = np.ones(32)
+    gain[8:21] = np.linspace(1.0, 0.6, 13)
+    figs = band_figures(_spectra(rng, 24) * gain, _spectra(rng, 24), bands, paired=False)
+    value, low, high = figs.max_deviation[1]
+    assert low <= value <= high and low > 0.1
+    shells = slice(8, 21)
+    assert np.isclose(high, np.max(np.maximum(np.abs(figs.ratio_lo[shells] - 1),
+                                              np.abs(figs.ratio_hi[shells] - 1))))
