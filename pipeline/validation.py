@@ -49,7 +49,7 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
            f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")
     registered = REGISTRY[s.method]
     for key, n in registered.points(s).items():
-        asked = getattr(s, key) or (registered.default_window if key == "window" else 0)
+        asked = getattr(s, key) or registered.default_window  # 0 only for the window
         capped = key != "steps" and asked > s.steps  # the path is shorter than the setting
         more = ("sampler.steps" if capped else f"sampler.steps and sampler.{key}"
                 if key != "steps" and n == s.steps else f"sampler.{key}")

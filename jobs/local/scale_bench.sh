@@ -15,10 +15,10 @@ out="${1:-out/scale}"
 shift $(($# > 0 ? 1 : 0))
 ranks=("$@")
 [ ${#ranks[@]} -gt 0 ] || ranks=(1 2 4 8)
-for n in "${ranks[@]}"; do
-    [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "scale_bench: rank count '$n' is not a positive whole number" >&2; exit 2; }
-done
 source jobs/common.sh
+for n in "${ranks[@]}"; do
+    is_count "$n" || { echo "scale_bench: rank count '$n' is not a positive whole number" >&2; exit 2; }
+done
 command -v mpiexec >/dev/null || { echo "scale_bench: no mpiexec on PATH (pip install mpich)" >&2; exit 2; }
 mkdir -p "$out"
 summary="$out/summary.txt"

@@ -79,17 +79,17 @@ def chain_prefix(w: torch.Tensor, states: torch.Tensor, start, width,
     start, width = np.asarray(start), np.asarray(width)
     lo, hi = bounds[comm.rank]
     head = start % p
-    high_np = np.arange(lo, hi)[None] >= head[:, None]
     own_base = torch.zeros_like(states[:, 0])  # Y_b where this rank holds it, else zero
     (owner,) = ((head >= lo) & (head < hi) & (width > 0)).nonzero()
     if len(owner):
         rows, cols = indices(states, owner, head[owner] - lo)
         own_base[rows] = states[rows, cols]
+    if len(bounds) == 1:  # every row alike, so that a row's sums do not depend on its batch
+        return _whole_ring_prefix(w, own_base, head, p, comm, extra)
+    high_np = np.arange(lo, hi)[None] >= head[:, None]
     # a rank whose slots all lie on one side of the window start (most of them, most rounds)
     # has one run: the other's masked copy and scan would only add zeros
     one_run = high_np.all() or not high_np.any()
-    if len(bounds) == 1:  # every row alike, so that a row's sums do not depend on its batch
-        return _whole_ring_prefix(w, own_base, head, p, comm, extra)
     if high_np.all():
         cum_high, cum_low = point_cumsum(w), torch.zeros_like(w)
     elif one_run:
@@ -139,6 +139,16 @@ def _whole_ring_prefix(w: torch.Tensor, base: torch.Tensor, head: np.ndarray, p:
     return prefix, gathered[:, 0], None if extra is None else gathered[:, 1:]
 
 
+def window_points(start, lo: int, hi: int, p: int, n: int):
+    """The window points before step n in slots lo..hi-1 for window starts ``start`` (B,):
+    (width (B,), chain (B, hi - lo), positions, valid mask), numpy."""
+    start = np.asarray(start)
+    width = np.minimum(np.maximum(n - start, 0), p)  # np.clip costs 3 times as much
+    chain = chain_index(lo, hi, start, p)
+    pos = start[:, None] + chain
+    return width, chain, pos, chain < width[:, None]
+
+
 def evaluate_window(model, states: torch.Tensor, start, bounds, p: int, n: int,
                     u: np.ndarray, rank: int):
     """One round's batched model call on this rank's slots: the window points before step n.
@@ -146,12 +156,7 @@ def evaluate_window(model, states: torch.Tensor, start, bounds, p: int, n: int,
     states (B, hi - lo, *S) slot states, start (B,) int window starts, u (N + 2p,) float64 the
     clock of each step (padded past n). Returns (width (B,), chain (B, hi - lo), positions,
     valid mask, all numpy, and scores (B, hi - lo, *S), zero where not valid)."""
-    lo, hi = bounds[rank]
-    start = np.asarray(start)
-    width = np.minimum(np.maximum(n - start, 0), p)  # np.clip costs 3 times as much
-    chain = chain_index(lo, hi, start, p)
-    pos = start[:, None] + chain
-    valid = chain < width[:, None]
+    width, chain, pos, valid = window_points(start, *bounds[rank], p, n)
     if valid.all():  # every round but the last few: no gather or scatter
         x, clock = states.flatten(0, 1), torch.from_numpy(u[pos.ravel()])
         return width, chain, pos, valid, model(x, clock.to(x.device, x.dtype)).view_as(states)
@@ -170,10 +175,7 @@ def evaluate_shared(model, states: torch.Tensor, start, p: int, n: int, u: np.nd
     Returns (width, chain, positions, valid) as ``evaluate_window`` with the rank's range the
     whole ring, and scores (B, p, *S), zero where not valid, the same on every rank."""
     start = np.asarray(start)
-    width = np.minimum(np.maximum(n - start, 0), p)
-    chain = chain_index(0, p, start, p)
-    pos = start[:, None] + chain
-    valid = chain < width[:, None]
+    width, chain, pos, valid = window_points(start, 0, p, p, n)
     rows, slots = valid.nonzero()  # every rank lists the points in the same order
     total = len(rows)
     lo, hi = slice_bounds(total, comm.size, comm.rank)
