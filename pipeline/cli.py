@@ -397,8 +397,10 @@ def parser() -> argparse.ArgumentParser:
         prog="piadm", description="Block-parallel Picard sampling of diffusion models for "
         "ensembles of physics fields.", epilog="PIADM_SET holds more KEY=VALUE overrides, "
         "separated by ';' or new lines, that every command taking a config applies before its "
-        "own --set. Exit codes: 0 done, 1 an unexpected failure (or status: incomplete), 2 a "
-        "bad input refused before anything was written, 75 sample stopped by a signal (rerun "
+        "own --set. Exit codes: 0 done, 1 an unexpected failure (or status: incomplete), 2 an "
+        "error told in one line: a bad input refused before anything was written, or a failure "
+        "part way (a full disk, memory) that keeps the members written, 75 sample stopped by a "
+        "signal (rerun "
         "to resume), 130 stopped at once by Ctrl-C, 143 or 138 any other command stopped by "
         "SIGTERM or SIGUSR1.")
     p.add_argument("--version", action="version", version=f"piadm {__version__}")

@@ -36,8 +36,10 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
                                     "parallel.time_slices": slices})
     fate, runs, unit = _store_fate(shown, items.fingerprint)
     batches = member_batches(e.members, unit or size)
-    done = (done_members(cfg.output.path) if unit else
-            np.zeros((len(items.labels), e.members), dtype=bool))
+    done = np.zeros((len(items.labels), e.members), dtype=bool)
+    if unit:  # a store to grow holds fewer members: the rest are to sample
+        found = done_members(cfg.output.path)
+        done[:, : found.shape[1]] = found[:, : e.members]
     todo = len(work_list(done, batches, cfg.parallel.items))
     unit = unit or size
     lines = [
@@ -64,7 +66,8 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
             text = check_memory(cfg, tuple(cfg.model.shape), torch.device(device),
                                 sharing=sharing, time_slices=ranks.slices.size,
                                 batch=call_batch(size, e.members))
-            if _would_calibrate(cfg, resumed=fate.startswith("would be resumed")):
+            kept = fate.startswith(("would be resumed", "would be grown"))
+            if _would_calibrate(cfg, resumed=kept):
                 check_memory(cfg, tuple(cfg.model.shape), torch.device(device),
                              calibration=True)
             lines.append("memory     " + text)
@@ -89,9 +92,11 @@ def _store_fate(cfg: Config, fingerprint) -> tuple[str, bool, int | None]:
     except OSError as err:  # check_writable: the folder named
         return (f"would be refused: cannot make a store in {err.filename}: {err.strerror}",
                 False, None)
-    if fate in ("resume", "upgrade"):
+    if fate in ("resume", "upgrade", "grow"):
         done = done_members(path)
-        return (f"would be resumed: {int(done.sum())} of {done.size} members done"
+        grown = f" to {cfg.ensemble.members} members" if fate == "grow" else ""
+        return (f"would be {'grown' if grown else 'resumed'}{grown}: {int(done.sum())} of "
+                f"{done.size} members done"
                 + ("; an older piadm made it, and its identity would be brought up to date"
                    if fate == "upgrade" else ""), True,
                 member_batch(path))

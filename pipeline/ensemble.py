@@ -31,7 +31,7 @@ from pipeline.console import on_rank0, print0
 from pipeline.decomposition import share
 from pipeline.errors import OutOfMemory, WriteFailed, raised_by_every_rank
 from pipeline.inputs import Items, open_items, same_fingerprint, unconditional
-from pipeline.identity import store_digests, target_fate
+from pipeline.identity import growth, store_digests, target_fate
 from pipeline.layout import RankGrid, rank_grid
 from pipeline.memory import field_bytes, is_out_of_memory, ranks_sharing
 from pipeline.memory_check import check_memory, round_points
@@ -148,12 +148,13 @@ def check_output(cfg: Config, fingerprint: tuple[float, ...] = ()) -> str:
     """What the run does with its store at output.path (``target.check_target``'s fate),
     after the checks that fate needs: a new store's folder must take it, a replaced one
     must have no live job filling it, nor an older piadm's store brought up to date
-    (``upgrade``), and a resumed one must find the input fields it was conditioned on, by
-    their ``fingerprint`` (``inputs.fingerprint``; empty: unconditional). Raises StoreExists
-    or OSError naming the problem."""
+    (``upgrade``) nor one grown to more members (``grow``), and a resumed or grown one must
+    find the input fields it was conditioned on, by their ``fingerprint``
+    (``inputs.fingerprint``; empty: unconditional). Raises StoreExists or OSError naming the
+    problem."""
     fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
                           differs=lambda text: store_differences(cfg, text))
-    if fate in ("resume", "upgrade") and fingerprint:
+    if fate in ("resume", "upgrade", "grow") and fingerprint:
         _check_same_input(cfg, fingerprint)
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
@@ -161,6 +162,8 @@ def check_output(cfg: Config, fingerprint: tuple[float, ...] = ()) -> str:
         check_idle(cfg.output.path)
     if fate == "upgrade":
         check_idle(cfg.output.path, "brings an older piadm's store up to date")
+    if fate == "grow":
+        check_idle(cfg.output.path, "grows a store")
     return fate
 
 
@@ -200,7 +203,7 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
     if fate == "upgrade":
         upgrade_identity(spec.path, legacy, cfg.store_digest,
                          plan=spec.attrs.get("plan_config_sha256"), asked=spec.attrs.get(ASKED))
-    return spec, open_or_create(spec, overwrite=cfg.output.overwrite)
+    return spec, open_or_create(spec, overwrite=cfg.output.overwrite, grown=growth(cfg))
 
 
 def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: bool = True,

@@ -4,12 +4,13 @@ A store is a configuration's when its digest is ``Config.store_digest``, or the 
 older piadm gave the same settings, which counted ensemble.batch_size: that store is
 resumed at any batch size and brought up to date (``target.upgrade_identity``). A store's
 unit of work is its own batch (``store.member_batch``); a run resuming it samples its
-batches ensemble.batch_size members a call (``work.cut_calls``).
+batches ensemble.batch_size members a call (``work.cut_calls``). A store of the same settings
+with fewer members is the configuration's too: it is grown to ensemble.members.
 """
 from __future__ import annotations
 
 from pipeline.settings import Config
-from pipeline.store import config_batch, stored_digest
+from pipeline.store import config_batch, config_members, stored_digest
 from pipeline.target import check_target, stored_config
 
 
@@ -20,17 +21,35 @@ def _legacy_batches(cfg: Config) -> tuple[int, ...]:
     return tuple(dict.fromkeys(b for b in (made, cfg.ensemble.batch_size) if b is not None))
 
 
+def _legacy_digests(cfg: Config) -> tuple[str, ...]:
+    return tuple(cfg.legacy_store_digest(b) for b in _legacy_batches(cfg))
+
+
+def growth(cfg: Config) -> tuple[str, int, int] | None:
+    """When the store at output.path was made by a config with another ensemble.members:
+    the digest ``cfg``'s settings have at that count, the count, and ``cfg``'s; else None. A
+    store of ``cfg``'s settings with fewer members is grown (``target.check_target``): the
+    members it holds are those of ``cfg``'s, each keyed by its index."""
+    made = config_members(stored_config(cfg.output.path))
+    if made is None or made == cfg.ensemble.members:
+        return None
+    return cfg.members_digest(made), made, cfg.ensemble.members
+
+
 def store_digests(cfg: Config) -> tuple[str, ...]:
     """The digests under which the store at output.path is ``cfg``'s: ``store_digest`` first,
     then an older piadm's (``Config.legacy_store_digest``) at the batch sizes it may have
-    counted."""
-    return (cfg.store_digest, *(cfg.legacy_store_digest(b) for b in _legacy_batches(cfg)))
+    counted, and ``cfg``'s at the store's fewer members (``growth``)."""
+    grown = growth(cfg)
+    smaller = (grown[0],) if grown is not None and grown[1] < grown[2] else ()
+    return (cfg.store_digest, *_legacy_digests(cfg), *smaller)
 
 
 def target_fate(cfg: Config, model: str | None, **kwargs) -> tuple[str, str | None]:
     """``target.check_target``'s fate of output.path, an older piadm's store of ``cfg`` being
-    ``upgrade``; with the older digest it matched (None: none)."""
+    ``upgrade`` and one with fewer members ``grow``; with the older digest it matched (None:
+    none)."""
     found = stored_digest(cfg.output.path)
-    legacy = next((d for d in store_digests(cfg)[1:] if d == found), None)
+    legacy = next((d for d in _legacy_digests(cfg) if d == found), None)
     return check_target(cfg.output.path, cfg.store_digest, model=model, legacy=legacy,
-                        **kwargs), legacy
+                        grown=growth(cfg), **kwargs), legacy

@@ -26,6 +26,7 @@ import torch
 from pipeline.cache import cache_path, read_cache, update_cache
 from pipeline.calibrate import CALIBRATION_ITEM, CANNOT_CALIBRATE, calibration_key, resolve_tol
 from pipeline.config import ConfigError, with_settings
+from pipeline.identity import growth
 from pipeline.layout import cpu_threads
 from pipeline.memory import (available_bytes, field_bytes, format_bytes, is_out_of_memory,
                              ranks_sharing, sampler_floor)
@@ -457,6 +458,9 @@ def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
         return None
     plan, key = json.loads(attrs["plan_settings"]), attrs.get("plan_config_sha256")
     if key == cfg.store_digest:
+        return plan, attrs.get(ASKED)
+    grown = growth(cfg)  # made with fewer members: growing it keeps its plan, as resuming does
+    if grown is not None and grown[1] < grown[2] and key == grown[0]:
         return plan, attrs.get(ASKED)
     # an older piadm's store: its key counted the batch size the config asked then
     asked = next((b for b in (cfg.ensemble.batch_size, *range(1, OLDER_ASKED + 1))

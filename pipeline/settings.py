@@ -234,6 +234,13 @@ class Config:
         old["ensemble"]["batch_size"] = batch_size
         return _settings_digest(old)
 
+    def members_digest(self, members: int) -> str:
+        """The digest of these settings with ``members`` in ensemble.members: a store this
+        configuration made with fewer members is its own, grown (``pipeline.identity``)."""
+        fewer = self.store_settings()
+        fewer["ensemble"]["members"] = members
+        return _settings_digest(fewer)
+
 
 def _settings_digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()

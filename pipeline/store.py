@@ -171,6 +171,15 @@ def config_batch(text: str) -> int | None:
     return batch if isinstance(batch, int) and batch >= 1 else None
 
 
+def config_members(text: str) -> int | None:
+    """The ensemble.members in a store's ``config`` attribute (TOML); None without one."""
+    try:
+        members = tomllib.loads(text).get("ensemble", {}).get("members")
+    except tomllib.TOMLDecodeError:
+        return None
+    return members if isinstance(members, int) and members >= 1 else None
+
+
 def member_batch(path: str | Path) -> int:
     """The store's unit of work: members a run claims, samples and writes together (whole
     chunks, so writers never share one). A store an older piadm made does not record it:
@@ -272,6 +281,25 @@ def write_batch(path: str | Path, *, variable: str, item: int, start: int, field
         group = _still_ours(path, digest, model)
     _check_owned(owned, path, item, start)
     group["done"][item, start:stop] = 1  # last: only now do these members count as done
+
+
+def grow(path: str | Path, members: int, note: str, attrs: dict) -> None:
+    """Give every member-indexed array of the store ``members`` members, the new ones not
+    done (Zarr reads chunks never written, and the edge chunks' padding, as the fill value:
+    0 for ``done``), then set ``attrs`` and append ``note`` (``finalize``). The identity in
+    ``attrs`` goes last: a growth cut short leaves the old identity, and the next run of the
+    larger configuration grows the store again (resizing an array already grown is nothing)."""
+    # the arrays as they are, not as the consolidated metadata last saw them
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    for name, array in sorted(group.arrays()):
+        dims = array.metadata.dimension_names or ()
+        if "member" in dims and array.shape[dims.index("member")] < members:
+            shape = list(array.shape)
+            shape[dims.index("member")] = members
+            array.resize(tuple(shape))
+        if name == "member":  # all of it: a growth cut short may have resized it already
+            array[:] = np.arange(members)
+    finalize(path, note, attrs)
 
 
 def _check_owned(owned, path, item: int, start: int) -> None:

@@ -18,11 +18,17 @@ from pathlib import Path
 from pipeline.claims import Heartbeat, claims_dir, clear_claims, holding, live_jobs, new_job_id
 from pipeline import __version__
 from pipeline.store import (ASKED, MEMBER_BATCH, StoreExists, StoreSpec, create,
-                            enclosing_store, finalize, member_batch, read_attrs)
+                            enclosing_store, finalize, grow, member_batch, read_attrs)
+
+
+# What a grown store takes from the configuration that grows it: its identity, and the
+# config it now holds (``grow``)
+GROWN_ATTRS = ("piadm_store_digest", "store_sha256", "config", "config_sha256",
+               "plan_config_sha256")
 
 
 def _fate(path: str | Path, digest: str, overwrite: bool, model: str | None,
-          legacy: str | None) -> tuple[str, str | None]:
+          legacy: str | None, grown: tuple[str, int, int] | None) -> tuple[str, str | None]:
     if not Path(path).exists():
         return "create", None
     attrs = read_attrs(path) or {}
@@ -34,7 +40,10 @@ def _fate(path: str | Path, digest: str, overwrite: bool, model: str | None,
         return "upgrade", found
     if found == digest and made_with in (None, model):
         return "resume", found
-    if found in (digest, legacy):  # the same settings, but the model's files have changed since
+    if grown is not None and found == grown[0] and made_with in (None, model):
+        made, asked = grown[1:]
+        return ("grow" if made < asked else "replace" if overwrite else "fewer"), found
+    if found in (digest, legacy, grown and grown[0]):  # the same settings, but the model's files have changed since
         return ("replace" if overwrite else "weights"), made_with
     return ("replace" if overwrite else "other"), found
 
@@ -88,17 +97,28 @@ def stored_config(path: str | Path) -> str:
 
 
 def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str | None = None,
-                 differs=(), legacy: str | None = None) -> str:
+                 differs=(), legacy: str | None = None,
+                 grown: tuple[str, int, int] | None = None) -> str:
     """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse;
     returns the fate otherwise: ``create`` it, ``resume`` this run's own store, ``upgrade``
     this run's own store made by an older piadm under the ``legacy`` digest
-    (``upgrade_identity``, then resume it), or ``replace`` another configuration's or another
-    model's (with ``overwrite``). Refused: ``foreign`` (not a piadm store: never deleted),
-    ``other`` (another configuration's), ``weights`` (this configuration's with other model
-    files), and a replacement through a symbolic link. ``model``: the run's model digest
-    (None: not compared); ``differs``: a callable giving the settings in which another
-    configuration's store differs, for the message."""
-    fate, found = _fate(path, digest, overwrite, model, legacy)
+    (``upgrade_identity``, then resume it), ``grow`` this run's own store made with fewer
+    members (``grown``: the digest of this run's settings at the members the store holds,
+    those members and the run's; ``identity.growth``), or ``replace`` another configuration's
+    or another model's (with ``overwrite``). Refused: ``foreign`` (not a piadm store: never
+    deleted), ``other`` (another configuration's), ``fewer`` (this configuration's with more
+    members than asked), ``weights`` (this configuration's with other model files), and a
+    replacement through a symbolic link. ``model``: the run's model digest (None: not
+    compared); ``differs``: a callable giving the settings in which another configuration's
+    store differs, for the message."""
+    fate, found = _fate(path, digest, overwrite, model, legacy, grown)
+    if fate == "fewer":
+        made, asked = grown[1:]
+        raise StoreExists(
+            f"output {path} holds {made} members of this configuration and this run asks "
+            f"ensemble.members = {asked}: piadm grows a store but never cuts one: ask {made} or "
+            f"more to resume or grow it, read its first {asked} members with xarray "
+            f"(ds.isel(member=slice({asked}))), or set output.overwrite = true to replace it")
     if fate == "replace" and Path(path).is_symlink():
         raise StoreExists(f"output {path} is a symbolic link, and piadm does not replace a store "
                           "through a link: point output.path at the store itself")
@@ -122,19 +142,46 @@ def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str |
     return fate
 
 
-def open_or_create(spec: StoreSpec, *, overwrite: bool) -> str:
+def open_or_create(spec: StoreSpec, *, overwrite: bool,
+                   grown: tuple[str, int, int] | None = None) -> str:
     """Create the store (metadata only) or check an existing one is this run's; returns
-    ``created`` or ``resumed``. Creation is built aside and renamed into place, so the path
-    is either absent or complete, and two runs racing to create it agree on one. With
-    ``overwrite`` another configuration's store (or one made with other model files) is
+    ``created``, ``resumed`` or ``grown from M to N members``. Creation is built aside and renamed into place, so
+    the path is either absent or complete, and two runs racing to create it agree on one.
+    With ``overwrite`` another configuration's store (or one made with other model files) is
     deleted first; this configuration's own is resumed (a requeued job, or a second job
-    sharing its batches, must not delete the work)."""
+    sharing its batches, must not delete the work), and grown to more members (``grown``:
+    see ``check_target``) rather than replaced: its members are the ones a new store's would
+    be, each member's noise keyed by its index."""
     # never delete what we did not make
     fate = check_target(spec.path, spec.digest, overwrite=overwrite,
-                        model=spec.attrs.get("model_sha256"))
+                        model=spec.attrs.get("model_sha256"), grown=grown)
     if fate == "resume":
         return "resumed"
+    if fate == "grow":
+        return _grow(spec, grown, overwrite)
     return _replace(spec) if fate == "replace" else _create(spec, overwrite)
+
+
+def _grow(spec: StoreSpec, grown: tuple[str, int, int], overwrite: bool) -> str:
+    """Grow this configuration's store to ``spec.members``, one job at a time (the claims
+    folder's lock, as for replacing) and only while no job fills it: a job of the smaller
+    configuration would find its store changed, and stop. When another job grew (or
+    replaced) it first, its store is opened as ``open_or_create`` finds it now."""
+    folder, job = claims_dir(spec.path), f"{REPLACER}{new_job_id()}"
+    beat = Heartbeat(folder, job).start()
+    try:
+        with holding(folder, "replace", job):
+            if check_target(spec.path, spec.digest, overwrite=overwrite,  # as it is now
+                            model=spec.attrs.get("model_sha256"), grown=grown) == "grow":
+                check_idle(spec.path, "grows a store")
+                attrs = {key: spec.attrs[key] for key in GROWN_ATTRS if key in spec.attrs}
+                grow(spec.path, spec.members,
+                     f"piadm {__version__}: grown from {grown[1]} to {spec.members} members "
+                     "(ensemble.members)", {**attrs, "piadm_store_digest": spec.digest})
+                return f"grown from {grown[1]} to {spec.members} members"
+    finally:
+        beat.stop()
+    return open_or_create(spec, overwrite=overwrite)
 
 
 def _create(spec: StoreSpec, overwrite: bool) -> str:

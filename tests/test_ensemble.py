@@ -423,6 +423,90 @@ def test_a_different_config_is_refused_and_the_store_kept(tmp_path, input_store,
     assert _digest_files(out) == before
 
 
+def test_a_store_grows_to_more_members_keeping_those_it_holds(tmp_path, input_store, capsys):
+    """Asked for more members, a complete store of the same settings is grown, not refused
+    nor remade: the members it holds stay as they were written, the rest are sampled (the
+    last batch of 2 was half full), and the members are those of a store made at once."""
+    clean, grown = tmp_path / "clean.zarr", tmp_path / "grown.zarr"
+    more = "ensemble.members=9"
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(input_store, clean, more)]) == 0
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(input_store, grown, "ensemble.members=5")]) == 0
+    before = xr.open_zarr(grown).load()
+    capsys.readouterr()
+    args = ["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, grown, more)]
+    assert main([*args, "--dry-run"]) == 0
+    assert "would be grown to 9 members: 30 of 30 members done" in capsys.readouterr().err
+    assert main(args) == 0
+    assert "grown from 5 to 9 members: 30 of 54 members done, 24 to sample" in (
+        capsys.readouterr().err)
+    _same_members(clean, grown)
+    after = xr.open_zarr(grown)
+    assert list(after["member"].values) == list(range(9))
+    for name in before.data_vars:  # not one value of the members held changed
+        assert np.array_equal(after[name].isel(member=slice(5)).values, before[name].values,
+                              equal_nan=True), name
+    history = json.loads(zarr.open_group(grown, mode="r").attrs["piadm_history"])
+    assert history[-2].endswith("grown from 5 to 9 members (ensemble.members)")
+    assert history[-1].endswith("piadm wrote 24 members (30 already written)")
+    assert main(["status", "--verify", str(grown)]) == 0
+    assert main(args) == 0  # now the 9-member configuration's own store: resumed
+    assert "resumed: 54 of 54 members done, 0 to sample" in capsys.readouterr().err
+
+
+def test_a_store_is_never_cut_to_fewer_members(tmp_path, input_store, capsys):
+    out = tmp_path / "ens.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
+    before = _digest_files(out)
+    args = ["sample", "jobs/configs/grf.toml",
+            *conditional_sets(input_store, out, "ensemble.members=4")]
+    for extra in (["--dry-run"], []):
+        capsys.readouterr()
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "holds 6 members of this configuration and this run asks ensemble.members = 4" in err
+        assert "ds.isel(member=slice(4))" in err
+    assert _digest_files(out) == before
+
+
+def test_a_growth_cut_short_is_finished_by_the_next_run(tmp_path, input_store, capsys):
+    """Killed after resizing the arrays, before the store took the larger configuration's
+    identity: the store is still the smaller one's, and the larger one's run grows it."""
+    from pipeline.store import grow
+
+    clean, cut = tmp_path / "clean.zarr", tmp_path / "cut.zarr"
+    more = "ensemble.members=8"
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(input_store, clean, more)]) == 0
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, cut)]) == 0
+    grow(cut, 8, "arrays resized, identity not yet", {})
+    assert zarr.open_group(cut, mode="r")["done"].shape == (6, 8)
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(input_store, cut, more)]) == 0
+    assert "grown from 6 to 8 members: 36 of 48 members done" in capsys.readouterr().err
+    _same_members(clean, cut)
+
+
+def test_an_auto_store_grows_with_the_plan_it_was_made_with(tmp_path, capsys):
+    """An "auto" run's members follow its plan: asked for more, the store is grown with
+    that plan (its sampler), not planned again for the larger ensemble."""
+    out = tmp_path / "auto.zarr"
+    sets = ["model.shape=[16, 16]", "sampler.steps=60", "sampler.method=auto",
+            "ensemble.batch_size=2", f"output.path={out}"]
+    run = lambda members: main(["sample", "jobs/configs/grf.toml", *sum(  # noqa: E731
+        (["--set", s] for s in [*sets, f"ensemble.members={members}"]), [])])
+    assert run(2) == 0
+    plan = zarr.open_group(out, mode="r").attrs["plan_settings"]
+    capsys.readouterr()
+    assert run(5) == 0
+    err = capsys.readouterr().err
+    assert "plan: the store's own choice" in err and "grown from 2 to 5 members" in err
+    assert zarr.open_group(out, mode="r").attrs["plan_settings"] == plan
+    assert run(5) == 0  # the grown store is the 5-member configuration's own
+    assert "resumed: 5 of 5 members done" in capsys.readouterr().err
+
+
 def _digest_files(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(Path(path).rglob("*")):
