@@ -94,9 +94,10 @@ def _store_fate(cfg: Config, fingerprint) -> tuple[str, bool, int | None]:
                 False, None)
     if fate in ("resume", "upgrade", "grow"):
         done = done_members(path)
-        grown = f" to {cfg.ensemble.members} members" if fate == "grow" else ""
-        return (f"would be {'grown' if grown else 'resumed'}{grown}: {int(done.sum())} of "
-                f"{done.size} members done"
+        total = done.shape[0] * max(done.shape[1], cfg.ensemble.members)
+        grown = (f"grown from {done.shape[1]} to {cfg.ensemble.members} members"
+                 if fate == "grow" else "resumed")
+        return (f"would be {grown}: {int(done.sum())} of {total} members done"
                 + ("; an older piadm made it, and its identity would be brought up to date"
                    if fate == "upgrade" else ""), True,
                 member_batch(path))

@@ -9,9 +9,11 @@ with fewer members is the configuration's too: it is grown to ensemble.members.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from pipeline.settings import Config
-from pipeline.store import config_batch, config_members, stored_digest
-from pipeline.target import check_target, stored_config
+from pipeline.store import StoreExists, config_batch, config_members, stored_digest
+from pipeline.target import Growth, check_target, stored_config
 
 
 def _legacy_batches(cfg: Config) -> tuple[int, ...]:
@@ -22,10 +24,12 @@ def _legacy_batches(cfg: Config) -> tuple[int, ...]:
 
 
 def _legacy_digests(cfg: Config) -> tuple[str, ...]:
+    """An older piadm's digests of ``cfg`` (``Config.legacy_store_digest``), at the batch
+    sizes its store may have counted."""
     return tuple(cfg.legacy_store_digest(b) for b in _legacy_batches(cfg))
 
 
-def growth(cfg: Config) -> tuple[str, int, int] | None:
+def growth(cfg: Config) -> Growth | None:
     """When the store at output.path was made by a config with another ensemble.members:
     the digest ``cfg``'s settings have at that count, the count, and ``cfg``'s; else None. A
     store of ``cfg``'s settings with fewer members is grown (``target.check_target``): the
@@ -33,16 +37,37 @@ def growth(cfg: Config) -> tuple[str, int, int] | None:
     made = config_members(stored_config(cfg.output.path))
     if made is None or made == cfg.ensemble.members:
         return None
-    return cfg.members_digest(made), made, cfg.ensemble.members
+    return Growth(cfg.members_digest(made), made, cfg.ensemble.members)
+
+
+def smaller_digest(cfg: Config) -> str | None:
+    """``cfg``'s digest at the members of the store at output.path when it holds fewer (it
+    is then ``cfg``'s, to grow); else None."""
+    grown = growth(cfg)
+    return grown.digest if grown is not None and grown.made < grown.asked else None
 
 
 def store_digests(cfg: Config) -> tuple[str, ...]:
     """The digests under which the store at output.path is ``cfg``'s: ``store_digest`` first,
     then an older piadm's (``Config.legacy_store_digest``) at the batch sizes it may have
     counted, and ``cfg``'s at the store's fewer members (``growth``)."""
+    smaller = smaller_digest(cfg)
+    return (cfg.store_digest, *_legacy_digests(cfg), *((smaller,) if smaller else ()))
+
+
+def _check_older_and_smaller(cfg: Config, found: str | None) -> None:
+    """Refuse to grow a store an older piadm made with fewer members: its identity must be
+    brought up to date first, by a run at its own count."""
     grown = growth(cfg)
-    smaller = (grown[0],) if grown is not None and grown[1] < grown[2] else ()
-    return (cfg.store_digest, *_legacy_digests(cfg), *smaller)
+    if found is None or grown is None or grown.made >= grown.asked:
+        return
+    then = dataclasses.replace(cfg, ensemble=dataclasses.replace(cfg.ensemble,
+                                                                 members=grown.made))
+    if found in _legacy_digests(then):
+        raise StoreExists(
+            f"output {cfg.output.path} holds {grown.made} members of this configuration, "
+            f"made by an older piadm: run it once with ensemble.members = {grown.made} to "
+            f"bring its identity up to date, then with {grown.asked} to grow it")
 
 
 def target_fate(cfg: Config, model: str | None, **kwargs) -> tuple[str, str | None]:
@@ -50,6 +75,7 @@ def target_fate(cfg: Config, model: str | None, **kwargs) -> tuple[str, str | No
     ``upgrade`` and one with fewer members ``grow``; with the older digest it matched (None:
     none)."""
     found = stored_digest(cfg.output.path)
+    _check_older_and_smaller(cfg, found)
     legacy = next((d for d in _legacy_digests(cfg) if d == found), None)
     return check_target(cfg.output.path, cfg.store_digest, model=model, legacy=legacy,
                         grown=growth(cfg), **kwargs), legacy

@@ -26,7 +26,7 @@ import torch
 from pipeline.cache import cache_path, read_cache, update_cache
 from pipeline.calibrate import CALIBRATION_ITEM, CANNOT_CALIBRATE, calibration_key, resolve_tol
 from pipeline.config import ConfigError, with_settings
-from pipeline.identity import growth
+from pipeline.identity import smaller_digest
 from pipeline.layout import cpu_threads
 from pipeline.memory import (available_bytes, field_bytes, format_bytes, is_out_of_memory,
                              ranks_sharing, sampler_floor)
@@ -56,6 +56,9 @@ DEFAULT_LATENCY = 3e-5
 # waits; 4: the window samplers' rounds take less host time; 5: one rank scans its window in
 # one pass), so it is measured again rather than read.
 PROFILE_VERSION = 5
+
+# A run whose parallel.time_slices rule out a layout predicted this much faster says so
+FASTER_ELSEWHERE = 0.9
 
 
 @dataclass(frozen=True)
@@ -440,9 +443,16 @@ def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int
             raise ConfigError(f"config: no layout of {cfg.sampler.method} fits "
                               f"parallel.time_slices = {cfg.parallel.time_slices}: set it "
                               "\"auto\"")
+        freer = next((p for p in plan.ranked if cfg.sampler.method in AUTO_METHODS
+                      or p.layout.method == cfg.sampler.method), None)
         plan = dataclasses.replace(plan, ranked=ranked)
         say(table(plan, rows=6))
         say(describe(plan))
+        if freer is not None and freer.seconds < FASTER_ELSEWHERE * plan.best.seconds:
+            # `piadm plan` weighs every time-slice count, a run only the ones it is given
+            say(f"plan: parallel.time_slices = \"auto\" would allow {freer.layout.groups} "
+                f"groups x {freer.layout.time_slices} time slices, predicted "
+                f"{freer.seconds:.2f} s ({plan.best.seconds / freer.seconds:.2f}x faster)")
         chosen = settings(plan.best)
     attrs = {"plan_settings": json.dumps(chosen), "plan_config_sha256": cfg.store_digest,
              ASKED: stored[1] if stored else cfg.ensemble.batch_size}
@@ -459,8 +469,7 @@ def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
     plan, key = json.loads(attrs["plan_settings"]), attrs.get("plan_config_sha256")
     if key == cfg.store_digest:
         return plan, attrs.get(ASKED)
-    grown = growth(cfg)  # made with fewer members: growing it keeps its plan, as resuming does
-    if grown is not None and grown[1] < grown[2] and key == grown[0]:
+    if key == smaller_digest(cfg):  # made with fewer members: growing it keeps its plan
         return plan, attrs.get(ASKED)
     # an older piadm's store: its key counted the batch size the config asked then
     asked = next((b for b in (cfg.ensemble.batch_size, *range(1, OLDER_ASKED + 1))

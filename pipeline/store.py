@@ -190,6 +190,11 @@ def member_batch(path: str | Path) -> int:
                or group["done"].chunks[1])
 
 
+def member_chunk_of(path: str | Path) -> int:
+    """The members per chunk of the store at ``path``."""
+    return zarr.open_group(path, mode="r")["done"].chunks[1]
+
+
 def stored_digest(path: str | Path) -> str | None:
     """The configuration digest of the piadm store at ``path``; None if it is not one."""
     return (read_attrs(path) or {}).get("piadm_store_digest")
@@ -287,8 +292,9 @@ def grow(path: str | Path, members: int, note: str, attrs: dict) -> None:
     """Give every member-indexed array of the store ``members`` members, the new ones not
     done (Zarr reads chunks never written, and the edge chunks' padding, as the fill value:
     0 for ``done``), then set ``attrs`` and append ``note`` (``finalize``). The identity in
-    ``attrs`` goes last: a growth cut short leaves the old identity, and the next run of the
-    larger configuration grows the store again (resizing an array already grown is nothing)."""
+    ``attrs`` goes last, after the consolidated metadata has the new sizes: a growth cut
+    short leaves the old identity, and the next run of the larger configuration grows the
+    store again (resizing an array already grown is nothing)."""
     # the arrays as they are, not as the consolidated metadata last saw them
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
     for name, array in sorted(group.arrays()):
@@ -299,6 +305,7 @@ def grow(path: str | Path, members: int, note: str, attrs: dict) -> None:
             array.resize(tuple(shape))
         if name == "member":  # all of it: a growth cut short may have resized it already
             array[:] = np.arange(members)
+    consolidate(path)  # what readers (and ``finalize``) open: the sizes before the identity
     finalize(path, note, attrs)
 
 

@@ -14,11 +14,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.claims import Heartbeat, claims_dir, clear_claims, holding, live_jobs, new_job_id
 from pipeline import __version__
 from pipeline.store import (ASKED, MEMBER_BATCH, StoreExists, StoreSpec, create,
-                            enclosing_store, finalize, grow, member_batch, read_attrs)
+                            enclosing_store, finalize, grow, member_batch, member_chunk_of,
+                            read_attrs)
 
 
 # What a grown store takes from the configuration that grows it: its identity, and the
@@ -27,8 +29,17 @@ GROWN_ATTRS = ("piadm_store_digest", "store_sha256", "config", "config_sha256",
                "plan_config_sha256")
 
 
+class Growth(NamedTuple):
+    """A store of a run's settings made with another ensemble.members: the digest the run's
+    settings have at the store's count (``made``), and the count the run asks."""
+
+    digest: str
+    made: int
+    asked: int
+
+
 def _fate(path: str | Path, digest: str, overwrite: bool, model: str | None,
-          legacy: str | None, grown: tuple[str, int, int] | None) -> tuple[str, str | None]:
+          legacy: str | None, grown: Growth | None) -> tuple[str, str | None]:
     if not Path(path).exists():
         return "create", None
     attrs = read_attrs(path) or {}
@@ -40,10 +51,11 @@ def _fate(path: str | Path, digest: str, overwrite: bool, model: str | None,
         return "upgrade", found
     if found == digest and made_with in (None, model):
         return "resume", found
-    if grown is not None and found == grown[0] and made_with in (None, model):
-        made, asked = grown[1:]
-        return ("grow" if made < asked else "replace" if overwrite else "fewer"), found
-    if found in (digest, legacy, grown and grown[0]):  # the same settings, but the model's files have changed since
+    ours = (digest, legacy) + ((grown.digest,) if grown is not None else ())
+    if grown is not None and found == grown.digest and made_with in (None, model):
+        return ("grow" if grown.made < grown.asked else "replace" if overwrite
+                else "fewer"), found
+    if found in ours:  # the same settings, but the model's files have changed since
         return ("replace" if overwrite else "weights"), made_with
     return ("replace" if overwrite else "other"), found
 
@@ -97,8 +109,7 @@ def stored_config(path: str | Path) -> str:
 
 
 def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str | None = None,
-                 differs=(), legacy: str | None = None,
-                 grown: tuple[str, int, int] | None = None) -> str:
+                 differs=(), legacy: str | None = None, grown: Growth | None = None) -> str:
     """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse;
     returns the fate otherwise: ``create`` it, ``resume`` this run's own store, ``upgrade``
     this run's own store made by an older piadm under the ``legacy`` digest
@@ -113,7 +124,7 @@ def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str |
     store differs, for the message."""
     fate, found = _fate(path, digest, overwrite, model, legacy, grown)
     if fate == "fewer":
-        made, asked = grown[1:]
+        made, asked = grown.made, grown.asked
         raise StoreExists(
             f"output {path} holds {made} members of this configuration and this run asks "
             f"ensemble.members = {asked}: piadm grows a store but never cuts one: ask {made} or "
@@ -142,16 +153,15 @@ def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str |
     return fate
 
 
-def open_or_create(spec: StoreSpec, *, overwrite: bool,
-                   grown: tuple[str, int, int] | None = None) -> str:
+def open_or_create(spec: StoreSpec, *, overwrite: bool, grown: Growth | None = None) -> str:
     """Create the store (metadata only) or check an existing one is this run's; returns
-    ``created``, ``resumed`` or ``grown from M to N members``. Creation is built aside and renamed into place, so
-    the path is either absent or complete, and two runs racing to create it agree on one.
-    With ``overwrite`` another configuration's store (or one made with other model files) is
-    deleted first; this configuration's own is resumed (a requeued job, or a second job
-    sharing its batches, must not delete the work), and grown to more members (``grown``:
-    see ``check_target``) rather than replaced: its members are the ones a new store's would
-    be, each member's noise keyed by its index."""
+    ``created``, ``resumed`` or ``grown from M to N members``. Creation is built aside and
+    renamed into place, so the path is either absent or complete, and two runs racing to
+    create it agree on one. With ``overwrite`` another configuration's store (or one made
+    with other model files) is deleted first; this configuration's own is resumed (a
+    requeued job, or a second job sharing its batches, must not delete the work), and grown
+    to more members (``grown``: see ``check_target``) rather than replaced: its members are
+    the ones a new store's would be, each member's noise keyed by its index."""
     # never delete what we did not make
     fate = check_target(spec.path, spec.digest, overwrite=overwrite,
                         model=spec.attrs.get("model_sha256"), grown=grown)
@@ -162,23 +172,28 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool,
     return _replace(spec) if fate == "replace" else _create(spec, overwrite)
 
 
-def _grow(spec: StoreSpec, grown: tuple[str, int, int], overwrite: bool) -> str:
+def _grow(spec: StoreSpec, grown: Growth, overwrite: bool) -> str:
     """Grow this configuration's store to ``spec.members``, one job at a time (the claims
-    folder's lock, as for replacing) and only while no job fills it: a job of the smaller
-    configuration would find its store changed, and stop. When another job grew (or
-    replaced) it first, its store is opened as ``open_or_create`` finds it now."""
+    folder's locks: as for replacing, and against a job finishing, which rewrites the
+    attributes) and only while no job fills it: a job of the smaller configuration would
+    find its store changed, and stop. When another job grew (or replaced) it first, its
+    store is opened as ``open_or_create`` finds it now."""
     folder, job = claims_dir(spec.path), f"{REPLACER}{new_job_id()}"
     beat = Heartbeat(folder, job).start()
     try:
-        with holding(folder, "replace", job):
+        with holding(folder, "replace", job), holding(folder, "finalize", job):
             if check_target(spec.path, spec.digest, overwrite=overwrite,  # as it is now
                             model=spec.attrs.get("model_sha256"), grown=grown) == "grow":
                 check_idle(spec.path, "grows a store")
                 attrs = {key: spec.attrs[key] for key in GROWN_ATTRS if key in spec.attrs}
+                unit = member_batch(spec.path)
+                chunk = member_chunk_of(spec.path)
+                if unit % chunk:  # a store of fewer members than its batch has smaller chunks
+                    attrs[MEMBER_BATCH] = chunk  # batches of whole chunks: writers never share
                 grow(spec.path, spec.members,
-                     f"piadm {__version__}: grown from {grown[1]} to {spec.members} members "
-                     "(ensemble.members)", {**attrs, "piadm_store_digest": spec.digest})
-                return f"grown from {grown[1]} to {spec.members} members"
+                     f"piadm {__version__}: grown from {grown.made} to {spec.members} "
+                     "members (ensemble.members)", {**attrs, "piadm_store_digest": spec.digest})
+                return f"grown from {grown.made} to {spec.members} members"
     finally:
         beat.stop()
     return open_or_create(spec, overwrite=overwrite)

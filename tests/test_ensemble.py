@@ -437,7 +437,8 @@ def test_a_store_grows_to_more_members_keeping_those_it_holds(tmp_path, input_st
     capsys.readouterr()
     args = ["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, grown, more)]
     assert main([*args, "--dry-run"]) == 0
-    assert "would be grown to 9 members: 30 of 30 members done" in capsys.readouterr().err
+    assert "would be grown from 5 to 9 members: 30 of 54 members done" in (
+        capsys.readouterr().err)
     assert main(args) == 0
     assert "grown from 5 to 9 members: 30 of 54 members done, 24 to sample" in (
         capsys.readouterr().err)
@@ -470,22 +471,69 @@ def test_a_store_is_never_cut_to_fewer_members(tmp_path, input_store, capsys):
     assert _digest_files(out) == before
 
 
-def test_a_growth_cut_short_is_finished_by_the_next_run(tmp_path, input_store, capsys):
-    """Killed after resizing the arrays, before the store took the larger configuration's
-    identity: the store is still the smaller one's, and the larger one's run grows it."""
-    from pipeline.store import grow
+@pytest.mark.parametrize("cut", ["before the sizes are consolidated", "before the identity"])
+def test_a_growth_cut_short_is_finished_by_the_next_run(tmp_path, input_store, capsys,
+                                                        monkeypatch, cut):
+    """Killed after resizing the arrays, before the consolidated metadata or the identity
+    had the larger configuration's: the store is still the smaller one's, and the larger
+    one's next run grows it."""
+    from pipeline import store
 
-    clean, cut = tmp_path / "clean.zarr", tmp_path / "cut.zarr"
-    more = "ensemble.members=8"
+    clean, cut_short = tmp_path / "clean.zarr", tmp_path / "cut.zarr"
+    more = conditional_sets(input_store, cut_short, "ensemble.members=8")
     assert main(["sample", "jobs/configs/grf.toml",
-                 *conditional_sets(input_store, clean, more)]) == 0
-    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, cut)]) == 0
-    grow(cut, 8, "arrays resized, identity not yet", {})
-    assert zarr.open_group(cut, mode="r")["done"].shape == (6, 8)
+                 *conditional_sets(input_store, clean, "ensemble.members=8")]) == 0
     assert main(["sample", "jobs/configs/grf.toml",
-                 *conditional_sets(input_store, cut, more)]) == 0
+                 *conditional_sets(input_store, cut_short)]) == 0
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(store, "consolidate" if cut.startswith("before the sizes")
+                        else "finalize", killed)
+    with pytest.raises(Killed):
+        main(["sample", "jobs/configs/grf.toml", *more])
+    monkeypatch.undo()
+    assert zarr.open_group(cut_short, mode="r", use_consolidated=False)["done"].shape == (6, 8)
+    capsys.readouterr()
+    assert main(["sample", "jobs/configs/grf.toml", *more]) == 0
     assert "grown from 6 to 8 members: 36 of 48 members done" in capsys.readouterr().err
-    _same_members(clean, cut)
+    _same_members(clean, cut_short)
+
+
+def test_a_store_smaller_than_its_batch_grows_in_batches_of_its_chunks(tmp_path, input_store):
+    """3 members made in batches of 4 have chunks of 3: grown to 8 in batches of 4, two
+    writers would share the chunk of members 3 .. 5; the grown store's batches are its
+    chunks."""
+    clean, grown = tmp_path / "clean.zarr", tmp_path / "grown.zarr"
+    sets = lambda out, members: conditional_sets(  # noqa: E731
+        input_store, out, f"ensemble.members={members}", "ensemble.batch_size=4")
+    assert main(["sample", "jobs/configs/grf.toml", *sets(clean, 8)]) == 0
+    assert main(["sample", "jobs/configs/grf.toml", *sets(grown, 3)]) == 0
+    assert zarr.open_group(grown, mode="r")["done"].chunks == (1, 3)
+    assert main(["sample", "jobs/configs/grf.toml", *sets(grown, 8)]) == 0
+    assert zarr.open_group(grown, mode="r").attrs["piadm_member_batch"] == 3
+    _same_members(clean, grown)
+
+
+def test_an_older_piadms_store_of_fewer_members_is_brought_up_to_date_before_it_grows(
+        tmp_path, input_store, capsys):
+    out = tmp_path / "old.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
+    cfg = load_config("jobs/configs/grf.toml", _overrides(conditional_sets(input_store, out)))
+    legacy = cfg.legacy_store_digest(2)
+    zarr.open_group(out, mode="r+").attrs.update(piadm_store_digest=legacy,
+                                                 store_sha256=legacy)  # as piadm 0.1 left it
+    before = _digest_files(out)
+    capsys.readouterr()
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(input_store, out, "ensemble.members=8")]) == 2
+    assert ("made by an older piadm: run it once with ensemble.members = 6 to bring its "
+            "identity up to date, then with 8 to grow it") in capsys.readouterr().err
+    assert _digest_files(out) == before
 
 
 def test_an_auto_store_grows_with_the_plan_it_was_made_with(tmp_path, capsys):

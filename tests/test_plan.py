@@ -295,6 +295,34 @@ def test_auto_time_slices_keep_the_named_sampler(tmp_path):
     assert chosen["sampler.method"] == "window" and chosen["parallel.time_slices"] == 1
 
 
+def test_a_run_held_to_its_time_slices_says_what_auto_time_slices_would_gain(
+        tmp_path, monkeypatch):
+    """`piadm plan` weighs every time-slice count; an "auto" run with the default
+    parallel.time_slices = 1 weighs one: it says when the plan's table holds a layout
+    predicted more than 10% faster on other time slices, and keeps to its own."""
+    from pipeline import planner
+
+    curve = CostCurve((1, 8, 64), (0.005, 0.005, 0.040), (0.0, 0.0, 0.0))
+    machine = Machine(ranks=8, ranks_per_node=8, cores=64, threads=1, latency=1e-5)
+    ranked = _best([SEQUENTIAL, WINDOW], curve, machine, members=1)
+    sequential = next(p for p in ranked if p.layout.method == "sequential-sde")
+    monkeypatch.setattr(planner, "make_plan",
+                        lambda *a, **k: planner.Plan(ranked, sequential, machine))
+    one_slice = next(p.seconds for p in ranked if p.layout.time_slices == 1)
+    for slices, chosen, hint in [
+            (1, 1, 'plan: parallel.time_slices = "auto" would allow 1 groups x 8 time slices, '
+                   f"predicted {ranked[0].seconds:.2f} s "
+                   f"({one_slice / ranked[0].seconds:.2f}x faster)"),
+            ("auto", 8, None)]:
+        cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+            "sampler.method": "auto", "parallel.time_slices": slices}))
+        said = []
+        _, attrs = planner.planned_config(cfg, None, "cpu", ranks=8, gpus_per_node=0,
+                                          latency=1e-5, stored=None, say=said.append)
+        assert json.loads(attrs["plan_settings"])["parallel.time_slices"] == chosen
+        assert [line for line in said if "would allow" in line] == ([hint] if hint else [])
+
+
 def test_auto_quality_weighs_every_sampler_at_the_steps_that_reach_the_same_w2(tmp_path, capsys):
     """sampler.method = "auto-quality": each sequential sampler runs at the fewest steps whose
     exact W2 reaches sequential-ode's at sampler.steps, and the plan says which steps to run."""
