@@ -90,18 +90,17 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
 
     dims = (spec.item_dim, "member", *FIELD_DIMS[len(spec.shape)])
     n = len(spec.items)
-    field = da.zeros((n, spec.members, *spec.shape), dtype=spec.dtype,
-                     chunks=(1, spec.member_chunk, *spec.shape))
+    # one dask chunk each: only the metadata is written (``create``), and a graph of a task
+    # per store chunk made creating a store of many members take seconds
+    field = da.zeros((n, spec.members, *spec.shape), dtype=spec.dtype, chunks=-1)
     per_member = {
-        name: ((spec.item_dim, "member"),
-               da.zeros((n, spec.members), dtype=dtype, chunks=(1, spec.member_chunk)))
+        name: ((spec.item_dim, "member"), da.zeros((n, spec.members), dtype=dtype, chunks=-1))
         for name, dtype in PER_MEMBER.items()
     }
     if spec.sweeps:
         per_member["residual"] = (
             (spec.item_dim, "member", "sweep"),
-            da.full((n, spec.members, spec.sweeps), np.nan, dtype="float32",
-                    chunks=(1, spec.member_chunk, spec.sweeps)))
+            da.full((n, spec.members, spec.sweeps), np.nan, dtype="float32", chunks=-1))
     coords = {spec.item_dim: spec.items, "member": np.arange(spec.members)}
     coords.update({d: np.arange(k) for d, k in zip(dims[2:], spec.shape)})
     if spec.sweeps:
@@ -120,6 +119,8 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
             ds[d].attrs = dict(attrs)
     ds[spec.variable].attrs.update(spec.field_attrs)
     ds[spec.variable].attrs.setdefault("long_name", f"ensemble of {spec.variable}")
+    for name, var in ds.data_vars.items():  # the store's chunks: whole fields, m members
+        var.encoding["chunks"] = (1, spec.member_chunk, *var.shape[2:])
     ds["member"].attrs.update(standard_name="realization", units="1", long_name="ensemble member")
     ds["done"].attrs.update(long_name="1 once the member's fields are completely written")
     ds["seed"].attrs.update(long_name="noise key of the member: seed, item and member index")
@@ -216,7 +217,9 @@ def create(spec: StoreSpec) -> bool:
     path = Path(spec.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.creating")
-    _dataset(spec).to_zarr(aside, mode="w", compute=False, consolidated=False, zarr_format=3)
+    # safe_chunks off: the one dask chunk spans many store chunks, but nothing is computed
+    _dataset(spec).to_zarr(aside, mode="w", compute=False, consolidated=False, zarr_format=3,
+                           safe_chunks=False)
     try:
         os.rename(aside, path)
     except OSError:

@@ -504,19 +504,32 @@ def test_a_growth_cut_short_is_finished_by_the_next_run(tmp_path, input_store, c
     _same_members(clean, cut_short)
 
 
-def test_a_store_smaller_than_its_batch_grows_in_batches_of_its_chunks(tmp_path, input_store):
-    """3 members made in batches of 4 have chunks of 3: grown to 8 in batches of 4, two
-    writers would share the chunk of members 3 .. 5; the grown store's batches are its
-    chunks."""
+def test_a_store_whose_chunks_do_not_divide_its_batch_grows_in_batches_of_its_chunks(
+        tmp_path, input_store):
+    """An older piadm cut the chunks of a store of 3 members made in batches of 4 to 3
+    members: grown to 8 in batches of 4, two writers would share the chunk of members
+    3 .. 5. The grown store's batches are its chunks."""
     clean, grown = tmp_path / "clean.zarr", tmp_path / "grown.zarr"
-    sets = lambda out, members: conditional_sets(  # noqa: E731
-        input_store, out, f"ensemble.members={members}", "ensemble.batch_size=4")
+    sets = lambda out, members, batch=4: conditional_sets(  # noqa: E731
+        input_store, out, f"ensemble.members={members}", f"ensemble.batch_size={batch}")
     assert main(["sample", "jobs/configs/grf.toml", *sets(clean, 8)]) == 0
-    assert main(["sample", "jobs/configs/grf.toml", *sets(grown, 3)]) == 0
+    assert main(["sample", "jobs/configs/grf.toml", *sets(grown, 3, batch=3)]) == 0
+    zarr.open_group(grown, mode="r+").attrs["piadm_member_batch"] = 4  # as that piadm left it
     assert zarr.open_group(grown, mode="r")["done"].chunks == (1, 3)
     assert main(["sample", "jobs/configs/grf.toml", *sets(grown, 8)]) == 0
     assert zarr.open_group(grown, mode="r").attrs["piadm_member_batch"] == 3
     _same_members(clean, grown)
+
+
+def test_a_new_stores_chunks_hold_its_batch_even_with_fewer_members(tmp_path):
+    """Chunks of the whole batch, past the members: the store can grow in its batches."""
+    out = tmp_path / "few.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", "--set", "model.shape=[8, 8]", "--set",
+                 "sampler.steps=20", "--set", "ensemble.members=3", "--set",
+                 "ensemble.batch_size=4", "--set", f"output.path={out}"]) == 0
+    group = zarr.open_group(out, mode="r")
+    assert group["done"].chunks == (1, 4) and group["done"].shape == (1, 3)
+    assert xr.open_zarr(out)["done"].values.all()
 
 
 def test_an_older_piadms_store_of_fewer_members_is_brought_up_to_date_before_it_grows(
