@@ -81,7 +81,7 @@ def _communicator(comm):
 
 
 def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
-    """Fill ``cfg``'s ensemble store (creating or resuming it) and return the run's
+    """Fill ``cfg``'s ensemble store (creating, resuming or growing it) and return the run's
     ``Summary`` (path, members, rounds, model_calls, seconds, ...). ``cfg`` is a ``Config``
     or what ``load_config`` takes, the same on every rank; ``comm`` an mpi4py communicator,
     ``world()`` or None (``world()``); ``stop`` an optional ``pipeline.signals.StopRequest``

@@ -405,7 +405,8 @@ def parser() -> argparse.ArgumentParser:
         "SIGTERM or SIGUSR1.")
     p.add_argument("--version", action="version", version=f"piadm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    helps = {"sample": "sample an ensemble into a Zarr store (resumes an unfinished one)",
+    helps = {"sample": "sample an ensemble into a Zarr store (resumes an unfinished one, grows "
+                       "one of fewer members)",
              "bench": "compare sequential and parallel samplers",
              "calibrate": "choose sampler.tol: the loosest that keeps a few members within "
                           "half of sampler.distance of the sequential path (cached)",

@@ -242,8 +242,8 @@ def _bind(model, condition: str, field: np.ndarray | None, device):
 
 def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
                     stop: StopRequest | None = None, attrs: dict | None = None) -> Summary:
-    """Fill ``cfg``'s ensemble store (creating or resuming it), printing progress on rank 0;
-    ``attrs`` are extra store attributes (the planner's choice)."""
+    """Fill ``cfg``'s ensemble store (creating, resuming or growing it), printing progress on
+    rank 0; ``attrs`` are extra store attributes (the planner's choice)."""
     ranks = ranks or rank_grid(SerialComm(), 1)
     stop = stop if stop is not None else StopRequest()
     with raised_by_every_rank():  # the same files on every rank
