@@ -203,7 +203,8 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
     if fate == "upgrade":
         upgrade_identity(spec.path, legacy, cfg.store_digest,
                          plan=spec.attrs.get("plan_config_sha256"), asked=spec.attrs.get(ASKED))
-    return spec, open_or_create(spec, overwrite=cfg.output.overwrite, grown=growth(cfg))
+    return spec, open_or_create(spec, overwrite=cfg.output.overwrite,
+                                growth=functools.partial(growth, cfg))
 
 
 def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: bool = True,

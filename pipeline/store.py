@@ -251,8 +251,8 @@ def _still_ours(path: str | Path, digest: str, model: str | None):
     except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
         ours = False
     if not ours:
-        raise StoreExists(f"output {path} was replaced or deleted by another run while this "
-                          "one wrote to it: this run's remaining members are not written; "
+        raise StoreExists(f"output {path} was replaced, grown or deleted by another run while "
+                          "this one wrote to it: this run's remaining members are not written; "
                           "rerun it once the other run is done, or on another output.path")
     return group
 
@@ -291,23 +291,45 @@ def write_batch(path: str | Path, *, variable: str, item: int, start: int, field
     group["done"][item, start:stop] = 1  # last: only now do these members count as done
 
 
-def grow(path: str | Path, members: int, note: str, attrs: dict) -> None:
-    """Give every member-indexed array of the store ``members`` members, the new ones not
-    done (Zarr reads chunks never written, and the edge chunks' padding, as the fill value:
-    0 for ``done``), then set ``attrs`` and append ``note`` (``finalize``). The identity in
-    ``attrs`` goes last, after the consolidated metadata has the new sizes: a growth cut
-    short leaves the old identity, and the next run of the larger configuration grows the
-    store again (resizing an array already grown is nothing)."""
+def members_fit(path: str | Path, members: int) -> bool:
+    """Whether every member-indexed array of the store holds ``members`` members (not so
+    after a growth cut short)."""
+    group = zarr.open_group(path, mode="r", use_consolidated=False)
+    sizes = {a.shape[a.metadata.dimension_names.index("member")] for _, a in group.arrays()
+             if "member" in (a.metadata.dimension_names or ())}
+    return sizes == {members}
+
+
+def fit_members(path: str | Path, members: int) -> bool:
+    """Give every member-indexed array of the store exactly ``members`` members (new ones
+    not done: Zarr reads chunks never written, and the edge chunks' padding, as the fill
+    value, 0 for ``done``), and the ``member`` coordinate 0 .. members - 1; whether anything
+    changed. Only the arrays are touched, not the consolidated metadata: a store's arrays
+    differ in size only after a growth cut short, and none of its members past the count
+    it records can be done, so cutting those is safe."""
     # the arrays as they are, not as the consolidated metadata last saw them
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
-    for name, array in sorted(group.arrays()):
+    changed = False
+    for _, array in group.arrays():
         dims = array.metadata.dimension_names or ()
-        if "member" in dims and array.shape[dims.index("member")] < members:
+        if "member" in dims and array.shape[dims.index("member")] != members:
             shape = list(array.shape)
             shape[dims.index("member")] = members
             array.resize(tuple(shape))
-        if name == "member":  # all of it: a growth cut short may have resized it already
-            array[:] = np.arange(members)
+            changed = True
+    coord = group["member"]
+    if changed or not np.array_equal(coord[:], np.arange(members)):
+        coord[:] = np.arange(members)
+        changed = True
+    return changed
+
+
+def grow(path: str | Path, members: int, note: str, attrs: dict) -> None:
+    """Grow the store to ``members`` members (``fit_members``), then set ``attrs`` and append
+    ``note`` (``finalize``). The identity in ``attrs`` goes last, after the consolidated
+    metadata has the new sizes: a growth cut short leaves the old identity, and the next run
+    grows the store again, or, of the smaller configuration, fits it back."""
+    fit_members(path, members)
     consolidate(path)  # what readers (and ``finalize``) open: the sizes before the identity
     finalize(path, note, attrs)
 

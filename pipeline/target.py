@@ -14,13 +14,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from pipeline.claims import Heartbeat, claims_dir, clear_claims, holding, live_jobs, new_job_id
 from pipeline import __version__
-from pipeline.store import (ASKED, MEMBER_BATCH, StoreExists, StoreSpec, create,
-                            enclosing_store, finalize, grow, member_batch, member_chunk_of,
-                            read_attrs)
+from pipeline.store import (ASKED, MEMBER_BATCH, StoreExists, StoreSpec, consolidate,
+                            create, enclosing_store, finalize, fit_members, grow, member_batch,
+                            member_chunk_of, members_fit, read_attrs)
 
 
 # What a grown store takes from the configuration that grows it: its identity, and the
@@ -153,27 +153,33 @@ def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str |
     return fate
 
 
-def open_or_create(spec: StoreSpec, *, overwrite: bool, grown: Growth | None = None) -> str:
-    """Create the store (metadata only) or check an existing one is this run's; returns
-    ``created``, ``resumed`` or ``grown from M to N members``. Creation is built aside and
-    renamed into place, so the path is either absent or complete, and two runs racing to
-    create it agree on one. With ``overwrite`` another configuration's store (or one made
-    with other model files) is deleted first; this configuration's own is resumed (a
-    requeued job, or a second job sharing its batches, must not delete the work), and grown
-    to more members (``grown``: see ``check_target``) rather than replaced: its members are
-    the ones a new store's would be, each member's noise keyed by its index."""
+def open_or_create(spec: StoreSpec, *, overwrite: bool,
+                   growth: Callable[[], Growth | None] = lambda: None) -> str:
+    """Create the store (metadata only) or check an existing one is this run's; returns what
+    it did: ``created``, ``resumed``, ``replaced`` or ``grown from M to N members``. Creation
+    is built aside and renamed into place, so the path is either absent or complete, and two
+    runs racing to create it agree on one. With ``overwrite`` another configuration's store
+    (or one made with other model files) is deleted first; this configuration's own is
+    resumed (a requeued job, or a second job sharing its batches, must not delete the work),
+    and grown to more members rather than replaced: its members are the ones a new store's
+    would be, each member's noise keyed by its index. ``growth`` tells, from the store as it
+    is when asked, whether it is this run's settings at another member count (see
+    ``check_target``; asked again under the lock, since another job may grow it first)."""
     # never delete what we did not make
     fate = check_target(spec.path, spec.digest, overwrite=overwrite,
-                        model=spec.attrs.get("model_sha256"), grown=grown)
+                        model=spec.attrs.get("model_sha256"), grown=growth())
     if fate == "resume":
+        if not members_fit(spec.path, spec.members):  # another config's growth cut short
+            return _grow(spec, growth, overwrite)
         return "resumed"
     if fate == "grow":
-        return _grow(spec, grown, overwrite)
+        return _grow(spec, growth, overwrite)
     return _replace(spec) if fate == "replace" else _create(spec, overwrite)
 
 
-def _grow(spec: StoreSpec, grown: Growth, overwrite: bool) -> str:
-    """Grow this configuration's store to ``spec.members``, one job at a time (the claims
+def _grow(spec: StoreSpec, growth: Callable[[], Growth | None], overwrite: bool) -> str:
+    """Grow this configuration's store to ``spec.members``, or fit its arrays back to them
+    after another configuration's growth was cut short, one job at a time (the claims
     folder's locks: as for replacing, and against a job finishing, which rewrites the
     attributes) and only while no job fills it: a job of the smaller configuration would
     find its store changed, and stop. When another job grew (or replaced) it first, its
@@ -182,13 +188,19 @@ def _grow(spec: StoreSpec, grown: Growth, overwrite: bool) -> str:
     beat = Heartbeat(folder, job).start()
     try:
         with holding(folder, "replace", job), holding(folder, "finalize", job):
-            if check_target(spec.path, spec.digest, overwrite=overwrite,  # as it is now
-                            model=spec.attrs.get("model_sha256"), grown=grown) == "grow":
+            grown = growth()  # as it is now: another job may have grown it meanwhile
+            fate = check_target(spec.path, spec.digest, overwrite=overwrite,
+                                model=spec.attrs.get("model_sha256"), grown=grown)
+            if fate == "resume":  # the arrays of a growth cut short: none of theirs is done
+                if fit_members(spec.path, spec.members):
+                    consolidate(spec.path)
+                return "resumed"
+            if fate == "grow":
                 check_idle(spec.path, "grows a store")
                 attrs = {key: spec.attrs[key] for key in GROWN_ATTRS if key in spec.attrs}
                 unit = member_batch(spec.path)
                 chunk = member_chunk_of(spec.path)
-                if unit % chunk:  # a store of fewer members than its batch has smaller chunks
+                if unit % chunk:  # an older piadm cut the chunks of a store smaller than a batch
                     attrs[MEMBER_BATCH] = chunk  # batches of whole chunks: writers never share
                 grow(spec.path, spec.members,
                      f"piadm {__version__}: grown from {grown.made} to {spec.members} "
@@ -196,7 +208,7 @@ def _grow(spec: StoreSpec, grown: Growth, overwrite: bool) -> str:
                 return f"grown from {grown.made} to {spec.members} members"
     finally:
         beat.stop()
-    return open_or_create(spec, overwrite=overwrite)
+    return open_or_create(spec, overwrite=overwrite, growth=growth)
 
 
 def _create(spec: StoreSpec, overwrite: bool) -> str:
@@ -244,10 +256,12 @@ def _replace(spec: StoreSpec) -> str:
                                 model=spec.attrs.get("model_sha256"))
             if fate == "resume":
                 return "resumed"
-            if fate == "replace":
-                check_idle(spec.path)
-                shutil.rmtree(spec.path)
-                clear_claims(folder, keep="replace")  # claims on the old store's batches
-            return _create(spec, overwrite=True)
+            if fate != "replace":
+                return _create(spec, overwrite=True)
+            check_idle(spec.path)
+            shutil.rmtree(spec.path)
+            clear_claims(folder, keep="replace")  # claims on the old store's batches
+            made = _create(spec, overwrite=True)
+            return "replaced" if made == "created" else made
     finally:
         beat.stop()

@@ -1,5 +1,6 @@
 """The ensemble store: conditional items, layout and provenance, resume after a stop, item
 subsets filling one store, input validation before anything is written, ``piadm status``."""
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -15,6 +16,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.ensemble import sample_to_store
 from pipeline.signals import StopRequest
+from pipeline.store import StoreExists
 
 
 def assert_same_store(a, b):
@@ -502,6 +504,57 @@ def test_a_growth_cut_short_is_finished_by_the_next_run(tmp_path, input_store, c
     assert main(["sample", "jobs/configs/grf.toml", *more]) == 0
     assert "grown from 6 to 8 members: 36 of 48 members done" in capsys.readouterr().err
     _same_members(clean, cut_short)
+
+
+@pytest.mark.parametrize("next_members", [3, 11])
+def test_arrays_a_growth_left_half_resized_fit_the_next_runs_count(tmp_path, next_members):
+    """Killed while resizing, some arrays hold 400 members and the rest 3: the next run, of
+    the store's own 3 or of 11, gives every array its count, and xarray opens the store."""
+    out = tmp_path / "half.zarr"
+    sets = lambda members: ["sample", "jobs/configs/grf.toml", *sum(  # noqa: E731
+        (["--set", s] for s in ["model.shape=[8, 8]", "sampler.steps=20",
+                                 f"ensemble.members={members}", f"output.path={out}"]), [])]
+    assert main(sets(3)) == 0
+    group = zarr.open_group(out, mode="r+", use_consolidated=False)
+    group["done"].resize((1, 400))
+    group["field"].resize((1, 400, 8, 8))
+    assert main(sets(next_members)) == 0
+    ds = xr.open_zarr(out)
+    assert ds.sizes["member"] == next_members and ds["done"].values.all()
+    assert list(ds["member"].values) == list(range(next_members))
+
+
+def test_a_job_that_waited_for_another_growth_grows_from_there_or_is_refused(
+        tmp_path, capsys):
+    """Two jobs asking 40 and 60 members find a store of 3 together; the first grows it, the
+    other, once it holds the lock, finds the store as it is then: from 40 it grows to 60,
+    from 60 it refuses 40 as fewer."""
+    from pipeline.ensemble import load_items, store_spec
+    from pipeline.identity import growth
+    from pipeline.target import _grow
+
+    def config(out, members):
+        return load_config("jobs/configs/grf.toml", [
+            "model.shape=[8, 8]", "sampler.steps=20", f"ensemble.members={members}",
+            f"output.path={out}"])
+
+    for first, second in [(40, 60), (60, 40)]:
+        out = tmp_path / f"race_{first}.zarr"
+        assert main(["sample", "jobs/configs/grf.toml", "--set", "model.shape=[8, 8]", "--set",
+                     "sampler.steps=20", "--set", "ensemble.members=3", "--set",
+                     f"output.path={out}"]) == 0
+        late = config(out, second)
+        waiting = functools.partial(growth, late)
+        assert waiting().made == 3  # what the second job saw before the first grew the store
+        assert main(["sample", "jobs/configs/grf.toml", "--set", "model.shape=[8, 8]", "--set",
+                     "sampler.steps=20", "--set", f"ensemble.members={first}", "--set",
+                     f"output.path={out}"]) == 0
+        spec = store_spec(late, load_items(late, check=False), (8, 8))
+        if second > first:
+            assert _grow(spec, waiting, overwrite=False) == f"grown from {first} to {second} members"
+        else:
+            with pytest.raises(StoreExists, match=f"holds {first} members of this configuration"):
+                _grow(spec, waiting, overwrite=False)
 
 
 def test_a_store_whose_chunks_do_not_divide_its_batch_grows_in_batches_of_its_chunks(

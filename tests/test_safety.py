@@ -249,7 +249,7 @@ def test_of_two_jobs_replacing_another_configs_store_the_second_resumes_the_firs
         # the other job found the old store too, took the lock first, replaced the store
         # and wrote into it while this one waited for the lock
         monkeypatch.setattr(target, "holding", holding)
-        assert open_or_create(_spec(path, "a" * 64), overwrite=True) == "created"
+        assert open_or_create(_spec(path, "a" * 64), overwrite=True) == "replaced"
         zarr.open_group(path, mode="r+").attrs["written_by_the_first"] = True
         return holding(folder, name, job)
 
@@ -279,11 +279,11 @@ def test_a_store_a_live_job_fills_is_not_replaced_and_a_replaced_store_is_not_wr
         assert stored_digest(path) == "c" * 64
     finally:
         beat.stop()
-    assert open_or_create(_spec(path, "a" * 64), overwrite=True) == "created"
+    assert open_or_create(_spec(path, "a" * 64), overwrite=True) == "replaced"
     # the old config's job, still running, may not write into the new store
     batch = dict(variable="field", item=0, start=0, field=np.ones((2, 4, 4), "float32"),
                  seed=np.arange(2), rounds=1.0, model_calls=1.0)
-    with pytest.raises(StoreExists, match="was replaced or deleted by another run"):
+    with pytest.raises(StoreExists, match="was replaced, grown or deleted by another run"):
         write_batch(path, **batch, digest="c" * 64)
     assert not zarr.open_group(path, mode="r")["done"][:].any()
     write_batch(path, **batch, digest="a" * 64)
