@@ -66,6 +66,7 @@ class StoreSpec:
 
 
 CHUNK_BYTES = 64 * 2**20  # the most a field chunk holds, when the member batch allows
+MEMBER_LABELS_CHUNK = 2**20  # member labels a chunk of the ``member`` coordinate holds
 MEMBER_BATCH = "piadm_member_batch"  # the attribute of the store's unit of work (``member_batch``)
 INPUT_FINGERPRINT = "input_fingerprint"  # the input fields a store was conditioned on
 # The attribute of the ensemble.batch_size an "auto" run's config asked when its plan was made
@@ -121,6 +122,9 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
     ds[spec.variable].attrs.setdefault("long_name", f"ensemble of {spec.variable}")
     for name, var in ds.data_vars.items():  # the store's chunks: whole fields, m members
         var.encoding["chunks"] = (1, spec.member_chunk, *var.shape[2:])
+    # one chunk for the member labels however far the store grows (``grow``), not a file
+    # for every store's worth of members
+    ds["member"].encoding["chunks"] = (MEMBER_LABELS_CHUNK,)
     ds["member"].attrs.update(standard_name="realization", units="1", long_name="ensemble member")
     ds["done"].attrs.update(long_name="1 once the member's fields are completely written")
     ds["seed"].attrs.update(long_name="noise key of the member: seed, item and member index")
@@ -294,9 +298,11 @@ def write_batch(path: str | Path, *, variable: str, item: int, start: int, field
 def members_fit(path: str | Path, members: int) -> bool:
     """Whether every member-indexed array of the store holds ``members`` members (not so
     after a growth cut short)."""
-    group = zarr.open_group(path, mode="r", use_consolidated=False)
-    sizes = {a.shape[a.metadata.dimension_names.index("member")] for _, a in group.arrays()
-             if "member" in (a.metadata.dimension_names or ())}
+    sizes = set()
+    for consolidated in (False, True):  # the arrays, and what readers are told of them
+        group = zarr.open_group(path, mode="r", use_consolidated=consolidated)
+        sizes |= {a.shape[a.metadata.dimension_names.index("member")]
+                  for _, a in group.arrays() if "member" in (a.metadata.dimension_names or ())}
     return sizes == {members}
 
 

@@ -192,8 +192,8 @@ def _grow(spec: StoreSpec, growth: Callable[[], Growth | None], overwrite: bool)
             fate = check_target(spec.path, spec.digest, overwrite=overwrite,
                                 model=spec.attrs.get("model_sha256"), grown=grown)
             if fate == "resume":  # the arrays of a growth cut short: none of theirs is done
-                if fit_members(spec.path, spec.members):
-                    consolidate(spec.path)
+                fit_members(spec.path, spec.members)
+                consolidate(spec.path)  # the metadata too, which a fit cut short left behind
                 return "resumed"
             if fate == "grow":
                 check_idle(spec.path, "grows a store")

@@ -506,19 +506,31 @@ def test_a_growth_cut_short_is_finished_by_the_next_run(tmp_path, input_store, c
     _same_members(clean, cut_short)
 
 
-@pytest.mark.parametrize("next_members", [3, 11])
-def test_arrays_a_growth_left_half_resized_fit_the_next_runs_count(tmp_path, next_members):
-    """Killed while resizing, some arrays hold 400 members and the rest 3: the next run, of
-    the store's own 3 or of 11, gives every array its count, and xarray opens the store."""
+@pytest.mark.parametrize("next_members, left", [(3, "half resized"), (11, "half resized"),
+                                                (3, "fitted back, not consolidated")])
+def test_arrays_a_growth_left_half_resized_fit_the_next_runs_count(tmp_path, capsys,
+                                                                   next_members, left):
+    """Killed while resizing, some arrays hold 400 members and the rest 3 (or killed while
+    fitting them back, the consolidated metadata still of 400): the next run, of the store's
+    own 3 or of 11, gives every array its count, and xarray opens the store."""
+    from pipeline.store import consolidate, fit_members
+
     out = tmp_path / "half.zarr"
     sets = lambda members: ["sample", "jobs/configs/grf.toml", *sum(  # noqa: E731
         (["--set", s] for s in ["model.shape=[8, 8]", "sampler.steps=20",
                                  f"ensemble.members={members}", f"output.path={out}"]), [])]
     assert main(sets(3)) == 0
-    group = zarr.open_group(out, mode="r+", use_consolidated=False)
-    group["done"].resize((1, 400))
-    group["field"].resize((1, 400, 8, 8))
+    if left == "half resized":
+        group = zarr.open_group(out, mode="r+", use_consolidated=False)
+        group["done"].resize((1, 400))
+        group["field"].resize((1, 400, 8, 8))
+    else:
+        fit_members(out, 400)
+        consolidate(out)
+        fit_members(out, 3)
+    capsys.readouterr()
     assert main(sets(next_members)) == 0
+    assert f"3 of {next_members} members done" in capsys.readouterr().err  # before sampling
     ds = xr.open_zarr(out)
     assert ds.sizes["member"] == next_members and ds["done"].values.all()
     assert list(ds["member"].values) == list(range(next_members))
@@ -582,6 +594,7 @@ def test_a_new_stores_chunks_hold_its_batch_even_with_fewer_members(tmp_path):
                  "ensemble.batch_size=4", "--set", f"output.path={out}"]) == 0
     group = zarr.open_group(out, mode="r")
     assert group["done"].chunks == (1, 4) and group["done"].shape == (1, 3)
+    assert group["member"].chunks == (2**20,)  # labels of a store grown far: one file
     assert xr.open_zarr(out)["done"].values.all()
 
 
