@@ -167,22 +167,23 @@ def read_attrs(path: str | Path) -> dict | None:
         return None
 
 
-def config_batch(text: str) -> int | None:
-    """The ensemble.batch_size in a store's ``config`` attribute (TOML); None without one."""
+def _ensemble_count(text: str, key: str) -> int | None:
+    """ensemble.``key`` in a store's ``config`` attribute (TOML); None without one."""
     try:
-        batch = tomllib.loads(text).get("ensemble", {}).get("batch_size")
+        value = tomllib.loads(text).get("ensemble", {}).get(key)
     except tomllib.TOMLDecodeError:
         return None
-    return batch if isinstance(batch, int) and batch >= 1 else None
+    return value if isinstance(value, int) and value >= 1 else None
+
+
+def config_batch(text: str) -> int | None:
+    """The ensemble.batch_size in a store's ``config`` attribute (TOML); None without one."""
+    return _ensemble_count(text, "batch_size")
 
 
 def config_members(text: str) -> int | None:
     """The ensemble.members in a store's ``config`` attribute (TOML); None without one."""
-    try:
-        members = tomllib.loads(text).get("ensemble", {}).get("members")
-    except tomllib.TOMLDecodeError:
-        return None
-    return members if isinstance(members, int) and members >= 1 else None
+    return _ensemble_count(text, "members")
 
 
 def member_batch(path: str | Path) -> int:
