@@ -300,7 +300,8 @@ def members_fit(path: str | Path, members: int) -> bool:
     """Whether every member-indexed array of the store holds ``members`` members (not so
     after a growth cut short)."""
     sizes = set()
-    for consolidated in (False, True):  # the arrays, and what readers are told of them
+    # the arrays, and what readers are told of them (the consolidated metadata, if any yet)
+    for consolidated in (False, None):
         group = zarr.open_group(path, mode="r", use_consolidated=consolidated)
         sizes |= {a.shape[a.metadata.dimension_names.index("member")]
                   for _, a in group.arrays() if "member" in (a.metadata.dimension_names or ())}
