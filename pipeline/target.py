@@ -86,21 +86,28 @@ def upgrade_identity(path: str | Path, legacy: str, digest: str, *, plan: str | 
     the config whose plan it keeps) and ``asked`` (the batch size that config asked, when
     known), so that runs of any batch size resume it; its history says so. Only while no
     live job fills it (``check_idle``): an older job still writing would find its store
-    changed, and stop."""
-    attrs = read_attrs(path) or {}
-    if attrs.get("piadm_store_digest") != legacy:  # another job of this config came first
-        return
-    check_idle(path, "brings an older piadm's store up to date")
-    changes = {key: digest for key in ("piadm_store_digest", "store_sha256")
-               if attrs.get(key) == legacy}
-    if plan is not None and "plan_config_sha256" in attrs:
-        changes["plan_config_sha256"] = plan
-        if asked is not None:
-            changes[ASKED] = asked
-    unit = member_batch(path)
-    finalize(path, f"piadm {__version__}: the store's identity no longer counts "
-                   f"ensemble.batch_size; its batches of {unit} stay its unit of work",
-             {**changes, MEMBER_BATCH: unit})
+    changed, and stop; and under the finalize lock, since a job finishing meanwhile would
+    write its copy of the attributes back over the new identity."""
+    folder, job = claims_dir(path), f"{REPLACER}{new_job_id()}"
+    beat = Heartbeat(folder, job).start()
+    try:
+        with holding(folder, "finalize", job):
+            attrs = read_attrs(path) or {}
+            if attrs.get("piadm_store_digest") != legacy:  # another job of this config came first
+                return
+            check_idle(path, "brings an older piadm's store up to date")
+            changes = {key: digest for key in ("piadm_store_digest", "store_sha256")
+                       if attrs.get(key) == legacy}
+            if plan is not None and "plan_config_sha256" in attrs:
+                changes["plan_config_sha256"] = plan
+                if asked is not None:
+                    changes[ASKED] = asked
+            unit = member_batch(path)
+            finalize(path, f"piadm {__version__}: the store's identity no longer counts "
+                           f"ensemble.batch_size; its batches of {unit} stay its unit of work",
+                     {**changes, MEMBER_BATCH: unit})
+    finally:
+        beat.stop()
 
 
 def stored_config(path: str | Path) -> str:
