@@ -17,6 +17,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import traceback  # noqa: E402
+import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -593,8 +594,11 @@ def entry() -> None:
     finally:
         ignore_stop_signals()
     if code >= 128:  # stopped by a signal: a write it cut short leaves zarr's task pending,
-        # which asyncio would log at exit, after the stop's line, as if something else failed
+        # which asyncio would log at exit (or Python warn of, as a coroutine never awaited),
+        # after the stop's line, as if something else failed
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                                category=RuntimeWarning)
     sys.exit(code)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from pipeline.config import ConfigError, with_settings
 from pipeline.ensemble import check_only, check_output, load_items
-from pipeline.identity import store_digests
+from pipeline.identity import growth, store_digests
 from pipeline.layout import RankGrid
 from pipeline.memory_check import check_memory
 from pipeline.planner import resumed_batch_size, resumed_time_slices, stored_plan
@@ -93,9 +93,9 @@ def _store_fate(cfg: Config, fingerprint) -> tuple[str, bool, int | None]:
         return (f"would be refused: cannot make a store in {err.filename}: {err.strerror}",
                 False, None)
     if fate in ("resume", "upgrade", "grow"):
-        done = done_members(path)
-        total = done.shape[0] * max(done.shape[1], cfg.ensemble.members)
-        grown = (f"grown from {done.shape[1]} to {cfg.ensemble.members} members"
+        done = done_members(path)  # none past the store's count, whatever its arrays hold
+        total = done.shape[0] * cfg.ensemble.members
+        grown = (f"grown from {growth(cfg).made} to {cfg.ensemble.members} members"
                  if fate == "grow" else "resumed")
         return (f"would be {grown}: {int(done.sum())} of {total} members done"
                 + ("; an older piadm made it, and its identity would be brought up to date"

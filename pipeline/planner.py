@@ -57,8 +57,8 @@ DEFAULT_LATENCY = 3e-5
 # one pass), so it is measured again rather than read.
 PROFILE_VERSION = 5
 
-# A run whose parallel.time_slices rule out a layout predicted this much faster says so
-FASTER_ELSEWHERE = 0.9
+# A run whose parallel.time_slices rule out a layout predicted this many times faster says so
+FASTER_ELSEWHERE = 1.1
 
 
 @dataclass(frozen=True)
@@ -448,7 +448,7 @@ def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int
         plan = dataclasses.replace(plan, ranked=ranked)
         say(table(plan, rows=6))
         say(describe(plan))
-        if freer is not None and freer.seconds < FASTER_ELSEWHERE * plan.best.seconds:
+        if freer is not None and plan.best.seconds > FASTER_ELSEWHERE * freer.seconds:
             # `piadm plan` weighs every time-slice count, a run only the ones it is given
             say(f"plan: parallel.time_slices = \"auto\" would allow {freer.layout.groups} "
                 f"groups x {freer.layout.time_slices} time slices, predicted "
@@ -469,7 +469,7 @@ def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
     plan, key = json.loads(attrs["plan_settings"]), attrs.get("plan_config_sha256")
     if key == cfg.store_digest:
         return plan, attrs.get(ASKED)
-    if key == smaller_digest(cfg):  # made with fewer members: growing it keeps its plan
+    if key is not None and key == smaller_digest(cfg):  # fewer members: growing keeps the plan
         return plan, attrs.get(ASKED)
     # an older piadm's store: its key counted the batch size the config asked then
     asked = next((b for b in (cfg.ensemble.batch_size, *range(1, OLDER_ASKED + 1))

@@ -1,11 +1,13 @@
-"""What a run does with its output path: create a store, resume its own, replace another
-configuration's, or refuse; and the coordination that replacing needs with other jobs.
+"""What a run does with its output path: create a store, resume its own, grow its own made
+with fewer members, replace another configuration's, or refuse; and the coordination that
+replacing and growing need with other jobs.
 
 The store's contents and I/O are ``pipeline.store``; here are the decisions around it. A
-store is resumed only by the configuration (digest) and model files that made it, deleted
-only when piadm made it and ``output.overwrite`` asks, never through a symbolic link, and
-never while a live job (a heartbeat in its claims folder, ``pipeline.claims``) still fills
-it. Two jobs replacing one store take turns under a lock in the claims folder.
+store is resumed only by the configuration (digest) and model files that made it, grown only
+by the same settings with more members, deleted only when piadm made it and
+``output.overwrite`` asks, never through a symbolic link, and neither grown nor deleted while
+a live job (a heartbeat in its claims folder, ``pipeline.claims``) still fills it. Jobs
+replacing or growing one store take turns under a lock in the claims folder.
 """
 from __future__ import annotations
 
@@ -86,12 +88,12 @@ def upgrade_identity(path: str | Path, legacy: str, digest: str, *, plan: str | 
     the config whose plan it keeps) and ``asked`` (the batch size that config asked, when
     known), so that runs of any batch size resume it; its history says so. Only while no
     live job fills it (``check_idle``): an older job still writing would find its store
-    changed, and stop; and under the finalize lock, since a job finishing meanwhile would
+    changed, and stop; and under the claims folder's locks: a job finishing meanwhile would
     write its copy of the attributes back over the new identity."""
     folder, job = claims_dir(path), f"{REPLACER}{new_job_id()}"
     beat = Heartbeat(folder, job).start()
-    try:
-        with holding(folder, "finalize", job):
+    try:  # in _grow's order: a replacement must not delete the store (or this lock) meanwhile
+        with holding(folder, "replace", job), holding(folder, "finalize", job):
             attrs = read_attrs(path) or {}
             if attrs.get("piadm_store_digest") != legacy:  # another job of this config came first
                 return
@@ -188,9 +190,10 @@ def _grow(spec: StoreSpec, growth: Callable[[], Growth | None], overwrite: bool)
     """Grow this configuration's store to ``spec.members``, or fit its arrays back to them
     after another configuration's growth was cut short, one job at a time (the claims
     folder's locks: as for replacing, and against a job finishing, which rewrites the
-    attributes) and only while no job fills it: a job of the smaller configuration would
-    find its store changed, and stop. When another job grew (or replaced) it first, its
-    store is opened as ``open_or_create`` finds it now."""
+    attributes). Growing is refused while a job fills the store: a job of the smaller
+    configuration would find its store changed, and stop. Fitting back is not: those jobs
+    write only below the count, and nothing past it is done. When another job grew (or
+    replaced) the store first, it is opened as ``open_or_create`` finds it now."""
     folder, job = claims_dir(spec.path), f"{REPLACER}{new_job_id()}"
     beat = Heartbeat(folder, job).start()
     try:

@@ -563,10 +563,65 @@ def test_a_job_that_waited_for_another_growth_grows_from_there_or_is_refused(
                      f"output.path={out}"]) == 0
         spec = store_spec(late, load_items(late, check=False), (8, 8))
         if second > first:
-            assert _grow(spec, waiting, overwrite=False) == f"grown from {first} to {second} members"
+            grown = _grow(spec, waiting, overwrite=False)
+            assert grown == f"grown from {first} to {second} members"
         else:
             with pytest.raises(StoreExists, match=f"holds {first} members of this configuration"):
                 _grow(spec, waiting, overwrite=False)
+
+
+def test_a_store_a_live_job_fills_is_not_grown(tmp_path, capsys):
+    """A job of the smaller configuration still writing would find its store changed: the
+    larger one's run, and its dry run, are refused, and the store is kept as it was."""
+    from pipeline.claims import Heartbeat, claims_dir
+
+    out = tmp_path / "busy.zarr"
+    args = lambda members: ["sample", "jobs/configs/grf.toml", *sum(  # noqa: E731
+        (["--set", s] for s in ["model.shape=[8, 8]", "sampler.steps=20",
+                                 f"ensemble.members={members}", f"output.path={out}"]), [])]
+    assert main(args(3)) == 0
+    before = _digest_files(out)
+    beat = Heartbeat(claims_dir(out), "smaller-config-job").start()  # it is filling the store
+    try:
+        for extra in (["--dry-run"], []):
+            capsys.readouterr()
+            assert main([*args(5), *extra]) == 2
+            assert ("is being filled by a live job (smaller-config-job); piadm grows a store "
+                    "only when no job writes to it") in capsys.readouterr().err
+    finally:
+        beat.stop()
+    assert _digest_files(out) == before
+
+
+def test_bringing_an_older_store_up_to_date_waits_for_a_job_finishing(tmp_path, input_store):
+    """A job finishing rewrites the attributes: an upgrade meanwhile would be written over.
+    The upgrade waits for the finalize lock, then brings the store up to date."""
+    import threading
+    import time
+
+    from pipeline.claims import Heartbeat, claims_dir, holding
+    from pipeline.target import upgrade_identity
+
+    out = tmp_path / "old.zarr"
+    cfg = load_config("jobs/configs/grf.toml", _overrides(conditional_sets(input_store, out)))
+    assert sample_to_store(cfg, stop=StopAfter(3)).members == 2
+    legacy = cfg.legacy_store_digest(2)
+    zarr.open_group(out, mode="r+").attrs.update(piadm_store_digest=legacy,
+                                                 store_sha256=legacy)
+    folder = claims_dir(out)
+    beat = Heartbeat(folder, "replacing-finisher").start()  # a live holder, not a filler
+    upgrade = threading.Thread(target=upgrade_identity, args=(out, legacy, cfg.store_digest))
+    try:
+        with holding(folder, "finalize", "replacing-finisher"):
+            upgrade.start()
+            time.sleep(0.5)
+            assert upgrade.is_alive()  # waiting for the lock
+            assert zarr.open_group(out, mode="r").attrs["piadm_store_digest"] == legacy
+        upgrade.join(timeout=30)
+    finally:
+        beat.stop()
+    assert not upgrade.is_alive()
+    assert zarr.open_group(out, mode="r").attrs["piadm_store_digest"] == cfg.store_digest
 
 
 def test_a_store_whose_chunks_do_not_divide_its_batch_grows_in_batches_of_its_chunks(

@@ -321,6 +321,16 @@ def test_a_run_held_to_its_time_slices_says_what_auto_time_slices_would_gain(
                                           latency=1e-5, stored=None, say=said.append)
         assert json.loads(attrs["plan_settings"])["parallel.time_slices"] == chosen
         assert [line for line in said if "would allow" in line] == ([hint] if hint else [])
+    # other time slices 1.05 times faster than one: within 10%, no hint
+    close = sorted((dataclasses.replace(p, seconds=max(p.seconds, one_slice / 1.05))
+                    if p.layout.time_slices > 1 else p for p in ranked), key=lambda p: p.seconds)
+    monkeypatch.setattr(planner, "make_plan",
+                        lambda *a, **k: planner.Plan(close, sequential, machine))
+    said = []
+    planner.planned_config(load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "sampler.method": "auto"})), None, "cpu", ranks=8, gpus_per_node=0, latency=1e-5,
+        stored=None, say=said.append)
+    assert said and not [line for line in said if "would allow" in line]
 
 
 def test_auto_quality_weighs_every_sampler_at_the_steps_that_reach_the_same_w2(tmp_path, capsys):
