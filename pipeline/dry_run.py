@@ -48,7 +48,8 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
         + (f"; this job fills {list(cfg.parallel.items)}" if cfg.parallel.items else ""),
         f"members    {e.members} per item in {len(batches)} batches of up to {unit}"
         + batch_note(unit, size)
-        + f"; {todo} (item, batch) pairs to sample"
+        + (f"; {todo} (item, batch) pairs to sample" if runs else
+           "; none would be sampled: the store is refused")
         + ("; with \"auto\" the planner may pick another batch size"
            if planned and stored is None else ""),
         f"store      {cfg.output.path} {fate}",

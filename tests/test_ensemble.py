@@ -470,6 +470,7 @@ def test_a_store_is_never_cut_to_fewer_members(tmp_path, input_store, capsys):
         err = capsys.readouterr().err
         assert "holds 6 members of this configuration and this run asks ensemble.members = 4" in err
         assert "ds.isel(member=slice(4))" in err
+        assert "pairs to sample" not in err  # the dry run: nothing would be sampled
     assert _digest_files(out) == before
 
 
