@@ -125,7 +125,13 @@ def place_rank(world, threads: int = 0, field_points: int = 0, keep_freed: bool 
     local_rank, local_size = world.local_layout()
     threads = cpu_threads(local_size, threads, field_points)
     torch.set_num_threads(threads)
-    world.poll_s = collective_poll(wait, local_size, threads) if world.size > 1 else None
+    world.poll_s = None
+    if world.size > 1:
+        # a waiting rank's choice between a blocking collective and a polled nonblocking one
+        # must be every rank's: MPI never matches the one kind with the other, and "auto"
+        # judges each node on its own (nodes of other core counts, or ranks per node)
+        polls = world.allgather_object(collective_poll(wait, local_size, threads) is not None)
+        world.poll_s = WAIT_POLL_S if any(polls) else None
     if keep_freed:
         keep_freed_memory()
     return choose_device(local_rank)

@@ -46,6 +46,34 @@ def test_ranks_sleep_in_collectives_only_where_they_outnumber_the_cores(monkeypa
     assert collective_poll("auto", 16, 2) is None and collective_poll("auto", 16, 3) == WAIT_POLL_S
 
 
+class _TwoNodes(SerialComm):
+    """Rank 0 of two ranks on nodes of their own, the other node's vote on how to wait given."""
+
+    size = 2
+
+    def __init__(self, other_polls: bool):
+        self.other_polls = other_polls
+
+    def allgather_object(self, obj) -> list:
+        return [obj, self.other_polls]
+
+
+def test_every_rank_waits_alike_when_nodes_judge_auto_differently(monkeypatch):
+    """MPI never matches a blocking collective with a nonblocking one: a rank that would spin
+    must poll when another node's ranks poll, or the first collective hangs."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    threads = torch.get_num_threads()
+    try:
+        for other_polls, expected in ((True, WAIT_POLL_S), (False, None)):
+            world = _TwoNodes(other_polls)
+            # one thread for one rank on 2 cores: this node alone would spin
+            place_rank(world, threads=1, keep_freed=False, wait="auto")
+            assert world.poll_s == expected
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_an_unknown_wait_is_refused_naming_the_key_and_the_choices():
     with pytest.raises(ConfigError, match="parallel.wait = 'busy' must be one of auto, spin, sleep"):
         load_config("jobs/configs/grf.toml", ["parallel.wait=busy"])
