@@ -95,7 +95,8 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
     run samples them again."""
     found = damaged(path)
     if found and repair:
-        check_idle(path)  # a live job's writes and ours would race on the done flags
+        # a live job's writes and ours would race on the done flags
+        check_idle(path, "marks damaged members not done")
         done = zarr.open_group(path, mode="r+")["done"]
         for item, member, _ in found:
             done[item, member] = 0

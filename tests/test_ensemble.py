@@ -392,6 +392,15 @@ def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resa
     assert main(["evaluate", str(hurt), "--truth", str(input_store),
                  "--out", str(tmp_path / "eval")]) == 2
     assert "has 4 damaged member(s)" in capsys.readouterr().err
+    from pipeline.claims import Heartbeat, claims_dir
+
+    beat = Heartbeat(claims_dir(hurt), "resuming-job").start()  # a rerun filling the store
+    try:
+        assert main(["status", "--verify", "--repair", str(hurt)]) == 2
+        assert ("is being filled by a live job (resuming-job); piadm marks damaged members not "
+                "done only when no job writes to it") in capsys.readouterr().err
+    finally:
+        beat.stop()
     assert main(["status", "--verify", "--repair", str(hurt)]) == 1
     assert "marked 4 member(s) not done" in capsys.readouterr().out
     assert main(["status", str(hurt)]) == 1

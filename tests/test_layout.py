@@ -127,3 +127,13 @@ def test_cuda_float32_stays_full_precision_unless_tf32_is_asked():
         assert _cuda_float32_modes() == tf32
     finally:
         place_rank(SerialComm(), threads=torch.get_num_threads(), keep_freed=False)
+
+
+@pytest.mark.parametrize("method", ["auto", "pc-window"])
+@pytest.mark.parametrize("value", ['"4"', "four", "0"])
+def test_time_slices_that_are_no_count_are_refused_in_one_line(method, value):
+    """With an "auto" method too, where the planner would pick the count: a word is an error
+    naming the key, not a comparison's traceback."""
+    with pytest.raises(ConfigError, match=r"parallel.time_slices = .* must be a number >= 1"):
+        load_config("jobs/configs/grf.toml", [f"parallel.time_slices={value}",
+                                              f"sampler.method={method}"])
