@@ -32,15 +32,38 @@ def claims_dir(store: str | Path) -> Path:
     return Path(f"{os.path.realpath(store)}.claims")
 
 
-def new_job_id() -> str:
-    """An id for this run: the SLURM job and its step (a requeued job keeps both; two steps
-    run side by side in one allocation do not share one) or this host, process and a random
-    suffix."""
+def new_job_id(folder: Path | None = None, unique: bool = False) -> str:
+    """An id for this run: the SLURM job, its step and task (a requeued job keeps them, so it
+    finds its claims its own; two steps or tasks side by side do not share one), else, or
+    with ``unique``, this host, process and a random suffix. A process of the same step on
+    this host already beating in ``folder`` (two piadm commands started in one batch script)
+    makes the id unique too: two processes of one id would each take the other's claims and
+    locks for their own."""
+    own = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     slurm = os.environ.get("SLURM_JOB_ID")
-    if slurm:
-        step = os.environ.get("SLURM_STEP_ID")
-        return f"slurm-{slurm}" + (f".{step}" if step else "")
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    if unique or not slurm:
+        return own
+    step, task = os.environ.get("SLURM_STEP_ID"), os.environ.get("SLURM_PROCID", "0")
+    job = f"slurm-{slurm}" + (f".{step}" if step else "") + (f".p{task}" if task != "0" else "")
+    if folder is not None and _beating_here(folder, job):
+        return f"{job}-{own}"
+    return job
+
+
+def _beating_here(folder: Path, job: str) -> bool:
+    """Whether another live process on this host beats for ``job`` in ``folder``."""
+    try:
+        info = json.loads((folder / f"job-{job}.alive").read_text())
+        if info.get("host") != socket.gethostname() or int(info["pid"]) == os.getpid():
+            return False
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return False  # this job's earlier run, gone: the id is ours again
+    except PermissionError:
+        return True  # another user's live process
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 class Heartbeat:
@@ -53,7 +76,11 @@ class Heartbeat:
 
     def _beat(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        # written aside and renamed over: a reader never sees the file empty or cut short
+        # (rewritten in place it is, for an instant, and the job would read as dead)
+        aside = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        aside.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        os.replace(aside, self.path)
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -74,9 +101,12 @@ def _alive(folder: Path, owner: dict) -> bool:
     beat = folder / f"job-{owner.get('job')}.alive"
     try:
         age = time.time() - beat.stat().st_mtime
+    except OSError:
+        return False  # no heartbeat: stopped, or never started
+    try:
         info = json.loads(beat.read_text())
-    except (OSError, ValueError):
-        return False
+    except (OSError, ValueError):  # unreadable (an older piadm's, being rewritten): its age
+        return age < STALE_S
     if info.get("host") == socket.gethostname():
         try:
             os.kill(int(info["pid"]), 0)
@@ -187,4 +217,5 @@ def holding(folder: Path, name: str, job: str):
     try:
         yield
     finally:
-        (folder / f"{name}.json").unlink(missing_ok=True)
+        if holds(folder, name, job):  # not one taken over meanwhile: that is another's now
+            (folder / f"{name}.json").unlink(missing_ok=True)

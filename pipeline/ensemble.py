@@ -348,8 +348,8 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     hook = _ProgressHook(bar, s.method, grid.steps)
     bound, bound_item = model, None
     halt = _Halt(stop)
-    job = on_rank0(world, new_job_id)
     folder = claims_dir(spec.path)
+    job = on_rank0(world, new_job_id, folder)
     beat = Heartbeat(folder, job).start() if world.rank == 0 else None
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
         for item, members in claimed_calls(mine, cfg.ensemble.batch_size, slices, halt, tally,

@@ -90,7 +90,7 @@ def upgrade_identity(path: str | Path, legacy: str, digest: str, *, plan: str | 
     live job fills it (``check_idle``): an older job still writing would find its store
     changed, and stop; and under the claims folder's locks: a job finishing meanwhile would
     write its copy of the attributes back over the new identity."""
-    folder, job = claims_dir(path), f"{REPLACER}{new_job_id()}"
+    folder, job = claims_dir(path), f"{REPLACER}{new_job_id(unique=True)}"
     beat = Heartbeat(folder, job).start()
     try:  # in _grow's order: a replacement must not delete the store (or this lock) meanwhile
         with holding(folder, "replace", job), holding(folder, "finalize", job):
@@ -194,7 +194,7 @@ def _grow(spec: StoreSpec, growth: Callable[[], Growth | None], overwrite: bool)
     configuration would find its store changed, and stop. Fitting back is not: those jobs
     write only below the count, and nothing past it is done. When another job grew (or
     replaced) the store first, it is opened as ``open_or_create`` finds it now."""
-    folder, job = claims_dir(spec.path), f"{REPLACER}{new_job_id()}"
+    folder, job = claims_dir(spec.path), f"{REPLACER}{new_job_id(unique=True)}"
     beat = Heartbeat(folder, job).start()
     try:
         with holding(folder, "replace", job), holding(folder, "finalize", job):
@@ -258,7 +258,7 @@ def _replace(spec: StoreSpec) -> str:
     """Delete another configuration's store and create this one's, one job at a time (a lock
     in the claims folder): two jobs of one configuration started together both find the old
     store, and the second must resume the first's new store, not delete it."""
-    folder, job = claims_dir(spec.path), f"{REPLACER}{new_job_id()}"
+    folder, job = claims_dir(spec.path), f"{REPLACER}{new_job_id(unique=True)}"
     beat = Heartbeat(folder, job).start()  # a live holder: waiting jobs never take its lock
     try:
         with holding(folder, "replace", job):

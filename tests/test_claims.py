@@ -3,6 +3,9 @@ job's is taken over by one taker, and the lock makes read-modify-write updates o
 metadata (the store's history) lose nothing when jobs finish together."""
 import json
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -114,6 +117,68 @@ def test_slurm_job_ids_keep_the_job_and_its_step(monkeypatch):
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
     assert new_job_id() == "slurm-4242" == new_job_id()  # a requeued job is the same job
     monkeypatch.setenv("SLURM_STEP_ID", "1")
     assert new_job_id() == "slurm-4242.1"  # two steps side by side are two jobs
+    monkeypatch.setenv("SLURM_PROCID", "3")  # srun --mpi=none -n 4: four commands
+    assert new_job_id() == "slurm-4242.1.p3"
+    assert new_job_id(unique=True).startswith(socket.gethostname())  # a store's replacer
+
+
+def test_a_second_command_of_one_slurm_step_gets_an_id_of_its_own(tmp_path, monkeypatch):
+    """Two piadm commands started in one batch script share the job and step: the second
+    must not take the first's claims and locks for its own, nor stop its heartbeat."""
+    from pipeline.claims import new_job_id
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    for name in ("SLURM_STEP_ID", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        beat = tmp_path / "job-slurm-4242.alive"  # the first command's, beating
+        beat.write_text(json.dumps({"host": socket.gethostname(), "pid": first.pid}))
+        second = new_job_id(tmp_path)
+        assert second.startswith("slurm-4242-") and second != new_job_id(tmp_path)
+    finally:
+        first.kill()
+        first.wait()
+    assert new_job_id(tmp_path) == "slurm-4242"  # its process gone: a requeue is that job
+
+
+def test_a_heartbeat_is_never_read_half_written(tmp_path):
+    """Rewritten in place, a heartbeat file is empty for an instant, and a live job read then
+    looks dead (its claims taken over, its store replaced under it)."""
+    from pipeline.claims import live_jobs
+
+    beat = Heartbeat(tmp_path, "busy").start()
+    stop, misses, looks = threading.Event(), [0], [0]
+
+    def watch():
+        while not stop.is_set():
+            looks[0] += 1
+            try:
+                whole = json.loads(beat.path.read_text())["pid"] == os.getpid()
+            except ValueError:
+                whole = False
+            misses[0] += not whole or live_jobs(tmp_path) != ["busy"]
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(2000):
+            beat._beat()
+    finally:
+        stop.set()
+        watcher.join()
+        beat.stop()
+    assert looks[0] > 50 and misses[0] == 0
+
+
+def test_a_lock_taken_over_meanwhile_is_not_given_back_by_its_former_holder(tmp_path):
+    from pipeline.claims import holds
+
+    with holding(tmp_path, "finalize", "slow"):
+        # "slow" looked dead to another job, which took the lock over
+        (tmp_path / "finalize.json").write_text(json.dumps({"job": "other", "time": 0.0}))
+    assert holds(tmp_path, "finalize", "other")
