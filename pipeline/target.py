@@ -12,6 +12,7 @@ replacing or growing one store take turns under a lock in the claims folder.
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import shutil
 import tempfile
@@ -168,12 +169,14 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool,
     it did: ``created``, ``resumed``, ``replaced`` or ``grown from M to N members``. Creation
     is built aside and renamed into place, so the path is either absent or complete, and two
     runs racing to create it agree on one. With ``overwrite`` another configuration's store
-    (or one made with other model files) is deleted first; this configuration's own is
+    (or one made with other model files) is replaced: moved aside in one step, deleted once
+    the new one stands (what a kill left is deleted by the next run); this configuration's own is
     resumed (a requeued job, or a second job sharing its batches, must not delete the work),
     and grown to more members rather than replaced: its members are the ones a new store's
     would be, each member's noise keyed by its index. ``growth`` tells, from the store as it
     is when asked, whether it is this run's settings at another member count (see
     ``check_target``; asked again under the lock, since another job may grow it first)."""
+    _delete_leftovers(spec.path)
     # never delete what we did not make
     fate = check_target(spec.path, spec.digest, overwrite=overwrite,
                         model=spec.attrs.get("model_sha256"), grown=growth())
@@ -254,6 +257,28 @@ def check_idle(path: str | Path, what: str = "replaces a store") -> None:
                           "end (or stop it), then rerun")
 
 
+DELETING = ".deleting"  # the suffix of a replaced store moved aside to be deleted
+
+
+def _doomed(path: Path, job: str) -> Path:
+    """Where replacement ``job`` moves the store at ``path`` to delete it."""
+    return path.with_name(f".{path.name}.{job}{DELETING}")
+
+
+def _delete_leftovers(path: str | Path) -> None:
+    """Delete what replacements killed while deleting left of the stores they replaced at
+    ``path``: those whose job is no longer alive."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    leftovers = list(path.parent.glob(f"{glob.escape(prefix)}*{DELETING}"))
+    if not leftovers:
+        return
+    live = set(live_jobs(claims_dir(path)))
+    for left in leftovers:
+        if left.name[len(prefix):-len(DELETING)] not in live:
+            shutil.rmtree(left, ignore_errors=True)
+
+
 def _replace(spec: StoreSpec) -> str:
     """Delete another configuration's store and create this one's, one job at a time (a lock
     in the claims folder): two jobs of one configuration started together both find the old
@@ -269,9 +294,14 @@ def _replace(spec: StoreSpec) -> str:
             if fate != "replace":
                 return _create(spec, overwrite=True)
             check_idle(spec.path)
-            shutil.rmtree(spec.path)
+            # moved aside in one step, deleted once the new store stands: a kill part way
+            # through deleting it in place would leave a folder without its zarr.json, no
+            # longer recognisably a piadm store, which piadm would never delete or use
+            doomed = _doomed(Path(spec.path), job)
+            os.rename(spec.path, doomed)
             clear_claims(folder, keep="replace")  # claims on the old store's batches
             made = _create(spec, overwrite=True)
+            shutil.rmtree(doomed, ignore_errors=True)
             return "replaced" if made == "created" else made
     finally:
         beat.stop()

@@ -200,6 +200,39 @@ def test_overwrite_replaces_another_configurations_store(tmp_path):
     assert attrs["piadm_store_digest"] == other.store_digest != first.store_digest
 
 
+def test_a_replacement_killed_while_deleting_the_old_store_leaves_a_usable_path(
+        tmp_path, monkeypatch):
+    """The old store is moved aside in one step and deleted after the new one stands: a kill
+    while deleting (a long delete on a parallel file system) leaves the new store whole, and
+    the next run deletes what is left of the old one."""
+    import shutil
+
+    import pipeline.target as target
+
+    first = load_config("jobs/configs/grf.toml", _small(tmp_path))
+    assert sample(first).members == 2
+    other = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "sampler.seed": 9, "output.overwrite": True}))
+    deleting = shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        if str(path).endswith(target.DELETING):
+            deleting(next(p for p in path.iterdir() if p.name != "zarr.json"))  # part way
+            raise KeyboardInterrupt  # as SLURM's kill after its grace time
+        deleting(path, *args, **kwargs)
+
+    monkeypatch.setattr(target.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sample(other)
+    monkeypatch.setattr(target.shutil, "rmtree", deleting)
+    left = list(tmp_path.glob(".out.zarr.*.deleting"))
+    assert len(left) == 1
+    assert zarr.open_group(other.output.path, mode="r").attrs["piadm_store_digest"] == \
+        other.store_digest  # the new store stands, with no member done yet
+    assert sample(other).members == 2  # resumed, and the old store's remains deleted
+    assert not list(tmp_path.glob(".out.zarr.*"))
+
+
 def _spec(path, digest):
     import numpy as np
 
