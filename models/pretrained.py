@@ -101,7 +101,15 @@ def scheduler_grid(scheduler_dir: Path, process: DiscreteVP):
             raise ConfigError(f"config: sampler.grid = 'scheduler': diffusers has no scheduler "
                               f"{config.get('_class_name')!r}")
         scheduler = cls.from_pretrained(scheduler_dir)
-        scheduler.set_timesteps(steps)
+        try:
+            scheduler.set_timesteps(steps)
+        except ValueError as err:  # e.g. more steps than it was trained with
+            first = (str(err).strip().splitlines() or [""])[0][:160]
+            raise ConfigError(
+                f"config: sampler.steps = {steps} does not fit the scheduler in {scheduler_dir} "
+                f"({cls.__name__}: {first}): with sampler.grid = 'scheduler' take at most its "
+                f"num_train_timesteps = {config.get('num_train_timesteps', 1000)} steps, or "
+                "set sampler.grid to one of piadm's own grids") from None
         t = scheduler.timesteps.to(torch.float64)
         table = process.table()
         final = float(getattr(scheduler, "final_alpha_cumprod", torch.tensor(1.0)))
@@ -138,6 +146,15 @@ def load_pretrained(section, device="cpu") -> NetworkModel:
     if section.condition == "none":
         check_output(model, tuple(section.shape), f"model.path = {section.path!r}")
     return model
+
+
+def scheduler_clock(section):
+    """steps -> the OU clock of ``sampler.grid = "scheduler"`` for the folder of a validated
+    ``[model]`` section, without loading its network (a dry run's check)."""
+    _, scheduler_dir = layout(section.path)
+    _, table = schedule_of(_read(scheduler_dir / "scheduler_config.json"),
+                           str(scheduler_dir / "scheduler_config.json"))
+    return scheduler_grid(scheduler_dir, DiscreteVP(num_steps=len(table), alphas_cumprod=table))
 
 
 def pretrained_digest(section) -> str:

@@ -1,16 +1,19 @@
 """``piadm sample --dry-run``: what a run would do, as text, touching nothing."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
+from pipeline.choices import SCHEDULER_GRID
 from pipeline.config import ConfigError, with_settings
 from pipeline.ensemble import check_only, check_output, load_items
 from pipeline.identity import growth, store_digests
 from pipeline.layout import RankGrid
 from pipeline.memory_check import check_memory
 from pipeline.planner import resumed_batch_size, resumed_time_slices, stored_plan
-from pipeline.run import member_batches, model_digest
+from pipeline.run import member_batches, model_digest, sampler_grid
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, Config, needs_plan
 from pipeline.store import StoreExists, done_members, member_batch, stored_attribute
@@ -23,6 +26,10 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     the memory its state needs on ``device`` (``sharing`` ranks sharing it); and whether the
     run would go ahead (False: it would refuse the store or the batch)."""
     e = cfg.ensemble
+    if cfg.sampler.grid == SCHEDULER_GRID:  # its scheduler may refuse sampler.steps
+        from models.pretrained import scheduler_clock
+
+        sampler_grid(cfg.sampler, SimpleNamespace(scheduler_u=scheduler_clock(cfg.model)))
     items = load_items(cfg, check=True)
     check_only(cfg.parallel.items, len(items.labels))
     planned = needs_plan(cfg)

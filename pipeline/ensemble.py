@@ -128,6 +128,7 @@ def check_only(only: tuple[int, ...], count: int) -> None:
 def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:
     """Rank 0: the input (its layout, selection and one pass over its values) and the output
     target, before the start-up's costly work; returns the input's (mean, std, fingerprint)."""
+    sampler_grid(cfg.sampler, model)  # a scheduler's own grid may refuse sampler.steps
     items = load_items(cfg, check=True, model=model)
     check_only(cfg.parallel.items, len(items.labels))
     if not cfg.output.variable:  # a name from the model or the input: checked once known

@@ -11,6 +11,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.comm import SerialComm
+from pipeline.errors import ConfigError
 from pipeline.choices import SCHEDULER_GRID
 from pipeline.grids import Grid, make_grid, scheduler_grid
 from pipeline.noise import Noise
@@ -46,7 +47,12 @@ def sampler_grid(s: SamplerConfig, model=None) -> Grid:
     """The blocked OU-clock grid of the sampler section; ``sampler.grid = "scheduler"`` takes
     the model's own (``model.scheduler_u``)."""
     if s.grid == SCHEDULER_GRID:
-        return scheduler_grid(model.scheduler_u(s.steps), s.block_size)
+        try:
+            return scheduler_grid(model.scheduler_u(s.steps), s.block_size)
+        except ValueError as err:
+            raise ConfigError(f"config: sampler.grid = 'scheduler' at sampler.steps = {s.steps}: "
+                              f"{err}: take other sampler.steps, or one of piadm's own grids") \
+                from None
     return make_grid(s.grid, s.steps, u_min=s.u_min, u_max=s.u_max, block_size=s.block_size,
                      knee=s.knee)
 

@@ -285,6 +285,20 @@ def test_a_folder_without_its_scheduler_config_is_a_one_line_error(tmp_path, cap
     assert rc == 2 and _one_error(err, "has no scheduler_config.json"), err
 
 
+@pytest.mark.parametrize("dry", [True, False])
+def test_more_steps_than_the_scheduler_was_trained_with_are_refused_before_any_store(
+        folders, tmp_path, capsys, dry):
+    out = tmp_path / "d.zarr"
+    rc = main(["sample", "jobs/configs/grf.toml", "--set", "model.kind=diffusers",
+               "--set", f"model.path={folders['ddpm']}", "--set", "model.shape=[16, 16]",
+               "--set", "sampler.grid=scheduler", "--set", "sampler.steps=1200",
+               "--set", "sampler.form=eps", "--set", f"output.path={out}",
+               *(["--dry-run"] if dry else [])])
+    err = capsys.readouterr().err
+    assert rc == 2 and _one_error(err, "sampler.steps = 1200 does not fit the scheduler"), err
+    assert "num_train_timesteps = 1000 steps" in err and not out.exists()
+
+
 def test_the_module_example_config_samples_a_store(tmp_path):
     out = tmp_path / "m.zarr"
     assert main(["sample", "jobs/configs/module.toml", "--set", f"output.path={out}",
