@@ -229,7 +229,9 @@ def create(spec: StoreSpec) -> bool:
         os.rename(aside, path)
     except OSError:
         shutil.rmtree(aside, ignore_errors=True)
-        return False
+        if path.exists():  # another run's store is there
+            return False
+        raise  # not a race: the folder refused it (permissions, a full disk)
     return True
 
 

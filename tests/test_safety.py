@@ -269,6 +269,19 @@ def test_a_run_that_loses_the_race_to_create_its_store_resumes_only_its_own(
     assert stored_digest(path) == racer and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_a_store_its_folder_refuses_is_an_error_not_a_resumed_store(tmp_path, monkeypatch):
+    from pipeline import store
+    from pipeline.target import open_or_create
+
+    def refused(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(store.os, "rename", refused)
+    with pytest.raises(PermissionError):
+        open_or_create(_spec(tmp_path / "new.zarr", "a" * 64), overwrite=False)
+    assert list(tmp_path.iterdir()) == []  # nor the store built aside
+
+
 def test_of_two_jobs_replacing_another_configs_store_the_second_resumes_the_firsts(
         tmp_path, monkeypatch):
     from pipeline import target
