@@ -87,7 +87,9 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     ``world()`` or None (``world()``); ``stop`` an optional ``pipeline.signals.StopRequest``
     (``.install()`` it for SIGTERM and Ctrl-C) or a function of no arguments that returns
     True once the run should stop, asked between batches."""
+    from pipeline.console import on_rank0
     from pipeline.ensemble import sample_to_store
+    from pipeline.identity import as_stored
     from pipeline.layout import place_rank, rank_grid
     from pipeline.planner import resolve_plan
     from pipeline.settings import needs_plan
@@ -95,6 +97,7 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
     comm = _communicator(comm)
     check_same_config(comm, cfg, "api.sample")
+    cfg = on_rank0(comm, as_stored, cfg)  # the store's own spelling of the files it was made from
     if callable(stop):
         stop = _StopWhen(stop)
     device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),

@@ -73,6 +73,10 @@ def _setup(args, world, plan: bool = False, layout: bool = True):
         cfg = load_config(args.config, overrides(args))
     options = {k: v for k, v in sorted(vars(args).items()) if k not in ("config", "set")}
     check_same_config(world, cfg, f"piadm {args.command}", mode=repr(options))
+    if args.command == "sample":  # the store's own spelling of the files it was made from
+        from pipeline.identity import as_stored
+
+        cfg = on_rank0(world, as_stored, cfg)
     device = place_rank(world, cfg.parallel.threads, math.prod(cfg.model.shape),
                         cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)
     attrs = {}

@@ -10,7 +10,10 @@ with fewer members is the configuration's too: it is grown to ensemble.members.
 from __future__ import annotations
 
 import dataclasses
+import os
+import tomllib
 
+from pipeline.config import with_settings
 from pipeline.settings import Config
 from pipeline.store import StoreExists, config_batch, config_members, stored_digest
 from pipeline.target import Growth, check_target, stored_config
@@ -79,3 +82,34 @@ def target_fate(cfg: Config, model: str | None, **kwargs) -> tuple[str, str | No
     legacy = next((d for d in _legacy_digests(cfg) if d == found), None)
     return check_target(cfg.output.path, cfg.store_digest, model=model, legacy=legacy,
                         grown=growth(cfg), **kwargs), legacy
+
+
+# the settings that name a file or folder whose contents the store was made from
+FILE_KEYS = ("input.path", "model.checkpoint", "model.guide", "model.path", "model.weights")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # either missing: nothing to tell them apart by
+        return False
+
+
+def as_stored(cfg: Config) -> Config:
+    """``cfg`` with each file it names spelled as the config of the store at output.path
+    spells the same file (``./x`` or ``x/`` for ``x``, a path made absolute or relative):
+    a spelling is not a setting, and would otherwise make the store another
+    configuration's. What the files hold is checked apart (the model digest, the input
+    fingerprint)."""
+    try:
+        theirs = tomllib.loads(stored_config(cfg.output.path))
+    except tomllib.TOMLDecodeError:
+        return cfg
+    respelled = {}
+    for key in FILE_KEYS:
+        section, name = key.split(".")
+        ours, then = getattr(getattr(cfg, section), name), theirs.get(section, {}).get(name)
+        if (isinstance(ours, str) and isinstance(then, str) and ours and then and ours != then
+                and _same_file(ours, then)):
+            respelled[key] = then
+    return with_settings(cfg, respelled) if respelled else cfg

@@ -434,6 +434,28 @@ def test_a_different_config_is_refused_and_the_store_kept(tmp_path, input_store,
     assert _digest_files(out) == before
 
 
+def test_the_same_input_spelled_otherwise_resumes_and_grows_the_store(
+        tmp_path, input_store, capsys, monkeypatch):
+    """A path is not a setting: x/, ./x, and x made relative or absolute name the same
+    store to read, so the store stays this configuration's (its contents are checked by
+    their fingerprint)."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ens.zarr"
+    config = str(Path(__file__).resolve().parents[1] / "jobs/configs/grf.toml")
+    assert main(["sample", config, *conditional_sets(input_store, out, "ensemble.members=4")]) == 0
+    relative = os.path.relpath(input_store, tmp_path)
+    for spelling, members in ((f"{input_store}/", 4), (f"./{relative}", 6), (relative, 6)):
+        capsys.readouterr()
+        sets = conditional_sets(spelling, out, f"ensemble.members={members}")
+        assert main(["sample", config, *sets]) == 0, \
+            capsys.readouterr().err
+    attrs = zarr.open_group(out, mode="r").attrs
+    assert f'path = "{input_store}"' in attrs["config"]  # the store keeps its spelling
+    assert (zarr.open_group(out, mode="r")["done"][:] == 1).all()
+
+
 def test_a_store_grows_to_more_members_keeping_those_it_holds(tmp_path, input_store, capsys):
     """Asked for more members, a complete store of the same settings is grown, not refused
     nor remade: the members it holds stay as they were written, the rest are sampled (the
