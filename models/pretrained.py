@@ -148,15 +148,6 @@ def load_pretrained(section, device="cpu") -> NetworkModel:
     return model
 
 
-def scheduler_clock(section):
-    """steps -> the OU clock of ``sampler.grid = "scheduler"`` for the folder of a validated
-    ``[model]`` section, without loading its network (a dry run's check)."""
-    _, scheduler_dir = layout(section.path)
-    _, table = schedule_of(_read(scheduler_dir / "scheduler_config.json"),
-                           str(scheduler_dir / "scheduler_config.json"))
-    return scheduler_grid(scheduler_dir, DiscreteVP(num_steps=len(table), alphas_cumprod=table))
-
-
 def pretrained_digest(section) -> str:
     """SHA-256 of the folder's weight files and configs (sorted by path)."""
     root = Path(section.path)

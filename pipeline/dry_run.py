@@ -1,12 +1,10 @@
 """``piadm sample --dry-run``: what a run would do, as text, touching nothing."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import torch
 
-from pipeline.choices import SCHEDULER_GRID
+from models import build_model
 from pipeline.config import ConfigError, with_settings
 from pipeline.ensemble import check_only, check_output, load_items
 from pipeline.identity import growth, store_digests
@@ -26,11 +24,11 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     the memory its state needs on ``device`` (``sharing`` ranks sharing it); and whether the
     run would go ahead (False: it would refuse the store or the batch)."""
     e = cfg.ensemble
-    if cfg.sampler.grid == SCHEDULER_GRID:  # its scheduler may refuse sampler.steps
-        from models.pretrained import scheduler_clock
-
-        sampler_grid(cfg.sampler, SimpleNamespace(scheduler_u=scheduler_clock(cfg.model)))
-    items = load_items(cfg, check=True)
+    # the model as the run loads it (writing nothing): its checks of model.shape, the
+    # conditioning, the guide, a folder's scheduler and sampler.steps on its own grid
+    model = build_model(cfg.model, device)
+    sampler_grid(cfg.sampler, model)
+    items = load_items(cfg, check=True, model=model)
     check_only(cfg.parallel.items, len(items.labels))
     planned = needs_plan(cfg)
     stored = stored_plan(cfg) if planned else None

@@ -224,6 +224,17 @@ def test_sample_dry_run_says_what_it_would_do_and_writes_nothing(tmp_path, capsy
     assert f"store      {out} would be refused: output {out} exists and is not a piadm store" in err
 
 
+def test_a_dry_run_refuses_a_model_the_run_would_refuse(tmp_path, capsys):
+    """The dry run loads the model as the run does: a shape the checkpoint was not trained on
+    is the run's one-line error, not a plan that the run then refuses."""
+    out = tmp_path / "u.zarr"
+    assert main(["sample", "jobs/configs/kolmogorov_uncond.toml", "--dry-run", "--set",
+                 "model.shape=[32, 32]", "--set", f"output.path={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.shape = [32, 32] but models/checkpoints/kolmogorov_uncond.pt was trained " \
+        "on [64, 64]" in err and "Traceback" not in err and not out.exists()
+
+
 def test_a_dry_run_of_a_sequential_sampler_names_no_tolerance(tmp_path, capsys):
     assert main(["sample", "jobs/configs/grf.toml", "--dry-run", "--set",
                  f"output.path={tmp_path / 'e.zarr'}", "--set", "sampler.method=sequential-sde",
