@@ -348,6 +348,8 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
     counts)."""
     earlier = read_tables(compare)  # before any bench work: a bad table fails now, not after it
     shapes = cfg.bench.sizes or (cfg.model.shape,)
+    for shape in cfg.bench.sizes:  # a size the model does not take: now, naming the key
+        _check_size(cfg, tuple(shape), device)
     print0(comm, f"piadm bench: model {cfg.model.kind}, {cfg.sampler.steps} steps, "
                  f"block {cfg.sampler.block_size}, tol {cfg.sampler.tol}, "
                  f"{cfg.bench.members} members, {cfg.bench.seeds} seed(s), "
@@ -378,6 +380,22 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
         print0(comm, f"plot: {bench_figure(earlier + rows, Path(png_path))}")
     return rows
+
+
+def _check_size(cfg: Config, size: tuple[int, ...], device) -> None:
+    """Raise a ConfigError naming bench.sizes when the model does not take a field of
+    ``size`` (a network trained on another grid)."""
+    shaped = dataclasses.replace(cfg.model, shape=model_shape(cfg.model, size))
+    try:
+        build_model(shaped, device)
+    except ConfigError as err:
+        if shaped.shape == tuple(cfg.model.shape):
+            raise
+        raise ConfigError(
+            f"config: bench.sizes = {[list(s) for s in cfg.bench.sizes]} asks for a "
+            f"{'x'.join(map(str, size))} field, which the model does not take "
+            f"({str(err).removeprefix('config: ')}): list only sizes it takes, or leave "
+            "bench.sizes empty to bench model.shape", collective=True) from None
 
 
 def read_tables(paths: tuple[str, ...]) -> list[dict]:

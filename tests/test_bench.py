@@ -92,3 +92,12 @@ def test_a_method_whose_calibration_falls_short_is_left_out_of_the_bench(capsys)
     rows = [line.split()[0] for line in text.splitlines() if line.split()[:1] in
             (["sequential-sde"], ["window"])]
     assert rows == ["sequential-sde"]
+
+
+def test_a_size_the_network_does_not_take_names_bench_sizes_before_any_output(capsys):
+    rc = main(["bench", "jobs/configs/kolmogorov_uncond.toml", "--set", "bench.sizes=[[32, 32]]",
+               "--set", "sampler.steps=10", "--set", "bench.repeats=1",
+               "--set", 'bench.methods=["sequential-sde"]'])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "piadm bench:" not in out + err
+    assert "bench.sizes = [[32, 32]] asks for a 32x32 field, which the model does not take" in err
