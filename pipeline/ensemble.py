@@ -492,6 +492,13 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
                          dtype=torch.float64)
     peak, total = world.allreduce_max(local), world.allreduce_sum(local)
     if failed is not None:  # the members written before it stay done: a rerun finishes
+        if isinstance(failed, OSError) and not isinstance(failed, StoreExists):
+            # a full disk or a lost mount says neither which store nor what is kept
+            where = f" ({failed.filename})" if failed.filename else ""
+            raise WriteFailed(f"writing members to {spec.path} failed: "
+                              f"{failed.strerror or failed}{where}; the members written before "
+                              "it are kept: fix the cause (free space, the mount) and rerun the "
+                              "same command to finish") from failed
         raise failed
     if peak[5] > 0:
         raise WriteFailed("a write failed on another rank of this run (its error is printed "

@@ -39,7 +39,8 @@ class OutOfMemory(PiadmError):
 
 
 class WriteFailed(PiadmError):
-    """A write failed on another rank of the run; that rank names the cause."""
+    """A write of members failed: on this rank, naming the store and the cause, or on
+    another rank of the run, which names them."""
 
 
 class EvaluationError(ValueError):

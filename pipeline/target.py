@@ -77,8 +77,9 @@ def check_writable(path: str | Path) -> None:
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".piadm-check-", dir=existing))
-    except OSError as err:
-        raise OSError(err.errno, err.strerror, str(existing)) from None
+    except OSError as err:  # /proc: a folder that exists says "no such file" to a new one
+        raise OSError(err.errno, f"{err.strerror} on making a folder in it, so output.path "
+                                 f"{path} cannot be made there", str(existing)) from None
 
 
 def upgrade_identity(path: str | Path, legacy: str, digest: str, *, plan: str | None = None,

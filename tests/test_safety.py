@@ -1,6 +1,7 @@
 """Data safety: a non-finite member is never written as done, and output.overwrite deletes
 only a store piadm made."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -341,6 +342,31 @@ def test_a_store_a_live_job_fills_is_not_replaced_and_a_replaced_store_is_not_wr
         writer.close()
 
 
+def test_a_full_disk_names_the_store_and_says_the_members_written_are_kept(
+        tmp_path, monkeypatch, capsys):
+    import errno
+
+    from pipeline import ensemble
+
+    real, calls = ensemble.write_batch, [0]
+
+    def full(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ensemble, "write_batch", full)
+    sets = _small(tmp_path, **{"ensemble.members": 4, "sampler.method": "sequential-sde"})
+    out = sets["output.path"]
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *sum((["--set", f"{k}={v}"] for k, v in sets.items()), [])]) == 2
+    err = capsys.readouterr().err
+    assert (f"piadm: error: writing members to {out} failed: No space left on device; the "
+            "members written before it are kept") in err and "rerun the same command" in err
+    assert int(zarr.open_group(out, mode="r")["done"][:].sum()) == 2
+
+
 def test_an_output_inside_a_store_or_replacing_one_through_a_link_is_refused(tmp_path, capsys):
     first = load_config("jobs/configs/grf.toml", _small(tmp_path))
     assert sample(first).members == 2
@@ -413,6 +439,20 @@ def test_an_output_path_that_cannot_be_made_is_one_line_before_a_calibration(tmp
     assert len(errors) == 1 and "Traceback" not in err
     assert f"cannot use {tmp_path / 'a-file'}" in errors[0] and "may write there" in errors[0]
     assert "calibrat" not in err  # refused before the costly start-up
+
+
+def test_a_folder_that_refuses_new_entries_is_named_with_the_output_it_refuses(
+        tmp_path, capsys):
+    if not Path("/proc").is_dir():
+        pytest.skip("no /proc here")
+    sets = _small(tmp_path, **{"output.path": "/proc/x.zarr"})
+    args = ["sample", "jobs/configs/grf.toml"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot use /proc: " in err  # what the folder said, then what it means
+    assert "on making a folder in it, so output.path /proc/x.zarr cannot be made there" in err
 
 
 def test_the_store_carries_the_inputs_grid_and_cf_metadata(tmp_path):
