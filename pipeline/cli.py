@@ -593,6 +593,9 @@ def entry() -> None:
     """The ``piadm`` command: ``main``, then exit with its status, which a stop signal
     landing during the interpreter's shutdown no longer changes (``ignore_stop_signals``;
     only here, not in ``main``, which tests and scripts call in a process that goes on)."""
+    from pipeline.console import survive_closed_pipes
+
+    survive_closed_pipes()
     try:
         code = main()
     finally:

@@ -2,6 +2,7 @@
 for everyone with the outcome shared."""
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -38,3 +39,40 @@ def on_rank0(comm, fn, *args, idle: bool = False, **kwargs):
         error.collective = True  # every rank raises it: the CLI exits cleanly, no abort
         raise error
     return result
+
+
+class _PipeSafe:
+    """A text stream whose reader may go away (``piadm sample | head``): from then on what is
+    written goes nowhere, and the command finishes its work (a broken pipe raised in a
+    progress line would stop it between writing members and recording them)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _gone(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # the buffered text drains there too
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+            self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def survive_closed_pipes() -> None:
+    """Let the command outlive a reader of its stdout or stderr that closes early (the
+    ``piadm`` command only: a script keeps its own streams)."""
+    sys.stdout, sys.stderr = _PipeSafe(sys.stdout), _PipeSafe(sys.stderr)

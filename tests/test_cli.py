@@ -305,3 +305,23 @@ def test_a_command_stopped_by_a_signal_ends_on_its_own_line(code):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == code
     assert ("was never awaited" in done.stderr) == (code < 128), done.stderr
+
+
+def test_a_reader_that_closes_early_does_not_stop_the_run(tmp_path):
+    """``piadm sample ... 2>&1 | head -1``: the closed pipe ends the output, not the work; the
+    store is finished and its history records the run."""
+    out = tmp_path / "p.zarr"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "sample", "jobs/configs/grf.toml",
+         "--set", "model.shape=[8, 8]", "--set", "sampler.steps=30", "--set",
+         "ensemble.members=4", "--set", "ensemble.batch_size=1", "--set",
+         f"output.path={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL)
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does after its lines
+    assert proc.wait(timeout=120) == 0
+    import zarr
+
+    attrs = zarr.open_group(out, mode="r").attrs
+    assert attrs["history"].splitlines()[-1].endswith("piadm wrote 4 members")
+    assert (zarr.open_group(out, mode="r")["done"][:] == 1).all()
