@@ -301,6 +301,9 @@ def _cmd_plan(args, world) -> int:
             f"rank{'s' if args.ranks != 1 else ''}"
             + (f" ({args.gpus_per_node} GPUs a node)" if args.gpus_per_node else
                f" of this node ({'its CPU' if device.type == 'cpu' else device})"))
+        if args.gpus_per_node and device.type != "cuda":  # measured here, planned for there
+            say(f"plan: this machine has no GPU: the cost of a model call is this {device}'s, "
+                "not a GPU's; run piadm plan on a node of the job's GPUs to plan for them")
         return make_plan(cfg, model, device, ranks=args.ranks, gpus_per_node=args.gpus_per_node,
                          say=say)
 

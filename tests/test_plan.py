@@ -172,6 +172,19 @@ def test_plan_rejects_counts_below_their_least(flags, needle, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"piadm: error: {needle}"
 
 
+def test_a_gpu_plan_made_without_a_gpu_says_whose_costs_it_has(tmp_path, capsys, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU here: the plan's costs are a GPU's")
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    sets = _small(tmp_path, **{"sampler.method": "sequential-sde"})
+    assert main(["plan", "jobs/configs/grf.toml", "--ranks", "2", "--gpus-per-node", "2",
+                 *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]) == 0
+    assert ("plan: this machine has no GPU: the cost of a model call is this cpu's, not a "
+            "GPU's") in capsys.readouterr().err
+
+
 def test_auto_sampling_runs_the_plan_and_records_it_and_a_resume_keeps_it(tmp_path, capsys):
     cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
         "sampler.method": "auto", "parallel.time_slices": "auto"}))
