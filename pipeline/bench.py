@@ -265,17 +265,26 @@ def model_shape(model, size: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(size)
 
 
+def shaped_model(cfg: Config, size: tuple[int, ...], device) -> tuple[Config, object]:
+    """``cfg`` at bench size ``size`` (``model_shape``) and its model, built."""
+    shape = model_shape(cfg.model, size)
+    shaped = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shape=shape))
+    return shaped, build_model(shaped.model, device)
+
+
 def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
-                device: torch.device = torch.device("cpu"), name_bound: bool = True) -> list[dict]:
+                device: torch.device = torch.device("cpu"), name_bound: bool = True,
+                built: tuple[Config, object] | None = None) -> list[dict]:
     """Run every bench method on one field shape for each of ``bench.seeds`` noise seeds, its
     blocks split over ``comm``'s ranks; returns one row per method and seed (and a worst row
     per method over several seeds). ``name_bound``: first print the field's S, when it has one
-    (off for callers that bench one shape method by method)."""
+    (off for callers that bench one shape method by method); ``built``: ``shaped_model``'s
+    answer for the shape, when the caller has it."""
     from pipeline.ensemble import first_item_model
 
-    shape = model_shape(cfg.model, shape)
-    shaped = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shape=shape))
-    model = first_item_model(shaped, build_model(shaped.model, device), device)
+    shaped, model = built or shaped_model(cfg, shape, device)
+    shape = shaped.model.shape
+    model = first_item_model(shaped, model, device)
     s = cfg.sampler
     tolerances = method_tolerances(shaped, model, comm=comm, device=device)
     if not tolerances:
@@ -347,9 +356,8 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
     PNG plot of these rows with those of earlier JSON tables ``compare`` (e.g. other rank
     counts)."""
     earlier = read_tables(compare)  # before any bench work: a bad table fails now, not after it
-    shapes = cfg.bench.sizes or (cfg.model.shape,)
-    for shape in cfg.bench.sizes:  # a size the model does not take: now, naming the key
-        _check_size(cfg, tuple(shape), device)
+    shapes = [tuple(shape) for shape in cfg.bench.sizes or (cfg.model.shape,)]
+    built = [_built(cfg, shape, device) for shape in shapes]  # a size it does not take: now
     print0(comm, f"piadm bench: model {cfg.model.kind}, {cfg.sampler.steps} steps, "
                  f"block {cfg.sampler.block_size}, tol {cfg.sampler.tol}, "
                  f"{cfg.bench.members} members, {cfg.bench.seeds} seed(s), "
@@ -369,8 +377,8 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
                      f"{latency:g} + n x {per_item:g} ms (model.emulate_ms)")
     print0(comm, LEGEND)
     print0(comm, header())
-    rows = [row for shape in shapes for row in bench_shape(cfg, tuple(shape), comm=comm,
-                                                           device=device)]
+    rows = [row for shape, made in zip(shapes, built)
+            for row in bench_shape(cfg, shape, comm=comm, device=device, built=made)]
     if json_path and comm.rank == 0:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps({"config": cfg.text, "rows": rows}, indent=2))
@@ -382,14 +390,13 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
     return rows
 
 
-def _check_size(cfg: Config, size: tuple[int, ...], device) -> None:
-    """Raise a ConfigError naming bench.sizes when the model does not take a field of
-    ``size`` (a network trained on another grid)."""
-    shaped = dataclasses.replace(cfg.model, shape=model_shape(cfg.model, size))
+def _built(cfg: Config, size: tuple[int, ...], device) -> tuple[Config, object]:
+    """``shaped_model`` at bench size ``size``; a ConfigError naming bench.sizes when the
+    model does not take a field of that size (a network trained on another grid)."""
     try:
-        build_model(shaped, device)
+        return shaped_model(cfg, size, device)
     except ConfigError as err:
-        if shaped.shape == tuple(cfg.model.shape):
+        if model_shape(cfg.model, size) == tuple(cfg.model.shape):
             raise
         raise ConfigError(
             f"config: bench.sizes = {[list(s) for s in cfg.bench.sizes]} asks for a "

@@ -32,28 +32,37 @@ def claims_dir(store: str | Path) -> Path:
     return Path(f"{os.path.realpath(store)}.claims")
 
 
-def new_job_id(folder: Path | None = None, unique: bool = False) -> str:
+def new_job_id(folder: Path | None = None, *, unique: bool = False) -> str:
     """An id for this run: the SLURM job, its step and task (a requeued job keeps them, so it
     finds its claims its own; two steps or tasks side by side do not share one), else, or
-    with ``unique``, this host, process and a random suffix. A process of the same step on
-    this host already beating in ``folder`` (two piadm commands started in one batch script)
-    makes the id unique too: two processes of one id would each take the other's claims and
-    locks for their own."""
+    with ``unique``, this host, process and a random suffix. Two piadm commands of one step
+    on one host (started in one batch script) would share the SLURM id, and each take the
+    other's claims and locks for its own: the id is taken by creating its heartbeat file in
+    ``folder``, and a command that finds it held by another live process on this host, or
+    being created, gets a unique id. (A heartbeat of the id from another host is taken for
+    this job's own earlier run, requeued elsewhere.)"""
     own = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     slurm = os.environ.get("SLURM_JOB_ID")
     if unique or not slurm:
         return own
     step, task = os.environ.get("SLURM_STEP_ID"), os.environ.get("SLURM_PROCID", "0")
     job = f"slurm-{slurm}" + (f".{step}" if step else "") + (f".p{task}" if task != "0" else "")
-    if folder is not None and _beating_here(folder, job):
-        return f"{job}-{own}"
-    return job
+    if folder is None:
+        return job
+    folder.mkdir(parents=True, exist_ok=True)
+    try:  # atomic: of two commands starting at once, one creates it
+        os.close(os.open(folder / f"job-{job}.alive", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return job
+    except FileExistsError:
+        return f"{job}-{own}" if _beating_here(folder, job) else job
 
 
 def _beating_here(folder: Path, job: str) -> bool:
-    """Whether another live process on this host beats for ``job`` in ``folder``."""
+    """Whether another live process on this host beats for ``job`` in ``folder``, or is
+    creating its heartbeat this instant."""
+    beat = folder / f"job-{job}.alive"
     try:
-        info = json.loads((folder / f"job-{job}.alive").read_text())
+        info = json.loads(beat.read_text())
         if info.get("host") != socket.gethostname() or int(info["pid"]) == os.getpid():
             return False
         os.kill(int(info["pid"]), 0)
@@ -61,7 +70,12 @@ def _beating_here(folder: Path, job: str) -> bool:
         return False  # this job's earlier run, gone: the id is ours again
     except PermissionError:
         return True  # another user's live process
-    except (OSError, ValueError, KeyError, TypeError):
+    except ValueError:  # empty: just created by another command, unless left long ago
+        try:
+            return time.time() - beat.stat().st_mtime < WRITE_S
+        except OSError:
+            return False
+    except (OSError, KeyError, TypeError):
         return False
     return True
 
@@ -101,8 +115,10 @@ def _alive(folder: Path, owner: dict) -> bool:
     beat = folder / f"job-{owner.get('job')}.alive"
     try:
         age = time.time() - beat.stat().st_mtime
-    except OSError:
+    except FileNotFoundError:
         return False  # no heartbeat: stopped, or never started
+    except OSError:  # unknown (a network file system's transient error): not taken as dead
+        return True
     try:
         info = json.loads(beat.read_text())
     except (OSError, ValueError):  # unreadable (an older piadm's, being rewritten): its age

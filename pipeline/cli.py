@@ -302,8 +302,8 @@ def _cmd_plan(args, world) -> int:
             + (f" ({args.gpus_per_node} GPUs a node)" if args.gpus_per_node else
                f" of this node ({'its CPU' if device.type == 'cpu' else device})"))
         if args.gpus_per_node and device.type != "cuda":  # measured here, planned for there
-            say(f"plan: this machine has no GPU: the cost of a model call is this {device}'s, "
-                "not a GPU's; run piadm plan on a node of the job's GPUs to plan for them")
+            say("plan: this machine has no GPU: the cost of a model call is measured on its "
+                "CPU, not on a GPU; run piadm plan on a node of the job's GPUs to plan for them")
         return make_plan(cfg, model, device, ranks=args.ranks, gpus_per_node=args.gpus_per_node,
                          say=say)
 
@@ -594,8 +594,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The ``piadm`` command: ``main``, then exit with its status, which a stop signal
-    landing during the interpreter's shutdown no longer changes (``ignore_stop_signals``;
-    only here, not in ``main``, which tests and scripts call in a process that goes on)."""
+    landing during the interpreter's shutdown no longer changes (``ignore_stop_signals``),
+    nor a reader that closed its output early (``survive_closed_pipes``); both only here,
+    not in ``main``, which tests and scripts call in a process that goes on."""
     from pipeline.console import survive_closed_pipes
 
     survive_closed_pipes()

@@ -51,8 +51,10 @@ class _PipeSafe:
 
     def _gone(self) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self._stream.fileno())  # the buffered text drains there too
-        os.close(devnull)
+        try:
+            os.dup2(devnull, self._stream.fileno())  # the buffered text drains there too
+        finally:
+            os.close(devnull)
 
     def write(self, text: str) -> int:
         try:
@@ -75,4 +77,8 @@ class _PipeSafe:
 def survive_closed_pipes() -> None:
     """Let the command outlive a reader of its stdout or stderr that closes early (the
     ``piadm`` command only: a script keeps its own streams)."""
-    sys.stdout, sys.stderr = _PipeSafe(sys.stdout), _PipeSafe(sys.stderr)
+    # None where the descriptor was closed at start (>&-): Python then drops what is written
+    if sys.stdout is not None:
+        sys.stdout = _PipeSafe(sys.stdout)
+    if sys.stderr is not None:
+        sys.stderr = _PipeSafe(sys.stderr)

@@ -46,7 +46,8 @@ from pipeline.signals import StopRequest
 from pipeline.store import (ASKED, INPUT_FINGERPRINT, MEMBER_BATCH, StoreExists, StoreSpec,
                             done_members, finalize, member_batch, member_chunk, read_attrs,
                             stored_attribute, write_batch)
-from pipeline.target import check_idle, check_writable, open_or_create, upgrade_identity
+from pipeline.target import (check_idle, check_writable, delete_leftovers, open_or_create,
+                             upgrade_identity)
 from pipeline.validation import check_variable
 from pipeline.work import batch_note, call_batch, work_list, write_runs
 from pipeline.writer import make_writer
@@ -478,6 +479,9 @@ def _finalize_alone(path, note: str, job: str) -> None:
     history, append their line and write it back, and one line would be lost."""
     with holding(claims_dir(path), "finalize", job):
         finalize(path, note)
+    # a replacement killed just before this run began looked alive then: its copy of the
+    # old store goes now, not at the next run, which may never come
+    delete_leftovers(path)
 
 
 def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str,
@@ -495,10 +499,12 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
         if isinstance(failed, OSError) and not isinstance(failed, StoreExists):
             # a full disk or a lost mount says neither which store nor what is kept
             where = f" ({failed.filename})" if failed.filename else ""
-            raise WriteFailed(f"writing members to {spec.path} failed: "
-                              f"{failed.strerror or failed}{where}; the members written before "
-                              "it are kept: fix the cause (free space, the mount) and rerun the "
-                              "same command to finish") from failed
+            said = WriteFailed(f"writing members to {spec.path} failed: "
+                               f"{failed.strerror or failed}{where}; the members written before "
+                               "it are kept: fix the cause (free space, the mount) and rerun "
+                               "the same command to finish")
+            said.errno = failed.errno
+            raise said from failed
         raise failed
     if peak[5] > 0:
         raise WriteFailed("a write failed on another rank of this run (its error is printed "

@@ -38,9 +38,10 @@ class OutOfMemory(PiadmError):
     """A rank ran out of memory; the message names the settings that would make the run fit."""
 
 
-class WriteFailed(PiadmError):
-    """A write of members failed: on this rank, naming the store and the cause, or on
-    another rank of the run, which names them."""
+class WriteFailed(PiadmError, OSError):
+    """A write of members failed: on this rank, naming the store and the cause (its
+    ``errno``, the OSError's), or on another rank of the run, which names them. An OSError,
+    so that a caller's ``except OSError`` for a full disk still takes it."""
 
 
 class EvaluationError(ValueError):

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import __version__
+from pipeline.choices import SCHEDULER_GRID
 from pipeline.comm import SerialComm
 from pipeline.errors import ConfigError
-from pipeline.choices import SCHEDULER_GRID
 from pipeline.grids import Grid, make_grid, scheduler_grid
 from pipeline.noise import Noise
 from pipeline.samplers import REGISTRY, SAMPLERS, Options, Stats
@@ -49,6 +49,8 @@ def sampler_grid(s: SamplerConfig, model=None) -> Grid:
     if s.grid == SCHEDULER_GRID:
         try:
             return scheduler_grid(model.scheduler_u(s.steps), s.block_size)
+        except ConfigError:  # the scheduler's own refusal, which names its fix
+            raise
         except ValueError as err:
             raise ConfigError(f"config: sampler.grid = 'scheduler' at sampler.steps = {s.steps}: "
                               f"{err}: take other sampler.steps, or one of piadm's own grids") \

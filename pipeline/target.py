@@ -26,6 +26,10 @@ from pipeline.store import (ASKED, MEMBER_BATCH, StoreExists, StoreSpec, consoli
                             member_chunk_of, members_fit, read_attrs)
 
 
+REPLACER = "replacing-"  # the job ids of runs waiting to replace a store: they write nothing
+# A replaced store is moved aside as .NAME.REPLACER-JOB.deleting, then deleted
+DELETING = ".deleting"
+
 # What a grown store takes from the configuration that grows it: its identity, and the
 # config it now holds (``grow``)
 GROWN_ATTRS = ("piadm_store_digest", "store_sha256", "config", "config_sha256",
@@ -177,7 +181,7 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool,
     would be, each member's noise keyed by its index. ``growth`` tells, from the store as it
     is when asked, whether it is this run's settings at another member count (see
     ``check_target``; asked again under the lock, since another job may grow it first)."""
-    _delete_leftovers(spec.path)
+    delete_leftovers(spec.path)
     # never delete what we did not make
     fate = check_target(spec.path, spec.digest, overwrite=overwrite,
                         model=spec.attrs.get("model_sha256"), grown=growth())
@@ -244,9 +248,6 @@ def _create(spec: StoreSpec, overwrite: bool) -> str:
     return "resumed"
 
 
-REPLACER = "replacing-"  # the job ids of runs waiting to replace a store: they write nothing
-
-
 def check_idle(path: str | Path, what: str = "replaces a store") -> None:
     """Raise StoreExists while a live job fills the store at ``path`` (a heartbeat in its
     claims folder): replacing it then would let that job's members land in the new store,
@@ -258,20 +259,18 @@ def check_idle(path: str | Path, what: str = "replaces a store") -> None:
                           "end (or stop it), then rerun")
 
 
-DELETING = ".deleting"  # the suffix of a replaced store moved aside to be deleted
-
-
 def _doomed(path: Path, job: str) -> Path:
     """Where replacement ``job`` moves the store at ``path`` to delete it."""
     return path.with_name(f".{path.name}.{job}{DELETING}")
 
 
-def _delete_leftovers(path: str | Path) -> None:
+def delete_leftovers(path: str | Path) -> None:
     """Delete what replacements killed while deleting left of the stores they replaced at
-    ``path``: those whose job is no longer alive."""
+    ``path``: those whose job is no longer alive (``.NAME.bak.REPLACER...`` is another
+    store's, NAME.bak's)."""
     path = Path(path)
     prefix = f".{path.name}."
-    leftovers = list(path.parent.glob(f"{glob.escape(prefix)}*{DELETING}"))
+    leftovers = list(path.parent.glob(f"{glob.escape(prefix + REPLACER)}*{DELETING}"))
     if not leftovers:
         return
     live = set(live_jobs(claims_dir(path)))

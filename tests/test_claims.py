@@ -144,6 +144,11 @@ def test_a_second_command_of_one_slurm_step_gets_an_id_of_its_own(tmp_path, monk
         first.kill()
         first.wait()
     assert new_job_id(tmp_path) == "slurm-4242"  # its process gone: a requeue is that job
+    beat.unlink()
+    assert new_job_id(tmp_path) == "slurm-4242" and beat.exists()  # taken: created
+    assert new_job_id(tmp_path).startswith("slurm-4242-")  # a second command at that instant
+    _age(beat, 60)
+    assert new_job_id(tmp_path) == "slurm-4242"  # created by a run killed at once, long ago
 
 
 def test_a_heartbeat_is_never_read_half_written(tmp_path):
@@ -159,7 +164,7 @@ def test_a_heartbeat_is_never_read_half_written(tmp_path):
             looks[0] += 1
             try:
                 whole = json.loads(beat.path.read_text())["pid"] == os.getpid()
-            except ValueError:
+            except (OSError, ValueError):
                 whole = False
             misses[0] += not whole or live_jobs(tmp_path) != ["busy"]
 

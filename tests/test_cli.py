@@ -325,3 +325,13 @@ def test_a_reader_that_closes_early_does_not_stop_the_run(tmp_path):
     attrs = zarr.open_group(out, mode="r").attrs
     assert attrs["history"].splitlines()[-1].endswith("piadm wrote 4 members")
     assert (zarr.open_group(out, mode="r")["done"][:] == 1).all()
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+def test_a_command_whose_output_is_closed_at_start_keeps_its_status(tmp_path, closed):
+    """``piadm status PATH 2>&-``: a script that closes a stream still gets the status."""
+    fd = 1 if closed == "stdout" else 2
+    run = subprocess.run(["bash", "-c", f'"$0" -m pipeline.cli status "$1" {fd}>&-',
+                          sys.executable, str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2 and "Exception ignored" not in run.stdout + run.stderr

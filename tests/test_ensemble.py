@@ -451,6 +451,11 @@ def test_the_same_input_spelled_otherwise_resumes_and_grows_the_store(
         sets = conditional_sets(spelling, out, f"ensemble.members={members}")
         assert main(["sample", config, *sets]) == 0, \
             capsys.readouterr().err
+    from pipeline import api  # and through the API: grown once more
+
+    sets = conditional_sets(f"{input_store}/", out, "ensemble.members=8")[1::2]
+    grown = api.sample(load_config(config, sets))
+    assert grown.members == 2 * 6 and grown.skipped == 6 * 6  # two new members of 6 items
     attrs = zarr.open_group(out, mode="r").attrs
     assert f'path = "{input_store}"' in attrs["config"]  # the store keeps its spelling
     assert (zarr.open_group(out, mode="r")["done"][:] == 1).all()

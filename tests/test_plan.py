@@ -181,8 +181,8 @@ def test_a_gpu_plan_made_without_a_gpu_says_whose_costs_it_has(tmp_path, capsys,
     sets = _small(tmp_path, **{"sampler.method": "sequential-sde"})
     assert main(["plan", "jobs/configs/grf.toml", "--ranks", "2", "--gpus-per-node", "2",
                  *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]) == 0
-    assert ("plan: this machine has no GPU: the cost of a model call is this cpu's, not a "
-            "GPU's") in capsys.readouterr().err
+    assert ("plan: this machine has no GPU: the cost of a model call is measured on its CPU, "
+            "not on a GPU") in capsys.readouterr().err
 
 
 def test_auto_sampling_runs_the_plan_and_records_it_and_a_resume_keeps_it(tmp_path, capsys):

@@ -230,8 +230,10 @@ def test_a_replacement_killed_while_deleting_the_old_store_leaves_a_usable_path(
     assert len(left) == 1
     assert zarr.open_group(other.output.path, mode="r").attrs["piadm_store_digest"] == \
         other.store_digest  # the new store stands, with no member done yet
+    others = tmp_path / ".out.zarr.bak.replacing-host-1-abc.deleting"  # out.zarr.bak's
+    others.mkdir()
     assert sample(other).members == 2  # resumed, and the old store's remains deleted
-    assert not list(tmp_path.glob(".out.zarr.*"))
+    assert list(tmp_path.glob(".out.zarr.*")) == [others]
 
 
 def _spec(path, digest):
@@ -365,6 +367,10 @@ def test_a_full_disk_names_the_store_and_says_the_members_written_are_kept(
     assert (f"piadm: error: writing members to {out} failed: No space left on device; the "
             "members written before it are kept") in err and "rerun the same command" in err
     assert int(zarr.open_group(out, mode="r")["done"][:].sum()) == 2
+    calls[0] = 0  # through the API: still the OSError a full disk raises, with its errno
+    with pytest.raises(OSError) as raised:
+        sample(load_config("jobs/configs/grf.toml", {**sets, "output.path": out + "2"}))
+    assert raised.value.errno == errno.ENOSPC
 
 
 def test_an_output_inside_a_store_or_replacing_one_through_a_link_is_refused(tmp_path, capsys):
