@@ -364,6 +364,21 @@ class _PartedComm:
         return torch.stack([x, other])
 
 
+def test_a_rank_whose_replicated_window_ended_alone_stops_with_the_reason():
+    """The last round's acceptance parted the ranks: this one ended its path (every window
+    start past the last step), the other did not. The Allgather of no points that closes the
+    path finds their window starts apart, and raises rather than leave the other rank
+    waiting in its next round's collective."""
+    from pipeline.samplers.ring import evaluate_shared
+
+    states = torch.zeros(1, 4, 3, 3)
+    calls = []
+    with pytest.raises(RuntimeError, match="disagree on where it starts"):
+        evaluate_shared(lambda x, u: calls.append(x) or x, states, np.array([10]), 4, 10,
+                        np.linspace(0, 1, 20), _PartedComm())
+    assert calls == []  # no points: no model call
+
+
 def test_ranks_of_a_replicated_window_that_part_ways_stop_with_the_reason():
     from pipeline.samplers.ring import evaluate_shared
 

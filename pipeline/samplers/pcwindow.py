@@ -40,7 +40,10 @@ Replicated (``Options.window_split``): every rank keeps the whole ring, evaluate
 of the round's points and joins the scores in one Allgather (``ring.evaluate_shared``); the
 rest of the round is the one-rank round, the same on every rank. One collective a round and
 calls within one point of each other, even where the window runs past the last step, for the
-whole window's memory and host work on every rank and p B d words gathered a round.
+whole window's memory and host work on every rank and p B d words gathered a round. Each rank
+ends its path by its own acceptance, so one more Allgather, of no points, checks that every
+rank ended with it: a rank whose arithmetic parted ways would otherwise wait in the next
+round's collective while the others have left.
 """
 from __future__ import annotations
 
@@ -425,6 +428,8 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         advances.append(int(accepted.max()))
         if options.on_sweep is not None:
             options.on_sweep(int(start.min()), rounds, history[-1])
+    if shared:  # every rank ended here: an Allgather of no points, its window starts checked
+        evaluate_shared(model, states, start, p, n, t.u, comm)
     stats = Stats(rounds=rounds, model_calls=calls / batch, residuals=tuple(history),
                   sweeps=tuple(advances))
     return finish(model, y_out, stats, float(grid.u[-1]), options)
