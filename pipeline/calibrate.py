@@ -77,12 +77,14 @@ def calibration_key(cfg: Config, model_sha256: str) -> str:
     the path or the distance, the members tried and the ladder (not how time slices share a
     window: calibration runs on one rank)."""
     s = cfg.sampler
+    # a block's size and its sweeps' cap shape a blocked sampler's path; no other sampler's
+    blocked = s.method in REGISTRY and REGISTRY[s.method].blocked
+    unused = ("tol", "on_divergence", "window_split",
+              *(() if blocked else ("max_sweeps", "block_size")))
     kept = {"model_sha256": model_sha256, "shape": list(cfg.model.shape),
             "data_bound": cfg.model.data_bound, "condition": cfg.model.condition,
             "input": cfg.input.path, "calibrate": dataclasses.asdict(cfg.calibrate),
-            "sampler": {k: v for k, v in dataclasses.asdict(s).items()
-                        if k not in ("tol", "max_sweeps", "on_divergence", "block_size",
-                                     "window_split")}}
+            "sampler": {k: v for k, v in dataclasses.asdict(s).items() if k not in unused}}
     if cfg.model.kind == "module":  # its schedule is not in its digest (models.module)
         from models.module import SCHEDULE_KEYS
 

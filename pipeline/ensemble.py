@@ -226,12 +226,14 @@ def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: boo
 
 
 def first_item_model(cfg: Config, model, device):
-    """``model`` as the run's first item samples it: bound to that item's conditioning input
-    when the model is conditioned (calibration and the bench use it), else itself."""
+    """``model`` as the store's first item samples it: bound to that item's conditioning
+    input when the model is conditioned (calibration and the bench use it), else itself.
+    The store's first, not this job's (``parallel.items``): jobs that fill one store
+    calibrate alike, and share the calibration their key names."""
     if not cfg.input.path:
         return model
     items = load_items(cfg, check=True, model=model)
-    raw = items.field(cfg.parallel.items[0] if cfg.parallel.items else 0)
+    raw = items.field(0)
     mean = getattr(model, "data_mean", None)
     mean, std = (items.mean, items.std) if mean is None else (mean, model.data_std)
     return _bind(model, cfg.model.condition, (raw - mean) / std, device)

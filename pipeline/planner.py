@@ -93,6 +93,17 @@ def params_of(cfg: Config, method: str) -> tuple[int, ...]:
     return tuple(sorted({min(max(2, v), s.steps) for v in (base // 2, base, 2 * base)}))
 
 
+def _param_setting(method: str, param: int) -> dict:
+    """The config key that sets a layout's window or block of ``param`` points for
+    ``method`` (none for a sequential sampler or one whose rounds span the path)."""
+    entry = REGISTRY[method]
+    if not param or entry.whole_path:
+        return {}
+    if entry.windowed:
+        return {"sampler.window": param}
+    return {"sampler.block_size": param} if entry.blocked else {}
+
+
 def settings(pred: Prediction) -> dict:
     """The config keys that run ``pred``'s layout."""
     lay, prof = pred.layout, pred.profile
@@ -287,17 +298,19 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
             if steps.get(REFERENCE[method]) is None:
                 continue  # out of reach (said when searched)
             mine = with_settings(cfg, {"sampler.steps": steps[REFERENCE[method]]})
-        try:
-            tol = resolve_tol(with_settings(mine, {"sampler.method": method}), base,
-                              device=device, say=say).tol
-        except CANNOT_CALIBRATE as err:
-            if cfg.sampler.method not in AUTO_METHODS:
-                raise
-            say(f"  left out {method}: {err}")  # e.g. a device whose rounding is too coarse
-            continue
         for param in params_of(mine, method):
+            # each window or block at its own tolerance: a narrower one needs a tighter tol
+            at = with_settings(mine, {"sampler.method": method, **_param_setting(method, param)})
+            try:
+                tol = resolve_tol(at, base, device=device, say=say).tol
+            except CANNOT_CALIBRATE as err:
+                if cfg.sampler.method not in AUTO_METHODS:
+                    raise
+                # e.g. a device whose rounding is too coarse
+                say(f"  left out {method}{f' p={param}' if param else ''}: {err}")
+                continue
             smallest = max(1, math.ceil(param / min(ranks, max(1, param)))) if param else 1
-            prof = profile(mine, model, method, param, tol, device, smallest, sha,
+            prof = profile(at, model, method, param, tol, device, smallest, sha,
                            mine.sampler.steps if mine is not cfg else 0)
             say(f"  profiled {method:<15} {'p=' + str(param) if param else '':<6} tol "
                 f"{'-' if tol is None else format(tol, '.1e')}: {mine.sampler.steps} steps, "

@@ -142,6 +142,17 @@ def test_how_time_slices_share_a_window_keeps_the_calibration():
     assert calibration_key(cfg, "m") == calibration_key(replicated, "m")
 
 
+@pytest.mark.parametrize("method, counted", [("piadm-sde", True), ("pc-window", False)])
+def test_a_blocks_size_and_sweep_cap_key_a_blocked_samplers_calibration(method, counted):
+    """They shape a Picard block's path and its distance (a cap of 2 sweeps left piadm-sde
+    90 times sampler.distance from the sequential path at a tolerance cached without it);
+    a window sampler uses neither, and keeps its key."""
+    key = lambda *sets: calibration_key(load_config(  # noqa: E731
+        "jobs/configs/grf.toml", [*SMALL, f"sampler.method={method}", *sets]), "m")
+    for other in ("sampler.block_size=50", "sampler.max_sweeps=2"):
+        assert (key(other) != key()) == counted
+
+
 def _calibration_refusal(tmp_path, capsys, monkeypatch, *sets: str) -> str:
     """The one-line error of ``piadm calibrate`` on an 8x8 GRF of 60 steps, one member."""
     monkeypatch.setenv("PIADM_CACHE", str(tmp_path))  # measured anew

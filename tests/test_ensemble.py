@@ -771,3 +771,24 @@ def test_nan_outside_the_selection_is_fine(tmp_path):
     sets = conditional_sets(nan, tmp_path / "ens.zarr", "input.range=['2020-01-04', '2020-01-06']")
     assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
     assert xr.open_zarr(tmp_path / "ens.zarr").sizes["time"] == 3
+
+
+def test_jobs_of_one_store_calibrate_on_its_first_item_whichever_items_they_fill(
+        tmp_path, input_store):
+    """Two jobs filling distinct items of one store share a calibration key: both bind the
+    model to the store's first item, so that they calibrate alike (one on item 1 chose tol
+    0.01 where item 0 gave 0.002)."""
+    import torch
+
+    from models import build_model
+    from pipeline.ensemble import first_item_model
+
+    def bound(items):
+        sets = conditional_sets(input_store, tmp_path / "s.zarr", f"parallel.items={items}")
+        cfg = load_config("jobs/configs/grf.toml", sets[1::2])
+        return first_item_model(cfg, build_model(cfg.model), "cpu")
+
+    x, u = torch.randn(1, 16, 16), torch.tensor([1.0])
+    assert torch.equal(bound("[1, 3]")(x, u), bound("[0, 2]")(x, u))
+    assert not torch.equal(bound("[1, 3]")(x, u), build_model(load_config(
+        "jobs/configs/grf.toml", ["model.shape=[16, 16]"]).model)(x, u))  # it is bound
