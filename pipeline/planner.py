@@ -89,8 +89,14 @@ def params_of(cfg: Config, method: str) -> tuple[int, ...]:
     entry = REGISTRY[method]
     if entry.whole_path:  # its rounds span the path: time slices cut the steps
         return (s.steps,)
-    base = (s.window or entry.default_window) if entry.windowed else s.block_size
+    base = _configured(cfg, method)
     return tuple(sorted({min(max(2, v), s.steps) for v in (base // 2, base, 2 * base)}))
+
+
+def _configured(cfg: Config, method: str) -> int:
+    """The window (or block) ``cfg`` gives a windowed (or blocked) ``method``, as set."""
+    s, entry = cfg.sampler, REGISTRY[method]
+    return (s.window or entry.default_window) if entry.windowed else s.block_size
 
 
 def _param_setting(method: str, param: int) -> dict:
@@ -300,7 +306,9 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
             mine = with_settings(cfg, {"sampler.steps": steps[REFERENCE[method]]})
         for param in params_of(mine, method):
             # each window or block at its own tolerance: a narrower one needs a tighter tol
-            at = with_settings(mine, {"sampler.method": method, **_param_setting(method, param)})
+            at = with_settings(mine, {"sampler.method": method})
+            if param != min(max(2, _configured(at, method)), at.sampler.steps):
+                at = with_settings(at, _param_setting(method, param))  # else as the run keys it
             try:
                 tol = resolve_tol(at, base, device=device, say=say).tol
             except CANNOT_CALIBRATE as err:
