@@ -26,21 +26,36 @@ def save_sidecar(path: Path, meta: dict) -> None:
     os.replace(tmp_meta, sidecar(path))
 
 
+def _units(meta: dict) -> str:
+    """What of the metadata the weights were trained in: the normalisation and the network
+    (its sigma_data among them), as text the tensors keep too."""
+    return json.dumps({k: meta.get(k) for k in ("mean", "std", "unet")}, sort_keys=True)
+
+
 def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
     """Write the JSON sidecar, then the tensors, each atomically (temp file, then rename).
     In that order a run killed in between never leaves a new checkpoint's tensors without a
-    sidecar; a resumed run's sidecar may be a save ahead (its step is read from the tensors)."""
+    sidecar; a resumed run's sidecar may be a save ahead (its step is read from the tensors),
+    so the tensors keep the units they were trained in (``load_denoiser`` compares them)."""
     save_sidecar(path, meta)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    torch.save({**state, "units": _units(meta)}, tmp)
     os.replace(tmp, path)
 
 
 def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:
-    """The EMA denoiser of a checkpoint and its metadata (no pickle: tensors only)."""
+    """The EMA denoiser of a checkpoint and its metadata (no pickle: tensors only). Raises
+    ConfigError when the sidecar's units are not those the weights were trained in: a save
+    cut short between its two files, after the data changed (train.extra added on resume)."""
+    from pipeline.errors import ConfigError
+
     path = Path(path)
     meta = json.loads(sidecar(path).read_text())
     den = Denoiser(UNetConfig.from_dict(meta["unet"])).to(device)
     state = torch.load(path, map_location=device, weights_only=True)
+    if state.get("units", _units(meta)) != _units(meta):  # older checkpoints keep none
+        raise ConfigError(f"checkpoint {path}: its metadata {sidecar(path)} is from a later save "
+                          "than its weights (the save was cut short), with another "
+                          "normalisation: resume the training to save both again")
     den.load_state_dict(state["ema"])
     return den.eval(), meta

@@ -85,6 +85,8 @@ def _read(checkpoint: str, key: str, device):
                           "a piadm train checkpoint (e.g. models/checkpoints/kolmogorov_uncond.pt)")
     try:
         return load_denoiser(checkpoint, device)
+    except ConfigError:  # it names its fix
+        raise
     except FileNotFoundError as err:  # the weights without their sidecar
         raise ConfigError(f"config: {key} = {checkpoint!r} has no metadata file "
                           f"{err.filename}: piadm train writes both; copy the .json beside "

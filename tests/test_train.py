@@ -215,6 +215,27 @@ def test_checkpoint_reloads_and_samples(plain):
     assert y.shape == (2, 16, 16) and bool(torch.isfinite(y).all()) and stats.rounds > 0
 
 
+def test_weights_whose_metadata_a_cut_save_moved_on_are_refused(tmp_path, plain, capsys):
+    """A save writes the sidecar, then the weights: killed in between after the data changed
+    (train.extra added on resume), the sidecar's normalisation is not the weights'. Sampling
+    with it would silently unnormalise in the wrong units."""
+    import json
+    import shutil
+
+    ckpt = tmp_path / "cut.pt"
+    shutil.copy(plain, ckpt)
+    shutil.copy(f"{plain}.json", f"{ckpt}.json")
+    meta = json.loads(Path(f"{ckpt}.json").read_text())
+    Path(f"{ckpt}.json").write_text(json.dumps({**meta, "std": meta["std"] * 0.97,
+                                                "step": meta["step"] + 3}))
+    assert main(_sample_args(tmp_path / "s.zarr", f"model.checkpoint={ckpt}")) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt}: its metadata {ckpt}.json is from a later save than its " \
+        "weights" in err and not (tmp_path / "s.zarr").exists()
+    Path(f"{ckpt}.json").write_text(json.dumps({**meta, "step": meta["step"] + 3}))
+    load_denoiser(ckpt)  # the same units: a save cut short that changed nothing they use
+
+
 def _sample_args(out, *sets):
     base = ["model.kind=unet", "model.shape=[16, 16]", "sampler.steps=40", "sampler.block_size=20",
             "sampler.tol=0.1", "ensemble.members=4", "ensemble.batch_size=2", f"output.path={out}"]
@@ -305,7 +326,7 @@ def test_exported_checkpoint_keeps_only_ema_and_loads(tmp_path, plain):
 
     ckpt, shipped = plain, tmp_path / "ship.pt"
     export(ckpt, shipped)
-    assert set(torch.load(shipped, weights_only=True)) == {"ema", "step"}
+    assert set(torch.load(shipped, weights_only=True)) == {"ema", "step", "units"}
     a, _ = load_denoiser(ckpt)
     b, meta = load_denoiser(shipped)
     x, s = torch.randn(2, 16, 16), torch.tensor([0.5, 2.0])
