@@ -110,6 +110,14 @@ def _param_setting(method: str, param: int) -> dict:
     return {"sampler.block_size": param} if entry.blocked else {}
 
 
+def _most_slices(cfg: Config, prof: Profile) -> int:
+    """The most time slices ``prof``'s sampler at its window or block runs on: each setting
+    that gives a round points (a Picard ODE's corrector steps too) must give every slice one."""
+    at = {key.split(".")[1]: value for key, value in _param_setting(prof.method, prof.param).items()}
+    s = dataclasses.replace(cfg.sampler, method=prof.method, **at)
+    return max(1, min(REGISTRY[prof.method].points(s).values()))
+
+
 def settings(pred: Prediction) -> dict:
     """The config keys that run ``pred``'s layout."""
     lay, prof = pred.layout, pred.profile
@@ -324,9 +332,10 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
                 f"{'-' if tol is None else format(tol, '.1e')}: {mine.sampler.steps} steps, "
                 f"{prof.rounds} rounds, {prof.calls:.0f} calls a member")
             profiles.append(prof)
-    pairs = _fitting(cfg, layouts(profiles, ranks, cfg.ensemble.members, _batch_sizes(cfg),
-                                  REPLICABLE),
-                     device, machine, gpus_per_node, tuple(model.shape), say)
+    runnable = [(lay, prof) for lay, prof in layouts(profiles, ranks, cfg.ensemble.members,
+                                                     _batch_sizes(cfg), REPLICABLE)
+                if lay.time_slices <= _most_slices(cfg, prof)]
+    pairs = _fitting(cfg, runnable, device, machine, gpus_per_node, tuple(model.shape), say)
     # every layout's mean call, and its widest and narrowest: the curve is linear in between
     calls = lambda lay, p: [call_items(lay, n)  # noqa: E731
                             for n in (p.points, *_extremes(p.call_sizes()))]

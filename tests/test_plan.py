@@ -187,6 +187,21 @@ def test_a_gpu_plan_made_without_a_gpu_says_whose_costs_it_has(tmp_path, capsys,
             "not on a GPU") in capsys.readouterr().err
 
 
+def test_a_plan_never_gives_a_picard_ode_more_time_slices_than_corrector_steps(
+        tmp_path, capsys, monkeypatch):
+    """16 ranks, blocks of 20 and 40 points, and 8 corrector steps: the run would refuse 16
+    time slices (each needs a corrector step), so the plan must not offer them."""
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    sets = _small(tmp_path, **{"sampler.method": "piadm-ode", "parallel.time_slices": "auto",
+                               "sampler.tol": 1e-3, "ensemble.members": 1,
+                               "ensemble.batch_size": 1, "model.emulate_ms": [5, 1]})
+    out = tmp_path / "plan.json"
+    assert main(["plan", "jobs/configs/grf.toml", "--ranks", "16", "--json", str(out),
+                 *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]) == 0
+    rows = json.loads(out.read_text())["layouts"]
+    assert max(row["time_slices"] for row in rows if row["method"] == "piadm-ode") == 8
+
+
 def test_auto_sampling_runs_the_plan_and_records_it_and_a_resume_keeps_it(tmp_path, capsys):
     cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
         "sampler.method": "auto", "parallel.time_slices": "auto"}))
