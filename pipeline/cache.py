@@ -1,12 +1,17 @@
 """The measurement caches beside each other in ``$PIADM_CACHE`` (default ``~/.cache/piadm``):
 calibrated tolerances, planner profiles and equal-quality steps, each a JSON object keyed by
 a hash of what decides the entry. Writes are atomic (temp file, then rename), so concurrent
-runs never leave a half-written file; the last writer of a key wins.
+runs never leave a half-written file, and each read-modify-write holds a lock file beside
+the cache (``fcntl.flock``), so that runs writing other keys at once lose none of them; the
+last writer of one key wins.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import uuid
 from pathlib import Path
 
 
@@ -27,9 +32,13 @@ def read_cache(path: Path) -> dict:
 
 def update_cache(path: Path, key: str, entry) -> None:
     """Set ``key`` to ``entry`` in the JSON cache file ``path``."""
-    entries = read_cache(path)
-    entries[key] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entries, indent=1))
-    os.replace(tmp, path)
+    with open(path.with_name(f"{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        entries = read_cache(path)
+        entries[key] = entry
+        # hosts sharing a home folder may run processes of one number
+        tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}-"
+                             f"{uuid.uuid4().hex[:6]}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, path)

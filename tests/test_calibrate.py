@@ -207,3 +207,18 @@ def test_a_stop_during_the_calibration_ends_it_at_the_next_rung_with_nothing_wri
     rows = _ladder(capsys.readouterr().err)
     assert rows == []  # stopped before its first rung: a rung takes as long as a short run
     assert not out.exists() and not cache_file().exists()  # no store, no half a calibration
+
+
+def test_processes_writing_other_keys_at_once_lose_none(tmp_path):
+    """A read-modify-write without a lock kept 193 of 300 keys two processes wrote."""
+    import subprocess
+    import sys
+
+    from pipeline.cache import read_cache
+
+    path = tmp_path / "c.json"
+    code = ("import sys; from pathlib import Path; from pipeline.cache import update_cache\n"
+            "for i in range(100): update_cache(Path(sys.argv[1]), f'{sys.argv[2]}{i}', i)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), tag]) for tag in "ab"]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert len(read_cache(path)) == 200
