@@ -425,7 +425,7 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
     path = Path(t.checkpoint)
     # until the next validation, a resumed run's is its checkpoint's
     val_loss = _recorded(path).get("val_loss") if step else None
-    start, loss_sum = time.perf_counter(), 0.0
+    start, loss_sum, summed = time.perf_counter(), 0.0, 0
     lo, hi = slice_bounds(t.batch_size, comm.size, comm.rank)
     saved = step  # the step train.checkpoint holds of this run (0: none yet)
     try:
@@ -433,7 +433,7 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
             batch_loss = _step(t, step, (den, ema, opt), trn, (lo, hi), comm, device)
             step += 1
             history.append(batch_loss)
-            loss_sum += batch_loss
+            loss_sum, summed = loss_sum + batch_loss, summed + 1
             if step % t.val_every == 0 or step == t.steps:
                 val_loss = validation_loss(ema, held, t, comm, device)
                 if comm.rank == 0:
@@ -446,10 +446,10 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
                 saved = step
             if step % t.log_every == 0 or step == t.steps:
                 elapsed = time.perf_counter() - start
-                since = (step - 1) % t.log_every + 1  # the last window may be short
-                print0(comm, f"step {step}/{t.steps}  loss {loss_sum / since:.4f}  "
+                # the steps summed: a window is short at the end, or after a resume mid-window
+                print0(comm, f"step {step}/{t.steps}  loss {loss_sum / summed:.4f}  "
                              f"val {loss_text(val_loss)}  elapsed {elapsed:.0f}s")
-                loss_sum = 0.0
+                loss_sum, summed = 0.0, 0
     except KeyboardInterrupt as err:  # Ctrl-C, or a stop signal (pipeline.signals)
         raise Interrupted(_kept(t, saved), signal_of(err)) from None
     comm.barrier()

@@ -87,9 +87,13 @@ def test_one_and_two_ranks_reach_the_same_losses(tmp_path, dataset):
 
 def test_training_resumes_from_its_checkpoint(tmp_path, dataset, plain, capsys):
     split = tmp_path / "split.pt"
-    assert main(_train_args(dataset, split, "train.steps=3")) == 0
-    assert main(_train_args(dataset, split)) == 0  # continues from step 3
+    assert main(_train_args(dataset, split, "train.steps=3", "train.log_every=2")) == 0
+    capsys.readouterr()
+    assert main(_train_args(dataset, split, "train.log_every=2")) == 0  # continues from step 3
     assert np.allclose(_history(plain), _history(split), rtol=1e-5)
+    # its first logged loss is step 4's alone, not the two-step window's sum over two
+    logged = next(line for line in capsys.readouterr().err.splitlines() if "step 4/6" in line)
+    assert f"loss {_history(split)[3]:.4f}" in logged
     recorded = json.loads(Path(f"{split}.json").read_text())["val_loss"]
     capsys.readouterr()
     assert main(_train_args(dataset, split)) == 0  # nothing left to train: its validation loss
