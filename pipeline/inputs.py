@@ -70,8 +70,14 @@ def unconditional() -> Items:
     return Items("item", np.arange(1))
 
 
+# A float label names the coordinate value this close to it, relative to its size: times
+# made as spinup + interval * k carry their sums' rounding (1.7000000000000002 for "1.7")
+LABEL_RTOL = 1e-9
+
+
 def _label(text: str, coord: xr.DataArray):
-    """A config label (a string) as a value of ``coord``'s dtype."""
+    """A config label (a string) as a value of ``coord``'s dtype; a float one as the
+    coordinate's own value within ``LABEL_RTOL`` of it, where there is one."""
     kind = coord.dtype.kind
     try:
         if kind == "M":
@@ -79,7 +85,13 @@ def _label(text: str, coord: xr.DataArray):
         if kind in "iu":
             return int(text)
         if kind == "f":
-            return float(text)
+            value = float(text)
+            values = np.asarray(coord.values)
+            if values.size:
+                nearest = values.flat[np.abs(values - value).argmin()]
+                if abs(nearest - value) <= LABEL_RTOL * max(1.0, abs(value)):
+                    return nearest
+            return value
     except ValueError:
         raise InputError(f"input: label {text!r} is not a valid {coord.name} value "
                          f"(dtype {coord.dtype})") from None
