@@ -71,8 +71,8 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
     if variable not in truth_ds:
         raise EvaluationError(f"truth {path} has no variable {variable!r} (it has "
                               f"{', '.join(map(str, truth_ds.data_vars))}): use --truth-variable")
-    truth = truth_ds[variable]
     name = _field_variable(ens)
+    truth = _on_the_ensembles_grid(truth_ds[variable], ens[name], path)
     item_dim = ens[name].dims[0]
     shape = ens[name].shape[2:]
     if tuple(truth.shape[-len(shape):]) != tuple(shape):
@@ -108,6 +108,32 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
                                   f"{dim} of {path}: pick labels inside its coordinate")
     _check_finite(truth, path, len(shape), paired=False)
     return truth, False
+
+
+def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr.DataArray:
+    """``truth`` with its field dims in the order of the ensemble's ``field`` (item, member,
+    *field dims), where it names them alike: fields are compared point by point, so a truth
+    stored (time, x, y) must not meet an ensemble's (y, x) by position. Raises
+    EvaluationError where a coordinate both carry differs (another grid of as many points);
+    a store's grid indices (no physical grid known) are compared by position alone."""
+    dims = field.dims[2:]
+    if not set(dims) <= set(truth.dims):
+        return truth  # named otherwise: by position, as the shapes are checked
+    truth = truth.transpose(..., *dims)
+    for dim in dims:
+        ours = field[dim] if dim in field.coords else None
+        if (ours is None or dim not in truth.coords
+                or str(ours.attrs.get("long_name", "")).startswith("grid index")):
+            continue
+        a, b = np.asarray(ours.values), np.asarray(truth[dim].values)
+        same = a.shape == b.shape and (np.allclose(a, b) if a.dtype.kind in "fiu"
+                                       else bool((a == b).all()))
+        if not same:
+            raise EvaluationError(
+                f"truth {path}'s {dim} runs {b.min()} .. {b.max()} ({b.size} points), the "
+                f"ensemble's {a.min()} .. {a.max()} ({a.size}): give the truth on the model's "
+                "grid")
+    return truth
 
 
 def _check_finite(truth: xr.DataArray, path, field_ndim: int, *, paired: bool) -> None:

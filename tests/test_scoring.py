@@ -70,6 +70,37 @@ def test_outputs_are_written_and_open(paired):
     assert nc.crps.sizes["time"] == 6
 
 
+def test_a_truth_stored_with_its_field_dims_swapped_scores_the_same(paired, tmp_path):
+    """Fields are compared point by point: a truth stored (time, x, y) is lined up by its
+    dims' names, not met by position (that gave another CRPS and rank histogram)."""
+    tmp, ens = paired
+    swapped = xr.open_zarr(tmp / "truth.zarr").load().transpose("time", "x", "y")
+    swapped.to_zarr(tmp_path / "xy.zarr", zarr_format=3)
+    for truth, out in ((tmp / "truth.zarr", "a"), (tmp_path / "xy.zarr", "b")):
+        assert main(["evaluate", str(ens), "--truth", str(truth),
+                     "--out", str(tmp_path / out)]) == 0
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert a["crps"] == b["crps"] and a["rank_histogram"] == b["rank_histogram"]
+
+
+def test_a_truth_on_another_grid_of_as_many_points_is_refused(tmp_path, capsys):
+    import numpy as np
+
+    inp = tmp_path / "grid.zarr"
+    ds = xr.open_zarr(make_input(tmp_path / "plain.zarr")).load()
+    ds.assign_coords(y=np.arange(16) * 0.5, x=np.arange(16) * 0.5).to_zarr(inp, zarr_format=3)
+    ens = tmp_path / "e.zarr"
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(inp, ens, "ensemble.members=2")]) == 0
+    truth = xr.open_zarr(inp).load().assign_coords(x=np.arange(16) * 0.25)
+    truth.to_zarr(tmp_path / "half.zarr", zarr_format=3)
+    capsys.readouterr()
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "half.zarr"),
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "'s x runs 0.0 .. 3.75 (16 points), the ensemble's 0.0 .. 7.5 (16): give the truth " \
+        "on the model's grid" in capsys.readouterr().err
+
+
 def test_a_truth_without_the_ensembles_items_is_a_climatology_that_says_why(paired, tmp_path,
                                                                            capsys):
     tmp, ens = paired
