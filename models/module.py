@@ -135,6 +135,10 @@ class _Net:
             cond = None if cond is None else cond[:, None]
         out = self.net(x, t) if cond is None else self.net(x, t, cond)
         out = getattr(out, "sample", out)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the network returned a {type(out).__name__}, not a tensor: have "
+                            "it return its prediction alone")
+        out = out.to(x.dtype)  # a network that computes in float64 answers in the sampler's
         return out[:, 0] if self.channel else out
 
 

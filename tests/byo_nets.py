@@ -92,3 +92,24 @@ class Unseeded(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
+
+
+class _Float64(_Conv):
+    """Computes and answers in float64 whatever its input's dtype."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return super().forward(x, t).double()
+
+
+def float64_out():
+    return _Float64(1)
+
+
+class _Pair(_Conv):
+    def forward(self, x: torch.Tensor, t: torch.Tensor):
+        return super().forward(x, t), t
+
+
+def tuple_out():
+    """A network that returns its prediction with something else."""
+    return _Pair(1)

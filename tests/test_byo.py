@@ -211,6 +211,20 @@ def _module_run(out, *sets):
                  *sum((["--set", s] for s in base + list(sets)), [])])
 
 
+def test_a_network_answering_in_float64_samples_with_the_parallel_samplers(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    assert _module_run(tmp_path / "f.zarr", "model.target=byo_nets:float64_out",
+                       "sampler.method=pc-window", "sampler.tol=1e-3", "sampler.window=4") == 0
+
+
+def test_a_network_returning_a_tuple_is_told_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(TESTS))
+    assert _module_run(tmp_path / "t.zarr", "model.target=byo_nets:tuple_out") == 2
+    assert "the network returned a tuple, not a tensor: have it return its prediction alone" \
+        in capsys.readouterr().err
+
+
 def test_a_store_resumes_only_with_the_model_files_it_was_made_with(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(TESTS))
     weights, out = tmp_path / "w.pt", tmp_path / "x.zarr"
