@@ -20,8 +20,23 @@ def check_section(section) -> None:
     if section.process == "ddpm" and section.beta_schedule not in BETA_SCHEDULES:
         raise ConfigError(f"config: model.beta_schedule = {section.beta_schedule!r} is unknown: "
                           f"use one of {', '.join(BETA_SCHEDULES)}")
+    if section.process == "ddpm":
+        _check_ddpm_schedule(section)
     if section.input_scale not in INPUT_SCALES:
         raise ConfigError(f"config: model.input_scale = {section.input_scale!r}: use 'native' "
                           "(the process's own state) or 'unit' (scaled to unit variance)")
     if section.weights and not isinstance(section.weights, str):
         raise ConfigError("config: model.weights must be a file path for model.kind = 'module'")
+
+
+def _check_ddpm_schedule(section) -> None:
+    """The DDPM schedule a module network was trained on: a noise level per timestep that
+    rises and never reaches one (else a clean signal fraction of zero or less, and NaN)."""
+    if not (isinstance(section.train_steps, int) and section.train_steps >= 1):
+        raise ConfigError(f"config: model.train_steps = {section.train_steps!r} must be a whole "
+                          "number >= 1 (the timesteps of the schedule the network was trained "
+                          "on, e.g. 1000)")
+    if not 0 < section.beta_start <= section.beta_end < 1:
+        raise ConfigError(f"config: model.beta_start = {section.beta_start} and model.beta_end = "
+                          f"{section.beta_end} must satisfy 0 < beta_start <= beta_end < 1 "
+                          "(DDPM's are 1e-4 and 0.02)")

@@ -161,6 +161,10 @@ def test_an_edm_denoiser_matches_edm_first_order_sampler():
      "calling the network on a (2, 16, 16) input failed"),
     (["model.prediction=noise"], "model.prediction = 'noise' is unknown"),
     (["model.process=ddim"], "model.process = 'ddim' is unknown"),
+    (["model.train_steps=-5"], "model.train_steps = -5 must be a whole number >= 1"),
+    (["model.train_steps=0"], "model.train_steps = 0 must be a whole number >= 1"),
+    (["model.beta_end=0.0"], "must satisfy 0 < beta_start <= beta_end < 1"),
+    (["model.beta_end=2.0"], "model.beta_end = 2.0 must satisfy 0 < beta_start <= beta_end < 1"),
 ])
 def test_module_mistakes_are_one_line_errors(sets, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
