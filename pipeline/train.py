@@ -89,6 +89,10 @@ def _open_store(path: str, names: list[str], key: str) -> xr.Dataset:
     for name in names:
         if name not in ds.data_vars:
             raise InputError(f"train: {name!r} is not in {path}: it has {', '.join(ds.data_vars)}")
+        dims = ds[name].dims
+        if len(dims) != 3 or dims[0] != "time":  # e.g. an ensemble store's 4 dims
+            raise InputError(f"train: {name!r} of {path} is {dims}: piadm trains on one 2-D "
+                             "field per time, (time, y, x), as generate-data writes them")
     return ds[names]
 
 
@@ -436,6 +440,12 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
             loss_sum, summed = loss_sum + batch_loss, summed + 1
             if step % t.val_every == 0 or step == t.steps:
                 val_loss = validation_loss(ema, held, t, comm, device)
+                if not math.isfinite(val_loss):  # the same on every rank (summed)
+                    raise InputError(
+                        f"train: the validation loss is {val_loss} at step {step}, before any "
+                        "checkpoint holds it: the held-out times of train.data (its last "
+                        "train.validation) have NaN/Inf fields (a generate-data run cut short "
+                        "leaves NaN: rerun it with data.overwrite = true)", collective=True)
                 if comm.rank == 0:
                     if step <= t.val_every and not t.resume:  # this run's first save, anew
                         path.unlink(missing_ok=True)  # never the old run's tensors by our sidecar

@@ -600,6 +600,30 @@ def test_a_dataset_cut_short_stops_training_before_a_nan_checkpoint(tmp_path, da
     assert not [w for w in recwarn if "consolidated metadata" in str(w.message)]
 
 
+def test_held_out_times_cut_short_stop_training_at_its_validation(tmp_path, dataset, capsys):
+    """A run stopped after 80% of its snapshots leaves exactly the held-out times NaN: the
+    training split is finite, so only the validation loss tells, and no checkpoint may
+    record it."""
+    from pipeline.train import held_out_start
+
+    ds = xr.open_zarr(dataset).load()
+    cut = held_out_start(ds.sizes["time"], 0.25)
+    ds["vorticity"][cut:] = np.nan
+    ds.to_zarr(tmp_path / "cut.zarr", consolidated=False)
+    ckpt = tmp_path / "v.pt"
+    err = _refused(_train_args(tmp_path / "cut.zarr", ckpt, "train.steps=3"), capsys)
+    assert "train: the validation loss is nan at step 3, before any checkpoint holds it" in err
+    assert not ckpt.exists()
+
+
+def test_fields_that_are_not_one_per_time_are_a_one_line_error(tmp_path, dataset, capsys):
+    ds = xr.open_zarr(dataset).load()
+    ds["vorticity"].expand_dims(member=2, axis=1).to_dataset().to_zarr(tmp_path / "e.zarr")
+    err = _refused(_train_args(tmp_path / "e.zarr", tmp_path / "e.pt"), capsys)
+    assert "train: 'vorticity' of " in err and "is ('time', 'member', 'y', 'x'): piadm trains " \
+        "on one 2-D field per time" in err
+
+
 def test_a_checkpoint_whose_weights_do_not_fit_is_a_one_line_error(tmp_path, dataset, capsys):
     import json
 
