@@ -6,7 +6,7 @@ import torch
 
 from models import build_model
 from pipeline.config import ConfigError, with_settings
-from pipeline.ensemble import check_only, check_output, load_items
+from pipeline.ensemble import check_bound_network, check_only, check_output, load_items
 from pipeline.identity import growth, store_digests
 from pipeline.layout import RankGrid
 from pipeline.memory_check import check_memory
@@ -29,6 +29,7 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     model = build_model(cfg.model, device)
     sampler_grid(cfg.sampler, model)
     items = load_items(cfg, check=True, model=model)
+    check_bound_network(cfg, model)
     check_only(cfg.parallel.items, len(items.labels))
     planned = needs_plan(cfg)
     stored = stored_plan(cfg) if planned else None

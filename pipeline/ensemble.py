@@ -131,6 +131,7 @@ def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:
     target, before the start-up's costly work; returns the input's (mean, std, fingerprint)."""
     sampler_grid(cfg.sampler, model)  # a scheduler's own grid may refuse sampler.steps
     items = load_items(cfg, check=True, model=model)
+    check_bound_network(cfg, model)
     check_only(cfg.parallel.items, len(items.labels))
     if not cfg.output.variable:  # a name from the model or the input: checked once known
         trained_on = getattr(model, "variable", None)
@@ -223,6 +224,20 @@ def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: boo
         cfg.output.path, store_digests(cfg), "sampler_tol")
     return resolve_tol(cfg, first_item_model(cfg, model, device), device=device, stored=stored,
                        force=force, say=say, stopped=stopped)
+
+
+def check_bound_network(cfg: Config, model) -> None:
+    """A conditioned network of one's own (``module``, ``diffusers``), bound to the first
+    item's input, called once as ``models.module.check_output`` calls an unconditioned one:
+    a network that takes no condition, or fields of another shape, is a one-line error
+    before the store is made, not a traceback at its first batch."""
+    if cfg.model.kind not in ("module", "diffusers") or cfg.model.condition == "none":
+        return
+    from models.module import check_output as call_once
+
+    what = (f"model.target = {cfg.model.target!r}" if cfg.model.kind == "module" else
+            f"model.path = {cfg.model.path!r}") + f" given its {cfg.model.condition} input"
+    call_once(first_item_model(cfg, model, "cpu"), tuple(cfg.model.shape), what)
 
 
 def first_item_model(cfg: Config, model, device):

@@ -346,6 +346,32 @@ def test_an_installed_package_registers_a_model_kind(tmp_path, monkeypatch):
         api.load_config(None, {"model.kind": "nosuchkind"})
 
 
+@pytest.mark.parametrize("dry", [True, False])
+def test_a_conditioned_module_that_takes_no_condition_is_refused_before_any_store(
+        tmp_path, monkeypatch, capsys, dry):
+    """Unconditioned, the network is called once at load; conditioned, only binding the first
+    item's field tells: a network of (x, t) alone crashed at the first batch, its store made."""
+    import numpy as np
+    import xarray as xr
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    coarse = xr.Dataset({"c": (("time", "y", "x"), np.ones((2, 8, 8), "float32"))},
+                        coords={"time": [0.0, 1.0]})
+    coarse.to_zarr(tmp_path / "in.zarr", zarr_format=3)
+    out = tmp_path / "c.zarr"
+    sets = ["model.kind=module", "model.prediction=eps", "model.process=ddpm",
+            "model.shape=[1, 16, 16]", "sampler.method=sequential-sde", "sampler.steps=4",
+            "model.target=byo_nets:one_channel", "model.condition=coarse",
+            f"input.path={tmp_path / 'in.zarr'}", "input.variable=c", f"output.path={out}"]
+    rc = main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), []),
+               *(["--dry-run"] if dry else [])])
+    err = capsys.readouterr().err
+    assert rc == 2 and _one_error(err, "model.target = 'byo_nets:one_channel' given its coarse "
+                                       "input: calling the network on a (2, 1, 16, 16) input "
+                                       "failed (TypeError"), err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("shape, dtype", [((4, 4), torch.float64), ((1, 4, 4), torch.float32)])
 def test_a_conditional_module_gets_the_bound_coarse_field_upsampled(monkeypatch, shape, dtype):
     monkeypatch.syspath_prepend(str(TESTS))
