@@ -138,8 +138,15 @@ class _Net:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the network returned a {type(out).__name__}, not a tensor: have "
                             "it return its prediction alone")
+        if out.shape != x.shape:  # as the network gave it, before any adapter broadcasts it
+            raise WrongShape(f"the network returns shape {list(out.shape)} for input "
+                             f"{list(x.shape)}")
         out = out.to(x.dtype)  # a network that computes in float64 answers in the sampler's
         return out[:, 0] if self.channel else out
+
+
+class WrongShape(ValueError):
+    """A network's output is not its input's shape."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +214,9 @@ def check_output(model, shape: tuple[int, ...], what: str) -> None:
         out = model(x, torch.tensor([1.0], dtype=torch.float64))
     except ConfigError:
         raise
+    except WrongShape as err:
+        raise ConfigError(f"config: {what}: {err}: it must return its input's shape (check "
+                          "model.shape and its channels)") from None
     except Exception as err:
         raise ConfigError(f"config: {what}: calling the network on a (2, {', '.join(map(str, shape))}) "
                           f"input failed ({type(err).__name__}: {_first_line(err)}): check "

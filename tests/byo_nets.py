@@ -113,3 +113,13 @@ class _Pair(_Conv):
 def tuple_out():
     """A network that returns its prediction with something else."""
     return _Pair(1)
+
+
+class _Flat(_Conv):
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return super().forward(x, t).flatten(1)
+
+
+def flat_out():
+    """A network that answers (B, H * W) for (B, 1, H, W)."""
+    return _Flat(1)

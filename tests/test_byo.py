@@ -156,6 +156,9 @@ def test_an_edm_denoiser_matches_edm_first_order_sampler():
     (["model.target=byo_nets:small_unett"], "did you mean 'small_unet'"),
     (["model.target=byo_nets:raising"], "raised RuntimeError: no GPU found"),
     (["model.target=byo_nets:wrong_shape", "model.shape=[1, 16, 16]"], "returns shape [2, 2, 16, 16]"),
+    # the shape it returns, not what an adapter broadcast it to
+    (["model.target=byo_nets:flat_out"], "the network returns shape [2, 256] for input "
+                                         "[2, 1, 16, 16]: it must return its input's shape"),
     # a batch of one (1, 16, 16) passes a convolution as one unbatched image: not mistaken
     (["model.target=byo_nets:one_channel", "model.shape=[16, 16]"],
      "calling the network on a (2, 16, 16) input failed"),
