@@ -514,8 +514,9 @@ def user_errors() -> tuple:
     from pipeline.status import NotAStore
     from pipeline.store import StoreExists
 
+    # FloatingPointError: generate-data's simulation blew up (pipeline.kolmogorov says why)
     return (ConfigError, StoreExists, PicardDivergence, NotAStore, EvaluationError, WriteFailed,
-            OutOfMemory, OSError)
+            OutOfMemory, OSError, FloatingPointError)
 
 
 def _as_user_error(err: Exception, command: str) -> Exception:

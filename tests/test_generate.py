@@ -145,3 +145,18 @@ def test_a_data_path_inside_a_zarr_store_is_refused_before_writing(tmp_path, cap
         f"piadm: error: data.path {store / 'sub.zarr'} is inside the Zarr store {store}: "
         "choose a data.path outside it")
     assert _contents(store) == before
+
+
+def test_a_simulation_that_blows_up_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from pipeline import generate, kolmogorov
+
+    def unstable(sp, w_hat, duration, **kwargs):  # what too large a data.cfl does
+        return kolmogorov.advance(sp, w_hat * torch.inf, 0.0)
+
+    monkeypatch.setattr(generate, "advance", unstable)
+    assert _run(tmp_path / "b.zarr") == 2
+    err = capsys.readouterr().err
+    assert "piadm: error: the vorticity blew up: lower data.cfl or raise data.viscosity" in err
+    assert "Traceback" not in err
