@@ -84,3 +84,18 @@ def one_torch_thread():
 @pytest.fixture
 def input_store(tmp_path):
     return make_input(tmp_path / "input.zarr")
+
+
+def second_write_fails(write):
+    """``write`` (``store.write_batch``) whose second call fails as a full disk does."""
+    import errno
+
+    calls = [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(*args, **kwargs)
+
+    return failing

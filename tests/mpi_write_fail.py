@@ -2,22 +2,12 @@
 rank's second batch write failing (a full disk), to check that every rank raises and none
 waits in a collective. Usage: python tests/mpi_write_fail.py STORE background|inline
 Each rank writes what it raised to STORE.said{rank} (the ranks' stdout can interleave)."""
-import errno
 import sys
 
+from conftest import second_write_fails
 from pipeline import api, ensemble
 
-real, calls = ensemble.write_batch, [0]
-
-
-def failing(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == 2:
-        raise OSError(errno.ENOSPC, "No space left on device")
-    return real(*args, **kwargs)
-
-
-ensemble.write_batch = failing
+ensemble.write_batch = second_write_fails(ensemble.write_batch)
 cfg = api.load_config("jobs/configs/grf.toml", {
     "model.shape": [8, 8], "sampler.steps": 20, "sampler.method": "sequential-sde",
     "ensemble.members": 8, "ensemble.batch_size": 2, "parallel.time_slices": 2,

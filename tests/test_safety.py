@@ -348,17 +348,11 @@ def test_a_full_disk_names_the_store_and_says_the_members_written_are_kept(
         tmp_path, monkeypatch, capsys):
     import errno
 
+    from conftest import second_write_fails
     from pipeline import ensemble
 
-    real, calls = ensemble.write_batch, [0]
-
-    def full(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ensemble, "write_batch", full)
+    real = ensemble.write_batch
+    monkeypatch.setattr(ensemble, "write_batch", second_write_fails(real))
     sets = _small(tmp_path, **{"ensemble.members": 4, "sampler.method": "sequential-sde"})
     out = sets["output.path"]
     assert main(["sample", "jobs/configs/grf.toml",
@@ -367,7 +361,8 @@ def test_a_full_disk_names_the_store_and_says_the_members_written_are_kept(
     assert (f"piadm: error: writing members to {out} failed: No space left on device; the "
             "members written before it are kept") in err and "rerun the same command" in err
     assert int(zarr.open_group(out, mode="r")["done"][:].sum()) == 2
-    calls[0] = 0  # through the API: still the OSError a full disk raises, with its errno
+    monkeypatch.setattr(ensemble, "write_batch", second_write_fails(real))  # counted anew
+    # through the API: still the OSError a full disk raises, with its errno
     with pytest.raises(OSError) as raised:
         sample(load_config("jobs/configs/grf.toml", {**sets, "output.path": out + "2"}))
     assert raised.value.errno == errno.ENOSPC
