@@ -111,10 +111,13 @@ def _param_setting(method: str, param: int) -> dict:
 
 
 def _most_slices(cfg: Config, prof: Profile) -> int:
-    """The most time slices ``prof``'s sampler at its window or block runs on: each setting
-    that gives a round points (a Picard ODE's corrector steps too) must give every slice one."""
-    at = {key.split(".")[1]: value for key, value in _param_setting(prof.method, prof.param).items()}
-    s = dataclasses.replace(cfg.sampler, method=prof.method, **at)
+    """The most time slices ``prof``'s sampler at its window or block (and its steps, an
+    equal-quality plan's own) runs on: each setting that gives a round points (a Picard
+    ODE's corrector steps too) must give every slice one."""
+    at = {key.removeprefix("sampler."): value
+          for key, value in _param_setting(prof.method, prof.param).items()}
+    s = dataclasses.replace(cfg.sampler, method=prof.method,
+                            steps=prof.steps or cfg.sampler.steps, **at)
     return max(1, min(REGISTRY[prof.method].points(s).values()))
 
 
@@ -315,12 +318,13 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
         for param in params_of(mine, method):
             # each window or block at its own tolerance: a narrower one needs a tighter tol
             at = with_settings(mine, {"sampler.method": method})
-            if param != min(max(2, _configured(at, method)), at.sampler.steps):
+            own = param == min(max(2, _configured(at, method)), at.sampler.steps)
+            if not own:
                 at = with_settings(at, _param_setting(method, param))  # else as the run keys it
             try:
                 tol = resolve_tol(at, base, device=device, say=say).tol
             except CANNOT_CALIBRATE as err:
-                if cfg.sampler.method not in AUTO_METHODS:
+                if cfg.sampler.method not in AUTO_METHODS and own:  # the named sampler's own
                     raise
                 # e.g. a device whose rounding is too coarse
                 say(f"  left out {method}{f' p={param}' if param else ''}: {err}")

@@ -158,10 +158,19 @@ def test_a_sampler_whose_calibration_cannot_fit_is_left_out_of_the_plan(
     out = tmp_path / "plan.json"
     args = ["plan", "jobs/configs/grf.toml", "--ranks", "1", "--json", str(out)]
     assert main(args + sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])) == 0
-    assert "left out window p=60: config: 2 members calibrating window" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "left out window p=60: config: 2 members calibrating window" in err
+    assert "profiled window          p=50" in err  # the narrower one, calibrated at its own
     kept = {(row["method"], row["param"]) for row in json.loads(out.read_text())["layouts"]}
     assert ("window", 60) not in kept and ("pc-window", 60) in kept
+    # a named sampler stops only for its own width, not for one the plan tried beside it
+    named = _small(tmp_path, **{"sampler.method": "window", "sampler.window": 30,
+                                "parallel.time_slices": "auto", "ensemble.members": 1,
+                                "ensemble.batch_size": 1})
+    assert main(args + sum((["--set", f"{k}={json.dumps(v)}"] for k, v in named.items()),
+                           [])) == 0
+    assert "left out window p=60: config: 2 members calibrating window" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, needle", [(["--ranks", "0"], "plan: --ranks 0 must be >= 1"),
