@@ -2,12 +2,13 @@
 import torch
 
 
-def small_unet(init: int = 0, channels: int = 8):
-    """A small randomly initialised diffusers UNet2DModel on 16x16 one-channel fields."""
+def small_unet(init: int = 0, channels: int = 8, out: int = 1):
+    """A small randomly initialised diffusers UNet2DModel on 16x16 one-channel fields (``out``
+    2: with a learned variance's channel)."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(init)
-    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
+    return UNet2DModel(sample_size=16, in_channels=1, out_channels=out, layers_per_block=1,
                        block_out_channels=(channels, 2 * channels),
                        down_block_types=("DownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)

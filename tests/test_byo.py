@@ -297,6 +297,20 @@ def test_a_network_without_weights_is_the_same_network_on_every_run(tmp_path, mo
     assert float(abs(a["field"] - b["field"]).max()) == 0.0
 
 
+def test_a_learned_variance_network_samples_on_its_prediction_channel(tmp_path):
+    """Its second channel is the variance, as diffusers' DDPMScheduler reads it: the first is
+    the prediction piadm samples with."""
+    folder = tmp_path / "lv"
+    small_unet(out=2).save_pretrained(folder)
+    diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range",
+                            clip_sample=False).save_pretrained(folder)
+    out = tmp_path / "lv.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", "--set", "model.kind=diffusers",
+                 "--set", f"model.path={folder}", "--set", "model.shape=[16, 16]",
+                 "--set", "sampler.method=sequential-sde", "--set", "sampler.steps=4",
+                 "--set", "ensemble.members=2", "--set", f"output.path={out}"]) == 0
+
+
 def test_a_folder_without_its_scheduler_config_is_a_one_line_error(tmp_path, capsys):
     small_unet().save_pretrained(tmp_path / "net")
     rc = main(["sample", "jobs/configs/grf.toml", "--set", "model.kind=diffusers",
