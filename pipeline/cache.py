@@ -34,7 +34,10 @@ def update_cache(path: Path, key: str, entry) -> None:
     """Set ``key`` to ``entry`` in the JSON cache file ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f"{path.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        except OSError:  # a file system without flock (Lustre mounted without it): unlocked,
+            pass  # as before the lock, rather than lose what was measured
         entries = read_cache(path)
         entries[key] = entry
         # hosts sharing a home folder may run processes of one number

@@ -88,17 +88,24 @@ def test_a_truth_on_another_grid_of_as_many_points_is_refused(tmp_path, capsys):
 
     inp = tmp_path / "grid.zarr"
     ds = xr.open_zarr(make_input(tmp_path / "plain.zarr")).load()
-    ds.assign_coords(y=np.arange(16) * 0.5, x=np.arange(16) * 0.5).to_zarr(inp, zarr_format=3)
+    grid = np.arange(-0.8, 0.8, 0.1)  # 16 points crossing zero
+    ds.assign_coords(y=grid, x=grid).to_zarr(inp, zarr_format=3)
     ens = tmp_path / "e.zarr"
     assert main(["sample", "jobs/configs/grf.toml",
                  *conditional_sets(inp, ens, "ensemble.members=2")]) == 0
-    truth = xr.open_zarr(inp).load().assign_coords(x=np.arange(16) * 0.25)
+    # the same grid made in float32: 1.2e-7 off where it crosses zero, and scored
+    near = np.arange(-0.8, 0.8, 0.1, dtype="float32")
+    xr.open_zarr(inp).load().assign_coords(y=near, x=near).to_zarr(tmp_path / "f32.zarr",
+                                                                   zarr_format=3)
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "f32.zarr"),
+                 "--out", str(tmp_path / "f")]) == 0
+    truth = xr.open_zarr(inp).load().assign_coords(x=grid * 0.5)
     truth.to_zarr(tmp_path / "half.zarr", zarr_format=3)
     capsys.readouterr()
     assert main(["evaluate", str(ens), "--truth", str(tmp_path / "half.zarr"),
                  "--out", str(tmp_path / "r")]) == 2
-    assert "'s x runs 0.0 .. 3.75 (16 points), the ensemble's 0.0 .. 7.5 (16): give the truth " \
-        "on the model's grid" in capsys.readouterr().err
+    assert "'s x runs -0.4 .. 0.35 (16 points), the ensemble's -0.8 .. 0.7 (16): give the " \
+        "truth on the model's grid" in capsys.readouterr().err
 
 
 def test_a_truth_without_the_ensembles_items_is_a_climatology_that_says_why(paired, tmp_path,
