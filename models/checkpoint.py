@@ -53,9 +53,19 @@ def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:
     meta = json.loads(sidecar(path).read_text())
     den = Denoiser(UNetConfig.from_dict(meta["unet"])).to(device)
     state = torch.load(path, map_location=device, weights_only=True)
-    if state.get("units", _units(meta)) != _units(meta):  # older checkpoints keep none
-        raise ConfigError(f"checkpoint {path}: its metadata {sidecar(path)} is from a later save "
-                          "than its weights (the save was cut short), with another "
-                          "normalisation: resume the training to save both again")
+    problem = units_problem(path, state, meta)
+    if problem:
+        raise ConfigError(problem)
     den.load_state_dict(state["ema"])
     return den.eval(), meta
+
+
+def units_problem(path: Path, state: dict, meta: dict) -> str | None:
+    """Why checkpoint ``path``'s sidecar ``meta`` does not go with its tensors ``state``: a
+    save cut short between the two after the normalisation changed; None when they agree (or
+    the tensors, an older piadm's, keep no units)."""
+    if state.get("units", _units(meta)) == _units(meta):
+        return None
+    return (f"checkpoint {path}: its metadata {sidecar(Path(path))} is from a later save than "
+            "its weights (the save was cut short), with another normalisation: resume the "
+            "training to save both again")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import save_checkpoint, save_sidecar
+from models.checkpoint import save_checkpoint, save_sidecar, units_problem
 
 
 def data_bound(meta: dict, data: str | Path) -> float:
@@ -95,6 +95,9 @@ def export(src: str | Path, dst: str | Path, data: str | Path | None = None) -> 
                               f"({type(err).__name__}): give a piadm train checkpoint") from None
         if not isinstance(state, dict) or "ema" not in state:
             raise ExportError(f"{src} holds no EMA weights: give a piadm train checkpoint")
+        problem = units_problem(src, state, meta)  # else the copy would carry them as agreeing
+        if problem:
+            raise ExportError(problem)
     if state is None:  # in place: the sidecar alone
         save_sidecar(dst, meta)
     else:  # as piadm train saves: each file atomically, the sidecar first

@@ -33,7 +33,7 @@ from models.conditioning import spectral_upsample, upsample_blocks
 from models.unet import Denoiser, UNetConfig
 from pipeline.console import print0
 from pipeline.decomposition import slice_bounds
-from pipeline.errors import Interrupted, raised_by_every_rank
+from pipeline.errors import ConfigError, Interrupted, raised_by_every_rank
 from pipeline.inputs import InputError
 from pipeline.settings import TrainConfig
 from pipeline.signals import signal_of
@@ -205,6 +205,8 @@ def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device
                          "start from, or leave it empty")
     try:
         trained, _ = load_denoiser(init, device)
+    except ConfigError as err:  # its sidecar a save ahead: it names the fix
+        raise InputError(f"train.init = {init!r}: {err}") from None
     except (FileNotFoundError, RuntimeError, ValueError, KeyError, OSError) as err:
         raise InputError(f"train.init = {init!r} is not a readable piadm checkpoint with its "
                          f".json sidecar ({type(err).__name__}): point it at one") from None

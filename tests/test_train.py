@@ -236,6 +236,11 @@ def test_weights_whose_metadata_a_cut_save_moved_on_are_refused(tmp_path, plain,
     err = capsys.readouterr().err
     assert f"checkpoint {ckpt}: its metadata {ckpt}.json is from a later save than its " \
         "weights" in err and not (tmp_path / "s.zarr").exists()
+    from models.export import ExportError, export
+
+    with pytest.raises(ExportError, match="is from a later save than its weights"):
+        export(ckpt, tmp_path / "ship.pt")  # nor may a copy carry them as agreeing
+    assert not (tmp_path / "ship.pt").exists()
     Path(f"{ckpt}.json").write_text(json.dumps({**meta, "step": meta["step"] + 3}))
     load_denoiser(ckpt)  # the same units: a save cut short that changed nothing they use
 
