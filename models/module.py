@@ -213,9 +213,15 @@ def check_output(model, shape: tuple[int, ...], what: str) -> None:
     or returns another shape than its input's, is a one-line error now, not mid-run. Two
     states, not one: a convolution takes a batch of one 1-channel field, (1, H, W), for one
     unbatched 1-channel image, so a shape without its channel axis would pass."""
-    x = torch.zeros((2, *shape), dtype=torch.float32)
+    # in the network's own dtype and device: a call in another moves it there, and float64
+    # weights taken through float32 would come back rounded
+    param = next(iter(getattr(getattr(model, "net", None), "net", torch.nn.Module()).parameters()),
+                 None)
+    floating = param is not None and param.is_floating_point()
+    x = torch.zeros((2, *shape), dtype=param.dtype if floating else torch.float32,
+                    device=param.device if floating else "cpu")
     try:
-        out = model(x, torch.tensor([1.0], dtype=torch.float64))
+        out = model(x, torch.tensor([1.0], dtype=torch.float64, device=x.device))
     except ConfigError:
         raise
     except WrongShape as err:

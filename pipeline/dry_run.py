@@ -29,7 +29,7 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     model = build_model(cfg.model, device)
     sampler_grid(cfg.sampler, model)
     items = load_items(cfg, check=True, model=model)
-    check_bound_network(cfg, model)
+    check_bound_network(cfg, model, items)
     check_only(cfg.parallel.items, len(items.labels))
     planned = needs_plan(cfg)
     stored = stored_plan(cfg) if planned else None

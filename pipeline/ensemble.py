@@ -131,7 +131,7 @@ def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:
     target, before the start-up's costly work; returns the input's (mean, std, fingerprint)."""
     sampler_grid(cfg.sampler, model)  # a scheduler's own grid may refuse sampler.steps
     items = load_items(cfg, check=True, model=model)
-    check_bound_network(cfg, model)
+    check_bound_network(cfg, model, items)
     check_only(cfg.parallel.items, len(items.labels))
     if not cfg.output.variable:  # a name from the model or the input: checked once known
         trained_on = getattr(model, "variable", None)
@@ -226,7 +226,7 @@ def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: boo
                        force=force, say=say, stopped=stopped)
 
 
-def check_bound_network(cfg: Config, model) -> None:
+def check_bound_network(cfg: Config, model, items) -> None:
     """A conditioned network of one's own (``module``, ``diffusers``), bound to the first
     item's input, called once as ``models.module.check_output`` calls an unconditioned one:
     a network that takes no condition, or fields of another shape, is a one-line error
@@ -237,7 +237,7 @@ def check_bound_network(cfg: Config, model) -> None:
 
     what = (f"model.target = {cfg.model.target!r}" if cfg.model.kind == "module" else
             f"model.path = {cfg.model.path!r}") + f" given its {cfg.model.condition} input"
-    call_once(first_item_model(cfg, model, "cpu"), tuple(cfg.model.shape), what)
+    call_once(bind_first_item(cfg, model, items, "cpu"), tuple(cfg.model.shape), what)
 
 
 def first_item_model(cfg: Config, model, device):
@@ -247,7 +247,13 @@ def first_item_model(cfg: Config, model, device):
     calibrate alike, and share the calibration their key names."""
     if not cfg.input.path:
         return model
-    items = load_items(cfg, check=True, model=model)
+    return bind_first_item(cfg, model, load_items(cfg, check=True, model=model), device)
+
+
+def bind_first_item(cfg: Config, model, items, device):
+    """``first_item_model`` with the run's ``items`` (``load_items``) already read."""
+    if not cfg.input.path:
+        return model
     raw = items.field(0)
     mean = getattr(model, "data_mean", None)
     mean, std = (items.mean, items.std) if mean is None else (mean, model.data_std)

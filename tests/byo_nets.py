@@ -124,3 +124,8 @@ class _Flat(_Conv):
 def flat_out():
     """A network that answers (B, H * W) for (B, 1, H, W)."""
     return _Flat(1)
+
+
+def float64_params():
+    """A network whose weights are float64, for runs of sampler.dtype = "float64"."""
+    return _Conv(1).double()

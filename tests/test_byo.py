@@ -225,6 +225,17 @@ def test_a_network_answering_in_float64_samples_with_the_parallel_samplers(tmp_p
                        "sampler.method=pc-window", "sampler.tol=1e-3", "sampler.window=4") == 0
 
 
+def test_the_load_check_keeps_a_float64_networks_weights_in_float64(monkeypatch):
+    """The check calls the network once in its own dtype: called in float32, its weights were
+    cast there and came back to a float64 run rounded."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    from pipeline.settings import ModelConfig
+
+    model = build_model(ModelConfig(kind="module", target="byo_nets:float64_params",
+                                    prediction="eps", process="ddpm", shape=(1, 16, 16)))
+    assert {p.dtype for p in model.net.net.parameters()} == {torch.float64}
+
+
 def test_a_network_returning_a_tuple_is_told_so(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(TESTS))
     assert _module_run(tmp_path / "t.zarr", "model.target=byo_nets:tuple_out") == 2
