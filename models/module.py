@@ -138,7 +138,8 @@ class _Net:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the network returned a {type(out).__name__}, not a tensor: have "
                             "it return its prediction alone")
-        if self.channel and out.ndim == x.ndim and out.shape[1] == 2 and out.shape[2:] == x.shape[2:]:
+        if (self.channel and out.ndim == x.ndim and out.shape[1] == 2
+                and out.shape[2:] == x.shape[2:]):
             # a one-channel learned-variance network (diffusers' variance_type "learned" or
             # "learned_range") answers its prediction, then the variance's channel
             out = out[:, :1]

@@ -509,14 +509,13 @@ def _evaluate_arguments(sp) -> None:
 def user_errors() -> tuple:
     """The errors a user's input causes: one line each, no traceback. Only light modules
     (no torch, xarray or dask), so that the error of a light command prints at once."""
-    from pipeline.errors import EvaluationError, OutOfMemory, WriteFailed
+    from pipeline.errors import BlowUp, EvaluationError, OutOfMemory, WriteFailed
     from pipeline.samplers.options import PicardDivergence
     from pipeline.status import NotAStore
     from pipeline.store import StoreExists
 
-    # FloatingPointError: generate-data's simulation blew up (pipeline.kolmogorov says why)
     return (ConfigError, StoreExists, PicardDivergence, NotAStore, EvaluationError, WriteFailed,
-            OutOfMemory, OSError, FloatingPointError)
+            OutOfMemory, OSError, BlowUp)
 
 
 def _as_user_error(err: Exception, command: str) -> Exception:

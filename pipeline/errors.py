@@ -38,6 +38,10 @@ class OutOfMemory(PiadmError):
     """A rank ran out of memory; the message names the settings that would make the run fit."""
 
 
+class BlowUp(PiadmError):
+    """generate-data's simulation left the finite numbers: the message names the settings."""
+
+
 class WriteFailed(PiadmError, OSError):
     """A write of members failed: on this rank, naming the store and the cause (its
     ``errno``, the OSError's), or on another rank of the run, which names them. An OSError,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.errors import BlowUp
+
 
 @dataclass(frozen=True)
 class Flow:
@@ -97,7 +99,7 @@ def advance(sp: Spectral, w_hat: torch.Tensor, duration: float, *, cfl: float = 
         if on_step is not None:
             on_step(t)
     if not torch.isfinite(w_hat).all():
-        raise FloatingPointError("the vorticity blew up: lower data.cfl or raise data.viscosity")
+        raise BlowUp("the vorticity blew up: lower data.cfl or raise data.viscosity")
     return w_hat
 
 

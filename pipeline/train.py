@@ -447,7 +447,8 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
                         f"train: the validation loss is {val_loss} at step {step}, before any "
                         "checkpoint holds it: the held-out times of train.data (its last "
                         "train.validation) have NaN/Inf fields (a generate-data run cut short "
-                        "leaves NaN: rerun it with data.overwrite = true)", collective=True)
+                        "leaves NaN: rerun it with data.overwrite = true), or train.lr is too "
+                        "large", collective=True)
                 if comm.rank == 0:
                     if step <= t.val_every and not t.resume:  # this run's first save, anew
                         path.unlink(missing_ok=True)  # never the old run's tensors by our sidecar
