@@ -101,10 +101,10 @@ def learned_measure(cfg: Config, model, shape: tuple[int, ...], *, comm, device)
     from pipeline.noise import Noise
     from pipeline.run import DTYPES
     from pipeline.samplers import SAMPLERS
-    from pipeline.spectrum_quality import held_out, spectrum_error
+    from pipeline.spectrum_quality import as_trained, held_out, spectrum_error
 
     s, members = cfg.sampler, cfg.bench.quality_members
-    held = held_out(cfg.train, model.data_mean, model.data_std, shape)
+    held = held_out(as_trained(cfg), model.data_mean, model.data_std, shape)
     options = sampler_options(s)
     lo, hi = slice_bounds(members, comm.size, comm.rank)
     intervals: dict = {}

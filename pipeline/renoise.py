@@ -107,31 +107,33 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
     from pipeline.console import print0
     from pipeline.run import DTYPES, sampler_grid, sampler_options
     from pipeline.samplers import REFERENCE
-    from pipeline.spectrum_quality import held_out_coarse, held_out_fields, shell_spectra
+    from pipeline.spectrum_quality import (as_trained, held_out_coarse, held_out_fields,
+                                           shell_spectra)
 
     _check_renoise(cfg)
     coarse_given = cfg.model.condition == "coarse"
     s, shape = cfg.sampler, tuple(cfg.model.shape)
     model = build_model(cfg.model, device)
-    fields, kmax = held_out_fields(cfg.train, model.data_mean, model.data_std, shape)
+    split = as_trained(cfg)
+    fields, kmax = held_out_fields(split, model.data_mean, model.data_std, shape)
     draws = DRAWS_PER_FIELD if coarse_given else 1
     count = max(1, cfg.bench.quality_members // draws)
     pick = np.unique(np.linspace(0, len(fields) - 1, count).round().astype(int))
-    coarse = (torch.as_tensor(held_out_coarse(cfg.train, model.data_mean, model.data_std)[pick])
+    coarse = (torch.as_tensor(held_out_coarse(split, model.data_mean, model.data_std)[pick])
               if coarse_given else None)
     trained = getattr(model, "cond_shape", None)
     if coarse is not None and trained is not None and tuple(coarse.shape[1:]) != trained:
-        raise ConfigError(f"bench --renoise: train.condition {cfg.train.condition} fields are "
+        raise ConfigError(f"bench --renoise: train.condition {split.condition} fields are "
                           f"{list(coarse.shape[1:])} but the model was trained on coarse fields "
                           f"of {list(trained)}: set train.condition to that variable",
                           collective=True)
-    x0, variable = torch.as_tensor(fields[pick]).repeat_interleave(draws, 0), cfg.train.variable
+    x0, variable = torch.as_tensor(fields[pick]).repeat_interleave(draws, 0), split.variable
     truth = shell_spectra(fields[pick], variable, kmax)
     method, grid, bands = REFERENCE[s.method], sampler_grid(s, model), octave_bands(kmax)
     options = sampler_options(s)
     names = [f"k={lo}..{hi}" for lo, hi in bands] + [f"k<={kmax}"]
     given = f", {draws} draws each given its coarse field" if coarse_given else ""
-    print0(comm, f"piadm bench --renoise: {len(pick)} held-out fields of {cfg.train.data}"
+    print0(comm, f"piadm bench --renoise: {len(pick)} held-out fields of {split.data}"
                  f"{given}, noised to u and sampled back by {method} ({s.grid} grid below u, "
                  f"to u_min {s.u_min:g}); energy over the same fields' (1 for an exact model):")
     print0(comm, f"{'u':>7} {'sigma':>8} {'steps':>6} " + " ".join(f"{n:>9}" for n in names))

@@ -13,6 +13,8 @@ times, which training never saw, in the model's normalised units.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from pipeline.bands import DRAWS, block_picks, correlation_block, interval
 from pipeline.config import ConfigError
-from pipeline.settings import TrainConfig
+from pipeline.settings import Config, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,26 @@ def spectrum_error(ens: np.ndarray, held: HeldOut, *, seed: int = 0
     draws = log_spectral_distance(ens[pick_e], held.spectra[pick_t])
     lo, hi = interval(draws)
     return float(log_spectral_distance(ens, held.spectra)), float(lo), float(hi)
+
+
+def as_trained(cfg: Config) -> TrainConfig:
+    """``cfg.train`` with the split its learned model was trained on, as the checkpoint's
+    sidecar records it (train.validation, train.variable and train.condition, and
+    train.data where that path is found from here): a config's own split could hold times
+    the model trained on, and its spectra would flatter it."""
+    t = cfg.train
+    if cfg.model.kind != "unet" or not cfg.model.checkpoint:
+        return t
+    try:
+        meta = json.loads(Path(f"{cfg.model.checkpoint}.json").read_text())
+    except (OSError, ValueError):
+        return t
+    kept = {key: meta[key] for key in ("validation", "variable") if meta.get(key)}
+    if meta.get("condition"):
+        kept["condition"] = meta["condition"]
+    if meta.get("data") and Path(meta["data"]).exists():
+        kept["data"] = meta["data"]
+    return dataclasses.replace(t, **kept)
 
 
 def held_out(train: TrainConfig, mean: float, std: float, shape: tuple[int, ...]) -> HeldOut:

@@ -155,3 +155,23 @@ def test_bench_renoise_tables_a_trained_models_energy_by_starting_level(tmp_path
     for row in doc["rows"]:
         assert list(row["ratios"])[-1] == "k<=5" and all(v > 0 for v in row["ratios"].values())
     assert "energy over the same fields'" in capsys.readouterr().err
+
+
+def test_the_held_out_split_is_the_one_the_checkpoint_was_trained_with(tmp_path):
+    """A config's own train.validation (0.2) would hold times a model trained with 0.1 was
+    trained on: the quality measures take the split its sidecar records."""
+    import json
+
+    from pipeline.config import load_config
+    from pipeline.spectrum_quality import as_trained
+
+    data = tmp_path / "d.zarr"
+    data.mkdir()
+    ckpt = tmp_path / "m.pt"
+    (tmp_path / "m.pt.json").write_text(json.dumps(
+        {"validation": 0.1, "variable": "vorticity", "condition": None, "data": str(data)}))
+    cfg = load_config("jobs/configs/kolmogorov_uncond.toml",
+                      [f"model.checkpoint={ckpt}", "train.validation=0.2"])
+    split = as_trained(cfg)
+    assert (split.validation, split.variable, split.data) == (0.1, "vorticity", str(data))
+    assert split.condition == cfg.train.condition
