@@ -51,25 +51,38 @@ def new_job_id(folder: Path | None = None, *, unique: bool = False) -> str:
         return job
     folder.mkdir(parents=True, exist_ok=True)
     try:  # atomic: of two commands starting at once, one creates it
-        os.close(os.open(folder / f"job-{job}.alive", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(_beat_file(folder, job), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         return job
     except FileExistsError:
         return f"{job}-{own}" if _beating_here(folder, job) else job
 
 
+def _beat_file(folder: Path, job: str) -> Path:
+    """The heartbeat file of ``job`` in the claims folder ``folder``."""
+    return folder / f"job-{job}.alive"
+
+
+def _running_here(info: dict) -> bool | None:
+    """Whether the process a heartbeat's ``info`` names runs, where it ran on this host (a
+    process gone needs no waiting for its heartbeat to age); None for another host's."""
+    if info.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's live process
+    return True
+
+
 def _beating_here(folder: Path, job: str) -> bool:
     """Whether another live process on this host beats for ``job`` in ``folder``, or is
     creating its heartbeat this instant."""
-    beat = folder / f"job-{job}.alive"
+    beat = _beat_file(folder, job)
     try:
         info = json.loads(beat.read_text())
-        if info.get("host") != socket.gethostname() or int(info["pid"]) == os.getpid():
-            return False
-        os.kill(int(info["pid"]), 0)
-    except ProcessLookupError:
-        return False  # this job's earlier run, gone: the id is ours again
-    except PermissionError:
-        return True  # another user's live process
+        return int(info["pid"]) != os.getpid() and bool(_running_here(info))
     except ValueError:  # empty: just created by another command, unless left long ago
         try:
             return time.time() - beat.stat().st_mtime < WRITE_S
@@ -77,14 +90,13 @@ def _beating_here(folder: Path, job: str) -> bool:
             return False
     except (OSError, KeyError, TypeError):
         return False
-    return True
 
 
 class Heartbeat:
     """Touches ``job-ID.alive`` in the claims folder every ``HEARTBEAT_S`` from a thread."""
 
     def __init__(self, folder: Path, job: str):
-        self.path = folder / f"job-{job}.alive"
+        self.path = _beat_file(folder, job)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="piadm-heartbeat", daemon=True)
 
@@ -112,7 +124,7 @@ class Heartbeat:
 
 
 def _alive(folder: Path, owner: dict) -> bool:
-    beat = folder / f"job-{owner.get('job')}.alive"
+    beat = _beat_file(folder, owner.get("job"))
     try:
         age = time.time() - beat.stat().st_mtime
     except FileNotFoundError:
@@ -123,14 +135,7 @@ def _alive(folder: Path, owner: dict) -> bool:
         info = json.loads(beat.read_text())
     except (OSError, ValueError):  # unreadable (an older piadm's, being rewritten): its age
         return age < STALE_S
-    if info.get("host") == socket.gethostname():
-        try:
-            os.kill(int(info["pid"]), 0)
-        except ProcessLookupError:
-            return False  # its process is gone: no need to wait for the heartbeat to age
-        except PermissionError:
-            pass  # another user's live process
-    return age < STALE_S
+    return _running_here(info) is not False and age < STALE_S
 
 
 def claim(folder: Path, key: str, job: str) -> bool:
