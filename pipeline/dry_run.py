@@ -6,12 +6,12 @@ import torch
 
 from models import build_model
 from pipeline.config import ConfigError, with_settings
-from pipeline.ensemble import check_bound_network, check_only, check_output, load_items
+from pipeline.ensemble import check_output, checked_items
 from pipeline.identity import growth, store_digests
 from pipeline.layout import RankGrid
 from pipeline.memory_check import check_memory
 from pipeline.planner import resumed_batch_size, resumed_time_slices, stored_plan
-from pipeline.run import member_batches, model_digest, sampler_grid
+from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, Config, needs_plan
 from pipeline.store import StoreExists, done_members, member_batch, stored_attribute
@@ -26,11 +26,7 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     e = cfg.ensemble
     # the model as the run loads it (writing nothing): its checks of model.shape, the
     # conditioning, the guide, a folder's scheduler and sampler.steps on its own grid
-    model = build_model(cfg.model, device)
-    sampler_grid(cfg.sampler, model)
-    items = load_items(cfg, check=True, model=model)
-    check_bound_network(cfg, model, items)
-    check_only(cfg.parallel.items, len(items.labels))
+    items = checked_items(cfg, build_model(cfg.model, device))
     planned = needs_plan(cfg)
     stored = stored_plan(cfg) if planned else None
     size = e.batch_size if stored is None else resumed_batch_size(cfg, stored)

@@ -126,13 +126,21 @@ def check_only(only: tuple[int, ...], count: int) -> None:
                           f"the input selection: use indices 0 .. {count - 1}")
 
 
-def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:
-    """Rank 0: the input (its layout, selection and one pass over its values) and the output
-    target, before the start-up's costly work; returns the input's (mean, std, fingerprint)."""
-    sampler_grid(cfg.sampler, model)  # a scheduler's own grid may refuse sampler.steps
+def checked_items(cfg: Config, model):
+    """The run's items after the checks that need the model (the run's and its dry run's):
+    the sampler's grid (a scheduler's own may refuse sampler.steps), the input against the
+    model, a conditioned network bound to the first item, and parallel.items."""
+    sampler_grid(cfg.sampler, model)
     items = load_items(cfg, check=True, model=model)
     check_bound_network(cfg, model, items)
     check_only(cfg.parallel.items, len(items.labels))
+    return items
+
+
+def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:
+    """Rank 0: the input (its layout, selection and one pass over its values) and the output
+    target, before the start-up's costly work; returns the input's (mean, std, fingerprint)."""
+    items = checked_items(cfg, model)
     if not cfg.output.variable:  # a name from the model or the input: checked once known
         trained_on = getattr(model, "variable", None)
         check_variable(store_variable(cfg, trained_on), items.dim, len(cfg.model.shape),
@@ -194,9 +202,7 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
              attrs: dict, grid: dict) -> tuple[StoreSpec, str]:
     """Rank 0's creation: open or create the store, with the input's ``stats`` (mean, std,
     fingerprint) that ``_check_early`` measured."""
-    items = dataclasses.replace(load_items(cfg, check=False), mean=stats[0], std=stats[1],
-                                fingerprint=stats[2])
-    spec = store_spec(cfg, items, shape, trained_on, grid)
+    spec = store_spec(cfg, measured_items(cfg, stats), shape, trained_on, grid)
     # a tolerance the planner set (it calibrates each sampler it weighs) is its, not the config's
     planned = "sampler.tol" in json.loads(attrs.get("plan_settings", "{}"))
     source = "plan" if planned and tol.source == "config" else tol.source
@@ -211,19 +217,30 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
 
 
 def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: bool = True,
+                  stats: tuple | None = None,
                   say=lambda text: print(text, file=sys.stderr, flush=True),
                   stopped=lambda: False) -> Calibration:
     """Rank 0: the tolerance of the run. For ``"auto"``: the one its store was made with (a
     resumed run; not with ``store`` False), else the cached or a new calibration (``force``:
     always new; ``stopped`` ends it between rungs, ``calibrate.Stopped``), on the first
-    item's input when the model is conditioned; ``say`` reports it."""
+    item's input when the model is conditioned (``stats``: the input's, when the run's
+    checks measured them, so that the input is not read through again); ``say`` reports it."""
     s = cfg.sampler
     if REFERENCE[s.method] == s.method or (s.tol != "auto" and not force):
         return resolve_tol(cfg, model, device=device)  # the configured tol, or none at all
     stored = None if force or not store else stored_attribute(
         cfg.output.path, store_digests(cfg), "sampler_tol")
-    return resolve_tol(cfg, first_item_model(cfg, model, device), device=device, stored=stored,
-                       force=force, say=say, stopped=stopped)
+    bound = (first_item_model(cfg, model, device) if stats is None else
+             bind_first_item(cfg, model, measured_items(cfg, stats), device))
+    return resolve_tol(cfg, bound, device=device, stored=stored, force=force, say=say,
+                       stopped=stopped)
+
+
+def measured_items(cfg: Config, stats: tuple):
+    """The run's items, read lazily, with the (mean, std, fingerprint) ``_check_early``
+    measured in its one pass over them."""
+    return dataclasses.replace(load_items(cfg, check=False), mean=stats[0], std=stats[1],
+                               fingerprint=stats[2])
 
 
 def check_bound_network(cfg: Config, model, items) -> None:
@@ -300,7 +317,7 @@ def _start_up(cfg: Config, model, world, stop, device,
     if stop_agreed(world, stop):
         return None
     try:
-        tol = on_rank0(world, run_tolerance, cfg, model, device,
+        tol = on_rank0(world, run_tolerance, cfg, model, device, stats=stats,
                        say=lambda text: print0(world, text), stopped=lambda: bool(stop))
     except Stopped:
         return None
