@@ -90,7 +90,12 @@ def params_of(cfg: Config, method: str) -> tuple[int, ...]:
     if entry.whole_path:  # its rounds span the path: time slices cut the steps
         return (s.steps,)
     base = _configured(cfg, method)
-    return tuple(sorted({min(max(2, v), s.steps) for v in (base // 2, base, 2 * base)}))
+    return tuple(sorted({_width(cfg, v) for v in (base // 2, base, 2 * base)}))
+
+
+def _width(cfg: Config, points: int) -> int:
+    """A window or block of ``points`` as the path can hold it: 2 .. sampler.steps."""
+    return min(max(2, points), cfg.sampler.steps)
 
 
 def _configured(cfg: Config, method: str) -> int:
@@ -126,10 +131,7 @@ def settings(pred: Prediction) -> dict:
     lay, prof = pred.layout, pred.profile
     out = {"sampler.method": lay.method, "parallel.time_slices": lay.time_slices,
            "ensemble.batch_size": lay.batch}
-    if REGISTRY[lay.method].windowed:
-        out["sampler.window"] = lay.param
-    elif REGISTRY[lay.method].blocked:
-        out["sampler.block_size"] = lay.param
+    out.update(_param_setting(lay.method, lay.param))
     if lay.method in REPLICABLE:
         out["sampler.window_split"] = "replicated" if lay.replicated else "slots"
     if prof.steps:
@@ -315,12 +317,12 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
             if steps.get(REFERENCE[method]) is None:
                 continue  # out of reach (said when searched)
             mine = with_settings(cfg, {"sampler.steps": steps[REFERENCE[method]]})
+        named = with_settings(mine, {"sampler.method": method})
         for param in params_of(mine, method):
             # each window or block at its own tolerance: a narrower one needs a tighter tol
-            at = with_settings(mine, {"sampler.method": method})
-            own = param == min(max(2, _configured(at, method)), at.sampler.steps)
-            if not own:
-                at = with_settings(at, _param_setting(method, param))  # else as the run keys it
+            own = param == _width(named, _configured(named, method))
+            # the configured width as the run keys it
+            at = named if own else with_settings(named, _param_setting(method, param))
             try:
                 tol = resolve_tol(at, base, device=device, say=say).tol
             except CANNOT_CALIBRATE as err:

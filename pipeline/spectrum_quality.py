@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.checkpoint import sidecar
 from pipeline.bands import DRAWS, block_picks, correlation_block, interval
 from pipeline.config import ConfigError
 from pipeline.settings import Config, TrainConfig
@@ -78,7 +79,7 @@ def as_trained(cfg: Config) -> TrainConfig:
     if cfg.model.kind != "unet" or not cfg.model.checkpoint:
         return t
     try:
-        meta = json.loads(Path(f"{cfg.model.checkpoint}.json").read_text())
+        meta = json.loads(sidecar(Path(cfg.model.checkpoint)).read_text())
     except (OSError, ValueError):
         return t
     kept = {key: meta[key] for key in ("validation", "variable") if meta.get(key)}

@@ -41,13 +41,10 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
 
     _check(p.threads >= 0, "parallel.threads", f"= {p.threads} must be >= 0 (0: automatic)")
     _check(p.wait in WAITS, "parallel.wait", f"= {p.wait!r} must be one of {', '.join(WAITS)}")
+    _check(p.time_slices == "auto" or (isinstance(p.time_slices, int) and p.time_slices >= 1),
+           "parallel.time_slices", f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")
     if p.time_slices == "auto" or s.method in AUTO_METHODS:
-        _check(p.time_slices == "auto" or (isinstance(p.time_slices, int)
-                                           and p.time_slices >= 1), "parallel.time_slices",
-               f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")
         return  # the planner picks a layout that fits
-    _check(isinstance(p.time_slices, int) and p.time_slices >= 1, "parallel.time_slices",
-           f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")
     registered = REGISTRY[s.method]
     for key, n in registered.points(s).items():
         asked = getattr(s, key) or registered.default_window  # 0 only for the window
