@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import sys
 import time
 from collections import Counter
@@ -166,6 +167,24 @@ def _profile_file():
     return cache_path("profiles.json")
 
 
+def machine_kind(device) -> str:
+    """What a profile's host and device times depend on beyond the config: the accelerator's
+    or the CPU's model name and the torch threads, so that a cache shared by a login node and
+    compute nodes of other kinds (one home folder) is not read across them."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as info:
+                name = next((line.split(":", 1)[1].strip() for line in info
+                             if line.startswith("model name")), name)
+        except OSError:
+            pass
+    return f"{name} x{torch.get_num_threads()}"
+
+
 def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: int):
     """(Stats, host seconds a round, (points, count) of its model calls) of one member of
     ``method`` at ``param`` over ``steps`` steps."""
@@ -192,7 +211,8 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
     is the fewest points a time slice would hold, where the host time is measured again;
     ``steps``: the steps ``cfg`` runs, recorded when they are not the user's (0)."""
     key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha), method, param, tol,
-                                     smallest, str(device), list(cfg.model.emulate_ms),
+                                     smallest, str(device), machine_kind(device),
+                                     list(cfg.model.emulate_ms),
                                      PROFILE_VERSION, REGISTRY[method].revision]
                                     ).encode()).hexdigest()
     cached = read_cache(_profile_file()).get(key)

@@ -437,6 +437,29 @@ def test_an_emulated_model_is_profiled_through_its_waits_and_anew_for_another_la
     assert len(read_cache(planner._profile_file())) == entries + 1
 
 
+def test_a_profile_is_read_back_on_the_same_machine_kind_and_measured_again_on_another(
+        tmp_path, monkeypatch):
+    """A cache in a home folder is shared by a login node and compute nodes: a profile's host
+    times are the machine's, so another CPU (or GPU, or thread count) measures its own."""
+    from models import build_model
+    from pipeline import planner
+
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{"sampler.tol": 1e-3}))
+    model = build_model(cfg.model)
+    run_one, runs = planner._run_one, []
+    monkeypatch.setattr(planner, "_run_one", lambda *a: runs.append(1) or run_one(*a))
+    profile = lambda: planner.profile(cfg, model, "pc-window", 8, 1e-3, "cpu", 8, "digest")  # noqa: E731
+    profile()
+    measured = len(runs)
+    profile()
+    assert len(runs) == measured  # the same machine: read back
+    monkeypatch.setattr(planner, "machine_kind", lambda device: "another CPU x1")
+    profile()
+    assert len(runs) == 2 * measured  # another machine kind: measured again
+    assert "x" in planner.machine_kind("cpu").rsplit(" ", 1)[-1]
+
+
 def test_an_auto_plan_leaves_out_a_sampler_that_cannot_reach_the_distance(tmp_path, capsys):
     """On an H200 one sampler's calibration fell short (TF32 rounding) and the whole plan, and
     every auto run after it, stopped: the planner now weighs the samplers that can be used,
