@@ -67,8 +67,13 @@ def _running_here(info: dict) -> bool | None:
     process gone needs no waiting for its heartbeat to age); None for another host's."""
     if info.get("host") != socket.gethostname():
         return None
+    return process_alive(int(info["pid"]))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs."""
     try:
-        os.kill(int(info["pid"]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:

@@ -4,12 +4,17 @@ One trajectory from a seeded random start: ``spinup`` time units are simulated a
 then a snapshot every ``interval``. Each chunk of snapshots is written when it is complete, so
 memory stays at one chunk whatever the run length. Variables: ``vorticity(time, y, x)`` and
 its block average ``vorticity_coarse(time, y_coarse, x_coarse)``, with CF attributes and the
-marker ``piadm_dataset``: ``data.overwrite`` deletes only a store that carries it.
+marker ``piadm_dataset``: ``data.overwrite`` deletes only a store that carries it, and only
+once its replacement is complete (it is made beside it, then renamed into place), so a failed or
+interrupted overwrite keeps the dataset it was to replace.
 """
 from __future__ import annotations
 
+import glob
 import math
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -20,6 +25,7 @@ import xarray as xr
 import zarr
 
 from pipeline import __version__
+from pipeline.claims import process_alive
 from pipeline.errors import Interrupted
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
                                  resolved_wavenumber)
@@ -123,22 +129,57 @@ def _every(seconds: float, progress):
     return say
 
 
+DRAFT, ASIDE = "generating", "replaced"  # .NAME.DRAFT-HOST-PID: a replacement being made
+
+
+def _beside(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
+
+
+def _delete_leftovers(path: Path) -> None:
+    """Delete the drafts and replaced datasets beside ``path`` that a killed generate-data on
+    this host left (its process is gone); another host's are left alone."""
+    host = socket.gethostname()
+    for kind in (DRAFT, ASIDE):
+        for left in path.parent.glob(f".{glob.escape(path.name)}.{kind}-{glob.escape(host)}-*"):
+            pid = left.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(left, ignore_errors=True)
+
+
 def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=print) -> str:
-    """Simulate and write the dataset of ``d``; returns its path."""
+    """Simulate and write the dataset of ``d``; returns its path. An existing dataset (with
+    ``data.overwrite``) is replaced only once the new one is complete."""
     path = Path(d.path)
     _check_target(d)  # never delete what generate-data did not make
-    if path.exists():
-        shutil.rmtree(path)
+    _delete_leftovers(path)
+    replacing = path.exists()
+    target = _beside(path, DRAFT) if replacing else path
     written = 0
     try:
-        for written in _simulate(d, path, config_text, device, progress):
+        for written in _simulate(d, target, config_text, device, progress):
             pass
-    except KeyboardInterrupt as err:  # Ctrl-C, or a stop signal (pipeline.signals)
+        consolidate(target)
+    except BaseException as err:
+        if replacing:  # the dataset it was to replace stays, whole
+            shutil.rmtree(target, ignore_errors=True)
+        if not isinstance(err, KeyboardInterrupt):
+            raise
+        # Ctrl-C, or a stop signal (pipeline.signals)
+        if replacing:
+            raise Interrupted(f"data.path {path} was not replaced ({written} of its "
+                              f"{d.snapshots} new snapshots made, now deleted) and still holds "
+                              "the dataset it held before: rerun with data.overwrite = true "
+                              "to replace it", signal_of(err)) from None
         raise Interrupted(f"data.path {path} holds {written} of its {d.snapshots} snapshots, "
                           "the rest NaN; generate-data does not resume: rerun it with "
                           "data.overwrite = true to make the dataset anew",
                           signal_of(err)) from None
-    consolidate(path)
+    if replacing:  # the old one moved aside, the new one into place, then the old deleted
+        aside = _beside(path, ASIDE)
+        os.rename(path, aside)
+        os.rename(target, path)
+        shutil.rmtree(aside, ignore_errors=True)
     return str(path)
 
 

@@ -160,3 +160,59 @@ def test_a_simulation_that_blows_up_is_a_one_line_error(tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert "piadm: error: the vorticity blew up: lower data.cfl or raise data.viscosity" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("failure", ["blow-up", "interrupt"])
+def test_an_overwrite_that_fails_keeps_the_dataset_it_was_to_replace(tmp_path, capsys,
+                                                                      monkeypatch, failure):
+    """The new dataset is made beside the old one and renamed into place once complete: an
+    overwrite that blows up or is stopped part way leaves the old dataset whole, and no
+    draft."""
+    import torch
+
+    from pipeline import generate, kolmogorov
+
+    path = tmp_path / "k.zarr"
+    assert _run(path, *SHORT) == 0
+    before = _contents(path)
+    calls = []
+
+    def failing(sp, w_hat, duration, **kwargs):
+        calls.append(1)
+        if len(calls) < 4:  # past the spin-up and the first chunk
+            return kolmogorov.advance(sp, w_hat, duration, **kwargs)
+        if failure == "interrupt":
+            raise KeyboardInterrupt
+        return kolmogorov.advance(sp, w_hat * torch.inf, 0.0)
+
+    monkeypatch.setattr(generate, "advance", failing)
+    capsys.readouterr()
+    code = _run(path, "data.overwrite=true", "data.chunk=2", "data.snapshots=6")
+    err = capsys.readouterr().err
+    assert code == (130 if failure == "interrupt" else 2) and "Traceback" not in err, err
+    if failure == "interrupt":
+        assert err.strip().splitlines()[-1] == (
+            f"piadm: interrupted (Ctrl-C): data.path {path} was not replaced (2 of its 6 new "
+            "snapshots made, now deleted) and still holds the dataset it held before: rerun "
+            "with data.overwrite = true to replace it")
+    assert _contents(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.zarr"]
+
+
+def test_leftovers_of_a_killed_overwrite_on_this_host_are_deleted(tmp_path):
+    """A generate-data killed while replacing leaves its draft (or the dataset it moved aside)
+    beside data.path: the next run on the host deletes those whose process is gone, and keeps
+    a live process's and another host's."""
+    import socket
+
+    path, host = tmp_path / "k.zarr", socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = [tmp_path / f".k.zarr.generating-{host}-{dead.pid}",
+            tmp_path / f".k.zarr.replaced-{host}-{dead.pid}"]
+    kept = [tmp_path / f".k.zarr.generating-{host}-{os.getpid()}",
+            tmp_path / f".k.zarr.generating-another-host-{dead.pid}"]
+    for folder in left + kept:
+        (folder / "vorticity").mkdir(parents=True)
+    assert _run(path, *SHORT) == 0
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
