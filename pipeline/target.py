@@ -16,6 +16,7 @@ import glob
 import os
 import shutil
 import tempfile
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -43,6 +44,22 @@ class Growth(NamedTuple):
     digest: str
     made: int
     asked: int
+
+
+@contextmanager
+def _replacing(path: str | Path, *locks: str):
+    """Hold the claims folder's ``locks`` (in this order, the same in every caller) as a new
+    replacer job of the store at ``path``, beating while it holds them (a live holder: waiting
+    jobs never take its locks); yields the job id."""
+    folder, job = claims_dir(path), f"{REPLACER}{new_job_id(unique=True)}"
+    beat = Heartbeat(folder, job).start()
+    try:
+        with ExitStack() as held:
+            for lock in locks:
+                held.enter_context(holding(folder, lock, job))
+            yield job
+    finally:
+        beat.stop()
 
 
 def _fate(path: str | Path, digest: str, overwrite: bool, model: str | None,
@@ -96,26 +113,22 @@ def upgrade_identity(path: str | Path, legacy: str, digest: str, *, plan: str | 
     live job fills it (``check_idle``): an older job still writing would find its store
     changed, and stop; and under the claims folder's locks: a job finishing meanwhile would
     write its copy of the attributes back over the new identity."""
-    folder, job = claims_dir(path), f"{REPLACER}{new_job_id(unique=True)}"
-    beat = Heartbeat(folder, job).start()
-    try:  # in _grow's order: a replacement must not delete the store (or this lock) meanwhile
-        with holding(folder, "replace", job), holding(folder, "finalize", job):
-            attrs = read_attrs(path) or {}
-            if attrs.get("piadm_store_digest") != legacy:  # another job of this config came first
-                return
-            check_idle(path, "brings an older piadm's store up to date")
-            changes = {key: digest for key in ("piadm_store_digest", "store_sha256")
-                       if attrs.get(key) == legacy}
-            if plan is not None and "plan_config_sha256" in attrs:
-                changes["plan_config_sha256"] = plan
-                if asked is not None:
-                    changes[ASKED] = asked
-            unit = member_batch(path)
-            finalize(path, f"piadm {__version__}: the store's identity no longer counts "
-                           f"ensemble.batch_size; its batches of {unit} stay its unit of work",
-                     {**changes, MEMBER_BATCH: unit})
-    finally:
-        beat.stop()
+    # the replace lock too: a replacement must not delete the store (or these locks) meanwhile
+    with _replacing(path, "replace", "finalize"):
+        attrs = read_attrs(path) or {}
+        if attrs.get("piadm_store_digest") != legacy:  # another job of this config came first
+            return
+        check_idle(path, "brings an older piadm's store up to date")
+        changes = {key: digest for key in ("piadm_store_digest", "store_sha256")
+                   if attrs.get(key) == legacy}
+        if plan is not None and "plan_config_sha256" in attrs:
+            changes["plan_config_sha256"] = plan
+            if asked is not None:
+                changes[ASKED] = asked
+        unit = member_batch(path)
+        finalize(path, f"piadm {__version__}: the store's identity no longer counts "
+                       f"ensemble.batch_size; its batches of {unit} stay its unit of work",
+                 {**changes, MEMBER_BATCH: unit})
 
 
 def stored_config(path: str | Path) -> str:
@@ -202,30 +215,25 @@ def _grow(spec: StoreSpec, growth: Callable[[], Growth | None], overwrite: bool)
     configuration would find its store changed, and stop. Fitting back is not: those jobs
     write only below the count, and nothing past it is done. When another job grew (or
     replaced) the store first, it is opened as ``open_or_create`` finds it now."""
-    folder, job = claims_dir(spec.path), f"{REPLACER}{new_job_id(unique=True)}"
-    beat = Heartbeat(folder, job).start()
-    try:
-        with holding(folder, "replace", job), holding(folder, "finalize", job):
-            grown = growth()  # as it is now: another job may have grown it meanwhile
-            fate = check_target(spec.path, spec.digest, overwrite=overwrite,
-                                model=spec.attrs.get("model_sha256"), grown=grown)
-            if fate == "resume":  # the arrays of a growth cut short: none of theirs is done
-                fit_members(spec.path, spec.members)
-                consolidate(spec.path)  # the metadata too, which a fit cut short left behind
-                return "resumed"
-            if fate == "grow":
-                check_idle(spec.path, "grows a store")
-                attrs = {key: spec.attrs[key] for key in GROWN_ATTRS if key in spec.attrs}
-                unit = member_batch(spec.path)
-                chunk = member_chunk_of(spec.path)
-                if unit % chunk:  # an older piadm cut the chunks of a store smaller than a batch
-                    attrs[MEMBER_BATCH] = chunk  # batches of whole chunks: writers never share
-                grow(spec.path, spec.members,
-                     f"piadm {__version__}: grown from {grown.made} to {spec.members} "
-                     "members (ensemble.members)", {**attrs, "piadm_store_digest": spec.digest})
-                return f"grown from {grown.made} to {spec.members} members"
-    finally:
-        beat.stop()
+    with _replacing(spec.path, "replace", "finalize"):
+        grown = growth()  # as it is now: another job may have grown it meanwhile
+        fate = check_target(spec.path, spec.digest, overwrite=overwrite,
+                            model=spec.attrs.get("model_sha256"), grown=grown)
+        if fate == "resume":  # the arrays of a growth cut short: none of theirs is done
+            fit_members(spec.path, spec.members)
+            consolidate(spec.path)  # the metadata too, which a fit cut short left behind
+            return "resumed"
+        if fate == "grow":
+            check_idle(spec.path, "grows a store")
+            attrs = {key: spec.attrs[key] for key in GROWN_ATTRS if key in spec.attrs}
+            unit = member_batch(spec.path)
+            chunk = member_chunk_of(spec.path)
+            if unit % chunk:  # an older piadm cut the chunks of a store smaller than a batch
+                attrs[MEMBER_BATCH] = chunk  # batches of whole chunks: writers never share
+            grow(spec.path, spec.members,
+                 f"piadm {__version__}: grown from {grown.made} to {spec.members} "
+                 "members (ensemble.members)", {**attrs, "piadm_store_digest": spec.digest})
+            return f"grown from {grown.made} to {spec.members} members"
     return open_or_create(spec, overwrite=overwrite, growth=growth)
 
 
@@ -283,25 +291,20 @@ def _replace(spec: StoreSpec) -> str:
     """Delete another configuration's store and create this one's, one job at a time (a lock
     in the claims folder): two jobs of one configuration started together both find the old
     store, and the second must resume the first's new store, not delete it."""
-    folder, job = claims_dir(spec.path), f"{REPLACER}{new_job_id(unique=True)}"
-    beat = Heartbeat(folder, job).start()  # a live holder: waiting jobs never take its lock
-    try:
-        with holding(folder, "replace", job):
-            fate = check_target(spec.path, spec.digest, overwrite=True,  # as it is now
-                                model=spec.attrs.get("model_sha256"))
-            if fate == "resume":
-                return "resumed"
-            if fate != "replace":
-                return _create(spec, overwrite=True)
-            check_idle(spec.path)
-            # moved aside in one step, deleted once the new store stands: a kill part way
-            # through deleting it in place would leave a folder without its zarr.json, no
-            # longer recognisably a piadm store, which piadm would never delete or use
-            doomed = _doomed(Path(spec.path), job)
-            os.rename(spec.path, doomed)
-            clear_claims(folder, keep="replace")  # claims on the old store's batches
-            made = _create(spec, overwrite=True)
-            shutil.rmtree(doomed, ignore_errors=True)
-            return "replaced" if made == "created" else made
-    finally:
-        beat.stop()
+    with _replacing(spec.path, "replace") as job:
+        fate = check_target(spec.path, spec.digest, overwrite=True,  # as it is now
+                            model=spec.attrs.get("model_sha256"))
+        if fate == "resume":
+            return "resumed"
+        if fate != "replace":
+            return _create(spec, overwrite=True)
+        check_idle(spec.path)
+        # moved aside in one step, deleted once the new store stands: a kill part way
+        # through deleting it in place would leave a folder without its zarr.json, no
+        # longer recognisably a piadm store, which piadm would never delete or use
+        doomed = _doomed(Path(spec.path), job)
+        os.rename(spec.path, doomed)
+        clear_claims(claims_dir(spec.path), keep="replace")  # claims on the old store's batches
+        made = _create(spec, overwrite=True)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return "replaced" if made == "created" else made
