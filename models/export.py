@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import save_checkpoint, save_sidecar, units_problem
+from pipeline.errors import PiadmError
 
 
 def data_bound(meta: dict, data: str | Path) -> float:
@@ -33,7 +34,7 @@ def data_bound(meta: dict, data: str | Path) -> float:
     return largest_mode_power(chunks, meta["mean"], meta["std"])
 
 
-class ExportError(ValueError):
+class ExportError(PiadmError, ValueError):
     """What is wrong with an export's arguments, in one line."""
 
 

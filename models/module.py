@@ -25,7 +25,7 @@ from models.digest import files_digest
 from models.module_check import check_section
 from pipeline.clock import (VE, DiscreteVP, Flow, VPCosine, VPLinear,
                             ddpm_alphas_cumprod)
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PiadmError
 
 # model.process: the continuous forward processes ("ddpm" is built from its own table)
 CONTINUOUS = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "ve": VE, "edm": VE, "flow": Flow}
@@ -150,7 +150,7 @@ class _Net:
         return out[:, 0] if self.channel else out
 
 
-class WrongShape(ValueError):
+class WrongShape(PiadmError, ValueError):
     """A network's output is not its input's shape."""
 
 

@@ -8,7 +8,9 @@
 
 Configs come from a TOML file or a nested dict ({"sampler": {"steps": 200}}), and are
 validated exactly like the CLI's. Under ``mpiexec`` every rank calls the same functions; the
-communicator is taken from the launcher unless one is passed.
+communicator is taken from the launcher unless one is passed. Every error that a config, a
+file or a store causes is a ``PiadmError`` (``ConfigError``, ``StoreExists``, ...) whose
+message says what to change; a stop (Ctrl-C, SIGTERM) is a ``KeyboardInterrupt``.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ import xarray as xr
 
 from pipeline.comm import MPIComm, SerialComm, world_comm
 from pipeline.config import ConfigError, check_same_config, config_from_dict, read_toml
+from pipeline.errors import PiadmError  # every error a user's input causes is one
 from pipeline.settings import Config
 from pipeline.store import open_store
 
-__all__ = ["load_config", "sample", "open_ensemble", "evaluate", "world"]
+__all__ = ["load_config", "sample", "open_ensemble", "evaluate", "world", "PiadmError"]
 
 # piadm evaluate's flags as its messages name them (not inside a path: "runs/a--kmax.zarr")
 EVALUATE_FLAGS = r"(?<![\w./-])--(truth-variable|truth-range|truth|kmax|cut|out)\b"

@@ -48,7 +48,7 @@ class WriteFailed(PiadmError, OSError):
     so that a caller's ``except OSError`` for a full disk still takes it."""
 
 
-class EvaluationError(ValueError):
+class EvaluationError(PiadmError, ValueError):
     """The store or the truth cannot be evaluated as asked; the message says how to fix it."""
 
 

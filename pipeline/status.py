@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from pipeline.errors import PiadmError
 from pipeline.store import PER_MEMBER, done_members, stored_digest
 from pipeline.target import check_idle
 
 
-class NotAStore(FileNotFoundError):
+class NotAStore(PiadmError, FileNotFoundError):
     """The path is not a piadm ensemble store."""
 
 

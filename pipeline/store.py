@@ -32,6 +32,7 @@ import numpy as np
 import zarr
 
 from pipeline.choices import FIELD_DIMS
+from pipeline.errors import PiadmError
 
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 PER_MEMBER = {"seed": "int64", "rounds": "float64", "model_calls": "float64", "done": "int8"}
 
 
-class StoreExists(FileExistsError):
+class StoreExists(PiadmError, FileExistsError):
     """The output path holds data this run may not use, and overwriting was not asked for."""
 
 

@@ -95,6 +95,35 @@ def test_evaluate_errors_name_the_keyword_arguments(tmp_path):
         api.evaluate(tmp_path / "runs--kmax.zarr", path)
 
 
+def test_every_error_a_user_causes_is_one_piadm_error_and_keeps_its_builtin_kind(tmp_path):
+    """A workflow script catches api.PiadmError for whatever its config, files or stores cause,
+    and an older ``except FileExistsError`` (or ValueError, ...) still takes what it took."""
+    from models.export import ExportError
+    from models.module import WrongShape
+    from pipeline.errors import EvaluationError
+    from pipeline.samplers.options import PicardDivergence
+    from pipeline.status import NotAStore
+    from pipeline.store import StoreExists
+
+    kinds = {ConfigError: ValueError, StoreExists: FileExistsError, NotAStore: FileNotFoundError,
+             EvaluationError: ValueError, WrongShape: ValueError, ExportError: ValueError,
+             PicardDivergence: RuntimeError}
+    for error, builtin in kinds.items():
+        assert issubclass(error, api.PiadmError) and issubclass(error, builtin), error
+    cfg = {"model": {"shape": [8, 8]}, "sampler": {"steps": 10, "block_size": 5},
+           "ensemble": {"members": 2, "batch_size": 2},
+           "output": {"path": str(tmp_path / "d.zarr")}}
+    (tmp_path / "d.zarr").mkdir()
+    (tmp_path / "d.zarr" / "notes.txt").write_text("mine")
+    with pytest.raises(api.PiadmError, match="is not a piadm store"):
+        api.sample(cfg)
+    with pytest.raises(api.PiadmError, match="is not a Zarr store"):
+        api.open_ensemble(tmp_path / "d.zarr")
+    with pytest.raises(api.PiadmError):
+        api.evaluate(tmp_path / "d.zarr", tmp_path / "d.zarr")
+    assert (tmp_path / "d.zarr" / "notes.txt").read_text() == "mine"
+
+
 def test_api_run_equals_the_cli_run(tmp_path):
     sets = {"model.shape": [16, 16], "sampler.steps": 40, "sampler.block_size": 20,
             "ensemble.members": 4, "ensemble.batch_size": 2}

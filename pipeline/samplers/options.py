@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.errors import PiadmError
+
 
 THETAS = ("j_max", "one")  # the values of Options.theta
 WINDOW_SPLITS = ("slots", "replicated")  # the values of Options.window_split
@@ -105,5 +107,5 @@ def redone(blocks: int) -> str:
             "or set sampler.on_divergence = 'error' to stop instead")
 
 
-class PicardDivergence(RuntimeError):
+class PicardDivergence(PiadmError, RuntimeError):
     """A Picard block produced NaN/Inf or a runaway residual."""
