@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import uuid
 from pathlib import Path
 
 import torch
@@ -18,12 +20,29 @@ def sidecar(path: Path) -> Path:
     return path.with_suffix(path.suffix + ".json")
 
 
+def _temp(path: Path) -> Path:
+    """A temp name beside ``path`` that no other writer uses: two processes saving one path
+    at once would otherwise truncate each other's half-written file and rename it in."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}-"
+                          f"{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _replace_with(path: Path, write) -> None:
+    """``write(temp)``, then rename the temp file over ``path``; the temp file is removed if
+    the write fails."""
+    tmp = _temp(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_sidecar(path: Path, meta: dict) -> None:
     """Write checkpoint ``path``'s JSON sidecar atomically (temp file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_meta = sidecar(path).with_name(sidecar(path).name + ".tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_meta, sidecar(path))
+    _replace_with(sidecar(path), lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
 
 
 def _units(meta: dict) -> str:
@@ -38,9 +57,7 @@ def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
     sidecar; a resumed run's sidecar may be a save ahead (its step is read from the tensors),
     so the tensors keep the units they were trained in (``load_denoiser`` compares them)."""
     save_sidecar(path, meta)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({**state, "units": _units(meta)}, tmp)
-    os.replace(tmp, path)
+    _replace_with(path, lambda tmp: torch.save({**state, "units": _units(meta)}, tmp))
 
 
 def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:

@@ -12,10 +12,12 @@ the checkpoint was trained as this run would train (``RESUME_MUST_MATCH``).
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import math
 import os
 import pickle
+import socket
 import time
 import tomllib
 from dataclasses import dataclass, replace
@@ -31,7 +33,7 @@ from models.grid import grid_of
 from models.checkpoint import save_checkpoint, sidecar
 from models.conditioning import spectral_upsample, upsample_blocks
 from models.unet import Denoiser, UNetConfig
-from pipeline.console import print0
+from pipeline.console import on_rank0, print0
 from pipeline.decomposition import slice_bounds
 from pipeline.errors import ConfigError, Interrupted, raised_by_every_rank
 from pipeline.inputs import InputError
@@ -413,13 +415,53 @@ def _step(t: TrainConfig, step: int, nets, trn, rows: tuple[int, int], comm, dev
     return batch_loss
 
 
+def _hold_checkpoint(path: Path):
+    """The open lock file beside train.checkpoint ``path`` (``.NAME.lock``), holding its
+    exclusive lock until it is closed or the process ends, killed or not; None where the file
+    system has no locks. Two runs saving one checkpoint would each resume the other's
+    saves and write over them; the second is refused, naming the first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path.with_name(f".{path.name}.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise InputError(f"train.checkpoint {path} is being trained by another piadm train "
+                         f"({holder}): wait for it to end, or choose another "
+                         "train.checkpoint") from None
+    except OSError:  # a file system without flock: unlocked, as before the lock
+        lock.close()
+        return None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"host {socket.gethostname()}, pid {os.getpid()}")
+    lock.flush()
+    return lock
+
+
 def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> TrainResult:
-    """Run (or resume) the training of ``t``; checkpoints on rank 0."""
+    """Run (or resume) the training of ``t``; checkpoints on rank 0, which holds
+    train.checkpoint's lock for the run."""
     with raised_by_every_rank():  # the same config and files on every rank
         store = enclosing_store(t.checkpoint)
         if store is not None:
-            raise InputError(f"train.checkpoint {t.checkpoint} is inside the Zarr store {store}: "
-                             "choose a train.checkpoint outside it")
+            raise InputError(f"train.checkpoint {t.checkpoint} is inside the Zarr store "
+                             f"{store}: choose a train.checkpoint outside it")
+    held = []
+    on_rank0(comm, lambda: held.append(_hold_checkpoint(Path(t.checkpoint))))
+    try:
+        return _train(t, comm, device, config_text)
+    finally:
+        for lock in held:
+            if lock is not None:
+                lock.close()
+
+
+def _train(t: TrainConfig, comm, device, config_text: str) -> TrainResult:
+    """``train`` once train.checkpoint is this run's."""
+    with raised_by_every_rank():  # the same config and files on every rank
         trn, held = open_dataset(t)
         shape = tuple(trn.fields.shape[1:])
         ucfg, den, ema, opt = _network(t, trn, shape, device)

@@ -166,6 +166,57 @@ def test_a_checkpoint_inside_a_zarr_store_is_refused_before_writing(dataset, cap
     assert not ckpt.exists() and not Path(f"{ckpt}.json").exists()
 
 
+def test_a_second_run_on_a_checkpoint_being_trained_is_refused_naming_the_first(
+        tmp_path, dataset, capsys):
+    """Two runs saving one train.checkpoint would resume and overwrite each other's saves:
+    the first holds its lock for the run (released when it ends, killed or not)."""
+    import socket
+
+    from pipeline.train import _hold_checkpoint
+
+    ckpt = tmp_path / "m.pt"
+    first = _hold_checkpoint(ckpt)
+    try:
+        assert main(_train_args(dataset, ckpt)) == 2
+    finally:
+        first.close()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"piadm: error: train.checkpoint {ckpt} is being trained by another piadm train (host "
+        f"{socket.gethostname()}, pid {os.getpid()}): wait for it to end, or choose another "
+        "train.checkpoint")
+    assert not ckpt.exists()
+    assert main(_train_args(dataset, ckpt, "train.steps=3")) == 0  # the lock is free again
+
+
+def test_saves_at_once_into_one_checkpoint_never_tear_a_file(tmp_path, plain):
+    """Each save writes its own temp file (an export in place while a run saves, say): the
+    files renamed into place are whole, never one writer's file cut by another's."""
+    import threading
+
+    from models.checkpoint import save_checkpoint
+
+    state = torch.load(plain, weights_only=True)
+    meta = json.loads(Path(f"{plain}.json").read_text())
+    ckpt, errors = tmp_path / "c.pt", []
+
+    def saves():
+        try:
+            for _ in range(15):
+                save_checkpoint(ckpt, state, meta)
+        except Exception as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=saves) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert torch.load(ckpt, weights_only=True)["step"] == state["step"]
+    assert json.loads(Path(f"{ckpt}.json").read_text()) == meta
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.json"]
+
+
 def test_training_can_start_from_another_checkpoints_ema_weights(tmp_path, dataset, capsys):
     from models.export import export
 
