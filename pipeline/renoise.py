@@ -139,7 +139,8 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
     print0(comm, f"{'u':>7} {'sigma':>8} {'steps':>6} " + " ".join(f"{n:>9}" for n in names))
     units = _units(model, coarse, len(pick), draws, comm, device)
     rows = []
-    for u in (*(level for level in LEVELS if level < s.u_max), s.u_max):
+    # levels at or below the grid's end have no steps to sample back
+    for u in (*(level for level in LEVELS if float(grid.u[-1]) < level < s.u_max), s.u_max):
         mine = [np.empty((0, kmax))]
         for a, b, item, bound, members in units:
             noise = Noise.members(s.seed, item, members, shape, DTYPES[s.dtype], device, s.noise)

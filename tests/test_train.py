@@ -361,6 +361,18 @@ def test_bench_renoise_gives_each_downscaled_field_its_own_coarse_input(tmp_path
     assert "4 draws each given its coarse field" in capsys.readouterr().err
 
 
+def test_bench_renoise_starts_only_from_levels_above_the_grids_end(tmp_path, dataset, plain):
+    """A u_min above the first starting level (0.03) leaves that level out, not a traceback."""
+    sets = ["model.kind=unet", "model.shape=[16, 16]", f"model.checkpoint={plain}",
+            f"train.data={dataset}", "train.validation=0.25", "bench.quality_members=4",
+            "sampler.method=sequential-sde", "sampler.steps=20", "sampler.u_min=0.05"]
+    out = tmp_path / "r.json"
+    assert main(["bench", "jobs/configs/grf.toml", "--renoise", "--json", str(out),
+                 *sum((["--set", s] for s in sets), [])]) == 0
+    levels = [row["u"] for row in json.loads(out.read_text())["rows"]]
+    assert levels[0] == 0.1 and min(levels) > 0.05
+
+
 @pytest.mark.parametrize("channels, needle", [
     ("[8, 12]", "train.channels = [8, 12]: give one width per level, each a multiple of 8"),
     ("[12]", "train.channels = [12]: give one width per level, each a multiple of 8"),
