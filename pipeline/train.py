@@ -138,6 +138,13 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     if cut < 1 or cut >= n:
         raise InputError(f"train.validation = {t.validation} leaves no training or validation "
                          f"times out of {n}")
+    if t.condition:
+        fine, coarse = ds[t.variable].shape[1:], ds[t.condition].shape[1:]
+        if any(c > f or f % c for f, c in zip(fine, coarse)):  # upsampled by whole blocks
+            raise InputError(f"train.condition {t.condition!r} of {t.data} is "
+                             f"{'x'.join(map(str, coarse))}, which does not divide "
+                             f"{t.variable}'s {'x'.join(map(str, fine))} fields: condition on "
+                             "a block average of them (generate-data's vorticity_coarse)")
     extras = _extra_stores(t, ds, names)
     trn, val = ds.isel(time=slice(0, cut)), ds.isel(time=slice(cut, n))
     if extras:  # by position: the trajectories' times need not differ
@@ -212,8 +219,11 @@ def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device
     except (FileNotFoundError, RuntimeError, ValueError, KeyError, OSError) as err:
         raise InputError(f"train.init = {init!r} is not a readable piadm checkpoint with its "
                          f".json sidecar ({type(err).__name__}): point it at one") from None
-    adds_mix = ucfg.global_modes > 0 and trained.cfg == replace(ucfg, global_modes=0)
-    if trained.cfg != ucfg and not adds_mix:
+    # a residual's sigma_data is measured from the data, which fine-tuning may add to: this
+    # run's own is kept (as on resuming), not a setting the user could match
+    theirs = replace(trained.cfg, sigma_data=ucfg.sigma_data)
+    adds_mix = ucfg.global_modes > 0 and theirs == replace(ucfg, global_modes=0)
+    if theirs != ucfg and not adds_mix:
         raise InputError(f"train.init = {init!r} is a U-Net {trained.cfg.to_dict()}, this "
                          f"run's is {ucfg.to_dict()}: set train.channels, condition and "
                          "global_modes to match it")

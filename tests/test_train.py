@@ -236,6 +236,21 @@ def test_training_can_start_from_another_checkpoints_ema_weights(tmp_path, datas
     assert "train.init" in capsys.readouterr().err
 
 
+def test_a_residual_model_is_fine_tuned_on_more_data_with_its_own_sigma_data(tmp_path, dataset,
+                                                                            other):
+    """A residual's sigma_data is measured from the data, so train.extra changes it: starting
+    from a checkpoint is not refused for it (the user cannot set it), and the run keeps the
+    value its own data give, as a resumed run does."""
+    res = ["train.condition=vorticity_coarse", "train.residual=true"]
+    first, tuned = tmp_path / "first.pt", tmp_path / "tuned.pt"
+    assert main(_train_args(dataset, first, *res)) == 0
+    assert main(_train_args(dataset, tuned, *res, f"train.init={first}", "train.steps=3",
+                            f"train.extra=['{other}']")) == 0
+    sigma = {p: json.loads(Path(f"{p}.json").read_text())["unet"]["sigma_data"]
+             for p in (first, tuned)}
+    assert sigma[first] != sigma[tuned]
+
+
 def test_a_dataset_read_into_memory_trains_exactly_as_lazy_reads(tmp_path, dataset):
     from pipeline.settings import TrainConfig
     from pipeline.train import open_dataset
@@ -690,6 +705,22 @@ def test_fields_that_are_not_one_per_time_are_a_one_line_error(tmp_path, dataset
     err = _refused(_train_args(tmp_path / "e.zarr", tmp_path / "e.pt"), capsys)
     assert "train: 'vorticity' of " in err and "is ('time', 'member', 'y', 'x'): piadm trains " \
         "on one 2-D field per time" in err
+
+
+@pytest.mark.parametrize("residual", ["false", "true"])
+def test_a_condition_whose_grid_does_not_divide_the_fields_is_a_one_line_error(
+        tmp_path, dataset, capsys, residual):
+    """A 5x5 condition for 16x16 fields is no block average of them: refused before training
+    (plain conditioning failed in torch.cat, a residual trained on a wrong upsampling)."""
+    ds = xr.open_zarr(dataset).load()
+    odd = ds.vorticity.coarsen(y=3, x=3, boundary="trim").mean().rename(y="yc", x="xc")
+    xr.Dataset({"vorticity": ds.vorticity, "vc": odd}).to_zarr(tmp_path / "o.zarr")
+    err = _refused(_train_args(tmp_path / "o.zarr", tmp_path / "o.pt", "train.condition=vc",
+                               f"train.residual={residual}"), capsys)
+    assert err == (f"piadm: error: train.condition 'vc' of {tmp_path / 'o.zarr'} is 5x5, which "
+                   "does not divide vorticity's 16x16 fields: condition on a block average of "
+                   "them (generate-data's vorticity_coarse)")
+    assert not (tmp_path / "o.pt").exists()
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_is_a_one_line_error(tmp_path, dataset, capsys):
