@@ -15,6 +15,10 @@ import torch
 from models.unet import Denoiser, UNetConfig
 
 
+# what every sidecar piadm train or export writes holds, and loading a checkpoint reads
+SIDECAR_KEYS = ("unet", "shape", "variable", "mean", "std")
+
+
 def sidecar(path: Path) -> Path:
     """The metadata file of checkpoint ``path``."""
     return path.with_suffix(path.suffix + ".json")
@@ -68,6 +72,10 @@ def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:
 
     path = Path(path)
     meta = json.loads(sidecar(path).read_text())
+    missing = [key for key in SIDECAR_KEYS if key not in meta] if isinstance(meta, dict) else \
+        ["every key"]
+    if missing:
+        raise ValueError(f"its metadata {sidecar(path).name} lacks {', '.join(missing)}")
     den = Denoiser(UNetConfig.from_dict(meta["unet"])).to(device)
     state = torch.load(path, map_location=device, weights_only=True)
     problem = units_problem(path, state, meta)

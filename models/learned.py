@@ -91,7 +91,8 @@ def _read(checkpoint: str, key: str, device):
         raise ConfigError(f"config: {key} = {checkpoint!r} has no metadata file "
                           f"{err.filename}: piadm train writes both; copy the .json beside "
                           "the checkpoint") from None
-    except (RuntimeError, ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError) as err:
+    except (RuntimeError, ValueError, KeyError, TypeError, EOFError, OSError,
+            pickle.UnpicklingError) as err:
         first = ("not a tensors-only torch file" if isinstance(err, pickle.UnpicklingError)
                  else (str(err).strip().splitlines() or [type(err).__name__])[0])
         raise ConfigError(f"config: {key} = {checkpoint!r} is not a readable piadm "

@@ -18,7 +18,7 @@ prediction x0).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -42,6 +42,14 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
+        """The config a sidecar records; ValueError for a setting this version does not know
+        (a newer piadm's checkpoint) or one that is not a table."""
+        if not isinstance(d, dict):
+            raise ValueError(f"its U-Net settings are {type(d).__name__}, not a table")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"its U-Net has settings this piadm does not know ({', '.join(unknown)}"
+                             "): made by a newer piadm?")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 

@@ -216,9 +216,10 @@ def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device
         trained, _ = load_denoiser(init, device)
     except ConfigError as err:  # its sidecar a save ahead: it names the fix
         raise InputError(f"train.init = {init!r}: {err}") from None
-    except (FileNotFoundError, RuntimeError, ValueError, KeyError, OSError) as err:
+    except (FileNotFoundError, RuntimeError, ValueError, KeyError, TypeError, OSError) as err:
         raise InputError(f"train.init = {init!r} is not a readable piadm checkpoint with its "
-                         f".json sidecar ({type(err).__name__}): point it at one") from None
+                         f".json sidecar ({type(err).__name__}: {str(err)[:120]}): point it at "
+                         "one") from None
     # a residual's sigma_data is measured from the data, which fine-tuning may add to: this
     # run's own is kept (as on resuming), not a setting the user could match
     theirs = replace(trained.cfg, sigma_data=ucfg.sigma_data)

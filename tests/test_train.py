@@ -408,6 +408,34 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert "model.checkpoint = 'nope.pt' is not a file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("change, said", [
+    (lambda meta: meta["unet"].update(attention=True),
+     "its U-Net has settings this piadm does not know (attention): made by a newer piadm?"),
+    (lambda meta: meta.pop("std"), "its metadata c.pt.json lacks std"),
+    (lambda meta: meta.update(unet=[8, 16]), "its U-Net settings are list, not a table"),
+])
+def test_a_sidecar_of_a_newer_or_damaged_checkpoint_is_a_one_line_error(tmp_path, plain,
+                                                                        capsys, change, said):
+    """Sampling from and starting training from it both say what is wrong, in one line."""
+    import shutil
+
+    ckpt = tmp_path / "c.pt"
+    shutil.copy(plain, ckpt)
+    meta = json.loads(Path(f"{plain}.json").read_text())
+    change(meta)
+    Path(f"{ckpt}.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(_sample_args(tmp_path / "x.zarr", f"model.checkpoint={ckpt}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("piadm: error: ") and said in err[-1], err
+    assert "model.checkpoint" in err[-1] and "Traceback" not in "".join(err)
+    assert main(_train_args(meta.get("data", "x.zarr"), tmp_path / "t.pt",
+                            f"train.init={ckpt}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "".join(err) and said in err[-1] and "train.init" in err[-1], err
+    assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "t.pt").exists()
+
+
 def test_exported_checkpoint_keeps_only_ema_and_loads(tmp_path, plain):
     from models.export import export
 
