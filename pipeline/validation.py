@@ -109,6 +109,12 @@ def _check_train(t: TrainConfig) -> None:
     _check(0 < t.validation < 1, "train.validation", f"= {t.validation} must be in (0, 1)")
     _check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size", "and train.steps must be >= 1")
     _check(t.lr > 0, "train.lr", f"= {t.lr} must be > 0")
+    # log sigma of the training noise: EDM's -1.2 and 1.2; past these the levels leave float32
+    _check(math.isfinite(t.p_mean) and abs(t.p_mean) <= 10, "train.p_mean",
+           f"= {t.p_mean} must be in [-10, 10] (the mean log noise level; EDM's is -1.2)")
+    _check(math.isfinite(t.p_std) and 0 < t.p_std <= 5, "train.p_std",
+           f"= {t.p_std} must be in (0, 5] (the spread of log noise levels; EDM's is 1.2)")
+    _check(t.cache_mb >= 0, "train.cache_mb", f"= {t.cache_mb} must be >= 0 (0: read lazily)")
     _check(0 <= t.ema < 1, "train.ema", f"= {t.ema} must be in [0, 1)")
     _check(t.val_every >= 1 and t.log_every >= 1, "train.val_every", "and train.log_every must be >= 1")
     _check(len(t.channels) >= 1 and all(c >= 1 and c % NORM_GROUPS == 0 for c in t.channels),

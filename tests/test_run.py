@@ -69,6 +69,9 @@ def test_existing_store_is_refused_and_untouched(tmp_path, capsys):
     ("nosuch.key=1", "unknown section"),
     ("model.emulate_ms=[5]", "model.emulate_ms = [5.0] must be [latency_ms, per_item_ms]"),
     ("bench.seeds=0", "bench.seeds"),
+    ("train.p_std=nan", "train.p_std = nan must be in (0, 5]"),
+    ("train.p_mean=40", "train.p_mean = 40.0 must be in [-10, 10]"),
+    ("train.cache_mb=-5", "train.cache_mb = -5.0 must be >= 0"),
 ])
 def test_bad_config_gives_one_line_error_naming_the_key(tmp_path, capsys, override, needle):
     path = tmp_path / "never.zarr"
