@@ -22,7 +22,9 @@ from pipeline.errors import PiadmError
 
 
 def data_bound(meta: dict, data: str | Path) -> float:
-    """S of the checkpoint's training split of ``data``, in the checkpoint's normalised units."""
+    """S of what the checkpoint was trained on, in its normalised units: the training split of
+    ``data`` and every time of the train.extra stores its config records (those still at
+    their paths), and never less than the S its sidecar records (a bound over more data)."""
     import xarray as xr
 
     from models.bound import largest_mode_power
@@ -30,8 +32,12 @@ def data_bound(meta: dict, data: str | Path) -> float:
     train = tomllib.loads(meta.get("config", "")).get("train", {})
     fields = xr.open_zarr(data)[meta["variable"]]
     cut = int(round(fields.sizes["time"] * (1 - train.get("validation", 0.2))))
-    chunks = (fields[a : min(a + 256, cut)].values for a in range(0, cut, 256))
-    return largest_mode_power(chunks, meta["mean"], meta["std"])
+    parts = [fields[:cut]] + [xr.open_zarr(extra)[meta["variable"]]
+                              for extra in train.get("extra", []) if Path(extra).is_dir()]
+    chunks = (part[a : a + 256].values for part in parts
+              for a in range(0, part.sizes["time"], 256))
+    found = largest_mode_power(chunks, meta["mean"], meta["std"])
+    return max(found, float(meta.get("data_bound", 0.0)))
 
 
 class ExportError(PiadmError, ValueError):

@@ -519,6 +519,22 @@ def test_training_records_s_and_export_recomputes_it(tmp_path, dataset):
     assert load_unet(str(shipped), (16, 16)).data_bound == pytest.approx(expect, rel=1e-6)
 
 
+def test_export_recomputes_s_over_the_extra_stores_too_and_never_lowers_it(tmp_path, dataset,
+                                                                           other):
+    """S bounds what the model was trained on: train.extra's fields too (export read the
+    training split of --data alone), and a recorded S is never lowered by a recomputation."""
+    from models.export import export
+
+    ckpt = tmp_path / "x.pt"
+    assert main(_train_args(dataset, ckpt, f"train.extra=['{other}']")) == 0
+    trained = json.loads(Path(f"{ckpt}.json").read_text())["data_bound"]
+    assert export(ckpt, tmp_path / "a.pt", dataset)["data_bound"] == pytest.approx(trained,
+                                                                                   rel=1e-9)
+    meta = json.loads(Path(f"{ckpt}.json").read_text())
+    Path(f"{ckpt}.json").write_text(json.dumps({**meta, "data_bound": 10 * trained}))
+    assert export(ckpt, tmp_path / "b.pt", dataset)["data_bound"] == 10 * trained
+
+
 def test_the_shipped_checkpoints_record_s_and_the_downscalers_input_grid():
     for name in ("kolmogorov_uncond", "kolmogorov_down"):
         bound = load_unet(f"models/checkpoints/{name}.pt", (64, 64)).data_bound
