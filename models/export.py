@@ -108,7 +108,10 @@ def export(src: str | Path, dst: str | Path, data: str | Path | None = None) -> 
     if state is None:  # in place: the sidecar alone
         save_sidecar(dst, meta)
     else:  # as piadm train saves: each file atomically, the sidecar first
-        save_checkpoint(dst, {"ema": state["ema"], "step": state.get("step", 0)}, meta)
+        step = int(state.get("step", meta.get("step", 0)))
+        if meta.get("step") != step:  # a save cut short: the sidecar's figures are a later one's
+            meta = {**meta, "step": step, "val_loss": None}
+        save_checkpoint(dst, {"ema": state["ema"], "step": step}, meta)
     return meta
 
 

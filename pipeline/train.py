@@ -482,8 +482,10 @@ def _train(t: TrainConfig, comm, device, config_text: str) -> TrainResult:
         print0(comm, f"{t.checkpoint} already holds step {step}, train.steps = {t.steps}: "
                      "nothing to train (raise train.steps to train on)")
     path = Path(t.checkpoint)
-    # until the next validation, a resumed run's is its checkpoint's
-    val_loss = _recorded(path).get("val_loss") if step else None
+    # until the next validation, a resumed run's is its checkpoint's (unless the sidecar is
+    # a save ahead of the weights: a save cut short)
+    recorded = _recorded(path) if step else {}
+    val_loss = recorded.get("val_loss") if recorded.get("step") == step else None
     start, loss_sum, summed = time.perf_counter(), 0.0, 0
     lo, hi = slice_bounds(t.batch_size, comm.size, comm.rank)
     saved = step  # the step train.checkpoint holds of this run (0: none yet)

@@ -307,8 +307,18 @@ def test_weights_whose_metadata_a_cut_save_moved_on_are_refused(tmp_path, plain,
     with pytest.raises(ExportError, match="is from a later save than its weights"):
         export(ckpt, tmp_path / "ship.pt")  # nor may a copy carry them as agreeing
     assert not (tmp_path / "ship.pt").exists()
-    Path(f"{ckpt}.json").write_text(json.dumps({**meta, "step": meta["step"] + 3}))
+    Path(f"{ckpt}.json").write_text(json.dumps({**meta, "step": meta["step"] + 3,
+                                                "val_loss": 0.123}))
     load_denoiser(ckpt)  # the same units: a save cut short that changed nothing they use
+    # an export carries the weights' step, not the later save's step and loss
+    shipped = export(ckpt, tmp_path / "ship.pt")
+    assert (shipped["step"], shipped["val_loss"]) == (meta["step"], None)
+    assert torch.load(tmp_path / "ship.pt", weights_only=True)["step"] == meta["step"]
+    capsys.readouterr()  # nor does a resumed run report the later save's loss as its own
+    assert main(_train_args(meta["data"], ckpt, f"train.steps={meta['step']}")) == 0
+    out = capsys.readouterr()
+    assert f"already holds step {meta['step']}" in out.out + out.err
+    assert "0.123" not in out.out + out.err
 
 
 def _sample_args(out, *sets):
