@@ -432,8 +432,9 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true",
                             help="print one JSON document (members done per item, complete)")
             sp.add_argument("--verify", action="store_true",
-                            help="read every member marked done and report those that are "
-                                 "unreadable or not finite (damaged after writing)")
+                            help="also read every member marked done and report those that are "
+                                 "unreadable or not finite (damaged after writing); exit 0 "
+                                 "only when the store is complete and sound")
             sp.add_argument("--repair", action="store_true",
                             help="with --verify: mark the damaged members not done, so that "
                                  "rerunning the sample command samples them again")

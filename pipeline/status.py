@@ -9,7 +9,7 @@ import zarr
 
 from pipeline.errors import PiadmError
 from pipeline.store import PER_MEMBER, done_members, stored_digest
-from pipeline.target import check_idle
+from pipeline.target import check_idle, filling_jobs
 
 
 class NotAStore(PiadmError, FileNotFoundError):
@@ -26,8 +26,9 @@ def _check_store(path: str) -> None:
 
 
 def progress(path: str) -> dict:
-    """``{"path", "item_dim", "done", "members", "complete", "items": [{"label", "done",
-    "members"}]}`` of the store at ``path``: members done per item and in all."""
+    """``{"path", "item_dim", "done", "members", "complete", "filling", "items": [{"label",
+    "done", "members"}]}`` of the store at ``path``: members done per item and in all, and
+    the live jobs filling it."""
     _check_store(path)
     group = zarr.open_group(path, mode="r")
     done = done_members(path)
@@ -35,23 +36,33 @@ def progress(path: str) -> dict:
     items = [{"label": str(label), "done": int(row.sum()), "members": int(row.size)}
              for label, row in zip(group[dim][:], done)]
     return {"path": str(path), "item_dim": dim, "done": int(done.sum()),
-            "members": int(done.size), "complete": bool(done.all()), "items": items}
+            "members": int(done.size), "complete": bool(done.all()),
+            "filling": filling_jobs(path), "items": items}
 
 
 def report(path: str) -> tuple[str, bool]:
     """A short text of members done per item and in all; and whether every member is done."""
     state = progress(path)
+    return _text(path, state), state["complete"]
+
+
+def _text(path: str, state: dict) -> str:
     lines = [f"{path}: {state['done']}/{state['members']} members done"]
     if len(state["items"]) > 1:
         lines += [f"  {state['item_dim']} {i['label']}: {i['done']}/{i['members']}"
                   for i in state["items"]]
-    lines.append("complete" if state["complete"] else "incomplete: " + _to_finish(state["items"]))
-    return "\n".join(lines), state["complete"]
+    lines.append("complete" if state["complete"] else "incomplete: " + _to_finish(state))
+    return "\n".join(lines)
 
 
-def _to_finish(items: list[dict]) -> str:
-    """How to finish the store: a job of parallel.items fills only its items, so where some
-    items are complete, name the indices still to do."""
+def _to_finish(state: dict) -> str:
+    """How to finish the store: wait for the live jobs filling it; otherwise rerun, and as a
+    job of parallel.items fills only its items, where some items are complete, name the
+    indices still to do."""
+    if state["filling"]:
+        return (f"being filled by live job(s) {', '.join(state['filling'])}: wait for them "
+                "(a rerun now would only share their batches)")
+    items = state["items"]
     left = [n for n, item in enumerate(items) if item["done"] < item["members"]]
     if len(left) == len(items):
         return "rerun the same config to finish"
@@ -90,9 +101,10 @@ def damaged(path: str) -> list[tuple[int, int, str]]:
 
 
 def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
-    """The text of ``status --verify`` (``as_json``: a JSON object of the store, whether it is
-    sound, each damaged member and whether they were marked not done) and whether the store
-    is sound; with ``repair`` the damaged members are marked not done, so that a rerun of the
+    """The text of ``status --verify``: the store's progress (``report``) and whether every
+    member marked done reads back finite (``as_json``: one JSON object of both, each damaged
+    member and whether they were marked not done); and whether the store is complete and
+    sound. With ``repair`` the damaged members are marked not done, so that a rerun of the
     run samples them again."""
     found = damaged(path)
     if found and repair:
@@ -101,13 +113,15 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
         done = zarr.open_group(path, mode="r+")["done"]
         for item, member, _ in found:
             done[item, member] = 0
+    state = progress(path)  # after the repair
+    ok = state["complete"] and not found
     if as_json:
-        return json.dumps({"store": path, "sound": not found, "repaired": bool(found and repair),
+        return json.dumps({**state, "sound": not found, "repaired": bool(found and repair),
                            "damaged": [{"item": item, "member": member, "problem": what}
-                                       for item, member, what in found]}, indent=1), not found
+                                       for item, member, what in found]}, indent=1), ok
     if not found:
-        return f"{path}: every member marked done reads back finite", True
-    lines = [f"{path}: {len(found)} member(s) marked done are damaged:"]
+        return f"{_text(path, state)}\nevery member marked done reads back finite", ok
+    lines = [_text(path, state), f"{len(found)} member(s) marked done are damaged:"]
     lines += [f"  item {item}, member {member}: {what}" for item, member, what in found[:10]]
     if len(found) > 10:
         lines.append(f"  ... and {len(found) - 10} more")

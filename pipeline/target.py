@@ -256,11 +256,17 @@ def _create(spec: StoreSpec, overwrite: bool) -> str:
     return "resumed"
 
 
+def filling_jobs(path: str | Path) -> list[str]:
+    """The live jobs filling the store at ``path`` (heartbeats in its claims folder; not the
+    runs waiting to replace or grow it, which write nothing)."""
+    return [job for job in live_jobs(claims_dir(path)) if not job.startswith(REPLACER)]
+
+
 def check_idle(path: str | Path, what: str = "replaces a store") -> None:
     """Raise StoreExists while a live job fills the store at ``path`` (a heartbeat in its
     claims folder): replacing it then would let that job's members land in the new store,
     marked done. ``what`` piadm would do, for the message."""
-    busy = [job for job in live_jobs(claims_dir(path)) if not job.startswith(REPLACER)]
+    busy = filling_jobs(path)
     if busy:
         raise StoreExists(f"output {path} is being filled by a live job ({', '.join(busy)}); "
                           f"piadm {what} only when no job writes to it: wait for that job to "

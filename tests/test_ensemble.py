@@ -409,6 +409,37 @@ def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resa
     assert_same_store(clean, hurt)
 
 
+def test_verify_of_an_incomplete_store_exits_1_with_its_counts_and_a_live_job_is_named(
+        tmp_path, input_store, capsys):
+    """``status --verify STORE && next_step`` must not go on with a store half done: --verify
+    adds the read-back to the done counts (text and JSON), it does not replace them. A store
+    a live job fills says so, rather than asking for a rerun."""
+    import zarr
+
+    from pipeline.claims import Heartbeat, claims_dir
+
+    path = tmp_path / "part.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, path)]) == 0
+    zarr.open_group(path, mode="r+")["done"][0, 2:] = 0
+    capsys.readouterr()
+    assert main(["status", "--verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "members done" in out and "incomplete: rerun the same config" in out
+    assert "every member marked done reads back finite" in out
+    assert main(["status", "--verify", "--json", str(path)]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["sound"] and not doc["complete"] and doc["done"] < doc["members"]
+    beat = Heartbeat(claims_dir(path), "slurm-7.0").start()
+    try:
+        assert main(["status", str(path)]) == 1
+        assert "incomplete: being filled by live job(s) slurm-7.0: wait for them" in \
+            capsys.readouterr().out
+        assert main(["status", "--json", str(path)]) == 1
+        assert json.loads(capsys.readouterr().out)["filling"] == ["slurm-7.0"]
+    finally:
+        beat.stop()
+
+
 def test_jobs_with_distinct_items_fill_one_store(tmp_path, input_store, capsys):
     clean, shared = tmp_path / "clean.zarr", tmp_path / "shared.zarr"
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, clean)]) == 0
