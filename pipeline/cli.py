@@ -547,6 +547,15 @@ def explain(err: Exception, sets: Sequence[str] = ()) -> str:
             "may write there and that its disk has space")
 
 
+def _tell(text: str) -> None:
+    """``text`` and its new line to stderr in one write: ranks sharing a terminal or log would
+    otherwise put their lines between another's text and its new line."""
+    if sys.stderr is None:  # closed at start (2>&-): nowhere to tell it
+        return
+    sys.stderr.write(f"{text}\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. An error every rank raised together exits 2 on all of them; any other
     error under MPI aborts the whole job, so no rank waits forever in a collective."""
@@ -570,8 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         what, code = stopped_by(err)
         # on a terminal a progress bar (or the ^C echo) may hold the line: start a new one
         fresh = "\n" if sys.stderr.isatty() else ""
-        sys.stderr.write(f"{fresh}piadm: {what}{where}{': ' if str(err) else ''}{err}\n")
-        sys.stderr.flush()
+        _tell(f"{fresh}piadm: {what}{where}{': ' if str(err) else ''}{err}")
         if world.size == 1:
             return code
         # each rank stopped wherever it stood: another may wait in a collective for it
@@ -580,15 +588,15 @@ def main(argv: list[str] | None = None) -> int:
         line = explain(err, getattr(args, "set", None) or ())
         if world.size == 1 or getattr(err, "collective", False):
             if world.rank == 0:
-                print(f"piadm: error: {line}", file=sys.stderr, flush=True)
+                _tell(f"piadm: error: {line}")
             return 2
-        print(f"piadm: error on rank {world.rank}: {line}", file=sys.stderr, flush=True)
+        _tell(f"piadm: error on rank {world.rank}: {line}")
         world.abort(2)
     except Exception:
         if world.size == 1:
             raise
-        print(f"piadm: rank {world.rank} failed, aborting all {world.size} ranks:\n"
-              f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+        _tell(f"piadm: rank {world.rank} failed, aborting all {world.size} ranks:\n"
+              f"{traceback.format_exc()}")
         world.abort(1)
     return 1
 

@@ -335,3 +335,21 @@ def test_a_command_whose_output_is_closed_at_start_keeps_its_status(tmp_path, cl
                           sys.executable, str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 2 and "Exception ignored" not in run.stdout + run.stderr
+
+
+def test_an_error_line_is_one_write_with_its_new_line(monkeypatch):
+    """Ranks sharing a log: a line written as text, then its new line, let another rank's
+    line in between (``...has spacepiadm: error on rank 0: ...``)."""
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert main(["config", "no/such/config.toml"]) == 2
+    assert len(writes) == 1 and writes[0].startswith("piadm: error: ") and \
+        writes[0].endswith("\n") and writes[0].count("\n") == 1, writes
