@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import os
 import tomllib
 import types
 import typing
@@ -40,6 +41,8 @@ def _coerce(key: str, value, hint):
                             for k in kinds)  # every kind it may take, not only the last one tried
         raise ConfigError(f"config: {key} must be {names}, got {type(value).__name__} {value!r}")
     if origin is tuple:
+        if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 1:
+            value = value.tolist()  # a numpy array from a workflow script: its list
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config: {key} must be a list, got {value!r}")
         inner = args[0]
@@ -50,6 +53,8 @@ def _coerce(key: str, value, hint):
         return dict(value)
     if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
         value = value.item()  # a numpy scalar from a workflow script: its Python value
+    if hint is str and isinstance(value, os.PathLike):  # a pathlib.Path from a script
+        return os.fspath(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
@@ -120,7 +125,13 @@ def _text(cfg: Config) -> str:
 
 def config_from_dict(tree: dict) -> Config:
     """Validate a nested dict {section: {key: value}} into a ``Config``."""
-    for name in tree:
+    for name, table in tree.items():
+        if name not in SECTION_TYPES and not isinstance(table, dict):  # `steps = 3` at the top
+            owners = [s for s, cls in SECTION_TYPES.items() if name in typing.get_type_hints(cls)]
+            where = ("under " + " or ".join(f"[{o}]" for o in owners) if owners
+                     else "under its [section]")
+            raise ConfigError(f"config: key {name!r} is outside every section: put it {where}"
+                              f" (valid sections: {', '.join(SECTION_TYPES)})")
         if name not in SECTION_TYPES:
             raise ConfigError(
                 f"config: unknown section [{name}]{_suggest(name, SECTION_TYPES)}; "

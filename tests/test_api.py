@@ -34,6 +34,22 @@ def test_wrong_argument_types_are_config_errors_and_numpy_scalars_are_numbers():
     assert (cfg.sampler.steps, cfg.model.length) == (40, 2.0) and type(cfg.sampler.steps) is int
 
 
+def test_paths_and_numpy_arrays_from_a_script_are_taken_as_their_values(tmp_path):
+    cfg = api.load_config(None, {"output.path": tmp_path / "a.zarr",
+                                 "model.shape": np.array([16, 16])})
+    assert cfg.output.path == str(tmp_path / "a.zarr") and cfg.model.shape == (16, 16)
+    assert all(type(n) is int for n in cfg.model.shape)
+
+
+def test_a_key_outside_every_section_names_the_sections_it_belongs_to(tmp_path):
+    with pytest.raises(ConfigError, match=r"key 'tol' is outside every section: put it under "
+                                          r"\[sampler\]"):
+        api.load_config({"tol": 1e-3})
+    (tmp_path / "c.toml").write_text("steps = 3\n[sampler]\nseed = 1\n")
+    with pytest.raises(ConfigError, match=r"put it under \[sampler\] or \[train\]"):
+        api.load_config(tmp_path / "c.toml")
+
+
 def test_a_set_with_spaces_around_the_equals_sign_reads_as_without():
     from pipeline.config import load_config
 
