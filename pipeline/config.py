@@ -182,16 +182,19 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 def store_differences(cfg: Config, text: str, most: int = 4) -> list[str]:
     """The store-deciding settings (``Config.store_settings``) in which the config TOML
-    ``text`` (a store's ``config`` attribute) differs from ``cfg``, as "key: theirs -> ours";
-    empty when ``text`` does not parse as a config of this version."""
+    ``text`` (a store's ``config`` attribute) differs from ``cfg``, as "key: theirs -> ours",
+    ensemble.members left out; empty when ``text`` does not parse as a config of this
+    version."""
     try:
         theirs = config_from_dict(tomllib.loads(text)).store_settings()
     except (ValueError, TypeError, KeyError):  # ConfigError and TOMLDecodeError among them
         return []
     ours = cfg.store_settings()
+    # another ensemble.members alone makes a store grow (or be refused as cut), never
+    # another configuration's: naming it here would ask the user to match it
     out = [f"{name}.{key}: {theirs[name][key]!r} -> {value!r}"
            for name, table in ours.items() for key, value in table.items()
-           if theirs.get(name, {}).get(key) != value]
+           if theirs.get(name, {}).get(key) != value and (name, key) != ("ensemble", "members")]
     return out[:most] + ([f"and {len(out) - most} more"] if len(out) > most else [])
 
 
