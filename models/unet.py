@@ -104,6 +104,10 @@ class GlobalMix(nn.Module):
         g = torch.zeros_like(f)
         g[:, :, : m + 1, : m + 1] = mixed[:, :, : m + 1]
         g[:, :, height - m :, : m + 1] = mixed[:, :, m + 1 :]
+        # the k_x = 0 column made Hermitian in k_y, as a real field's is: what the CPU's
+        # inverse FFT takes of it anyway, which other FFT libraries (cuFFT) leave undefined
+        column = g[..., 0]
+        g[..., 0] = (column + torch.roll(column.flip(-1), 1, -1).conj()) / 2
         z = torch.fft.irfft2(g, s=(height, width), norm="ortho").to(h.dtype)
         return h + self.out(z)
 

@@ -41,6 +41,26 @@ def test_the_mix_commutes_with_periodic_shifts():
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_the_inverse_fft_is_given_a_real_fields_spectrum(monkeypatch):
+    """Mixed per mode, the k_x = 0 column need not be Hermitian in k_y, and what an inverse
+    real FFT makes of that is the library's choice (the CPU's takes the Hermitian part, cuFFT
+    leaves it undefined): the mix hands it the Hermitian part itself, the CPU's answer."""
+    mix, given = _live_mix(), []
+    inverse = torch.fft.irfft2
+    monkeypatch.setattr(torch.fft, "irfft2", lambda g, **kw: given.append(g) or inverse(g, **kw))
+    h, emb = torch.randn(2, 8, 16, 16), torch.randn(2, 4)
+    with torch.no_grad():
+        out = mix(h, emb)
+    column = given[0][..., 0]
+    assert torch.allclose(column, torch.roll(column.flip(-1), 1, -1).conj(), atol=1e-6)
+    # by a complex inverse FFT of the whole spectrum, which no library may answer otherwise
+    half = given[0]
+    full = torch.cat([half, torch.roll(half[..., 1:8].flip(-2, -1), 1, -2).conj()], -1)
+    z = torch.fft.ifft2(full, norm="ortho")
+    assert z.imag.abs().max() < 1e-5
+    assert torch.allclose(mix.out(z.real) + h, out, atol=1e-5)
+
+
 def test_a_new_mix_leaves_the_network_unchanged_and_old_sidecars_load():
     plain = Denoiser(UNetConfig(channels=(8, 16), embed=8))
     mixed = Denoiser(UNetConfig(channels=(8, 16), embed=8, global_modes=2))
