@@ -91,10 +91,25 @@ def calibration_key(cfg: Config, model_sha256: str) -> str:
         kept["schedule"] = {k: getattr(cfg.model, k) for k in SCHEDULE_KEYS}
     if cfg.model.tf32:  # absent when off, so that earlier calibrations stay valid
         kept["tf32"] = True
+    recorded = _recorded_bound(cfg)
+    if recorded is not None:  # S moves pc-window's corrector; the digest holds the weights alone
+        kept["checkpoint_data_bound"] = recorded
     revision = REGISTRY[s.method].revision if s.method in REGISTRY else 1
     if revision > 1:  # absent at 1, so that calibrations made before revisions stay valid
         kept["revision"] = revision
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _recorded_bound(cfg: Config) -> float | None:
+    """The S a checkpoint's sidecar records, where the run takes it (no ``model.data_bound``):
+    ``models.export --data`` may change it in place, the checkpoint's bytes staying the same."""
+    if not cfg.model.checkpoint or cfg.model.data_bound or cfg.model.kind != "unet":
+        return None
+    try:
+        bound = json.loads(Path(f"{cfg.model.checkpoint}.json").read_text()).get("data_bound")
+    except (OSError, ValueError, AttributeError):  # no readable sidecar: loading the model says so
+        return None
+    return float(bound) if isinstance(bound, (int, float)) else None
 
 
 def read_cached(key: str) -> float | None:

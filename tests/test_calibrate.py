@@ -1,6 +1,7 @@
 """Tolerance calibration: the ladder picks the loosest tolerance within half the allowed
 distance, the choice is cached and reused, and sample records it in the store."""
 import json
+from pathlib import Path
 
 import pytest
 import xarray as xr
@@ -132,6 +133,26 @@ def test_a_raised_sampler_revision_measures_its_calibration_again(monkeypatch):
     monkeypatch.setitem(REGISTRY, "pc-window",
                         dataclasses.replace(REGISTRY["pc-window"], revision=raised))
     assert calibration_key(cfg, "0" * 64) != first
+
+
+def test_a_checkpoints_recorded_s_keys_its_calibration(tmp_path):
+    """``models.export --data`` may rewrite a checkpoint's S in its sidecar alone (the
+    weights, and so the model digest, unchanged): S moves pc-window's corrector, so a
+    tolerance calibrated at the old S is measured again; a model.data_bound override wins."""
+    import json
+    import shutil
+
+    ckpt = tmp_path / "m.pt"
+    shutil.copy("models/checkpoints/kolmogorov_uncond.pt", ckpt)
+    meta = json.loads(Path("models/checkpoints/kolmogorov_uncond.pt.json").read_text())
+    Path(f"{ckpt}.json").write_text(json.dumps(meta))
+    sets = ["model.kind=unet", f"model.checkpoint={ckpt}", "model.guide=", "model.guidance=1",
+            "model.shape=[64, 64]"]
+    key = lambda *more: calibration_key(load_config("jobs/configs/kolmogorov_uncond.toml",  # noqa: E731
+                                                    sets + list(more)), "digest")
+    first, pinned = key(), key("model.data_bound=50.0")
+    Path(f"{ckpt}.json").write_text(json.dumps({**meta, "data_bound": 2 * meta["data_bound"]}))
+    assert key() != first and key("model.data_bound=50.0") == pinned
 
 
 def test_how_time_slices_share_a_window_keeps_the_calibration():
