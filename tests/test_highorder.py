@@ -188,3 +188,25 @@ def test_w2_of_a_model_on_another_device_is_computed_on_the_host():
     away = GaussianRandomField(MODEL.shape, length=MODEL.length, device="meta")
     assert away.spectrum.device.type == "meta"
     assert grf_w2(away, "sequential-sde", grid) == grf_w2(MODEL, "sequential-sde", grid)
+
+
+@pytest.mark.parametrize("method", sorted(SAMPLERS))
+def test_every_sampler_ends_on_a_schedulers_grid_that_reaches_u_0(method):
+    """A scheduler without a final alpha (DDPM's) ends its grid at u = 0, the data: the last
+    step is then first order (its value the denoised mean), Heun's is Euler's, and no
+    corrector runs there; every sampler ends finite, the ODE solvers near each other."""
+    from pipeline.grids import scheduler_grid
+
+    u = make_grid("ou", 20, u_min=1e-3, u_max=10.0, block_size=20).u.clone()
+    u[-1] = 0.0
+    grid = scheduler_grid(u, 8)
+    model = GaussianRandomField((8, 8), length=2.0)
+    noise = Noise(0, ((0, 0), (0, 1)), (8, 8), torch.float64)
+    y0 = noise.prior()
+    y, stats = SAMPLERS[method](model, y0, grid, noise, options=Options(tol=1e-6, window=8))
+    assert torch.isfinite(y).all() and y.std() > 0.1, method
+    if method == "edm-heun":
+        assert stats.model_calls == 2 * 20 - 1  # Euler's one call into u = 0
+    if method in ("dpmpp-2m", "edm-heun", "dpmpp-2m-window"):  # piadm-ode: Langevin between
+        reference, _ = SAMPLERS["sequential-ode"](model, y0, grid, noise)
+        assert (y - reference).abs().max() < 0.3 * reference.abs().max(), method

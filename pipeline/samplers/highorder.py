@@ -50,7 +50,15 @@ def dpmpp_2m_coefficients(u: torch.Tensor):
     alpha, beta = torch.ones_like(h), torch.zeros_like(h)
     r = h[:-1] / h[1:]
     alpha[1:], beta[1:] = 1 + 1 / (2 * r), -1 / (2 * r)
-    return c, e, alpha, beta
+    return c, e, *_first_order_into_zero(h, alpha, beta)
+
+
+def _first_order_into_zero(h: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor):
+    """(alpha, beta) with a step into u = 0 (a scheduler's grid may end there: h infinite)
+    made first order: its value is the denoised mean D itself, which no extrapolation in
+    lambda reaches (diffusers' lower_order_final)."""
+    final = ~torch.isfinite(h)
+    return alpha.masked_fill(final, 1.0), beta.masked_fill(final, 0.0)
 
 
 def dpmpp_2m(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
@@ -83,7 +91,7 @@ def dpmpp_2m_sde_coefficients(u: torch.Tensor):
     r = h[:-1] / h[1:]
     k = (h[1:] - damp[1:] / 2) / (damp[1:] * r * h[1:])
     alpha[1:], beta[1:] = 1 + k, -k
-    return c, e, alpha, beta, g
+    return c, e, *_first_order_into_zero(h, alpha, beta), g
 
 
 def dpmpp_2m_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
@@ -120,8 +128,8 @@ def edm_heun(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialCo
             x = _heun_step(model, x, float(sigma[i]), float(sigma[i + 1]), gamma,
                            None if xi is None else xi[:, i - lo])
         check_finite(x, noise.keys, f"between steps {lo} and {hi}")
-    stats = Stats(rounds=2 * grid.steps, model_calls=2.0 * grid.steps,
-                  sweeps=(2,) * grid.steps)
+    sweeps = tuple(1 if float(level) == 0 else 2 for level in sigma[1:])  # Euler into u = 0
+    stats = Stats(rounds=sum(sweeps), model_calls=float(sum(sweeps)), sweeps=sweeps)
     return finish(model, x * float(a[-1]), stats, float(u[-1]), options)
 
 
@@ -140,6 +148,8 @@ def _heun_step(model, x, sigma: float, sigma_next: float, gamma: float, xi):
         x = x + math.sqrt(level**2 - sigma**2) * xi
     d = (x - _ve_denoise(model, x, level)) / level
     end = x + (sigma_next - level) * d
+    if sigma_next == 0:  # into the data (a scheduler's grid): Euler's step is D, as in EDM
+        return end
     d_end = (end - _ve_denoise(model, end, sigma_next)) / sigma_next
     return x + (sigma_next - level) * 0.5 * (d + d_end)
 

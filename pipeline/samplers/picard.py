@@ -129,7 +129,8 @@ def _piadm(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoch
         y, s = picard_block(model, y, grid.u[a:b], steps.slice(a, b),
                             noise if stochastic else None, a, comm=comm, options=options)
         stats += s
-        if not stochastic and options.corrector_steps > 0:
+        # none at u = 0 (a scheduler's grid may end there): no noise left to correct at
+        if not stochastic and options.corrector_steps > 0 and float(grid.u[b]) > 0:
             y, s = langevin_corrector(model, y, float(grid.u[b]), noise, n, comm=comm,
                                       options=options)
             stats += s
