@@ -129,6 +129,12 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
     ds["member"].attrs.update(standard_name="realization", units="1", long_name="ensemble member")
     ds["done"].attrs.update(long_name="1 once the member's fields are completely written")
     ds["seed"].attrs.update(long_name="noise key of the member: seed, item and member index")
+    # a sampler call runs a batch of members: these are the call's, so they move with
+    # ensemble.batch_size where the member's field does not
+    ds["rounds"].attrs.update(long_name="sequential model-call rounds of the sampler call "
+                              "that made the member (its batch's)", units="1")
+    ds["model_calls"].attrs.update(long_name="model evaluations per member of the sampler call "
+                                   "that made the member (its batch's mean)", units="1")
     if spec.sweeps:
         ds["sweep"].attrs.update(long_name="parallel round (Picard sweep or window advance)",
                                  units="1")

@@ -46,6 +46,9 @@ def test_sample_command_writes_store_xarray_opens(tmp_path):
     assert ds.attrs["sampler_tol_source"] == "config" and ds.attrs["sampler_tol"] == 0.05
     assert ds.attrs["sampler_noise"] == "host" and ds.attrs["torch_version"] == torch.__version__
     assert bool((ds.rounds > 0).all()) and float(ds.field.std()) > 0.5
+    # the call's figures, not the member's own: they move with ensemble.batch_size
+    assert "(its batch's mean)" in ds.model_calls.attrs["long_name"]
+    assert "(its batch's)" in ds.rounds.attrs["long_name"]
 
 
 def test_existing_store_is_refused_and_untouched(tmp_path, capsys):
