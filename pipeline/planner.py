@@ -299,12 +299,14 @@ def cost_curve(model, shape, dtype, device, sizes, threads: int, repeats: int = 
 
 
 def machine_for(ranks: int, gpus_per_node: int, device, threads: int = 0,
-                latency: float = DEFAULT_LATENCY) -> Machine:
+                latency: float = DEFAULT_LATENCY, field_points: int = 0) -> Machine:
     """The machine a plan is for: ``ranks`` on nodes of ``gpus_per_node`` GPUs (one rank per
-    GPU), or all on this node's cores when 0."""
+    GPU), or all on this node's cores when 0; each rank with the torch threads the run gives
+    it (``layout.cpu_threads``: a small field of ``field_points`` gets fewer)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     per_node = min(ranks, gpus_per_node) if gpus_per_node else ranks
-    return Machine(ranks, per_node, cores or 1, cpu_threads(per_node, threads), latency)
+    return Machine(ranks, per_node, cores or 1, cpu_threads(per_node, threads, field_points),
+                   latency)
 
 
 def _extremes(calls: tuple[tuple[int, int], ...]) -> tuple[int, int]:
@@ -322,7 +324,8 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
     """Measure and rank every layout of ``cfg``'s ensemble on ``ranks`` ranks (module doc)."""
     from pipeline.run import DTYPES, model_digest
 
-    machine = machine_for(ranks, gpus_per_node, device, cfg.parallel.threads, latency)
+    machine = machine_for(ranks, gpus_per_node, device, cfg.parallel.threads, latency,
+                          math.prod(cfg.model.shape))  # as place_rank gives the run
     # Tolerances and steps depend on the path alone: found without the emulated waits. The
     # profiles run the model as configured, so that their host time is that of a rank whose
     # host work follows each wait for its device (docs/planning.md).

@@ -460,6 +460,27 @@ def test_a_profile_is_read_back_on_the_same_machine_kind_and_measured_again_on_a
     assert "x" in planner.machine_kind("cpu").rsplit(" ", 1)[-1]
 
 
+def test_the_plan_times_the_model_with_the_threads_the_run_gives_a_rank(tmp_path, monkeypatch):
+    """A small field runs on one torch thread (``layout.cpu_threads``): timed on the node's
+    share instead, a call cost 24 ms where the run's takes 0.1, and the plan put a parallel
+    sampler 70x ahead of a sequential one that the run found faster."""
+    from models import build_model
+    from pipeline import planner
+
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    timed = []
+    curve = planner.cost_curve
+    monkeypatch.setattr(planner, "cost_curve",
+                        lambda *a, **k: timed.append(a[5]) or curve(*a, **k))
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "sampler.method": "pc-window", "sampler.window": 8, "sampler.tol": 1e-3}))
+    plan = planner.make_plan(cfg, build_model(cfg.model), "cpu", ranks=1, say=lambda *_: None)
+    assert timed == [1] and plan.machine.threads == 1  # 8x8 points: one thread
+    assert planner.machine_for(1, 0, "cpu", field_points=64 * 64).threads == 4  # as the run
+
+
 def test_an_auto_plan_leaves_out_a_sampler_that_cannot_reach_the_distance(tmp_path, capsys):
     """On an H200 one sampler's calibration fell short (TF32 rounding) and the whole plan, and
     every auto run after it, stopped: the planner now weighs the samplers that can be used,
