@@ -26,7 +26,7 @@ from pathlib import Path  # noqa: E402
 from pipeline import __version__  # noqa: E402
 from pipeline.config import (ConfigError, check_same_config, load_config,  # noqa: E402
                              with_settings)
-from pipeline.console import on_rank0, print0, tag  # noqa: E402
+from pipeline.console import on_every_rank, on_rank0, print0, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
 from pipeline.errors import raised_by_every_rank  # noqa: E402
 from pipeline.settings import AUTO_METHODS, PEERS  # noqa: E402
@@ -69,8 +69,9 @@ def _setup(args, world, plan: bool = False, layout: bool = True):
     from pipeline.planner import resolve_plan
     from pipeline.settings import needs_plan
 
-    with raised_by_every_rank():
-        cfg = load_config(args.config, overrides(args))
+    # a config may fail its checks on some ranks only (a PIADM_SET that differs between
+    # nodes): every rank must then stop, not wait for it in check_same_config
+    cfg = on_every_rank(world, lambda: load_config(args.config, overrides(args)))
     options = {k: v for k, v in sorted(vars(args).items()) if k not in ("config", "set")}
     check_same_config(world, cfg, f"piadm {args.command}", mode=repr(options))
     if args.command == "sample":  # the store's own spelling of the files it was made from
@@ -371,8 +372,7 @@ def _cmd_evaluate(args, world) -> int:
 
 
 def _cmd_config(args, world) -> int:
-    with raised_by_every_rank():
-        cfg = load_config(args.config, overrides(args))
+    cfg = on_every_rank(world, lambda: load_config(args.config, overrides(args)))
     if world.rank == 0:
         print(cfg.text, end="", flush=True)
     return 0

@@ -41,6 +41,30 @@ def on_rank0(comm, fn, *args, idle: bool = False, **kwargs):
     return result
 
 
+def on_every_rank(comm, fn, *args, **kwargs):
+    """Run ``fn`` on every rank and agree on its failure: a user error (``PiadmError``) on any
+    rank is raised on every rank, with the first failing rank's message (naming the ranks
+    where not all failed), so that none waits in a later collective for a rank that stopped.
+    For work whose inputs should be the same on every rank but may not be: a config before it
+    is compared across ranks (a PIADM_SET that differs between nodes), files read on each node.
+    ``fn`` must run no collective on ``comm``."""
+    from pipeline.errors import PiadmError
+
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except PiadmError as err:
+        error = err
+    told = comm.allgather_object(None if error is None else (type(error), str(error)))
+    failed = [rank for rank, said in enumerate(told) if said is not None]
+    if not failed:
+        return result
+    kind, message = told[failed[0]]
+    if len(failed) < comm.size:
+        message = f"{message} (on rank(s) {', '.join(map(str, failed))} of {comm.size})"
+    raise kind(message, collective=True) from error
+
+
 class _PipeSafe:
     """A text stream whose reader may go away (``piadm sample | head``): from then on what is
     written goes nowhere, and the command finishes its work (a broken pipe raised in a

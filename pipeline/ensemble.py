@@ -27,9 +27,9 @@ from pipeline.claimed import claimed_calls, stop_agreed
 from pipeline.claims import Heartbeat, batch_key, claims_dir, holding, holds, new_job_id
 from pipeline.comm import SerialComm
 from pipeline.config import ConfigError, store_differences
-from pipeline.console import on_rank0, print0
+from pipeline.console import on_every_rank, on_rank0, print0
 from pipeline.decomposition import share
-from pipeline.errors import OutOfMemory, WriteFailed, raised_by_every_rank
+from pipeline.errors import OutOfMemory, WriteFailed
 from pipeline.inputs import Items, open_items, same_fingerprint, unconditional
 from pipeline.identity import growth, store_digests, target_fate
 from pipeline.layout import RankGrid, rank_grid
@@ -289,8 +289,8 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     rank 0; ``attrs`` are extra store attributes (the planner's choice)."""
     ranks = ranks or rank_grid(SerialComm(), 1)
     stop = stop if stop is not None else StopRequest()
-    with raised_by_every_rank():  # the same files on every rank
-        model = build_model(cfg.model, device)
+    # the same files on every rank, unless a node's copy differs or is missing
+    model = on_every_rank(ranks.world, build_model, cfg.model, device)
     sharing = memory_sharing(ranks.world, device)  # collective: before rank 0 alone checks
     on_rank0(ranks.world, lambda: check_memory(  # at the most members a call holds
         cfg, tuple(model.shape), torch.device(device), sharing=sharing,

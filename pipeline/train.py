@@ -33,9 +33,9 @@ from models.grid import grid_of
 from models.checkpoint import save_checkpoint, sidecar
 from models.conditioning import spectral_upsample, upsample_blocks
 from models.unet import Denoiser, UNetConfig
-from pipeline.console import on_rank0, print0
+from pipeline.console import on_every_rank, on_rank0, print0
 from pipeline.decomposition import slice_bounds
-from pipeline.errors import ConfigError, Interrupted, raised_by_every_rank
+from pipeline.errors import ConfigError, Interrupted
 from pipeline.inputs import InputError
 from pipeline.settings import TrainConfig
 from pipeline.signals import signal_of
@@ -455,11 +455,13 @@ def _hold_checkpoint(path: Path):
 def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> TrainResult:
     """Run (or resume) the training of ``t``; checkpoints on rank 0, which holds
     train.checkpoint's lock for the run."""
-    with raised_by_every_rank():  # the same config and files on every rank
+    def outside_stores():
         store = enclosing_store(t.checkpoint)
         if store is not None:
             raise InputError(f"train.checkpoint {t.checkpoint} is inside the Zarr store "
                              f"{store}: choose a train.checkpoint outside it")
+
+    on_every_rank(comm, outside_stores)  # each node's view of the path
     held = []
     on_rank0(comm, lambda: held.append(_hold_checkpoint(Path(t.checkpoint))))
     try:
@@ -472,12 +474,15 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
 
 def _train(t: TrainConfig, comm, device, config_text: str) -> TrainResult:
     """``train`` once train.checkpoint is this run's."""
-    with raised_by_every_rank():  # the same config and files on every rank
+    def prepare():
         trn, held = open_dataset(t)
         shape = tuple(trn.fields.shape[1:])
         ucfg, den, ema, opt = _network(t, trn, shape, device)
         meta = _meta(t, ucfg, trn, shape, config_text)
-        step, history = _restore(t, meta, den, ema, opt, comm, device)
+        return trn, held, den, ema, opt, meta, _restore(t, meta, den, ema, opt, comm, device)
+
+    # the same config on every rank, and files that should be, unless a node's differ
+    trn, held, den, ema, opt, meta, (step, history) = on_every_rank(comm, prepare)
     if step >= t.steps:  # resumed at or past the steps asked: say so rather than idle
         print0(comm, f"{t.checkpoint} already holds step {step}, train.steps = {t.steps}: "
                      "nothing to train (raise train.steps to train on)")
