@@ -43,3 +43,21 @@ def test_bench_reports_the_exact_w2_of_the_model_itself_when_emulating(monkeypat
     # the timed run's own 40 calls and nothing else; the W2's impulse runs would add more
     assert len(calls) == emulated["model_calls"] == 40
     assert emulated["w2"] == plain["w2"] and plain["w2"] is not None
+
+
+def test_emulation_keeps_the_store_and_the_calibration_of_the_model_itself():
+    """Its waits change no member: a store sampled with it is the same configuration's (it
+    may be resumed or grown without), and one calibration serves every timing."""
+    from pipeline.calibrate import calibration_key
+    from pipeline.run import model_digest
+
+    plain = load_config("jobs/configs/grf.toml", ["model.shape=[8, 8]"])
+    timings = [load_config("jobs/configs/grf.toml", ["model.shape=[8, 8]", f"model.emulate_ms={t}"])
+               for t in ("[5, 1]", "[6, 0]")]
+    for emulated in timings:
+        assert emulated.store_digest == plain.store_digest
+        assert model_digest(emulated) == model_digest(plain)
+        assert calibration_key(emulated, model_digest(emulated)) == \
+            calibration_key(plain, model_digest(plain))
+    other = load_config("jobs/configs/grf.toml", ["model.shape=[8, 8]", "model.length=3.0"])
+    assert other.store_digest != plain.store_digest and model_digest(other) != model_digest(plain)
