@@ -81,10 +81,13 @@ def calibration_key(cfg: Config, model_sha256: str) -> str:
     blocked = s.method in REGISTRY and REGISTRY[s.method].blocked
     unused = ("tol", "on_divergence", "window_split",
               *(() if blocked else ("max_sweeps", "block_size")))
+    sampler = {k: v for k, v in dataclasses.asdict(s).items() if k not in unused}
+    if s.method in REGISTRY and REGISTRY[s.method].windowed:  # the points it runs: 0 is 65
+        sampler["window"] = REGISTRY[s.method].window_points(s.window, s.steps)
     kept = {"model_sha256": model_sha256, "shape": list(cfg.model.shape),
             "data_bound": cfg.model.data_bound, "condition": cfg.model.condition,
             "input": cfg.input.path, "calibrate": dataclasses.asdict(cfg.calibrate),
-            "sampler": {k: v for k, v in dataclasses.asdict(s).items() if k not in unused}}
+            "sampler": sampler}
     if cfg.model.kind == "module":  # its schedule is not in its digest (models.module)
         from models.module import SCHEDULE_KEYS
 

@@ -155,6 +155,18 @@ def test_a_checkpoints_recorded_s_keys_its_calibration(tmp_path):
     assert key() != first and key("model.data_bound=50.0") == pinned
 
 
+def test_a_window_of_the_same_points_keys_the_same_calibration():
+    """sampler.window = 0 is the sampler's own width, and a window wider than the path holds
+    the path: the same points, the same tolerance (bench, plan and sample share it)."""
+    key = lambda *sets: calibration_key(load_config("jobs/configs/grf.toml",  # noqa: E731
+                                                    SMALL + list(sets)), "m")
+    own = key("sampler.method=pc-window", "sampler.steps=200")
+    assert own == key("sampler.method=pc-window", "sampler.steps=200", "sampler.window=65")
+    assert own != key("sampler.method=pc-window", "sampler.steps=200", "sampler.window=64")
+    assert key("sampler.method=pc-window", "sampler.steps=50", "sampler.window=80") == \
+        key("sampler.method=pc-window", "sampler.steps=50", "sampler.window=50")
+
+
 def test_how_time_slices_share_a_window_keeps_the_calibration():
     """Calibration runs on one rank, where a replicated window is the split one: the key,
     and every tolerance cached before the setting existed, stay."""
