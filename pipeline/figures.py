@@ -210,11 +210,16 @@ BENCH_ROW_KEYS = ("method", "ranks", "d", "rounds", "wall_s")
 
 def bench_figure(rows: list[dict], path: Path) -> Path:
     """Rounds and wall time against the field dimension d per method (at the largest rank
-    count), and wall time against ranks per (method, d) when the rows span several counts."""
+    count), and wall time against ranks per method at the largest d measured on several
+    counts, when there is one."""
     plt = _pyplot()
     methods = sorted({r["method"] for r in rows})
     counts = sorted({r["ranks"] for r in rows})
-    panels = 3 if len(counts) > 1 else 2
+    # the against-ranks panel's field: the one measured on the most rank counts (tables of
+    # other sizes compared), the largest of those
+    spans = {d: len({r["ranks"] for r in rows if r["d"] == d}) for d in {r["d"] for r in rows}}
+    d_ranks = max(spans, key=lambda d: (spans[d], d))
+    panels = 3 if spans[d_ranks] > 1 else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.9))
     top = [r for r in rows if r["ranks"] == counts[-1]]
     for i, method in enumerate(methods):
@@ -234,8 +239,8 @@ def bench_figure(rows: list[dict], path: Path) -> Path:
     _log_limits(axes[1], [r["d"] for r in top], top)
     axes[1].set_title(f"{counts[-1]} rank(s); dot: min, bar: to the median"
                       + ("" if repeats > 1 else "\n(1 timing: raise bench.repeats)"), fontsize=9)
-    if panels == 3:  # the largest field, where splitting a block over ranks matters most
-        d = max(r["d"] for r in rows)
+    if panels == 3:  # the largest such field, where splitting a block over ranks matters most
+        d = d_ranks
         for i, method in enumerate(methods):
             mine = sorted((r for r in rows if r["method"] == method and r["d"] == d),
                           key=lambda r: r["ranks"])

@@ -76,6 +76,24 @@ def test_a_bench_of_one_size_draws_both_panels(tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 0
 
 
+def test_the_ranks_panel_shows_the_field_measured_on_several_rank_counts(tmp_path, monkeypatch):
+    """A 1-rank table of 16x16 compared with a 2-rank run of 8x8 and 16x16: the panel against
+    ranks shows d = 256, where both counts have rows, and none when no d has two."""
+    from pipeline import figures
+
+    drawn = []
+    timed = figures._timed
+    monkeypatch.setattr(figures, "_timed", lambda ax, x, rows, **k: drawn.append(
+        (tuple(x), tuple(r["d"] for r in rows))) or timed(ax, x, rows, **k))
+    row = lambda ranks, d: {"method": "pc-window", "ranks": ranks, "d": d, "rounds": 9,  # noqa: E731
+                            "wall_s": 0.1 * ranks}
+    figures.bench_figure([row(1, 256), row(2, 64), row(2, 256)], tmp_path / "b.png")
+    assert ((1, 2), (256, 256)) in drawn  # the ranks panel, at the d both counts measured
+    drawn.clear()
+    figures.bench_figure([row(1, 256), row(2, 64)], tmp_path / "c.png")
+    assert all(len(set(d)) == len(d) for _, d in drawn) and len(drawn) == 1  # no ranks panel
+
+
 def test_plan_refuses_a_json_path_that_is_a_directory(tmp_path, capsys):
     assert main(["plan", "jobs/configs/grf.toml", "--ranks", "2", "--json", str(tmp_path)]) == 2
     assert f"--json {tmp_path} is a directory: give a file path" in _one_error(capsys)
