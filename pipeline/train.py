@@ -454,7 +454,7 @@ def _hold_checkpoint(path: Path):
 
 def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> TrainResult:
     """Run (or resume) the training of ``t``; checkpoints on rank 0, which holds
-    train.checkpoint's lock for the run."""
+    train.checkpoint's lock for the run once its inputs have passed their checks."""
     def outside_stores():
         store = enclosing_store(t.checkpoint)
         if store is not None:
@@ -462,27 +462,32 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
                              f"{store}: choose a train.checkpoint outside it")
 
     on_every_rank(comm, outside_stores)  # each node's view of the path
-    held = []
+    # the same config on every rank, and files that should be, unless a node's differ
+    prepared = on_every_rank(comm, _prepare, t, comm, device, config_text)
+    held = []  # taken once nothing is refused: a bad input leaves no folder or lock behind
     on_rank0(comm, lambda: held.append(_hold_checkpoint(Path(t.checkpoint))))
     try:
-        return _train(t, comm, device, config_text)
+        return _train(t, comm, device, *prepared)
     finally:
         for lock in held:
             if lock is not None:
                 lock.close()
 
 
-def _train(t: TrainConfig, comm, device, config_text: str) -> TrainResult:
-    """``train`` once train.checkpoint is this run's."""
-    def prepare():
-        trn, held = open_dataset(t)
-        shape = tuple(trn.fields.shape[1:])
-        ucfg, den, ema, opt = _network(t, trn, shape, device)
-        meta = _meta(t, ucfg, trn, shape, config_text)
-        return trn, held, den, ema, opt, meta, _restore(t, meta, den, ema, opt, comm, device)
+def _prepare(t: TrainConfig, comm, device, config_text: str):
+    """(training split, held-out split, network, EMA copy, optimiser, sidecar, (step,
+    history)) of ``t``: a new run's, or its checkpoint's restored; runs no collective."""
+    trn, held = open_dataset(t)
+    shape = tuple(trn.fields.shape[1:])
+    ucfg, den, ema, opt = _network(t, trn, shape, device)
+    meta = _meta(t, ucfg, trn, shape, config_text)
+    return trn, held, den, ema, opt, meta, _restore(t, meta, den, ema, opt, comm, device)
 
-    # the same config on every rank, and files that should be, unless a node's differ
-    trn, held, den, ema, opt, meta, (step, history) = on_every_rank(comm, prepare)
+
+def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
+           restored: tuple[int, list[float]]) -> TrainResult:
+    """``train``'s steps, validations and saves, from what ``_prepare`` gave."""
+    step, history = restored
     if step >= t.steps:  # resumed at or past the steps asked: say so rather than idle
         print0(comm, f"{t.checkpoint} already holds step {step}, train.steps = {t.steps}: "
                      "nothing to train (raise train.steps to train on)")

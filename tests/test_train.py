@@ -774,7 +774,7 @@ def test_a_condition_whose_grid_does_not_divide_the_fields_is_a_one_line_error(
     assert err == (f"piadm: error: train.condition 'vc' of {tmp_path / 'o.zarr'} is 5x5, which "
                    "does not divide vorticity's 16x16 fields: condition on a block average of "
                    "them (generate-data's vorticity_coarse)")
-    assert not (tmp_path / "o.pt").exists()
+    assert not (tmp_path / "o.pt").exists() and not (tmp_path / ".o.pt.lock").exists()
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_is_a_one_line_error(tmp_path, dataset, capsys):
