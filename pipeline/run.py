@@ -98,7 +98,7 @@ def sample_batch(model, noise: Noise, *, method: str, grid: Grid, options: Optio
 def model_digest(cfg: Config) -> str:
     """SHA-256 identifying the model: its checkpoint's bytes for a learned model (with its
     guide's and the guidance weight when guided), else its section (an exact model is defined
-    by it) less ``model.emulate_ms``."""
+    by it)."""
     if cfg.model.kind == "module":
         from models.module import module_digest
 
@@ -114,8 +114,7 @@ def model_digest(cfg: Config) -> str:
             return files_digest([cfg.model.checkpoint, cfg.model.guide],
                                 repr(float(cfg.model.guidance)).encode())
         return files_digest([cfg.model.checkpoint])
-    # an emulated accelerator's waits change no value the model returns
-    text = json.dumps({**dataclasses.asdict(cfg.model), "emulate_ms": []}, sort_keys=True)
+    text = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -215,15 +215,11 @@ class Config:
     def store_settings(self) -> dict:
         """What decides the store's contents, {section: {key: value}}: every key except where
         it lives, the rank layout, the members per batch, the job's share of items, the
-        writer, an emulated accelerator's timing and the bench."""
-        settings = {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items()
-                           if (name, k) not in LAYOUT_KEYS}
-                    for name in SECTION_TYPES
-                    if name not in ("parallel", "data", "train", "bench", "calibrate")}
-        # an emulated accelerator's waits change no member; kept as the empty value it has
-        # when off, so that every store made without it keeps its digest
-        settings["model"]["emulate_ms"] = ()
-        return settings
+        writer and the bench."""
+        return {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items()
+                       if (name, k) not in LAYOUT_KEYS}
+                for name in SECTION_TYPES
+                if name not in ("parallel", "data", "train", "bench", "calibrate")}
 
     @property
     def store_digest(self) -> str:
