@@ -426,6 +426,15 @@ def _step(t: TrainConfig, step: int, nets, trn, rows: tuple[int, int], comm, dev
     return batch_loss
 
 
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes whenever checkpoint ``path`` is saved (a save renames a new file in)."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def _hold_checkpoint(path: Path):
     """The open lock file beside train.checkpoint ``path`` (``.NAME.lock``), holding its
     exclusive lock until it is closed or the process ends, killed or not; None where the file
@@ -462,10 +471,22 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
                              f"{store}: choose a train.checkpoint outside it")
 
     on_every_rank(comm, outside_stores)  # each node's view of the path
+    path = Path(t.checkpoint)
+    before = _signature(path)  # the checkpoint as _prepare will read it
     # the same config on every rank, and files that should be, unless a node's differ
     prepared = on_every_rank(comm, _prepare, t, comm, device, config_text)
     held = []  # taken once nothing is refused: a bad input leaves no folder or lock behind
-    on_rank0(comm, lambda: held.append(_hold_checkpoint(Path(t.checkpoint))))
+
+    def hold():
+        lock = _hold_checkpoint(path)
+        if _signature(path) != before:  # another run saved it meanwhile: ours is stale
+            if lock is not None:
+                lock.close()
+            raise InputError(f"train.checkpoint {path} was saved by another piadm train while "
+                             "this one started: rerun to go on from what it holds")
+        held.append(lock)
+
+    on_rank0(comm, hold)
     try:
         return _train(t, comm, device, *prepared)
     finally:

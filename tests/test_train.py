@@ -188,6 +188,40 @@ def test_a_second_run_on_a_checkpoint_being_trained_is_refused_naming_the_first(
     assert main(_train_args(dataset, ckpt, "train.steps=3")) == 0  # the lock is free again
 
 
+def test_a_run_whose_checkpoint_another_run_saved_while_it_started_is_refused(
+        tmp_path, dataset, plain, capsys, monkeypatch):
+    """The lock is taken once the inputs have passed their checks: a run that read the
+    checkpoint, then found it saved anew by another run that has since ended, would write its
+    stale state over the other's. It is refused, and the other's checkpoint kept."""
+    import shutil
+
+    from pipeline import train as training
+
+    ckpt = tmp_path / "m.pt"
+    shutil.copy(plain, ckpt)
+    shutil.copy(f"{plain}.json", f"{ckpt}.json")
+    prepare = training._prepare
+
+    def meanwhile(*args):
+        out = prepare(*args)
+        saved = tmp_path / "saved.pt"
+        shutil.copy(ckpt, saved)
+        os.replace(saved, ckpt)  # the other run's save: a new file renamed in
+        return out
+
+    monkeypatch.setattr(training, "_prepare", meanwhile)
+    after = _contents_of(ckpt)
+    assert main(_train_args(dataset, ckpt, "train.steps=9")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"piadm: error: train.checkpoint {ckpt} was saved by another piadm train while this "
+        "one started: rerun to go on from what it holds")
+    assert _contents_of(ckpt) == after
+
+
+def _contents_of(path):
+    return path.read_bytes(), Path(f"{path}.json").read_bytes()
+
+
 def test_saves_at_once_into_one_checkpoint_never_tear_a_file(tmp_path, plain):
     """Each save writes its own temp file (an export in place while a run saves, say): the
     files renamed into place are whole, never one writer's file cut by another's."""
