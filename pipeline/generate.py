@@ -137,9 +137,17 @@ def _beside(path: Path, kind: str) -> Path:
 
 
 def _delete_leftovers(path: Path) -> None:
-    """Delete the drafts and replaced datasets beside ``path`` that a killed generate-data on
-    this host left (its process is gone); another host's are left alone."""
+    """Mend what a generate-data killed on this host left beside ``path`` (its process gone;
+    another host's are left alone): killed between moving the old dataset aside and the new
+    one in, the complete new one is moved into place (or, were it gone, the old one back);
+    then its drafts and replaced datasets are deleted."""
     host = socket.gethostname()
+    for aside in path.parent.glob(f".{glob.escape(path.name)}.{ASIDE}-{glob.escape(host)}-*"):
+        pid = aside.name.rsplit("-", 1)[-1]
+        if not path.exists() and pid.isdigit() and not process_alive(int(pid)):
+            draft = aside.with_name(aside.name.replace(f".{ASIDE}-", f".{DRAFT}-", 1))
+            # a dataset is moved aside only once its replacement is complete
+            os.rename(draft if draft.exists() else aside, path)
     for kind in (DRAFT, ASIDE):
         for left in path.parent.glob(f".{glob.escape(path.name)}.{kind}-{glob.escape(host)}-*"):
             pid = left.name.rsplit("-", 1)[-1]
@@ -151,8 +159,8 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
     """Simulate and write the dataset of ``d``; returns its path. An existing dataset (with
     ``data.overwrite``) is replaced only once the new one is complete."""
     path = Path(d.path)
+    _delete_leftovers(path)  # first: a dataset it puts back is then judged as any other
     _check_target(d)  # never delete what generate-data did not make
-    _delete_leftovers(path)
     replacing = path.exists()
     target = _beside(path, DRAFT) if replacing else path
     written = 0

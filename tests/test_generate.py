@@ -210,9 +210,40 @@ def test_leftovers_of_a_killed_overwrite_on_this_host_are_deleted(tmp_path):
     dead.wait()
     left = [tmp_path / f".k.zarr.generating-{host}-{dead.pid}",
             tmp_path / f".k.zarr.replaced-{host}-{dead.pid}"]
-    kept = [tmp_path / f".k.zarr.generating-{host}-{os.getpid()}",
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    kept = [tmp_path / f".k.zarr.generating-{host}-{live.pid}",
             tmp_path / f".k.zarr.generating-another-host-{dead.pid}"]
+    assert _run(path, *SHORT) == 0  # in place: nothing for the leftovers to mend
     for folder in left + kept:
         (folder / "vorticity").mkdir(parents=True)
-    assert _run(path, *SHORT) == 0
+    try:
+        assert _run(path, *SHORT, "data.overwrite=true") == 0
+    finally:
+        live.kill()
     assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+
+
+@pytest.mark.parametrize("draft_left", [True, False])
+def test_an_overwrite_killed_between_its_renames_is_put_back_in_place(tmp_path, capsys,
+                                                                      draft_left):
+    """Killed after moving the old dataset aside, before moving the new one in: the next run
+    on the host puts the complete new one in place (the old one, were it gone), and then
+    judges data.path as ever: without data.overwrite it is refused and kept."""
+    import shutil
+    import socket
+
+    path, host = tmp_path / "k.zarr", socket.gethostname()
+    assert _run(path, *SHORT) == 0
+    old = _contents(path)
+    assert _run(tmp_path / "new.zarr", *SHORT, "data.seed=1") == 0
+    new = _contents(tmp_path / "new.zarr")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.rename(path, tmp_path / f".k.zarr.replaced-{host}-{dead.pid}")
+    if draft_left:
+        shutil.move(tmp_path / "new.zarr", tmp_path / f".k.zarr.generating-{host}-{dead.pid}")
+    capsys.readouterr()
+    assert _run(path, *SHORT) == 2  # no data.overwrite: put back, then refused
+    assert "already exists: set data.overwrite = true" in capsys.readouterr().err
+    assert _contents(path) == (new if draft_left else old)
+    assert not list(tmp_path.glob(".k.zarr.*"))
