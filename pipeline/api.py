@@ -8,9 +8,10 @@
 
 Configs come from a TOML file or a nested dict ({"sampler": {"steps": 200}}), and are
 validated exactly like the CLI's. Under ``mpiexec`` every rank calls the same functions; the
-communicator is taken from the launcher unless one is passed. Every error that a config, a
-file or a store causes is a ``PiadmError`` (``ConfigError``, ``StoreExists``, ...) whose
-message says what to change; a stop (Ctrl-C, SIGTERM) is a ``KeyboardInterrupt``.
+communicator is taken from the launcher unless one is passed. Every error that a config or
+a store causes is a ``PiadmError`` (``ConfigError``, ``StoreExists``, ...) whose message says
+what to change; a file the system cannot read or write (a missing folder, a full disk) raises
+its ``OSError``; a stop (Ctrl-C, SIGTERM) is a ``KeyboardInterrupt``.
 """
 from __future__ import annotations
 
@@ -117,6 +118,8 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
     sample`` did not make is refused (read it with ``xarray.open_zarr``)."""
     import zarr
 
+    if not Path(path).exists():
+        raise ConfigError(f"{path} does not exist: give the output.path of a piadm sample run")
     try:
         ds = open_store(path)
     except zarr.errors.GroupNotFoundError:  # a plain folder or file

@@ -135,6 +135,8 @@ def test_every_error_a_user_causes_is_one_piadm_error_and_keeps_its_builtin_kind
         api.sample(cfg)
     with pytest.raises(api.PiadmError, match="is not a Zarr store"):
         api.open_ensemble(tmp_path / "d.zarr")
+    with pytest.raises(api.PiadmError, match="nothing.zarr does not exist: give the output.path"):
+        api.open_ensemble(tmp_path / "nothing.zarr")
     with pytest.raises(api.PiadmError):
         api.evaluate(tmp_path / "d.zarr", tmp_path / "d.zarr")
     assert (tmp_path / "d.zarr" / "notes.txt").read_text() == "mine"
