@@ -210,8 +210,8 @@ BENCH_ROW_KEYS = ("method", "ranks", "d", "rounds", "wall_s")
 
 def bench_figure(rows: list[dict], path: Path) -> Path:
     """Rounds and wall time against the field dimension d per method (at the largest rank
-    count), and wall time against ranks per method at the largest d measured on several
-    counts, when there is one."""
+    count), and wall time against ranks per method at the d measured on the most rank counts
+    (the largest such), when one has several."""
     plt = _pyplot()
     methods = sorted({r["method"] for r in rows})
     counts = sorted({r["ranks"] for r in rows})
