@@ -204,22 +204,30 @@ def validation_loss(ema: Denoiser, val: Dataset, t: TrainConfig, comm, device) -
     return float(comm.allreduce_sum(total)[0]) / n
 
 
-def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device) -> None:
+def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device,
+               residual: bool = False) -> None:
     """Load the EMA weights of checkpoint ``init`` into both networks; raises InputError
-    when it is not a checkpoint of this architecture."""
+    when it is not a checkpoint of this architecture, or learned the other target
+    (``residual``: the remainder of the upsampled coarse field, not the field)."""
     from models.checkpoint import load_denoiser
 
     if not Path(init).is_file():
         raise InputError(f"train.init = {init!r} is not a file: give a piadm checkpoint to "
                          "start from, or leave it empty")
     try:
-        trained, _ = load_denoiser(init, device)
+        trained, meta = load_denoiser(init, device)
     except ConfigError as err:  # its sidecar a save ahead: it names the fix
         raise InputError(f"train.init = {init!r}: {err}") from None
     except (FileNotFoundError, RuntimeError, ValueError, KeyError, TypeError, OSError) as err:
         raise InputError(f"train.init = {init!r} is not a readable piadm checkpoint with its "
                          f".json sidecar ({type(err).__name__}: {str(err)[:120]}): point it at "
                          "one") from None
+    if bool(meta.get("residual", False)) != residual:
+        learned = "the remainder" if meta.get("residual") else "the field itself"
+        raise InputError(f"train.init = {init!r} learned {learned} (train.residual = "
+                         f"{str(bool(meta.get('residual'))).lower()}), this run "
+                         f"{'the remainder' if residual else 'the field itself'}: set "
+                         "train.residual to match it, or start from another checkpoint")
     # a residual's sigma_data is measured from the data, which fine-tuning may add to: this
     # run's own is kept (as on resuming), not a setting the user could match
     theirs = replace(trained.cfg, sigma_data=ucfg.sigma_data)
@@ -380,7 +388,7 @@ def _restore(t: TrainConfig, meta: dict, den, ema, opt, comm, device) -> tuple[i
         print0(comm, f"resuming {path} at step {int(state['step'])}")
         return int(state["step"]), state["history"].tolist()
     if t.init:
-        start_from(den, ema, t.init, UNetConfig.from_dict(meta["unet"]), device)
+        start_from(den, ema, t.init, UNetConfig.from_dict(meta["unet"]), device, t.residual)
         print0(comm, f"starting from the EMA weights of {t.init}")
     return 0, []
 

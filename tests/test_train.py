@@ -271,7 +271,7 @@ def test_training_can_start_from_another_checkpoints_ema_weights(tmp_path, datas
 
 
 def test_a_residual_model_is_fine_tuned_on_more_data_with_its_own_sigma_data(tmp_path, dataset,
-                                                                            other):
+                                                                            other, capsys):
     """A residual's sigma_data is measured from the data, so train.extra changes it: starting
     from a checkpoint is not refused for it (the user cannot set it), and the run keeps the
     value its own data give, as a resumed run does."""
@@ -283,6 +283,13 @@ def test_a_residual_model_is_fine_tuned_on_more_data_with_its_own_sigma_data(tmp
     sigma = {p: json.loads(Path(f"{p}.json").read_text())["unet"]["sigma_data"]
              for p in (first, tuned)}
     assert sigma[first] != sigma[tuned]
+    # but not a network that learned the field itself: another target
+    plain_cond = tmp_path / "plain.pt"
+    assert main(_train_args(dataset, plain_cond, "train.condition=vorticity_coarse")) == 0
+    capsys.readouterr()
+    assert main(_train_args(dataset, tmp_path / "r.pt", *res, f"train.init={plain_cond}")) == 2
+    assert "learned the field itself (train.residual = false), this run the remainder" in \
+        capsys.readouterr().err
 
 
 def test_a_dataset_read_into_memory_trains_exactly_as_lazy_reads(tmp_path, dataset):
