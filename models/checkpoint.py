@@ -4,6 +4,7 @@ data-covariance bound, training grid, config). ``pipeline.train`` writes them; s
 load them."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -31,9 +32,30 @@ def _temp(path: Path) -> Path:
                           f"{uuid.uuid4().hex[:8]}.tmp")
 
 
+def _sweep(path: Path) -> None:
+    """Remove the temp files beside ``path`` of saves on this host whose process is gone (a
+    kill mid-save, e.g. at a job's time limit), which no later save would reuse."""
+    prefix = f".{path.name}.{socket.gethostname()}-"
+    for left in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = left.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            left.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
 def _replace_with(path: Path, write) -> None:
     """``write(temp)``, then rename the temp file over ``path``; the temp file is removed if
     the write fails."""
+    _sweep(path)
     tmp = _temp(path)
     try:
         write(tmp)

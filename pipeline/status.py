@@ -116,7 +116,8 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
     state = progress(path)  # after the repair
     ok = state["complete"] and not found
     if as_json:
-        return json.dumps({**state, "sound": not found, "repaired": bool(found and repair),
+        return json.dumps({**state, "store": path,  # its key before the counts joined it
+                           "sound": not found, "repaired": bool(found and repair),
                            "damaged": [{"item": item, "member": member, "problem": what}
                                        for item, member, what in found]}, indent=1), ok
     if not found:

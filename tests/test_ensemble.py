@@ -388,6 +388,7 @@ def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resa
     assert main(["status", "--verify", "--json", str(hurt)]) == 1  # for scripts: JSON
     found = json.loads(capsys.readouterr().out)
     assert not found["sound"] and not found["repaired"] and len(found["damaged"]) == 4
+    assert found["store"] == found["path"] == str(hurt)
     assert {d["problem"].split()[0] for d in found["damaged"]} == {"not", "unreadable"}
     assert main(["evaluate", str(hurt), "--truth", str(input_store),
                  "--out", str(tmp_path / "eval")]) == 2

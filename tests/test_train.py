@@ -249,6 +249,17 @@ def test_saves_at_once_into_one_checkpoint_never_tear_a_file(tmp_path, plain):
     assert torch.load(ckpt, weights_only=True)["step"] == state["step"]
     assert json.loads(Path(f"{ckpt}.json").read_text()) == meta
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.json"]
+    # a save killed mid-write left its temp file: the next save on the host sweeps it
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f".c.pt.{socket.gethostname()}-{dead.pid}-0a1b2c3d.tmp"
+    left.write_bytes(b"half a save")
+    save_checkpoint(ckpt, state, meta)
+    assert not left.exists()
 
 
 def test_training_can_start_from_another_checkpoints_ema_weights(tmp_path, dataset, capsys):
