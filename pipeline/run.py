@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.choices import SCHEDULER_GRID
+from pipeline.clock import trained_levels
 from pipeline.comm import SerialComm
 from pipeline.errors import ConfigError
 from pipeline.grids import Grid, make_grid, scheduler_grid
@@ -55,8 +57,24 @@ def sampler_grid(s: SamplerConfig, model=None) -> Grid:
             raise ConfigError(f"config: sampler.grid = 'scheduler' at sampler.steps = {s.steps}: "
                               f"{err}: take other sampler.steps, or one of piadm's own grids") \
                 from None
-    return make_grid(s.grid, s.steps, u_min=s.u_min, u_max=s.u_max, block_size=s.block_size,
+    grid = make_grid(s.grid, s.steps, u_min=s.u_min, u_max=s.u_max, block_size=s.block_size,
                      knee=s.knee)
+    process = getattr(getattr(model, "base", model), "process", None)
+    if process is not None:  # a network's own schedule: never called past what it saw
+        lo, hi = trained_levels(process)
+        if s.u_max > hi * (1 + 1e-9):
+            below = math.floor(hi * 1e4) / 1e4
+            raise ConfigError(
+                f"config: sampler.u_max = {s.u_max:g} is past the most noise the network was "
+                f"trained at: its schedule ends at u = {hi:.6g}, so the {s.grid!r} grid would "
+                f"call it at times it never saw: set sampler.u_max = {below:g} or less, or "
+                "sampler.grid = 'scheduler' (the scheduler's own timesteps)")
+        if s.u_min < lo * (1 - 1e-9):
+            raise ConfigError(
+                f"config: sampler.u_min = {s.u_min:g} is below the least noise the model's "
+                f"schedule has (u = {lo:.6g}, its first timestep): set sampler.u_min = "
+                f"{math.ceil(lo * 1e6) / 1e6:g} or more")
+    return grid
 
 
 def residual_length(s: SamplerConfig) -> int:

@@ -168,6 +168,14 @@ def test_an_edm_denoiser_matches_edm_first_order_sampler():
     (["model.train_steps=0"], "model.train_steps = 0 must be a whole number >= 1"),
     (["model.beta_end=0.0"], "must satisfy 0 < beta_start <= beta_end < 1"),
     (["model.beta_end=2.0"], "model.beta_end = 2.0 must satisfy 0 < beta_start <= beta_end < 1"),
+    # a schedule of less noise than sampler.u_max (Stable Diffusion's): the network would be
+    # called at timesteps past its last, extrapolated (up to 1383 of 999)
+    (["model.beta_schedule=scaled_linear", "model.beta_start=0.00085", "model.beta_end=0.012"],
+     "sampler.u_max = 10 is past the most noise the network was trained at: its schedule "
+     "ends at u = 5.3"),
+    (["model.train_steps=100"], "sampler.u_max = 10 is past the most noise"),
+    (["model.process=vp-linear", "sampler.u_min=1e-3", "sampler.u_max=11"],
+     "its schedule ends at u = 10.05"),
 ])
 def test_module_mistakes_are_one_line_errors(sets, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
@@ -414,3 +422,11 @@ def test_a_conditional_module_gets_the_bound_coarse_field_upsampled(monkeypatch,
     eps = -score * torch.sqrt(-torch.expm1(-u)).reshape(-1, *(1,) * len(shape))  # eps = -s(u) score
     expected = coarse.repeat_interleave(2, 0).repeat_interleave(2, 1).to(dtype)
     assert torch.allclose(eps, expected.expand(2, *shape), atol=1e-6)
+
+
+def test_a_u_max_within_the_networks_schedule_samples(tmp_path, monkeypatch):
+    """The bound the refusal names is one the run then takes."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    assert _module_run(tmp_path / "s.zarr", "model.target=byo_nets:small_unet",
+                       "model.beta_schedule=scaled_linear", "model.beta_start=0.00085",
+                       "model.beta_end=0.012", "sampler.u_max=5.3687") == 0
