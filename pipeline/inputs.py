@@ -179,11 +179,8 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
 
     axes = tuple(range(1, var.ndim))
     finite = np.isfinite(var.data).all(axis=axes)
-    wide = var.data.astype("float64")  # the same sums whatever the chunks or the dtype stored
-    ramp = np.linspace(-1.0, 1.0, math.prod(var.shape[1:])).reshape(var.shape[1:])
-    ok, mean, std, *moments = dask.compute(
-        finite, var.data.mean(), var.data.std(), wide.mean(axis=axes),
-        np.sqrt((wide**2).mean(axis=axes)), (wide * ramp).mean(axis=axes))
+    ok, mean, std, *moments = dask.compute(finite, var.data.mean(), var.data.std(),
+                                           *_item_moments(var))
     if not ok.all():
         bad = var[dim].values[~np.asarray(ok)]
         raise InputError(f"input: {variable} has NaN/Inf at {dim} = {bad[0]} "
@@ -191,6 +188,23 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
     std = float(std) if float(std) > 0 else 1.0
     return Items(dim, var[dim].values, var.transpose(dim, *field_dims), float(mean), std,
                  fingerprint(np.stack(moments, axis=1)))
+
+
+def _item_moments(var):
+    """The three moments of each item of ``var`` (items, *field) that ``fingerprint`` takes,
+    as lazy arrays (items,)."""
+    axes = tuple(range(1, var.ndim))
+    wide = var.data.astype("float64")  # the same sums whatever the chunks or the dtype stored
+    ramp = np.linspace(-1.0, 1.0, math.prod(var.shape[1:])).reshape(var.shape[1:])
+    return (wide.mean(axis=axes), np.sqrt((wide**2).mean(axis=axes)),
+            (wide * ramp).mean(axis=axes))
+
+
+def selection_fingerprint(var) -> tuple[float, ...]:
+    """``fingerprint`` of the fields ``var`` (items, *field), in that order."""
+    import dask
+
+    return fingerprint(np.stack(dask.compute(*_item_moments(var)), axis=1))
 
 
 def fingerprint(moments: np.ndarray) -> tuple[float, ...]:

@@ -21,8 +21,8 @@ import xarray as xr
 from pipeline.bands import band_figures, correlation_block, spectral_bands
 from pipeline.errors import EvaluationError
 from pipeline.evaluation import crps, energy_spectra, power_spectra, rank_histogram
-from pipeline.inputs import _label
-from pipeline.store import field_variable, open_store
+from pipeline.inputs import _label, same_fingerprint, selection_fingerprint
+from pipeline.store import INPUT_FINGERPRINT, field_variable, open_store
 
 
 def _field_variable(ds: xr.Dataset) -> str:
@@ -200,9 +200,23 @@ def coarse_input(ens: xr.Dataset) -> xr.DataArray | None:
         return None
     name = _field_variable(ens)
     inp = cfg["input"]
+    # the run's path, relative to the folder it ran in: checked against the fields it took
+    where = (f"the store was conditioned on input.path {inp['path']!r} (as its sample run "
+             "named it)")
+    if not Path(inp["path"]).exists():
+        raise EvaluationError(f"{where}, which is not found from here: run piadm evaluate from "
+                              "the folder the sample ran in (the upsampled-input baseline and "
+                              "the added band need that input)")
     coarse = open_store(inp["path"])[inp["variable"]]
     item_dim = ens[name].dims[0]
-    return coarse.sel({item_dim: ens[item_dim].values})
+    coarse = coarse.sel({item_dim: ens[item_dim].values})
+    then = ens.attrs.get(INPUT_FINGERPRINT)
+    if then is not None and not same_fingerprint(then, selection_fingerprint(coarse)):
+        raise EvaluationError(f"{where}, and the store found there from here holds other "
+                              f"{inp['variable']} fields than those it took (its attribute "
+                              f"{INPUT_FINGERPRINT}): run piadm evaluate from the folder the "
+                              "sample ran in, or restore that input")
+    return coarse
 
 
 def upsampled(coarse: xr.DataArray, ens: xr.Dataset) -> xr.DataArray:

@@ -406,6 +406,42 @@ def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path
     assert "--cut 2 is within the scales the coarse input resolves" in capsys.readouterr().err
 
 
+def test_evaluate_takes_the_runs_own_input_or_says_why_not(tmp_path, dataset, cond, capsys,
+                                                           monkeypatch):
+    """A store names its input as its run did, relative to the folder it ran in: evaluated
+    from elsewhere, that path is missing (a one-line error, not a disk-space hint) or names
+    another store, whose fields its fingerprint tells apart (a refusal, not a wrong
+    baseline)."""
+    import shutil
+
+    out = tmp_path / "cond.zarr"
+    monkeypatch.chdir(dataset.parent)
+    sets = [f"model.checkpoint={cond}", "model.condition=coarse", f"input.path={dataset.name}",
+            "input.variable=vorticity_coarse", "input.items=['3.0', '3.25']"]
+    args = _sample_args(out, *sets)
+    args[1] = str(ROOT / args[1])  # the config, found from any folder
+    assert main(args) == 0
+    evaluate = ["evaluate", str(out), "--truth", str(dataset), "--out", str(tmp_path / "ev")]
+    assert main(evaluate) == 0  # from the run's folder
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(evaluate) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"piadm: error: the store was conditioned on input.path "
+                          f"'{dataset.name}' (as its sample run named it), which is not found "
+                          "from here: run piadm evaluate from the folder the sample ran in")
+    other = elsewhere / dataset.name
+    shutil.copytree(dataset, other)
+    ds = xr.open_zarr(other).load()
+    ds["vorticity_coarse"] = ds.vorticity_coarse * 1.5
+    ds.to_zarr(other, mode="w")
+    assert main(evaluate) == 2
+    assert "and the store found there from here holds other vorticity_coarse fields" in \
+        capsys.readouterr().err
+
+
 def test_a_downscaler_refuses_an_input_of_another_resolution_than_its_training(
         tmp_path, dataset, cond, capsys):
     assert load_unet(str(cond), (16, 16)).cond_shape == (4, 4)
