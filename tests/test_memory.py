@@ -77,7 +77,8 @@ def test_a_batch_whose_sampler_state_cannot_fit_is_refused_before_anything_is_wr
     monkeypatch.setattr("pipeline.memory_check.available_bytes",
                         lambda device, sharing=1: (100 * 2**20, "available on this node's host"))
     assert main(args) == 2
-    assert "lower ensemble.batch_size to 2 or fewer" in capsys.readouterr().err
+    assert ("lower ensemble.batch_size: at most 2 would leave room for the state alone, and "
+            "the model's calls need more besides, so try 1") in capsys.readouterr().err
 
 
 def test_a_calibration_whose_sampler_state_cannot_fit_is_refused_before_it_measures(
@@ -92,7 +93,7 @@ def test_a_calibration_whose_sampler_state_cannot_fit_is_refused_before_it_measu
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith("piadm: error: config: 8 members calibrating pc-window (20 points")
-    assert "lower calibrate.members to 2 or fewer" in last
+    assert "lower calibrate.members: at most 2 would leave room for the state alone" in last
     assert "calibrating pc-window:" not in err  # nothing was measured
 
 
