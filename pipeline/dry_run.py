@@ -7,10 +7,11 @@ import torch
 from models import build_model
 from pipeline.config import ConfigError, with_settings
 from pipeline.ensemble import check_output, checked_items
+from pipeline.equal_quality import check_measurable
 from pipeline.identity import growth, store_digests
 from pipeline.layout import RankGrid
 from pipeline.memory_check import check_memory
-from pipeline.planner import resumed_batch_size, resumed_time_slices, stored_plan
+from pipeline.planner import EQUAL_QUALITY, resumed_batch_size, resumed_time_slices, stored_plan
 from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, Config, needs_plan
@@ -29,6 +30,8 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     items = checked_items(cfg, build_model(cfg.model, device))
     planned = needs_plan(cfg)
     stored = stored_plan(cfg) if planned else None
+    if stored is None and cfg.sampler.method == EQUAL_QUALITY:  # as the run's plan would
+        check_measurable(cfg)
     size = e.batch_size if stored is None else resumed_batch_size(cfg, stored)
     groups, slices, shown = ranks.groups, ranks.slices.size, cfg
     if stored is not None:  # the layout and sampler the resume takes from the store's plan

@@ -340,6 +340,19 @@ def test_a_folder_without_its_scheduler_config_is_a_one_line_error(tmp_path, cap
 
 
 @pytest.mark.parametrize("dry", [True, False])
+def test_auto_quality_on_a_network_without_a_quality_measure_is_refused_by_its_dry_run_too(
+        tmp_path, capsys, monkeypatch, dry):
+    monkeypatch.syspath_prepend(str(TESTS))
+    out = tmp_path / "q.zarr"
+    rc = main(["sample", "jobs/configs/module.toml", "--set", "sampler.method=auto-quality",
+               "--set", f"output.path={out}", *(["--dry-run"] if dry else [])])
+    err = capsys.readouterr().err
+    assert rc == 2 and _one_error(err, "equal quality (bench --quality, sampler.method = "
+                                       "\"auto-quality\") needs the exact W2"), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("dry", [True, False])
 def test_more_steps_than_the_scheduler_was_trained_with_are_refused_before_any_store(
         folders, tmp_path, capsys, dry):
     out = tmp_path / "d.zarr"
