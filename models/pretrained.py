@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.digest import files_digest
@@ -112,9 +113,21 @@ def scheduler_grid(scheduler_dir: Path, process: DiscreteVP):
                 "set sampler.grid to one of piadm's own grids") from None
         t = scheduler.timesteps.to(torch.float64)
         table = process.table()
+        # a timestep between two of the table's (EulerDiscrete's 832.5): its sigma as the
+        # scheduler interpolates it, linearly in t
+        sigma = torch.sqrt(torch.expm1(table))
+        at = torch.from_numpy(np.interp(t.numpy(), np.arange(len(table)), sigma.numpy()))
         final = float(getattr(scheduler, "final_alpha_cumprod", torch.tensor(1.0)))
-        end = torch.tensor([-torch.log(torch.tensor(final, dtype=torch.float64))])
-        return torch.cat([table[t.long()], end.clamp(min=0.0)])
+        end = (-torch.log(torch.tensor([final], dtype=torch.float64))).clamp(min=0.0)
+        levels = torch.log1p(at**2)
+        if float(end[0]) >= float(levels[-1]) * (1 - 1e-9):  # its last step would not move
+            raise ConfigError(
+                f"config: sampler.grid = 'scheduler': {cls.__name__} in {scheduler_dir} ends at "
+                "its last timestep's own noise level (its final alpha_bar is alpha_bar at "
+                f"t = {int(t[-1])}: set_alpha_to_one = false with steps_offset = 0), so its "
+                "last step does not move: set steps_offset = 1 or set_alpha_to_one = true in "
+                "its scheduler_config.json, or use one of piadm's own grids")
+        return torch.cat([levels, end])
 
     return grid
 

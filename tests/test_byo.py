@@ -443,3 +443,36 @@ def test_a_u_max_within_the_networks_schedule_samples(tmp_path, monkeypatch):
     assert _module_run(tmp_path / "s.zarr", "model.target=byo_nets:small_unet",
                        "model.beta_schedule=scaled_linear", "model.beta_start=0.00085",
                        "model.beta_end=0.012", "sampler.u_max=5.3687") == 0
+
+
+def test_a_schedulers_fractional_timesteps_take_its_interpolated_sigma(tmp_path):
+    """EulerDiscrete's timesteps fall between the table's (832.5): the level is the sigma it
+    interpolates linearly in t, not the table's entry below."""
+    from models.pretrained import scheduler_grid as grid_of_folder
+    from pipeline.clock import DiscreteVP, ddpm_alphas_cumprod
+
+    scheduler = diffusers.EulerDiscreteScheduler(num_train_timesteps=1000)
+    scheduler.save_pretrained(tmp_path)
+    process = DiscreteVP(num_steps=1000, alphas_cumprod=ddpm_alphas_cumprod(
+        "linear", 1e-4, 0.02, 1000))
+    u = grid_of_folder(tmp_path, process)(7)
+    scheduler.set_timesteps(7)
+    want = torch.log1p(scheduler.sigmas[:-1].double() ** 2)
+    assert torch.allclose(u[:-1], want, rtol=1e-5) and float(u[-1]) == 0.0
+    assert any(float(t) % 1 for t in scheduler.timesteps)  # the case: some fall between
+
+
+def test_a_ddim_whose_last_step_does_not_move_says_which_setting_makes_it_move(tmp_path,
+                                                                             capsys):
+    unet = small_unet()
+    unet.save_pretrained(tmp_path / "f")
+    diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False,
+                            set_alpha_to_one=False).save_pretrained(tmp_path / "f")
+    rc = main(["sample", "jobs/configs/grf.toml", "--set", "model.kind=diffusers",
+               "--set", f"model.path={tmp_path / 'f'}", "--set", "model.shape=[16, 16]",
+               "--set", "sampler.grid=scheduler", "--set", "sampler.steps=20",
+               "--set", f"output.path={tmp_path / 'o.zarr'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and _one_error(err, "so its last step does not move: set steps_offset = 1 "
+                                       "or set_alpha_to_one = true"), err
+    assert not (tmp_path / "o.zarr").exists()
