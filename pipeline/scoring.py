@@ -54,9 +54,14 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
                               "a piadm sample run")
     done = ds["done"].values == 1
     if not done.all():
+        from pipeline.target import filling_jobs
+
+        filling = filling_jobs(path)
+        how = (f"live job(s) {', '.join(filling)} are filling it: wait for them" if filling else
+               "rerun its piadm sample command to finish it")
         raise EvaluationError(
             f"store {path} is incomplete ({int(done.sum())} of {done.size} members done): "
-            "rerun its piadm sample command to finish it (piadm status shows what is left)")
+            f"{how} (piadm status shows what is left)")
     return ds
 
 

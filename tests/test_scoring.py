@@ -153,7 +153,9 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("missing store", "does not exist: give the output.path"),
     ("missing truth", "truth nope.zarr does not exist"),
     ("wrong variable", "has no variable 'nope'"),
-    ("incomplete store", "is incomplete (0 of 36 members done)"),
+    ("incomplete store", "is incomplete (0 of 36 members done): rerun its piadm sample"),
+    ("store being filled", "is incomplete (0 of 36 members done): live job(s) slurm-9.0 are "
+                           "filling it: wait for them"),
     ("truth lacks items", "lacks time"),
     ("empty range", "selects no"),
     ("reversed range", "is reversed: give the earlier label first"),
@@ -170,10 +172,15 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
             "missing truth": [str(ens), "--truth", "nope.zarr"],
             "wrong variable": [str(ens), "--truth", str(tmp / "truth.zarr"),
                                "--truth-variable", "nope"]}
-    if case == "incomplete store":  # a copy whose members are not marked done
+    if case in ("incomplete store", "store being filled"):  # members not marked done
         shutil.copytree(ens, tmp_path / "undone.zarr")
         zarr.open_group(tmp_path / "undone.zarr", mode="r+")["done"][:] = 0
         args[case] = [str(tmp_path / "undone.zarr"), "--truth", str(tmp / "truth.zarr")]
+    beat = None
+    if case == "store being filled":
+        from pipeline.claims import Heartbeat, claims_dir
+
+        beat = Heartbeat(claims_dir(tmp_path / "undone.zarr"), "slurm-9.0").start()
     if case == "truth lacks items":
         xr.open_zarr(tmp / "truth.zarr").isel(time=slice(0, 3)).to_zarr(tmp_path / "t.zarr")
         args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
@@ -198,7 +205,11 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
     if case == "ensemble as truth":
         args[case] = [str(ens), "--truth", str(ens)]
     out = [] if "--out" in args[case] else ["--out", str(tmp_path / "e")]
-    assert main(["evaluate", *args[case], *out]) == 2
+    try:
+        assert main(["evaluate", *args[case], *out]) == 2
+    finally:
+        if beat is not None:
+            beat.stop()
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
     assert not (tmp_path / "e").exists()  # refused before anything is written
