@@ -89,7 +89,8 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
         raise EvaluationError(f"--truth-range selects a climatology, but {path} pairs each "
                               f"{item_dim} of the ensemble with its own truth: leave it out")
     if paired:
-        missing = np.setdiff1d(ens[item_dim].values, truth[item_dim].values)
+        wanted = _same_labels(ens[item_dim].values, truth[item_dim])
+        missing = np.setdiff1d(wanted, truth[item_dim].values)
         if missing.size:
             raise EvaluationError(f"truth {path} lacks {item_dim} {missing[:3].tolist()} of the "
                                   "ensemble: give the data the ensemble was conditioned on")
@@ -98,7 +99,8 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
             raise EvaluationError(f"truth {path}'s {variable!r} is {truth.dims}, not one field "
                                   f"per {item_dim} ({item_dim}, {fields}): give the data the "
                                   "ensemble was conditioned on, not an ensemble store")
-        truth = truth.sel({item_dim: ens[item_dim].values})
+        # labelled as the ensemble's, which xarray aligns them by
+        truth = truth.sel({item_dim: wanted}).assign_coords({item_dim: ens[item_dim].values})
         _check_finite(truth, path, len(shape), paired=True)
         return truth, True
     if truth_range is not None:
@@ -195,6 +197,24 @@ def _without_channel(ens: xr.Dataset) -> xr.Dataset:
 def spectra_of(variable: str):
     """The per-field spectra used for ``variable``: kinetic energy for vorticity, else power."""
     return energy_spectra if "vorticity" in variable else power_spectra
+
+
+def _same_labels(wanted: np.ndarray, coord: xr.DataArray) -> np.ndarray:
+    """``wanted`` item labels as the truth's coordinate ``coord`` spells them, a float label
+    within 1e-9 (relative) of one of its own taken as it (a time written 3.0000000000001
+    elsewhere), as input.range takes labels; others as they are."""
+    have = coord.values
+    if not (np.issubdtype(wanted.dtype, np.floating) and np.issubdtype(have.dtype, np.floating)
+            and have.size):
+        return wanted
+    order = np.argsort(have)
+    at = np.clip(np.searchsorted(have[order], wanted), 1, have.size - 1) if have.size > 1 \
+        else np.zeros(wanted.shape, dtype=int)
+    candidates = np.stack([have[order][at - 1], have[order][at]]) if have.size > 1 else \
+        have[order][at][None]
+    near = candidates[np.abs(candidates - wanted).argmin(0), np.arange(wanted.size)]
+    close = np.abs(near - wanted) <= 1e-9 * np.maximum(1.0, np.abs(wanted))
+    return np.where(close, near, wanted)
 
 
 def coarse_input(ens: xr.Dataset) -> xr.DataArray | None:

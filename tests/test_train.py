@@ -423,6 +423,14 @@ def test_evaluate_takes_the_runs_own_input_or_says_why_not(tmp_path, dataset, co
     assert main(args) == 0
     evaluate = ["evaluate", str(out), "--truth", str(dataset), "--out", str(tmp_path / "ev")]
     assert main(evaluate) == 0  # from the run's folder
+    # a truth whose float times were written a rounding apart scores the same
+    nudged = xr.open_zarr(dataset).load()
+    nudged = nudged.assign_coords(time=nudged.time.values * (1 + 1e-13))
+    nudged.to_zarr(tmp_path / "nudged.zarr")
+    assert main(["evaluate", str(out), "--truth", str(tmp_path / "nudged.zarr"),
+                 "--out", str(tmp_path / "ev2")]) == 0
+    same = [json.loads((tmp_path / f / "metrics.json").read_text()) for f in ("ev", "ev2")]
+    assert same[0]["crps"] == same[1]["crps"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
