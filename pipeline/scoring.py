@@ -479,6 +479,11 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
                               "figures (default: the store's name + _eval)")
     ens = _without_channel(open_ensemble(store))
     _check_kmax(kmax, ens)
+    shape = ens[_field_variable(ens)].shape[2:]
+    if cut is not None and _square(shape) and cut > shape[-1] // 2:  # as --kmax
+        raise EvaluationError(f"--cut {cut} is past the largest shell of the store's "
+                              f"{shape[0]}x{shape[1]} fields: give at most {shape[-1] // 2} "
+                              "(n / 2), or leave it out")
     truth, paired = open_truth(truth_path, truth_variable or _field_variable(ens), ens,
                                truth_range)
     coarse = coarse_input(ens)

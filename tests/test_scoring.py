@@ -165,6 +165,8 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("truth not finite", "has 2 of the 6 fields scored not finite (e.g. time 2020-01-03 "
                          "00:00:00, 2020-01-05 00:00:00): a generate-data run stopped part way"),
     ("ensemble as truth", "is ('time', 'member', 'y', 'x'), not one field per time"),
+    ("cut past the shells", "--cut 100 is past the largest shell of the store's 16x16 fields: "
+                            "give at most 8"),
 ])
 def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, message):
     tmp, ens = paired
@@ -204,6 +206,8 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
         args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
     if case == "ensemble as truth":
         args[case] = [str(ens), "--truth", str(ens)]
+    if case == "cut past the shells":
+        args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--cut", "100"]
     out = [] if "--out" in args[case] else ["--out", str(tmp_path / "e")]
     try:
         assert main(["evaluate", *args[case], *out]) == 2
