@@ -199,6 +199,11 @@ def spectra_of(variable: str):
     return energy_spectra if "vorticity" in variable else power_spectra
 
 
+# every file evaluate writes into its folder (the figures but fields.png only where they apply)
+OUTPUTS = ("metrics.json", "metrics.nc", "fields.png", "spectrum.png", "rank_histogram.png",
+           "residuals.png")
+
+
 def _same_labels(wanted: np.ndarray, coord: xr.DataArray) -> np.ndarray:
     """``wanted`` item labels as the truth's coordinate ``coord`` spells them, a float label
     within 1e-9 (relative) of one of its own taken as it (a time written 3.0000000000001
@@ -509,6 +514,8 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     if not paired and item_dim != "item":  # a conditioned ensemble: pairing may have been meant
         metrics.attrs["pairing_note"] = f"the truth has no {item_dim} dim to pair by"
     folder.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:  # an earlier evaluation's, which this one may not all rewrite
+        (folder / name).unlink(missing_ok=True)
     document = json.dumps(_as_json(metrics), indent=2, default=str, allow_nan=False)
     (folder / "metrics.json").write_text(document)
     metrics.to_netcdf(str(folder / "metrics.nc"), engine="scipy")  # scipy: NetCDF 3, no extra library

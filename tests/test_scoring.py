@@ -68,6 +68,22 @@ def test_outputs_are_written_and_open(paired):
     nc = xr.open_dataset(tmp / "files" / "metrics.nc", engine="scipy")
     assert nc.attrs["crps"] == pytest.approx(_metrics(tmp / "files")["crps"])
     assert nc.crps.sizes["time"] == 6
+    from pipeline.scoring import OUTPUTS
+
+    assert names == set(OUTPUTS)  # what a later evaluation into the folder clears first
+    (tmp / "files" / "notes.txt").write_text("mine")
+    (tmp / "files" / "spectrum.png").write_bytes(b"an earlier store's")
+    import pipeline.scoring as scoring
+
+    spectrum = scoring.spectrum_figure
+    try:  # an evaluation that draws no spectrum (fields that are not square)
+        scoring.spectrum_figure = lambda metrics, path: path
+        assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
+                     "--out", str(tmp / "files")]) == 0
+    finally:
+        scoring.spectrum_figure = spectrum
+    assert not (tmp / "files" / "spectrum.png").exists()  # no stale figure of another store
+    assert (tmp / "files" / "notes.txt").read_text() == "mine"  # nor is the user's file touched
 
 
 def test_a_truth_stored_with_its_field_dims_swapped_scores_the_same(paired, tmp_path):
