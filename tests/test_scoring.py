@@ -56,7 +56,7 @@ def test_paired_scores_reward_the_right_truth(paired, capsys):
     assert bad["rank_histogram"][-1] > 0.9 * sum(bad["rank_histogram"])  # truth above all members
 
 
-def test_outputs_are_written_and_open(paired):
+def test_outputs_are_written_and_open(paired, monkeypatch):
     tmp, ens = paired
     assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
                  "--out", str(tmp / "files")]) == 0
@@ -73,15 +73,10 @@ def test_outputs_are_written_and_open(paired):
     assert names == set(OUTPUTS)  # what a later evaluation into the folder clears first
     (tmp / "files" / "notes.txt").write_text("mine")
     (tmp / "files" / "spectrum.png").write_bytes(b"an earlier store's")
-    import pipeline.scoring as scoring
-
-    spectrum = scoring.spectrum_figure
-    try:  # an evaluation that draws no spectrum (fields that are not square)
-        scoring.spectrum_figure = lambda metrics, path: path
-        assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
-                     "--out", str(tmp / "files")]) == 0
-    finally:
-        scoring.spectrum_figure = spectrum
+    # an evaluation that draws no spectrum (as of fields that are not square)
+    monkeypatch.setattr("pipeline.figures.spectrum_figure", lambda metrics, path: path)
+    assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
+                 "--out", str(tmp / "files")]) == 0
     assert not (tmp / "files" / "spectrum.png").exists()  # no stale figure of another store
     assert (tmp / "files" / "notes.txt").read_text() == "mine"  # nor is the user's file touched
 
