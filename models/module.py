@@ -146,6 +146,9 @@ class _Net:
         if out.shape != x.shape:  # as the network gave it, before any adapter broadcasts it
             raise WrongShape(f"the network returns shape {list(out.shape)} for input "
                              f"{list(x.shape)}")
+        if not out.is_floating_point():  # its prediction would be cut to whole numbers
+            raise TypeError(f"the network returned {out.dtype} values: have it return its "
+                            "prediction as floating point")
         out = out.to(x.dtype)  # a network that computes in float64 answers in the sampler's
         return out[:, 0] if self.channel else out
 

@@ -106,6 +106,17 @@ def float64_out():
     return _Float64(1)
 
 
+class _Whole(_Conv):
+    """Answers whole numbers: its prediction rounded to int64."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return super().forward(x, t).round().long()
+
+
+def int64_out():
+    return _Whole(1)
+
+
 class _Pair(_Conv):
     def forward(self, x: torch.Tensor, t: torch.Tensor):
         return super().forward(x, t), t

@@ -249,6 +249,11 @@ def test_a_network_returning_a_tuple_is_told_so(tmp_path, monkeypatch, capsys):
     assert _module_run(tmp_path / "t.zarr", "model.target=byo_nets:tuple_out") == 2
     assert "the network returned a tuple, not a tensor: have it return its prediction alone" \
         in capsys.readouterr().err
+    # whole numbers: the prediction cut to them, silently, before
+    assert _module_run(tmp_path / "i.zarr", "model.target=byo_nets:int64_out") == 2
+    assert "the network returned torch.int64 values: have it return its prediction as " \
+        "floating point" in capsys.readouterr().err
+    assert not (tmp_path / "i.zarr").exists()
 
 
 def test_a_store_resumes_only_with_the_model_files_it_was_made_with(tmp_path, monkeypatch, capsys):
