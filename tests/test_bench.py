@@ -76,7 +76,7 @@ def test_a_method_whose_members_cannot_fit_in_memory_is_left_out_of_the_bench(ca
     assert main(["bench", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]) == 2
     err = capsys.readouterr().err
     assert "left out pc-window: config: 1000000000 members a batch of pc-window" in err
-    assert "lower bench.members to" in err
+    assert "lower bench.members: at most " in err
     assert "error: bench: every method of bench.methods was left out" in err
 
 
