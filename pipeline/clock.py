@@ -154,20 +154,16 @@ class Flow:
         return 1 / (signal(u) + noise_std(u))
 
 
-def trained_levels(process) -> tuple[float, float]:
-    """The OU-clock levels (lo, hi) at which a network trained on ``process`` was called in
-    training: a DDPM's first to last timestep, a continuous VP's t in [0, 1] (the cosine's to
-    its t_max); (0, inf) for the others, whose range is the network's own choice."""
+def trained_top(process) -> float:
+    """The most noise (OU-clock u) at which a network trained on ``process`` was called in
+    training: a DDPM's last timestep, the linear VP's t = 1; inf for the others (the cosine's
+    t = 1 reaches u = inf; VE, EDM and flow networks choose their own range)."""
     inner = getattr(process, "process", process)  # a unit-input network's process
-    one = lambda t: float(inner.u_of_t(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
     if isinstance(inner, DiscreteVP):
-        table = inner.table()
-        return float(table[0]), float(table[-1])
+        return float(inner.table()[-1])
     if isinstance(inner, VPLinear):
-        return 0.0, one(1.0)
-    if isinstance(inner, VPCosine):
-        return 0.0, one(inner.t_max)
-    return 0.0, math.inf
+        return float(inner.u_of_t(torch.tensor(1.0, dtype=torch.float64)))
+    return math.inf
 
 
 def ddpm_alphas_cumprod(schedule: str, beta_start: float, beta_end: float,

@@ -12,7 +12,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.choices import SCHEDULER_GRID
-from pipeline.clock import trained_levels
+from pipeline.clock import trained_top
 from pipeline.comm import SerialComm
 from pipeline.errors import ConfigError
 from pipeline.grids import Grid, make_grid, scheduler_grid
@@ -61,20 +61,33 @@ def sampler_grid(s: SamplerConfig, model=None) -> Grid:
                      knee=s.knee)
     process = getattr(getattr(model, "base", model), "process", None)
     if process is not None:  # a network's own schedule: never called past what it saw
-        lo, hi = trained_levels(process)
-        if s.u_max > hi * (1 + 1e-9):
-            below = math.floor(hi * 1e4) / 1e4
-            raise ConfigError(
-                f"config: sampler.u_max = {s.u_max:g} is past the most noise the network was "
-                f"trained at: its schedule ends at u = {hi:.6g}, so the {s.grid!r} grid would "
-                f"call it at times it never saw: set sampler.u_max = {below:g} or less, or "
-                "sampler.grid = 'scheduler' (the scheduler's own timesteps)")
-        if s.u_min < lo * (1 - 1e-9):
-            raise ConfigError(
-                f"config: sampler.u_min = {s.u_min:g} is below the least noise the model's "
-                f"schedule has (u = {lo:.6g}, its first timestep): set sampler.u_min = "
-                f"{math.ceil(lo * 1e6) / 1e6:g} or more")
+        _check_within_schedule(s, trained_top(process),
+                               getattr(model, "scheduler_u", None) is not None)
     return grid
+
+
+def _check_within_schedule(s: SamplerConfig, top: float, has_scheduler: bool) -> None:
+    """Refuse a grid whose first model call is past ``top``, the most noise the network was
+    trained at (edm-heun's churn lifts that call above sampler.u_max); below the schedule's
+    first timestep only a final denoising calls it, and a little extrapolation there is
+    harmless."""
+    lift = 1.0
+    if s.method == "edm-heun" and s.churn > 0:
+        from pipeline.samplers.highorder import churn_gamma
+
+        lift = 1 + churn_gamma(s.churn, s.steps)
+    first = math.log1p(math.expm1(s.u_max) * lift**2)  # sigma (1 + gamma), as u
+    if first <= top * (1 + 1e-9):
+        return
+    allowed = math.floor(math.log1p(math.expm1(top) / lift**2) * 1e4) / 1e4
+    raise ConfigError(
+        f"config: sampler.u_max = {s.u_max:g} is past the most noise the network was trained "
+        f"at: its schedule ends at u = {top:.6g}, so the {s.grid!r} grid would call it at "
+        + ("times it never saw" if lift == 1 else
+           f"times it never saw (sampler.churn lifts the first call to u = {first:.4g})")
+        + f": set sampler.u_max = {allowed:g} or less"
+        + (", or sampler.grid = 'scheduler' (the scheduler's own timesteps)"
+           if has_scheduler else ""))
 
 
 def residual_length(s: SamplerConfig) -> int:

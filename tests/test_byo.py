@@ -176,6 +176,10 @@ def test_an_edm_denoiser_matches_edm_first_order_sampler():
     (["model.train_steps=100"], "sampler.u_max = 10 is past the most noise"),
     (["model.process=vp-linear", "sampler.u_min=1e-3", "sampler.u_max=11"],
      "its schedule ends at u = 10.05"),
+    # churn lifts edm-heun's first call above u_max: the bound is on that call
+    (["model.beta_schedule=scaled_linear", "model.beta_start=0.00085", "model.beta_end=0.012",
+      "sampler.method=edm-heun", "sampler.churn=40", "sampler.u_max=5.3687"],
+     "(sampler.churn lifts the first call to u = 6.0"),
 ])
 def test_module_mistakes_are_one_line_errors(sets, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
@@ -442,12 +446,26 @@ def test_a_conditional_module_gets_the_bound_coarse_field_upsampled(monkeypatch,
     assert torch.allclose(eps, expected.expand(2, *shape), atol=1e-6)
 
 
-def test_a_u_max_within_the_networks_schedule_samples(tmp_path, monkeypatch):
-    """The bound the refusal names is one the run then takes."""
+def test_a_u_max_within_the_networks_schedule_samples(tmp_path, monkeypatch, capsys):
+    """The bound the refusal names is one the run then takes; a module's refusal does not
+    offer the scheduler's grid, which only a diffusers folder has; a cosine VP network (t up
+    to 1: u up to infinity) and one with the linear schedule's first level above u_min run at
+    the defaults."""
     monkeypatch.syspath_prepend(str(TESTS))
-    assert _module_run(tmp_path / "s.zarr", "model.target=byo_nets:small_unet",
-                       "model.beta_schedule=scaled_linear", "model.beta_start=0.00085",
-                       "model.beta_end=0.012", "sampler.u_max=5.3687") == 0
+    sl = ["model.target=byo_nets:small_unet", "model.beta_schedule=scaled_linear",
+          "model.beta_start=0.00085", "model.beta_end=0.012"]
+    assert _module_run(tmp_path / "a.zarr", *sl) == 2
+    err = capsys.readouterr().err
+    assert "set sampler.u_max = 5.3687 or less" in err and "scheduler" not in err
+    assert _module_run(tmp_path / "s.zarr", *sl, "sampler.u_max=5.3687") == 0
+    gamma = 0.1  # churn 0.4 over 4 steps
+    allowed = math.floor(math.log1p(math.expm1(5.36872) / (1 + gamma) ** 2) * 1e4) / 1e4
+    assert _module_run(tmp_path / "h.zarr", *sl, "sampler.method=edm-heun", "sampler.churn=0.4",
+                       f"sampler.u_max={allowed}") == 0
+    assert _module_run(tmp_path / "c.zarr", "model.target=byo_nets:small_unet",
+                       "model.process=vp-cosine") == 0
+    assert _module_run(tmp_path / "l.zarr", "model.target=byo_nets:small_unet",
+                       "model.beta_start=0.0015") == 0
 
 
 def test_a_schedulers_fractional_timesteps_take_its_interpolated_sigma(tmp_path):

@@ -120,7 +120,7 @@ def edm_heun(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialCo
     u = grid.u.to(torch.float64)
     a = signal(u)
     sigma = noise_std(u) / a
-    gamma = min(options.churn / grid.steps, math.sqrt(2) - 1)
+    gamma = churn_gamma(options.churn, grid.steps)
     x = y0 / float(a[0])  # the VE state
     for lo, hi in grid.blocks:
         xi = noise.path(lo, hi) if gamma > 0 else None
@@ -131,6 +131,12 @@ def edm_heun(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialCo
     sweeps = tuple(1 if float(level) == 0 else 2 for level in sigma[1:])  # Euler into u = 0
     stats = Stats(rounds=sum(sweeps), model_calls=float(sum(sweeps)), sweeps=sweeps)
     return finish(model, x * float(a[-1]), stats, float(u[-1]), options)
+
+
+def churn_gamma(churn: float, steps: int) -> float:
+    """How far ``edm-heun`` lifts each step's noise level, sigma (1 + gamma), for ``churn``
+    over ``steps`` steps (EDM's S_churn / N, capped at sqrt(2) - 1)."""
+    return min(churn / steps, math.sqrt(2) - 1)
 
 
 def _ve_denoise(model, x: torch.Tensor, sigma: float) -> torch.Tensor:
