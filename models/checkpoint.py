@@ -35,10 +35,11 @@ def _temp(path: Path) -> Path:
 def _sweep(path: Path) -> None:
     """Remove the temp files beside ``path`` of saves on this host whose process is gone (a
     kill mid-save, e.g. at a job's time limit), which no later save would reuse."""
-    prefix = f".{path.name}.{socket.gethostname()}-"
-    for left in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-        pid = left.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    mine = f".{path.name}.{socket.gethostname()}"
+    for left in path.parent.glob(f"{glob.escape(mine)}-*.tmp"):
+        # parsed from the right: host "node" must not take host "node-12"'s files for its own
+        head, pid, _ = left.name.removesuffix(".tmp").rsplit("-", 2)
+        if head == mine and pid.isdigit() and not _alive(int(pid)):
             left.unlink(missing_ok=True)
 
 

@@ -141,18 +141,26 @@ def _delete_leftovers(path: Path) -> None:
     another host's are left alone): killed between moving the old dataset aside and the new
     one in, the complete new one is moved into place (or, were it gone, the old one back);
     then its drafts and replaced datasets are deleted."""
-    host = socket.gethostname()
-    for aside in path.parent.glob(f".{glob.escape(path.name)}.{ASIDE}-{glob.escape(host)}-*"):
-        pid = aside.name.rsplit("-", 1)[-1]
-        if not path.exists() and pid.isdigit() and not process_alive(int(pid)):
+    for aside in _dead_leftovers(path, ASIDE):
+        if not path.exists():
             draft = aside.with_name(aside.name.replace(f".{ASIDE}-", f".{DRAFT}-", 1))
             # a dataset is moved aside only once its replacement is complete
             os.rename(draft if draft.exists() else aside, path)
     for kind in (DRAFT, ASIDE):
-        for left in path.parent.glob(f".{glob.escape(path.name)}.{kind}-{glob.escape(host)}-*"):
-            pid = left.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not process_alive(int(pid)):
-                shutil.rmtree(left, ignore_errors=True)
+        for left in _dead_leftovers(path, kind):
+            shutil.rmtree(left, ignore_errors=True)
+
+
+def _dead_leftovers(path: Path, kind: str) -> list[Path]:
+    """The ``kind`` folders beside ``path`` of generate-data processes of this host that are
+    gone (the name parsed from the right: host "node" must not take "node-12"'s)."""
+    mine = f".{path.name}.{kind}-{socket.gethostname()}"
+    found = []
+    for left in path.parent.glob(f"{glob.escape(mine)}-*"):
+        head, pid = left.name.rsplit("-", 1)
+        if head == mine and pid.isdigit() and not process_alive(int(pid)):
+            found.append(left)
+    return found
 
 
 def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=print) -> str:

@@ -212,7 +212,8 @@ def test_leftovers_of_a_killed_overwrite_on_this_host_are_deleted(tmp_path):
             tmp_path / f".k.zarr.replaced-{host}-{dead.pid}"]
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     kept = [tmp_path / f".k.zarr.generating-{host}-{live.pid}",
-            tmp_path / f".k.zarr.generating-another-host-{dead.pid}"]
+            tmp_path / f".k.zarr.generating-another-host-{dead.pid}",
+            tmp_path / f".k.zarr.generating-{host}-12-{dead.pid}"]  # host "<this>-12"'s
     assert _run(path, *SHORT) == 0  # in place: nothing for the leftovers to mend
     for folder in left + kept:
         (folder / "vorticity").mkdir(parents=True)

@@ -258,8 +258,10 @@ def test_saves_at_once_into_one_checkpoint_never_tear_a_file(tmp_path, plain):
     dead.wait()
     left = tmp_path / f".c.pt.{socket.gethostname()}-{dead.pid}-0a1b2c3d.tmp"
     left.write_bytes(b"half a save")
+    other = tmp_path / f".c.pt.{socket.gethostname()}-12-{dead.pid}-0a1b2c3d.tmp"
+    other.write_bytes(b"host <this>-12's save")  # another host's, whose name starts as ours
     save_checkpoint(ckpt, state, meta)
-    assert not left.exists()
+    assert not left.exists() and other.exists()
 
 
 def test_training_can_start_from_another_checkpoints_ema_weights(tmp_path, dataset, capsys):
