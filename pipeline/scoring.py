@@ -21,7 +21,7 @@ import xarray as xr
 from pipeline.bands import band_figures, correlation_block, spectral_bands
 from pipeline.errors import EvaluationError
 from pipeline.evaluation import crps, energy_spectra, power_spectra, rank_histogram
-from pipeline.inputs import _label, same_fingerprint, selection_fingerprint
+from pipeline.inputs import LABEL_RTOL, _label, same_fingerprint, selection_fingerprint
 from pipeline.store import INPUT_FINGERPRINT, field_variable, open_store
 
 
@@ -206,7 +206,7 @@ OUTPUTS = ("metrics.json", "metrics.nc", "fields.png", "spectrum.png", "rank_his
 
 def _same_labels(wanted: np.ndarray, coord: xr.DataArray) -> np.ndarray:
     """``wanted`` item labels as the truth's coordinate ``coord`` spells them, a float label
-    within 1e-9 (relative) of one of its own taken as it (a time written 3.0000000000001
+    within ``LABEL_RTOL`` (relative) of one of its own taken as it (a time written 3.0000000000001
     elsewhere), as input.range takes labels; others as they are."""
     have = coord.values
     if not (np.issubdtype(wanted.dtype, np.floating) and np.issubdtype(have.dtype, np.floating)
@@ -218,7 +218,7 @@ def _same_labels(wanted: np.ndarray, coord: xr.DataArray) -> np.ndarray:
     candidates = np.stack([have[order][at - 1], have[order][at]]) if have.size > 1 else \
         have[order][at][None]
     near = candidates[np.abs(candidates - wanted).argmin(0), np.arange(wanted.size)]
-    close = np.abs(near - wanted) <= 1e-9 * np.maximum(1.0, np.abs(wanted))
+    close = np.abs(near - wanted) <= LABEL_RTOL * np.maximum(1.0, np.abs(wanted))
     return np.where(close, near, wanted)
 
 
@@ -234,14 +234,17 @@ def coarse_input(ens: xr.Dataset) -> xr.DataArray | None:
     where = (f"the store was conditioned on input.path {inp['path']!r} (as its sample run "
              "named it)")
     if not Path(inp["path"]).exists():
-        raise EvaluationError(f"{where}, which is not found from here: run piadm evaluate from "
-                              "the folder the sample ran in (the upsampled-input baseline and "
-                              "the added band need that input)")
+        fix = ("restore it" if Path(inp["path"]).is_absolute() else
+               "run piadm evaluate from the folder the sample ran in")
+        raise EvaluationError(f"{where}, which is not found from here: {fix} (the "
+                              "upsampled-input baseline and the added band need that input)")
     coarse = open_store(inp["path"])[inp["variable"]]
     item_dim = ens[name].dims[0]
     coarse = coarse.sel({item_dim: ens[item_dim].values})
     then = ens.attrs.get(INPUT_FINGERPRINT)
-    if then is not None and not same_fingerprint(then, selection_fingerprint(coarse)):
+    # an older store's fingerprint (of another length) is not compared, as a resume does not
+    now = selection_fingerprint(coarse) if then is not None else None
+    if then is not None and len(then) == len(now) and not same_fingerprint(then, now):
         raise EvaluationError(f"{where}, and the store found there from here holds other "
                               f"{inp['variable']} fields than those it took (its attribute "
                               f"{INPUT_FINGERPRINT}): run piadm evaluate from the folder the "
@@ -514,8 +517,6 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     if not paired and item_dim != "item":  # a conditioned ensemble: pairing may have been meant
         metrics.attrs["pairing_note"] = f"the truth has no {item_dim} dim to pair by"
     folder.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUTS:  # an earlier evaluation's, which this one may not all rewrite
-        (folder / name).unlink(missing_ok=True)
     document = json.dumps(_as_json(metrics), indent=2, default=str, allow_nan=False)
     (folder / "metrics.json").write_text(document)
     metrics.to_netcdf(str(folder / "metrics.nc"), engine="scipy")  # scipy: NetCDF 3, no extra library
@@ -528,4 +529,6 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
         files.append(rank_figure(metrics, folder / "rank_histogram.png"))
     residuals = residual_figure(ens, folder / "residuals.png")
     files += [residuals] if residuals else []
+    for name in set(OUTPUTS) - {Path(f).name for f in files}:  # an earlier evaluation's
+        (folder / name).unlink(missing_ok=True)  # (after this one's, which replace the rest)
     return metrics, files

@@ -73,8 +73,9 @@ def test_outputs_are_written_and_open(paired, monkeypatch):
     assert names == set(OUTPUTS)  # what a later evaluation into the folder clears first
     (tmp / "files" / "notes.txt").write_text("mine")
     (tmp / "files" / "spectrum.png").write_bytes(b"an earlier store's")
-    # an evaluation that draws no spectrum (as of fields that are not square)
-    monkeypatch.setattr("pipeline.figures.spectrum_figure", lambda metrics, path: path)
+    # an evaluation that writes no spectrum.png (as of fields that are not square)
+    monkeypatch.setattr("pipeline.figures.spectrum_figure",
+                        lambda metrics, path: path.with_name("drawn-elsewhere.png"))
     assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
                  "--out", str(tmp / "files")]) == 0
     assert not (tmp / "files" / "spectrum.png").exists()  # no stale figure of another store
