@@ -10,8 +10,8 @@ Configs come from a TOML file or a nested dict ({"sampler": {"steps": 200}}), an
 validated exactly like the CLI's. Under ``mpiexec`` every rank calls the same functions; the
 communicator is taken from the launcher unless one is passed. Every error that a config or
 a store causes is a ``PiadmError`` (``ConfigError``, ``StoreExists``, ...) whose message says
-what to change; a file the system cannot read or write (a missing folder, a full disk) raises
-its ``OSError``; a stop (Ctrl-C, SIGTERM) is a ``KeyboardInterrupt``.
+what to change; a file the system cannot read or write (a folder that is a file, a full
+disk) raises its ``OSError``; a stop (Ctrl-C, SIGTERM) is a ``KeyboardInterrupt``.
 """
 from __future__ import annotations
 
