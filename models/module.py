@@ -212,11 +212,12 @@ class NetworkModel:
         return replace(self, cond=upsample_blocks(coarse, self.shape).reshape(self.shape)[None])
 
 
-def check_output(model, shape: tuple[int, ...], what: str) -> None:
+def check_output(model, shape: tuple[int, ...], what: str, takes: str = "(x, t)") -> None:
     """Call ``model`` once on zeros (2, *shape) at a middle noise level: a network that fails,
-    or returns another shape than its input's, is a one-line error now, not mid-run. Two
-    states, not one: a convolution takes a batch of one 1-channel field, (1, H, W), for one
-    unbatched 1-channel image, so a shape without its channel axis would pass."""
+    or returns another shape than its input's, is a one-line error now, not mid-run (``takes``:
+    the call it must take, for the message). Two states, not one: a convolution takes a batch
+    of one 1-channel field, (1, H, W), for one unbatched 1-channel image, so a shape without
+    its channel axis would pass."""
     # in the network's own dtype and device: a call in another moves it there, and float64
     # weights taken through float32 would come back rounded
     param = next(iter(getattr(getattr(model, "net", None), "net", torch.nn.Module()).parameters()),
@@ -234,8 +235,8 @@ def check_output(model, shape: tuple[int, ...], what: str) -> None:
     except Exception as err:
         raise ConfigError(f"config: {what}: calling the network on a (2, {', '.join(map(str, shape))}) "
                           f"input failed ({type(err).__name__}: {_first_line(err)}): check "
-                          "model.shape (with its channel axis, e.g. [1, H, W]) and that it "
-                          "takes (x, t)") from None
+                          f"model.shape (with its channel axis, e.g. [1, H, W]) and that it "
+                          f"takes {takes}") from None
     if tuple(out.shape) != tuple(x.shape):
         raise ConfigError(f"config: {what}: the network returns shape {list(out.shape)} for input "
                           f"{list(x.shape)}: it must return its input's shape (check model.shape "

@@ -254,7 +254,9 @@ def check_bound_network(cfg: Config, model, items) -> None:
 
     what = (f"model.target = {cfg.model.target!r}" if cfg.model.kind == "module" else
             f"model.path = {cfg.model.path!r}") + f" given its {cfg.model.condition} input"
-    call_once(bind_first_item(cfg, model, items, "cpu"), tuple(cfg.model.shape), what)
+    call_once(bind_first_item(cfg, model, items, "cpu"), tuple(cfg.model.shape), what,
+              takes="(x, t, cond), the upsampled coarse field as its third argument (a plain "
+                    "diffusers UNet2DModel takes none)")
 
 
 def first_item_model(cfg: Config, model, device):

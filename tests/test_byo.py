@@ -427,6 +427,8 @@ def test_a_conditioned_module_that_takes_no_condition_is_refused_before_any_stor
     assert rc == 2 and _one_error(err, "model.target = 'byo_nets:one_channel' given its coarse "
                                        "input: calling the network on a (2, 1, 16, 16) input "
                                        "failed (TypeError"), err
+    assert "and that it takes (x, t, cond), the upsampled coarse field as its third argument" \
+        in err  # not "(x, t)", the call of an unconditioned network
     assert not out.exists()
 
 
