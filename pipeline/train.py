@@ -286,18 +286,27 @@ RESUME_MUST_MATCH = {"channels": "train.channels", "global_modes": "train.global
                      "condition": "train.condition", "cond_channels": "train.condition",
                      "residual": "train.residual", "data": "train.data",
                      "shape": "the shape of train.variable's fields",
-                     "validation": "train.validation"}
+                     "validation": "train.validation",
+                     "data_made": "what train.data holds (made anew at its path since?)"}
+
+
+def _data_made(data: xr.Dataset) -> str:
+    """What tells train.data from a dataset made anew at its path: its times, and the line of
+    its history that made it (generate-data's, with its time; none for other data)."""
+    made = str(data.attrs.get("history", "")).splitlines()[:1]
+    return "; ".join([f"{data.sizes['time']} times", *made])
 
 
 def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: str) -> dict:
     """The sidecar of this run's checkpoints, less the step and validation loss."""
+    data = open_store(t.data)
     return {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std,
             "data_bound": trn.data_bound, "variable": t.variable, "condition": t.condition,
             "residual": t.residual, "shape": list(shape), "data": t.data,
             # the conditioning grid: sampling refuses an input of another resolution
             "cond_shape": None if trn.coarse is None else list(trn.coarse.shape[1:]),
-            "validation": t.validation, "config": config_text,
-            "grid": grid_of(open_store(t.data)[t.variable])}
+            "validation": t.validation, "config": config_text, "data_made": _data_made(data),
+            "grid": grid_of(data[t.variable])}
 
 
 def _recorded(path: Path) -> dict:
@@ -375,7 +384,7 @@ def _resume(path: Path, meta: dict, den, ema, opt, device) -> dict:
     return state
 
 
-def _restore(t: TrainConfig, meta: dict, den, ema, opt, comm, device) -> tuple[int, list[float]]:
+def _restore(t: TrainConfig, meta: dict, den, ema, opt, device) -> tuple[int, list[float]]:
     """Resume from ``train.checkpoint`` (with ``train.resume``), or start from the EMA weights
     of ``train.init``; the step reached and the loss history."""
     path = Path(t.checkpoint)
@@ -385,11 +394,9 @@ def _restore(t: TrainConfig, meta: dict, den, ema, opt, comm, device) -> tuple[i
         state = _resume(path, meta, den, ema, opt, device)
         for group in opt.param_groups:  # train.lr wins, so a resumed run can anneal
             group["lr"] = t.lr
-        print0(comm, f"resuming {path} at step {int(state['step'])}")
         return int(state["step"]), state["history"].tolist()
     if t.init:
         start_from(den, ema, t.init, UNetConfig.from_dict(meta["unet"]), device, t.residual)
-        print0(comm, f"starting from the EMA weights of {t.init}")
     return 0, []
 
 
@@ -482,7 +489,7 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
     path = Path(t.checkpoint)
     before = _signature(path)  # the checkpoint as _prepare will read it
     # the same config on every rank, and files that should be, unless a node's differ
-    prepared = on_every_rank(comm, _prepare, t, comm, device, config_text)
+    prepared = on_every_rank(comm, _prepare, t, device, config_text)
     held = []  # taken once nothing is refused: a bad input leaves no folder or lock behind
 
     def hold():
@@ -495,6 +502,11 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
         held.append(lock)
 
     on_rank0(comm, hold)
+    step = prepared[-1][0]  # said once the run holds the checkpoint, not before a refusal
+    if step:
+        print0(comm, f"resuming {path} at step {step}")
+    elif t.init:
+        print0(comm, f"starting from the EMA weights of {t.init}")
     try:
         return _train(t, comm, device, *prepared)
     finally:
@@ -503,14 +515,15 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
                 lock.close()
 
 
-def _prepare(t: TrainConfig, comm, device, config_text: str):
+def _prepare(t: TrainConfig, device, config_text: str):
     """(training split, held-out split, network, EMA copy, optimiser, sidecar, (step,
-    history)) of ``t``: a new run's, or its checkpoint's restored; runs no collective."""
+    history)) of ``t``: a new run's, or its checkpoint's restored; runs no collective and
+    prints nothing."""
     trn, held = open_dataset(t)
     shape = tuple(trn.fields.shape[1:])
     ucfg, den, ema, opt = _network(t, trn, shape, device)
     meta = _meta(t, ucfg, trn, shape, config_text)
-    return trn, held, den, ema, opt, meta, _restore(t, meta, den, ema, opt, comm, device)
+    return trn, held, den, ema, opt, meta, _restore(t, meta, den, ema, opt, device)
 
 
 def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,

@@ -212,9 +212,11 @@ def test_a_run_whose_checkpoint_another_run_saved_while_it_started_is_refused(
     monkeypatch.setattr(training, "_prepare", meanwhile)
     after = _contents_of(ckpt)
     assert main(_train_args(dataset, ckpt, "train.steps=9")) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
         f"piadm: error: train.checkpoint {ckpt} was saved by another piadm train while this "
         "one started: rerun to go on from what it holds")
+    assert "resuming" not in err  # said only once the run holds the checkpoint
     assert _contents_of(ckpt) == after
 
 
@@ -787,6 +789,25 @@ def test_a_checkpoint_of_other_settings_is_refused_and_kept(tmp_path, dataset, c
     assert main(_train_args(dataset, ckpt, "train.channels=[8, 16, 32]", "train.steps=3",
                             "train.resume=false")) == 0
     assert load_denoiser(ckpt)[1]["unet"]["channels"] == [8, 16, 32]
+
+
+def test_a_checkpoint_of_data_made_anew_at_its_path_is_refused(tmp_path, capsys):
+    """train.data regenerated at the same path (another seed, more snapshots): its times and
+    normalisation are not those the weights learned, and held-out times may now be trained
+    on. The path alone let it resume."""
+    data, ckpt = tmp_path / "d.zarr", tmp_path / "m.pt"
+    make = ["generate-data", "jobs/configs/kolmogorov.toml", "--set", f"data.path={data}",
+            *sum((["--set", s] for s in ["data.resolution=16", "data.spinup=1.0",
+                                         "data.interval=0.25", "data.snapshots=16",
+                                         "data.chunk=8"]), [])]
+    assert main(make) == 0
+    assert main(_train_args(data, ckpt, "train.steps=3")) == 0
+    kept = _files(ckpt)
+    assert main(make + ["--set", "data.overwrite=true", "--set", "data.seed=5",
+                        "--set", "data.snapshots=20"]) == 0
+    err = _refused(_train_args(data, ckpt), capsys)
+    assert "what train.data holds (made anew at its path since?) (checkpoint '16 times; " in err
+    assert _files(ckpt) == kept
 
 
 def test_a_resume_may_change_steps_lr_and_extra_stores(tmp_path, dataset, other, capsys):
