@@ -461,6 +461,9 @@ def run_peer(cfg: Config, peer: str, *, comm=SerialComm(),
     from pipeline.peer import compare_diffusers, format_rows
 
     model = build_model(cfg.model, device)
+    if comm.size > 1:
+        print0(comm, f"bench --peer runs on rank 0 alone (the peer's loop has no time slices): "
+                     f"the other {comm.size - 1} rank(s) wait")
 
     def run():
         for method in ("window", "pc-window"):  # the peer's ParaDiGMS window, and ours
