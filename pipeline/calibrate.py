@@ -114,7 +114,9 @@ def _recorded_bound(cfg: Config) -> float | None:
     if not cfg.model.checkpoint or cfg.model.data_bound or cfg.model.kind != "unet":
         return None
     try:
-        bound = json.loads(Path(f"{cfg.model.checkpoint}.json").read_text()).get("data_bound")
+        from models.checkpoint import sidecar
+
+        bound = json.loads(sidecar(Path(cfg.model.checkpoint)).read_text()).get("data_bound")
     except (OSError, ValueError, AttributeError):  # no readable sidecar: loading the model says so
         return None
     return float(bound) if isinstance(bound, (int, float)) else None

@@ -75,6 +75,16 @@ def unconditional() -> Items:
 LABEL_RTOL = 1e-9
 
 
+def snapped(value: float, values: np.ndarray) -> float:
+    """``value``, or the one of ``values`` (any shape) within ``LABEL_RTOL`` of it (a label
+    written 3.0000000000001 elsewhere) where there is one."""
+    if values.size:
+        nearest = values.flat[np.abs(values - value).argmin()]
+        if abs(nearest - value) <= LABEL_RTOL * max(1.0, abs(value)):
+            return nearest
+    return value
+
+
 def _label(text: str, coord: xr.DataArray):
     """A config label (a string) as a value of ``coord``'s dtype; a float one as the
     coordinate's own value within ``LABEL_RTOL`` of it, where there is one."""
@@ -85,13 +95,7 @@ def _label(text: str, coord: xr.DataArray):
         if kind in "iu":
             return int(text)
         if kind == "f":
-            value = float(text)
-            values = np.asarray(coord.values)
-            if values.size:
-                nearest = values.flat[np.abs(values - value).argmin()]
-                if abs(nearest - value) <= LABEL_RTOL * max(1.0, abs(value)):
-                    return nearest
-            return value
+            return snapped(float(text), np.asarray(coord.values))
     except ValueError:
         raise InputError(f"input: label {text!r} is not a valid {coord.name} value "
                          f"(dtype {coord.dtype})") from None

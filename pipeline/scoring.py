@@ -21,7 +21,7 @@ import xarray as xr
 from pipeline.bands import band_figures, correlation_block, spectral_bands
 from pipeline.errors import EvaluationError
 from pipeline.evaluation import crps, energy_spectra, power_spectra, rank_histogram
-from pipeline.inputs import LABEL_RTOL, _label, same_fingerprint, selection_fingerprint
+from pipeline.inputs import _label, same_fingerprint, selection_fingerprint, snapped
 from pipeline.store import INPUT_FINGERPRINT, field_variable, open_store
 
 
@@ -205,21 +205,12 @@ OUTPUTS = ("metrics.json", "metrics.nc", "fields.png", "spectrum.png", "rank_his
 
 
 def _same_labels(wanted: np.ndarray, coord: xr.DataArray) -> np.ndarray:
-    """``wanted`` item labels as the truth's coordinate ``coord`` spells them, a float label
-    within ``LABEL_RTOL`` (relative) of one of its own taken as it (a time written 3.0000000000001
-    elsewhere), as input.range takes labels; others as they are."""
-    have = coord.values
-    if not (np.issubdtype(wanted.dtype, np.floating) and np.issubdtype(have.dtype, np.floating)
-            and have.size):
+    """``wanted`` item labels as the truth's coordinate ``coord`` spells them: a float label
+    ``inputs.snapped`` to one of its own, as input.range takes labels; others as they are."""
+    have = np.asarray(coord.values)
+    if not (np.issubdtype(wanted.dtype, np.floating) and np.issubdtype(have.dtype, np.floating)):
         return wanted
-    order = np.argsort(have)
-    at = np.clip(np.searchsorted(have[order], wanted), 1, have.size - 1) if have.size > 1 \
-        else np.zeros(wanted.shape, dtype=int)
-    candidates = np.stack([have[order][at - 1], have[order][at]]) if have.size > 1 else \
-        have[order][at][None]
-    near = candidates[np.abs(candidates - wanted).argmin(0), np.arange(wanted.size)]
-    close = np.abs(near - wanted) <= LABEL_RTOL * np.maximum(1.0, np.abs(wanted))
-    return np.where(close, near, wanted)
+    return np.array([snapped(float(v), have) for v in wanted], dtype=have.dtype)
 
 
 def coarse_input(ens: xr.Dataset) -> xr.DataArray | None:
