@@ -6,7 +6,7 @@ import sys
 import tempfile
 
 from pipeline.signals import (defer_early, ignore_stop_signals, interrupted_by_stop_signals,
-                              stopped_by)
+                              settle_zarr_io, stopped_by)
 
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "piadm":
     defer_early()  # before the heavy imports below: a stop signal now must not kill the job
@@ -613,9 +613,10 @@ def entry() -> None:
         code = main()
     finally:
         ignore_stop_signals()
-    if code >= 128:  # stopped by a signal: a write it cut short leaves zarr's task pending,
-        # which asyncio would log at exit (or Python warn of, as a coroutine never awaited),
-        # after the stop's line, as if something else failed
+    if code >= 128:  # stopped by a signal: a read or write it cut short is still under way
+        settle_zarr_io()
+        # one that outlived the wait would be logged at exit (or warned of, as a coroutine
+        # never awaited), after the stop's line, as if something else failed
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
                                 category=RuntimeWarning)

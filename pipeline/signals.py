@@ -76,6 +76,28 @@ def stopped_by(err: KeyboardInterrupt) -> tuple[str, int]:
     return what, 128 + signum
 
 
+def settle_zarr_io(timeout_s: float = 10.0) -> None:
+    """Let the Zarr reads and writes that a stop cut short finish (``timeout_s`` at most).
+    Zarr runs them on its own event loop thread, which the interrupt does not reach: left
+    pending, they are destroyed at exit, and Python prints their tracebacks after the stop's
+    line, as if something else had failed. Only where Zarr was imported (nothing heavy here)."""
+    sync = sys.modules.get("zarr.core.sync")
+    loop = getattr(sync, "loop", [None])[0] if sync else None
+    if loop is None or loop.is_closed():
+        return
+    import asyncio
+
+    async def rest() -> None:
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            await asyncio.wait(others, timeout=timeout_s)
+
+    try:
+        sync.sync(rest(), loop=loop, timeout=timeout_s + 1)
+    except Exception:  # a loop stopped or stuck: the exit goes on, as it would have
+        pass
+
+
 def ignore_stop_signals() -> None:
     """The work is over (done, stopped and saved, or failed with its message): a stop signal
     from now on has nothing to stop, so it is ignored. Not merely left to a handler: the

@@ -164,3 +164,32 @@ def test_a_stop_signal_after_the_run_finished_does_not_fail_the_job(tmp_path, si
     proc.send_signal(sig)
     proc.stderr.read()
     assert proc.wait(timeout=60) == 0
+
+
+PENDING_IO = """
+import asyncio, sys
+import zarr.core.sync
+from pipeline.signals import settle_zarr_io
+
+async def write():  # a write of two chunks, as Zarr runs it, that the stop cut short
+    async def chunk():
+        await asyncio.sleep(0.3)
+    for one in asyncio.as_completed([chunk(), chunk()]):
+        await one
+
+cut_short = asyncio.run_coroutine_threadsafe(write(), zarr.core.sync._get_loop())
+if sys.argv[1] == "settle":
+    settle_zarr_io()
+    assert cut_short.done()
+"""
+
+
+@pytest.mark.parametrize("settle", [True, False])
+def test_zarr_io_a_stop_cut_short_finishes_before_the_exit_instead_of_printing_a_traceback(
+        settle):
+    proc = subprocess.run([sys.executable, "-c", PENDING_IO, "settle" if settle else "exit"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    # without settling, Python reports the destroyed task (the same race gave the traceback)
+    assert (proc.stderr == "") == settle, proc.stderr
