@@ -4,16 +4,15 @@ data-covariance bound, training grid, config). ``pipeline.train`` writes them; s
 load them."""
 from __future__ import annotations
 
-import glob
 import json
 import os
-import socket
 import uuid
 from pathlib import Path
 
 import torch
 
 from models.unet import Denoiser, UNetConfig
+from pipeline.processes import left_by_dead, own_name
 
 
 # what every sidecar piadm train or export writes holds, and loading a checkpoint reads
@@ -28,29 +27,14 @@ def sidecar(path: Path) -> Path:
 def _temp(path: Path) -> Path:
     """A temp name beside ``path`` that no other writer uses: two processes saving one path
     at once would otherwise truncate each other's half-written file and rename it in."""
-    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}-"
-                          f"{uuid.uuid4().hex[:8]}.tmp")
+    return path.with_name(own_name(f".{path.name}.", uuid.uuid4().hex[:8]) + ".tmp")
 
 
 def _sweep(path: Path) -> None:
     """Remove the temp files beside ``path`` of saves on this host whose process is gone (a
     kill mid-save, e.g. at a job's time limit), which no later save would reuse."""
-    mine = f".{path.name}.{socket.gethostname()}"
-    for left in path.parent.glob(f"{glob.escape(mine)}-*.tmp"):
-        # parsed from the right: host "node" must not take host "node-12"'s files for its own
-        head, pid, _ = left.name.removesuffix(".tmp").rsplit("-", 2)
-        if head == mine and pid.isdigit() and not _alive(int(pid)):
-            left.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        pass
-    return True
+    for left in left_by_dead(path.parent, f".{path.name}.", tail=1, suffix=".tmp"):
+        left.unlink(missing_ok=True)
 
 
 def _replace_with(path: Path, write) -> None:

@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+from pipeline.processes import process_alive
+
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
 LOCK_POLL_S = 0.05  # a lock is held for one metadata update: look again soon
@@ -68,17 +70,6 @@ def _running_here(info: dict) -> bool | None:
     if info.get("host") != socket.gethostname():
         return None
     return process_alive(int(info["pid"]))
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host runs."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's live process
-    return True
 
 
 def _beating_here(folder: Path, job: str) -> bool:

@@ -10,11 +10,9 @@ interrupted overwrite keeps the dataset it was to replace.
 """
 from __future__ import annotations
 
-import glob
 import math
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -25,10 +23,10 @@ import xarray as xr
 import zarr
 
 from pipeline import __version__
-from pipeline.claims import process_alive
 from pipeline.errors import Interrupted
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
                                  resolved_wavenumber)
+from pipeline.processes import left_by_dead, own_name
 from pipeline.settings import DataConfig
 from pipeline.signals import signal_of
 from pipeline.store import StoreExists, consolidate, enclosing_store
@@ -133,7 +131,7 @@ DRAFT, ASIDE = "generating", "replaced"  # .NAME.DRAFT-HOST-PID: a replacement b
 
 
 def _beside(path: Path, kind: str) -> Path:
-    return path.with_name(f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
+    return path.with_name(own_name(f".{path.name}.{kind}-"))
 
 
 def _delete_leftovers(path: Path) -> None:
@@ -153,14 +151,8 @@ def _delete_leftovers(path: Path) -> None:
 
 def _dead_leftovers(path: Path, kind: str) -> list[Path]:
     """The ``kind`` folders beside ``path`` of generate-data processes of this host that are
-    gone (the name parsed from the right: host "node" must not take "node-12"'s)."""
-    mine = f".{path.name}.{kind}-{socket.gethostname()}"
-    found = []
-    for left in path.parent.glob(f"{glob.escape(mine)}-*"):
-        head, pid = left.name.rsplit("-", 1)
-        if head == mine and pid.isdigit() and not process_alive(int(pid)):
-            found.append(left)
-    return found
+    gone."""
+    return left_by_dead(path.parent, f".{path.name}.{kind}-")
 
 
 def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=print) -> str:

@@ -1,0 +1,38 @@
+"""Processes of this host, and the files they leave behind: a leaf module (standard library
+only), so that ``models/`` may use it too."""
+from __future__ import annotations
+
+import glob
+import os
+import socket
+from pathlib import Path
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's live process
+    return True
+
+
+def own_name(prefix: str, *tail: str) -> str:
+    """``PREFIX`` + ``HOST-PID`` of this process, then ``-TAIL`` each: a name no other
+    process uses, which ``left_by_dead`` recognises once the process is gone."""
+    return "-".join([f"{prefix}{socket.gethostname()}", str(os.getpid()), *tail])
+
+
+def left_by_dead(folder: Path, prefix: str, tail: int = 0, suffix: str = "") -> list[Path]:
+    """The entries of ``folder`` named by ``own_name(prefix, ...)`` with ``tail`` parts and
+    ``suffix``, of processes of this host that are gone (another host's are left alone).
+    Parsed from the right: host "node" must not take host "node-12"'s for its own."""
+    mine = f"{prefix}{socket.gethostname()}"
+    found = []
+    for left in folder.glob(f"{glob.escape(mine)}-*{glob.escape(suffix)}"):
+        head, pid, *_ = left.name.removesuffix(suffix).rsplit("-", 1 + tail)
+        if head == mine and pid.isdigit() and not process_alive(int(pid)):
+            found.append(left)
+    return found
