@@ -575,6 +575,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             raise mended from None
     except KeyboardInterrupt as err:  # Ctrl-C: what the command kept, not where it stood
+        # a stop that landed in a Zarr call before it scheduled its coroutine leaves that
+        # coroutine unawaited, held by ``err``'s frames: Python would warn of it once this
+        # block lets go of them, after the stop's line, as if something else had failed
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                                category=RuntimeWarning)
         where = "" if world.size == 1 else f" on rank {world.rank}"
         what, code = stopped_by(err)
         # on a terminal a progress bar (or the ^C echo) may hold the line: start a new one
@@ -615,11 +620,8 @@ def entry() -> None:
         ignore_stop_signals()
     if code >= 128:  # stopped by a signal: a read or write it cut short is still under way
         settle_zarr_io()
-        # one that outlived the wait would be logged at exit (or warned of, as a coroutine
-        # never awaited), after the stop's line, as if something else failed
+        # one that outlived the wait would be logged at exit, after the stop's line
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-        warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
-                                category=RuntimeWarning)
     sys.exit(code)
 
 
