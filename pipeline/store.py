@@ -362,11 +362,11 @@ def finalize(path: str | Path, note: str, attrs: dict | None = None) -> None:
     """Set ``attrs`` (if any), append ``note`` to the history (CF text, newest last, and the
     same lines as a JSON list in ``piadm_history``) and consolidate the metadata."""
     group = zarr.open_group(path, mode="r+")
-    group.attrs.update(attrs or {})
-    line = f"{_now()} {note}"
-    lines = json.loads(group.attrs.get("piadm_history", "[]")) + [line]
-    group.attrs["piadm_history"] = json.dumps(lines)
-    group.attrs["history"] = "\n".join(lines)
+    lines = json.loads(group.attrs.get("piadm_history", "[]")) + [f"{_now()} {note}"]
+    # in one write of the group's metadata: attrs.update would write it once a key, and a
+    # kill between them would leave a store whose config and identity disagree
+    group.update_attributes({**(attrs or {}), "piadm_history": json.dumps(lines),
+                             "history": "\n".join(lines)})
     consolidate(path)
 
 

@@ -576,6 +576,53 @@ def test_a_growth_cut_short_is_finished_by_the_next_run(tmp_path, input_store, c
     _same_members(clean, cut_short)
 
 
+@pytest.mark.parametrize("writes", [1, 2, 3])
+def test_a_growth_killed_at_any_write_of_the_stores_attributes_is_finished_by_the_next_run(
+        tmp_path, input_store, capsys, monkeypatch, writes):
+    """Killed at the n-th write of the group's metadata once the identity is being set: the
+    config and the identity change together, so the store stays either the smaller
+    configuration's or becomes the larger's, and the larger one's next run completes it."""
+    from zarr.storage import LocalStore
+
+    clean, cut_short = tmp_path / "clean.zarr", tmp_path / "cut.zarr"
+    more = conditional_sets(input_store, cut_short, "ensemble.members=8")
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(input_store, clean, "ensemble.members=8")]) == 0
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(input_store, cut_short)]) == 0
+
+    class Killed(BaseException):
+        pass
+
+    from pipeline import store
+
+    finalize, write, seen = store.finalize, LocalStore.set, []
+
+    async def counted(self, key, value, *args, **kwargs):
+        if key == "zarr.json" and seen:
+            seen.append(key)
+            if len(seen) == writes + 1:
+                raise Killed
+        return await write(self, key, value, *args, **kwargs)
+
+    def watched(*args, **kwargs):
+        seen[:] = seen or ["finalizing"]
+        return finalize(*args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "set", counted)
+    monkeypatch.setattr(store, "finalize", watched)
+    with pytest.raises(Killed):
+        main(["sample", "jobs/configs/grf.toml", *more])
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["sample", "jobs/configs/grf.toml", *more]) == 0
+    # killed as it grew, before its sampling, and (3) at the note of the sampling done
+    said = {1: "grown from 6 to 8 members: 36 of 48", 2: "resumed: 36 of 48",
+            3: "resumed: 48 of 48"}[writes]
+    assert f"{cut_short} {said} members done" in capsys.readouterr().err
+    _same_members(clean, cut_short)
+
+
 @pytest.mark.parametrize("next_members, left", [(3, "half resized"), (11, "half resized"),
                                                 (3, "fitted back, not consolidated")])
 def test_arrays_a_growth_left_half_resized_fit_the_next_runs_count(tmp_path, capsys,
