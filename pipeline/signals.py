@@ -77,10 +77,11 @@ def stopped_by(err: KeyboardInterrupt) -> tuple[str, int]:
 
 
 def settle_zarr_io(timeout_s: float = 10.0) -> None:
-    """Let the Zarr reads and writes that a stop cut short finish (``timeout_s`` at most).
-    Zarr runs them on its own event loop thread, which the interrupt does not reach: left
-    pending, they are destroyed at exit, and Python prints their tracebacks after the stop's
-    line, as if something else had failed. Only where Zarr was imported (nothing heavy here)."""
+    """Let the Zarr reads and writes that a stop (or a failed write beside them) cut short
+    finish (``timeout_s`` at most). Zarr runs them on its own event loop thread, which the
+    interrupt does not reach: left pending, they are destroyed at exit, and Python prints
+    their tracebacks after the stop's line, as if something else had failed; and a folder
+    deleted under them is made again. Only where Zarr was imported (nothing heavy here)."""
     sync = sys.modules.get("zarr.core.sync")
     loop = getattr(sync, "loop", [None])[0] if sync else None
     if loop is None or loop.is_closed():

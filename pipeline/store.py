@@ -33,6 +33,8 @@ import zarr
 
 from pipeline.choices import FIELD_DIMS
 from pipeline.errors import PiadmError
+from pipeline.processes import left_by_dead, own_name
+from pipeline.signals import settle_zarr_io
 
 
 if TYPE_CHECKING:
@@ -74,6 +76,7 @@ INPUT_FINGERPRINT = "input_fingerprint"  # the input fields a store was conditio
 # (``pipeline.planner``): a resume whose config asks another samples at that size instead of
 # the plan's (after running out of memory, say); one that asks the same keeps the plan's.
 ASKED = "plan_batch_size_asked"
+CREATING = "creating-"  # a store is made as .NAME.creating-HOST-PID-ID, then renamed into place
 
 
 def member_chunk(batch_size: int, field_bytes: int) -> int:
@@ -228,10 +231,19 @@ def create(spec: StoreSpec) -> bool:
     (``pipeline.target``)."""
     path = Path(spec.path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.creating")
-    # safe_chunks off: the one dask chunk spans many store chunks, but nothing is computed
-    _dataset(spec).to_zarr(aside, mode="w", compute=False, consolidated=False, zarr_format=3,
-                           safe_chunks=False)
+    for left in left_by_dead(path.parent, f".{path.name}.{CREATING}", tail=1):
+        shutil.rmtree(left, ignore_errors=True)  # a creation killed on this host
+    aside = path.with_name(own_name(f".{path.name}.{CREATING}", uuid.uuid4().hex[:8]))
+    try:
+        # safe_chunks off: the one dask chunk spans many store chunks, nothing is computed
+        _dataset(spec).to_zarr(aside, mode="w", compute=False, consolidated=False,
+                               zarr_format=3, safe_chunks=False)
+    except BaseException as err:
+        settle_zarr_io()  # the draft's other writes, still under way, would recreate it
+        shutil.rmtree(aside, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno:  # the user knows the path, not the draft
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     try:
         os.rename(aside, path)
     except OSError:

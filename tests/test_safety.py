@@ -285,6 +285,48 @@ def test_a_store_its_folder_refuses_is_an_error_not_a_resumed_store(tmp_path, mo
     assert list(tmp_path.iterdir()) == []  # nor the store built aside
 
 
+def test_a_store_creation_cut_short_leaves_nothing_beside_it(tmp_path, monkeypatch):
+    """A full disk while the store is made aside: the draft is removed, the error names the
+    output path; a draft a killed process of this host left is removed by the next creation,
+    one of a live process (or another host's) is not."""
+    import errno
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from zarr.storage import LocalStore
+
+    from pipeline.target import open_or_create
+
+    write = LocalStore.set
+
+    async def full(self, key, value, *args, **kwargs):
+        if key.endswith("zarr.json") and "/" in key:  # after the group's own metadata
+            raise OSError(errno.ENOSPC, "No space left on device", key)
+        return await write(self, key, value, *args, **kwargs)
+
+    path = tmp_path / "new.zarr"
+    monkeypatch.setattr(LocalStore, "set", full)
+    with pytest.raises(OSError) as raised:
+        open_or_create(_spec(path, "a" * 64), overwrite=False)
+    monkeypatch.undo()
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+    assert list(tmp_path.iterdir()) == []
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    killed = tmp_path / f".new.zarr.creating-{host}-{dead.pid}-0a1b2c3d"
+    live = tmp_path / f".new.zarr.creating-{host}-{os.getpid()}-0a1b2c3d"
+    elsewhere = tmp_path / f".new.zarr.creating-{host}-12-{dead.pid}-0a1b2c3d"
+    for draft in (killed, live, elsewhere):
+        draft.mkdir()
+    assert open_or_create(_spec(path, "a" * 64), overwrite=False) == "created"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, elsewhere.name, path.name])
+
+
 def test_of_two_jobs_replacing_another_configs_store_the_second_resumes_the_firsts(
         tmp_path, monkeypatch):
     from pipeline import target
