@@ -620,8 +620,11 @@ def entry() -> None:
         ignore_stop_signals()
     if code >= 128:  # stopped by a signal: a read or write it cut short is still under way
         settle_zarr_io()
-        # one that outlived the wait would be logged at exit, after the stop's line
+        # one that outlived the wait would be logged at exit (or warned of, as a coroutine
+        # never awaited), after the stop's line, as if something else failed
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                                category=RuntimeWarning)
     sys.exit(code)
 
 

@@ -9,6 +9,7 @@ from pipeline.config import ConfigError, with_settings
 from pipeline.ensemble import check_output, checked_items
 from pipeline.equal_quality import check_measurable
 from pipeline.identity import growth, store_digests
+from pipeline.inputs import label_text
 from pipeline.layout import RankGrid
 from pipeline.memory_check import check_memory
 from pipeline.planner import EQUAL_QUALITY, resumed_batch_size, resumed_time_slices, stored_plan
@@ -49,7 +50,8 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     unit = unit or size
     lines = [
         f"items      {len(items.labels)} along {items.dim}"
-        + (f" ({items.labels[0]} .. {items.labels[-1]})" if len(items.labels) > 1 else "")
+        + (f" ({label_text(items.labels[0])} .. {label_text(items.labels[-1])})"
+           if len(items.labels) > 1 else "")
         + (f"; this job fills {list(cfg.parallel.items)}" if cfg.parallel.items else ""),
         f"members    {e.members} per item in {len(batches)} batches of up to {unit}"
         + batch_note(unit, size)

@@ -30,7 +30,7 @@ from pipeline.config import ConfigError, store_differences
 from pipeline.console import on_every_rank, on_rank0, print0
 from pipeline.decomposition import share
 from pipeline.errors import OutOfMemory, WriteFailed
-from pipeline.inputs import Items, open_items, same_fingerprint, unconditional
+from pipeline.inputs import Items, label_text, open_items, same_fingerprint, unconditional
 from pipeline.identity import growth, store_digests, target_fate
 from pipeline.layout import RankGrid, rank_grid
 from pipeline.memory import field_bytes, is_out_of_memory, ranks_sharing
@@ -422,8 +422,8 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
                 halt.attempt(_submit, writer, spec, item, members[lo:hi], batch, slice(lo, hi),
                              scale, owned)
             tally.add(len(members), batch.stats)
-            bar.advance(len(members),
-                        f"{items.dim} {items.labels[item]}: {batch.stats.rounds} rounds")
+            label = label_text(items.labels[item])
+            bar.advance(len(members), f"{items.dim} {label}: {batch.stats.rounds} rounds")
         bar.close()
         if writer is not None:  # every member this rank sampled is written and marked done
             halt.attempt(writer.close, after_error=True)

@@ -8,13 +8,13 @@ dask are imported only where a store is opened: an unconditional run's ranks nev
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.choices import FIELD_DIMS
 from pipeline.config import ConfigError
 
 if TYPE_CHECKING:
@@ -45,10 +45,15 @@ class Items:
         if self.fields is None:
             return {}
         out = {self.dim: (self.labels, dict(self.fields[self.dim].attrs))}
-        if not coarse:
-            for d in self.fields.dims[1:]:
+        if not coarse:  # by position: a field dims named otherwise (lat, lon) are y, x there
+            ours = self.fields.dims[1:]
+            for d, name in zip(ours, FIELD_DIMS.get(len(ours), ours)):
                 if d in self.fields.coords:
-                    out[d] = (self.fields[d].values, dict(self.fields[d].attrs))
+                    attrs = dict(self.fields[d].attrs)
+                    if d != name:
+                        attrs.setdefault("long_name", str(d))
+                        attrs["input_dim"] = str(d)
+                    out[name] = (self.fields[d].values, attrs)
         return out
 
     def field_attrs(self) -> dict:
@@ -63,6 +68,20 @@ class Items:
         if self.fields is None:
             return None
         return self.fields.isel({self.dim: index}).values.astype(np.float64)
+
+
+def label_text(label) -> str:
+    """An item label as a person writes it: 2020-01-01, 06:00:00 or 2020-01-01 06:00:00
+    (numpy prints nanoseconds, or a lead time as a count of them), numbers and text as they
+    are."""
+    kind = np.asarray(label).dtype.kind
+    if kind not in "mM":
+        return str(label)
+    import pandas as pd
+
+    value = pd.Timedelta(label) if kind == "m" else pd.Timestamp(label)
+    text = str(value)
+    return text.removesuffix(" 00:00:00") if kind == "M" else text
 
 
 def unconditional() -> Items:
@@ -92,6 +111,10 @@ def _label(text: str, coord: xr.DataArray):
     try:
         if kind == "M":
             return np.datetime64(text)
+        if kind == "m":  # lead times: "6h", "1 days 06:00:00"
+            import pandas as pd
+
+            return pd.to_timedelta(text).to_timedelta64()
         if kind in "iu":
             return int(text)
         if kind == "f":
@@ -110,37 +133,48 @@ def _open(path: str) -> xr.Dataset:
     import xarray as xr
 
     try:
-        with warnings.catch_warnings():  # stores without consolidated metadata are fine too
-            warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated")
-            return xr.open_zarr(path, chunks={})
+        # its arrays as they are: consolidated metadata left stale by a tool that added
+        # times or variables since would hide them (an input has few arrays to list)
+        return xr.open_zarr(path, chunks={}, consolidated=False)
     except Exception as err:  # zarr and xarray raise many kinds for a store they cannot read
+        said = str(err).splitlines()[0] if str(err) else ""
+        if "cftime" in said:
+            raise InputError(f"input.path {path}: its time coordinate is on a calendar numpy "
+                             "cannot hold: pip install cftime") from None
         raise InputError(f"input.path {path} is not a readable Zarr store ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+                         f"{said})") from None
 
 
 def _select(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
     coord = var[dim]
-    lo, hi = coord.values.min(), coord.values.max()
+    ordered = np.sort(coord.values)  # labels of any kind, strings too, in any order
+    lo, hi = ordered[0], ordered[-1]
     if items:
         labels = [_label(t, coord) for t in items]
         present = np.isin(np.array(labels), coord.values)
         missing = [t for t, ok in zip(items, present) if not ok]
         if missing:
-            raise InputError(f"input.items {missing} are not in {dim} (it runs {lo} .. {hi}): "
-                             f"pick labels from the store")
+            raise InputError(f"input.items {missing} are not in {dim} (it runs "
+                             f"{label_text(lo)} .. {label_text(hi)}): pick labels from the store")
         # the same label written two ways ("21" and "21.0"), which validation's check of
         # the text lets through
-        twice = next(((items[labels.index(v)], t) for i, (t, v) in enumerate(zip(items, labels))
-                      if v in labels[:i]), None)
+        first, twice = {}, None
+        for t, v in zip(items, labels):  # a dict, not a scan: long lists of labels are common
+            if v in first:
+                twice = (first[v], t)
+                break
+            first[v] = t
         if twice:
             raise InputError(f"input.items {list(items)} name one {dim} twice ({twice[1]!r} is "
                              f"{twice[0]!r}): list each once")
         var = var.sel({dim: labels})
     if span:
         first, last = (_label(t, coord) for t in span)
-        var = var.sel({dim: slice(first, last)})
+        # by value, not by position: a coordinate need not be sorted
+        var = var.isel({dim: np.flatnonzero((coord.values >= first) & (coord.values <= last))})
         if var.sizes[dim] == 0:
-            raise InputError(f"input.range {list(span)} selects nothing: {dim} runs {lo} .. {hi}")
+            raise InputError(f"input.range {list(span)} selects nothing: {dim} runs "
+                             f"{label_text(lo)} .. {label_text(hi)}")
     return var
 
 
@@ -164,9 +198,24 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
         raise InputError(f"input.variable {variable!r} is not in {path}: it has "
                          f"{', '.join(map(str, ds.data_vars)) or 'no variables'}")
     var = ds[variable]
-    if var.dims[:1] != (dim,) or dim not in var.coords:
+    if var.dims[:1] != (dim,):
         raise InputError(f"input: {variable} has dims {var.dims}; its first dim must be "
-                         f"input.item_dim = {dim!r}, with coordinates")
+                         f"input.item_dim = {dim!r}: set input.item_dim, or transpose or "
+                         "rename the store's dims")
+    if dim not in var.coords:
+        raise InputError(f"input: {variable}'s {dim} has no coordinate: write one (the labels "
+                         f"its items are stored and picked by)")
+    index = var.indexes[dim]
+    if len(index) == 0:
+        raise InputError(f"input: {variable} has no {dim} items: point input.path at a store "
+                         "that holds some")
+    if not index.is_unique:
+        twice = label_text(index.values[index.duplicated()][0])
+        raise InputError(f"input: {variable}'s {dim} holds {twice} more than once: the "
+                         "store's items must be labelled uniquely")
+    names = FIELD_DIMS.get(var.ndim - 1, ())
+    if set(var.dims[1:]) == set(names):  # fields stored (x, y): the model's and store's (y, x)
+        var = var.transpose(dim, *names)
     if not _fits(tuple(var.shape[1:]), tuple(shape), coarse):
         want = "divide model.shape evenly" if coarse else "equal model.shape"
         raise InputError(f"input: {variable} fields are {list(var.shape[1:])} but must {want} "
@@ -183,15 +232,25 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
 
     axes = tuple(range(1, var.ndim))
     finite = np.isfinite(var.data).all(axis=axes)
-    ok, mean, std, *moments = dask.compute(finite, var.data.mean(), var.data.std(),
-                                           *_item_moments(var))
+    try:
+        ok, spreads, *moments = dask.compute(finite, var.data.astype("float64").var(axis=axes),
+                                             *_item_moments(var))
+    except Exception as err:  # the codec's or the file system's, for a chunk it cannot read
+        raise InputError(f"input.path {path}: reading {variable} failed ({type(err).__name__}: "
+                         f"{err}): a chunk is unreadable; rewrite or restore the store") from None
     if not ok.all():
         bad = var[dim].values[~np.asarray(ok)]
-        raise InputError(f"input: {variable} has NaN/Inf at {dim} = {bad[0]} "
+        raise InputError(f"input: {variable} has NaN/Inf at {dim} = {label_text(bad[0])} "
                          f"({len(bad)} item(s)): fix the data or leave those items out")
-    std = float(std) if float(std) > 0 else 1.0
-    return Items(dim, var[dim].values, var.transpose(dim, *field_dims), float(mean), std,
-                 fingerprint(np.stack(moments, axis=1)))
+    moments = np.stack(moments, axis=1)
+    # from each item's float64 mean and variance, whatever the chunks or the dtype stored:
+    # items of as many points each, so the whole's variance is the mean of theirs plus the
+    # variance of their means
+    mean = float(moments[:, 0].mean())
+    spread = float(np.sqrt(np.mean(spreads) + moments[:, 0].var()))
+    std = spread if spread > 0 else 1.0
+    return Items(dim, var[dim].values, var.transpose(dim, *field_dims), mean, std,
+                 fingerprint(moments))
 
 
 def _item_moments(var):

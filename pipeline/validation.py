@@ -31,8 +31,14 @@ def _check(ok: bool, key: str, problem: str) -> None:
 
 
 def _check_unique(values: tuple, key: str, why: str) -> None:
-    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
-    _check(twice is None, key, f"= {list(values)} names {twice!r} twice ({why}): list each once")
+    seen, twice = set(), None
+    for v in values:  # a set, not a scan of those before: long lists of labels are common
+        if v in seen:
+            twice = v
+            break
+        seen.add(v)
+    shown = list(values) if len(values) <= 8 else f"[{len(values)} values]"
+    _check(twice is None, key, f"= {shown} names {twice!r} twice ({why}): list each once")
 
 
 def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
