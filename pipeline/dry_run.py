@@ -40,7 +40,7 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
         groups = ranks.world.size // slices
         shown = with_settings(cfg, {**stored[0], "ensemble.batch_size": size,
                                     "parallel.time_slices": slices})
-    fate, runs, unit = _store_fate(shown, items.fingerprint)
+    fate, runs, unit = _store_fate(shown, items)
     batches = member_batches(e.members, unit or size)
     done = np.zeros((len(items.labels), e.members), dtype=bool)
     if unit:  # a store to grow holds fewer members: the rest are to sample
@@ -86,15 +86,15 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     return "\n".join(lines), runs
 
 
-def _store_fate(cfg: Config, fingerprint) -> tuple[str, bool, int | None]:
+def _store_fate(cfg: Config, items) -> tuple[str, bool, int | None]:
     """What a run of ``cfg`` (for a resumed ``"auto"`` store, the config its plan makes)
     would do with the store at output.path, by the run's own start-up checks
     (``pipeline.ensemble.check_output``), whether it would go ahead, and the store's batches
-    when it would resume it (None: it would make them). ``fingerprint``: the input's
-    (``inputs.fingerprint``), which a resumed store must have been made with."""
+    when it would resume it (None: it would make them). ``items``: the input's selection
+    (``inputs.Items``), which a resumed store must have been made with."""
     path = cfg.output.path
     try:
-        fate = check_output(cfg, fingerprint)
+        fate = check_output(cfg, items)
     except StoreExists as err:
         return f"would be refused: {err}", False, None
     except OSError as err:  # check_writable: the folder named

@@ -44,8 +44,8 @@ from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
 from pipeline.store import (ASKED, INPUT_FINGERPRINT, MEMBER_BATCH, StoreExists, StoreSpec,
-                            done_members, finalize, member_batch, member_chunk, read_attrs,
-                            stored_attribute, write_batch)
+                            done_members, finalize, member_batch, member_chunk, open_store,
+                            read_attrs, stored_attribute, write_batch)
 from pipeline.target import (check_idle, check_writable, delete_leftovers, open_or_create,
                              upgrade_identity)
 from pipeline.validation import check_variable
@@ -145,7 +145,7 @@ def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:
         trained_on = getattr(model, "variable", None)
         check_variable(store_variable(cfg, trained_on), items.dim, len(cfg.model.shape),
                        "the model's variable" if trained_on else "input.variable")
-    check_output(cfg, items.fingerprint)
+    check_output(cfg, items)
     return items.mean, items.std, items.fingerprint
 
 
@@ -155,18 +155,20 @@ def memory_sharing(world, device) -> int:
     return ranks_sharing(world.local_layout()[1], torch.device(device))
 
 
-def check_output(cfg: Config, fingerprint: tuple[float, ...] = ()) -> str:
+def check_output(cfg: Config, items: Items | None = None) -> str:
     """What the run does with its store at output.path (``target.check_target``'s fate),
     after the checks that fate needs: a new store's folder must take it, a replaced one
     must have no live job filling it, nor an older piadm's store brought up to date
     (``upgrade``) nor one grown to more members (``grow``), and a resumed or grown one must
-    find the input fields it was conditioned on, by their ``fingerprint``
-    (``inputs.fingerprint``; empty: unconditional). Raises StoreExists or OSError naming the
-    problem."""
+    find the input ``items`` it was conditioned on: their labels, and the fields by their
+    fingerprint (``inputs.fingerprint``; empty: not read). Raises StoreExists or OSError
+    naming the problem."""
     fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
                           differs=lambda text: store_differences(cfg, text))
-    if fate in ("resume", "upgrade", "grow") and fingerprint:
-        _check_same_input(cfg, fingerprint)
+    if fate in ("resume", "upgrade", "grow") and items is not None and cfg.input.path:
+        _check_same_items(cfg, items.labels)
+        if items.fingerprint:
+            _check_same_input(cfg, items.fingerprint)
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
     if fate == "replace":
@@ -176,6 +178,21 @@ def check_output(cfg: Config, fingerprint: tuple[float, ...] = ()) -> str:
     if fate == "grow":
         check_idle(cfg.output.path, "grows a store")
     return fate
+
+
+def _check_same_items(cfg: Config, labels: np.ndarray) -> None:
+    """Refuse to resume a store whose items are not the input's selection now (times added
+    to the input within input.range, say): the arrays have the store's items."""
+    dim = cfg.input.item_dim
+    held = open_store(cfg.output.path)[dim].values
+    if len(held) == len(labels) and (held == labels).all():
+        return
+    span = lambda v: (f"{len(v)} ({label_text(v[0])} .. {label_text(v[-1])})"  # noqa: E731
+                      if len(v) else "0")
+    raise StoreExists(
+        f"output {cfg.output.path} holds the {dim} items {span(held)} and the selection of "
+        f"input {cfg.input.path} is now {span(labels)}: select the store's items with "
+        "input.items or input.range, or write the new selection to another output.path")
 
 
 def _check_same_input(cfg: Config, now: tuple[float, ...]) -> None:

@@ -106,3 +106,19 @@ def test_an_unreadable_chunk_is_one_line_naming_the_input(tmp_path):
     with pytest.raises(InputError, match=f"input.path {path}: reading vort failed .* a chunk "
                                          "is unreadable; rewrite or restore the store"):
         _open(path)
+
+
+def test_a_store_is_not_resumed_once_its_selection_holds_other_items(tmp_path, capsys):
+    """Times appended to the input inside input.range: the store holds the old selection's
+    items, so the rerun is refused, naming both, and the store stays as it was."""
+    path = make_input(tmp_path / "in.zarr", times=4)
+    out = tmp_path / "ens.zarr"
+    sets = conditional_sets(path, out, "input.range=['2020-01-01', '2020-12-31']")
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    make_input(tmp_path / "in.zarr", times=6)  # the same four, and two more
+    capsys.readouterr()
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 2
+    assert (f"output {out} holds the time items 4 (2020-01-01 .. 2020-01-04) and the selection "
+            f"of input {path} is now 6 (2020-01-01 .. 2020-01-06): select the store's items"
+            ) in capsys.readouterr().err
+    assert xr.open_zarr(out).sizes["time"] == 4
