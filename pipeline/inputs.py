@@ -71,9 +71,9 @@ class Items:
 
 
 def label_text(label) -> str:
-    """An item label as a person writes it: 2020-01-01, 06:00:00 or 2020-01-01 06:00:00
-    (numpy prints nanoseconds, or a lead time as a count of them), numbers and text as they
-    are."""
+    """An item label as a person writes it: 2020-01-01, 2020-01-01 06:00:00 or (a lead
+    time) 0 days 06:00:00, where numpy prints nanoseconds or a count of them; numbers and
+    text as they are."""
     kind = np.asarray(label).dtype.kind
     if kind not in "mM":
         return str(label)
@@ -104,6 +104,16 @@ def snapped(value: float, values: np.ndarray) -> float:
     return value
 
 
+def check_field_order(var: xr.DataArray, what: str) -> None:
+    """Refuse fields stored (x, y): piadm's fields are (y, x), in its stores, its training
+    and its models, and reading them by position would transpose them all unseen."""
+    names = FIELD_DIMS.get(var.ndim - 1, ())
+    if set(var.dims[1:]) == set(names) and var.dims[1:] != names:
+        order = ", ".join(repr(d) for d in (var.dims[0], *names))
+        raise InputError(f"{what} has its fields as {var.dims[1:]}, piadm's are {names}: "
+                         f"write them in that order, e.g. ds.transpose({order}).to_zarr(...)")
+
+
 def _label(text: str, coord: xr.DataArray):
     """A config label (a string) as a value of ``coord``'s dtype; a float one as the
     coordinate's own value within ``LABEL_RTOL`` of it, where there is one."""
@@ -119,6 +129,11 @@ def _label(text: str, coord: xr.DataArray):
             return int(text)
         if kind == "f":
             return snapped(float(text), np.asarray(coord.values))
+        calendar = getattr(coord.values.flat[0], "calendar", None) if coord.size else None
+        if kind == "O" and calendar:  # a cftime date, on the coordinate's own calendar
+            when = np.datetime64(text, "s").astype(object)
+            return type(coord.values.flat[0])(when.year, when.month, when.day, when.hour,
+                                              when.minute, when.second, calendar=calendar)
     except ValueError:
         raise InputError(f"input: label {text!r} is not a valid {coord.name} value "
                          f"(dtype {coord.dtype})") from None
@@ -146,36 +161,49 @@ def _open(path: str) -> xr.Dataset:
 
 
 def _select(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
-    coord = var[dim]
-    ordered = np.sort(coord.values)  # labels of any kind, strings too, in any order
-    lo, hi = ordered[0], ordered[-1]
+    """The items ``items`` (labels, in that order) or ``span`` ([first, last], by value) of
+    ``var``, else all; each label must name one item."""
+    values = var[dim].values
+    ordered = np.sort(values)  # labels of any kind, strings too, in any order
+    lo, hi = label_text(ordered[0]), label_text(ordered[-1])
     if items:
-        labels = [_label(t, coord) for t in items]
-        present = np.isin(np.array(labels), coord.values)
-        missing = [t for t, ok in zip(items, present) if not ok]
+        labels = [_label(t, var[dim]) for t in items]
+        missing = [t for t, v in zip(items, labels) if not (values == v).any()]
         if missing:
-            raise InputError(f"input.items {missing} are not in {dim} (it runs "
-                             f"{label_text(lo)} .. {label_text(hi)}): pick labels from the store")
+            raise InputError(f"input.items {missing} are not in {dim} (it runs {lo} .. {hi}): "
+                             "pick labels from the store")
         # the same label written two ways ("21" and "21.0"), which validation's check of
         # the text lets through
-        first, twice = {}, None
+        first = {}
         for t, v in zip(items, labels):  # a dict, not a scan: long lists of labels are common
             if v in first:
-                twice = (first[v], t)
-                break
+                raise InputError(f"input.items {list(items)} name one {dim} twice ({t!r} is "
+                                 f"{first[v]!r}): list each once")
             first[v] = t
-        if twice:
-            raise InputError(f"input.items {list(items)} name one {dim} twice ({twice[1]!r} is "
-                             f"{twice[0]!r}): list each once")
-        var = var.sel({dim: labels})
-    if span:
-        first, last = (_label(t, coord) for t in span)
+        at = [np.flatnonzero(values == v) for v in labels]
+        chosen = np.concatenate(at)
+    elif span:
+        first_label, last_label = (_label(t, var[dim]) for t in span)
         # by value, not by position: a coordinate need not be sorted
-        var = var.isel({dim: np.flatnonzero((coord.values >= first) & (coord.values <= last))})
-        if var.sizes[dim] == 0:
-            raise InputError(f"input.range {list(span)} selects nothing: {dim} runs "
-                             f"{label_text(lo)} .. {label_text(hi)}")
-    return var
+        chosen = np.flatnonzero((values >= first_label) & (values <= last_label))
+        if len(chosen) == 0:
+            raise InputError(f"input.range {list(span)} selects nothing: {dim} runs {lo} .. {hi}")
+    else:
+        chosen = np.arange(len(values))
+    taken = values[chosen]
+    twice = _repeated(taken)
+    if twice is not None:
+        raise InputError(f"input: {var.name}'s {dim} holds {label_text(twice)} more than once: "
+                         "the items taken must be labelled uniquely")
+    return var.isel({dim: chosen})
+
+
+def _repeated(values: np.ndarray):
+    """The first value of ``values`` that repeats an earlier one, or None."""
+    import pandas as pd
+
+    repeated = pd.Index(values).duplicated()
+    return values[repeated][0] if repeated.any() else None
 
 
 def _fits(got: tuple[int, ...], shape: tuple[int, ...], coarse: bool) -> bool:
@@ -193,7 +221,24 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
     shape the model was trained on, when known); with ``check`` also stream over the
     selection once for NaN/Inf and the normalisation statistics (else mean 0, std 1).
     Raises InputError naming the problem."""
-    ds = _open(path)
+    var = _laid_out(_open(path), path, variable, dim)
+    if not _fits(tuple(var.shape[1:]), tuple(shape), coarse):
+        want = "divide model.shape evenly" if coarse else "equal model.shape"
+        raise InputError(f"input: {variable} fields are {list(var.shape[1:])} but must {want} "
+                         f"= {list(shape)}: pick the matching variable or set model.shape")
+    if coarse and cond_shape is not None and tuple(var.shape[1:]) != tuple(cond_shape):
+        raise InputError(f"input: {variable} fields are {list(var.shape[1:])} but the model was "
+                         f"trained on coarse fields of {list(cond_shape)}: set input.variable "
+                         "to the coarse field of that resolution")
+    var = _select(var, dim, items, span)
+    if not check:
+        return Items(dim, var[dim].values, var)
+    return Items(dim, var[dim].values, var, *_statistics(var, path))
+
+
+def _laid_out(ds: xr.Dataset, path: str, variable: str, dim: str) -> xr.DataArray:
+    """``variable`` of ``ds``, once its dims are checked: items first, labelled, at least
+    one, the fields (y, x)."""
     if variable not in ds.data_vars:
         raise InputError(f"input.variable {variable!r} is not in {path}: it has "
                          f"{', '.join(map(str, ds.data_vars)) or 'no variables'}")
@@ -204,43 +249,31 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
                          "rename the store's dims")
     if dim not in var.coords:
         raise InputError(f"input: {variable}'s {dim} has no coordinate: write one (the labels "
-                         f"its items are stored and picked by)")
-    index = var.indexes[dim]
-    if len(index) == 0:
+                         "its items are stored and picked by)")
+    if var.sizes[dim] == 0:
         raise InputError(f"input: {variable} has no {dim} items: point input.path at a store "
                          "that holds some")
-    if not index.is_unique:
-        twice = label_text(index.values[index.duplicated()][0])
-        raise InputError(f"input: {variable}'s {dim} holds {twice} more than once: the "
-                         "store's items must be labelled uniquely")
-    names = FIELD_DIMS.get(var.ndim - 1, ())
-    if set(var.dims[1:]) == set(names):  # fields stored (x, y): the model's and store's (y, x)
-        var = var.transpose(dim, *names)
-    if not _fits(tuple(var.shape[1:]), tuple(shape), coarse):
-        want = "divide model.shape evenly" if coarse else "equal model.shape"
-        raise InputError(f"input: {variable} fields are {list(var.shape[1:])} but must {want} "
-                         f"= {list(shape)}: pick the matching variable or set model.shape")
-    if coarse and cond_shape is not None and tuple(var.shape[1:]) != tuple(cond_shape):
-        raise InputError(f"input: {variable} fields are {list(var.shape[1:])} but the model was "
-                         f"trained on coarse fields of {list(cond_shape)}: set input.variable "
-                         "to the coarse field of that resolution")
-    var = _select(var, dim, items, span)
-    field_dims = var.dims[1:]
-    if not check:
-        return Items(dim, var[dim].values, var.transpose(dim, *field_dims))
+    check_field_order(var, f"input: {variable} of {path}")
+    return var
+
+
+def _statistics(var: xr.DataArray, path: str) -> tuple[float, float, tuple[float, ...]]:
+    """One pass over the selection ``var`` (items, *field): its mean, std and fingerprint,
+    after checking every value is finite."""
     import dask
 
-    axes = tuple(range(1, var.ndim))
+    dim, axes = var.dims[0], tuple(range(1, var.ndim))
     finite = np.isfinite(var.data).all(axis=axes)
     try:
         ok, spreads, *moments = dask.compute(finite, var.data.astype("float64").var(axis=axes),
                                              *_item_moments(var))
-    except Exception as err:  # the codec's or the file system's, for a chunk it cannot read
-        raise InputError(f"input.path {path}: reading {variable} failed ({type(err).__name__}: "
-                         f"{err}): a chunk is unreadable; rewrite or restore the store") from None
+    except (OSError, RuntimeError, ValueError) as err:  # a file or codec failing on a chunk
+        said = str(err).splitlines()[0] if str(err) else ""
+        raise InputError(f"input.path {path}: reading {var.name} failed ({type(err).__name__}: "
+                         f"{said}): a chunk is unreadable; rewrite or restore the store") from None
     if not ok.all():
         bad = var[dim].values[~np.asarray(ok)]
-        raise InputError(f"input: {variable} has NaN/Inf at {dim} = {label_text(bad[0])} "
+        raise InputError(f"input: {var.name} has NaN/Inf at {dim} = {label_text(bad[0])} "
                          f"({len(bad)} item(s)): fix the data or leave those items out")
     moments = np.stack(moments, axis=1)
     # from each item's float64 mean and variance, whatever the chunks or the dtype stored:
@@ -248,9 +281,7 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
     # variance of their means
     mean = float(moments[:, 0].mean())
     spread = float(np.sqrt(np.mean(spreads) + moments[:, 0].var()))
-    std = spread if spread > 0 else 1.0
-    return Items(dim, var[dim].values, var.transpose(dim, *field_dims), mean, std,
-                 fingerprint(moments))
+    return mean, spread if spread > 0 else 1.0, fingerprint(moments)
 
 
 def _item_moments(var):

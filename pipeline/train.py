@@ -36,7 +36,7 @@ from models.unet import Denoiser, UNetConfig
 from pipeline.console import on_every_rank, on_rank0, print0
 from pipeline.decomposition import slice_bounds
 from pipeline.errors import ConfigError, Interrupted
-from pipeline.inputs import InputError
+from pipeline.inputs import InputError, check_field_order
 from pipeline.settings import TrainConfig
 from pipeline.signals import signal_of
 from pipeline.store import enclosing_store, open_store
@@ -95,6 +95,7 @@ def _open_store(path: str, names: list[str], key: str) -> xr.Dataset:
         if len(dims) != 3 or dims[0] != "time":  # e.g. an ensemble store's 4 dims
             raise InputError(f"train: {name!r} of {path} is {dims}: piadm trains on one 2-D "
                              "field per time, (time, y, x), as generate-data writes them")
+        check_field_order(ds[name], f"{key} {path}: {name}")
     return ds[names]
 
 

@@ -31,19 +31,23 @@ def _open(path, **kwargs):
     return open_items(str(path), variable="vort", dim="time", shape=SHAPE, **kwargs)
 
 
-def test_fields_stored_x_first_are_sampled_and_labelled_as_the_same_fields_y_first(tmp_path):
-    straight = make_input(tmp_path / "yx.zarr")
-    ds = xr.open_zarr(straight).load().assign_coords(y=0.5 * np.arange(16), x=np.arange(16.0))
-    ds.to_zarr(tmp_path / "yx_grid.zarr", zarr_format=3, consolidated=False)
+def test_fields_stored_x_first_are_refused_before_anything_is_written(tmp_path, capsys):
+    """By position they would be taken transposed, and labelled so: the user is told to
+    write them (y, x), for sampling and for training alike."""
+    ds = xr.open_zarr(make_input(tmp_path / "yx.zarr")).load()
     ds.transpose("time", "x", "y").to_zarr(tmp_path / "xy.zarr", zarr_format=3,
                                            consolidated=False)
-    for name in ("yx_grid", "xy"):
-        assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(
-            tmp_path / f"{name}.zarr", tmp_path / f"{name}_ens.zarr")]) == 0
-    a, b = (xr.open_zarr(tmp_path / f"{n}_ens.zarr") for n in ("yx_grid", "xy"))
-    assert a.vort.dims == b.vort.dims == ("time", "member", "y", "x")
-    assert (b.y.values == 0.5 * np.arange(16)).all() and (b.x.values == np.arange(16.0)).all()
-    np.testing.assert_array_equal(a.vort.values, b.vort.values)
+    out = tmp_path / "ens.zarr"
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(tmp_path / "xy.zarr", out)]) == 2
+    assert (f"input: vort of {tmp_path / 'xy.zarr'} has its fields as ('x', 'y'), piadm's are "
+            "('y', 'x'): write them in that order, e.g. ds.transpose('time', 'y', 'x')"
+            ) in capsys.readouterr().err
+    assert not out.exists()
+    from pipeline.train import _open_store
+
+    with pytest.raises(InputError, match=r"train.data .*xy.zarr: vort has its fields as"):
+        _open_store(str(tmp_path / "xy.zarr"), ["vort"], "train.data")
 
 
 def test_field_dims_named_otherwise_keep_their_coordinates_by_position(tmp_path):
@@ -122,3 +126,31 @@ def test_a_store_is_not_resumed_once_its_selection_holds_other_items(tmp_path, c
             f"of input {path} is now 6 (2020-01-01 .. 2020-01-06): select the store's items"
             ) in capsys.readouterr().err
     assert xr.open_zarr(out).sizes["time"] == 4
+
+
+def test_a_label_repeated_outside_the_selection_does_not_matter(tmp_path):
+    times = pd.to_datetime(["2020-01-01", "2020-01-02", "2020-01-03", "2020-01-03"])
+    path = _store(tmp_path / "r.zarr", times)
+    assert len(_open(path, span=("2020-01-01", "2020-01-02")).labels) == 2
+    assert len(_open(path, items=("2020-01-02",)).labels) == 1
+    with pytest.raises(InputError, match="holds 2020-01-03 more than once"):
+        _open(path, items=("2020-01-03",))
+
+
+def test_a_resumed_store_keeps_the_input_scale_it_recorded(tmp_path, capsys):
+    """Its members so far were drawn with the recorded input_mean and input_std: the rest
+    take the same, even where another piadm rounded them otherwise."""
+    path = make_input(tmp_path / "in.zarr")
+    out = tmp_path / "ens.zarr"
+    sets = conditional_sets(path, out, "ensemble.members=4")
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    whole = xr.open_zarr(out).vort.values
+    group = zarr.open_group(out, mode="r+")
+    group["done"][:, 2:] = 0  # the last members to draw again
+    recorded = group.attrs["input_mean"]
+    group.attrs["input_mean"] = recorded * (1 + 1e-6)  # as another version would round it
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    again = xr.open_zarr(out).vort.values
+    assert not np.array_equal(again[:, 2:], whole[:, 2:])  # drawn with the recorded scale
+    np.testing.assert_array_equal(again[:, :2], whole[:, :2])
+    np.testing.assert_allclose(again, whole, rtol=0, atol=1e-3)
