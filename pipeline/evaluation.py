@@ -55,8 +55,13 @@ def ensemble_mean_rmse(ens: np.ndarray, truth: np.ndarray) -> float:
 
 
 def crps(ens: np.ndarray, truth: np.ndarray) -> float:
-    """Mean CRPS of the ensemble over its members (scoringrules' ensemble estimator)."""
-    return float(np.mean(scoringrules.crps_ensemble(truth, np.moveaxis(ens, 0, -1), m_axis=-1)))
+    """Mean CRPS (over the points) of the members' empirical distribution, ens (M, ...):
+    the standard estimator, named, since scoringrules' default has changed between
+    versions. It is the MAE for one member, so it compares with a deterministic baseline's;
+    it grows as members are fewer (by about E|X - X'| / 2M), so compare ensembles of one
+    size."""
+    return float(np.mean(scoringrules.crps_ensemble(truth, np.moveaxis(ens, 0, -1), m_axis=-1,
+                                                    estimator="qd")))
 
 
 def spread_skill(ens: np.ndarray, truth: np.ndarray) -> float:

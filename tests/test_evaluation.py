@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from pipeline.evaluation import crps, energy_spectrum, ensemble_mean_rmse, rank_histogram, spread_skill
 
@@ -34,3 +35,14 @@ def test_an_underdispersive_ensemble_has_a_u_shaped_histogram():
     ens = 0.3 * rng.standard_normal((9, 4000))
     hist = rank_histogram(ens, truth)
     assert hist[0] > 3 * hist[5] and hist[-1] > 3 * hist[5] and spread_skill(ens, truth) < 0.5
+
+
+def test_crps_is_the_members_empirical_distributions():
+    """The standard estimator, E|X - y| - E|X - X'| / 2 over the M x M pairs: the MAE for one
+    member (the fair one, over M (M - 1) pairs, would be smaller)."""
+    rng = np.random.default_rng(3)
+    ens, truth = rng.standard_normal((3, 5, 4)), rng.standard_normal((5, 4))
+    spread = np.abs(ens[:, None] - ens[None]).mean((0, 1))
+    expected = (np.abs(ens - truth).mean(0) - spread / 2).mean()
+    assert crps(ens, truth) == pytest.approx(expected, rel=1e-12)
+    assert crps(ens[:1], truth) == pytest.approx(np.abs(ens[0] - truth).mean(), rel=1e-12)
