@@ -21,7 +21,7 @@ import xarray as xr
 from pipeline.bands import band_figures, correlation_block, spectral_bands
 from pipeline.errors import EvaluationError
 from pipeline.evaluation import crps, energy_spectra, power_spectra, rank_histogram
-from pipeline.inputs import _label, same_fingerprint, selection_fingerprint, snapped
+from pipeline.inputs import _label, label_text, same_fingerprint, selection_fingerprint, snapped
 from pipeline.store import INPUT_FINGERPRINT, field_variable, open_store
 
 
@@ -92,15 +92,27 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
         wanted = _same_labels(ens[item_dim].values, truth[item_dim])
         missing = np.setdiff1d(wanted, truth[item_dim].values)
         if missing.size:
-            raise EvaluationError(f"truth {path} lacks {item_dim} {missing[:3].tolist()} of the "
-                                  "ensemble: give the data the ensemble was conditioned on")
+            shown = ", ".join(label_text(v) for v in missing[:3])
+            raise EvaluationError(f"truth {path} lacks {item_dim} [{shown}] of the ensemble: "
+                                  "give the data the ensemble was conditioned on")
+        at, repeated = {}, set()
+        for i, v in enumerate(truth[item_dim].values):
+            if v in at:
+                repeated.add(v)
+            at.setdefault(v, i)
+        clash = [v for v in wanted if v in repeated]
+        if clash:  # which of the two is the truth?
+            raise EvaluationError(f"truth {path} holds {item_dim} {label_text(clash[0])} more "
+                                  "than once: give each of its fields one label")
         if truth.ndim != 1 + len(shape):  # e.g. an ensemble store's (time, member, y, x)
             fields = ", ".join(truth.dims[-len(shape):])
             raise EvaluationError(f"truth {path}'s {variable!r} is {truth.dims}, not one field "
                                   f"per {item_dim} ({item_dim}, {fields}): give the data the "
                                   "ensemble was conditioned on, not an ensemble store")
-        # labelled as the ensemble's, which xarray aligns them by
-        truth = truth.sel({item_dim: wanted}).assign_coords({item_dim: ens[item_dim].values})
+        # by position (another label may repeat), labelled as the ensemble's, which xarray
+        # aligns them by
+        truth = truth.isel({item_dim: [at[v] for v in wanted]}).assign_coords(
+            {item_dim: ens[item_dim].values})
         _check_finite(truth, path, len(shape), paired=True)
         return truth, True
     if truth_range is not None:
@@ -109,7 +121,8 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
         if lo > hi:
             raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} is reversed: "
                                   "give the earlier label first")
-        truth = truth.sel({dim: slice(lo, hi)})
+        values = truth[dim].values  # by value, not by position: it need not be sorted
+        truth = truth.isel({dim: np.flatnonzero((values >= lo) & (values <= hi))})
         if truth.sizes[dim] == 0:
             raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} selects no "
                                   f"{dim} of {path}: pick labels inside its coordinate")
@@ -424,6 +437,23 @@ def table(metrics: xr.Dataset) -> str:
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
 
+def _check_ours(folder: Path) -> None:
+    """Refuse a folder holding files of the names evaluate writes that no evaluation wrote
+    (its metrics.json, naming a store and a truth, tells one): they would be replaced or
+    removed."""
+    there = [name for name in OUTPUTS if (folder / name).exists()]
+    if not there:
+        return
+    try:
+        earlier = json.loads((folder / "metrics.json").read_text())
+        ours = isinstance(earlier, dict) and {"store", "truth"} <= earlier.keys()
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise EvaluationError(f"--out {folder} holds {', '.join(there)}, not written by piadm "
+                              "evaluate, which would replace them: give a new or empty folder")
+
+
 def _as_json(metrics: xr.Dataset) -> dict:
     """The overall figures at the top level; per-item scores, spectra and ranks below."""
     out = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.attrs.items()}
@@ -431,7 +461,10 @@ def _as_json(metrics: xr.Dataset) -> dict:
         if "crps" in metrics else []
     if per_item:
         dim = metrics["crps"].dims[0]
-        out["per_item"] = {dim: metrics[dim].values.tolist(),
+        labels = metrics[dim].values
+        # dates as text: tolist gives a datetime64[ns]'s nanoseconds
+        out["per_item"] = {dim: ([label_text(v) for v in labels] if labels.dtype.kind in "mM"
+                                 else labels.tolist()),
                            **{v: metrics[v].values.tolist() for v in per_item}}
     if "k" in metrics.coords:
         out["spectrum_k"] = {"k": metrics["k"].values.tolist(),
@@ -476,6 +509,7 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
         kind = "a file" if folder.is_file() else "a Zarr store"
         raise EvaluationError(f"--out {folder} is {kind}: give a folder for the table and "
                               "figures (default: the store's name + _eval)")
+    _check_ours(folder)
     ens = _without_channel(open_ensemble(store))
     _check_kmax(kmax, ens)
     shape = ens[_field_variable(ens)].shape[2:]

@@ -179,6 +179,9 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("ensemble as truth", "is ('time', 'member', 'y', 'x'), not one field per time"),
     ("cut past the shells", "--cut 100 is past the largest shell of the store's 16x16 fields: "
                             "give at most 8"),
+    ("out into the user's folder", "holds residuals.png, not written by piadm evaluate, which "
+                                   "would replace them: give a new or empty folder"),
+    ("truth with a label twice", "holds time 2020-01-02 more than once"),
 ])
 def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, message):
     tmp, ens = paired
@@ -220,6 +223,15 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
         args[case] = [str(ens), "--truth", str(ens)]
     if case == "cut past the shells":
         args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--cut", "100"]
+    if case == "out into the user's folder":
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "residuals.png").write_text("my figure")
+        args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--out",
+                      str(tmp_path / "mine")]
+    if case == "truth with a label twice":
+        truth = xr.open_zarr(tmp / "truth.zarr").load()
+        xr.concat([truth, truth.isel(time=[1])], "time").to_zarr(tmp_path / "t.zarr")
+        args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
     out = [] if "--out" in args[case] else ["--out", str(tmp_path / "e")]
     try:
         assert main(["evaluate", *args[case], *out]) == 2
@@ -231,6 +243,8 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
     assert not (tmp_path / "e").exists()  # refused before anything is written
     if case == "out onto a file":  # nor where --out pointed
         assert (tmp_path / "notes.txt").read_text() == "mine"
+    if case == "out into the user's folder":
+        assert (tmp_path / "mine" / "residuals.png").read_text() == "my figure"
     if case == "out into a store":
         assert not (Path(ens) / "metrics.json").exists()
 
@@ -253,3 +267,17 @@ def test_the_residual_figure_finds_each_sampler_calls_history():
     a, b, c = [0.5, 0.1, np.nan], [0.4, 0.2, 0.05], [0.3, np.nan, np.nan]
     # calls of 2, 1 and 2 members (a store resumed in smaller calls than it was made with)
     assert call_starts(np.array([a, a, b, c, c])) == [0, 2, 3]
+
+
+def test_a_climatology_range_selects_by_value_and_labels_are_dates_in_json(paired, tmp_path):
+    """--truth-range on a truth stored newest first takes the labels between its ends; the
+    per-item labels of metrics.json are dates, not nanoseconds."""
+    tmp, ens = paired
+    truth = xr.open_zarr(tmp / "truth.zarr").load()
+    climate = truth.rename(time="day").isel(day=slice(None, None, -1))
+    climate.to_zarr(tmp_path / "desc.zarr")
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "desc.zarr"), "--truth-range",
+                 "2020-01-02", "2020-01-04", "--out", str(tmp_path / "c")]) == 0
+    assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
+                 "--out", str(tmp_path / "p")]) == 0
+    assert _metrics(tmp_path / "p")["per_item"]["time"][:2] == ["2020-01-01", "2020-01-02"]
