@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from pathlib import Path
 
 import xarray as xr
@@ -128,6 +129,11 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
     if "piadm_store_digest" not in ds.attrs:
         raise ConfigError(f"{path} is not a piadm ensemble store (it has no piadm_store_digest "
                           "attribute): open other Zarr stores with xarray.open_zarr")
+    done, total = int(ds["done"].sum()), int(ds["done"].size)
+    if done < total:  # statistics over members skip NaN: they would be of the done ones alone
+        warnings.warn(f"{path} holds {done} of its {total} members (the rest read as NaN): "
+                      "rerun its piadm sample to finish it (piadm status says which)",
+                      stacklevel=2)
     return ds
 
 

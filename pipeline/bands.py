@@ -2,7 +2,8 @@
 
 A downscaling model is told the scales its coarse input resolves (k up to the input's Nyquist
 wavenumber) and must add the rest, up to the finest scale the truth resolves (its dealiasing
-cut); past the cut the truth holds nothing, so any energy there is the sampler's noise or the
+cut); past the cut the truth holds little (a square dealiasing keeps the corner modes, whose
+round shells lie past it), so the ensemble's energy there is mostly the sampler's noise or the
 network's artefact. The figures are therefore reported per band, not over one k range.
 
 Spectra come per unit: for a paired (downscaling) evaluation one spectrum per item for the

@@ -21,7 +21,8 @@ import xarray as xr
 from pipeline.bands import band_figures, correlation_block, spectral_bands
 from pipeline.errors import EvaluationError
 from pipeline.evaluation import crps, energy_spectra, power_spectra, rank_histogram
-from pipeline.inputs import _label, label_text, same_fingerprint, selection_fingerprint, snapped
+from pipeline.inputs import (InputError, _label, label_text, same_fingerprint,
+                             selection_fingerprint, snapped)
 from pipeline.store import INPUT_FINGERPRINT, field_variable, open_store
 
 
@@ -117,7 +118,11 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
         return truth, True
     if truth_range is not None:
         dim = truth.dims[0]
-        lo, hi = (_label(t, truth[dim]) for t in truth_range)
+        try:
+            lo, hi = (_label(t, truth[dim]) for t in truth_range)
+        except InputError as err:  # said of input.items: these are --truth-range's
+            raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]}: "
+                                  f"{str(err).removeprefix('input: ')}") from None
         if lo > hi:
             raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} is reversed: "
                                   "give the earlier label first")

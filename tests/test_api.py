@@ -97,6 +97,25 @@ def test_open_ensemble_refuses_a_store_piadm_did_not_make(tmp_path):
             api.open_ensemble(tmp_path / other)
 
 
+def test_open_ensemble_warns_of_members_not_yet_written(tmp_path):
+    """Statistics over members skip NaN: an unfinished store's would be of its done members
+    alone, so opening one says so."""
+    import warnings
+
+    import zarr
+
+    cfg = {"model": {"shape": [8, 8]}, "sampler": {"steps": 10, "block_size": 5},
+           "ensemble": {"members": 4, "batch_size": 2},
+           "output": {"path": str(tmp_path / "d.zarr")}}
+    api.sample(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a complete store: nothing said
+        api.open_ensemble(tmp_path / "d.zarr")
+    zarr.open_group(tmp_path / "d.zarr", mode="r+")["done"][0, 2:] = 0
+    with pytest.warns(UserWarning, match="d.zarr holds 2 of its 4 members"):
+        api.open_ensemble(tmp_path / "d.zarr")
+
+
 def test_evaluate_errors_name_the_keyword_arguments(tmp_path):
     from pipeline.errors import EvaluationError
 

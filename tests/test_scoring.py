@@ -170,6 +170,7 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
                            "filling it: wait for them"),
     ("truth lacks items", "lacks time"),
     ("empty range", "selects no"),
+    ("range of no labels", "--truth-range foo 5: label 'foo' is not a valid sample value"),
     ("reversed range", "is reversed: give the earlier label first"),
     ("range on paired truth", "--truth-range selects a climatology, but"),
     ("out into a store", "is a Zarr store: give a folder"),
@@ -201,10 +202,11 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
     if case == "truth lacks items":
         xr.open_zarr(tmp / "truth.zarr").isel(time=slice(0, 3)).to_zarr(tmp_path / "t.zarr")
         args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
-    if case in ("empty range", "reversed range"):
+    if case in ("empty range", "reversed range", "range of no labels"):
         fields = xr.open_zarr(ens).vort.isel(time=0).rename(member="sample")
         xr.Dataset({"vort": fields}).to_zarr(tmp_path / "c.zarr")
-        span = ["50", "60"] if case == "empty range" else ["5", "0"]
+        span = {"empty range": ["50", "60"], "reversed range": ["5", "0"],
+                "range of no labels": ["foo", "5"]}[case]
         args[case] = [str(ens), "--truth", str(tmp_path / "c.zarr"), "--truth-range", *span]
     if case == "range on paired truth":
         args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--truth-range", "0", "5"]
