@@ -118,6 +118,14 @@ def test_a_truth_on_another_grid_of_as_many_points_is_refused(tmp_path, capsys):
                  "--out", str(tmp_path / "r")]) == 2
     assert "'s x runs -0.4 .. 0.35 (16 points), the ensemble's -0.8 .. 0.7 (16): give the " \
         "truth on the model's grid" in capsys.readouterr().err
+    # the same grid stored the other way round is lined up, and scores the same
+    xr.open_zarr(inp).load().isel(y=slice(None, None, -1)).to_zarr(tmp_path / "rev.zarr",
+                                                                   zarr_format=3)
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "rev.zarr"),
+                 "--out", str(tmp_path / "v")]) == 0
+    assert main(["evaluate", str(ens), "--truth", str(inp), "--out", str(tmp_path / "s")]) == 0
+    scored = [json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("v", "s")]
+    assert scored[0]["crps"] == scored[1]["crps"]
 
 
 def test_a_truth_without_the_ensembles_items_is_a_climatology_that_says_why(paired, tmp_path,
