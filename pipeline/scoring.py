@@ -348,7 +348,9 @@ def _item_by_item(field: xr.DataArray, truth_values: np.ndarray, paired: bool, s
             t = truth_values[i]
             per_item["crps"][i] = crps(e, t)
             per_item["rmse"][i] = np.sqrt(((e.mean(0) - t) ** 2).mean())
-            per_item["spread"][i] = np.sqrt(e.var(0, ddof=1).mean() * (members + 1) / members)
+            if members > 1:  # one member has no spread (NaN: "n/a" in the table)
+                per_item["spread"][i] = np.sqrt(e.var(0, ddof=1).mean() * (members + 1)
+                                                / members)
             ranks += rank_histogram(e, t)
             if baseline is not None:
                 b = baseline.isel({baseline.dims[0]: i}).values
@@ -421,7 +423,8 @@ def table(metrics: xr.Dataset) -> str:
                        ("rounds_mean", "parallel rounds / call (member mean)"),
                        ("model_calls_mean", "model calls / member")]:
         if key in a:
-            rows.append((label, f"{a[key]:.4g}"))
+            rows.append((label, f"{a[key]:.4g}" if np.isfinite(a[key]) else
+                         "n/a (needs 2 members)" if key == "spread_skill" else "n/a"))
     if "spectrum_ratio" in metrics:
         kmax = a["kmax"]
         ratios = " ".join(f"{r:.2f}" for r in metrics["spectrum_ratio"].values[:kmax])

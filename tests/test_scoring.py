@@ -291,3 +291,15 @@ def test_a_climatology_range_selects_by_value_and_labels_are_dates_in_json(paire
     assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
                  "--out", str(tmp_path / "p")]) == 0
     assert _metrics(tmp_path / "p")["per_item"]["time"][:2] == ["2020-01-01", "2020-01-02"]
+
+
+def test_one_members_spread_skill_is_said_to_need_two(tmp_path, recwarn):
+    inp = make_input(tmp_path / "in.zarr")
+    out = tmp_path / "one.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(
+        inp, out, "ensemble.members=1", "ensemble.batch_size=1")]) == 0
+    from pipeline.scoring import evaluate, table
+
+    metrics, _ = evaluate(out, inp, out=tmp_path / "e")
+    assert "spread/skill" in table(metrics) and "n/a (needs 2 members)" in table(metrics)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
