@@ -12,6 +12,7 @@ band of scales (``pipeline.bands``) with bootstrap intervals.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def _check_finite(truth: xr.DataArray, path, field_ndim: int, *, paired: bool) -
         return
     dim = truth.dims[0]
     labels = truth[dim].to_index()[bad] if bad.ndim == 1 else np.nonzero(bad)[0]
-    where = f"{dim} {', '.join(map(str, labels[:3]))}"
+    where = f"{dim} {', '.join(label_text(v) for v in np.asarray(labels)[:3])}"
     # unwritten snapshots read back as the store's fill value, NaN
     choose = ("sample items whose truth was written (input.range)" if paired else
               "choose its finite fields with --truth-range")
@@ -458,8 +459,12 @@ def _check_ours(folder: Path) -> None:
     try:
         earlier = json.loads((folder / "metrics.json").read_text())
         ours = isinstance(earlier, dict) and {"store", "truth"} <= earlier.keys()
-    except (OSError, ValueError):
+    except FileNotFoundError:
         ours = False
+    except (OSError, ValueError):
+        raise EvaluationError(f"--out {folder} holds a metrics.json that cannot be read: "
+                              "delete it if it is an evaluation's, or give another folder"
+                              ) from None
     if not ours:
         raise EvaluationError(f"--out {folder} holds {', '.join(there)}, not written by piadm "
                               "evaluate, which would replace them: give a new or empty folder")
@@ -554,7 +559,9 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
         metrics.attrs["pairing_note"] = f"the truth has no {item_dim} dim to pair by"
     folder.mkdir(parents=True, exist_ok=True)
     document = json.dumps(_as_json(metrics), indent=2, default=str, allow_nan=False)
-    (folder / "metrics.json").write_text(document)
+    draft = folder / f".metrics.json.{os.getpid()}"  # whole, or not there: it marks the folder
+    draft.write_text(document)
+    os.replace(draft, folder / "metrics.json")
     metrics.to_netcdf(str(folder / "metrics.nc"), engine="scipy")  # scipy: NetCDF 3, no extra library
     files = [folder / "metrics.json", folder / "metrics.nc",
              fields_figure(ens, truth, paired, folder / "fields.png",

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import xarray as xr
 import zarr
@@ -183,14 +184,15 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("range on paired truth", "--truth-range selects a climatology, but"),
     ("out into a store", "is a Zarr store: give a folder"),
     ("out onto a file", "is a file: give a folder"),
-    ("truth not finite", "has 2 of the 6 fields scored not finite (e.g. time 2020-01-03 "
-                         "00:00:00, 2020-01-05 00:00:00): a generate-data run stopped part way"),
+    ("truth not finite", "has 2 of the 6 fields scored not finite (e.g. time 2020-01-03, "
+                         "2020-01-05): a generate-data run stopped part way"),
     ("ensemble as truth", "is ('time', 'member', 'y', 'x'), not one field per time"),
     ("cut past the shells", "--cut 100 is past the largest shell of the store's 16x16 fields: "
                             "give at most 8"),
     ("out into the user's folder", "holds residuals.png, not written by piadm evaluate, which "
                                    "would replace them: give a new or empty folder"),
     ("truth with a label twice", "holds time 2020-01-02 more than once"),
+    ("out with a torn metrics.json", "holds a metrics.json that cannot be read: delete it"),
 ])
 def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, message):
     tmp, ens = paired
@@ -233,6 +235,11 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
         args[case] = [str(ens), "--truth", str(ens)]
     if case == "cut past the shells":
         args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--cut", "100"]
+    if case == "out with a torn metrics.json":
+        (tmp_path / "torn").mkdir()
+        (tmp_path / "torn" / "metrics.json").write_text('{"store": "e.zarr", "tru')
+        args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--out",
+                      str(tmp_path / "torn")]
     if case == "out into the user's folder":
         (tmp_path / "mine").mkdir()
         (tmp_path / "mine" / "residuals.png").write_text("my figure")
@@ -288,9 +295,16 @@ def test_a_climatology_range_selects_by_value_and_labels_are_dates_in_json(paire
     climate.to_zarr(tmp_path / "desc.zarr")
     assert main(["evaluate", str(ens), "--truth", str(tmp_path / "desc.zarr"), "--truth-range",
                  "2020-01-02", "2020-01-04", "--out", str(tmp_path / "c")]) == 0
+    assert _metrics(tmp_path / "c")["truth_fields"] == 3
     assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
                  "--out", str(tmp_path / "p")]) == 0
     assert _metrics(tmp_path / "p")["per_item"]["time"][:2] == ["2020-01-01", "2020-01-02"]
+    # a truth repeating a label the ensemble does not take is paired as any other
+    extra = truth.isel(time=[0, 1]).assign_coords(time=np.full(2, np.datetime64("2021-01-01")))
+    xr.concat([truth, extra], "time").to_zarr(tmp_path / "repeats.zarr")
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "repeats.zarr"),
+                 "--out", str(tmp_path / "r")]) == 0
+    assert _metrics(tmp_path / "r")["crps"] == _metrics(tmp_path / "p")["crps"]
 
 
 def test_one_members_spread_skill_is_said_to_need_two(tmp_path, recwarn):
