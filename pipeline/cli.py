@@ -504,7 +504,8 @@ def _evaluate_arguments(sp) -> None:
                     help="print the metrics as one JSON document (as saved in metrics.json) "
                          "instead of the table")
     sp.add_argument("--out", metavar="DIR",
-                    help="where the table and figures go (default: STORE without .zarr + _eval)")
+                    help="the folder for metrics.json, metrics.nc and the figures (the table "
+                         "is printed; default: STORE without .zarr + _eval)")
 
 
 def user_errors() -> tuple:

@@ -324,6 +324,8 @@ def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | Non
         out, figures = _spectrum_scores(out, spectra, ens_spectra, truth_values, shape[-1],
                                         paired=paired, kmax=kmax, cut=cut, input_n=input_n)
         attrs.update(figures)
+    else:  # radial shells need a square field
+        attrs["spectrum_note"] = f"no spectra: the fields {tuple(shape)} are not square"
     out.attrs.update(attrs)
     return out
 
@@ -426,6 +428,8 @@ def table(metrics: xr.Dataset) -> str:
         if key in a:
             rows.append((label, f"{a[key]:.4g}" if np.isfinite(a[key]) else
                          "n/a (needs 2 members)" if key == "spread_skill" else "n/a"))
+    if "spectrum_note" in a:
+        rows.append(("spectra", a["spectrum_note"].removeprefix("no spectra: ")))
     if "spectrum_ratio" in metrics:
         kmax = a["kmax"]
         ratios = " ".join(f"{r:.2f}" for r in metrics["spectrum_ratio"].values[:kmax])

@@ -317,3 +317,16 @@ def test_one_members_spread_skill_is_said_to_need_two(tmp_path, recwarn):
     metrics, _ = evaluate(out, inp, out=tmp_path / "e")
     assert "spread/skill" in table(metrics) and "n/a (needs 2 members)" in table(metrics)
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_fields_that_are_not_square_say_why_they_have_no_spectra(tmp_path):
+    from pipeline.scoring import evaluate, table
+
+    sets = ["model.shape=[8, 12]", "sampler.steps=20", "ensemble.members=2",
+            f"output.path={tmp_path / 'r.zarr'}"]
+    assert main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]) == 0
+    truth = xr.open_zarr(tmp_path / "r.zarr").field.isel(member=0).drop_vars("member")
+    xr.Dataset({"field": truth.rename(item="sample")}).to_zarr(tmp_path / "t.zarr")
+    metrics, _ = evaluate(tmp_path / "r.zarr", tmp_path / "t.zarr", out=tmp_path / "e")
+    assert "spectrum_ratio" not in metrics
+    assert "the fields (8, 12) are not square" in table(metrics)
