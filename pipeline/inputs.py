@@ -7,6 +7,7 @@ dask are imported only where a store is opened: an unconditional run's ranks nev
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class Items:
     mean: float = 0.0
     std: float = 1.0
     fingerprint: tuple[float, ...] = ()
+    _chunk: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def coords(self, coarse: bool) -> dict:
         """{dim: (values, attrs)} the ensemble store takes over: the item coordinate with its
@@ -64,10 +66,24 @@ class Items:
                 if k in ("units", "long_name", "standard_name")}
 
     def field(self, index: int) -> np.ndarray | None:
-        """Item ``index``'s input field (float64, *shape), or None."""
+        """Item ``index``'s input field (float64, *shape), or None. The items of a stored
+        chunk are read together and kept until another chunk's item is asked for (the work
+        goes item by item): reading one item of a chunk decodes all of it."""
         if self.fields is None:
             return None
-        return self.fields.isel({self.dim: index}).values.astype(np.float64)
+        chunks = self.fields.chunks
+        if chunks is None:  # held in memory
+            return self.fields.isel({self.dim: index}).values.astype(np.float64)
+        edges = np.cumsum((0, *chunks[0]))
+        at = int(np.searchsorted(edges, index, side="right")) - 1  # the chunk holding it
+        lo, hi = int(edges[at]), int(edges[at + 1])
+        if self._chunk.get("span") != (lo, hi):
+            self._chunk.clear()
+            block = self.fields.isel({self.dim: slice(lo, hi)})
+            if block.nbytes > KEPT_CHUNK_BYTES:  # too large to keep: this item alone
+                return self.fields.isel({self.dim: index}).values.astype(np.float64)
+            self._chunk.update(span=(lo, hi), values=block.values)
+        return self._chunk["values"][index - lo].astype(np.float64)
 
 
 def label_text(label) -> str:
@@ -88,6 +104,8 @@ def unconditional() -> Items:
     """One work item, labelled 0, with no input."""
     return Items("item", np.arange(1))
 
+
+KEPT_CHUNK_BYTES = 256 * 2**20  # the largest input chunk kept for its other items (``field``)
 
 # A float label names the coordinate value this close to it, relative to its size: times
 # made as spinup + interval * k carry their sums' rounding (1.7000000000000002 for "1.7")

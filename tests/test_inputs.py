@@ -154,3 +154,24 @@ def test_a_resumed_store_keeps_the_input_scale_it_recorded(tmp_path, capsys):
     assert not np.array_equal(again[:, 2:], whole[:, 2:])  # drawn with the recorded scale
     np.testing.assert_array_equal(again[:, :2], whole[:, :2])
     np.testing.assert_allclose(again, whole, rtol=0, atol=1e-3)
+
+
+def test_the_items_of_a_chunk_are_read_from_the_store_once(tmp_path):
+    from dask.callbacks import Callback
+
+    class Reads(Callback):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def _start(self, dsk):
+            self.count += 1
+
+    path = _store(tmp_path / "c.zarr", np.arange(6.0), chunk=3)
+    items = _open(path, check=False)
+    whole = xr.open_zarr(path).vort.values.astype("float64")
+    with Reads() as reads:
+        fields = [items.field(i) for i in range(6)]
+    assert reads.count == 2  # one a chunk, not one an item
+    np.testing.assert_array_equal(np.stack(fields), whole)
+    np.testing.assert_array_equal(items.field(1), whole[1])  # back to the first chunk
