@@ -13,7 +13,7 @@ Two families, both written on the score:
   drift = -s_j (sqrt(s_{j+1}^2 - sigma^2) - e^{h/2} s_j), noise = sigma,
   sigma^2 = eta^2 (s_{j+1}^2 / s_j^2) (1 - e^{-h}).
 
-``var`` is the residual scale of the state after step j (section 5): e^{h} - 1 for the SDE,
+``var`` is the residual scale of the state after step j (sections 3 and 4): e^{h} - 1 for the SDE,
 1 (the VP marginal variance of unit-scale data) for the ODE.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Each trajectory has a member seed hashed from (seed, item, member), stored with the ensemble;
 every field-sized draw of it is keyed by (member seed, stream, index) and hashed by numpy's
 ``SeedSequence`` into a Philox key, so a draw depends only on its key: never on batching,
-block layout or rank count (docs/algorithms.md section 3). Streams separate the uses of noise in
+block layout or rank count (docs/algorithms.md section 2). Streams separate the uses of noise in
 one trajectory.
 
 Two sources fill the draws. ``host`` (the default): numpy's Philox on the CPU, the same numbers

@@ -1,4 +1,4 @@
-"""Underdamped Langevin corrector of PIADM-ODE, solved by parallel Picard sweeps (section 4).
+"""Underdamped Langevin corrector of PIADM-ODE, solved by parallel Picard sweeps (section 3).
 
 Target: the VP marginal at the block's end clock u_end, with the score frozen there:
 dx = v dr, dv = (s(x, u_end) - gamma v) dr + sqrt(2 gamma) dB, v_0 ~ N(0, I).

@@ -24,8 +24,8 @@ class Options:
 
     form: ``exponential`` (score frozen per step) or ``eps`` (DDPM/DDIM), see integrators.
     max_sweeps: Picard sweeps per block (capped at the block's points, where it is exact).
-    tol: stop a member's block once max_m r_m <= tol^2 (docs/algorithms.md section 4); None for
-        exactly ``max_sweeps`` sweeps.
+    tol: stop a member's block once max_m r_m <= tol^2 (docs/algorithms.md sections 3 and
+        6); None for exactly ``max_sweeps`` sweeps.
     window: points in the sliding window (``window``, ``pc-window``); 0: the sampler's own
         measured default.
     data_bound: S, an upper bound on the eigenvalues of the data covariance in model units,
@@ -42,7 +42,7 @@ class Options:
     on_divergence: ``sequential`` (redo the block step by step) or ``error`` when a fixed
         block's residual is NaN/Inf or exceeds ``divergence_threshold``; the window samplers
         raise ``PicardDivergence`` on NaN/Inf.
-    corrector_*: underdamped Langevin corrector of PIADM-ODE (section 4); steps = 0 turns it off.
+    corrector_*: underdamped Langevin corrector of PIADM-ODE (section 3); steps = 0 turns it off.
     churn: ``edm-heun``'s S_churn: each step first raises the noise level by the factor
         1 + min(churn / steps, sqrt 2 - 1) with fresh keyed noise; 0 (the default) is the ODE.
     denoise_final: return the Tweedie denoised mean E[x_0 | y] at u_min (one more model call).

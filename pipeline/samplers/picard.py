@@ -7,7 +7,7 @@ Inside a block of M steps with start state y_0 and E_m = prod_{j<m} decay_j (= e
 A sweep evaluates every g_j at the previous sweep's states in one batched call, then rebuilds
 every y_m with one prefix sum. Each rank owns a contiguous slice [lo, hi) of the block's steps:
 it evaluates its own g_j, takes a local cumsum and adds the exclusive scan of the slice totals
-over the communicator (section 6). A member stops sweeping once its residual is within
+over the communicator (section 3). A member stops sweeping once its residual is within
 tolerance; its states freeze there, so its result does not depend on who shares its batch.
 """
 from __future__ import annotations
