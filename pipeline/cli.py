@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 # each command imports what it needs.
 from pipeline import __version__  # noqa: E402
 from pipeline.config import (ConfigError, check_same_config, load_config,  # noqa: E402
-                             with_settings)
+                             read_toml, with_settings)
 from pipeline.console import on_every_rank, on_rank0, print0, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
 from pipeline.errors import raised_by_every_rank  # noqa: E402
@@ -34,8 +34,7 @@ from pipeline.settings import AUTO_METHODS, PEERS  # noqa: E402
 EXAMPLES = {
     "sample": "example: piadm sample jobs/configs/grf.toml --set ensemble.members=16",
     "bench": "example: piadm bench jobs/configs/grf.toml --json out/bench.json",
-    "calibrate": "example: piadm calibrate jobs/configs/kolmogorov_uncond.toml "
-                 "--set 'sampler.tol=\"auto\"'",
+    "calibrate": "example: piadm calibrate jobs/configs/kolmogorov_uncond.toml",
     "plan": "example: piadm plan jobs/configs/grf.toml --ranks 8 --set ensemble.members=64",
     "config": "example: piadm config jobs/configs/grf.toml --set sampler.steps=200",
     "status": "example: piadm status out/grf.zarr   (exit 0 when complete, 1 when not)",
@@ -58,6 +57,26 @@ def overrides(args) -> list[str]:
     return [*environment_settings(), *args.set]
 
 
+SAMPLING = ("model", "sampler", "ensemble", "output", "input", "parallel")
+READS = {"sample": SAMPLING, "plan": SAMPLING, "bench": (*SAMPLING, "bench"),
+         "calibrate": (*SAMPLING, "calibrate"), "generate-data": ("data",),
+         "train": ("train", "data")}  # the sections a command's config is for
+
+
+def _load(args):
+    """The config of ``args``, refusing a file that has sections but none of those its
+    command reads (a generate-data config given to sample would run on defaults alone)."""
+    if args.config is not None:
+        held = read_toml(args.config)
+        wanted = READS.get(args.command, ())
+        if held and wanted and not set(held) & set(wanted):
+            raise ConfigError(
+                f"config file {args.config} has [{'], ['.join(held)}] and none of the sections "
+                f"piadm {args.command} reads ([{'], ['.join(wanted)}]): give a config for "
+                f"{args.command}, e.g. one of jobs/configs/")
+    return load_config(args.config, overrides(args))
+
+
 def _setup(args, world, plan: bool = False, layout: bool = True):
     """Config, rank grid and device: the same on every rank, so an error here is raised by
     all. ``plan``: resolve ``"auto"`` sampler and time slices (``pipeline.planner``) and
@@ -71,7 +90,7 @@ def _setup(args, world, plan: bool = False, layout: bool = True):
 
     # a config may fail its checks on some ranks only (a PIADM_SET that differs between
     # nodes): every rank must then stop, not wait for it in check_same_config
-    cfg = on_every_rank(world, lambda: load_config(args.config, overrides(args)))
+    cfg = on_every_rank(world, lambda: _load(args))
     options = {k: v for k, v in sorted(vars(args).items()) if k not in ("config", "set")}
     check_same_config(world, cfg, f"piadm {args.command}", mode=repr(options))
     if args.command == "sample":  # the store's own spelling of the files it was made from
@@ -426,7 +445,9 @@ def parser() -> argparse.ArgumentParser:
              "train": "train a U-Net score model on a Zarr dataset (data-parallel)",
              "evaluate": "score an ensemble store against the truth: table, JSON, NetCDF, PNGs"}
     for name, text in helps.items():
-        sp = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES[name])
+        # the example as written, one line: wrapped, a pasted --set could lose its value
+        sp = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES[name],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == "status":
             sp.add_argument("store", help="path of the ensemble store")
             sp.add_argument("--json", action="store_true",

@@ -7,9 +7,12 @@ in TOML syntax; bare words are strings), rejects unknown keys and bad values wit
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import hashlib
+import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -18,6 +21,9 @@ from pathlib import Path
 from pipeline.errors import ConfigError  # noqa: F401  (raised here; its home is the leaf)
 from pipeline.settings import SECTION_TYPES, Config, open_kind
 from pipeline.validation import validate
+
+
+LABEL_KEYS = ("input.items[", "input.range[")  # labels: text, however the TOML wrote them
 
 
 def _suggest(name: str, options) -> str:
@@ -55,8 +61,17 @@ def _coerce(key: str, value, hint):
         value = value.item()  # a numpy scalar from a workflow script: its Python value
     if hint is str and isinstance(value, os.PathLike):  # a pathlib.Path from a script
         return os.fspath(value)
+    if (hint is str and key.startswith(LABEL_KEYS) and not isinstance(value, bool)
+            and isinstance(value, (int, float, datetime.date, datetime.time))):
+        # labels written unquoted (range = [2020-01-01, 2020-01-31]): TOML's dates and
+        # numbers, as the text a label is
+        return value.isoformat() if hasattr(value, "isoformat") else repr(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"config: {key} = {str(value)[:20]}... is too large for a "
+                              "number") from None
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise ConfigError(
             f"config: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}"
@@ -94,7 +109,14 @@ def _set(tree: dict, dotted: str, raw: str) -> None:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw  # a bare word: a string
+        # a bare word: a string (a comment after it dropped, as TOML drops one)
+        value = raw.split(" #")[0].rstrip()
+        if re.search(r"[,;\s]\s*\w+\.\w+\s*=", value):
+            raise ConfigError(f"--set {dotted}={raw}: this holds another setting: separate "
+                              "PIADM_SET items with ';' or new lines, and give each --set "
+                              "its own") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise ConfigError(f"--set {dotted}: the value {raw[:20]}... is too large") from None
     tree.setdefault(keys[0], {})[keys[1]] = value
 
 
@@ -103,8 +125,8 @@ def _toml(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, str):  # JSON's escapes are TOML's, control characters included
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     return repr(value)
@@ -168,6 +190,8 @@ def read_toml(path: str | Path) -> dict:
                           f"0x{data[err.start]:02x}: save the file as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise ConfigError(f"config file {path} holds a number too large: {err}") from None
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:

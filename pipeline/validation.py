@@ -4,6 +4,7 @@ the key and the fix; ``pipeline.config`` runs ``validate`` on every configuratio
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -45,7 +46,8 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
     """A layout must give every time slice at least one point to own."""
     from pipeline.samplers import REGISTRY
 
-    _check(p.threads >= 0, "parallel.threads", f"= {p.threads} must be >= 0 (0: automatic)")
+    _check(0 <= p.threads <= 65536, "parallel.threads",
+           f"= {p.threads} must be in [0, 65536] (0: automatic)")
     _check(p.wait in WAITS, "parallel.wait", f"= {p.wait!r} must be one of {', '.join(WAITS)}")
     _check(p.time_slices == "auto" or (isinstance(p.time_slices, int) and p.time_slices >= 1),
            "parallel.time_slices", f"= {p.time_slices!r} must be a number >= 1 or \"auto\"")
@@ -248,6 +250,22 @@ def _check_bench(b: BenchConfig) -> None:
     _check(b.seeds >= 1 and b.repeats >= 1, "bench.seeds", "and bench.repeats must be >= 1")
 
 
+def _check_numbers(cfg: Config) -> None:
+    """Every number of every section finite (an infinite spin-up runs forever, a NaN forcing
+    blows up with a misleading hint), and every seed one numpy and torch both take."""
+    for section in dataclasses.fields(cfg):
+        table = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(table):
+            continue
+        for f in dataclasses.fields(table):
+            value, key = getattr(table, f.name), f"{section.name}.{f.name}"
+            numbers = value if isinstance(value, (list, tuple)) else (value,)
+            _check(all(math.isfinite(v) for v in numbers if isinstance(v, float)), key,
+                   f"= {value!r} must be finite")
+            if f.name == "seed":
+                _check(0 <= value <= INT64_MAX, key, f"= {value} must be in [0, {INT64_MAX}]")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
     from models import model_kinds
@@ -298,3 +316,4 @@ def validate(cfg: Config) -> None:
            and all(a > b for a, b in zip(c.ladder, c.ladder[1:])), "calibrate.ladder",
            f"= {list(c.ladder)}: give tolerances > 0, loosest first (the first that keeps the "
            "members close is taken)")
+    _check_numbers(cfg)  # last: the checks above say more of the keys they know

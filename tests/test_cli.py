@@ -48,6 +48,27 @@ def test_version_and_the_installed_entry_point():
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.steps=10", "--set",
       "sampler.window=10", "--set", "parallel.time_slices=16"],
      "use at most 10 time slices, or raise sampler.steps and sampler.window"),
+    # numbers no run can use: past here they ran forever or raised deep inside
+    (["generate-data", "jobs/configs/kolmogorov.toml", "--set", "data.spinup=inf"],
+     "data.spinup = inf must be finite"),
+    (["sample", "jobs/configs/grf.toml", "--set", "calibrate.ladder=[inf, 0.1]"],
+     "calibrate.ladder = (inf, 0.1) must be finite"),
+    (["sample", "jobs/configs/gmm.toml", "--set", "model.seed=-1"],
+     "model.seed = -1 must be in [0, 9223372036854775807]"),
+    (["generate-data", "jobs/configs/kolmogorov.toml", "--set", "data.seed=18446744073709551616"],
+     "data.seed = 18446744073709551616 must be in"),
+    (["sample", "jobs/configs/grf.toml", "--set", "parallel.threads=99999999999999999999"],
+     "parallel.threads = 99999999999999999999 must be in [0, 65536]"),
+    (["sample", "jobs/configs/grf.toml", "--set", "model.slope=1" + "0" * 400],
+     "model.slope = 10000000000000000000... is too large for a number"),
+    (["sample", "jobs/configs/grf.toml", "--set", "sampler.steps=1" + "0" * 5000],
+     "--set sampler.steps: the value 10000000000000000000... is too large"),
+    (["sample", "jobs/configs/grf.toml", "--set", "output.path=a.zarr, ensemble.members=2"],
+     "this holds another setting: separate PIADM_SET items with ';'"),
+    # a config for another command
+    (["sample", "jobs/configs/kolmogorov.toml"],
+     "config file jobs/configs/kolmogorov.toml has [data] and none of the sections piadm "
+     "sample reads"),
 ])
 def test_file_and_override_errors_are_one_line(args, needle, capsys, tmp_path):
     assert main(args) == 2
@@ -140,6 +161,21 @@ def test_config_checks_and_prints_without_importing_torch(config):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "[model]" in run.stdout and run.stdout.strip().splitlines()[-1] == "0 []", run.stdout
+
+
+def test_labels_written_unquoted_are_their_text_and_control_characters_print_back(
+        tmp_path, capsys):
+    from pipeline.config import load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text('[input]\npath = "x.zarr"\nvariable = "v"\n'
+                    'range = [2020-01-01, 2020-01-31T06:00:00]\n[model]\ncondition = "mean"\n')
+    assert load_config(path).input.range == ("2020-01-01", "2020-01-31T06:00:00")
+    assert load_config(None, ["input.items=[21.0, 22]"]).input.items == ("21.0", "22")
+    assert load_config(None, ["output.path=x.zarr # a note"]).output.path == "x.zarr"
+    assert main(["config", "jobs/configs/grf.toml", "--set", r'output.path="a\tb\nc"']) == 0
+    (tmp_path / "back.toml").write_text(capsys.readouterr().out)
+    assert load_config(tmp_path / "back.toml").output.path == "a\tb\nc"
 
 
 def test_config_prints_toml_that_loads_back_to_the_same_config(capsys):
