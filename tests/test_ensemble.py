@@ -543,6 +543,20 @@ def test_a_store_is_never_cut_to_fewer_members(tmp_path, input_store, capsys):
     assert _digest_files(out) == before
 
 
+class Killed(BaseException):
+    """A kill -9, as a test raises it where the process would have died."""
+
+
+def _to_grow(tmp_path, input_store):
+    """A store of 6 members to grow, one made with 8 at once, and the larger run's sets."""
+    clean, cut_short = tmp_path / "clean.zarr", tmp_path / "cut.zarr"
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(input_store, clean, "ensemble.members=8")]) == 0
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(input_store, cut_short)]) == 0
+    return clean, cut_short, conditional_sets(input_store, cut_short, "ensemble.members=8")
+
+
 @pytest.mark.parametrize("cut", ["before the sizes are consolidated", "before the identity"])
 def test_a_growth_cut_short_is_finished_by_the_next_run(tmp_path, input_store, capsys,
                                                         monkeypatch, cut):
@@ -551,15 +565,7 @@ def test_a_growth_cut_short_is_finished_by_the_next_run(tmp_path, input_store, c
     one's next run grows it."""
     from pipeline import store
 
-    clean, cut_short = tmp_path / "clean.zarr", tmp_path / "cut.zarr"
-    more = conditional_sets(input_store, cut_short, "ensemble.members=8")
-    assert main(["sample", "jobs/configs/grf.toml",
-                 *conditional_sets(input_store, clean, "ensemble.members=8")]) == 0
-    assert main(["sample", "jobs/configs/grf.toml",
-                 *conditional_sets(input_store, cut_short)]) == 0
-
-    class Killed(BaseException):
-        pass
+    clean, cut_short, more = _to_grow(tmp_path, input_store)
 
     def killed(*args, **kwargs):
         raise Killed
@@ -584,15 +590,7 @@ def test_a_growth_killed_at_any_write_of_the_stores_attributes_is_finished_by_th
     configuration's or becomes the larger's, and the larger one's next run completes it."""
     from zarr.storage import LocalStore
 
-    clean, cut_short = tmp_path / "clean.zarr", tmp_path / "cut.zarr"
-    more = conditional_sets(input_store, cut_short, "ensemble.members=8")
-    assert main(["sample", "jobs/configs/grf.toml",
-                 *conditional_sets(input_store, clean, "ensemble.members=8")]) == 0
-    assert main(["sample", "jobs/configs/grf.toml",
-                 *conditional_sets(input_store, cut_short)]) == 0
-
-    class Killed(BaseException):
-        pass
+    clean, cut_short, more = _to_grow(tmp_path, input_store)
 
     from pipeline import store
 
