@@ -26,6 +26,18 @@ from pipeline.validation import validate
 LABEL_KEYS = ("input.items[", "input.range[")  # labels: text, however the TOML wrote them
 
 
+def _spelling(value, hint) -> str:
+    """How TOML spells the value a string ``value`` was likely meant as, if so."""
+    if not isinstance(value, str):
+        return ""
+    if hint is bool and value.lower() in ("true", "false"):
+        return f": write {value.lower()} (TOML's booleans are lower case)"
+    if hint is float and re.fullmatch(r"[+-]?\.\d+", value.strip()):
+        number = value.strip().replace(".", "0.", 1)
+        return f": write {number} (a TOML number has a digit before its point)"
+    return ""
+
+
 def _suggest(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -75,7 +87,7 @@ def _coerce(key: str, value, hint):
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise ConfigError(
             f"config: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}"
-        )
+            + _spelling(value, hint))
     return value
 
 

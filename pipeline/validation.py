@@ -5,6 +5,7 @@ the key and the fix; ``pipeline.config`` runs ``validate`` on every configuratio
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 
@@ -272,7 +273,9 @@ def validate(cfg: Config) -> None:
 
     m = cfg.model
     kinds = model_kinds()
-    _check(m.kind in kinds, "model.kind", f"= {m.kind!r} is unknown: use one of {', '.join(kinds)}")
+    close = difflib.get_close_matches(m.kind, kinds, n=1)
+    _check(m.kind in kinds, "model.kind", f"= {m.kind!r} is unknown: use one of {', '.join(kinds)}"
+           + (f" (did you mean {close[0]!r}?)" if close else ""))
     _check(not m.args or open_kind(m.kind), "model.args",
            f"are only for model.kind = 'module' or a plugin's kind, not {m.kind!r}")
     least = 2 if m.kind in ("grf", "gmm") else 1  # a network may take a channel axis of 1

@@ -65,6 +65,12 @@ def test_version_and_the_installed_entry_point():
      "--set sampler.steps: the value 10000000000000000000... is too large"),
     (["sample", "jobs/configs/grf.toml", "--set", "output.path=a.zarr, ensemble.members=2"],
      "this holds another setting: separate PIADM_SET items with ';'"),
+    # spelled as TOML does not, or mistyped
+    (["sample", "jobs/configs/grf.toml", "--set", "output.overwrite=True"],
+     "got str 'True': write true (TOML's booleans are lower case)"),
+    (["sample", "jobs/configs/grf.toml", "--set", "sampler.u_min=.001"],
+     "write 0.001 (a TOML number has a digit before its point)"),
+    (["sample", "jobs/configs/grf.toml", "--set", "model.kind=gfr"], "(did you mean 'grf'?)"),
     # a config for another command
     (["sample", "jobs/configs/kolmogorov.toml"],
      "config file jobs/configs/kolmogorov.toml has [data] and none of the sections piadm "
