@@ -146,7 +146,7 @@ def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:
         check_variable(store_variable(cfg, trained_on), items.dim, len(cfg.model.shape),
                        "the model's variable" if trained_on else "input.variable")
     fate = check_output(cfg, items)
-    held = read_attrs(cfg.output.path) or {} if fate in ("resume", "upgrade", "grow") else {}
+    held = (read_attrs(cfg.output.path) or {}) if fate in ("resume", "upgrade", "grow") else {}
     if cfg.input.path and {"input_mean", "input_std"} <= held.keys():
         # the scale its members so far were drawn with: another piadm may round the same
         # statistics of the same fields otherwise, and the rest must match them bit for bit

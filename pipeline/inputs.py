@@ -186,7 +186,8 @@ def _select(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
     lo, hi = label_text(ordered[0]), label_text(ordered[-1])
     if items:
         labels = [_label(t, var[dim]) for t in items]
-        missing = [t for t, v in zip(items, labels) if not (values == v).any()]
+        at = [np.flatnonzero(values == v) for v in labels]  # each label's positions
+        missing = [t for t, where in zip(items, at) if not len(where)]
         if missing:
             raise InputError(f"input.items {missing} are not in {dim} (it runs {lo} .. {hi}): "
                              "pick labels from the store")
@@ -198,7 +199,6 @@ def _select(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
                 raise InputError(f"input.items {list(items)} name one {dim} twice ({t!r} is "
                                  f"{first[v]!r}): list each once")
             first[v] = t
-        at = [np.flatnonzero(values == v) for v in labels]
         chosen = np.concatenate(at)
     elif span:
         first_label, last_label = (_label(t, var[dim]) for t in span)
