@@ -186,16 +186,9 @@ def _take_over(folder: Path, key: str, owner: dict, job: str, record: str) -> bo
     """Take claim ``key`` from its dead ``owner``. One taker at a time holds the takeover
     lock, checks the claim is still the dead job's (another taker may have come first),
     replaces it and gives the lock back: a job id that comes back (a requeued SLURM job)
-    may be taken over from again."""
+    may be taken over from again. A holder giving the claim back holds the same lock."""
     lock = folder / f"{key}.takeover"
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-    except FileExistsError:
-        try:  # a taker killed while holding it (a takeover takes milliseconds)
-            if time.time() - lock.stat().st_mtime > WRITE_S:
-                lock.unlink(missing_ok=True)
-        except OSError:
-            pass
+    if not _lock_takeover(lock):
         return False
     try:
         now = _owner(folder / f"{key}.json") or {}
@@ -207,6 +200,22 @@ def _take_over(folder: Path, key: str, owner: dict, job: str, record: str) -> bo
         return True
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _lock_takeover(lock: Path) -> bool:
+    """Create the takeover lock ``lock``; False while another holds it (one left by a taker
+    killed holding it is removed once it is older than ``WRITE_S``: a takeover, or a give
+    back, takes milliseconds)."""
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        try:
+            if time.time() - lock.stat().st_mtime > WRITE_S:
+                lock.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return False
 
 
 def live_jobs(folder: Path) -> list[str]:
@@ -234,5 +243,17 @@ def holding(folder: Path, name: str, job: str):
     try:
         yield
     finally:
-        if holds(folder, name, job):  # not one taken over meanwhile: that is another's now
-            (folder / f"{name}.json").unlink(missing_ok=True)
+        _give_back(folder, name, job)
+
+
+def _give_back(folder: Path, key: str, job: str) -> None:
+    """Remove claim ``key`` when ``job`` still holds it (one taken over meanwhile is
+    another's now), under the takeover lock: a takeover between the look and the removal
+    would otherwise lose the taker's claim."""
+    while not _lock_takeover(folder / f"{key}.takeover"):
+        time.sleep(LOCK_POLL_S)
+    try:
+        if holds(folder, key, job):
+            (folder / f"{key}.json").unlink(missing_ok=True)
+    finally:
+        (folder / f"{key}.takeover").unlink(missing_ok=True)

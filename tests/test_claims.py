@@ -187,3 +187,30 @@ def test_a_lock_taken_over_meanwhile_is_not_given_back_by_its_former_holder(tmp_
         # "slow" looked dead to another job, which took the lock over
         (tmp_path / "finalize.json").write_text(json.dumps({"job": "other", "time": 0.0}))
     assert holds(tmp_path, "finalize", "other")
+
+
+def test_a_lock_is_given_back_only_between_takeovers(tmp_path):
+    """Giving a lock back looks whose it is and removes it under the takeover lock: a taker
+    that replaces the lock between that look and the removal keeps what it took."""
+    from pipeline.claims import holds
+
+    taking = tmp_path / "finalize.takeover"
+    inside, leave = threading.Event(), threading.Event()
+
+    def slow_job():
+        with holding(tmp_path, "finalize", "slow"):
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=slow_job, daemon=True)
+    thread.start()
+    assert inside.wait(10)
+    taking.write_text("")  # another job, taking the lock over from "slow", holds this now
+    leave.set()
+    time.sleep(0.3)
+    assert thread.is_alive()  # giving back waits for the takeover
+    (tmp_path / "finalize.json").write_text(json.dumps({"job": "other", "time": 0.0}))
+    taking.unlink()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert holds(tmp_path, "finalize", "other") and not taking.exists()
