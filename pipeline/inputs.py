@@ -88,11 +88,12 @@ class Items:
 
 def label_text(label) -> str:
     """An item label as a person writes it: 2020-01-01, 2020-01-01 06:00:00 or (a lead
-    time) 0 days 06:00:00, where numpy prints nanoseconds or a count of them; numbers and
-    text as they are."""
+    time) 0 days 06:00:00, where numpy prints nanoseconds or a count of them (a cftime date
+    alike, on its own calendar); numbers and text as they are."""
     kind = np.asarray(label).dtype.kind
     if kind not in "mM":
-        return str(label)
+        text = str(label)
+        return text.removesuffix(" 00:00:00") if hasattr(label, "calendar") else text
     import pandas as pd
 
     value = pd.Timedelta(label) if kind == "m" else pd.Timestamp(label)

@@ -74,6 +74,25 @@ def test_string_and_lead_time_labels_are_picked_by_their_text(tmp_path):
     assert list(_open(leads, items=("6h",)).labels) == [np.timedelta64(6 * 3600 * 10**9, "ns")]
 
 
+def test_model_calendar_times_are_picked_kept_and_printed_as_dates(tmp_path, capsys):
+    """A climate model's noleap times: picked and ranged by their text on their calendar,
+    kept on it in the store, printed as dates; a date the calendar lacks is one line."""
+    import cftime
+
+    times = xr.date_range("2000-02-27", periods=4, calendar="noleap", use_cftime=True)
+    path = _store(tmp_path / "noleap.zarr", times)
+    assert list(_open(path, items=("2000-03-01",)).labels) == [times[2]]
+    assert len(_open(path, span=("2000-02-28", "2000-03-02")).labels) == 3  # no 29 February
+    with pytest.raises(InputError, match="label '2000-02-29' is not a valid time value"):
+        _open(path, items=("2000-02-29",))
+    out = tmp_path / "ens.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(
+        path, out, "input.items=['2000-02-28', '2000-03-01']", "ensemble.members=2")]) == 0
+    assert "time 2000-03-01:" in capsys.readouterr().err
+    stored = xr.open_zarr(out).time.values
+    assert list(stored) == [times[1], times[2]] and isinstance(stored[0], cftime.datetime)
+
+
 @pytest.mark.parametrize("times, needle", [
     (pd.to_datetime(["2020-01-01", "2020-01-02", "2020-01-02"]),
      "input: vort's time holds 2020-01-02 more than once"),
