@@ -474,7 +474,7 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--dry-run", action="store_true",
                             help="print the items, members, batches, store, rank layout and "
                                  "sampler settings the run would use, and write nothing (exit "
-                                 "2 when the run would refuse its model or its store)")
+                                 "2 when the run would refuse its model, its store or its batch)")
         if name == "plan":
             sp.add_argument("--ranks", type=int, required=True, help="ranks the job will run")
             sp.add_argument("--gpus-per-node", type=int, default=0, metavar="G",

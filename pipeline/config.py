@@ -43,6 +43,13 @@ def _suggest(name: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _elsewhere(section: str, key: str) -> str:
+    """A hint naming the other section that holds ``key`` ("" when none does)."""
+    homes = [name for name, cls in SECTION_TYPES.items()
+             if name != section and key in typing.get_type_hints(cls)]
+    return f" (did you mean {homes[0]}.{key}?)" if homes else ""
+
+
 def _coerce(key: str, value, hint):
     """Check ``value`` against the annotation ``hint``; return it in the field's type."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -106,8 +113,8 @@ def _section(name: str, table: dict):
     for key, value in table.items():
         if key not in hints:
             raise ConfigError(
-                f"config: unknown key {name}.{key}{_suggest(key, hints)}; "
-                f"valid keys: {', '.join(hints)}"
+                f"config: unknown key {name}.{key}{_elsewhere(name, key) or _suggest(key, hints)}"
+                f"; valid keys: {', '.join(hints)}"
             )
         values[key] = _coerce(f"{name}.{key}", value, hints[key])
     return cls(**values)

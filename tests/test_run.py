@@ -64,6 +64,7 @@ def test_existing_store_is_refused_and_untouched(tmp_path, capsys):
 
 @pytest.mark.parametrize("override,needle", [
     ("sampler.stpes=3", "did you mean 'steps'"),
+    ("parallel.window_split=replicated", "did you mean sampler.window_split?"),
     ("sampler.block_size=0", "sampler.block_size"),
     ("sampler.method=magic", "sampler.method"),
     ("model.kind=transformer", "model.kind"),
