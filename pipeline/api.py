@@ -11,11 +11,14 @@ validated exactly like the CLI's. Under ``mpiexec`` every rank calls the same fu
 communicator is taken from the launcher unless one is passed. Every error that a config or
 a store causes is a ``PiadmError`` (``ConfigError``, ``StoreExists``, ...) whose message says
 what to change; a file the system cannot read or write (a folder that is a file, a full
-disk) raises its ``OSError``; a stop (Ctrl-C, SIGTERM) is a ``KeyboardInterrupt``.
+disk) raises its ``OSError``; Ctrl-C is a ``KeyboardInterrupt`` unless a ``stop`` is given
+(``sample``). Under ``mpiexec`` launch scripts with ``python -m mpi4py``, so that an
+exception on one rank aborts them all rather than leaving the others waiting.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import warnings
@@ -26,27 +29,32 @@ import xarray as xr
 from pipeline.comm import MPIComm, SerialComm, world_comm
 from pipeline.config import ConfigError, check_same_config, config_from_dict, read_toml
 from pipeline.errors import PiadmError  # every error a user's input causes is one
-from pipeline.settings import Config
-from pipeline.store import open_store
+from pipeline.settings import SECTION_TYPES, Config
+from pipeline.store import StoreExists, open_store
 
-__all__ = ["load_config", "sample", "open_ensemble", "evaluate", "world", "PiadmError"]
+__all__ = ["load_config", "sample", "open_ensemble", "evaluate", "world", "PiadmError",
+           "ConfigError", "StoreExists"]
 
 # piadm evaluate's flags as its messages name them (not inside a path: "runs/a--kmax.zarr")
 EVALUATE_FLAGS = r"(?<![\w./-])--(truth-variable|truth-range|truth|kmax|cut|out)\b"
 
 
-def load_config(source: str | Path | dict | None = None, overrides: dict | None = None) -> Config:
-    """A validated ``Config`` from a TOML file, a nested dict {section: {key: value}} or None
-    (defaults), with ``overrides`` {"section.key": value} applied on top."""
-    if isinstance(source, dict):
+def load_config(source: str | Path | dict | Config | None = None,
+                overrides: dict | None = None) -> Config:
+    """A validated ``Config`` from a TOML file, a nested dict {section: {key: value}}, a
+    ``Config`` (e.g. one changed with ``dataclasses.replace``) or None (defaults), with
+    ``overrides`` {"section.key": value} applied on top."""
+    if isinstance(source, Config):
+        tree = _fields(source)
+    elif isinstance(source, dict):
         tree = copy.deepcopy(source)
     elif source is None:
         tree = {}
     elif isinstance(source, (str, Path)):
         tree = read_toml(source)
     else:
-        raise ConfigError(f"load_config takes a TOML path, a dict {{section: {{key: value}}}} or "
-                          f"None, not {type(source).__name__}")
+        raise ConfigError(f"load_config takes a TOML path, a dict {{section: {{key: value}}}}, a "
+                          f"Config or None, not {type(source).__name__}")
     if overrides is not None and not isinstance(overrides, dict):
         raise ConfigError(f"load_config's overrides are a dict {{'section.key': value}}, not "
                           f"{type(overrides).__name__} {overrides!r}")
@@ -54,8 +62,18 @@ def load_config(source: str | Path | dict | None = None, overrides: dict | None 
         section, _, key = dotted.partition(".")
         if not key:
             raise ConfigError(f"override {dotted!r}: use 'section.key', e.g. 'sampler.steps'")
-        tree.setdefault(section, {})[key] = value
+        table = tree.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"override {dotted!r}: [{section}] must be a table of keys, got "
+                              f"{type(table).__name__} {table!r}")
+        table[key] = value
     return config_from_dict(tree)
+
+
+def _fields(cfg: Config) -> dict:
+    """A ``Config``'s settings as a nested dict, from its fields (its ``text`` is rewritten
+    from them: a ``dataclasses.replace`` leaves it as it was)."""
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTION_TYPES}
 
 
 def world():
@@ -95,23 +113,24 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     from pipeline.console import on_rank0
     from pipeline.ensemble import sample_to_store
     from pipeline.identity import as_stored
-    from pipeline.layout import place_rank, rank_grid
+    from pipeline.layout import place_rank, rank_grid, torch_settings_kept
     from pipeline.planner import resolve_plan
     from pipeline.settings import needs_plan
 
-    cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
+    cfg = load_config(cfg)  # a Config too: checked anew, its text made from its fields
     comm = _communicator(comm)
     check_same_config(comm, cfg, "api.sample")
     cfg = on_rank0(comm, as_stored, cfg)  # the store's own spelling of the files it was made from
     if callable(stop):
         stop = _StopWhen(stop)
-    device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),
-                        cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)
-    attrs = {}
-    if needs_plan(cfg):  # "auto": the planner's fastest layout for these ranks
-        cfg, attrs = resolve_plan(cfg, comm, device)
-    ranks = rank_grid(comm, cfg.parallel.time_slices)
-    return sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
+    with torch_settings_kept():
+        device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),
+                            cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)
+        attrs = {}
+        if needs_plan(cfg):  # "auto": the planner's fastest layout for these ranks
+            cfg, attrs = resolve_plan(cfg, comm, device)
+        ranks = rank_grid(comm, cfg.parallel.time_slices)
+        return sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
 
 
 def open_ensemble(path: str | Path) -> xr.Dataset:

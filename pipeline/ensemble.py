@@ -451,10 +451,13 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
             halt.attempt(writer.close, after_error=True)
         return _finish(cfg, spec, ranks, writer, tally, skipped=skipped, job=job,
                        failed=halt.error)
-    except Exception:
-        if writer is not None:  # the members sampled before the failure are written first
+    except BaseException as err:
+        if writer is not None and isinstance(err, Exception):
+            # the members sampled before the failure are written first
             with contextlib.suppress(Exception):
                 writer.close()
+        elif writer is not None:  # a stop that does not wait (a second Ctrl-C)
+            writer.abandon()
         raise
     finally:
         if beat is not None:

@@ -6,6 +6,7 @@ their Exscan and Allreduce run every sweep, while groups never talk until the en
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -104,15 +105,40 @@ def float32_precision(tf32: bool) -> None:
     tolerance (seen on an H200 with the shipped U-Net: ``docs/benchmarks.md``). Off by default
     (``model.tf32``); no effect on a CPU."""
     mode = "tf32" if tf32 else "ieee"
-    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
-    if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):
+    if _per_operation():
         # torch >= 2.9: set per operation, never through the older flags (torch refuses to
         # mix the two)
-        cudnn_conv.fp32_precision = mode
-        torch.backends.cuda.matmul.fp32_precision = mode
+        for flags in _PRECISION_FLAGS:
+            flags().fp32_precision = mode
     else:
         torch.backends.cudnn.allow_tf32 = tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+# torch >= 2.9's per-operation float32 precision flags that float32_precision sets
+_PRECISION_FLAGS = (lambda: torch.backends.cudnn.conv, lambda: torch.backends.cuda.matmul)
+
+
+def _per_operation() -> bool:
+    return hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
+
+
+@contextlib.contextmanager
+def torch_settings_kept():
+    """Give torch's CPU threads and float32 precision flags back as they were on leaving:
+    ``place_rank`` sets them for the run, and a script that calls the API goes on."""
+    threads = torch.get_num_threads()
+    if _per_operation():
+        flags = [(f, f().fp32_precision) for f in _PRECISION_FLAGS]
+    else:
+        flags = [(lambda: torch.backends.cudnn, torch.backends.cudnn.allow_tf32),
+                 (lambda: torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32)]
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        for owner, value in flags:
+            setattr(owner(), "fp32_precision" if _per_operation() else "allow_tf32", value)
 
 
 def place_rank(world, threads: int = 0, field_points: int = 0, keep_freed: bool = True,

@@ -116,6 +116,7 @@ class StopRequest:
     def __init__(self, tag: str = ""):
         self.signal: int | None = None
         self.tag = tag  # "[rank r/N] " under MPI (pipeline.console.tag): each rank says it
+        self._before: dict = {}  # the handlers install replaced
 
     def __bool__(self) -> bool:
         return self.signal is not None
@@ -140,11 +141,25 @@ class StopRequest:
 
     def install(self) -> "StopRequest":
         """Handle the stop signals (main thread only), and a first Ctrl-C as one of them,
-        counting one that arrived while they were deferred; returns self."""
+        counting one that arrived while they were deferred; returns self. ``uninstall`` (or
+        leaving a ``with`` block) puts the handlers it replaced back."""
         for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
-        signal.signal(signal.SIGINT, self._interrupt)
+            self._before.setdefault(sig, signal.signal(sig, self._handle))
+        self._before.setdefault(signal.SIGINT, signal.signal(signal.SIGINT, self._interrupt))
         if _early:
             self._handle(_early[0], None)
             _early.clear()
         return self
+
+    def uninstall(self) -> None:
+        """Put back the handlers ``install`` replaced. The flag stays as it is: a request
+        that stopped a run stops the next one it is given too, so take a new one."""
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._before.clear()
+
+    def __enter__(self) -> "StopRequest":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()

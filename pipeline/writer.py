@@ -7,6 +7,7 @@ caller spent blocked on the writer: the write cost that compute did not hide.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -25,6 +26,9 @@ class InlineWriter:
         self.waited = self.busy
 
     def close(self) -> None:
+        return None
+
+    def abandon(self) -> None:
         return None
 
 
@@ -68,6 +72,15 @@ class BackgroundWriter:
         self._thread.join()
         self.waited += time.perf_counter() - start
         self._raise()
+
+    def abandon(self) -> None:
+        """Drop the jobs still waiting and let the thread end after the one under way,
+        without waiting for it: a stop that must not wait (a second Ctrl-C). What the
+        dropped jobs would have written and marked done is sampled again by a rerun."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._jobs.get_nowait()
+        self._jobs.put(None)
 
 
 def make_writer(background: bool):

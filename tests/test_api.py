@@ -172,3 +172,94 @@ def test_api_run_equals_the_cli_run(tmp_path):
                  "--set", f"output.path={tmp_path / 'b.zarr'}"]) == 0
     a, b = api.open_ensemble(summary.path), api.open_ensemble(tmp_path / "b.zarr")
     np.testing.assert_array_equal(a.field.values, b.field.values)
+
+
+def test_a_config_changed_with_dataclasses_replace_is_checked_and_recorded_as_changed(tmp_path):
+    """Config is frozen, so a script changes one with dataclasses.replace, which keeps the
+    old text: the store records the settings it was sampled with, and bad values are
+    refused as a config error."""
+    import dataclasses
+    import tomllib
+
+    import xarray as xr
+
+    cfg = api.load_config({"model": {"shape": [8, 8]}, "sampler": {"steps": 10},
+                           "ensemble": {"members": 2, "batch_size": 2},
+                           "output": {"path": str(tmp_path / "r.zarr")}})
+    changed = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=12))
+    api.sample(changed)
+    ds = xr.open_zarr(tmp_path / "r.zarr")
+    assert ds.attrs["sampler_steps"] == 12 and "steps = 12" in ds.attrs["config"]
+    again = api.sample(tomllib.loads(ds.attrs["config"]))  # the store's own config resumes it
+    assert (again.members, again.skipped) == (0, 2)
+    with pytest.raises(ConfigError, match="sampler.steps"):
+        api.sample(dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=-5)))
+    with pytest.raises(ConfigError, match=r"\[sampler\] must be a table"):
+        api.load_config({"sampler": 5}, {"sampler.steps": 3})
+
+
+def test_sample_gives_torchs_threads_and_precision_flags_back(tmp_path):
+    """A script goes on after the call: its threads and float32 precision are its own (torch's
+    older allow_tf32 getters raise once a flag is "ieee", as the run sets them)."""
+    import torch
+
+    from test_layout import _cuda_float32_modes
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    before = _cuda_float32_modes()
+    try:
+        api.sample({"model": {"shape": [8, 8]}, "sampler": {"steps": 10},
+                    "ensemble": {"members": 2, "batch_size": 2},
+                    "output": {"path": str(tmp_path / "t.zarr")}, "parallel": {"threads": 1}})
+        assert torch.get_num_threads() == 3
+        assert _cuda_float32_modes() == before
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_keyboard_interrupt_leaves_no_writer_thread_behind(tmp_path):
+    """A script that catches the KeyboardInterrupt goes on: the background writer's thread
+    ends (after the write under way), and a rerun resumes what was written."""
+    import threading
+    import time
+
+    tree = {"model": {"shape": [8, 8]}, "sampler": {"steps": 10},
+            "ensemble": {"members": 8, "batch_size": 1},
+            "output": {"path": str(tmp_path / "k.zarr"), "background": True}}
+    asked = []
+
+    def interrupt():
+        asked.append(1)
+        if len(asked) == 6:
+            raise KeyboardInterrupt
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        api.sample(tree, stop=interrupt)
+    writers = lambda: [t for t in threading.enumerate() if t.name == "piadm-writer"]  # noqa: E731
+    for _ in range(100):
+        if not writers():
+            break
+        time.sleep(0.05)
+    assert not writers()
+    resumed = api.sample(tree)
+    assert resumed.members + resumed.skipped == 8 and not resumed.preempted
+
+
+def test_a_stop_request_in_a_with_block_stops_the_run_and_gives_the_handlers_back(tmp_path):
+    import os
+    import signal
+
+    from pipeline.signals import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    tree = {"model": {"shape": [8, 8]}, "sampler": {"steps": 10},
+            "ensemble": {"members": 4, "batch_size": 2},
+            "output": {"path": str(tmp_path / "s.zarr")}}
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: the run stops before its first batch
+        stopped = api.sample(tree, stop=stop)
+    assert stopped.preempted and stopped.members == 0
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert api.sample(tree).members == 4
