@@ -1,0 +1,51 @@
+"""The batch scripts find the repository from the path they were submitted by, however it
+was spelled, without a SLURM: a stand-in ``scontrol`` says what SLURM says of the job, and
+each script runs from a copy elsewhere, as SLURM runs it."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCONTROL = """#!/usr/bin/env bash
+echo "JobId=$SLURM_JOB_ID JobName=piadm"
+echo "   Command=$SUBMITTED"
+echo "   WorkDir=$SLURM_SUBMIT_DIR"
+"""
+
+
+def _run_copy(tmp_path, script: str, submitted: str, submit_dir: Path):
+    bin_dir, spool = tmp_path / "bin", tmp_path / "spool"
+    bin_dir.mkdir(exist_ok=True)
+    spool.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text(SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    copy = spool / "slurm_script"
+    shutil.copy(ROOT / "jobs" / "slurm" / script, copy)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SUBMITTED": submitted,
+           "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(submit_dir), "PIADM": "echo piadm"}
+    env.pop("PIADM_ROOT", None)
+    env.pop("SLURM_ARRAY_TASK_ID", None)
+    return subprocess.run(["bash", str(copy), "config.toml", str(tmp_path / "shards")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("submitted, submit_dir", [
+    ("../jobs/slurm/generate.sbatch config.toml shards", ROOT / "docs"),
+    ("./generate.sbatch config.toml shards", ROOT / "jobs" / "slurm"),
+    (f"{ROOT}/jobs/slurm/generate.sbatch config.toml shards", Path("/")),
+])
+def test_a_script_submitted_by_a_relative_path_finds_the_repository(tmp_path, submitted,
+                                                                     submit_dir):
+    """Past finding the repository, the script stops at its own first check (no --array)."""
+    run = _run_copy(tmp_path, "generate.sbatch", submitted, submit_dir)
+    assert run.returncode == 1 and "submit with --array" in run.stderr, run.stderr
+
+
+def test_where_no_repository_is_found_the_script_says_to_set_piadm_root(tmp_path):
+    run = _run_copy(tmp_path, "sample.sbatch", "../elsewhere/sample.sbatch c", tmp_path)
+    assert run.returncode == 2
+    assert f"piadm: no jobs/common.sh in {tmp_path}: set PIADM_ROOT" in run.stderr
