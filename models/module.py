@@ -226,7 +226,9 @@ def check_output(model, shape: tuple[int, ...], what: str, takes: str = "(x, t)"
     x = torch.zeros((2, *shape), dtype=param.dtype if floating else torch.float32,
                     device=param.device if floating else "cpu")
     try:
-        out = model(x, torch.tensor([1.0], dtype=torch.float64, device=x.device))
+        # a clock per state, as sampling calls it (models.contract): a network may embed t
+        # per sample (t.reshape(B, 1)) and must not be refused for a broadcast probe
+        out = model(x, torch.full((2,), 1.0, dtype=torch.float64, device=x.device))
     except ConfigError:
         raise
     except WrongShape as err:

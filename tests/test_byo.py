@@ -501,3 +501,10 @@ def test_a_ddim_whose_last_step_does_not_move_says_which_setting_makes_it_move(t
     assert rc == 2 and _one_error(err, "so its last step does not move: set steps_offset = 1 "
                                        "or set_alpha_to_one = true"), err
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_a_network_embedding_its_timestep_per_sample_passes_the_load_check(tmp_path,
+                                                                          monkeypatch):
+    """The load check calls the network as sampling does, with a timestep per state."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    assert _module_run(tmp_path / "p.zarr", "model.target=byo_nets:per_sample_time") == 0
