@@ -36,7 +36,7 @@ from models.unet import Denoiser, UNetConfig
 from pipeline.console import on_every_rank, on_rank0, print0
 from pipeline.decomposition import slice_bounds
 from pipeline.errors import ConfigError, Interrupted
-from pipeline.inputs import InputError, check_field_order
+from pipeline.inputs import InputError, check_field_order, label_text
 from pipeline.settings import TrainConfig
 from pipeline.signals import signal_of
 from pipeline.store import enclosing_store, open_store
@@ -129,6 +129,27 @@ def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str]) -> list[x
     return extras
 
 
+def _check_finite(t: TrainConfig, ds: xr.Dataset, name: str, split: str, ok: np.ndarray,
+                  cut: int) -> None:
+    """Refuse a split whose fields of ``name`` are not all finite (``ok``: per time), naming
+    the first such time: one the training steps happened not to draw would still make the
+    normalisation and the data bound NaN, and the held-out ones would end the run late."""
+    bad = np.flatnonzero(~ok)
+    if bad.size == 0:
+        return
+    # the training split is train.data's first ``cut`` times, then train.extra's
+    first = int(bad[0]) + (cut if split == "validation" else 0)
+    if split == "training" and first >= cut:
+        where = f"time {first - cut} of train.extra's, counted from 0 in their order"
+    elif "time" in ds.coords:
+        where = f"time {label_text(ds['time'].values[first])} of {t.data}"
+    else:
+        where = f"time {first} of {t.data}, counted from 0"
+    raise InputError(f"train: {name} has NaN/Inf in {bad.size} of the {split} split's times "
+                     f"(the first: {where}): drop or fill them (ds.dropna('time'), "
+                     "ds.fillna(...)) before training")
+
+
 def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     """(training, validation): train.data split by time, the training split followed by every
     time of the train.extra stores; raises InputError for a bad dataset."""
@@ -151,7 +172,16 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     if extras:  # by position: the trajectories' times need not differ
         trn = xr.concat([trn.drop_vars(list(trn.coords)), *extras], "time")
     fields = trn[t.variable]
-    mean, std = (float(v) for v in dask.compute(fields.mean(), fields.std()))
+    splits = [(split, name, part[name]) for split, part in (("training", trn), ("validation", val))
+              for name in names]
+    mean, std, *finite = dask.compute(fields.mean(), fields.std(),
+                                      *(np.isfinite(a).all(a.dims[1:]) for *_, a in splits))
+    for (split, name, _), ok in zip(splits, finite):
+        _check_finite(t, ds, name, split, np.asarray(ok), cut)
+    mean, std = float(mean), float(std)
+    if not std > 0:
+        raise InputError(f"train.data {t.data}: {t.variable} is the same value everywhere in the "
+                         "training split (its standard deviation is 0): there is nothing to learn")
     m = fields.sizes["time"]
     bound = largest_mode_power((fields[a : min(a + 256, m)].values for a in range(0, m, 256)),
                                mean, std)

@@ -857,7 +857,7 @@ def test_a_dataset_cut_short_stops_training_before_a_nan_checkpoint(tmp_path, da
     ds.to_zarr(tmp_path / "cut.zarr", consolidated=False)  # before it consolidates
     ckpt = tmp_path / "t.pt"
     err = _refused(_train_args(tmp_path / "cut.zarr", ckpt, "train.steps=3"), capsys)
-    assert "train: the loss is nan at step " in err and "before any checkpoint holds it" in err
+    assert "train: vorticity has NaN/Inf in " in err and "of the training split's times" in err
     assert not ckpt.exists()
     # the one line alone: not xarray's warnings about the missing consolidated metadata
     assert not [w for w in recwarn if "consolidated metadata" in str(w.message)]
@@ -875,8 +875,26 @@ def test_held_out_times_cut_short_stop_training_at_its_validation(tmp_path, data
     ds.to_zarr(tmp_path / "cut.zarr", consolidated=False)
     ckpt = tmp_path / "v.pt"
     err = _refused(_train_args(tmp_path / "cut.zarr", ckpt, "train.steps=3"), capsys)
-    assert "train: the validation loss is nan at step 3, before any checkpoint holds it" in err
+    label = str(ds["time"].values[cut])
+    assert (f"train: vorticity has NaN/Inf in {ds.sizes['time'] - cut} of the validation split's "
+            f"times (the first: time {label} of {tmp_path / 'cut.zarr'})") in err
     assert not ckpt.exists()
+
+
+@pytest.mark.parametrize("change, needle", [
+    # one NaN that no training step happens to draw made the data bound NaN
+    (lambda v: v.__setitem__((3, 2, 2), np.nan), "train: vorticity has NaN/Inf in 1 of the "
+                                                 "training split's times"),
+    (lambda v: v.__setitem__(slice(None), 1.5), "is the same value everywhere in the training "
+                                                "split"),
+])
+def test_a_nan_or_a_constant_field_is_refused_before_training(tmp_path, dataset, capsys,
+                                                             change, needle):
+    ds = xr.open_zarr(dataset).load()
+    change(ds["vorticity"].values)
+    ds.to_zarr(tmp_path / "bad.zarr", consolidated=False)
+    err = _refused(_train_args(tmp_path / "bad.zarr", tmp_path / "b.pt", "train.steps=3"), capsys)
+    assert needle in err and not (tmp_path / "b.pt").exists()
 
 
 def test_fields_that_are_not_one_per_time_are_a_one_line_error(tmp_path, dataset, capsys):
