@@ -77,6 +77,11 @@ def calibration_key(cfg: Config, model_sha256: str) -> str:
     the path or the distance, the members tried and the ladder (not how time slices share a
     window: calibration runs on one rank)."""
     s = cfg.sampler
+    if cfg.model.emulate_ms:  # its waits change no value: one calibration serves every timing
+        from pipeline.run import model_digest  # (an exact model's digest holds its section)
+
+        model_sha256 = model_digest(dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, emulate_ms=())))
     # a block's size and its sweeps' cap shape a blocked sampler's path; no other sampler's
     blocked = s.method in REGISTRY and REGISTRY[s.method].blocked
     unused = ("tol", "on_divergence", "window_split",

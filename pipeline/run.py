@@ -129,7 +129,7 @@ def sample_batch(model, noise: Noise, *, method: str, grid: Grid, options: Optio
 def model_digest(cfg: Config) -> str:
     """SHA-256 identifying the model: its checkpoint's bytes for a learned model (with its
     guide's and the guidance weight when guided), else its section (an exact model is defined
-    by it), its emulated timing left out."""
+    by it)."""
     if cfg.model.kind == "module":
         from models.module import module_digest
 
@@ -145,9 +145,7 @@ def model_digest(cfg: Config) -> str:
             return files_digest([cfg.model.checkpoint, cfg.model.guide],
                                 repr(float(cfg.model.guidance)).encode())
         return files_digest([cfg.model.checkpoint])
-    # the emulated accelerator's waits change no value (settings.TIMING_KEYS)
-    section = {**dataclasses.asdict(cfg.model), "emulate_ms": ()}
-    text = json.dumps(section, sort_keys=True)
+    text = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

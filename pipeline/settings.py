@@ -215,14 +215,11 @@ class Config:
     def store_settings(self) -> dict:
         """What decides the store's contents, {section: {key: value}}: every key except where
         it lives, the rank layout, the members per batch, the job's share of items, the
-        writer and the bench; the emulated accelerator's timing at its default."""
-        settings = {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items()
-                           if (name, k) not in LAYOUT_KEYS}
-                    for name in SECTION_TYPES
-                    if name not in ("parallel", "data", "train", "bench", "calibrate")}
-        for name, key in TIMING_KEYS:
-            settings[name][key] = getattr(SECTION_TYPES[name](), key)
-        return settings
+        writer and the bench."""
+        return {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items()
+                       if (name, k) not in LAYOUT_KEYS}
+                for name in SECTION_TYPES
+                if name not in ("parallel", "data", "train", "bench", "calibrate")}
 
     @property
     def store_digest(self) -> str:
@@ -272,11 +269,6 @@ WAITS = ("auto", "spin", "sleep")
 # slices share pc-window's window changes its rounding only, as the time slices themselves do.
 LAYOUT_KEYS = {("output", "path"), ("output", "overwrite"), ("output", "background"),
                ("ensemble", "batch_size"), ("sampler", "window_split")}
-
-# Settings kept in a store's identity at their default, whatever a run sets: the emulated
-# accelerator only sleeps beside the real model's answer, so a store filled while measuring
-# scale-out is resumed without it (and the other way round).
-TIMING_KEYS = {("model", "emulate_ms")}
 
 
 SECTION_TYPES = {
