@@ -16,6 +16,7 @@ import pickle
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -180,7 +181,12 @@ class NetworkModel:
 
     net: ``_Net``; process: its forward process (``UnitInput`` when it sees unit-variance
     states); prediction: what it outputs; cond: a bound conditioning field (1, *shape).
+    Its fields and its condition are in the network's own units, the input's as stored
+    (``own_units``): piadm rescales neither, so an item's members do not depend on which
+    other items a run takes.
     """
+
+    own_units: ClassVar[bool] = True
 
     net: object
     shape: tuple[int, ...]

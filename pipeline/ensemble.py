@@ -43,7 +43,8 @@ from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
-from pipeline.store import (ASKED, INPUT_FINGERPRINT, MEMBER_BATCH, StoreExists, StoreSpec,
+from pipeline.store import (ASKED, FIELD_SCALE, INPUT_FINGERPRINT, MEMBER_BATCH, StoreExists,
+                            StoreSpec,
                             done_members, finalize, member_batch, member_chunk, open_store,
                             read_attrs, stored_attribute, write_batch)
 from pipeline.target import (check_idle, check_writable, delete_leftovers, open_or_create,
@@ -94,13 +95,28 @@ def store_variable(cfg: Config, trained_on: str | None) -> str:
     return cfg.output.variable or trained_on or cfg.input.variable or "field"
 
 
+def field_scale(model, mean: float, std: float) -> tuple[float, float]:
+    """The (mean, std) a model's fields are in (data = mean + std x model units): a learned
+    model's training normalisation; a user's network's own units, (0, 1) (``own_units``),
+    which must not move with the input's selection; else the input's ``mean`` and ``std``
+    (an exact model is defined on unit-variance fields)."""
+    if getattr(model, "data_mean", None) is not None:
+        return float(model.data_mean), float(model.data_std)
+    if getattr(model, "own_units", False):
+        return 0.0, 1.0
+    return float(mean), float(std)
+
+
 def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
-               trained_on: str | None = None, grid: dict | None = None) -> StoreSpec:
-    """The store ``cfg`` fills, with the input's statistics in its provenance; its field
-    named by ``store_variable``."""
+               trained_on: str | None = None, grid: dict | None = None,
+               scale: tuple[float, float] | None = None) -> StoreSpec:
+    """The store ``cfg`` fills, with the input's statistics in its provenance and the
+    ``scale`` (``field_scale``) its fields are in; its field named by ``store_variable``."""
     variable = store_variable(cfg, trained_on)
     attrs = provenance(cfg)
     attrs.update(input_path=cfg.input.path, input_mean=items.mean, input_std=items.std)
+    if scale is not None:
+        attrs[FIELD_SCALE] = list(scale)
     if items.fingerprint:  # what a resume checks its input against (_check_same_input)
         attrs[INPUT_FINGERPRINT] = list(items.fingerprint)
     attrs[MEMBER_BATCH] = cfg.ensemble.batch_size  # the unit of work of every run that fills it
@@ -147,6 +163,13 @@ def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:
                        "the model's variable" if trained_on else "input.variable")
     fate = check_output(cfg, items)
     held = (read_attrs(cfg.output.path) or {}) if fate in ("resume", "upgrade", "grow") else {}
+    if (cfg.input.path and getattr(model, "own_units", False) and held
+            and FIELD_SCALE not in held):
+        raise StoreExists(
+            f"output {cfg.output.path} was sampled by an older piadm, which scaled the "
+            "network's condition and fields by the input selection's mean and std (it now "
+            "takes them in the input's own units): its members would not match the rest; set "
+            "output.overwrite = true to sample it anew, or choose another output.path")
     if cfg.input.path and {"input_mean", "input_std"} <= held.keys():
         # the scale its members so far were drawn with: another piadm may round the same
         # statistics of the same fields otherwise, and the rest must match them bit for bit
@@ -221,10 +244,10 @@ def _short(values) -> str:
 
 
 def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
-             attrs: dict, grid: dict) -> tuple[StoreSpec, str]:
+             attrs: dict, grid: dict, scale: tuple[float, float]) -> tuple[StoreSpec, str]:
     """Rank 0's creation: open or create the store, with the input's ``stats`` (mean, std,
-    fingerprint) that ``_check_early`` measured."""
-    spec = store_spec(cfg, measured_items(cfg, stats), shape, trained_on, grid)
+    fingerprint) that ``_check_early`` measured and the ``scale`` its fields are in."""
+    spec = store_spec(cfg, measured_items(cfg, stats), shape, trained_on, grid, scale)
     # a tolerance the planner set (it calibrates each sampler it weighs) is its, not the config's
     planned = "sampler.tol" in json.loads(attrs.get("plan_settings", "{}"))
     source = "plan" if planned and tol.source == "config" else tol.source
@@ -295,10 +318,8 @@ def bind_first_item(cfg: Config, model, items, device):
     """``first_item_model`` with the run's ``items`` (``load_items``) already read."""
     if not cfg.input.path:
         return model
-    raw = items.field(0)
-    mean = getattr(model, "data_mean", None)
-    mean, std = (items.mean, items.std) if mean is None else (mean, model.data_std)
-    return _bind(model, cfg.model.condition, (raw - mean) / std, device)
+    mean, std = field_scale(model, items.mean, items.std)
+    return _bind(model, cfg.model.condition, (items.field(0) - mean) / std, device)
 
 
 def _bind(model, condition: str, field: np.ndarray | None, device):
@@ -349,7 +370,7 @@ def _start_up(cfg: Config, model, world, stop, device,
         return None
     spec, state = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),  # before any write
                            getattr(model, "variable", None), tol, attrs,
-                           getattr(model, "grid", {}))
+                           getattr(model, "grid", {}), field_scale(model, *stats[:2]))
     return spec, state, tol
 
 
@@ -358,12 +379,7 @@ def _open_work(cfg: Config, model, spec: StoreSpec, state: str, ranks: RankGrid)
     are in, the store's done flags (items, members), this group's share of the (item,
     members) batches left and the store's batch size; rank 0 says what the store holds."""
     items = load_items(cfg, check=False)
-    # A learned model brings its training normalisation; exact ones use the input's.
-    mean = getattr(model, "data_mean", None)
-    if mean is None:
-        scale = spec.attrs["input_mean"], spec.attrs["input_std"]
-    else:
-        scale = mean, model.data_std
+    scale = field_scale(model, spec.attrs["input_mean"], spec.attrs["input_std"])
     # rank 0 reads, every rank gets the same: another job writing meanwhile must not give two
     # ranks of a group different work lists (they would wait in different collectives)
     done, unit = on_rank0(ranks.world, lambda: (done_members(spec.path),

@@ -72,6 +72,7 @@ CHUNK_BYTES = 64 * 2**20  # the most a field chunk holds, when the member batch 
 MEMBER_LABELS_CHUNK = 2**20  # member labels a chunk of the ``member`` coordinate holds
 MEMBER_BATCH = "piadm_member_batch"  # the attribute of the store's unit of work (``member_batch``)
 INPUT_FINGERPRINT = "input_fingerprint"  # the input fields a store was conditioned on
+FIELD_SCALE = "piadm_field_scale"  # [mean, std]: its fields are mean + std * the model's units
 # The attribute of the ensemble.batch_size an "auto" run's config asked when its plan was made
 # (``pipeline.planner``): a resume whose config asks another samples at that size instead of
 # the plan's (after running out of memory, say); one that asks the same keeps the plan's.

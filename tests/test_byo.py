@@ -508,3 +508,46 @@ def test_a_network_embedding_its_timestep_per_sample_passes_the_load_check(tmp_p
     """The load check calls the network as sampling does, with a timestep per state."""
     monkeypatch.syspath_prepend(str(TESTS))
     assert _module_run(tmp_path / "p.zarr", "model.target=byo_nets:per_sample_time") == 0
+
+
+def test_a_conditional_networks_members_are_in_its_own_units_whatever_the_selection(
+        tmp_path, monkeypatch, capsys):
+    """A user's network takes the condition as the input stores it and returns fields in the
+    same units: the input selection's mean and std (which differ between selections) scale
+    neither, so an item's members are the same whichever other items a run takes."""
+    import numpy as np
+    import xarray as xr
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    rng = np.random.default_rng(0)
+    coarse = 100 + 5 * rng.standard_normal((4, 4, 4)) * np.arange(1, 5)[:, None, None]
+    xr.Dataset({"c": (("time", "y", "x"), coarse.astype("float32"))},
+               coords={"time": [0.0, 1.0, 2.0, 3.0]}).to_zarr(tmp_path / "in.zarr", zarr_format=3)
+    sets = ["model.kind=module", "model.target=byo_nets:ConditionPlusOne", "model.prediction=x0",
+            "model.process=edm", "model.shape=[1, 16, 16]", "model.condition=coarse",
+            "sampler.method=sequential-ode", "sampler.steps=20", "sampler.grid=edm",
+            "ensemble.members=2", f"input.path={tmp_path / 'in.zarr'}", "input.variable=c"]
+    means = []
+    for span, name in (('["0.0", "0.0"]', "one"), ('["0.0", "3.0"]', "all")):
+        out = tmp_path / f"{name}.zarr"
+        assert main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in [
+            *sets, f"input.range={span}", f"output.path={out}"]), [])]) == 0
+        field = xr.open_zarr(out)["c"].isel(time=0).mean("member").values
+        means.append(field)
+        # cond + 1 but for the noise left at the path's end (scaled by the selection's std
+        # the offset was that std, 4 to 6)
+        assert np.abs(field - (np.kron(coarse[0], np.ones((4, 4))) + 1)).max() < 0.5
+    assert np.array_equal(*means)
+    # an older piadm's store scaled them by its selection: grown now, its members would differ
+    import zarr
+
+    from pipeline.store import FIELD_SCALE
+
+    older = zarr.open_group(tmp_path / "all.zarr", mode="r+")
+    assert older.attrs[FIELD_SCALE] == [0.0, 1.0]
+    older.attrs.put({k: v for k, v in older.attrs.asdict().items() if k != FIELD_SCALE})
+    assert main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in [
+        *sets, 'input.range=["0.0", "3.0"]', f"output.path={tmp_path / 'all.zarr'}",
+        "ensemble.members=3"]), [])]) == 2
+    assert "was sampled by an older piadm, which scaled the network's condition" in \
+        capsys.readouterr().err
