@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import importlib.util
 import pickle
 import re
 from dataclasses import dataclass, field, replace
@@ -289,6 +290,20 @@ def load_module(section, device="cpu") -> NetworkModel:
 # but not its files (``module_digest``), so what is measured on the model (a calibrated
 # tolerance) is keyed by them too (``pipeline.calibrate.calibration_key``)
 SCHEDULE_KEYS = ("beta_schedule", "beta_start", "beta_end", "train_steps", "input_scale")
+
+
+def source_digest(section) -> str:
+    """SHA-256 of the file of the module that model.target names ("" where it has none, a
+    namespace package say): its weights' hash misses an edit of the code, and a network
+    without model.weights is made by the code alone. Found without running the module (a
+    package's parents are imported)."""
+    name = section.target.partition(":")[0]
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return ""
+    origin = getattr(spec, "origin", None)
+    return files_digest([origin]) if origin and Path(origin).is_file() else ""
 
 
 def module_digest(section) -> str:

@@ -93,10 +93,11 @@ def calibration_key(cfg: Config, model_sha256: str) -> str:
             "data_bound": cfg.model.data_bound, "condition": cfg.model.condition,
             "input": cfg.input.path, "calibrate": dataclasses.asdict(cfg.calibrate),
             "sampler": sampler}
-    if cfg.model.kind == "module":  # its schedule is not in its digest (models.module)
-        from models.module import SCHEDULE_KEYS
+    if cfg.model.kind == "module":  # its schedule and code are not in its digest (models.module)
+        from models.module import SCHEDULE_KEYS, source_digest
 
         kept["schedule"] = {k: getattr(cfg.model, k) for k in SCHEDULE_KEYS}
+        kept["source"] = source_digest(cfg.model)
     if cfg.model.tf32:  # absent when off, so that earlier calibrations stay valid
         kept["tf32"] = True
     recorded = _recorded_bound(cfg)

@@ -37,8 +37,8 @@ from pipeline.memory import field_bytes, is_out_of_memory, ranks_sharing
 from pipeline.memory_check import check_memory, round_points
 from pipeline.noise import Noise
 from pipeline.progress import Progress
-from pipeline.run import (DTYPES, member_batches, model_data_bound, model_digest, provenance,
-                          residual_length, sample_batch, sampler_grid, sampler_options)
+from pipeline.run import (DTYPES, MODEL_SOURCE, member_batches, model_data_bound, model_digest,
+                          provenance, residual_length, sample_batch, sampler_grid, sampler_options)
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
@@ -153,6 +153,33 @@ def checked_items(cfg: Config, model):
     return items
 
 
+def _check_same_network(cfg: Config, held: dict) -> None:
+    """Refuse to resume or grow, from its attributes ``held``, a store of a module network
+    whose code file has changed since (a store made before it was recorded is not checked),
+    or, conditioned, that an older piadm sampled with the fields scaled by the input's
+    selection (``field_scale``)."""
+    if cfg.model.kind != "module":
+        return
+    if cfg.model.condition and FIELD_SCALE not in held:
+        raise StoreExists(
+            f"output {cfg.output.path} was sampled by an older piadm, which scaled the "
+            "network's condition and fields by the input selection's mean and std (it now "
+            "takes them in the input's own units): its members would not match the rest; set "
+            "output.overwrite = true to sample it anew, or choose another output.path")
+    if not held.get(MODEL_SOURCE):
+        return
+    from models.module import source_digest
+
+    now = source_digest(cfg.model)
+    if now != held[MODEL_SOURCE]:
+        module = cfg.model.target.partition(":")[0]
+        raise StoreExists(
+            f"output {cfg.output.path} was made by this configuration with other network code "
+            f"(the file of {module} has changed since: {held[MODEL_SOURCE][:12]}, now "
+            f"{now[:12] or 'none'}): put the original back to resume it, choose another "
+            "output.path, or set output.overwrite = true to replace it")
+
+
 def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:
     """Rank 0: the input (its layout, selection and one pass over its values) and the output
     target, before the start-up's costly work; returns the input's (mean, std, fingerprint)."""
@@ -163,13 +190,6 @@ def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:
                        "the model's variable" if trained_on else "input.variable")
     fate = check_output(cfg, items)
     held = (read_attrs(cfg.output.path) or {}) if fate in ("resume", "upgrade", "grow") else {}
-    if (cfg.input.path and getattr(model, "own_units", False) and held
-            and FIELD_SCALE not in held):
-        raise StoreExists(
-            f"output {cfg.output.path} was sampled by an older piadm, which scaled the "
-            "network's condition and fields by the input selection's mean and std (it now "
-            "takes them in the input's own units): its members would not match the rest; set "
-            "output.overwrite = true to sample it anew, or choose another output.path")
     if cfg.input.path and {"input_mean", "input_std"} <= held.keys():
         # the scale its members so far were drawn with: another piadm may round the same
         # statistics of the same fields otherwise, and the rest must match them bit for bit
@@ -193,6 +213,8 @@ def check_output(cfg: Config, items: Items | None = None) -> str:
     naming the problem."""
     fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
                           differs=lambda text: store_differences(cfg, text))
+    if fate in ("resume", "upgrade", "grow"):
+        _check_same_network(cfg, read_attrs(cfg.output.path) or {})
     if fate in ("resume", "upgrade", "grow") and items is not None and cfg.input.path:
         _check_same_items(cfg, items.labels)
         if items.fingerprint:

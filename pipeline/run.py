@@ -173,12 +173,19 @@ def provenance(cfg: Config) -> dict:
     }
 
 
+# the attribute of the hash of the file that defines a module model (models.module.source_digest)
+MODEL_SOURCE = "model_source_sha256"
+
+
 def _network_provenance(m) -> dict:
     """What a brought network was: its factory or folder, and what it predicts on which
     process (a shipped checkpoint records its own in model_sha256 and its sidecar)."""
     if m.kind == "module":
+        from models.module import source_digest
+
         return {"model_target": m.target, "model_weights": str(m.weights or ""),
-                "model_prediction": m.prediction, "model_process": m.process}
+                "model_prediction": m.prediction, "model_process": m.process,
+                MODEL_SOURCE: source_digest(m)}
     if m.kind == "diffusers":
         from models.pretrained import describe
 

@@ -551,3 +551,32 @@ def test_a_conditional_networks_members_are_in_its_own_units_whatever_the_select
         "ensemble.members=3"]), [])]) == 2
     assert "was sampled by an older piadm, which scaled the network's condition" in \
         capsys.readouterr().err
+
+
+def test_a_store_is_not_grown_once_its_networks_code_has_changed(tmp_path, monkeypatch, capsys):
+    """Without model.weights a network is its code: an edit of the file that model.target
+    names (the forward pass fixed, say) would mix two networks' members in one store."""
+    import importlib
+    import sys
+
+    code = tmp_path / "my_net.py"
+    source = ("import torch\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n"
+              "        super().__init__()\n        torch.manual_seed(0)\n"
+              "        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)\n\n"
+              "    def forward(self, x, t):\n        return 0.1 * self.conv(x)\n")
+    code.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "n.zarr"
+    run = lambda members: _module_run(out, "model.target=my_net:Net",  # noqa: E731
+                                      f"ensemble.members={members}")
+    assert run(2) == 0
+    code.write_text(source.replace("0.1 *", "5.0 *"))
+    sys.modules.pop("my_net", None)
+    importlib.invalidate_caches()
+    capsys.readouterr()
+    assert run(4) == 2
+    assert "was made by this configuration with other network code (the file of my_net has " \
+        "changed since" in capsys.readouterr().err
+    code.write_text(source)  # put back: the store grows
+    sys.modules.pop("my_net", None)
+    assert run(4) == 0
