@@ -23,6 +23,7 @@ import torch
 from models import build_model
 from models.conditioning import CONDITIONS
 from pipeline.calibrate import Calibration, resolve_tol
+from pipeline.choices import FIELD_DIMS
 from pipeline.claimed import claimed_calls, stop_agreed
 from pipeline.claims import Heartbeat, batch_key, claims_dir, holding, holds, new_job_id
 from pipeline.comm import SerialComm
@@ -107,6 +108,23 @@ def field_scale(model, mean: float, std: float) -> tuple[float, float]:
     return float(mean), float(std)
 
 
+def _grid_coords(grid: dict, names: tuple[str, ...]) -> dict:
+    """A learned model's training ``grid`` (``models.grid.grid_of``) as the store's field
+    coordinates {dim: (values, attrs)} on its dims ``names``: by position where the training
+    data named them otherwise (lat, lon for y, x), that name kept in ``input_dim``."""
+    recorded = grid.get("coords", {})
+    if not all(d in names for d in recorded) and len(recorded) == len(names):
+        out = {}
+        for (d, c), name in zip(recorded.items(), names):
+            attrs = dict(c["attrs"])
+            if d != name:
+                attrs.setdefault("long_name", str(d))
+                attrs["input_dim"] = str(d)
+            out[name] = (np.asarray(c["values"]), attrs)
+        return out
+    return {d: (np.asarray(c["values"]), c["attrs"]) for d, c in recorded.items() if d in names}
+
+
 def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
                trained_on: str | None = None, grid: dict | None = None,
                scale: tuple[float, float] | None = None) -> StoreSpec:
@@ -124,8 +142,7 @@ def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
     # (a learned model), else from an input on the same grid
     coords = items.coords(coarse=cfg.model.condition == "coarse")
     grid = grid or {}
-    coords.update({d: (np.asarray(c["values"]), c["attrs"])
-                   for d, c in grid.get("coords", {}).items()})
+    coords.update(_grid_coords(grid, FIELD_DIMS.get(len(shape), ())))
     field_attrs = {**items.field_attrs(), **grid.get("attrs", {})}
     return StoreSpec(cfg.output.path, items.dim, items.labels, cfg.ensemble.members,
                      member_chunk(cfg.ensemble.batch_size,

@@ -58,6 +58,22 @@ def test_field_dims_named_otherwise_keep_their_coordinates_by_position(tmp_path)
     assert (coords["x"][0] == 100 + np.arange(16)).all() and coords["x"][1]["input_dim"] == "lon"
 
 
+def test_a_training_grid_named_otherwise_gives_the_store_its_coordinates_by_position(tmp_path):
+    """A network trained on (time, lat, lon) fields recorded its grid under those names: the
+    store's y and x take it, as they take an input's."""
+    from pipeline.config import load_config
+    from pipeline.ensemble import store_spec
+    from pipeline.inputs import unconditional
+
+    cfg = load_config("jobs/configs/grf.toml", ["model.shape=[4, 4]"])
+    grid = {"coords": {"lat": {"values": [0.0, 1.0, 2.0, 3.0], "attrs": {"units": "degrees"}},
+                       "lon": {"values": [10.0, 11.0, 12.0, 13.0], "attrs": {}}}, "attrs": {}}
+    coords = store_spec(cfg, unconditional(), (4, 4), grid=grid).coords
+    assert list(coords["y"][0]) == [0.0, 1.0, 2.0, 3.0] and coords["y"][1]["units"] == "degrees"
+    assert list(coords["x"][0]) == [10.0, 11.0, 12.0, 13.0]
+    assert (coords["y"][1]["input_dim"], coords["x"][1]["input_dim"]) == ("lat", "lon")
+
+
 def test_a_range_selects_by_value_on_unsorted_labels(tmp_path):
     times = pd.to_datetime(["2020-01-01", "2020-01-04", "2020-01-02", "2020-01-03"])
     path = _store(tmp_path / "u.zarr", times)
