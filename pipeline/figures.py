@@ -10,13 +10,25 @@ import xarray as xr
 from pipeline.store import field_variable
 
 
-def _pyplot():
-    import matplotlib
+class _Figures:
+    """pyplot's ``subplots`` and ``close`` on figures of their own: no display is needed (batch
+    nodes have none) and none is switched (pyplot's backend is the process's, and a script or
+    notebook that calls the API goes on showing its own figures)."""
 
-    matplotlib.use("Agg")  # batch nodes have no display
-    import matplotlib.pyplot as plt
+    @staticmethod
+    def subplots(*args, figsize=None, **kwargs):
+        from matplotlib.figure import Figure
 
-    return plt
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(*args, **kwargs)
+
+    @staticmethod
+    def close(fig) -> None:
+        fig.clear()
+
+
+def _pyplot() -> _Figures:
+    return _Figures()
 
 
 def save_formats() -> set[str]:

@@ -519,6 +519,10 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     attribute, which piadm generate-data writes, else all)."""
     from pipeline.figures import fields_figure, rank_figure, residual_figure, spectrum_figure
 
+    for flag, value in (("cut", cut), ("kmax", kmax)):  # the API passes what a script has
+        if value is not None and not (isinstance(value, (int, np.integer))
+                                      and not isinstance(value, bool)):
+            raise EvaluationError(f"--{flag} {value!r}: give a whole number of wavenumbers")
     if cut is not None and cut < 1:
         raise EvaluationError(f"--cut {cut}: the truth's finest resolved wavenumber must be >= 1")
     if kmax is not None and kmax < 1:

@@ -128,6 +128,9 @@ def test_evaluate_errors_name_the_keyword_arguments(tmp_path):
     assert "--" not in str(err.value)
     with pytest.raises(EvaluationError, match="runs--kmax.zarr"):  # a path keeps its name
         api.evaluate(tmp_path / "runs--kmax.zarr", path)
+    for keyword, value in (("kmax", "8"), ("kmax", 8.5), ("cut", "8")):
+        with pytest.raises(EvaluationError, match=f"^{keyword} {value!r}: give a whole number"):
+            api.evaluate(path, path, **{keyword: value})
 
 
 def test_every_error_a_user_causes_is_one_piadm_error_and_keeps_its_builtin_kind(tmp_path):
@@ -263,3 +266,20 @@ def test_a_stop_request_in_a_with_block_stops_the_run_and_gives_the_handlers_bac
     assert stopped.preempted and stopped.members == 0
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert api.sample(tree).members == 4
+
+
+def test_evaluate_leaves_the_scripts_matplotlib_backend_as_it_was(tmp_path):
+    import matplotlib
+
+    cfg = api.load_config("jobs/configs/grf.toml", {
+        "model.shape": [8, 8], "sampler.steps": 10, "sampler.method": "sequential-sde",
+        "ensemble.members": 2, "ensemble.batch_size": 2, "output.path": str(tmp_path / "m.zarr")})
+    path = api.sample(cfg).path
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        api.evaluate(path, path, out=tmp_path / "eval")
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "eval" / "spectrum.png").stat().st_size > 0
+    finally:
+        matplotlib.use(before)
