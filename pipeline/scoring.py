@@ -327,6 +327,38 @@ def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | Non
     else:  # radial shells need a square field
         attrs["spectrum_note"] = f"no spectra: the fields {tuple(shape)} are not square"
     out.attrs.update(attrs)
+    return _described(out, field.attrs.get("units"))
+
+
+# What each metric is (its long_name); those in the field's own units are named apart
+METRICS = {
+    "crps": "CRPS of the members against the truth, averaged over the field",
+    "rmse": "root mean square error of the ensemble mean",
+    "spread": "ensemble spread: the square root of (M + 1) / M times the members' variance "
+              "(ddof 1) averaged over the field",
+    "baseline_mae": "mean absolute error of the upsampled coarse input",
+    "baseline_rmse": "root mean square error of the upsampled coarse input",
+    "rank_histogram": "points at which the truth ranks r among the members",
+    "spectrum_ensemble": "the members' radially averaged spectrum, their mean",
+    "spectrum_truth": "the truth's radially averaged spectrum, its mean",
+    "spectrum_ratio": "ensemble spectrum over the truth's",
+    "spectrum_ratio_lo": "lower end of the spectrum ratio's interval",
+    "spectrum_ratio_hi": "upper end of the spectrum ratio's interval",
+    "k": "radial wavenumber (cycles per domain)",
+}
+IN_FIELD_UNITS = ("crps", "rmse", "spread", "baseline_mae", "baseline_rmse")
+UNITLESS = ("rank_histogram", "spectrum_ratio", "spectrum_ratio_lo", "spectrum_ratio_hi", "k")
+
+
+def _described(out: xr.Dataset, units: str | None) -> xr.Dataset:
+    """``out`` with a ``long_name`` on each metric (``METRICS``) and its units: the field's
+    for the errors and the spread, 1 for counts, ratios and wavenumbers."""
+    for name in set(METRICS) & set(out.variables):
+        out[name].attrs["long_name"] = METRICS[name]
+        if name in UNITLESS:
+            out[name].attrs["units"] = "1"
+        elif name in IN_FIELD_UNITS and units:
+            out[name].attrs["units"] = str(units)
     return out
 
 
@@ -372,7 +404,9 @@ def _paired_scores(out: xr.Dataset, field: xr.DataArray, per_item: dict, ranks: 
     for key, values in per_item.items():
         if not np.isnan(values).all():
             out[key] = ((item_dim,), values)
-    out = out.assign_coords({item_dim: field[item_dim].values})
+    # with its attributes (units, calendar, axis): an analyst lines the metrics up by them
+    out = out.assign_coords({item_dim: (item_dim, field[item_dim].values,
+                                        dict(field[item_dim].attrs))})
     out["rank_histogram"] = (("rank",), ranks.astype(np.int32))
     figures = dict(crps=float(np.mean(per_item["crps"])),
                    ensemble_mean_rmse=float(np.sqrt(np.mean(per_item["rmse"] ** 2))),

@@ -69,6 +69,9 @@ def test_outputs_are_written_and_open(paired, monkeypatch):
     nc = xr.open_dataset(tmp / "files" / "metrics.nc", engine="scipy")
     assert nc.attrs["crps"] == pytest.approx(_metrics(tmp / "files")["crps"])
     assert nc.crps.sizes["time"] == 6
+    # described for an analyst who opens them without piadm
+    assert nc.crps.attrs["long_name"].startswith("CRPS of the members")
+    assert nc.spectrum_ratio.attrs["units"] == "1" and "spread" in nc.spread.attrs["long_name"]
     from pipeline.scoring import OUTPUTS
 
     assert names == set(OUTPUTS)  # what a later evaluation into the folder clears first
