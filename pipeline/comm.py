@@ -247,9 +247,29 @@ def launched_by_mpi() -> bool:
     return any(v in os.environ for v in LAUNCHER_VARS)
 
 
+_SAID: list = []  # whether _say_if_srun_joined_none said it in this process
+
+
+def _say_if_srun_joined_none() -> None:
+    """srun without an MPI plugin (``--mpi=none``, or a site default that is not one)
+    starts its tasks as separate processes: each runs as a job of its own (sharing a store
+    by its claims), which is seldom what was meant. Said once, by the first task."""
+    try:
+        tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    except ValueError:
+        return
+    if tasks > 1 and os.environ.get("SLURM_PROCID", "0") == "0" and not _SAID:
+        _SAID.append(tasks)
+        print(f"piadm: srun started {tasks} tasks, but no MPI joined them: each runs as a "
+              "job of its own; give srun the MPI plugin your MPI needs (--mpi=pmi2 for the "
+              "pip MPICH, or your site's) for them to work as one", file=sys.stderr,
+              flush=True)
+
+
 def world_comm():
     """MPI.COMM_WORLD when an MPI launcher started us, else the serial communicator."""
     if not launched_by_mpi():
+        _say_if_srun_joined_none()
         return SerialComm()
     from mpi4py import MPI
 

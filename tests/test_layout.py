@@ -137,3 +137,22 @@ def test_time_slices_that_are_no_count_are_refused_in_one_line(method, value):
     with pytest.raises(ConfigError, match=r"parallel.time_slices = .* must be a number >= 1"):
         load_config("jobs/configs/grf.toml", [f"parallel.time_slices={value}",
                                               f"sampler.method={method}"])
+
+
+def test_srun_tasks_that_no_mpi_joined_are_told_so_once(monkeypatch, capsys):
+    """srun --mpi=none starts each task as a process of its own: they run as separate jobs,
+    which the first task says (a batch script's own step, one task, says nothing)."""
+    from pipeline import comm
+
+    for name in (*comm.LAUNCHER_VARS, "PIADM_MPI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(comm, "_SAID", [])
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    assert isinstance(comm.world_comm(), SerialComm) and capsys.readouterr().err == ""
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    comm.world_comm()
+    comm.world_comm()
+    err = capsys.readouterr().err
+    assert err.count("piadm: srun started 2 tasks, but no MPI joined them") == 1
+    assert "--mpi=pmi2" in err
