@@ -129,6 +129,25 @@ def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str]) -> list[x
     return extras
 
 
+def _check_extra_holds_no_held_out(t: TrainConfig, extras: list, held_out: np.ndarray,
+                                   extra: np.ndarray) -> None:
+    """Refuse a train.extra store holding a field of train.data's held-out split (a copy of
+    train.data, in another dtype say): it would be trained on, and the validation loss would
+    flatter the network. Told by each field's sum of squares (``held_out``, ``extra``: per
+    time), which two different fields share to 1e-6 by no chance worth counting."""
+    if not extras or not held_out.size:
+        return
+    close = np.isclose(extra[:, None], held_out[None, :], rtol=1e-6, atol=0) & (held_out > 0)
+    hits = np.flatnonzero(close.any(1))
+    if hits.size == 0:
+        return
+    ends = np.cumsum([e.sizes["time"] for e in extras])
+    path = t.extra[int(np.searchsorted(ends, hits[0], side="right"))]
+    raise InputError(f"train.extra {path} holds fields of train.data's held-out times (a copy "
+                     f"of {t.data}?): they would be trained on and validated on; give "
+                     "train.extra other trajectories")
+
+
 def _check_finite(t: TrainConfig, ds: xr.Dataset, name: str, split: str, ok: np.ndarray,
                   cut: int) -> None:
     """Refuse a split whose fields of ``name`` are not all finite (``ok``: per time), naming
@@ -174,10 +193,13 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     fields = trn[t.variable]
     splits = [(split, name, part[name]) for split, part in (("training", trn), ("validation", val))
               for name in names]
-    mean, std, *finite = dask.compute(fields.mean(), fields.std(),
-                                      *(np.isfinite(a).all(a.dims[1:]) for *_, a in splits))
+    energy = lambda a: (a.astype("float64") ** 2).sum(a.dims[1:])  # noqa: E731  per time
+    mean, std, held_out, extra, *finite = dask.compute(
+        fields.mean(), fields.std(), energy(val[t.variable]), energy(fields[cut:]),
+        *(np.isfinite(a).all(a.dims[1:]) for *_, a in splits))
     for (split, name, _), ok in zip(splits, finite):
         _check_finite(t, ds, name, split, np.asarray(ok), cut)
+    _check_extra_holds_no_held_out(t, extras, np.asarray(held_out), np.asarray(extra))
     mean, std = float(mean), float(std)
     if not std > 0:
         raise InputError(f"train.data {t.data}: {t.variable} is the same value everywhere in the "
@@ -318,7 +340,9 @@ RESUME_MUST_MATCH = {"channels": "train.channels", "global_modes": "train.global
                      "residual": "train.residual", "data": "train.data",
                      "shape": "the shape of train.variable's fields",
                      "validation": "train.validation",
-                     "data_made": "what train.data holds (made anew at its path since?)"}
+                     "data_made": "what train.data holds (made anew at its path since?)",
+                     "data_sums": "what train.data holds (its first and last fields: made "
+                                  "anew at its path since?)"}
 
 
 def _data_made(data: xr.Dataset) -> str:
@@ -326,6 +350,12 @@ def _data_made(data: xr.Dataset) -> str:
     its history that made it (generate-data's, with its time; none for other data)."""
     made = str(data.attrs.get("history", "")).splitlines()[:1]
     return "; ".join([f"{data.sizes['time']} times", *made])
+
+
+def _data_sums(field: xr.DataArray) -> list[float]:
+    """The float64 sums of train.data's first and last fields: data made anew at its path
+    with as many times (and no history, as stores other tools write) differs in them."""
+    return [float(np.sum(field.isel(time=i).values, dtype=np.float64)) for i in (0, -1)]
 
 
 def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: str) -> dict:
@@ -337,6 +367,7 @@ def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: st
             # the conditioning grid: sampling refuses an input of another resolution
             "cond_shape": None if trn.coarse is None else list(trn.coarse.shape[1:]),
             "validation": t.validation, "config": config_text, "data_made": _data_made(data),
+            "data_sums": _data_sums(data[t.variable]),
             "grid": grid_of(data[t.variable])}
 
 

@@ -737,11 +737,15 @@ def test_extra_stores_are_trained_on_and_the_held_out_split_stays_train_datas(da
     assert torch.allclose(x[0], torch.as_tensor((truth[15] - b.mean) / b.std, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("case", ["same trajectory", "same store", "other shape"])
+@pytest.mark.parametrize("case", ["same trajectory", "same store", "other shape", "a copy"])
 def test_a_bad_extra_store_is_a_one_line_error_before_training(tmp_path, dataset, case, capsys):
     store = {"same trajectory": tmp_path / "again.zarr", "same store": dataset,
-             "other shape": tmp_path / "big.zarr"}[case]
-    if case != "same store":
+             "other shape": tmp_path / "big.zarr", "a copy": tmp_path / "copy.zarr"}[case]
+    if case == "a copy":  # in float32, without generate-data's record: its fields tell it
+        copy = xr.open_zarr(dataset).load()
+        copy = copy.drop_attrs().astype("float32")
+        copy.to_zarr(store, zarr_format=3, consolidated=False)
+    elif case != "same store":
         sets = ["data.resolution=32" if case == "other shape" else "data.resolution=16",
                 "data.spinup=1.0", "data.interval=0.25", "data.snapshots=8", "data.chunk=8",
                 f"data.path={store}"]
@@ -753,7 +757,8 @@ def test_a_bad_extra_store_is_a_one_line_error_before_training(tmp_path, dataset
     lines = capsys.readouterr().err.strip().splitlines()
     assert "train.extra" in lines[-1] and all(line.startswith("piadm train:") for line in lines[:-1])
     assert {"same trajectory": "data.seed", "same store": "repeats",
-            "other shape": "resolution"}[case] in lines[-1]
+            "other shape": "resolution", "a copy": "holds fields of train.data's held-out "
+                                                   "times"}[case] in lines[-1]
     assert not ckpt.exists()
 
 
@@ -808,6 +813,14 @@ def test_a_checkpoint_of_data_made_anew_at_its_path_is_refused(tmp_path, capsys)
     err = _refused(_train_args(data, ckpt), capsys)
     assert "what train.data holds (made anew at its path since?) (checkpoint '16 times; " in err
     assert _files(ckpt) == kept
+    # another tool's store, rewritten with as many times and no history: its fields tell
+    plain = tmp_path / "plain.zarr"
+    fields = xr.open_zarr(data).load().drop_attrs()
+    fields.to_zarr(plain, zarr_format=3, consolidated=False)
+    assert main(_train_args(plain, tmp_path / "p.pt", "train.steps=3")) == 0
+    (fields * 1.5).to_zarr(plain, mode="w", zarr_format=3, consolidated=False)
+    assert "its first and last fields: made anew at its path since?" in _refused(
+        _train_args(plain, tmp_path / "p.pt"), capsys)
 
 
 def test_a_resume_may_change_steps_lr_and_extra_stores(tmp_path, dataset, other, capsys):
