@@ -242,10 +242,16 @@ def check_output(model, shape: tuple[int, ...], what: str, takes: str = "(x, t)"
         raise ConfigError(f"config: {what}: {err}: it must return its input's shape (check "
                           "model.shape and its channels)") from None
     except Exception as err:
+        said = _first_line(err)
+        if "indices" in said or "Long" in said:  # an embedding table of whole DDPM timesteps
+            advice = ("piadm calls it at fractional timesteps (a float t between the "
+                      "training's whole steps): have it take a float t, e.g. through a "
+                      "sinusoidal embedding")
+        else:
+            advice = (f"check model.shape (with its channel axis, e.g. [1, H, W]) and that it "
+                      f"takes {takes}")
         raise ConfigError(f"config: {what}: calling the network on a (2, {', '.join(map(str, shape))}) "
-                          f"input failed ({type(err).__name__}: {_first_line(err)}): check "
-                          f"model.shape (with its channel axis, e.g. [1, H, W]) and that it "
-                          f"takes {takes}") from None
+                          f"input failed ({type(err).__name__}: {said}): {advice}") from None
     if tuple(out.shape) != tuple(x.shape):
         raise ConfigError(f"config: {what}: the network returns shape {list(out.shape)} for input "
                           f"{list(x.shape)}: it must return its input's shape (check model.shape "

@@ -8,7 +8,8 @@ from pipeline.errors import ConfigError
 
 def check_section(section) -> None:
     """One-line errors for the keys a module model needs, before anything is imported."""
-    if not section.target or section.target.count(":") != 1:
+    module, _, name = section.target.partition(":")
+    if section.target.count(":") != 1 or not module.strip() or not name.strip():
         raise ConfigError(f"config: model.target = {section.target!r} must name a factory as "
                           "'package.module:function' (a callable returning a torch.nn.Module)")
     if section.prediction not in PREDICTIONS:

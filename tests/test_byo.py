@@ -154,6 +154,9 @@ def test_an_edm_denoiser_matches_edm_first_order_sampler():
 @pytest.mark.parametrize("sets,needle", [
     (["model.target=no_such_package.nets:unet"], "cannot import 'no_such_package.nets'"),
     (["model.target=byo_nets:small_unett"], "did you mean 'small_unet'"),
+    (["model.target=byo_nets:"], "must name a factory as 'package.module:function'"),
+    (["model.target=byo_nets:whole_step_embedding"],
+     "piadm calls it at fractional timesteps (a float t between the training's whole steps)"),
     (["model.target=byo_nets:raising"], "raised RuntimeError: no GPU found"),
     (["model.target=byo_nets:wrong_shape", "model.shape=[1, 16, 16]"], "returns shape [2, 2, 16, 16]"),
     # the shape it returns, not what an adapter broadcast it to
