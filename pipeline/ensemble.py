@@ -30,7 +30,7 @@ from pipeline.comm import SerialComm
 from pipeline.config import ConfigError, store_differences
 from pipeline.console import on_every_rank, on_rank0, print0
 from pipeline.decomposition import share
-from pipeline.errors import OutOfMemory, WriteFailed
+from pipeline.errors import OutOfMemory, WriteFailed, naming
 from pipeline.inputs import Items, label_text, open_items, same_fingerprint, unconditional
 from pipeline.identity import growth, store_digests, target_fate
 from pipeline.layout import RankGrid, rank_grid
@@ -380,13 +380,14 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         cfg, tuple(model.shape), torch.device(device), sharing=sharing,
         time_slices=ranks.slices.size,
         batch=call_batch(cfg.ensemble.batch_size, cfg.ensemble.members)))
-    started = _start_up(cfg, model, ranks.world, stop, device, attrs or {})
-    if started is None:
-        return Summary(cfg.output.path, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, True, began=False)
-    spec, state, tol = started
-    items, scale, done, mine, unit = _open_work(cfg, model, spec, state, ranks)
-    return _fill(cfg, ranks, model, tol, spec, mine, items=items, scale=scale, stop=stop,
-                 device=device, skipped=int(done.sum()), unit=unit)
+    with naming(cfg.output.path):  # what it writes from here on is the store
+        started = _start_up(cfg, model, ranks.world, stop, device, attrs or {})
+        if started is None:
+            return Summary(cfg.output.path, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, True, began=False)
+        spec, state, tol = started
+        items, scale, done, mine, unit = _open_work(cfg, model, spec, state, ranks)
+        return _fill(cfg, ranks, model, tol, spec, mine, items=items, scale=scale, stop=stop,
+                     device=device, skipped=int(done.sum()), unit=unit)
 
 
 def _start_up(cfg: Config, model, world, stop, device,

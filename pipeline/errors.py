@@ -48,6 +48,18 @@ class WriteFailed(PiadmError, OSError):
     so that a caller's ``except OSError`` for a full disk still takes it."""
 
 
+@contextmanager
+def naming(path):
+    """Give an OSError that names no file the ``path`` it concerns: Zarr's writes meeting a
+    full disk raise one without, and its one line would say "cannot use: No space left"."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and not isinstance(err, PiadmError):
+            err.filename = str(path)
+        raise
+
+
 class EvaluationError(PiadmError, ValueError):
     """The store or the truth cannot be evaluated as asked; the message says how to fix it."""
 

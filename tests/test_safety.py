@@ -587,3 +587,20 @@ def test_blocks_redone_step_by_step_are_said_by_sample_and_bench(tmp_path, capsy
     assert main(["bench", "jobs/configs/grf.toml", *sets, *bench]) == 0
     err = capsys.readouterr().err
     assert "    note: 1 Picard block diverged and was redone step by step" in err
+
+
+def test_a_full_disk_met_while_making_the_store_names_it(tmp_path, monkeypatch, capsys):
+    """Zarr's writes meet a full disk with an OSError that names no file: the line names
+    the store ("cannot use: No space left" said nothing of where)."""
+    import errno
+
+    from pipeline import ensemble
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ensemble, "open_or_create", full)
+    sets = _small(tmp_path, **{"ensemble.members": 2, "sampler.method": "sequential-sde"})
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *sum((["--set", f"{k}={v}"] for k, v in sets.items()), [])]) == 2
+    assert f"cannot use {sets['output.path']}: No space left on device" in capsys.readouterr().err
