@@ -171,19 +171,20 @@ def checked_items(cfg: Config, model):
 
 
 def _check_same_network(cfg: Config, held: dict) -> None:
-    """Refuse to resume or grow, from its attributes ``held``, a store of a module network
-    whose code file has changed since (a store made before it was recorded is not checked),
-    or, conditioned, that an older piadm sampled with the fields scaled by the input's
-    selection (``field_scale``)."""
-    if cfg.model.kind != "module":
+    """Refuse to resume or grow, from its attributes ``held``, a store of a user's network
+    that an older piadm sampled with its fields scaled by the input selection's statistics
+    (``field_scale``: where they were not 0 and 1), or, a module's, whose code file has
+    changed since (a store made before it was recorded is not checked)."""
+    if cfg.model.kind not in ("module", "diffusers"):
         return
-    if cfg.model.condition and FIELD_SCALE not in held:
+    scaled = (float(held.get("input_mean", 0.0)), float(held.get("input_std", 1.0))) != (0, 1)
+    if FIELD_SCALE not in held and scaled:
         raise StoreExists(
             f"output {cfg.output.path} was sampled by an older piadm, which scaled the "
             "network's condition and fields by the input selection's mean and std (it now "
             "takes them in the input's own units): its members would not match the rest; set "
             "output.overwrite = true to sample it anew, or choose another output.path")
-    if not held.get(MODEL_SOURCE):
+    if cfg.model.kind != "module" or not held.get(MODEL_SOURCE):
         return
     from models.module import source_digest
 

@@ -554,6 +554,12 @@ def test_a_conditional_networks_members_are_in_its_own_units_whatever_the_select
         "ensemble.members=3"]), [])]) == 2
     assert "was sampled by an older piadm, which scaled the network's condition" in \
         capsys.readouterr().err
+    # an older unconditional store was never scaled (its statistics are 0 and 1): it grows
+    plain = tmp_path / "plain.zarr"
+    assert _module_run(plain, "model.target=byo_nets:small_unet") == 0
+    older = zarr.open_group(plain, mode="r+")
+    older.attrs.put({k: v for k, v in older.attrs.asdict().items() if k != FIELD_SCALE})
+    assert _module_run(plain, "model.target=byo_nets:small_unet", "ensemble.members=4") == 0
 
 
 def test_a_store_is_not_grown_once_its_networks_code_has_changed(tmp_path, monkeypatch, capsys):
