@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import pickle
 import re
 from dataclasses import dataclass, field, replace
@@ -299,16 +300,18 @@ SCHEDULE_KEYS = ("beta_schedule", "beta_start", "beta_end", "train_steps", "inpu
 
 
 def source_digest(section) -> str:
-    """SHA-256 of the file of the module that model.target names ("" where it has none, a
-    namespace package say): its weights' hash misses an edit of the code, and a network
-    without model.weights is made by the code alone. Found without running the module (a
-    package's parents are imported)."""
-    name = section.target.partition(":")[0]
+    """SHA-256 of the file that defines model.target's factory (a package's re-export is
+    followed to it: diffusers:UNet2DModel is diffusers/models/unets/unet_2d.py), else of
+    the module it names; "" where there is no file. The weights' hash misses an edit of
+    the code, and a network without model.weights is made by the code alone."""
     try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return ""
-    origin = getattr(spec, "origin", None)
+        origin = inspect.getsourcefile(import_target(section.target))
+    except (ConfigError, TypeError):  # not importable here, or built in: its module's file
+        try:
+            origin = getattr(importlib.util.find_spec(section.target.partition(":")[0]),
+                             "origin", None)
+        except (ImportError, ValueError):
+            origin = None
     return files_digest([origin]) if origin and Path(origin).is_file() else ""
 
 
