@@ -129,23 +129,43 @@ def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str]) -> list[x
     return extras
 
 
-def _check_extra_holds_no_held_out(t: TrainConfig, extras: list, held_out: np.ndarray,
-                                   extra: np.ndarray) -> None:
+PROBE_RTOL = 1e-5  # a float32 copy of a float64 field probes the same to about 1e-7
+
+
+def _probe(field: xr.DataArray) -> xr.DataArray:
+    """Per time, (projection, norm): the field's inner product with fixed pseudo-random
+    weights of unit norm, and its own norm, in float64 (lazy). Two different fields share a
+    projection by chance only (fields standardised per time share their norms, so norms
+    alone would not tell them), and a copy in another dtype keeps both to ``PROBE_RTOL``."""
+    dims = field.dims[1:]
+    weights = np.random.default_rng(0).standard_normal(field.shape[1:])
+    weights = xr.DataArray(weights / np.linalg.norm(weights), dims=dims)
+    values = field.astype("float64")
+    return xr.concat([(values * weights).sum(dims), np.sqrt((values ** 2).sum(dims))], "probe")
+
+
+def _check_extra_holds_no_held_out(t: TrainConfig, extras: list, held: np.ndarray,
+                                   extra: np.ndarray, extra_fields, held_fields) -> None:
     """Refuse a train.extra store holding a field of train.data's held-out split (a copy of
     train.data, in another dtype say): it would be trained on, and the validation loss would
-    flatter the network. Told by each field's sum of squares (``held_out``, ``extra``: per
-    time), which two different fields share to 1e-6 by no chance worth counting."""
-    if not extras or not held_out.size:
+    flatter the network. ``held``, ``extra``: (2, times) ``_probe``s; a field whose probe
+    matches is compared with the held-out one itself before the refusal."""
+    if not extras or not held.size:
         return
-    close = np.isclose(extra[:, None], held_out[None, :], rtol=1e-6, atol=0) & (held_out > 0)
-    hits = np.flatnonzero(close.any(1))
-    if hits.size == 0:
-        return
-    ends = np.cumsum([e.sizes["time"] for e in extras])
-    path = t.extra[int(np.searchsorted(ends, hits[0], side="right"))]
-    raise InputError(f"train.extra {path} holds fields of train.data's held-out times (a copy "
-                     f"of {t.data}?): they would be trained on and validated on; give "
-                     "train.extra other trajectories")
+    order = np.argsort(held[0])
+    ranked = held[0][order]
+    tol = PROBE_RTOL * extra[1]
+    lo = np.searchsorted(ranked, extra[0] - tol)
+    hi = np.searchsorted(ranked, extra[0] + tol, side="right")
+    for i in np.flatnonzero(hi > lo):
+        for j in order[lo[i]:hi[i]]:
+            a, b = extra_fields[i].values, held_fields[j].values
+            if np.allclose(a, b, rtol=PROBE_RTOL, atol=PROBE_RTOL * extra[1][i] / np.sqrt(a.size)):
+                ends = np.cumsum([e.sizes["time"] for e in extras])
+                path = t.extra[int(np.searchsorted(ends, i, side="right"))]
+                raise InputError(f"train.extra {path} holds fields of train.data's held-out "
+                                 f"times (a copy of {t.data}?): they would be trained on and "
+                                 "validated on; give train.extra other trajectories")
 
 
 def _check_finite(t: TrainConfig, ds: xr.Dataset, name: str, split: str, ok: np.ndarray,
@@ -193,13 +213,14 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     fields = trn[t.variable]
     splits = [(split, name, part[name]) for split, part in (("training", trn), ("validation", val))
               for name in names]
-    energy = lambda a: (a.astype("float64") ** 2).sum(a.dims[1:])  # noqa: E731  per time
-    mean, std, held_out, extra, *finite = dask.compute(
-        fields.mean(), fields.std(), energy(val[t.variable]), energy(fields[cut:]),
+    held_out, extra = val[t.variable], fields[cut:]
+    mean, std, held_probe, extra_probe, *finite = dask.compute(
+        fields.mean(), fields.std(), _probe(held_out), _probe(extra),
         *(np.isfinite(a).all(a.dims[1:]) for *_, a in splits))
     for (split, name, _), ok in zip(splits, finite):
         _check_finite(t, ds, name, split, np.asarray(ok), cut)
-    _check_extra_holds_no_held_out(t, extras, np.asarray(held_out), np.asarray(extra))
+    _check_extra_holds_no_held_out(t, extras, np.asarray(held_probe), np.asarray(extra_probe),
+                                   extra, held_out)
     mean, std = float(mean), float(std)
     if not std > 0:
         raise InputError(f"train.data {t.data}: {t.variable} is the same value everywhere in the "
@@ -341,8 +362,8 @@ RESUME_MUST_MATCH = {"channels": "train.channels", "global_modes": "train.global
                      "shape": "the shape of train.variable's fields",
                      "validation": "train.validation",
                      "data_made": "what train.data holds (made anew at its path since?)",
-                     "data_sums": "what train.data holds (its first and last fields: made "
-                                  "anew at its path since?)"}
+                     "data_probe": "what train.data holds (its first and last fields: made "
+                                   "anew at its path since?)"}
 
 
 def _data_made(data: xr.Dataset) -> str:
@@ -352,10 +373,10 @@ def _data_made(data: xr.Dataset) -> str:
     return "; ".join([f"{data.sizes['time']} times", *made])
 
 
-def _data_sums(field: xr.DataArray) -> list[float]:
-    """The float64 sums of train.data's first and last fields: data made anew at its path
+def _data_probe(field: xr.DataArray) -> list[float]:
+    """``_probe`` of train.data's first and last fields, flat: data made anew at its path
     with as many times (and no history, as stores other tools write) differs in them."""
-    return [float(np.sum(field.isel(time=i).values, dtype=np.float64)) for i in (0, -1)]
+    return [float(v) for v in np.asarray(_probe(field.isel(time=[0, -1])).values).ravel()]
 
 
 def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: str) -> dict:
@@ -367,7 +388,7 @@ def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: st
             # the conditioning grid: sampling refuses an input of another resolution
             "cond_shape": None if trn.coarse is None else list(trn.coarse.shape[1:]),
             "validation": t.validation, "config": config_text, "data_made": _data_made(data),
-            "data_sums": _data_sums(data[t.variable]),
+            "data_probe": _data_probe(data[t.variable]),
             "grid": grid_of(data[t.variable])}
 
 
@@ -392,8 +413,13 @@ def _check_same_training(path: Path, meta: dict) -> None:
     for key, setting in RESUME_MUST_MATCH.items():
         if key not in theirs or setting in differ:
             continue
-        same = (os.path.realpath(theirs[key]) == os.path.realpath(ours[key])
-                if key == "data" else theirs[key] == ours[key])
+        if key == "data":
+            same = os.path.realpath(theirs[key]) == os.path.realpath(ours[key])
+        elif key == "data_probe":  # sums in another numpy or on another CPU: the last bits
+            same = np.allclose(theirs[key], ours[key], rtol=1e-9,
+                               atol=1e-9 * max(map(abs, ours[key])))
+        else:
+            same = theirs[key] == ours[key]
         if not same:
             differ[setting] = f"{setting} (checkpoint {theirs[key]!r}, this run {ours[key]!r})"
     if differ:

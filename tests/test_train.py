@@ -762,6 +762,20 @@ def test_a_bad_extra_store_is_a_one_line_error_before_training(tmp_path, dataset
     assert not ckpt.exists()
 
 
+def test_fields_standardised_per_time_are_no_copy_of_the_held_out_ones(tmp_path, dataset, other):
+    """Every field standardised per time has the same norm: only a copy is refused."""
+    from pipeline.settings import TrainConfig
+    from pipeline.train import open_dataset
+
+    for source, name in ((dataset, "z0.zarr"), (other, "z1.zarr")):
+        v = xr.open_zarr(source)[["vorticity"]].load().drop_attrs()
+        v = (v - v.mean(("y", "x"))) / v.std(("y", "x"))
+        v.to_zarr(tmp_path / name, zarr_format=3, consolidated=False)
+    trn, _ = open_dataset(TrainConfig(data=str(tmp_path / "z0.zarr"), validation=0.25,
+                                      extra=(str(tmp_path / "z1.zarr"),)))
+    assert trn.fields.sizes["time"] == 12 + 8
+
+
 def _refused(args, capsys) -> str:
     """The one-line error of a ``piadm train`` that exits 2 before its first step."""
     capsys.readouterr()
