@@ -249,11 +249,19 @@ def holding(folder: Path, name: str, job: str):
 def _give_back(folder: Path, key: str, job: str) -> None:
     """Remove claim ``key`` when ``job`` still holds it (one taken over meanwhile is
     another's now), under the takeover lock: a takeover between the look and the removal
-    would otherwise lose the taker's claim."""
-    while not _lock_takeover(folder / f"{key}.takeover"):
-        time.sleep(LOCK_POLL_S)
+    would otherwise lose the taker's claim. A folder that cannot be reached (a lost mount)
+    leaves the claim, to be taken over as a dead job's, rather than hide the error the block
+    may be leaving with."""
+    try:
+        while not _lock_takeover(folder / f"{key}.takeover"):
+            time.sleep(LOCK_POLL_S)
+    except OSError:
+        return
     try:
         if holds(folder, key, job):
             (folder / f"{key}.json").unlink(missing_ok=True)
+    except OSError:
+        pass
     finally:
-        (folder / f"{key}.takeover").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (folder / f"{key}.takeover").unlink(missing_ok=True)
