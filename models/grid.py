@@ -11,9 +11,11 @@ def _plain(attrs) -> dict:
 
 
 def grid_of(field) -> dict:
-    """``{"coords": {dim: {"values": [...], "attrs": {...}}}, "attrs": {...}}`` of an xarray
-    DataArray (items, *field dims): the field dims' coordinates and the variable's
+    """``{"dims": [...], "coords": {dim: {"values": [...], "attrs": {...}}}, "attrs": {...}}``
+    of an xarray DataArray (items, *field dims): the field dims in order (a store takes them
+    by position where they are named otherwise), their coordinates and the variable's
     descriptive attributes (units, long_name, standard_name)."""
     coords = {d: {"values": field[d].values.tolist(), "attrs": _plain(field[d].attrs)}
               for d in field.dims[1:] if d in field.coords}
-    return {"coords": coords, "attrs": _plain(field.attrs)}
+    return {"dims": [str(d) for d in field.dims[1:]], "coords": coords,
+            "attrs": _plain(field.attrs)}

@@ -31,7 +31,8 @@ from pipeline.config import ConfigError, store_differences
 from pipeline.console import on_every_rank, on_rank0, print0
 from pipeline.decomposition import share
 from pipeline.errors import OutOfMemory, WriteFailed, naming
-from pipeline.inputs import Items, label_text, open_items, same_fingerprint, unconditional
+from pipeline.inputs import (Items, label_text, open_items, renamed_attrs, same_fingerprint,
+                             unconditional)
 from pipeline.identity import growth, store_digests, target_fate
 from pipeline.layout import RankGrid, rank_grid
 from pipeline.memory import field_bytes, is_out_of_memory, ranks_sharing
@@ -113,16 +114,13 @@ def _grid_coords(grid: dict, names: tuple[str, ...]) -> dict:
     coordinates {dim: (values, attrs)} on its dims ``names``: by position where the training
     data named them otherwise (lat, lon for y, x), that name kept in ``input_dim``."""
     recorded = grid.get("coords", {})
-    if not all(d in names for d in recorded) and len(recorded) == len(names):
-        out = {}
-        for (d, c), name in zip(recorded.items(), names):
-            attrs = dict(c["attrs"])
-            if d != name:
-                attrs.setdefault("long_name", str(d))
-                attrs["input_dim"] = str(d)
-            out[name] = (np.asarray(c["values"]), attrs)
-        return out
-    return {d: (np.asarray(c["values"]), c["attrs"]) for d, c in recorded.items() if d in names}
+    dims = grid.get("dims") or list(recorded)  # an older sidecar's: the dims with coordinates
+    if len(dims) != len(names):
+        return {d: (np.asarray(c["values"]), c["attrs"]) for d, c in recorded.items()
+                if d in names}
+    to_ours = dict(zip(dims, names))
+    return {to_ours[d]: (np.asarray(c["values"]), renamed_attrs(d, to_ours[d], dict(c["attrs"])))
+            for d, c in recorded.items() if d in to_ours}
 
 
 def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],

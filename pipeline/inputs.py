@@ -51,11 +51,8 @@ class Items:
             ours = self.fields.dims[1:]
             for d, name in zip(ours, FIELD_DIMS.get(len(ours), ours)):
                 if d in self.fields.coords:
-                    attrs = dict(self.fields[d].attrs)
-                    if d != name:
-                        attrs.setdefault("long_name", str(d))
-                        attrs["input_dim"] = str(d)
-                    out[name] = (self.fields[d].values, attrs)
+                    out[name] = (self.fields[d].values,
+                                 renamed_attrs(d, name, dict(self.fields[d].attrs)))
         return out
 
     def field_attrs(self) -> dict:
@@ -84,6 +81,15 @@ class Items:
                 return self.fields.isel({self.dim: index}).values.astype(np.float64)
             self._chunk.update(span=(lo, hi), values=block.values)
         return self._chunk["values"][index - lo].astype(np.float64)
+
+
+def renamed_attrs(dim, name: str, attrs: dict) -> dict:
+    """The attributes of field coordinate ``dim`` as the store's ``name`` (y for lat, say):
+    the name it had kept in ``input_dim`` (and as the long name, unless it has one)."""
+    if dim != name:
+        attrs.setdefault("long_name", str(dim))
+        attrs["input_dim"] = str(dim)
+    return attrs
 
 
 def label_text(label) -> str:

@@ -72,6 +72,10 @@ def test_a_training_grid_named_otherwise_gives_the_store_its_coordinates_by_posi
     assert list(coords["y"][0]) == [0.0, 1.0, 2.0, 3.0] and coords["y"][1]["units"] == "degrees"
     assert list(coords["x"][0]) == [10.0, 11.0, 12.0, 13.0]
     assert (coords["y"][1]["input_dim"], coords["x"][1]["input_dim"]) == ("lat", "lon")
+    # the sidecar names the dims in order: one coordinate alone lands on its own dim
+    grid = {"dims": ["lat", "lon"], "coords": {"lon": grid["coords"]["lon"]}, "attrs": {}}
+    coords = store_spec(cfg, unconditional(), (4, 4), grid=grid).coords
+    assert "y" not in coords and list(coords["x"][0]) == [10.0, 11.0, 12.0, 13.0]
 
 
 def test_a_range_selects_by_value_on_unsorted_labels(tmp_path):
