@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import uuid
 from pathlib import Path
 
@@ -23,15 +24,29 @@ def cache_path(name: str) -> Path:
 
 
 def read_cache(path: Path) -> dict:
-    """The entries of the JSON cache file ``path``, {} when it is missing or unreadable."""
+    """The entries of the JSON cache file ``path``, {} when it is missing, unreadable or not
+    a JSON object (a file another tool wrote there)."""
     try:
-        return json.loads(path.read_text())
+        entries = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return entries if isinstance(entries, dict) else {}
 
 
 def update_cache(path: Path, key: str, entry) -> None:
-    """Set ``key`` to ``entry`` in the JSON cache file ``path``."""
+    """Set ``key`` to ``entry`` in the JSON cache file ``path``. A cache that cannot be
+    written (a read-only $PIADM_CACHE, a file in its place) costs the next run a new
+    measurement, not this one what it measured: a warning says so, and the run goes on."""
+    try:
+        _update(path, key, entry)
+    except OSError as err:
+        why = err.strerror or err
+        print(f"piadm: warning: cannot keep this measurement in {path.parent} ({why}): the "
+              "next run measures it again; set PIADM_CACHE to a folder you may write",
+              file=sys.stderr, flush=True)
+
+
+def _update(path: Path, key: str, entry) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f"{path.name}.lock"), "a") as lock:
         try:

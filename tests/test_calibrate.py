@@ -255,3 +255,22 @@ def test_processes_writing_other_keys_at_once_lose_none(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path), tag]) for tag in "ab"]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     assert len(read_cache(path)) == 200
+
+
+def test_a_cache_that_cannot_be_written_or_read_costs_a_warning_not_the_run(tmp_path, cache,
+                                                                          monkeypatch, capsys):
+    """What was measured is used whether or not it can be kept; a cache file holding JSON
+    that is no object (another tool's) is an empty cache."""
+    cache.mkdir()
+    (cache / "calibration.json").write_text("[]")
+    out = tmp_path / "s.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *_sets(SMALL + [f"output.path={out}"])]) == 0
+    assert "worst_dist" in capsys.readouterr().err  # measured, then cached over the list
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("PIADM_CACHE", str(blocked))
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *_sets(SMALL + [f"output.path={tmp_path / 't.zarr'}"])]) == 0
+    err = capsys.readouterr().err
+    assert f"piadm: warning: cannot keep this measurement in {blocked}" in err
+    assert xr.open_zarr(tmp_path / "t.zarr").attrs["sampler_tol_source"] == "calibrated"
