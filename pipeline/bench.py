@@ -447,9 +447,10 @@ def _rows_problem(rows, keys: tuple[str, ...]) -> str | None:
         if missing:
             return f"row {i} has no {', '.join(missing)}"
         wrong = [key for key in keys[1:] if isinstance(row[key], bool)
-                 or not isinstance(row[key], (int, float))]
+                 or not isinstance(row[key], (int, float))
+                 or not (math.isfinite(row[key]) and row[key] > 0)]
         if not isinstance(row[keys[0]], str) or wrong:
-            return (f"row {i}'s {', '.join(wrong)} is not a number" if wrong
+            return (f"row {i}'s {', '.join(wrong)} is not a number > 0" if wrong
                     else f"row {i}'s {keys[0]} is not a name")
     return None
 

@@ -189,8 +189,8 @@ def parse_quality(text: str) -> float | tuple[str, int]:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not value > 0:
-        raise ConfigError(f"--quality {text}: give the error to reach, a number > 0 (e.g. "
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"--quality {text}: give the error to reach, a finite number > 0 (e.g. "
                           "1e-2), or METHOD@STEPS (e.g. sequential-ode@1000)", collective=True)
     return value
 

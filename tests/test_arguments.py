@@ -106,7 +106,10 @@ def test_plan_refuses_a_json_path_that_is_a_directory(tmp_path, capsys):
     ({"rows": [5]}, "is not a bench table (row 0 is not an object)"),
     ({"rows": [{"method": "pc-window", "ranks": 1}]}, "(row 0 has no d, rounds, wall_s)"),
     ({"rows": [{"method": "pc-window", "ranks": 1, "d": 64, "rounds": "9", "wall_s": 1.0}]},
-     "(row 0's rounds is not a number)"),
+     "(row 0's rounds is not a number > 0)"),
+    # NaN is what json writes for a missing figure: the graph's axes failed after the bench
+    ('{"rows": [{"method": "x", "ranks": 1, "d": NaN, "rounds": 1, "wall_s": 1}]}',
+     "(row 0's d is not a number > 0)"),
     ("not json", "is not JSON"),
     (None, "is a directory"),
 ])

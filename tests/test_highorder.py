@@ -165,7 +165,8 @@ def test_the_quality_is_a_number_or_a_sequential_sampler_at_some_steps(tmp_path,
 
     assert parse_quality("1e-2") == 0.01
     assert parse_quality("sequential-ode@1000") == ("sequential-ode", 1000)
-    for bad, said in (("-1", "a number > 0"), ("nope", "a number > 0"),
+    for bad, said in (("-1", "a finite number > 0"), ("nope", "a finite number > 0"),
+                      ("inf", "a finite number > 0"),
                       ("window@100", "with a sequential sampler"),
                       ("dpmpp-2m@0", "steps >= 1")):
         assert main(["bench", "jobs/configs/grf.toml", "--quality", bad]) == 2
