@@ -77,13 +77,14 @@ def _load(args):
     return load_config(args.config, overrides(args))
 
 
-def _setup(args, world, plan: bool = False, layout: bool = True):
+def _setup(args, world, plan: bool = False, layout: bool = True, stop=None):
     """Config, rank grid and device: the same on every rank, so an error here is raised by
     all. ``plan``: resolve ``"auto"`` sampler and time slices (``pipeline.planner``) and
     return the store attributes recording the choice too; other commands run ``"auto"``
     time slices as one group of every rank. Without ``layout`` (a command that does not
     sample on this launch's ranks) the rank grid is None and the time slices are not
-    checked against the launch: a job's config then works on a login node too."""
+    checked against the launch: a job's config then works on a login node too. ``stop``: a
+    stop request that ends the planning between its measurements (``calibrate.Stopped``)."""
     from pipeline.layout import place_rank, rank_grid
     from pipeline.planner import resolve_plan
     from pipeline.settings import needs_plan
@@ -101,11 +102,19 @@ def _setup(args, world, plan: bool = False, layout: bool = True):
                         cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)
     attrs = {}
     if plan and needs_plan(cfg):
-        cfg, attrs = resolve_plan(cfg, world, device)
+        cfg, attrs = resolve_plan(cfg, world, device, stopped=lambda: bool(stop))
     slices = world.size if cfg.parallel.time_slices == "auto" else cfg.parallel.time_slices
     with raised_by_every_rank():
         ranks = rank_grid(world, slices) if layout else None
     return (cfg, ranks, device, attrs) if plan else (cfg, ranks, device)
+
+
+def _stopped_before_sampling(world) -> int:
+    from pipeline.signals import EXIT_PREEMPTED
+
+    print0(world, "piadm: stopped by a signal before sampling began: nothing was written; "
+                  f"rerun the same command to start (exit {EXIT_PREEMPTED})")
+    return EXIT_PREEMPTED
 
 
 def _cmd_sample(args, world) -> int:
@@ -123,7 +132,12 @@ def _cmd_sample(args, world) -> int:
         text, runs = on_rank0(world, dry_run, cfg, ranks, device, memory_sharing(world, device))
         print0(world, text)
         return 0 if runs else 2  # a script's pre-check: the run itself would be refused
-    cfg, ranks, device, attrs = _setup(args, world, plan=True)
+    from pipeline.calibrate import Stopped
+
+    try:
+        cfg, ranks, device, attrs = _setup(args, world, plan=True, stop=stop)
+    except Stopped:
+        return _stopped_before_sampling(world)
     guided = (f" (autoguided by {cfg.model.guide}, weight {cfg.model.guidance:g})"
               if cfg.model.guide else "")
     print0(world, f"piadm sample: {cfg.sampler.method} on {cfg.model.kind} {list(cfg.model.shape)}"
@@ -134,9 +148,7 @@ def _cmd_sample(args, world) -> int:
                   f"{device}")
     summary = sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
     if not summary.began:
-        print0(world, "piadm: stopped by a signal before sampling began: nothing was written; "
-                      f"rerun the same command to start (exit {EXIT_PREEMPTED})")
-        return EXIT_PREEMPTED
+        return _stopped_before_sampling(world)
     share = summary.write_wait_s / summary.seconds if summary.seconds else 0.0
     where = "" if summary.preempted else f"\n  open with        xarray.open_zarr({summary.path!r})"
     print0(world, f"{'stopped' if summary.preempted else 'done'}: {summary.members} members "

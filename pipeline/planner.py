@@ -320,8 +320,11 @@ def _batch_sizes(cfg: Config) -> tuple[int, ...]:
 
 
 def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
-              latency: float = DEFAULT_LATENCY, say=print) -> Plan:
-    """Measure and rank every layout of ``cfg``'s ensemble on ``ranks`` ranks (module doc)."""
+              latency: float = DEFAULT_LATENCY, say=print, stopped=lambda: False) -> Plan:
+    """Measure and rank every layout of ``cfg``'s ensemble on ``ranks`` ranks (module doc).
+    ``stopped``: a stop request, looked at between calibration rungs and between profiles
+    (``calibrate.Stopped`` is raised; what was measured so far stays cached)."""
+    from pipeline.calibrate import Stopped
     from pipeline.run import DTYPES, model_digest
 
     machine = machine_for(ranks, gpus_per_node, device, cfg.parallel.threads, latency,
@@ -346,8 +349,10 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
             own = param == _width(named, _configured(named, method))
             # the configured width as the run keys it
             at = named if own else with_settings(named, _param_setting(method, param))
+            if stopped():
+                raise Stopped
             try:
-                tol = resolve_tol(at, base, device=device, say=say).tol
+                tol = resolve_tol(at, base, device=device, say=say, stopped=stopped).tol
             except CANNOT_CALIBRATE as err:
                 if cfg.sampler.method not in AUTO_METHODS and own:  # the named sampler's own
                     raise
@@ -361,6 +366,8 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
                 f"{'-' if tol is None else format(tol, '.1e')}: {mine.sampler.steps} steps, "
                 f"{prof.rounds} rounds, {prof.calls:.0f} calls a member")
             profiles.append(prof)
+    if stopped():  # before the model's cost curve is timed
+        raise Stopped
     runnable = [(lay, prof) for lay, prof in layouts(profiles, ranks, cfg.ensemble.members,
                                                      _batch_sizes(cfg), REPLICABLE)
                 if lay.time_slices <= _most_slices(cfg, prof)]
@@ -466,7 +473,8 @@ def describe(plan: Plan) -> str:
 
 
 def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int, latency: float,
-                   stored: tuple[dict, int | None] | None, say=print) -> tuple[Config, dict]:
+                   stored: tuple[dict, int | None] | None, say=print,
+                   stopped=lambda: False) -> tuple[Config, dict]:
     """Rank 0: the concrete config of an ``"auto"`` run and the store attributes that record
     the choice. A resumed store's own choice (``stored``) wins, so its members stay alike."""
     if stored is not None:
@@ -491,7 +499,7 @@ def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int
                 raise ConfigError(f"config: parallel.time_slices = {t} does not divide the "
                                   f"{ranks} ranks: launch a multiple of {t}, or set it \"auto\"")
         plan = make_plan(cfg, model, device, ranks=ranks, gpus_per_node=gpus_per_node,
-                         latency=latency, say=say)
+                         latency=latency, say=say, stopped=stopped)
         # only what the config leaves open: a named method stays, numbered slices stay
         ranked = [p for p in plan.ranked
                   if (cfg.parallel.time_slices == "auto"
@@ -583,10 +591,11 @@ def collective_latency(comm, repeats: int = 20) -> float:
     return float(comm.allreduce_max(torch.tensor([median]))[0]) / math.ceil(math.log2(comm.size))
 
 
-def resolve_plan(cfg: Config, world, device) -> tuple[Config, dict]:
+def resolve_plan(cfg: Config, world, device, stopped=lambda: False) -> tuple[Config, dict]:
     """Every rank: the concrete config of an ``"auto"`` run, planned on rank 0 for the world's
     ranks (the other ranks sleep meanwhile, leaving it the cores), and the store attributes
-    that record the choice."""
+    that record the choice. ``stopped`` (rank 0's stop request) ends the planning between
+    its measurements with ``calibrate.Stopped`` on every rank."""
     from models import build_model
     from pipeline.console import on_rank0, tag
     from pipeline.ensemble import first_item_model
@@ -598,7 +607,7 @@ def resolve_plan(cfg: Config, world, device) -> tuple[Config, dict]:
         stored = stored_plan(cfg)  # a store this config made is resumed: its plan is kept
         model = first_item_model(cfg, build_model(cfg.model, device), device)
         return planned_config(cfg, model, device, ranks=world.size, gpus_per_node=gpus,
-                              latency=latency, stored=stored,
+                              latency=latency, stored=stored, stopped=stopped,
                               say=lambda text: print(tag(world) + text, file=sys.stderr,
                                                      flush=True))
 

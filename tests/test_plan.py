@@ -551,3 +551,37 @@ def test_a_plan_whose_sequential_sampler_cannot_fit_is_one_line(tmp_path, monkey
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("piadm: error: plan: no layout's sampler state fits in the"), err
     assert not (tmp_path / "auto.zarr").exists()
+
+
+def test_a_stop_signal_while_an_auto_run_plans_ends_it_after_the_measurement_under_way(
+        tmp_path, monkeypatch, capsys):
+    """A SIGTERM (a SLURM time limit) during the start-up plan: the measurement under way
+    finishes, the rest of the plan is not measured, and the run exits 75 with nothing
+    written, as a stop during a calibration does."""
+    import os
+    import signal
+
+    from pipeline import planner
+    from pipeline.signals import EXIT_PREEMPTED
+
+    profiled = []
+    real = planner.profile
+
+    def then_stopped(*args, **kwargs):
+        profiled.append(args[2])
+        if len(profiled) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: the run's stop request is set
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "profile", then_stopped)
+    out = tmp_path / "a.zarr"
+    sets = ["model.shape=[8, 8]", "sampler.steps=20", "sampler.tol=1e-2", "sampler.method=auto",
+            "ensemble.members=2", f"output.path={out}"]
+    try:
+        assert main(["sample", "jobs/configs/grf.toml",
+                     *sum((["--set", s] for s in sets), [])]) == EXIT_PREEMPTED
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert len(profiled) == 1 and not out.exists()
+    assert "stopped by a signal before sampling began" in capsys.readouterr().err
