@@ -127,6 +127,35 @@ def _most_slices(cfg: Config, prof: Profile) -> int:
     return max(1, min(REGISTRY[prof.method].points(s).values()))
 
 
+# The settings a plan chooses (``settings``): a store made with others than the config's in
+# any other key is no plan's (sampler.steps too, but for auto-quality, which picks steps)
+PLAN_KEYS = ("sampler.method", "parallel.time_slices", "ensemble.batch_size", "sampler.window",
+             "sampler.block_size", "sampler.window_split", "sampler.tol")
+
+
+def check_unplannable_store(cfg: Config) -> None:
+    """Rank 0, before an ``"auto"`` run's plan, when the store at output.path is not one this
+    configuration's plan made (``stored_plan``): refuse it, naming the settings in which its
+    config differs from ``cfg`` (those a plan picks only when no other differs). Planned
+    first, the run was refused only after every measurement, naming the plan's settings."""
+    from pipeline.config import store_differences
+    from pipeline.store import StoreExists
+    from pipeline.target import stored_config
+
+    text = "" if cfg.output.overwrite else stored_config(cfg.output.path)
+    if not text:  # none, or not a piadm store: the run's own checks say what to do
+        return
+    chosen = PLAN_KEYS + (("sampler.steps",) if cfg.sampler.method == EQUAL_QUALITY else ())
+    every = store_differences(cfg, text, most=10**6)
+    differ = [d for d in every if d.partition(":")[0] not in chosen] or every
+    if differ:
+        raise StoreExists(
+            f"output {cfg.output.path} was made by a different configuration (it differs in "
+            f"{'; '.join(differ[:4])}{'; ...' if len(differ) > 4 else ''}): rerun its own "
+            "config to resume it, choose another output.path, or set output.overwrite = true "
+            "to replace it")
+
+
 def settings(pred: Prediction) -> dict:
     """The config keys that run ``pred``'s layout."""
     lay, prof = pred.layout, pred.profile
@@ -605,6 +634,8 @@ def resolve_plan(cfg: Config, world, device, stopped=lambda: False) -> tuple[Con
 
     def plan_here():
         stored = stored_plan(cfg)  # a store this config made is resumed: its plan is kept
+        if stored is None:
+            check_unplannable_store(cfg)
         model = first_item_model(cfg, build_model(cfg.model, device), device)
         return planned_config(cfg, model, device, ranks=world.size, gpus_per_node=gpus,
                               latency=latency, stored=stored, stopped=stopped,

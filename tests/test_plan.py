@@ -585,3 +585,26 @@ def test_a_stop_signal_while_an_auto_run_plans_ends_it_after_the_measurement_und
         signal.signal(signal.SIGINT, signal.default_int_handler)
     assert len(profiled) == 1 and not out.exists()
     assert "stopped by a signal before sampling began" in capsys.readouterr().err
+
+
+def test_an_auto_run_refuses_another_configurations_store_before_it_plans(tmp_path, monkeypatch,
+                                                                        capsys):
+    """No plan of the config could resume it: refused before the measurements, naming the
+    user's own settings (not the plan's, which it named after planning)."""
+    from pipeline import planner
+
+    profiled = []
+    monkeypatch.setattr(planner, "profile", lambda *a, **k: profiled.append(a) or 1 / 0)
+    out = tmp_path / "s.zarr"
+    sets = ["model.shape=[8, 8]", "sampler.steps=20", "sampler.tol=1e-2", "ensemble.members=2",
+            f"output.path={out}"]
+    run = lambda *more: main(["sample", "jobs/configs/grf.toml",  # noqa: E731
+                              *sum((["--set", s] for s in [*sets, *more]), [])])
+    assert run() == 0
+    capsys.readouterr()
+    assert run("sampler.method=auto", "sampler.steps=30") == 2
+    err = capsys.readouterr().err
+    assert "it differs in sampler.steps: 20 -> 30)" in err and not profiled
+    assert run("sampler.method=auto") == 2  # only a plan's keys differ: named the same way
+    assert "it differs in sampler.method: 'pc-window' -> 'auto')" in capsys.readouterr().err
+    assert not profiled
