@@ -101,3 +101,17 @@ def test_a_size_the_network_does_not_take_names_bench_sizes_before_any_output(ca
     out, err = capsys.readouterr()
     assert rc == 2 and "piadm bench:" not in out + err
     assert "bench.sizes = [[32, 32]] asks for a 32x32 field, which the model does not take" in err
+
+
+def test_a_seed_sweep_is_one_point_per_method_and_size_in_the_graph():
+    """Its worst row: a line through every seed's row (and the worst) zig-zagged."""
+    from pipeline.figures import one_per_point
+
+    row = lambda seed, d, ranks=1, wall=1.0: {"method": "pc-window", "seed": seed,  # noqa: E731
+                                              "d": d, "ranks": ranks, "rounds": 30,
+                                              "wall_s": wall}
+    rows = [row(0, 64), row(1, 64), row("worst", 64, wall=2.0), row(0, 256), row(1, 256),
+            row("worst", 256, wall=3.0), row(0, 64, ranks=2)]
+    kept = one_per_point(rows)
+    assert [(r["d"], r["ranks"], r["seed"]) for r in kept] == [(64, 1, "worst"),
+                                                                  (256, 1, "worst"), (64, 2, 0)]
