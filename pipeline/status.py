@@ -8,6 +8,7 @@ import numpy as np
 import zarr
 
 from pipeline.errors import PiadmError
+from pipeline.inputs import label_text
 from pipeline.store import PER_MEMBER, done_members, stored_digest
 from pipeline.target import check_idle, filling_jobs
 
@@ -25,6 +26,22 @@ def _check_store(path: str) -> None:
         raise NotAStore(f"{path} is not a piadm ensemble store: pass the output.path of a run")
 
 
+def _labels(coord) -> list[str]:
+    """The item labels as a person writes them: dates stored as CF numbers ("days since
+    2020-01-01", on their calendar) decoded with cftime, which reads them without xarray."""
+    values = coord[:]
+    units, calendar = coord.attrs.get("units", ""), coord.attrs.get("calendar", "standard")
+    if isinstance(units, str) and " since " in units and values.dtype.kind in "iuf":
+        try:
+            import cftime
+
+            dates = cftime.num2date(values, units, calendar, only_use_cftime_datetimes=True)
+            return [label_text(d) for d in np.atleast_1d(dates)]
+        except (ImportError, ValueError, TypeError):  # no cftime, or units it cannot read
+            pass
+    return [str(v) for v in values]
+
+
 def progress(path: str) -> dict:
     """``{"path", "item_dim", "done", "members", "complete", "filling", "items": [{"label",
     "done", "members"}]}`` of the store at ``path``: members done per item and in all, and
@@ -33,8 +50,8 @@ def progress(path: str) -> dict:
     group = zarr.open_group(path, mode="r")
     done = done_members(path)
     dim = next(d for d in group["done"].metadata.dimension_names if d != "member")
-    items = [{"label": str(label), "done": int(row.sum()), "members": int(row.size)}
-             for label, row in zip(group[dim][:], done)]
+    items = [{"label": label, "done": int(row.sum()), "members": int(row.size)}
+             for label, row in zip(_labels(group[dim]), done)]
     return {"path": str(path), "item_dim": dim, "done": int(done.sum()),
             "members": int(done.size), "complete": bool(done.all()),
             "filling": filling_jobs(path), "items": items}

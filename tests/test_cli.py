@@ -395,3 +395,16 @@ def test_an_error_line_is_one_write_with_its_new_line(monkeypatch):
     assert main(["config", "no/such/config.toml"]) == 2
     assert len(writes) == 1 and writes[0].startswith("piadm: error: ") and \
         writes[0].endswith("\n") and writes[0].count("\n") == 1, writes
+
+
+def test_status_names_dated_items_by_their_dates(tmp_path, capsys):
+    """A store's times are CF numbers on disk ("days since ..."): status, which reads them
+    without xarray, prints the dates its run printed (it printed time 0, time 1, ...)."""
+    from conftest import conditional_sets, make_input
+
+    out = tmp_path / "d.zarr"
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(make_input(tmp_path / "in.zarr", times=2), out)]) == 0
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    assert "  time 2020-01-01: 6/6\n  time 2020-01-02: 6/6" in capsys.readouterr().out
