@@ -44,8 +44,8 @@ def load_config(source: str | Path | dict | Config | None = None,
     """A validated ``Config`` from a TOML file, a nested dict {section: {key: value}}, a
     ``Config`` (e.g. one changed with ``dataclasses.replace``) or None (defaults), with
     ``overrides`` {"section.key": value} applied on top."""
-    if isinstance(source, Config):
-        tree = _fields(source)
+    if isinstance(source, Config):  # from its fields: dataclasses.replace keeps the old text
+        tree = {name: dataclasses.asdict(getattr(source, name)) for name in SECTION_TYPES}
     elif isinstance(source, dict):
         tree = copy.deepcopy(source)
     elif source is None:
@@ -68,12 +68,6 @@ def load_config(source: str | Path | dict | Config | None = None,
                               f"{type(table).__name__} {table!r}")
         table[key] = value
     return config_from_dict(tree)
-
-
-def _fields(cfg: Config) -> dict:
-    """A ``Config``'s settings as a nested dict, from its fields (its ``text`` is rewritten
-    from them: a ``dataclasses.replace`` leaves it as it was)."""
-    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTION_TYPES}
 
 
 def world():

@@ -41,8 +41,9 @@ from pipeline.store import ASKED, read_attrs
 
 FAMILIES = {"auto": ("sequential-sde", "piadm-sde", "window", "pc-window"),
             "auto-ode": ("sequential-ode", "piadm-ode", "window-ode", "pc-window-ode"),
-            # every sampler at the quality sequential-ode reaches in sampler.steps, each at the
-            # fewest steps of its own that reach it (pipeline.equal_quality)
+            # the sequential samplers of both orders and the work-efficient windows, at the
+            # quality sequential-ode reaches in sampler.steps, each at the fewest steps of its
+            # own that reach it (pipeline.equal_quality)
             "auto-quality": ("sequential-ode", "dpmpp-2m", "edm-heun", "sequential-sde",
                              "dpmpp-2m-sde", "pc-window-ode", "pc-window", "dpmpp-2m-window")}
 EQUAL_QUALITY = "auto-quality"
