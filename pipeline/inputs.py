@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -139,6 +140,22 @@ def check_field_order(var: xr.DataArray, what: str) -> None:
                          f"write them in that order, e.g. ds.transpose({order}).to_zarr(...)")
 
 
+# YYYY-MM-DD, then hours and minutes (and seconds) after a space or a T
+CALENDAR_DATE = re.compile(r"(-?\d{1,4})-(\d{1,2})-(\d{1,2})"
+                           r"(?:[ T](\d{1,2}):(\d{2})(?::(\d{2}))?)?")
+
+
+def _calendar_date(text: str, kind, calendar: str):
+    """``text`` as a date of cftime class ``kind`` on ``calendar``, read field by field (not
+    through numpy's Gregorian dates, which hold no 30 February of a 360-day year, nor a year
+    0); ValueError for text that is no such date."""
+    found = CALENDAR_DATE.fullmatch(text.strip())
+    if found is None:
+        raise ValueError(text)
+    parts = [int(p) if p else 0 for p in found.groups()]
+    return kind(*parts, calendar=calendar)
+
+
 def _label(text: str, coord: xr.DataArray):
     """A config label (a string) as a value of ``coord``'s dtype; a float one as the
     coordinate's own value within ``LABEL_RTOL`` of it, where there is one."""
@@ -156,9 +173,7 @@ def _label(text: str, coord: xr.DataArray):
             return snapped(float(text), np.asarray(coord.values))
         calendar = getattr(coord.values.flat[0], "calendar", None) if coord.size else None
         if kind == "O" and calendar:  # a cftime date, on the coordinate's own calendar
-            when = np.datetime64(text, "s").astype(object)
-            return type(coord.values.flat[0])(when.year, when.month, when.day, when.hour,
-                                              when.minute, when.second, calendar=calendar)
+            return _calendar_date(text, type(coord.values.flat[0]), calendar)
     except ValueError:
         raise InputError(f"input: label {text!r} is not a valid {coord.name} value "
                          f"(dtype {coord.dtype})") from None

@@ -105,6 +105,10 @@ def test_model_calendar_times_are_picked_kept_and_printed_as_dates(tmp_path, cap
     assert len(_open(path, span=("2000-02-28", "2000-03-02")).labels) == 3  # no 29 February
     with pytest.raises(InputError, match="label '2000-02-29' is not a valid time value"):
         _open(path, items=("2000-02-29",))
+    # a 360-day year's 30 February, and a year 0, which numpy's Gregorian dates do not hold
+    days = xr.date_range("0000-02-29", periods=3, calendar="360_day", use_cftime=True)
+    other = _store(tmp_path / "360.zarr", days)
+    assert list(_open(other, items=("0000-02-30", "0000-03-01 00:00")).labels) == list(days[1:])
     out = tmp_path / "ens.zarr"
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(
         path, out, "input.items=['2000-02-28', '2000-03-01']", "ensemble.members=2")]) == 0
