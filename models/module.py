@@ -299,20 +299,26 @@ def load_module(section, device="cpu") -> NetworkModel:
 SCHEDULE_KEYS = ("beta_schedule", "beta_start", "beta_end", "train_steps", "input_scale")
 
 
-def source_digest(section) -> str:
-    """SHA-256 of the file that defines model.target's factory (a package's re-export is
-    followed to it: diffusers:UNet2DModel is diffusers/models/unets/unet_2d.py), else of
-    the module it names; "" where there is no file. The weights' hash misses an edit of
-    the code, and a network without model.weights is made by the code alone."""
+def source_file(section) -> str:
+    """The file that defines model.target's factory (a package's re-export and a decorator
+    followed to it: diffusers:UNet2DModel is diffusers/models/unets/unet_2d.py), else that of
+    the module it names; "" where there is no file."""
     try:
-        origin = inspect.getsourcefile(import_target(section.target))
+        origin = inspect.getsourcefile(inspect.unwrap(import_target(section.target)))
     except (ConfigError, TypeError):  # not importable here, or built in: its module's file
         try:
             origin = getattr(importlib.util.find_spec(section.target.partition(":")[0]),
                              "origin", None)
         except (ImportError, ValueError):
             origin = None
-    return files_digest([origin]) if origin and Path(origin).is_file() else ""
+    return origin if origin and Path(origin).is_file() else ""
+
+
+def source_digest(section) -> str:
+    """SHA-256 of ``source_file`` ("" without one): the weights' hash misses an edit of the
+    code, and a network without model.weights is made by the code alone."""
+    origin = source_file(section)
+    return files_digest([origin]) if origin else ""
 
 
 def module_digest(section) -> str:

@@ -184,16 +184,16 @@ def _check_same_network(cfg: Config, held: dict) -> None:
             "output.overwrite = true to sample it anew, or choose another output.path")
     if cfg.model.kind != "module" or not held.get(MODEL_SOURCE):
         return
-    from models.module import source_digest
+    from models.module import source_digest, source_file
 
     now = source_digest(cfg.model)
     if now != held[MODEL_SOURCE]:
-        module = cfg.model.target.partition(":")[0]
         raise StoreExists(
             f"output {cfg.output.path} was made by this configuration with other network code "
-            f"(the file of {module} has changed since: {held[MODEL_SOURCE][:12]}, now "
-            f"{now[:12] or 'none'}): put the original back to resume it, choose another "
-            "output.path, or set output.overwrite = true to replace it")
+            f"({source_file(cfg.model) or cfg.model.target} has changed since: "
+            f"{held[MODEL_SOURCE][:12]}, now {now[:12] or 'none'}): put the original back to "
+            "resume it, choose another output.path, or set output.overwrite = true to "
+            "replace it")
 
 
 def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:

@@ -584,8 +584,8 @@ def test_a_store_is_not_grown_once_its_networks_code_has_changed(tmp_path, monke
     importlib.invalidate_caches()
     capsys.readouterr()
     assert run(4) == 2
-    assert "was made by this configuration with other network code (the file of my_net has " \
-        "changed since" in capsys.readouterr().err
+    assert (f"was made by this configuration with other network code ({code} has changed "
+            "since") in capsys.readouterr().err
     code.write_text(source)  # put back: the store grows
     sys.modules.pop("my_net", None)
     assert run(4) == 0
