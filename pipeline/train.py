@@ -129,38 +129,47 @@ def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str]) -> list[x
     return extras
 
 
-PROBE_RTOL = 1e-5  # a float32 copy of a float64 field probes the same to about 1e-7
+PROBE_RTOL = 1e-6  # a float32 copy of a float64 field probes the same to about 6e-8
+PROBES = 4  # projections a field is told by (with its norm)
 
 
 def _probe(field: xr.DataArray) -> xr.DataArray:
-    """Per time, (projection, norm): the field's inner product with fixed pseudo-random
-    weights of unit norm, and its own norm, in float64 (lazy). Two different fields share a
-    projection by chance only (fields standardised per time share their norms, so norms
-    alone would not tell them), and a copy in another dtype keeps both to ``PROBE_RTOL``."""
-    dims = field.dims[1:]
-    weights = np.random.default_rng(0).standard_normal(field.shape[1:])
-    weights = xr.DataArray(weights / np.linalg.norm(weights), dims=dims)
+    """Per time, ``PROBES`` inner products with fixed pseudo-random weights of unit norm, then
+    the field's own norm: (PROBES + 1, times), float64, lazy. Two different fields agree in
+    every projection by no chance worth counting (fields standardised per time share their
+    norms, so norms alone would not tell them apart); a copy in another dtype keeps them all
+    to ``PROBE_RTOL`` of the norm. The weights come from PCG64's raw stream, which numpy
+    keeps the same across versions (its normal draws it does not promise to)."""
+    dims, n = field.dims[1:], math.prod(field.shape[1:])
+    raw = np.random.PCG64(0).random_raw(PROBES * n).reshape(PROBES, *field.shape[1:])
+    weights = (raw >> np.uint64(11)).astype(np.float64) * 2.0 ** -52 - 1.0  # in [-1, 1)
+    weights /= np.sqrt((weights ** 2).sum(axis=tuple(range(1, weights.ndim)), keepdims=True))
     values = field.astype("float64")
-    return xr.concat([(values * weights).sum(dims), np.sqrt((values ** 2).sum(dims))], "probe")
+    projections = (values * xr.DataArray(weights, dims=("probe", *dims))).sum(dims)
+    return xr.concat([projections.transpose("probe", ...),
+                      np.sqrt((values ** 2).sum(dims)).expand_dims("probe")], "probe")
 
 
 def _check_extra_holds_no_held_out(t: TrainConfig, extras: list, held: np.ndarray,
                                    extra: np.ndarray, extra_fields, held_fields) -> None:
     """Refuse a train.extra store holding a field of train.data's held-out split (a copy of
     train.data, in another dtype say): it would be trained on, and the validation loss would
-    flatter the network. ``held``, ``extra``: (2, times) ``_probe``s; a field whose probe
-    matches is compared with the held-out one itself before the refusal."""
+    flatter the network. ``held``, ``extra``: ``_probe``s (PROBES + 1, times); a field whose
+    probes all match a held-out one's is compared with it itself before the refusal. Fields
+    of zeros tell nothing and are passed over."""
     if not extras or not held.size:
         return
     order = np.argsort(held[0])
     ranked = held[0][order]
-    tol = PROBE_RTOL * extra[1]
+    tol = PROBE_RTOL * extra[-1]
     lo = np.searchsorted(ranked, extra[0] - tol)
     hi = np.searchsorted(ranked, extra[0] + tol, side="right")
-    for i in np.flatnonzero(hi > lo):
-        for j in order[lo[i]:hi[i]]:
+    for i in np.flatnonzero((hi > lo) & (extra[-1] > 0)):
+        near = order[lo[i]:hi[i]]
+        near = near[np.all(np.abs(held[:, near] - extra[:, i:i + 1]) <= tol[i], axis=0)]
+        for j in near:
             a, b = extra_fields[i].values, held_fields[j].values
-            if np.allclose(a, b, rtol=PROBE_RTOL, atol=PROBE_RTOL * extra[1][i] / np.sqrt(a.size)):
+            if np.allclose(a, b, rtol=PROBE_RTOL, atol=tol[i] / np.sqrt(a.size)):
                 ends = np.cumsum([e.sizes["time"] for e in extras])
                 path = t.extra[int(np.searchsorted(ends, i, side="right"))]
                 raise InputError(f"train.extra {path} holds fields of train.data's held-out "

@@ -763,13 +763,15 @@ def test_a_bad_extra_store_is_a_one_line_error_before_training(tmp_path, dataset
 
 
 def test_fields_standardised_per_time_are_no_copy_of_the_held_out_ones(tmp_path, dataset, other):
-    """Every field standardised per time has the same norm: only a copy is refused."""
+    """Every field standardised per time has the same norm, and fields of zeros all match:
+    only a copy is refused."""
     from pipeline.settings import TrainConfig
     from pipeline.train import open_dataset
 
     for source, name in ((dataset, "z0.zarr"), (other, "z1.zarr")):
         v = xr.open_zarr(source)[["vorticity"]].load().drop_attrs()
         v = (v - v.mean(("y", "x"))) / v.std(("y", "x"))
+        v["vorticity"][-1] = 0.0  # a held-out field of zeros in train.data, and one in extra
         v.to_zarr(tmp_path / name, zarr_format=3, consolidated=False)
     trn, _ = open_dataset(TrainConfig(data=str(tmp_path / "z0.zarr"), validation=0.25,
                                       extra=(str(tmp_path / "z1.zarr"),)))
