@@ -27,7 +27,7 @@ import torch
 from pipeline.cache import cache_path, read_cache, update_cache
 from pipeline.calibrate import CALIBRATION_ITEM, CANNOT_CALIBRATE, calibration_key, resolve_tol
 from pipeline.config import ConfigError, with_settings
-from pipeline.identity import smaller_digest
+from pipeline.identity import growth
 from pipeline.layout import cpu_threads
 from pipeline.memory import (available_bytes, field_bytes, format_bytes, is_out_of_memory,
                              ranks_sharing, sampler_floor)
@@ -566,7 +566,8 @@ def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
     plan, key = json.loads(attrs["plan_settings"]), attrs.get("plan_config_sha256")
     if key == cfg.store_digest:
         return plan, attrs.get(ASKED)
-    if key is not None and key == smaller_digest(cfg):  # fewer members: growing keeps the plan
+    grown = growth(cfg)  # other members: growing keeps the plan; fewer are refused as such
+    if key is not None and grown is not None and key == grown.digest:
         return plan, attrs.get(ASKED)
     # an older piadm's store: its key counted the batch size the config asked then
     asked = next((b for b in (cfg.ensemble.batch_size, *range(1, OLDER_ASKED + 1))

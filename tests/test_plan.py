@@ -608,3 +608,12 @@ def test_an_auto_run_refuses_another_configurations_store_before_it_plans(tmp_pa
     assert run("sampler.method=auto") == 2  # only a plan's keys differ: named the same way
     assert "it differs in sampler.method: 'pc-window' -> 'auto')" in capsys.readouterr().err
     assert not profiled
+    # an auto store asked for fewer members than it holds is its config's: said so, unplanned
+    monkeypatch.undo()
+    auto = ["sampler.method=auto", f"output.path={tmp_path / 'a.zarr'}"]
+    assert run(*auto, "ensemble.members=4") == 0
+    monkeypatch.setattr(planner, "profile", lambda *a, **k: profiled.append(a) or 1 / 0)
+    capsys.readouterr()
+    assert run(*auto) == 2 and not profiled
+    assert "holds 4 members of this configuration and this run asks ensemble.members = 2" in \
+        capsys.readouterr().err
