@@ -104,8 +104,9 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     ``world()`` or None (``world()``); ``stop`` an optional ``pipeline.signals.StopRequest``
     (``.install()`` it for SIGTERM and Ctrl-C) or a function of no arguments that returns
     True once the run should stop, asked between batches."""
+    from pipeline.calibrate import Stopped
     from pipeline.console import on_rank0
-    from pipeline.ensemble import sample_to_store
+    from pipeline.ensemble import not_begun, sample_to_store
     from pipeline.identity import as_stored
     from pipeline.layout import place_rank, rank_grid, torch_settings_kept
     from pipeline.planner import resolve_plan
@@ -122,7 +123,10 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
                             cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)
         attrs = {}
         if needs_plan(cfg):  # "auto": the planner's fastest layout for these ranks
-            cfg, attrs = resolve_plan(cfg, comm, device)
+            try:
+                cfg, attrs = resolve_plan(cfg, comm, device, stopped=lambda: bool(stop))
+            except Stopped:  # as a stop before the first batch: nothing written
+                return not_begun(cfg.output.path)
         ranks = rank_grid(comm, cfg.parallel.time_slices)
         return sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
 

@@ -366,6 +366,11 @@ def _bind(model, condition: str, field: np.ndarray | None, device):
     return CONDITIONS[condition](model, torch.as_tensor(field, device=device))
 
 
+def not_begun(path: str) -> Summary:
+    """The summary of a run stopped before its first batch: nothing written."""
+    return Summary(path, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, True, began=False)
+
+
 def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
                     stop: StopRequest | None = None, attrs: dict | None = None) -> Summary:
     """Fill ``cfg``'s ensemble store (creating, resuming or growing it), printing progress on
@@ -382,7 +387,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     with naming(cfg.output.path):  # what it writes from here on is the store
         started = _start_up(cfg, model, ranks.world, stop, device, attrs or {})
         if started is None:
-            return Summary(cfg.output.path, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, True, began=False)
+            return not_begun(cfg.output.path)
         spec, state, tol = started
         items, scale, done, mine, unit = _open_work(cfg, model, spec, state, ranks)
         return _fill(cfg, ranks, model, tol, spec, mine, items=items, scale=scale, stop=stop,

@@ -263,11 +263,14 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
     return result
 
 
-def quality_steps(cfg: Config, model, device, model_sha: str, say) -> dict[str, int | None]:
+def quality_steps(cfg: Config, model, device, model_sha: str, say,
+                  stopped=lambda: False) -> dict[str, int | None]:
     """``auto-quality``: for each sequential sampler of the family, the fewest steps at which
     it reaches the quality ``QUALITY_REFERENCE`` has at ``sampler.steps`` (exact W2 on a grf,
     the spectrum error on a trained U-Net: ``pipeline.equal_quality``), None when out of reach.
-    Cached beside the calibrations: the search samples the model many times."""
+    Cached beside the calibrations: the search samples the model many times. ``stopped``,
+    asked between samplers, ends the search (``calibrate.Stopped``; nothing cached)."""
+    from pipeline.calibrate import Stopped
     from pipeline.comm import SerialComm
     from pipeline.equal_quality import fewest_steps, measure_for
 
@@ -284,6 +287,8 @@ def quality_steps(cfg: Config, model, device, model_sha: str, say) -> dict[str, 
         f"{measure.name} {target:.3e}; each sampler's fewest steps to reach it:")
     found: dict[str, int | None] = {QUALITY_REFERENCE: cfg.sampler.steps}
     for ref in dict.fromkeys(REFERENCE[m] for m in FAMILIES[EQUAL_QUALITY]):
+        if stopped():
+            raise Stopped
         if ref not in found:
             found[ref], _ = fewest_steps(lambda n, ref=ref: measure.error(ref, n), target,
                                          affordable=lambda n, ref=ref: measure.affordable(ref, n),
@@ -352,8 +357,9 @@ def _batch_sizes(cfg: Config) -> tuple[int, ...]:
 def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
               latency: float = DEFAULT_LATENCY, say=print, stopped=lambda: False) -> Plan:
     """Measure and rank every layout of ``cfg``'s ensemble on ``ranks`` ranks (module doc).
-    ``stopped``: a stop request, looked at between calibration rungs and between profiles
-    (``calibrate.Stopped`` is raised; what was measured so far stays cached)."""
+    ``stopped``: a stop request, looked at between calibration rungs, equal-quality searches
+    and profiles (``calibrate.Stopped`` is raised; the measurements finished before it stay
+    cached, the one it cut short is not)."""
     from pipeline.calibrate import Stopped
     from pipeline.run import DTYPES, model_digest
 
@@ -364,8 +370,8 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
     # host work follows each wait for its device (docs/planning.md).
     base = getattr(model, "base", model)
     sha = model_digest(cfg)
-    steps = (quality_steps(cfg, base, device, sha, say) if cfg.sampler.method == EQUAL_QUALITY
-             else {})
+    steps = (quality_steps(cfg, base, device, sha, say, stopped)
+             if cfg.sampler.method == EQUAL_QUALITY else {})
     profiles = []
     for method in methods_of(cfg):
         mine = cfg

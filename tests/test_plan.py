@@ -617,3 +617,15 @@ def test_an_auto_run_refuses_another_configurations_store_before_it_plans(tmp_pa
     assert run(*auto) == 2 and not profiled
     assert "holds 4 members of this configuration and this run asks ensemble.members = 2" in \
         capsys.readouterr().err
+
+
+def test_a_stop_asked_of_the_api_ends_an_auto_runs_planning(tmp_path, monkeypatch):
+    from pipeline import api, planner
+
+    profiled = []
+    monkeypatch.setattr(planner, "profile", lambda *a, **k: profiled.append(a) or 1 / 0)
+    out = tmp_path / "a.zarr"
+    summary = api.sample({"model": {"shape": [8, 8]}, "sampler": {
+        "steps": 20, "tol": 1e-2, "method": "auto"}, "ensemble": {"members": 2},
+        "output": {"path": str(out)}}, stop=lambda: True)
+    assert summary.preempted and not summary.began and not profiled and not out.exists()
