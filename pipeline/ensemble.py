@@ -384,14 +384,13 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         cfg, tuple(model.shape), torch.device(device), sharing=sharing,
         time_slices=ranks.slices.size,
         batch=call_batch(cfg.ensemble.batch_size, cfg.ensemble.members)))
-    with naming(cfg.output.path):  # what it writes from here on is the store
-        started = _start_up(cfg, model, ranks.world, stop, device, attrs or {})
-        if started is None:
-            return not_begun(cfg.output.path)
-        spec, state, tol = started
-        items, scale, done, mine, unit = _open_work(cfg, model, spec, state, ranks)
-        return _fill(cfg, ranks, model, tol, spec, mine, items=items, scale=scale, stop=stop,
-                     device=device, skipped=int(done.sum()), unit=unit)
+    started = _start_up(cfg, model, ranks.world, stop, device, attrs or {})
+    if started is None:
+        return not_begun(cfg.output.path)
+    spec, state, tol = started
+    items, scale, done, mine, unit = _open_work(cfg, model, spec, state, ranks)
+    return _fill(cfg, ranks, model, tol, spec, mine, items=items, scale=scale, stop=stop,
+                 device=device, skipped=int(done.sum()), unit=unit)
 
 
 def _start_up(cfg: Config, model, world, stop, device,
@@ -412,9 +411,10 @@ def _start_up(cfg: Config, model, world, stop, device,
         return None
     if stop_agreed(world, stop):
         return None
-    spec, state = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),  # before any write
-                           getattr(model, "variable", None), tol, attrs,
-                           getattr(model, "grid", {}), field_scale(model, *stats[:2]))
+    with naming(cfg.output.path):  # a full disk met making it names no file
+        spec, state = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),
+                               getattr(model, "variable", None), tol, attrs,
+                               getattr(model, "grid", {}), field_scale(model, *stats[:2]))
     return spec, state, tol
 
 
@@ -604,7 +604,7 @@ class _Tally:
 def _finalize_alone(path, note: str, job: str) -> None:
     """``finalize`` under the store's lock: two jobs finishing together would each read the
     history, append their line and write it back, and one line would be lost."""
-    with holding(claims_dir(path), "finalize", job):
+    with holding(claims_dir(path), "finalize", job), naming(path):
         finalize(path, note)
     # a replacement killed just before this run began looked alive then: its copy of the
     # old store goes now, not at the next run, which may never come
