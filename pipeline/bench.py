@@ -383,10 +383,10 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps({"config": cfg.text, "rows": rows}, indent=2))
     if png_path and comm.rank == 0:
-        from pipeline.figures import bench_figure
+        from pipeline.figures import bench_figure, one_per_point
 
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-        print0(comm, f"plot: {bench_figure(earlier + rows, Path(png_path))}")
+        print0(comm, f"plot: {bench_figure(earlier + one_per_point(rows), Path(png_path))}")
     return rows
 
 
@@ -413,7 +413,7 @@ def read_tables(paths: tuple[str, ...]) -> list[dict]:
 
 def _table_rows(path: str) -> list[dict]:
     """One ``--compare`` table's rows, or a ConfigError saying what is wrong with the file."""
-    from pipeline.figures import BENCH_ROW_KEYS
+    from pipeline.figures import BENCH_ROW_KEYS, one_per_point
 
     fix = "give JSON tables written by piadm bench --json"
     if Path(path).is_dir():
@@ -432,7 +432,7 @@ def _table_rows(path: str) -> list[dict]:
     if problem:
         raise ConfigError(f"--compare {path} is not a bench table ({problem}): {fix}",
                           collective=True)
-    return rows
+    return one_per_point(rows)
 
 
 def _rows_problem(rows, keys: tuple[str, ...]) -> str | None:

@@ -33,6 +33,9 @@ def read_cache(path: Path) -> dict:
     return entries if isinstance(entries, dict) else {}
 
 
+_WARNED: set = set()  # the cache folders update_cache warned of in this process
+
+
 def update_cache(path: Path, key: str, entry) -> None:
     """Set ``key`` to ``entry`` in the JSON cache file ``path``. A cache that cannot be
     written (a read-only $PIADM_CACHE, a file in its place) costs the next run a new
@@ -40,6 +43,9 @@ def update_cache(path: Path, key: str, entry) -> None:
     try:
         _update(path, key, entry)
     except OSError as err:
+        if path.parent in _WARNED:  # one warning a folder: a plan measures many entries
+            return
+        _WARNED.add(path.parent)
         why = err.strerror or err
         print(f"piadm: warning: cannot keep this measurement in {path.parent} ({why}): the "
               "next run measures it again; set PIADM_CACHE to a folder you may write",

@@ -221,8 +221,8 @@ BENCH_ROW_KEYS = ("method", "ranks", "d", "rounds", "wall_s")
 
 
 def one_per_point(rows: list[dict]) -> list[dict]:
-    """One row per (method, ranks, d), in order: a seed sweep's worst row, else the last
-    given (this run's, over a compared table's); a line through every seed's zig-zagged."""
+    """One table's rows, one per (method, ranks, d): a seed sweep's worst row, else the last
+    given; a line through every seed's zig-zagged."""
     kept = {}
     for row in rows:
         key = (row["method"], row["ranks"], row["d"])
@@ -236,7 +236,8 @@ def bench_figure(rows: list[dict], path: Path) -> Path:
     count), and wall time against ranks per method at the d measured on the most rank counts
     (the largest such), when one has several."""
     plt = _pyplot()
-    rows = one_per_point(rows)
+    # tables each of one row a point (one_per_point), the later one's where they meet
+    rows = list({(r["method"], r["ranks"], r["d"]): r for r in rows}.values())
     methods = sorted({r["method"] for r in rows})
     counts = sorted({r["ranks"] for r in rows})
     # the against-ranks panel's field: the one measured on the most rank counts (tables of

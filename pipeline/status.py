@@ -37,7 +37,7 @@ def _labels(coord) -> list[str]:
 
             dates = cftime.num2date(values, units, calendar, only_use_cftime_datetimes=True)
             return [label_text(d) for d in np.atleast_1d(dates)]
-        except (ImportError, ValueError, TypeError):  # no cftime, or units it cannot read
+        except Exception:  # no cftime, or units or values it cannot read: the numbers, then
             pass
     return [str(v) for v in values]
 
