@@ -142,7 +142,8 @@ def _cmd_sample(args, world) -> int:
               if cfg.model.guide else "")
     print0(world, f"piadm sample: {cfg.sampler.method} on {cfg.model.kind} {list(cfg.model.shape)}"
                   f"{guided}, "
-                  f"{cfg.ensemble.members} members -> {cfg.output.path}; {world.size} ranks = "
+                  f"{cfg.ensemble.members} members -> {cfg.output.path}; {world.size} "
+                  f"rank{'s' if world.size > 1 else ''} = "
                   f"{ranks.groups} group{'s' if ranks.groups > 1 else ''} x "
                   f"{cfg.parallel.time_slices} time slice{'s' if ranks.slices.size > 1 else ''}, "
                   f"{device}")
@@ -382,7 +383,7 @@ def _cmd_train(args, world) -> int:
                   f"{f' (+ {len(t.extra)} more stores)' if t.extra else ''}, {t.steps} steps of "
                   f"{t.batch_size} over {world.size} ranks -> {t.checkpoint}")
     result = train(t, comm=world, device=device, config_text=cfg.text)
-    print0(world, f"done: step {result.step}, train loss {result.train_loss:.4f}, validation "
+    print0(world, f"done: step {result.step}, last batch's loss {result.train_loss:.4f}, validation "
                   f"loss {loss_text(result.val_loss)}, {result.seconds:.0f} s; checkpoint "
                   f"{t.checkpoint}")
     return 0

@@ -265,6 +265,22 @@ def coarse_input(ens: xr.Dataset) -> xr.DataArray | None:
     return coarse
 
 
+# The largest rms difference, over the block averages' rms, between a paired truth's block
+# averages and the coarse input before evaluate says the truth may be another trajectory's
+# (the input's own truth differs by float32 rounding; another trajectory by about 140%)
+INPUT_MISMATCH = 0.05
+
+
+def input_mismatch(truth: xr.DataArray, coarse: xr.DataArray) -> float:
+    """RMS of the difference between ``truth``'s (items, H, W) block averages on ``coarse``'s
+    (items, h, w) grid and ``coarse``, over the RMS of those block averages: about 0 when
+    the coarse input was made from this truth."""
+    blocks = {d: f // c for d, f, c in zip(truth.dims[1:], truth.shape[1:], coarse.shape[1:])}
+    means = truth.coarsen(blocks).mean().values.astype(np.float64)
+    scale = np.sqrt(np.mean(means ** 2))
+    return float(np.sqrt(np.mean((means - coarse.values) ** 2)) / scale) if scale else 0.0
+
+
 def upsampled(coarse: xr.DataArray, ens: xr.Dataset) -> xr.DataArray:
     """``coarse`` repeated over blocks to the ensemble's grid: the downscaling baseline."""
     field = ens[_field_variable(ens)]
@@ -451,6 +467,7 @@ def table(metrics: xr.Dataset) -> str:
     a = metrics.attrs
     note = f" ({a['pairing_note']})" if "pairing_note" in a else ""
     rows = [("pairing", a["pairing"] + note),
+            *((("truth", a["truth_note"]),) if "truth_note" in a else ()),
             ("items x members", f"{a['items']} x {a['members']}")]
     for key, label in [("crps", "CRPS"), ("baseline_mae", "baseline MAE (upsampled input)"),
                        ("ensemble_mean_rmse", "ensemble-mean RMSE"),
@@ -596,6 +613,12 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     if not np.isfinite(metrics.attrs.get("ensemble_std", 0.0)):  # a NaN member read back
         _check_sound(store, None)
     metrics.attrs.update(store=str(store), truth=f"{truth_path}:{truth.name}")
+    if baseline is not None:
+        off = input_mismatch(truth, coarse)
+        if off > INPUT_MISMATCH:
+            metrics.attrs["truth_note"] = (
+                f"the truth's block averages are {off:.0%} (rms) off the coarse input the "
+                "ensemble was conditioned on: is it the trajectory that input was made from?")
     item_dim = ens[_field_variable(ens)].dims[0]
     if not paired and item_dim != "item":  # a conditioned ensemble: pairing may have been meant
         metrics.attrs["pairing_note"] = f"the truth has no {item_dim} dim to pair by"

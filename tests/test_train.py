@@ -402,8 +402,16 @@ def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path
     truth = xr.open_zarr(dataset).sel(time=[3.0, 3.25])
     upsampled = np.repeat(np.repeat(truth.vorticity_coarse.values, 4, 1), 4, 2)
     mae = np.abs(upsampled - truth.vorticity.values).mean()
-    assert metrics.attrs["pairing"] == "paired"
+    assert metrics.attrs["pairing"] == "paired" and "truth_note" not in metrics.attrs
     assert metrics.attrs["baseline_mae"] == pytest.approx(mae, rel=1e-5)
+    # a truth of another trajectory with the same times scores, but the table says so
+    other = xr.open_zarr(dataset).load()
+    other["vorticity"] = other["vorticity"].roll(x=5, roll_coords=False)
+    other.to_zarr(tmp_path / "other.zarr", zarr_format=3, consolidated=False)
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--truth", str(tmp_path / "other.zarr"),
+                 "--out", str(tmp_path / "other_eval")]) == 0
+    assert "the truth's block averages are" in capsys.readouterr().out
     # a cut at or below the coarse input's resolution (4x4: k <= 2) leaves no added band
     capsys.readouterr()
     assert main(["evaluate", str(out), "--truth", str(dataset), "--cut", "2"]) == 2

@@ -11,6 +11,9 @@ source jobs/local/setup.sh
 ranks="${PIADM_RANKS:-2}"
 config=jobs/configs/demo.toml
 piadm generate-data "$config" --set data.overwrite=true
+# sampled afresh every time (on other PIADM_RANKS too): a complete store would be resumed,
+# with nothing left to sample and no figures of its own to show
+rm -rf out/demo.zarr
 mpiexec -n "$ranks" piadm sample "$config" --set output.overwrite=true \
     --set parallel.time_slices="$ranks" "$@"
 piadm evaluate out/demo.zarr --truth out/demo_truth.zarr --out out/demo_eval
