@@ -10,10 +10,12 @@ interrupted overwrite keeps the dataset it was to replace.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
 import time
+import tomllib
 from pathlib import Path
 
 import dask.array as da
@@ -23,6 +25,7 @@ import xarray as xr
 import zarr
 
 from pipeline import __version__
+from pipeline.config import config_from_dict
 from pipeline.errors import Interrupted
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
                                  resolved_wavenumber)
@@ -76,8 +79,32 @@ def _check_target(d: DataConfig) -> None:
                           "made, which data.overwrite = true will not delete either: move it "
                           "away, or choose another data.path")
     if not d.overwrite:
-        raise StoreExists(f"data.path {path} already exists: set data.overwrite = true to "
-                          "replace it, or choose another data.path")
+        left = ("holds what an interrupted run left of a dataset" if not _complete(path)
+                else "already holds a dataset of other [data] settings")
+        raise StoreExists(f"data.path {path} {left}: set data.overwrite = true to make it "
+                          "anew, or choose another data.path")
+
+
+def _complete(path: Path) -> bool:
+    """Whether the dataset at ``path`` was finished: its metadata is consolidated last."""
+    try:
+        return zarr.open_group(path, mode="r").metadata.consolidated_metadata is not None
+    except (FileNotFoundError, ValueError, KeyError, NotADirectoryError):
+        return False
+
+
+def already_made(d: DataConfig) -> bool:
+    """Whether data.path holds the finished dataset of ``d``'s settings (its path and
+    overwrite aside): a rerun (a script's, a shard loop's) has nothing to do."""
+    path = Path(d.path)
+    if d.overwrite or not path.is_dir() or not _ours(path) or not _complete(path):
+        return False
+    try:
+        text = str(zarr.open_group(path, mode="r").attrs.get("config", ""))
+        then = config_from_dict(tomllib.loads(text)).data
+    except (ValueError, TypeError, KeyError):  # ConfigError and TOMLDecodeError among them
+        return False
+    return dataclasses.replace(then, path=d.path, overwrite=False) == d
 
 
 def _empty(d: DataConfig, config_text: str) -> xr.Dataset:
@@ -160,6 +187,10 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
     ``data.overwrite``) is replaced only once the new one is complete."""
     path = Path(d.path)
     _delete_leftovers(path)  # first: a dataset it puts back is then judged as any other
+    if already_made(d):
+        progress(f"data.path {path} already holds this dataset (the same [data] settings, "
+                 "finished): nothing to do (data.overwrite = true makes it anew)")
+        return str(path)
     _check_target(d)  # never delete what generate-data did not make
     replacing = path.exists()
     target = _beside(path, DRAFT) if replacing else path

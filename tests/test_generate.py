@@ -41,7 +41,7 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path, capsys):
     assert _run(tmp_path / "c.zarr", "data.seed=1") == 0
     a, b, c = (xr.open_zarr(tmp_path / f"{n}.zarr").vorticity.values for n in "abc")
     assert np.array_equal(a, b) and not np.allclose(a, c)
-    assert _run(tmp_path / "a.zarr") == 2  # exists: refused
+    assert _run(tmp_path / "a.zarr", "data.seed=1") == 2  # another's exists: refused
     assert "data.overwrite" in capsys.readouterr().err
 
 
@@ -277,7 +277,33 @@ def test_an_overwrite_killed_between_its_renames_is_put_back_in_place(tmp_path, 
     if draft_left:
         shutil.move(tmp_path / "new.zarr", tmp_path / f".k.zarr.generating-{host}-{dead.pid}")
     capsys.readouterr()
-    assert _run(path, *SHORT) == 2  # no data.overwrite: put back, then refused
-    assert "already exists: set data.overwrite = true" in capsys.readouterr().err
+    # no data.overwrite: put back, then judged: the run's own dataset is done, another refused
+    assert _run(path, *SHORT) == (2 if draft_left else 0)
+    said = capsys.readouterr().err
+    assert ("already holds a dataset of other [data] settings: set data.overwrite = true"
+            if draft_left else "already holds this dataset") in said
     assert _contents(path) == (new if draft_left else old)
     assert not list(tmp_path.glob(".k.zarr.*"))
+
+
+def test_a_rerun_of_a_finished_dataset_has_nothing_to_do_and_a_cut_one_is_named(tmp_path,
+                                                                              capsys):
+    """A script or a shard loop reruns generate-data: the same settings' finished dataset is
+    left as it is (exit 0); other settings', or what an interrupted run left, is refused
+    saying which."""
+    import json
+
+    path = tmp_path / "k.zarr"
+    assert _run(path, *SHORT) == 0
+    before = _contents(path)
+    capsys.readouterr()
+    assert _run(path, *SHORT) == 0
+    assert "already holds this dataset" in capsys.readouterr().err and _contents(path) == before
+    assert _run(path, *SHORT, "data.seed=4") == 2
+    assert "already holds a dataset of other [data] settings" in capsys.readouterr().err
+    meta = json.loads((path / "zarr.json").read_text())  # as an interrupted run leaves it:
+    meta.pop("consolidated_metadata")  # its metadata never consolidated
+    (path / "zarr.json").write_text(json.dumps(meta))
+    assert _run(path, *SHORT) == 2
+    assert "holds what an interrupted run left of a dataset: set data.overwrite = true" in \
+        capsys.readouterr().err
