@@ -486,14 +486,17 @@ def table(metrics: xr.Dataset) -> str:
         ratios = " ".join(f"{r:.2f}" for r in metrics["spectrum_ratio"].values[:kmax])
         rows.append((f"{a['spectrum']} ratio k=1..{kmax}", ratios))
         rows.append((f"max |ratio - 1|, k <= {kmax}", f"{a['spectrum_max_deviation']:.3f}"))
+        # paired items are what the intervals resample: one item gives none
+        lone = a["pairing"] == "paired" and a["items"] == 1
         for name in a["bands"].split(","):
             b = lambda key: a[f"band_{name}_{key}"]  # noqa: E731
+            span = lambda key: ("" if lone else  # noqa: E731
+                                f" [{b(key + '_lo'):.2f}, {b(key + '_hi'):.2f}]")
             mark = " (headline)" if name == a["headline_band"] else ""
             rows.append((f"{name} band k={b('k')}{mark}",
-                         f"energy ratio {b('energy_ratio'):.2f} [{b('energy_ratio_lo'):.2f}, "
-                         f"{b('energy_ratio_hi'):.2f}], max |ratio - 1| "
-                         f"{b('max_deviation'):.2f} [{b('max_deviation_lo'):.2f}, "
-                         f"{b('max_deviation_hi'):.2f}]"))
+                         f"energy ratio {b('energy_ratio'):.2f}{span('energy_ratio')}, "
+                         f"max |ratio - 1| {b('max_deviation'):.2f}{span('max_deviation')}"
+                         + (" (one item: no interval)" if lone else "")))
     if "truth_block" in a:
         rows.append(("intervals", f"90% bootstrap, the truth in blocks of {a['truth_block']} "
                                   "consecutive fields"))

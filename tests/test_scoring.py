@@ -333,3 +333,14 @@ def test_fields_that_are_not_square_say_why_they_have_no_spectra(tmp_path):
     metrics, _ = evaluate(tmp_path / "r.zarr", tmp_path / "t.zarr", out=tmp_path / "e")
     assert "spectrum_ratio" not in metrics
     assert "the fields (8, 12) are not square" in table(metrics)
+
+
+def test_one_paired_item_gives_no_interval_rather_than_a_zero_wide_one(tmp_path, capsys):
+    """The intervals resample the paired items: with one, every resample is the same."""
+    ens = _sample(tmp_path, "one.zarr", "input.items=['2020-01-02']")
+    truth = xr.open_zarr(ens).vort.isel(member=0).drop_vars("member")
+    xr.Dataset({"vort": truth}).to_zarr(tmp_path / "truth.zarr", zarr_format=3)
+    capsys.readouterr()
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "truth.zarr")]) == 0
+    table = capsys.readouterr().out
+    assert "(one item: no interval)" in table and "[" not in table.split("band k=")[1]
