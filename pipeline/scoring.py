@@ -496,7 +496,10 @@ def table(metrics: xr.Dataset) -> str:
             rows.append((f"{name} band k={b('k')}{mark}",
                          f"energy ratio {b('energy_ratio'):.2f}{span('energy_ratio')}, "
                          f"max |ratio - 1| {b('max_deviation'):.2f}{span('max_deviation')}"
-                         + (" (one item: no interval)" if lone else "")))
+                         + (" (one item: no interval)" if lone else "")
+                         # past the truth's cut its energies are its numerical noise floor
+                         + ("; past the truth's resolved scales, where its energy is near "
+                            "zero: not part of the headline" if name == "beyond" else "")))
     if "truth_block" in a:
         rows.append(("intervals", f"90% bootstrap, the truth in blocks of {a['truth_block']} "
                                   "consecutive fields"))
