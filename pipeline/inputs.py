@@ -314,7 +314,9 @@ def _statistics(var: xr.DataArray, path: str) -> tuple[float, float, tuple[float
     if not ok.all():
         bad = var[dim].values[~np.asarray(ok)]
         raise InputError(f"input: {var.name} has NaN/Inf at {dim} = {label_text(bad[0])} "
-                         f"({len(bad)} item(s)): fix the data or leave those items out")
+                         f"({len(bad)} item(s)): fix the data or leave those items out (a "
+                         "generate-data run stopped part way leaves its unwritten snapshots "
+                         "NaN: rerun it with data.overwrite = true)")
     moments = np.stack(moments, axis=1)
     # from each item's float64 mean and variance, whatever the chunks or the dtype stored:
     # items of as many points each, so the whole's variance is the mean of theirs plus the

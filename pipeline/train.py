@@ -86,7 +86,8 @@ def held_out_start(n: int, validation: float) -> int:
 def _open_store(path: str, names: list[str], key: str) -> xr.Dataset:
     """Variables ``names`` of the store at ``path``; raises InputError when it lacks one."""
     if not Path(path).exists():
-        raise InputError(f"{key} {path} does not exist: run piadm generate-data first")
+        raise InputError(f"{key} {path} does not exist: make it with piadm generate-data, "
+                         f"whose data.path must then be {path}")
     ds = open_store(path)  # quiet about a store without consolidated metadata
     for name in names:
         if name not in ds.data_vars:
@@ -195,7 +196,8 @@ def _check_finite(t: TrainConfig, ds: xr.Dataset, name: str, split: str, ok: np.
         where = f"time {first} of {t.data}, counted from 0"
     raise InputError(f"train: {name} has NaN/Inf in {bad.size} of the {split} split's times "
                      f"(the first: {where}): drop or fill them (ds.dropna('time'), "
-                     "ds.fillna(...)) before training")
+                     "ds.fillna(...)) before training; a generate-data run stopped part way "
+                     "leaves its unwritten snapshots NaN: rerun it with data.overwrite = true")
 
 
 def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:

@@ -895,6 +895,7 @@ def test_a_dataset_cut_short_stops_training_before_a_nan_checkpoint(tmp_path, da
     ckpt = tmp_path / "t.pt"
     err = _refused(_train_args(tmp_path / "cut.zarr", ckpt, "train.steps=3"), capsys)
     assert "train: vorticity has NaN/Inf in " in err and "of the training split's times" in err
+    assert "a generate-data run stopped part way leaves its unwritten snapshots NaN" in err
     assert not ckpt.exists()
     # the one line alone: not xarray's warnings about the missing consolidated metadata
     assert not [w for w in recwarn if "consolidated metadata" in str(w.message)]
