@@ -46,9 +46,8 @@ from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
 from pipeline.store import (ASKED, FIELD_SCALE, INPUT_FINGERPRINT, MEMBER_BATCH, StoreExists,
-                            StoreSpec,
-                            done_members, finalize, member_batch, member_chunk, open_store,
-                            read_attrs, stored_attribute, write_batch)
+                            StoreSpec, done_members, finalize, member_batch, member_chunk,
+                            open_store, read_attrs, stored_attribute, write_batch)
 from pipeline.target import (check_idle, check_writable, delete_leftovers, open_or_create,
                              upgrade_identity)
 from pipeline.validation import check_variable

@@ -128,17 +128,16 @@ def torch_settings_kept():
     """Give torch's CPU threads and float32 precision flags back as they were on leaving:
     ``place_rank`` sets them for the run, and a script that calls the API goes on."""
     threads = torch.get_num_threads()
-    if _per_operation():
-        flags = [(f, f().fp32_precision) for f in _PRECISION_FLAGS]
-    else:
-        flags = [(lambda: torch.backends.cudnn, torch.backends.cudnn.allow_tf32),
-                 (lambda: torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32)]
+    owners, name = ((_PRECISION_FLAGS, "fp32_precision") if _per_operation() else
+                    ((lambda: torch.backends.cudnn, lambda: torch.backends.cuda.matmul),
+                     "allow_tf32"))
+    kept = [(owner, getattr(owner(), name)) for owner in owners]
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        for owner, value in flags:
-            setattr(owner(), "fp32_precision" if _per_operation() else "allow_tf32", value)
+        for owner, value in kept:
+            setattr(owner(), name, value)
 
 
 def place_rank(world, threads: int = 0, field_points: int = 0, keep_freed: bool = True,

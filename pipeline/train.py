@@ -158,7 +158,7 @@ def _check_extra_holds_no_held_out(t: TrainConfig, extras: list, held: np.ndarra
     flatter the network. ``held``, ``extra``: ``_probe``s (PROBES + 1, times); a field whose
     probes all match a held-out one's is compared with it itself before the refusal. Fields
     of zeros tell nothing and are passed over."""
-    if not extras or not held.size:
+    if not held.size:
         return
     order = np.argsort(held[0])
     ranked = held[0][order]
@@ -225,13 +225,14 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     splits = [(split, name, part[name]) for split, part in (("training", trn), ("validation", val))
               for name in names]
     held_out, extra = val[t.variable], fields[cut:]
-    mean, std, held_probe, extra_probe, *finite = dask.compute(
-        fields.mean(), fields.std(), _probe(held_out), _probe(extra),
-        *(np.isfinite(a).all(a.dims[1:]) for *_, a in splits))
+    probes = (_probe(held_out), _probe(extra)) if extras else ()  # in the same pass
+    mean, std, *probed = dask.compute(fields.mean(), fields.std(), *probes,
+                                      *(np.isfinite(a).all(a.dims[1:]) for *_, a in splits))
+    probed, finite = probed[:len(probes)], probed[len(probes):]
     for (split, name, _), ok in zip(splits, finite):
         _check_finite(t, ds, name, split, np.asarray(ok), cut)
-    _check_extra_holds_no_held_out(t, extras, np.asarray(held_probe), np.asarray(extra_probe),
-                                   extra, held_out)
+    if extras:
+        _check_extra_holds_no_held_out(t, extras, *map(np.asarray, probed), extra, held_out)
     mean, std = float(mean), float(std)
     if not std > 0:
         raise InputError(f"train.data {t.data}: {t.variable} is the same value everywhere in the "
