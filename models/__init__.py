@@ -44,6 +44,10 @@ MODELS = {"grf": _grf, "gmm": _gmm, "unet": _unet, "module": _module, "diffusers
 
 # model.kind values whose model.shape may lead with channel axes before the field's own
 CHANNEL_KINDS = ("module", "diffusers")
+# model.kind values of a user's own network: it works in its own units, its code is theirs
+OWN_KINDS = ("module", "diffusers")
+# model.kind values that are networks (piadm's U-Net or a user's), not exact models
+NETWORK_KINDS = ("unet", *OWN_KINDS)
 
 
 def __getattr__(name: str):

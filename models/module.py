@@ -9,7 +9,6 @@ process ``model.process``; ``models.adapters`` turns that into the score on the 
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -28,7 +27,7 @@ from models.digest import files_digest
 from models.module_check import check_section
 from pipeline.clock import (VE, DiscreteVP, Flow, VPCosine, VPLinear,
                             ddpm_alphas_cumprod)
-from pipeline.errors import ConfigError, PiadmError
+from pipeline.errors import ConfigError, PiadmError, did_you_mean
 
 # model.process: the continuous forward processes ("ddpm" is built from its own table)
 CONTINUOUS = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "ve": VE, "edm": VE, "flow": Flow}
@@ -56,7 +55,7 @@ def import_target(target: str, key: str = "model.target"):
     for part in name.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"config: {key} = {target!r}: {module!r} has no {name!r}"
-                              f"{_suggest(part, dir(obj))}")
+                              f"{did_you_mean(part, dir(obj))}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise ConfigError(f"config: {key} = {target!r} is not callable: name a function or "
@@ -73,11 +72,6 @@ def _details(err: BaseException, limit: int = 300) -> str:
     the key or size that does not fit on its second line."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return re.sub(r"\x1b\[[0-9;]*m", "", " ".join(lines[:2]) or type(err).__name__)[:limit]
-
-
-def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def load_weights(net: torch.nn.Module, path: str, key: str = "model.weights") -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import difflib
 import hashlib
 import json
 import os
@@ -18,7 +17,7 @@ import types
 import typing
 from pathlib import Path
 
-from pipeline.errors import ConfigError  # noqa: F401  (raised here; its home is the leaf)
+from pipeline.errors import ConfigError, did_you_mean  # noqa: F401  (ConfigError: raised here)
 from pipeline.settings import SECTION_TYPES, Config, open_kind
 from pipeline.validation import validate
 
@@ -36,11 +35,6 @@ def _spelling(value, hint) -> str:
         number = value.strip().replace(".", "0.", 1)
         return f": write {number} (a TOML number has a digit before its point)"
     return ""
-
-
-def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _elsewhere(section: str, key: str) -> str:
@@ -113,7 +107,8 @@ def _section(name: str, table: dict):
     for key, value in table.items():
         if key not in hints:
             raise ConfigError(
-                f"config: unknown key {name}.{key}{_elsewhere(name, key) or _suggest(key, hints)}"
+                f"config: unknown key {name}.{key}"
+                f"{_elsewhere(name, key) or did_you_mean(key, hints)}"
                 f"; valid keys: {', '.join(hints)}"
             )
         values[key] = _coerce(f"{name}.{key}", value, hints[key])
@@ -175,7 +170,7 @@ def config_from_dict(tree: dict) -> Config:
                               f" (valid sections: {', '.join(SECTION_TYPES)})")
         if name not in SECTION_TYPES:
             raise ConfigError(
-                f"config: unknown section [{name}]{_suggest(name, SECTION_TYPES)}; "
+                f"config: unknown section [{name}]{did_you_mean(name, SECTION_TYPES)}; "
                 f"valid sections: {', '.join(SECTION_TYPES)}"
             )
     cfg = Config(**{n: _section(n, tree.get(n, {})) for n in SECTION_TYPES})

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models import build_model
+from models import OWN_KINDS, build_model
 from models.conditioning import CONDITIONS
 from pipeline.calibrate import Calibration, resolve_tol
 from pipeline.choices import FIELD_DIMS
@@ -172,7 +172,7 @@ def _check_same_network(cfg: Config, held: dict) -> None:
     that an older piadm sampled with its fields scaled by the input selection's statistics
     (``field_scale``: where they were not 0 and 1), or, a module's, whose code file has
     changed since (a store made before it was recorded is not checked)."""
-    if cfg.model.kind not in ("module", "diffusers"):
+    if cfg.model.kind not in OWN_KINDS:
         return
     scaled = (float(held.get("input_mean", 0.0)), float(held.get("input_std", 1.0))) != (0, 1)
     if FIELD_SCALE not in held and scaled:
@@ -330,7 +330,7 @@ def check_bound_network(cfg: Config, model, items) -> None:
     item's input, called once as ``models.module.check_output`` calls an unconditioned one:
     a network that takes no condition, or fields of another shape, is a one-line error
     before the store is made, not a traceback at its first batch."""
-    if cfg.model.kind not in ("module", "diffusers") or cfg.model.condition == "none":
+    if cfg.model.kind not in OWN_KINDS or cfg.model.condition == "none":
         return
     from models.module import check_output as call_once
 

@@ -6,6 +6,7 @@ prints it once and exits 2 on all ranks, where an error on one rank alone aborts
 """
 from __future__ import annotations
 
+import difflib
 import signal
 from contextlib import contextmanager
 
@@ -20,6 +21,13 @@ class PiadmError(Exception):
 
 class ConfigError(PiadmError, ValueError):
     """A bad configuration: the message names the key and how to fix it."""
+
+
+def did_you_mean(name: str, options) -> str:
+    """`` (did you mean 'x'?)`` naming the closest of ``options`` to a misspelt ``name``, or
+    "" when none is close."""
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @contextmanager

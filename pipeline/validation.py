@@ -213,13 +213,15 @@ def check_variable(name: str, item_dim: str, field_axes: int,
 
 def _check_conditioning(cfg: Config) -> None:
     """A conditioned model and its input come together, and suit the model's kind and grid."""
+    from models import NETWORK_KINDS
+
     m = cfg.model
     _check(m.condition in ("none", "mean", "coarse"), "model.condition",
            f"= {m.condition!r} is unknown: use 'none', 'mean' or 'coarse'")
     _check((m.condition == "none") == (not cfg.input.path), "model.condition",
            f"= {m.condition!r} and input.path = {cfg.input.path!r}: a conditioned model needs an "
            "input and an input needs a conditioned model; set both or neither")
-    _check(m.condition != "coarse" or m.kind in ("unet", "module", "diffusers"),
+    _check(m.condition != "coarse" or m.kind in NETWORK_KINDS,
            "model.condition", "= 'coarse' needs a network (model.kind = 'unet', 'module' or "
            "'diffusers'); exact models condition with 'mean'")
     _check(cfg.sampler.grid != SCHEDULER_GRID or m.kind == "diffusers", "sampler.grid",
