@@ -59,7 +59,12 @@ class Calibration:
 class Unreachable(ConfigError):
     """No tolerance of ``calibrate.ladder`` keeps the method within ``sampler.distance`` / 2
     of the sequential path: on this model and device the method cannot be used at that
-    distance (an ``"auto"`` plan leaves it out)."""
+    distance (an ``"auto"`` plan leaves it out). ``rungs``: the ladder measured, where it
+    was (not when the shortfall is read from the cache)."""
+
+    def __init__(self, message: str = "", *, rungs: tuple = (), collective: bool = False):
+        super().__init__(message, collective=collective)
+        self.rungs = rungs
 
 
 # What leaves a sampler out of a plan or a bench rather than stopping it: no tolerance of the
@@ -207,12 +212,10 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
             + (f"  ({redone(stats.fallbacks)})" if stats.fallbacks else ""))
         if rung.worst <= distance / 2:
             return Calibration(rung.tol, tuple(rungs), "calibrated")
-    error = Unreachable(
+    raise Unreachable(
         f"calibrate: no tolerance in calibrate.ladder keeps {method} within {distance / 2:.1e} "
         f"of the sequential path (tightest {ladder[-1]:g} gave {rungs[-1].worst:.1e}): "
-        + _unreachable_fix(method, rungs))
-    error.rungs = tuple(rungs)
-    raise error
+        + _unreachable_fix(method, rungs), rungs=tuple(rungs))
 
 
 def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, force: bool = False,
