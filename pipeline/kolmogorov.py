@@ -22,13 +22,14 @@ from pipeline.errors import BlowUp
 @dataclass(frozen=True)
 class Flow:
     """The equation on an n x n grid: viscosity ``nu``, linear drag ``drag``, forcing
-    wavenumber ``k_f`` and amplitude ``forcing`` (0 turns it off)."""
+    wavenumber ``k_f`` and amplitude ``forcing`` (0 turns it off). No defaults: the
+    ``[data]`` settings hold them (``DataConfig``)."""
 
     n: int
-    nu: float = 1e-3
-    drag: float = 0.1
-    k_f: int = 4
-    forcing: float = 1.0
+    nu: float
+    drag: float
+    k_f: int
+    forcing: float
 
 
 def resolved_wavenumber(n: int) -> int:
@@ -87,8 +88,8 @@ def stable_dt(sp: Spectral, w_hat: torch.Tensor, cfl: float, dt_max: float) -> f
     return min(dt_max, cfl * dx / speed) if speed > 0 else dt_max
 
 
-def advance(sp: Spectral, w_hat: torch.Tensor, duration: float, *, cfl: float = 0.5,
-            dt_max: float = 0.05, on_step=None) -> torch.Tensor:
+def advance(sp: Spectral, w_hat: torch.Tensor, duration: float, *, cfl: float,
+            dt_max: float, on_step=None) -> torch.Tensor:
     """Integrate for exactly ``duration`` time units with stable steps; raises on blow-up.
     ``on_step``: None, or a callable told the time reached after every step (progress)."""
     t = 0.0
