@@ -101,7 +101,7 @@ def learned_measure(cfg: Config, model, shape: tuple[int, ...], *, comm, device)
     from pipeline.noise import Noise
     from pipeline.run import DTYPES
     from pipeline.samplers import SAMPLERS
-    from pipeline.spectrum_quality import as_trained, held_out, spectrum_error
+    from pipeline.spectrum_quality import as_trained, held_out, sampling_floor, spectrum_error
 
     s, members = cfg.sampler, cfg.bench.quality_members
     held = held_out(as_trained(cfg), model.data_mean, model.data_std, shape)
@@ -123,7 +123,8 @@ def learned_measure(cfg: Config, model, shape: tuple[int, ...], *, comm, device)
         value, *interval = spectrum_error(ens, held)
         intervals[ref, n] = tuple(interval)
         print0(comm, f"    {ref} at {n} steps: spectrum error {value:.4f} "
-                     f"[{interval[0]:.4f}, {interval[1]:.4f}] ({members} members)")
+                     f"[{interval[0]:.4f}, {interval[1]:.4f}] ({members} members; the data's "
+                     f"own law would score about {sampling_floor(ens, held):.4f})")
         return value
 
     return Measure("spectrum error", f"log-spectral distance to held-out data, k <= {held.kmax}",

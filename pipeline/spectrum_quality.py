@@ -4,8 +4,9 @@ data (docs/algorithms.md section 7).
 A trained network has no exact law to compare with; what its samples should reproduce is the
 data's spectrum. The distance of an ensemble's mean radial spectrum E(k) (kinetic energy for
 vorticity, power otherwise) to the held-out data's T(k) is the root mean square over the
-resolved shells k = 1 .. K of ln(E(k) / T(k)): 0 for the data's spectrum, about 0.1 for 10%
-off at every scale, and every scale counts alike whatever energy it carries. Its sampling
+resolved shells k = 1 .. K of ln(E(k) / T(k)): near 0 for the data's spectrum (an ensemble of
+the data's own law scores its sampling floor, ``sampling_floor``), about 0.1 for 10% off at
+every scale, and every scale counts alike whatever energy it carries. Its sampling
 uncertainty is a bootstrap over the ensemble's members (one by one: independent draws) and the
 data's fields (in blocks of consecutive times, ``pipeline.bands.correlation_block``: a
 trajectory's neighbouring times are correlated), resampled independently. The held-out data are the last ``train.validation`` share of ``train.data``'s
@@ -57,17 +58,32 @@ def log_spectral_distance(ens: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.sqrt(np.mean(np.log(ratio) ** 2, -1))
 
 
-def spectrum_error(ens: np.ndarray, held: HeldOut, *, seed: int = 0
-                   ) -> tuple[float, float, float]:
-    """(log-spectral distance of the ensemble spectra ``ens`` (M, K) to ``held``, and the ends
-    of its central ``LEVEL`` bootstrap interval, the held-out times resampled in blocks)."""
+def _resampled(ens: np.ndarray, held: HeldOut, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap draws (DRAWS, M, K) of the members and (DRAWS, T, K) of the held-out fields,
+    the fields in blocks of consecutive times."""
     rng = np.random.default_rng(seed)
     m, t = len(ens), len(held.spectra)
     pick_e = rng.integers(0, m, (DRAWS, m))
     pick_t = block_picks(rng, t, DRAWS, correlation_block(held.spectra))
-    draws = log_spectral_distance(ens[pick_e], held.spectra[pick_t])
-    lo, hi = interval(draws)
+    return ens[pick_e], held.spectra[pick_t]
+
+
+def spectrum_error(ens: np.ndarray, held: HeldOut, *, seed: int = 0
+                   ) -> tuple[float, float, float]:
+    """(log-spectral distance of the ensemble spectra ``ens`` (M, K) to ``held``, and the ends
+    of its central ``LEVEL`` bootstrap interval, the held-out times resampled in blocks)."""
+    lo, hi = interval(log_spectral_distance(*_resampled(ens, held, seed)))
     return float(log_spectral_distance(ens, held.spectra)), float(lo), float(hi)
+
+
+def sampling_floor(ens: np.ndarray, held: HeldOut, *, seed: int = 0) -> float:
+    """The distance an ensemble of the data's own law would score with as many members and
+    held-out fields, about: the RMS over shells of the bootstrap standard deviation of
+    ln(E(k) / T(k)). Squared, each shell's sampling noise adds to the distance rather than
+    averaging out, so no finite ensemble scores 0."""
+    ens_draws, held_draws = _resampled(ens, held, seed)
+    logs = np.log(ens_draws.mean(-2) / held_draws.mean(-2))  # (DRAWS, K)
+    return float(np.sqrt(np.mean(logs.var(0))))
 
 
 def as_trained(cfg: Config) -> TrainConfig:

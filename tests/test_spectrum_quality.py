@@ -9,7 +9,7 @@ import xarray as xr
 from pipeline.cli import main
 from pipeline.settings import TrainConfig
 from pipeline.spectrum_quality import (HeldOut, held_out, log_spectral_distance,
-                                       shell_spectra, spectrum_error)
+                                       sampling_floor, shell_spectra, spectrum_error)
 
 
 def _fields(rng, n, size=16, scale=1.0):
@@ -23,6 +23,22 @@ def test_the_distance_is_the_log_of_a_uniform_energy_ratio():
     for c in (0.5, 1.0, 1.3):  # the ensemble is the truth with every scale's energy times c
         ens = held.spectra_of(np.sqrt(c) * _fields(np.random.default_rng(0), 200))
         assert float(log_spectral_distance(ens, truth)) == pytest.approx(abs(np.log(c)), abs=1e-9)
+
+
+def test_an_ensemble_of_the_datas_own_law_scores_about_its_sampling_floor():
+    """Squared, each shell's sampling noise adds to the distance: an ensemble drawn from the
+    data's own law scores above 0, about the floor; one 10% off at every scale well above it."""
+    same, off = [], []
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        held = HeldOut(shell_spectra(_fields(rng, 320), "field", 8), "field")
+        ens = held.spectra_of(_fields(rng, 64))
+        floor = sampling_floor(ens, held)
+        same.append(float(log_spectral_distance(ens, held.spectra)) / floor)
+        wrong = held.spectra_of(_fields(rng, 64, scale=np.sqrt(1.1)))
+        off.append(float(log_spectral_distance(wrong, held.spectra)) / sampling_floor(wrong, held))
+    assert 0.8 < np.mean(same) < 1.3
+    assert np.mean(off) > 2
 
 
 def test_the_interval_holds_the_distance_and_shrinks_with_members():
@@ -109,7 +125,7 @@ def test_bench_at_equal_quality_on_a_trained_model(tmp_path, trained, capsys):
         assert rows["dpmpp-2m"]["error_lo"] <= rows["dpmpp-2m"]["error"] <= rows["dpmpp-2m"]["error_hi"]
     else:  # the tiny network's error converged above the quality: the search says so early
         assert "dpmpp-2m: not reached (the search stopped at" in text and max(curve) < 8192
-    assert "dpmpp-2m at 2 steps: spectrum error" in text and "(8 members)" in text
+    assert "dpmpp-2m at 2 steps: spectrum error" in text and "(8 members; " in text
     # each try says it has started before it samples: a long one is not silent
     assert text.index("dpmpp-2m at 2 steps: sampling 8 members ...") < text.index(
         "dpmpp-2m at 2 steps: spectrum error")
