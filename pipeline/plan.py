@@ -6,12 +6,13 @@ slices of a group split every round's points. With a model call of n items costi
 seconds on a rank (the measured cost curve), a round of a sampler that evaluates P points per
 member costs, on each of T slices with b members a batch,
 
-    round = c(ceil(P / T) b) + h(ceil(P / T)) + k L ceil(log2 T),
+    round = c(ceil(P / T) b) + h(ceil(P / T), b) + k L ceil(log2 T),
 
-where h(n) is the sampler's own host work per round at n points a rank (measured), k its
-collectives per round and L the latency of one collective stage. A replicated window
-(``sampler.window_split``) cuts the round's P b points evenly and keeps the whole window on
-every slice: c(ceil(P b / T)) + h(P) + L ceil(log2 T) + P b f / W, the last term the round's
+where h(n, b) is the sampler's own host work per round at n points of b members a rank
+(measured at one member, and its growth to a larger batch), k its collectives per round and
+L the latency of one collective stage. A replicated window (``sampler.window_split``) cuts
+the round's P b points evenly and keeps the whole window on every slice:
+c(ceil(P b / T)) + h(P, b) + L ceil(log2 T) + P b f / W, the last term the round's
 scores (f bytes a field) gathered into each rank at W bytes a second. Where the profile recorded
 the size of every model call of its member, the c term is the sum over those calls (each
 split over the slices) rather than the rounds times the mean call: a block that falls back to
@@ -78,6 +79,8 @@ class Profile:
     collectives: int
     steps: int = 0  # the steps it ran when not the config's (at equal quality), else 0
     calls_by_size: tuple[tuple[int, int], ...] = ()  # (points, calls) of the member's calls
+    host_batch: int = 1  # the members at which the host time's growth was measured
+    host_growth: float = 1.0  # host time a round at host_batch members / at one
 
     def call_sizes(self) -> tuple[tuple[int, int], ...]:
         """(points, count) of one member's model calls: as measured, else ``rounds`` calls of
@@ -89,9 +92,13 @@ class Profile:
         """Mean points each member evaluates per round."""
         return self.calls / self.rounds
 
-    def host_at(self, points: int) -> float:
-        """Host seconds per round when a rank holds ``points`` points."""
-        return _interp(self.host_points, self.host, points)
+    def host_at(self, points: int, batch: int = 1) -> float:
+        """Host seconds per round when a rank holds ``points`` points of ``batch`` members:
+        linear in the members through the measured growth."""
+        grow = 1.0
+        if self.host_batch > 1:
+            grow += (self.host_growth - 1) * (batch - 1) / (self.host_batch - 1)
+        return _interp(self.host_points, self.host, points) * grow
 
 
 @dataclass(frozen=True)
@@ -151,7 +158,8 @@ def predict(layout: Layout, profile: Profile, curve: CostCurve, machine: Machine
     """The time ``layout`` takes to sample ``members`` members (see the module docstring) of
     ``field_bytes`` a field."""
     t, whole = layout.time_slices, layout.replicated
-    host = profile.host_at(math.ceil(profile.points) if whole else math.ceil(profile.points / t))
+    host = profile.host_at(math.ceil(profile.points) if whole else math.ceil(profile.points / t),
+                           layout.batch)
     batches = math.ceil(members / layout.batch)
     stretch = machine.stretch(min(layout.groups, batches) * t)  # groups without work wait
     model_s = 0.0

@@ -56,8 +56,17 @@ DEFAULT_LATENCY = 3e-5
 # Part of a profile's cache key: a profile of another version has other fields or another
 # meaning (2: the calls by batch size; 3: host time measured around the emulated device's
 # waits; 4: the window samplers' rounds take less host time; 5: one rank scans its window in
-# one pass), so it is measured again rather than read.
-PROFILE_VERSION = 5
+# one pass; 6: the host time's growth with the batch), so it is measured again rather than
+# read.
+PROFILE_VERSION = 6
+
+# A profile's host time is measured on one member and, for a plan of larger batches, again
+# on as many members as its largest batch, at most GROWTH_BATCH and as many as a run of
+# GROWTH_SECONDS affords (the one member's run times the members), at least GROWTH_LEAST:
+# the host time is taken as linear in the members through the two (docs/planning.md).
+GROWTH_BATCH = 64
+GROWTH_SECONDS = 10.0
+GROWTH_LEAST = 4
 
 # A run whose parallel.time_slices rule out a layout predicted this many times faster says so
 FASTER_ELSEWHERE = 1.1
@@ -215,9 +224,10 @@ def machine_kind(device) -> str:
     return f"{name} x{torch.get_num_threads()}"
 
 
-def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: int):
-    """(Stats, host seconds a round, (points, count) of its model calls) of one member of
-    ``method`` at ``param`` over ``steps`` steps."""
+def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: int,
+             members: int = 1):
+    """(Stats, host seconds a round, (points, count) of its model calls, wall seconds) of
+    ``members`` members sampled together by ``method`` at ``param`` over ``steps`` steps."""
     from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
 
     s = cfg.sampler
@@ -225,42 +235,67 @@ def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: in
                             window=param if REGISTRY[method].windowed else s.window,
                             block_size=param if REGISTRY[method].blocked else s.block_size)
     options = sampler_options(s, tol=tol, data_bound=model_data_bound(model, cfg.model))
-    noise = Noise(s.seed, ((CALIBRATION_ITEM, 0),), tuple(model.shape), DTYPES[s.dtype], device,
-                  s.noise)
+    noise = Noise(s.seed, tuple((CALIBRATION_ITEM, m) for m in range(members)),
+                  tuple(model.shape), DTYPES[s.dtype], device, s.noise)
     timed = _Timed(model, device)
     start = time.perf_counter()
     _, stats = SAMPLERS[method](timed, noise.prior(), sampler_grid(s, model), noise, options=options)
     wall = time.perf_counter() - start
     return (stats, max(0.0, wall - timed.seconds) / stats.rounds,
-            tuple(sorted(timed.sizes.items())))
+            tuple(sorted(timed.sizes.items())), wall)
+
+
+def _host_growth(cfg: Config, model, method: str, param: int, tol, device, batch: int,
+                 host: float, wall: float) -> tuple[int, float]:
+    """(members, growth): how many times a round's host work, ``host`` seconds for one
+    member (whose run took ``wall``), grows at ``members`` members sampled together: at most
+    ``batch``, as many as ``GROWTH_SECONDS`` afford; (1, 1.0) where fewer than
+    ``GROWTH_LEAST`` are (a model that costly leaves the host work a small part). Much of it
+    grows with the members: the keyed noise is drawn per member and step."""
+    members = min(batch, int(GROWTH_SECONDS // max(wall, 1e-9)))
+    if members < min(batch, GROWTH_LEAST) or members < 2 or host <= 0:
+        return 1, 1.0
+    many = _run_one(cfg, model, method, param, tol, device, cfg.sampler.steps, members)[1]
+    return members, max(1.0, many / host)
 
 
 def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: int,
-            model_sha: str, steps: int = 0) -> Profile:
+            model_sha: str, steps: int = 0, batch: int = 1) -> Profile:
     """Measure (or read from the cache) the profile of ``method`` at ``param``; ``smallest``
     is the fewest points a time slice would hold, where the host time is measured again;
-    ``steps``: the steps ``cfg`` runs, recorded when they are not the user's (0)."""
+    ``steps``: the steps ``cfg`` runs, recorded when they are not the user's (0); ``batch``:
+    the most members a batch of the plan holds, up to which (at most ``GROWTH_BATCH``) the
+    host time's growth is measured (``_host_growth``, cached per batch in the entry)."""
     key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha), method, param, tol,
                                      smallest, str(device), machine_kind(device),
                                      list(cfg.model.emulate_ms),
                                      PROFILE_VERSION, REGISTRY[method].revision]
                                     ).encode()).hexdigest()
-    cached = read_cache(_profile_file()).get(key)
-    if cached is not None:
-        return Profile(**{**cached, "host_points": tuple(cached["host_points"]),
-                          "host": tuple(cached["host"]), "steps": steps,
-                          "calls_by_size": tuple(map(tuple, cached["calls_by_size"]))})
-    stats, host, sizes = _run_one(cfg, model, method, param, tol, device, cfg.sampler.steps)
-    points = math.ceil(stats.model_calls / stats.rounds)
-    host_points, hosts = (points,), (host,)
-    if smallest < points:  # the host work of a rank that holds a small share of the window
-        _, small, _ = _run_one(cfg, model, method, smallest, tol, device,
-                               min(cfg.sampler.steps, 20 * smallest))
-        host_points, hosts = (smallest, points), (small, host)
-    result = Profile(method, param, tol, stats.rounds, stats.model_calls, host_points, hosts,
-                     0 if REFERENCE[method] == method else 2, steps, sizes)
-    update_cache(_profile_file(), key, dataclasses.asdict(result))
-    return result
+    entry = read_cache(_profile_file()).get(key)
+    measured = entry is None
+    if measured:
+        stats, host, sizes, wall = _run_one(cfg, model, method, param, tol, device,
+                                            cfg.sampler.steps)
+        points = math.ceil(stats.model_calls / stats.rounds)
+        host_points, hosts = [points], [host]
+        if smallest < points:  # the host work of a rank that holds a small share of the window
+            _, small, _, _ = _run_one(cfg, model, method, smallest, tol, device,
+                                      min(cfg.sampler.steps, 20 * smallest))
+            host_points, hosts = [smallest, points], [small, host]
+        entry = {"rounds": stats.rounds, "calls": stats.model_calls, "host_points": host_points,
+                 "host": hosts, "collectives": 0 if REFERENCE[method] == method else 2,
+                 "calls_by_size": sizes, "wall": wall, "grown": {}}
+    batch = min(batch, GROWTH_BATCH)
+    if batch > 1 and str(batch) not in entry["grown"]:
+        entry["grown"][str(batch)] = _host_growth(cfg, model, method, param, tol, device, batch,
+                                                  entry["host"][-1], entry["wall"])
+        measured = True
+    if measured:
+        update_cache(_profile_file(), key, entry)
+    host_batch, growth = entry["grown"].get(str(batch), (1, 1.0))
+    return Profile(method, param, tol, entry["rounds"], entry["calls"],
+                   tuple(entry["host_points"]), tuple(entry["host"]), entry["collectives"],
+                   steps, tuple(map(tuple, entry["calls_by_size"])), host_batch, growth)
 
 
 def quality_steps(cfg: Config, model, device, model_sha: str, say,
@@ -397,7 +432,8 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
                 continue
             smallest = max(1, math.ceil(param / min(ranks, max(1, param)))) if param else 1
             prof = profile(at, model, method, param, tol, device, smallest, sha,
-                           mine.sampler.steps if mine is not cfg else 0)
+                           mine.sampler.steps if mine is not cfg else 0,
+                           max(_batch_sizes(cfg)))
             say(f"  profiled {method:<15} {'p=' + str(param) if param else '':<6} tol "
                 f"{'-' if tol is None else format(tol, '.1e')}: {mine.sampler.steps} steps, "
                 f"{prof.rounds} rounds, {prof.calls:.0f} calls a member")

@@ -61,6 +61,21 @@ def test_ranks_sharing_too_few_cores_stretch_the_busy_part():
     assert predict(seq, SEQUENTIAL, curve, crowded, 1).seconds == pytest.approx(1.0)
 
 
+def test_host_time_grows_with_the_batch_as_measured_and_linearly_past_it():
+    # 1 ms a round for one member, 3 ms for 5: each further member adds 0.5 ms
+    grows = Profile("sequential-sde", 0, None, 1000, 1000.0, (1,), (1e-3,), 0, host_batch=5,
+                    host_growth=3.0)
+    assert [grows.host_at(1, b) for b in (1, 5, 9)] == pytest.approx([1e-3, 3e-3, 5e-3])
+    free = CostCurve((1, 64), (0.0, 0.0), (0.0, 0.0))
+    machine = Machine(ranks=1, ranks_per_node=1, cores=1, threads=1, latency=0.0)
+    # 16 members host-bound: a batch of 16 takes 1000 rounds of 8.5 ms, 16 batches of one
+    # 1000 of 1 ms; without the growth every batch size looked 16 times faster
+    assert predict(Layout("sequential-sde", 0, 1, 1, 16), grows, free, machine,
+                   16).seconds == pytest.approx(8.5)
+    assert predict(Layout("sequential-sde", 0, 1, 1, 1), grows, free, machine,
+                   16).seconds == pytest.approx(16.0)
+
+
 def test_a_block_that_falls_back_is_predicted_from_its_calls_not_their_mean():
     # a CPU whose second item is nearly free, then 12 ms an item; a block of 100 steps that
     # diverged: one wide sweep, then its 100 sequential steps one point at a time
@@ -458,6 +473,30 @@ def test_a_profile_is_read_back_on_the_same_machine_kind_and_measured_again_on_a
     profile()
     assert len(runs) == 2 * measured  # another machine kind: measured again
     assert "x" in planner.machine_kind("cpu").rsplit(" ", 1)[-1]
+
+
+def test_a_profile_measures_how_its_host_time_grows_with_the_batch_once_per_batch(
+        tmp_path, monkeypatch):
+    """The keyed noise is drawn per member and step: a plan of large batches of a cheap
+    model is mostly host time, which one member's run cannot show."""
+    from models import build_model
+    from pipeline import planner
+
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path))
+    model = build_model(cfg.model)
+    run_one, runs = planner._run_one, []
+    monkeypatch.setattr(planner, "_run_one",
+                        lambda *a: runs.append(a[7] if len(a) > 7 else 1) or run_one(*a))
+    profile = lambda batch: planner.profile(cfg, model, "sequential-sde", 0, None, "cpu", 1,  # noqa: E731
+                                            "digest", batch=batch)
+    one = profile(1)
+    assert runs == [1] and (one.host_batch, one.host_growth) == (1, 1.0)
+    many = profile(16)
+    assert runs == [1, 16]  # one member's profile read back, the batch's growth measured
+    assert many.host_batch == 16 and many.host_growth > 2
+    assert many.host_at(1, 16) > 2 * many.host_at(1, 1)
+    assert profile(16).host_growth == many.host_growth and runs == [1, 16]  # read back
 
 
 def test_the_plan_times_the_model_with_the_threads_the_run_gives_a_rank(tmp_path, monkeypatch):
