@@ -26,7 +26,7 @@ from pathlib import Path  # noqa: E402
 from pipeline import __version__  # noqa: E402
 from pipeline.config import (ConfigError, check_same_config, load_config,  # noqa: E402
                              read_toml, with_settings)
-from pipeline.console import on_every_rank, on_rank0, print0, tag  # noqa: E402
+from pipeline.console import on_every_rank, on_rank0, print0, say, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
 from pipeline.errors import raised_by_every_rank  # noqa: E402
 from pipeline.settings import AUTO_METHODS, PEERS  # noqa: E402
@@ -328,7 +328,6 @@ def _cmd_plan(args, world) -> int:
 
     def plan_here():
         model = first_item_model(cfg, build_model(cfg.model, device), device)
-        say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
         say(f"piadm plan: {cfg.ensemble.members} members of {cfg.model.kind} "
             f"{list(cfg.model.shape)}, {cfg.sampler.steps} steps, on {args.ranks} "
             f"rank{'s' if args.ranks != 1 else ''}"
@@ -582,13 +581,6 @@ def explain(err: Exception, sets: Sequence[str] = ()) -> str:
             "may write there and that its disk has space")
 
 
-def _tell(text: str) -> None:
-    """``text`` and its new line to stderr in one write: ranks sharing a terminal or log would
-    otherwise put their lines between another's text and its new line."""
-    if sys.stderr is None:  # closed at start (2>&-): nowhere to tell it
-        return
-    sys.stderr.write(f"{text}\n")
-    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -619,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         what, code = stopped_by(err)
         # on a terminal a progress bar (or the ^C echo) may hold the line: start a new one
         fresh = "\n" if sys.stderr.isatty() else ""
-        _tell(f"{fresh}piadm: {what}{where}{': ' if str(err) else ''}{err}")
+        say(f"{fresh}piadm: {what}{where}{': ' if str(err) else ''}{err}")
         if world.size == 1:
             return code
         # each rank stopped wherever it stood: another may wait in a collective for it
@@ -628,14 +620,14 @@ def main(argv: list[str] | None = None) -> int:
         line = explain(err, getattr(args, "set", None) or ())
         if world.size == 1 or getattr(err, "collective", False):
             if world.rank == 0:
-                _tell(f"piadm: error: {line}")
+                say(f"piadm: error: {line}")
             return 2
-        _tell(f"piadm: error on rank {world.rank}: {line}")
+        say(f"piadm: error on rank {world.rank}: {line}")
         world.abort(2)
     except Exception:
         if world.size == 1:
             raise
-        _tell(f"piadm: rank {world.rank} failed, aborting all {world.size} ranks:\n"
+        say(f"piadm: rank {world.rank} failed, aborting all {world.size} ranks:\n"
               f"{traceback.format_exc()}")
         world.abort(1)
     return 1

@@ -11,13 +11,22 @@ def tag(comm) -> str:
     return f"[rank {comm.rank}/{comm.size}] " if comm.size > 1 else ""
 
 
+def say(text: str) -> None:
+    """``text`` and its new line to stderr in one write (``print`` writes them apart: ranks
+    sharing a terminal or log would put their lines between another's text and its new
+    line), flushed; nothing where stderr was closed at start (``2>&-``)."""
+    if sys.stderr is None:
+        return
+    sys.stderr.write(f"{text}\n")
+    sys.stderr.flush()
+
+
 def print0(comm, *args) -> None:
     """Print to stderr on rank 0 only, tagged and flushed, so progress shows in batch logs.
     The line and its newline go out in one write: a stop signal between the two (``print``
     writes them apart) would run the next line, the command's last word, onto this one."""
     if comm.rank == 0:
-        sys.stderr.write(tag(comm) + " ".join(map(str, args)) + "\n")
-        sys.stderr.flush()
+        say(tag(comm) + " ".join(map(str, args)))
 
 
 def on_rank0(comm, fn, *args, idle: bool = False, **kwargs):

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -28,7 +27,7 @@ from pipeline.claimed import claimed_calls, stop_agreed
 from pipeline.claims import Heartbeat, batch_key, claims_dir, holding, holds, new_job_id
 from pipeline.comm import SerialComm
 from pipeline.config import ConfigError, store_differences
-from pipeline.console import on_every_rank, on_rank0, print0
+from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
 from pipeline.errors import OutOfMemory, WriteFailed, naming
 from pipeline.inputs import (Items, label_text, open_items, renamed_attrs, same_fingerprint,
@@ -300,7 +299,7 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
 
 def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: bool = True,
                   stats: tuple | None = None,
-                  say=lambda text: print(text, file=sys.stderr, flush=True),
+                  say=say,
                   stopped=lambda: False) -> Calibration:
     """Rank 0: the tolerance of the run. For ``"auto"``: the one its store was made with (a
     resumed run; not with ``store`` False), else the cached or a new calibration (``force``:

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -670,7 +669,7 @@ def resolve_plan(cfg: Config, world, device, stopped=lambda: False) -> tuple[Con
     that record the choice. ``stopped`` (rank 0's stop request) ends the planning between
     its measurements with ``calibrate.Stopped`` on every rank."""
     from models import build_model
-    from pipeline.console import on_rank0, tag
+    from pipeline.console import on_rank0, say, tag
     from pipeline.ensemble import first_item_model
 
     latency = collective_latency(world)
@@ -683,7 +682,6 @@ def resolve_plan(cfg: Config, world, device, stopped=lambda: False) -> tuple[Con
         model = first_item_model(cfg, build_model(cfg.model, device), device)
         return planned_config(cfg, model, device, ranks=world.size, gpus_per_node=gpus,
                               latency=latency, stored=stored, stopped=stopped,
-                              say=lambda text: print(tag(world) + text, file=sys.stderr,
-                                                     flush=True))
+                              say=lambda text: say(tag(world) + text))
 
     return on_rank0(world, plan_here, idle=True)
