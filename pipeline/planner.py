@@ -249,12 +249,25 @@ def _host_growth(cfg: Config, model, method: str, param: int, tol, device, batch
     """(members, growth): how many times a round's host work, ``host`` seconds for one
     member (whose run took ``wall``), grows at ``members`` members sampled together: at most
     ``batch``, as many as ``GROWTH_SECONDS`` afford; (1, 1.0) where fewer than
-    ``GROWTH_LEAST`` are (a model that costly leaves the host work a small part). Much of it
-    grows with the members: the keyed noise is drawn per member and step."""
+    ``GROWTH_LEAST`` are (a model that costly leaves the host work a small part) or fit in
+    half the device's free memory. Much of it grows with the members: the keyed noise is
+    drawn per member and step."""
+    from pipeline.run import DTYPES
+
     members = min(batch, int(GROWTH_SECONDS // max(wall, 1e-9)))
+    room = available_bytes(torch.device(device))
+    one = sampler_floor(method, param or 1, 1, field_bytes(tuple(model.shape),
+                                                           DTYPES[cfg.sampler.dtype]))
+    if room is not None:  # half of what is free: the model's own calls need room too
+        members = min(members, room[0] // (2 * max(1, one)))
     if members < min(batch, GROWTH_LEAST) or members < 2 or host <= 0:
         return 1, 1.0
-    many = _run_one(cfg, model, method, param, tol, device, cfg.sampler.steps, members)[1]
+    try:
+        many = _run_one(cfg, model, method, param, tol, device, cfg.sampler.steps, members)[1]
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        return 1, 1.0  # the plan's own memory check weighs the layouts (_fitting)
     return members, max(1.0, many / host)
 
 
