@@ -15,6 +15,7 @@ which is the whole time of a 1000-step sampler at 1024x1024; the device source r
 from __future__ import annotations
 
 import functools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.choices import SOURCES  # sampler.noise
+from pipeline.seed_hash import philox_keys, words
 
 PRIOR, PATH, CORRECTOR_V0, CORRECTOR_PATH = 0, 1, 2, 3
 
@@ -30,12 +32,23 @@ PRIOR, PATH, CORRECTOR_V0, CORRECTOR_PATH = 0, 1, 2, 3
 # the GIL while they fill, and on a GPU the host's draws are what the sampler waits for.
 _THREADED_SIZE = 1 << 18
 
+# Calls of at least this many draws hash their Philox keys in one pass (``seed_hash``): its
+# array operations cost about 0.2 ms a call, one SeedSequence about 14 us a draw.
+_VECTOR_DRAWS = 32
+
+_LOCAL = threading.local()  # each thread's own Philox, re-keyed for every draw
+
+
+@functools.cache
+def _workers() -> int:
+    """Threads that fill large draws: this rank's share of the cores (``place_rank``)."""
+    return max(1, torch.get_num_threads())
+
 
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
-    """One pool per process, as wide as this rank's share of the cores (``place_rank``)."""
-    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()),
-                              thread_name_prefix="piadm-noise")
+    """One pool per process, ``_workers`` wide."""
+    return ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="piadm-noise")
 
 
 Index = int | tuple[int, ...]  # a draw's place in its stream: a step, or (block, step)
@@ -61,10 +74,37 @@ def draw_seed(key: int, stream: int, index: Index) -> int:
 
 
 def standard_normal(key: int, stream: int, index: Index, shape: Sequence[int]) -> np.ndarray:
-    """One float64 N(0, I) draw of ``shape`` for (member seed ``key``, stream, index)."""
+    """One float64 N(0, I) draw of ``shape`` for (member seed ``key``, stream, index): the
+    definition of the host noise (``Noise`` draws the same numbers faster)."""
     ss = np.random.SeedSequence(key, spawn_key=_spawn(stream, index))
     gen = np.random.Generator(np.random.Philox(key=ss.generate_state(2, np.uint64)))
     return gen.standard_normal(tuple(shape))
+
+
+def _draw_keys(keys: Sequence[int], stream: int, indices: Sequence[Index]) -> np.ndarray:
+    """Philox keys (len(keys), len(indices), 2) of ``standard_normal``'s draws."""
+    spawns = [words(_spawn(stream, idx)) for idx in indices]
+    if len(keys) * len(indices) < _VECTOR_DRAWS or len({len(w) for w in spawns}) > 1:
+        return np.array([[np.random.SeedSequence(k, spawn_key=_spawn(stream, idx))
+                          .generate_state(2, np.uint64) for idx in indices] for k in keys],
+                        dtype=np.uint64).reshape(len(keys), len(indices), 2)
+    b, n = len(keys), len(indices)
+    flat = philox_keys(np.repeat(np.asarray(keys, dtype=np.uint64), n),
+                       np.tile(np.asarray(spawns, dtype=np.uint32), (b, 1)))
+    return flat.reshape(b, n, 2)
+
+
+def _normal(key: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``standard_normal``'s draw of Philox key ``key`` (2,) uint64, on this thread's
+    generator: re-keying one costs a fraction of making a new one."""
+    if not hasattr(_LOCAL, "bits"):
+        _LOCAL.bits = np.random.Philox(0)
+        _LOCAL.gen = np.random.Generator(_LOCAL.bits)
+    _LOCAL.bits.state = {"bit_generator": "Philox",
+                         "state": {"counter": np.zeros(4, np.uint64), "key": key},
+                         "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0,
+                         "uinteger": 0}
+    return _LOCAL.gen.standard_normal(shape)
 
 
 @dataclass(frozen=True)
@@ -109,17 +149,19 @@ class Noise:
         # to copy to a GPU. Draws are independent, so threads fill them in any order.
         host = np.float32 if self.dtype == torch.float32 else np.float64
         out = np.empty((len(rows), len(indices), *self.shape), dtype=host)
+        philox = _draw_keys(keys, stream, indices)
 
-        def fill(ij: tuple[int, int]) -> None:
-            i, j = ij
-            out[i, j] = standard_normal(keys[i], stream, indices[j], self.shape)
+        def fill(pairs: list[tuple[int, int]]) -> None:
+            for i, j in pairs:
+                out[i, j] = _normal(philox[i, j], self.shape)
 
         pairs = [(i, j) for i in range(len(keys)) for j in range(len(indices))]
-        if len(pairs) > 1 and out.size >= _THREADED_SIZE:
-            list(_pool().map(fill, pairs))
+        workers = _workers()
+        if workers > 1 and len(pairs) > 1 and out.size >= _THREADED_SIZE:
+            # a share a thread: a task per draw costs more than a small draw
+            list(_pool().map(fill, [pairs[w::workers] for w in range(workers)]))
         else:
-            for ij in pairs:
-                fill(ij)
+            fill(pairs)
         return torch.from_numpy(out).to(device=self.device, dtype=self.dtype)
 
     def _device_draw(self, stream: int, keys: list[int], indices: Sequence[Index]) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """Counter-based keyed noise (docs/algorithms.md section 3): noise is an argument, never hidden state."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from pipeline.noise import PATH, SOURCES, Noise, member_seed, standard_normal
+from pipeline.noise import (CORRECTOR_PATH, CORRECTOR_V0, PATH, SOURCES, Noise, member_seed,
+                            standard_normal)
 
 F64 = torch.float64
 SHAPE = (3, 4)
@@ -154,6 +156,52 @@ def test_threaded_draws_equal_the_draws_made_one_at_a_time(dtype):
     assert torch.equal(together, alone)
     ref = standard_normal(member_seed(5, 1, 3), PATH, 9, (256, 256))  # row 1, step 9
     assert torch.equal(together[1, 2], torch.from_numpy(ref).to(dtype))
+
+
+def test_the_keys_hashed_at_once_are_numpys_seedsequence_for_every_length():
+    """``seed_hash`` redoes SeedSequence on arrays: any word it got wrong would change every
+    member of every store."""
+    from pipeline.seed_hash import philox_keys, words
+
+    rng = np.random.default_rng(0)
+    keys = [0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**64 - 1,
+            *(int(k) for k in rng.integers(0, 2**63, 50))]
+    for spawn in [(0, 0), (1, 9), (3, 2, 7), (2, 2**32), (1, 2**40 + 5), (0,), (1, 2, 3, 4, 5)]:
+        mine = philox_keys(np.array(keys, dtype=np.uint64),
+                           np.tile(np.array(words(spawn), dtype=np.uint32), (len(keys), 1)))
+        for key, got in zip(keys, mine):
+            want = np.random.SeedSequence(key, spawn_key=spawn).generate_state(2, np.uint64)
+            assert np.array_equal(got, want), (key, spawn)
+
+
+@pytest.mark.parametrize("members,steps", [(1, 3), (40, 1), (8, 6), (3, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_draws_are_the_definitions_whether_hashed_one_by_one_or_at_once(members, steps, dtype):
+    # under 32 draws a call SeedSequence hashes each; from 32 seed_hash hashes them together
+    keys = tuple((2, m) for m in range(members))
+    n = Noise(7, keys, (5, 6), dtype=dtype)
+    path, (v0, dw) = n.path(10, 10 + steps), n.corrector(4, 0, steps)
+    for b, key in enumerate(keys):
+        seed = member_seed(7, *key)
+        for j in range(steps):
+            want = torch.from_numpy(standard_normal(seed, PATH, 10 + j, (5, 6))).to(dtype)
+            assert torch.equal(path[b, j], want)
+            want = standard_normal(seed, CORRECTOR_PATH, (4, j), (5, 6))
+            assert torch.equal(dw[b, j], torch.from_numpy(want).to(dtype))
+        want = standard_normal(seed, CORRECTOR_V0, 4, (5, 6))
+        assert torch.equal(v0[b], torch.from_numpy(np.asarray(want)).to(dtype))
+
+
+def test_draws_shared_among_threads_are_the_definitions(monkeypatch):
+    from pipeline import noise as noise_module
+
+    monkeypatch.setattr(noise_module, "_workers", lambda: 3)
+    n = Noise(5, tuple((0, m) for m in range(8)), (64, 64))  # 8 x 9 fields pass the threshold
+    draws = n.path(0, 9)
+    for b in (0, 5):
+        for j in (0, 4, 8):
+            want = standard_normal(member_seed(5, 0, b), PATH, j, (64, 64))
+            assert torch.equal(draws[b, j], torch.from_numpy(want).float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
