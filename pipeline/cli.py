@@ -249,10 +249,16 @@ def _output_file(flag: str, path: str | None, name: str = "bench.json") -> None:
     (``name``: the file the error suggests in a directory given instead)."""
     if path is None:
         return
+    from pipeline.store import enclosing_store
+
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{flag} {path} is a directory: give a file path, e.g. {p / name}",
                           collective=True)
+    store = enclosing_store(p)
+    if store is not None:  # written there, it would replace or join the store's own files
+        raise ConfigError(f"{flag} {path} is inside the Zarr store {store}: give a path "
+                          "outside it", collective=True)
     folder = next(f for f in (p.parent, *p.parent.parents) if f.exists())  # mkdir starts here
     if not folder.is_dir():
         raise ConfigError(f"{flag} {path}: {folder} is a file, so no folder can be made there: "

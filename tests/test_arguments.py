@@ -55,6 +55,23 @@ def test_bench_refuses_a_json_path_it_cannot_write(tmp_path, capsys, json_path, 
     assert message.format(tmp=tmp_path) in _one_error(capsys)
 
 
+@pytest.mark.parametrize("command,flag", [
+    (["bench", "jobs/configs/grf.toml", *TINY], "--json"),
+    (["bench", "jobs/configs/grf.toml", *TINY], "--png"),
+    (["plan", "jobs/configs/grf.toml", "--ranks", "2", *TINY], "--json")])
+def test_a_json_or_figure_inside_a_zarr_store_is_refused_and_the_store_kept(
+        tmp_path, capsys, command, flag):
+    # written there it replaced the store's own zarr.json: the store was lost, exit 0
+    store = tmp_path / "kept.zarr"
+    store.mkdir()
+    (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    target = store / ("zarr.json" if flag == "--json" else "b.png")
+    assert main([*command, flag, str(target)]) == 2
+    assert f"{flag} {target} is inside the Zarr store {store}: give a path outside it" in (
+        _one_error(capsys))
+    assert json.loads((store / "zarr.json").read_text())["node_type"] == "group"
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 @pytest.mark.parametrize("flag", ["--json", "--png"])
 def test_bench_refuses_a_folder_where_no_file_can_be_made(capsys, flag):
