@@ -186,7 +186,7 @@ def test_a_simulation_that_blows_up_is_a_one_line_error(tmp_path, capsys, monkey
     from pipeline import generate, kolmogorov
 
     def unstable(sp, w_hat, duration, **kwargs):  # what too large a data.cfl does
-        return kolmogorov.advance(sp, w_hat * torch.inf, 0.0)
+        return kolmogorov.advance(sp, w_hat * torch.inf, 0.0, **kwargs)
 
     monkeypatch.setattr(generate, "advance", unstable)
     assert _run(tmp_path / "b.zarr") == 2
@@ -216,7 +216,7 @@ def test_an_overwrite_that_fails_keeps_the_dataset_it_was_to_replace(tmp_path, c
             return kolmogorov.advance(sp, w_hat, duration, **kwargs)
         if failure == "interrupt":
             raise KeyboardInterrupt
-        return kolmogorov.advance(sp, w_hat * torch.inf, 0.0)
+        return kolmogorov.advance(sp, w_hat * torch.inf, 0.0, **kwargs)
 
     monkeypatch.setattr(generate, "advance", failing)
     capsys.readouterr()
