@@ -28,3 +28,9 @@ FIELD_DIMS = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x")}
 
 # train.channels: the U-Net's group norms (models.unet) split each width into this many groups
 NORM_GROUPS = 8
+
+
+def resolved_wavenumber(n: int) -> int:
+    """The largest wavenumber per axis that the 2/3 rule keeps on an n-point grid (k < n/3):
+    the Kolmogorov solver's (``pipeline.kolmogorov``) and the bound of data.forcing_wavenumber."""
+    return -(-n // 3) - 1

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.choices import resolved_wavenumber
 from pipeline.errors import BlowUp
 
 
@@ -30,11 +31,6 @@ class Flow:
     drag: float
     k_f: int
     forcing: float
-
-
-def resolved_wavenumber(n: int) -> int:
-    """The largest wavenumber per axis that the 2/3 rule keeps on an n-point grid (k < n/3)."""
-    return -(-n // 3) - 1
 
 
 class Spectral:

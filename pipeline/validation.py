@@ -10,7 +10,7 @@ import math
 import os
 
 from pipeline.choices import (FIELD_DIMS, FORMS, GRIDS, NORM_GROUPS, SCHEDULER_GRID, SOURCES,
-                              STORE_DIMS, STORE_VARIABLES)
+                              STORE_DIMS, STORE_VARIABLES, resolved_wavenumber)
 from pipeline.errors import ConfigError
 from pipeline.samplers.options import THETAS, WINDOW_SPLITS
 from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataConfig, ModelConfig,
@@ -112,6 +112,10 @@ def _check_data(d: DataConfig) -> None:
            "and data.dt_max must be > 0, data.spinup >= 0")
     _check(d.snapshots >= 1 and d.chunk >= 1, "data.snapshots", "and data.chunk must be >= 1")
     _check(d.forcing_wavenumber >= 1, "data.forcing_wavenumber", "must be >= 1")
+    top = resolved_wavenumber(d.resolution)  # past it the grid aliases the forcing
+    _check(d.forcing_wavenumber <= top, "data.forcing_wavenumber",
+           f"= {d.forcing_wavenumber} is past the largest wavenumber data.resolution = "
+           f"{d.resolution} resolves ({top}): lower it or raise data.resolution")
 
 
 def _check_train(t: TrainConfig) -> None:
@@ -267,6 +271,13 @@ def _check_numbers(cfg: Config) -> None:
                    f"= {value!r} must be finite")
             if f.name == "seed":
                 _check(0 <= value <= INT64_MAX, key, f"= {value} must be in [0, {INT64_MAX}]")
+            # a path's "~": zarr expands it (to $HOME) and the rest of piadm does not, so a
+            # store was drafted in $HOME and then looked for in a folder named "~"
+            _check(not any(isinstance(v, str) and (v == "~" or v.startswith(("~/", "~\\")))
+                           for v in numbers), key,
+                   f"= {value!r} starts with '~', which piadm does not expand (a TOML file is "
+                   "not a shell): write the path out, e.g. "
+                   f"{os.path.expanduser('~')}{str(numbers[0])[1:] if numbers else ''}")
 
 
 def validate(cfg: Config) -> None:
@@ -289,7 +300,7 @@ def validate(cfg: Config) -> None:
         _check(n >= 1, key, f"= {n} must be >= 1")
         _check(n <= INT64_MAX, key, f"= {n} is more than the store's int64 index holds: use at "
                f"most {INT64_MAX}")
-    _check(bool(cfg.output.path), "output.path", "must not be empty")
+    _check(bool(cfg.output.path.strip()), "output.path", "must not be empty")
     check_variable(cfg.output.variable, cfg.input.item_dim, len(m.shape))
     _check_conditioning(cfg)
     if m.kind == "module":

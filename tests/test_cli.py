@@ -65,6 +65,16 @@ def test_version_and_the_installed_entry_point():
      "--set sampler.steps: the value 10000000000000000000... is too large"),
     (["sample", "jobs/configs/grf.toml", "--set", "output.path=a.zarr, ensemble.members=2"],
      "this holds another setting: separate PIADM_SET items with ';'"),
+    # zarr expanded "~" to $HOME and piadm did not: a draft store was left in $HOME
+    (["sample", "jobs/configs/grf.toml", "--set", 'output.path="~/x.zarr"'],
+     "output.path = '~/x.zarr' starts with '~', which piadm does not expand"),
+    (["generate-data", "jobs/configs/kolmogorov.toml", "--set", 'data.path="~/d.zarr"'],
+     "data.path = '~/d.zarr' starts with '~'"),
+    (["sample", "jobs/configs/grf.toml", "--set", 'output.path=" "'],
+     "output.path must not be empty"),
+    # a forcing the grid cannot resolve folds back onto a low wavenumber
+    (["generate-data", "jobs/configs/kolmogorov.toml", "--set", "data.forcing_wavenumber=22"],
+     "data.forcing_wavenumber = 22 is past the largest wavenumber data.resolution"),
     # spelled as TOML does not, or mistyped
     (["sample", "jobs/configs/grf.toml", "--set", "output.overwrite=True"],
      "got str 'True': write true (TOML's booleans are lower case)"),
