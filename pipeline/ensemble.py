@@ -47,8 +47,8 @@ from pipeline.signals import StopRequest
 from pipeline.store import (ASKED, FIELD_SCALE, INPUT_FINGERPRINT, MEMBER_BATCH, StoreExists,
                             StoreSpec, done_members, finalize, member_batch, member_chunk,
                             open_store, read_attrs, stored_attribute, write_batch)
-from pipeline.target import (check_idle, check_writable, delete_leftovers, open_or_create,
-                             upgrade_identity)
+from pipeline.target import (check_idle, check_room, check_writable, delete_leftovers,
+                             open_or_create, upgrade_identity)
 from pipeline.validation import check_variable
 from pipeline.work import batch_note, call_batch, work_list, write_runs
 from pipeline.writer import make_writer
@@ -235,6 +235,10 @@ def check_output(cfg: Config, items: Items | None = None) -> str:
             _check_same_input(cfg, items.fingerprint)
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
+    if fate in ("create", "replace", "grow"):  # before a typo's store fills the disk
+        one = field_bytes(tuple(cfg.model.shape), DTYPES[cfg.sampler.dtype])
+        check_room(cfg.output.path, one,
+                   (1 if items is None else len(items.labels)) * cfg.ensemble.members)
     if fate == "replace":
         check_idle(cfg.output.path)
     if fate == "upgrade":

@@ -103,6 +103,31 @@ def check_writable(path: str | Path) -> None:
                                  f"{path} cannot be made there", str(existing)) from None
 
 
+# A store is refused where its fields would need this many times the free space of its disk:
+# compressed, noisy float fields keep most of their bytes, and a typo in ensemble.members
+# (1e9) filled a disk for minutes before it failed
+ROOM_FACTOR = 2.0
+
+
+def check_room(path: str | Path, field_bytes: int, fields: int) -> None:
+    """Raise ConfigError when ``fields`` fields of ``field_bytes`` bytes (the store's items x
+    members) would need more than ``ROOM_FACTOR`` times the free space of the disk that
+    ``path`` is to be made on."""
+    from pipeline.errors import ConfigError
+    from pipeline.memory import format_bytes
+
+    folder = Path(path).parent.absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    needed = field_bytes * fields
+    if needed > ROOM_FACTOR * free:
+        raise ConfigError(
+            f"ensemble.members: the store at output.path {path} would hold {fields} fields, "
+            f"{format_bytes(needed)} before compression, where {existing} has "
+            f"{format_bytes(free)} free: lower ensemble.members (or select fewer items), or "
+            "choose an output.path on a disk with room")
+
+
 def upgrade_identity(path: str | Path, legacy: str, digest: str, *, plan: str | None = None,
                      asked: int | None = None) -> None:
     """Give a store that an older piadm made under the ``legacy`` digest (which counted

@@ -604,3 +604,27 @@ def test_a_full_disk_met_while_making_the_store_names_it(tmp_path, monkeypatch, 
     assert main(["sample", "jobs/configs/grf.toml",
                  *sum((["--set", f"{k}={v}"] for k, v in sets.items()), [])]) == 2
     assert f"cannot use {sets['output.path']}: No space left on device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dry", [False, True])
+def test_a_store_far_larger_than_its_disk_is_refused_before_anything_is_written(
+        tmp_path, capsys, monkeypatch, dry):
+    """A typo in ensemble.members (1e9) filled a disk for minutes (and a dry run took six to
+    count the work) before anything failed."""
+    from collections import namedtuple
+
+    from pipeline import target
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(target.shutil, "disk_usage", lambda path: usage(10**6, 0, 10**5))
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in _small(tmp_path).items()]
+    members = "--set=ensemble.members=1000"  # 1000 fields of 8 x 8 float32: 256 kB
+    assert main(["sample", "jobs/configs/grf.toml", *sets, members,
+                 *(["--dry-run"] if dry else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("piadm: error: ensemble.members: the store at output.path") and (
+        "would hold 1000 fields, 0.2 MiB before compression" in err
+        and "has 0.1 MiB free" in err), err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(target.shutil, "disk_usage", lambda path: usage(10**6, 0, 2 * 10**5))
+    assert main(["sample", "jobs/configs/grf.toml", *sets, members, "--dry-run"]) == 0  # half
