@@ -67,9 +67,11 @@ def _load(args):
     """The config of ``args``, refusing a file that has sections but none of those its
     command reads (a generate-data config given to sample would run on defaults alone)."""
     if args.config is not None:
-        held = read_toml(args.config)
+        tree = read_toml(args.config)
+        held = [name for name, table in tree.items() if isinstance(table, dict)]
         wanted = READS.get(args.command, ())
-        if held and wanted and not set(held) & set(wanted):
+        # a key outside every section: load_config names it and the section that has it
+        if held and wanted and not set(held) & set(wanted) and len(held) == len(tree):
             raise ConfigError(
                 f"config file {args.config} has [{'], ['.join(held)}] and none of the sections "
                 f"piadm {args.command} reads ([{'], ['.join(wanted)}]): give a config for "

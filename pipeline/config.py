@@ -196,8 +196,8 @@ def read_toml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found: pass an existing TOML file")
     data = path.read_bytes()
-    try:
-        return tomllib.loads(data.decode("utf-8"))
+    try:  # utf-8-sig: a byte-order mark some editors write first is not TOML's to read
+        return tomllib.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as err:  # TOML is UTF-8: an editor's Latin-1 comment is not
         line = data.count(b"\n", 0, err.start) + 1
         raise ConfigError(f"config file {path} is not UTF-8: byte {err.start} (line {line}) is "

@@ -147,6 +147,25 @@ def test_a_config_not_in_utf8_is_named_with_its_byte(tmp_path, capsys, command):
         load_config(latin)
 
 
+def test_a_byte_order_mark_an_editor_wrote_is_read_past(tmp_path):
+    from pipeline.api import load_config
+
+    marked = tmp_path / "marked.toml"
+    marked.write_bytes("\ufeff[ensemble]\nmembers = 4\n".encode("utf-8"))
+    assert load_config(marked).ensemble.members == 4
+
+
+def test_a_key_outside_every_section_is_named_as_a_key(tmp_path, capsys):
+    # the command's own check called it a section: "has [steps] and none of the sections"
+    loose = tmp_path / "loose.toml"
+    loose.write_text("steps = 3\n")
+    assert main(["sample", str(loose)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "piadm: error: config: key 'steps' is outside every section: put it under [sampler] "
+        "or [train] (valid sections: model, sampler, ensemble, input, output, parallel, data, "
+        "train, bench, calibrate)")
+
+
 def test_a_config_that_is_a_directory_says_so(tmp_path, capsys):
     assert main(["config", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (
