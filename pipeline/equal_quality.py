@@ -24,7 +24,7 @@ from pipeline.config import ConfigError
 from pipeline.console import print0
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
 from pipeline.run import sampler_grid, sampler_options
-from pipeline.samplers import REFERENCE
+from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import Config
 
 MOST_STEPS = 8192  # the search gives up past this many steps
@@ -308,5 +308,5 @@ def summary(rows: list[dict], quality: float, name: str = "W2") -> str:
 
 def calls_per_step(method: str) -> int:
     """Model calls a sequential reference makes per step (Heun: two)."""
-    return 2 if method == "edm-heun" else 1
+    return REGISTRY[method].calls_per_step
 

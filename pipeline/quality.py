@@ -22,14 +22,14 @@ from models.emulate import Emulated
 from models.grf import GaussianRandomField, _full_weights, target_spectrum
 from pipeline.grids import Grid
 from pipeline.noise import Noise
-from pipeline.samplers import SAMPLERS, Options
+from pipeline.samplers import REGISTRY, SAMPLERS, Options
 
 # sequential samplers with no noise after the prior draw: linear maps, fixed by their gains (a
 # parallel sampler that stops on a tolerance is not linear: when it stops depends on its input)
-DETERMINISTIC = ("sequential-ode", "dpmpp-2m", "edm-heun")
+DETERMINISTIC = tuple(m for m, entry in REGISTRY.items() if entry.linear == "prior")
 # sequential samplers that draw step noise with Noise.path, and nothing else: linear in it too
 # (as is edm-heun with churn)
-STOCHASTIC = ("sequential-sde", "dpmpp-2m-sde")
+STOCHASTIC = tuple(m for m, entry in REGISTRY.items() if entry.linear == "path")
 
 
 def draws_noise(method: str, options: Options = Options()) -> bool:

@@ -37,6 +37,10 @@ class Registered:
     the sampler's
     way to its path changes (its rounds, calls and the tolerance a calibration finds), so
     that cached calibrations and planner profiles of the old one are measured again.
+    linear: for a sequential sampler, what its output is a linear map of on a linear (Gaussian)
+    score: ``"prior"`` (the prior draw alone), ``"path"`` (the prior and its step noise); ""
+    for one whose stopping rule makes it depend otherwise (``pipeline.quality``'s exact W2).
+    calls_per_step: model calls a sequential sampler makes a step (Heun: two).
     """
 
     target: str
@@ -49,6 +53,8 @@ class Registered:
     state: float = 0.0
     revision: int = 1
     default_window: int = 0  # the window's points when sampler.window is 0 (windowed only)
+    linear: str = ""
+    calls_per_step: int = 1
 
     def load(self):
         module, name = self.target.split(":")
@@ -82,12 +88,17 @@ class Registered:
 
 _SDE, _ODE = "sequential-sde", "sequential-ode"
 REGISTRY = {
-    "sequential-sde": Registered("pipeline.samplers.sequential:sequential_sde", _SDE, state=1),
-    "sequential-ode": Registered("pipeline.samplers.sequential:sequential_ode", _ODE),
+    "sequential-sde": Registered("pipeline.samplers.sequential:sequential_sde", _SDE, state=1,
+                                 linear="path"),
+    "sequential-ode": Registered("pipeline.samplers.sequential:sequential_ode", _ODE,
+                                 linear="prior"),
     # second-order sequential solvers, each its own reference (highorder.py)
-    "dpmpp-2m": Registered("pipeline.samplers.highorder:dpmpp_2m", "dpmpp-2m"),
-    "dpmpp-2m-sde": Registered("pipeline.samplers.highorder:dpmpp_2m_sde", "dpmpp-2m-sde"),
-    "edm-heun": Registered("pipeline.samplers.highorder:edm_heun", "edm-heun"),
+    "dpmpp-2m": Registered("pipeline.samplers.highorder:dpmpp_2m", "dpmpp-2m", linear="prior"),
+    "dpmpp-2m-sde": Registered("pipeline.samplers.highorder:dpmpp_2m_sde", "dpmpp-2m-sde",
+                               linear="path"),
+    # its churn's noise is drawn along the path as well (pipeline.quality.draws_noise)
+    "edm-heun": Registered("pipeline.samplers.highorder:edm_heun", "edm-heun", linear="prior",
+                           calls_per_step=2),
     "dpmpp-2m-window": Registered("pipeline.samplers.highorder:dpmpp_2m_window", "dpmpp-2m",
                                   needs_tol=True, whole_path=True, state=8),
     "piadm-sde": Registered("pipeline.samplers.picard:piadm_sde", _SDE, blocked=True, state=10),
