@@ -617,13 +617,12 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
             failed: Exception | None = None):
     world, slices = ranks.world, ranks.slices
     world.barrier(idle=True)  # groups done early sleep: others on the node may need its cores
-    lead = slices.rank == 0
-    local = torch.tensor([float(tally.stopped), float(sum(tally.rounds)),
-                          tally.calls if lead else 0.0, float(tally.count) if lead else 0.0,
-                          float(max(tally.rounds, default=0)), float(failed is not None),
-                          float(tally.fallbacks) if lead else 0.0],
-                         dtype=torch.float64)
-    peak, total = world.allreduce_max(local), world.allreduce_sum(local)
+    lead = slices.rank == 0  # a group's counts once, from its lead
+    local = _packed(stopped=tally.stopped, rounds=sum(tally.rounds),
+                    calls=tally.calls if lead else 0, written=tally.count if lead else 0,
+                    batch_rounds=max(tally.rounds, default=0), failed=failed is not None,
+                    fallbacks=tally.fallbacks if lead else 0)
+    peak, total = _unpacked(world.allreduce_max(local)), _unpacked(world.allreduce_sum(local))
     if failed is not None:  # the members written before it stay done: a rerun finishes
         if isinstance(failed, OSError) and not isinstance(failed, StoreExists):
             # a full disk or a lost mount says neither which store nor what is kept
@@ -635,12 +634,12 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
             said.errno = failed.errno
             raise said from failed
         raise failed
-    if peak[5] > 0:
+    if peak["failed"] > 0:
         raise WriteFailed("a write failed on another rank of this run (its error is printed "
                           "there); the members written before it are kept: fix the cause and "
                           "rerun to finish", collective=True)
-    preempted = bool(peak[0] > 0)
-    written = int(total[3])
+    preempted = bool(peak["stopped"] > 0)
+    written = int(total["written"])
     note = (f"piadm stopped by a signal after {written} members" if preempted
             else f"piadm wrote {written} members")
     if skipped:  # a rerun says what it found, so a line of 0 is not read as a lost run
@@ -653,7 +652,23 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
     on_rank0(world, _finalize_alone, spec.path, note, job)
     write_s = writer.busy if writer is not None else 0.0
     wait_s = writer.waited if writer is not None else 0.0
-    return Summary(spec.path, written, skipped, int(peak[1]), int(peak[4]),
-                   float(total[2]) / max(written, 1),
+    return Summary(spec.path, written, skipped, int(peak["rounds"]), int(peak["batch_rounds"]),
+                   total["calls"] / max(written, 1),
                    time.perf_counter() - tally.start, write_s, wait_s, preempted,
-                   int(total[6]))
+                   int(total["fallbacks"]))
+
+
+# What the ranks agree on as a run ends, reduced in one tensor by max and by sum: whether
+# any stopped, rounds (a rank's batches' sum, and its largest batch's), model calls, members
+# written, a failure, fallbacks to sequential steps
+_AGREED = ("stopped", "rounds", "calls", "written", "batch_rounds", "failed", "fallbacks")
+
+
+def _packed(**values) -> torch.Tensor:
+    """``values`` (every name of ``_AGREED``) as one float64 tensor, in that order."""
+    return torch.tensor([float(values[name]) for name in _AGREED], dtype=torch.float64)
+
+
+def _unpacked(reduced: torch.Tensor) -> dict[str, float]:
+    """A reduced ``_packed`` tensor by name."""
+    return dict(zip(_AGREED, reduced.tolist()))
