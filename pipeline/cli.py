@@ -253,6 +253,8 @@ def _output_file(flag: str, path: str | None, name: str = "bench.json") -> None:
         return
     from pipeline.store import enclosing_store
 
+    if not path.strip():  # Path("") is the working folder, "a directory"
+        raise ConfigError(f"{flag} is empty: give a file path, e.g. {name}", collective=True)
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{flag} {path} is a directory: give a file path, e.g. {p / name}",

@@ -47,11 +47,12 @@ def test_bench_figure_formats_are_what_matplotlib_saves():
                "{tmp}/a.zarr/bench.json"),
     ("afile.txt/b.json", "--json {tmp}/afile.txt/b.json: {tmp}/afile.txt is a file, so no "
                          "folder can be made there"),
+    ("", "--json is empty: give a file path, e.g. bench.json"),
 ])
 def test_bench_refuses_a_json_path_it_cannot_write(tmp_path, capsys, json_path, message):
     (tmp_path / "a.zarr").mkdir()
     (tmp_path / "afile.txt").write_text("x")
-    assert _bench("--json", str(tmp_path / json_path)) == 2
+    assert _bench("--json", str(tmp_path / json_path) if json_path else "") == 2
     assert message.format(tmp=tmp_path) in _one_error(capsys)
 
 
