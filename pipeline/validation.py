@@ -173,6 +173,8 @@ def _check_sampler(s: SamplerConfig) -> None:
            f"= {s.u_max} must be a finite number <= {U_MAX:g}: larger ones overflow a float32 "
            f"state (at 150 already) and add nothing (e^{{-u}} = {math.exp(-U_MAX):.0e} of the data "
            f"is left at 100); the default is {SamplerConfig.u_max:g}")
+    _check(s.u_max > 0, "sampler.u_max", f"= {s.u_max} must be > 0: the noise level sampling "
+           f"starts from (the default is {SamplerConfig.u_max:g})")
     _check(math.isfinite(s.u_min) and 0 < s.u_min < s.u_max, "sampler.u_min",
            f"= {s.u_min} must be > 0 and below sampler.u_max = {s.u_max}")
     _check(s.knee > 0, "sampler.knee", f"= {s.knee} must be > 0")
