@@ -21,6 +21,7 @@ from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataCon
 # model, 1000 steps), while every sampler, grid and dtype samples finite fields at 100. No
 # data is left there to sample from: e^{-100} = 4e-44.
 U_MAX = 100.0
+MAX_COMPONENTS = 1 << 16  # model.components: 1e8 ran out of memory, not naming the key
 INT64_MAX = 2**63 - 1  # the largest count numpy and dask take for the store's member axis
 # A path's time grid and its samplers' per-step tables are float64 arrays of steps + 1 (a
 # window's tables a few more): 10^8 steps is about 8 GB of them, where samplers take 10 to 10^4
@@ -73,7 +74,9 @@ def _check_model(m: ModelConfig) -> None:
            f"= {m.slope} must be a number in [0, 100] (the spectrum's power-law decay)")
     _check(finite(m.length) and 0 < m.length <= 1e6, "model.length",
            f"= {m.length} must be a number in (0, 1e6] (grid points)")
-    _check(m.components >= 1, "model.components", f"= {m.components} must be >= 1")
+    _check(1 <= m.components <= MAX_COMPONENTS, "model.components",
+           f"= {m.components} must be in [1, {MAX_COMPONENTS}] (a mixture's modes: its score "
+           "weighs every one for every field of every call)")
     _check(finite(m.spread) and 0 <= m.spread <= 1e6, "model.spread",
            f"= {m.spread} must be a number in [0, 1e6] (mode widths)")
     _check(finite(m.std) and 1e-6 <= m.std <= 1e6, "model.std",

@@ -38,6 +38,7 @@ def _small(tmp_path, **extra):
     ("sampler.u_max", 1e10, "sampler.u_max = 10000000000.0 must be a finite number <= 100"),
     ("sampler.u_min", float("nan"), "sampler.u_min = nan must be > 0"),
     ("sampler.u_max", -1.0, "sampler.u_max = -1.0 must be > 0: the noise level sampling starts"),
+    ("model.components", 10**8, "model.components = 100000000 must be in [1, 65536]"),
     ("ensemble.members", 10**23, "ensemble.members = 100000000000000000000000 is more than the "
                                  "store's int64 index holds: use at most 9223372036854775807"),
     ("ensemble.batch_size", 2**63, "ensemble.batch_size = 9223372036854775808 is more than"),
