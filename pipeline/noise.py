@@ -81,17 +81,14 @@ def standard_normal(key: int, stream: int, index: Index, shape: Sequence[int]) -
     return gen.standard_normal(tuple(shape))
 
 
-def _draw_keys(keys: Sequence[int], stream: int, indices: Sequence[Index]) -> np.ndarray:
-    """Philox keys (len(keys), len(indices), 2) of ``standard_normal``'s draws."""
-    spawns = [words(_spawn(stream, idx)) for idx in indices]
-    if len(keys) * len(indices) < _VECTOR_DRAWS or len({len(w) for w in spawns}) > 1:
-        return np.array([[np.random.SeedSequence(k, spawn_key=_spawn(stream, idx))
-                          .generate_state(2, np.uint64) for idx in indices] for k in keys],
-                        dtype=np.uint64).reshape(len(keys), len(indices), 2)
-    b, n = len(keys), len(indices)
-    flat = philox_keys(np.repeat(np.asarray(keys, dtype=np.uint64), n),
-                       np.tile(np.asarray(spawns, dtype=np.uint32), (b, 1)))
-    return flat.reshape(b, n, 2)
+def _draw_keys(keys: Sequence[int], spawns: Sequence[tuple[int, ...]]) -> np.ndarray:
+    """Philox keys (N, 2) of ``standard_normal``'s draws of member seeds ``keys`` with spawn
+    keys ``spawns`` ((stream, *index), one each)."""
+    spawn_words = [words(spawn) for spawn in spawns]
+    if len(keys) < _VECTOR_DRAWS or len({len(w) for w in spawn_words}) > 1:
+        return np.array([np.random.SeedSequence(k, spawn_key=spawn).generate_state(2, np.uint64)
+                         for k, spawn in zip(keys, spawns)], dtype=np.uint64).reshape(-1, 2)
+    return philox_keys(np.asarray(keys, dtype=np.uint64), np.asarray(spawn_words, dtype=np.uint32))
 
 
 def _normal(key: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -141,38 +138,40 @@ class Noise:
             raise ValueError(f"noise source {self.source!r}: use one of {', '.join(SOURCES)}")
 
     def _draw(self, stream: int, rows: Sequence[int], indices: Sequence[Index]) -> torch.Tensor:
+        """Draws (len(rows), len(indices), *shape) of batch rows ``rows`` at ``indices``."""
+        pairs = [(b, idx) for b in rows for idx in indices]
+        return self._draws(stream, pairs).reshape(len(rows), len(indices), *self.shape)
+
+    def _draws(self, stream: int, pairs: Sequence[tuple[int, Index]]) -> torch.Tensor:
+        """Draws (len(pairs), *shape) of (batch row, index) ``pairs``."""
         seeds = self.member_seeds()
-        keys = [seeds[b] for b in rows]
+        keys = [seeds[b] for b, _ in pairs]
         if self.source == "device":
-            return self._device_draw(stream, keys, indices)
+            return self._device_draws(stream, keys, [idx for _, idx in pairs])
         # Cast to the working dtype on the host: the same rounding as torch's, and half the bytes
         # to copy to a GPU. Draws are independent, so threads fill them in any order.
         host = np.float32 if self.dtype == torch.float32 else np.float64
-        out = np.empty((len(rows), len(indices), *self.shape), dtype=host)
-        philox = _draw_keys(keys, stream, indices)
+        out = np.empty((len(pairs), *self.shape), dtype=host)
+        philox = _draw_keys(keys, [_spawn(stream, idx) for _, idx in pairs])
 
-        def fill(pairs: list[tuple[int, int]]) -> None:
-            for i, j in pairs:
-                out[i, j] = _normal(philox[i, j], self.shape)
+        def fill(share: range) -> None:
+            for n in share:
+                out[n] = _normal(philox[n], self.shape)
 
-        pairs = [(i, j) for i in range(len(keys)) for j in range(len(indices))]
         workers = _workers()
         if workers > 1 and len(pairs) > 1 and out.size >= _THREADED_SIZE:
             # a share a thread: a task per draw costs more than a small draw
-            list(_pool().map(fill, [pairs[w::workers] for w in range(workers)]))
+            list(_pool().map(fill, [range(w, len(pairs), workers) for w in range(workers)]))
         else:
-            fill(pairs)
+            fill(range(len(pairs)))
         return torch.from_numpy(out).to(device=self.device, dtype=self.dtype)
 
-    def _device_draw(self, stream: int, keys: list[int], indices: Sequence[Index]) -> torch.Tensor:
-        out = torch.empty((len(keys), len(indices), *self.shape), dtype=self.dtype,
-                          device=self.device)
+    def _device_draws(self, stream: int, keys: list[int], indices: Sequence[Index]) -> torch.Tensor:
+        out = torch.empty((len(keys), *self.shape), dtype=self.dtype, device=self.device)
         gen = torch.Generator(device=out.device)
-        for i, key in enumerate(keys):
-            for j, idx in enumerate(indices):
-                gen.manual_seed(draw_seed(key, stream, idx))
-                out[i, j] = torch.randn(self.shape, generator=gen, dtype=self.dtype,
-                                        device=out.device)
+        for n, (key, idx) in enumerate(zip(keys, indices)):
+            gen.manual_seed(draw_seed(key, stream, idx))
+            out[n] = torch.randn(self.shape, generator=gen, dtype=self.dtype, device=out.device)
         return out
 
     def subset(self, rows: Sequence[int]) -> "Noise":
@@ -188,6 +187,11 @@ class Noise:
         """xi_j for global steps j in [lo, hi), (B, hi - lo, *shape)."""
         rows = range(len(self.keys)) if rows is None else rows
         return self._draw(PATH, rows, range(lo, hi))
+
+    def path_at(self, rows: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
+        """xi_j of step ``steps[i]`` for batch row ``rows[i]``, (len(rows), *shape): a window's
+        scattered new points in one call rather than one a row or a point."""
+        return self._draws(PATH, list(zip(rows, steps)))
 
     def corrector(self, block: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Corrector start velocity (B, *shape) and Brownian increments (B, hi - lo, *shape)."""

@@ -192,6 +192,23 @@ def test_draws_are_the_definitions_whether_hashed_one_by_one_or_at_once(members,
         assert torch.equal(v0[b], torch.from_numpy(np.asarray(want)).to(dtype))
 
 
+@pytest.mark.parametrize("source", SOURCES)
+def test_scattered_points_drawn_at_once_are_each_points_own_draw(source):
+    # a window's new points: another step for each row, several for some, none for others
+    n = noise(source=source, keys=tuple((0, m) for m in range(6)))
+    rows, steps = [0, 0, 3, 5, 5, 5, 2], [4, 9, 0, 7, 8, 30, 4]
+    together = n.path_at(rows, steps)
+    for k, (r, j) in enumerate(zip(rows, steps)):
+        assert torch.equal(together[k], n.path(j, j + 1, [r])[0, 0])
+    assert n.path_at([], []).shape == (0, *SHAPE)
+    many = Noise(5, tuple((0, m) for m in range(8)), SHAPE, F64)  # 40 points: hashed at once
+    rows = [r for r in range(8) for _ in range(5)]
+    steps = [3 * r + k for r in range(8) for k in range(5)]
+    for k, point in enumerate(many.path_at(rows, steps)):
+        want = standard_normal(member_seed(5, 0, rows[k]), PATH, steps[k], SHAPE)
+        assert torch.equal(point, torch.from_numpy(want))
+
+
 def test_draws_shared_among_threads_are_the_definitions(monkeypatch):
     from pipeline import noise as noise_module
 

@@ -275,10 +275,13 @@ def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e, upto, t: Tables, noise: N
     if noise is None:
         return states, xi
     k = e[:, None] + np.arange(depth - 1)[None]
+    rows, cols = [], []  # every row's steps e .. min(e + upto, n - 1), drawn in one call
     for r in range(batch):
-        lo, hi = int(e[r]), min(int(e[r] + upto[r]) + 1, n)
-        if lo < hi:
-            xi[r, : hi - lo] = noise.path(lo, hi, [r])[0]
+        count = max(0, min(int(e[r] + upto[r]) + 1, n) - int(e[r]))
+        rows += [r] * count
+        cols += range(count)
+    if rows:
+        xi[rows, cols] = noise.path_at(rows, [int(e[r]) + c for r, c in zip(rows, cols)]).to(xi)
     # the noise's part has no closed form as cheap: the steps' own draws, accumulated in place
     a = per_point(torch.from_numpy(t.alpha[k]), xi).unbind(1)
     c = per_point(torch.from_numpy(t.noise[k]), xi).unbind(1)

@@ -37,9 +37,15 @@ def _fill(states, xi, freed, chain, e, y_end, noise: Noise | None, n: int):
     window's end state ``y_end`` (B, *S) and, for the SDE, the keyed noise of that step."""
     states = torch.where(point_mask(freed, states), y_end[:, None], states)
     if noise is not None:
-        for r, col in freed.nonzero().tolist():
-            step = int(e[r] + chain[r, col])
-            xi[r, col] = noise.path(step, step + 1, [r])[0, 0] if step < n else 0.0
+        points = freed.nonzero().tolist()
+        steps = [int(e[r] + chain[r, col]) for r, col in points]
+        for (r, col), step in zip(points, steps):
+            if step >= n:
+                xi[r, col] = 0.0
+        drawn = [(point, step) for point, step in zip(points, steps) if step < n]
+        if drawn:  # one call for the round's new points
+            rows, cols = zip(*(point for point, _ in drawn))
+            xi[list(rows), list(cols)] = noise.path_at(rows, [step for _, step in drawn]).to(xi)
     return states, xi
 
 
