@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import types
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,7 +46,7 @@ class SerialComm:
     """A one-rank communicator: every collective is the identity (or zero for exscan)."""
 
     rank, size, seconds = 0, 1, 0.0
-    tally: dict = {}  # one rank talks to no one
+    tally = types.MappingProxyType({})  # one rank talks to no one (read-only: shared)
     calls = marker = None
     poll_s = None  # nothing to wait for
 
