@@ -591,8 +591,6 @@ def explain(err: Exception, sets: Sequence[str] = ()) -> str:
             "may write there and that its disk has space")
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one command. An error every rank raised together exits 2 on all of them; any other
     error under MPI aborts the whole job, so no rank waits forever in a collective."""

@@ -7,6 +7,7 @@ in TOML syntax; bare words are strings), rejects unknown keys and bad values wit
 from __future__ import annotations
 
 import dataclasses
+import codecs
 import datetime
 import hashlib
 import json
@@ -195,13 +196,15 @@ def read_toml(path: str | Path) -> dict:
                           "e.g. jobs/configs/grf.toml")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found: pass an existing TOML file")
-    data = path.read_bytes()
-    try:  # utf-8-sig: a byte-order mark some editors write first is not TOML's to read
-        return tomllib.loads(data.decode("utf-8-sig"))
+    raw = path.read_bytes()
+    data = raw.removeprefix(codecs.BOM_UTF8)  # some editors write one first: not TOML's
+    try:
+        return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:  # TOML is UTF-8: an editor's Latin-1 comment is not
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ConfigError(f"config file {path} is not UTF-8: byte {err.start} (line {line}) is "
-                          f"0x{data[err.start]:02x}: save the file as UTF-8") from None
+        at = err.start + len(raw) - len(data)  # counted in the file, its mark included
+        line = raw.count(b"\n", 0, at) + 1
+        raise ConfigError(f"config file {path} is not UTF-8: byte {at} (line {line}) is "
+                          f"0x{raw[at]:02x}: save the file as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
     except ValueError as err:  # an integer of more digits than Python converts

@@ -33,7 +33,7 @@ from pipeline.errors import OutOfMemory, WriteFailed, naming
 from pipeline.inputs import (Items, label_text, open_items, renamed_attrs, same_fingerprint,
                              unconditional)
 from pipeline.identity import growth, store_digests, target_fate
-from pipeline.layout import RankGrid, rank_grid
+from pipeline.layout import RankGrid, machine_kind, rank_grid
 from pipeline.memory import field_bytes, is_out_of_memory, ranks_sharing
 from pipeline.memory_check import check_memory, round_points
 from pipeline.noise import Noise
@@ -237,8 +237,10 @@ def check_output(cfg: Config, items: Items | None = None) -> str:
         check_writable(cfg.output.path)
     if fate in ("create", "replace", "grow"):  # before a typo's store fills the disk
         one = field_bytes(tuple(cfg.model.shape), DTYPES[cfg.sampler.dtype])
-        check_room(cfg.output.path, one,
-                   (1 if items is None else len(items.labels)) * cfg.ensemble.members)
+        count = 1 if items is None else len(items.labels)
+        held = done_members(cfg.output.path).shape[1] if fate == "grow" else 0
+        check_room(cfg.output.path, one, count * cfg.ensemble.members, held=count * held,
+                   replaced=fate == "replace")
     if fate == "replace":
         check_idle(cfg.output.path)
     if fate == "upgrade":
@@ -413,9 +415,10 @@ def _start_up(cfg: Config, model, world, stop, device,
         return None
     if stop_agreed(world, stop):
         return None
+    made_on = {"made_on": f"{torch.device(device).type}: {machine_kind(device)}"}
     with naming(cfg.output.path):  # a full disk met making it names no file
         spec, state = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),
-                               getattr(model, "variable", None), tol, attrs,
+                               getattr(model, "variable", None), tol, {**attrs, **made_on},
                                getattr(model, "grid", {}), field_scale(model, *stats[:2]))
     return spec, state, tol
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -160,3 +161,21 @@ def place_rank(world, threads: int = 0, field_points: int = 0, keep_freed: bool 
     if keep_freed:
         keep_freed_memory()
     return choose_device(local_rank)
+
+
+def machine_kind(device) -> str:
+    """The accelerator's or the CPU's model name and the torch threads: what a planner
+    profile's times depend on beyond the config (so that a cache shared by a login node and
+    compute nodes of other kinds is not read across them), and a store's ``made_on``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as info:
+                name = next((line.split(":", 1)[1].strip() for line in info
+                             if line.startswith("model name")), name)
+        except OSError:
+            pass
+    return f"{name} x{torch.get_num_threads()}"

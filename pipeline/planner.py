@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pipeline.cache import cache_path, read_cache, update_cache
 from pipeline.calibrate import CALIBRATION_ITEM, CANNOT_CALIBRATE, calibration_key, resolve_tol
 from pipeline.config import ConfigError, with_settings
 from pipeline.identity import growth
-from pipeline.layout import cpu_threads
+from pipeline.layout import cpu_threads, machine_kind
 from pipeline.memory import (available_bytes, field_bytes, format_bytes, is_out_of_memory,
                              ranks_sharing, sampler_floor)
 from pipeline.noise import Noise
@@ -205,24 +204,6 @@ def _profile_file():
     return cache_path("profiles.json")
 
 
-def machine_kind(device) -> str:
-    """What a profile's host and device times depend on beyond the config: the accelerator's
-    or the CPU's model name and the torch threads, so that a cache shared by a login node and
-    compute nodes of other kinds (one home folder) is not read across them."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as info:
-                name = next((line.split(":", 1)[1].strip() for line in info
-                             if line.startswith("model name")), name)
-        except OSError:
-            pass
-    return f"{name} x{torch.get_num_threads()}"
-
-
 def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: int,
              members: int = 1):
     """(Stats, host seconds a round, (points, count) of its model calls, wall seconds) of
@@ -255,9 +236,10 @@ def _host_growth(cfg: Config, model, method: str, param: int, tol, device, batch
     from pipeline.run import DTYPES
 
     members = min(batch, int(GROWTH_SECONDS // max(wall, 1e-9)))
-    room = available_bytes(torch.device(device))
-    one = sampler_floor(method, param or 1, 1, field_bytes(tuple(model.shape),
-                                                           DTYPES[cfg.sampler.dtype]))
+    device = torch.device(device)
+    room = available_bytes(device)
+    one = sampler_floor(method, _state_points(cfg, param), 1,
+                        field_bytes(tuple(model.shape), DTYPES[cfg.sampler.dtype]))
     if room is not None:  # half of what is free: the model's own calls need room too
         members = min(members, room[0] // (2 * max(1, one)))
     if members < min(batch, GROWTH_LEAST) or members < 2 or host <= 0:
@@ -268,7 +250,16 @@ def _host_growth(cfg: Config, model, method: str, param: int, tol, device, batch
         if not is_out_of_memory(err):
             raise
         return 1, 1.0  # the plan's own memory check weighs the layouts (_fitting)
+    finally:
+        if device.type == "cuda":  # else the cache it leaves reads as used to later checks
+            torch.cuda.empty_cache()
     return members, max(1.0, many / host)
+
+
+def _state_points(cfg: Config, param: int) -> int:
+    """The points a member's sampler state holds at window or block ``param`` (0: a
+    sequential sampler, which holds a block's noise at a time)."""
+    return param or min(cfg.sampler.block_size, cfg.sampler.steps)
 
 
 def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: int,
@@ -497,10 +488,9 @@ def _fitting(cfg: Config, pairs, device, machine: Machine, gpus_per_node: int, s
         return pairs
     s = cfg.sampler
     one = field_bytes(shape, DTYPES[s.dtype])
-    points = lambda lay: lay.param or min(s.block_size, s.steps)  # noqa: E731
     fits = [(lay, p) for lay, p in pairs if sampler_floor(
-        lay.method, points(lay), lay.batch, one, 1 if lay.replicated else lay.time_slices)
-        <= room[0]]
+        lay.method, _state_points(cfg, lay.param), lay.batch, one,
+        1 if lay.replicated else lay.time_slices) <= room[0]]
     where = f"{format_bytes(room[0])} {room[1]} per rank"
     fewer = f"run fewer than {sharing} ranks a node, or " if sharing > 1 else ""
     if not fits:

@@ -5,9 +5,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import platform
 import time
 from dataclasses import dataclass
+from importlib import metadata
 
+import numpy as np
 import torch
 
 from pipeline import __version__
@@ -163,6 +166,10 @@ def provenance(cfg: Config) -> dict:
         "sampler_seed": s.seed,
         "sampler_noise": s.noise,
         "torch_version": torch.__version__,  # device noise depends on it
+        "numpy_version": np.__version__,  # host noise: numpy's Philox and normal sampler
+        "python_version": platform.python_version(),
+        **{f"{name}_version": _installed(name) for name in ("zarr", "xarray", "mpi4py")},
+        "sampler_revision": REGISTRY[s.method].revision,  # cached tolerances follow it too
         "model_kind": cfg.model.kind,
         "model_sha256": model_digest(cfg),
         **_network_provenance(cfg.model),
@@ -171,6 +178,14 @@ def provenance(cfg: Config) -> dict:
         "denoised": int(s.denoise_final),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _installed(name: str) -> str:
+    """The installed version of distribution ``name``, or "" where it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 # the attribute of the hash of the file that defines a module model (models.module.source_digest)

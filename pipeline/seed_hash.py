@@ -29,6 +29,8 @@ def words(values: Sequence[int]) -> list[int]:
     significant first, and one zero word for 0."""
     out = []
     for v in values:
+        if v < 0:  # SeedSequence refuses them too (and shifting one right never ends)
+            raise ValueError(f"a spawn key holds {v}: expected non-negative integers")
         out.append(v & _MASK)
         v >>= 32
         while v:

@@ -165,7 +165,7 @@ def _now() -> str:
 def enclosing_store(path: str | Path) -> Path | None:
     """The Zarr store that ``path`` would lie inside, or None: a file or store written there
     would be taken for part of that store, and lost when it is replaced."""
-    folder = Path(path).parent.absolute()
+    folder = Path(os.path.abspath(path)).parent  # "a.zarr/../b.json" lies outside a.zarr
     return next((p for p in (folder, *folder.parents)
                  if (p / "zarr.json").is_file() or (p / ".zgroup").is_file()), None)
 

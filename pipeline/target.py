@@ -109,23 +109,33 @@ def check_writable(path: str | Path) -> None:
 ROOM_FACTOR = 2.0
 
 
-def check_room(path: str | Path, field_bytes: int, fields: int) -> None:
+def check_room(path: str | Path, field_bytes: int, fields: int, *, held: int = 0,
+               replaced: bool = False) -> None:
     """Raise ConfigError when ``fields`` fields of ``field_bytes`` bytes (the store's items x
     members) would need more than ``ROOM_FACTOR`` times the free space of the disk that
-    ``path`` is to be made on."""
+    ``path`` is on: less the ``held`` fields a grown store has written already, and with the
+    bytes of a ``replaced`` store (deleted before a field is written) counted free."""
     from pipeline.errors import ConfigError
     from pipeline.memory import format_bytes
 
     folder = Path(path).parent.absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    needed = field_bytes * fields
+    free = shutil.disk_usage(existing).free + (_bytes_under(path) if replaced else 0)
+    needed = field_bytes * (fields - held)
     if needed > ROOM_FACTOR * free:
         raise ConfigError(
-            f"ensemble.members: the store at output.path {path} would hold {fields} fields, "
-            f"{format_bytes(needed)} before compression, where {existing} has "
-            f"{format_bytes(free)} free: lower ensemble.members (or select fewer items), or "
+            f"ensemble.members: the store at output.path {path} would hold {fields} fields "
+            f"({fields - held} to write), {format_bytes(needed)} before compression, where "
+            f"{existing} has {format_bytes(free)} free"
+            f"{' with the store it replaces' if replaced else ''}: lower ensemble.members (or "
+            "select fewer items), or "
             "choose an output.path on a disk with room")
+
+
+def _bytes_under(path: str | Path) -> int:
+    """The bytes of the files under the folder ``path``."""
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names)
 
 
 def upgrade_identity(path: str | Path, legacy: str, digest: str, *, plan: str | None = None,

@@ -278,11 +278,12 @@ def _check_numbers(cfg: Config) -> None:
                 _check(0 <= value <= INT64_MAX, key, f"= {value} must be in [0, {INT64_MAX}]")
             # a path's "~": zarr expands it (to $HOME) and the rest of piadm does not, so a
             # store was drafted in $HOME and then looked for in a folder named "~"
-            _check(not any(isinstance(v, str) and (v == "~" or v.startswith(("~/", "~\\")))
-                           for v in numbers), key,
+            tilde = [v for v in numbers
+                     if isinstance(v, str) and (v == "~" or v.startswith(("~/", "~\\")))]
+            _check(not tilde, key,
                    f"= {value!r} starts with '~', which piadm does not expand (a TOML file is "
                    "not a shell): write the path out, e.g. "
-                   f"{os.path.expanduser('~')}{str(numbers[0])[1:] if numbers else ''}")
+                   f"{os.path.expanduser('~')}{tilde[0][1:] if tilde else ''}")
 
 
 def validate(cfg: Config) -> None:

@@ -71,6 +71,10 @@ def test_a_json_or_figure_inside_a_zarr_store_is_refused_and_the_store_kept(
     assert f"{flag} {target} is inside the Zarr store {store}: give a path outside it" in (
         _one_error(capsys))
     assert json.loads((store / "zarr.json").read_text())["node_type"] == "group"
+    if flag == "--json":  # beside the store, by way of "..": written, the store kept
+        beside = store / ".." / "beside.json"
+        assert main([*command, flag, str(beside)]) == 0 and (tmp_path / "beside.json").is_file()
+        assert json.loads((store / "zarr.json").read_text())["node_type"] == "group"
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")

@@ -70,6 +70,9 @@ def test_version_and_the_installed_entry_point():
      "output.path = '~/x.zarr' starts with '~', which piadm does not expand"),
     (["generate-data", "jobs/configs/kolmogorov.toml", "--set", 'data.path="~/d.zarr"'],
      "data.path = '~/d.zarr' starts with '~'"),
+    (["sample", "jobs/configs/grf.toml", "--set", 'input.items=["2020", "~/x"]'],
+     "input.items = ('2020', '~/x') starts with '~', which piadm does not expand (a TOML file "
+     f"is not a shell): write the path out, e.g. {Path.home()}/x"),
     (["sample", "jobs/configs/grf.toml", "--set", 'output.path=" "'],
      "output.path must not be empty"),
     # a forcing the grid cannot resolve folds back onto a low wavenumber
@@ -153,6 +156,9 @@ def test_a_byte_order_mark_an_editor_wrote_is_read_past(tmp_path):
     marked = tmp_path / "marked.toml"
     marked.write_bytes("\ufeff[ensemble]\nmembers = 4\n".encode("utf-8"))
     assert load_config(marked).ensemble.members == 4
+    marked.write_bytes(b"\xef\xbb\xbf[ensemble]\n# caf\xe9\n")  # a Latin-1 byte after the mark
+    with pytest.raises(ConfigError, match=r"byte 19 \(line 2\) is 0xe9"):  # counted in the file
+        load_config(marked)
 
 
 def test_a_key_outside_every_section_is_named_as_a_key(tmp_path, capsys):

@@ -209,6 +209,13 @@ def test_scattered_points_drawn_at_once_are_each_points_own_draw(source):
         assert torch.equal(point, torch.from_numpy(want))
 
 
+def test_a_negative_index_is_refused_as_numpy_refuses_it():
+    # shifting a negative int right never reaches 0: the word split looped until memory ran out
+    for rows in (1, 40):
+        with pytest.raises(ValueError, match="non-negative"):
+            Noise(0, tuple((0, m) for m in range(rows)), (2, 2)).path(-1, 0)
+
+
 def test_draws_shared_among_threads_are_the_definitions(monkeypatch):
     from pipeline import noise as noise_module
 

@@ -625,8 +625,34 @@ def test_a_store_far_larger_than_its_disk_is_refused_before_anything_is_written(
                  *(["--dry-run"] if dry else [])]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("piadm: error: ensemble.members: the store at output.path") and (
-        "would hold 1000 fields, 0.2 MiB before compression" in err
+        "would hold 1000 fields (1000 to write), 0.2 MiB before compression" in err
         and "has 0.1 MiB free" in err), err
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(target.shutil, "disk_usage", lambda path: usage(10**6, 0, 2 * 10**5))
     assert main(["sample", "jobs/configs/grf.toml", *sets, members, "--dry-run"]) == 0  # half
+
+
+@pytest.mark.parametrize("change", [{"ensemble.members": 41},
+                                    {"sampler.seed": 9, "output.overwrite": True}])
+def test_growing_or_replacing_a_store_counts_only_the_room_it_takes(tmp_path, monkeypatch,
+                                                                   change):
+    """A grown store's members so far are on the disk already, and a replaced one is deleted
+    before a field is written: neither needs the whole store's room again."""
+    from collections import namedtuple
+
+    from pipeline import target
+
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "ensemble.members": 40, "ensemble.batch_size": 8, "sampler.method": "sequential-sde"}))
+    sample(cfg)  # 40 fields of 8 x 8 float32: 10 KiB
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(target.shutil, "disk_usage", lambda path: usage(10**6, 0, 300))
+    sample(load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "ensemble.members": 40, "ensemble.batch_size": 8, "sampler.method": "sequential-sde",
+        **change})))
+    assert xr.open_zarr(cfg.output.path)["done"].values.all()
+    # growing it by 39 or 40 members (10 KiB) still needs more than twice the 300 B free
+    with pytest.raises(ConfigError, match=r"would hold 80 fields \((39|40) to write\)"):
+        sample(load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+            "ensemble.batch_size": 8, "sampler.method": "sequential-sde",
+            **change, "ensemble.members": 80, "output.overwrite": False})))
