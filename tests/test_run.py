@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import xarray as xr
@@ -45,6 +46,9 @@ def test_sample_command_writes_store_xarray_opens(tmp_path):
     assert ds.attrs["sampler_method"] == "pc-window" and "config_sha256" in ds.attrs
     assert ds.attrs["sampler_tol_source"] == "config" and ds.attrs["sampler_tol"] == 0.05
     assert ds.attrs["sampler_noise"] == "host" and ds.attrs["torch_version"] == torch.__version__
+    # what else decides the members: host noise is numpy's, the sampler's revision its path
+    assert ds.attrs["numpy_version"] == np.__version__ and ds.attrs["sampler_revision"] == 2
+    assert ds.attrs["made_on"].startswith("cpu: ") and ds.attrs["zarr_version"]
     assert bool((ds.rounds > 0).all()) and float(ds.field.std()) > 0.5
     # the call's figures, not the member's own: they move with ensemble.batch_size
     assert "(its batch's mean)" in ds.model_calls.attrs["long_name"]
