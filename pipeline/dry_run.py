@@ -40,7 +40,7 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
         groups = ranks.world.size // slices
         shown = with_settings(cfg, {**stored[0], "ensemble.batch_size": size,
                                     "parallel.time_slices": slices})
-    fate, runs, unit = _store_fate(shown, items)
+    fate, runs, unit = _store_fate(shown, items, device)
     batches = member_batches(e.members, unit or size)
     done = np.zeros((len(items.labels), e.members), dtype=bool)
     if unit:  # a store to grow holds fewer members: the rest are to sample
@@ -86,7 +86,7 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
     return "\n".join(lines), runs
 
 
-def _store_fate(cfg: Config, items) -> tuple[str, bool, int | None]:
+def _store_fate(cfg: Config, items, device="cpu") -> tuple[str, bool, int | None]:
     """What a run of ``cfg`` (for a resumed ``"auto"`` store, the config its plan makes)
     would do with the store at output.path, by the run's own start-up checks
     (``pipeline.ensemble.check_output``), whether it would go ahead, and the store's batches
@@ -94,7 +94,7 @@ def _store_fate(cfg: Config, items) -> tuple[str, bool, int | None]:
     (``inputs.Items``), which a resumed store must have been made with."""
     path = cfg.output.path
     try:
-        fate = check_output(cfg, items)
+        fate = check_output(cfg, items, device)
     except StoreExists as err:
         return f"would be refused: {err}", False, None
     except OSError as err:  # check_writable: the folder named

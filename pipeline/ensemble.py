@@ -194,7 +194,26 @@ def _check_same_network(cfg: Config, held: dict) -> None:
             "replace it")
 
 
-def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:
+def _check_same_noise(cfg: Config, held: dict, device) -> None:
+    """Refuse to resume or grow, from its attributes ``held``, a store of device noise
+    (``sampler.noise = "device"``: torch's generator, whose numbers depend on the device type
+    and the torch version) made on another device type or torch: its new members' noise would
+    come from other streams than its keys promise (a store that recorded neither is not
+    checked)."""
+    if held.get("sampler_noise") != "device":
+        return
+    was_torch, was_device = held.get("torch_version"), str(held.get("made_on", "")).split(":")[0]
+    now_device = torch.device(device).type
+    if (was_torch and was_torch != torch.__version__) or (was_device and was_device != now_device):
+        raise StoreExists(
+            f"output {cfg.output.path} was sampled with sampler.noise = 'device' on "
+            f"{was_device or 'a device'} with torch {was_torch}, and this run has {now_device} "
+            f"with torch {torch.__version__}: device noise differs between them, so its "
+            "members would not match the rest; resume it where it was made, choose another "
+            "output.path, or set output.overwrite = true to replace it")
+
+
+def _check_early(cfg: Config, model, device) -> tuple[float, float, tuple[float, ...]]:
     """Rank 0: the input (its layout, selection and one pass over its values) and the output
     target, before the start-up's costly work; returns the input's (mean, std, fingerprint)."""
     items = checked_items(cfg, model)
@@ -202,7 +221,7 @@ def _check_early(cfg: Config, model) -> tuple[float, float, tuple[float, ...]]:
         trained_on = getattr(model, "variable", None)
         check_variable(store_variable(cfg, trained_on), items.dim, len(cfg.model.shape),
                        "the model's variable" if trained_on else "input.variable")
-    fate = check_output(cfg, items)
+    fate = check_output(cfg, items, device)
     held = (read_attrs(cfg.output.path) or {}) if fate in ("resume", "upgrade", "grow") else {}
     if cfg.input.path and {"input_mean", "input_std"} <= held.keys():
         # the scale its members so far were drawn with: another piadm may round the same
@@ -217,7 +236,7 @@ def memory_sharing(world, device) -> int:
     return ranks_sharing(world.local_layout()[1], torch.device(device))
 
 
-def check_output(cfg: Config, items: Items | None = None) -> str:
+def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
     """What the run does with its store at output.path (``target.check_target``'s fate),
     after the checks that fate needs: a new store's folder must take it, a replaced one
     must have no live job filling it, nor an older piadm's store brought up to date
@@ -228,7 +247,9 @@ def check_output(cfg: Config, items: Items | None = None) -> str:
     fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
                           differs=lambda text: store_differences(cfg, text))
     if fate in ("resume", "upgrade", "grow"):
-        _check_same_network(cfg, read_attrs(cfg.output.path) or {})
+        held = read_attrs(cfg.output.path) or {}
+        _check_same_network(cfg, held)
+        _check_same_noise(cfg, held, device)
     if fate in ("resume", "upgrade", "grow") and items is not None and cfg.input.path:
         _check_same_items(cfg, items.labels)
         if items.fingerprint:
@@ -404,7 +425,7 @@ def _start_up(cfg: Config, model, world, stop, device,
     first (nothing written)."""
     from pipeline.calibrate import Stopped
 
-    stats = on_rank0(world, _check_early, cfg, model)  # a refusal now, not after a calibration
+    stats = on_rank0(world, _check_early, cfg, model, device)  # refused now, not after calibrating
     # stopped during start-up (before, during or after a calibration): exit before writing
     if stop_agreed(world, stop):
         return None

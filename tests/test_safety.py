@@ -656,3 +656,18 @@ def test_growing_or_replacing_a_store_counts_only_the_room_it_takes(tmp_path, mo
         sample(load_config("jobs/configs/grf.toml", _small(tmp_path, **{
             "ensemble.batch_size": 8, "sampler.method": "sequential-sde",
             **change, "ensemble.members": 80, "output.overwrite": False})))
+
+
+@pytest.mark.parametrize("recorded", [{"torch_version": "1.0.0"},
+                                      {"made_on": "cuda: a GPU x1"}])
+def test_device_noise_is_not_resumed_on_another_torch_or_device_type(tmp_path, capsys,
+                                                                    recorded):
+    """torch's generator gives other numbers on another device type or torch version: a store
+    of device noise grown there would mix two streams under one set of keys."""
+    sets = _small(tmp_path, **{"sampler.noise": "device", "sampler.method": "sequential-sde"})
+    sample(load_config("jobs/configs/grf.toml", sets))
+    zarr.open_group(sets["output.path"], mode="r+").attrs.update(recorded)
+    before = xr.open_zarr(sets["output.path"])["field"].values
+    with pytest.raises(Exception, match="sampled with sampler.noise = 'device' on"):
+        sample(load_config("jobs/configs/grf.toml", {**sets, "ensemble.members": 4}))
+    assert np.array_equal(xr.open_zarr(sets["output.path"])["field"].values, before)
