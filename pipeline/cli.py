@@ -442,8 +442,9 @@ COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "calibrate": _cmd_calibr
 
 
 def parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: "--dry" taken for --dry-run would change meaning when a flag is added
     p = argparse.ArgumentParser(
-        prog="piadm", description="Block-parallel Picard sampling of diffusion models for "
+        prog="piadm", allow_abbrev=False, description="Block-parallel Picard sampling of diffusion models for "
         "ensembles of physics fields.", epilog="PIADM_SET holds more KEY=VALUE overrides, "
         "separated by ';' or new lines, that every command taking a config applies before its "
         "own --set. Exit codes: 0 done, 1 an unexpected failure (or status: incomplete), 2 an "
@@ -469,7 +470,8 @@ def parser() -> argparse.ArgumentParser:
     for name, text in helps.items():
         # the example as written, one line: wrapped, a pasted --set could lose its value
         sp = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES[name],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)
         if name == "status":
             sp.add_argument("store", help="path of the ensemble store")
             sp.add_argument("--json", action="store_true",

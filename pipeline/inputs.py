@@ -224,6 +224,9 @@ def _select(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
         chosen = np.concatenate(at)
     elif span:
         first_label, last_label = (_label(t, var[dim]) for t in span)
+        if first_label > last_label:  # as evaluate's --truth-range says it
+            raise InputError(f"input.range {list(span)} is reversed: give the earlier label "
+                             "first")
         # by value, not by position: a coordinate need not be sorted
         chosen = np.flatnonzero((values >= first_label) & (values <= last_label))
         if len(chosen) == 0:

@@ -23,6 +23,15 @@ def test_every_command_help_shows_an_example(command, capsys):
         "mpiexec -n 2 piadm", "piadm")
 
 
+@pytest.mark.parametrize("args", [["sample", "jobs/configs/grf.toml", "--dry"],
+                                  ["bench", "jobs/configs/grf.toml", "--quali", "1e-2"]])
+def test_a_flag_is_not_taken_from_its_first_letters(args, capsys):
+    # a prefix that names one flag today may name two once a flag is added
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_version_and_the_installed_entry_point():
     run = subprocess.run([sys.executable, "-m", "pipeline.cli", "--version"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)

@@ -818,6 +818,8 @@ def _digest_files(path: Path) -> str:
     (["model.shape=[16, 18]"], "model.shape"),
     (["input.items=['2020-01-02', '2021-05-01']"], "input.items ['2021-05-01'] are not in time"),
     (["input.range=['2019-01-01', '2019-02-01']"], "selects nothing"),
+    (["input.range=['2020-01-04', '2020-01-02']"],
+     "input.range ['2020-01-04', '2020-01-02'] is reversed: give the earlier label first"),
     (["input.items=['2020-01-02']", "input.range=['2020-01-01', '2020-01-03']"],
      "both choose the items: give one"),
     (["input.path={nan}"], "NaN/Inf at time = 2020-01-03"),
