@@ -11,6 +11,11 @@ on every machine and device. ``device``: torch's generator on the sampling devic
 the same key, so draws are still independent of batching and ranks but depend on the device
 type, dtype and torch version. On a GPU the host fills about 1e8 numbers a second with 16 cores,
 which is the whole time of a 1000-step sampler at 1024x1024; the device source removes it.
+
+``standard_normal`` defines a host draw. ``Noise`` makes the same numbers faster where a call
+holds many small draws (hundreds of members of a small field): their keys hashed together
+(``pipeline.seed_hash``) and one Philox generator a thread re-keyed for each draw, where
+making a SeedSequence and a generator per draw cost about 30 us whatever the draw's size.
 """
 from __future__ import annotations
 
