@@ -51,15 +51,16 @@ def spectral_upsample(coarse: torch.Tensor, shape: tuple[int, ...]) -> torch.Ten
     """
     big, small = tuple(shape[-2:]), tuple(coarse.shape[-2:])
     spec = torch.fft.fft2(coarse.double())
+    on = coarse.device  # every table beside the field: a GPU's product takes no host tensor
     for axis, (n, m) in enumerate(zip(big, small)):
         f = n // m
-        k = torch.fft.fftfreq(m, 1 / m, dtype=torch.float64)
+        k = torch.fft.fftfreq(m, 1 / m, dtype=torch.float64, device=on)
         gain = torch.where(k == 0, torch.ones_like(k),
                            torch.sin(torch.pi * k * f / n) / (f * torch.sin(torch.pi * k / n)))
         kept = (k.abs() < m / 2) / (gain * torch.exp(1j * torch.pi * k * (f - 1) / n))
         spec = spec * kept.reshape((-1, 1) if axis == 0 else (1, -1))
-    rows = torch.fft.fftfreq(small[0], 1 / small[0]).long() % big[0]
-    cols = torch.fft.fftfreq(small[1], 1 / small[1]).long() % big[1]
+    rows = torch.fft.fftfreq(small[0], 1 / small[0], device=on).long() % big[0]
+    cols = torch.fft.fftfreq(small[1], 1 / small[1], device=on).long() % big[1]
     full = spec.new_zeros(coarse.shape[:-2] + big)
     full[..., rows[:, None], cols[None, :]] = spec * (big[0] * big[1] / (small[0] * small[1]))
     return torch.fft.ifft2(full).real.to(coarse.dtype)

@@ -109,14 +109,14 @@ class DiscreteVP:
         return -torch.cumsum(torch.log1p(-betas), 0)
 
     def u_of_t(self, t: Tensor) -> Tensor:
-        table = self.table()
+        table = self.table().to(t.device)  # built on the host; a GPU's t indexes it there
         t = t.to(torch.float64).clamp(0, self.num_steps - 1)
         i = t.floor().clamp(max=self.num_steps - 2).long()
         w = t - i
         return table[i] * (1 - w) + table[i + 1] * w
 
     def t_of_u(self, u: Tensor) -> Tensor:
-        table = self.table()
+        table = self.table().to(u.device)
         i = (torch.searchsorted(table, u.contiguous()) - 1).clamp(0, self.num_steps - 2)
         w = (u - table[i]) / (table[i + 1] - table[i])
         return i + w

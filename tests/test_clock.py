@@ -132,3 +132,13 @@ def test_flow_vp_equivalent_coefficients():
 def test_vp_processes_have_unit_input_scale(process):
     u = torch.linspace(0.01, 5, 11, dtype=F64)
     assert bool((process.input_scale(u) == 1).all())
+
+
+def test_a_discrete_schedules_table_follows_the_times_device():
+    """Its table is built on the host; a GPU's times searched or indexed it there and raised
+    (every diffusers network, and a module of the ddpm process, on a GPU). The meta device
+    stands in for one: a host tensor meeting it raises as a GPU's would."""
+    clock = DiscreteVP()
+    u = torch.rand(4, dtype=torch.float64, device="meta")
+    assert clock.t_of_u(u).device.type == "meta"
+    assert clock.u_of_t(torch.rand(4, dtype=torch.float64, device="meta")).device.type == "meta"

@@ -667,6 +667,14 @@ def test_the_shipped_checkpoints_record_s_and_the_downscalers_input_grid():
     assert load_unet("models/checkpoints/kolmogorov_down.pt", (64, 64)).cond_shape == (16, 16)
 
 
+def test_spectral_upsampling_stays_on_the_coarse_fields_device():
+    # its wavenumber tables were made on the host: a GPU's field times them raised (residual
+    # downscaling, training and sampling); the meta device stands in for a GPU
+    from models.conditioning import spectral_upsample
+
+    assert spectral_upsample(torch.rand(2, 16, 16, device="meta"), (64, 64)).device.type == "meta"
+
+
 def test_spectral_upsampling_inverts_block_averages_of_resolved_fields():
     from models.conditioning import spectral_upsample
 
