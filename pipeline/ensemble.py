@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import math
+import platform
 import time
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ from pipeline.inputs import (Items, label_text, open_items, renamed_attrs, same_
                              unconditional)
 from pipeline.identity import growth, store_digests, target_fate
 from pipeline.layout import RankGrid, machine_kind, rank_grid
-from pipeline.memory import field_bytes, is_out_of_memory, ranks_sharing
+from pipeline.memory import field_bytes, gpu_identity, is_out_of_memory, ranks_sharing
 from pipeline.memory_check import check_memory, round_points
 from pipeline.noise import Noise
 from pipeline.progress import Progress
@@ -196,21 +197,29 @@ def _check_same_network(cfg: Config, held: dict) -> None:
 
 def _check_same_noise(cfg: Config, held: dict, device) -> None:
     """Refuse to resume or grow, from its attributes ``held``, a store of device noise
-    (``sampler.noise = "device"``: torch's generator, whose numbers depend on the device type
-    and the torch version) made on another device type or torch: its new members' noise would
-    come from other streams than its keys promise (a store that recorded neither is not
-    checked)."""
+    (``sampler.noise = "device"``: torch's generator, whose numbers depend on the device type,
+    on a GPU its model too (how many threads a large draw is spread over), and the torch
+    version) made on another of these: its new members' noise would come from other streams
+    than its keys promise (what a store did not record is not checked)."""
     if held.get("sampler_noise") != "device":
         return
-    was_torch, was_device = held.get("torch_version"), str(held.get("made_on", "")).split(":")[0]
-    now_device = torch.device(device).type
-    if (was_torch and was_torch != torch.__version__) or (was_device and was_device != now_device):
+    was_torch = held.get("torch_version")
+    was = _noise_device(str(held.get("made_on", "")))
+    now = _noise_device(f"{torch.device(device).type}: {machine_kind(device)}")
+    if (was_torch and was_torch != torch.__version__) or (was and was != now):
         raise StoreExists(
             f"output {cfg.output.path} was sampled with sampler.noise = 'device' on "
-            f"{was_device or 'a device'} with torch {was_torch}, and this run has {now_device} "
-            f"with torch {torch.__version__}: device noise differs between them, so its "
-            "members would not match the rest; resume it where it was made, choose another "
-            "output.path, or set output.overwrite = true to replace it")
+            f"{was or 'a device'} with torch {was_torch}, and this run has {now} with torch "
+            f"{torch.__version__}: device noise differs between them, so its members would "
+            "not match the rest; resume it where it was made, choose another output.path, or "
+            "set output.overwrite = true to replace it")
+
+
+def _noise_device(made_on: str) -> str:
+    """What device noise depends on in a ``made_on`` ("cuda: NAME xTHREADS"): the device
+    type, and a GPU's model; "" where none was recorded."""
+    kind, _, name = made_on.partition(": ")
+    return f"{kind}: {name.rsplit(' x', 1)[0]}" if kind == "cuda" else kind
 
 
 def _check_early(cfg: Config, model, device) -> tuple[float, float, tuple[float, ...]]:
@@ -232,8 +241,14 @@ def _check_early(cfg: Config, model, device) -> tuple[float, float, tuple[float,
 
 def memory_sharing(world, device) -> int:
     """Every rank (collective): how many ranks share this rank's memory, the node's host
-    memory or, on GPUs, one GPU's."""
-    return ranks_sharing(world.local_layout()[1], torch.device(device))
+    memory or, on GPUs, one GPU's: counted by the GPU each rank holds, since a job that gives
+    each task its own GPU (``--gpus-per-task=1``) shows every rank one device, which a count
+    of the node's devices took for one GPU shared by all its ranks."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ranks_sharing(world.local_layout()[1], device)
+    mine = (platform.node(), gpu_identity(device))
+    return sum(other == mine for other in world.allgather_object(mine))
 
 
 def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:

@@ -160,7 +160,10 @@ def place_rank(world, threads: int = 0, field_points: int = 0, keep_freed: bool 
         world.poll_s = WAIT_POLL_S if any(polls) else None
     if keep_freed:
         keep_freed_memory()
-    return choose_device(local_rank)
+    device = choose_device(local_rank)
+    if device.type == "cuda":  # else what uses the current device makes a context on cuda:0
+        torch.cuda.set_device(device)
+    return device
 
 
 def machine_kind(device) -> str:

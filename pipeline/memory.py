@@ -10,6 +10,7 @@ import ctypes.util
 import functools
 import gc
 import math
+import os
 import resource
 from pathlib import Path
 
@@ -135,6 +136,16 @@ def ranks_sharing(local_ranks: int, device: torch.device) -> int:
     return -(-local_ranks // max(1, gpus))
 
 
+def gpu_identity(device: torch.device) -> str:
+    """Which physical GPU ``device`` is: its UUID, or where torch gives none the devices this
+    process may see and the index among them."""
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    if uuid:
+        return str(uuid)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return f"{visible}:{torch.device(device).index or 0}"
+
+
 def sampler_floor(method: str, points: int, batch: int, field_bytes: int,
                   time_slices: int = 1) -> int:
     """Bytes a batch of ``batch`` members certainly needs for the sampler's own state (its
@@ -153,8 +164,10 @@ def is_out_of_memory(err: BaseException) -> bool:
     if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
         return True
     text = str(err)
-    return isinstance(err, RuntimeError) and ("can't allocate memory" in text
-                                              or "not enough memory" in text)
+    # cuBLAS, cuFFT and cuDNN report a failed allocation as a RuntimeError of their own
+    return isinstance(err, RuntimeError) and any(
+        what in text for what in ("can't allocate memory", "not enough memory", "out of memory",
+                                  "ALLOC_FAILED", "NOT_ENOUGH_WORKSPACE"))
 
 
 def format_bytes(n: float) -> str:

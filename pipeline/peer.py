@@ -63,9 +63,11 @@ def paradigms(scheduler, eps, x_t: torch.Tensor, xi: torch.Tensor, *, window: in
     (samples (B, *S), rounds, network calls per sample)."""
     ts = scheduler.timesteps
     n, batch = len(ts), x_t.shape[0]
-    var = torch.stack([scheduler._get_variance(int(t)) for t in ts]).to(x_t.dtype)
+    # on the states' device: diffusers' own step moves its tables to where it last ran
+    var = torch.stack([torch.as_tensor(scheduler._get_variance(int(t))).to(x_t.device)
+                       for t in ts]).to(x_t.dtype)
     added = var.sqrt().reshape(1, n, *(1,) * (x_t.dim() - 1)) * xi
-    scale = 1.0 / torch.cat([var, torch.zeros(1, dtype=var.dtype)])  # the last has none: inf
+    scale = 1.0 / torch.cat([var, var.new_zeros(1)])  # the last has none: inf
     states = x_t[:, None].repeat(1, n + 1, *(1,) * (x_t.dim() - 1))
     begin, end, rounds, calls = 0, min(window, n), 0, 0
     while begin < n:

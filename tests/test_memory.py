@@ -236,3 +236,35 @@ def test_a_replicated_window_means_nothing_to_samplers_that_split_no_window(tmp_
     # window's 12 buffers x 20 points x 256 KiB: 60 MiB, a quarter on each of 4 slices
     assert "15.0 MiB per rank" in check_memory(cfg, (256, 256), torch.device("cpu"),
                                                time_slices=4)
+
+
+@pytest.mark.parametrize("gpus, sharing", [((0, 1, 2, 3), [1, 1, 1, 1]),
+                                           ((0, 0, 1, 1), [2, 2, 2, 2]),
+                                           ((0, 0, 0, 1), [3, 3, 3, 1])])
+def test_ranks_sharing_a_gpu_are_counted_by_the_gpu_each_holds(monkeypatch, gpus, sharing):
+    """With --gpus-per-task=1 every rank sees one device: counting the node's devices took
+    four ranks for four sharing one GPU, and the memory check gave each a quarter of its own."""
+    from pipeline import ensemble
+
+    class Rank:  # four ranks of one node, each holding the GPU ``gpus`` names
+        def __init__(self, r):
+            self.r = r
+
+        def allgather_object(self, obj):
+            return [(obj[0], f"GPU-{g}") for g in gpus]
+
+    for r, want in enumerate(sharing):
+        monkeypatch.setattr(ensemble, "gpu_identity", lambda device, r=r: f"GPU-{gpus[r]}")
+        assert ensemble.memory_sharing(Rank(r), torch.device("cuda", 0)) == want
+
+
+@pytest.mark.parametrize("text", ["CUDA error: out of memory",
+                                  "cuFFT error: CUFFT_ALLOC_FAILED",
+                                  "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate",
+                                  "cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"])
+def test_a_gpu_librarys_failed_allocation_is_out_of_memory(text):
+    # they come as plain RuntimeErrors: a traceback, not the advice on what to lower
+    from pipeline.memory import is_out_of_memory
+
+    assert is_out_of_memory(RuntimeError(text))
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access"))

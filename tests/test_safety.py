@@ -659,7 +659,7 @@ def test_growing_or_replacing_a_store_counts_only_the_room_it_takes(tmp_path, mo
 
 
 @pytest.mark.parametrize("recorded", [{"torch_version": "1.0.0"},
-                                      {"made_on": "cuda: a GPU x1"}])
+                                      {"made_on": "cuda: a GPU x1"}])  # this machine's: cpu
 def test_device_noise_is_not_resumed_on_another_torch_or_device_type(tmp_path, capsys,
                                                                     recorded):
     """torch's generator gives other numbers on another device type or torch version: a store
