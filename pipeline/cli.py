@@ -357,7 +357,7 @@ def _cmd_plan(args, world) -> int:
                                      f"--set {k}={v}" for k, v in chosen.items()))
     if args.json and world.rank == 0:
         rows = [{**dataclasses.asdict(p.layout), "steps": p.profile.steps or cfg.sampler.steps,
-                 "rounds": p.profile.rounds,
+                 "rounds": p.rounds,
                  "calls": p.profile.calls, "tol": p.profile.tol, "round_s": p.round_s,
                  "batches": p.batches, "predicted_s": p.seconds} for p in plan.ranked]
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

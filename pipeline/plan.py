@@ -81,6 +81,7 @@ class Profile:
     calls_by_size: tuple[tuple[int, int], ...] = ()  # (points, calls) of the member's calls
     host_batch: int = 1  # the members at which the host time's growth was measured
     host_growth: float = 1.0  # host time a round at host_batch members / at one
+    batch_rounds: int = 0  # rounds of that batch (its slowest member's), 0: not measured
 
     def call_sizes(self) -> tuple[tuple[int, int], ...]:
         """(points, count) of one member's model calls: as measured, else ``rounds`` calls of
@@ -91,6 +92,15 @@ class Profile:
     def points(self) -> float:
         """Mean points each member evaluates per round."""
         return self.calls / self.rounds
+
+    def rounds_at(self, batch: int) -> int:
+        """Rounds of a batch of ``batch`` members: its slowest member's, more than one
+        member's (``rounds``) as the batch grows, up to the measured batch's, in log2 of the
+        members between them and held past it."""
+        if self.host_batch <= 1 or self.batch_rounds <= self.rounds or batch <= 1:
+            return self.rounds
+        share = min(1.0, math.log2(batch) / math.log2(self.host_batch))
+        return round(self.rounds + share * (self.batch_rounds - self.rounds))
 
     def host_at(self, points: int, batch: int = 1) -> float:
         """Host seconds per round when a rank holds ``points`` points of ``batch`` members:
@@ -143,6 +153,7 @@ class Prediction:
     seconds: float
     batches: int
     round_s: float
+    rounds: int = 0  # a batch's rounds (``Profile.rounds_at``)
 
 
 def call_items(layout: Layout, points: float) -> int:
@@ -170,9 +181,12 @@ def predict(layout: Layout, profile: Profile, curve: CostCurve, machine: Machine
     comm = (1 if whole else profile.collectives) * stages
     if whole and t > 1:  # every rank receives the round's scores
         comm += math.ceil(profile.points) * layout.batch * field_bytes / machine.bandwidth
-    round_s = model_s / profile.rounds + host * stretch + comm
+    # a batch's extra rounds (its slowest member's) add host work and collectives; its
+    # members' points, and so its calls' items, are their own either way
+    rounds = profile.rounds_at(layout.batch)
+    round_s = model_s / rounds + host * stretch + comm
     per_group = math.ceil(batches / layout.groups)
-    return Prediction(layout, profile, per_group * profile.rounds * round_s, per_group, round_s)
+    return Prediction(layout, profile, per_group * rounds * round_s, per_group, round_s, rounds)
 
 
 def layouts(profiles: list[Profile], ranks: int, members: int, batches: tuple[int, ...],

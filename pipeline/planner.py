@@ -54,9 +54,9 @@ DEFAULT_LATENCY = 3e-5
 # Part of a profile's cache key: a profile of another version has other fields or another
 # meaning (2: the calls by batch size; 3: host time measured around the emulated device's
 # waits; 4: the window samplers' rounds take less host time; 5: one rank scans its window in
-# one pass; 6: the host time's growth with the batch), so it is measured again rather than
-# read.
-PROFILE_VERSION = 6
+# one pass; 6: the host time's growth with the batch; 7: and a batch's rounds), so it is
+# measured again rather than read.
+PROFILE_VERSION = 7
 
 # A profile's host time is measured on one member and, for a plan of larger batches, again
 # on as many members as its largest batch, at most GROWTH_BATCH and as many as a run of
@@ -226,8 +226,8 @@ def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: in
 
 
 def _host_growth(cfg: Config, model, method: str, param: int, tol, device, batch: int,
-                 host: float, wall: float) -> tuple[int, float]:
-    """(members, growth): how many times a round's host work, ``host`` seconds for one
+                 host: float, wall: float) -> tuple[int, float, int]:
+    """(members, growth, rounds): how many times a round's host work, ``host`` seconds for one
     member (whose run took ``wall``), grows at ``members`` members sampled together: at most
     ``batch``, as many as ``GROWTH_SECONDS`` afford; (1, 1.0) where fewer than
     ``GROWTH_LEAST`` are (a model that costly leaves the host work a small part) or fit in
@@ -243,17 +243,18 @@ def _host_growth(cfg: Config, model, method: str, param: int, tol, device, batch
     if room is not None:  # half of what is free: the model's own calls need room too
         members = min(members, room[0] // (2 * max(1, one)))
     if members < min(batch, GROWTH_LEAST) or members < 2 or host <= 0:
-        return 1, 1.0
+        return 1, 1.0, 0
     try:
-        many = _run_one(cfg, model, method, param, tol, device, cfg.sampler.steps, members)[1]
+        stats, many, _, _ = _run_one(cfg, model, method, param, tol, device, cfg.sampler.steps,
+                                     members)
     except Exception as err:
         if not is_out_of_memory(err):
             raise
-        return 1, 1.0  # the plan's own memory check weighs the layouts (_fitting)
+        return 1, 1.0, 0  # the plan's own memory check weighs the layouts (_fitting)
     finally:
         if device.type == "cuda":  # else the cache it leaves reads as used to later checks
             torch.cuda.empty_cache()
-    return members, max(1.0, many / host)
+    return members, max(1.0, many / host), stats.rounds
 
 
 def _state_points(cfg: Config, param: int) -> int:
@@ -295,10 +296,10 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
         measured = True
     if measured:
         update_cache(_profile_file(), key, entry)
-    host_batch, growth = entry["grown"].get(str(batch), (1, 1.0))
+    host_batch, growth, rounds = entry["grown"].get(str(batch), (1, 1.0, 0))
     return Profile(method, param, tol, entry["rounds"], entry["calls"],
                    tuple(entry["host_points"]), tuple(entry["host"]), entry["collectives"],
-                   steps, tuple(map(tuple, entry["calls_by_size"])), host_batch, growth)
+                   steps, tuple(map(tuple, entry["calls_by_size"])), host_batch, growth, rounds)
 
 
 def quality_steps(cfg: Config, model, device, model_sha: str, say,
@@ -525,7 +526,7 @@ def table(plan: Plan, rows: int = 12) -> str:
         lines.append(f"{place:>3} {lay.method:<15} {lay.param or '-':>5} "
                      f"{lay.groups:>6} {lay.time_slices:>6} {_split(lay):>5} {lay.batch:>5} "
                      + (f"{p.profile.steps:>5} " if steps else "")
-                     + f"{p.profile.rounds:>6} {p.profile.calls:>7.0f} {1e3 * p.round_s:>9.2f} "
+                     + f"{p.rounds:>6} {p.profile.calls:>7.0f} {1e3 * p.round_s:>9.2f} "
                      f"{p.seconds:>11.3f} {seq.seconds / p.seconds:>5.2f}x")
     return "\n".join(lines)
 

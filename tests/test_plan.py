@@ -76,6 +76,19 @@ def test_host_time_grows_with_the_batch_as_measured_and_linearly_past_it():
                    16).seconds == pytest.approx(16.0)
 
 
+def test_a_batch_takes_its_slowest_members_rounds_as_measured():
+    # one member 26 rounds, 64 together 31 (each keeps its own window; the batch waits for
+    # the last): the extra rounds cost their host work, not more of the members' points
+    grows = Profile("pc-window", 32, 1e-3, 26, 832.0, (32,), (1e-3,), 2, host_batch=64,
+                    host_growth=1.0, batch_rounds=31)
+    assert [grows.rounds_at(b) for b in (1, 8, 64, 512)] == [26, 28, 31, 31]
+    free = CostCurve((1, 10**6), (0.0, 0.0), (0.0, 0.0))
+    machine = Machine(ranks=1, ranks_per_node=1, cores=1, threads=1, latency=0.0)
+    pred = predict(Layout("pc-window", 32, 1, 1, 64), grows, free, machine, 64)
+    assert (pred.rounds, pred.seconds) == (31, pytest.approx(31 * 1e-3))
+    assert predict(Layout("pc-window", 32, 1, 1, 1), grows, free, machine, 1).rounds == 26
+
+
 def test_a_block_that_falls_back_is_predicted_from_its_calls_not_their_mean():
     # a CPU whose second item is nearly free, then 12 ms an item; a block of 100 steps that
     # diverged: one wide sweep, then its 100 sequential steps one point at a time
@@ -496,6 +509,7 @@ def test_a_profile_measures_how_its_host_time_grows_with_the_batch_once_per_batc
     many = profile(16)
     assert runs == [1, 16]  # one member's profile read back, the batch's growth measured
     assert many.host_batch == 16 and many.host_growth > 1.5
+    assert many.batch_rounds == many.rounds == 60  # a sequential batch: a round a step
     assert many.host_at(1, 16) > 1.5 * many.host_at(1, 1)
     assert profile(16).host_growth == many.host_growth and runs == [1, 16]  # read back
 
