@@ -11,9 +11,10 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import uuid
 from pathlib import Path
+
+from pipeline.console import say
 
 
 def cache_path(name: str) -> Path:
@@ -47,9 +48,8 @@ def update_cache(path: Path, key: str, entry) -> None:
             return
         _WARNED.add(path.parent)
         why = err.strerror or err
-        print(f"piadm: warning: cannot keep this measurement in {path.parent} ({why}): the "
-              "next run measures it again; set PIADM_CACHE to a folder you may write",
-              file=sys.stderr, flush=True)
+        say(f"piadm: warning: cannot keep this measurement in {path.parent} ({why}): the "
+            "next run measures it again; set PIADM_CACHE to a folder you may write")
 
 
 def _update(path: Path, key: str, entry) -> None:

@@ -392,9 +392,9 @@ def _cmd_train(args, world) -> int:
                   f"{f' (+ {len(t.extra)} more stores)' if t.extra else ''}, {t.steps} steps of "
                   f"{t.batch_size} over {world.size} ranks -> {t.checkpoint}")
     result = train(t, comm=world, device=device, config_text=cfg.text)
-    print0(world, f"done: step {result.step}, last batch's loss {result.train_loss:.4f}, validation "
-                  f"loss {loss_text(result.val_loss)}, {result.seconds:.0f} s; checkpoint "
-                  f"{t.checkpoint}")
+    print0(world, f"done: step {result.step}, last batch's loss {result.train_loss:.4f}, "
+                  f"validation loss {loss_text(result.val_loss)}, {result.seconds:.0f} s; "
+                  f"checkpoint {t.checkpoint}")
     return 0
 
 
@@ -444,13 +444,13 @@ COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "calibrate": _cmd_calibr
 def parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: "--dry" taken for --dry-run would change meaning when a flag is added
     p = argparse.ArgumentParser(
-        prog="piadm", allow_abbrev=False, description="Block-parallel Picard sampling of diffusion models for "
-        "ensembles of physics fields.", epilog="PIADM_SET holds more KEY=VALUE overrides, "
-        "separated by ';' or new lines, that every command taking a config applies before its "
-        "own --set. Exit codes: 0 done, 1 an unexpected failure (or status: incomplete), 2 an "
-        "error told in one line: a bad input refused before anything was written, or a failure "
-        "part way (a full disk, memory) that keeps the members written, 75 sample stopped by a "
-        "signal (rerun "
+        prog="piadm", allow_abbrev=False, description="Block-parallel Picard sampling of "
+        "diffusion models for ensembles of physics fields.",
+        epilog="PIADM_SET holds more KEY=VALUE overrides, separated by ';' or new lines, "
+        "that every command taking a config applies before its own --set. Exit codes: 0 "
+        "done, 1 an unexpected failure (or status: incomplete), 2 an error told in one line: "
+        "a bad input refused before anything was written, or a failure part way (a full "
+        "disk, memory) that keeps the members written, 75 sample stopped by a signal (rerun "
         "to resume), 130 stopped at once by Ctrl-C, 143 or 138 any other command stopped by "
         "SIGTERM or SIGUSR1.")
     p.add_argument("--version", action="version", version=f"piadm {__version__}")

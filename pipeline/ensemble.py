@@ -34,7 +34,7 @@ from pipeline.errors import OutOfMemory, WriteFailed, naming
 from pipeline.inputs import (Items, label_text, open_items, renamed_attrs, same_fingerprint,
                              unconditional)
 from pipeline.identity import growth, store_digests, target_fate
-from pipeline.layout import RankGrid, machine_kind, rank_grid
+from pipeline.layout import RankGrid, made_on, rank_grid
 from pipeline.memory import field_bytes, gpu_identity, is_out_of_memory, ranks_sharing
 from pipeline.memory_check import check_memory, round_points
 from pipeline.noise import Noise
@@ -205,7 +205,7 @@ def _check_same_noise(cfg: Config, held: dict, device) -> None:
         return
     was_torch = held.get("torch_version")
     was = _noise_device(str(held.get("made_on", "")))
-    now = _noise_device(f"{torch.device(device).type}: {machine_kind(device)}")
+    now = _noise_device(made_on(device))
     if (was_torch and was_torch != torch.__version__) or (was and was != now):
         raise StoreExists(
             f"output {cfg.output.path} was sampled with sampler.noise = 'device' on "
@@ -274,8 +274,8 @@ def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
     if fate in ("create", "replace", "grow"):  # before a typo's store fills the disk
         one = field_bytes(tuple(cfg.model.shape), DTYPES[cfg.sampler.dtype])
         count = 1 if items is None else len(items.labels)
-        held = done_members(cfg.output.path).shape[1] if fate == "grow" else 0
-        check_room(cfg.output.path, one, count * cfg.ensemble.members, held=count * held,
+        kept = done_members(cfg.output.path).shape[1] if fate == "grow" else 0
+        check_room(cfg.output.path, one, count * cfg.ensemble.members, held=count * kept,
                    replaced=fate == "replace")
     if fate == "replace":
         check_idle(cfg.output.path)
@@ -451,10 +451,10 @@ def _start_up(cfg: Config, model, world, stop, device,
         return None
     if stop_agreed(world, stop):
         return None
-    made_on = {"made_on": f"{torch.device(device).type}: {machine_kind(device)}"}
     with naming(cfg.output.path):  # a full disk met making it names no file
         spec, state = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),
-                               getattr(model, "variable", None), tol, {**attrs, **made_on},
+                               getattr(model, "variable", None), tol,
+                               {**attrs, "made_on": made_on(device)},
                                getattr(model, "grid", {}), field_scale(model, *stats[:2]))
     return spec, state, tol
 

@@ -182,3 +182,9 @@ def machine_kind(device) -> str:
         except OSError:
             pass
     return f"{name} x{torch.get_num_threads()}"
+
+
+def made_on(device) -> str:
+    """``"TYPE: NAME xTHREADS"``: the device type and ``machine_kind``, as a store records
+    where it was made."""
+    return f"{torch.device(device).type}: {machine_kind(device)}"

@@ -10,8 +10,9 @@ Two sources fill the draws. ``host`` (the default): numpy's Philox on the CPU, t
 on every machine and device. ``device``: torch's generator on the sampling device, seeded by
 the same key, so draws are still independent of batching and ranks but depend on the device
 type (a GPU's model too: a large draw is spread over as many threads as it holds; a CPU's
-vector instructions may matter as well), dtype and torch version. On a GPU the host fills about 1e8 numbers a second with 16 cores,
-which is the whole time of a 1000-step sampler at 1024x1024; the device source removes it.
+vector instructions may matter as well), dtype and torch version. On a GPU the host fills
+about 1e8 numbers a second with 16 cores, which is the whole time of a 1000-step sampler at
+1024x1024; the device source removes it.
 
 ``standard_normal`` defines a host draw. ``Noise`` makes the same numbers faster where a call
 holds many small draws (hundreds of members of a small field): their keys hashed together

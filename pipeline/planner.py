@@ -229,7 +229,8 @@ def _host_growth(cfg: Config, model, method: str, param: int, tol, device, batch
                  host: float, wall: float) -> tuple[int, float, int]:
     """(members, growth, rounds): how many times a round's host work, ``host`` seconds for one
     member (whose run took ``wall``), grows at ``members`` members sampled together: at most
-    ``batch``, as many as ``GROWTH_SECONDS`` afford; (1, 1.0) where fewer than
+    ``batch``, as many as ``GROWTH_SECONDS`` afford, and the batch's rounds; (1, 1.0, 0) where
+    fewer than
     ``GROWTH_LEAST`` are (a model that costly leaves the host work a small part) or fit in
     half the device's free memory. Much of it grows with the members: the keyed noise is
     drawn per member and step."""
@@ -411,7 +412,7 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
     sha = model_digest(cfg)
     steps = (quality_steps(cfg, base, device, sha, say, stopped)
              if cfg.sampler.method == EQUAL_QUALITY else {})
-    profiles = []
+    profiles, largest = [], max(_batch_sizes(cfg))
     for method in methods_of(cfg):
         mine = cfg
         if cfg.sampler.method == EQUAL_QUALITY:
@@ -436,8 +437,7 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
                 continue
             smallest = max(1, math.ceil(param / min(ranks, max(1, param)))) if param else 1
             prof = profile(at, model, method, param, tol, device, smallest, sha,
-                           mine.sampler.steps if mine is not cfg else 0,
-                           max(_batch_sizes(cfg)))
+                           mine.sampler.steps if mine is not cfg else 0, largest)
             say(f"  profiled {method:<15} {'p=' + str(param) if param else '':<6} tol "
                 f"{'-' if tol is None else format(tol, '.1e')}: {mine.sampler.steps} steps, "
                 f"{prof.rounds} rounds, {prof.calls:.0f} calls a member")

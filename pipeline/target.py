@@ -88,12 +88,11 @@ def check_writable(path: str | Path) -> None:
     """Raise OSError naming the folder when a store cannot be made at ``path``: its nearest
     existing folder must take a new entry (tried with an empty folder, removed at once); and
     StoreExists when ``path`` lies inside another Zarr store."""
-    folder = Path(path).parent.absolute()
     store = enclosing_store(path)
     if store is not None:
         raise StoreExists(f"output {path} is inside the Zarr store {store}: choose an "
                           "output.path outside it")
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    existing = _nearest_existing(path)
     if not existing.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
     try:
@@ -118,8 +117,7 @@ def check_room(path: str | Path, field_bytes: int, fields: int, *, held: int = 0
     from pipeline.errors import ConfigError
     from pipeline.memory import format_bytes
 
-    folder = Path(path).parent.absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    existing = _nearest_existing(path)
     free = shutil.disk_usage(existing).free + (_bytes_under(path) if replaced else 0)
     needed = field_bytes * (fields - held)
     if needed > ROOM_FACTOR * free:
@@ -128,8 +126,13 @@ def check_room(path: str | Path, field_bytes: int, fields: int, *, held: int = 0
             f"({fields - held} to write), {format_bytes(needed)} before compression, where "
             f"{existing} has {format_bytes(free)} free"
             f"{' with the store it replaces' if replaced else ''}: lower ensemble.members (or "
-            "select fewer items), or "
-            "choose an output.path on a disk with room")
+            "select fewer items), or choose an output.path on a disk with room")
+
+
+def _nearest_existing(path: str | Path) -> Path:
+    """The nearest folder above ``path`` that exists: where making it starts."""
+    folder = Path(path).parent.absolute()
+    return next(p for p in (folder, *folder.parents) if p.exists())
 
 
 def _bytes_under(path: str | Path) -> int:

@@ -260,7 +260,8 @@ def test_ranks_sharing_a_gpu_are_counted_by_the_gpu_each_holds(monkeypatch, gpus
 
 @pytest.mark.parametrize("text", ["CUDA error: out of memory",
                                   "cuFFT error: CUFFT_ALLOC_FAILED",
-                                  "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate",
+                                  "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                                  "cublasCreate",
                                   "cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"])
 def test_a_gpu_librarys_failed_allocation_is_out_of_memory(text):
     # they come as plain RuntimeErrors: a traceback, not the advice on what to lower

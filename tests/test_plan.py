@@ -502,8 +502,10 @@ def test_a_profile_measures_how_its_host_time_grows_with_the_batch_once_per_batc
     run_one, runs = planner._run_one, []
     monkeypatch.setattr(planner, "_run_one",
                         lambda *a: runs.append(a[7] if len(a) > 7 else 1) or run_one(*a))
-    profile = lambda batch: planner.profile(cfg, model, "sequential-sde", 0, None, "cpu", 1,  # noqa: E731
-                                            "digest", batch=batch)
+    def profile(batch):
+        return planner.profile(cfg, model, "sequential-sde", 0, None, "cpu", 1, "digest",
+                               batch=batch)
+
     one = profile(1)
     assert runs == [1] and (one.host_batch, one.host_growth) == (1, 1.0)
     many = profile(16)

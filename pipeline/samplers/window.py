@@ -37,15 +37,12 @@ def _fill(states, xi, freed, chain, e, y_end, noise: Noise | None, n: int):
     window's end state ``y_end`` (B, *S) and, for the SDE, the keyed noise of that step."""
     states = torch.where(point_mask(freed, states), y_end[:, None], states)
     if noise is not None:
-        points = freed.nonzero().tolist()
-        steps = [int(e[r] + chain[r, col]) for r, col in points]
-        for (r, col), step in zip(points, steps):
-            if step >= n:
-                xi[r, col] = 0.0
-        drawn = [(point, step) for point, step in zip(points, steps) if step < n]
+        drawn = [(r, col, step) for r, col in freed.nonzero().tolist()
+                 if (step := int(e[r] + chain[r, col])) < n]
+        xi[freed] = 0.0  # past the last step: no noise
         if drawn:  # one call for the round's new points
-            rows, cols = zip(*(point for point, _ in drawn))
-            xi[list(rows), list(cols)] = noise.path_at(rows, [step for _, step in drawn]).to(xi)
+            rows, cols, steps = zip(*drawn)
+            xi[list(rows), list(cols)] = noise.path_at(rows, steps).to(xi)
     return states, xi
 
 
