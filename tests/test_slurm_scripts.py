@@ -10,9 +10,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# SLURM's own goes on writing lines after Command= (the pause makes a reader that stops
+# there meet it every time: the write into its closed pipe failed the script now and then)
 SCONTROL = """#!/usr/bin/env bash
 echo "JobId=$SLURM_JOB_ID JobName=piadm"
 echo "   Command=$SUBMITTED"
+sleep 0.2
 echo "   WorkDir=$SLURM_SUBMIT_DIR"
 """
 
