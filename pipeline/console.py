@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+from pipeline.errors import raised_together
+
 
 def tag(comm) -> str:
     """``[rank r/N] `` under MPI, so a log line says which rank speaks; empty on one rank."""
@@ -44,9 +46,8 @@ def on_rank0(comm, fn, *args, idle: bool = False, **kwargs):
     if idle:
         comm.barrier(idle=True)
     result, error = comm.bcast_object((result, error), 0)
-    if error is not None:
-        error.collective = True  # every rank raises it: the CLI exits cleanly, no abort
-        raise error
+    if error is not None:  # every rank raises it: the CLI exits cleanly, no abort
+        raise raised_together(error)
     return result
 
 

@@ -6,9 +6,11 @@ prints it once and exits 2 on all ranks, where an error on one rank alone aborts
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import signal
 from contextlib import contextmanager
+from functools import cache
 
 
 class PiadmError(Exception):
@@ -17,6 +19,15 @@ class PiadmError(Exception):
     def __init__(self, message: str = "", *, collective: bool = False):
         super().__init__(message)
         self.collective = collective
+
+    def everywhere(self) -> PiadmError:
+        """This error as raised by every rank together: a copy, so that what a subclass
+        carries (``Unreachable.rungs``) goes with it."""
+        if self.collective:
+            return self
+        shared = copy.copy(self)
+        shared.collective = True
+        return shared
 
 
 class ConfigError(PiadmError, ValueError):
@@ -39,7 +50,34 @@ def raised_by_every_rank():
     except PiadmError as err:
         if err.collective:
             raise
-        raise type(err)(str(err), collective=True) from err
+        raise err.everywhere() from err
+
+
+def raised_together(err: Exception) -> Exception:
+    """``err``, which every rank is about to raise (rank 0 met it in work done for all), as a
+    collective error: a ``PiadmError`` by ``everywhere``, an ``OSError`` as a copy of the same
+    class with ``collective`` true for its class (so that ``except FileExistsError`` still
+    takes it and it prints as before); any other error, a fault, as it is."""
+    if isinstance(err, PiadmError):
+        return err.everywhere()
+    if not isinstance(err, OSError):
+        return err
+    try:
+        shared = _shared_class(type(err))(*err.args)
+    except TypeError:  # a class that its args do not rebuild: each rank reports it, then aborts
+        return err
+    for name in ("filename", "filename2"):  # not among its args; set, even None shows
+        if getattr(err, name) is not None:
+            setattr(shared, name, getattr(err, name))
+    shared.__dict__.update(err.__dict__)
+    return shared.with_traceback(err.__traceback__)
+
+
+@cache
+def _shared_class(kind: type) -> type:
+    """``kind`` with ``collective = True``, under ``kind``'s own name and module."""
+    return type(kind.__name__, (kind,), {"collective": True, "__module__": kind.__module__,
+                                         "__qualname__": kind.__qualname__})
 
 
 class OutOfMemory(PiadmError):
