@@ -20,6 +20,7 @@ class MeanShift:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The field shape, the base model's."""
         return tuple(self.base.shape)
 
     @property

@@ -60,6 +60,7 @@ class GaussianRandomField:
 
     @property
     def dims(self) -> tuple[int, ...]:
+        """The field's axes counted from the end (-2, -1 in 2-D), for the FFTs."""
         return tuple(range(-len(self.shape), 0))
 
     def marginal_spectrum(self, u: float) -> torch.Tensor:

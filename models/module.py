@@ -162,12 +162,15 @@ class UnitInput:
     process: object
 
     def u_of_t(self, t: torch.Tensor) -> torch.Tensor:
+        """The process's own clock map."""
         return self.process.u_of_t(t)
 
     def t_of_u(self, u: torch.Tensor) -> torch.Tensor:
+        """The process's own inverse clock map."""
         return self.process.t_of_u(u)
 
     def input_scale(self, u: torch.Tensor) -> torch.Tensor:
+        """Ones: the network sees the unit-variance VP state."""
         return torch.ones_like(u)
 
 
@@ -245,7 +248,8 @@ def check_output(model, shape: tuple[int, ...], what: str, takes: str = "(x, t)"
         else:
             advice = (f"check model.shape (with its channel axis, e.g. [1, H, W]) and that it "
                       f"takes {takes}")
-        raise ConfigError(f"config: {what}: calling the network on a (2, {', '.join(map(str, shape))}) "
+        dims = ", ".join(map(str, shape))
+        raise ConfigError(f"config: {what}: calling the network on a (2, {dims}) "
                           f"input failed ({type(err).__name__}: {said}): {advice}") from None
     if tuple(out.shape) != tuple(x.shape):
         raise ConfigError(f"config: {what}: the network returns shape {list(out.shape)} for input "

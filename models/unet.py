@@ -38,6 +38,7 @@ class UNetConfig:
     global_modes: int = 0  # m of GlobalMix at the coarsest level; 0: none
 
     def to_dict(self) -> dict:
+        """The settings as a sidecar records them, tuples as lists."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
@@ -72,6 +73,8 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x (B, cin, H, W), emb (B, embed) -> (B, cout, H, W): two convolutions, the noise
+        level's embedding added between them, and the skip."""
         h = self.conv1(nn.functional.silu(self.norm1(x)))
         h = h + self.shift(emb)[:, :, None, None]
         h = self.conv2(nn.functional.silu(self.norm2(h)))
@@ -96,6 +99,8 @@ class GlobalMix(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """h (B, C, H, W), emb (B, embed) -> h plus a learned mix of its lowest Fourier modes
+        (the field-wide scales a few convolutions cannot reach), same shape."""
         m, (height, width) = self.modes, h.shape[-2:]
         z = self.inp(nn.functional.silu(self.norm(h))) * (1 + self.scale(emb))[:, :, None, None]
         f = torch.fft.rfft2(z.float(), norm="ortho")  # FFTs and weights in float32 at any dtype
@@ -129,6 +134,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(_norm(c[0]), nn.SiLU(), _conv(c[0], 1))
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        """x (B, 1 + cond_channels, H, W), c_noise (B,) -> (B, 1, H, W): EDM's raw network F."""
         angle = 2 * math.pi * c_noise[:, None] * self.freqs[None]
         emb = self.embed(torch.cat([angle.cos(), angle.sin()], 1))
         h, skips = self.inp(x), []
@@ -156,6 +162,7 @@ class Denoiser(nn.Module):
         self.cfg, self.net = cfg, UNet(cfg)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None):
+        """x (B, H, W), sigma (B,), cond (B, C, H, W) or None -> x0_hat (B, H, W)."""
         sd = self.cfg.sigma_data
         s = sigma.to(x.dtype).reshape(-1, 1, 1)
         total = s**2 + sd**2

@@ -42,6 +42,7 @@ class Band:
 
     @property
     def label(self) -> str:
+        """The band as a table shows it: ``name k=kmin..kmax``."""
         return f"{self.name} k={self.kmin}..{self.kmax}"
 
 

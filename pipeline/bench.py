@@ -112,6 +112,7 @@ LEGEND = ("columns: rounds = sequential batched model calls (the parallel depth)
 
 
 def header() -> str:
+    """The column names of ``format_row``'s lines, aligned with them."""
     return (f"{'method':<15} {'seed':>5} {'tol':>7} {'ranks':>5} {'steps':>6} {'d':>9} "
             f"{'rounds':>7} {'model_calls':>12} {'calls_ratio':>11} {'rel_dist':>9} "
             f"{'stat_err':>9} {'w2':>9} {'wall_s':>8} {'wall_med_s':>10} {'comm_share':>10} "

@@ -109,11 +109,13 @@ class Heartbeat:
             self._beat()
 
     def start(self) -> "Heartbeat":
+        """Beat once now, then every ``HEARTBEAT_S`` on a daemon thread."""
         self._beat()
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop beating and remove the beat file: the job holds no claim from now on."""
         self._stop.set()
         self._thread.join()
         self.path.unlink(missing_ok=True)

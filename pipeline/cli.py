@@ -441,7 +441,66 @@ COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "calibrate": _cmd_calibr
             "generate-data": _cmd_generate, "train": _cmd_train, "evaluate": _cmd_evaluate}
 
 
+def _status_arguments(sp) -> None:
+    sp.add_argument("store", help="path of the ensemble store")
+    sp.add_argument("--json", action="store_true",
+                    help="print one JSON document (members done per item, complete)")
+    sp.add_argument("--verify", action="store_true",
+                    help="also read every member marked done and report those that are "
+                         "unreadable or not finite (damaged after writing); exit 0 "
+                         "only when the store is complete and sound")
+    sp.add_argument("--repair", action="store_true",
+                    help="with --verify: mark the damaged members not done, so that "
+                         "rerunning the sample command samples them again")
+
+
+def _calibrate_arguments(sp) -> None:
+    sp.add_argument("--force", action="store_true",
+                    help="measure anew even when a calibration is cached")
+
+
+def _sample_arguments(sp) -> None:
+    sp.add_argument("--dry-run", action="store_true",
+                    help="print the items, members, batches, store, rank layout and "
+                         "sampler settings the run would use, and write nothing (exit "
+                         "2 when the run would refuse its model, its store or its batch)")
+
+
+def _plan_arguments(sp) -> None:
+    sp.add_argument("--ranks", type=int, required=True, help="ranks the job will run")
+    sp.add_argument("--gpus-per-node", type=int, default=0, metavar="G",
+                    help="one rank per GPU on nodes of G GPUs (default: every rank on "
+                         "this node's CPU cores)")
+    sp.add_argument("--rows", type=int, default=12, help="layouts to show (default 12)")
+    sp.add_argument("--json", metavar="PATH", help="also save every layout as JSON")
+
+
+def _bench_arguments(sp) -> None:
+    sp.add_argument("--peer", choices=PEERS, help="run the peer library's parallel "
+                    "sampler beside piadm's on DDPM-1000 (needs piadm[bench])")
+    sp.add_argument("--quality", metavar="Q",
+                    help="bench each method at the fewest steps whose error is <= Q "
+                         "(a number, or METHOD@STEPS: the error that sequential "
+                         "sampler reaches in STEPS steps): "
+                         "the exact W2 to the target on a grf, the log-spectral "
+                         "distance to held-out data on a trained U-Net "
+                         "(sampler.steps is searched, not taken)")
+    sp.add_argument("--renoise", action="store_true",
+                    help="where a trained U-Net loses energy: noise held-out fields to "
+                         "a ladder of levels, sample them back, and print the energy "
+                         "kept per octave band at each level")
+    sp.add_argument("--json", metavar="PATH", help="also save the table as JSON")
+    sp.add_argument("--png", metavar="PATH", help="also plot rounds and wall time "
+                    "against d (and against ranks, with --compare) as a PNG (or PDF, "
+                    "SVG, ...: by the suffix)")
+    sp.add_argument("--compare", nargs="+", default=[], metavar="JSON",
+                    help="earlier --json tables (e.g. at other rank counts) to plot too, "
+                         "with --png")
+
+
 def parser() -> argparse.ArgumentParser:
+    """The ``piadm`` command line: one subcommand per ``COMMANDS`` entry, each with its own
+    arguments (``_ARGUMENTS``) and an example in its help."""
     # allow_abbrev=False: "--dry" taken for --dry-run would change meaning when a flag is added
     p = argparse.ArgumentParser(
         prog="piadm", allow_abbrev=False, description="Block-parallel Picard sampling of "
@@ -472,61 +531,13 @@ def parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES[name],
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             allow_abbrev=False)
-        if name == "status":
-            sp.add_argument("store", help="path of the ensemble store")
-            sp.add_argument("--json", action="store_true",
-                            help="print one JSON document (members done per item, complete)")
-            sp.add_argument("--verify", action="store_true",
-                            help="also read every member marked done and report those that are "
-                                 "unreadable or not finite (damaged after writing); exit 0 "
-                                 "only when the store is complete and sound")
-            sp.add_argument("--repair", action="store_true",
-                            help="with --verify: mark the damaged members not done, so that "
-                                 "rerunning the sample command samples them again")
-            continue
-        if name == "evaluate":
-            _evaluate_arguments(sp)
-            continue
-        sp.add_argument("config", help="TOML configuration file")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override a config key, e.g. --set {SET_EXAMPLES[name]} "
-                             "(repeatable; after PIADM_SET's)")
-        if name == "calibrate":
-            sp.add_argument("--force", action="store_true",
-                            help="measure anew even when a calibration is cached")
-        if name == "sample":
-            sp.add_argument("--dry-run", action="store_true",
-                            help="print the items, members, batches, store, rank layout and "
-                                 "sampler settings the run would use, and write nothing (exit "
-                                 "2 when the run would refuse its model, its store or its batch)")
-        if name == "plan":
-            sp.add_argument("--ranks", type=int, required=True, help="ranks the job will run")
-            sp.add_argument("--gpus-per-node", type=int, default=0, metavar="G",
-                            help="one rank per GPU on nodes of G GPUs (default: every rank on "
-                                 "this node's CPU cores)")
-            sp.add_argument("--rows", type=int, default=12, help="layouts to show (default 12)")
-            sp.add_argument("--json", metavar="PATH", help="also save every layout as JSON")
-        if name == "bench":
-            sp.add_argument("--peer", choices=PEERS, help="run the peer library's parallel "
-                            "sampler beside piadm's on DDPM-1000 (needs piadm[bench])")
-            sp.add_argument("--quality", metavar="Q",
-                            help="bench each method at the fewest steps whose error is <= Q "
-                                 "(a number, or METHOD@STEPS: the error that sequential "
-                                 "sampler reaches in STEPS steps): "
-                                 "the exact W2 to the target on a grf, the log-spectral "
-                                 "distance to held-out data on a trained U-Net "
-                                 "(sampler.steps is searched, not taken)")
-            sp.add_argument("--renoise", action="store_true",
-                            help="where a trained U-Net loses energy: noise held-out fields to "
-                                 "a ladder of levels, sample them back, and print the energy "
-                                 "kept per octave band at each level")
-            sp.add_argument("--json", metavar="PATH", help="also save the table as JSON")
-            sp.add_argument("--png", metavar="PATH", help="also plot rounds and wall time "
-                            "against d (and against ranks, with --compare) as a PNG (or PDF, "
-                            "SVG, ...: by the suffix)")
-            sp.add_argument("--compare", nargs="+", default=[], metavar="JSON",
-                            help="earlier --json tables (e.g. at other rank counts) to plot too, "
-                                 "with --png")
+        if name not in ("status", "evaluate"):  # the commands that take a config
+            sp.add_argument("config", help="TOML configuration file")
+            sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help=f"override a config key, e.g. --set {SET_EXAMPLES[name]} "
+                                 "(repeatable; after PIADM_SET's)")
+        if name in _ARGUMENTS:
+            _ARGUMENTS[name](sp)
     return p
 
 
@@ -551,6 +562,12 @@ def _evaluate_arguments(sp) -> None:
     sp.add_argument("--out", metavar="DIR",
                     help="the folder for metrics.json, metrics.nc and the figures (the table "
                          "is printed; default: STORE without .zarr + _eval)")
+
+
+# each command's own arguments, after the config and --set of those that take one
+_ARGUMENTS = {"status": _status_arguments, "evaluate": _evaluate_arguments,
+              "calibrate": _calibrate_arguments, "sample": _sample_arguments,
+              "plan": _plan_arguments, "bench": _bench_arguments}
 
 
 def user_errors() -> tuple:

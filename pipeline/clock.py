@@ -35,12 +35,15 @@ class OU:
     """The OU clock itself: native time is u."""
 
     def u_of_t(self, t: Tensor) -> Tensor:
+        """t itself."""
         return t
 
     def t_of_u(self, u: Tensor) -> Tensor:
+        """u itself."""
         return u
 
     def input_scale(self, u: Tensor) -> Tensor:
+        """Ones: the network sees the VP state."""
         return torch.ones_like(u)
 
 
@@ -52,14 +55,17 @@ class VPLinear:
     beta_max: float = 20.0
 
     def u_of_t(self, t: Tensor) -> Tensor:
+        """u = beta_min t + (beta_max - beta_min) t^2 / 2, the integrated beta."""
         return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
 
     def t_of_u(self, u: Tensor) -> Tensor:
+        """The positive root t of u_of_t(t) = u."""
         db = self.beta_max - self.beta_min
         # Positive root of 0.5 db t^2 + beta_min t - u = 0, in the cancellation-free form.
         return 2 * u / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * db * u))
 
     def input_scale(self, u: Tensor) -> Tensor:
+        """Ones: the network sees the VP state."""
         return torch.ones_like(u)
 
 
@@ -74,15 +80,18 @@ class VPCosine:
         return (t + self.s) / (1 + self.s) * (math.pi / 2)
 
     def u_of_t(self, t: Tensor) -> Tensor:
+        """u = -2 log(cos(phase(t)) / cos(phase(0)))."""
         c0 = math.cos(self.s / (1 + self.s) * math.pi / 2)
         return -2 * torch.log(torch.cos(self._phase(t)) / c0)
 
     def t_of_u(self, u: Tensor) -> Tensor:
+        """The inverse of u_of_t, by arccos."""
         c0 = math.cos(self.s / (1 + self.s) * math.pi / 2)
         phase = torch.arccos(torch.exp(-0.5 * u) * c0)
         return phase * (2 / math.pi) * (1 + self.s) - self.s
 
     def input_scale(self, u: Tensor) -> Tensor:
+        """Ones: the network sees the VP state."""
         return torch.ones_like(u)
 
 
@@ -109,6 +118,8 @@ class DiscreteVP:
         return -torch.cumsum(torch.log1p(-betas), 0)
 
     def u_of_t(self, t: Tensor) -> Tensor:
+        """u at the fractional index t, linear between the table's integers (t clamped to
+        [0, T - 1])."""
         table = self.table().to(t.device)  # built on the host; a GPU's t indexes it there
         t = t.to(torch.float64).clamp(0, self.num_steps - 1)
         i = t.floor().clamp(max=self.num_steps - 2).long()
@@ -116,12 +127,14 @@ class DiscreteVP:
         return table[i] * (1 - w) + table[i + 1] * w
 
     def t_of_u(self, u: Tensor) -> Tensor:
+        """The fractional index whose u is u: the inverse of u_of_t."""
         table = self.table().to(u.device)
         i = (torch.searchsorted(table, u.contiguous()) - 1).clamp(0, self.num_steps - 2)
         w = (u - table[i]) / (table[i + 1] - table[i])
         return i + w
 
     def input_scale(self, u: Tensor) -> Tensor:
+        """Ones: the network sees the VP state."""
         return torch.ones_like(u)
 
 
@@ -130,12 +143,15 @@ class VE:
     """Variance-exploding / EDM process x = x_0 + sigma z; native time is sigma."""
 
     def u_of_t(self, sigma: Tensor) -> Tensor:
+        """u = log(1 + sigma^2), for the VP state x / sqrt(1 + sigma^2)."""
         return torch.log1p(sigma**2)
 
     def t_of_u(self, u: Tensor) -> Tensor:
+        """sigma = sqrt(e^u - 1)."""
         return torch.sqrt(torch.expm1(u))
 
     def input_scale(self, u: Tensor) -> Tensor:
+        """1 / a(u): the VE state x_0 + sigma z from the VP state."""
         return 1 / signal(u)
 
 
@@ -144,13 +160,16 @@ class Flow:
     """Rectified-flow interpolation x_t = (1 - t) x_0 + t z, t in [0, 1)."""
 
     def u_of_t(self, t: Tensor) -> Tensor:
+        """u = log(1 + (t / (1 - t))^2): sigma = t / (1 - t) on the VE scale."""
         return torch.log1p((t / (1 - t)) ** 2)
 
     def t_of_u(self, u: Tensor) -> Tensor:
+        """t = s / (a + s), a and s the VP coefficients."""
         a, s = signal(u), noise_std(u)
         return s / (a + s)
 
     def input_scale(self, u: Tensor) -> Tensor:
+        """1 / (a + s): the flow state from the VP state."""
         return 1 / (signal(u) + noise_std(u))
 
 

@@ -55,15 +55,19 @@ class SerialComm:
         return x.new_zeros(x.shape)
 
     def allreduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise max over ranks: x itself."""
         return x
 
     def allreduce_min(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise min over ranks: x itself."""
         return x
 
     def allreduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum over ranks: x itself."""
         return x
 
     def bcast(self, x: torch.Tensor, root: int) -> torch.Tensor:
+        """x from rank ``root``: x itself."""
         return x
 
     def allgather(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,18 +75,23 @@ class SerialComm:
         return x[None]
 
     def bcast_object(self, obj, root: int = 0):
+        """``obj`` from rank ``root``: obj itself."""
         return obj
 
     def allgather_object(self, obj) -> list:
+        """Every rank's ``obj`` by rank: [obj]."""
         return [obj]
 
     def alltoall_object(self, objs: list) -> list:
+        """What every rank sent here, by source rank: the one share, objs[0]."""
         return list(objs)
 
     def barrier(self, idle: bool = False) -> None:
+        """Wait for every rank: no one to wait for."""
         return None
 
     def split(self, color: int, key: int) -> "SerialComm":
+        """The ranks of the same ``color``, ordered by ``key``: this one."""
         return self
 
     def local_layout(self) -> tuple[int, int]:
@@ -90,6 +99,7 @@ class SerialComm:
         return 0, 1
 
     def abort(self, code: int) -> None:
+        """Stop the job with exit status ``code`` (SystemExit: one process to stop)."""
         raise SystemExit(code)
 
 
@@ -159,12 +169,15 @@ class MPIComm:
         return self._reduce(x, self._mpi.SUM, exclusive=True)
 
     def allreduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise max of x over ranks, every rank's x of one shape and dtype."""
         return self._reduce(x, self._mpi.MAX)
 
     def allreduce_min(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise min of x over ranks, every rank's x of one shape and dtype."""
         return self._reduce(x, self._mpi.MIN)
 
     def allreduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of x over ranks, every rank's x of one shape and dtype."""
         return self._reduce(x, self._mpi.SUM)
 
     def bcast(self, x: torch.Tensor, root: int) -> torch.Tensor:
@@ -193,9 +206,11 @@ class MPIComm:
         return out
 
     def bcast_object(self, obj, root: int = 0):
+        """``obj`` from rank ``root``, pickled: for setup, never on a sampler's hot path."""
         return self._timed("bcast (pickled)", self._comm.bcast, obj, root=root)
 
     def allgather_object(self, obj) -> list:
+        """Every rank's ``obj``, by rank, pickled: for setup, not on a hot path."""
         return self._timed("allgather (pickled)", self._comm.allgather, obj)
 
     def alltoall_object(self, objs: list) -> list:
@@ -219,6 +234,7 @@ class MPIComm:
             time.sleep(IDLE_POLL_S)
 
     def split(self, color: int, key: int) -> "MPIComm":
+        """A communicator of the ranks with this ``color``, ordered by ``key`` (collective)."""
         return MPIComm(self._comm.Split(color, key), self.poll_s)
 
     def local_layout(self) -> tuple[int, int]:

@@ -32,6 +32,7 @@ class Grid:
 
     @property
     def steps(self) -> int:
+        """The number of steps, one fewer than the points of ``u``."""
         return self.u.numel() - 1
 
     @property

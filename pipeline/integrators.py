@@ -35,6 +35,7 @@ class Steps:
     var: torch.Tensor
 
     def slice(self, lo: int, hi: int) -> "Steps":
+        """The coefficients of steps [lo, hi)."""
         return Steps(self.decay[lo:hi], self.drift[lo:hi], self.noise[lo:hi], self.var[lo:hi])
 
 

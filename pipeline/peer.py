@@ -136,6 +136,8 @@ def compare_diffusers(model, *, members: int, seed: int, dtype, device, window: 
 
 
 def format_rows(rows) -> str:
+    """The peer table: one line per (method, settings, rounds, calls ratio, distance) row,
+    diffusers' first, then each other row's ratios to it."""
     lines = [f"{'method':<22} {'settings':<18} {'rounds':>7} {'calls_ratio':>12} {'rel_dist':>9}"]
     for method, settings, rounds, ratio, dist in rows:
         lines.append(f"{method:<22} {settings:<18} {rounds:>7} {ratio:>12.2f} {dist:>9.2e}")

@@ -80,6 +80,7 @@ class Plan:
 
     @property
     def best(self) -> Prediction:
+        """The layout predicted fastest."""
         return self.ranked[0]
 
 

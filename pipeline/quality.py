@@ -54,12 +54,16 @@ class ImpulseNoise:
         return torch.zeros((rows, points, *self.shape), dtype=torch.float64)
 
     def prior(self) -> torch.Tensor:
+        """The prior draws (rows, *shape) float64: the impulse in the rows whose prior is on,
+        zeros in the others."""
         out = self._impulses(len(self.keys), 1)[:, 0]
         for r, on in enumerate(self.prior_rows):
             out.view(len(self.keys), -1)[r, 0] = float(on)
         return out
 
     def path(self, lo: int, hi: int, rows=None) -> torch.Tensor:
+        """The draws (len(rows), hi - lo, *shape) float64 of steps [lo, hi): a row's impulse
+        at its step, zeros elsewhere."""
         rows = range(len(self.keys)) if rows is None else rows
         out = self._impulses(len(rows), hi - lo)
         for i, r in enumerate(rows):

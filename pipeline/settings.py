@@ -15,6 +15,9 @@ from pipeline.samplers.options import Options  # the samplers' own defaults (no 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The ``[model]`` section: which score model, its field shape and the keys of its kind
+    (exact ``grf``/``gmm``, a trained ``unet``, a user ``module`` or a ``diffusers`` folder)."""
+
     kind: str = "grf"
     shape: tuple[int, ...] = (64, 64)
     slope: float = 3.0  # grf: spectral slope of the power law
@@ -89,12 +92,17 @@ class CalibrateConfig:
 
 @dataclass(frozen=True)
 class EnsembleConfig:
+    """The ``[ensemble]`` section: members per work item, and how many sample in one call."""
+
     members: int = 8
     batch_size: int = 4
 
 
 @dataclass(frozen=True)
 class InputConfig:
+    """The ``[input]`` section: the Zarr store and variable that condition the members, and
+    which of its items (labels along ``item_dim``) to take."""
+
     path: str = ""  # Zarr store of conditioning fields; empty: unconditional, one item
     variable: str = ""  # the variable to condition on
     item_dim: str = "time"  # the dimension whose labels are the work items
@@ -104,6 +112,8 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
+    """The ``[output]`` section: the ensemble store, and how it is written."""
+
     path: str = "out/ensemble.zarr"
     overwrite: bool = False
     variable: str = ""  # the sampled field's name; empty: the model's training variable, else
@@ -113,6 +123,9 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """The ``[parallel]`` section: how the ranks divide (ensemble groups x time slices), which
+    items this job fills, and how each rank uses its cores."""
+
     # ranks that split each Picard block (world = groups x time_slices); "auto": the plan's pick
     time_slices: int | str = 1
     items: tuple[int, ...] = ()  # indices of the items this job fills; empty: all
@@ -184,6 +197,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """The ``[bench]`` section: methods and field shapes ``piadm bench`` compares, members,
+    noise seeds and timed repeats."""
+
     methods: tuple[str, ...] = ("sequential-sde", "piadm-sde", "window")
     sizes: tuple[tuple[int, ...], ...] = ()  # field shapes to sweep; empty: model.shape
     members: int = 4
@@ -195,6 +211,9 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """A whole run's configuration, one frozen dataclass per section, as ``pipeline.config``
+    read and validated it."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
@@ -284,6 +303,8 @@ OPEN_KINDS = ("module",)
 
 
 def open_kind(kind) -> bool:
+    """Whether ``model.kind`` takes ``[model]`` keys that piadm does not know as its builder's
+    arguments: ``module``, or a kind that an installed package registers."""
     if kind in OPEN_KINDS:
         return True
     from models import MODELS

@@ -36,6 +36,7 @@ class HeldOut:
 
     @property
     def kmax(self) -> int:
+        """The highest wavenumber shell the held-out spectra reach."""
         return self.spectra.shape[1]
 
     def spectra_of(self, fields: np.ndarray) -> np.ndarray:

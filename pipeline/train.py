@@ -331,6 +331,8 @@ def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device
 
 @dataclass
 class TrainResult:
+    """Where a training run ended: its last step, the losses there and its seconds."""
+
     step: int
     train_loss: float
     val_loss: float | None  # None: never measured (no step run, none in the checkpoint)

@@ -20,15 +20,18 @@ class InlineWriter:
         self.busy = self.waited = 0.0
 
     def submit(self, fn, *args, **kwargs) -> None:
+        """Run ``fn(*args, **kwargs)`` now; its time counts as busy and as waited."""
         start = time.perf_counter()
         fn(*args, **kwargs)
         self.busy += time.perf_counter() - start
         self.waited = self.busy
 
     def close(self) -> None:
+        """Nothing waits: every job ran when it was submitted."""
         return None
 
     def abandon(self) -> None:
+        """Nothing is pending to drop."""
         return None
 
 
@@ -60,6 +63,8 @@ class BackgroundWriter:
             raise self._error
 
     def submit(self, fn, *args, **kwargs) -> None:
+        """Queue ``fn(*args, **kwargs)``, blocking while ``depth`` jobs wait; first raise an
+        earlier job's error."""
         self._raise()
         start = time.perf_counter()
         self._jobs.put((fn, args, kwargs))

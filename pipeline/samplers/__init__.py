@@ -57,6 +57,7 @@ class Registered:
     calls_per_step: int = 1
 
     def load(self):
+        """The sampler function ``target`` names (``"module:function"``), imported now."""
         module, name = self.target.split(":")
         return getattr(importlib.import_module(module), name)
 
