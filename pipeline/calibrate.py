@@ -6,7 +6,8 @@ pc-window it varies several-fold between seeds). Calibration runs a few members 
 sequential reference and with the parallel sampler on a ladder of tolerances, loosest first,
 with the same keyed noise, and takes the loosest tolerance whose worst member distance is at
 most half of ``sampler.distance``. The choice is cached (keyed by the model's hash, the
-method, grid, steps, dtype, shape and the other settings that change it) in
+method, grid, steps, dtype, shape, the other settings that change it and the kind of
+device) in
 ``$PIADM_CACHE/calibration.json`` (default ``~/.cache/piadm``), so later runs reuse it; so
 is a ladder that fell short (``Unreachable``), until ``piadm calibrate`` measures again or a
 setting in the key changes (a longer ladder, say).
@@ -24,6 +25,7 @@ import torch
 
 from pipeline.cache import cache_path, read_cache, update_cache
 from pipeline.config import ConfigError
+from pipeline.layout import arithmetic_kind
 from pipeline.memory_check import TooLarge, check_memory
 from pipeline.noise import Noise
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, Options, redone
@@ -77,10 +79,11 @@ def cache_file() -> Path:
     return cache_path("calibration.json")
 
 
-def calibration_key(cfg: Config, model_sha256: str) -> str:
+def calibration_key(cfg: Config, model_sha256: str, device) -> str:
     """What decides the calibrated tolerance: the model and every sampler setting that changes
     the path or the distance, the members tried and the ladder (not how time slices share a
-    window: calibration runs on one rank)."""
+    window: calibration runs on one rank), and the kind of ``device`` that computes it (a
+    GPU's kernels round otherwise than a CPU's, and a learned network's distance with them)."""
     s = cfg.sampler
     if cfg.model.emulate_ms:  # its waits change no value: one calibration serves every timing
         from pipeline.run import model_digest  # (an exact model's digest holds its section)
@@ -97,7 +100,7 @@ def calibration_key(cfg: Config, model_sha256: str) -> str:
     kept = {"model_sha256": model_sha256, "shape": list(cfg.model.shape),
             "data_bound": cfg.model.data_bound, "condition": cfg.model.condition,
             "input": cfg.input.path, "calibrate": dataclasses.asdict(cfg.calibrate),
-            "sampler": sampler}
+            "sampler": sampler, "arithmetic": arithmetic_kind(device)}
     if cfg.model.kind == "module":  # its schedule and code are not in its digest (models.module)
         from models.module import SCHEDULE_KEYS, source_digest
 
@@ -234,7 +237,7 @@ def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, forc
         return Calibration(s.tol, (), "config")
     if stored is not None and not force:
         return Calibration(stored, (), "store")
-    key = calibration_key(cfg, model_digest(cfg))
+    key = calibration_key(cfg, model_digest(cfg), device)
     cached = None if force else read_cached(key)
     if cached is not None:
         say(f"sampler.tol = auto: {cached:g}, calibrated earlier ({cache_file()})")

@@ -64,7 +64,7 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
         f"slice(s); each group takes about {-(-todo // groups)} pairs"
         + ("; \"auto\" time slices: the planner picks them" if planned and stored is None
            else "; from the store's plan" if stored is not None else ""),
-        _sampler_line(shown, planned and stored is None)
+        _sampler_line(shown, planned and stored is None, device)
         + ("; from the store's plan" if stored is not None else ""),
         f"model      {cfg.model.kind} {list(cfg.model.shape)}"
         + (f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else ""),
@@ -75,7 +75,7 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
                                 sharing=sharing, time_slices=ranks.slices.size,
                                 batch=call_batch(size, e.members))
             kept = fate.startswith(("would be resumed", "would be grown"))
-            if _would_calibrate(cfg, resumed=kept):
+            if _would_calibrate(cfg, device, resumed=kept):
                 check_memory(cfg, tuple(cfg.model.shape), torch.device(device),
                              calibration=True)
             lines.append("memory     " + text)
@@ -114,7 +114,7 @@ def _store_fate(cfg: Config, items, device="cpu") -> tuple[str, bool, int | None
                         "output.overwrite = true would replace it")}[fate], True, None
 
 
-def _would_calibrate(cfg: Config, resumed: bool) -> bool:
+def _would_calibrate(cfg: Config, device, resumed: bool) -> bool:
     """Whether the run would measure its tolerance first: ``"auto"``, with none kept by the
     store it resumes nor cached (an unreachable ladder stops it before it measures)."""
     from pipeline.calibrate import calibration_key, read_cached, read_unreachable
@@ -125,7 +125,7 @@ def _would_calibrate(cfg: Config, resumed: bool) -> bool:
     kept = stored_attribute(cfg.output.path, store_digests(cfg), "sampler_tol")
     if resumed and kept is not None:
         return False
-    key = calibration_key(cfg, model_digest(cfg))
+    key = calibration_key(cfg, model_digest(cfg), device)
     return read_cached(key) is None and read_unreachable(key) is None
 
 
@@ -138,7 +138,7 @@ def _window(s) -> str:
             else f", window {points} (sampler.window {asked} is cut to the {s.steps} steps)")
 
 
-def _sampler_line(cfg: Config, planned: bool) -> str:
+def _sampler_line(cfg: Config, planned: bool, device) -> str:
     """The sampler settings a run would use; for an ``"auto"`` one, who picks them."""
     from pipeline.calibrate import cache_file, calibration_key, read_cached, read_unreachable
 
@@ -149,7 +149,7 @@ def _sampler_line(cfg: Config, planned: bool) -> str:
                 f"{s.steps} steps on the {s.grid} grid, {s.dtype}, seed {s.seed}")
     tol = s.tol if REFERENCE[s.method] != s.method else "none (a sequential sampler)"
     if tol == "auto":
-        key = calibration_key(cfg, model_digest(cfg))
+        key = calibration_key(cfg, model_digest(cfg), device)
         cached, short = read_cached(key), read_unreachable(key)
         tol = (f"auto: {cached:g}, calibrated earlier ({cache_file()})" if cached is not None
                else f"auto: no tolerance of calibrate.ladder was close enough when measured "

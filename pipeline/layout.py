@@ -184,6 +184,14 @@ def machine_kind(device) -> str:
     return f"{name} x{torch.get_num_threads()}"
 
 
+def arithmetic_kind(device) -> str:
+    """``"cpu"``, or ``"cuda: NAME"``: whose kernels compute a path, for keeping apart what
+    their rounding changes (a calibrated tolerance). CPUs are taken as one kind; the GPU
+    models are not (their libraries choose kernels by model)."""
+    device = torch.device(device)
+    return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+
+
 def made_on(device) -> str:
     """``"TYPE: NAME xTHREADS"``: the device type and ``machine_kind``, as a store records
     where it was made."""

@@ -272,7 +272,7 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
     ``steps``: the steps ``cfg`` runs, recorded when they are not the user's (0); ``batch``:
     the most members a batch of the plan holds, up to which (at most ``GROWTH_BATCH``) the
     host time's growth is measured (``_host_growth``, cached per batch in the entry)."""
-    key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha), method, param, tol,
+    key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha, device), method, param, tol,
                                      smallest, str(device), machine_kind(device),
                                      list(cfg.model.emulate_ms),
                                      PROFILE_VERSION, REGISTRY[method].revision]
@@ -315,7 +315,7 @@ def quality_steps(cfg: Config, model, device, model_sha: str, say,
     from pipeline.comm import SerialComm
     from pipeline.equal_quality import fewest_steps, measure_for
 
-    key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha), "quality-steps",
+    key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha, device), "quality-steps",
                                      cfg.bench.quality_members]).encode()).hexdigest()
     path = cache_path("quality_steps.json")
     cached = read_cache(path).get(key)

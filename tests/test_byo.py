@@ -216,13 +216,13 @@ def test_a_module_models_schedule_keys_its_calibration():
     base = {"model.kind": "module", "model.target": "byo_nets:one_channel",
             "model.prediction": "eps", "model.process": "ddpm", "model.shape": [1, 8, 8],
             "sampler.method": "pc-window", "sampler.tol": "auto"}
-    first = calibration_key(api.load_config(None, base), "0" * 64)
+    first = calibration_key(api.load_config(None, base), "0" * 64, "cpu")
     changed = {"beta_schedule": "cosine", "beta_start": 2e-4, "beta_end": 0.04,
                "train_steps": 500, "input_scale": "unit"}
     assert set(changed) == set(SCHEDULE_KEYS)
     for key, value in changed.items():
         other = api.load_config(None, {**base, f"model.{key}": value})
-        assert calibration_key(other, "0" * 64) != first, key
+        assert calibration_key(other, "0" * 64, "cpu") != first, key
 
 
 def _module_run(out, *sets):

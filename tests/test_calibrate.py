@@ -41,7 +41,7 @@ def test_calibrate_takes_the_loosest_tolerance_within_half_the_distance(capsys):
     assert all(w > 5e-4 for w in worst[:-1]) and worst[-1] <= 5e-4
     chosen = float(rows[-1][0])
     cfg = load_config("jobs/configs/grf.toml", SMALL)
-    assert read_cached(calibration_key(cfg, model_digest(cfg))) == chosen
+    assert read_cached(calibration_key(cfg, model_digest(cfg), "cpu")) == chosen
     assert f"sampler.tol = {chosen:g}" in err
     # a looser target stops earlier on the ladder: the choice follows sampler.distance
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(SMALL + ["sampler.distance=0.1"])]) == 0
@@ -56,7 +56,7 @@ def test_calibrate_measures_even_when_the_config_holds_a_number(capsys):
     chosen = float(_ladder(err)[-1][0])
     assert chosen != 0.5 and f"sampler.tol = {chosen:g} for pc-window (measured now)" in err
     cfg = load_config("jobs/configs/grf.toml", SMALL)  # what sampler.tol = "auto" runs look up
-    assert read_cached(calibration_key(cfg, model_digest(cfg))) == chosen
+    assert read_cached(calibration_key(cfg, model_digest(cfg), "cpu")) == chosen
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(numeric)]) == 0
     again = capsys.readouterr().err
     assert "worst_dist" not in again and f"sampler.tol = {chosen:g} for pc-window (calibrated earlier" in again
@@ -127,12 +127,12 @@ def test_a_raised_sampler_revision_measures_its_calibration_again(monkeypatch):
     from pipeline.samplers import REGISTRY
 
     cfg = load_config("jobs/configs/grf.toml", SMALL)
-    first = calibration_key(cfg, "0" * 64)
-    assert calibration_key(cfg, "0" * 64) == first  # the same sampler: the same key
+    first = calibration_key(cfg, "0" * 64, "cpu")
+    assert calibration_key(cfg, "0" * 64, "cpu") == first  # the same sampler: the same key
     raised = REGISTRY["pc-window"].revision + 1
     monkeypatch.setitem(REGISTRY, "pc-window",
                         dataclasses.replace(REGISTRY["pc-window"], revision=raised))
-    assert calibration_key(cfg, "0" * 64) != first
+    assert calibration_key(cfg, "0" * 64, "cpu") != first
 
 
 def test_a_checkpoints_recorded_s_keys_its_calibration(tmp_path):
@@ -149,7 +149,7 @@ def test_a_checkpoints_recorded_s_keys_its_calibration(tmp_path):
     sets = ["model.kind=unet", f"model.checkpoint={ckpt}", "model.guide=", "model.guidance=1",
             "model.shape=[64, 64]"]
     key = lambda *more: calibration_key(load_config("jobs/configs/kolmogorov_uncond.toml",  # noqa: E731
-                                                    sets + list(more)), "digest")
+                                                    sets + list(more)), "digest", "cpu")
     first, pinned = key(), key("model.data_bound=50.0")
     Path(f"{ckpt}.json").write_text(json.dumps({**meta, "data_bound": 2 * meta["data_bound"]}))
     assert key() != first and key("model.data_bound=50.0") == pinned
@@ -159,7 +159,7 @@ def test_a_window_of_the_same_points_keys_the_same_calibration():
     """sampler.window = 0 is the sampler's own width, and a window wider than the path holds
     the path: the same points, the same tolerance (bench, plan and sample share it)."""
     key = lambda *sets: calibration_key(load_config("jobs/configs/grf.toml",  # noqa: E731
-                                                    SMALL + list(sets)), "m")
+                                                    SMALL + list(sets)), "m", "cpu")
     own = key("sampler.method=pc-window", "sampler.steps=200")
     assert own == key("sampler.method=pc-window", "sampler.steps=200", "sampler.window=65")
     assert own != key("sampler.method=pc-window", "sampler.steps=200", "sampler.window=64")
@@ -172,7 +172,7 @@ def test_how_time_slices_share_a_window_keeps_the_calibration():
     and every tolerance cached before the setting existed, stay."""
     cfg = load_config("jobs/configs/grf.toml", SMALL)
     replicated = load_config("jobs/configs/grf.toml", SMALL + ["sampler.window_split=replicated"])
-    assert calibration_key(cfg, "m") == calibration_key(replicated, "m")
+    assert calibration_key(cfg, "m", "cpu") == calibration_key(replicated, "m", "cpu")
 
 
 @pytest.mark.parametrize("method, counted", [("piadm-sde", True), ("pc-window", False)])
@@ -181,7 +181,7 @@ def test_a_blocks_size_and_sweep_cap_key_a_blocked_samplers_calibration(method, 
     90 times sampler.distance from the sequential path at a tolerance cached without it);
     a window sampler uses neither, and keeps its key."""
     key = lambda *sets: calibration_key(load_config(  # noqa: E731
-        "jobs/configs/grf.toml", [*SMALL, f"sampler.method={method}", *sets]), "m")
+        "jobs/configs/grf.toml", [*SMALL, f"sampler.method={method}", *sets]), "m", "cpu")
     for other in ("sampler.block_size=50", "sampler.max_sweeps=2"):
         assert (key(other) != key()) == counted
 
@@ -220,7 +220,7 @@ def test_a_calibration_with_tf32_is_kept_apart():
     tolerance calibrated with it is not reused without it, and the other way round."""
     cfg = load_config("jobs/configs/grf.toml", SMALL)
     rounded = load_config("jobs/configs/grf.toml", SMALL + ["model.tf32=true"])
-    assert calibration_key(cfg, "m") != calibration_key(rounded, "m")
+    assert calibration_key(cfg, "m", "cpu") != calibration_key(rounded, "m", "cpu")
 
 
 def test_a_stop_during_the_calibration_ends_it_at_the_next_rung_with_nothing_written(
@@ -274,3 +274,18 @@ def test_a_cache_that_cannot_be_written_or_read_costs_a_warning_not_the_run(tmp_
     err = capsys.readouterr().err
     assert f"piadm: warning: cannot keep this measurement in {blocked}" in err
     assert xr.open_zarr(tmp_path / "t.zarr").attrs["sampler_tol_source"] == "calibrated"
+
+
+def test_a_calibration_is_kept_apart_per_kind_of_device(monkeypatch):
+    """A GPU's kernels round otherwise than the CPU's: a tolerance calibrated on one is not
+    read on the other, nor across GPU models."""
+    import torch
+
+    cfg = load_config("jobs/configs/grf.toml", SMALL + ["sampler.method=pc-window"])
+    names = iter(["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
+    cpu = calibration_key(cfg, "m", "cpu")
+    assert calibration_key(cfg, "m", torch.device("cpu")) == cpu
+    h100 = calibration_key(cfg, "m", "cuda:0")
+    assert h100 != cpu and calibration_key(cfg, "m", "cuda:1") == h100
+    assert calibration_key(cfg, "m", "cuda:0") not in (cpu, h100)

@@ -55,9 +55,9 @@ def test_one_calibration_serves_every_timing_of_the_emulated_accelerator():
     for timing in ("[5, 1]", "[6, 0]"):
         emulated = load_config("jobs/configs/grf.toml",
                                ["model.shape=[8, 8]", f"model.emulate_ms={timing}"])
-        assert calibration_key(emulated, model_digest(emulated)) == \
-            calibration_key(plain, model_digest(plain))
+        assert calibration_key(emulated, model_digest(emulated), "cpu") == \
+            calibration_key(plain, model_digest(plain), "cpu")
     other = load_config("jobs/configs/grf.toml", ["model.shape=[8, 8]", "model.length=3.0",
                                                   "model.emulate_ms=[5, 1]"])
-    assert calibration_key(other, model_digest(other)) != calibration_key(plain,
-                                                                          model_digest(plain))
+    assert calibration_key(other, model_digest(other), "cpu") != \
+        calibration_key(plain, model_digest(plain), "cpu")
