@@ -6,9 +6,8 @@ pc-window it varies several-fold between seeds). Calibration runs a few members 
 sequential reference and with the parallel sampler on a ladder of tolerances, loosest first,
 with the same keyed noise, and takes the loosest tolerance whose worst member distance is at
 most half of ``sampler.distance``. The choice is cached (keyed by the model's hash, the
-method, grid, steps, dtype, shape, the other settings that change it and the kind of
-device) in
-``$PIADM_CACHE/calibration.json`` (default ``~/.cache/piadm``), so later runs reuse it; so
+method, grid, steps, dtype, shape, the other settings that change it and the kind of device)
+in ``$PIADM_CACHE/calibration.json`` (default ``~/.cache/piadm``), so later runs reuse it; so
 is a ladder that fell short (``Unreachable``), until ``piadm calibrate`` measures again or a
 setting in the key changes (a longer ladder, say).
 """
