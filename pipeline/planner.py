@@ -1,13 +1,11 @@
-"""``piadm plan`` and ``sampler.method = "auto"``: measure what the cost model of
-``pipeline.plan`` needs on this rank's device, rank every layout, pick the fastest.
+"""``piadm plan`` and ``sampler.method = "auto"``: rank every layout by the cost model of
+``pipeline.plan`` and pick the fastest.
 
-Measured here: the model's cost curve (wall and busy seconds of one call against its batch
-size, with the torch threads a rank of the layout gets), and a profile of every candidate
-sampler setting: rounds and model calls of one member with the run's tolerance (calibrated and
-cached for ``"auto"``), and the sampler's own host seconds per round at the full window and
-at the smallest share a time slice would hold. Profiles are cached beside the calibrations.
-The sequential sampler with ensemble groups is always a candidate, so the plan never picks a
-layout it predicts to be slower.
+What the cost model needs is measured on this rank's device by ``pipeline.profiling``: the
+model's cost curve, and a profile of every candidate sampler setting at the run's tolerance
+(calibrated and cached for ``"auto"``). The sequential sampler with ensemble groups is always
+a candidate, so the plan never picks a layout it predicts to be slower. A store made by a
+plan keeps its choice, and a resumed run takes it again (``stored_plan``).
 """
 from __future__ import annotations
 
@@ -17,22 +15,19 @@ import json
 import math
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.cache import cache_path, read_cache, update_cache
-from pipeline.calibrate import CALIBRATION_ITEM, CANNOT_CALIBRATE, calibration_key, resolve_tol
+from pipeline.calibrate import CANNOT_CALIBRATE, calibration_key, resolve_tol
 from pipeline.config import ConfigError, with_settings
 from pipeline.identity import growth
-from pipeline.layout import cpu_threads, machine_kind
-from pipeline.memory import (available_bytes, field_bytes, format_bytes, is_out_of_memory,
-                             ranks_sharing, sampler_floor)
-from pipeline.noise import Noise
-from pipeline.plan import (CostCurve, Layout, Machine, Prediction, Profile, call_items, layouts,
-                          predict, rank)
-from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS
+from pipeline.layout import cpu_threads
+from pipeline.memory import available_bytes, field_bytes, format_bytes, ranks_sharing, sampler_floor
+from pipeline.plan import Layout, Machine, Prediction, Profile, call_items, layouts, predict, rank
+from pipeline.profiling import cost_curve, profile, state_points
+from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import AUTO_METHODS, Config
 from pipeline.store import ASKED, read_attrs
@@ -50,21 +45,6 @@ QUALITY_REFERENCE = "sequential-ode"  # auto-quality: its quality at sampler.ste
 # One collective stage when the plan cannot time one (a single process): measured with MPICH
 # on one node (an 8-float Allreduce over 8 ranks took 0.1 ms, three stages).
 DEFAULT_LATENCY = 3e-5
-
-# Part of a profile's cache key: a profile of another version has other fields or another
-# meaning (2: the calls by batch size; 3: host time measured around the emulated device's
-# waits; 4: the window samplers' rounds take less host time; 5: one rank scans its window in
-# one pass; 6: the host time's growth with the batch; 7: and a batch's rounds), so it is
-# measured again rather than read.
-PROFILE_VERSION = 7
-
-# A profile's host time is measured on one member and, for a plan of larger batches, again
-# on as many members as its largest batch, at most GROWTH_BATCH and as many as a run of
-# GROWTH_SECONDS affords (the one member's run times the members), at least GROWTH_LEAST:
-# the host time is taken as linear in the members through the two (docs/planning.md).
-GROWTH_BATCH = 64
-GROWTH_SECONDS = 10.0
-GROWTH_LEAST = 4
 
 # A run whose parallel.time_slices rule out a layout predicted this many times faster says so
 FASTER_ELSEWHERE = 1.1
@@ -180,130 +160,6 @@ def settings(pred: Prediction) -> dict:
     return out
 
 
-class _Timed:
-    """A model whose calls are timed (``seconds``), synchronising an accelerator first, and
-    counted by batch size (``sizes``)."""
-
-    def __init__(self, model, device):
-        self.model, self.device, self.seconds = model, torch.device(device), 0.0
-        self.sizes: Counter = Counter()
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def __call__(self, x, u):
-        start = time.perf_counter()
-        self.sizes[x.shape[0]] += 1
-        out = self.model(x, u)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds += time.perf_counter() - start
-        return out
-
-
-def _profile_file():
-    return cache_path("profiles.json")
-
-
-def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: int,
-             members: int = 1):
-    """(Stats, host seconds a round, (points, count) of its model calls, wall seconds) of
-    ``members`` members sampled together by ``method`` at ``param`` over ``steps`` steps."""
-    from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
-
-    s = cfg.sampler
-    s = dataclasses.replace(s, steps=steps, method=method,
-                            window=param if REGISTRY[method].windowed else s.window,
-                            block_size=param if REGISTRY[method].blocked else s.block_size)
-    options = sampler_options(s, tol=tol, data_bound=model_data_bound(model, cfg.model))
-    noise = Noise(s.seed, tuple((CALIBRATION_ITEM, m) for m in range(members)),
-                  tuple(model.shape), DTYPES[s.dtype], device, s.noise)
-    timed = _Timed(model, device)
-    start = time.perf_counter()
-    _, stats = SAMPLERS[method](timed, noise.prior(), sampler_grid(s, model), noise, options=options)
-    wall = time.perf_counter() - start
-    return (stats, max(0.0, wall - timed.seconds) / stats.rounds,
-            tuple(sorted(timed.sizes.items())), wall)
-
-
-def _host_growth(cfg: Config, model, method: str, param: int, tol, device, batch: int,
-                 host: float, wall: float) -> tuple[int, float, int]:
-    """(members, growth, rounds): how many times a round's host work, ``host`` seconds for one
-    member (whose run took ``wall``), grows at ``members`` members sampled together: at most
-    ``batch``, as many as ``GROWTH_SECONDS`` afford, and the batch's rounds; (1, 1.0, 0) where
-    fewer than
-    ``GROWTH_LEAST`` are (a model that costly leaves the host work a small part) or fit in
-    half the device's free memory. Much of it grows with the members: the keyed noise is
-    drawn per member and step."""
-    from pipeline.run import DTYPES
-
-    members = min(batch, int(GROWTH_SECONDS // max(wall, 1e-9)))
-    device = torch.device(device)
-    room = available_bytes(device)
-    one = sampler_floor(method, _state_points(cfg, param), 1,
-                        field_bytes(tuple(model.shape), DTYPES[cfg.sampler.dtype]))
-    if room is not None:  # half of what is free: the model's own calls need room too
-        members = min(members, room[0] // (2 * max(1, one)))
-    if members < min(batch, GROWTH_LEAST) or members < 2 or host <= 0:
-        return 1, 1.0, 0
-    try:
-        stats, many, _, _ = _run_one(cfg, model, method, param, tol, device, cfg.sampler.steps,
-                                     members)
-    except Exception as err:
-        if not is_out_of_memory(err):
-            raise
-        return 1, 1.0, 0  # the plan's own memory check weighs the layouts (_fitting)
-    finally:
-        if device.type == "cuda":  # else the cache it leaves reads as used to later checks
-            torch.cuda.empty_cache()
-    return members, max(1.0, many / host), stats.rounds
-
-
-def _state_points(cfg: Config, param: int) -> int:
-    """The points a member's sampler state holds at window or block ``param`` (0: a
-    sequential sampler, which holds a block's noise at a time)."""
-    return param or min(cfg.sampler.block_size, cfg.sampler.steps)
-
-
-def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: int,
-            model_sha: str, steps: int = 0, batch: int = 1) -> Profile:
-    """Measure (or read from the cache) the profile of ``method`` at ``param``; ``smallest``
-    is the fewest points a time slice would hold, where the host time is measured again;
-    ``steps``: the steps ``cfg`` runs, recorded when they are not the user's (0); ``batch``:
-    the most members a batch of the plan holds, up to which (at most ``GROWTH_BATCH``) the
-    host time's growth is measured (``_host_growth``, cached per batch in the entry)."""
-    key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha, device), method, param, tol,
-                                     smallest, str(device), machine_kind(device),
-                                     list(cfg.model.emulate_ms),
-                                     PROFILE_VERSION, REGISTRY[method].revision]
-                                    ).encode()).hexdigest()
-    entry = read_cache(_profile_file()).get(key)
-    measured = entry is None
-    if measured:
-        stats, host, sizes, wall = _run_one(cfg, model, method, param, tol, device,
-                                            cfg.sampler.steps)
-        points = math.ceil(stats.model_calls / stats.rounds)
-        host_points, hosts = [points], [host]
-        if smallest < points:  # the host work of a rank that holds a small share of the window
-            _, small, _, _ = _run_one(cfg, model, method, smallest, tol, device,
-                                      min(cfg.sampler.steps, 20 * smallest))
-            host_points, hosts = [smallest, points], [small, host]
-        entry = {"rounds": stats.rounds, "calls": stats.model_calls, "host_points": host_points,
-                 "host": hosts, "collectives": 0 if REFERENCE[method] == method else 2,
-                 "calls_by_size": sizes, "wall": wall, "grown": {}}
-    batch = min(batch, GROWTH_BATCH)
-    if batch > 1 and str(batch) not in entry["grown"]:
-        entry["grown"][str(batch)] = _host_growth(cfg, model, method, param, tol, device, batch,
-                                                  entry["host"][-1], entry["wall"])
-        measured = True
-    if measured:
-        update_cache(_profile_file(), key, entry)
-    host_batch, growth, rounds = entry["grown"].get(str(batch), (1, 1.0, 0))
-    return Profile(method, param, tol, entry["rounds"], entry["calls"],
-                   tuple(entry["host_points"]), tuple(entry["host"]), entry["collectives"],
-                   steps, tuple(map(tuple, entry["calls_by_size"])), host_batch, growth, rounds)
-
-
 def quality_steps(cfg: Config, model, device, model_sha: str, say,
                   stopped=lambda: False) -> dict[str, int | None]:
     """``auto-quality``: for each sequential sampler of the family, the fewest steps at which
@@ -337,41 +193,6 @@ def quality_steps(cfg: Config, model, device, model_sha: str, say,
         say(f"    {ref}: {found[ref] or 'out of reach'}")
     update_cache(path, key, found)
     return found
-
-
-def cost_curve(model, shape, dtype, device, sizes, threads: int, repeats: int = 3) -> CostCurve:
-    """Time one model call at each batch size (the least of ``repeats``), with ``threads``
-    torch threads; busy is the CPU time spent, per thread, capped at the wall time. It stops
-    at the first size that runs out of memory (its sizes are then fewer than asked)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    walls, busies = [], []
-    try:
-        for n in sizes:
-            try:
-                x = torch.randn((n, *shape), dtype=dtype, device=device)
-                u = torch.full((n,), 1.0, dtype=dtype, device=device)
-                model(x, u)  # warm-up: allocation, kernel choice
-            except Exception as err:
-                if not is_out_of_memory(err):
-                    raise
-                x = u = None
-                if torch.device(device).type == "cuda":
-                    torch.cuda.empty_cache()
-                break  # the curve stops at the largest call that fits (make_plan says so)
-            best = (math.inf, math.inf)
-            for _ in range(repeats):
-                wall0, cpu0 = time.perf_counter(), time.process_time()
-                model(x, u)
-                if torch.device(device).type == "cuda":
-                    torch.cuda.synchronize(device)
-                wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-                best = min(best, (wall, min(wall, cpu / threads)))
-            walls.append(best[0])
-            busies.append(best[1])
-    finally:
-        torch.set_num_threads(before)
-    return CostCurve(tuple(sizes[: len(walls)]), tuple(walls), tuple(busies))
 
 
 def machine_for(ranks: int, gpus_per_node: int, device, threads: int = 0,
@@ -413,36 +234,8 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
     sha = model_digest(cfg)
     steps = (quality_steps(cfg, base, device, sha, say, stopped)
              if cfg.sampler.method == EQUAL_QUALITY else {})
-    profiles, largest = [], max(_batch_sizes(cfg))
-    for method in methods_of(cfg):
-        mine = cfg
-        if cfg.sampler.method == EQUAL_QUALITY:
-            if steps.get(REFERENCE[method]) is None:
-                continue  # out of reach (said when searched)
-            mine = with_settings(cfg, {"sampler.steps": steps[REFERENCE[method]]})
-        named = with_settings(mine, {"sampler.method": method})
-        for param in params_of(mine, method):
-            # each window or block at its own tolerance: a narrower one needs a tighter tol
-            own = param == _width(named, _configured(named, method))
-            # the configured width as the run keys it
-            at = named if own else with_settings(named, _param_setting(method, param))
-            if stopped():
-                raise Stopped
-            try:
-                tol = resolve_tol(at, base, device=device, say=say, stopped=stopped).tol
-            except CANNOT_CALIBRATE as err:
-                if cfg.sampler.method not in AUTO_METHODS and own:  # the named sampler's own
-                    raise
-                # e.g. a device whose rounding is too coarse
-                say(f"  left out {method}{f' p={param}' if param else ''}: {err}")
-                continue
-            smallest = max(1, math.ceil(param / min(ranks, max(1, param)))) if param else 1
-            prof = profile(at, model, method, param, tol, device, smallest, sha,
-                           mine.sampler.steps if mine is not cfg else 0, largest)
-            say(f"  profiled {method:<15} {'p=' + str(param) if param else '':<6} tol "
-                f"{'-' if tol is None else format(tol, '.1e')}: {mine.sampler.steps} steps, "
-                f"{prof.rounds} rounds, {prof.calls:.0f} calls a member")
-            profiles.append(prof)
+    profiles = _profiles(cfg, model, device, ranks=ranks, sha=sha, steps=steps, say=say,
+                         stopped=stopped)
     if stopped():  # before the model's cost curve is timed
         raise Stopped
     runnable = [(lay, prof) for lay, prof in layouts(profiles, ranks, cfg.ensemble.members,
@@ -475,6 +268,47 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
     return Plan(ranked, sequential, machine)
 
 
+def _profiles(cfg: Config, model, device, *, ranks: int, sha: str, steps: dict, say,
+              stopped) -> list[Profile]:
+    """Every sampler and window or block width of the plan, each at its own tolerance
+    (calibrated or cached; a sampler no tolerance serves is left out, and said), profiled on
+    ``model``; ``steps``: each sequential reference's steps for equal quality, where searched."""
+    from pipeline.calibrate import Stopped
+
+    base = getattr(model, "base", model)
+    profiles, largest = [], max(_batch_sizes(cfg))
+    for method in methods_of(cfg):
+        mine = cfg
+        if cfg.sampler.method == EQUAL_QUALITY:
+            if steps.get(REFERENCE[method]) is None:
+                continue  # out of reach (said when searched)
+            mine = with_settings(cfg, {"sampler.steps": steps[REFERENCE[method]]})
+        named = with_settings(mine, {"sampler.method": method})
+        for param in params_of(mine, method):
+            # each window or block at its own tolerance: a narrower one needs a tighter tol
+            own = param == _width(named, _configured(named, method))
+            # the configured width as the run keys it
+            at = named if own else with_settings(named, _param_setting(method, param))
+            if stopped():
+                raise Stopped
+            try:
+                tol = resolve_tol(at, base, device=device, say=say, stopped=stopped).tol
+            except CANNOT_CALIBRATE as err:
+                if cfg.sampler.method not in AUTO_METHODS and own:  # the named sampler's own
+                    raise
+                # e.g. a device whose rounding is too coarse
+                say(f"  left out {method}{f' p={param}' if param else ''}: {err}")
+                continue
+            smallest = max(1, math.ceil(param / min(ranks, max(1, param)))) if param else 1
+            prof = profile(at, model, method, param, tol, device, smallest, sha,
+                           mine.sampler.steps if mine is not cfg else 0, largest)
+            say(f"  profiled {method:<15} {'p=' + str(param) if param else '':<6} tol "
+                f"{'-' if tol is None else format(tol, '.1e')}: {mine.sampler.steps} steps, "
+                f"{prof.rounds} rounds, {prof.calls:.0f} calls a member")
+            profiles.append(prof)
+    return profiles
+
+
 def _fitting(cfg: Config, pairs, device, machine: Machine, gpus_per_node: int, shape, say):
     """The (layout, profile) pairs whose sampler state fits in a rank's memory
     (``memory.sampler_floor`` against ``memory.available_bytes``), said when some do not; all
@@ -491,7 +325,7 @@ def _fitting(cfg: Config, pairs, device, machine: Machine, gpus_per_node: int, s
     s = cfg.sampler
     one = field_bytes(shape, DTYPES[s.dtype])
     fits = [(lay, p) for lay, p in pairs if sampler_floor(
-        lay.method, _state_points(cfg, lay.param), lay.batch, one,
+        lay.method, state_points(cfg, lay.param), lay.batch, one,
         1 if lay.replicated else lay.time_slices) <= room[0]]
     where = f"{format_bytes(room[0])} {room[1]} per rank"
     fewer = f"run fewer than {sharing} ranks a node, or " if sharing > 1 else ""

@@ -574,23 +574,8 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     in ``out`` (default: next to the store, ``<store>_eval``); returns (metrics, files).
     ``cut``: the finest wavenumber the truth resolves (default: its ``resolved_wavenumber``
     attribute, which piadm generate-data writes, else all)."""
-    from pipeline.figures import fields_figure, rank_figure, residual_figure, spectrum_figure
-
-    for flag, value in (("cut", cut), ("kmax", kmax)):  # the API passes what a script has
-        if value is not None and not (isinstance(value, (int, np.integer))
-                                      and not isinstance(value, bool)):
-            raise EvaluationError(f"--{flag} {value!r}: give a whole number of wavenumbers")
-    if cut is not None and cut < 1:
-        raise EvaluationError(f"--cut {cut}: the truth's finest resolved wavenumber must be >= 1")
-    if kmax is not None and kmax < 1:
-        raise EvaluationError(f"--kmax {kmax}: the largest wavenumber scored must be >= 1 "
-                              "(leave it out for n / 8)")
-    folder = Path(out) if out else Path(str(store).rstrip("/").removesuffix(".zarr") + "_eval")
-    if folder.is_file() or any((folder / name).exists() for name in ("zarr.json", ".zgroup")):
-        kind = "a file" if folder.is_file() else "a Zarr store"
-        raise EvaluationError(f"--out {folder} is {kind}: give a folder for the table and "
-                              "figures (default: the store's name + _eval)")
-    _check_ours(folder)
+    _check_wavenumbers(cut, kmax)
+    folder = _output_folder(store, out)
     ens = _without_channel(open_ensemble(store))
     _check_kmax(kmax, ens)
     shape = ens[_field_variable(ens)].shape[2:]
@@ -628,15 +613,50 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     item_dim = ens[_field_variable(ens)].dims[0]
     if not paired and item_dim != "item":  # a conditioned ensemble: pairing may have been meant
         metrics.attrs["pairing_note"] = f"the truth has no {item_dim} dim to pair by"
+    return metrics, _save(metrics, folder, ens, truth, paired, baseline)
+
+
+def _check_wavenumbers(cut, kmax) -> None:
+    """Refuse a ``cut`` or ``kmax`` that is not a whole number >= 1 (the API passes what a
+    script has)."""
+    for flag, value in (("cut", cut), ("kmax", kmax)):
+        if value is not None and not (isinstance(value, (int, np.integer))
+                                      and not isinstance(value, bool)):
+            raise EvaluationError(f"--{flag} {value!r}: give a whole number of wavenumbers")
+    if cut is not None and cut < 1:
+        raise EvaluationError(f"--cut {cut}: the truth's finest resolved wavenumber must be >= 1")
+    if kmax is not None and kmax < 1:
+        raise EvaluationError(f"--kmax {kmax}: the largest wavenumber scored must be >= 1 "
+                              "(leave it out for n / 8)")
+
+
+def _output_folder(store, out) -> Path:
+    """The folder the evaluation writes (``out``, else ``<store>_eval``), refused where it is a
+    file, a Zarr store, or a folder whose files of the names it writes no evaluation wrote."""
+    folder = Path(out) if out else Path(str(store).rstrip("/").removesuffix(".zarr") + "_eval")
+    if folder.is_file() or any((folder / name).exists() for name in ("zarr.json", ".zgroup")):
+        kind = "a file" if folder.is_file() else "a Zarr store"
+        raise EvaluationError(f"--out {folder} is {kind}: give a folder for the table and "
+                              "figures (default: the store's name + _eval)")
+    _check_ours(folder)
+    return folder
+
+
+def _save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline) -> list[Path]:
+    """Write metrics.json (whole or not at all: it marks the folder as ours), metrics.nc and
+    the figures into ``folder``, removing an earlier evaluation's files this one does not
+    make; the files written."""
+    from pipeline.figures import fields_figure, rank_figure, residual_figure, spectrum_figure
+
     folder.mkdir(parents=True, exist_ok=True)
     document = json.dumps(_as_json(metrics), indent=2, default=str, allow_nan=False)
-    draft = folder / f".metrics.json.{os.getpid()}"  # whole, or not there: it marks the folder
+    draft = folder / f".metrics.json.{os.getpid()}"
     draft.write_text(document)
     os.replace(draft, folder / "metrics.json")
-    metrics.to_netcdf(str(folder / "metrics.nc"), engine="scipy")  # scipy: NetCDF 3, no extra library
+    # scipy: NetCDF 3, no extra library
+    metrics.to_netcdf(str(folder / "metrics.nc"), engine="scipy")
     files = [folder / "metrics.json", folder / "metrics.nc",
-             fields_figure(ens, truth, paired, folder / "fields.png",
-                           inputs=baseline)]
+             fields_figure(ens, truth, paired, folder / "fields.png", inputs=baseline)]
     if "spectrum_ratio" in metrics:
         files.append(spectrum_figure(metrics, folder / "spectrum.png"))
     if "rank_histogram" in metrics:
@@ -645,4 +665,4 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     files += [residuals] if residuals else []
     for name in set(OUTPUTS) - {Path(f).name for f in files}:  # an earlier evaluation's
         (folder / name).unlink(missing_ok=True)  # (after this one's, which replace the rest)
-    return metrics, files
+    return files

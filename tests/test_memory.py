@@ -176,7 +176,7 @@ def test_an_allocation_failure_outside_a_batch_is_one_line_naming_what_to_lower(
 
 
 def test_the_cost_curve_stops_at_the_first_call_that_runs_out_of_memory():
-    from pipeline.planner import cost_curve
+    from pipeline.profiling import cost_curve
 
     def model(x, u):
         if x.shape[0] > 8:

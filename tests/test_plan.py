@@ -435,15 +435,15 @@ def test_an_emulated_model_is_profiled_through_its_waits_and_anew_for_another_la
 
     from models import build_model
     from models.emulate import Emulated
-    from pipeline import planner
+    from pipeline import planner, profiling
     from pipeline.cache import read_cache
 
     monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
     cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
         "model.emulate_ms": [20, 0], "sampler.method": "pc-window", "sampler.window": 8,
         "sampler.tol": 1e-3}))
-    run_one, profiled = planner._run_one, []
-    monkeypatch.setattr(planner, "_run_one",
+    run_one, profiled = profiling._run_one, []
+    monkeypatch.setattr(profiling, "_run_one",
                         lambda c, model, *a: profiled.append(model) or run_one(c, model, *a))
     planner.make_plan(cfg, build_model(cfg.model), "cpu", ranks=1, say=lambda *_: None)
     assert profiled and all(isinstance(model, Emulated) for model in profiled)
@@ -452,17 +452,17 @@ def test_an_emulated_model_is_profiled_through_its_waits_and_anew_for_another_la
         mine = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
             "model.emulate_ms": [latency_ms, 0], "sampler.tol": 1e-3}))
         start = time.perf_counter()
-        prof = planner.profile(mine, build_model(mine.model), "pc-window", 8, 1e-3, "cpu", 8,
+        prof = profiling.profile(mine, build_model(mine.model), "pc-window", 8, 1e-3, "cpu", 8,
                                "a checkpoint's digest")
         return prof, time.perf_counter() - start
 
     prof, seconds = timed_profile(20)
     assert seconds >= prof.rounds * 0.020  # every model call waited
     assert 0 < prof.host[0] < 0.020  # and the waits are not host time
-    entries = len(read_cache(planner._profile_file()))
+    entries = len(read_cache(profiling._profile_file()))
     again, seconds = timed_profile(40)  # the same digest, another latency: measured, not read
     assert seconds >= again.rounds * 0.040
-    assert len(read_cache(planner._profile_file())) == entries + 1
+    assert len(read_cache(profiling._profile_file())) == entries + 1
 
 
 def test_a_profile_is_read_back_on_the_same_machine_kind_and_measured_again_on_another(
@@ -470,22 +470,22 @@ def test_a_profile_is_read_back_on_the_same_machine_kind_and_measured_again_on_a
     """A cache in a home folder is shared by a login node and compute nodes: a profile's host
     times are the machine's, so another CPU (or GPU, or thread count) measures its own."""
     from models import build_model
-    from pipeline import planner
+    from pipeline import profiling
 
     monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
     cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{"sampler.tol": 1e-3}))
     model = build_model(cfg.model)
-    run_one, runs = planner._run_one, []
-    monkeypatch.setattr(planner, "_run_one", lambda *a: runs.append(1) or run_one(*a))
-    profile = lambda: planner.profile(cfg, model, "pc-window", 8, 1e-3, "cpu", 8, "digest")  # noqa: E731
+    run_one, runs = profiling._run_one, []
+    monkeypatch.setattr(profiling, "_run_one", lambda *a: runs.append(1) or run_one(*a))
+    profile = lambda: profiling.profile(cfg, model, "pc-window", 8, 1e-3, "cpu", 8, "digest")  # noqa: E731
     profile()
     measured = len(runs)
     profile()
     assert len(runs) == measured  # the same machine: read back
-    monkeypatch.setattr(planner, "machine_kind", lambda device: "another CPU x1")
+    monkeypatch.setattr(profiling, "machine_kind", lambda device: "another CPU x1")
     profile()
     assert len(runs) == 2 * measured  # another machine kind: measured again
-    assert "x" in planner.machine_kind("cpu").rsplit(" ", 1)[-1]
+    assert "x" in profiling.machine_kind("cpu").rsplit(" ", 1)[-1]
 
 
 def test_a_profile_measures_how_its_host_time_grows_with_the_batch_once_per_batch(
@@ -493,17 +493,17 @@ def test_a_profile_measures_how_its_host_time_grows_with_the_batch_once_per_batc
     """The keyed noise is drawn per member and step: a plan of large batches of a cheap
     model is mostly host time, which one member's run cannot show."""
     from models import build_model
-    from pipeline import planner
+    from pipeline import profiling
 
     monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
     # a field whose per-member work (its draws, its updates) outweighs a step's fixed cost
     cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{"model.shape": [32, 32]}))
     model = build_model(cfg.model)
-    run_one, runs = planner._run_one, []
-    monkeypatch.setattr(planner, "_run_one",
+    run_one, runs = profiling._run_one, []
+    monkeypatch.setattr(profiling, "_run_one",
                         lambda *a: runs.append(a[7] if len(a) > 7 else 1) or run_one(*a))
     def profile(batch):
-        return planner.profile(cfg, model, "sequential-sde", 0, None, "cpu", 1, "digest",
+        return profiling.profile(cfg, model, "sequential-sde", 0, None, "cpu", 1, "digest",
                                batch=batch)
 
     one = profile(1)
