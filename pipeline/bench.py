@@ -281,7 +281,7 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
     per method over several seeds). ``name_bound``: first print the field's S, when it has one
     (off for callers that bench one shape method by method); ``built``: ``shaped_model``'s
     answer for the shape, when the caller has it."""
-    from pipeline.ensemble import first_item_model
+    from pipeline.run_items import first_item_model
 
     shaped, model = built or shaped_model(cfg, shape, device)
     shape = shaped.model.shape

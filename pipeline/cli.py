@@ -326,7 +326,7 @@ def _cmd_calibrate(args, world) -> int:
 
 def _cmd_plan(args, world) -> int:
     from models import build_model
-    from pipeline.ensemble import first_item_model
+    from pipeline.run_items import first_item_model
     from pipeline.planner import make_plan, settings, table, describe
 
     _output_file("--json", args.json, "plan.json")

@@ -6,7 +6,8 @@ import torch
 
 from models import build_model
 from pipeline.config import ConfigError, with_settings
-from pipeline.ensemble import check_output, checked_items
+from pipeline.run_items import checked_items
+from pipeline.store_match import check_output
 from pipeline.equal_quality import check_measurable
 from pipeline.identity import growth, store_digests
 from pipeline.inputs import label_text
@@ -89,7 +90,7 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
 def _store_fate(cfg: Config, items, device="cpu") -> tuple[str, bool, int | None]:
     """What a run of ``cfg`` (for a resumed ``"auto"`` store, the config its plan makes)
     would do with the store at output.path, by the run's own start-up checks
-    (``pipeline.ensemble.check_output``), whether it would go ahead, and the store's batches
+    (``pipeline.store_match.check_output``), whether it would go ahead, and the store's batches
     when it would resume it (None: it would make them). ``items``: the input's selection
     (``inputs.Items``), which a resumed store must have been made with."""
     path = cfg.output.path

@@ -20,36 +20,34 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models import OWN_KINDS, build_model
-from models.conditioning import CONDITIONS
+from models import build_model
 from pipeline.calibrate import Calibration, resolve_tol
-from pipeline.choices import FIELD_DIMS
 from pipeline.claimed import claimed_calls, stop_agreed
 from pipeline.claims import Heartbeat, batch_key, claims_dir, holding, holds, new_job_id
 from pipeline.comm import SerialComm
-from pipeline.config import ConfigError, store_differences
 from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
 from pipeline.errors import OutOfMemory, WriteFailed, naming
-from pipeline.inputs import (Items, label_text, open_items, renamed_attrs, same_fingerprint,
-                             unconditional)
+from pipeline.inputs import Items, label_text
 from pipeline.identity import growth, store_digests, target_fate
 from pipeline.layout import RankGrid, made_on, rank_grid
-from pipeline.memory import field_bytes, gpu_identity, is_out_of_memory, ranks_sharing
+from pipeline.memory import gpu_identity, is_out_of_memory, ranks_sharing
 from pipeline.memory_check import check_memory, round_points
 from pipeline.noise import Noise
 from pipeline.progress import Progress
-from pipeline.run import (DTYPES, MODEL_SOURCE, member_batches, model_data_bound, model_digest,
-                          provenance, residual_length, sample_batch, sampler_grid, sampler_options)
+from pipeline.run import (DTYPES, member_batches, model_data_bound, sample_batch, sampler_grid,
+                          sampler_options)
+from pipeline.run_items import (bind_field, bind_first_item, checked_items, field_scale,
+                                first_item_model, load_items, measured_items, store_spec,
+                                store_variable)
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
-from pipeline.store import (ASKED, FIELD_SCALE, INPUT_FINGERPRINT, MEMBER_BATCH, StoreExists,
-                            StoreSpec, done_members, finalize, member_batch, member_chunk,
-                            open_store, read_attrs, stored_attribute, write_batch)
-from pipeline.target import (check_idle, check_room, check_writable, delete_leftovers,
-                             open_or_create, upgrade_identity)
+from pipeline.store import (ASKED, StoreExists, StoreSpec, done_members, finalize, member_batch,
+                            read_attrs, stored_attribute, write_batch)
+from pipeline.store_match import check_output
+from pipeline.target import delete_leftovers, open_or_create, upgrade_identity
 from pipeline.validation import check_variable
 from pipeline.work import batch_note, call_batch, work_list, write_runs
 from pipeline.writer import make_writer
@@ -75,151 +73,6 @@ class Summary:
     preempted: bool
     fallbacks: int = 0
     began: bool = True  # False: a stop signal came during start-up, and nothing was written
-
-
-def load_items(cfg: Config, *, check: bool, model=None) -> Items:
-    """The run's work items: the input selection (validated when ``check``, against the
-    conditioning shape ``model`` was trained on when it records one), or one item."""
-    i = cfg.input
-    if not i.path:
-        return unconditional()
-    return open_items(i.path, variable=i.variable, dim=i.item_dim, items=i.items, span=i.range,
-                      shape=tuple(cfg.model.shape), check=check,
-                      coarse=cfg.model.condition == "coarse",
-                      cond_shape=getattr(model, "cond_shape", None))
-
-
-def store_variable(cfg: Config, trained_on: str | None) -> str:
-    """The name of the ensemble's field in its store: output.variable, else the variable a
-    learned model was trained on (``trained_on``), else the input variable (exact models),
-    else ``field``."""
-    return cfg.output.variable or trained_on or cfg.input.variable or "field"
-
-
-def field_scale(model, mean: float, std: float) -> tuple[float, float]:
-    """The (mean, std) a model's fields are in (data = mean + std x model units): a learned
-    model's training normalisation; a user's network's own units, (0, 1) (``own_units``),
-    which must not move with the input's selection; else the input's ``mean`` and ``std``
-    (an exact model is defined on unit-variance fields)."""
-    if getattr(model, "data_mean", None) is not None:
-        return float(model.data_mean), float(model.data_std)
-    if getattr(model, "own_units", False):
-        return 0.0, 1.0
-    return float(mean), float(std)
-
-
-def _grid_coords(grid: dict, names: tuple[str, ...]) -> dict:
-    """A learned model's training ``grid`` (``models.grid.grid_of``) as the store's field
-    coordinates {dim: (values, attrs)} on its dims ``names``: by position where the training
-    data named them otherwise (lat, lon for y, x), that name kept in ``input_dim``."""
-    recorded = grid.get("coords", {})
-    dims = grid.get("dims") or list(recorded)  # an older sidecar's: the dims with coordinates
-    if len(dims) != len(names):
-        return {d: (np.asarray(c["values"]), c["attrs"]) for d, c in recorded.items()
-                if d in names}
-    to_ours = dict(zip(dims, names))
-    return {to_ours[d]: (np.asarray(c["values"]), renamed_attrs(d, to_ours[d], dict(c["attrs"])))
-            for d, c in recorded.items() if d in to_ours}
-
-
-def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
-               trained_on: str | None = None, grid: dict | None = None,
-               scale: tuple[float, float] | None = None) -> StoreSpec:
-    """The store ``cfg`` fills, with the input's statistics in its provenance and the
-    ``scale`` (``field_scale``) its fields are in; its field named by ``store_variable``."""
-    variable = store_variable(cfg, trained_on)
-    attrs = provenance(cfg)
-    attrs.update(input_path=cfg.input.path, input_mean=items.mean, input_std=items.std)
-    if scale is not None:
-        attrs[FIELD_SCALE] = list(scale)
-    if items.fingerprint:  # what a resume checks its input against (_check_same_input)
-        attrs[INPUT_FINGERPRINT] = list(items.fingerprint)
-    attrs[MEMBER_BATCH] = cfg.ensemble.batch_size  # the unit of work of every run that fills it
-    # coordinates: the item dim's from the input; the field's from the model's training grid
-    # (a learned model), else from an input on the same grid
-    coords = items.coords(coarse=cfg.model.condition == "coarse")
-    grid = grid or {}
-    coords.update(_grid_coords(grid, FIELD_DIMS.get(len(shape), ())))
-    field_attrs = {**items.field_attrs(), **grid.get("attrs", {})}
-    return StoreSpec(cfg.output.path, items.dim, items.labels, cfg.ensemble.members,
-                     member_chunk(cfg.ensemble.batch_size,
-                                  field_bytes(shape, DTYPES[cfg.sampler.dtype])), variable, shape,
-                     cfg.sampler.dtype, cfg.store_digest, attrs,
-                     sweeps=residual_length(cfg.sampler),
-                     coords=coords, field_attrs=field_attrs)
-
-
-def check_only(only: tuple[int, ...], count: int) -> None:
-    """Raise ConfigError when ``parallel.items`` (``only``) goes past the ``count`` items."""
-    if any(i >= count for i in only):
-        raise ConfigError(f"config: parallel.items {list(only)} goes past the {count} items of "
-                          f"the input selection: use indices 0 .. {count - 1}")
-
-
-def checked_items(cfg: Config, model):
-    """The run's items after the checks that need the model (the run's and its dry run's):
-    the sampler's grid (a scheduler's own may refuse sampler.steps), the input against the
-    model, a conditioned network bound to the first item, and parallel.items."""
-    sampler_grid(cfg.sampler, model)
-    items = load_items(cfg, check=True, model=model)
-    check_bound_network(cfg, model, items)
-    check_only(cfg.parallel.items, len(items.labels))
-    return items
-
-
-def _check_same_network(cfg: Config, held: dict) -> None:
-    """Refuse to resume or grow, from its attributes ``held``, a store of a user's network
-    that an older piadm sampled with its fields scaled by the input selection's statistics
-    (``field_scale``: where they were not 0 and 1), or, a module's, whose code file has
-    changed since (a store made before it was recorded is not checked)."""
-    if cfg.model.kind not in OWN_KINDS:
-        return
-    scaled = (float(held.get("input_mean", 0.0)), float(held.get("input_std", 1.0))) != (0, 1)
-    if FIELD_SCALE not in held and scaled:
-        raise StoreExists(
-            f"output {cfg.output.path} was sampled by an older piadm, which scaled the "
-            "network's condition and fields by the input selection's mean and std (it now "
-            "takes them in the input's own units): its members would not match the rest; set "
-            "output.overwrite = true to sample it anew, or choose another output.path")
-    if cfg.model.kind != "module" or not held.get(MODEL_SOURCE):
-        return
-    from models.module import source_digest, source_file
-
-    now = source_digest(cfg.model)
-    if now != held[MODEL_SOURCE]:
-        raise StoreExists(
-            f"output {cfg.output.path} was made by this configuration with other network code "
-            f"({source_file(cfg.model) or cfg.model.target} has changed since: "
-            f"{held[MODEL_SOURCE][:12]}, now {now[:12] or 'none'}): put the original back to "
-            "resume it, choose another output.path, or set output.overwrite = true to "
-            "replace it")
-
-
-def _check_same_noise(cfg: Config, held: dict, device) -> None:
-    """Refuse to resume or grow, from its attributes ``held``, a store of device noise
-    (``sampler.noise = "device"``: torch's generator, whose numbers depend on the device type,
-    on a GPU its model too (how many threads a large draw is spread over), and the torch
-    version) made on another of these: its new members' noise would come from other streams
-    than its keys promise (what a store did not record is not checked)."""
-    if held.get("sampler_noise") != "device":
-        return
-    was_torch = held.get("torch_version")
-    was = _noise_device(str(held.get("made_on", "")))
-    now = _noise_device(made_on(device))
-    if (was_torch and was_torch != torch.__version__) or (was and was != now):
-        raise StoreExists(
-            f"output {cfg.output.path} was sampled with sampler.noise = 'device' on "
-            f"{was or 'a device'} with torch {was_torch}, and this run has {now} with torch "
-            f"{torch.__version__}: device noise differs between them, so its members would "
-            "not match the rest; resume it where it was made, choose another output.path, or "
-            "set output.overwrite = true to replace it")
-
-
-def _noise_device(made_on: str) -> str:
-    """What device noise depends on in a ``made_on`` ("cuda: NAME xTHREADS"): the device
-    type, and a GPU's model; "" where none was recorded."""
-    kind, _, name = made_on.partition(": ")
-    return f"{kind}: {name.rsplit(' x', 1)[0]}" if kind == "cuda" else kind
 
 
 def _check_early(cfg: Config, model, device) -> tuple[float, float, tuple[float, ...]]:
@@ -249,76 +102,6 @@ def memory_sharing(world, device) -> int:
         return ranks_sharing(world.local_layout()[1], device)
     mine = (platform.node(), gpu_identity(device))
     return sum(other == mine for other in world.allgather_object(mine))
-
-
-def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
-    """What the run does with its store at output.path (``target.check_target``'s fate),
-    after the checks that fate needs: a new store's folder must take it, a replaced one
-    must have no live job filling it, nor an older piadm's store brought up to date
-    (``upgrade``) nor one grown to more members (``grow``), and a resumed or grown one must
-    find the input ``items`` it was conditioned on: their labels, and the fields by their
-    fingerprint (``inputs.fingerprint``; empty: not read). Raises StoreExists or OSError
-    naming the problem."""
-    fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
-                          differs=lambda text: store_differences(cfg, text))
-    if fate in ("resume", "upgrade", "grow"):
-        held = read_attrs(cfg.output.path) or {}
-        _check_same_network(cfg, held)
-        _check_same_noise(cfg, held, device)
-    if fate in ("resume", "upgrade", "grow") and items is not None and cfg.input.path:
-        _check_same_items(cfg, items.labels)
-        if items.fingerprint:
-            _check_same_input(cfg, items.fingerprint)
-    if fate == "create":  # found now, not when the store is made after a calibration
-        check_writable(cfg.output.path)
-    if fate in ("create", "replace", "grow"):  # before a typo's store fills the disk
-        one = field_bytes(tuple(cfg.model.shape), DTYPES[cfg.sampler.dtype])
-        count = 1 if items is None else len(items.labels)
-        kept = done_members(cfg.output.path).shape[1] if fate == "grow" else 0
-        check_room(cfg.output.path, one, count * cfg.ensemble.members, held=count * kept,
-                   replaced=fate == "replace")
-    if fate == "replace":
-        check_idle(cfg.output.path)
-    if fate == "upgrade":
-        check_idle(cfg.output.path, "brings an older piadm's store up to date")
-    if fate == "grow":
-        check_idle(cfg.output.path, "grows a store")
-    return fate
-
-
-def _check_same_items(cfg: Config, labels: np.ndarray) -> None:
-    """Refuse to resume a store whose items are not the input's selection now (times added
-    to the input within input.range, say): the arrays have the store's items."""
-    dim = cfg.input.item_dim
-    held = open_store(cfg.output.path)[dim].values
-    if len(held) == len(labels) and (held == labels).all():
-        return
-    span = lambda v: (f"{len(v)} ({label_text(v[0])} .. {label_text(v[-1])})"  # noqa: E731
-                      if len(v) else "0")
-    raise StoreExists(
-        f"output {cfg.output.path} holds the {dim} items {span(held)} and the selection of "
-        f"input {cfg.input.path} is now {span(labels)}: select the store's items with "
-        "input.items or input.range, or write the new selection to another output.path")
-
-
-def _check_same_input(cfg: Config, now: tuple[float, ...]) -> None:
-    """Refuse to resume a store whose conditioning input changed since it was made (data
-    regenerated or edited in place): its members so far were drawn for the old fields, the
-    rest would be for the new ones. A store made before piadm recorded this fingerprint is
-    not checked."""
-    then = (read_attrs(cfg.output.path) or {}).get(INPUT_FINGERPRINT)
-    if then is None or len(then) != len(now) or same_fingerprint(then, now):
-        return
-    raise StoreExists(
-        f"output {cfg.output.path}: its members were conditioned on the {cfg.input.variable} "
-        f"fields of input {cfg.input.path} as they were when it was made (their fingerprint, "
-        f"the attribute {INPUT_FINGERPRINT}: {_short(then)}), and they have changed since "
-        f"({_short(now)}): restore that input, or write the ensemble of the new one to "
-        "another output.path")
-
-
-def _short(values) -> str:
-    return "[" + ", ".join(f"{v:.9g}" for v in values) + "]"
 
 
 def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
@@ -357,53 +140,6 @@ def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: boo
              bind_first_item(cfg, model, measured_items(cfg, stats), device))
     return resolve_tol(cfg, bound, device=device, stored=stored, force=force, say=say,
                        stopped=stopped)
-
-
-def measured_items(cfg: Config, stats: tuple):
-    """The run's items, read lazily, with the (mean, std, fingerprint) ``_check_early``
-    measured in its one pass over them."""
-    return dataclasses.replace(load_items(cfg, check=False), mean=stats[0], std=stats[1],
-                               fingerprint=stats[2])
-
-
-def check_bound_network(cfg: Config, model, items) -> None:
-    """A conditioned network of one's own (``module``, ``diffusers``), bound to the first
-    item's input, called once as ``models.module.check_output`` calls an unconditioned one:
-    a network that takes no condition, or fields of another shape, is a one-line error
-    before the store is made, not a traceback at its first batch."""
-    if cfg.model.kind not in OWN_KINDS or cfg.model.condition == "none":
-        return
-    from models.module import check_output as call_once
-
-    what = (f"model.target = {cfg.model.target!r}" if cfg.model.kind == "module" else
-            f"model.path = {cfg.model.path!r}") + f" given its {cfg.model.condition} input"
-    call_once(bind_first_item(cfg, model, items, "cpu"), tuple(cfg.model.shape), what,
-              takes="(x, t, cond), the upsampled coarse field as its third argument (a plain "
-                    "diffusers UNet2DModel takes none)")
-
-
-def first_item_model(cfg: Config, model, device):
-    """``model`` as the store's first item samples it: bound to that item's conditioning
-    input when the model is conditioned (calibration and the bench use it), else itself.
-    The store's first, not this job's (``parallel.items``): jobs that fill one store
-    calibrate alike, and share the calibration their key names."""
-    if not cfg.input.path:
-        return model
-    return bind_first_item(cfg, model, load_items(cfg, check=True, model=model), device)
-
-
-def bind_first_item(cfg: Config, model, items, device):
-    """``first_item_model`` with the run's ``items`` (``load_items``) already read."""
-    if not cfg.input.path:
-        return model
-    mean, std = field_scale(model, items.mean, items.std)
-    return _bind(model, cfg.model.condition, (items.field(0) - mean) / std, device)
-
-
-def _bind(model, condition: str, field: np.ndarray | None, device):
-    if field is None:
-        return model
-    return CONDITIONS[condition](model, torch.as_tensor(field, device=device))
 
 
 def not_begun(path: str) -> Summary:
@@ -523,7 +259,7 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
                                            bar, items, spec.path, job):
             if item != bound_item:  # the work is ordered by item: read each input once
                 raw = items.field(item)
-                bound = _bind(model, cfg.model.condition,
+                bound = bind_field(model, cfg.model.condition,
                               None if raw is None else (raw - mean) / std, device)
                 bound_item = item
             noise = Noise.members(s.seed, item, members, model.shape, DTYPES[s.dtype], device,

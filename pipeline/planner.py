@@ -509,7 +509,7 @@ def resolve_plan(cfg: Config, world, device, stopped=lambda: False) -> tuple[Con
     its measurements with ``calibrate.Stopped`` on every rank."""
     from models import build_model
     from pipeline.console import on_rank0, say, tag
-    from pipeline.ensemble import first_item_model
+    from pipeline.run_items import first_item_model
 
     latency = collective_latency(world)
     gpus = torch.cuda.device_count() if torch.device(device).type == "cuda" else 0

@@ -656,7 +656,7 @@ def test_a_job_that_waited_for_another_growth_grows_from_there_or_is_refused(
     """Two jobs asking 40 and 60 members find a store of 3 together; the first grows it, the
     other, once it holds the lock, finds the store as it is then: from 40 it grows to 60,
     from 60 it refuses 40 as fewer."""
-    from pipeline.ensemble import load_items, store_spec
+    from pipeline.run_items import load_items, store_spec
     from pipeline.identity import growth
     from pipeline.target import _grow
 
@@ -861,7 +861,7 @@ def test_jobs_of_one_store_calibrate_on_its_first_item_whichever_items_they_fill
     import torch
 
     from models import build_model
-    from pipeline.ensemble import first_item_model
+    from pipeline.run_items import first_item_model
 
     def bound(items):
         sets = conditional_sets(input_store, tmp_path / "s.zarr", f"parallel.items={items}")

@@ -62,7 +62,7 @@ def test_a_training_grid_named_otherwise_gives_the_store_its_coordinates_by_posi
     """A network trained on (time, lat, lon) fields recorded its grid under those names: the
     store's y and x take it, as they take an input's."""
     from pipeline.config import load_config
-    from pipeline.ensemble import store_spec
+    from pipeline.run_items import store_spec
     from pipeline.inputs import unconditional
 
     cfg = load_config("jobs/configs/grf.toml", ["model.shape=[4, 4]"])

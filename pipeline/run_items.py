@@ -1,0 +1,159 @@
+"""A run's work items and what is built from them: the input selection (or the one item of
+an unconditional run), the store they fill (``store_spec``), and the model bound to the first
+item's conditioning input, on which calibration and the bench run.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from models import OWN_KINDS
+from models.conditioning import CONDITIONS
+from pipeline.choices import FIELD_DIMS
+from pipeline.config import ConfigError
+from pipeline.inputs import Items, open_items, renamed_attrs, unconditional
+from pipeline.memory import field_bytes
+from pipeline.run import DTYPES, provenance, residual_length, sampler_grid
+from pipeline.settings import Config
+from pipeline.store import FIELD_SCALE, INPUT_FINGERPRINT, MEMBER_BATCH, StoreSpec, member_chunk
+
+
+def load_items(cfg: Config, *, check: bool, model=None) -> Items:
+    """The run's work items: the input selection (validated when ``check``, against the
+    conditioning shape ``model`` was trained on when it records one), or one item."""
+    i = cfg.input
+    if not i.path:
+        return unconditional()
+    return open_items(i.path, variable=i.variable, dim=i.item_dim, items=i.items, span=i.range,
+                      shape=tuple(cfg.model.shape), check=check,
+                      coarse=cfg.model.condition == "coarse",
+                      cond_shape=getattr(model, "cond_shape", None))
+
+
+def store_variable(cfg: Config, trained_on: str | None) -> str:
+    """The name of the ensemble's field in its store: output.variable, else the variable a
+    learned model was trained on (``trained_on``), else the input variable (exact models),
+    else ``field``."""
+    return cfg.output.variable or trained_on or cfg.input.variable or "field"
+
+
+def field_scale(model, mean: float, std: float) -> tuple[float, float]:
+    """The (mean, std) a model's fields are in (data = mean + std x model units): a learned
+    model's training normalisation; a user's network's own units, (0, 1) (``own_units``),
+    which must not move with the input's selection; else the input's ``mean`` and ``std``
+    (an exact model is defined on unit-variance fields)."""
+    if getattr(model, "data_mean", None) is not None:
+        return float(model.data_mean), float(model.data_std)
+    if getattr(model, "own_units", False):
+        return 0.0, 1.0
+    return float(mean), float(std)
+
+
+def _grid_coords(grid: dict, names: tuple[str, ...]) -> dict:
+    """A learned model's training ``grid`` (``models.grid.grid_of``) as the store's field
+    coordinates {dim: (values, attrs)} on its dims ``names``: by position where the training
+    data named them otherwise (lat, lon for y, x), that name kept in ``input_dim``."""
+    recorded = grid.get("coords", {})
+    dims = grid.get("dims") or list(recorded)  # an older sidecar's: the dims with coordinates
+    if len(dims) != len(names):
+        return {d: (np.asarray(c["values"]), c["attrs"]) for d, c in recorded.items()
+                if d in names}
+    to_ours = dict(zip(dims, names))
+    return {to_ours[d]: (np.asarray(c["values"]), renamed_attrs(d, to_ours[d], dict(c["attrs"])))
+            for d, c in recorded.items() if d in to_ours}
+
+
+def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
+               trained_on: str | None = None, grid: dict | None = None,
+               scale: tuple[float, float] | None = None) -> StoreSpec:
+    """The store ``cfg`` fills, with the input's statistics in its provenance and the
+    ``scale`` (``field_scale``) its fields are in; its field named by ``store_variable``."""
+    variable = store_variable(cfg, trained_on)
+    attrs = provenance(cfg)
+    attrs.update(input_path=cfg.input.path, input_mean=items.mean, input_std=items.std)
+    if scale is not None:
+        attrs[FIELD_SCALE] = list(scale)
+    if items.fingerprint:  # what a resume checks its input against (_check_same_input)
+        attrs[INPUT_FINGERPRINT] = list(items.fingerprint)
+    attrs[MEMBER_BATCH] = cfg.ensemble.batch_size  # the unit of work of every run that fills it
+    # coordinates: the item dim's from the input; the field's from the model's training grid
+    # (a learned model), else from an input on the same grid
+    coords = items.coords(coarse=cfg.model.condition == "coarse")
+    grid = grid or {}
+    coords.update(_grid_coords(grid, FIELD_DIMS.get(len(shape), ())))
+    field_attrs = {**items.field_attrs(), **grid.get("attrs", {})}
+    return StoreSpec(cfg.output.path, items.dim, items.labels, cfg.ensemble.members,
+                     member_chunk(cfg.ensemble.batch_size,
+                                  field_bytes(shape, DTYPES[cfg.sampler.dtype])), variable, shape,
+                     cfg.sampler.dtype, cfg.store_digest, attrs,
+                     sweeps=residual_length(cfg.sampler),
+                     coords=coords, field_attrs=field_attrs)
+
+
+def check_only(only: tuple[int, ...], count: int) -> None:
+    """Raise ConfigError when ``parallel.items`` (``only``) goes past the ``count`` items."""
+    if any(i >= count for i in only):
+        raise ConfigError(f"config: parallel.items {list(only)} goes past the {count} items of "
+                          f"the input selection: use indices 0 .. {count - 1}")
+
+
+def checked_items(cfg: Config, model):
+    """The run's items after the checks that need the model (the run's and its dry run's):
+    the sampler's grid (a scheduler's own may refuse sampler.steps), the input against the
+    model, a conditioned network bound to the first item, and parallel.items."""
+    sampler_grid(cfg.sampler, model)
+    items = load_items(cfg, check=True, model=model)
+    check_bound_network(cfg, model, items)
+    check_only(cfg.parallel.items, len(items.labels))
+    return items
+
+
+def measured_items(cfg: Config, stats: tuple):
+    """The run's items, read lazily, with the (mean, std, fingerprint) ``_check_early``
+    measured in its one pass over them."""
+    return dataclasses.replace(load_items(cfg, check=False), mean=stats[0], std=stats[1],
+                               fingerprint=stats[2])
+
+
+def check_bound_network(cfg: Config, model, items) -> None:
+    """A conditioned network of one's own (``module``, ``diffusers``), bound to the first
+    item's input, called once as ``models.module.check_output`` calls an unconditioned one:
+    a network that takes no condition, or fields of another shape, is a one-line error
+    before the store is made, not a traceback at its first batch."""
+    if cfg.model.kind not in OWN_KINDS or cfg.model.condition == "none":
+        return
+    from models.module import check_output as call_once
+
+    what = (f"model.target = {cfg.model.target!r}" if cfg.model.kind == "module" else
+            f"model.path = {cfg.model.path!r}") + f" given its {cfg.model.condition} input"
+    call_once(bind_first_item(cfg, model, items, "cpu"), tuple(cfg.model.shape), what,
+              takes="(x, t, cond), the upsampled coarse field as its third argument (a plain "
+                    "diffusers UNet2DModel takes none)")
+
+
+def first_item_model(cfg: Config, model, device):
+    """``model`` as the store's first item samples it: bound to that item's conditioning
+    input when the model is conditioned (calibration and the bench use it), else itself.
+    The store's first, not this job's (``parallel.items``): jobs that fill one store
+    calibrate alike, and share the calibration their key names."""
+    if not cfg.input.path:
+        return model
+    return bind_first_item(cfg, model, load_items(cfg, check=True, model=model), device)
+
+
+def bind_first_item(cfg: Config, model, items, device):
+    """``first_item_model`` with the run's ``items`` (``load_items``) already read."""
+    if not cfg.input.path:
+        return model
+    mean, std = field_scale(model, items.mean, items.std)
+    return bind_field(model, cfg.model.condition, (items.field(0) - mean) / std, device)
+
+
+def bind_field(model, condition: str, field: np.ndarray | None, device):
+    """``model`` given one item's conditioning ``field`` (model units, the item's shape) by
+    ``condition``'s wrapper on ``device``; ``model`` itself where the item has none."""
+    if field is None:
+        return model
+    return CONDITIONS[condition](model, torch.as_tensor(field, device=device))

@@ -1,0 +1,148 @@
+"""Whether a run may write into the store at output.path, and how: a new store's folder must
+take it, a replaced one must have no live job filling it, and a store resumed or grown must
+have been made by the same network, noise and conditioning input that the run has now.
+
+Each refusal is a ``StoreExists`` (or OSError) naming the problem and the fix, raised before
+anything is written.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models import OWN_KINDS
+from pipeline.config import store_differences
+from pipeline.identity import target_fate
+from pipeline.inputs import Items, label_text, same_fingerprint
+from pipeline.layout import made_on
+from pipeline.memory import field_bytes
+from pipeline.run import DTYPES, MODEL_SOURCE, model_digest
+from pipeline.settings import Config
+from pipeline.store import (FIELD_SCALE, INPUT_FINGERPRINT, StoreExists, done_members,
+                            open_store, read_attrs)
+from pipeline.target import check_idle, check_room, check_writable
+
+
+def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
+    """What the run does with its store at output.path (``target.check_target``'s fate),
+    after the checks that fate needs: a new store's folder must take it, a replaced one
+    must have no live job filling it, nor an older piadm's store brought up to date
+    (``upgrade``) nor one grown to more members (``grow``), and a resumed or grown one must
+    find the input ``items`` it was conditioned on: their labels, and the fields by their
+    fingerprint (``inputs.fingerprint``; empty: not read). Raises StoreExists or OSError
+    naming the problem."""
+    fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
+                          differs=lambda text: store_differences(cfg, text))
+    if fate in ("resume", "upgrade", "grow"):
+        held = read_attrs(cfg.output.path) or {}
+        _check_same_network(cfg, held)
+        _check_same_noise(cfg, held, device)
+    if fate in ("resume", "upgrade", "grow") and items is not None and cfg.input.path:
+        _check_same_items(cfg, items.labels)
+        if items.fingerprint:
+            _check_same_input(cfg, items.fingerprint)
+    if fate == "create":  # found now, not when the store is made after a calibration
+        check_writable(cfg.output.path)
+    if fate in ("create", "replace", "grow"):  # before a typo's store fills the disk
+        one = field_bytes(tuple(cfg.model.shape), DTYPES[cfg.sampler.dtype])
+        count = 1 if items is None else len(items.labels)
+        kept = done_members(cfg.output.path).shape[1] if fate == "grow" else 0
+        check_room(cfg.output.path, one, count * cfg.ensemble.members, held=count * kept,
+                   replaced=fate == "replace")
+    if fate == "replace":
+        check_idle(cfg.output.path)
+    if fate == "upgrade":
+        check_idle(cfg.output.path, "brings an older piadm's store up to date")
+    if fate == "grow":
+        check_idle(cfg.output.path, "grows a store")
+    return fate
+
+
+def _check_same_network(cfg: Config, held: dict) -> None:
+    """Refuse to resume or grow, from its attributes ``held``, a store of a user's network
+    that an older piadm sampled with its fields scaled by the input selection's statistics
+    (``field_scale``: where they were not 0 and 1), or, a module's, whose code file has
+    changed since (a store made before it was recorded is not checked)."""
+    if cfg.model.kind not in OWN_KINDS:
+        return
+    scaled = (float(held.get("input_mean", 0.0)), float(held.get("input_std", 1.0))) != (0, 1)
+    if FIELD_SCALE not in held and scaled:
+        raise StoreExists(
+            f"output {cfg.output.path} was sampled by an older piadm, which scaled the "
+            "network's condition and fields by the input selection's mean and std (it now "
+            "takes them in the input's own units): its members would not match the rest; set "
+            "output.overwrite = true to sample it anew, or choose another output.path")
+    if cfg.model.kind != "module" or not held.get(MODEL_SOURCE):
+        return
+    from models.module import source_digest, source_file
+
+    now = source_digest(cfg.model)
+    if now != held[MODEL_SOURCE]:
+        raise StoreExists(
+            f"output {cfg.output.path} was made by this configuration with other network code "
+            f"({source_file(cfg.model) or cfg.model.target} has changed since: "
+            f"{held[MODEL_SOURCE][:12]}, now {now[:12] or 'none'}): put the original back to "
+            "resume it, choose another output.path, or set output.overwrite = true to "
+            "replace it")
+
+
+def _check_same_noise(cfg: Config, held: dict, device) -> None:
+    """Refuse to resume or grow, from its attributes ``held``, a store of device noise
+    (``sampler.noise = "device"``: torch's generator, whose numbers depend on the device type,
+    on a GPU its model too (how many threads a large draw is spread over), and the torch
+    version) made on another of these: its new members' noise would come from other streams
+    than its keys promise (what a store did not record is not checked)."""
+    if held.get("sampler_noise") != "device":
+        return
+    was_torch = held.get("torch_version")
+    was = _noise_device(str(held.get("made_on", "")))
+    now = _noise_device(made_on(device))
+    if (was_torch and was_torch != torch.__version__) or (was and was != now):
+        raise StoreExists(
+            f"output {cfg.output.path} was sampled with sampler.noise = 'device' on "
+            f"{was or 'a device'} with torch {was_torch}, and this run has {now} with torch "
+            f"{torch.__version__}: device noise differs between them, so its members would "
+            "not match the rest; resume it where it was made, choose another output.path, or "
+            "set output.overwrite = true to replace it")
+
+
+def _noise_device(made_on: str) -> str:
+    """What device noise depends on in a ``made_on`` ("cuda: NAME xTHREADS"): the device
+    type, and a GPU's model; "" where none was recorded."""
+    kind, _, name = made_on.partition(": ")
+    return f"{kind}: {name.rsplit(' x', 1)[0]}" if kind == "cuda" else kind
+
+
+def _check_same_items(cfg: Config, labels: np.ndarray) -> None:
+    """Refuse to resume a store whose items are not the input's selection now (times added
+    to the input within input.range, say): the arrays have the store's items."""
+    dim = cfg.input.item_dim
+    held = open_store(cfg.output.path)[dim].values
+    if len(held) == len(labels) and (held == labels).all():
+        return
+    span = lambda v: (f"{len(v)} ({label_text(v[0])} .. {label_text(v[-1])})"  # noqa: E731
+                      if len(v) else "0")
+    raise StoreExists(
+        f"output {cfg.output.path} holds the {dim} items {span(held)} and the selection of "
+        f"input {cfg.input.path} is now {span(labels)}: select the store's items with "
+        "input.items or input.range, or write the new selection to another output.path")
+
+
+def _check_same_input(cfg: Config, now: tuple[float, ...]) -> None:
+    """Refuse to resume a store whose conditioning input changed since it was made (data
+    regenerated or edited in place): its members so far were drawn for the old fields, the
+    rest would be for the new ones. A store made before piadm recorded this fingerprint is
+    not checked."""
+    then = (read_attrs(cfg.output.path) or {}).get(INPUT_FINGERPRINT)
+    if then is None or len(then) != len(now) or same_fingerprint(then, now):
+        return
+    raise StoreExists(
+        f"output {cfg.output.path}: its members were conditioned on the {cfg.input.variable} "
+        f"fields of input {cfg.input.path} as they were when it was made (their fingerprint, "
+        f"the attribute {INPUT_FINGERPRINT}: {_short(then)}), and they have changed since "
+        f"({_short(now)}): restore that input, or write the ensemble of the new one to "
+        "another output.path")
+
+
+def _short(values) -> str:
+    return "[" + ", ".join(f"{v:.9g}" for v in values) + "]"
