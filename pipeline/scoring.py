@@ -7,13 +7,13 @@ Two cases, told apart by the truth's dimensions:
 - climatological: it does not (an unconditional store); the members are compared with the
   truth's selection as distributions: spectra, mean and standard deviation.
 Both compare radially averaged spectra (kinetic energy for vorticity, power otherwise), per
-band of scales (``pipeline.bands``) with bootstrap intervals.
+band of scales (``pipeline.bands``) with bootstrap intervals. The store and the truth are
+opened and checked against each other by ``pipeline.eval_inputs``.
 """
 from __future__ import annotations
 
 import json
 import os
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -22,198 +22,10 @@ import xarray as xr
 from pipeline.bands import band_figures, correlation_block, spectral_bands
 from pipeline.errors import EvaluationError
 from pipeline.evaluation import crps, energy_spectra, power_spectra, rank_histogram
-from pipeline.inputs import (InputError, _label, label_text, same_fingerprint,
-                             selection_fingerprint, snapped)
-from pipeline.store import INPUT_FINGERPRINT, field_variable, open_store
-
-
-def _field_variable(ds: xr.Dataset) -> str:
-    try:
-        return field_variable(ds)
-    except ValueError as err:
-        raise EvaluationError(str(err)) from err
-
-
-def _open_zarr(path: str | Path, what: str, fix: str) -> xr.Dataset:
-    """The Zarr store at ``path``, opened lazily; else an error naming ``what`` it is for and
-    the ``fix``."""
-    try:
-        return open_store(path)
-    except PermissionError:  # a store we may not read: the I/O error names the file
-        raise
-    except Exception as err:  # zarr's errors for a non-store are many and unspecific
-        raise EvaluationError(f"{what} is not a Zarr store: {fix}") from err
-
-
-def open_ensemble(path: str | Path) -> xr.Dataset:
-    """The complete store at ``path``, opened lazily."""
-    if not Path(path).exists():
-        raise EvaluationError(f"store {path} does not exist: give the output.path of a "
-                              "piadm sample run")
-    ds = _open_zarr(path, f"store {path}", "give the output.path of a piadm sample run")
-    if "done" not in ds or "piadm_store_digest" not in ds.attrs:
-        raise EvaluationError(f"{path} is not a piadm ensemble store: give the output.path of "
-                              "a piadm sample run")
-    done = ds["done"].values == 1
-    if not done.all():
-        from pipeline.target import filling_jobs
-
-        filling = filling_jobs(path)
-        how = (f"live job(s) {', '.join(filling)} are filling it: wait for them" if filling else
-               "rerun its piadm sample command to finish it")
-        raise EvaluationError(
-            f"store {path} is incomplete ({int(done.sum())} of {done.size} members done): "
-            f"{how} (piadm status shows what is left)")
-    return ds
-
-
-def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
-               truth_range: tuple[str, str] | None = None) -> tuple[xr.DataArray, bool]:
-    """The truth for ``ens`` and whether it is paired item by item (see the module doc)."""
-    if not Path(path).exists():
-        raise EvaluationError(f"truth {path} does not exist: give the Zarr store of the data "
-                              "(e.g. made by piadm generate-data)")
-    truth_ds = _open_zarr(path, f"--truth {path}", "give the store written by piadm "
-                          "generate-data (or any Zarr store with the truth variable)")
-    if variable not in truth_ds:
-        raise EvaluationError(f"truth {path} has no variable {variable!r} (it has "
-                              f"{', '.join(map(str, truth_ds.data_vars))}): use --truth-variable")
-    name = _field_variable(ens)
-    truth = _on_the_ensembles_grid(truth_ds[variable], ens[name], path)
-    item_dim = ens[name].dims[0]
-    shape = ens[name].shape[2:]
-    if tuple(truth.shape[-len(shape):]) != tuple(shape):
-        raise EvaluationError(f"the truth's {variable!r} fields are {tuple(truth.shape[-len(shape):])}, "
-                              f"the ensemble's {tuple(shape)}: give the truth at the model's "
-                              "resolution")
-    paired = item_dim in truth.dims and item_dim != "item"
-    if paired and truth_range is not None:
-        raise EvaluationError(f"--truth-range selects a climatology, but {path} pairs each "
-                              f"{item_dim} of the ensemble with its own truth: leave it out")
-    if paired:
-        wanted = _same_labels(ens[item_dim].values, truth[item_dim])
-        missing = np.setdiff1d(wanted, truth[item_dim].values)
-        if missing.size:
-            shown = ", ".join(label_text(v) for v in missing[:3])
-            raise EvaluationError(f"truth {path} lacks {item_dim} [{shown}] of the ensemble: "
-                                  "give the data the ensemble was conditioned on")
-        at, repeated = {}, set()
-        for i, v in enumerate(truth[item_dim].values):
-            if v in at:
-                repeated.add(v)
-            at.setdefault(v, i)
-        clash = [v for v in wanted if v in repeated]
-        if clash:  # which of the two is the truth?
-            raise EvaluationError(f"truth {path} holds {item_dim} {label_text(clash[0])} more "
-                                  "than once: give each of its fields one label")
-        if truth.ndim != 1 + len(shape):  # e.g. an ensemble store's (time, member, y, x)
-            fields = ", ".join(truth.dims[-len(shape):])
-            raise EvaluationError(f"truth {path}'s {variable!r} is {truth.dims}, not one field "
-                                  f"per {item_dim} ({item_dim}, {fields}): give the data the "
-                                  "ensemble was conditioned on, not an ensemble store")
-        # by position (another label may repeat), labelled as the ensemble's, which xarray
-        # aligns them by
-        truth = truth.isel({item_dim: [at[v] for v in wanted]}).assign_coords(
-            {item_dim: ens[item_dim].values})
-        _check_finite(truth, path, len(shape), paired=True)
-        return truth, True
-    if truth_range is not None:
-        dim = truth.dims[0]
-        try:
-            lo, hi = (_label(t, truth[dim]) for t in truth_range)
-        except InputError as err:  # said of input.items: these are --truth-range's
-            raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]}: "
-                                  f"{str(err).removeprefix('input: ')}") from None
-        if lo > hi:
-            raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} is reversed: "
-                                  "give the earlier label first")
-        values = truth[dim].values  # by value, not by position: it need not be sorted
-        truth = truth.isel({dim: np.flatnonzero((values >= lo) & (values <= hi))})
-        if truth.sizes[dim] == 0:
-            raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} selects no "
-                                  f"{dim} of {path}: pick labels inside its coordinate")
-    _check_finite(truth, path, len(shape), paired=False)
-    return truth, False
-
-
-def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr.DataArray:
-    """``truth`` with its field dims in the order of the ensemble's ``field`` (item, member,
-    *field dims), where it names them alike: fields are compared point by point, so a truth
-    stored (time, x, y) must not meet an ensemble's (y, x) by position. Raises
-    EvaluationError where a coordinate both carry differs (another grid of as many points);
-    a store's grid indices (no physical grid known) are compared by position alone."""
-    dims = field.dims[2:]
-    if not set(dims) <= set(truth.dims):
-        return truth  # named otherwise: by position, as the shapes are checked
-    truth = truth.transpose(..., *dims)
-    for dim in dims:
-        ours = field[dim] if dim in field.coords else None
-        if (ours is None or dim not in truth.coords
-                or str(ours.attrs.get("long_name", "")).startswith("grid index")):
-            continue
-        a, b = np.asarray(ours.values), np.asarray(truth[dim].values)
-        alike = lambda a, b: a.shape == b.shape and (  # noqa: E731
-            _same_points(a, b) if a.dtype.kind in "fiu" else bool((a == b).all()))
-        if not alike(a, b) and alike(a, b[::-1]):  # the same grid, stored the other way round
-            truth, b = truth.isel({dim: slice(None, None, -1)}), b[::-1]
-        same = alike(a, b)
-        if not same:
-            show = (lambda v: f"{v:.6g}") if a.dtype.kind in "fiu" else str  # noqa: E731
-            raise EvaluationError(
-                f"truth {path}'s {dim} runs {show(b.min())} .. {show(b.max())} ({b.size} "
-                f"points), the ensemble's {show(a.min())} .. {show(a.max())} ({a.size}): give "
-                "the truth on the model's grid")
-    return truth
-
-
-def _same_points(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two numeric grid coordinates name the same points: within a thousandth of the
-    spacing (a float32 copy of a float64 grid differs by 1e-7 near zero, which an absolute
-    tolerance of np.allclose's refuses)."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    spacing = np.abs(np.diff(a)).min() if a.size > 1 else max(1.0, abs(float(a[0])))
-    return bool(np.abs(a - b).max() <= 1e-3 * spacing)
-
-
-def _check_finite(truth: xr.DataArray, path, field_ndim: int, *, paired: bool) -> None:
-    """Read ``truth`` (fields of ``field_ndim`` dims) and raise EvaluationError when a field
-    holds NaN or inf: its scores would be NaN and the figures fail."""
-    values = truth.load().values  # score reads it whole anyway: loaded once, here
-    lead = values.shape[: values.ndim - field_ndim]
-    bad = ~np.isfinite(values.reshape(*lead, -1)).all(axis=-1)
-    if not bad.any():
-        return
-    dim = truth.dims[0]
-    labels = truth[dim].to_index()[bad] if bad.ndim == 1 else np.nonzero(bad)[0]
-    where = f"{dim} {', '.join(label_text(v) for v in np.asarray(labels)[:3])}"
-    # unwritten snapshots read back as the store's fill value, NaN
-    choose = ("sample items whose truth was written (input.range)" if paired else
-              "choose its finite fields with --truth-range")
-    raise EvaluationError(f"truth {path} has {int(bad.sum())} of the {bad.size} fields scored "
-                          f"not finite (e.g. {where}): a generate-data run stopped part way "
-                          "leaves its unwritten snapshots NaN; rerun it with data.overwrite = "
-                          f"true (it starts again), or {choose}")
-
-
-def _check_sound(store, err: Exception | None) -> None:
-    """After ``err`` (or NaN figures) while reading ``store``: raise EvaluationError when
-    members marked done are damaged (the likely cause), naming the fix."""
-    from pipeline.status import damaged
-
-    found = damaged(str(store))
-    if found:
-        raise EvaluationError(f"store {store} has {len(found)} damaged member(s) (e.g. item "
-                              f"{found[0][0]}, member {found[0][1]}: {found[0][2]}): run piadm "
-                              "status --verify --repair on it, then rerun its sample command") from err
-
-
-def _without_channel(ens: xr.Dataset) -> xr.Dataset:
-    """The ensemble with a network's channel axis of 1 (``model.shape = [1, H, W]``) dropped,
-    so that its fields are scored as the 2-D fields they are."""
-    dims = ens[_field_variable(ens)].dims  # (item, member, *field)
-    if len(dims) == 5 and ens.sizes[dims[2]] == 1:
-        return ens.isel({dims[2]: 0})
-    return ens
+from pipeline.inputs import label_text
+from pipeline.eval_inputs import (INPUT_MISMATCH, check_kmax, check_sound, coarse_input,
+                                  ensemble_variable, input_mismatch, is_square, open_ensemble,
+                                  open_truth, upsampled, without_channel)
 
 
 def spectra_of(variable: str):
@@ -226,89 +38,6 @@ OUTPUTS = ("metrics.json", "metrics.nc", "fields.png", "spectrum.png", "rank_his
            "residuals.png")
 
 
-def _same_labels(wanted: np.ndarray, coord: xr.DataArray) -> np.ndarray:
-    """``wanted`` item labels as the truth's coordinate ``coord`` spells them: a float label
-    ``inputs.snapped`` to one of its own, as input.range takes labels; others as they are."""
-    have = np.asarray(coord.values)
-    if not (np.issubdtype(wanted.dtype, np.floating) and np.issubdtype(have.dtype, np.floating)):
-        return wanted
-    return np.array([snapped(float(v), have) for v in wanted], dtype=have.dtype)
-
-
-def coarse_input(ens: xr.Dataset) -> xr.DataArray | None:
-    """The coarse fields (items, h, w) the ensemble was conditioned on, when its model was
-    conditioned on a coarse field, else None."""
-    cfg = tomllib.loads(ens.attrs.get("config", ""))
-    if cfg.get("model", {}).get("condition") != "coarse":
-        return None
-    name = _field_variable(ens)
-    inp = cfg["input"]
-    # the run's path, relative to the folder it ran in: checked against the fields it took
-    where = (f"the store was conditioned on input.path {inp['path']!r} (as its sample run "
-             "named it)")
-    if not Path(inp["path"]).exists():
-        fix = ("restore it" if Path(inp["path"]).is_absolute() else
-               "run piadm evaluate from the folder the sample ran in")
-        raise EvaluationError(f"{where}, which is not found from here: {fix} (the "
-                              "upsampled-input baseline and the added band need that input)")
-    coarse = open_store(inp["path"])[inp["variable"]]
-    item_dim = ens[name].dims[0]
-    coarse = coarse.sel({item_dim: ens[item_dim].values})
-    then = ens.attrs.get(INPUT_FINGERPRINT)
-    # an older store's fingerprint (of another length) is not compared, as a resume does not
-    now = selection_fingerprint(coarse) if then is not None else None
-    if then is not None and len(then) == len(now) and not same_fingerprint(then, now):
-        raise EvaluationError(f"{where}, and the store found there from here holds other "
-                              f"{inp['variable']} fields than those it took (its attribute "
-                              f"{INPUT_FINGERPRINT}): run piadm evaluate from the folder the "
-                              "sample ran in, or restore that input")
-    return coarse
-
-
-# The largest rms difference, over the block averages' rms, between a paired truth's block
-# averages and the coarse input before evaluate says the truth may be another trajectory's
-# (the input's own truth differs by float32 rounding; another trajectory by about 140%)
-INPUT_MISMATCH = 0.05
-
-
-def input_mismatch(truth: xr.DataArray, coarse: xr.DataArray) -> float:
-    """RMS of the difference between ``truth``'s (items, H, W) block averages on ``coarse``'s
-    (items, h, w) grid and ``coarse``, over the RMS of those block averages: about 0 when
-    the coarse input was made from this truth."""
-    blocks = {d: f // c for d, f, c in zip(truth.dims[1:], truth.shape[1:], coarse.shape[1:])}
-    means = truth.coarsen(blocks).mean().values.astype(np.float64)
-    scale = np.sqrt(np.mean(means ** 2))
-    return float(np.sqrt(np.mean((means - coarse.values) ** 2)) / scale) if scale else 0.0
-
-
-def upsampled(coarse: xr.DataArray, ens: xr.Dataset) -> xr.DataArray:
-    """``coarse`` repeated over blocks to the ensemble's grid: the downscaling baseline."""
-    field = ens[_field_variable(ens)]
-    values = coarse.values
-    for axis, (f, c) in enumerate(zip(field.shape[2:], coarse.shape[1:]), start=1):
-        values = np.repeat(values, f // c, axis=axis)
-    return xr.DataArray(values, dims=field.dims[:1] + field.dims[2:])
-
-
-def _square(shape) -> bool:
-    return len(shape) == 2 and shape[0] == shape[1]
-
-
-def _check_kmax(kmax: int | None, ens: xr.Dataset) -> None:
-    """Refuse a ``kmax`` the store's spectra do not reach: they have shells k = 1 .. n / 2,
-    and none unless the fields are square."""
-    if kmax is None:
-        return
-    shape = ens[_field_variable(ens)].shape[2:]
-    if not _square(shape):
-        raise EvaluationError(f"--kmax {kmax}: the store's fields {tuple(shape)} are not square, "
-                              "so no spectrum is scored: drop --kmax")
-    if kmax > shape[-1] // 2:
-        raise EvaluationError(f"--kmax {kmax} is past the largest shell of the store's "
-                              f"{shape[0]}x{shape[1]} fields: give at most {shape[-1] // 2} "
-                              "(n / 2)")
-
-
 def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | None = None,
           baseline: xr.DataArray | None = None, input_n: int | None = None,
           cut: int | None = None, progress=None) -> xr.Dataset:
@@ -317,10 +46,10 @@ def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | Non
     k with their bands (``pipeline.bands``: the input's ``input_n`` points per side, the
     truth's resolved wavenumber ``cut``), the rank histogram; overall figures are its
     attributes."""
-    name = _field_variable(ens)
+    name = ensemble_variable(ens)
     field = ens[name]
     shape = field.shape[2:]
-    spectra = spectra_of(name) if _square(shape) else None
+    spectra = spectra_of(name) if is_square(shape) else None
     truth_values = truth.values.astype(np.float64)  # read once: per item below, then whole
     per_item, ranks, ens_spectra, moments = _item_by_item(field, truth_values, paired, spectra,
                                                           baseline, progress)
@@ -576,14 +305,14 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     attribute, which piadm generate-data writes, else all)."""
     _check_wavenumbers(cut, kmax)
     folder = _output_folder(store, out)
-    ens = _without_channel(open_ensemble(store))
-    _check_kmax(kmax, ens)
-    shape = ens[_field_variable(ens)].shape[2:]
-    if cut is not None and _square(shape) and cut > shape[-1] // 2:  # as --kmax
+    ens = without_channel(open_ensemble(store))
+    check_kmax(kmax, ens)
+    shape = ens[ensemble_variable(ens)].shape[2:]
+    if cut is not None and is_square(shape) and cut > shape[-1] // 2:  # as --kmax
         raise EvaluationError(f"--cut {cut} is past the largest shell of the store's "
                               f"{shape[0]}x{shape[1]} fields: give at most {shape[-1] // 2} "
                               "(n / 2), or leave it out")
-    truth, paired = open_truth(truth_path, truth_variable or _field_variable(ens), ens,
+    truth, paired = open_truth(truth_path, truth_variable or ensemble_variable(ens), ens,
                                truth_range)
     coarse = coarse_input(ens)
     baseline = upsampled(coarse, ens) if paired and coarse is not None else None
@@ -599,10 +328,10 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     except EvaluationError:
         raise
     except (RuntimeError, ValueError) as err:  # a codec's error on damaged bytes, say
-        _check_sound(store, err)
+        check_sound(store, err)
         raise
     if not np.isfinite(metrics.attrs.get("ensemble_std", 0.0)):  # a NaN member read back
-        _check_sound(store, None)
+        check_sound(store, None)
     metrics.attrs.update(store=str(store), truth=f"{truth_path}:{truth.name}")
     if baseline is not None:
         off = input_mismatch(truth, coarse)
@@ -610,7 +339,7 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
             metrics.attrs["truth_note"] = (
                 f"the truth's block averages are {off:.0%} (rms) off the coarse input the "
                 "ensemble was conditioned on: is it the trajectory that input was made from?")
-    item_dim = ens[_field_variable(ens)].dims[0]
+    item_dim = ens[ensemble_variable(ens)].dims[0]
     if not paired and item_dim != "item":  # a conditioned ensemble: pairing may have been meant
         metrics.attrs["pairing_note"] = f"the truth has no {item_dim} dim to pair by"
     return metrics, _save(metrics, folder, ens, truth, paired, baseline)

@@ -8,7 +8,7 @@ from pipeline.cli import main
 from pipeline.grids import make_grid
 from pipeline.noise import Noise
 from pipeline.renoise import band_ratios, from_level, octave_bands, renoised
-from pipeline.scoring import power_spectra
+from pipeline.evaluation import power_spectra
 
 SHAPE, MEMBERS = (16, 16), 256
 
