@@ -138,7 +138,7 @@ def _held_out_split(train: TrainConfig, name: str):
     """Variable ``name`` of ``train.data`` at its held-out times (lazy); raises ConfigError
     when the data or the variable is missing."""
     from pipeline.store import open_store
-    from pipeline.train import held_out_start
+    from pipeline.train_data import held_out_start
 
     if not Path(train.data).exists():
         raise ConfigError(f"comparing a learned model's samples with held-out data needs "

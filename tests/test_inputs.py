@@ -44,10 +44,10 @@ def test_fields_stored_x_first_are_refused_before_anything_is_written(tmp_path, 
             "('y', 'x'): write them in that order, e.g. ds.transpose('time', 'y', 'x')"
             ) in capsys.readouterr().err
     assert not out.exists()
-    from pipeline.train import _open_store
+    from pipeline.train_data import open_training_store
 
     with pytest.raises(InputError, match=r"train.data .*xy.zarr: vort has its fields as"):
-        _open_store(str(tmp_path / "xy.zarr"), ["vort"], "train.data")
+        open_training_store(str(tmp_path / "xy.zarr"), ["vort"], "train.data")
 
 
 def test_field_dims_named_otherwise_keep_their_coordinates_by_position(tmp_path):

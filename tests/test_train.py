@@ -309,7 +309,7 @@ def test_a_residual_model_is_fine_tuned_on_more_data_with_its_own_sigma_data(tmp
 
 def test_a_dataset_read_into_memory_trains_exactly_as_lazy_reads(tmp_path, dataset):
     from pipeline.settings import TrainConfig
-    from pipeline.train import open_dataset
+    from pipeline.train_data import open_dataset
 
     lazy, cached = (open_dataset(TrainConfig(data=str(dataset), condition="vorticity_coarse",
                                              cache_mb=mb))[0] for mb in (0, 64))
@@ -697,7 +697,7 @@ def test_spectral_upsampling_inverts_block_averages_of_resolved_fields():
 def test_a_residual_model_learns_the_remainder_and_samples_as_upsampling_plus_it(tmp_path, dataset):
     from models.conditioning import spectral_upsample
     from pipeline.settings import TrainConfig
-    from pipeline.train import open_dataset
+    from pipeline.train_data import open_dataset
 
     cfg = TrainConfig(data=str(dataset), condition="vorticity_coarse", residual=True,
                       validation=0.25)
@@ -737,7 +737,7 @@ def test_a_residual_run_without_a_condition_is_a_one_line_error(tmp_path, datase
 
 def test_extra_stores_are_trained_on_and_the_held_out_split_stays_train_datas(dataset, other):
     from pipeline.settings import TrainConfig
-    from pipeline.train import open_dataset
+    from pipeline.train_data import open_dataset
 
     plain = TrainConfig(data=str(dataset), condition="vorticity_coarse", validation=0.25)
     more = TrainConfig(data=str(dataset), condition="vorticity_coarse", validation=0.25,
@@ -782,7 +782,7 @@ def test_fields_standardised_per_time_are_no_copy_of_the_held_out_ones(tmp_path,
     """Every field standardised per time has the same norm, and fields of zeros all match:
     only a copy is refused."""
     from pipeline.settings import TrainConfig
-    from pipeline.train import open_dataset
+    from pipeline.train_data import open_dataset
 
     for source, name in ((dataset, "z0.zarr"), (other, "z1.zarr")):
         v = xr.open_zarr(source)[["vorticity"]].load().drop_attrs()
@@ -913,7 +913,7 @@ def test_held_out_times_cut_short_stop_training_at_its_validation(tmp_path, data
     """A run stopped after 80% of its snapshots leaves exactly the held-out times NaN: the
     training split is finite, so only the validation loss tells, and no checkpoint may
     record it."""
-    from pipeline.train import held_out_start
+    from pipeline.train_data import held_out_start
 
     ds = xr.open_zarr(dataset).load()
     cut = held_out_start(ds.sizes["time"], 0.25)

@@ -1,0 +1,230 @@
+"""``piadm train``'s data: the training and held-out splits of train.data (and of the extra
+stores train.extra adds to the training split), lazily opened, checked finite, normalised,
+with the coarse fields of a conditional model and the bound S the checkpoint records.
+
+The last times of train.data are held out for validation; an extra store must hold none of
+them (told by ``probe``, a few fixed projections of each field).
+"""
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import numpy as np
+import torch
+import xarray as xr
+
+from models.bound import largest_mode_power
+from models.conditioning import spectral_upsample, upsample_blocks
+from pipeline.inputs import InputError, check_field_order, label_text
+from pipeline.settings import TrainConfig
+from pipeline.store import open_store
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Lazy fields (time, H, W) and optional coarse fields, normalised by (mean, std). With
+    ``residual`` the target is the field minus the smooth upsampling of its coarse field."""
+
+    fields: xr.DataArray
+    coarse: xr.DataArray | None
+    mean: float
+    std: float
+    data_bound: float  # S of the training split (models.bound), recorded with the checkpoint
+    residual: bool = False
+
+    def batch(self, times: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised targets (B, H, W) and upsampled conditioning (B, 1, H, W) or None."""
+        order = np.argsort(times)
+        back = np.argsort(order)
+        x = self.fields.isel(time=times[order]).values[back]
+        x = torch.as_tensor((x - self.mean) / self.std, dtype=torch.float32, device=device)
+        if self.coarse is None:
+            return x, None
+        c = self.coarse.isel(time=times[order]).values[back]
+        c = torch.as_tensor((c - self.mean) / self.std, dtype=torch.float32, device=device)
+        if self.residual:
+            smooth = spectral_upsample(c, tuple(x.shape[-2:]))
+            return x - smooth, smooth[:, None]
+        return x, upsample_blocks(c, tuple(x.shape[-2:]))[:, None]
+
+    def target_std(self, device="cpu") -> float:
+        """The standard deviation of the normalised targets over every time."""
+        n, total, count = self.fields.sizes["time"], 0.0, 0
+        for a in range(0, n, 256):
+            x, _ = self.batch(np.arange(a, min(a + 256, n)), device)
+            total, count = total + float((x.double() ** 2).sum()), count + x.numel()
+        return (total / count) ** 0.5  # about the mean: the targets' mean is ~0 either way
+
+
+def held_out_start(n: int, validation: float) -> int:
+    """The first held-out time of ``n``: the last ``validation`` share is never trained on."""
+    return int(round(n * (1 - validation)))
+
+
+def open_training_store(path: str, names: list[str], key: str) -> xr.Dataset:
+    """Variables ``names`` of the store at ``path``; raises InputError when it lacks one."""
+    if not Path(path).exists():
+        raise InputError(f"{key} {path} does not exist: make it with piadm generate-data, "
+                         f"whose data.path must then be {path}")
+    ds = open_store(path)  # quiet about a store without consolidated metadata
+    for name in names:
+        if name not in ds.data_vars:
+            raise InputError(f"train: {name!r} is not in {path}: it has {', '.join(ds.data_vars)}")
+        dims = ds[name].dims
+        if len(dims) != 3 or dims[0] != "time":  # e.g. an ensemble store's 4 dims
+            raise InputError(f"train: {name!r} of {path} is {dims}: piadm trains on one 2-D "
+                             "field per time, (time, y, x), as generate-data writes them")
+        check_field_order(ds[name], f"{key} {path}: {name}")
+    return ds[names]
+
+
+def _trajectory(ds: xr.Dataset) -> dict | None:
+    """The [data] settings piadm generate-data recorded for a store, or None."""
+    try:
+        return tomllib.loads(ds.attrs["config"])["data"]
+    except (KeyError, TypeError, tomllib.TOMLDecodeError):
+        return None
+
+
+def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str]) -> list[xr.Dataset]:
+    """The stores of ``train.extra``, checked against ``train.data``'s: the same variables and
+    field shapes, and not a stretch of the same trajectory (which holds its held-out times)."""
+    extras, mine = [], _trajectory(first)
+    for path in t.extra:
+        ds = open_training_store(path, names, "train.extra")
+        for name in names:
+            if ds[name].shape[1:] != first[name].shape[1:]:
+                raise InputError(f"train.extra {path} holds {name} of shape "
+                                 f"{ds[name].shape[1:]}, train.data {first[name].shape[1:]}: "
+                                 "generate it at train.data's resolution")
+        theirs = _trajectory(ds)
+        if mine and theirs and theirs.get("seed") == mine.get("seed") and all(
+                theirs.get(k) == mine.get(k) for k in ("resolution", "viscosity", "drag",
+                                                       "forcing_wavenumber", "spinup")):
+            raise InputError(f"train.extra {path} is the trajectory of train.data (data.seed = "
+                             f"{mine.get('seed')}), so it holds the held-out times: generate it "
+                             "with another data.seed")
+        extras.append(ds.drop_vars(list(ds.coords)))
+    return extras
+
+
+PROBE_RTOL = 1e-6  # a float32 copy of a float64 field probes the same to about 6e-8
+PROBES = 4  # projections a field is told by (with its norm)
+
+
+def probe(field: xr.DataArray) -> xr.DataArray:
+    """Per time, ``PROBES`` inner products with fixed pseudo-random weights of unit norm, then
+    the field's own norm: (PROBES + 1, times), float64, lazy. Two different fields agree in
+    every projection by no chance worth counting (fields standardised per time share their
+    norms, so norms alone would not tell them apart); a copy in another dtype keeps them all
+    to ``PROBE_RTOL`` of the norm. The weights come from PCG64's raw stream, which numpy
+    keeps the same across versions (its normal draws it does not promise to)."""
+    dims, n = field.dims[1:], math.prod(field.shape[1:])
+    raw = np.random.PCG64(0).random_raw(PROBES * n).reshape(PROBES, *field.shape[1:])
+    weights = (raw >> np.uint64(11)).astype(np.float64) * 2.0 ** -52 - 1.0  # in [-1, 1)
+    weights /= np.sqrt((weights ** 2).sum(axis=tuple(range(1, weights.ndim)), keepdims=True))
+    values = field.astype("float64")
+    projections = (values * xr.DataArray(weights, dims=("probe", *dims))).sum(dims)
+    return xr.concat([projections.transpose("probe", ...),
+                      np.sqrt((values ** 2).sum(dims)).expand_dims("probe")], "probe")
+
+
+def _check_extra_holds_no_held_out(t: TrainConfig, extras: list, held: np.ndarray,
+                                   extra: np.ndarray, extra_fields, held_fields) -> None:
+    """Refuse a train.extra store holding a field of train.data's held-out split (a copy of
+    train.data, in another dtype say): it would be trained on, and the validation loss would
+    flatter the network. ``held``, ``extra``: ``probe``s (PROBES + 1, times); a field whose
+    probes all match a held-out one's is compared with it itself before the refusal. Fields
+    of zeros tell nothing and are passed over."""
+    if not held.size:
+        return
+    order = np.argsort(held[0])
+    ranked = held[0][order]
+    tol = PROBE_RTOL * extra[-1]
+    lo = np.searchsorted(ranked, extra[0] - tol)
+    hi = np.searchsorted(ranked, extra[0] + tol, side="right")
+    for i in np.flatnonzero((hi > lo) & (extra[-1] > 0)):
+        near = order[lo[i]:hi[i]]
+        near = near[np.all(np.abs(held[:, near] - extra[:, i:i + 1]) <= tol[i], axis=0)]
+        for j in near:
+            a, b = extra_fields[i].values, held_fields[j].values
+            if np.allclose(a, b, rtol=PROBE_RTOL, atol=tol[i] / np.sqrt(a.size)):
+                ends = np.cumsum([e.sizes["time"] for e in extras])
+                path = t.extra[int(np.searchsorted(ends, i, side="right"))]
+                raise InputError(f"train.extra {path} holds fields of train.data's held-out "
+                                 f"times (a copy of {t.data}?): they would be trained on and "
+                                 "validated on; give train.extra other trajectories")
+
+
+def _check_finite(t: TrainConfig, ds: xr.Dataset, name: str, split: str, ok: np.ndarray,
+                  cut: int) -> None:
+    """Refuse a split whose fields of ``name`` are not all finite (``ok``: per time), naming
+    the first such time: one the training steps happened not to draw would still make the
+    normalisation and the data bound NaN, and the held-out ones would end the run late."""
+    bad = np.flatnonzero(~ok)
+    if bad.size == 0:
+        return
+    # the training split is train.data's first ``cut`` times, then train.extra's
+    first = int(bad[0]) + (cut if split == "validation" else 0)
+    if split == "training" and first >= cut:
+        where = f"time {first - cut} of train.extra's, counted from 0 in their order"
+    elif "time" in ds.coords:
+        where = f"time {label_text(ds['time'].values[first])} of {t.data}"
+    else:
+        where = f"time {first} of {t.data}, counted from 0"
+    raise InputError(f"train: {name} has NaN/Inf in {bad.size} of the {split} split's times "
+                     f"(the first: {where}): drop or fill them (ds.dropna('time'), "
+                     "ds.fillna(...)) before training; a generate-data run stopped part way "
+                     "leaves its unwritten snapshots NaN: rerun it with data.overwrite = true")
+
+
+def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
+    """(training, validation): train.data split by time, the training split followed by every
+    time of the train.extra stores; raises InputError for a bad dataset."""
+    names = [name for name in (t.variable, t.condition) if name]
+    ds = open_training_store(t.data, names, "train.data")
+    n = ds.sizes["time"]
+    cut = held_out_start(n, t.validation)
+    if cut < 1 or cut >= n:
+        raise InputError(f"train.validation = {t.validation} leaves no training or validation "
+                         f"times out of {n}")
+    if t.condition:
+        fine, coarse = ds[t.variable].shape[1:], ds[t.condition].shape[1:]
+        if any(c > f or f % c for f, c in zip(fine, coarse)):  # upsampled by whole blocks
+            raise InputError(f"train.condition {t.condition!r} of {t.data} is "
+                             f"{'x'.join(map(str, coarse))}, which does not divide "
+                             f"{t.variable}'s {'x'.join(map(str, fine))} fields: condition on "
+                             "a block average of them (generate-data's vorticity_coarse)")
+    extras = _extra_stores(t, ds, names)
+    trn, val = ds.isel(time=slice(0, cut)), ds.isel(time=slice(cut, n))
+    if extras:  # by position: the trajectories' times need not differ
+        trn = xr.concat([trn.drop_vars(list(trn.coords)), *extras], "time")
+    fields = trn[t.variable]
+    splits = [(split, name, part[name]) for split, part in (("training", trn), ("validation", val))
+              for name in names]
+    held_out, extra = val[t.variable], fields[cut:]
+    probes = (probe(held_out), probe(extra)) if extras else ()  # in the same pass
+    mean, std, *probed = dask.compute(fields.mean(), fields.std(), *probes,
+                                      *(np.isfinite(a).all(a.dims[1:]) for *_, a in splits))
+    probed, finite = probed[:len(probes)], probed[len(probes):]
+    for (split, name, _), ok in zip(splits, finite):
+        _check_finite(t, ds, name, split, np.asarray(ok), cut)
+    if extras:
+        _check_extra_holds_no_held_out(t, extras, *map(np.asarray, probed), extra, held_out)
+    mean, std = float(mean), float(std)
+    if not std > 0:
+        raise InputError(f"train.data {t.data}: {t.variable} is the same value everywhere in the "
+                         "training split (its standard deviation is 0): there is nothing to learn")
+    m = fields.sizes["time"]
+    bound = largest_mode_power((fields[a : min(a + 256, m)].values for a in range(0, m, 256)),
+                               mean, std)
+    if trn.nbytes + val.nbytes < t.cache_mb * 2**20:
+        # a random batch touches a whole chunk per time: under the budget, read everything once
+        trn, val = trn.load(), val.load()
+    part = lambda d: Dataset(d[t.variable], d[t.condition] if t.condition else None,  # noqa: E731
+                             mean, std, bound, t.residual)
+    return part(trn), part(val)
