@@ -1,0 +1,237 @@
+"""The ``piadm`` command line's arguments: each command's flags and its example, and the
+checks of output files and flag combinations made before any costly work.
+
+Light on purpose (no torch, xarray or dask), so that ``--help`` and a refused flag answer at
+once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.config import ConfigError
+from pipeline.settings import PEERS
+
+
+EXAMPLES = {
+    "sample": "example: piadm sample jobs/configs/grf.toml --set ensemble.members=16",
+    "bench": "example: piadm bench jobs/configs/grf.toml --json out/bench.json",
+    "calibrate": "example: piadm calibrate jobs/configs/kolmogorov_uncond.toml",
+    "plan": "example: piadm plan jobs/configs/grf.toml --ranks 8 --set ensemble.members=64",
+    "config": "example: piadm config jobs/configs/grf.toml --set sampler.steps=200",
+    "status": "example: piadm status out/grf.zarr   (exit 0 when complete, 1 when not)",
+    "generate-data": "example: piadm generate-data jobs/configs/kolmogorov.toml --set data.snapshots=100",
+    "train": "example: mpiexec -n 2 piadm train jobs/configs/kolmogorov.toml --set train.steps=500",
+    "evaluate": "example: piadm evaluate out/kolmogorov_down_ensemble.zarr --truth "
+                "out/kolmogorov_1600.zarr   (writes out/kolmogorov_down_ensemble_eval/)",
+}
+
+
+SET_EXAMPLES = {"sample": "ensemble.members=16", "bench": "sampler.steps=200",
+                "calibrate": "calibrate.members=8", "plan": "ensemble.members=64",
+                "config": "sampler.steps=200", "generate-data": "data.snapshots=100",
+                "train": "train.steps=500"}
+
+
+# The files each kind of bench writes: any other output flag would be silently ignored.
+BENCH_OUTPUTS = {"bench": ("--json", "--png", "--compare"), "bench --quality": ("--json", "--png"),
+                 "bench --renoise": ("--json",), "bench --peer": ()}
+
+
+def check_bench_flags(args) -> None:
+    """Refuse two benches at once, and an output flag the bench asked for does not write."""
+    given = [flag for flag, on in (("--quality", args.quality is not None),
+                                   ("--renoise", args.renoise), ("--peer", args.peer)) if on]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} are different benches: give one",
+                          collective=True)
+    mode = " ".join(["bench", *given])
+    takes = BENCH_OUTPUTS[mode]
+    for flag, value in (("--json", args.json), ("--png", args.png), ("--compare", args.compare)):
+        if value and flag not in takes:
+            kept = f"takes only {' and '.join(takes)}" if takes else "writes no file"
+            raise ConfigError(f"{flag}: {mode} {kept}: drop {flag}", collective=True)
+    if args.compare and not args.png:
+        raise ConfigError("--compare adds earlier tables to the --png plot: give --png PATH too",
+                          collective=True)
+
+
+def check_output_file(flag: str, path: str | None, name: str = "bench.json") -> None:
+    """Refuse an output file that cannot be written, before the work whose result it holds
+    (``name``: the file the error suggests in a directory given instead)."""
+    if path is None:
+        return
+    from pipeline.store import enclosing_store
+
+    if not path.strip():  # Path("") is the working folder, "a directory"
+        raise ConfigError(f"{flag} is empty: give a file path, e.g. {name}", collective=True)
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory: give a file path, e.g. {p / name}",
+                          collective=True)
+    store = enclosing_store(p)
+    if store is not None:  # written there, it would replace or join the store's own files
+        raise ConfigError(f"{flag} {path} is inside the Zarr store {store}: give a path "
+                          "outside it", collective=True)
+    folder = next(f for f in (p.parent, *p.parent.parents) if f.exists())  # mkdir starts here
+    if not folder.is_dir():
+        raise ConfigError(f"{flag} {path}: {folder} is a file, so no folder can be made there: "
+                          "give another path", collective=True)
+    try:  # tried, not asked of os.access: root passes that check where no file can be made
+        if p.exists():
+            with open(p, "a"):
+                pass
+        else:
+            fd, probe = tempfile.mkstemp(prefix=".piadm-check-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: cannot write there ({err.strerror}): give another "
+                          "path", collective=True) from None
+
+
+def check_figure_file(flag: str, path: str | None) -> None:
+    """``check_output_file``, and a suffix matplotlib saves a figure as."""
+    check_output_file(flag, path, "bench.png")
+    if path is None:
+        return
+    from pipeline.figures import save_formats
+
+    formats = save_formats()
+    suffix = Path(path).suffix.lower().removeprefix(".")
+    if suffix not in formats:
+        why = f"'.{suffix}' is not a figure format" if suffix else "it has no suffix"
+        raise ConfigError(f"{flag} {path}: {why}: end it in .png (or any of "
+                          f"{', '.join(sorted(formats - {'png'}))})", collective=True)
+
+
+def _status_arguments(sp) -> None:
+    sp.add_argument("store", help="path of the ensemble store")
+    sp.add_argument("--json", action="store_true",
+                    help="print one JSON document (members done per item, complete)")
+    sp.add_argument("--verify", action="store_true",
+                    help="also read every member marked done and report those that are "
+                         "unreadable or not finite (damaged after writing); exit 0 "
+                         "only when the store is complete and sound")
+    sp.add_argument("--repair", action="store_true",
+                    help="with --verify: mark the damaged members not done, so that "
+                         "rerunning the sample command samples them again")
+
+
+def _calibrate_arguments(sp) -> None:
+    sp.add_argument("--force", action="store_true",
+                    help="measure anew even when a calibration is cached")
+
+
+def _sample_arguments(sp) -> None:
+    sp.add_argument("--dry-run", action="store_true",
+                    help="print the items, members, batches, store, rank layout and "
+                         "sampler settings the run would use, and write nothing (exit "
+                         "2 when the run would refuse its model, its store or its batch)")
+
+
+def _plan_arguments(sp) -> None:
+    sp.add_argument("--ranks", type=int, required=True, help="ranks the job will run")
+    sp.add_argument("--gpus-per-node", type=int, default=0, metavar="G",
+                    help="one rank per GPU on nodes of G GPUs (default: every rank on "
+                         "this node's CPU cores)")
+    sp.add_argument("--rows", type=int, default=12, help="layouts to show (default 12)")
+    sp.add_argument("--json", metavar="PATH", help="also save every layout as JSON")
+
+
+def _bench_arguments(sp) -> None:
+    sp.add_argument("--peer", choices=PEERS, help="run the peer library's parallel "
+                    "sampler beside piadm's on DDPM-1000 (needs piadm[bench])")
+    sp.add_argument("--quality", metavar="Q",
+                    help="bench each method at the fewest steps whose error is <= Q "
+                         "(a number, or METHOD@STEPS: the error that sequential "
+                         "sampler reaches in STEPS steps): "
+                         "the exact W2 to the target on a grf, the log-spectral "
+                         "distance to held-out data on a trained U-Net "
+                         "(sampler.steps is searched, not taken)")
+    sp.add_argument("--renoise", action="store_true",
+                    help="where a trained U-Net loses energy: noise held-out fields to "
+                         "a ladder of levels, sample them back, and print the energy "
+                         "kept per octave band at each level")
+    sp.add_argument("--json", metavar="PATH", help="also save the table as JSON")
+    sp.add_argument("--png", metavar="PATH", help="also plot rounds and wall time "
+                    "against d (and against ranks, with --compare) as a PNG (or PDF, "
+                    "SVG, ...: by the suffix)")
+    sp.add_argument("--compare", nargs="+", default=[], metavar="JSON",
+                    help="earlier --json tables (e.g. at other rank counts) to plot too, "
+                         "with --png")
+
+
+def _evaluate_arguments(sp) -> None:
+    sp.add_argument("store", help="the ensemble store (output.path of piadm sample)")
+    sp.add_argument("--truth", required=True, metavar="PATH",
+                    help="Zarr store of the true fields: paired item by item when it has the "
+                         "ensemble's item dimension (e.g. time), else compared as a climatology")
+    sp.add_argument("--truth-variable", metavar="NAME",
+                    help="the truth's variable (default: the ensemble's variable name)")
+    sp.add_argument("--truth-range", nargs=2, metavar=("START", "STOP"),
+                    help="labels along the truth's first dimension to compare with "
+                         "(climatology only), e.g. --truth-range 670.5 830")
+    sp.add_argument("--kmax", type=int, metavar="K",
+                    help="largest wavenumber in the spectrum score (default: n / 8)")
+    sp.add_argument("--cut", type=int, metavar="K",
+                    help="finest wavenumber the truth resolves: the spectral bands end there "
+                         "(default: the truth's resolved_wavenumber attribute, else n / 2)")
+    sp.add_argument("--json", action="store_true",
+                    help="print the metrics as one JSON document (as saved in metrics.json) "
+                         "instead of the table")
+    sp.add_argument("--out", metavar="DIR",
+                    help="the folder for metrics.json, metrics.nc and the figures (the table "
+                         "is printed; default: STORE without .zarr + _eval)")
+
+
+# each command's own arguments, after the config and --set of those that take one
+_ARGUMENTS = {"status": _status_arguments, "evaluate": _evaluate_arguments,
+              "calibrate": _calibrate_arguments, "sample": _sample_arguments,
+              "plan": _plan_arguments, "bench": _bench_arguments}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``piadm`` command line: one subcommand per ``COMMANDS`` entry, each with its own
+    arguments (``_ARGUMENTS``) and an example in its help."""
+    # allow_abbrev=False: "--dry" taken for --dry-run would change meaning when a flag is added
+    p = argparse.ArgumentParser(
+        prog="piadm", allow_abbrev=False, description="Block-parallel Picard sampling of "
+        "diffusion models for ensembles of physics fields.",
+        epilog="PIADM_SET holds more KEY=VALUE overrides, separated by ';' or new lines, "
+        "that every command taking a config applies before its own --set. Exit codes: 0 "
+        "done, 1 an unexpected failure (or status: incomplete), 2 an error told in one line: "
+        "a bad input refused before anything was written, or a failure part way (a full "
+        "disk, memory) that keeps the members written, 75 sample stopped by a signal (rerun "
+        "to resume), 130 stopped at once by Ctrl-C, 143 or 138 any other command stopped by "
+        "SIGTERM or SIGUSR1.")
+    p.add_argument("--version", action="version", version=f"piadm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    helps = {"sample": "sample an ensemble into a Zarr store (resumes an unfinished one, grows "
+                       "one of fewer members)",
+             "bench": "compare sequential and parallel samplers",
+             "calibrate": "choose sampler.tol: the loosest that keeps a few members within "
+                          "half of sampler.distance of the sequential path (cached)",
+             "plan": "predict the time of every layout (sampler, groups x time slices, window, "
+                     "batch) from measured model costs and rounds, and rank them",
+             "config": "print the resolved configuration (file, overrides and defaults) as TOML",
+             "status": "members done / total in an ensemble store",
+             "generate-data": "simulate Kolmogorov-flow vorticity snapshots into Zarr",
+             "train": "train a U-Net score model on a Zarr dataset (data-parallel)",
+             "evaluate": "score an ensemble store against the truth: table, JSON, NetCDF, PNGs"}
+    for name, text in helps.items():
+        # the example as written, one line: wrapped, a pasted --set could lose its value
+        sp = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES[name],
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)
+        if name not in ("status", "evaluate"):  # the commands that take a config
+            sp.add_argument("config", help="TOML configuration file")
+            sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help=f"override a config key, e.g. --set {SET_EXAMPLES[name]} "
+                                 "(repeatable; after PIADM_SET's)")
+        if name in _ARGUMENTS:
+            _ARGUMENTS[name](sp)
+    return p
