@@ -30,7 +30,7 @@ from pipeline.comm import MPIComm, SerialComm, world_comm
 from pipeline.config import ConfigError, check_same_config, config_from_dict, read_toml
 from pipeline.errors import PiadmError  # every error a user's input causes is one
 from pipeline.settings import SECTION_TYPES, Config
-from pipeline.store import StoreExists, open_store
+from pipeline.store import StoreExists, done_members, open_store
 
 __all__ = ["load_config", "sample", "open_ensemble", "evaluate", "world", "PiadmError",
            "ConfigError", "StoreExists"]
@@ -146,7 +146,8 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
     if "piadm_store_digest" not in ds.attrs:
         raise ConfigError(f"{path} is not a piadm ensemble store (it has no piadm_store_digest "
                           "attribute): open other Zarr stores with xarray.open_zarr")
-    done, total = int(ds["done"].sum()), int(ds["done"].size)
+    flags = done_members(path)  # a damaged record is said, with its repair
+    done, total = int(flags.sum()), int(flags.size)
     if done < total:  # statistics over members skip NaN: they would be of the done ones alone
         warnings.warn(f"{path} holds {done} of its {total} members (the rest read as NaN): "
                       "rerun its piadm sample to finish it (piadm status says which)",

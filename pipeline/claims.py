@@ -20,6 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
+from pipeline.errors import naming
 from pipeline.processes import process_alive
 
 HEARTBEAT_S = 10.0
@@ -106,7 +107,10 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            self._beat()
+            try:
+                self._beat()
+            except OSError:  # a full disk: the run's own writes say so; beat again next time
+                pass
 
     def start(self) -> "Heartbeat":
         """Beat once now, then every ``HEARTBEAT_S`` on a daemon thread."""
@@ -153,8 +157,12 @@ def claim(folder: Path, key: str, job: str) -> bool:
         if _alive(folder, owner):
             return False
         return _take_over(folder, key, owner, job, record)
-    with os.fdopen(fd, "w") as f:
-        f.write(record)
+    try:
+        with naming(path), os.fdopen(fd, "w") as f:
+            f.write(record)
+    except OSError:  # a full disk: leave no empty claim behind for others to age out
+        path.unlink(missing_ok=True)
+        raise
     return True
 
 

@@ -352,13 +352,11 @@ COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "calibrate": _cmd_calibr
 def user_errors() -> tuple:
     """The errors a user's input causes: one line each, no traceback. Only light modules
     (no torch, xarray or dask), so that the error of a light command prints at once."""
-    from pipeline.errors import BlowUp, EvaluationError, OutOfMemory, WriteFailed
-    from pipeline.samplers.options import PicardDivergence
-    from pipeline.status import NotAStore
-    from pipeline.store import StoreExists
+    from pipeline.errors import PiadmError
 
-    return (ConfigError, StoreExists, PicardDivergence, NotAStore, EvaluationError, WriteFailed,
-            OutOfMemory, OSError, BlowUp)
+    # every PiadmError (a refused config, store or input, a divergence, a failed write, ...)
+    # and the OSErrors of files a user named
+    return (PiadmError, OSError)
 
 
 def _as_user_error(err: Exception, command: str) -> Exception:

@@ -16,7 +16,7 @@ import xarray as xr
 from pipeline.errors import EvaluationError
 from pipeline.inputs import (InputError, _label, label_text, same_fingerprint,
                              selection_fingerprint, snapped)
-from pipeline.store import INPUT_FINGERPRINT, field_variable, open_store
+from pipeline.store import INPUT_FINGERPRINT, done_members, field_variable, open_store
 
 
 def ensemble_variable(ds: xr.Dataset) -> str:
@@ -46,7 +46,7 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
     if "done" not in ds or "piadm_store_digest" not in ds.attrs:
         raise EvaluationError(f"{path} is not a piadm ensemble store: give the output.path of "
                               "a piadm sample run")
-    done = ds["done"].values == 1
+    done = done_members(path)  # a damaged record is said, with its repair
     if not done.all():
         from pipeline.target import filling_jobs
 

@@ -9,7 +9,7 @@ import zarr
 
 from pipeline.errors import PiadmError
 from pipeline.inputs import label_text
-from pipeline.store import PER_MEMBER, done_members, stored_digest
+from pipeline.store import PER_MEMBER, damaged_done_chunks, done_members, stored_digest
 from pipeline.target import check_idle, filling_jobs
 
 
@@ -88,58 +88,98 @@ def _to_finish(state: dict) -> str:
 
 
 def damaged(path: str) -> list[tuple[int, int, str]]:
-    """(item index, member, what is wrong) of every member marked done whose field cannot be
-    read (a damaged chunk) or is not finite: piadm never marks such a member done, so it was
-    damaged after writing (a chunk file deleted or cut short reads as the NaN fill value or
-    fails to decode). Reads every done member, one chunk of members at a time."""
+    """(item index, member, what is wrong) of every member whose record cannot be trusted: a
+    member marked done whose field or per-member values (seed, rounds, model_calls, residual)
+    cannot be read (a damaged chunk) or are missing (a field or count not finite, a seed of
+    0: a chunk file deleted reads as the fill value), and every member of a chunk of the
+    ``done`` record itself that cannot be read. piadm never marks such a member done, so it
+    was damaged after writing. Reads every done member, one chunk of members at a time."""
     _check_store(path)
     group = zarr.open_group(path, mode="r")
     dims = group["done"].metadata.dimension_names
     name = next(key for key, array in group.arrays()
                 if key not in PER_MEMBER and key != "residual"
                 and array.metadata.dimension_names[:2] == dims)
-    field, done = group[name], group["done"][:] == 1
-    step = field.chunks[1]
-    found = []
+    record = damaged_done_chunks(path)
+    found = [(item, member, "its done flag is unreadable (the done array is damaged)")
+             for rows, cols in record
+             for item in range(rows.start, rows.stop) for member in range(cols.start, cols.stop)]
+    done = np.zeros(group["done"].shape, bool)
+    step = group["done"].chunks[1]
+    for item in range(done.shape[0]):
+        for start in range(0, done.shape[1], step):
+            if not any(r.start <= item < r.stop and c.start == start for r, c in record):
+                done[item, start:start + step] = group["done"][item, start:start + step] == 1
+    arrays = [name, *(key for key in ("seed", "rounds", "model_calls", "residual")
+                      if key in group)]
     for item in range(done.shape[0]):
         for start in range(0, done.shape[1], step):
             members = np.flatnonzero(done[item, start:start + step]) + start
-            if not members.size:
-                continue
-            try:
-                block = field[item, start:start + step]
-            except Exception as err:  # a codec's error on damaged bytes
-                found += [(item, int(m), f"unreadable ({type(err).__name__})") for m in members]
-                continue
-            finite = np.isfinite(block.reshape(block.shape[0], -1)).all(1)
-            found += [(item, int(m), "not finite (missing or damaged data)")
-                      for m in members if not finite[m - start]]
+            if members.size:
+                found += _damaged_members(group, arrays, item, start, members)
     return found
+
+
+def _damaged_members(group, arrays, item: int, start: int, members) -> list:
+    """``damaged``'s findings in one chunk of members (from ``start``) of ``item``: the done
+    ``members`` whose values in ``arrays`` (the field's first) are unreadable or missing."""
+    stop, wrong = start + group["done"].chunks[1], {}
+    for key in arrays:
+        try:
+            block = group[key][item, start:stop]
+        except Exception as err:  # a codec's error on damaged bytes
+            what = f"unreadable ({type(err).__name__})"
+            for m in members:
+                wrong.setdefault(int(m), what if key == arrays[0] else f"{key} {what}")
+            continue
+        flat = block.reshape(block.shape[0], -1)
+        if key == "seed":  # a member's seed is hashed from its key: never the fill value 0
+            missing = (flat == 0).any(1)
+        elif key == "residual":  # rounds past a batch's last are NaN by design
+            continue
+        else:
+            missing = ~np.isfinite(flat).all(1)
+        for m in members:
+            if missing[m - start]:
+                what = ("not finite (missing or damaged data)" if key == arrays[0]
+                        else f"{key} missing (a damaged or deleted chunk)")
+                wrong.setdefault(int(m), what)
+    return [(item, m, wrong[m]) for m in sorted(wrong)]
 
 
 def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
     """The text of ``status --verify``: the store's progress (``report``) and whether every
-    member marked done reads back finite (``as_json``: one JSON object of both, each damaged
-    member and whether they were marked not done); and whether the store is complete and
-    sound. With ``repair`` the damaged members are marked not done, so that a rerun of the
-    run samples them again."""
+    member marked done reads back (``damaged``; ``as_json``: one JSON object of both, each
+    damaged member and whether they were marked not done); and whether the store is complete
+    and sound. With ``repair`` the damaged members are marked not done (a damaged chunk of
+    the done record rewritten whole, as not done), so that a rerun samples them again."""
     found = damaged(path)
+    record = damaged_done_chunks(path)
     if found and repair:
         # a live job's writes and ours would race on the done flags
         check_idle(path, "marks damaged members not done")
         done = zarr.open_group(path, mode="r+")["done"]
+        for region in record:  # whole chunks: written without reading the damaged bytes
+            done[region] = 0
         for item, member, _ in found:
-            done[item, member] = 0
-    state = progress(path)  # after the repair
-    ok = state["complete"] and not found
+            if not any(r.start <= item < r.stop and c.start <= member < c.stop
+                       for r, c in record):
+                done[item, member] = 0
+    # after the repair; where the record is damaged and kept, no count can be read
+    state = progress(path) if repair or not record else None
+    ok = state is not None and state["complete"] and not found
     if as_json:
-        return json.dumps({**state, "store": path,  # its key before the counts joined it
+        counts = state or {"path": str(path), "complete": False}
+        return json.dumps({**counts, "store": path,  # its key before the counts joined it
                            "sound": not found, "repaired": bool(found and repair),
                            "damaged": [{"item": item, "member": member, "problem": what}
                                        for item, member, what in found]}, indent=1), ok
     if not found:
         return f"{_text(path, state)}\nevery member marked done reads back finite", ok
-    lines = [_text(path, state), f"{len(found)} member(s) marked done are damaged:"]
+    head = (_text(path, state) if state is not None else
+            f"{path}: members done unknown: the done array cannot be read")
+    marked = "" if record else " marked done"  # a damaged record's members may not have been
+    lines = [head, f"{len(found)} member(s){marked} are damaged:"]
     lines += [f"  item {item}, member {member}: {what}" for item, member, what in found[:10]]
     if len(found) > 10:
         lines.append(f"  ... and {len(found) - 10} more")

@@ -255,14 +255,56 @@ def create(spec: StoreSpec) -> bool:
     return True
 
 
+class DamagedRecord(PiadmError):
+    """The store's ``done`` array, its record of the members finished, cannot be read (a
+    chunk cut short or overwritten after writing): the message names the chunks and the fix."""
+
+
+def damaged_done_chunks(path: str | Path) -> list[tuple[slice, slice]]:
+    """The (items, members) regions of the ``done`` chunks that fail to decode; empty for a
+    sound record. A chunk file deleted reads as not done (the fill value), not as damaged."""
+    done = zarr.open_group(path, mode="r")["done"]
+    rows, cols = done.chunks
+    bad = []
+    for i in range(0, done.shape[0], rows):
+        for j in range(0, done.shape[1], cols):
+            region = (slice(i, min(i + rows, done.shape[0])),
+                      slice(j, min(j + cols, done.shape[1])))
+            try:
+                done[region]
+            except Exception:  # a codec's error on damaged bytes
+                bad.append(region)
+    return bad
+
+
+def _read_done(path: str | Path, region=slice(None)) -> np.ndarray:
+    """``done[region]``, or DamagedRecord naming the damaged chunks and the repair."""
+    try:
+        return zarr.open_group(path, mode="r")["done"][region]
+    except Exception as err:
+        bad = damaged_done_chunks(path)
+        if not bad:
+            raise
+        where = ", ".join(f"items {r.start}..{r.stop - 1} members {c.start}..{c.stop - 1}"
+                          for r, c in bad[:3])
+        more = f" and {len(bad) - 3} more chunks" if len(bad) > 3 else ""
+        said = str(err).strip().splitlines()[0] if str(err).strip() else "cannot decode"
+        raise DamagedRecord(
+            f"store {path}: its record of finished members (the done array) is damaged at "
+            f"{where}{more} ({type(err).__name__}: {said}): run `piadm status --verify "
+            f"--repair {path}` to mark those members not done, then rerun the sample command "
+            "to sample them again") from None
+
+
 def done_members(path: str | Path) -> np.ndarray:
-    """(items, members) bool: which members are completely written."""
-    return zarr.open_group(path, mode="r")["done"][:] == 1
+    """(items, members) bool: which members are completely written; DamagedRecord where the
+    record cannot be read."""
+    return _read_done(path) == 1
 
 
 def members_left(path: str | Path, item: int, members) -> tuple[int, ...]:
     """The members of ``members`` (consecutive) of item index ``item`` not yet written."""
-    done = zarr.open_group(path, mode="r")["done"][item, members[0] : members[-1] + 1]
+    done = _read_done(path, (item, slice(members[0], members[-1] + 1)))
     return tuple(m for m, flag in zip(members, done) if flag != 1)
 
 

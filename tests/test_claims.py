@@ -214,3 +214,28 @@ def test_a_lock_is_given_back_only_between_takeovers(tmp_path):
     thread.join(10)
     assert not thread.is_alive()
     assert holds(tmp_path, "finalize", "other") and not taking.exists()
+
+
+def test_a_claim_a_full_disk_cuts_short_names_its_file_and_leaves_none(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    class Full:
+        def __init__(self, fd, mode):
+            os.close(fd)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("pipeline.claims.os.fdopen", Full)
+    with pytest.raises(OSError) as info:
+        claim(tmp_path, "0-0", "a")
+    assert info.value.filename == str(tmp_path / "0-0.json")
+    assert not (tmp_path / "0-0.json").exists()  # no empty claim left for others to age out

@@ -410,6 +410,42 @@ def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resa
     assert_same_store(clean, hurt)
 
 
+def test_a_damaged_done_record_or_member_counts_are_told_and_repaired(tmp_path, input_store,
+                                                                     capsys):
+    """A chunk of the done record cut short stops status and sample with one line naming the
+    repair, not a traceback; --verify also reads the per-member arrays (a seed chunk deleted
+    reads 0, a rounds chunk cut short does not decode); --repair rewrites the record's chunk
+    as not done, and a rerun makes the store the clean one again."""
+    import shutil
+
+    clean, hurt = tmp_path / "clean.zarr", tmp_path / "hurt.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, clean)]) == 0
+    shutil.copytree(clean, hurt)
+    first = lambda name: sorted(p for p in (hurt / name / "c").rglob("*") if p.is_file())  # noqa: E731
+    record, seeds, rounds = first("done"), first("seed"), first("rounds")
+    record[0].write_bytes(record[0].read_bytes()[:3])  # cut short, as by a copy
+    seeds[-1].unlink()
+    rounds[1].write_bytes(rounds[1].read_bytes()[:3])  # another chunk of members
+    capsys.readouterr()
+    for command in (["status", str(hurt)],
+                    ["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, hurt)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after sample's header
+        assert err.startswith("piadm: error: ") and "the done array) is damaged at items 0..0" in err
+        assert f"piadm status --verify --repair {hurt}" in err
+    assert main(["status", "--verify", str(hurt)]) == 1
+    out = capsys.readouterr().out
+    assert "members done unknown: the done array cannot be read" in out
+    assert "done flag is unreadable" in out and "seed missing" in out
+    assert "rounds unreadable" in out
+    assert main(["status", "--verify", "--repair", str(hurt)]) == 1
+    assert "member(s) not done: rerun" in capsys.readouterr().out
+    assert main(["status", str(hurt)]) == 1  # incomplete now, no longer damaged
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, hurt)]) == 0
+    assert main(["status", "--verify", str(hurt)]) == 0
+    assert_same_store(clean, hurt)
+
+
 def test_verify_of_an_incomplete_store_exits_1_with_its_counts_and_a_live_job_is_named(
         tmp_path, input_store, capsys):
     """``status --verify STORE && next_step`` must not go on with a store half done: --verify
