@@ -119,10 +119,13 @@ class Heartbeat:
         return self
 
     def stop(self) -> None:
-        """Stop beating and remove the beat file: the job holds no claim from now on."""
+        """Stop beating and remove the beat file: the job holds no claim from now on. The
+        claims folder goes too once nothing is left in it (a finished store's)."""
         self._stop.set()
         self._thread.join()
         self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: another job's, or claims still held
+            self.path.parent.rmdir()
 
 
 def _alive(folder: Path, owner: dict) -> bool:
@@ -164,6 +167,20 @@ def claim(folder: Path, key: str, job: str) -> bool:
         path.unlink(missing_ok=True)
         raise
     return True
+
+
+def clear_batch_claims(folder: Path) -> int:
+    """Remove every batch claim (``ITEM-START.json``) in ``folder``: for a store whose members
+    are all done, whose claims no job needs any more (a job still running finds every batch
+    done and claims none). Locks and heartbeats stay. The claims removed."""
+    removed = 0
+    for path in folder.glob("*-*.json"):
+        item, _, start = path.stem.partition("-")
+        if item.isdigit() and start.isdigit():
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def batch_key(item: int, start: int) -> str:

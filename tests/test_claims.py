@@ -239,3 +239,21 @@ def test_a_claim_a_full_disk_cuts_short_names_its_file_and_leaves_none(tmp_path,
         claim(tmp_path, "0-0", "a")
     assert info.value.filename == str(tmp_path / "0-0.json")
     assert not (tmp_path / "0-0.json").exists()  # no empty claim left for others to age out
+
+
+def test_a_finished_stores_claims_go_and_its_folder_with_them(tmp_path):
+    from pipeline.claims import claims_dir, clear_batch_claims
+    from pipeline.cli import main
+
+    out = tmp_path / "g.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", "--set", "model.shape=[8, 8]",
+                 "--set", "sampler.steps=20", "--set", "ensemble.members=4",
+                 "--set", "ensemble.batch_size=2", "--set", f"output.path={out}"]) == 0
+    assert not claims_dir(out).exists()  # every batch claim and the heartbeat gone
+    folder = tmp_path / "f.claims"
+    folder.mkdir()
+    for name in ("0-0.json", "12-4.json", "finalize.json", "job-1.alive", "0-0.takeover"):
+        (folder / name).write_text("{}")
+    assert clear_batch_claims(folder) == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["0-0.takeover", "finalize.json",
+                                                         "job-1.alive"]
