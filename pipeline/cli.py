@@ -46,8 +46,9 @@ READS = {"sample": SAMPLING, "plan": SAMPLING, "bench": (*SAMPLING, "bench"),
 def _load(args):
     """The config of ``args``, refusing a file that has sections but none of those its
     command reads (a generate-data config given to sample would run on defaults alone)."""
+    tree = None
     if args.config is not None:
-        tree = read_toml(args.config)
+        tree = read_toml(args.config)  # read once: a file edited meanwhile is not read twice
         held = [name for name, table in tree.items() if isinstance(table, dict)]
         wanted = READS.get(args.command, ())
         # a key outside every section: load_config names it and the section that has it
@@ -56,7 +57,7 @@ def _load(args):
                 f"config file {args.config} has [{'], ['.join(held)}] and none of the sections "
                 f"piadm {args.command} reads ([{'], ['.join(wanted)}]): give a config for "
                 f"{args.command}, e.g. one of jobs/configs/")
-    return load_config(args.config, overrides(args))
+    return load_config(args.config, overrides(args), tree)
 
 
 def _setup(args, world, plan: bool = False, layout: bool = True, stop=None):

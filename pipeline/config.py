@@ -211,9 +211,12 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} holds a number too large: {err}") from None
 
 
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read TOML at ``path`` (None: defaults only), apply ``section.key=value`` overrides."""
-    tree = read_toml(path) if path is not None else {}
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (),
+                tree: dict | None = None) -> Config:
+    """Read TOML at ``path`` (None: defaults only; ``tree``: the file as ``read_toml`` read
+    it already), apply ``section.key=value`` overrides."""
+    if tree is None:
+        tree = read_toml(path) if path is not None else {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item}: use the form section.key=value")
