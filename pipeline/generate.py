@@ -222,18 +222,26 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
     return str(path)
 
 
+def _spinup_line(t: float, spinup: float, elapsed: float) -> str:
+    """The spin-up's progress at time ``t`` of ``spinup``, with its time left at the pace so
+    far (a forcing that makes the steps short shows at once how long it would take)."""
+    eta = f"  eta {elapsed / t * (spinup - t):.1f}s" if t > 0 else ""
+    return f"spin-up t = {t:.3g} of {spinup:g}  elapsed {elapsed:.1f}s{eta}"
+
+
 def _simulate(d: DataConfig, path: Path, config_text: str, device, progress):
-    """Create the store at ``path`` and fill it chunk by chunk, yielding the snapshots written
-    so far after each chunk."""
-    _empty(d, config_text).to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False)
+    """Spin the flow up, then create the store at ``path`` and fill it chunk by chunk,
+    yielding the snapshots written so far after each chunk: a spin-up that fails (blows up,
+    runs out of memory) leaves no store behind to block the rerun."""
     flow = Flow(d.resolution, nu=d.viscosity, drag=d.drag, k_f=d.forcing_wavenumber,
                 forcing=d.forcing)
     sp = Spectral(flow, device)
     w_hat = torch.fft.rfft2(random_vorticity(d.resolution, d.seed, device=device))
     start = time.perf_counter()
     say = _every(PROGRESS_S, progress)
-    w_hat = advance(sp, w_hat, d.spinup, cfl=d.cfl, dt_max=d.dt_max, on_step=lambda t: say(
-        f"spin-up t = {t:.1f} of {d.spinup:g}  elapsed {time.perf_counter() - start:.1f}s"))
+    w_hat = advance(sp, w_hat, d.spinup, cfl=d.cfl, dt_max=d.dt_max,
+                    on_step=lambda t: say(_spinup_line(t, d.spinup, time.perf_counter() - start)))
+    _empty(d, config_text).to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False)
     start = time.perf_counter()
     for lo in range(0, d.snapshots, d.chunk):
         hi = min(lo + d.chunk, d.snapshots)

@@ -132,11 +132,17 @@ def snapped(value: float, values: np.ndarray) -> float:
 
 def check_field_order(var: xr.DataArray, what: str) -> None:
     """Refuse fields stored (x, y): piadm's fields are (y, x), in its stores, its training
-    and its models, and reading them by position would transpose them all unseen."""
+    and its models, and reading them by position would transpose them all unseen. The same
+    for axes that share a suffix (generate-data's coarse fields: y_coarse, x_coarse)."""
     names = FIELD_DIMS.get(var.ndim - 1, ())
-    if set(var.dims[1:]) == set(names) and var.dims[1:] != names:
-        order = ", ".join(repr(d) for d in (var.dims[0], *names))
-        raise InputError(f"{what} has its fields as {var.dims[1:]}, piadm's are {names}: "
+    dims = tuple(str(d) for d in var.dims[1:])
+    suffix = next((d[1:] for d in dims[:1]), "")
+    if not names or not all(d[1:] == suffix for d in dims):
+        return
+    wanted = tuple(n + suffix for n in names)
+    if set(dims) == set(wanted) and dims != wanted:
+        order = ", ".join(repr(str(d)) for d in (var.dims[0], *wanted))
+        raise InputError(f"{what} has its fields as {dims}, piadm's are {wanted}: "
                          f"write them in that order, e.g. ds.transpose({order}).to_zarr(...)")
 
 

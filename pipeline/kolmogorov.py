@@ -96,7 +96,7 @@ def advance(sp: Spectral, w_hat: torch.Tensor, duration: float, *, cfl: float,
         if on_step is not None:
             on_step(t)
     if not torch.isfinite(w_hat).all():
-        raise BlowUp("the vorticity blew up: lower data.cfl or raise data.viscosity")
+        raise BlowUp("the vorticity blew up: lower data.cfl or data.forcing, or raise data.viscosity")
     return w_hat
 
 

@@ -69,9 +69,13 @@ def cpu_threads(local_size: int, requested: int = 0, field_points: int = 0) -> i
     (srun --cpus-per-task) is trusted; otherwise the node's cores are shared evenly. Either
     way a field of ``field_points`` (0: unknown) gets at most one thread per
     ``POINTS_PER_THREAD`` points."""
+    allowed, total = _cores()
+    if requested > total:  # libgomp fails to start the threads and torch may hang
+        raise ConfigError(f"config: parallel.threads = {requested} is more than this node's "
+                          f"{total} cores: give at most {total} (0: the node's cores shared "
+                          "among its ranks)")
     if requested > 0:
         return requested
-    allowed, total = _cores()
     share = max(1, allowed) if allowed < total else max(1, total // max(1, local_size))
     if field_points:
         share = min(share, max(1, field_points // POINTS_PER_THREAD))

@@ -83,9 +83,8 @@ CREATING = "creating-"  # a store is made as .NAME.creating-HOST-PID-ID, then re
 def member_chunk(batch_size: int, field_bytes: int) -> int:
     """Members per chunk: the largest divisor of the batch size whose chunk stays within
     ``CHUNK_BYTES`` (at least one member), so every writer still owns whole chunks."""
-    fits = [k for k in range(1, batch_size + 1)
-            if batch_size % k == 0 and k * field_bytes <= CHUNK_BYTES]
-    return max(fits, default=1)
+    most = min(batch_size, CHUNK_BYTES // max(field_bytes, 1))  # a huge batch: few to try
+    return next((k for k in range(most, 1, -1) if batch_size % k == 0), 1)
 
 
 def _dataset(spec: StoreSpec) -> xr.Dataset:

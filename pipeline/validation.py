@@ -28,6 +28,13 @@ INT64_MAX = 2**63 - 1  # the largest count numpy and dask take for the store's m
 STEPS_MAX = 10**8
 
 
+# generate-data: the shortest data.interval (closer snapshots are the same field), the most
+# steps data.dt_max may imply (days of a small grid's steps), and the fastest laminar
+# speed data.forcing may drive (past it the CFL steps are too short, or float64 overflows)
+MIN_INTERVAL = 1e-6
+MOST_STEPS = 1e9
+MOST_SPEED = 1e6
+
 def _check(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise ConfigError(f"config: {key} {problem}")
@@ -114,6 +121,21 @@ def _check_data(d: DataConfig) -> None:
     _check(d.dt_max > 0 and d.interval > 0 and d.spinup >= 0, "data.interval",
            "and data.dt_max must be > 0, data.spinup >= 0")
     _check(d.snapshots >= 1 and d.chunk >= 1, "data.snapshots", "and data.chunk must be >= 1")
+    _check(d.interval >= MIN_INTERVAL, "data.interval",
+           f"= {d.interval:g} is below {MIN_INTERVAL:g}: snapshots so close are the same field "
+           "(and their time labels may be too)")
+    total = d.spinup + d.snapshots * d.interval
+    _check(total / d.dt_max <= MOST_STEPS, "data.dt_max",
+           f"= {d.dt_max:g} takes at least {total / d.dt_max:.3g} steps for the "
+           f"{total:g} time units of data.spinup + data.snapshots x data.interval, past "
+           f"{MOST_STEPS:.0e} (days of steps): raise data.dt_max or lower those")
+    _check(d.forcing >= 0, "data.forcing", f"= {d.forcing:g} must be >= 0 (0 turns it off)")
+    laminar = d.forcing / (d.viscosity * d.forcing_wavenumber**2 + d.drag)
+    _check(laminar <= MOST_SPEED, "data.forcing",
+           f"= {d.forcing:g} drives the flow at speeds up to {laminar:.3g} (data.forcing / "
+           f"(data.viscosity x data.forcing_wavenumber^2 + data.drag)), past {MOST_SPEED:g}: "
+           "its time steps would be too short to simulate (or it overflows): lower "
+           "data.forcing, or raise data.viscosity or data.drag")
     _check(d.forcing_wavenumber >= 1, "data.forcing_wavenumber", "must be >= 1")
     top = resolved_wavenumber(d.resolution)  # past it the grid aliases the forcing
     _check(d.forcing_wavenumber <= top, "data.forcing_wavenumber",

@@ -191,8 +191,27 @@ def test_a_simulation_that_blows_up_is_a_one_line_error(tmp_path, capsys, monkey
     monkeypatch.setattr(generate, "advance", unstable)
     assert _run(tmp_path / "b.zarr") == 2
     err = capsys.readouterr().err
-    assert "piadm: error: the vorticity blew up: lower data.cfl or raise data.viscosity" in err
+    assert ("piadm: error: the vorticity blew up: lower data.cfl or data.forcing, or raise "
+            "data.viscosity") in err
     assert "Traceback" not in err
+    assert not (tmp_path / "b.zarr").exists()  # blown up in the spin-up: no store to block a rerun
+
+
+@pytest.mark.parametrize("setting, said", [
+    ("data.forcing=1e200", "data.forcing = 1e+200 drives the flow at speeds up to"),
+    ("data.forcing=-1", "data.forcing = -1 must be >= 0"),
+    ("data.interval=1e-300", "data.interval = 1e-300 is below 1e-06"),
+    ("data.spinup=1e300", "data.dt_max = 0.05 takes at least 2e+301 steps"),
+    ("data.dt_max=1e-9", "data.dt_max = 1e-09 takes at least"),
+])
+def test_data_settings_that_would_never_finish_are_refused(tmp_path, capsys, setting, said):
+    from pipeline.cli import main
+
+    out = tmp_path / "d.zarr"
+    assert main(["generate-data", "jobs/configs/kolmogorov.toml", "--set", setting,
+                 "--set", f"data.path={out}"]) == 2
+    assert said in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("failure", ["blow-up", "interrupt"])

@@ -48,6 +48,17 @@ def test_fields_stored_x_first_are_refused_before_anything_is_written(tmp_path, 
 
     with pytest.raises(InputError, match=r"train.data .*xy.zarr: vort has its fields as"):
         open_training_store(str(tmp_path / "xy.zarr"), ["vort"], "train.data")
+    # axes with a suffix, as generate-data names a coarse field's: the same refusal
+    coarse = ds.rename(y="y_coarse", x="x_coarse").transpose("time", "x_coarse", "y_coarse")
+    coarse.to_zarr(tmp_path / "xyc.zarr", zarr_format=3, consolidated=False)
+    with pytest.raises(InputError, match=r"has its fields as \('x_coarse', 'y_coarse'\), "
+                                         r"piadm's are \('y_coarse', 'x_coarse'\)"):
+        _open(tmp_path / "xyc.zarr")
+    with pytest.raises(InputError, match=r"train.data .*xyc.zarr: vort has its fields as"):
+        open_training_store(str(tmp_path / "xyc.zarr"), ["vort"], "train.data")
+    coarse.transpose("time", "y_coarse", "x_coarse").to_zarr(
+        tmp_path / "yxc.zarr", zarr_format=3, consolidated=False)
+    open_training_store(str(tmp_path / "yxc.zarr"), ["vort"], "train.data")  # (y, x): taken
 
 
 def test_field_dims_named_otherwise_keep_their_coordinates_by_position(tmp_path):

@@ -23,6 +23,10 @@ def test_threads_share_the_node_unless_pinned_or_asked(monkeypatch):
     assert cpu_threads(4) == 4 and cpu_threads(32) == 1 and cpu_threads(4, requested=3) == 3
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})  # srun --cpus-per-task=2
     assert cpu_threads(4) == 2
+    assert cpu_threads(4, requested=16) == 16  # more than its share: asked for
+    with pytest.raises(ConfigError, match="parallel.threads = 17 is more than this node's 16 "
+                                          "cores: give at most 16"):
+        cpu_threads(4, requested=17)  # libgomp could not start them and torch would hang
 
 
 def test_automatic_threads_stay_at_one_on_small_fields(monkeypatch):
