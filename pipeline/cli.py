@@ -360,6 +360,19 @@ def user_errors() -> tuple:
     return (PiadmError, OSError)
 
 
+# What to lower when a command runs out of memory outside a sampled batch (which names its own)
+SAMPLING_FIT = ("lower what runs at once (ensemble.batch_size, calibrate.members, bench.members, "
+                "sampler.window or sampler.block_size) or the field (model.shape), or add time "
+                "slices")
+LOWER_TO_FIT = {
+    "generate-data": "lower data.resolution or data.chunk (the snapshots held before a write)",
+    "train": "lower train.batch_size, train.channels or the fields' size (train.data), or "
+             "add ranks (each takes a slice of the batch)",
+    "evaluate": "evaluate holds one item's members and truth at a time: run it where more "
+                "memory is free",
+}
+
+
 def _as_user_error(err: Exception, command: str) -> Exception:
     """An allocation that failed outside a sampled batch (which says its own settings) as
     one line naming what to lower; any other error as it is."""
@@ -371,9 +384,8 @@ def _as_user_error(err: Exception, command: str) -> Exception:
     if isinstance(err, OutOfMemory) or not is_out_of_memory(err):
         return err
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return OutOfMemory(f"{command}: out of memory ({first}): lower what runs at once "
-                       "(ensemble.batch_size, calibrate.members, bench.members, sampler.window "
-                       "or sampler.block_size) or the field (model.shape), or add time slices")
+    fix = LOWER_TO_FIT.get(command, SAMPLING_FIT)
+    return OutOfMemory(f"{command}: out of memory ({first}): {fix}")
 
 
 def explain(err: Exception, sets: Sequence[str] = ()) -> str:

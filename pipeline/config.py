@@ -124,6 +124,13 @@ def _set(tree: dict, dotted: str, raw: str) -> None:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
+        if raw[:1] in ("'", '"'):  # no bare word: a quoted string left open, or quoted twice
+            raise ConfigError(f"--set {dotted}={raw}: the value starts a quoted string that "
+                              "is not one: close its quote (and quote it once)") from None
+        if raw[:1] in ("[", "{"):
+            raise ConfigError(f"--set {dotted}={raw}: not a TOML list or table: quote its "
+                              "words, e.g. [\"pc-window\", \"window\"] (in the shell: "
+                              "'" + dotted + "=[\"...\"]')") from None
         # a bare word: a string (a comment after it dropped, as TOML drops one)
         value = raw.split(" #")[0].rstrip()
         if re.search(r"[,;\s]\s*\w+\.\w+\s*=", value):
@@ -132,6 +139,10 @@ def _set(tree: dict, dotted: str, raw: str) -> None:
                               "its own") from None
     except ValueError:  # an integer of more digits than Python converts
         raise ConfigError(f"--set {dotted}: the value {raw[:20]}... is too large") from None
+    if isinstance(value, str) and re.search(r"[\x00-\x1f\x7f]", value):
+        raise ConfigError(f"--set {dotted}={raw}: the value holds a control character (a "
+                          "backslash escape in a double-quoted string, such as \\n): write "
+                          "paths with / or in single quotes") from None
     tree.setdefault(keys[0], {})[keys[1]] = value
 
 

@@ -34,6 +34,8 @@ STEPS_MAX = 10**8
 MIN_INTERVAL = 1e-6
 MOST_STEPS = 1e9
 MOST_SPEED = 1e6
+# model.emulate_ms: the most an emulated call's latency or per-item time may be
+MOST_EMULATED_MS = 60_000.0
 
 def _check(ok: bool, key: str, problem: str) -> None:
     if not ok:
@@ -125,11 +127,11 @@ def _check_data(d: DataConfig) -> None:
            f"= {d.interval:g} is below {MIN_INTERVAL:g}: snapshots so close are the same field "
            "(and their time labels may be too)")
     total = d.spinup + d.snapshots * d.interval
-    _check(total / d.dt_max <= MOST_STEPS, "data.dt_max",
+    _check(not math.isfinite(total) or total / d.dt_max <= MOST_STEPS, "data.dt_max",
            f"= {d.dt_max:g} takes at least {total / d.dt_max:.3g} steps for the "
            f"{total:g} time units of data.spinup + data.snapshots x data.interval, past "
            f"{MOST_STEPS:.0e} (days of steps): raise data.dt_max or lower those")
-    _check(d.forcing >= 0, "data.forcing", f"= {d.forcing:g} must be >= 0 (0 turns it off)")
+    _check(not d.forcing < 0, "data.forcing", f"= {d.forcing:g} must be >= 0 (0 turns it off)")
     laminar = d.forcing / (d.viscosity * d.forcing_wavenumber**2 + d.drag)
     _check(laminar <= MOST_SPEED, "data.forcing",
            f"= {d.forcing:g} drives the flow at speeds up to {laminar:.3g} (data.forcing / "
@@ -352,6 +354,9 @@ def validate(cfg: Config) -> None:
     _check(not m.emulate_ms or (len(m.emulate_ms) == 2 and min(m.emulate_ms) >= 0),
            "model.emulate_ms", f"= {list(m.emulate_ms)} must be [latency_ms, per_item_ms], "
            "both >= 0, or empty (off)")
+    _check(all(v <= MOST_EMULATED_MS for v in m.emulate_ms), "model.emulate_ms",
+           f"= {list(m.emulate_ms)}: an emulated call of more than {MOST_EMULATED_MS:g} ms "
+           "(latency or per item) is no accelerator's; a run could not stop between its calls")
     _check(m.data_bound >= 0 and math.isfinite(m.data_bound), "model.data_bound",
            f"= {m.data_bound} must be >= 0 and finite (0: the model's own bound)")
     c = cfg.calibrate

@@ -72,6 +72,15 @@ def test_version_and_the_installed_entry_point():
      "model.slope = 10000000000000000000... is too large for a number"),
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.steps=1" + "0" * 5000],
      "--set sampler.steps: the value 10000000000000000000... is too large"),
+    (["sample", "jobs/configs/grf.toml", "--set", "model.emulate_ms=[100000000, 0]"],
+     "an emulated call of more than 60000 ms (latency or per item) is no accelerator's"),
+    # a quote left open, a list of bare words, a path with a TOML escape in it
+    (["sample", "jobs/configs/grf.toml", "--set", 'output.path="unterminated'],
+     "the value starts a quoted string that is not one: close its quote"),
+    (["bench", "jobs/configs/grf.toml", "--set", "bench.methods=[pc-window]"],
+     'not a TOML list or table: quote its words, e.g. ["pc-window", "window"]'),
+    (["sample", "jobs/configs/grf.toml", "--set", 'output.path="out\\new.zarr"'],
+     "the value holds a control character"),
     (["sample", "jobs/configs/grf.toml", "--set", "output.path=a.zarr, ensemble.members=2"],
      "this holds another setting: separate PIADM_SET items with ';'"),
     # zarr expanded "~" to $HOME and piadm did not: a draft store was left in $HOME
@@ -223,7 +232,9 @@ def test_labels_written_unquoted_are_their_text_and_control_characters_print_bac
     assert load_config(path).input.range == ("2020-01-01", "2020-01-31T06:00:00")
     assert load_config(None, ["input.items=[21.0, 22]"]).input.items == ("21.0", "22")
     assert load_config(None, ["output.path=x.zarr # a note"]).output.path == "x.zarr"
-    assert main(["config", "jobs/configs/grf.toml", "--set", r'output.path="a\tb\nc"']) == 0
+    # from a file (--set refuses them: there a backslash escape is a Windows path's mistake)
+    (tmp_path / "odd.toml").write_text('[output]\npath = "a\\tb\\nc"\n')
+    assert main(["config", str(tmp_path / "odd.toml")]) == 0
     (tmp_path / "back.toml").write_text(capsys.readouterr().out)
     assert load_config(tmp_path / "back.toml").output.path == "a\tb\nc"
 

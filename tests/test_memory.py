@@ -171,6 +171,9 @@ def test_an_allocation_failure_outside_a_batch_is_one_line_naming_what_to_lower(
     mended = _as_user_error(host, "calibrate")
     assert isinstance(mended, OutOfMemory) and str(mended).startswith("calibrate: out of memory")
     assert "calibrate.members" in str(mended)
+    for command, key in (("train", "train.batch_size"), ("generate-data", "data.resolution")):
+        told = str(_as_user_error(host, command))  # each command names its own settings
+        assert key in told and "ensemble.batch_size" not in told, told
     other = RuntimeError("shapes do not match")
     assert _as_user_error(other, "calibrate") is other
 
