@@ -171,8 +171,8 @@ def claim(folder: Path, key: str, job: str) -> bool:
 
 def clear_batch_claims(folder: Path) -> int:
     """Remove every batch claim (``ITEM-START.json``) in ``folder``: for a store whose members
-    are all done, whose claims no job needs any more (a job still running finds every batch
-    done and claims none). Locks and heartbeats stay. The claims removed."""
+    are all done (a job still running finds every batch done and claims none), or one being
+    replaced (its batches are gone). Locks and heartbeats stay. The claims removed."""
     removed = 0
     for path in folder.glob("*-*.json"):
         item, _, start = path.stem.partition("-")
@@ -250,14 +250,6 @@ def live_jobs(folder: Path) -> list[str]:
     names = (beat.name.removeprefix("job-").removesuffix(".alive")
              for beat in folder.glob("job-*.alive"))
     return sorted(job for job in names if _alive(folder, {"job": job}))
-
-
-def clear_claims(folder: Path, keep: str) -> None:
-    """Remove the batch claims in ``folder`` (their store is being replaced, its batches are
-    gone), keeping the lock ``keep`` and the jobs' heartbeats."""
-    for entry in folder.glob("*"):
-        if entry.name != f"{keep}.json" and not entry.name.startswith("job-"):
-            entry.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

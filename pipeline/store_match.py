@@ -20,7 +20,7 @@ from pipeline.run import DTYPES, MODEL_SOURCE, model_digest
 from pipeline.settings import Config
 from pipeline.store import (FIELD_SCALE, INPUT_FINGERPRINT, StoreExists, done_members,
                             open_store, read_attrs)
-from pipeline.target import check_idle, check_room, check_writable
+from pipeline.target import check_idle, check_path_walk, check_room, check_writable
 
 
 def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
@@ -31,6 +31,7 @@ def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
     find the input ``items`` it was conditioned on: their labels, and the fields by their
     fingerprint (``inputs.fingerprint``; empty: not read). Raises StoreExists or OSError
     naming the problem."""
+    check_path_walk(cfg.output.path)
     fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
                           differs=lambda text: store_differences(cfg, text))
     if fate in ("resume", "upgrade", "grow"):

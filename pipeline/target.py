@@ -20,8 +20,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from pipeline.claims import Heartbeat, claims_dir, clear_claims, holding, live_jobs, new_job_id
+from pipeline.claims import (Heartbeat, claims_dir, clear_batch_claims, holding, live_jobs,
+                             new_job_id)
 from pipeline import __version__
+from pipeline.errors import ConfigError
 from pipeline.store import (ASKED, MEMBER_BATCH, StoreExists, StoreSpec, consolidate,
                             create, enclosing_store, finalize, fit_members, grow, member_batch,
                             member_chunk_of, members_fit, read_attrs)
@@ -84,6 +86,17 @@ def _fate(path: str | Path, digest: str, overwrite: bool, model: str | None,
     return ("replace" if overwrite else "other"), found
 
 
+def check_path_walk(path: str | Path, key: str = "output.path") -> None:
+    """Refuse a path that steps back (``..``) out of a folder that does not exist: making the
+    store would make that folder, and the store's name would read as two places at once."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        if part == ".." and i and not Path(*parts[:i]).exists():
+            raise ConfigError(f"config: {key} = {str(path)!r} steps back out of "
+                              f"{str(Path(*parts[:i]))!r}, which does not exist: write the path "
+                              "without it")
+
+
 def check_writable(path: str | Path) -> None:
     """Raise OSError naming the folder when a store cannot be made at ``path``: its nearest
     existing folder must take a new entry (tried with an empty folder, removed at once); and
@@ -114,7 +127,6 @@ def check_room(path: str | Path, field_bytes: int, fields: int, *, held: int = 0
     members) would need more than ``ROOM_FACTOR`` times the free space of the disk that
     ``path`` is on: less the ``held`` fields a grown store has written already, and with the
     bytes of a ``replaced`` store (deleted before a field is written) counted free."""
-    from pipeline.errors import ConfigError
     from pipeline.memory import format_bytes
 
     existing = _nearest_existing(path)
@@ -348,7 +360,7 @@ def _replace(spec: StoreSpec) -> str:
         # longer recognisably a piadm store, which piadm would never delete or use
         doomed = _doomed(Path(spec.path), job)
         os.rename(spec.path, doomed)
-        clear_claims(claims_dir(spec.path), keep="replace")  # claims on the old store's batches
+        clear_batch_claims(claims_dir(spec.path))  # claims on the old store's batches
         made = _create(spec, overwrite=True)
         shutil.rmtree(doomed, ignore_errors=True)
         return "replaced" if made == "created" else made

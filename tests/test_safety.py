@@ -671,3 +671,21 @@ def test_device_noise_is_not_resumed_on_another_torch_or_device_type(tmp_path, c
     with pytest.raises(Exception, match="sampled with sampler.noise = 'device' on"):
         sample(load_config("jobs/configs/grf.toml", {**sets, "ensemble.members": 4}))
     assert np.array_equal(xr.open_zarr(sets["output.path"])["field"].values, before)
+
+
+def test_an_output_path_stepping_back_out_of_a_missing_folder_is_refused(tmp_path, capsys):
+    """zz/../out.zarr through no zz would make zz, and named the store two ways at once (an
+    overwrite took its own store for another job's)."""
+    sets = _small(tmp_path, **{"output.path": f"{tmp_path}/zz/../out.zarr",
+                               "output.overwrite": True})
+    args = ["sample", "jobs/configs/grf.toml"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"output.path = '{tmp_path}/zz/../out.zarr' steps back out of '{tmp_path}/zz', " \
+           "which does not exist: write the path without it" in err
+    assert list(tmp_path.iterdir()) == []  # no zz, no store
+    (tmp_path / "zz").mkdir()
+    assert main(args) == 0  # through a folder that is there, the path is a plain one
+    assert (tmp_path / "out.zarr").is_dir()
