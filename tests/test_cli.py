@@ -74,6 +74,8 @@ def test_version_and_the_installed_entry_point():
      "--set sampler.steps: the value 10000000000000000000... is too large"),
     (["sample", "jobs/configs/grf.toml", "--set", "model.emulate_ms=[100000000, 0]"],
      "an emulated call of more than 60000 ms (latency or per item) is no accelerator's"),
+    (["sample", "jobs/configs/grf.toml", "--set", "sampler.corrector_length=1e300"],
+     "sampler.corrector_length = 1e+300 over sampler.corrector_steps = 8 makes steps of"),
     # a quote left open, a list of bare words, a path with a TOML escape in it
     (["sample", "jobs/configs/grf.toml", "--set", 'output.path="unterminated'],
      "the value starts a quoted string that is not one: close its quote"),
