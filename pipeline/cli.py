@@ -243,6 +243,9 @@ def _cmd_plan(args, world) -> int:
                                 args.gpus_per_node, 0), ("--rows", args.rows, 1)):
         if value < least:
             raise ConfigError(f"plan: {flag} {value} must be >= {least}", collective=True)
+    if args.ranks > MOST_PLANNED_RANKS:  # every layout of them is weighed: it would not end
+        raise ConfigError(f"plan: --ranks {args.ranks} is more than the {MOST_PLANNED_RANKS} "
+                          "ranks a plan weighs: plan for fewer", collective=True)
     cfg, _, device = _setup(args, world, layout=False)
 
     def plan_here():
@@ -359,6 +362,9 @@ def user_errors() -> tuple:
     # and the OSErrors of files a user named
     return (PiadmError, OSError)
 
+
+# The most ranks `piadm plan` weighs the layouts of (131072 took 2 s; 1e9 ran on for minutes)
+MOST_PLANNED_RANKS = 1 << 17
 
 # What to lower when a command runs out of memory outside a sampled batch (which names its own)
 SAMPLING_FIT = ("lower what runs at once (ensemble.batch_size, calibrate.members, bench.members, "

@@ -205,9 +205,13 @@ def read_toml(path: str | Path) -> dict:
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory: a config must be a TOML file, "
                           "e.g. jobs/configs/grf.toml")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {path} not found: pass an existing TOML file")
-    raw = path.read_bytes()
+    try:  # a pipe (a shell's <(...)) reads as a file does
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror}): pass a "
+                          "readable TOML file") from None
     data = raw.removeprefix(codecs.BOM_UTF8)  # some editors write one first: not TOML's
     try:
         return tomllib.loads(data.decode("utf-8"))

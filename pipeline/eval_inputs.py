@@ -70,6 +70,9 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
     if variable not in truth_ds:
         raise EvaluationError(f"truth {path} has no variable {variable!r} (it has "
                               f"{', '.join(map(str, truth_ds.data_vars))}): use --truth-variable")
+    if truth_ds[variable].dtype.kind not in "fiu":
+        raise EvaluationError(f"truth {path}: {variable} holds {truth_ds[variable].dtype} "
+                              "values: give real fields (e.g. their real part, .real)")
     name = ensemble_variable(ens)
     truth = _on_the_ensembles_grid(truth_ds[variable], ens[name], path)
     item_dim = ens[name].dims[0]
@@ -174,6 +177,10 @@ def _check_finite(truth: xr.DataArray, path, field_ndim: int, *, paired: bool) -
     lead = values.shape[: values.ndim - field_ndim]
     bad = ~np.isfinite(values.reshape(*lead, -1)).all(axis=-1)
     if not bad.any():
+        if not values.any():  # every ratio to its spectrum would be 0 / 0
+            raise EvaluationError(f"truth {path} is zero everywhere: it has no spectrum or "
+                                  "spread to score against; give the fields the ensemble "
+                                  "should match (--truth-variable names another variable)")
         return
     dim = truth.dims[0]
     labels = truth[dim].to_index()[bad] if bad.ndim == 1 else np.nonzero(bad)[0]

@@ -130,6 +130,14 @@ def snapped(value: float, values: np.ndarray) -> float:
     return value
 
 
+def check_real(var: xr.DataArray, what: str) -> None:
+    """Refuse fields that are not real numbers (complex, boolean, text): taken as floats, a
+    complex field would lose its imaginary part unseen."""
+    if var.dtype.kind not in "fiu":
+        raise InputError(f"{what} holds {var.dtype} values: piadm's fields are real numbers; "
+                         "store the field as floats (e.g. its real part, .real)")
+
+
 def check_field_order(var: xr.DataArray, what: str) -> None:
     """Refuse fields stored (x, y): piadm's fields are (y, x), in its stores, its training
     and its models, and reading them by position would transpose them all unseen. The same
@@ -303,6 +311,7 @@ def _laid_out(ds: xr.Dataset, path: str, variable: str, dim: str) -> xr.DataArra
         raise InputError(f"input: {variable} has no {dim} items: point input.path at a store "
                          "that holds some")
     check_field_order(var, f"input: {variable} of {path}")
+    check_real(var, f"input: {variable} of {path}")
     return var
 
 

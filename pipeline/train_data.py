@@ -19,7 +19,7 @@ import xarray as xr
 
 from models.bound import largest_mode_power
 from models.conditioning import spectral_upsample, upsample_blocks
-from pipeline.inputs import InputError, check_field_order, label_text
+from pipeline.inputs import InputError, check_field_order, check_real, label_text
 from pipeline.settings import TrainConfig
 from pipeline.store import open_store
 
@@ -79,6 +79,7 @@ def open_training_store(path: str, names: list[str], key: str) -> xr.Dataset:
             raise InputError(f"train: {name!r} of {path} is {dims}: piadm trains on one 2-D "
                              "field per time, (time, y, x), as generate-data writes them")
         check_field_order(ds[name], f"{key} {path}: {name}")
+        check_real(ds[name], f"{key} {path}: {name}")
     return ds[names]
 
 

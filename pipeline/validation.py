@@ -167,6 +167,9 @@ def _check_train(t: TrainConfig) -> None:
     _check(t.condition != t.variable, "train.condition",
            f"= {t.condition!r} is the field the model learns (train.variable): condition on "
            "its coarse version, e.g. 'vorticity_coarse'")
+    _check(not t.checkpoint.endswith(("/", os.sep)), "train.checkpoint",
+           f"= {t.checkpoint!r} names a folder: give the checkpoint's file path, e.g. "
+           f"{t.checkpoint.rstrip('/' + os.sep) or '.'}/unet.pt")
     stores = [os.path.realpath(path) for path in (t.data, *t.extra)]
     _check(len(set(stores)) == len(stores), "train.extra",
            f"= {list(t.extra)} repeats a store (or train.data, whose held-out times would be "

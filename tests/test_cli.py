@@ -76,6 +76,10 @@ def test_version_and_the_installed_entry_point():
      "an emulated call of more than 60000 ms (latency or per item) is no accelerator's"),
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.corrector_length=1e300"],
      "sampler.corrector_length = 1e+300 over sampler.corrector_steps = 8 makes steps of"),
+    (["train", "jobs/configs/kolmogorov.toml", "--set", "train.checkpoint=w/"],
+     "train.checkpoint = 'w/' names a folder: give the checkpoint's file path, e.g. w/unet.pt"),
+    (["plan", "jobs/configs/grf.toml", "--ranks", "1000000000"],
+     "plan: --ranks 1000000000 is more than the 131072 ranks a plan weighs"),
     # a quote left open, a list of bare words, a path with a TOML escape in it
     (["sample", "jobs/configs/grf.toml", "--set", 'output.path="unterminated'],
      "the value starts a quoted string that is not one: close its quote"),
@@ -465,3 +469,18 @@ def test_status_names_dated_items_by_their_dates(tmp_path, capsys):
     capsys.readouterr()
     assert main(["status", str(out)]) == 0
     assert "  time 2020-01-01: 6/6\n  time 2020-01-02: 6/6" in capsys.readouterr().out
+
+
+def test_a_config_that_is_no_regular_file_is_read_as_one(tmp_path, capsys):
+    """/dev/null is an empty config, the defaults; a pipe (a shell's <(...)) is read."""
+    assert main(["config", "/dev/null"]) == 0
+    assert 'kind = "grf"' in capsys.readouterr().out
+    fifo = tmp_path / "cfg.fifo"
+    os.mkfifo(fifo)
+    import threading
+
+    writer = threading.Thread(target=lambda: fifo.write_text("[sampler]\nsteps = 7\n"))
+    writer.start()
+    assert main(["config", str(fifo)]) == 0
+    writer.join()
+    assert "steps = 7" in capsys.readouterr().out

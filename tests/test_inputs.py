@@ -229,3 +229,17 @@ def test_the_items_of_a_chunk_are_read_from_the_store_once(tmp_path):
     assert reads.count == 2  # one a chunk, not one an item
     np.testing.assert_array_equal(np.stack(fields), whole)
     np.testing.assert_array_equal(items.field(1), whole[1])  # back to the first chunk
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "bool"])
+def test_fields_that_are_not_real_numbers_are_refused(tmp_path, dtype):
+    """A complex field taken as floats would lose its imaginary part unseen."""
+    from pipeline.train_data import open_training_store
+
+    ds = xr.open_zarr(make_input(tmp_path / "real.zarr")).load()
+    odd = ds.assign(vort=ds["vort"].astype(dtype))
+    odd.to_zarr(tmp_path / "odd.zarr", zarr_format=3, consolidated=False)
+    with pytest.raises(InputError, match=f"holds {dtype} values: piadm's fields are real"):
+        _open(tmp_path / "odd.zarr")
+    with pytest.raises(InputError, match=f"train.data .*odd.zarr: vort holds {dtype} values"):
+        open_training_store(str(tmp_path / "odd.zarr"), ["vort"], "train.data")

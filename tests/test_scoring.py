@@ -189,6 +189,8 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("out onto a file", "is a file: give a folder"),
     ("truth not finite", "has 2 of the 6 fields scored not finite (e.g. time 2020-01-03, "
                          "2020-01-05): a generate-data run stopped part way"),
+    ("truth all zero", "is zero everywhere: it has no spectrum or spread to score against"),
+    ("complex truth", "holds complex64 values: give real fields"),
     ("ensemble as truth", "is ('time', 'member', 'y', 'x'), not one field per time"),
     ("cut past the shells", "--cut 100 is past the largest shell of the store's 16x16 fields: "
                             "give at most 8"),
@@ -232,6 +234,12 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
     if case == "truth not finite":  # as a stopped generate-data leaves its unwritten times
         truth = xr.open_zarr(tmp / "truth.zarr").load()
         truth.vort[[2, 4]] = float("nan")
+        truth.to_zarr(tmp_path / "t.zarr")
+        args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
+    if case in ("truth all zero", "complex truth"):
+        truth = xr.open_zarr(tmp / "truth.zarr").load()
+        truth["vort"] = (truth.vort * 0 if case == "truth all zero"
+                         else truth.vort.astype("complex64"))
         truth.to_zarr(tmp_path / "t.zarr")
         args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
     if case == "ensemble as truth":
