@@ -398,7 +398,10 @@ def explain(err: Exception, sets: Sequence[str] = ()) -> str:
     """The one line a user error prints: an I/O failure names its file and what to check; a
     setting that came from PIADM_SET (not overridden by ``sets``, the --set items) says so."""
     if not isinstance(err, OSError) or type(err).__module__.startswith("pipeline"):
-        return f"{err}{from_environment(str(err), sets)}"
+        text, note = str(err), from_environment(str(err), sets)
+        if note and text.startswith("--set "):  # the item came from PIADM_SET, not a --set
+            text = "PIADM_SET: " + text.removeprefix("--set ")
+        return f"{text}{note}"
     if type(err).__module__.startswith("zarr"):  # nothing found to read; the message names where
         return f"cannot read a Zarr store: {err}: check that the path is the store it should be"
     where = f" {err.filename}" if err.filename else ""

@@ -484,3 +484,14 @@ def test_a_config_that_is_no_regular_file_is_read_as_one(tmp_path, capsys):
     assert main(["config", str(fifo)]) == 0
     writer.join()
     assert "steps = 7" in capsys.readouterr().out
+
+
+def test_an_error_in_a_piadm_set_item_says_it_came_from_there(monkeypatch, capsys):
+    monkeypatch.setenv("PIADM_SET", "bogus.key=1")
+    assert main(["config", "jobs/configs/grf.toml"]) == 2
+    assert "unknown section [bogus]" in (err := capsys.readouterr().err)
+    assert err.rstrip().endswith("(from PIADM_SET: bogus.key=1)")
+    monkeypatch.setenv("PIADM_SET", "sampler.steps=5 sampler.tol=1e-2")
+    assert main(["config", "jobs/configs/grf.toml"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "piadm: error: PIADM_SET: sampler.steps=5 sampler.tol=1e-2: this holds another setting")
