@@ -75,9 +75,14 @@ def raised_together(err: Exception) -> Exception:
 
 @cache
 def _shared_class(kind: type) -> type:
-    """``kind`` with ``collective = True``, under ``kind``'s own name and module."""
+    """``kind`` with ``collective = True``, under ``kind``'s own name and module; pickled as
+    a plain ``kind`` (pickle finds classes by name, and the name is ``kind``'s)."""
+    def reduce(self):
+        return (kind, *kind.__reduce__(self)[1:])
+
     return type(kind.__name__, (kind,), {"collective": True, "__module__": kind.__module__,
-                                         "__qualname__": kind.__qualname__})
+                                         "__qualname__": kind.__qualname__,
+                                         "__reduce__": reduce})
 
 
 class OutOfMemory(PiadmError):

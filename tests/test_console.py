@@ -43,6 +43,10 @@ def test_on_rank0_keeps_an_errors_class_and_what_it_carries():
     assert (err.errno, err.strerror, err.filename, err.collective) == (
         2, "No such file or directory", "in.zarr", True)
     assert type(err).__name__ == "FileNotFoundError" and str(err).endswith("'in.zarr'")
+    import pickle
+
+    again = pickle.loads(pickle.dumps(err))  # as a plain FileNotFoundError
+    assert type(again) is FileNotFoundError and again.filename == "in.zarr"
 
     def fault():
         raise KeyError("x")
