@@ -331,23 +331,29 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
             if method in REPLICABLE:  # how its time slices shared the window (on one: alike)
                 row["window_split"] = s.window_split
             rows[method].append(row)
-            print0(comm, _format(row))
-            if stats.fallbacks:  # its distance is the sequential path's: say why
-                print0(comm, f"    note: {redone(stats.fallbacks)}")
-            if collectives:
-                print0(comm, "    collectives: " + ", ".join(
-                    f"{kind} {count} x ({seconds:.3f} s, of which {own:.3f} s its own, "
-                    f"{count / stats.rounds:.1f} a round)"
-                    for kind, (count, seconds, own) in sorted(collectives.items()))
-                    + ("" if row["model_wait_share"] is None else
-                       f"; {row['model_wait_share']:.1%} of the wall waiting for other "
-                       "ranks' model calls"))
+            _say_row(comm, row, stats)
     out = [row for m in methods for row in rows[m]]
     if cfg.bench.seeds > 1:
         for m in methods:
             out.append(worst_row(rows[m]))
             print0(comm, _format(out[-1]))
     return out
+
+
+def _say_row(comm, row: dict, stats) -> None:
+    """Print a bench row on rank 0, with a note where blocks were redone step by step and
+    the per-collective report where the run had any."""
+    print0(comm, _format(row))
+    if stats.fallbacks:  # its distance is the sequential path's: say why
+        print0(comm, f"    note: {redone(stats.fallbacks)}")
+    if row["collectives"]:
+        print0(comm, "    collectives: " + ", ".join(
+            f"{kind} {count} x ({seconds:.3f} s, of which {own:.3f} s its own, "
+            f"{count / stats.rounds:.1f} a round)"
+            for kind, (count, seconds, own) in sorted(row["collectives"].items()))
+            + ("" if row["model_wait_share"] is None else
+               f"; {row['model_wait_share']:.1%} of the wall waiting for other "
+               "ranks' model calls"))
 
 
 def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None = None,

@@ -20,6 +20,8 @@ from pipeline.store import INPUT_FINGERPRINT, done_members, field_variable, open
 
 
 def ensemble_variable(ds: xr.Dataset) -> str:
+    """The name of the sampled field in the ensemble store ``ds`` (EvaluationError where it
+    cannot be told)."""
     try:
         return field_variable(ds)
     except ValueError as err:
@@ -280,6 +282,7 @@ def upsampled(coarse: xr.DataArray, ens: xr.Dataset) -> xr.DataArray:
 
 
 def is_square(shape) -> bool:
+    """Whether ``shape`` is an n x n field: the radial spectra need one."""
     return len(shape) == 2 and shape[0] == shape[1]
 
 
