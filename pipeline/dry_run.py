@@ -71,20 +71,27 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
         + (f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else ""),
     ]
     if not planned:  # else the planner leaves out the layouts that do not fit
-        try:
-            text = check_memory(cfg, tuple(cfg.model.shape), torch.device(device),
-                                sharing=sharing, time_slices=ranks.slices.size,
-                                batch=call_batch(size, e.members))
-            kept = fate.startswith(("would be resumed", "would be grown"))
-            if _would_calibrate(cfg, device, resumed=kept):
-                check_memory(cfg, tuple(cfg.model.shape), torch.device(device),
-                             calibration=True)
-            lines.append("memory     " + text)
-        except ConfigError as err:
-            lines.append(f"memory     the run would stop: {err}")
-            runs = False
+        text, fits = _memory_line(cfg, ranks, device, sharing, size, fate)
+        lines.append(text)
+        runs = runs and fits
     lines.append("nothing was written (--dry-run)")
     return "\n".join(lines), runs
+
+
+def _memory_line(cfg: Config, ranks: RankGrid, device, sharing: int, size: int,
+                 fate: str) -> tuple[str, bool]:
+    """The dry run's memory line for batches of ``size`` (and the calibration the run would
+    make first), and whether they fit."""
+    try:
+        text = check_memory(cfg, tuple(cfg.model.shape), torch.device(device), sharing=sharing,
+                            time_slices=ranks.slices.size,
+                            batch=call_batch(size, cfg.ensemble.members))
+        kept = fate.startswith(("would be resumed", "would be grown"))
+        if _would_calibrate(cfg, device, resumed=kept):
+            check_memory(cfg, tuple(cfg.model.shape), torch.device(device), calibration=True)
+    except ConfigError as err:
+        return f"memory     the run would stop: {err}", False
+    return "memory     " + text, True
 
 
 def _store_fate(cfg: Config, items, device="cpu") -> tuple[str, bool, int | None]:
