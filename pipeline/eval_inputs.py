@@ -88,49 +88,62 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
         raise EvaluationError(f"--truth-range selects a climatology, but {path} pairs each "
                               f"{item_dim} of the ensemble with its own truth: leave it out")
     if paired:
-        wanted = _same_labels(ens[item_dim].values, truth[item_dim])
-        missing = np.setdiff1d(wanted, truth[item_dim].values)
-        if missing.size:
-            shown = ", ".join(label_text(v) for v in missing[:3])
-            raise EvaluationError(f"truth {path} lacks {item_dim} [{shown}] of the ensemble: "
-                                  "give the data the ensemble was conditioned on")
-        at, repeated = {}, set()
-        for i, v in enumerate(truth[item_dim].values):
-            if v in at:
-                repeated.add(v)
-            at.setdefault(v, i)
-        clash = [v for v in wanted if v in repeated]
-        if clash:  # which of the two is the truth?
-            raise EvaluationError(f"truth {path} holds {item_dim} {label_text(clash[0])} more "
-                                  "than once: give each of its fields one label")
-        if truth.ndim != 1 + len(shape):  # e.g. an ensemble store's (time, member, y, x)
-            fields = ", ".join(truth.dims[-len(shape):])
-            raise EvaluationError(f"truth {path}'s {variable!r} is {truth.dims}, not one field "
-                                  f"per {item_dim} ({item_dim}, {fields}): give the data the "
-                                  "ensemble was conditioned on, not an ensemble store")
-        # by position (another label may repeat), labelled as the ensemble's, which xarray
-        # aligns them by
-        truth = truth.isel({item_dim: [at[v] for v in wanted]}).assign_coords(
-            {item_dim: ens[item_dim].values})
-        _check_finite(truth, path, len(shape), paired=True)
-        return truth, True
-    if truth_range is not None:
-        dim = truth.dims[0]
-        try:
-            lo, hi = (_label(t, truth[dim]) for t in truth_range)
-        except InputError as err:  # said of input.items: these are --truth-range's
-            raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]}: "
-                                  f"{str(err).removeprefix('input: ')}") from None
-        if lo > hi:
-            raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} is reversed: "
-                                  "give the earlier label first")
-        values = truth[dim].values  # by value, not by position: it need not be sorted
-        truth = truth.isel({dim: np.flatnonzero((values >= lo) & (values <= hi))})
-        if truth.sizes[dim] == 0:
-            raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} selects no "
-                                  f"{dim} of {path}: pick labels inside its coordinate")
-    _check_finite(truth, path, len(shape), paired=False)
-    return truth, False
+        truth = _paired(truth, ens[item_dim], len(shape), path, variable)
+    elif truth_range is not None:
+        truth = _in_range(truth, truth_range, path)
+    _check_finite(truth, path, len(shape), paired=paired)
+    return truth, paired
+
+
+def _paired(truth: xr.DataArray, items: xr.DataArray, field_ndim: int, path,
+            variable: str) -> xr.DataArray:
+    """The truth's field of each of the ensemble's ``items`` (its item coordinate), in their
+    order and labelled as they are; EvaluationError where one is missing, labelled twice, or
+    not one field."""
+    item_dim = items.dims[0]
+    wanted = _same_labels(items.values, truth[item_dim])
+    missing = np.setdiff1d(wanted, truth[item_dim].values)
+    if missing.size:
+        shown = ", ".join(label_text(v) for v in missing[:3])
+        raise EvaluationError(f"truth {path} lacks {item_dim} [{shown}] of the ensemble: "
+                              "give the data the ensemble was conditioned on")
+    at, repeated = {}, set()
+    for i, v in enumerate(truth[item_dim].values):
+        if v in at:
+            repeated.add(v)
+        at.setdefault(v, i)
+    clash = [v for v in wanted if v in repeated]
+    if clash:  # which of the two is the truth?
+        raise EvaluationError(f"truth {path} holds {item_dim} {label_text(clash[0])} more "
+                              "than once: give each of its fields one label")
+    if truth.ndim != 1 + field_ndim:  # e.g. an ensemble store's (time, member, y, x)
+        fields = ", ".join(truth.dims[-field_ndim:])
+        raise EvaluationError(f"truth {path}'s {variable!r} is {truth.dims}, not one field "
+                              f"per {item_dim} ({item_dim}, {fields}): give the data the "
+                              "ensemble was conditioned on, not an ensemble store")
+    # by position (another label may repeat), labelled as the ensemble's, which xarray
+    # aligns them by
+    return truth.isel({item_dim: [at[v] for v in wanted]}).assign_coords(
+        {item_dim: items.values})
+
+
+def _in_range(truth: xr.DataArray, truth_range: tuple[str, str], path) -> xr.DataArray:
+    """The truth's fields whose labels lie in ``truth_range`` (--truth-range, inclusive)."""
+    dim = truth.dims[0]
+    try:
+        lo, hi = (_label(t, truth[dim]) for t in truth_range)
+    except InputError as err:  # said of input.items: these are --truth-range's
+        raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]}: "
+                              f"{str(err).removeprefix('input: ')}") from None
+    if lo > hi:
+        raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} is reversed: "
+                              "give the earlier label first")
+    values = truth[dim].values  # by value, not by position: it need not be sorted
+    truth = truth.isel({dim: np.flatnonzero((values >= lo) & (values <= hi))})
+    if truth.sizes[dim] == 0:
+        raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} selects no "
+                              f"{dim} of {path}: pick labels inside its coordinate")
+    return truth
 
 
 def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr.DataArray:
