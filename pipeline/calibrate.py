@@ -99,7 +99,7 @@ def calibration_key(cfg: Config, model_sha256: str, device) -> str:
     kept = {"model_sha256": model_sha256, "shape": list(cfg.model.shape),
             "data_bound": cfg.model.data_bound, "condition": cfg.model.condition,
             "input": cfg.input.path, "calibrate": dataclasses.asdict(cfg.calibrate),
-            "sampler": sampler, "arithmetic": arithmetic_kind(device)}
+            "sampler": sampler}
     if cfg.model.kind == "module":  # its schedule and code are not in its digest (models.module)
         from models.module import SCHEDULE_KEYS, source_digest
 
@@ -107,6 +107,9 @@ def calibration_key(cfg: Config, model_sha256: str, device) -> str:
         kept["source"] = source_digest(cfg.model)
     if cfg.model.tf32:  # absent when off, so that earlier calibrations stay valid
         kept["tf32"] = True
+    kind = arithmetic_kind(device)
+    if kind != "cpu":  # absent on a CPU, so that the calibrations made there stay valid
+        kept["arithmetic"] = kind
     recorded = _recorded_bound(cfg)
     if recorded is not None:  # S moves pc-window's corrector; the digest holds the weights alone
         kept["checkpoint_data_bound"] = recorded

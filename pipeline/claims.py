@@ -35,6 +35,18 @@ def claims_dir(store: str | Path) -> Path:
     return Path(f"{os.path.realpath(store)}.claims")
 
 
+def _in_folder(folder: Path, act):
+    """``act()`` with ``folder`` made first, and made and done again once where the folder
+    vanished in between: another job's ``Heartbeat.stop`` removes it when it is empty."""
+    for again in (True, False):
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            return act()
+        except FileNotFoundError:
+            if not again:
+                raise
+
+
 def new_job_id(folder: Path | None = None, *, unique: bool = False) -> str:
     """An id for this run: the SLURM job, its step and task (a requeued job keeps them, so it
     finds its claims its own; two steps or tasks side by side do not share one), else, or
@@ -52,9 +64,9 @@ def new_job_id(folder: Path | None = None, *, unique: bool = False) -> str:
     job = f"slurm-{slurm}" + (f".{step}" if step else "") + (f".p{task}" if task != "0" else "")
     if folder is None:
         return job
-    folder.mkdir(parents=True, exist_ok=True)
     try:  # atomic: of two commands starting at once, one creates it
-        os.close(os.open(_beat_file(folder, job), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        _in_folder(folder, lambda: os.close(os.open(_beat_file(folder, job),
+                                                    os.O_CREAT | os.O_EXCL | os.O_WRONLY)))
         return job
     except FileExistsError:
         return f"{job}-{own}" if _beating_here(folder, job) else job
@@ -98,12 +110,15 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="piadm-heartbeat", daemon=True)
 
     def _beat(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         # written aside and renamed over: a reader never sees the file empty or cut short
         # (rewritten in place it is, for an instant, and the job would read as dead)
         aside = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        aside.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-        os.replace(aside, self.path)
+
+        def write():
+            aside.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+            os.replace(aside, self.path)
+
+        _in_folder(self.path.parent, write)
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -146,11 +161,11 @@ def _alive(folder: Path, owner: dict) -> bool:
 def claim(folder: Path, key: str, job: str) -> bool:
     """Claim batch ``key`` for ``job``; True when it is ours (new, already ours, or taken
     over from a dead job), False while a live job holds it."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.json"
     record = json.dumps({"job": job, "time": time.time()})
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = _in_folder(folder, lambda: os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY,
+                                                0o644))
     except FileExistsError:
         owner = _owner(path)
         if owner is None:  # being written this instant: leave it to its writer

@@ -64,8 +64,8 @@ def from_environment(text: str, command_line: Sequence[str] = ()) -> str:
         return ""
     overridden = {_key(item) for item in command_line if "=" in item}
     taken = {_key(item): item for item in items if "=" in item}  # the last item of a key wins
-    # named by its key, or by its section where that section is unknown ("[bogus]")
+    # named by its key, or by its section where that section is unknown
     named = [item for key, item in taken.items() if key not in overridden
              and (re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", text)
-                  or f"[{key.split('.')[0]}]" in text)]
+                  or f"unknown section [{key.split('.')[0]}]" in text)]
     return "".join(f" (from PIADM_SET: {item})" for item in named)

@@ -210,6 +210,10 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
                               f"{d.snapshots} new snapshots made, now deleted) and still holds "
                               "the dataset it held before: rerun with data.overwrite = true "
                               "to replace it", signal_of(err)) from None
+        if not target.exists():  # stopped in the spin-up, before the store was made
+            raise Interrupted(f"generate-data stopped during the spin-up: nothing was written "
+                              f"to data.path {path}; rerun the same command to start again",
+                              signal_of(err)) from None
         raise Interrupted(f"data.path {path} holds {written} of its {d.snapshots} snapshots, "
                           "the rest NaN; generate-data does not resume: rerun it with "
                           "data.overwrite = true to make the dataset anew",

@@ -90,8 +90,10 @@ def _to_finish(state: dict) -> str:
 def damaged(path: str) -> list[tuple[int, int, str]]:
     """(item index, member, what is wrong) of every member whose record cannot be trusted: a
     member marked done whose field or per-member values (seed, rounds, model_calls, residual)
-    cannot be read (a damaged chunk) or are missing (a field or count not finite, a seed of
-    0: a chunk file deleted reads as the fill value), and every member of a chunk of the
+    cannot be read (a damaged chunk), or whose field, seed, rounds or model_calls are missing
+    (not finite, or a seed of 0: a chunk file deleted reads as the fill value; a residual
+    history is NaN past a batch's last round by design, so it is only read), and every
+    member of a chunk of the
     ``done`` record itself that cannot be read. piadm never marks such a member done, so it
     was damaged after writing. Reads every done member, one chunk of members at a time."""
     _check_store(path)
@@ -169,7 +171,9 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
     state = progress(path) if repair or not record else None
     ok = state is not None and state["complete"] and not found
     if as_json:
-        counts = state or {"path": str(path), "complete": False}
+        # a damaged record kept: the counts' keys, with nothing countable in them
+        counts = state or {"path": str(path), "item_dim": None, "done": None, "members": None,
+                           "complete": False, "filling": filling_jobs(path), "items": []}
         return json.dumps({**counts, "store": path,  # its key before the counts joined it
                            "sound": not found, "repaired": bool(found and repair),
                            "damaged": [{"item": item, "member": member, "problem": what}

@@ -2,8 +2,8 @@
 take it, a replaced one must have no live job filling it, and a store resumed or grown must
 have been made by the same network, noise and conditioning input that the run has now.
 
-Each refusal is a ``StoreExists`` (or OSError) naming the problem and the fix, raised before
-anything is written.
+Each refusal is a ``StoreExists`` (or an OSError, or a ConfigError for the path itself) naming
+the problem and the fix, raised before anything is written.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
     (``upgrade``) nor one grown to more members (``grow``), and a resumed or grown one must
     find the input ``items`` it was conditioned on: their labels, and the fields by their
     fingerprint (``inputs.fingerprint``; empty: not read). Raises StoreExists or OSError
-    naming the problem."""
+    naming the problem (ConfigError for a path that steps back out of a missing folder)."""
     check_path_walk(cfg.output.path)
     fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
                           differs=lambda text: store_differences(cfg, text))

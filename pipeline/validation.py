@@ -132,7 +132,8 @@ def _check_data(d: DataConfig) -> None:
            f"{total:g} time units of data.spinup + data.snapshots x data.interval, past "
            f"{MOST_STEPS:.0e} (days of steps): raise data.dt_max or lower those")
     _check(not d.forcing < 0, "data.forcing", f"= {d.forcing:g} must be >= 0 (0 turns it off)")
-    laminar = d.forcing / (d.viscosity * d.forcing_wavenumber**2 + d.drag)
+    damping = d.viscosity * d.forcing_wavenumber**2 + d.drag
+    laminar = d.forcing / damping if damping > 0 else 0.0  # (0: refused below)
     _check(laminar <= MOST_SPEED, "data.forcing",
            f"= {d.forcing:g} drives the flow at speeds up to {laminar:.3g} (data.forcing / "
            f"(data.viscosity x data.forcing_wavenumber^2 + data.drag)), past {MOST_SPEED:g}: "
@@ -226,7 +227,8 @@ def _check_sampler(s: SamplerConfig) -> None:
     # a step of the Langevin corrector is h = length / steps noise scales, and a direction in
     # which the data hardly vary has a frequency of one per noise scale: a leapfrog-type step
     # is stable there below h = 2 (on grf 8x8 h = 5 still held, 12.5 grew 4x, 125 went NaN)
-    _check(not s.corrector_steps or s.corrector_length / s.corrector_steps < 2,
+    corrects = s.method in AUTO_METHODS or (s.method in REGISTRY and REGISTRY[s.method].corrector)
+    _check(not corrects or not s.corrector_steps or s.corrector_length / s.corrector_steps < 2,
            "sampler.corrector_length",
            f"= {s.corrector_length:g} over sampler.corrector_steps = {s.corrector_steps} makes "
            f"steps of {s.corrector_length / max(s.corrector_steps, 1):.3g} noise scales, past "

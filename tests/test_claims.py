@@ -257,3 +257,31 @@ def test_a_finished_stores_claims_go_and_its_folder_with_them(tmp_path):
     assert clear_batch_claims(folder) == 2
     assert sorted(p.name for p in folder.iterdir()) == ["0-0.takeover", "finalize.json",
                                                          "job-1.alive"]
+
+
+def test_a_claims_folder_removed_by_another_job_is_made_again(tmp_path, monkeypatch):
+    """Heartbeat.stop removes an empty claims folder: a job starting that instant, between
+    making the folder and writing into it, makes it again rather than fail."""
+    import pathlib
+
+    folder = tmp_path / "s.zarr.claims"
+    real = pathlib.Path.mkdir
+    removed = []
+
+    def mkdir_then_lost(self, *args, **kwargs):  # another job's stop() right after it
+        real(self, *args, **kwargs)
+        if self == folder and not removed:
+            removed.append(True)
+            self.rmdir()
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir_then_lost)
+    beat = Heartbeat(folder, "b").start()
+    try:
+        assert removed and any(folder.glob("job-b.alive"))
+        removed.clear()
+        for name in list(folder.iterdir()):
+            name.unlink()
+        folder.rmdir()
+        assert claim(folder, "0-0", "b") and (folder / "0-0.json").exists()
+    finally:
+        beat.stop()

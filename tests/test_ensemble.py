@@ -438,6 +438,9 @@ def test_a_damaged_done_record_or_member_counts_are_told_and_repaired(tmp_path, 
     assert "members done unknown: the done array cannot be read" in out
     assert "done flag is unreadable" in out and "seed missing" in out
     assert "rounds unreadable" in out
+    assert main(["status", "--verify", "--json", str(hurt)]) == 1
+    doc = json.loads(capsys.readouterr().out)  # the counts' keys, with nothing to count
+    assert doc["done"] is None and doc["members"] is None and not doc["sound"]
     assert main(["status", "--verify", "--repair", str(hurt)]) == 1
     assert "member(s) not done: rerun" in capsys.readouterr().out
     assert main(["status", str(hurt)]) == 1  # incomplete now, no longer damaged

@@ -203,12 +203,14 @@ def test_a_simulation_that_blows_up_is_a_one_line_error(tmp_path, capsys, monkey
     ("data.interval=1e-300", "data.interval = 1e-300 is below 1e-06"),
     ("data.spinup=1e300", "data.dt_max = 0.05 takes at least 2e+301 steps"),
     ("data.dt_max=1e-9", "data.dt_max = 1e-09 takes at least"),
+    ("data.forcing_wavenumber=0;data.drag=0", "data.forcing_wavenumber must be >= 1"),  # no 0/0
 ])
 def test_data_settings_that_would_never_finish_are_refused(tmp_path, capsys, setting, said):
     from pipeline.cli import main
 
     out = tmp_path / "d.zarr"
-    assert main(["generate-data", "jobs/configs/kolmogorov.toml", "--set", setting,
+    sets = [arg for item in setting.split(";") for arg in ("--set", item)]
+    assert main(["generate-data", "jobs/configs/kolmogorov.toml", *sets,
                  "--set", f"data.path={out}"]) == 2
     assert said in capsys.readouterr().err
     assert not out.exists()
@@ -326,3 +328,16 @@ def test_a_rerun_of_a_finished_dataset_has_nothing_to_do_and_a_cut_one_is_named(
     assert _run(path, *SHORT) == 2
     assert "holds what an interrupted run left of a dataset: set data.overwrite = true" in \
         capsys.readouterr().err
+
+
+def test_a_stop_in_the_spin_up_says_nothing_was_written(tmp_path, capsys, monkeypatch):
+    from pipeline import generate
+
+    def stopped(*args, **kwargs):  # Ctrl-C during the spin-up, before the store is made
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "advance", stopped)
+    assert _run(tmp_path / "s.zarr") == 130
+    err = capsys.readouterr().err
+    assert "stopped during the spin-up: nothing was written to data.path" in err
+    assert not (tmp_path / "s.zarr").exists()
