@@ -30,6 +30,7 @@ from pipeline.comm import MPIComm, SerialComm, world_comm
 from pipeline.config import ConfigError, check_same_config, config_from_dict, read_toml
 from pipeline.errors import PiadmError  # every error a user's input causes is one
 from pipeline.settings import SECTION_TYPES, Config
+from pipeline.signals import StopRequest
 from pipeline.store import StoreExists, done_members, open_store
 
 __all__ = ["load_config", "sample", "open_ensemble", "evaluate", "world", "PiadmError",
@@ -102,8 +103,9 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     ``Summary`` (path, members, rounds, model_calls, seconds, ...). ``cfg`` is a ``Config``
     or what ``load_config`` takes, the same on every rank; ``comm`` an mpi4py communicator,
     ``world()`` or None (``world()``); ``stop`` an optional ``pipeline.signals.StopRequest``
-    (``.install()`` it for SIGTERM and Ctrl-C) or a function of no arguments that returns
-    True once the run should stop, asked between batches."""
+    (``.install()`` it for SIGTERM and Ctrl-C; main thread only) or a function of no
+    arguments that returns True once the run should stop, asked during start-up (between
+    calibration rungs) and before each call; anything else is a TypeError."""
     from pipeline.calibrate import Stopped
     from pipeline.console import on_rank0
     from pipeline.ensemble import not_begun, sample_to_store
@@ -118,6 +120,9 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     cfg = on_rank0(comm, as_stored, cfg)  # the store's own spelling of the files it was made from
     if callable(stop):
         stop = _StopWhen(stop)
+    elif stop is not None and not isinstance(stop, StopRequest):
+        raise TypeError(f"api.sample's stop is a pipeline.signals.StopRequest, a function of "
+                        f"no arguments or None, not {type(stop).__name__}")
     with torch_settings_kept():
         device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),
                             cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)

@@ -242,7 +242,7 @@ def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, forc
     key = calibration_key(cfg, model_digest(cfg), device)
     cached = None if force else read_cached(key)
     if cached is not None:
-        say(f"sampler.tol = auto: {cached:g}, calibrated earlier ({cache_file()})")
+        say(f"sampler.tol = auto: {cached:g} for {s.method}, calibrated earlier ({cache_file()})")
         return Calibration(cached, (), "cache")
     short = None if force else read_unreachable(key)
     if short is not None:  # the same ladder would fall short again: say so at once

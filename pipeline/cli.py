@@ -130,6 +130,12 @@ def _cmd_sample(args, world) -> int:
                   f"{ranks.groups} group{'s' if ranks.groups > 1 else ''} x "
                   f"{cfg.parallel.time_slices} time slice{'s' if ranks.slices.size > 1 else ''}, "
                   f"{device}")
+    if _fixed_sweeps(cfg):  # the bare defaults' trap: no speed-up, many times the calls
+        print0(world, f"note: sampler.tol is unset, so each block of {cfg.sampler.method} "
+                      "sweeps as many times as it has steps (at most sampler.max_sweeps = "
+                      f"{cfg.sampler.max_sweeps}): as many rounds as the sequential sampler, "
+                      "at many times its calls; set sampler.tol (a number, or \"auto\" to "
+                      "calibrate one)")
     summary = sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
     if not summary.began:
         return _stopped_before_sampling(world)
@@ -150,6 +156,15 @@ def _cmd_sample(args, world) -> int:
                       f"(exit {EXIT_PREEMPTED})")
         return EXIT_PREEMPTED
     return 0
+
+
+def _fixed_sweeps(cfg) -> bool:
+    """Whether ``cfg`` runs a Picard block sampler with no tolerance: every block then takes
+    its ``sampler.max_sweeps`` sweeps whatever its residual."""
+    from pipeline.samplers import REGISTRY
+
+    entry = REGISTRY.get(cfg.sampler.method)
+    return entry is not None and entry.blocked and cfg.sampler.tol is None
 
 
 def _against_sequential(cfg, summary) -> str:

@@ -304,6 +304,7 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     ``cut``: the finest wavenumber the truth resolves (default: its ``resolved_wavenumber``
     attribute, which piadm generate-data writes, else all)."""
     _check_wavenumbers(cut, kmax)
+    truth_range = _checked_range(truth_range)
     folder = _output_folder(store, out)
     ens = without_channel(open_ensemble(store))
     check_kmax(kmax, ens)
@@ -357,6 +358,19 @@ def _check_wavenumbers(cut, kmax) -> None:
     if kmax is not None and kmax < 1:
         raise EvaluationError(f"--kmax {kmax}: the largest wavenumber scored must be >= 1 "
                               "(leave it out for n / 8)")
+
+
+def _checked_range(truth_range) -> tuple[str, str] | None:
+    """``truth_range`` as two label texts, or EvaluationError where it is not a pair of
+    labels (the API passes what a script has: a string would be taken letter by letter)."""
+    if truth_range is None:
+        return None
+    pair = isinstance(truth_range, (list, tuple)) and len(truth_range) == 2
+    if not pair or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                           for v in truth_range):
+        raise EvaluationError(f"--truth-range {truth_range!r}: give two labels, the first and "
+                              "the last field's (e.g. ('2020-01-01', '2020-01-31'))")
+    return tuple(str(v) for v in truth_range)
 
 
 def _output_folder(store, out) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 
 from pipeline.errors import Interrupted
@@ -143,6 +144,10 @@ class StopRequest:
         """Handle the stop signals (main thread only), and a first Ctrl-C as one of them,
         counting one that arrived while they were deferred; returns self. ``uninstall`` (or
         leaving a ``with`` block) puts the handlers it replaced back."""
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("StopRequest.install: Python lets only the main thread handle "
+                               "signals; in a worker thread give api.sample a function as "
+                               "stop= (e.g. threading.Event().is_set) instead")
         for sig in STOP_SIGNALS:
             self._before.setdefault(sig, signal.signal(sig, self._handle))
         self._before.setdefault(signal.SIGINT, signal.signal(signal.SIGINT, self._interrupt))

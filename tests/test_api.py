@@ -82,6 +82,30 @@ def test_a_comm_that_is_no_communicator_is_a_type_error(tmp_path):
     with pytest.raises(TypeError, match="an mpi4py communicator .* not dict"):
         api.sample({"output": {"path": str(tmp_path / "d.zarr")}}, comm={})
     assert not (tmp_path / "d.zarr").exists()
+    for stop in ("yes", True):  # truthy, it would have stopped the run before it began
+        with pytest.raises(TypeError, match=f"a function of no arguments or None, not "
+                                            f"{type(stop).__name__}"):
+            api.sample({"output": {"path": str(tmp_path / "d.zarr")}}, stop=stop)
+    assert not (tmp_path / "d.zarr").exists()
+
+
+def test_a_stop_request_outside_the_main_thread_says_what_to_give_instead():
+    import threading
+
+    from pipeline.signals import StopRequest
+
+    said = []
+
+    def worker():
+        try:
+            StopRequest().install()
+        except RuntimeError as err:
+            said.append(str(err))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert said and "give api.sample a function as stop=" in said[0]
 
 
 def test_open_ensemble_refuses_a_store_piadm_did_not_make(tmp_path):
@@ -131,6 +155,9 @@ def test_evaluate_errors_name_the_keyword_arguments(tmp_path):
     for keyword, value in (("kmax", "8"), ("kmax", 8.5), ("cut", "8")):
         with pytest.raises(EvaluationError, match=f"^{keyword} {value!r}: give a whole number"):
             api.evaluate(path, path, **{keyword: value})
+    for value in ("35", ("21", "21.5", "22"), (True, False)):  # a string: letter by letter
+        with pytest.raises(EvaluationError, match=r"^truth_range .*: give two labels"):
+            api.evaluate(path, path, truth_range=value)
 
 
 def test_every_error_a_user_causes_is_one_piadm_error_and_keeps_its_builtin_kind(tmp_path):

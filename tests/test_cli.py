@@ -496,3 +496,16 @@ def test_an_error_in_a_piadm_set_item_says_it_came_from_there(monkeypatch, capsy
     assert main(["config", "jobs/configs/grf.toml"]) == 2
     assert capsys.readouterr().err.startswith(
         "piadm: error: PIADM_SET: sampler.steps=5 sampler.tol=1e-2: this holds another setting")
+
+
+def test_a_block_sampler_without_a_tolerance_is_told_it_gains_nothing(tmp_path, capsys):
+    """The bare defaults (piadm-sde, sampler.tol unset) sweep every block to its end: the
+    run says so, and does not where a tolerance is set."""
+    small = ["--set", "model.shape=[8, 8]", "--set", "sampler.steps=10", "--set",
+             "sampler.block_size=5", "--set", "ensemble.members=2"]
+    assert main(["sample", "/dev/null", *small, "--set", f"output.path={tmp_path / 'a.zarr'}"]) == 0
+    assert "note: sampler.tol is unset, so each block of piadm-sde sweeps" in \
+        capsys.readouterr().err
+    assert main(["sample", "/dev/null", *small, "--set", "sampler.tol=1e-3",
+                 "--set", f"output.path={tmp_path / 'b.zarr'}"]) == 0
+    assert "sampler.tol is unset" not in capsys.readouterr().err

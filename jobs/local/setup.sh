@@ -12,6 +12,8 @@ _piadm_venv="${PIADM_VENV:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
     venv="$_piadm_venv"
     stamp="$venv/.piadm-setup"
+    # the files' contents and this checkout's path (sha256sum prints it): the editable install
+    # points at one checkout, so a venv another checkout made is set up again for this one
     want="$(sha256sum "$root/pyproject.toml" "$root/jobs/local/setup.sh" | sha256sum | cut -c1-16)"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "setting up $venv (first run takes a few minutes)" >&2
