@@ -15,6 +15,7 @@ import sys
 import threading
 from contextlib import contextmanager
 
+from pipeline.console import say
 from pipeline.errors import Interrupted
 
 # Exit status of a run stopped by a signal with its finished members saved: rerun to resume.
@@ -124,9 +125,8 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signal is None:
-            print(f"{self.tag}piadm: received {signal.Signals(signum).name}: finishing the "
-                  "batch (or calibration rung) under way, then stopping", file=sys.stderr,
-                  flush=True)
+            say(f"{self.tag}piadm: received {signal.Signals(signum).name}: finishing the "
+                "batch (or calibration rung) under way, then stopping")  # one write a line
         self.signal = signum
 
     def _interrupt(self, signum, frame) -> None:
@@ -135,9 +135,8 @@ class StopRequest:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise Interrupted("the members marked done are kept: rerun the same command to "
                               "resume")
-        print(f"{self.tag}piadm: received SIGINT (Ctrl-C): finishing the batch (or "
-              "calibration rung) under way, then stopping (Ctrl-C again stops at once)",
-              file=sys.stderr, flush=True)
+        say(f"{self.tag}piadm: received SIGINT (Ctrl-C): finishing the batch (or "
+            "calibration rung) under way, then stopping (Ctrl-C again stops at once)")
         self.signal = signum
 
     def install(self) -> "StopRequest":

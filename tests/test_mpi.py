@@ -27,7 +27,9 @@ SMALL = ["model.shape=[12, 10]", "sampler.steps=60", "sampler.block_size=20",
 
 # Layouts agree to rounding: the stopping decisions match, and a flip near a threshold moves a
 # member by less than these bounds (relative norms, per dtype)
-LAYOUT_BOUND = {"float64": 1e-10, "float32": 1e-5}
+# float64: the layouts differ by the order of sums alone (3e-15 at most, measured); 1e-10 let
+# a coefficient rounded to float32 on 3 or more slices pass (dpmpp-2m-window, 2e-11)
+LAYOUT_BOUND = {"float64": 1e-13, "float32": 1e-5}
 
 
 def relative(got, want) -> float:

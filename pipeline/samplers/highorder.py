@@ -257,8 +257,10 @@ def _rebuild(inputs, dens, start, c, e, alpha, beta, lo, hi, p_own, q_own, ends,
         if q == comm.rank:
             y_lo, halo = y_in, gathered[q - 1, :, 1] if q else torch.zeros_like(y)
         p_end, q_end = ends[q]
-        y_in = (gathered[q, :, 0] + point_mask(start < b0, y_in) * p_end * y_in
-                + (point_mask(start <= b0, y_in) * q_end * gathered[q - 1, :, 1] if q else 0.0))
+        # the coefficient times the field first: a bool mask times a Python float is a
+        # float32 tensor, which rounded the coefficient (1e-8 off in float64, 3 slices up)
+        y_in = (gathered[q, :, 0] + p_end * y_in * point_mask(start < b0, y_in)
+                + (q_end * gathered[q - 1, :, 1] * point_mask(start <= b0, y_in) if q else 0.0))
     if comm.rank:  # slice 0 starts from y_0 itself and has no halo (beta_0 = 0)
         shape = (1, -1) + (1,) * (y.dim() - 1)
         runs = (runs + (point_mask(start < lo, y) * y_lo)[:, None] * p_own.to(y).reshape(shape)
