@@ -190,7 +190,8 @@ def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: st
     data = open_store(t.data)
     return {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std,
             "data_bound": trn.data_bound, "variable": t.variable, "condition": t.condition,
-            "residual": t.residual, "shape": list(shape), "data": t.data,
+            # absolute: read back from another folder (bench --quality, a resume) it is the same
+            "residual": t.residual, "shape": list(shape), "data": os.path.abspath(t.data),
             # the conditioning grid: sampling refuses an input of another resolution
             "cond_shape": None if trn.coarse is None else list(trn.coarse.shape[1:]),
             "validation": t.validation, "config": config_text, "data_made": _data_made(data),
@@ -219,11 +220,12 @@ def _check_same_training(path: Path, meta: dict) -> None:
     for key, setting in RESUME_MUST_MATCH.items():
         if key not in theirs or setting in differ:
             continue
-        if key == "data":
-            same = os.path.realpath(theirs[key]) == os.path.realpath(ours[key])
-        elif key == "data_probe":  # sums in another numpy or on another CPU: the last bits
-            same = np.allclose(theirs[key], ours[key], rtol=1e-9,
-                               atol=1e-9 * max(map(abs, ours[key])))
+        if key == "data":  # the same path, or (typed from another folder, or the data
+            # moved) the same fields: a relative path names another store elsewhere
+            same = (os.path.realpath(theirs[key]) == os.path.realpath(ours[key])
+                    or ("data_probe" in theirs and _same_probe(theirs, ours)))
+        elif key == "data_probe":
+            same = _same_probe(theirs, ours)
         else:
             same = theirs[key] == ours[key]
         if not same:
@@ -233,6 +235,13 @@ def _check_same_training(path: Path, meta: dict) -> None:
                          f"in {'; '.join(differ.values())}: rerun with the checkpoint's settings, "
                          "choose another train.checkpoint, or set train.resume = false to start "
                          "anew, replacing it")
+
+
+def _same_probe(theirs: dict, ours: dict) -> bool:
+    """Whether two sidecars' ``data_probe`` agree: sums in another numpy or on another CPU
+    differ in the last bits."""
+    return bool(np.allclose(theirs["data_probe"], ours["data_probe"], rtol=1e-9,
+                            atol=1e-9 * max(map(abs, ours["data_probe"]))))
 
 
 STATE = ("model", "ema", "opt", "step", "history")  # what a training checkpoint holds
@@ -350,7 +359,8 @@ def _hold_checkpoint(path: Path):
     system has no locks. Two runs saving one checkpoint would each resume the other's
     saves and write over them; the second is refused, naming the first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(path.with_name(f".{path.name}.lock"), "a+")
+    real = Path(os.path.realpath(path))  # a link to the checkpoint locks the checkpoint itself
+    lock = open(real.with_name(f".{real.name}.lock"), "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -103,14 +103,33 @@ def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str]) -> list[x
                                  f"{ds[name].shape[1:]}, train.data {first[name].shape[1:]}: "
                                  "generate it at train.data's resolution")
         theirs = _trajectory(ds)
-        if mine and theirs and theirs.get("seed") == mine.get("seed") and all(
-                theirs.get(k) == mine.get(k) for k in ("resolution", "viscosity", "drag",
-                                                       "forcing_wavenumber", "spinup")):
-            raise InputError(f"train.extra {path} is the trajectory of train.data (data.seed = "
-                             f"{mine.get('seed')}), so it holds the held-out times: generate it "
-                             "with another data.seed")
+        if mine and theirs and all(theirs.get(k) == mine.get(k) for k in SAME_FLOW):
+            held = first["time"].values[held_out_start(first.sizes["time"], t.validation):]
+            if _overlap(ds["time"].values, held):
+                raise InputError(
+                    f"train.extra {path} is train.data's flow (the same data.seed = "
+                    f"{mine.get('seed')} and physics) at times that reach its held-out ones "
+                    f"({label_text(held[0])} .. {label_text(held[-1])}): generate it with "
+                    "another data.seed, or over earlier times only")
         extras.append(ds.drop_vars(list(ds.coords)))
     return extras
+
+
+def _overlap(times: np.ndarray, held: np.ndarray) -> bool:
+    """Whether ``times`` reach into the span of the ``held`` times (True where they cannot be
+    compared: refused rather than risk training on held-out fields)."""
+    if not len(times) or not len(held):
+        return False
+    try:
+        return bool(times.min() <= held.max() and times.max() >= held.min())
+    except TypeError:
+        return True
+
+
+# The generate-data settings that make one flow: a store that shares them is the same
+# trajectory whatever its spin-up (a later stretch of it) and whatever its time step (a
+# chaotic flow's step changes it slowly), so it must not reach the held-out times
+SAME_FLOW = ("seed", "resolution", "viscosity", "drag", "forcing_wavenumber", "forcing")
 
 
 PROBE_RTOL = 1e-6  # a float32 copy of a float64 field probes the same to about 6e-8

@@ -185,6 +185,14 @@ def test_a_second_run_on_a_checkpoint_being_trained_is_refused_naming_the_first(
         f"{socket.gethostname()}, pid {os.getpid()}): wait for it to end, or choose another "
         "train.checkpoint")
     assert not ckpt.exists()
+    (tmp_path / "alias").mkdir()  # a link to the checkpoint is the checkpoint: the same lock
+    (tmp_path / "alias" / "m.pt").symlink_to(ckpt)
+    first = _hold_checkpoint(ckpt)
+    try:
+        assert main(_train_args(dataset, tmp_path / "alias" / "m.pt")) == 2
+        assert "is being trained by another piadm train" in capsys.readouterr().err
+    finally:
+        first.close()
     assert main(_train_args(dataset, ckpt, "train.steps=3")) == 0  # the lock is free again
 
 
@@ -753,18 +761,22 @@ def test_extra_stores_are_trained_on_and_the_held_out_split_stays_train_datas(da
     assert torch.allclose(x[0], torch.as_tensor((truth[15] - b.mean) / b.std, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("case", ["same trajectory", "same store", "other shape", "a copy"])
+@pytest.mark.parametrize("case", ["same trajectory", "a later stretch", "same store",
+                                  "other shape", "a copy"])
 def test_a_bad_extra_store_is_a_one_line_error_before_training(tmp_path, dataset, case, capsys):
     store = {"same trajectory": tmp_path / "again.zarr", "same store": dataset,
+             "a later stretch": tmp_path / "later.zarr",
              "other shape": tmp_path / "big.zarr", "a copy": tmp_path / "copy.zarr"}[case]
     if case == "a copy":  # in float32, without generate-data's record: its fields tell it
         copy = xr.open_zarr(dataset).load()
         copy = copy.drop_attrs().astype("float32")
         copy.to_zarr(store, zarr_format=3, consolidated=False)
     elif case != "same store":
+        # a later stretch: the same flow spun up longer, over train.data's held-out times
         sets = ["data.resolution=32" if case == "other shape" else "data.resolution=16",
-                "data.spinup=1.0", "data.interval=0.25", "data.snapshots=8", "data.chunk=8",
-                f"data.path={store}"]
+                "data.spinup=3.0" if case == "a later stretch" else "data.spinup=1.0",
+                "data.interval=0.25", "data.chunk=8", f"data.path={store}",
+                "data.snapshots=16" if case == "same trajectory" else "data.snapshots=8"]
         assert main(["generate-data", "jobs/configs/kolmogorov.toml",
                      *sum((["--set", s] for s in sets), [])]) == 0
         capsys.readouterr()
@@ -772,10 +784,30 @@ def test_a_bad_extra_store_is_a_one_line_error_before_training(tmp_path, dataset
     assert main(_train_args(dataset, ckpt, f'train.extra=["{store}"]')) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert "train.extra" in lines[-1] and all(line.startswith("piadm train:") for line in lines[:-1])
-    assert {"same trajectory": "data.seed", "same store": "repeats",
+    assert {"same trajectory": "data.seed", "a later stretch": "at times that reach its "
+                                                               "held-out ones", "same store": "repeats",
             "other shape": "resolution", "a copy": "holds fields of train.data's held-out "
                                                    "times"}[case] in lines[-1]
     assert not ckpt.exists()
+
+
+def test_the_same_flow_before_the_held_out_times_or_another_forcing_is_taken(tmp_path,
+                                                                              dataset):
+    """An extra store of train.data's flow that ends before its held-out times holds none of
+    them, and one of another forcing is another flow: both are trained on."""
+    from pipeline.settings import TrainConfig
+    from pipeline.train_data import open_dataset
+
+    stores = {"earlier.zarr": ["data.spinup=0.0", "data.snapshots=8"],  # times 0.25 .. 2.0
+              "forced.zarr": ["data.spinup=1.0", "data.snapshots=16", "data.forcing=2.0"]}
+    for name, sets in stores.items():
+        sets = ["data.resolution=16", "data.interval=0.25", "data.chunk=8",
+                f"data.path={tmp_path / name}", *sets]
+        assert main(["generate-data", "jobs/configs/kolmogorov.toml",
+                     *sum((["--set", s] for s in sets), [])]) == 0
+    trn, _ = open_dataset(TrainConfig(data=str(dataset), validation=0.25,
+                                      extra=tuple(str(tmp_path / n) for n in stores)))
+    assert trn.fields.sizes["time"] == 12 + 8 + 16
 
 
 def test_fields_standardised_per_time_are_no_copy_of_the_held_out_ones(tmp_path, dataset, other):
@@ -993,3 +1025,25 @@ def test_two_ranks_refuse_a_checkpoint_of_other_settings_together(tmp_path, data
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert errors[0].startswith("piadm: error: train.checkpoint") and "train.variable" in errors[0]
+
+
+def test_a_resume_from_another_folder_finds_the_same_data(tmp_path, dataset, monkeypatch,
+                                                          capsys):
+    """train.data typed relative to where training began names the same store from another
+    folder spelt otherwise: the sidecar records it absolute, and its fields tell it."""
+    import shutil
+
+    config = str(Path("jobs/configs/kolmogorov.toml").resolve())
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    shutil.copytree(dataset, here / "k.zarr")
+    ckpt = tmp_path / "r.pt"
+    monkeypatch.chdir(here)
+    sets = lambda *s: sum((["--set", x] for x in (*TINY, f"train.checkpoint={ckpt}", *s)), [])  # noqa: E731
+    assert main(["train", config, *sets("train.data=k.zarr")]) == 0
+    assert json.loads((tmp_path / "r.pt.json").read_text())["data"] == str(here / "k.zarr")
+    monkeypatch.chdir(there)
+    capsys.readouterr()
+    assert main(["train", config, *sets(f"train.data={here / 'k.zarr'}",
+                                        "train.steps=8")]) == 0
+    assert "cannot be resumed" not in capsys.readouterr().err
