@@ -159,8 +159,8 @@ def _cmd_sample(args, world) -> int:
 
 
 def _fixed_sweeps(cfg) -> bool:
-    """Whether ``cfg`` runs a Picard block sampler with no tolerance: every block then takes
-    its ``sampler.max_sweeps`` sweeps whatever its residual."""
+    """Whether ``cfg`` runs a Picard block sampler with no tolerance: every block then sweeps
+    as many times as it has points (at most ``sampler.max_sweeps``) whatever its residual."""
     from pipeline.samplers import REGISTRY
 
     entry = REGISTRY.get(cfg.sampler.method)
