@@ -136,7 +136,10 @@ def check_unplannable_store(cfg: Config) -> None:
         return
     chosen = PLAN_KEYS + (("sampler.steps",) if cfg.sampler.method == EQUAL_QUALITY else ())
     every = store_differences(cfg, text, most=10**6)
-    differ = [d for d in every if d.partition(":")[0] not in chosen] or every
+    # where only plan keys differ, the store's own pick of a key set to "auto" is no change
+    picked = tuple(f"-> {v!r}" for v in ("auto", *AUTO_METHODS))
+    differ = ([d for d in every if d.partition(":")[0] not in chosen]
+              or [d for d in every if not d.endswith(picked)] or every)
     if differ:
         raise StoreExists(
             f"output {cfg.output.path} was made by a different configuration (it differs in "

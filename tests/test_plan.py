@@ -688,3 +688,18 @@ def test_a_stop_asked_of_the_api_ends_an_auto_runs_planning(tmp_path, monkeypatc
         "steps": 20, "tol": 1e-2, "method": "auto"}, "ensemble": {"members": 2},
         "output": {"path": str(out)}}, stop=lambda: True)
     assert summary.preempted and not summary.began and not profiled and not out.exists()
+
+
+def test_an_auto_store_of_another_config_is_refused_naming_the_users_change(monkeypatch):
+    """Where only plan keys differ, the store's own pick of the method is not the user's
+    change: the refusal names the window the user set, not 'piadm-sde' -> 'auto'."""
+    from pipeline.config import load_config
+    from pipeline.planner import check_unplannable_store
+    from pipeline.store import StoreExists
+
+    made = load_config("jobs/configs/grf.toml", ["sampler.method=piadm-sde"])  # the plan's pick
+    monkeypatch.setattr("pipeline.target.stored_config", lambda path: made.text)
+    now = load_config("jobs/configs/grf.toml", ["sampler.method=auto", "sampler.window=20"])
+    with pytest.raises(StoreExists, match=r"differs in sampler.window: 0 -> 20\)") as err:
+        check_unplannable_store(now)
+    assert "sampler.method" not in str(err.value)
