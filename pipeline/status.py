@@ -9,7 +9,7 @@ import zarr
 
 from pipeline.errors import PiadmError
 from pipeline.inputs import label_text
-from pipeline.store import PER_MEMBER, damaged_done_chunks, done_members, stored_digest
+from pipeline.store import PER_MEMBER, done_members, read_done_record, stored_digest
 from pipeline.target import check_idle, filling_jobs
 
 
@@ -87,31 +87,26 @@ def _to_finish(state: dict) -> str:
             "parallel.items fills only its own)")
 
 
-def damaged(path: str) -> list[tuple[int, int, str]]:
+def damaged(path: str, record=None) -> list[tuple[int, int, str]]:
     """(item index, member, what is wrong) of every member whose record cannot be trusted: a
     member marked done whose field or per-member values (seed, rounds, model_calls, residual)
     cannot be read (a damaged chunk), or whose field, seed, rounds or model_calls are missing
     (not finite, or a seed of 0: a chunk file deleted reads as the fill value; a residual
     history is NaN past a batch's last round by design, so it is only read), and every
-    member of a chunk of the
-    ``done`` record itself that cannot be read. piadm never marks such a member done, so it
-    was damaged after writing. Reads every done member, one chunk of members at a time."""
+    member of a chunk of the ``done`` record itself that cannot be read. piadm never marks
+    such a member done, so it was damaged after writing. Reads every done member, one chunk
+    of members at a time; ``record``: ``store.read_done_record``'s answer, where read already."""
     _check_store(path)
     group = zarr.open_group(path, mode="r")
     dims = group["done"].metadata.dimension_names
     name = next(key for key, array in group.arrays()
                 if key not in PER_MEMBER and key != "residual"
                 and array.metadata.dimension_names[:2] == dims)
-    record = damaged_done_chunks(path)
+    done, bad = record or read_done_record(path)
     found = [(item, member, "its done flag is unreadable (the done array is damaged)")
-             for rows, cols in record
+             for rows, cols in bad
              for item in range(rows.start, rows.stop) for member in range(cols.start, cols.stop)]
-    done = np.zeros(group["done"].shape, bool)
     step = group["done"].chunks[1]
-    for item in range(done.shape[0]):
-        for start in range(0, done.shape[1], step):
-            if not any(r.start <= item < r.stop and c.start == start for r, c in record):
-                done[item, start:start + step] = group["done"][item, start:start + step] == 1
     arrays = [name, *(key for key in ("seed", "rounds", "model_calls", "residual")
                       if key in group)]
     for item in range(done.shape[0]):
@@ -155,8 +150,8 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
     damaged member and whether they were marked not done); and whether the store is complete
     and sound. With ``repair`` the damaged members are marked not done (a damaged chunk of
     the done record rewritten whole, as not done), so that a rerun samples them again."""
-    found = damaged(path)
-    record = damaged_done_chunks(path)
+    flags, record = read_done_record(path)
+    found = damaged(path, (flags, record))
     if found and repair:
         # a live job's writes and ours would race on the done flags
         check_idle(path, "marks damaged members not done")

@@ -259,21 +259,22 @@ class DamagedRecord(PiadmError):
     chunk cut short or overwritten after writing): the message names the chunks and the fix."""
 
 
-def damaged_done_chunks(path: str | Path) -> list[tuple[slice, slice]]:
-    """The (items, members) regions of the ``done`` chunks that fail to decode; empty for a
-    sound record. A chunk file deleted reads as not done (the fill value), not as damaged."""
+def read_done_record(path: str | Path) -> tuple[np.ndarray, list[tuple[slice, slice]]]:
+    """The ``done`` record read chunk by chunk: (items, members) bool flags, False in the
+    chunks that fail to decode, and those chunks' (items, members) regions (empty for a sound
+    record). A chunk file deleted reads as not done (the fill value), not as damaged."""
     done = zarr.open_group(path, mode="r")["done"]
     rows, cols = done.chunks
-    bad = []
+    flags, bad = np.zeros(done.shape, bool), []
     for i in range(0, done.shape[0], rows):
         for j in range(0, done.shape[1], cols):
             region = (slice(i, min(i + rows, done.shape[0])),
                       slice(j, min(j + cols, done.shape[1])))
             try:
-                done[region]
+                flags[region] = done[region] == 1
             except Exception:  # a codec's error on damaged bytes
                 bad.append(region)
-    return bad
+    return flags, bad
 
 
 def _read_done(path: str | Path, region=slice(None)) -> np.ndarray:
@@ -281,7 +282,7 @@ def _read_done(path: str | Path, region=slice(None)) -> np.ndarray:
     try:
         return zarr.open_group(path, mode="r")["done"][region]
     except Exception as err:
-        bad = damaged_done_chunks(path)
+        _, bad = read_done_record(path)
         if not bad:
             raise
         where = ", ".join(f"items {r.start}..{r.stop - 1} members {c.start}..{c.stop - 1}"

@@ -38,10 +38,10 @@ def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
         held = read_attrs(cfg.output.path) or {}
         _check_same_network(cfg, held)
         _check_same_noise(cfg, held, device)
-    if fate in ("resume", "upgrade", "grow") and items is not None and cfg.input.path:
-        _check_same_items(cfg, items.labels)
-        if items.fingerprint:
-            _check_same_input(cfg, items.fingerprint)
+        if items is not None and cfg.input.path:
+            _check_same_items(cfg, items.labels)
+            if items.fingerprint:
+                _check_same_input(cfg, held, items.fingerprint)
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
     if fate in ("create", "replace", "grow"):  # before a typo's store fills the disk
@@ -129,12 +129,12 @@ def _check_same_items(cfg: Config, labels: np.ndarray) -> None:
         "input.items or input.range, or write the new selection to another output.path")
 
 
-def _check_same_input(cfg: Config, now: tuple[float, ...]) -> None:
-    """Refuse to resume a store whose conditioning input changed since it was made (data
-    regenerated or edited in place): its members so far were drawn for the old fields, the
-    rest would be for the new ones. A store made before piadm recorded this fingerprint is
-    not checked."""
-    then = (read_attrs(cfg.output.path) or {}).get(INPUT_FINGERPRINT)
+def _check_same_input(cfg: Config, held: dict, now: tuple[float, ...]) -> None:
+    """Refuse to resume, from its attributes ``held``, a store whose conditioning input
+    changed since it was made (data regenerated or edited in place): its members so far were
+    drawn for the old fields, the rest would be for the new ones. A store made before piadm
+    recorded this fingerprint is not checked."""
+    then = held.get(INPUT_FINGERPRINT)
     if then is None or len(then) != len(now) or same_fingerprint(then, now):
         return
     raise StoreExists(
