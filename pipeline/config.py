@@ -239,11 +239,11 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (),
     return config_from_dict(tree)
 
 
-def store_differences(cfg: Config, text: str, most: int = 4) -> list[str]:
+def setting_differences(cfg: Config, text: str) -> list[tuple[str, object, object]]:
     """The store-deciding settings (``Config.store_settings``) in which the config TOML
-    ``text`` (a store's ``config`` attribute) differs from ``cfg``, as "key: theirs -> ours",
-    ensemble.members left out; empty when ``text`` does not parse as a config of this
-    version."""
+    ``text`` (a store's ``config`` attribute) differs from ``cfg``, as ("section.key",
+    theirs, ours), ensemble.members left out; empty when ``text`` does not parse as a config
+    of this version."""
     try:
         theirs = config_from_dict(tomllib.loads(text)).store_settings()
     except (ValueError, TypeError, KeyError):  # ConfigError and TOMLDecodeError among them
@@ -251,10 +251,21 @@ def store_differences(cfg: Config, text: str, most: int = 4) -> list[str]:
     ours = cfg.store_settings()
     # another ensemble.members alone makes a store grow (or be refused as cut), never
     # another configuration's: naming it here would ask the user to match it
-    out = [f"{name}.{key}: {theirs[name][key]!r} -> {value!r}"
-           for name, table in ours.items() for key, value in table.items()
-           if theirs.get(name, {}).get(key) != value and (name, key) != ("ensemble", "members")]
+    return [(f"{name}.{key}", theirs[name][key], value)
+            for name, table in ours.items() for key, value in table.items()
+            if theirs.get(name, {}).get(key) != value and (name, key) != ("ensemble", "members")]
+
+
+def format_differences(differences, most: int = 4) -> list[str]:
+    """``setting_differences`` as "key: theirs -> ours", the first ``most`` and a count of
+    the rest."""
+    out = [f"{key}: {theirs!r} -> {ours!r}" for key, theirs, ours in differences]
     return out[:most] + ([f"and {len(out) - most} more"] if len(out) > most else [])
+
+
+def store_differences(cfg: Config, text: str, most: int = 4) -> list[str]:
+    """``setting_differences`` formatted (``format_differences``)."""
+    return format_differences(setting_differences(cfg, text), most)
 
 
 def check_same_config(comm, cfg: Config, who: str, mode: str = "") -> None:

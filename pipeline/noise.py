@@ -91,8 +91,8 @@ def standard_normal(key: int, stream: int, index: Index, shape: Sequence[int]) -
 def _draw_keys(keys: Sequence[int], spawns: Sequence[tuple[int, ...]]) -> np.ndarray:
     """Philox keys (N, 2) of ``standard_normal``'s draws of member seeds ``keys`` with spawn
     keys ``spawns`` ((stream, *index), one each)."""
-    spawn_words = [words(spawn) for spawn in spawns]
-    if len(keys) < _VECTOR_DRAWS or len({len(w) for w in spawn_words}) > 1:
+    spawn_words = [words(spawn) for spawn in spawns] if len(keys) >= _VECTOR_DRAWS else []
+    if not spawn_words or len({len(w) for w in spawn_words}) > 1:
         return np.array([np.random.SeedSequence(k, spawn_key=spawn).generate_state(2, np.uint64)
                          for k, spawn in zip(keys, spawns)], dtype=np.uint64).reshape(-1, 2)
     return philox_keys(np.asarray(keys, dtype=np.uint64), np.asarray(spawn_words, dtype=np.uint32))

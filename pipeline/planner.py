@@ -127,7 +127,7 @@ def check_unplannable_store(cfg: Config) -> None:
     configuration's plan made (``stored_plan``): refuse it, naming the settings in which its
     config differs from ``cfg`` (those a plan picks only when no other differs). Planned
     first, the run was refused only after every measurement, naming the plan's settings."""
-    from pipeline.config import store_differences
+    from pipeline.config import format_differences, setting_differences
     from pipeline.store import StoreExists
     from pipeline.target import stored_config
 
@@ -135,15 +135,15 @@ def check_unplannable_store(cfg: Config) -> None:
     if not text:  # none, or not a piadm store: the run's own checks say what to do
         return
     chosen = PLAN_KEYS + (("sampler.steps",) if cfg.sampler.method == EQUAL_QUALITY else ())
-    every = store_differences(cfg, text, most=10**6)
+    every = setting_differences(cfg, text)
     # where only plan keys differ, the store's own pick of a key set to "auto" is no change
-    picked = tuple(f"-> {v!r}" for v in ("auto", *AUTO_METHODS))
-    differ = ([d for d in every if d.partition(":")[0] not in chosen]
-              or [d for d in every if not d.endswith(picked)] or every)
+    differ = ([d for d in every if d[0] not in chosen]
+              or [d for d in every if d[2] not in ("auto", *AUTO_METHODS)] or every)
     if differ:
+        shown = format_differences(differ, most=len(differ))
         raise StoreExists(
             f"output {cfg.output.path} was made by a different configuration (it differs in "
-            f"{'; '.join(differ[:4])}{'; ...' if len(differ) > 4 else ''}): rerun its own "
+            f"{'; '.join(shown[:4])}{'; ...' if len(shown) > 4 else ''}): rerun its own "
             "config to resume it, choose another output.path, or set output.overwrite = true "
             "to replace it")
 

@@ -206,6 +206,12 @@ def member_batch(path: str | Path) -> int:
                or group["done"].chunks[1])
 
 
+def members_of(path: str | Path) -> int:
+    """The members per item of the store at ``path`` (its done array's width; nothing
+    decoded)."""
+    return zarr.open_group(path, mode="r")["done"].shape[1]
+
+
 def member_chunk_of(path: str | Path) -> int:
     """The members per chunk of the store at ``path``."""
     return zarr.open_group(path, mode="r")["done"].chunks[1]

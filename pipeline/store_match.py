@@ -14,11 +14,11 @@ from models import OWN_KINDS
 from pipeline.config import store_differences
 from pipeline.identity import target_fate
 from pipeline.inputs import Items, label_text, same_fingerprint
-from pipeline.layout import made_on
+from pipeline.layout import arithmetic_kind
 from pipeline.memory import field_bytes
 from pipeline.run import DTYPES, MODEL_SOURCE, model_digest
 from pipeline.settings import Config
-from pipeline.store import (FIELD_SCALE, INPUT_FINGERPRINT, StoreExists, done_members,
+from pipeline.store import (FIELD_SCALE, INPUT_FINGERPRINT, StoreExists, members_of,
                             open_store, read_attrs)
 from pipeline.target import check_idle, check_path_walk, check_room, check_writable
 
@@ -47,7 +47,7 @@ def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
     if fate in ("create", "replace", "grow"):  # before a typo's store fills the disk
         one = field_bytes(tuple(cfg.model.shape), DTYPES[cfg.sampler.dtype])
         count = 1 if items is None else len(items.labels)
-        kept = done_members(cfg.output.path).shape[1] if fate == "grow" else 0
+        kept = members_of(cfg.output.path) if fate == "grow" else 0
         check_room(cfg.output.path, one, count * cfg.ensemble.members, held=count * kept,
                    replaced=fate == "replace")
     if fate == "replace":
@@ -97,7 +97,7 @@ def _check_same_noise(cfg: Config, held: dict, device) -> None:
         return
     was_torch = held.get("torch_version")
     was = _noise_device(str(held.get("made_on", "")))
-    now = _noise_device(made_on(device))
+    now = arithmetic_kind(device)  # what _noise_device reads from a made_on
     if (was_torch and was_torch != torch.__version__) or (was and was != now):
         raise StoreExists(
             f"output {cfg.output.path} was sampled with sampler.noise = 'device' on "

@@ -366,6 +366,10 @@ def test_an_older_piadms_store_is_resumed_and_brought_up_to_date(tmp_path, input
 def test_status_of_a_path_that_is_no_store_is_an_error(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
     assert "is not a piadm ensemble store" in capsys.readouterr().err
+    assert main(["status", "--verify", str(tmp_path)]) == 2  # before the record is read
+    assert "is not a piadm ensemble store" in capsys.readouterr().err
+    assert main(["status", "--verify", str(tmp_path / "none.zarr")]) == 2
+    assert "none.zarr does not exist: pass the output.path of a run" in capsys.readouterr().err
 
 
 def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resample_them(
