@@ -31,10 +31,10 @@ from pipeline.errors import raised_by_every_rank  # noqa: E402
 from pipeline.settings import AUTO_METHODS  # noqa: E402
 
 
-def overrides(args) -> list[str]:
-    """The ``--set`` overrides of a command: ``PIADM_SET``'s items first, then the command
-    line's."""
-    return [*environment_settings(), *args.set]
+def _load_settings(args, tree: dict | None = None):
+    """The config of ``args`` with ``PIADM_SET``'s items applied first, then its ``--set``
+    items; ``tree``: the config file as read already."""
+    return load_config(args.config, args.set, tree, environment=environment_settings())
 
 
 SAMPLING = ("model", "sampler", "ensemble", "output", "input", "parallel")
@@ -57,7 +57,7 @@ def _load(args):
                 f"config file {args.config} has [{'], ['.join(held)}] and none of the sections "
                 f"piadm {args.command} reads ([{'], ['.join(wanted)}]): give a config for "
                 f"{args.command}, e.g. one of jobs/configs/")
-    return load_config(args.config, overrides(args), tree)
+    return _load_settings(args, tree)
 
 
 def _setup(args, world, plan: bool = False, layout: bool = True, stop=None):
@@ -340,7 +340,7 @@ def _cmd_evaluate(args, world) -> int:
 
 
 def _cmd_config(args, world) -> int:
-    cfg = on_every_rank(world, lambda: load_config(args.config, overrides(args)))
+    cfg = on_every_rank(world, lambda: _load_settings(args))
     if world.rank == 0:
         print(cfg.text, end="", flush=True)
     return 0
@@ -413,10 +413,10 @@ def explain(err: Exception, sets: Sequence[str] = ()) -> str:
     """The one line a user error prints: an I/O failure names its file and what to check; a
     setting that came from PIADM_SET (not overridden by ``sets``, the --set items) says so."""
     if not isinstance(err, OSError) or type(err).__module__.startswith("pipeline"):
-        text, note = str(err), from_environment(str(err), sets)
-        if note and text.startswith("--set "):  # the item came from PIADM_SET, not a --set
-            text = "PIADM_SET: " + text.removeprefix("--set ")
-        return f"{text}{note}"
+        text = str(err)
+        if text.startswith(("PIADM_SET:", "--set ")):  # the message names its item already
+            return text
+        return f"{text}{from_environment(text, sets)}"
     if type(err).__module__.startswith("zarr"):  # nothing found to read; the message names where
         return f"cannot read a Zarr store: {err}: check that the path is the store it should be"
     where = f" {err.filename}" if err.filename else ""

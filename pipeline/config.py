@@ -116,31 +116,33 @@ def _section(name: str, table: dict):
     return cls(**values)
 
 
-def _set(tree: dict, dotted: str, raw: str) -> None:
+def _set(tree: dict, dotted: str, raw: str, source: str = "--set") -> None:
+    """Put ``dotted=raw`` into ``tree``; ``source`` names where the item came from in an
+    error (``--set`` or ``PIADM_SET:``)."""
     dotted, raw = dotted.strip(), raw.strip()  # "sampler.steps = 7" reads as sampler.steps=7
     keys = [key.strip() for key in dotted.split(".")]
     if len(keys) != 2 or not all(keys):
-        raise ConfigError(f"--set {dotted}={raw}: the key must look like section.key, e.g. sampler.steps")
+        raise ConfigError(f"{source} {dotted}={raw}: the key must look like section.key, e.g. sampler.steps")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         if raw[:1] in ("'", '"'):  # no bare word: a quoted string left open, or quoted twice
-            raise ConfigError(f"--set {dotted}={raw}: the value starts a quoted string that "
+            raise ConfigError(f"{source} {dotted}={raw}: the value starts a quoted string that "
                               "is not one: close its quote (and quote it once)") from None
         if raw[:1] in ("[", "{"):
-            raise ConfigError(f"--set {dotted}={raw}: not a TOML list or table: quote its "
+            raise ConfigError(f"{source} {dotted}={raw}: not a TOML list or table: quote its "
                               "words, e.g. [\"pc-window\", \"window\"] (in the shell: "
                               "'" + dotted + "=[\"...\"]')") from None
         # a bare word: a string (a comment after it dropped, as TOML drops one)
         value = raw.split(" #")[0].rstrip()
         if re.search(r"[,;\s]\s*\w+\.\w+\s*=", value):
-            raise ConfigError(f"--set {dotted}={raw}: this holds another setting: separate "
+            raise ConfigError(f"{source} {dotted}={raw}: this holds another setting: separate "
                               "PIADM_SET items with ';' or new lines, and give each --set "
                               "its own") from None
     except ValueError:  # an integer of more digits than Python converts
-        raise ConfigError(f"--set {dotted}: the value {raw[:20]}... is too large") from None
+        raise ConfigError(f"{source} {dotted}: the value {raw[:20]}... is too large") from None
     if isinstance(value, str) and re.search(r"[\x00-\x1f\x7f]", value):
-        raise ConfigError(f"--set {dotted}={raw}: the value holds a control character (a "
+        raise ConfigError(f"{source} {dotted}={raw}: the value holds a control character (a "
                           "backslash escape in a double-quoted string, such as \\n): write "
                           "paths with / or in single quotes") from None
     tree.setdefault(keys[0], {})[keys[1]] = value
@@ -227,15 +229,17 @@ def read_toml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (),
-                tree: dict | None = None) -> Config:
+                tree: dict | None = None, environment: typing.Sequence[str] = ()) -> Config:
     """Read TOML at ``path`` (None: defaults only; ``tree``: the file as ``read_toml`` read
-    it already), apply ``section.key=value`` overrides."""
+    it already), apply ``section.key=value`` items: ``environment``'s (``PIADM_SET``'s) first,
+    then ``overrides`` (the command line's), each named by where it came from in an error."""
     if tree is None:
         tree = read_toml(path) if path is not None else {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item}: use the form section.key=value")
-        _set(tree, *item.split("=", 1))
+    for source, items in (("PIADM_SET:", environment), ("--set", overrides)):
+        for item in items:
+            if "=" not in item:
+                raise ConfigError(f"{source} {item}: use the form section.key=value")
+            _set(tree, *item.split("=", 1), source=source)
     return config_from_dict(tree)
 
 

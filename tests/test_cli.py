@@ -121,20 +121,17 @@ def test_file_and_override_errors_are_one_line(args, needle, capsys, tmp_path):
 
 
 def test_piadm_set_items_split_at_semicolons_and_lines_but_not_inside_quotes(monkeypatch):
-    from argparse import Namespace
-
-    from pipeline.cli import overrides
+    from pipeline.environment import environment_settings
 
     monkeypatch.setenv("PIADM_SET", 'a.b=1; output.path="x;y.zarr"\n c.d=[\'p;q\', 2];')
-    assert overrides(Namespace(set=["e.f=3"])) == [
-        "a.b=1", 'output.path="x;y.zarr"', "c.d=['p;q', 2]", "e.f=3"]
+    assert environment_settings() == ["a.b=1", 'output.path="x;y.zarr"', "c.d=['p;q', 2]"]
     # an apostrophe inside a value is text, and an escaped quote does not close the value
     monkeypatch.setenv("PIADM_SET", 'output.path=/runs/o\'brien.zarr; g.h="a\\";b"; e.f=4')
-    assert overrides(Namespace(set=[])) == [
+    assert environment_settings() == [
         "output.path=/runs/o'brien.zarr", 'g.h="a\\";b"', "e.f=4"]
     monkeypatch.setenv("PIADM_SET", 'output.path="runs.zarr; e.f=4')
     with pytest.raises(ConfigError, match="never closed"):
-        overrides(Namespace(set=[]))
+        environment_settings()
 
 
 def test_an_error_from_a_piadm_set_item_says_so(monkeypatch, capsys):
@@ -496,6 +493,12 @@ def test_an_error_in_a_piadm_set_item_says_it_came_from_there(monkeypatch, capsy
     assert main(["config", "jobs/configs/grf.toml"]) == 2
     assert capsys.readouterr().err.startswith(
         "piadm: error: PIADM_SET: sampler.steps=5 sampler.tol=1e-2: this holds another setting")
+    # a malformed PIADM_SET item is named as one, once, though a --set gives the same key
+    monkeypatch.setenv("PIADM_SET", "sampler.steps=[3")
+    assert main(["config", "jobs/configs/grf.toml", "--set", "sampler.steps=7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("piadm: error: PIADM_SET: sampler.steps=[3: not a TOML list")
+    assert "from PIADM_SET" not in err and "--set sampler.steps=[3" not in err
 
 
 def test_a_block_sampler_without_a_tolerance_is_told_it_gains_nothing(tmp_path, capsys):
