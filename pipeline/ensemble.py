@@ -246,7 +246,8 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     writer = make_writer(cfg.output.background) if slices.rank == 0 else None
     grid = sampler_grid(s, model)
     options = sampler_options(s, tol=tol.tol, data_bound=model_data_bound(model, cfg.model))
-    tally = _Tally(time.perf_counter())
+    tally = _Tally(time.perf_counter(),
+                   stop_cause="by a signal" if isinstance(stop, StopRequest) else "on request")
     bar = Progress(world, sum(len(left) for _, _, left in mine),
                    f"group {ranks.group + 1}/{ranks.groups} members", speak=slices.rank == 0)
     hook = _ProgressHook(bar, s.method, grid.steps)
@@ -371,6 +372,7 @@ class _Tally:
     count: int = 0
     stopped: bool = False
     fallbacks: int = 0
+    stop_cause: str = "by a signal"  # or "on request": the API's stop function asked
 
     def add(self, members: int, stats) -> None:
         self.count += members
@@ -418,7 +420,7 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
                           "rerun to finish", collective=True)
     preempted = bool(peak["stopped"] > 0)
     written = int(total["written"])
-    note = (f"piadm stopped by a signal after {written} members" if preempted
+    note = (f"piadm stopped {tally.stop_cause} after {written} members" if preempted
             else f"piadm wrote {written} members")
     if skipped:  # a rerun says what it found, so a line of 0 is not read as a lost run
         note += f" ({skipped} already written)"

@@ -1,6 +1,8 @@
 """The Python API: dict configs validate like files, and the API's run equals the CLI's (the
 README's example runs in tests/test_readme.py)."""
 
+import json
+
 import numpy as np
 import pytest
 import zarr
@@ -74,6 +76,8 @@ def test_stop_may_be_a_function_asked_between_batches(tmp_path):
 
     stopped = api.sample(tree, stop=after_one_batch)
     assert stopped.preempted and stopped.members == 2
+    history = json.loads(zarr.open_group(tmp_path / "d.zarr", mode="r").attrs["piadm_history"])
+    assert history[-1].endswith("piadm stopped on request after 2 members")  # no signal came
     resumed = api.sample(tree, stop=lambda: False)  # a function is not a stop by being one
     assert not resumed.preempted and (resumed.members, resumed.skipped) == (2, 2)
 
