@@ -278,6 +278,8 @@ def _cmd_plan(args, world) -> int:
 
     plan = on_rank0(world, plan_here, idle=True)
     chosen = settings(plan.best)
+    if plan.best.layout.time_slices == 1:  # one slice holds the whole window either way
+        chosen.pop("sampler.window_split", None)
     print0(world, table(plan, rows=args.rows))
     print0(world, describe(plan))
     print0(world, "use: " + " ".join(f"--set {k}={v!r}" if isinstance(v, str) else

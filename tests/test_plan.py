@@ -158,6 +158,18 @@ def _small(tmp_path, **extra):
     return sets
 
 
+def test_a_plan_on_one_rank_does_not_name_a_window_split(tmp_path, capsys):
+    """One time slice holds the whole window whichever split is set: the use line leaves
+    the setting out rather than ask for one that changes nothing."""
+    sets = _small(tmp_path, **{"sampler.method": "pc-window", "sampler.window": 16,
+                               "model.emulate_ms": [5, 0]})  # batching pays: a window wins
+    args = ["plan", "jobs/configs/grf.toml", "--ranks", "1"]
+    assert main(args + sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])) == 0
+    use = [line for line in capsys.readouterr().err.splitlines() if line.startswith("use: ")]
+    assert len(use) == 1 and "sampler.method='pc-window'" in use[0]
+    assert "parallel.time_slices=1" in use[0] and "window_split" not in use[0]
+
+
 def test_plan_command_prints_a_ranked_table_and_the_settings(tmp_path, capsys):
     # a job's config (2 time slices) planned from a login node's single process
     sets = _small(tmp_path, **{"sampler.method": "auto", "parallel.time_slices": 2})
