@@ -22,6 +22,7 @@ making a SeedSequence and a generator per draw cost about 30 us whatever the dra
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,6 +87,14 @@ def standard_normal(key: int, stream: int, index: Index, shape: Sequence[int]) -
     ss = np.random.SeedSequence(key, spawn_key=_spawn(stream, index))
     gen = np.random.Generator(np.random.Philox(key=ss.generate_state(2, np.uint64)))
     return gen.standard_normal(tuple(shape))
+
+
+def host_fingerprint() -> str:
+    """The SHA-256 of one fixed host draw (256 numbers): stores record it, so that a resumed
+    store's new members are known to come from the same numbers as its old ones. numpy keeps
+    Philox's bits stable across versions but not, by promise, its normal sampler's."""
+    draw = standard_normal(member_seed(0, 0, 0), PATH, 0, (256,))
+    return hashlib.sha256(draw.astype("<f8").tobytes()).hexdigest()
 
 
 def _draw_keys(keys: Sequence[int], spawns: Sequence[tuple[int, ...]]) -> np.ndarray:

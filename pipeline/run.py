@@ -19,7 +19,7 @@ from pipeline.clock import trained_top
 from pipeline.comm import SerialComm
 from pipeline.errors import ConfigError
 from pipeline.grids import Grid, make_grid, scheduler_grid
-from pipeline.noise import Noise
+from pipeline.noise import Noise, host_fingerprint
 from pipeline.samplers import REGISTRY, SAMPLERS, Options, Stats
 from pipeline.samplers.common import check_finite
 from pipeline.settings import Config, SamplerConfig
@@ -167,6 +167,7 @@ def provenance(cfg: Config) -> dict:
         "sampler_noise": s.noise,
         "torch_version": torch.__version__,  # device noise depends on it
         "numpy_version": np.__version__,  # host noise: numpy's Philox and normal sampler
+        HOST_NOISE: host_fingerprint(),  # and what they drew: a resume checks it
         "python_version": platform.python_version(),
         **{f"{name}_version": _installed(name) for name in ("zarr", "xarray", "mpi4py")},
         "sampler_revision": REGISTRY[s.method].revision,  # cached tolerances follow it too
@@ -190,6 +191,8 @@ def _installed(name: str) -> str:
 
 # the attribute of the hash of the file that defines a module model (models.module.source_digest)
 MODEL_SOURCE = "model_source_sha256"
+# the attribute of the hash of a fixed host noise draw (noise.host_fingerprint)
+HOST_NOISE = "host_noise_sha256"
 
 
 def _network_provenance(m) -> dict:

@@ -16,7 +16,8 @@ from pipeline.identity import target_fate
 from pipeline.inputs import Items, label_text, same_fingerprint
 from pipeline.layout import arithmetic_kind
 from pipeline.memory import field_bytes
-from pipeline.run import DTYPES, MODEL_SOURCE, model_digest
+from pipeline.noise import host_fingerprint
+from pipeline.run import DTYPES, HOST_NOISE, MODEL_SOURCE, model_digest
 from pipeline.settings import Config
 from pipeline.store import (FIELD_SCALE, INPUT_FINGERPRINT, StoreExists, members_of,
                             open_store, read_attrs)
@@ -92,8 +93,18 @@ def _check_same_noise(cfg: Config, held: dict, device) -> None:
     (``sampler.noise = "device"``: torch's generator, whose numbers depend on the device type,
     on a GPU its model too (how many threads a large draw is spread over), and the torch
     version) made on another of these: its new members' noise would come from other streams
-    than its keys promise (what a store did not record is not checked)."""
+    than its keys promise (what a store did not record is not checked). A store of host noise
+    is refused where this installation draws its fixed fingerprint draw differently (a numpy
+    whose normal sampler changed)."""
     if held.get("sampler_noise") != "device":
+        was = held.get(HOST_NOISE)
+        if was and was != host_fingerprint():
+            raise StoreExists(
+                f"output {cfg.output.path} was sampled with host noise that this installation "
+                f"draws differently (numpy {held.get('numpy_version', '?')} then, "
+                f"{np.__version__} now): its new members would not match the rest; resume it "
+                f"with numpy {held.get('numpy_version', '?')}, choose another output.path, or "
+                "set output.overwrite = true to replace it")
         return
     was_torch = held.get("torch_version")
     was = _noise_device(str(held.get("made_on", "")))

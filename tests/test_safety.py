@@ -673,6 +673,25 @@ def test_device_noise_is_not_resumed_on_another_torch_or_device_type(tmp_path, c
     assert np.array_equal(xr.open_zarr(sets["output.path"])["field"].values, before)
 
 
+def test_host_noise_drawn_differently_here_is_not_resumed(tmp_path):
+    """A store records a fixed host draw's hash; where this numpy draws it otherwise (a
+    normal sampler changed between versions) new members would come from other numbers
+    than the old ones under the same keys, so the store is refused and left as it was."""
+    from pipeline.noise import host_fingerprint
+
+    sets = _small(tmp_path, **{"sampler.method": "sequential-sde"})
+    sample(load_config("jobs/configs/grf.toml", sets))
+    group = zarr.open_group(sets["output.path"], mode="r+")
+    assert group.attrs["host_noise_sha256"] == host_fingerprint()
+    sample(load_config("jobs/configs/grf.toml", {**sets, "ensemble.members": 3}))  # the same
+    group.attrs.update(host_noise_sha256="0" * 64, numpy_version="1.0.0")
+    before = xr.open_zarr(sets["output.path"])["field"].values
+    with pytest.raises(Exception, match=r"sampled with host noise that this installation "
+                                        r"draws differently \(numpy 1.0.0 then"):
+        sample(load_config("jobs/configs/grf.toml", {**sets, "ensemble.members": 4}))
+    assert np.array_equal(xr.open_zarr(sets["output.path"])["field"].values, before)
+
+
 def test_an_output_path_stepping_back_out_of_a_missing_folder_is_refused(tmp_path, capsys):
     """zz/../out.zarr through no zz would make zz, and named the store two ways at once (an
     overwrite took its own store for another job's)."""
