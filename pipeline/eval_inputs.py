@@ -151,8 +151,15 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
     *field dims), where it names them alike: fields are compared point by point, so a truth
     stored (time, x, y) must not meet an ensemble's (y, x) by position. Raises
     EvaluationError where a coordinate both carry differs (another grid of as many points);
-    a store's grid indices (no physical grid known) are compared by position alone."""
+    a store's grid indices (no physical grid known) are compared by position alone. A truth
+    that names a dim as the input did (lat where the store has y: the coordinate's
+    ``input_dim``) is renamed to the store's name first."""
     dims = field.dims[2:]
+    renamed = {field[dim].attrs["input_dim"]: dim for dim in dims
+               if dim in field.coords and field[dim].attrs.get("input_dim") in truth.dims
+               and dim not in truth.dims}
+    truth = truth.rename(renamed) if renamed else truth
+    theirs = {ours: name for name, ours in renamed.items()}  # for a message: the truth's names
     if not set(dims) <= set(truth.dims):
         return truth  # named otherwise: by position, as the shapes are checked
     truth = truth.transpose(..., *dims)
@@ -170,7 +177,7 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
         if not same:
             show = (lambda v: f"{v:.6g}") if a.dtype.kind in "fiu" else str  # noqa: E731
             raise EvaluationError(
-                f"truth {path}'s {dim} runs {show(b.min())} .. {show(b.max())} ({b.size} "
+                f"truth {path}'s {theirs.get(dim, dim)} runs {show(b.min())} .. {show(b.max())} ({b.size} "
                 f"points), the ensemble's {show(a.min())} .. {show(a.max())} ({a.size}): give "
                 "the truth on the model's grid")
     return truth

@@ -132,6 +132,35 @@ def test_a_truth_on_another_grid_of_as_many_points_is_refused(tmp_path, capsys):
     assert scored[0]["crps"] == scored[1]["crps"]
 
 
+def test_a_truth_named_as_the_input_is_lined_up_by_those_names(tmp_path, capsys):
+    """An input on (lat, lon) makes a store on (y, x) that remembers the names (input_dim):
+    a truth that keeps them is lined up by them, reversed or transposed as it is stored,
+    and refused on another grid (it was met by position: another CRPS, another grid
+    scored)."""
+    import numpy as np
+
+    plain = xr.open_zarr(make_input(tmp_path / "plain.zarr"), consolidated=False).load()
+    lat, lon = np.linspace(-10.0, 10.0, 16), np.linspace(0.0, 30.0, 16)
+    inp = plain.rename(y="lat", x="lon").assign_coords(lat=lat, lon=lon)
+    inp.to_zarr(tmp_path / "ll.zarr", zarr_format=3)
+    ens = tmp_path / "e.zarr"
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(tmp_path / "ll.zarr", ens, "ensemble.members=2")]) == 0
+    inp.sortby("lat", ascending=False).transpose("time", "lon", "lat").to_zarr(
+        tmp_path / "flip.zarr", zarr_format=3)
+    for truth, out in (("ll.zarr", "a"), ("flip.zarr", "b")):
+        assert main(["evaluate", str(ens), "--truth", str(tmp_path / truth),
+                     "--out", str(tmp_path / out)]) == 0
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert a["crps"] == b["crps"] and a["rank_histogram"] == b["rank_histogram"]
+    inp.assign_coords(lat=lat * 5).to_zarr(tmp_path / "other.zarr", zarr_format=3)
+    capsys.readouterr()
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "other.zarr"),
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "other.zarr's lat runs -50 .. 50 (16 points), the ensemble's -10 .. 10 (16)" \
+        in capsys.readouterr().err
+
+
 def test_a_truth_without_the_ensembles_items_is_a_climatology_that_says_why(paired, tmp_path,
                                                                            capsys):
     tmp, ens = paired
