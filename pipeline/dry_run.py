@@ -118,8 +118,8 @@ def _store_fate(cfg: Config, items, device="cpu") -> tuple[str, bool, int | None
                    if fate == "upgrade" else ""), True,
                 member_batch(path))
     return {"create": "would be created",
-            "replace": ("was made by another configuration or other model files: "
-                        "output.overwrite = true would replace it")}[fate], True, None
+            "replace": ("was made by another configuration, or from other model files, "
+                        "noise or input: output.overwrite = true would replace it")}[fate], True, None
 
 
 def _would_calibrate(cfg: Config, device, resumed: bool) -> bool:

@@ -47,7 +47,7 @@ from pipeline.settings import Config
 from pipeline.signals import StopRequest
 from pipeline.store import (ASKED, StoreExists, StoreSpec, done_members, finalize, member_batch,
                             read_attrs, stored_attribute, write_batch)
-from pipeline.store_match import check_output
+from pipeline.store_match import check_output, is_stale
 from pipeline.target import delete_leftovers, open_or_create, upgrade_identity
 from pipeline.validation import check_variable
 from pipeline.work import batch_note, call_batch, work_list, write_runs
@@ -106,10 +106,12 @@ def memory_sharing(world, device) -> int:
 
 
 def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
-             attrs: dict, grid: dict, scale: tuple[float, float]) -> tuple[StoreSpec, str]:
+             attrs: dict, grid: dict, scale: tuple[float, float],
+             device) -> tuple[StoreSpec, str]:
     """Rank 0's creation: open or create the store, with the input's ``stats`` (mean, std,
     fingerprint) that ``_check_early`` measured and the ``scale`` its fields are in."""
-    spec = store_spec(cfg, measured_items(cfg, stats), shape, trained_on, grid, scale)
+    items = measured_items(cfg, stats)
+    spec = store_spec(cfg, items, shape, trained_on, grid, scale)
     # a tolerance the planner set (it calibrates each sampler it weighs) is its, not the config's
     planned = "sampler.tol" in json.loads(attrs.get("plan_settings", "{}"))
     source = "plan" if planned and tol.source == "config" else tol.source
@@ -120,7 +122,8 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
         upgrade_identity(spec.path, legacy, cfg.store_digest,
                          plan=spec.attrs.get("plan_config_sha256"), asked=spec.attrs.get(ASKED))
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite,
-                                growth=functools.partial(growth, cfg))
+                                growth=functools.partial(growth, cfg),
+                                stale=functools.partial(is_stale, cfg, items, device))
 
 
 def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: bool = True,
@@ -192,7 +195,8 @@ def _start_up(cfg: Config, model, world, stop, device,
         spec, state = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),
                                getattr(model, "variable", None), tol,
                                {**attrs, "made_on": made_on(device)},
-                               getattr(model, "grid", {}), field_scale(model, *stats[:2]))
+                               getattr(model, "grid", {}), field_scale(model, *stats[:2]),
+                               device)
     return spec, state, tol
 
 

@@ -36,13 +36,12 @@ def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
     fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
                           differs=lambda text: store_differences(cfg, text))
     if fate in ("resume", "upgrade", "grow"):
-        held = read_attrs(cfg.output.path) or {}
-        _check_same_network(cfg, held)
-        _check_same_noise(cfg, held, device)
-        if items is not None and cfg.input.path:
-            _check_same_items(cfg, items.labels)
-            if items.fingerprint:
-                _check_same_input(cfg, held, items.fingerprint)
+        try:
+            _check_resumable(cfg, items, device)
+        except StoreExists:
+            if not cfg.output.overwrite:
+                raise
+            fate = "replace"  # this configuration's, from other files: replaced as another's
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
     if fate in ("create", "replace", "grow"):  # before a typo's store fills the disk
@@ -58,6 +57,29 @@ def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
     if fate == "grow":
         check_idle(cfg.output.path, "grows a store")
     return fate
+
+
+def _check_resumable(cfg: Config, items: Items | None, device) -> None:
+    """Refuse (StoreExists) this configuration's store at output.path where it was made with
+    other network code, noise or conditioning input than the run has now."""
+    held = read_attrs(cfg.output.path) or {}
+    _check_same_network(cfg, held)
+    _check_same_noise(cfg, held, device)
+    if items is not None and cfg.input.path:
+        _check_same_items(cfg, items.labels)
+        if items.fingerprint:
+            _check_same_input(cfg, held, items.fingerprint)
+
+
+def is_stale(cfg: Config, items: Items | None, device) -> bool:
+    """Whether this configuration's store at output.path was made with other network code,
+    noise or input than the run has now (``_check_resumable``): ``output.overwrite``
+    replaces it. Asked again under the replacing lock: another job may have replaced it."""
+    try:
+        _check_resumable(cfg, items, device)
+    except StoreExists:
+        return True
+    return False
 
 
 def _check_same_network(cfg: Config, held: dict) -> None:
@@ -137,7 +159,8 @@ def _check_same_items(cfg: Config, labels: np.ndarray) -> None:
     raise StoreExists(
         f"output {cfg.output.path} holds the {dim} items {span(held)} and the selection of "
         f"input {cfg.input.path} is now {span(labels)}: select the store's items with "
-        "input.items or input.range, or write the new selection to another output.path")
+        "input.items or input.range, write the new selection to another output.path, or set "
+        "output.overwrite = true to replace it")
 
 
 def _check_same_input(cfg: Config, held: dict, now: tuple[float, ...]) -> None:
@@ -152,8 +175,8 @@ def _check_same_input(cfg: Config, held: dict, now: tuple[float, ...]) -> None:
         f"output {cfg.output.path}: its members were conditioned on the {cfg.input.variable} "
         f"fields of input {cfg.input.path} as they were when it was made (their fingerprint, "
         f"the attribute {INPUT_FINGERPRINT}: {_short(then)}), and they have changed since "
-        f"({_short(now)}): restore that input, or write the ensemble of the new one to "
-        "another output.path")
+        f"({_short(now)}): restore that input, write the ensemble of the new one to "
+        "another output.path, or set output.overwrite = true to replace it")
 
 
 def _short(values) -> str:

@@ -232,7 +232,8 @@ def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str |
 
 
 def open_or_create(spec: StoreSpec, *, overwrite: bool,
-                   growth: Callable[[], Growth | None] = lambda: None) -> str:
+                   growth: Callable[[], Growth | None] = lambda: None,
+                   stale: Callable[[], bool] = lambda: False) -> str:
     """Create the store (metadata only) or check an existing one is this run's; returns what
     it did: ``created``, ``resumed``, ``replaced`` or ``grown from M to N members``. Creation
     is built aside and renamed into place, so the path is either absent or complete, and two
@@ -243,11 +244,15 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool,
     and grown to more members rather than replaced: its members are the ones a new store's
     would be, each member's noise keyed by its index. ``growth`` tells, from the store as it
     is when asked, whether it is this run's settings at another member count (see
-    ``check_target``; asked again under the lock, since another job may grow it first)."""
+    ``check_target``; asked again under the lock, since another job may grow it first).
+    ``stale`` tells whether this configuration's store was made from other network code,
+    noise or input (``store_match.is_stale``): with ``overwrite`` it is replaced too."""
     delete_leftovers(spec.path)
     # never delete what we did not make
     fate = check_target(spec.path, spec.digest, overwrite=overwrite,
                         model=spec.attrs.get("model_sha256"), grown=growth())
+    if fate in ("resume", "grow") and overwrite and stale():
+        return _replace(spec, stale)
     if fate == "resume":
         if not members_fit(spec.path, spec.members):  # another config's growth cut short
             return _grow(spec, growth, overwrite)
@@ -343,13 +348,16 @@ def delete_leftovers(path: str | Path) -> None:
             shutil.rmtree(left, ignore_errors=True)
 
 
-def _replace(spec: StoreSpec) -> str:
-    """Delete another configuration's store and create this one's, one job at a time (a lock
-    in the claims folder): two jobs of one configuration started together both find the old
-    store, and the second must resume the first's new store, not delete it."""
+def _replace(spec: StoreSpec, stale: Callable[[], bool] = lambda: False) -> str:
+    """Delete another configuration's store (or this one's, ``stale``: made from other files)
+    and create this one's, one job at a time (a lock in the claims folder): two jobs of one
+    configuration started together both find the old store, and the second must resume the
+    first's new store, not delete it."""
     with _replacing(spec.path, "replace") as job:
         fate = check_target(spec.path, spec.digest, overwrite=True,  # as it is now
                             model=spec.attrs.get("model_sha256"))
+        if fate == "resume" and stale():
+            fate = "replace"
         if fate == "resume":
             return "resumed"
         if fate != "replace":

@@ -144,6 +144,15 @@ def test_a_store_whose_input_changed_since_is_not_resumed(tmp_path, input_store,
     err = capsys.readouterr().err
     assert "its members were conditioned on the vort fields" in err and "another output.path" in err
     assert np.array_equal(zarr.open_group(out, mode="r")["done"][:], before)
+    # output.overwrite = true replaces it, as another configuration's, and then resumes it
+    args += ["--set", "output.overwrite=true"]
+    assert main([*args, "--dry-run"]) == 0
+    assert "output.overwrite = true would replace it" in capsys.readouterr().err
+    assert main(args) == 0
+    assert "store " + str(out) + " replaced: 0 of 36 members done" in capsys.readouterr().err
+    assert zarr.open_group(out, mode="r")["done"][:].all()
+    assert main(args) == 0
+    assert "resumed: 36 of 36 members done" in capsys.readouterr().err
 
 
 def test_the_same_input_values_rechunked_or_widened_resume(tmp_path, input_store):
