@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -178,6 +179,7 @@ def provenance(cfg: Config) -> dict:
         "u_min": s.u_min,
         "denoised": int(s.denoise_final),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "made_in": os.getcwd(),  # where the config's relative paths start
     }
 
 

@@ -7,12 +7,14 @@ the problem and the fix, raised before anything is written.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from models import OWN_KINDS
 from pipeline.config import store_differences
-from pipeline.identity import target_fate
+from pipeline.identity import FILE_KEYS, target_fate
 from pipeline.inputs import Items, label_text, same_fingerprint
 from pipeline.layout import arithmetic_kind
 from pipeline.memory import field_bytes
@@ -34,7 +36,7 @@ def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
     naming the problem (ConfigError for a path that steps back out of a missing folder)."""
     check_path_walk(cfg.output.path)
     fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
-                          differs=lambda text: store_differences(cfg, text))
+                          differs=lambda text: _differences(cfg, text))
     if fate in ("resume", "upgrade", "grow"):
         try:
             _check_resumable(cfg, items, device)
@@ -57,6 +59,30 @@ def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
     if fate == "grow":
         check_idle(cfg.output.path, "grows a store")
     return fate
+
+
+def _differences(cfg: Config, text: str) -> list[str]:
+    """``store_differences`` of the store's config ``text`` from ``cfg``, and a note where a
+    file setting the store spells relative names nothing from here: the same file named from
+    another folder is another spelling, and the store's own config resumes it only from the
+    folder it was made in (its ``made_in`` attribute, where recorded)."""
+    import tomllib
+
+    shown = store_differences(cfg, text)
+    try:
+        theirs = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return shown
+    for key in FILE_KEYS:
+        section, name = key.split(".")
+        then, ours = theirs.get(section, {}).get(name), getattr(getattr(cfg, section), name)
+        if (isinstance(then, str) and then and then != ours and not os.path.isabs(then)
+                and not os.path.exists(then)):
+            folder = (read_attrs(cfg.output.path) or {}).get("made_in")
+            shown.append(f"its {key} {then!r} names no file from this folder: rerun its "
+                         f"config from the folder it was made in"
+                         + (f" ({folder})" if folder else ""))
+    return shown
 
 
 def _check_resumable(cfg: Config, items: Items | None, device) -> None:

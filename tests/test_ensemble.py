@@ -546,6 +546,28 @@ def test_the_same_input_spelled_otherwise_resumes_and_grows_the_store(
     assert (zarr.open_group(out, mode="r")["done"][:] == 1).all()
 
 
+def test_a_store_made_with_a_relative_input_says_where_to_resume_it(
+        tmp_path, input_store, capsys, monkeypatch):
+    """A store made with a relative input.path, met from another folder with that file's
+    other spelling: its own config names no file from there, so the refusal says to rerun
+    it from the folder it was made in, and names it."""
+    import os
+
+    made, other = tmp_path / "made", tmp_path / "other" / "deeper"
+    made.mkdir(), other.mkdir(parents=True)
+    monkeypatch.chdir(made)
+    out = tmp_path / "ens.zarr"
+    config = str(Path(__file__).resolve().parents[1] / "jobs/configs/grf.toml")
+    relative = os.path.relpath(input_store, made)
+    assert main(["sample", config, *conditional_sets(relative, out, "ensemble.members=2")]) == 0
+    monkeypatch.chdir(other)
+    capsys.readouterr()
+    assert main(["sample", config, *conditional_sets(input_store, out,
+                                                       "ensemble.members=2")]) == 2
+    assert (f"its input.path {relative!r} names no file from this folder: rerun its config "
+            f"from the folder it was made in ({made})") in capsys.readouterr().err
+
+
 def test_a_store_grows_to_more_members_keeping_those_it_holds(tmp_path, input_store, capsys):
     """Asked for more members, a complete store of the same settings is grown, not refused
     nor remade: the members it holds stay as they were written, the rest are sampled (the
