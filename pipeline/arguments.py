@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import tempfile
 from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import ConfigError
+from pipeline.errors import did_you_mean
 from pipeline.settings import PEERS
 
 
@@ -194,11 +196,36 @@ _ARGUMENTS = {"status": _status_arguments, "evaluate": _evaluate_arguments,
               "plan": _plan_arguments, "bench": _bench_arguments}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors point at the likely fix: a misspelt command or flag gets
+    the nearest one, and a flag the command lacks gets that command's usage, not piadm's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}  # piadm's: name -> its parser
+
+    def parse_args(self, args=None, namespace=None):
+        known, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.commands.get(getattr(known, "command", None), self)
+            flags = [flag for action in command._actions for flag in action.option_strings]
+            first = next((e for e in extras if e.startswith("-")), "")
+            hint = did_you_mean(first.split("=")[0], flags) if first else ""
+            command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return known
+
+    def error(self, message: str):
+        choice = re.search(r"invalid choice: '([^']*)'", message)
+        if choice and self.commands:  # a misspelt command
+            message += did_you_mean(choice.group(1), self.commands)
+        super().error(message)
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``piadm`` command line: one subcommand per ``COMMANDS`` entry, each with its own
     arguments (``_ARGUMENTS``) and an example in its help."""
     # allow_abbrev=False: "--dry" taken for --dry-run would change meaning when a flag is added
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="piadm", allow_abbrev=False, description="Block-parallel Picard sampling of "
         "diffusion models for ensembles of physics fields.",
         epilog="PIADM_SET holds more KEY=VALUE overrides, separated by ';' or new lines, "
@@ -234,4 +261,5 @@ def parser() -> argparse.ArgumentParser:
                                  "(repeatable; after PIADM_SET's)")
         if name in _ARGUMENTS:
             _ARGUMENTS[name](sp)
+        p.commands[name] = sp
     return p

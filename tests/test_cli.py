@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import __version__
-from pipeline.cli import COMMANDS, main
+from pipeline.cli import COMMANDS, main, parser
 from pipeline.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,6 +199,20 @@ def test_a_config_that_is_a_directory_says_so(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"piadm: error: config file {tmp_path} is a directory: a config must be a TOML file, "
         "e.g. jobs/configs/grf.toml")
+
+
+@pytest.mark.parametrize("argv, usage, hint", [
+    (["sample", "jobs/configs/grf.toml", "--dryrun"], "usage: piadm sample ",
+     "unrecognized arguments: --dryrun (did you mean '--dry-run'?)"),
+    (["status", "--verfy", "x.zarr"], "usage: piadm status ",
+     "unrecognized arguments: --verfy (did you mean '--verify'?)"),
+    (["smaple", "jobs/configs/grf.toml"], "usage: piadm ", "(did you mean 'sample'?)")])
+def test_a_misspelt_flag_or_command_gets_its_commands_usage_and_the_nearest_name(
+        capsys, argv, usage, hint):
+    with pytest.raises(SystemExit) as stop:
+        parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(usage) and err.rstrip().endswith(hint)
 
 
 def test_help_parses_without_importing_the_heavy_libraries():
