@@ -142,8 +142,9 @@ def _window(s) -> str:
     steps."""
     points = REGISTRY[s.method].window_points(s.window, s.steps)
     asked = s.window or REGISTRY[s.method].default_window
+    given = f"sampler.window {asked}" if s.window else f"the default window {asked}"
     return (f", window {points}" + ("" if s.window else " (its default)") if points == asked
-            else f", window {points} (sampler.window {asked} is cut to the {s.steps} steps)")
+            else f", window {points} ({given} is cut to the {s.steps} steps)")
 
 
 def _sampler_line(cfg: Config, planned: bool, device) -> str:

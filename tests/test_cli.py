@@ -358,15 +358,16 @@ def test_a_dry_run_of_a_sequential_sampler_names_no_tolerance(tmp_path, capsys):
     assert "tol none (a sequential sampler)" in err and "tol auto" not in err
 
 
-@pytest.mark.parametrize("window, shown", [
-    (0, "window 65 (its default)"),
-    (5000, "window 100 (sampler.window 5000 is cut to the 100 steps)"),
-    (16, "window 16"),
+@pytest.mark.parametrize("window, steps, shown", [
+    (0, 100, "window 65 (its default)"),
+    (0, 20, "window 20 (the default window 65 is cut to the 20 steps)"),
+    (5000, 100, "window 100 (sampler.window 5000 is cut to the 100 steps)"),
+    (16, 100, "window 16"),
 ])
-def test_a_dry_run_names_the_window_the_sampler_slides(window, shown, tmp_path, capsys):
+def test_a_dry_run_names_the_window_the_sampler_slides(window, steps, shown, tmp_path, capsys):
     assert main(["sample", "jobs/configs/grf.toml", "--dry-run", "--set",
                  f"output.path={tmp_path / 'e.zarr'}", "--set", "sampler.method=pc-window",
-                 "--set", "sampler.steps=100", "--set", f"sampler.window={window}"]) == 0
+                 "--set", f"sampler.steps={steps}", "--set", f"sampler.window={window}"]) == 0
     line = next(x for x in capsys.readouterr().err.splitlines() if "sampler    " in x)
     assert line.endswith(shown)
 

@@ -210,7 +210,8 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("store being filled", "is incomplete (0 of 36 members done): live job(s) slurm-9.0 are "
                            "filling it: wait for them"),
     ("truth lacks items", "lacks time"),
-    ("empty range", "selects no"),
+    ("empty range", "selects no sample of"),
+    ("empty range", "its sample runs 0 .. 5; pick labels inside it"),
     ("range of no labels", "--truth-range foo 5: label 'foo' is not a valid sample value"),
     ("reversed range", "is reversed: give the earlier label first"),
     ("range on paired truth", "--truth-range selects a climatology, but"),
