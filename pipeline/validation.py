@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 
 from pipeline.choices import (FIELD_DIMS, FORMS, GRIDS, NORM_GROUPS, SCHEDULER_GRID, SOURCES,
                               STORE_DIMS, STORE_VARIABLES, resolved_wavenumber)
@@ -302,7 +303,9 @@ def _check_bench(b: BenchConfig) -> None:
 
 def _check_numbers(cfg: Config) -> None:
     """Every number of every section finite (an infinite spin-up runs forever, a NaN forcing
-    blows up with a misleading hint), and every seed one numpy and torch both take."""
+    blows up with a misleading hint), every seed one numpy and torch both take, and every
+    text written out: no "~" or "$VAR" that a shell would have expanded, no control
+    character."""
     for section in dataclasses.fields(cfg):
         table = getattr(cfg, section.name)
         if not dataclasses.is_dataclass(table):
@@ -322,6 +325,17 @@ def _check_numbers(cfg: Config) -> None:
                    f"= {value!r} starts with '~', which piadm does not expand (a TOML file is "
                    "not a shell): write the path out, e.g. "
                    f"{os.path.expanduser('~')}{tilde[0][1:] if tilde else ''}")
+            # "$HOME/x.zarr" made a folder named "$HOME" in the working folder
+            shell = [v for v in numbers if isinstance(v, str) and re.search(r"\$[{\w]", v)]
+            _check(not shell, key,
+                   f"= {value!r} names a variable, which piadm does not expand (a TOML file is "
+                   "not a shell): write the path out"
+                   + (f", e.g. {os.path.expandvars(shell[0])}" if shell and
+                      os.path.expandvars(shell[0]) != shell[0] else ""))
+            # a newline at a path's end made a folder whose name ends in one
+            control = [v for v in numbers if isinstance(v, str) and re.search(r"[\x00-\x1f\x7f]", v)]
+            _check(not control, key,
+                   f"= {value!r} holds a control character (a new line or tab): remove it")
 
 
 def validate(cfg: Config) -> None:

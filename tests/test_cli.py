@@ -1,6 +1,7 @@
 """The ``piadm`` command's surface: every subcommand's --help shows an example, --version,
 and the config-file error paths are one-line errors that name the fix."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -250,11 +251,31 @@ def test_labels_written_unquoted_are_their_text_and_control_characters_print_bac
     assert load_config(path).input.range == ("2020-01-01", "2020-01-31T06:00:00")
     assert load_config(None, ["input.items=[21.0, 22]"]).input.items == ("21.0", "22")
     assert load_config(None, ["output.path=x.zarr # a note"]).output.path == "x.zarr"
-    # from a file (--set refuses them: there a backslash escape is a Windows path's mistake)
+    # a setting with a control character is refused from a file too (a path's trailing new
+    # line made a folder whose name ends in one); printed TOML escapes one all the same
     (tmp_path / "odd.toml").write_text('[output]\npath = "a\\tb\\nc"\n')
-    assert main(["config", str(tmp_path / "odd.toml")]) == 0
-    (tmp_path / "back.toml").write_text(capsys.readouterr().out)
-    assert load_config(tmp_path / "back.toml").output.path == "a\tb\nc"
+    assert main(["config", str(tmp_path / "odd.toml")]) == 2
+    assert "output.path = 'a\\tb\\nc' holds a control character" in capsys.readouterr().err
+    import tomllib
+
+    from pipeline.config import _toml
+    assert tomllib.loads("v = " + _toml("a\tb\nc\x7f"))["v"] == "a\tb\nc\x7f"
+
+
+@pytest.mark.parametrize("value, said", [
+    ("$HOME/e.zarr", "names a variable, which piadm does not expand (a TOML file is not a "
+                     "shell): write the path out, e.g. "),
+    ("${SCRATCH}/e.zarr", "names a variable, which piadm does not expand"),
+    ("e.zarr\n", "holds a control character (a new line or tab): remove it"),
+])
+def test_a_path_naming_a_shell_variable_or_holding_a_new_line_is_refused(tmp_path, value,
+                                                                        said):
+    """Taken as written, "$HOME/e.zarr" made a folder named "$HOME" in the working folder
+    and a trailing new line a folder whose name ends in one."""
+    from pipeline.api import load_config
+
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_config({"output": {"path": value}})
 
 
 def test_config_prints_toml_that_loads_back_to_the_same_config(capsys):
