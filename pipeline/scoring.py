@@ -376,11 +376,17 @@ def _checked_range(truth_range) -> tuple[str, str] | None:
 def _output_folder(store, out) -> Path:
     """The folder the evaluation writes (``out``, else ``<store>_eval``), refused where it is a
     file, a Zarr store, or a folder whose files of the names it writes no evaluation wrote."""
+    from pipeline.store import enclosing_store
+
     folder = Path(out) if out else Path(str(store).rstrip("/").removesuffix(".zarr") + "_eval")
     if folder.is_file() or any((folder / name).exists() for name in ("zarr.json", ".zgroup")):
         kind = "a file" if folder.is_file() else "a Zarr store"
         raise EvaluationError(f"--out {folder} is {kind}: give a folder for the table and "
                               "figures (default: the store's name + _eval)")
+    inside = enclosing_store(folder)
+    if inside is not None:  # its files would sit among the store's own
+        raise EvaluationError(f"--out {folder} is inside the Zarr store {inside}: give a "
+                              "folder outside it (default: the store's name + _eval)")
     _check_ours(folder)
     return folder
 

@@ -216,6 +216,7 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("reversed range", "is reversed: give the earlier label first"),
     ("range on paired truth", "--truth-range selects a climatology, but"),
     ("out into a store", "is a Zarr store: give a folder"),
+    ("out inside a store", "/ev is inside the Zarr store "),
     ("out onto a file", "is a file: give a folder"),
     ("truth not finite", "has 2 of the 6 fields scored not finite (e.g. time 2020-01-03, "
                          "2020-01-05): a generate-data run stopped part way"),
@@ -257,6 +258,8 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
         args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--truth-range", "0", "5"]
     if case == "out into a store":
         args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--out", str(ens)]
+    if case == "out inside a store":  # among the store's own files
+        args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--out", f"{ens}/vort/ev"]
     if case == "out onto a file":
         (tmp_path / "notes.txt").write_text("mine")
         args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--out",
@@ -303,8 +306,8 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
         assert (tmp_path / "notes.txt").read_text() == "mine"
     if case == "out into the user's folder":
         assert (tmp_path / "mine" / "residuals.png").read_text() == "my figure"
-    if case == "out into a store":
-        assert not (Path(ens) / "metrics.json").exists()
+    if case in ("out into a store", "out inside a store"):
+        assert not (Path(ens) / "metrics.json").exists() and not (Path(ens) / "vort/ev").exists()
 
 
 def test_metrics_json_holds_no_nan():
