@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -136,11 +137,20 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
         return sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
 
 
+def _check_path(what: str, path) -> None:
+    """Raise TypeError, saying what to give, where ``path`` is no path (pathlib's own error
+    names neither the argument nor the fix)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} is a path (str or pathlib.Path) to a Zarr store, not "
+                        f"{type(path).__name__}")
+
+
 def open_ensemble(path: str | Path) -> xr.Dataset:
     """The ensemble store at ``path`` as a lazy ``xarray.Dataset``; a store that ``piadm
     sample`` did not make is refused (read it with ``xarray.open_zarr``)."""
     import zarr
 
+    _check_path("api.open_ensemble's path", path)
     if not Path(path).exists():
         raise ConfigError(f"{path} does not exist: give the output.path of a piadm sample run")
     try:
@@ -167,6 +177,8 @@ def evaluate(store: str | Path, truth: str | Path, **options) -> xr.Dataset:
     from pipeline.errors import EvaluationError
     from pipeline.scoring import evaluate as _evaluate
 
+    _check_path("api.evaluate's store", store)
+    _check_path("api.evaluate's truth", truth)
     try:
         metrics, _ = _evaluate(store, truth, **options)
     except EvaluationError as err:  # its messages name the CLI's flags: name the keywords

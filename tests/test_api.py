@@ -82,6 +82,13 @@ def test_stop_may_be_a_function_asked_between_batches(tmp_path):
     assert not resumed.preempted and (resumed.members, resumed.skipped) == (2, 2)
 
 
+def test_a_store_or_truth_that_is_no_path_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="api.open_ensemble's path is a path .* not int"):
+        api.open_ensemble(3)
+    with pytest.raises(TypeError, match="api.evaluate's truth is a path .* not ndarray"):
+        api.evaluate("e.zarr", np.zeros(3))
+
+
 def test_a_comm_that_is_no_communicator_is_a_type_error(tmp_path):
     with pytest.raises(TypeError, match="an mpi4py communicator .* not dict"):
         api.sample({"output": {"path": str(tmp_path / "d.zarr")}}, comm={})
