@@ -73,10 +73,11 @@ def job_env() -> dict:
     return env
 
 
-def sbatch(script: str, *args: str, log: Path, options=()) -> str:
-    """Submit a script of jobs/slurm (no GPUs here) from the repository root; the job id."""
+def sbatch(script: str, *args: str, log: Path, options=(), cwd: Path = ROOT) -> str:
+    """Submit a script of jobs/slurm (no GPUs here) from ``cwd``, the repository root unless
+    given; the job id."""
     proc = subprocess.run(["sbatch", "--parsable", "--gpus-per-task=0", "-o", str(log),
-                           *options, str(SLURM / script), *args], cwd=ROOT, env=job_env(),
+                           *options, str(SLURM / script), *args], cwd=cwd, env=job_env(),
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
@@ -158,9 +159,12 @@ def test_usr1_mid_run_requeues_the_job_and_its_rerun_completes_the_store(tmp_pat
 
 
 def test_an_array_job_generates_distinct_data_shards(tmp_path):
+    """Submitted from outside the repository: the task that carries the array's own job id
+    (for which scontrol shows every task) finds the repository as the others do."""
     shards = tmp_path / "shards"
-    job = sbatch("generate.sbatch", "jobs/configs/kolmogorov.toml", str(shards), *_sets(DATA),
-                 log=tmp_path / "gen-%a.log", options=["--array=0-1"])
+    job = sbatch("generate.sbatch", str(ROOT / "jobs/configs/kolmogorov.toml"), str(shards),
+                 *_sets(DATA), log=tmp_path / "gen-%a.log", options=["--array=0-1"],
+                 cwd=tmp_path)
     logs = [tmp_path / f"gen-{i}.log" for i in range(2)]
     records = wait_job(job, logs)
     assert len(records) == 2 and _done(records), "\n".join(p.read_text() for p in logs)
@@ -172,3 +176,31 @@ def test_an_array_job_generates_distinct_data_shards(tmp_path):
     assert w.shape == (2, 4, 32, 32) and np.isfinite(w).all() and w.std() > 0
     assert not np.allclose(w[0], w[1])  # distinct seeds, distinct trajectories
     assert ds.vorticity_coarse.shape == (2, 4, 8, 8)
+
+
+def test_usr1_to_one_array_task_requeues_that_task_alone(tmp_path, reference):
+    """Two array tasks of one rank fill one store; the one that carries the array's own job
+    id is signalled. `scontrol requeue` of that id requeued (and killed) every task: only
+    the signalled one restarts, and the store is the one mpiexec makes."""
+    out = tmp_path / "job.zarr"
+    job = sbatch("sample.sbatch", str(ROOT / "jobs/configs/grf.toml"),
+                 *_sets(SAMPLE + [f"output.path={out}"]), log=tmp_path / "task-%a.log",
+                 options=["--array=0-1", "-n", "1"], cwd=tmp_path)
+    logs = [tmp_path / f"task-{i}.log" for i in range(2)]
+    for _ in range(900):  # up to 90 s for the first member
+        if members_done(out) >= 1:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("no member done after 90 s: " + " ".join(
+            p.read_text() for p in logs if p.exists()))
+    task = next(r["ArrayTaskId"] for r in job_records(job) if r["JobId"] == job)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_{task}"], check=True,
+                   timeout=10)
+    records = wait_job(job, logs)
+    text = "\n".join(p.read_text() for p in logs)
+    assert len(records) == 2 and _done(records), text
+    restarts = {r["ArrayTaskId"]: r["Restarts"] for r in records}
+    assert restarts == {task: "1", str(1 - int(task)): "0"}, text
+    assert "DUE TO JOB REQUEUE" not in text
+    xr.testing.assert_allclose(xr.open_zarr(reference), xr.open_zarr(out), rtol=1e-6, atol=1e-6)
