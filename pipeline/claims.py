@@ -57,7 +57,9 @@ def new_job_id(folder: Path | None = None, *, unique: bool = False) -> str:
     being created, gets a unique id. (A heartbeat of the id from another host is taken for
     this job's own earlier run, requeued elsewhere.)"""
     own = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    slurm = os.environ.get("SLURM_JOB_ID")
+    # an array task as squeue names it (JOB_TASK): its own SLURM_JOB_ID is another number
+    array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    slurm = f"{array}_{index}" if array and index else os.environ.get("SLURM_JOB_ID")
     if unique or not slurm:
         return own
     step, task = os.environ.get("SLURM_STEP_ID"), os.environ.get("SLURM_PROCID", "0")
@@ -258,6 +260,20 @@ def _lock_takeover(lock: Path) -> bool:
         except OSError:
             pass
         return False
+
+
+def clear_dead_heartbeats(folder: Path) -> int:
+    """Remove the heartbeat files of dead jobs in ``folder`` (killed, so never stopped): for
+    a store whose members are all done, whose claims folder goes with the last live job's
+    heartbeat only once nothing else is left in it. The files removed."""
+    removed = 0
+    for beat in folder.glob("job-*.alive"):
+        job = beat.name.removeprefix("job-").removesuffix(".alive")
+        if not _alive(folder, {"job": job}):
+            with contextlib.suppress(OSError):
+                beat.unlink()
+                removed += 1
+    return removed
 
 
 def live_jobs(folder: Path) -> list[str]:

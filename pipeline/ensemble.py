@@ -23,8 +23,8 @@ import torch
 from models import build_model
 from pipeline.calibrate import Calibration, resolve_tol
 from pipeline.claimed import claimed_calls, stop_agreed
-from pipeline.claims import (Heartbeat, batch_key, claims_dir, clear_batch_claims, holding, holds,
-                             new_job_id)
+from pipeline.claims import (Heartbeat, batch_key, claims_dir, clear_batch_claims,
+                             clear_dead_heartbeats, holding, holds, new_job_id)
 from pipeline.comm import SerialComm
 from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
@@ -392,6 +392,7 @@ def _finalize_alone(path, note: str, job: str) -> None:
         finalize(path, note)
         if done_members(path).all():  # no job needs the claims of a finished store
             clear_batch_claims(claims_dir(path))
+            clear_dead_heartbeats(claims_dir(path))  # nor a killed job's heartbeat
     # a replacement killed just before this run began looked alive then: its copy of the
     # old store goes now, not at the next run, which may never come
     delete_leftovers(path)

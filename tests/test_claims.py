@@ -116,7 +116,8 @@ def test_slurm_job_ids_keep_the_job_and_its_step(monkeypatch):
     from pipeline.claims import new_job_id
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+    for name in ("SLURM_STEP_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("SLURM_PROCID", raising=False)
     assert new_job_id() == "slurm-4242" == new_job_id()  # a requeued job is the same job
     monkeypatch.setenv("SLURM_STEP_ID", "1")
@@ -124,6 +125,10 @@ def test_slurm_job_ids_keep_the_job_and_its_step(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "3")  # srun --mpi=none -n 4: four commands
     assert new_job_id() == "slurm-4242.1.p3"
     assert new_job_id(unique=True).startswith(socket.gethostname())  # a store's replacer
+    # an array task as squeue names it: its own job id (4242) is another number
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    assert new_job_id() == "slurm-4240_2.1.p3"
 
 
 def test_a_second_command_of_one_slurm_step_gets_an_id_of_its_own(tmp_path, monkeypatch):
@@ -257,6 +262,17 @@ def test_a_finished_stores_claims_go_and_its_folder_with_them(tmp_path):
     assert clear_batch_claims(folder) == 2
     assert sorted(p.name for p in folder.iterdir()) == ["0-0.takeover", "finalize.json",
                                                          "job-1.alive"]
+    # a job killed part way (its heartbeat never stopped) leaves no folder behind once a
+    # later run finishes the store
+    half = tmp_path / "h.zarr"
+    sets = ["--set", "model.shape=[8, 8]", "--set", "sampler.steps=20", "--set",
+            "ensemble.batch_size=2", "--set", f"output.path={half}"]
+    assert main(["sample", "jobs/configs/grf.toml", *sets, "--set", "ensemble.members=2"]) == 0
+    claims_dir(half).mkdir()
+    dead = claims_dir(half) / "job-slurm-7.alive"  # a process of this host that is gone
+    dead.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7}))
+    assert main(["sample", "jobs/configs/grf.toml", *sets, "--set", "ensemble.members=4"]) == 0
+    assert not claims_dir(half).exists()
 
 
 def test_a_claims_folder_removed_by_another_job_is_made_again(tmp_path, monkeypatch):
