@@ -34,7 +34,7 @@ from pipeline.memory_check import check_memory
 from pipeline.noise import Noise
 from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
-from pipeline.samplers import REFERENCE, SAMPLERS, redone
+from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, redone
 from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
 
@@ -246,6 +246,14 @@ def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | 
     out = {}
     for method in cfg.bench.methods:
         mine = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, method=method))
+        key, points = min(REGISTRY[method].points(mine.sampler).items(), key=lambda kv: kv[1])
+        if points < comm.size:  # a rank of no points would call the model on nothing
+            more = "sampler.steps" if points == cfg.sampler.steps else f"sampler.{key}"
+            plural = "s" if points != 1 else ""
+            print0(comm, f"left out {method}: its rounds have {points} point{plural} "
+                         f"(sampler.{key}), fewer than the {comm.size} ranks, each a time "
+                         f"slice: launch at most {points} rank{plural}, or raise {more}")
+            continue
         try:
             on_rank0(comm, check_memory, mine, tuple(model.shape), device, sharing=sharing,
                      time_slices=comm.size, batch=cfg.bench.members, setting="bench.members")

@@ -286,6 +286,17 @@ def test_bench_under_mpiexec_reports_each_kind_of_collective(tmp_path):
     assert "of the wall waiting for other ranks' model calls" in err
 
 
+def test_bench_leaves_out_a_method_whose_rounds_have_fewer_points_than_ranks(tmp_path):
+    """A window of one point on two ranks: one rank would call the model on no points (an
+    FFT error and a traceback on every rank); the method is said and left out, the others
+    run."""
+    err, rows = _bench_two_ranks(tmp_path, "['sequential-sde', 'pc-window']",
+                                 "sampler.tol=1e-3", "sampler.window=1")
+    assert rows == []  # the sequential reference alone
+    assert ("left out pc-window: its rounds have 1 point (sampler.window), fewer than the 2 "
+            "ranks, each a time slice: launch at most 1 rank, or raise sampler.window") in err
+
+
 def test_a_replicated_window_costs_one_allgather_a_round_and_one_to_end(tmp_path):
     err, rows = _bench_two_ranks(tmp_path, "['sequential-sde', 'pc-window', 'pc-window-ode']",
                                  "sampler.tol=1e-4", "sampler.window_split=replicated")
