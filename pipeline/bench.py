@@ -370,7 +370,7 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
     """Bench every shape in ``bench.sizes`` (or the model's shape); optionally save JSON, and a
     PNG plot of these rows with those of earlier JSON tables ``compare`` (e.g. other rank
     counts)."""
-    earlier = read_tables(compare)  # before any bench work: a bad table fails now, not after it
+    earlier = read_tables(compare, cfg)  # before any bench work: a bad table fails now
     shapes = [tuple(shape) for shape in cfg.bench.sizes or (cfg.model.shape,)]
     built = [_built(cfg, shape, device) for shape in shapes]  # a size it does not take: now
     print0(comm, f"piadm bench: model {cfg.model.kind}, {cfg.sampler.steps} steps, "
@@ -420,13 +420,39 @@ def _built(cfg: Config, size: tuple[int, ...], device) -> tuple[Config, object]:
             "bench.sizes empty to bench model.shape", collective=True) from None
 
 
-def read_tables(paths: tuple[str, ...]) -> list[dict]:
+def read_tables(paths: tuple[str, ...], cfg: Config | None = None) -> list[dict]:
     """The rows of the earlier ``--json`` tables ``paths`` (``--compare``), each checked to
-    hold what the plot reads; a ConfigError naming the file otherwise (every rank reads them)."""
-    return [row for path in paths for row in _table_rows(path)]
+    hold what the plot reads and, against ``cfg``, to be benched with the same model, sampler
+    and members (the plot joins them as other rank counts of one bench); a ConfigError
+    naming the file otherwise (every rank reads them)."""
+    return [row for path in paths for row in _table_rows(path, cfg)]
 
 
-def _table_rows(path: str) -> list[dict]:
+# what a --compare table must share with the bench it joins: the rest is layout or sizes
+COMPARED = ("model", "sampler")
+COMPARED_KEYS = ("bench.members", "bench.seeds")
+
+
+def _differences(cfg: Config, text: str) -> list[str]:
+    """The settings that decide a bench's rows in which the config TOML ``text`` (a table's
+    ``config``) differs from ``cfg``, as "key: theirs -> ours"; empty where ``text`` is no
+    config of this version (an older table: not checked)."""
+    import tomllib
+
+    from pipeline.config import config_from_dict
+
+    try:
+        theirs = config_from_dict(tomllib.loads(text))
+    except (ValueError, TypeError, KeyError):  # ConfigError and TOMLDecodeError among them
+        return []
+    keys = [f"{name}.{f.name}" for name in COMPARED
+            for f in dataclasses.fields(getattr(cfg, name))] + list(COMPARED_KEYS)
+    value = lambda c, key: getattr(getattr(c, key.split(".")[0]), key.split(".")[1])  # noqa: E731
+    return [f"{key}: {value(theirs, key)!r} -> {value(cfg, key)!r}" for key in keys
+            if value(theirs, key) != value(cfg, key)]
+
+
+def _table_rows(path: str, cfg: Config | None = None) -> list[dict]:
     """One ``--compare`` table's rows, or a ConfigError saying what is wrong with the file."""
     from pipeline.figures import BENCH_ROW_KEYS, one_per_point
 
@@ -446,6 +472,12 @@ def _table_rows(path: str) -> list[dict]:
     problem = _rows_problem(rows, BENCH_ROW_KEYS)
     if problem:
         raise ConfigError(f"--compare {path} is not a bench table ({problem}): {fix}",
+                          collective=True)
+    differ = _differences(cfg, str(doc.get("config", ""))) if cfg is not None else []
+    if differ:
+        raise ConfigError(f"--compare {path} was benched with other settings ("
+                          f"{'; '.join(differ[:4])}{'; ...' if len(differ) > 4 else ''}): "
+                          "compare tables of these settings on other rank counts",
                           collective=True)
     return one_per_point(rows)
 

@@ -193,6 +193,13 @@ def test_bench_plots_against_d_and_against_ranks(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "jobs/configs/grf.toml", "--compare", str(tmp_path / "no.json")]) == 2
     assert "--compare" in capsys.readouterr().err.splitlines()[-1]
+    # a table of other steps would draw their walls as a rank count's speed-up: refused
+    assert main(["bench", "jobs/configs/grf.toml", "--png", str(tmp_path / "x.png"), "--compare",
+                 str(tmp_path / "two.json"), *base, "--set", "sampler.steps=20"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"piadm: error: --compare {tmp_path / 'two.json'} was benched with other settings "
+        "(sampler.steps: 40 -> 20): compare tables of these settings on other rank counts")
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("kind", ["grf", "unet"])
