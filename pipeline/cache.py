@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import socket
 import uuid
@@ -34,22 +35,43 @@ def read_cache(path: Path) -> dict:
     return entries if isinstance(entries, dict) else {}
 
 
+def read_entry(path: Path, key: str, valid) -> dict | None:
+    """The entry ``key`` of the JSON cache file ``path`` where it is an object that ``valid``
+    accepts (a function of the entry, which may raise), else None: an entry edited or
+    damaged by hand is measured again, as a missing one is, rather than read into a
+    traceback or a tolerance that is no number."""
+    entry = read_cache(path).get(key)
+    try:
+        return entry if isinstance(entry, dict) and valid(entry) else None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return None
+
+
+def positive(value) -> bool:
+    """Whether ``value`` (read from JSON) is a finite number > 0, not a bool."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
 _WARNED: set = set()  # the cache folders update_cache warned of in this process
 
 
-def update_cache(path: Path, key: str, entry) -> None:
-    """Set ``key`` to ``entry`` in the JSON cache file ``path``. A cache that cannot be
-    written (a read-only $PIADM_CACHE, a file in its place) costs the next run a new
-    measurement, not this one what it measured: a warning says so, and the run goes on."""
+def update_cache(path: Path, key: str, entry) -> bool:
+    """Set ``key`` to ``entry`` in the JSON cache file ``path``; whether it was kept. A cache
+    that cannot be written (a read-only $PIADM_CACHE, a file in its place) costs the next run
+    a new measurement, not this one what it measured: a warning says so, and the run goes
+    on."""
     try:
         _update(path, key, entry)
+        return True
     except OSError as err:
         if path.parent in _WARNED:  # one warning a folder: a plan measures many entries
-            return
+            return False
         _WARNED.add(path.parent)
         why = err.strerror or err
         say(f"piadm: warning: cannot keep this measurement in {path.parent} ({why}): the "
             "next run measures it again; set PIADM_CACHE to a folder you may write")
+        return False
 
 
 def _update(path: Path, key: str, entry) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache import cache_path, read_cache, update_cache
+from pipeline.cache import cache_path, positive, read_entry, update_cache
 from pipeline.config import ConfigError
 from pipeline.layout import arithmetic_kind
 from pipeline.memory_check import TooLarge, check_memory
@@ -133,20 +133,28 @@ def _recorded_bound(cfg: Config) -> float | None:
     return float(bound) if isinstance(bound, (int, float)) else None
 
 
+def _valid(entry: dict) -> bool:
+    """Whether a calibration cache entry holds a tolerance > 0, or why the ladder fell short."""
+    tol, short = entry.get("tol"), entry.get("unreachable")
+    return positive(tol) if tol is not None else isinstance(short, str) and bool(short)
+
+
 def read_cached(key: str) -> float | None:
-    """The cached tolerance for ``key``, or None (none cached, or the ladder fell short)."""
-    entry = read_cache(cache_file()).get(key)
+    """The cached tolerance for ``key``, or None (none cached or valid, or the ladder fell
+    short)."""
+    entry = read_entry(cache_file(), key, _valid)
     return None if entry is None or entry.get("tol") is None else float(entry["tol"])
 
 
 def read_unreachable(key: str) -> str | None:
     """Why the ladder fell short for ``key`` when it was last measured, or None."""
-    return read_cache(cache_file()).get(key, {}).get("unreachable")
+    entry = read_entry(cache_file(), key, _valid)
+    return None if entry is None or entry.get("tol") is not None else entry["unreachable"]
 
 
-def write_cached(key: str, calibration: Calibration, note: str) -> None:
-    """Record a calibration."""
-    _record(key, calibration.tol, calibration.rungs, note)
+def write_cached(key: str, calibration: Calibration, note: str) -> bool:
+    """Record a calibration; whether the cache kept it."""
+    return _record(key, calibration.tol, calibration.rungs, note)
 
 
 def write_unreachable(key: str, reason: str, rungs: tuple[Rung, ...], note: str) -> None:
@@ -154,8 +162,8 @@ def write_unreachable(key: str, reason: str, rungs: tuple[Rung, ...], note: str)
     _record(key, None, rungs, note, unreachable=reason)
 
 
-def _record(key: str, tol: float | None, rungs: tuple[Rung, ...], note: str, **extra) -> None:
-    update_cache(cache_file(), key, {
+def _record(key: str, tol: float | None, rungs: tuple[Rung, ...], note: str, **extra) -> bool:
+    return update_cache(cache_file(), key, {
         "tol": tol, **extra, "note": note,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "ladder": [dataclasses.asdict(r) for r in rungs]})
@@ -260,6 +268,7 @@ def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, forc
     except Unreachable as err:
         write_unreachable(key, str(err), err.rungs, note)
         raise
-    write_cached(key, result, note)
-    say(f"chose tol = {result.tol:g}; cached in {cache_file()}")
+    kept = write_cached(key, result, note)
+    say(f"chose tol = {result.tol:g}; " + (f"cached in {cache_file()}" if kept else
+                                           "not cached (the warning above says why)"))
     return result

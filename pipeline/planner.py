@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.cache import cache_path, read_cache, update_cache
+from pipeline.cache import cache_path, read_entry, update_cache
 from pipeline.calibrate import CANNOT_CALIBRATE, calibration_key, resolve_tol
 from pipeline.config import ConfigError, with_settings
 from pipeline.identity import growth
@@ -177,7 +177,9 @@ def quality_steps(cfg: Config, model, device, model_sha: str, say,
     key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha, device), "quality-steps",
                                      cfg.bench.quality_members]).encode()).hexdigest()
     path = cache_path("quality_steps.json")
-    cached = read_cache(path).get(key)
+    steps_or_none = lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+                                            and v > 0)
+    cached = read_entry(path, key, lambda e: all(map(steps_or_none, e.values())))
     if cached is not None:
         say(f"  equal quality: each sampler's steps from {path}: {cached}")
         return cached

@@ -18,7 +18,7 @@ from collections import Counter
 
 import torch
 
-from pipeline.cache import cache_path, read_cache, update_cache
+from pipeline.cache import cache_path, positive, read_entry, update_cache
 from pipeline.calibrate import CALIBRATION_ITEM, calibration_key
 from pipeline.layout import machine_kind
 from pipeline.memory import available_bytes, field_bytes, is_out_of_memory, sampler_floor
@@ -140,7 +140,7 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
                                      list(cfg.model.emulate_ms),
                                      PROFILE_VERSION, REGISTRY[method].revision]
                                     ).encode()).hexdigest()
-    entry = read_cache(_profile_file()).get(key)
+    entry = read_entry(_profile_file(), key, _valid_profile)
     measured = entry is None
     if measured:
         stats, host, sizes, wall = _run_one(cfg, model, method, param, tol, device,
@@ -165,6 +165,19 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
     return Profile(method, param, tol, entry["rounds"], entry["calls"],
                    tuple(entry["host_points"]), tuple(entry["host"]), entry["collectives"],
                    steps, tuple(map(tuple, entry["calls_by_size"])), host_batch, growth, rounds)
+
+
+def _valid_profile(entry: dict) -> bool:
+    """Whether a profile cache entry holds what ``profile`` reads, as numbers."""
+    grown = entry["grown"]
+    return (positive(entry["rounds"]) and positive(entry["calls"]) and positive(entry["wall"])
+            and len(entry["host_points"]) == len(entry["host"]) > 0
+            and all(positive(v) for v in (*entry["host_points"], *entry["host"]))
+            and entry["collectives"] in (0, 2) and isinstance(grown, dict)
+            and all(len(v) == 3 and all(positive(x) or x == 0 for x in v)
+                    for v in grown.values())
+            and all(len(pair) == 2 and all(positive(x) for x in pair)
+                    for pair in entry["calls_by_size"]))
 
 
 def cost_curve(model, shape, dtype, device, sizes, threads: int, repeats: int = 3) -> CostCurve:

@@ -273,6 +273,7 @@ def test_a_cache_that_cannot_be_written_or_read_costs_a_warning_not_the_run(tmp_
                  *_sets(SMALL + [f"output.path={tmp_path / 't.zarr'}"])]) == 0
     err = capsys.readouterr().err
     assert f"piadm: warning: cannot keep this measurement in {blocked}" in err
+    assert "not cached (the warning above says why)" in err and "cached in" not in err
     assert xr.open_zarr(tmp_path / "t.zarr").attrs["sampler_tol_source"] == "calibrated"
 
 
@@ -289,3 +290,19 @@ def test_a_calibration_is_kept_apart_per_kind_of_device(monkeypatch):
     h100 = calibration_key(cfg, "m", "cuda:0")
     assert h100 != cpu and calibration_key(cfg, "m", "cuda:1") == h100
     assert calibration_key(cfg, "m", "cuda:0") not in (cpu, h100)
+
+
+@pytest.mark.parametrize("entry", [{"tol": "abc"}, {"tol": [1]}, {"tol": -1.0}, {"tol": True},
+                                   [1], {"tol": None}, {"tol": None, "unreachable": 5}])
+def test_a_damaged_cache_entry_is_measured_again(entry, capsys):
+    """An entry edited or damaged by hand reads as none (a traceback, or tol = -1 taken as
+    calibrated, before): the calibration measures it again and writes it back whole."""
+    from pipeline.calibrate import read_unreachable
+
+    cfg = load_config("jobs/configs/grf.toml", SMALL)
+    key = calibration_key(cfg, model_digest(cfg), "cpu")
+    cache_file().parent.mkdir(parents=True, exist_ok=True)
+    cache_file().write_text(json.dumps({key: entry}))
+    assert read_cached(key) is None and read_unreachable(key) is None
+    assert main(["calibrate", "jobs/configs/grf.toml", *_sets(SMALL)]) == 0
+    assert "chose tol = " in capsys.readouterr().err and read_cached(key) > 0
