@@ -509,6 +509,9 @@ def run_peer(cfg: Config, peer: str, *, comm=SerialComm(),
     from pipeline.peer import compare_diffusers, format_rows
 
     model = build_model(cfg.model, device)
+    if cfg.bench.sizes:  # the peer problem is one field: the model's own
+        print0(comm, f"bench --peer runs on model.shape {list(cfg.model.shape)}, not on "
+                     "bench.sizes")
     if comm.size > 1:
         print0(comm, f"bench --peer runs on rank 0 alone (the peer's loop has no time slices): "
                      f"the other {comm.size - 1} rank(s) wait")

@@ -208,6 +208,8 @@ def run_quality(cfg: Config, quality: float | tuple[str, int], *, comm, device,
 
     check_quality_bench(cfg, 1.0 if isinstance(quality, tuple) else quality)
     shape = tuple(cfg.bench.sizes[0]) if cfg.bench.sizes else tuple(cfg.model.shape)
+    if len(cfg.bench.sizes) > 1:  # its searches are per size: one is what a run affords
+        print0(comm, f"bench --quality runs on the first of bench.sizes, {list(shape)}, alone")
     model = build_model(dataclasses.replace(cfg.model, shape=shape), device)
     measure = measure_for(cfg, model, shape, comm=comm, device=device)
     if isinstance(quality, tuple):
