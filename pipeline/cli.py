@@ -251,7 +251,7 @@ def _cmd_calibrate(args, world) -> int:
 def _cmd_plan(args, world) -> int:
     from models import build_model
     from pipeline.run_items import first_item_model
-    from pipeline.planner import make_plan, settings, table, describe
+    from pipeline.planner import collective_latency, describe, make_plan, settings, table
 
     check_output_file("--json", args.json, "plan.json")
     for flag, value, least in (("--ranks", args.ranks, 1), ("--gpus-per-node",
@@ -262,6 +262,7 @@ def _cmd_plan(args, world) -> int:
         raise ConfigError(f"plan: --ranks {args.ranks} is more than the {MOST_PLANNED_RANKS} "
                           "ranks a plan weighs: plan for fewer", collective=True)
     cfg, _, device = _setup(args, world, layout=False)
+    latency = collective_latency(world)  # among the launched ranks; a figure on one
 
     def plan_here():
         model = first_item_model(cfg, build_model(cfg.model, device), device)
@@ -274,7 +275,7 @@ def _cmd_plan(args, world) -> int:
             say("plan: this machine has no GPU: the cost of a model call is measured on its "
                 "CPU, not on a GPU; run piadm plan on a node of the job's GPUs to plan for them")
         return make_plan(cfg, model, device, ranks=args.ranks, gpus_per_node=args.gpus_per_node,
-                         say=say)
+                         latency=latency, say=say)
 
     plan = on_rank0(world, plan_here, idle=True)
     chosen = settings(plan.best)
