@@ -106,8 +106,7 @@ def memory_sharing(world, device) -> int:
 
 
 def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
-             attrs: dict, grid: dict, scale: tuple[float, float],
-             device) -> tuple[StoreSpec, str]:
+             attrs: dict, grid: dict, scale: tuple[float, float]) -> tuple[StoreSpec, str]:
     """Rank 0's creation: open or create the store, with the input's ``stats`` (mean, std,
     fingerprint) that ``_check_early`` measured and the ``scale`` its fields are in."""
     items = measured_items(cfg, stats)
@@ -123,7 +122,7 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
                          plan=spec.attrs.get("plan_config_sha256"), asked=spec.attrs.get(ASKED))
     return spec, open_or_create(spec, overwrite=cfg.output.overwrite,
                                 growth=functools.partial(growth, cfg),
-                                stale=functools.partial(is_stale, cfg, items, device))
+                                stale=functools.partial(is_stale, cfg, items))
 
 
 def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: bool = True,
@@ -195,8 +194,7 @@ def _start_up(cfg: Config, model, world, stop, device,
         spec, state = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),
                                getattr(model, "variable", None), tol,
                                {**attrs, "made_on": made_on(device)},
-                               getattr(model, "grid", {}), field_scale(model, *stats[:2]),
-                               device)
+                               getattr(model, "grid", {}), field_scale(model, *stats[:2]))
     return spec, state, tol
 
 

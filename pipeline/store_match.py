@@ -38,12 +38,15 @@ def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
     fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
                           differs=lambda text: _differences(cfg, text))
     if fate in ("resume", "upgrade", "grow"):
+        held = read_attrs(cfg.output.path) or {}
         try:
-            _check_resumable(cfg, items, device)
-        except StoreExists:
+            _check_made_alike(cfg, items, held)
+        except StaleStore:
             if not cfg.output.overwrite:
                 raise
             fate = "replace"  # this configuration's, from other files: replaced as another's
+        else:  # never replaced: the machine changed, not what decides the members
+            _check_same_noise(cfg, held, device)
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
     if fate in ("create", "replace", "grow"):  # before a typo's store fills the disk
@@ -85,27 +88,37 @@ def _differences(cfg: Config, text: str) -> list[str]:
     return shown
 
 
-def _check_resumable(cfg: Config, items: Items | None, device) -> None:
-    """Refuse (StoreExists) this configuration's store at output.path where it was made with
-    other network code, noise or conditioning input than the run has now."""
-    held = read_attrs(cfg.output.path) or {}
+class StaleStore(StoreExists):
+    """This configuration's store, made from other network code or input than the run has:
+    ``output.overwrite`` replaces it. ``why``: the reason in a few words, for the line that
+    says so."""
+
+    def __init__(self, message: str, why: str = ""):
+        super().__init__(message)
+        self.why = why
+
+
+def _check_made_alike(cfg: Config, items: Items | None, held: dict) -> None:
+    """Raise StaleStore where this configuration's store at output.path (its attributes
+    ``held``) was made with other network code or conditioning input than the run has."""
     _check_same_network(cfg, held)
-    _check_same_noise(cfg, held, device)
     if items is not None and cfg.input.path:
         _check_same_items(cfg, items.labels)
         if items.fingerprint:
             _check_same_input(cfg, held, items.fingerprint)
 
 
-def is_stale(cfg: Config, items: Items | None, device) -> bool:
-    """Whether this configuration's store at output.path was made with other network code,
-    noise or input than the run has now (``_check_resumable``): ``output.overwrite``
-    replaces it. Asked again under the replacing lock: another job may have replaced it."""
+def is_stale(cfg: Config, items: Items | None) -> str:
+    """Why this configuration's store at output.path must be made anew (``_check_made_alike``;
+    ``output.overwrite`` replaces it), in a few words; "" where it need not, or is gone (a job
+    of this configuration replaced it meanwhile: the caller's lock decides again)."""
     try:
-        _check_resumable(cfg, items, device)
-    except StoreExists:
-        return True
-    return False
+        _check_made_alike(cfg, items, read_attrs(cfg.output.path) or {})
+    except StaleStore as err:
+        return err.why
+    except (OSError, ValueError, KeyError, StoreExists):  # vanished mid-read
+        return ""
+    return ""
 
 
 def _check_same_network(cfg: Config, held: dict) -> None:
@@ -117,23 +130,24 @@ def _check_same_network(cfg: Config, held: dict) -> None:
         return
     scaled = (float(held.get("input_mean", 0.0)), float(held.get("input_std", 1.0))) != (0, 1)
     if FIELD_SCALE not in held and scaled:
-        raise StoreExists(
+        raise StaleStore(
             f"output {cfg.output.path} was sampled by an older piadm, which scaled the "
             "network's condition and fields by the input selection's mean and std (it now "
             "takes them in the input's own units): its members would not match the rest; set "
-            "output.overwrite = true to sample it anew, or choose another output.path")
+            "output.overwrite = true to sample it anew, or choose another output.path",
+            why="an older piadm scaled its network's fields")
     if cfg.model.kind != "module" or not held.get(MODEL_SOURCE):
         return
     from models.module import source_digest, source_file
 
     now = source_digest(cfg.model)
     if now != held[MODEL_SOURCE]:
-        raise StoreExists(
+        raise StaleStore(
             f"output {cfg.output.path} was made by this configuration with other network code "
             f"({source_file(cfg.model) or cfg.model.target} has changed since: "
             f"{held[MODEL_SOURCE][:12]}, now {now[:12] or 'none'}): put the original back to "
             "resume it, choose another output.path, or set output.overwrite = true to "
-            "replace it")
+            "replace it", why="its network code changed since it was made")
 
 
 def _check_same_noise(cfg: Config, held: dict, device) -> None:
@@ -151,8 +165,9 @@ def _check_same_noise(cfg: Config, held: dict, device) -> None:
                 f"output {cfg.output.path} was sampled with host noise that this installation "
                 f"draws differently (numpy {held.get('numpy_version', '?')} then, "
                 f"{np.__version__} now): its new members would not match the rest; resume it "
-                f"with numpy {held.get('numpy_version', '?')}, choose another output.path, or "
-                "set output.overwrite = true to replace it")
+                f"with numpy {held.get('numpy_version', '?')}, or choose another output.path "
+                "(output.overwrite does not replace a store for the machine it runs on: "
+                "delete it to sample it anew here)")
         return
     was_torch = held.get("torch_version")
     was = _noise_device(str(held.get("made_on", "")))
@@ -162,8 +177,9 @@ def _check_same_noise(cfg: Config, held: dict, device) -> None:
             f"output {cfg.output.path} was sampled with sampler.noise = 'device' on "
             f"{was or 'a device'} with torch {was_torch}, and this run has {now} with torch "
             f"{torch.__version__}: device noise differs between them, so its members would "
-            "not match the rest; resume it where it was made, choose another output.path, or "
-            "set output.overwrite = true to replace it")
+            "not match the rest; resume it where it was made, or choose another output.path "
+            "(output.overwrite does not replace a store for the machine it runs on: delete it "
+            "to sample it anew here)")
 
 
 def _noise_device(made_on: str) -> str:
@@ -182,11 +198,11 @@ def _check_same_items(cfg: Config, labels: np.ndarray) -> None:
         return
     span = lambda v: (f"{len(v)} ({label_text(v[0])} .. {label_text(v[-1])})"  # noqa: E731
                       if len(v) else "0")
-    raise StoreExists(
+    raise StaleStore(
         f"output {cfg.output.path} holds the {dim} items {span(held)} and the selection of "
         f"input {cfg.input.path} is now {span(labels)}: select the store's items with "
         "input.items or input.range, write the new selection to another output.path, or set "
-        "output.overwrite = true to replace it")
+        "output.overwrite = true to replace it", why=f"its {dim} items are not the input's now")
 
 
 def _check_same_input(cfg: Config, held: dict, now: tuple[float, ...]) -> None:
@@ -197,12 +213,13 @@ def _check_same_input(cfg: Config, held: dict, now: tuple[float, ...]) -> None:
     then = held.get(INPUT_FINGERPRINT)
     if then is None or len(then) != len(now) or same_fingerprint(then, now):
         return
-    raise StoreExists(
+    raise StaleStore(
         f"output {cfg.output.path}: its members were conditioned on the {cfg.input.variable} "
         f"fields of input {cfg.input.path} as they were when it was made (their fingerprint, "
         f"the attribute {INPUT_FINGERPRINT}: {_short(then)}), and they have changed since "
         f"({_short(now)}): restore that input, write the ensemble of the new one to "
-        "another output.path, or set output.overwrite = true to replace it")
+        "another output.path, or set output.overwrite = true to replace it",
+        why="its input changed since it was made")
 
 
 def _short(values) -> str:

@@ -233,7 +233,7 @@ def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str |
 
 def open_or_create(spec: StoreSpec, *, overwrite: bool,
                    growth: Callable[[], Growth | None] = lambda: None,
-                   stale: Callable[[], bool] = lambda: False) -> str:
+                   stale: Callable[[], str] = lambda: "") -> str:
     """Create the store (metadata only) or check an existing one is this run's; returns what
     it did: ``created``, ``resumed``, ``replaced`` or ``grown from M to N members``. Creation
     is built aside and renamed into place, so the path is either absent or complete, and two
@@ -245,8 +245,9 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool,
     would be, each member's noise keyed by its index. ``growth`` tells, from the store as it
     is when asked, whether it is this run's settings at another member count (see
     ``check_target``; asked again under the lock, since another job may grow it first).
-    ``stale`` tells whether this configuration's store was made from other network code,
-    noise or input (``store_match.is_stale``): with ``overwrite`` it is replaced too."""
+    ``stale`` tells why this configuration's store must be made anew, "" where it need not
+    (other network code or input: ``store_match.is_stale``): with ``overwrite`` it is
+    replaced too, and ``replaced (WHY)`` says so."""
     delete_leftovers(spec.path)
     # never delete what we did not make
     fate = check_target(spec.path, spec.digest, overwrite=overwrite,
@@ -255,14 +256,15 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool,
         return _replace(spec, stale)
     if fate == "resume":
         if not members_fit(spec.path, spec.members):  # another config's growth cut short
-            return _grow(spec, growth, overwrite)
+            return _grow(spec, growth, overwrite, stale)
         return "resumed"
     if fate == "grow":
-        return _grow(spec, growth, overwrite)
+        return _grow(spec, growth, overwrite, stale)
     return _replace(spec) if fate == "replace" else _create(spec, overwrite)
 
 
-def _grow(spec: StoreSpec, growth: Callable[[], Growth | None], overwrite: bool) -> str:
+def _grow(spec: StoreSpec, growth: Callable[[], Growth | None], overwrite: bool,
+          stale: Callable[[], str] = lambda: "") -> str:
     """Grow this configuration's store to ``spec.members``, or fit its arrays back to them
     after another configuration's growth was cut short, one job at a time (the claims
     folder's locks: as for replacing, and against a job finishing, which rewrites the
@@ -289,7 +291,7 @@ def _grow(spec: StoreSpec, growth: Callable[[], Growth | None], overwrite: bool)
                  f"piadm {__version__}: grown from {grown.made} to {spec.members} "
                  "members (ensemble.members)", {**attrs, "piadm_store_digest": spec.digest})
             return f"grown from {grown.made} to {spec.members} members"
-    return open_or_create(spec, overwrite=overwrite, growth=growth)
+    return open_or_create(spec, overwrite=overwrite, growth=growth, stale=stale)
 
 
 def _create(spec: StoreSpec, overwrite: bool) -> str:
@@ -348,15 +350,16 @@ def delete_leftovers(path: str | Path) -> None:
             shutil.rmtree(left, ignore_errors=True)
 
 
-def _replace(spec: StoreSpec, stale: Callable[[], bool] = lambda: False) -> str:
-    """Delete another configuration's store (or this one's, ``stale``: made from other files)
-    and create this one's, one job at a time (a lock in the claims folder): two jobs of one
-    configuration started together both find the old store, and the second must resume the
-    first's new store, not delete it."""
+def _replace(spec: StoreSpec, stale: Callable[[], str] = lambda: "") -> str:
+    """Delete another configuration's store (or this one's, where ``stale`` says why: made
+    from other files) and create this one's, one job at a time (a lock in the claims folder):
+    two jobs of one configuration started together both find the old store, and the second
+    must resume the first's new store, not delete it."""
     with _replacing(spec.path, "replace") as job:
         fate = check_target(spec.path, spec.digest, overwrite=True,  # as it is now
                             model=spec.attrs.get("model_sha256"))
-        if fate == "resume" and stale():
+        why = stale() if fate == "resume" else ""
+        if why:
             fate = "replace"
         if fate == "resume":
             return "resumed"
@@ -371,4 +374,4 @@ def _replace(spec: StoreSpec, stale: Callable[[], bool] = lambda: False) -> str:
         clear_batch_claims(claims_dir(spec.path))  # claims on the old store's batches
         made = _create(spec, overwrite=True)
         shutil.rmtree(doomed, ignore_errors=True)
-        return "replaced" if made == "created" else made
+        return (f"replaced ({why})" if why else "replaced") if made == "created" else made

@@ -149,7 +149,8 @@ def test_a_store_whose_input_changed_since_is_not_resumed(tmp_path, input_store,
     assert main([*args, "--dry-run"]) == 0
     assert "output.overwrite = true would replace it" in capsys.readouterr().err
     assert main(args) == 0
-    assert "store " + str(out) + " replaced: 0 of 36 members done" in capsys.readouterr().err
+    assert ("store " + str(out) + " replaced (its input changed since it was made): 0 of 36 "
+            "members done") in capsys.readouterr().err
     assert zarr.open_group(out, mode="r")["done"][:].all()
     assert main(args) == 0
     assert "resumed: 36 of 36 members done" in capsys.readouterr().err

@@ -670,6 +670,11 @@ def test_device_noise_is_not_resumed_on_another_torch_or_device_type(tmp_path, c
     before = xr.open_zarr(sets["output.path"])["field"].values
     with pytest.raises(Exception, match="sampled with sampler.noise = 'device' on"):
         sample(load_config("jobs/configs/grf.toml", {**sets, "ensemble.members": 4}))
+    # nor replaced by output.overwrite: a requeue on another node would lose every member
+    with pytest.raises(Exception, match="output.overwrite does not replace a store for the "
+                                        "machine it runs on"):
+        sample(load_config("jobs/configs/grf.toml", {**sets, "ensemble.members": 4,
+                                                     "output.overwrite": True}))
     assert np.array_equal(xr.open_zarr(sets["output.path"])["field"].values, before)
 
 
@@ -686,9 +691,11 @@ def test_host_noise_drawn_differently_here_is_not_resumed(tmp_path):
     sample(load_config("jobs/configs/grf.toml", {**sets, "ensemble.members": 3}))  # the same
     group.attrs.update(host_noise_sha256="0" * 64, numpy_version="1.0.0")
     before = xr.open_zarr(sets["output.path"])["field"].values
-    with pytest.raises(Exception, match=r"sampled with host noise that this installation "
-                                        r"draws differently \(numpy 1.0.0 then"):
-        sample(load_config("jobs/configs/grf.toml", {**sets, "ensemble.members": 4}))
+    for overwrite in (False, True):  # nor replaced: the machine changed, not the store
+        with pytest.raises(Exception, match=r"sampled with host noise that this installation "
+                                            r"draws differently \(numpy 1.0.0 then"):
+            sample(load_config("jobs/configs/grf.toml", {**sets, "ensemble.members": 4,
+                                                         "output.overwrite": overwrite}))
     assert np.array_equal(xr.open_zarr(sets["output.path"])["field"].values, before)
 
 
