@@ -57,9 +57,7 @@ def new_job_id(folder: Path | None = None, *, unique: bool = False) -> str:
     being created, gets a unique id. (A heartbeat of the id from another host is taken for
     this job's own earlier run, requeued elsewhere.)"""
     own = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    # an array task as squeue names it (JOB_TASK): its own SLURM_JOB_ID is another number
-    array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    slurm = f"{array}_{index}" if array and index else os.environ.get("SLURM_JOB_ID")
+    slurm = os.environ.get("SLURM_JOB_ID")  # an array task's own: unique among its tasks
     if unique or not slurm:
         return own
     step, task = os.environ.get("SLURM_STEP_ID"), os.environ.get("SLURM_PROCID", "0")

@@ -116,8 +116,7 @@ def test_slurm_job_ids_keep_the_job_and_its_step(monkeypatch):
     from pipeline.claims import new_job_id
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    for name in ("SLURM_STEP_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
     monkeypatch.delenv("SLURM_PROCID", raising=False)
     assert new_job_id() == "slurm-4242" == new_job_id()  # a requeued job is the same job
     monkeypatch.setenv("SLURM_STEP_ID", "1")
@@ -125,10 +124,6 @@ def test_slurm_job_ids_keep_the_job_and_its_step(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "3")  # srun --mpi=none -n 4: four commands
     assert new_job_id() == "slurm-4242.1.p3"
     assert new_job_id(unique=True).startswith(socket.gethostname())  # a store's replacer
-    # an array task as squeue names it: its own job id (4242) is another number
-    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
-    assert new_job_id() == "slurm-4240_2.1.p3"
 
 
 def test_a_second_command_of_one_slurm_step_gets_an_id_of_its_own(tmp_path, monkeypatch):
