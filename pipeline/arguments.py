@@ -209,8 +209,9 @@ class _Parser(argparse.ArgumentParser):
         if extras:
             command = self.commands.get(getattr(known, "command", None), self)
             flags = [flag for action in command._actions for flag in action.option_strings]
-            first = next((e for e in extras if e.startswith("-")), "")
-            hint = did_you_mean(first.split("=")[0], flags) if first else ""
+            first = next((e for e in extras if e.startswith("-")), "").split("=")[0]
+            hint = (f" (a flag of piadm {known.command}: put it after the command)"
+                    if first in flags else did_you_mean(first, flags) if first else "")
             command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         return known
 

@@ -431,6 +431,8 @@ def read_tables(paths: tuple[str, ...], cfg: Config | None = None) -> list[dict]
 # what a --compare table must share with the bench it joins: the rest is layout or sizes
 COMPARED = ("model", "sampler")
 COMPARED_KEYS = ("bench.members", "bench.seeds")
+# a bench runs bench.methods whatever sampler.method says, and window_split is a layout
+NOT_COMPARED = ("sampler.method", "sampler.window_split")
 
 
 def _differences(cfg: Config, text: str) -> list[str]:
@@ -445,8 +447,10 @@ def _differences(cfg: Config, text: str) -> list[str]:
         theirs = config_from_dict(tomllib.loads(text))
     except (ValueError, TypeError, KeyError):  # ConfigError and TOMLDecodeError among them
         return []
+    ignored = NOT_COMPARED + (("model.shape",) if cfg.bench.sizes else ())  # sizes decide
     keys = [f"{name}.{f.name}" for name in COMPARED
-            for f in dataclasses.fields(getattr(cfg, name))] + list(COMPARED_KEYS)
+            for f in dataclasses.fields(getattr(cfg, name))
+            if f"{name}.{f.name}" not in ignored] + list(COMPARED_KEYS)
     value = lambda c, key: getattr(getattr(c, key.split(".")[0]), key.split(".")[1])  # noqa: E731
     return [f"{key}: {value(theirs, key)!r} -> {value(cfg, key)!r}" for key in keys
             if value(theirs, key) != value(cfg, key)]

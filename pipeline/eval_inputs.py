@@ -142,8 +142,8 @@ def _in_range(truth: xr.DataArray, truth_range: tuple[str, str], path) -> xr.Dat
     truth = truth.isel({dim: np.flatnonzero((values >= lo) & (values <= hi))})
     if truth.sizes[dim] == 0:
         raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} selects no "
-                              f"{dim} of {path}: its {dim} runs {label_text(values.min())} .. "
-                              f"{label_text(values.max())}; pick labels inside it")
+                              f"{dim} of {path}: its {dim} runs {label_text(min(values))} .. "
+                              f"{label_text(max(values))}; pick labels inside it")
     return truth
 
 

@@ -172,7 +172,8 @@ def _valid_profile(entry: dict) -> bool:
     grown = entry["grown"]
     return (positive(entry["rounds"]) and positive(entry["calls"]) and positive(entry["wall"])
             and len(entry["host_points"]) == len(entry["host"]) > 0
-            and all(positive(v) for v in (*entry["host_points"], *entry["host"]))
+            and all(positive(v) for v in entry["host_points"])
+            and all(positive(v) or v == 0 for v in entry["host"])  # written as max(0, ...)
             and entry["collectives"] in (0, 2) and isinstance(grown, dict)
             and all(len(v) == 3 and all(positive(x) or x == 0 for x in v)
                     for v in grown.values())

@@ -82,6 +82,8 @@ def _differences(cfg: Config, text: str) -> list[str]:
         if (isinstance(then, str) and then and then != ours and not os.path.isabs(then)
                 and not os.path.exists(then)):
             folder = (read_attrs(cfg.output.path) or {}).get("made_in")
+            if folder == os.getcwd():  # made here: the file itself is gone, not the folder
+                continue
             shown.append(f"its {key} {then!r} names no file from this folder: rerun its "
                          f"config from the folder it was made in"
                          + (f" ({folder})" if folder else ""))

@@ -207,7 +207,9 @@ def test_a_config_that_is_a_directory_says_so(tmp_path, capsys):
      "unrecognized arguments: --dryrun (did you mean '--dry-run'?)"),
     (["status", "--verfy", "x.zarr"], "usage: piadm status ",
      "unrecognized arguments: --verfy (did you mean '--verify'?)"),
-    (["smaple", "jobs/configs/grf.toml"], "usage: piadm ", "(did you mean 'sample'?)")])
+    (["smaple", "jobs/configs/grf.toml"], "usage: piadm ", "(did you mean 'sample'?)"),
+    (["--dry-run", "sample", "jobs/configs/grf.toml"], "usage: piadm sample ",
+     "unrecognized arguments: --dry-run (a flag of piadm sample: put it after the command)")])
 def test_a_misspelt_flag_or_command_gets_its_commands_usage_and_the_nearest_name(
         capsys, argv, usage, hint):
     with pytest.raises(SystemExit) as stop:

@@ -297,6 +297,21 @@ def test_bench_leaves_out_a_method_whose_rounds_have_fewer_points_than_ranks(tmp
             "ranks, each a time slice: launch at most 1 rank, or raise sampler.window") in err
 
 
+def test_plan_under_mpiexec_times_the_collective_latency_among_its_ranks(tmp_path):
+    """As an "auto" run does; on one process the plan takes the one-node figure."""
+    import json
+
+    from pipeline.planner import DEFAULT_LATENCY
+
+    out = tmp_path / "plan.json"
+    proc = mpirun(2, ["-m", "pipeline.cli", "plan", "jobs/configs/grf.toml", "--ranks", "4",
+                      "--json", str(out), *_sets(["model.shape=[8, 8]", "sampler.steps=20",
+                                                  "ensemble.members=1"])])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    latency = json.loads(out.read_text())["machine"]["latency"]
+    assert latency > 0 and latency != DEFAULT_LATENCY
+
+
 def test_a_replicated_window_costs_one_allgather_a_round_and_one_to_end(tmp_path):
     err, rows = _bench_two_ranks(tmp_path, "['sequential-sde', 'pc-window', 'pc-window-ode']",
                                  "sampler.tol=1e-4", "sampler.window_split=replicated")

@@ -200,6 +200,12 @@ def test_bench_plots_against_d_and_against_ranks(tmp_path, capsys):
         f"piadm: error: --compare {tmp_path / 'two.json'} was benched with other settings "
         "(sampler.steps: 40 -> 20): compare tables of these settings on other rank counts")
     assert not (tmp_path / "x.png").exists()
+    # one that differs in layout alone (how slices share a window) or sampler.method, which a
+    # bench does not run, joins the plot
+    assert main(["bench", "jobs/configs/grf.toml", "--png", str(png), "--compare",
+                 str(tmp_path / "two.json"), *base, "--set", "sampler.window_split=replicated",
+                 "--set", "sampler.method=pc-window", "--set", "sampler.tol=0.1"]) == 2
+    assert "(sampler.tol: 'auto' -> 0.1): compare" in capsys.readouterr().err  # that alone
 
 
 @pytest.mark.parametrize("kind", ["grf", "unet"])

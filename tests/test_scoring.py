@@ -132,6 +132,17 @@ def test_a_truth_on_another_grid_of_as_many_points_is_refused(tmp_path, capsys):
     assert scored[0]["crps"] == scored[1]["crps"]
 
 
+def test_an_empty_truth_range_over_text_labels_says_where_they_run():
+    import numpy as np
+
+    from pipeline.errors import EvaluationError
+    from pipeline.eval_inputs import _in_range
+
+    truth = xr.DataArray(np.zeros((3, 2)), dims=("run", "x"), coords={"run": ["a", "b", "c"]})
+    with pytest.raises(EvaluationError, match=r"its run runs a \.\. c; pick labels inside it"):
+        _in_range(truth, ("x", "z"), "t.zarr")
+
+
 def test_a_truth_named_as_the_input_is_lined_up_by_those_names(tmp_path, capsys):
     """An input on (lat, lon) makes a store on (y, x) that remembers the names (input_dim):
     a truth that keeps them is lined up by them, reversed or transposed as it is stored,
