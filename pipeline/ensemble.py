@@ -46,7 +46,7 @@ from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
 from pipeline.store import (ASKED, StoreExists, StoreSpec, done_members, finalize, member_batch,
-                            read_attrs, stored_attribute, write_batch)
+                            read_attrs, still_ours, stored_attribute, write_batch)
 from pipeline.store_match import check_output, is_stale
 from pipeline.target import delete_leftovers, open_or_create, upgrade_identity
 from pipeline.validation import check_variable
@@ -383,10 +383,15 @@ class _Tally:
         self.fallbacks += stats.fallbacks
 
 
-def _finalize_alone(path, note: str, job: str) -> None:
+def _finalize_alone(spec: StoreSpec, note: str, job: str) -> None:
     """``finalize`` under the store's lock: two jobs finishing together would each read the
-    history, append their line and write it back, and one line would be lost."""
+    history, append their line and write it back, and one line would be lost. A store that
+    another configuration's run replaced meanwhile is not this run's to write its line into
+    (``still_ours``): a run that found nothing left to do in it never wrote a batch, the
+    check every batch write makes."""
+    path = spec.path
     with holding(claims_dir(path), "finalize", job), naming(path):
+        still_ours(path, spec.digest, spec.attrs.get("model_sha256"))
         finalize(path, note)
         if done_members(path).all():  # no job needs the claims of a finished store
             clear_batch_claims(claims_dir(path))
@@ -432,7 +437,7 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
                  f" x {slices.size} time slice{'s' if slices.size > 1 else ''}")
         if slices.size > 1 and cfg.sampler.method in REPLICABLE:
             note += f", window split {cfg.sampler.window_split}"
-    on_rank0(world, _finalize_alone, spec.path, note, job)
+    on_rank0(world, _finalize_alone, spec, note, job)
     write_s = writer.busy if writer is not None else 0.0
     wait_s = writer.waited if writer is not None else 0.0
     return Summary(spec.path, written, skipped, int(peak["rounds"]), int(peak["batch_rounds"]),

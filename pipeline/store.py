@@ -314,7 +314,7 @@ def members_left(path: str | Path, item: int, members) -> tuple[int, ...]:
     return tuple(m for m, flag in zip(members, done) if flag != 1)
 
 
-def _still_ours(path: str | Path, digest: str, model: str | None):
+def still_ours(path: str | Path, digest: str, model: str | None):
     """The store at ``path`` opened for writing, after checking it is still the one this run
     writes: made by the configuration with ``digest`` and the model with digest ``model``.
     Raises StoreExists when another run replaced (or deleted) it meanwhile."""
@@ -344,12 +344,12 @@ def write_batch(path: str | Path, *, variable: str, item: int, start: int, field
     Within one of the store's batches (``member_batch``: whole chunks) that the caller has
     claimed, and writes to one batch in order, so writers on other ranks or in other jobs
     never share a chunk, nor one writer's part-chunk writes overlap. With
-    ``digest`` the store must still be this run's (``_still_ours``) when the writing starts
+    ``digest`` the store must still be this run's (``still_ours``) when the writing starts
     and again before the members are marked done; so must the batch's claim, with ``owned``
     (a callable: whether this job still holds it), since a second writer's part-chunk writes
     into the same chunks would lose one of the two."""
     _check_owned(owned, path, item, start)
-    group = _still_ours(path, digest, model) if digest else zarr.open_group(path, mode="r+")
+    group = still_ours(path, digest, model) if digest else zarr.open_group(path, mode="r+")
     stop = start + field.shape[0]
     group[variable][item, start:stop] = field
     group["seed"][item, start:stop] = seed
@@ -361,7 +361,7 @@ def write_batch(path: str | Path, *, variable: str, item: int, start: int, field
         history[: min(kept, len(residuals))] = np.sqrt(residuals[:kept])  # tol's units
         group["residual"][item, start:stop] = np.broadcast_to(history, (stop - start, kept))
     if digest:
-        group = _still_ours(path, digest, model)
+        group = still_ours(path, digest, model)
     _check_owned(owned, path, item, start)
     group["done"][item, start:stop] = 1  # last: only now do these members count as done
 

@@ -715,3 +715,35 @@ def test_an_output_path_stepping_back_out_of_a_missing_folder_is_refused(tmp_pat
     (tmp_path / "zz").mkdir()
     assert main(args) == 0  # through a folder that is there, the path is a plain one
     assert (tmp_path / "out.zarr").is_dir()
+
+
+def test_a_run_whose_store_another_config_replaced_meanwhile_writes_nothing_into_it(
+        tmp_path, monkeypatch):
+    """Another configuration's run (output.overwrite) replaced the store after this run
+    read its done flags and before its heartbeat could hold it off: with nothing left to
+    sample, no batch write found out, and the run said it was done and added its history
+    line to the other configuration's store. It stops with one line instead."""
+    import shutil
+
+    from pipeline import ensemble
+    from pipeline.store import StoreExists
+
+    sets = _small(tmp_path, **{"sampler.method": "sequential-sde"})
+    other = {**sets, "output.path": str(tmp_path / "other.zarr"), "sampler.seed": 1}
+    sample(load_config("jobs/configs/grf.toml", sets))
+    sample(load_config("jobs/configs/grf.toml", other))
+    opened = ensemble._open_work
+
+    def replaced_meanwhile(*args, **kwargs):
+        work = opened(*args, **kwargs)
+        shutil.rmtree(sets["output.path"])
+        shutil.copytree(other["output.path"], sets["output.path"])
+        return work
+
+    monkeypatch.setattr(ensemble, "_open_work", replaced_meanwhile)
+    with pytest.raises(StoreExists, match="was replaced, grown or deleted by another run"):
+        sample(load_config("jobs/configs/grf.toml", sets))
+    history = json.loads(zarr.open_group(sets["output.path"], mode="r").attrs["piadm_history"])
+    assert len(history) == 2 and "seed" not in history[-1]  # the other run's lines alone
+    assert history == json.loads(zarr.open_group(other["output.path"],
+                                                 mode="r").attrs["piadm_history"])
