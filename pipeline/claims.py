@@ -118,7 +118,8 @@ class Heartbeat:
             aside.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
             os.replace(aside, self.path)
 
-        _in_folder(self.path.parent, write)
+        with naming(self.path):  # a full disk's error names the file
+            _in_folder(self.path.parent, write)
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -261,17 +262,34 @@ def _lock_takeover(lock: Path) -> bool:
 
 
 def clear_dead_heartbeats(folder: Path) -> int:
-    """Remove the heartbeat files of dead jobs in ``folder`` (killed, so never stopped): for
-    a store whose members are all done, whose claims folder goes with the last live job's
-    heartbeat only once nothing else is left in it. The files removed."""
+    """Remove what dead jobs (killed, so never stopped) left in the claims folder ``folder``:
+    their heartbeats and locks, and files being written (``.tmp``) or takeover locks older
+    than ``STALE_S``. For a store whose members are all done, whose claims folder goes with
+    the last live job's heartbeat only once nothing else is left in it. The files removed."""
     removed = 0
-    for beat in folder.glob("job-*.alive"):
-        job = beat.name.removeprefix("job-").removesuffix(".alive")
-        if not _alive(folder, {"job": job}):
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if path.name.startswith("job-") and path.name.endswith(".alive"):
+            dead = not _alive(folder, {"job": path.name[4:-len(".alive")]})
+        elif path.suffix in (".tmp", ".takeover"):
+            dead = _age(path) > STALE_S
+        elif path.suffix == ".json":  # a lock (the batch claims are cleared before)
+            owner = _owner(path)
+            dead = owner is not None and not _alive(folder, owner)
+        else:
+            continue
+        if dead:
             with contextlib.suppress(OSError):
-                beat.unlink()
+                path.unlink()
                 removed += 1
     return removed
+
+
+def _age(path: Path) -> float:
+    """Seconds since ``path`` was written (0 where it is gone)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def live_jobs(folder: Path) -> list[str]:

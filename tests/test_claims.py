@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from pipeline.claims import Heartbeat, claim, holding
 
 
@@ -219,8 +221,6 @@ def test_a_lock_is_given_back_only_between_takeovers(tmp_path):
 def test_a_claim_a_full_disk_cuts_short_names_its_file_and_leaves_none(tmp_path, monkeypatch):
     import errno
 
-    import pytest
-
     class Full:
         def __init__(self, fd, mode):
             os.close(fd)
@@ -266,6 +266,11 @@ def test_a_finished_stores_claims_go_and_its_folder_with_them(tmp_path):
     claims_dir(half).mkdir()
     dead = claims_dir(half) / "job-slurm-7.alive"  # a process of this host that is gone
     dead.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7}))
+    # and the lock a killed replacer held, and a heartbeat it was writing on a full disk
+    (claims_dir(half) / "replace.json").write_text(json.dumps({"job": "slurm-7", "time": 0}))
+    aside = claims_dir(half) / "job-slurm-7.alive.123.tmp"
+    aside.write_text("")
+    os.utime(aside, (time.time() - 3600, time.time() - 3600))
     assert main(["sample", "jobs/configs/grf.toml", *sets, "--set", "ensemble.members=4"]) == 0
     assert not claims_dir(half).exists()
 
@@ -296,3 +301,18 @@ def test_a_claims_folder_removed_by_another_job_is_made_again(tmp_path, monkeypa
         assert claim(folder, "0-0", "b") and (folder / "0-0.json").exists()
     finally:
         beat.stop()
+
+
+def test_a_heartbeat_that_meets_a_full_disk_names_its_file(tmp_path, monkeypatch):
+    """A write on a full disk raises an OSError that names no file: the run's one line said
+    "cannot use: No space left on device" and nothing of where."""
+    import errno
+    from pathlib import Path
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as info:
+        Heartbeat(tmp_path, "x").start()
+    assert info.value.filename == str(tmp_path / "job-x.alive")
