@@ -75,6 +75,11 @@ def schedule_of(scheduler_config: dict, where: str) -> tuple[str, tuple[float, .
     if kind not in PREDICTION_TYPES:
         raise ConfigError(f"config: model.path: {where} has prediction_type = {kind!r}, which "
                           f"piadm does not know: it reads {', '.join(PREDICTION_TYPES)}")
+    if scheduler_config.get("rescale_betas_zero_snr"):  # alpha_bar 0 at the last timestep
+        raise ConfigError(f"config: model.path: {where} has rescale_betas_zero_snr = true: a "
+                          "zero-terminal-SNR schedule reaches pure noise, which piadm's clock "
+                          "(u = -log alpha_bar) cannot start from; use a network trained on "
+                          "another schedule")
     steps = int(scheduler_config.get("num_train_timesteps", 1000))
     trained = scheduler_config.get("trained_betas")
     if trained:

@@ -351,6 +351,21 @@ def test_a_folder_without_its_scheduler_config_is_a_one_line_error(tmp_path, cap
     assert rc == 2 and _one_error(err, "has no scheduler_config.json"), err
 
 
+def test_a_zero_terminal_snr_scheduler_is_refused_not_misread(tmp_path, capsys):
+    """rescale_betas_zero_snr changes diffusers' alphas_cumprod (0 at the last timestep):
+    read as the plain table, the network was called at other noise levels than trained."""
+    small_unet().save_pretrained(tmp_path / "z")
+    diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=False,
+                            prediction_type="v_prediction",
+                            rescale_betas_zero_snr=True).save_pretrained(tmp_path / "z")
+    rc = main(["sample", "jobs/configs/grf.toml", "--set", "model.kind=diffusers",
+               "--set", f"model.path={tmp_path / 'z'}", "--set", "model.shape=[16, 16]",
+               "--set", f"output.path={tmp_path / 'x.zarr'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and _one_error(err, "has rescale_betas_zero_snr = true"), err
+    assert not (tmp_path / "x.zarr").exists()
+
+
 @pytest.mark.parametrize("dry", [True, False])
 def test_auto_quality_on_a_network_without_a_quality_measure_is_refused_by_its_dry_run_too(
         tmp_path, capsys, monkeypatch, dry):
