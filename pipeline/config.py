@@ -103,8 +103,13 @@ def _section(name: str, table: dict):
     if name == "model" and open_kind(table.get("kind", cls.kind)):
         extra = {k: v for k, v in table.items() if k not in hints}
         table = {k: v for k, v in table.items() if k in hints}
+        given = table.get("args", {})
+        twice = sorted(set(extra) & set(given)) if isinstance(given, dict) else []
+        if twice:  # which of the two would the factory get?
+            raise ConfigError(f"config: model.{twice[0]} is given at the top of [model] and "
+                              "under [model.args]: give it once")
         if extra:
-            table["args"] = {**table.get("args", {}), **extra}
+            table["args"] = {**given, **extra}
     for key, value in table.items():
         if key not in hints:
             raise ConfigError(

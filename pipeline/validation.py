@@ -77,8 +77,39 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
                + f": use at most {n} time slices, or raise {more}")
 
 
+# The [model] keys that only some of piadm's own kinds read ("weights": a gmm's list, a
+# module's file); the rest (shape, condition, data_bound, emulate_ms, tf32) every kind reads.
+READ_BY = {"slope": ("grf",), "length": ("grf",), "components": ("gmm",), "spread": ("gmm",),
+           "std": ("gmm",), "seed": ("gmm",), "weights": ("gmm", "module"),
+           "checkpoint": ("unet",), "guide": ("unet",), "guidance": ("unet",),
+           "target": ("module",), "prediction": ("module",), "process": ("module",),
+           "beta_schedule": ("module",), "beta_start": ("module",), "beta_end": ("module",),
+           "train_steps": ("module",), "input_scale": ("module",), "path": ("diffusers",)}
+
+
+def _check_model_keys(m: ModelConfig) -> None:
+    """A key set (off its default) that the model's kind does not read is refused: a module's
+    factory argument written at the top of [model] under a name an exact model uses (std,
+    seed) never reached the factory, and a diffusers folder's prediction comes from its
+    scheduler, whatever model.prediction said."""
+    kinds = {kind for readers in READ_BY.values() for kind in readers}
+    if m.kind not in kinds:  # a plugin's kind: which keys it reads is its own
+        return
+    default = ModelConfig()
+    for key, readers in READ_BY.items():
+        value = getattr(m, key)
+        _check(m.kind in readers or value == getattr(default, key), f"model.{key}",
+               f"= {value!r} is read by model.kind = {' or '.join(map(repr, readers))}, not "
+               f"{m.kind!r}: remove it"
+               + (" (a factory's own arguments go under [model.args])"
+                  if m.kind == "module" else
+                  " (a diffusers folder's scheduler config says what it predicts, and on "
+                  "which schedule)" if m.kind == "diffusers" else ""))
+
+
 def _check_model(m: ModelConfig) -> None:
-    """Model parameters in their ranges: a NaN or a negative length would sample NaN fields."""
+    """Model parameters in their ranges: a NaN or a negative length would sample NaN fields;
+    then the keys the model's kind reads (``_check_model_keys``)."""
     finite = math.isfinite
     _check(finite(m.slope) and 0 <= m.slope <= 100, "model.slope",
            f"= {m.slope} must be a number in [0, 100] (the spectrum's power-law decay)")
@@ -111,6 +142,7 @@ def _check_model(m: ModelConfig) -> None:
     _check(not m.guide or m.guidance > 1, "model.guide",
            f"= {m.guide!r} is unused at model.guidance = 1: set model.guidance > 1 (e.g. 2) "
            "or drop model.guide")
+    _check_model_keys(m)
 
 
 def _check_data(d: DataConfig) -> None:

@@ -166,6 +166,9 @@ def test_an_edm_denoiser_matches_edm_first_order_sampler():
     (["model.target=byo_nets:one_channel", "model.shape=[16, 16]"],
      "calling the network on a (2, 16, 16) input failed"),
     (["model.prediction=noise"], "model.prediction = 'noise' is unknown"),
+    # a factory's argument under an exact model's key never reached the factory
+    (["model.std=0.2"], "model.std = 0.2 is read by model.kind = 'gmm', not 'module': remove "
+                        "it (a factory's own arguments go under [model.args])"),
     (["model.process=ddim"], "model.process = 'ddim' is unknown"),
     (["model.train_steps=-5"], "model.train_steps = -5 must be a whole number >= 1"),
     (["model.train_steps=0"], "model.train_steps = 0 must be a whole number >= 1"),
@@ -349,6 +352,26 @@ def test_a_folder_without_its_scheduler_config_is_a_one_line_error(tmp_path, cap
                "--set", f"output.path={tmp_path / 'x.zarr'}"])
     err = capsys.readouterr().err
     assert rc == 2 and _one_error(err, "has no scheduler_config.json"), err
+
+
+def test_a_diffusers_folder_refuses_the_keys_its_scheduler_decides(tmp_path, capsys):
+    """Its scheduler config says what it predicts and on which schedule: a model.prediction
+    meant to correct it was ignored, the store recording the scheduler's."""
+    rc = main(["config", "jobs/configs/grf.toml", "--set", "model.kind=diffusers", "--set",
+               f"model.path={tmp_path}", "--set", "model.prediction=x0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and _one_error(err, "model.prediction = 'x0' is read by model.kind = "
+                                       "'module', not 'diffusers'"), err
+
+
+def test_a_module_argument_given_twice_is_refused():
+    from pipeline.api import load_config
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.mu is given at the top of \[model\] and "
+                                          r"under \[model.args\]: give it once"):
+        load_config({"model": {"kind": "module", "target": "x:y", "mu": 5.0,
+                               "args": {"mu": 3.0}}})
 
 
 def test_a_zero_terminal_snr_scheduler_is_refused_not_misread(tmp_path, capsys):
