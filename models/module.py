@@ -103,12 +103,28 @@ def load_weights(net: torch.nn.Module, path: str, key: str = "model.weights") ->
     if nested:
         raise ConfigError(f"config: {key} = {path!r} nests its tensors under {nested[0]!r}: "
                           f"save that dict alone (torch.save(ckpt[{nested[0]!r}], path))")
+    _match_dtypes(net, state, path, key)
     try:
         net.load_state_dict(state)
     except Exception as err:  # keys or sizes that do not fit
         raise ConfigError(f"config: {key} = {path!r} does not load into the network "
                           f"({type(err).__name__}: {_details(err)}): save it from this "
                           "network's state_dict(), with the same [model] arguments") from None
+
+
+def _match_dtypes(net: torch.nn.Module, state: dict, path: str, key: str) -> None:
+    """Refuse whole numbers for a floating parameter (load_state_dict casts them silently), and
+    keep float64 weights float64: loaded into a factory's float32 parameters they were rounded
+    before a float64 run cast the network up (``_Net`` casts it to each run's dtype)."""
+    own = net.state_dict()
+    whole = [name for name, value in state.items() if torch.is_tensor(value) and name in own
+             and own[name].is_floating_point() and not value.is_floating_point()]
+    if whole:
+        raise ConfigError(f"config: {key} = {path!r} holds {state[whole[0]].dtype} values for "
+                          f"the floating parameter {whole[0]!r}: save the weights as floats "
+                          "(the network's own state_dict())")
+    if any(torch.is_tensor(value) and value.dtype == torch.float64 for value in state.values()):
+        torch.nn.Module.to(net, dtype=torch.float64)
 
 
 class _Net:

@@ -287,6 +287,7 @@ def test_a_store_resumes_only_with_the_model_files_it_was_made_with(tmp_path, mo
     ("nested", "nests its tensors under 'state_dict': save that dict alone"),
     ("pickled", "holds pickled objects, not tensors alone (a whole saved model?)"),
     ("garbage", "is not a readable state dict"),
+    ("whole numbers", "holds torch.int64 values for the floating parameter"),
 ])
 def test_weights_that_do_not_fit_say_why_in_one_line(case, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(TESTS))
@@ -297,12 +298,27 @@ def test_weights_that_do_not_fit_say_why_in_one_line(case, needle, tmp_path, mon
         torch.save({"state_dict": small_unet().state_dict(), "epoch": 3}, weights)
     elif case == "pickled":
         torch.save(small_unet(), weights)
+    elif case == "whole numbers":  # load_state_dict would cast them silently
+        torch.save({k: (v * 100).long() for k, v in small_unet().state_dict().items()}, weights)
     else:
         weights.write_bytes(bytes(range(256)) * 8)
     rc = _module_run(out, "model.target=byo_nets:small_unet", f"model.weights={weights}")
     err = capsys.readouterr().err
     assert rc == 2 and _one_error(err, needle) and "\x1b" not in err, err
     assert not out.exists()
+
+
+def test_float64_weights_stay_float64_in_a_float32_network(tmp_path):
+    """Loaded into a factory's float32 parameters, float64 weights were rounded before a
+    float64 run cast the network up."""
+    from models.module import load_weights
+
+    net = torch.nn.Linear(1, 1)
+    path = tmp_path / "w64.pt"
+    torch.save({"weight": torch.full((1, 1), 1 + 1e-12, dtype=torch.float64),
+                "bias": torch.zeros(1, dtype=torch.float64)}, path)
+    load_weights(net, str(path))
+    assert net.weight.dtype == torch.float64 and net.weight.item() == 1 + 1e-12
 
 
 def test_a_store_with_a_channel_axis_is_evaluated_as_its_2d_fields(tmp_path, monkeypatch):
