@@ -130,10 +130,12 @@ def _match_dtypes(net: torch.nn.Module, state: dict, path: str, key: str) -> Non
 class _Net:
     """``net(x, t[, cond])`` in the dtype and device of its input, returning a tensor (a
     diffusers output's ``.sample``); ``channel``: add a channel axis around the call (a
-    one-channel image network on (B, H, W) fields)."""
+    one-channel image network on (B, H, W) fields); ``variance``: the network answers twice
+    its input's channels, its prediction then a learned variance (diffusers' variance_type
+    "learned" or "learned_range"), as does a one-channel network given its channel axis."""
 
-    def __init__(self, net: torch.nn.Module, channel: bool = False):
-        self.net, self.channel = net, channel
+    def __init__(self, net: torch.nn.Module, channel: bool = False, variance: bool = False):
+        self.net, self.channel, self.variance = net, channel, variance
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None):
@@ -151,11 +153,9 @@ class _Net:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the network returned a {type(out).__name__}, not a tensor: have "
                             "it return its prediction alone")
-        if (self.channel and out.ndim == x.ndim and out.shape[1] == 2
-                and out.shape[2:] == x.shape[2:]):
-            # a one-channel learned-variance network (diffusers' variance_type "learned" or
-            # "learned_range") answers its prediction, then the variance's channel
-            out = out[:, :1]
+        if ((self.channel or self.variance) and out.ndim == x.ndim == 4
+                and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]):
+            out = out[:, :x.shape[1]]  # the prediction, then the variance's channels
         if out.shape != x.shape:  # as the network gave it, before any adapter broadcasts it
             raise WrongShape(f"the network returns shape {list(out.shape)} for input "
                              f"{list(x.shape)}")

@@ -141,8 +141,8 @@ def load_pretrained(section, device="cpu") -> NetworkModel:
     """The ``model.kind = "diffusers"`` model of a validated ``[model]`` section."""
     model_dir, scheduler_dir = layout(section.path)
     config = _read(model_dir / "config.json")
-    prediction, table = schedule_of(_read(scheduler_dir / "scheduler_config.json"),
-                                    str(scheduler_dir / "scheduler_config.json"))
+    scheduler = _read(scheduler_dir / "scheduler_config.json")
+    prediction, table = schedule_of(scheduler, str(scheduler_dir / "scheduler_config.json"))
     diffusers = _diffusers()
     cls = getattr(diffusers, config.get("_class_name", ""), None)
     if cls is None:
@@ -159,7 +159,8 @@ def load_pretrained(section, device="cpu") -> NetworkModel:
     # a one-channel network on a 2-D field: the channel axis is added around each call
     channel = len(section.shape) == 2 and config.get("in_channels") == 1
     process = DiscreteVP(num_steps=len(table), alphas_cumprod=table)
-    model = NetworkModel(_Net(net, channel), tuple(section.shape), process, prediction,
+    variance = scheduler.get("variance_type") in ("learned", "learned_range")
+    model = NetworkModel(_Net(net, channel, variance), tuple(section.shape), process, prediction,
                          scheduler_u=scheduler_grid(scheduler_dir, process))
     if section.condition == "none":
         check_output(model, tuple(section.shape), f"model.path = {section.path!r}")

@@ -354,11 +354,12 @@ def test_a_learned_variance_network_samples_on_its_prediction_channel(tmp_path):
     small_unet(out=2).save_pretrained(folder)
     diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range",
                             clip_sample=False).save_pretrained(folder)
-    out = tmp_path / "lv.zarr"
-    assert main(["sample", "jobs/configs/grf.toml", "--set", "model.kind=diffusers",
-                 "--set", f"model.path={folder}", "--set", "model.shape=[16, 16]",
-                 "--set", "sampler.method=sequential-sde", "--set", "sampler.steps=4",
-                 "--set", "ensemble.members=2", "--set", f"output.path={out}"]) == 0
+    for shape in ("[16, 16]", "[1, 16, 16]"):  # its channel axis added by piadm, or given
+        out = tmp_path / f"lv{len(shape)}.zarr"
+        assert main(["sample", "jobs/configs/grf.toml", "--set", "model.kind=diffusers",
+                     "--set", f"model.path={folder}", "--set", f"model.shape={shape}",
+                     "--set", "sampler.method=sequential-sde", "--set", "sampler.steps=4",
+                     "--set", "ensemble.members=2", "--set", f"output.path={out}"]) == 0
 
 
 def test_a_folder_without_its_scheduler_config_is_a_one_line_error(tmp_path, capsys):
