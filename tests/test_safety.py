@@ -747,3 +747,20 @@ def test_a_run_whose_store_another_config_replaced_meanwhile_writes_nothing_into
     assert len(history) == 2 and "seed" not in history[-1]  # the other run's lines alone
     assert history == json.loads(zarr.open_group(other["output.path"],
                                                  mode="r").attrs["piadm_history"])
+
+
+def test_a_store_another_job_grew_meanwhile_is_said_so(tmp_path):
+    """A growth measured before another job grew the store finds the same settings at
+    another member count: the refusal named "a different configuration" with no setting
+    that differs, and told the user to set output.overwrite."""
+    from pipeline.config import store_differences
+    from pipeline.store import StoreExists
+    from pipeline.target import check_target
+
+    sets = _small(tmp_path, **{"sampler.method": "sequential-sde", "ensemble.members": 4})
+    sample(load_config("jobs/configs/grf.toml", sets))
+    more = load_config("jobs/configs/grf.toml", {**sets, "ensemble.members": 12})
+    with pytest.raises(StoreExists, match="at another count than this run found a moment ago "
+                                          r"\(another job grew it meanwhile\): rerun the same"):
+        check_target(sets["output.path"], more.store_digest, overwrite=False,
+                     differs=lambda text: store_differences(more, text))
