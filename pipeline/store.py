@@ -309,8 +309,15 @@ def done_members(path: str | Path) -> np.ndarray:
 
 
 def members_left(path: str | Path, item: int, members) -> tuple[int, ...]:
-    """The members of ``members`` (consecutive) of item index ``item`` not yet written."""
-    done = _read_done(path, (item, slice(members[0], members[-1] + 1)))
+    """The members of ``members`` (consecutive) of item index ``item`` not yet written;
+    StoreExists where the store is gone (another run replaced it meanwhile)."""
+    try:
+        done = _read_done(path, (item, slice(members[0], members[-1] + 1)))
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise StoreExists(f"output {path} was replaced or deleted by another run while this "
+                          "one worked on it: this run's remaining members are not written; "
+                          "rerun it once the other run is done, or on another output.path"
+                          ) from None
     return tuple(m for m, flag in zip(members, done) if flag != 1)
 
 

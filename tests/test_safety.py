@@ -764,3 +764,14 @@ def test_a_store_another_job_grew_meanwhile_is_said_so(tmp_path):
                                           r"\(another job grew it meanwhile\): rerun the same"):
         check_target(sets["output.path"], more.store_digest, overwrite=False,
                      differs=lambda text: store_differences(more, text))
+
+
+def test_a_store_gone_while_a_run_claims_its_batches_is_said_to_be_replaced(tmp_path):
+    """Renamed aside by another configuration's replacement while this run looked for its
+    next batch: the run's line said "cannot use: ... does not exist: check that the path
+    exists", blaming the user's path."""
+    from pipeline.store import StoreExists, members_left
+
+    with pytest.raises(StoreExists, match="was replaced or deleted by another run while this "
+                                          "one worked on it"):
+        members_left(tmp_path / "gone.zarr", 0, (0, 1))
