@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
@@ -114,8 +115,9 @@ def load_weights(net: torch.nn.Module, path: str, key: str = "model.weights") ->
 
 def _match_dtypes(net: torch.nn.Module, state: dict, path: str, key: str) -> None:
     """Refuse whole numbers for a floating parameter (load_state_dict casts them silently), and
-    keep float64 weights float64: loaded into a factory's float32 parameters they were rounded
-    before a float64 run cast the network up (``_Net`` casts it to each run's dtype)."""
+    say where float64 weights fill float32 parameters: rounded there, a float64 run casts the
+    rounded values up. The network is left in the factory's dtypes (a float32 run must not
+    find float64 buffers it keeps on purpose cast down)."""
     own = net.state_dict()
     whole = [name for name, value in state.items() if torch.is_tensor(value) and name in own
              and own[name].is_floating_point() and not value.is_floating_point()]
@@ -123,8 +125,13 @@ def _match_dtypes(net: torch.nn.Module, state: dict, path: str, key: str) -> Non
         raise ConfigError(f"config: {key} = {path!r} holds {state[whole[0]].dtype} values for "
                           f"the floating parameter {whole[0]!r}: save the weights as floats "
                           "(the network's own state_dict())")
-    if any(torch.is_tensor(value) and value.dtype == torch.float64 for value in state.values()):
-        torch.nn.Module.to(net, dtype=torch.float64)
+    rounded = [name for name, value in state.items() if torch.is_tensor(value) and name in own
+               and value.dtype == torch.float64 and own[name].dtype == torch.float32]
+    if rounded:
+        warnings.warn(f"{key} = {path!r} holds float64 values for the factory's float32 "
+                      f"parameters ({rounded[0]!r} among them), which keep them rounded: "
+                      "have the factory build its network in float64 (e.g. return "
+                      "net.double()) for a float64 run", stacklevel=2)
 
 
 class _Net:
@@ -153,7 +160,7 @@ class _Net:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the network returned a {type(out).__name__}, not a tensor: have "
                             "it return its prediction alone")
-        if ((self.channel or self.variance) and out.ndim == x.ndim == 4
+        if ((self.channel or self.variance) and out.ndim == x.ndim >= 3
                 and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]):
             out = out[:, :x.shape[1]]  # the prediction, then the variance's channels
         if out.shape != x.shape:  # as the network gave it, before any adapter broadcasts it

@@ -308,17 +308,22 @@ def test_weights_that_do_not_fit_say_why_in_one_line(case, needle, tmp_path, mon
     assert not out.exists()
 
 
-def test_float64_weights_stay_float64_in_a_float32_network(tmp_path):
-    """Loaded into a factory's float32 parameters, float64 weights were rounded before a
-    float64 run cast the network up."""
+def test_float64_weights_for_float32_parameters_are_said_to_be_rounded(tmp_path):
+    """Loaded into a factory's float32 parameters, float64 weights are rounded: said, with
+    the fix (a float64 network keeps them exact), and the network keeps its own dtypes."""
     from models.module import load_weights
 
-    net = torch.nn.Linear(1, 1)
     path = tmp_path / "w64.pt"
     torch.save({"weight": torch.full((1, 1), 1 + 1e-12, dtype=torch.float64),
                 "bias": torch.zeros(1, dtype=torch.float64)}, path)
-    load_weights(net, str(path))
-    assert net.weight.dtype == torch.float64 and net.weight.item() == 1 + 1e-12
+    net = torch.nn.Linear(1, 1)
+    with pytest.warns(UserWarning, match=r"float64 values for the factory's float32 "
+                                         r"parameters \('weight' among them\)"):
+        load_weights(net, str(path))
+    assert net.weight.dtype == torch.float32
+    exact = torch.nn.Linear(1, 1).double()
+    load_weights(exact, str(path))
+    assert exact.weight.item() == 1 + 1e-12
 
 
 def test_a_store_with_a_channel_axis_is_evaluated_as_its_2d_fields(tmp_path, monkeypatch):
