@@ -273,8 +273,8 @@ def clear_dead_heartbeats(folder: Path) -> int:
         elif path.suffix in (".tmp", ".takeover"):
             dead = _age(path) > STALE_S
         elif path.suffix == ".json":  # a lock (the batch claims are cleared before)
-            owner = _owner(path)
-            dead = owner is not None and not _alive(folder, owner)
+            removed += _remove_dead_lock(folder, path.stem)
+            continue
         else:
             continue
         if dead:
@@ -282,6 +282,27 @@ def clear_dead_heartbeats(folder: Path) -> int:
                 path.unlink()
                 removed += 1
     return removed
+
+
+def _remove_dead_lock(folder: Path, key: str) -> int:
+    """Remove lock ``key`` where its owner is dead, under its takeover lock (a job taking it
+    over meanwhile keeps it); 1 when removed."""
+    try:
+        if not _lock_takeover(folder / f"{key}.takeover"):
+            return 0  # being taken over, or given back, this instant
+    except OSError:
+        return 0
+    try:
+        owner = _owner(folder / f"{key}.json")
+        if owner is None or _alive(folder, owner):
+            return 0
+        (folder / f"{key}.json").unlink()
+        return 1
+    except OSError:
+        return 0
+    finally:
+        with contextlib.suppress(OSError):
+            (folder / f"{key}.takeover").unlink(missing_ok=True)
 
 
 def _age(path: Path) -> float:

@@ -391,7 +391,13 @@ def _finalize_alone(spec: StoreSpec, note: str, job: str) -> None:
     check every batch write makes."""
     path = spec.path
     with holding(claims_dir(path), "finalize", job), naming(path):
-        still_ours(path, spec.digest, spec.attrs.get("model_sha256"))
+        try:
+            still_ours(path, spec.digest, spec.attrs.get("model_sha256"))
+        except StoreExists:  # its own words: this run may have had nothing left to write
+            raise StoreExists(f"output {path} was replaced, grown or deleted by another run "
+                              "while this one worked on it: this run's line of its history is "
+                              "not written there; rerun it once the other run is done, or on "
+                              "another output.path") from None
         finalize(path, note)
         if done_members(path).all():  # no job needs the claims of a finished store
             clear_batch_claims(claims_dir(path))

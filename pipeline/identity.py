@@ -77,11 +77,17 @@ def target_fate(cfg: Config, model: str | None, **kwargs) -> tuple[str, str | No
     """``target.check_target``'s fate of output.path, an older piadm's store of ``cfg`` being
     ``upgrade`` and one with fewer members ``grow``; with the older digest it matched (None:
     none)."""
-    found = stored_digest(cfg.output.path)
-    _check_older_and_smaller(cfg, found)
-    legacy = next((d for d in _legacy_digests(cfg) if d == found), None)
-    return check_target(cfg.output.path, cfg.store_digest, model=model, legacy=legacy,
-                        grown=growth(cfg), **kwargs), legacy
+    for last in (False, True):
+        grown = growth(cfg)  # read before the digest: another job may grow it in between,
+        found = stored_digest(cfg.output.path)  # which then reads as another config's
+        _check_older_and_smaller(cfg, found)
+        legacy = next((d for d in _legacy_digests(cfg) if d == found), None)
+        try:
+            return check_target(cfg.output.path, cfg.store_digest, model=model, legacy=legacy,
+                                grown=grown, **kwargs), legacy
+        except StoreExists:
+            if last or growth(cfg) == grown:  # refused as it stands, not mid-growth
+                raise
 
 
 # the settings that name a file or folder whose contents the store was made from

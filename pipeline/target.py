@@ -222,13 +222,7 @@ def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str |
             f"output {path} exists and is not a piadm store, and piadm deletes only stores it "
             "made (output.overwrite = true too): move it away, or choose another output.path")
     if fate == "other":
-        text = stored_config(path)
-        changed = "; ".join(differs(text)) if differs else ""
-        if differs and text and not changed:  # the same settings: its member count moved
-            raise StoreExists(
-                f"output {path} holds this configuration's members at another count than "
-                "this run found a moment ago (another job grew it meanwhile): rerun the same "
-                "command")
+        changed = "; ".join(differs(stored_config(path))) if differs else ""
         raise StoreExists(
             f"output {path} was made by a different configuration (digest {found[:12]}, this "
             f"run {digest[:12]}" + (f"; it differs in {changed}" if changed else "") + "): "

@@ -749,21 +749,26 @@ def test_a_run_whose_store_another_config_replaced_meanwhile_writes_nothing_into
                                                  mode="r").attrs["piadm_history"])
 
 
-def test_a_store_another_job_grew_meanwhile_is_said_so(tmp_path):
-    """A growth measured before another job grew the store finds the same settings at
-    another member count: the refusal named "a different configuration" with no setting
-    that differs, and told the user to set output.overwrite."""
-    from pipeline.config import store_differences
-    from pipeline.store import StoreExists
-    from pipeline.target import check_target
+def test_a_store_another_job_grew_between_two_looks_is_looked_at_again(tmp_path,
+                                                                         monkeypatch):
+    """The growth is read before the store's identity: another job growing the store in
+    between made it read as a different configuration's, with no setting named and advice
+    to set output.overwrite. The run looks once more, and grows it further."""
+    from pipeline import identity
+    from pipeline.run import model_digest
 
     sets = _small(tmp_path, **{"sampler.method": "sequential-sde", "ensemble.members": 4})
     sample(load_config("jobs/configs/grf.toml", sets))
-    more = load_config("jobs/configs/grf.toml", {**sets, "ensemble.members": 12})
-    with pytest.raises(StoreExists, match="at another count than this run found a moment ago "
-                                          r"\(another job grew it meanwhile\): rerun the same"):
-        check_target(sets["output.path"], more.store_digest, overwrite=False,
-                     differs=lambda text: store_differences(more, text))
+    more = load_config("jobs/configs/grf.toml", {**sets, "ensemble.members": 6})
+    real, looks = identity.growth, []
+
+    def stale_at_first(cfg):  # the count as it read before another job grew the store
+        looks.append(cfg)
+        return None if len(looks) <= 2 else real(cfg)
+
+    monkeypatch.setattr(identity, "growth", stale_at_first)
+    fate, _ = identity.target_fate(more, model_digest(more), overwrite=False)
+    assert fate == "grow"
 
 
 def test_a_store_gone_while_a_run_claims_its_batches_is_said_to_be_replaced(tmp_path):
