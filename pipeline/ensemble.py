@@ -47,7 +47,7 @@ from pipeline.settings import Config
 from pipeline.signals import StopRequest
 from pipeline.store import (ASKED, StoreExists, StoreSpec, done_members, finalize, member_batch,
                             read_attrs, still_ours, stored_attribute, write_batch)
-from pipeline.store_match import check_output, is_stale
+from pipeline.store_match import check_noise_of, check_output, is_stale
 from pipeline.target import delete_leftovers, open_or_create, upgrade_identity
 from pipeline.validation import check_variable
 from pipeline.work import batch_note, call_batch, work_list, write_runs
@@ -106,9 +106,11 @@ def memory_sharing(world, device) -> int:
 
 
 def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
-             attrs: dict, grid: dict, scale: tuple[float, float]) -> tuple[StoreSpec, str]:
+             attrs: dict, grid: dict, scale: tuple[float, float],
+             device) -> tuple[StoreSpec, str]:
     """Rank 0's creation: open or create the store, with the input's ``stats`` (mean, std,
-    fingerprint) that ``_check_early`` measured and the ``scale`` its fields are in."""
+    fingerprint) that ``_check_early`` measured and the ``scale`` its fields are in; a store
+    it resumes or grows has its noise checked as it is now (``check_noise_of``)."""
     items = measured_items(cfg, stats)
     spec = store_spec(cfg, items, shape, trained_on, grid, scale)
     # a tolerance the planner set (it calibrates each sampler it weighs) is its, not the config's
@@ -120,9 +122,12 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
     if fate == "upgrade":
         upgrade_identity(spec.path, legacy, cfg.store_digest,
                          plan=spec.attrs.get("plan_config_sha256"), asked=spec.attrs.get(ASKED))
-    return spec, open_or_create(spec, overwrite=cfg.output.overwrite,
-                                growth=functools.partial(growth, cfg),
-                                stale=functools.partial(is_stale, cfg, items))
+    state = open_or_create(spec, overwrite=cfg.output.overwrite,
+                           growth=functools.partial(growth, cfg),
+                           stale=functools.partial(is_stale, cfg, items))
+    if state.startswith(("resumed", "grown")):  # another job may have made it meanwhile
+        check_noise_of(cfg, device)
+    return spec, state
 
 
 def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: bool = True,
@@ -194,7 +199,8 @@ def _start_up(cfg: Config, model, world, stop, device,
         spec, state = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),
                                getattr(model, "variable", None), tol,
                                {**attrs, "made_on": made_on(device)},
-                               getattr(model, "grid", {}), field_scale(model, *stats[:2]))
+                               getattr(model, "grid", {}), field_scale(model, *stats[:2]),
+                               device)
     return spec, state, tol
 
 

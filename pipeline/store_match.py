@@ -152,6 +152,13 @@ def _check_same_network(cfg: Config, held: dict) -> None:
             "replace it", why="its network code changed since it was made")
 
 
+def check_noise_of(cfg: Config, device) -> None:
+    """``_check_same_noise`` of the store at output.path as it is now: for a store this run
+    resumes after another job of its configuration made it meanwhile (on another device,
+    maybe), which the checks before it were not made on."""
+    _check_same_noise(cfg, read_attrs(cfg.output.path) or {}, device)
+
+
 def _check_same_noise(cfg: Config, held: dict, device) -> None:
     """Refuse to resume or grow, from its attributes ``held``, a store of device noise
     (``sampler.noise = "device"``: torch's generator, whose numbers depend on the device type,

@@ -780,3 +780,31 @@ def test_a_store_gone_while_a_run_claims_its_batches_is_said_to_be_replaced(tmp_
     with pytest.raises(StoreExists, match="was replaced or deleted by another run while this "
                                           "one worked on it"):
         members_left(tmp_path / "gone.zarr", 0, (0, 1))
+
+
+def test_a_store_another_job_made_meanwhile_on_another_device_is_not_resumed(tmp_path,
+                                                                              monkeypatch):
+    """Two jobs of a device-noise config with output.overwrite meet another configuration's
+    store: the first replaces it on its GPU, and the second, which checked the old store,
+    finds the first's under the lock and resumed it with its own device's noise."""
+    import shutil
+
+    from pipeline import ensemble
+    from pipeline.store import StoreExists
+
+    sets = _small(tmp_path, **{"sampler.method": "sequential-sde", "sampler.noise": "device",
+                               "output.overwrite": True})
+    firsts = {**sets, "output.path": str(tmp_path / "first.zarr")}
+    sample(load_config("jobs/configs/grf.toml", firsts))  # the first job's, on another GPU
+    zarr.open_group(firsts["output.path"], mode="r+").attrs.update(made_on="cuda: a GPU x1")
+    sample(load_config("jobs/configs/grf.toml", {**sets, "sampler.seed": 1}))  # another's
+    real = ensemble.open_or_create
+
+    def first_job_replaced_it(spec, **kwargs):
+        shutil.rmtree(spec.path)
+        shutil.copytree(firsts["output.path"], spec.path)
+        return real(spec, **kwargs)
+
+    monkeypatch.setattr(ensemble, "open_or_create", first_job_replaced_it)
+    with pytest.raises(StoreExists, match="sampled with sampler.noise = 'device' on cuda: a GPU"):
+        sample(load_config("jobs/configs/grf.toml", sets))
