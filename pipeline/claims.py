@@ -261,7 +261,7 @@ def _lock_takeover(lock: Path) -> bool:
         return False
 
 
-def clear_dead_heartbeats(folder: Path) -> int:
+def clear_left_by_dead(folder: Path) -> int:
     """Remove what dead jobs (killed, so never stopped) left in the claims folder ``folder``:
     their heartbeats and locks, and files being written (``.tmp``) or takeover locks older
     than ``STALE_S``. For a store whose members are all done, whose claims folder goes with

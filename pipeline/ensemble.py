@@ -24,7 +24,7 @@ from models import build_model
 from pipeline.calibrate import Calibration, resolve_tol
 from pipeline.claimed import claimed_calls, stop_agreed
 from pipeline.claims import (Heartbeat, batch_key, claims_dir, clear_batch_claims,
-                             clear_dead_heartbeats, holding, holds, new_job_id)
+                             clear_left_by_dead, holding, holds, new_job_id)
 from pipeline.comm import SerialComm
 from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
@@ -407,7 +407,7 @@ def _finalize_alone(spec: StoreSpec, note: str, job: str) -> None:
         finalize(path, note)
         if done_members(path).all():  # no job needs the claims of a finished store
             clear_batch_claims(claims_dir(path))
-            clear_dead_heartbeats(claims_dir(path))  # nor a killed job's heartbeat
+            clear_left_by_dead(claims_dir(path))  # nor what killed jobs left
     # a replacement killed just before this run began looked alive then: its copy of the
     # old store goes now, not at the next run, which may never come
     delete_leftovers(path)

@@ -76,12 +76,14 @@ def _differences(cfg: Config, text: str) -> list[str]:
         theirs = tomllib.loads(text)
     except tomllib.TOMLDecodeError:
         return shown
+    folder = None  # read once, where a relative file is missing
     for key in FILE_KEYS:
         section, name = key.split(".")
         then, ours = theirs.get(section, {}).get(name), getattr(getattr(cfg, section), name)
         if (isinstance(then, str) and then and then != ours and not os.path.isabs(then)
                 and not os.path.exists(then)):
-            folder = (read_attrs(cfg.output.path) or {}).get("made_in")
+            if folder is None:
+                folder = (read_attrs(cfg.output.path) or {}).get("made_in", "")
             if folder == os.getcwd():  # made here: the file itself is gone, not the folder
                 continue
             shown.append(f"its {key} {then!r} names no file from this folder: rerun its "
@@ -118,7 +120,7 @@ def is_stale(cfg: Config, items: Items | None) -> str:
         _check_made_alike(cfg, items, read_attrs(cfg.output.path) or {})
     except StaleStore as err:
         return err.why
-    except (OSError, ValueError, KeyError, StoreExists):  # vanished mid-read
+    except (OSError, ValueError, KeyError):  # vanished mid-read (StoreExists is an OSError)
         return ""
     return ""
 
