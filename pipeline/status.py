@@ -1,6 +1,7 @@
 """``piadm status``: how much of an ensemble store is done, read from its ``done`` array."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import zarr
 
 from pipeline.errors import PiadmError
 from pipeline.inputs import label_text
-from pipeline.store import PER_MEMBER, done_members, read_done_record, stored_digest
+from pipeline.store import PER_MEMBER, done_members, read_done_record
 from pipeline.target import check_idle, filling_jobs
 
 
@@ -17,13 +18,18 @@ class NotAStore(PiadmError, FileNotFoundError):
     """The path is not a piadm ensemble store."""
 
 
-def _check_store(path: str) -> None:
-    """Raise NotAStore unless ``path`` holds a piadm ensemble store."""
+def _open(path: str) -> zarr.Group:
+    """The piadm ensemble store at ``path``, opened to read; NotAStore where it is none."""
     if not Path(path).exists():
         raise NotAStore(f"{path} does not exist: pass the output.path of a run (a run that has "
                         "not started has no store yet)")
-    if stored_digest(path) is None:
+    group = None
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError,
+                             zarr.errors.GroupNotFoundError):
+        group = zarr.open_group(path, mode="r")
+    if group is None or "piadm_store_digest" not in group.attrs:
         raise NotAStore(f"{path} is not a piadm ensemble store: pass the output.path of a run")
+    return group
 
 
 def _labels(coord) -> list[str]:
@@ -42,13 +48,19 @@ def _labels(coord) -> list[str]:
     return [str(v) for v in values]
 
 
-def progress(path: str, done: np.ndarray | None = None) -> dict:
+def progress(path: str) -> dict:
     """``{"path", "item_dim", "done", "members", "complete", "filling", "items": [{"label",
     "done", "members"}]}`` of the store at ``path``: members done per item and in all, and
-    the live jobs filling it; ``done``: its (items, members) flags, where read already."""
-    _check_store(path)
-    group = zarr.open_group(path, mode="r")
-    done = done_members(path) if done is None else done
+    the live jobs filling it."""
+    return _progress(path, _open(path), done_members(path))
+
+
+def _progress(path: str, group: zarr.Group, done: np.ndarray | None) -> dict:
+    """``progress`` of the open store ``group`` with its (items, members) ``done`` flags; with
+    ``done`` None (a damaged record, kept) the same keys with nothing counted in them."""
+    if done is None:
+        return {"path": str(path), "item_dim": None, "done": None, "members": None,
+                "complete": False, "filling": filling_jobs(path), "items": []}
     dim = next(d for d in group["done"].metadata.dimension_names if d != "member")
     items = [{"label": label, "done": int(row.sum()), "members": int(row.size)}
              for label, row in zip(_labels(group[dim]), done)]
@@ -87,7 +99,7 @@ def _to_finish(state: dict) -> str:
             "parallel.items fills only its own)")
 
 
-def damaged(path: str, record=None) -> list[tuple[int, int, str]]:
+def damaged(path: str) -> list[tuple[int, int, str]]:
     """(item index, member, what is wrong) of every member whose record cannot be trusted: a
     member marked done whose field or per-member values (seed, rounds, model_calls, residual)
     cannot be read (a damaged chunk), or whose field, seed, rounds or model_calls are missing
@@ -95,14 +107,18 @@ def damaged(path: str, record=None) -> list[tuple[int, int, str]]:
     history is NaN past a batch's last round by design, so it is only read), and every
     member of a chunk of the ``done`` record itself that cannot be read. piadm never marks
     such a member done, so it was damaged after writing. Reads every done member, one chunk
-    of members at a time; ``record``: ``store.read_done_record``'s answer, where read already."""
-    _check_store(path)
-    group = zarr.open_group(path, mode="r")
+    of members at a time."""
+    group = _open(path)
+    return _damaged(group, *read_done_record(group["done"]))
+
+
+def _damaged(group: zarr.Group, done: np.ndarray, bad: list) -> list[tuple[int, int, str]]:
+    """``damaged`` of the open store ``group``, given its record as ``read_done_record``
+    reads it: the (items, members) ``done`` flags and the ``bad`` chunks' regions."""
     dims = group["done"].metadata.dimension_names
     name = next(key for key, array in group.arrays()
                 if key not in PER_MEMBER and key != "residual"
                 and array.metadata.dimension_names[:2] == dims)
-    done, bad = record or read_done_record(path)
     found = [(item, member, "its done flag is unreadable (the done array is damaged)")
              for rows, cols in bad
              for item in range(rows.start, rows.stop) for member in range(cols.start, cols.stop)]
@@ -152,9 +168,9 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
     damaged member and whether they were marked not done); and whether the store is complete
     and sound. With ``repair`` the damaged members are marked not done (a damaged chunk of
     the done record rewritten whole, as not done), so that a rerun samples them again."""
-    _check_store(path)
-    flags, record = read_done_record(path)
-    found = damaged(path, (flags, record))
+    group = _open(path)
+    flags, record = read_done_record(group["done"])
+    found = _damaged(group, flags, record)
     if found and repair:
         # a live job's writes and ours would race on the done flags
         check_idle(path, "marks damaged members not done")
@@ -166,19 +182,16 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
                 done[item, member] = 0
                 flags[item, member] = False
     # after the repair; where the record is damaged and kept, no count can be read
-    state = progress(path, flags) if repair or not record else None
-    ok = state is not None and state["complete"] and not found
+    state = _progress(path, group, flags if repair or not record else None)
+    ok = state["complete"] and not found
     if as_json:
-        # a damaged record kept: the counts' keys, with nothing countable in them
-        counts = state or {"path": str(path), "item_dim": None, "done": None, "members": None,
-                           "complete": False, "filling": filling_jobs(path), "items": []}
-        return json.dumps({**counts, "store": path,  # its key before the counts joined it
+        return json.dumps({**state, "store": path,  # its key before the counts joined it
                            "sound": not found, "repaired": bool(found and repair),
                            "damaged": [{"item": item, "member": member, "problem": what}
                                        for item, member, what in found]}, indent=1), ok
     if not found:
         return f"{_text(path, state)}\nevery member marked done reads back finite", ok
-    head = (_text(path, state) if state is not None else
+    head = (_text(path, state) if state["members"] is not None else
             f"{path}: members done unknown: the done array cannot be read")
     marked = "" if record else " marked done"  # a damaged record's members may not have been
     lines = [head, f"{len(found)} member(s){marked} are damaged:"]

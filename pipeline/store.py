@@ -265,11 +265,11 @@ class DamagedRecord(PiadmError):
     chunk cut short or overwritten after writing): the message names the chunks and the fix."""
 
 
-def read_done_record(path: str | Path) -> tuple[np.ndarray, list[tuple[slice, slice]]]:
-    """The ``done`` record read chunk by chunk: (items, members) bool flags, False in the
-    chunks that fail to decode, and those chunks' (items, members) regions (empty for a sound
-    record). A chunk file deleted reads as not done (the fill value), not as damaged."""
-    done = zarr.open_group(path, mode="r")["done"]
+def read_done_record(done: zarr.Array) -> tuple[np.ndarray, list[tuple[slice, slice]]]:
+    """The ``done`` record (a store's ``done`` array) read chunk by chunk: (items, members)
+    bool flags, False in the chunks that fail to decode, and those chunks' (items, members)
+    regions (empty for a sound record). A chunk file deleted reads as not done (the fill
+    value), not as damaged."""
     rows, cols = done.chunks
     flags, bad = np.zeros(done.shape, bool), []
     for i in range(0, done.shape[0], rows):
@@ -285,10 +285,11 @@ def read_done_record(path: str | Path) -> tuple[np.ndarray, list[tuple[slice, sl
 
 def _read_done(path: str | Path, region=slice(None)) -> np.ndarray:
     """``done[region]``, or DamagedRecord naming the damaged chunks and the repair."""
+    done = zarr.open_group(path, mode="r")["done"]
     try:
-        return zarr.open_group(path, mode="r")["done"][region]
+        return done[region]
     except Exception as err:
-        _, bad = read_done_record(path)
+        _, bad = read_done_record(done)
         if not bad:
             raise
         where = ", ".join(f"items {r.start}..{r.stop - 1} members {c.start}..{c.stop - 1}"
