@@ -14,7 +14,7 @@ import numpy as np
 import xarray as xr
 
 from pipeline.errors import EvaluationError
-from pipeline.inputs import (InputError, _label, label_text, same_fingerprint,
+from pipeline.inputs import (InputError, _label, check_real, label_text, same_fingerprint,
                              selection_fingerprint, snapped)
 from pipeline.store import INPUT_FINGERPRINT, done_members, field_variable, open_store
 
@@ -72,9 +72,7 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
     if variable not in truth_ds:
         raise EvaluationError(f"truth {path} has no variable {variable!r} (it has "
                               f"{', '.join(map(str, truth_ds.data_vars))}): use --truth-variable")
-    if truth_ds[variable].dtype.kind not in "fiu":
-        raise EvaluationError(f"truth {path}: {variable} holds {truth_ds[variable].dtype} "
-                              "values: give real fields (e.g. their real part, .real)")
+    check_real(truth_ds[variable], f"truth {path}: {variable}")
     name = ensemble_variable(ens)
     truth = _on_the_ensembles_grid(truth_ds[variable], ens[name], path)
     item_dim = ens[name].dims[0]

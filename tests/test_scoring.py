@@ -232,7 +232,7 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("truth not finite", "has 2 of the 6 fields scored not finite (e.g. time 2020-01-03, "
                          "2020-01-05): a generate-data run stopped part way"),
     ("truth all zero", "is zero everywhere: it has no spectrum or spread to score against"),
-    ("complex truth", "holds complex64 values: give real fields"),
+    ("complex truth", "holds complex64 values: piadm's fields are real numbers"),
     ("ensemble as truth", "is ('time', 'member', 'y', 'x'), not one field per time"),
     ("cut past the shells", "--cut 100 is past the largest shell of the store's 16x16 fields: "
                             "give at most 8"),
