@@ -140,10 +140,9 @@ def check_unplannable_store(cfg: Config) -> None:
     differ = ([d for d in every if d[0] not in chosen]
               or [d for d in every if d[2] not in ("auto", *AUTO_METHODS)] or every)
     if differ:
-        shown = format_differences(differ, most=len(differ))
         raise StoreExists(
             f"output {cfg.output.path} was made by a different configuration (it differs in "
-            f"{'; '.join(shown[:4])}{'; ...' if len(shown) > 4 else ''}): rerun its own "
+            f"{'; '.join(format_differences(differ))}): rerun its own "
             "config to resume it, choose another output.path, or set output.overwrite = true "
             "to replace it")
 
