@@ -91,9 +91,11 @@ def _trajectory(ds: xr.Dataset) -> dict | None:
         return None
 
 
-def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str]) -> list[xr.Dataset]:
-    """The stores of ``train.extra``, checked against ``train.data``'s: the same variables and
-    field shapes, and not a stretch of the same trajectory (which holds its held-out times)."""
+def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str],
+                  held: np.ndarray) -> list[xr.Dataset]:
+    """The stores of ``train.extra``, checked against ``train.data``'s (``first``, whose
+    held-out times are ``held``): the same variables and field shapes, and not a stretch of
+    the same trajectory reaching its held-out times."""
     extras, mine = [], _trajectory(first)
     for path in t.extra:
         ds = open_training_store(path, names, "train.extra")
@@ -104,7 +106,6 @@ def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str]) -> list[x
                                  "generate it at train.data's resolution")
         theirs = _trajectory(ds)
         if mine and theirs and all(theirs.get(k) == mine.get(k) for k in SAME_FLOW):
-            held = first["time"].values[held_out_start(first.sizes["time"], t.validation):]
             if _overlap(ds["time"].values, held):
                 raise InputError(
                     f"train.extra {path} is train.data's flow (the same data.seed = "
@@ -219,7 +220,7 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
                              f"{'x'.join(map(str, coarse))}, which does not divide "
                              f"{t.variable}'s {'x'.join(map(str, fine))} fields: condition on "
                              "a block average of them (generate-data's vorticity_coarse)")
-    extras = _extra_stores(t, ds, names)
+    extras = _extra_stores(t, ds, names, ds["time"].values[cut:])
     trn, val = ds.isel(time=slice(0, cut)), ds.isel(time=slice(cut, n))
     if extras:  # by position: the trajectories' times need not differ
         trn = xr.concat([trn.drop_vars(list(trn.coords)), *extras], "time")
