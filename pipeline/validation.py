@@ -131,8 +131,13 @@ def _check_model(m: ModelConfig) -> None:
                f"= {list(m.weights)} must be finite numbers >= 0, not all zero")
         _check(not m.weights or len(m.weights) == m.components, "model.weights",
                f"has {len(m.weights)} values for model.components = {m.components}: give one each")
-    _check(all(finite(v) for v in m.emulate_ms), "model.emulate_ms",
-           f"= {list(m.emulate_ms)} must be finite numbers")
+    _check(not m.emulate_ms or (len(m.emulate_ms) == 2
+                                and all(finite(v) and v >= 0 for v in m.emulate_ms)),
+           "model.emulate_ms", f"= {list(m.emulate_ms)} must be [latency_ms, per_item_ms], "
+           "finite numbers >= 0, or empty (off)")
+    _check(all(v <= MOST_EMULATED_MS for v in m.emulate_ms), "model.emulate_ms",
+           f"= {list(m.emulate_ms)}: an emulated call of more than {MOST_EMULATED_MS:g} ms "
+           "(latency or per item) is no accelerator's; a run could not stop between its calls")
     _check(finite(m.guidance) and 1 <= m.guidance <= 20, "model.guidance",
            f"= {m.guidance} must be a number in [1, 20] (1: the checkpoint alone)")
     _check(not m.guide or m.kind == "unet", "model.guide",
@@ -411,12 +416,6 @@ def validate(cfg: Config) -> None:
     _check_parallel(cfg.parallel, cfg.sampler)
     _check_bench(cfg.bench)
     _check_model(m)
-    _check(not m.emulate_ms or (len(m.emulate_ms) == 2 and min(m.emulate_ms) >= 0),
-           "model.emulate_ms", f"= {list(m.emulate_ms)} must be [latency_ms, per_item_ms], "
-           "both >= 0, or empty (off)")
-    _check(all(v <= MOST_EMULATED_MS for v in m.emulate_ms), "model.emulate_ms",
-           f"= {list(m.emulate_ms)}: an emulated call of more than {MOST_EMULATED_MS:g} ms "
-           "(latency or per item) is no accelerator's; a run could not stop between its calls")
     _check(m.data_bound >= 0 and math.isfinite(m.data_bound), "model.data_bound",
            f"= {m.data_bound} must be >= 0 and finite (0: the model's own bound)")
     c = cfg.calibrate
