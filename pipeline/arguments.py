@@ -61,6 +61,29 @@ def check_bench_flags(args) -> None:
                           collective=True)
 
 
+# The most ranks `piadm plan` weighs the layouts of (131072 took 2 s; 1e9 ran on for minutes)
+MOST_PLANNED_RANKS = 1 << 17
+
+
+def check_plan_flags(args) -> None:
+    """Refuse ``plan``'s counts out of range (every layout of --ranks is weighed: too many
+    would not end) and a --json file that cannot be written."""
+    check_output_file("--json", args.json, "plan.json")
+    for flag, value, least in (("--ranks", args.ranks, 1), ("--gpus-per-node",
+                                args.gpus_per_node, 0), ("--rows", args.rows, 1)):
+        if value < least:
+            raise ConfigError(f"plan: {flag} {value} must be >= {least}", collective=True)
+    if args.ranks > MOST_PLANNED_RANKS:
+        raise ConfigError(f"plan: --ranks {args.ranks} is more than the {MOST_PLANNED_RANKS} "
+                          "ranks a plan weighs: plan for fewer", collective=True)
+
+
+def check_status_flags(args) -> None:
+    """Refuse ``status --repair`` without the --verify that finds what it repairs."""
+    if args.repair and not args.verify:
+        raise ConfigError("status --repair works with --verify: add --verify", collective=True)
+
+
 def check_output_file(flag: str, path: str | None, name: str = "bench.json") -> None:
     """Refuse an output file that cannot be written, before the work whose result it holds
     (``name``: the file the error suggests in a directory given instead)."""

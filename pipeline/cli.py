@@ -22,7 +22,7 @@ from pathlib import Path  # noqa: E402
 # Only light modules here: parsing (and --help) must not wait for torch, xarray or zarr;
 # each command imports what it needs.
 from pipeline.arguments import (check_bench_flags, check_figure_file,  # noqa: E402
-                                check_output_file, parser)
+                                check_output_file, check_plan_flags, check_status_flags, parser)
 from pipeline.config import (ConfigError, check_same_config, load_config,  # noqa: E402
                              read_toml, with_settings)
 from pipeline.console import on_every_rank, on_rank0, print0, say, tag  # noqa: E402
@@ -253,14 +253,7 @@ def _cmd_plan(args, world) -> int:
     from pipeline.run_items import first_item_model
     from pipeline.planner import collective_latency, describe, make_plan, settings, table
 
-    check_output_file("--json", args.json, "plan.json")
-    for flag, value, least in (("--ranks", args.ranks, 1), ("--gpus-per-node",
-                                args.gpus_per_node, 0), ("--rows", args.rows, 1)):
-        if value < least:
-            raise ConfigError(f"plan: {flag} {value} must be >= {least}", collective=True)
-    if args.ranks > MOST_PLANNED_RANKS:  # every layout of them is weighed: it would not end
-        raise ConfigError(f"plan: --ranks {args.ranks} is more than the {MOST_PLANNED_RANKS} "
-                          "ranks a plan weighs: plan for fewer", collective=True)
+    check_plan_flags(args)
     cfg, _, device = _setup(args, world, layout=False)
     latency = collective_latency(world)  # among the launched ranks; a figure on one
 
@@ -352,8 +345,7 @@ def _cmd_config(args, world) -> int:
 def _cmd_status(args, world) -> int:
     from pipeline.status import progress, report, verify
 
-    if args.repair and not args.verify:
-        raise ConfigError("status --repair works with --verify: add --verify")
+    check_status_flags(args)
     if args.verify:
         text, complete = verify(args.store, args.repair, args.json)
     elif args.json:
@@ -380,9 +372,6 @@ def user_errors() -> tuple:
     # and the OSErrors of files a user named
     return (PiadmError, OSError)
 
-
-# The most ranks `piadm plan` weighs the layouts of (131072 took 2 s; 1e9 ran on for minutes)
-MOST_PLANNED_RANKS = 1 << 17
 
 # What to lower when a command runs out of memory outside a sampled batch (which names its own)
 SAMPLING_FIT = ("lower what runs at once (ensemble.batch_size, calibrate.members, bench.members, "
