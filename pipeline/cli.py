@@ -34,7 +34,8 @@ from pipeline.settings import AUTO_METHODS  # noqa: E402
 def _load_settings(args, tree: dict | None = None):
     """The config of ``args`` with ``PIADM_SET``'s items applied first, then its ``--set``
     items; ``tree``: the config file as read already."""
-    return load_config(args.config, args.set, tree, environment=environment_settings())
+    return load_config(args.config if tree is None else tree, args.set,
+                       environment=environment_settings())
 
 
 SAMPLING = ("model", "sampler", "ensemble", "output", "input", "parallel")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import codecs
+import copy
 import datetime
 import hashlib
 import json
@@ -233,13 +234,14 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} holds a number too large: {err}") from None
 
 
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (),
-                tree: dict | None = None, environment: typing.Sequence[str] = ()) -> Config:
-    """Read TOML at ``path`` (None: defaults only; ``tree``: the file as ``read_toml`` read
-    it already), apply ``section.key=value`` items: ``environment``'s (``PIADM_SET``'s) first,
-    then ``overrides`` (the command line's), each named by where it came from in an error."""
-    if tree is None:
-        tree = read_toml(path) if path is not None else {}
+def load_config(source: str | Path | dict | None, overrides: typing.Sequence[str] = (),
+                environment: typing.Sequence[str] = ()) -> Config:
+    """Read the TOML file at ``source`` (a dict: such a file as ``read_toml`` read it
+    already; None: defaults only), apply ``section.key=value`` items: ``environment``'s
+    (``PIADM_SET``'s) first, then ``overrides`` (the command line's), each named by where it
+    came from in an error."""
+    tree = (read_toml(source) if isinstance(source, (str, Path))
+            else copy.deepcopy(source or {}))  # the caller's dict is left as it was
     for source, items in (("PIADM_SET:", environment), ("--set", overrides)):
         for item in items:
             if "=" not in item:
