@@ -13,7 +13,7 @@ from models import OWN_KINDS
 from models.conditioning import CONDITIONS
 from pipeline.choices import FIELD_DIMS
 from pipeline.config import ConfigError
-from pipeline.inputs import Items, open_items, renamed_attrs, unconditional
+from pipeline.inputs import InputError, Items, open_items, renamed_attrs, unconditional
 from pipeline.memory import field_bytes
 from pipeline.run import DTYPES, provenance, residual_length, sampler_grid
 from pipeline.settings import Config
@@ -105,6 +105,7 @@ def checked_items(cfg: Config, model):
     model, a conditioned network bound to the first item, and parallel.items."""
     sampler_grid(cfg.sampler, model)
     items = load_items(cfg, check=True, model=model)
+    check_input_units(cfg, model, items)
     check_bound_network(cfg, model, items)
     check_only(cfg.parallel.items, len(items.labels))
     return items
@@ -115,6 +116,29 @@ def measured_items(cfg: Config, stats: tuple):
     measured in its one pass over them."""
     return dataclasses.replace(load_items(cfg, check=False), mean=stats[0], std=stats[1],
                                fingerprint=stats[2])
+
+
+# How far (in training standard deviations) an input may sit from a network's training
+# fields: a thousand is no weather, but another unit (Pa for hPa, a scale factor) or a
+# missing-value code; a network fed such values overflows and its NaN blames the network
+MOST_TRAINING_STDS = 1e3
+
+
+def check_input_units(cfg: Config, model, items) -> None:
+    """Refuse an input whose values (``items``' mean and std) lie more than
+    ``MOST_TRAINING_STDS`` of a learned network's training normalisation away from it: in
+    another unit than the network was trained in."""
+    if not cfg.input.path or getattr(model, "data_mean", None) is None:
+        return  # exact models take the input's own scale; a module its own units
+    mean, std = float(model.data_mean), float(model.data_std)
+    far = max(abs(items.mean - mean), items.std) / std
+    if far > MOST_TRAINING_STDS:
+        raise InputError(
+            f"input: {cfg.input.variable} of {cfg.input.path} has mean {items.mean:.4g} and "
+            f"std {items.std:.4g}, where the network's training fields had mean {mean:.4g} "
+            f"and std {std:.4g} ({far:.3g} of its standard deviations away): the input is in "
+            "another unit than the network was trained in; convert it to that unit (or check "
+            "input.variable)")
 
 
 def check_bound_network(cfg: Config, model, items) -> None:

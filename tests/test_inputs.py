@@ -1,6 +1,8 @@
 """Inputs as other tools write them: field dims in another order or under other names,
 unsorted, string, duplicated or lead-time labels, any chunking, metadata left stale, a chunk
 that cannot be read. Each is used as it means, or refused in one line."""
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -243,3 +245,33 @@ def test_fields_that_are_not_real_numbers_are_refused(tmp_path, dtype):
         _open(tmp_path / "odd.zarr")
     with pytest.raises(InputError, match=f"train.data .*odd.zarr: vort holds {dtype} values"):
         open_training_store(str(tmp_path / "odd.zarr"), ["vort"], "train.data")
+
+
+def test_an_input_in_another_unit_than_the_network_was_trained_in_is_refused(tmp_path, capsys):
+    """The shipped downscaler was trained on vorticity of std about 4: an input a million
+    times larger (another unit) overflowed the network, and the run's NaN blamed the
+    network's parameters after the store was made. Fields of the training scale pass."""
+    from models import build_model
+    from pipeline.config import load_config
+    from pipeline.run_items import check_input_units, load_items
+
+    rng = np.random.default_rng(0)
+    coarse = (4 * rng.standard_normal((2, 16, 16))).astype("float32")
+    for name, scale in (("same.zarr", 1.0), ("mega.zarr", 1e6)):
+        xr.Dataset({"c": (("time", "y", "x"), scale * coarse)},
+                   coords={"time": [1.0, 2.0]}).to_zarr(tmp_path / name, zarr_format=3,
+                                                        consolidated=False)
+    sets = ["--set", "input.variable=c", "--set", "input.range=[]", "--set",
+            "ensemble.members=1", "--set", "ensemble.batch_size=1"]
+    out = tmp_path / "ens.zarr"
+    assert main(["sample", "jobs/configs/kolmogorov_down.toml", *sets, "--set",
+                 f"input.path={tmp_path / 'mega.zarr'}", "--set", f"output.path={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "the input is in another unit than the network was trained in" in err
+    assert re.search(r"has mean \S+ and std [34]\.\d+e\+06, where the network's training "
+                     r"fields had mean \S+ and std 3\.97", err), err
+    assert not out.exists()
+    cfg = load_config("jobs/configs/kolmogorov_down.toml",
+                      [s for s in sets if s != "--set"] + [f"input.path={tmp_path / 'same.zarr'}"])
+    model = build_model(cfg.model, "cpu")
+    check_input_units(cfg, model, load_items(cfg, check=True, model=model))  # taken
