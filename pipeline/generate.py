@@ -46,21 +46,22 @@ def _axis(n: int) -> np.ndarray:
     return np.arange(n) * (2 * math.pi / n)
 
 
-def _ours(path: Path) -> bool:
-    """Whether ``path`` is a dataset generate-data made: it carries ``MARKER`` or (made before
-    the marker) generate-data's ``source`` attribute and both variables, and holds nothing
-    else (a store derived from a dataset keeps its attributes, not its arrays alone)."""
+def _ours(path: Path) -> zarr.Group | None:
+    """The dataset at ``path`` opened to read, where generate-data made it (else None): it
+    carries ``MARKER`` or (made before the marker) generate-data's ``source`` attribute and
+    both variables, and holds nothing else (a store derived from a dataset keeps its
+    attributes, not its arrays alone)."""
     try:
         group = zarr.open_group(path, mode="r")
     except (FileNotFoundError, ValueError, KeyError, NotADirectoryError):
-        return False  # a plain folder or file: not a zarr group
+        return None  # a plain folder or file: not a zarr group
     names, source = set(group.array_keys()), str(group.attrs.get("source", ""))
     legacy = source.startswith("piadm ") and source.endswith(" generate-data")
     made = MARKER in group.attrs or (legacy and set(VARIABLES) <= names)
     _, _, shape = str(group.attrs.get(MARKER, "")).partition(" ")
     if shape:  # a cut of a dataset keeps the marker, not the shape it names
         made = "vorticity" in names and "x".join(map(str, group["vorticity"].shape)) == shape
-    return made and names <= ARRAYS and not set(group.group_keys())
+    return group if made and names <= ARRAYS and not set(group.group_keys()) else None
 
 
 def _check_target(d: DataConfig) -> None:
@@ -74,33 +75,31 @@ def _check_target(d: DataConfig) -> None:
                           "data.path outside it")
     if not (path.exists() or path.is_symlink()):
         return
-    if path.is_symlink() or not _ours(path):  # a link: rmtree refuses one
+    group = None if path.is_symlink() else _ours(path)  # a link: rmtree refuses one
+    if group is None:
         raise StoreExists(f"data.path {path} exists and is not a dataset piadm generate-data "
                           "made, which data.overwrite = true will not delete either: move it "
                           "away, or choose another data.path")
     if not d.overwrite:
-        left = ("holds what an interrupted run left of a dataset" if not _complete(path)
+        left = ("holds what an interrupted run left of a dataset" if not _complete(group)
                 else "already holds a dataset of other [data] settings")
         raise StoreExists(f"data.path {path} {left}: set data.overwrite = true to make it "
                           "anew, or choose another data.path")
 
 
-def _complete(path: Path) -> bool:
-    """Whether the dataset at ``path`` was finished: its metadata is consolidated last."""
-    try:
-        return zarr.open_group(path, mode="r").metadata.consolidated_metadata is not None
-    except (FileNotFoundError, ValueError, KeyError, NotADirectoryError):
-        return False
+def _complete(group: zarr.Group) -> bool:
+    """Whether the dataset ``group`` was finished: its metadata is consolidated last."""
+    return group.metadata.consolidated_metadata is not None
 
 
 def already_made(d: DataConfig) -> bool:
     """Whether data.path holds the finished dataset of ``d``'s settings (its path and
     overwrite aside): a rerun (a script's, a shard loop's) has nothing to do."""
-    path = Path(d.path)
-    if d.overwrite or not path.is_dir() or not _ours(path) or not _complete(path):
+    group = None if d.overwrite or not Path(d.path).is_dir() else _ours(Path(d.path))
+    if group is None or not _complete(group):
         return False
     try:
-        text = str(zarr.open_group(path, mode="r").attrs.get("config", ""))
+        text = str(group.attrs.get("config", ""))
         then = config_from_dict(tomllib.loads(text)).data
     except (ValueError, TypeError, KeyError):  # ConfigError and TOMLDecodeError among them
         return False
