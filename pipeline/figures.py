@@ -41,45 +41,77 @@ def save_formats() -> set[str]:
 def fields_figure(ens: xr.Dataset, truth: xr.DataArray, paired: bool, path: Path,
                   items: int = 3, members: int = 3, inputs: xr.DataArray | None = None) -> Path:
     """Rows of items: the (upsampled) input when given, truth, a few members, ensemble mean
-    and spread, on shared colour scales."""
+    and spread, on shared colour scales; 1-D fields as curves, a field of channels by its
+    first channel."""
     plt = _pyplot()
     name = field_variable(ens)
     field = ens[name]
     rows = min(items, field.shape[0]) if paired else 1
     shown = min(members, field.shape[1])
-    cols = (inputs is not None) + 1 + shown + 2
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.3 * rows + 0.4), squeeze=False)
+    flat = field.ndim == 3  # (item, member, x)
+    cols = 1 if flat else (inputs is not None) + 1 + shown + 2
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * max(cols, 3), 2.3 * rows + 0.4),
+                             squeeze=False)
     for r in range(rows):
         e = field.isel({field.dims[0]: r}).values
         # a climatology may have several dims before the field's (e.g. time and member)
         t = truth.isel({truth.dims[0]: r}).values if paired else truth.isel(
             {d: 0 for d in truth.dims[:truth.ndim - e.ndim + 1]}).values
-        lim = float(max(np.abs(t).max(), np.abs(e[:shown]).max()))
-        panels = [] if inputs is None else [
-            ("coarse input", inputs.isel({inputs.dims[0]: r}).values)]
-        panels += [("truth" if paired else "a truth sample", t)]
-        panels += [(f"member {m}", e[m]) for m in range(shown)]
-        panels += [("ensemble mean", e.mean(0))]
-        for c, (title, img) in enumerate(panels):
-            ax = axes[r, c]
-            im = ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
-            ax.set_title(title, fontsize=9)
-        spread = e.std(0)
-        ax = axes[r, -1]
-        sp = ax.imshow(spread, cmap="magma", vmin=0, origin="lower")
-        ax.set_title("ensemble spread", fontsize=9)
-        fig.colorbar(sp, ax=ax, fraction=0.046, pad=0.04)
+        shown_in = None if inputs is None else inputs.isel({inputs.dims[0]: r}).values
+        if flat:
+            _curves(axes[r, 0], t, e, shown, paired, shown_in)
+        else:
+            _images(fig, axes[r], _first_channel(t), _first_channel(e, 1), shown, paired,
+                    None if shown_in is None else _first_channel(shown_in))
         axes[r, 0].set_ylabel(f"{field.dims[0]} {field[field.dims[0]].values[r]}" if paired
                               else "", fontsize=9)
-        fig.colorbar(im, ax=axes[r, -2], fraction=0.046, pad=0.04)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"{name}: truth, members, ensemble mean and spread", fontsize=10)
+    channel = " (channel 0)" if field.ndim > 4 else ""
+    fig.suptitle(f"{name}{channel}: truth, members, ensemble mean and spread", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _first_channel(img: np.ndarray, lead: int = 0) -> np.ndarray:
+    """``img`` with its axes between the first ``lead`` and the last two taken at 0."""
+    return img[(slice(None),) * lead + (0,) * (img.ndim - lead - 2)]
+
+
+def _images(fig, axes, t: np.ndarray, e: np.ndarray, shown: int, paired: bool, inputs) -> None:
+    """One row of 2-D panels: input, truth ``t``, the first ``shown`` members of ``e``, their
+    mean and spread."""
+    lim = float(max(np.abs(t).max(), np.abs(e[:shown]).max()))
+    panels = [] if inputs is None else [("coarse input", inputs)]
+    panels += [("truth" if paired else "a truth sample", t)]
+    panels += [(f"member {m}", e[m]) for m in range(shown)]
+    panels += [("ensemble mean", e.mean(0))]
+    for c, (title, img) in enumerate(panels):
+        im = axes[c].imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
+        axes[c].set_title(title, fontsize=9)
+    sp = axes[-1].imshow(e.std(0), cmap="magma", vmin=0, origin="lower")
+    axes[-1].set_title("ensemble spread", fontsize=9)
+    fig.colorbar(sp, ax=axes[-1], fraction=0.046, pad=0.04)
+    fig.colorbar(im, ax=axes[-2], fraction=0.046, pad=0.04)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def _curves(ax, t: np.ndarray, e: np.ndarray, shown: int, paired: bool, inputs) -> None:
+    """One panel of 1-D fields: input, truth ``t``, the first ``shown`` members of ``e``, and
+    their mean with a band of one spread."""
+    x = np.arange(t.shape[-1])
+    if inputs is not None:
+        ax.plot(x, inputs, color="0.6", lw=1, label="input")
+    for m in range(shown):
+        ax.plot(x, e[m], lw=0.8, alpha=0.6, label=f"member {m}")
+    mean, spread = e.mean(0), e.std(0)
+    ax.fill_between(x, mean - spread, mean + spread, color="C0", alpha=0.15,
+                    label="mean +- spread")
+    ax.plot(x, mean, color="C0", lw=1.5, label="ensemble mean")
+    ax.plot(x, t, color="k", lw=1.5, label="truth" if paired else "a truth sample")
+    ax.legend(fontsize=7, ncol=2)
 
 
 BAND_SHADES = {"input": "0.93", "resolved": "0.93", "added": "#fdebd0", "beyond": "0.82"}

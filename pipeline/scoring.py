@@ -70,7 +70,8 @@ def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | Non
                                         paired=paired, kmax=kmax, cut=cut, input_n=input_n)
         attrs.update(figures)
     else:  # radial shells need a square field
-        attrs["spectrum_note"] = f"no spectra: the fields {tuple(shape)} are not square"
+        what = "square images" if len(shape) == 1 else "square"
+        attrs["spectrum_note"] = f"no spectra: the fields {tuple(shape)} are not {what}"
     out.attrs.update(attrs)
     return _described(out, field.attrs.get("units"))
 
@@ -392,26 +393,35 @@ def _output_folder(store, out) -> Path:
 
 
 def _save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline) -> list[Path]:
-    """Write metrics.json (whole or not at all: it marks the folder as ours), metrics.nc and
-    the figures into ``folder``, removing an earlier evaluation's files this one does not
-    make; the files written."""
+    """Write metrics.json (it marks the folder as ours), metrics.nc and the figures into
+    ``folder``, removing an earlier evaluation's files this one does not make; the files
+    written. Each is drafted aside first and moved into place once all are made, so that a
+    failure leaves the folder as it was, not a mix of two evaluations' files."""
     from pipeline.figures import fields_figure, rank_figure, residual_figure, spectrum_figure
 
     folder.mkdir(parents=True, exist_ok=True)
-    document = json.dumps(_as_json(metrics), indent=2, default=str, allow_nan=False)
-    draft = folder / f".metrics.json.{os.getpid()}"
-    draft.write_text(document)
-    os.replace(draft, folder / "metrics.json")
-    # scipy: NetCDF 3, no extra library
-    metrics.to_netcdf(str(folder / "metrics.nc"), engine="scipy")
-    files = [folder / "metrics.json", folder / "metrics.nc",
-             fields_figure(ens, truth, paired, folder / "fields.png", inputs=baseline)]
-    if "spectrum_ratio" in metrics:
-        files.append(spectrum_figure(metrics, folder / "spectrum.png"))
-    if "rank_histogram" in metrics:
-        files.append(rank_figure(metrics, folder / "rank_histogram.png"))
-    residuals = residual_figure(ens, folder / "residuals.png")
-    files += [residuals] if residuals else []
-    for name in set(OUTPUTS) - {Path(f).name for f in files}:  # an earlier evaluation's
-        (folder / name).unlink(missing_ok=True)  # (after this one's, which replace the rest)
+
+    def draft(name: str) -> Path:  # the suffix kept: matplotlib takes the format from it
+        return folder / f".{os.getpid()}.{name}"
+
+    try:
+        draft("metrics.json").write_text(json.dumps(_as_json(metrics), indent=2, default=str,
+                                                    allow_nan=False))
+        # scipy: NetCDF 3, no extra library
+        metrics.to_netcdf(str(draft("metrics.nc")), engine="scipy")
+        drawn = [fields_figure(ens, truth, paired, draft("fields.png"), inputs=baseline),
+                 "spectrum_ratio" in metrics and spectrum_figure(metrics, draft("spectrum.png")),
+                 "rank_histogram" in metrics and rank_figure(metrics,
+                                                             draft("rank_histogram.png")),
+                 residual_figure(ens, draft("residuals.png"))]  # None: nothing to draw
+    except BaseException:
+        for name in OUTPUTS:  # what was drafted, a figure that failed part way's too
+            draft(name).unlink(missing_ok=True)
+        raise
+    files = [folder / name for name in ("metrics.json", "metrics.nc")]
+    files += [folder / path.name.split(".", 2)[2] for path in drawn if path]
+    for final in files[1:] + files[:1]:  # metrics.json, the folder's mark, last
+        os.replace(draft(final.name), final)
+    for name in set(OUTPUTS) - {f.name for f in files}:  # an earlier evaluation's
+        (folder / name).unlink(missing_ok=True)
     return files

@@ -78,8 +78,7 @@ def test_outputs_are_written_and_open(paired, monkeypatch):
     (tmp / "files" / "notes.txt").write_text("mine")
     (tmp / "files" / "spectrum.png").write_bytes(b"an earlier store's")
     # an evaluation that writes no spectrum.png (as of fields that are not square)
-    monkeypatch.setattr("pipeline.figures.spectrum_figure",
-                        lambda metrics, path: path.with_name("drawn-elsewhere.png"))
+    monkeypatch.setattr("pipeline.figures.spectrum_figure", lambda metrics, path: None)
     assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
                  "--out", str(tmp / "files")]) == 0
     assert not (tmp / "files" / "spectrum.png").exists()  # no stale figure of another store
@@ -396,3 +395,39 @@ def test_one_paired_item_gives_no_interval_rather_than_a_zero_wide_one(tmp_path,
     assert main(["evaluate", str(ens), "--truth", str(tmp_path / "truth.zarr")]) == 0
     table = capsys.readouterr().out
     assert "(one item: no interval)" in table and "[" not in table.split("band k=")[1]
+
+
+def test_one_dimensional_fields_are_scored_and_drawn_as_curves(tmp_path, capsys):
+    """A gmm store's fields are vectors: the fields figure failed on them with a traceback
+    (imshow of a vector) after metrics.json was written."""
+    ens = tmp_path / "gmm.zarr"
+    assert main(["sample", "jobs/configs/gmm.toml", "--set", "sampler.steps=20", "--set",
+                 "ensemble.members=4", "--set", "ensemble.batch_size=4", "--set",
+                 f"output.path={ens}"]) == 0
+    truth = np.random.default_rng(0).standard_normal((20, 16)).astype("float32")
+    xr.Dataset({"field": (("time", "x"), truth)}, coords={"time": np.arange(20.0)}).to_zarr(
+        tmp_path / "truth.zarr", zarr_format=3)
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "truth.zarr"),
+                 "--out", str(out)]) == 0
+    assert "the fields (16,) are not square images" in capsys.readouterr().out
+    assert {"metrics.json", "fields.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_a_failed_figure_leaves_the_folder_as_it_was(paired, tmp_path, monkeypatch):
+    """The files are drafted aside and moved into place together: a figure that fails
+    leaves neither a new metrics.json beside the old figures nor a draft."""
+    tmp, ens = paired
+    out = tmp_path / "ev"
+    args = ["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"), "--out", str(out)]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fails(metrics, path):
+        path.write_bytes(b"half a figure")
+        raise RuntimeError("the figure failed")
+
+    monkeypatch.setattr("pipeline.figures.rank_figure", fails)
+    with pytest.raises(RuntimeError, match="the figure failed"):
+        main([*args, "--kmax", "3"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
