@@ -160,7 +160,7 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
     truth = truth.rename(renamed) if renamed else truth
     theirs = {ours: name for name, ours in renamed.items()}  # for a message: the truth's names
     if not set(dims) <= set(truth.dims):
-        return truth  # named otherwise: by position, as the shapes are checked
+        return _by_position(truth, dims, path)
     truth = truth.transpose(..., *dims)
     for dim in dims:
         ours = field[dim] if dim in field.coords else None
@@ -179,6 +179,30 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
                 f"truth {path}'s {theirs.get(dim, dim)} runs {show(b.min())} .. {show(b.max())} ({b.size} "
                 f"points), the ensemble's {show(a.min())} .. {show(a.max())} ({a.size}): give "
                 "the truth on the model's grid")
+    return truth
+
+
+# Names a truth may give its field dims where the ensemble's are y and x: their order tells
+# a truth stored (lon, lat), which position alone would meet transposed
+GEOGRAPHIC = {"lat": "y", "latitude": "y", "lon": "x", "longitude": "x"}
+
+
+def _by_position(truth: xr.DataArray, dims: tuple, path) -> xr.DataArray:
+    """``truth``, whose field dims do not all carry the ensemble's names ``dims``, to be met
+    by position: refused where it names some of them (an axis named as one of the
+    ensemble's may sit where another is), put in the ensemble's order where it names them
+    lat and lon."""
+    theirs = truth.dims[truth.ndim - len(dims):]
+    shared = sorted(set(map(str, dims)) & set(map(str, truth.dims)))
+    if shared:
+        raise EvaluationError(
+            f"truth {path}'s fields are {tuple(map(str, theirs))}, the ensemble's "
+            f"{tuple(map(str, dims))}: they share {', '.join(shared)} but not the rest, so "
+            "neither the names nor the positions line them up: rename the truth's field dims "
+            "to the ensemble's")
+    aliased = [GEOGRAPHIC.get(str(d).lower()) for d in theirs]
+    if set(dims) == set(aliased) == {"x", "y"} and tuple(aliased) != tuple(dims):
+        return truth.transpose(..., *(theirs[aliased.index(str(d))] for d in dims))
     return truth
 
 

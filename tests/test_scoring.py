@@ -98,6 +98,30 @@ def test_a_truth_stored_with_its_field_dims_swapped_scores_the_same(paired, tmp_
     assert a["crps"] == b["crps"] and a["rank_histogram"] == b["rank_histogram"]
 
 
+def test_a_truth_named_otherwise_is_met_by_position_only_where_that_is_safe(paired, tmp_path,
+                                                                         capsys):
+    """A truth (time, lon, lat) is put in the ensemble's (y, x) order, as its names say; one
+    that names one of the ensemble's dims on another axis ((time, x, yy)) is refused: by
+    position its x met the ensemble's y, a CRPS of 4.0 where the right one is 0.46."""
+    tmp, ens = paired
+    truth = xr.open_zarr(tmp / "truth.zarr").load()
+    truth.rename(y="lat", x="lon").transpose("time", "lon", "lat").to_zarr(
+        tmp_path / "lonlat.zarr", zarr_format=3)
+    truth.transpose("time", "x", "y").rename(y="yy").to_zarr(tmp_path / "xyy.zarr",
+                                                             zarr_format=3)
+    for name in ("truth", "lonlat"):
+        where = tmp if name == "truth" else tmp_path
+        assert main(["evaluate", str(ens), "--truth", str(where / f"{name}.zarr"),
+                     "--out", str(tmp_path / name)]) == 0
+    assert _metrics(tmp_path / "truth")["crps"] == _metrics(tmp_path / "lonlat")["crps"]
+    capsys.readouterr()
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "xyy.zarr"),
+                 "--out", str(tmp_path / "xyy")]) == 2
+    assert ("fields are ('x', 'yy'), the ensemble's ('y', 'x'): they share x but not the rest"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "xyy").exists()
+
+
 def test_a_truth_on_another_grid_of_as_many_points_is_refused(tmp_path, capsys):
     import numpy as np
 
