@@ -15,7 +15,7 @@ import xarray as xr
 
 from pipeline.errors import EvaluationError
 from pipeline.inputs import (InputError, _label, check_real, label_text, same_fingerprint,
-                             selection_fingerprint, snapped)
+                             select_items, selection_fingerprint, snapped)
 from pipeline.store import INPUT_FINGERPRINT, done_members, field_variable, open_store
 
 
@@ -285,18 +285,22 @@ def coarse_input(ens: xr.Dataset) -> xr.DataArray | None:
                "run piadm evaluate from the folder the sample ran in")
         raise EvaluationError(f"{where}, which is not found from here: {fix} (the "
                               "upsampled-input baseline and the added band need that input)")
-    coarse = open_store(inp["path"])[inp["variable"]]
     item_dim = ens[name].dims[0]
-    coarse = coarse.sel({item_dim: ens[item_dim].values})
+    whole = open_store(inp["path"])[inp["variable"]]
+    try:  # the run's selection, which the fingerprint is of: the store may hold a part of it
+        chosen = select_items(whole, item_dim, tuple(inp.get("items", ())),
+                              tuple(inp.get("range", ())))
+    except InputError:  # its labels are gone from the input: as other fields, below
+        chosen = whole
     then = ens.attrs.get(INPUT_FINGERPRINT)
     # an older store's fingerprint (of another length) is not compared, as a resume does not
-    now = selection_fingerprint(coarse) if then is not None else None
+    now = selection_fingerprint(chosen) if then is not None else None
     if then is not None and len(then) == len(now) and not same_fingerprint(then, now):
         raise EvaluationError(f"{where}, and the store found there from here holds other "
                               f"{inp['variable']} fields than those it took (its attribute "
                               f"{INPUT_FINGERPRINT}): run piadm evaluate from the folder the "
                               "sample ran in, or restore that input")
-    return coarse
+    return chosen.sel({item_dim: ens[item_dim].values})
 
 
 # The largest rms difference, over the block averages' rms, between a paired truth's block

@@ -214,7 +214,7 @@ def _open(path: str) -> xr.Dataset:
                          f"{said})") from None
 
 
-def _select(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
+def select_items(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
     """The items ``items`` (labels, in that order) or ``span`` ([first, last], by value) of
     ``var``, else all; each label must name one item."""
     values = var[dim].values
@@ -287,7 +287,7 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
         raise InputError(f"input: {variable} fields are {list(var.shape[1:])} but the model was "
                          f"trained on coarse fields of {list(cond_shape)}: set input.variable "
                          "to the coarse field of that resolution")
-    var = _select(var, dim, items, span)
+    var = select_items(var, dim, items, span)
     if not check:
         return Items(dim, var[dim].values, var)
     return Items(dim, var[dim].values, var, *_statistics(var, path))

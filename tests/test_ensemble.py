@@ -952,12 +952,12 @@ def test_jobs_of_one_store_calibrate_on_its_first_item_whichever_items_they_fill
 def test_float_labels_name_the_times_a_sum_of_steps_made():
     """generate-data's times are spinup + interval * k: "1.7" must name 1.7000000000000002,
     by input.items and as input.range's inclusive end, and a time between two stays none."""
-    from pipeline.inputs import InputError, _select
+    from pipeline.inputs import InputError, select_items
 
     times = 0.1 * np.arange(15, 18)
     assert times[2] != 1.7  # what xarray prints as 1.7
     var = xr.DataArray(np.zeros((3, 2)), dims=("time", "x"), coords={"time": times})
-    assert _select(var, "time", ("1.7",), None)["time"].values.tolist() == [times[2]]
-    assert _select(var, "time", (), ("1.5", "1.7")).sizes["time"] == 3
+    assert select_items(var, "time", ("1.7",), None)["time"].values.tolist() == [times[2]]
+    assert select_items(var, "time", (), ("1.5", "1.7")).sizes["time"] == 3
     with pytest.raises(InputError, match=r"input.items \['1.65'\] are not in time"):
-        _select(var, "time", ("1.65",), None)
+        select_items(var, "time", ("1.65",), None)

@@ -412,6 +412,13 @@ def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path
     mae = np.abs(upsampled - truth.vorticity.values).mean()
     assert metrics.attrs["pairing"] == "paired" and "truth_note" not in metrics.attrs
     assert metrics.attrs["baseline_mae"] == pytest.approx(mae, rel=1e-5)
+    # a copy of one of its items: the input is checked as the run selected it, then cut to
+    # that item (it was refused as "other fields than those it took")
+    ds.isel(time=[1]).to_zarr(tmp_path / "part.zarr", zarr_format=3)
+    assert main(["evaluate", str(tmp_path / "part.zarr"), "--truth", str(dataset)]) == 0
+    part = xr.open_dataset(tmp_path / "part_eval" / "metrics.nc", engine="scipy")
+    assert part.attrs["baseline_mae"] == pytest.approx(
+        np.abs(upsampled[1] - truth.vorticity.values[1]).mean(), rel=1e-5)
     # a truth of another trajectory with the same times scores, but the table says so
     other = xr.open_zarr(dataset).load()
     other["vorticity"] = other["vorticity"].roll(x=5, roll_coords=False)
