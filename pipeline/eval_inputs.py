@@ -217,26 +217,31 @@ def _same_points(a: np.ndarray, b: np.ndarray) -> bool:
 
 def _check_finite(truth: xr.DataArray, path, field_ndim: int, *, paired: bool) -> None:
     """Read ``truth`` (fields of ``field_ndim`` dims) and raise EvaluationError when a field
-    holds NaN or inf: its scores would be NaN and the figures fail."""
+    holds NaN or inf (its scores would be NaN and the figures fail), or when it is one value
+    everywhere (no spectrum or spread to score against)."""
     values = truth.load().values  # score reads it whole anyway: loaded once, here
     lead = values.shape[: values.ndim - field_ndim]
-    bad = ~np.isfinite(values.reshape(*lead, -1)).all(axis=-1)
+    finite = np.isfinite(values.reshape(*lead, -1))
+    bad = ~finite.all(axis=-1)
     if not bad.any():
-        if not values.any():  # every ratio to its spectrum would be 0 / 0
-            raise EvaluationError(f"truth {path} is zero everywhere: it has no spectrum or "
+        if values.min() == values.max():  # every ratio to its spectrum would be 0 / 0
+            value = "zero" if not values.any() else f"{values.flat[0]:.6g}"
+            raise EvaluationError(f"truth {path} is {value} everywhere: it has no spectrum or "
                                   "spread to score against; give the fields the ensemble "
                                   "should match (--truth-variable names another variable)")
         return
     dim = truth.dims[0]
     labels = truth[dim].to_index()[bad] if bad.ndim == 1 else np.nonzero(bad)[0]
     where = f"{dim} {', '.join(label_text(v) for v in np.asarray(labels)[:3])}"
-    # unwritten snapshots read back as the store's fill value, NaN
-    choose = ("sample items whose truth was written (input.range)" if paired else
-              "choose its finite fields with --truth-range")
-    raise EvaluationError(f"truth {path} has {int(bad.sum())} of the {bad.size} fields scored "
-                          f"not finite (e.g. {where}): a generate-data run stopped part way "
-                          "leaves its unwritten snapshots NaN; rerun it with data.overwrite = "
-                          f"true (it starts again), or {choose}")
+    choose = ("sample items whose truth is whole (input.range)" if paired else
+              "choose its whole fields with --truth-range")
+    head = f"truth {path} has {int(bad.sum())} of the {bad.size} fields scored not finite"
+    if (~finite[bad]).all():  # unwritten snapshots read back as the store's fill value, NaN
+        raise EvaluationError(f"{head} (e.g. {where}), every point NaN or inf: a generate-data "
+                              "run stopped part way leaves its unwritten snapshots NaN; rerun "
+                              f"it with data.overwrite = true (it starts again), or {choose}")
+    raise EvaluationError(f"{head} (e.g. {where}), NaN or inf at some of their points (masked "
+                          f"or missing values): piadm scores whole fields; fill them, or {choose}")
 
 
 def check_sound(store, err: Exception | None) -> None:

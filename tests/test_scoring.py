@@ -253,8 +253,13 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("out inside a store", "/ev is inside the Zarr store "),
     ("out onto a file", "is a file: give a folder"),
     ("truth not finite", "has 2 of the 6 fields scored not finite (e.g. time 2020-01-03, "
-                         "2020-01-05): a generate-data run stopped part way"),
+                         "2020-01-05), every point NaN or inf: a generate-data run stopped part "
+                         "way"),
+    ("truth masked", "has 1 of the 6 fields scored not finite (e.g. time 2020-01-02), NaN or "
+                     "inf at some of their points (masked or missing values): piadm scores "
+                     "whole fields; fill them"),
     ("truth all zero", "is zero everywhere: it has no spectrum or spread to score against"),
+    ("truth constant", "is 1.5 everywhere: it has no spectrum or spread to score against"),
     ("complex truth", "holds complex64 values: piadm's fields are real numbers"),
     ("ensemble as truth", "is ('time', 'member', 'y', 'x'), not one field per time"),
     ("cut past the shells", "--cut 100 is past the largest shell of the store's 16x16 fields: "
@@ -303,10 +308,15 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
         truth.vort[[2, 4]] = float("nan")
         truth.to_zarr(tmp_path / "t.zarr")
         args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
-    if case in ("truth all zero", "complex truth"):
+    if case == "truth masked":  # one point, as a land mask or a missing value gives
         truth = xr.open_zarr(tmp / "truth.zarr").load()
-        truth["vort"] = (truth.vort * 0 if case == "truth all zero"
-                         else truth.vort.astype("complex64"))
+        truth.vort[1, 3, 5] = float("inf")
+        truth.to_zarr(tmp_path / "t.zarr")
+        args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
+    if case in ("truth all zero", "truth constant", "complex truth"):
+        truth = xr.open_zarr(tmp / "truth.zarr").load()
+        truth["vort"] = (truth.vort * 0 + (1.5 if case == "truth constant" else 0)
+                         if case != "complex truth" else truth.vort.astype("complex64"))
         truth.to_zarr(tmp_path / "t.zarr")
         args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
     if case == "ensemble as truth":
