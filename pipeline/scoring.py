@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -324,16 +325,23 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
         raise EvaluationError(f"--cut {cut} is within the scales the coarse input resolves (k <= "
                               f"{coarse.shape[-1] // 2}), which would leave no band the model "
                               "adds: give the truth's finest resolved wavenumber")
-    try:
-        metrics = score(ens, truth, paired, kmax=kmax, baseline=baseline, cut=cut,
-                        input_n=None if coarse is None else coarse.shape[-1], progress=progress)
-    except EvaluationError:
-        raise
-    except (RuntimeError, ValueError) as err:  # a codec's error on damaged bytes, say
-        check_sound(store, err)
-        raise
-    if not np.isfinite(metrics.attrs.get("ensemble_std", 0.0)):  # a NaN member read back
-        check_sound(store, None)
+    # numpy's warnings of NaN figures are held until a damaged store, their likely cause,
+    # is ruled out: its one-line error says what they would only hint at
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("default")
+        try:
+            metrics = score(ens, truth, paired, kmax=kmax, baseline=baseline, cut=cut,
+                            input_n=None if coarse is None else coarse.shape[-1],
+                            progress=progress)
+        except EvaluationError:
+            raise
+        except (RuntimeError, ValueError) as err:  # a codec's error on damaged bytes, say
+            check_sound(store, err)
+            raise
+        if not np.isfinite(metrics.attrs.get("ensemble_std", 0.0)):  # a NaN member read back
+            check_sound(store, None)
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     metrics.attrs.update(store=str(store), truth=f"{truth_path}:{truth.name}")
     if baseline is not None:
         off = input_mismatch(truth, coarse)

@@ -961,3 +961,22 @@ def test_float_labels_name_the_times_a_sum_of_steps_made():
     assert select_items(var, "time", (), ("1.5", "1.7")).sizes["time"] == 3
     with pytest.raises(InputError, match=r"input.items \['1.65'\] are not in time"):
         select_items(var, "time", ("1.65",), None)
+
+
+def test_evaluate_of_a_store_with_a_deleted_chunk_says_only_what_is_damaged(tmp_path,
+                                                                              input_store,
+                                                                              capsys):
+    """A chunk deleted by hand reads back NaN: numpy's warnings of the NaN figures were
+    printed before the one line that names the damaged members and their repair."""
+    import warnings
+
+    hurt = tmp_path / "hurt.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, hurt)]) == 0
+    min(p for p in (hurt / "vort" / "c").rglob("*") if p.is_file()).unlink()
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert main(["evaluate", str(hurt), "--truth", str(input_store),
+                     "--out", str(tmp_path / "eval")]) == 2
+    assert "has 2 damaged member(s)" in capsys.readouterr().err
+    assert not [str(w.message) for w in said if issubclass(w.category, RuntimeWarning)]
