@@ -32,7 +32,7 @@ from pipeline.config import ConfigError, check_same_config, config_from_dict, re
 from pipeline.errors import PiadmError  # every error a user's input causes is one
 from pipeline.settings import SECTION_TYPES, Config
 from pipeline.signals import StopRequest
-from pipeline.store import StoreExists, done_members, open_store
+from pipeline.store import StoreExists, done_members, field_variable, open_store
 
 __all__ = ["load_config", "sample", "open_ensemble", "evaluate", "world", "PiadmError",
            "ConfigError", "StoreExists"]
@@ -147,15 +147,16 @@ def _check_path(what: str, path) -> None:
 
 def open_ensemble(path: str | Path) -> xr.Dataset:
     """The ensemble store at ``path`` as a lazy ``xarray.Dataset``; a store that ``piadm
-    sample`` did not make is refused (read it with ``xarray.open_zarr``)."""
-    import zarr
-
+    sample`` did not make is refused (read it with ``xarray.open_zarr``). Members not yet
+    marked done are masked as NaN, with a warning."""
     _check_path("api.open_ensemble's path", path)
     if not Path(path).exists():
         raise ConfigError(f"{path} does not exist: give the output.path of a piadm sample run")
     try:
         ds = open_store(path)
-    except zarr.errors.GroupNotFoundError:  # a plain folder or file
+    except PermissionError:  # a store we may not read: the I/O error names the file
+        raise
+    except Exception:  # zarr's errors for a non-store (a folder, a file, an array) are many
         raise ConfigError(f"{path} is not a Zarr store: give the output.path of a piadm "
                           "sample run") from None
     if "piadm_store_digest" not in ds.attrs:
@@ -163,9 +164,13 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
                           "attribute): open other Zarr stores with xarray.open_zarr")
     flags = done_members(path)  # a damaged record is said, with its repair
     done, total = int(flags.sum()), int(flags.size)
-    if done < total:  # statistics over members skip NaN: they would be of the done ones alone
-        warnings.warn(f"{path} holds {done} of its {total} members (the rest read as NaN): "
-                      "rerun its piadm sample to finish it (piadm status says which)",
+    if done < total:
+        # a member is written before it is marked done: one not marked may hold values (a
+        # run killed in between), which statistics over members must not take for its own
+        name = field_variable(ds)
+        ds[name] = ds[name].where(ds["done"] == 1)
+        warnings.warn(f"{path} holds {done} of its {total} members (the rest are masked as "
+                      "NaN): rerun its piadm sample to finish it (piadm status says which)",
                       stacklevel=2)
     return ds
 
