@@ -338,16 +338,16 @@ def is_square(shape) -> bool:
     return len(shape) == 2 and shape[0] == shape[1]
 
 
-def check_kmax(kmax: int | None, ens: xr.Dataset) -> None:
-    """Refuse a ``kmax`` the store's spectra do not reach: they have shells k = 1 .. n / 2,
-    and none unless the fields are square."""
-    if kmax is None:
+def check_shell(flag: str, k: int | None, ens: xr.Dataset) -> None:
+    """Refuse a wavenumber ``k`` (``flag``: --kmax or --cut) the store's spectra do not
+    reach: they have shells k = 1 .. n / 2, and none unless the fields are square."""
+    if k is None:
         return
     shape = ens[ensemble_variable(ens)].shape[2:]
     if not is_square(shape):
-        raise EvaluationError(f"--kmax {kmax}: the store's fields {tuple(shape)} are not square, "
-                              "so no spectrum is scored: drop --kmax")
-    if kmax > shape[-1] // 2:
-        raise EvaluationError(f"--kmax {kmax} is past the largest shell of the store's "
+        raise EvaluationError(f"{flag} {k}: the store's fields {tuple(shape)} are not square, "
+                              f"so no spectrum is scored: drop {flag}")
+    if k > shape[-1] // 2:
+        raise EvaluationError(f"{flag} {k} is past the largest shell of the store's "
                               f"{shape[0]}x{shape[1]} fields: give at most {shape[-1] // 2} "
                               "(n / 2)")

@@ -24,7 +24,7 @@ from pipeline.bands import band_figures, correlation_block, spectral_bands
 from pipeline.errors import EvaluationError
 from pipeline.evaluation import crps, energy_spectra, power_spectra, rank_histogram
 from pipeline.inputs import label_text
-from pipeline.eval_inputs import (INPUT_MISMATCH, check_kmax, check_sound, coarse_input,
+from pipeline.eval_inputs import (INPUT_MISMATCH, check_shell, check_sound, coarse_input,
                                   ensemble_variable, input_mismatch, is_square, open_ensemble,
                                   open_truth, upsampled, without_channel)
 
@@ -309,12 +309,8 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     truth_range = _checked_range(truth_range)
     folder = _output_folder(store, out)
     ens = without_channel(open_ensemble(store))
-    check_kmax(kmax, ens)
-    shape = ens[ensemble_variable(ens)].shape[2:]
-    if cut is not None and is_square(shape) and cut > shape[-1] // 2:  # as --kmax
-        raise EvaluationError(f"--cut {cut} is past the largest shell of the store's "
-                              f"{shape[0]}x{shape[1]} fields: give at most {shape[-1] // 2} "
-                              "(n / 2), or leave it out")
+    check_shell("--kmax", kmax, ens)
+    check_shell("--cut", cut, ens)
     truth, paired = open_truth(truth_path, truth_variable or ensemble_variable(ens), ens,
                                truth_range)
     coarse = coarse_input(ens)

@@ -418,6 +418,12 @@ def test_fields_that_are_not_square_say_why_they_have_no_spectra(tmp_path):
     metrics, _ = evaluate(tmp_path / "r.zarr", tmp_path / "t.zarr", out=tmp_path / "e")
     assert "spectrum_ratio" not in metrics
     assert "the fields (8, 12) are not square" in table(metrics)
+    from pipeline.errors import EvaluationError
+
+    for flag in ("kmax", "cut"):  # neither reaches a spectrum: refused, not ignored
+        with pytest.raises(EvaluationError, match=f"--{flag} 3: the store's fields .8, 12. are "
+                                                  f"not square, so no spectrum is scored"):
+            evaluate(tmp_path / "r.zarr", tmp_path / "t.zarr", out=tmp_path / "e", **{flag: 3})
 
 
 def test_one_paired_item_gives_no_interval_rather_than_a_zero_wide_one(tmp_path, capsys):
