@@ -32,6 +32,11 @@ def _open(path: str) -> zarr.Group:
     return group
 
 
+def _item_dim(group: zarr.Group) -> str:
+    """The store's item dimension: its ``done`` array's other than ``member``."""
+    return next(d for d in group["done"].metadata.dimension_names if d != "member")
+
+
 def _labels(coord) -> list[str]:
     """The item labels as a person writes them: dates stored as CF numbers ("days since
     2020-01-01", on their calendar) decoded with cftime, which reads them without xarray."""
@@ -61,7 +66,7 @@ def _progress(path: str, group: zarr.Group, done: np.ndarray | None) -> dict:
     if done is None:
         return {"path": str(path), "item_dim": None, "done": None, "members": None,
                 "complete": False, "filling": filling_jobs(path), "items": []}
-    dim = next(d for d in group["done"].metadata.dimension_names if d != "member")
+    dim = _item_dim(group)
     items = [{"label": label, "done": int(row.sum()), "members": int(row.size)}
              for label, row in zip(_labels(group[dim]), done)]
     return {"path": str(path), "item_dim": dim, "done": int(done.sum()),
@@ -195,7 +200,10 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
             f"{path}: members done unknown: the done array cannot be read")
     marked = "" if record else " marked done"  # a damaged record's members may not have been
     lines = [head, f"{len(found)} member(s){marked} are damaged:"]
-    lines += [f"  item {item}, member {member}: {what}" for item, member, what in found[:10]]
+    dim = _item_dim(group)
+    labels = _labels(group[dim])  # as plain status names the items
+    lines += [f"  {dim} {labels[item]} (item {item}), member {member}: {what}"
+              for item, member, what in found[:10]]
     if len(found) > 10:
         lines.append(f"  ... and {len(found) - 10} more")
     if not repair:

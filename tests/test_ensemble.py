@@ -399,6 +399,7 @@ def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resa
     out = capsys.readouterr().out
     assert "4 member(s) marked done are damaged" in out  # two chunks of 2 members
     assert "not finite" in out and "unreadable" in out and "--verify --repair" in out
+    assert "  time 2020-01-01 (item 0), member 0: " in out  # by label, as plain status names it
     assert main(["status", "--verify", "--json", str(hurt)]) == 1  # for scripts: JSON
     found = json.loads(capsys.readouterr().out)
     assert not found["sound"] and not found["repaired"] and len(found["damaged"]) == 4
