@@ -270,8 +270,8 @@ def _as_json(metrics: xr.Dataset) -> dict:
     if per_item:
         dim = metrics["crps"].dims[0]
         labels = metrics[dim].values
-        # dates as text: tolist gives a datetime64[ns]'s nanoseconds
-        out["per_item"] = {dim: ([label_text(v) for v in labels] if labels.dtype.kind in "mM"
+        # dates as text (tolist gives a datetime64[ns]'s nanoseconds; cftime dates alike)
+        out["per_item"] = {dim: ([label_text(v) for v in labels] if labels.dtype.kind in "mMO"
                                  else labels.tolist()),
                            **{v: metrics[v].values.tolist() for v in per_item}}
     if "k" in metrics.coords:

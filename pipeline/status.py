@@ -37,12 +37,20 @@ def _item_dim(group: zarr.Group) -> str:
     return next(d for d in group["done"].metadata.dimension_names if d != "member")
 
 
+# The units xarray writes a timedelta coordinate in, in seconds
+TIMEDELTA_UNITS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+
+
 def _labels(coord) -> list[str]:
     """The item labels as a person writes them: dates stored as CF numbers ("days since
-    2020-01-01", on their calendar) decoded with cftime, which reads them without xarray."""
+    2020-01-01", on their calendar) decoded with cftime, which reads them without xarray, and
+    lead times (a count of hours, say, of a timedelta coordinate) as "0 days 06:00:00", as
+    the rest of piadm writes them."""
     values = coord[:]
     units, calendar = coord.attrs.get("units", ""), coord.attrs.get("calendar", "standard")
-    if isinstance(units, str) and " since " in units and values.dtype.kind in "iuf":
+    if not isinstance(units, str) or values.dtype.kind not in "iuf":
+        return [str(v) for v in values]
+    if " since " in units:
         try:
             import cftime
 
@@ -50,7 +58,15 @@ def _labels(coord) -> list[str]:
             return [label_text(d) for d in np.atleast_1d(dates)]
         except Exception:  # no cftime, or units or values it cannot read: the numbers, then
             pass
+    if units in TIMEDELTA_UNITS and str(coord.attrs.get("dtype", "")).startswith("timedelta"):
+        return [_lead_text(float(v) * TIMEDELTA_UNITS[units]) for v in values]
     return [str(v) for v in values]
+
+
+def _lead_text(seconds: float) -> str:
+    """A lead time of ``seconds`` as pandas writes a Timedelta ("1 days 06:00:00")."""
+    days, rest = divmod(int(round(seconds)), 86400)
+    return f"{days} days {rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
 
 
 def progress(path: str) -> dict:

@@ -497,6 +497,8 @@ def test_an_error_line_is_one_write_with_its_new_line(monkeypatch):
 def test_status_names_dated_items_by_their_dates(tmp_path, capsys):
     """A store's times are CF numbers on disk ("days since ..."): status, which reads them
     without xarray, prints the dates its run printed (it printed time 0, time 1, ...)."""
+    import numpy as np
+    import xarray as xr
     from conftest import conditional_sets, make_input
 
     out = tmp_path / "d.zarr"
@@ -505,6 +507,16 @@ def test_status_names_dated_items_by_their_dates(tmp_path, capsys):
     capsys.readouterr()
     assert main(["status", str(out)]) == 0
     assert "  time 2020-01-01: 6/6\n  time 2020-01-02: 6/6" in capsys.readouterr().out
+    # lead times are counts of hours on disk: named as the run named them, not "lead 6"
+    ds = xr.open_zarr(tmp_path / "in.zarr").load()
+    ds.assign_coords(time=ds.time - ds.time[0] + np.timedelta64(6, "h")).rename(
+        time="lead").to_zarr(tmp_path / "lead.zarr", zarr_format=3)
+    lead = tmp_path / "l.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", "--set", "input.item_dim=lead",
+                 *conditional_sets(tmp_path / "lead.zarr", lead)]) == 0
+    capsys.readouterr()
+    assert main(["status", str(lead)]) == 0
+    assert "  lead 0 days 06:00:00: 6/6\n  lead 1 days 06:00:00: 6/6" in capsys.readouterr().out
 
 
 def test_a_config_that_is_no_regular_file_is_read_as_one(tmp_path, capsys):
