@@ -10,7 +10,7 @@ import zarr
 
 from pipeline.errors import PiadmError
 from pipeline.inputs import label_text
-from pipeline.store import PER_MEMBER, done_members, read_done_record
+from pipeline.store import ARRAYS_FIX, PER_MEMBER, damaged_arrays, done_members, read_done_record
 from pipeline.target import check_idle, filling_jobs
 
 
@@ -183,6 +183,17 @@ def _damaged_members(arrays: dict, field: str, item: int, start: int, stop: int,
     return [(item, m, wrong[m]) for m in sorted(wrong)]
 
 
+def _broken_text(path: str, group: zarr.Group, broken: list[str], as_json: bool) -> str:
+    """``verify``'s answer for a store whose arrays are damaged (``store.damaged_arrays``):
+    what is wrong, and that only a copy or a new store mends it."""
+    if as_json:
+        return json.dumps({**_progress(path, group, None), "store": path, "sound": False,
+                           "repaired": False, "damaged": [], "damaged_arrays": broken},
+                          indent=1)
+    return "\n".join([f"{path}: the store's arrays are damaged:", *(f"  {b}" for b in broken),
+                      f"--repair cannot mend an array's metadata: {ARRAYS_FIX}"])
+
+
 def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
     """The text of ``status --verify``: the store's progress (``report``) and whether every
     member marked done reads back (``damaged``; ``as_json``: one JSON object of both, each
@@ -190,6 +201,9 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
     and sound. With ``repair`` the damaged members are marked not done (a damaged chunk of
     the done record rewritten whole, as not done), so that a rerun samples them again."""
     group = _open(path)
+    broken = damaged_arrays(path)
+    if broken:  # read through the consolidated metadata, the members would pass as sound
+        return _broken_text(path, group, broken, as_json), False
     flags, record = read_done_record(group["done"])
     found = _damaged(group, flags, record)
     if found and repair:

@@ -265,6 +265,46 @@ class DamagedRecord(PiadmError):
     chunk cut short or overwritten after writing): the message names the chunks and the fix."""
 
 
+# What mends a store whose arrays' metadata is damaged: nothing in piadm rewrites it
+ARRAYS_FIX = ("restore the store from a copy, or move it away and rerun the sample command to "
+              "sample it anew")
+
+
+def damaged_arrays(path: str | Path) -> list[str]:
+    """What is wrong with the arrays of the store at ``path`` as they are on disk, one text
+    each (empty for a sound store): an array whose metadata (its zarr.json) does not read,
+    and a missing one among those every store holds (``PER_MEMBER``, one sampled field) and
+    those its consolidated metadata lists. Readers trust the consolidated metadata, so an
+    array lost on disk still reads until a run consolidates the store again: it must be
+    found before then."""
+    found, wrong = {}, []
+    for child in sorted(p for p in Path(path).iterdir() if p.is_dir()):
+        try:
+            found[child.name] = zarr.open_array(child, mode="r").metadata.dimension_names
+        except Exception as err:  # zarr's errors for unreadable metadata are many
+            wrong.append(f"{child.name}: its metadata (zarr.json) " + (
+                f"cannot be read ({type(err).__name__})" if (child / "zarr.json").exists()
+                else "is missing"))
+    try:
+        listed = zarr.open_group(path, mode="r").metadata.consolidated_metadata
+    except Exception:  # the group's own zarr.json: status and sample read it first
+        listed = None
+    listed = {} if listed is None else {
+        name: getattr(meta, "dimension_names", None) for name, meta in listed.metadata.items()}
+    told = {text.split(":")[0] for text in wrong}
+    wrong += [f"{name}: missing"
+              for name in sorted((set(PER_MEMBER) | set(listed)) - set(found) - told)]
+    if not _fields(found) and not _fields(listed):  # nothing names it: said as it is
+        wrong.append("the sampled field: no array of it is left")
+    return wrong
+
+
+def _fields(arrays: dict) -> list[str]:
+    """The sampled fields among ``arrays`` {name: dimension names}: (item, member, ...)."""
+    return [name for name, dims in arrays.items() if name not in PER_MEMBER
+            and name != "residual" and tuple(dims or ())[1:2] == ("member",)]
+
+
 def read_done_record(done: zarr.Array) -> tuple[np.ndarray, list[tuple[slice, slice]]]:
     """The ``done`` record (a store's ``done`` array) read chunk by chunk: (items, members)
     bool flags, False in the chunks that fail to decode, and those chunks' (items, members)
@@ -285,7 +325,13 @@ def read_done_record(done: zarr.Array) -> tuple[np.ndarray, list[tuple[slice, sl
 
 def _read_done(path: str | Path, region=slice(None)) -> np.ndarray:
     """``done[region]``, or DamagedRecord naming the damaged chunks and the repair."""
-    done = zarr.open_group(path, mode="r")["done"]
+    try:
+        done = zarr.open_group(path, mode="r")["done"]
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise  # the store itself is gone: the caller says what that means for it
+    except Exception as err:  # zarr's errors for unreadable metadata are many
+        raise DamagedRecord(f"store {path}: its record of finished members (the done array) "
+                            f"cannot be opened ({type(err).__name__}): {ARRAYS_FIX}") from None
     try:
         return done[region]
     except Exception as err:

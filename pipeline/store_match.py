@@ -21,8 +21,8 @@ from pipeline.memory import field_bytes
 from pipeline.noise import host_fingerprint
 from pipeline.run import DTYPES, HOST_NOISE, MODEL_SOURCE, model_digest
 from pipeline.settings import Config
-from pipeline.store import (FIELD_SCALE, INPUT_FINGERPRINT, StoreExists, members_of,
-                            open_store, read_attrs)
+from pipeline.store import (ARRAYS_FIX, FIELD_SCALE, INPUT_FINGERPRINT, DamagedRecord,
+                            StoreExists, damaged_arrays, members_of, open_store, read_attrs)
 from pipeline.target import check_idle, check_path_walk, check_room, check_writable
 
 
@@ -38,6 +38,10 @@ def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
     fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
                           differs=lambda text: _differences(cfg, text))
     if fate in ("resume", "upgrade", "grow"):
+        broken = damaged_arrays(cfg.output.path)
+        if broken:  # a run would consolidate the store over them, hiding what readers still see
+            raise DamagedRecord(f"output {cfg.output.path}: the store's arrays are damaged "
+                                f"({'; '.join(broken[:3])}): {ARRAYS_FIX}")
         held = read_attrs(cfg.output.path) or {}
         try:
             _check_made_alike(cfg, items, held)

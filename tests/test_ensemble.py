@@ -981,3 +981,31 @@ def test_evaluate_of_a_store_with_a_deleted_chunk_says_only_what_is_damaged(tmp_
                      "--out", str(tmp_path / "eval")]) == 2
     assert "has 2 damaged member(s)" in capsys.readouterr().err
     assert not [str(w.message) for w in said if issubclass(w.category, RuntimeWarning)]
+
+
+def test_an_array_whose_metadata_is_lost_is_told_and_the_store_is_not_resumed(tmp_path, capsys):
+    """An array's zarr.json deleted: readers still found it through the consolidated
+    metadata, `status --verify` called the store sound, and a rerun consolidated it again
+    without that array, hiding the ensemble from xarray while status still said complete."""
+    import xarray as xr
+
+    out = tmp_path / "s.zarr"
+    sets = ["--set", "model.shape=[8, 8]", "--set", "sampler.steps=10", "--set",
+            "ensemble.members=2", "--set", f"output.path={out}"]
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    (out / "field" / "zarr.json").unlink()
+    capsys.readouterr()
+    assert main(["status", "--verify", str(out)]) == 1
+    said = capsys.readouterr().out
+    assert "the store's arrays are damaged:\n  field: its metadata (zarr.json) is missing" in said
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 2
+    assert ("the store's arrays are damaged (field: its metadata (zarr.json) is missing): "
+            "restore the store from a copy") in capsys.readouterr().err
+    assert "field" in xr.open_zarr(out).data_vars  # still read as it was
+    # a done record whose metadata does not read: one line, not a JSON traceback
+    (out / "done" / "zarr.json").write_text("garbage")
+    root = json.loads((out / "zarr.json").read_text())
+    root.pop("consolidated_metadata")  # as a store still being filled has none
+    (out / "zarr.json").write_text(json.dumps(root))
+    assert main(["status", str(out)]) == 2
+    assert "the done array) cannot be opened (JSONDecodeError)" in capsys.readouterr().err
