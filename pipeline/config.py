@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 
 from pipeline.errors import ConfigError, did_you_mean  # noqa: F401  (ConfigError: raised here)
-from pipeline.settings import SECTION_TYPES, Config, open_kind
+from pipeline.settings import FILE_KEYS, SECTION_TYPES, Config, open_kind
 from pipeline.validation import validate
 
 
@@ -279,17 +279,36 @@ def store_differences(cfg: Config, text: str, most: int = 4) -> list[str]:
     return format_differences(setting_differences(cfg, text), most)
 
 
+def _relative_paths(cfg: Config) -> list[str]:
+    """The settings of a sampling run's paths (output.path, ``FILE_KEYS``) that ``cfg`` gives
+    relative to the working folder."""
+    keys = ("output.path", *FILE_KEYS)
+    values = [getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in keys]
+    return [key for key, v in zip(keys, values)
+            if isinstance(v, str) and v and not os.path.isabs(v)]
+
+
 def check_same_config(comm, cfg: Config, who: str, mode: str = "") -> None:
     """Raise ConfigError on every rank of ``comm`` when its ranks hold different configs, or
     different ``mode`` (the command's other options, e.g. ``--dry-run``; ``who``: the command
-    or function, for the message): they would disagree on the store and wait for each other
+    or function, for the message), or were started in different working folders while the
+    config names relative paths: they would disagree on the store and wait for each other
     forever."""
     mine = hashlib.sha256(f"{cfg.digest}\n{mode}".encode()).hexdigest()
-    digests = comm.allgather_object(mine)
-    odd = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+    relative = _relative_paths(cfg)
+    theirs = comm.allgather_object((mine, os.getcwd() if relative else ""))
+    odd = [rank for rank, (digest, _) in enumerate(theirs) if digest != theirs[0][0]]
     if odd:
         raise ConfigError(
             f"{who}: rank(s) {', '.join(map(str, odd))} of {comm.size} were given another "
             f"config{' or options' if mode else ''} than rank 0: every rank must have the same "
             "(an output.path or setting made from the time, the rank or the host, or a "
             "PIADM_SET or config file that differs between nodes)", collective=True)
+    elsewhere = [rank for rank, (_, here) in enumerate(theirs) if here != theirs[0][1]]
+    if elsewhere:
+        raise ConfigError(
+            f"{who}: rank(s) {', '.join(map(str, elsewhere))} of {comm.size} were started in "
+            f"another working folder ({theirs[elsewhere[0]][1]}) than rank 0 "
+            f"({theirs[0][1]}), where the config's relative paths ({', '.join(relative)}) "
+            "name other files: start every rank in one folder (mpiexec -wdir, srun --chdir), "
+            "or give absolute paths", collective=True)

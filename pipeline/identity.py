@@ -14,7 +14,7 @@ import os
 import tomllib
 
 from pipeline.config import with_settings
-from pipeline.settings import Config
+from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import StoreExists, config_batch, config_members, stored_digest
 from pipeline.target import Growth, check_target, stored_config
 
@@ -88,10 +88,6 @@ def target_fate(cfg: Config, model: str | None, **kwargs) -> tuple[str, str | No
         except StoreExists:
             if last or growth(cfg) == grown:  # refused as it stands, not mid-growth
                 raise
-
-
-# the settings that name a file or folder whose contents the store was made from
-FILE_KEYS = ("input.path", "model.checkpoint", "model.guide", "model.path", "model.weights")
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -281,6 +281,9 @@ def needs_plan(cfg: Config) -> bool:
 # parallel.wait values (``pipeline.layout.place_rank``).
 WAITS = ("auto", "spin", "sleep")
 
+# The settings that name a file or folder whose contents the store was made from
+FILE_KEYS = ("input.path", "model.checkpoint", "model.guide", "model.path", "model.weights")
+
 # Settings that do not decide a store's contents. The members are the same at any
 # ensemble.batch_size (each member's noise is keyed by its index, and a window sampler keeps a
 # window per member), so a run resumed with a smaller batch (after running out of memory) keeps

@@ -14,13 +14,13 @@ import torch
 
 from models import OWN_KINDS
 from pipeline.config import store_differences
-from pipeline.identity import FILE_KEYS, target_fate
+from pipeline.identity import target_fate
 from pipeline.inputs import Items, label_text, same_fingerprint
 from pipeline.layout import arithmetic_kind
 from pipeline.memory import field_bytes
 from pipeline.noise import host_fingerprint
 from pipeline.run import DTYPES, HOST_NOISE, MODEL_SOURCE, model_digest
-from pipeline.settings import Config
+from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import (ARRAYS_FIX, FIELD_SCALE, INPUT_FINGERPRINT, DamagedRecord,
                             StoreExists, damaged_arrays, members_of, open_store, read_attrs)
 from pipeline.target import check_idle, check_path_walk, check_room, check_writable

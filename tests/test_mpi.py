@@ -183,6 +183,34 @@ def test_ranks_of_the_cli_given_other_configs_are_refused_on_every_rank(tmp_path
         assert not (tmp_path / "x.zarr").exists()
 
 
+def test_ranks_started_in_other_folders_are_refused_where_the_config_has_relative_paths(
+        tmp_path):
+    """One rank started elsewhere (mpiexec -wdir) named another store with the same relative
+    output.path: the first rank wrote half the ensemble, the second then blamed "another
+    run". Now one clean error before anything is written; absolute paths are taken."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    (tmp_path / "sub").mkdir()
+    config = str(ROOT / "jobs" / "configs" / "grf.toml")
+
+    def run(out: str):
+        rank = [sys.executable, "-m", "pipeline.cli", "sample", config,
+                *_sets([f"output.path={out}", "model.shape=[8, 8]", "sampler.steps=20",
+                        "ensemble.members=2"])]
+        return subprocess.run([MPIEXEC, "-n", "1", *rank, ":", "-n", "1", "-wdir",
+                               str(tmp_path / "sub"), *rank], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=90)
+
+    proc = run("x.zarr")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("piadm: error")]
+    assert errors == [f"piadm: error: piadm sample: rank(s) 1 of 2 were started in another "
+                      f"working folder ({tmp_path / 'sub'}) than rank 0 ({tmp_path}), where the "
+                      "config's relative paths (output.path) name other files: start every rank "
+                      "in one folder (mpiexec -wdir, srun --chdir), or give absolute paths"]
+    assert not list(tmp_path.rglob("x.zarr"))
+    assert run(str(tmp_path / "x.zarr")).returncode == 0
+
+
 def test_a_bad_layout_is_one_clean_error_from_every_rank(tmp_path):
     proc = mpirun(2, ["-m", "pipeline.cli", "sample", "jobs/configs/grf.toml",
                       *_sets([f"output.path={tmp_path / 'x.zarr'}", "parallel.time_slices=3"])],
