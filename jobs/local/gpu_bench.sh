@@ -13,7 +13,7 @@
 # Tolerances are calibrated on the GPU (sampler.tol = "auto"), noise drawn on the device.
 #   bash jobs/local/gpu_bench.sh [OUTDIR]      (default out/gpu; summary.txt gathers the rows)
 # PIADM_GPU_QUICK=1 runs every step tiny (few steps, small fields) to try the script on a CPU
-# (5 to 10 minutes on 2 cores, as busy as they are).
+# (10 to 20 minutes on 2 cores; 18.5 measured beside two other jobs).
 # PIADM_GPU_STEP_S (default 420) bounds each step's seconds; a step over it is stopped.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
