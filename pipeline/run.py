@@ -10,6 +10,7 @@ import platform
 import time
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -195,11 +196,27 @@ def _installed(name: str) -> str:
 MODEL_SOURCE = "model_source_sha256"
 # the attribute of the hash of a fixed host noise draw (noise.host_fingerprint)
 HOST_NOISE = "host_noise_sha256"
+# the attribute of the hash of a checkpoint's sidecars (``sidecar_digest``)
+MODEL_SIDECAR = "model_sidecar_sha256"
+
+
+def sidecar_digest(m) -> str:
+    """SHA-256 of the JSON sidecars of a U-Net's checkpoint (and its guide's): what the
+    network's fields are scaled by and its data bound S, which ``models.export --data``
+    changes without the weights; "" for other models."""
+    if m.kind != "unet" or not m.checkpoint:
+        return ""
+    from models.checkpoint import sidecar
+    from models.digest import files_digest
+
+    files = [sidecar(Path(p)) for p in (m.checkpoint, m.guide) if p]
+    return files_digest([f for f in files if f.is_file()])
 
 
 def _network_provenance(m) -> dict:
     """What a brought network was: its factory or folder, and what it predicts on which
-    process (a shipped checkpoint records its own in model_sha256 and its sidecar)."""
+    process; a U-Net checkpoint's own are in its sidecar, whose hash is recorded (its
+    weights' in model_sha256)."""
     if m.kind == "module":
         from models.module import source_digest
 
@@ -210,4 +227,4 @@ def _network_provenance(m) -> dict:
         from models.pretrained import describe
 
         return {"model_path": m.path, **describe(m)}
-    return {}
+    return {MODEL_SIDECAR: sidecar_digest(m)} if m.kind == "unet" else {}

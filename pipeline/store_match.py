@@ -19,7 +19,8 @@ from pipeline.inputs import Items, label_text, same_fingerprint
 from pipeline.layout import arithmetic_kind
 from pipeline.memory import field_bytes
 from pipeline.noise import host_fingerprint
-from pipeline.run import DTYPES, HOST_NOISE, MODEL_SOURCE, model_digest
+from pipeline.run import (DTYPES, HOST_NOISE, MODEL_SIDECAR, MODEL_SOURCE, model_digest,
+                          sidecar_digest)
 from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import (ARRAYS_FIX, FIELD_SCALE, INPUT_FINGERPRINT, DamagedRecord,
                             StoreExists, damaged_arrays, members_of, open_store, read_attrs)
@@ -110,6 +111,7 @@ def _check_made_alike(cfg: Config, items: Items | None, held: dict) -> None:
     """Raise StaleStore where this configuration's store at output.path (its attributes
     ``held``) was made with other network code or conditioning input than the run has."""
     _check_same_network(cfg, held)
+    _check_same_sidecar(cfg, held)
     if items is not None and cfg.input.path:
         _check_same_items(cfg, items.labels)
         if items.fingerprint:
@@ -127,6 +129,23 @@ def is_stale(cfg: Config, items: Items | None) -> str:
     except (OSError, ValueError, KeyError):  # vanished mid-read (StoreExists is an OSError)
         return ""
     return ""
+
+
+def _check_same_sidecar(cfg: Config, held: dict) -> None:
+    """Refuse to resume or grow, from its attributes ``held``, a store whose U-Net
+    checkpoint's sidecar has changed since it was made (its normalisation or data bound S,
+    e.g. by ``models.export --data``, with the weights unchanged): the rest of its members
+    would be drawn in other units or on another path (a store made before it was recorded is
+    not checked)."""
+    was = held.get(MODEL_SIDECAR)
+    if not was or was == (now := sidecar_digest(cfg.model)):
+        return
+    raise StaleStore(
+        f"output {cfg.output.path} was made by this configuration with another sidecar of "
+        f"{cfg.model.checkpoint} ({was[:12]}, now {now[:12] or 'none'}: its normalisation or "
+        "data bound has changed since): put the original back to resume it, choose another "
+        "output.path, or set output.overwrite = true to replace it",
+        why="its checkpoint's sidecar changed since it was made")
 
 
 def _check_same_network(cfg: Config, held: dict) -> None:

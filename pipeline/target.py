@@ -253,7 +253,7 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool,
     fate = check_target(spec.path, spec.digest, overwrite=overwrite,
                         model=spec.attrs.get("model_sha256"), grown=growth())
     if fate in ("resume", "grow") and overwrite and stale():
-        return _replace(spec, stale)
+        return _replace(spec, stale, growth)
     if fate == "resume":
         if not members_fit(spec.path, spec.members):  # another config's growth cut short
             return _grow(spec, growth, overwrite, stale)
@@ -350,28 +350,39 @@ def delete_leftovers(path: str | Path) -> None:
             shutil.rmtree(left, ignore_errors=True)
 
 
-def _replace(spec: StoreSpec, stale: Callable[[], str] = lambda: "") -> str:
-    """Delete another configuration's store (or this one's, where ``stale`` says why: made
-    from other files) and create this one's, one job at a time (a lock in the claims folder):
-    two jobs of one configuration started together both find the old store, and the second
-    must resume the first's new store, not delete it."""
+def _replace(spec: StoreSpec, stale: Callable[[], str] = lambda: "",
+             growth: Callable[[], Growth | None] = lambda: None) -> str:
+    """Delete another configuration's store (or this one's, at this or another member count
+    (``growth``), where ``stale`` says why: made from other files) and create this one's, one
+    job at a time (a lock in the claims folder): two jobs of one configuration started
+    together both find the old store, and the second must resume the first's new store, not
+    delete it."""
     with _replacing(spec.path, "replace") as job:
         fate = check_target(spec.path, spec.digest, overwrite=True,  # as it is now
-                            model=spec.attrs.get("model_sha256"))
-        why = stale() if fate == "resume" else ""
+                            model=spec.attrs.get("model_sha256"), grown=growth())
+        why = stale() if fate in ("resume", "grow") else ""
         if why:
             fate = "replace"
         if fate == "resume":
             return "resumed"
-        if fate != "replace":
+        if fate == "replace":
+            return _moved_aside(spec, job, why)
+        if fate != "grow":
             return _create(spec, overwrite=True)
-        check_idle(spec.path)
-        # moved aside in one step, deleted once the new store stands: a kill part way
-        # through deleting it in place would leave a folder without its zarr.json, no
-        # longer recognisably a piadm store, which piadm would never delete or use
-        doomed = _doomed(Path(spec.path), job)
-        os.rename(spec.path, doomed)
-        clear_batch_claims(claims_dir(spec.path))  # claims on the old store's batches
-        made = _create(spec, overwrite=True)
-        shutil.rmtree(doomed, ignore_errors=True)
-        return (f"replaced ({why})" if why else "replaced") if made == "created" else made
+    # this configuration's at fewer members, made anew meanwhile: grown, under its own lock
+    return _grow(spec, growth, True, stale)
+
+
+def _moved_aside(spec: StoreSpec, job: str, why: str) -> str:
+    """``_replace``'s replacement, under its lock (``job``): the store at ``spec.path`` made
+    anew, ``why`` said (this configuration's, stale) or not (another's)."""
+    check_idle(spec.path)
+    # moved aside in one step, deleted once the new store stands: a kill part way
+    # through deleting it in place would leave a folder without its zarr.json, no
+    # longer recognisably a piadm store, which piadm would never delete or use
+    doomed = _doomed(Path(spec.path), job)
+    os.rename(spec.path, doomed)
+    clear_batch_claims(claims_dir(spec.path))  # claims on the old store's batches
+    made = _create(spec, overwrite=True)
+    shutil.rmtree(doomed, ignore_errors=True)
+    return (f"replaced ({why})" if why else "replaced") if made == "created" else made

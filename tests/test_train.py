@@ -1054,3 +1054,29 @@ def test_a_resume_from_another_folder_finds_the_same_data(tmp_path, dataset, mon
     assert main(["train", config, *sets(f"train.data={here / 'k.zarr'}",
                                         "train.steps=8")]) == 0
     assert "cannot be resumed" not in capsys.readouterr().err
+
+
+def test_a_store_is_not_resumed_once_its_checkpoints_sidecar_has_changed(tmp_path, plain,
+                                                                          capsys):
+    """``models.export --data`` rewrites a sidecar's data bound S (or a copy brings another
+    normalisation) with the weights unchanged: the store resumed, its later members drawn
+    on another pc-window path than its first."""
+    import shutil
+
+    from models.checkpoint import sidecar
+
+    ckpt = tmp_path / "mine.pt"
+    shutil.copy(plain, ckpt)
+    shutil.copy(sidecar(plain), sidecar(ckpt))
+    out = tmp_path / "s.zarr"
+    sets = [f"model.checkpoint={ckpt}", "sampler.method=pc-window", "sampler.window=8",
+            "ensemble.members=2"]
+    assert main(_sample_args(out, *sets)) == 0
+    meta = json.loads(sidecar(ckpt).read_text())
+    sidecar(ckpt).write_text(json.dumps({**meta, "data_bound": 10 * meta["data_bound"]}))
+    capsys.readouterr()
+    assert main(_sample_args(out, *sets, "ensemble.members=4")) == 2  # grown: refused
+    assert (f"was made by this configuration with another sidecar of {ckpt}"
+            in capsys.readouterr().err)
+    assert main(_sample_args(out, *sets, "ensemble.members=4", "output.overwrite=true")) == 0
+    assert "replaced (its checkpoint's sidecar changed since it was made)" in capsys.readouterr().err
