@@ -37,7 +37,7 @@ from pipeline.inputs import InputError
 from pipeline.settings import TrainConfig
 from pipeline.signals import signal_of
 from pipeline.store import enclosing_store, open_store
-from pipeline.train_data import Dataset, open_dataset, probe
+from pipeline.train_data import Dataset, check_init_trained_apart, open_dataset, probe
 
 
 def _draws(seed: int, step: int, batch: int, n: int, shape, t: TrainConfig):
@@ -287,9 +287,11 @@ def _resume(path: Path, meta: dict, den, ema, opt, device) -> dict:
     return state
 
 
-def _restore(t: TrainConfig, meta: dict, den, ema, opt, device) -> tuple[int, list[float]]:
+def _restore(t: TrainConfig, meta: dict, den, ema, opt, device,
+             held: np.ndarray) -> tuple[int, list[float]]:
     """Resume from ``train.checkpoint`` (with ``train.resume``), or start from the EMA weights
-    of ``train.init``; the step reached and the loss history."""
+    of ``train.init``, refused where they were trained on the ``held`` out times of
+    train.data; the step reached and the loss history."""
     path = Path(t.checkpoint)
     if path.exists() and not t.resume:
         _check_replaceable(path)
@@ -300,6 +302,7 @@ def _restore(t: TrainConfig, meta: dict, den, ema, opt, device) -> tuple[int, li
         return int(state["step"]), state["history"].tolist()
     if t.init:
         start_from(den, ema, t.init, UNetConfig.from_dict(meta["unet"]), device, t.residual)
+        check_init_trained_apart(t, held)
     return 0, []
 
 
@@ -427,7 +430,8 @@ def _prepare(t: TrainConfig, device, config_text: str):
     shape = tuple(trn.fields.shape[1:])
     ucfg, den, ema, opt = _network(t, trn, shape, device)
     meta = _meta(t, ucfg, trn, shape, config_text)
-    return trn, held, den, ema, opt, meta, _restore(t, meta, den, ema, opt, device)
+    return trn, held, den, ema, opt, meta, _restore(t, meta, den, ema, opt, device,
+                                                    held.fields["time"].values)
 
 
 def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,

@@ -7,7 +7,9 @@ them (told by ``probe``, a few fixed projections of each field).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +133,46 @@ def _overlap(times: np.ndarray, held: np.ndarray) -> bool:
 # trajectory whatever its spin-up (a later stretch of it) and whatever its time step (a
 # chaotic flow's step changes it slowly), so it must not reach the held-out times
 SAME_FLOW = ("seed", "resolution", "viscosity", "drag", "forcing_wavenumber", "forcing")
+
+
+def check_init_trained_apart(t: TrainConfig, held: np.ndarray) -> None:
+    """Refuse a ``train.init`` checkpoint trained on times this run holds out (``held``, of
+    train.data): its training split of its own train.data (the first 1 - validation of the
+    times it held then, as its sidecar records) or any time of its train.extra stores, where
+    such a store is train.data itself or the same flow (``SAME_FLOW``) reaching those times.
+    The validation loss, and any scores on the held-out times, would be of fields it has
+    seen. Stores that are gone cannot be read, and are not checked."""
+    from models.checkpoint import sidecar
+
+    try:
+        meta = json.loads(sidecar(Path(t.init)).read_text())
+        extra = tomllib.loads(meta.get("config", "")).get("train", {}).get("extra", [])
+    except (OSError, ValueError, TypeError):  # start_from names an unreadable checkpoint
+        return
+    count = str(meta.get("data_made", "")).split(" ")[0]  # "N times; ..."
+    sources = [(meta.get("data"), float(meta.get("validation", 0.0)),
+                int(count) if count.isdigit() else None)]
+    sources += [(path, 0.0, None) for path in extra]  # an extra store is trained on whole
+    flow = _trajectory(open_store(t.data))
+    for path, share, n in sources:
+        if not isinstance(path, str) or not Path(path).exists():
+            continue
+        theirs = open_store(path)
+        other = _trajectory(theirs)
+        itself = os.path.realpath(path) == os.path.realpath(t.data)
+        if not (itself or (flow and other and all(other.get(k) == flow.get(k)
+                                                  for k in SAME_FLOW))):
+            continue
+        times = theirs["time"].values
+        trained = times[:held_out_start(n or len(times), share)]
+        if _overlap(trained, held):
+            raise InputError(
+                f"train.init {t.init} was trained on {path} ("
+                f"{'train.data itself' if itself else 'train.data flow'}) up to "
+                f"{label_text(trained[-1])}, which reaches the times this run holds out "
+                f"({label_text(held[0])} .. {label_text(held[-1])}): its validation would be "
+                "of fields the network has seen; start from a checkpoint trained apart from "
+                f"them, or hold out what it did (its train.validation = {share:g})")
 
 
 PROBE_RTOL = 1e-6  # a float32 copy of a float64 field probes the same to about 6e-8

@@ -291,6 +291,15 @@ def test_training_can_start_from_another_checkpoints_ema_weights(tmp_path, datas
     assert main(_train_args(dataset, tmp_path / "other.pt", f"train.init={shipped}",
                             "train.channels=[8, 16, 32]")) == 2
     assert "train.init" in capsys.readouterr().err
+    # one trained on train.data with a smaller held-out share has seen this run's first
+    # held-out times (16 times: it trained on 14, this run holds out the last 4)
+    narrow = tmp_path / "narrow.pt"
+    assert main(_train_args(dataset, narrow, "train.validation=0.125")) == 0
+    capsys.readouterr()
+    assert main(_train_args(dataset, tmp_path / "leak.pt", f"train.init={narrow}")) == 2
+    assert (f"train.init {narrow} was trained on {dataset} (train.data itself) up to 4.5, "
+            "which reaches the times this run holds out (4.25 .. 5.0)") in capsys.readouterr().err
+    assert not (tmp_path / "leak.pt").exists()
 
 
 def test_a_residual_model_is_fine_tuned_on_more_data_with_its_own_sigma_data(tmp_path, dataset,
