@@ -105,6 +105,9 @@ def calibration_key(cfg: Config, model_sha256: str, device) -> str:
 
         kept["schedule"] = {k: getattr(cfg.model, k) for k in SCHEDULE_KEYS}
         kept["source"] = source_digest(cfg.model)
+    if cfg.input.path:  # calibrated on the selection's first field: which one it is
+        kept["input_selection"] = [cfg.input.variable, cfg.input.item_dim,
+                                   list(cfg.input.items), list(cfg.input.range)]
     if cfg.model.tf32:  # absent when off, so that earlier calibrations stay valid
         kept["tf32"] = True
     kind = arithmetic_kind(device)

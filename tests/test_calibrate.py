@@ -306,3 +306,15 @@ def test_a_damaged_cache_entry_is_measured_again(entry, capsys):
     assert read_cached(key) is None and read_unreachable(key) is None
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(SMALL)]) == 0
     assert "chose tol = " in capsys.readouterr().err and read_cached(key) > 0
+
+
+def test_the_input_selection_keys_a_conditioned_calibration():
+    """A conditioned run is calibrated on its selection's first field: another variable or
+    range of the same input.path reused a tolerance measured on other fields."""
+    base = SMALL + ["input.path=in.zarr", "input.variable=a", "model.condition=mean"]
+    key = lambda *sets: calibration_key(load_config("jobs/configs/grf.toml",  # noqa: E731
+                                                    base + list(sets)), "m", "cpu")
+    first = key()
+    assert key("input.variable=b") != first
+    assert key("input.range=['1', '2']") != first and key("input.items=['1']") != first
+    assert key("parallel.items=[1]") == first  # which job fills which items: the same fields
