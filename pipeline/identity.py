@@ -99,10 +99,10 @@ def _same_file(a: str, b: str) -> bool:
 
 def as_stored(cfg: Config) -> Config:
     """``cfg`` with each file it names spelled as the config of the store at output.path
-    spells the same file (``./x`` or ``x/`` for ``x``, a path made absolute or relative):
-    a spelling is not a setting, and would otherwise make the store another
-    configuration's. What the files hold is checked apart (the model digest, the input
-    fingerprint)."""
+    spells the same file (``./x`` or ``x/`` for ``x``, a path made absolute or relative),
+    and its input selection as the store spells the same items: a spelling is not a
+    setting, and would otherwise make the store another configuration's. What the files
+    hold is checked apart (the model digest, the input fingerprint)."""
     try:
         theirs = tomllib.loads(stored_config(cfg.output.path))
     except tomllib.TOMLDecodeError:
@@ -114,4 +114,30 @@ def as_stored(cfg: Config) -> Config:
         if (isinstance(ours, str) and isinstance(then, str) and ours and then and ours != then
                 and _same_file(ours, then)):
             respelled[key] = then
-    return with_settings(cfg, respelled) if respelled else cfg
+    cfg = with_settings(cfg, respelled) if respelled else cfg
+    selection = _same_selection(cfg, theirs.get("input", {}))
+    return with_settings(cfg, selection) if selection else cfg
+
+
+def _same_selection(cfg: Config, theirs: dict) -> dict:
+    """input.items and input.range as the store's config ``theirs`` ([input]) spells them,
+    where they name another way the same items of the same input (``"25"`` for ``"25.0"``,
+    a range reaching past the last item): {} where they are spelled alike, select other items,
+    or cannot be read."""
+    from pipeline.inputs import InputError, select_items
+    from pipeline.store import open_store
+
+    i = cfg.input
+    then = (tuple(map(str, theirs.get("items", ()))), tuple(map(str, theirs.get("range", ()))))
+    if not i.path or (i.items, i.range) == then or any(
+            theirs.get(k) != getattr(i, k) for k in ("path", "variable", "item_dim")):
+        return {}
+    try:
+        var = open_store(i.path)[i.variable]
+        ours = select_items(var, i.item_dim, i.items, i.range)[i.item_dim].values
+        old = select_items(var, i.item_dim, *then)[i.item_dim].values
+    except (InputError, OSError, KeyError, ValueError):  # the run's own checks say what
+        return {}
+    if len(ours) != len(old) or not (ours == old).all():
+        return {}
+    return {"input.items": list(then[0]), "input.range": list(then[1])}

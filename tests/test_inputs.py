@@ -184,6 +184,30 @@ def test_a_store_is_not_resumed_once_its_selection_holds_other_items(tmp_path, c
     assert xr.open_zarr(out).sizes["time"] == 4
 
 
+def test_a_selection_spelled_otherwise_resumes_the_store_that_names_the_same_items(tmp_path,
+                                                                                 capsys):
+    """input.range = ['2020-01-02', '2020-01-03'] and input.items naming those two days are
+    the same items with the same noise: the store of one was refused to the other as
+    another configuration's. Items of another selection still are."""
+    path = make_input(tmp_path / "in.zarr", times=4)
+    out = tmp_path / "ens.zarr"
+
+    def run(*sets):
+        return main(["sample", "jobs/configs/grf.toml", *conditional_sets(path, out, *sets)])
+
+    assert run("input.range=['2020-01-02', '2020-01-03']", "parallel.items=[0]") == 0
+    capsys.readouterr()
+    assert run("input.items=['2020-01-02', '2020-01-03']") == 0
+    assert "resumed: 6 of 12 members done, 6 to sample" in capsys.readouterr().err
+    whole = tmp_path / "whole.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(
+        path, whole, "input.range=['2020-01-02', '2020-01-03']")]) == 0
+    np.testing.assert_array_equal(xr.open_zarr(out).vort.values, xr.open_zarr(whole).vort.values)
+    capsys.readouterr()
+    assert run("input.items=['2020-01-02']") == 2  # another selection: another store
+    assert "it differs in input." in capsys.readouterr().err
+
+
 def test_a_label_repeated_outside_the_selection_does_not_matter(tmp_path):
     times = pd.to_datetime(["2020-01-01", "2020-01-02", "2020-01-03", "2020-01-03"])
     path = _store(tmp_path / "r.zarr", times)
