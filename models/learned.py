@@ -49,6 +49,7 @@ class LearnedUNet:
     grid: dict = field(default_factory=dict)
     # the conditioning fields' shape in training; None when the checkpoint does not record it
     cond_shape: tuple[int, ...] | None = None
+    condition: str = ""  # the dataset variable it was conditioned on in training, if any
     _score: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -151,4 +152,5 @@ def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu", guide: str 
                        meta["variable"], data_bound=float(meta.get("data_bound", float("inf"))),
                        residual=bool(meta.get("residual", False)),
                        grid=meta.get("grid", {}),
-                       cond_shape=tuple(meta["cond_shape"]) if meta.get("cond_shape") else None)
+                       cond_shape=tuple(meta["cond_shape"]) if meta.get("cond_shape") else None,
+                       condition=str(meta.get("condition") or ""))

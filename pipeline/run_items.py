@@ -13,6 +13,7 @@ from models import OWN_KINDS
 from models.conditioning import CONDITIONS
 from pipeline.choices import FIELD_DIMS
 from pipeline.config import ConfigError
+from pipeline.console import say
 from pipeline.inputs import InputError, Items, open_items, renamed_attrs, unconditional
 from pipeline.memory import field_bytes
 from pipeline.run import DTYPES, provenance, residual_length, sampler_grid
@@ -120,25 +121,34 @@ def measured_items(cfg: Config, stats: tuple):
 
 # How far (in training standard deviations) an input may sit from a network's training
 # fields: a thousand is no weather, but another unit (Pa for hPa, a scale factor) or a
-# missing-value code; a network fed such values overflows and its NaN blames the network
+# missing-value code; a network fed such values overflows and its NaN blames the network.
+# Past a hundredth of that, or under another name than the training's, the run is warned.
 MOST_TRAINING_STDS = 1e3
 
 
 def check_input_units(cfg: Config, model, items) -> None:
     """Refuse an input whose values (``items``' mean and std) lie more than
     ``MOST_TRAINING_STDS`` of a learned network's training normalisation away from it: in
-    another unit than the network was trained in."""
+    another unit than the network was trained in. Warn where they lie a hundredth of that away,
+    or where input.variable is not the variable the network was conditioned on in training
+    (another quantity of the same grid is taken as readily)."""
     if not cfg.input.path or getattr(model, "data_mean", None) is None:
         return  # exact models take the input's own scale; a module its own units
     mean, std = float(model.data_mean), float(model.data_std)
     far = max(abs(items.mean - mean), items.std) / std
+    where = (f"input: {cfg.input.variable} of {cfg.input.path} has mean {items.mean:.4g} and "
+             f"std {items.std:.4g}, where the network's training fields had mean {mean:.4g} "
+             f"and std {std:.4g} ({far:.3g} of its standard deviations away)")
     if far > MOST_TRAINING_STDS:
-        raise InputError(
-            f"input: {cfg.input.variable} of {cfg.input.path} has mean {items.mean:.4g} and "
-            f"std {items.std:.4g}, where the network's training fields had mean {mean:.4g} "
-            f"and std {std:.4g} ({far:.3g} of its standard deviations away): the input is in "
-            "another unit than the network was trained in; convert it to that unit (or check "
-            "input.variable)")
+        raise InputError(f"{where}: the input is in another unit than the network was trained "
+                         "in; convert it to that unit (or check input.variable)")
+    trained = getattr(model, "condition", "")
+    other = bool(trained) and trained != cfg.input.variable
+    if other or far > MOST_TRAINING_STDS / 100:
+        said = (f"the network was conditioned on {trained!r} in training, and " if other
+                else "")
+        say(f"piadm: warning: {said}{where}: check that the input is the same quantity in "
+            "the same unit")
 
 
 def check_bound_network(cfg: Config, model, items) -> None:

@@ -298,4 +298,8 @@ def test_an_input_in_another_unit_than_the_network_was_trained_in_is_refused(tmp
     cfg = load_config("jobs/configs/kolmogorov_down.toml",
                       [s for s in sets if s != "--set"] + [f"input.path={tmp_path / 'same.zarr'}"])
     model = build_model(cfg.model, "cpu")
+    capsys.readouterr()
     check_input_units(cfg, model, load_items(cfg, check=True, model=model))  # taken
+    # under another name than its training condition: taken, with a warning to check it
+    assert ("piadm: warning: the network was conditioned on 'vorticity_coarse' in training, "
+            "and input: c of") in capsys.readouterr().err
