@@ -93,17 +93,44 @@ def peak_since(device: torch.device, baseline: int) -> int:
     return max(0, 1024 * hwm - baseline)
 
 
-def _cgroup_room() -> int | None:
-    """What this process's cgroup (v2; a SLURM job's --mem) still lets it allocate."""
+# A cgroup v1 memory limit past this is no limit (the kernel's "unlimited" is 2^63 less a page)
+NO_CGROUP_LIMIT = 1 << 60
+
+
+def cgroup_room(proc: Path = Path("/proc/self/cgroup"),
+                root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """What this process's cgroups (listed in ``proc``, mounted under ``root``) still let it
+    allocate (a SLURM job's --mem): the least of limit less usage over its memory cgroup and
+    those above it, in cgroup v2 (the ``0::`` line, mounted at ``root`` or, on a hybrid
+    host, its ``unified`` folder) and v1 (the ``memory`` controller's line); None where none
+    limits it or none can be read."""
     try:
-        line = Path("/proc/self/cgroup").read_text().splitlines()[0]
-        group = Path("/sys/fs/cgroup") / line.split("::", 1)[1].lstrip("/")
-        limit = (group / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return int(limit) - int((group / "memory.current").read_text())
-    except (OSError, IndexError, ValueError):
+        lines = proc.read_text().splitlines()
+    except OSError:
         return None
+    places = []  # (folder, limit file, usage file)
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        relative = Path(path.lstrip("/"))
+        if hierarchy == "0" and not controllers:
+            places += [(base / relative, "memory.max", "memory.current")
+                       for base in (root, root / "unified")]
+        elif "memory" in controllers.split(","):
+            places.append((root / "memory" / relative, "memory.limit_in_bytes",
+                           "memory.usage_in_bytes"))
+    rooms = []
+    for folder, limit_file, usage_file in places:
+        for group in (folder, *folder.parents):  # a parent's limit binds its children too
+            if not str(group).startswith(str(root)):
+                break
+            try:
+                limit = (group / limit_file).read_text().strip()
+                usage = int((group / usage_file).read_text())
+            except (OSError, ValueError):
+                continue
+            if limit.isdigit() and int(limit) < NO_CGROUP_LIMIT:
+                rooms.append(int(limit) - usage)
+    return min(rooms) if rooms else None
 
 
 def available_bytes(device: torch.device, sharing: int = 1) -> tuple[int, str] | None:
@@ -114,7 +141,7 @@ def available_bytes(device: torch.device, sharing: int = 1) -> tuple[int, str] |
         free, _ = torch.cuda.mem_get_info(device)
         return free // max(1, sharing), f"free on {device}"
     free = _status_kib("MemAvailable", Path("/proc/meminfo"))
-    room = [b for b in (None if free is None else 1024 * free, _cgroup_room()) if b is not None]
+    room = [b for b in (None if free is None else 1024 * free, cgroup_room()) if b is not None]
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     size = _status_kib("VmSize")
     if soft != resource.RLIM_INFINITY and size is not None:

@@ -272,3 +272,32 @@ def test_a_gpu_librarys_failed_allocation_is_out_of_memory(text):
 
     assert is_out_of_memory(RuntimeError(text))
     assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access"))
+
+
+def test_cgroup_limits_of_v1_v2_and_hybrid_hosts_are_read(tmp_path):
+    """Only a v2 first line was read: on a v1 host (its first line another controller's,
+    the memory limit in memory.limit_in_bytes) a 2.5 GiB job limit went unseen, and the
+    run the check passed was killed by the kernel without a word."""
+    from pipeline.memory import NO_CGROUP_LIMIT, cgroup_room
+
+    def host(lines, files):
+        proc, root = tmp_path / "proc", tmp_path / "sys"
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        proc.write_text("\n".join(lines) + "\n")
+        return cgroup_room(proc, root)
+
+    gib = 2**30
+    v1 = ["9:name=systemd:/", "4:memory:/job/step", "0::/"]
+    assert host(v1, {"memory/job/step/memory.limit_in_bytes": str(NO_CGROUP_LIMIT * 8),
+                     "memory/job/step/memory.usage_in_bytes": str(gib),
+                     "memory/job/memory.limit_in_bytes": str(3 * gib),  # the job's, above
+                     "memory/job/memory.usage_in_bytes": str(gib // 2)}) == 5 * gib // 2
+    v2 = ["0::/job"]
+    assert host(v2, {"job/memory.max": str(4 * gib), "job/memory.current": str(gib)}) == 3 * gib
+    (tmp_path / "sys" / "job" / "memory.max").write_text("max\n")
+    assert host(v2, {}) is None  # no limit
+    hybrid = ["1:name=systemd:/", "0::/hj"]
+    assert host(hybrid, {"unified/hj/memory.max": str(2 * gib),
+                         "unified/hj/memory.current": "0"}) == 2 * gib
