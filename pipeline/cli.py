@@ -252,7 +252,8 @@ def _cmd_calibrate(args, world) -> int:
 def _cmd_plan(args, world) -> int:
     from models import build_model
     from pipeline.run_items import first_item_model
-    from pipeline.planner import collective_latency, describe, make_plan, settings, table
+    from pipeline.planner import (collective_latency, describe, make_plan, planned_items,
+                                  settings, table)
 
     check_plan_flags(args)
     cfg, _, device = _setup(args, world, layout=False)
@@ -260,7 +261,9 @@ def _cmd_plan(args, world) -> int:
 
     def plan_here():
         model = first_item_model(cfg, build_model(cfg.model, device), device)
-        say(f"piadm plan: {cfg.ensemble.members} members of {cfg.model.kind} "
+        items = planned_items(cfg)
+        say(f"piadm plan: {f'{items} items x ' if items > 1 else ''}"
+            f"{cfg.ensemble.members} members of {cfg.model.kind} "
             f"{list(cfg.model.shape)}, {cfg.sampler.steps} steps, on {args.ranks} "
             f"rank{'s' if args.ranks != 1 else ''}"
             + (f" ({args.gpus_per_node} GPUs a node)" if args.gpus_per_node else

@@ -21,7 +21,8 @@ calls of the mean. Ranks that share a node's
 cores share the part of that time that keeps a core busy: when R busy ranks of t threads each
 run on C cores with R t > C, that part takes R t / C times longer (ranks of groups left without
 a batch wait asleep). A batch takes the sampler's rounds
-(measured on one member) times the round, and each group does ceil(batches / groups) batches.
+(measured on one member) times the round, and each group does ceil(batches / groups) batches,
+a batch holding members of one item: items x ceil(members / b) batches in all.
 """
 from __future__ import annotations
 
@@ -165,13 +166,13 @@ def call_items(layout: Layout, points: float) -> int:
 
 
 def predict(layout: Layout, profile: Profile, curve: CostCurve, machine: Machine,
-            members: int, field_bytes: int = 0) -> Prediction:
-    """The time ``layout`` takes to sample ``members`` members (see the module docstring) of
-    ``field_bytes`` a field."""
+            members: int, field_bytes: int = 0, items: int = 1) -> Prediction:
+    """The time ``layout`` takes to sample ``members`` members of each of ``items`` items
+    (see the module docstring) of ``field_bytes`` a field."""
     t, whole = layout.time_slices, layout.replicated
     host = profile.host_at(math.ceil(profile.points) if whole else math.ceil(profile.points / t),
                            layout.batch)
-    batches = math.ceil(members / layout.batch)
+    batches = items * math.ceil(members / layout.batch)  # a batch holds one item's members
     stretch = machine.stretch(min(layout.groups, batches) * t)  # groups without work wait
     model_s = 0.0
     for size, count in profile.call_sizes():
@@ -190,11 +191,12 @@ def predict(layout: Layout, profile: Profile, curve: CostCurve, machine: Machine
 
 
 def layouts(profiles: list[Profile], ranks: int, members: int, batches: tuple[int, ...],
-            replicable: tuple[str, ...] = ()) -> list[tuple[Layout, Profile]]:
+            replicable: tuple[str, ...] = (), items: int = 1) -> list[tuple[Layout, Profile]]:
     """Every layout of ``ranks`` ranks for each profile: time slices a divisor of ``ranks``
     (one for a sequential sampler, at most its points per round), member batch sizes from
-    ``batches`` up to the members a group gets; on several slices, the methods named in
-    ``replicable`` also with the whole window on every slice."""
+    ``batches`` up to the members of an item a group gets (of ``members`` of each of
+    ``items``); on several slices, the methods named in ``replicable`` also with the whole
+    window on every slice."""
     out = []
     for prof in profiles:
         for t in range(1, ranks + 1):
@@ -202,7 +204,7 @@ def layouts(profiles: list[Profile], ranks: int, members: int, batches: tuple[in
                 continue
             groups = ranks // t
             for b in sorted(set(batches)):
-                if b > max(1, math.ceil(members / groups)):
+                if b > max(1, min(members, math.ceil(items * members / groups))):
                     continue
                 out.append((Layout(prof.method, prof.param, groups, t, b), prof))
                 if t > 1 and prof.method in replicable:

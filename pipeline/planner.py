@@ -243,8 +243,9 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
                          stopped=stopped)
     if stopped():  # before the model's cost curve is timed
         raise Stopped
+    items = planned_items(cfg)
     runnable = [(lay, prof) for lay, prof in layouts(profiles, ranks, cfg.ensemble.members,
-                                                     _batch_sizes(cfg), REPLICABLE)
+                                                     _batch_sizes(cfg), REPLICABLE, items)
                 if lay.time_slices <= _most_slices(cfg, prof)]
     pairs = _fitting(cfg, runnable, device, machine, gpus_per_node, tuple(model.shape), say)
     # every layout's mean call, and its widest and narrowest: the curve is linear in between
@@ -263,7 +264,7 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
             "make them are left out")
         pairs = [(lay, p) for lay, p in pairs if max(calls(lay, p)) <= curve.sizes[-1]]
     one = field_bytes(tuple(model.shape), DTYPES[cfg.sampler.dtype])
-    ranked = rank([predict(lay, prof, curve, machine, cfg.ensemble.members, one)
+    ranked = rank([predict(lay, prof, curve, machine, cfg.ensemble.members, one, items)
                    for lay, prof in pairs])
     sequential = next((p for p in ranked if REFERENCE[p.layout.method] == p.layout.method), None)
     if sequential is None:  # every layout is weighed against it (the table's vs_seq)
@@ -271,6 +272,18 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
                           f"has no layout whose calls fit this device's memory (calls of up to "
                           f"{curve.sizes[-1]} items ran): lower ensemble.batch_size or the field")
     return Plan(ranked, sequential, machine)
+
+
+def planned_items(cfg: Config) -> int:
+    """The items a run of ``cfg`` fills: its job's parallel.items, else the input selection's
+    (one where it has no input)."""
+    if cfg.parallel.items:
+        return len(cfg.parallel.items)
+    if not cfg.input.path:
+        return 1
+    from pipeline.run_items import load_items
+
+    return len(load_items(cfg, check=False).labels)
 
 
 def _profiles(cfg: Config, model, device, *, ranks: int, sha: str, steps: dict, say,

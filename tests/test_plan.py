@@ -14,9 +14,10 @@ SEQUENTIAL = Profile("sequential-sde", 0, None, 1000, 1000.0, (1,), (0.0,), 0)
 WINDOW = Profile("pc-window", 64, 1e-3, 40, 2400.0, (8, 60), (0.0, 0.0), 2)
 
 
-def _best(profiles, curve, machine, members, batches=(1, 2, 4, 8, 16, 32, 64), replicable=()):
-    pairs = layouts(profiles, machine.ranks, members, batches, replicable)
-    return rank([predict(lay, prof, curve, machine, members) for lay, prof in pairs])
+def _best(profiles, curve, machine, members, batches=(1, 2, 4, 8, 16, 32, 64), replicable=(),
+          items=1):
+    pairs = layouts(profiles, machine.ranks, members, batches, replicable, items)
+    return rank([predict(lay, prof, curve, machine, members, items=items) for lay, prof in pairs])
 
 
 def test_the_cost_curve_interpolates_and_extends_its_last_segment():
@@ -47,6 +48,19 @@ def test_a_compute_bound_device_with_many_members_picks_sequential_groups():
     assert best.layout == Layout("sequential-sde", 0, 8, 1, 8)
     assert best.seconds == pytest.approx(1000 * 0.008)  # one batch of 8 per group
     assert all(p.seconds >= best.seconds for p in ranked)
+
+
+def test_many_items_of_one_member_each_pick_sequential_groups_as_many_members_do():
+    """A batch holds one item's members: 400 items of 4 members are 400 batches, which the
+    plan counted as the one batch of 4 members (it picked a window on 8 time slices, 2.5
+    times slower than sequential groups when measured)."""
+    curve = CostCurve((1, 8, 64), (0.005, 0.005, 0.040), (0.0, 0.0, 0.0))
+    machine = Machine(ranks=8, ranks_per_node=8, cores=64, threads=1, latency=1e-5)
+    one = _best([SEQUENTIAL, WINDOW], curve, machine, members=4)[0]
+    assert one.layout.method == "pc-window"  # one item: the window on its slices
+    best = _best([SEQUENTIAL, WINDOW], curve, machine, members=4, items=400)[0]
+    assert best.layout == Layout("sequential-sde", 0, 8, 1, 4)
+    assert best.seconds == pytest.approx(50 * 1000 * 0.005)  # 400 batches, 50 a group
 
 
 def test_ranks_sharing_too_few_cores_stretch_the_busy_part():
