@@ -173,16 +173,24 @@ def gpu_identity(device: torch.device) -> str:
     return f"{visible}:{torch.device(device).index or 0}"
 
 
+# Fields a member holds in any sampler at once, whatever its registered state: its state and
+# the model's answer for it
+LEAST_FIELDS = 2
+
+
 def sampler_floor(method: str, points: int, batch: int, field_bytes: int,
                   time_slices: int = 1) -> int:
     """Bytes a batch of ``batch`` members certainly needs for the sampler's own state (its
     registered ``state`` buffers per point and member, the round's ``points`` split over
-    ``time_slices``), before any model call: a floor, so that a run refused by it could not
-    have fitted."""
+    ``time_slices``, which a sequential sampler's slices do not split; at least
+    ``LEAST_FIELDS`` a member), before any model call: a floor, so that a run refused by it
+    could not have fitted."""
     from pipeline.samplers import REGISTRY
 
-    share = -(-points // max(1, time_slices))
-    return int(REGISTRY[method].state * share * batch * field_bytes)
+    entry = REGISTRY[method]
+    split = 1 if entry.reference == method else max(1, time_slices)
+    share = -(-points // split)
+    return int(max(entry.state * share, LEAST_FIELDS) * batch * field_bytes)
 
 
 def is_out_of_memory(err: BaseException) -> bool:

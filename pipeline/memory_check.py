@@ -19,6 +19,15 @@ def round_points(s) -> tuple[str, int]:
     return max(REGISTRY[s.method].points(s).items(), key=lambda kv: kv[1])
 
 
+def _sequential_fix(s) -> str:
+    """What lowers the state of sampler section ``s``'s sequential sampler, whose time slices
+    do not split it."""
+    noise = REGISTRY[s.method].linear == "path"  # it draws its noise a block of steps at once
+    return ("lower sampler.block_size (the steps whose noise is drawn at once) or "
+            if noise else "lower ") + "the field (model.shape)" + (
+                ", or set sampler.dtype = 'float32'" if s.dtype == "float64" else "")
+
+
 def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: int = 1,
                  calibration: bool = False, batch: int | None = None,
                  setting: str | None = None) -> str:
@@ -46,15 +55,17 @@ def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: i
                 f"{format_bytes(room[0])} {room[1]}")
     per_member = need // batch
     fits = room[0] // per_member if per_member else batch
-    # the floor leaves out the model's own calls, which took 1.2 to 1.6 times the state
-    # besides on a 128x128 grf: half of what the floor allows is a first try, not a bound
+    # the floor leaves out the model's own calls and the round's temporaries: the measured
+    # peaks were 2.3 to 3.6 times the floor (grf 64x64 to 256x256, the window samplers), so a
+    # quarter of what the floor allows is a first try, not a bound
     fix = (f"lower {setting}: at most {fits} would leave room for the state alone, and the "
-           f"model's calls need more besides, so try {max(1, fits // 2)}" if fits >= 1 else
+           f"model's calls need more besides, so try {max(1, fits // 4)}" if fits >= 1 else
            f"lower sampler.{key} or the field" if calibration else
            f"lower sampler.{key} or the field, or run on more ranks (the bench's time slices)"
            if setting == "bench.members" else
            f"lower sampler.{key}, set sampler.window_split = 'slots' to split the window over "
            "the time slices, or use a sequential sampler" if whole else
+           _sequential_fix(s) if REGISTRY[s.method].reference == s.method else
            f"lower sampler.{key}, add time slices (parallel.time_slices) or use a sequential "
            "sampler")
     raise TooLarge(

@@ -26,7 +26,8 @@ def test_after_keep_freed_memory_a_freed_model_buffer_stays_for_the_next_call():
     assert _status_kib("VmRSS") > held - 8 * 1024
 
 
-@pytest.mark.parametrize("method", ["sequential-sde", "piadm-sde", "piadm-ode", "window",
+@pytest.mark.parametrize("method", ["sequential-sde", "sequential-ode", "piadm-sde",
+                                    "piadm-ode", "window",
                                     "window-ode", "pc-window", "pc-window-ode",
                                     "dpmpp-2m-window"])
 def test_each_samplers_registered_state_is_a_floor_of_what_it_holds(method):
@@ -79,6 +80,34 @@ def test_a_batch_whose_sampler_state_cannot_fit_is_refused_before_anything_is_wr
     assert main(args) == 2
     assert ("lower ensemble.batch_size: at most 2 would leave room for the state alone, and "
             "the model's calls need more besides, so try 1") in capsys.readouterr().err
+
+
+def test_a_sequential_samplers_batch_is_refused_naming_what_lowers_its_state(
+        tmp_path, monkeypatch, capsys):
+    """sequential-ode registered no state, so a batch of any size passed and the run ran out
+    of memory after the store was made; sequential-sde's floor was split over time slices,
+    which each hold its whole noise block, and the refusals named time slices and block
+    sizes that do not lower a sequential sampler's state."""
+    from pipeline.cli import main
+    from pipeline.memory import sampler_floor
+
+    monkeypatch.setattr("pipeline.memory_check.available_bytes",
+                        lambda device, sharing=1: (10 * 2**20, "available on this node's host"))
+    args = _grf_run(tmp_path, "model.shape=[256, 256]", "ensemble.batch_size=32",
+                    "ensemble.members=32", "sampler.method=sequential-ode")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "32 members a batch of sequential-ode" in err and "need at least 16.0 MiB" in err
+    monkeypatch.setattr("pipeline.memory_check.available_bytes",
+                        lambda device, sharing=1: (2**18, "available on this node's host"))
+    assert main([*args, "--set", "ensemble.batch_size=1"]) == 2  # 2 fields of 256 KiB a member
+    assert "lower the field (model.shape)" in capsys.readouterr().err
+    assert main([*args, "--set", "ensemble.batch_size=1", "--set", "sampler.method=sequential-sde"]) == 2
+    assert ("lower sampler.block_size (the steps whose noise is drawn at once) or the field"
+            in capsys.readouterr().err)
+    one = 4 * 256 * 256
+    assert sampler_floor("sequential-sde", 20, 1, one, 2) == sampler_floor("sequential-sde", 20, 1, one)
+    assert not (tmp_path / "o.zarr").exists()
 
 
 def test_a_calibration_whose_sampler_state_cannot_fit_is_refused_before_it_measures(
