@@ -413,6 +413,24 @@ def _finalize_alone(spec: StoreSpec, note: str, job: str) -> None:
     delete_leftovers(path)
 
 
+def _record(spec: StoreSpec, note: str, job: str) -> None:
+    """Rank 0: ``_finalize_alone``, a failed write (a full disk) said as what it is: the
+    members are kept, the store's record of the run is what is missing."""
+    try:
+        _finalize_alone(spec, note, job)
+    except StoreExists:
+        raise
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename not in (None, spec.path) else ""
+        said = WriteFailed(f"the members are written to {spec.path}, but recording the run "
+                           f"there ({note}: its history line and the consolidated metadata "
+                           f"readers open) failed: {err.strerror or err}{where}; fix the cause "
+                           "(free space, the mount) and rerun the same command: it samples "
+                           "nothing again, and completes the metadata")
+        said.errno = err.errno
+        raise said from err
+
+
 def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str,
             failed: Exception | None = None):
     world, slices = ranks.world, ranks.slices
@@ -449,7 +467,7 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
                  f" x {slices.size} time slice{'s' if slices.size > 1 else ''}")
         if slices.size > 1 and cfg.sampler.method in REPLICABLE:
             note += f", window split {cfg.sampler.window_split}"
-    on_rank0(world, _finalize_alone, spec, note, job)
+    on_rank0(world, _record, spec, note, job)
     write_s = writer.busy if writer is not None else 0.0
     wait_s = writer.waited if writer is not None else 0.0
     return Summary(spec.path, written, skipped, int(peak["rounds"]), int(peak["batch_rounds"]),

@@ -412,6 +412,34 @@ def test_a_full_disk_names_the_store_and_says_the_members_written_are_kept(
     assert raised.value.errno == errno.ENOSPC
 
 
+def test_a_full_disk_met_recording_the_run_says_the_members_are_written(tmp_path, monkeypatch,
+                                                                         capsys):
+    """The last write of a run, its history line and consolidated metadata, meeting a full
+    disk said "cannot use STORE: No space left on device: check that the path exists", not
+    that every member was written and a rerun completes the store."""
+    import errno
+
+    from pipeline import ensemble
+
+    real = ensemble.finalize
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ensemble, "finalize", lambda *a, **k: (_ for _ in ()).throw(full))
+    sets = _small(tmp_path, **{"ensemble.members": 2, "sampler.method": "sequential-sde"})
+    args = ["sample", "jobs/configs/grf.toml",
+            *sum((["--set", f"{k}={v}"] for k, v in sets.items()), [])]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"piadm: error: the members are written to {sets['output.path']}, "
+                          "but recording the run there (piadm wrote 2 members: its history "
+                          "line and the consolidated metadata readers open) failed: No space "
+                          "left on device; fix the cause"), err
+    assert zarr.open_group(sets["output.path"], mode="r")["done"][:].all()
+    monkeypatch.setattr(ensemble, "finalize", real)
+    assert main(args) == 0
+    assert "wrote 0 members (2 already written)" in zarr.open_group(
+        sets["output.path"], mode="r").attrs["history"]
+
+
 def test_an_output_inside_a_store_or_replacing_one_through_a_link_is_refused(tmp_path, capsys):
     first = load_config("jobs/configs/grf.toml", _small(tmp_path))
     assert sample(first).members == 2
