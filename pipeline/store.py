@@ -68,7 +68,9 @@ class StoreSpec:
     field_attrs: dict = dataclasses.field(default_factory=dict)  # units, long_name, ...
 
 
-CHUNK_BYTES = 64 * 2**20  # the most a field chunk holds, when the member batch allows
+CHUNK_BYTES = 64 * 2**20  # the most a chunk holds, when the member batch allows
+RESIDUAL_DTYPE = "float32"  # a residual history's entries, one a round
+RESIDUAL_BYTES = np.dtype(RESIDUAL_DTYPE).itemsize
 MEMBER_LABELS_CHUNK = 2**20  # member labels a chunk of the ``member`` coordinate holds
 MEMBER_BATCH = "piadm_member_batch"  # the attribute of the store's unit of work (``member_batch``)
 INPUT_FINGERPRINT = "input_fingerprint"  # the input fields a store was conditioned on
@@ -80,10 +82,12 @@ ASKED = "plan_batch_size_asked"
 CREATING = "creating-"  # a store is made as .NAME.creating-HOST-PID-ID, then renamed into place
 
 
-def member_chunk(batch_size: int, field_bytes: int) -> int:
-    """Members per chunk: the largest divisor of the batch size whose chunk stays within
-    ``CHUNK_BYTES`` (at least one member), so every writer still owns whole chunks."""
-    most = min(batch_size, CHUNK_BYTES // max(field_bytes, 1))  # a huge batch: few to try
+def member_chunk(batch_size: int, member_bytes: int) -> int:
+    """Members per chunk: the largest divisor of the batch size whose chunk of the array
+    that holds the most bytes a member (``member_bytes``: its field, or the residual history
+    of a tiny field's many rounds) stays within ``CHUNK_BYTES`` (at least one member), so
+    every writer still owns whole chunks."""
+    most = min(batch_size, CHUNK_BYTES // max(member_bytes, 1))  # a huge batch: few to try
     return next((k for k in range(most, 1, -1) if batch_size % k == 0), 1)
 
 
@@ -105,7 +109,7 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
     if spec.sweeps:
         per_member["residual"] = (
             (spec.item_dim, "member", "sweep"),
-            da.full((n, spec.members, spec.sweeps), np.nan, dtype="float32", chunks=-1))
+            da.full((n, spec.members, spec.sweeps), np.nan, dtype=RESIDUAL_DTYPE, chunks=-1))
     coords = {spec.item_dim: spec.items, "member": np.arange(spec.members)}
     coords.update({d: np.arange(k) for d, k in zip(dims[2:], spec.shape)})
     if spec.sweeps:
@@ -411,7 +415,7 @@ def write_batch(path: str | Path, *, variable: str, item: int, start: int, field
     group["model_calls"][item, start:stop] = model_calls
     if "residual" in group:
         kept = group["residual"].shape[-1]
-        history = np.full(kept, np.nan, dtype="float32")
+        history = np.full(kept, np.nan, dtype=RESIDUAL_DTYPE)
         history[: min(kept, len(residuals))] = np.sqrt(residuals[:kept])  # tol's units
         group["residual"][item, start:stop] = np.broadcast_to(history, (stop - start, kept))
     if digest:

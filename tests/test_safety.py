@@ -592,6 +592,17 @@ def test_chunks_stay_under_64_mib_and_writers_keep_whole_chunks():
     assert member_chunk(6, 1024 * 1024 * 4) == 6
     assert member_chunk(48, 1024 * 1024 * 4) == 16  # the largest divisor of the batch that fits
     assert member_chunk(8, 4096 * 4096 * 8) == 1  # one member over the cap: one a chunk
+    # tiny fields of many rounds: the residual history is the largest array a member has
+    # (its chunks of 20000 members x 1000 rounds were 76 MiB)
+    from pipeline.config import load_config
+    from pipeline.inputs import unconditional
+    from pipeline.run_items import store_spec
+
+    cfg = load_config("jobs/configs/grf.toml", [
+        "sampler.method=piadm-sde", "sampler.block_size=2", "sampler.steps=1000",
+        "model.shape=[8, 8]", "ensemble.batch_size=20000", "ensemble.members=20000"])
+    spec = store_spec(cfg, unconditional(), (8, 8))
+    assert spec.member_chunk * spec.sweeps * 4 <= 64 * 2**20 and 20000 % spec.member_chunk == 0
 
 
 @pytest.mark.parametrize("dim", ["member", "sweep", "x", "seed"])
