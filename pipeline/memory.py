@@ -136,19 +136,21 @@ def cgroup_room(proc: Path = Path("/proc/self/cgroup"),
 def available_bytes(device: torch.device, sharing: int = 1) -> tuple[int, str] | None:
     """(bytes this rank may still allocate, where) on ``device``, with ``sharing`` ranks of the
     node sharing it evenly: a GPU's free memory, or the host's available memory within the
-    cgroup and address-space limits; None when unknown."""
+    cgroups' limits, and within the process's own address-space limit (``ulimit -v``, which
+    each rank has whole); None when unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free // max(1, sharing), f"free on {device}"
     free = _status_kib("MemAvailable", Path("/proc/meminfo"))
-    room = [b for b in (None if free is None else 1024 * free, cgroup_room()) if b is not None]
+    shared = [b for b in (None if free is None else 1024 * free, cgroup_room()) if b is not None]
+    room = [max(0, min(shared)) // max(1, sharing)] if shared else []
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     size = _status_kib("VmSize")
-    if soft != resource.RLIM_INFINITY and size is not None:
-        room.append(soft - 1024 * size)
+    if soft != resource.RLIM_INFINITY and size is not None:  # each process's own, not shared
+        room.append(max(0, soft - 1024 * size))
     if not room:
         return None
-    return max(0, min(room)) // max(1, sharing), "available on this node's host"
+    return min(room), "available on this node's host"
 
 
 def field_bytes(shape, dtype: torch.dtype) -> int:

@@ -330,3 +330,21 @@ def test_cgroup_limits_of_v1_v2_and_hybrid_hosts_are_read(tmp_path):
     hybrid = ["1:name=systemd:/", "0::/hj"]
     assert host(hybrid, {"unified/hj/memory.max": str(2 * gib),
                          "unified/hj/memory.current": "0"}) == 2 * gib
+
+
+def test_an_address_space_limit_is_each_ranks_own_not_shared():
+    """``ulimit -v`` limits each process: it was divided among a node's ranks as if they
+    shared it, halving what each of 2 ranks was told it had."""
+    import subprocess
+    import sys
+
+    code = ("import resource, torch\n"
+            "from pipeline.memory import _status_kib, available_bytes\n"
+            "size = 1024 * _status_kib('VmSize')\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (size + 2**29, resource.RLIM_INFINITY))\n"
+            "one, two = (available_bytes(torch.device('cpu'), n)[0] for n in (1, 2))\n"
+            "print(one, two)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    one, two = map(int, run.stdout.split())
+    assert one <= 2**29 and two > 0.9 * one, (one, two)
