@@ -95,17 +95,19 @@ def _trajectory(ds: xr.Dataset) -> dict | None:
 
 def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str],
                   held: np.ndarray) -> list[xr.Dataset]:
-    """The stores of ``train.extra``, checked against ``train.data``'s (``first``, whose
-    held-out times are ``held``): the same variables and field shapes, and not a stretch of
-    the same trajectory reaching its held-out times."""
+    """The stores of ``train.extra`` (coordinates kept, for messages), checked against
+    ``train.data``'s (``first``, whose held-out times are ``held``): the same variables and
+    field shapes, and not a stretch of the same trajectory reaching its held-out times."""
     extras, mine = [], _trajectory(first)
     for path in t.extra:
         ds = open_training_store(path, names, "train.extra")
         for name in names:
             if ds[name].shape[1:] != first[name].shape[1:]:
+                fix = ("data.resolution and data.coarse_factor" if name == t.condition
+                       else "resolution (data.resolution)")
                 raise InputError(f"train.extra {path} holds {name} of shape "
                                  f"{ds[name].shape[1:]}, train.data {first[name].shape[1:]}: "
-                                 "generate it at train.data's resolution")
+                                 f"generate it with train.data's {fix}")
         theirs = _trajectory(ds)
         if mine and theirs and all(theirs.get(k) == mine.get(k) for k in SAME_FLOW):
             if _overlap(ds["time"].values, held):
@@ -114,7 +116,7 @@ def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str],
                     f"{mine.get('seed')} and physics) at times that reach its held-out ones "
                     f"({label_text(held[0])} .. {label_text(held[-1])}): generate it with "
                     "another data.seed, or over earlier times only")
-        extras.append(ds.drop_vars(list(ds.coords)))
+        extras.append(ds)
     return extras
 
 
@@ -196,6 +198,15 @@ def probe(field: xr.DataArray) -> xr.DataArray:
                       np.sqrt((values ** 2).sum(dims)).expand_dims("probe")], "probe")
 
 
+def _in_extras(t: TrainConfig, extras: list, i: int) -> tuple[str, str]:
+    """(path, time label) of the ``i``-th time of the ``extras`` stores in their order."""
+    ends = np.cumsum([e.sizes["time"] for e in extras])
+    k = int(np.searchsorted(ends, i, side="right"))
+    times = extras[k]["time"].values
+    at = i - (int(ends[k - 1]) if k else 0)
+    return t.extra[k], label_text(times[at]) if len(times) > at else str(at)
+
+
 def _check_extra_holds_no_held_out(t: TrainConfig, extras: list, held: np.ndarray,
                                    extra: np.ndarray, extra_fields, held_fields) -> None:
     """Refuse a train.extra store holding a field of train.data's held-out split (a copy of
@@ -216,15 +227,14 @@ def _check_extra_holds_no_held_out(t: TrainConfig, extras: list, held: np.ndarra
         for j in near:
             a, b = extra_fields[i].values, held_fields[j].values
             if np.allclose(a, b, rtol=PROBE_RTOL, atol=tol[i] / np.sqrt(a.size)):
-                ends = np.cumsum([e.sizes["time"] for e in extras])
-                path = t.extra[int(np.searchsorted(ends, i, side="right"))]
+                path, _ = _in_extras(t, extras, i)
                 raise InputError(f"train.extra {path} holds fields of train.data's held-out "
                                  f"times (a copy of {t.data}?): they would be trained on and "
                                  "validated on; give train.extra other trajectories")
 
 
 def _check_finite(t: TrainConfig, ds: xr.Dataset, name: str, split: str, ok: np.ndarray,
-                  cut: int) -> None:
+                  cut: int, extras: list) -> None:
     """Refuse a split whose fields of ``name`` are not all finite (``ok``: per time), naming
     the first such time: one the training steps happened not to draw would still make the
     normalisation and the data bound NaN, and the held-out ones would end the run late."""
@@ -234,7 +244,8 @@ def _check_finite(t: TrainConfig, ds: xr.Dataset, name: str, split: str, ok: np.
     # the training split is train.data's first ``cut`` times, then train.extra's
     first = int(bad[0]) + (cut if split == "validation" else 0)
     if split == "training" and first >= cut:
-        where = f"time {first - cut} of train.extra's, counted from 0 in their order"
+        path, label = _in_extras(t, extras, first - cut)
+        where = f"time {label} of train.extra {path}"
     elif "time" in ds.coords:
         where = f"time {label_text(ds['time'].values[first])} of {t.data}"
     else:
@@ -265,7 +276,7 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     extras = _extra_stores(t, ds, names, ds["time"].values[cut:])
     trn, val = ds.isel(time=slice(0, cut)), ds.isel(time=slice(cut, n))
     if extras:  # by position: the trajectories' times need not differ
-        trn = xr.concat([trn.drop_vars(list(trn.coords)), *extras], "time")
+        trn = xr.concat([d.drop_vars(list(d.coords)) for d in (trn, *extras)], "time")
     fields = trn[t.variable]
     splits = [(split, name, part[name]) for split, part in (("training", trn), ("validation", val))
               for name in names]
@@ -275,7 +286,7 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
                                       *(np.isfinite(a).all(a.dims[1:]) for *_, a in splits))
     probed, finite = probed[:len(probes)], probed[len(probes):]
     for (split, name, _), ok in zip(splits, finite):
-        _check_finite(t, ds, name, split, np.asarray(ok), cut)
+        _check_finite(t, ds, name, split, np.asarray(ok), cut, extras)
     if extras:
         _check_extra_holds_no_held_out(t, extras, *map(np.asarray, probed), extra, held_out)
     mean, std = float(mean), float(std)

@@ -14,6 +14,7 @@ import xarray as xr
 
 from models.learned import load_unet, unet_score_model
 from pipeline.cli import main
+from pipeline.inputs import label_text
 from pipeline.errors import Interrupted
 from pipeline.grids import make_grid
 from pipeline.noise import Noise
@@ -805,6 +806,30 @@ def test_a_bad_extra_store_is_a_one_line_error_before_training(tmp_path, dataset
             "other shape": "resolution", "a copy": "holds fields of train.data's held-out "
                                                    "times"}[case] in lines[-1]
     assert not ckpt.exists()
+
+
+def test_an_extra_stores_bad_fields_are_named_by_store_and_time(tmp_path, dataset, other,
+                                                                capsys):
+    """A NaN in the second extra store was "time 13 of train.extra's, counted from 0 in
+    their order", and a coarse field of another coarse factor asked for another resolution."""
+    bad = xr.open_zarr(other).load()
+    bad["vorticity"][5] = np.nan
+    bad.to_zarr(tmp_path / "nan.zarr", zarr_format=3, consolidated=False)
+    sets = ["data.resolution=16", "data.spinup=1.0", "data.interval=0.25", "data.chunk=8",
+            "data.snapshots=8", "data.seed=3", "data.coarse_factor=2",
+            f"data.path={tmp_path / 'cf2.zarr'}"]
+    assert main(["generate-data", "jobs/configs/kolmogorov.toml",
+                 *sum((["--set", s] for s in sets), [])]) == 0
+    capsys.readouterr()
+    assert main(_train_args(dataset, tmp_path / "x.pt",
+                            f"train.extra=['{other}', '{tmp_path / 'nan.zarr'}']")) == 2
+    time = label_text(bad["time"].values[5])
+    assert (f"(the first: time {time} of train.extra {tmp_path / 'nan.zarr'})"
+            in capsys.readouterr().err)
+    assert main(_train_args(dataset, tmp_path / "y.pt", "train.condition=vorticity_coarse",
+                            f"train.extra=['{tmp_path / 'cf2.zarr'}']")) == 2
+    assert ("generate it with train.data's data.resolution and data.coarse_factor"
+            in capsys.readouterr().err)
 
 
 def test_the_same_flow_before_the_held_out_times_or_another_forcing_is_taken(tmp_path,
