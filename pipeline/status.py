@@ -109,11 +109,15 @@ def _to_finish(state: dict) -> str:
     """How to finish the store: wait for the live jobs filling it; otherwise rerun, and as a
     job of parallel.items fills only its items, where some items are complete, name the
     indices still to do."""
-    if state["filling"]:
-        return (f"being filled by live job(s) {', '.join(state['filling'])}: wait for them "
-                "(a rerun now would only share their batches)")
     items = state["items"]
     left = [n for n, item in enumerate(items) if item["done"] < item["members"]]
+    if state["filling"]:
+        # a job of parallel.items fills only its own: which those are, its heartbeat keeps
+        # not, so the items left are named for the user who split them so
+        some = (f"; if they fill only some items (parallel.items), the rest need a job of "
+                f"their own (items still to do: {left})" if len(items) > 1 and left else "")
+        return (f"being filled by live job(s) {', '.join(state['filling'])}: wait for them "
+                f"(a rerun now would only share their batches){some}")
     if len(left) == len(items):
         return "rerun the same config to finish"
     return (f"rerun the same config to finish (items still to do: {left}; a job with "

@@ -487,8 +487,11 @@ def test_verify_of_an_incomplete_store_exits_1_with_its_counts_and_a_live_job_is
     beat = Heartbeat(claims_dir(path), "slurm-7.0").start()
     try:
         assert main(["status", str(path)]) == 1
-        assert "incomplete: being filled by live job(s) slurm-7.0: wait for them" in \
-            capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "incomplete: being filled by live job(s) slurm-7.0: wait for them" in out
+        # a job of parallel.items fills only its own: the items left are named beside it
+        assert ("if they fill only some items (parallel.items), the rest need a job of "
+                "their own (items still to do: [0])") in out
         assert main(["status", "--json", str(path)]) == 1
         assert json.loads(capsys.readouterr().out)["filling"] == ["slurm-7.0"]
     finally:
