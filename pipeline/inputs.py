@@ -96,8 +96,12 @@ def renamed_attrs(dim, name: str, attrs: dict) -> dict:
 def label_text(label) -> str:
     """An item label as a person writes it: 2020-01-01, 2020-01-01 06:00:00 or (a lead
     time) 0 days 06:00:00, where numpy prints nanoseconds or a count of them (a cftime date
-    alike, on its own calendar); numbers and text as they are."""
+    alike, on its own calendar); a float to 12 digits, which a label typed so names
+    (``LABEL_RTOL``); other numbers and text as they are."""
     kind = np.asarray(label).dtype.kind
+    if kind == "f" and np.asarray(label).dtype.itemsize >= 8:
+        # 2.5, not the 2.5000000000000004 of a sum of steps (typed, labels snap to it)
+        return str(float(f"{float(label):.12g}"))
     if kind not in "mM":
         text = str(label)
         return text.removesuffix(" 00:00:00") if hasattr(label, "calendar") else text

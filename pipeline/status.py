@@ -60,7 +60,7 @@ def _labels(coord) -> list[str]:
             pass
     if units in TIMEDELTA_UNITS and str(coord.attrs.get("dtype", "")).startswith("timedelta"):
         return [_lead_text(float(v) * TIMEDELTA_UNITS[units]) for v in values]
-    return [str(v) for v in values]
+    return [label_text(v) for v in values]
 
 
 def _lead_text(seconds: float) -> str:

@@ -1,5 +1,6 @@
 """The ``piadm`` command's surface: every subcommand's --help shows an example, --version,
 and the config-file error paths are one-line errors that name the fix."""
+import json
 import os
 import re
 import subprocess
@@ -517,6 +518,15 @@ def test_status_names_dated_items_by_their_dates(tmp_path, capsys):
     capsys.readouterr()
     assert main(["status", str(lead)]) == 0
     assert "  lead 0 days 06:00:00: 6/6\n  lead 1 days 06:00:00: 6/6" in capsys.readouterr().out
+    # a sum of steps' rounding (0.2 + 0.1 is 0.30000000000000004) is not a label's text
+    ds.assign_coords(time=0.2 + 0.1 * np.arange(ds.sizes["time"])).to_zarr(
+        tmp_path / "sums.zarr", zarr_format=3)
+    sums = tmp_path / "s.zarr"
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(tmp_path / "sums.zarr", sums)]) == 0
+    capsys.readouterr()
+    assert main(["status", "--json", str(sums)]) == 0
+    assert [i["label"] for i in json.loads(capsys.readouterr().out)["items"]] == ["0.2", "0.3"]
 
 
 def test_a_config_that_is_no_regular_file_is_read_as_one(tmp_path, capsys):
