@@ -281,20 +281,29 @@ def damaged_arrays(path: str | Path) -> list[str]:
     those its consolidated metadata lists. Readers trust the consolidated metadata, so an
     array lost on disk still reads until a run consolidates the store again: it must be
     found before then."""
-    found, wrong = {}, []
-    for child in sorted(p for p in Path(path).iterdir() if p.is_dir()):
-        try:
-            found[child.name] = zarr.open_array(child, mode="r").metadata.dimension_names
-        except Exception as err:  # zarr's errors for unreadable metadata are many
-            wrong.append(f"{child.name}: its metadata (zarr.json) " + (
-                f"cannot be read ({type(err).__name__})" if (child / "zarr.json").exists()
-                else "is missing"))
     try:
         listed = zarr.open_group(path, mode="r").metadata.consolidated_metadata
     except Exception:  # the group's own zarr.json: status and sample read it first
         listed = None
     listed = {} if listed is None else {
         name: getattr(meta, "dimension_names", None) for name, meta in listed.metadata.items()}
+    found, wrong = {}, []
+    # a hidden folder (an editor's, a notebook's) is nobody's array; a folder without
+    # metadata is an array that lost it where piadm's arrays are named so, or chunks are in it
+    for child in sorted(p for p in Path(path).iterdir()
+                        if p.is_dir() and not p.name.startswith(".")):
+        meta = child / "zarr.json"
+        if not meta.exists():
+            if child.name in PER_MEMBER or child.name in listed or (child / "c").is_dir():
+                wrong.append(f"{child.name}: its metadata (zarr.json) is missing")
+            continue
+        try:
+            if json.loads(meta.read_text()).get("node_type") == "group":
+                continue  # a group a user added beside the arrays: not piadm's to judge
+            found[child.name] = zarr.open_array(child, mode="r").metadata.dimension_names
+        except Exception as err:  # zarr's errors for unreadable metadata are many
+            wrong.append(f"{child.name}: its metadata (zarr.json) cannot be read "
+                         f"({type(err).__name__})")
     told = {text.split(":")[0] for text in wrong}
     wrong += [f"{name}: missing"
               for name in sorted((set(PER_MEMBER) | set(listed)) - set(found) - told)]
