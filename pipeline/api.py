@@ -154,9 +154,10 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
         raise ConfigError(f"{path} does not exist: give the output.path of a piadm sample run")
     try:
         ds = open_store(path)
-    except PermissionError:  # a store we may not read: the I/O error names the file
-        raise
-    except Exception:  # zarr's errors for a non-store (a folder, a file, an array) are many
+    except Exception as err:  # zarr's errors for a non-store (a folder, a file, an array)
+        if isinstance(err, OSError) and not isinstance(err, (FileNotFoundError,
+                                                              NotADirectoryError)):
+            raise  # a store it may not read, a failing disk: the I/O error names the file
         raise ConfigError(f"{path} is not a Zarr store: give the output.path of a piadm "
                           "sample run") from None
     if "piadm_store_digest" not in ds.attrs:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import math
@@ -413,14 +414,18 @@ def _finalize_alone(spec: StoreSpec, note: str, job: str) -> None:
     delete_leftovers(path)
 
 
+# The errors of a disk that takes no more: full, over quota, failing, or mounted read-only
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+
+
 def _record(spec: StoreSpec, note: str, job: str) -> None:
-    """Rank 0: ``_finalize_alone``, a failed write (a full disk) said as what it is: the
-    members are kept, the store's record of the run is what is missing."""
+    """Rank 0: ``_finalize_alone``, a disk that takes no more (``DISK_FULL``) said as what it
+    is: the members are kept, the store's record of the run is what is missing."""
     try:
         _finalize_alone(spec, note, job)
-    except StoreExists:
-        raise
     except OSError as err:
+        if err.errno not in DISK_FULL:  # a store gone, say: its own words
+            raise
         where = f" ({err.filename})" if err.filename not in (None, spec.path) else ""
         said = WriteFailed(f"the members are written to {spec.path}, but recording the run "
                            f"there ({note}: its history line and the consolidated metadata "

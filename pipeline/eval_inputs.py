@@ -72,7 +72,7 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
     if variable not in truth_ds:
         raise EvaluationError(f"truth {path} has no variable {variable!r} (it has "
                               f"{', '.join(map(str, truth_ds.data_vars))}): use --truth-variable")
-    check_real(truth_ds[variable], f"truth {path}: {variable}")
+    check_real(truth_ds[variable], f"truth {path}: {variable}", EvaluationError)
     name = ensemble_variable(ens)
     truth = _on_the_ensembles_grid(truth_ds[variable], ens[name], path)
     item_dim = ens[name].dims[0]

@@ -96,12 +96,12 @@ def renamed_attrs(dim, name: str, attrs: dict) -> dict:
 def label_text(label) -> str:
     """An item label as a person writes it: 2020-01-01, 2020-01-01 06:00:00 or (a lead
     time) 0 days 06:00:00, where numpy prints nanoseconds or a count of them (a cftime date
-    alike, on its own calendar); a float to 12 digits, which a label typed so names
+    alike, on its own calendar); a float to 15 digits, which a label typed so names
     (``LABEL_RTOL``); other numbers and text as they are."""
     kind = np.asarray(label).dtype.kind
     if kind == "f" and np.asarray(label).dtype.itemsize >= 8:
         # 2.5, not the 2.5000000000000004 of a sum of steps (typed, labels snap to it)
-        return str(float(f"{float(label):.12g}"))
+        return str(float(f"{float(label):.15g}"))
     if kind not in "mM":
         text = str(label)
         return text.removesuffix(" 00:00:00") if hasattr(label, "calendar") else text
@@ -134,11 +134,12 @@ def snapped(value: float, values: np.ndarray) -> float:
     return value
 
 
-def check_real(var: xr.DataArray, what: str) -> None:
+def check_real(var: xr.DataArray, what: str, error: type = None) -> None:
     """Refuse fields that are not real numbers (complex, boolean, text): taken as floats, a
-    complex field would lose its imaginary part unseen."""
+    complex field would lose its imaginary part unseen. ``error``: the class raised
+    (InputError unless the caller's errors are another kind, evaluate's)."""
     if var.dtype.kind not in "fiu":
-        raise InputError(f"{what} holds {var.dtype} values: piadm's fields are real numbers; "
+        raise (error or InputError)(f"{what} holds {var.dtype} values: piadm's fields are real numbers; "
                          "store the field as floats (e.g. its real part, .real)")
 
 

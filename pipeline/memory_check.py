@@ -3,7 +3,8 @@ run (or a calibration) starts, naming the setting to lower."""
 from __future__ import annotations
 
 from pipeline.errors import ConfigError
-from pipeline.memory import available_bytes, field_bytes, format_bytes, sampler_floor
+from pipeline.memory import (LEAST_FIELDS, available_bytes, field_bytes, format_bytes,
+                             sampler_floor)
 from pipeline.run import DTYPES
 from pipeline.samplers import REGISTRY
 from pipeline.samplers.options import REPLICABLE
@@ -19,10 +20,11 @@ def round_points(s) -> tuple[str, int]:
     return max(REGISTRY[s.method].points(s).items(), key=lambda kv: kv[1])
 
 
-def _sequential_fix(s) -> str:
+def _sequential_fix(s, points: int) -> str:
     """What lowers the state of sampler section ``s``'s sequential sampler, whose time slices
-    do not split it."""
-    noise = REGISTRY[s.method].linear == "path"  # it draws its noise a block of steps at once
+    do not split it: its block of ``points`` steps' noise where that is more than its
+    fields, the field."""
+    noise = REGISTRY[s.method].state * points > LEAST_FIELDS  # a block's noise held at once
     return ("lower sampler.block_size (the steps whose noise is drawn at once) or "
             if noise else "lower ") + "the field (model.shape)" + (
                 ", or set sampler.dtype = 'float32'" if s.dtype == "float64" else "")
@@ -45,7 +47,8 @@ def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: i
                       (cfg.ensemble.batch_size, "ensemble.batch_size"))
     batch, setting = batch or members, setting or named
     whole = s.window_split == "replicated" and s.method in REPLICABLE and time_slices > 1
-    if whole:  # every time slice keeps the whole window
+    sequential = REGISTRY[s.method].reference == s.method
+    if whole or sequential:  # every time slice keeps the whole window, or the whole path
         time_slices = 1
     need = sampler_floor(s.method, n, batch, field_bytes(shape, DTYPES[s.dtype]), time_slices)
     if room is None:
@@ -65,7 +68,7 @@ def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: i
            if setting == "bench.members" else
            f"lower sampler.{key}, set sampler.window_split = 'slots' to split the window over "
            "the time slices, or use a sequential sampler" if whole else
-           _sequential_fix(s) if REGISTRY[s.method].reference == s.method else
+           _sequential_fix(s, n) if sequential else
            f"lower sampler.{key}, add time slices (parallel.time_slices) or use a sequential "
            "sampler")
     raise TooLarge(

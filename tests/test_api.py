@@ -171,6 +171,13 @@ def test_evaluate_errors_name_the_keyword_arguments(tmp_path):
     for value in ("35", ("21", "21.5", "22"), (True, False)):  # a string: letter by letter
         with pytest.raises(EvaluationError, match=r"^truth_range .*: give two labels"):
             api.evaluate(path, path, truth_range=value)
+    # every bad truth is an EvaluationError, a complex one too (it was the input's own error)
+    import xarray as xr
+
+    truth = xr.open_zarr(path).field.isel(member=0).drop_vars("member").astype("complex64")
+    xr.Dataset({"field": truth}).to_zarr(tmp_path / "complex.zarr", zarr_format=3)
+    with pytest.raises(EvaluationError, match="holds complex64 values"):
+        api.evaluate(path, tmp_path / "complex.zarr")
 
 
 def test_every_error_a_user_causes_is_one_piadm_error_and_keeps_its_builtin_kind(tmp_path):

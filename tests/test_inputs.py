@@ -303,3 +303,13 @@ def test_an_input_in_another_unit_than_the_network_was_trained_in_is_refused(tmp
     # under another name than its training condition: taken, with a warning to check it
     assert ("piadm: warning: the network was conditioned on 'vorticity_coarse' in training, "
             "and input: c of") in capsys.readouterr().err
+
+
+def test_float_labels_are_written_to_their_digits_less_a_sums_rounding():
+    """A sum of steps' rounding is not a label's text (0.30000000000000004 is 0.3), but the
+    digits of a large label are (a millisecond timestamp kept whole)."""
+    from pipeline.inputs import label_text
+
+    assert label_text(0.2 + 0.1) == "0.3" and label_text(np.float32(1.7)) == "1.7"
+    assert label_text(np.float64(1609459200123.0)) == "1609459200123.0"
+    assert label_text(np.float64(1609459200121.0)) == "1609459200121.0"
