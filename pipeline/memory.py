@@ -101,9 +101,10 @@ def cgroup_room(proc: Path = Path("/proc/self/cgroup"),
                 root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """What this process's cgroups (listed in ``proc``, mounted under ``root``) still let it
     allocate (a SLURM job's --mem): the least of limit less usage over its memory cgroup and
-    those above it, in cgroup v2 (the ``0::`` line, mounted at ``root`` or, on a hybrid
-    host, its ``unified`` folder) and v1 (the ``memory`` controller's line); None where none
-    limits it or none can be read."""
+    those above it (usage less the inactive file cache, which the kernel reclaims), in cgroup
+    v2 (the ``0::`` line, mounted at ``root`` or, on a hybrid host, its ``unified`` folder)
+    and v1 (the ``memory`` controller's line); None where none limits it or none can be
+    read."""
     try:
         lines = proc.read_text().splitlines()
     except OSError:
@@ -113,13 +114,13 @@ def cgroup_room(proc: Path = Path("/proc/self/cgroup"),
         hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         relative = Path(path.lstrip("/"))
         if hierarchy == "0" and not controllers:
-            places += [(base / relative, "memory.max", "memory.current")
+            places += [(base / relative, "memory.max", "memory.current", "inactive_file")
                        for base in (root, root / "unified")]
         elif "memory" in controllers.split(","):
             places.append((root / "memory" / relative, "memory.limit_in_bytes",
-                           "memory.usage_in_bytes"))
+                           "memory.usage_in_bytes", "total_inactive_file"))
     rooms = []
-    for folder, limit_file, usage_file in places:
+    for folder, limit_file, usage_file, cache_key in places:
         for group in (folder, *folder.parents):  # a parent's limit binds its children too
             if not str(group).startswith(str(root)):
                 break
@@ -129,8 +130,21 @@ def cgroup_room(proc: Path = Path("/proc/self/cgroup"),
             except (OSError, ValueError):
                 continue
             if limit.isdigit() and int(limit) < NO_CGROUP_LIMIT:
-                rooms.append(int(limit) - usage)
+                rooms.append(int(limit) - usage + _stat(group / "memory.stat", cache_key))
     return min(rooms) if rooms else None
+
+
+def _stat(path: Path, key: str) -> int:
+    """``key``'s value in a cgroup's memory.stat (0 where absent): the file cache it counts
+    as used but the kernel gives back on demand (an input just read, say)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def available_bytes(device: torch.device, sharing: int = 1) -> tuple[int, str] | None:

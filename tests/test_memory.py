@@ -331,6 +331,8 @@ def test_cgroup_limits_of_v1_v2_and_hybrid_hosts_are_read(tmp_path):
                      "memory/job/memory.usage_in_bytes": str(gib // 2)}) == 5 * gib // 2
     v2 = ["0::/job"]
     assert host(v2, {"job/memory.max": str(4 * gib), "job/memory.current": str(gib)}) == 3 * gib
+    # the file cache of an input just read counts as used, and is given back on demand
+    assert host(v2, {"job/memory.stat": f"anon 1\ninactive_file {gib // 2}\n"}) == 7 * gib // 2
     (tmp_path / "sys" / "job" / "memory.max").write_text("max\n")
     assert host(v2, {}) is None  # no limit
     hybrid = ["1:name=systemd:/", "0::/hj"]
