@@ -296,7 +296,10 @@ def check_same_config(comm, cfg: Config, who: str, mode: str = "") -> None:
     forever."""
     mine = hashlib.sha256(f"{cfg.digest}\n{mode}".encode()).hexdigest()
     relative = _relative_paths(cfg)
-    theirs = comm.allgather_object((mine, os.getcwd() if relative else ""))
+    # a folder by its name and its inode: one shared folder mounted at other paths on
+    # other nodes (/gpfs/home and /home) is the same folder
+    here = (os.getcwd(), os.stat(".").st_ino) if relative else ("", 0)
+    theirs = comm.allgather_object((mine, here))
     odd = [rank for rank, (digest, _) in enumerate(theirs) if digest != theirs[0][0]]
     if odd:
         raise ConfigError(
@@ -304,11 +307,13 @@ def check_same_config(comm, cfg: Config, who: str, mode: str = "") -> None:
             f"config{' or options' if mode else ''} than rank 0: every rank must have the same "
             "(an output.path or setting made from the time, the rank or the host, or a "
             "PIADM_SET or config file that differs between nodes)", collective=True)
-    elsewhere = [rank for rank, (_, here) in enumerate(theirs) if here != theirs[0][1]]
+    first = theirs[0][1]
+    elsewhere = [rank for rank, (_, (name, inode)) in enumerate(theirs)
+                 if name != first[0] and inode != first[1]]
     if elsewhere:
         raise ConfigError(
             f"{who}: rank(s) {', '.join(map(str, elsewhere))} of {comm.size} were started in "
-            f"another working folder ({theirs[elsewhere[0]][1]}) than rank 0 "
-            f"({theirs[0][1]}), where the config's relative paths ({', '.join(relative)}) "
+            f"another working folder ({theirs[elsewhere[0]][1][0]}) than rank 0 "
+            f"({first[0]}), where the config's relative paths ({', '.join(relative)}) "
             "name other files: start every rank in one folder (mpiexec -wdir, srun --chdir), "
             "or give absolute paths", collective=True)
