@@ -32,8 +32,9 @@ def data_bound(meta: dict, data: str | Path) -> float:
     train = tomllib.loads(meta.get("config", "")).get("train", {})
     fields = xr.open_zarr(data)[meta["variable"]]
     cut = int(round(fields.sizes["time"] * (1 - train.get("validation", 0.2))))
+    extras = meta.get("extra") or train.get("extra", [])  # absolute where the sidecar has them
     parts = [fields[:cut]] + [xr.open_zarr(extra)[meta["variable"]]
-                              for extra in train.get("extra", []) if Path(extra).is_dir()]
+                              for extra in extras if Path(extra).is_dir()]
     chunks = (part[a : a + 256].values for part in parts
               for a in range(0, part.sizes["time"], 256))
     found = largest_mode_power(chunks, meta["mean"], meta["std"])

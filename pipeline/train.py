@@ -192,6 +192,7 @@ def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: st
             "data_bound": trn.data_bound, "variable": t.variable, "condition": t.condition,
             # absolute: read back from another folder (bench --quality, a resume) it is the same
             "residual": t.residual, "shape": list(shape), "data": os.path.abspath(t.data),
+            "extra": [os.path.abspath(p) for p in t.extra],
             # the conditioning grid: sampling refuses an input of another resolution
             "cond_shape": None if trn.coarse is None else list(trn.coarse.shape[1:]),
             "validation": t.validation, "config": config_text, "data_made": _data_made(data),

@@ -148,7 +148,9 @@ def check_init_trained_apart(t: TrainConfig, held: np.ndarray) -> None:
 
     try:
         meta = json.loads(sidecar(Path(t.init)).read_text())
-        extra = tomllib.loads(meta.get("config", "")).get("train", {}).get("extra", [])
+        # absolute where recorded; an older sidecar's as its run typed them, from here
+        extra = meta.get("extra") or tomllib.loads(meta.get("config", "")).get(
+            "train", {}).get("extra", [])
     except (OSError, ValueError, TypeError):  # start_from names an unreadable checkpoint
         return
     count = str(meta.get("data_made", "")).split(" ")[0]  # "N times; ..."

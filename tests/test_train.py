@@ -316,6 +316,8 @@ def test_a_residual_model_is_fine_tuned_on_more_data_with_its_own_sigma_data(tmp
     sigma = {p: json.loads(Path(f"{p}.json").read_text())["unet"]["sigma_data"]
              for p in (first, tuned)}
     assert sigma[first] != sigma[tuned]
+    # its extra stores recorded absolute: a later train.init from another folder finds them
+    assert json.loads(Path(f"{tuned}.json").read_text())["extra"] == [os.path.abspath(other)]
     # but not a network that learned the field itself: another target
     plain_cond = tmp_path / "plain.pt"
     assert main(_train_args(dataset, plain_cond, "train.condition=vorticity_coarse")) == 0
