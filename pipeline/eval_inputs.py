@@ -157,6 +157,10 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
     renamed = {field[dim].attrs["input_dim"]: dim for dim in dims
                if dim in field.coords and field[dim].attrs.get("input_dim") in truth.dims
                and dim not in truth.dims}
+    # lat and lon name y and x where the store recorded no name of its own for them
+    renamed.update({name: GEOGRAPHIC[str(name).lower()] for name in truth.dims
+                    if GEOGRAPHIC.get(str(name).lower()) in dims and name not in renamed
+                    and GEOGRAPHIC[str(name).lower()] not in (*truth.dims, *renamed.values())})
     truth = truth.rename(renamed) if renamed else truth
     theirs = {ours: name for name, ours in renamed.items()}  # for a message: the truth's names
     if not set(dims) <= set(truth.dims):
@@ -182,16 +186,15 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
     return truth
 
 
-# Names a truth may give its field dims where the ensemble's are y and x: their order tells
-# a truth stored (lon, lat), which position alone would meet transposed
+# Names a truth may give its field dims where the ensemble's are y and x (and the store
+# recorded no input_dim): taken as those, then lined up and checked as they are
 GEOGRAPHIC = {"lat": "y", "latitude": "y", "lon": "x", "longitude": "x"}
 
 
 def _by_position(truth: xr.DataArray, dims: tuple, path) -> xr.DataArray:
     """``truth``, whose field dims do not all carry the ensemble's names ``dims``, to be met
-    by position: refused where it names some of them (an axis named as one of the
-    ensemble's may sit where another is), put in the ensemble's order where it names them
-    lat and lon."""
+    by position; refused where it names some of them: an axis named as one of the
+    ensemble's may sit where another is."""
     theirs = truth.dims[truth.ndim - len(dims):]
     shared = sorted(set(map(str, dims)) & set(map(str, truth.dims)))
     if shared:
@@ -200,9 +203,6 @@ def _by_position(truth: xr.DataArray, dims: tuple, path) -> xr.DataArray:
             f"{tuple(map(str, dims))}: they share {', '.join(shared)} but not the rest, so "
             "neither the names nor the positions line them up: rename the truth's field dims "
             "to the ensemble's")
-    aliased = [GEOGRAPHIC.get(str(d).lower()) for d in theirs]
-    if set(dims) == set(aliased) == {"x", "y"} and tuple(aliased) != tuple(dims):
-        return truth.transpose(..., *(theirs[aliased.index(str(d))] for d in dims))
     return truth
 
 

@@ -153,6 +153,18 @@ def test_a_truth_on_another_grid_of_as_many_points_is_refused(tmp_path, capsys):
     assert main(["evaluate", str(ens), "--truth", str(inp), "--out", str(tmp_path / "s")]) == 0
     scored = [json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("v", "s")]
     assert scored[0]["crps"] == scored[1]["crps"]
+    # named lat and lon, north to south as ERA5 stores it: taken as y and x, then lined up
+    # and checked as they are (by position it scored upside down, another grid unseen)
+    geo = xr.open_zarr(inp).load().rename(y="lat", x="lon")
+    geo.isel(lat=slice(None, None, -1)).to_zarr(tmp_path / "geo.zarr", zarr_format=3)
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "geo.zarr"),
+                 "--out", str(tmp_path / "g")]) == 0
+    assert json.loads((tmp_path / "g" / "metrics.json").read_text())["crps"] == scored[1]["crps"]
+    geo.assign_coords(lat=geo.lat + 100).to_zarr(tmp_path / "far.zarr", zarr_format=3)
+    capsys.readouterr()
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "far.zarr"),
+                 "--out", str(tmp_path / "h")]) == 2
+    assert "'s lat runs 99.2 .. 100.7 (16 points)" in capsys.readouterr().err
 
 
 def test_an_empty_truth_range_over_text_labels_says_where_they_run():
