@@ -201,16 +201,21 @@ MODEL_SIDECAR = "model_sidecar_sha256"
 
 
 def sidecar_digest(m) -> str:
-    """SHA-256 of the JSON sidecars of a U-Net's checkpoint (and its guide's): what the
-    network's fields are scaled by and its data bound S, which ``models.export --data``
-    changes without the weights; "" for other models."""
+    """SHA-256 of what the JSON sidecars of a U-Net's checkpoint (and its guide's) say, as
+    sorted JSON (a file written anew with the same content is the same): what the network's
+    fields are scaled by and its data bound S, which ``models.export --data`` changes
+    without the weights; "" for other models."""
     if m.kind != "unet" or not m.checkpoint:
         return ""
     from models.checkpoint import sidecar
-    from models.digest import files_digest
 
-    files = [sidecar(Path(p)) for p in (m.checkpoint, m.guide) if p]
-    return files_digest([f for f in files if f.is_file()])
+    said = []
+    for path in (m.checkpoint, m.guide):
+        try:
+            said.append(json.loads(sidecar(Path(path)).read_text()) if path else None)
+        except (OSError, ValueError):  # loading the model names an unreadable sidecar
+            said.append(None)
+    return hashlib.sha256(json.dumps(said, sort_keys=True).encode()).hexdigest()
 
 
 def _network_provenance(m) -> dict:

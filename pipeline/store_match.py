@@ -142,8 +142,9 @@ def _check_same_sidecar(cfg: Config, held: dict) -> None:
         return
     raise StaleStore(
         f"output {cfg.output.path} was made by this configuration with another sidecar of "
-        f"{cfg.model.checkpoint} ({was[:12]}, now {now[:12] or 'none'}: its normalisation or "
-        "data bound has changed since): put the original back to resume it, choose another "
+        f"{cfg.model.checkpoint} ({was[:12]}, now {now[:12] or 'none'}: what it says has "
+        "changed since, its normalisation or data bound, say): put the original back to "
+        "resume it, choose another "
         "output.path, or set output.overwrite = true to replace it",
         why="its checkpoint's sidecar changed since it was made")
 

@@ -1109,6 +1109,8 @@ def test_a_store_is_not_resumed_once_its_checkpoints_sidecar_has_changed(tmp_pat
             "ensemble.members=2"]
     assert main(_sample_args(out, *sets)) == 0
     meta = json.loads(sidecar(ckpt).read_text())
+    sidecar(ckpt).write_text(json.dumps(meta, indent=4))  # written anew, saying the same
+    assert main(_sample_args(out, *sets)) == 0
     sidecar(ckpt).write_text(json.dumps({**meta, "data_bound": 10 * meta["data_bound"]}))
     capsys.readouterr()
     assert main(_sample_args(out, *sets, "ensemble.members=4")) == 2  # grown: refused
