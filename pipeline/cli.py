@@ -23,8 +23,8 @@ from pathlib import Path  # noqa: E402
 # each command imports what it needs.
 from pipeline.arguments import (check_bench_flags, check_figure_file,  # noqa: E402
                                 check_output_file, check_plan_flags, check_status_flags, parser)
-from pipeline.config import (ConfigError, check_same_config, load_config,  # noqa: E402
-                             read_toml, with_settings)
+from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noqa: E402
+                             check_same_config, load_config, read_toml, with_settings)
 from pipeline.console import on_every_rank, on_rank0, print0, say, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
 from pipeline.errors import raised_by_every_rank  # noqa: E402
@@ -77,7 +77,9 @@ def _setup(args, world, plan: bool = False, layout: bool = True, stop=None):
     # nodes): every rank must then stop, not wait for it in check_same_config
     cfg = on_every_rank(world, lambda: _load(args))
     options = {k: v for k, v in sorted(vars(args).items()) if k not in ("config", "set")}
-    check_same_config(world, cfg, f"piadm {args.command}", mode=repr(options))
+    check_same_config(world, cfg, f"piadm {args.command}", mode=repr(options),
+                      paths={"train": TRAINING_PATHS, "generate-data": ("data.path",)}.get(
+                          args.command, SAMPLING_PATHS))
     if args.command == "sample":  # the store's own spelling of the files it was made from
         from pipeline.identity import as_stored
 

@@ -279,23 +279,32 @@ def store_differences(cfg: Config, text: str, most: int = 4) -> list[str]:
     return format_differences(setting_differences(cfg, text), most)
 
 
-def _relative_paths(cfg: Config) -> list[str]:
-    """The settings of a sampling run's paths (output.path, ``FILE_KEYS``) that ``cfg`` gives
-    relative to the working folder."""
-    keys = ("output.path", *FILE_KEYS)
-    values = [getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in keys]
-    return [key for key, v in zip(keys, values)
-            if isinstance(v, str) and v and not os.path.isabs(v)]
+# The settings that name files a sampling run reads or writes; ``TRAINING_PATHS`` a training's
+SAMPLING_PATHS = ("output.path", *FILE_KEYS)
+TRAINING_PATHS = ("train.data", "train.extra", "train.checkpoint", "train.init")
 
 
-def check_same_config(comm, cfg: Config, who: str, mode: str = "") -> None:
+def _relative_paths(cfg: Config, keys: tuple[str, ...]) -> list[str]:
+    """The settings among ``keys`` that ``cfg`` gives relative to the working folder (any of
+    a list's paths)."""
+    out = []
+    for key in keys:
+        value = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+        if any(isinstance(v, str) and v and not os.path.isabs(v)
+               for v in (value if isinstance(value, tuple) else (value,))):
+            out.append(key)
+    return out
+
+
+def check_same_config(comm, cfg: Config, who: str, mode: str = "",
+                      paths: tuple[str, ...] = SAMPLING_PATHS) -> None:
     """Raise ConfigError on every rank of ``comm`` when its ranks hold different configs, or
     different ``mode`` (the command's other options, e.g. ``--dry-run``; ``who``: the command
     or function, for the message), or were started in different working folders while the
-    config names relative paths: they would disagree on the store and wait for each other
-    forever."""
+    config names relative paths among the settings ``paths`` the command reads: they would
+    disagree on the store (or the data) and wait for each other forever."""
     mine = hashlib.sha256(f"{cfg.digest}\n{mode}".encode()).hexdigest()
-    relative = _relative_paths(cfg)
+    relative = _relative_paths(cfg, paths)
     # a folder by its name and its inode: one shared folder mounted at other paths on
     # other nodes (/gpfs/home and /home) is the same folder
     here = (os.getcwd(), os.stat(".").st_ino) if relative else ("", 0)

@@ -209,6 +209,14 @@ def test_ranks_started_in_other_folders_are_refused_where_the_config_has_relativ
                       "in one folder (mpiexec -wdir, srun --chdir), or give absolute paths"]
     assert not list(tmp_path.rglob("x.zarr"))
     assert run(str(tmp_path / "x.zarr")).returncode == 0
+    # training reads its own paths: a relative train.data named another dataset on each rank
+    rank = [sys.executable, "-m", "pipeline.cli", "train",
+            str(ROOT / "jobs" / "configs" / "kolmogorov.toml"), "--set", "train.data=data.zarr"]
+    proc = subprocess.run([MPIEXEC, "-n", "1", *rank, ":", "-n", "1", "-wdir",
+                           str(tmp_path / "sub"), *rank], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 2 and ("where the config's relative paths (train.data, "
+                                     "train.checkpoint) name other files") in proc.stderr
 
 
 def test_a_bad_layout_is_one_clean_error_from_every_rank(tmp_path):
