@@ -132,22 +132,25 @@ MOST_TRAINING_STDS = 1e3
 def check_input_units(cfg: Config, model, items) -> None:
     """Refuse an input whose values (``items``' mean and std) lie more than
     ``MOST_TRAINING_STDS`` of a learned network's training normalisation away from it: in
-    another unit than the network was trained in. Warn where they lie a hundredth of that away,
-    or where input.variable is not the variable the network was conditioned on in training
-    (another quantity of the same grid is taken as readily)."""
+    another unit than the network was trained in. Warn where they lie a hundredth of that away
+    or spread a tenth of that as little, or where input.variable is not the variable the
+    network was conditioned on in training (another quantity of the same grid is taken as
+    readily)."""
     if not cfg.input.path or getattr(model, "data_mean", None) is None:
         return  # exact models take the input's own scale; a module its own units
     mean, std = float(model.data_mean), float(model.data_std)
     far = max(abs(items.mean - mean), items.std) / std
+    narrow = items.std / std  # a unit a hundred times smaller: fields of almost no spread
     where = (f"input: {cfg.input.variable} of {cfg.input.path} has mean {items.mean:.4g} and "
              f"std {items.std:.4g}, where the network's training fields had mean {mean:.4g} "
-             f"and std {std:.4g} ({far:.3g} of its standard deviations away)")
+             f"and std {std:.4g} (" + (f"{far:.3g} of its standard deviations away"
+                                       if far >= 1 else f"{narrow:.3g} of its spread") + ")")
     if far > MOST_TRAINING_STDS:
         raise InputError(f"{where}: the input is in another unit than the network was trained "
                          "in; convert it to that unit (or check input.variable)")
     trained = getattr(model, "condition", "")
     other = bool(trained) and trained != cfg.input.variable
-    if other or far > MOST_TRAINING_STDS / 100:
+    if other or far > MOST_TRAINING_STDS / 100 or narrow < 100 / MOST_TRAINING_STDS:
         said = (f"the network was conditioned on {trained!r} in training, and " if other
                 else "")
         say(f"piadm: warning: {said}{where}: check that the input is the same quantity in "

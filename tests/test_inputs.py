@@ -281,8 +281,9 @@ def test_an_input_in_another_unit_than_the_network_was_trained_in_is_refused(tmp
 
     rng = np.random.default_rng(0)
     coarse = (4 * rng.standard_normal((2, 16, 16))).astype("float32")
-    for name, scale in (("same.zarr", 1.0), ("mega.zarr", 1e6)):
-        xr.Dataset({"c": (("time", "y", "x"), scale * coarse)},
+    for name, scale in (("same.zarr", 1.0), ("mega.zarr", 1e6), ("tiny.zarr", 1e-4)):
+        xr.Dataset({"c": (("time", "y", "x"), scale * coarse),
+                    "vorticity_coarse": (("time", "y", "x"), scale * coarse)},
                    coords={"time": [1.0, 2.0]}).to_zarr(tmp_path / name, zarr_format=3,
                                                         consolidated=False)
     sets = ["--set", "input.variable=c", "--set", "input.range=[]", "--set",
@@ -303,6 +304,16 @@ def test_an_input_in_another_unit_than_the_network_was_trained_in_is_refused(tmp
     # under another name than its training condition: taken, with a warning to check it
     assert ("piadm: warning: the network was conditioned on 'vorticity_coarse' in training, "
             "and input: c of") in capsys.readouterr().err
+    # a unit ten thousand times smaller: fields of almost no spread, warned of too
+    named = [s for s in sets if s not in ("--set", "input.variable=c")]
+    cfg = load_config("jobs/configs/kolmogorov_down.toml",
+                      named + [f"input.path={tmp_path / 'same.zarr'}"])
+    check_input_units(cfg, model, load_items(cfg, check=True, model=model))
+    assert "warning" not in capsys.readouterr().err  # its own name and scale: nothing said
+    cfg = load_config("jobs/configs/kolmogorov_down.toml",
+                      named + [f"input.path={tmp_path / 'tiny.zarr'}"])
+    check_input_units(cfg, model, load_items(cfg, check=True, model=model))
+    assert "of its spread): check that the input is the same quantity" in capsys.readouterr().err
 
 
 def test_float_labels_are_written_to_their_digits_less_a_sums_rounding():
