@@ -223,24 +223,35 @@ def _check_finite(truth: xr.DataArray, path, field_ndim: int, *, paired: bool) -
     lead = values.shape[: values.ndim - field_ndim]
     finite = np.isfinite(values.reshape(*lead, -1))
     bad = ~finite.all(axis=-1)
+    dim = truth.dims[0]
+
+    def where(which: np.ndarray) -> str:
+        labels = truth[dim].to_index()[which] if which.ndim == 1 else np.nonzero(which)[0]
+        return f"{dim} {', '.join(label_text(v) for v in np.asarray(labels)[:3])}"
+
+    choose = ("sample items whose truth is whole (input.range)" if paired else
+              "choose its whole fields with --truth-range")
     if not bad.any():
-        if values.min() == values.max():  # every ratio to its spectrum would be 0 / 0
+        flat = values.reshape(*lead, -1)
+        level = flat.min(axis=-1) == flat.max(axis=-1)  # every ratio to its spectrum: 0 / 0
+        if level.all() and values.min() == values.max():
             value = "zero" if not values.any() else f"{values.flat[0]:.6g}"
             raise EvaluationError(f"truth {path} is {value} everywhere: it has no spectrum or "
                                   "spread to score against; give the fields the ensemble "
                                   "should match (--truth-variable names another variable)")
+        if level.any():
+            raise EvaluationError(
+                f"truth {path} has {int(level.sum())} of the {level.size} fields scored that "
+                f"are one value throughout (e.g. {where(level)}): they have no spectrum to "
+                f"score against; give the fields the ensemble should match, or {choose}")
         return
-    dim = truth.dims[0]
-    labels = truth[dim].to_index()[bad] if bad.ndim == 1 else np.nonzero(bad)[0]
-    where = f"{dim} {', '.join(label_text(v) for v in np.asarray(labels)[:3])}"
-    choose = ("sample items whose truth is whole (input.range)" if paired else
-              "choose its whole fields with --truth-range")
-    head = f"truth {path} has {int(bad.sum())} of the {bad.size} fields scored not finite"
+    head = (f"truth {path} has {int(bad.sum())} of the {bad.size} fields scored not finite "
+            f"(e.g. {where(bad)})")
     if (~finite[bad]).all():  # unwritten snapshots read back as the store's fill value, NaN
-        raise EvaluationError(f"{head} (e.g. {where}), every point NaN or inf: a generate-data "
+        raise EvaluationError(f"{head}, every point NaN or inf: a generate-data "
                               "run stopped part way leaves its unwritten snapshots NaN; rerun "
                               f"it with data.overwrite = true (it starts again), or {choose}")
-    raise EvaluationError(f"{head} (e.g. {where}), NaN or inf at some of their points (masked "
+    raise EvaluationError(f"{head}, NaN or inf at some of their points (masked "
                           f"or missing values): piadm scores whole fields; fill them, or {choose}")
 
 

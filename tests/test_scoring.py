@@ -272,6 +272,8 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
                      "whole fields; fill them"),
     ("truth all zero", "is zero everywhere: it has no spectrum or spread to score against"),
     ("truth constant", "is 1.5 everywhere: it has no spectrum or spread to score against"),
+    ("truth level per time", "has 6 of the 6 fields scored that are one value throughout (e.g. "
+                             "time 2020-01-01, 2020-01-02, 2020-01-03): they have no spectrum"),
     ("complex truth", "holds complex64 values: piadm's fields are real numbers"),
     ("ensemble as truth", "is ('time', 'member', 'y', 'x'), not one field per time"),
     ("cut past the shells", "--cut 100 is past the largest shell of the store's 16x16 fields: "
@@ -323,6 +325,11 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
     if case == "truth masked":  # one point, as a land mask or a missing value gives
         truth = xr.open_zarr(tmp / "truth.zarr").load()
         truth.vort[1, 3, 5] = float("inf")
+        truth.to_zarr(tmp_path / "t.zarr")
+        args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
+    if case == "truth level per time":  # each field uniform, each time another value
+        truth = xr.open_zarr(tmp / "truth.zarr").load()
+        truth["vort"] = truth.vort * 0 + xr.DataArray(np.arange(6.0), dims="time")
         truth.to_zarr(tmp_path / "t.zarr")
         args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
     if case in ("truth all zero", "truth constant", "complex truth"):
