@@ -258,12 +258,14 @@ def _check_finite(truth: xr.DataArray, path, field_ndim: int, *, paired: bool) -
 def check_sound(store, err: Exception | None) -> None:
     """After ``err`` (or NaN figures) while reading ``store``: raise EvaluationError when
     members marked done are damaged (the likely cause), naming the fix."""
-    from pipeline.status import damaged
+    from pipeline.status import damaged, item_labels
 
     found = damaged(str(store))
     if found:
-        raise EvaluationError(f"store {store} has {len(found)} damaged member(s) (e.g. item "
-                              f"{found[0][0]}, member {found[0][1]}: {found[0][2]}): run piadm "
+        item, member, what = found[0]
+        dim, labels = item_labels(str(store))
+        raise EvaluationError(f"store {store} has {len(found)} damaged member(s) (e.g. {dim} "
+                              f"{labels[item]} (item {item}), member {member}: {what}): run piadm "
                               "status --verify --repair on it, then rerun its sample command") from err
 
 

@@ -41,6 +41,13 @@ def _item_dim(group: zarr.Group) -> str:
 TIMEDELTA_UNITS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
 
 
+def item_labels(path: str) -> tuple[str, list[str]]:
+    """The item dimension of the store at ``path`` and its labels, as status prints them."""
+    group = _open(path)
+    dim = _item_dim(group)
+    return dim, _labels(group[dim])
+
+
 def _labels(coord) -> list[str]:
     """The item labels as a person writes them: dates stored as CF numbers ("days since
     2020-01-01", on their calendar) decoded with cftime, which reads them without xarray, and
@@ -224,9 +231,11 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
     state = _progress(path, group, flags if repair or not record else None)
     ok = state["complete"] and not found
     if as_json:
+        labels = _labels(group[_item_dim(group)])
         return json.dumps({**state, "store": path,  # its key before the counts joined it
                            "sound": not found, "repaired": bool(found and repair),
-                           "damaged": [{"item": item, "member": member, "problem": what}
+                           "damaged": [{"item": item, "label": labels[item], "member": member,
+                                        "problem": what}
                                        for item, member, what in found]}, indent=1), ok
     if not found:
         return f"{_text(path, state)}\nevery member marked done reads back finite", ok

@@ -405,6 +405,7 @@ def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resa
     assert not found["sound"] and not found["repaired"] and len(found["damaged"]) == 4
     assert found["store"] == found["path"] == str(hurt)
     assert {d["problem"].split()[0] for d in found["damaged"]} == {"not", "unreadable"}
+    assert found["damaged"][0]["label"] == "2020-01-01"  # the item as status names it
     assert main(["evaluate", str(hurt), "--truth", str(input_store),
                  "--out", str(tmp_path / "eval")]) == 2
     assert "has 4 damaged member(s)" in capsys.readouterr().err
@@ -982,7 +983,8 @@ def test_evaluate_of_a_store_with_a_deleted_chunk_says_only_what_is_damaged(tmp_
         warnings.simplefilter("always")
         assert main(["evaluate", str(hurt), "--truth", str(input_store),
                      "--out", str(tmp_path / "eval")]) == 2
-    assert "has 2 damaged member(s)" in capsys.readouterr().err
+    assert "has 2 damaged member(s) (e.g. time 2020-01-01 (item 0), member 0:" in \
+        capsys.readouterr().err
     assert not [str(w.message) for w in said if issubclass(w.category, RuntimeWarning)]
 
 
