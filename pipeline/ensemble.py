@@ -330,11 +330,12 @@ def _out_of_memory(cfg: Config, rank: int, device, members: int, asked=None,
             lower += f" (now {now})"
         lower += ", "
     # a sequential sampler's state is its fields and its noise block, which slices do not split
-    rest = ("the field (model.shape)" if REGISTRY[s.method].reference == s.method else
-            f"sampler.{key}, or add time slices")
+    sequential = REGISTRY[s.method].reference == s.method
+    rest = "the field (model.shape)" if sequential else f"sampler.{key}, or add time slices"
+    points = "" if sequential else f" ({n} points of sampler.{key})"
     return (f"sample: rank {rank} ran out of memory ({device}) sampling {members} members at "
-            f"once with {s.method} ({n} points of sampler.{key}): {lower}{rest}; the members "
-            "written so far are kept, and the same command resumes after them")
+            f"once with {s.method}{points}: {lower}{rest}; the members written so far are "
+            "kept, and the same command resumes after them")
 
 
 def _submit(writer, spec: StoreSpec, item: int, members, batch, rows: slice, scale,

@@ -242,8 +242,10 @@ def test_an_auto_runs_out_of_memory_line_says_which_batch_sizes_replace_the_plan
     assert "lower ensemble.batch_size below 2 (now 8), " in _out_of_memory(cfg, 0, "cpu", 2)
     assert ": lower sampler.window, or add" in _out_of_memory(cfg, 0, "cpu", 1)
     # a sequential sampler's state: its fields, which neither the block nor time slices split
-    seq = load_config("jobs/configs/grf.toml", ["sampler.method=sequential-ode"])
-    assert "below 8, the field (model.shape); the members" in _out_of_memory(seq, 0, "cpu", 8)
+    seq = load_config("jobs/configs/grf.toml", ["sampler.method=sequential-ode",
+                                                "ensemble.batch_size=8"])
+    assert "with sequential-ode: lower ensemble.batch_size below 8, the field (model.shape); " \
+        "the members" in _out_of_memory(seq, 0, "cpu", 8)
 
 
 def test_a_replicated_window_needs_the_whole_window_on_every_time_slice(tmp_path, monkeypatch):
