@@ -20,10 +20,11 @@ from pipeline.layout import arithmetic_kind
 from pipeline.memory import field_bytes
 from pipeline.noise import host_fingerprint
 from pipeline.run import (DTYPES, HOST_NOISE, MODEL_SIDECAR, MODEL_SOURCE, model_digest,
-                          sidecar_digest)
+                          residual_length, sidecar_digest)
 from pipeline.settings import FILE_KEYS, Config
-from pipeline.store import (ARRAYS_FIX, FIELD_SCALE, INPUT_FINGERPRINT, DamagedRecord,
-                            StoreExists, damaged_arrays, members_of, open_store, read_attrs)
+from pipeline.store import (ARRAYS_FIX, FIELD_SCALE, INPUT_FINGERPRINT, PER_MEMBER,
+                            RESIDUAL_BYTES, DamagedRecord, StoreExists, damaged_arrays,
+                            member_chunk, members_of, open_store, read_attrs)
 from pipeline.target import check_idle, check_path_walk, check_room, check_writable
 
 
@@ -55,11 +56,7 @@ def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
     if fate == "create":  # found now, not when the store is made after a calibration
         check_writable(cfg.output.path)
     if fate in ("create", "replace", "grow"):  # before a typo's store fills the disk
-        one = field_bytes(tuple(cfg.model.shape), DTYPES[cfg.sampler.dtype])
-        count = 1 if items is None else len(items.labels)
-        kept = members_of(cfg.output.path) if fate == "grow" else 0
-        check_room(cfg.output.path, one, count * cfg.ensemble.members, held=count * kept,
-                   replaced=fate == "replace")
+        _check_room(cfg, 1 if items is None else len(items.labels), fate)
     if fate == "replace":
         check_idle(cfg.output.path)
     if fate == "upgrade":
@@ -67,6 +64,21 @@ def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
     if fate == "grow":
         check_idle(cfg.output.path, "grows a store")
     return fate
+
+
+def _check_room(cfg: Config, count: int, fate: str) -> None:
+    """``check_room`` of the store of ``count`` items that ``cfg`` makes, replaces or grows
+    (``fate``): its fields with their per-member values, in chunk files of the members its
+    run would chunk them by (the new ones only, where it grows)."""
+    one = field_bytes(tuple(cfg.model.shape), DTYPES[cfg.sampler.dtype])
+    sweeps = residual_length(cfg.sampler)
+    kept = members_of(cfg.output.path) if fate == "grow" else 0
+    chunk = member_chunk(cfg.ensemble.batch_size, max(one, RESIDUAL_BYTES * sweeps))
+    arrays = 1 + len(PER_MEMBER) + (1 if sweeps else 0)
+    files = count * arrays * -(-(cfg.ensemble.members - kept) // chunk)
+    check_room(cfg.output.path, one + sum(np.dtype(t).itemsize for t in PER_MEMBER.values()),
+               count * cfg.ensemble.members, held=count * kept, files=files,
+               replaced=fate == "replace")
 
 
 def _differences(cfg: Config, text: str) -> list[str]:

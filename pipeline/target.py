@@ -115,28 +115,32 @@ def check_writable(path: str | Path) -> None:
                                  f"{path} cannot be made there", str(existing)) from None
 
 
-# A store is refused where its fields would need this many times the free space of its disk:
-# compressed, noisy float fields keep most of their bytes (grf stores: 0.93 to 0.95 of them),
-# and a typo in ensemble.members (1e9) filled a disk for minutes before it failed
-ROOM_FACTOR = 1.1
+# A store is refused where it would need more than this many times the free space of its
+# disk: compressed, noisy float fields keep most of their bytes (grf stores: 0.93 to 0.95 of
+# them), and a typo in ensemble.members (1e9) filled a disk for minutes before it failed
+ROOM_FACTOR = 1.0
+# What a file takes on disk at least: a store of many small chunks is mostly these
+FILE_BLOCK = 4096
 
 
-def check_room(path: str | Path, field_bytes: int, fields: int, *, held: int = 0,
-               replaced: bool = False) -> None:
-    """Raise ConfigError when ``fields`` fields of ``field_bytes`` bytes (the store's items x
-    members) would need more than ``ROOM_FACTOR`` times the free space of the disk that
-    ``path`` is on: less the ``held`` fields a grown store has written already, and with the
-    bytes of a ``replaced`` store (deleted before a field is written) counted free."""
+def check_room(path: str | Path, member_bytes: int, members: int, *, held: int = 0,
+               files: int = 0, replaced: bool = False) -> None:
+    """Raise ConfigError when a store of ``members`` members (the store's items x members)
+    of ``member_bytes`` bytes each (a field and its per-member values), in ``files`` chunk
+    files of at least ``FILE_BLOCK`` bytes, would need more than ``ROOM_FACTOR`` times the
+    free space of the disk that ``path`` is on: less the ``held`` members a grown store has
+    written already, and with the bytes of a ``replaced`` store (deleted before a field is
+    written) counted free."""
     from pipeline.memory import format_bytes
 
     existing = _nearest_existing(path)
     free = shutil.disk_usage(existing).free + (_bytes_under(path) if replaced else 0)
-    needed = field_bytes * (fields - held)
+    needed = member_bytes * (members - held) + FILE_BLOCK * files
     if needed > ROOM_FACTOR * free:
         raise ConfigError(
-            f"ensemble.members: the store at output.path {path} would hold {fields} fields "
-            f"({fields - held} to write), {format_bytes(needed)} before compression (which "
-            f"keeps most of a field's bytes), where "
+            f"ensemble.members: the store at output.path {path} would hold {members} fields "
+            f"({members - held} to write), {format_bytes(needed)} with their per-member values "
+            f"and files, before compression (which keeps most of a field's bytes), where "
             f"{existing} has {format_bytes(free)} free"
             f"{' with the store it replaces' if replaced else ''}: lower ensemble.members (or "
             "select fewer items), or choose an output.path on a disk with room")
@@ -149,8 +153,9 @@ def _nearest_existing(path: str | Path) -> Path:
 
 
 def _bytes_under(path: str | Path) -> int:
-    """The bytes of the files under the folder ``path``."""
-    return sum(os.path.getsize(os.path.join(root, name))
+    """The disk space the files under the folder ``path`` take (their blocks, as a new
+    store's are counted in ``check_room``)."""
+    return sum(os.stat(os.path.join(root, name)).st_blocks * 512
                for root, _, names in os.walk(path) for name in names)
 
 

@@ -663,17 +663,18 @@ def test_a_store_far_larger_than_its_disk_is_refused_before_anything_is_written(
     assert main(["sample", "jobs/configs/grf.toml", *sets, members,
                  *(["--dry-run"] if dry else [])]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
+    # 1000 fields of 256 bytes with 25 bytes of per-member values, in 500 chunks of each of 6
+    # arrays (field, seed, rounds, model_calls, done, residual) of a 4 KiB block at least
     assert err.startswith("piadm: error: ensemble.members: the store at output.path") and (
-        "would hold 1000 fields (1000 to write), 0.2 MiB before compression (which keeps "
-        "most of a field's bytes)" in err
+        "would hold 1000 fields (1000 to write), 12.0 MiB with their per-member values and "
+        "files, before compression (which keeps most of a field's bytes)" in err
         and "has 0.1 MiB free" in err), err
     assert list(tmp_path.iterdir()) == []
-    # compression keeps most of a field's bytes: 0.2 MiB of fields on 0.2 MiB free was taken,
-    # then the disk filled part way; within a tenth more than the room they are
-    monkeypatch.setattr(target.shutil, "disk_usage", lambda path: usage(10**6, 0, 2 * 10**5))
-    assert main(["sample", "jobs/configs/grf.toml", *sets, members, "--dry-run"]) == 2
-    monkeypatch.setattr(target.shutil, "disk_usage", lambda path: usage(10**6, 0, 240_000))
-    assert main(["sample", "jobs/configs/grf.toml", *sets, members, "--dry-run"]) == 0
+    # what the fields alone took was let through twice over, and filled the disk part way
+    needed = 1000 * (256 + 25) + 500 * 6 * 4096
+    for free, code in ((needed - 1, 2), (needed, 0)):
+        monkeypatch.setattr(target.shutil, "disk_usage", lambda path: usage(10**8, 0, free))
+        assert main(["sample", "jobs/configs/grf.toml", *sets, members, "--dry-run"]) == code
 
 
 @pytest.mark.parametrize("change", [{"ensemble.members": 41},
@@ -690,12 +691,13 @@ def test_growing_or_replacing_a_store_counts_only_the_room_it_takes(tmp_path, mo
         "ensemble.members": 40, "ensemble.batch_size": 8, "sampler.method": "sequential-sde"}))
     sample(cfg)  # 40 fields of 8 x 8 float32: 10 KiB
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(target.shutil, "disk_usage", lambda path: usage(10**6, 0, 300))
+    # one member more is one more chunk file of each of 5 arrays: 20 KiB in blocks
+    monkeypatch.setattr(target.shutil, "disk_usage", lambda path: usage(10**6, 0, 30_000))
     sample(load_config("jobs/configs/grf.toml", _small(tmp_path, **{
         "ensemble.members": 40, "ensemble.batch_size": 8, "sampler.method": "sequential-sde",
         **change})))
     assert xr.open_zarr(cfg.output.path)["done"].values.all()
-    # growing it by 39 or 40 members (10 KiB) still needs more than twice the 300 B free
+    # growing it by 39 or 40 members (5 chunks of 5 arrays: 111 KiB) needs more than is free
     with pytest.raises(ConfigError, match=r"would hold 80 fields \((39|40) to write\)"):
         sample(load_config("jobs/configs/grf.toml", _small(tmp_path, **{
             "ensemble.batch_size": 8, "sampler.method": "sequential-sde",
