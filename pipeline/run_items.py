@@ -18,8 +18,7 @@ from pipeline.inputs import InputError, Items, open_items, renamed_attrs, uncond
 from pipeline.memory import field_bytes
 from pipeline.run import DTYPES, provenance, residual_length, sampler_grid
 from pipeline.settings import Config
-from pipeline.store import (FIELD_SCALE, INPUT_FINGERPRINT, MEMBER_BATCH, RESIDUAL_BYTES,
-                            StoreSpec, member_chunk)
+from pipeline.store import FIELD_SCALE, INPUT_FINGERPRINT, MEMBER_BATCH, StoreSpec, member_chunk
 
 
 def load_items(cfg: Config, *, check: bool, model=None) -> Items:
@@ -88,8 +87,8 @@ def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
     field_attrs = {**items.field_attrs(), **grid.get("attrs", {})}
     return StoreSpec(cfg.output.path, items.dim, items.labels, cfg.ensemble.members,
                      member_chunk(cfg.ensemble.batch_size,
-                                  max(field_bytes(shape, DTYPES[cfg.sampler.dtype]),
-                                      RESIDUAL_BYTES * residual_length(cfg.sampler))),
+                                  field_bytes(shape, DTYPES[cfg.sampler.dtype]),
+                                  residual_length(cfg.sampler)),
                      variable, shape,
                      cfg.sampler.dtype, cfg.store_digest, attrs,
                      sweeps=residual_length(cfg.sampler),

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import xarray as xr
 
 PER_MEMBER = {"seed": "int64", "rounds": "float64", "model_calls": "float64", "done": "int8"}
+PER_MEMBER_BYTES = sum(np.dtype(t).itemsize for t in PER_MEMBER.values())
 
 
 class StoreExists(PiadmError, FileExistsError):
@@ -82,11 +83,12 @@ ASKED = "plan_batch_size_asked"
 CREATING = "creating-"  # a store is made as .NAME.creating-HOST-PID-ID, then renamed into place
 
 
-def member_chunk(batch_size: int, member_bytes: int) -> int:
+def member_chunk(batch_size: int, field_bytes: int, sweeps: int = 0) -> int:
     """Members per chunk: the largest divisor of the batch size whose chunk of the array
-    that holds the most bytes a member (``member_bytes``: its field, or the residual history
-    of a tiny field's many rounds) stays within ``CHUNK_BYTES`` (at least one member), so
-    every writer still owns whole chunks."""
+    that holds the most bytes a member (its field of ``field_bytes``, or a tiny field's
+    residual history of ``sweeps`` rounds) stays within ``CHUNK_BYTES`` (at least one
+    member), so every writer still owns whole chunks."""
+    member_bytes = max(field_bytes, RESIDUAL_BYTES * sweeps)
     most = min(batch_size, CHUNK_BYTES // max(member_bytes, 1))  # a huge batch: few to try
     return next((k for k in range(most, 1, -1) if batch_size % k == 0), 1)
 

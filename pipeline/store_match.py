@@ -23,7 +23,7 @@ from pipeline.run import (DTYPES, HOST_NOISE, MODEL_SIDECAR, MODEL_SOURCE, model
                           residual_length, sidecar_digest)
 from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import (ARRAYS_FIX, FIELD_SCALE, INPUT_FINGERPRINT, PER_MEMBER,
-                            RESIDUAL_BYTES, DamagedRecord, StoreExists, damaged_arrays,
+                            PER_MEMBER_BYTES, DamagedRecord, StoreExists, damaged_arrays,
                             member_chunk, members_of, open_store, read_attrs)
 from pipeline.target import check_idle, check_path_walk, check_room, check_writable
 
@@ -73,12 +73,11 @@ def _check_room(cfg: Config, count: int, fate: str) -> None:
     one = field_bytes(tuple(cfg.model.shape), DTYPES[cfg.sampler.dtype])
     sweeps = residual_length(cfg.sampler)
     kept = members_of(cfg.output.path) if fate == "grow" else 0
-    chunk = member_chunk(cfg.ensemble.batch_size, max(one, RESIDUAL_BYTES * sweeps))
+    chunk = member_chunk(cfg.ensemble.batch_size, one, sweeps)
     arrays = 1 + len(PER_MEMBER) + (1 if sweeps else 0)
     files = count * arrays * -(-(cfg.ensemble.members - kept) // chunk)
-    check_room(cfg.output.path, one + sum(np.dtype(t).itemsize for t in PER_MEMBER.values()),
-               count * cfg.ensemble.members, held=count * kept, files=files,
-               replaced=fate == "replace")
+    check_room(cfg.output.path, one + PER_MEMBER_BYTES, count * cfg.ensemble.members,
+               held=count * kept, files=files, replaced=fate == "replace")
 
 
 def _differences(cfg: Config, text: str) -> list[str]:
@@ -156,8 +155,7 @@ def _check_same_sidecar(cfg: Config, held: dict) -> None:
         f"output {cfg.output.path} was made by this configuration with another sidecar of "
         f"{cfg.model.checkpoint} ({was[:12]}, now {now[:12] or 'none'}: what it says has "
         "changed since, its normalisation or data bound, say): put the original back to "
-        "resume it, choose another "
-        "output.path, or set output.overwrite = true to replace it",
+        "resume it, choose another output.path, or set output.overwrite = true to replace it",
         why="its checkpoint's sidecar changed since it was made")
 
 
