@@ -21,6 +21,7 @@ from pipeline.memory import field_bytes
 from pipeline.noise import host_fingerprint
 from pipeline.run import (DTYPES, HOST_NOISE, MODEL_SIDECAR, MODEL_SOURCE, model_digest,
                           residual_length, sidecar_digest)
+from pipeline.samplers import REGISTRY
 from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import (ARRAYS_FIX, FIELD_SCALE, INPUT_FINGERPRINT, PER_MEMBER,
                             PER_MEMBER_BYTES, DamagedRecord, StoreExists, damaged_arrays,
@@ -71,7 +72,8 @@ def _check_room(cfg: Config, count: int, fate: str) -> None:
     (``fate``): its fields with their per-member values, in chunk files of the members its
     run would chunk them by (the new ones only, where it grows)."""
     one = field_bytes(tuple(cfg.model.shape), DTYPES[cfg.sampler.dtype])
-    sweeps = residual_length(cfg.sampler)
+    # an "auto" run's sampler is the plan's, still to come: the residual it may keep left out
+    sweeps = residual_length(cfg.sampler) if cfg.sampler.method in REGISTRY else 0
     kept = members_of(cfg.output.path) if fate == "grow" else 0
     chunk = member_chunk(cfg.ensemble.batch_size, one, sweeps)
     arrays = 1 + len(PER_MEMBER) + (1 if sweeps else 0)
