@@ -172,7 +172,7 @@ def check_init_trained_apart(t: TrainConfig, held: np.ndarray) -> None:
         if _overlap(trained, held):
             raise InputError(
                 f"train.init {t.init} was trained on {path} ("
-                f"{'train.data itself' if itself else 'train.data flow'}) up to "
+                f"{'train.data itself' if itself else 'the flow of train.data'}) up to "
                 f"{label_text(trained[-1])}, which reaches the times this run holds out "
                 f"({label_text(held[0])} .. {label_text(held[-1])}): its validation would be "
                 "of fields the network has seen; start from a checkpoint trained apart from "
