@@ -10,7 +10,8 @@ import zarr
 
 from pipeline.errors import PiadmError
 from pipeline.inputs import label_text
-from pipeline.store import ARRAYS_FIX, PER_MEMBER, damaged_arrays, done_members, read_done_record
+from pipeline.store import (ARRAYS_FIX, NOT_A_GROUP, PER_MEMBER, damaged_arrays, done_members,
+                            read_done_record)
 from pipeline.target import check_idle, filling_jobs
 
 
@@ -24,8 +25,7 @@ def _open(path: str) -> zarr.Group:
         raise NotAStore(f"{path} does not exist: pass the output.path of a run (a run that has "
                         "not started has no store yet)")
     group = None
-    with contextlib.suppress(FileNotFoundError, ValueError, KeyError,
-                             zarr.errors.GroupNotFoundError):
+    with contextlib.suppress(*NOT_A_GROUP):
         group = zarr.open_group(path, mode="r")
     if group is None or "piadm_store_digest" not in group.attrs:
         raise NotAStore(f"{path} is not a piadm ensemble store: pass the output.path of a run")

@@ -175,11 +175,15 @@ def enclosing_store(path: str | Path) -> Path | None:
                  if (p / "zarr.json").is_file() or (p / ".zgroup").is_file()), None)
 
 
+# What zarr raises opening a path that holds no group (none, a plain folder, an array)
+NOT_A_GROUP = (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError)
+
+
 def read_attrs(path: str | Path) -> dict | None:
     """The attributes of the Zarr group at ``path``, read once; None if it is not one."""
     try:
         return dict(zarr.open_group(path, mode="r").attrs)
-    except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
+    except NOT_A_GROUP:
         return None
 
 
@@ -392,7 +396,7 @@ def still_ours(path: str | Path, digest: str, model: str | None):
         attrs = group.attrs
         ours = (attrs.get("piadm_store_digest") == digest
                 and (model is None or attrs.get("model_sha256") in (None, model)))
-    except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
+    except NOT_A_GROUP:
         ours = False
     if not ours:
         raise StoreExists(f"output {path} was replaced, grown or deleted by another run while "

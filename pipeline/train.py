@@ -83,10 +83,11 @@ def validation_loss(ema: Denoiser, val: Dataset, t: TrainConfig, comm, device) -
 
 
 def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device,
-               residual: bool = False) -> None:
-    """Load the EMA weights of checkpoint ``init`` into both networks; raises InputError
-    when it is not a checkpoint of this architecture, or learned the other target
-    (``residual``: the remainder of the upsampled coarse field, not the field)."""
+               residual: bool = False) -> dict:
+    """Load the EMA weights of checkpoint ``init`` into both networks, and return its
+    sidecar; raises InputError when it is not a checkpoint of this architecture, or learned
+    the other target (``residual``: the remainder of the upsampled coarse field, not the
+    field)."""
     from models.checkpoint import load_denoiser
 
     if not Path(init).is_file():
@@ -119,6 +120,7 @@ def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device
     for net in (den, ema):
         missing, unexpected = net.load_state_dict(trained.state_dict(), strict=not adds_mix)
         assert not unexpected and all(k.startswith("net.mix.") for k in missing), missing
+    return meta
 
 
 @dataclass
@@ -302,8 +304,9 @@ def _restore(t: TrainConfig, meta: dict, den, ema, opt, device,
             group["lr"] = t.lr
         return int(state["step"]), state["history"].tolist()
     if t.init:
-        start_from(den, ema, t.init, UNetConfig.from_dict(meta["unet"]), device, t.residual)
-        check_init_trained_apart(t, held)
+        trained = start_from(den, ema, t.init, UNetConfig.from_dict(meta["unet"]), device,
+                             t.residual)
+        check_init_trained_apart(t, trained, held)
     return 0, []
 
 

@@ -7,7 +7,6 @@ them (told by ``probe``, a few fixed projections of each field).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import tomllib
@@ -137,22 +136,18 @@ def _overlap(times: np.ndarray, held: np.ndarray) -> bool:
 SAME_FLOW = ("seed", "resolution", "viscosity", "drag", "forcing_wavenumber", "forcing")
 
 
-def check_init_trained_apart(t: TrainConfig, held: np.ndarray) -> None:
-    """Refuse a ``train.init`` checkpoint trained on times this run holds out (``held``, of
-    train.data): its training split of its own train.data (the first 1 - validation of the
-    times it held then, as its sidecar records) or any time of its train.extra stores, where
-    such a store is train.data itself or the same flow (``SAME_FLOW``) reaching those times.
+def check_init_trained_apart(t: TrainConfig, meta: dict, held: np.ndarray) -> None:
+    """Refuse a ``train.init`` checkpoint (its sidecar ``meta``) trained on times this run
+    holds out (``held``, of train.data): its training split of its own train.data (the
+    first 1 - validation of the times it held then) or any time of its train.extra stores,
+    where such a store is train.data itself or the same flow (``SAME_FLOW``) reaching them.
     The validation loss, and any scores on the held-out times, would be of fields it has
     seen. Stores that are gone cannot be read, and are not checked."""
-    from models.checkpoint import sidecar
-
-    try:
-        meta = json.loads(sidecar(Path(t.init)).read_text())
-        # absolute where recorded; an older sidecar's as its run typed them, from here
+    try:  # absolute where recorded; an older sidecar's as its run typed them, from here
         extra = meta.get("extra") or tomllib.loads(meta.get("config", "")).get(
             "train", {}).get("extra", [])
-    except (OSError, ValueError, TypeError):  # start_from names an unreadable checkpoint
-        return
+    except tomllib.TOMLDecodeError:
+        extra = []
     count = str(meta.get("data_made", "")).split(" ")[0]  # "N times; ..."
     sources = [(meta.get("data"), float(meta.get("validation", 0.0)),
                 int(count) if count.isdigit() else None)]
