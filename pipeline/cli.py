@@ -274,7 +274,7 @@ def _cmd_plan(args, world) -> int:
             say("plan: this machine has no GPU: the cost of a model call is measured on its "
                 "CPU, not on a GPU; run piadm plan on a node of the job's GPUs to plan for them")
         return make_plan(cfg, model, device, ranks=args.ranks, gpus_per_node=args.gpus_per_node,
-                         latency=latency, say=say)
+                         latency=latency, say=say, items=items)
 
     plan = on_rank0(world, plan_here, idle=True)
     chosen = settings(plan.best)

@@ -222,8 +222,10 @@ def _batch_sizes(cfg: Config) -> tuple[int, ...]:
 
 
 def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
-              latency: float = DEFAULT_LATENCY, say=print, stopped=lambda: False) -> Plan:
+              latency: float = DEFAULT_LATENCY, say=print, stopped=lambda: False,
+              items: int | None = None) -> Plan:
     """Measure and rank every layout of ``cfg``'s ensemble on ``ranks`` ranks (module doc).
+    ``items``: the items the run fills where the caller has counted them (``planned_items``).
     ``stopped``: a stop request, looked at between calibration rungs, equal-quality searches
     and profiles (``calibrate.Stopped`` is raised; the measurements finished before it stay
     cached, the one it cut short is not)."""
@@ -243,7 +245,7 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
                          stopped=stopped)
     if stopped():  # before the model's cost curve is timed
         raise Stopped
-    items = planned_items(cfg)
+    items = planned_items(cfg) if items is None else items
     runnable = [(lay, prof) for lay, prof in layouts(profiles, ranks, cfg.ensemble.members,
                                                      _batch_sizes(cfg), REPLICABLE, items)
                 if lay.time_slices <= _most_slices(cfg, prof)]
