@@ -479,7 +479,8 @@ def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
             if step % t.log_every == 0 or step == t.steps:
                 elapsed = time.perf_counter() - start
                 # the steps summed: a window is short at the end, or after a resume mid-window
-                print0(comm, f"step {step}/{t.steps}  loss {loss_sum / summed:.4f}  "
+                print0(comm, f"step {step}/{t.steps}  loss {loss_sum / summed:.4f} (mean since "
+                             f"the last line)  "
                              f"val {loss_text(val_loss)}  elapsed {elapsed:.0f}s")
                 loss_sum, summed = 0.0, 0
     except KeyboardInterrupt as err:  # Ctrl-C, or a stop signal (pipeline.signals)
