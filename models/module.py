@@ -9,6 +9,7 @@ process ``model.process``; ``models.adapters`` turns that into the score on the 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -45,23 +46,63 @@ def process_of(section):
 
 
 def import_target(target: str, key: str = "model.target"):
-    """The object ``package.module:name`` names; a one-line ConfigError when it cannot."""
+    """The object ``package.module:name`` names; a one-line ConfigError when it cannot. A
+    module whose file changed since this process imported it here is imported anew (with the
+    module defining the object first), so that the code run is the file a store records."""
     module, _, name = target.partition(":")
     try:
-        obj = importlib.import_module(module)
+        mod = importlib.import_module(module)
+        obj = _attribute(mod, target, name, key)
+        defining = inspect.getmodule(inspect.unwrap(obj))
+        if _reload_changed(dict.fromkeys(m for m in (defining, mod) if m is not None)):
+            obj = _attribute(mod, target, name, key)
+    except ConfigError:
+        raise
     except Exception as err:  # ImportError, or the module itself failing on import
         raise ConfigError(f"config: {key} = {target!r}: cannot import {module!r} "
                           f"({type(err).__name__}: {_first_line(err)}): install it, or put "
                           "its folder on PYTHONPATH") from None
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"config: {key} = {target!r}: {module!r} has no {name!r}"
-                              f"{did_you_mean(part, dir(obj))}")
-        obj = getattr(obj, part)
     if not callable(obj):
         raise ConfigError(f"config: {key} = {target!r} is not callable: name a function or "
                           "class that returns a torch.nn.Module")
     return obj
+
+
+def _attribute(mod, target: str, name: str, key: str):
+    """The object ``name`` (dotted) of module ``mod``; a ConfigError naming it where it lacks one."""
+    obj = mod
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"config: {key} = {target!r}: {mod.__name__!r} has no {name!r}"
+                              f"{did_you_mean(part, dir(obj))}")
+        obj = getattr(obj, part)
+    return obj
+
+
+# The digest of each module file import_target took a target from, as it was then: Python
+# keeps a module once imported, so a file edited afterwards (between two api.sample calls in
+# a notebook) would run its old code while the store records the new file's hash
+_IMPORTED: dict[str, str] = {}
+
+
+def _reload_changed(mods) -> bool:
+    """Import anew those of ``mods`` (in order) whose file changed since import_target last
+    saw it; whether any did. A script's own ``__main__`` is never imported anew."""
+    changed = False
+    for mod in mods:
+        path = getattr(mod, "__file__", None)
+        if mod.__name__ == "__main__" or not path or not Path(path).is_file():
+            continue
+        now = files_digest([path])
+        if _IMPORTED.get(mod.__name__, now) != now:
+            # its bytecode cache is keyed by the file's mtime in seconds and its size, which
+            # an edit within the second that keeps the size (0.1 to 5.0) leaves the same
+            with contextlib.suppress(OSError, TypeError):
+                Path(mod.__cached__).unlink()
+            importlib.reload(mod)
+            changed = True
+        _IMPORTED[mod.__name__] = now
+    return changed
 
 
 def _first_line(err: BaseException) -> str:
@@ -300,6 +341,11 @@ def load_module(section, device="cpu") -> NetworkModel:
     if not isinstance(net, torch.nn.Module):
         raise ConfigError(f"config: model.target = {section.target!r} returned "
                           f"{type(net).__name__}, not a torch.nn.Module")
+    if not source_file(section):  # a notebook's own cell, say: nothing to hash
+        warnings.warn(f"model.target = {section.target!r} is defined in no file piadm can "
+                      "read, so a store it makes cannot tell, when resumed or grown, whether "
+                      "the network's code changed meanwhile: define it in a .py file",
+                      stacklevel=2)
     if section.weights:
         load_weights(net, section.weights)
     net.to(device).eval()

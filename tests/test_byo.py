@@ -649,3 +649,42 @@ def test_a_store_is_not_grown_once_its_networks_code_has_changed(tmp_path, monke
     code.write_text(source)  # put back: the store grows
     sys.modules.pop("my_net", None)
     assert run(4) == 0
+
+
+def test_a_network_file_edited_in_the_same_process_is_run_as_edited(tmp_path, monkeypatch):
+    """A notebook that samples, edits its network's file and samples again runs the edited
+    code (Python keeps the module it imported first), the code whose hash the store records."""
+    code = tmp_path / "edited_net.py"
+    source = ("import torch\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n"
+              "        super().__init__()\n        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)\n\n"
+              "    def forward(self, x, t):\n        return 0.1 * self.conv(x)\n")
+    code.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "edited_net", raising=False)
+    cfg = api.load_config(None, {"model.kind": "module", "model.target": "edited_net:Net",
+                                 "model.prediction": "eps", "model.process": "ddpm",
+                                 "model.shape": [1, 8, 8]})
+    x = torch.randn(2, 1, 8, 8)
+    call = lambda: build_model(cfg.model)(x, torch.full((2,), 1.0))  # noqa: E731 (a score)
+    before = call()
+    code.write_text(source.replace("0.1 *", "5.0 *"))  # the same size, within the second
+    after = call()
+    assert torch.allclose(after, 50 * before, rtol=1e-5)
+    monkeypatch.delitem(sys.modules, "edited_net")
+
+
+def test_a_network_defined_in_no_file_is_warned_of(monkeypatch):
+    """A factory of a notebook's cell has no file to hash: its stores cannot see an edit."""
+    import types
+
+    cell = types.ModuleType("cell_net")
+    exec(compile("import torch\nclass Net(torch.nn.Module):\n    def __init__(self):\n"
+                 "        super().__init__()\n        self.conv = torch.nn.Conv2d(1, 1, 1)\n"
+                 "    def forward(self, x, t):\n        return self.conv(x)\n",
+                 "<cell 1>", "exec"), cell.__dict__)
+    monkeypatch.setitem(sys.modules, "cell_net", cell)
+    cfg = api.load_config(None, {"model.kind": "module", "model.target": "cell_net:Net",
+                                 "model.prediction": "eps", "model.process": "ddpm",
+                                 "model.shape": [1, 8, 8]})
+    with pytest.warns(UserWarning, match="defined in no file piadm can read"):
+        build_model(cfg.model)
