@@ -61,6 +61,10 @@ def load_config(source: str | Path | dict | Config | None = None,
         raise ConfigError(f"load_config's overrides are a dict {{'section.key': value}}, not "
                           f"{type(overrides).__name__} {overrides!r}")
     for dotted, value in (overrides or {}).items():
+        if not isinstance(dotted, str):
+            raise ConfigError(f"override {dotted!r} ({type(dotted).__name__}): the keys of "
+                              "load_config's overrides are strings 'section.key', e.g. "
+                              "'sampler.steps'")
         section, _, key = dotted.partition(".")
         if not key:
             raise ConfigError(f"override {dotted!r}: use 'section.key', e.g. 'sampler.steps'")
@@ -94,6 +98,10 @@ def _communicator(comm):
     if isinstance(comm, (SerialComm, MPIComm)):
         return comm
     if hasattr(comm, "Get_rank") and hasattr(comm, "Allgather"):  # an mpi4py communicator
+        if not comm:  # MPI.COMM_NULL: a rank that Split(MPI.UNDEFINED) left out
+            raise TypeError("api.sample's comm is MPI.COMM_NULL, which holds no ranks: call "
+                            "api.sample only on the ranks of a communicator (a rank left out "
+                            "of a Split gets COMM_NULL)")
         return MPIComm(comm)
     raise TypeError(f"api.sample's comm is an mpi4py communicator (e.g. MPI.COMM_WORLD), "
                     f"api.world() or None, not {type(comm).__name__}")
@@ -137,11 +145,11 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
         return sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
 
 
-def _check_path(what: str, path) -> None:
+def _check_path(what: str, path, to: str = "Zarr store") -> None:
     """Raise TypeError, saying what to give, where ``path`` is no path (pathlib's own error
     names neither the argument nor the fix)."""
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{what} is a path (str or pathlib.Path) to a Zarr store, not "
+        raise TypeError(f"{what} is a path (str or pathlib.Path) to a {to}, not "
                         f"{type(path).__name__}")
 
 
@@ -185,9 +193,11 @@ def evaluate(store: str | Path, truth: str | Path, **options) -> xr.Dataset:
 
     _check_path("api.evaluate's store", store)
     _check_path("api.evaluate's truth", truth)
+    if options.get("out") is not None:
+        _check_path("api.evaluate's out", options["out"], "folder for its files")
     try:
         metrics, _ = _evaluate(store, truth, **options)
     except EvaluationError as err:  # its messages name the CLI's flags: name the keywords
         raise EvaluationError(re.sub(EVALUATE_FLAGS, lambda m: m[1].replace("-", "_"),
-                                     str(err))) from err
+                                     str(err))).with_traceback(err.__traceback__) from None
     return metrics

@@ -182,6 +182,10 @@ def _text(cfg: Config) -> str:
 def config_from_dict(tree: dict) -> Config:
     """Validate a nested dict {section: {key: value}} into a ``Config``."""
     for name, table in tree.items():
+        keys = [name, *(table if isinstance(table, dict) else ())]
+        if (odd := next((k for k in keys if not isinstance(k, str)), None)) is not None:
+            raise ConfigError(f"config: the key {odd!r} ({type(odd).__name__}) is not a name: "
+                              "sections and keys are strings, e.g. {\"sampler\": {\"steps\": 200}}")
         if name not in SECTION_TYPES and not isinstance(table, dict):  # `steps = 3` at the top
             owners = [s for s, cls in SECTION_TYPES.items() if name in typing.get_type_hints(cls)]
             where = ("under " + " or ".join(f"[{o}]" for o in owners) if owners

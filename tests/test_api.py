@@ -2,6 +2,7 @@
 README's example runs in tests/test_readme.py)."""
 
 import json
+import traceback
 
 import numpy as np
 import pytest
@@ -34,6 +35,12 @@ def test_wrong_argument_types_are_config_errors_and_numpy_scalars_are_numbers():
         api.load_config(None, {"sampler.tol": True})
     cfg = api.load_config(None, {"sampler.steps": np.int64(40), "model.length": np.float32(2)})
     assert (cfg.sampler.steps, cfg.model.length) == (40, 2.0) and type(cfg.sampler.steps) is int
+    for source, overrides in (({1: {}}, None), ({"sampler": {1: 2}}, None)):
+        with pytest.raises(ConfigError, match=r"the key 1 \(int\) is not a name"):
+            api.load_config(source, overrides)
+    for key in (1, ("sampler", "steps")):
+        with pytest.raises(ConfigError, match=r"keys of load_config's overrides are strings"):
+            api.load_config(None, {key: 2})
 
 
 def test_paths_and_numpy_arrays_from_a_script_are_taken_as_their_values(tmp_path):
@@ -87,11 +94,18 @@ def test_a_store_or_truth_that_is_no_path_is_a_type_error_naming_it():
         api.open_ensemble(3)
     with pytest.raises(TypeError, match="api.evaluate's truth is a path .* not ndarray"):
         api.evaluate("e.zarr", np.zeros(3))
+    with pytest.raises(TypeError, match="api.evaluate's out is a path .* folder .* not int"):
+        api.evaluate("e.zarr", "t.zarr", out=3)
 
 
 def test_a_comm_that_is_no_communicator_is_a_type_error(tmp_path):
     with pytest.raises(TypeError, match="an mpi4py communicator .* not dict"):
         api.sample({"output": {"path": str(tmp_path / "d.zarr")}}, comm={})
+    assert not (tmp_path / "d.zarr").exists()
+    from mpi4py import MPI
+
+    with pytest.raises(TypeError, match="comm is MPI.COMM_NULL, which holds no ranks"):
+        api.sample({"output": {"path": str(tmp_path / "d.zarr")}}, comm=MPI.COMM_NULL)
     assert not (tmp_path / "d.zarr").exists()
     for stop in ("yes", True):  # truthy, it would have stopped the run before it began
         with pytest.raises(TypeError, match=f"a function of no arguments or None, not "
@@ -330,3 +344,16 @@ def test_evaluate_leaves_the_scripts_matplotlib_backend_as_it_was(tmp_path):
         assert (tmp_path / "eval" / "spectrum.png").stat().st_size > 0
     finally:
         matplotlib.use(before)
+
+
+def test_an_error_agreed_on_by_the_ranks_shows_its_message_once(tmp_path):
+    """A user error raised while the ranks agree on it (a model the checkpoint was not trained
+    for) is one traceback through where it was raised, not the same line twice."""
+    cfg = api.load_config("jobs/configs/kolmogorov_down.toml",
+                          {"model.shape": [32, 32], "output.path": str(tmp_path / "x.zarr")})
+    with pytest.raises(ConfigError, match="was trained on") as caught:
+        api.sample(cfg)
+    err = caught.value
+    assert err.__cause__ is None and err.__suppress_context__
+    assert any(frame.name == "load_unet" or "models" in frame.filename
+               for frame in traceback.extract_tb(err.__traceback__))
