@@ -94,10 +94,29 @@ def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:
 
 def units_problem(path: Path, state: dict, meta: dict) -> str | None:
     """Why checkpoint ``path``'s sidecar ``meta`` does not go with its tensors ``state``: a
-    save cut short between the two after the normalisation changed; None when they agree (or
-    the tensors, an older piadm's, keep no units)."""
+    save cut short between the two after the normalisation changed, or a sidecar that is not
+    theirs (edited, or another checkpoint's); None when they agree (or the tensors, an older
+    piadm's, keep no units)."""
     if state.get("units", _units(meta)) == _units(meta):
         return None
-    return (f"checkpoint {path}: its metadata {sidecar(Path(path))} is from a later save than "
-            "its weights (the save was cut short), with another normalisation: resume the "
-            "training to save both again")
+    if "opt" in state and _step(meta) > _step(state):  # the sidecar of a later save
+        return (f"checkpoint {path}: its metadata {sidecar(Path(path))} is from a later save "
+                "than its weights (the save was cut short), with another normalisation: "
+                "resume the training to save both again")
+    try:
+        kept = json.loads(state["units"])
+    except (TypeError, ValueError):
+        kept = {}
+    differ = [k for k in ("mean", "std", "unet") if kept.get(k) != meta.get(k)] or ["units"]
+    return (f"checkpoint {path}: its metadata {sidecar(Path(path))} does not go with its "
+            f"weights (its {', '.join('network' if k == 'unet' else k for k in differ)} "
+            "differ from those they were trained with: edited, or another checkpoint's): put "
+            "back the .json that came with them")
+
+
+def _step(record: dict) -> int:
+    """The step a sidecar or a checkpoint's tensors record; -1 where none is."""
+    try:
+        return int(record.get("step", -1))
+    except (TypeError, ValueError):
+        return -1

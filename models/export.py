@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tomllib
 from pathlib import Path
 
@@ -38,6 +39,10 @@ def data_bound(meta: dict, data: str | Path) -> float:
     chunks = (part[a : a + 256].values for part in parts
               for a in range(0, part.sizes["time"], 256))
     found = largest_mode_power(chunks, meta["mean"], meta["std"])
+    if not math.isfinite(found):  # max() would keep a NaN, and S would make pc-window's path NaN
+        raise ExportError(f"--data {data}: {meta['variable']} has NaN/Inf in the training split "
+                          "(a generate-data run stopped part way leaves its unwritten snapshots "
+                          "NaN): give the model's finished training data")
     return max(found, float(meta.get("data_bound", 0.0)))
 
 
@@ -76,6 +81,16 @@ def _fields(data: str | Path, meta: dict, src: Path):
     return ds
 
 
+def _holds_training_state(path: Path) -> bool:
+    """Whether the piadm checkpoint at ``path`` is a training run's (optimiser state beside
+    the weights), not an export; an unreadable one is not (it is replaced as before)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # damaged or not torch: nothing to keep that resuming could use
+        return False
+    return isinstance(state, dict) and "opt" in state
+
+
 def export(src: str | Path, dst: str | Path, data: str | Path | None = None) -> dict:
     """Copy the EMA weights of ``src`` and its sidecar to ``dst`` (with S from ``data`` when
     given); returns the sidecar written. Raises ExportError before writing anything when an
@@ -86,6 +101,11 @@ def export(src: str | Path, dst: str | Path, data: str | Path | None = None) -> 
     if dst.exists() and not in_place and not Path(f"{dst}.json").is_file():
         raise ExportError(f"{dst} exists and is not a piadm checkpoint (no {dst.name}.json "
                           "beside it): choose another destination, or move it away")
+    if dst.exists() and not in_place and _holds_training_state(dst):
+        raise ExportError(f"{dst} holds a training run (its optimiser state and history, which "
+                          "resuming needs; an export keeps the EMA weights alone): exporting "
+                          "over it would lose them; choose another destination (the order is "
+                          "SRC DST)")
     if data is not None:
         from models.grid import grid_of
 

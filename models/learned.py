@@ -1,6 +1,7 @@
 """Trained U-Net checkpoints (``pipeline.train``) as score models on the OU clock."""
 from __future__ import annotations
 
+import math
 import pickle
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -85,7 +86,7 @@ def _read(checkpoint: str, key: str, device):
         raise ConfigError(f"config: {key} = {checkpoint!r} is not a file: point it at "
                           "a piadm train checkpoint (e.g. models/checkpoints/kolmogorov_uncond.pt)")
     try:
-        return load_denoiser(checkpoint, device)
+        den, meta = load_denoiser(checkpoint, device)
     except ConfigError:  # it names its fix
         raise
     except FileNotFoundError as err:  # the weights without their sidecar
@@ -99,6 +100,31 @@ def _read(checkpoint: str, key: str, device):
         raise ConfigError(f"config: {key} = {checkpoint!r} is not a readable piadm "
                           f"checkpoint (truncated, damaged or not one: {first[:120]}): train it "
                           "again or point at another") from None
+    _check_units(meta, checkpoint, key)
+    return den, meta
+
+
+def _check_units(meta: dict, checkpoint: str, key: str) -> None:
+    """Refuse a checkpoint whose sidecar's normalisation or data bound S is not a usable
+    number (data that overflowed, or held NaN, when it was trained or exported): its members
+    would come out infinite, or pc-window's path NaN, and the run would blame the network."""
+    from pipeline.errors import ConfigError
+
+    def number(name):
+        try:
+            return float(meta.get(name, math.inf if name == "data_bound" else math.nan))
+        except (TypeError, ValueError):
+            return math.nan
+
+    mean, std, bound = number("mean"), number("std"), number("data_bound")
+    bad = ([f"mean {mean}"] if not math.isfinite(mean) else []) \
+        + ([f"std {std}"] if not (math.isfinite(std) and std > 0) else []) \
+        + ([f"data_bound {bound}"] if not bound > 0 else [])
+    if bad:
+        raise ConfigError(f"config: {key} = {checkpoint!r}: its metadata holds {', '.join(bad)}, "
+                          "no usable normalisation or data bound (its training data overflowed "
+                          "or held NaN/Inf): train it again on finite data, or re-export it "
+                          "with python -m models.export CHECKPOINT OUT --data on finite data")
 
 
 def _unit_differences(meta: dict, guide_meta: dict) -> list[str]:

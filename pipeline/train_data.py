@@ -42,11 +42,14 @@ class Dataset:
         order = np.argsort(times)
         back = np.argsort(order)
         x = self.fields.isel(time=times[order]).values[back]
-        x = torch.as_tensor((x - self.mean) / self.std, dtype=torch.float32, device=device)
+        # in float64: data stored in float16, or far from unit size, would round or overflow
+        x = torch.as_tensor((x.astype(np.float64) - self.mean) / self.std, dtype=torch.float32,
+                            device=device)
         if self.coarse is None:
             return x, None
         c = self.coarse.isel(time=times[order]).values[back]
-        c = torch.as_tensor((c - self.mean) / self.std, dtype=torch.float32, device=device)
+        c = torch.as_tensor((c.astype(np.float64) - self.mean) / self.std, dtype=torch.float32,
+                            device=device)
         if self.residual:
             smooth = spectral_upsample(c, tuple(x.shape[-2:]))
             return x - smooth, smooth[:, None]
@@ -279,7 +282,8 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
               for name in names]
     held_out, extra = val[t.variable], fields[cut:]
     probes = (probe(held_out), probe(extra)) if extras else ()  # in the same pass
-    mean, std, *probed = dask.compute(fields.mean(), fields.std(), *probes,
+    wide = fields.astype(np.float64)  # a float16 or float32 sum overflows on large data
+    mean, std, *probed = dask.compute(wide.mean(), wide.std(), *probes,
                                       *(np.isfinite(a).all(a.dims[1:]) for *_, a in splits))
     probed, finite = probed[:len(probes)], probed[len(probes):]
     for (split, name, _), ok in zip(splits, finite):

@@ -1118,3 +1118,82 @@ def test_a_store_is_not_resumed_once_its_checkpoints_sidecar_has_changed(tmp_pat
             in capsys.readouterr().err)
     assert main(_sample_args(out, *sets, "ensemble.members=4", "output.overwrite=true")) == 0
     assert "replaced (its checkpoint's sidecar changed since it was made)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype, scale", [("float16", 1.0), ("float32", 1e18), ("float32", 1e-30)])
+def test_data_in_float16_or_far_from_unit_size_is_normalised_in_float64(tmp_path, dataset, dtype,
+                                                                        scale):
+    """Their sums overflowed (std inf: a network that learns nothing and infinite members) or
+    underflowed (std 0: refused as constant) in the data's own dtype."""
+    from pipeline.settings import TrainConfig
+    from pipeline.train_data import open_dataset
+
+    ds = xr.open_zarr(dataset).load()
+    path = tmp_path / "scaled.zarr"
+    ds[["vorticity"]].assign(vorticity=(ds.vorticity * scale).astype(dtype)).to_zarr(path)
+    trn, val = open_dataset(TrainConfig(data=str(path)))
+    ref, _ = open_dataset(TrainConfig(data=str(dataset)))
+    assert np.isfinite(trn.std) and trn.std > 0
+    assert trn.std == pytest.approx(ref.std * scale, rel=1e-2)
+    assert trn.data_bound == pytest.approx(ref.data_bound, rel=1e-2)
+    x, _ = trn.batch(np.array([0, 3]), "cpu")
+    assert bool(torch.isfinite(x).all()) and float(x.std()) == pytest.approx(
+        float(ref.batch(np.array([0, 3]), "cpu")[0].std()), rel=1e-2)
+
+
+def test_a_sidecar_with_no_usable_normalisation_or_bound_is_refused(tmp_path, plain):
+    """A sidecar whose std overflowed or whose S is NaN (an export on data holding NaN) would
+    sample infinite members or a NaN path that the error blames on the network."""
+    import shutil
+
+    from pipeline.errors import ConfigError
+
+    ckpt = tmp_path / "odd.pt"
+    shutil.copy(plain, ckpt)
+    meta = json.loads(Path(f"{plain}.json").read_text())
+    Path(f"{ckpt}.json").write_text(json.dumps({**meta, "data_bound": float("nan")}))
+    with pytest.raises(ConfigError, match="its metadata holds data_bound nan, no usable"):
+        load_unet(str(ckpt), (16, 16))
+    Path(f"{ckpt}.json").write_text(json.dumps(meta))
+    load_unet(str(ckpt), (16, 16))
+
+
+def test_a_sidecar_edited_or_another_checkpoints_is_told_apart_from_a_cut_save(tmp_path, plain):
+    """The same step, another std: no save was cut short, and resuming cannot mend it."""
+    import shutil
+
+    from pipeline.errors import ConfigError
+
+    ckpt = tmp_path / "edited.pt"
+    shutil.copy(plain, ckpt)
+    meta = json.loads(Path(f"{plain}.json").read_text())
+    Path(f"{ckpt}.json").write_text(json.dumps({**meta, "std": meta["std"] * 2}))
+    with pytest.raises(ConfigError, match=r"does not go with its weights \(its std differ.*put "
+                                          r"back the .json that came with them"):
+        load_denoiser(ckpt)
+
+
+def test_an_export_never_replaces_a_training_run_nor_records_a_nan_bound(tmp_path, plain,
+                                                                         dataset):
+    """SRC and DST swapped would have replaced a run's optimiser state with another's EMA
+    weights; --data holding NaN (a generate-data run stopped part way) recorded S = NaN."""
+    import shutil
+
+    from models.export import ExportError, export
+
+    run = tmp_path / "run.pt"
+    shutil.copy(plain, run)
+    shutil.copy(f"{plain}.json", f"{run}.json")
+    shipped = tmp_path / "ship.pt"
+    export(run, shipped)
+    before = run.read_bytes()
+    with pytest.raises(ExportError, match=r"holds a training run .* \(the order is SRC DST\)"):
+        export(shipped, run)
+    assert run.read_bytes() == before
+    ds = xr.open_zarr(dataset).load()
+    ds["vorticity"][2] = np.nan
+    holed = tmp_path / "holed.zarr"
+    ds.to_zarr(holed)
+    with pytest.raises(ExportError, match="has NaN/Inf in the training split"):
+        export(shipped, tmp_path / "again.pt", data=holed)
+    assert not (tmp_path / "again.pt").exists()
