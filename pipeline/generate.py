@@ -29,7 +29,7 @@ from pipeline.config import config_from_dict
 from pipeline.errors import Interrupted
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
                                  resolved_wavenumber)
-from pipeline.processes import left_by_dead, own_name
+from pipeline.processes import Held, hold_lock, left_by_dead, own_name
 from pipeline.settings import DataConfig
 from pipeline.signals import signal_of
 from pipeline.store import StoreExists, consolidate, enclosing_store
@@ -65,14 +65,9 @@ def _ours(path: Path) -> zarr.Group | None:
 
 
 def _check_target(d: DataConfig) -> None:
-    """Refuse, before anything is simulated, a data.path inside a Zarr store, or one that
-    exists and may not be replaced: anything generate-data did not make, and its own datasets
+    """Refuse, before anything is simulated, a data.path that exists and may not be replaced: anything generate-data did not make, and its own datasets
     unless data.overwrite."""
     path = Path(d.path)
-    store = enclosing_store(path)
-    if store is not None:
-        raise StoreExists(f"data.path {path} is inside the Zarr store {store}: choose a "
-                          "data.path outside it")
     if not (path.exists() or path.is_symlink()):
         return
     group = None if path.is_symlink() else _ours(path)  # a link: rmtree refuses one
@@ -185,6 +180,25 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
     """Simulate and write the dataset of ``d``; returns its path. An existing dataset (with
     ``data.overwrite``) is replaced only once the new one is complete."""
     path = Path(d.path)
+    store = enclosing_store(path)
+    if store is not None:  # before the lock, whose file would go inside it
+        raise StoreExists(f"data.path {path} is inside the Zarr store {store}: choose a "
+                          "data.path outside it")
+    try:  # then: a live run's store is neither finished nor an interrupted one's
+        lock = hold_lock(path)
+    except Held as busy:
+        raise StoreExists(f"data.path {path} is being made by another piadm generate-data "
+                          f"({busy.holder}): wait for it to end, or choose another "
+                          "data.path") from None
+    try:
+        return _generate(d, path, config_text, device, progress)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _generate(d: DataConfig, path: Path, config_text: str, device, progress) -> str:
+    """``generate`` once it holds data.path's lock."""
     _delete_leftovers(path)  # first: a dataset it puts back is then judged as any other
     if already_made(d):
         progress(f"data.path {path} already holds this dataset (the same [data] settings, "

@@ -2,6 +2,7 @@
 only), so that ``models/`` may use it too."""
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import socket
@@ -36,3 +37,35 @@ def left_by_dead(folder: Path, prefix: str, tail: int = 0, suffix: str = "") -> 
         if head == mine and pid.isdigit() and not process_alive(int(pid)):
             found.append(left)
     return found
+
+
+class Held(Exception):
+    """The lock another live process holds; ``holder`` names it (host and pid)."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def hold_lock(path: Path):
+    """The open lock file beside ``path`` (``.NAME.lock``), holding its exclusive lock until
+    it is closed or the process ends, killed or not; None where the file system has no locks.
+    Raises ``Held`` naming the process that holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    real = Path(os.path.realpath(path))  # a link locks what it names
+    lock = open(real.with_name(f".{real.name}.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise Held(holder) from None
+    except OSError:  # a file system without flock: unlocked
+        lock.close()
+        return None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"host {socket.gethostname()}, pid {os.getpid()}")
+    lock.flush()
+    return lock

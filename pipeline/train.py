@@ -13,12 +13,10 @@ the checkpoint was trained as this run would train (``RESUME_MUST_MATCH``).
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import math
 import os
 import pickle
-import socket
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +32,7 @@ from pipeline.console import on_every_rank, on_rank0, print0
 from pipeline.decomposition import slice_bounds
 from pipeline.errors import ConfigError, Interrupted
 from pipeline.inputs import InputError
+from pipeline.processes import Held, hold_lock
 from pipeline.settings import TrainConfig
 from pipeline.signals import signal_of
 from pipeline.store import enclosing_store, open_store
@@ -361,30 +360,14 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 
 
 def _hold_checkpoint(path: Path):
-    """The open lock file beside train.checkpoint ``path`` (``.NAME.lock``), holding its
-    exclusive lock until it is closed or the process ends, killed or not; None where the file
-    system has no locks. Two runs saving one checkpoint would each resume the other's
-    saves and write over them; the second is refused, naming the first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    real = Path(os.path.realpath(path))  # a link to the checkpoint locks the checkpoint itself
-    lock = open(real.with_name(f".{real.name}.lock"), "a+")
+    """``hold_lock`` of train.checkpoint ``path``: two runs saving one checkpoint would each
+    resume the other's saves and write over them; the second is refused, naming the first."""
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
+        return hold_lock(path)
+    except Held as busy:
         raise InputError(f"train.checkpoint {path} is being trained by another piadm train "
-                         f"({holder}): wait for it to end, or choose another "
+                         f"({busy.holder}): wait for it to end, or choose another "
                          "train.checkpoint") from None
-    except OSError:  # a file system without flock: unlocked, as before the lock
-        lock.close()
-        return None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"host {socket.gethostname()}, pid {os.getpid()}")
-    lock.flush()
-    return lock
 
 
 def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> TrainResult:

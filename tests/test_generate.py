@@ -250,7 +250,7 @@ def test_an_overwrite_that_fails_keeps_the_dataset_it_was_to_replace(tmp_path, c
             "snapshots made, now deleted) and still holds the dataset it held before: rerun "
             "with data.overwrite = true to replace it")
     assert _contents(path) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".k.zarr.lock", "k.zarr"]  # its lock
 
 
 def test_leftovers_of_a_killed_overwrite_on_this_host_are_deleted(tmp_path):
@@ -304,7 +304,7 @@ def test_an_overwrite_killed_between_its_renames_is_put_back_in_place(tmp_path, 
     assert ("already holds a dataset of other [data] settings: set data.overwrite = true"
             if draft_left else "already holds this dataset") in said
     assert _contents(path) == (new if draft_left else old)
-    assert not list(tmp_path.glob(".k.zarr.*"))
+    assert [p.name for p in tmp_path.glob(".k.zarr.*")] == [".k.zarr.lock"]  # only its lock
 
 
 def test_a_rerun_of_a_finished_dataset_has_nothing_to_do_and_a_cut_one_is_named(tmp_path,
@@ -341,3 +341,24 @@ def test_a_stop_in_the_spin_up_says_nothing_was_written(tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert "stopped during the spin-up: nothing was written to data.path" in err
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_second_run_on_a_data_path_being_made_is_refused_naming_the_first(tmp_path, capsys):
+    """Two runs on one data.path mixed two trajectories (the first kept writing into the
+    store the second had moved into place); the second was told to set data.overwrite."""
+    import socket
+
+    from pipeline.processes import hold_lock
+
+    path = tmp_path / "d.zarr"
+    first = hold_lock(path)
+    try:
+        assert _run(path, "data.overwrite=true") == 2
+    finally:
+        first.close()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"piadm: error: data.path {path} is being made by another piadm generate-data (host "
+        f"{socket.gethostname()}, pid {os.getpid()}): wait for it to end, or choose another "
+        "data.path")
+    assert not path.exists()
+    assert _run(path, *SHORT) == 0  # the lock is free again
