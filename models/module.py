@@ -184,6 +184,7 @@ class _Net:
 
     def __init__(self, net: torch.nn.Module, channel: bool = False, variance: bool = False):
         self.net, self.channel, self.variance = net, channel, variance
+        self.rounding_said = False  # whether a lower-precision answer was warned of
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None):
@@ -210,6 +211,14 @@ class _Net:
         if not out.is_floating_point():  # its prediction would be cut to whole numbers
             raise TypeError(f"the network returned {out.dtype} values: have it return its "
                             "prediction as floating point")
+        if torch.finfo(out.dtype).bits < torch.finfo(x.dtype).bits and not self.rounding_said:
+            self.rounding_said = True  # once a network: every call would say the same
+            warnings.warn(f"the network answers in {out.dtype} for {x.dtype} input: its "
+                          "prediction is rounded to that, which costs the parallel samplers "
+                          "rounds and calls (the Picard changes do not fall below its rounding) "
+                          "and the sequential path its precision; have it answer in its "
+                          "input's dtype (e.g. out.to(x.dtype) before an autocast ends)",
+                          stacklevel=2)
         out = out.to(x.dtype)  # a network that computes in float64 answers in the sampler's
         return out[:, 0] if self.channel else out
 

@@ -106,6 +106,17 @@ def float64_out():
     return _Float64(1)
 
 
+class _Half(_Conv):
+    """Answers in float16 (a forgotten autocast's output, say)."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return super().forward(x, t).half()
+
+
+def float16_out():
+    return _Half(1)
+
+
 class _Whole(_Conv):
     """Answers whole numbers: its prediction rounded to int64."""
 

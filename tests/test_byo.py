@@ -688,3 +688,16 @@ def test_a_network_defined_in_no_file_is_warned_of(monkeypatch):
                                  "model.shape": [1, 8, 8]})
     with pytest.warns(UserWarning, match="defined in no file piadm can read"):
         build_model(cfg.model)
+
+
+def test_a_network_answering_in_lower_precision_is_warned_of_once(monkeypatch):
+    """A float16 answer cost pc-window 40 rounds at 5.8x the calls where float32 took 18 at
+    2.6x, and nothing said why."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    cfg = api.load_config(None, {"model.kind": "module", "model.target": "byo_nets:float16_out",
+                                 "model.prediction": "eps", "model.process": "ddpm",
+                                 "model.shape": [1, 8, 8]})
+    with pytest.warns(UserWarning, match="answers in torch.float16 for torch.float32 input") as said:
+        model = build_model(cfg.model)
+        model(torch.randn(2, 1, 8, 8), torch.full((2,), 1.0))
+    assert sum("answers in torch.float16" in str(w.message) for w in said) == 1
