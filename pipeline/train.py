@@ -435,7 +435,7 @@ def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
     val_loss = recorded.get("val_loss") if recorded.get("step") == step else None
     start, loss_sum, summed = time.perf_counter(), 0.0, 0
     lo, hi = slice_bounds(t.batch_size, comm.size, comm.rank)
-    saved = step  # the step train.checkpoint holds of this run (0: none yet)
+    saved = first = step  # the step train.checkpoint holds of this run (0: none yet)
     try:
         while step < t.steps:
             batch_loss = _step(t, step, (den, ema, opt), trn, (lo, hi), comm, device)
@@ -462,9 +462,10 @@ def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
             if step % t.log_every == 0 or step == t.steps:
                 elapsed = time.perf_counter() - start
                 # the steps summed: a window is short at the end, or after a resume mid-window
-                print0(comm, f"step {step}/{t.steps}  loss {loss_sum / summed:.4f} (mean since "
-                             f"the last line)  "
-                             f"val {loss_text(val_loss)}  elapsed {elapsed:.0f}s")
+                eta = elapsed / (step - first) * (t.steps - step)  # validations included
+                print0(comm, f"step {step}/{t.steps}  mean loss {loss_sum / summed:.4f}  "
+                             f"val {loss_text(val_loss)}  elapsed {elapsed:.0f}s"
+                             + (f"  eta {eta:.0f}s" if step < t.steps else ""))
                 loss_sum, summed = 0.0, 0
     except KeyboardInterrupt as err:  # Ctrl-C, or a stop signal (pipeline.signals)
         raise Interrupted(_kept(t, saved), signal_of(err)) from None

@@ -81,10 +81,28 @@ def open_training_store(path: str, names: list[str], key: str) -> xr.Dataset:
         dims = ds[name].dims
         if len(dims) != 3 or dims[0] != "time":  # e.g. an ensemble store's 4 dims
             raise InputError(f"train: {name!r} of {path} is {dims}: piadm trains on one 2-D "
-                             "field per time, (time, y, x), as generate-data writes them")
+                             "field per time, (time, y, x), as generate-data writes them"
+                             f"{_layout_fix(ds[name])}")
         check_field_order(ds[name], f"{key} {path}: {name}")
         check_real(ds[name], f"{key} {path}: {name}")
     return ds[names]
+
+
+def _layout_fix(var: xr.DataArray) -> str:
+    """How to rewrite ``var`` as (time, y, x), where one xarray call does: ": write it with
+    ds.transpose("time", ...)" and the like; "" where none does."""
+    dims = list(var.dims)
+    if len(dims) < 3:
+        return ": stack its fields along a time dimension (xr.concat(fields, \"time\"))"
+    if "time" not in dims and len(dims) == 3:  # the first dim holds the times, by another name
+        return f': write it with ds.rename({{"{dims[0]}": "time"}})'
+    single = [d for d in dims if d != "time" and var.sizes[d] == 1]
+    if "time" in dims and len(dims) > 3 and len(dims) - len(single) == 3:
+        return f': write it with ds.squeeze({single!r})' + \
+            ('.transpose("time", ...)' if [d for d in dims if d not in single][0] != "time" else "")
+    if "time" in dims and len(dims) == 3:
+        return ': write it with ds.transpose("time", ...)'
+    return ": select one 2-D field per time (ds.isel(level=0), say) and write that"
 
 
 def _trajectory(ds: xr.Dataset) -> dict | None:
@@ -251,8 +269,9 @@ def _check_finite(t: TrainConfig, ds: xr.Dataset, name: str, split: str, ok: np.
     else:
         where = f"time {first} of {t.data}, counted from 0"
     raise InputError(f"train: {name} has NaN/Inf in {bad.size} of the {split} split's times "
-                     f"(the first: {where}): drop or fill them (ds.dropna('time'), "
-                     "ds.fillna(...)) before training; a generate-data run stopped part way "
+                     f"(the first: {where}): drop or fill them before training "
+                     "(ds.where(np.isfinite(ds)).dropna('time'), or .fillna(...) in place of "
+                     ".dropna: dropna alone keeps an Inf); a generate-data run stopped part way "
                      "leaves its unwritten snapshots NaN: rerun it with data.overwrite = true")
 
 

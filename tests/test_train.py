@@ -2,6 +2,7 @@
 checkpoint reloads without pickle and its model samples through the model adapters."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,8 +94,13 @@ def test_training_resumes_from_its_checkpoint(tmp_path, dataset, plain, capsys):
     assert main(_train_args(dataset, split, "train.log_every=2")) == 0  # continues from step 3
     assert np.allclose(_history(plain), _history(split), rtol=1e-5)
     # its first logged loss is step 4's alone, not the two-step window's sum over two
-    logged = next(line for line in capsys.readouterr().err.splitlines() if "step 4/6" in line)
-    assert f"loss {_history(split)[3]:.4f}" in logged
+    lines = capsys.readouterr().err.splitlines()
+    logged = next(line for line in lines if "step 4/6" in line)
+    assert f"mean loss {_history(split)[3]:.4f}" in logged
+    # the time left at this run's pace (its own steps: 4 to 6, not from 0), none at the end
+    assert re.search(r"elapsed \d+s  eta \d+s$", logged)
+    assert next(line for line in lines if "step 6/6" in line).endswith("s") and \
+        "eta" not in next(line for line in lines if "step 6/6" in line)
     recorded = json.loads(Path(f"{split}.json").read_text())["val_loss"]
     capsys.readouterr()
     assert main(_train_args(dataset, split)) == 0  # nothing left to train: its validation loss
@@ -1023,7 +1029,19 @@ def test_fields_that_are_not_one_per_time_are_a_one_line_error(tmp_path, dataset
     ds["vorticity"].expand_dims(member=2, axis=1).to_dataset().to_zarr(tmp_path / "e.zarr")
     err = _refused(_train_args(tmp_path / "e.zarr", tmp_path / "e.pt"), capsys)
     assert "train: 'vorticity' of " in err and "is ('time', 'member', 'y', 'x'): piadm trains " \
-        "on one 2-D field per time" in err
+        "on one 2-D field per time" in err and "select one 2-D field per time" in err
+
+
+@pytest.mark.parametrize("change, fix", [
+    (lambda v: v.rename(time="t"), 'ds.rename({"t": "time"})'),
+    (lambda v: v.transpose("y", "x", "time"), 'ds.transpose("time", ...)'),
+    (lambda v: v.expand_dims(level=1, axis=1), "ds.squeeze(['level'])")])
+def test_fields_one_xarray_call_would_line_up_are_told_that_call(tmp_path, dataset, capsys,
+                                                                 change, fix):
+    ds = xr.open_zarr(dataset).load()
+    change(ds["vorticity"].drop_vars("time")).to_dataset().to_zarr(tmp_path / "f.zarr")
+    err = _refused(_train_args(tmp_path / "f.zarr", tmp_path / "f.pt"), capsys)
+    assert f"as generate-data writes them: write it with {fix}" in err
 
 
 @pytest.mark.parametrize("residual", ["false", "true"])
