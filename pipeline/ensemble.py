@@ -29,7 +29,7 @@ from pipeline.claims import (Heartbeat, batch_key, claims_dir, clear_batch_claim
 from pipeline.comm import SerialComm
 from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
-from pipeline.errors import OutOfMemory, WriteFailed, naming
+from pipeline.errors import OutOfMemory, UnitsOverflow, WriteFailed, naming
 from pipeline.inputs import Items, label_text
 from pipeline.identity import growth, store_digests, target_fate
 from pipeline.layout import RankGrid, made_on, rank_grid
@@ -345,9 +345,17 @@ def _submit(writer, spec: StoreSpec, item: int, members, batch, rows: slice, sca
     units ``scale`` (mean, std) and the store's dtype; ``owned``: whether this job still holds
     the claim on that store batch (``store.write_batch``)."""
     mean, std = scale
-    field = batch.fields[rows].cpu().numpy() * std + mean
+    with np.errstate(over="ignore", invalid="ignore"):  # said below, once
+        field = (batch.fields[rows].cpu().numpy() * std + mean).astype(spec.dtype)
+    bad = ~np.isfinite(field.reshape(len(field), -1)).all(1)
+    if bad.any():  # finite as sampled: the units or the store's dtype overflowed
+        raise UnitsOverflow(f"member {members[int(np.flatnonzero(bad)[0])]} of item {item} is "
+                          f"finite as sampled but not in the data's units (mean {mean:.6g}, "
+                          f"std {std:.6g}) as {np.dtype(spec.dtype).name}: nothing of it is "
+                          "written; check the model's normalisation (its checkpoint's sidecar "
+                          "or the input's statistics)")
     writer.submit(write_batch, spec.path, variable=spec.variable, item=item,
-                  start=members[0], field=field.astype(spec.dtype),
+                  start=members[0], field=field,
                   seed=np.array(batch.seeds[rows]), rounds=batch.stats.rounds,
                   model_calls=batch.stats.model_calls, residuals=batch.stats.residuals,
                   digest=spec.digest, model=spec.attrs.get("model_sha256"), owned=owned)

@@ -93,6 +93,11 @@ class BlowUp(PiadmError):
     """generate-data's simulation left the finite numbers: the message names the settings."""
 
 
+class UnitsOverflow(PiadmError, ArithmeticError):
+    """Members finite as sampled leave the finite numbers in the data's units or the store's
+    dtype: the message names the normalisation."""
+
+
 class WriteFailed(PiadmError, OSError):
     """A write of members failed: on this rank, naming the store and the cause (its
     ``errno``, the OSError's), or on another rank of the run, which names them. An OSError,
