@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import save_checkpoint, save_sidecar, units_problem
+from models.fingerprint import data_probe, same_probe
 from pipeline.errors import PiadmError
 
 
@@ -78,6 +79,11 @@ def _fields(data: str | Path, meta: dict, src: Path):
     if shape != list(meta["shape"]):
         raise ExportError(f"--data {data}: its {meta['variable']} fields are {shape} but {src} "
                           f"was trained on {list(meta['shape'])}: give the model's training data")
+    recorded = meta.get("data_probe")  # a checkpoint trained before it was recorded: unchecked
+    if recorded and not same_probe(recorded, data_probe(ds[meta["variable"]])):
+        raise ExportError(f"--data {data} holds other {meta['variable']} fields than {src} was "
+                          f"trained on (its first and last differ from those its train.data "
+                          f"{meta.get('data', '')} held): give the model's training data")
     return ds
 
 

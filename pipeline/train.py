@@ -27,6 +27,7 @@ import xarray as xr
 
 from models.grid import grid_of
 from models.checkpoint import save_checkpoint, sidecar
+from models.fingerprint import data_probe, same_probe
 from models.unet import Denoiser, UNetConfig
 from pipeline.console import on_every_rank, on_rank0, print0
 from pipeline.decomposition import slice_bounds
@@ -36,7 +37,7 @@ from pipeline.processes import Held, hold_lock
 from pipeline.settings import TrainConfig
 from pipeline.signals import signal_of
 from pipeline.store import enclosing_store, open_store
-from pipeline.train_data import Dataset, check_init_trained_apart, open_dataset, probe
+from pipeline.train_data import Dataset, check_init_trained_apart, open_dataset
 
 
 def _draws(seed: int, step: int, batch: int, n: int, shape, t: TrainConfig):
@@ -180,12 +181,6 @@ def _data_made(data: xr.Dataset) -> str:
     return "; ".join([f"{data.sizes['time']} times", *made])
 
 
-def _data_probe(field: xr.DataArray) -> list[float]:
-    """``probe`` of train.data's first and last fields, flat: data made anew at its path
-    with as many times (and no history, as stores other tools write) differs in them."""
-    return [float(v) for v in np.asarray(probe(field.isel(time=[0, -1])).values).ravel()]
-
-
 def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: str) -> dict:
     """The sidecar of this run's checkpoints, less the step and validation loss."""
     data = open_store(t.data)
@@ -197,7 +192,7 @@ def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: st
             # the conditioning grid: sampling refuses an input of another resolution
             "cond_shape": None if trn.coarse is None else list(trn.coarse.shape[1:]),
             "validation": t.validation, "config": config_text, "data_made": _data_made(data),
-            "data_probe": _data_probe(data[t.variable]),
+            "data_probe": data_probe(data[t.variable]),
             "grid": grid_of(data[t.variable])}
 
 
@@ -225,9 +220,10 @@ def _check_same_training(path: Path, meta: dict) -> None:
         if key == "data":  # the same path, or (typed from another folder, or the data
             # moved) the same fields: a relative path names another store elsewhere
             same = (os.path.realpath(theirs[key]) == os.path.realpath(ours[key])
-                    or ("data_probe" in theirs and _same_probe(theirs, ours)))
+                    or ("data_probe" in theirs
+                        and same_probe(theirs["data_probe"], ours["data_probe"])))
         elif key == "data_probe":
-            same = _same_probe(theirs, ours)
+            same = same_probe(theirs["data_probe"], ours["data_probe"])
         else:
             same = theirs[key] == ours[key]
         if not same:
@@ -237,13 +233,6 @@ def _check_same_training(path: Path, meta: dict) -> None:
                          f"in {'; '.join(differ.values())}: rerun with the checkpoint's settings, "
                          "choose another train.checkpoint, or set train.resume = false to start "
                          "anew, replacing it")
-
-
-def _same_probe(theirs: dict, ours: dict) -> bool:
-    """Whether two sidecars' ``data_probe`` agree: sums in another numpy or on another CPU
-    differ in the last bits."""
-    return bool(np.allclose(theirs["data_probe"], ours["data_probe"], rtol=1e-9,
-                            atol=1e-9 * max(map(abs, ours["data_probe"]))))
 
 
 STATE = ("model", "ema", "opt", "step", "history")  # what a training checkpoint holds

@@ -7,7 +7,6 @@ them (told by ``probe``, a few fixed projections of each field).
 """
 from __future__ import annotations
 
-import math
 import os
 import tomllib
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 import xarray as xr
 
 from models.bound import largest_mode_power
+from models.fingerprint import PROBE_RTOL, probe
 from models.conditioning import spectral_upsample, upsample_blocks
 from pipeline.inputs import InputError, check_field_order, check_real, label_text
 from pipeline.settings import TrainConfig
@@ -193,27 +193,6 @@ def check_init_trained_apart(t: TrainConfig, meta: dict, held: np.ndarray) -> No
                 f"({label_text(held[0])} .. {label_text(held[-1])}): its validation would be "
                 "of fields the network has seen; start from a checkpoint trained apart from "
                 f"them, or hold out what it did (its train.validation = {share:g})")
-
-
-PROBE_RTOL = 1e-6  # a float32 copy of a float64 field probes the same to about 6e-8
-PROBES = 4  # projections a field is told by (with its norm)
-
-
-def probe(field: xr.DataArray) -> xr.DataArray:
-    """Per time, ``PROBES`` inner products with fixed pseudo-random weights of unit norm, then
-    the field's own norm: (PROBES + 1, times), float64, lazy. Two different fields agree in
-    every projection by no chance worth counting (fields standardised per time share their
-    norms, so norms alone would not tell them apart); a copy in another dtype keeps them all
-    to ``PROBE_RTOL`` of the norm. The weights come from PCG64's raw stream, which numpy
-    keeps the same across versions (its normal draws it does not promise to)."""
-    dims, n = field.dims[1:], math.prod(field.shape[1:])
-    raw = np.random.PCG64(0).random_raw(PROBES * n).reshape(PROBES, *field.shape[1:])
-    weights = (raw >> np.uint64(11)).astype(np.float64) * 2.0 ** -52 - 1.0  # in [-1, 1)
-    weights /= np.sqrt((weights ** 2).sum(axis=tuple(range(1, weights.ndim)), keepdims=True))
-    values = field.astype("float64")
-    projections = (values * xr.DataArray(weights, dims=("probe", *dims))).sum(dims)
-    return xr.concat([projections.transpose("probe", ...),
-                      np.sqrt((values ** 2).sum(dims)).expand_dims("probe")], "probe")
 
 
 def _in_extras(t: TrainConfig, extras: list, i: int) -> tuple[str, str]:

@@ -1192,9 +1192,10 @@ def test_a_sidecar_edited_or_another_checkpoints_is_told_apart_from_a_cut_save(t
 
 
 def test_an_export_never_replaces_a_training_run_nor_records_a_nan_bound(tmp_path, plain,
-                                                                         dataset):
+                                                                         dataset, other):
     """SRC and DST swapped would have replaced a run's optimiser state with another's EMA
-    weights; --data holding NaN (a generate-data run stopped part way) recorded S = NaN."""
+    weights; --data holding NaN (a generate-data run stopped part way) recorded S = NaN, and
+    another trajectory's fields of the same shape another S and grid."""
     import shutil
 
     from models.export import ExportError, export
@@ -1215,3 +1216,8 @@ def test_an_export_never_replaces_a_training_run_nor_records_a_nan_bound(tmp_pat
     with pytest.raises(ExportError, match="has NaN/Inf in the training split"):
         export(shipped, tmp_path / "again.pt", data=holed)
     assert not (tmp_path / "again.pt").exists()
+    with pytest.raises(ExportError, match=f"holds other vorticity fields than {shipped} was "
+                                          "trained on"):
+        export(shipped, tmp_path / "again.pt", data=other)
+    assert not (tmp_path / "again.pt").exists()
+    assert export(shipped, tmp_path / "again.pt", data=dataset)["data_bound"] > 0
