@@ -85,6 +85,21 @@ def test_fallback_gives_sequential_result():
     y, stats = SAMPLERS["piadm-sde"](model, y0, grid, noise, options=opts)
     assert stats.fallbacks == 4
     assert _rel(y, y_ref) <= 1e-10
+    # flagged at the first sweep, whose first state is exact: each redo runs the other 11
+    assert stats.rounds == 4 * (1 + 11)
+
+
+def test_a_block_whose_transient_trips_the_threshold_takes_no_more_rounds_than_steps():
+    """A 60-step block's Picard iterates grow past 1e8 before they settle (the SDE's residual
+    is scaled by e^h - 1); the redo starts after the states already exact, so the block costs
+    at most its steps, and still lands on the sequential path."""
+    model = GaussianRandomField((8, 8))
+    grid = make_grid("ou", 60, u_min=1e-3, u_max=10.0, block_size=60)
+    noise = Noise(0, tuple((0, m) for m in range(4)), (8, 8), torch.float64)
+    y, stats = SAMPLERS["piadm-sde"](model, noise.prior(), grid, noise, options=Options(tol=1e-4))
+    ref, _ = SAMPLERS["sequential-sde"](model, noise.prior(), grid, noise)
+    assert stats.fallbacks == 1 and stats.rounds <= 60
+    assert _rel(y, ref) <= 1e-12
 
 
 def test_denoise_final_is_tweedie_mean_of_the_end_state():

@@ -74,7 +74,7 @@ def picard_block(model, y0, u, steps: Steps, noise: Noise | None, start: int, *,
         if options.on_sweep is not None:
             options.on_sweep(start, sweeps, history[-1])
         bad = ~torch.isfinite(r) | (r > options.divergence_threshold)
-        diverged += rows[bad].tolist()
+        diverged += [(row, sweeps) for row in rows[bad].tolist()]
         keep = ~bad if options.tol is None else ~bad & (r > options.tol**2)
         rows = rows[keep]
     owner = owner_of(m, comm.size, m - 1)
@@ -82,8 +82,15 @@ def picard_block(model, y0, u, steps: Steps, noise: Noise | None, start: int, *,
     stats = Stats(rounds=sweeps, model_calls=calls / batch, residuals=tuple(history),
                   sweeps=(sweeps,))
     if diverged:
-        y_end, extra = _fallback(model, _Block(y0, u, steps, noise, start), y_end, diverged,
-                                 options=options, history=history)
+        # after k sweeps a block's first k states are exact: the redo starts after the last
+        # state every diverged row has exact (the garbage that tripped the threshold lies
+        # further on), from the rank that holds it
+        rows_out, exact = [row for row, _ in diverged], min(k for _, k in diverged)
+        owner = owner_of(m, comm.size, exact - 1)
+        at = comm.bcast(after[rows_out, exact - 1 - lo] if comm.rank == owner else
+                        torch.empty_like(y0[rows_out]), owner)
+        y_end, extra = _fallback(model, _Block(y0, u, steps, noise, start), y_end, rows_out,
+                                 (exact, at), options=options, history=history)
         stats += extra
     return y_end, stats
 
@@ -100,9 +107,11 @@ class _Block:
     start: int
 
 
-def _fallback(model, block: _Block, y_end, rows, *, options: Options, history):
+def _fallback(model, block: _Block, y_end, rows, restart, *, options: Options, history):
     """Redo the diverged ``rows`` of ``block`` step by step (every rank alike) or raise, per
-    ``on_divergence``; ``y_end`` (B, *S) the block's end states so far."""
+    ``on_divergence``; ``y_end`` (B, *S) the block's end states so far; ``restart`` (k, the
+    rows' exact states after the block's first k steps, (len(rows), *S)): the redo runs the
+    steps from k on (from the block start, where those states are not finite)."""
     y0, u, steps, noise, start = block.y0, block.u, block.steps, block.noise, block.start
     if options.on_divergence != "sequential":
         raise PicardDivergence(
@@ -110,16 +119,19 @@ def _fallback(model, block: _Block, y_end, rows, *, options: Options, history):
             f"(history {history[-3:]}) in the block starting at step {start}: use a smaller "
             "sampler.block_size, or set sampler.on_divergence = 'sequential'"
         )
-    m = u.numel()
-    xi = None if noise is None else noise.path(start, start + m, rows)
+    m, (k, at) = u.numel(), restart
+    if not bool(torch.isfinite(at).all()):  # the model broke at the start: redo it all
+        k, at = 0, y0[rows]
+    xi = None if noise is None else noise.path(start + k, start + m, rows)
     y_end = y_end.clone()
-    y_end[rows] = run_steps(model, y0[rows], u, steps, xi)
+    y_end[rows] = run_steps(model, at, u[k:], steps.slice(k, m), xi)
     if not torch.isfinite(y_end[rows]).all():
         raise PicardDivergence(
             f"the sequential steps from step {start} also give NaN/Inf: the model or the grid "
             "is broken there (check model output and sampler.u_min)"
         )
-    return y_end, Stats(rounds=m, model_calls=len(rows) * m / y0.shape[0], fallbacks=1)
+    return y_end, Stats(rounds=m - k, model_calls=len(rows) * (m - k) / y0.shape[0],
+                        fallbacks=1)
 
 
 def _piadm(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stochastic: bool):
