@@ -53,3 +53,16 @@ def test_a_model_that_returns_nan_stops_the_window_naming_the_step_and_the_model
     with pytest.raises(PicardDivergence, match=r"went NaN/Inf near step \d+: the model returns "
                                                r"non-finite scores there"):
         SAMPLERS["window"](broken, y0, grid, noise, options=Options(window=20, tol=0.01))
+
+
+def test_a_far_guess_growing_round_after_round_leaks_nothing_into_accepted_points():
+    """On long steps (h > 2 ln 2) the window's far guesses grow each round; its prefix sum
+    took a point's offset as its inclusive sum less its own term, which rounds that term's
+    size into it: float32 ended 1.03 from the sequential path (30 steps from u_max = 40)."""
+    model = GaussianRandomField((8, 8))
+    grid = make_grid("ou", 30, u_min=1e-3, u_max=40.0, block_size=30)
+    noise = Noise(0, tuple((0, m) for m in range(4)), (8, 8), torch.float32)
+    y, _ = SAMPLERS["window"](model, noise.prior(), grid, noise,
+                              options=Options(tol=1e-2, window=2))
+    ref, _ = SAMPLERS["sequential-sde"](model, noise.prior(), grid, noise)
+    assert float((y - ref).norm() / ref.norm()) < 1e-5
