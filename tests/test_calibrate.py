@@ -318,3 +318,15 @@ def test_the_input_selection_keys_a_conditioned_calibration():
     assert key("input.variable=b") != first
     assert key("input.range=['1', '2']") != first and key("input.items=['1']") != first
     assert key("parallel.items=[1]") == first  # which job fills which items: the same fields
+
+
+def test_a_ladder_whose_blocks_diverge_is_refused_not_taken_as_within_distance(capsys):
+    """A rung redone step by step is the sequential path (distance 0) at more calls: taken,
+    it made plan and "auto" pick a piadm-sde slower than the sequential sampler."""
+    sets = ["model.shape=[8, 8]", "sampler.steps=60", "sampler.block_size=60",
+            "sampler.method=piadm-sde", "calibrate.members=2"]
+    assert main(["calibrate", "jobs/configs/grf.toml", *_sets(sets)]) == 2
+    err = capsys.readouterr().err
+    assert len(_ladder(err)) == 1  # the tighter rungs would diverge alike
+    assert "piadm-sde's Picard blocks diverged at tol 0.1 and were redone step by step" in err
+    assert "lower sampler.block_size" in err.strip().splitlines()[-1]

@@ -576,7 +576,9 @@ def test_an_auto_plan_leaves_out_a_sampler_that_cannot_reach_the_distance(tmp_pa
     left = [line for line in err.splitlines() if "left out " in line]
     for method in ("piadm-sde", "window", "pc-window"):  # each width it weighs
         assert any(f"left out {method} p=" in line for line in left)
-    assert all(": calibrate: no tolerance in calibrate.ladder" in line for line in left)
+    # (a block of 40 of these 60 steps diverges, at a sequential sampler's cost: left out too)
+    assert all(": calibrate: no tolerance in calibrate.ladder" in line
+               or "piadm-sde's Picard blocks diverged" in line for line in left)
     assert err.count("calibrating ") == len(left)
     table = json.loads((tmp_path / "p.json").read_text())
     assert {row["method"] for row in table["layouts"]} == {"sequential-sde"}
