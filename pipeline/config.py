@@ -162,20 +162,29 @@ def _toml(value) -> str:
     if isinstance(value, str):  # JSON's escapes are TOML's, control characters included
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_key(k)} = {_toml(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
+def _key(key: str) -> str:
+    """``key`` as TOML writes it: bare where it may be, else quoted ("odd key")."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml(key)
+
+
 def _text(cfg: Config) -> str:
-    """The effective configuration as TOML (keys left at None are omitted)."""
+    """The effective configuration as TOML (keys left at None are omitted); a module
+    model's own arguments in a [model.args] table, where one named like a [model] key
+    (seed, std) stays apart from it."""
     lines = []
     for name in SECTION_TYPES:
         lines.append(f"[{name}]")
-        for key, value in dataclasses.asdict(getattr(cfg, name)).items():
-            if name == "model" and key == "args":  # written back as the keys they were given as
-                lines.extend(f"{k} = {_toml(v)}" for k, v in value.items())
-            elif value is not None:
-                lines.append(f"{key} = {_toml(value)}")
+        section = dataclasses.asdict(getattr(cfg, name))
+        args = section.pop("args", None) if name == "model" else None
+        lines.extend(f"{key} = {_toml(value)}" for key, value in section.items()
+                     if value is not None)
+        if args:
+            lines.append("[model.args]")
+            lines.extend(f"{_key(k)} = {_toml(v)}" for k, v in args.items())
     return "\n".join(lines) + "\n"
 
 

@@ -572,3 +572,19 @@ def test_a_block_sampler_without_a_tolerance_is_told_it_gains_nothing(tmp_path, 
     assert main(["sample", "/dev/null", *small, "--set", "sampler.tol=1e-3",
                  "--set", f"output.path={tmp_path / 'b.zarr'}"]) == 0
     assert "sampler.tol is unset" not in capsys.readouterr().err
+
+
+def test_config_prints_a_modules_own_arguments_so_that_they_read_back(tmp_path, capsys):
+    """Arguments named like [model] keys (seed, std) were printed beside them: TOML that
+    does not read back (and a store's config text no check could parse)."""
+    from pipeline.config import load_config
+
+    (tmp_path / "m.toml").write_text(
+        '[model]\nkind = "module"\ntarget = "byo_nets:float64_out"\nshape = [1, 16, 16]\n'
+        'prediction = "eps"\nprocess = "ddpm"\nwidth = 4\n'
+        '[model.args]\nseed = 3\nstd = 0.7\n"odd key" = 1\n')
+    assert main(["config", str(tmp_path / "m.toml")]) == 0
+    (tmp_path / "again.toml").write_text(capsys.readouterr().out)
+    first, again = (load_config(str(tmp_path / n)) for n in ("m.toml", "again.toml"))
+    assert again.model.args == {"seed": 3, "std": 0.7, "odd key": 1, "width": 4}
+    assert again.store_settings() == first.store_settings() and again.text == first.text
