@@ -154,7 +154,8 @@ def fewest_steps(error_at, quality: float, *, affordable=lambda n: True,
                  most: int = MOST_STEPS, plateau: float = 0.0) -> tuple[int | None, dict[int, float]]:
     """The fewest steps N with ``error_at(N) <= quality`` (the error falling with N): doubling
     from 2, then bisection. Doubling stops when the error moves by less than ``plateau``
-    (relative) from one step count to twice it: converged above the quality. Returns (N or
+    (relative) from one step count to twice it: converged above the quality. One step is
+tried first. Returns (N or
     None when out of reach or of budget, every {N: error} computed)."""
     seen: dict[int, float] = {}
 
@@ -163,6 +164,8 @@ def fewest_steps(error_at, quality: float, *, affordable=lambda n: True,
             seen[n] = error_at(n)
         return seen[n]
 
+    if w2(1) <= quality:  # a target as loose as one step's own error
+        return 1, seen
     lo, hi = 1, 2
     while w2(hi) > quality:
         if hi * 2 > most or not affordable(hi * 2):

@@ -142,6 +142,8 @@ def test_fewest_steps_is_the_first_that_reaches_the_quality():
     flat = lambda n: 0.5 + 1.0 / n**2  # noqa: E731  converges to 0.5: never reaches 0.4
     steps, seen = fewest_steps(flat, 0.4, plateau=1e-3)
     assert steps is None and max(seen) == 128  # 0.50024 -> 0.50006: stops, not at 8192
+    assert fewest_steps(w2, 1.0)[0] == 1  # one step's own error: one step, not two
+    assert fewest_steps(w2, 0.7)[0] == 2
 
 
 def test_bench_at_equal_quality_names_the_fewest_rounds_and_calls(tmp_path, capsys):
