@@ -15,10 +15,14 @@ def split_items(text: str) -> list[str]:
     (after ``=``, ``[``, ``,``, ``{`` or a space), so an apostrophe inside a path is text."""
     items = []
     for line in text.splitlines():
-        start, quote = 0, ""
+        start, quote, escaped = 0, "", False
         for i, char in enumerate(line):
-            if quote:
-                if char == quote and not (quote == '"' and line[i - 1] == "\\"):
+            if quote:  # in a basic string a backslash escapes the next character, itself too
+                if escaped:
+                    escaped = False
+                elif quote == '"' and char == "\\":
+                    escaped = True
+                elif char == quote:
                     quote = ""
             elif char in "'\"" and (i == 0 or line[i - 1] in "=[,{ \t"):
                 quote = char

@@ -131,6 +131,9 @@ def test_piadm_set_items_split_at_semicolons_and_lines_but_not_inside_quotes(mon
     monkeypatch.setenv("PIADM_SET", 'output.path=/runs/o\'brien.zarr; g.h="a\\";b"; e.f=4')
     assert environment_settings() == [
         "output.path=/runs/o'brien.zarr", 'g.h="a\\";b"', "e.f=4"]
+    # an escaped backslash ends the value's escapes: its quote closes it
+    monkeypatch.setenv("PIADM_SET", 'output.path="a\\\\"; sampler.steps=11')
+    assert environment_settings() == ['output.path="a\\\\"', "sampler.steps=11"]
     monkeypatch.setenv("PIADM_SET", 'output.path="runs.zarr; e.f=4')
     with pytest.raises(ConfigError, match="never closed"):
         environment_settings()
