@@ -198,7 +198,8 @@ def _cmd_bench(args, world) -> int:
     check_bench_flags(args)  # the arguments first: refused before torch loads or a bench runs
     check_output_file("--json", args.json)
     check_figure_file("--png", args.png)
-    cfg, _, device = _setup(args, world)
+    # every rank is a time slice of the bench (README): the config's own slices are not its
+    cfg, _, device = _setup(args, world, layout=False)
     if args.quality is not None:
         from pipeline.equal_quality import parse_quality, run_quality
 

@@ -115,3 +115,12 @@ def test_a_seed_sweep_is_one_point_per_method_and_size_in_the_graph():
     kept = one_per_point(rows)
     assert [(r["d"], r["ranks"], r["seed"]) for r in kept] == [(64, 1, "worst"),
                                                                   (256, 1, "worst"), (64, 2, 0)]
+
+
+def test_a_jobs_time_slices_do_not_stop_its_config_being_benched_on_one_rank(capsys):
+    """Every rank is a time slice of the bench: a job config's parallel.time_slices = 2 was
+    refused on 1 rank, then ignored on 4."""
+    sets = ["parallel.time_slices=2", "bench.sizes=[[8, 8]]", "sampler.steps=20",
+            'bench.methods=["sequential-sde"]']
+    assert main(["bench", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]) == 0
+    assert "sequential-sde" in capsys.readouterr().err
