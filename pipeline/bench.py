@@ -98,8 +98,9 @@ def _format(row: dict) -> str:
 
 
 LEGEND = ("columns: rounds = sequential batched model calls (the parallel depth); "
-          "calls_ratio = model calls over the sequential sampler's; rel_dist = |y - y_seq| / "
-          "|y_seq| against the sequential path with the same noise; stat_err = the ensemble "
+          "calls_ratio = model calls over those of the sequential sampler whose path it "
+          "follows (a sequential solver's own: 1, Heun's two calls a step included); "
+          "rel_dist = |y - y_seq| / |y_seq| against that path with the same noise; stat_err = the ensemble "
           "statistics' error against the exact model's target (grf: spectrum, gmm: mode "
           "weights); w2 = the exact Wasserstein-2 distance of a sequential sampler's law to "
           "the grf target, relative (docs/algorithms.md section 7); "
@@ -336,6 +337,7 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
             row = _row(method, seed, tolerances[method], comm.size, s.steps, math.prod(shape),
                        stats, ref_stats.model_calls, dist, err, timing, w2=w2s[method])
             row["collectives"] = collectives
+            row["shape"] = list(shape)  # d alone is 16x32's and 32x16's alike
             if method in REPLICABLE:  # how its time slices shared the window (on one: alike)
                 row["window_split"] = s.window_split
             rows[method].append(row)

@@ -329,9 +329,11 @@ def _check_bench(b: BenchConfig) -> None:
     for method in b.methods:
         _check(method in SAMPLERS, "bench.methods",
                f"has unknown method {method!r}: use any of {', '.join(SAMPLERS)}")
+    _check_unique(tuple(b.methods), "bench.methods", "it would be benched twice")
     for size in b.sizes:
         _check(1 <= len(size) <= 3 and min(size) >= 2, "bench.sizes",
                f"has bad shape {list(size)}: each needs 1 to 3 sizes >= 2")
+    _check_unique(tuple(map(tuple, b.sizes)), "bench.sizes", "it would be benched twice")
     _check(b.members >= 1, "bench.members", f"= {b.members} must be >= 1")
     _check(b.quality_members >= 2, "bench.quality_members",
            f"= {b.quality_members} must be >= 2 (a spectrum's bootstrap resamples them)")

@@ -124,3 +124,20 @@ def test_a_jobs_time_slices_do_not_stop_its_config_being_benched_on_one_rank(cap
             'bench.methods=["sequential-sde"]']
     assert main(["bench", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]) == 0
     assert "sequential-sde" in capsys.readouterr().err
+
+
+def test_bench_rows_name_their_shape_and_a_size_or_method_named_twice_is_refused(tmp_path,
+                                                                                 capsys):
+    """16x32 and 32x16 share d = 512: the JSON rows told them apart by nothing; a size named
+    twice was benched twice and a method named twice dropped from the rows unsaid."""
+    import json
+
+    sets = ["bench.sizes=[[8, 16], [16, 8]]", "sampler.steps=10",
+            'bench.methods=["sequential-sde"]']
+    args = ["bench", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]
+    assert main([*args, "--json", str(tmp_path / "b.json")]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert sorted(r["shape"] for r in rows) == [[8, 16], [16, 8]]
+    for twice in ("bench.sizes=[[8, 8], [8, 8]]", 'bench.methods=["window", "window"]'):
+        assert main([*args, "--set", twice]) == 2
+        assert "twice (it would be benched twice): list each once" in capsys.readouterr().err
