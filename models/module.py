@@ -16,6 +16,7 @@ import importlib.util
 import inspect
 import pickle
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,14 +48,19 @@ def process_of(section):
 
 def import_target(target: str, key: str = "model.target"):
     """The object ``package.module:name`` names; a one-line ConfigError when it cannot. A
-    module whose file changed since this process imported it here is imported anew (with the
-    module defining the object first), so that the code run is the file a store records."""
+    module whose code may not be its file's (``_stale``) is imported anew, with the module
+    defining the object first and then the one that re-exports it, so that the code run is
+    the file a store records."""
     module, _, name = target.partition(":")
     try:
+        loaded = set(sys.modules)  # what this process had imported before this call
         mod = importlib.import_module(module)
         obj = _attribute(mod, target, name, key)
         defining = inspect.getmodule(inspect.unwrap(obj))
-        if _reload_changed(dict.fromkeys(m for m in (defining, mod) if m is not None)):
+        mods = [m for m in dict.fromkeys((defining, mod)) if m is not None]
+        if any([_stale(m, m.__name__ in loaded) for m in mods]):  # every one recorded
+            for m in mods:
+                _reload(m)
             obj = _attribute(mod, target, name, key)
     except ConfigError:
         raise
@@ -85,24 +91,40 @@ def _attribute(mod, target: str, name: str, key: str):
 _IMPORTED: dict[str, str] = {}
 
 
-def _reload_changed(mods) -> bool:
-    """Import anew those of ``mods`` (in order) whose file changed since import_target last
-    saw it; whether any did. A script's own ``__main__`` is never imported anew."""
-    changed = False
-    for mod in mods:
-        path = getattr(mod, "__file__", None)
-        if mod.__name__ == "__main__" or not path or not Path(path).is_file():
-            continue
-        now = files_digest([path])
-        if _IMPORTED.get(mod.__name__, now) != now:
-            # its bytecode cache is keyed by the file's mtime in seconds and its size, which
-            # an edit within the second that keeps the size (0.1 to 5.0) leaves the same
-            with contextlib.suppress(OSError, TypeError):
-                Path(mod.__cached__).unlink()
-            importlib.reload(mod)
-            changed = True
-        _IMPORTED[mod.__name__] = now
-    return changed
+def _source(mod) -> str | None:
+    """The file ``mod`` was imported from, where it may be imported anew: none for a script's
+    own ``__main__`` or a module without a file."""
+    path = getattr(mod, "__file__", None)
+    if mod.__name__ == "__main__" or not path or not Path(path).is_file():
+        return None
+    return path
+
+
+def _stale(mod, loaded_before: bool) -> bool:
+    """Whether ``mod``'s code may not be its file's: the file changed since import_target last
+    saw it, or, first seen, the module was imported before (a notebook's own ``import``, the
+    file edited since, perhaps) from a file of one's own rather than an installed package."""
+    path = _source(mod)
+    if path is None:
+        return False
+    now, seen = files_digest([path]), _IMPORTED.get(mod.__name__)
+    _IMPORTED[mod.__name__] = now
+    if seen is None:
+        return loaded_before and not {"site-packages", "dist-packages"} & set(Path(path).parts)
+    return seen != now
+
+
+def _reload(mod) -> None:
+    """Import ``mod`` anew from its file (where it has one)."""
+    path = _source(mod)
+    if path is None:
+        return
+    # its bytecode cache is keyed by the file's mtime in seconds and its size, which an edit
+    # within the second that keeps the size (0.1 to 5.0) leaves the same
+    with contextlib.suppress(OSError, TypeError):
+        Path(mod.__cached__).unlink()
+    importlib.reload(mod)
+    _IMPORTED[mod.__name__] = files_digest([path])
 
 
 def _first_line(err: BaseException) -> str:

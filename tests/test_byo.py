@@ -701,3 +701,50 @@ def test_a_network_answering_in_lower_precision_is_warned_of_once(monkeypatch):
         model = build_model(cfg.model)
         model(torch.randn(2, 1, 8, 8), torch.full((2,), 1.0))
     assert sum("answers in torch.float16" in str(w.message) for w in said) == 1
+
+
+def _module_score(target: str):
+    """The score function of module network ``target`` (a [1, 8, 8] eps network on DDPM)."""
+    cfg = api.load_config(None, {"model.kind": "module", "model.target": target,
+                                 "model.prediction": "eps", "model.process": "ddpm",
+                                 "model.shape": [1, 8, 8]})
+    return build_model(cfg.model)
+
+
+NET = ("import torch\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n"
+       "        super().__init__()\n        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)\n\n"
+       "    def forward(self, x, t):\n        return 0.1 * self.conv(x)\n")
+
+
+def test_a_network_a_package_re_exports_is_run_as_edited(tmp_path, monkeypatch):
+    """pkg:Net from pkg/net.py: the package's own file is unchanged, and its name kept the
+    old class when only pkg/net.py was imported anew."""
+    (tmp_path / "renet").mkdir()
+    (tmp_path / "renet" / "__init__.py").write_text("from renet.net import Net\n")
+    (tmp_path / "renet" / "net.py").write_text(NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x, u = torch.randn(2, 1, 8, 8), torch.full((2,), 1.0)
+    before = _module_score("renet:Net")(x, u)
+    (tmp_path / "renet" / "net.py").write_text(NET.replace("0.1 *", "5.0 *"))
+    after = _module_score("renet:Net")(x, u)
+    for name in ("renet", "renet.net"):
+        monkeypatch.delitem(sys.modules, name)
+    assert torch.allclose(after, 50 * before, rtol=1e-5)
+
+
+def test_a_network_imported_and_edited_before_the_first_sample_is_run_as_edited(tmp_path,
+                                                                                monkeypatch):
+    """A notebook imports its network, edits the file, then samples for the first time: the
+    module it had imported is not the file's code."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "firstnet.py").write_text(NET)
+    (tmp_path / "firstnet_ref.py").write_text(NET.replace("0.1 *", "5.0 *"))
+    importlib.import_module("firstnet")
+    (tmp_path / "firstnet.py").write_text(NET.replace("0.1 *", "5.0 *"))
+    x, u = torch.randn(2, 1, 8, 8), torch.full((2,), 1.0)
+    got, ref = (_module_score(t)(x, u) for t in ("firstnet:Net", "firstnet_ref:Net"))
+    for name in ("firstnet", "firstnet_ref"):
+        monkeypatch.delitem(sys.modules, name)
+    assert torch.allclose(got, ref, rtol=1e-6)
