@@ -226,13 +226,15 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
         rungs.append(rung)
         say(f"{rung.tol:>9.1e} {rung.rounds:>7} {rung.calls_ratio:>12.2f} {rung.worst:>11.2e}"
             + (f"  ({redone(stats.fallbacks)})" if stats.fallbacks else ""))
-        if stats.fallbacks:  # its distance is the sequential sampler's own, at more calls;
-            # the sweeps diverge before any tolerance is looked at, so tighter ones would too
+        if stats.fallbacks and rung.rounds >= ref_stats.rounds:
+            # redone step by step, its distance is the sequential sampler's own, at more
+            # calls; the sweeps diverge before any tolerance is looked at, so would tighter
+            window = "pc-window" + ("-ode" if REFERENCE[method] == "sequential-ode" else "")
             raise Unreachable(
-                f"calibrate: {method}'s Picard blocks diverged at tol {rung.tol:g} and were redone "
-                f"step by step ({rung.rounds} rounds for {rung.calls_ratio:.2f}x the sequential "
-                "calls: no faster than the sequential sampler, at any tolerance): lower "
-                "sampler.block_size, or use pc-window", rungs=tuple(rungs))
+                f"calibrate: {method}'s Picard blocks diverged at tol {rung.tol:g} and were "
+                f"redone step by step: {rung.rounds} rounds, the sequential sampler's "
+                f"{ref_stats.rounds}, for {rung.calls_ratio:.2f}x its calls, at any tolerance: "
+                f"lower sampler.block_size, or use {window}", rungs=tuple(rungs))
         if rung.worst <= distance / 2:
             return Calibration(rung.tol, tuple(rungs), "calibrated")
     raise Unreachable(

@@ -328,5 +328,9 @@ def test_a_ladder_whose_blocks_diverge_is_refused_not_taken_as_within_distance(c
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(sets)]) == 2
     err = capsys.readouterr().err
     assert len(_ladder(err)) == 1  # the tighter rungs would diverge alike
-    assert "piadm-sde's Picard blocks diverged at tol 0.1 and were redone step by step" in err
-    assert "lower sampler.block_size" in err.strip().splitlines()[-1]
+    assert ("piadm-sde's Picard blocks diverged at tol 0.1 and were redone step by step: 60 "
+            "rounds, the sequential sampler's 60") in err
+    assert "lower sampler.block_size, or use pc-window" in err.strip().splitlines()[-1]
+    # a block of 40 diverges too, but the run keeps fewer rounds than the sequential sampler
+    fewer = [s.replace("block_size=60", "block_size=40") for s in sets]
+    assert main(["calibrate", "jobs/configs/grf.toml", *_sets(fewer)]) == 0
