@@ -188,13 +188,23 @@ def _text(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _odd_key(tree: dict):
+    """The first key of ``tree``, or of a table inside it at any depth ([model.args] and its
+    values), that is not a string; None where every one is."""
+    for key, value in tree.items():
+        if not isinstance(key, str):
+            return key
+        if isinstance(value, dict) and (odd := _odd_key(value)) is not None:
+            return odd
+    return None
+
+
 def config_from_dict(tree: dict) -> Config:
     """Validate a nested dict {section: {key: value}} into a ``Config``."""
+    if (odd := _odd_key(tree)) is not None:
+        raise ConfigError(f"config: the key {odd!r} ({type(odd).__name__}) is not a name: "
+                          "sections and keys are strings, e.g. {\"sampler\": {\"steps\": 200}}")
     for name, table in tree.items():
-        keys = [name, *(table if isinstance(table, dict) else ())]
-        if (odd := next((k for k in keys if not isinstance(k, str)), None)) is not None:
-            raise ConfigError(f"config: the key {odd!r} ({type(odd).__name__}) is not a name: "
-                              "sections and keys are strings, e.g. {\"sampler\": {\"steps\": 200}}")
         if name not in SECTION_TYPES and not isinstance(table, dict):  # `steps = 3` at the top
             owners = [s for s, cls in SECTION_TYPES.items() if name in typing.get_type_hints(cls)]
             where = ("under " + " or ".join(f"[{o}]" for o in owners) if owners

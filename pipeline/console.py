@@ -72,8 +72,8 @@ def on_every_rank(comm, fn, *args, **kwargs):
     kind, message = told[failed[0]]
     if len(failed) < comm.size:
         message = f"{message} (on rank(s) {', '.join(map(str, failed))} of {comm.size})"
-    if error is None:  # another rank's: nothing of it here
-        raise kind(message, collective=True)
+    if error is None or (type(error), str(error)) != told[failed[0]]:  # another rank's
+        raise kind(message, collective=True) from error
     # one traceback, through where this rank's error was raised, not the same line twice
     raise kind(message, collective=True).with_traceback(error.__traceback__) from None
 

@@ -50,7 +50,8 @@ def raised_by_every_rank():
     except PiadmError as err:
         if err.collective:
             raise
-        raise err.everywhere() from err
+        # one traceback, through where it was raised, not the same message twice
+        raise err.everywhere().with_traceback(err.__traceback__) from None
 
 
 def raised_together(err: Exception) -> Exception:

@@ -35,7 +35,10 @@ def test_wrong_argument_types_are_config_errors_and_numpy_scalars_are_numbers():
         api.load_config(None, {"sampler.tol": True})
     cfg = api.load_config(None, {"sampler.steps": np.int64(40), "model.length": np.float32(2)})
     assert (cfg.sampler.steps, cfg.model.length) == (40, 2.0) and type(cfg.sampler.steps) is int
-    for source, overrides in (({1: {}}, None), ({"sampler": {1: 2}}, None)):
+    module = {"kind": "module", "target": "byo_nets:float64_out"}
+    for source, overrides in (({1: {}}, None), ({"sampler": {1: 2}}, None),
+                              ({"model": {**module, "args": {1: 2}}}, None),
+                              ({"model": {**module, "args": {"a": {1: 3}}}}, None)):
         with pytest.raises(ConfigError, match=r"the key 1 \(int\) is not a name"):
             api.load_config(source, overrides)
     for key in (1, ("sampler", "steps")):
