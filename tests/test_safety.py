@@ -622,12 +622,12 @@ def test_blocks_redone_step_by_step_are_said_by_sample_and_bench(tmp_path, capsy
         "sampler.method": "piadm-sde", "sampler.tol": 0.01}).items()), [])
     assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
     err = capsys.readouterr().err
-    assert "note: 1 Picard block diverged and was redone step by step" in err
+    assert "note: 1 Picard block diverged and was finished step by step" in err
     bench = ["--set", "bench.methods=['sequential-sde', 'piadm-sde']", "--set",
              "bench.sizes=[[16, 16]]", "--set", "bench.repeats=1"]
     assert main(["bench", "jobs/configs/grf.toml", *sets, *bench]) == 0
     err = capsys.readouterr().err
-    assert "    note: 1 Picard block diverged and was redone step by step" in err
+    assert "    note: 1 Picard block diverged and was finished step by step" in err
 
 
 def test_a_full_disk_met_while_making_the_store_names_it(tmp_path, monkeypatch, capsys):

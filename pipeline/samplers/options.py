@@ -100,11 +100,12 @@ class Stats:
 
 def redone(blocks: int) -> str:
     """What ``Stats.fallbacks`` = ``blocks`` > 0 means, as every command that reports it says
-    it: the run is right, but paid a sequential sampler's calls on top for those blocks."""
+    it: the run is right, but paid up to a sequential sampler's calls on top for those
+    blocks (their steps after the states the sweeps had made exact)."""
     many = blocks > 1
     return (f"{blocks} Picard block{'s' if many else ''} diverged and {'were' if many else 'was'}"
-            " redone step by step, at a sequential sampler's cost: lower sampler.block_size, "
-            "or set sampler.on_divergence = 'error' to stop instead")
+            " finished step by step, at up to a sequential sampler's cost: lower "
+            "sampler.block_size, or set sampler.on_divergence = 'error' to stop instead")
 
 
 class PicardDivergence(PiadmError, RuntimeError):
