@@ -469,9 +469,9 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
             raise said from failed
         raise failed
     if peak["failed"] > 0:
-        raise WriteFailed("a write failed on another rank of this run (its error is printed "
-                          "there); the members written before it are kept: fix the cause and "
-                          "rerun to finish", collective=True)
+        raise WriteFailed("a batch could not be written on another rank of this run (its "
+                          "error is printed there); the members written before it are kept: "
+                          "fix the cause and rerun to finish", collective=True)
     preempted = bool(peak["stopped"] > 0)
     written = int(total["written"])
     note = (f"piadm stopped {tally.stop_cause} after {written} members" if preempted

@@ -152,11 +152,10 @@ def _affordable(method: str, steps: int, d: int, options) -> bool:
 
 def fewest_steps(error_at, quality: float, *, affordable=lambda n: True,
                  most: int = MOST_STEPS, plateau: float = 0.0) -> tuple[int | None, dict[int, float]]:
-    """The fewest steps N with ``error_at(N) <= quality`` (the error falling with N): doubling
-    from 2, then bisection. Doubling stops when the error moves by less than ``plateau``
-    (relative) from one step count to twice it: converged above the quality. One step is
-tried first. Returns (N or
-    None when out of reach or of budget, every {N: error} computed)."""
+    """The fewest steps N with ``error_at(N) <= quality`` (the error falling with N): one
+    step, then doubling from 2, then bisection. Doubling stops when the error moves by less
+    than ``plateau`` (relative) from one step count to twice it: converged above the quality.
+    Returns (N or None when out of reach or of budget, every {N: error} computed)."""
     seen: dict[int, float] = {}
 
     def w2(n: int) -> float:

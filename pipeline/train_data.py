@@ -88,14 +88,22 @@ def open_training_store(path: str, names: list[str], key: str) -> xr.Dataset:
     return ds[names]
 
 
+# the names a field's own dims go by (piadm's y and x, and the geographic ones it reads as them)
+FIELD_NAMES = ("y", "x", "lat", "lon", "latitude", "longitude")
+
+
 def _layout_fix(var: xr.DataArray) -> str:
     """How to rewrite ``var`` as (time, y, x), where one xarray call does: ": write it with
     ds.transpose("time", ...)" and the like; "" where none does."""
     dims = list(var.dims)
     if len(dims) < 3:
         return ": stack its fields along a time dimension (xr.concat(fields, \"time\"))"
-    if "time" not in dims and len(dims) == 3:  # the first dim holds the times, by another name
-        return f': write it with ds.rename({{"{dims[0]}": "time"}})'
+    odd = [d for d in dims if d not in FIELD_NAMES]
+    if "time" not in dims and len(dims) == 3 and len(odd) == 1:  # the times, by another name
+        return (f': write it with ds.rename({{"{odd[0]}": "time"}})'
+                + ('.transpose("time", ...)' if odd[0] != dims[0] else ""))
+    if "time" not in dims and len(dims) == 3:
+        return ": name its time dimension \"time\" (ds.rename) and put it first"
     single = [d for d in dims if d != "time" and var.sizes[d] == 1]
     if "time" in dims and len(dims) > 3 and len(dims) - len(single) == 3:
         return f': write it with ds.squeeze({single!r})' + \

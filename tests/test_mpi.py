@@ -138,9 +138,9 @@ def test_a_failed_write_on_the_lead_rank_is_raised_on_every_rank_through_the_api
     raised = sorted(line for rank in (0, 1)
                     for line in Path(f"{out}.said{rank}").read_text().splitlines()
                     if line.startswith("raised"))
-    assert raised == ["raised WriteFailed: a write failed on another rank of this run (its "
-                      "error is printed there); the members written before it are kept: fix "
-                      "the cause and rerun to finish",
+    assert raised == ["raised WriteFailed: a batch could not be written on another rank of "
+                      "this run (its error is printed there); the members written before it "
+                      "are kept: fix the cause and rerun to finish",
                       f"raised WriteFailed: writing members to {out} failed: No space left on "
                       "device; the members written before it are kept: fix the cause (free "
                       "space, the mount) and rerun the same command to finish"]

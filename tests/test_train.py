@@ -1034,6 +1034,8 @@ def test_fields_that_are_not_one_per_time_are_a_one_line_error(tmp_path, dataset
 
 @pytest.mark.parametrize("change, fix", [
     (lambda v: v.rename(time="t"), 'ds.rename({"t": "time"})'),
+    (lambda v: v.rename(time="t").transpose("y", "x", "t"),
+     'ds.rename({"t": "time"}).transpose("time", ...)'),
     (lambda v: v.transpose("y", "x", "time"), 'ds.transpose("time", ...)'),
     (lambda v: v.expand_dims(level=1, axis=1), "ds.squeeze(['level'])")])
 def test_fields_one_xarray_call_would_line_up_are_told_that_call(tmp_path, dataset, capsys,
