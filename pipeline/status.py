@@ -122,7 +122,8 @@ def _to_finish(state: dict) -> str:
         # a job of parallel.items fills only its own: which those are, its heartbeat keeps
         # not, so the items left are named for the user who split them so
         some = (f"; if they fill only some items (parallel.items), the rest need a job of "
-                f"their own (items still to do: {left})" if len(items) > 1 and left else "")
+                f"their own (items not yet complete, those the live jobs fill among them: "
+                f"{left})" if len(items) > 1 and left else "")
         return (f"being filled by live job(s) {', '.join(state['filling'])}: wait for them "
                 f"(a rerun now would only share their batches){some}")
     if len(left) == len(items):

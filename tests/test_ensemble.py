@@ -492,7 +492,8 @@ def test_verify_of_an_incomplete_store_exits_1_with_its_counts_and_a_live_job_is
         assert "incomplete: being filled by live job(s) slurm-7.0: wait for them" in out
         # a job of parallel.items fills only its own: the items left are named beside it
         assert ("if they fill only some items (parallel.items), the rest need a job of "
-                "their own (items still to do: [0])") in out
+                "their own (items not yet complete, those the live jobs fill among them: "
+                "[0])") in out
         assert main(["status", "--json", str(path)]) == 1
         assert json.loads(capsys.readouterr().out)["filling"] == ["slurm-7.0"]
     finally:

@@ -131,8 +131,12 @@ def test_a_two_rank_job_writes_the_store_mpiexec_writes(tmp_path, request):
     xr.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # every variable, done included
 
 
-def test_usr1_mid_run_requeues_the_job_and_its_rerun_completes_the_store(tmp_path, reference,
-                                                                        capsys):
+@pytest.mark.parametrize("signal, to", [("USR1", "--batch"), ("TERM", "--full")])
+def test_a_stop_signal_mid_run_requeues_the_job_and_its_rerun_completes_the_store(
+        tmp_path, reference, capsys, signal, to):
+    """SIGUSR1 to the batch script (the --signal before the time limit), or SIGTERM to every
+    process of the job (what SLURM sends at the limit and at a preemption with a grace
+    time: untrapped, it ended the script at once and the ranks were killed mid-batch)."""
     out, log = tmp_path / "job.zarr", tmp_path / "job.log"
     job = sbatch("sample.sbatch", "jobs/configs/grf.toml", *_sets(SAMPLE + [f"output.path={out}"]),
                  log=log, options=["-n", "2"])
@@ -144,18 +148,26 @@ def test_usr1_mid_run_requeues_the_job_and_its_rerun_completes_the_store(tmp_pat
         time.sleep(0.1)
     else:
         pytest.fail(f"no member done after 90 s: {log.read_text() if log.exists() else 'no log'}")
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=10)
+    subprocess.run(["scancel", f"--signal={signal}", to, job], check=True, timeout=10)
     records = wait_job(job, [log])
     text = log.read_text()
     assert _done(records) and records[0]["Restarts"] == "1", text
-    assert "SIGUSR1 received" in text and "received SIGUSR1" in text and "requeueing" in text
+    assert f"SIG{signal} received" in text and re.search(r"received SIG(USR1|TERM)", text)
+    assert "requeueing" in text
+    if signal == "USR1":  # (the local SLURM's scancel --full cancels the step too: its
+        # ranks may be killed mid-batch, the batch lost and sampled again by the rerun)
+        _each_member_once(text)
+    xr.testing.assert_equal(xr.open_zarr(reference), xr.open_zarr(out))  # bit for bit
+    assert main(["status", str(out)]) == 0
+    assert "8/8 members done" in capsys.readouterr().out
+
+
+def _each_member_once(text: str) -> None:
+    """The first run stopped after writing some members, the rerun wrote the rest."""
     first, rerun = re.findall(r"(?:stopped|done): (\d+) members written[^(\n]*\((\d+) were already",
                               text)
     assert first[1] == "0" and rerun[1] == first[0] and 1 <= int(first[0]) < 8, text
     assert int(first[0]) + int(rerun[0]) == 8, text  # each member sampled once
-    xr.testing.assert_equal(xr.open_zarr(reference), xr.open_zarr(out))  # bit for bit
-    assert main(["status", str(out)]) == 0
-    assert "8/8 members done" in capsys.readouterr().out
 
 
 def test_an_array_job_generates_distinct_data_shards(tmp_path):
@@ -176,6 +188,30 @@ def test_an_array_job_generates_distinct_data_shards(tmp_path):
     assert w.shape == (2, 4, 32, 32) and np.isfinite(w).all() and w.std() > 0
     assert not np.allclose(w[0], w[1])  # distinct seeds, distinct trajectories
     assert ds.vorticity_coarse.shape == (2, 4, 8, 8)
+
+
+def test_a_requeued_array_task_makes_its_shard_anew_and_keeps_both_logs(tmp_path):
+    """generate-data does not resume: a task SLURM requeued (a preemption, a node failure)
+    was refused its own half-made shard, and its first run's log was overwritten."""
+    shards, log = tmp_path / "shards", tmp_path / "gen-%a.log"
+    slow = ["data.snapshots=120", "data.resolution=32", "data.spinup=2.0", "data.chunk=10",
+            "parallel.threads=1"]
+    job = sbatch("generate.sbatch", str(ROOT / "jobs/configs/kolmogorov.toml"), str(shards),
+                 *_sets(slow), log=log, options=["--array=0"], cwd=tmp_path)
+    logs = [tmp_path / "gen-0.log"]
+    for _ in range(600):  # up to 60 s for the shard's store to appear
+        if (shards / "shard-000.zarr" / "zarr.json").exists():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"no shard after 60 s: {logs[0].read_text() if logs[0].exists() else ''}")
+    subprocess.run(["scontrol", "requeue", f"{job}_0"], check=True, timeout=10)
+    records = wait_job(job, logs, timeout=240)
+    text = logs[0].read_text()
+    assert _done(records) and records[0]["Restarts"] == "1", text
+    assert "restart 0:" in text and "restart 1:" in text and "data.overwrite=true" in text
+    w = xr.open_zarr(shards / "shard-000.zarr").vorticity.values
+    assert w.shape == (120, 32, 32) and np.isfinite(w).all()
 
 
 def test_usr1_to_one_array_task_requeues_that_task_alone(tmp_path, reference):

@@ -43,9 +43,12 @@ def _run_copy(tmp_path, script: str, submitted: str, submit_dir: Path):
 ])
 def test_a_script_submitted_by_a_relative_path_finds_the_repository(tmp_path, submitted,
                                                                      submit_dir):
-    """Past finding the repository, the script stops at its own first check (no --array)."""
+    """Past finding the repository, the script stops at its own first check (no --array),
+    a usage error (exit 2) in one line."""
     run = _run_copy(tmp_path, "generate.sbatch", submitted, submit_dir)
-    assert run.returncode == 1 and "submit with --array" in run.stderr, run.stderr
+    assert run.returncode == 2 and run.stderr.strip() == (
+        "piadm: generate.sbatch makes one shard per array task: submit it with --array, e.g. "
+        "sbatch --array=0-7 jobs/slurm/generate.sbatch CONFIG FOLDER"), run.stderr
 
 
 def test_where_no_repository_is_found_the_script_says_to_set_piadm_root(tmp_path):
