@@ -27,7 +27,7 @@ from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noq
                              check_same_config, load_config, read_toml, with_settings)
 from pipeline.console import on_every_rank, on_rank0, print0, say, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
-from pipeline.errors import raised_by_every_rank  # noqa: E402
+from pipeline.errors import StoppedTogether, raised_by_every_rank  # noqa: E402
 from pipeline.settings import AUTO_METHODS  # noqa: E402
 
 
@@ -312,6 +312,7 @@ def _cmd_generate(args, world) -> int:
 
 
 def _cmd_train(args, world) -> int:
+    from pipeline.signals import StopRequest
     from pipeline.train import loss_text, train
 
     cfg, _, device = _setup(args, world, layout=False)
@@ -321,7 +322,11 @@ def _cmd_train(args, world) -> int:
                   f"{' | ' + t.condition if t.condition else ''}"
                   f"{f' (+ {len(t.extra)} more stores)' if t.extra else ''}, {t.steps} steps of "
                   f"{t.batch_size} over {world.size} ranks -> {t.checkpoint}")
-    result = train(t, comm=world, device=device, config_text=cfg.text)
+    stop = StopRequest(tag(world)).install()  # a step every rank ends on: no abort
+    try:
+        result = train(t, comm=world, device=device, config_text=cfg.text, stop=stop)
+    finally:
+        stop.uninstall()
     print0(world, f"done: step {result.step}, last batch's loss {result.train_loss:.4f}, "
                   f"validation loss {loss_text(result.val_loss)}, {result.seconds:.0f} s; "
                   f"checkpoint {t.checkpoint}")
@@ -432,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     world = world_comm()
     try:
         try:
-            if args.command == "sample":  # it stops gracefully (pipeline.signals.StopRequest)
+            if args.command in ("sample", "train"):  # they stop gracefully (StopRequest)
                 return COMMANDS[args.command](args, world)
             with interrupted_by_stop_signals():  # the others say what they kept, as on Ctrl-C
                 return COMMANDS[args.command](args, world)
@@ -447,12 +452,14 @@ def main(argv: list[str] | None = None) -> int:
         # block lets go of them, after the stop's line, as if something else had failed
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
                                 category=RuntimeWarning)
-        where = "" if world.size == 1 else f" on rank {world.rank}"
+        together = isinstance(err, StoppedTogether)  # every rank at one point: said once
+        where = "" if world.size == 1 or together else f" on rank {world.rank}"
         what, code = stopped_by(err)
         # on a terminal a progress bar (or the ^C echo) may hold the line: start a new one
         fresh = "\n" if sys.stderr.isatty() else ""
-        say(f"{fresh}piadm: {what}{where}{': ' if str(err) else ''}{err}")
-        if world.size == 1:
+        if world.rank == 0 or not together:
+            say(f"{fresh}piadm: {what}{where}{': ' if str(err) else ''}{err}")
+        if world.size == 1 or together:
             return code
         # each rank stopped wherever it stood: another may wait in a collective for it
         world.abort(code)

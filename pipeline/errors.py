@@ -128,3 +128,8 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str = "", signum: int = signal.SIGINT):
         super().__init__(message)
         self.signum = signum
+
+
+class StoppedTogether(Interrupted):
+    """A stop every rank agreed on at the same point of the work (``piadm train``'s step), so
+    that no rank waits for another in a collective: the ranks end as one, without an abort."""

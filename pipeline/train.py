@@ -31,7 +31,7 @@ from models.fingerprint import data_probe, same_probe
 from models.unet import Denoiser, UNetConfig
 from pipeline.console import on_every_rank, on_rank0, print0
 from pipeline.decomposition import slice_bounds
-from pipeline.errors import ConfigError, Interrupted
+from pipeline.errors import ConfigError, Interrupted, StoppedTogether
 from pipeline.inputs import InputError
 from pipeline.processes import Held, hold_lock
 from pipeline.settings import TrainConfig
@@ -303,6 +303,19 @@ def loss_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _save(path: Path, nets, step: int, history: list[float], meta: dict, *,
+          anew: bool) -> None:
+    """Save step ``step`` of ``nets`` (network, EMA copy, optimiser) with its sidecar ``meta``
+    (its val_loss set); ``anew``: this run's first save, which starts the checkpoint anew."""
+    den, ema, opt = nets
+    if anew:  # never the old run's tensors by our sidecar
+        path.unlink(missing_ok=True)
+    save_checkpoint(path, {"model": den.state_dict(), "ema": ema.state_dict(),
+                           "opt": opt.state_dict(), "step": step,
+                           "history": torch.tensor(history, dtype=torch.float64)},
+                    meta | {"step": step})
+
+
 def _kept(t: TrainConfig, saved: int) -> str:
     """What an interrupted run kept, and how to go on from it."""
     if not saved:
@@ -313,10 +326,12 @@ def _kept(t: TrainConfig, saved: int) -> str:
             f"train.val_every = {t.val_every} steps): rerun {how} to resume from there")
 
 
-def _step(t: TrainConfig, step: int, nets, trn, rows: tuple[int, int], comm, device) -> float:
+def _step(t: TrainConfig, step: int, nets, trn, rows: tuple[int, int], comm, device,
+          stopping: bool = False) -> tuple[float, bool]:
     """Optimisation step ``step`` (from 0) of ``nets`` (network, its EMA copy, optimiser) on
     this rank's ``rows`` [lo, hi) of the batch: the batch's loss, summed over the ranks (the
-    same on every rank, so a NaN stops them all with one line)."""
+    same on every rank, so a NaN stops them all with one line), and whether any rank was
+    asked to stop (``stopping``), agreed in the same reduction."""
     den, ema, opt = nets
     lo, hi = rows
     times, sigma, noise = _draws(t.seed, step, t.batch_size, trn.fields.sizes["time"],
@@ -330,13 +345,15 @@ def _step(t: TrainConfig, step: int, nets, trn, rows: tuple[int, int], comm, dev
     with torch.no_grad():
         for pe, p in zip(ema.parameters(), den.parameters()):
             pe.lerp_(p, 1 - t.ema)
-    batch_loss = float(comm.allreduce_sum(loss.detach().double().reshape(1).cpu())[0])
+    summed = comm.allreduce_sum(torch.stack([loss.detach().double().cpu().reshape(()),
+                                             torch.tensor(float(stopping), dtype=torch.float64)]))
+    batch_loss = float(summed[0])
     if not math.isfinite(batch_loss):
         raise InputError(f"train: the loss is {batch_loss} at step {step + 1}, before any "
                          "checkpoint holds it: train.data or train.extra has NaN/Inf fields (a "
                          "generate-data run cut short leaves NaN: rerun it with data.overwrite "
                          "= true), or train.lr is too large", collective=True)
-    return batch_loss
+    return batch_loss, bool(summed[1] > 0)
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
@@ -359,9 +376,12 @@ def _hold_checkpoint(path: Path):
                          "train.checkpoint") from None
 
 
-def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> TrainResult:
+def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "",
+          stop=None) -> TrainResult:
     """Run (or resume) the training of ``t``; checkpoints on rank 0, which holds
-    train.checkpoint's lock for the run once its inputs have passed their checks."""
+    train.checkpoint's lock for the run once its inputs have passed their checks. ``stop``:
+    a ``pipeline.signals.StopRequest``; once any rank's is set, every rank ends after the
+    same step, which is saved, and raises ``StoppedTogether``."""
     def outside_stores():
         store = enclosing_store(t.checkpoint)
         if store is not None:
@@ -391,7 +411,7 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "") -> Train
     elif t.init:
         print0(comm, f"starting from the EMA weights of {t.init}")
     try:
-        return _train(t, comm, device, *prepared)
+        return _train(t, comm, device, *prepared, stop=stop)
     finally:
         for lock in held:
             if lock is not None:
@@ -411,7 +431,7 @@ def _prepare(t: TrainConfig, device, config_text: str):
 
 
 def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
-           restored: tuple[int, list[float]]) -> TrainResult:
+           restored: tuple[int, list[float]], stop=None) -> TrainResult:
     """``train``'s steps, validations and saves, from what ``_prepare`` gave."""
     step, history = restored
     if step >= t.steps:  # resumed at or past the steps asked: say so rather than idle
@@ -427,7 +447,8 @@ def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
     saved = first = step  # the step train.checkpoint holds of this run (0: none yet)
     try:
         while step < t.steps:
-            batch_loss = _step(t, step, (den, ema, opt), trn, (lo, hi), comm, device)
+            batch_loss, stopping = _step(t, step, (den, ema, opt), trn, (lo, hi), comm,
+                                         device, bool(stop))
             step += 1
             history.append(batch_loss)
             loss_sum, summed = loss_sum + batch_loss, summed + 1
@@ -441,13 +462,15 @@ def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
                         "leaves NaN: rerun it with data.overwrite = true), or train.lr is too "
                         "large", collective=True)
                 if comm.rank == 0:
-                    if step <= t.val_every and not t.resume:  # this run's first save, anew
-                        path.unlink(missing_ok=True)  # never the old run's tensors by our sidecar
-                    save_checkpoint(path, {"model": den.state_dict(), "ema": ema.state_dict(),
-                                           "opt": opt.state_dict(), "step": step,
-                                           "history": torch.tensor(history, dtype=torch.float64)},
-                                    meta | {"step": step, "val_loss": val_loss})
+                    _save(path, (den, ema, opt), step, history, meta | {"val_loss": val_loss},
+                          anew=saved == first and not t.resume)
                 saved = step
+            if stopping:  # every rank alike: the step is kept, its validation left for later
+                if saved != step and comm.rank == 0:
+                    _save(path, (den, ema, opt), step, history, meta | {"val_loss": None},
+                          anew=saved == first and not t.resume)
+                saved = step
+                raise StoppedTogether(_kept(t, saved), stop.signal)
             if step % t.log_every == 0 or step == t.steps:
                 elapsed = time.perf_counter() - start
                 # the steps summed: a window is short at the end, or after a resume mid-window
@@ -456,7 +479,9 @@ def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
                              f"val {loss_text(val_loss)}  elapsed {elapsed:.0f}s"
                              + (f"  eta {eta:.0f}s" if step < t.steps else ""))
                 loss_sum, summed = 0.0, 0
-    except KeyboardInterrupt as err:  # Ctrl-C, or a stop signal (pipeline.signals)
+    except StoppedTogether:
+        raise
+    except KeyboardInterrupt as err:  # a second Ctrl-C, or a stop where none is handled
         raise Interrupted(_kept(t, saved), signal_of(err)) from None
     comm.barrier()
     return TrainResult(step, history[-1], val_loss, time.perf_counter() - start)

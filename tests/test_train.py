@@ -1223,3 +1223,31 @@ def test_an_export_never_replaces_a_training_run_nor_records_a_nan_bound(tmp_pat
         export(shipped, tmp_path / "again.pt", data=other)
     assert not (tmp_path / "again.pt").exists()
     assert export(shipped, tmp_path / "again.pt", data=dataset)["data_bound"] > 0
+
+
+@pytest.mark.slow
+def test_a_stop_signal_under_mpi_ends_every_rank_on_one_saved_step_without_an_abort(
+        tmp_path, dataset):
+    """SIGTERM interrupted each rank wherever it stood, so the CLI aborted them all (MPICH's
+    "Abort(143)" lines after the stop line) and the steps since the last save were lost; the
+    ranks now agree on the stop in the step's own reduction and save that step."""
+    ckpt = tmp_path / "m.pt"
+    args = _train_args(dataset, ckpt, "train.steps=100000", "train.val_every=100000",
+                       "train.log_every=5", "parallel.threads=1")
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    proc = subprocess.Popen([str(mpiexec), "-n", "2", sys.executable, "-m", "pipeline.cli",
+                             *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # a few steps in: the run is under way on both ranks
+            if "step 10/" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    said = [line for line in err.splitlines() if line.startswith("piadm: stopped by SIGTERM")]
+    assert len(said) == 1 and "Abort" not in err and "Traceback" not in err, err
+    step = int(re.search(r"holds step (\d+) of 100000", said[0])[1])
+    assert step >= 10 and torch.load(ckpt, weights_only=True)["step"] == step
