@@ -322,7 +322,7 @@ def _cmd_train(args, world) -> int:
                   f"{' | ' + t.condition if t.condition else ''}"
                   f"{f' (+ {len(t.extra)} more stores)' if t.extra else ''}, {t.steps} steps of "
                   f"{t.batch_size} over {world.size} ranks -> {t.checkpoint}")
-    stop = StopRequest(tag(world)).install()  # a step every rank ends on: no abort
+    stop = StopRequest(tag(world), "the step").install()  # one every rank ends on: no abort
     try:
         result = train(t, comm=world, device=device, config_text=cfg.text, stop=stop)
     finally:

@@ -115,9 +115,10 @@ def ignore_stop_signals() -> None:
 class StopRequest:
     """A flag the signal handlers set; the sampling loop polls it between batches."""
 
-    def __init__(self, tag: str = ""):
+    def __init__(self, tag: str = "", work: str = "the batch (or calibration rung)"):
         self.signal: int | None = None
         self.tag = tag  # "[rank r/N] " under MPI (pipeline.console.tag): each rank says it
+        self.work = work  # what is finished before stopping, as the lines say it
         self._before: dict = {}  # the handlers install replaced
 
     def __bool__(self) -> bool:
@@ -125,8 +126,8 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signal is None:
-            say(f"{self.tag}piadm: received {signal.Signals(signum).name}: finishing the "
-                "batch (or calibration rung) under way, then stopping")  # one write a line
+            say(f"{self.tag}piadm: received {signal.Signals(signum).name}: finishing "
+                f"{self.work} under way, then stopping")  # one write a line
         self.signal = signum
 
     def _interrupt(self, signum, frame) -> None:
@@ -135,8 +136,8 @@ class StopRequest:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise Interrupted("the members marked done are kept: rerun the same command to "
                               "resume")
-        say(f"{self.tag}piadm: received SIGINT (Ctrl-C): finishing the batch (or "
-            "calibration rung) under way, then stopping (Ctrl-C again stops at once)")
+        say(f"{self.tag}piadm: received SIGINT (Ctrl-C): finishing {self.work} under way, "
+            "then stopping (Ctrl-C again stops at once)")
         self.signal = signum
 
     def install(self) -> "StopRequest":

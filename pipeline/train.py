@@ -316,14 +316,17 @@ def _save(path: Path, nets, step: int, history: list[float], meta: dict, *,
                     meta | {"step": step})
 
 
-def _kept(t: TrainConfig, saved: int) -> str:
-    """What an interrupted run kept, and how to go on from it."""
+def _kept(t: TrainConfig, saved: int, as_stopped: bool = False) -> str:
+    """What an interrupted run kept (``as_stopped``: saved at the step it stopped on), and how
+    to go on from it."""
     if not saved:
         return (f"no checkpoint of this run was saved yet (the first comes at step "
                 f"{min(t.val_every, t.steps)}): rerun the same command to start again")
     how = "the same command" if t.resume else "it with train.resume = true"
-    return (f"train.checkpoint {t.checkpoint} holds step {saved} of {t.steps} (saved every "
-            f"train.val_every = {t.val_every} steps): rerun {how} to resume from there")
+    when = ("the step it stopped on" if as_stopped else
+            f"saved every train.val_every = {t.val_every} steps")
+    return (f"train.checkpoint {t.checkpoint} holds step {saved} of {t.steps} ({when}): "
+            f"rerun {how} to resume from there")
 
 
 def _step(t: TrainConfig, step: int, nets, trn, rows: tuple[int, int], comm, device,
@@ -470,7 +473,7 @@ def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
                     _save(path, (den, ema, opt), step, history, meta | {"val_loss": None},
                           anew=saved == first and not t.resume)
                 saved = step
-                raise StoppedTogether(_kept(t, saved), stop.signal)
+                raise StoppedTogether(_kept(t, saved, as_stopped=True), stop.signal)
             if step % t.log_every == 0 or step == t.steps:
                 elapsed = time.perf_counter() - start
                 # the steps summed: a window is short at the end, or after a resume mid-window

@@ -1249,5 +1249,6 @@ def test_a_stop_signal_under_mpi_ends_every_rank_on_one_saved_step_without_an_ab
     assert proc.returncode == 143, err
     said = [line for line in err.splitlines() if line.startswith("piadm: stopped by SIGTERM")]
     assert len(said) == 1 and "Abort" not in err and "Traceback" not in err, err
-    step = int(re.search(r"holds step (\d+) of 100000", said[0])[1])
+    step = int(re.search(r"holds step (\d+) of 100000 \(the step it stopped on\)", said[0])[1])
+    assert err.count("received SIGTERM: finishing the step under way") == 2
     assert step >= 10 and torch.load(ckpt, weights_only=True)["step"] == step
