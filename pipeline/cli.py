@@ -428,6 +428,10 @@ def explain(err: Exception, sets: Sequence[str] = ()) -> str:
             "may write there and that its disk has space")
 
 
+# The warnings of a brought network that every rank would print alike (models.module)
+NETWORK_WARNINGS = (r"model\.target = .* is defined in no file", r"the network answers in ")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. An error every rank raised together exits 2 on all of them; any other
     error under MPI aborts the whole job, so no rank waits forever in a collective."""
@@ -435,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.comm import world_comm
 
     world = world_comm()
+    if world.rank > 0:  # every rank loads the same network: its warnings are rank 0's to say
+        for said in NETWORK_WARNINGS:
+            warnings.filterwarnings("ignore", message=said, category=UserWarning)
     try:
         try:
             if args.command in ("sample", "train"):  # they stop gracefully (StopRequest)

@@ -358,3 +358,17 @@ def test_a_replicated_window_costs_one_allgather_a_round_and_one_to_end(tmp_path
         assert list(row["collectives"]) == ["Allgather"]
         # and one of no points at the end: every rank ended its path with the others
         assert row["collectives"]["Allgather"][0] == row["rounds"] + 1
+
+
+def test_a_brought_networks_warning_is_said_once_not_once_a_rank(tmp_path):
+    """Every rank loads the same network: its lower-precision warning came once per rank."""
+    sets = ["model.kind=module", "model.target=byo_nets:float16_out", "model.prediction=eps",
+            "model.process=ddpm", "model.shape=[1, 8, 8]", "sampler.method=sequential-sde",
+            "sampler.steps=10", "ensemble.members=2", "ensemble.batch_size=1",
+            f"output.path={tmp_path / 'h.zarr'}"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "pipeline.cli", "sample",
+                           "jobs/configs/grf.toml", *_sets(sets)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("the network answers in torch.float16") == 1, proc.stderr[-2000:]
