@@ -84,9 +84,15 @@ start_munge() {
     cp /run/munge/munged.pid "$base/munged.pid"  # we started it, so `stop` stops it
 }
 
+# The cores this machine gives us: nproc alone answers OMP_NUM_THREADS where it is set (1 on
+# many clusters and in piadm's own runs), which made a one-CPU node that skips the SLURM tests
+cores() {
+    env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc
+}
+
 write_conf() {
     local cpus mem
-    cpus="$(nproc)"
+    cpus="$(cores)"
     mem="$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)"
     mkdir -p "$base/state" "$base/spool"
     cat >"$conf" <<EOF
@@ -157,7 +163,7 @@ start() {
         state="$(node_state)"
         case "$state" in
             idle*|mixed*|allocated*|completing*)
-                say "up: node $node is $state ($(nproc) CPUs; config, state and logs in $base)"
+                say "up: node $node is $state ($(cores) CPUs; config, state and logs in $base)"
                 return 0 ;;
             down*|drain*) scontrol update nodename="$node" state=resume 2>/dev/null || true ;;
         esac
