@@ -330,11 +330,11 @@ def _kept(t: TrainConfig, saved: int, as_stopped: bool = False) -> str:
 
 
 def _step(t: TrainConfig, step: int, nets, trn, rows: tuple[int, int], comm, device,
-          stopping: bool = False) -> tuple[float, bool]:
+          stopping: int = 0) -> tuple[float, int]:
     """Optimisation step ``step`` (from 0) of ``nets`` (network, its EMA copy, optimiser) on
     this rank's ``rows`` [lo, hi) of the batch: the batch's loss, summed over the ranks (the
-    same on every rank, so a NaN stops them all with one line), and whether any rank was
-    asked to stop (``stopping``), agreed in the same reduction."""
+    same on every rank, so a NaN stops them all with one line), and the stop signal any rank
+    was given (``stopping``: its number, 0 for none), agreed in the same reduction (0: go on)."""
     den, ema, opt = nets
     lo, hi = rows
     times, sigma, noise = _draws(t.seed, step, t.batch_size, trn.fields.sizes["time"],
@@ -348,15 +348,15 @@ def _step(t: TrainConfig, step: int, nets, trn, rows: tuple[int, int], comm, dev
     with torch.no_grad():
         for pe, p in zip(ema.parameters(), den.parameters()):
             pe.lerp_(p, 1 - t.ema)
-    summed = comm.allreduce_sum(torch.stack([loss.detach().double().cpu().reshape(()),
-                                             torch.tensor(float(stopping), dtype=torch.float64)]))
+    summed = comm.allreduce_sum(torch.tensor(  # the loss, the ranks stopping, their signals
+        [float(loss.detach()), float(stopping > 0), float(stopping)], dtype=torch.float64))
     batch_loss = float(summed[0])
     if not math.isfinite(batch_loss):
         raise InputError(f"train: the loss is {batch_loss} at step {step + 1}, before any "
                          "checkpoint holds it: train.data or train.extra has NaN/Inf fields (a "
                          "generate-data run cut short leaves NaN: rerun it with data.overwrite "
                          "= true), or train.lr is too large", collective=True)
-    return batch_loss, bool(summed[1] > 0)
+    return batch_loss, int(summed[2] // summed[1]) if summed[1] > 0 else 0
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
@@ -451,7 +451,7 @@ def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
     try:
         while step < t.steps:
             batch_loss, stopping = _step(t, step, (den, ema, opt), trn, (lo, hi), comm,
-                                         device, bool(stop))
+                                         device, (stop and stop.signal) or 0)
             step += 1
             history.append(batch_loss)
             loss_sum, summed = loss_sum + batch_loss, summed + 1
@@ -473,7 +473,8 @@ def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
                     _save(path, (den, ema, opt), step, history, meta | {"val_loss": None},
                           anew=saved == first and not t.resume)
                 saved = step
-                raise StoppedTogether(_kept(t, saved, as_stopped=True), stop.signal)
+                # a rank not signalled itself says the signal the others were given
+                raise StoppedTogether(_kept(t, saved, as_stopped=True), stopping)
             if step % t.log_every == 0 or step == t.steps:
                 elapsed = time.perf_counter() - start
                 # the steps summed: a window is short at the end, or after a resume mid-window
