@@ -18,7 +18,7 @@ from pipeline.console import say
 from pipeline.inputs import InputError, Items, open_items, renamed_attrs, unconditional
 from pipeline.memory import field_bytes
 from pipeline.run import DTYPES, provenance, residual_length, sampler_grid
-from pipeline.samplers import REGISTRY
+from pipeline.samplers import REFERENCE
 from pipeline.settings import Config
 from pipeline.store import FIELD_SCALE, INPUT_FINGERPRINT, MEMBER_BATCH, StoreSpec, member_chunk
 
@@ -125,8 +125,7 @@ def check_step_lengths(s, grid) -> None:
     """Warn of a grid whose steps are too long for the SDE's exponential step (``s`` the
     ``[sampler]`` settings): its samples grow instead of settling (grf 8x8 at 5 steps:
     17.7 times the data's size) on every sampler of that path."""
-    if s.method not in REGISTRY or REGISTRY[s.method].reference != "sequential-sde" \
-            or s.form != "exponential":
+    if REFERENCE.get(s.method) != "sequential-sde" or s.form != "exponential":
         return
     h = float((grid.u[:-1] - grid.u[1:]).max())
     if h > LONGEST_SDE_STEP:
