@@ -11,7 +11,7 @@ import zarr
 from pipeline.errors import PiadmError
 from pipeline.inputs import label_text
 from pipeline.store import (ARRAYS_FIX, NOT_A_GROUP, PER_MEMBER, damaged_arrays, done_members,
-                            read_done_record)
+                            not_damage, read_done_record)
 from pipeline.target import check_idle, filling_jobs
 
 
@@ -176,6 +176,8 @@ def _damaged_members(arrays: dict, field: str, item: int, start: int, stop: int,
         try:
             block = array[item, start:stop]
         except Exception as err:  # a codec's error on damaged bytes
+            if not_damage(err):
+                raise
             what = f"unreadable ({type(err).__name__})"
             for m in members:
                 wrong.setdefault(int(m), what if key == field else f"{key} {what}")

@@ -337,9 +337,18 @@ def read_done_record(done: zarr.Array) -> tuple[np.ndarray, list[tuple[slice, sl
                       slice(j, min(j + cols, done.shape[1])))
             try:
                 flags[region] = done[region] == 1
-            except Exception:  # a codec's error on damaged bytes
+            except Exception as err:  # a codec's error on damaged bytes
+                if not_damage(err):
+                    raise
                 bad.append(region)
     return flags, bad
+
+
+def not_damage(err: Exception) -> bool:
+    """Whether a chunk's read failed for a reason that says nothing of its bytes: the file
+    system's (an OSError with an errno: EIO, ESTALE on NFS, EACCES) or memory. Such a chunk is
+    not damaged, and marking its members not done would throw finished work away."""
+    return isinstance(err, MemoryError) or (isinstance(err, OSError) and err.errno is not None)
 
 
 def _read_done(path: str | Path, region=slice(None)) -> np.ndarray:

@@ -1049,3 +1049,31 @@ def test_sde_steps_too_long_for_the_exponential_step_are_warned_of(tmp_path, cap
                  *sum((["--set", s] for s in sets), [])]) == 0
     said = "past 2 ln 3 = 2.2, where the exponential step grows" in capsys.readouterr().err
     assert said == warned
+
+
+def test_a_read_error_of_the_file_system_is_no_damage_and_repair_keeps_the_done_flags(
+        tmp_path, input_store, capsys, monkeypatch):
+    """An EIO (or an NFS ESTALE) reading a done chunk was taken for damaged bytes: --repair
+    marked the finished members not done, to be sampled again. It is an I/O error now, said
+    as one, and the record is left as it was."""
+    import errno
+
+    from zarr.storage import LocalStore
+
+    out = tmp_path / "s.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
+    before = zarr.open_group(out, mode="r")["done"][:]
+    read = LocalStore.get
+
+    async def failing(self, key, *args, **kwargs):
+        if key.startswith(("done/c/", "seed/c/")):
+            raise OSError(errno.EIO, "Input/output error", key)
+        return await read(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "get", failing)
+    capsys.readouterr()
+    assert main(["status", "--verify", "--repair", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Input/output error" in err and "damaged" not in err, err
+    monkeypatch.undo()
+    assert (zarr.open_group(out, mode="r")["done"][:] == before).all() and before.all()
