@@ -71,6 +71,42 @@ def plugin_kinds() -> dict:
     return {ep.name: ep for ep in entry_points(group="piadm.models") if ep.name not in MODELS}
 
 
+def plugin_digest(section) -> str:
+    """What identifies a plugin kind's model beyond its ``[model]`` keys (SHA-256 hex): its
+    entry point and the version of the package that registers it, the source file of its
+    builder, and the bytes of every file its arguments name, so that weights retrained in
+    place or an edited builder make another model."""
+    import hashlib
+    import importlib.util
+    import json
+    import os
+
+    from models.digest import files_digest
+
+    entry = plugin_kinds().get(section.kind)
+    if entry is None:
+        return ""
+    spec = importlib.util.find_spec(entry.module)
+    origin = spec.origin if spec is not None and spec.has_location else None
+    named = sorted({v for v in _strings(section.args) if os.path.isfile(v)})
+    said = {"entry_point": entry.value, "version": entry.dist.version if entry.dist else "",
+            "source": files_digest([origin]) if origin else "",
+            "files": {name: files_digest([name]) for name in named}}
+    return hashlib.sha256(json.dumps(said, sort_keys=True).encode()).hexdigest()
+
+
+def _strings(value):
+    """Every string in a plugin's arguments, at any depth."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
 def model_kinds() -> list[str]:
     """Every model.kind this installation can build."""
     return [*MODELS, *plugin_kinds()]

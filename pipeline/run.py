@@ -134,7 +134,9 @@ def sample_batch(model, noise: Noise, *, method: str, grid: Grid, options: Optio
 def model_digest(cfg: Config) -> str:
     """SHA-256 identifying the model: its checkpoint's bytes for a learned model (with its
     guide's and the guidance weight when guided), else its section (an exact model is defined
-    by it)."""
+    by it), with a plugin kind's code and the files it names (``models.plugin_digest``)."""
+    from models import MODELS, plugin_digest
+
     if cfg.model.kind == "module":
         from models.module import module_digest
 
@@ -151,6 +153,8 @@ def model_digest(cfg: Config) -> str:
                                 repr(float(cfg.model.guidance)).encode())
         return files_digest([cfg.model.checkpoint])
     text = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
+    if cfg.model.kind not in MODELS:  # a plugin's model is also its code and its files
+        text += plugin_digest(cfg.model)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -748,3 +748,32 @@ def test_a_network_imported_and_edited_before_the_first_sample_is_run_as_edited(
     for name in ("firstnet", "firstnet_ref"):
         monkeypatch.delitem(sys.modules, name)
     assert torch.allclose(got, ref, rtol=1e-6)
+
+
+def test_a_plugin_kinds_weights_retrained_in_place_or_edited_builder_make_another_model(
+        tmp_path, monkeypatch):
+    """A plugin kind's identity was its [model] keys alone: weights rewritten in place kept
+    the store's and the calibration's model hash, so a resumed store mixed two networks."""
+    import shutil
+
+    from pipeline.run import model_digest
+
+    dist = tmp_path / "mynets-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mynets\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[piadm.models]\nsteepgrf = mynets_code:build_plugin\n")
+    shutil.copy(TESTS / "byo_nets.py", tmp_path / "mynets_code.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"first")
+    cfg = api.load_config(None, {"model.kind": "steepgrf", "model.steepness": 4.0,
+                                 "model.files": {"weights": str(weights)},
+                                 "model.shape": [8, 8], "sampler.method": "sequential-sde"})
+    first = model_digest(cfg)
+    assert model_digest(cfg) == first  # the same files: the same model
+    weights.write_bytes(b"again")
+    assert model_digest(cfg) != first
+    second = model_digest(cfg)
+    with open(tmp_path / "mynets_code.py", "a") as f:
+        f.write("\n# edited\n")
+    assert model_digest(cfg) not in (first, second)
