@@ -17,6 +17,8 @@ import inspect
 import pickle
 import re
 import sys
+import sysconfig
+import traceback
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +32,8 @@ from models.digest import files_digest
 from models.module_check import check_section
 from pipeline.clock import (VE, DiscreteVP, Flow, VPCosine, VPLinear,
                             ddpm_alphas_cumprod)
-from pipeline.errors import ConfigError, PiadmError, did_you_mean
+from pipeline.errors import (ConfigError, OutOfMemory, PiadmError, did_you_mean,
+                             is_out_of_memory)
 
 # model.process: the continuous forward processes ("ddpm" is built from its own table)
 CONTINUOUS = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "ve": VE, "edm": VE, "flow": Flow}
@@ -129,6 +132,32 @@ def _reload(mod) -> None:
 
 def _first_line(err: BaseException) -> str:
     return ((str(err).strip().splitlines() or [type(err).__name__])[0])[:160]
+
+
+def _too_large(what: str, device, err: BaseException) -> OutOfMemory:
+    """A network that ran out of memory while piadm built it or probed it with 2 items: too
+    large for ``device`` as it stands, whatever the run's batch."""
+    return OutOfMemory(f"config: {what}: the network ran out of memory on {device} before "
+                       f"sampling ({_first_line(err)}): free that memory (another process may "
+                       "hold it) or take a smaller network")
+
+
+def _where(err: BaseException) -> str:
+    """Where in the user's own code ``err`` was raised, as ", at FILE:LINE in NAME": the
+    deepest frame of its traceback outside piadm, Python's library and installed packages
+    (torch's layers among them), so that a bug in a network's forward names its line (this
+    error is told in one line, without the traceback); "" where no frame is the user's."""
+    here = Path(__file__).resolve().parent
+    paths = sysconfig.get_paths()
+    skip = tuple(f"{Path(d).resolve()}/" for d in (here, here.parent / "pipeline", paths["stdlib"],
+                                                  paths["platstdlib"], paths["purelib"],
+                                                  paths["platlib"], Path(torch.__file__).parent))
+    found = ""
+    for frame, line in traceback.walk_tb(err.__traceback__):
+        name = frame.f_code.co_filename
+        if not name.startswith("<") and not str(Path(name).resolve()).startswith(skip):
+            found = f", at {name}:{line} in {frame.f_code.co_name}"
+    return found
 
 
 def _details(err: BaseException, limit: int = 300) -> str:
@@ -335,6 +364,8 @@ def check_output(model, shape: tuple[int, ...], what: str, takes: str = "(x, t)"
         raise ConfigError(f"config: {what}: {err}: it must return its input's shape (check "
                           "model.shape and its channels)") from None
     except Exception as err:
+        if is_out_of_memory(err):  # the device's memory, not a mistake in the network
+            raise _too_large(what, x.device, err) from None
         said = _first_line(err)
         if "indices" in said or "Long" in said:  # an embedding table of whole DDPM timesteps
             advice = ("piadm calls it at fractional timesteps (a float t between the "
@@ -343,9 +374,13 @@ def check_output(model, shape: tuple[int, ...], what: str, takes: str = "(x, t)"
         else:
             advice = (f"check model.shape (with its channel axis, e.g. [1, H, W]) and that it "
                       f"takes {takes}")
+        where = _where(err)
+        if where:  # a line of the user's own: the bug may be there, whatever the shape
+            advice = f"fix the code at that line, or {advice}"
         dims = ", ".join(map(str, shape))
         raise ConfigError(f"config: {what}: calling the network on a (2, {dims}) "
-                          f"input failed ({type(err).__name__}: {said}): {advice}") from None
+                          f"input failed ({type(err).__name__}: {said}{where}): "
+                          f"{advice}") from None
     if tuple(out.shape) != tuple(x.shape):
         raise ConfigError(f"config: {what}: the network returns shape {list(out.shape)} for input "
                           f"{list(x.shape)}: it must return its input's shape (check model.shape "
@@ -365,9 +400,12 @@ def load_module(section, device="cpu") -> NetworkModel:
             torch.default_generator.manual_seed(0)
             net = factory(**section.args)
     except Exception as err:
+        if is_out_of_memory(err):
+            raise _too_large(f"model.target = {section.target!r}", "the host", err) from None
         given = ", ".join(section.args) or "none"
         raise ConfigError(f"config: model.target = {section.target!r} raised "
-                          f"{type(err).__name__}: {_first_line(err)} (keyword arguments from "
+                          f"{type(err).__name__}: {_first_line(err)}{_where(err)} (keyword "
+                          f"arguments from "
                           f"[model]: {given}): fix the factory or those keys") from None
     if not isinstance(net, torch.nn.Module):
         raise ConfigError(f"config: model.target = {section.target!r} returned "

@@ -403,8 +403,7 @@ def _as_user_error(err: Exception, command: str) -> Exception:
     one line naming what to lower; any other error as it is."""
     if "torch" not in sys.modules:  # nothing could have allocated through it
         return err
-    from pipeline.errors import OutOfMemory
-    from pipeline.memory import is_out_of_memory
+    from pipeline.errors import OutOfMemory, is_out_of_memory
 
     if isinstance(err, OutOfMemory) or not is_out_of_memory(err):
         return err

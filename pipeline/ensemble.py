@@ -29,11 +29,11 @@ from pipeline.claims import (Heartbeat, batch_key, claims_dir, clear_batch_claim
 from pipeline.comm import SerialComm
 from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
-from pipeline.errors import OutOfMemory, UnitsOverflow, WriteFailed, naming
+from pipeline.errors import OutOfMemory, UnitsOverflow, WriteFailed, is_out_of_memory, naming
 from pipeline.inputs import Items, label_text
 from pipeline.identity import growth, store_digests, target_fate
 from pipeline.layout import RankGrid, made_on, rank_grid
-from pipeline.memory import gpu_identity, is_out_of_memory, ranks_sharing
+from pipeline.memory import gpu_identity, ranks_sharing
 from pipeline.memory_check import check_memory, round_points
 from pipeline.noise import Noise
 from pipeline.progress import Progress

@@ -90,6 +90,19 @@ class OutOfMemory(PiadmError):
     """A rank ran out of memory; the message names the settings that would make the run fit."""
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed: torch's on a GPU (its OutOfMemoryError,
+    known by name: this module imports nothing), the C allocator's on the host (a RuntimeError
+    naming it), or Python's own."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err)
+    # cuBLAS, cuFFT and cuDNN report a failed allocation as a RuntimeError of their own
+    return isinstance(err, RuntimeError) and any(
+        what in text for what in ("can't allocate memory", "not enough memory", "out of memory",
+                                  "ALLOC_FAILED", "NOT_ENOUGH_WORKSPACE"))
+
+
 class BlowUp(PiadmError):
     """generate-data's simulation left the finite numbers: the message names the settings."""
 

@@ -209,18 +209,6 @@ def sampler_floor(method: str, points: int, batch: int, field_bytes: int,
     return int(max(entry.state * share, LEAST_FIELDS) * batch * field_bytes)
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is an allocation that failed: torch's on a GPU, the C allocator's on the
-    host (a RuntimeError naming it), or Python's own."""
-    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(err)
-    # cuBLAS, cuFFT and cuDNN report a failed allocation as a RuntimeError of their own
-    return isinstance(err, RuntimeError) and any(
-        what in text for what in ("can't allocate memory", "not enough memory", "out of memory",
-                                  "ALLOC_FAILED", "NOT_ENOUGH_WORKSPACE"))
-
-
 def format_bytes(n: float) -> str:
     """``n`` bytes as GiB, or MiB below one GiB."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -20,8 +20,9 @@ import torch
 
 from pipeline.cache import cache_path, positive, read_entry, update_cache
 from pipeline.calibrate import CALIBRATION_ITEM, calibration_key
+from pipeline.errors import is_out_of_memory
 from pipeline.layout import machine_kind
-from pipeline.memory import available_bytes, field_bytes, is_out_of_memory, sampler_floor
+from pipeline.memory import available_bytes, field_bytes, sampler_floor
 from pipeline.noise import Noise
 from pipeline.plan import CostCurve, Profile
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS

@@ -60,6 +60,25 @@ def raising(**kwargs):
     raise RuntimeError("no GPU found")
 
 
+class _Typo(torch.nn.Module):
+    """A network whose forward has a bug of its own (a name misspelt)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 1)
+
+    def forward(self, x, t):
+        return self.conv(x) * t.scael
+
+
+def typo():
+    return _Typo()
+
+
+def out_of_memory(**kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
 def build_plugin(section, device):
     """A model kind an installed package registers (entry point ``piadm.models``): an exact
     Gaussian field whose spectral slope comes from a key piadm does not know."""

@@ -157,7 +157,15 @@ def test_an_edm_denoiser_matches_edm_first_order_sampler():
     (["model.target=byo_nets:"], "must name a factory as 'package.module:function'"),
     (["model.target=byo_nets:whole_step_embedding"],
      "piadm calls it at fractional timesteps (a float t between the training's whole steps)"),
-    (["model.target=byo_nets:raising"], "raised RuntimeError: no GPU found"),
+    # where in the user's own code, since the one line has no traceback
+    (["model.target=byo_nets:raising"], "raised RuntimeError: no GPU found, at "
+                                         f"{TESTS / 'byo_nets.py'}:60 in raising"),
+    # the device's memory, not a mistake in the factory or its keys
+    (["model.target=byo_nets:out_of_memory"], "the network ran out of memory on the host before "
+                                               "sampling (CUDA out of memory. Tried to allocate"),
+    (["model.target=byo_nets:typo"], "failed (AttributeError: 'Tensor' object has no attribute 'scael', at "
+                                      f"{TESTS / 'byo_nets.py'}:71 in forward): fix the code at "
+                                      "that line, or check model.shape"),
     (["model.target=byo_nets:wrong_shape", "model.shape=[1, 16, 16]"], "returns shape [2, 2, 16, 16]"),
     # the shape it returns, not what an adapter broadcast it to
     (["model.target=byo_nets:flat_out"], "the network returns shape [2, 256] for input "

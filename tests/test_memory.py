@@ -308,7 +308,7 @@ def test_ranks_sharing_a_gpu_are_counted_by_the_gpu_each_holds(monkeypatch, gpus
                                   "cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE"])
 def test_a_gpu_librarys_failed_allocation_is_out_of_memory(text):
     # they come as plain RuntimeErrors: a traceback, not the advice on what to lower
-    from pipeline.memory import is_out_of_memory
+    from pipeline.errors import is_out_of_memory
 
     assert is_out_of_memory(RuntimeError(text))
     assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access"))
