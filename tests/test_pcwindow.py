@@ -382,7 +382,11 @@ def test_a_rank_whose_replicated_window_ended_alone_stops_with_the_reason():
 def test_ranks_of_a_replicated_window_that_part_ways_stop_with_the_reason():
     from pipeline.samplers.ring import evaluate_shared
 
+    from pipeline.errors import PiadmError
+
     states = torch.zeros(1, 4, 3, 3)
-    with pytest.raises(RuntimeError, match="disagree on where it starts"):
+    with pytest.raises(PiadmError, match="disagree on where it starts") as raised:
         evaluate_shared(lambda x, u: x, states, np.array([0]), 4, 10, np.linspace(0, 1, 20),
                         _PartedComm())
+    # a user's fix, raised by every rank from the same gathered numbers: one line, exit 2
+    assert raised.value.collective

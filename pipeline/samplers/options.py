@@ -110,3 +110,8 @@ def redone(blocks: int) -> str:
 
 class PicardDivergence(PiadmError, RuntimeError):
     """A Picard block produced NaN/Inf or a runaway residual."""
+
+
+class RanksParted(PiadmError, RuntimeError):
+    """The ranks of a replicated window took different acceptances (their arithmetic differs);
+    every rank raises it together, from the numbers they all gathered."""

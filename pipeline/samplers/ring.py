@@ -30,6 +30,7 @@ import torch
 
 from pipeline.decomposition import slice_bounds
 from pipeline.samplers.common import indices, point_cumsum, point_mask
+from pipeline.samplers.options import RanksParted
 
 HIGH, LOW = 0, 1
 
@@ -204,9 +205,9 @@ def evaluate_shared(model, states: torch.Tensor, start, p: int, n: int, u: np.nd
     gathered = comm.allgather(piece)
     starts = gathered[:, share].flatten(1)[:, 0]
     if not bool((starts == starts[0]).all()):
-        raise RuntimeError("the ranks of a replicated window disagree on where it starts: their "
-                           "arithmetic differs (run every rank on the same kind of device, or "
-                           "set sampler.window_split = 'slots')")
+        raise RanksParted("the ranks of a replicated window disagree on where it starts: their "
+                          "arithmetic differs (run every rank on the same kind of device, or "
+                          "set sampler.window_split = 'slots')", collective=True)
     joined = torch.cat([gathered[k, : b - a] for k, (a, b) in enumerate(sizes)])
     g = torch.zeros_like(states)
     r, s = indices(states, rows, slots)
