@@ -38,10 +38,6 @@ from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, redone
 from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
 
-COLUMNS = ("method", "seed", "tol", "ranks", "steps", "d", "rounds", "model_calls",
-           "calls_ratio", "rel_dist", "stat_err", "w2", "wall_s", "wall_med_s", "comm_share",
-           "own_share", "peak_mib")
-
 # The bench's records of every collective, gathered once per timed run: (seconds in it, model
 # seconds since the rank's previous collective) per rank and call
 SPENT, MODEL = 0, 1

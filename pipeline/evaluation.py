@@ -37,18 +37,6 @@ def power_spectra(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _radial(density.reshape(-1, n, n), n)
 
 
-def energy_spectrum(vorticity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``energy_spectra`` averaged over the fields: (k, E (n/2,))."""
-    k, e = energy_spectra(vorticity)
-    return k, e.mean(0)
-
-
-def power_spectrum(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``power_spectra`` averaged over the fields: (k, P (n/2,))."""
-    k, p = power_spectra(field)
-    return k, p.mean(0)
-
-
 def ensemble_mean_rmse(ens: np.ndarray, truth: np.ndarray) -> float:
     """Root mean square error of the ensemble mean."""
     return float(np.sqrt(((ens.mean(0) - truth) ** 2).mean()))

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.evaluation import crps, energy_spectrum, ensemble_mean_rmse, rank_histogram, spread_skill
+from pipeline.evaluation import crps, energy_spectra, ensemble_mean_rmse, rank_histogram, spread_skill
 
 
 def test_energy_spectrum_of_one_mode_sits_at_its_wavenumber_with_its_energy():
@@ -11,7 +11,8 @@ def test_energy_spectrum_of_one_mode_sits_at_its_wavenumber_with_its_energy():
     x = np.arange(n) * 2 * math.pi / n
     psi = np.cos(k * x)[None, :] * np.ones((n, 1))  # stream function cos(3x)
     w = k**2 * psi  # vorticity = -lap psi
-    ks, e = energy_spectrum(w)
+    ks, e = energy_spectra(w)
+    e = e[0]  # one field
     u_sq = (k * np.sin(k * x)) ** 2  # v = -dpsi/dx; u = 0
     assert np.argmax(e) == k - 1 and math.isclose(e.sum(), 0.5 * u_sq.mean(), rel_tol=1e-10)
 
