@@ -11,6 +11,10 @@ GRIDS = ("ou", "uniform", "edm")  # sampler.grid: the families of pipeline.grids
 SCHEDULER_GRID = "scheduler"  # sampler.grid: the model's own timesteps (a diffusers scheduler's)
 FORMS = ("exponential", "eps")  # sampler.form: the step maps of pipeline.integrators.FORMS
 SOURCES = ("host", "device")  # sampler.noise: who fills pipeline.noise.Noise's draws
+DTYPE_NAMES = ("float32", "float64")  # sampler.dtype: pipeline.run.DTYPES
+ON_DIVERGENCE = ("sequential", "error")  # sampler.on_divergence: pipeline.samplers.picard
+OU_KNEE = 1.0  # sampler.knee: where the ou grid's steps turn geometric (pipeline.grids)
+EDM_RHO = 7.0  # the edm grid's rho (Karras et al. 2022; pipeline.grids)
 
 # [model] of a bring-your-own network (models/module_check.py checks them)
 PREDICTIONS = ("score", "eps", "x0", "v", "velocity")  # model.prediction: models.adapters

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.choices import EDM_RHO, OU_KNEE
 from pipeline.clock import OU
 
 
@@ -61,7 +62,7 @@ def _phi_inv(p: torch.Tensor, knee: float) -> torch.Tensor:
     return torch.where(p < math.log(knee), torch.exp(p), knee * (1 + p - math.log(knee)))
 
 
-def ou_grid(steps: int, u_min: float, u_max: float, knee: float = 1.0) -> torch.Tensor:
+def ou_grid(steps: int, u_min: float, u_max: float, knee: float = OU_KNEE) -> torch.Tensor:
     """Uniform-in-bulk, geometric-near-data grid, (steps+1,) float64 from u_max to u_min."""
     knee = min(max(knee, u_min), u_max)
     lo = _phi(torch.tensor(u_min, dtype=torch.float64), knee)
@@ -80,7 +81,7 @@ def uniform_grid(steps: int, u_min: float, u_max: float, process=OU()) -> torch.
     return u
 
 
-def edm_grid(steps: int, u_min: float, u_max: float, rho: float = 7.0) -> torch.Tensor:
+def edm_grid(steps: int, u_min: float, u_max: float, rho: float = EDM_RHO) -> torch.Tensor:
     """EDM rho-grid: sigma_i^(1/rho) uniform between sigma_max and sigma_min."""
     smax, smin = math.sqrt(math.expm1(u_max)), math.sqrt(math.expm1(u_min))
     r = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
@@ -115,8 +116,8 @@ def make_grid(
     u_max: float,
     block_size: int,
     process=OU(),
-    knee: float = 1.0,
-    rho: float = 7.0,
+    knee: float = OU_KNEE,
+    rho: float = EDM_RHO,
 ) -> Grid:
     """Build a blocked grid of ``steps`` steps; ``kind`` is one of ``GRIDS``."""
     if not 0 < u_min < u_max:

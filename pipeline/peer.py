@@ -23,6 +23,7 @@ from pipeline.clock import DiscreteVP, noise_std
 from pipeline.grids import Grid
 from pipeline.noise import Noise
 from pipeline.samplers import REGISTRY, SAMPLERS, Options
+from pipeline.samplers.options import WINDOW_POINTS
 
 
 def _scheduler():
@@ -97,9 +98,10 @@ def sequential(scheduler, eps, x_t: torch.Tensor, xi: torch.Tensor) -> torch.Ten
     return x
 
 
-def compare_diffusers(model, *, members: int, seed: int, dtype, device, window: int = 100,
-                      tol: float = 0.1, data_bound: float = float("inf"), ladder=(),
-                      pc_window: int = 0, theta: str = Options.theta, say=print):
+def compare_diffusers(model, *, members: int, seed: int, dtype, device,
+                      window: int = WINDOW_POINTS, tol: float = 0.1,
+                      data_bound: float = float("inf"), ladder=(), pc_window: int = 0,
+                      theta: str = Options.theta, say=print):
     """diffusers' ParaDiGMS against piadm's window and pc-window on DDPM-1000; returns rows
     (method, settings, rounds, calls_ratio, distance). ``window`` and ``tol`` are ParaDiGMS'
     (for both ParaDiGMS samplers); pc-window runs with ``pc_window`` points (0: its own

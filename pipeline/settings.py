@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from pipeline.choices import OU_KNEE
 from pipeline.samplers.options import Options  # the samplers' own defaults (no torch)
 
 
@@ -61,7 +62,7 @@ class SamplerConfig:
     grid: str = "ou"
     u_min: float = 1e-3
     u_max: float = 10.0
-    knee: float = 1.0
+    knee: float = OU_KNEE
     form: str = Options.form
     dtype: str = "float32"
     noise: str = "host"

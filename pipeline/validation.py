@@ -10,8 +10,9 @@ import math
 import os
 import re
 
-from pipeline.choices import (FIELD_DIMS, FORMS, GRIDS, NORM_GROUPS, SCHEDULER_GRID, SOURCES,
-                              STORE_DIMS, STORE_VARIABLES, resolved_wavenumber)
+from pipeline.choices import (DTYPE_NAMES, FIELD_DIMS, FORMS, GRIDS, NORM_GROUPS, ON_DIVERGENCE,
+                              SCHEDULER_GRID, SOURCES, STORE_DIMS, STORE_VARIABLES,
+                              resolved_wavenumber)
 from pipeline.errors import ConfigError
 from pipeline.samplers.options import THETAS, WINDOW_SPLITS
 from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataConfig, ModelConfig,
@@ -250,11 +251,12 @@ def _check_sampler(s: SamplerConfig) -> None:
     _check(s.grid in (*GRIDS, SCHEDULER_GRID), "sampler.grid",
            f"= {s.grid!r} is unknown: use one of {', '.join((*GRIDS, SCHEDULER_GRID))}")
     _check(s.form in FORMS, "sampler.form", f"= {s.form!r} is unknown: use one of {', '.join(FORMS)}")
-    _check(s.dtype in ("float32", "float64"), "sampler.dtype", f"= {s.dtype!r}: use float32 or float64")
+    _check(s.dtype in DTYPE_NAMES, "sampler.dtype",
+           f"= {s.dtype!r}: use {' or '.join(DTYPE_NAMES)}")
     _check(s.noise in SOURCES, "sampler.noise",
            f"= {s.noise!r}: use host (the same draws on every device) or device (fast on GPUs)")
-    _check(s.on_divergence in ("sequential", "error"), "sampler.on_divergence",
-           f"= {s.on_divergence!r}: use 'sequential' or 'error'")
+    _check(s.on_divergence in ON_DIVERGENCE, "sampler.on_divergence",
+           f"= {s.on_divergence!r}: use {' or '.join(map(repr, ON_DIVERGENCE))}")
     _check(s.seed >= 0, "sampler.seed", f"= {s.seed} must be >= 0")
     _check(s.corrector_steps >= 0, "sampler.corrector_steps", "must be >= 0 (0 turns it off)")
     _check(s.corrector_sweeps >= 1, "sampler.corrector_sweeps", "must be >= 1")

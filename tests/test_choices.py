@@ -15,6 +15,9 @@ def test_the_checked_names_are_the_implemented_ones():
     assert choices.SCHEDULER_GRID not in GRIDS  # built from the model's timesteps instead
     assert tuple(FORMS) == choices.FORMS
     assert SOURCES is choices.SOURCES
+    from pipeline.run import DTYPES
+
+    assert tuple(DTYPES) == choices.DTYPE_NAMES
 
 
 def test_the_module_model_names_are_the_implemented_ones():

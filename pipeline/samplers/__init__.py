@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pipeline.samplers.options import (PC_WINDOW_POINTS, WINDOW_POINTS, Options,
-                                      PicardDivergence, Stats, redone)
+                                      PicardDivergence, Stats, redone, window_points)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Registered:
 
     def window_points(self, window: int, steps: int) -> int:
         """The points of a window set to ``window`` (0: the default) on a path of ``steps``."""
-        return min(window or self.default_window, steps)
+        return window_points(window, self.default_window, steps)
 
     def points(self, s) -> dict[str, int]:
         """The points each ``[sampler]`` setting ``s`` gives a round, by setting name: a layout

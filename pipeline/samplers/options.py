@@ -18,6 +18,12 @@ PC_WINDOW_POINTS = 65  # pc-window, pc-window-ode: measured on grf and the shipp
 # (docs/algorithms.md)
 
 
+def window_points(window: int, default: int, steps: int) -> int:
+    """The points a window set to ``window`` holds on a path of ``steps`` (0: ``default``, the
+    method's own): what the samplers slide and what the planner and memory count."""
+    return min(window or default, steps)
+
+
 @dataclass(frozen=True)
 class Options:
     """Typed sampler settings; each sampler reads the ones it uses.

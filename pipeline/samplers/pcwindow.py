@@ -59,7 +59,7 @@ from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
 from pipeline.samplers.common import check_rows, finish, indices, per_point, point_mask
-from pipeline.samplers.options import PC_WINDOW_POINTS, THETAS, Options, Stats
+from pipeline.samplers.options import PC_WINDOW_POINTS, THETAS, Options, Stats, window_points
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_shared, evaluate_window
 
 # The ODE's predictor extrapolates the denoiser through its values at the window's last point
@@ -367,7 +367,7 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     if options.tol is None:
         raise ValueError("pc-window needs sampler.tol (a number, or 'auto' to calibrate it)")
     n = grid.steps
-    p = min(options.window or PC_WINDOW_POINTS, n)
+    p = window_points(options.window, PC_WINDOW_POINTS, n)
     # the ranks that split the ring's slots: replicated, each rank holds them all
     shared = options.window_split == "replicated" and comm.size > 1
     ring = SerialComm() if shared else comm

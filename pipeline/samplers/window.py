@@ -24,7 +24,8 @@ from pipeline.grids import Grid
 from pipeline.integrators import step_coefficients
 from pipeline.noise import Noise
 from pipeline.samplers.common import LIKELY_CAUSE, field_mean, finish, per_point, point_mask
-from pipeline.samplers.options import WINDOW_POINTS, Options, PicardDivergence, Stats
+from pipeline.samplers.options import (WINDOW_POINTS, Options, PicardDivergence, Stats,
+                                      window_points)
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_window
 
 
@@ -49,7 +50,7 @@ def _fill(states, xi, freed, chain, e, y_end, noise: Noise | None, n: int):
 def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stochastic: bool):
     if options.tol is None:
         raise ValueError("sampler.tol must be set for the window sampler (ParaDiGMS uses 0.1)")
-    n, p = grid.steps, min(options.window or WINDOW_POINTS, grid.steps)
+    n, p = grid.steps, window_points(options.window, WINDOW_POINTS, grid.steps)
     bounds = [slice_bounds(p, comm.size, r) for r in range(comm.size)]
     lo, hi = bounds[comm.rank]
     steps = step_coefficients(grid.u, stochastic=stochastic, form=options.form)
