@@ -121,7 +121,8 @@ def test_sourcing_the_setup_leaves_the_shell_as_it_was_even_when_it_fails():
 
 def test_the_local_scripts_refuse_a_count_that_is_not_a_positive_number():
     # mpiexec -n abc (or 0) quietly ran one rank; a shard count of x died on an unbound name
-    for script, var, args in (("sample.sh", "PIADM_RANKS", ["jobs/configs/grf.toml"]),
+    for script, var, args in (("demo.sh", "PIADM_RANKS", []),
+                              ("sample.sh", "PIADM_RANKS", ["jobs/configs/grf.toml"]),
                               ("train.sh", "PIADM_RANKS", ["jobs/configs/kolmogorov.toml"]),
                               ("generate.sh", "PIADM_SHARDS", ["jobs/configs/kolmogorov.toml",
                                                                "/nonexistent/shards"])):

@@ -7,8 +7,9 @@
 # Extra arguments are --set overrides for the sampling step.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+source jobs/common.sh
+ranks=$(positive_count PIADM_RANKS 2) || exit 2  # before the set-up: a typo costs nothing
 source jobs/local/setup.sh
-ranks="${PIADM_RANKS:-2}"
 config=jobs/configs/demo.toml
 piadm generate-data "$config" --set data.overwrite=true
 # sampled afresh every time (on other PIADM_RANKS too): a complete store would be resumed,
