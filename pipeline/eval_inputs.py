@@ -150,7 +150,8 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
     *field dims), where it names them alike: fields are compared point by point, so a truth
     stored (time, x, y) must not meet an ensemble's (y, x) by position. Raises
     EvaluationError where a coordinate both carry differs (another grid of as many points);
-    a store's grid indices (no physical grid known) are compared by position alone. A truth
+    a store's grid indices (no physical grid known) are compared by position alone, unless
+    the truth carries the same indices the other way round. A truth
     that names a dim as the input did (lat where the store has y: the coordinate's
     ``input_dim``) is renamed to the store's name first."""
     dims = field.dims[2:]
@@ -168,10 +169,17 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
     truth = truth.transpose(..., *dims)
     for dim in dims:
         ours = field[dim] if dim in field.coords else None
-        if (ours is None or dim not in truth.coords
-                or str(ours.attrs.get("long_name", "")).startswith("grid index")):
+        if ours is None or dim not in truth.coords:
             continue
         a, b = np.asarray(ours.values), np.asarray(truth[dim].values)
+        if str(ours.attrs.get("long_name", "")).startswith("grid index"):
+            # the truth's own values (a physical grid) meet the indices by position; the
+            # same indices stored the other way round (a truth made from such a store,
+            # flipped) are lined up
+            if a.shape == b.shape and b.dtype.kind in "iu" and (a[::-1] == b).all() \
+                    and not (a == b).all():
+                truth = truth.isel({dim: slice(None, None, -1)})
+            continue
         alike = lambda a, b: a.shape == b.shape and (  # noqa: E731
             _same_points(a, b) if a.dtype.kind in "fiu" else bool((a == b).all()))
         if not alike(a, b) and alike(a, b[::-1]):  # the same grid, stored the other way round

@@ -207,6 +207,30 @@ def test_a_truth_named_as_the_input_is_lined_up_by_those_names(tmp_path, capsys)
         in capsys.readouterr().err
 
 
+def test_a_truth_holding_the_stores_grid_indices_the_other_way_round_is_lined_up(tmp_path):
+    """A store made from an input without grid coordinates numbers its points (grid index
+    0 .. n-1); a truth written from it flipped (indices n-1 .. 0) met it by position: CRPS
+    1.85 for 0.66. The same indices reversed are lined up; the truth's own values (a
+    physical grid) still meet them by position."""
+    import numpy as np
+
+    plain = xr.open_zarr(make_input(tmp_path / "plain.zarr"), consolidated=False).load()
+    ens = tmp_path / "e.zarr"
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(tmp_path / "plain.zarr", ens, "ensemble.members=2")]) == 0
+    assert xr.open_zarr(ens)["y"].attrs["long_name"].startswith("grid index")
+    n = plain.sizes["y"]
+    indexed = plain.assign_coords(y=np.arange(n), x=np.arange(plain.sizes["x"]))
+    indexed.isel(y=slice(None, None, -1)).to_zarr(tmp_path / "flip.zarr", zarr_format=3)
+    indexed.to_zarr(tmp_path / "same.zarr", zarr_format=3)
+    for truth in ("plain", "flip", "same"):
+        assert main(["evaluate", str(ens), "--truth", str(tmp_path / f"{truth}.zarr"),
+                     "--out", str(tmp_path / truth)]) == 0
+    flat, flip, same = (_metrics(tmp_path / t) for t in ("plain", "flip", "same"))
+    assert flat["crps"] == flip["crps"] == same["crps"]
+    assert flat["rank_histogram"] == flip["rank_histogram"]
+
+
 def test_a_truth_without_the_ensembles_items_is_a_climatology_that_says_why(paired, tmp_path,
                                                                            capsys):
     tmp, ens = paired
