@@ -225,8 +225,9 @@ def _same_points(a: np.ndarray, b: np.ndarray) -> bool:
 
 def _check_finite(truth: xr.DataArray, path, field_ndim: int, *, paired: bool) -> None:
     """Read ``truth`` (fields of ``field_ndim`` dims) and raise EvaluationError when a field
-    holds NaN or inf (its scores would be NaN and the figures fail), or when it is one value
-    everywhere (no spectrum or spread to score against)."""
+    holds NaN or inf (its scores would be NaN and the figures fail), or when every field is
+    one value throughout (no spectrum to score against). Some such fields among others (a
+    calm or dry day) are scored: the spectra are compared as means over the items."""
     values = truth.load().values  # score reads it whole anyway: loaded once, here
     lead = values.shape[: values.ndim - field_ndim]
     finite = np.isfinite(values.reshape(*lead, -1))
@@ -247,7 +248,7 @@ def _check_finite(truth: xr.DataArray, path, field_ndim: int, *, paired: bool) -
             raise EvaluationError(f"truth {path} is {value} everywhere: it has no spectrum or "
                                   "spread to score against; give the fields the ensemble "
                                   "should match (--truth-variable names another variable)")
-        if level.any():
+        if level.all():
             raise EvaluationError(
                 f"truth {path} has {int(level.sum())} of the {level.size} fields scored that "
                 f"are one value throughout (e.g. {where(level)}): they have no spectrum to "

@@ -231,6 +231,21 @@ def test_a_truth_holding_the_stores_grid_indices_the_other_way_round_is_lined_up
     assert flat["rank_histogram"] == flip["rank_histogram"]
 
 
+def test_a_truth_with_one_level_field_among_others_is_scored(paired, tmp_path):
+    """A calm or dry day (a field of one value) among the items was refused outright, though
+    every score is defined for it and the spectra are compared as means over the items."""
+    import numpy as np
+
+    tmp, ens = paired
+    truth = xr.open_zarr(tmp / "truth.zarr").load()
+    truth.vort[2] = 0.0
+    truth.to_zarr(tmp_path / "t.zarr")
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "t.zarr"),
+                 "--out", str(tmp_path / "e")]) == 0
+    scores = _metrics(tmp_path / "e")
+    assert np.isfinite(scores["crps"]) and np.isfinite(scores["spread_skill"])
+
+
 def test_a_truth_without_the_ensembles_items_is_a_climatology_that_says_why(paired, tmp_path,
                                                                            capsys):
     tmp, ens = paired
