@@ -93,6 +93,14 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
     return truth, paired
 
 
+def _label_type(labels: np.ndarray) -> str:
+    """What kind of labels ``labels`` holds, for a message: the numpy dtype, str, or the
+    class of an object array's first (a cftime date)."""
+    if labels.dtype.kind == "O" and labels.size:
+        return type(labels.flat[0]).__name__
+    return "str" if labels.dtype.kind in "US" else str(labels.dtype)
+
+
 def _paired(truth: xr.DataArray, items: xr.DataArray, field_ndim: int, path,
             variable: str) -> xr.DataArray:
     """The truth's field of each of the ensemble's ``items`` (its item coordinate), in their
@@ -103,8 +111,15 @@ def _paired(truth: xr.DataArray, items: xr.DataArray, field_ndim: int, path,
     missing = np.setdiff1d(wanted, truth[item_dim].values)
     if missing.size:
         shown = ", ".join(label_text(v) for v in missing[:3])
-        raise EvaluationError(f"truth {path} lacks {item_dim} [{shown}] of the ensemble: "
-                              "give the data the ensemble was conditioned on")
+        more = f" and {missing.size - 3} more" if missing.size > 3 else ""
+        theirs = truth[item_dim].values
+        # none found: another type, calendar or offset of the same labels is the likely cause
+        held = (f" (it holds {theirs.size} labels of type {_label_type(theirs)}, "
+                f"{label_text(theirs[0])} .. {label_text(theirs[-1])}, where the ensemble's "
+                f"are {_label_type(np.asarray(items.values))})"
+                if missing.size == len(wanted) and theirs.size else "")
+        raise EvaluationError(f"truth {path} lacks {item_dim} [{shown}]{more} of the "
+                              f"ensemble{held}: give the data the ensemble was conditioned on")
     at, repeated = {}, set()
     for i, v in enumerate(truth[item_dim].values):
         if v in at:

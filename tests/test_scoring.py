@@ -295,6 +295,10 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("store being filled", "is incomplete (0 of 36 members done): live job(s) slurm-9.0 are "
                            "filling it: wait for them"),
     ("truth lacks items", "lacks time"),
+    # every label missing: the same dates as text, say; what the truth holds is told
+    ("truth labels as text", "lacks time [2020-01-01, 2020-01-02, 2020-01-03] and 3 more of the "
+                             "ensemble (it holds 6 labels of type str, 2020-01-01 .. 2020-01-06, "
+                             "where the ensemble's are datetime64[ns])"),
     ("empty range", "selects no sample of"),
     ("empty range", "its sample runs 0 .. 5; pick labels inside it"),
     ("range of no labels", "--truth-range foo 5: label 'foo' is not a valid sample value"),
@@ -337,6 +341,11 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
         from pipeline.claims import Heartbeat, claims_dir
 
         beat = Heartbeat(claims_dir(tmp_path / "undone.zarr"), "slurm-9.0").start()
+    if case == "truth labels as text":
+        truth = xr.open_zarr(tmp / "truth.zarr").load()
+        truth = truth.assign_coords(time=[str(v)[:10] for v in truth.time.values])
+        truth.to_zarr(tmp_path / "t.zarr")
+        args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
     if case == "truth lacks items":
         xr.open_zarr(tmp / "truth.zarr").isel(time=slice(0, 3)).to_zarr(tmp_path / "t.zarr")
         args[case] = [str(ens), "--truth", str(tmp_path / "t.zarr")]
