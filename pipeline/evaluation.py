@@ -52,12 +52,18 @@ def crps(ens: np.ndarray, truth: np.ndarray) -> float:
                                                     estimator="qd")))
 
 
-def spread_skill(ens: np.ndarray, truth: np.ndarray) -> float:
-    """Ensemble spread over ensemble-mean RMSE, with the (M + 1) / M finite-ensemble factor:
-    about 1 for a reliable ensemble."""
+def spread_variance(ens: np.ndarray) -> np.ndarray:
+    """The ensemble spread's square at each point of ens (M, *S) -> (*S): the members'
+    unbiased variance times the finite-ensemble factor (M + 1) / M, so that its mean matches
+    the squared error of the ensemble mean of a reliable ensemble; needs M >= 2."""
     m = ens.shape[0]
-    spread = np.sqrt(ens.var(0, ddof=1).mean() * (m + 1) / m)
-    return float(spread / ensemble_mean_rmse(ens, truth))
+    return ens.var(0, ddof=1) * (m + 1) / m
+
+
+def spread_skill(ens: np.ndarray, truth: np.ndarray) -> float:
+    """Ensemble spread over ensemble-mean RMSE (``spread_variance``): about 1 for a reliable
+    ensemble."""
+    return float(np.sqrt(spread_variance(ens).mean()) / ensemble_mean_rmse(ens, truth))
 
 
 def rank_histogram(ens: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from pipeline.evaluation import spread_variance
 from pipeline.store import field_variable
 
 
@@ -89,8 +90,9 @@ def _images(fig, axes, t: np.ndarray, e: np.ndarray, shown: int, paired: bool, i
     for c, (title, img) in enumerate(panels):
         im = axes[c].imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
         axes[c].set_title(title, fontsize=9)
-    sp = axes[-1].imshow(e.std(0), cmap="magma", vmin=0, origin="lower")
-    axes[-1].set_title("ensemble spread", fontsize=9)
+    spread = np.sqrt(spread_variance(e)) if len(e) > 1 else np.zeros_like(t)
+    sp = axes[-1].imshow(spread, cmap="magma", vmin=0, origin="lower")
+    axes[-1].set_title("ensemble spread" if len(e) > 1 else "spread: n/a (1 member)", fontsize=9)
     fig.colorbar(sp, ax=axes[-1], fraction=0.046, pad=0.04)
     fig.colorbar(im, ax=axes[-2], fraction=0.046, pad=0.04)
     for ax in axes:
@@ -106,9 +108,11 @@ def _curves(ax, t: np.ndarray, e: np.ndarray, shown: int, paired: bool, inputs) 
         ax.plot(x, inputs, color="0.6", lw=1, label="input")
     for m in range(shown):
         ax.plot(x, e[m], lw=0.8, alpha=0.6, label=f"member {m}")
-    mean, spread = e.mean(0), e.std(0)
-    ax.fill_between(x, mean - spread, mean + spread, color="C0", alpha=0.15,
-                    label="mean +- spread")
+    mean = e.mean(0)
+    if len(e) > 1:  # the spread the metrics define (one member has none)
+        spread = np.sqrt(spread_variance(e))
+        ax.fill_between(x, mean - spread, mean + spread, color="C0", alpha=0.15,
+                        label="mean +- spread")
     ax.plot(x, mean, color="C0", lw=1.5, label="ensemble mean")
     ax.plot(x, t, color="k", lw=1.5, label="truth" if paired else "a truth sample")
     ax.legend(fontsize=7, ncol=2)
@@ -153,7 +157,10 @@ def spectrum_figure(metrics: xr.Dataset, path: Path) -> Path:
     bottom.axhline(1, color="k", lw=0.8)
     for level in (0.8, 1.2):
         bottom.axhline(level, color="0.5", lw=0.6, ls="--")
-    bottom.set_ylim(0, 2)
+    # up to the largest ratio shown (within reason): a band far off is the headline
+    shown = metrics["spectrum_ratio"].values
+    shown = shown[np.isfinite(shown)]
+    bottom.set_ylim(0, min(max(2.0, 1.1 * shown.max()) if shown.size else 2.0, 10.0))
     bottom.set_xlabel("wavenumber k")
     bottom.set_ylabel("ensemble / truth")
     bottom.legend(fontsize=8, loc="upper left")
@@ -174,7 +181,9 @@ def rank_figure(metrics: xr.Dataset, path: Path) -> Path:
     ax.axhline(1 / h.size, color="k", ls="--", lw=1, label="reliable ensemble")
     ax.set_xlabel("rank of the truth among the members")
     ax.set_ylabel("share of points")
-    ax.set_title(f"rank histogram, spread/skill {metrics.attrs['spread_skill']:.2f}", fontsize=10)
+    ratio = metrics.attrs["spread_skill"]
+    said = f"{ratio:.2f}" if np.isfinite(ratio) else "n/a (needs 2 members)"  # as the table
+    ax.set_title(f"rank histogram, spread/skill {said}", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

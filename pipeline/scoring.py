@@ -22,7 +22,8 @@ import xarray as xr
 
 from pipeline.bands import band_figures, correlation_block, spectral_bands
 from pipeline.errors import EvaluationError
-from pipeline.evaluation import crps, energy_spectra, power_spectra, rank_histogram
+from pipeline.evaluation import (crps, energy_spectra, power_spectra, rank_histogram,
+                                 spread_variance)
 from pipeline.inputs import label_text
 from pipeline.eval_inputs import (INPUT_MISMATCH, check_shell, check_sound, coarse_input,
                                   ensemble_variable, input_mismatch, is_square, open_ensemble,
@@ -55,10 +56,10 @@ def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | Non
     per_item, ranks, ens_spectra, moments = _item_by_item(field, truth_values, paired, spectra,
                                                           baseline, progress)
     out = xr.Dataset()
-    mean = moments[0] / moments[2]
+    count, mean, squares = moments
     attrs = {"store_variable": name, "pairing": "paired" if paired else "climatological",
              "items": field.shape[0], "members": field.shape[1],
-             "ensemble_mean": mean, "ensemble_std": np.sqrt(moments[1] / moments[2] - mean ** 2),
+             "ensemble_mean": mean, "ensemble_std": np.sqrt(squares / count),
              "rounds_mean": float(ens["rounds"].mean()),
              "model_calls_mean": float(ens["model_calls"].mean())}
     if paired:
@@ -109,20 +110,31 @@ def _described(out: xr.Dataset, units: str | None) -> xr.Dataset:
     return out
 
 
+def _merged(a: tuple, b: tuple) -> tuple:
+    """Two parts' (count, mean, sum of squared deviations from the mean) as one (Chan et al.):
+    the sum of squares less the squared mean loses the spread of fields far from zero."""
+    (n, mean, m2), (k, other, m2b) = a, b
+    if n == 0:
+        return b
+    total = n + k
+    delta = other - mean
+    return total, mean + delta * k / total, m2 + m2b + delta**2 * n * k / total
+
+
 def _item_by_item(field: xr.DataArray, truth_values: np.ndarray, paired: bool, spectra,
                   baseline: xr.DataArray | None, progress):
     """One pass over ``field`` (items, members, *shape), an item in memory at a time: the
     per-item scores {name: (items,)} and rank histogram counts (members + 1,) when ``paired``
     (NaN and zeros otherwise), the ensemble's spectra (a list of (units, K), when ``spectra``)
-    and the sum, sum of squares and count of all its values."""
+    and the count, mean and sum of squared deviations of all its values."""
     items, members = field.shape[0], field.shape[1]
     per_item = {k: np.full(items, np.nan) for k in
                 ("crps", "rmse", "spread", "baseline_mae", "baseline_rmse")}
     ranks = np.zeros(members + 1, dtype=np.int64)
-    ens_spectra, moments = [], np.zeros(3)
+    ens_spectra, moments = [], (0, 0.0, 0.0)
     for i in range(items):
         e = field.isel({field.dims[0]: i}).values.astype(np.float64)
-        moments += [e.sum(), (e ** 2).sum(), e.size]
+        moments = _merged(moments, (e.size, e.mean(), ((e - e.mean()) ** 2).sum()))
         if spectra is not None:
             _, s = spectra(e)  # (members, K): one unit per item when paired, else per field
             ens_spectra.append(s.mean(0, keepdims=True) if paired else s)
@@ -131,8 +143,7 @@ def _item_by_item(field: xr.DataArray, truth_values: np.ndarray, paired: bool, s
             per_item["crps"][i] = crps(e, t)
             per_item["rmse"][i] = np.sqrt(((e.mean(0) - t) ** 2).mean())
             if members > 1:  # one member has no spread (NaN: "n/a" in the table)
-                per_item["spread"][i] = np.sqrt(e.var(0, ddof=1).mean() * (members + 1)
-                                                / members)
+                per_item["spread"][i] = np.sqrt(spread_variance(e).mean())
             ranks += rank_histogram(e, t)
             if baseline is not None:
                 b = baseline.isel({baseline.dims[0]: i}).values
