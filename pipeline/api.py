@@ -29,7 +29,7 @@ import xarray as xr
 
 from pipeline.comm import MPIComm, SerialComm, world_comm
 from pipeline.config import ConfigError, check_same_config, config_from_dict, read_toml
-from pipeline.errors import PiadmError  # every error a user's input causes is one
+from pipeline.errors import PiadmError, is_system_error  # every user error is a PiadmError
 from pipeline.settings import SECTION_TYPES, Config
 from pipeline.signals import StopRequest
 from pipeline.store import StoreExists, done_members, field_variable, open_store
@@ -163,8 +163,8 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
     try:
         ds = open_store(path)
     except Exception as err:  # zarr's errors for a non-store (a folder, a file, an array)
-        if isinstance(err, OSError) and not isinstance(err, (FileNotFoundError,
-                                                              NotADirectoryError)):
+        if is_system_error(err) and not isinstance(err, (FileNotFoundError,
+                                                         NotADirectoryError)):
             raise  # a store it may not read, a failing disk: the I/O error names the file
         raise ConfigError(f"{path} is not a Zarr store: give the output.path of a piadm "
                           "sample run") from None

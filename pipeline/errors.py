@@ -90,6 +90,13 @@ class OutOfMemory(PiadmError):
     """A rank ran out of memory; the message names the settings that would make the run fit."""
 
 
+def is_system_error(err: BaseException) -> bool:
+    """Whether ``err`` failed in the system rather than in what was read: the file system's (an
+    OSError with an errno: EIO, ESTALE on NFS, EACCES) or memory. Such an error says nothing
+    of a store's bytes, so it is told as itself, never as a store damaged or not a store."""
+    return isinstance(err, MemoryError) or (isinstance(err, OSError) and err.errno is not None)
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """Whether ``err`` is an allocation that failed: torch's on a GPU (its OutOfMemoryError,
     known by name: this module imports nothing), the C allocator's on the host (a RuntimeError

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from pipeline.errors import EvaluationError
+from pipeline.errors import EvaluationError, is_system_error
 from pipeline.inputs import (InputError, _label, check_real, label_text, same_fingerprint,
                              select_items, selection_fingerprint, snapped)
 from pipeline.store import INPUT_FINGERPRINT, done_members, field_variable, open_store
@@ -33,9 +33,9 @@ def _open_zarr(path: str | Path, what: str, fix: str) -> xr.Dataset:
     the ``fix``."""
     try:
         return open_store(path)
-    except PermissionError:  # a store we may not read: the I/O error names the file
-        raise
     except Exception as err:  # zarr's errors for a non-store are many and unspecific
+        if is_system_error(err):  # a store we may not read, a failing disk: told as such
+            raise
         raise EvaluationError(f"{what} is not a Zarr store: {fix}") from err
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.choices import FIELD_DIMS
 from pipeline.config import ConfigError
+from pipeline.errors import is_system_error
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -211,6 +212,8 @@ def _open(path: str) -> xr.Dataset:
         # times or variables since would hide them (an input has few arrays to list)
         return xr.open_zarr(path, chunks={}, consolidated=False)
     except Exception as err:  # zarr and xarray raise many kinds for a store they cannot read
+        if is_system_error(err) and not isinstance(err, (FileNotFoundError, NotADirectoryError)):
+            raise  # a failing disk, a store it may not read: the I/O error names the file
         said = str(err).splitlines()[0] if str(err) else ""
         if "cftime" in said:
             raise InputError(f"input.path {path}: its time coordinate is on a calendar numpy "

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.errors import PiadmError
+from pipeline.errors import PiadmError, is_system_error
 from pipeline.inputs import label_text
 from pipeline.store import (ARRAYS_FIX, NOT_A_GROUP, PER_MEMBER, damaged_arrays, done_members,
-                            not_damage, read_done_record)
+                            read_done_record)
 from pipeline.target import check_idle, filling_jobs
 
 
@@ -176,7 +176,7 @@ def _damaged_members(arrays: dict, field: str, item: int, start: int, stop: int,
         try:
             block = array[item, start:stop]
         except Exception as err:  # a codec's error on damaged bytes
-            if not_damage(err):
+            if is_system_error(err):
                 raise
             what = f"unreadable ({type(err).__name__})"
             for m in members:

@@ -32,7 +32,7 @@ import numpy as np
 import zarr
 
 from pipeline.choices import FIELD_DIMS
-from pipeline.errors import PiadmError
+from pipeline.errors import PiadmError, is_system_error
 from pipeline.processes import left_by_dead, own_name
 from pipeline.signals import settle_zarr_io
 
@@ -338,17 +338,10 @@ def read_done_record(done: zarr.Array) -> tuple[np.ndarray, list[tuple[slice, sl
             try:
                 flags[region] = done[region] == 1
             except Exception as err:  # a codec's error on damaged bytes
-                if not_damage(err):
+                if is_system_error(err):
                     raise
                 bad.append(region)
     return flags, bad
-
-
-def not_damage(err: Exception) -> bool:
-    """Whether a chunk's read failed for a reason that says nothing of its bytes: the file
-    system's (an OSError with an errno: EIO, ESTALE on NFS, EACCES) or memory. Such a chunk is
-    not damaged, and marking its members not done would throw finished work away."""
-    return isinstance(err, MemoryError) or (isinstance(err, OSError) and err.errno is not None)
 
 
 def _read_done(path: str | Path, region=slice(None)) -> np.ndarray:

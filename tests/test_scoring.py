@@ -557,3 +557,26 @@ def test_a_failed_figure_leaves_the_folder_as_it_was(paired, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="the figure failed"):
         main([*args, "--kmax", "3"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_store_the_disk_fails_to_read_is_an_io_error_not_no_store(paired, tmp_path, capsys,
+                                                                    monkeypatch):
+    """An EIO opening the ensemble was told as "is not a Zarr store", a wrong lead for a
+    failing disk or an NFS mount gone stale."""
+    import errno
+
+    from zarr.storage import LocalStore
+
+    tmp, ens = paired
+    read = LocalStore.get
+
+    async def failing(self, key, *args, **kwargs):
+        if str(self.root) == str(ens):
+            raise OSError(errno.EIO, "Input/output error", f"{ens}/{key}")
+        return await read(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "get", failing)
+    assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
+                 "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "Input/output error" in err and "not a Zarr store" not in err, err
