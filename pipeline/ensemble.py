@@ -14,6 +14,7 @@ import errno
 import functools
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -151,6 +152,12 @@ def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: boo
                        stopped=stopped)
 
 
+def takes_writes(path: str) -> bool:
+    """Whether this process may write into the store at ``path``: not on a read-only mount,
+    nor without permission."""
+    return os.access(path, os.W_OK)
+
+
 def not_begun(path: str) -> Summary:
     """The summary of a run stopped before its first batch: nothing written."""
     return Summary(path, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, True, began=False)
@@ -174,6 +181,12 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         return not_begun(cfg.output.path)
     spec, state, tol = started
     items, scale, done, mine, unit = _open_work(cfg, model, spec, state, ranks)
+    if bool(done.all()) and not on_rank0(ranks.world, takes_writes, spec.path):
+        # a finished store on a read-only mount (an archive, a project's shared copy): nothing
+        # to sample, no claim to make, and its record is already complete
+        on_rank0(ranks.world, say, f"piadm: {spec.path} is complete and read-only here: left "
+                                   "as it is")
+        return Summary(spec.path, 0, int(done.sum()), 0, 0, 0.0, 0.0, 0.0, 0.0, False)
     return _fill(cfg, ranks, model, tol, spec, mine, items=items, scale=scale, stop=stop,
                  device=device, skipped=int(done.sum()), unit=unit)
 

@@ -1077,3 +1077,21 @@ def test_a_read_error_of_the_file_system_is_no_damage_and_repair_keeps_the_done_
     assert "Input/output error" in err and "damaged" not in err, err
     monkeypatch.undo()
     assert (zarr.open_group(out, mode="r")["done"][:] == before).all() and before.all()
+
+
+def test_a_complete_store_on_a_read_only_mount_reruns_as_nothing_to_do(tmp_path, input_store,
+                                                                       capsys, monkeypatch):
+    """A workflow rerunning its sample step on an archived store (a read-only mount) failed
+    making the run's claim there (exit 2), though nothing was left to sample. (The mount is
+    stood in for by the writability check: a test cannot remount as an ordinary user.)"""
+    from pipeline import ensemble
+
+    out = tmp_path / "s.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
+    history = zarr.open_group(out, mode="r").attrs["history"]
+    monkeypatch.setattr(ensemble, "takes_writes", lambda path: False)
+    monkeypatch.setattr(ensemble, "Heartbeat", None)  # no claim is made: it would fail there
+    capsys.readouterr()
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
+    assert "is complete and read-only here: left as it is" in capsys.readouterr().err
+    assert zarr.open_group(out, mode="r").attrs["history"] == history
