@@ -224,16 +224,26 @@ def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str |
             "has changed since; put the original back to resume it, choose another "
             "output.path, or set output.overwrite = true to replace it")
     if fate == "foreign":
+        if Path(path).is_dir() and not any(Path(path).iterdir()):  # made ahead by a script
+            raise StoreExists(f"output {path} is an empty folder, not a store: remove it "
+                              f"(rmdir {path}) and piadm makes the store there")
         raise StoreExists(
             f"output {path} exists and is not a piadm store, and piadm deletes only stores it "
             "made (output.overwrite = true too): move it away, or choose another output.path")
     if fate == "other":
-        changed = "; ".join(differs(stored_config(path))) if differs else ""
+        changes = differs(stored_config(path)) if differs else []
+        changed = "; ".join(changes)
+        # other items of the same input: they cannot join the store (a member's noise is
+        # keyed by its item's position), and a new store of the same seed repeats its noise
+        items = changes and all(c.startswith(("input.items", "input.range")) for c in changes)
         raise StoreExists(
             f"output {path} was made by a different configuration (digest {found[:12]}, this "
             f"run {digest[:12]}" + (f"; it differs in {changed}" if changed else "") + "): "
-            "rerun its own config to resume it, choose another output.path, or set "
-            "output.overwrite = true to replace it")
+            + ("items are not added to a store: sample the new ones into another output.path "
+               "with a sampler.seed of its own, or set output.overwrite = true to replace it"
+               if items else
+               "rerun its own config to resume it, choose another output.path, or set "
+               "output.overwrite = true to replace it"))
     return fate
 
 

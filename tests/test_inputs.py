@@ -205,7 +205,13 @@ def test_a_selection_spelled_otherwise_resumes_the_store_that_names_the_same_ite
     np.testing.assert_array_equal(xr.open_zarr(out).vort.values, xr.open_zarr(whole).vort.values)
     capsys.readouterr()
     assert run("input.items=['2020-01-02']") == 2  # another selection: another store
-    assert "it differs in input." in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "it differs in input." in err
+    # more items cannot join it: where they go, and the noise trap of the same seed
+    assert ("items are not added to a store: sample the new ones into another output.path "
+            "with a sampler.seed of its own") in err
+    assert run("input.items=['2020-01-02']", "sampler.seed=3") == 2
+    assert "rerun its own config to resume it" in capsys.readouterr().err  # not items alone
 
 
 def test_a_label_repeated_outside_the_selection_does_not_matter(tmp_path):

@@ -176,6 +176,16 @@ def test_overwrite_refuses_a_folder_piadm_did_not_make(tmp_path, capsys):
     assert (precious / "chapter1.tex").read_text() == "years of work"
 
 
+def test_an_empty_folder_made_ahead_is_named_as_such(tmp_path):
+    empty = tmp_path / "made_ahead.zarr"
+    empty.mkdir()
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{"output.path": str(empty)}))
+    with pytest.raises(Exception, match=f"output {empty} is an empty folder, not a store: remove "
+                                        f"it \\(rmdir {empty}\\)"):
+        sample(cfg)
+    assert empty.is_dir()
+
+
 def test_overwrite_refuses_a_plain_file_and_resumes_its_own_store(tmp_path):
     plain = tmp_path / "notes.zarr"
     plain.write_text("not a store")
