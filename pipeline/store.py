@@ -254,6 +254,9 @@ def create(spec: StoreSpec) -> bool:
         # safe_chunks off: the one dask chunk spans many store chunks, nothing is computed
         _dataset(spec).to_zarr(aside, mode="w", compute=False, consolidated=False,
                                zarr_format=3, safe_chunks=False)
+        # consolidated from the start: a run killed before it ends leaves a store that
+        # readers asking for consolidated metadata (xarray's default, a catalogue) still open
+        consolidate(aside)
     except BaseException as err:
         settle_zarr_io()  # the draft's other writes, still under way, would recreate it
         shutil.rmtree(aside, ignore_errors=True)

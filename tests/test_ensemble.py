@@ -1095,3 +1095,16 @@ def test_a_complete_store_on_a_read_only_mount_reruns_as_nothing_to_do(tmp_path,
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
     assert "is complete and read-only here: left as it is" in capsys.readouterr().err
     assert zarr.open_group(out, mode="r").attrs["history"] == history
+
+
+def test_a_store_is_consolidated_from_its_creation(tmp_path, input_store, monkeypatch):
+    """Only a run's end consolidated the store: one killed before it ended opened with a
+    warning in xarray, and not at all for a reader asking for consolidated metadata."""
+    from pipeline import ensemble
+
+    out = tmp_path / "s.zarr"
+    monkeypatch.setattr(ensemble, "_record", lambda *args: None)  # killed before its record
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
+    assert "piadm wrote" not in zarr.open_group(out, mode="r").attrs["history"]  # no end
+    ds = xr.open_zarr(out, consolidated=True)
+    assert ds.sizes["member"] == 6 and int(ds["done"].sum()) == ds["done"].size
