@@ -100,9 +100,10 @@ def _same_file(a: str, b: str) -> bool:
 def as_stored(cfg: Config) -> Config:
     """``cfg`` with each file it names spelled as the config of the store at output.path
     spells the same file (``./x`` or ``x/`` for ``x``, a path made absolute or relative),
-    and its input selection as the store spells the same items: a spelling is not a
-    setting, and would otherwise make the store another configuration's. What the files
-    hold is checked apart (the model digest, the input fingerprint)."""
+    and its input selection as the store spells the same items, and output.variable unset
+    where the store made without it holds a field of that name: a spelling is not a setting,
+    and would otherwise make the store another configuration's. What the files hold is
+    checked apart (the model digest, the input fingerprint)."""
     try:
         theirs = tomllib.loads(stored_config(cfg.output.path))
     except tomllib.TOMLDecodeError:
@@ -114,9 +115,22 @@ def as_stored(cfg: Config) -> Config:
         if (isinstance(ours, str) and isinstance(then, str) and ours and then and ours != then
                 and _same_file(ours, then)):
             respelled[key] = then
+    named = cfg.output.variable
+    if named and not theirs.get("output", {}).get("variable") and named == _store_field(cfg):
+        respelled["output.variable"] = ""  # the name the store took unasked, now written out
     cfg = with_settings(cfg, respelled) if respelled else cfg
     selection = _same_selection(cfg, theirs.get("input", {}))
     return with_settings(cfg, selection) if selection else cfg
+
+
+def _store_field(cfg: Config) -> str | None:
+    """The name of the field the store at output.path holds (None where it cannot be read)."""
+    from pipeline.store import field_variable, open_store
+
+    try:
+        return field_variable(open_store(cfg.output.path))
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _same_selection(cfg: Config, theirs: dict) -> dict:

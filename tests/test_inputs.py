@@ -330,3 +330,20 @@ def test_float_labels_are_written_to_their_digits_less_a_sums_rounding():
     assert label_text(0.2 + 0.1) == "0.3" and label_text(np.float32(1.7)) == "1.7"
     assert label_text(np.float64(1609459200123.0)) == "1609459200123.0"
     assert label_text(np.float64(1609459200121.0)) == "1609459200121.0"
+
+
+def test_output_variable_written_out_as_the_name_the_store_took_resumes_it(tmp_path, capsys):
+    """A store made without output.variable takes the input's name; the same config naming
+    that variable makes the same store, and was refused as another configuration's."""
+    path = make_input(tmp_path / "in.zarr", times=2)
+    out = tmp_path / "ens.zarr"
+
+    def run(*sets):
+        return main(["sample", "jobs/configs/grf.toml", *conditional_sets(path, out, *sets)])
+
+    assert run("parallel.items=[0]") == 0
+    capsys.readouterr()
+    assert run("output.variable=vort") == 0
+    assert "resumed" in capsys.readouterr().err
+    assert run("output.variable=other") == 2  # another name: another store
+    assert "it differs in output.variable" in capsys.readouterr().err
