@@ -55,12 +55,12 @@ class SerialComm:
         return x.new_zeros(x.shape)
 
     def allreduce_max(self, x: torch.Tensor) -> torch.Tensor:
-        """The elementwise max over ranks: x itself."""
-        return x
+        """The elementwise max over ranks: x itself, a NaN as +inf (as ``MPIComm``'s)."""
+        return _nan_as(x, float("inf"))
 
     def allreduce_min(self, x: torch.Tensor) -> torch.Tensor:
-        """The elementwise min over ranks: x itself."""
-        return x
+        """The elementwise min over ranks: x itself, a NaN as -inf (as ``MPIComm``'s)."""
+        return _nan_as(x, float("-inf"))
 
     def allreduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         """The elementwise sum over ranks: x itself."""
@@ -169,12 +169,16 @@ class MPIComm:
         return self._reduce(x, self._mpi.SUM, exclusive=True)
 
     def allreduce_max(self, x: torch.Tensor) -> torch.Tensor:
-        """The elementwise max of x over ranks, every rank's x of one shape and dtype."""
-        return self._reduce(x, self._mpi.MAX)
+        """The elementwise max of x over ranks, every rank's x of one shape and dtype; a NaN
+        counts as +inf. MPI's MAX of a NaN and a number depends on the order it meets them, so
+        ranks would get different answers (some NaN, some the number) and part ways: a Picard
+        block then swept on some ranks and stopped on others, and the job hung."""
+        return self._reduce(_nan_as(x, float("inf")), self._mpi.MAX)
 
     def allreduce_min(self, x: torch.Tensor) -> torch.Tensor:
-        """The elementwise min of x over ranks, every rank's x of one shape and dtype."""
-        return self._reduce(x, self._mpi.MIN)
+        """The elementwise min of x over ranks, every rank's x of one shape and dtype; a NaN
+        counts as -inf, for the reason ``allreduce_max`` gives."""
+        return self._reduce(_nan_as(x, float("-inf")), self._mpi.MIN)
 
     def allreduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         """The elementwise sum of x over ranks, every rank's x of one shape and dtype."""
@@ -291,3 +295,11 @@ def world_comm():
     from mpi4py import MPI
 
     return MPIComm(MPI.COMM_WORLD)
+
+
+def _nan_as(x: torch.Tensor, value: float) -> torch.Tensor:
+    """x with its NaNs replaced by ``value`` (x itself where it holds none or no floats)."""
+    if not x.is_floating_point():
+        return x
+    nan = x.isnan()
+    return x.masked_fill(nan, value) if bool(nan.any()) else x

@@ -1,5 +1,6 @@
 """Run under ``mpiexec``: ``piadm`` with the model failing on one rank after a few calls, to
-check that every rank ends promptly. Usage: python tests/mpi_fail.py RANK PIADM-ARGS...
+check that every rank ends promptly. Usage: python tests/mpi_fail.py RANK HOW PIADM-ARGS...,
+HOW ``raise`` (the call raises) or ``nan`` (it answers NaN, which only that rank sees).
 """
 import sys
 
@@ -8,12 +9,14 @@ from pipeline import cli
 from pipeline.comm import world_comm
 
 
-def _fail_after(calls: int):
+def _fail_after(calls: int, how: str):
     original, seen = GaussianRandomField.__call__, [0]
 
     def failing(self, x, u):
         seen[0] += 1
         if seen[0] > calls:
+            if how == "nan":
+                return original(self, x, u) * float("nan")
             raise RuntimeError("injected failure: this rank's model call broke")
         return original(self, x, u)
 
@@ -22,5 +25,5 @@ def _fail_after(calls: int):
 
 if __name__ == "__main__":
     if world_comm().rank == int(sys.argv[1]):
-        GaussianRandomField.__call__ = _fail_after(3)
-    sys.exit(cli.main(sys.argv[2:]))
+        GaussianRandomField.__call__ = _fail_after(3, sys.argv[2])
+    sys.exit(cli.main(sys.argv[3:]))
