@@ -137,9 +137,15 @@ def _recorded_bound(cfg: Config) -> float | None:
 
 
 def _valid(entry: dict) -> bool:
-    """Whether a calibration cache entry holds a tolerance > 0, or why the ladder fell short."""
+    """Whether a calibration cache entry holds a tolerance > 0 that its own ladder measured (a
+    tolerance edited by hand alone is none of its rungs), or why the ladder fell short."""
     tol, short = entry.get("tol"), entry.get("unreachable")
-    return positive(tol) if tol is not None else isinstance(short, str) and bool(short)
+    if tol is None:
+        return isinstance(short, str) and bool(short)
+    rungs = entry.get("ladder")
+    return positive(tol) and isinstance(rungs, list) and any(
+        isinstance(r, dict) and r.get("tol") == tol
+        and (positive(r.get("worst")) or r.get("worst") == 0) for r in rungs)
 
 
 def read_cached(key: str) -> float | None:

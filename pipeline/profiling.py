@@ -179,7 +179,14 @@ def _valid_profile(entry: dict) -> bool:
             and all(len(v) == 3 and all(positive(x) or x == 0 for x in v)
                     for v in grown.values())
             and all(len(pair) == 2 and all(positive(x) for x in pair)
-                    for pair in entry["calls_by_size"]))
+                    for pair in entry["calls_by_size"])
+            # interpolated between: a size given twice would divide by zero
+            and _increasing(entry["host_points"])
+            and _increasing([pair[0] for pair in entry["calls_by_size"]]))
+
+
+def _increasing(values) -> bool:
+    return all(a < b for a, b in zip(values, values[1:]))
 
 
 def cost_curve(model, shape, dtype, device, sizes, threads: int, repeats: int = 3) -> CostCurve:

@@ -293,7 +293,11 @@ def test_a_calibration_is_kept_apart_per_kind_of_device(monkeypatch):
 
 
 @pytest.mark.parametrize("entry", [{"tol": "abc"}, {"tol": [1]}, {"tol": -1.0}, {"tol": True},
-                                   [1], {"tol": None}, {"tol": None, "unreachable": 5}])
+                                   [1], {"tol": None}, {"tol": None, "unreachable": 5},
+                                   # a tolerance its own ladder never measured: 1e9 was used
+                                   {"tol": 1e9, "ladder": [{"tol": 1e-3, "rounds": 9,
+                                                            "calls_ratio": 2.0, "worst": 1e-4}]},
+                                   {"tol": 1e-3}])
 def test_a_damaged_cache_entry_is_measured_again(entry, capsys):
     """An entry edited or damaged by hand reads as none (a traceback, or tol = -1 taken as
     calibrated, before): the calibration measures it again and writes it back whole."""

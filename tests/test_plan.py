@@ -731,3 +731,16 @@ def test_an_auto_store_of_another_config_is_refused_naming_the_users_change(monk
     with pytest.raises(StoreExists, match=r"differs in sampler.window: 0 -> 20\)") as err:
         check_unplannable_store(now)
     assert "sampler.method" not in str(err.value)
+
+
+def test_a_profile_whose_sizes_repeat_is_measured_again_not_divided_by():
+    """A profile edited by hand with its two host sizes equal reached a division by zero in
+    the interpolation (a traceback from piadm plan); such an entry reads as none."""
+    from pipeline.profiling import _valid_profile
+
+    entry = {"rounds": 9, "calls": 20.0, "wall": 0.5, "host_points": [4, 65],
+             "host": [1e-3, 2e-3], "collectives": 2, "grown": {},
+             "calls_by_size": [[1, 1e-3], [65, 2e-2]]}
+    assert _valid_profile(entry)
+    assert not _valid_profile({**entry, "host_points": [65, 65]})
+    assert not _valid_profile({**entry, "calls_by_size": [[65, 1e-3], [65, 2e-2]]})
