@@ -237,6 +237,12 @@ def _check_sampler(s: SamplerConfig) -> None:
     if s.method in REGISTRY:  # what the chosen sampler itself needs (declared with it)
         for key, problem in REGISTRY[s.method].problems(s):
             raise ConfigError(f"config: {key} {problem}")
+    # the plan weighs windows, which stop on sampler.tol: without it the plan measured every
+    # other sampler (minutes on a network) before the first window refused to run
+    _check(s.method not in AUTO_METHODS or s.tol is not None, "sampler.tol",
+           f"must be set for sampler.method = {s.method!r}, whose plan weighs the sliding "
+           "windows that stop on it: \"auto\" calibrates it for each sampler weighed, or give "
+           "a number")
     _check(s.window >= 0, "sampler.window", f"= {s.window} must be >= 0 (0: the method's own)")
     _check(0 < s.distance < 1, "sampler.distance", f"= {s.distance} must be in (0, 1), e.g. 1e-3")
     _check(math.isfinite(s.u_max) and s.u_max <= U_MAX, "sampler.u_max",

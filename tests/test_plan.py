@@ -744,3 +744,13 @@ def test_a_profile_whose_sizes_repeat_is_measured_again_not_divided_by():
     assert _valid_profile(entry)
     assert not _valid_profile({**entry, "host_points": [65, 65]})
     assert not _valid_profile({**entry, "calls_by_size": [[65, 1e-3], [65, 2e-2]]})
+
+
+def test_a_plan_without_sampler_tol_is_refused_before_it_measures(tmp_path, capsys):
+    """The plan weighs windows, which stop on sampler.tol: without it the plan measured the
+    other samplers first (minutes on a network) and then refused, naming a window."""
+    config = tmp_path / "auto.toml"
+    config.write_text('[model]\nshape = [8, 8]\n[sampler]\nmethod = "auto"\n')
+    assert main(["config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "sampler.tol must be set for sampler.method = 'auto', whose plan weighs" in err
