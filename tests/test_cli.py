@@ -591,3 +591,13 @@ def test_config_prints_a_modules_own_arguments_so_that_they_read_back(tmp_path, 
     first, again = (load_config(str(tmp_path / n)) for n in ("m.toml", "again.toml"))
     assert again.model.args == {"seed": 3, "std": 0.7, "odd key": 1, "width": 4}
     assert again.store_settings() == first.store_settings() and again.text == first.text
+
+
+def test_piadm_config_refuses_a_unet_without_its_checkpoint(tmp_path, capsys):
+    """config, which scripts use to check a config before a job, passed model.kind = "unet"
+    with no checkpoint, which sample then refused."""
+    config = tmp_path / "u.toml"
+    config.write_text('[model]\nkind = "unet"\n')
+    assert main(["config", str(config)]) == 2
+    assert "model.checkpoint must name a piadm train checkpoint for model.kind = 'unet'" in \
+        capsys.readouterr().err
