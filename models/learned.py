@@ -80,11 +80,13 @@ def _read(checkpoint: str, key: str, device):
     """(denoiser, metadata) of a piadm train checkpoint; raises ConfigError naming config key
     ``key`` when it is missing or unreadable."""
     from models.checkpoint import load_denoiser
-    from pipeline.errors import ConfigError
+    from pipeline.errors import ConfigError, from_here
 
     if not checkpoint or not Path(checkpoint).is_file():
-        raise ConfigError(f"config: {key} = {checkpoint!r} is not a file: point it at "
-                          "a piadm train checkpoint (e.g. models/checkpoints/kolmogorov_uncond.pt)")
+        raise ConfigError(f"config: {key} = {checkpoint!r} is not a file"
+                          f"{from_here(checkpoint) if checkpoint else ''}: point it at a piadm "
+                          "train checkpoint (e.g. models/checkpoints/kolmogorov_uncond.pt, from "
+                          "the repository's folder)")
     try:
         den, meta = load_denoiser(checkpoint, device)
     except ConfigError:  # it names its fix

@@ -90,6 +90,15 @@ class OutOfMemory(PiadmError):
     """A rank ran out of memory; the message names the settings that would make the run fit."""
 
 
+def from_here(path) -> str:
+    """For a message about a file not found: where a relative ``path`` was looked for (the
+    current folder, which a job script or a notebook may not have set where the user thinks),
+    "" for an absolute one."""
+    import os
+
+    return "" if os.path.isabs(path) else f" (a relative path, read from {os.getcwd()})"
+
+
 def is_system_error(err: BaseException) -> bool:
     """Whether ``err`` failed in the system rather than in what was read: the file system's (an
     OSError with an errno: EIO, ESTALE on NFS, EACCES) or memory. Such an error says nothing

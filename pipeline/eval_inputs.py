@@ -323,8 +323,10 @@ def coarse_input(ens: xr.Dataset) -> xr.DataArray | None:
     where = (f"the store was conditioned on input.path {inp['path']!r} (as its sample run "
              "named it)")
     if not Path(inp["path"]).exists():
+        made_in = ens.attrs.get("made_in")
         fix = ("restore it" if Path(inp["path"]).is_absolute() else
-               "run piadm evaluate from the folder the sample ran in")
+               "run piadm evaluate from the folder the sample ran in"
+               + (f", {made_in}" if made_in else ""))
         raise EvaluationError(f"{where}, which is not found from here: {fix} (the "
                               "upsampled-input baseline and the added band need that input)")
     item_dim = ens[name].dims[0]

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.choices import FIELD_DIMS
 from pipeline.config import ConfigError
-from pipeline.errors import is_system_error
+from pipeline.errors import from_here, is_system_error
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -202,7 +202,8 @@ def _label(text: str, coord: xr.DataArray):
 
 def _open(path: str) -> xr.Dataset:
     if not Path(path).exists():
-        raise InputError(f"input.path {path} does not exist: point it at a Zarr store (piadm "
+        raise InputError(f"input.path {path} does not exist{from_here(path)}: point it at a "
+                         f"Zarr store (piadm "
                          f"generate-data CONFIG writes one at data.path, e.g. "
                          f"jobs/configs/kolmogorov_uncond.toml makes out/kolmogorov_1600.zarr)")
     import xarray as xr

@@ -2,6 +2,7 @@
 unsorted, string, duplicated or lead-time labels, any chunking, metadata left stale, a chunk
 that cannot be read. Each is used as it means, or refused in one line."""
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,8 @@ import zarr
 from conftest import conditional_sets, make_input
 from pipeline.cli import main
 from pipeline.inputs import InputError, open_items
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPE = (16, 16)
 
@@ -347,3 +350,19 @@ def test_output_variable_written_out_as_the_name_the_store_took_resumes_it(tmp_p
     assert "resumed" in capsys.readouterr().err
     assert run("output.variable=other") == 2  # another name: another store
     assert "it differs in output.variable" in capsys.readouterr().err
+
+
+def test_a_relative_path_not_found_says_the_folder_it_was_read_from(tmp_path, monkeypatch,
+                                                                    capsys):
+    """A config run from another folder (jobs/, a notebook's) named files that were there
+    from the repository's: the message said only that they were not files."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", str(ROOT / "jobs/configs/demo.toml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert (f"model.checkpoint = 'models/checkpoints/kolmogorov_down.pt' is not a file (a "
+            f"relative path, read from {tmp_path})") in err
+    assert main(["sample", str(ROOT / "jobs/configs/grf.toml"), "--dry-run", "--set",
+                 "input.path=in.zarr", "--set", "input.variable=v", "--set",
+                 "model.condition=mean"]) == 2
+    assert f"input.path in.zarr does not exist (a relative path, read from {tmp_path})" in \
+        capsys.readouterr().err

@@ -491,7 +491,8 @@ def test_evaluate_takes_the_runs_own_input_or_says_why_not(tmp_path, dataset, co
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"piadm: error: the store was conditioned on input.path "
                           f"'{dataset.name}' (as its sample run named it), which is not found "
-                          "from here: run piadm evaluate from the folder the sample ran in")
+                          "from here: run piadm evaluate from the folder the sample ran in, "
+                          f"{dataset.parent}")
     other = elsewhere / dataset.name
     shutil.copytree(dataset, other)
     ds = xr.open_zarr(other).load()
