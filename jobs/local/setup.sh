@@ -10,13 +10,20 @@ _piadm_venv="${PIADM_VENV:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.
 (
     set -euo pipefail
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-    venv="$_piadm_venv"
+    # a link to the venv (another folder's, say) is where it points: venv will not create a link
+    venv="$(readlink -m "$_piadm_venv")"
     stamp="$venv/.piadm-setup"
     # the files' contents and this checkout's path (sha256sum prints it): the editable install
     # points at one checkout, so a venv another checkout made is set up again for this one
     want="$(sha256sum "$root/pyproject.toml" "$root/jobs/local/setup.sh" | sha256sum | cut -c1-16)"
-    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    if [ ! -f "$stamp" ] || [ "$(head -n 1 "$stamp")" != "$want" ]; then
         echo "setting up $venv (first run takes a few minutes)" >&2
+        before="$(sed -n 2p "$stamp" 2>/dev/null || true)"
+        if [ -n "$before" ] && [ "$before" != "$root" ] && [ -d "$before" ]; then
+            echo "  (it was set up for the checkout $before: its piadm will run this checkout's" \
+                 "code until that checkout sets it up again; give each checkout its own" \
+                 "PIADM_VENV to keep them apart)" >&2
+        fi
         t0=$SECONDS
         echo "  [1/4] creating the virtual environment" >&2
         python3 -m venv "$venv"
@@ -28,7 +35,7 @@ _piadm_venv="${PIADM_VENV:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.
             "torch==2.13.0"
         echo "  [4/4] installing piadm with MPI (mpi4py, mpich), test and bench extras" >&2
         "$venv/bin/python" -m pip install -q -e "$root[mpi,dev,bench]"
-        echo "$want" > "$stamp"
+        printf '%s\n%s\n' "$want" "$root" > "$stamp"
         echo "  $venv is ready ($((SECONDS - t0)) s)" >&2
     fi
 )
