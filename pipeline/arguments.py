@@ -259,7 +259,7 @@ def parser() -> argparse.ArgumentParser:
         "disk, memory) that keeps the members written, 75 sample stopped by a signal (rerun "
         "to resume), 130 stopped at once by Ctrl-C, 143 or 138 any other command stopped by "
         "SIGTERM or SIGUSR1.")
-    p.add_argument("--version", action="version", version=f"piadm {__version__}")
+    p.add_argument("-V", "--version", action="version", version=f"piadm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     helps = {"sample": "sample an ensemble into a Zarr store (resumes an unfinished one, grows "
                        "one of fewer members)",

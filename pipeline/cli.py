@@ -27,7 +27,7 @@ from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noq
                              check_same_config, load_config, read_toml, with_settings)
 from pipeline.console import on_every_rank, on_rank0, print0, say, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
-from pipeline.errors import StoppedTogether, raised_by_every_rank  # noqa: E402
+from pipeline.errors import PiadmError, StoppedTogether, raised_by_every_rank  # noqa: E402
 from pipeline.settings import AUTO_METHODS  # noqa: E402
 
 
@@ -128,7 +128,7 @@ def _cmd_sample(args, world) -> int:
               if cfg.model.guide else "")
     print0(world, f"piadm sample: {cfg.sampler.method} on {cfg.model.kind} {list(cfg.model.shape)}"
                   f"{guided}, "
-                  f"{cfg.ensemble.members} members -> {cfg.output.path}; {world.size} "
+                  f"{cfg.ensemble.members} members per item -> {cfg.output.path}; {world.size} "
                   f"rank{'s' if world.size > 1 else ''} = "
                   f"{ranks.groups} group{'s' if ranks.groups > 1 else ''} x "
                   f"{cfg.parallel.time_slices} time slice{'s' if ranks.slices.size > 1 else ''}, "
@@ -378,8 +378,6 @@ COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "calibrate": _cmd_calibr
 def user_errors() -> tuple:
     """The errors a user's input causes: one line each, no traceback. Only light modules
     (no torch, xarray or dask), so that the error of a light command prints at once."""
-    from pipeline.errors import PiadmError
-
     # every PiadmError (a refused config, store or input, a divergence, a failed write, ...)
     # and the OSErrors of files a user named
     return (PiadmError, OSError)
@@ -437,7 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from pipeline.comm import world_comm
 
-    world = world_comm()
+    try:
+        world = world_comm()
+    except PiadmError as err:  # PIADM_MPI set to what it does not take: no world to stop yet
+        print(f"piadm: error: {err}", file=sys.stderr)
+        return 2
     if world.rank > 0:  # every rank loads the same network: its warnings are rank 0's to say
         for said in NETWORK_WARNINGS:
             warnings.filterwarnings("ignore", message=said, category=UserWarning)

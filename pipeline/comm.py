@@ -264,6 +264,11 @@ def launched_by_mpi() -> bool:
     """Whether an MPI launcher started this process (``PIADM_MPI=0/1`` overrides)."""
     forced = os.environ.get("PIADM_MPI")
     if forced is not None:
+        if forced not in ("0", "1"):  # "true" read as off: every rank a job of its own
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"PIADM_MPI={forced}: give 1 (launched by MPI) or 0 (not), or "
+                              "unset it to have piadm tell")
         return forced == "1"
     return any(v in os.environ for v in LAUNCHER_VARS)
 

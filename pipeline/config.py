@@ -23,6 +23,8 @@ from pipeline.errors import ConfigError, did_you_mean  # noqa: F401  (ConfigErro
 from pipeline.settings import FILE_KEYS, SECTION_TYPES, Config, open_kind
 from pipeline.validation import validate
 
+MODEL_KEYS = frozenset(typing.get_type_hints(SECTION_TYPES["model"]))  # piadm's own [model] keys
+
 
 LABEL_KEYS = ("input.items[", "input.range[")  # labels: text, however the TOML wrote them
 
@@ -96,8 +98,10 @@ def _coerce(key: str, value, hint):
 
 def _section(name: str, table: dict):
     if not isinstance(table, dict):
-        raise ConfigError(f"config: [{name}] must be a table of keys (e.g. {{\"steps\": 200}} "
-                          f"in a dict), got {type(table).__name__} {table!r}")
+        raise ConfigError(f"config: [{name}] must be a table of keys, got "
+                          f"{type(table).__name__} {table!r}: in a file, a line [{name}] and "
+                          f"its keys below it (e.g. steps = 200); in a dict, "
+                          f"{{\"{name}\": {{\"steps\": 200}}}}")
     cls = SECTION_TYPES[name]
     hints = typing.get_type_hints(cls)
     values = {}
@@ -127,18 +131,46 @@ def _set(tree: dict, dotted: str, raw: str, source: str = "--set") -> None:
     error (``--set`` or ``PIADM_SET:``)."""
     dotted, raw = dotted.strip(), raw.strip()  # "sampler.steps = 7" reads as sampler.steps=7
     keys = [key.strip() for key in dotted.split(".")]
-    if len(keys) != 2 or not all(keys):
-        raise ConfigError(f"{source} {dotted}={raw}: the key must look like section.key, e.g. sampler.steps")
+    # model.args.KEY: one argument of a brought network's factory, among those [model.args] holds
+    factory = len(keys) == 3 and keys[:2] == ["model", "args"] and bool(keys[2])
+    if (len(keys) != 2 or not all(keys)) and not factory:
+        raise ConfigError(f"{source} {dotted}={raw}: the key must look like section.key, e.g. "
+                          "sampler.steps (or model.args.NAME for a factory's argument)")
+    value = _value(dotted, raw, source)
+    model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
+    args = model.get("args")
+    name = keys[-1]
+    # a factory's argument overridden in the form the config gives it (at the top of [model],
+    # or in [model.args]), so that the two forms never both hold it
+    if factory or (keys[0] == "model" and name not in MODEL_KEYS):
+        if factory and name in model and name not in MODEL_KEYS:
+            model[name] = value
+            return
+        if isinstance(args, dict) and (factory or name in args):
+            args[name] = value
+            return
+        if factory:
+            tree.setdefault("model", {})["args"] = {name: value}
+            return
+    tree.setdefault(keys[0], {})[keys[1]] = value
+
+
+def _value(dotted: str, raw: str, source: str):
+    """The value of ``dotted=raw`` (TOML, or a bare word as a string)."""
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as err:
         if raw[:1] in ("'", '"'):  # no bare word: a quoted string left open, or quoted twice
             raise ConfigError(f"{source} {dotted}={raw}: the value starts a quoted string that "
                               "is not one: close its quote (and quote it once)") from None
         if raw[:1] in ("[", "{"):
-            raise ConfigError(f"{source} {dotted}={raw}: not a TOML list or table: quote its "
-                              "words, e.g. [\"pc-window\", \"window\"] (in the shell: "
-                              "'" + dotted + "=[\"...\"]')") from None
+            reason = str(err).split(" (at ")[0]
+            fix = ("quote its words, e.g. [\"pc-window\", \"window\"] (in the shell: '"
+                   + dotted + "=[\"...\"]')" if re.search(r"[A-Za-z_]\w*", raw.replace(
+                       "inf", "").replace("nan", "").replace("true", "").replace("false", ""))
+                   else "check its brackets and commas, e.g. [16, 16]")
+            raise ConfigError(f"{source} {dotted}={raw}: not a TOML list or table "
+                              f"({reason}): {fix}") from None
         # a bare word: a string (a comment after it dropped, as TOML drops one)
         value = raw.split(" #")[0].rstrip()
         if re.search(r"[,;\s]\s*\w+\.\w+\s*=", value):
@@ -151,7 +183,7 @@ def _set(tree: dict, dotted: str, raw: str, source: str = "--set") -> None:
         raise ConfigError(f"{source} {dotted}={raw}: the value holds a control character (a "
                           "backslash escape in a double-quoted string, such as \\n): write "
                           "paths with / or in single quotes") from None
-    tree.setdefault(keys[0], {})[keys[1]] = value
+    return value
 
 
 def _toml(value) -> str:

@@ -87,7 +87,12 @@ def test_version_and_the_installed_entry_point():
     (["sample", "jobs/configs/grf.toml", "--set", 'output.path="unterminated'],
      "the value starts a quoted string that is not one: close its quote"),
     (["bench", "jobs/configs/grf.toml", "--set", "bench.methods=[pc-window]"],
-     'not a TOML list or table: quote its words, e.g. ["pc-window", "window"]'),
+     'not a TOML list or table (Invalid value): quote its words, e.g. ["pc-window", "window"]'),
+    # numbers alone: the parser's reason, not advice to quote words
+    (["sample", "jobs/configs/grf.toml", "--set", "model.shape=[16,16"],
+     "not a TOML list or table (Unclosed array): check its brackets and commas, e.g. [16, 16]"),
+    (["sample", "jobs/configs/grf.toml", "--set", "SAMPLER.steps=10"],
+     "unknown section [SAMPLER] (did you mean 'sampler'?)"),
     (["sample", "jobs/configs/grf.toml", "--set", 'output.path="out\\new.zarr"'],
      "the value holds a control character"),
     (["sample", "jobs/configs/grf.toml", "--set", "output.path=a.zarr, ensemble.members=2"],
@@ -601,3 +606,24 @@ def test_piadm_config_refuses_a_unet_without_its_checkpoint(tmp_path, capsys):
     assert main(["config", str(config)]) == 2
     assert "model.checkpoint must name a piadm train checkpoint for model.kind = 'unet'" in \
         capsys.readouterr().err
+
+
+def test_a_factorys_argument_is_overridden_in_the_form_its_config_gives_it(tmp_path, capsys):
+    """--set model.args.NAME was refused as not section.key, and --set model.NAME of an
+    argument the config gives under [model.args] as given twice."""
+    config = tmp_path / "m.toml"
+    config.write_text('[model]\nkind = "module"\ntarget = "x:y"\nprediction = "eps"\n'
+                      'process = "ddpm"\n[model.args]\nafter = 3\n')
+    for override in ("model.after=40", "model.args.after=40"):
+        assert main(["config", str(config), "--set", override]) == 0
+        text = capsys.readouterr().out
+        assert "after = 40" in text and "after = 3" not in text
+    assert main(["config", "jobs/configs/module.toml", "--set", "model.args.sample_size=32"]) == 0
+    assert "sample_size = 32" in capsys.readouterr().out  # its args at the top of [model]
+
+
+def test_piadm_mpi_takes_0_or_1_only(monkeypatch, capsys):
+    """PIADM_MPI=true read as off: under mpiexec every rank then ran as a job of its own."""
+    monkeypatch.setenv("PIADM_MPI", "true")
+    assert main(["config", "jobs/configs/grf.toml"]) == 2
+    assert "PIADM_MPI=true: give 1 (launched by MPI) or 0 (not)" in capsys.readouterr().err
