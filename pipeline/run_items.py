@@ -18,7 +18,8 @@ from pipeline.console import say
 from pipeline.inputs import InputError, Items, open_items, renamed_attrs, unconditional
 from pipeline.memory import field_bytes
 from pipeline.run import DTYPES, provenance, residual_length, sampler_grid
-from pipeline.samplers import REFERENCE
+from pipeline.samplers import REFERENCE, REGISTRY
+from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
 from pipeline.store import FIELD_SCALE, INPUT_FINGERPRINT, MEMBER_BATCH, StoreSpec, member_chunk
 
@@ -109,6 +110,7 @@ def checked_items(cfg: Config, model):
     the sampler's grid (a scheduler's own may refuse sampler.steps), the input against the
     model, a conditioned network bound to the first item, and parallel.items."""
     check_step_lengths(cfg.sampler, sampler_grid(cfg.sampler, model))
+    check_window_split(cfg)
     items = load_items(cfg, check=True, model=model)
     check_input_units(cfg, model, items)
     check_bound_network(cfg, model, items)
@@ -119,6 +121,17 @@ def checked_items(cfg: Config, model):
 # The longest step h the SDE's exponential step takes stably: in a direction the noise
 # dominates (score -y) it multiplies the state by 2 - e^{h/2}, more than 1 in size past it
 LONGEST_SDE_STEP = 2 * math.log(3)
+
+
+def check_window_split(cfg: Config) -> None:
+    """Warn that sampler.window_split = "replicated" does nothing for a method that does not
+    read it: its time slices split the window as they always do."""
+    s = cfg.sampler
+    if (s.window_split == "replicated" and s.method in REGISTRY and s.method not in REPLICABLE
+            and cfg.parallel.time_slices != 1):
+        say(f"piadm: warning: sampler.window_split = \"replicated\" is read by "
+            f"{' and '.join(REPLICABLE)} only: sampler.method = {s.method!r} splits its points "
+            "over the time slices as always")
 
 
 def check_step_lengths(s, grid) -> None:

@@ -219,3 +219,16 @@ def test_build_model_puts_its_tensors_on_the_sampling_device(kind):
     assert tensors and all(t.device.type == "meta" for t in tensors)
     x = torch.zeros(2, *model.shape, device="meta")
     assert model(x, torch.ones(2, device="meta")).device.type == "meta"
+
+
+def test_a_replicated_split_asked_of_a_window_that_does_not_read_it_is_warned(capsys):
+    """sampler.window_split = "replicated" with window ran the split slots without a word."""
+    from pipeline.api import load_config
+    from pipeline.run_items import check_window_split
+
+    sets = {"sampler.window_split": "replicated", "parallel.time_slices": 2, "sampler.tol": 0.1}
+    check_window_split(load_config("jobs/configs/grf.toml", {**sets, "sampler.method": "window"}))
+    assert "is read by pc-window and pc-window-ode only: sampler.method = 'window'" in \
+        capsys.readouterr().err
+    check_window_split(load_config("jobs/configs/grf.toml", sets))  # pc-window reads it
+    assert capsys.readouterr().err == ""
