@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,9 @@ def calibration_key(cfg: Config, model_sha256: str, device) -> str:
         sampler["window"] = REGISTRY[s.method].window_points(s.window, s.steps)
     kept = {"model_sha256": model_sha256, "shape": list(cfg.model.shape),
             "data_bound": cfg.model.data_bound, "condition": cfg.model.condition,
-            "input": cfg.input.path, "calibrate": dataclasses.asdict(cfg.calibrate),
+            # the store the path names (relative paths start at the working folder)
+            "input": os.path.realpath(cfg.input.path) if cfg.input.path else "",
+            "calibrate": dataclasses.asdict(cfg.calibrate),
             "sampler": sampler}
     if cfg.model.kind == "module":  # its schedule and code are not in its digest (models.module)
         from models.module import SCHEDULE_KEYS, source_digest

@@ -338,3 +338,20 @@ def test_a_ladder_whose_blocks_diverge_is_refused_not_taken_as_within_distance(c
     # a block of 40 diverges too, but the run keeps fewer rounds than the sequential sampler
     fewer = [s.replace("block_size=60", "block_size=40") for s in sets]
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(fewer)]) == 0
+
+
+def test_a_conditioned_calibration_is_keyed_by_the_input_store_not_its_spelling(tmp_path,
+                                                                             monkeypatch):
+    """A relative input.path was keyed as written: two projects' coarse.zarr shared one
+    calibration, and one store named two ways was calibrated twice."""
+    base = SMALL + ["input.variable=a", "model.condition=mean"]
+    config = str(Path("jobs/configs/grf.toml").resolve())
+    key = lambda path: calibration_key(load_config(config,  # noqa: E731
+                                                   base + [f"input.path={path}"]), "m", "cpu")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    here = key("coarse.zarr")
+    assert key(str(tmp_path / "a" / "coarse.zarr")) == here
+    monkeypatch.chdir(tmp_path / "b")
+    assert key("coarse.zarr") != here
