@@ -17,7 +17,17 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         pass  # another user's live process
-    return True
+    return not _ended(pid)
+
+
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended and only waits to be reaped (a zombie: a rank that
+    MPI_Abort killed, whose launcher has not collected it yet), where Linux's /proc tells."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (another system), or gone this instant
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] in (["Z"], ["X"])
 
 
 def own_name(prefix: str, *tail: str) -> str:

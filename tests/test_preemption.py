@@ -193,3 +193,18 @@ def test_zarr_io_a_stop_cut_short_finishes_before_the_exit_instead_of_printing_a
     assert proc.returncode == 0, proc.stderr
     # without settling, Python reports the destroyed task (the same race gave the traceback)
     assert (proc.stderr == "") == settle, proc.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_process_that_ended_and_awaits_reaping_is_not_alive():
+    """A rank MPI_Abort killed stays a zombie until its launcher collects it: status right
+    after the abort called the dead job live ("wait for them")."""
+    from pipeline.processes import process_alive
+
+    child = subprocess.Popen(["sleep", "0"])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not process_alive(child.pid)  # ended, not yet reaped
+    child.wait()
