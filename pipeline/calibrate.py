@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from models import MODELS, plugin_digest
 from pipeline.cache import cache_path, positive, read_entry, update_cache
 from pipeline.config import ConfigError
 from pipeline.layout import arithmetic_kind
@@ -103,6 +104,8 @@ def calibration_key(cfg: Config, model_sha256: str, device) -> str:
             "input": os.path.realpath(cfg.input.path) if cfg.input.path else "",
             "calibrate": dataclasses.asdict(cfg.calibrate),
             "sampler": sampler}
+    if cfg.model.kind not in MODELS:  # a plugin's code and files are not in its digest
+        kept["plugin"] = plugin_digest(cfg.model)
     if cfg.model.kind == "module":  # its schedule and code are not in its digest (models.module)
         from models.module import SCHEDULE_KEYS, source_digest
 

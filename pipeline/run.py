@@ -134,9 +134,7 @@ def sample_batch(model, noise: Noise, *, method: str, grid: Grid, options: Optio
 def model_digest(cfg: Config) -> str:
     """SHA-256 identifying the model: its checkpoint's bytes for a learned model (with its
     guide's and the guidance weight when guided), else its section (an exact model is defined
-    by it), with a plugin kind's code and the files it names (``models.plugin_digest``)."""
-    from models import MODELS, plugin_digest
-
+    by it; a plugin kind's code and files are recorded apart, ``MODEL_PLUGIN``)."""
     if cfg.model.kind == "module":
         from models.module import module_digest
 
@@ -153,8 +151,6 @@ def model_digest(cfg: Config) -> str:
                                 repr(float(cfg.model.guidance)).encode())
         return files_digest([cfg.model.checkpoint])
     text = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
-    if cfg.model.kind not in MODELS:  # a plugin's model is also its code and its files
-        text += plugin_digest(cfg.model)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -202,6 +198,9 @@ MODEL_SOURCE = "model_source_sha256"
 HOST_NOISE = "host_noise_sha256"
 # the attribute of the hash of a checkpoint's sidecars (``sidecar_digest``)
 MODEL_SIDECAR = "model_sidecar_sha256"
+# the attribute of the hash of a plugin kind's package, code and files (models.plugin_digest):
+# apart from model_sha256, so that a store made before it was recorded still resumes
+MODEL_PLUGIN = "model_plugin_sha256"
 
 
 def sidecar_digest(m) -> str:
@@ -236,4 +235,8 @@ def _network_provenance(m) -> dict:
         from models.pretrained import describe
 
         return {"model_path": m.path, **describe(m)}
-    return {MODEL_SIDECAR: sidecar_digest(m)} if m.kind == "unet" else {}
+    if m.kind == "unet":
+        return {MODEL_SIDECAR: sidecar_digest(m)}
+    from models import MODELS, plugin_digest
+
+    return {} if m.kind in MODELS else {MODEL_PLUGIN: plugin_digest(m)}

@@ -19,8 +19,8 @@ from pipeline.inputs import Items, label_text, same_fingerprint
 from pipeline.layout import arithmetic_kind
 from pipeline.memory import field_bytes
 from pipeline.noise import host_fingerprint
-from pipeline.run import (DTYPES, HOST_NOISE, MODEL_SIDECAR, MODEL_SOURCE, model_digest,
-                          residual_length, sidecar_digest)
+from pipeline.run import (DTYPES, HOST_NOISE, MODEL_PLUGIN, MODEL_SIDECAR, MODEL_SOURCE,
+                          model_digest, residual_length, sidecar_digest)
 from pipeline.samplers import REGISTRY
 from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import (ARRAYS_FIX, FIELD_SCALE, INPUT_FINGERPRINT, PER_MEMBER,
@@ -125,6 +125,7 @@ def _check_made_alike(cfg: Config, items: Items | None, held: dict) -> None:
     ``held``) was made with other network code or conditioning input than the run has."""
     _check_same_network(cfg, held)
     _check_same_sidecar(cfg, held)
+    _check_same_plugin(cfg, held)
     if items is not None and cfg.input.path:
         _check_same_items(cfg, items.labels)
         if items.fingerprint:
@@ -159,6 +160,24 @@ def _check_same_sidecar(cfg: Config, held: dict) -> None:
         "changed since, its normalisation or data bound, say): put the original back to "
         "resume it, choose another output.path, or set output.overwrite = true to replace it",
         why="its checkpoint's sidecar changed since it was made")
+
+
+def _check_same_plugin(cfg: Config, held: dict) -> None:
+    """Refuse to resume or grow, from its attributes ``held``, a store of a plugin kind whose
+    package version, builder code or a file its keys name (weights retrained in place) has
+    changed since it was made (a store made before it was recorded is not checked)."""
+    was = held.get(MODEL_PLUGIN)
+    if not was:
+        return
+    from models import plugin_digest
+
+    if was != (now := plugin_digest(cfg.model)):
+        raise StaleStore(
+            f"output {cfg.output.path} was made by this configuration with another model of "
+            f"kind {cfg.model.kind!r} ({was[:12]}, now {now[:12] or 'none'}: its package "
+            "version, the code of its builder or a file its keys name has changed since): put "
+            "the original back to resume it, choose another output.path, or set "
+            "output.overwrite = true to replace it", why="its plugin's code or files changed")
 
 
 def _check_same_network(cfg: Config, held: dict) -> None:

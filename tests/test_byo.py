@@ -759,12 +759,17 @@ def test_a_network_imported_and_edited_before_the_first_sample_is_run_as_edited(
 
 
 def test_a_plugin_kinds_weights_retrained_in_place_or_edited_builder_make_another_model(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, capsys):
     """A plugin kind's identity was its [model] keys alone: weights rewritten in place kept
-    the store's and the calibration's model hash, so a resumed store mixed two networks."""
+    the store's and the calibration's model hash, so a resumed store mixed two networks. Its
+    package, builder code and the files its keys name are recorded now, and checked where a
+    store records them (one made before resumes as it did)."""
     import shutil
 
-    from pipeline.run import model_digest
+    import zarr
+
+    from pipeline.calibrate import calibration_key
+    from pipeline.config import load_config
 
     dist = tmp_path / "mynets-1.0.dist-info"
     dist.mkdir()
@@ -774,14 +779,25 @@ def test_a_plugin_kinds_weights_retrained_in_place_or_edited_builder_make_anothe
     monkeypatch.syspath_prepend(str(tmp_path))
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"first")
-    cfg = api.load_config(None, {"model.kind": "steepgrf", "model.steepness": 4.0,
-                                 "model.files": {"weights": str(weights)},
-                                 "model.shape": [8, 8], "sampler.method": "sequential-sde"})
-    first = model_digest(cfg)
-    assert model_digest(cfg) == first  # the same files: the same model
+    out = tmp_path / "p.zarr"
+    sets = ["model.kind=steepgrf", "model.steepness=4.0", f"model.files={{weights = '{weights}'}}",
+            "model.shape=[8, 8]", "sampler.method=sequential-sde", "sampler.steps=5",
+            "ensemble.members=2", f"output.path={out}"]
+    run = lambda *more: main(["sample", "jobs/configs/grf.toml",  # noqa: E731
+                              *sum((["--set", x] for x in sets + list(more)), [])])
+    key = lambda: calibration_key(load_config("jobs/configs/grf.toml", sets),  # noqa: E731
+                                  "m", "cpu")
+    assert run() == 0
+    first = key()
+    assert run("ensemble.members=3") == 0 and key() == first  # the same files: grown
     weights.write_bytes(b"again")
-    assert model_digest(cfg) != first
-    second = model_digest(cfg)
+    capsys.readouterr()
+    assert run("ensemble.members=4") == 2 and key() != first
+    assert "with another model of kind 'steepgrf'" in capsys.readouterr().err
+    weights.write_bytes(b"first")
     with open(tmp_path / "mynets_code.py", "a") as f:
         f.write("\n# edited\n")
-    assert model_digest(cfg) not in (first, second)
+    assert run("ensemble.members=4") == 2
+    group = zarr.open_group(out, mode="r+")  # a store made before the plugin was recorded
+    group.attrs.pop("model_plugin_sha256")
+    assert run("ensemble.members=4") == 0
