@@ -119,5 +119,6 @@ class PicardDivergence(PiadmError, RuntimeError):
 
 
 class RanksParted(PiadmError, RuntimeError):
-    """The ranks of a replicated window took different acceptances (their arithmetic differs);
-    every rank raises it together, from the numbers they all gathered."""
+    """The ranks of a replicated window took different acceptances (their arithmetic differs).
+    The ranks of its group raise it together, the other groups do not: not collective, so
+    that the command line aborts the job (the other groups would wait for it at the end)."""

@@ -207,7 +207,7 @@ def evaluate_shared(model, states: torch.Tensor, start, p: int, n: int, u: np.nd
     if not bool((starts == starts[0]).all()):
         raise RanksParted("the ranks of a replicated window disagree on where it starts: their "
                           "arithmetic differs (run every rank on the same kind of device, or "
-                          "set sampler.window_split = 'slots')", collective=True)
+                          "set sampler.window_split = 'slots')")
     joined = torch.cat([gathered[k, : b - a] for k, (a, b) in enumerate(sizes)])
     g = torch.zeros_like(states)
     r, s = indices(states, rows, slots)
