@@ -67,17 +67,6 @@ clear_stale_mpich_segments() {
         --mpi=none bash -c "rm -f$patterns" || true
 }
 
-# Whether $1 is a positive whole number: a count like "abc" or 0 made mpiexec quietly run one rank.
-is_count() {
-    [[ "$1" =~ ^[1-9][0-9]*$ ]]
-}
-
-# The positive whole number in environment variable $1 (default $2), or exit 2 naming it.
-positive_count() {
-    local value="${!1:-$2}"
-    if ! is_count "$value"; then
-        echo "$1=$value: give a positive whole number" >&2
-        exit 2
-    fi
-    echo "$value"
-}
+# is_count and positive_count: the checks of a count a job script is given
+# shellcheck source=jobs/counts.sh
+source "$piadm_root/jobs/counts.sh"

@@ -134,10 +134,11 @@ def _first_line(err: BaseException) -> str:
     return ((str(err).strip().splitlines() or [type(err).__name__])[0])[:160]
 
 
-def _too_large(what: str, device, err: BaseException) -> OutOfMemory:
-    """A network that ran out of memory while piadm built it or probed it with 2 items: too
-    large for ``device`` as it stands, whatever the run's batch."""
-    return OutOfMemory(f"config: {what}: the network ran out of memory on {device} before "
+def _too_large(what: str, where: str, err: BaseException) -> OutOfMemory:
+    """A network that ran out of memory while piadm built it or probed it with 2 items
+    (``where``: "on DEVICE ", or "" where the factory placed it itself): too large as it
+    stands, whatever the run's batch."""
+    return OutOfMemory(f"config: {what}: the network ran out of memory {where}before "
                        f"sampling ({_first_line(err)}): free that memory (another process may "
                        "hold it) or take a smaller network")
 
@@ -365,7 +366,7 @@ def check_output(model, shape: tuple[int, ...], what: str, takes: str = "(x, t)"
                           "model.shape and its channels)") from None
     except Exception as err:
         if is_out_of_memory(err):  # the device's memory, not a mistake in the network
-            raise _too_large(what, x.device, err) from None
+            raise _too_large(what, f"on {x.device} ", err) from None
         said = _first_line(err)
         if "indices" in said or "Long" in said:  # an embedding table of whole DDPM timesteps
             advice = ("piadm calls it at fractional timesteps (a float t between the "
@@ -401,7 +402,7 @@ def load_module(section, device="cpu") -> NetworkModel:
             net = factory(**section.args)
     except Exception as err:
         if is_out_of_memory(err):
-            raise _too_large(f"model.target = {section.target!r}", "the host", err) from None
+            raise _too_large(f"model.target = {section.target!r}", "", err) from None
         given = ", ".join(section.args) or "none"
         raise ConfigError(f"config: model.target = {section.target!r} raised "
                           f"{type(err).__name__}: {_first_line(err)}{_where(err)} (keyword "

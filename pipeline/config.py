@@ -165,9 +165,10 @@ def _value(dotted: str, raw: str, source: str):
                               "is not one: close its quote (and quote it once)") from None
         if raw[:1] in ("[", "{"):
             reason = str(err).split(" (at ")[0]
+            # words left once numbers (1e-3 too) and TOML's own words are taken out
+            bare = re.sub(r"[-+]?(\d[\d_]*(\.\d*)?([eE][-+]?\d+)?|inf|nan|true|false)", "", raw)
             fix = ("quote its words, e.g. [\"pc-window\", \"window\"] (in the shell: '"
-                   + dotted + "=[\"...\"]')" if re.search(r"[A-Za-z_]\w*", raw.replace(
-                       "inf", "").replace("nan", "").replace("true", "").replace("false", ""))
+                   + dotted + "=[\"...\"]')" if re.search(r"[A-Za-z_]", bare)
                    else "check its brackets and commas, e.g. [16, 16]")
             raise ConfigError(f"{source} {dotted}={raw}: not a TOML list or table "
                               f"({reason}): {fix}") from None

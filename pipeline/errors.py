@@ -38,7 +38,8 @@ def did_you_mean(name: str, options) -> str:
     """`` (did you mean 'x'?)`` naming the closest of ``options`` to a misspelt ``name``, or
     "" when none is close."""
     by_case = {str(o).lower(): o for o in options}
-    if str(name).lower() in by_case:  # SAMPLER for sampler: no close match of its letters
+    # SAMPLER for sampler: no close match of its letters (a flag's case is its meaning)
+    if str(name).lower() in by_case and not str(name).startswith("-"):
         return f" (did you mean {by_case[str(name).lower()]!r}?)"
     close = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -127,8 +127,9 @@ def check_window_split(cfg: Config) -> None:
     """Warn that sampler.window_split = "replicated" does nothing for a method that does not
     read it: its time slices split the window as they always do."""
     s = cfg.sampler
+    slices = cfg.parallel.time_slices  # "auto" may give one: said where it is known
     if (s.window_split == "replicated" and s.method in REGISTRY and s.method not in REPLICABLE
-            and cfg.parallel.time_slices != 1):
+            and isinstance(slices, int) and slices > 1):
         say(f"piadm: warning: sampler.window_split = \"replicated\" is read by "
             f"{' and '.join(REPLICABLE)} only: sampler.method = {s.method!r} splits its points "
             "over the time slices as always")

@@ -512,8 +512,9 @@ def finalize(path: str | Path, note: str, attrs: dict | None = None) -> None:
 @contextlib.contextmanager
 def _quiet_consolidated():
     """Zarr 3 calls consolidated metadata an extension and warns; xarray reads it, and it
-    saves listing the store. A store still being filled (or stopped) has none yet: xarray
-    lists it instead, with a warning that says nothing to a piadm user."""
+    saves listing the store. A store another tool wrote without it (or an older piadm's,
+    stopped before its end) has none: xarray lists it instead, with a warning that says
+    nothing to a piadm user."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated")

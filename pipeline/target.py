@@ -225,8 +225,9 @@ def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str |
             "output.path, or set output.overwrite = true to replace it")
     if fate == "foreign":
         if Path(path).is_dir() and not any(Path(path).iterdir()):  # made ahead by a script
+            remove = f"rm {path}" if Path(path).is_symlink() else f"rmdir {path}"
             raise StoreExists(f"output {path} is an empty folder, not a store: remove it "
-                              f"(rmdir {path}) and piadm makes the store there")
+                              f"({remove}) and piadm makes the store there")
         raise StoreExists(
             f"output {path} exists and is not a piadm store, and piadm deletes only stores it "
             "made (output.overwrite = true too): move it away, or choose another output.path")

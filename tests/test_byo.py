@@ -52,6 +52,20 @@ def _one_error(err: str, needle: str) -> bool:
     return len(errors) == 1 and needle in errors[0] and "Traceback" not in err
 
 
+def _line(name: str) -> int:
+    """The line of byo_nets' ``name`` that raises (its last line)."""
+    import inspect
+    import sys
+
+    sys.path.insert(0, str(TESTS))
+    try:
+        import byo_nets
+    finally:
+        sys.path.remove(str(TESTS))
+    lines, first = inspect.getsourcelines(getattr(byo_nets, name))
+    return first + len(lines) - 1
+
+
 def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -159,13 +173,13 @@ def test_an_edm_denoiser_matches_edm_first_order_sampler():
      "piadm calls it at fractional timesteps (a float t between the training's whole steps)"),
     # where in the user's own code, since the one line has no traceback
     (["model.target=byo_nets:raising"], "raised RuntimeError: no GPU found, at "
-                                         f"{TESTS / 'byo_nets.py'}:60 in raising"),
+                                         f"{TESTS / 'byo_nets.py'}:{_line('raising')} in raising"),
     # the device's memory, not a mistake in the factory or its keys
-    (["model.target=byo_nets:out_of_memory"], "the network ran out of memory on the host before "
-                                               "sampling (CUDA out of memory. Tried to allocate"),
-    (["model.target=byo_nets:typo"], "failed (AttributeError: 'Tensor' object has no attribute 'scael', at "
-                                      f"{TESTS / 'byo_nets.py'}:71 in forward): fix the code at "
-                                      "that line, or check model.shape"),
+    (["model.target=byo_nets:out_of_memory"], "the network ran out of memory before sampling "
+                                               "(CUDA out of memory. Tried to allocate"),
+    (["model.target=byo_nets:typo"], "failed (AttributeError: 'Tensor' object has no attribute "
+                                      f"'scael', at {TESTS / 'byo_nets.py'}:{_line('_Typo')} in "
+                                      "forward): fix the code at that line, or check model.shape"),
     (["model.target=byo_nets:wrong_shape", "model.shape=[1, 16, 16]"], "returns shape [2, 2, 16, 16]"),
     # the shape it returns, not what an adapter broadcast it to
     (["model.target=byo_nets:flat_out"], "the network returns shape [2, 256] for input "

@@ -7,7 +7,7 @@
 # Extra arguments are --set overrides for the sampling step.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-source jobs/common.sh
+source jobs/counts.sh
 ranks=$(positive_count PIADM_RANKS 2) || exit 2  # before the set-up: a typo costs nothing
 source jobs/local/setup.sh
 config=jobs/configs/demo.toml

@@ -11,7 +11,7 @@ _piadm_venv="${PIADM_VENV:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.
     set -euo pipefail
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
     # a link to the venv (another folder's, say) is where it points: venv will not create a link
-    venv="$(readlink -m "$_piadm_venv")"
+    venv="$(python3 -c 'import os, sys; print(os.path.realpath(sys.argv[1]))' "$_piadm_venv")"
     stamp="$venv/.piadm-setup"
     # the files' contents and this checkout's path (sha256sum prints it): the editable install
     # points at one checkout, so a venv another checkout made is set up again for this one
