@@ -280,12 +280,14 @@ def shaped_model(cfg: Config, size: tuple[int, ...], device) -> tuple[Config, ob
 
 def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
                 device: torch.device = torch.device("cpu"), name_bound: bool = True,
-                built: tuple[Config, object] | None = None) -> list[dict]:
+                built: tuple[Config, object] | None = None,
+                none_left: bool = False) -> list[dict]:
     """Run every bench method on one field shape for each of ``bench.seeds`` noise seeds, its
     blocks split over ``comm``'s ranks; returns one row per method and seed (and a worst row
     per method over several seeds). ``name_bound``: first print the field's S, when it has one
     (off for callers that bench one shape method by method); ``built``: ``shaped_model``'s
-    answer for the shape, when the caller has it."""
+    answer for the shape, when the caller has it; ``none_left``: no rows, rather than an error,
+    when every method is left out (a caller benching one method at a time goes on)."""
     from pipeline.run_items import first_item_model
 
     shaped, model = built or shaped_model(cfg, shape, device)
@@ -293,6 +295,8 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
     model = first_item_model(shaped, model, device)
     s = cfg.sampler
     tolerances = method_tolerances(shaped, model, comm=comm, device=device)
+    if not tolerances and none_left:
+        return []
     if not tolerances:
         raise ConfigError(f"bench: every method of bench.methods was left out on the "
                           f"{'x'.join(map(str, shape))} field (said above): nothing to bench",

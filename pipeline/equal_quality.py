@@ -262,8 +262,9 @@ def _rows_at_steps(cfg: Config, shape, found: dict, measure, quality: float, *, 
         at = dataclasses.replace(_at_steps(cfg, steps),
                                  bench=dataclasses.replace(cfg.bench, methods=(method,), seeds=1))
         row = next((r for r in bench_shape(at, shape, comm=comm, device=device,
-                                           name_bound=False) if r["method"] == method), None)
-        if row is None:  # its calibration fell short of sampler.distance (said)
+                                           name_bound=False, none_left=True)
+                    if r["method"] == method), None)
+        if row is None:  # left out: its calibration fell short, its blocks diverged (said)
             continue
         row.update(quality=quality, steps=steps, error=found[ref][1][steps])
         if (ref, steps) in measure.intervals:

@@ -1,4 +1,5 @@
 """The bench's bookkeeping: a row's shares of time are of one repeat."""
+import json
 import time
 
 import numpy as np
@@ -141,3 +142,18 @@ def test_bench_rows_name_their_shape_and_a_size_or_method_named_twice_is_refused
     for twice in ("bench.sizes=[[8, 8], [8, 8]]", 'bench.methods=["window", "window"]'):
         assert main([*args, "--set", twice]) == 2
         assert "twice (it would be benched twice): list each once" in capsys.readouterr().err
+
+
+def test_bench_at_equal_quality_goes_on_past_a_method_left_out(tmp_path, capsys):
+    """bench --quality benches one method at a time: a method left out (piadm-sde's blocks
+    wider than the steps found, so they diverged) stopped the whole run with "every method of
+    bench.methods was left out", before the next method and with no JSON written."""
+    out = tmp_path / "q.json"
+    assert main(["bench", "jobs/configs/grf.toml", "--quality", "sequential-ode@40",
+                 "--set", "bench.sizes=[[8, 8]]", "--set", "bench.repeats=1",
+                 "--set", "bench.quality_members=16", "--set", "sampler.block_size=100",
+                 "--set", 'bench.methods=["sequential-sde", "piadm-sde", "window"]',
+                 "--json", str(out)]) == 0
+    assert "left out piadm-sde" in capsys.readouterr().err
+    methods = {row["method"] for row in json.loads(out.read_text())["rows"]}
+    assert methods == {"sequential-sde", "window"}
