@@ -10,6 +10,7 @@ from small u and falling from larger u means the loss arises at the noise levels
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -64,6 +65,15 @@ def band_ratios(ens: np.ndarray, truth: np.ndarray, bands: list[tuple[int, int]]
     return np.array([*parts, e.sum() / t.sum()])
 
 
+def _reference(method: str) -> str:
+    """The sequential sampler that renoised fields are sampled back by: ``method``'s reference,
+    or for a planned method (``auto``...) the sequential sampler its family starts from."""
+    from pipeline.planner import FAMILIES
+    from pipeline.samplers import REFERENCE
+
+    return FAMILIES[method][0] if method in FAMILIES else REFERENCE[method]
+
+
 def _check_renoise(cfg) -> None:
     """Only a trained U-Net has held-out data to renoise (and a downscaler its coarse fields)."""
     from pipeline.config import ConfigError
@@ -106,7 +116,7 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
     from pipeline.config import ConfigError
     from pipeline.console import print0
     from pipeline.run import DTYPES, sampler_grid, sampler_options
-    from pipeline.samplers import REFERENCE
+    from pipeline.run_items import check_step_lengths
     from pipeline.spectrum_quality import (as_trained, held_out_coarse, held_out_fields,
                                            shell_spectra)
 
@@ -129,13 +139,16 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
                           collective=True)
     x0, variable = torch.as_tensor(fields[pick]).repeat_interleave(draws, 0), split.variable
     truth = shell_spectra(fields[pick], variable, kmax)
-    method, grid, bands = REFERENCE[s.method], sampler_grid(s, model), octave_bands(kmax)
+    method, grid, bands = _reference(s.method), sampler_grid(s, model), octave_bands(kmax)
+    check_step_lengths(dataclasses.replace(s, method=method), grid)
     options = sampler_options(s)
     names = [f"k={lo}..{hi}" for lo, hi in bands] + [f"k<={kmax}"]
     given = f", {draws} draws each given its coarse field" if coarse_given else ""
     print0(comm, f"piadm bench --renoise: {len(pick)} held-out fields of {split.data}"
                  f"{given}, noised to u and sampled back by {method} ({s.grid} grid below u, "
-                 f"to u_min {s.u_min:g}); energy over the same fields' (1 for an exact model):")
+                 f"to u_min {s.u_min:g}); energy over the same fields' (near 1 for an exact "
+                 f"model where the steps are fine enough; {s.steps} steps add {method}'s own "
+                 "error):")
     print0(comm, f"{'u':>7} {'sigma':>8} {'steps':>6} " + " ".join(f"{n:>9}" for n in names))
     units = _units(model, coarse, len(pick), draws, comm, device)
     rows = []

@@ -153,18 +153,23 @@ def test_auto_quality_plans_a_trained_model_at_its_spectrum_error(tmp_path, trai
     assert steps["sequential-ode"] == 16 and steps["dpmpp-2m-window"] == steps["dpmpp-2m"]
 
 
-def test_bench_renoise_tables_a_trained_models_energy_by_starting_level(tmp_path, trained, capsys):
+@pytest.mark.parametrize("method, reference", [("pc-window", "sequential-sde"),
+                                               # a planned method: its family's sequential
+                                               # sampler (a KeyError's traceback before)
+                                               ("auto-ode", "sequential-ode")])
+def test_bench_renoise_tables_a_trained_models_energy_by_starting_level(tmp_path, trained, capsys,
+                                                                       method, reference):
     from pipeline.renoise import LEVELS
 
     data, ckpt = trained
     sets = ["model.kind=unet", "model.shape=[16, 16]", f"model.checkpoint={ckpt}",
             f"train.data={data}", "train.validation=0.25", "bench.quality_members=3",
-            "sampler.method=pc-window", "sampler.steps=40"]
+            f"sampler.method={method}", "sampler.steps=40"]
     out = tmp_path / "r.json"
     assert main(["bench", "jobs/configs/grf.toml", "--renoise", "--json", str(out),
                  *sum((["--set", s] for s in sets), [])]) == 0
     doc = json.loads(out.read_text())
-    assert doc["method"] == "sequential-sde" and doc["fields"] == 3  # pc-window's reference
+    assert doc["method"] == reference and doc["fields"] == 3  # the method's reference
     assert [r["u"] for r in doc["rows"]] == [*LEVELS, 10.0]
     steps = [r["steps"] for r in doc["rows"]]
     assert steps == sorted(steps) and steps[-1] == 40  # from u_max: the whole grid
