@@ -146,6 +146,13 @@ def _unit_differences(meta: dict, guide_meta: dict) -> list[str]:
     return out
 
 
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two networks hold the same parameters and buffers, name by name."""
+    ours, theirs = a.state_dict(), b.state_dict()
+    return ours.keys() == theirs.keys() and all(
+        ours[k].shape == theirs[k].shape and torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu", guide: str = "",
               guidance: float = 1.0, condition: str | None = None) -> LearnedUNet:
     """The EMA model of ``checkpoint``, autoguided (``models.guidance``) by the weaker
@@ -173,8 +180,14 @@ def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu", guide: str 
         if differ:
             raise ConfigError(
                 f"config: model.guide = {guide!r} was not trained on the same data as "
-                f"{checkpoint} ({'; '.join(differ)}): train the guide with the same "
-                "train.data and train.extra")
+                f"{checkpoint} ({'; '.join(differ)}): train the guide on the same "
+                "train.data and train.extra, at the same shape and conditioning")
+        if _same_weights(den, weak):  # D + g (D - D) = D, at twice the calls
+            raise ConfigError(
+                f"config: model.guide = {guide!r} holds the same weights as {checkpoint}: "
+                "guidance by itself changes nothing and doubles the model calls; give a "
+                "weaker checkpoint of the same data (fewer training steps, fewer channels), "
+                "or drop model.guide")
         den = Guided(den, weak, guidance)
     return LearnedUNet(den, tuple(shape), meta["mean"], meta["std"], den.cfg.cond_channels,
                        meta["variable"], data_bound=float(meta.get("data_bound", float("inf"))),

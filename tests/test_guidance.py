@@ -94,6 +94,21 @@ def test_guidance_settings_are_checked(sets, needle):
     assert needle in str(err.value)
 
 
+def test_a_guide_with_the_checkpoints_own_weights_is_refused(tmp_path):
+    """The checkpoint as its own guide (or a copy of it) gives D + g (D - D) = D: the same
+    members at twice the calls, and a store and calibration of their own."""
+    import shutil
+
+    strong = _checkpoint(tmp_path / "strong.pt", 0)
+    shutil.copy(strong, tmp_path / "copy.pt")
+    shutil.copy(f"{strong}.json", tmp_path / "copy.pt.json")
+    for guide in (strong, str(tmp_path / "copy.pt")):
+        with pytest.raises(ConfigError, match="holds the same weights as .*: guidance by itself "
+                                              "changes nothing"):
+            load_unet(strong, SHAPE, guide=guide, guidance=2.0)
+    load_unet(strong, SHAPE, guide=_checkpoint(tmp_path / "weak.pt", 1), guidance=2.0)
+
+
 def test_a_guide_needs_a_unet():
     with pytest.raises(ConfigError, match="model.guide = 'x.pt' guides a piadm U-Net"):
         load_config("jobs/configs/grf.toml", {"model.guide": "x.pt", "model.guidance": 2.0})
