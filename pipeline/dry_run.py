@@ -68,7 +68,9 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
         _sampler_line(shown, planned and stored is None, device)
         + ("; from the store's plan" if stored is not None else ""),
         f"model      {cfg.model.kind} {list(cfg.model.shape)}"
-        + (f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else ""),
+        + (f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else "")
+        + (f", autoguided by {cfg.model.guide} (weight {cfg.model.guidance:g})"
+           if cfg.model.guide else ""),
     ]
     if not planned:  # else the planner leaves out the layouts that do not fit
         text, fits = _memory_line(cfg, ranks, device, sharing, size, fate)

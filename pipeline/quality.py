@@ -23,6 +23,7 @@ from models.grf import GaussianRandomField, _full_weights, target_spectrum
 from pipeline.grids import Grid
 from pipeline.noise import Noise
 from pipeline.samplers import REGISTRY, SAMPLERS, Options
+from pipeline.samplers.options import CHURNS
 
 # sequential samplers with no noise after the prior draw: linear maps, fixed by their gains (a
 # parallel sampler that stops on a tolerance is not linear: when it stops depends on its input)
@@ -35,7 +36,7 @@ STOCHASTIC = tuple(m for m, entry in REGISTRY.items() if entry.linear == "path")
 def draws_noise(method: str, options: Options = Options()) -> bool:
     """Whether ``method`` with ``options`` adds noise along its path (its exact W2 then takes
     one impulse run per step, not one run)."""
-    return method not in DETERMINISTIC or (method == "edm-heun" and options.churn > 0)
+    return method not in DETERMINISTIC or (method == CHURNS and options.churn > 0)
 
 
 IMPULSE_ROWS = 64  # noise impulses per run: bounds the memory of a block of path noise

@@ -24,6 +24,7 @@ from pipeline.grids import Grid, make_grid, scheduler_grid
 from pipeline.noise import Noise, host_fingerprint
 from pipeline.samplers import REGISTRY, SAMPLERS, Options, Stats
 from pipeline.samplers.common import check_finite
+from pipeline.samplers.options import CHURNS
 from pipeline.settings import Config, SamplerConfig
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -77,7 +78,7 @@ def _check_within_schedule(s: SamplerConfig, top: float, has_scheduler: bool) ->
     first timestep only a final denoising calls it, and a little extrapolation there is
     harmless."""
     lift = 1.0
-    if s.method == "edm-heun" and s.churn > 0:
+    if s.method == CHURNS and s.churn > 0:
         from pipeline.samplers.highorder import churn_gamma
 
         lift = 1 + churn_gamma(s.churn, s.steps)

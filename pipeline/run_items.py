@@ -19,7 +19,7 @@ from pipeline.inputs import InputError, Items, open_items, renamed_attrs, uncond
 from pipeline.memory import field_bytes
 from pipeline.run import DTYPES, provenance, residual_length, sampler_grid
 from pipeline.samplers import REFERENCE, REGISTRY
-from pipeline.samplers.options import REPLICABLE
+from pipeline.samplers.options import CHURNS, REPLICABLE
 from pipeline.settings import Config
 from pipeline.store import FIELD_SCALE, INPUT_FINGERPRINT, MEMBER_BATCH, StoreSpec, member_chunk
 
@@ -110,7 +110,7 @@ def checked_items(cfg: Config, model):
     the sampler's grid (a scheduler's own may refuse sampler.steps), the input against the
     model, a conditioned network bound to the first item, and parallel.items."""
     check_step_lengths(cfg.sampler, sampler_grid(cfg.sampler, model))
-    check_window_split(cfg)
+    check_unread_settings(cfg)
     items = load_items(cfg, check=True, model=model)
     check_input_units(cfg, model, items)
     check_bound_network(cfg, model, items)
@@ -123,10 +123,15 @@ def checked_items(cfg: Config, model):
 LONGEST_SDE_STEP = 2 * math.log(3)
 
 
-def check_window_split(cfg: Config) -> None:
-    """Warn that sampler.window_split = "replicated" does nothing for a method that does not
-    read it: its time slices split the window as they always do."""
+def check_unread_settings(cfg: Config) -> None:
+    """Warn of a setting asked of a method that does not read it (a config may carry other
+    methods' settings at their defaults, which say nothing): sampler.window_split =
+    "replicated" (the time slices split the window as they always do) and sampler.churn (no
+    noise is added)."""
     s = cfg.sampler
+    if s.churn > 0 and s.method in REGISTRY and s.method != CHURNS:
+        say(f"piadm: warning: sampler.churn = {s.churn:g} is read by {CHURNS} only: "
+            f"sampler.method = {s.method!r} adds no churn (set it to 0, or use {CHURNS})")
     slices = cfg.parallel.time_slices  # "auto" may give one: said where it is known
     if (s.window_split == "replicated" and s.method in REGISTRY and s.method not in REPLICABLE
             and isinstance(slices, int) and slices > 1):

@@ -221,14 +221,22 @@ def test_build_model_puts_its_tensors_on_the_sampling_device(kind):
     assert model(x, torch.ones(2, device="meta")).device.type == "meta"
 
 
-def test_a_replicated_split_asked_of_a_window_that_does_not_read_it_is_warned(capsys):
-    """sampler.window_split = "replicated" with window ran the split slots without a word."""
+def test_a_setting_asked_of_a_method_that_does_not_read_it_is_warned(capsys):
+    """sampler.window_split = "replicated" with window ran the split slots without a word, and
+    sampler.churn with dpmpp-2m added no churn without one."""
     from pipeline.api import load_config
-    from pipeline.run_items import check_window_split
+    from pipeline.run_items import check_unread_settings
 
     sets = {"sampler.window_split": "replicated", "parallel.time_slices": 2, "sampler.tol": 0.1}
-    check_window_split(load_config("jobs/configs/grf.toml", {**sets, "sampler.method": "window"}))
+    check_unread_settings(load_config("jobs/configs/grf.toml", {**sets, "sampler.method": "window"}))
     assert "is read by pc-window and pc-window-ode only: sampler.method = 'window'" in \
         capsys.readouterr().err
-    check_window_split(load_config("jobs/configs/grf.toml", sets))  # pc-window reads it
+    check_unread_settings(load_config("jobs/configs/grf.toml", sets))  # pc-window reads it
+    assert capsys.readouterr().err == ""
+    check_unread_settings(load_config("jobs/configs/grf.toml", {"sampler.method": "dpmpp-2m",
+                                                             "sampler.churn": 5.0}))
+    assert "sampler.churn = 5 is read by edm-heun only: sampler.method = 'dpmpp-2m' adds no " \
+        "churn" in capsys.readouterr().err
+    check_unread_settings(load_config("jobs/configs/grf.toml", {"sampler.method": "edm-heun",
+                                                             "sampler.churn": 5.0}))
     assert capsys.readouterr().err == ""
