@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from pipeline.signals import (defer_early, ignore_stop_signals, interrupted_by_stop_signals,
                               settle_zarr_io, stopped_by)
@@ -25,7 +26,7 @@ from pipeline.arguments import (check_bench_flags, check_figure_file,  # noqa: E
                                 check_output_file, check_plan_flags, check_status_flags, parser)
 from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noqa: E402
                              check_same_config, load_config, read_toml, with_settings)
-from pipeline.console import on_every_rank, on_rank0, print0, say, tag  # noqa: E402
+from pipeline.console import fresh_line, on_every_rank, on_rank0, print0, say, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
 from pipeline.errors import PiadmError, StoppedTogether, raised_by_every_rank  # noqa: E402
 from pipeline.settings import AUTO_METHODS  # noqa: E402
@@ -120,6 +121,7 @@ def _cmd_sample(args, world) -> int:
         return 0 if runs else 2  # a script's pre-check: the run itself would be refused
     from pipeline.calibrate import Stopped
 
+    began = time.perf_counter()
     try:
         cfg, ranks, device, attrs = _setup(args, world, plan=True, stop=stop)
     except Stopped:
@@ -150,8 +152,10 @@ def _cmd_sample(args, world) -> int:
                   "batch (the slowest group's batches, one after another)\n"
                   f"  model calls      {summary.model_calls:.0f} per member\n"
                   f"{_against_sequential(cfg, summary)}"
-                  f"  wall time        {summary.seconds:.2f} s; writing {summary.write_s:.1f} s, "
-                  f"of which {summary.write_wait_s:.1f} s ({100 * share:.1f}%) held up sampling{where}")
+                  f"  wall time        {summary.seconds:.2f} s sampling (after "
+                  f"{time.perf_counter() - began - summary.seconds:.1f} s of start-up: model, "
+                  f"store, calibration or plan); writing {summary.write_s:.1f} s, of which "
+                  f"{summary.write_wait_s:.1f} s ({100 * share:.1f}%) held up sampling{where}")
     if summary.fallbacks:
         print0(world, f"note: {redone(summary.fallbacks)}")
     if summary.preempted:
@@ -426,7 +430,8 @@ def explain(err: Exception, sets: Sequence[str] = ()) -> str:
 
 
 # The warnings of a brought network that every rank would print alike (models.module)
-NETWORK_WARNINGS = (r"model\.target = .* is defined in no file", r"the network answers in ")
+NETWORK_WARNINGS = (r"model\.target = .* is defined in no file", r"the network answers in ",
+                    r"model\.weights = .* holds float64 values for the factory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,10 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         together = isinstance(err, StoppedTogether)  # every rank at one point: said once
         where = "" if world.size == 1 or together else f" on rank {world.rank}"
         what, code = stopped_by(err)
-        # on a terminal a progress bar (or the ^C echo) may hold the line: start a new one
-        fresh = "\n" if sys.stderr.isatty() else ""
         if world.rank == 0 or not together:
-            say(f"{fresh}piadm: {what}{where}{': ' if str(err) else ''}{err}")
+            say(f"{fresh_line()}piadm: {what}{where}{': ' if str(err) else ''}{err}")
         if world.size == 1 or together:
             return code
         # each rank stopped wherever it stood: another may wait in a collective for it

@@ -23,6 +23,12 @@ def say(text: str) -> None:
     sys.stderr.flush()
 
 
+def fresh_line() -> str:
+    """A new line to start a message with on a terminal, where a progress bar (or the ^C
+    echo) may hold the line; "" in a log file."""
+    return "\n" if sys.stderr is not None and sys.stderr.isatty() else ""
+
+
 def print0(comm, *args) -> None:
     """Print to stderr on rank 0 only, tagged and flushed, so progress shows in batch logs.
     The line and its newline go out in one write: a stop signal between the two (``print``

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import shutil
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -132,7 +133,9 @@ def _empty(d: DataConfig, config_text: str) -> xr.Dataset:
     return ds
 
 
-PROGRESS_S = 5.0  # the longest silence between progress lines
+# the longest silence between progress lines: on a terminal, and in a batch log, where a
+# shard's hours of spin-up and snapshots would otherwise write thousands of lines
+PROGRESS_S, LOG_PROGRESS_S = 5.0, 30.0
 
 
 def _every(seconds: float, progress):
@@ -255,10 +258,12 @@ def _simulate(d: DataConfig, path: Path, config_text: str, device, progress):
     sp = Spectral(flow, device)
     w_hat = torch.fft.rfft2(random_vorticity(d.resolution, d.seed, device=device))
     start = time.perf_counter()
-    say = _every(PROGRESS_S, progress)
+    say = _every(PROGRESS_S if sys.stderr is not None and sys.stderr.isatty()
+                 else LOG_PROGRESS_S, progress)
     w_hat = advance(sp, w_hat, d.spinup, cfl=d.cfl, dt_max=d.dt_max,
                     on_step=lambda t: say(_spinup_line(t, d.spinup, time.perf_counter() - start)))
     _empty(d, config_text).to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False)
+    spun = time.perf_counter() - start
     start = time.perf_counter()
     for lo in range(0, d.snapshots, d.chunk):
         hi = min(lo + d.chunk, d.snapshots)
@@ -267,8 +272,8 @@ def _simulate(d: DataConfig, path: Path, config_text: str, device, progress):
             w_hat = advance(sp, w_hat, d.interval, cfl=d.cfl, dt_max=d.dt_max)
             frames.append(torch.fft.irfft2(w_hat, s=(d.resolution, d.resolution)))
             elapsed = time.perf_counter() - start
-            say(f"snapshots {i + 1}/{d.snapshots}  elapsed {elapsed:.1f}s  "
-                f"eta {elapsed / (i + 1) * (d.snapshots - i - 1):.1f}s")
+            say(f"snapshots {i + 1}/{d.snapshots}  elapsed {elapsed:.1f}s (after {spun:.1f}s of "
+                f"spin-up)  eta {elapsed / (i + 1) * (d.snapshots - i - 1):.1f}s")
         w = torch.stack(frames)
         part = xr.Dataset({
             "vorticity": (("time", "y", "x"), w.cpu().numpy().astype("float32")),

@@ -15,7 +15,7 @@ import sys
 import threading
 from contextlib import contextmanager
 
-from pipeline.console import say
+from pipeline.console import fresh_line, say
 from pipeline.errors import Interrupted
 
 # Exit status of a run stopped by a signal with its finished members saved: rerun to resume.
@@ -125,10 +125,10 @@ class StopRequest:
         return self.signal is not None
 
     def _handle(self, signum, frame) -> None:
-        if self.signal is None:
-            say(f"{self.tag}piadm: received {signal.Signals(signum).name}: finishing "
-                f"{self.work} under way, then stopping")  # one write a line
-        self.signal = signum
+        first, self.signal = self.signal is None, signum  # set first: a second signal
+        if first:  # arriving while this one is said is not said again
+            say(f"{fresh_line()}{self.tag}piadm: received {signal.Signals(signum).name}: "
+                f"finishing {self.work} under way, then stopping")  # one write a line
 
     def _interrupt(self, signum, frame) -> None:
         # Ctrl-C: a user at a terminal, who may not want to wait for the batch twice
@@ -136,9 +136,9 @@ class StopRequest:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise Interrupted("the members marked done are kept: rerun the same command to "
                               "resume")
-        say(f"{self.tag}piadm: received SIGINT (Ctrl-C): finishing {self.work} under way, "
-            "then stopping (Ctrl-C again stops at once)")
         self.signal = signum
+        say(f"{fresh_line()}{self.tag}piadm: received SIGINT (Ctrl-C): finishing {self.work} "
+            "under way, then stopping (Ctrl-C again stops at once)")
 
     def install(self) -> "StopRequest":
         """Handle the stop signals (main thread only), and a first Ctrl-C as one of them,

@@ -208,3 +208,20 @@ def test_a_process_that_ended_and_awaits_reaping_is_not_alive():
         time.sleep(0.01)
     assert not process_alive(child.pid)  # ended, not yet reaped
     child.wait()
+
+
+def test_a_second_signal_arriving_while_the_first_is_said_is_not_said_again(monkeypatch):
+    """Under `timeout`, which delivers SIGTERM twice, a rank printed its "received" line
+    twice: the flag was set only after the line was written."""
+    from pipeline import signals
+
+    stop, said = signals.StopRequest(), []
+
+    def say(text):  # the second signal lands while the first one's line is written
+        said.append(text)
+        if len(said) == 1:
+            stop._handle(signal.SIGTERM, None)
+
+    monkeypatch.setattr(signals, "say", say)
+    stop._handle(signal.SIGTERM, None)
+    assert len(said) == 1 and stop.signal == signal.SIGTERM
