@@ -44,7 +44,7 @@ from pipeline.run_items import (bind_field, bind_first_item, checked_items, fiel
                                 first_item_model, load_items, measured_items, store_spec,
                                 store_variable)
 from pipeline.samplers import REFERENCE, REGISTRY
-from pipeline.samplers.options import REPLICABLE
+from pipeline.samplers.options import REPLICABLE, RanksParted
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
 from pipeline.store import (ASKED, StoreExists, StoreSpec, done_members, finalize, member_batch,
@@ -292,6 +292,8 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
             try:
                 batch = sample_batch(bound, noise, method=s.method, grid=grid, options=told,
                                      comm=slices)
+            except RanksParted as err:  # raised by the group's ranks: by all of one group's
+                raise err.everywhere() if ranks.groups == 1 else err
             except Exception as err:
                 if not is_out_of_memory(err):
                     raise

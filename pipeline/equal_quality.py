@@ -226,6 +226,9 @@ def run_quality(cfg: Config, quality: float | tuple[str, int], *, comm, device,
     print0(comm, LEGEND)
     print0(comm, header())
     rows = _rows_at_steps(cfg, shape, found, measure, quality, comm=comm, device=device)
+    if not rows and any(steps is not None for steps, _ in found.values()):
+        raise ConfigError("bench --quality: every method of bench.methods was left out at the "
+                          "steps found (said above): nothing to bench", collective=True)
     print0(comm, summary(rows, quality, measure.name))
     if comm.rank == 0:
         _save(cfg, rows, found, measure, quality, json_path, png_path, comm)

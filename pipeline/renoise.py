@@ -140,7 +140,8 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
     x0, variable = torch.as_tensor(fields[pick]).repeat_interleave(draws, 0), split.variable
     truth = shell_spectra(fields[pick], variable, kmax)
     method, grid, bands = _reference(s.method), sampler_grid(s, model), octave_bands(kmax)
-    check_step_lengths(dataclasses.replace(s, method=method), grid)
+    if comm.rank == 0:  # as sample says it: once
+        check_step_lengths(dataclasses.replace(s, method=method), grid)
     options = sampler_options(s)
     names = [f"k={lo}..{hi}" for lo, hi in bands] + [f"k<={kmax}"]
     given = f", {draws} draws each given its coarse field" if coarse_given else ""

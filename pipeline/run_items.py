@@ -131,7 +131,8 @@ def check_unread_settings(cfg: Config) -> None:
     s = cfg.sampler
     if s.churn > 0 and s.method in REGISTRY and s.method != CHURNS:
         say(f"piadm: warning: sampler.churn = {s.churn:g} is read by {CHURNS} only: "
-            f"sampler.method = {s.method!r} adds no churn (set it to 0, or use {CHURNS})")
+            f"sampler.method = {s.method!r} adds no churn (a store made with it keeps the "
+            "setting as part of its identity; a new store may leave it at 0)")
     slices = cfg.parallel.time_slices  # "auto" may give one: said where it is known
     if (s.window_split == "replicated" and s.method in REGISTRY and s.method not in REPLICABLE
             and isinstance(slices, int) and slices > 1):

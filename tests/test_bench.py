@@ -157,3 +157,14 @@ def test_bench_at_equal_quality_goes_on_past_a_method_left_out(tmp_path, capsys)
     assert "left out piadm-sde" in capsys.readouterr().err
     methods = {row["method"] for row in json.loads(out.read_text())["rows"]}
     assert methods == {"sequential-sde", "window"}
+
+
+def test_bench_at_equal_quality_with_every_method_left_out_is_an_error(capsys):
+    """Going on past a method left out must not make a run of no rows a success (exit 0 with
+    an empty table and JSON), where plain bench exits 2."""
+    assert main(["bench", "jobs/configs/grf.toml", "--quality", "sequential-ode@40",
+                 "--set", "bench.sizes=[[8, 8]]", "--set", "bench.repeats=1",
+                 "--set", "bench.quality_members=16", "--set", "sampler.block_size=100",
+                 "--set", 'bench.methods=["piadm-sde"]']) == 2
+    assert "every method of bench.methods was left out at the steps found" in \
+        capsys.readouterr().err
