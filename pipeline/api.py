@@ -163,8 +163,7 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
     try:
         ds = open_store(path)
     except Exception as err:  # zarr's errors for a non-store (a folder, a file, an array)
-        if is_system_error(err) and not isinstance(err, (FileNotFoundError,
-                                                         NotADirectoryError)):
+        if is_system_error(err):
             raise  # a store it may not read, a failing disk: the I/O error names the file
         raise ConfigError(f"{path} is not a Zarr store: give the output.path of a piadm "
                           "sample run") from None

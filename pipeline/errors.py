@@ -106,7 +106,10 @@ def from_here(path) -> str:
 def is_system_error(err: BaseException) -> bool:
     """Whether ``err`` failed in the system rather than in what was read: the file system's (an
     OSError with an errno: EIO, ESTALE on NFS, EACCES) or memory. Such an error says nothing
-    of a store's bytes, so it is told as itself, never as a store damaged or not a store."""
+    of a store's bytes, so it is told as itself, never as a store damaged or not a store. A
+    file or folder missing is not one: it says the path holds no store."""
+    if isinstance(err, (FileNotFoundError, NotADirectoryError)):
+        return False
     return isinstance(err, MemoryError) or (isinstance(err, OSError) and err.errno is not None)
 
 

@@ -213,7 +213,7 @@ def _open(path: str) -> xr.Dataset:
         # times or variables since would hide them (an input has few arrays to list)
         return xr.open_zarr(path, chunks={}, consolidated=False)
     except Exception as err:  # zarr and xarray raise many kinds for a store they cannot read
-        if is_system_error(err) and not isinstance(err, (FileNotFoundError, NotADirectoryError)):
+        if is_system_error(err):
             raise  # a failing disk, a store it may not read: the I/O error names the file
         said = str(err).splitlines()[0] if str(err) else ""
         if "cftime" in said:
