@@ -344,11 +344,30 @@ def _cmd_evaluate(args, world) -> int:
     metrics, files = on_rank0(world, evaluate, args.store, args.truth,
                               truth_variable=args.truth_variable,
                               truth_range=tuple(args.truth_range) if args.truth_range else None,
-                              kmax=args.kmax, cut=args.cut, out=args.out)
+                              kmax=args.kmax, cut=args.cut, out=args.out,
+                              progress=_scoring_progress())
     if world.rank == 0:  # --json: the document evaluate saved as metrics.json
         print(files[0].read_text() if args.json else table(metrics), flush=True)
     print0(world, "wrote " + ", ".join(str(f) for f in files))
     return 0
+
+
+def _scoring_progress():
+    """A progress bar for evaluate's pass over the items (on rank 0, which scores): a store of
+    many items takes minutes to read."""
+    from pipeline.comm import SerialComm
+    from pipeline.progress import Progress
+
+    bar = []
+
+    def progress(done: int, total: int) -> None:
+        if not bar:
+            bar.append(Progress(SerialComm(), total, "items scored"))
+        bar[0].advance(done - bar[0].done)
+        if done >= total:
+            bar[0].close()
+
+    return progress
 
 
 def _cmd_config(args, world) -> int:

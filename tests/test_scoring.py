@@ -44,8 +44,10 @@ def _metrics(folder):
 def test_paired_scores_reward_the_right_truth(paired, capsys):
     tmp, ens = paired
     assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr")]) == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "spread/skill" in table and "CRPS" in table
+    assert "items scored 6/6" in captured.err  # its pass over the items shows progress
     good = _metrics(tmp / "ens_eval")
     assert good["pairing"] == "paired" and good["items"] == 6 and good["members"] == 6
     assert 0.7 < good["spread_skill"] < 1.4  # the truth is drawn like a member
