@@ -60,8 +60,8 @@ from pipeline.writer import make_writer
 class Summary:
     """What ``sample_to_store`` did: members written by this run, those found done, parallel
     rounds in all (the slowest group's batches, one after another), the most rounds one batch
-    took, model calls per member, wall seconds, seconds the writer spent writing and the
-    seconds compute waited for it, whether a signal stopped it, and the Picard blocks that
+    took, model calls per member, wall seconds, seconds a writer spent writing and the seconds
+    compute waited for it (the most of any group's lead), whether a signal stopped it, and the Picard blocks that
     diverged and were redone step by step (``Stats.fallbacks``, summed over the batches)."""
 
     path: str
@@ -470,7 +470,9 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
     local = _packed(stopped=tally.stopped, rounds=sum(tally.rounds),
                     calls=tally.calls if lead else 0, written=tally.count if lead else 0,
                     batch_rounds=max(tally.rounds, default=0), failed=failed is not None,
-                    fallbacks=tally.fallbacks if lead else 0)
+                    fallbacks=tally.fallbacks if lead else 0,
+                    write_s=writer.busy if writer is not None else 0.0,
+                    wait_s=writer.waited if writer is not None else 0.0)
     peak, total = _unpacked(world.allreduce_max(local)), _unpacked(world.allreduce_sum(local))
     if failed is not None:  # the members written before it stay done: a rerun finishes
         if isinstance(failed, OSError) and not isinstance(failed, StoreExists):
@@ -499,18 +501,17 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
         if slices.size > 1 and cfg.sampler.method in REPLICABLE:
             note += f", window split {cfg.sampler.window_split}"
     on_rank0(world, _record, spec, note, job)
-    write_s = writer.busy if writer is not None else 0.0
-    wait_s = writer.waited if writer is not None else 0.0
     return Summary(spec.path, written, skipped, int(peak["rounds"]), int(peak["batch_rounds"]),
-                   total["calls"] / max(written, 1),
-                   time.perf_counter() - tally.start, write_s, wait_s, preempted,
-                   int(total["fallbacks"]))
+                   total["calls"] / max(written, 1), time.perf_counter() - tally.start,
+                   peak["write_s"], peak["wait_s"], preempted, int(total["fallbacks"]))
 
 
 # What the ranks agree on as a run ends, reduced in one tensor by max and by sum: whether
 # any stopped, rounds (a rank's batches' sum, and its largest batch's), model calls, members
-# written, a failure, fallbacks to sequential steps
-_AGREED = ("stopped", "rounds", "calls", "written", "batch_rounds", "failed", "fallbacks")
+# written, a failure, fallbacks to sequential steps, and the seconds each group's lead spent
+# writing and sampling waited for its writer (the summary says the most of any group)
+_AGREED = ("stopped", "rounds", "calls", "written", "batch_rounds", "failed", "fallbacks",
+           "write_s", "wait_s")
 
 
 def _packed(**values) -> torch.Tensor:
