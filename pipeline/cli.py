@@ -146,8 +146,10 @@ def _cmd_sample(args, world) -> int:
         return _stopped_before_sampling(world)
     share = summary.write_wait_s / summary.seconds if summary.seconds else 0.0
     where = "" if summary.preempted else f"\n  open with        xarray.open_zarr({summary.path!r})"
+    held = (f"; the store holds {summary.held[0]} of {summary.held[1]}" if summary.held
+            else "")  # other jobs sharing it may have written the rest
     print0(world, f"{'stopped' if summary.preempted else 'done'}: {summary.members} members "
-                  f"written to {summary.path} ({summary.skipped} were already done)\n"
+                  f"written to {summary.path} ({summary.skipped} were already done{held})\n"
                   f"  parallel rounds  {summary.rounds} in all, at most {summary.batch_rounds} a "
                   "batch (the slowest group's batches, one after another)\n"
                   f"  model calls      {summary.model_calls:.0f} per member\n"

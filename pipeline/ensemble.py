@@ -61,8 +61,10 @@ class Summary:
     """What ``sample_to_store`` did: members written by this run, those found done, parallel
     rounds in all (the slowest group's batches, one after another), the most rounds one batch
     took, model calls per member, wall seconds, seconds a writer spent writing and the seconds
-    compute waited for it (the most of any group's lead), whether a signal stopped it, and the Picard blocks that
-    diverged and were redone step by step (``Stats.fallbacks``, summed over the batches)."""
+    compute waited for it (the most of any group's lead), whether a signal stopped it, the
+    Picard blocks that diverged and were redone step by step (``Stats.fallbacks``, summed over
+    the batches), and the store's members done and in all as the run ended (other jobs'
+    included)."""
 
     path: str
     members: int
@@ -76,6 +78,7 @@ class Summary:
     preempted: bool
     fallbacks: int = 0
     began: bool = True  # False: a stop signal came during start-up, and nothing was written
+    held: tuple[int, ...] = ()  # (done, all) in the store as the run ended; () where unread
 
 
 def _check_early(cfg: Config, model, device) -> tuple[float, float, tuple[float, ...]]:
@@ -501,9 +504,18 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
         if slices.size > 1 and cfg.sampler.method in REPLICABLE:
             note += f", window split {cfg.sampler.window_split}"
     on_rank0(world, _record, spec, note, job)
+    held = on_rank0(world, _held, spec.path)
     return Summary(spec.path, written, skipped, int(peak["rounds"]), int(peak["batch_rounds"]),
                    total["calls"] / max(written, 1), time.perf_counter() - tally.start,
-                   peak["write_s"], peak["wait_s"], preempted, int(total["fallbacks"]))
+                   peak["write_s"], peak["wait_s"], preempted, int(total["fallbacks"]),
+                   held=held)
+
+
+def _held(path: str) -> tuple[int, int]:
+    """Rank 0: the members done in the store at ``path`` and its members in all (another job
+    sharing it may have written some of them)."""
+    done = done_members(path)
+    return int(done.sum()), int(done.size)
 
 
 # What the ranks agree on as a run ends, reduced in one tensor by max and by sum: whether

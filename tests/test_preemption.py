@@ -101,9 +101,13 @@ def test_two_identical_jobs_share_the_batches_and_write_each_member_once(tmp_pat
     inp, ref = clean
     out = tmp_path / "ens.zarr"
     procs = [start(conditional_sets(inp, out, *MORE_WORK)) for _ in range(2)]
+    said = []
     for proc in procs:
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
+        said.append(err)
+    # the job that ends last says the store is whole, the other's members included
+    assert any("; the store holds 36 of 36)" in err for err in said), said
     assert_same_store(ref, out)
     history = json.loads(zarr.open_group(out, mode="r").attrs["piadm_history"])
     written = [int(m.group(1)) for line in history
