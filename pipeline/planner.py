@@ -539,6 +539,11 @@ def resolve_plan(cfg: Config, world, device, stopped=lambda: False) -> tuple[Con
         if stored is None:
             check_unplannable_store(cfg)
         model = first_item_model(cfg, build_model(cfg.model, device), device)
+        if stored is None:  # minutes of measuring before the run's own first line
+            say(f"{tag(world)}piadm sample: planning the run (sampler.method = "
+                f"{cfg.sampler.method!r}, parallel.time_slices = {cfg.parallel.time_slices!r}) "
+                f"for {world.size} rank{'s' if world.size > 1 else ''}: piadm plan's "
+                "measurements first; the choice is kept in the store")
         return planned_config(cfg, model, device, ranks=world.size, gpus_per_node=gpus,
                               latency=latency, stored=stored, stopped=stopped,
                               say=lambda text: say(tag(world) + text))

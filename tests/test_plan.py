@@ -754,3 +754,14 @@ def test_a_plan_without_sampler_tol_is_refused_before_it_measures(tmp_path, caps
     assert main(["config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "sampler.tol must be set for sampler.method = 'auto', whose plan weighs" in err
+
+
+def test_sample_says_it_plans_before_the_plans_measurements(tmp_path, capsys):
+    """An "auto" run's log opened with a minute of "profiled ..." lines and no word of what
+    they were for; the run's own first line came after the plan."""
+    assert main(["sample", "jobs/configs/grf.toml", "--set", "model.shape=[8, 8]", "--set",
+                 "sampler.method=auto", "--set", "sampler.steps=40", "--set",
+                 "ensemble.members=2", "--set", f"output.path={tmp_path / 'p.zarr'}"]) == 0
+    err = capsys.readouterr().err
+    planning = err.index("piadm sample: planning the run (sampler.method = 'auto'")
+    assert planning < err.index("profiled sequential-sde")
