@@ -113,8 +113,17 @@ def _stale(mod, loaded_before: bool) -> bool:
     now, seen = files_digest([path]), _IMPORTED.get(mod.__name__)
     _IMPORTED[mod.__name__] = now
     if seen is None:
-        return loaded_before and not {"site-packages", "dist-packages"} & set(Path(path).parts)
+        return loaded_before and not _installed(path)
     return seen != now
+
+
+def _installed(path: str) -> bool:
+    """Whether the file at ``path`` is Python's own library or an installed package's (any
+    environment's site-packages), not a file of the user's."""
+    stdlib = tuple(f"{Path(d).resolve()}/" for d in {sysconfig.get_paths()["stdlib"],
+                                                    sysconfig.get_paths()["platstdlib"]})
+    return bool({"site-packages", "dist-packages"} & set(Path(path).parts)) or str(
+        Path(path).resolve()).startswith(stdlib)
 
 
 def _reload(mod) -> None:
@@ -148,15 +157,13 @@ def _where(err: BaseException) -> str:
     deepest frame of its traceback outside piadm, Python's library and installed packages
     (torch's layers among them), so that a bug in a network's forward names its line (this
     error is told in one line, without the traceback); "" where no frame is the user's."""
-    here = Path(__file__).resolve().parent
-    paths = sysconfig.get_paths()
-    skip = tuple(f"{Path(d).resolve()}/" for d in (here, here.parent / "pipeline", paths["stdlib"],
-                                                  paths["platstdlib"], paths["purelib"],
-                                                  paths["platlib"], Path(torch.__file__).parent))
+    here = Path(__file__).resolve().parent  # piadm's own, installed editable or not
+    own = tuple(f"{d}/" for d in (here, here.parent / "pipeline"))
     found = ""
     for frame, line in traceback.walk_tb(err.__traceback__):
         name = frame.f_code.co_filename
-        if not name.startswith("<") and not str(Path(name).resolve()).startswith(skip):
+        if not (name.startswith("<") or str(Path(name).resolve()).startswith(own)
+                or _installed(name)):
             found = f", at {name}:{line} in {frame.f_code.co_name}"
     return found
 

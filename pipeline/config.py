@@ -137,22 +137,22 @@ def _set(tree: dict, dotted: str, raw: str, source: str = "--set") -> None:
         raise ConfigError(f"{source} {dotted}={raw}: the key must look like section.key, e.g. "
                           "sampler.steps (or model.args.NAME for a factory's argument)")
     value = _value(dotted, raw, source)
-    model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
+    if keys[0] == "model" and keys[-1] not in MODEL_KEYS and isinstance(tree.get("model", {}),
+                                                                        dict):
+        _set_argument(tree.setdefault("model", {}), keys[-1], value, under_args=factory)
+    else:
+        tree.setdefault(keys[0], {})[keys[1]] = value
+
+
+def _set_argument(model: dict, name: str, value, *, under_args: bool) -> None:
+    """A factory's argument ``name`` set in ``model`` ([model]) in the form the config gives
+    it, at the top of [model] or in [model.args], so that the two forms never both hold it;
+    a new one in the form asked (``under_args``: model.args.NAME)."""
     args = model.get("args")
-    name = keys[-1]
-    # a factory's argument overridden in the form the config gives it (at the top of [model],
-    # or in [model.args]), so that the two forms never both hold it
-    if factory or (keys[0] == "model" and name not in MODEL_KEYS):
-        if factory and name in model and name not in MODEL_KEYS:
-            model[name] = value
-            return
-        if isinstance(args, dict) and (factory or name in args):
-            args[name] = value
-            return
-        if factory:
-            tree.setdefault("model", {})["args"] = {name: value}
-            return
-    tree.setdefault(keys[0], {})[keys[1]] = value
+    if name in model or not (under_args or (isinstance(args, dict) and name in args)):
+        model[name] = value
+    else:
+        model["args"] = {**(args if isinstance(args, dict) else {}), name: value}
 
 
 def _value(dotted: str, raw: str, source: str):

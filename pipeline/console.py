@@ -23,10 +23,15 @@ def say(text: str) -> None:
     sys.stderr.flush()
 
 
+def on_terminal() -> bool:
+    """Whether stderr, where piadm reports, is a terminal (not a batch log)."""
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
 def fresh_line() -> str:
     """A new line to start a message with on a terminal, where a progress bar (or the ^C
     echo) may hold the line; "" in a log file."""
-    return "\n" if sys.stderr is not None and sys.stderr.isatty() else ""
+    return "\n" if on_terminal() else ""
 
 
 def print0(comm, *args) -> None:

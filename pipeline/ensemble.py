@@ -419,12 +419,13 @@ class _Tally:
         self.fallbacks += stats.fallbacks
 
 
-def _finalize_alone(spec: StoreSpec, note: str, job: str) -> None:
+def _finalize_alone(spec: StoreSpec, note: str, job: str) -> tuple[int, int]:
     """``finalize`` under the store's lock: two jobs finishing together would each read the
     history, append their line and write it back, and one line would be lost. A store that
     another configuration's run replaced meanwhile is not this run's to write its line into
     (``still_ours``): a run that found nothing left to do in it never wrote a batch, the
-    check every batch write makes."""
+    check every batch write makes. Returns the store's members done and in all (another job
+    sharing it may have written some)."""
     path = spec.path
     with holding(claims_dir(path), "finalize", job), naming(path):
         try:
@@ -435,23 +436,26 @@ def _finalize_alone(spec: StoreSpec, note: str, job: str) -> None:
                               "not written there; rerun it once the other run is done, or on "
                               "another output.path") from None
         finalize(path, note)
-        if done_members(path).all():  # no job needs the claims of a finished store
+        done = done_members(path)
+        if done.all():  # no job needs the claims of a finished store
             clear_batch_claims(claims_dir(path))
             clear_left_by_dead(claims_dir(path))  # nor what killed jobs left
     # a replacement killed just before this run began looked alive then: its copy of the
     # old store goes now, not at the next run, which may never come
     delete_leftovers(path)
+    return int(done.sum()), int(done.size)
 
 
 # The errors of a disk that takes no more: full, over quota, failing, or mounted read-only
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 
-def _record(spec: StoreSpec, note: str, job: str) -> None:
-    """Rank 0: ``_finalize_alone``, a disk that takes no more (``DISK_FULL``) said as what it
-    is: the members are kept, the store's record of the run is what is missing."""
+def _record(spec: StoreSpec, note: str, job: str) -> tuple[int, int]:
+    """Rank 0: ``_finalize_alone`` (and its count of the store's members), a disk that takes
+    no more (``DISK_FULL``) said as what it is: the members are kept, the store's record of
+    the run is what is missing."""
     try:
-        _finalize_alone(spec, note, job)
+        return _finalize_alone(spec, note, job)
     except OSError as err:
         if err.errno not in DISK_FULL:  # a store gone, say: its own words
             raise
@@ -503,19 +507,11 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
                  f" x {slices.size} time slice{'s' if slices.size > 1 else ''}")
         if slices.size > 1 and cfg.sampler.method in REPLICABLE:
             note += f", window split {cfg.sampler.window_split}"
-    on_rank0(world, _record, spec, note, job)
-    held = on_rank0(world, _held, spec.path)
+    held = on_rank0(world, _record, spec, note, job)
     return Summary(spec.path, written, skipped, int(peak["rounds"]), int(peak["batch_rounds"]),
                    total["calls"] / max(written, 1), time.perf_counter() - tally.start,
                    peak["write_s"], peak["wait_s"], preempted, int(total["fallbacks"]),
                    held=held)
-
-
-def _held(path: str) -> tuple[int, int]:
-    """Rank 0: the members done in the store at ``path`` and its members in all (another job
-    sharing it may have written some of them)."""
-    done = done_members(path)
-    return int(done.sum()), int(done.size)
 
 
 # What the ranks agree on as a run ends, reduced in one tensor by max and by sum: whether

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from pipeline.choices import GEOGRAPHIC
 from pipeline.errors import EvaluationError, is_system_error
 from pipeline.inputs import (InputError, _label, check_real, label_text, same_fingerprint,
                              select_items, selection_fingerprint, snapped)
@@ -209,9 +210,6 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
     return truth
 
 
-# Names a truth may give its field dims where the ensemble's are y and x (and the store
-# recorded no input_dim): taken as those, then lined up and checked as they are
-GEOGRAPHIC = {"lat": "y", "latitude": "y", "lon": "x", "longitude": "x"}
 
 
 def _by_position(truth: xr.DataArray, dims: tuple, path) -> xr.DataArray:

@@ -14,7 +14,6 @@ import dataclasses
 import math
 import os
 import shutil
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -27,6 +26,7 @@ import zarr
 
 from pipeline import __version__
 from pipeline.config import config_from_dict
+from pipeline.console import on_terminal
 from pipeline.errors import Interrupted
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
                                  resolved_wavenumber)
@@ -258,8 +258,7 @@ def _simulate(d: DataConfig, path: Path, config_text: str, device, progress):
     sp = Spectral(flow, device)
     w_hat = torch.fft.rfft2(random_vorticity(d.resolution, d.seed, device=device))
     start = time.perf_counter()
-    say = _every(PROGRESS_S if sys.stderr is not None and sys.stderr.isatty()
-                 else LOG_PROGRESS_S, progress)
+    say = _every(PROGRESS_S if on_terminal() else LOG_PROGRESS_S, progress)
     w_hat = advance(sp, w_hat, d.spinup, cfl=d.cfl, dt_max=d.dt_max,
                     on_step=lambda t: say(_spinup_line(t, d.spinup, time.perf_counter() - start)))
     _empty(d, config_text).to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False)

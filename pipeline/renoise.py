@@ -65,15 +65,6 @@ def band_ratios(ens: np.ndarray, truth: np.ndarray, bands: list[tuple[int, int]]
     return np.array([*parts, e.sum() / t.sum()])
 
 
-def _reference(method: str) -> str:
-    """The sequential sampler that renoised fields are sampled back by: ``method``'s reference,
-    or for a planned method (``auto``...) the sequential sampler its family starts from."""
-    from pipeline.planner import FAMILIES
-    from pipeline.samplers import REFERENCE
-
-    return FAMILIES[method][0] if method in FAMILIES else REFERENCE[method]
-
-
 def _check_renoise(cfg) -> None:
     """Only a trained U-Net has held-out data to renoise (and a downscaler its coarse fields)."""
     from pipeline.config import ConfigError
@@ -116,6 +107,7 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
     from pipeline.config import ConfigError
     from pipeline.console import print0
     from pipeline.run import DTYPES, sampler_grid, sampler_options
+    from pipeline.planner import methods_of
     from pipeline.run_items import check_step_lengths
     from pipeline.spectrum_quality import (as_trained, held_out_coarse, held_out_fields,
                                            shell_spectra)
@@ -139,7 +131,9 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
                           collective=True)
     x0, variable = torch.as_tensor(fields[pick]).repeat_interleave(draws, 0), split.variable
     truth = shell_spectra(fields[pick], variable, kmax)
-    method, grid, bands = _reference(s.method), sampler_grid(s, model), octave_bands(kmax)
+    # the sequential sampler first among those a plan weighs: the method's reference, or for
+    # a planned method (auto...) its family's sequential sampler
+    method, grid, bands = methods_of(cfg)[0], sampler_grid(s, model), octave_bands(kmax)
     if comm.rank == 0:  # as sample says it: once
         check_step_lengths(dataclasses.replace(s, method=method), grid)
     options = sampler_options(s)

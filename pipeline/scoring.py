@@ -134,7 +134,8 @@ def _item_by_item(field: xr.DataArray, truth_values: np.ndarray, paired: bool, s
     ens_spectra, moments = [], (0, 0.0, 0.0)
     for i in range(items):
         e = field.isel({field.dims[0]: i}).values.astype(np.float64)
-        moments = _merged(moments, (e.size, e.mean(), ((e - e.mean()) ** 2).sum()))
+        centre = e.mean()
+        moments = _merged(moments, (e.size, centre, ((e - centre) ** 2).sum()))
         if spectra is not None:
             _, s = spectra(e)  # (members, K): one unit per item when paired, else per field
             ens_spectra.append(s.mean(0, keepdims=True) if paired else s)

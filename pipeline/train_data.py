@@ -20,6 +20,7 @@ import xarray as xr
 from models.bound import largest_mode_power
 from models.fingerprint import PROBE_RTOL, probe
 from models.conditioning import spectral_upsample, upsample_blocks
+from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
 from pipeline.inputs import InputError, check_field_order, check_real, label_text
 from pipeline.settings import TrainConfig
 from pipeline.store import open_store
@@ -89,7 +90,7 @@ def open_training_store(path: str, names: list[str], key: str) -> xr.Dataset:
 
 
 # the names a field's own dims go by (piadm's y and x, and the geographic ones it reads as them)
-FIELD_NAMES = ("y", "x", "lat", "lon", "latitude", "longitude")
+FIELD_NAMES = (*FIELD_DIMS[2], *GEOGRAPHIC)
 
 
 def _layout_fix(var: xr.DataArray) -> str:
