@@ -303,8 +303,7 @@ def world_comm():
 
 
 def _nan_as(x: torch.Tensor, value: float) -> torch.Tensor:
-    """x with its NaNs replaced by ``value`` (x itself where it holds none or no floats)."""
-    if not x.is_floating_point():
-        return x
-    nan = x.isnan()
-    return x.masked_fill(nan, value) if bool(nan.any()) else x
+    """x with its NaNs replaced by ``value`` (x itself where it holds no floats). One
+    elementwise op, with no test of whether any is NaN: that test would wait for a GPU's
+    queued work on every serial sweep."""
+    return x.masked_fill(x.isnan(), value) if x.is_floating_point() else x
