@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import re
 import warnings
@@ -28,7 +27,7 @@ from pathlib import Path
 import xarray as xr
 
 from pipeline.comm import MPIComm, SerialComm, world_comm
-from pipeline.config import ConfigError, check_same_config, config_from_dict, read_toml
+from pipeline.config import ConfigError, config_from_dict, read_toml
 from pipeline.errors import PiadmError, is_system_error  # every user error is a PiadmError
 from pipeline.settings import SECTION_TYPES, Config
 from pipeline.signals import StopRequest
@@ -116,32 +115,26 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     arguments that returns True once the run should stop, asked during start-up (between
     calibration rungs) and before each call; anything else is a TypeError."""
     from pipeline.calibrate import Stopped
-    from pipeline.console import on_rank0
+    from pipeline.console import on_every_rank
     from pipeline.ensemble import not_begun, sample_to_store
-    from pipeline.identity import as_stored
-    from pipeline.layout import place_rank, rank_grid, torch_settings_kept
-    from pipeline.planner import resolve_plan
-    from pipeline.settings import needs_plan
+    from pipeline.layout import torch_settings_kept
+    from pipeline.startup import start
 
-    cfg = load_config(cfg)  # a Config too: checked anew, its text made from its fields
     comm = _communicator(comm)
-    check_same_config(comm, cfg, "api.sample")
-    cfg = on_rank0(comm, as_stored, cfg)  # the store's own spelling of the files it was made from
     if callable(stop):
         stop = _StopWhen(stop)
     elif stop is not None and not isinstance(stop, StopRequest):
         raise TypeError(f"api.sample's stop is a pipeline.signals.StopRequest, a function of "
                         f"no arguments or None, not {type(stop).__name__}")
+    # a Config too: checked anew, its text made from its fields; a file that one node lacks
+    # fails on every rank, not on that rank alone while the others wait for it
+    cfg = on_every_rank(comm, load_config, cfg)
     with torch_settings_kept():
-        device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),
-                            cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)
-        attrs = {}
-        if needs_plan(cfg):  # "auto": the planner's fastest layout for these ranks
-            try:
-                cfg, attrs = resolve_plan(cfg, comm, device, stopped=lambda: bool(stop))
-            except Stopped:  # as a stop before the first batch: nothing written
-                return not_begun(cfg.output.path)
-        ranks = rank_grid(comm, cfg.parallel.time_slices)
+        try:
+            cfg, ranks, device, attrs = start(comm, cfg, "api.sample", stored=True, plan=True,
+                                              stop=stop)
+        except Stopped:  # as a stop before the first batch: nothing written
+            return not_begun(cfg.output.path)
         return sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
 
 

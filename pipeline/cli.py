@@ -14,7 +14,6 @@ if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "piadm":
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -25,10 +24,10 @@ from pathlib import Path  # noqa: E402
 from pipeline.arguments import (check_bench_flags, check_figure_file,  # noqa: E402
                                 check_output_file, check_plan_flags, check_status_flags, parser)
 from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noqa: E402
-                             check_same_config, load_config, read_toml, with_settings)
+                             load_config, read_toml, with_settings)
 from pipeline.console import fresh_line, on_every_rank, on_rank0, print0, say, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
-from pipeline.errors import PiadmError, StoppedTogether, raised_by_every_rank  # noqa: E402
+from pipeline.errors import PiadmError, StoppedTogether  # noqa: E402
 from pipeline.settings import AUTO_METHODS  # noqa: E402
 
 
@@ -64,35 +63,22 @@ def _load(args):
 
 def _setup(args, world, plan: bool = False, layout: bool = True, stop=None):
     """Config, rank grid and device: the same on every rank, so an error here is raised by
-    all. ``plan``: resolve ``"auto"`` sampler and time slices (``pipeline.planner``) and
-    return the store attributes recording the choice too; other commands run ``"auto"``
-    time slices as one group of every rank. Without ``layout`` (a command that does not
-    sample on this launch's ranks) the rank grid is None and the time slices are not
-    checked against the launch: a job's config then works on a login node too. ``stop``: a
-    stop request that ends the planning between its measurements (``calibrate.Stopped``)."""
-    from pipeline.layout import place_rank, rank_grid
-    from pipeline.planner import resolve_plan
-    from pipeline.settings import needs_plan
+    all (``pipeline.startup.start``, which the Python API's ``sample`` shares). ``plan``:
+    resolve ``"auto"`` sampler and time slices and return the store attributes recording the
+    choice too; without ``layout`` the rank grid is None (a command that does not sample on
+    this launch's ranks: a job's config then works on a login node too); ``stop``: a stop
+    request that ends the planning between its measurements."""
+    from pipeline.startup import start
 
     # a config may fail its checks on some ranks only (a PIADM_SET that differs between
     # nodes): every rank must then stop, not wait for it in check_same_config
     cfg = on_every_rank(world, lambda: _load(args))
     options = {k: v for k, v in sorted(vars(args).items()) if k not in ("config", "set")}
-    check_same_config(world, cfg, f"piadm {args.command}", mode=repr(options),
-                      paths={"train": TRAINING_PATHS, "generate-data": ("data.path",)}.get(
-                          args.command, SAMPLING_PATHS))
-    if args.command == "sample":  # the store's own spelling of the files it was made from
-        from pipeline.identity import as_stored
-
-        cfg = on_rank0(world, as_stored, cfg)
-    device = place_rank(world, cfg.parallel.threads, math.prod(cfg.model.shape),
-                        cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)
-    attrs = {}
-    if plan and needs_plan(cfg):
-        cfg, attrs = resolve_plan(cfg, world, device, stopped=lambda: bool(stop))
-    slices = world.size if cfg.parallel.time_slices == "auto" else cfg.parallel.time_slices
-    with raised_by_every_rank():
-        ranks = rank_grid(world, slices) if layout else None
+    paths = {"train": TRAINING_PATHS, "generate-data": ("data.path",)}.get(args.command,
+                                                                          SAMPLING_PATHS)
+    cfg, ranks, device, attrs = start(world, cfg, f"piadm {args.command}", mode=repr(options),
+                                      paths=paths, stored=args.command == "sample", plan=plan,
+                                      layout=layout, stop=stop)
     return (cfg, ranks, device, attrs) if plan else (cfg, ranks, device)
 
 

@@ -163,12 +163,16 @@ def test_a_failed_write_on_the_lead_rank_is_raised_on_every_rank_through_the_api
 
 
 def test_ranks_given_other_configs_through_the_api_are_refused_on_every_rank(tmp_path):
+    """Also a config invalid on one rank only: before, that rank raised alone and the other
+    waited for it in the configs' comparison."""
     proc = mpirun(2, ["tests/mpi_api.py", str(tmp_path)], timeout=90)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for rank in (0, 1):
-        raised, sampled = (tmp_path / f"said{rank}.txt").read_text().splitlines()
+        raised, invalid, sampled = (tmp_path / f"said{rank}.txt").read_text().splitlines()
         assert raised.startswith("raised ConfigError: api.sample: rank(s) 1 of 2 were given "
                                  "another config than rank 0")
+        assert invalid.startswith("raised ConfigError: config: sampler.steps = -1 must be")
+        assert invalid.endswith("(on rank(s) 1 of 2)")
         assert sampled == "sampled 2"  # then a plain mpi4py communicator samples
     assert not list(tmp_path.glob("rank*"))  # refused before anything was written
 
