@@ -25,6 +25,7 @@ import torch
 
 from models import MODELS, plugin_digest
 from pipeline.cache import cache_path, positive, read_entry, update_cache
+from pipeline.comm import SerialComm
 from pipeline.config import ConfigError
 from pipeline.layout import arithmetic_kind
 from pipeline.memory_check import TooLarge, check_memory
@@ -223,7 +224,8 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
     noise = Noise(seed, tuple((CALIBRATION_ITEM, m) for m in range(members)), tuple(model.shape),
                   dtype, device, noise_source)
     y0 = noise.prior()
-    ref, ref_stats = SAMPLERS[REFERENCE[method]](model, y0, grid, noise, options=options)
+    ref, ref_stats = SAMPLERS[REFERENCE[method]](model, y0, grid, noise,
+                                                 comm=SerialComm(), options=options)
     rungs = []
     say(f"calibrating {method}: {members} members, {grid.steps} steps, aiming at a worst "
         f"distance <= {distance / 2:.1e} (half of sampler.distance)")
@@ -231,7 +233,7 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
     for tol in ladder:
         if stopped():
             raise Stopped(f"calibrate: stopped by a signal before tol {tol:g}")
-        y, stats = SAMPLERS[method](model, y0, grid, noise,
+        y, stats = SAMPLERS[method](model, y0, grid, noise, comm=SerialComm(),
                                     options=dataclasses.replace(options, tol=float(tol)))
         rung = Rung(float(tol), stats.rounds, stats.model_calls / ref_stats.model_calls,
                     worst_distance(y, ref))

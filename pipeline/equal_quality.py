@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from pipeline.comm import SerialComm
 from pipeline.config import ConfigError
 
 from pipeline.console import print0
@@ -117,7 +118,8 @@ def learned_measure(cfg: Config, model, shape: tuple[int, ...], *, comm, device)
         for a in range(lo, hi, QUALITY_BATCH):
             noise = Noise.members(s.seed, 0, range(a, min(a + QUALITY_BATCH, hi)), shape,
                                   DTYPES[s.dtype], device, s.noise)
-            y, _ = SAMPLERS[ref](model, noise.prior(), grid, noise, options=options)
+            y, _ = SAMPLERS[ref](model, noise.prior(), grid, noise,
+                                 comm=SerialComm(), options=options)
             mine.append(held.spectra_of(y.detach().cpu().numpy()))
         ens = np.concatenate(comm.allgather_object(np.concatenate(mine)))
         value, *interval = spectrum_error(ens, held)

@@ -20,6 +20,7 @@ import torch
 
 from pipeline.calibrate import worst_distance
 from pipeline.clock import DiscreteVP, noise_std
+from pipeline.comm import SerialComm
 from pipeline.grids import Grid
 from pipeline.noise import Noise
 from pipeline.samplers import REGISTRY, SAMPLERS, Options
@@ -118,17 +119,18 @@ def compare_diffusers(model, *, members: int, seed: int, dtype, device,
         theirs_seq = sequential(scheduler, eps, y0, xi)
         theirs, rounds, calls = paradigms(scheduler, eps, y0, xi, window=window, tol=tol)
     options = Options(form="eps", window=window, tol=tol, data_bound=data_bound)
-    ours_seq, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise, options=options)
+    ours_seq, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise,
+                                             comm=SerialComm(), options=options)
     say(f"DDPM-1000 on {list(model.shape)}, {members} members: diffusers' sequential DDPM and "
         f"piadm's differ by {worst_distance(theirs_seq, ours_seq):.1e} (the same map, float rounding)")
     rows = [("diffusers ParaDiGMS", f"p={window} tol={tol:g}", rounds, calls / n,
              worst_distance(theirs, theirs_seq))]
-    y, stats = SAMPLERS["window"](model, y0, grid, noise, options=options)
+    y, stats = SAMPLERS["window"](model, y0, grid, noise, comm=SerialComm(), options=options)
     rows.append(("piadm window", f"p={window} tol={tol:g}", stats.rounds, stats.model_calls / n,
                  worst_distance(y, ours_seq)))
     for tol in ladder:  # the loosest tolerance at no larger a distance, on the same noise
         pc = dataclasses.replace(options, window=pc_window, tol=float(tol), theta=theta)
-        y, stats = SAMPLERS["pc-window"](model, y0, grid, noise, options=pc)
+        y, stats = SAMPLERS["pc-window"](model, y0, grid, noise, comm=SerialComm(), options=pc)
         if worst_distance(y, ours_seq) <= rows[0][4]:
             break
     p = REGISTRY["pc-window"].window_points(pc_window, n)

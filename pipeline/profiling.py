@@ -20,6 +20,7 @@ import torch
 
 from pipeline.cache import cache_path, positive, read_entry, update_cache
 from pipeline.calibrate import CALIBRATION_ITEM, calibration_key
+from pipeline.comm import SerialComm
 from pipeline.errors import is_out_of_memory
 from pipeline.layout import machine_kind
 from pipeline.memory import available_bytes, field_bytes, sampler_floor
@@ -84,7 +85,7 @@ def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: in
     timed = _Timed(model, device)
     start = time.perf_counter()
     _, stats = SAMPLERS[method](timed, noise.prior(), sampler_grid(s, model), noise,
-                                options=options)
+                                comm=SerialComm(), options=options)
     wall = time.perf_counter() - start
     return (stats, max(0.0, wall - timed.seconds) / stats.rounds,
             tuple(sorted(timed.sizes.items())), wall)

@@ -20,6 +20,7 @@ import torch
 
 from models.emulate import Emulated
 from models.grf import GaussianRandomField, _full_weights, target_spectrum
+from pipeline.comm import SerialComm
 from pipeline.grids import Grid
 from pipeline.noise import Noise
 from pipeline.samplers import REGISTRY, SAMPLERS, Options
@@ -83,7 +84,7 @@ def grf_gains(model: GaussianRandomField, method: str, grid: Grid,
     impulse = torch.zeros((1, *model.shape), dtype=torch.float64)
     impulse.view(1, -1)[0, 0] = 1.0
     noise = Noise.members(0, 0, [0], model.shape, torch.float64)
-    out, _ = SAMPLERS[method](model, impulse, grid, noise, options=options)
+    out, _ = SAMPLERS[method](model, impulse, grid, noise, comm=SerialComm(), options=options)
     return torch.fft.rfftn(out[0], dim=model.dims).real
 
 
@@ -101,7 +102,8 @@ def grf_variances(model: GaussianRandomField, method: str, grid: Grid,
     for a in range(0, len(inputs), IMPULSE_ROWS):
         chunk = inputs[a : a + IMPULSE_ROWS]
         noise = ImpulseNoise(model.shape, [j < 0 for j in chunk], chunk)
-        out, _ = SAMPLERS[method](model, noise.prior(), grid, noise, options=options)
+        out, _ = SAMPLERS[method](model, noise.prior(), grid, noise,
+                                  comm=SerialComm(), options=options)
         total = total + (torch.fft.rfftn(out, dim=model.dims).real ** 2).sum(0)
     return total
 

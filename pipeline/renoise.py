@@ -17,6 +17,7 @@ import os
 import numpy as np
 import torch
 
+from pipeline.comm import SerialComm
 from pipeline.grids import Grid, block_edges
 from pipeline.noise import Noise
 from pipeline.samplers import SAMPLERS, Options
@@ -53,7 +54,8 @@ def renoised(model, x0: torch.Tensor, grid: Grid, u_start: float, noise: Noise, 
     to the end of ``grid`` by ``method``: (B, *S)."""
     a, s = math.exp(-u_start / 2), math.sqrt(-math.expm1(-u_start))
     y0 = a * x0.to(noise.dtype) + s * noise.prior()
-    y, _ = SAMPLERS[method](model, y0, from_level(grid, u_start), noise, options=options)
+    y, _ = SAMPLERS[method](model, y0, from_level(grid, u_start), noise,
+                            comm=SerialComm(), options=options)
     return y
 
 

@@ -16,6 +16,7 @@ from models import build_model  # noqa: E402
 from pipeline import api  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.clock import VE  # noqa: E402
+from pipeline.comm import SerialComm  # noqa: E402
 from pipeline.grids import make_grid  # noqa: E402
 from pipeline.noise import Noise  # noqa: E402
 from pipeline.run import sampler_grid, sampler_options  # noqa: E402
@@ -42,7 +43,8 @@ def _run(settings: dict, members=(0, 1), shape=(16, 16)):
     model = build_model(cfg.model)
     noise = Noise.members(0, 0, members, shape, torch.float64)
     y, stats = SAMPLERS[cfg.sampler.method](model, noise.prior(), sampler_grid(cfg.sampler, model),
-                                            noise, options=sampler_options(cfg.sampler))
+                                            noise, comm=SerialComm(),
+                                            options=sampler_options(cfg.sampler))
     return y, stats, noise
 
 

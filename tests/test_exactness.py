@@ -7,6 +7,7 @@ import torch
 
 from models.gmm import GaussianMixture, mode_fractions
 from models.grf import GaussianRandomField, _shell_mean, radial_spectrum, wavenumbers
+from pipeline.comm import SerialComm
 from pipeline.grids import make_grid
 from pipeline.noise import Noise
 from pipeline.samplers import SAMPLERS, Options
@@ -41,7 +42,7 @@ def test_grf_spectrum_matches_exact_target(method, shape, members):
     noise = Noise(11, tuple((0, m) for m in range(members)), shape, torch.float64)
     options = dataclasses.replace(OPTS[method], data_bound=model.data_bound)
     y, _ = SAMPLERS[method.removesuffix("-predictor")](model, noise.prior(), grid, noise,
-                                                      options=options)
+                                                      comm=SerialComm(), options=options)
     z = _chi2_of_spectrum(model, y)
     k = z.numel()
     assert z.abs().max() < 4.5, z
@@ -56,7 +57,7 @@ def test_gmm_mode_weights_within_three_standard_errors(method):
     n = 400
     noise = Noise(5, tuple((0, m) for m in range(n)), (8,), torch.float64)
     options = dataclasses.replace(OPTS[method], data_bound=model.data_bound)
-    y, _ = SAMPLERS[method](model, noise.prior(), grid, noise, options=options)
+    y, _ = SAMPLERS[method](model, noise.prior(), grid, noise, comm=SerialComm(), options=options)
     frac = mode_fractions(model, y, U_MIN)
     se = torch.sqrt(model.weights * (1 - model.weights) / n)
     assert bool(((frac - model.weights).abs() <= 3 * se).all()), (frac, model.weights)

@@ -8,6 +8,7 @@ import torch
 
 from models.gmm import GaussianMixture, mode_fractions
 from models.grf import GaussianRandomField
+from pipeline.comm import SerialComm
 from pipeline.grids import make_grid
 from pipeline.noise import Noise
 from pipeline.quality import grf_variances, grf_w2
@@ -65,7 +66,7 @@ def test_sde_variances_from_impulses_are_what_the_samples_show(method, settings)
     exact = grf_variances(model, method, grid, options)
     n = 2000
     noise = Noise(3, tuple((0, m) for m in range(n)), (8, 8), torch.float64)
-    y, _ = SAMPLERS[method](model, noise.prior(), grid, noise, options=options)
+    y, _ = SAMPLERS[method](model, noise.prior(), grid, noise, comm=SerialComm(), options=options)
     seen = (torch.fft.rfftn(y, dim=model.dims).abs() ** 2).mean(0) / 64  # white: E|F_k|^2 = 64 v_k
     assert float((seen / exact - 1).abs().max()) < 5 * math.sqrt(2 / n)
 
@@ -73,8 +74,9 @@ def test_sde_variances_from_impulses_are_what_the_samples_show(method, settings)
 def test_the_first_step_of_dpmpp_2m_sde_is_ddpms_with_the_same_noise():
     grid = make_grid("ou", 1, u_min=0.5, u_max=10.0, block_size=1)
     noise = Noise(2, ((0, 0), (0, 1)), MODEL.shape, torch.float64)
-    ddpm, _ = SAMPLERS["sequential-sde"](MODEL, noise.prior(), grid, noise, options=Options(form="eps"))
-    ours, _ = SAMPLERS["dpmpp-2m-sde"](MODEL, noise.prior(), grid, noise)
+    ddpm, _ = SAMPLERS["sequential-sde"](MODEL, noise.prior(), grid, noise,
+                                         comm=SerialComm(), options=Options(form="eps"))
+    ours, _ = SAMPLERS["dpmpp-2m-sde"](MODEL, noise.prior(), grid, noise, comm=SerialComm())
     assert torch.allclose(ours, ddpm, rtol=0, atol=1e-12)
 
 
@@ -84,7 +86,7 @@ def test_gmm_mode_weights_within_three_standard_errors(method):
     grid = make_grid("ou", 100, u_min=1e-3, u_max=10.0, block_size=100)
     n = 400
     noise = Noise(5, tuple((0, m) for m in range(n)), (8,), torch.float64)
-    y, stats = SAMPLERS[method](model, noise.prior(), grid, noise)
+    y, stats = SAMPLERS[method](model, noise.prior(), grid, noise, comm=SerialComm())
     frac = mode_fractions(model, y, 1e-3)
     se = torch.sqrt(model.weights * (1 - model.weights) / n)
     assert bool(((frac - model.weights).abs() <= 3 * se).all()), (frac, model.weights)
@@ -95,9 +97,9 @@ def _window_run(steps: int, tol: float, members=(0, 1, 2, 3)):
     model = GaussianRandomField((64, 64))
     grid = make_grid("ou", steps, u_min=1e-3, u_max=10.0, block_size=steps)
     noise = Noise.members(0, 0, members, (64, 64), torch.float64)
-    seq, _ = SAMPLERS["dpmpp-2m"](model, noise.prior(), grid, noise)
+    seq, _ = SAMPLERS["dpmpp-2m"](model, noise.prior(), grid, noise, comm=SerialComm())
     y, stats = SAMPLERS["dpmpp-2m-window"](model, noise.prior(), grid, noise,
-                                           options=Options(tol=tol))
+                                           comm=SerialComm(), options=Options(tol=tol))
     dist = float(((y - seq).flatten(1).norm(dim=1) / seq.flatten(1).norm(dim=1)).max())
     return y, stats, dist, noise
 
@@ -115,7 +117,7 @@ def test_the_dpmpp_window_reaches_the_sequential_quality_in_fewer_rounds_than_st
     model = GaussianRandomField((64, 64))
     grid = make_grid("ou", 21, u_min=1e-3, u_max=10.0, block_size=21)
     alone, _ = SAMPLERS["dpmpp-2m-window"](model, noise.prior()[2:3], grid, noise.subset([2]),
-                                           options=Options(tol=1e-4))
+                                           comm=SerialComm(), options=Options(tol=1e-4))
     assert float((alone[0] - y[2]).abs().max()) < 1e-12  # a member does not depend on its batch
 
 
@@ -218,10 +220,11 @@ def test_every_sampler_ends_on_a_schedulers_grid_that_reaches_u_0(method):
     model = GaussianRandomField((8, 8), length=2.0)
     noise = Noise(0, ((0, 0), (0, 1)), (8, 8), torch.float64)
     y0 = noise.prior()
-    y, stats = SAMPLERS[method](model, y0, grid, noise, options=Options(tol=1e-6, window=8))
+    y, stats = SAMPLERS[method](model, y0, grid, noise,
+                                comm=SerialComm(), options=Options(tol=1e-6, window=8))
     assert torch.isfinite(y).all() and y.std() > 0.1, method
     if method == "edm-heun":
         assert stats.model_calls == 2 * 20 - 1  # Euler's one call into u = 0
     if method in ("dpmpp-2m", "edm-heun", "dpmpp-2m-window"):  # piadm-ode: Langevin between
-        reference, _ = SAMPLERS["sequential-ode"](model, y0, grid, noise)
+        reference, _ = SAMPLERS["sequential-ode"](model, y0, grid, noise, comm=SerialComm())
         assert (y - reference).abs().max() < 0.3 * reference.abs().max(), method

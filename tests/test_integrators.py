@@ -12,6 +12,7 @@ import torch
 from models.adapters import NetworkAdapter
 from models.grf import GaussianRandomField
 from pipeline.clock import DiscreteVP
+from pipeline.comm import SerialComm
 from pipeline.grids import make_grid
 from pipeline.integrators import FORMS, step_coefficients
 from pipeline.noise import Noise
@@ -79,7 +80,7 @@ def rel_err(a, b):
 def run(sampler, grid, form, model=None):
     model = model or NetworkAdapter(eps_net, DiscreteVP(), "eps", SHAPE)
     noise = batch_noise()
-    return sampler(model, noise.prior(), grid, noise, options=Options(form=form))
+    return sampler(model, noise.prior(), grid, noise, comm=SerialComm(), options=Options(form=form))
 
 
 def test_ddpm_table_matches_the_discrete_clock():
@@ -158,7 +159,8 @@ def test_eps_coefficients_are_the_ddim_algebra():
 def test_exponential_sampler_is_the_section_two_loop(sampler, c):
     grid = make_grid("ou", 40, u_min=0.01, u_max=8.0, block_size=7)
     noise = batch_noise()
-    y, _ = sampler(GRF, noise.prior(), grid, noise, options=Options(form="exponential"))
+    y, _ = sampler(GRF, noise.prior(), grid, noise,
+                   comm=SerialComm(), options=Options(form="exponential"))
     x = noise.prior()
     for j in range(grid.steps):
         h = float(grid.u[j] - grid.u[j + 1])

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from pipeline.comm import SerialComm
 from pipeline.memory import peak_since, start_peak
 
 
@@ -47,7 +48,8 @@ def test_each_samplers_registered_state_is_a_floor_of_what_it_holds(method):
     y0 = noise.prior()
     cpu = torch.device("cpu")
     base = start_peak(cpu)
-    SAMPLERS[method](model, y0, grid, noise, options=Options(tol=tol, data_bound=model.data_bound))
+    SAMPLERS[method](model, y0, grid, noise,
+                     comm=SerialComm(), options=Options(tol=tol, data_bound=model.data_bound))
     peak = peak_since(cpu, base)
     s = type("S", (), {"steps": steps, "block_size": 50, "window": 0, "corrector_steps": 0})()
     points = max(REGISTRY[method].points(s).values())

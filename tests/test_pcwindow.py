@@ -37,8 +37,8 @@ def _rel(a, b):
 def test_zero_tolerance_is_the_sequential_sampler(method, ref, form):
     model, grid, noise, y0 = _setup()
     opts = Options(form=form, window=16, tol=0.0, data_bound=model.data_bound)
-    y, stats = SAMPLERS[method](model, y0, grid, noise, options=opts)
-    y_ref, _ = SAMPLERS[ref](model, y0, grid, noise, options=opts)
+    y, stats = SAMPLERS[method](model, y0, grid, noise, comm=SerialComm(), options=opts)
+    y_ref, _ = SAMPLERS[ref](model, y0, grid, noise, comm=SerialComm(), options=opts)
     assert _rel(y, y_ref) <= 1e-12
     # a point is certified only when nothing before it moved: about one per round
     assert grid.steps * 0.9 <= stats.rounds <= grid.steps
@@ -54,10 +54,10 @@ def test_a_coarse_grid_where_steps_contract_past_zero_still_converges(steps):
     u = grid.u[:-1]
     assert float((st.decay - st.drift / (torch.exp(-u) * model.data_bound
                                          - torch.expm1(-u))).min()) < 0
-    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise, comm=SerialComm())
     for tol in (0.0, 0.1):
         opts = Options(tol=tol, data_bound=model.data_bound)
-        y, stats = SAMPLERS["pc-window"](model, y0, grid, noise, options=opts)
+        y, stats = SAMPLERS["pc-window"](model, y0, grid, noise, comm=SerialComm(), options=opts)
         assert bool(torch.isfinite(y).all()) and stats.rounds <= steps
         if tol == 0.0:
             assert _rel(y, y_ref) <= 1e-12
@@ -65,8 +65,8 @@ def test_a_coarse_grid_where_steps_contract_past_zero_still_converges(steps):
 
 def test_tolerance_trades_distance_for_rounds_and_the_window_bounds_the_work():
     model, grid, noise, y0 = _setup(steps=300)
-    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
-    runs = {tol: SAMPLERS["pc-window"](model, y0, grid, noise, options=Options(
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise, comm=SerialComm())
+    runs = {tol: SAMPLERS["pc-window"](model, y0, grid, noise, comm=SerialComm(), options=Options(
         window=40, tol=tol, data_bound=model.data_bound)) for tol in (1e-2, 1e-3, 1e-4)}
     dist = {tol: _rel(y, y_ref) for tol, (y, _) in runs.items()}
     rounds = {tol: s.rounds for tol, (_, s) in runs.items()}
@@ -80,10 +80,11 @@ def test_tolerance_trades_distance_for_rounds_and_the_window_bounds_the_work():
 def test_each_member_is_independent_of_its_batch():
     model, grid, noise, y0 = _setup(steps=200, members=4)
     opts = Options(window=30, tol=1e-3, data_bound=model.data_bound)
-    y, _ = SAMPLERS["pc-window"](model, y0, grid, noise, options=opts)
+    y, _ = SAMPLERS["pc-window"](model, y0, grid, noise, comm=SerialComm(), options=opts)
     for k in (0, 3):
         one = noise.subset([k])
-        y_one, _ = SAMPLERS["pc-window"](model, one.prior(), grid, one, options=opts)
+        y_one, _ = SAMPLERS["pc-window"](model, one.prior(), grid, one,
+                                         comm=SerialComm(), options=opts)
         assert torch.equal(y_one[0], y[k])
 
 
@@ -141,10 +142,10 @@ def test_theta_one_lags_the_whole_step_and_both_reach_the_sequential_path():
     one = tables(grid, steps, model.data_bound, 30, "one")
     assert one.growth is None and np.array_equal(one.increment[:200, 0],
                                                  (steps.decay - 1).numpy())
-    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise, comm=SerialComm())
     for theta in ("j_max", "one"):
         opts = Options(window=30, tol=0.0, theta=theta, data_bound=model.data_bound)
-        y, _ = SAMPLERS["pc-window"](model, y0, grid, noise, options=opts)
+        y, _ = SAMPLERS["pc-window"](model, y0, grid, noise, comm=SerialComm(), options=opts)
         assert _rel(y, y_ref) <= 1e-12
     with pytest.raises(ValueError, match="theta = 'max'"):
         tables(grid, steps, model.data_bound, 30, "max")
@@ -236,11 +237,12 @@ def test_the_predictor_follows_psi_with_the_denoiser_extrapolated_through_its_no
 
 def test_extrapolating_the_denoiser_saves_the_ode_window_calls_at_no_larger_distance(monkeypatch):
     model, grid, noise, y0 = _setup(shape=(16, 16), steps=400, members=2)
-    y_ref, _ = SAMPLERS["sequential-ode"](model, y0, grid, noise)
+    y_ref, _ = SAMPLERS["sequential-ode"](model, y0, grid, noise, comm=SerialComm())
     opts = Options(tol=1e-5, data_bound=model.data_bound)
-    y, stats = SAMPLERS["pc-window-ode"](model, y0, grid, noise, options=opts)
+    y, stats = SAMPLERS["pc-window-ode"](model, y0, grid, noise, comm=SerialComm(), options=opts)
     monkeypatch.setattr(pcwindow, "ODE_TERMS", 1)  # the denoiser frozen, as the SDE's predictor
-    y_frozen, frozen = SAMPLERS["pc-window-ode"](model, y0, grid, noise, options=opts)
+    y_frozen, frozen = SAMPLERS["pc-window-ode"](model, y0, grid, noise,
+                                                 comm=SerialComm(), options=opts)
     assert stats.model_calls <= 0.9 * frozen.model_calls and stats.rounds < frozen.rounds
     assert _rel(y, y_ref) <= _rel(y_frozen, y_ref) <= 1e-3
 
@@ -307,6 +309,7 @@ def test_exactness_on_a_gaussian_mixture_keeps_the_mode_weights():
     from models.gmm import mode_fractions
 
     y, _ = SAMPLERS["pc-window"](model, noise.prior(), grid, noise,
+                                 comm=SerialComm(),
                                  options=Options(window=40, tol=1e-3, data_bound=model.data_bound))
     frac = mode_fractions(model, y, 1e-3)
     se = torch.sqrt(model.weights * (1 - model.weights) / n)
@@ -315,9 +318,10 @@ def test_exactness_on_a_gaussian_mixture_keeps_the_mode_weights():
 
 def test_ode_variant_matches_the_sequential_ode_within_1e_3():
     model, grid, noise, y0 = _setup(shape=(16, 16), steps=400, members=2)
-    y_ref, _ = SAMPLERS["sequential-ode"](model, y0, grid, noise)
+    y_ref, _ = SAMPLERS["sequential-ode"](model, y0, grid, noise, comm=SerialComm())
     # the ODE's tolerance is absolute plus relative per point (no step noise to scale by)
     y, stats = SAMPLERS["pc-window-ode"](model, y0, grid, noise,
+                                         comm=SerialComm(),
                                          options=Options(tol=1e-5, data_bound=model.data_bound))
     assert _rel(y, y_ref) <= 1e-3 and stats.rounds < grid.steps / 4
 
@@ -330,7 +334,7 @@ def test_a_model_that_returns_nan_stops_with_the_member_and_step():
         return torch.where(u.reshape(-1, 1, 1) < 0.5, torch.nan, out)
 
     with pytest.raises(PicardDivergence, match=r"member \d of item 0 went NaN/Inf by step \d+"):
-        SAMPLERS["pc-window"](broken, y0, grid, noise, options=Options(tol=1e-3))
+        SAMPLERS["pc-window"](broken, y0, grid, noise, comm=SerialComm(), options=Options(tol=1e-3))
 
 
 def test_data_bounds_are_exact_for_the_gaussian_models():

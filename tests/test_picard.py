@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from models.grf import GaussianRandomField
+from pipeline.comm import SerialComm
 from pipeline.grids import make_grid
 from pipeline.noise import Noise
 from pipeline.samplers import SAMPLERS, Options, PicardDivergence
@@ -25,24 +26,26 @@ def _rel(a, b):
 def test_picard_with_block_size_sweeps_equals_sequential(method, ref, form):
     model, grid, noise, y0 = _setup()
     opts = Options(form=form, max_sweeps=12, corrector_steps=0)
-    y, stats = SAMPLERS[method](model, y0, grid, noise, options=opts)
-    y_ref, _ = SAMPLERS[ref](model, y0, grid, noise, options=opts)
+    y, stats = SAMPLERS[method](model, y0, grid, noise, comm=SerialComm(), options=opts)
+    y_ref, _ = SAMPLERS[ref](model, y0, grid, noise, comm=SerialComm(), options=opts)
     assert _rel(y, y_ref) <= 1e-10
     assert stats.rounds == 48 and stats.sweeps == (12,) * 4
 
 
 def test_picard_error_shrinks_with_sweeps():
     model, grid, noise, y0 = _setup()
-    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
-    errs = [_rel(SAMPLERS["piadm-sde"](model, y0, grid, noise, options=Options(max_sweeps=k))[0], y_ref)
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise, comm=SerialComm())
+    errs = [_rel(SAMPLERS["piadm-sde"](model, y0, grid, noise,
+                                       comm=SerialComm(), options=Options(max_sweeps=k))[0], y_ref)
             for k in (4, 7, 10)]
     assert errs[0] > errs[1] > errs[2]
 
 
 def test_tolerance_stops_early_and_stays_close():
     model, grid, noise, y0 = _setup(steps=200, block=40)
-    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
-    y, stats = SAMPLERS["piadm-sde"](model, y0, grid, noise, options=Options(max_sweeps=40, tol=0.01))
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise, comm=SerialComm())
+    y, stats = SAMPLERS["piadm-sde"](model, y0, grid, noise,
+                                     comm=SerialComm(), options=Options(max_sweeps=40, tol=0.01))
     assert stats.rounds < 200
     assert _rel(y, y_ref) < 1e-3
 
@@ -52,8 +55,9 @@ def test_float32_parity_within_roundoff():
     grid = make_grid("ou", 40, u_min=1e-3, u_max=10.0, block_size=10)
     noise = Noise(1, ((0, 0),), (16, 16), torch.float32)
     y0 = noise.prior()
-    y, _ = SAMPLERS["piadm-sde"](model, y0, grid, noise, options=Options(max_sweeps=10))
-    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
+    y, _ = SAMPLERS["piadm-sde"](model, y0, grid, noise,
+                                 comm=SerialComm(), options=Options(max_sweeps=10))
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise, comm=SerialComm())
     assert _rel(y, y_ref) <= 1e-5
 
 
@@ -75,14 +79,15 @@ def test_divergence_raises_or_falls_back_to_sequential():
     bad = _Exploding(model)
     huge = y0 * 1e3  # first sweep sees 1e3-scale states -> NaN residual
     with pytest.raises(PicardDivergence, match="block_size"):
-        SAMPLERS["piadm-sde"](bad, huge, grid, noise, options=Options(on_divergence="error"))
+        SAMPLERS["piadm-sde"](bad, huge, grid, noise,
+                              comm=SerialComm(), options=Options(on_divergence="error"))
 
 
 def test_fallback_gives_sequential_result():
     model, grid, noise, y0 = _setup()
-    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise)
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise, comm=SerialComm())
     opts = Options(max_sweeps=3, divergence_threshold=1e-30)  # every block "diverges"
-    y, stats = SAMPLERS["piadm-sde"](model, y0, grid, noise, options=opts)
+    y, stats = SAMPLERS["piadm-sde"](model, y0, grid, noise, comm=SerialComm(), options=opts)
     assert stats.fallbacks == 4
     assert _rel(y, y_ref) <= 1e-10
     # flagged at the first sweep, whose first state is exact: each redo runs the other 11
@@ -96,16 +101,20 @@ def test_a_block_whose_transient_trips_the_threshold_takes_no_more_rounds_than_s
     model = GaussianRandomField((8, 8))
     grid = make_grid("ou", 60, u_min=1e-3, u_max=10.0, block_size=60)
     noise = Noise(0, tuple((0, m) for m in range(4)), (8, 8), torch.float64)
-    y, stats = SAMPLERS["piadm-sde"](model, noise.prior(), grid, noise, options=Options(tol=1e-4))
-    ref, _ = SAMPLERS["sequential-sde"](model, noise.prior(), grid, noise)
+    y, stats = SAMPLERS["piadm-sde"](model, noise.prior(), grid, noise,
+                                     comm=SerialComm(), options=Options(tol=1e-4))
+    ref, _ = SAMPLERS["sequential-sde"](model, noise.prior(), grid, noise, comm=SerialComm())
     assert stats.fallbacks == 1 and stats.rounds <= 60
     assert _rel(y, ref) <= 1e-12
 
 
 def test_denoise_final_is_tweedie_mean_of_the_end_state():
     model, grid, noise, y0 = _setup()
-    y, s = SAMPLERS["piadm-sde"](model, y0, grid, noise, options=Options(max_sweeps=12))
-    yd, sd = SAMPLERS["piadm-sde"](model, y0, grid, noise, options=Options(max_sweeps=12, denoise_final=True))
+    y, s = SAMPLERS["piadm-sde"](model, y0, grid, noise,
+                                 comm=SerialComm(), options=Options(max_sweeps=12))
+    yd, sd = SAMPLERS["piadm-sde"](model, y0, grid, noise,
+                                   comm=SerialComm(),
+                                   options=Options(max_sweeps=12, denoise_final=True))
     u = torch.full((y.shape[0],), 1e-3, dtype=torch.float64)
     a, s2 = math.exp(-0.5e-3), -math.expm1(-1e-3)
     assert torch.allclose(yd, (y + s2 * model(y, u)) / a, rtol=1e-12, atol=1e-12)

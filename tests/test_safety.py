@@ -12,6 +12,7 @@ import zarr
 from models.grf import GaussianRandomField
 from pipeline.api import load_config, sample
 from pipeline.cli import main
+from pipeline.comm import SerialComm
 from pipeline.config import ConfigError
 from pipeline.grids import make_grid
 from pipeline.noise import Noise
@@ -84,7 +85,7 @@ def test_a_sequential_sampler_names_the_member_and_steps_where_it_went_nan(metho
     noise = Noise(0, ((3, 0), (3, 5)), (8, 8), torch.float64)
     with pytest.raises(PicardDivergence, match=r"member 5 of item 3 went NaN/Inf between steps "
                                                r"\d+ and \d+: the model returns non-finite"):
-        SAMPLERS[method](model, noise.prior(), grid, noise)
+        SAMPLERS[method](model, noise.prior(), grid, noise, comm=SerialComm())
 
 
 def test_a_nan_ensemble_stops_with_one_line_and_nothing_marked_done(tmp_path, capsys,

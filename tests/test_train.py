@@ -15,6 +15,7 @@ import xarray as xr
 
 from models.learned import load_unet, unet_score_model
 from pipeline.cli import main
+from pipeline.comm import SerialComm
 from pipeline.inputs import label_text
 from pipeline.errors import Interrupted
 from pipeline.grids import make_grid
@@ -363,7 +364,8 @@ def test_checkpoint_reloads_and_samples(plain):
     model = unet_score_model(den, (16, 16))
     grid = make_grid("ou", 40, u_min=1e-3, u_max=10.0, block_size=20)
     noise = Noise(0, ((0, 0), (0, 1)), (16, 16))
-    y, stats = SAMPLERS["piadm-sde"](model, noise.prior(), grid, noise, options=Options(tol=0.1))
+    y, stats = SAMPLERS["piadm-sde"](model, noise.prior(), grid, noise,
+                                     comm=SerialComm(), options=Options(tol=0.1))
     assert y.shape == (2, 16, 16) and bool(torch.isfinite(y).all()) and stats.rounds > 0
 
 

@@ -27,7 +27,6 @@ import math
 import torch
 
 from pipeline.clock import noise_std, signal
-from pipeline.comm import SerialComm
 from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.noise import Noise
@@ -61,7 +60,7 @@ def _first_order_into_zero(h: torch.Tensor, alpha: torch.Tensor, beta: torch.Ten
     return alpha.masked_fill(final, 1.0), beta.masked_fill(final, 0.0)
 
 
-def dpmpp_2m(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+def dpmpp_2m(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm,
              options: Options = Options()):
     """DPM-Solver++(2M) from y0 (B, *S) at u_max to u_min; returns (y (B, *S), Stats)."""
     u = grid.u.to(torch.float64)
@@ -94,7 +93,7 @@ def dpmpp_2m_sde_coefficients(u: torch.Tensor):
     return c, e, *_first_order_into_zero(h, alpha, beta), g
 
 
-def dpmpp_2m_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+def dpmpp_2m_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm,
                  options: Options = Options()):
     """DPM-Solver++(2M) SDE from y0 (B, *S) at u_max to u_min, its noise keyed like
     ``sequential-sde``'s; returns (y (B, *S), Stats)."""
@@ -113,7 +112,7 @@ def dpmpp_2m_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=Seri
     return finish(model, y, stats, float(u[-1]), options)
 
 
-def edm_heun(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+def edm_heun(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm,
              options: Options = Options()):
     """EDM's Heun sampler from y0 (B, *S), with its churn when ``options.churn`` > 0 (the
     churn noise of step i is ``noise.path``'s xi_i); returns (y (B, *S), Stats)."""
@@ -169,7 +168,7 @@ def _chain(c: torch.Tensor, e0beta0: float) -> tuple[torch.Tensor, torch.Tensor]
     return p, e0beta0 * p / c[0]
 
 
-def dpmpp_2m_window(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+def dpmpp_2m_window(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm,
                     options: Options = Options()):
     """A sliding Picard window over DPM-Solver++(2M) (docs/algorithms.md section 7) from y0
     (B, *S): every round evaluates the denoised mean at all points from the first unsettled

@@ -438,13 +438,13 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     return finish(model, y_out, stats, float(grid.u[-1]), options)
 
 
-def pc_window_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+def pc_window_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm,
                   options: Options = Options()):
     """Predictor-corrector window on the reverse SDE from y0 (B, *S); returns (y, Stats)."""
     return _pc_window(model, y0, grid, noise, comm=comm, options=options, stochastic=True)
 
 
-def pc_window_ode(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+def pc_window_ode(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm,
                   options: Options = Options()):
     """Predictor-corrector window on the probability-flow ODE from y0 (B, *S); returns
     (y, Stats)."""

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.comm import SerialComm
 from pipeline.decomposition import owner_of, slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
@@ -149,13 +148,13 @@ def _piadm(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoch
     return finish(model, y, stats, float(grid.u[-1]), options)
 
 
-def piadm_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+def piadm_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm,
               options: Options = Options()):
     """PIADM-SDE: block Picard on the reverse SDE from y0 (B, *S); returns (y (B, *S), Stats)."""
     return _piadm(model, y0, grid, noise, comm=comm, options=options, stochastic=True)
 
 
-def piadm_ode(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+def piadm_ode(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm,
               options: Options = Options()):
     """PIADM-ODE: block Picard on the probability-flow ODE, each block followed by the
     Langevin corrector (off when ``corrector_steps = 0``); returns (y (B, *S), Stats)."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.comm import SerialComm
 from pipeline.grids import Grid
 from pipeline.integrators import step_coefficients
 from pipeline.noise import Noise
@@ -27,12 +26,12 @@ def _sequential(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
 
 
 def sequential_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *,
-                   comm=SerialComm(), options: Options = Options()):
+                   comm, options: Options = Options()):
     """Sequential reverse SDE from y0 (B, *S) at u_max to u_min; returns (y (B, *S), Stats)."""
     return _sequential(model, y0, grid, noise, comm=comm, options=options, stochastic=True)
 
 
 def sequential_ode(model, y0: torch.Tensor, grid: Grid, noise: Noise, *,
-                   comm=SerialComm(), options: Options = Options()):
+                   comm, options: Options = Options()):
     """Sequential probability-flow ODE from y0 (B, *S); returns (y (B, *S), Stats)."""
     return _sequential(model, y0, grid, noise, comm=comm, options=options, stochastic=False)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.comm import SerialComm
 from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import step_coefficients
@@ -121,13 +120,13 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
     return finish(model, y_out, stats, float(grid.u[-1]), options)
 
 
-def window_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+def window_sde(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm,
                options: Options = Options()):
     """Sliding-window Picard on the reverse SDE from y0 (B, *S); returns (y (B, *S), Stats)."""
     return _window(model, y0, grid, noise, comm=comm, options=options, stochastic=True)
 
 
-def window_ode(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm=SerialComm(),
+def window_ode(model, y0: torch.Tensor, grid: Grid, noise: Noise, *, comm,
                options: Options = Options()):
     """Sliding-window Picard on the probability-flow ODE; returns (y (B, *S), Stats)."""
     return _window(model, y0, grid, noise, comm=comm, options=options, stochastic=False)
