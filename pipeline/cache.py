@@ -86,5 +86,9 @@ def _update(path: Path, key: str, entry) -> None:
         # hosts sharing a home folder may run processes of one number
         tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}-"
                              f"{uuid.uuid4().hex[:6]}.tmp")
-        tmp.write_text(json.dumps(entries, indent=1))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(entries, indent=1))
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: no partial copy of the cache left beside it
+            tmp.unlink(missing_ok=True)
+            raise

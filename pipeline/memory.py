@@ -6,7 +6,6 @@ peak (which the torch import alone sets)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import gc
 import math
@@ -20,9 +19,15 @@ _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
 @functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def _libc():
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name else None
+    """The C library this process runs on, or None. Its own symbols, not
+    ``ctypes.util.find_library``, which starts ldconfig and a compiler in a temporary folder:
+    under a low ``ulimit -n`` that failed, and an optional allocator setting stopped the job."""
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 # glibc hands every freed block above its mmap threshold back to the kernel at once, and trims

@@ -355,3 +355,26 @@ def test_a_conditioned_calibration_is_keyed_by_the_input_store_not_its_spelling(
     assert key(str(tmp_path / "a" / "coarse.zarr")) == here
     monkeypatch.chdir(tmp_path / "b")
     assert key("coarse.zarr") != here
+
+
+def test_a_cache_write_that_fails_leaves_no_partial_copy_beside_it(tmp_path, monkeypatch):
+    """A full disk left a .tmp file per failed update in $PIADM_CACHE, each a partial copy of
+    the cache, filling the scarce space further."""
+    import errno
+    from pathlib import Path
+
+    from pipeline.cache import read_cache, update_cache
+
+    path = tmp_path / "c.json"
+    assert update_cache(path, "kept", 1)
+    real = Path.write_text
+
+    def full(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert not update_cache(path, "lost", 2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.json.lock"]
+    assert read_cache(path) == {"kept": 1}

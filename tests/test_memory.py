@@ -363,3 +363,25 @@ def test_an_address_space_limit_is_each_ranks_own_not_shared():
                          timeout=60)
     one, two = map(int, run.stdout.split())
     assert one <= 2**29 and two > 0.9 * one, (one, two)
+
+
+def test_keep_freed_memory_works_with_one_file_descriptor_left():
+    """Under a low ``ulimit -n`` (an MPI launch holds many files) finding the C library
+    started ldconfig and a compiler, failed, and the allocator setting was lost (or, raising,
+    stopped the rank's start-up)."""
+    import subprocess
+    import sys
+
+    code = ("import os, resource\n"
+            "from pipeline.memory import keep_freed_memory\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+            "held = []\n"
+            "try:\n"
+            "    while True:\n"
+            "        held.append(os.open(os.devnull, os.O_RDONLY))\n"
+            "except OSError:\n"
+            "    os.close(held.pop())\n"
+            "print(keep_freed_memory())\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert run.stdout.split() == ["True"], run.stderr[-1000:]
