@@ -445,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. An error every rank raised together exits 2 on all of them; any other
     error under MPI aborts the whole job, so no rank waits forever in a collective."""
     args = parser().parse_args(argv)
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # torch's libraries then fail to load, naming neither
+        print("piadm: error: the working folder no longer exists (deleted or moved since this "
+              "shell entered it): cd to an existing folder and rerun", file=sys.stderr)
+        return 2
     from pipeline.comm import world_comm
 
     try:

@@ -627,3 +627,16 @@ def test_piadm_mpi_takes_0_or_1_only(monkeypatch, capsys):
     monkeypatch.setenv("PIADM_MPI", "true")
     assert main(["config", "jobs/configs/grf.toml"]) == 2
     assert "PIADM_MPI=true: give 1 (launched by MPI) or 0 (not)" in capsys.readouterr().err
+
+
+def test_a_working_folder_deleted_meanwhile_is_said_in_one_line(tmp_path):
+    """The config check failed on a bare 'No such file or directory', and sample in torch's
+    libraries (oneMKL: cannot load libtorch_cpu.so)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    script = (f"mkdir gone && cd gone && rmdir ../gone && exec {sys.executable} -m pipeline.cli "
+              f"sample {ROOT / 'jobs/configs/grf.toml'}")
+    run = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr == ("piadm: error: the working folder no longer exists (deleted or moved "
+                          "since this shell entered it): cd to an existing folder and rerun\n")
