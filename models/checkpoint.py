@@ -5,14 +5,13 @@ load them."""
 from __future__ import annotations
 
 import json
-import os
-import uuid
+import io
 from pathlib import Path
 
 import torch
 
 from models.unet import Denoiser, UNetConfig
-from pipeline.processes import left_by_dead, own_name
+from pipeline.processes import replace_file
 
 
 # what every sidecar piadm train or export writes holds, and loading a checkpoint reads
@@ -24,36 +23,10 @@ def sidecar(path: Path) -> Path:
     return path.with_suffix(path.suffix + ".json")
 
 
-def _temp(path: Path) -> Path:
-    """A temp name beside ``path`` that no other writer uses: two processes saving one path
-    at once would otherwise truncate each other's half-written file and rename it in."""
-    return path.with_name(own_name(f".{path.name}.", uuid.uuid4().hex[:8]) + ".tmp")
-
-
-def _sweep(path: Path) -> None:
-    """Remove the temp files beside ``path`` of saves on this host whose process is gone (a
-    kill mid-save, e.g. at a job's time limit), which no later save would reuse."""
-    for left in left_by_dead(path.parent, f".{path.name}.", tail=1, suffix=".tmp"):
-        left.unlink(missing_ok=True)
-
-
-def _replace_with(path: Path, write) -> None:
-    """``write(temp)``, then rename the temp file over ``path``; the temp file is removed if
-    the write fails."""
-    _sweep(path)
-    tmp = _temp(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_sidecar(path: Path, meta: dict) -> None:
     """Write checkpoint ``path``'s JSON sidecar atomically (temp file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _replace_with(sidecar(path), lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    replace_file(sidecar(path), lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
 
 
 def _units(meta: dict) -> str:
@@ -66,9 +39,24 @@ def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
     """Write the JSON sidecar, then the tensors, each atomically (temp file, then rename).
     In that order a run killed in between never leaves a new checkpoint's tensors without a
     sidecar; a resumed run's sidecar may be a save ahead (its step is read from the tensors),
-    so the tensors keep the units they were trained in (``load_denoiser`` compares them)."""
+    so the tensors keep the units they were trained in (``load_denoiser`` compares them). A
+    write that fails (a full disk) raises its OSError naming the file, with the sidecar that
+    was there before put back."""
+    data = io.BytesIO()  # torch's own file writer reports a full disk as a RuntimeError
+    torch.save({**state, "units": _units(meta)}, data)
+    before = sidecar(path).read_text() if sidecar(path).exists() else None
     save_sidecar(path, meta)
-    _replace_with(path, lambda tmp: torch.save({**state, "units": _units(meta)}, tmp))
+    try:
+        replace_file(path, lambda tmp: tmp.write_bytes(data.getbuffer()))
+    except OSError:
+        try:  # the tensors stay the last save's: so does what describes them
+            if before is None:
+                sidecar(path).unlink(missing_ok=True)
+            else:
+                replace_file(sidecar(path), lambda tmp: tmp.write_text(before))
+        except OSError:
+            pass  # the disk refuses that too: the step is read from the tensors anyway
+        raise
 
 
 def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:

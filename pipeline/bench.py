@@ -32,6 +32,7 @@ from pipeline.errors import ConfigError
 from pipeline.memory import peak_since, start_peak
 from pipeline.memory_check import check_memory
 from pipeline.noise import Noise
+from pipeline.processes import replace_text
 from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, redone
@@ -397,8 +398,7 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
     rows = [row for shape, made in zip(shapes, built)
             for row in bench_shape(cfg, shape, comm=comm, device=device, built=made)]
     if json_path and comm.rank == 0:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"config": cfg.text, "rows": rows}, indent=2))
+        replace_text(json_path, json.dumps({"config": cfg.text, "rows": rows}, indent=2))
     if png_path and comm.rank == 0:
         from pipeline.figures import bench_figure, one_per_point
 

@@ -17,7 +17,6 @@ import logging  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 # Only light modules here: parsing (and --help) must not wait for torch, xarray or zarr;
 # each command imports what it needs.
@@ -282,9 +281,10 @@ def _cmd_plan(args, world) -> int:
                  "rounds": p.rounds,
                  "calls": p.profile.calls, "tol": p.profile.tol, "round_s": p.round_s,
                  "batches": p.batches, "predicted_s": p.seconds} for p in plan.ranked]
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": dataclasses.asdict(plan.machine),
-                                               "settings": chosen, "layouts": rows}, indent=1))
+        from pipeline.processes import replace_text
+
+        replace_text(args.json, json.dumps({"machine": dataclasses.asdict(plan.machine),
+                                            "settings": chosen, "layouts": rows}, indent=1))
     return 0
 
 

@@ -32,7 +32,7 @@ from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
 from pipeline.errors import OutOfMemory, UnitsOverflow, WriteFailed, is_out_of_memory, naming
 from pipeline.inputs import Items, label_text
-from pipeline.identity import growth, store_digests, target_fate
+from pipeline.identity import exact_model, growth, store_digests, target_fate
 from pipeline.layout import RankGrid, made_on, rank_grid
 from pipeline.memory import gpu_identity, ranks_sharing
 from pipeline.memory_check import check_memory, round_points
@@ -126,7 +126,8 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
                                overwrite=cfg.output.overwrite)
     if fate == "upgrade":
         upgrade_identity(spec.path, legacy, cfg.store_digest,
-                         plan=spec.attrs.get("plan_config_sha256"), asked=spec.attrs.get(ASKED))
+                         plan=spec.attrs.get("plan_config_sha256"), asked=spec.attrs.get(ASKED),
+                         model=spec.attrs["model_sha256"] if exact_model(cfg) else None)
     state = open_or_create(spec, overwrite=cfg.output.overwrite,
                            growth=functools.partial(growth, cfg),
                            stale=functools.partial(is_stale, cfg, items))

@@ -23,6 +23,7 @@ from pipeline.comm import SerialComm
 from pipeline.config import ConfigError
 
 from pipeline.console import print0
+from pipeline.processes import replace_text
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
 from pipeline.run import sampler_grid, sampler_options
 from pipeline.samplers import REFERENCE, REGISTRY
@@ -288,8 +289,7 @@ def _save(cfg: Config, rows, found: dict, measure, quality: float, json_path, pn
     intervals = {ref: [[n, *measure.intervals[ref, n]] for n in sorted(seen)
                        if (ref, n) in measure.intervals] for ref, (_, seen) in found.items()}
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(
+        replace_text(json_path, json.dumps(
             {"config": cfg.text, "quality": quality, "measure": measure.name, "rows": rows,
              "curves": curves, "intervals": intervals}, indent=2))
     if png_path:

@@ -1,8 +1,9 @@
 """Whether a store is this configuration's, and in what batches it is filled.
 
 A store is a configuration's when its digest is ``Config.store_digest``, or the digest an
-older piadm gave the same settings, which counted ensemble.batch_size: that store is
-resumed at any batch size and brought up to date (``target.upgrade_identity``). A store's
+older piadm gave the same settings: one that counted ensemble.batch_size, or one made before
+keys added since, which its config lacks (read as that piadm ran without them): that store
+is resumed, at any batch size, and brought up to date (``target.upgrade_identity``). A store's
 unit of work is its own batch (``store.member_batch``); a run resuming it samples its
 batches ensemble.batch_size members a call (``work.cut_calls``). A store of the same settings
 with fewer members is the configuration's too: it is grown to ensemble.members.
@@ -13,9 +14,9 @@ import dataclasses
 import os
 import tomllib
 
-from pipeline.config import with_settings
+from pipeline.config import stored_settings, with_settings
 from pipeline.settings import FILE_KEYS, Config
-from pipeline.store import StoreExists, config_batch, config_members, stored_digest
+from pipeline.store import StoreExists, config_batch, config_members, read_attrs, stored_digest
 from pipeline.target import Growth, check_target, stored_config
 
 
@@ -30,6 +31,32 @@ def _legacy_digests(cfg: Config) -> tuple[str, ...]:
     """An older piadm's digests of ``cfg`` (``Config.legacy_store_digest``), at the batch
     sizes its store may have counted."""
     return tuple(cfg.legacy_store_digest(b) for b in _legacy_batches(cfg))
+
+
+def exact_model(cfg: Config) -> bool:
+    """Whether ``cfg``'s model is an exact one (``grf``, ``gmm``), which its [model] section
+    defines whole: its digest is that section's, and a key added to it changes the digest."""
+    from models import MODELS, NETWORK_KINDS
+
+    return cfg.model.kind in MODELS and cfg.model.kind not in NETWORK_KINDS
+
+
+def older_of_ours(cfg: Config, found: str | None) -> tuple[str, int] | None:
+    """Where the store at output.path, whose digest ``found`` is none this piadm gives
+    ``cfg``, was made from ``cfg``'s settings by an older piadm whose config lacked keys added
+    since (read as it ran without them, ``config.stored_settings``): (``found``, the members
+    it was made with); else None."""
+    if found is None or found in store_digests(cfg):
+        return None
+    attrs = read_attrs(cfg.output.path) or {}
+    read = stored_settings(str(attrs.get("config", "")), attrs)
+    if read is None or not read[1]:  # this version's keys: another configuration's
+        return None
+    then, _ = read
+    made = then.ensemble.members
+    asked = dataclasses.replace(then, ensemble=dataclasses.replace(
+        then.ensemble, members=cfg.ensemble.members))
+    return (found, made) if asked.store_digest == cfg.store_digest else None
 
 
 def growth(cfg: Config) -> Growth | None:
@@ -66,7 +93,7 @@ def _check_older_and_smaller(cfg: Config, found: str | None) -> None:
         return
     then = dataclasses.replace(cfg, ensemble=dataclasses.replace(cfg.ensemble,
                                                                  members=grown.made))
-    if found in _legacy_digests(then):
+    if found in _legacy_digests(then) or older_of_ours(cfg, found):
         raise StoreExists(
             f"output {cfg.output.path} holds {grown.made} members of this configuration, "
             f"made by an older piadm: run it once with ensemble.members = {grown.made} to "
@@ -82,6 +109,17 @@ def target_fate(cfg: Config, model: str | None, **kwargs) -> tuple[str, str | No
         found = stored_digest(cfg.output.path)  # which then reads as another config's
         _check_older_and_smaller(cfg, found)
         legacy = next((d for d in _legacy_digests(cfg) if d == found), None)
+        if legacy is None and (older := older_of_ours(cfg, found)) is not None:
+            if older[1] > cfg.ensemble.members:
+                raise StoreExists(
+                    f"output {cfg.output.path} holds {older[1]} members of this configuration, "
+                    f"made by an older piadm, and this run asks ensemble.members = "
+                    f"{cfg.ensemble.members}: run it with {older[1]} to bring its identity up "
+                    f"to date, or read its first {cfg.ensemble.members} with xarray "
+                    f"(ds.isel(member=slice({cfg.ensemble.members})))")
+            legacy = older[0]
+        if legacy is not None and legacy == found and exact_model(cfg):
+            model = None  # its digest is its [model] section, which the settings compared
         try:
             return check_target(cfg.output.path, cfg.store_digest, model=model, legacy=legacy,
                                 grown=grown, **kwargs), legacy

@@ -128,14 +128,14 @@ def check_unplannable_store(cfg: Config) -> None:
     config differs from ``cfg`` (those a plan picks only when no other differs). Planned
     first, the run was refused only after every measurement, naming the plan's settings."""
     from pipeline.config import format_differences, setting_differences
-    from pipeline.store import StoreExists
-    from pipeline.target import stored_config
+    from pipeline.store import StoreExists, read_attrs
 
-    text = "" if cfg.output.overwrite else stored_config(cfg.output.path)
+    attrs = {} if cfg.output.overwrite else read_attrs(cfg.output.path) or {}
+    text = str(attrs.get("config", ""))
     if not text:  # none, or not a piadm store: the run's own checks say what to do
         return
     chosen = PLAN_KEYS + (("sampler.steps",) if cfg.sampler.method == EQUAL_QUALITY else ())
-    every = setting_differences(cfg, text)
+    every = setting_differences(cfg, text, attrs)
     # where only plan keys differ, the store's own pick of a key set to "auto" is no change
     differ = ([d for d in every if d[0] not in chosen]
               or [d for d in every if d[2] not in ("auto", *AUTO_METHODS)] or every)

@@ -1,12 +1,16 @@
-"""Processes of this host, and the files they leave behind: a leaf module (standard library
-only), so that ``models/`` may use it too."""
+"""Processes of this host, and the files they leave behind (``replace_file`` writes a file
+whole or not at all): a leaf module (the standard library and ``pipeline.errors`` only), so
+that ``models/`` may use it too."""
 from __future__ import annotations
 
 import fcntl
 import glob
 import os
 import socket
+import uuid
 from pathlib import Path
+
+from pipeline.errors import naming
 
 
 def process_alive(pid: int) -> bool:
@@ -79,3 +83,33 @@ def hold_lock(path: Path):
     lock.write(f"host {socket.gethostname()}, pid {os.getpid()}")
     lock.flush()
     return lock
+
+
+def _temp(path: Path) -> Path:
+    """A temp name beside ``path`` that no other writer uses: two processes saving one path
+    at once would otherwise truncate each other's half-written file and rename it in."""
+    return path.with_name(own_name(f".{path.name}.", uuid.uuid4().hex[:8]) + ".tmp")
+
+
+def replace_file(path: str | Path, write) -> None:
+    """``write(temp)`` to a temp file beside ``path``, then rename it over ``path``: a write
+    that fails (a full disk) or is killed leaves the old file as it was, never a cut one. The
+    temp file is removed if the write fails; those of dead processes (a kill mid-write) are
+    removed by the next write."""
+    path = Path(path)
+    for left in left_by_dead(path.parent, f".{path.name}.", tail=1, suffix=".tmp"):
+        left.unlink(missing_ok=True)
+    tmp = _temp(path)
+    try:
+        with naming(path):  # a write's own error names no file
+            write(tmp)
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def replace_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (``replace_file``), making its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    replace_file(path, lambda tmp: tmp.write_text(text))

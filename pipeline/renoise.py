@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ import torch
 from pipeline.comm import SerialComm
 from pipeline.grids import Grid, block_edges
 from pipeline.noise import Noise
+from pipeline.processes import replace_text
 from pipeline.samplers import SAMPLERS, Options
 
 # starting levels tried below the grid's u_max (which is tried too): sigma 0.17 .. 4.4
@@ -164,8 +164,6 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
         print0(comm, f"{u:7.3g} {rows[-1]['sigma']:8.3g} {steps:6d} "
                      + " ".join(f"{r:9.3f}" for r in ratios))
     if json_path and comm.rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as out:
-            json.dump({"method": method, "fields": len(pick), "draws": draws, "rows": rows},
-                      out, indent=1)
+        replace_text(json_path, json.dumps({"method": method, "fields": len(pick),
+                                            "draws": draws, "rows": rows}, indent=1))
     return rows

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from models import OWN_KINDS
-from pipeline.config import store_differences
+from pipeline.config import store_differences, stored_settings
 from pipeline.identity import target_fate
 from pipeline.inputs import Items, label_text, same_fingerprint
 from pipeline.layout import arithmetic_kind
@@ -89,19 +89,23 @@ def _differences(cfg: Config, text: str) -> list[str]:
     folder it was made in (its ``made_in`` attribute, where recorded)."""
     import tomllib
 
-    shown = store_differences(cfg, text)
+    attrs = read_attrs(cfg.output.path) or {}
+    shown = store_differences(cfg, text, attrs=attrs)
+    read = stored_settings(text, attrs)
+    if shown and read is not None and read[1]:
+        lacked = ", ".join(read[1][:4]) + (" ..." if len(read[1]) > 4 else "")
+        shown.append(f"it was made by an older piadm, whose config had no {lacked} (read as "
+                     "it ran without them)")
     try:
         theirs = tomllib.loads(text)
     except tomllib.TOMLDecodeError:
         return shown
-    folder = None  # read once, where a relative file is missing
     for key in FILE_KEYS:
         section, name = key.split(".")
         then, ours = theirs.get(section, {}).get(name), getattr(getattr(cfg, section), name)
         if (isinstance(then, str) and then and then != ours and not os.path.isabs(then)
                 and not os.path.exists(then)):
-            if folder is None:
-                folder = (read_attrs(cfg.output.path) or {}).get("made_in", "")
+            folder = attrs.get("made_in", "")
             if folder == os.getcwd():  # made here: the file itself is gone, not the folder
                 continue
             shown.append(f"its {key} {then!r} names no file from this folder: rerun its "
@@ -124,6 +128,7 @@ def _check_made_alike(cfg: Config, items: Items | None, held: dict) -> None:
     """Raise StaleStore where this configuration's store at output.path (its attributes
     ``held``) was made with other network code or conditioning input than the run has."""
     _check_same_network(cfg, held)
+    _check_sampler_revision(cfg, held)
     _check_same_sidecar(cfg, held)
     _check_same_plugin(cfg, held)
     if items is not None and cfg.input.path:
@@ -143,6 +148,22 @@ def is_stale(cfg: Config, items: Items | None) -> str:
     except (OSError, ValueError, KeyError):  # vanished mid-read (StoreExists is an OSError)
         return ""
     return ""
+
+
+def _check_sampler_revision(cfg: Config, held: dict) -> None:
+    """Refuse to resume or grow, from its attributes ``held``, a store whose members a
+    superseded revision of its sampler made (``Registered.superseded``: a fault since mended
+    put them apart from the members this piadm would add)."""
+    method, revision = held.get("sampler_method"), held.get("sampler_revision")
+    entry = REGISTRY.get(method) if isinstance(method, str) else None
+    why = dict(entry.superseded).get(revision) if entry is not None else None
+    if why is None:
+        return
+    raise StaleStore(
+        f"output {cfg.output.path} holds members that {method} revision {revision} made, which "
+        f"{why}; this piadm's {method} (revision {entry.revision}) would add members apart from "
+        "them: read it as it is, sample into another output.path, or set output.overwrite = "
+        "true to replace it", why=f"an earlier {method} made its members")
 
 
 def _check_same_sidecar(cfg: Config, held: dict) -> None:

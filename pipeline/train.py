@@ -464,14 +464,14 @@ def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
                         "train.validation) have NaN/Inf fields (a generate-data run cut short "
                         "leaves NaN: rerun it with data.overwrite = true), or train.lr is too "
                         "large", collective=True)
-                if comm.rank == 0:
-                    _save(path, (den, ema, opt), step, history, meta | {"val_loss": val_loss},
-                          anew=saved == first and not t.resume)
+                # a save that fails (a full disk) stops every rank with its one line
+                on_rank0(comm, _save, path, (den, ema, opt), step, history,
+                         meta | {"val_loss": val_loss}, anew=saved == first and not t.resume)
                 saved = step
             if stopping:  # every rank alike: the step is kept, its validation left for later
-                if saved != step and comm.rank == 0:
-                    _save(path, (den, ema, opt), step, history, meta | {"val_loss": None},
-                          anew=saved == first and not t.resume)
+                if saved != step:
+                    on_rank0(comm, _save, path, (den, ema, opt), step, history,
+                             meta | {"val_loss": None}, anew=saved == first and not t.resume)
                 saved = step
                 # a rank not signalled itself says the signal the others were given
                 raise StoppedTogether(_kept(t, saved, as_stopped=True), stopping)

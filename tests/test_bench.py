@@ -168,3 +168,28 @@ def test_bench_at_equal_quality_with_every_method_left_out_is_an_error(capsys):
                  "--set", 'bench.methods=["piadm-sde"]']) == 2
     assert "every method of bench.methods was left out at the steps found" in \
         capsys.readouterr().err
+
+
+def test_a_json_written_on_a_full_disk_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """bench's, plan's, renoise's and equal quality's --json were written in place: a full
+    disk cut the earlier file to its first 4096 bytes, and the error named no file."""
+    import errno
+    from pathlib import Path
+
+    from pipeline.processes import replace_text
+
+    out = tmp_path / "runs" / "b.json"
+    replace_text(out, '{"earlier": "run"}')
+    real = Path.write_text
+
+    def full(self, text, *args, **kwargs):
+        real(self, text[:4], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space left") as raised:
+        replace_text(out, '{"new": "rows"}')
+    assert raised.value.filename == str(out)
+    monkeypatch.undo()
+    assert out.read_text() == '{"earlier": "run"}'
+    assert [p.name for p in out.parent.iterdir()] == ["b.json"]

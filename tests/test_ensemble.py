@@ -1108,3 +1108,59 @@ def test_a_store_is_consolidated_from_its_creation(tmp_path, input_store, monkey
     assert "piadm wrote" not in zarr.open_group(out, mode="r").attrs["history"]  # no end
     ds = xr.open_zarr(out, consolidated=True)
     assert ds.sizes["member"] == 6 and int(ds["done"].sum()) == ds["done"].size
+
+
+def _made_before_keys(cfg, out, revision, removed):
+    """The store at ``out`` as a piadm before the config keys ``removed`` (section, key)
+    left it: its config text without them, its digest over the settings it had then."""
+    import re
+
+    from pipeline.settings import _settings_digest
+
+    group = zarr.open_group(out, mode="r+")
+    text = group.attrs["config"]
+    settings = cfg.store_settings()
+    for section, key in removed:
+        text = re.sub(rf"(?m)^{key} = .*\n", "", text)
+        settings[section].pop(key)
+    old = _settings_digest(settings)
+    group.attrs.update(config=text, piadm_store_digest=old, store_sha256=old,
+                       sampler_revision=revision)
+    return old
+
+
+def test_a_store_made_before_keys_were_added_is_resumed_as_that_piadm_ran(tmp_path, capsys):
+    """Every key added to the settings changed every older store's digest: the same config
+    was refused as "a different configuration" naming no difference, and its advice
+    (output.overwrite) deleted the finished members. A key it lacks is read as its piadm ran
+    without it: model.tf32's default on a CPU; pc-window's theta "one" before its revision 2,
+    which a run of another theta does not resume, naming it."""
+    out = tmp_path / "old.zarr"
+    sets = ["--set", f"output.path={json.dumps(str(out))}", "--set", "model.shape=[8, 8]",
+            "--set", "sampler.steps=30", "--set", "ensemble.members=2", "--set",
+            "sampler.tol=1e-3"]
+    cfg = load_config("jobs/configs/grf.toml", sets[1::2])
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    before = zarr.open_group(out, mode="r")["field"][:]
+    _made_before_keys(cfg, out, 2, [("model", "tf32")])
+    capsys.readouterr()
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    attrs = zarr.open_group(out, mode="r").attrs
+    assert attrs["piadm_store_digest"] == cfg.store_digest
+    assert "its config lacked model.tf32, keys added since" in attrs["history"]
+    assert (zarr.open_group(out, mode="r")["field"][:] == before).all()
+    # pc-window revision 1, before sampler.theta: the whole step lagged
+    _made_before_keys(cfg, out, 1, [("model", "tf32"), ("sampler", "theta")])
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 2
+    err = capsys.readouterr().err
+    assert "it differs in sampler.theta: 'one' -> 'j_max'" in err
+    assert "it was made by an older piadm, whose config had no model.tf32, sampler.theta" in err
+    # the same settings with more members: brought up to date first, at its own count
+    more = [*sets, "--set", "ensemble.members=4", "--set", "sampler.theta=one"]
+    assert main(["sample", "jobs/configs/grf.toml", *more]) == 2
+    assert ("holds 2 members of this configuration, made by an older piadm: run it once with "
+            "ensemble.members = 2") in capsys.readouterr().err
+    assert main(["sample", "jobs/configs/grf.toml", *sets, "--set", "sampler.theta=one"]) == 0
+    assert main(["sample", "jobs/configs/grf.toml", *more]) == 0
+    assert zarr.open_group(out, mode="r")["done"][:].sum() == 4
+    assert (zarr.open_group(out, mode="r")["field"][:, :2] == before).all()

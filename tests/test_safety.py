@@ -865,3 +865,31 @@ def test_a_store_another_job_made_meanwhile_on_another_device_is_not_resumed(tmp
     monkeypatch.setattr(ensemble, "open_or_create", first_job_replaced_it)
     with pytest.raises(StoreExists, match="sampled with sampler.noise = 'device' on cuda: a GPU"):
         sample(load_config("jobs/configs/grf.toml", sets))
+
+
+@pytest.mark.parametrize("method, revision, refused", [
+    ("window", 1, True),  # its ring kept a far guess's rounding: members apart from today's
+    ("piadm-sde", 1, False),  # another way to the same path: its members join
+])
+def test_a_store_that_a_superseded_sampler_revision_filled_is_not_grown(tmp_path, method,
+                                                                       revision, refused):
+    """A window store made before the ring's fix grew with members of the mended sampler,
+    silently: at coarse steps its members stood 2 to 4 from theirs."""
+    sets = _small(tmp_path, **{"sampler.method": method, "sampler.tol": 1e-2})
+    assert sample(load_config("jobs/configs/grf.toml", sets)).members == 2
+    zarr.open_group(sets["output.path"], mode="r+").attrs["sampler_revision"] = revision
+    before = zarr.open_group(sets["output.path"], mode="r")["field"][:]
+    more = load_config("jobs/configs/grf.toml", {**sets, "ensemble.members": 4})
+    if not refused:
+        assert sample(more).members == 2
+        return
+    with pytest.raises(Exception, match=(
+            f"holds members that {method} revision 1 made, which kept a far guess's rounding "
+            r"in accepted points at coarse steps \(h > 2 ln 2\), up to 1.0 from the sequential "
+            rf"path; this piadm's {method} \(revision 2\) would add members apart from them")):
+        sample(more)
+    assert (zarr.open_group(sets["output.path"], mode="r")["field"][:] == before).all()
+    replaced = load_config("jobs/configs/grf.toml", {**sets, "output.overwrite": True})
+    assert sample(replaced).members == 2
+    attrs = zarr.open_group(sets["output.path"], mode="r").attrs
+    assert attrs["sampler_revision"] == 2

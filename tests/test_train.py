@@ -123,7 +123,7 @@ def test_a_run_killed_while_saving_its_first_checkpoint_trains_again(tmp_path, d
         raise SystemExit(137)
 
     ckpt = tmp_path / "k.pt"
-    monkeypatch.setattr(torch, "save", killed)
+    monkeypatch.setattr(Path, "write_bytes", killed)  # the tensors' file, after the sidecar
     with pytest.raises(SystemExit):
         main(_train_args(dataset, ckpt))
     monkeypatch.undo()
@@ -131,7 +131,7 @@ def test_a_run_killed_while_saving_its_first_checkpoint_trains_again(tmp_path, d
     assert main(_train_args(dataset, ckpt)) == 0  # from step 0, as a run never killed
     assert np.allclose(_history(ckpt), _history(plain), rtol=1e-5)
     # starting anew over it, killed the same way: its sidecar never sits on the old tensors
-    monkeypatch.setattr(torch, "save", killed)
+    monkeypatch.setattr(Path, "write_bytes", killed)
     with pytest.raises(SystemExit):
         main(_train_args(dataset, ckpt, "train.resume=false", "train.lr=1e-3"))
     monkeypatch.undo()
@@ -280,6 +280,32 @@ def test_saves_at_once_into_one_checkpoint_never_tear_a_file(tmp_path, plain):
     other.write_bytes(b"host <this>-12's save")  # another host's, whose name starts as ours
     save_checkpoint(ckpt, state, meta)
     assert not left.exists() and other.exists()
+
+
+def test_a_save_on_a_full_disk_names_the_file_and_keeps_the_last_checkpoint_whole(
+        tmp_path, plain, monkeypatch):
+    """torch's writer reported a full disk as a RuntimeError (a traceback, not one line), and
+    the sidecar, written first, described a save whose tensors never landed."""
+    import errno
+
+    from models.checkpoint import save_checkpoint
+
+    state = torch.load(plain, weights_only=True)
+    meta = json.loads(Path(f"{plain}.json").read_text())
+    ckpt = tmp_path / "c.pt"
+    save_checkpoint(ckpt, state, meta)
+    kept = _contents_of(ckpt)
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError, match="No space left") as raised:
+        save_checkpoint(ckpt, {**state, "step": state["step"] + 5}, {**meta, "step": 99})
+    assert raised.value.filename == str(ckpt)
+    monkeypatch.undo()
+    assert _contents_of(ckpt) == kept  # the tensors and the sidecar of the last save, as they were
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.json"]
 
 
 def test_training_can_start_from_another_checkpoints_ema_weights(tmp_path, dataset, capsys):
@@ -895,7 +921,7 @@ def _files(ckpt) -> tuple[bytes, bytes]:
 def test_a_checkpoint_of_other_settings_is_refused_and_kept(tmp_path, dataset, capsys):
     ckpt = tmp_path / "v.pt"
     assert main(_train_args(dataset, ckpt, "train.steps=3")) == 0
-    kept = _files(ckpt)
+    kept = _contents_of(ckpt)
     err = _refused(_train_args(dataset, ckpt, "train.variable=vorticity_coarse"), capsys)
     assert "train.variable (checkpoint 'vorticity', this run 'vorticity_coarse')" in err
     assert "the shape of train.variable's fields (checkpoint [16, 16], this run [4, 4])" in err
@@ -923,7 +949,7 @@ def test_a_checkpoint_of_data_made_anew_at_its_path_is_refused(tmp_path, capsys)
                                          "data.chunk=8"]), [])]
     assert main(make) == 0
     assert main(_train_args(data, ckpt, "train.steps=3")) == 0
-    kept = _files(ckpt)
+    kept = _contents_of(ckpt)
     assert main(make + ["--set", "data.overwrite=true", "--set", "data.seed=5",
                         "--set", "data.snapshots=20"]) == 0
     err = _refused(_train_args(data, ckpt), capsys)
