@@ -30,7 +30,8 @@ from pipeline.claims import (Heartbeat, batch_key, claims_dir, clear_batch_claim
 from pipeline.comm import SerialComm
 from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
-from pipeline.errors import OutOfMemory, UnitsOverflow, WriteFailed, is_out_of_memory, naming
+from pipeline.errors import (OutOfMemory, PiadmError, UnitsOverflow, WriteFailed,
+                             is_out_of_memory, naming)
 from pipeline.inputs import Items, label_text
 from pipeline.identity import exact_model, growth, store_digests, target_fate
 from pipeline.layout import RankGrid, made_on, rank_grid
@@ -482,21 +483,8 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
                     write_s=writer.busy if writer is not None else 0.0,
                     wait_s=writer.waited if writer is not None else 0.0)
     peak, total = _unpacked(world.allreduce_max(local)), _unpacked(world.allreduce_sum(local))
-    if failed is not None:  # the members written before it stay done: a rerun finishes
-        if isinstance(failed, OSError) and not isinstance(failed, StoreExists):
-            # a full disk or a lost mount says neither which store nor what is kept
-            where = f" ({failed.filename})" if failed.filename else ""
-            said = WriteFailed(f"writing members to {spec.path} failed: "
-                               f"{failed.strerror or failed}{where}; the members written before "
-                               "it are kept: fix the cause (free space, the mount) and rerun "
-                               "the same command to finish")
-            said.errno = failed.errno
-            raise said from failed
-        raise failed
-    if peak["failed"] > 0:
-        raise WriteFailed("a batch could not be written on another rank of this run (its "
-                          "error is printed there); the members written before it are kept: "
-                          "fix the cause and rerun to finish", collective=True)
+    if peak["failed"] > 0:  # the members written before it stay done: a rerun finishes
+        _raise_together(world, spec, failed)
     preempted = bool(peak["stopped"] > 0)
     written = int(total["written"])
     note = (f"piadm stopped {tally.stop_cause} after {written} members" if preempted
@@ -513,6 +501,35 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
                    total["calls"] / max(written, 1), time.perf_counter() - tally.start,
                    peak["write_s"], peak["wait_s"], preempted, int(total["fallbacks"]),
                    held=held)
+
+
+def _raise_together(world, spec, failed: Exception | None) -> None:
+    """Raise, on every rank, the write failure one or more ranks met (``failed`` on this
+    one, None where it wrote its batches): every rank is past the agreement that one failed,
+    so the job ends on one line with the first failing rank's error, not one line per rank
+    and MPI's abort. A fault (no user error) is raised as it is, aborting the job."""
+    if isinstance(failed, OSError) and not isinstance(failed, StoreExists):
+        # a full disk or a lost mount says neither which store nor what is kept
+        where = f" ({failed.filename})" if failed.filename else ""
+        said = WriteFailed(f"writing members to {spec.path} failed: "
+                           f"{failed.strerror or failed}{where}; the members written before "
+                           "it are kept: fix the cause (free space, the mount) and rerun the "
+                           "same command to finish")
+        said.errno = failed.errno
+        said.__cause__ = failed
+        failed = said
+    if world.size == 1:
+        raise failed
+    told = world.allgather_object(None if failed is None else str(failed))
+    if failed is not None and not isinstance(failed, PiadmError):
+        raise failed
+    ranks = [rank for rank, said in enumerate(told) if said is not None]
+    message = told[ranks[0]]
+    if len(ranks) < world.size:
+        message += f" (on rank(s) {', '.join(map(str, ranks))} of {world.size})"
+    shared = WriteFailed(message, collective=True)
+    shared.errno = getattr(failed, "errno", None)
+    raise shared from failed
 
 
 # What the ranks agree on as a run ends, reduced in one tensor by max and by sum: whether

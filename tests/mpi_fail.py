@@ -1,6 +1,7 @@
 """Run under ``mpiexec``: ``piadm`` with the model failing on one rank after a few calls, to
 check that every rank ends promptly. Usage: python tests/mpi_fail.py RANK HOW PIADM-ARGS...,
-HOW ``raise`` (the call raises) or ``nan`` (it answers NaN, which only that rank sees).
+HOW ``raise`` (the call raises) or ``nan`` (it answers NaN, which only that rank sees), or
+``write``: that rank's second batch write fails as on a full disk.
 """
 import sys
 
@@ -24,6 +25,11 @@ def _fail_after(calls: int, how: str):
 
 
 if __name__ == "__main__":
-    if world_comm().rank == int(sys.argv[1]):
+    if world_comm().rank == int(sys.argv[1]) and sys.argv[2] == "write":
+        from conftest import second_write_fails
+        from pipeline import ensemble
+
+        ensemble.write_batch = second_write_fails(ensemble.write_batch)
+    elif world_comm().rank == int(sys.argv[1]):
         GaussianRandomField.__call__ = _fail_after(3, sys.argv[2])
     sys.exit(cli.main(sys.argv[3:]))

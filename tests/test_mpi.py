@@ -129,6 +129,24 @@ def test_an_exception_on_one_rank_ends_every_rank_promptly(tmp_path):
     assert "injected failure" in proc.stderr and "rank 2 failed" in proc.stderr
 
 
+def test_a_write_failing_on_one_rank_ends_the_job_on_one_line_without_an_abort(tmp_path):
+    """After the ranks agreed that a write failed, the failing rank raised its own error as
+    if alone: a line from each rank and MPI's abort, for a full disk (exit 2 still)."""
+    out = tmp_path / "w.zarr"
+    proc = mpirun(2, ["tests/mpi_fail.py", "1", "write", "sample", "jobs/configs/grf.toml",
+                      *_sets([f"output.path={out}", "ensemble.members=8",
+                              "ensemble.batch_size=2", "sampler.method=sequential-sde",
+                              "model.shape=[8, 8]", "sampler.steps=20"])],
+                  timeout=90)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"piadm: error: writing members to {out} failed: No space left on "
+                      "device; the members written before it are kept: fix the cause (free "
+                      "space, the mount) and rerun the same command to finish (on rank(s) 1 "
+                      "of 2)"], proc.stderr[-2000:]
+    assert "Abort" not in proc.stderr
+
+
 def test_a_nan_on_one_time_slice_of_a_picard_block_ends_every_rank(tmp_path):
     """MPI's MAX of a NaN and a number depends on the order it meets them: the block's
     residual was NaN on some ranks and a number on others, so some stopped sweeping while the
@@ -153,12 +171,10 @@ def test_a_failed_write_on_the_lead_rank_is_raised_on_every_rank_through_the_api
     raised = sorted(line for rank in (0, 1)
                     for line in Path(f"{out}.said{rank}").read_text().splitlines()
                     if line.startswith("raised"))
-    assert raised == ["raised WriteFailed: a batch could not be written on another rank of "
-                      "this run (its error is printed there); the members written before it "
-                      "are kept: fix the cause and rerun to finish",
-                      f"raised WriteFailed: writing members to {out} failed: No space left on "
+    assert raised == [f"raised WriteFailed: writing members to {out} failed: No space left on "
                       "device; the members written before it are kept: fix the cause (free "
-                      "space, the mount) and rerun the same command to finish"]
+                      "space, the mount) and rerun the same command to finish (on rank(s) 0 "
+                      "of 2)"] * 2
     assert int(zarr.open_group(out, mode="r")["done"][:].sum()) == 2  # the first batch, kept
 
 
