@@ -27,7 +27,7 @@ import zarr
 from pipeline import __version__
 from pipeline.config import config_from_dict
 from pipeline.console import on_terminal
-from pipeline.errors import Interrupted
+from pipeline.errors import Interrupted, naming
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
                                  resolved_wavenumber)
 from pipeline.processes import Held, hold_lock, left_by_dead, own_name
@@ -212,9 +212,10 @@ def _generate(d: DataConfig, path: Path, config_text: str, device, progress) -> 
     target = _beside(path, DRAFT) if replacing else path
     written = 0
     try:
-        for written in _simulate(d, target, config_text, device, progress):
-            pass
-        consolidate(target)
+        with naming(path):  # zarr's write on a full disk names no file
+            for written in _simulate(d, target, config_text, device, progress):
+                pass
+            consolidate(target)
     except BaseException as err:
         if replacing:  # the dataset it was to replace stays, whole
             shutil.rmtree(target, ignore_errors=True)

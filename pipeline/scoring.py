@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 from pipeline.bands import band_figures, correlation_block, spectral_bands
-from pipeline.errors import EvaluationError
+from pipeline.errors import EvaluationError, naming
 from pipeline.evaluation import (crps, energy_spectra, power_spectra, rank_histogram,
                                  spread_variance)
 from pipeline.inputs import label_text
@@ -360,7 +360,8 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     item_dim = ens[ensemble_variable(ens)].dims[0]
     if not paired and item_dim != "item":  # a conditioned ensemble: pairing may have been meant
         metrics.attrs["pairing_note"] = f"the truth has no {item_dim} dim to pair by"
-    return metrics, _save(metrics, folder, ens, truth, paired, baseline)
+    with naming(folder):  # matplotlib's and scipy's writes on a full disk name no file
+        return metrics, _save(metrics, folder, ens, truth, paired, baseline)
 
 
 def _check_wavenumbers(cut, kmax) -> None:

@@ -561,6 +561,25 @@ def test_a_failed_figure_leaves_the_folder_as_it_was(paired, tmp_path, monkeypat
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_figure_written_on_a_full_disk_names_the_folder(paired, tmp_path, monkeypatch,
+                                                          capsys):
+    """matplotlib's write on a full disk raised an OSError naming no file: the one line
+    said 'cannot use: No space left on device', not where."""
+    import errno
+
+    tmp, ens = paired
+    out = tmp_path / "ev"
+
+    def full(metrics, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("pipeline.figures.rank_figure", full)
+    assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"), "--out",
+                 str(out)]) == 2
+    assert f"cannot use {out}: No space left on device" in capsys.readouterr().err
+    assert not list(out.iterdir())
+
+
 def test_a_store_the_disk_fails_to_read_is_an_io_error_not_no_store(paired, tmp_path, capsys,
                                                                     monkeypatch):
     """An EIO opening the ensemble was told as "is not a Zarr store", a wrong lead for a
