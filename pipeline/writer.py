@@ -12,6 +12,8 @@ import queue
 import threading
 import time
 
+from pipeline.errors import OutOfMemory
+
 
 class InlineWriter:
     """Runs each job at once, in the caller (``output.background = false``)."""
@@ -43,7 +45,12 @@ class BackgroundWriter:
         self._error: BaseException | None = None
         self.busy = self.waited = 0.0
         self._thread = threading.Thread(target=self._run, name="piadm-writer", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError as err:  # "can't start new thread": no room for its stack
+            raise OutOfMemory(f"the background writer's thread could not start ({err}): an "
+                              "address-space limit (ulimit -v) leaves no room for its stack; "
+                              "raise the limit or set output.background = false") from None
 
     def _run(self) -> None:
         while True:
