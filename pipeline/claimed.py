@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline.claims import batch_key, claim, claims_dir
+from pipeline.errors import WriteFailed
 from pipeline.store import members_left
 from pipeline.work import PAUSE, cut_calls
 
@@ -51,7 +52,9 @@ def _claims(mine, slices, stop, tally, bar: Progress, items: Items, path, job: s
             queue, deferred = deferred, []
         item, members, left = queue.pop(0)
         state, now = slices.bcast_object(
-            _claim_state(path, folder, item, members, job) if slices.rank == 0 else None, 0)
+            _lead_claim(path, folder, item, members, job) if slices.rank == 0 else None, 0)
+        if state == "failed":  # the group's ranks together, not its lead alone
+            raise WriteFailed(now)
         if state == "theirs":
             deferred.append((item, members, left))
             continue
@@ -59,6 +62,17 @@ def _claims(mine, slices, stop, tally, bar: Progress, items: Items, path, job: s
             bar.advance(len(left) - len(now), f"{items.dim} {items.labels[item]}: another job's")
         if now:
             yield item, now
+
+
+def _lead_claim(path, folder, item: int, members, job: str):
+    """``_claim_state``, or (``failed``, what to say) where the claim cannot be written."""
+    try:
+        return _claim_state(path, folder, item, members, job)
+    except OSError as err:  # a full disk: nothing of the batch is written yet
+        return "failed", (f"claiming a batch of {path} failed: {err.strerror or err} "
+                          f"({err.filename}); the members written before it are kept: fix "
+                          "the cause (free space, the mount) and rerun the same command to "
+                          "finish")
 
 
 def _claim_state(path, folder, item: int, members, job: str) -> tuple[str, tuple[int, ...]]:

@@ -284,8 +284,8 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     job = on_rank0(world, new_job_id, folder)
     beat = Heartbeat(folder, job).start() if world.rank == 0 else None
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
-        for item, members in claimed_calls(mine, cfg.ensemble.batch_size, slices, halt, tally,
-                                           bar, items, spec.path, job):
+        for item, members in _raised_by_group(ranks, claimed_calls(
+                mine, cfg.ensemble.batch_size, slices, halt, tally, bar, items, spec.path, job)):
             if item != bound_item:  # the work is ordered by item: read each input once
                 raw = items.field(item)
                 bound = bind_field(model, cfg.model.condition,
@@ -501,6 +501,15 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
                    total["calls"] / max(written, 1), time.perf_counter() - tally.start,
                    peak["write_s"], peak["wait_s"], preempted, int(total["fallbacks"]),
                    held=held)
+
+
+def _raised_by_group(ranks: RankGrid, calls):
+    """``calls``, a user error raised by every rank of a group (the lead's claim that failed)
+    made collective where the group is the whole job: one line, no abort."""
+    try:
+        yield from calls
+    except WriteFailed as err:
+        raise err.everywhere() if ranks.groups == 1 else err
 
 
 def _raise_together(world, spec, failed: Exception | None) -> None:

@@ -316,3 +316,35 @@ def test_a_heartbeat_that_meets_a_full_disk_names_its_file(tmp_path, monkeypatch
     with pytest.raises(OSError) as info:
         Heartbeat(tmp_path, "x").start()
     assert info.value.filename == str(tmp_path / "job-x.alive")
+
+
+def test_a_claim_the_disk_refuses_is_a_one_line_error_that_says_what_is_kept(tmp_path,
+                                                                           monkeypatch, capsys):
+    """A full disk met first by a batch's claim file was 'cannot use ...: No space left'
+    from the lead rank alone (and MPI's abort on several ranks), not what the store kept."""
+    import errno
+
+    import pipeline.claimed
+    from pipeline.cli import main
+
+    real, calls = pipeline.claimed.claim, [0]
+
+    def full_after_one(folder, key, job):
+        calls[0] += 1
+        if calls[0] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / f"{key}.json"))
+        return real(folder, key, job)
+
+    monkeypatch.setattr(pipeline.claimed, "claim", full_after_one)
+    out = tmp_path / "c.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", "--set", f"output.path={json.dumps(str(out))}",
+                 "--set", "model.shape=[8, 8]", "--set", "sampler.steps=10", "--set",
+                 "sampler.method=sequential-sde", "--set", "ensemble.members=4", "--set",
+                 "ensemble.batch_size=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"piadm: error: claiming a batch of {out} failed: No space left on "
+                          f"device ({out}.claims/0-2.json); the members written before it are "
+                          "kept")
+    import zarr
+
+    assert int(zarr.open_group(out, mode="r")["done"][:].sum()) == 2
