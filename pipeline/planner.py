@@ -162,6 +162,11 @@ def settings(pred: Prediction) -> dict:
     return out
 
 
+# raised when the search for the fewest steps changes, so that its cached answers are found
+# again: 2, one step tried first (a target as loose as one step's error took two)
+QUALITY_SEARCH = 2
+
+
 def quality_steps(cfg: Config, model, device, model_sha: str, say,
                   stopped=lambda: False) -> dict[str, int | None]:
     """``auto-quality``: for each sequential sampler of the family, the fewest steps at which
@@ -173,7 +178,8 @@ def quality_steps(cfg: Config, model, device, model_sha: str, say,
     from pipeline.comm import SerialComm
     from pipeline.equal_quality import fewest_steps, measure_for
 
-    key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha, device), "quality-steps",
+    key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha, device),
+                                     f"quality-steps-{QUALITY_SEARCH}",
                                      cfg.bench.quality_members]).encode()).hexdigest()
     path = cache_path("quality_steps.json")
     steps_or_none = lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
