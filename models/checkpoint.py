@@ -50,7 +50,7 @@ def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
         replace_file(path, lambda tmp: tmp.write_bytes(data.getbuffer()))
     except OSError:
         try:  # the tensors stay the last save's: so does what describes them
-            if before is None:
+            if before is None or not path.exists():  # no tensors (a save anew removed them)
                 sidecar(path).unlink(missing_ok=True)
             else:
                 replace_file(sidecar(path), lambda tmp: tmp.write_text(before))

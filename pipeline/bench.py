@@ -397,14 +397,21 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
     print0(comm, header())
     rows = [row for shape, made in zip(shapes, built)
             for row in bench_shape(cfg, shape, comm=comm, device=device, built=made)]
-    if json_path and comm.rank == 0:
+    # a full disk ends every rank together (one line), not rank 0 alone (MPI's abort)
+    on_rank0(comm, _write_outputs, cfg, rows, earlier, json_path, png_path, comm)
+    return rows
+
+
+def _write_outputs(cfg: Config, rows: list[dict], earlier: list[dict], json_path, png_path,
+                   comm) -> None:
+    """Rank 0: the bench's JSON (with its config) and figure, where asked."""
+    if json_path:
         replace_text(json_path, json.dumps({"config": cfg.text, "rows": rows}, indent=2))
-    if png_path and comm.rank == 0:
+    if png_path:
         from pipeline.figures import bench_figure, one_per_point
 
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
         print0(comm, f"plot: {bench_figure(earlier + one_per_point(rows), Path(png_path))}")
-    return rows
 
 
 def _built(cfg: Config, size: tuple[int, ...], device) -> tuple[Config, object]:

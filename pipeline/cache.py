@@ -11,11 +11,10 @@ import fcntl
 import json
 import math
 import os
-import socket
-import uuid
 from pathlib import Path
 
 from pipeline.console import say
+from pipeline.processes import replace_file
 
 
 def cache_path(name: str) -> Path:
@@ -83,12 +82,6 @@ def _update(path: Path, key: str, entry) -> None:
             pass  # as before the lock, rather than lose what was measured
         entries = read_cache(path)
         entries[key] = entry
-        # hosts sharing a home folder may run processes of one number
-        tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}-"
-                             f"{uuid.uuid4().hex[:6]}.tmp")
-        try:
-            tmp.write_text(json.dumps(entries, indent=1))
-            os.replace(tmp, path)
-        except BaseException:  # a full disk: no partial copy of the cache left beside it
-            tmp.unlink(missing_ok=True)
-            raise
+        # its own temp file per process (one name per host and process: hosts share home
+        # folders), removed if the write fails (a full disk) or by a later write if killed
+        replace_file(path, lambda tmp: tmp.write_text(json.dumps(entries, indent=1)))

@@ -276,15 +276,17 @@ def _cmd_plan(args, world) -> int:
     print0(world, describe(plan))
     print0(world, "use: " + " ".join(f"--set {k}={v!r}" if isinstance(v, str) else
                                      f"--set {k}={v}" for k, v in chosen.items()))
-    if args.json and world.rank == 0:
+    if args.json:
         rows = [{**dataclasses.asdict(p.layout), "steps": p.profile.steps or cfg.sampler.steps,
                  "rounds": p.rounds,
                  "calls": p.profile.calls, "tol": p.profile.tol, "round_s": p.round_s,
                  "batches": p.batches, "predicted_s": p.seconds} for p in plan.ranked]
         from pipeline.processes import replace_text
 
-        replace_text(args.json, json.dumps({"machine": dataclasses.asdict(plan.machine),
-                                            "settings": chosen, "layouts": rows}, indent=1))
+        # on_rank0: a full disk ends every rank together (one line), not rank 0 alone
+        on_rank0(world, replace_text, args.json, json.dumps(
+            {"machine": dataclasses.asdict(plan.machine), "settings": chosen, "layouts": rows},
+            indent=1))
     return 0
 
 

@@ -10,7 +10,6 @@ import dataclasses
 import codecs
 import copy
 import datetime
-import functools
 import hashlib
 import json
 import os
@@ -305,82 +304,6 @@ def load_config(source: str | Path | dict | None, overrides: typing.Sequence[str
                 raise ConfigError(f"{source} {item}: use the form section.key=value")
             _set(tree, *item.split("=", 1), source=source)
     return config_from_dict(tree)
-
-
-def _theta_before(attrs: dict):
-    """pc-window lagged the whole step (``theta = "one"``) before its revision 2."""
-    if attrs.get("sampler_method") == "pc-window" and int(attrs.get("sampler_revision", 1)) < 2:
-        return "one"
-    return None
-
-
-def _tf32_before(attrs: dict):
-    """CUDA convolutions took TensorFloat-32 by default before ``model.tf32``."""
-    return True if str(attrs.get("made_on", "")).startswith("cuda") else None
-
-
-# Store-deciding keys added since stores were first made whose default does not do what an
-# older piadm did without them, and that value from the store's attributes (None: the
-# default does it). Every other key added since defaults to what piadm did before it: a key
-# added later whose default changes a run's members belongs here.
-AS_BEFORE = {("sampler", "theta"): _theta_before, ("model", "tf32"): _tf32_before}
-
-
-def stored_settings(text: str, attrs: dict | None = None) -> tuple[Config, list[str]] | None:
-    """A store's config TOML ``text`` as this piadm reads it, and the store-deciding keys it
-    lacks ("section.key": an older piadm's, made before they existed), each read as that
-    piadm ran without it (``AS_BEFORE``, from the store's ``attrs``); None where it does not
-    read as a config of this version."""
-    try:
-        tree = tomllib.loads(text)
-        missing = []
-        written = tomllib.loads(_defaults().text)  # a key its text leaves out when empty is
-        for name, table in _defaults().store_settings().items():  # no older piadm's sign
-            for key in table:
-                if key not in tree.get(name, {}) and key in written.get(name, {}):
-                    missing.append(f"{name}.{key}")
-                    before = AS_BEFORE.get((name, key), lambda _: None)(attrs or {})
-                    if before is not None:
-                        tree.setdefault(name, {})[key] = before
-        return config_from_dict(tree), missing
-    except (ValueError, TypeError, KeyError, AttributeError):  # ConfigError, TOMLDecodeError
-        return None
-
-
-@functools.cache
-def _defaults() -> Config:
-    return config_from_dict({})
-
-
-def setting_differences(cfg: Config, text: str,
-                        attrs: dict | None = None) -> list[tuple[str, object, object]]:
-    """The store-deciding settings (``Config.store_settings``) in which the config TOML
-    ``text`` (a store's ``config`` attribute; ``attrs``: its attributes, which tell how an
-    older piadm ran without a key, ``stored_settings``) differs from ``cfg``, as
-    ("section.key", theirs, ours), ensemble.members left out; empty when ``text`` does not
-    parse as a config of this version."""
-    read = stored_settings(text, attrs)
-    if read is None:
-        return []
-    theirs, ours = read[0].store_settings(), cfg.store_settings()
-    # another ensemble.members alone makes a store grow (or be refused as cut), never
-    # another configuration's: naming it here would ask the user to match it
-    return [(f"{name}.{key}", theirs[name][key], value)
-            for name, table in ours.items() for key, value in table.items()
-            if theirs.get(name, {}).get(key) != value and (name, key) != ("ensemble", "members")]
-
-
-def format_differences(differences, most: int = 4) -> list[str]:
-    """``setting_differences`` as "key: theirs -> ours", the first ``most`` and a count of
-    the rest."""
-    out = [f"{key}: {theirs!r} -> {ours!r}" for key, theirs, ours in differences]
-    return out[:most] + ([f"and {len(out) - most} more"] if len(out) > most else [])
-
-
-def store_differences(cfg: Config, text: str, most: int = 4,
-                      attrs: dict | None = None) -> list[str]:
-    """``setting_differences`` formatted (``format_differences``)."""
-    return format_differences(setting_differences(cfg, text, attrs), most)
 
 
 # The settings that name files a sampling run reads or writes; ``TRAINING_PATHS`` a training's

@@ -30,10 +30,9 @@ from pipeline.claims import (Heartbeat, batch_key, claims_dir, clear_batch_claim
 from pipeline.comm import SerialComm
 from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
-from pipeline.errors import (OutOfMemory, PiadmError, UnitsOverflow, WriteFailed,
-                             is_out_of_memory, naming)
+from pipeline.errors import OutOfMemory, UnitsOverflow, WriteFailed, is_out_of_memory, naming
 from pipeline.inputs import Items, label_text
-from pipeline.identity import exact_model, growth, store_digests, target_fate
+from pipeline.identity import exact_model, growth, store_digests, stored_of, target_fate
 from pipeline.layout import RankGrid, made_on, rank_grid
 from pipeline.memory import gpu_identity, ranks_sharing
 from pipeline.memory_check import check_memory, round_points
@@ -126,9 +125,12 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
     fate, legacy = target_fate(cfg, spec.attrs.get("model_sha256"),
                                overwrite=cfg.output.overwrite)
     if fate == "upgrade":
+        older = stored_of(cfg)
+        lacked = tuple(older.lacked) if older is not None else ()
         upgrade_identity(spec.path, legacy, cfg.store_digest,
                          plan=spec.attrs.get("plan_config_sha256"), asked=spec.attrs.get(ASKED),
-                         model=spec.attrs["model_sha256"] if exact_model(cfg) else None)
+                         model=spec.attrs["model_sha256"] if exact_model(cfg) else None,
+                         completed=older.config if lacked else None, lacked=lacked)
     state = open_or_create(spec, overwrite=cfg.output.overwrite,
                            growth=functools.partial(growth, cfg),
                            stale=functools.partial(is_stale, cfg, items))
@@ -515,8 +517,9 @@ def _raised_by_group(ranks: RankGrid, calls):
 def _raise_together(world, spec, failed: Exception | None) -> None:
     """Raise, on every rank, the write failure one or more ranks met (``failed`` on this
     one, None where it wrote its batches): every rank is past the agreement that one failed,
-    so the job ends on one line with the first failing rank's error, not one line per rank
-    and MPI's abort. A fault (no user error) is raised as it is, aborting the job."""
+    so the job ends on one line with the first failing rank's error, of its own kind
+    (``console.on_every_rank``), not one line per rank and MPI's abort. A fault (no user
+    error) is raised as it is, aborting the job."""
     if isinstance(failed, OSError) and not isinstance(failed, StoreExists):
         # a full disk or a lost mount says neither which store nor what is kept
         where = f" ({failed.filename})" if failed.filename else ""
@@ -529,16 +532,12 @@ def _raise_together(world, spec, failed: Exception | None) -> None:
         failed = said
     if world.size == 1:
         raise failed
-    told = world.allgather_object(None if failed is None else str(failed))
-    if failed is not None and not isinstance(failed, PiadmError):
-        raise failed
-    ranks = [rank for rank, said in enumerate(told) if said is not None]
-    message = told[ranks[0]]
-    if len(ranks) < world.size:
-        message += f" (on rank(s) {', '.join(map(str, ranks))} of {world.size})"
-    shared = WriteFailed(message, collective=True)
-    shared.errno = getattr(failed, "errno", None)
-    raise shared from failed
+
+    def met():
+        if failed is not None:
+            raise failed
+
+    on_every_rank(world, met)
 
 
 # What the ranks agree on as a run ends, reduced in one tensor by max and by sum: whether

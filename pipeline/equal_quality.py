@@ -22,7 +22,7 @@ from typing import Callable
 from pipeline.comm import SerialComm
 from pipeline.config import ConfigError
 
-from pipeline.console import print0
+from pipeline.console import on_rank0, print0
 from pipeline.processes import replace_text
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
 from pipeline.run import sampler_grid, sampler_options
@@ -233,8 +233,8 @@ def run_quality(cfg: Config, quality: float | tuple[str, int], *, comm, device,
         raise ConfigError("bench --quality: every method of bench.methods was left out at the "
                           "steps found (said above): nothing to bench", collective=True)
     print0(comm, summary(rows, quality, measure.name))
-    if comm.rank == 0:
-        _save(cfg, rows, found, measure, quality, json_path, png_path, comm)
+    # a full disk ends every rank together (one line), not rank 0 alone (MPI's abort)
+    on_rank0(comm, _save, cfg, rows, found, measure, quality, json_path, png_path, comm)
     return rows
 
 

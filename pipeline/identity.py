@@ -14,7 +14,8 @@ import dataclasses
 import os
 import tomllib
 
-from pipeline.config import stored_settings, with_settings
+from pipeline.config import with_settings
+from pipeline.stored import Stored, stored_settings
 from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import StoreExists, config_batch, config_members, read_attrs, stored_digest
 from pipeline.target import Growth, check_target, stored_config
@@ -41,6 +42,12 @@ def exact_model(cfg: Config) -> bool:
     return cfg.model.kind in MODELS and cfg.model.kind not in NETWORK_KINDS
 
 
+def stored_of(cfg: Config) -> Stored | None:
+    """The config of the store at output.path as this piadm reads it (``stored_settings``)."""
+    attrs = read_attrs(cfg.output.path) or {}
+    return stored_settings(str(attrs.get("config", "")), attrs)
+
+
 def older_of_ours(cfg: Config, found: str | None) -> tuple[str, int] | None:
     """Where the store at output.path, whose digest ``found`` is none this piadm gives
     ``cfg``, was made from ``cfg``'s settings by an older piadm whose config lacked keys added
@@ -48,11 +55,10 @@ def older_of_ours(cfg: Config, found: str | None) -> tuple[str, int] | None:
     it was made with); else None."""
     if found is None or found in store_digests(cfg):
         return None
-    attrs = read_attrs(cfg.output.path) or {}
-    read = stored_settings(str(attrs.get("config", "")), attrs)
-    if read is None or not read[1]:  # this version's keys: another configuration's
+    read = stored_of(cfg)
+    if read is None or not read.lacked or read.untold:  # this version's keys: another's
         return None
-    then, _ = read
+    then = read.config
     made = then.ensemble.members
     asked = dataclasses.replace(then, ensemble=dataclasses.replace(
         then.ensemble, members=cfg.ensemble.members))

@@ -19,7 +19,6 @@ _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
 @functools.lru_cache(maxsize=1)
-@functools.lru_cache(maxsize=1)
 def _libc():
     """The C library this process runs on, or None. Its own symbols, not
     ``ctypes.util.find_library``, which starts ldconfig and a compiler in a temporary folder:

@@ -22,7 +22,7 @@ import torch
 from pipeline.cache import cache_path, read_entry, update_cache
 from pipeline.calibrate import CANNOT_CALIBRATE, calibration_key, resolve_tol
 from pipeline.config import ConfigError, with_settings
-from pipeline.identity import growth
+from pipeline.identity import growth, older_of_ours
 from pipeline.layout import cpu_threads
 from pipeline.memory import available_bytes, field_bytes, format_bytes, ranks_sharing, sampler_floor
 from pipeline.plan import Layout, Machine, Prediction, Profile, call_items, layouts, predict, rank
@@ -127,7 +127,7 @@ def check_unplannable_store(cfg: Config) -> None:
     configuration's plan made (``stored_plan``): refuse it, naming the settings in which its
     config differs from ``cfg`` (those a plan picks only when no other differs). Planned
     first, the run was refused only after every measurement, naming the plan's settings."""
-    from pipeline.config import format_differences, setting_differences
+    from pipeline.stored import format_differences, setting_differences
     from pipeline.store import StoreExists, read_attrs
 
     attrs = {} if cfg.output.overwrite else read_attrs(cfg.output.path) or {}
@@ -486,10 +486,11 @@ def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
         made = with_settings(cfg, plan)
     except ConfigError:  # a plan this config cannot take is not its own
         return None
-    if attrs.get("piadm_store_digest") in (made.store_digest,
-                                           made.legacy_store_digest(made.ensemble.batch_size)):
+    found = attrs.get("piadm_store_digest")
+    if found in (made.store_digest, made.legacy_store_digest(made.ensemble.batch_size)):
         return plan, None
-    return None
+    # made before keys added since, which its config lacks (``identity.older_of_ours``)
+    return (plan, None) if older_of_ours(made, found) is not None else None
 
 
 OLDER_ASKED = 1024  # the batch sizes an older store's plan key is tried at (0.1 ms each)

@@ -107,7 +107,7 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
 
     from models import build_model
     from pipeline.config import ConfigError
-    from pipeline.console import print0
+    from pipeline.console import on_rank0, print0
     from pipeline.run import DTYPES, sampler_grid, sampler_options
     from pipeline.planner import methods_of
     from pipeline.run_items import check_step_lengths
@@ -163,7 +163,7 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
                      "ratios": dict(zip(names, map(float, ratios)))})
         print0(comm, f"{u:7.3g} {rows[-1]['sigma']:8.3g} {steps:6d} "
                      + " ".join(f"{r:9.3f}" for r in ratios))
-    if json_path and comm.rank == 0:
-        replace_text(json_path, json.dumps({"method": method, "fields": len(pick),
-                                            "draws": draws, "rows": rows}, indent=1))
+    if json_path:  # on_rank0: a full disk ends every rank together
+        on_rank0(comm, replace_text, json_path, json.dumps(
+            {"method": method, "fields": len(pick), "draws": draws, "rows": rows}, indent=1))
     return rows

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from models import OWN_KINDS
-from pipeline.config import store_differences, stored_settings
+from pipeline.stored import store_differences, stored_settings
 from pipeline.identity import target_fate
 from pipeline.inputs import Items, label_text, same_fingerprint
 from pipeline.layout import arithmetic_kind
@@ -92,10 +92,16 @@ def _differences(cfg: Config, text: str) -> list[str]:
     attrs = read_attrs(cfg.output.path) or {}
     shown = store_differences(cfg, text, attrs=attrs)
     read = stored_settings(text, attrs)
-    if shown and read is not None and read[1]:
-        lacked = ", ".join(read[1][:4]) + (" ..." if len(read[1]) > 4 else "")
+    if read is not None and read.untold:
+        shown.append(f"it was made by an older piadm, whose config had no "
+                     f"{', '.join(read.untold)} and whose attributes cannot tell how it ran "
+                     "without it (it recorded no device): read it as it is, or sample into "
+                     "another output.path")
+    elif shown and read is not None and read.lacked:
+        lacked = ", ".join(read.lacked[:4]) + (" ..." if len(read.lacked) > 4 else "")
         shown.append(f"it was made by an older piadm, whose config had no {lacked} (read as "
-                     "it ran without them)")
+                     "it ran without them): set the settings named to the store's values to "
+                     "resume it")
     try:
         theirs = tomllib.loads(text)
     except tomllib.TOMLDecodeError:
@@ -154,9 +160,11 @@ def _check_sampler_revision(cfg: Config, held: dict) -> None:
     """Refuse to resume or grow, from its attributes ``held``, a store whose members a
     superseded revision of its sampler made (``Registered.superseded``: a fault since mended
     put them apart from the members this piadm would add)."""
-    method, revision = held.get("sampler_method"), held.get("sampler_revision")
+    method, revision = held.get("sampler_method"), held.get("sampler_revision", 1)
     entry = REGISTRY.get(method) if isinstance(method, str) else None
-    why = dict(entry.superseded).get(revision) if entry is not None else None
+    created = str(held.get("created", ""))  # "" (not said): older still
+    why = next((why for old, fixed, why in (entry.superseded if entry else ())
+                if revision == old and created < fixed), None)
     if why is None:
         return
     raise StaleStore(

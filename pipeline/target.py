@@ -23,7 +23,6 @@ from typing import Callable, NamedTuple
 from pipeline.claims import (Heartbeat, claims_dir, clear_batch_claims, holding, live_jobs,
                              new_job_id)
 from pipeline import __version__
-from pipeline.config import stored_settings
 from pipeline.errors import ConfigError
 from pipeline.store import (ASKED, MEMBER_BATCH, StoreExists, StoreSpec, consolidate,
                             create, enclosing_store, finalize, fit_members, grow, member_batch,
@@ -161,14 +160,16 @@ def _bytes_under(path: str | Path) -> int:
 
 
 def upgrade_identity(path: str | Path, legacy: str, digest: str, *, plan: str | None = None,
-                     asked: int | None = None, model: str | None = None) -> None:
+                     asked: int | None = None, model: str | None = None,
+                     completed=None, lacked: tuple[str, ...] = ()) -> None:
     """Give a store that an older piadm made under the ``legacy`` digest (which counted
     ensemble.batch_size, or lacked keys added since) this version's ``digest``, its unit of
     work (``member_batch``: the batch size it was made with), for an ``"auto"`` run's store
     ``plan`` (the digest of the config whose plan it keeps) and ``asked`` (the batch size
-    that config asked, when known), and ``model``, an exact model's digest (its [model]
-    section: keys added since change it) where given, so that runs of any batch size resume
-    it; its history says so. Only while no
+    that config asked, when known), ``model``, an exact model's digest (its [model]
+    section: keys added since change it) where given, and for a store whose config
+    ``lacked`` keys added since, ``completed``, that config with them (``stored.Stored``), as
+    its config; so that runs of any batch size resume it; its history says so. Only while no
     live job fills it (``check_idle``): an older job still writing would find its store
     changed, and stop; and under the claims folder's locks: a job finishing meanwhile would
     write its copy of the attributes back over the new identity."""
@@ -187,8 +188,8 @@ def upgrade_identity(path: str | Path, legacy: str, digest: str, *, plan: str | 
             if asked is not None:
                 changes[ASKED] = asked
         unit = member_batch(path)
-        read = stored_settings(str(attrs.get("config", "")), attrs)
-        lacked = read[1] if read is not None else []
+        if completed is not None:  # what its members were made with, keys added since too
+            changes.update(config=completed.text, config_sha256=completed.digest)
         why = (f"its config lacked {', '.join(lacked)}, keys added since, read as the piadm "
                "that made it ran without them" if lacked else
                "the store's identity no longer counts ensemble.batch_size")

@@ -1110,9 +1110,10 @@ def test_a_store_is_consolidated_from_its_creation(tmp_path, input_store, monkey
     assert ds.sizes["member"] == 6 and int(ds["done"].sum()) == ds["done"].size
 
 
-def _made_before_keys(cfg, out, revision, removed):
+def _made_before_keys(cfg, out, created, removed):
     """The store at ``out`` as a piadm before the config keys ``removed`` (section, key)
-    left it: its config text without them, its digest over the settings it had then."""
+    left it, at ``created``: its config text without them, its digest over the settings it
+    had then, no sampler revision recorded."""
     import re
 
     from pipeline.settings import _settings_digest
@@ -1124,8 +1125,8 @@ def _made_before_keys(cfg, out, revision, removed):
         text = re.sub(rf"(?m)^{key} = .*\n", "", text)
         settings[section].pop(key)
     old = _settings_digest(settings)
-    group.attrs.update(config=text, piadm_store_digest=old, store_sha256=old,
-                       sampler_revision=revision)
+    group.attrs.update(config=text, piadm_store_digest=old, store_sha256=old, created=created)
+    group.attrs.pop("sampler_revision", None)
     return old
 
 
@@ -1142,25 +1143,29 @@ def test_a_store_made_before_keys_were_added_is_resumed_as_that_piadm_ran(tmp_pa
     cfg = load_config("jobs/configs/grf.toml", sets[1::2])
     assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
     before = zarr.open_group(out, mode="r")["field"][:]
-    _made_before_keys(cfg, out, 2, [("model", "tf32")])
+    _made_before_keys(cfg, out, "2026-12-04T10:00:00Z", [("model", "tf32")])
     capsys.readouterr()
     assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
     attrs = zarr.open_group(out, mode="r").attrs
     assert attrs["piadm_store_digest"] == cfg.store_digest
     assert "its config lacked model.tf32, keys added since" in attrs["history"]
     assert (zarr.open_group(out, mode="r")["field"][:] == before).all()
-    # pc-window revision 1, before sampler.theta: the whole step lagged
-    _made_before_keys(cfg, out, 1, [("model", "tf32"), ("sampler", "theta")])
+    # pc-window before its revision 2 (and sampler.theta): the whole step lagged
+    _made_before_keys(cfg, out, "2026-12-02T10:00:00Z", [("model", "tf32"), ("sampler", "theta")])
     assert main(["sample", "jobs/configs/grf.toml", *sets]) == 2
     err = capsys.readouterr().err
     assert "it differs in sampler.theta: 'one' -> 'j_max'" in err
-    assert "it was made by an older piadm, whose config had no model.tf32, sampler.theta" in err
+    assert ("it was made by an older piadm, whose config had no model.tf32, sampler.theta "
+            "(read as it ran without them): set the settings named to the store's values to "
+            "resume it") in err
     # the same settings with more members: brought up to date first, at its own count
     more = [*sets, "--set", "ensemble.members=4", "--set", "sampler.theta=one"]
     assert main(["sample", "jobs/configs/grf.toml", *more]) == 2
     assert ("holds 2 members of this configuration, made by an older piadm: run it once with "
             "ensemble.members = 2") in capsys.readouterr().err
     assert main(["sample", "jobs/configs/grf.toml", *sets, "--set", "sampler.theta=one"]) == 0
+    attrs = zarr.open_group(out, mode="r").attrs  # its config now says what made its members
+    assert 'theta = "one"' in attrs["config"] and "tf32 = false" in attrs["config"]
     assert main(["sample", "jobs/configs/grf.toml", *more]) == 0
     assert zarr.open_group(out, mode="r")["done"][:].sum() == 4
     assert (zarr.open_group(out, mode="r")["field"][:, :2] == before).all()

@@ -867,17 +867,24 @@ def test_a_store_another_job_made_meanwhile_on_another_device_is_not_resumed(tmp
         sample(load_config("jobs/configs/grf.toml", sets))
 
 
-@pytest.mark.parametrize("method, revision, refused", [
-    ("window", 1, True),  # its ring kept a far guess's rounding: members apart from today's
-    ("piadm-sde", 1, False),  # another way to the same path: its members join
+@pytest.mark.parametrize("method, attrs, refused", [
+    # its ring kept a far guess's rounding: members apart from today's
+    ("window", {"sampler_revision": 1, "created": "2026-12-05T12:00:00Z"}, True),
+    ("window", {"sampler_revision": None, "created": "2026-12-01T12:00:00Z"}, True),  # unsaid
+    ("window", {"sampler_revision": 1, "created": "2026-12-05T22:00:00Z"}, False),  # mended
+    ("piadm-sde", {"sampler_revision": 1, "created": "2026-12-01T12:00:00Z"}, False),  # joins
 ])
 def test_a_store_that_a_superseded_sampler_revision_filled_is_not_grown(tmp_path, method,
-                                                                       revision, refused):
+                                                                       attrs, refused):
     """A window store made before the ring's fix grew with members of the mended sampler,
-    silently: at coarse steps its members stood 2 to 4 from theirs."""
+    silently: at coarse steps its members stood 2 to 4 from theirs. Stores recorded their
+    sampler's revision only later: one that does not say is as old as its creation."""
     sets = _small(tmp_path, **{"sampler.method": method, "sampler.tol": 1e-2})
     assert sample(load_config("jobs/configs/grf.toml", sets)).members == 2
-    zarr.open_group(sets["output.path"], mode="r+").attrs["sampler_revision"] = revision
+    group = zarr.open_group(sets["output.path"], mode="r+")
+    group.attrs.update({k: v for k, v in attrs.items() if v is not None})
+    if attrs["sampler_revision"] is None:
+        del group.attrs["sampler_revision"]
     before = zarr.open_group(sets["output.path"], mode="r")["field"][:]
     more = load_config("jobs/configs/grf.toml", {**sets, "ensemble.members": 4})
     if not refused:

@@ -37,8 +37,10 @@ class Registered:
     the sampler's
     way to its path changes (its rounds, calls and the tolerance a calibration finds), so
     that cached calibrations and planner profiles of the old one are measured again.
-    superseded: (revision, why) of older revisions whose members stand apart from this one's
-    (a fault since mended): a store they filled is not resumed or grown by this one.
+    superseded: (revision, fixed, why) of older revisions whose members stand apart from this
+    one's (a fault mended at ``fixed``, ISO 8601 UTC): a store that revision filled, made
+    before then (stores recorded their sampler's revision only later), is not resumed or
+    grown by this one.
     linear: for a sequential sampler, what its output is a linear map of on a linear (Gaussian)
     score: ``"prior"`` (the prior draw alone), ``"path"`` (the prior and its step noise); ""
     for one whose stopping rule makes it depend otherwise (``pipeline.quality``'s exact W2).
@@ -54,7 +56,7 @@ class Registered:
     whole_path: bool = False
     state: float = 0.0
     revision: int = 1
-    superseded: tuple[tuple[int, str], ...] = ()
+    superseded: tuple[tuple[int, str, str], ...] = ()
     default_window: int = 0  # the window's points when sampler.window is 0 (windowed only)
     linear: str = ""
     calls_per_step: int = 1
@@ -92,7 +94,9 @@ class Registered:
 
 _SDE, _ODE = "sequential-sde", "sequential-ode"
 # why window revision 1's members stand apart: at steps past h = 2 ln 2 (30 steps from
-# u_max = 40) a far guess's rounding stayed in accepted points, 1.0 from the sequential path
+# u_max = 40) a far guess's rounding stayed in accepted points, 1.0 from the sequential path;
+# mended then (stores made after it carry revision 1 until the revision was raised)
+_RING_FIXED = "2026-12-05T21:37:58Z"
 _RING_ROUNDING = ("kept a far guess's rounding in accepted points at coarse steps (h > 2 ln 2), "
                   "up to 1.0 from the sequential path")
 
@@ -118,10 +122,10 @@ REGISTRY = {
     # revision 2: a point's chain offset is its predecessors' sum (ring._plus_before)
     "window": Registered("pipeline.samplers.window:window_sde", _SDE, windowed=True, state=12,
                          default_window=WINDOW_POINTS, revision=2,
-                         superseded=((1, _RING_ROUNDING),)),
+                         superseded=((1, _RING_FIXED, _RING_ROUNDING),)),
     "window-ode": Registered("pipeline.samplers.window:window_ode", _ODE, windowed=True,
                              state=10, default_window=WINDOW_POINTS, revision=2,
-                             superseded=((1, _RING_ROUNDING),)),
+                             superseded=((1, _RING_FIXED, _RING_ROUNDING),)),
     # revision 2: the rebuild scales its lag by theta = J_max (a tolerance means less error)
     "pc-window": Registered("pipeline.samplers.pcwindow:pc_window_sde", _SDE, windowed=True,
                             state=8, revision=2, default_window=PC_WINDOW_POINTS),

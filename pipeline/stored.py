@@ -1,0 +1,114 @@
+"""A store's recorded config as this piadm reads it: the settings an older piadm's config
+lacks (keys added since) read as that piadm ran without them, and how a store's settings
+differ from a run's (for the messages that refuse it)."""
+from __future__ import annotations
+
+import functools
+import tomllib
+from typing import NamedTuple
+
+from pipeline.config import config_from_dict
+from pipeline.settings import Config
+
+# pc-window's revision 2 (the rebuild's lag scaled by theta = J_max) landed then, an hour
+# before sampler.theta: a store made before it lagged the whole step (theta = "one")
+THETA_J_MAX_SINCE = "2026-12-03T04:47:09Z"
+UNTOLD = object()  # what an older piadm did cannot be told from the store's attributes
+
+
+def _theta_before(attrs: dict):
+    if attrs.get("sampler_method") == "pc-window" and _created(attrs) < THETA_J_MAX_SINCE:
+        return "one"
+    return None
+
+
+def _tf32_before(attrs: dict):
+    """cuDNN's convolutions took TensorFloat-32 by default before ``model.tf32``; a store
+    then recorded its device only in a CUDA build of torch's version, if at all."""
+    if attrs.get("model_kind") in ("grf", "gmm"):  # no convolution: the key changes nothing
+        return None
+    made_on = str(attrs.get("made_on", ""))
+    if made_on:
+        return True if made_on.startswith("cuda") else None
+    return None if str(attrs.get("torch_version", "")).endswith("+cpu") else UNTOLD
+
+
+def _created(attrs: dict) -> str:
+    """When the store was made (ISO 8601, UTC), "" where it does not say (the oldest)."""
+    return str(attrs.get("created", ""))
+
+
+# Store-deciding keys added since stores were first made whose default does not do what an
+# older piadm did without them, and that value from the store's attributes (None: the
+# default does it; UNTOLD: the attributes cannot tell). Every other key added since defaults
+# to what piadm did before it: a key added later whose default changes members belongs here.
+AS_BEFORE = {("sampler", "theta"): _theta_before, ("model", "tf32"): _tf32_before}
+
+
+class Stored(NamedTuple):
+    """A store's config as read by this piadm (``config``), the store-deciding keys its text
+    lacks ("section.key": made before they existed: ``lacked``), and those of them whose
+    value then its attributes cannot tell (``untold``)."""
+
+    config: Config
+    lacked: list[str]
+    untold: list[str]
+
+
+def stored_settings(text: str, attrs: dict | None = None) -> Stored | None:
+    """The store's config TOML ``text`` read as this piadm reads it, each store-deciding key
+    it lacks read as the older piadm that made it ran without it (``AS_BEFORE``, from the
+    store's ``attrs``); None where it does not read as a config of this version."""
+    try:
+        tree = tomllib.loads(text)
+        lacked, untold = [], []
+        written = tomllib.loads(_defaults().text)  # a key its text leaves out when empty is
+        for name, table in _defaults().store_settings().items():  # no older piadm's sign
+            for key in table:
+                if key in tree.get(name, {}) or key not in written.get(name, {}):
+                    continue
+                lacked.append(f"{name}.{key}")
+                before = AS_BEFORE.get((name, key), lambda _: None)(attrs or {})
+                if before is UNTOLD:
+                    untold.append(f"{name}.{key}")
+                elif before is not None:
+                    tree.setdefault(name, {})[key] = before
+        return Stored(config_from_dict(tree), lacked, untold)
+    except (ValueError, TypeError, KeyError, AttributeError):  # ConfigError, TOMLDecodeError
+        return None
+
+
+@functools.cache
+def _defaults() -> Config:
+    return config_from_dict({})
+
+
+def setting_differences(cfg: Config, text: str,
+                        attrs: dict | None = None) -> list[tuple[str, object, object]]:
+    """The store-deciding settings (``Config.store_settings``) in which the config TOML
+    ``text`` (a store's ``config`` attribute; ``attrs``: its attributes, which tell how an
+    older piadm ran without a key, ``stored_settings``) differs from ``cfg``, as
+    ("section.key", theirs, ours), ensemble.members left out; empty when ``text`` does not
+    parse as a config of this version."""
+    read = stored_settings(text, attrs)
+    if read is None:
+        return []
+    theirs, ours = read.config.store_settings(), cfg.store_settings()
+    # another ensemble.members alone makes a store grow (or be refused as cut), never
+    # another configuration's: naming it here would ask the user to match it
+    return [(f"{name}.{key}", theirs[name][key], value)
+            for name, table in ours.items() for key, value in table.items()
+            if theirs.get(name, {}).get(key) != value and (name, key) != ("ensemble", "members")]
+
+
+def format_differences(differences, most: int = 4) -> list[str]:
+    """``setting_differences`` as "key: theirs -> ours", the first ``most`` and a count of
+    the rest."""
+    out = [f"{key}: {theirs!r} -> {ours!r}" for key, theirs, ours in differences]
+    return out[:most] + ([f"and {len(out) - most} more"] if len(out) > most else [])
+
+
+def store_differences(cfg: Config, text: str, most: int = 4,
+                      attrs: dict | None = None) -> list[str]:
+    """``setting_differences`` formatted (``format_differences``)."""
+    return format_differences(setting_differences(cfg, text, attrs), most)
