@@ -19,7 +19,7 @@ from pipeline.inputs import InputError, Items, open_items, renamed_attrs, uncond
 from pipeline.memory import field_bytes
 from pipeline.run import DTYPES, provenance, residual_length, sampler_grid
 from pipeline.samplers import REFERENCE, REGISTRY
-from pipeline.samplers.options import CHURNS, REPLICABLE
+from pipeline.samplers.options import CHURNS, REPLICABLE, THETA_READER, Options
 from pipeline.settings import Config
 from pipeline.store import FIELD_SCALE, INPUT_FINGERPRINT, MEMBER_BATCH, StoreSpec, member_chunk
 
@@ -127,12 +127,17 @@ def check_unread_settings(cfg: Config) -> None:
     """Warn of a setting asked of a method that does not read it (a config may carry other
     methods' settings at their defaults, which say nothing): sampler.window_split =
     "replicated" (the time slices split the window as they always do) and sampler.churn (no
-    noise is added)."""
+    noise is added), sampler.theta other than its default (no corrector reads it)."""
     s = cfg.sampler
     if s.churn > 0 and s.method in REGISTRY and s.method != CHURNS:
         say(f"piadm: warning: sampler.churn = {s.churn:g} is read by {CHURNS} only: "
             f"sampler.method = {s.method!r} adds no churn (a store made with it keeps the "
             "setting as part of its identity; a new store may leave it at 0)")
+    # pc-window-ode's corrector takes theta = one whatever it says
+    if (s.theta != Options.theta and s.method in REGISTRY and s.method != THETA_READER
+            and not (s.method == "pc-window-ode" and s.theta == "one")):
+        say(f"piadm: warning: sampler.theta = {s.theta!r} is read by {THETA_READER} only: "
+            f"sampler.method = {s.method!r} does not read it")
     slices = cfg.parallel.time_slices  # "auto" may give one: said where it is known
     if (s.window_split == "replicated" and s.method in REGISTRY and s.method not in REPLICABLE
             and isinstance(slices, int) and slices > 1):

@@ -240,3 +240,12 @@ def test_a_setting_asked_of_a_method_that_does_not_read_it_is_warned(capsys):
     check_unread_settings(load_config("jobs/configs/grf.toml", {"sampler.method": "edm-heun",
                                                              "sampler.churn": 5.0}))
     assert capsys.readouterr().err == ""
+    # theta: pc-window's corrector only (pc-window-ode always takes one)
+    check_unread_settings(load_config("jobs/configs/grf.toml", {"sampler.method": "window",
+                                                             "sampler.theta": "one"}))
+    assert "sampler.theta = 'one' is read by pc-window only: sampler.method = 'window' does " \
+        "not read it" in capsys.readouterr().err
+    for method in ("pc-window", "pc-window-ode"):
+        check_unread_settings(load_config("jobs/configs/grf.toml", {"sampler.method": method,
+                                                                 "sampler.theta": "one"}))
+        assert capsys.readouterr().err == ""
