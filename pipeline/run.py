@@ -63,8 +63,13 @@ def sampler_grid(s: SamplerConfig, model=None) -> Grid:
             raise ConfigError(f"config: sampler.grid = 'scheduler' at sampler.steps = {s.steps}: "
                               f"{err}: take other sampler.steps, or one of piadm's own grids") \
                 from None
-    grid = make_grid(s.grid, s.steps, u_min=s.u_min, u_max=s.u_max, block_size=s.block_size,
-                     knee=s.knee)
+    try:
+        grid = make_grid(s.grid, s.steps, u_min=s.u_min, u_max=s.u_max, block_size=s.block_size,
+                         knee=s.knee)
+    except ValueError as err:  # steps too close for float64 to tell apart: a traceback before
+        raise ConfigError(f"config: sampler.u_min = {s.u_min!r} to sampler.u_max = {s.u_max!r} "
+                          f"in sampler.steps = {s.steps} on the {s.grid!r} grid: {err}: "
+                          "widen the range or take fewer steps") from None
     process = getattr(getattr(model, "base", model), "process", None)
     if process is not None:  # a network's own schedule: never called past what it saw
         _check_within_schedule(s, trained_top(process),

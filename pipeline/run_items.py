@@ -127,12 +127,17 @@ def check_unread_settings(cfg: Config) -> None:
     """Warn of a setting asked of a method that does not read it (a config may carry other
     methods' settings at their defaults, which say nothing): sampler.window_split =
     "replicated" (the time slices split the window as they always do) and sampler.churn (no
-    noise is added), sampler.theta other than its default (no corrector reads it)."""
+    noise is added), sampler.theta other than its default (no corrector reads it) and
+    sampler.window (no window slides)."""
     s = cfg.sampler
     if s.churn > 0 and s.method in REGISTRY and s.method != CHURNS:
         say(f"piadm: warning: sampler.churn = {s.churn:g} is read by {CHURNS} only: "
             f"sampler.method = {s.method!r} adds no churn (a store made with it keeps the "
             "setting as part of its identity; a new store may leave it at 0)")
+    if s.window and s.method in REGISTRY and not REGISTRY[s.method].windowed:
+        say(f"piadm: warning: sampler.window = {s.window} is read by the sliding windows only "
+            f"({', '.join(m for m, e in REGISTRY.items() if e.windowed)}): sampler.method = "
+            f"{s.method!r} does not read it")
     # pc-window-ode's corrector takes theta = one whatever it says
     if (s.theta != Options.theta and s.method in REGISTRY and s.method != THETA_READER
             and not (s.method == "pc-window-ode" and s.theta == "one")):

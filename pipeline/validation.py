@@ -18,11 +18,17 @@ from pipeline.samplers.options import THETAS, WINDOW_SPLITS
 from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataConfig, ModelConfig,
                                ParallelConfig, SamplerConfig, TrainConfig, open_kind)
 
-# The largest sampler.u_max: past it the float32 state overflows (e^{u/2} passes float32's
-# 3.4e38 at u = 177; the window sampler on the edm grid already went NaN at 150 with the grf
-# model, 1000 steps), while every sampler, grid and dtype samples finite fields at 100. No
-# data is left there to sample from: e^{-100} = 4e-44.
-U_MAX = 100.0
+# The largest sampler.u_max. A parallel sampler's prefix sums over a block or window carry
+# factors up to e^{span/2} of the u it spans, and past about 40 float32 keeps no digit of them:
+# on grf 8x8 at 20 steps piadm-ode (blocks of 8) ended 0.94 from its sequential path at
+# u_max = 80 (every member exactly 0 at 100), pc-window-ode (window 8) 0.57 at 90 and 19 at 100,
+# and window (200 steps) went NaN at 100, all within 4e-4 at 40. No data is left there to
+# sample from: e^{-40} = 4e-18 of it (a noise of e^{20} = 5e8 times its scale).
+U_MAX = 40.0
+# The most damping the Langevin corrector's velocity may take over its length,
+# corrector_gamma x corrector_length: its prefix sums divide by e^{-that}, which float32
+# rounds to 0 past 87 (NaN at 120 on grf 8x8); past a few units the velocity is gone anyway.
+MOST_CORRECTOR_DAMPING = 80.0
 MAX_COMPONENTS = 1 << 16  # model.components: 1e8 ran out of memory, not naming the key
 INT64_MAX = 2**63 - 1  # the largest count numpy and dask take for the store's member axis
 # A path's time grid and its samplers' per-step tables are float64 arrays of steps + 1 (a
@@ -249,9 +255,10 @@ def _check_sampler(s: SamplerConfig) -> None:
     _check(s.window >= 0, "sampler.window", f"= {s.window} must be >= 0 (0: the method's own)")
     _check(0 < s.distance < 1, "sampler.distance", f"= {s.distance} must be in (0, 1), e.g. 1e-3")
     _check(math.isfinite(s.u_max) and s.u_max <= U_MAX, "sampler.u_max",
-           f"= {s.u_max} must be a finite number <= {U_MAX:g}: larger ones overflow a float32 "
-           f"state (at 150 already) and add nothing (e^{{-u}} = {math.exp(-U_MAX):.0e} of the data "
-           f"is left at 100); the default is {SamplerConfig.u_max:g}")
+           f"= {s.u_max} must be a finite number <= {U_MAX:g}: past it a parallel sampler's "
+           "float32 prefix sums keep no digit (members far from the sequential path, or NaN) "
+           f"and add nothing (e^{{-u}} = {math.exp(-U_MAX):.0e} of the data is left at "
+           f"{U_MAX:g}); the default is {SamplerConfig.u_max:g}")
     _check(s.u_max > 0, "sampler.u_max", f"= {s.u_max} must be > 0: the noise level sampling "
            f"starts from (the default is {SamplerConfig.u_max:g})")
     _check(math.isfinite(s.u_min) and 0 < s.u_min < s.u_max, "sampler.u_min",
@@ -283,6 +290,15 @@ def _check_sampler(s: SamplerConfig) -> None:
            f"steps of {s.corrector_length / max(s.corrector_steps, 1):.3g} noise scales, past "
            "2, where the Langevin corrector grows the data's thinnest directions instead of "
            "damping them: lower it or raise sampler.corrector_steps")
+    _check(not corrects or not s.corrector_steps
+           or s.corrector_gamma * s.corrector_length <= MOST_CORRECTOR_DAMPING,
+           "sampler.corrector_gamma",
+           f"= {s.corrector_gamma:g} over sampler.corrector_length = {s.corrector_length:g} damps "
+           f"the corrector's velocity by e^-{s.corrector_gamma * s.corrector_length:.3g}, past "
+           f"e^-{MOST_CORRECTOR_DAMPING:g}, which float32 rounds to 0 (and the corrector to "
+           "NaN): keep their product at most "
+           f"{MOST_CORRECTOR_DAMPING:g} (the defaults: {SamplerConfig.corrector_gamma:g} and "
+           f"{SamplerConfig.corrector_length:g})")
 
 
 def _store_names(field_axes: int) -> tuple[str, ...]:

@@ -245,6 +245,11 @@ def test_a_setting_asked_of_a_method_that_does_not_read_it_is_warned(capsys):
                                                              "sampler.theta": "one"}))
     assert "sampler.theta = 'one' is read by pc-window only: sampler.method = 'window' does " \
         "not read it" in capsys.readouterr().err
+    check_unread_settings(load_config("jobs/configs/grf.toml", {"sampler.method": "piadm-sde",
+                                                             "sampler.window": 8}))
+    assert ("sampler.window = 8 is read by the sliding windows only (window, window-ode, "
+            "pc-window, pc-window-ode): sampler.method = 'piadm-sde' does not read it") in \
+        capsys.readouterr().err
     for method in ("pc-window", "pc-window-ode"):
         check_unread_settings(load_config("jobs/configs/grf.toml", {"sampler.method": method,
                                                                  "sampler.theta": "one"}))

@@ -34,9 +34,9 @@ def _small(tmp_path, **extra):
     ("model.spread", 1e300, "model.spread = 1e+300 must be a number in [0, 1e6]"),
     ("model.weights", [1.0, float("inf")], "model.weights"),
     ("bench.methods", [], "bench.methods is empty: name the methods to bench"),
-    ("sampler.u_max", float("inf"), "sampler.u_max = inf must be a finite number <= 100"),
-    ("sampler.u_max", float("nan"), "sampler.u_max = nan must be a finite number <= 100"),
-    ("sampler.u_max", 1e10, "sampler.u_max = 10000000000.0 must be a finite number <= 100"),
+    ("sampler.u_max", float("inf"), "sampler.u_max = inf must be a finite number <= 40"),
+    ("sampler.u_max", float("nan"), "sampler.u_max = nan must be a finite number <= 40"),
+    ("sampler.u_max", 1e10, "sampler.u_max = 10000000000.0 must be a finite number <= 40"),
     ("sampler.u_min", float("nan"), "sampler.u_min = nan must be > 0"),
     ("sampler.u_max", -1.0, "sampler.u_max = -1.0 must be > 0: the noise level sampling starts"),
     ("model.components", 10**8, "model.components = 100000000 must be in [1, 65536]"),
@@ -64,6 +64,46 @@ def test_the_largest_u_max_samples_finite_fields_in_float32(tmp_path):
     assert sample(cfg).members == 2
     field = zarr.open_group(cfg.output.path, mode="r")["field"][:]
     assert np.isfinite(field).all()
+
+
+@pytest.mark.parametrize("method, options", [
+    ("piadm-ode", {"block_size": 8, "corrector_steps": 0}),  # every member exactly 0 at 100
+    ("pc-window-ode", {"window": 8}),  # 19 times the field's size away at 100
+])
+def test_at_the_largest_u_max_parallel_odes_keep_to_their_path_in_float32(method, options):
+    """A float32 prefix sum over a block or window spanning u carries e^{span/2}: at
+    u_max = 80 to 100 (accepted then) it kept no digit and the parallel ODEs certified
+    members far from the sequential path, or every member 0, without a word."""
+    from pipeline.samplers import Options
+    from pipeline.validation import U_MAX
+
+    model = GaussianRandomField((8, 8))
+    grid = make_grid("ou", 20, u_min=1e-3, u_max=U_MAX, block_size=options.get("block_size", 20))
+    noise = Noise(0, tuple((0, m) for m in range(2)), (8, 8), torch.float32)
+    opts = Options(tol=1e-4, data_bound=model.data_bound,
+                   **{k: v for k, v in options.items() if k != "block_size"})
+    y, _ = SAMPLERS[method](model, noise.prior(), grid, noise, comm=SerialComm(), options=opts)
+    ref, _ = SAMPLERS["sequential-ode"](model, noise.prior(), grid, noise, comm=SerialComm())
+    assert float((y - ref).norm() / ref.norm()) < 1e-3
+
+
+def test_a_corrector_damped_past_what_float32_holds_is_refused():
+    """corrector_gamma x corrector_length past 87 rounded the corrector's e^-(that) to 0 in
+    float32: NaN, blamed on the model or the grid."""
+    with pytest.raises(ConfigError, match=r"sampler.corrector_gamma = 120 over "
+                                          r"sampler.corrector_length = 1 damps"):
+        load_config("jobs/configs/grf.toml", {"sampler.method": "piadm-ode",
+                                             "sampler.corrector_gamma": 120})
+
+
+def test_a_grid_whose_steps_float64_cannot_tell_apart_is_a_one_line_error(tmp_path, capsys):
+    """u_min within 1e-13 of u_max in 5000 steps: a ValueError traceback from the grid."""
+    assert main(["sample", "jobs/configs/grf.toml", "--dry-run", "--set", "sampler.steps=5000",
+                 "--set", "sampler.u_min=9.9999999999999", "--set",
+                 f"output.path={json.dumps(str(tmp_path / 'g.zarr'))}"]) == 2
+    assert ("piadm: error: config: sampler.u_min = 9.9999999999999 to sampler.u_max = 10.0 in "
+            "sampler.steps = 5000 on the 'ou' grid: grid 'ou' with 5000 steps is not strictly "
+            "decreasing in u: widen the range or take fewer steps") in capsys.readouterr().err
 
 
 class NaNAfter:
