@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline.claims import batch_key, claim, claims_dir
-from pipeline.errors import WriteFailed
+from pipeline.errors import PiadmError, WriteFailed
 from pipeline.store import members_left
 from pipeline.work import PAUSE, cut_calls
 
@@ -54,7 +54,7 @@ def _claims(mine, slices, stop, tally, bar: Progress, items: Items, path, job: s
         state, now = slices.bcast_object(
             _lead_claim(path, folder, item, members, job) if slices.rank == 0 else None, 0)
         if state == "failed":  # the group's ranks together, not its lead alone
-            raise WriteFailed(now)
+            raise now
         if state == "theirs":
             deferred.append((item, members, left))
             continue
@@ -65,14 +65,20 @@ def _claims(mine, slices, stop, tally, bar: Progress, items: Items, path, job: s
 
 
 def _lead_claim(path, folder, item: int, members, job: str):
-    """``_claim_state``, or (``failed``, what to say) where the claim cannot be written."""
+    """``_claim_state``, or (``failed``, the user error to raise) where the claim cannot be
+    made: the store's own refusal (``StoreExists``: replaced meanwhile) as it is, a file the
+    system refuses (a full disk) as a ``WriteFailed`` that says what is kept."""
     try:
         return _claim_state(path, folder, item, members, job)
-    except OSError as err:  # a full disk: nothing of the batch is written yet
-        return "failed", (f"claiming a batch of {path} failed: {err.strerror or err} "
-                          f"({err.filename}); the members written before it are kept: fix "
-                          "the cause (free space, the mount) and rerun the same command to "
-                          "finish")
+    except PiadmError as err:
+        return "failed", err
+    except OSError as err:  # nothing of the batch is written yet
+        where = f" ({err.filename})" if err.filename else ""
+        said = WriteFailed(f"claiming a batch of {path} failed: {err.strerror or err}{where}; "
+                           "the members written before it are kept: fix the cause (free "
+                           "space, the mount) and rerun the same command to finish")
+        said.errno = err.errno
+        return "failed", said
 
 
 def _claim_state(path, folder, item: int, members, job: str) -> tuple[str, tuple[int, ...]]:

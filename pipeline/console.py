@@ -76,17 +76,23 @@ def on_every_rank(comm, fn, *args, **kwargs):
         result = fn(*args, **kwargs)
     except PiadmError as err:
         error = err
-    told = comm.allgather_object(None if error is None else (type(error), str(error)))
+    told = comm.allgather_object(None if error is None else
+                                 (type(error), str(error), getattr(error, "errno", None)))
     failed = [rank for rank, said in enumerate(told) if said is not None]
     if not failed:
         return result
-    kind, message = told[failed[0]]
+    kind, message, code = told[failed[0]]
     if len(failed) < comm.size:
         message = f"{message} (on rank(s) {', '.join(map(str, failed))} of {comm.size})"
-    if error is None or (type(error), str(error)) != told[failed[0]]:  # another rank's
-        raise kind(message, collective=True) from error
-    # one traceback, through where this rank's error was raised, not the same line twice
-    raise kind(message, collective=True).with_traceback(error.__traceback__) from None
+    shared = kind(message, collective=True)
+    if code is not None:  # an OSError's number, which callers may test, on every rank
+        shared.errno = code
+    if error is None or told[comm.rank] != told[failed[0]]:  # another rank's
+        raise shared from error
+    # one traceback, through where this rank's error was raised, not the same line twice;
+    # what it carries besides its message (a file name, a cause) goes with it
+    shared.__dict__.update({k: v for k, v in error.__dict__.items() if k != "collective"})
+    raise shared.with_traceback(error.__traceback__) from error.__cause__
 
 
 class _PipeSafe:

@@ -30,7 +30,8 @@ from pipeline.claims import (Heartbeat, batch_key, claims_dir, clear_batch_claim
 from pipeline.comm import SerialComm
 from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
-from pipeline.errors import OutOfMemory, UnitsOverflow, WriteFailed, is_out_of_memory, naming
+from pipeline.errors import (OutOfMemory, PiadmError, UnitsOverflow, WriteFailed,
+                             is_out_of_memory, naming)
 from pipeline.inputs import Items, label_text
 from pipeline.identity import exact_model, growth, store_digests, stored_of, target_fate
 from pipeline.layout import RankGrid, made_on, rank_grid
@@ -510,7 +511,7 @@ def _raised_by_group(ranks: RankGrid, calls):
     made collective where the group is the whole job: one line, no abort."""
     try:
         yield from calls
-    except WriteFailed as err:
+    except PiadmError as err:
         raise err.everywhere() if ranks.groups == 1 else err
 
 
@@ -532,12 +533,21 @@ def _raise_together(world, spec, failed: Exception | None) -> None:
         failed = said
     if world.size == 1:
         raise failed
+    fault = failed if failed is not None and not isinstance(failed, PiadmError) else None
 
     def met():
+        if fault is not None:  # told as a write failure, so that every rank still agrees
+            raise WriteFailed(f"writing members to {spec.path} failed: {type(fault).__name__}: "
+                              f"{fault}")
         if failed is not None:
             raise failed
 
-    on_every_rank(world, met)
+    try:
+        on_every_rank(world, met)
+    except WriteFailed:
+        if fault is not None:  # its own traceback here, ending the job
+            raise fault from None
+        raise
 
 
 # What the ranks agree on as a run ends, reduced in one tensor by max and by sum: whether

@@ -15,7 +15,7 @@ import os
 import tomllib
 
 from pipeline.config import with_settings
-from pipeline.stored import Stored, stored_settings
+from pipeline.stored import Stored, stored_settings, untold_message
 from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import StoreExists, config_batch, config_members, read_attrs, stored_digest
 from pipeline.target import Growth, check_target, stored_config
@@ -51,9 +51,9 @@ def stored_of(cfg: Config) -> Stored | None:
 def older_of_ours(cfg: Config, found: str | None) -> tuple[str, int] | None:
     """Where the store at output.path, whose digest ``found`` is none this piadm gives
     ``cfg``, was made from ``cfg``'s settings by an older piadm whose config lacked keys added
-    since (read as it ran without them, ``config.stored_settings``): (``found``, the members
+    since (read as it ran without them, ``stored.stored_settings``): (``found``, the members
     it was made with); else None."""
-    if found is None or found in store_digests(cfg):
+    if found is None or found in _own_digests(cfg):
         return None
     read = stored_of(cfg)
     if read is None or not read.lacked or read.untold:  # this version's keys: another's
@@ -83,12 +83,21 @@ def smaller_digest(cfg: Config) -> str | None:
     return grown.digest if grown is not None and grown.made < grown.asked else None
 
 
+def _own_digests(cfg: Config) -> tuple[str, ...]:
+    smaller = smaller_digest(cfg)
+    return (cfg.store_digest, *_legacy_digests(cfg), *((smaller,) if smaller else ()))
+
+
 def store_digests(cfg: Config) -> tuple[str, ...]:
     """The digests under which the store at output.path is ``cfg``'s: ``store_digest`` first,
     then an older piadm's (``Config.legacy_store_digest``) at the batch sizes it may have
-    counted, and ``cfg``'s at the store's fewer members (``growth``)."""
-    smaller = smaller_digest(cfg)
-    return (cfg.store_digest, *_legacy_digests(cfg), *((smaller,) if smaller else ()))
+    counted, ``cfg``'s at the store's fewer members (``growth``), and the store's own where
+    an older piadm made it from ``cfg``'s settings before keys added since
+    (``older_of_ours``)."""
+    own = _own_digests(cfg)
+    found = stored_digest(cfg.output.path)
+    older = older_of_ours(cfg, found) if found not in own else None
+    return own + ((older[0],) if older else ())
 
 
 def _check_older_and_smaller(cfg: Config, found: str | None) -> None:
@@ -115,6 +124,9 @@ def target_fate(cfg: Config, model: str | None, **kwargs) -> tuple[str, str | No
         found = stored_digest(cfg.output.path)  # which then reads as another config's
         _check_older_and_smaller(cfg, found)
         legacy = next((d for d in _legacy_digests(cfg) if d == found), None)
+        read = stored_of(cfg) if found is not None and found not in _own_digests(cfg) else None
+        if read is not None and read.untold and not cfg.output.overwrite:
+            raise StoreExists(untold_message(cfg.output.path, read.untold))
         if legacy is None and (older := older_of_ours(cfg, found)) is not None:
             if older[1] > cfg.ensemble.members:
                 raise StoreExists(

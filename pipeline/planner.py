@@ -127,13 +127,17 @@ def check_unplannable_store(cfg: Config) -> None:
     configuration's plan made (``stored_plan``): refuse it, naming the settings in which its
     config differs from ``cfg`` (those a plan picks only when no other differs). Planned
     first, the run was refused only after every measurement, naming the plan's settings."""
-    from pipeline.stored import format_differences, setting_differences
+    from pipeline.stored import (format_differences, setting_differences, stored_settings,
+                                 untold_message)
     from pipeline.store import StoreExists, read_attrs
 
     attrs = {} if cfg.output.overwrite else read_attrs(cfg.output.path) or {}
     text = str(attrs.get("config", ""))
     if not text:  # none, or not a piadm store: the run's own checks say what to do
         return
+    read = stored_settings(text, attrs)
+    if read is not None and read.untold:
+        raise StoreExists(untold_message(cfg.output.path, read.untold))
     chosen = PLAN_KEYS + (("sampler.steps",) if cfg.sampler.method == EQUAL_QUALITY else ())
     every = setting_differences(cfg, text, attrs)
     # where only plan keys differ, the store's own pick of a key set to "auto" is no change

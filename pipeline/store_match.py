@@ -92,12 +92,7 @@ def _differences(cfg: Config, text: str) -> list[str]:
     attrs = read_attrs(cfg.output.path) or {}
     shown = store_differences(cfg, text, attrs=attrs)
     read = stored_settings(text, attrs)
-    if read is not None and read.untold:
-        shown.append(f"it was made by an older piadm, whose config had no "
-                     f"{', '.join(read.untold)} and whose attributes cannot tell how it ran "
-                     "without it (it recorded no device): read it as it is, or sample into "
-                     "another output.path")
-    elif shown and read is not None and read.lacked:
+    if shown and read is not None and read.lacked:
         lacked = ", ".join(read.lacked[:4]) + (" ..." if len(read.lacked) > 4 else "")
         shown.append(f"it was made by an older piadm, whose config had no {lacked} (read as "
                      "it ran without them): set the settings named to the store's values to "

@@ -23,13 +23,11 @@ def _theta_before(attrs: dict):
 
 
 def _tf32_before(attrs: dict):
-    """cuDNN's convolutions took TensorFloat-32 by default before ``model.tf32``; a store
-    then recorded its device only in a CUDA build of torch's version, if at all."""
+    """cuDNN's convolutions took TensorFloat-32 by default on a GPU before ``model.tf32``,
+    and stores then recorded no device: a network's store is read with it off only where its
+    torch was a CPU build, and told as unknown otherwise."""
     if attrs.get("model_kind") in ("grf", "gmm"):  # no convolution: the key changes nothing
         return None
-    made_on = str(attrs.get("made_on", ""))
-    if made_on:
-        return True if made_on.startswith("cuda") else None
     return None if str(attrs.get("torch_version", "")).endswith("+cpu") else UNTOLD
 
 
@@ -95,10 +93,22 @@ def setting_differences(cfg: Config, text: str,
         return []
     theirs, ours = read.config.store_settings(), cfg.store_settings()
     # another ensemble.members alone makes a store grow (or be refused as cut), never
-    # another configuration's: naming it here would ask the user to match it
+    # another configuration's: naming it here would ask the user to match it; a key whose
+    # value then cannot be told is said apart (``untold_message``), not as the default
     return [(f"{name}.{key}", theirs[name][key], value)
             for name, table in ours.items() for key, value in table.items()
-            if theirs.get(name, {}).get(key) != value and (name, key) != ("ensemble", "members")]
+            if theirs.get(name, {}).get(key) != value and (name, key) != ("ensemble", "members")
+            and f"{name}.{key}" not in read.untold]
+
+
+def untold_message(path, untold: list[str]) -> str:
+    """The refusal of the store at ``path`` that an older piadm made before the keys
+    ``untold``, whose values then its attributes cannot tell."""
+    return (f"output {path} was made by an older piadm, before {', '.join(untold)} existed, "
+            "and records nothing that tells how it ran without them (a torch build with CUDA, "
+            "no device recorded): piadm cannot tell whether it is this configuration's; read it "
+            "as it is, sample into another output.path, or set output.overwrite = true to "
+            "replace it")
 
 
 def format_differences(differences, most: int = 4) -> list[str]:

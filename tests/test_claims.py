@@ -348,3 +348,22 @@ def test_a_claim_the_disk_refuses_is_a_one_line_error_that_says_what_is_kept(tmp
     import zarr
 
     assert int(zarr.open_group(out, mode="r")["done"][:].sum()) == 2
+
+
+def test_a_store_replaced_under_a_claim_keeps_its_own_refusal(tmp_path, monkeypatch):
+    """The claim's failure handling took the store's own StoreExists (another run replaced
+    it) for a full disk: 'claiming a batch failed: ... (None); free space', a WriteFailed."""
+    import pipeline.claimed
+    from pipeline.api import load_config, sample
+    from pipeline.store import StoreExists
+
+    def replaced(path, *args):
+        raise StoreExists(f"output {path} was replaced or deleted by another run")
+
+    monkeypatch.setattr(pipeline.claimed, "_claim_state", replaced)
+    cfg = load_config("jobs/configs/grf.toml", {
+        "output.path": str(tmp_path / "r.zarr"), "model.shape": [8, 8], "sampler.steps": 10,
+        "sampler.method": "sequential-sde", "ensemble.members": 2})
+    with pytest.raises(StoreExists, match=r"^output .*r.zarr was replaced or deleted by another "
+                                          r"run$"):
+        sample(cfg)

@@ -1169,3 +1169,25 @@ def test_a_store_made_before_keys_were_added_is_resumed_as_that_piadm_ran(tmp_pa
     assert main(["sample", "jobs/configs/grf.toml", *more]) == 0
     assert zarr.open_group(out, mode="r")["done"][:].sum() == 4
     assert (zarr.open_group(out, mode="r")["field"][:, :2] == before).all()
+
+
+def test_an_older_auto_tolerance_store_is_finished_at_its_own_tolerance(tmp_path, capsys,
+                                                                         monkeypatch):
+    """An older store's own tolerance was looked up under this version's digests only: the
+    run that brought it up to date sampled its last members at the cache's tolerance."""
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "t.zarr"
+    sets = ["--set", f"output.path={json.dumps(str(out))}", "--set", "model.shape=[8, 8]",
+            "--set", "sampler.steps=20", "--set", "ensemble.members=4", "--set",
+            "ensemble.batch_size=2", "--set", 'sampler.tol="auto"']
+    cfg = load_config("jobs/configs/grf.toml", sets[1::2])
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    group = zarr.open_group(out, mode="r+")
+    group["done"][0, 2:] = 0
+    group.attrs["sampler_tol"] = 0.05  # the store's own, which the cache no longer holds
+    _made_before_keys(cfg, out, "2026-12-04T10:00:00Z", [("model", "tf32")])
+    capsys.readouterr()
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    err = capsys.readouterr().err
+    # the store's own tolerance, silently: no calibration (cached or measured) is taken
+    assert "sampler.tol = auto" not in err and "2 to sample" in err, err

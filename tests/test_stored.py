@@ -18,14 +18,12 @@ def _without(text: str, *keys: str) -> str:
      "one", False, []),  # before pc-window's revision 2: the whole step lagged
     ({"sampler_method": "pc-window", "created": "2026-12-03T05:00:00Z", "model_kind": "grf"},
      "j_max", False, []),  # revision 2 in the hour before the key: J_max
-    ({"sampler_method": "window", "created": "2026-12-02T00:00:00Z", "model_kind": "unet",
-      "made_on": "cuda: NVIDIA H200 x16"}, "j_max", True, []),  # cuDNN took TF32 then
-    ({"sampler_method": "window", "model_kind": "unet", "made_on": "cpu: x86 x2"},
-     "j_max", False, []),
     ({"sampler_method": "window", "model_kind": "unet", "torch_version": "2.5.1+cpu"},
-     "j_max", False, []),  # a CPU build: no GPU
+     "j_max", False, []),  # a CPU build: no GPU, no TF32
+    ({"sampler_method": "window", "model_kind": "unet", "torch_version": "2.5.1+cu124"},
+     "j_max", False, ["model.tf32"]),  # a build with CUDA, no device recorded: untold
     ({"sampler_method": "window", "model_kind": "unet", "torch_version": "2.5.1"},
-     "j_max", False, ["model.tf32"]),  # a build with CUDA and no device recorded: untold
+     "j_max", False, ["model.tf32"]),
 ])
 def test_keys_an_older_config_lacks_are_read_as_its_piadm_ran(attrs, theta, tf32, untold):
     text = _without(load_config("jobs/configs/grf.toml").text, "theta", "tf32")
@@ -39,3 +37,28 @@ def test_a_config_of_this_version_lacks_nothing_and_a_broken_one_reads_as_none()
     assert stored_settings(load_config("jobs/configs/grf.toml").text).lacked == []
     assert stored_settings("[sampler]\nsteps = -1\n") is None
     assert stored_settings("not toml [") is None
+
+
+def test_a_network_store_whose_tf32_cannot_be_told_is_refused_saying_so(tmp_path):
+    """Its refusal read 'it differs in it was made by an older piadm ...: rerun its own
+    config', which could not resume it."""
+    import json
+
+    import zarr
+
+    from pipeline.identity import target_fate
+    from pipeline.settings import _settings_digest
+    from pipeline.store import StoreExists
+
+    out = tmp_path / "s.zarr"
+    group = zarr.open_group(out, mode="w")
+    cfg = load_config("jobs/configs/grf.toml", [f"output.path={json.dumps(str(out))}"])
+    settings = cfg.store_settings()
+    settings["model"].pop("tf32")
+    group.attrs.update(config=_without(cfg.text, "tf32"), model_kind="unet",
+                       torch_version="2.5.1", piadm_store_digest=_settings_digest(settings))
+    with pytest.raises(StoreExists, match=(
+            r"was made by an older piadm, before model.tf32 existed, and records nothing that "
+            r"tells how it ran without them .*: piadm cannot tell whether it is this "
+            r"configuration's; read it as it is")):
+        target_fate(cfg, None, overwrite=False)
