@@ -15,9 +15,9 @@ import os
 import tomllib
 
 from pipeline.config import with_settings
-from pipeline.stored import Stored, stored_settings, untold_message
 from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import StoreExists, config_batch, config_members, read_attrs, stored_digest
+from pipeline.stored import Stored, stored_settings, untold_message
 from pipeline.target import Growth, check_target, stored_config
 
 

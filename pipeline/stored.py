@@ -60,10 +60,9 @@ def stored_settings(text: str, attrs: dict | None = None) -> Stored | None:
     try:
         tree = tomllib.loads(text)
         lacked, untold = [], []
-        written = tomllib.loads(_defaults().text)  # a key its text leaves out when empty is
-        for name, table in _defaults().store_settings().items():  # no older piadm's sign
-            for key in table:
-                if key in tree.get(name, {}) or key not in written.get(name, {}):
+        for name, table in _defaults().store_settings().items():
+            for key in table:  # a key a config's text leaves out when empty is no sign
+                if key in tree.get(name, {}) or key not in _written().get(name, {}):
                     continue
                 lacked.append(f"{name}.{key}")
                 before = AS_BEFORE.get((name, key), lambda _: None)(attrs or {})
@@ -79,6 +78,12 @@ def stored_settings(text: str, attrs: dict | None = None) -> Stored | None:
 @functools.cache
 def _defaults() -> Config:
     return config_from_dict({})
+
+
+@functools.cache
+def _written() -> dict:
+    """The keys this version writes into a config's text, {section: {key: value}}."""
+    return tomllib.loads(_defaults().text)
 
 
 def setting_differences(cfg: Config, text: str,

@@ -24,6 +24,7 @@ from pipeline.claims import (Heartbeat, claims_dir, clear_batch_claims, holding,
                              new_job_id)
 from pipeline import __version__
 from pipeline.errors import ConfigError
+from pipeline.settings import Config
 from pipeline.store import (ASKED, MEMBER_BATCH, StoreExists, StoreSpec, consolidate,
                             create, enclosing_store, finalize, fit_members, grow, member_batch,
                             member_chunk_of, members_fit, read_attrs)
@@ -161,7 +162,7 @@ def _bytes_under(path: str | Path) -> int:
 
 def upgrade_identity(path: str | Path, legacy: str, digest: str, *, plan: str | None = None,
                      asked: int | None = None, model: str | None = None,
-                     completed=None, lacked: tuple[str, ...] = ()) -> None:
+                     completed: Config | None = None, lacked: tuple[str, ...] = ()) -> None:
     """Give a store that an older piadm made under the ``legacy`` digest (which counted
     ensemble.batch_size, or lacked keys added since) this version's ``digest``, its unit of
     work (``member_batch``: the batch size it was made with), for an ``"auto"`` run's store
