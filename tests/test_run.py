@@ -254,3 +254,23 @@ def test_a_setting_asked_of_a_method_that_does_not_read_it_is_warned(capsys):
         check_unread_settings(load_config("jobs/configs/grf.toml", {"sampler.method": method,
                                                                  "sampler.theta": "one"}))
         assert capsys.readouterr().err == ""
+
+
+def test_a_float32_ode_block_spanning_more_clock_than_float32_keeps_is_refused(tmp_path,
+                                                                               capsys):
+    """piadm-ode blocks of 16 of 20 steps from u_max = 40 span 37 of the OU clock: float32's
+    prefix sums kept no digit and the members came out 1.0 from the sequential path."""
+    import json
+
+    from pipeline.cli import main
+
+    sets = ["--set", "sampler.method=piadm-ode", "--set", "sampler.steps=20", "--set",
+            "sampler.u_max=40", "--set", "sampler.tol=1e-4", "--set", "model.shape=[8, 8]",
+            "--set", f"output.path={json.dumps(str(tmp_path / 'o.zarr'))}"]
+    assert main(["sample", "jobs/configs/grf.toml", "--dry-run", *sets,
+                 "--set", "sampler.block_size=16"]) == 2
+    assert ("sampler.block_size = 16 over sampler.steps = 20 from u_max = 40 makes piadm-ode "
+            "blocks spanning up to 36.7 of the OU clock, past 20") in capsys.readouterr().err
+    for fine in (["--set", "sampler.block_size=8"], ["--set", "sampler.block_size=16", "--set",
+                                                       'sampler.dtype="float64"']):
+        assert main(["sample", "jobs/configs/grf.toml", "--dry-run", *sets, *fine]) == 0
