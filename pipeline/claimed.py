@@ -73,12 +73,7 @@ def _lead_claim(path, folder, item: int, members, job: str):
     except PiadmError as err:
         return "failed", err
     except OSError as err:  # nothing of the batch is written yet
-        where = f" ({err.filename})" if err.filename else ""
-        said = WriteFailed(f"claiming a batch of {path} failed: {err.strerror or err}{where}; "
-                           "the members written before it are kept: fix the cause (free "
-                           "space, the mount) and rerun the same command to finish")
-        said.errno = err.errno
-        return "failed", said
+        return "failed", WriteFailed.of(err, f"claiming a batch of {path}")
 
 
 def _claim_state(path, folder, item: int, members, job: str) -> tuple[str, tuple[int, ...]]:

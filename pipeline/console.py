@@ -2,6 +2,7 @@
 for everyone with the outcome shared."""
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -76,23 +77,30 @@ def on_every_rank(comm, fn, *args, **kwargs):
         result = fn(*args, **kwargs)
     except PiadmError as err:
         error = err
-    told = comm.allgather_object(None if error is None else
-                                 (type(error), str(error), getattr(error, "errno", None)))
+    told = comm.allgather_object(None if error is None else _told(error))
     failed = [rank for rank, said in enumerate(told) if said is not None]
     if not failed:
         return result
-    kind, message, code = told[failed[0]]
+    first = told[failed[0]]
+    message = first["message"]
     if len(failed) < comm.size:
         message = f"{message} (on rank(s) {', '.join(map(str, failed))} of {comm.size})"
-    shared = kind(message, collective=True)
-    if code is not None:  # an OSError's number, which callers may test, on every rank
-        shared.errno = code
-    if error is None or told[comm.rank] != told[failed[0]]:  # another rank's
+    shared = copy.copy(first["error"])  # what its kind carries (a reason, rungs) too
+    shared.args = (message,)
+    shared.collective = True
+    if first["errno"] is not None:  # an OSError's number, which callers may test (not its
+        shared.errno = first["errno"]  # strerror or file: set, they would replace its words)
+    if error is None or told[comm.rank]["message"] != first["message"]:  # another rank's
         raise shared from error
-    # one traceback, through where this rank's error was raised, not the same line twice;
-    # what it carries besides its message (a file name, a cause) goes with it
-    shared.__dict__.update({k: v for k, v in error.__dict__.items() if k != "collective"})
+    # one traceback, through where this rank's error was raised, not the same line twice
     raise shared.with_traceback(error.__traceback__) from error.__cause__
+
+
+def _told(error: Exception) -> dict:
+    """A user error as the other ranks are told it: a copy of the error (what its kind
+    carries: a reason, rungs), its message, and an OSError's number, which a copy loses."""
+    return {"error": copy.copy(error), "message": str(error),
+            "errno": getattr(error, "errno", None)}
 
 
 class _PipeSafe:

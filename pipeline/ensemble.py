@@ -465,13 +465,11 @@ def _record(spec: StoreSpec, note: str, job: str) -> tuple[int, int]:
         if err.errno not in DISK_FULL:  # a store gone, say: its own words
             raise
         where = f" ({err.filename})" if err.filename not in (None, spec.path) else ""
-        said = WriteFailed(f"the members are written to {spec.path}, but recording the run "
-                           f"there ({note}: its history line and the consolidated metadata "
-                           f"readers open) failed: {err.strerror or err}{where}; fix the cause "
-                           "(free space, the mount) and rerun the same command: it samples "
-                           "nothing again, and completes the metadata")
-        said.errno = err.errno
-        raise said from err
+        raise WriteFailed(f"the members are written to {spec.path}, but recording the run "
+                          f"there ({note}: its history line and the consolidated metadata "
+                          f"readers open) failed: {err.strerror or err}{where}; fix the cause "
+                          "(free space, the mount) and rerun the same command: it samples "
+                          "nothing again, and completes the metadata", errno=err.errno) from err
 
 
 def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str,
@@ -521,14 +519,9 @@ def _raise_together(world, spec, failed: Exception | None) -> None:
     so the job ends on one line with the first failing rank's error, of its own kind
     (``console.on_every_rank``), not one line per rank and MPI's abort. A fault (no user
     error) is raised as it is, aborting the job."""
-    if isinstance(failed, OSError) and not isinstance(failed, StoreExists):
+    if isinstance(failed, OSError) and not isinstance(failed, PiadmError):
         # a full disk or a lost mount says neither which store nor what is kept
-        where = f" ({failed.filename})" if failed.filename else ""
-        said = WriteFailed(f"writing members to {spec.path} failed: "
-                           f"{failed.strerror or failed}{where}; the members written before "
-                           "it are kept: fix the cause (free space, the mount) and rerun the "
-                           "same command to finish")
-        said.errno = failed.errno
+        said = WriteFailed.of(failed, f"writing members to {spec.path}")
         said.__cause__ = failed
         failed = said
     if world.size == 1:
@@ -544,8 +537,8 @@ def _raise_together(world, spec, failed: Exception | None) -> None:
 
     try:
         on_every_rank(world, met)
-    except WriteFailed:
-        if fault is not None:  # its own traceback here, ending the job
+    except PiadmError:  # whichever rank's error the ranks agreed on
+        if fault is not None:  # a fault here is never hidden: its own traceback, ending the job
             raise fault from None
         raise
 

@@ -140,6 +140,20 @@ class WriteFailed(PiadmError, OSError):
     ``errno``, the OSError's), or on another rank of the run, which names them. An OSError,
     so that a caller's ``except OSError`` for a full disk still takes it."""
 
+    def __init__(self, message: str = "", *, errno: int | None = None,
+                 collective: bool = False):
+        super().__init__(message, collective=collective)
+        self.errno = errno
+
+    @classmethod
+    def of(cls, err: OSError, doing: str) -> WriteFailed:
+        """``err`` (a full disk, a lost mount) met while ``doing`` (e.g. "writing members to
+        PATH"), said with what is kept and what to do."""
+        where = f" ({err.filename})" if err.filename else ""
+        return cls(f"{doing} failed: {err.strerror or err}{where}; the members written before "
+                   "it are kept: fix the cause (free space, the mount) and rerun the same "
+                   "command to finish", errno=err.errno)
+
 
 @contextmanager
 def naming(path):

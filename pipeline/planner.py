@@ -135,11 +135,11 @@ def check_unplannable_store(cfg: Config) -> None:
     text = str(attrs.get("config", ""))
     if not text:  # none, or not a piadm store: the run's own checks say what to do
         return
-    read = stored_settings(text, attrs)
-    if read is not None and read.untold:
-        raise StoreExists(untold_message(cfg.output.path, read.untold))
     chosen = PLAN_KEYS + (("sampler.steps",) if cfg.sampler.method == EQUAL_QUALITY else ())
     every = setting_differences(cfg, text, attrs)
+    read = stored_settings(text, attrs)
+    if read is not None and read.untold and not every:
+        raise StoreExists(untold_message(cfg.output.path, read.untold))
     # where only plan keys differ, the store's own pick of a key set to "auto" is no change
     differ = ([d for d in every if d[0] not in chosen]
               or [d for d in every if d[2] not in ("auto", *AUTO_METHODS)] or every)

@@ -112,7 +112,6 @@ def checked_items(cfg: Config, model):
     grid = sampler_grid(cfg.sampler, model)
     check_step_lengths(cfg.sampler, grid)
     check_block_spans(cfg.sampler, grid)
-    check_unread_settings(cfg)
     items = load_items(cfg, check=True, model=model)
     check_input_units(cfg, model, items)
     check_bound_network(cfg, model, items)

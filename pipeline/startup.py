@@ -17,20 +17,24 @@ def start(comm, cfg, who: str, *, mode: str = "", paths: tuple[str, ...] = SAMPL
     ``who`` names the command or function in messages; ``mode`` its other options, which
     every rank must share as it shares the config; ``paths`` the settings naming files the
     command reads (compared across ranks' working folders). ``stored``: the config in the
-    store's own spelling of its files (a sampling run). ``plan``: resolve ``"auto"`` sampler
-    and time slices (``pipeline.planner``), ``attrs`` then records the choice for the store;
-    otherwise ``"auto"`` time slices run as one group of every rank. Without ``layout`` (a
+    store's own spelling of its files (a sampling run), and a warning of settings its method
+    does not read. ``plan``: resolve ``"auto"`` sampler and time slices
+    (``pipeline.planner``), ``attrs`` then records the choice for the store; otherwise
+    ``"auto"`` time slices run as one group of every rank. Without ``layout`` (a
     command that does not sample on this launch's ranks) ``ranks`` is None and the time
     slices are not checked against the launch. ``stop``: a stop request that ends the
     planning between its measurements (``pipeline.calibrate.Stopped``)."""
     from pipeline.identity import as_stored
     from pipeline.layout import place_rank, rank_grid
     from pipeline.planner import resolve_plan
+    from pipeline.run_items import check_unread_settings
     from pipeline.settings import needs_plan
 
     check_same_config(comm, cfg, who, mode=mode, paths=paths)
     if stored:
         cfg = on_rank0(comm, as_stored, cfg)
+        # of the settings asked, before a plan picks a method that may not read them
+        on_rank0(comm, check_unread_settings, cfg)
     device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),
                         cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)
     attrs = {}

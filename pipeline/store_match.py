@@ -92,7 +92,10 @@ def _differences(cfg: Config, text: str) -> list[str]:
     attrs = read_attrs(cfg.output.path) or {}
     shown = store_differences(cfg, text, attrs=attrs)
     read = stored_settings(text, attrs)
-    if shown and read is not None and read.lacked:
+    if shown and read is not None and read.untold:
+        shown.append(f"its {', '.join(read.untold)} cannot be told (an older piadm's store "
+                     "that recorded no device)")
+    elif shown and read is not None and read.lacked:
         lacked = ", ".join(read.lacked[:4]) + (" ..." if len(read.lacked) > 4 else "")
         shown.append(f"it was made by an older piadm, whose config had no {lacked} (read as "
                      "it ran without them): set the settings named to the store's values to "

@@ -109,9 +109,11 @@ def setting_differences(cfg: Config, text: str,
 def untold_message(path, untold: list[str]) -> str:
     """The refusal of the store at ``path`` that an older piadm made before the keys
     ``untold``, whose values then its attributes cannot tell."""
+    them = "them" if len(untold) > 1 else "it"
     return (f"output {path} was made by an older piadm, before {', '.join(untold)} existed, "
-            "and records nothing that tells how it ran without them (a torch build with CUDA, "
-            "no device recorded): piadm cannot tell whether it is this configuration's; read it "
+            f"and records nothing that tells how it ran without {them} (a torch build with "
+            "CUDA, no device recorded): piadm cannot tell whether it is this configuration's; "
+            "read it "
             "as it is, sample into another output.path, or set output.overwrite = true to "
             "replace it")
 

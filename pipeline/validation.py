@@ -225,7 +225,7 @@ def _check_train(t: TrainConfig) -> None:
            "trained on): list each other store once")
 
 
-def _check_sampler(s: SamplerConfig) -> None:
+def _check_sampler(s: SamplerConfig, benched: tuple[str, ...] = ()) -> None:
     """The sampler's own keys in their ranges, and what the chosen method needs."""
     from pipeline.samplers import REGISTRY, SAMPLERS
 
@@ -283,7 +283,9 @@ def _check_sampler(s: SamplerConfig) -> None:
     # a step of the Langevin corrector is h = length / steps noise scales, and a direction in
     # which the data hardly vary has a frequency of one per noise scale: a leapfrog-type step
     # is stable there below h = 2 (on grf 8x8 h = 5 still held, 12.5 grew 4x, 125 went NaN)
-    corrects = s.method in AUTO_METHODS or (s.method in REGISTRY and REGISTRY[s.method].corrector)
+    # the corrector runs for the method, or for one piadm bench compares (``benched``)
+    corrects = any(m in AUTO_METHODS or (m in REGISTRY and REGISTRY[m].corrector)
+                   for m in (s.method, *benched))
     _check(not corrects or not s.corrector_steps or s.corrector_length / s.corrector_steps < 2,
            "sampler.corrector_length",
            f"= {s.corrector_length:g} over sampler.corrector_steps = {s.corrector_steps} makes "
@@ -293,7 +295,7 @@ def _check_sampler(s: SamplerConfig) -> None:
     _check(not corrects or not s.corrector_steps
            or s.corrector_gamma * s.corrector_length <= MOST_CORRECTOR_DAMPING,
            "sampler.corrector_gamma",
-           f"= {s.corrector_gamma:g} over sampler.corrector_length = {s.corrector_length:g} damps "
+           f"= {s.corrector_gamma:g} times sampler.corrector_length = {s.corrector_length:g} damps "
            f"the corrector's velocity by e^-{s.corrector_gamma * s.corrector_length:.3g}, past "
            f"e^-{MOST_CORRECTOR_DAMPING:g}, which float32 rounds to 0 (and the corrector to "
            "NaN): keep their product at most "
@@ -418,7 +420,7 @@ def validate(cfg: Config) -> None:
     least = 2 if m.kind in ("grf", "gmm") else 1  # a network may take a channel axis of 1
     _check(1 <= len(m.shape) <= 3 and min(m.shape) >= least, "model.shape",
            f"= {list(m.shape)} must have 1 to 3 sizes, each >= {least}")
-    _check_sampler(cfg.sampler)
+    _check_sampler(cfg.sampler, cfg.bench.methods)
     for key, n in (("ensemble.members", cfg.ensemble.members),
                    ("ensemble.batch_size", cfg.ensemble.batch_size)):
         _check(n >= 1, key, f"= {n} must be >= 1")

@@ -54,3 +54,31 @@ def test_on_rank0_keeps_an_errors_class_and_what_it_carries():
     with pytest.raises(KeyError) as info:
         on_rank0(SerialComm(), fault)
     assert not getattr(info.value, "collective", False)  # a fault still aborts every rank
+
+
+def test_on_every_rank_raises_another_ranks_error_with_what_its_kind_carries():
+    """Rebuilt from its kind and message alone, a StaleStore (whose constructor takes no
+    `collective`) was a TypeError, and a WriteFailed lost its errno on every rank."""
+    from pipeline.console import _told, on_every_rank
+    from pipeline.errors import WriteFailed
+    from pipeline.store_match import StaleStore
+
+    class TwoRanks(SerialComm):
+        size = 2
+
+        def __init__(self, theirs):
+            self.theirs = theirs
+
+        def allgather_object(self, mine):
+            return [mine, _told(self.theirs)]
+
+    stale = StaleStore("output o.zarr was made with other network code", why="its code changed")
+    with pytest.raises(StaleStore) as info:
+        on_every_rank(TwoRanks(stale), lambda: 1)
+    assert (str(info.value), info.value.why, info.value.collective) == (
+        "output o.zarr was made with other network code (on rank(s) 1 of 2)",
+        "its code changed", True)
+    full = WriteFailed("writing members to o.zarr failed: No space left on device", errno=28)
+    with pytest.raises(WriteFailed) as info:
+        on_every_rank(TwoRanks(full), lambda: 1)
+    assert info.value.errno == 28 and str(info.value).endswith("(on rank(s) 1 of 2)")

@@ -90,7 +90,7 @@ def test_at_the_largest_u_max_parallel_odes_keep_to_their_path_in_float32(method
 def test_a_corrector_damped_past_what_float32_holds_is_refused():
     """corrector_gamma x corrector_length past 87 rounded the corrector's e^-(that) to 0 in
     float32: NaN, blamed on the model or the grid."""
-    with pytest.raises(ConfigError, match=r"sampler.corrector_gamma = 120 over "
+    with pytest.raises(ConfigError, match=r"sampler.corrector_gamma = 120 times "
                                           r"sampler.corrector_length = 1 damps"):
         load_config("jobs/configs/grf.toml", {"sampler.method": "piadm-ode",
                                              "sampler.corrector_gamma": 120})

@@ -59,6 +59,32 @@ def test_a_network_store_whose_tf32_cannot_be_told_is_refused_saying_so(tmp_path
                        torch_version="2.5.1", piadm_store_digest=_settings_digest(settings))
     with pytest.raises(StoreExists, match=(
             r"was made by an older piadm, before model.tf32 existed, and records nothing that "
-            r"tells how it ran without them .*: piadm cannot tell whether it is this "
+            r"tells how it ran without it .*: piadm cannot tell whether it is this "
             r"configuration's; read it as it is")):
         target_fate(cfg, None, overwrite=False)
+
+
+def test_an_untold_store_that_differs_in_what_can_be_told_is_refused_as_another_config(
+        tmp_path):
+    """The untold refusal came before the settings were compared, hiding that the store's
+    sampler.steps differed."""
+    import json
+
+    import zarr
+
+    from pipeline.identity import target_fate
+    from pipeline.settings import _settings_digest
+    from pipeline.store import StoreExists
+
+    out = tmp_path / "s.zarr"
+    group = zarr.open_group(out, mode="w")
+    cfg = load_config("jobs/configs/grf.toml", [f"output.path={json.dumps(str(out))}"])
+    settings = cfg.store_settings()
+    settings["model"].pop("tf32")
+    group.attrs.update(config=_without(cfg.text, "tf32"), model_kind="unet",
+                       torch_version="2.5.1", piadm_store_digest=_settings_digest(settings))
+    other = load_config("jobs/configs/grf.toml", [f"output.path={json.dumps(str(out))}",
+                                                  "sampler.steps=77"])
+    with pytest.raises(StoreExists, match="was made by a different configuration") as refused:
+        target_fate(other, None, overwrite=False)
+    assert "cannot tell" not in str(refused.value)

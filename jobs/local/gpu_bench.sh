@@ -67,7 +67,8 @@ for members in 1 "$big"; do
         --set "ensemble.members=$members" --set output.overwrite=true \
         --set "output.path=\"$out/auto_$members.zarr\""
     step "sample_${members}_seq" sample "$unet" "${common[@]}" \
-        --set sampler.method=sequential-sde --set "ensemble.members=$members" \
+        --set sampler.method=sequential-sde --set sampler.theta=j_max \
+        --set "ensemble.members=$members" \
         --set "ensemble.batch_size=$members" --set output.overwrite=true \
         --set "output.path=\"$out/seq_$members.zarr\""
 done
