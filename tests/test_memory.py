@@ -350,18 +350,13 @@ def test_cgroup_limits_of_v1_v2_and_hybrid_hosts_are_read(tmp_path):
 def test_an_address_space_limit_is_each_ranks_own_not_shared():
     """``ulimit -v`` limits each process: it was divided among a node's ranks as if they
     shared it, halving what each of 2 ranks was told it had."""
-    import subprocess
-    import sys
-
     code = ("import resource, torch\n"
             "from pipeline.memory import _status_kib, available_bytes\n"
             "size = 1024 * _status_kib('VmSize')\n"
             "resource.setrlimit(resource.RLIMIT_AS, (size + 2**29, resource.RLIM_INFINITY))\n"
             "one, two = (available_bytes(torch.device('cpu'), n)[0] for n in (1, 2))\n"
             "print(one, two)\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60)
-    one, two = map(int, run.stdout.split())
+    one, two = map(int, _printed_by(code).split())
     assert one <= 2**29 and two > 0.9 * one, (one, two)
 
 
@@ -369,9 +364,6 @@ def test_keep_freed_memory_works_with_one_file_descriptor_left():
     """Under a low ``ulimit -n`` (an MPI launch holds many files) finding the C library
     started ldconfig and a compiler, failed, and the allocator setting was lost (or, raising,
     stopped the rank's start-up)."""
-    import subprocess
-    import sys
-
     code = ("import os, resource\n"
             "from pipeline.memory import keep_freed_memory\n"
             "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
@@ -382,6 +374,15 @@ def test_keep_freed_memory_works_with_one_file_descriptor_left():
             "except OSError:\n"
             "    os.close(held.pop())\n"
             "print(keep_freed_memory())\n")
+    assert _printed_by(code).split() == ["True"]
+
+
+def _printed_by(code: str) -> str:
+    """What Python ``code`` prints, run in a process of its own (its limits its own)."""
+    import subprocess
+    import sys
+
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)
-    assert run.stdout.split() == ["True"], run.stderr[-1000:]
+    assert run.returncode == 0, run.stderr[-1000:]
+    return run.stdout

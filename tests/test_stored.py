@@ -39,24 +39,31 @@ def test_a_config_of_this_version_lacks_nothing_and_a_broken_one_reads_as_none()
     assert stored_settings("not toml [") is None
 
 
-def test_a_network_store_whose_tf32_cannot_be_told_is_refused_saying_so(tmp_path):
-    """Its refusal read 'it differs in it was made by an older piadm ...: rerun its own
-    config', which could not resume it."""
+def _untold_store(out):
+    """At ``out``, a network's store as a CUDA build of an older torch left it before
+    model.tf32 (which it then ran as cannot be told), of grf.toml's other settings."""
     import json
 
     import zarr
 
-    from pipeline.identity import target_fate
     from pipeline.settings import _settings_digest
-    from pipeline.store import StoreExists
 
-    out = tmp_path / "s.zarr"
-    group = zarr.open_group(out, mode="w")
     cfg = load_config("jobs/configs/grf.toml", [f"output.path={json.dumps(str(out))}"])
     settings = cfg.store_settings()
     settings["model"].pop("tf32")
-    group.attrs.update(config=_without(cfg.text, "tf32"), model_kind="unet",
-                       torch_version="2.5.1", piadm_store_digest=_settings_digest(settings))
+    zarr.open_group(out, mode="w").attrs.update(
+        config=_without(cfg.text, "tf32"), model_kind="unet", torch_version="2.5.1",
+        piadm_store_digest=_settings_digest(settings))
+    return cfg
+
+
+def test_a_network_store_whose_tf32_cannot_be_told_is_refused_saying_so(tmp_path):
+    """Its refusal read 'it differs in it was made by an older piadm ...: rerun its own
+    config', which could not resume it."""
+    from pipeline.identity import target_fate
+    from pipeline.store import StoreExists
+
+    cfg = _untold_store(tmp_path / "s.zarr")
     with pytest.raises(StoreExists, match=(
             r"was made by an older piadm, before model.tf32 existed, and records nothing that "
             r"tells how it ran without it .*: piadm cannot tell whether it is this "
@@ -68,23 +75,13 @@ def test_an_untold_store_that_differs_in_what_can_be_told_is_refused_as_another_
         tmp_path):
     """The untold refusal came before the settings were compared, hiding that the store's
     sampler.steps differed."""
-    import json
-
-    import zarr
+    import dataclasses
 
     from pipeline.identity import target_fate
-    from pipeline.settings import _settings_digest
     from pipeline.store import StoreExists
 
-    out = tmp_path / "s.zarr"
-    group = zarr.open_group(out, mode="w")
-    cfg = load_config("jobs/configs/grf.toml", [f"output.path={json.dumps(str(out))}"])
-    settings = cfg.store_settings()
-    settings["model"].pop("tf32")
-    group.attrs.update(config=_without(cfg.text, "tf32"), model_kind="unet",
-                       torch_version="2.5.1", piadm_store_digest=_settings_digest(settings))
-    other = load_config("jobs/configs/grf.toml", [f"output.path={json.dumps(str(out))}",
-                                                  "sampler.steps=77"])
+    cfg = _untold_store(tmp_path / "s.zarr")
+    other = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=77))
     with pytest.raises(StoreExists, match="was made by a different configuration") as refused:
         target_fate(other, None, overwrite=False)
     assert "cannot tell" not in str(refused.value)
