@@ -84,6 +84,7 @@ def smaller_digest(cfg: Config) -> str | None:
 
 
 def _own_digests(cfg: Config) -> tuple[str, ...]:
+    """``store_digests`` but the older store's own: what this version computes from ``cfg``."""
     smaller = smaller_digest(cfg)
     return (cfg.store_digest, *_legacy_digests(cfg), *((smaller,) if smaller else ()))
 

@@ -19,7 +19,7 @@ from pipeline.inputs import InputError, Items, open_items, renamed_attrs, uncond
 from pipeline.memory import field_bytes
 from pipeline.run import DTYPES, provenance, residual_length, sampler_grid
 from pipeline.samplers import REFERENCE, REGISTRY
-from pipeline.samplers.options import CHURNS, REPLICABLE, THETA_READER, Options
+from pipeline.samplers.options import CHURNS, REPLICABLE, Options
 from pipeline.settings import Config
 from pipeline.store import FIELD_SCALE, INPUT_FINGERPRINT, MEMBER_BATCH, StoreSpec, member_chunk
 
@@ -161,10 +161,10 @@ def check_unread_settings(cfg: Config) -> None:
         say(f"piadm: warning: sampler.window = {s.window} is read by the sliding windows only "
             f"({', '.join(m for m, e in REGISTRY.items() if e.windowed)}): sampler.method = "
             f"{s.method!r} does not read it")
-    # pc-window-ode's corrector takes theta = one whatever it says
-    if (s.theta != Options.theta and s.method in REGISTRY and s.method != THETA_READER
-            and not (s.method == "pc-window-ode" and s.theta == "one")):
-        say(f"piadm: warning: sampler.theta = {s.theta!r} is read by {THETA_READER} only: "
+    if (s.theta != Options.theta and s.method in REGISTRY
+            and s.theta not in REGISTRY[s.method].thetas):
+        readers = [m for m, e in REGISTRY.items() if len(e.thetas) > 1]
+        say(f"piadm: warning: sampler.theta = {s.theta!r} is read by {', '.join(readers)} only: "
             f"sampler.method = {s.method!r} does not read it")
     slices = cfg.parallel.time_slices  # "auto" may give one: said where it is known
     if (s.window_split == "replicated" and s.method in REGISTRY and s.method not in REPLICABLE

@@ -17,7 +17,7 @@ import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pipeline.samplers.options import (PC_WINDOW_POINTS, WINDOW_POINTS, Options,
+from pipeline.samplers.options import (PC_WINDOW_POINTS, THETAS, WINDOW_POINTS, Options,
                                       PicardDivergence, Stats, redone, window_points)
 
 
@@ -45,6 +45,8 @@ class Registered:
     score: ``"prior"`` (the prior draw alone), ``"path"`` (the prior and its step noise); ""
     for one whose stopping rule makes it depend otherwise (``pipeline.quality``'s exact W2).
     calls_per_step: model calls a sequential sampler makes a step (Heun: two).
+    thetas: the ``sampler.theta`` values it runs as asked (its corrector's): every one for
+    ``pc-window``, ``"one"`` for ``pc-window-ode``, which always takes it; none elsewhere.
     """
 
     target: str
@@ -60,6 +62,7 @@ class Registered:
     default_window: int = 0  # the window's points when sampler.window is 0 (windowed only)
     linear: str = ""
     calls_per_step: int = 1
+    thetas: tuple[str, ...] = ()
 
     def load(self):
         """The sampler function ``target`` names (``"module:function"``), imported now."""
@@ -128,11 +131,12 @@ REGISTRY = {
                              superseded=((1, _RING_FIXED, _RING_ROUNDING),)),
     # revision 2: the rebuild scales its lag by theta = J_max (a tolerance means less error)
     "pc-window": Registered("pipeline.samplers.pcwindow:pc_window_sde", _SDE, windowed=True,
-                            state=8, revision=2, default_window=PC_WINDOW_POINTS),
+                            state=8, revision=2, default_window=PC_WINDOW_POINTS,
+                            thetas=THETAS),
     # revision 2: the predictor extrapolates the denoiser instead of freezing it
     "pc-window-ode": Registered("pipeline.samplers.pcwindow:pc_window_ode", _ODE,
                                 windowed=True, state=7, revision=2,
-                                default_window=PC_WINDOW_POINTS),
+                                default_window=PC_WINDOW_POINTS, thetas=("one",)),
 }
 
 

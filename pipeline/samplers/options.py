@@ -10,7 +10,6 @@ THETAS = ("j_max", "one")  # the values of Options.theta
 WINDOW_SPLITS = ("slots", "replicated")  # the values of Options.window_split
 REPLICABLE = ("pc-window", "pc-window-ode")  # the samplers that read Options.window_split
 CHURNS = "edm-heun"  # the sampler that reads Options.churn
-THETA_READER = "pc-window"  # the sampler that reads Options.theta (pc-window-ode takes one)
 
 # The points p of a windowed sampler's window when Options.window is 0. Declared here, beside
 # Options and without torch, so that checking a configuration reads them without importing
