@@ -26,7 +26,7 @@ from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noq
                              load_config, read_toml, with_settings)
 from pipeline.console import fresh_line, on_every_rank, on_rank0, print0, say, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
-from pipeline.errors import PiadmError, StoppedTogether  # noqa: E402
+from pipeline.errors import FailedElsewhere, PiadmError, StoppedTogether  # noqa: E402
 from pipeline.settings import AUTO_METHODS  # noqa: E402
 
 
@@ -497,11 +497,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         say(f"piadm: error on rank {world.rank}: {line}")
         world.abort(2)
-    except Exception:
+    except Exception as err:
         if world.size == 1:
             raise
-        say(f"piadm: rank {world.rank} failed, aborting all {world.size} ranks:\n"
-              f"{traceback.format_exc()}")
+        if isinstance(err, FailedElsewhere):  # its traceback is rank 0's to print
+            say(f"piadm: {err} (its traceback is printed there): aborting all {world.size} "
+                "ranks")
+        else:
+            say(f"piadm: rank {world.rank} failed, aborting all {world.size} ranks:\n"
+                f"{traceback.format_exc()}")
         world.abort(1)
     return 1
 

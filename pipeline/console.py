@@ -6,7 +6,7 @@ import copy
 import os
 import sys
 
-from pipeline.errors import raised_together
+from pipeline.errors import FailedElsewhere, raised_together
 
 
 def tag(comm) -> str:
@@ -58,9 +58,12 @@ def on_rank0(comm, fn, *args, idle: bool = False, **kwargs):
     if idle:
         comm.barrier(idle=True)
     result, error = comm.bcast_object((result, error), 0)
-    if error is not None:  # every rank raises it: the CLI exits cleanly, no abort
-        raise raised_together(error)
-    return result
+    if error is None:
+        return result
+    shared = raised_together(error)  # a user error: every rank raises it, the CLI exits 2
+    if comm.rank != 0 and not getattr(shared, "collective", False):  # a fault: rank 0's
+        raise FailedElsewhere(f"rank 0 failed: {type(error).__name__}: {error}") from None
+    raise shared
 
 
 def on_every_rank(comm, fn, *args, **kwargs):

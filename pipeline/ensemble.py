@@ -288,7 +288,8 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     beat = Heartbeat(folder, job).start() if world.rank == 0 else None
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
         for item, members in _raised_by_group(ranks, claimed_calls(
-                mine, cfg.ensemble.batch_size, slices, halt, tally, bar, items, spec.path, job)):
+                mine, cfg.ensemble.batch_size, slices, halt, tally, bar, items, spec.path, job),
+                halt):
             if item != bound_item:  # the work is ordered by item: read each input once
                 raw = items.field(item)
                 bound = bind_field(model, cfg.model.condition,
@@ -504,13 +505,17 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
                    held=held)
 
 
-def _raised_by_group(ranks: RankGrid, calls):
-    """``calls``, a user error raised by every rank of a group (the lead's claim that failed)
-    made collective where the group is the whole job: one line, no abort."""
+def _raised_by_group(ranks: RankGrid, calls, halt: "_Halt"):
+    """``calls`` until a user error every rank of a group raises (the lead's claim that
+    failed): collective where the group is the whole job (one line, no abort); else kept as
+    the group's failure (``halt``), which ``_finish`` agrees on with the other groups, so
+    that none waits for this one."""
     try:
         yield from calls
     except PiadmError as err:
-        raise err.everywhere() if ranks.groups == 1 else err
+        if ranks.groups == 1:
+            raise err.everywhere() from None
+        halt.error = halt.error or err
 
 
 def _raise_together(world, spec, failed: Exception | None) -> None:

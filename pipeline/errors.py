@@ -145,6 +145,11 @@ class WriteFailed(PiadmError, OSError):
         super().__init__(message, collective=collective)
         self.errno = errno
 
+    def __reduce__(self):
+        # its errno is an OSError slot that neither its message nor its __dict__ holds: a
+        # copy (``everywhere``) or a pickle (to another rank) would lose it
+        return type(self), (str(self),), {**self.__dict__, "errno": self.errno}
+
     @classmethod
     def of(cls, err: OSError, doing: str) -> WriteFailed:
         """``err`` (a full disk, a lost mount) met while ``doing`` (e.g. "writing members to
@@ -169,6 +174,11 @@ def naming(path):
 
 class EvaluationError(PiadmError, ValueError):
     """The store or the truth cannot be evaluated as asked; the message says how to fix it."""
+
+
+class FailedElsewhere(RuntimeError):
+    """A fault rank 0 met in work done for every rank (``console.on_rank0``), as the other
+    ranks raise it: its traceback is printed there, once."""
 
 
 class Interrupted(KeyboardInterrupt):

@@ -1,7 +1,8 @@
 """Run under ``mpiexec``: ``piadm`` with the model failing on one rank after a few calls, to
 check that every rank ends promptly. Usage: python tests/mpi_fail.py RANK HOW PIADM-ARGS...,
 HOW ``raise`` (the call raises) or ``nan`` (it answers NaN, which only that rank sees), or
-``write``: that rank's second batch write fails as on a full disk.
+``write``: that rank's second batch write fails as on a full disk, or ``claim``: its second
+batch claim does.
 """
 import sys
 
@@ -30,6 +31,11 @@ if __name__ == "__main__":
         from pipeline import ensemble
 
         ensemble.write_batch = second_write_fails(ensemble.write_batch)
+    elif world_comm().rank == int(sys.argv[1]) and sys.argv[2] == "claim":
+        from conftest import second_write_fails
+        from pipeline import claimed
+
+        claimed.claim = second_write_fails(claimed.claim)
     elif world_comm().rank == int(sys.argv[1]):
         GaussianRandomField.__call__ = _fail_after(3, sys.argv[2])
     sys.exit(cli.main(sys.argv[3:]))

@@ -82,3 +82,22 @@ def test_on_every_rank_raises_another_ranks_error_with_what_its_kind_carries():
     with pytest.raises(WriteFailed) as info:
         on_every_rank(TwoRanks(full), lambda: 1)
     assert info.value.errno == 28 and str(info.value).endswith("(on rank(s) 1 of 2)")
+
+
+def test_a_fault_in_rank_0s_work_is_rank_0s_on_the_other_ranks():
+    """Every rank re-raised rank 0's RuntimeError as its own: each printed the traceback,
+    'rank 1 failed' first, naming a rank that had not."""
+    from pipeline.errors import FailedElsewhere
+
+    class Rank1(SerialComm):
+        rank, size = 1, 2
+
+        def bcast_object(self, obj, root):
+            return None, RuntimeError("the disk controller went away")
+
+    with pytest.raises(FailedElsewhere, match="^rank 0 failed: RuntimeError: the disk "
+                                              "controller went away$"):
+        on_rank0(Rank1(), lambda: None)
+    with pytest.raises(RuntimeError, match="went away") as info:  # rank 0 keeps its own
+        on_rank0(SerialComm(), lambda: (_ for _ in ()).throw(RuntimeError("went away")))
+    assert not isinstance(info.value, FailedElsewhere)

@@ -20,3 +20,18 @@ def test_other_errors_pass_through_unmarked():
         with raised_by_every_rank():
             raise KeyError("x")
     assert not getattr(info.value, "collective", False)
+
+
+def test_a_write_failures_errno_survives_a_copy_and_a_pickle():
+    """errno is an OSError slot its message does not rebuild: a claim's WriteFailed, sent
+    to the group's ranks and made collective, reached API callers with errno None."""
+    import copy
+    import errno
+    import pickle
+
+    from pipeline.errors import WriteFailed
+
+    said = WriteFailed.of(OSError(errno.ENOSPC, "No space left on device"), "writing to o.zarr")
+    for again in (pickle.loads(pickle.dumps(said)), copy.copy(said), said.everywhere()):
+        assert (type(again), str(again), again.errno) == (WriteFailed, str(said), errno.ENOSPC)
+    assert said.everywhere().collective is True

@@ -147,6 +147,22 @@ def test_a_write_failing_on_one_rank_ends_the_job_on_one_line_without_an_abort(t
     assert "Abort" not in proc.stderr
 
 
+def test_a_claim_failing_in_one_group_of_several_ends_the_job_on_one_line(tmp_path):
+    """The group whose claim failed raised alone: a line from each of its ranks and MPI's
+    abort on the command line, and through the API the other group waited forever."""
+    out = tmp_path / "c.zarr"
+    proc = mpirun(2, ["tests/mpi_fail.py", "1", "claim", "sample", "jobs/configs/grf.toml",
+                      *_sets([f"output.path={out}", "ensemble.members=8",
+                              "ensemble.batch_size=2", "sampler.method=sequential-sde",
+                              "model.shape=[8, 8]", "sampler.steps=20"])],
+                  timeout=90)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"piadm: error: claiming a batch of {out} failed: No space left on device"), errors
+    assert errors[0].endswith("(on rank(s) 1 of 2)") and "Abort" not in proc.stderr
+
+
 def test_a_nan_on_one_time_slice_of_a_picard_block_ends_every_rank(tmp_path):
     """MPI's MAX of a NaN and a number depends on the order it meets them: the block's
     residual was NaN on some ranks and a number on others, so some stopped sweeping while the
