@@ -129,29 +129,16 @@ def test_an_exception_on_one_rank_ends_every_rank_promptly(tmp_path):
     assert "injected failure" in proc.stderr and "rank 2 failed" in proc.stderr
 
 
-def test_a_write_failing_on_one_rank_ends_the_job_on_one_line_without_an_abort(tmp_path):
+@pytest.mark.parametrize("how, doing", [("write", "writing members to"),
+                                        ("claim", "claiming a batch of")])
+def test_a_write_failing_on_one_rank_ends_the_job_on_one_line_without_an_abort(tmp_path, how,
+                                                                             doing):
     """After the ranks agreed that a write failed, the failing rank raised its own error as
-    if alone: a line from each rank and MPI's abort, for a full disk (exit 2 still)."""
+    if alone: a line from each rank and MPI's abort, for a full disk (exit 2 still). A batch
+    claim failing in one group of several was raised by that group alone (through the API
+    the other group waited forever)."""
     out = tmp_path / "w.zarr"
-    proc = mpirun(2, ["tests/mpi_fail.py", "1", "write", "sample", "jobs/configs/grf.toml",
-                      *_sets([f"output.path={out}", "ensemble.members=8",
-                              "ensemble.batch_size=2", "sampler.method=sequential-sde",
-                              "model.shape=[8, 8]", "sampler.steps=20"])],
-                  timeout=90)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [f"piadm: error: writing members to {out} failed: No space left on "
-                      "device; the members written before it are kept: fix the cause (free "
-                      "space, the mount) and rerun the same command to finish (on rank(s) 1 "
-                      "of 2)"], proc.stderr[-2000:]
-    assert "Abort" not in proc.stderr
-
-
-def test_a_claim_failing_in_one_group_of_several_ends_the_job_on_one_line(tmp_path):
-    """The group whose claim failed raised alone: a line from each of its ranks and MPI's
-    abort on the command line, and through the API the other group waited forever."""
-    out = tmp_path / "c.zarr"
-    proc = mpirun(2, ["tests/mpi_fail.py", "1", "claim", "sample", "jobs/configs/grf.toml",
+    proc = mpirun(2, ["tests/mpi_fail.py", "1", how, "sample", "jobs/configs/grf.toml",
                       *_sets([f"output.path={out}", "ensemble.members=8",
                               "ensemble.batch_size=2", "sampler.method=sequential-sde",
                               "model.shape=[8, 8]", "sampler.steps=20"])],
@@ -159,8 +146,11 @@ def test_a_claim_failing_in_one_group_of_several_ends_the_job_on_one_line(tmp_pa
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith(
-        f"piadm: error: claiming a batch of {out} failed: No space left on device"), errors
-    assert errors[0].endswith("(on rank(s) 1 of 2)") and "Abort" not in proc.stderr
+        f"piadm: error: {doing} {out} failed: No space left on device"), errors
+    assert errors[0].endswith("the members written before it are kept: fix the cause (free "
+                              "space, the mount) and rerun the same command to finish (on "
+                              "rank(s) 1 of 2)"), errors
+    assert "Abort" not in proc.stderr
 
 
 def test_a_nan_on_one_time_slice_of_a_picard_block_ends_every_rank(tmp_path):
