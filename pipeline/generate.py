@@ -211,14 +211,19 @@ def _generate(d: DataConfig, path: Path, config_text: str, device, progress) -> 
     replacing = path.exists()
     target = _beside(path, DRAFT) if replacing else path
     written = 0
+    # a new dataset is made aside and renamed into place: a stop while zarr writes its
+    # metadata must not leave at data.path what data.overwrite cannot tell for its own
+    made = None if replacing else _beside(path, DRAFT)
     try:
         with naming(path):  # zarr's write on a full disk names no file
-            for written in _simulate(d, target, config_text, device, progress):
+            for written in _simulate(d, target, config_text, device, progress, made):
                 pass
             consolidate(target)
     except BaseException as err:
         if replacing:  # the dataset it was to replace stays, whole
             shutil.rmtree(target, ignore_errors=True)
+        if made is not None:  # stopped while making it, before it was renamed into place
+            shutil.rmtree(made, ignore_errors=True)
         if not isinstance(err, KeyboardInterrupt):
             raise
         # Ctrl-C, or a stop signal (pipeline.signals)
@@ -250,10 +255,12 @@ def _spinup_line(t: float, spinup: float, elapsed: float) -> str:
     return f"spin-up t = {t:.3g} of {spinup:g}  elapsed {elapsed:.1f}s{eta}"
 
 
-def _simulate(d: DataConfig, path: Path, config_text: str, device, progress):
-    """Spin the flow up, then create the store at ``path`` and fill it chunk by chunk,
-    yielding the snapshots written so far after each chunk: a spin-up that fails (blows up,
-    runs out of memory) leaves no store behind to block the rerun."""
+def _simulate(d: DataConfig, path: Path, config_text: str, device, progress,
+              made: Path | None = None):
+    """Spin the flow up, then create the store at ``path`` (made at ``made`` first, where
+    given, and renamed into place whole) and fill it chunk by chunk, yielding the snapshots
+    written so far after each chunk: a spin-up that fails (blows up, runs out of memory)
+    leaves no store behind to block the rerun."""
     flow = Flow(d.resolution, nu=d.viscosity, drag=d.drag, k_f=d.forcing_wavenumber,
                 forcing=d.forcing)
     sp = Spectral(flow, device)
@@ -262,7 +269,10 @@ def _simulate(d: DataConfig, path: Path, config_text: str, device, progress):
     say = _every(PROGRESS_S if on_terminal() else LOG_PROGRESS_S, progress)
     w_hat = advance(sp, w_hat, d.spinup, cfl=d.cfl, dt_max=d.dt_max,
                     on_step=lambda t: say(_spinup_line(t, d.spinup, time.perf_counter() - start)))
-    _empty(d, config_text).to_zarr(path, mode="w", compute=False, zarr_format=3, consolidated=False)
+    _empty(d, config_text).to_zarr(made or path, mode="w", compute=False, zarr_format=3,
+                                   consolidated=False)
+    if made is not None:
+        os.rename(made, path)
     spun = time.perf_counter() - start
     start = time.perf_counter()
     for lo in range(0, d.snapshots, d.chunk):

@@ -343,6 +343,28 @@ def test_a_stop_in_the_spin_up_says_nothing_was_written(tmp_path, capsys, monkey
     assert not (tmp_path / "s.zarr").exists()
 
 
+def test_a_stop_while_the_dataset_is_made_leaves_nothing_overwrite_cannot_tell(tmp_path,
+                                                                              monkeypatch):
+    """A requeue's SIGTERM while zarr wrote the new dataset's metadata left a group without
+    its marker at data.path, which data.overwrite = true then refused to delete as another
+    tool's: the requeued job failed (seen once in the SLURM array test)."""
+    import xarray as xr
+    import zarr
+
+    made = xr.Dataset.to_zarr
+
+    def stopped(self, store, *args, **kwargs):  # the group made, its attributes not yet
+        zarr.open_group(store, mode="w")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", stopped)
+    path = tmp_path / "s.zarr"
+    assert _run(path) == 130
+    assert not path.exists() and not list(tmp_path.glob("*.zarr*generating*"))
+    monkeypatch.setattr(xr.Dataset, "to_zarr", made)
+    assert _run(path, "data.overwrite=true") == 0
+
+
 def test_a_second_run_on_a_data_path_being_made_is_refused_naming_the_first(tmp_path, capsys):
     """Two runs on one data.path mixed two trajectories (the first kept writing into the
     store the second had moved into place); the second was told to set data.overwrite."""
