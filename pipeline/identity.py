@@ -17,7 +17,7 @@ import tomllib
 from pipeline.config import with_settings
 from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import StoreExists, config_batch, config_members, read_attrs, stored_digest
-from pipeline.stored import Stored, setting_differences, stored_settings, untold_message
+from pipeline.stored import Stored, differences_of, stored_settings, untold_message
 from pipeline.target import Growth, check_target, stored_config
 
 
@@ -116,17 +116,12 @@ def _check_older_and_smaller(cfg: Config, found: str | None) -> None:
             f"bring its identity up to date, then with {grown.asked} to grow it")
 
 
-def _check_untold(cfg: Config, found: str | None) -> None:
-    """Refuse, saying why, a store an older piadm made whose settings are ``cfg``'s as far as
-    they can be told, but one it lacked (``stored.UNTOLD``) cannot be: another
-    configuration's store is refused as such, naming what differs (``output.overwrite``
-    replaces either)."""
-    if found is None or found in _own_digests(cfg) or cfg.output.overwrite:
-        return
-    attrs = read_attrs(cfg.output.path) or {}
-    text = str(attrs.get("config", ""))
-    read = stored_settings(text, attrs)
-    if read is not None and read.untold and not setting_differences(cfg, text, attrs):
+def check_untold(cfg: Config, read: Stored | None) -> None:
+    """Refuse, saying why, a store an older piadm made (its config ``read``,
+    ``stored_of``) whose settings are ``cfg``'s as far as they can be told, but one it
+    lacked (``stored.UNTOLD``) cannot be: another configuration's store is refused as such,
+    naming what differs (``output.overwrite`` replaces either)."""
+    if read is not None and read.untold and not differences_of(cfg, read):
         raise StoreExists(untold_message(cfg.output.path, read.untold))
 
 
@@ -139,8 +134,11 @@ def target_fate(cfg: Config, model: str | None, **kwargs) -> tuple[str, str | No
         found = stored_digest(cfg.output.path)  # which then reads as another config's
         _check_older_and_smaller(cfg, found)
         legacy = next((d for d in _legacy_digests(cfg) if d == found), None)
-        _check_untold(cfg, found)
-        if legacy is None and (older := older_of_ours(cfg, found)) is not None:
+        # neither this version's digest of cfg nor an older one's: made before keys added since?
+        strange = found is not None and found not in _own_digests(cfg)
+        if strange and not cfg.output.overwrite:
+            check_untold(cfg, stored_of(cfg))
+        if strange and legacy is None and (older := older_of_ours(cfg, found)) is not None:
             if older[1] > cfg.ensemble.members:
                 raise StoreExists(
                     f"output {cfg.output.path} holds {older[1]} members of this configuration, "

@@ -127,8 +127,8 @@ def check_unplannable_store(cfg: Config) -> None:
     configuration's plan made (``stored_plan``): refuse it, naming the settings in which its
     config differs from ``cfg`` (those a plan picks only when no other differs). Planned
     first, the run was refused only after every measurement, naming the plan's settings."""
-    from pipeline.stored import (format_differences, setting_differences, stored_settings,
-                                 untold_message)
+    from pipeline.identity import check_untold
+    from pipeline.stored import differences_of, format_differences, stored_settings
     from pipeline.store import StoreExists, read_attrs
 
     attrs = {} if cfg.output.overwrite else read_attrs(cfg.output.path) or {}
@@ -136,10 +136,9 @@ def check_unplannable_store(cfg: Config) -> None:
     if not text:  # none, or not a piadm store: the run's own checks say what to do
         return
     chosen = PLAN_KEYS + (("sampler.steps",) if cfg.sampler.method == EQUAL_QUALITY else ())
-    every = setting_differences(cfg, text, attrs)
     read = stored_settings(text, attrs)
-    if read is not None and read.untold and not every:
-        raise StoreExists(untold_message(cfg.output.path, read.untold))
+    every = [] if read is None else differences_of(cfg, read)
+    check_untold(cfg, read)
     # where only plan keys differ, the store's own pick of a key set to "auto" is no change
     differ = ([d for d in every if d[0] not in chosen]
               or [d for d in every if d[2] not in ("auto", *AUTO_METHODS)] or every)

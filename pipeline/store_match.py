@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from models import OWN_KINDS
-from pipeline.stored import store_differences, stored_settings
+from pipeline.stored import differences_of, format_differences, stored_settings
 from pipeline.identity import target_fate
 from pipeline.inputs import Items, label_text, same_fingerprint
 from pipeline.layout import arithmetic_kind
@@ -83,15 +83,16 @@ def _check_room(cfg: Config, count: int, fate: str) -> None:
 
 
 def _differences(cfg: Config, text: str) -> list[str]:
-    """``store_differences`` of the store's config ``text`` from ``cfg``, and a note where a
+    """How the store's config ``text`` differs from ``cfg`` (``stored.differences_of``), and
+    a note where a
     file setting the store spells relative names nothing from here: the same file named from
     another folder is another spelling, and the store's own config resumes it only from the
     folder it was made in (its ``made_in`` attribute, where recorded)."""
     import tomllib
 
     attrs = read_attrs(cfg.output.path) or {}
-    shown = store_differences(cfg, text, attrs=attrs)
     read = stored_settings(text, attrs)
+    shown = [] if read is None else format_differences(differences_of(cfg, read))
     if shown and read is not None and read.untold:
         shown.append(f"its {', '.join(read.untold)} cannot be told (an older piadm's store "
                      "that recorded no device)")

@@ -86,16 +86,11 @@ def _written() -> dict:
     return tomllib.loads(_defaults().text)
 
 
-def setting_differences(cfg: Config, text: str,
-                        attrs: dict | None = None) -> list[tuple[str, object, object]]:
-    """The store-deciding settings (``Config.store_settings``) in which the config TOML
-    ``text`` (a store's ``config`` attribute; ``attrs``: its attributes, which tell how an
-    older piadm ran without a key, ``stored_settings``) differs from ``cfg``, as
-    ("section.key", theirs, ours), ensemble.members left out; empty when ``text`` does not
-    parse as a config of this version."""
-    read = stored_settings(text, attrs)
-    if read is None:
-        return []
+def differences_of(cfg: Config, read: Stored) -> list[tuple[str, object, object]]:
+    """The store-deciding settings (``Config.store_settings``) in which a store's config as
+    read (``stored_settings``: how an older piadm ran without a key comes from its
+    attributes) differs from ``cfg``, as ("section.key", theirs, ours), ensemble.members
+    left out."""
     theirs, ours = read.config.store_settings(), cfg.store_settings()
     # another ensemble.members alone makes a store grow (or be refused as cut), never
     # another configuration's: naming it here would ask the user to match it; a key whose
@@ -119,13 +114,9 @@ def untold_message(path, untold: list[str]) -> str:
 
 
 def format_differences(differences, most: int = 4) -> list[str]:
-    """``setting_differences`` as "key: theirs -> ours", the first ``most`` and a count of
+    """``differences_of`` as "key: theirs -> ours", the first ``most`` and a count of
     the rest."""
     out = [f"{key}: {theirs!r} -> {ours!r}" for key, theirs, ours in differences]
     return out[:most] + ([f"and {len(out) - most} more"] if len(out) > most else [])
 
 
-def store_differences(cfg: Config, text: str, most: int = 4,
-                      attrs: dict | None = None) -> list[str]:
-    """``setting_differences`` formatted (``format_differences``)."""
-    return format_differences(setting_differences(cfg, text, attrs), most)
