@@ -273,7 +273,9 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     group's lead rank writing them; then agree what the run did (``_finish``)."""
     world, slices, s = ranks.world, ranks.slices, cfg.sampler
     mean, std = scale
-    writer = make_writer(cfg.output.background) if slices.rank == 0 else None
+    # a lead's writer that cannot start (its thread's stack) is every rank's one-line error
+    writer = on_every_rank(world, lambda: make_writer(cfg.output.background)
+                           if slices.rank == 0 else None)
     grid = sampler_grid(s, model)
     options = sampler_options(s, tol=tol.tol, data_bound=model_data_bound(model, cfg.model))
     tally = _Tally(time.perf_counter(),

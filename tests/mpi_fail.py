@@ -1,8 +1,8 @@
 """Run under ``mpiexec``: ``piadm`` with the model failing on one rank after a few calls, to
 check that every rank ends promptly. Usage: python tests/mpi_fail.py RANK HOW PIADM-ARGS...,
 HOW ``raise`` (the call raises) or ``nan`` (it answers NaN, which only that rank sees), or
-``write``: that rank's second batch write fails as on a full disk, or ``claim``: its second
-batch claim does.
+``write``: that rank's second batch write fails as on a full disk, ``claim``: its second
+batch claim does, or ``thread``: its background writer's thread cannot start.
 """
 import sys
 
@@ -36,6 +36,17 @@ if __name__ == "__main__":
         from pipeline import claimed
 
         claimed.claim = second_write_fails(claimed.claim)
+    elif world_comm().rank == int(sys.argv[1]) and sys.argv[2] == "thread":
+        import threading
+
+        start = threading.Thread.start
+
+        def no_room(thread):
+            if thread.name == "piadm-writer":  # as under a low ulimit -v
+                raise RuntimeError("can't start new thread")
+            start(thread)
+
+        threading.Thread.start = no_room
     elif world_comm().rank == int(sys.argv[1]):
         GaussianRandomField.__call__ = _fail_after(3, sys.argv[2])
     sys.exit(cli.main(sys.argv[3:]))
