@@ -7,6 +7,7 @@ last writer of one key wins.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -74,6 +75,10 @@ def update_cache(path: Path, key: str, entry) -> bool:
 
 
 def _update(path: Path, key: str, entry) -> None:
+    home = Path.home()
+    if not os.environ.get("PIADM_CACHE") and not home.is_dir():
+        # a service account's HOME (/nonexistent) is not made for it, as root could
+        raise FileNotFoundError(errno.ENOENT, f"the home folder {home} does not exist")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f"{path.name}.lock"), "a") as lock:
         try:

@@ -378,3 +378,17 @@ def test_a_cache_write_that_fails_leaves_no_partial_copy_beside_it(tmp_path, mon
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.json.lock"]
     assert read_cache(path) == {"kept": 1}
+
+
+def test_a_missing_home_folder_is_not_made_for_the_default_cache(tmp_path, monkeypatch, capsys):
+    """A service account's HOME=/nonexistent: run as root, the cache's mkdir made that folder
+    (and its .cache) at the file system's root."""
+    from pipeline.cache import cache_path, update_cache
+
+    home = tmp_path / "nonexistent"
+    monkeypatch.delenv("PIADM_CACHE")
+    monkeypatch.setenv("HOME", str(home))
+    assert not update_cache(cache_path("calibration.json"), "lost", 1)
+    assert not home.exists()
+    assert (f"cannot keep this measurement in {home}/.cache/piadm (the home folder {home} does "
+            "not exist)") in capsys.readouterr().err
