@@ -181,10 +181,14 @@ def load_weights(net: torch.nn.Module, path: str, key: str = "model.weights") ->
         raise ConfigError(f"config: {key} = {path!r} is not a file (looked for "
                           f"{Path(path).absolute()}): point it at the network's state dict "
                           "(.safetensors, or a torch file saved from state_dict())")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:  # the file may be fine: say what is missing
+            raise ConfigError(f"config: {key} = {path!r} needs the safetensors package: pip "
+                              "install safetensors (or 'piadm[diffusers]')") from None
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

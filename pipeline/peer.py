@@ -21,18 +21,26 @@ import torch
 from pipeline.calibrate import worst_distance
 from pipeline.clock import DiscreteVP, noise_std
 from pipeline.comm import SerialComm
+from pipeline.errors import ConfigError
 from pipeline.grids import Grid
 from pipeline.noise import Noise
 from pipeline.samplers import REGISTRY, SAMPLERS, Options
 from pipeline.samplers.options import WINDOW_POINTS
 
 
-def _scheduler():
+def require_diffusers() -> None:
+    """Raise ConfigError, naming the install, where diffusers cannot be imported."""
     try:
-        from diffusers import DDPMParallelScheduler
+        import diffusers  # noqa: F401
     except ImportError:
-        raise ImportError("piadm bench --peer diffusers needs diffusers: pip install "
-                          "'piadm[bench]' (or pip install diffusers)") from None
+        raise ConfigError("piadm bench --peer diffusers needs the diffusers package: pip "
+                          "install 'piadm[bench]' (or pip install diffusers)") from None
+
+
+def _scheduler():
+    require_diffusers()
+    from diffusers import DDPMParallelScheduler
+
     return DDPMParallelScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
                                  beta_schedule="linear", clip_sample=False)
 

@@ -350,6 +350,22 @@ def test_float64_weights_for_float32_parameters_are_said_to_be_rounded(tmp_path)
     assert exact.weight.item() == 1 + 1e-12
 
 
+def test_safetensors_weights_without_the_package_name_the_package_not_the_file(tmp_path,
+                                                                            monkeypatch):
+    """The file was said to be no readable state dict, for a ModuleNotFoundError."""
+    import sys
+
+    from models.module import load_weights
+    from pipeline.errors import ConfigError
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"any")
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ConfigError, match=r"^config: model.weights = '.*w.safetensors' needs "
+                                          r"the safetensors package: pip install safetensors"):
+        load_weights(torch.nn.Linear(1, 1), str(path))
+
+
 def test_a_store_with_a_channel_axis_is_evaluated_as_its_2d_fields(tmp_path, monkeypatch):
     import numpy as np
     import xarray as xr

@@ -175,6 +175,18 @@ def test_bench_peer_runs_pc_window_at_the_configured_window(capsys):
     assert [row[2] for row in rows] == ["p=100", "p=90"]  # ParaDiGMS keeps its own window
 
 
+def test_bench_peer_without_diffusers_is_one_line_naming_the_install(monkeypatch, capsys):
+    """It was an ImportError's traceback, raised once the model was built."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers raises ImportError
+    assert main(["bench", "jobs/configs/grf.toml", "--peer", "diffusers", "--set",
+                 "model.shape=[8, 8]", "--set", "bench.members=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["piadm: error: piadm bench --peer diffusers needs the diffusers package: pip "
+                   "install 'piadm[bench]' (or pip install diffusers)"]
+
+
 def test_bench_plots_against_d_and_against_ranks(tmp_path, capsys):
     import json
 
