@@ -404,6 +404,31 @@ def _check_numbers(cfg: Config) -> None:
             control = [v for v in numbers if isinstance(v, str) and re.search(r"[\x00-\x1f\x7f]", v)]
             _check(not control, key,
                    f"= {value!r} holds a control character (a new line or tab): remove it")
+            # a shell's Latin-1 byte arrives as a lone surrogate, which the store's config
+            # text (UTF-8) cannot hold: it failed at the config's digest, a traceback
+            _check(all(_utf8(v) for v in numbers if isinstance(v, str)), key,
+                   f"= {value!r} holds a byte that is not UTF-8 text (a name typed in another "
+                   "encoding): write it in UTF-8")
+            # zarr would open s3:// through fsspec, but piadm's locks, drafts and renames
+            # are a file system's: such a path failed on a missing package, or made a local
+            # folder named "memory:"
+            url = f.name in PATH_FIELDS and any(isinstance(v, str) and "://" in v
+                                                for v in numbers)
+            _check(not url, key, f"= {value!r} is a URL: piadm works on the files of a local or "
+                   "mounted file system only; give a path there")
+
+
+# The fields that name a file or folder (model.weights when it is a text)
+PATH_FIELDS = ("path", "checkpoint", "guide", "weights", "data", "init")
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (no lone surrogate from undecodable bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def validate(cfg: Config) -> None:

@@ -107,6 +107,15 @@ def test_version_and_the_installed_entry_point():
      f"is not a shell): write the path out, e.g. {Path.home()}/x"),
     (["sample", "jobs/configs/grf.toml", "--set", 'output.path=" "'],
      "output.path must not be empty"),
+    # zarr took these through fsspec: a missing package's traceback, a local folder "memory:"
+    (["sample", "jobs/configs/grf.toml", "--set", 'output.path="s3://bucket/x.zarr"'],
+     "output.path = 's3://bucket/x.zarr' is a URL: piadm works on the files of a local or "
+     "mounted file system only"),
+    (["generate-data", "jobs/configs/kolmogorov.toml", "--set", 'data.path="memory://d.zarr"'],
+     "data.path = 'memory://d.zarr' is a URL"),
+    # a shell's Latin-1 byte, a lone surrogate: a traceback at the config's digest
+    (["sample", "jobs/configs/grf.toml", "--set", "output.path=lat\udce9.zarr"],
+     "output.path = 'lat\\udce9.zarr' holds a byte that is not UTF-8 text"),
     # a forcing the grid cannot resolve folds back onto a low wavenumber
     (["generate-data", "jobs/configs/kolmogorov.toml", "--set", "data.forcing_wavenumber=22"],
      "data.forcing_wavenumber = 22 is past the largest wavenumber data.resolution"),
