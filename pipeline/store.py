@@ -269,6 +269,10 @@ def create(spec: StoreSpec) -> bool:
         shutil.rmtree(aside, ignore_errors=True)
         if path.exists():  # another run's store is there
             return False
+        if path.is_symlink():  # a link to nowhere: rename would replace the link, not fill it
+            raise StoreExists(f"output {path} is a symbolic link to {os.readlink(path)}, which "
+                              "does not exist, and piadm does not make a store through a link: "
+                              "point output.path at the path the link names") from None
         raise  # not a race: the folder refused it (permissions, a full disk)
     return True
 

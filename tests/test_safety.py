@@ -518,6 +518,20 @@ def test_an_output_inside_a_store_or_replacing_one_through_a_link_is_refused(tmp
     assert not (tmp_path / "link.zarr.claims").exists()
 
 
+def test_a_link_to_nowhere_as_the_output_is_refused_naming_the_link(tmp_path, capsys):
+    """The rename onto the link failed with the draft's name: "cannot use
+    .dangling.zarr.creating-...: Not a directory"."""
+    link = tmp_path / "dangling.zarr"
+    link.symlink_to(tmp_path / "nowhere" / "x.zarr")
+    sets = _small(tmp_path, **{"output.path": str(link)})
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]) == 2
+    err = capsys.readouterr().err
+    assert (f"piadm: error: output {link} is a symbolic link to {tmp_path}/nowhere/x.zarr, "
+            "which does not exist, and piadm does not make a store through a link") in err
+    assert link.is_symlink() and [p.name for p in tmp_path.iterdir()] == ["dangling.zarr"]
+
+
 SHIPPED = "models/checkpoints/kolmogorov_uncond.pt"
 
 
