@@ -83,10 +83,14 @@ def _read(checkpoint: str, key: str, device):
     from pipeline.errors import ConfigError, from_here
 
     if not checkpoint or not Path(checkpoint).is_file():
+        # run outside the repository (an installed wheel), the shipped networks are here
+        shipped = Path(__file__).parent / "checkpoints" / Path(checkpoint).name
+        where = (f"; piadm's own {shipped.name} is {shipped}" if checkpoint and shipped.is_file()
+                 else "")
         raise ConfigError(f"config: {key} = {checkpoint!r} is not a file"
                           f"{from_here(checkpoint) if checkpoint else ''}: point it at a piadm "
                           "train checkpoint (e.g. models/checkpoints/kolmogorov_uncond.pt, from "
-                          "the repository's folder)")
+                          f"the repository's folder){where}")
     try:
         den, meta = load_denoiser(checkpoint, device)
     except ConfigError:  # it names its fix

@@ -5,6 +5,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -132,3 +134,25 @@ def test_the_local_scripts_refuse_a_count_that_is_not_a_positive_number():
                                   env={"PATH": "/usr/bin:/bin", var: value, "PIADM": "true"})
             assert proc.returncode == 2, (script, value, proc.stderr)
             assert f"{var}={value}: give a positive whole number" in proc.stderr
+
+
+def test_the_shipped_networks_go_into_a_wheel():
+    """A wheel held the code alone: installed outside the repository, no shipped network."""
+    import fnmatch
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = [f"models/{p}" for p in data["package-data"]["models"]]
+    shipped = subprocess.run(["git", "ls-files", "models/checkpoints"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert shipped and all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in shipped)
+
+
+def test_a_missing_checkpoint_names_the_shipped_one_of_that_name(tmp_path, monkeypatch):
+    from models.learned import _read
+    from pipeline.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)  # outside the repository, as an installed piadm runs
+    with pytest.raises(ConfigError, match=r"piadm's own kolmogorov_down.pt is "
+                                          + re.escape(str(ROOT / "models" / "checkpoints"))):
+        _read("models/checkpoints/kolmogorov_down.pt", "model.checkpoint", "cpu")
