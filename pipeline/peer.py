@@ -14,6 +14,7 @@ path with the same noise; the two sequential paths are compared too.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 
 import torch
@@ -31,7 +32,7 @@ from pipeline.samplers.options import WINDOW_POINTS
 def require_diffusers() -> None:
     """Raise ConfigError, naming the install, where diffusers cannot be imported."""
     try:
-        import diffusers  # noqa: F401
+        importlib.import_module("diffusers")
     except ImportError:
         raise ConfigError("piadm bench --peer diffusers needs the diffusers package: pip "
                           "install 'piadm[bench]' (or pip install diffusers)") from None
