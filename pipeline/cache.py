@@ -76,7 +76,7 @@ def update_cache(path: Path, key: str, entry) -> bool:
 
 def _update(path: Path, key: str, entry) -> None:
     home = Path.home()
-    if not os.environ.get("PIADM_CACHE") and not home.is_dir():
+    if not os.environ.get("PIADM_CACHE") and path.is_relative_to(home) and not home.is_dir():
         # a service account's HOME (/nonexistent) is not made for it, as root could
         raise FileNotFoundError(errno.ENOENT, f"the home folder {home} does not exist")
     path.parent.mkdir(parents=True, exist_ok=True)
