@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from pipeline.errors import naming
+from pipeline.errors import naming, thread_failed
 from pipeline.processes import process_alive
 
 HEARTBEAT_S = 10.0
@@ -131,7 +131,11 @@ class Heartbeat:
     def start(self) -> "Heartbeat":
         """Beat once now, then every ``HEARTBEAT_S`` on a daemon thread."""
         self._beat()
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError as err:  # "can't start new thread": no room for its stack
+            self.path.unlink(missing_ok=True)  # no beat left to outlive the job
+            raise thread_failed("the claims' heartbeat thread", err) from None
         return self
 
     def stop(self) -> None:

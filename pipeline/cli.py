@@ -412,6 +412,10 @@ LOWER_TO_FIT = {
 def _as_user_error(err: Exception, command: str) -> Exception:
     """An allocation that failed outside a sampled batch (which says its own settings) as
     one line naming what to lower; any other error as it is."""
+    if isinstance(err, RuntimeError) and "can't start new thread" in str(err):
+        from pipeline.errors import thread_failed  # zarr's or torch's, under a low ulimit -v
+
+        return thread_failed(f"{command}: a thread", err)
     if "torch" not in sys.modules:  # nothing could have allocated through it
         return err
     from pipeline.errors import OutOfMemory, is_out_of_memory

@@ -287,7 +287,8 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     halt = _Halt(stop)
     folder = claims_dir(spec.path)
     job = on_rank0(world, new_job_id, folder)
-    beat = Heartbeat(folder, job).start() if world.rank == 0 else None
+    beat = on_every_rank(world, lambda: Heartbeat(folder, job).start()
+                         if world.rank == 0 else None)
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
         for item, members in _raised_by_group(ranks, claimed_calls(
                 mine, cfg.ensemble.batch_size, slices, halt, tally, bar, items, spec.path, job),

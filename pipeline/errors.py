@@ -126,6 +126,13 @@ def is_out_of_memory(err: BaseException) -> bool:
                                   "ALLOC_FAILED", "NOT_ENOUGH_WORKSPACE"))
 
 
+def thread_failed(what: str, err: RuntimeError, fix: str = "raise the limit") -> OutOfMemory:
+    """The one-line error of ``what`` (a thread) that could not start: Python's RuntimeError
+    "can't start new thread", where an address-space limit leaves no room for its stack."""
+    return OutOfMemory(f"{what} could not start ({err}): an address-space limit (ulimit -v) "
+                       f"leaves no room for its stack; {fix}")
+
+
 class BlowUp(PiadmError):
     """generate-data's simulation left the finite numbers: the message names the settings."""
 

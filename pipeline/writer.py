@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 
-from pipeline.errors import OutOfMemory
+from pipeline.errors import thread_failed
 
 
 class InlineWriter:
@@ -48,9 +48,8 @@ class BackgroundWriter:
         try:
             self._thread.start()
         except RuntimeError as err:  # "can't start new thread": no room for its stack
-            raise OutOfMemory(f"the background writer's thread could not start ({err}): an "
-                              "address-space limit (ulimit -v) leaves no room for its stack; "
-                              "raise the limit or set output.background = false") from None
+            raise thread_failed("the background writer's thread", err, "raise the limit or set "
+                                "output.background = false") from None
 
     def _run(self) -> None:
         while True:

@@ -2,7 +2,8 @@
 check that every rank ends promptly. Usage: python tests/mpi_fail.py RANK HOW PIADM-ARGS...,
 HOW ``raise`` (the call raises) or ``nan`` (it answers NaN, which only that rank sees), or
 ``write``: that rank's second batch write fails as on a full disk, ``claim``: its second
-batch claim does, or ``thread``: its background writer's thread cannot start.
+batch claim does, or ``thread`` (``beat``): its background writer's (heartbeat's) thread
+cannot start.
 """
 import sys
 
@@ -36,13 +37,14 @@ if __name__ == "__main__":
         from pipeline import claimed
 
         claimed.claim = second_write_fails(claimed.claim)
-    elif world_comm().rank == int(sys.argv[1]) and sys.argv[2] == "thread":
+    elif world_comm().rank == int(sys.argv[1]) and sys.argv[2] in ("thread", "beat"):
         import threading
 
         start = threading.Thread.start
+        name = {"thread": "piadm-writer", "beat": "piadm-heartbeat"}[sys.argv[2]]
 
         def no_room(thread):
-            if thread.name == "piadm-writer":  # as under a low ulimit -v
+            if thread.name == name:  # as under a low ulimit -v
                 raise RuntimeError("can't start new thread")
             start(thread)
 

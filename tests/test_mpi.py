@@ -153,20 +153,25 @@ def test_a_write_failing_on_one_rank_ends_the_job_on_one_line_without_an_abort(t
     assert "Abort" not in proc.stderr
 
 
-def test_a_writer_that_cannot_start_on_one_lead_ends_the_job_on_one_line(tmp_path):
-    """The writer is made on each group's lead only: its thread failing to start (no room
-    for its stack) was that rank's error alone, a line from it and MPI's abort."""
+@pytest.mark.parametrize("rank, how, what, fix", [
+    ("1", "thread", "the background writer's thread", "set output.background = false"),
+    ("0", "beat", "the claims' heartbeat thread", "raise the limit")])
+def test_a_thread_that_cannot_start_on_one_rank_ends_the_job_on_one_line(tmp_path, rank, how,
+                                                                         what, fix):
+    """The writer is made on each group's lead only, the heartbeat on rank 0: a thread
+    failing to start (no room for its stack) was that rank's error alone, a line from it and
+    MPI's abort (the heartbeat's a traceback)."""
     out = tmp_path / "t.zarr"
-    proc = mpirun(2, ["tests/mpi_fail.py", "1", "thread", "sample", "jobs/configs/grf.toml",
+    proc = mpirun(2, ["tests/mpi_fail.py", rank, how, "sample", "jobs/configs/grf.toml",
                       *_sets([f"output.path={out}", "ensemble.members=4",
                               "sampler.method=sequential-sde", "model.shape=[8, 8]",
                               "sampler.steps=10"])],
                   timeout=90)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith(
-        "piadm: error: the background writer's thread could not start"), errors
-    assert errors[0].endswith("set output.background = false (on rank(s) 1 of 2)"), errors
+    assert len(errors) == 1 and errors[0].startswith(f"piadm: error: {what} could not start"), (
+        errors)
+    assert errors[0].endswith(f"{fix} (on rank(s) {rank} of 2)"), errors
     assert "Abort" not in proc.stderr
 
 
