@@ -103,13 +103,40 @@ def report(path: str) -> tuple[str, bool]:
     return _text(path, state), state["complete"]
 
 
+# Items (and item indices) a status text lists one by one; past it, a count and the first
+# ones of those still to do (`piadm status --json` lists every item)
+SHOWN = 20
+
+
 def _text(path: str, state: dict) -> str:
     lines = [f"{path}: {state['done']}/{state['members']} members done"]
-    if len(state["items"]) > 1:
-        lines += [f"  {state['item_dim']} {i['label']}: {i['done']}/{i['members']}"
-                  for i in state["items"]]
+    items = state["items"]
+    line = "  {dim} {label}: {done}/{members}".format
+    if 1 < len(items) <= SHOWN:
+        lines += [line(dim=state["item_dim"], **i) for i in items]
+    elif len(items) > SHOWN:  # a store of thousands of dates: not a line each
+        partial = [i for i in items if i["done"] < i["members"]]
+        lines.append(f"  {len(items) - len(partial)} of {len(items)} items complete"
+                     + (f"; not yet (the first {min(SHOWN, len(partial))}):" if partial else ""))
+        lines += [line(dim=state["item_dim"], **i) for i in partial[:SHOWN]]
+        if len(partial) > SHOWN:
+            lines.append(f"  ... and {len(partial) - SHOWN} more (piadm status --json lists "
+                         "every item)")
     lines.append("complete" if state["complete"] else "incomplete: " + _to_finish(state))
     return "\n".join(lines)
+
+
+def _indices(left: list[int]) -> str:
+    """Item indices as a list to paste into parallel.items, or past ``SHOWN`` their count and
+    runs (e.g. "558 items: 2, 5-7, 1442-1999")."""
+    if len(left) <= SHOWN:
+        return str(left)
+    runs, first = [], left[0]
+    for prev, now in zip(left, [*left[1:], None]):
+        if now != prev + 1:
+            runs.append(str(first) if first == prev else f"{first}-{prev}")
+            first = now
+    return f"{len(left)} items: {', '.join(runs)}"
 
 
 def _to_finish(state: dict) -> str:
@@ -123,12 +150,12 @@ def _to_finish(state: dict) -> str:
         # not, so the items left are named for the user who split them so
         some = (f"; if they fill only some items (parallel.items), the rest need a job of "
                 f"their own (items not yet complete, those the live jobs fill among them: "
-                f"{left})" if len(items) > 1 and left else "")
+                f"{_indices(left)})" if len(items) > 1 and left else "")
         return (f"being filled by live job(s) {', '.join(state['filling'])}: wait for them "
                 f"(a rerun now would only share their batches){some}")
     if len(left) == len(items):
         return "rerun the same config to finish"
-    return (f"rerun the same config to finish (items still to do: {left}; a job with "
+    return (f"rerun the same config to finish (items still to do: {_indices(left)}; a job with "
             "parallel.items fills only its own)")
 
 

@@ -649,3 +649,22 @@ def test_a_working_folder_deleted_meanwhile_is_said_in_one_line(tmp_path):
     assert run.returncode == 2
     assert run.stderr == ("piadm: error: the working folder no longer exists (deleted or moved "
                           "since this shell entered it): cd to an existing folder and rerun\n")
+
+
+def test_status_of_thousands_of_items_counts_them_and_lists_those_left_as_runs():
+    """A store of 2,000 dates printed a line for each, then 558 indices on one line."""
+    from pipeline.status import _text
+
+    items = [{"label": f"d{n}", "done": 8 if n < 1442 and n != 7 else 3 * (n == 1442),
+              "members": 8} for n in range(2000)]
+    state = {"item_dim": "time", "done": sum(i["done"] for i in items), "members": 16000,
+             "complete": False, "filling": [], "items": items}
+    lines = _text("s.zarr", state).splitlines()
+    assert lines[1] == "  1441 of 2000 items complete; not yet (the first 20):"
+    assert lines[2:4] == ["  time d7: 0/8", "  time d1442: 3/8"] and len(lines) == 24
+    assert lines[-2] == "  ... and 539 more (piadm status --json lists every item)"
+    assert lines[-1] == ("incomplete: rerun the same config to finish (items still to do: 559 "
+                         "items: 7, 1442-1999; a job with parallel.items fills only its own)")
+    few = dict(state, items=items[:3], done=24, members=24, complete=True)
+    assert _text("s.zarr", few).splitlines()[1:] == ["  time d0: 8/8", "  time d1: 8/8",
+                                                     "  time d2: 8/8", "complete"]
