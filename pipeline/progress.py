@@ -3,7 +3,8 @@
 Only the ranks given ``speak = True`` report (group leads), each line tagged with its rank, so a
 SLURM log says who is where. The bar counts finished units (members, steps) and shows the
 detail of the unit in flight (the current block's sweep and residual) with an ETA, which counts
-the part of the unit in flight already done, so it is known before the first unit ends.
+the part of the unit in flight already done, so it is known before the first unit ends, and
+once more is done takes the pace since the first unit ended, leaving out the start's warm-up.
 """
 from __future__ import annotations
 
@@ -30,16 +31,26 @@ class Progress:
         self.start = self._last = time.perf_counter()
         self.done, self.detail, self.part = 0, "", 0.0
         self._first = True  # the first finished unit always prints: it shows the pace
+        self._first_end = None  # (seconds, units done) when the first unit finished
 
     def _line(self) -> str:
         elapsed = time.perf_counter() - self.start
         frac = self.done / self.total if self.total else 1.0
         bar = "#" * round(frac * self.width) + "." * (self.width - round(frac * self.width))
         done = self.done + self.part
-        eta = f"eta {elapsed / done * (self.total - done):.0f}s" if done > 0 else "eta ?"
+        eta = f"eta {self._left(elapsed, done):.0f}s" if done > 0 else "eta ?"
         detail = f" | {self.detail}" if self.detail else ""
         return (f"{tag(self.comm)}{self.unit} {self.done}/{self.total} [{bar}] {100 * frac:3.0f}%"
                 f"{detail} | {elapsed:.0f}s, {eta}")
+
+    def _left(self, elapsed: float, done: float) -> float:
+        """Seconds left at the pace since the first unit ended, once more is done (the first
+        unit's time holds the start's warm-up: a model's first calls, a device's tuning);
+        before then at the pace so far."""
+        if self._first_end is not None and done > self._first_end[1]:
+            at, then = self._first_end
+            return (elapsed - at) / (done - then) * (self.total - done)
+        return elapsed / done * (self.total - done)
 
     def _emit(self, final: bool) -> None:
         if self.live:
@@ -54,6 +65,8 @@ class Progress:
         """``count`` more units finished; ``detail`` describes the last one."""
         self.done += count
         self.detail, self.part = detail, 0.0
+        if self._first_end is None:
+            self._first_end = (time.perf_counter() - self.start, self.done)
         if not self.speak:
             return
         due = time.perf_counter() - self._last >= self.every

@@ -131,3 +131,23 @@ def test_a_log_line_and_its_newline_are_one_write(monkeypatch):
     monkeypatch.setattr(sys, "stderr", Writes())
     print0(SerialComm(), "snapshots 6/4000 written")
     assert sys.stderr.calls == ["snapshots 6/4000 written\n"]
+
+
+def test_eta_leaves_out_the_first_units_warm_up(monkeypatch):
+    """The first batch holds the model's first calls: at its pace, a job of 10 batches whose
+    first took 50 s and the next 10 s each was first said to need 450 s more, not 90."""
+    from pipeline import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    out = io.StringIO()
+    bar = Progress(SerialComm(), 10, "members", stream=out, every=0.0)
+    now[0] = 50.0
+    bar.advance(1)
+    assert out.getvalue().splitlines()[-1].endswith("50s, eta 450s")  # nothing else known yet
+    now[0] = 60.0
+    bar.advance(1)
+    assert out.getvalue().splitlines()[-1].endswith("60s, eta 80s")
+    now[0] = 65.0
+    bar.note("step 50/100", part=0.5)
+    assert out.getvalue().splitlines()[-1].endswith("65s, eta 75s")
