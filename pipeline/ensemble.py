@@ -38,7 +38,7 @@ from pipeline.layout import RankGrid, made_on, rank_grid
 from pipeline.memory import gpu_identity, ranks_sharing
 from pipeline.memory_check import check_memory, round_points
 from pipeline.noise import Noise
-from pipeline.progress import Progress
+from pipeline.progress import Progress, every_for
 from pipeline.run import (DTYPES, member_batches, model_data_bound, sample_batch, sampler_grid,
                           sampler_options)
 from pipeline.run_items import (bind_field, bind_first_item, checked_items, field_scale,
@@ -281,7 +281,8 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     tally = _Tally(time.perf_counter(),
                    stop_cause="by a signal" if isinstance(stop, StopRequest) else "on request")
     bar = Progress(world, sum(len(left) for _, _, left in mine),
-                   f"group {ranks.group + 1}/{ranks.groups} members", speak=slices.rank == 0)
+                   f"group {ranks.group + 1}/{ranks.groups} members", speak=slices.rank == 0,
+                   every=every_for(ranks.groups))
     hook = _ProgressHook(bar, s.method, grid.steps)
     bound, bound_item = model, None
     halt = _Halt(stop)

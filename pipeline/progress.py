@@ -14,6 +14,18 @@ import time
 from pipeline.console import tag
 
 
+# Seconds between a batch log's lines, and the group leads that may each print that often:
+# more groups report as many lines in all, each group less often (``every_for``)
+EVERY_S = 30.0
+LOUD_GROUPS = 4
+
+
+def every_for(groups: int) -> float:
+    """The seconds between each of ``groups`` leads' log lines, so that a job of 64 groups
+    writes no more lines a minute than one of 4."""
+    return EVERY_S * max(1.0, groups / LOUD_GROUPS)
+
+
 class Progress:
     """Report ``done`` of ``total`` units; ``detail`` says what the current unit is doing.
 
@@ -22,7 +34,7 @@ class Progress:
     thousands of small batches must not write a line for each."""
 
     def __init__(self, comm, total: int, unit: str, *, speak: bool | None = None,
-                 stream=None, every: float = 30.0, redraw: float = 0.2, width: int = 24):
+                 stream=None, every: float = EVERY_S, redraw: float = 0.2, width: int = 24):
         self.comm, self.total, self.unit, self.width = comm, max(total, 0), unit, width
         self.speak = comm.rank == 0 if speak is None else speak
         self.stream = stream or sys.stderr

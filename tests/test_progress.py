@@ -151,3 +151,11 @@ def test_eta_leaves_out_the_first_units_warm_up(monkeypatch):
     now[0] = 65.0
     bar.note("step 50/100", part=0.5)
     assert out.getvalue().splitlines()[-1].endswith("65s, eta 75s")
+
+
+def test_many_groups_each_report_less_often():
+    """Each group's lead printed a line every 30 s: 64 groups wrote 64 lines every 30 s."""
+    from pipeline.progress import EVERY_S, every_for
+
+    assert every_for(1) == every_for(4) == EVERY_S == 30.0
+    assert every_for(64) == 16 * EVERY_S  # 64 leads, as many lines a minute as 4
