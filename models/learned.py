@@ -83,10 +83,12 @@ def _read(checkpoint: str, key: str, device):
     from pipeline.errors import ConfigError, from_here
 
     if not checkpoint or not Path(checkpoint).is_file():
-        # run outside the repository (an installed wheel), the shipped networks are here
-        shipped = Path(__file__).parent / "checkpoints" / Path(checkpoint).name
-        where = (f"; piadm's own {shipped.name} is {shipped}" if checkpoint and shipped.is_file()
-                 else "")
+        # a shipped config's path, run outside the repository (an installed wheel): the
+        # shipped networks are here
+        given = Path(checkpoint)
+        shipped = Path(__file__).parent / "checkpoints" / given.name
+        ours = given.parent == Path("models", "checkpoints") and shipped.is_file()
+        where = f"; piadm's own {shipped.name} is {shipped}" if checkpoint and ours else ""
         raise ConfigError(f"config: {key} = {checkpoint!r} is not a file"
                           f"{from_here(checkpoint) if checkpoint else ''}: point it at a piadm "
                           "train checkpoint (e.g. models/checkpoints/kolmogorov_uncond.pt, from "

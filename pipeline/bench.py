@@ -27,7 +27,7 @@ import torch
 
 from models import CHANNEL_KINDS, STAT_ERRORS, build_model
 from pipeline.comm import SerialComm
-from pipeline.console import on_every_rank, on_rank0, print0
+from pipeline.console import on_rank0, print0
 from pipeline.errors import ConfigError
 from pipeline.memory import peak_since, start_peak
 from pipeline.memory_check import check_memory
@@ -521,7 +521,7 @@ def run_peer(cfg: Config, peer: str, *, comm=SerialComm(),
     bench's model (``pipeline.peer``); rank 0 runs it, the table is printed there."""
     from pipeline.peer import compare_diffusers, format_rows, require_diffusers
 
-    on_every_rank(comm, require_diffusers)  # before the model is built: one line
+    on_rank0(comm, require_diffusers)  # where it runs, before the model is built: one line
     model = build_model(cfg.model, device)
     if cfg.bench.sizes:  # the peer problem is one field: the model's own
         print0(comm, f"bench --peer runs on model.shape {list(cfg.model.shape)}, not on "

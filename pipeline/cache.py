@@ -75,10 +75,11 @@ def update_cache(path: Path, key: str, entry) -> bool:
 
 
 def _update(path: Path, key: str, entry) -> None:
-    home = Path.home()
-    if not os.environ.get("PIADM_CACHE") and path.is_relative_to(home) and not home.is_dir():
-        # a service account's HOME (/nonexistent) is not made for it, as root could
-        raise FileNotFoundError(errno.ENOENT, f"the home folder {home} does not exist")
+    if not os.environ.get("PIADM_CACHE"):  # (Path.home() raises where no home is known)
+        home = Path.home()
+        if path.is_relative_to(home) and not home.is_dir():
+            # a service account's HOME (/nonexistent) is not made for it, as root could
+            raise FileNotFoundError(errno.ENOENT, f"the home folder {home} does not exist")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f"{path.name}.lock"), "a") as lock:
         try:

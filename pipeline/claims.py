@@ -129,12 +129,15 @@ class Heartbeat:
                 pass
 
     def start(self) -> "Heartbeat":
-        """Beat once now, then every ``HEARTBEAT_S`` on a daemon thread."""
+        """Beat once now, then every ``HEARTBEAT_S`` on a daemon thread; OutOfMemory
+        (``errors.thread_failed``), leaving no beat file, where the thread cannot start."""
         self._beat()
         try:
             self._thread.start()
-        except RuntimeError as err:  # "can't start new thread": no room for its stack
+        except RuntimeError as err:  # "can't start new thread"
             self.path.unlink(missing_ok=True)  # no beat left to outlive the job
+            with contextlib.suppress(OSError):  # nor the folder the beat made, if empty
+                self.path.parent.rmdir()
             raise thread_failed("the claims' heartbeat thread", err) from None
         return self
 

@@ -411,8 +411,10 @@ LOWER_TO_FIT = {
 
 def _as_user_error(err: Exception, command: str) -> Exception:
     """An allocation that failed outside a sampled batch (which says its own settings) as
-    one line naming what to lower; any other error as it is."""
-    if isinstance(err, RuntimeError) and "can't start new thread" in str(err):
+    one line naming what to lower, a thread that could not start (zarr's, torch's) as one
+    line naming the limits; any other error as it is."""
+    # (not FailedElsewhere, a RuntimeError too: the rank that met it says so)
+    if type(err) is RuntimeError and "can't start new thread" in str(err):
         from pipeline.errors import thread_failed  # zarr's or torch's, under a low ulimit -v
 
         return thread_failed(f"{command}: a thread", err)

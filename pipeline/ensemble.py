@@ -273,9 +273,8 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     group's lead rank writing them; then agree what the run did (``_finish``)."""
     world, slices, s = ranks.world, ranks.slices, cfg.sampler
     mean, std = scale
-    # a lead's writer that cannot start (its thread's stack) is every rank's one-line error
-    writer = on_every_rank(world, lambda: make_writer(cfg.output.background)
-                           if slices.rank == 0 else None)
+    writer = _started(world, slices.rank == 0, lambda: make_writer(cfg.output.background),
+                      lambda made: made.close())
     grid = sampler_grid(s, model)
     options = sampler_options(s, tol=tol.tol, data_bound=model_data_bound(model, cfg.model))
     tally = _Tally(time.perf_counter(),
@@ -288,9 +287,10 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     halt = _Halt(stop)
     folder = claims_dir(spec.path)
     job = on_rank0(world, new_job_id, folder)
-    beat = on_every_rank(world, lambda: Heartbeat(folder, job).start()
-                         if world.rank == 0 else None)
+    beat = None
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
+        beat = _started(world, world.rank == 0, lambda: Heartbeat(folder, job).start(),
+                        Heartbeat.stop)
         for item, members in _raised_by_group(ranks, claimed_calls(
                 mine, cfg.ensemble.batch_size, slices, halt, tally, bar, items, spec.path, job),
                 halt):
@@ -338,6 +338,22 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     finally:
         if beat is not None:
             beat.stop()
+
+
+def _started(world, here: bool, start, stop):
+    """``start()`` (a writer, a heartbeat: work on a thread of its own) on the ranks where
+    ``here``, None elsewhere; its failure to start (no room for a thread's stack) raised on
+    every rank of ``world`` together (``on_every_rank``: one line, not one rank's abort),
+    each rank first undoing with ``stop`` what it started."""
+    made = []
+    try:
+        on_every_rank(world, lambda: made.append(start()) if here else None)
+    except BaseException:
+        for thing in made:
+            with contextlib.suppress(Exception):
+                stop(thing)
+        raise
+    return made[0] if made else None
 
 
 def _out_of_memory(cfg: Config, rank: int, device, members: int, asked=None,

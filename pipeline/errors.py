@@ -126,11 +126,12 @@ def is_out_of_memory(err: BaseException) -> bool:
                                   "ALLOC_FAILED", "NOT_ENOUGH_WORKSPACE"))
 
 
-def thread_failed(what: str, err: RuntimeError, fix: str = "raise the limit") -> OutOfMemory:
+def thread_failed(what: str, err: RuntimeError, fix: str = "raise it") -> OutOfMemory:
     """The one-line error of ``what`` (a thread) that could not start: Python's RuntimeError
-    "can't start new thread", where an address-space limit leaves no room for its stack."""
-    return OutOfMemory(f"{what} could not start ({err}): an address-space limit (ulimit -v) "
-                       f"leaves no room for its stack; {fix}")
+    "can't start new thread", which does not say which limit it met."""
+    return OutOfMemory(f"{what} could not start ({err}): a limit on the address space "
+                       "(ulimit -v: no room for its stack) or on processes and threads "
+                       f"(ulimit -u, a container's or job's pids limit) was met; {fix}")
 
 
 class BlowUp(PiadmError):

@@ -29,20 +29,25 @@ from pipeline.samplers import REGISTRY, SAMPLERS, Options
 from pipeline.samplers.options import WINDOW_POINTS
 
 
-def require_diffusers() -> None:
-    """Raise ConfigError, naming the install, where diffusers cannot be imported."""
+def parallel_scheduler():
+    """diffusers' ``DDPMParallelScheduler`` class; ConfigError, naming the install, where
+    diffusers cannot be imported or is too old to have it."""
     try:
-        importlib.import_module("diffusers")
-    except ImportError:
-        raise ConfigError("piadm bench --peer diffusers needs the diffusers package: pip "
-                          "install 'piadm[bench]' (or pip install diffusers)") from None
+        return importlib.import_module("diffusers").DDPMParallelScheduler
+    except (ImportError, AttributeError):
+        raise ConfigError("piadm bench --peer diffusers needs the diffusers package with its "
+                          "DDPMParallelScheduler: pip install 'piadm[bench]' (or pip install "
+                          "'diffusers>=0.30')") from None
+
+
+def require_diffusers() -> None:
+    """``parallel_scheduler``'s check alone (nothing returned: a class sent to other ranks
+    would be imported there)."""
+    parallel_scheduler()
 
 
 def _scheduler():
-    require_diffusers()
-    from diffusers import DDPMParallelScheduler
-
-    return DDPMParallelScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+    return parallel_scheduler()(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
                                  beta_schedule="linear", clip_sample=False)
 
 

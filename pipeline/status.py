@@ -116,8 +116,9 @@ def _text(path: str, state: dict) -> str:
         lines += [line(dim=state["item_dim"], **i) for i in items]
     elif len(items) > SHOWN:  # a store of thousands of dates: not a line each
         partial = [i for i in items if i["done"] < i["members"]]
-        lines.append(f"  {len(items) - len(partial)} of {len(items)} items complete"
-                     + (f"; not yet (the first {min(SHOWN, len(partial))}):" if partial else ""))
+        shown = ("" if not partial else "; not yet:" if len(partial) <= SHOWN
+                 else f"; not yet (the first {SHOWN}):")
+        lines.append(f"  {len(items) - len(partial)} of {len(items)} items complete{shown}")
         lines += [line(dim=state["item_dim"], **i) for i in partial[:SHOWN]]
         if len(partial) > SHOWN:
             lines.append(f"  ... and {len(partial) - SHOWN} more (piadm status --json lists "
@@ -128,7 +129,7 @@ def _text(path: str, state: dict) -> str:
 
 def _indices(left: list[int]) -> str:
     """Item indices as a list to paste into parallel.items, or past ``SHOWN`` their count and
-    runs (e.g. "558 items: 2, 5-7, 1442-1999")."""
+    at most ``SHOWN`` runs of consecutive ones (e.g. "558 items: 2, 5-7, 1442-1999")."""
     if len(left) <= SHOWN:
         return str(left)
     runs, first = [], left[0]
@@ -136,7 +137,9 @@ def _indices(left: list[int]) -> str:
         if now != prev + 1:
             runs.append(str(first) if first == prev else f"{first}-{prev}")
             first = now
-    return f"{len(left)} items: {', '.join(runs)}"
+    more = (f", ... ({len(runs) - SHOWN} runs more: piadm status --json lists every item)"
+            if len(runs) > SHOWN else "")
+    return f"{len(left)} items: {', '.join(runs[:SHOWN])}{more}"
 
 
 def _to_finish(state: dict) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import errno
 import os
 import shutil
 import time
@@ -270,11 +271,24 @@ def create(spec: StoreSpec) -> bool:
         if path.exists():  # another run's store is there
             return False
         if path.is_symlink():  # a link to nowhere: rename would replace the link, not fill it
-            raise StoreExists(f"output {path} is a symbolic link to {os.readlink(path)}, which "
-                              "does not exist, and piadm does not make a store through a link: "
-                              "point output.path at the path the link names") from None
+            raise StoreExists(f"output {path} is a symbolic link {_leads_to(path)}, and piadm "
+                              "does not make a store through a link: point output.path at "
+                              "the path you meant") from None
         raise  # not a race: the folder refused it (permissions, a full disk)
     return True
+
+
+def _leads_to(link: Path) -> str:
+    """Where the symbolic ``link``, which leads to nothing, leads, as a phrase."""
+    try:
+        link.resolve(strict=True)
+    except RuntimeError:  # Python 3.11's word for a loop
+        return "that leads back to itself"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "that leads back to itself"
+    # relative to the link's folder, not to the working one
+    return f"to {link.parent / os.readlink(link)}, which does not exist"
 
 
 class DamagedRecord(PiadmError):

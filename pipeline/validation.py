@@ -373,7 +373,7 @@ def _check_numbers(cfg: Config) -> None:
     """Every number of every section finite (an infinite spin-up runs forever, a NaN forcing
     blows up with a misleading hint), every seed one numpy and torch both take, and every
     text written out: no "~" or "$VAR" that a shell would have expanded, no control
-    character."""
+    character, UTF-8 text throughout; every path a file system's, not a URL."""
     for section in dataclasses.fields(cfg):
         table = getattr(cfg, section.name)
         if not dataclasses.is_dataclass(table):
@@ -406,20 +406,40 @@ def _check_numbers(cfg: Config) -> None:
                    f"= {value!r} holds a control character (a new line or tab): remove it")
             # a shell's Latin-1 byte arrives as a lone surrogate, which the store's config
             # text (UTF-8) cannot hold: it failed at the config's digest, a traceback
-            _check(all(_utf8(v) for v in numbers if isinstance(v, str)), key,
+            _check(all(_utf8(v) for v in _texts(value)), key,
                    f"= {value!r} holds a byte that is not UTF-8 text (a name typed in another "
                    "encoding): write it in UTF-8")
-            # zarr would open s3:// through fsspec, but piadm's locks, drafts and renames
-            # are a file system's: such a path failed on a missing package, or made a local
-            # folder named "memory:"
-            url = f.name in PATH_FIELDS and any(isinstance(v, str) and "://" in v
-                                                for v in numbers)
-            _check(not url, key, f"= {value!r} is a URL: piadm works on the files of a local or "
+            if f.name in PATH_FIELDS:
+                _check_local(key, value)
+
+
+# The fields that name files or folders (model.weights where it is a text)
+PATH_FIELDS = ("path", "checkpoint", "guide", "weights", "data", "init", "extra")
+
+
+def _check_local(key: str, value) -> None:
+    """Refuse a path that zarr would open through fsspec ("s3://...", "simplecache::..."):
+    piadm's locks, drafts and renames are a file system's, and such a path failed on a
+    missing package, or made a local folder named "memory:"."""
+    for text in _texts(value):
+        if re.match(r"[A-Za-z][\w+.-]*://", text):
+            _check(False, key, f"= {value!r} is a URL: piadm works on the files of a local or "
                    "mounted file system only; give a path there")
+        _check("://" not in text and "::" not in text, key,
+               f"= {value!r} holds '://' or '::', which zarr reads as a URL: rename the path")
 
 
-# The fields that name a file or folder (model.weights when it is a text)
-PATH_FIELDS = ("path", "checkpoint", "guide", "weights", "data", "init")
+def _texts(value):
+    """The strings in ``value``: itself, or those in its lists and tables."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _texts(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _texts(k)
+            yield from _texts(v)
 
 
 def _utf8(text: str) -> bool:

@@ -48,7 +48,7 @@ class BackgroundWriter:
         try:
             self._thread.start()
         except RuntimeError as err:  # "can't start new thread": no room for its stack
-            raise thread_failed("the background writer's thread", err, "raise the limit or set "
+            raise thread_failed("the background writer's thread", err, "raise it or set "
                                 "output.background = false") from None
 
     def _run(self) -> None:

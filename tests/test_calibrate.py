@@ -392,3 +392,12 @@ def test_a_missing_home_folder_is_not_made_for_the_default_cache(tmp_path, monke
     assert not home.exists()
     assert (f"cannot keep this measurement in {home}/.cache/piadm (the home folder {home} does "
             "not exist)") in capsys.readouterr().err
+    # no home known at all (no HOME, a uid without a passwd entry): PIADM_CACHE still serves
+    from pathlib import Path
+
+    def unknown():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", unknown)
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    assert update_cache(cache_path("calibration.json"), "kept", 1)

@@ -113,6 +113,12 @@ def test_version_and_the_installed_entry_point():
      "mounted file system only"),
     (["generate-data", "jobs/configs/kolmogorov.toml", "--set", 'data.path="memory://d.zarr"'],
      "data.path = 'memory://d.zarr' is a URL"),
+    (["train", "jobs/configs/kolmogorov.toml", "--set", 'train.extra=["gs://b/x.zarr"]'],
+     "train.extra = ('gs://b/x.zarr',) is a URL"),
+    (["sample", "jobs/configs/grf.toml", "--set", 'output.path="simplecache::x.zarr"'],
+     "output.path = 'simplecache::x.zarr' holds '://' or '::', which zarr reads as a URL"),
+    (["sample", "jobs/configs/module.toml", "--set", "model.args={name=\"lat\udce9\"}"],
+     "holds a byte that is not UTF-8 text"),
     # a shell's Latin-1 byte, a lone surrogate: a traceback at the config's digest
     (["sample", "jobs/configs/grf.toml", "--set", "output.path=lat\udce9.zarr"],
      "output.path = 'lat\\udce9.zarr' holds a byte that is not UTF-8 text"),
@@ -668,3 +674,12 @@ def test_status_of_thousands_of_items_counts_them_and_lists_those_left_as_runs()
     few = dict(state, items=items[:3], done=24, members=24, complete=True)
     assert _text("s.zarr", few).splitlines()[1:] == ["  time d0: 8/8", "  time d1: 8/8",
                                                      "  time d2: 8/8", "complete"]
+    # 21 items, one left: all of those not complete shown; every other one left: runs capped
+    one = [dict(i, done=8) for i in items[:21]]
+    one[20]["done"] = 0
+    assert _text("s.zarr", dict(state, items=one)).splitlines()[1:3] == [
+        "  20 of 21 items complete; not yet:", "  time d20: 0/8"]
+    split = [dict(i, done=8 * (n % 2)) for n, i in enumerate(items)]
+    last = _text("s.zarr", dict(state, items=split)).splitlines()[-1]
+    assert "(items still to do: 1000 items: 0, 2, 4," in last and len(last) < 400
+    assert "38, ... (980 runs more: piadm status --json lists every item)" in last

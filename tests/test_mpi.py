@@ -155,7 +155,7 @@ def test_a_write_failing_on_one_rank_ends_the_job_on_one_line_without_an_abort(t
 
 @pytest.mark.parametrize("rank, how, what, fix", [
     ("1", "thread", "the background writer's thread", "set output.background = false"),
-    ("0", "beat", "the claims' heartbeat thread", "raise the limit")])
+    ("0", "beat", "the claims' heartbeat thread", "was met; raise it")])
 def test_a_thread_that_cannot_start_on_one_rank_ends_the_job_on_one_line(tmp_path, rank, how,
                                                                          what, fix):
     """The writer is made on each group's lead only, the heartbeat on rank 0: a thread

@@ -138,14 +138,15 @@ def test_the_local_scripts_refuse_a_count_that_is_not_a_positive_number():
 
 def test_the_shipped_networks_go_into_a_wheel():
     """A wheel held the code alone: installed outside the repository, no shipped network."""
-    import fnmatch
     import tomllib
 
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    patterns = [f"models/{p}" for p in data["package-data"]["models"]]
+    # setuptools globs each pattern in the package's folder: "*" does not cross a "/"
+    packed = {str(p.relative_to(ROOT)) for pattern in data["package-data"]["models"]
+              for p in (ROOT / "models").glob(pattern)}
     shipped = subprocess.run(["git", "ls-files", "models/checkpoints"], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout.split()
-    assert shipped and all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in shipped)
+    assert shipped and set(shipped) <= packed
 
 
 def test_a_missing_checkpoint_names_the_shipped_one_of_that_name(tmp_path, monkeypatch):
@@ -156,3 +157,6 @@ def test_a_missing_checkpoint_names_the_shipped_one_of_that_name(tmp_path, monke
     with pytest.raises(ConfigError, match=r"piadm's own kolmogorov_down.pt is "
                                           + re.escape(str(ROOT / "models" / "checkpoints"))):
         _read("models/checkpoints/kolmogorov_down.pt", "model.checkpoint", "cpu")
+    with pytest.raises(ConfigError) as own:  # a user's network of that name is not ours
+        _read(str(tmp_path / "runs" / "kolmogorov_down.pt"), "model.checkpoint", "cpu")
+    assert "piadm's own" not in str(own.value)

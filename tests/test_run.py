@@ -183,8 +183,9 @@ def test_bench_peer_without_diffusers_is_one_line_naming_the_install(monkeypatch
     assert main(["bench", "jobs/configs/grf.toml", "--peer", "diffusers", "--set",
                  "model.shape=[8, 8]", "--set", "bench.members=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["piadm: error: piadm bench --peer diffusers needs the diffusers package: pip "
-                   "install 'piadm[bench]' (or pip install diffusers)"]
+    assert err == ["piadm: error: piadm bench --peer diffusers needs the diffusers package "
+                   "with its DDPMParallelScheduler: pip install 'piadm[bench]' (or pip install "
+                   "'diffusers>=0.30')"]
 
 
 def test_bench_plots_against_d_and_against_ranks(tmp_path, capsys):

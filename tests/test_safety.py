@@ -530,6 +530,13 @@ def test_a_link_to_nowhere_as_the_output_is_refused_naming_the_link(tmp_path, ca
     assert (f"piadm: error: output {link} is a symbolic link to {tmp_path}/nowhere/x.zarr, "
             "which does not exist, and piadm does not make a store through a link") in err
     assert link.is_symlink() and [p.name for p in tmp_path.iterdir()] == ["dangling.zarr"]
+    loop = tmp_path / "loop.zarr"
+    loop.symlink_to("loop.zarr")  # relative, and to itself
+    sets["output.path"] = str(loop)
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]) == 2
+    assert f"output {loop} is a symbolic link that leads back to itself" in (
+        capsys.readouterr().err)
 
 
 SHIPPED = "models/checkpoints/kolmogorov_uncond.pt"
