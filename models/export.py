@@ -32,10 +32,10 @@ def data_bound(meta: dict, data: str | Path) -> float:
     from models.bound import largest_mode_power
 
     train = tomllib.loads(meta.get("config", "")).get("train", {})
-    fields = xr.open_zarr(data)[meta["variable"]]
+    fields = xr.open_zarr(data, consolidated=False)[meta["variable"]]
     cut = int(round(fields.sizes["time"] * (1 - train.get("validation", 0.2))))
     extras = meta.get("extra") or train.get("extra", [])  # absolute where the sidecar has them
-    parts = [fields[:cut]] + [xr.open_zarr(extra)[meta["variable"]]
+    parts = [fields[:cut]] + [xr.open_zarr(extra, consolidated=False)[meta["variable"]]
                               for extra in extras if Path(extra).is_dir()]
     chunks = (part[a : a + 256].values for part in parts
               for a in range(0, part.sizes["time"], 256))
@@ -67,7 +67,7 @@ def _fields(data: str | Path, meta: dict, src: Path):
     import xarray as xr
 
     try:
-        ds = xr.open_zarr(data)
+        ds = xr.open_zarr(data, consolidated=False)
     except (OSError, ValueError, KeyError) as err:
         raise ExportError(f"--data {data} is not a readable Zarr store ({type(err).__name__}): "
                           "give the model's training data") from None

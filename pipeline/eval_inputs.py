@@ -29,11 +29,12 @@ def ensemble_variable(ds: xr.Dataset) -> str:
         raise EvaluationError(str(err)) from err
 
 
-def _open_zarr(path: str | Path, what: str, fix: str) -> xr.Dataset:
-    """The Zarr store at ``path``, opened lazily; else an error naming ``what`` it is for and
-    the ``fix``."""
+def _open_zarr(path: str | Path, what: str, fix: str,
+               consolidated: bool | None = None) -> xr.Dataset:
+    """The Zarr store at ``path``, opened lazily (``store.open_store``); else an error naming
+    ``what`` it is for and the ``fix``."""
     try:
-        return open_store(path)
+        return open_store(path, consolidated)
     except Exception as err:  # zarr's errors for a non-store are many and unspecific
         if is_system_error(err):  # a store we may not read, a failing disk: told as such
             raise
@@ -69,7 +70,8 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
         raise EvaluationError(f"truth {path} does not exist: give the Zarr store of the data "
                               "(e.g. made by piadm generate-data)")
     truth_ds = _open_zarr(path, f"--truth {path}", "give the store written by piadm "
-                          "generate-data (or any Zarr store with the truth variable)")
+                          "generate-data (or any Zarr store with the truth variable)",
+                          consolidated=False)
     if variable not in truth_ds:
         raise EvaluationError(f"truth {path} has no variable {variable!r} (it has "
                               f"{', '.join(map(str, truth_ds.data_vars))}): use --truth-variable")
@@ -328,7 +330,7 @@ def coarse_input(ens: xr.Dataset) -> xr.DataArray | None:
         raise EvaluationError(f"{where}, which is not found from here: {fix} (the "
                               "upsampled-input baseline and the added band need that input)")
     item_dim = ens[name].dims[0]
-    whole = open_store(inp["path"])[inp["variable"]]
+    whole = open_store(inp["path"], consolidated=False)[inp["variable"]]
     try:  # the run's selection, which the fingerprint is of: the store may hold a part of it
         chosen = select_items(whole, item_dim, tuple(inp.get("items", ())),
                               tuple(inp.get("range", ())))

@@ -214,7 +214,7 @@ def _same_selection(cfg: Config, theirs: dict) -> dict:
             theirs.get(k) != getattr(i, k) for k in ("path", "variable", "item_dim")):
         return {}
     try:
-        var = open_store(i.path)[i.variable]
+        var = open_store(i.path, consolidated=False)[i.variable]
         ours = select_items(var, i.item_dim, i.items, i.range)[i.item_dim].values
         old = select_items(var, i.item_dim, *then)[i.item_dim].values
     except (InputError, OSError, KeyError, ValueError):  # the run's own checks say what

@@ -144,7 +144,7 @@ def _held_out_split(train: TrainConfig, name: str):
         raise ConfigError(f"comparing a learned model's samples with held-out data needs "
                           f"train.data, and {train.data} does not exist (run piadm "
                           "generate-data on the model's config first)", collective=True)
-    ds = open_store(train.data)
+    ds = open_store(train.data, consolidated=False)
     if name not in ds.data_vars:
         raise ConfigError(f"{name!r} (train.variable or train.condition) is not in "
                           f"{train.data}: it has {', '.join(map(str, ds.data_vars))}",

@@ -539,12 +539,14 @@ def _quiet_consolidated():
         yield
 
 
-def open_store(path: str | Path) -> xr.Dataset:
-    """The store at ``path`` as a lazy ``xarray.Dataset``."""
+def open_store(path: str | Path, consolidated: bool | None = None) -> xr.Dataset:
+    """The store at ``path`` as a lazy ``xarray.Dataset``; ``consolidated = False`` for a
+    store another tool wrote, whose consolidated metadata that tool may have left stale (a
+    variable or times added since, hidden from a reader that trusts it)."""
     import xarray as xr
 
     with _quiet_consolidated():
-        return xr.open_zarr(path)
+        return xr.open_zarr(path, consolidated=consolidated)
 
 
 def consolidate(path: str | Path) -> None:

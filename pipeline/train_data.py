@@ -75,7 +75,7 @@ def open_training_store(path: str, names: list[str], key: str) -> xr.Dataset:
     if not Path(path).exists():
         raise InputError(f"{key} {path} does not exist: make it with piadm generate-data, "
                          f"whose data.path must then be {path}")
-    ds = open_store(path)  # quiet about a store without consolidated metadata
+    ds = open_store(path, consolidated=False)  # as listed: times added since trained on too
     for name in names:
         if name not in ds.data_vars:
             raise InputError(f"train: {name!r} is not in {path}: it has {', '.join(ds.data_vars)}")
@@ -182,11 +182,11 @@ def check_init_trained_apart(t: TrainConfig, meta: dict, held: np.ndarray) -> No
     sources = [(meta.get("data"), float(meta.get("validation", 0.0)),
                 int(count) if count.isdigit() else None)]
     sources += [(path, 0.0, None) for path in extra]  # an extra store is trained on whole
-    flow = _trajectory(open_store(t.data))
+    flow = _trajectory(open_store(t.data, consolidated=False))
     for path, share, n in sources:
         if not isinstance(path, str) or not Path(path).exists():
             continue
-        theirs = open_store(path)
+        theirs = open_store(path, consolidated=False)
         other = _trajectory(theirs)
         itself = os.path.realpath(path) == os.path.realpath(t.data)
         if not (itself or (flow and other and all(other.get(k) == flow.get(k)

@@ -366,3 +366,22 @@ def test_a_relative_path_not_found_says_the_folder_it_was_read_from(tmp_path, mo
                  "model.condition=mean"]) == 2
     assert f"input.path in.zarr does not exist (a relative path, read from {tmp_path})" in \
         capsys.readouterr().err
+
+
+def test_training_data_and_truth_are_read_as_listed_not_as_stale_consolidated_metadata(
+        tmp_path):
+    """Times appended by a tool that left the consolidated metadata as it was: sampling read
+    them, but training took the first 4 of 6 times, silently, and evaluate refused them."""
+    from pipeline.eval_inputs import _open_zarr
+    from pipeline.train_data import open_training_store
+
+    ds = xr.open_zarr(make_input(tmp_path / "in.zarr")).load()
+    for v in ds.variables.values():
+        v.encoding = {}  # written anew, as another tool would
+    path = tmp_path / "stale.zarr"
+    ds.isel(time=slice(0, 4)).to_zarr(path, zarr_format=2, consolidated=True)
+    ds.isel(time=slice(4, 6)).to_zarr(path, append_dim="time", zarr_format=2,
+                                      consolidated=False)
+    assert xr.open_zarr(path).sizes["time"] == 4  # what the stale metadata says
+    assert open_training_store(str(path), ["vort"], "train.data").sizes["time"] == 6
+    assert _open_zarr(path, "truth", "fix", consolidated=False).sizes["time"] == 6
