@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.choices import FIELD_DIMS
+from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
 from pipeline.config import ConfigError
 from pipeline.errors import from_here, is_system_error
 
@@ -147,9 +147,15 @@ def check_real(var: xr.DataArray, what: str, error: type = None) -> None:
 def check_field_order(var: xr.DataArray, what: str) -> None:
     """Refuse fields stored (x, y): piadm's fields are (y, x), in its stores, its training
     and its models, and reading them by position would transpose them all unseen. The same
-    for axes that share a suffix (generate-data's coarse fields: y_coarse, x_coarse)."""
+    for axes that share a suffix (generate-data's coarse fields: y_coarse, x_coarse), and
+    for (lon, lat)."""
     names = FIELD_DIMS.get(var.ndim - 1, ())
     dims = tuple(str(d) for d in var.dims[1:])
+    if tuple(GEOGRAPHIC.get(d.lower()) for d in dims) == ("x", "y"):  # (lon, lat): the same
+        order = ", ".join(repr(str(d)) for d in (var.dims[0], dims[1], dims[0]))
+        raise InputError(f"{what} has its fields as {dims}, longitude first; piadm's are "
+                         f"(y, x), latitude first: write them in that order, e.g. "
+                         f"ds.transpose({order}).to_zarr(...)")
     suffix = next((d[1:] for d in dims[:1]), "")
     if not names or not all(d[1:] == suffix for d in dims):
         return

@@ -64,6 +64,16 @@ def test_fields_stored_x_first_are_refused_before_anything_is_written(tmp_path, 
     coarse.transpose("time", "y_coarse", "x_coarse").to_zarr(
         tmp_path / "yxc.zarr", zarr_format=3, consolidated=False)
     open_training_store(str(tmp_path / "yxc.zarr"), ["vort"], "train.data")  # (y, x): taken
+    # (lon, lat) was taken transposed, its longitudes labelling the store's y
+    geo = ds.rename(y="lat", x="lon").transpose("time", "lon", "lat")
+    geo.to_zarr(tmp_path / "lonlat.zarr", zarr_format=3, consolidated=False)
+    with pytest.raises(InputError, match=r"has its fields as \('lon', 'lat'\), longitude first; "
+                                         r"piadm's are \(y, x\), latitude first: .*"
+                                         r"ds.transpose\('time', 'lat', 'lon'\)"):
+        _open(tmp_path / "lonlat.zarr")
+    geo.transpose("time", "lat", "lon").to_zarr(tmp_path / "latlon.zarr", zarr_format=3,
+                                                consolidated=False)
+    assert len(_open(tmp_path / "latlon.zarr").labels) == 6  # (lat, lon): taken
 
 
 def test_field_dims_named_otherwise_keep_their_coordinates_by_position(tmp_path):
