@@ -69,6 +69,38 @@ def _grid_coords(grid: dict, names: tuple[str, ...]) -> dict:
             for d, c in recorded.items() if d in to_ours}
 
 
+def _direction(values) -> int:
+    """+1 for coordinate ``values`` that increase, -1 for decreasing ones, 0 where neither
+    can be told (one value, not numbers)."""
+    values = np.asarray(values)
+    if values.size < 2 or values.dtype.kind not in "fiu":
+        return 0
+    return int(np.sign(values[-1] - values[0]))
+
+
+def check_orientation(items: Items, grid: dict, path: str) -> None:
+    """Refuse a coarse input whose field axis runs the other way than the model's training
+    ``grid`` (``models.grid.grid_of``; latitudes 90 .. -90, as archives store them, for a model trained on -90 .. 90):
+    by position it would be sampled upside down, and the store's coordinates, the training
+    grid's, would label the members so."""
+    if items.fields is None or not grid.get("coords"):
+        return
+    trained = grid.get("dims") or list(grid["coords"])
+    for dim, name in zip(items.fields.dims[1:], trained):
+        if dim not in items.fields.coords or name not in grid["coords"]:
+            continue
+        theirs = items.fields[dim].values
+        ours = np.asarray(grid["coords"][name]["values"])
+        if _direction(theirs) * _direction(ours) < 0:
+            way = "descending" if _direction(theirs) < 0 else "ascending"
+            raise InputError(
+                f"input: {items.fields.name} of {path} has {dim} {way} ({theirs[0]:g} .. "
+                f"{theirs[-1]:g}), the other way from the model's training grid ({name} "
+                f"{ours[0]:g} .. {ours[-1]:g}): by position its members would come out "
+                f"flipped; write it the training's way, e.g. "
+                f"ds.isel({dim}=slice(None, None, -1)).to_zarr(...)")
+
+
 def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
                trained_on: str | None = None, grid: dict | None = None,
                scale: tuple[float, float] | None = None) -> StoreSpec:
@@ -114,6 +146,8 @@ def checked_items(cfg: Config, model):
     check_block_spans(cfg.sampler, grid)
     items = load_items(cfg, check=True, model=model)
     check_input_units(cfg, model, items)
+    if cfg.model.condition == "coarse":
+        check_orientation(items, getattr(model, "grid", {}), cfg.input.path)
     check_bound_network(cfg, model, items)
     check_only(cfg.parallel.items, len(items.labels))
     return items

@@ -395,3 +395,29 @@ def test_training_data_and_truth_are_read_as_listed_not_as_stale_consolidated_me
     assert xr.open_zarr(path).sizes["time"] == 4  # what the stale metadata says
     assert open_training_store(str(path), ["vort"], "train.data").sizes["time"] == 6
     assert _open_zarr(path, "truth", "fix", consolidated=False).sizes["time"] == 6
+
+
+def test_a_coarse_input_running_the_other_way_from_the_training_grid_is_refused(tmp_path,
+                                                                                capsys):
+    """Latitudes stored 90 .. -90, as archives hold them: sampled by position, the members
+    came out upside down under the training grid's ascending coordinates, and evaluate then
+    scored them against the truth flipped back."""
+    rng = np.random.default_rng(0)
+    coarse = (4 * rng.standard_normal((2, 16, 16))).astype("float32")
+    y = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    for name, ys in (("down.zarr", y[::-1]), ("up.zarr", y)):
+        xr.Dataset({"vorticity_coarse": (("time", "y_coarse", "x_coarse"), coarse)},
+                   coords={"time": [1.0, 2.0], "y_coarse": ys, "x_coarse": y}).to_zarr(
+            tmp_path / name, zarr_format=3, consolidated=False)
+    sets = ["--set", "input.range=[]", "--set", "ensemble.members=1", "--set",
+            "ensemble.batch_size=1", "--set", f"output.path={tmp_path / 'ens.zarr'}"]
+    assert main(["sample", "jobs/configs/kolmogorov_down.toml", *sets, "--set",
+                 f"input.path={tmp_path / 'down.zarr'}"]) == 2
+    assert re.search(r"has y_coarse descending \(5\.89049 \.\. 0\), the other way from the "
+                     r"model's training grid \(y 0 \.\. \S+\): by position its members would "
+                     r"come out flipped; write it the training's way, e.g. "
+                     r"ds\.isel\(y_coarse=slice\(None, None, -1\)\)", capsys.readouterr().err)
+    assert not (tmp_path / "ens.zarr").exists()
+    for name, rc in (("down.zarr", 2), ("up.zarr", 0)):  # the dry run refuses it too
+        assert main(["sample", "jobs/configs/kolmogorov_down.toml", *sets, "--dry-run",
+                     "--set", f"input.path={tmp_path / name}"]) == rc
