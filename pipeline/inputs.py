@@ -294,6 +294,13 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
     selection once for NaN/Inf and the normalisation statistics (else mean 0, std 1).
     Raises InputError naming the problem."""
     var = _laid_out(_open(path), path, variable, dim)
+    single = [str(d) for d in var.dims[1:] if var.sizes[d] == 1]
+    if not _fits(tuple(var.shape[1:]), tuple(shape), coarse) and single and _fits(
+            tuple(n for n in var.shape[1:] if n != 1), tuple(shape), coarse):
+        # a pressure level or an ensemble axis of one: not a field size to change
+        raise InputError(f"input: {variable} has dims {var.dims}, with {', '.join(single)} "
+                         f"of size 1 beside the field's: write the fields alone, e.g. "
+                         f"ds.isel({single[0]}=0).to_zarr(...)")
     if not _fits(tuple(var.shape[1:]), tuple(shape), coarse):
         want = "divide model.shape evenly" if coarse else "equal model.shape"
         raise InputError(f"input: {variable} fields are {list(var.shape[1:])} but must {want} "
@@ -346,10 +353,16 @@ def _statistics(var: xr.DataArray, path: str) -> tuple[float, float, tuple[float
                          f"{said}): a chunk is unreadable; rewrite or restore the store") from None
     if not ok.all():
         bad = var[dim].values[~np.asarray(ok)]
-        raise InputError(f"input: {var.name} has NaN/Inf at {dim} = {label_text(bad[0])} "
-                         f"({len(bad)} item(s)): fix the data or leave those items out (a "
-                         "generate-data run stopped part way leaves its unwritten snapshots "
-                         "NaN: rerun it with data.overwrite = true)")
+        # a number stands for missing points, read as NaN (a float store's own is NaN)
+        masked = any(np.isfinite(np.asarray(where[k], dtype=float)).any()
+                     for where in (var.encoding, var.attrs)
+                     for k in ("_FillValue", "missing_value") if k in where)
+        why = ("masked (its _FillValue or missing_value) or NaN/Inf points" if masked
+               else "NaN/Inf")
+        made = ("" if masked else " (a generate-data run stopped part way leaves its "
+                "unwritten snapshots NaN: rerun it with data.overwrite = true)")
+        raise InputError(f"input: {var.name} has {why} at {dim} = {label_text(bad[0])} "
+                         f"({len(bad)} item(s)): fix the data or leave those items out{made}")
     moments = np.stack(moments, axis=1)
     # from each item's float64 mean and variance, whatever the chunks or the dtype stored:
     # items of as many points each, so the whole's variance is the mean of theirs plus the

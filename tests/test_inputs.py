@@ -421,3 +421,30 @@ def test_a_coarse_input_running_the_other_way_from_the_training_grid_is_refused(
     for name, rc in (("down.zarr", 2), ("up.zarr", 0)):  # the dry run refuses it too
         assert main(["sample", "jobs/configs/kolmogorov_down.toml", *sets, "--dry-run",
                      "--set", f"input.path={tmp_path / name}"]) == rc
+
+
+def test_an_extra_axis_of_one_is_named_not_taken_for_a_field_size(tmp_path):
+    """A pressure level of one was told as "fields are [1, 16, 16] but must equal model.shape
+    = [16, 16]: ... set model.shape", advice that cannot work."""
+    ds = xr.open_zarr(make_input(tmp_path / "in.zarr")).load()
+    ds.expand_dims(level=[850.0], axis=1).to_zarr(tmp_path / "lev.zarr", zarr_format=3,
+                                                  consolidated=False)
+    with pytest.raises(InputError, match=r"input: vort has dims \('time', 'level', 'y', 'x'\), "
+                                         r"with level of size 1 beside the field's: write the "
+                                         r"fields alone, e.g. ds.isel\(level=0\)"):
+        _open(tmp_path / "lev.zarr")
+
+
+def test_masked_points_are_named_as_masked_not_as_a_generate_data_run_cut_short(tmp_path):
+    ds = xr.open_zarr(make_input(tmp_path / "in.zarr")).load()
+    v = ds.vort.values.copy()
+    v[2, 3, 3] = -999.0
+    ds["vort"] = (ds.vort.dims, v, {"missing_value": -999.0})  # read back as NaN
+    for var in ds.variables.values():
+        var.encoding = {}
+    ds.to_zarr(tmp_path / "m.zarr", zarr_format=3, consolidated=False)
+    with pytest.raises(InputError) as err:
+        _open(tmp_path / "m.zarr")
+    assert str(err.value) == ("input: vort has masked (its _FillValue or missing_value) or "
+                              "NaN/Inf points at time = 2020-01-03 (1 item(s)): fix the data "
+                              "or leave those items out")
