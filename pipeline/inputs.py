@@ -193,8 +193,11 @@ def _label(text: str, coord: xr.DataArray):
             import pandas as pd
 
             return pd.to_timedelta(text).to_timedelta64()
-        if kind in "iu":
-            return int(text)
+        if kind in "iu":  # "20.0" is 20, as "25" is 25.0 on a float coordinate
+            value = float(text)
+            if not value.is_integer():
+                raise ValueError(text)
+            return int(text) if text.strip().lstrip("+-").isdigit() else int(value)
         if kind == "f":
             return snapped(float(text), np.asarray(coord.values))
         calendar = getattr(coord.values.flat[0], "calendar", None) if coord.size else None

@@ -448,3 +448,14 @@ def test_masked_points_are_named_as_masked_not_as_a_generate_data_run_cut_short(
     assert str(err.value) == ("input: vort has masked (its _FillValue or missing_value) or "
                               "NaN/Inf points at time = 2020-01-03 (1 item(s)): fix the data "
                               "or leave those items out")
+
+
+def test_a_whole_number_written_as_a_float_picks_an_integer_label():
+    """"20.0" on an integer coordinate was "not a valid step value", where "25" picks 25.0 on
+    a float one."""
+    from pipeline.inputs import _label
+
+    coord = xr.DataArray(np.arange(30), dims="step", name="step")
+    assert [_label(t, coord) for t in ("20", "20.0", "2e1")] == [20, 20, 20]
+    with pytest.raises(InputError, match="label '2.5' is not a valid step value"):
+        _label("2.5", coord)
