@@ -59,7 +59,8 @@ def _claims(mine, slices, stop, tally, bar: Progress, items: Items, path, job: s
             deferred.append((item, members, left))
             continue
         if len(now) < len(left):  # written by another job meanwhile (all, or part: a dead one)
-            bar.advance(len(left) - len(now), f"{items.dim} {items.labels[item]}: another job's")
+            bar.advance(len(left) - len(now), f"{items.dim} {items.labels[item]}: another job's",
+                        own=False)
         if now:
             yield item, now
 

@@ -8,6 +8,7 @@ dask are imported only where a store is opened: an unconditional run's ranks nev
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import math
 import re
 from dataclasses import dataclass
@@ -194,10 +195,13 @@ def _label(text: str, coord: xr.DataArray):
 
             return pd.to_timedelta(text).to_timedelta64()
         if kind in "iu":  # "20.0" is 20, as "25" is 25.0 on a float coordinate
-            value = float(text)
-            if not value.is_integer():
-                raise ValueError(text)
-            return int(text) if text.strip().lstrip("+-").isdigit() else int(value)
+            try:  # exactly: a nanosecond count is past what a float holds
+                value = decimal.Decimal(text.strip())
+                if not value.is_finite() or value % 1 != 0:
+                    raise ValueError(text)
+            except decimal.InvalidOperation:  # not a number, or past what it divides
+                raise ValueError(text) from None
+            return int(value)
         if kind == "f":
             return snapped(float(text), np.asarray(coord.values))
         calendar = getattr(coord.values.flat[0], "calendar", None) if coord.size else None
@@ -297,13 +301,11 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
     selection once for NaN/Inf and the normalisation statistics (else mean 0, std 1).
     Raises InputError naming the problem."""
     var = _laid_out(_open(path), path, variable, dim)
-    single = [str(d) for d in var.dims[1:] if var.sizes[d] == 1]
-    if not _fits(tuple(var.shape[1:]), tuple(shape), coarse) and single and _fits(
-            tuple(n for n in var.shape[1:] if n != 1), tuple(shape), coarse):
-        # a pressure level or an ensemble axis of one: not a field size to change
-        raise InputError(f"input: {variable} has dims {var.dims}, with {', '.join(single)} "
+    surplus = _surplus_axes(var, tuple(shape), coarse)
+    if surplus:  # a pressure level or an ensemble axis of one: not a field size to change
+        raise InputError(f"input: {variable} has dims {var.dims}, with {', '.join(surplus)} "
                          f"of size 1 beside the field's: write the fields alone, e.g. "
-                         f"ds.isel({single[0]}=0).to_zarr(...)")
+                         f"ds.isel({', '.join(f'{d}=0' for d in surplus)}).to_zarr(...)")
     if not _fits(tuple(var.shape[1:]), tuple(shape), coarse):
         want = "divide model.shape evenly" if coarse else "equal model.shape"
         raise InputError(f"input: {variable} fields are {list(var.shape[1:])} but must {want} "
@@ -316,6 +318,20 @@ def open_items(path: str, *, variable: str, dim: str, items=(), span=(),
     if not check:
         return Items(dim, var[dim].values, var)
     return Items(dim, var[dim].values, var, *_statistics(var, path))
+
+
+def _surplus_axes(var: xr.DataArray, shape: tuple[int, ...], coarse: bool) -> list[str]:
+    """The first axes of size 1 of ``var``'s fields whose removal makes them fit ``shape``
+    (the model's, a channel axis of 1 kept where it has one); none where they fit already or
+    removing them does not help."""
+    ones = [d for d in var.dims[1:] if var.sizes[d] == 1]
+    if _fits(tuple(var.shape[1:]), shape, coarse):
+        return []
+    for surplus in range(1, len(ones) + 1):
+        drop = ones[:surplus]
+        if _fits(tuple(var.sizes[d] for d in var.dims[1:] if d not in drop), shape, coarse):
+            return [str(d) for d in drop]
+    return []
 
 
 def _laid_out(ds: xr.Dataset, path: str, variable: str, dim: str) -> xr.DataArray:
@@ -356,9 +372,7 @@ def _statistics(var: xr.DataArray, path: str) -> tuple[float, float, tuple[float
                          f"{said}): a chunk is unreadable; rewrite or restore the store") from None
     if not ok.all():
         bad = var[dim].values[~np.asarray(ok)]
-        # a number stands for missing points, read as NaN (a float store's own is NaN)
-        masked = any(np.isfinite(np.asarray(where[k], dtype=float)).any()
-                     for where in (var.encoding, var.attrs)
+        masked = any(_stands_for_missing(where[k]) for where in (var.encoding, var.attrs)
                      for k in ("_FillValue", "missing_value") if k in where)
         why = ("masked (its _FillValue or missing_value) or NaN/Inf points" if masked
                else "NaN/Inf")
@@ -373,6 +387,15 @@ def _statistics(var: xr.DataArray, path: str) -> tuple[float, float, tuple[float
     mean = float(moments[:, 0].mean())
     spread = float(np.sqrt(np.mean(spreads) + moments[:, 0].var()))
     return mean, spread if spread > 0 else 1.0, fingerprint(moments)
+
+
+def _stands_for_missing(value) -> bool:
+    """Whether a ``_FillValue`` or ``missing_value`` is a number that stands for missing
+    points, read as NaN (a float store's own fill value is NaN; text is no number)."""
+    try:
+        return bool(np.isfinite(np.asarray(value, dtype=float)).any())
+    except (TypeError, ValueError):
+        return False
 
 
 def _item_moments(var):

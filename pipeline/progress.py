@@ -42,27 +42,30 @@ class Progress:
         self.every, self.redraw = every, redraw
         self.start = self._last = time.perf_counter()
         self.done, self.detail, self.part = 0, "", 0.0
+        self.own = 0  # of them, those this work finished (not found done by another job)
         self._first = True  # the first finished unit always prints: it shows the pace
-        self._first_end = None  # (seconds, units done) when the first unit finished
+        self._first_end = None  # (seconds, own units) when the first own unit finished
 
     def _line(self) -> str:
         elapsed = time.perf_counter() - self.start
         frac = self.done / self.total if self.total else 1.0
         bar = "#" * round(frac * self.width) + "." * (self.width - round(frac * self.width))
-        done = self.done + self.part
-        eta = f"eta {self._left(elapsed, done):.0f}s" if done > 0 else "eta ?"
+        own = self.own + self.part
+        eta = (f"eta {self._left(elapsed, own):.0f}s" if own > 0
+               else "eta 0s" if self.done >= self.total else "eta ?")
         detail = f" | {self.detail}" if self.detail else ""
         return (f"{tag(self.comm)}{self.unit} {self.done}/{self.total} [{bar}] {100 * frac:3.0f}%"
                 f"{detail} | {elapsed:.0f}s, {eta}")
 
-    def _left(self, elapsed: float, done: float) -> float:
-        """Seconds left at the pace since the first unit ended, once more is done (the first
-        unit's time holds the start's warm-up: a model's first calls, a device's tuning);
-        before then at the pace so far."""
-        if self._first_end is not None and done > self._first_end[1]:
+    def _left(self, elapsed: float, own: float) -> float:
+        """Seconds left at this work's pace (``own`` units, the part in flight counted): since
+        its first unit ended, once more is done (the first unit's time holds the start's
+        warm-up: a model's first calls, a device's tuning); before then, so far."""
+        left = self.total - self.done - self.part
+        if self._first_end is not None and own > self._first_end[1]:
             at, then = self._first_end
-            return (elapsed - at) / (done - then) * (self.total - done)
-        return elapsed / done * (self.total - done)
+            return (elapsed - at) / (own - then) * left
+        return elapsed / own * left
 
     def _emit(self, final: bool) -> None:
         if self.live:
@@ -73,12 +76,15 @@ class Progress:
             self.stream.flush()
         self._last = time.perf_counter()
 
-    def advance(self, count: int, detail: str = "") -> None:
-        """``count`` more units finished; ``detail`` describes the last one."""
+    def advance(self, count: int, detail: str = "", own: bool = True) -> None:
+        """``count`` more units finished; ``detail`` describes the last one; ``own``: by
+        this work (False: found done by another job, which says nothing of the pace)."""
         self.done += count
         self.detail, self.part = detail, 0.0
-        if self._first_end is None:
-            self._first_end = (time.perf_counter() - self.start, self.done)
+        if own:
+            self.own += count
+            if self._first_end is None and count > 0:
+                self._first_end = (time.perf_counter() - self.start, self.own)
         if not self.speak:
             return
         due = time.perf_counter() - self._last >= self.every

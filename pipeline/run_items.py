@@ -69,30 +69,34 @@ def _grid_coords(grid: dict, names: tuple[str, ...]) -> dict:
             for d, c in recorded.items() if d in to_ours}
 
 
-def _direction(values) -> int:
-    """+1 for coordinate ``values`` that increase, -1 for decreasing ones, 0 where neither
-    can be told (one value, not numbers)."""
+def direction(values) -> int:
+    """+1 for coordinate ``values`` that increase throughout, -1 for ones that decrease
+    throughout, 0 where neither holds (one value, not numbers, NaN, longitudes rolled to
+    start elsewhere)."""
     values = np.asarray(values)
     if values.size < 2 or values.dtype.kind not in "fiu":
         return 0
-    return int(np.sign(values[-1] - values[0]))
+    steps = np.diff(values.astype(np.float64))  # (an unsigned difference would wrap)
+    return 1 if (steps > 0).all() else -1 if (steps < 0).all() else 0
 
 
 def check_orientation(items: Items, grid: dict, path: str) -> None:
     """Refuse a coarse input whose field axis runs the other way than the model's training
-    ``grid`` (``models.grid.grid_of``; latitudes 90 .. -90, as archives store them, for a model trained on -90 .. 90):
-    by position it would be sampled upside down, and the store's coordinates, the training
-    grid's, would label the members so."""
-    if items.fields is None or not grid.get("coords"):
+    ``grid`` (``models.grid.grid_of``): latitudes 90 .. -90, as archives store them, for a
+    model trained on -90 .. 90. By position it would be sampled upside down, and the store's
+    coordinates, the training grid's, would label the members so."""
+    fields = items.fields.dims[1:] if items.fields is not None else ()
+    # an older sidecar lists only the dims that had coordinates: by position only if all did
+    trained = grid.get("dims") or list(grid.get("coords", {}))
+    if not grid.get("coords") or len(trained) != len(fields):
         return
-    trained = grid.get("dims") or list(grid["coords"])
-    for dim, name in zip(items.fields.dims[1:], trained):
+    for dim, name in zip(fields, trained):
         if dim not in items.fields.coords or name not in grid["coords"]:
             continue
         theirs = items.fields[dim].values
         ours = np.asarray(grid["coords"][name]["values"])
-        if _direction(theirs) * _direction(ours) < 0:
-            way = "descending" if _direction(theirs) < 0 else "ascending"
+        if direction(theirs) * direction(ours) < 0:
+            way = "descending" if direction(theirs) < 0 else "ascending"
             raise InputError(
                 f"input: {items.fields.name} of {path} has {dim} {way} ({theirs[0]:g} .. "
                 f"{theirs[-1]:g}), the other way from the model's training grid ({name} "

@@ -129,7 +129,8 @@ def _text(path: str, state: dict) -> str:
 
 def _indices(left: list[int]) -> str:
     """Item indices as a list to paste into parallel.items, or past ``SHOWN`` their count and
-    at most ``SHOWN`` runs of consecutive ones (e.g. "558 items: 2, 5-7, 1442-1999")."""
+    at most ``SHOWN`` runs of consecutive ones (e.g. "558 items: 2, 5-7, 1442-1999"), to
+    read (``piadm status --json`` gives every item)."""
     if len(left) <= SHOWN:
         return str(left)
     runs, first = [], left[0]

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import errno
+import json
 import os
 import shutil
 import time

@@ -183,7 +183,7 @@ def _data_made(data: xr.Dataset) -> str:
 
 def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: str) -> dict:
     """The sidecar of this run's checkpoints, less the step and validation loss."""
-    data = open_store(t.data)
+    data = open_store(t.data, consolidated=False)  # as training read it
     return {"unet": ucfg.to_dict(), "mean": trn.mean, "std": trn.std,
             "data_bound": trn.data_bound, "variable": t.variable, "condition": t.condition,
             # absolute: read back from another folder (bench --quality, a resume) it is the same

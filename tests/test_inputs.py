@@ -382,7 +382,7 @@ def test_training_data_and_truth_are_read_as_listed_not_as_stale_consolidated_me
         tmp_path):
     """Times appended by a tool that left the consolidated metadata as it was: sampling read
     them, but training took the first 4 of 6 times, silently, and evaluate refused them."""
-    from pipeline.eval_inputs import _open_zarr
+    from pipeline.eval_inputs import open_truth
     from pipeline.train_data import open_training_store
 
     ds = xr.open_zarr(make_input(tmp_path / "in.zarr")).load()
@@ -394,7 +394,10 @@ def test_training_data_and_truth_are_read_as_listed_not_as_stale_consolidated_me
                                       consolidated=False)
     assert xr.open_zarr(path).sizes["time"] == 4  # what the stale metadata says
     assert open_training_store(str(path), ["vort"], "train.data").sizes["time"] == 6
-    assert _open_zarr(path, "truth", "fix", consolidated=False).sizes["time"] == 6
+    ens = xr.Dataset({"vort": (("time", "member", "y", "x"), np.zeros((6, 1, 16, 16)))},
+                     coords={"time": ds.time.values})
+    truth, paired = open_truth(path, "vort", ens)
+    assert paired and truth.sizes["time"] == 6
 
 
 def test_a_coarse_input_running_the_other_way_from_the_training_grid_is_refused(tmp_path,
@@ -433,6 +436,10 @@ def test_an_extra_axis_of_one_is_named_not_taken_for_a_field_size(tmp_path):
                                          r"with level of size 1 beside the field's: write the "
                                          r"fields alone, e.g. ds.isel\(level=0\)"):
         _open(tmp_path / "lev.zarr")
+    ds.expand_dims(level=[850.0], ens=[0], axis=(1, 2)).to_zarr(
+        tmp_path / "two.zarr", zarr_format=3, consolidated=False)
+    with pytest.raises(InputError, match=r"with level, ens of size 1 .* ds.isel\(level=0, ens=0\)"):
+        _open(tmp_path / "two.zarr")
 
 
 def test_masked_points_are_named_as_masked_not_as_a_generate_data_run_cut_short(tmp_path):
@@ -457,5 +464,18 @@ def test_a_whole_number_written_as_a_float_picks_an_integer_label():
 
     coord = xr.DataArray(np.arange(30), dims="step", name="step")
     assert [_label(t, coord) for t in ("20", "20.0", "2e1")] == [20, 20, 20]
+    assert _label("9007199254740993.0", coord) == 9007199254740993  # not through a float
     with pytest.raises(InputError, match="label '2.5' is not a valid step value"):
         _label("2.5", coord)
+
+
+def test_an_axis_runs_one_way_only_where_every_step_does():
+    """The orientation check's verdict: an unsigned axis's difference wrapped (3 .. 0 read as
+    ascending), a NaN at an end was a traceback, longitudes rolled to start at 180 were
+    called descending."""
+    from pipeline.run_items import direction
+
+    assert direction(np.array([3, 2, 1, 0], dtype="uint16")) == -1
+    assert direction([0.0, 1.0, 2.0]) == 1 and direction([2.0, 1.0, 0.0]) == -1
+    assert direction([0.0, np.nan, 2.0]) == direction([180, 270, 0, 90]) == 0
+    assert direction([5.0]) == direction(np.array(["a", "b"])) == 0

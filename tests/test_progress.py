@@ -159,3 +159,23 @@ def test_many_groups_each_report_less_often():
 
     assert every_for(1) == every_for(4) == EVERY_S == 30.0
     assert every_for(64) == 16 * EVERY_S  # 64 leads, as many lines a minute as 4
+
+
+def test_units_another_job_finished_and_empty_advances_leave_the_pace_alone(monkeypatch):
+    """Members found done by another job, counted at once, were the 'first unit' and kept the
+    warm-up in the pace; a zero advance set it too."""
+    from pipeline import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    out = io.StringIO()
+    bar = Progress(SerialComm(), 10, "members", stream=out, every=0.0)
+    bar.advance(4, "another job's", own=False)
+    assert out.getvalue().splitlines()[-1].endswith("eta ?")  # nothing of this work's pace
+    bar.advance(0)
+    now[0] = 50.0
+    bar.advance(1)  # the first own unit, with the warm-up: 50 s
+    assert out.getvalue().splitlines()[-1].endswith("50s, eta 250s")
+    now[0] = 60.0
+    bar.advance(1)  # then 10 s a unit, 4 left
+    assert out.getvalue().splitlines()[-1].endswith("60s, eta 40s")

@@ -1312,3 +1312,27 @@ def test_a_stop_signal_under_mpi_ends_every_rank_on_one_saved_step_without_an_ab
     ranks = 2 if signalled == "every rank" else 1
     assert err.count("received SIGTERM: finishing the step under way") == ranks, err
     assert step >= 10 and torch.load(ckpt, weights_only=True)["step"] == step
+
+
+def test_training_and_export_read_data_whose_consolidated_metadata_is_stale(tmp_path, dataset):
+    """Times appended by another tool without consolidating again: training took the 12 the
+    metadata listed, silently, and the sidecar recorded them; export, reading the store as
+    listed, then took the model's own data for other data."""
+    import json
+
+    import xarray as xr
+
+    from models.export import export
+
+    ds = xr.open_zarr(dataset).load()
+    for var in ds.variables.values():
+        var.encoding = {}
+    stale = tmp_path / "stale.zarr"
+    ds.isel(time=slice(0, 12)).to_zarr(stale, zarr_format=2, consolidated=True)
+    ds.isel(time=slice(12, 16)).to_zarr(stale, append_dim="time", zarr_format=2,
+                                        consolidated=False)
+    ckpt = tmp_path / "s.pt"
+    assert main(_train_args(stale, ckpt)) == 0
+    meta = json.loads(Path(str(ckpt) + ".json").read_text())
+    assert meta["data_made"].startswith("16 times")
+    export(ckpt, tmp_path / "x.pt", stale)  # its own data: taken
