@@ -32,7 +32,7 @@ class InlineWriter:
         """Nothing waits: every job ran when it was submitted."""
         return None
 
-    def abandon(self) -> None:
+    def abandon(self, wait: bool = False) -> None:
         """Nothing is pending to drop."""
         return None
 
@@ -84,14 +84,17 @@ class BackgroundWriter:
         self.waited += time.perf_counter() - start
         self._raise()
 
-    def abandon(self) -> None:
-        """Drop the jobs still waiting and let the thread end after the one under way,
-        without waiting for it: a stop that must not wait (a second Ctrl-C). What the
+    def abandon(self, wait: bool = False) -> None:
+        """Drop the jobs still waiting and let the thread end after the one under way; with
+        ``wait``, wait for that one (a Ctrl-C through the API: nothing is written once the
+        call has raised), else not (a stop that must not wait: a second Ctrl-C). What the
         dropped jobs would have written and marked done is sampled again by a rerun."""
         with contextlib.suppress(queue.Empty):
             while True:
                 self._jobs.get_nowait()
         self._jobs.put(None)
+        if wait:
+            self._thread.join()
 
 
 def make_writer(background: bool):

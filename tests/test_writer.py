@@ -61,3 +61,45 @@ def test_a_heartbeat_that_cannot_start_closes_the_writer_and_leaves_no_claims(tm
         api.sample(cfg)
     assert not [t for t in alive if t.name == "piadm-writer" and t.is_alive()]
     assert not (tmp_path / "h.zarr.claims").exists()
+
+
+def test_a_ctrl_c_through_the_api_writes_nothing_after_the_call_has_raised(tmp_path,
+                                                                          monkeypatch):
+    """The writer went on with the batch under way after api.sample raised: a script that
+    then deleted the store found a folder of it made again, which a rerun refused."""
+    import threading
+    import time
+
+    import zarr
+
+    from pipeline import api, ensemble
+    from pipeline.config import load_config
+
+    real, started, writes = ensemble.write_batch, [], []
+
+    def slow(*args, **kwargs):
+        started.append(1)
+        time.sleep(0.5)
+        real(*args, **kwargs)
+        writes.append(time.monotonic())
+
+    monkeypatch.setattr(ensemble, "write_batch", slow)
+
+    def stop():  # a Ctrl-C while a batch is being written
+        if started:
+            raise KeyboardInterrupt
+        return False
+
+    out = tmp_path / "k.zarr"
+    cfg = load_config("jobs/configs/grf.toml", ["model.shape=[8, 8]", "sampler.steps=10",
+                                                "ensemble.members=8", "ensemble.batch_size=2",
+                                                "sampler.method=sequential-sde",
+                                                f"output.path={out}"])
+    with pytest.raises(KeyboardInterrupt):
+        api.sample(cfg, stop=stop)
+    raised = time.monotonic()
+    assert not [t for t in threading.enumerate() if t.name == "piadm-writer"]
+    assert all(at <= raised for at in writes)
+    done = int(zarr.open_group(out, mode="r")["done"][:].sum())
+    time.sleep(0.7)
+    assert int(zarr.open_group(out, mode="r")["done"][:].sum()) == done
