@@ -17,6 +17,7 @@ exception on one rank aborts them all rather than leaving the others waiting.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -28,7 +29,7 @@ import xarray as xr
 
 from pipeline.comm import MPIComm, SerialComm, world_comm
 from pipeline.config import ConfigError, config_from_dict, read_toml
-from pipeline.errors import PiadmError, is_system_error  # every user error is a PiadmError
+from pipeline.errors import PiadmError, as_user_error, is_system_error  # user errors: PiadmError
 from pipeline.settings import SECTION_TYPES, Config
 from pipeline.signals import StopRequest
 from pipeline.store import StoreExists, done_members, field_variable, open_store
@@ -129,13 +130,26 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     # a Config too: checked anew, its text made from its fields; a file that one node lacks
     # fails on every rank, not on that rank alone while the others wait for it
     cfg = on_every_rank(comm, load_config, cfg)
-    with torch_settings_kept():
+    with torch_settings_kept(), _as_user_errors("sample"):
         try:
             cfg, ranks, device, attrs = start(comm, cfg, "api.sample", stored=True, plan=True,
                                               stop=stop)
         except Stopped:  # as a stop before the first batch: nothing written
             return not_begun(cfg.output.path)
         return sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
+
+
+@contextlib.contextmanager
+def _as_user_errors(command: str):
+    """Memory or a thread that ran out outside a sampled batch as the one-line
+    ``OutOfMemory`` the command line gives (``errors.as_user_error``), not torch's error."""
+    try:
+        yield
+    except Exception as err:
+        mended = as_user_error(err, command)
+        if mended is err:
+            raise
+        raise mended from None
 
 
 def _check_path(what: str, path, to: str = "Zarr store") -> None:
@@ -188,7 +202,8 @@ def evaluate(store: str | Path, truth: str | Path, **options) -> xr.Dataset:
     if options.get("out") is not None:
         _check_path("api.evaluate's out", options["out"], "folder for its files")
     try:
-        metrics, _ = _evaluate(store, truth, **options)
+        with _as_user_errors("evaluate"):
+            metrics, _ = _evaluate(store, truth, **options)
     except EvaluationError as err:  # its messages name the CLI's flags: name the keywords
         raise EvaluationError(re.sub(EVALUATE_FLAGS, lambda m: m[1].replace("-", "_"),
                                      str(err))).with_traceback(err.__traceback__) from None

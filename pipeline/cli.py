@@ -26,7 +26,8 @@ from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noq
                              load_config, read_toml, with_settings)
 from pipeline.console import fresh_line, on_every_rank, on_rank0, print0, say, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
-from pipeline.errors import FailedElsewhere, PiadmError, StoppedTogether  # noqa: E402
+from pipeline.errors import (FailedElsewhere, PiadmError, StoppedTogether,  # noqa: E402
+                             as_user_error)
 from pipeline.settings import AUTO_METHODS  # noqa: E402
 
 
@@ -396,39 +397,6 @@ def user_errors() -> tuple:
     return (PiadmError, OSError)
 
 
-# What to lower when a command runs out of memory outside a sampled batch (which names its own)
-SAMPLING_FIT = ("lower what runs at once (ensemble.batch_size, calibrate.members, bench.members, "
-                "sampler.window or sampler.block_size) or the field (model.shape), or add time "
-                "slices")
-LOWER_TO_FIT = {
-    "generate-data": "lower data.resolution or data.chunk (the snapshots held before a write)",
-    "train": "lower train.batch_size, train.channels or the fields' size (train.data), or "
-             "add ranks (each takes a slice of the batch)",
-    "evaluate": "evaluate holds one item's members and truth at a time: run it where more "
-                "memory is free",
-}
-
-
-def _as_user_error(err: Exception, command: str) -> Exception:
-    """An allocation that failed outside a sampled batch (which says its own settings) as
-    one line naming what to lower, a thread that could not start (zarr's, torch's) as one
-    line naming the limits; any other error as it is."""
-    # (not FailedElsewhere, a RuntimeError too: the rank that met it says so)
-    if type(err) is RuntimeError and "can't start new thread" in str(err):
-        from pipeline.errors import thread_failed  # zarr's or torch's, under a low ulimit -v
-
-        return thread_failed(f"{command}: a thread", err)
-    if "torch" not in sys.modules:  # nothing could have allocated through it
-        return err
-    from pipeline.errors import OutOfMemory, is_out_of_memory
-
-    if isinstance(err, OutOfMemory) or not is_out_of_memory(err):
-        return err
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    fix = LOWER_TO_FIT.get(command, SAMPLING_FIT)
-    return OutOfMemory(f"{command}: out of memory ({first}): {fix}")
-
-
 def explain(err: Exception, sets: Sequence[str] = ()) -> str:
     """The one line a user error prints: an I/O failure names its file and what to check; a
     setting that came from PIADM_SET (not overridden by ``sets``, the --set items) says so."""
@@ -476,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             with interrupted_by_stop_signals():  # the others say what they kept, as on Ctrl-C
                 return COMMANDS[args.command](args, world)
         except Exception as err:
-            mended = _as_user_error(err, args.command)
+            mended = as_user_error(err, args.command)
             if mended is err:
                 raise
             raise mended from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import signal
+import sys
 from contextlib import contextmanager
 from functools import cache
 
@@ -201,3 +202,32 @@ class Interrupted(KeyboardInterrupt):
 class StoppedTogether(Interrupted):
     """A stop every rank agreed on at the same point of the work (``piadm train``'s step), so
     that no rank waits for another in a collective: the ranks end as one, without an abort."""
+
+
+# What to lower when a command runs out of memory outside a sampled batch (which names its own)
+SAMPLING_FIT = ("lower what runs at once (ensemble.batch_size, calibrate.members, bench.members, "
+                "sampler.window or sampler.block_size) or the field (model.shape), or add time "
+                "slices")
+LOWER_TO_FIT = {
+    "generate-data": "lower data.resolution or data.chunk (the snapshots held before a write)",
+    "train": "lower train.batch_size, train.channels or the fields' size (train.data), or "
+             "add ranks (each takes a slice of the batch)",
+    "evaluate": "evaluate holds one item's members and truth at a time: run it where more "
+                "memory is free",
+}
+
+
+def as_user_error(err: Exception, command: str) -> Exception:
+    """An allocation that failed outside a sampled batch (which says its own settings) as
+    one line naming what to lower, a thread that could not start (zarr's, torch's) as one
+    line naming the limits; any other error as it is."""
+    # (not FailedElsewhere, a RuntimeError too: the rank that met it says so)
+    if type(err) is RuntimeError and "can't start new thread" in str(err):
+        return thread_failed(f"{command}: a thread", err)  # zarr's or torch's, say
+    if "torch" not in sys.modules:  # nothing could have allocated through it
+        return err
+    if isinstance(err, OutOfMemory) or not is_out_of_memory(err):
+        return err
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    fix = LOWER_TO_FIT.get(command, SAMPLING_FIT)
+    return OutOfMemory(f"{command}: out of memory ({first}): {fix}")

@@ -360,3 +360,21 @@ def test_an_error_agreed_on_by_the_ranks_shows_its_message_once(tmp_path):
     assert err.__cause__ is None and err.__suppress_context__
     assert any(frame.name == "load_unet" and frame.filename.endswith("models/learned.py")
                for frame in traceback.extract_tb(err.__traceback__))
+
+
+def test_memory_run_out_outside_a_batch_is_the_same_user_error_as_on_the_command_line(
+        tmp_path, monkeypatch):
+    """A field too large to build raised torch's RuntimeError through the API, where piadm
+    sample says one line naming what to lower."""
+    from models import grf
+
+    def no_room(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 40000800000 bytes")
+
+    monkeypatch.setattr(grf, "wavenumbers", no_room)
+    cfg = api.load_config("jobs/configs/grf.toml", {"model.shape": [8, 8], "sampler.tol": 0.1,
+                                                    "output.path": str(tmp_path / "m.zarr")})
+    with pytest.raises(api.PiadmError, match=r"^sample: out of memory \(\[enforce fail.*\): "
+                                             r"lower what runs at once"):
+        api.sample(cfg)

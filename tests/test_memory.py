@@ -200,19 +200,19 @@ def test_running_out_of_memory_mid_run_is_one_line_and_the_rerun_resumes(
 
 
 def test_an_allocation_failure_outside_a_batch_is_one_line_naming_what_to_lower():
-    from pipeline.cli import _as_user_error
+    from pipeline.errors import as_user_error
     from pipeline.errors import OutOfMemory
 
     host = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
                         "can't allocate memory: you tried to allocate 1090519040 bytes.")
-    mended = _as_user_error(host, "calibrate")
+    mended = as_user_error(host, "calibrate")
     assert isinstance(mended, OutOfMemory) and str(mended).startswith("calibrate: out of memory")
     assert "calibrate.members" in str(mended)
     for command, key in (("train", "train.batch_size"), ("generate-data", "data.resolution")):
-        told = str(_as_user_error(host, command))  # each command names its own settings
+        told = str(as_user_error(host, command))  # each command names its own settings
         assert key in told and "ensemble.batch_size" not in told, told
     other = RuntimeError("shapes do not match")
-    assert _as_user_error(other, "calibrate") is other
+    assert as_user_error(other, "calibrate") is other
 
 
 def test_the_cost_curve_stops_at_the_first_call_that_runs_out_of_memory():

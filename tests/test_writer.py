@@ -21,19 +21,19 @@ def test_a_writer_thread_that_cannot_start_is_a_one_line_error(monkeypatch):
 def test_any_other_thread_that_cannot_start_is_one_line_naming_the_limit():
     """zarr's pool or torch's threads under a low ulimit -v: a traceback (the heartbeat's
     and the writer's say their own)."""
-    from pipeline.cli import _as_user_error
+    from pipeline.errors import as_user_error
     from pipeline.errors import OutOfMemory
 
     from pipeline.errors import FailedElsewhere
 
-    err = _as_user_error(RuntimeError("can't start new thread"), "sample")
+    err = as_user_error(RuntimeError("can't start new thread"), "sample")
     assert isinstance(err, OutOfMemory) and str(err) == (
         "sample: a thread could not start (can't start new thread): a limit on the address "
         "space (ulimit -v: no room for its stack) or on processes and threads (ulimit -u, a "
         "container's or job's pids limit) was met; raise it")
     # the other ranks' word for rank 0's: not theirs to say as their own
     elsewhere = FailedElsewhere("rank 0 failed: RuntimeError: can't start new thread")
-    assert _as_user_error(elsewhere, "sample") is elsewhere
+    assert as_user_error(elsewhere, "sample") is elsewhere
 
 
 def test_a_heartbeat_that_cannot_start_closes_the_writer_and_leaves_no_claims(tmp_path,
