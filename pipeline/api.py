@@ -190,13 +190,22 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
     return ds
 
 
+# api.evaluate's keywords: piadm evaluate's options
+EVALUATE_OPTIONS = ("truth_variable", "truth_range", "kmax", "cut", "out")
+
+
 def evaluate(store: str | Path, truth: str | Path, **options) -> xr.Dataset:
     """Score ``store`` against ``truth`` as ``piadm evaluate`` does (same options:
     truth_variable, truth_range, kmax, cut, out); returns the metrics dataset, whose attributes
     hold the overall figures."""
-    from pipeline.errors import EvaluationError
+    from pipeline.errors import EvaluationError, did_you_mean
     from pipeline.scoring import evaluate as _evaluate
 
+    for name in options:  # the internal function's TypeError would name neither
+        if name not in EVALUATE_OPTIONS:
+            close = did_you_mean(name, EVALUATE_OPTIONS)
+            raise TypeError(f"api.evaluate has no option {name!r}{close}: it takes "
+                            f"{', '.join(EVALUATE_OPTIONS)}")
     _check_path("api.evaluate's store", store)
     _check_path("api.evaluate's truth", truth)
     if options.get("out") is not None:

@@ -378,3 +378,10 @@ def test_memory_run_out_outside_a_batch_is_the_same_user_error_as_on_the_command
     with pytest.raises(api.PiadmError, match=r"^sample: out of memory \(\[enforce fail.*\): "
                                              r"lower what runs at once"):
         api.sample(cfg)
+
+
+def test_evaluate_names_an_unknown_option_and_the_closest(tmp_path):
+    with pytest.raises(TypeError, match=r"^api.evaluate has no option 'kmaxx' \(did you mean "
+                                        r"'kmax'\?\): it takes truth_variable, truth_range, "
+                                        r"kmax, cut, out$"):
+        api.evaluate(tmp_path / "s.zarr", tmp_path / "t.zarr", kmaxx=3)
