@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import os
 import re
 import warnings
@@ -190,10 +191,6 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
     return ds
 
 
-# api.evaluate's keywords: piadm evaluate's options
-EVALUATE_OPTIONS = ("truth_variable", "truth_range", "kmax", "cut", "out")
-
-
 def evaluate(store: str | Path, truth: str | Path, **options) -> xr.Dataset:
     """Score ``store`` against ``truth`` as ``piadm evaluate`` does (same options:
     truth_variable, truth_range, kmax, cut, out); returns the metrics dataset, whose attributes
@@ -201,11 +198,13 @@ def evaluate(store: str | Path, truth: str | Path, **options) -> xr.Dataset:
     from pipeline.errors import EvaluationError, did_you_mean
     from pipeline.scoring import evaluate as _evaluate
 
-    for name in options:  # the internal function's TypeError would name neither
-        if name not in EVALUATE_OPTIONS:
-            close = did_you_mean(name, EVALUATE_OPTIONS)
-            raise TypeError(f"api.evaluate has no option {name!r}{close}: it takes "
-                            f"{', '.join(EVALUATE_OPTIONS)}")
+    # its keywords are scoring.evaluate's, whose TypeError would name neither
+    known = [k for k, p in inspect.signature(_evaluate).parameters.items()
+             if p.kind == p.KEYWORD_ONLY and k != "progress"]
+    for name in options:
+        if name not in known:
+            raise TypeError(f"api.evaluate has no option {name!r}{did_you_mean(name, known)}: "
+                            f"it takes {', '.join(known)}")
     _check_path("api.evaluate's store", store)
     _check_path("api.evaluate's truth", truth)
     if options.get("out") is not None:
