@@ -137,6 +137,7 @@ def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str],
                 raise InputError(f"train.extra {path} holds {name} of shape "
                                  f"{ds[name].shape[1:]}, train.data {first[name].shape[1:]}: "
                                  f"generate it with train.data's {fix}")
+            _check_same_grid(path, ds[name], first[name])
         theirs = _trajectory(ds)
         if mine and theirs and all(theirs.get(k) == mine.get(k) for k in SAME_FLOW):
             if _overlap(ds["time"].values, held):
@@ -147,6 +148,36 @@ def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str],
                     "another data.seed, or over earlier times only")
         extras.append(ds)
     return extras
+
+
+def _check_same_grid(path: str, theirs: xr.DataArray, ours: xr.DataArray) -> None:
+    """Refuse an extra store's field that is not on train.data's grid in its units: its
+    fields are joined to train.data's by position, so other dim names, coordinates (flipped,
+    rolled, another region) or units would be trained on as if they were the same."""
+    name, where = theirs.name, f"train.extra {path} holds {theirs.name}"
+    if theirs.dims[1:] != ours.dims[1:]:
+        raise InputError(f"{where} on dims {theirs.dims[1:]}, train.data on {ours.dims[1:]}: "
+                         f"rename them to train.data's (ds.rename(...))")
+    for dim in ours.dims[1:]:
+        if dim not in theirs.coords or dim not in ours.coords:
+            continue
+        a, b = np.asarray(theirs[dim].values), np.asarray(ours[dim].values)
+        if a.dtype.kind not in "fiu" or b.dtype.kind not in "fiu":
+            continue
+        if np.allclose(a, b, rtol=1e-6, atol=1e-9):
+            continue
+        # a rotation of train.data's (longitudes from -180 for train.data's from 0, too)
+        rolled = len(a) == len(b) and any(np.allclose(np.roll(v, k), w) for v, w in
+                                          ((a, b), (a % 360, b % 360)) for k in range(len(a)))
+        fix = (f"flip it (ds.isel({dim}=slice(None, None, -1)))" if np.allclose(a[::-1], b)
+               else f"roll it to train.data's (ds.roll({dim}=..., roll_coords=True))" if rolled
+               else "put it on train.data's grid")
+        raise InputError(f"{where} on {dim} {a[0]:g} .. {a[-1]:g}, train.data on {dim} "
+                         f"{b[0]:g} .. {b[-1]:g}: the fields are joined by position; {fix}")
+    units = (theirs.attrs.get("units"), ours.attrs.get("units"))
+    if None not in units and units[0] != units[1]:
+        raise InputError(f"{where} in {units[0]!r}, train.data's {name} in {units[1]!r}: "
+                         "convert it to train.data's units")
 
 
 def _overlap(times: np.ndarray, held: np.ndarray) -> bool:

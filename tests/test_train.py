@@ -845,6 +845,43 @@ def test_a_bad_extra_store_is_a_one_line_error_before_training(tmp_path, dataset
     assert not ckpt.exists()
 
 
+@pytest.mark.parametrize("case, needle", [
+    ("flipped", "on y 5.89049 .. 0, train.data on y 0 .. 5.89049: the fields are joined by "
+                "position; flip it (ds.isel(y=slice(None, None, -1)))"),
+    ("rolled", "roll it to train.data's (ds.roll(x=..., roll_coords=True))"),
+    ("renamed", "on dims ('lat', 'lon'), train.data on ('y', 'x'): rename them"),
+    ("other units", "in 'K', train.data's vorticity in '1/s': convert it")])
+def test_an_extra_store_on_another_grid_or_in_other_units_is_refused(tmp_path, dataset, other,
+                                                                     case, needle, capsys):
+    """Joined by position, a flipped, rolled or renamed grid or other units were trained on
+    as train.data's fields (renamed dims broadcast into a traceback)."""
+    ds = xr.open_zarr(other).load()
+    for var in ds.variables.values():
+        var.encoding = {}
+    ds["vorticity"].attrs["units"] = "1/s"  # as if train.data's were so too
+    if case == "flipped":
+        ds = ds.isel(y=slice(None, None, -1))
+    elif case == "rolled":
+        ds = ds.roll(x=4, roll_coords=True)
+    elif case == "renamed":
+        ds = ds.rename(y="lat", x="lon")
+    else:
+        ds["vorticity"].attrs["units"] = "K"
+    ours = xr.open_zarr(dataset).load()
+    for var in ours.variables.values():
+        var.encoding = {}
+    ours["vorticity"].attrs["units"] = "1/s"
+    ours.to_zarr(tmp_path / "data.zarr", zarr_format=3, consolidated=False)
+    ds.to_zarr(tmp_path / "extra.zarr", zarr_format=3, consolidated=False)
+    ckpt = tmp_path / "x.pt"
+    assert main(_train_args(tmp_path / "data.zarr", ckpt,
+                            f'train.extra=["{tmp_path / "extra.zarr"}"]')) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"piadm: error: train.extra {tmp_path / 'extra.zarr'} holds "
+                           "vorticity") and needle in last, last
+    assert not ckpt.exists()
+
+
 def test_an_extra_stores_bad_fields_are_named_by_store_and_time(tmp_path, dataset, other,
                                                                 capsys):
     """A NaN in the second extra store was "time 13 of train.extra's, counted from 0 in
