@@ -145,6 +145,17 @@ def check_real(var: xr.DataArray, what: str, error: type = None) -> None:
                          "store the field as floats (e.g. its real part, .real)")
 
 
+def direction(values) -> int:
+    """+1 for coordinate ``values`` that increase throughout, -1 for ones that decrease
+    throughout, 0 where neither holds (one value, not numbers, NaN, longitudes rolled to
+    start elsewhere)."""
+    values = np.asarray(values)
+    if values.size < 2 or values.dtype.kind not in "fiu":
+        return 0
+    steps = np.diff(values.astype(np.float64))  # (an unsigned difference would wrap)
+    return 1 if (steps > 0).all() else -1 if (steps < 0).all() else 0
+
+
 def check_field_order(var: xr.DataArray, what: str) -> None:
     """Refuse fields stored (x, y): piadm's fields are (y, x), in its stores, its training
     and its models, and reading them by position would transpose them all unseen. The same

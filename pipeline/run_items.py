@@ -15,7 +15,8 @@ from models.conditioning import CONDITIONS
 from pipeline.choices import FIELD_DIMS
 from pipeline.config import ConfigError
 from pipeline.console import say
-from pipeline.inputs import InputError, Items, open_items, renamed_attrs, unconditional
+from pipeline.inputs import (InputError, Items, direction, open_items, renamed_attrs,
+                             unconditional)
 from pipeline.memory import field_bytes
 from pipeline.run import DTYPES, provenance, residual_length, sampler_grid
 from pipeline.samplers import REFERENCE, REGISTRY
@@ -67,17 +68,6 @@ def _grid_coords(grid: dict, names: tuple[str, ...]) -> dict:
     to_ours = dict(zip(dims, names))
     return {to_ours[d]: (np.asarray(c["values"]), renamed_attrs(d, to_ours[d], dict(c["attrs"])))
             for d, c in recorded.items() if d in to_ours}
-
-
-def direction(values) -> int:
-    """+1 for coordinate ``values`` that increase throughout, -1 for ones that decrease
-    throughout, 0 where neither holds (one value, not numbers, NaN, longitudes rolled to
-    start elsewhere)."""
-    values = np.asarray(values)
-    if values.size < 2 or values.dtype.kind not in "fiu":
-        return 0
-    steps = np.diff(values.astype(np.float64))  # (an unsigned difference would wrap)
-    return 1 if (steps > 0).all() else -1 if (steps < 0).all() else 0
 
 
 def check_orientation(items: Items, grid: dict, path: str) -> None:

@@ -21,7 +21,7 @@ from models.bound import largest_mode_power
 from models.fingerprint import PROBE_RTOL, probe
 from models.conditioning import spectral_upsample, upsample_blocks
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
-from pipeline.inputs import InputError, check_field_order, check_real, label_text
+from pipeline.inputs import InputError, check_field_order, check_real, direction, label_text
 from pipeline.settings import TrainConfig
 from pipeline.store import open_store
 
@@ -311,6 +311,13 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
                              f"{'x'.join(map(str, coarse))}, which does not divide "
                              f"{t.variable}'s {'x'.join(map(str, fine))} fields: condition on "
                              "a block average of them (generate-data's vorticity_coarse)")
+        for f, c in zip(ds[t.variable].dims[1:], ds[t.condition].dims[1:]):
+            if f in ds.coords and c in ds.coords and (
+                    direction(ds[f].values) * direction(ds[c].values) < 0):
+                # each coarse field would be paired upside down with its fine one
+                raise InputError(f"train.condition {t.condition!r} of {t.data} has {c} "
+                                 f"running the other way from {t.variable}'s {f}: write it "
+                                 f"the same way (ds.isel({c}=slice(None, None, -1)))")
     extras = _extra_stores(t, ds, names, ds["time"].values[cut:])
     trn, val = ds.isel(time=slice(0, cut)), ds.isel(time=slice(cut, n))
     if extras:  # by position: the trajectories' times need not differ

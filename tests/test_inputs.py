@@ -473,7 +473,7 @@ def test_an_axis_runs_one_way_only_where_every_step_does():
     """The orientation check's verdict: an unsigned axis's difference wrapped (3 .. 0 read as
     ascending), a NaN at an end was a traceback, longitudes rolled to start at 180 were
     called descending."""
-    from pipeline.run_items import direction
+    from pipeline.inputs import direction
 
     assert direction(np.array([3, 2, 1, 0], dtype="uint16")) == -1
     assert direction([0.0, 1.0, 2.0]) == 1 and direction([2.0, 1.0, 0.0]) == -1

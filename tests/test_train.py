@@ -882,6 +882,23 @@ def test_an_extra_store_on_another_grid_or_in_other_units_is_refused(tmp_path, d
     assert not ckpt.exists()
 
 
+def test_a_coarse_condition_running_the_other_way_from_its_fields_is_refused(tmp_path, dataset,
+                                                                           capsys):
+    """Trained on, each coarse field was paired upside down with its fine one, and sampling
+    then refused the very data the model was trained on."""
+    ds = xr.open_zarr(dataset).load()
+    for var in ds.variables.values():
+        var.encoding = {}
+    ds.isel(y_coarse=slice(None, None, -1)).to_zarr(tmp_path / "mixed.zarr", zarr_format=3,
+                                                   consolidated=False)
+    ckpt = tmp_path / "x.pt"
+    assert main(_train_args(tmp_path / "mixed.zarr", ckpt, "train.condition=vorticity_coarse")) == 2
+    assert ("train.condition 'vorticity_coarse' of " f"{tmp_path / 'mixed.zarr'} has y_coarse "
+            "running the other way from vorticity's y: write it the same way "
+            "(ds.isel(y_coarse=slice(None, None, -1)))") in capsys.readouterr().err
+    assert not ckpt.exists()
+
+
 def test_an_extra_stores_bad_fields_are_named_by_store_and_time(tmp_path, dataset, other,
                                                                 capsys):
     """A NaN in the second extra store was "time 13 of train.extra's, counted from 0 in
