@@ -383,8 +383,7 @@ def _statistics(var: xr.DataArray, path: str) -> tuple[float, float, tuple[float
                          f"{said}): a chunk is unreadable; rewrite or restore the store") from None
     if not ok.all():
         bad = var[dim].values[~np.asarray(ok)]
-        masked = any(_stands_for_missing(where[k]) for where in (var.encoding, var.attrs)
-                     for k in ("_FillValue", "missing_value") if k in where)
+        masked = masked_by_fill(var)
         why = ("masked (its _FillValue or missing_value) or NaN/Inf points" if masked
                else "NaN/Inf")
         made = ("" if masked else " (a generate-data run stopped part way leaves its "
@@ -398,6 +397,13 @@ def _statistics(var: xr.DataArray, path: str) -> tuple[float, float, tuple[float
     mean = float(moments[:, 0].mean())
     spread = float(np.sqrt(np.mean(spreads) + moments[:, 0].var()))
     return mean, spread if spread > 0 else 1.0, fingerprint(moments)
+
+
+def masked_by_fill(var: xr.DataArray) -> bool:
+    """Whether ``var`` has a ``_FillValue`` or ``missing_value`` that stands for missing
+    points (a mask, such as land's), read as NaN."""
+    return any(_stands_for_missing(where[k]) for where in (var.encoding, var.attrs)
+               for k in ("_FillValue", "missing_value") if k in where)
 
 
 def _stands_for_missing(value) -> bool:

@@ -21,7 +21,8 @@ from models.bound import largest_mode_power
 from models.fingerprint import PROBE_RTOL, probe
 from models.conditioning import spectral_upsample, upsample_blocks
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
-from pipeline.inputs import InputError, check_field_order, check_real, direction, label_text
+from pipeline.inputs import (InputError, check_field_order, check_real, direction, label_text,
+                             masked_by_fill)
 from pipeline.settings import TrainConfig
 from pipeline.store import open_store
 
@@ -287,6 +288,14 @@ def _check_finite(t: TrainConfig, ds: xr.Dataset, name: str, split: str, ok: np.
         where = f"time {label_text(ds['time'].values[first])} of {t.data}"
     else:
         where = f"time {first} of {t.data}, counted from 0"
+    # a mask (land) where every training time has missing points: no times to drop
+    if masked_by_fill(ds[name]) or (split == "training" and bad.size == ok.size):
+        what = "masked (its _FillValue or missing_value) or NaN/Inf points" if masked_by_fill(
+            ds[name]) else "NaN/Inf"
+        raise InputError(f"train: {name} has {what} in {bad.size} of the {split} split's "
+                         f"{ok.size} times (the first: {where}): piadm trains on whole fields: "
+                         "fill the missing points (ds[name].fillna(...), e.g. with a "
+                         "climatology) before training")
     raise InputError(f"train: {name} has NaN/Inf in {bad.size} of the {split} split's times "
                      f"(the first: {where}): drop or fill them before training "
                      "(ds.where(np.isfinite(ds)).dropna('time'), or .fillna(...) in place of "

@@ -1390,3 +1390,15 @@ def test_training_and_export_read_data_whose_consolidated_metadata_is_stale(tmp_
     meta = json.loads(Path(str(ckpt) + ".json").read_text())
     assert meta["data_made"].startswith("16 times")
     export(ckpt, tmp_path / "x.pt", stale)  # its own data: taken
+
+
+def test_a_mask_in_every_time_is_told_to_be_filled_not_dropped(tmp_path, dataset, capsys):
+    """A land mask, NaN in every time: told to drop those times (none would be left) and
+    that a generate-data run may have stopped part way."""
+    ds = xr.open_zarr(dataset).load()
+    ds["vorticity"][:, 0, 0] = np.nan
+    ds.to_zarr(tmp_path / "land.zarr", consolidated=False)
+    err = _refused(_train_args(tmp_path / "land.zarr", tmp_path / "m.pt"), capsys)
+    assert "train: vorticity has NaN/Inf in 12 of the training split's 12 times" in err
+    assert "piadm trains on whole fields: fill the missing points" in err
+    assert "generate-data" not in err
