@@ -50,6 +50,8 @@ class LearnedUNet:
     grid: dict = field(default_factory=dict)
     # the conditioning fields' shape in training; None when the checkpoint does not record it
     cond_shape: tuple[int, ...] | None = None
+    # their grid (models.grid), where the checkpoint records it (trained since 2026-12-06)
+    cond_grid: dict = field(default_factory=dict)
     condition: str = ""  # the dataset variable it was conditioned on in training, if any
     _score: object = field(default=None, init=False, repr=False, compare=False)
 
@@ -200,4 +202,5 @@ def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu", guide: str 
                        residual=bool(meta.get("residual", False)),
                        grid=meta.get("grid", {}),
                        cond_shape=tuple(meta["cond_shape"]) if meta.get("cond_shape") else None,
+                       cond_grid=meta.get("cond_grid", {}),
                        condition=str(meta.get("condition") or ""))

@@ -95,6 +95,33 @@ def check_orientation(items: Items, grid: dict, path: str) -> None:
                 f"ds.isel({dim}=slice(None, None, -1)).to_zarr(...)")
 
 
+def check_not_rolled(items: Items, grid: dict, path: str) -> None:
+    """Refuse a coarse input whose coordinates are the training's coarse ``grid``
+    (``models.grid.grid_of``, recorded by piadm train) rolled (longitudes from -180 for a
+    network trained on longitudes from 0): taken by position, its members would sit rolled
+    under the training grid's coordinates. Another grid of the same size (another region)
+    is taken as given."""
+    fields = items.fields.dims[1:] if items.fields is not None else ()
+    if not grid.get("coords") or len(grid.get("dims", ())) != len(fields):
+        return
+    for dim, name in zip(fields, grid["dims"]):
+        if dim not in items.fields.coords or name not in grid["coords"]:
+            continue
+        theirs = np.asarray(items.fields[dim].values)
+        ours = np.asarray(grid["coords"][name]["values"])
+        if (theirs.shape != ours.shape or theirs.dtype.kind not in "fiu"
+                or ours.dtype.kind not in "fiu" or np.allclose(theirs, ours)):
+            continue
+        if any(np.allclose(np.roll(a, k), b) for a, b in ((theirs, ours),
+                                                           (theirs % 360, ours % 360))
+               for k in range(1, len(theirs))):
+            raise InputError(
+                f"input: {items.fields.name} of {path} has {dim} {theirs[0]:g} .. "
+                f"{theirs[-1]:g}, the network's training grid rolled ({name} {ours[0]:g} .. "
+                f"{ours[-1]:g}): by position its members would sit rolled; roll it to the "
+                f"training's (ds.roll({dim}=..., roll_coords=True))")
+
+
 def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
                trained_on: str | None = None, grid: dict | None = None,
                scale: tuple[float, float] | None = None) -> StoreSpec:
@@ -142,6 +169,7 @@ def checked_items(cfg: Config, model):
     check_input_units(cfg, model, items)
     if cfg.model.condition == "coarse":
         check_orientation(items, getattr(model, "grid", {}), cfg.input.path)
+        check_not_rolled(items, getattr(model, "cond_grid", {}), cfg.input.path)
     check_bound_network(cfg, model, items)
     check_only(cfg.parallel.items, len(items.labels))
     return items

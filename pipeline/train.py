@@ -193,7 +193,9 @@ def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: st
             "cond_shape": None if trn.coarse is None else list(trn.coarse.shape[1:]),
             "validation": t.validation, "config": config_text, "data_made": _data_made(data),
             "data_probe": data_probe(data[t.variable]),
-            "grid": grid_of(data[t.variable])}
+            "grid": grid_of(data[t.variable]),
+            # the coarse grid: sampling refuses an input on it rolled
+            **({"cond_grid": grid_of(data[t.condition])} if t.condition else {})}
 
 
 def _recorded(path: Path) -> dict:

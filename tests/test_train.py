@@ -437,6 +437,33 @@ def _sample_args(out, *sets):
     return ["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in base + list(sets)), [])]
 
 
+def test_a_coarse_input_on_the_training_grid_rolled_is_refused(tmp_path, dataset, cond, capsys):
+    """Longitudes from -180 for a network trained on longitudes from 0: taken by position,
+    the members sat rolled under the training grid's coordinates, unseen. The checkpoint
+    records its coarse grid for this; another grid of the same size is taken as given."""
+    import json
+
+    assert json.loads(Path(f"{cond}.json").read_text())["cond_grid"]["dims"] == [
+        "y_coarse", "x_coarse"]
+    ds = xr.open_zarr(dataset).load()
+    for var in ds.variables.values():
+        var.encoding = {}
+    ds.roll(x_coarse=2, roll_coords=True).to_zarr(tmp_path / "rolled.zarr", zarr_format=3,
+                                                  consolidated=False)
+    ds.assign_coords(x_coarse=ds.x_coarse + 10).to_zarr(tmp_path / "moved.zarr", zarr_format=3,
+                                                        consolidated=False)
+    sets = [f"model.checkpoint={cond}", "model.condition=coarse",
+            "input.variable=vorticity_coarse", "input.items=['3.0']"]
+    args = _sample_args(tmp_path / "r.zarr", *sets, f"input.path={tmp_path / 'rolled.zarr'}")
+    assert main([*args, "--dry-run"]) == 2
+    assert re.search(r"has x_coarse \S+ \.\. \S+, the network's training grid rolled "
+                     r"\(x_coarse 0\.\d+ \.\. \S+\): by position its members would sit rolled; "
+                     r"roll it to the training's \(ds\.roll\(x_coarse=\.\.\., roll_coords=True\)\)",
+                     capsys.readouterr().err)
+    args = _sample_args(tmp_path / "m.zarr", *sets, f"input.path={tmp_path / 'moved.zarr'}")
+    assert main([*args, "--dry-run"]) == 0
+
+
 def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path, dataset,
                                                                        plain, cond, capsys):
     out = tmp_path / "plain.zarr"
