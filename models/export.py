@@ -6,8 +6,8 @@ The result holds only the EMA state (a few MB) and the JSON sidecar, and loads w
 ``torch.load(weights_only=True)`` like any piadm checkpoint. ``--data`` (re)computes S, the
 data-covariance bound pc-window uses (``models.bound``), on the training split of ZARR (the
 times before the sidecar's ``train.validation`` fraction), and records the data's grid
-(``models.grid``) and a conditional model's coarse-field shape, for checkpoints trained before
-they were recorded; SRC may be DST."""
+(``models.grid``) and a conditional model's coarse-field shape and grid, for checkpoints
+trained before they were recorded; SRC may be DST."""
 from __future__ import annotations
 
 import argparse
@@ -120,6 +120,7 @@ def export(src: str | Path, dst: str | Path, data: str | Path | None = None) -> 
         meta["grid"] = grid_of(ds[meta["variable"]])
         if meta.get("condition"):
             meta["cond_shape"] = list(ds[meta["condition"]].shape[1:])
+            meta["cond_grid"] = grid_of(ds[meta["condition"]])  # as piadm train records it
     state = None
     if not in_place:  # in place: only the sidecar changes
         try:

@@ -150,7 +150,8 @@ def _as_user_errors(command: str):
         mended = as_user_error(err, command)
         if mended is err:
             raise
-        raise mended from None
+        # where it ran out, for the script's author
+        raise mended.with_traceback(err.__traceback__) from None
 
 
 def _check_path(what: str, path, to: str = "Zarr store") -> None:

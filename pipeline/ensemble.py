@@ -30,7 +30,7 @@ from pipeline.claims import (Heartbeat, batch_key, claims_dir, clear_batch_claim
 from pipeline.comm import SerialComm
 from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
-from pipeline.errors import (Interrupted, OutOfMemory, PiadmError, UnitsOverflow, WriteFailed,
+from pipeline.errors import (OutOfMemory, PiadmError, UnitsOverflow, WriteFailed,
                              is_out_of_memory, naming)
 from pipeline.inputs import Items, label_text
 from pipeline.identity import exact_model, growth, store_digests, stored_of, target_fate
@@ -332,8 +332,10 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
             # the members sampled before the failure are written first
             with contextlib.suppress(Exception):
                 writer.close()
-        elif writer is not None:  # a Ctrl-C: no write after the call raised, none queued;
-            writer.abandon(wait=not isinstance(err, Interrupted))  # a second: at once
+        elif writer is not None:  # a Ctrl-C (a second one too): the batches queued are
+            # dropped and the write under way awaited, so that nothing is written once this
+            # has raised (a script may delete the store next); a further Ctrl-C ends the wait
+            writer.abandon(wait=True)
         raise
     finally:
         if beat is not None:

@@ -221,7 +221,8 @@ def as_user_error(err: Exception, command: str) -> Exception:
     """An allocation that failed outside a sampled batch (which says its own settings) as
     one line naming what to lower, a thread that could not start (zarr's, torch's) as one
     line naming the limits; any other error as it is."""
-    # (not FailedElsewhere, a RuntimeError too: the rank that met it says so)
+    if isinstance(err, FailedElsewhere):  # another rank's fault: that rank says what it was
+        return err
     if type(err) is RuntimeError and "can't start new thread" in str(err):
         return thread_failed(f"{command}: a thread", err)  # zarr's or torch's, say
     if "torch" not in sys.modules:  # nothing could have allocated through it

@@ -156,6 +156,23 @@ def direction(values) -> int:
     return 1 if (steps > 0).all() else -1 if (steps < 0).all() else 0
 
 
+def same_points(a, b) -> bool:
+    """Whether coordinate values ``a`` and ``b`` name the same points in the same order
+    (longitudes relabelled from -180 to 0 too: equal modulo 360)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return a.shape == b.shape and any(np.allclose(v, w, rtol=1e-6, atol=1e-9, equal_nan=True)
+                                      for v, w in ((a, b), (a % 360, b % 360)))
+
+
+def rolled(a, b) -> bool:
+    """Whether coordinate values ``a`` are ``b``'s rolled by one or more places (longitudes
+    from -180 for ``b``'s from 0 too: modulo 360), not the same points in the same order."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return a.shape == b.shape and not same_points(a, b) and any(
+        np.allclose(np.roll(v, k), w) for v, w in ((a, b), (a % 360, b % 360))
+        for k in range(1, len(a)))
+
+
 def check_field_order(var: xr.DataArray, what: str) -> None:
     """Refuse fields stored (x, y): piadm's fields are (y, x), in its stores, its training
     and its models, and reading them by position would transpose them all unseen. The same
@@ -207,6 +224,8 @@ def _label(text: str, coord: xr.DataArray):
             return pd.to_timedelta(text).to_timedelta64()
         if kind in "iu":  # "20.0" is 20, as "25" is 25.0 on a float coordinate
             try:  # exactly: a nanosecond count is past what a float holds
+                if "_" in text:  # Decimal reads "20_0" as 200
+                    raise ValueError(text)
                 value = decimal.Decimal(text.strip())
                 if not value.is_finite() or value % 1 != 0:
                     raise ValueError(text)

@@ -15,7 +15,7 @@ from models.conditioning import CONDITIONS
 from pipeline.choices import FIELD_DIMS
 from pipeline.config import ConfigError
 from pipeline.console import say
-from pipeline.inputs import (InputError, Items, direction, open_items, renamed_attrs,
+from pipeline.inputs import (InputError, Items, direction, open_items, renamed_attrs, rolled,
                              unconditional)
 from pipeline.memory import field_bytes
 from pipeline.run import DTYPES, provenance, residual_length, sampler_grid
@@ -109,12 +109,9 @@ def check_not_rolled(items: Items, grid: dict, path: str) -> None:
             continue
         theirs = np.asarray(items.fields[dim].values)
         ours = np.asarray(grid["coords"][name]["values"])
-        if (theirs.shape != ours.shape or theirs.dtype.kind not in "fiu"
-                or ours.dtype.kind not in "fiu" or np.allclose(theirs, ours)):
+        if theirs.dtype.kind not in "fiu" or ours.dtype.kind not in "fiu":
             continue
-        if any(np.allclose(np.roll(a, k), b) for a, b in ((theirs, ours),
-                                                           (theirs % 360, ours % 360))
-               for k in range(1, len(theirs))):
+        if rolled(theirs, ours):
             raise InputError(
                 f"input: {items.fields.name} of {path} has {dim} {theirs[0]:g} .. "
                 f"{theirs[-1]:g}, the network's training grid rolled ({name} {ours[0]:g} .. "

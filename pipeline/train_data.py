@@ -22,7 +22,7 @@ from models.fingerprint import PROBE_RTOL, probe
 from models.conditioning import spectral_upsample, upsample_blocks
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
 from pipeline.inputs import (InputError, check_field_order, check_real, direction, label_text,
-                             masked_by_fill)
+                             masked_by_fill, rolled, same_points)
 from pipeline.settings import TrainConfig
 from pipeline.store import open_store
 
@@ -165,20 +165,18 @@ def _check_same_grid(path: str, theirs: xr.DataArray, ours: xr.DataArray) -> Non
         a, b = np.asarray(theirs[dim].values), np.asarray(ours[dim].values)
         if a.dtype.kind not in "fiu" or b.dtype.kind not in "fiu":
             continue
-        if np.allclose(a, b, rtol=1e-6, atol=1e-9):
+        if same_points(a, b):
             continue
-        # a rotation of train.data's (longitudes from -180 for train.data's from 0, too)
-        rolled = len(a) == len(b) and any(np.allclose(np.roll(v, k), w) for v, w in
-                                          ((a, b), (a % 360, b % 360)) for k in range(len(a)))
-        fix = (f"flip it (ds.isel({dim}=slice(None, None, -1)))" if np.allclose(a[::-1], b)
-               else f"roll it to train.data's (ds.roll({dim}=..., roll_coords=True))" if rolled
-               else "put it on train.data's grid")
+        fix = (f"flip it (ds.isel({dim}=slice(None, None, -1)))" if same_points(a[::-1], b)
+               else f"roll it to train.data's (ds.roll({dim}=..., roll_coords=True))"
+               if rolled(a, b) else "put it on train.data's grid")
         raise InputError(f"{where} on {dim} {a[0]:g} .. {a[-1]:g}, train.data on {dim} "
                          f"{b[0]:g} .. {b[-1]:g}: the fields are joined by position; {fix}")
     units = (theirs.attrs.get("units"), ours.attrs.get("units"))
     if None not in units and units[0] != units[1]:
         raise InputError(f"{where} in {units[0]!r}, train.data's {name} in {units[1]!r}: "
-                         "convert it to train.data's units")
+                         "convert it to train.data's units (or, where they are the same "
+                         "units spelt otherwise, set its units attribute to train.data's)")
 
 
 def _overlap(times: np.ndarray, held: np.ndarray) -> bool:
@@ -288,19 +286,16 @@ def _check_finite(t: TrainConfig, ds: xr.Dataset, name: str, split: str, ok: np.
         where = f"time {label_text(ds['time'].values[first])} of {t.data}"
     else:
         where = f"time {first} of {t.data}, counted from 0"
-    # a mask (land) where every training time has missing points: no times to drop
-    if masked_by_fill(ds[name]) or (split == "training" and bad.size == ok.size):
-        what = "masked (its _FillValue or missing_value) or NaN/Inf points" if masked_by_fill(
-            ds[name]) else "NaN/Inf"
-        raise InputError(f"train: {name} has {what} in {bad.size} of the {split} split's "
-                         f"{ok.size} times (the first: {where}): piadm trains on whole fields: "
-                         "fill the missing points (ds[name].fillna(...), e.g. with a "
-                         "climatology) before training")
-    raise InputError(f"train: {name} has NaN/Inf in {bad.size} of the {split} split's times "
-                     f"(the first: {where}): drop or fill them before training "
-                     "(ds.where(np.isfinite(ds)).dropna('time'), or .fillna(...) in place of "
-                     ".dropna: dropna alone keeps an Inf); a generate-data run stopped part way "
-                     "leaves its unwritten snapshots NaN: rerun it with data.overwrite = true")
+    masked = any(masked_by_fill(store[name]) for store in (ds, *extras))
+    what = "masked (a _FillValue or missing_value) or NaN/Inf points" if masked else "NaN/Inf"
+    # generate-data's own store: a run of it stopped part way leaves its snapshots NaN
+    made = ("; a generate-data run stopped part way leaves its unwritten snapshots NaN: rerun "
+            "it with data.overwrite = true" if _trajectory(ds) and not masked else "")
+    raise InputError(f"train: {name} has {what} in {bad.size} of the {split} split's "
+                     f"times (the first: {where}): piadm trains on whole fields: drop "
+                     "those times (ds.where(np.isfinite(ds)).dropna('time'); dropna alone keeps "
+                     "an Inf) or, for a mask such as land's in every time, fill the points "
+                     f"(ds[{name!r}].fillna(...), e.g. with a climatology){made}")
 
 
 def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:

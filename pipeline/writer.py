@@ -86,9 +86,9 @@ class BackgroundWriter:
 
     def abandon(self, wait: bool = False) -> None:
         """Drop the jobs still waiting and let the thread end after the one under way; with
-        ``wait``, wait for that one (a Ctrl-C through the API: nothing is written once the
-        call has raised), else not (a stop that must not wait: a second Ctrl-C). What the
-        dropped jobs would have written and marked done is sampled again by a rerun."""
+        ``wait``, wait for that one (a Ctrl-C: nothing is written once the run has raised).
+        What the dropped jobs would have written and marked done is sampled again by a
+        rerun."""
         with contextlib.suppress(queue.Empty):
             while True:
                 self._jobs.get_nowait()

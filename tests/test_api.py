@@ -376,8 +376,11 @@ def test_memory_run_out_outside_a_batch_is_the_same_user_error_as_on_the_command
     cfg = api.load_config("jobs/configs/grf.toml", {"model.shape": [8, 8], "sampler.tol": 0.1,
                                                     "output.path": str(tmp_path / "m.zarr")})
     with pytest.raises(api.PiadmError, match=r"^sample: out of memory \(\[enforce fail.*\): "
-                                             r"lower what runs at once"):
+                                             r"lower what runs at once") as raised:
         api.sample(cfg)
+    import traceback  # where it ran out, for the script's author
+
+    assert "no_room" in [f.name for f in traceback.extract_tb(raised.value.__traceback__)]
 
 
 def test_evaluate_names_an_unknown_option_and_the_closest(tmp_path):

@@ -479,3 +479,17 @@ def test_an_axis_runs_one_way_only_where_every_step_does():
     assert direction([0.0, 1.0, 2.0]) == 1 and direction([2.0, 1.0, 0.0]) == -1
     assert direction([0.0, np.nan, 2.0]) == direction([180, 270, 0, 90]) == 0
     assert direction([5.0]) == direction(np.array(["a", "b"])) == 0
+
+
+def test_coordinates_rolled_or_the_same_points_relabelled():
+    """Longitudes from -180 for a grid from 0 are a roll; relabelled in place ((lon + 180) %
+    360 - 180 without sorting) they are the same points, which the extra stores' check
+    refused; NaN coordinates alike are alike."""
+    from pipeline.inputs import rolled, same_points
+
+    lon = np.arange(0.0, 360.0, 45.0)
+    assert rolled(np.roll(lon, 2), lon) and rolled(np.sort((lon + 180) % 360 - 180), lon)
+    relabelled = (lon + 180) % 360 - 180
+    assert same_points(relabelled, lon) and not rolled(relabelled, lon)
+    assert not rolled(lon[::-1], lon) and not rolled(lon + 10, lon)
+    assert same_points([0.0, np.nan], [0.0, np.nan])

@@ -200,8 +200,7 @@ def test_running_out_of_memory_mid_run_is_one_line_and_the_rerun_resumes(
 
 
 def test_an_allocation_failure_outside_a_batch_is_one_line_naming_what_to_lower():
-    from pipeline.errors import as_user_error
-    from pipeline.errors import OutOfMemory
+    from pipeline.errors import OutOfMemory, as_user_error
 
     host = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
                         "can't allocate memory: you tried to allocate 1090519040 bytes.")

@@ -1419,13 +1419,16 @@ def test_training_and_export_read_data_whose_consolidated_metadata_is_stale(tmp_
     export(ckpt, tmp_path / "x.pt", stale)  # its own data: taken
 
 
-def test_a_mask_in_every_time_is_told_to_be_filled_not_dropped(tmp_path, dataset, capsys):
-    """A land mask, NaN in every time: told to drop those times (none would be left) and
-    that a generate-data run may have stopped part way."""
+def test_a_mask_is_told_to_be_filled_and_a_generate_data_run_named_only_for_its_store(
+        tmp_path, dataset, capsys):
+    """A land mask, NaN in every time, was told only to drop those times (none would be
+    left) and that a generate-data run may have stopped part way, in data it never made."""
     ds = xr.open_zarr(dataset).load()
     ds["vorticity"][:, 0, 0] = np.nan
+    ds.attrs = {}  # another tool's store
     ds.to_zarr(tmp_path / "land.zarr", consolidated=False)
     err = _refused(_train_args(tmp_path / "land.zarr", tmp_path / "m.pt"), capsys)
-    assert "train: vorticity has NaN/Inf in 12 of the training split's 12 times" in err
-    assert "piadm trains on whole fields: fill the missing points" in err
+    assert "train: vorticity has NaN/Inf in 12 of the training split's times" in err
+    assert ("or, for a mask such as land's in every time, fill the points "
+            "(ds['vorticity'].fillna(...), e.g. with a climatology)") in err
     assert "generate-data" not in err

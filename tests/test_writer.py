@@ -21,10 +21,7 @@ def test_a_writer_thread_that_cannot_start_is_a_one_line_error(monkeypatch):
 def test_any_other_thread_that_cannot_start_is_one_line_naming_the_limit():
     """zarr's pool or torch's threads under a low ulimit -v: a traceback (the heartbeat's
     and the writer's say their own)."""
-    from pipeline.errors import as_user_error
-    from pipeline.errors import OutOfMemory
-
-    from pipeline.errors import FailedElsewhere
+    from pipeline.errors import FailedElsewhere, OutOfMemory, as_user_error
 
     err = as_user_error(RuntimeError("can't start new thread"), "sample")
     assert isinstance(err, OutOfMemory) and str(err) == (
