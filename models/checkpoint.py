@@ -72,7 +72,9 @@ def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:
     if missing:
         raise ValueError(f"its metadata {sidecar(path).name} lacks {', '.join(missing)}")
     den = Denoiser(UNetConfig.from_dict(meta["unet"])).to(device)
-    state = torch.load(path, map_location=device, weights_only=True)
+    # on the host: the whole training state (both Adam moments too) need not visit the GPU
+    # for the EMA weights, which load_state_dict copies to the network's device
+    state = torch.load(path, map_location="cpu", weights_only=True)
     problem = units_problem(path, state, meta)
     if problem:
         raise ConfigError(problem)

@@ -17,7 +17,6 @@ exception on one rank aborts them all rather than leaving the others waiting.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect
@@ -131,27 +130,31 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     # a Config too: checked anew, its text made from its fields; a file that one node lacks
     # fails on every rank, not on that rank alone while the others wait for it
     cfg = on_every_rank(comm, load_config, cfg)
-    with torch_settings_kept(), _as_user_errors("sample"):
+
+    def run():
         try:
-            cfg, ranks, device, attrs = start(comm, cfg, "api.sample", stored=True, plan=True,
-                                              stop=stop)
+            started = start(comm, cfg, "api.sample", stored=True, plan=True, stop=stop)
         except Stopped:  # as a stop before the first batch: nothing written
             return not_begun(cfg.output.path)
-        return sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
+        planned, ranks, device, attrs = started  # the config with the plan's settings
+        return sample_to_store(planned, ranks=ranks, device=device, stop=stop, attrs=attrs)
+
+    with torch_settings_kept():
+        return _as_user(run, "sample")
 
 
-@contextlib.contextmanager
-def _as_user_errors(command: str):
-    """Memory or a thread that ran out outside a sampled batch as the one-line
+def _as_user(run, command: str):
+    """``run()``, memory or a thread run out outside a sampled batch raised as the one-line
     ``OutOfMemory`` the command line gives (``errors.as_user_error``), not torch's error."""
     try:
-        yield
+        return run()
     except Exception as err:
         mended = as_user_error(err, command)
         if mended is err:
             raise
-        # where it ran out, for the script's author
-        raise mended.with_traceback(err.__traceback__) from None
+    # raised here, not in the except: neither its context nor its traceback keeps the failed
+    # call's frames, whose tensors (on a GPU) a script retrying with less would still hold
+    raise mended
 
 
 def _check_path(what: str, path, to: str = "Zarr store") -> None:
@@ -211,8 +214,7 @@ def evaluate(store: str | Path, truth: str | Path, **options) -> xr.Dataset:
     if options.get("out") is not None:
         _check_path("api.evaluate's out", options["out"], "folder for its files")
     try:
-        with _as_user_errors("evaluate"):
-            metrics, _ = _evaluate(store, truth, **options)
+        metrics, _ = _as_user(lambda: _evaluate(store, truth, **options), "evaluate")
     except EvaluationError as err:  # its messages name the CLI's flags: name the keywords
         raise EvaluationError(re.sub(EVALUATE_FLAGS, lambda m: m[1].replace("-", "_"),
                                      str(err))).with_traceback(err.__traceback__) from None

@@ -310,10 +310,13 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
             except Exception as err:
                 if not is_out_of_memory(err):
                     raise
+                batch = None
+            if batch is None:  # raised out of the except: the failed call's frames (its
+                # tensors, on a GPU) are let go, not kept in the error's context
                 plan = json.loads(spec.attrs.get("plan_settings", "{}"))
                 raise OutOfMemory(_out_of_memory(
                     cfg, world.rank, device, len(members), spec.attrs.get(ASKED),
-                    plan.get("ensemble.batch_size"))) from None
+                    plan.get("ensemble.batch_size")))
             for lo, hi in write_runs(members, unit) if writer is not None else ():
                 start = members[lo] - members[lo] % unit  # the store batch's claim
                 owned = functools.partial(holds, folder, batch_key(item, start), job)

@@ -158,6 +158,9 @@ def available_bytes(device: torch.device, sharing: int = 1) -> tuple[int, str] |
     each rank has whole); None when unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        # what torch keeps cached for this process is free to it too (the driver counts it
+        # used): earlier work (a plan's cost curve, a calibration) would shrink the room
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return free // max(1, sharing), f"free on {device}"
     free = _status_kib("MemAvailable", Path("/proc/meminfo"))
     shared = [b for b in (None if free is None else 1024 * free, cgroup_room()) if b is not None]

@@ -207,6 +207,7 @@ def cost_curve(model, shape, dtype, device, sizes, threads: int, repeats: int = 
                 if not is_out_of_memory(err):
                     raise
                 x = u = None
+            if x is None:  # emptied here, once the failed call's frames (its tensors) are gone
                 if torch.device(device).type == "cuda":
                     torch.cuda.empty_cache()
                 break  # the curve stops at the largest call that fits (make_plan says so)

@@ -260,7 +260,10 @@ def _resume(path: Path, meta: dict, den, ema, opt, device) -> dict:
     as this run (``meta``) would; its state. Raises InputError when it cannot be resumed."""
     _check_same_training(path, meta)
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        # on the host: load_state_dict copies each tensor to its parameter's device, and
+        # keeps Adam's step counts where a fresh run keeps them (on a GPU each would cost
+        # its update a sync)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as err:
         raise InputError(f"train.checkpoint {path} is not a readable piadm train checkpoint "
                          f"({type(err).__name__}): choose another train.checkpoint, or move "
