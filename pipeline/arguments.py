@@ -155,7 +155,8 @@ def _sample_arguments(sp) -> None:
     sp.add_argument("--dry-run", action="store_true",
                     help="print the items, members, batches, store, rank layout and "
                          "sampler settings the run would use, and write nothing (exit "
-                         "2 when the run would refuse its model, its store or its batch)")
+                         "2 when the run would refuse its model, its store or its batch, "
+                         "or stop on a calibration that fell short)")
 
 
 def _plan_arguments(sp) -> None:

@@ -76,6 +76,9 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
         text, fits = _memory_line(cfg, ranks, device, sharing, size, fate)
         lines.append(text)
         runs = runs and fits
+    # a calibration that measured no tolerance close enough stops the run (exit 2): so here
+    runs = runs and not (not (planned and shown.sampler.method in AUTO_METHODS)
+                         and _calibration_short(shown, device))
     lines.append("nothing was written (--dry-run)")
     return "\n".join(lines), runs
 
@@ -147,6 +150,17 @@ def _window(s) -> str:
     given = f"sampler.window {asked}" if s.window else f"the default window {asked}"
     return (f", window {points}" + ("" if s.window else " (its default)") if points == asked
             else f", window {points} ({given} is cut to the {s.steps} steps)")
+
+
+def _calibration_short(cfg: Config, device) -> bool:
+    """Whether ``cfg``'s ``tol = "auto"`` finds in the cache that no tolerance of its ladder
+    was close enough (the run would stop, as ``piadm calibrate`` did)."""
+    from pipeline.calibrate import calibration_key, read_unreachable
+
+    s = cfg.sampler
+    if s.tol != "auto" or REFERENCE[s.method] == s.method:
+        return False
+    return read_unreachable(calibration_key(cfg, model_digest(cfg), device)) is not None
 
 
 def _sampler_line(cfg: Config, planned: bool, device) -> str:
