@@ -368,7 +368,9 @@ def read_done_record(done: zarr.Array) -> tuple[np.ndarray, list[tuple[slice, sl
 def _read_done(path: str | Path, region=slice(None)) -> np.ndarray:
     """``done[region]``, or DamagedRecord naming the damaged chunks and the repair."""
     try:
-        done = zarr.open_group(path, mode="r")["done"]
+        # its own metadata, not the consolidated copy: a done array deleted since read as all
+        # fill value there, a store "incomplete: rerun" that the rerun then refused
+        done = zarr.open_group(path, mode="r", use_consolidated=False)["done"]
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise  # the store itself is gone: the caller says what that means for it
     except Exception as err:  # zarr's errors for unreadable metadata are many

@@ -1021,6 +1021,18 @@ def test_an_array_whose_metadata_is_lost_is_told_and_the_store_is_not_resumed(tm
     assert main(["status", str(out)]) == 2
     assert "the done array) cannot be opened (JSONDecodeError)" in capsys.readouterr().err
 
+    # gone, with the consolidated metadata naming it still: it read as all fill value, a
+    # store "incomplete: rerun the same config" that the rerun refused
+    import shutil
+
+    gone = tmp_path / "gone.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *sets[:-2], "--set",
+                 f"output.path={gone}"]) == 0
+    shutil.rmtree(gone / "done")
+    capsys.readouterr()
+    assert main(["status", str(gone)]) == 2
+    assert "the done array) cannot be opened (KeyError)" in capsys.readouterr().err
+
 
 def test_members_that_overflow_in_the_datas_units_are_refused_not_written(tmp_path, capsys):
     """Finite as sampled, a member times an input's std of 3e38 leaves float32: it must not
