@@ -93,6 +93,9 @@ def check_output_file(flag: str, path: str | None, name: str = "bench.json") -> 
 
     if not path.strip():  # Path("") is the working folder, "a directory"
         raise ConfigError(f"{flag} is empty: give a file path, e.g. {name}", collective=True)
+    if path == "-":  # not standard output: a file named "-" was written
+        raise ConfigError(f"{flag} takes a file path, not '-' (standard output): give a file, "
+                          f"e.g. {name}, and read it from there", collective=True)
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{flag} {path} is a directory: give a file path, e.g. {p / name}",

@@ -339,8 +339,9 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
                        stats, ref_stats.model_calls, dist, err, timing, w2=w2s[method])
             row["collectives"] = collectives
             row["shape"] = list(shape)  # d alone is 16x32's and 32x16's alike
-            if method in REPLICABLE:  # how its time slices shared the window (on one: alike)
-                row["window_split"] = s.window_split
+            # how its time slices shared the window (on one: alike); null for the others, so
+            # that every row has the same keys for a table reader
+            row["window_split"] = s.window_split if method in REPLICABLE else None
             rows[method].append(row)
             _say_row(comm, row, stats)
     out = [row for m in methods for row in rows[m]]

@@ -42,6 +42,15 @@ def test_bench_figure_formats_are_what_matplotlib_saves():
     assert {"png", "pdf", "svg"} <= save_formats() and "txt" not in save_formats()
 
 
+def test_a_json_path_of_a_dash_is_refused_not_written_as_a_file_named_dash(tmp_path, capsys,
+                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", str(Path(__file__).parents[1] / "jobs/configs/grf.toml"), *TINY,
+                 "--json", "-"]) == 2
+    assert "--json takes a file path, not '-' (standard output)" in _one_error(capsys)
+    assert not (tmp_path / "-").exists()
+
+
 @pytest.mark.parametrize("json_path, message", [
     ("a.zarr", "--json {tmp}/a.zarr is a directory: give a file path, e.g. "
                "{tmp}/a.zarr/bench.json"),

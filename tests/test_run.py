@@ -132,6 +132,8 @@ def test_bench_reports_calls_ratio_tolerances_and_the_worst_seed(tmp_path, monke
     assert main(["bench", "jobs/configs/grf.toml", "--json", str(out),
                  *sum((["--set", s] for s in sets), [])]) == 0
     rows = json.loads(out.read_text())["rows"]
+    # every row has the same keys, for a table reader (window_split was pc-window's alone)
+    assert len({tuple(sorted(r)) for r in rows}) == 1 and rows[0]["window_split"] is None
     assert [(r["method"], r["seed"]) for r in rows] == [
         ("sequential-sde", 0), ("sequential-sde", 1), ("pc-window", 0), ("pc-window", 1),
         ("sequential-sde", "worst"), ("pc-window", "worst")]
