@@ -73,12 +73,12 @@ def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:
         raise ValueError(f"its metadata {sidecar(path).name} lacks {', '.join(missing)}")
     den = Denoiser(UNetConfig.from_dict(meta["unet"])).to(device)
     # on the host: the whole training state (both Adam moments too) need not visit the GPU
-    # for the EMA weights, which load_state_dict copies to the network's device
+    # for the EMA weights, which alone go to the network's device
     state = torch.load(path, map_location="cpu", weights_only=True)
     problem = units_problem(path, state, meta)
     if problem:
         raise ConfigError(problem)
-    den.load_state_dict(state["ema"])
+    den.load_state_dict({k: v.to(device) for k, v in state["ema"].items()})
     return den.eval(), meta
 
 
