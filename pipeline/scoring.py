@@ -350,7 +350,11 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
             check_sound(store, None)
     for w in held:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    metrics.attrs.update(store=str(store), truth=f"{truth_path}:{truth.name}")
+    # as given (the "truth" text joins its variable, as before), and absolute with the variable
+    # apart, for a reader of metrics.json in another folder (a workflow's next step)
+    metrics.attrs.update(store=str(store), truth=f"{truth_path}:{truth.name}",
+                         store_path=os.path.abspath(store),
+                         truth_path=os.path.abspath(truth_path), truth_variable=str(truth.name))
     if baseline is not None:
         off = input_mismatch(truth, coarse)
         if off > INPUT_MISMATCH:

@@ -2,6 +2,7 @@
 spectrum score tells a right from a rescaled truth, the outputs are written and readable, and
 bad input is a one-line error."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -475,6 +476,11 @@ def test_a_climatology_range_selects_by_value_and_labels_are_dates_in_json(paire
     assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
                  "--out", str(tmp_path / "p")]) == 0
     assert _metrics(tmp_path / "p")["per_item"]["time"][:2] == ["2020-01-01", "2020-01-02"]
+    # where the store and the truth are, for a reader in another folder (as given, the
+    # paths were the evaluating shell's, the variable joined to the truth's with ":")
+    said = _metrics(tmp_path / "c")
+    assert said["store_path"] == os.path.abspath(ens) and said["truth_variable"] == "vort"
+    assert said["truth_path"] == os.path.abspath(tmp_path / "desc.zarr")
     # a truth repeating a label the ensemble does not take is paired as any other
     extra = truth.isel(time=[0, 1]).assign_coords(time=np.full(2, np.datetime64("2021-01-01")))
     xr.concat([truth, extra], "time").to_zarr(tmp_path / "repeats.zarr")
