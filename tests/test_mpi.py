@@ -303,15 +303,15 @@ def test_an_existing_store_is_refused_by_every_rank_and_kept(tmp_path):
 
 
 @pytest.mark.slow
-def test_one_two_and_four_ranks_write_identical_stores(tmp_path, input_store):
+def test_one_and_four_ranks_write_identical_stores(tmp_path, input_store):
     from conftest import conditional_sets
     from test_ensemble import assert_same_store
 
     serial = tmp_path / "serial.zarr"
-    days = "input.range=['2020-01-01', '2020-01-03']"  # 3 items x 3 batches over 1 to 4 ranks
+    days = "input.range=['2020-01-01', '2020-01-03']"  # 3 items x 3 batches over 1 and 4 ranks
     assert main(["sample", "jobs/configs/grf.toml",
                  *conditional_sets(input_store, serial, days)]) == 0
-    for n in (2, 4):  # n groups of one rank each: members spread over ranks
+    for n in (4,):  # 4 groups of one rank each: 9 batches spread unevenly over ranks
         out = tmp_path / f"n{n}.zarr"
         proc = mpirun(n, ["-m", "pipeline.cli", "sample", "jobs/configs/grf.toml",
                           *conditional_sets(input_store, out, days)])

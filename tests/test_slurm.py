@@ -18,10 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "jobs" / "slurm"
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
          "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
-# 4 members per rank of about a second each on 2 busy cores: long enough to signal mid-run.
-# A fixed tol (what calibration picks here): each job calibrating anew would add 12 s of CPU.
-SAMPLE = ["model.shape=[64, 64]", "sampler.steps=400", "sampler.block_size=50",
-          "sampler.tol=1e-3", "ensemble.members=8", "ensemble.batch_size=1", "parallel.threads=1"]
+# 4 members per rank of about a second each (21 rounds of 40 ms): long enough to signal
+# mid-run. The model's calls are padded by sleeping (model.emulate_ms), so the jobs take that
+# wall time without taking the cores from the tests beside them; the members are the exact
+# model's all the same. A fixed tol (what calibration picks here): each job calibrating anew
+# would add seconds of CPU.
+SAMPLE = ["model.shape=[16, 16]", "model.emulate_ms=[40, 0]", "sampler.steps=400",
+          "sampler.block_size=50", "sampler.tol=1e-3", "ensemble.members=8",
+          "ensemble.batch_size=1", "parallel.threads=1"]
 DATA = ["data.snapshots=4", "data.resolution=32", "data.spinup=1.0", "data.chunk=2",
         "parallel.threads=1"]
 

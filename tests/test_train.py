@@ -696,7 +696,7 @@ def test_the_shipped_unconditional_model_samples_out_of_the_box(tmp_path):
     import xarray as xr
 
     out = tmp_path / "shipped.zarr"
-    sets = ["sampler.steps=20", "sampler.block_size=10", "ensemble.members=2",
+    sets = ["sampler.steps=10", "sampler.block_size=10", "ensemble.members=2",
             "ensemble.batch_size=2", f"output.path={out}"]
     assert main(["sample", "jobs/configs/kolmogorov_uncond.toml",
                  *sum((["--set", s] for s in sets), [])]) == 0
