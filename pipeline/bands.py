@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.warned import catching
+
 DRAWS = 1000  # bootstrap resamples: the interval's ends move by < 1% of its width at this size
 LEVEL = 0.9  # central interval reported
 # Shells whose truth holds less than this share of its largest shell's energy are empty: the
@@ -69,7 +71,7 @@ def interval(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The central ``LEVEL`` interval of bootstrap ``draws`` (DRAWS, ...) along the first
     axis, NaN where every draw is."""
     tail = 100 * (1 - LEVEL) / 2
-    with warnings.catch_warnings():  # shells the truth leaves empty stay NaN, as intended
+    with catching():  # shells the truth leaves empty stay NaN, as intended
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanpercentile(draws, tail, axis=0), np.nanpercentile(draws, 100 - tail, axis=0)
 
@@ -111,7 +113,7 @@ def _figures(ens: np.ndarray, truth: np.ndarray, bands: list[Band]) -> np.ndarra
         sl = slice(b.kmin - 1, b.kmax)
         e, t = ens[..., sl], truth[..., sl]
         held = t > floor
-        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        with np.errstate(divide="ignore", invalid="ignore"), catching():
             warnings.simplefilter("ignore", RuntimeWarning)  # a band the truth leaves empty
             out[..., i, 0] = np.where(held, e, 0).sum(-1) / np.where(held, t, 0).sum(-1)
             out[..., i, 1] = np.nanmax(np.where(held, np.abs(e / t - 1), np.nan), axis=-1)
@@ -130,7 +132,7 @@ def deviation_bounds(ratio: np.ndarray, lo: np.ndarray, hi: np.ndarray,
     own intervals hold the figure: the largest deviation is at least what the shell farthest
     from 1 certainly has, and at most what any shell's interval allows."""
     out = np.full((len(bands), 3), np.nan)
-    with warnings.catch_warnings():  # a band the truth leaves empty stays NaN
+    with catching():  # a band the truth leaves empty stays NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         for i, b in enumerate(bands):
             sl = slice(b.kmin - 1, b.kmax)

@@ -28,6 +28,7 @@ from pipeline.inputs import label_text
 from pipeline.eval_inputs import (INPUT_MISMATCH, check_shell, check_sound, coarse_input,
                                   ensemble_variable, input_mismatch, is_square, open_ensemble,
                                   open_truth, upsampled, without_channel)
+from pipeline.warned import catching
 
 
 def spectra_of(variable: str):
@@ -335,7 +336,7 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
                               "adds: give the truth's finest resolved wavenumber")
     # numpy's warnings of NaN figures are held until a damaged store, their likely cause,
     # is ruled out: its one-line error says what they would only hint at
-    with warnings.catch_warnings(record=True) as held:
+    with catching(record=True) as held:
         warnings.simplefilter("default")
         try:
             metrics = score(ens, truth, paired, kmax=kmax, baseline=baseline, cut=cut,

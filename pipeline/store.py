@@ -36,6 +36,7 @@ from pipeline.choices import FIELD_DIMS
 from pipeline.errors import PiadmError, is_system_error
 from pipeline.processes import left_by_dead, own_name
 from pipeline.signals import settle_zarr_io
+from pipeline.warned import catching
 
 
 if TYPE_CHECKING:
@@ -535,7 +536,7 @@ def _quiet_consolidated():
     saves listing the store. A store another tool wrote without it (or an older piadm's,
     stopped before its end) has none: xarray lists it instead, with a warning that says
     nothing to a piadm user."""
-    with warnings.catch_warnings():
+    with catching():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated")
         yield

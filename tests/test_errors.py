@@ -35,3 +35,37 @@ def test_a_write_failures_errno_survives_a_copy_and_a_pickle():
     for again in (pickle.loads(pickle.dumps(said)), copy.copy(said), said.everywhere()):
         assert (type(again), str(again), again.errno) == (WriteFailed, str(said), errno.ENOSPC)
     assert said.everywhere().collective is True
+
+
+def test_two_threads_changing_warning_filters_leave_the_processs_filters_as_they_were():
+    """A thread entering piadm's warning block while another is inside waits for it: had both
+    been inside at once, the one leaving last put back the other's filters, for good."""
+    import threading
+    import time
+    import warnings
+
+    from pipeline.warned import catching
+
+    before = list(warnings.filters)
+    second_inside, first_left = threading.Event(), threading.Event()
+
+    def first():
+        with catching():
+            warnings.filterwarnings("ignore", message="first's")
+            second_inside.wait(0.5)  # the second waits for this block to end: times out
+        first_left.set()
+
+    def second():
+        with catching():
+            warnings.filterwarnings("ignore", message="second's")
+            second_inside.set()
+            first_left.wait(10)
+
+    a = threading.Thread(target=first)
+    a.start()
+    time.sleep(0.1)  # the first is inside
+    b = threading.Thread(target=second)
+    b.start()
+    a.join(10)
+    b.join(10)
+    assert warnings.filters == before
