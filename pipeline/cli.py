@@ -369,19 +369,24 @@ def _cmd_config(args, world) -> int:
 
 
 def _cmd_status(args, world) -> int:
-    from pipeline.status import progress, report, verify
-
     check_status_flags(args)
-    if args.verify:
-        text, complete = verify(args.store, args.repair, args.json)
-    elif args.json:
-        state = progress(args.store)
-        text, complete = json.dumps(state, indent=1), state["complete"]
-    else:
-        text, complete = report(args.store)
+    # once, on rank 0: under mpiexec each rank said the same error, and --repair wrote twice
+    text, complete = on_rank0(world, _status, args)
     if world.rank == 0:
         print(text, flush=True)
     return 0 if complete else 1
+
+
+def _status(args) -> tuple[str, bool]:
+    """What ``piadm status`` prints, and whether the store is complete."""
+    from pipeline.status import progress, report, verify
+
+    if args.verify:
+        return verify(args.store, args.repair, args.json)
+    if args.json:
+        state = progress(args.store)
+        return json.dumps(state, indent=1), state["complete"]
+    return report(args.store)
 
 
 COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "calibrate": _cmd_calibrate,

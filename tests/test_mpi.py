@@ -292,6 +292,14 @@ def test_a_bad_layout_is_one_clean_error_from_every_rank(tmp_path):
     assert not (tmp_path / "x.zarr").exists()
 
 
+def test_status_under_mpiexec_reads_once_and_says_an_error_once(tmp_path):
+    proc = mpirun(2, ["-m", "pipeline.cli", "status", str(tmp_path / "none.zarr")], timeout=60)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("piadm: error")]
+    assert proc.returncode == 2 and errors == [
+        f"piadm: error: {tmp_path / 'none.zarr'} does not exist: pass the output.path of a run "
+        "(a run that has not started has no store yet)"], proc.stderr
+
+
 def test_an_existing_store_is_refused_by_every_rank_and_kept(tmp_path):
     path = tmp_path / "keep.zarr"
     path.mkdir()
