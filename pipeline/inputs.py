@@ -11,6 +11,7 @@ import dataclasses
 import decimal
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -211,13 +212,37 @@ def _calendar_date(text: str, kind, calendar: str):
     return kind(*parts, calendar=calendar)
 
 
+# a time-zone designator ending a date and time: Z, +02, -0530, +05:30
+TIME_ZONE = re.compile(r"(?<=\d)(Z|[+-]\d\d(:?\d\d)?)$", re.IGNORECASE)
+
+
+def _datetime(text: str, name) -> np.datetime64:
+    """``text`` as a date and time of a datetime64 coordinate, which holds no time zone: a
+    label with one is refused, naming its UTC equivalent (numpy converted it with a warning,
+    as though every archive's times were UTC)."""
+    timed = re.search(r"\d[T ]\d", text.strip(), re.IGNORECASE)  # a date and a time
+    zone = TIME_ZONE.search(text.strip()) if timed else None
+    if zone is not None:
+        from pipeline.warned import catching
+
+        with catching():
+            warnings.simplefilter("ignore")
+            utc = np.datetime64(text.strip())
+            if np.datetime_data(utc.dtype)[0] in ("h", "D"):  # an offset of minutes: kept
+                utc = np.datetime64(text.strip(), "m")
+        raise InputError(f"input: label {text!r} has a time zone ({zone.group(0)}), which the "
+                         f"{name} coordinate's times do not hold: give the time as the "
+                         f"coordinate counts it, e.g. {str(utc)!r} where that is UTC")
+    return np.datetime64(text)
+
+
 def _label(text: str, coord: xr.DataArray):
     """A config label (a string) as a value of ``coord``'s dtype; a float one as the
     coordinate's own value within ``LABEL_RTOL`` of it, where there is one."""
     kind = coord.dtype.kind
     try:
         if kind == "M":
-            return np.datetime64(text)
+            return _datetime(text, coord.name)
         if kind == "m":  # lead times: "6h", "1 days 06:00:00"
             import pandas as pd
 
@@ -237,6 +262,8 @@ def _label(text: str, coord: xr.DataArray):
         calendar = getattr(coord.values.flat[0], "calendar", None) if coord.size else None
         if kind == "O" and calendar:  # a cftime date, on the coordinate's own calendar
             return _calendar_date(text, type(coord.values.flat[0]), calendar)
+    except InputError:
+        raise
     except ValueError:
         raise InputError(f"input: label {text!r} is not a valid {coord.name} value "
                          f"(dtype {coord.dtype})") from None

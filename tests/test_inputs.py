@@ -469,6 +469,27 @@ def test_a_whole_number_written_as_a_float_picks_an_integer_label():
         _label("2.5", coord)
 
 
+def test_a_time_label_with_a_time_zone_is_refused_naming_its_utc_time():
+    """numpy took "...+02:00" with a warning, as a UTC time; the coordinate holds none."""
+    import warnings
+
+    from pipeline.inputs import _label
+
+    coord = xr.DataArray(pd.date_range("2020-01-01", periods=3), dims="time", name="time")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _label("2020-01-02T06:00", coord) == np.datetime64("2020-01-02T06:00")
+        for text, zone, utc in (("2020-01-02T00:00+02:00", "+02:00", "2020-01-01T22:00"),
+                                ("2020-01-02 00-0530", "-0530", "2020-01-02T05:30"),
+                                ("2020-01-02T00:00Z", "Z", "2020-01-02T00:00")):
+            with pytest.raises(InputError) as err:
+                _label(text, coord)
+            assert str(err.value) == (
+                f"input: label {text!r} has a time zone ({zone}), which the time coordinate's "
+                f"times do not hold: give the time as the coordinate counts it, e.g. {utc!r} "
+                "where that is UTC")
+
+
 def test_an_axis_runs_one_way_only_where_every_step_does():
     """The orientation check's verdict: an unsigned axis's difference wrapped (3 .. 0 read as
     ascending), a NaN at an end was a traceback, longitudes rolled to start at 180 were
