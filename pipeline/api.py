@@ -115,7 +115,7 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     (``.install()`` it for SIGTERM and Ctrl-C; main thread only) or a function of no
     arguments that returns True once the run should stop, asked during start-up (between
     calibration rungs) and before each call; anything else is a TypeError."""
-    from pipeline.calibrate import Stopped
+    from pipeline.signals import Stopped
     from pipeline.console import on_every_rank
     from pipeline.ensemble import not_begun, sample_to_store
     from pipeline.layout import torch_settings_kept

@@ -32,6 +32,7 @@ from pipeline.memory_check import TooLarge, check_memory
 from pipeline.noise import Noise
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, Options, redone
 from pipeline.settings import Config
+from pipeline.signals import Stopped
 
 # Calibration members are keyed apart from any ensemble's members (an item index no input
 # reaches), so the choice is not tuned on the very trajectories it will produce.
@@ -209,10 +210,6 @@ def _unreachable_fix(method: str, rungs: list[Rung]) -> str:
             f"rounds rose, so smaller tolerances would not help ({why}); compare {method} with "
             f"{REFERENCE[method]} by quality (piadm bench's stat_err and w2), or raise "
             "sampler.distance")
-
-
-class Stopped(Exception):
-    """A stop request came while calibrating: nothing was cached; a rerun measures anew."""
 
 
 def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, device,

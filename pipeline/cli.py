@@ -91,8 +91,6 @@ def _stopped_before_sampling(world) -> int:
 
 
 def _cmd_sample(args, world) -> int:
-    from pipeline.ensemble import sample_to_store
-    from pipeline.samplers import redone
     from pipeline.signals import EXIT_PREEMPTED, StopRequest
 
     stop = StopRequest(tag(world)).install()
@@ -105,13 +103,16 @@ def _cmd_sample(args, world) -> int:
         text, runs = on_rank0(world, dry_run, cfg, ranks, device, memory_sharing(world, device))
         print0(world, text)
         return 0 if runs else 2  # a script's pre-check: the run itself would be refused
-    from pipeline.calibrate import Stopped
+    from pipeline.signals import Stopped
 
     began = time.perf_counter()
     try:
         cfg, ranks, device, attrs = _setup(args, world, plan=True, stop=stop)
     except Stopped:
         return _stopped_before_sampling(world)
+    from pipeline.ensemble import sample_to_store
+    from pipeline.samplers import redone
+
     guided = (f" (autoguided by {cfg.model.guide}, weight {cfg.model.guidance:g})"
               if cfg.model.guide else "")
     print0(world, f"piadm sample: {cfg.sampler.method} on {cfg.model.kind} {list(cfg.model.shape)}"

@@ -146,7 +146,7 @@ def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: boo
                   stopped=lambda: False) -> Calibration:
     """Rank 0: the tolerance of the run. For ``"auto"``: the one its store was made with (a
     resumed run; not with ``store`` False), else the cached or a new calibration (``force``:
-    always new; ``stopped`` ends it between rungs, ``calibrate.Stopped``), on the first
+    always new; ``stopped`` ends it between rungs, ``signals.Stopped``), on the first
     item's input when the model is conditioned (``stats``: the input's, when the run's
     checks measured them, so that the input is not read through again); ``say`` reports it."""
     s = cfg.sampler
@@ -204,7 +204,7 @@ def _start_up(cfg: Config, model, world, stop, device,
     """Every rank: rank 0's checks of the input and target, the run's tolerance, then the
     store it creates or opens; returns (spec, state, tol), or None when a stop signal came
     first (nothing written)."""
-    from pipeline.calibrate import Stopped
+    from pipeline.signals import Stopped
 
     stats = on_rank0(world, _check_early, cfg, model, device)  # refused now, not after calibrating
     # stopped during start-up (before, during or after a calibration): exit before writing

@@ -176,8 +176,8 @@ def quality_steps(cfg: Config, model, device, model_sha: str, say,
     it reaches the quality ``QUALITY_REFERENCE`` has at ``sampler.steps`` (exact W2 on a grf,
     the spectrum error on a trained U-Net: ``pipeline.equal_quality``), None when out of reach.
     Cached beside the calibrations: the search samples the model many times. ``stopped``,
-    asked between samplers, ends the search (``calibrate.Stopped``; nothing cached)."""
-    from pipeline.calibrate import Stopped
+    asked between samplers, ends the search (``signals.Stopped``; nothing cached)."""
+    from pipeline.signals import Stopped
     from pipeline.comm import SerialComm
     from pipeline.equal_quality import fewest_steps, measure_for
 
@@ -236,9 +236,9 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
     """Measure and rank every layout of ``cfg``'s ensemble on ``ranks`` ranks (module doc).
     ``items``: the items the run fills where the caller has counted them (``planned_items``).
     ``stopped``: a stop request, looked at between calibration rungs, equal-quality searches
-    and profiles (``calibrate.Stopped`` is raised; the measurements finished before it stay
+    and profiles (``signals.Stopped`` is raised; the measurements finished before it stay
     cached, the one it cut short is not)."""
-    from pipeline.calibrate import Stopped
+    from pipeline.signals import Stopped
     from pipeline.run import DTYPES, model_digest
 
     machine = machine_for(ranks, gpus_per_node, device, cfg.parallel.threads, latency,
@@ -302,7 +302,7 @@ def _profiles(cfg: Config, model, device, *, ranks: int, sha: str, steps: dict, 
     """Every sampler and window or block width of the plan, each at its own tolerance
     (calibrated or cached; a sampler no tolerance serves is left out, and said), profiled on
     ``model``; ``steps``: each sequential reference's steps for equal quality, where searched."""
-    from pipeline.calibrate import Stopped
+    from pipeline.signals import Stopped
 
     base = getattr(model, "base", model)
     profiles, largest = [], max(_batch_sizes(cfg))
@@ -536,7 +536,7 @@ def resolve_plan(cfg: Config, world, device, stopped=lambda: False) -> tuple[Con
     """Every rank: the concrete config of an ``"auto"`` run, planned on rank 0 for the world's
     ranks (the other ranks sleep meanwhile, leaving it the cores), and the store attributes
     that record the choice. ``stopped`` (rank 0's stop request) ends the planning between
-    its measurements with ``calibrate.Stopped`` on every rank."""
+    its measurements with ``signals.Stopped`` on every rank."""
     from models import build_model
     from pipeline.console import on_rank0, say, tag
     from pipeline.run_items import first_item_model

@@ -112,6 +112,11 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+class Stopped(Exception):
+    """A stop request came while calibrating or planning: nothing was cached; a rerun
+    measures anew."""
+
+
 class StopRequest:
     """A flag the signal handlers set; the sampling loop polls it between batches."""
 

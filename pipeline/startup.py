@@ -23,10 +23,8 @@ def start(comm, cfg, who: str, *, mode: str = "", paths: tuple[str, ...] = SAMPL
     ``"auto"`` time slices run as one group of every rank. Without ``layout`` (a
     command that does not sample on this launch's ranks) ``ranks`` is None and the time
     slices are not checked against the launch. ``stop``: a stop request that ends the
-    planning between its measurements (``pipeline.calibrate.Stopped``)."""
+    planning between its measurements (``pipeline.signals.Stopped``)."""
     from pipeline.identity import as_stored
-    from pipeline.layout import place_rank, rank_grid
-    from pipeline.planner import resolve_plan
     from pipeline.run_items import check_unread_settings
     from pipeline.settings import needs_plan
 
@@ -35,6 +33,11 @@ def start(comm, cfg, who: str, *, mode: str = "", paths: tuple[str, ...] = SAMPL
         cfg = on_rank0(comm, as_stored, cfg)
         # of the settings asked, before a plan picks a method that may not read them
         on_rank0(comm, check_unread_settings, cfg)
+    # torch only now: ranks refused above said so in a fraction of a second, not after its
+    # seconds of imports on every rank
+    from pipeline.layout import place_rank, rank_grid
+    from pipeline.planner import resolve_plan
+
     device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),
                         cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)
     attrs = {}

@@ -267,6 +267,18 @@ def test_config_checks_and_prints_without_importing_torch(config):
     assert "[model]" in run.stdout and run.stdout.strip().splitlines()[-1] == "0 []", run.stdout
 
 
+def test_a_sample_refused_for_its_config_says_so_without_importing_torch(tmp_path):
+    # under mpiexec every rank paid torch's seconds of imports before a refusal
+    code = ("import sys\nfrom pipeline.cli import main\n"
+            "code = main(['sample', 'jobs/configs/grf.toml', '--set', 'sampler.method=pc-windw', "
+            "'--set', 'output.path=' + sys.argv[1]])\n"
+            "print(code, sorted(m for m in ('torch', 'xarray', 'dask') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.zarr")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert "sampler.method = 'pc-windw' is unknown" in run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "2 []", run.stdout + run.stderr
+
+
 def test_labels_written_unquoted_are_their_text_and_control_characters_print_back(
         tmp_path, capsys):
     from pipeline.config import load_config
