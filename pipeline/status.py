@@ -10,8 +10,8 @@ import zarr
 
 from pipeline.errors import PiadmError, is_system_error
 from pipeline.inputs import label_text
-from pipeline.store import (ARRAYS_FIX, NOT_A_GROUP, PER_MEMBER, damaged_arrays, done_members,
-                            read_done_record)
+from pipeline.store import (ARRAYS_FIX, NOT_A_GROUP, PER_MEMBER, DamagedRecord, damaged_arrays,
+                            done_members, read_done_record)
 from pipeline.target import check_idle, filling_jobs
 
 
@@ -53,7 +53,13 @@ def _labels(coord) -> list[str]:
     2020-01-01", on their calendar) decoded with cftime, which reads them without xarray, and
     lead times (a count of hours, say, of a timedelta coordinate) as "0 days 06:00:00", as
     the rest of piadm writes them."""
-    values = coord[:]
+    try:
+        values = coord[:]
+    except Exception as err:  # a codec's error on damaged bytes: status exited 1, "rerun"
+        if is_system_error(err):
+            raise
+        raise DamagedRecord(f"the store's {coord.basename} coordinate cannot be read "
+                            f"({type(err).__name__}): the store is damaged; {ARRAYS_FIX}") from None
     units, calendar = coord.attrs.get("units", ""), coord.attrs.get("calendar", "standard")
     if not isinstance(units, str) or values.dtype.kind not in "iuf":
         return [str(v) for v in values]
@@ -236,7 +242,7 @@ def _broken_text(path: str, group: zarr.Group, broken: list[str], as_json: bool)
                            "repaired": False, "damaged": [], "damaged_arrays": broken},
                           indent=1)
     return "\n".join([f"{path}: the store's arrays are damaged:", *(f"  {b}" for b in broken),
-                      f"--repair cannot mend an array's metadata: {ARRAYS_FIX}"])
+                      f"--repair mends members' records only: {ARRAYS_FIX}"])
 
 
 def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:

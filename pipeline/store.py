@@ -337,6 +337,33 @@ def damaged_arrays(path: str | Path) -> list[str]:
               for name in sorted((set(PER_MEMBER) | set(listed)) - set(found) - told)]
     if not _fields(found) and not _fields(listed):  # nothing names it: said as it is
         wrong.append("the sampled field: no array of it is left")
+    return wrong + _damaged_coordinates(path, found)
+
+
+def _damaged_coordinates(path: str | Path, arrays: dict) -> list[str]:
+    """What is wrong with the coordinates among ``arrays`` {name: dimension names} (those
+    named as their one dimension) as they read: values that do not decode, a member or sweep
+    axis not counted from 0 or 1, labels that repeat or are NaN. A chunk file deleted reads
+    as the fill value: every item at one date, a y axis of NaN, members all 0."""
+    wrong = []
+    for name, dims in arrays.items():
+        if tuple(dims or ()) != (name,):
+            continue
+        try:
+            values = zarr.open_array(Path(path) / name, mode="r")[:]
+        except Exception as err:  # a codec's error on damaged bytes
+            if is_system_error(err):
+                raise
+            wrong.append(f"{name}: its values cannot be read ({type(err).__name__})")
+            continue
+        first = {"member": 0, "sweep": 1}.get(name)
+        if first is not None and not np.array_equal(values, np.arange(values.size) + first):
+            wrong.append(f"{name}: its labels are not {first} .. {first + values.size - 1} (a "
+                         "chunk deleted reads as the fill value)")
+        elif values.dtype.kind in "fc" and not np.isfinite(values).all():
+            wrong.append(f"{name}: it holds NaN labels (a chunk deleted reads as them)")
+        elif first is None and np.unique(values).size < values.size:
+            wrong.append(f"{name}: its labels repeat (a chunk deleted reads as the fill value)")
     return wrong
 
 

@@ -989,6 +989,40 @@ def test_evaluate_of_a_store_with_a_deleted_chunk_says_only_what_is_damaged(tmp_
     assert not [str(w.message) for w in said if issubclass(w.category, RuntimeWarning)]
 
 
+def test_coordinates_lost_or_damaged_are_told_and_the_store_is_not_resumed(
+        tmp_path, input_store, capsys):
+    """A coordinate's chunk deleted reads as its fill value: `status --verify` called the
+    store sound with every item at one date, members all 0 and y all 0; a garbled one made
+    `status` a traceback, exit 1 ("rerun"), and the rerun offered to overwrite the store."""
+    import shutil
+
+    from conftest import conditional_sets
+
+    out = tmp_path / "s.zarr"
+    sets = conditional_sets(input_store, out, "input.range=['2020-01-01', '2020-01-02']")
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    assert main(["status", "--verify", str(out)]) == 0
+    lost = tmp_path / "lost.zarr"
+    shutil.copytree(out, lost)
+    for name in ("time", "member", "y"):
+        (lost / name / "c" / "0").unlink()
+    capsys.readouterr()
+    assert main(["status", "--verify", str(lost)]) == 1
+    assert ("the store's arrays are damaged:\n"
+            "  member: its labels are not 0 .. 5 (a chunk deleted reads as the fill value)\n"
+            "  time: its labels repeat (a chunk deleted reads as the fill value)\n"
+            "  y: its labels repeat (a chunk deleted reads as the fill value)\n") \
+        in capsys.readouterr().out
+    lost_sets = conditional_sets(input_store, lost, "input.range=['2020-01-01', '2020-01-02']")
+    assert main(["sample", "jobs/configs/grf.toml", *lost_sets]) == 2
+    assert "the store's arrays are damaged (member: its labels are not" in capsys.readouterr().err
+    (out / "time" / "c" / "0").write_bytes(b"garbage")
+    assert main(["status", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(
+        "piadm: error: the store's time coordinate cannot be read (RuntimeError): the store is "
+        "damaged; restore the store from a copy")
+
+
 def test_an_array_whose_metadata_is_lost_is_told_and_the_store_is_not_resumed(tmp_path, capsys):
     """An array's zarr.json deleted: readers still found it through the consolidated
     metadata, `status --verify` called the store sound, and a rerun consolidated it again
