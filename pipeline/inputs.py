@@ -59,6 +59,16 @@ class Items:
                                  renamed_attrs(d, name, dict(self.fields[d].attrs)))
         return out
 
+    def item_encoding(self) -> dict:
+        """How the input stores its item labels, where CF time encoding decides their numbers
+        (units such as "days since 2000-01-01", calendar, dtype): the store keeps them, so its
+        raw times are the input's, not counted anew from its own first item."""
+        if self.fields is None:
+            return {}
+        held = self.fields[self.dim].encoding
+        return {k: held[k] for k in ("units", "calendar", "dtype") if k in held} \
+            if "units" in held else {}
+
     def field_attrs(self) -> dict:
         """The input variable's descriptive attributes (units, long_name, standard_name)."""
         if self.fields is None:

@@ -145,7 +145,8 @@ def store_spec(cfg: Config, items: Items, shape: tuple[int, ...],
                      variable, shape,
                      cfg.sampler.dtype, cfg.store_digest, attrs,
                      sweeps=residual_length(cfg.sampler),
-                     coords=coords, field_attrs=field_attrs)
+                     coords=coords, item_encoding=items.item_encoding(),
+                     field_attrs=field_attrs)
 
 
 def check_only(only: tuple[int, ...], count: int) -> None:

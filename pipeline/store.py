@@ -68,6 +68,7 @@ class StoreSpec:
     attrs: dict
     sweeps: int = 0  # length of the residual history kept per member (0: none)
     coords: dict = dataclasses.field(default_factory=dict)  # dim -> (values, attrs) to carry
+    item_encoding: dict = dataclasses.field(default_factory=dict)  # the input's CF time units
     field_attrs: dict = dataclasses.field(default_factory=dict)  # units, long_name, ...
 
 
@@ -130,6 +131,7 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
     for d, (values, attrs) in spec.coords.items():
         if d in ds.coords and len(values) == ds.sizes[d]:
             ds[d].attrs = dict(attrs)
+    ds[spec.item_dim].encoding.update(spec.item_encoding)
     ds[spec.variable].attrs.update(spec.field_attrs)
     ds[spec.variable].attrs.setdefault("long_name", f"ensemble of {spec.variable}")
     for name, var in ds.data_vars.items():  # the store's chunks: whole fields, m members

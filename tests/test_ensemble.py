@@ -989,6 +989,25 @@ def test_evaluate_of_a_store_with_a_deleted_chunk_says_only_what_is_damaged(tmp_
     assert not [str(w.message) for w in said if issubclass(w.category, RuntimeWarning)]
 
 
+def test_the_stores_raw_times_are_the_inputs_in_its_units(tmp_path, input_store):
+    """The item labels were counted anew from the store's first ("days since 2020-01-03"), so
+    the raw numbers of two stores, or of a store and its input, disagreed: a reader with
+    decode_times=False combining them by coordinates dropped items."""
+    import xarray as xr
+
+    from conftest import conditional_sets
+
+    out = tmp_path / "s.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(
+        input_store, out, "input.range=['2020-01-03', '2020-01-04']", "ensemble.members=2")]) == 0
+    raw = xr.open_zarr(out, decode_times=False).time
+    given = xr.open_zarr(input_store, decode_times=False, consolidated=False).time
+    assert raw.attrs["units"].startswith("days since 2020-01-01")  # the input's own
+    assert given.attrs["units"].startswith("days since 2020-01-01")
+    assert list(raw.values) == list(given.values[2:4]) == [2, 3]
+    assert list(xr.open_zarr(out).time.values) == list(xr.open_zarr(input_store, consolidated=False).time.values[2:4])
+
+
 def test_coordinates_lost_or_damaged_are_told_and_the_store_is_not_resumed(
         tmp_path, input_store, capsys):
     """A coordinate's chunk deleted reads as its fill value: `status --verify` called the
