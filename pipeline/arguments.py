@@ -68,7 +68,7 @@ MOST_PLANNED_RANKS = 1 << 17
 def check_plan_flags(args) -> None:
     """Refuse ``plan``'s counts out of range (every layout of --ranks is weighed: too many
     would not end) and a --json file that cannot be written."""
-    check_output_file("--json", args.json, "plan.json")
+    check_output_file("--json", args.json, "plan.json", {"the config": args.config})
     for flag, value, least in (("--ranks", args.ranks, 1), ("--gpus-per-node",
                                 args.gpus_per_node, 0), ("--rows", args.rows, 1)):
         if value < least:
@@ -84,9 +84,11 @@ def check_status_flags(args) -> None:
         raise ConfigError("status --repair works with --verify: add --verify", collective=True)
 
 
-def check_output_file(flag: str, path: str | None, name: str = "bench.json") -> None:
+def check_output_file(flag: str, path: str | None, name: str = "bench.json",
+                      read: dict | None = None) -> None:
     """Refuse an output file that cannot be written, before the work whose result it holds
-    (``name``: the file the error suggests in a directory given instead)."""
+    (``name``: the file the error suggests in a directory given instead), or that is one of
+    the files the command reads (``read``: {what it is: path}), which it would replace."""
     if path is None:
         return
     from pipeline.store import enclosing_store
@@ -97,13 +99,18 @@ def check_output_file(flag: str, path: str | None, name: str = "bench.json") -> 
         raise ConfigError(f"{flag} takes a file path, not '-' (standard output): give a file, "
                           f"e.g. {name}, and read it from there", collective=True)
     p = Path(path)
+    for what, other in (read or {}).items():
+        if other and _same_file(p, Path(other)):  # the config was replaced by the results
+            raise ConfigError(f"{flag} {path} is {what}, which it would replace: give another "
+                              f"path, e.g. {p.parent / name}", collective=True)
+    store = p if (p / "zarr.json").is_file() or (p / ".zgroup").is_file() else enclosing_store(p)
+    if store is not None:  # written there, it would replace or join the store's own files
+        where = "is a Zarr store" if store == p else f"is inside the Zarr store {store}"
+        raise ConfigError(f"{flag} {path} {where}: give a path outside it, e.g. "
+                          f"{Path(os.path.abspath(store)).parent / name}", collective=True)
     if p.is_dir():
         raise ConfigError(f"{flag} {path} is a directory: give a file path, e.g. {p / name}",
                           collective=True)
-    store = enclosing_store(p)
-    if store is not None:  # written there, it would replace or join the store's own files
-        raise ConfigError(f"{flag} {path} is inside the Zarr store {store}: give a path "
-                          "outside it", collective=True)
     folder = next(f for f in (p.parent, *p.parent.parents) if f.exists())  # mkdir starts here
     if not folder.is_dir():
         raise ConfigError(f"{flag} {path}: {folder} is a file, so no folder can be made there: "
@@ -121,9 +128,19 @@ def check_output_file(flag: str, path: str | None, name: str = "bench.json") -> 
                           "path", collective=True) from None
 
 
-def check_figure_file(flag: str, path: str | None) -> None:
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (through links, other spellings)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return os.path.realpath(a) == os.path.realpath(b)  # one not written yet
+    except OSError:
+        return False
+
+
+def check_figure_file(flag: str, path: str | None, read: dict | None = None) -> None:
     """``check_output_file``, and a suffix matplotlib saves a figure as."""
-    check_output_file(flag, path, "bench.png")
+    check_output_file(flag, path, "bench.png", read)
     if path is None:
         return
     from pipeline.figures import save_formats

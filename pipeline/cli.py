@@ -189,8 +189,10 @@ def _times(ours: float, theirs: float) -> str:
 
 def _cmd_bench(args, world) -> int:
     check_bench_flags(args)  # the arguments first: refused before torch loads or a bench runs
-    check_output_file("--json", args.json)
-    check_figure_file("--png", args.png)
+    read = {"the config": args.config,
+            **{f"a --compare table ({c})": c for c in args.compare or ()}}
+    check_output_file("--json", args.json, read=read)
+    check_figure_file("--png", args.png, {**read, "the --json file": args.json})
     # every rank is a time slice of the bench (README): the config's own slices are not its
     cfg, _, device = _setup(args, world, layout=False)
     if args.quality is not None:

@@ -29,9 +29,12 @@ def _bench(*args) -> int:
     ("x.txt", "--png {tmp}/x.txt: '.txt' is not a figure format: end it in .png (or any of "),
     ("plot", "--png {tmp}/plot: it has no suffix: end it in .png"),
     ("a.zarr", "--png {tmp}/a.zarr is a directory: give a file path, e.g. {tmp}/a.zarr/bench.png"),
+    ("s.zarr", "--png {tmp}/s.zarr is a Zarr store: give a path outside it, e.g. {tmp}/bench.png"),
 ])
 def test_bench_refuses_a_figure_path_it_cannot_save(tmp_path, capsys, png, message):
     (tmp_path / "a.zarr").mkdir()
+    (tmp_path / "s.zarr").mkdir()
+    (tmp_path / "s.zarr" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
     assert _bench("--png", str(tmp_path / png)) == 2
     assert message.format(tmp=tmp_path) in _one_error(capsys)
 
@@ -63,6 +66,30 @@ def test_bench_refuses_a_json_path_it_cannot_write(tmp_path, capsys, json_path, 
     (tmp_path / "afile.txt").write_text("x")
     assert _bench("--json", str(tmp_path / json_path) if json_path else "") == 2
     assert message.format(tmp=tmp_path) in _one_error(capsys)
+
+
+def test_an_output_file_that_is_a_file_the_command_reads_is_refused_and_kept(tmp_path, capsys):
+    """`--json` naming the config (another spelling, a link) replaced it with the results."""
+    import shutil
+
+    config = tmp_path / "b.toml"
+    shutil.copy(Path(__file__).parents[1] / "jobs/configs/grf.toml", config)
+    text = config.read_text()
+    (tmp_path / "link.toml").symlink_to(config)
+    (tmp_path / "old.json").write_text("[]")
+    for argv, said in (
+            (["bench", str(config), *TINY, "--json", f"{tmp_path}/./b.toml"],
+             f"--json {tmp_path}/./b.toml is the config, which it would replace"),
+            (["plan", str(config), "--ranks", "2", *TINY, "--json", str(tmp_path / "link.toml")],
+             f"--json {tmp_path}/link.toml is the config, which it would replace"),
+            (["bench", str(config), *TINY, "--png", str(tmp_path / "x.png"), "--compare",
+              str(tmp_path / "old.json"), "--json", str(tmp_path / "old.json")],
+             f"--json {tmp_path}/old.json is a --compare table ({tmp_path}/old.json)"),
+            (["bench", str(config), *TINY, "--json", str(tmp_path / "r.pdf"), "--png",
+              str(tmp_path / "r.pdf")], f"--png {tmp_path}/r.pdf is the --json file")):
+        assert main(argv) == 2
+        assert said in _one_error(capsys)
+    assert config.read_text() == text and (tmp_path / "old.json").read_text() == "[]"
 
 
 @pytest.mark.parametrize("command,flag", [
