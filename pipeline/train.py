@@ -291,6 +291,13 @@ def _restore(t: TrainConfig, meta: dict, den, ema, opt, device,
     path = Path(t.checkpoint)
     if path.exists() and not t.resume:
         _check_replaceable(path)
+    if not path.exists() and sidecar(path).exists():  # another's file: replaced at the first save
+        try:  # piadm's own, left by a run killed between its first save's two files: replaced
+            _recorded(path)
+        except InputError:
+            raise InputError(f"train.checkpoint {path}: {sidecar(path)}, where its sidecar goes, "
+                             "is another file, not a piadm sidecar, which training would replace: "
+                             "move it away, or choose another train.checkpoint") from None
     if t.resume and path.exists():
         state = _resume(path, meta, den, ema, opt, device)
         for group in opt.param_groups:  # train.lr wins, so a resumed run can anneal

@@ -1084,6 +1084,18 @@ def test_a_file_that_is_no_training_checkpoint_is_a_one_line_error(tmp_path, dat
     err = _refused(_train_args(dataset, shipped, "train.resume=false"), capsys)
     assert f"train.checkpoint {shipped} is an exported checkpoint" in err
     assert shipped.read_bytes() == before
+    # no checkpoint yet, but a file of someone else's where its sidecar goes: it was replaced
+    for name in ("notes", "lone.pt"):
+        mine = tmp_path / f"{name}.json"
+        mine.write_text('{"mine": 1}')
+        err = _refused(_train_args(dataset, tmp_path / name, "train.steps=3"), capsys)
+        assert err == (f"piadm: error: train.checkpoint {tmp_path / name}: {mine}, where its "
+                       "sidecar goes, is another file, not a piadm sidecar, which training "
+                       "would replace: move it away, or choose another train.checkpoint")
+        assert mine.read_text() == '{"mine": 1}' and not (tmp_path / name).exists()
+    # piadm's own sidecar alone (a run killed between its first save's two files): replaced
+    Path(f"{ckpt}.json").rename(tmp_path / "killed.pt.json")
+    assert main(_train_args(dataset, tmp_path / "killed.pt", "train.steps=3")) == 0
 
 
 def test_a_dataset_cut_short_stops_training_before_a_nan_checkpoint(tmp_path, dataset, capsys,
