@@ -28,6 +28,16 @@ def test_the_cost_curve_interpolates_and_extends_its_last_segment():
     assert curve.at(32) == pytest.approx((0.040, 0.012))  # the last slope, carried on
 
 
+def test_host_time_below_its_measured_points_is_not_less_than_in_proportion():
+    """Two noisy measurements made a steep line that fell to 0 below them: a round of 2
+    points on 3 slices was planned 24 times faster than the sequential sampler."""
+    prof = dataclasses.replace(WINDOW, host_points=(4, 6), host=(0.122, 0.425))
+    assert prof.host_at(2) == pytest.approx(0.061)  # 0.122 x 2 / 4, not 0
+    assert prof.host_at(5) == pytest.approx(0.2735)  # between them: on the line
+    flat = dataclasses.replace(WINDOW, host_points=(4, 6), host=(0.1, 0.1))
+    assert flat.host_at(2) == pytest.approx(0.1)  # the line, where it is the larger
+
+
 def test_a_latency_bound_device_and_one_member_pick_all_ranks_as_time_slices():
     # a GPU-like curve: flat to 8 items, then linear; 8 ranks, one member; the window's 60
     # points a round fill the flat part only on 8 slices
