@@ -39,9 +39,12 @@ wait_through_signals() {
 }
 
 # Overrides for data shard $1 of a set in folder $2: its own store and its own seed (= $1), so
-# shards are independent trajectories. Prints one override per line.
+# shards are independent trajectories. Prints one override per line. The path is a quoted TOML
+# string: bare, a folder named "shards #1" was cut at its " #" and "[v2] shards" read as a list.
 shard_sets() {
-    printf -- '--set\ndata.path=%s/shard-%03d.zarr\n--set\ndata.seed=%d\n' "$2" "$1" "$1"
+    local folder=${2//\\/\\\\}
+    folder=${folder//\"/\\\"}
+    printf -- '--set\ndata.path="%s/shard-%03d.zarr"\n--set\ndata.seed=%d\n' "$folder" "$1" "$1"
 }
 
 # The pip MPICH names its shared-memory segments after the PMI job id, which srun sets to

@@ -172,8 +172,13 @@ def _value(dotted: str, raw: str, source: str):
                    else "check its brackets and commas, e.g. [16, 16]")
             raise ConfigError(f"{source} {dotted}={raw}: not a TOML list or table "
                               f"({reason}): {fix}") from None
-        # a bare word: a string (a comment after it dropped, as TOML drops one)
-        value = raw.split(" #")[0].rstrip()
+        # a bare word: a string. " #" in it is a comment or a path's own ("run #1.zarr"): the
+        # value was cut there, and a run wrote elsewhere than named
+        value = raw.rstrip()
+        if re.search(r"\s#", value):
+            raise ConfigError(f"{source} {dotted}={raw}: an unquoted value holding ' #' (a "
+                              "comment, or part of a path?): quote the value (in the shell: "
+                              f"'{dotted}=\"...\"'), and leave any comment out") from None
         if re.search(r"[,;\s]\s*\w+\.\w+\s*=", value):
             raise ConfigError(f"{source} {dotted}={raw}: this holds another setting: separate "
                               "PIADM_SET items with ';' or new lines, and give each --set "

@@ -11,10 +11,12 @@ from pipeline.config import ConfigError
 
 def split_items(text: str) -> list[str]:
     """``text`` cut at each new line, and at each ``;`` outside a quoted value, so that a value
-    such as ``"runs;1.zarr"`` stays whole. A quote opens a value only where a value starts
+    such as ``"runs;1.zarr"`` stays whole; a line starting with ``#`` is a comment. A quote opens a value only where a value starts
     (after ``=``, ``[``, ``,``, ``{`` or a space), so an apostrophe inside a path is text."""
     items = []
     for line in text.splitlines():
+        if line.lstrip().startswith("#"):  # a comment line, as in a config file
+            continue
         start, quote, escaped = 0, "", False
         for i, char in enumerate(line):
             if quote:  # in a basic string a backslash escapes the next character, itself too

@@ -159,6 +159,24 @@ def test_piadm_set_items_split_at_semicolons_and_lines_but_not_inside_quotes(mon
         environment_settings()
 
 
+def test_a_comment_line_in_piadm_set_is_skipped_and_a_bare_value_with_a_hash_is_refused(
+        monkeypatch, capsys, tmp_path):
+    """"output.path=run #1.zarr" was cut to "run" as a comment: the run wrote elsewhere."""
+    from pipeline.environment import environment_settings
+
+    monkeypatch.setenv("PIADM_SET", "# my settings; for a try\n  sampler.steps=5")
+    assert environment_settings() == ["sampler.steps=5"]
+    monkeypatch.delenv("PIADM_SET")
+    for value in ("run #1.zarr", "out/x.zarr  # mine"):
+        assert main(["config", "jobs/configs/grf.toml", "--set", f"output.path={value}"]) == 2
+        assert (f"--set output.path={value}: an unquoted value holding ' #' (a comment, or part "
+                "of a path?): quote the value") in capsys.readouterr().err
+    assert main(["config", "jobs/configs/grf.toml", "--set", 'output.path="run #1.zarr"',
+                 "--set", "sampler.steps=20 # a comment TOML drops"]) == 0
+    said = capsys.readouterr().out
+    assert 'path = "run #1.zarr"' in said and "steps = 20\n" in said
+
+
 def test_an_error_from_a_piadm_set_item_says_so(monkeypatch, capsys):
     monkeypatch.setenv("PIADM_SET", "ensemble.members=0; sampler.steps=20")
     assert main(["sample", "jobs/configs/grf.toml", "--dry-run"]) == 2

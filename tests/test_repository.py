@@ -136,6 +136,20 @@ def test_the_local_scripts_refuse_a_count_that_is_not_a_positive_number():
             assert f"{var}={value}: give a positive whole number" in proc.stderr
 
 
+def test_a_shards_path_is_a_quoted_toml_string_whatever_its_folder_is_named():
+    """A folder "shards #1" was cut at its " #" (every shard then wrote ./shards) and
+    "[v2] shards" read as a TOML list."""
+    import tomllib
+
+    folder = 'runs/[v2] shards #1/o\'brien "x" \\ y'
+    proc = subprocess.run(["bash", "-c", 'source jobs/common.sh; shard_sets 7 "$1"', "-", folder],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert proc.stdout.splitlines()[::2] == ["--set", "--set"]
+    path, seed = proc.stdout.splitlines()[1::2]
+    assert tomllib.loads(path.replace("data.path=", "v = ", 1))["v"] == f"{folder}/shard-007.zarr"
+    assert seed == "data.seed=7"
+
+
 def test_the_shipped_networks_go_into_a_wheel():
     """A wheel held the code alone: installed outside the repository, no shipped network."""
     import tomllib
