@@ -9,6 +9,7 @@ import difflib
 import math
 import os
 import re
+from pathlib import Path
 
 from pipeline.choices import (DTYPE_NAMES, FIELD_DIMS, FORMS, GRIDS, NORM_GROUPS, ON_DIVERGENCE,
                               SCHEDULER_GRID, SOURCES, STORE_DIMS, STORE_VARIABLES,
@@ -427,6 +428,25 @@ def _check_local(key: str, value) -> None:
                    "mounted file system only; give a path there")
         _check("://" not in text and "::" not in text, key,
                f"= {value!r} holds '://' or '::', which zarr reads as a URL: rename the path")
+        # " out/x.zarr" made a folder named " out"
+        _check(text == text.strip(), key, f"= {value!r} starts or ends with a space: remove it")
+        through = _link_then_back(text)
+        _check(through is None, key,
+               f"= {value!r} steps back (..) out of {through!r}, a link to another folder: "
+               "xarray takes the '..' as written and the file system from the link's target, "
+               "so the two read and write different places: write the path without '..'")
+
+
+def _link_then_back(path: str) -> str | None:
+    """The part of ``path`` before a ``..`` that leads elsewhere through a symbolic link than
+    as written (``link/..`` is the link's folder as text, the target's parent on disk)."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        if part == ".." and i:
+            walked = os.path.join(*parts[:i + 1])
+            if os.path.realpath(walked) != os.path.realpath(os.path.normpath(walked)):
+                return os.path.join(*parts[:i])
+    return None
 
 
 def _texts(value):

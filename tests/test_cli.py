@@ -306,7 +306,10 @@ def test_labels_written_unquoted_are_their_text_and_control_characters_print_bac
                     'range = [2020-01-01, 2020-01-31T06:00:00]\n[model]\ncondition = "mean"\n')
     assert load_config(path).input.range == ("2020-01-01", "2020-01-31T06:00:00")
     assert load_config(None, ["input.items=[21.0, 22]"]).input.items == ("21.0", "22")
-    assert load_config(None, ["output.path=x.zarr # a note"]).output.path == "x.zarr"
+    # a note after a bare word, or a path's own " #": refused, no longer cut there
+    with pytest.raises(ConfigError, match="an unquoted value holding ' #'"):
+        load_config(None, ["output.path=x.zarr # a note"])
+    assert load_config(None, ['output.path="x.zarr" # a note']).output.path == "x.zarr"
     # a setting with a control character is refused from a file too (a path's trailing new
     # line made a folder whose name ends in one); printed TOML escapes one all the same
     (tmp_path / "odd.toml").write_text('[output]\npath = "a\\tb\\nc"\n')
