@@ -63,7 +63,8 @@ def fields_figure(ens: xr.Dataset, truth: xr.DataArray, paired: bool, path: Path
             _curves(axes[r, 0], t, e, shown, paired, shown_in)
         else:
             _images(fig, axes[r], _first_channel(t), _first_channel(e, 1), shown, paired,
-                    None if shown_in is None else _first_channel(shown_in))
+                    None if shown_in is None else _first_channel(shown_in),
+                    _descending(ens, field.dims[-2]))
         axes[r, 0].set_ylabel(f"{field.dims[0]} {field[field.dims[0]].values[r]}" if paired
                               else "", fontsize=9)
     channel = " (channel 0)" if field.ndim > 4 else ""
@@ -79,19 +80,41 @@ def _first_channel(img: np.ndarray, lead: int = 0) -> np.ndarray:
     return img[(slice(None),) * lead + (0,) * (img.ndim - lead - 2)]
 
 
-def _images(fig, axes, t: np.ndarray, e: np.ndarray, shown: int, paired: bool, inputs) -> None:
+def _descending(ens: xr.Dataset, dim: str) -> bool:
+    """Whether the store's coordinate ``dim`` runs downwards (latitudes north to south, as
+    ERA5 stores them): its first row is then drawn at the top, north up."""
+    values = ens[dim].values if dim in ens.coords else np.arange(2)
+    return (values.dtype.kind in "iuf" and values.size > 1
+            and bool(np.all(np.diff(values.astype(float)) < 0)))
+
+
+def _colours(panels: list[np.ndarray]) -> tuple[str, float, float]:
+    """(colour map, lowest, highest) the field panels share: about 0 on a diverging map for a
+    field that changes sign (vorticity, an anomaly), else its range on a sequential one (a
+    temperature in K on -290 .. 290 drew every panel one colour)."""
+    lo = float(min(np.nanmin(p) for p in panels))
+    hi = float(max(np.nanmax(p) for p in panels))
+    if lo < 0 < hi:
+        lim = max(-lo, hi)
+        return "RdBu_r", -lim, lim
+    return "viridis", lo, hi
+
+
+def _images(fig, axes, t: np.ndarray, e: np.ndarray, shown: int, paired: bool, inputs,
+            descending: bool = False) -> None:
     """One row of 2-D panels: input, truth ``t``, the first ``shown`` members of ``e``, their
-    mean and spread."""
-    lim = float(max(np.abs(t).max(), np.abs(e[:shown]).max()))
+    mean and spread; ``descending``: the first row at the top."""
+    origin = "upper" if descending else "lower"
     panels = [] if inputs is None else [("coarse input", inputs)]
     panels += [("truth" if paired else "a truth sample", t)]
     panels += [(f"member {m}", e[m]) for m in range(shown)]
     panels += [("ensemble mean", e.mean(0))]
+    cmap, lo, hi = _colours([img for _, img in panels])
     for c, (title, img) in enumerate(panels):
-        im = axes[c].imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
+        im = axes[c].imshow(img, cmap=cmap, vmin=lo, vmax=hi, origin=origin)
         axes[c].set_title(title, fontsize=9)
     spread = np.sqrt(spread_variance(e)) if len(e) > 1 else np.zeros_like(t)
-    sp = axes[-1].imshow(spread, cmap="magma", vmin=0, origin="lower")
+    sp = axes[-1].imshow(spread, cmap="magma", vmin=0, origin=origin)
     axes[-1].set_title("ensemble spread" if len(e) > 1 else "spread: n/a (1 member)", fontsize=9)
     fig.colorbar(sp, ax=axes[-1], fraction=0.046, pad=0.04)
     fig.colorbar(im, ax=axes[-2], fraction=0.046, pad=0.04)

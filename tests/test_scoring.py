@@ -607,3 +607,34 @@ def test_a_store_the_disk_fails_to_read_is_an_io_error_not_no_store(paired, tmp_
                  "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
     assert "Input/output error" in err and "not a Zarr store" not in err, err
+
+
+def test_the_fields_figure_draws_an_offset_field_on_its_range_and_north_up(tmp_path,
+                                                                          monkeypatch):
+    """A temperature in K was drawn on -290 .. 290 (every panel one colour), and latitudes
+    stored north to south upside down."""
+    import numpy as np
+    from matplotlib.axes import Axes
+
+    from pipeline.figures import fields_figure
+
+    drawn = []
+    imshow = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, img, **kw: drawn.append(kw) or imshow(
+        self, img, **kw))
+    rng = np.random.default_rng(0)
+    lat = np.linspace(80, -70, 8)
+    ens = xr.Dataset({"tas": (("time", "member", "lat", "lon"),
+                              280 + rng.standard_normal((1, 3, 8, 8)))},
+                     coords={"lat": lat, "lon": np.arange(8.0)})
+    truth = xr.DataArray(280 + rng.standard_normal((1, 8, 8)), dims=("time", "lat", "lon"))
+    fields_figure(ens, truth, True, tmp_path / "f.png")
+    fields = [kw for kw in drawn if kw["cmap"] != "magma"]
+    assert fields and all(kw["cmap"] == "viridis" and 275 < kw["vmin"] < kw["vmax"] < 285
+                          and kw["origin"] == "upper" for kw in fields)
+    drawn.clear()  # a field about 0 (vorticity, an anomaly) on a grid running upwards
+    fields_figure(ens.assign(tas=ens.tas - 280).isel(lat=slice(None, None, -1)), truth - 280,
+                  True, tmp_path / "g.png")
+    fields = [kw for kw in drawn if kw["cmap"] != "magma"]
+    assert all(kw["cmap"] == "RdBu_r" and kw["vmin"] == -kw["vmax"] and kw["origin"] == "lower"
+               for kw in fields)
