@@ -71,16 +71,33 @@ def _check_target(d: DataConfig) -> None:
     path = Path(d.path)
     if not (path.exists() or path.is_symlink()):
         return
-    group = None if path.is_symlink() else _ours(path)  # a link: rmtree refuses one
+    if path.is_symlink():  # rmtree refuses a link: the dataset itself is to be named
+        raise StoreExists(f"data.path {path} is a symbolic link (to {os.path.realpath(path)}), "
+                          "through which piadm does not write or replace a dataset: point "
+                          "data.path at the folder itself, or choose another data.path")
+    group = _ours(path)
     if group is None:
         raise StoreExists(f"data.path {path} exists and is not a dataset piadm generate-data "
                           "made, which data.overwrite = true will not delete either: move it "
                           "away, or choose another data.path")
     if not d.overwrite:
         left = ("holds what an interrupted run left of a dataset" if not _complete(group)
-                else "already holds a dataset of other [data] settings")
+                else f"already holds a dataset of other [data] settings{_differences(group, d)}")
         raise StoreExists(f"data.path {path} {left}: set data.overwrite = true to make it "
                           "anew, or choose another data.path")
+
+
+def _differences(group: zarr.Group, d: DataConfig) -> str:
+    """" (data.seed 0 there, 3 here; ...)": the [data] settings in which the dataset of
+    ``group`` was made otherwise than ``d`` asks, where its config can be read."""
+    try:
+        then = config_from_dict(tomllib.loads(str(group.attrs.get("config", "")))).data
+    except (ValueError, TypeError, KeyError):
+        return ""
+    differ = [f"data.{f.name} {getattr(then, f.name)!r} there, {getattr(d, f.name)!r} here"
+              for f in dataclasses.fields(d) if f.name not in ("path", "overwrite")
+              and getattr(then, f.name) != getattr(d, f.name)]
+    return f" ({'; '.join(differ)})" if differ else ""
 
 
 def _complete(group: zarr.Group) -> bool:

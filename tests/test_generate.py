@@ -301,8 +301,8 @@ def test_an_overwrite_killed_between_its_renames_is_put_back_in_place(tmp_path, 
     # no data.overwrite: put back, then judged: the run's own dataset is done, another refused
     assert _run(path, *SHORT) == (2 if draft_left else 0)
     said = capsys.readouterr().err
-    assert ("already holds a dataset of other [data] settings: set data.overwrite = true"
-            if draft_left else "already holds this dataset") in said
+    assert ("already holds a dataset of other [data] settings (data.seed 1 there, 0 here): "
+            "set data.overwrite = true" if draft_left else "already holds this dataset") in said
     assert _contents(path) == (new if draft_left else old)
     assert [p.name for p in tmp_path.glob(".k.zarr.*")] == [".k.zarr.lock"]  # only its lock
 
@@ -321,7 +321,14 @@ def test_a_rerun_of_a_finished_dataset_has_nothing_to_do_and_a_cut_one_is_named(
     assert _run(path, *SHORT) == 0
     assert "already holds this dataset" in capsys.readouterr().err and _contents(path) == before
     assert _run(path, *SHORT, "data.seed=4") == 2
-    assert "already holds a dataset of other [data] settings" in capsys.readouterr().err
+    assert ("already holds a dataset of other [data] settings (data.seed 0 there, 4 here): "
+            "set data.overwrite = true") in capsys.readouterr().err
+    # through a link to it: said so, not "not a dataset piadm made"
+    (tmp_path / "link.zarr").symlink_to(path)
+    assert _run(tmp_path / "link.zarr", *SHORT, "data.overwrite=true") == 2
+    assert (f"data.path {tmp_path / 'link.zarr'} is a symbolic link (to {path}), through which "
+            "piadm does not write or replace a dataset") in capsys.readouterr().err
+    (tmp_path / "link.zarr").unlink()
     meta = json.loads((path / "zarr.json").read_text())  # as an interrupted run leaves it:
     meta.pop("consolidated_metadata")  # its metadata never consolidated
     (path / "zarr.json").write_text(json.dumps(meta))
