@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import pickle
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -84,7 +85,7 @@ def _read(checkpoint: str, key: str, device):
     from models.checkpoint import load_denoiser
     from pipeline.errors import ConfigError, from_here
 
-    if not checkpoint or not Path(checkpoint).is_file():
+    if not checkpoint or not os.path.isfile(checkpoint):  # Path drops a trailing "/"
         # a shipped config's path, run outside the repository (an installed wheel): the
         # shipped networks are here
         given = Path(checkpoint)
