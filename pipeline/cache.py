@@ -20,9 +20,10 @@ from pipeline.processes import replace_file
 
 def cache_path(name: str) -> Path:
     """The cache file ``name`` (e.g. ``calibration.json``) under $PIADM_CACHE, else
-    ~/.cache/piadm/."""
+    ~/.cache/piadm/. A "~" that the shell left (quoted) is the home folder: it made a folder
+    named "~" in the working folder."""
     root = os.environ.get("PIADM_CACHE") or Path.home() / ".cache" / "piadm"
-    return Path(root) / name
+    return Path(os.path.expanduser(root)) / name
 
 
 def read_cache(path: Path) -> dict:

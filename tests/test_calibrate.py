@@ -401,3 +401,12 @@ def test_a_missing_home_folder_is_not_made_for_the_default_cache(tmp_path, monke
     monkeypatch.setattr(Path, "home", unknown)
     monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
     assert update_cache(cache_path("calibration.json"), "kept", 1)
+
+
+def test_a_cache_folder_given_with_a_quoted_tilde_is_under_home(monkeypatch, tmp_path):
+    """PIADM_CACHE="~/c" (the shell leaves a quoted ~) made a folder named "~" here."""
+    from pipeline.cache import cache_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PIADM_CACHE", "~/c")
+    assert cache_path("calibration.json") == tmp_path / "c" / "calibration.json"
