@@ -281,6 +281,8 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
         return f"{_text(path, state)}\nevery member marked done reads back finite", ok
     head = (_text(path, state) if state["members"] is not None else
             f"{path}: members done unknown: the done array cannot be read")
+    if state["complete"]:  # "complete" then a list of damage read as two verdicts
+        head = head.rsplit("\n", 1)[0] + "\nevery member is marked done, but some are damaged"
     marked = "" if record else " marked done"  # a damaged record's members may not have been
     lines = [head, f"{len(found)} member(s){marked} are damaged:"]
     dim = _item_dim(group)

@@ -398,6 +398,8 @@ def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resa
     assert main(["status", "--verify", str(hurt)]) == 1
     out = capsys.readouterr().out
     assert "4 member(s) marked done are damaged" in out  # two chunks of 2 members
+    # not "complete" and then a list of damage: one verdict
+    assert "\ncomplete\n" not in out and "every member is marked done, but some are damaged\n" in out
     assert "not finite" in out and "unreadable" in out and "--verify --repair" in out
     assert "  time 2020-01-01 (item 0), member 0: " in out  # by label, as plain status names it
     assert main(["status", "--verify", "--json", str(hurt)]) == 1  # for scripts: JSON
