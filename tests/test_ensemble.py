@@ -395,6 +395,7 @@ def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resa
     chunks[0].unlink()  # deleted by hand: reads back as the NaN fill value
     chunks[-1].write_bytes(chunks[-1].read_bytes()[:20])  # cut short: does not decode
     assert main(["status", str(hurt)]) == 0  # the done flags alone cannot tell
+    capsys.readouterr()
     assert main(["status", "--verify", str(hurt)]) == 1
     out = capsys.readouterr().out
     assert "4 member(s) marked done are damaged" in out  # two chunks of 2 members
