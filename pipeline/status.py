@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from pipeline import __version__
 from pipeline.errors import PiadmError, is_system_error
 from pipeline.inputs import label_text
 from pipeline.store import (ARRAYS_FIX, NOT_A_GROUP, PER_MEMBER, DamagedRecord, damaged_arrays,
-                            done_members, read_done_record)
+                            done_members, finalize, read_done_record)
 from pipeline.target import check_idle, filling_jobs
 
 
@@ -267,6 +268,12 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
             if flags[item, member]:  # a member of a sound chunk (a damaged one's are False)
                 done[item, member] = 0
                 flags[item, member] = False
+        # in the store's history, as its writes are: the members a rerun samples again
+        dim, labels = _item_dim(group), _labels(group[_item_dim(group)])
+        finalize(path, f"piadm {__version__}: status --verify --repair marked {len(found)} "
+                       "damaged member(s) not done: "
+                       + ", ".join(f"{dim} {labels[i]} member {m}" for i, m, _ in found[:20])
+                       + (", ..." if len(found) > 20 else ""))
     # after the repair; where the record is damaged and kept, no count can be read
     state = _progress(path, group, flags if repair or not record else None)
     ok = state["complete"] and not found

@@ -423,6 +423,9 @@ def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resa
         beat.stop()
     assert main(["status", "--verify", "--repair", str(hurt)]) == 1
     assert "marked 4 member(s) not done" in capsys.readouterr().out
+    history = json.loads(zarr.open_group(hurt, mode="r").attrs["piadm_history"])[-1]
+    assert ("status --verify --repair marked 4 damaged member(s) not done: time 2020-01-01 "
+            "member 0, time 2020-01-01 member 1, ") in history  # in the store's own record
     assert main(["status", str(hurt)]) == 1
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, hurt)]) == 0
     assert main(["status", "--verify", str(hurt)]) == 0
