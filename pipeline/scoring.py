@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
+from pipeline import __version__
 from pipeline.bands import band_figures, correlation_block, spectral_bands
 from pipeline.errors import EvaluationError, naming
 from pipeline.evaluation import (crps, energy_spectra, power_spectra, rank_histogram,
@@ -429,8 +431,12 @@ def _save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline)
     try:
         draft("metrics.json").write_text(json.dumps(_as_json(metrics), indent=2, default=str,
                                                     allow_nan=False))
-        # scipy: NetCDF 3, no extra library
-        metrics.to_netcdf(str(draft("metrics.nc")), engine="scipy")
+        # scipy: NetCDF 3, no extra library; as a CF file, with the line that made it
+        made = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        metrics.assign_attrs(Conventions="CF-1.10", history=(
+            f"{made} piadm {__version__}: evaluate {metrics.attrs.get('store_path', '')} "
+            f"against {metrics.attrs.get('truth_path', '')}")).to_netcdf(
+            str(draft("metrics.nc")), engine="scipy")
         drawn = [fields_figure(ens, truth, paired, draft("fields.png"), inputs=baseline),
                  "spectrum_ratio" in metrics and spectrum_figure(metrics, draft("spectrum.png")),
                  "rank_histogram" in metrics and rank_figure(metrics,

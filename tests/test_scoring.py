@@ -75,6 +75,9 @@ def test_outputs_are_written_and_open(paired, monkeypatch):
     # described for an analyst who opens them without piadm
     assert nc.crps.attrs["long_name"].startswith("CRPS of the members")
     assert nc.spectrum_ratio.attrs["units"] == "1" and "spread" in nc.spread.attrs["long_name"]
+    assert nc.attrs["Conventions"] == "CF-1.10" and f"evaluate {ens} against " in (
+        nc.attrs["history"])  # a CF file, saying what made it
+    assert "Conventions" not in _metrics(tmp / "files")  # the JSON document as it was
     from pipeline.scoring import OUTPUTS
 
     assert names == set(OUTPUTS)  # what a later evaluation into the folder clears first
