@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError, did_you_mean  # noqa: F401  (ConfigError: raised here)
 from pipeline.settings import FILE_KEYS, SECTION_TYPES, Config, open_kind
-from pipeline.validation import validate
+from pipeline.validation import _is_number, validate
 
 MODEL_KEYS = frozenset(typing.get_type_hints(SECTION_TYPES["model"]))  # piadm's own [model] keys
 
@@ -39,6 +39,23 @@ def _spelling(value, hint) -> str:
         number = value.strip().replace(".", "0.", 1)
         return f": write {number} (a TOML number has a digit before its point)"
     return ""
+
+
+def _kind_hint(key: str, value, hint) -> str:
+    """How to write ``value`` as the ``hint`` type it was likely meant as: a whole number
+    without its point, a number without quotes, a text quoted."""
+    spelled = _spelling(value, hint)  # TOML's own spelling first: ".001" is 0.001
+    if spelled:
+        return spelled
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return f": write {int(value)} (a whole number, no point)"
+    if hint in (int, float) and isinstance(value, str) and _is_number(value):
+        return f": write {value.strip()} without quotes"
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f": quote it (\"{value}\"; in the shell: '{key}=\"{value}\"')"
+    return ""
+
+
 
 
 def _elsewhere(section: str, key: str) -> str:
@@ -92,7 +109,7 @@ def _coerce(key: str, value, hint):
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise ConfigError(
             f"config: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}"
-            + _spelling(value, hint))
+            + _kind_hint(key, value, hint))
     return value
 
 

@@ -44,6 +44,16 @@ def test_version_and_the_installed_entry_point():
     (["sample", "nope.toml"], "config file nope.toml not found"),
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.steps"], "use the form section.key=value"),
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.steps=1.5"], "sampler.steps must be int"),
+    # the way to write what was meant
+    (["config", "jobs/configs/grf.toml", "--set", "sampler.steps=20.0"],
+     "sampler.steps must be int, got float 20.0: write 20 (a whole number, no point)"),
+    (["config", "jobs/configs/grf.toml", "--set", 'sampler.u_max="8"'],
+     "sampler.u_max must be float, got str '8': write 8 without quotes"),
+    (["config", "jobs/configs/grf.toml", "--set", 'sampler.tol="1e-3"'],
+     "sampler.tol = '1e-3' must be a finite number >= 0 or \"auto\": write 1e-3 without quotes"),
+    (["config", "jobs/configs/grf.toml", "--set", "output.path=2024"],
+     "output.path must be str, got int 2024: quote it (\"2024\"; in the shell: "
+     "'output.path=\"2024\"')"),
     (["train", "jobs/configs/kolmogorov.toml", "--set", "train.data=none.zarr"], "none.zarr"),
     (["status", "not-a-store"], "not-a-store"),
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.noise=gpu"],
