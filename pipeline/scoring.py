@@ -322,8 +322,8 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     attribute, which piadm generate-data writes, else all)."""
     _check_wavenumbers(cut, kmax)
     truth_range = _checked_range(truth_range)
+    ens = without_channel(open_ensemble(store))  # the store's own problem said first
     folder = _output_folder(store, out)
-    ens = without_channel(open_ensemble(store))
     check_shell("--kmax", kmax, ens)
     check_shell("--cut", cut, ens)
     truth, paired = open_truth(truth_path, truth_variable or ensemble_variable(ens), ens,
@@ -403,7 +403,10 @@ def _output_folder(store, out) -> Path:
     file, a Zarr store, or a folder whose files of the names it writes no evaluation wrote."""
     from pipeline.store import enclosing_store
 
-    folder = Path(out) if out else Path(str(store).rstrip("/").removesuffix(".zarr") + "_eval")
+    named = os.path.normpath(str(store))  # "." in the store's folder: its own name, not "."
+    if os.path.basename(named) in (".", ".."):
+        named = os.path.abspath(named)
+    folder = Path(out) if out else Path(named.removesuffix(".zarr") + "_eval")
     if folder.is_file() or any((folder / name).exists() for name in ("zarr.json", ".zgroup")):
         kind = "a file" if folder.is_file() else "a Zarr store"
         raise EvaluationError(f"--out {folder} is {kind}: give a folder for the table and "

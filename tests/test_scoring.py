@@ -641,3 +641,18 @@ def test_the_fields_figure_draws_an_offset_field_on_its_range_and_north_up(tmp_p
     fields = [kw for kw in drawn if kw["cmap"] != "magma"]
     assert all(kw["cmap"] == "RdBu_r" and kw["vmin"] == -kw["vmax"] and kw["origin"] == "lower"
                for kw in fields)
+
+
+def test_evaluate_in_the_stores_own_folder_writes_beside_it(paired, monkeypatch):
+    """`piadm evaluate .` inside the store: the default folder was "._eval", refused as inside
+    the store; "STORE/.." was refused for its --out before being called no store."""
+    from pipeline.errors import EvaluationError
+
+    tmp, ens = paired
+    monkeypatch.chdir(ens)
+    assert main(["evaluate", ".", "--truth", str(tmp / "truth.zarr")]) == 0
+    assert (Path(str(ens).removesuffix(".zarr") + "_eval") / "metrics.json").is_file()
+    from pipeline.scoring import evaluate
+
+    with pytest.raises(EvaluationError, match=r"store \.\./\S+/\.\. is not a Zarr store"):
+        evaluate(f"../{ens.name}/..", tmp / "truth.zarr")
