@@ -287,6 +287,9 @@ def with_settings(cfg: Config, settings: dict) -> Config:
 
 def read_toml(path: str | Path) -> dict:
     """The nested dict of the TOML file at ``path``."""
+    if not str(path).strip():  # Path("") is the working folder, "a directory"
+        raise ConfigError("the config file's path is empty: give a TOML file, e.g. "
+                          "jobs/configs/grf.toml")
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory: a config must be a TOML file, "

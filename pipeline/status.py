@@ -22,6 +22,8 @@ class NotAStore(PiadmError, FileNotFoundError):
 
 def _open(path: str) -> zarr.Group:
     """The piadm ensemble store at ``path``, opened to read; NotAStore where it is none."""
+    if not str(path).strip():  # Path("") is the working folder
+        raise NotAStore("the store's path is empty: pass the output.path of a run")
     if not Path(path).exists():
         raise NotAStore(f"{path} does not exist: pass the output.path of a run (a run that has "
                         "not started has no store yet)")

@@ -56,6 +56,8 @@ def test_version_and_the_installed_entry_point():
      "'output.path=\"2024\"')"),
     (["train", "jobs/configs/kolmogorov.toml", "--set", "train.data=none.zarr"], "none.zarr"),
     (["status", "not-a-store"], "not-a-store"),
+    (["status", ""], "the store's path is empty: pass the output.path of a run"),
+    (["config", ""], "the config file's path is empty: give a TOML file"),
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.noise=gpu"],
      "sampler.noise = 'gpu': use host"),
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.theta=max"],
