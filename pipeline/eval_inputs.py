@@ -205,10 +205,11 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
         same = alike(a, b)
         if not same:
             show = (lambda v: f"{v:.6g}") if a.dtype.kind in "fiu" else str  # noqa: E731
+            # first .. last as stored (min .. max told a grid stored north to south upside down)
             raise EvaluationError(
-                f"truth {path}'s {theirs.get(dim, dim)} runs {show(b.min())} .. {show(b.max())} ({b.size} "
-                f"points), the ensemble's {show(a.min())} .. {show(a.max())} ({a.size}): give "
-                "the truth on the model's grid")
+                f"truth {path}'s {theirs.get(dim, dim)} runs {show(b[0])} .. {show(b[-1])} "
+                f"({b.size} points), the ensemble's {show(a[0])} .. {show(a[-1])} ({a.size}): "
+                "give the truth on the model's grid")
     return truth
 
 

@@ -171,6 +171,13 @@ def test_a_truth_on_another_grid_of_as_many_points_is_refused(tmp_path, capsys):
     assert main(["evaluate", str(ens), "--truth", str(tmp_path / "far.zarr"),
                  "--out", str(tmp_path / "h")]) == 2
     assert "'s lat runs 99.2 .. 100.7 (16 points)" in capsys.readouterr().err
+    # a grid stored north to south is told as stored, first to last (min .. max read as the
+    # other way round)
+    geo.isel(lat=slice(None, None, -1)).assign_coords(
+        lat=lambda d: d.lat + 100).to_zarr(tmp_path / "far_down.zarr", zarr_format=3)
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "far_down.zarr"),
+                 "--out", str(tmp_path / "i")]) == 2
+    assert "'s lat runs 100.7 .. 99.2 (16 points)" in capsys.readouterr().err
 
 
 def test_an_empty_truth_range_over_text_labels_says_where_they_run():
