@@ -359,6 +359,8 @@ def _damaged_coordinates(path: str | Path, arrays: dict) -> list[str]:
             wrong.append(f"{name}: its values cannot be read ({type(err).__name__})")
             continue
         first = {"member": 0, "sweep": 1}.get(name)
+        if name == "member":  # a growth cut short left new labels unwritten: the next run's
+            values = values[:_recorded_members(path, values.size)]  # fit_members writes them
         if first is not None and not np.array_equal(values, np.arange(values.size) + first):
             wrong.append(f"{name}: its labels are not {first} .. {first + values.size - 1} (a "
                          "chunk deleted reads as the fill value)")
@@ -367,6 +369,16 @@ def _damaged_coordinates(path: str | Path, arrays: dict) -> list[str]:
         elif first is None and np.unique(values).size < values.size:
             wrong.append(f"{name}: its labels repeat (a chunk deleted reads as the fill value)")
     return wrong
+
+
+def _recorded_members(path: str | Path, most: int) -> int:
+    """The members per item the store's recorded config holds (at most ``most``): its
+    ``member`` labels past them may be a growth's, cut short before it wrote them."""
+    try:
+        text = zarr.open_group(path, mode="r").attrs.get("config", "")
+        return min(int(tomllib.loads(str(text))["ensemble"]["members"]), most)
+    except Exception:  # no config, or one that does not read: every label is judged
+        return most
 
 
 def _fields(arrays: dict) -> list[str]:

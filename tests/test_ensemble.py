@@ -644,12 +644,14 @@ def _to_grow(tmp_path, input_store):
     return clean, cut_short, conditional_sets(input_store, cut_short, "ensemble.members=8")
 
 
-@pytest.mark.parametrize("cut", ["before the sizes are consolidated", "before the identity"])
+@pytest.mark.parametrize("cut", ["before the member labels", "before the sizes are consolidated",
+                                 "before the identity"])
 def test_a_growth_cut_short_is_finished_by_the_next_run(tmp_path, input_store, capsys,
                                                         monkeypatch, cut):
-    """Killed after resizing the arrays, before the consolidated metadata or the identity
-    had the larger configuration's: the store is still the smaller one's, and the larger
-    one's next run grows it."""
+    """Killed after resizing the arrays, before their new member labels (read as the fill
+    value, 0: refused as damaged labels, not grown), the consolidated metadata or the
+    identity had the larger configuration's: the store is still the smaller one's, and the
+    larger one's next run grows it."""
     from pipeline import store
 
     clean, cut_short, more = _to_grow(tmp_path, input_store)
@@ -657,8 +659,19 @@ def test_a_growth_cut_short_is_finished_by_the_next_run(tmp_path, input_store, c
     def killed(*args, **kwargs):
         raise Killed
 
-    monkeypatch.setattr(store, "consolidate" if cut.startswith("before the sizes")
-                        else "finalize", killed)
+    def resized(path, members):
+        for _, array in zarr.open_group(path, mode="r+", use_consolidated=False).arrays():
+            dims = array.metadata.dimension_names or ()
+            if "member" in dims:
+                array.resize(tuple(members if d == "member" else n
+                                   for d, n in zip(dims, array.shape)))
+        raise Killed
+
+    if cut == "before the member labels":
+        monkeypatch.setattr(store, "fit_members", resized)
+    else:
+        monkeypatch.setattr(store, "consolidate" if cut.startswith("before the sizes")
+                            else "finalize", killed)
     with pytest.raises(Killed):
         main(["sample", "jobs/configs/grf.toml", *more])
     monkeypatch.undo()
