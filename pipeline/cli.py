@@ -95,11 +95,10 @@ def _cmd_sample(args, world) -> int:
 
     stop = StopRequest(tag(world)).install()
     if args.dry_run:
+        cfg, ranks, device = _setup(args, world)
         from pipeline.dry_run import dry_run
-
         from pipeline.ensemble import memory_sharing
 
-        cfg, ranks, device = _setup(args, world)
         text, runs = on_rank0(world, dry_run, cfg, ranks, device, memory_sharing(world, device))
         print0(world, text)
         return 0 if runs else 2  # a script's pre-check: the run itself would be refused

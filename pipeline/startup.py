@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 from pipeline.config import SAMPLING_PATHS, check_same_config
-from pipeline.console import on_rank0
+from pipeline.validation import check_path_links
+from pipeline.console import on_every_rank, on_rank0
 from pipeline.errors import raised_by_every_rank
 
 
@@ -24,19 +25,21 @@ def start(comm, cfg, who: str, *, mode: str = "", paths: tuple[str, ...] = SAMPL
     command that does not sample on this launch's ranks) ``ranks`` is None and the time
     slices are not checked against the launch. ``stop``: a stop request that ends the
     planning between its measurements (``pipeline.signals.Stopped``)."""
-    from pipeline.identity import as_stored
-    from pipeline.run_items import check_unread_settings
     from pipeline.settings import needs_plan
 
     check_same_config(comm, cfg, who, mode=mode, paths=paths)
+    on_every_rank(comm, check_path_links, cfg, paths)
+    # torch only now: ranks refused above said so in a fraction of a second, not after its
+    # seconds of imports on every rank
+    from pipeline.identity import as_stored
+    from pipeline.layout import place_rank, rank_grid
+    from pipeline.planner import resolve_plan
+    from pipeline.run_items import check_unread_settings
+
     if stored:
         cfg = on_rank0(comm, as_stored, cfg)
         # of the settings asked, before a plan picks a method that may not read them
         on_rank0(comm, check_unread_settings, cfg)
-    # torch only now: ranks refused above said so in a fraction of a second, not after its
-    # seconds of imports on every rank
-    from pipeline.layout import place_rank, rank_grid
-    from pipeline.planner import resolve_plan
 
     device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),
                         cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)

@@ -446,22 +446,36 @@ def _check_local(key: str, value) -> None:
                f"= {value!r} holds '://' or '::', which zarr reads as a URL: rename the path")
         # " out/x.zarr" made a folder named " out"
         _check(text == text.strip(), key, f"= {value!r} starts or ends with a space: remove it")
-        through = _link_then_back(text)
-        _check(through is None, key,
-               f"= {value!r} steps back (..) out of {through!r}, a link to another folder: "
-               "xarray takes the '..' as written and the file system from the link's target, "
-               "so the two read and write different places: write the path without '..'")
+
+
+def check_path_links(cfg: Config, keys) -> None:
+    """Refuse a path among the settings ``keys`` ("output.path", ...) that steps back (``..``)
+    out of a symbolic link to a folder: xarray takes the ``..`` as written, the file system
+    from the link's target, so a store was checked in one place and written in another, or
+    another input read. On the node that runs the command (the files are its), not where a
+    config is only read."""
+    for key in keys:
+        section, name = key.split(".")
+        for text in _texts(getattr(getattr(cfg, section), name)):
+            through = _link_then_back(text)
+            _check(through is None, key,
+                   f"= {text!r} steps back (..) out of {through!r}, a link to another folder: "
+                   "xarray takes the '..' as written and the file system from the link's "
+                   "target, so the two read and write different places: write the path "
+                   "without '..'")
 
 
 def _link_then_back(path: str) -> str | None:
-    """The part of ``path`` before a ``..`` that leads elsewhere through a symbolic link than
-    as written (``link/..`` is the link's folder as text, the target's parent on disk)."""
+    """The link in ``path`` out of which a ``..`` leads elsewhere than as written
+    (``link/..`` is the link's folder as text, the target's parent on disk)."""
     parts = Path(path).parts
     for i, part in enumerate(parts):
         if part == ".." and i:
             walked = os.path.join(*parts[:i + 1])
             if os.path.realpath(walked) != os.path.realpath(os.path.normpath(walked)):
-                return os.path.join(*parts[:i])
+                links = [os.path.join(*parts[:j]) for j in range(i, 0, -1)
+                         if os.path.islink(os.path.join(*parts[:j]))]
+                return links[0] if links else os.path.join(*parts[:i])
     return None
 
 

@@ -226,7 +226,10 @@ def test_ranks_of_the_cli_given_other_configs_are_refused_on_every_rank(tmp_path
     nodes would make them), or their options (a dry run on one): one clean error, nothing
     written."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    rank = [sys.executable, "-m", "pipeline.cli", "sample", "jobs/configs/grf.toml",
+    # the CLI, saying too whether torch was imported: a refusal needs none of its seconds
+    cli = ("import sys\nfrom pipeline.cli import main\ncode = main(sys.argv[1:])\n"
+           "print('torch imported:', 'torch' in sys.modules)\nsys.exit(code)")
+    rank = [sys.executable, "-c", cli, "sample", "jobs/configs/grf.toml",
             *_sets([f"output.path={tmp_path / 'x.zarr'}", "model.shape=[8, 8]",
                     "sampler.steps=20"])]
     # a config that fails its checks on one rank only: that rank stopped alone, and the other
@@ -244,6 +247,8 @@ def test_ranks_of_the_cli_given_other_configs_are_refused_on_every_rank(tmp_path
             assert errors[0].startswith("piadm: error: piadm sample: rank(s) 1 of 2 were given "
                                         "another config or options than rank 0"), errors
         assert not (tmp_path / "x.zarr").exists()
+        # (the two ranks' lines may interleave)
+        assert proc.stdout.count("False") == 2 and "True" not in proc.stdout, proc.stdout
 
 
 def test_ranks_started_in_other_folders_are_refused_where_the_config_has_relative_paths(

@@ -964,26 +964,29 @@ def test_a_store_that_a_superseded_sampler_revision_filled_is_not_grown(tmp_path
 
 
 def test_a_path_stepping_back_out_of_a_link_or_spaced_at_its_ends_is_refused(tmp_path,
-                                                                              monkeypatch):
+                                                                              monkeypatch, capsys):
     """"deep/../x.zarr" with deep a link: xarray read and wrote ./x.zarr, the file system's
     checks and renames the folder beside the link's target (a draft left behind, another
-    input read); " out/x.zarr" made a folder named " out"."""
+    input read); " out/x.zarr" made a folder named " out". The link is judged where the
+    command runs, not where a config is only read (`piadm config`, a store's own config)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "real" / "a" / "b").mkdir(parents=True)
     (tmp_path / "deep").symlink_to(tmp_path / "real" / "a" / "b")
     config = str(Path(__file__).parents[1] / "jobs" / "configs" / "grf.toml")
-    with pytest.raises(ConfigError, match=r"output.path = 'deep/../x.zarr' steps back \(\.\.\) "
-                                          r"out of 'deep', a link to another folder"):
-        load_config(config, {"output.path": "deep/../x.zarr"})
-    with pytest.raises(ConfigError, match="input.path = 'n/deep/../in.zarr' steps back"):
-        (tmp_path / "n").mkdir()
-        (tmp_path / "n" / "deep").symlink_to(tmp_path / "real" / "a" / "b")
-        load_config(config, {"input.path": "n/deep/../in.zarr", "input.variable": "v",
-                             "model.condition": "mean"})
+    for value, through in (("deep/../x.zarr", "deep"), ("deep/sub/../../x.zarr", "deep")):
+        assert load_config(config, {"output.path": value}).output.path == value
+        capsys.readouterr()
+        assert main(["sample", config, "--dry-run", "--set", f"output.path={value}"]) == 2
+        assert (f"config: output.path = {value!r} steps back (..) out of {through!r}, a link "
+                "to another folder") in capsys.readouterr().err
+    assert main(["sample", config, "--set", "model.condition=mean", "--set",
+                 "input.variable=v", "--set", "input.path=deep/../in.zarr", "--set",
+                 "output.path=o.zarr"]) == 2
+    assert "input.path = 'deep/../in.zarr' steps back" in capsys.readouterr().err
     for spaced in (" out/x.zarr", "out/x.zarr "):
         with pytest.raises(ConfigError, match="starts or ends with a space: remove it"):
             load_config(config, {"output.path": spaced})
     # through a link without stepping back, or back out of a plain folder: as written
     for fine in ("deep/x.zarr", "real/a/../x.zarr", "../x.zarr"):
-        assert load_config(config, {"output.path": fine}).output.path == fine
+        assert main(["sample", config, "--dry-run", "--set", f"output.path={fine}"]) == 0
     assert not list(tmp_path.glob("**/*.zarr")) and not list(tmp_path.glob(".*"))
