@@ -338,7 +338,7 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
                               "adds: give the truth's finest resolved wavenumber")
     # numpy's warnings of NaN figures are held until a damaged store, their likely cause,
     # is ruled out: its one-line error says what they would only hint at
-    with catching(record=True) as held:
+    with catching(record=True, long=True) as held:
         warnings.simplefilter("default")
         try:
             metrics = score(ens, truth, paired, kmax=kmax, baseline=baseline, cut=cut,

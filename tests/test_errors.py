@@ -69,3 +69,38 @@ def test_two_threads_changing_warning_filters_leave_the_processs_filters_as_they
     a.join(10)
     b.join(10)
     assert warnings.filters == before
+
+
+def test_a_short_warning_block_runs_inside_a_long_one_elsewhere_without_waiting():
+    """An evaluation's scoring (a long block) held the lock throughout: another thread's
+    store opening waited minutes for it. It runs inside instead, and the filters come back."""
+    import threading
+    import time
+    import warnings
+
+    from pipeline.warned import catching
+
+    before = list(warnings.filters)
+    inside, short_done = threading.Event(), threading.Event()
+
+    def long_block():
+        with catching(record=True, long=True):
+            warnings.simplefilter("default")
+            inside.set()
+            short_done.wait(10)
+
+    def short_block():
+        with catching():
+            warnings.filterwarnings("ignore", message="a store's")
+        short_done.set()
+
+    a = threading.Thread(target=long_block)
+    a.start()
+    assert inside.wait(10)
+    start = time.monotonic()
+    b = threading.Thread(target=short_block)
+    b.start()
+    b.join(10)
+    assert short_done.is_set() and time.monotonic() - start < 5  # did not wait for the long one
+    a.join(10)
+    assert warnings.filters == before
