@@ -57,7 +57,8 @@ class CostCurve:
 
 def _interp(xs: tuple[int, ...], ys: tuple[float, ...], x: float) -> float:
     """``ys`` measured at the increasing ``xs``, at ``x``: on the line through the nearest
-    two, but below the first never less than in proportion to it. A steep line (two noisy
+    two, but below the first never less than in proportion to it, past the last never less
+    than it. A steep line (two noisy
     measurements) fell to 0 there: a round of 2 points on 3 time slices was planned 24 times
     faster than the sequential sampler, and ran slower."""
     if len(xs) == 1:
@@ -65,7 +66,9 @@ def _interp(xs: tuple[int, ...], ys: tuple[float, ...], x: float) -> float:
     i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
     x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
     line = max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
-    return max(line, ys[0] * x / xs[0]) if x < xs[0] else line
+    if x < xs[0]:
+        return max(line, ys[0] * x / xs[0])
+    return max(line, ys[-1]) if x > xs[-1] else line  # a falling last segment: not to 0
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ def test_host_time_below_its_measured_points_is_not_less_than_in_proportion():
     assert prof.host_at(5) == pytest.approx(0.2735)  # between them: on the line
     flat = dataclasses.replace(WINDOW, host_points=(4, 6), host=(0.1, 0.1))
     assert flat.host_at(2) == pytest.approx(0.1)  # the line, where it is the larger
+    falling = CostCurve((4, 8), (1.0, 0.5), (0.0, 0.0))  # a noisy pair: not 0 past them
+    assert falling.at(24)[0] == pytest.approx(0.5)
 
 
 def test_a_latency_bound_device_and_one_member_pick_all_ranks_as_time_slices():
