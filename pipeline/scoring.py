@@ -436,6 +436,11 @@ def _save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline)
                                                     allow_nan=False))
         # scipy: NetCDF 3, no extra library; as a CF file, with the line that made it
         made = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for dim in set(metrics.dims) & set(ens.coords):  # the store's raw times, as it has
+            held = ens[dim].encoding
+            if "units" in held:
+                metrics[dim].encoding.update({k: held[k] for k in ("units", "calendar")
+                                              if k in held})
         metrics.assign_attrs(Conventions="CF-1.10", history=(
             f"{made} piadm {__version__}: evaluate {metrics.attrs.get('store_path', '')} "
             f"against {metrics.attrs.get('truth_path', '')}")).to_netcdf(

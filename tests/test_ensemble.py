@@ -1024,7 +1024,14 @@ def test_the_stores_raw_times_are_the_inputs_in_its_units(tmp_path, input_store)
     assert raw.attrs["units"].startswith("days since 2020-01-01")  # the input's own
     assert given.attrs["units"].startswith("days since 2020-01-01")
     assert list(raw.values) == list(given.values[2:4]) == [2, 3]
-    assert list(xr.open_zarr(out).time.values) == list(xr.open_zarr(input_store, consolidated=False).time.values[2:4])
+    dates = xr.open_zarr(input_store, consolidated=False).time.values
+    assert list(xr.open_zarr(out).time.values) == list(dates[2:4])
+    # and the evaluation's metrics.nc counts them as the store does
+    assert main(["evaluate", str(out), "--truth", str(input_store), "--out",
+                 str(tmp_path / "e")]) == 0
+    scored = xr.open_dataset(tmp_path / "e" / "metrics.nc", engine="scipy", decode_times=False)
+    assert list(scored.time.values) == [2, 3]
+    assert scored.time.attrs["units"].startswith("days since 2020-01-01")
 
 
 def test_coordinates_lost_or_damaged_are_told_and_the_store_is_not_resumed(
