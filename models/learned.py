@@ -92,6 +92,9 @@ def _read(checkpoint: str, key: str, device):
         shipped = Path(__file__).parent / "checkpoints" / given.name
         ours = given.parent == Path("models", "checkpoints") and shipped.is_file()
         where = f"; piadm's own {shipped.name} is {shipped}" if checkpoint and ours else ""
+        if checkpoint.endswith(("/", os.sep)) and os.path.isfile(checkpoint.rstrip("/" + os.sep)):
+            raise ConfigError(f"config: {key} = {checkpoint!r} names a file as a folder: "
+                              "remove the trailing '/'")
         raise ConfigError(f"config: {key} = {checkpoint!r} is not a file"
                           f"{from_here(checkpoint) if checkpoint else ''}: point it at a piadm "
                           "train checkpoint (e.g. models/checkpoints/kolmogorov_uncond.pt, from "

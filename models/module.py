@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import os
 import pickle
 import re
 import sys
@@ -177,7 +178,7 @@ def _details(err: BaseException, limit: int = 300) -> str:
 
 def load_weights(net: torch.nn.Module, path: str, key: str = "model.weights") -> None:
     """Fill ``net``'s parameters from a safetensors file or a tensors-only torch file."""
-    if not Path(path).is_file():
+    if not os.path.isfile(path):  # Path drops a trailing "/"
         raise ConfigError(f"config: {key} = {path!r} is not a file (looked for "
                           f"{Path(path).absolute()}): point it at the network's state dict "
                           "(.safetensors, or a torch file saved from state_dict())")
@@ -472,7 +473,7 @@ def source_digest(section) -> str:
 def module_digest(section) -> str:
     """What identifies a module model: its target, arguments and weights."""
     text = f"{section.target}|{sorted(section.args.items())}|{section.prediction}|{section.process}"
-    weights = [section.weights] if section.weights and Path(section.weights).is_file() else []
+    weights = [section.weights] if section.weights and os.path.isfile(section.weights) else []
     return hashlib.sha256((text + files_digest(weights)).encode()).hexdigest()
 
 

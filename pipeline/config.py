@@ -194,8 +194,9 @@ def _value(dotted: str, raw: str, source: str):
         value = raw.rstrip()
         if re.search(r"\s#", value):
             raise ConfigError(f"{source} {dotted}={raw}: an unquoted value holding ' #' (a "
-                              "comment, or part of a path?): quote the value (in the shell: "
-                              f"'{dotted}=\"...\"'), and leave any comment out") from None
+                              "comment, or part of a path?): quote the value, in TOML's single "
+                              f"quotes, which keep a backslash (in the shell: \"{dotted}='...'\"), "
+                              "and leave any comment out") from None
         if re.search(r"[,;\s]\s*\w+\.\w+\s*=", value):
             raise ConfigError(f"{source} {dotted}={raw}: this holds another setting: separate "
                               "PIADM_SET items with ';' or new lines, and give each --set "

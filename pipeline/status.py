@@ -61,7 +61,9 @@ def _labels(coord) -> list[str]:
     except Exception as err:  # a codec's error on damaged bytes: status exited 1, "rerun"
         if is_system_error(err):
             raise
-        raise DamagedRecord(f"the store's {coord.basename} coordinate cannot be read "
+        where = str(coord.store_path.store.root) if hasattr(coord.store_path.store, "root") \
+            else "the store"
+        raise DamagedRecord(f"store {where}: its {coord.basename} coordinate cannot be read "
                             f"({type(err).__name__}): the store is damaged; {ARRAYS_FIX}") from None
     units, calendar = coord.attrs.get("units", ""), coord.attrs.get("calendar", "standard")
     if not isinstance(units, str) or values.dtype.kind not in "iuf":

@@ -1064,8 +1064,8 @@ def test_coordinates_lost_or_damaged_are_told_and_the_store_is_not_resumed(
     (out / "time" / "c" / "0").write_bytes(b"garbage")
     assert main(["status", str(out)]) == 2
     assert capsys.readouterr().err.startswith(
-        "piadm: error: the store's time coordinate cannot be read (RuntimeError): the store is "
-        "damaged; restore the store from a copy")
+        f"piadm: error: store {out}: its time coordinate cannot be read (RuntimeError): the "
+        "store is damaged; restore the store from a copy")
 
 
 def test_an_array_whose_metadata_is_lost_is_told_and_the_store_is_not_resumed(tmp_path, capsys):

@@ -177,5 +177,5 @@ def test_a_missing_checkpoint_names_the_shipped_one_of_that_name(tmp_path, monke
     # a file's path with a trailing "/" (pathlib drops it): not a file, said as such, where
     # the dry run blamed the output store for hashing it
     shipped = str(ROOT / "models" / "checkpoints" / "kolmogorov_down.pt")
-    with pytest.raises(ConfigError, match="is not a file"):
+    with pytest.raises(ConfigError, match="names a file as a folder: remove the trailing '/'"):
         _read(shipped + "/", "model.checkpoint", "cpu")
