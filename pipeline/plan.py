@@ -203,7 +203,7 @@ def layouts(profiles: list[Profile], ranks: int, members: int, batches: tuple[in
     """Every layout of ``ranks`` ranks for each profile: time slices a divisor of ``ranks``
     (one for a sequential sampler, at most its points per round), member batch sizes from
     ``batches`` up to the members of an item a group gets (of ``members`` of each of
-    ``items``); on several slices, the methods named in ``replicable`` also with the whole
+    ``items``), and those that deal a group's share out in whole batches; on several slices, the methods named in ``replicable`` also with the whole
     window on every slice."""
     out = []
     for prof in profiles:
@@ -211,8 +211,12 @@ def layouts(profiles: list[Profile], ranks: int, members: int, batches: tuple[in
             if ranks % t or (prof.param == 0 and t > 1) or t > max(1, prof.param):
                 continue
             groups = ranks // t
-            for b in sorted(set(batches)):
-                if b > max(1, min(members, math.ceil(items * members / groups))):
+            most = max(1, min(members, math.ceil(items * members / groups)))
+            # and the batches that deal a group's share out whole: 8 members on 3 groups
+            # fill each once at 3 (powers of 2 gave 1 and 2: three or four batches a group)
+            even = {most, min(most, math.ceil(members / groups))}
+            for b in sorted(set(batches) | even):
+                if b > most:
                     continue
                 out.append((Layout(prof.method, prof.param, groups, t, b), prof))
                 if t > 1 and prof.method in replicable:

@@ -40,6 +40,15 @@ def test_host_time_below_its_measured_points_is_not_less_than_in_proportion():
     assert falling.at(24)[0] == pytest.approx(0.5)
 
 
+def test_members_not_a_power_of_two_a_group_are_planned_in_one_batch_a_group():
+    """8 members on 3 groups: the batch sizes tried were powers of 2 (1 and 2 fit), each
+    group then ran its 3 members in two or three batches; 3 runs them in one."""
+    curve = CostCurve((1, 8), (0.005, 0.012), (0.0, 0.0))  # a latency, then 1 ms an item
+    machine = Machine(ranks=3, ranks_per_node=3, cores=3, threads=1, latency=1e-5)
+    best = _best([SEQUENTIAL], curve, machine, members=8)[0]
+    assert (best.layout.groups, best.layout.batch) == (3, 3)
+
+
 def test_a_latency_bound_device_and_one_member_pick_all_ranks_as_time_slices():
     # a GPU-like curve: flat to 8 items, then linear; 8 ranks, one member; the window's 60
     # points a round fill the flat part only on 8 slices
