@@ -265,6 +265,9 @@ def _cmd_plan(args, world) -> int:
             f"rank{'s' if args.ranks != 1 else ''}"
             + (f" ({args.gpus_per_node} GPUs a node)" if args.gpus_per_node else
                f" of this node ({'its CPU' if device.type == 'cpu' else device})"))
+        if world.size > 1 and world.size != args.ranks:  # the latency is these ranks'
+            say(f"plan: the collectives' latency is timed among the {world.size} ranks of this "
+                f"launch, for a plan of {args.ranks}: launch as many as --ranks to time theirs")
         if args.gpus_per_node and device.type != "cuda":  # measured here, planned for there
             say("plan: this machine has no GPU: the cost of a model call is measured on its "
                 "CPU, not on a GPU; run piadm plan on a node of the job's GPUs to plan for them")

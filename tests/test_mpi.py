@@ -422,6 +422,9 @@ def test_plan_under_mpiexec_times_the_collective_latency_among_its_ranks(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     latency = json.loads(out.read_text())["machine"]["latency"]
     assert latency > 0 and latency != DEFAULT_LATENCY
+    # timed among 2 for a plan of 4: said, not silently taken as theirs
+    assert ("the collectives' latency is timed among the 2 ranks of this launch, for a plan "
+            "of 4") in proc.stderr
 
 
 def test_a_replicated_window_costs_one_allgather_a_round_and_one_to_end(tmp_path):
