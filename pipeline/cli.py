@@ -142,8 +142,10 @@ def _cmd_sample(args, world) -> int:
                   f"{_against_sequential(cfg, summary)}"
                   f"  wall time        {summary.seconds:.2f} s sampling (after "
                   f"{time.perf_counter() - began - summary.seconds:.1f} s of start-up: model, "
-                  f"store, calibration or plan); writing {summary.write_s:.1f} s, of which "
-                  f"{summary.write_wait_s:.1f} s ({100 * share:.1f}%) held up sampling{where}")
+                  f"store, calibration or plan); writing {summary.write_s:.1f} s; sampling "
+                  # not "of which": the wait also holds the writer thread's turn for a core
+                  f"waited {summary.write_wait_s:.1f} s ({100 * share:.1f}%) for the "
+                  f"writer{where}")
     if summary.fallbacks:
         print0(world, f"note: {redone(summary.fallbacks)}")
     if summary.preempted:
