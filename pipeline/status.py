@@ -273,7 +273,8 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
                 done[item, member] = 0
                 flags[item, member] = False
         # in the store's history, as its writes are: the members a rerun samples again
-        dim, labels = _item_dim(group), _labels(group[_item_dim(group)])
+        dim = _item_dim(group)
+        labels = _labels(group[dim])
         finalize(path, f"piadm {__version__}: status --verify --repair marked {len(found)} "
                        "damaged member(s) not done: "
                        + ", ".join(f"{dim} {labels[i]} member {m}" for i, m, _ in found[:20])
