@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError, did_you_mean  # noqa: F401  (ConfigError: raised here)
 from pipeline.settings import FILE_KEYS, SECTION_TYPES, Config, open_kind
-from pipeline.validation import _is_number, validate
+from pipeline.validation import unquoted, validate
 
 MODEL_KEYS = frozenset(typing.get_type_hints(SECTION_TYPES["model"]))  # piadm's own [model] keys
 
@@ -49,13 +49,11 @@ def _kind_hint(key: str, value, hint) -> str:
         return spelled
     if hint is int and isinstance(value, float) and value.is_integer():
         return f": write {int(value)} (a whole number, no point)"
-    if hint in (int, float) and isinstance(value, str) and _is_number(value):
-        return f": write {value.strip()} without quotes"
+    if hint in (int, float):
+        return unquoted(value)
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return f": quote it (\"{value}\"; in the shell: '{key}=\"{value}\"')"
     return ""
-
-
 
 
 def _elsewhere(section: str, key: str) -> str:

@@ -87,12 +87,20 @@ def _check_target(d: DataConfig) -> None:
                           "anew, or choose another data.path")
 
 
+def _made_with(group: zarr.Group) -> DataConfig | None:
+    """The [data] settings the dataset ``group`` records it was made with; None where its
+    config cannot be read."""
+    try:
+        return config_from_dict(tomllib.loads(str(group.attrs.get("config", "")))).data
+    except (ValueError, TypeError, KeyError):  # ConfigError and TOMLDecodeError among them
+        return None
+
+
 def _differences(group: zarr.Group, d: DataConfig) -> str:
     """" (data.seed 0 there, 3 here; ...)": the [data] settings in which the dataset of
     ``group`` was made otherwise than ``d`` asks, where its config can be read."""
-    try:
-        then = config_from_dict(tomllib.loads(str(group.attrs.get("config", "")))).data
-    except (ValueError, TypeError, KeyError):
+    then = _made_with(group)
+    if then is None:
         return ""
     differ = [f"data.{f.name} {getattr(then, f.name)!r} there, {getattr(d, f.name)!r} here"
               for f in dataclasses.fields(d) if f.name not in ("path", "overwrite")
@@ -111,12 +119,8 @@ def already_made(d: DataConfig) -> bool:
     group = None if d.overwrite or not Path(d.path).is_dir() else _ours(Path(d.path))
     if group is None or not _complete(group):
         return False
-    try:
-        text = str(group.attrs.get("config", ""))
-        then = config_from_dict(tomllib.loads(text)).data
-    except (ValueError, TypeError, KeyError):  # ConfigError and TOMLDecodeError among them
-        return False
-    return dataclasses.replace(then, path=d.path, overwrite=False) == d
+    then = _made_with(group)
+    return then is not None and dataclasses.replace(then, path=d.path, overwrite=False) == d
 
 
 def _empty(d: DataConfig, config_text: str) -> xr.Dataset:

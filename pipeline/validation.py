@@ -46,18 +46,16 @@ MOST_SPEED = 1e6
 # model.emulate_ms: the most an emulated call's latency or per-item time may be
 MOST_EMULATED_MS = 60_000.0
 
-def _is_number(text: str) -> bool:
-    """Whether ``text`` is a finite number written out ("1e-3", " 20")."""
-    try:
-        return math.isfinite(float(text.strip()))
-    except ValueError:
-        return False
 
-
-def _unquoted(value) -> str:
+def unquoted(value) -> str:
     """": write 1e-3 without quotes" where ``value`` is a number written as a string."""
-    return (f": write {value.strip()} without quotes"
-            if isinstance(value, str) and _is_number(value) else "")
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = math.isfinite(float(value.strip()))
+    except ValueError:
+        number = False
+    return f": write {value.strip()} without quotes" if number else ""
 
 
 def _check(ok: bool, key: str, problem: str) -> None:
@@ -85,7 +83,7 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
     _check(p.wait in WAITS, "parallel.wait", f"= {p.wait!r} must be one of {', '.join(WAITS)}")
     _check(p.time_slices == "auto" or (isinstance(p.time_slices, int) and p.time_slices >= 1),
            "parallel.time_slices", f"= {p.time_slices!r} must be a number >= 1 or \"auto\""
-           + _unquoted(p.time_slices))
+           + unquoted(p.time_slices))
     if p.time_slices == "auto" or s.method in AUTO_METHODS:
         return  # the planner picks a layout that fits
     registered = REGISTRY[s.method]
@@ -259,7 +257,7 @@ def _check_sampler(s: SamplerConfig, benched: tuple[str, ...] = ()) -> None:
     number = isinstance(s.tol, float) and math.isfinite(s.tol) and s.tol >= 0
     _check(s.tol is None or s.tol == "auto" or number,
            "sampler.tol", f"= {s.tol!r} must be a finite number >= 0 or \"auto\""
-           + _unquoted(s.tol))
+           + unquoted(s.tol))
     if s.method in REGISTRY:  # what the chosen sampler itself needs (declared with it)
         for key, problem in REGISTRY[s.method].problems(s):
             raise ConfigError(f"config: {key} {problem}")
