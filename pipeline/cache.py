@@ -12,28 +12,70 @@ import fcntl
 import json
 import math
 import os
+import stat
+import time
 from pathlib import Path
 
 from pipeline.console import say
 from pipeline.processes import replace_file
 
 
+# The folder of the default cache where no home folder is known (no HOME, a uid without a
+# passwd entry): nothing is found there, and a write says to set PIADM_CACHE.
+NO_HOME = Path("(no home folder: set PIADM_CACHE)")
+
+
 def cache_path(name: str) -> Path:
     """The cache file ``name`` (e.g. ``calibration.json``) under $PIADM_CACHE, else
-    ~/.cache/piadm/. A "~" that the shell left (quoted) is the home folder: it made a folder
-    named "~" in the working folder."""
-    root = os.environ.get("PIADM_CACHE") or Path.home() / ".cache" / "piadm"
+    ~/.cache/piadm/ (``NO_HOME`` where no home is known). A "~" that the shell left (quoted)
+    is the home folder: it made a folder named "~" in the working folder."""
+    root = os.environ.get("PIADM_CACHE")
+    if not root:
+        try:
+            root = Path.home() / ".cache" / "piadm"
+        except RuntimeError:
+            return NO_HOME / name
     return Path(os.path.expanduser(root)) / name
 
 
-def read_cache(path: Path) -> dict:
-    """The entries of the JSON cache file ``path``, {} when it is missing, unreadable or not
-    a JSON object (a file another tool wrote there)."""
+class Damaged(ValueError):
+    """A cache file that holds no JSON object of entries."""
+
+
+def _load(path: Path) -> dict:
+    """The entries of the JSON cache file ``path``; raises ``FileNotFoundError`` where there
+    is none, another ``OSError`` where it cannot be read and ``Damaged`` where it holds no
+    JSON object."""
     try:
         entries = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except ValueError as err:  # a cut or garbled file (UnicodeDecodeError is one too)
+        raise Damaged(f"{err}") from None
+    if not isinstance(entries, dict):
+        raise Damaged(f"a JSON {type(entries).__name__}, not an object of entries")
+    return entries
+
+
+_READ_WARNED: set = set()  # the cache files read_cache warned of in this process
+
+
+def read_cache(path: Path) -> dict:
+    """The entries of the JSON cache file ``path``, {} when it is missing, unreadable or no
+    JSON object (a file cut short, or another tool's); said once a file where it is there but
+    cannot be read: its entries are measured again."""
+    try:
+        return _load(path)
+    except FileNotFoundError:
         return {}
-    return entries if isinstance(entries, dict) else {}
+    except (OSError, Damaged) as err:
+        if path not in _READ_WARNED:
+            _READ_WARNED.add(path)
+            say(f"piadm: warning: cannot read the cache {path} ({_why(err)}): what it holds is "
+                "measured again")
+        return {}
+
+
+def _why(err: Exception) -> str:
+    return (err.strerror or str(err)) if isinstance(err, OSError) else str(err)
 
 
 def read_entry(path: Path, key: str, valid) -> dict | None:
@@ -54,41 +96,83 @@ def positive(value) -> bool:
             and math.isfinite(value) and value > 0)
 
 
-_WARNED: set = set()  # the cache folders update_cache warned of in this process
+_WARNED: dict = {}  # cache folder: why update_cache could not write it, in this process
 
 
 def update_cache(path: Path, key: str, entry) -> bool:
     """Set ``key`` to ``entry`` in the JSON cache file ``path``; whether it was kept. A cache
-    that cannot be written (a read-only $PIADM_CACHE, a file in its place) costs the next run
-    a new measurement, not this one what it measured: a warning says so, and the run goes
-    on."""
+    that cannot be written (a read-only $PIADM_CACHE or file, a file in its place, one that
+    cannot be read, so that writing would lose its other entries) costs the next run a new
+    measurement, not this one what it measured: a warning says so, and the run goes on. A
+    file holding no JSON object is moved aside (said), not written over."""
     try:
         _update(path, key, entry)
         return True
     except OSError as err:
-        if path.parent in _WARNED:  # one warning a folder: a plan measures many entries
-            return False
-        _WARNED.add(path.parent)
-        why = err.strerror or err
-        say(f"piadm: warning: cannot keep this measurement in {path.parent} ({why}): the "
-            "next run measures it again; set PIADM_CACHE to a folder you may write")
+        why = _cannot(path, err)
+        if _WARNED.get(path.parent) != why:  # once a folder and cause: a plan measures many
+            say(f"piadm: warning: cannot keep this measurement in {path.parent} ({why}): the "
+                "next run measures it again; set PIADM_CACHE to a folder you may write")
+        _WARNED[path.parent] = why
         return False
 
 
+def not_kept(path: Path) -> str:
+    """Why the last write to ``path``'s cache folder failed in this process ("" if none)."""
+    return _WARNED.get(path.parent, "")
+
+
+def _cannot(path: Path, err: OSError) -> str:
+    """Why ``path`` cannot be written, in the words of what is in the way."""
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    for held in (path, path.with_name(f"{path.name}.lock")):
+        if held.is_dir():
+            return f"{held} is a folder, not a file"
+    return _why(err)
+
+
 def _update(path: Path, key: str, entry) -> None:
-    if not os.environ.get("PIADM_CACHE"):  # (Path.home() raises where no home is known)
+    if path.parent == NO_HOME:
+        raise FileNotFoundError(errno.ENOENT, "no home folder is known")
+    if not os.environ.get("PIADM_CACHE"):
         home = Path.home()
         if path.is_relative_to(home) and not home.is_dir():
             # a service account's HOME (/nonexistent) is not made for it, as root could
             raise FileNotFoundError(errno.ENOENT, f"the home folder {home} does not exist")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f"{path.name}.lock"), "a") as lock:
+    path = Path(os.path.realpath(path))  # a link to a shared file: that file is written
+    # read-only is enough for flock, and another user's lock file (their umask's mode) opens so
+    lock = os.open(path.with_name(f"{path.name}.lock"), os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         except OSError:  # a file system without flock (Lustre mounted without it): unlocked,
             pass  # as before the lock, rather than lose what was measured
-        entries = read_cache(path)
+        mode = None
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if not mode & 0o222:  # made read-only to keep it as it is (root could write it)
+                raise PermissionError(errno.EACCES, f"{path} is read-only")
+            entries = _load(path)
+        except FileNotFoundError:
+            entries = {}
+        except Damaged as err:  # kept for whoever wants to see what it held
+            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(path, aside)
+            say(f"piadm: warning: the cache {path} held no JSON object of entries ({err}): "
+                f"moved to {aside.name}, and a new one begun")
+            entries = {}
         entries[key] = entry
+
+        def write(tmp: Path) -> None:
+            tmp.write_text(json.dumps(entries, indent=1))
+            if mode is not None:  # a group's shared cache stays readable to the group
+                os.chmod(tmp, mode)
+
         # its own temp file per process (one name per host and process: hosts share home
         # folders), removed if the write fails (a full disk) or by a later write if killed
-        replace_file(path, lambda tmp: tmp.write_text(json.dumps(entries, indent=1)))
+        replace_file(path, write)
+    finally:
+        os.close(lock)

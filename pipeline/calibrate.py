@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from models import MODELS, plugin_digest
-from pipeline.cache import cache_path, positive, read_entry, update_cache
+from pipeline.cache import cache_path, not_kept, positive, read_entry, update_cache
 from pipeline.comm import SerialComm
 from pipeline.config import ConfigError
 from pipeline.layout import arithmetic_kind
@@ -118,9 +118,8 @@ def calibration_key(cfg: Config, model_sha256: str, device) -> str:
                                    list(cfg.input.items), list(cfg.input.range)]
     if cfg.model.tf32:  # absent when off, so that earlier calibrations stay valid
         kept["tf32"] = True
-    kind = arithmetic_kind(device)
-    if kind != "cpu":  # absent on a CPU, so that the calibrations made there stay valid
-        kept["arithmetic"] = kind
+    # on a CPU too: entries made before devices were keyed, a GPU's among them, have none
+    kept["arithmetic"] = arithmetic_kind(device)
     recorded = _recorded_bound(cfg)
     if recorded is not None:  # S moves pc-window's corrector; the digest holds the weights alone
         kept["checkpoint_data_bound"] = recorded
@@ -269,6 +268,11 @@ def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, forc
     if s.tol != "auto" and not force:
         return Calibration(s.tol, (), "config")
     if stored is not None and not force:
+        if not positive(stored):  # edited or damaged: the members already there used another
+            raise ConfigError(f"store {cfg.output.path}: its sampler_tol attribute is "
+                              f"{stored!r}, no tolerance (> 0) its members could have been "
+                              "made with: set it back to the one they were made with, or "
+                              "write another output.path")
         return Calibration(stored, (), "store")
     key = calibration_key(cfg, model_digest(cfg), device)
     cached = None if force else read_cached(key)
@@ -293,5 +297,5 @@ def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, forc
         raise
     kept = write_cached(key, result, note)
     say(f"chose tol = {result.tol:g}; " + (f"cached in {cache_file()}" if kept else
-                                           "not cached (the warning above says why)"))
+                                           f"not cached ({not_kept(cache_file())})"))
     return result

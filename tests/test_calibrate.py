@@ -260,7 +260,7 @@ def test_processes_writing_other_keys_at_once_lose_none(tmp_path):
 def test_a_cache_that_cannot_be_written_or_read_costs_a_warning_not_the_run(tmp_path, cache,
                                                                           monkeypatch, capsys):
     """What was measured is used whether or not it can be kept; a cache file holding JSON
-    that is no object (another tool's) is an empty cache."""
+    that is no object (another tool's) is an empty cache, moved aside when written."""
     cache.mkdir()
     (cache / "calibration.json").write_text("[]")
     out = tmp_path / "s.zarr"
@@ -273,7 +273,7 @@ def test_a_cache_that_cannot_be_written_or_read_costs_a_warning_not_the_run(tmp_
                  *_sets(SMALL + [f"output.path={tmp_path / 't.zarr'}"])]) == 0
     err = capsys.readouterr().err
     assert f"piadm: warning: cannot keep this measurement in {blocked}" in err
-    assert "not cached (the warning above says why)" in err and "cached in" not in err
+    assert f"not cached ({blocked} is a file, not a folder)" in err and "cached in" not in err
     assert xr.open_zarr(tmp_path / "t.zarr").attrs["sampler_tol_source"] == "calibrated"
 
 
@@ -401,6 +401,11 @@ def test_a_missing_home_folder_is_not_made_for_the_default_cache(tmp_path, monke
     monkeypatch.setattr(Path, "home", unknown)
     monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
     assert update_cache(cache_path("calibration.json"), "kept", 1)
+    # nor set: nothing is found, and the write says what to do (a traceback before)
+    monkeypatch.delenv("PIADM_CACHE")
+    assert read_cached("any key") is None
+    assert not update_cache(cache_path("calibration.json"), "lost", 1)
+    assert "(no home folder is known)" in capsys.readouterr().err
 
 
 def test_a_cache_folder_given_with_a_quoted_tilde_is_under_home(monkeypatch, tmp_path):
@@ -410,3 +415,102 @@ def test_a_cache_folder_given_with_a_quoted_tilde_is_under_home(monkeypatch, tmp
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("PIADM_CACHE", "~/c")
     assert cache_path("calibration.json") == tmp_path / "c" / "calibration.json"
+
+
+def test_a_cache_file_cut_short_is_moved_aside_not_written_over(tmp_path, capsys):
+    """A truncated or garbled calibration.json read as empty and the next write replaced it
+    with one entry: every other calibration in it lost, unsaid."""
+    from pipeline.cache import read_cache, update_cache
+
+    path = tmp_path / "c.json"
+    for key in "abc":
+        assert update_cache(path, key, {"tol": 1e-3})
+    cut = path.read_text()[:-20]
+    path.write_text(cut)
+    assert read_cache(path) == {}
+    assert "cannot read the cache" in capsys.readouterr().err  # said, measured again
+    assert update_cache(path, "d", {"tol": 1e-4})
+    (aside,) = tmp_path.glob("c.json.damaged-*")
+    assert aside.read_text() == cut and read_cache(path) == {"d": {"tol": 1e-4}}
+    assert f"moved to {aside.name}" in capsys.readouterr().err
+
+
+def test_a_cache_file_that_cannot_be_read_is_not_written_over(tmp_path, monkeypatch, capsys):
+    """Another user's 0600 file (or an NFS read error) read as empty, and the write replaced
+    it with this run's one entry."""
+    import errno
+
+    from pipeline.cache import update_cache
+
+    path = tmp_path / "c.json"
+    assert update_cache(path, "a", 1)
+    real = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert not update_cache(path, "b", 2)
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert "cannot keep this measurement" in capsys.readouterr().err
+
+
+def test_a_shared_cache_file_keeps_its_mode_its_link_and_read_only_stays_so(tmp_path,
+                                                                            monkeypatch):
+    """A group's cache (0664) became 0600 after one member's write under umask 077, a cache
+    file linked to a shared one was replaced by a plain file, and a file made read-only was
+    replaced all the same."""
+    import os
+
+    from pipeline.cache import update_cache
+
+    path = tmp_path / "c.json"
+    assert update_cache(path, "a", 1)
+    os.chmod(path, 0o664)
+    old = os.umask(0o077)
+    try:
+        assert update_cache(path, "b", 2)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o664
+    shared, link = tmp_path / "shared.json", tmp_path / "cache" / "c.json"
+    shared.write_text(json.dumps({"s": 1}))
+    link.parent.mkdir()
+    link.symlink_to(shared)
+    assert update_cache(link, "t", 2)
+    assert link.is_symlink() and json.loads(shared.read_text()) == {"s": 1, "t": 2}
+    os.chmod(path, 0o444)
+    assert not update_cache(path, "c", 3)
+    assert json.loads(path.read_text()) == {"a": 1, "b": 2}
+
+
+def test_a_cache_folder_that_is_a_file_is_called_one(tmp_path, monkeypatch, capsys):
+    """'cannot keep this measurement in X (File exists)' named no cause a user could act on."""
+    from pipeline.cache import not_kept, update_cache
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert not update_cache(blocked / "calibration.json", "a", 1)
+    assert f"({blocked} is a file, not a folder)" in capsys.readouterr().err
+    assert not_kept(blocked / "calibration.json") == f"{blocked} is a file, not a folder"
+
+
+def test_a_store_whose_recorded_tolerance_is_damaged_is_refused(tmp_path, capsys):
+    """A store's sampler_tol edited to -1 was grown at tol -1 (the sequential path at 20x
+    the calls), unsaid."""
+    import zarr
+
+    from pipeline.store import consolidate
+
+    out = tmp_path / "s.zarr"
+    sets = _sets(SMALL + [f"output.path={out}", "sampler.steps=40"])
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    zarr.open_group(out, mode="r+").attrs["sampler_tol"] = -1.0
+    consolidate(out)
+    capsys.readouterr()
+    grown = _sets(SMALL + [f"output.path={out}", "sampler.steps=40", "ensemble.members=3"])
+    assert main(["sample", "jobs/configs/grf.toml", *grown]) == 2
+    assert "its sampler_tol attribute is -1.0, no tolerance" in capsys.readouterr().err
