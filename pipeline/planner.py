@@ -187,7 +187,9 @@ def quality_steps(cfg: Config, model, device, model_sha: str, say,
     path = cache_path("quality_steps.json")
     steps_or_none = lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
                                             and v > 0)
-    cached = read_entry(path, key, lambda e: QUALITY_REFERENCE in e
+    searched = {QUALITY_REFERENCE, *(REFERENCE[m] for m in FAMILIES[EQUAL_QUALITY])}
+    # every sampler searched, or one left out would read as out of reach, and unsaid
+    cached = read_entry(path, key, lambda e: searched <= e.keys()
                         and all(map(steps_or_none, e.values())))
     if cached is not None:
         say(f"  equal quality: each sampler's steps from {path}: {cached}")

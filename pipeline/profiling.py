@@ -18,6 +18,7 @@ from collections import Counter
 
 import torch
 
+from models.emulate import Emulated
 from pipeline.cache import cache_path, positive, read_entry, update_cache
 from pipeline.calibrate import CALIBRATION_ITEM, calibration_key
 from pipeline.comm import SerialComm
@@ -32,9 +33,10 @@ from pipeline.settings import Config
 # Part of a profile's cache key: a profile of another version has other fields or another
 # meaning (2: the calls by batch size; 3: host time measured around the emulated device's
 # waits; 4: the window samplers' rounds take less host time; 5: one rank scans its window in
-# one pass; 6: the host time's growth with the batch; 7: and a batch's rounds), so it is
-# measured again rather than read.
-PROFILE_VERSION = 7
+# one pass; 6: the host time's growth with the batch; 7: and a batch's rounds; 8: an emulated
+# model's host time timed between its waits on a run cut short), so it is measured again
+# rather than read.
+PROFILE_VERSION = 8
 
 # A profile's host time is measured on one member and, for a plan of larger batches, again
 # on as many members as its largest batch, at most GROWTH_BATCH and as many as a run of
@@ -44,6 +46,14 @@ GROWTH_BATCH = 64
 GROWTH_SECONDS = 10.0
 GROWTH_LEAST = 4
 
+# An emulated model's host time is timed between its waits over at least TIMED_SECONDS and
+# TIMED_LEAST intervals between calls (or the whole run, where shorter), not over the run.
+# Its waits there last as the device's but at most TIMED_WAIT: host work that follows a wait
+# is slower than back to back (docs/planning.md), and a wait that long has lost what it loses.
+TIMED_SECONDS = 2.0
+TIMED_LEAST = 4
+TIMED_WAIT = 0.25
+
 class _Timed:
     """A model whose calls are timed (``seconds``), synchronising an accelerator first, and
     counted by batch size (``sizes``)."""
@@ -51,18 +61,25 @@ class _Timed:
     def __init__(self, model, device):
         self.model, self.device, self.seconds = model, torch.device(device), 0.0
         self.sizes: Counter = Counter()
+        self.start = 0.0  # when the sampler was called (``_sample``)
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
     def __call__(self, x, u):
+        _synchronize(self.device)  # the work queued before the call is not the model's
         start = time.perf_counter()
         self.sizes[x.shape[0]] += 1
         out = self.model(x, u)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        _synchronize(self.device)
         self.seconds += time.perf_counter() - start
         return out
+
+
+def _synchronize(device) -> None:
+    """Wait for the work queued on an accelerator ``device`` (none on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _profile_file():
@@ -72,7 +89,25 @@ def _profile_file():
 def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: int,
              members: int = 1):
     """(Stats, host seconds a round, (points, count) of its model calls, wall seconds) of
-    ``members`` members sampled together by ``method`` at ``param`` over ``steps`` steps."""
+    ``members`` members sampled together by ``method`` at ``param`` over ``steps`` steps.
+
+    An emulated model (``models.emulate``) runs the path without its waits, then the host time
+    is timed between the waits of a run cut short (``_timed_host``): the waits change no value,
+    and a whole run of them cost the plan minutes of sleep (docs/planning.md). The wall
+    seconds are then the path's, without the waits: what a run of more members costs."""
+    emulated = isinstance(model, Emulated)
+    stats, host, sizes, wall, calls = _sample(cfg, model.base if emulated else model, method,
+                                              param, tol, device, steps, members)
+    if emulated:
+        host = _timed_host(cfg, model, method, param, tol, device, steps, members, stats,
+                           calls)
+    return stats, host, sizes, wall
+
+
+def _sample(cfg: Config, model, method: str, param: int, tol, device, steps: int, members: int,
+            timed=None):
+    """(Stats, host seconds a round, call sizes, wall seconds, model calls made) of one run
+    (``_run_one``) through ``timed`` (a ``_Timed`` of ``model`` when None)."""
     from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
 
     s = cfg.sampler
@@ -82,13 +117,62 @@ def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: in
     options = sampler_options(s, tol=tol, data_bound=model_data_bound(model, cfg.model))
     noise = Noise(s.seed, tuple((CALIBRATION_ITEM, m) for m in range(members)),
                   tuple(model.shape), DTYPES[s.dtype], device, s.noise)
-    timed = _Timed(model, device)
-    start = time.perf_counter()
+    timed = _Timed(model, device) if timed is None else timed
+    start = timed.start = time.perf_counter()
     _, stats = SAMPLERS[method](timed, noise.prior(), sampler_grid(s, model), noise,
                                 comm=SerialComm(), options=options)
     wall = time.perf_counter() - start
     return (stats, max(0.0, wall - timed.seconds) / stats.rounds,
-            tuple(sorted(timed.sizes.items())), wall)
+            tuple(sorted(timed.sizes.items())), wall, sum(timed.sizes.values()))
+
+
+class _Enough(Exception):
+    """Raised by ``_Cut`` to end a run whose host time has been timed long enough."""
+
+
+class _Cut(_Timed):
+    """A ``_Timed`` emulated model that times the sampler's set-up before its first call
+    (``setup``) and the host work between its calls (``between``, over ``intervals``), and
+    ends the run (``_Enough``) before the call that makes the timing at least
+    ``TIMED_SECONDS`` long over at least ``TIMED_LEAST`` intervals. Its calls wait as the
+    emulated device's do, but at most ``TIMED_WAIT`` seconds."""
+
+    def __init__(self, model: Emulated, device):
+        super().__init__(model.base, device)
+        self.emulated, self.first, self.between, self.intervals = model, None, 0.0, 0
+        self.setup = 0.0
+
+    def __call__(self, x, u):
+        _synchronize(self.device)  # the round's work queued on an accelerator is host work
+        now = time.perf_counter()
+        if self.first is None:
+            self.first, self.setup = now, now - self.start
+        else:
+            self.intervals += 1
+            self.between = now - self.first - self.seconds
+            if self.intervals >= TIMED_LEAST and now - self.first >= TIMED_SECONDS:
+                raise _Enough
+        out = self.model(x, u)
+        _synchronize(self.device)
+        rest = min(self.emulated.seconds(x.shape[0]), TIMED_WAIT) - (time.perf_counter() - now)
+        if rest > 0:
+            time.sleep(rest)
+        self.seconds += time.perf_counter() - now
+        return out
+
+
+def _timed_host(cfg: Config, model, method: str, param: int, tol, device, steps: int,
+                members: int, stats, calls: int) -> float:
+    """Host seconds a round of ``method`` through the emulated ``model`` on its path of
+    ``stats.rounds`` rounds and ``calls`` model calls: the set-up and the host work between
+    calls, timed until ``_Cut`` has enough (or the run ends), as on the whole path."""
+    cut = _Cut(model, device)
+    try:
+        _sample(cfg, model, method, param, tol, device, steps, members, timed=cut)
+    except _Enough:
+        pass
+    between = max(0.0, cut.between) / cut.intervals * (calls - 1) if cut.intervals else 0.0
+    return (cut.setup + between) / stats.rounds
 
 
 def _host_growth(cfg: Config, model, method: str, param: int, tol, device, batch: int,
@@ -193,7 +277,14 @@ def _increasing(values) -> bool:
 def cost_curve(model, shape, dtype, device, sizes, threads: int, repeats: int = 3) -> CostCurve:
     """Time one model call at each batch size (the least of ``repeats``), with ``threads``
     torch threads; busy is the CPU time spent, per thread, capped at the wall time. It stops
-    at the first size that runs out of memory (its sizes are then fewer than asked)."""
+    at the first size that runs out of memory (its sizes are then fewer than asked). An
+    emulated model's calls are its base model's, timed, lengthened to its waits without
+    sleeping through them: a call sleeps only to reach ``model.seconds(n)``, so that is the
+    least wall time it takes, and the CPU time is the base model's."""
+    if isinstance(model, Emulated):
+        base = cost_curve(model.base, shape, dtype, device, sizes, threads, repeats)
+        walls = [max(wall, model.seconds(n)) for n, wall in zip(base.sizes, base.wall)]
+        return CostCurve(base.sizes, tuple(walls), base.busy)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     walls, busies = [], []

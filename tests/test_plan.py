@@ -475,9 +475,9 @@ def test_auto_quality_weighs_every_sampler_at_the_steps_that_reach_the_same_w2(t
 
 def test_an_emulated_model_is_profiled_through_its_waits_and_anew_for_another_latency(
         tmp_path, monkeypatch):
-    """Profiles run the model as configured: an emulated call waits its emulated time, so the
-    host time is measured as it runs between such waits; a checkpoint's digest does not hold
-    the emulated latency, so the profile's cache key does."""
+    """Profiles time the host work as it runs between an emulated device's waits (each call
+    waits its emulated time, up to a cap); a checkpoint's digest does not hold the emulated
+    latency, so the profile's cache key does."""
     import time
 
     from models import build_model
@@ -510,6 +510,41 @@ def test_an_emulated_model_is_profiled_through_its_waits_and_anew_for_another_la
     again, seconds = timed_profile(40)  # the same digest, another latency: measured, not read
     assert seconds >= again.rounds * 0.040
     assert len(read_cache(profiling._profile_file())) == entries + 1
+
+
+def test_an_emulated_model_is_profiled_without_sleeping_through_every_wait(tmp_path,
+                                                                           monkeypatch):
+    """A plan of an emulated model whose calls are long slept through every call of every
+    profile and of the cost curve: 242 s to plan 8 members of `grf` 32x32 with emulate_ms
+    [1, 5] at 200 steps. The path (rounds, calls) is the base model's, the host time is
+    timed over a run cut short whose waits are capped, and the cost curve is the base model's
+    timed calls lengthened to the emulated time, without sleeping."""
+    import time
+
+    import torch
+
+    from models import build_model
+    from pipeline import profiling
+    from pipeline.profiling import cost_curve
+
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(profiling, "TIMED_SECONDS", 0.0)  # cut once TIMED_LEAST intervals ran
+    monkeypatch.setattr(profiling, "TIMED_LEAST", 3)
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)  # what would be slept, not sleeping it
+    at = lambda **more: load_config("jobs/configs/grf.toml", _small(  # noqa: E731
+        tmp_path, **{"sampler.tol": 1e-3, **more}))
+    slow, plain = at(**{"model.emulate_ms": [2000, 0]}), at()
+    profile = lambda cfg, digest: profiling.profile(  # noqa: E731
+        cfg, build_model(cfg.model), "pc-window", 8, 1e-3, "cpu", 8, digest)
+    emulated, exact = profile(slow, "a"), profile(plain, "b")
+    assert (emulated.rounds, emulated.calls, emulated.calls_by_size) == \
+        (exact.rounds, exact.calls, exact.calls_by_size) and emulated.rounds > 4
+    # the run cut short: three calls, the host work after each timed up to the fourth's start
+    assert len(slept) == 3 and max(slept) <= profiling.TIMED_WAIT and emulated.host[0] > 0
+    curve = cost_curve(build_model(slow.model), (8, 8), torch.float32, "cpu", [1, 4], 1)
+    assert len(slept) == 3 and curve.sizes == (1, 4) and min(curve.wall) >= 2.0
+    assert max(curve.busy) < 2.0  # the base model's CPU time, not the wait
 
 
 def test_a_profile_is_read_back_on_the_same_machine_kind_and_measured_again_on_another(
@@ -787,3 +822,33 @@ def test_sample_says_it_plans_before_the_plans_measurements(tmp_path, capsys):
     err = capsys.readouterr().err
     planning = err.index("piadm sample: planning the run (sampler.method = 'auto'")
     assert planning < err.index("profiled sequential-sde")
+
+
+def test_a_cached_equal_quality_entry_without_a_sampler_is_searched_again(tmp_path,
+                                                                          monkeypatch):
+    """An entry lacking one of the family's samplers (edited, or written before the family
+    grew) read as that sampler out of reach: the plan left it out, unsaid."""
+    from models import build_model
+    from pipeline import equal_quality, planner
+    from pipeline.cache import read_cache, update_cache
+
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "sampler.method": "auto-quality", "sampler.steps": 20}))
+    model, said = build_model(cfg.model), []
+    found = planner.quality_steps(cfg, model, "cpu", "digest", said.append)
+    assert set(found) > {planner.QUALITY_REFERENCE, "dpmpp-2m"}
+    path = tmp_path / "cache" / "quality_steps.json"
+    (key, entry), = read_cache(path).items()
+
+    class Searched(Exception):
+        pass
+
+    def searching(*args, **kwargs):
+        raise Searched
+
+    monkeypatch.setattr(equal_quality, "measure_for", searching)
+    assert planner.quality_steps(cfg, model, "cpu", "digest", said.append) == found  # read
+    update_cache(path, key, {k: v for k, v in entry.items() if k != "dpmpp-2m"})
+    with pytest.raises(Searched):
+        planner.quality_steps(cfg, model, "cpu", "digest", said.append)
