@@ -331,9 +331,12 @@ def _profiles(cfg: Config, model, device, *, ranks: int, sha: str, steps: dict, 
                 say(f"  left out {method}{f' p={param}' if param else ''}: {err}")
                 continue
             smallest = max(1, math.ceil(param / min(ranks, max(1, param)))) if param else 1
+            measured = []
             prof = profile(at, model, method, param, tol, device, smallest, sha,
-                           mine.sampler.steps if mine is not cfg else 0, largest)
-            say(f"  profiled {method:<15} {'p=' + str(param) if param else '':<6} tol "
+                           mine.sampler.steps if mine is not cfg else 0, largest,
+                           measuring=lambda: measured.append(True))
+            say(f"  {'profiled' if measured else 'cached  '} {method:<15} "
+                f"{'p=' + str(param) if param else '':<6} tol "
                 f"{'-' if tol is None else format(tol, '.1e')}: {mine.sampler.steps} steps, "
                 f"{prof.rounds} rounds, {prof.calls:.0f} calls a member")
             profiles.append(prof)

@@ -215,12 +215,14 @@ def state_points(cfg: Config, param: int) -> int:
 
 
 def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: int,
-            model_sha: str, steps: int = 0, batch: int = 1) -> Profile:
+            model_sha: str, steps: int = 0, batch: int = 1,
+            measuring=lambda: None) -> Profile:
     """Measure (or read from the cache) the profile of ``method`` at ``param``; ``smallest``
     is the fewest points a time slice would hold, where the host time is measured again;
     ``steps``: the steps ``cfg`` runs, recorded when they are not the user's (0); ``batch``:
     the most members a batch of the plan holds, up to which (at most ``GROWTH_BATCH``) the
-    host time's growth is measured (``_host_growth``, cached per batch in the entry)."""
+    host time's growth is measured (``_host_growth``, cached per batch in the entry);
+    ``measuring`` is called before anything is measured."""
     key = hashlib.sha256(json.dumps([calibration_key(cfg, model_sha, device), method, param, tol,
                                      smallest, str(device), machine_kind(device),
                                      list(cfg.model.emulate_ms),
@@ -229,6 +231,7 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
     entry = read_entry(_profile_file(), key, _valid_profile)
     measured = entry is None
     if measured:
+        measuring()
         stats, host, sizes, wall = _run_one(cfg, model, method, param, tol, device,
                                             cfg.sampler.steps)
         points = math.ceil(stats.model_calls / stats.rounds)
@@ -242,6 +245,8 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
                  "calls_by_size": sizes, "wall": wall, "grown": {}}
     batch = min(batch, GROWTH_BATCH)
     if batch > 1 and str(batch) not in entry["grown"]:
+        if not measured:
+            measuring()
         entry["grown"][str(batch)] = _host_growth(cfg, model, method, param, tol, device, batch,
                                                   entry["host"][-1], entry["wall"])
         measured = True

@@ -852,3 +852,21 @@ def test_a_cached_equal_quality_entry_without_a_sampler_is_searched_again(tmp_pa
     update_cache(path, key, {k: v for k, v in entry.items() if k != "dpmpp-2m"})
     with pytest.raises(Searched):
         planner.quality_steps(cfg, model, "cpu", "digest", said.append)
+
+
+def test_a_plan_says_which_profiles_it_measured_and_which_it_read(tmp_path, monkeypatch):
+    """Every plan said "profiled" of every setting, also of those read from the cache in a
+    moment: a user could not tell a plan that measured from one that did not."""
+    from models import build_model
+    from pipeline import planner
+
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "sampler.method": "pc-window", "sampler.tol": 1e-3}))
+    lines = lambda said: [s.split()[0] for s in said if " rounds, " in s]  # noqa: E731
+    first, again = [], []
+    planner.make_plan(cfg, build_model(cfg.model), "cpu", ranks=1, say=first.append)
+    planner.make_plan(cfg, build_model(cfg.model), "cpu", ranks=1, say=again.append)
+    measured = len(lines(first))
+    assert measured > 1 and lines(first) == ["profiled"] * measured
+    assert lines(again) == ["cached"] * measured
