@@ -114,7 +114,10 @@ def ignore_stop_signals() -> None:
 
 class Stopped(Exception):
     """A stop request came while calibrating or planning: nothing was cached; a rerun
-    measures anew."""
+    measures anew. ``collective``: rank 0 measures for all (``console.on_rank0``), and the
+    others raise its stop as theirs (exit 75), not as a fault that aborts the job."""
+
+    collective = True
 
 
 class StopRequest:

@@ -364,6 +364,32 @@ def test_sigterm_to_mpiexec_stops_every_rank_and_a_rerun_completes(tmp_path, inp
     assert relative(got["vort"], want["vort"]) <= LAYOUT_BOUND["float32"]
 
 
+def test_sigterm_while_rank_0_calibrates_for_all_exits_75_on_every_rank(tmp_path):
+    """A stop during the start-up calibration (rank 0 measures for all) stopped rank 0 with
+    exit 75 but aborted the others ("rank 0 failed: Stopped"), the job exiting 1: a SLURM
+    script requeueing on 75 took a pre-emption for a failure."""
+    out = tmp_path / "ens.zarr"
+    sets = _sets(["model.shape=[8, 8]", "sampler.steps=40", "model.emulate_ms=[40, 0]",
+                  'sampler.tol="auto"', "ensemble.members=2", f"output.path={out}"])
+    env = dict(os.environ, PIADM_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "pipeline.cli", "sample",
+                             "jobs/configs/grf.toml", *sets], cwd=ROOT, env=env, text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    lines = []
+    for line in proc.stderr:  # the ladder's header: rank 0 is inside the calibration
+        lines.append(line)
+        if "calibrating pc-window" in line:
+            break
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    err = "".join(lines) + err
+    assert proc.returncode == 75, err[-3000:]
+    assert "stopped by a signal before sampling began" in err and "failed" not in err
+    assert "Abort" not in err and not out.exists()
+
+
 def _bench_two_ranks(tmp_path, methods: str, *sets: str):
     """``piadm bench`` of ``methods`` on a 12x12 GRF on 2 ranks: (its stderr, the rows of the
     parallel methods)."""
