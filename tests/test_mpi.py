@@ -190,6 +190,22 @@ def test_a_nan_on_one_time_slice_of_a_picard_block_ends_every_rank(tmp_path):
     assert "Picard residual went NaN/Inf" in proc.stderr
 
 
+def test_a_member_gone_nan_in_one_group_ends_the_job_on_one_line_without_an_abort(tmp_path):
+    """A NaN member (a failure piadm names) in one of two groups aborted the job (MPI_Abort:
+    srun reports 137), killing the other group mid-batch, where the README promises one line
+    and exit 2 with the members written kept."""
+    out = tmp_path / "n.zarr"
+    proc = mpirun(2, ["tests/mpi_fail.py", "1", "nan", "sample", "jobs/configs/grf.toml",
+                      *_sets([f"output.path={out}", *SMALL, "sampler.method=sequential-sde"])],
+                  timeout=90)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "went NaN/Inf" in line]
+    assert len(lines) == 1 and "(on rank(s) 1 of 2)" in lines[0], proc.stderr[-2000:]
+    assert "Abort" not in proc.stderr
+    done = zarr.open_group(out, mode="r")["done"][:]
+    assert 0 < done.sum() < done.size  # the other group's members kept, the NaN one not
+
+
 @pytest.mark.parametrize("writer", ["background", "inline"])
 def test_a_failed_write_on_the_lead_rank_is_raised_on_every_rank_through_the_api(tmp_path,
                                                                                  writer):
