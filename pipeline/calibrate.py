@@ -211,20 +211,32 @@ def _unreachable_fix(method: str, rungs: list[Rung]) -> str:
             "sampler.distance")
 
 
+def setting_text(s) -> str:
+    """`` (window N)`` or `` (blocks of N)``: the width a calibration of the ``[sampler]``
+    section ``s`` is for ("" for a sampler with neither)."""
+    entry = REGISTRY[s.method]
+    if entry.windowed:
+        return f" (window {entry.window_points(s.window, s.steps)})"
+    return f" (blocks of {min(s.block_size, s.steps)})" if entry.blocked else ""
+
+
 def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, device,
                noise_source: str, members: int, distance: float, ladder, say=print,
-               stopped=lambda: False) -> Calibration:
+               stopped=lambda: False, setting: str = "") -> Calibration:
     """Measure ``ladder`` (loosest first) until a tolerance keeps every member within
     ``distance / 2`` of the sequential path; ``say`` reports each rung. ``stopped`` is asked
-    before each rung: true raises ``Stopped`` (a rung takes as long as a few members' run)."""
+    before each rung: true raises ``Stopped`` (a rung takes as long as a few members' run).
+    ``setting`` names the window or block calibrated (``setting_text``)."""
     noise = Noise(seed, tuple((CALIBRATION_ITEM, m) for m in range(members)), tuple(model.shape),
                   dtype, device, noise_source)
     y0 = noise.prior()
+    # said before the sequential path is run: on a network that is minutes
+    say(f"calibrating {method}{setting}: {members} members, {grid.steps} steps, aiming at a "
+        f"worst distance <= {distance / 2:.1e} (half of sampler.distance); "
+        f"{REFERENCE[method]} first")
     ref, ref_stats = SAMPLERS[REFERENCE[method]](model, y0, grid, noise,
                                                  comm=SerialComm(), options=options)
     rungs = []
-    say(f"calibrating {method}: {members} members, {grid.steps} steps, aiming at a worst "
-        f"distance <= {distance / 2:.1e} (half of sampler.distance)")
     say(f"{'tol':>9} {'rounds':>7} {'calls_ratio':>12} {'worst_dist':>11}")
     for tol in ladder:
         if stopped():
@@ -277,7 +289,8 @@ def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, forc
     key = calibration_key(cfg, model_digest(cfg), device)
     cached = None if force else read_cached(key)
     if cached is not None:
-        say(f"sampler.tol = auto: {cached:g} for {s.method}, calibrated earlier ({cache_file()})")
+        say(f"sampler.tol = auto: {cached:g} for {s.method}{setting_text(s)}, calibrated "
+            f"earlier ({cache_file()})")
         return Calibration(cached, (), "cache")
     short = None if force else read_unreachable(key)
     if short is not None:  # the same ladder would fall short again: say so at once
@@ -291,7 +304,7 @@ def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, forc
                             options=options, seed=s.seed, dtype=DTYPES[s.dtype], device=device,
                             noise_source=s.noise, members=cfg.calibrate.members,
                             distance=s.distance, ladder=cfg.calibrate.ladder, say=say,
-                            stopped=stopped)
+                            stopped=stopped, setting=setting_text(s))
     except Unreachable as err:
         write_unreachable(key, str(err), err.rungs, note)
         raise

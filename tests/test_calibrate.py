@@ -514,3 +514,23 @@ def test_a_store_whose_recorded_tolerance_is_damaged_is_refused(tmp_path, capsys
     grown = _sets(SMALL + [f"output.path={out}", "sampler.steps=40", "ensemble.members=3"])
     assert main(["sample", "jobs/configs/grf.toml", *grown]) == 2
     assert "its sampler_tol attribute is -1.0, no tolerance" in capsys.readouterr().err
+
+
+def test_a_calibration_says_what_it_measures_before_the_sequential_path(monkeypatch):
+    """The header came after the sequential reference had run: minutes of silence on a
+    network at 1000 steps, and in a plan no word of which window was calibrated."""
+    from pipeline import calibrate
+    from pipeline.samplers import SAMPLERS
+
+    said = []
+    samplers = dict(SAMPLERS)
+    reference = samplers["sequential-sde"]
+    samplers["sequential-sde"] = lambda *a, **k: said.append("reference") or reference(*a, **k)
+    monkeypatch.setattr(calibrate, "SAMPLERS", samplers)
+    cfg = load_config("jobs/configs/grf.toml", SMALL + ["sampler.window=8", "sampler.steps=40",
+                                                        "calibrate.ladder=[0.5]"])
+    with pytest.raises(calibrate.Unreachable):  # one loose rung: what is said, not the tol
+        calibrate.resolve_tol(cfg, build_model(cfg.model), device="cpu", force=True,
+                              say=said.append)
+    assert said[0].startswith("calibrating pc-window (window 8): 2 members, 40 steps")
+    assert said[0].endswith("sequential-sde first") and said[1] == "reference"
