@@ -220,7 +220,7 @@ def table(metrics: xr.Dataset) -> str:
                        ("baseline_rmse", "baseline RMSE"), ("spread_skill", "spread/skill"),
                        ("ensemble_mean", "ensemble mean"), ("truth_mean", "truth mean"),
                        ("ensemble_std", "ensemble std"), ("truth_std", "truth std"),
-                       ("rounds_mean", "parallel rounds / call (member mean)"),
+                       ("rounds_mean", "parallel rounds of a member's call (mean)"),
                        ("model_calls_mean", "model calls / member")]:
         if key in a:
             rows.append((label, f"{a[key]:.4g}" if np.isfinite(a[key]) else
