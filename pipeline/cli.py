@@ -134,18 +134,22 @@ def _cmd_sample(args, world) -> int:
     where = "" if summary.preempted else f"\n  open with        xarray.open_zarr({summary.path!r})"
     held = (f"; the store holds {summary.held[0]} of {summary.held[1]}" if summary.held
             else "")  # other jobs sharing it may have written the rest
+    start_up = time.perf_counter() - began - summary.seconds
+    calls = f"{summary.model_calls:.1f}".removesuffix(".0")  # a mean: 98.5 is not 98
+    figures = (f"  parallel rounds  {summary.rounds} in all, at most {summary.batch_rounds} a "
+               "batch (the slowest group's batches, one after another)\n"
+               f"  model calls      {calls} per member\n"
+               f"{_against_sequential(cfg, summary)}"
+               f"  wall time        {summary.seconds:.2f} s sampling (after {start_up:.1f} s "
+               "of start-up: model, store, calibration or plan); writing "
+               f"{summary.write_s:.2f} s; sampling "
+               # not "of which": the wait also holds the writer thread's turn for a core
+               f"waited {summary.write_wait_s:.2f} s ({100 * share:.1f}%) for the writer"
+               if summary.members else "  no batch was finished before the stop"
+               if summary.preempted else "  no member was left to sample")
     print0(world, f"{'stopped' if summary.preempted else 'done'}: {summary.members} members "
                   f"written to {summary.path} ({summary.skipped} were already done{held})\n"
-                  f"  parallel rounds  {summary.rounds} in all, at most {summary.batch_rounds} a "
-                  "batch (the slowest group's batches, one after another)\n"
-                  f"  model calls      {summary.model_calls:.0f} per member\n"
-                  f"{_against_sequential(cfg, summary)}"
-                  f"  wall time        {summary.seconds:.2f} s sampling (after "
-                  f"{time.perf_counter() - began - summary.seconds:.1f} s of start-up: model, "
-                  f"store, calibration or plan); writing {summary.write_s:.1f} s; sampling "
-                  # not "of which": the wait also holds the writer thread's turn for a core
-                  f"waited {summary.write_wait_s:.1f} s ({100 * share:.1f}%) for the "
-                  f"writer{where}")
+                  f"{figures}{where}")
     if summary.fallbacks:
         print0(world, f"note: {redone(summary.fallbacks)}")
     if summary.preempted:

@@ -55,6 +55,20 @@ def test_sample_command_writes_store_xarray_opens(tmp_path):
     assert "(its batch's)" in ds.rounds.attrs["long_name"]
 
 
+def test_a_rerun_on_a_finished_store_says_nothing_was_left_not_zero_rounds(tmp_path, capsys):
+    """A rerun on a complete store summed up "parallel rounds 0 in all ... model calls 0 per
+    member", figures of nothing, as if the sampler had run for free."""
+    sets = ["--set", f"output.path={tmp_path / 'e.zarr'}", *sum((["--set", s] for s in SMALL), [])]
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    first = capsys.readouterr().err
+    calls = xr.open_zarr(tmp_path / "e.zarr").model_calls.values.mean()
+    assert f"model calls      {calls:.1f}".removesuffix(".0") + " per member" in first
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    again = capsys.readouterr().err
+    assert "done: 0 members written" in again and "(5 were already done" in again
+    assert "no member was left to sample" in again and "parallel rounds" not in again
+
+
 def test_existing_store_is_refused_and_untouched(tmp_path, capsys):
     path = tmp_path / "ens.zarr"
     args = ["sample", "jobs/configs/grf.toml", "--set", f"output.path={path}"] + sum(
