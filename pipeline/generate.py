@@ -313,6 +313,8 @@ def _simulate(d: DataConfig, path: Path, config_text: str, device, progress,
         })
         part.to_zarr(path, region={"time": slice(lo, hi)}, mode="r+", consolidated=False)
         elapsed = time.perf_counter() - start
-        progress(f"snapshots {hi}/{d.snapshots} written  elapsed {elapsed:.1f}s  "
-                 f"eta {elapsed / hi * (d.snapshots - hi):.1f}s")
+        # the first chunk shows the pace and the last the end; the rest as often as any line
+        (progress if lo == 0 or hi == d.snapshots else say)(
+            f"snapshots {hi}/{d.snapshots} written  elapsed {elapsed:.1f}s  "
+            f"eta {elapsed / hi * (d.snapshots - hi):.1f}s")
         yield hi

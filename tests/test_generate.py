@@ -45,6 +45,15 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path, capsys):
     assert "data.overwrite" in capsys.readouterr().err
 
 
+def test_small_chunks_do_not_write_a_line_each_to_a_batch_log(tmp_path, capsys):
+    """Each chunk written printed a line: 1280 of them for 12800 snapshots in chunks of 10,
+    where every other progress line waits 30 s in a batch log."""
+    assert _run(tmp_path / "k.zarr", "data.snapshots=24", "data.chunk=2") == 0
+    written = [line for line in capsys.readouterr().err.splitlines() if " written " in line]
+    assert written[0].startswith("snapshots 2/24 written")  # the pace
+    assert written[-1].startswith("snapshots 24/24 written") and len(written) < 6
+
+
 SHORT = ("data.spinup=0.5", "data.snapshots=2")  # a dataset made only to be replaced
 
 
