@@ -225,7 +225,6 @@ def _cmd_bench(args, world) -> int:
 
 def _cmd_calibrate(args, world) -> int:
     from models import build_model
-    from pipeline.calibrate import cache_file
     from pipeline.ensemble import run_tolerance
     from pipeline.samplers import REFERENCE
 
@@ -245,10 +244,13 @@ def _cmd_calibrate(args, world) -> int:
     model = build_model(cfg.model, device)
     result = on_rank0(world, run_tolerance, cfg, model, device, force=args.force, store=False,
                       say=lambda text: print0(world, text))
-    where = "measured now" if result.rungs else f"calibrated earlier, {cache_file()}"
-    print0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} ({where}); "
-                  "runs with sampler.tol = \"auto\" and these [sampler], [calibrate] and model "
-                  "settings use it")
+    uses = ("runs with sampler.tol = \"auto\" and these [sampler], [calibrate] and model "
+            "settings use it")
+    if result.rungs:
+        print0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} (measured now); "
+                      f"{uses}")
+    else:  # the line above named the cache it came from
+        print0(world, f"{uses}; piadm calibrate --force measures it again")
     return 0
 
 

@@ -59,7 +59,8 @@ def test_calibrate_measures_even_when_the_config_holds_a_number(capsys):
     assert read_cached(calibration_key(cfg, model_digest(cfg), "cpu")) == chosen
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(numeric)]) == 0
     again = capsys.readouterr().err
-    assert "worst_dist" not in again and f"sampler.tol = {chosen:g} for pc-window (calibrated earlier" in again
+    assert "worst_dist" not in again and again.count("calibrated earlier") == 1  # said once
+    assert f"sampler.tol = auto: {chosen:g} for pc-window (window 65), calibrated earlier" in again
 
 
 def test_sample_reuses_the_cached_calibration_and_records_it(tmp_path, capsys):
