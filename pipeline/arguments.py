@@ -182,8 +182,8 @@ def _sample_arguments(sp) -> None:
 def _plan_arguments(sp) -> None:
     sp.add_argument("--ranks", type=int, required=True, help="ranks the job will run")
     sp.add_argument("--gpus-per-node", type=int, default=0, metavar="G",
-                    help="one rank per GPU on nodes of G GPUs (default: every rank on "
-                         "this node's CPU cores)")
+                    help="one rank per GPU on nodes of G GPUs (0, the default: every "
+                         "rank on this node's CPU cores)")
     sp.add_argument("--rows", type=int, default=12, help="layouts to show (default 12)")
     sp.add_argument("--json", metavar="PATH", help="also save every layout as JSON")
 

@@ -163,7 +163,8 @@ def _check_model(m: ModelConfig) -> None:
            f"= {m.guidance} must be a number in [1, 20] (1: the checkpoint alone)")
     _check(m.kind != "unet" or bool(m.checkpoint), "model.checkpoint",
            "must name a piadm train checkpoint for model.kind = 'unet' (e.g. "
-           "models/checkpoints/kolmogorov_uncond.pt)")
+           "models/checkpoints/kolmogorov_uncond.pt; a config that trains one before sampling "
+           "names the file train.checkpoint writes)")
     _check(not m.guide or m.kind == "unet", "model.guide",
            f"= {m.guide!r} guides a piadm U-Net: it needs model.kind = 'unet'")
     _check(bool(m.guide) or m.guidance == 1, "model.guidance",
