@@ -7,6 +7,7 @@ last writer of one key wins.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -75,6 +76,7 @@ def read_cache(path: Path) -> dict:
 
 
 def _why(err: Exception) -> str:
+    """An error's own words, without its errno and file name."""
     return (err.strerror or str(err)) if isinstance(err, OSError) else str(err)
 
 
@@ -111,8 +113,9 @@ def update_cache(path: Path, key: str, entry) -> bool:
     except OSError as err:
         why = _cannot(path, err)
         if _WARNED.get(path.parent) != why:  # once a folder and cause: a plan measures many
-            say(f"piadm: warning: cannot keep this measurement in {path.parent} ({why}): the "
-                "next run measures it again; set PIADM_CACHE to a folder you may write")
+            where = Path(os.path.realpath(path)).parent  # a link's target's
+            say(f"piadm: warning: cannot keep this measurement in {where} ({why}): the next "
+                "run measures it again; set PIADM_CACHE to a folder you may write")
         _WARNED[path.parent] = why
         return False
 
@@ -123,14 +126,25 @@ def not_kept(path: Path) -> str:
 
 
 def _cannot(path: Path, err: OSError) -> str:
-    """Why ``path`` cannot be written, in the words of what is in the way."""
+    """Why ``path`` cannot be written, in the words of what is in the way (asked of the file
+    system with os.path, which answers False where it cannot look rather than raise)."""
     folder = path.parent
-    if folder.exists() and not folder.is_dir():
+    if os.path.exists(folder) and not os.path.isdir(folder):
         return f"{folder} is a file, not a folder"
     for held in (path, path.with_name(f"{path.name}.lock")):
-        if held.is_dir():
+        if os.path.isdir(held):
             return f"{held} is a folder, not a file"
     return _why(err)
+
+
+def _open_lock(path: Path) -> int:
+    """A descriptor of the lock file ``path``, made if missing: open for writing, as NFS
+    needs for an exclusive lock (its clients emulate flock with fcntl locks), else read-only
+    where it is another user's (their umask's mode), which a local flock takes."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
 
 
 def _update(path: Path, key: str, entry) -> None:
@@ -143,17 +157,17 @@ def _update(path: Path, key: str, entry) -> None:
             raise FileNotFoundError(errno.ENOENT, f"the home folder {home} does not exist")
     path.parent.mkdir(parents=True, exist_ok=True)
     path = Path(os.path.realpath(path))  # a link to a shared file: that file is written
-    # read-only is enough for flock, and another user's lock file (their umask's mode) opens so
-    lock = os.open(path.with_name(f"{path.name}.lock"), os.O_RDONLY | os.O_CREAT, 0o666)
+    lock = _open_lock(path.with_name(f"{path.name}.lock"))
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         except OSError:  # a file system without flock (Lustre mounted without it): unlocked,
             pass  # as before the lock, rather than lose what was measured
-        mode = None
+        held = None
         try:
-            mode = stat.S_IMODE(path.stat().st_mode)
-            if not mode & 0o222:  # made read-only to keep it as it is (root could write it)
+            held = path.stat()
+            # made read-only to keep it as it is (root could write it), or another's
+            if not held.st_mode & 0o222 or not os.access(path, os.W_OK):
                 raise PermissionError(errno.EACCES, f"{path} is read-only")
             entries = _load(path)
         except FileNotFoundError:
@@ -168,8 +182,10 @@ def _update(path: Path, key: str, entry) -> None:
 
         def write(tmp: Path) -> None:
             tmp.write_text(json.dumps(entries, indent=1))
-            if mode is not None:  # a group's shared cache stays readable to the group
-                os.chmod(tmp, mode)
+            if held is not None:  # a group's shared cache stays the group's
+                os.chmod(tmp, stat.S_IMODE(held.st_mode))
+                with contextlib.suppress(PermissionError):  # a group this user is not in
+                    os.chown(tmp, -1, held.st_gid)
 
         # its own temp file per process (one name per host and process: hosts share home
         # folders), removed if the write fails (a full disk) or by a later write if killed

@@ -535,3 +535,25 @@ def test_a_calibration_says_what_it_measures_before_the_sequential_path(monkeypa
                               say=said.append)
     assert said[0].startswith("calibrating pc-window (window 8): 2 members, 40 steps")
     assert said[0].endswith("sequential-sde first") and said[1] == "reference"
+
+
+def test_a_cache_folder_that_cannot_be_searched_costs_a_warning_not_a_traceback(tmp_path,
+                                                                                monkeypatch,
+                                                                                capsys):
+    """Explaining why a write failed asked the file system again (Path.exists), which raises
+    where a parent folder cannot be searched: a traceback after minutes of calibration."""
+    import errno
+
+    from pipeline.cache import update_cache
+
+    real = Path.stat
+
+    def denied(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", denied)
+    assert not update_cache(tmp_path / "cache" / "c.json", "a", 1)
+    monkeypatch.undo()
+    assert "cannot keep this measurement" in capsys.readouterr().err
