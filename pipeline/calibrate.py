@@ -265,6 +265,16 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
         + _unreachable_fix(method, rungs), rungs=tuple(rungs))
 
 
+def check_stored_tol(cfg: Config, stored) -> None:
+    """Refuse the tolerance ``stored`` in the store at ``cfg.output.path`` (its sampler_tol
+    attribute) where it is no tolerance: edited or damaged, and its members were made with
+    another."""
+    if not positive(stored):
+        raise ConfigError(f"store {cfg.output.path}: its sampler_tol attribute is {stored!r}, "
+                          "no tolerance (> 0) its members could have been made with: set it "
+                          "back to the one they were made with, or write another output.path")
+
+
 def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, force: bool = False,
                 say=print, stopped=lambda: False) -> Calibration:
     """The tolerance a run uses: the configured number; for ``"auto"`` the one its store was
@@ -280,11 +290,7 @@ def resolve_tol(cfg: Config, model, *, device, stored: float | None = None, forc
     if s.tol != "auto" and not force:
         return Calibration(s.tol, (), "config")
     if stored is not None and not force:
-        if not positive(stored):  # edited or damaged: the members already there used another
-            raise ConfigError(f"store {cfg.output.path}: its sampler_tol attribute is "
-                              f"{stored!r}, no tolerance (> 0) its members could have been "
-                              "made with: set it back to the one they were made with, or "
-                              "write another output.path")
+        check_stored_tol(cfg, stored)
         return Calibration(stored, (), "store")
     key = calibration_key(cfg, model_digest(cfg), device)
     cached = None if force else read_cached(key)

@@ -114,6 +114,14 @@ def _store_fate(cfg: Config, items, device="cpu") -> tuple[str, bool, int | None
         return (f"would be refused: cannot make a store in {err.filename}: {err.strerror}",
                 False, None)
     if fate in ("resume", "upgrade", "grow"):
+        kept = stored_attribute(path, store_digests(cfg), "sampler_tol")
+        if kept is not None and cfg.sampler.tol == "auto":  # the run's own check
+            from pipeline.calibrate import check_stored_tol
+
+            try:
+                check_stored_tol(cfg, kept)
+            except ConfigError as err:
+                return f"would be refused: {err}", False, None
         done = done_members(path)  # none past the store's count, whatever its arrays hold
         total = done.shape[0] * cfg.ensemble.members
         grown = (f"grown from {growth(cfg).made} to {cfg.ensemble.members} members"

@@ -302,33 +302,12 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
             noise = Noise.members(s.seed, item, members, model.shape, DTYPES[s.dtype], device,
                                   s.noise)
             told = dataclasses.replace(options, on_sweep=functools.partial(hook, len(members)))
-            failed = None
-            try:
-                batch = sample_batch(bound, noise, method=s.method, grid=grid, options=told,
-                                     comm=slices)
-            except RanksParted as err:  # raised by the group's ranks: by all of one group's
-                raise err.everywhere() if ranks.groups == 1 else err
-            except PiadmError as err:  # a member gone NaN/Inf
-                failed = err
-            except Exception as err:
-                if not is_out_of_memory(err):
-                    raise
-                failed = True
-            if failed is True:  # raised out of the except: the failed call's frames (its
-                # tensors, on a GPU) are let go, not kept in the error's context
-                plan = json.loads(spec.attrs.get("plan_settings", "{}"))
-                failed = OutOfMemory(_out_of_memory(
-                    cfg, world.rank, device, len(members), spec.attrs.get(ASKED),
-                    plan.get("ensemble.batch_size")))
-            if failed is not None:
+            batch = _sampled(cfg, ranks, spec, bound, noise, grid, told, device)
+            if isinstance(batch, PiadmError):
                 # a rank that is its group stops it alone: the other groups agree on the
-                # failure in _finish (one line, exit 2). Where time slices share the call,
-                # one may fail inside the sampler while the others wait in its collective:
-                # only the job's abort (the command line's) ends them.
-                if slices.size > 1 or ranks.groups == 1:
-                    raise failed
-                halt.error = halt.error or failed
-                continue  # the group stops at its next call (claimed_calls asks halt)
+                # failure in _finish (one line, exit 2); no further batch is claimed
+                halt.error = halt.error or batch
+                break
             for lo, hi in write_runs(members, unit) if writer is not None else ():
                 start = members[lo] - members[lo] % unit  # the store batch's claim
                 owned = functools.partial(holds, folder, batch_key(item, start), job)
@@ -371,6 +350,36 @@ def _started(world, here: bool, start, stop):
                 stop(thing)
         raise
     return made[0] if made else None
+
+
+def _sampled(cfg: Config, ranks: RankGrid, spec: StoreSpec, model, noise: Noise, grid,
+             options, device):
+    """The group's ``Batch`` of ``noise``'s members, or the user error (a member gone
+    NaN/Inf, memory running out) to keep where this rank is its group and others run:
+    where time slices share the call, one may fail inside the sampler while the others wait
+    in its collective, so it is raised (the command line's abort ends them), and where the
+    group is the job, raised too (every rank of it raises it)."""
+    out_of_memory = None
+    try:
+        return sample_batch(model, noise, method=cfg.sampler.method, grid=grid,
+                            options=options, comm=ranks.slices)
+    except RanksParted as err:  # raised by the group's ranks: by all of one group's
+        raise err.everywhere() if ranks.groups == 1 else err
+    except PiadmError as err:  # a member gone NaN/Inf
+        failed = err
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        out_of_memory = True
+    if out_of_memory:  # made out of the except: the failed call's frames (its tensors, on
+        # a GPU) are let go, not kept in the error's context
+        plan = json.loads(spec.attrs.get("plan_settings", "{}"))
+        failed = OutOfMemory(_out_of_memory(
+            cfg, ranks.world.rank, device, len(noise.keys), spec.attrs.get(ASKED),
+            plan.get("ensemble.batch_size")))
+    if ranks.slices.size > 1 or ranks.groups == 1:
+        raise failed
+    return failed
 
 
 def _out_of_memory(cfg: Config, rank: int, device, members: int, asked=None,

@@ -91,10 +91,11 @@ def _run_one(cfg: Config, model, method: str, param: int, tol, device, steps: in
     """(Stats, host seconds a round, (points, count) of its model calls, wall seconds) of
     ``members`` members sampled together by ``method`` at ``param`` over ``steps`` steps.
 
-    An emulated model (``models.emulate``) runs the path without its waits, then the host time
-    is timed between the waits of a run cut short (``_timed_host``): the waits change no value,
-    and a whole run of them cost the plan minutes of sleep (docs/planning.md). The wall
-    seconds are then the path's, without the waits: what a run of more members costs."""
+    An emulated model (``models.emulate``) runs the path on the model it emulates, without
+    its waits, then the host time is timed between the waits of a run cut short
+    (``_timed_host``): the waits change no value, and a whole run of them cost the plan
+    minutes of sleep (docs/planning.md). The wall seconds are then the path's, without the
+    waits: what a run of more members costs."""
     emulated = isinstance(model, Emulated)
     stats, host, sizes, wall, calls = _sample(cfg, model.base if emulated else model, method,
                                               param, tol, device, steps, members)
@@ -178,9 +179,9 @@ def _timed_host(cfg: Config, model, method: str, param: int, tol, device, steps:
 def _host_growth(cfg: Config, model, method: str, param: int, tol, device, batch: int,
                  host: float, wall: float) -> tuple[int, float, int]:
     """(members, growth, rounds): how many times a round's host work, ``host`` seconds for one
-    member (whose run took ``wall``), grows at ``members`` members sampled together: at most
-    ``batch``, as many as ``GROWTH_SECONDS`` afford, and the batch's rounds; (1, 1.0, 0) where
-    fewer than
+    member (whose run took ``wall``: an emulated model's without its waits, ``_run_one``),
+    grows at ``members`` members sampled together: at most ``batch``, as many as
+    ``GROWTH_SECONDS`` afford, and the batch's rounds; (1, 1.0, 0) where fewer than
     ``GROWTH_LEAST`` are (a model that costly leaves the host work a small part) or fit in
     half the device's free memory. Much of it grows with the members: the keyed noise is
     drawn per member and step."""

@@ -513,6 +513,8 @@ def test_a_store_whose_recorded_tolerance_is_damaged_is_refused(tmp_path, capsys
     consolidate(out)
     capsys.readouterr()
     grown = _sets(SMALL + [f"output.path={out}", "sampler.steps=40", "ensemble.members=3"])
+    assert main(["sample", "jobs/configs/grf.toml", *grown, "--dry-run"]) == 2  # says the same
+    assert "would be refused: store" in capsys.readouterr().err
     assert main(["sample", "jobs/configs/grf.toml", *grown]) == 2
     assert "its sampler_tol attribute is -1.0, no tolerance" in capsys.readouterr().err
 

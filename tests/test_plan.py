@@ -547,6 +547,27 @@ def test_an_emulated_model_is_profiled_without_sleeping_through_every_wait(tmp_p
     assert max(curve.busy) < 2.0  # the base model's CPU time, not the wait
 
 
+def test_an_emulated_models_host_time_timed_on_a_run_cut_short_is_the_whole_runs(
+        tmp_path, monkeypatch):
+    """Timed over the first calls of a run cut short, a round's host time is what the whole
+    run through the waits gives, (wall - the calls' time) / rounds, within the noise."""
+    from models import build_model
+    from pipeline import profiling
+
+    monkeypatch.setattr(profiling, "TIMED_SECONDS", 0.0)  # cut after TIMED_LEAST intervals
+    monkeypatch.setattr(profiling, "TIMED_LEAST", 4)
+    cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
+        "sampler.tol": 1e-3, "model.emulate_ms": [5, 0]}))
+    model = build_model(cfg.model)
+    cut, whole = [], []
+    for _ in range(3):
+        stats, host, _, _ = profiling._run_one(cfg, model, "pc-window", 8, 1e-3, "cpu", 60)
+        cut.append(host)
+        whole.append(profiling._sample(cfg, model, "pc-window", 8, 1e-3, "cpu", 60, 1)[1])
+    assert stats.rounds > 3 * profiling.TIMED_LEAST  # it was cut short
+    assert 1 / 3 < min(cut) / min(whole) < 3
+
+
 def test_a_profile_is_read_back_on_the_same_machine_kind_and_measured_again_on_another(
         tmp_path, monkeypatch):
     """A cache in a home folder is shared by a login node and compute nodes: a profile's host
