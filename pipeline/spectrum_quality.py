@@ -71,10 +71,22 @@ def _resampled(ens: np.ndarray, held: HeldOut, seed: int) -> tuple[np.ndarray, n
 
 def spectrum_error(ens: np.ndarray, held: HeldOut, *, seed: int = 0
                    ) -> tuple[float, float, float]:
-    """(log-spectral distance of the ensemble spectra ``ens`` (M, K) to ``held``, and the ends
-    of its central ``LEVEL`` bootstrap interval, the held-out times resampled in blocks)."""
-    lo, hi = interval(log_spectral_distance(*_resampled(ens, held, seed)))
-    return float(log_spectral_distance(ens, held.spectra)), float(lo), float(hi)
+    """(log-spectral distance of the ensemble spectra ``ens`` (M, K) to ``held``, and bounds
+    from each shell's central ``LEVEL`` bootstrap interval of ln(E(k) / T(k)), the held-out
+    times resampled in blocks: the RMS over shells of the nearest each interval comes to 0,
+    and of the farthest it reaches).
+
+    Not the bootstrap's own interval of the distance: resampled, every shell's log ratio
+    scatters away from 0, and squared, the scatter only adds, so that interval sits above the
+    estimate (an ensemble of the data's own law: 0.038, its interval [0.038, 0.074]) and held
+    a true distance of 0.095 less than half the time. The shells' intervals hold it, as the
+    bands' largest deviation is held (``bands.deviation_bounds``)."""
+    ens_draws, held_draws = _resampled(ens, held, seed)
+    lo, hi = interval(np.log(ens_draws.mean(-2) / held_draws.mean(-2)))  # (K,) each
+    nearest = np.where((lo <= 0) & (hi >= 0), 0.0, np.minimum(np.abs(lo), np.abs(hi)))
+    farthest = np.maximum(np.abs(lo), np.abs(hi))
+    rms = lambda v: float(np.sqrt(np.mean(v ** 2)))  # noqa: E731
+    return float(log_spectral_distance(ens, held.spectra)), rms(nearest), rms(farthest)
 
 
 def sampling_floor(ens: np.ndarray, held: HeldOut, *, seed: int = 0) -> float:
