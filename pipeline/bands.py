@@ -170,15 +170,23 @@ class BandFigures:
 
 
 def band_figures(ens: np.ndarray, truth: np.ndarray, bands: list[Band], *, paired: bool,
-                 draws: int = DRAWS, seed: int = 0, block: int = 1) -> BandFigures:
+                 draws: int = DRAWS, seed: int = 0, block: int = 1,
+                 ens_block: int = 1) -> BandFigures:
     """Band figures of spectra ens (N, K) against truth (M, K); ``paired`` (then N == M)
     resamples the rows of both together, else each on its own, the truth's in circular blocks
-    of ``block`` consecutive rows. Deterministic in ``seed``."""
+    of ``block`` consecutive rows, the ensemble's in whole blocks of ``ens_block`` (the
+    members of one item, which share its input: resampled one by one they would pass for
+    independent draws, and the interval held the truth in 42% of tries, not 90%).
+    Deterministic in ``seed``."""
     if paired and ens.shape[0] != truth.shape[0]:
         raise ValueError(f"paired spectra need as many rows: {ens.shape[0]} and {truth.shape[0]}")
     rng = np.random.default_rng(seed)
     e_mean, t_mean = ens.mean(0), truth.mean(0)
-    pick_e = rng.integers(0, ens.shape[0], (draws, ens.shape[0]))
+    if ens_block > 1:
+        units = rng.integers(0, ens.shape[0] // ens_block, (draws, ens.shape[0] // ens_block))
+        pick_e = (units[:, :, None] * ens_block + np.arange(ens_block)).reshape(draws, -1)
+    else:
+        pick_e = rng.integers(0, ens.shape[0], (draws, ens.shape[0]))
     pick_t = pick_e if paired else block_picks(rng, truth.shape[0], draws, block)
     e_draws = ens[pick_e].mean(1)  # (draws, K)
     t_draws = truth[pick_t].mean(1)

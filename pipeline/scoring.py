@@ -71,14 +71,18 @@ def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | Non
     attrs.update(truth_mean=float(truth_values.mean()), truth_std=float(truth_values.std()),
                  truth_fields=int(np.prod(truth.shape[: truth.ndim - len(shape)])))
     if spectra is not None:
+        # climatological, a conditioned store's members of one item share its input: they
+        # are resampled item by item, not as independent draws (its item dim is the input's)
+        by_item = (not paired and field.dims[0] != "item" and field.shape[0] > 1)
         out, figures = _spectrum_scores(out, spectra, ens_spectra, truth_values, shape[-1],
-                                        paired=paired, kmax=kmax, cut=cut, input_n=input_n)
+                                        paired=paired, kmax=kmax, cut=cut, input_n=input_n,
+                                        ens_block=field.shape[1] if by_item else 1)
         attrs.update(figures)
     else:  # radial shells need a square field
         what = "square images" if len(shape) == 1 else "square"
         attrs["spectrum_note"] = f"no spectra: the fields {tuple(shape)} are not {what}"
     out.attrs.update(attrs)
-    return _described(out, field.attrs.get("units"))
+    return _described(out, field.attrs.get("units"), name)
 
 
 # What each metric is (its long_name); those in the field's own units are named apart
@@ -101,15 +105,26 @@ IN_FIELD_UNITS = ("crps", "rmse", "spread", "baseline_mae", "baseline_rmse")
 UNITLESS = ("rank_histogram", "spectrum_ratio", "spectrum_ratio_lo", "spectrum_ratio_hi", "k")
 
 
-def _described(out: xr.Dataset, units: str | None) -> xr.Dataset:
+SQUARED = ("spectrum_ensemble", "spectrum_truth")  # per shell, in the field's units squared
+
+
+def _described(out: xr.Dataset, units: str | None, variable: str = "") -> xr.Dataset:
     """``out`` with a ``long_name`` on each metric (``METRICS``) and its units: the field's
-    for the errors and the spread, 1 for counts, ratios and wavenumbers."""
+    for the errors and the spread, their square for the spectra (a kinetic energy from
+    ``variable``'s vorticity: lengths in units of the periodic domain's side over 2 pi), 1 for
+    counts, ratios and wavenumbers."""
     for name in set(METRICS) & set(out.variables):
         out[name].attrs["long_name"] = METRICS[name]
         if name in UNITLESS:
             out[name].attrs["units"] = "1"
         elif name in IN_FIELD_UNITS and units:
             out[name].attrs["units"] = str(units)
+        elif name in SQUARED and units:
+            out[name].attrs["units"] = "1" if str(units) == "1" else f"({units})^2"
+            if spectra_of(variable) is energy_spectra:
+                out[name].attrs["comment"] = (
+                    "kinetic energy 1/2 |u|^2 per shell, u from the vorticity on a periodic "
+                    "domain of side 2 pi: lengths in units of the side over 2 pi")
     return out
 
 
@@ -182,17 +197,19 @@ def _paired_scores(out: xr.Dataset, field: xr.DataArray, per_item: dict, ranks: 
 
 def _spectrum_scores(out: xr.Dataset, spectra, ens_spectra: list, truth_values: np.ndarray,
                      n: int, *, paired: bool, kmax: int | None, cut: int | None,
-                     input_n: int | None) -> tuple[xr.Dataset, dict]:
+                     input_n: int | None, ens_block: int = 1) -> tuple[xr.Dataset, dict]:
     """``out`` with the ensemble's and the truth's mean spectra over k and their ratio with its
     interval, and the overall figures: the deviation up to ``kmax`` and per band of the
-    ``n`` x ``n`` grid's scales (``pipeline.bands``)."""
+    ``n`` x ``n`` grid's scales (``pipeline.bands``); the ensemble's spectra resampled in
+    blocks of ``ens_block`` rows (an item's members)."""
     k, truth_spectra = spectra(truth_values)
     ens_spectra = np.concatenate(ens_spectra)
     kmax = max(n // 8, 1) if kmax is None else kmax  # fields under 8 points still score k = 1
     bands = spectral_bands(n, cut=cut, input_n=input_n)
     block = 1 if paired else correlation_block(truth_spectra)
-    figs = band_figures(ens_spectra, truth_spectra, bands, paired=paired, block=block)
-    figures = {} if paired else {"truth_block": block}
+    figs = band_figures(ens_spectra, truth_spectra, bands, paired=paired, block=block,
+                        ens_block=ens_block)
+    figures = {} if paired else {"truth_block": block, "ensemble_block": ens_block}
     out = out.assign_coords(k=k.astype(np.int32))  # NetCDF 3 has no int64
     out["spectrum_ensemble"] = (("k",), ens_spectra.mean(0))
     out["spectrum_truth"] = (("k",), truth_spectra.mean(0))
@@ -247,8 +264,10 @@ def table(metrics: xr.Dataset) -> str:
                          + ("; past the truth's resolved scales, where its energy is near "
                             "zero: not part of the headline" if name == "beyond" else "")))
     if "truth_block" in a:
+        members = ("; the members item by item (they share their item's input)"
+                   if a.get("ensemble_block", 1) > 1 else "")
         rows.append(("intervals", f"90% bootstrap, the truth in blocks of {a['truth_block']} "
-                                  "consecutive fields"))
+                                  f"consecutive fields{members}"))
     if "rank_histogram" in metrics:
         h = metrics["rank_histogram"].values
         rows.append(("rank histogram (share)", " ".join(f"{c / h.sum():.2f}" for c in h)))

@@ -69,5 +69,5 @@ def test_every_command_and_the_python_api_run_as_written(tmp_path):
     run = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "8 members," in run.stdout and "ensemble spread" in run.stdout
+    assert "8 members," in run.stdout and "mean member standard deviation" in run.stdout
     assert (out / "api_grf.zarr").is_dir()

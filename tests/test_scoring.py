@@ -663,3 +663,16 @@ def test_evaluate_in_the_stores_own_folder_writes_beside_it(paired, monkeypatch)
 
     with pytest.raises(EvaluationError, match=r"store \.\./\S+/\.\. is not a Zarr store"):
         evaluate(f"../{ens.name}/..", tmp / "truth.zarr")
+
+
+def test_the_spectra_are_in_the_fields_units_squared():
+    """metrics.nc gave the spectra a long_name and no units, where the errors had the
+    field's and the ratios 1."""
+    from pipeline.scoring import _described
+
+    out = xr.Dataset({"spectrum_truth": ("k", [1.0]), "spectrum_ensemble": ("k", [1.0])})
+    power = _described(out.copy(), "K", "t2m")
+    assert power.spectrum_truth.attrs["units"] == "(K)^2" and "comment" not in power.spectrum_truth.attrs
+    energy = _described(out.copy(), "s-1", "vorticity")
+    assert energy.spectrum_ensemble.attrs["units"] == "(s-1)^2"
+    assert "kinetic energy" in energy.spectrum_ensemble.attrs["comment"]
