@@ -375,10 +375,10 @@ def _recorded_members(path: str | Path, most: int) -> int:
     """The members per item the store's recorded config holds (at most ``most``): its
     ``member`` labels past them may be a growth's, cut short before it wrote them."""
     try:
-        text = zarr.open_group(path, mode="r").attrs.get("config", "")
-        return min(int(tomllib.loads(str(text))["ensemble"]["members"]), most)
-    except Exception:  # no config, or one that does not read: every label is judged
+        made = config_members(str(zarr.open_group(path, mode="r").attrs.get("config", "")))
+    except Exception:  # a group that does not open: every label is judged
         return most
+    return most if made is None else min(made, most)  # no config: every label is judged
 
 
 def _fields(arrays: dict) -> list[str]:
