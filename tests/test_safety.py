@@ -404,6 +404,29 @@ def test_of_two_jobs_replacing_another_configs_store_the_second_resumes_the_firs
     assert not list((tmp_path / "old.zarr.claims").glob("*"))  # the lock and its heartbeat gone
 
 
+def test_a_store_replaced_after_a_write_is_seen_by_the_next_write_and_claim(tmp_path):
+    """The group and done array a batch write or claim opened are kept between batches
+    (store._opened) only while their metadata files read the same: a store replaced at the
+    same path after a write is checked anew, not through what was opened before."""
+    from pipeline.store import StoreExists, members_left, write_batch
+    from pipeline.target import open_or_create
+
+    path = tmp_path / "s.zarr"
+    open_or_create(_spec(path, "c" * 64), overwrite=False)
+    batch = dict(variable="field", item=0, start=0, field=np.ones((2, 4, 4), "float32"),
+                 seed=np.arange(2), rounds=1.0, model_calls=1.0)
+    assert members_left(path, 0, (0, 1)) == (0, 1)
+    write_batch(path, **batch, digest="c" * 64)  # opened, and kept
+    assert members_left(path, 0, (0, 1)) == ()
+    assert open_or_create(_spec(path, "a" * 64), overwrite=True) == "replaced"
+    assert members_left(path, 0, (0, 1)) == (0, 1)  # the new store's record, not the old's
+    with pytest.raises(StoreExists, match="was replaced, grown or deleted by another run"):
+        write_batch(path, **batch, digest="c" * 64)
+    assert not zarr.open_group(path, mode="r")["done"][:].any()
+    write_batch(path, **batch, digest="a" * 64)
+    assert members_left(path, 0, (0, 1)) == ()
+
+
 def test_a_store_a_live_job_fills_is_not_replaced_and_a_replaced_store_is_not_written(tmp_path):
     import errno
 
