@@ -167,6 +167,25 @@ def test_a_stop_signal_mid_run_requeues_the_job_and_its_rerun_completes_the_stor
     assert "8/8 members done" in capsys.readouterr().out
 
 
+def test_a_users_scancel_ends_the_job_without_a_requeue(tmp_path):
+    """The script took every SIGTERM for a time limit or a preemption and requeued the job:
+    a user's `scancel JOBID` (and --full, or KILL) restarted it, so no scancel could end it."""
+    out, log = tmp_path / "job.zarr", tmp_path / "job.log"
+    job = sbatch("sample.sbatch", "jobs/configs/grf.toml", *_sets(SAMPLE + [f"output.path={out}"]),
+                 log=log, options=["-n", "1"])
+    for _ in range(900):  # up to 90 s for the first member
+        if members_done(out) >= 1:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"no member done after 90 s: {log.read_text() if log.exists() else 'no log'}")
+    subprocess.run(["scancel", job], check=True, timeout=10)
+    records = wait_job(job, [log])
+    text = log.read_text()
+    assert records[0]["JobState"] == "CANCELLED" and records[0]["Restarts"] == "0", text
+    assert "cancelled, so not requeued" in text and "requeueing" not in text
+
+
 def _each_member_once(text: str) -> None:
     """The first run stopped after writing some members, the rerun wrote the rest."""
     first, rerun = re.findall(r"(?:stopped|done): (\d+) members written[^(\n]*\((\d+) were already",
