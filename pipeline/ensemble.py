@@ -188,7 +188,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
     if started is None:
         return not_begun(cfg.output.path)
     spec, state, tol = started
-    items, scale, done, mine, unit = _open_work(cfg, model, spec, state, ranks)
+    items, scale, done, mine, unit, skipped = _open_work(cfg, model, spec, state, ranks)
     if bool(done.all()) and not on_rank0(ranks.world, takes_writes, spec.path):
         # a finished store on a read-only mount (an archive, a project's shared copy): nothing
         # to sample, no claim to make, and its record is already complete
@@ -196,7 +196,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
                                    "as it is")
         return Summary(spec.path, 0, int(done.sum()), 0, 0, 0.0, 0.0, 0.0, 0.0, False)
     return _fill(cfg, ranks, model, tol, spec, mine, items=items, scale=scale, stop=stop,
-                 device=device, skipped=int(done.sum()), unit=unit)
+                 device=device, skipped=skipped, unit=unit)
 
 
 def _start_up(cfg: Config, model, world, stop, device,
@@ -229,7 +229,8 @@ def _start_up(cfg: Config, model, world, stop, device,
 def _open_work(cfg: Config, model, spec: StoreSpec, state: str, ranks: RankGrid):
     """Every rank, once the store exists: the input items, the (mean, std) the model's fields
     are in, the store's done flags (items, members), this group's share of the (item,
-    members) batches left and the store's batch size; rank 0 says what the store holds."""
+    members) batches left, the store's batch size and the members of the job's items done
+    already; rank 0 says what the store holds."""
     items = load_items(cfg, check=False)
     scale = field_scale(model, spec.attrs["input_mean"], spec.attrs["input_std"])
     # rank 0 reads, every rank gets the same: another job writing meanwhile must not give two
@@ -241,10 +242,15 @@ def _open_work(cfg: Config, model, spec: StoreSpec, state: str, ranks: RankGrid)
             for i, b in work_list(done, member_batches(cfg.ensemble.members, unit),
                                   cfg.parallel.items)]
     mine = share(todo, ranks.groups, ranks.group)
+    left = sum(len(rest) for _, _, rest in todo)
+    # a job of some items counts theirs apart: other jobs' members are not its to skip
+    ours = done[list(cfg.parallel.items)] if cfg.parallel.items else done
+    mine_line = (f"; this job's items: {int(ours.sum())} of {ours.size} done"
+                 if cfg.parallel.items else "")
     print0(ranks.world, f"store {spec.path} {state}: {int(done.sum())} of {done.size} members "
-                        f"done, {sum(len(left) for _, _, left in todo)} to sample"
+                        f"done{mine_line}, {left} to sample"
            + (f" in its batches of {unit}{batch_note(unit, size)}" if unit != size else ""))
-    return items, scale, done, mine, unit
+    return items, scale, done, mine, unit, int(ours.sum())
 
 
 class _ProgressHook:

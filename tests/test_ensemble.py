@@ -516,6 +516,10 @@ def test_jobs_with_distinct_items_fill_one_store(tmp_path, input_store, capsys):
             capsys.readouterr()
             assert main(["status", str(shared)]) == 1
             assert "items still to do: [1, 3, 5]" in capsys.readouterr().out
+    # the second job's own items had none done: the other job's 18 are not its to skip
+    err = capsys.readouterr().err
+    assert "18 of 36 members done; this job's items: 0 of 18 done, 18 to sample" in err
+    assert "done: 18 members written" in err and "(0 were already done" in err
     assert_same_store(clean, shared)
 
 
