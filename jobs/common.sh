@@ -38,6 +38,19 @@ wait_through_signals() {
     done
 }
 
+# Whether `scontrol show job` output on stdin shows a job a user cancelled (scancel): CANCELLED,
+# or COMPLETING with no reason (a time limit says TimeLimit), and no PreemptTime (a
+# preemption's kill reads alike, but SLURM stamps its time). Status 0 for a cancel.
+cancelled_by_user() {
+    local shown
+    shown="$(cat)"
+    case "$(grep -o 'JobState=[A-Z_]* Reason=[^ ]*' <<<"$shown" | head -n 1)" in
+        JobState=CANCELLED*|"JobState=COMPLETING Reason=None")
+            ! grep -q 'PreemptTime=[0-9]' <<<"$shown" ;;
+        *) return 1 ;;
+    esac
+}
+
 # Overrides for data shard $1 of a set in folder $2: its own store and its own seed (= $1), so
 # shards are independent trajectories. Prints one override per line. The path is a quoted TOML
 # string: bare, a folder named "shards #1" was cut at its " #" and "[v2] shards" read as a list.

@@ -183,7 +183,7 @@ def test_a_users_scancel_ends_the_job_without_a_requeue(tmp_path):
     records = wait_job(job, [log])
     text = log.read_text()
     assert records[0]["JobState"] == "CANCELLED" and records[0]["Restarts"] == "0", text
-    assert "cancelled, so not requeued" in text and "requeueing" not in text
+    assert "not requeued by this script" in text and "requeueing" not in text
 
 
 def _each_member_once(text: str) -> None:

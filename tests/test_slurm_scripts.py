@@ -55,3 +55,20 @@ def test_where_no_repository_is_found_the_script_says_to_set_piadm_root(tmp_path
     run = _run_copy(tmp_path, "sample.sbatch", "../elsewhere/sample.sbatch c", tmp_path)
     assert run.returncode == 2
     assert f"piadm: no jobs/common.sh in {tmp_path}: set PIADM_ROOT" in run.stderr
+
+
+@pytest.mark.parametrize("shown, cancelled", [
+    ("JobId=7 JobName=piadm JobState=COMPLETING Reason=None Dependency=(null)", True),
+    ("JobId=7 JobState=CANCELLED Reason=None", True),
+    ("JobId=7 JobState=COMPLETING Reason=TimeLimit", False),  # a time limit: requeued
+    # a preemption's kill reads as a cancel but for its time (PreemptMode=CANCEL sets none)
+    ("JobId=7 JobState=COMPLETING Reason=None\n   PreemptTime=2026-12-06T10:00:00", False),
+    ("JobId=7 JobState=RUNNING Reason=None\n   PreemptTime=None", False),  # a TERM sent by hand
+    ("", False)])  # scontrol failed: requeued, as before a cancel was told apart
+def test_a_users_scancel_is_told_from_a_time_limit_or_a_preemption(shown, cancelled):
+    """sample.sbatch took every SIGTERM for a time limit and requeued a scancelled job; told
+    apart by the job's state alone, a preemption's kill would read as a cancel and lose its
+    requeue."""
+    proc = subprocess.run(["bash", "-c", 'source jobs/common.sh; printf "%s\\n" "$1" | '
+                           'cancelled_by_user', "-", shown], cwd=ROOT, timeout=30)
+    assert (proc.returncode == 0) == cancelled
