@@ -176,7 +176,8 @@ def band_figures(ens: np.ndarray, truth: np.ndarray, bands: list[Band], *, paire
     resamples the rows of both together, else each on its own, the truth's in circular blocks
     of ``block`` consecutive rows, the ensemble's in whole blocks of ``ens_block`` (the
     members of one item, which share its input: resampled one by one they would pass for
-    independent draws, and the interval held the truth in 42% of tries, not 90%).
+    independent draws, and for 16 items of 4 the interval held the truth in 62 to 68% of
+    tries, by item 83 to 90%; few items bootstrap poorly either way).
     Deterministic in ``seed``."""
     if paired and ens.shape[0] != truth.shape[0]:
         raise ValueError(f"paired spectra need as many rows: {ens.shape[0]} and {truth.shape[0]}")

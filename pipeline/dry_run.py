@@ -115,7 +115,8 @@ def _store_fate(cfg: Config, items, device="cpu") -> tuple[str, bool, int | None
                 False, None)
     if fate in ("resume", "upgrade", "grow"):
         kept = stored_attribute(path, store_digests(cfg), "sampler_tol")
-        if kept is not None and cfg.sampler.tol == "auto":  # the run's own check
+        if (kept is not None and cfg.sampler.tol == "auto"  # the run's own check
+                and REFERENCE[cfg.sampler.method] != cfg.sampler.method):
             from pipeline.calibrate import check_stored_tol
 
             try:

@@ -265,6 +265,7 @@ def table(metrics: xr.Dataset) -> str:
                             "zero: not part of the headline" if name == "beyond" else "")))
     if "truth_block" in a:
         members = ("; the members item by item (they share their item's input)"
+                   + ("; with so few items narrower than 90%" if a["items"] < 8 else "")
                    if a.get("ensemble_block", 1) > 1 else "")
         rows.append(("intervals", f"90% bootstrap, the truth in blocks of {a['truth_block']} "
                                   f"consecutive fields{members}"))

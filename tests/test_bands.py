@@ -131,11 +131,12 @@ def test_the_largest_deviations_bounds_hold_it_even_for_an_ensemble_against_itse
 
 def test_members_that_share_their_items_input_are_resampled_item_by_item():
     """A conditioned store scored as a climatology: the members of one item share its input,
-    and resampled one by one they passed for independent draws (the interval held the true
-    ratio, 1, in 42% of tries for 4 items x 6 members sharing 80% of their variability)."""
+    and resampled one by one they passed for independent draws (16 items of 4 members sharing
+    80% of their variability: the interval held the true ratio, 1, in 62% of 60 tries; by item,
+    83%)."""
     bands = [Band("resolved", 1, 8)]
     held = {1: [], 4: []}
-    for seed in range(40):
+    for seed in range(60):
         rng = np.random.default_rng(seed)
         truth = _spectra(rng, 400, k=8)
         shared = rng.lognormal(0, 0.3 * np.sqrt(0.8), (16, 1, 8))  # one item's input
@@ -145,4 +146,4 @@ def test_members_that_share_their_items_input_are_resampled_item_by_item():
             lo, hi = band_figures(ens, truth, bands, paired=False, ens_block=block,
                                   seed=seed).energy_ratio[0, 1:]
             held[block].append(lo <= 1 <= hi)
-    assert np.mean(held[1]) < 0.7 and np.mean(held[4]) >= 0.8
+    assert np.mean(held[1]) < 0.72 and np.mean(held[4]) >= 0.75

@@ -286,6 +286,9 @@ def test_a_truth_without_the_ensembles_items_is_a_climatology_that_says_why(pair
                  "--out", str(tmp_path / "e")]) == 0
     captured = capsys.readouterr()
     assert "climatological (the truth has no time dim to pair by)" in captured.out + captured.err
+    # its members share their item's input: resampled item by item, and said so
+    assert _metrics(tmp_path / "e")["ensemble_block"] == xr.open_zarr(ens).sizes["member"]
+    assert "the members item by item" in captured.out + captured.err
 
 
 def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
