@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from models.checkpoint import sidecar
-from pipeline.bands import DRAWS, block_picks, correlation_block, interval
+from pipeline.bands import DRAWS, EMPTY, block_picks, correlation_block, interval
 from pipeline.config import ConfigError
 from pipeline.settings import Config, TrainConfig
 
@@ -59,6 +59,15 @@ def log_spectral_distance(ens: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.sqrt(np.mean(np.log(ratio) ** 2, -1))
 
 
+def _held_shells(ens: np.ndarray, held: HeldOut) -> tuple[np.ndarray, HeldOut]:
+    """The spectra ``ens`` (M, K) and ``held`` on the shells the held-out data fill: one they
+    leave empty (a band-limited field) would make ln(E / 0), as ``pipeline.bands`` leaves
+    such shells out of its ratios."""
+    mean = held.spectra.mean(0)
+    kept = mean > EMPTY * mean.max()
+    return ens[:, kept], dataclasses.replace(held, spectra=held.spectra[:, kept])
+
+
 def _resampled(ens: np.ndarray, held: HeldOut, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Bootstrap draws (DRAWS, M, K) of the members and (DRAWS, T, K) of the held-out fields,
     the fields in blocks of consecutive times."""
@@ -81,6 +90,7 @@ def spectrum_error(ens: np.ndarray, held: HeldOut, *, seed: int = 0
     estimate (an ensemble of the data's own law: 0.038, its interval [0.038, 0.074]) and held
     a true distance of 0.095 less than half the time. The shells' intervals hold it, as the
     bands' largest deviation is held (``bands.deviation_bounds``)."""
+    ens, held = _held_shells(ens, held)
     ens_draws, held_draws = _resampled(ens, held, seed)
     lo, hi = interval(np.log(ens_draws.mean(-2) / held_draws.mean(-2)))  # (K,) each
     nearest = np.where((lo <= 0) & (hi >= 0), 0.0, np.minimum(np.abs(lo), np.abs(hi)))
@@ -94,7 +104,7 @@ def sampling_floor(ens: np.ndarray, held: HeldOut, *, seed: int = 0) -> float:
     held-out fields, about: the RMS over shells of the bootstrap standard deviation of
     ln(E(k) / T(k)). Squared, each shell's sampling noise adds to the distance rather than
     averaging out, so no finite ensemble scores 0."""
-    ens_draws, held_draws = _resampled(ens, held, seed)
+    ens_draws, held_draws = _resampled(*_held_shells(ens, held), seed)
     logs = np.log(ens_draws.mean(-2) / held_draws.mean(-2))  # (DRAWS, K)
     return float(np.sqrt(np.mean(logs.var(0))))
 

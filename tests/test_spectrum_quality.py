@@ -213,3 +213,17 @@ def test_the_held_out_split_is_the_one_the_checkpoint_was_trained_with(tmp_path)
     split = as_trained(cfg)
     assert (split.validation, split.variable, split.data) == (0.1, "vorticity", str(data))
     assert split.condition == cfg.train.condition
+
+
+def test_a_shell_the_held_out_data_leave_empty_is_left_out():
+    """A held-out shell with no energy made the distance inf and its bounds NaN (ln(E / 0)),
+    where the bands leave such a shell out."""
+    rng = np.random.default_rng(5)
+    held = HeldOut(shell_spectra(_fields(rng, 200), "field", 8), "field")
+    ens = held.spectra_of(_fields(rng, 64, scale=np.sqrt(0.8)))
+    emptied = held.spectra.copy()
+    emptied[:, 5] = 0.0
+    value, lo, hi = spectrum_error(ens, HeldOut(emptied, "field"))
+    kept = np.arange(8) != 5
+    assert value == pytest.approx(float(log_spectral_distance(ens[:, kept], held.spectra[:, kept])))
+    assert lo <= value <= hi and np.isfinite(sampling_floor(ens, HeldOut(emptied, "field")))
