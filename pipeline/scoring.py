@@ -70,6 +70,8 @@ def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | Non
         attrs.update(figures)
     attrs.update(truth_mean=float(truth_values.mean()), truth_std=float(truth_values.std()),
                  truth_fields=int(np.prod(truth.shape[: truth.ndim - len(shape)])))
+    if paired and attrs["ensemble_mean_rmse"] <= RMSE_NIL * attrs["truth_std"]:
+        attrs["spread_skill"] = float("nan")  # rounding over rounding (members = the truth)
     if spectra is not None:
         # climatological, a conditioned store's members of one item share its input: they
         # are resampled item by item, not as independent draws (its item dim is the input's)
@@ -84,6 +86,10 @@ def score(ens: xr.Dataset, truth: xr.DataArray, paired: bool, *, kmax: int | Non
     out.attrs.update(attrs)
     return _described(out, field.attrs.get("units"), name)
 
+
+# An ensemble-mean RMSE at most this share of the truth's std is rounding: its spread/skill,
+# rounding over rounding, is no figure (an ensemble equal to the truth scored 1.41)
+RMSE_NIL = 1e-12
 
 # What each metric is (its long_name); those in the field's own units are named apart
 METRICS = {
@@ -241,7 +247,8 @@ def table(metrics: xr.Dataset) -> str:
                        ("model_calls_mean", "model calls / member")]:
         if key in a:
             rows.append((label, f"{a[key]:.4g}" if np.isfinite(a[key]) else
-                         "n/a (needs 2 members)" if key == "spread_skill" else "n/a"))
+                         "n/a" if key != "spread_skill" else "n/a (needs 2 members)"
+                         if a["members"] < 2 else "n/a (the ensemble mean is the truth)"))
     if "spectrum_note" in a:
         rows.append(("spectra", a["spectrum_note"].removeprefix("no spectra: ")))
     if "spectrum_ratio" in metrics:

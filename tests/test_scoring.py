@@ -679,3 +679,19 @@ def test_the_spectra_are_in_the_fields_units_squared():
     energy = _described(out.copy(), "s-1", "vorticity")
     assert energy.spectrum_ensemble.attrs["units"] == "(s-1)^2"
     assert "kinetic energy" in energy.spectrum_ensemble.attrs["comment"]
+
+
+def test_an_ensemble_equal_to_the_truth_has_no_spread_skill():
+    """Members all equal to the truth scored spread/skill 1.41: rounding over rounding."""
+    from pipeline.scoring import score, table
+
+    rng = np.random.default_rng(0)
+    truth = xr.DataArray(rng.standard_normal((3, 8, 8)), dims=("time", "y", "x"),
+                         coords={"time": np.arange(3.0)})
+    members = truth.expand_dims(member=4).transpose("time", "member", "y", "x")
+    ens = xr.Dataset({"vort": members + 1e-17 * rng.standard_normal(members.shape),
+                      "rounds": (("time", "member"), np.ones((3, 4))),
+                      "model_calls": (("time", "member"), np.ones((3, 4)))})
+    metrics = score(ens, truth, paired=True)
+    assert np.isnan(metrics.attrs["spread_skill"]) and metrics.attrs["crps"] < 1e-12
+    assert "n/a (the ensemble mean is the truth)" in table(metrics)
