@@ -487,7 +487,8 @@ def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
                 saved = step
                 # a rank not signalled itself says the signal the others were given
                 raise StoppedTogether(_kept(t, saved, as_stopped=True), stopping)
-            if step % t.log_every == 0 or step == t.steps:
+            # the run's first step too: its pace and ETA, before log_every steps of silence
+            if step % t.log_every == 0 or step in (t.steps, first + 1):
                 elapsed = time.perf_counter() - start
                 # the steps summed: a window is short at the end, or after a resume mid-window
                 eta = elapsed / (step - first) * (t.steps - step)  # validations included

@@ -119,13 +119,13 @@ def test_sample_on_a_two_by_two_grid_writes_the_serial_store(tmp_path):
 
 
 def test_an_exception_on_one_rank_ends_every_rank_promptly(tmp_path):
-    start = time.monotonic()
+    # a rank left waiting hangs past the timeout (TimeoutExpired): no wall-time bound here,
+    # which a loaded machine (3x slower) broke
     proc = mpirun(4, ["tests/mpi_fail.py", "2", "raise", "sample", "jobs/configs/grf.toml",
                       *_sets([f"output.path={tmp_path / 'f.zarr'}", "parallel.time_slices=2",
                               "sampler.tol=1e-3"])],
                   timeout=60)
     assert proc.returncode != 0
-    assert time.monotonic() - start < 30
     assert "injected failure" in proc.stderr and "rank 2 failed" in proc.stderr
 
 
@@ -179,14 +179,13 @@ def test_a_nan_on_one_time_slice_of_a_picard_block_ends_every_rank(tmp_path):
     """MPI's MAX of a NaN and a number depends on the order it meets them: the block's
     residual was NaN on some ranks and a number on others, so some stopped sweeping while the
     others swept on, and the job hung in mismatched collectives (SIGTERM did not end it)."""
-    start = time.monotonic()
+    # a hang meets the timeout (TimeoutExpired)
     proc = mpirun(3, ["tests/mpi_fail.py", "1", "nan", "sample", "jobs/configs/grf.toml",
                       *_sets([f"output.path={tmp_path / 'n.zarr'}", "parallel.time_slices=3",
                               "sampler.method=piadm-sde", "sampler.block_size=12",
                               "sampler.on_divergence=error"])],
                   timeout=60)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert time.monotonic() - start < 30
     assert "Picard residual went NaN/Inf" in proc.stderr
 
 

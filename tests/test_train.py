@@ -91,7 +91,11 @@ def test_one_and_two_ranks_reach_the_same_losses(tmp_path, dataset):
 def test_training_resumes_from_its_checkpoint(tmp_path, dataset, plain, capsys):
     split = tmp_path / "split.pt"
     assert main(_train_args(dataset, split, "train.steps=3", "train.log_every=2")) == 0
-    capsys.readouterr()
+    # the first step is said (its pace and the time left), not only every log_every steps
+    first = capsys.readouterr().err.splitlines()
+    assert [line.split()[1] for line in first if line.startswith("step ")] == ["1/3", "2/3", "3/3"]
+    assert re.search(r"step 1/3  mean loss .* eta \d+s$", next(
+        line for line in first if line.startswith("step 1/3")))
     assert main(_train_args(dataset, split, "train.log_every=2")) == 0  # continues from step 3
     assert np.allclose(_history(plain), _history(split), rtol=1e-5)
     # its first logged loss is step 4's alone, not the two-step window's sum over two
