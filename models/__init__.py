@@ -121,9 +121,11 @@ def build_model(section, device="cpu"):
     from models.emulate import Emulated
 
     builder = MODELS.get(section.kind)
-    if builder is None:
-        builder = _plugin(section.kind)
-    model = builder(section, torch.device(device))
+    model = (builder or _plugin(section.kind))(section, torch.device(device))
+    if builder is None and section.condition != "coarse":  # a package's: checked once here
+        from models.contract import check_score_model
+
+        check_score_model(model, f"model.kind = {section.kind!r}", torch.device(device))
     if section.emulate_ms:
         model = Emulated(model, *section.emulate_ms)
     return model

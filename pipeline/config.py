@@ -152,8 +152,13 @@ def _set(tree: dict, dotted: str, raw: str, source: str = "--set") -> None:
         raise ConfigError(f"{source} {dotted}={raw}: the key must look like section.key, e.g. "
                           "sampler.steps (or model.args.NAME for a factory's argument)")
     value = _value(dotted, raw, source)
-    if keys[0] == "model" and keys[-1] not in MODEL_KEYS and isinstance(tree.get("model", {}),
-                                                                        dict):
+    if factory and keys[-1] in MODEL_KEYS and isinstance(tree.get("model", {}), dict):
+        # a factory argument named like a piadm key (seed, std) lives in [model.args] alone
+        model = tree.setdefault("model", {})
+        args = model.get("args")
+        model["args"] = {**(args if isinstance(args, dict) else {}), keys[-1]: value}
+    elif keys[0] == "model" and keys[-1] not in MODEL_KEYS and isinstance(tree.get("model", {}),
+                                                                          dict):
         _set_argument(tree.setdefault("model", {}), keys[-1], value, under_args=factory)
     else:
         tree.setdefault(keys[0], {})[keys[1]] = value

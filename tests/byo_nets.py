@@ -88,6 +88,25 @@ def build_plugin(section, device):
                                device=device)
 
 
+def build_bad_plugin(section, device):
+    """A package's model kind whose score is wrong as ``model.fault`` says: ``shape`` (a
+    column short), ``tuple`` (the score and more), ``nonfinite``, ``int``."""
+    from models.grf import GaussianRandomField
+
+    exact = GaussianRandomField(tuple(section.shape), slope=3.0, device=device)
+    fault = section.args["fault"]
+
+    class Faulty:
+        shape = exact.shape
+
+        def __call__(self, x, u):
+            score = exact(x, u)
+            return {"shape": lambda: score[..., :-1], "tuple": lambda: (score, u),
+                    "nonfinite": lambda: score * float("nan"), "int": lambda: score.long()}[fault]()
+
+    return Faulty()
+
+
 class Conditional(torch.nn.Module):
     """A conditional network net(x, t, cond) that predicts eps = cond: what it was given is
     what it returns, so a test sees the bound field."""

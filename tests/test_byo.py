@@ -507,6 +507,30 @@ def test_an_installed_package_registers_a_model_kind(tmp_path, monkeypatch):
         api.load_config(None, {"model.kind": "nosuchkind"})
 
 
+@pytest.mark.parametrize("fault, said", [
+    ("shape", "returns shape [2, 8, 7] for a (2, 8, 8) torch.float32 state"),
+    ("tuple", "returns tuple for a (2, 8, 8)"), ("nonfinite", "returns NaN/Inf"),
+    ("int", "returns torch.int64 for a (2, 8, 8)")])
+def test_a_package_kinds_wrong_score_is_refused_before_its_store(tmp_path, monkeypatch, capsys,
+                                                                 fault, said):
+    """A package's model was called first by the sampler, its store made: a traceback from
+    deep in a sampler (view_as of a tuple), or a NaN refusal mid-run, an empty store left."""
+    dist = tmp_path / "badnets-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: badnets\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[piadm.models]\nfaulty = byo_nets:build_bad_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(TESTS))
+    out = tmp_path / "bad.zarr"
+    rc = main(["sample", "jobs/configs/grf.toml", "--set", "model.kind=faulty", "--set",
+               f"model.fault={fault}", "--set", "model.shape=[8, 8]", "--set",
+               "sampler.method=pc-window", "--set", "sampler.steps=6", "--set",
+               f"output.path={out}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and _one_error(err, "model.kind = 'faulty': its model(x, u) " + said)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("dry", [True, False])
 def test_a_conditioned_module_that_takes_no_condition_is_refused_before_any_store(
         tmp_path, monkeypatch, capsys, dry):

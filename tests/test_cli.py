@@ -680,6 +680,15 @@ def test_a_factorys_argument_is_overridden_in_the_form_its_config_gives_it(tmp_p
         assert "after = 40" in text and "after = 3" not in text
     assert main(["config", "jobs/configs/module.toml", "--set", "model.args.sample_size=32"]) == 0
     assert "sample_size = 32" in capsys.readouterr().out  # its args at the top of [model]
+    # an argument named like a piadm key (seed, std) is the factory's, in [model.args]: it
+    # crashed without a [model.args], was refused with one, and a table replaced the others
+    assert main(["config", "jobs/configs/module.toml", "--set", "model.args.seed=3"]) == 0
+    text = capsys.readouterr().out
+    assert "[model.args]\nseed = 3" in text and "sample_size = 32" in text
+    for override, kept in (("model.args.seed=3", "seed = 3"), ("model.args.std={a = 1}", "a = 1")):
+        assert main(["config", str(config), "--set", override]) == 0
+        text = capsys.readouterr().out
+        assert "after = 3" in text and kept in text
 
 
 def test_piadm_mpi_takes_0_or_1_only(monkeypatch, capsys):
