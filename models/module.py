@@ -380,7 +380,10 @@ def check_output(model, shape: tuple[int, ...], what: str, takes: str = "(x, t)"
         if is_out_of_memory(err):  # the device's memory, not a mistake in the network
             raise _too_large(what, f"on {x.device} ", err) from None
         said = _first_line(err)
-        if "indices" in said or "Long" in said:  # an embedding table of whole DDPM timesteps
+        if "does not require grad" in said:  # a score as an energy's gradient
+            advice = ("piadm calls the network under torch.no_grad(): wrap the autograd in "
+                      "its forward in torch.enable_grad()")
+        elif "indices" in said or "Long" in said:  # an embedding table of whole DDPM timesteps
             advice = ("piadm calls it at fractional timesteps (a float t between the "
                       "training's whole steps): have it take a float t, e.g. through a "
                       "sinusoidal embedding")
@@ -430,6 +433,11 @@ def load_module(section, device="cpu") -> NetworkModel:
                       stacklevel=2)
     if section.weights:
         load_weights(net, section.weights)
+    if any(t.is_meta for t in (*net.parameters(), *net.buffers())):
+        raise ConfigError(f"config: model.target = {section.target!r} returned a network of "
+                          "meta tensors (shapes without values, as accelerate's "
+                          "init_empty_weights makes): build it on the CPU, or load its weights "
+                          "in the factory with load_state_dict(..., assign=True)")
     net.to(device).eval()
     process = process_of(section)
     if section.input_scale == "unit":

@@ -33,7 +33,8 @@ from pipeline.memory import peak_since, start_peak
 from pipeline.memory_check import check_memory
 from pipeline.noise import Noise
 from pipeline.processes import replace_text
-from pipeline.run import DTYPES, model_data_bound, sampler_grid, sampler_options
+from pipeline.run import (DTYPES, model_data_bound, sampler_grid, sampler_options,
+                          unbounded_note)
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, redone
 from pipeline.samplers.options import REPLICABLE
@@ -307,6 +308,8 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
     if name_bound and math.isfinite(bound):  # what sets pc-window's rounds (docs/benchmarks.md)
         print0(comm, f"field {'x'.join(map(str, shape))}: S = {bound:.4g}, the data's largest "
                      "mode variance (pc-window's rounds grow with log S)")
+    elif name_bound and any(m.startswith("pc-window") for m in tolerances):
+        print0(comm, unbounded_note(shape))
     stat_error = STAT_ERRORS.get(cfg.model.kind)  # exact models only: a learned one has none
     methods = sorted(tolerances, key=lambda m: m not in REFERENCE.values())
     rows: dict[str, list[dict]] = {m: [] for m in methods}

@@ -40,7 +40,7 @@ from pipeline.memory_check import check_memory, round_points
 from pipeline.noise import Noise
 from pipeline.progress import Progress, every_for
 from pipeline.run import (DTYPES, member_batches, model_data_bound, sample_batch, sampler_grid,
-                          sampler_options)
+                          sampler_options, unbounded_note)
 from pipeline.run_items import (bind_field, bind_first_item, checked_items, field_scale,
                                 first_item_model, load_items, measured_items, store_spec,
                                 store_variable)
@@ -184,6 +184,9 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         cfg, tuple(model.shape), torch.device(device), sharing=sharing,
         time_slices=ranks.slices.size,
         batch=call_batch(cfg.ensemble.batch_size, cfg.ensemble.members)))
+    if cfg.sampler.method.startswith("pc-window") and not math.isfinite(
+            model_data_bound(model, cfg.model)):
+        print0(ranks.world, unbounded_note(model.shape))
     started = _start_up(cfg, model, ranks.world, stop, device, attrs or {})
     if started is None:
         return not_begun(cfg.output.path)

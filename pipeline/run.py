@@ -30,6 +30,14 @@ from pipeline.settings import Config, SamplerConfig
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def unbounded_note(shape) -> str:
+    """What a pc-window run without S (``model_data_bound`` infinite) is told."""
+    return (f"note: field {'x'.join(map(str, shape))} has no S (model.data_bound unset, and the "
+            "model records none): pc-window assumes no bound, which stays exact but certifies "
+            "fewer points a round; set model.data_bound to the largest power of one Fourier "
+            "mode of the data in the network's units, where you know it")
+
+
 def model_data_bound(model, section) -> float:
     """S for pc-window: ``model.data_bound`` when set (> 0), else the model's own (exact for
     grf and gmm, recorded with a trained checkpoint), else inf (assume nothing)."""

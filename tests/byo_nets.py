@@ -171,6 +171,29 @@ class _Pair(_Conv):
         return super().forward(x, t), t
 
 
+def meta_net():
+    """A network of shapes without values, as accelerate's init_empty_weights builds one."""
+    with torch.device("meta"):
+        return _Conv(1)
+
+
+class _Energy(torch.nn.Module):
+    """A score as minus the gradient of an energy: autograd inside its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        energy = 0.5 * self.scale * (x ** 2).sum()
+        return -torch.autograd.grad(energy, x)[0]
+
+
+def energy_score():
+    return _Energy()
+
+
 def tuple_out():
     """A network that returns its prediction with something else."""
     return _Pair(1)

@@ -290,6 +290,22 @@ def test_a_network_returning_a_tuple_is_told_so(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "i.zarr").exists()
 
 
+def test_a_network_of_meta_tensors_or_autograd_in_its_forward_is_told_what_to_do(
+        tmp_path, monkeypatch, capsys):
+    """A network of meta tensors (accelerate's empty weights) was a traceback ("Cannot copy
+    out of meta tensor"), and a score computed by autograd was told to check model.shape."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    assert _module_run(tmp_path / "m.zarr", "model.target=byo_nets:meta_net") == 2
+    err = capsys.readouterr().err
+    assert _one_error(err, "returned a network of meta tensors") and "assign=True" in err
+    assert _module_run(tmp_path / "e.zarr", "model.target=byo_nets:energy_score",
+                       "model.prediction=score", "model.process=ve") == 2
+    err = capsys.readouterr().err
+    assert _one_error(err, "piadm calls the network under torch.no_grad(): wrap the autograd "
+                           "in its forward in torch.enable_grad()")
+    assert not (tmp_path / "m.zarr").exists() and not (tmp_path / "e.zarr").exists()
+
+
 def test_a_store_resumes_only_with_the_model_files_it_was_made_with(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(TESTS))
     weights, out = tmp_path / "w.pt", tmp_path / "x.zarr"
@@ -481,12 +497,18 @@ def test_more_steps_than_the_scheduler_was_trained_with_are_refused_before_any_s
                          "sampler.grid to one of piadm's own grids") and not out.exists()
 
 
-def test_the_module_example_config_samples_a_store(tmp_path):
+def test_the_module_example_config_samples_a_store(tmp_path, capsys):
     out = tmp_path / "m.zarr"
     assert main(["sample", "jobs/configs/module.toml", "--set", f"output.path={out}",
                  "--set", "sampler.steps=10", "--set", "ensemble.members=1"]) == 0
     attrs = api.open_ensemble(out).attrs
     assert attrs["model_target"] == "diffusers:UNet2DModel" and attrs["model_process"] == "ddpm"
+    # pc-window without S was not said: it certifies less a round, and data_bound is the fix
+    assert "note: field 1x32x32 has no S (model.data_bound unset" in capsys.readouterr().err
+    assert main(["sample", "jobs/configs/module.toml", "--set", f"output.path={out}2",
+                 "--set", "sampler.steps=10", "--set", "ensemble.members=1", "--set",
+                 "model.data_bound=2.0"]) == 0
+    assert "has no S" not in capsys.readouterr().err
 
 
 def test_an_installed_package_registers_a_model_kind(tmp_path, monkeypatch):
