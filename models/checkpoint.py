@@ -78,7 +78,13 @@ def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:
     problem = units_problem(path, state, meta)
     if problem:
         raise ConfigError(problem)
-    den.load_state_dict({k: v.to(device) for k, v in state["ema"].items()})
+    try:
+        den.load_state_dict({k: v.to(device) for k, v in state["ema"].items()})
+    except RuntimeError as err:  # sizes or keys: the second line names the first that differs
+        said = " ".join(line.strip() for line in str(err).splitlines()[1:2])[:200]
+        raise ConfigError(f"checkpoint {path}: its weights do not fit the network its metadata "
+                          f"{sidecar(path)} describes ({said or 'Error in load_state_dict'}): "
+                          "put back the .json that came with them") from None
     return den.eval(), meta
 
 

@@ -569,11 +569,15 @@ def _broken_checkpoints(tmp_path):
     data = open(SHIPPED, "rb").read()
     sidecar = open(SHIPPED + ".json").read()
     cases = {"truncated.pt": data[:1000], "random.pt": bytes(range(256)) * 20,
-             "alone.pt": data}
+             "alone.pt": data, "other.pt": data}
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
         if name != "alone.pt":
             (tmp_path / (name + ".json")).write_text(sidecar)
+    # a sidecar of another network (its channels edited): the weights do not fit it
+    meta = json.loads(sidecar)
+    meta["unet"]["channels"] = [c // 2 for c in meta["unet"]["channels"]]
+    (tmp_path / "other.pt.json").write_text(json.dumps(meta))
     return cases
 
 
@@ -581,6 +585,8 @@ def _broken_checkpoints(tmp_path):
     ("truncated.pt", "is not a readable piadm checkpoint (truncated, damaged or not one"),
     ("random.pt", "is not a readable piadm checkpoint (truncated, damaged or not one"),
     ("alone.pt", "has no metadata file"),
+    # it said "truncated, damaged or not one (Error(s) in loading state_dict for Denoiser:)"
+    ("other.pt", "its weights do not fit the network its metadata"),
 ])
 def test_a_broken_checkpoint_is_one_line(tmp_path, capsys, name, needle):
     _broken_checkpoints(tmp_path)
