@@ -68,10 +68,17 @@ def import_target(target: str, key: str = "model.target"):
             obj = _attribute(mod, target, name, key)
     except ConfigError:
         raise
-    except Exception as err:  # ImportError, or the module itself failing on import
+    except Exception as err:  # not found, or the module itself failing on import
+        missing = getattr(err, "name", None) if isinstance(err, ModuleNotFoundError) else None
+        if missing and (module == missing or module.startswith(f"{missing}.")):
+            fix = "install it, or put its folder on PYTHONPATH"
+        elif missing:  # found, but a module it imports is not
+            fix = f"it imports {missing!r}, which is not installed: install that"
+        else:  # found, and failing as it runs: the user's code, not the path
+            fix = "fix the module (or what it imports) so that it imports"
         raise ConfigError(f"config: {key} = {target!r}: cannot import {module!r} "
-                          f"({type(err).__name__}: {_first_line(err)}): install it, or put "
-                          "its folder on PYTHONPATH") from None
+                          f"({type(err).__name__}: {_first_line(err)}{_where(err)}): "
+                          f"{fix}") from None
     if not callable(obj):
         raise ConfigError(f"config: {key} = {target!r} is not callable: name a function or "
                           "class that returns a torch.nn.Module")

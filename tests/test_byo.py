@@ -167,6 +167,28 @@ def test_an_edm_denoiser_matches_edm_first_order_sampler():
     assert _rel(y, x / torch.sqrt(1 + sigma[-1] ** 2)) <= 1e-5
 
 
+@pytest.mark.parametrize("source, needle", [
+    ("raise RuntimeError('no licence file')\n",
+     "(RuntimeError: no licence file, at {file}:1 in <module>): fix the module (or what it "
+     "imports) so that it imports"),
+    ("import no_such_dependency\n", "(ModuleNotFoundError: No module named "
+     "'no_such_dependency', at {file}:1 in <module>): it imports 'no_such_dependency', which "
+     "is not installed: install that"),
+])
+def test_a_module_found_but_failing_to_import_is_not_told_to_be_installed(
+        source, needle, tmp_path, capsys, monkeypatch):
+    """It was told "install it, or put its folder on PYTHONPATH", which it is."""
+    (tmp_path / "failing_nets.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "x.zarr"
+    sets = ["model.kind=module", "model.target=failing_nets:net", "model.prediction=eps",
+            "model.process=ddpm", "model.shape=[1, 16, 16]", f"output.path={out}"]
+    rc = main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])])
+    err = capsys.readouterr().err
+    assert rc == 2 and _one_error(err, needle.format(file=tmp_path / "failing_nets.py")), err
+    assert "PYTHONPATH" not in err and not out.exists()
+
+
 @pytest.mark.parametrize("sets,needle", [
     (["model.target=no_such_package.nets:unet"], "cannot import 'no_such_package.nets'"),
     (["model.target=byo_nets:small_unett"], "did you mean 'small_unet'"),
