@@ -258,7 +258,7 @@ def _check_replaceable(path: Path) -> None:
 def _resume(path: Path, meta: dict, den, ema, opt, device) -> dict:
     """Load checkpoint ``path`` into the networks and optimiser after checking it was trained
     as this run (``meta``) would; its state. Raises InputError when it cannot be resumed."""
-    _check_same_training(path, meta)
+    _recorded(path)  # a file of another kind (no sidecar) is said so before it is read
     try:
         # on the host: load_state_dict copies each tensor to its parameter's device, and
         # keeps Adam's step counts where a fresh run keeps them (on a GPU each would cost
@@ -272,6 +272,8 @@ def _resume(path: Path, meta: dict, den, ema, opt, device) -> dict:
         raise InputError(f"train.checkpoint {path} holds no training state (an exported "
                          "checkpoint keeps the EMA weights alone): start from it with "
                          "train.init and another train.checkpoint")
+    # after the state: an exported checkpoint is not offered train.resume = false below
+    _check_same_training(path, meta)
     try:
         den.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -289,6 +291,9 @@ def _restore(t: TrainConfig, meta: dict, den, ema, opt, device,
     of ``train.init``, refused where they were trained on the ``held`` out times of
     train.data; the step reached and the loss history."""
     path = Path(t.checkpoint)
+    if path.is_dir():
+        raise InputError(f"train.checkpoint {path} is a folder: give a file path in it, e.g. "
+                         f"{path / 'unet.pt'}")
     if path.exists() and not t.resume:
         _check_replaceable(path)
     if not path.exists() and sidecar(path).exists():  # another's file: replaced at the first save

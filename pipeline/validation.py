@@ -176,6 +176,8 @@ def _check_model(m: ModelConfig) -> None:
 
 
 def _check_data(d: DataConfig) -> None:
+    _check(bool(d.path.strip()), "data.path", "must not be empty: name the store to write, "
+           "e.g. out/kolmogorov.zarr")
     _check(d.resolution >= 8 and d.resolution % 2 == 0, "data.resolution",
            f"= {d.resolution} must be an even number >= 8")
     _check(d.coarse_factor >= 1 and d.resolution % d.coarse_factor == 0, "data.coarse_factor",
@@ -228,7 +230,15 @@ def _check_train(t: TrainConfig) -> None:
            f"= {t.global_modes} must be in [0, 16] (0: no global mixing)")
     _check(not t.residual or bool(t.condition), "train.residual",
            "= true needs a coarse field to take the remainder from: set train.condition")
-    _check(t.condition != t.variable, "train.condition",
+    for key, value in (("train.data", t.data), ("train.variable", t.variable),
+                       ("train.checkpoint", t.checkpoint)):
+        _check(bool(value.strip()), key, "must not be empty")
+    _check(all(path.strip() for path in t.extra), "train.extra",
+           f"= {list(t.extra)} holds an empty path: list the stores' paths")
+    _check(os.path.basename(os.path.normpath(t.checkpoint)) not in (".", ".."),
+           "train.checkpoint", f"= {t.checkpoint!r} names a folder: give the checkpoint's file "
+           "path, e.g. out/unet.pt")
+    _check(not t.condition or t.condition != t.variable, "train.condition",
            f"= {t.condition!r} is the field the model learns (train.variable): condition on "
            "its coarse version, e.g. 'vorticity_coarse'")
     _check(not t.checkpoint.endswith(("/", os.sep)), "train.checkpoint",

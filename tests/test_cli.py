@@ -93,6 +93,20 @@ def test_version_and_the_installed_entry_point():
      "sampler.corrector_length = 1e+300 over sampler.corrector_steps = 8 makes steps of"),
     (["train", "jobs/configs/kolmogorov.toml", "--set", "train.checkpoint=w/"],
      "train.checkpoint = 'w/' names a folder: give the checkpoint's file path, e.g. w/unet.pt"),
+    # empty, "." and "..": a traceback (". has an empty name"); empty paths named no setting
+    (["train", "jobs/configs/kolmogorov.toml", "--set", "train.checkpoint="],
+     "train.checkpoint must not be empty"),
+    (["train", "jobs/configs/kolmogorov.toml", "--set", "train.checkpoint=."],
+     "train.checkpoint = '.' names a folder: give the checkpoint's file path"),
+    (["train", "jobs/configs/kolmogorov.toml", "--set", "train.data="],
+     "train.data must not be empty"),
+    (["train", "jobs/configs/kolmogorov.toml", "--set", 'train.extra=[""]'],
+     "train.extra = [''] holds an empty path"),
+    (["generate-data", "jobs/configs/kolmogorov.toml", "--set", "data.path="],
+     "data.path must not be empty"),
+    # an empty train.condition equalled an empty train.variable: the condition was blamed
+    (["config", "jobs/configs/kolmogorov_uncond.toml", "--set", "train.variable="],
+     "train.variable must not be empty"),
     (["plan", "jobs/configs/grf.toml", "--ranks", "1000000000"],
      "plan: --ranks 1000000000 is more than the 131072 ranks a plan weighs"),
     # a quote left open, a list of bare words, a path with a TOML escape in it

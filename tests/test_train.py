@@ -1088,6 +1088,18 @@ def test_a_file_that_is_no_training_checkpoint_is_a_one_line_error(tmp_path, dat
     err = _refused(_train_args(dataset, shipped, "train.resume=false"), capsys)
     assert f"train.checkpoint {shipped} is an exported checkpoint" in err
     assert shipped.read_bytes() == before
+    # one of other settings (piadm's own downscaler) was offered train.resume = false, which
+    # the line above refuses: it is an exported checkpoint first
+    theirs = tmp_path / "down.pt"
+    for suffix in ("", ".json"):
+        Path(f"{theirs}{suffix}").write_bytes(
+            (ROOT / f"models/checkpoints/kolmogorov_down.pt{suffix}").read_bytes())
+    err = _refused(_train_args(dataset, theirs), capsys)
+    assert "holds no training state" in err and "train.resume = false" not in err
+    # a folder: it was read as a checkpoint without its sidecar folder.json
+    err = _refused(_train_args(dataset, tmp_path), capsys)
+    assert err == (f"piadm: error: train.checkpoint {tmp_path} is a folder: give a file path "
+                   f"in it, e.g. {tmp_path / 'unet.pt'}")
     # no checkpoint yet, but a file of someone else's where its sidecar goes: it was replaced
     for name in ("notes", "lone.pt"):
         mine = tmp_path / f"{name}.json"
