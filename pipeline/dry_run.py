@@ -63,7 +63,8 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
         f"store      {cfg.output.path} {fate}",
         f"ranks      {ranks.world.size} = {groups} group(s) x {slices} time "
         f"slice(s); each group takes about {-(-todo // groups)} pairs"
-        + ("; \"auto\" time slices: the planner picks them" if planned and stored is None
+        + ("; \"auto\" time slices: the planner picks them"
+           if planned and stored is None and cfg.parallel.time_slices == "auto"
            else "; from the store's plan" if stored is not None else ""),
         _sampler_line(shown, planned and stored is None, device)
         + ("; from the store's plan" if stored is not None else ""),
@@ -178,8 +179,10 @@ def _sampler_line(cfg: Config, planned: bool, device) -> str:
 
     s = cfg.sampler
     if planned and s.method in AUTO_METHODS:
-        return (f"sampler    {s.method}: the planner picks the method, its window and the time "
-                f"slices at start-up (`piadm plan CONFIG --ranks N` prints its table), "
+        picks = (", its window and the time slices" if cfg.parallel.time_slices == "auto" else
+                 f" and its window (on the {cfg.parallel.time_slices} time slice(s) set)")
+        return (f"sampler    {s.method}: the planner picks the method{picks} "
+                f"at start-up (`piadm plan CONFIG --ranks N` prints its table), "
                 f"{s.steps} steps on the {s.grid} grid, {s.dtype}, seed {s.seed}")
     tol = s.tol if REFERENCE[s.method] != s.method else "none (a sequential sampler)"
     if tol == "auto":

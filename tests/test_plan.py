@@ -372,6 +372,9 @@ def test_a_dry_run_of_an_auto_run_names_the_planner_and_then_the_store_it_would_
     err = capsys.readouterr().err
     assert "sampler    auto: the planner picks the method" in err and "would be created" in err
     assert "the planner may pick another batch size" in err
+    # grf.toml sets parallel.time_slices = 1, which the plan keeps: not said to be picked
+    assert "and its window (on the 1 time slice(s) set)" in err
+    assert "time slices: the planner picks them" not in err
     sample(load_config("jobs/configs/grf.toml", sets))
     capsys.readouterr()
     assert main(args) == 0
