@@ -254,8 +254,10 @@ def _check_sampler(s: SamplerConfig, benched: tuple[str, ...] = ()) -> None:
     """The sampler's own keys in their ranges, and what the chosen method needs."""
     from pipeline.samplers import REGISTRY, SAMPLERS
 
-    _check(s.method in SAMPLERS or s.method in AUTO_METHODS, "sampler.method",
-           f"= {s.method!r} is unknown: use one of {', '.join((*SAMPLERS, *AUTO_METHODS))}")
+    known = (*SAMPLERS, *AUTO_METHODS)
+    close = difflib.get_close_matches(s.method, known, n=1)
+    _check(s.method in known, "sampler.method", f"= {s.method!r} is unknown: use one of "
+           f"{', '.join(known)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     _check(1 <= s.steps <= STEPS_MAX, "sampler.steps",
            f"= {s.steps} must be >= 1 and at most {STEPS_MAX} (its time grid's tables "
            "alone would outgrow a node's memory)")

@@ -157,6 +157,8 @@ def test_version_and_the_installed_entry_point():
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.u_min=.001"],
      "write 0.001 (a TOML number has a digit before its point)"),
     (["sample", "jobs/configs/grf.toml", "--set", "model.kind=gfr"], "(did you mean 'grf'?)"),
+    (["sample", "jobs/configs/grf.toml", "--set", "sampler.method=pc-windw"],
+     "(did you mean 'pc-window'?)"),
     # a config for another command
     (["sample", "jobs/configs/kolmogorov.toml"],
      "config file jobs/configs/kolmogorov.toml has [data] and none of the sections piadm "
