@@ -77,7 +77,10 @@ def _coerce(key: str, value, hint):
                 pass
         names = " or ".join("list" if typing.get_origin(k) is tuple else k.__name__
                             for k in kinds)  # every kind it may take, not only the last one tried
-        raise ConfigError(f"config: {key} must be {names}, got {type(value).__name__} {value!r}")
+        hint = next((h for h in (_kind_hint(key, value, k) for k in kinds
+                                 if k in (int, float)) if h), "")
+        raise ConfigError(f"config: {key} must be {names}, got {type(value).__name__} {value!r}"
+                          + hint)
     if origin is tuple:
         if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 1:
             value = value.tolist()  # a numpy array from a workflow script: its list

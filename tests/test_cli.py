@@ -159,6 +159,8 @@ def test_version_and_the_installed_entry_point():
     (["sample", "jobs/configs/grf.toml", "--set", "model.kind=gfr"], "(did you mean 'grf'?)"),
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.method=pc-windw"],
      "(did you mean 'pc-window'?)"),
+    (["sample", "jobs/configs/grf.toml", "--set", "parallel.time_slices=2.0"],
+     "parallel.time_slices must be int or str, got float 2.0: write 2 (a whole number"),
     # a config for another command
     (["sample", "jobs/configs/kolmogorov.toml"],
      "config file jobs/configs/kolmogorov.toml has [data] and none of the sections piadm "
