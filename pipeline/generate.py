@@ -137,7 +137,8 @@ def _empty(d: DataConfig, config_text: str) -> xr.Dataset:
                 "x_coarse": centre},
     )
     ds.time.attrs.update(long_name="time", units="1", axis="T",
-                         comment="nondimensional: the forcing's length and time scales")
+                         comment="nondimensional: lengths in units of the domain / 2 pi, "
+                                 "data.forcing the body force's amplitude in those units")
     for name in ("y", "x", "y_coarse", "x_coarse"):
         ds[name].attrs.update(long_name=f"{name[0]} position on [0, 2 pi)", units="1",
                               axis=name[0].upper())
@@ -151,6 +152,15 @@ def _empty(d: DataConfig, config_text: str) -> xr.Dataset:
                     config=config_text, history=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} "
                     "created by piadm generate-data")
     ds.attrs[MARKER] = f"{__version__} {d.snapshots}x{n}x{n}"
+    # the flow's parameters as plain attributes, for a reader without piadm's config
+    ds.attrs.update(
+        equation="d omega/dt + u . grad omega = viscosity lap omega - drag omega "
+                 "- forcing forcing_wavenumber cos(forcing_wavenumber y) on [0, 2 pi)^2, "
+                 "u = (d psi/dy, -d psi/dx), lap psi = -omega",
+        viscosity=d.viscosity, drag=d.drag, forcing=d.forcing,
+        forcing_wavenumber=d.forcing_wavenumber, seed=d.seed, spinup=d.spinup,
+        interval=d.interval, coarse_method=f"{d.coarse_factor}x{d.coarse_factor} block average "
+                                           "at the blocks' centres")
     return ds
 
 

@@ -33,6 +33,10 @@ def test_dataset_layout_attributes_and_coarse_copy(tmp_path):
     coarse = w.reshape(6, 4, 4, 4, 4).mean((2, 4))
     assert np.allclose(ds.vorticity_coarse.values, coarse, atol=1e-5)
     assert np.isfinite(w).all() and w.std() > 0.1 and not np.allclose(w[0], w[-1])
+    # the flow's parameters as plain attributes too, not only inside the config's TOML
+    assert ds.attrs["viscosity"] == 5e-3 and ds.attrs["forcing_wavenumber"] == 4
+    assert ds.attrs["spinup"] == 2.0 and ds.attrs["interval"] == 0.25
+    assert "4x4 block average" in ds.attrs["coarse_method"] and "lap psi" in ds.attrs["equation"]
 
 
 def test_same_seed_same_data_other_seed_other_data(tmp_path, capsys):
