@@ -199,7 +199,7 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
                                    "as it is")
         return Summary(spec.path, 0, int(done.sum()), 0, 0, 0.0, 0.0, 0.0, 0.0, False)
     return _fill(cfg, ranks, model, tol, spec, mine, items=items, scale=scale, stop=stop,
-                 device=device, skipped=skipped, unit=unit)
+                 device=device, skipped=skipped, unit=unit, before=(int(done.sum()), done.size))
 
 
 def _start_up(cfg: Config, model, world, stop, device,
@@ -276,7 +276,8 @@ class _ProgressHook:
 
 
 def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec, mine, *,
-          items: Items, scale, stop, device, skipped: int, unit: int) -> Summary:
+          items: Items, scale, stop, device, skipped: int, unit: int,
+          before: tuple[int, int]) -> Summary:
     """Every rank: sample the group's share ``mine`` of the store's (item, members) batches
     of ``unit``, the model's fields being the data less ``scale``'s mean over its std, the
     group's lead rank writing them; then agree what the run did (``_finish``)."""
@@ -328,7 +329,7 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
         bar.close()
         if writer is not None:  # every member this rank sampled is written and marked done
             halt.attempt(writer.close, after_error=True)
-        return _finish(cfg, spec, ranks, writer, tally, skipped=skipped, job=job,
+        return _finish(cfg, spec, ranks, writer, tally, skipped=skipped, job=job, before=before,
                        failed=halt.error)
     except BaseException as err:
         if writer is not None and isinstance(err, Exception):
@@ -480,12 +481,14 @@ class _Tally:
         self.fallbacks += stats.fallbacks
 
 
-def _finalize_alone(spec: StoreSpec, note: str, job: str) -> tuple[int, int]:
+def _finalize_alone(spec: StoreSpec, note: str, job: str,
+                    known: tuple[int, int]) -> tuple[int, int]:
     """``finalize`` under the store's lock: two jobs finishing together would each read the
     history, append their line and write it back, and one line would be lost. A store that
     another configuration's run replaced meanwhile is not this run's to write its line into
     (``still_ours``): a run that found nothing left to do in it never wrote a batch, the
-    check every batch write makes. Returns the store's members done and in all (another job
+    check every batch write makes. ``known``: (members done at the run's start plus those it
+    wrote, the store's members). Returns the store's members done and in all (another job
     sharing it may have written some)."""
     path = spec.path
     with holding(claims_dir(path), "finalize", job), naming(path):
@@ -497,13 +500,20 @@ def _finalize_alone(spec: StoreSpec, note: str, job: str) -> tuple[int, int]:
                               "not written there; rerun it once the other run is done, or on "
                               "another output.path") from None
         finalize(path, note)
-        done = done_members(path)
-        if done.all():  # no job needs the claims of a finished store
+        # every member done at the start or written by this run: complete, without reading
+        # the store's done flags again (a file a batch: seconds on a store of 10,000 batches)
+        count, size = known if known[0] >= known[1] else _count_done(path)
+        if count == size:  # no job needs the claims of a finished store
             clear_batch_claims(claims_dir(path))
             clear_left_by_dead(claims_dir(path))  # nor what killed jobs left
     # a replacement killed just before this run began looked alive then: its copy of the
     # old store goes now, not at the next run, which may never come
     delete_leftovers(path)
+    return count, size
+
+
+def _count_done(path) -> tuple[int, int]:
+    done = done_members(path)
     return int(done.sum()), int(done.size)
 
 
@@ -511,12 +521,12 @@ def _finalize_alone(spec: StoreSpec, note: str, job: str) -> tuple[int, int]:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 
-def _record(spec: StoreSpec, note: str, job: str) -> tuple[int, int]:
+def _record(spec: StoreSpec, note: str, job: str, known: tuple[int, int]) -> tuple[int, int]:
     """Rank 0: ``_finalize_alone`` (and its count of the store's members), a disk that takes
     no more (``DISK_FULL``) said as what it is: the members are kept, the store's record of
     the run is what is missing."""
     try:
-        return _finalize_alone(spec, note, job)
+        return _finalize_alone(spec, note, job, known)
     except OSError as err:
         if err.errno not in DISK_FULL:  # a store gone, say: its own words
             raise
@@ -529,6 +539,7 @@ def _record(spec: StoreSpec, note: str, job: str) -> tuple[int, int]:
 
 
 def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str,
+            before: tuple[int, int],
             failed: Exception | None = None):
     world, slices = ranks.world, ranks.slices
     world.barrier(idle=True)  # groups done early sleep: others on the node may need its cores
@@ -553,7 +564,7 @@ def _finish(cfg, spec, ranks, writer, tally: "_Tally", *, skipped: int, job: str
                  f" x {slices.size} time slice{'s' if slices.size > 1 else ''}")
         if slices.size > 1 and cfg.sampler.method in REPLICABLE:
             note += f", window split {cfg.sampler.window_split}"
-    held = on_rank0(world, _record, spec, note, job)
+    held = on_rank0(world, _record, spec, note, job, (before[0] + written, before[1]))
     return Summary(spec.path, written, skipped, int(peak["rounds"]), int(peak["batch_rounds"]),
                    total["calls"] / max(written, 1), time.perf_counter() - tally.start,
                    peak["write_s"], peak["wait_s"], preempted, int(total["fallbacks"]),
