@@ -78,14 +78,28 @@ def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:
     problem = units_problem(path, state, meta)
     if problem:
         raise ConfigError(problem)
+    weights = {k: v.to(device) for k, v in state["ema"].items()}
     try:
-        den.load_state_dict({k: v.to(device) for k, v in state["ema"].items()})
+        den.load_state_dict(weights)
     except RuntimeError as err:  # sizes or keys: the second line names the first that differs
-        said = " ".join(line.strip() for line in str(err).splitlines()[1:2])[:200]
         raise ConfigError(f"checkpoint {path}: its weights do not fit the network its metadata "
-                          f"{sidecar(path)} describes ({said or 'Error in load_state_dict'}): "
-                          "put back the .json that came with them") from None
+                          f"{sidecar(path)} describes ({_first_misfit(err)}): put back the "
+                          ".json that came with them") from None
     return den.eval(), meta
+
+
+def _first_misfit(err: RuntimeError) -> str:
+    """The first key or size that load_state_dict's ``err`` names, on one line."""
+    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    if not lines:
+        return "its tensors do not fit"
+    first = lines[0].rstrip(".")
+    if first.startswith(("Missing key(s)", "Unexpected key(s)")):  # "...: "a", "b", ...
+        head, _, keys = first.partition(": ")
+        named = keys.split(", ")
+        more = f" and {len(named) - 1} more" if len(named) > 1 else ""
+        return f"{head}: {named[0]}{more}"
+    return first[:240]
 
 
 def units_problem(path: Path, state: dict, meta: dict) -> str | None:

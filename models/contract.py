@@ -25,35 +25,44 @@ class ScoreModel(Protocol):
 
 
 def check_score_model(model, what: str, device) -> None:
-    """Call a score model piadm did not build (a package's ``model.kind``) once on zeros
+    """Call a score model piadm did not build (a package's ``model.kind``) on zeros
     (2, *model.shape) at a middle noise level, on ``device``: one that fails, or answers with
     anything but a finite floating tensor of its input's shape, dtype and device, is a
-    one-line error now rather than a traceback once its store exists. ``what`` names it."""
+    one-line error now rather than a traceback once its store exists. Tried in float32, then
+    in float64 (a model of float64 arithmetic alone keeps the contract there). ``what``
+    names it."""
     from pipeline.errors import ConfigError
 
+    if model is None or not callable(model):
+        raise ConfigError(f"config: {what}: its builder returned {type(model).__name__}, not a "
+                          "score model (a callable model(x, u), models/contract.py)")
     try:
         shape = tuple(int(n) for n in model.shape)
     except (AttributeError, TypeError, ValueError):
         raise ConfigError(f"config: {what}: its model has no shape (model.shape, a tuple of "
                           "the field's dims, is part of the score-model contract in "
                           "models/contract.py)") from None
-    x = torch.zeros((2, *shape), device=device)
+    problems = [_contract_problem(model, shape, dtype, device)
+                for dtype in (torch.float32, torch.float64)]
+    if all(problems):  # the float32 call's, the run's default dtype
+        raise ConfigError(f"config: {what}: {problems[0]}")
+
+
+def _contract_problem(model, shape: tuple[int, ...], dtype, device) -> str:
+    """Why ``model`` called on zeros (2, *shape) of ``dtype`` breaks the contract; ""."""
+    x = torch.zeros((2, *shape), dtype=dtype, device=device)
     dims = ", ".join(map(str, (2, *shape)))
     try:
-        out = model(x, torch.full((2,), 1.0, device=device))
-    except ConfigError:
-        raise
+        out = model(x, torch.full((2,), 1.0, dtype=dtype, device=device))
     except Exception as err:
         said = ((str(err).strip().splitlines() or [""])[0])[:160]
-        raise ConfigError(f"config: {what}: calling its model(x, u) on a ({dims}) state failed "
-                          f"({type(err).__name__}: {said}): fix its builder, or model.shape"
-                          ) from None
+        return (f"calling its model(x, u) on a ({dims}) {dtype} state failed "
+                f"({type(err).__name__}: {said}): fix its builder, or model.shape")
     wrong = (f"returns {type(out).__name__}" if not isinstance(out, torch.Tensor) else
              f"returns shape {list(out.shape)}" if tuple(out.shape) != tuple(x.shape) else
              f"returns {out.dtype}" if out.dtype != x.dtype else
              f"returns its score on {out.device}" if out.device != x.device else
              "returns NaN/Inf" if not bool(torch.isfinite(out).all()) else "")
-    if wrong:
-        raise ConfigError(f"config: {what}: its model(x, u) {wrong} for a ({dims}) {x.dtype} "
-                          f"state on {x.device}: a score model returns a finite tensor of its "
-                          "input's shape, dtype and device (models/contract.py)")
+    return (f"its model(x, u) {wrong} for a ({dims}) {dtype} state on {x.device}: a score "
+            "model returns a finite tensor of its input's shape, dtype and device "
+            "(models/contract.py)" if wrong else "")

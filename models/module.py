@@ -438,13 +438,13 @@ def load_module(section, device="cpu") -> NetworkModel:
                       "read, so a store it makes cannot tell, when resumed or grown, whether "
                       "the network's code changed meanwhile: define it in a .py file",
                       stacklevel=2)
-    if section.weights:
-        load_weights(net, section.weights)
     if any(t.is_meta for t in (*net.parameters(), *net.buffers())):
         raise ConfigError(f"config: model.target = {section.target!r} returned a network of "
                           "meta tensors (shapes without values, as accelerate's "
                           "init_empty_weights makes): build it on the CPU, or load its weights "
                           "in the factory with load_state_dict(..., assign=True)")
+    if section.weights:
+        load_weights(net, section.weights)
     net.to(device).eval()
     process = process_of(section)
     if section.input_scale == "unit":

@@ -28,7 +28,7 @@ from pathlib import Path
 import xarray as xr
 
 from pipeline.comm import MPIComm, SerialComm, world_comm
-from pipeline.config import ConfigError, config_from_dict, read_toml
+from pipeline.config import ConfigError, config_from_dict, place_setting, read_toml
 from pipeline.errors import PiadmError, as_user_error, is_system_error  # user errors: PiadmError
 from pipeline.settings import SECTION_TYPES, Config
 from pipeline.signals import StopRequest
@@ -65,14 +65,16 @@ def load_config(source: str | Path | dict | Config | None = None,
             raise ConfigError(f"override {dotted!r} ({type(dotted).__name__}): the keys of "
                               "load_config's overrides are strings 'section.key', e.g. "
                               "'sampler.steps'")
-        section, _, key = dotted.partition(".")
-        if not key:
-            raise ConfigError(f"override {dotted!r}: use 'section.key', e.g. 'sampler.steps'")
-        table = tree.setdefault(section, {})
+        keys = dotted.split(".")
+        factory = len(keys) == 3 and keys[:2] == ["model", "args"] and bool(keys[2])
+        if (len(keys) != 2 or not all(keys)) and not factory:
+            raise ConfigError(f"override {dotted!r}: use 'section.key', e.g. 'sampler.steps' "
+                              "(or 'model.args.NAME' for a factory's argument)")
+        table = tree.setdefault(keys[0], {})
         if not isinstance(table, dict):
-            raise ConfigError(f"override {dotted!r}: [{section}] must be a table of keys, got "
+            raise ConfigError(f"override {dotted!r}: [{keys[0]}] must be a table of keys, got "
                               f"{type(table).__name__} {table!r}")
-        table[key] = value
+        place_setting(tree, keys, value)
     return config_from_dict(tree)
 
 

@@ -154,7 +154,13 @@ def _set(tree: dict, dotted: str, raw: str, source: str = "--set") -> None:
     if (len(keys) != 2 or not all(keys)) and not factory:
         raise ConfigError(f"{source} {dotted}={raw}: the key must look like section.key, e.g. "
                           "sampler.steps (or model.args.NAME for a factory's argument)")
-    value = _value(dotted, raw, source)
+    place_setting(tree, keys, _value(dotted, raw, source))
+
+
+def place_setting(tree: dict, keys: list[str], value) -> None:
+    """Put ``value`` into the config ``tree`` at ``keys`` (section, key; or model, args, NAME
+    for a factory's argument), where the config gives that setting."""
+    factory = len(keys) == 3 and keys[:2] == ["model", "args"]
     if factory and keys[-1] in MODEL_KEYS and isinstance(tree.get("model", {}), dict):
         # a factory argument named like a piadm key (seed, std) lives in [model.args] alone
         model = tree.setdefault("model", {})

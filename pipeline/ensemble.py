@@ -184,14 +184,14 @@ def sample_to_store(cfg: Config, *, ranks: RankGrid | None = None, device="cpu",
         cfg, tuple(model.shape), torch.device(device), sharing=sharing,
         time_slices=ranks.slices.size,
         batch=call_batch(cfg.ensemble.batch_size, cfg.ensemble.members)))
-    if cfg.sampler.method.startswith("pc-window") and not math.isfinite(
-            model_data_bound(model, cfg.model)):
-        print0(ranks.world, unbounded_note(model.shape))
     started = _start_up(cfg, model, ranks.world, stop, device, attrs or {})
     if started is None:
         return not_begun(cfg.output.path)
     spec, state, tol = started
     items, scale, done, mine, unit, skipped = _open_work(cfg, model, spec, state, ranks)
+    if (not done.all() and cfg.sampler.method.startswith("pc-window")
+            and not math.isfinite(model_data_bound(model, cfg.model))):
+        print0(ranks.world, unbounded_note(model.shape))  # where members are left to sample
     if bool(done.all()) and not on_rank0(ranks.world, takes_writes, spec.path):
         # a finished store on a read-only mount (an archive, a project's shared copy): nothing
         # to sample, no claim to make, and its record is already complete

@@ -235,7 +235,8 @@ def _check_train(t: TrainConfig) -> None:
         _check(bool(value.strip()), key, "must not be empty")
     _check(all(path.strip() for path in t.extra), "train.extra",
            f"= {list(t.extra)} holds an empty path: list the stores' paths")
-    _check(os.path.basename(os.path.normpath(t.checkpoint)) not in (".", ".."),
+    _check(os.path.basename(t.checkpoint) not in (".", "..")
+           and os.path.basename(os.path.normpath(t.checkpoint)) not in (".", ".."),
            "train.checkpoint", f"= {t.checkpoint!r} names a folder: give the checkpoint's file "
            "path, e.g. out/unet.pt")
     _check(not t.condition or t.condition != t.variable, "train.condition",
@@ -384,8 +385,10 @@ def _check_bench(b: BenchConfig) -> None:
     _check(len(b.methods) >= 1, "bench.methods",
            "is empty: name the methods to bench, e.g. [\"sequential-sde\", \"pc-window\"]")
     for method in b.methods:
+        close = difflib.get_close_matches(method, SAMPLERS, n=1)
         _check(method in SAMPLERS, "bench.methods",
-               f"has unknown method {method!r}: use any of {', '.join(SAMPLERS)}")
+               f"has unknown method {method!r}: use any of {', '.join(SAMPLERS)}"
+               + (f" (did you mean {close[0]!r}?)" if close else ""))
     _check_unique(tuple(b.methods), "bench.methods", "it would be benched twice")
     for size in b.sizes:
         _check(1 <= len(size) <= 3 and min(size) >= 2, "bench.sizes",

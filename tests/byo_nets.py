@@ -90,11 +90,14 @@ def build_plugin(section, device):
 
 def build_bad_plugin(section, device):
     """A package's model kind whose score is wrong as ``model.fault`` says: ``shape`` (a
-    column short), ``tuple`` (the score and more), ``nonfinite``, ``int``."""
+    column short), ``tuple`` (the score and more), ``nonfinite``, ``int``, ``none`` (no
+    model); ``float64``: right, in float64 arithmetic whatever its input."""
     from models.grf import GaussianRandomField
 
     exact = GaussianRandomField(tuple(section.shape), slope=3.0, device=device)
     fault = section.args["fault"]
+    if fault == "none":  # a builder that forgot its return
+        return None
 
     class Faulty:
         shape = exact.shape
@@ -102,7 +105,9 @@ def build_bad_plugin(section, device):
         def __call__(self, x, u):
             score = exact(x, u)
             return {"shape": lambda: score[..., :-1], "tuple": lambda: (score, u),
-                    "nonfinite": lambda: score * float("nan"), "int": lambda: score.long()}[fault]()
+                    "nonfinite": lambda: score * float("nan"), "int": lambda: score.long(),
+                    # float64 arithmetic whatever it is given: the contract in float64 only
+                    "float64": lambda: exact(x.double(), u.double())}[fault]()
 
     return Faulty()
 

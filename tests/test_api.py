@@ -22,6 +22,9 @@ def test_dict_config_and_overrides_validate_like_the_cli():
         api.load_config({"sampler": {"steps": "many"}})
     with pytest.raises(ConfigError, match="section.key"):
         api.load_config(None, {"steps": 40})
+    # a factory's argument, as --set model.args.NAME takes it: it became one named "args.seed"
+    cfg = api.load_config("jobs/configs/module.toml", {"model.args.seed": 3})
+    assert cfg.model.args["seed"] == 3 and "args.seed" not in cfg.model.args
 
 
 def test_wrong_argument_types_are_config_errors_and_numpy_scalars_are_numbers():

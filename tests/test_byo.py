@@ -527,6 +527,9 @@ def test_the_module_example_config_samples_a_store(tmp_path, capsys):
     assert attrs["model_target"] == "diffusers:UNet2DModel" and attrs["model_process"] == "ddpm"
     # pc-window without S was not said: it certifies less a round, and data_bound is the fix
     assert "note: field 1x32x32 has no S (model.data_bound unset" in capsys.readouterr().err
+    assert main(["sample", "jobs/configs/module.toml", "--set", f"output.path={out}",
+                 "--set", "sampler.steps=10", "--set", "ensemble.members=1"]) == 0
+    assert "has no S" not in capsys.readouterr().err  # nothing left to sample: not said
     assert main(["sample", "jobs/configs/module.toml", "--set", f"output.path={out}2",
                  "--set", "sampler.steps=10", "--set", "ensemble.members=1", "--set",
                  "model.data_bound=2.0"]) == 0
@@ -554,7 +557,9 @@ def test_an_installed_package_registers_a_model_kind(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fault, said", [
     ("shape", "returns shape [2, 8, 7] for a (2, 8, 8) torch.float32 state"),
     ("tuple", "returns tuple for a (2, 8, 8)"), ("nonfinite", "returns NaN/Inf"),
-    ("int", "returns torch.int64 for a (2, 8, 8)")])
+    ("int", "returns torch.int64 for a (2, 8, 8)"),
+    ("none", "its builder returned NoneType, not a score model"),
+    ("float64", "")])
 def test_a_package_kinds_wrong_score_is_refused_before_its_store(tmp_path, monkeypatch, capsys,
                                                                  fault, said):
     """A package's model was called first by the sampler, its store made: a traceback from
@@ -569,9 +574,14 @@ def test_a_package_kinds_wrong_score_is_refused_before_its_store(tmp_path, monke
     rc = main(["sample", "jobs/configs/grf.toml", "--set", "model.kind=faulty", "--set",
                f"model.fault={fault}", "--set", "model.shape=[8, 8]", "--set",
                "sampler.method=pc-window", "--set", "sampler.steps=6", "--set",
-               f"output.path={out}"])
+               f"output.path={out}", "--set", "sampler.dtype=" + (
+                   "float64" if fault == "float64" else "float32")])
     err = capsys.readouterr().err
-    assert rc == 2 and _one_error(err, "model.kind = 'faulty': its model(x, u) " + said)
+    if not said:  # float64 arithmetic keeps the contract in float64: sampled as before
+        assert rc == 0 and out.exists(), err
+        return
+    assert rc == 2 and _one_error(err, f"model.kind = 'faulty': {said}" if fault == "none"
+                                  else "model.kind = 'faulty': its model(x, u) " + said)
     assert not out.exists()
 
 
