@@ -8,6 +8,7 @@ import numpy as np
 import xarray as xr
 
 from pipeline.evaluation import spread_variance
+from pipeline.inputs import label_text
 from pipeline.store import field_variable
 
 
@@ -65,8 +66,8 @@ def fields_figure(ens: xr.Dataset, truth: xr.DataArray, paired: bool, path: Path
             _images(fig, axes[r], _first_channel(t), _first_channel(e, 1), shown, paired,
                     None if shown_in is None else _first_channel(shown_in),
                     _descending(ens, field.dims[-2]))
-        axes[r, 0].set_ylabel(f"{field.dims[0]} {field[field.dims[0]].values[r]}" if paired
-                              else "", fontsize=9)
+        axes[r, 0].set_ylabel(f"{field.dims[0]} {label_text(field[field.dims[0]].values[r])}"
+                              if paired else "", fontsize=9)
     channel = " (channel 0)" if field.ndim > 4 else ""
     fig.suptitle(f"{name}{channel}: truth, members, ensemble mean and spread", fontsize=10)
     fig.tight_layout()
@@ -147,8 +148,9 @@ BAND_SHADES = {"input": "0.93", "resolved": "0.93", "added": "#fdebd0", "beyond"
 def _headline(a: dict) -> str:
     name = a["headline_band"]
     b = lambda key: a[f"band_{name}_{key}"]  # noqa: E731
-    return (f"{name} band k={b('k')}: max deviation {100 * b('max_deviation'):.0f}% "
-            f"[{100 * b('max_deviation_lo'):.0f}, {100 * b('max_deviation_hi'):.0f}], "
+    bounds = (f" [{100 * b('max_deviation_lo'):.0f}, {100 * b('max_deviation_hi'):.0f}]"
+              if np.isfinite(b("max_deviation_lo")) else " (no interval)")
+    return (f"{name} band k={b('k')}: max deviation {100 * b('max_deviation'):.0f}%{bounds}, "
             f"energy ratio {b('energy_ratio'):.2f}")
 
 
@@ -174,8 +176,10 @@ def spectrum_figure(metrics: xr.Dataset, path: Path) -> Path:
     top.set_ylim(resolved.min() / 3, resolved.max() * 3)
     top.set_ylabel(f"{a['spectrum']} spectrum")
     top.legend()
-    bottom.fill_between(k, metrics["spectrum_ratio_lo"].values, metrics["spectrum_ratio_hi"].values,
-                        color="C3", alpha=0.25, lw=0, label="90% bootstrap interval")
+    if np.isfinite(metrics["spectrum_ratio_lo"].values).any():  # none for one member or item
+        bottom.fill_between(k, metrics["spectrum_ratio_lo"].values,
+                            metrics["spectrum_ratio_hi"].values, color="C3", alpha=0.25, lw=0,
+                            label="90% bootstrap interval")
     bottom.semilogx(k, metrics["spectrum_ratio"].values, "C3.-")
     bottom.axhline(1, color="k", lw=0.8)
     for level in (0.8, 1.2):
@@ -186,12 +190,24 @@ def spectrum_figure(metrics: xr.Dataset, path: Path) -> Path:
     bottom.set_ylim(0, min(max(2.0, 1.1 * shown.max()) if shown.size else 2.0, 10.0))
     bottom.set_xlabel("wavenumber k")
     bottom.set_ylabel("ensemble / truth")
-    bottom.legend(fontsize=8, loc="upper left")
+    if k.max() < 30:  # a short decade: whole wavenumbers, not overlapping minor labels
+        from matplotlib.ticker import NullFormatter
+
+        bottom.set_xticks(_whole_ticks(int(k.max())))
+        bottom.set_xticklabels([str(t) for t in _whole_ticks(int(k.max()))])
+        bottom.xaxis.set_minor_formatter(NullFormatter())
+    if bottom.get_legend_handles_labels()[0]:
+        bottom.legend(fontsize=8, loc="upper left")
     top.set_title(_headline(a), fontsize=9.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _whole_ticks(kmax: int) -> list[int]:
+    """Wavenumbers to label on a log axis up to ``kmax`` (< 30), about evenly spaced there."""
+    return [t for t in (1, 2, 3, 4, 6, 8, 12, 16, 24) if t <= kmax]
 
 
 def rank_figure(metrics: xr.Dataset, path: Path) -> Path:
@@ -236,10 +252,14 @@ def residual_figure(ens: xr.Dataset, path: Path, batches: int = 4) -> Path | Non
     starts = call_starts(res)
     fig, ax = plt.subplots(figsize=(6, 3.6))
     blocked = sampler.get("method") == "piadm-sde" and sampler.get("tol")
+    zeros = False
     for n, row in enumerate(starts[:batches]):
         r = res[row][np.isfinite(res[row])]
         x = np.arange(1, r.size + 1, dtype=float)
-        y = np.maximum(r, 1e-15)
+        # a residual of 0 (a window's accepted points certified exact) has no place on a log
+        # axis: left out, and said, rather than drawn at an invented floor
+        y = np.where(r > 0, r, np.nan)
+        zeros = zeros or bool((r <= 0).any())
         if blocked:  # a block ends at the round its residual reaches tol: break the line there
             ends = np.flatnonzero(r[:-1] <= sampler["tol"]) + 1
             x, y = np.insert(x, ends, np.nan), np.insert(y, ends, np.nan)
@@ -253,7 +273,8 @@ def residual_figure(ens: xr.Dataset, path: Path, batches: int = 4) -> Path | Non
     ax.set_ylabel("relative Picard residual")
     ax.set_title(f"{sampler.get('method', '')}: residual per round"
                  + (f", blocks of {sampler.get('block_size', '?')} steps (grey: block starts)"
-                    if blocked else ""), fontsize=9)
+                    if blocked else "") + ("; rounds of residual 0 not drawn" if zeros else ""),
+                 fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -13,6 +13,7 @@ opened and checked against each other by ``pipeline.eval_inputs``.
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import time
 import warnings
@@ -191,10 +192,11 @@ def _paired_scores(out: xr.Dataset, field: xr.DataArray, per_item: dict, ranks: 
     out = out.assign_coords({item_dim: (item_dim, field[item_dim].values,
                                         dict(field[item_dim].attrs))})
     out["rank_histogram"] = (("rank",), ranks.astype(np.int32))
-    figures = dict(crps=float(np.mean(per_item["crps"])),
-                   ensemble_mean_rmse=float(np.sqrt(np.mean(per_item["rmse"] ** 2))),
-                   spread_skill=float(np.sqrt(np.mean(per_item["spread"] ** 2)) /
-                                      np.sqrt(np.mean(per_item["rmse"] ** 2))))
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 where the mean is the truth
+        figures = dict(crps=float(np.mean(per_item["crps"])),
+                       ensemble_mean_rmse=float(np.sqrt(np.mean(per_item["rmse"] ** 2))),
+                       spread_skill=float(np.sqrt(np.mean(per_item["spread"] ** 2)) /
+                                          np.sqrt(np.mean(per_item["rmse"] ** 2))))
     if baseline is not None:
         figures.update(baseline_mae=float(np.mean(per_item["baseline_mae"])),
                        baseline_rmse=float(np.sqrt(np.mean(per_item["baseline_rmse"] ** 2))))
@@ -256,17 +258,21 @@ def table(metrics: xr.Dataset) -> str:
         ratios = " ".join(f"{r:.2f}" for r in metrics["spectrum_ratio"].values[:kmax])
         rows.append((f"{a['spectrum']} ratio k=1..{kmax}", ratios))
         rows.append((f"max |ratio - 1|, k <= {kmax}", f"{a['spectrum_max_deviation']:.3f}"))
-        # paired items are what the intervals resample: one item gives none
-        lone = a["pairing"] == "paired" and a["items"] == 1
+        # paired items are what the intervals resample, else the members (by item where
+        # they share one): a single one gives none
+        paired = a["pairing"] == "paired"
+        lone = (" (one item: no interval)" if paired or a.get("ensemble_block", 1) > 1
+                else " (one member: no interval)")
         for name in a["bands"].split(","):
             b = lambda key: a[f"band_{name}_{key}"]  # noqa: E731
-            span = lambda key: ("" if lone else  # noqa: E731
+            nil = not np.isfinite(b("energy_ratio_lo")) and np.isfinite(b("energy_ratio"))
+            span = lambda key: ("" if nil else  # noqa: E731
                                 f" [{b(key + '_lo'):.2f}, {b(key + '_hi'):.2f}]")
             mark = " (headline)" if name == a["headline_band"] else ""
             rows.append((f"{name} band k={b('k')}{mark}",
                          f"energy ratio {b('energy_ratio'):.2f}{span('energy_ratio')}, "
                          f"max |ratio - 1| {b('max_deviation'):.2f}{span('max_deviation')}"
-                         + (" (one item: no interval)" if lone else "")
+                         + (lone if nil else "")
                          # past the truth's cut its energies are its numerical noise floor
                          + ("; past the truth's resolved scales, where its energy is near "
                             "zero: not part of the headline" if name == "beyond" else "")))
@@ -276,6 +282,10 @@ def table(metrics: xr.Dataset) -> str:
                    if a.get("ensemble_block", 1) > 1 else "")
         rows.append(("intervals", f"90% bootstrap, the truth in blocks of {a['truth_block']} "
                                   f"consecutive fields{members}"))
+    elif a["pairing"] == "paired" and 1 < a["items"]:
+        rows.append(("intervals", "90% bootstrap of the items, each with its truth"
+                                  + ("; with so few items narrower than 90%"
+                                     if a["items"] < 8 else "")))
     if "rank_histogram" in metrics:
         h = metrics["rank_histogram"].values
         rows.append(("rank histogram (share)", " ".join(f"{c / h.sum():.2f}" for c in h)))
@@ -312,8 +322,8 @@ def _as_json(metrics: xr.Dataset) -> dict:
     if per_item:
         dim = metrics["crps"].dims[0]
         labels = metrics[dim].values
-        # dates as text (tolist gives a datetime64[ns]'s nanoseconds; cftime dates alike)
-        out["per_item"] = {dim: ([label_text(v) for v in labels] if labels.dtype.kind in "mMO"
+        # dates as ISO 8601 text (tolist gives a datetime64[ns]'s nanoseconds; cftime alike)
+        out["per_item"] = {dim: ([_iso(v) for v in labels] if labels.dtype.kind in "mMO"
                                  else labels.tolist()),
                            **{v: metrics[v].values.tolist() for v in per_item}}
     if "k" in metrics.coords:
@@ -325,6 +335,16 @@ def _as_json(metrics: xr.Dataset) -> dict:
     if "rank_histogram" in metrics:
         out["rank_histogram"] = metrics["rank_histogram"].values.tolist()
     return _finite_or_null(out)
+
+
+def _iso(label) -> str:
+    """A date label as ISO 8601 (2020-01-01T06:00:00, midnight too), a cftime date's on its
+    own calendar; a lead time or other label as ``label_text`` writes it."""
+    if np.asarray(label).dtype.kind == "M":
+        return str(np.datetime_as_string(np.datetime64(label, "s")))
+    if hasattr(label, "calendar") and hasattr(label, "isoformat"):
+        return label.isoformat()
+    return label_text(label)
 
 
 def _finite_or_null(value):
@@ -446,6 +466,30 @@ def _output_folder(store, out) -> Path:
     return folder
 
 
+DRAFT_AGE_S = 600  # a draft older than this whose process is gone here was left by a kill
+
+
+def _remove_dead_drafts(folder: Path) -> None:
+    """Delete the drafts (``.PID.NAME``) an evaluation killed mid-write left in ``folder``
+    (kill -9 runs no cleanup): those of a process no longer running on this host, written
+    long enough ago that they are no other host's evaluation at work."""
+    now = time.time()
+    for path in folder.glob(".*.*"):
+        pid, _, name = path.name[1:].partition(".")
+        if not (pid.isdigit() and name in OUTPUTS) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # running here
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, OSError):
+            continue  # another user's, or not a pid: left alone
+        with contextlib.suppress(OSError):
+            if now - path.stat().st_mtime > DRAFT_AGE_S:
+                path.unlink()
+
+
 def _save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline) -> list[Path]:
     """Write metrics.json (it marks the folder as ours), metrics.nc and the figures into
     ``folder``, removing an earlier evaluation's files this one does not make; the files
@@ -454,6 +498,7 @@ def _save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline)
     from pipeline.figures import fields_figure, rank_figure, residual_figure, spectrum_figure
 
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_dead_drafts(folder)
 
     def draft(name: str) -> Path:  # the suffix kept: matplotlib takes the format from it
         return folder / f".{os.getpid()}.{name}"

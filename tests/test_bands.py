@@ -52,6 +52,24 @@ def test_paired_units_cancel_the_truths_scatter_and_unpaired_ones_do_not():
     assert np.all(unpaired.ratio_lo <= unpaired.ratio) and np.all(unpaired.ratio <= unpaired.ratio_hi)
 
 
+def test_one_member_or_one_paired_item_gives_no_interval():
+    """A single row of the ensemble is every draw: the interval was the truth's spread alone
+    (1-member stores of the exact model: 3 of 4 intervals excluded its ratio 1), and a
+    single paired item's a point."""
+    rng = np.random.default_rng(5)
+    bands = spectral_bands(64, cut=21)
+    truth = _spectra(rng, 64)
+    for ens, paired, block in ((_spectra(rng, 1), False, 1), (truth[:1], True, 1),
+                               (_spectra(rng, 4), False, 4)):  # one item of 4 members
+        figs = band_figures(ens, truth[:1] if paired else truth, bands, paired=paired,
+                            ens_block=block)
+        assert np.isnan(figs.ratio_lo).all() and np.isnan(figs.energy_ratio[:, 1:]).all()
+        assert np.isnan(figs.max_deviation[:, 1:]).all()
+        assert np.isfinite(figs.energy_ratio[:, 0]).all()  # the figures themselves stay
+    two = band_figures(_spectra(rng, 2), truth, bands, paired=False)
+    assert np.isfinite(two.energy_ratio).all()
+
+
 def test_intervals_shrink_with_more_units_and_are_reproducible():
     rng = np.random.default_rng(3)
     bands = spectral_bands(64, cut=21)

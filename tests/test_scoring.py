@@ -4,6 +4,7 @@ bad input is a one-line error."""
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -488,7 +489,8 @@ def test_a_climatology_range_selects_by_value_and_labels_are_dates_in_json(paire
     assert _metrics(tmp_path / "c")["truth_fields"] == 3
     assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
                  "--out", str(tmp_path / "p")]) == 0
-    assert _metrics(tmp_path / "p")["per_item"]["time"][:2] == ["2020-01-01", "2020-01-02"]
+    assert _metrics(tmp_path / "p")["per_item"]["time"][:2] == ["2020-01-01T00:00:00",
+                                                                "2020-01-02T00:00:00"]
     # where the store and the truth are, for a reader in another folder (as given, the
     # paths were the evaluating shell's, the variable joined to the truth's with ":")
     said = _metrics(tmp_path / "c")
@@ -512,6 +514,24 @@ def test_one_members_spread_skill_is_said_to_need_two(tmp_path, recwarn):
     metrics, _ = evaluate(out, inp, out=tmp_path / "e")
     assert "spread/skill" in table(metrics) and "n/a (needs 2 members)" in table(metrics)
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_a_one_member_climatology_has_no_interval(tmp_path):
+    """Every resample of one member is that member: the "90%" interval was the truth's
+    spread alone, and on the exact model 3 of 4 seeds' intervals excluded its ratio 1."""
+    from pipeline.scoring import evaluate, table
+
+    sets = ["model.shape=[8, 8]", "sampler.steps=20", "sampler.method=sequential-sde"]
+    for name, members in (("t.zarr", 12), ("one.zarr", 1)):
+        assert main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in [
+            *sets, f"ensemble.members={members}", f"sampler.seed={members}",
+            f"output.path={tmp_path / name}"]), [])]) == 0
+    fields = xr.open_zarr(tmp_path / "t.zarr").field.isel(item=0).rename(member="sample")
+    xr.Dataset({"field": fields.drop_vars("item")}).to_zarr(tmp_path / "truth.zarr")
+    metrics, _ = evaluate(tmp_path / "one.zarr", tmp_path / "truth.zarr", out=tmp_path / "e")
+    said = table(metrics)
+    assert "(one member: no interval)" in said and "[" not in said.split("band k=")[1]
+    assert np.isnan(metrics.attrs[f"band_{metrics.attrs['headline_band']}_energy_ratio_lo"])
 
 
 def test_fields_that_are_not_square_say_why_they_have_no_spectra(tmp_path):
@@ -542,6 +562,12 @@ def test_one_paired_item_gives_no_interval_rather_than_a_zero_wide_one(tmp_path,
     assert main(["evaluate", str(ens), "--truth", str(tmp_path / "truth.zarr")]) == 0
     table = capsys.readouterr().out
     assert "(one item: no interval)" in table and "[" not in table.split("band k=")[1]
+    # nor in the files: metrics.json had zero-wide bounds, the figure "[795, 795]"
+    doc = _metrics(tmp_path / "one_eval")
+    band = f"band_{doc['headline_band']}"
+    assert doc[f"{band}_energy_ratio"] is not None
+    assert doc[f"{band}_energy_ratio_lo"] is None and doc[f"{band}_max_deviation_hi"] is None
+    assert all(v is None for v in doc["spectrum_k"]["ratio_lo"])
 
 
 def test_one_dimensional_fields_are_scored_and_drawn_as_curves(tmp_path, capsys):
@@ -578,6 +604,29 @@ def test_a_failed_figure_leaves_the_folder_as_it_was(paired, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="the figure failed"):
         main([*args, "--kmax", "3"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_the_drafts_of_an_evaluation_killed_mid_write_go_at_the_next(paired, tmp_path):
+    """kill -9 runs no cleanup: its hidden drafts stayed for good beside the files (three
+    kills, ten drafts). Those of a process gone, written long enough ago, are removed; a
+    running one's are not."""
+    import subprocess
+
+    tmp, ens = paired
+    out = tmp_path / "ev"
+    out.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid no process has now
+    old = time.time() - 3600
+    left = [out / f".{gone.pid}.metrics.json", out / f".{gone.pid}.spectrum.png"]
+    recent, running = out / f".{gone.pid}.fields.png", out / f".{os.getppid()}.metrics.nc"
+    for path in (*left, recent, running):
+        path.write_text("half")
+        if path is not recent:
+            os.utime(path, (old, old))
+    assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"), "--out",
+                 str(out)]) == 0
+    assert not any(p.exists() for p in left) and recent.exists() and running.exists()
 
 
 def test_a_figure_written_on_a_full_disk_names_the_folder(paired, tmp_path, monkeypatch,
