@@ -29,6 +29,7 @@ from models import CHANNEL_KINDS, STAT_ERRORS, build_model
 from pipeline.comm import SerialComm
 from pipeline.console import on_rank0, print0
 from pipeline.errors import ConfigError
+from pipeline.jsontext import json_text
 from pipeline.memory import peak_since, start_peak
 from pipeline.memory_check import check_memory
 from pipeline.noise import Noise
@@ -410,7 +411,7 @@ def _write_outputs(cfg: Config, rows: list[dict], earlier: list[dict], json_path
                    comm) -> None:
     """Rank 0: the bench's JSON (with its config) and figure, where asked."""
     if json_path:
-        replace_text(json_path, json.dumps({"config": cfg.text, "rows": rows}, indent=2))
+        replace_text(json_path, json_text({"config": cfg.text, "rows": rows}, indent=2))
     if png_path:
         from pipeline.figures import bench_figure, one_per_point
 

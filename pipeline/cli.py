@@ -295,10 +295,11 @@ def _cmd_plan(args, world) -> int:
                  "rounds": p.rounds,
                  "calls": p.profile.calls, "tol": p.profile.tol, "round_s": p.round_s,
                  "batches": p.batches, "predicted_s": p.seconds} for p in plan.ranked]
+        from pipeline.jsontext import json_text
         from pipeline.processes import replace_text
 
         # on_rank0: a full disk ends every rank together (one line), not rank 0 alone
-        on_rank0(world, replace_text, args.json, json.dumps(
+        on_rank0(world, replace_text, args.json, json_text(
             {"machine": dataclasses.asdict(plan.machine), "settings": chosen, "layouts": rows},
             indent=1))
     return 0

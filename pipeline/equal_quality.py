@@ -21,8 +21,8 @@ from typing import Callable
 
 from pipeline.comm import SerialComm
 from pipeline.config import ConfigError
-
 from pipeline.console import on_rank0, print0
+from pipeline.jsontext import json_text
 from pipeline.processes import replace_text
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
 from pipeline.run import sampler_grid, sampler_options
@@ -282,14 +282,12 @@ def _rows_at_steps(cfg: Config, shape, found: dict, measure, quality: float, *, 
 def _save(cfg: Config, rows, found: dict, measure, quality: float, json_path, png_path,
           comm) -> None:
     """Rank 0: the table and every reference's error curve as JSON, and the figure."""
-    import json
-
     curves = {ref: [[n, n * calls_per_step(ref), error] for n, error in sorted(seen.items())]
               for ref, (_, seen) in found.items()}  # [steps, sequential calls, error]
     intervals = {ref: [[n, *measure.intervals[ref, n]] for n in sorted(seen)
                        if (ref, n) in measure.intervals] for ref, (_, seen) in found.items()}
     if json_path:
-        replace_text(json_path, json.dumps(
+        replace_text(json_path, json_text(
             {"config": cfg.text, "quality": quality, "measure": measure.name, "rows": rows,
              "curves": curves, "intervals": intervals}, indent=2))
     if png_path:

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.comm import SerialComm
 from pipeline.grids import Grid, block_edges
+from pipeline.jsontext import json_text
 from pipeline.noise import Noise
 from pipeline.processes import replace_text
 from pipeline.samplers import SAMPLERS, Options
@@ -103,8 +104,6 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
     downscaler a quarter as many fields with ``DRAWS_PER_FIELD`` draws each, every one given
     its own coarse field. Prints and returns each level's energy ratio per octave band and
     over the resolved shells."""
-    import json
-
     from models import build_model
     from pipeline.config import ConfigError
     from pipeline.console import on_rank0, print0
@@ -164,6 +163,6 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
         print0(comm, f"{u:7.3g} {rows[-1]['sigma']:8.3g} {steps:6d} "
                      + " ".join(f"{r:9.3f}" for r in ratios))
     if json_path:  # on_rank0: a full disk ends every rank together
-        on_rank0(comm, replace_text, json_path, json.dumps(
+        on_rank0(comm, replace_text, json_path, json_text(
             {"method": method, "fields": len(pick), "draws": draws, "rows": rows}, indent=1))
     return rows

@@ -28,6 +28,8 @@ from pipeline.errors import EvaluationError, naming
 from pipeline.evaluation import (crps, energy_spectra, power_spectra, rank_histogram,
                                  spread_variance)
 from pipeline.inputs import label_text
+from pipeline.jsontext import finite_or_null
+from pipeline.processes import process_alive
 from pipeline.eval_inputs import (INPUT_MISMATCH, check_shell, check_sound, coarse_input,
                                   ensemble_variable, input_mismatch, is_square, open_ensemble,
                                   open_truth, upsampled, without_channel)
@@ -334,7 +336,7 @@ def _as_json(metrics: xr.Dataset) -> dict:
                                           "spectrum_ratio_hi")}}
     if "rank_histogram" in metrics:
         out["rank_histogram"] = metrics["rank_histogram"].values.tolist()
-    return _finite_or_null(out)
+    return finite_or_null(out)
 
 
 def _iso(label) -> str:
@@ -345,18 +347,6 @@ def _iso(label) -> str:
     if hasattr(label, "calendar") and hasattr(label, "isoformat"):
         return label.isoformat()
     return label_text(label)
-
-
-def _finite_or_null(value):
-    """``value`` with every NaN or infinite number as None: JSON has no NaN, and a reader
-    that follows the standard refuses a file holding one."""
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_null(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str | None = None,
@@ -478,15 +468,8 @@ def _remove_dead_drafts(folder: Path) -> None:
         pid, _, name = path.name[1:].partition(".")
         if not (pid.isdigit() and name in OUTPUTS) or int(pid) == os.getpid():
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # running here
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError, OSError):
-            continue  # another user's, or not a pid: left alone
-        with contextlib.suppress(OSError):
-            if now - path.stat().st_mtime > DRAFT_AGE_S:
+        with contextlib.suppress(OSError, OverflowError):  # gone meanwhile; not a pid
+            if not process_alive(int(pid)) and now - path.stat().st_mtime > DRAFT_AGE_S:
                 path.unlink()
 
 

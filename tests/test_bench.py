@@ -193,3 +193,17 @@ def test_a_json_written_on_a_full_disk_leaves_the_earlier_one_whole(tmp_path, mo
     monkeypatch.undo()
     assert out.read_text() == '{"earlier": "run"}'
     assert [p.name for p in out.parent.iterdir()] == ["b.json"]
+
+
+def test_the_json_writers_text_has_null_for_nan_and_infinities():
+    """bench, plan, --quality and --renoise wrote plain json.dumps: a NaN distance or error
+    became a NaN token, which standard JSON readers refuse; metrics.json wrote null."""
+    import json
+
+    from pipeline.jsontext import json_text
+
+    text = json_text({"rows": [{"rel_dist": float("nan"), "w2": float("inf"), "n": 3}],
+                      "curves": [(1, float("-inf"))]})
+    assert json.loads(text) == {"rows": [{"rel_dist": None, "w2": None, "n": 3}],
+                                "curves": [[1, None]]}
+    assert "NaN" not in text and "Infinity" not in text
