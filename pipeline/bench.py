@@ -409,14 +409,16 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
 
 def _write_outputs(cfg: Config, rows: list[dict], earlier: list[dict], json_path, png_path,
                    comm) -> None:
-    """Rank 0: the bench's JSON (with its config) and figure, where asked."""
-    if json_path:
-        replace_text(json_path, json_text({"config": cfg.text, "rows": rows}, indent=2))
+    """Rank 0: the bench's JSON (with its config) and figure, where asked: the figure, the
+    slow one, first, so that a stop while it is drawn leaves both as they were."""
     if png_path:
         from pipeline.figures import bench_figure, one_per_point
 
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
         print0(comm, f"plot: {bench_figure(earlier + one_per_point(rows), Path(png_path))}")
+    if json_path:
+        replace_text(json_path, json_text({"config": cfg.text, "rows": rows}, indent=2))
+        print0(comm, f"table: {json_path}")
 
 
 def _built(cfg: Config, size: tuple[int, ...], device) -> tuple[Config, object]:

@@ -9,6 +9,7 @@ import xarray as xr
 
 from pipeline.evaluation import spread_variance
 from pipeline.inputs import label_text
+from pipeline.processes import replace_file
 from pipeline.store import field_variable
 
 
@@ -71,7 +72,7 @@ def fields_figure(ens: xr.Dataset, truth: xr.DataArray, paired: bool, path: Path
     channel = " (channel 0)" if field.ndim > 4 else ""
     fig.suptitle(f"{name}{channel}: truth, members, ensemble mean and spread", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -200,9 +201,16 @@ def spectrum_figure(metrics: xr.Dataset, path: Path) -> Path:
         bottom.legend(fontsize=8, loc="upper left")
     top.set_title(_headline(a), fontsize=9.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
+
+
+def _save(fig, path: Path) -> None:
+    """``fig`` written to ``path`` whole or not at all (``replace_file``): a stop mid-write
+    left a 0-byte PNG where an earlier plot was (evaluate's drafts go through it too)."""
+    replace_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format=Path(path).suffix[1:]
+                                               or "png"))
 
 
 def _whole_ticks(kmax: int) -> list[int]:
@@ -225,7 +233,7 @@ def rank_figure(metrics: xr.Dataset, path: Path) -> Path:
     ax.set_title(f"rank histogram, spread/skill {said}", fontsize=10)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -277,7 +285,7 @@ def residual_figure(ens: xr.Dataset, path: Path, batches: int = 4) -> Path | Non
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -364,7 +372,7 @@ def bench_figure(rows: list[dict], path: Path) -> Path:
         axes[2].set_title(f"d = {d}", fontsize=10)
         axes[2].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -405,6 +413,6 @@ def quality_figure(rows: list[dict], curves: dict[str, list], quality: float, pa
     axes[0].set_title(f"lines: sequential references; marks: each method at error <= {quality:g}",
                       fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path

@@ -1,6 +1,7 @@
 """The bench's bookkeeping: a row's shares of time are of one repeat."""
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,3 +208,22 @@ def test_the_json_writers_text_has_null_for_nan_and_infinities():
     assert json.loads(text) == {"rows": [{"rel_dist": None, "w2": None, "n": 3}],
                                 "curves": [[1, None]]}
     assert "NaN" not in text and "Infinity" not in text
+
+
+def test_a_figure_stopped_mid_write_leaves_the_earlier_one(tmp_path):
+    """bench --png (and --quality) saved onto the file itself: a Ctrl-C while it was written
+    left 0 bytes where the earlier plot was."""
+    from pipeline.figures import _save
+
+    path = tmp_path / "bench.png"
+    path.write_bytes(b"the earlier plot")
+
+    class Stopped:
+        def savefig(self, target, **options):
+            Path(target).write_bytes(b"half")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _save(Stopped(), path)
+    assert path.read_bytes() == b"the earlier plot" and [p.name for p in tmp_path.iterdir()] \
+        == ["bench.png"]
