@@ -436,6 +436,10 @@ NETWORK_WARNINGS = (r"model\.target = .* is defined in no file", r"the network a
                     r"model\.weights = .* holds float64 values for the factory")
 
 
+# the commands that load torch (status, config and evaluate do not: they stay quick)
+TORCH_COMMANDS = ("bench", "calibrate", "plan", "generate-data")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. An error every rank raised together exits 2 on all of them; any other
     error under MPI aborts the whole job, so no rank waits forever in a collective."""
@@ -460,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.command in ("sample", "train"):  # they stop gracefully (StopRequest)
                 return COMMANDS[args.command](args, world)
+            if args.command in TORCH_COMMANDS:  # loaded while a stop is still held: raised
+                # inside torch's C++ start-up, the stop aborted the process (exit 6)
+                import torch  # noqa: F401
             with interrupted_by_stop_signals():  # the others say what they kept, as on Ctrl-C
                 return COMMANDS[args.command](args, world)
         except Exception as err:

@@ -518,6 +518,29 @@ def test_a_stop_signal_interrupts_once_and_the_handlers_before_come_back():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_torch_is_loaded_while_stop_signals_are_still_held():
+    """A SIGTERM raised inside torch's C++ start-up (the import under the handler that
+    raises) aborted calibrate with exit 6, not 143: the commands that load it load it
+    before the handler is set; status and config never load it."""
+    script = ("import contextlib, sys\n"
+              "import pipeline.cli as cli\n"
+              "seen = []\n"
+              "@contextlib.contextmanager\n"
+              "def held():\n"
+              "    seen.append('torch' in sys.modules)\n"
+              "    yield\n"
+              "cli.interrupted_by_stop_signals = held\n"
+              "cli.main([sys.argv[1], 'jobs/configs/grf.toml', '--set', 'sampler.steps=0'])\n"
+              "print(seen, 'torch' in sys.modules)\n")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    for command, loaded in (("calibrate", "[True] True"), ("config", "[False] False")):
+        done = subprocess.run([sys.executable, "-c", script, command], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip() == loaded, (command, done.stdout, done.stderr[-2000:])
+
+
 @pytest.mark.parametrize("code", [143, 1])
 def test_a_command_stopped_by_a_signal_ends_on_its_own_line(code):
     """A write a stop signal cut short leaves a coroutine never awaited, which Python warns
