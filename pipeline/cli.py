@@ -12,6 +12,7 @@ if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "piadm":
     defer_early()  # before the heavy imports below: a stop signal now must not kill the job
 
 import dataclasses  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import traceback  # noqa: E402
@@ -466,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                 return COMMANDS[args.command](args, world)
             if args.command in TORCH_COMMANDS:  # loaded while a stop is still held: raised
                 # inside torch's C++ start-up, the stop aborted the process (exit 6)
-                import torch  # noqa: F401
+                importlib.import_module("torch")
             with interrupted_by_stop_signals():  # the others say what they kept, as on Ctrl-C
                 return COMMANDS[args.command](args, world)
         except Exception as err:
