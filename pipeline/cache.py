@@ -147,6 +147,18 @@ def _open_lock(path: Path) -> int:
         return os.open(path, os.O_RDONLY)
 
 
+def _wait_for(lock: int, path: Path) -> None:
+    """The exclusive lock on descriptor ``lock`` of cache ``path``; a wait for another
+    process holding it (a long one: a job stopped by a debugger, a hung NFS client) is said,
+    not silent after a measurement's output."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        say(f"piadm: waiting for another process's lock on the cache {path} (its .lock file) "
+            "to keep this measurement")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+
+
 def _update(path: Path, key: str, entry) -> None:
     if path.parent == NO_HOME:
         raise FileNotFoundError(errno.ENOENT, "no home folder is known")
@@ -160,7 +172,7 @@ def _update(path: Path, key: str, entry) -> None:
     lock = _open_lock(path.with_name(f"{path.name}.lock"))
     try:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            _wait_for(lock, path)  # released when the file closes
         except OSError:  # a file system without flock (Lustre mounted without it): unlocked,
             pass  # as before the lock, rather than lose what was measured
         held = None

@@ -258,6 +258,27 @@ def test_processes_writing_other_keys_at_once_lose_none(tmp_path):
     assert len(read_cache(path)) == 200
 
 
+def test_a_wait_for_another_process_s_cache_lock_is_said(tmp_path, capsys):
+    """A calibration printed its ladder, then nothing while another process held the
+    cache's lock: the wait is said, and the entry kept once the lock is let go."""
+    import fcntl
+    import threading
+
+    from pipeline.cache import read_cache, update_cache
+
+    path = tmp_path / "c.json"
+    holder = open(tmp_path / "c.json.lock", "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    writer = threading.Thread(target=update_cache, args=(path, "k", 1.0))
+    writer.start()
+    writer.join(timeout=1.0)
+    assert writer.is_alive()  # waiting for the lock
+    assert "waiting for another process's lock on the cache" in capsys.readouterr().err
+    holder.close()
+    writer.join(timeout=30)
+    assert read_cache(path) == {"k": 1.0}
+
+
 def test_a_cache_that_cannot_be_written_or_read_costs_a_warning_not_the_run(tmp_path, cache,
                                                                           monkeypatch, capsys):
     """What was measured is used whether or not it can be kept; a cache file holding JSON
