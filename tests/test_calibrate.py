@@ -269,12 +269,14 @@ def test_a_wait_for_another_process_s_cache_lock_is_said(tmp_path, capsys):
     path = tmp_path / "c.json"
     holder = open(tmp_path / "c.json.lock", "a+")
     fcntl.flock(holder, fcntl.LOCK_EX)
-    writer = threading.Thread(target=update_cache, args=(path, "k", 1.0))
+    writer = threading.Thread(target=update_cache, args=(path, "k", 1.0), daemon=True)
     writer.start()
-    writer.join(timeout=1.0)
-    assert writer.is_alive()  # waiting for the lock
-    assert "waiting for another process's lock on the cache" in capsys.readouterr().err
-    holder.close()
+    try:
+        writer.join(timeout=1.0)
+        assert writer.is_alive()  # waiting for the lock
+        assert "waiting for another process's lock on the cache" in capsys.readouterr().err
+    finally:
+        holder.close()
     writer.join(timeout=30)
     assert read_cache(path) == {"k": 1.0}
 
