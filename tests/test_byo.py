@@ -536,13 +536,19 @@ def test_the_module_example_config_samples_a_store(tmp_path, capsys):
     assert "has no S" not in capsys.readouterr().err
 
 
+def _install_kind(folder, monkeypatch, package: str, entry: str) -> None:
+    """An installed ``package`` (its dist-info in ``folder``, put on the path) whose entry
+    point ``entry`` ("KIND = module:builder") adds a model kind."""
+    dist = folder / f"{package}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[piadm.models]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(folder))
+
+
 def test_an_installed_package_registers_a_model_kind(tmp_path, monkeypatch):
     """An entry point in the group piadm.models adds a kind; its own keys reach it in args."""
-    dist = tmp_path / "mynets-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mynets\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[piadm.models]\nsteepgrf = byo_nets:build_plugin\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    _install_kind(tmp_path, monkeypatch, "mynets", "steepgrf = byo_nets:build_plugin")
     monkeypatch.syspath_prepend(str(TESTS))
     cfg = api.load_config(None, {"model.kind": "steepgrf", "model.steepness": 4.0,
                                  "model.shape": [8, 8], "sampler.method": "sequential-sde",
@@ -564,11 +570,7 @@ def test_a_package_kinds_wrong_score_is_refused_before_its_store(tmp_path, monke
                                                                  fault, said):
     """A package's model was called first by the sampler, its store made: a traceback from
     deep in a sampler (view_as of a tuple), or a NaN refusal mid-run, an empty store left."""
-    dist = tmp_path / "badnets-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: badnets\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[piadm.models]\nfaulty = byo_nets:build_bad_plugin\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    _install_kind(tmp_path, monkeypatch, "badnets", "faulty = byo_nets:build_bad_plugin")
     monkeypatch.syspath_prepend(str(TESTS))
     out = tmp_path / "bad.zarr"
     rc = main(["sample", "jobs/configs/grf.toml", "--set", "model.kind=faulty", "--set",
@@ -881,12 +883,8 @@ def test_a_plugin_kinds_weights_retrained_in_place_or_edited_builder_make_anothe
     from pipeline.calibrate import calibration_key
     from pipeline.config import load_config
 
-    dist = tmp_path / "mynets-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mynets\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[piadm.models]\nsteepgrf = mynets_code:build_plugin\n")
+    _install_kind(tmp_path, monkeypatch, "mynets", "steepgrf = mynets_code:build_plugin")
     shutil.copy(TESTS / "byo_nets.py", tmp_path / "mynets_code.py")
-    monkeypatch.syspath_prepend(str(tmp_path))
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"first")
     out = tmp_path / "p.zarr"
