@@ -5,7 +5,6 @@ the key and the fix; ``pipeline.config`` runs ``validate`` on every configuratio
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -14,7 +13,7 @@ from pathlib import Path
 from pipeline.choices import (DTYPE_NAMES, FIELD_DIMS, FORMS, GRIDS, NORM_GROUPS, ON_DIVERGENCE,
                               SCHEDULER_GRID, SOURCES, STORE_DIMS, STORE_VARIABLES,
                               resolved_wavenumber)
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, did_you_mean
 from pipeline.samplers.options import THETAS, WINDOW_SPLITS
 from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataConfig, ModelConfig,
                                ParallelConfig, SamplerConfig, TrainConfig, open_kind)
@@ -256,9 +255,8 @@ def _check_sampler(s: SamplerConfig, benched: tuple[str, ...] = ()) -> None:
     from pipeline.samplers import REGISTRY, SAMPLERS
 
     known = (*SAMPLERS, *AUTO_METHODS)
-    close = difflib.get_close_matches(s.method, known, n=1)
     _check(s.method in known, "sampler.method", f"= {s.method!r} is unknown: use one of "
-           f"{', '.join(known)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+           f"{', '.join(known)}{did_you_mean(s.method, known)}")
     _check(1 <= s.steps <= STEPS_MAX, "sampler.steps",
            f"= {s.steps} must be >= 1 and at most {STEPS_MAX} (its time grid's tables "
            "alone would outgrow a node's memory)")
@@ -385,10 +383,8 @@ def _check_bench(b: BenchConfig) -> None:
     _check(len(b.methods) >= 1, "bench.methods",
            "is empty: name the methods to bench, e.g. [\"sequential-sde\", \"pc-window\"]")
     for method in b.methods:
-        close = difflib.get_close_matches(method, SAMPLERS, n=1)
-        _check(method in SAMPLERS, "bench.methods",
-               f"has unknown method {method!r}: use any of {', '.join(SAMPLERS)}"
-               + (f" (did you mean {close[0]!r}?)" if close else ""))
+        _check(method in SAMPLERS, "bench.methods", f"has unknown method {method!r}: use any "
+               f"of {', '.join(SAMPLERS)}{did_you_mean(method, SAMPLERS)}")
     _check_unique(tuple(b.methods), "bench.methods", "it would be benched twice")
     for size in b.sizes:
         _check(1 <= len(size) <= 3 and min(size) >= 2, "bench.sizes",
@@ -521,9 +517,8 @@ def validate(cfg: Config) -> None:
 
     m = cfg.model
     kinds = model_kinds()
-    close = difflib.get_close_matches(m.kind, kinds, n=1)
-    _check(m.kind in kinds, "model.kind", f"= {m.kind!r} is unknown: use one of {', '.join(kinds)}"
-           + (f" (did you mean {close[0]!r}?)" if close else ""))
+    _check(m.kind in kinds, "model.kind", f"= {m.kind!r} is unknown: use one of "
+           f"{', '.join(kinds)}{did_you_mean(m.kind, kinds)}")
     _check(not m.args or open_kind(m.kind), "model.args",
            f"are only for model.kind = 'module' or a plugin's kind, not {m.kind!r}")
     least = 2 if m.kind in ("grf", "gmm") else 1  # a network may take a channel axis of 1
