@@ -502,7 +502,7 @@ def _finalize_alone(spec: StoreSpec, note: str, job: str,
         finalize(path, note)
         # every member done at the start or written by this run: complete, without reading
         # the store's done flags again (a file a batch: seconds on a store of 10,000 batches)
-        count, size = (known[1],) * 2 if known[0] >= known[1] else _count_done(path)
+        count, size = known if known[0] == known[1] else _count_done(path)
         if count == size:  # no job needs the claims of a finished store
             clear_batch_claims(claims_dir(path))
             clear_left_by_dead(claims_dir(path))  # nor what killed jobs left

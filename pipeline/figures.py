@@ -150,7 +150,8 @@ def _headline(a: dict) -> str:
     name = a["headline_band"]
     b = lambda key: a[f"band_{name}_{key}"]  # noqa: E731
     bounds = (f" [{100 * b('max_deviation_lo'):.0f}, {100 * b('max_deviation_hi'):.0f}]"
-              if np.isfinite(b("max_deviation_lo")) else " (no interval)")
+              if np.isfinite(b("max_deviation_lo")) or not np.isfinite(b("max_deviation"))
+              else " (no interval)")
     return (f"{name} band k={b('k')}: max deviation {100 * b('max_deviation'):.0f}%{bounds}, "
             f"energy ratio {b('energy_ratio'):.2f}")
 

@@ -460,13 +460,17 @@ DRAFT_AGE_S = 600  # a draft older than this whose process is gone here was left
 
 
 def _remove_dead_drafts(folder: Path) -> None:
-    """Delete the drafts (``.PID.NAME``) an evaluation killed mid-write left in ``folder``
-    (kill -9 runs no cleanup): those of a process no longer running on this host, written
-    long enough ago that they are no other host's evaluation at work."""
+    """Delete the drafts (``.PID.NAME``, and the temp file a figure's is written through)
+    that an evaluation killed mid-write left in ``folder`` (kill -9 runs no cleanup): those
+    of a process no longer running on this host, written long enough ago that they are no
+    other host's evaluation at work."""
     now = time.time()
     for path in folder.glob(".*.*"):
-        pid, _, name = path.name[1:].partition(".")
-        if not (pid.isdigit() and name in OUTPUTS) or int(pid) == os.getpid():
+        # a draft, or the temp file a figure's draft is written through (..PID.NAME.*.tmp)
+        pid, _, name = path.name.lstrip(".").partition(".")
+        ours = name in OUTPUTS or (name.endswith(".tmp") and any(
+            name.startswith(f"{output}.") for output in OUTPUTS))
+        if not (pid.isdigit() and ours) or int(pid) == os.getpid():
             continue
         with contextlib.suppress(OSError, OverflowError):  # gone meanwhile; not a pid
             if not process_alive(int(pid)) and now - path.stat().st_mtime > DRAFT_AGE_S:

@@ -618,7 +618,8 @@ def test_the_drafts_of_an_evaluation_killed_mid_write_go_at_the_next(paired, tmp
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid no process has now
     old = time.time() - 3600
-    left = [out / f".{gone.pid}.metrics.json", out / f".{gone.pid}.spectrum.png"]
+    left = [out / f".{gone.pid}.metrics.json", out / f".{gone.pid}.spectrum.png",
+            out / f"..{gone.pid}.fields.png.vm-{gone.pid}-0a1b2c3d.tmp"]  # a figure's temp
     recent, running = out / f".{gone.pid}.fields.png", out / f".{os.getppid()}.metrics.nc"
     for path in (*left, recent, running):
         path.write_text("half")
