@@ -64,6 +64,30 @@ def interrupted_by_stop_signals():
             signal.signal(sig, handler)
 
 
+@contextmanager
+def finished_before_stopping():
+    """Inside, a stop signal or Ctrl-C waits for the block to end (a few writes that belong
+    together, and the record of them), then interrupts as it would have; only in the main
+    thread, where Python's handlers run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    kinds = (signal.SIGINT, *STOP_SIGNALS)
+    previous = {sig: signal.getsignal(sig) for sig in kinds}
+    for sig in kinds:
+        signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        if held[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Interrupted(signum=held[0])
+
+
 def signal_of(err: KeyboardInterrupt) -> int:
     """The signal that interrupted: a stop signal's (``Interrupted.signum``), else Ctrl-C's."""
     return getattr(err, "signum", signal.SIGINT)

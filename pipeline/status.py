@@ -11,6 +11,7 @@ import zarr
 from pipeline import __version__
 from pipeline.errors import PiadmError, is_system_error
 from pipeline.inputs import label_text
+from pipeline.signals import finished_before_stopping
 from pipeline.store import (ARRAYS_FIX, NOT_A_GROUP, PER_MEMBER, DamagedRecord, damaged_arrays,
                             done_members, finalize, read_done_record)
 from pipeline.target import check_idle, filling_jobs
@@ -250,6 +251,25 @@ def _broken_text(path: str, group: zarr.Group, broken: list[str], as_json: bool)
                       f"--repair mends members' records only: {ARRAYS_FIX}"])
 
 
+def _repair(path: str, group, flags: np.ndarray, record, found: list) -> None:
+    """Mark the damaged members ``found`` not done (``flags`` too) and say so in the store's
+    history; ``record``: the done array's damaged chunks, rewritten whole as not done."""
+    done = zarr.open_group(path, mode="r+")["done"]
+    for region in record:  # whole chunks: written without reading the damaged bytes
+        done[region] = 0
+    for item, member, _ in found:
+        if flags[item, member]:  # a member of a sound chunk (a damaged one's are False)
+            done[item, member] = 0
+            flags[item, member] = False
+    # in the store's history, as its writes are: the members a rerun samples again
+    dim = _item_dim(group)
+    labels = _labels(group[dim])
+    finalize(path, f"piadm {__version__}: status --verify --repair marked {len(found)} "
+                   "damaged member(s) not done: "
+                   + ", ".join(f"{dim} {labels[i]} member {m}" for i, m, _ in found[:20])
+                   + (", ..." if len(found) > 20 else ""))
+
+
 def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
     """The text of ``status --verify``: the store's progress (``report``) and whether every
     member marked done reads back (``damaged``; ``as_json``: one JSON object of both, each
@@ -265,20 +285,9 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
     if found and repair:
         # a live job's writes and ours would race on the done flags
         check_idle(path, "marks damaged members not done")
-        done = zarr.open_group(path, mode="r+")["done"]
-        for region in record:  # whole chunks: written without reading the damaged bytes
-            done[region] = 0
-        for item, member, _ in found:
-            if flags[item, member]:  # a member of a sound chunk (a damaged one's are False)
-                done[item, member] = 0
-                flags[item, member] = False
-        # in the store's history, as its writes are: the members a rerun samples again
-        dim = _item_dim(group)
-        labels = _labels(group[dim])
-        finalize(path, f"piadm {__version__}: status --verify --repair marked {len(found)} "
-                       "damaged member(s) not done: "
-                       + ", ".join(f"{dim} {labels[i]} member {m}" for i, m, _ in found[:20])
-                       + (", ..." if len(found) > 20 else ""))
+        with finished_before_stopping():  # a stop part way left members marked, unrecorded
+            _repair(path, group, flags, record, found)
+    # after the repair; where the record is damaged and kept, no count can be read
     # after the repair; where the record is damaged and kept, no count can be read
     state = _progress(path, group, flags if repair or not record else None)
     ok = state["complete"] and not found

@@ -16,7 +16,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.ensemble import sample_to_store
 from pipeline.signals import StopRequest
-from pipeline.store import StoreExists
+from pipeline.store import StoreExists, done_members
 
 
 def assert_same_store(a, b):
@@ -430,6 +430,34 @@ def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resa
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, hurt)]) == 0
     assert main(["status", "--verify", str(hurt)]) == 0
     assert_same_store(clean, hurt)
+
+
+def test_a_stop_during_a_repair_lets_it_finish_and_record_itself(tmp_path, input_store, capsys,
+                                                                  monkeypatch):
+    """A Ctrl-C or SIGTERM part way through --repair left members marked not done with no
+    line in the store's history saying so: the repair finishes, is recorded, then stops."""
+    import os
+    import signal
+
+    import pipeline.status
+
+    hurt = tmp_path / "hurt.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, hurt)]) == 0
+    chunks = sorted(p for p in (hurt / "vort" / "c").rglob("*") if p.is_file())
+    chunks[0].unlink()
+    real = pipeline.status.finalize
+
+    def stopped_meanwhile(path, note):  # the signal lands while the repair writes
+        os.kill(os.getpid(), signal.SIGTERM)
+        real(path, note)
+
+    monkeypatch.setattr(pipeline.status, "finalize", stopped_meanwhile)
+    capsys.readouterr()
+    assert main(["status", "--verify", "--repair", str(hurt)]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    history = json.loads(zarr.open_group(hurt, mode="r").attrs["piadm_history"])[-1]
+    assert "status --verify --repair marked 2 damaged member(s) not done" in history
+    assert done_members(hurt).sum() == done_members(hurt).size - 2
 
 
 def test_a_damaged_done_record_or_member_counts_are_told_and_repaired(tmp_path, input_store,
