@@ -28,7 +28,8 @@ from pathlib import Path
 import xarray as xr
 
 from pipeline.comm import MPIComm, SerialComm, world_comm
-from pipeline.config import ConfigError, config_from_dict, place_setting, read_toml
+from pipeline.config import (ConfigError, config_from_dict, place_setting, read_toml,
+                             setting_keys)
 from pipeline.errors import PiadmError, as_user_error, is_system_error  # user errors: PiadmError
 from pipeline.settings import SECTION_TYPES, Config
 from pipeline.signals import StopRequest
@@ -65,9 +66,8 @@ def load_config(source: str | Path | dict | Config | None = None,
             raise ConfigError(f"override {dotted!r} ({type(dotted).__name__}): the keys of "
                               "load_config's overrides are strings 'section.key', e.g. "
                               "'sampler.steps'")
-        keys = dotted.split(".")
-        factory = len(keys) == 3 and keys[:2] == ["model", "args"] and bool(keys[2])
-        if (len(keys) != 2 or not all(keys)) and not factory:
+        keys = setting_keys(dotted)
+        if keys is None:
             raise ConfigError(f"override {dotted!r}: use 'section.key', e.g. 'sampler.steps' "
                               "(or 'model.args.NAME' for a factory's argument)")
         table = tree.setdefault(keys[0], {})

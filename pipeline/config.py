@@ -148,13 +148,19 @@ def _set(tree: dict, dotted: str, raw: str, source: str = "--set") -> None:
     """Put ``dotted=raw`` into ``tree``; ``source`` names where the item came from in an
     error (``--set`` or ``PIADM_SET:``)."""
     dotted, raw = dotted.strip(), raw.strip()  # "sampler.steps = 7" reads as sampler.steps=7
-    keys = [key.strip() for key in dotted.split(".")]
-    # model.args.KEY: one argument of a brought network's factory, among those [model.args] holds
-    factory = len(keys) == 3 and keys[:2] == ["model", "args"] and bool(keys[2])
-    if (len(keys) != 2 or not all(keys)) and not factory:
+    keys = setting_keys(dotted)
+    if keys is None:
         raise ConfigError(f"{source} {dotted}={raw}: the key must look like section.key, e.g. "
                           "sampler.steps (or model.args.NAME for a factory's argument)")
     place_setting(tree, keys, _value(dotted, raw, source))
+
+
+def setting_keys(dotted: str) -> list[str] | None:
+    """The keys of a setting's name: [section, key], or [model, args, NAME] for an argument
+    of a brought network's factory; None for a name of neither form."""
+    keys = [key.strip() for key in dotted.split(".")]
+    factory = len(keys) == 3 and keys[:2] == ["model", "args"] and bool(keys[2])
+    return keys if factory or (len(keys) == 2 and all(keys)) else None
 
 
 def place_setting(tree: dict, keys: list[str], value) -> None:

@@ -195,8 +195,8 @@ def spectrum_figure(metrics: xr.Dataset, path: Path) -> Path:
     if k.max() < 30:  # a short decade: whole wavenumbers, not overlapping minor labels
         from matplotlib.ticker import NullFormatter
 
-        bottom.set_xticks(_whole_ticks(int(k.max())))
-        bottom.set_xticklabels([str(t) for t in _whole_ticks(int(k.max()))])
+        ticks = _whole_ticks(int(k.max()))
+        bottom.set_xticks(ticks, [str(t) for t in ticks])
         bottom.xaxis.set_minor_formatter(NullFormatter())
     if bottom.get_legend_handles_labels()[0]:
         bottom.legend(fontsize=8, loc="upper left")
