@@ -39,6 +39,9 @@ CASES = {  # name: (method, dtype, options, noise source)
                          Options(window=20, tol=1e-5, window_split="replicated"), "host"),
     "pcwindowrep32": ("pc-window", torch.float32,
                       Options(window=20, tol=1e-3, window_split="replicated"), "host"),
+    "pcwindowsecantrep64": ("pc-window", torch.float64,
+                            Options(window=20, tol=1e-3, theta="secant",
+                                    window_split="replicated"), "host"),
     "dpmppwindow64": ("dpmpp-2m-window", torch.float64, Options(tol=1e-4), "host"),
 }
 

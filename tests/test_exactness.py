@@ -21,7 +21,13 @@ OPTS = {
     "window": Options(window=40, tol=0.1),
     "pc-window": Options(tol=1e-3),
     "pc-window-ode": Options(tol=1e-5),
+    "pc-window-secant": Options(tol=1e-3, theta="secant"),  # the learned corrector
 }
+
+
+def _sampler(name: str):
+    """The sampler a case of OPTS runs (a case may be a sampler with other options)."""
+    return SAMPLERS[name.removesuffix("-predictor").removesuffix("-secant")]
 
 
 def _chi2_of_spectrum(model, y):
@@ -41,8 +47,8 @@ def test_grf_spectrum_matches_exact_target(method, shape, members):
     grid = make_grid("ou", 400, u_min=U_MIN, u_max=10.0, block_size=50)
     noise = Noise(11, tuple((0, m) for m in range(members)), shape, torch.float64)
     options = dataclasses.replace(OPTS[method], data_bound=model.data_bound)
-    y, _ = SAMPLERS[method.removesuffix("-predictor")](model, noise.prior(), grid, noise,
-                                                      comm=SerialComm(), options=options)
+    y, _ = _sampler(method)(model, noise.prior(), grid, noise, comm=SerialComm(),
+                            options=options)
     z = _chi2_of_spectrum(model, y)
     k = z.numel()
     assert z.abs().max() < 4.5, z
@@ -50,14 +56,16 @@ def test_grf_spectrum_matches_exact_target(method, shape, members):
 
 
 @pytest.mark.parametrize("method", ["sequential-sde", "sequential-ode", "piadm-sde", "piadm-ode",
-                                    "window", "pc-window", "pc-window-ode"])
+                                    "window", "pc-window", "pc-window-ode",
+                                    "pc-window-secant"])
 def test_gmm_mode_weights_within_three_standard_errors(method):
     model = GaussianMixture.random((8,), components=3, weights=[0.5, 0.3, 0.2], seed=1)
     grid = make_grid("ou", 200, u_min=U_MIN, u_max=10.0, block_size=40)
     n = 400
     noise = Noise(5, tuple((0, m) for m in range(n)), (8,), torch.float64)
     options = dataclasses.replace(OPTS[method], data_bound=model.data_bound)
-    y, _ = SAMPLERS[method](model, noise.prior(), grid, noise, comm=SerialComm(), options=options)
+    y, _ = _sampler(method)(model, noise.prior(), grid, noise, comm=SerialComm(),
+                            options=options)
     frac = mode_fractions(model, y, U_MIN)
     se = torch.sqrt(model.weights * (1 - model.weights) / n)
     assert bool(((frac - model.weights).abs() <= 3 * se).all()), (frac, model.weights)

@@ -14,7 +14,7 @@ from pipeline.grids import make_grid
 from pipeline.integrators import step_coefficients
 from pipeline.noise import Noise
 from pipeline.samplers import SAMPLERS, Options, PicardDivergence
-from pipeline.samplers import pcwindow
+from pipeline.samplers import pcwindow, secant
 from pipeline.samplers.pcwindow import (accept, denoiser_nodes, lagrange_weights, lipschitz,
                                         predict, tables)
 from pipeline.samplers.ring import before, chain_index, run_starts
@@ -395,3 +395,66 @@ def test_ranks_of_a_replicated_window_that_part_ways_stop_with_the_reason():
     # a user's fix, told in one line; raised by one group's ranks only, so not collective: the
     # other groups' ranks would wait for them, and the command line aborts the job instead
     assert not raised.value.collective
+
+
+def test_a_learned_theta_at_zero_tolerance_is_the_sequential_sampler():
+    model, grid, noise, y0 = _setup(steps=100)
+    opts = Options(window=16, tol=0.0, theta="secant", data_bound=model.data_bound)
+    y, stats = SAMPLERS["pc-window"](model, y0, grid, noise, comm=SerialComm(), options=opts)
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise, comm=SerialComm())
+    assert _rel(y, y_ref) <= 1e-12 and stats.rounds <= grid.steps
+
+
+def test_secants_of_a_gaussian_field_learn_its_spectrum_and_its_exact_step():
+    """Two evaluations of a point give, per Fourier mode, the Gaussian's own score slope:
+    the learned variances are the field's spectrum, and theta its step's Jacobian."""
+    model = GaussianRandomField((12, 10))
+    grid = make_grid("ou", 50, u_min=1e-3, u_max=10.0, block_size=50)
+    t = tables(grid, step_coefficients(grid.u, stochastic=True), model.data_bound, 8, "secant")
+    gen = torch.Generator().manual_seed(0)
+    y, y2 = torch.randn(2, 1, 8, 12, 10, generator=gen, dtype=torch.float64)
+    pos = np.arange(8)[None] + 16  # slot s holds position 16 + s: the window starts at slot 0
+    u = torch.from_numpy(t.u[pos[0]])
+    sec = secant.start(y)
+    sec.y, sec.g, sec.pos = y2.clone(), model(y2[0], u)[None], pos.copy()
+    g = model(y[0], u)[None]
+    args = (torch.zeros_like(y), np.array([16]), np.array([8]), pos, np.ones((1, 8), bool), t,
+            model.data_bound)
+    secant.corrector_round(sec, y, g, *args)
+    learned = sec.num / sec.den
+    assert torch.allclose(learned[0], model.spectrum, rtol=1e-8)
+    # theta is the step's Jacobian per mode: one sweep from the exact state is the path
+    start = torch.randn(1, 12, 10, generator=gen, dtype=torch.float64)
+    path = [start[0]]
+    st = step_coefficients(grid.u, stochastic=True)
+    for k in range(16, 23):
+        score = model(path[-1][None], grid.u[k:k + 1])[0]
+        path.append(st.decay[k] * path[-1] + st.drift[k] * score)
+    guess = torch.randn(1, 8, 12, 10, generator=gen, dtype=torch.float64)
+    guess[:, 0] = start
+    rebuilt, _, _, slopes = secant.corrector_round(sec, guess, model(guess[0], u)[None], *args)
+    assert torch.allclose(rebuilt[0, 1:], torch.stack(path[1:]), atol=1e-10)
+    # and the residual slopes it measured are 0, so the certificate takes the floor of L
+    assert np.allclose(slopes[0, :7], secant.FLOOR * t.lipschitz[pos[0, :7]])
+
+
+def test_a_learned_theta_takes_fewer_rounds_and_calls_on_a_gaussian_field():
+    model, grid, noise, y0 = _setup(shape=(16, 16), steps=400, members=2)
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise, comm=SerialComm())
+    runs = {theta: SAMPLERS["pc-window"](model, y0, grid, noise, comm=SerialComm(),
+                                         options=Options(tol=1e-3, theta=theta,
+                                                         data_bound=model.data_bound))
+            for theta in ("j_max", "secant")}
+    (_, s_j), (y_s, s_s) = runs["j_max"], runs["secant"]
+    assert s_s.rounds <= 0.85 * s_j.rounds and s_s.model_calls <= 0.85 * s_j.model_calls
+    assert _rel(y_s, y_ref) <= 1e-3
+
+
+def test_a_learned_theta_keeps_a_members_result_independent_of_its_batch():
+    model, grid, noise, y0 = _setup(steps=120, members=3)
+    opts = Options(window=24, tol=1e-3, theta="secant", data_bound=model.data_bound)
+    y, _ = SAMPLERS["pc-window"](model, y0, grid, noise, comm=SerialComm(), options=opts)
+    one = noise.subset([2])
+    y_one, _ = SAMPLERS["pc-window"](model, one.prior(), grid, one, comm=SerialComm(),
+                                     options=opts)
+    assert torch.equal(y_one[0], y[2])

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pipeline.errors import PiadmError
 
 
-THETAS = ("j_max", "one")  # the values of Options.theta
+THETAS = ("j_max", "one", "secant")  # the values of Options.theta
 WINDOW_SPLITS = ("slots", "replicated")  # the values of Options.window_split
 REPLICABLE = ("pc-window", "pc-window-ode")  # the samplers that read Options.window_split
 CHURNS = "edm-heun"  # the sampler that reads Options.churn
@@ -17,6 +17,13 @@ CHURNS = "edm-heun"  # the sampler that reads Options.churn
 WINDOW_POINTS = 100  # window, window-ode: p as ParaDiGMS ships it
 PC_WINDOW_POINTS = 65  # pc-window, pc-window-ode: measured on grf and the shipped U-Nets
 # (docs/algorithms.md)
+
+
+def needs_whole_window(method: str, theta: str) -> bool:
+    """Whether ``method`` with corrector ``theta`` runs only with the whole window on each time
+    slice (``window_split = "replicated"`` where there are several): the learned corrector's
+    rebuild is a scan over the window in Fourier space, not a prefix sum over slots."""
+    return method == "pc-window" and theta == "secant"
 
 
 def window_points(window: int, default: int, steps: int) -> int:
@@ -38,8 +45,10 @@ class Options:
     data_bound: S, an upper bound on the eigenvalues of the data covariance in model units,
         for ``pc-window``'s certified acceptance; inf (the safe default) assumes nothing.
     theta: ``pc-window``'s corrector, Yhat_{n+1} = theta Yhat_n + Phi(Y_n) - theta Y_n:
-        ``j_max`` (the step's largest Jacobian eigenvalue, from data_bound) or ``one`` (the
-        whole step lagged); ``pc-window-ode`` always takes ``one``.
+        ``j_max`` (the step's largest Jacobian eigenvalue, from data_bound), ``one`` (the
+        whole step lagged) or ``secant`` (one theta per Fourier mode, learned from the
+        model's answers; the whole window on each time slice); ``pc-window-ode`` always
+        takes ``one``.
     window_split: how ``pc-window``'s time slices share a window: ``slots`` (each rank keeps
         a fixed range of its ring slots and their host work, two collectives a round) or
         ``replicated`` (every rank keeps the whole window and evaluates an even share of its

@@ -58,6 +58,7 @@ from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
+from pipeline.samplers import secant
 from pipeline.samplers.common import check_rows, finish, indices, per_point, point_mask
 from pipeline.samplers.options import PC_WINDOW_POINTS, THETAS, Options, Stats, window_points
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_shared, evaluate_window
@@ -93,6 +94,7 @@ class Tables:
     # growth[b]}. None where theta = 1 (the ODE): nothing to scale
     growth: np.ndarray | None
     tweedie: np.ndarray  # e^{u/2}: x0hat = e^{u/2} (y + v0 s(y, u))
+    decay: np.ndarray  # the step's own decay (1 past the last step), for a learned theta
 
 
 def lipschitz(steps: Steps, u: torch.Tensor, bound: float,
@@ -116,14 +118,15 @@ def variance_bound(u: torch.Tensor, bound: float) -> torch.Tensor:
 
 def tables(grid: Grid, steps: Steps, bound: float, p: int, theta: str = "j_max") -> Tables:
     """The padded coefficient tables of ``grid`` for a window of p (see ``Tables``); ``theta``
-    "j_max" (within ``GROWTH_RANGE``) or "one"."""
+    "j_max" (within ``GROWTH_RANGE``), "one", or "secant" (learned per mode by
+    ``pipeline.samplers.secant``; its certificate keeps j_max's growth and bound)."""
     u = grid.u[:-1]
     v0 = -torch.expm1(-u)
     if theta not in THETAS:
         raise ValueError(f"theta = {theta!r}: use one of {', '.join(THETAS)}")
     pad = lambda t, value: torch.cat([t, torch.full((2 * p,), value, dtype=t.dtype)])  # noqa: E731
     factor, growth = torch.ones_like(u), None
-    if theta == "j_max":
+    if theta in ("j_max", "secant"):
         limit = GROWTH_RANGE / p
         factor = (steps.decay - steps.drift / variance_bound(u, bound)).clamp(
             math.exp(-limit), math.exp(limit))
@@ -136,7 +139,7 @@ def tables(grid: Grid, steps: Steps, bound: float, p: int, theta: str = "j_max")
         beta=pad(steps.drift * torch.exp(-u / 2) / v0, 0.0).numpy(),
         lipschitz=pad(lipschitz(steps, u, bound, factor), 0.0).numpy(),
         increment=torch.stack([dec, drift, noise], 1).numpy(), growth=growth,
-        tweedie=pad(torch.exp(u / 2), 1.0).numpy(),
+        tweedie=pad(torch.exp(u / 2), 1.0).numpy(), decay=pad(steps.decay, 1.0).numpy(),
     )
 
 
@@ -155,21 +158,23 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(field, dim=-1, dtype=torch.float64) / field.shape[-1] ** 0.5
 
 
-def accept(delta, y_rms, start, width, t: Tables, tol: float,
-           stochastic: bool) -> tuple[np.ndarray, np.ndarray]:
+def accept(delta, y_rms, start, width, t: Tables, tol: float, stochastic: bool,
+           lipschitz: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Step 3: points to accept per trajectory and the certified bound of the last one.
 
     delta (B, p) float64: RMS change of chain point c (position start + c) this round; y_rms
     (B, p+1): RMS of the new states Yhat at chain points 0..p; start, width (B,) int: window
-    start and evaluated points. Returns (accepted (B,) int64 in [1, width], bound / scale (B,)
-    float64), numpy; rows with width 0 accept 0."""
+    start and evaluated points; lipschitz (B, p) float64: L at each chain point, where not the
+    tables' bound (a learned theta's measured slopes). Returns (accepted (B,) int64 in
+    [1, width], bound / scale (B,) float64), numpy; rows with width 0 accept 0."""
     delta, y_rms = np.asarray(delta), np.asarray(y_rms)
     start, width = np.asarray(start), np.asarray(width)
     c = np.arange(delta.shape[1] + 1)
     pos = start[:, None] + c  # position of chain point c
     grow = growth(t, start, pos)
     # E_n / P_n is a plain sum (step 3), as Yhat_n / P_n is in step 2
-    contrib = t.lipschitz[pos[:, :-1]] * delta / grow[:, 1:]
+    slopes = t.lipschitz[pos[:, :-1]] if lipschitz is None else lipschitz
+    contrib = slopes * delta / grow[:, 1:]
     contrib[:, 0] = 0.0  # Y_b is exact
     bound = np.concatenate([np.zeros_like(contrib[:, :1]), np.cumsum(contrib, 1)], 1) * grow
     if stochastic:
@@ -375,6 +380,10 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     bounds = [slice_bounds(p, ring.size, r) for r in range(ring.size)]
     steps = step_coefficients(grid.u, stochastic=stochastic, form=options.form)
     t = tables(grid, steps, options.data_bound, p, options.theta if stochastic else "one")
+    learned = stochastic and options.theta == "secant"
+    if learned and ring.size > 1:
+        raise ValueError(f"sampler.theta = 'secant' on {ring.size} time slices needs the whole "
+                         "window on each: set sampler.window_split = 'replicated'")
     step_noise = noise if stochastic else None
     batch, shape = y0.shape[0], y0.shape[1:]
     start = np.zeros(batch, dtype=np.int64)
@@ -387,6 +396,7 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
                          y0, torch.zeros((batch, terms, *shape), dtype=y0.dtype,
                                          device=y0.device), nowhere, t, step_noise, n)
     y_out = y0.clone()
+    sec = secant.start(states) if learned else None
     rounds, calls, history, advances = 0, 0, [], []
     rows = np.arange(batch)
     while (start < n).any():
@@ -398,8 +408,13 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
                                                           t.u, comm.rank)
         # 2. whole-step increments, summed along the chain across ranks (ring.py)
         nodes = denoiser_nodes(start, width, terms, lag)
-        prefix, y_e, x0hat = _rebuild(states, g, xi, start, width, pos, valid, nodes, t, p,
-                                      bounds, ring)
+        slopes = None
+        if learned:
+            prefix, y_e, x0hat, slopes = secant.corrector_round(
+                sec, states, g, xi, start, width, pos, valid, t, options.data_bound)
+        else:
+            prefix, y_e, x0hat = _rebuild(states, g, xi, start, width, pos, valid, nodes, t, p,
+                                          bounds, ring)
         # 3. certified acceptance, the same on every rank
         local = np.zeros((batch, 2, p))
         r_idx, s_idx = valid.nonzero()
@@ -409,7 +424,8 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         summed = ring.allreduce_sum(torch.from_numpy(local)).numpy()
         y_rms = np.concatenate([summed[:, 1], np.zeros((batch, 1))], 1)
         y_rms[rows, width] = rms(y_e[:, None]).cpu().numpy()[:, 0]
-        accepted, bound = accept(summed[:, 0], y_rms, start, width, t, options.tol, stochastic)
+        accepted, bound = accept(summed[:, 0], y_rms, start, width, t, options.tol, stochastic,
+                                 slopes)
         active = width > 0
         ok = ~active | np.isfinite(y_rms[rows, accepted])
         check_rows(torch.from_numpy(ok), noise.keys,
