@@ -38,7 +38,7 @@ from pipeline.run import (DTYPES, model_data_bound, sampler_grid, sampler_option
                           unbounded_note)
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, redone
-from pipeline.samplers.options import REPLICABLE, needs_whole_window
+from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
 
 # The bench's records of every collective, gathered once per timed run: (seconds in it, model
@@ -253,12 +253,6 @@ def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | 
             print0(comm, f"left out {method}: its rounds have {points} point{plural} "
                          f"(sampler.{key}), fewer than the {comm.size} ranks, each a time "
                          f"slice: launch at most {points} rank{plural}, or raise {more}")
-            continue
-        if (comm.size > 1 and cfg.sampler.window_split == "slots"
-                and needs_whole_window(method, cfg.sampler.theta)):
-            print0(comm, f"left out {method}: sampler.theta = 'secant' needs the whole window "
-                         f"on each of the {comm.size} ranks: set sampler.window_split = "
-                         "'replicated', or launch one rank")
             continue
         try:
             on_rank0(comm, check_memory, mine, tuple(model.shape), device, sharing=sharing,

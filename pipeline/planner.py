@@ -28,7 +28,7 @@ from pipeline.memory import available_bytes, field_bytes, format_bytes, ranks_sh
 from pipeline.plan import Layout, Machine, Prediction, Profile, call_items, layouts, predict, rank
 from pipeline.profiling import cost_curve, profile, state_points
 from pipeline.samplers import REFERENCE, REGISTRY
-from pipeline.samplers.options import REPLICABLE, needs_whole_window
+from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import AUTO_METHODS, Config
 from pipeline.store import ASKED, read_attrs
 
@@ -259,9 +259,7 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
     items = planned_items(cfg) if items is None else items
     runnable = [(lay, prof) for lay, prof in layouts(profiles, ranks, cfg.ensemble.members,
                                                      _batch_sizes(cfg), REPLICABLE, items)
-                if lay.time_slices <= _most_slices(cfg, prof)
-                and (lay.time_slices == 1 or lay.replicated
-                     or not needs_whole_window(lay.method, cfg.sampler.theta))]
+                if lay.time_slices <= _most_slices(cfg, prof)]
     pairs = _fitting(cfg, runnable, device, machine, gpus_per_node, tuple(model.shape), say)
     # every layout's mean call, and its widest and narrowest: the curve is linear in between
     calls = lambda lay, p: [call_items(lay, n)  # noqa: E731

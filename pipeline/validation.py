@@ -14,7 +14,7 @@ from pipeline.choices import (DTYPE_NAMES, FIELD_DIMS, FORMS, GRIDS, NORM_GROUPS
                               SCHEDULER_GRID, SOURCES, STORE_DIMS, STORE_VARIABLES,
                               resolved_wavenumber)
 from pipeline.errors import ConfigError, did_you_mean
-from pipeline.samplers.options import THETAS, WINDOW_SPLITS, needs_whole_window
+from pipeline.samplers.options import THETAS, WINDOW_SPLITS
 from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataConfig, ModelConfig,
                                ParallelConfig, SamplerConfig, TrainConfig, open_kind)
 
@@ -95,10 +95,6 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
                f"= {p.time_slices} is more than the {n} points of sampler.{key}"
                + (f" (at most sampler.steps = {s.steps})" if capped else "")
                + f": use at most {n} time slices, or raise {more}")
-    _check(not (p.time_slices > 1 and s.window_split == "slots"
-                and needs_whole_window(s.method, s.theta)), "sampler.theta",
-           f"= 'secant' on {p.time_slices} time slices needs the whole window on each: set "
-           "sampler.window_split = 'replicated', or parallel.time_slices = 1")
 
 
 # The [model] keys that only some of piadm's own kinds read ("weights": a gmm's list, a

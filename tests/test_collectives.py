@@ -1,5 +1,6 @@
 """Synchronisation points: every parallel sampler costs at most two buffer collectives a
-round, and these tests fail when a sampler adds one (or a pickled exchange)."""
+round (three with pc-window's learned corrector), and these tests fail when a sampler adds
+one (or a pickled exchange)."""
 import pytest
 import torch
 
@@ -45,6 +46,12 @@ def test_a_window_round_is_one_allgather_and_one_allreduce(method):
     counts, stats, _ = _run(method, window=24, tol=1e-3)
     assert stats.rounds > 5
     assert counts == {"allgather": stats.rounds, "allreduce_sum": stats.rounds}
+
+
+def test_a_learned_corrector_round_adds_one_allreduce_of_the_secants():
+    counts, stats, _ = _run("pc-window", window=24, tol=1e-3, theta="secant")
+    assert stats.rounds > 5
+    assert counts == {"allgather": stats.rounds, "allreduce_sum": 2 * stats.rounds}
 
 
 def test_a_picard_sweep_is_one_scan_and_one_residual_reduction():

@@ -51,7 +51,8 @@ def _sets(items):
 # On 4 ranks the float64 cases only: the float32 ones repeat their samplers (their own bound
 # is checked on 2 ranks), and 4 ranks oversubscribe the 2 cores tests run on.
 FLOAT64_CASES = ("sde64,ode64,sde64tol,sde64device,window64,windowode64,pcwindow64,"
-                 "pcwindowode64,pcwindowrep64,pcwindowoderep64,pcwindowsecantrep64,dpmppwindow64")
+                 "pcwindowode64,pcwindowrep64,pcwindowoderep64,pcwindowsecant64,"
+                 "pcwindowsecantrep64,dpmppwindow64")
 
 
 @pytest.fixture(scope="module")

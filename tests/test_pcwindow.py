@@ -415,14 +415,13 @@ def test_secants_of_a_gaussian_field_learn_its_spectrum_and_its_exact_step():
     y, y2 = torch.randn(2, 1, 8, 12, 10, generator=gen, dtype=torch.float64)
     pos = np.arange(8)[None] + 16  # slot s holds position 16 + s: the window starts at slot 0
     u = torch.from_numpy(t.u[pos[0]])
-    sec = secant.start(y)
+    sec = secant.begin(y)
     sec.y, sec.g, sec.pos = y2.clone(), model(y2[0], u)[None], pos.copy()
-    g = model(y[0], u)[None]
-    args = (torch.zeros_like(y), np.array([16]), np.array([8]), pos, np.ones((1, 8), bool), t,
-            model.data_bound)
-    secant.corrector_round(sec, y, g, *args)
-    learned = sec.num / sec.den
-    assert torch.allclose(learned[0], model.spectrum, rtol=1e-8)
+    every = np.ones((1, 8), bool)
+    pairs = secant.learn(sec, y, model(y[0], u)[None], pos, every, t, model.data_bound,
+                         SerialComm())
+    assert np.array_equal(pairs[1], np.arange(8))
+    assert torch.allclose((sec.num / sec.den)[0], model.spectrum, rtol=1e-8)
     # theta is the step's Jacobian per mode: one sweep from the exact state is the path
     start = torch.randn(1, 12, 10, generator=gen, dtype=torch.float64)
     path = [start[0]]
@@ -432,10 +431,53 @@ def test_secants_of_a_gaussian_field_learn_its_spectrum_and_its_exact_step():
         path.append(st.decay[k] * path[-1] + st.drift[k] * score)
     guess = torch.randn(1, 8, 12, 10, generator=gen, dtype=torch.float64)
     guess[:, 0] = start
-    rebuilt, _, _, slopes = secant.corrector_round(sec, guess, model(guess[0], u)[None], *args)
+    rebuilt, _, _, theta = secant.rebuild(sec, guess, model(guess[0], u)[None],
+                                          torch.zeros_like(guess), np.array([16]),
+                                          np.array([8]), pos, every, t, model.data_bound,
+                                          [(0, 8)], SerialComm())
     assert torch.allclose(rebuilt[0, 1:], torch.stack(path[1:]), atol=1e-10)
-    # and the residual slopes it measured are 0, so the certificate takes the floor of L
-    assert np.allclose(slopes[0, :7], secant.FLOOR * t.lipschitz[pos[0, :7]])
+    # and the residual slopes it measures are 0, so the certificate takes the floor of L
+    ell = secant.slopes(pairs, theta, t, pos, (12, 10))
+    assert np.allclose(ell, 0, atol=1e-12)
+    got = secant.certificate(sec, ell, pos, t)
+    assert np.allclose(got, secant.FLOOR * t.lipschitz[pos])
+
+
+def test_the_learned_rebuild_chains_every_ranks_runs_as_one_rank_scans_them():
+    """Split over ranks, a window is runs of slots; their affine maps chained in the window's
+    order give each slot the one-rank scan's state (here on simulated ranks)."""
+    gen = torch.Generator().manual_seed(1)
+    p, batch = 7, 2
+    theta = torch.rand(batch, p, 3, 2, generator=gen, dtype=torch.float64) + 0.5
+    terms = torch.randn(batch, p, 3, 2, generator=gen, dtype=torch.complex128)
+    base = torch.randn(batch, 3, 2, generator=gen, dtype=torch.complex128)
+    start = np.array([3, 12])
+    head = start % p
+    want = []  # the scan in chain order, from Y_b
+    for r in range(batch):
+        cur, row = base[r], {}
+        for c in range(p):
+            slot = (head[r] + c) % p
+            row[slot] = cur
+            cur = theta[r, slot] * cur + terms[r, slot]
+        want.append((row, cur))
+    bounds = [slice_bounds(p, 3, r) for r in range(3)]
+    maps_a, maps_c = [], []
+    for lo, hi in bounds:
+        high = np.arange(lo, hi)[None] >= head[:, None]
+        a, c = secant._runs(theta[:, lo:hi], terms[:, lo:hi], high)
+        maps_a.append(a)
+        maps_c.append(c)
+    first = run_starts(bounds, start, p).reshape(batch, -1)
+    inputs, end = secant._chain(first, torch.stack(maps_a, 1).flatten(1, 2),
+                                torch.stack(maps_c, 1).flatten(1, 2), base)
+    for r in range(batch):
+        assert torch.allclose(end[r], want[r][1])
+        for rank, (lo, hi) in enumerate(bounds):
+            for side in (0, 1):
+                slots = [s for s in range(lo, hi) if (s >= head[r]) == (side == 0)]
+                if slots:
+                    assert torch.allclose(inputs[r, 2 * rank + side], want[r][0][slots[0]])
 
 
 def test_a_learned_theta_takes_fewer_rounds_and_calls_on_a_gaussian_field():

@@ -304,15 +304,3 @@ def test_a_float32_ode_block_spanning_more_clock_than_float32_keeps_is_refused(t
                                                        'sampler.dtype="float64"']):
         assert main(["sample", "jobs/configs/grf.toml", "--dry-run", *sets, *fine]) == 0
 
-
-def test_a_learned_theta_on_split_slots_is_refused_before_anything_runs():
-    from pipeline.api import load_config
-    from pipeline.errors import ConfigError
-
-    sets = {"sampler.theta": "secant", "parallel.time_slices": 2}
-    with pytest.raises(ConfigError, match="sampler.theta = 'secant' on 2 time slices needs the "
-                                          "whole window on each: set sampler.window_split = "
-                                          "'replicated'"):
-        load_config("jobs/configs/grf.toml", sets)
-    cfg = load_config("jobs/configs/grf.toml", {**sets, "sampler.window_split": "replicated"})
-    assert cfg.sampler.theta == "secant"

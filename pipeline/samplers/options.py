@@ -19,13 +19,6 @@ PC_WINDOW_POINTS = 65  # pc-window, pc-window-ode: measured on grf and the shipp
 # (docs/algorithms.md)
 
 
-def needs_whole_window(method: str, theta: str) -> bool:
-    """Whether ``method`` with corrector ``theta`` runs only with the whole window on each time
-    slice (``window_split = "replicated"`` where there are several): the learned corrector's
-    rebuild is a scan over the window in Fourier space, not a prefix sum over slots."""
-    return method == "pc-window" and theta == "secant"
-
-
 def window_points(window: int, default: int, steps: int) -> int:
     """The points a window set to ``window`` holds on a path of ``steps`` (0: ``default``, the
     method's own): what the samplers slide and what the planner and memory count."""
@@ -47,8 +40,7 @@ class Options:
     theta: ``pc-window``'s corrector, Yhat_{n+1} = theta Yhat_n + Phi(Y_n) - theta Y_n:
         ``j_max`` (the step's largest Jacobian eigenvalue, from data_bound), ``one`` (the
         whole step lagged) or ``secant`` (one theta per Fourier mode, learned from the
-        model's answers; the whole window on each time slice); ``pc-window-ode`` always
-        takes ``one``.
+        model's answers; a third collective a round); ``pc-window-ode`` always takes ``one``.
     window_split: how ``pc-window``'s time slices share a window: ``slots`` (each rank keeps
         a fixed range of its ring slots and their host work, two collectives a round) or
         ``replicated`` (every rank keeps the whole window and evaluates an even share of its

@@ -381,9 +381,6 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     steps = step_coefficients(grid.u, stochastic=stochastic, form=options.form)
     t = tables(grid, steps, options.data_bound, p, options.theta if stochastic else "one")
     learned = stochastic and options.theta == "secant"
-    if learned and ring.size > 1:
-        raise ValueError(f"sampler.theta = 'secant' on {ring.size} time slices needs the whole "
-                         "window on each: set sampler.window_split = 'replicated'")
     step_noise = noise if stochastic else None
     batch, shape = y0.shape[0], y0.shape[1:]
     start = np.zeros(batch, dtype=np.int64)
@@ -396,7 +393,7 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
                          y0, torch.zeros((batch, terms, *shape), dtype=y0.dtype,
                                          device=y0.device), nowhere, t, step_noise, n)
     y_out = y0.clone()
-    sec = secant.start(states) if learned else None
+    sec = secant.begin(states) if learned else None
     rounds, calls, history, advances = 0, 0, [], []
     rows = np.arange(batch)
     while (start < n).any():
@@ -408,20 +405,28 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
                                                           t.u, comm.rank)
         # 2. whole-step increments, summed along the chain across ranks (ring.py)
         nodes = denoiser_nodes(start, width, terms, lag)
-        slopes = None
-        if learned:
-            prefix, y_e, x0hat, slopes = secant.corrector_round(
-                sec, states, g, xi, start, width, pos, valid, t, options.data_bound)
+        if learned:  # the corrector learned per mode (secant.py): one more collective
+            pairs = secant.learn(sec, states, g, pos, valid, t, options.data_bound, ring)
+            prefix, y_e, x0hat, theta = secant.rebuild(sec, states, g, xi, start, width, pos,
+                                                       valid, t, options.data_bound, bounds,
+                                                       ring)
+            ell = secant.slopes(pairs, theta, t, pos, tuple(shape))
         else:
             prefix, y_e, x0hat = _rebuild(states, g, xi, start, width, pos, valid, nodes, t, p,
                                           bounds, ring)
         # 3. certified acceptance, the same on every rank
-        local = np.zeros((batch, 2, p))
+        local = np.zeros((batch, 3 if learned else 2, p))
         r_idx, s_idx = valid.nonzero()
         c_idx = chain[r_idx, s_idx]
         local[r_idx, 0, c_idx] = rms(prefix - states).cpu().numpy()[r_idx, s_idx]
         local[r_idx, 1, c_idx] = rms(prefix).cpu().numpy()[r_idx, s_idx]
+        slopes = None
+        if learned:  # each point's slope from the rank that holds it, 1 + ell (0: none)
+            local[r_idx, 2, c_idx] = np.where(np.isnan(ell), 0.0, ell + 1)[r_idx, s_idx]
         summed = ring.allreduce_sum(torch.from_numpy(local)).numpy()
+        if learned:
+            ell_chain = np.where(summed[:, 2] > 0, summed[:, 2] - 1, np.nan)
+            slopes = secant.certificate(sec, ell_chain, start[:, None] + np.arange(p), t)
         y_rms = np.concatenate([summed[:, 1], np.zeros((batch, 1))], 1)
         y_rms[rows, width] = rms(y_e[:, None]).cpu().numpy()[:, 0]
         accepted, bound = accept(summed[:, 0], y_rms, start, width, t, options.tol, stochastic,
@@ -433,6 +438,8 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         # 4. slide: kept points take their new values, freed slots the predictor's (a freed
         # slot past the last step is never evaluated again: its value does not matter)
         freed = valid & (chain < accepted[:, None])
+        if learned:
+            secant.remember(sec, states, g, pos, valid)
         states = prefix
         done = active & (start + accepted >= n)
         if done.any():

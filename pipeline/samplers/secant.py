@@ -21,8 +21,13 @@ direction. A point's L_n becomes min(L_n, max(MARGIN ell, FLOOR L_n)), ell its o
 was evaluated twice, else the largest of its window's (or of the last round that had one):
 an estimate, not a bound, so the tolerance is calibrated as for the other correctors.
 
-Only the whole window on every rank (one rank, or ``window_split = "replicated"``) runs it:
-the rebuild is a scan over the window's points in Fourier space.
+Across the ring's slots (``pipeline.samplers.ring``) the rebuild is a linear recurrence per
+mode, so each run of a rank's consecutive slots is one affine map per mode,
+Yhat_out = A Yhat_in + C (A the product of its Thetas): one Allgather of every rank's maps
+(with Y_b and the denoiser the predictor needs) lets every rank chain them in the window's
+order, and each rank then scans its own slots from its runs' inputs. The secants' sums join
+every rank's in one Allreduce before the rebuild, and the measured slopes ride in the round's
+Allreduce of the points' changes: three collectives a round where ``j_max`` takes two.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import numpy as np
 import torch
 
 from pipeline.samplers.common import indices
+from pipeline.samplers.ring import run_starts
 
 # A point's measured slope counts MARGIN times, and never less than FLOOR of the bound L_n:
 # the margin covers the other directions of the error, the floor the ones no secant has seen
@@ -75,7 +81,7 @@ def _weights(shape: tuple[int, ...]) -> torch.Tensor:
     return w.expand(*shape[:-1], n // 2 + 1)
 
 
-def start(states: torch.Tensor) -> Secants:
+def begin(states: torch.Tensor) -> Secants:
     """Nothing learned yet, for the slot states (B, p, *S)."""
     batch, p = states.shape[:2]
     half = _fourier(states[:1, :1]).shape[2:]
@@ -90,11 +96,11 @@ def _column(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(*v.shape, *(1,) * (like.dim() - 2))
 
 
-def _learn(sec: Secants, dy: torch.Tensor, dg: torch.Tensor, rows: np.ndarray, u, v0, vs,
-           bound: float) -> torch.Tensor:
+def _learn(sums: torch.Tensor, dy: torch.Tensor, dg: torch.Tensor, rows: np.ndarray, u, v0,
+           vs, bound: float) -> None:
     """Add the secants of points (P,) of batch rows ``rows``, Fourier differences dy, dg
-    (P, *F) complex128 at clocks u with v0, vS (P,), to the variance estimates; returns the
-    slopes r (P, *F), within the score's range [-1/v0, -1/vS]."""
+    (P, *F) complex128 at clocks u with v0, vS (P,), to ``sums`` (2, B, *F): the weighted
+    variance estimates and their weights."""
     power = dy.abs().square()
     with np.errstate(divide="ignore"):
         lo, hi = -1 / v0, -1 / vs
@@ -108,9 +114,8 @@ def _learn(sec: Secants, dy: torch.Tensor, dg: torch.Tensor, rows: np.ndarray, u
     lam = ((-1 / slope - as_t(v0)) * as_t(np.exp(u))).clamp(0, bound)
     weighted = torch.where(weight > 0, weight * lam, torch.zeros_like(weight))
     at = torch.from_numpy(rows).to(dy.device)
-    sec.num.index_add_(0, at, weighted)
-    sec.den.index_add_(0, at, weight)
-    return slope
+    sums[0].index_add_(0, at, weighted)
+    sums[1].index_add_(0, at, weight)
 
 
 def _thetas(sec: Secants, decay, drift, u, v0, bound: float) -> torch.Tensor:
@@ -123,80 +128,166 @@ def _thetas(sec: Secants, decay, drift, u, v0, bound: float) -> torch.Tensor:
         _column(np.exp(-u), like) * lam + _column(v0, like))
 
 
-def corrector_round(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: float):
-    """The rebuild and certificate slopes of one round with the whole window (p slots).
+def _runs(theta: torch.Tensor, terms: torch.Tensor, high: np.ndarray):
+    """The affine maps of this rank's two runs of slots (``ring``'s high and low), per mode:
+    (A, C) each (B, 2, *F), for theta (B, M, *F) real and terms (B, M, *F) complex (zero,
+    with theta 1, at points not evaluated) in slot order; high (B, M) bool."""
+    batch, m = high.shape
+    half = terms.shape[2:]
+    a = torch.ones((batch, 2, *half), dtype=theta.dtype, device=theta.device)
+    c = torch.zeros((batch, 2, *half), dtype=terms.dtype, device=terms.device)
+    side = torch.from_numpy(np.where(high, 0, 1)).to(theta.device)
+    rows = torch.arange(batch, device=theta.device)
+    for j in range(m):
+        at = side[:, j]
+        c[rows, at] = theta[:, j] * c[rows, at] + terms[:, j]
+        a[rows, at] = theta[:, j] * a[rows, at]
+    return a, c
 
-    states, g, xi (B, p, *S): slot states, scores (zero where not valid) and step noise;
-    start, width (B,) int; pos, valid (B, p): slot positions and evaluated points; t the
-    window's ``pcwindow.Tables`` (its ``lipschitz`` the bound L_n); bound S. Returns (Yhat at
-    each slot (B, p, *S), the state after the window's last point (B, *S), the Tweedie mean
-    at its last point (B, 1, *S), the certificate's L at each chain point (B, p) float64)."""
-    batch, p = pos.shape
-    start, width = np.asarray(start), np.asarray(width)
-    order = ((start % p)[:, None] + np.arange(p)[None]) % p  # the slot of each chain index
-    rows = np.repeat(np.arange(batch), p).reshape(batch, p)
-    r_t, o_t = indices(states, rows, order)
-    y, score, noise = states[r_t, o_t], g[r_t, o_t], xi[r_t, o_t]
-    k, ok = pos[rows, order], valid[rows, order]
-    u, v0 = t.u[k], t.v0[k]
-    vs = np.exp(-u) * bound + v0 if np.isfinite(bound) else np.full_like(u, np.inf)
-    decay, drift, step_noise = t.decay[k], t.increment[k, 1], t.increment[k, 2]
-    # 1. what the points evaluated twice teach, before the rebuild uses it
-    twice = ok & (sec.pos[rows, order] == k)
-    pr, pc = twice.nonzero()
-    slot_r, slot_c = indices(states, pr, order[pr, pc])
-    dy = dg = None
+
+def _chain(first: np.ndarray, a: torch.Tensor, c: torch.Tensor, base: torch.Tensor):
+    """Every run's input state and the window's end state, per mode, the same on every rank:
+    runs (B, R) of first chain index ``first`` (p: empty), maps a (B, R, *F) real and
+    c (B, R, *F) complex, taken in chain order from Y_b's transform ``base`` (B, *F)."""
+    order = np.argsort(first, axis=1, kind="stable")
+    rows = np.arange(first.shape[0])
+    state, inputs = base, torch.empty_like(c)
+    for i in range(first.shape[1]):
+        r_t, o_t = indices(c, rows, order[:, i])
+        inputs[r_t, o_t] = state
+        state = a[r_t, o_t] * state + c[r_t, o_t]
+    return inputs, state
+
+
+def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm):
+    """Step 1: add the secants of this rank's points evaluated at the same position last round
+    to the variance estimates, summed over ``comm`` (one Allreduce), and return them for the
+    certificate: (rows, slots (P,) of the pairs, their Fourier differences dy, dg (P, *F)
+    complex128, or None where there are none). states, g (B, M, *S) this rank's slots,
+    pos, valid (B, M)."""
+    twice = valid & (sec.pos == pos)
+    pr, ps = twice.nonzero()
+    sums = torch.zeros((2, *sec.num.shape), dtype=torch.float64, device=sec.num.device)
+    pairs = (pr, ps, None, None)
     if len(pr):
-        dy = _fourier(states[slot_r, slot_c][None] - sec.y[slot_r, slot_c][None])[0].to(
-            torch.complex128)
-        dg = _fourier(g[slot_r, slot_c][None] - sec.g[slot_r, slot_c][None])[0].to(
-            torch.complex128)
-        _learn(sec, dy, dg, pr, u[pr, pc], v0[pr, pc], vs[pr, pc], bound)
-    theta = _thetas(sec, decay, drift, u, v0, bound)
-    # 2. the rebuild: a scan over the chain in Fourier space, exact per mode where Theta is
-    mask = torch.from_numpy(ok).to(states.device)
+        r_t, s_t = indices(states, pr, ps)
+        dy = _fourier((states[r_t, s_t] - sec.y[r_t, s_t])[None])[0].to(torch.complex128)
+        dg = _fourier((g[r_t, s_t] - sec.g[r_t, s_t])[None])[0].to(torch.complex128)
+        k = pos[pr, ps]
+        u, v0 = t.u[k], t.v0[k]
+        vs = np.exp(-u) * bound + v0 if np.isfinite(bound) else np.full_like(u, np.inf)
+        _learn(sums, dy, dg, pr, u, v0, vs, bound)
+        pairs = (pr, ps, dy, dg)
+    sums = comm.allreduce_sum(sums)
+    sec.num += sums[0]
+    sec.den += sums[1]
+    return pairs
+
+
+def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: float, bounds, comm):
+    """Step 2 with the learned Theta on this rank's slots lo..hi of ``bounds``: (Yhat at each
+    own slot (B, M, *S), the state after the window's last point (B, *S), the Tweedie mean at
+    its last point (B, 1, *S), Theta at each own slot (B, M, *F) float64), the second and third
+    the same on every rank. One Allgather of every rank's run maps."""
+    start, width = np.asarray(start), np.asarray(width)
+    lo, hi = bounds[comm.rank]
+    p = bounds[-1][1]
+    k = pos
+    theta = _thetas(sec, t.decay[k], t.increment[k, 1], t.u[k], t.v0[k], bound)
+    ok = torch.from_numpy(valid).to(states.device)
     coef = lambda c: torch.from_numpy(c).to(states.device, states.dtype).reshape(  # noqa: E731
         *c.shape, *(1,) * (states.dim() - 2))
-    phi = coef(decay) * y + coef(drift) * score + coef(step_noise) * noise
-    fy, fphi = _fourier(y), _fourier(phi)
-    th = theta.to(states.dtype)
-    out = torch.empty((batch, p + 1, *fy.shape[2:]), dtype=fy.dtype, device=fy.device)
-    out[:, 0] = fy[:, 0]
-    for c in range(p):
-        step = fphi[:, c] + th[:, c] * (out[:, c] - fy[:, c])
-        keep = mask[:, c].reshape(-1, *(1,) * (step.dim() - 1))
-        out[:, c + 1] = torch.where(keep, step, out[:, c])
-    rebuilt = torch.fft.irfftn(out, s=states.shape[2:], dim=_dims(out), norm="ortho")
-    prefix = torch.empty_like(states)
-    prefix[r_t, o_t] = rebuilt[:, :p]
-    every, last = np.arange(batch), np.maximum(width - 1, 0)
-    e_t, w_t, l_t = indices(states, every, width, last)
-    y_end = rebuilt[e_t, w_t]
-    x0 = (y[e_t, l_t] + coef(v0[every, last][:, None])[:, 0] * score[e_t, l_t]) \
-        * coef(t.tweedie[k[every, last]][:, None])[:, 0]
-    x0 = torch.where(torch.from_numpy(width > 0).to(x0.device).reshape(
-        -1, *(1,) * (x0.dim() - 1)), x0, torch.zeros_like(x0))[:, None]
-    # 3. the measured slopes of the residual map Phi - Theta along the points' own changes
-    ell = np.full((batch, p), np.nan)
-    if len(pr):
-        w = _weights(tuple(states.shape[2:])).to(dy.device)
-        size = lambda z: (z.abs().square() * w).flatten(1).sum(1).sqrt()  # noqa: E731
-        dphi = _column(decay[pr, pc][None], dy[None])[0] * dy \
-            + _column(drift[pr, pc][None], dy[None])[0] * dg
-        resid = dphi - theta[torch.from_numpy(pr), torch.from_numpy(pc)] * dy
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ell[pr, pc] = (size(resid) / size(dy)).cpu().numpy()
+    phi = coef(t.decay[k]) * states + coef(t.increment[k, 1]) * g
+    if xi is not None:
+        phi = phi + coef(t.increment[k, 2]) * xi
+    fy = _fourier(states)
+    th = torch.where(ok.reshape(*ok.shape, *(1,) * (theta.dim() - 2)), theta.to(states.dtype),
+                     torch.ones((), dtype=states.dtype, device=states.device))
+    terms = torch.where(ok.reshape(*ok.shape, *(1,) * (fy.dim() - 2)),
+                        _fourier(phi) - th * fy, torch.zeros((), dtype=fy.dtype,
+                                                             device=fy.device))
+    head = start % p
+    high = np.arange(lo, hi)[None] >= head[:, None]
+    a, c = _runs(th, terms, high)
+    # Y_b's transform from the rank that holds it, and the Tweedie mean at the window's last
+    # point from the one that holds that: the predictor's frozen denoiser
+    batch = len(start)
+    base, x0 = torch.zeros_like(fy[:, 0]), torch.zeros_like(fy[:, 0])
+    (owner,) = np.nonzero((head >= lo) & (head < hi) & (width > 0))
+    if len(owner):
+        r_t, s_t = indices(states, owner, head[owner] - lo)
+        base[r_t] = fy[r_t, s_t]
+    last = start + width - 1
+    (holder,) = np.nonzero((width > 0) & (last % p >= lo) & (last % p < hi))
+    if len(holder):
+        k_last = last[holder]
+        r_t, s_t = indices(states, holder, k_last % p - lo)
+        mean = (states[r_t, s_t] + coef(t.v0[k_last]) * g[r_t, s_t]) * coef(t.tweedie[k_last])
+        x0[r_t] = _fourier(mean[None])[0]
+    parts = torch.cat([torch.view_as_real(torch.complex(a, torch.zeros_like(a))),
+                       torch.view_as_real(c), torch.view_as_real(base[:, None]),
+                       torch.view_as_real(x0[:, None])], 1)
+    gathered = torch.view_as_complex(comm.allgather(parts).contiguous())  # (R, B, 6, *F)
+    gathered = gathered.transpose(0, 1)  # (B, R, 6, *F)
+    first = run_starts(bounds, start, p).reshape(batch, -1)  # (B, 2R): high, low per rank
+    maps_a = gathered[:, :, 0:2].real.flatten(1, 2)
+    maps_c = gathered[:, :, 2:4].flatten(1, 2)
+    inputs, end = _chain(first, maps_a, maps_c, gathered[:, :, 4].sum(1))
+    x0hat = gathered[:, :, 5].sum(1)
+    # each rank scans its own slots from its runs' inputs
+    mine_in = inputs.view(batch, len(bounds), 2, *inputs.shape[2:])[:, comm.rank]
+    side = torch.from_numpy(np.where(high, 0, 1)).to(states.device)
+    rows_t = torch.arange(batch, device=states.device)
+    cur = mine_in.clone()
+    out = torch.empty_like(fy)
+    for j in range(hi - lo):
+        at = side[:, j]
+        out[:, j] = cur[rows_t, at]
+        cur[rows_t, at] = th[:, j] * cur[rows_t, at] + terms[:, j]
+    dims = _dims(states)
+    prefix = torch.fft.irfftn(out, s=states.shape[2:], dim=dims, norm="ortho")
+    field = tuple(states.shape[2:])
+    y_end = torch.fft.irfftn(end[:, None], s=field, dim=dims, norm="ortho")[:, 0]
+    x0_field = torch.fft.irfftn(x0hat[:, None], s=field, dim=dims, norm="ortho")
+    return prefix, y_end, x0_field, theta
+
+
+def slopes(pairs, theta, t, pos, field: tuple[int, ...]) -> np.ndarray:
+    """The measured slope ell of each own slot evaluated twice (B, M) float64, NaN elsewhere:
+    |dPhi - Theta dY| / |dY| over a field of shape ``field``, from ``learn``'s pairs and
+    ``rebuild``'s Theta."""
+    pr, ps, dy, dg = pairs
+    ell = np.full(pos.shape, np.nan)
+    if dy is None:
+        return ell
+    w = _weights(field).to(dy.device)
+    size = lambda z: (z.abs().square() * w).flatten(1).sum(1).sqrt()  # noqa: E731
+    k = pos[pr, ps]
+    dphi = _column(t.decay[k][None], dy[None])[0] * dy \
+        + _column(t.increment[k, 1][None], dy[None])[0] * dg
+    resid = dphi - theta[torch.from_numpy(pr), torch.from_numpy(ps)] * dy
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ell[pr, ps] = (size(resid) / size(dy)).cpu().numpy()
+    return ell
+
+
+def certificate(sec: Secants, ell, pos, t) -> np.ndarray:
+    """The certificate's L at each chain point (B, p) float64 from the measured slopes
+    ell (B, p) (NaN: none) at chain positions pos (B, p): min(L, max(MARGIN ell, FLOOR L)), a
+    point without its own slope taking its window's largest, else the last round's."""
     seen = ~np.isnan(ell)
     worst = np.where(seen.any(1), np.where(seen, ell, -np.inf).max(1), sec.ell)
     sec.ell = worst
     ell = np.where(seen, ell, worst[:, None])
-    bound_l = t.lipschitz[k]
-    lips = np.where(np.isnan(ell), bound_l,
+    bound_l = t.lipschitz[pos]
+    return np.where(np.isnan(ell), bound_l,
                     np.minimum(bound_l, np.maximum(MARGIN * ell, FLOOR * bound_l)))
-    # 4. remember this round's evaluations for the next one's secants
+
+
+def remember(sec: Secants, states, g, pos, valid) -> None:
+    """Keep this round's evaluated states and scores for the next round's secants."""
     vr, vc = valid.nonzero()
     v_r, v_c = indices(states, vr, vc)
     sec.y[v_r, v_c] = states[v_r, v_c]
     sec.g[v_r, v_c] = g[v_r, v_c]
     sec.pos = np.where(valid, pos, sec.pos)
-    return prefix, y_end, x0, lips
