@@ -41,8 +41,14 @@ from pipeline.samplers.ring import run_starts
 
 # A point's measured slope counts MARGIN times, and never less than FLOOR of the bound L_n:
 # the margin covers the other directions of the error, the floor the ones no secant has seen
-# (measured on grf 32x32 and gmm, docs/algorithms.md: floors 0.05 and 0.2 took the same rounds)
+# (measured on grf 32x32, docs/algorithms.md: floors 0.05 and 0.2 took the same rounds)
 MARGIN, FLOOR = 2.0, 0.05
+# A mode's estimate is used once its weight is INFORMED of its row's best-known mode's: a
+# secant of the noisiest steps alone, whose slope hardly depends on the variance, is mostly
+# the float32 rounding of the scores (a variance of 7 read for 0.07; a 3-D grf's float32 run
+# then left float64's by 1.7e-5 where 2e-6 is its rounding). 1e-8 let it through; 1e-4 cost
+# the DDPM-1000 grf a round, 1e-2 three
+INFORMED = 1e-6
 
 
 @dataclass
@@ -60,14 +66,33 @@ class Secants:
     ell: np.ndarray
 
 
-def _dims(x: torch.Tensor) -> tuple[int, ...]:
-    """The field axes of x (B, M, *S)."""
-    return tuple(range(2 - x.dim(), 0))
+def _dims(field: int) -> tuple[int, ...]:
+    """The last ``field`` axes: a field's."""
+    return tuple(range(-field, 0))
 
 
+# Each batch row is transformed by a call of its own: a batched FFT rounds a row differently
+# with the batch's size (MKL, 3-D fields: 3e-14 in float64), and a member's result must not
+# depend on who shares its batch
 def _fourier(x: torch.Tensor) -> torch.Tensor:
-    """The orthonormal real FFT of x (B, M, *S) over its field axes."""
-    return torch.fft.rfftn(x, dim=_dims(x), norm="ortho")
+    """The orthonormal real FFT of x (B, M, *S) over its field axes, (B, M, *F)."""
+    dims = _dims(x.dim() - 2)
+    return torch.stack([torch.fft.rfftn(row, dim=dims, norm="ortho") for row in x])
+
+
+def _fourier_rows(x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """The transform of points x (P, *S) of batch rows ``rows`` (P,), sorted, each row's
+    points in one call, (P, *F)."""
+    dims = _dims(x.dim() - 1)
+    cuts = np.flatnonzero(np.diff(rows)) + 1
+    return torch.cat([torch.fft.rfftn(part, dim=dims, norm="ortho")
+                      for part in torch.tensor_split(x, cuts.tolist())])
+
+
+def _inverse(z: torch.Tensor, field: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of ``_fourier`` for z (B, M, *F), fields of shape ``field``."""
+    dims = _dims(len(field))
+    return torch.stack([torch.fft.irfftn(row, s=field, dim=dims, norm="ortho") for row in z])
 
 
 def _weights(shape: tuple[int, ...]) -> torch.Tensor:
@@ -120,8 +145,10 @@ def _learn(sums: torch.Tensor, dy: torch.Tensor, dg: torch.Tensor, rows: np.ndar
 
 def _thetas(sec: Secants, decay, drift, u, v0, bound: float) -> torch.Tensor:
     """Theta per mode (B, M, *F) float64 at points with coefficients (B, M) from the averaged
-    variance estimates (S where a mode has none: ``j_max``'s value)."""
-    lam = torch.where(sec.den > 0, sec.num / sec.den.clamp_min(torch.finfo(torch.float64).tiny),
+    variance estimates (S where a mode has too little weight: ``j_max``'s value)."""
+    known = sec.den > INFORMED * sec.den.flatten(1).amax(1).reshape(
+        -1, *(1,) * (sec.den.dim() - 1))
+    lam = torch.where(known, sec.num / sec.den.clamp_min(torch.finfo(torch.float64).tiny),
                       torch.full_like(sec.num, bound))[:, None]
     like = lam.expand(-1, decay.shape[1], *lam.shape[2:])
     return _column(decay, like) - _column(drift, like) / (
@@ -171,8 +198,8 @@ def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm):
     pairs = (pr, ps, None, None)
     if len(pr):
         r_t, s_t = indices(states, pr, ps)
-        dy = _fourier((states[r_t, s_t] - sec.y[r_t, s_t])[None])[0].to(torch.complex128)
-        dg = _fourier((g[r_t, s_t] - sec.g[r_t, s_t])[None])[0].to(torch.complex128)
+        dy = _fourier_rows(states[r_t, s_t] - sec.y[r_t, s_t], pr).to(torch.complex128)
+        dg = _fourier_rows(g[r_t, s_t] - sec.g[r_t, s_t], pr).to(torch.complex128)
         k = pos[pr, ps]
         u, v0 = t.u[k], t.v0[k]
         vs = np.exp(-u) * bound + v0 if np.isfinite(bound) else np.full_like(u, np.inf)
@@ -223,7 +250,7 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
         k_last = last[holder]
         r_t, s_t = indices(states, holder, k_last % p - lo)
         mean = (states[r_t, s_t] + coef(t.v0[k_last]) * g[r_t, s_t]) * coef(t.tweedie[k_last])
-        x0[r_t] = _fourier(mean[None])[0]
+        x0[r_t] = _fourier_rows(mean, holder)
     parts = torch.cat([torch.view_as_real(torch.complex(a, torch.zeros_like(a))),
                        torch.view_as_real(c), torch.view_as_real(base[:, None]),
                        torch.view_as_real(x0[:, None])], 1)
@@ -244,11 +271,10 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
         at = side[:, j]
         out[:, j] = cur[rows_t, at]
         cur[rows_t, at] = th[:, j] * cur[rows_t, at] + terms[:, j]
-    dims = _dims(states)
-    prefix = torch.fft.irfftn(out, s=states.shape[2:], dim=dims, norm="ortho")
     field = tuple(states.shape[2:])
-    y_end = torch.fft.irfftn(end[:, None], s=field, dim=dims, norm="ortho")[:, 0]
-    x0_field = torch.fft.irfftn(x0hat[:, None], s=field, dim=dims, norm="ortho")
+    prefix = _inverse(out, field)
+    y_end = _inverse(end[:, None], field)[:, 0]
+    x0_field = _inverse(x0hat[:, None], field)
     return prefix, y_end, x0_field, theta
 
 
