@@ -560,7 +560,7 @@ def test_an_emulated_models_host_time_timed_on_a_run_cut_short_is_the_whole_runs
     monkeypatch.setattr(profiling, "TIMED_SECONDS", 0.0)  # cut after TIMED_LEAST intervals
     monkeypatch.setattr(profiling, "TIMED_LEAST", 4)
     cfg = load_config("jobs/configs/grf.toml", _small(tmp_path, **{
-        "sampler.tol": 1e-3, "model.emulate_ms": [5, 0]}))
+        "sampler.tol": 1e-3, "model.emulate_ms": [5, 0], "sampler.theta": "j_max"}))
     model = build_model(cfg.model)
     cut, whole = [], []
     for _ in range(3):
