@@ -235,10 +235,8 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
                                                              device=fy.device))
     head = start % p
     high = np.arange(lo, hi)[None] >= head[:, None]
-    a, c = _runs(th, terms, high)
     # Y_b's transform from the rank that holds it, and the Tweedie mean at the window's last
     # point from the one that holds that: the predictor's frozen denoiser
-    batch = len(start)
     base, x0 = torch.zeros_like(fy[:, 0]), torch.zeros_like(fy[:, 0])
     (owner,) = np.nonzero((head >= lo) & (head < hi) & (width > 0))
     if len(owner):
@@ -251,6 +249,44 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
         r_t, s_t = indices(states, holder, k_last % p - lo)
         mean = (states[r_t, s_t] + coef(t.v0[k_last]) * g[r_t, s_t]) * coef(t.tweedie[k_last])
         x0[r_t] = _fourier_rows(mean, holder)
+    if len(bounds) == 1:
+        out, end, x0hat = _whole_ring(th, terms, base, x0, head, comm)
+    else:
+        out, end, x0hat = _split_ring(th, terms, base, x0, high, start, bounds, comm)
+    field = tuple(states.shape[2:])
+    prefix = _inverse(out, field)
+    y_end = _inverse(end[:, None], field)[:, 0]
+    x0_field = _inverse(x0hat[:, None], field)
+    return prefix, y_end, x0_field, theta
+
+
+def _whole_ring(th, terms, base, x0, head, comm):
+    """The rebuild where this rank holds all p slots (one rank, or a replicated window): one
+    scan in chain order from Y_b's transform ``base`` (B, *F), as ``_split_ring`` would chain
+    its two runs, without their maps. Returns (Yhat at each slot (B, p, *F), the end state
+    (B, *F), the denoiser's transform ``x0`` (B, *F)); the Allgather of x0 is kept so that a
+    round makes the same collectives on any communicator."""
+    batch, p = th.shape[:2]
+    order = (head[:, None] + np.arange(p)[None]) % p  # the slot of each chain index
+    rows = np.repeat(np.arange(batch), p).reshape(batch, p)
+    r_t, o_t = indices(terms, rows, order)
+    th_c, terms_c = th[r_t, o_t], terms[r_t, o_t]
+    chain = torch.empty((batch, p + 1, *terms.shape[2:]), dtype=terms.dtype, device=terms.device)
+    chain[:, 0] = base
+    for c in range(p):
+        torch.addcmul(terms_c[:, c], th_c[:, c], chain[:, c], out=chain[:, c + 1])
+    out = torch.empty_like(terms)
+    out[r_t, o_t] = chain[:, :p]
+    x0hat = torch.view_as_complex(comm.allgather(torch.view_as_real(x0))[0].contiguous())
+    return out, chain[:, p], x0hat
+
+
+def _split_ring(th, terms, base, x0, high, start, bounds, comm):
+    """The rebuild across ranks: this rank's two runs of slots as maps per mode, every rank's
+    gathered and chained in the window's order, then this rank's slots scanned from its runs'
+    inputs. Returns as ``_whole_ring``, for this rank's slots."""
+    a, c = _runs(th, terms, high)
+    batch, p = len(start), bounds[-1][1]
     parts = torch.cat([torch.view_as_real(torch.complex(a, torch.zeros_like(a))),
                        torch.view_as_real(c), torch.view_as_real(base[:, None]),
                        torch.view_as_real(x0[:, None])], 1)
@@ -263,19 +299,15 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
     x0hat = gathered[:, :, 5].sum(1)
     # each rank scans its own slots from its runs' inputs
     mine_in = inputs.view(batch, len(bounds), 2, *inputs.shape[2:])[:, comm.rank]
-    side = torch.from_numpy(np.where(high, 0, 1)).to(states.device)
-    rows_t = torch.arange(batch, device=states.device)
+    side = torch.from_numpy(np.where(high, 0, 1)).to(terms.device)
+    rows_t = torch.arange(batch, device=terms.device)
     cur = mine_in.clone()
-    out = torch.empty_like(fy)
-    for j in range(hi - lo):
+    out = torch.empty_like(terms)
+    for j in range(high.shape[1]):
         at = side[:, j]
         out[:, j] = cur[rows_t, at]
         cur[rows_t, at] = th[:, j] * cur[rows_t, at] + terms[:, j]
-    field = tuple(states.shape[2:])
-    prefix = _inverse(out, field)
-    y_end = _inverse(end[:, None], field)[:, 0]
-    x0_field = _inverse(x0hat[:, None], field)
-    return prefix, y_end, x0_field, theta
+    return out, end, x0hat
 
 
 def slopes(pairs, theta, t, pos, field: tuple[int, ...]) -> np.ndarray:
