@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline.fourier import half_weights
+
 
 def wavenumbers(shape: tuple[int, ...]) -> torch.Tensor:
     """|k| in cycles per domain on the rfftn half-grid, float64 of shape rfft_shape(shape)."""
@@ -22,16 +24,6 @@ def wavenumbers(shape: tuple[int, ...]) -> torch.Tensor:
     axes.append(torch.fft.rfftfreq(shape[-1], 1 / shape[-1], dtype=torch.float64))
     grids = torch.meshgrid(*axes, indexing="ij")
     return torch.sqrt(sum(g**2 for g in grids))
-
-
-def _full_weights(shape: tuple[int, ...]) -> torch.Tensor:
-    """How many modes of the full spectrum each rfft coefficient stands for (1 or 2)."""
-    n = shape[-1]
-    w = torch.full((n // 2 + 1,), 2.0, dtype=torch.float64)
-    w[0] = 1.0
-    if n % 2 == 0:
-        w[-1] = 1.0
-    return w.expand(*shape[:-1], n // 2 + 1)
 
 
 @dataclass(frozen=True)
@@ -49,7 +41,7 @@ class GaussianRandomField:
             raise ValueError(f"grf shape must have 1 to 3 dims, each >= 2; got {self.shape}")
         k = wavenumbers(self.shape)
         lam = (1 + (k * self.length / (2 * math.pi)) ** 2) ** (-self.slope / 2)
-        weights = _full_weights(self.shape)
+        weights = half_weights(self.shape)
         lam = lam * (weights.sum() / (lam * weights).sum())  # mean per-point variance 1
         object.__setattr__(self, "spectrum", lam.to(self.device))
 
@@ -97,7 +89,7 @@ def radial_spectrum(x: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Ten
 
 def _shell_mean(values: torch.Tensor, shape: tuple[int, ...]):
     shell = torch.round(wavenumbers(shape)).long()
-    weights = _full_weights(shape)
+    weights = half_weights(shape)
     kmax = min(shape) // 2
     inside = (shell <= kmax).flatten()
     index = shell.flatten()[inside]

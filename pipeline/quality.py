@@ -19,8 +19,9 @@ import dataclasses
 import torch
 
 from models.emulate import Emulated
-from models.grf import GaussianRandomField, _full_weights, target_spectrum
+from models.grf import GaussianRandomField, target_spectrum
 from pipeline.comm import SerialComm
+from pipeline.fourier import half_weights
 from pipeline.grids import Grid
 from pipeline.noise import Noise
 from pipeline.samplers import REGISTRY, SAMPLERS, Options
@@ -119,6 +120,6 @@ def grf_w2(model: GaussianRandomField, method: str, grid: Grid,
     model = dataclasses.replace(model, device="cpu")
     variances = grf_variances(model, method, grid, options)
     target = target_spectrum(model, float(grid.u[-1]), options.denoise_final).cpu()
-    weights = _full_weights(model.shape)
+    weights = half_weights(model.shape)
     w2 = (weights * (variances.sqrt() - target.sqrt()) ** 2).sum()
     return float((w2 / (weights * target).sum()).sqrt())

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.fourier import half_weights
 from pipeline.samplers.common import indices
 from pipeline.samplers.ring import run_starts
 
@@ -93,17 +94,6 @@ def _inverse(z: torch.Tensor, field: tuple[int, ...]) -> torch.Tensor:
     """The inverse of ``_fourier`` for z (B, M, *F), fields of shape ``field``."""
     dims = _dims(len(field))
     return torch.stack([torch.fft.irfftn(row, s=field, dim=dims, norm="ortho") for row in z])
-
-
-def _weights(shape: tuple[int, ...]) -> torch.Tensor:
-    """How many modes of the full spectrum each rfft coefficient stands for (1 or 2), shaped
-    like the half-grid of a field of ``shape``: the norms below count every mode once."""
-    n = shape[-1]
-    w = torch.full((n // 2 + 1,), 2.0, dtype=torch.float64)
-    w[0] = 1.0
-    if n % 2 == 0:
-        w[-1] = 1.0
-    return w.expand(*shape[:-1], n // 2 + 1)
 
 
 def begin(states: torch.Tensor) -> Secants:
@@ -318,7 +308,7 @@ def slopes(pairs, theta, t, pos, field: tuple[int, ...]) -> np.ndarray:
     ell = np.full(pos.shape, np.nan)
     if dy is None:
         return ell
-    w = _weights(field).to(dy.device)
+    w = half_weights(field).to(dy.device)
     size = lambda z: (z.abs().square() * w).flatten(1).sum(1).sqrt()  # noqa: E731
     k = pos[pr, ps]
     dphi = _column(t.decay[k][None], dy[None])[0] * dy \
