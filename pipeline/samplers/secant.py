@@ -99,7 +99,7 @@ def _inverse(z: torch.Tensor, field: tuple[int, ...]) -> torch.Tensor:
 def begin(states: torch.Tensor) -> Secants:
     """Nothing learned yet, for the slot states (B, p, *S)."""
     batch, p = states.shape[:2]
-    half = _fourier(states[:1, :1]).shape[2:]
+    half = half_weights(tuple(states.shape[2:])).shape  # the rfft half-grid
     zeros = torch.zeros((batch, *half), dtype=torch.float64, device=states.device)
     return Secants(torch.zeros_like(states), torch.zeros_like(states),
                    np.full((batch, p), -1), zeros, zeros.clone(), np.full(batch, np.nan))
