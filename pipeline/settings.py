@@ -89,6 +89,9 @@ class CalibrateConfig:
     # (GRF 256x256 reaches 3.7e-4 at 5e-7 on the CPU; docs/benchmarks.md, "On a GPU")
     ladder: tuple[float, ...] = (0.1, 0.05, 0.02, 0.01, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4, 5e-5,
                                  2e-5, 1e-5, 5e-6, 2e-6, 1e-6, 5e-7, 2e-7, 1e-7)
+    # rungs tried between the first that passes and the looser one before it, each halving the
+    # gap on a log scale (0: the ladder's own tolerances only)
+    refine: int = 1
 
 
 @dataclass(frozen=True)

@@ -555,6 +555,8 @@ def validate(cfg: Config) -> None:
            f"= {m.data_bound} must be >= 0 and finite (0: the model's own bound)")
     c = cfg.calibrate
     _check(c.members >= 1, "calibrate.members", f"= {c.members} must be >= 1")
+    _check(c.refine >= 0, "calibrate.refine", f"= {c.refine} must be >= 0 (0: the ladder's "
+           "own tolerances only)")
     _check(len(c.ladder) >= 1 and all(v > 0 for v in c.ladder)
            and all(a > b for a, b in zip(c.ladder, c.ladder[1:])), "calibrate.ladder",
            f"= {list(c.ladder)}: give tolerances > 0, loosest first (the first that keeps the "

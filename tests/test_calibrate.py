@@ -33,13 +33,17 @@ def _ladder(err: str) -> list[list[str]]:
     return [line.split() for line in lines if line.strip() and line.split()[0][0].isdigit()]
 
 
+def _chosen(err: str) -> float:
+    return float(err.split("chose tol = ")[1].split(";")[0])
+
+
 def test_calibrate_takes_the_loosest_tolerance_within_half_the_distance(capsys):
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(SMALL)]) == 0
     err = capsys.readouterr().err
     rows = _ladder(err)
-    worst = [float(r[3]) for r in rows]
-    assert all(w > 5e-4 for w in worst[:-1]) and worst[-1] <= 5e-4
-    chosen = float(rows[-1][0])
+    chosen = _chosen(err)
+    passed = [float(r[0]) for r in rows if float(r[3]) <= 5e-4]
+    assert passed and chosen == max(passed)
     cfg = load_config("jobs/configs/grf.toml", SMALL)
     assert read_cached(calibration_key(cfg, model_digest(cfg), "cpu")) == chosen
     assert f"sampler.tol = {chosen:g}" in err
@@ -49,11 +53,33 @@ def test_calibrate_takes_the_loosest_tolerance_within_half_the_distance(capsys):
     assert len(loose) < len(rows) and float(loose[-1][0]) > chosen
 
 
+@pytest.mark.parametrize("refine", [0, 1, 3])
+def test_calibrate_refines_between_the_passing_rung_and_the_looser_one_that_failed(
+        refine, capsys):
+    """Each refinement tries the tolerance halfway (log scale) between the loosest passing
+    and tightest failing tolerance measured so far, and keeps it when it passes."""
+    ladder = "calibrate.ladder=[0.1, 0.01, 0.001, 0.0001, 1e-05]"
+    sets = SMALL + [ladder, f"calibrate.refine={refine}"]
+    assert main(["calibrate", "jobs/configs/grf.toml", *_sets(sets)]) == 0
+    err = capsys.readouterr().err
+    rows = _ladder(err)
+    tols, worst = [float(r[0]) for r in rows], [float(r[3]) for r in rows]
+    first = next(i for i, w in enumerate(worst) if w <= 5e-4)
+    assert first > 0 and tols[:first + 1] == [0.1, 0.01, 0.001, 0.0001, 1e-05][:first + 1]
+    extra = rows[first + 1:]
+    assert len(extra) == refine and all("between rungs" in " ".join(r) for r in extra)
+    loose, tight = tols[first - 1], tols[first]
+    for tol, w in zip(tols[first + 1:], worst[first + 1:]):
+        assert tight < tol < loose and tol == float(f"{(loose * tight) ** 0.5:.1e}")
+        loose, tight = (loose, tol) if w <= 5e-4 else (tol, tight)
+    assert _chosen(err) == tight == max(t for t, w in zip(tols, worst) if w <= 5e-4)
+
+
 def test_calibrate_measures_even_when_the_config_holds_a_number(capsys):
     numeric = [s for s in SMALL if not s.startswith("sampler.tol")] + ["sampler.tol=0.5"]
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(numeric)]) == 0
     err = capsys.readouterr().err
-    chosen = float(_ladder(err)[-1][0])
+    chosen = _chosen(err)
     assert chosen != 0.5 and f"sampler.tol = {chosen:g} for pc-window (measured now)" in err
     cfg = load_config("jobs/configs/grf.toml", SMALL)  # what sampler.tol = "auto" runs look up
     assert read_cached(calibration_key(cfg, model_digest(cfg), "cpu")) == chosen
@@ -100,6 +126,7 @@ def test_a_method_without_a_tolerance_cannot_be_calibrated(capsys):
     ("calibrate.ladder=[0.001, 0.1]", "calibrate.ladder = [0.001, 0.1]: give tolerances > 0, "
                                       "loosest first"),
     ("calibrate.members=0", "calibrate.members = 0 must be >= 1"),
+    ("calibrate.refine=-1", "calibrate.refine = -1 must be >= 0"),
     ("model.data_bound=-1", "model.data_bound = -1.0 must be >= 0"),
 ])
 def test_bad_calibration_settings_are_one_line_errors(override, needle, capsys, tmp_path):
