@@ -202,18 +202,18 @@ LEAST_FIELDS = 2
 
 
 def sampler_floor(method: str, points: int, batch: int, field_bytes: int,
-                  time_slices: int = 1) -> int:
+                  time_slices: int = 1, theta: str = "") -> int:
     """Bytes a batch of ``batch`` members certainly needs for the sampler's own state (its
-    registered ``state`` buffers per point and member, the round's ``points`` split over
-    ``time_slices``, which a sequential sampler's slices do not split; at least
-    ``LEAST_FIELDS`` a member), before any model call: a floor, so that a run refused by it
-    could not have fitted."""
+    registered buffers per point and member, its corrector ``theta``'s among them, the
+    round's ``points`` split over ``time_slices``, which a sequential sampler's slices do not
+    split; at least ``LEAST_FIELDS`` a member), before any model call: a floor, so that a
+    run refused by it could not have fitted."""
     from pipeline.samplers import REGISTRY
 
     entry = REGISTRY[method]
     split = 1 if entry.reference == method else max(1, time_slices)
     share = -(-points // split)
-    return int(max(entry.state * share, LEAST_FIELDS) * batch * field_bytes)
+    return int(max(entry.state_fields(theta) * share, LEAST_FIELDS) * batch * field_bytes)
 
 
 def format_bytes(n: float) -> str:

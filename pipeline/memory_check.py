@@ -50,7 +50,8 @@ def check_memory(cfg: Config, shape, device, *, sharing: int = 1, time_slices: i
     sequential = REGISTRY[s.method].reference == s.method
     if whole or sequential:  # every time slice keeps the whole window, or the whole path
         time_slices = 1
-    need = sampler_floor(s.method, n, batch, field_bytes(shape, DTYPES[s.dtype]), time_slices)
+    need = sampler_floor(s.method, n, batch, field_bytes(shape, DTYPES[s.dtype]), time_slices,
+                         s.theta)
     if room is None:
         return f"at least {format_bytes(need)} per rank for the sampler's state"
     if need <= room[0]:

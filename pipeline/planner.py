@@ -360,7 +360,7 @@ def _fitting(cfg: Config, pairs, device, machine: Machine, gpus_per_node: int, s
     one = field_bytes(shape, DTYPES[s.dtype])
     fits = [(lay, p) for lay, p in pairs if sampler_floor(
         lay.method, state_points(cfg, lay.param), lay.batch, one,
-        1 if lay.replicated else lay.time_slices) <= room[0]]
+        1 if lay.replicated else lay.time_slices, s.theta) <= room[0]]
     where = f"{format_bytes(room[0])} {room[1]} per rank"
     fewer = f"run fewer than {sharing} ranks a node, or " if sharing > 1 else ""
     if not fits:

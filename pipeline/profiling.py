@@ -191,7 +191,8 @@ def _host_growth(cfg: Config, model, method: str, param: int, tol, device, batch
     device = torch.device(device)
     room = available_bytes(device)
     one = sampler_floor(method, state_points(cfg, param), 1,
-                        field_bytes(tuple(model.shape), DTYPES[cfg.sampler.dtype]))
+                        field_bytes(tuple(model.shape), DTYPES[cfg.sampler.dtype]),
+                        theta=cfg.sampler.theta)
     if room is not None:  # half of what is free: the model's own calls need room too
         members = min(members, room[0] // (2 * max(1, one)))
     if members < min(batch, GROWTH_LEAST) or members < 2 or host <= 0:

@@ -29,17 +29,19 @@ def test_after_keep_freed_memory_a_freed_model_buffer_stays_for_the_next_call():
 
 @pytest.mark.parametrize("method", ["sequential-sde", "sequential-ode", "piadm-sde",
                                     "piadm-ode", "window",
-                                    "window-ode", "pc-window", "pc-window-ode",
-                                    "dpmpp-2m-window"])
+                                    "window-ode", "pc-window", "pc-window+secant",
+                                    "pc-window-ode", "dpmpp-2m-window"])
 def test_each_samplers_registered_state_is_a_floor_of_what_it_holds(method):
     """The refusal of a batch too large (``memory_check.check_memory``) must never refuse one that
-    fits: what each sampler registers is at most its measured peak, model calls included."""
+    fits: what each sampler registers (its corrector's too) is at most its measured peak,
+    model calls included."""
     from models.grf import GaussianRandomField
     from pipeline.grids import make_grid
     from pipeline.memory import sampler_floor
     from pipeline.noise import Noise
     from pipeline.samplers import REGISTRY, SAMPLERS, Options
 
+    method, _, theta = method.partition("+")
     shape, batch, steps = (128, 128), 2, 100
     model = GaussianRandomField(shape)
     grid = make_grid("ou", steps, u_min=1e-3, u_max=10.0, block_size=50)
@@ -49,12 +51,15 @@ def test_each_samplers_registered_state_is_a_floor_of_what_it_holds(method):
     cpu = torch.device("cpu")
     base = start_peak(cpu)
     SAMPLERS[method](model, y0, grid, noise,
-                     comm=SerialComm(), options=Options(tol=tol, data_bound=model.data_bound))
+                     comm=SerialComm(), options=Options(tol=tol, data_bound=model.data_bound,
+                                                        **({"theta": theta} if theta else {})))
     peak = peak_since(cpu, base)
     s = type("S", (), {"steps": steps, "block_size": 50, "window": 0, "corrector_steps": 0})()
     points = max(REGISTRY[method].points(s).values())
-    floor = sampler_floor(method, points, batch, 4 * 128 * 128)
+    floor = sampler_floor(method, points, batch, 4 * 128 * 128, theta=theta)
     assert 0 < floor <= peak, (floor / 2**20, peak / 2**20)
+    if theta:  # its last evaluations: two more fields a point than j_max keeps
+        assert floor == sampler_floor(method, points, batch, 4 * 128 * 128) * 10 // 8
 
 
 def _grf_run(tmp_path, *sets):
@@ -73,7 +78,7 @@ def test_a_batch_whose_sampler_state_cannot_fit_is_refused_before_anything_is_wr
     args = _grf_run(tmp_path, "model.shape=[256, 256]", "ensemble.batch_size=4")
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    # pc-window's window of 20 points (the steps) x 256 KiB x 8 buffers: 40 MiB a member
+    # pc-window's window of 20 points (the steps) x 256 KiB x 10 buffers: 50 MiB a member
     assert err.startswith("piadm: error: config: 4 members a batch of pc-window (20 points")
     assert "need at least" in err and "lower sampler.window, add time slices" in err
     assert not (tmp_path / "o.zarr").exists()
@@ -253,16 +258,17 @@ def test_a_replicated_window_needs_the_whole_window_on_every_time_slice(tmp_path
     from pipeline.config import load_config
     from pipeline.memory_check import TooLarge, check_memory
 
-    # pc-window's 20 points x 256 KiB x 8 buffers: 40 MiB a member, a quarter on 4 slices
+    # pc-window's 20 points x 256 KiB x 10 buffers (grf.toml's learned corrector keeps 2 of
+    # them): 50 MiB a member, a quarter on 4 slices
     monkeypatch.setattr("pipeline.memory_check.available_bytes",
                         lambda device, sharing=1: (30 * 2**20, "available on this node's host"))
     sets = ["model.shape=[256, 256]", "ensemble.batch_size=1"]
     cfg = load_config("jobs/configs/grf.toml", _grf_run(tmp_path, *sets)[3::2])
     cpu = torch.device("cpu")
-    assert "10.0 MiB per rank" in check_memory(cfg, (256, 256), cpu, time_slices=4)
+    assert "12.5 MiB per rank" in check_memory(cfg, (256, 256), cpu, time_slices=4)
     whole = load_config("jobs/configs/grf.toml", _grf_run(
         tmp_path, *sets, "sampler.window_split=replicated")[3::2])
-    with pytest.raises(TooLarge, match="on every time slice .*40.0 MiB .*set "
+    with pytest.raises(TooLarge, match="on every time slice .*50.0 MiB .*set "
                                        "sampler.window_split = 'slots'"):
         check_memory(whole, (256, 256), cpu, time_slices=4)
 

@@ -699,14 +699,16 @@ def test_the_plan_leaves_out_layouts_whose_sampler_state_cannot_fit(tmp_path, mo
 
 def test_a_plan_whose_sequential_sampler_cannot_fit_is_one_line(tmp_path, monkeypatch, capsys):
     """At 16 ranks of 32x32 fields the sequential sampler holds its 20 block points (80 KiB a
-    member), pc-window on 16 time slices 2 points of 8 buffers (64 KiB): with 70 KiB a rank
-    only the latter fits, and the plan has nothing to compare it with."""
+    member), pc-window with the J_max corrector on 16 time slices 2 points of 8 buffers
+    (64 KiB): with 70 KiB a rank only the latter fits, and the plan has nothing to compare it
+    with."""
     for where in ("pipeline.planner", "pipeline.profiling"):  # the plan's, the growth run's
         monkeypatch.setattr(f"{where}.available_bytes",
                             lambda device, sharing=1: (70 * 2**10, "available on this node's "
                                                        "host"))
     sets = _small(tmp_path, **{"sampler.method": "pc-window", "sampler.tol": 0.05,
-                               "model.shape": [32, 32], "ensemble.members": 16})
+                               "sampler.theta": "j_max", "model.shape": [32, 32],
+                               "ensemble.members": 16})
     args = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])
     assert main(["plan", "jobs/configs/grf.toml", "--ranks", "16", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

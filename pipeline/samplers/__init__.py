@@ -47,6 +47,8 @@ class Registered:
     calls_per_step: model calls a sequential sampler makes a step (Heun: two).
     thetas: the ``sampler.theta`` values it runs as asked (its corrector's): every one for
     ``pc-window``, ``"one"`` for ``pc-window-ode``, which always takes it; none elsewhere.
+    theta_state: (theta, buffers) a corrector keeps per point and member beyond ``state``
+    (the learned corrector: each slot's last evaluated state and score).
     """
 
     target: str
@@ -63,11 +65,16 @@ class Registered:
     linear: str = ""
     calls_per_step: int = 1
     thetas: tuple[str, ...] = ()
+    theta_state: tuple[tuple[str, int], ...] = ()
 
     def load(self):
         """The sampler function ``target`` names (``"module:function"``), imported now."""
         module, name = self.target.split(":")
         return getattr(importlib.import_module(module), name)
+
+    def state_fields(self, theta: str = "") -> float:
+        """``state`` plus what the corrector ``theta`` keeps besides, per point and member."""
+        return self.state + dict(self.theta_state).get(theta, 0)
 
     def window_points(self, window: int, steps: int) -> int:
         """The points of a window set to ``window`` (0: the default) on a path of ``steps``."""
@@ -132,7 +139,7 @@ REGISTRY = {
     # revision 2: the rebuild scales its lag by theta = J_max (a tolerance means less error)
     "pc-window": Registered("pipeline.samplers.pcwindow:pc_window_sde", _SDE, windowed=True,
                             state=8, revision=2, default_window=PC_WINDOW_POINTS,
-                            thetas=THETAS),
+                            thetas=THETAS, theta_state=(("secant", 2),)),
     # revision 2: the predictor extrapolates the denoiser instead of freezing it
     "pc-window-ode": Registered("pipeline.samplers.pcwindow:pc_window_ode", _ODE,
                                 windowed=True, state=7, revision=2,
