@@ -41,6 +41,8 @@ CASES = {  # name: (method, dtype, options, noise source)
                       Options(window=20, tol=1e-3, window_split="replicated"), "host"),
     "pcwindowsecant64": ("pc-window", torch.float64,
                          Options(window=20, tol=1e-3, theta="secant"), "host"),
+    "pcwindowsecant32": ("pc-window", torch.float32,
+                         Options(window=20, tol=1e-3, theta="secant"), "host"),
     "pcwindowsecantrep64": ("pc-window", torch.float64,
                             Options(window=20, tol=1e-3, theta="secant",
                                     window_split="replicated"), "host"),

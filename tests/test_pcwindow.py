@@ -418,10 +418,14 @@ def test_secants_of_a_gaussian_field_learn_its_spectrum_and_its_exact_step():
     sec = secant.begin(y)
     sec.y, sec.g, sec.pos = y2.clone(), model(y2[0], u)[None], pos.copy()
     every = np.ones((1, 8), bool)
-    pairs = secant.learn(sec, y, model(y[0], u)[None], pos, every, t, model.data_bound,
-                         SerialComm())
-    assert np.array_equal(pairs[1], np.arange(8))
+    ell = secant.learn(sec, y, model(y[0], u)[None], pos, every, t, model.data_bound,
+                       SerialComm())
     assert torch.allclose((sec.num / sec.den)[0], model.spectrum, rtol=1e-8)
+    # theta is then the Gaussian's exact slope: the residual slopes measured at every point
+    # evaluated twice are 0, so the certificate takes the floor of L
+    assert ell.shape == (1, 8) and np.allclose(ell, 0, atol=1e-12)
+    got = secant.certificate(sec, ell, pos, t)
+    assert np.allclose(got, secant.FLOOR * t.lipschitz[pos])
     # theta is the step's Jacobian per mode: one sweep from the exact state is the path
     start = torch.randn(1, 12, 10, generator=gen, dtype=torch.float64)
     path = [start[0]]
@@ -431,16 +435,10 @@ def test_secants_of_a_gaussian_field_learn_its_spectrum_and_its_exact_step():
         path.append(st.decay[k] * path[-1] + st.drift[k] * score)
     guess = torch.randn(1, 8, 12, 10, generator=gen, dtype=torch.float64)
     guess[:, 0] = start
-    rebuilt, _, _, theta = secant.rebuild(sec, guess, model(guess[0], u)[None],
-                                          torch.zeros_like(guess), np.array([16]),
-                                          np.array([8]), pos, every, t, model.data_bound,
-                                          [(0, 8)], SerialComm())
+    rebuilt, _, _ = secant.rebuild(sec, guess, model(guess[0], u)[None],
+                                   torch.zeros_like(guess), np.array([16]), np.array([8]), pos,
+                                   every, t, model.data_bound, [(0, 8)], SerialComm())
     assert torch.allclose(rebuilt[0, 1:], torch.stack(path[1:]), atol=1e-10)
-    # and the residual slopes it measures are 0, so the certificate takes the floor of L
-    ell = secant.slopes(pairs, theta, t, pos, (12, 10))
-    assert np.allclose(ell, 0, atol=1e-12)
-    got = secant.certificate(sec, ell, pos, t)
-    assert np.allclose(got, secant.FLOOR * t.lipschitz[pos])
 
 
 def test_the_learned_rebuild_chains_every_ranks_runs_as_one_rank_scans_them():

@@ -406,11 +406,9 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         # 2. whole-step increments, summed along the chain across ranks (ring.py)
         nodes = denoiser_nodes(start, width, terms, lag)
         if learned:  # the corrector learned per mode (secant.py): one more collective
-            pairs = secant.learn(sec, states, g, pos, valid, t, options.data_bound, ring)
-            prefix, y_e, x0hat, theta = secant.rebuild(sec, states, g, xi, start, width, pos,
-                                                       valid, t, options.data_bound, bounds,
-                                                       ring)
-            ell = secant.slopes(pairs, theta, t, pos, tuple(shape))
+            ell = secant.learn(sec, states, g, pos, valid, t, options.data_bound, ring)
+            prefix, y_e, x0hat = secant.rebuild(sec, states, g, xi, start, width, pos, valid,
+                                                t, options.data_bound, bounds, ring)
         else:
             prefix, y_e, x0hat = _rebuild(states, g, xi, start, width, pos, valid, nodes, t, p,
                                           bounds, ring)

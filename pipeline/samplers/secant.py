@@ -72,28 +72,34 @@ def _dims(field: int) -> tuple[int, ...]:
     return tuple(range(-field, 0))
 
 
-# Each batch row is transformed by a call of its own: a batched FFT rounds a row differently
+# Each batch row is transformed by calls of its own: a batched FFT rounds a row differently
 # with the batch's size (MKL, 3-D fields: 3e-14 in float64), and a member's result must not
-# depend on who shares its batch
-def _fourier(x: torch.Tensor) -> torch.Tensor:
-    """The orthonormal real FFT of x (B, M, *S) over its field axes, (B, M, *F)."""
-    dims = _dims(x.dim() - 2)
-    return torch.stack([torch.fft.rfftn(row, dim=dims, norm="ortho") for row in x])
+# depend on who shares its batch. A row's points go CHUNK at a time, so that the float64 work
+# on them and the transforms' temporaries stay a few fields, not a few per point (512x512:
+# 35 fields a point at the peak, against j_max's 21, when whole rows went at once)
+CHUNK = 8
 
 
-def _fourier_rows(x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-    """The transform of points x (P, *S) of batch rows ``rows`` (P,), sorted, each row's
-    points in one call, (P, *F)."""
-    dims = _dims(x.dim() - 1)
+def _chunks(rows: np.ndarray):
+    """Slices of ``rows`` (P,), sorted, each within one row and at most CHUNK long."""
     cuts = np.flatnonzero(np.diff(rows)) + 1
-    return torch.cat([torch.fft.rfftn(part, dim=dims, norm="ortho")
-                      for part in torch.tensor_split(x, cuts.tolist())])
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+        for c in range(lo, hi, CHUNK):
+            yield slice(c, min(c + CHUNK, hi))
+
+
+def _rfft(x: torch.Tensor, field: int) -> torch.Tensor:
+    """The orthonormal real FFT of points x (J, *S) over their ``field`` last axes."""
+    return torch.fft.rfftn(x, dim=_dims(field), norm="ortho")
 
 
 def _inverse(z: torch.Tensor, field: tuple[int, ...]) -> torch.Tensor:
-    """The inverse of ``_fourier`` for z (B, M, *F), fields of shape ``field``."""
+    """The inverse of ``_rfft`` for z (B, M, *F), fields of shape ``field``: (B, M, *S)."""
     dims = _dims(len(field))
-    return torch.stack([torch.fft.irfftn(row, s=field, dim=dims, norm="ortho") for row in z])
+    out = torch.empty((*z.shape[:2], *field), dtype=z.real.dtype, device=z.device)
+    for b in range(z.shape[0]):
+        torch.fft.irfftn(z[b], s=field, dim=dims, norm="ortho", out=out[b])
+    return out
 
 
 def begin(states: torch.Tensor) -> Secants:
@@ -105,18 +111,17 @@ def begin(states: torch.Tensor) -> Secants:
                    np.full((batch, p), -1), zeros, zeros.clone(), np.full(batch, np.nan))
 
 
-def _column(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """Per-point numbers (B, M) shaped to broadcast against (B, M, *F), float64."""
-    v = torch.from_numpy(np.ascontiguousarray(values)).to(like.device, torch.float64)
-    return v.reshape(*v.shape, *(1,) * (like.dim() - 2))
+def _power(z: torch.Tensor) -> torch.Tensor:
+    """|z|^2 of complex z, without abs's square root."""
+    return z.real.square() + z.imag.square()
 
 
-def _learn(sums: torch.Tensor, dy: torch.Tensor, dg: torch.Tensor, rows: np.ndarray, u, v0,
-           vs, bound: float) -> None:
-    """Add the secants of points (P,) of batch rows ``rows``, Fourier differences dy, dg
-    (P, *F) complex128 at clocks u with v0, vS (P,), to ``sums`` (2, B, *F): the weighted
-    variance estimates and their weights."""
-    power = dy.abs().square()
+def _learn(sums: torch.Tensor, dy: torch.Tensor, dg: torch.Tensor, u, v0, vs,
+           bound: float) -> None:
+    """Add the secants of points (J,) of one batch row, Fourier differences dy, dg (J, *F)
+    complex128 at clocks u with v0, vS (J,), to its ``sums`` (2, *F): the weighted variance
+    estimates and their weights."""
+    power = _power(dy)
     with np.errstate(divide="ignore"):
         lo, hi = -1 / v0, -1 / vs
     shape = (-1, *(1,) * (dy.dim() - 1))
@@ -127,22 +132,22 @@ def _learn(sums: torch.Tensor, dy: torch.Tensor, dg: torch.Tensor, rows: np.ndar
     # r = -1 / (e^{-u} lambda + v0): lambda = (-1/r - v0) e^u, pinned as well as r moves with it
     weight = power * as_t(np.exp(-2 * np.asarray(u))) * slope.pow(4)
     lam = ((-1 / slope - as_t(v0)) * as_t(np.exp(u))).clamp(0, bound)
-    weighted = torch.where(weight > 0, weight * lam, torch.zeros_like(weight))
-    at = torch.from_numpy(rows).to(dy.device)
-    sums[0].index_add_(0, at, weighted)
-    sums[1].index_add_(0, at, weight)
+    sums[0] += torch.where(weight > 0, weight * lam, torch.zeros_like(weight)).sum(0)
+    sums[1] += weight.sum(0)
 
 
-def _thetas(sec: Secants, decay, drift, u, v0, bound: float) -> torch.Tensor:
-    """Theta per mode (B, M, *F) float64 at points with coefficients (B, M) from the averaged
-    variance estimates (S where a mode has too little weight: ``j_max``'s value)."""
-    known = sec.den > INFORMED * sec.den.flatten(1).amax(1).reshape(
-        -1, *(1,) * (sec.den.dim() - 1))
-    lam = torch.where(known, sec.num / sec.den.clamp_min(torch.finfo(torch.float64).tiny),
-                      torch.full_like(sec.num, bound))[:, None]
-    like = lam.expand(-1, decay.shape[1], *lam.shape[2:])
-    return _column(decay, like) - _column(drift, like) / (
-        _column(np.exp(-u), like) * lam + _column(v0, like))
+def _thetas(sec: Secants, row: int, decay, drift, u, v0, bound: float) -> torch.Tensor:
+    """Theta per mode (J, *F) float64 at J points of batch row ``row`` with coefficients
+    (J,), from its averaged variance estimates (S where a mode has too little weight:
+    ``j_max``'s value)."""
+    num, den = sec.num[row], sec.den[row]
+    known = den > INFORMED * den.max()
+    lam = torch.where(known, num / den.clamp_min(torch.finfo(torch.float64).tiny),
+                      torch.full_like(num, bound))
+    shape = (-1, *(1,) * lam.dim())
+    col = lambda c: torch.from_numpy(np.asarray(c, dtype=np.float64)).to(  # noqa: E731
+        lam.device).reshape(shape)
+    return col(decay) - col(drift) / (col(np.exp(-np.asarray(u))) * lam + col(v0))
 
 
 def _runs(theta: torch.Tensor, terms: torch.Tensor, high: np.ndarray):
@@ -176,105 +181,118 @@ def _chain(first: np.ndarray, a: torch.Tensor, c: torch.Tensor, base: torch.Tens
     return inputs, state
 
 
-def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm):
+def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm) -> np.ndarray:
     """Step 1: add the secants of this rank's points evaluated at the same position last round
-    to the variance estimates, summed over ``comm`` (one Allreduce), and return them for the
-    certificate: (rows, slots (P,) of the pairs, their Fourier differences dy, dg (P, *F)
-    complex128, or None where there are none). states, g (B, M, *S) this rank's slots,
-    pos, valid (B, M)."""
+    to the variance estimates, summed over ``comm`` (one Allreduce), and measure each such
+    point's slope ell (``slopes``) with the Theta the rebuild then takes: (B, M) float64, NaN
+    at the others. states, g (B, M, *S) this rank's slots, pos, valid (B, M)."""
     twice = valid & (sec.pos == pos)
     pr, ps = twice.nonzero()
     sums = torch.zeros((2, *sec.num.shape), dtype=torch.float64, device=sec.num.device)
-    pairs = (pr, ps, None, None)
-    if len(pr):
-        r_t, s_t = indices(states, pr, ps)
-        dy = _fourier_rows(states[r_t, s_t] - sec.y[r_t, s_t], pr).to(torch.complex128)
-        dg = _fourier_rows(g[r_t, s_t] - sec.g[r_t, s_t], pr).to(torch.complex128)
-        k = pos[pr, ps]
+    field = states.dim() - 2
+    diffs = []  # in the field's precision until the slopes are measured: 2 fields a point
+    for part in _chunks(pr):
+        row, r_t, s_t = pr[part][0], *indices(states, pr[part], ps[part])
+        dy = _rfft(states[r_t, s_t] - sec.y[r_t, s_t], field)
+        dg = _rfft(g[r_t, s_t] - sec.g[r_t, s_t], field)
+        k = pos[pr[part], ps[part]]
         u, v0 = t.u[k], t.v0[k]
         vs = np.exp(-u) * bound + v0 if np.isfinite(bound) else np.full_like(u, np.inf)
-        _learn(sums, dy, dg, pr, u, v0, vs, bound)
-        pairs = (pr, ps, dy, dg)
+        _learn(sums[:, row], dy.to(torch.complex128), dg.to(torch.complex128), u, v0, vs,
+               bound)
+        diffs.append((part, dy, dg))
     sums = comm.allreduce_sum(sums)
     sec.num += sums[0]
     sec.den += sums[1]
-    return pairs
+    ell = np.full(pos.shape, np.nan)
+    for part, dy, dg in diffs:
+        k = pos[pr[part], ps[part]]
+        theta = _thetas(sec, pr[part][0], t.decay[k], t.increment[k, 1], t.u[k], t.v0[k],
+                        bound)
+        ell[pr[part], ps[part]] = slopes(dy.to(torch.complex128), dg.to(torch.complex128),
+                                         theta, t.decay[k], t.increment[k, 1],
+                                         tuple(states.shape[2:]))
+    return ell
 
 
 def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: float, bounds, comm):
     """Step 2 with the learned Theta on this rank's slots lo..hi of ``bounds``: (Yhat at each
     own slot (B, M, *S), the state after the window's last point (B, *S), the Tweedie mean at
-    its last point (B, 1, *S), Theta at each own slot (B, M, *F) float64), the second and third
-    the same on every rank. One Allgather of every rank's run maps."""
+    its last point (B, 1, *S)), the second and third the same on every rank. One Allgather of
+    every rank's run maps."""
     start, width = np.asarray(start), np.asarray(width)
     lo, hi = bounds[comm.rank]
     p = bounds[-1][1]
-    k = pos
-    theta = _thetas(sec, t.decay[k], t.increment[k, 1], t.u[k], t.v0[k], bound)
-    ok = torch.from_numpy(valid).to(states.device)
-    coef = lambda c: torch.from_numpy(c).to(states.device, states.dtype).reshape(  # noqa: E731
-        *c.shape, *(1,) * (states.dim() - 2))
-    phi = coef(t.decay[k]) * states + coef(t.increment[k, 1]) * g
-    if xi is not None:
-        phi = phi + coef(t.increment[k, 2]) * xi
-    fy = _fourier(states)
-    th = torch.where(ok.reshape(*ok.shape, *(1,) * (theta.dim() - 2)), theta.to(states.dtype),
-                     torch.ones((), dtype=states.dtype, device=states.device))
-    terms = torch.where(ok.reshape(*ok.shape, *(1,) * (fy.dim() - 2)),
-                        _fourier(phi) - th * fy, torch.zeros((), dtype=fy.dtype,
-                                                             device=fy.device))
+    batch, m = pos.shape
+    field = tuple(states.shape[2:])
+    half = half_weights(field).shape
+    complex_dtype = (torch.ones((), dtype=states.dtype) * 1j).dtype
+    th = torch.ones((batch, m, *half), dtype=states.dtype, device=states.device)
+    terms = torch.zeros((batch, m, *half), dtype=complex_dtype, device=states.device)
+    base, x0 = (torch.zeros((batch, *half), dtype=complex_dtype, device=states.device)
+                for _ in range(2))
     head = start % p
-    high = np.arange(lo, hi)[None] >= head[:, None]
-    # Y_b's transform from the rank that holds it, and the Tweedie mean at the window's last
-    # point from the one that holds that: the predictor's frozen denoiser
-    base, x0 = torch.zeros_like(fy[:, 0]), torch.zeros_like(fy[:, 0])
-    (owner,) = np.nonzero((head >= lo) & (head < hi) & (width > 0))
-    if len(owner):
-        r_t, s_t = indices(states, owner, head[owner] - lo)
-        base[r_t] = fy[r_t, s_t]
+    coef = lambda c: torch.from_numpy(np.asarray(c)).to(  # noqa: E731
+        states.device, states.dtype).reshape(-1, *(1,) * len(field))
+    # a point not evaluated this round passes its input on: theta 1, no term
+    rows, slots = valid.nonzero()
+    for part in _chunks(rows):
+        b, at = rows[part][0], slots[part]
+        k = pos[b, at]
+        phi = coef(t.decay[k]) * states[b, at] + coef(t.increment[k, 1]) * g[b, at]
+        if xi is not None:
+            phi = phi + coef(t.increment[k, 2]) * xi[b, at]
+        fy = _rfft(states[b, at], len(field))
+        theta = _thetas(sec, b, t.decay[k], t.increment[k, 1], t.u[k], t.v0[k], bound)
+        th[b, at] = theta.to(states.dtype)
+        terms[b, at] = _rfft(phi, len(field)) - th[b, at] * fy
+        # Y_b's transform from the rank that holds it
+        own = np.flatnonzero(at == head[b] - lo)
+        if width[b] > 0 and len(own):
+            base[b] = fy[own[0]]
+    # the Tweedie mean at the window's last point from the rank that holds it: the
+    # predictor's frozen denoiser
     last = start + width - 1
     (holder,) = np.nonzero((width > 0) & (last % p >= lo) & (last % p < hi))
-    if len(holder):
-        k_last = last[holder]
-        r_t, s_t = indices(states, holder, k_last % p - lo)
-        mean = (states[r_t, s_t] + coef(t.v0[k_last]) * g[r_t, s_t]) * coef(t.tweedie[k_last])
-        x0[r_t] = _fourier_rows(mean, holder)
+    for b in holder:
+        k_last, at = last[b], last[b] % p - lo
+        mean = (states[b, at] + coef(t.v0[k_last]) * g[b, at]) * coef(t.tweedie[k_last])
+        x0[b] = _rfft(mean, len(field))
     if len(bounds) == 1:
-        out, end, x0hat = _whole_ring(th, terms, base, x0, head, comm)
+        end, x0hat = _whole_ring(th, terms, base, x0, head, comm)
     else:
-        out, end, x0hat = _split_ring(th, terms, base, x0, high, start, bounds, comm)
-    field = tuple(states.shape[2:])
-    prefix = _inverse(out, field)
+        high = np.arange(lo, hi)[None] >= head[:, None]
+        end, x0hat = _split_ring(th, terms, base, x0, high, start, bounds, comm)
+    # terms now holds each slot's Yhat
+    prefix = _inverse(terms, field)
     y_end = _inverse(end[:, None], field)[:, 0]
     x0_field = _inverse(x0hat[:, None], field)
-    return prefix, y_end, x0_field, theta
+    return prefix, y_end, x0_field
 
 
 def _whole_ring(th, terms, base, x0, head, comm):
     """The rebuild where this rank holds all p slots (one rank, or a replicated window): one
     scan in chain order from Y_b's transform ``base`` (B, *F), as ``_split_ring`` would chain
-    its two runs, without their maps. Returns (Yhat at each slot (B, p, *F), the end state
-    (B, *F), the denoiser's transform ``x0`` (B, *F)); the Allgather of x0 is kept so that a
-    round makes the same collectives on any communicator."""
+    its two runs, without their maps, each slot's term (B, p, *F) replaced by its Yhat as it
+    is used. Returns (the end state (B, *F), the denoiser's transform ``x0`` (B, *F)); the
+    Allgather of x0 is kept so that a round makes the same collectives on any
+    communicator."""
     batch, p = th.shape[:2]
-    order = (head[:, None] + np.arange(p)[None]) % p  # the slot of each chain index
-    rows = np.repeat(np.arange(batch), p).reshape(batch, p)
-    r_t, o_t = indices(terms, rows, order)
-    th_c, terms_c = th[r_t, o_t], terms[r_t, o_t]
-    chain = torch.empty((batch, p + 1, *terms.shape[2:]), dtype=terms.dtype, device=terms.device)
-    chain[:, 0] = base
+    rows = torch.arange(batch, device=terms.device)
+    state = base
     for c in range(p):
-        torch.addcmul(terms_c[:, c], th_c[:, c], chain[:, c], out=chain[:, c + 1])
-    out = torch.empty_like(terms)
-    out[r_t, o_t] = chain[:, :p]
+        slot = torch.from_numpy((head + c) % p).to(terms.device)
+        term = terms[rows, slot]
+        terms[rows, slot] = state
+        state = torch.addcmul(term, th[rows, slot], state)
     x0hat = torch.view_as_complex(comm.allgather(torch.view_as_real(x0))[0].contiguous())
-    return out, chain[:, p], x0hat
+    return state, x0hat
 
 
 def _split_ring(th, terms, base, x0, high, start, bounds, comm):
     """The rebuild across ranks: this rank's two runs of slots as maps per mode, every rank's
     gathered and chained in the window's order, then this rank's slots scanned from its runs'
-    inputs. Returns as ``_whole_ring``, for this rank's slots."""
+    inputs, each slot's term replaced by its Yhat. Returns as ``_whole_ring``."""
     a, c = _runs(th, terms, high)
     batch, p = len(start), bounds[-1][1]
     parts = torch.cat([torch.view_as_real(torch.complex(a, torch.zeros_like(a))),
@@ -292,31 +310,25 @@ def _split_ring(th, terms, base, x0, high, start, bounds, comm):
     side = torch.from_numpy(np.where(high, 0, 1)).to(terms.device)
     rows_t = torch.arange(batch, device=terms.device)
     cur = mine_in.clone()
-    out = torch.empty_like(terms)
     for j in range(high.shape[1]):
         at = side[:, j]
-        out[:, j] = cur[rows_t, at]
-        cur[rows_t, at] = th[:, j] * cur[rows_t, at] + terms[:, j]
-    return out, end, x0hat
+        term = terms[:, j].clone()
+        terms[:, j] = cur[rows_t, at]
+        cur[rows_t, at] = th[:, j] * cur[rows_t, at] + term
+    return end, x0hat
 
 
-def slopes(pairs, theta, t, pos, field: tuple[int, ...]) -> np.ndarray:
-    """The measured slope ell of each own slot evaluated twice (B, M) float64, NaN elsewhere:
-    |dPhi - Theta dY| / |dY| over a field of shape ``field``, from ``learn``'s pairs and
-    ``rebuild``'s Theta."""
-    pr, ps, dy, dg = pairs
-    ell = np.full(pos.shape, np.nan)
-    if dy is None:
-        return ell
+def slopes(dy, dg, theta, decay, drift, field: tuple[int, ...]) -> np.ndarray:
+    """The measured slopes ell (J,) float64 of J points evaluated twice, Fourier differences
+    dy, dg (J, *F) complex128 of their states and scores, Theta (J, *F) and step coefficients
+    decay, drift (J,): |dPhi - Theta dY| / |dY| over a field of shape ``field``."""
     w = half_weights(field).to(dy.device)
-    size = lambda z: (z.abs().square() * w).flatten(1).sum(1).sqrt()  # noqa: E731
-    k = pos[pr, ps]
-    dphi = _column(t.decay[k][None], dy[None])[0] * dy \
-        + _column(t.increment[k, 1][None], dy[None])[0] * dg
-    resid = dphi - theta[torch.from_numpy(pr), torch.from_numpy(ps)] * dy
+    size = lambda z: (_power(z) * w).flatten(1).sum(1).sqrt()  # noqa: E731
+    col = lambda c: torch.from_numpy(np.asarray(c, dtype=np.float64)).to(  # noqa: E731
+        dy.device).reshape(-1, *(1,) * (dy.dim() - 1))
+    resid = col(decay) * dy + col(drift) * dg - theta * dy
     with np.errstate(invalid="ignore", divide="ignore"):
-        ell[pr, ps] = (size(resid) / size(dy)).cpu().numpy()
-    return ell
+        return (size(resid) / size(dy)).cpu().numpy()
 
 
 def certificate(sec: Secants, ell, pos, t) -> np.ndarray:
