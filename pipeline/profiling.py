@@ -34,9 +34,9 @@ from pipeline.settings import Config
 # meaning (2: the calls by batch size; 3: host time measured around the emulated device's
 # waits; 4: the window samplers' rounds take less host time; 5: one rank scans its window in
 # one pass; 6: the host time's growth with the batch; 7: and a batch's rounds; 8: an emulated
-# model's host time timed between its waits on a run cut short), so it is measured again
-# rather than read.
-PROFILE_VERSION = 8
+# model's host time timed between its waits on a run cut short; 9: the learned corrector's
+# third collective a round), so it is measured again rather than read.
+PROFILE_VERSION = 9
 
 # A profile's host time is measured on one member and, for a plan of larger batches, again
 # on as many members as its largest batch, at most GROWTH_BATCH and as many as a run of
@@ -243,7 +243,8 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
                                       min(cfg.sampler.steps, 20 * smallest))
             host_points, hosts = [smallest, points], [small, host]
         entry = {"rounds": stats.rounds, "calls": stats.model_calls, "host_points": host_points,
-                 "host": hosts, "collectives": 0 if REFERENCE[method] == method else 2,
+                 "host": hosts, "collectives": 0 if REFERENCE[method] == method else
+                 REGISTRY[method].round_collectives(cfg.sampler.theta),
                  "calls_by_size": sizes, "wall": wall, "grown": {}}
     batch = min(batch, GROWTH_BATCH)
     if batch > 1 and str(batch) not in entry["grown"]:
@@ -267,7 +268,7 @@ def _valid_profile(entry: dict) -> bool:
             and len(entry["host_points"]) == len(entry["host"]) > 0
             and all(positive(v) for v in entry["host_points"])
             and all(positive(v) or v == 0 for v in entry["host"])  # written as max(0, ...)
-            and entry["collectives"] in (0, 2) and isinstance(grown, dict)
+            and entry["collectives"] in (0, 2, 3) and isinstance(grown, dict)
             and all(len(v) == 3 and all(positive(x) or x == 0 for x in v)
                     for v in grown.values())
             and all(len(pair) == 2 and all(positive(x) for x in pair)

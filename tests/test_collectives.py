@@ -8,7 +8,7 @@ from models.grf import GaussianRandomField
 from pipeline.comm import SerialComm
 from pipeline.grids import make_grid
 from pipeline.noise import Noise
-from pipeline.samplers import SAMPLERS, Options
+from pipeline.samplers import REGISTRY, SAMPLERS, Options
 
 
 class CountingComm:
@@ -46,12 +46,15 @@ def test_a_window_round_is_one_allgather_and_one_allreduce(method):
     counts, stats, _ = _run(method, window=24, tol=1e-3)
     assert stats.rounds > 5
     assert counts == {"allgather": stats.rounds, "allreduce_sum": stats.rounds}
+    # what the planner counts a round (profiling.profile)
+    assert sum(counts.values()) == REGISTRY[method].round_collectives() * stats.rounds
 
 
 def test_a_learned_corrector_round_adds_one_allreduce_of_the_secants():
     counts, stats, _ = _run("pc-window", window=24, tol=1e-3, theta="secant")
     assert stats.rounds > 5
     assert counts == {"allgather": stats.rounds, "allreduce_sum": 2 * stats.rounds}
+    assert sum(counts.values()) == REGISTRY["pc-window"].round_collectives("secant") * stats.rounds
 
 
 def test_a_picard_sweep_is_one_scan_and_one_residual_reduction():

@@ -49,6 +49,8 @@ class Registered:
     ``pc-window``, ``"one"`` for ``pc-window-ode``, which always takes it; none elsewhere.
     theta_state: (theta, buffers) a corrector keeps per point and member beyond ``state``
     (the learned corrector: each slot's last evaluated state and score).
+    theta_collectives: (theta, collectives) a corrector adds to a round on several time
+    slices (the learned corrector's Allreduce of its secants).
     """
 
     target: str
@@ -66,6 +68,7 @@ class Registered:
     calls_per_step: int = 1
     thetas: tuple[str, ...] = ()
     theta_state: tuple[tuple[str, int], ...] = ()
+    theta_collectives: tuple[tuple[str, int], ...] = ()
 
     def load(self):
         """The sampler function ``target`` names (``"module:function"``), imported now."""
@@ -75,6 +78,11 @@ class Registered:
     def state_fields(self, theta: str = "") -> float:
         """``state`` plus what the corrector ``theta`` keeps besides, per point and member."""
         return self.state + dict(self.theta_state).get(theta, 0)
+
+    def round_collectives(self, theta: str = "") -> int:
+        """Collectives a round makes on several time slices, its corrector ``theta``'s
+        included: two (``tests/test_collectives.py`` counts them)."""
+        return 2 + dict(self.theta_collectives).get(theta, 0)
 
     def window_points(self, window: int, steps: int) -> int:
         """The points of a window set to ``window`` (0: the default) on a path of ``steps``."""
@@ -139,7 +147,8 @@ REGISTRY = {
     # revision 2: the rebuild scales its lag by theta = J_max (a tolerance means less error)
     "pc-window": Registered("pipeline.samplers.pcwindow:pc_window_sde", _SDE, windowed=True,
                             state=8, revision=2, default_window=PC_WINDOW_POINTS,
-                            thetas=THETAS, theta_state=(("secant", 2),)),
+                            thetas=THETAS, theta_state=(("secant", 2),),
+                            theta_collectives=(("secant", 1),)),
     # revision 2: the predictor extrapolates the denoiser instead of freezing it
     "pc-window-ode": Registered("pipeline.samplers.pcwindow:pc_window_ode", _ODE,
                                 windowed=True, state=7, revision=2,
