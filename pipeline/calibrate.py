@@ -276,7 +276,7 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
             chosen, loose = rung.tol, (float(ladder[i - 1]) if i else None)
             # the ladder's steps are a factor 2 to 2.5: a rung between the passing one and
             # the looser that failed saves a few percent of rounds and calls (grf 128x128:
-            # 7e-4 took 24 rounds at 1.49x where 5e-4 took 25 at 1.55x)
+            # 7.1e-4 took 24 rounds at 1.49x where 5e-4 took 25 at 1.53x)
             for _ in range(refine if loose is not None else 0):
                 mid = between(loose, chosen)
                 if not chosen < mid < loose:  # rounded onto a rung: nothing left between

@@ -215,20 +215,6 @@ def lagrange_weights(nodes: np.ndarray, at: np.ndarray) -> np.ndarray:
     return w
 
 
-def _affine_coefficients(a: list[float], b: list[float], w: list[list[float]],
-                         terms: int) -> tuple[list[float], list[list[float]]]:
-    """(A_j, B_j) for j = 0 .. len(a) of the recurrence y_{j+1} = a_j y_j + b_j x_j, with
-    x_j = sum_i w_j[i] x^(i) a fixed combination of ``terms`` fields:
-    y_j = A_j y_0 + sum_i B_j[i] x^(i).
-    Plain floats: a few hundred scalar products cost less than one tensor kernel's dispatch,
-    and each row's values do not depend on how far others go."""
-    on_y, on_x = [1.0], [[0.0] * terms]
-    for aj, bj, wj in zip(a, b, w):
-        on_y.append(aj * on_y[-1])
-        on_x.append([aj * c + bj * wi for c, wi in zip(on_x[-1], wj)])
-    return on_y, on_x
-
-
 def _coefficients(e: np.ndarray, depth: int, t: Tables,
                   nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The predictor's Y_{e+j} = A_j Y_e + sum_i C_j[i] x0hat^(i) for j < depth, with the
@@ -238,14 +224,18 @@ def _coefficients(e: np.ndarray, depth: int, t: Tables,
     Psi_j(y) = alpha_j y + beta_j x0hat_j is affine in y, and x0hat_j a fixed combination of
     the given denoiser values, so a predicted state is a few coefficients per state in closed
     form: a step-by-step loop over fields would dispatch a few small kernels per step, the
-    bulk of a round's host time on many ranks."""
+    bulk of a round's host time on many ranks. The recurrence runs over the steps with every
+    row at once, elementwise in numpy, so a row's values do not depend on the others (a loop
+    per row in plain floats, the same products, cost 1.4 of 3.7 s on 256 gmm members)."""
     k = e[:, None] + np.arange(depth - 1)[None]
-    weights = lagrange_weights(nodes, t.u[k])
-    terms = nodes.shape[1]
-    coef = [_affine_coefficients(a, b, w, terms) for a, b, w in
-            zip(t.alpha[k].tolist(), t.beta[k].tolist(), weights.tolist())]
-    return (np.array([c[0] for c in coef], dtype=np.float64).reshape(len(e), depth),
-            np.array([c[1] for c in coef], dtype=np.float64).reshape(len(e), depth, terms))
+    weights = lagrange_weights(nodes, t.u[k])  # (B, depth - 1, K)
+    alpha, beta = t.alpha[k], t.beta[k]
+    on_y = np.ones((len(e), depth))
+    on_x = np.zeros((len(e), depth, nodes.shape[1]))
+    for j in range(depth - 1):
+        on_y[:, j + 1] = alpha[:, j] * on_y[:, j]
+        on_x[:, j + 1] = alpha[:, j, None] * on_x[:, j] + beta[:, j, None] * weights[:, j]
+    return on_y, on_x
 
 
 def _combine(on_y: np.ndarray, on_x0: np.ndarray, y: torch.Tensor,

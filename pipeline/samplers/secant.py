@@ -31,6 +31,7 @@ Allreduce of the points' changes: three collectives a round where ``j_max`` take
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,23 +75,43 @@ def _dims(field: int) -> tuple[int, ...]:
 
 # Each batch row is transformed by calls of its own: a batched FFT rounds a row differently
 # with the batch's size (MKL, 3-D fields: 3e-14 in float64), and a member's result must not
-# depend on who shares its batch. A row's points go CHUNK at a time, so that the float64 work
-# on them and the transforms' temporaries stay a few fields, not a few per point (512x512:
-# 35 fields a point at the peak, against j_max's 21, when whole rows went at once)
-CHUNK = 8
+# depend on who shares its batch. The float64 work goes CHUNK_VALUES field values at a time
+# (8 points of 512x512), so that its temporaries stay a few fields, not a few per point
+# (512x512: 35 fields a point at the peak, against j_max's 21, when whole rows went at once);
+# small fields take every row at once, as a loop per row costs more than their arithmetic
+CHUNK_VALUES = 2**21
 
 
-def _chunks(rows: np.ndarray):
-    """Slices of ``rows`` (P,), sorted, each within one row and at most CHUNK long."""
+def _chunks(rows: np.ndarray, size: int):
+    """Slices of the sorted batch rows ``rows`` (P,) of points of ``size`` values: whole rows
+    together up to CHUNK_VALUES values, a row with more alone in pieces of that many, so that
+    how a row's points are grouped depends on that row alone."""
+    if not len(rows):
+        return
+    per = max(1, CHUNK_VALUES // size)
     cuts = np.flatnonzero(np.diff(rows)) + 1
-    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
-        for c in range(lo, hi, CHUNK):
-            yield slice(c, min(c + CHUNK, hi))
+    lo = None
+    for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+        if lo is not None and b - lo > per:
+            yield slice(lo, a)
+            lo = None
+        if b - a > per:
+            for c in range(a, b, per):
+                yield slice(c, min(c + per, b))
+        elif lo is None:
+            lo = a
+    if lo is not None:
+        yield slice(lo, len(rows))
 
 
-def _rfft(x: torch.Tensor, field: int) -> torch.Tensor:
-    """The orthonormal real FFT of points x (J, *S) over their ``field`` last axes."""
-    return torch.fft.rfftn(x, dim=_dims(field), norm="ortho")
+def _rfft(x: torch.Tensor, rows: np.ndarray, field: int) -> torch.Tensor:
+    """The orthonormal real FFT of points x (J, *S) of the sorted batch rows ``rows`` (J,)
+    over their ``field`` last axes, each row's points in one call: (J, *F)."""
+    dims = _dims(field)
+    cuts = np.flatnonzero(np.diff(rows)) + 1
+    parts = [torch.fft.rfftn(part, dim=dims, norm="ortho")
+             for part in torch.tensor_split(x, cuts.tolist())]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _inverse(z: torch.Tensor, field: tuple[int, ...]) -> torch.Tensor:
@@ -116,11 +137,11 @@ def _power(z: torch.Tensor) -> torch.Tensor:
     return z.real.square() + z.imag.square()
 
 
-def _learn(sums: torch.Tensor, dy: torch.Tensor, dg: torch.Tensor, u, v0, vs,
-           bound: float) -> None:
-    """Add the secants of points (J,) of one batch row, Fourier differences dy, dg (J, *F)
-    complex128 at clocks u with v0, vS (J,), to its ``sums`` (2, *F): the weighted variance
-    estimates and their weights."""
+def _learn(sums: torch.Tensor, dy: torch.Tensor, dg: torch.Tensor, rows: np.ndarray, u, v0,
+           vs, bound: float) -> None:
+    """Add the secants of points (J,) of batch rows ``rows``, Fourier differences dy, dg
+    (J, *F) complex128 at clocks u with v0, vS (J,), to ``sums`` (2, B, *F): the weighted
+    variance estimates and their weights."""
     power = _power(dy)
     with np.errstate(divide="ignore"):
         lo, hi = -1 / v0, -1 / vs
@@ -132,19 +153,23 @@ def _learn(sums: torch.Tensor, dy: torch.Tensor, dg: torch.Tensor, u, v0, vs,
     # r = -1 / (e^{-u} lambda + v0): lambda = (-1/r - v0) e^u, pinned as well as r moves with it
     weight = power * as_t(np.exp(-2 * np.asarray(u))) * slope.pow(4)
     lam = ((-1 / slope - as_t(v0)) * as_t(np.exp(u))).clamp(0, bound)
-    sums[0] += torch.where(weight > 0, weight * lam, torch.zeros_like(weight)).sum(0)
-    sums[1] += weight.sum(0)
+    weighted = torch.where(weight > 0, weight * lam, torch.zeros_like(weight))
+    at = torch.from_numpy(rows).to(dy.device)
+    sums[0].index_add_(0, at, weighted)
+    sums[1].index_add_(0, at, weight)
 
 
-def _thetas(sec: Secants, row: int, decay, drift, u, v0, bound: float) -> torch.Tensor:
-    """Theta per mode (J, *F) float64 at J points of batch row ``row`` with coefficients
-    (J,), from its averaged variance estimates (S where a mode has too little weight:
-    ``j_max``'s value)."""
-    num, den = sec.num[row], sec.den[row]
-    known = den > INFORMED * den.max()
+def _thetas(sec: Secants, rows: np.ndarray, decay, drift, u, v0, bound: float) -> torch.Tensor:
+    """Theta per mode (J, *F) float64 at J points of batch rows ``rows`` with coefficients
+    (J,), from their rows' averaged variance estimates (S where a mode has too little
+    weight: ``j_max``'s value)."""
+    at = torch.from_numpy(np.asarray(rows)).to(sec.num.device)
+    top = sec.den.flatten(1).amax(1)[at]
+    num, den = sec.num[at], sec.den[at]
+    shape = (-1, *(1,) * (num.dim() - 1))
+    known = den > INFORMED * top.reshape(shape)
     lam = torch.where(known, num / den.clamp_min(torch.finfo(torch.float64).tiny),
                       torch.full_like(num, bound))
-    shape = (-1, *(1,) * lam.dim())
     col = lambda c: torch.from_numpy(np.asarray(c, dtype=np.float64)).to(  # noqa: E731
         lam.device).reshape(shape)
     return col(decay) - col(drift) / (col(np.exp(-np.asarray(u))) * lam + col(v0))
@@ -191,15 +216,14 @@ def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm) -> np.ndar
     sums = torch.zeros((2, *sec.num.shape), dtype=torch.float64, device=sec.num.device)
     field = states.dim() - 2
     diffs = []  # in the field's precision until the slopes are measured: 2 fields a point
-    for part in _chunks(pr):
-        row, r_t, s_t = pr[part][0], *indices(states, pr[part], ps[part])
-        dy = _rfft(states[r_t, s_t] - sec.y[r_t, s_t], field)
-        dg = _rfft(g[r_t, s_t] - sec.g[r_t, s_t], field)
+    for part in _chunks(pr, math.prod(states.shape[2:])):
+        rows, (r_t, s_t) = pr[part], indices(states, pr[part], ps[part])
+        dy = _rfft(states[r_t, s_t] - sec.y[r_t, s_t], rows, field)
+        dg = _rfft(g[r_t, s_t] - sec.g[r_t, s_t], rows, field)
         k = pos[pr[part], ps[part]]
         u, v0 = t.u[k], t.v0[k]
         vs = np.exp(-u) * bound + v0 if np.isfinite(bound) else np.full_like(u, np.inf)
-        _learn(sums[:, row], dy.to(torch.complex128), dg.to(torch.complex128), u, v0, vs,
-               bound)
+        _learn(sums, dy.to(torch.complex128), dg.to(torch.complex128), rows, u, v0, vs, bound)
         diffs.append((part, dy, dg))
     sums = comm.allreduce_sum(sums)
     sec.num += sums[0]
@@ -207,8 +231,7 @@ def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm) -> np.ndar
     ell = np.full(pos.shape, np.nan)
     for part, dy, dg in diffs:
         k = pos[pr[part], ps[part]]
-        theta = _thetas(sec, pr[part][0], t.decay[k], t.increment[k, 1], t.u[k], t.v0[k],
-                        bound)
+        theta = _thetas(sec, pr[part], t.decay[k], t.increment[k, 1], t.u[k], t.v0[k], bound)
         ell[pr[part], ps[part]] = slopes(dy.to(torch.complex128), dg.to(torch.complex128),
                                          theta, t.decay[k], t.increment[k, 1],
                                          tuple(states.shape[2:]))
@@ -236,28 +259,29 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
         states.device, states.dtype).reshape(-1, *(1,) * len(field))
     # a point not evaluated this round passes its input on: theta 1, no term
     rows, slots = valid.nonzero()
-    for part in _chunks(rows):
-        b, at = rows[part][0], slots[part]
-        k = pos[b, at]
-        phi = coef(t.decay[k]) * states[b, at] + coef(t.increment[k, 1]) * g[b, at]
+    for part in _chunks(rows, math.prod(field)):
+        r, at = rows[part], slots[part]
+        r_t, s_t = indices(states, r, at)
+        k = pos[r, at]
+        phi = coef(t.decay[k]) * states[r_t, s_t] + coef(t.increment[k, 1]) * g[r_t, s_t]
         if xi is not None:
-            phi = phi + coef(t.increment[k, 2]) * xi[b, at]
-        fy = _rfft(states[b, at], len(field))
-        theta = _thetas(sec, b, t.decay[k], t.increment[k, 1], t.u[k], t.v0[k], bound)
-        th[b, at] = theta.to(states.dtype)
-        terms[b, at] = _rfft(phi, len(field)) - th[b, at] * fy
-        # Y_b's transform from the rank that holds it
-        own = np.flatnonzero(at == head[b] - lo)
-        if width[b] > 0 and len(own):
-            base[b] = fy[own[0]]
+            phi = phi + coef(t.increment[k, 2]) * xi[r_t, s_t]
+        fy = _rfft(states[r_t, s_t], r, len(field))
+        theta = _thetas(sec, r, t.decay[k], t.increment[k, 1], t.u[k], t.v0[k], bound)
+        th[r_t, s_t] = theta.to(states.dtype)
+        terms[r_t, s_t] = _rfft(phi, r, len(field)) - th[r_t, s_t] * fy
+        # Y_b's transform, from the rank that holds it (every valid row's head is valid)
+        (own,) = np.nonzero(at == head[r] - lo)
+        base[indices(base, r[own])[0]] = fy[indices(fy, own)[0]]
     # the Tweedie mean at the window's last point from the rank that holds it: the
     # predictor's frozen denoiser
     last = start + width - 1
     (holder,) = np.nonzero((width > 0) & (last % p >= lo) & (last % p < hi))
-    for b in holder:
-        k_last, at = last[b], last[b] % p - lo
-        mean = (states[b, at] + coef(t.v0[k_last]) * g[b, at]) * coef(t.tweedie[k_last])
-        x0[b] = _rfft(mean, len(field))
+    if len(holder):
+        k_last = last[holder]
+        r_t, s_t = indices(states, holder, k_last % p - lo)
+        mean = (states[r_t, s_t] + coef(t.v0[k_last]) * g[r_t, s_t]) * coef(t.tweedie[k_last])
+        x0[r_t] = _rfft(mean, holder, len(field))
     if len(bounds) == 1:
         end, x0hat = _whole_ring(th, terms, base, x0, head, comm)
     else:
