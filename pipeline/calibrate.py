@@ -105,7 +105,7 @@ def calibration_key(cfg: Config, model_sha256: str, device) -> str:
             "data_bound": cfg.model.data_bound, "condition": cfg.model.condition,
             # the store the path names (relative paths start at the working folder)
             "input": os.path.realpath(cfg.input.path) if cfg.input.path else "",
-            "calibrate": dataclasses.asdict(cfg.calibrate),
+            "calibrate": _calibrate_key(cfg),
             "sampler": sampler}
     if cfg.model.kind not in MODELS:  # a plugin's code and files are not in its digest
         kept["plugin"] = plugin_digest(cfg.model)
@@ -128,6 +128,15 @@ def calibration_key(cfg: Config, model_sha256: str, device) -> str:
     if revision > 1:  # absent at 1, so that calibrations made before revisions stay valid
         kept["revision"] = revision
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _calibrate_key(cfg: Config) -> dict:
+    """The ``[calibrate]`` section as it keys a calibration: ``refine`` absent at 0, so that
+    calibrations made before it existed (the ladder's rungs alone) stay valid."""
+    section = dataclasses.asdict(cfg.calibrate)
+    if not section["refine"]:
+        del section["refine"]
+    return section
 
 
 def _recorded_bound(cfg: Config) -> float | None:
@@ -279,7 +288,9 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
             # 7.1e-4 took 24 rounds at 1.49x where 5e-4 took 25 at 1.53x)
             for _ in range(refine if loose is not None else 0):
                 mid = between(loose, chosen)
-                if not chosen < mid < loose:  # rounded onto a rung: nothing left between
+                # rounded onto a rung, nothing is left between; a stop keeps the rung that
+                # passed rather than lose the calibration
+                if not chosen < mid < loose or stopped():
                     break
                 if measure(mid, "between rungs")[0].worst <= distance / 2:
                     chosen = mid

@@ -270,6 +270,39 @@ def test_a_stop_during_the_calibration_ends_it_at_the_next_rung_with_nothing_wri
     assert not out.exists() and not cache_file().exists()  # no store, no half a calibration
 
 
+def test_each_refinement_keys_its_own_calibration():
+    keys = {calibration_key(load_config("jobs/configs/grf.toml", [*SMALL, f"calibrate.refine={n}"]),
+                            "sha", "cpu") for n in (0, 1, 2)}
+    assert len(keys) == 3
+
+
+def test_a_stop_before_a_refinement_keeps_the_rung_that_passed():
+    """Refining only improves on a valid choice: a stop there returns the rung that passed
+    rather than lose the calibration."""
+    import torch
+
+    from models.grf import GaussianRandomField
+    from pipeline.calibrate import run_ladder
+    from pipeline.grids import make_grid
+    from pipeline.samplers import Options
+
+    model = GaussianRandomField((12, 12))
+    grid = make_grid("ou", 200, u_min=1e-3, u_max=10.0, block_size=200)
+    asked = []
+
+    def stop():  # asked before each rung; true from the one after the ladder's three
+        asked.append(1)
+        return len(asked) > 3
+
+    got = run_ladder(model, method="pc-window", grid=grid,
+                     options=Options(tol=0.0, data_bound=model.data_bound), seed=0,
+                     dtype=torch.float64, device="cpu", noise_source="host", members=2,
+                     distance=1e-3, ladder=(0.1, 0.01, 0.001), refine=1, stopped=stop,
+                     say=lambda text: None)
+    assert [r.tol for r in got.rungs] == [0.1, 0.01, 0.001] and len(asked) == 4
+    assert got.tol == 0.001 and got.rungs[-1].worst <= 5e-4 < got.rungs[-2].worst
+
+
 def test_processes_writing_other_keys_at_once_lose_none(tmp_path):
     """A read-modify-write without a lock kept 193 of 300 keys two processes wrote."""
     import subprocess

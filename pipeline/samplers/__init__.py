@@ -81,7 +81,8 @@ class Registered:
 
     def round_collectives(self, theta: str = "") -> int:
         """Collectives a round makes on several time slices, its corrector ``theta``'s
-        included: two (``tests/test_collectives.py`` counts them)."""
+        included: two, three with the learned corrector (``tests/test_collectives.py``
+        counts them)."""
         return 2 + dict(self.theta_collectives).get(theta, 0)
 
     def window_points(self, window: int, steps: int) -> int:

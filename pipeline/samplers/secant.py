@@ -303,9 +303,9 @@ def _whole_ring(th, terms, base, x0, head, comm):
     communicator."""
     batch, p = th.shape[:2]
     rows = torch.arange(batch, device=terms.device)
+    order = torch.from_numpy((head[None] + np.arange(p)[:, None]) % p).to(terms.device)
     state = base
-    for c in range(p):
-        slot = torch.from_numpy((head + c) % p).to(terms.device)
+    for slot in order:  # the slot of each chain index, per row
         term = terms[rows, slot]
         terms[rows, slot] = state
         state = torch.addcmul(term, th[rows, slot], state)
