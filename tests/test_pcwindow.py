@@ -441,6 +441,57 @@ def test_secants_of_a_gaussian_field_learn_its_spectrum_and_its_exact_step():
     assert torch.allclose(rebuilt[0, 1:], torch.stack(path[1:]), atol=1e-10)
 
 
+def test_a_mode_once_learned_keeps_its_variance_when_others_outweigh_it():
+    """As the noise falls, the best-informed mode's weight grows by orders of magnitude; the
+    modes learned before stay learned (they fell back to S halfway along the path)."""
+    model = GaussianRandomField((12, 10))
+    grid = make_grid("ou", 50, u_min=1e-3, u_max=10.0, block_size=50)
+    t = tables(grid, step_coefficients(grid.u, stochastic=True), model.data_bound, 8, "secant")
+    gen = torch.Generator().manual_seed(0)
+    y, y2 = torch.randn(2, 1, 8, 12, 10, generator=gen, dtype=torch.float64)
+    pos = np.arange(8)[None] + 16
+    u = torch.from_numpy(t.u[pos[0]])
+    sec = secant.begin(y)
+    sec.y, sec.g, sec.pos = y2.clone(), model(y2[0], u)[None], pos.copy()
+    every = np.ones((1, 8), bool)
+    secant.learn(sec, y, model(y[0], u)[None], pos, every, t, model.data_bound, SerialComm())
+    assert bool(sec.known.all())
+    sec.num[0, 0, 1] *= 1e12  # one mode now outweighs the rest by far more than 1 / INFORMED
+    sec.den[0, 0, 1] *= 1e12
+    secant.learn(sec, y, model(y[0], u)[None], pos, ~every, t, model.data_bound, SerialComm())
+    k = pos[0]
+    theta = secant._thetas(sec, np.zeros(8, int), t.decay[k], t.increment[k, 1], t.u[k],
+                           t.v0[k], model.data_bound)
+    lam = model.spectrum[None]
+    exact = (torch.from_numpy(t.decay[k])[:, None, None] - torch.from_numpy(t.increment[k, 1])[
+        :, None, None] / (torch.exp(-u)[:, None, None] * lam + torch.from_numpy(t.v0[k])[
+            :, None, None]))
+    assert torch.allclose(theta, exact, rtol=1e-7)
+
+
+def test_the_learned_certificate_answers_for_the_error_at_the_paths_end():
+    """An error accepted early in a large-variance direction grows by the path's end (on
+    grf up to e^{u/2}); certified against the step's noise alone, a point's error took the
+    tolerance's scale at the end 5 to 9 times over (distance 1.1e-3 and 5.2e-3 here)."""
+    model, grid, noise, y0 = _setup(shape=(24, 24), steps=300, members=2)
+    y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise, comm=SerialComm())
+    for tol, within in ((1e-2, 5e-4), (3e-2, 1e-3)):
+        opts = Options(tol=tol, theta="secant", data_bound=model.data_bound)
+        y, _ = SAMPLERS["pc-window"](model, y0, grid, noise, comm=SerialComm(), options=opts)
+        worst = ((y - y_ref).flatten(1).norm(dim=1) / y_ref.flatten(1).norm(dim=1)).max()
+        assert float(worst) <= within, (tol, float(worst))
+    t = tables(grid, step_coefficients(grid.u, stochastic=True), model.data_bound, 65, "secant")
+    st = step_coefficients(grid.u, stochastic=True)
+    u = grid.u[:-1]
+    top = torch.maximum((st.decay - st.drift / (torch.exp(-u) * model.data_bound
+                                                 - torch.expm1(-u))).abs(),
+                        (st.decay - st.drift / -torch.expm1(-u)).abs())
+    for k in (0, 100, 299):  # the top direction's growth from position k on, at least 1
+        assert np.isclose(t.to_end[k], max(1.0, float(torch.prod(top[k:]))))
+    assert t.to_end.max() > 5 and np.all(t.to_end[300:] == 1)  # 6.1 at u = 4.7
+    assert tables(grid, st, model.data_bound, 65, "j_max").to_end is None
+
+
 def test_the_learned_rebuild_chains_every_ranks_runs_as_one_rank_scans_them():
     """Split over ranks, a window is runs of slots; their affine maps chained in the window's
     order give each slot the one-rank scan's state (here on simulated ranks)."""

@@ -145,9 +145,11 @@ REGISTRY = {
     "window-ode": Registered("pipeline.samplers.window:window_ode", _ODE, windowed=True,
                              state=10, default_window=WINDOW_POINTS, revision=2,
                              superseded=((1, _RING_FIXED, _RING_ROUNDING),)),
-    # revision 2: the rebuild scales its lag by theta = J_max (a tolerance means less error)
+    # revision 2: the rebuild scales its lag by theta = J_max (a tolerance means less error);
+    # 3: the learned corrector certifies each point's error as it will have grown by the
+    # path's end, and keeps the modes it has learned
     "pc-window": Registered("pipeline.samplers.pcwindow:pc_window_sde", _SDE, windowed=True,
-                            state=8, revision=2, default_window=PC_WINDOW_POINTS,
+                            state=8, revision=3, default_window=PC_WINDOW_POINTS,
                             thetas=THETAS, theta_state=(("secant", 2),),
                             theta_collectives=(("secant", 1),)),
     # revision 2: the predictor extrapolates the denoiser instead of freezing it

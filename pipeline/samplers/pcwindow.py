@@ -95,6 +95,10 @@ class Tables:
     growth: np.ndarray | None
     tweedie: np.ndarray  # e^{u/2}: x0hat = e^{u/2} (y + v0 s(y, u))
     decay: np.ndarray  # the step's own decay (1 past the last step), for a learned theta
+    # G_k, at least 1: how much an error in the state at position k can grow by the path's end
+    # (the product of the steps' largest |Jacobian eigenvalue| from k on), (N + 2p + 1,); the
+    # learned corrector's certificate divides its tolerance by it. None: not used
+    to_end: np.ndarray | None = None
 
 
 def lipschitz(steps: Steps, u: torch.Tensor, bound: float,
@@ -133,6 +137,13 @@ def tables(grid: Grid, steps: Steps, bound: float, p: int, theta: str = "j_max")
         logs = torch.cat([torch.zeros(1, dtype=u.dtype), torch.cumsum(torch.log(factor), 0)])
         growth = pad(logs, float(logs[-1])).numpy()
     dec, drift, noise = pad(steps.decay - factor, 0.0), pad(steps.drift, 0.0), pad(steps.noise, 0.0)
+    to_end = None
+    if theta == "secant":  # eigenvalues between alpha and J_max, unclamped here
+        alpha = steps.decay - steps.drift / v0
+        top = (steps.decay - steps.drift / variance_bound(u, bound)).abs().maximum(alpha.abs())
+        logs = torch.cat([torch.log(top).flip(0).cumsum(0).flip(0), torch.zeros(1 + 2 * p,
+                                                                                 dtype=u.dtype)])
+        to_end = logs.clamp_min(0).exp().numpy()
     return Tables(
         u=pad(u, float(grid.u[-1])).numpy(), noise=noise.numpy(), v0=pad(v0, 1.0).numpy(),
         alpha=pad(steps.decay - steps.drift / v0, 1.0).numpy(),
@@ -140,6 +151,7 @@ def tables(grid: Grid, steps: Steps, bound: float, p: int, theta: str = "j_max")
         lipschitz=pad(lipschitz(steps, u, bound, factor), 0.0).numpy(),
         increment=torch.stack([dec, drift, noise], 1).numpy(), growth=growth,
         tweedie=pad(torch.exp(u / 2), 1.0).numpy(), decay=pad(steps.decay, 1.0).numpy(),
+        to_end=to_end,
     )
 
 
@@ -165,8 +177,10 @@ def accept(delta, y_rms, start, width, t: Tables, tol: float, stochastic: bool,
     delta (B, p) float64: RMS change of chain point c (position start + c) this round; y_rms
     (B, p+1): RMS of the new states Yhat at chain points 0..p; start, width (B,) int: window
     start and evaluated points; lipschitz (B, p) float64: L at each chain point, where not the
-    tables' bound (a learned theta's measured slopes). Returns (accepted (B,) int64 in
-    [1, width], bound / scale (B,) float64), numpy; rows with width 0 accept 0."""
+    tables' bound (a learned theta's measured slopes). The SDE's scale is the step's noise,
+    over the growth to the path's end where the tables give it (``Tables.to_end``). Returns
+    (accepted (B,) int64 in [1, width], bound / scale (B,) float64), numpy; rows with width 0
+    accept 0."""
     delta, y_rms = np.asarray(delta), np.asarray(y_rms)
     start, width = np.asarray(start), np.asarray(width)
     c = np.arange(delta.shape[1] + 1)
@@ -179,6 +193,8 @@ def accept(delta, y_rms, start, width, t: Tables, tol: float, stochastic: bool,
     bound = np.concatenate([np.zeros_like(contrib[:, :1]), np.cumsum(contrib, 1)], 1) * grow
     if stochastic:
         scale = t.noise[np.maximum(pos - 1, 0)]
+        if t.to_end is not None:  # what the point's error becomes by the path's end
+            scale = scale / t.to_end[pos]
     else:
         scale = 1 + y_rms
     ok = bound <= tol * scale  # NaN is never ok

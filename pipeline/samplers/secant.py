@@ -19,7 +19,12 @@ The same secants measure what the certificate's L_n assumes: the residual slope
 ell_n = |dPhi_n - Theta_n dY| / |dY| along the change the point just made, which is the error's
 direction. A point's L_n becomes min(L_n, max(MARGIN ell, FLOOR L_n)), ell its own where it
 was evaluated twice, else the largest of its window's (or of the last round that had one):
-an estimate, not a bound, so the tolerance is calibrated as for the other correctors.
+an estimate, not a bound, so the tolerance is calibrated as for the other correctors. The
+point's error is weighed as it will be at the path's end: the tolerance is divided by the
+largest growth any direction's error can have from there on (``pcwindow.Tables.to_end``),
+or an error accepted at the noisiest steps in the largest-variance modes grows to several
+times the tolerance's scale (on grf up to e^{u/2}: 1.6e-3 from the sequential path at
+512x512 where the same tolerance gave 2.0e-4 at 128x128).
 
 Across the ring's slots (``pipeline.samplers.ring``) the rebuild is a linear recurrence per
 mode, so each run of a rank's consecutive slots is one affine map per mode,
@@ -45,7 +50,8 @@ from pipeline.samplers.ring import run_starts
 # the margin covers the other directions of the error, the floor the ones no secant has seen
 # (measured on grf 32x32, docs/algorithms.md: floors 0.05 and 0.2 took the same rounds)
 MARGIN, FLOOR = 2.0, 0.05
-# A mode's estimate is used once its weight is INFORMED of its row's best-known mode's: a
+# A mode's estimate is used once its weight is INFORMED of its row's best-known mode's (and
+# from then on, however much the best grows: ``learn``): a
 # secant of the noisiest steps alone, whose slope hardly depends on the variance, is mostly
 # the float32 rounding of the scores (a variance of 7 read for 0.07; a 3-D grf's float32 run
 # then left float64's by 1.7e-5 where 2e-6 is its rounding). 1e-8 let it through; 1e-4 cost
@@ -57,14 +63,16 @@ INFORMED = 1e-6
 class Secants:
     """What a path remembers between rounds, per batch row: each slot's last evaluated state
     and score (B, p, *S) and its position (B, p) int64 (-1: none), the weighted sums of the
-    modes' variance estimates (B, *F) float64 (F the rfft half-grid of the field), and the
-    last round's largest measured slope (B,) (NaN: none yet)."""
+    modes' variance estimates (B, *F) float64 (F the rfft half-grid of the field), which of
+    them are informed enough to use (B, *F) bool, and the last round's largest measured slope
+    (B,) (NaN: none yet)."""
 
     y: torch.Tensor
     g: torch.Tensor
     pos: np.ndarray
     num: torch.Tensor
     den: torch.Tensor
+    known: torch.Tensor
     ell: np.ndarray
 
 
@@ -129,7 +137,8 @@ def begin(states: torch.Tensor) -> Secants:
     half = half_weights(tuple(states.shape[2:])).shape  # the rfft half-grid
     zeros = torch.zeros((batch, *half), dtype=torch.float64, device=states.device)
     return Secants(torch.zeros_like(states), torch.zeros_like(states),
-                   np.full((batch, p), -1), zeros, zeros.clone(), np.full(batch, np.nan))
+                   np.full((batch, p), -1), zeros, zeros.clone(), zeros > 0,
+                   np.full(batch, np.nan))
 
 
 def _power(z: torch.Tensor) -> torch.Tensor:
@@ -164,11 +173,9 @@ def _thetas(sec: Secants, rows: np.ndarray, decay, drift, u, v0, bound: float) -
     (J,), from their rows' averaged variance estimates (S where a mode has too little
     weight: ``j_max``'s value)."""
     at = torch.from_numpy(np.asarray(rows)).to(sec.num.device)
-    top = sec.den.flatten(1).amax(1)[at]
     num, den = sec.num[at], sec.den[at]
     shape = (-1, *(1,) * (num.dim() - 1))
-    known = den > INFORMED * top.reshape(shape)
-    lam = torch.where(known, num / den.clamp_min(torch.finfo(torch.float64).tiny),
+    lam = torch.where(sec.known[at], num / den.clamp_min(torch.finfo(torch.float64).tiny),
                       torch.full_like(num, bound))
     col = lambda c: torch.from_numpy(np.asarray(c, dtype=np.float64)).to(  # noqa: E731
         lam.device).reshape(shape)
@@ -228,6 +235,12 @@ def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm) -> np.ndar
     sums = comm.allreduce_sum(sums)
     sec.num += sums[0]
     sec.den += sums[1]
+    # once informed, a mode stays so: the best mode's weight grows by orders of magnitude as
+    # the noise falls (its slope nears -1/v0, weighed as r^4), and measured against it the
+    # largest-variance modes, learned in the first rounds, fell back to S halfway along the
+    # path, where the error they then let through grows to the end of it undamped
+    sec.known |= sec.den > INFORMED * sec.den.flatten(1).amax(1).reshape(
+        -1, *(1,) * (sec.den.dim() - 1))
     ell = np.full(pos.shape, np.nan)
     for part, dy, dg in diffs:
         k = pos[pr[part], ps[part]]
