@@ -262,7 +262,7 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
     batch, m = pos.shape
     field = tuple(states.shape[2:])
     half = half_weights(field).shape
-    complex_dtype = (torch.ones((), dtype=states.dtype) * 1j).dtype
+    complex_dtype = torch.promote_types(states.dtype, torch.complex64)
     th = torch.ones((batch, m, *half), dtype=states.dtype, device=states.device)
     terms = torch.zeros((batch, m, *half), dtype=complex_dtype, device=states.device)
     base, x0 = (torch.zeros((batch, *half), dtype=complex_dtype, device=states.device)
