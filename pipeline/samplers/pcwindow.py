@@ -137,16 +137,15 @@ def tables(grid: Grid, steps: Steps, bound: float, p: int, theta: str = "j_max")
         logs = torch.cat([torch.zeros(1, dtype=u.dtype), torch.cumsum(torch.log(factor), 0)])
         growth = pad(logs, float(logs[-1])).numpy()
     dec, drift, noise = pad(steps.decay - factor, 0.0), pad(steps.drift, 0.0), pad(steps.noise, 0.0)
-    to_end = None
+    alpha, to_end = steps.decay - steps.drift / v0, None
     if theta == "secant":  # eigenvalues between alpha and J_max, unclamped here
-        alpha = steps.decay - steps.drift / v0
         top = (steps.decay - steps.drift / variance_bound(u, bound)).abs().maximum(alpha.abs())
         logs = torch.cat([torch.log(top).flip(0).cumsum(0).flip(0), torch.zeros(1 + 2 * p,
                                                                                  dtype=u.dtype)])
         to_end = logs.clamp_min(0).exp().numpy()
     return Tables(
         u=pad(u, float(grid.u[-1])).numpy(), noise=noise.numpy(), v0=pad(v0, 1.0).numpy(),
-        alpha=pad(steps.decay - steps.drift / v0, 1.0).numpy(),
+        alpha=pad(alpha, 1.0).numpy(),
         beta=pad(steps.drift * torch.exp(-u / 2) / v0, 0.0).numpy(),
         lipschitz=pad(lipschitz(steps, u, bound, factor), 0.0).numpy(),
         increment=torch.stack([dec, drift, noise], 1).numpy(), growth=growth,

@@ -141,6 +141,13 @@ def begin(states: torch.Tensor) -> Secants:
                    np.full(batch, np.nan))
 
 
+def _column(values, like: torch.Tensor) -> torch.Tensor:
+    """Per-point numbers (J,) on ``like``'s device in its real dtype, shaped to broadcast
+    against ``like`` (J, *F)."""
+    v = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(like.device, like.real.dtype)
+    return v.reshape(-1, *(1,) * (like.dim() - 1))
+
+
 def _power(z: torch.Tensor) -> torch.Tensor:
     """|z|^2 of complex z, without abs's square root."""
     return z.real.square() + z.imag.square()
@@ -154,9 +161,7 @@ def _learn(sums: torch.Tensor, dy: torch.Tensor, dg: torch.Tensor, rows: np.ndar
     power = _power(dy)
     with np.errstate(divide="ignore"):
         lo, hi = -1 / v0, -1 / vs
-    shape = (-1, *(1,) * (dy.dim() - 1))
-    as_t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64)).to(  # noqa: E731
-        dy.device).reshape(shape)
+    as_t = lambda a: _column(a, dy)  # noqa: E731
     slope = (dg * dy.conj()).real / power.clamp_min(torch.finfo(torch.float64).tiny)
     slope = torch.minimum(torch.maximum(slope, as_t(lo)), as_t(hi))
     # r = -1 / (e^{-u} lambda + v0): lambda = (-1/r - v0) e^u, pinned as well as r moves with it
@@ -174,11 +179,9 @@ def _thetas(sec: Secants, rows: np.ndarray, decay, drift, u, v0, bound: float) -
     weight: ``j_max``'s value)."""
     at = torch.from_numpy(np.asarray(rows)).to(sec.num.device)
     num, den = sec.num[at], sec.den[at]
-    shape = (-1, *(1,) * (num.dim() - 1))
     lam = torch.where(sec.known[at], num / den.clamp_min(torch.finfo(torch.float64).tiny),
                       torch.full_like(num, bound))
-    col = lambda c: torch.from_numpy(np.asarray(c, dtype=np.float64)).to(  # noqa: E731
-        lam.device).reshape(shape)
+    col = lambda c: _column(c, lam)  # noqa: E731
     return col(decay) - col(drift) / (col(np.exp(-np.asarray(u))) * lam + col(v0))
 
 
@@ -268,8 +271,7 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
     base, x0 = (torch.zeros((batch, *half), dtype=complex_dtype, device=states.device)
                 for _ in range(2))
     head = start % p
-    coef = lambda c: torch.from_numpy(np.asarray(c)).to(  # noqa: E731
-        states.device, states.dtype).reshape(-1, *(1,) * len(field))
+    coef = lambda c: _column(c, states[0])  # noqa: E731  (J,) against points (J, *S)
     # a point not evaluated this round passes its input on: theta 1, no term
     rows, slots = valid.nonzero()
     for part in _chunks(rows, math.prod(field)):
@@ -361,9 +363,7 @@ def slopes(dy, dg, theta, decay, drift, field: tuple[int, ...]) -> np.ndarray:
     decay, drift (J,): |dPhi - Theta dY| / |dY| over a field of shape ``field``."""
     w = half_weights(field).to(dy.device)
     size = lambda z: (_power(z) * w).flatten(1).sum(1).sqrt()  # noqa: E731
-    col = lambda c: torch.from_numpy(np.asarray(c, dtype=np.float64)).to(  # noqa: E731
-        dy.device).reshape(-1, *(1,) * (dy.dim() - 1))
-    resid = col(decay) * dy + col(drift) * dg - theta * dy
+    resid = _column(decay, dy) * dy + _column(drift, dy) * dg - theta * dy
     with np.errstate(invalid="ignore", divide="ignore"):
         return (size(resid) / size(dy)).cpu().numpy()
 
