@@ -84,6 +84,7 @@ class Tables:
     u: np.ndarray
     noise: np.ndarray  # the step noise's std
     v0: np.ndarray  # 1 - e^{-u}: the marginal noise variance
+    vs: np.ndarray  # e^{-u} S + v0: the largest marginal variance (``variance_bound``)
     alpha: np.ndarray  # predictor: decay - drift / v0
     beta: np.ndarray  # predictor: drift e^{-u/2} / v0 (the x0hat coefficient)
     lipschitz: np.ndarray  # L_k: the largest |Jacobian eigenvalue - theta_k| of Phi_k
@@ -145,6 +146,7 @@ def tables(grid: Grid, steps: Steps, bound: float, p: int, theta: str = "j_max")
         to_end = logs.clamp_min(0).exp().numpy()
     return Tables(
         u=pad(u, float(grid.u[-1])).numpy(), noise=noise.numpy(), v0=pad(v0, 1.0).numpy(),
+        vs=pad(variance_bound(u, bound), 1.0).numpy(),
         alpha=pad(alpha, 1.0).numpy(),
         beta=pad(steps.drift * torch.exp(-u / 2) / v0, 0.0).numpy(),
         lipschitz=pad(lipschitz(steps, u, bound, factor), 0.0).numpy(),

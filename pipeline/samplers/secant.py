@@ -231,9 +231,8 @@ def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm) -> np.ndar
         dy = _rfft(states[r_t, s_t] - sec.y[r_t, s_t], rows, field)
         dg = _rfft(g[r_t, s_t] - sec.g[r_t, s_t], rows, field)
         k = pos[pr[part], ps[part]]
-        u, v0 = t.u[k], t.v0[k]
-        vs = np.exp(-u) * bound + v0 if np.isfinite(bound) else np.full_like(u, np.inf)
-        _learn(sums, dy.to(torch.complex128), dg.to(torch.complex128), rows, u, v0, vs, bound)
+        _learn(sums, dy.to(torch.complex128), dg.to(torch.complex128), rows, t.u[k], t.v0[k],
+               t.vs[k], bound)
         diffs.append((part, dy, dg))
     sums = comm.allreduce_sum(sums)
     sec.num += sums[0]
