@@ -35,8 +35,8 @@ from pipeline.settings import Config
 # waits; 4: the window samplers' rounds take less host time; 5: one rank scans its window in
 # one pass; 6: the host time's growth with the batch; 7: and a batch's rounds; 8: an emulated
 # model's host time timed between its waits on a run cut short; 9: the learned corrector's
-# third collective a round), so it is measured again rather than read.
-PROFILE_VERSION = 9
+# third collective a round; 10: and its fourth), so it is measured again rather than read.
+PROFILE_VERSION = 10
 
 # A profile's host time is measured on one member and, for a plan of larger batches, again
 # on as many members as its largest batch, at most GROWTH_BATCH and as many as a run of
@@ -261,6 +261,11 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
                    steps, tuple(map(tuple, entry["calls_by_size"])), host_batch, growth, rounds)
 
 
+# what a profile's "collectives" may hold: a sequential sampler's 0, or a round's count
+_COLLECTIVES = {0} | {r.round_collectives(theta) for r in REGISTRY.values()
+                      for theta in ("", *r.thetas)}
+
+
 def _valid_profile(entry: dict) -> bool:
     """Whether a profile cache entry holds what ``profile`` reads, as numbers."""
     grown = entry["grown"]
@@ -268,7 +273,7 @@ def _valid_profile(entry: dict) -> bool:
             and len(entry["host_points"]) == len(entry["host"]) > 0
             and all(positive(v) for v in entry["host_points"])
             and all(positive(v) or v == 0 for v in entry["host"])  # written as max(0, ...)
-            and entry["collectives"] in (0, 2, 3) and isinstance(grown, dict)
+            and entry["collectives"] in _COLLECTIVES and isinstance(grown, dict)
             and all(len(v) == 3 and all(positive(x) or x == 0 for x in v)
                     for v in grown.values())
             and all(len(pair) == 2 and all(positive(x) for x in pair)

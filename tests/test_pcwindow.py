@@ -441,6 +441,48 @@ def test_secants_of_a_gaussian_field_learn_its_spectrum_and_its_exact_step():
     assert torch.allclose(rebuilt[0, 1:], torch.stack(path[1:]), atol=1e-10)
 
 
+def test_a_points_correction_along_its_last_change_makes_its_step_exact_there():
+    """Where Theta is not the step's Jacobian (a Gaussian whose covariance has a direction
+    that is no Fourier mode), the rebuild still takes a point's step exactly along the change
+    it made last round: a point whose new change lies along its last one lands on the path."""
+    shape, d = (12, 10), 120
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(d, generator=gen, dtype=torch.float64)
+    cov = 0.5 * torch.eye(d, dtype=torch.float64) + 4 * torch.outer(v, v) / d
+
+    def model(x, u):  # the exact score of N(0, cov) at clocks u: -(e^{-u} cov + v0)^-1 x
+        eye = torch.eye(d, dtype=torch.float64)
+        m = torch.exp(-u)[:, None, None] * cov - torch.expm1(-u)[:, None, None] * eye
+        return -torch.linalg.solve(m, x.reshape(len(x), d, 1)).reshape(x.shape)
+
+    bound = float(torch.linalg.eigvalsh(cov).max())
+    grid = make_grid("ou", 50, u_min=1e-3, u_max=10.0, block_size=50)
+    st = step_coefficients(grid.u, stochastic=True)
+    t = tables(grid, st, bound, 8, "secant")
+    pos = np.arange(8)[None] + 16
+    u = torch.from_numpy(t.u[pos[0]])
+    states = torch.randn(1, 8, *shape, generator=gen, dtype=torch.float64)
+    step = lambda k, x: st.decay[k] * x + st.drift[k] * model(x[None], grid.u[k:k + 1])[0]  # noqa: E731
+    exact_1 = step(16, states[0, 0])  # slot 0 holds Y_b: slot 1's new state is exact
+    sec = secant.begin(states)
+    sec.pos = pos.copy()
+    sec.y = states - 0.3 * (exact_1 - states[0, 1])  # only slot 1's last change matters
+    sec.g = model(sec.y[0], u)[None]
+    every = np.ones((1, 8), bool)
+    rebuilt, _, _ = secant.rebuild(sec, states, model(states[0], u)[None],
+                                   torch.zeros_like(states), np.array([16]), np.array([8]), pos,
+                                   every, t, bound, [(0, 8)], SerialComm())
+    assert torch.allclose(rebuilt[0, 1], exact_1, atol=1e-12)
+    # slot 1's change now lies along its last one: its step lands on the path
+    assert torch.allclose(rebuilt[0, 2], step(17, exact_1), atol=1e-10)
+    # without the correction it would not: Theta is not the Jacobian off the Fourier modes
+    theta_only = step(17, states[0, 1]) + torch.fft.irfftn(
+        secant._thetas(sec, np.zeros(1, int), t.decay[17:18], t.increment[17:18, 1],
+                       t.u[17:18], t.v0[17:18], bound)[0]
+        * torch.fft.rfftn(exact_1 - states[0, 1], norm="ortho"), s=shape, norm="ortho")
+    assert (theta_only - step(17, exact_1)).norm() > 1e-3 * step(17, exact_1).norm()
+
+
 def test_a_mode_once_learned_keeps_its_variance_when_others_outweigh_it():
     """As the noise falls, the best-informed mode's weight grows by orders of magnitude; the
     modes learned before stay learned (they fell back to S halfway along the path)."""

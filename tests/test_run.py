@@ -47,7 +47,7 @@ def test_sample_command_writes_store_xarray_opens(tmp_path):
     assert ds.attrs["sampler_tol_source"] == "config" and ds.attrs["sampler_tol"] == 0.05
     assert ds.attrs["sampler_noise"] == "host" and ds.attrs["torch_version"] == torch.__version__
     # what else decides the members: host noise is numpy's, the sampler's revision its path
-    assert ds.attrs["numpy_version"] == np.__version__ and ds.attrs["sampler_revision"] == 3
+    assert ds.attrs["numpy_version"] == np.__version__ and ds.attrs["sampler_revision"] == 4
     assert ds.attrs["made_on"].startswith("cpu: ") and ds.attrs["zarr_version"]
     assert bool((ds.rounds > 0).all()) and float(ds.field.std()) > 0.5
     # the call's figures, not the member's own: they move with ensemble.batch_size

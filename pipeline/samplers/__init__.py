@@ -81,7 +81,7 @@ class Registered:
 
     def round_collectives(self, theta: str = "") -> int:
         """Collectives a round makes on several time slices, its corrector ``theta``'s
-        included: two, three with the learned corrector (``tests/test_collectives.py``
+        included: two, four with the learned corrector (``tests/test_collectives.py``
         counts them)."""
         return 2 + dict(self.theta_collectives).get(theta, 0)
 
@@ -147,11 +147,12 @@ REGISTRY = {
                              superseded=((1, _RING_FIXED, _RING_ROUNDING),)),
     # revision 2: the rebuild scales its lag by theta = J_max (a tolerance means less error);
     # 3: the learned corrector certifies each point's error as it will have grown by the
-    # path's end, and keeps the modes it has learned
+    # path's end, and keeps the modes it has learned; 4: it corrects each point along its
+    # last change (a second scan)
     "pc-window": Registered("pipeline.samplers.pcwindow:pc_window_sde", _SDE, windowed=True,
-                            state=8, revision=3, default_window=PC_WINDOW_POINTS,
-                            thetas=THETAS, theta_state=(("secant", 2),),
-                            theta_collectives=(("secant", 1),)),
+                            state=8, revision=4, default_window=PC_WINDOW_POINTS,
+                            thetas=THETAS, theta_state=(("secant", 3),),
+                            theta_collectives=(("secant", 2),)),
     # revision 2: the predictor extrapolates the denoiser instead of freezing it
     "pc-window-ode": Registered("pipeline.samplers.pcwindow:pc_window_ode", _ODE,
                                 windowed=True, state=7, revision=2,

@@ -412,7 +412,7 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
                                                           t.u, comm.rank)
         # 2. whole-step increments, summed along the chain across ranks (ring.py)
         nodes = denoiser_nodes(start, width, terms, lag)
-        if learned:  # the corrector learned per mode (secant.py): one more collective
+        if learned:  # the corrector learned per mode (secant.py): two more collectives
             ell = secant.learn(sec, states, g, pos, valid, t, options.data_bound, ring)
             prefix, y_e, x0hat = secant.rebuild(sec, states, g, xi, start, width, pos, valid,
                                                 t, options.data_bound, bounds, ring)

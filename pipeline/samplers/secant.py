@@ -32,7 +32,17 @@ Yhat_out = A Yhat_in + C (A the product of its Thetas): one Allgather of every r
 (with Y_b and the denoiser the predictor needs) lets every rank chain them in the window's
 order, and each rank then scans its own slots from its runs' inputs. The secants' sums join
 every rank's in one Allreduce before the rebuild, and the measured slopes ride in the round's
-Allreduce of the points' changes: three collectives a round where ``j_max`` takes two.
+Allreduce of the points' changes.
+
+Off the Fourier modes (a mixture's, a network's Jacobian) Theta misses part of the step's
+response. A point evaluated in two rounds knows that part along the change it made: the
+secant equation J dY = dPhi holds, so R = dPhi - Theta dY is what Theta misses along dY. The
+point's new change Yhat - Y (from the first scan) is mostly along its last one, and the
+rebuild adds R <dY, Yhat - Y> / |dY|^2 to the point's step, a rank-one (Broyden) correction,
+carried down the window by a second scan with the same Thetas (one more Allgather, of its
+run maps). The reach is taken from the first scan's Yhat, not from the corrected
+one, so that the correction is affine in each run's input like the rest of the scan. Four
+collectives a round where ``j_max`` takes two.
 """
 from __future__ import annotations
 
@@ -271,6 +281,9 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
                 for _ in range(2))
     head = start % p
     coef = lambda c: _column(c, states[0])  # noqa: E731  (J,) against points (J, *S)
+    # what Theta misses along a point's last change, where it has one (``_along``)
+    twice = valid & (sec.pos == pos)
+    along = torch.zeros_like(terms)
     # a point not evaluated this round passes its input on: theta 1, no term
     rows, slots = valid.nonzero()
     for part in _chunks(rows, math.prod(field)):
@@ -284,6 +297,9 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
         theta = _thetas(sec, r, t.decay[k], t.increment[k, 1], t.u[k], t.v0[k], bound)
         th[r_t, s_t] = theta.to(states.dtype)
         terms[r_t, s_t] = _rfft(phi, r, len(field)) - th[r_t, s_t] * fy
+        (again,) = np.nonzero(twice[r, at])
+        if len(again):
+            _along(along, sec, states, g, r[again], at[again], k[again], th, t)
         # Y_b's transform, from the rank that holds it (every valid row's head is valid)
         (own,) = np.nonzero(at == head[r] - lo)
         base[indices(base, r[own])[0]] = fy[indices(fy, own)[0]]
@@ -296,16 +312,48 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
         r_t, s_t = indices(states, holder, k_last % p - lo)
         mean = (states[r_t, s_t] + coef(t.v0[k_last]) * g[r_t, s_t]) * coef(t.tweedie[k_last])
         x0[r_t] = _rfft(mean, holder, len(field))
-    if len(bounds) == 1:
-        end, x0hat = _whole_ring(th, terms, base, x0, head, comm)
-    else:
-        high = np.arange(lo, hi)[None] >= head[:, None]
-        end, x0hat = _split_ring(th, terms, base, x0, high, start, bounds, comm)
+    high = np.arange(lo, hi)[None] >= head[:, None]
+    scan = lambda terms, base, x0: (  # noqa: E731
+        _whole_ring(th, terms, base, x0, head, comm) if len(bounds) == 1
+        else _split_ring(th, terms, base, x0, high, start, bounds, comm))
+    end, x0hat = scan(terms, base, x0)
     # terms now holds each slot's Yhat
     prefix = _inverse(terms, field)
-    y_end = _inverse(end[:, None], field)[:, 0]
+    # the second scan: each point's correction along its last change, as its Yhat from the
+    # first one calls for it, carried down the window by the same Thetas
+    _scale_along(along, twice, states, sec.y, prefix)
+    zero = torch.zeros_like(base)
+    shift, _ = scan(along, zero, zero)
+    prefix += _inverse(along, field)
+    y_end = _inverse((end + shift)[:, None], field)[:, 0]
     x0_field = _inverse(x0hat[:, None], field)
     return prefix, y_end, x0_field
+
+
+def _along(along, sec: Secants, states, g, rows, slots, k, th, t) -> None:
+    """Write into ``along`` (B, M, *F) what each point's Theta misses along the change it
+    made since last round, dPhi - Theta dY (Fourier), for points (J,) at batch rows ``rows``
+    (sorted), this rank's ``slots`` and positions k evaluated there in both rounds."""
+    r_t, s_t = indices(states, rows, slots)
+    field = states.dim() - 2
+    dy = states[r_t, s_t] - sec.y[r_t, s_t]
+    coef = lambda c: _column(c, states[0])  # noqa: E731
+    dphi = coef(t.decay[k]) * dy + coef(t.increment[k, 1]) * (g[r_t, s_t] - sec.g[r_t, s_t])
+    along[r_t, s_t] = _rfft(dphi, rows, field) - th[r_t, s_t] * _rfft(dy, rows, field)
+
+
+def _scale_along(along, twice: np.ndarray, states, last, prefix) -> None:
+    """Scale each point's ``along`` (B, M, *F) by how far its new change Yhat - Y reaches
+    along its last one dY = Y - Y_last, <dY, Yhat - Y> / |dY|^2 (0 where ``twice`` (B, M)
+    is false: no last change)."""
+    reach = torch.zeros(twice.shape, dtype=torch.float64, device=states.device)
+    for b in np.flatnonzero(twice.any(1)):  # a row at a time: a few of its fields at once
+        dy = (states[b] - last[b]).flatten(1)
+        dot = lambda x: (dy * x).sum(-1, dtype=torch.float64)  # noqa: E731
+        reach[b] = dot(prefix[b].flatten(1) - states[b].flatten(1)) / dot(dy).clamp_min(
+            torch.finfo(torch.float64).tiny)
+    reach = torch.where(torch.from_numpy(twice).to(reach.device), reach, torch.zeros_like(reach))
+    along.mul_(reach.reshape(*reach.shape, *(1,) * (along.dim() - 2)).to(along.real.dtype))
 
 
 def _whole_ring(th, terms, base, x0, head, comm):
