@@ -266,8 +266,8 @@ def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm) -> np.ndar
 def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: float, bounds, comm):
     """Step 2 with the learned Theta on this rank's slots lo..hi of ``bounds``: (Yhat at each
     own slot (B, M, *S), the state after the window's last point (B, *S), the Tweedie mean at
-    its last point (B, 1, *S)), the second and third the same on every rank. One Allgather of
-    every rank's run maps."""
+    its last point (B, 1, *S)), the second and third the same on every rank. Two Allgathers of
+    every rank's run maps: the first scan's and the second's (``_along``)."""
     start, width = np.asarray(start), np.asarray(width)
     lo, hi = bounds[comm.rank]
     p = bounds[-1][1]
@@ -346,13 +346,15 @@ def _scale_along(along, twice: np.ndarray, states, last, prefix) -> None:
     """Scale each point's ``along`` (B, M, *F) by how far its new change Yhat - Y reaches
     along its last one dY = Y - Y_last, <dY, Yhat - Y> / |dY|^2 (0 where ``twice`` (B, M)
     is false: no last change)."""
+    rows, slots = twice.nonzero()
     reach = torch.zeros(twice.shape, dtype=torch.float64, device=states.device)
-    for b in np.flatnonzero(twice.any(1)):  # a row at a time: a few of its fields at once
-        dy = (states[b] - last[b]).flatten(1)
+    per = max(1, CHUNK_VALUES // math.prod(states.shape[2:]))
+    for c in range(0, len(rows), per):  # CHUNK_VALUES field values at a time
+        r_t, s_t = indices(states, rows[c:c + per], slots[c:c + per])
+        dy = (states[r_t, s_t] - last[r_t, s_t]).flatten(1)
         dot = lambda x: (dy * x).sum(-1, dtype=torch.float64)  # noqa: E731
-        reach[b] = dot(prefix[b].flatten(1) - states[b].flatten(1)) / dot(dy).clamp_min(
-            torch.finfo(torch.float64).tiny)
-    reach = torch.where(torch.from_numpy(twice).to(reach.device), reach, torch.zeros_like(reach))
+        reach[r_t, s_t] = dot((prefix[r_t, s_t] - states[r_t, s_t]).flatten(1)) / dot(
+            dy).clamp_min(torch.finfo(torch.float64).tiny)
     along.mul_(reach.reshape(*reach.shape, *(1,) * (along.dim() - 2)).to(along.real.dtype))
 
 
