@@ -469,6 +469,7 @@ def test_a_points_correction_along_its_last_change_makes_its_step_exact_there():
     sec.y = states - 0.3 * (exact_1 - states[0, 1])  # only slot 1's last change matters
     sec.g = model(sec.y[0], u)[None]
     every = np.ones((1, 8), bool)
+    secant.learn(sec, states, model(states[0], u)[None], pos, every, t, bound, SerialComm())
     rebuilt, _, _ = secant.rebuild(sec, states, model(states[0], u)[None],
                                    torch.zeros_like(states), np.array([16]), np.array([8]), pos,
                                    every, t, bound, [(0, 8)], SerialComm())

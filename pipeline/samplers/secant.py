@@ -74,8 +74,9 @@ class Secants:
     """What a path remembers between rounds, per batch row: each slot's last evaluated state
     and score (B, p, *S) and its position (B, p) int64 (-1: none), the weighted sums of the
     modes' variance estimates (B, *F) float64 (F the rfft half-grid of the field), which of
-    them are informed enough to use (B, *F) bool, and the last round's largest measured slope
-    (B,) (NaN: none yet)."""
+    them are informed enough to use (B, *F) bool, the last round's largest measured slope
+    (B,) (NaN: none yet), and this round's R = dPhi - Theta dY at each slot evaluated in both
+    rounds (B, p, *F) complex, 0 at the others (``learn`` measures it, ``rebuild`` uses it)."""
 
     y: torch.Tensor
     g: torch.Tensor
@@ -84,6 +85,7 @@ class Secants:
     den: torch.Tensor
     known: torch.Tensor
     ell: np.ndarray
+    along: torch.Tensor | None = None
 
 
 def _dims(field: int) -> tuple[int, ...]:
@@ -229,8 +231,9 @@ def _chain(first: np.ndarray, a: torch.Tensor, c: torch.Tensor, base: torch.Tens
 def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm) -> np.ndarray:
     """Step 1: add the secants of this rank's points evaluated at the same position last round
     to the variance estimates, summed over ``comm`` (one Allreduce), and measure each such
-    point's slope ell (``slopes``) with the Theta the rebuild then takes: (B, M) float64, NaN
-    at the others. states, g (B, M, *S) this rank's slots, pos, valid (B, M)."""
+    point's R = dPhi - Theta dY (``sec.along``) and slope ell (``slopes``) with the Theta the
+    rebuild then takes: (B, M) float64, NaN at the others. states, g (B, M, *S) this rank's
+    slots, pos, valid (B, M)."""
     twice = valid & (sec.pos == pos)
     pr, ps = twice.nonzero()
     sums = torch.zeros((2, *sec.num.shape), dtype=torch.float64, device=sec.num.device)
@@ -254,12 +257,16 @@ def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm) -> np.ndar
     sec.known |= sec.den > INFORMED * sec.den.flatten(1).amax(1).reshape(
         -1, *(1,) * (sec.den.dim() - 1))
     ell = np.full(pos.shape, np.nan)
+    sec.along = torch.zeros((*pos.shape, *sec.num.shape[1:]), device=states.device,
+                            dtype=torch.promote_types(states.dtype, torch.complex64))
     for part, dy, dg in diffs:
         k = pos[pr[part], ps[part]]
         theta = _thetas(sec, pr[part], t.decay[k], t.increment[k, 1], t.u[k], t.v0[k], bound)
-        ell[pr[part], ps[part]] = slopes(dy.to(torch.complex128), dg.to(torch.complex128),
-                                         theta, t.decay[k], t.increment[k, 1],
-                                         tuple(states.shape[2:]))
+        dy = dy.to(torch.complex128)
+        missed = (_column(t.decay[k], dy) * dy
+                  + _column(t.increment[k, 1], dy) * dg.to(torch.complex128) - theta * dy)
+        ell[pr[part], ps[part]] = slopes(dy, missed, tuple(states.shape[2:]))
+        sec.along[indices(states, pr[part], ps[part])] = missed.to(sec.along.dtype)
     return ell
 
 
@@ -267,7 +274,7 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
     """Step 2 with the learned Theta on this rank's slots lo..hi of ``bounds``: (Yhat at each
     own slot (B, M, *S), the state after the window's last point (B, *S), the Tweedie mean at
     its last point (B, 1, *S)), the second and third the same on every rank. Two Allgathers of
-    every rank's run maps: the first scan's and the second's (``_along``)."""
+    every rank's run maps: the first scan's and the second's (``sec.along``)."""
     start, width = np.asarray(start), np.asarray(width)
     lo, hi = bounds[comm.rank]
     p = bounds[-1][1]
@@ -281,9 +288,9 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
                 for _ in range(2))
     head = start % p
     coef = lambda c: _column(c, states[0])  # noqa: E731  (J,) against points (J, *S)
-    # what Theta misses along a point's last change, where it has one (``_along``)
+    # what Theta misses along a point's last change, where it has one (``learn``)
     twice = valid & (sec.pos == pos)
-    along = torch.zeros_like(terms)
+    along = sec.along
     # a point not evaluated this round passes its input on: theta 1, no term
     rows, slots = valid.nonzero()
     for part in _chunks(rows, math.prod(field)):
@@ -297,9 +304,6 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
         theta = _thetas(sec, r, t.decay[k], t.increment[k, 1], t.u[k], t.v0[k], bound)
         th[r_t, s_t] = theta.to(states.dtype)
         terms[r_t, s_t] = _rfft(phi, r, len(field)) - th[r_t, s_t] * fy
-        (again,) = np.nonzero(twice[r, at])
-        if len(again):
-            _along(along, sec, states, g, r[again], at[again], k[again], th, t)
         # Y_b's transform, from the rank that holds it (every valid row's head is valid)
         (own,) = np.nonzero(at == head[r] - lo)
         base[indices(base, r[own])[0]] = fy[indices(fy, own)[0]]
@@ -328,18 +332,6 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
     y_end = _inverse((end + shift)[:, None], field)[:, 0]
     x0_field = _inverse(x0hat[:, None], field)
     return prefix, y_end, x0_field
-
-
-def _along(along, sec: Secants, states, g, rows, slots, k, th, t) -> None:
-    """Write into ``along`` (B, M, *F) what each point's Theta misses along the change it
-    made since last round, dPhi - Theta dY (Fourier), for points (J,) at batch rows ``rows``
-    (sorted), this rank's ``slots`` and positions k evaluated there in both rounds."""
-    r_t, s_t = indices(states, rows, slots)
-    field = states.dim() - 2
-    dy = states[r_t, s_t] - sec.y[r_t, s_t]
-    coef = lambda c: _column(c, states[0])  # noqa: E731
-    dphi = coef(t.decay[k]) * dy + coef(t.increment[k, 1]) * (g[r_t, s_t] - sec.g[r_t, s_t])
-    along[r_t, s_t] = _rfft(dphi, rows, field) - th[r_t, s_t] * _rfft(dy, rows, field)
 
 
 def _scale_along(along, twice: np.ndarray, states, last, prefix) -> None:
@@ -406,15 +398,14 @@ def _split_ring(th, terms, base, x0, high, start, bounds, comm):
     return end, x0hat
 
 
-def slopes(dy, dg, theta, decay, drift, field: tuple[int, ...]) -> np.ndarray:
-    """The measured slopes ell (J,) float64 of J points evaluated twice, Fourier differences
-    dy, dg (J, *F) complex128 of their states and scores, Theta (J, *F) and step coefficients
-    decay, drift (J,): |dPhi - Theta dY| / |dY| over a field of shape ``field``."""
+def slopes(dy, missed, field: tuple[int, ...]) -> np.ndarray:
+    """The measured slopes ell (J,) float64 of J points evaluated twice, from the Fourier
+    differences dy (J, *F) complex128 of their states and what Theta missed along them,
+    missed = dPhi - Theta dY (J, *F): |missed| / |dY| over a field of shape ``field``."""
     w = half_weights(field).to(dy.device)
     size = lambda z: (_power(z) * w).flatten(1).sum(1).sqrt()  # noqa: E731
-    resid = _column(decay, dy) * dy + _column(drift, dy) * dg - theta * dy
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (size(resid) / size(dy)).cpu().numpy()
+        return (size(missed) / size(dy)).cpu().numpy()
 
 
 def certificate(sec: Secants, ell, pos, t) -> np.ndarray:
