@@ -37,8 +37,8 @@ Allreduce of the points' changes.
 Off the Fourier modes (a mixture's, a network's Jacobian) Theta misses part of the step's
 response. A point evaluated in two rounds knows that part along the change it made: the
 secant equation J dY = dPhi holds, so R = dPhi - Theta dY is what Theta misses along dY. The
-point's new change Yhat - Y (from the first scan) is mostly along its last one, and the
-rebuild adds R <dY, Yhat - Y> / |dY|^2 to the point's step, a rank-one (Broyden) correction,
+rebuild adds R <dY, Yhat - Y> / |dY|^2 to the point's step, a rank-one (Broyden) correction
+that makes the step exact where the new change Yhat - Y (from the first scan) lies along dY,
 carried down the window by a second scan with the same Thetas (one more Allgather, of its
 run maps). The reach is taken from the first scan's Yhat, not from the corrected
 one, so that the correction is affine in each run's input like the rest of the scan. Four
