@@ -1,5 +1,5 @@
 """Synchronisation points: every parallel sampler costs at most two buffer collectives a
-round (three with pc-window's learned corrector), and these tests fail when a sampler adds
+round (four with pc-window's learned corrector), and these tests fail when a sampler adds
 one (or a pickled exchange)."""
 import pytest
 import torch

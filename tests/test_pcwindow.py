@@ -572,6 +572,37 @@ def test_the_learned_rebuild_chains_every_ranks_runs_as_one_rank_scans_them():
                     assert torch.allclose(inputs[r, 2 * rank + side], want[r][0][slots[0]])
 
 
+class _SizeComm:
+    """A stand-in for rank 0 of ``size`` ranks that records what each Allgather sends and
+    answers with it from every rank (right sizes, not right values)."""
+
+    def __init__(self, size):
+        self.rank, self.size, self.sent = 0, size, []
+
+    def allgather(self, part):
+        self.sent.append(tuple(part.shape))
+        return torch.stack([part] * self.size)
+
+
+def test_split_slots_send_the_second_scans_run_sums_alone():
+    """Across ranks the learned rebuild's first Allgather carries each rank's run maps
+    (both runs' real products as one complex half-field, their sums, Y_b and the denoiser:
+    5 half-fields a row), the second only the sums of its terms (2): the products are the
+    first scan's."""
+    gen = torch.Generator().manual_seed(2)
+    p, batch, half = 8, 2, (3, 2)
+    theta = torch.rand(batch, 3, *half, generator=gen, dtype=torch.float64) + 0.5
+    terms = torch.randn(batch, 3, *half, generator=gen, dtype=torch.complex128)
+    start = np.array([1, 5])
+    bounds = [slice_bounds(p, 3, r) for r in range(3)]
+    high = np.arange(*bounds[0])[None] >= (start % p)[:, None]
+    comm = _SizeComm(3)
+    zero = torch.zeros((batch, *half), dtype=torch.complex128)
+    _, _, chain = secant._split_ring(theta, terms.clone(), zero, zero, high, start, bounds, comm)
+    secant._split_shift(theta, terms.clone(), high, chain, comm)
+    assert comm.sent == [(batch, 5, *half, 2), (batch, 2, *half, 2)]
+
+
 def test_a_learned_theta_takes_fewer_rounds_and_calls_on_a_gaussian_field():
     model, grid, noise, y0 = _setup(shape=(16, 16), steps=400, members=2)
     y_ref, _ = SAMPLERS["sequential-sde"](model, y0, grid, noise, comm=SerialComm())

@@ -39,8 +39,8 @@ response. A point evaluated in two rounds knows that part along the change it ma
 secant equation J dY = dPhi holds, so R = dPhi - Theta dY is what Theta misses along dY. The
 rebuild adds R <dY, Yhat - Y> / |dY|^2 to the point's step, a rank-one (Broyden) correction
 that makes the step exact where the new change Yhat - Y (from the first scan) lies along dY,
-carried down the window by a second scan with the same Thetas (one more Allgather, of its
-run maps). The reach is taken from the first scan's Yhat, not from the corrected
+carried down the window by a second scan with the same Thetas (one more Allgather, of each
+run's sum: its product of Thetas came with the first scan). The reach is taken from the first scan's Yhat, not from the corrected
 one, so that the correction is affine in each run's input like the rest of the scan. Four
 collectives a round where ``j_max`` takes two.
 """
@@ -273,8 +273,8 @@ def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm) -> np.ndar
 def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: float, bounds, comm):
     """Step 2 with the learned Theta on this rank's slots lo..hi of ``bounds``: (Yhat at each
     own slot (B, M, *S), the state after the window's last point (B, *S), the Tweedie mean at
-    its last point (B, 1, *S)), the second and third the same on every rank. Two Allgathers of
-    every rank's run maps: the first scan's and the second's (``sec.along``)."""
+    its last point (B, 1, *S)), the second and third the same on every rank. Two Allgathers:
+    every rank's run maps for the first scan, their sums of ``sec.along`` for the second."""
     start, width = np.asarray(start), np.asarray(width)
     lo, hi = bounds[comm.rank]
     p = bounds[-1][1]
@@ -317,17 +317,20 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
         mean = (states[r_t, s_t] + coef(t.v0[k_last]) * g[r_t, s_t]) * coef(t.tweedie[k_last])
         x0[r_t] = _rfft(mean, holder, len(field))
     high = np.arange(lo, hi)[None] >= head[:, None]
-    scan = lambda terms, base, x0: (  # noqa: E731
-        _whole_ring(th, terms, base, x0, head, comm) if len(bounds) == 1
-        else _split_ring(th, terms, base, x0, high, start, bounds, comm))
-    end, x0hat = scan(terms, base, x0)
+    if len(bounds) == 1:
+        end, x0hat = _whole_ring(th, terms, base, x0, head, comm)
+    else:
+        end, x0hat, maps = _split_ring(th, terms, base, x0, high, start, bounds, comm)
     # terms now holds each slot's Yhat
     prefix = _inverse(terms, field)
     # the second scan: each point's correction along its last change, as its Yhat from the
     # first one calls for it, carried down the window by the same Thetas
     _scale_along(along, twice, states, sec.y, prefix)
     zero = torch.zeros_like(base)
-    shift, _ = scan(along, zero, zero)
+    if len(bounds) == 1:
+        shift, _ = _whole_ring(th, along, zero, zero, head, comm)
+    else:
+        shift = _split_shift(th, along, high, maps, comm)
     prefix += _inverse(along, field)
     y_end = _inverse((end + shift)[:, None], field)[:, 0]
     x0_field = _inverse(x0hat[:, None], field)
@@ -372,30 +375,53 @@ def _whole_ring(th, terms, base, x0, head, comm):
 def _split_ring(th, terms, base, x0, high, start, bounds, comm):
     """The rebuild across ranks: this rank's two runs of slots as maps per mode, every rank's
     gathered and chained in the window's order, then this rank's slots scanned from its runs'
-    inputs, each slot's term replaced by its Yhat. Returns as ``_whole_ring``."""
+    inputs, each slot's term replaced by its Yhat. Returns (the end state (B, *F), the
+    denoiser's transform (B, *F), the chain for ``_split_shift``: every run's first chain
+    index (B, 2R) and product of Thetas (B, 2R, *F))."""
     a, c = _runs(th, terms, high)
     batch, p = len(start), bounds[-1][1]
-    parts = torch.cat([torch.view_as_real(torch.complex(a, torch.zeros_like(a))),
-                       torch.view_as_real(c), torch.view_as_real(base[:, None]),
-                       torch.view_as_real(x0[:, None])], 1)
-    gathered = torch.view_as_complex(comm.allgather(parts).contiguous())  # (R, B, 6, *F)
-    gathered = gathered.transpose(0, 1)  # (B, R, 6, *F)
+    # the two runs' products are real: they travel as one complex half-field
+    parts = torch.cat([torch.complex(a[:, 0], a[:, 1])[:, None], c, base[:, None],
+                       x0[:, None]], 1)
+    gathered = _gather(parts, comm)  # (B, R, 5, *F)
     first = run_starts(bounds, start, p).reshape(batch, -1)  # (B, 2R): high, low per rank
-    maps_a = gathered[:, :, 0:2].real.flatten(1, 2)
-    maps_c = gathered[:, :, 2:4].flatten(1, 2)
-    inputs, end = _chain(first, maps_a, maps_c, gathered[:, :, 4].sum(1))
-    x0hat = gathered[:, :, 5].sum(1)
-    # each rank scans its own slots from its runs' inputs
-    mine_in = inputs.view(batch, len(bounds), 2, *inputs.shape[2:])[:, comm.rank]
+    maps_a = torch.stack([gathered[:, :, 0].real, gathered[:, :, 0].imag], 2).flatten(1, 2)
+    inputs, end = _chain(first, maps_a, gathered[:, :, 1:3].flatten(1, 2),
+                         gathered[:, :, 3].sum(1))
+    _scan_own(th, terms, inputs, high, comm.rank)
+    return end, gathered[:, :, 4].sum(1), (first, maps_a)
+
+
+def _split_shift(th, terms, high, chain, comm):
+    """The second scan across ranks, from zero through the first one's Thetas: only each
+    rank's two run sums travel, the runs' products came with the first scan (``chain``, from
+    ``_split_ring``). Returns the state after the window's last point (B, *F); each slot's
+    term (B, M, *F) replaced by its state."""
+    first, maps_a = chain
+    _, c = _runs(th, terms, high)
+    inputs, end = _chain(first, maps_a, _gather(c, comm).flatten(1, 2), torch.zeros_like(c[:, 0]))
+    _scan_own(th, terms, inputs, high, comm.rank)
+    return end
+
+
+def _gather(parts: torch.Tensor, comm) -> torch.Tensor:
+    """Every rank's complex parts (B, K, *F), in one Allgather: (B, R, K, *F)."""
+    gathered = comm.allgather(torch.view_as_real(parts))
+    return torch.view_as_complex(gathered.contiguous()).transpose(0, 1)
+
+
+def _scan_own(th, terms, inputs, high, rank: int) -> None:
+    """Scan this rank's slots from its two runs' inputs (taken from every run's, inputs
+    (B, 2R, *F)), each slot's term (B, M, *F) replaced by its state."""
+    batch = high.shape[0]
+    cur = inputs.view(batch, -1, 2, *inputs.shape[2:])[:, rank].clone()
     side = torch.from_numpy(np.where(high, 0, 1)).to(terms.device)
     rows_t = torch.arange(batch, device=terms.device)
-    cur = mine_in.clone()
     for j in range(high.shape[1]):
         at = side[:, j]
         term = terms[:, j].clone()
         terms[:, j] = cur[rows_t, at]
         cur[rows_t, at] = th[:, j] * cur[rows_t, at] + term
-    return end, x0hat
 
 
 def slopes(dy, missed, field: tuple[int, ...]) -> np.ndarray:
