@@ -40,9 +40,9 @@ secant equation J dY = dPhi holds, so R = dPhi - Theta dY is what Theta misses a
 rebuild adds R <dY, Yhat - Y> / |dY|^2 to the point's step, a rank-one (Broyden) correction
 that makes the step exact where the new change Yhat - Y (from the first scan) lies along dY,
 carried down the window by a second scan with the same Thetas (one more Allgather, of each
-run's sum: its product of Thetas came with the first scan). The reach is taken from the first scan's Yhat, not from the corrected
-one, so that the correction is affine in each run's input like the rest of the scan. Four
-collectives a round where ``j_max`` takes two.
+run's sum: its product of Thetas came with the first scan). The reach is taken from the first
+scan's Yhat, not from the corrected one, so that the correction is affine in each run's input
+like the rest of the scan. Four collectives a round where ``j_max`` takes two.
 """
 from __future__ import annotations
 
