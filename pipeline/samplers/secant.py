@@ -197,20 +197,23 @@ def _thetas(sec: Secants, rows: np.ndarray, decay, drift, u, v0, bound: float) -
     return col(decay) - col(drift) / (col(np.exp(-np.asarray(u))) * lam + col(v0))
 
 
-def _runs(theta: torch.Tensor, terms: torch.Tensor, high: np.ndarray):
+def _runs(theta: torch.Tensor, terms: torch.Tensor, high: np.ndarray, products: bool = True):
     """The affine maps of this rank's two runs of slots (``ring``'s high and low), per mode:
     (A, C) each (B, 2, *F), for theta (B, M, *F) real and terms (B, M, *F) complex (zero,
-    with theta 1, at points not evaluated) in slot order; high (B, M) bool."""
+    with theta 1, at points not evaluated) in slot order; high (B, M) bool. A is None
+    without ``products`` (a second scan through the same Thetas has them)."""
     batch, m = high.shape
     half = terms.shape[2:]
-    a = torch.ones((batch, 2, *half), dtype=theta.dtype, device=theta.device)
+    a = torch.ones((batch, 2, *half), dtype=theta.dtype, device=theta.device) if products \
+        else None
     c = torch.zeros((batch, 2, *half), dtype=terms.dtype, device=terms.device)
     side = torch.from_numpy(np.where(high, 0, 1)).to(theta.device)
     rows = torch.arange(batch, device=theta.device)
     for j in range(m):
         at = side[:, j]
         c[rows, at] = theta[:, j] * c[rows, at] + terms[:, j]
-        a[rows, at] = theta[:, j] * a[rows, at]
+        if products:
+            a[rows, at] = theta[:, j] * a[rows, at]
     return a, c
 
 
@@ -398,7 +401,7 @@ def _split_shift(th, terms, high, chain, comm):
     ``_split_ring``). Returns the state after the window's last point (B, *F); each slot's
     term (B, M, *F) replaced by its state."""
     first, maps_a = chain
-    _, c = _runs(th, terms, high)
+    _, c = _runs(th, terms, high, products=False)
     inputs, end = _chain(first, maps_a, _gather(c, comm).flatten(1, 2), torch.zeros_like(c[:, 0]))
     _scan_own(th, terms, inputs, high, comm.rank)
     return end
