@@ -236,6 +236,31 @@ def between(loose: float, tight: float) -> float:
     return float(f"{math.sqrt(loose * tight):.1e}")
 
 
+def loosest_passing(ladder, passes, refine: int = 0, stopped=lambda: False) -> float | None:
+    """The loosest tolerance that ``passes(tol, refined)``: the rungs of ``ladder`` (loosest
+    first) until one passes, then ``refine`` times the tolerance halfway (``between``) to the
+    looser rung that failed (``refined`` true), keeping the loosest that passes; None where no
+    rung passes. A stop (``stopped``) keeps the rung that passed."""
+    for i, tol in enumerate(ladder):
+        if not passes(float(tol), False):
+            continue
+        chosen, loose = float(tol), (float(ladder[i - 1]) if i else None)
+        # the ladder's steps are a factor 2 to 2.5: a rung between the passing one and the
+        # looser that failed saves a few percent of rounds and calls (grf 512x512: 1.4e-2
+        # took 20 rounds at 1.25x where the rung 1e-2 took 21 at 1.31x)
+        for _ in range(refine if loose is not None else 0):
+            mid = between(loose, chosen)
+            # rounded onto a rung, nothing is left between
+            if not chosen < mid < loose or stopped():
+                break
+            if passes(mid, True):
+                chosen = mid
+            else:
+                loose = mid
+        return chosen
+    return None
+
+
 def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, device,
                noise_source: str, members: int, distance: float, ladder, refine: int = 0,
                say=print, stopped=lambda: False, setting: str = "") -> Calibration:
@@ -270,9 +295,9 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
             + (f"  ({'; '.join(notes)})" if notes else ""))
         return rung, stats
 
-    for i, tol in enumerate(ladder):
-        rung, stats = measure(tol)
-        if stats.fallbacks and rung.rounds >= ref_stats.rounds:
+    def passes(tol: float, refined: bool) -> bool:
+        rung, stats = measure(tol, "between rungs" if refined else "")
+        if not refined and stats.fallbacks and rung.rounds >= ref_stats.rounds:
             # redone step by step, its distance is the sequential sampler's own, at more
             # calls; the sweeps diverge before any tolerance is looked at, so would tighter
             window = "pc-window" + ("-ode" if REFERENCE[method] == "sequential-ode" else "")
@@ -281,22 +306,11 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
                 f"redone step by step: {rung.rounds} rounds, the sequential sampler's "
                 f"{ref_stats.rounds}, for {rung.calls_ratio:.2f}x its calls, at any tolerance: "
                 f"lower sampler.block_size, or use {window}", rungs=tuple(rungs))
-        if rung.worst <= distance / 2:
-            chosen, loose = rung.tol, (float(ladder[i - 1]) if i else None)
-            # the ladder's steps are a factor 2 to 2.5: a rung between the passing one and
-            # the looser that failed saves a few percent of rounds and calls (grf 512x512:
-            # 1.4e-2 took 20 rounds at 1.25x where the rung 1e-2 took 21 at 1.31x)
-            for _ in range(refine if loose is not None else 0):
-                mid = between(loose, chosen)
-                # rounded onto a rung, nothing is left between; a stop keeps the rung that
-                # passed rather than lose the calibration
-                if not chosen < mid < loose or stopped():
-                    break
-                if measure(mid, "between rungs")[0].worst <= distance / 2:
-                    chosen = mid
-                else:
-                    loose = mid
-            return Calibration(chosen, tuple(rungs), "calibrated")
+        return rung.worst <= distance / 2
+
+    chosen = loosest_passing(ladder, passes, refine, stopped)
+    if chosen is not None:
+        return Calibration(chosen, tuple(rungs), "calibrated")
     raise Unreachable(
         f"calibrate: no tolerance in calibrate.ladder keeps {method} within {distance / 2:.1e} "
         f"of the sequential path (tightest {ladder[-1]:g} gave {rungs[-1].worst:.1e}): "

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from pipeline.calibrate import worst_distance
+from pipeline.calibrate import loosest_passing, worst_distance
 from pipeline.clock import DiscreteVP, noise_std
 from pipeline.comm import SerialComm
 from pipeline.errors import ConfigError
@@ -115,13 +115,15 @@ def sequential(scheduler, eps, x_t: torch.Tensor, xi: torch.Tensor) -> torch.Ten
 
 def compare_diffusers(model, *, members: int, seed: int, dtype, device,
                       window: int = WINDOW_POINTS, tol: float = 0.1,
-                      data_bound: float = float("inf"), ladder=(), pc_window: int = 0,
-                      theta: str = Options.theta, say=print):
+                      data_bound: float = float("inf"), ladder=(), refine: int = 0,
+                      pc_window: int = 0, theta: str = Options.theta, say=print):
     """diffusers' ParaDiGMS against piadm's window and pc-window on DDPM-1000; returns rows
     (method, settings, rounds, calls_ratio, distance). ``window`` and ``tol`` are ParaDiGMS'
     (for both ParaDiGMS samplers); pc-window runs with ``pc_window`` points (0: its own
-    default) and corrector ``theta`` at the loosest tolerance of ``ladder`` whose worst
-    distance on these members is no larger than diffusers' (the tightest, if none is)."""
+    default) and corrector ``theta`` at the loosest tolerance whose worst distance on these
+    members is no larger than diffusers': the rungs of ``ladder``, then ``refine`` times
+    halfway to the looser rung, as ``piadm calibrate`` searches (the tightest rung, if none
+    is)."""
     scheduler = _scheduler()
     scheduler.set_timesteps(1000)
     grid = ddpm_grid()
@@ -142,14 +144,18 @@ def compare_diffusers(model, *, members: int, seed: int, dtype, device,
     y, stats = SAMPLERS["window"](model, y0, grid, noise, comm=SerialComm(), options=options)
     rows.append(("piadm window", f"p={window} tol={tol:g}", stats.rounds, stats.model_calls / n,
                  worst_distance(y, ours_seq)))
-    for tol in ladder:  # the loosest tolerance at no larger a distance, on the same noise
-        pc = dataclasses.replace(options, window=pc_window, tol=float(tol), theta=theta)
+    runs = {}  # tol: (rounds, calls ratio, distance), on the same noise
+
+    def passes(tol: float, refined: bool) -> bool:
+        pc = dataclasses.replace(options, window=pc_window, tol=tol, theta=theta)
         y, stats = SAMPLERS["pc-window"](model, y0, grid, noise, comm=SerialComm(), options=pc)
-        if worst_distance(y, ours_seq) <= rows[0][4]:
-            break
+        runs[tol] = (stats.rounds, stats.model_calls / n, worst_distance(y, ours_seq))
+        return runs[tol][2] <= rows[0][4]
+
+    tol = loosest_passing(ladder, passes, refine)
+    tol = float(ladder[-1]) if tol is None else tol
     p = REGISTRY["pc-window"].window_points(pc_window, n)
-    rows.append(("piadm pc-window", f"p={p} tol={tol:g}", stats.rounds, stats.model_calls / n,
-                 worst_distance(y, ours_seq)))
+    rows.append(("piadm pc-window", f"p={p} tol={tol:g}", *runs[tol]))
     return rows
 
 

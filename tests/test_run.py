@@ -191,6 +191,22 @@ def test_bench_peer_runs_pc_window_at_the_configured_window(capsys):
     assert [row[2] for row in rows] == ["p=100", "p=90"]  # ParaDiGMS keeps its own window
 
 
+def test_bench_peer_searches_pc_windows_tolerance_as_calibrate_does(capsys):
+    """The rungs of calibrate.ladder, then calibrate.refine tolerances halfway to the looser
+    rung: on this problem 0.02 stands further from the sequential path than ParaDiGMS does and
+    0.01 nearer, so with one refinement pc-window runs at 1.4e-2, between them."""
+    pytest.importorskip("diffusers")
+    sets = ["model.shape=[8, 8]", "bench.members=1", "calibrate.ladder=[0.02, 0.01]"]
+    picked = []
+    for refine in (0, 1):
+        args = [a for s in sets + [f"calibrate.refine={refine}"] for a in ("--set", s)]
+        assert main(["bench", "jobs/configs/grf.toml", "--peer", "diffusers", *args]) == 0
+        (row,) = [line.split() for line in capsys.readouterr().err.splitlines()
+                  if line.startswith("piadm pc-window") and "/ diffusers" not in line]
+        picked.append(row[3])
+    assert picked == ["tol=0.01", "tol=0.014"]
+
+
 def test_bench_peer_without_diffusers_is_one_line_naming_the_install(monkeypatch, capsys):
     """It was an ImportError's traceback, raised once the model was built."""
     import sys
