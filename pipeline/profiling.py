@@ -244,7 +244,7 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
             host_points, hosts = [smallest, points], [small, host]
         entry = {"rounds": stats.rounds, "calls": stats.model_calls, "host_points": host_points,
                  "host": hosts, "collectives": 0 if REFERENCE[method] == method else
-                 REGISTRY[method].round_collectives(cfg.sampler.theta),
+                 REGISTRY[method].round_collectives(),
                  "calls_by_size": sizes, "wall": wall, "grown": {}}
     batch = min(batch, GROWTH_BATCH)
     if batch > 1 and str(batch) not in entry["grown"]:
@@ -262,8 +262,7 @@ def profile(cfg: Config, model, method: str, param: int, tol, device, smallest: 
 
 
 # what a profile's "collectives" may hold: a sequential sampler's 0, or a round's count
-_COLLECTIVES = {0} | {r.round_collectives(theta) for r in REGISTRY.values()
-                      for theta in ("", *r.thetas)}
+_COLLECTIVES = {0} | {r.round_collectives() for r in REGISTRY.values()}
 
 
 def _valid_profile(entry: dict) -> bool:

@@ -49,8 +49,6 @@ class Registered:
     ``pc-window``, ``"one"`` for ``pc-window-ode``, which always takes it; none elsewhere.
     theta_state: (theta, buffers) a corrector keeps per point and member beyond ``state``
     (the learned corrector: each slot's last evaluated state and score).
-    theta_collectives: (theta, collectives) a corrector adds to a round on several time
-    slices (the learned corrector's Allreduce of its secants).
     """
 
     target: str
@@ -68,7 +66,6 @@ class Registered:
     calls_per_step: int = 1
     thetas: tuple[str, ...] = ()
     theta_state: tuple[tuple[str, int], ...] = ()
-    theta_collectives: tuple[tuple[str, int], ...] = ()
 
     def load(self):
         """The sampler function ``target`` names (``"module:function"``), imported now."""
@@ -79,11 +76,10 @@ class Registered:
         """``state`` plus what the corrector ``theta`` keeps besides, per point and member."""
         return self.state + dict(self.theta_state).get(theta, 0)
 
-    def round_collectives(self, theta: str = "") -> int:
-        """Collectives a round makes on several time slices, its corrector ``theta``'s
-        included: two, four with the learned corrector (``tests/test_collectives.py``
-        counts them)."""
-        return 2 + dict(self.theta_collectives).get(theta, 0)
+    def round_collectives(self) -> int:
+        """Collectives a round makes on several time slices, whatever its corrector: two
+        (``tests/test_collectives.py`` counts them)."""
+        return 2
 
     def window_points(self, window: int, steps: int) -> int:
         """The points of a window set to ``window`` (0: the default) on a path of ``steps``."""
@@ -148,11 +144,11 @@ REGISTRY = {
     # revision 2: the rebuild scales its lag by theta = J_max (a tolerance means less error);
     # 3: the learned corrector certifies each point's error as it will have grown by the
     # path's end, and keeps the modes it has learned; 4: it corrects each point along its
-    # last change (a second scan)
+    # last change (a second scan); 5: it learns from a round's secants from the next round
+    # on and folds its second scan into the first one's Allgather, two collectives a round
     "pc-window": Registered("pipeline.samplers.pcwindow:pc_window_sde", _SDE, windowed=True,
-                            state=8, revision=4, default_window=PC_WINDOW_POINTS,
-                            thetas=THETAS, theta_state=(("secant", 3),),
-                            theta_collectives=(("secant", 2),)),
+                            state=8, revision=5, default_window=PC_WINDOW_POINTS,
+                            thetas=THETAS, theta_state=(("secant", 3),)),
     # revision 2: the predictor extrapolates the denoiser instead of freezing it
     "pc-window-ode": Registered("pipeline.samplers.pcwindow:pc_window_ode", _ODE,
                                 windowed=True, state=7, revision=2,

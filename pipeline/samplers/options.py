@@ -40,7 +40,7 @@ class Options:
     theta: ``pc-window``'s corrector, Yhat_{n+1} = theta Yhat_n + Phi(Y_n) - theta Y_n:
         ``j_max`` (the step's largest Jacobian eigenvalue, from data_bound), ``one`` (the
         whole step lagged) or ``secant`` (one theta per Fourier mode, learned from the
-        model's answers; two more collectives a round); ``pc-window-ode`` always takes
+        model's answers, at the same two collectives a round); ``pc-window-ode`` always takes
         ``one``.
     window_split: how ``pc-window``'s time slices share a window: ``slots`` (each rank keeps
         a fixed range of its ring slots and their host work, two collectives a round) or

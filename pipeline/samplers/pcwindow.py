@@ -412,8 +412,9 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
                                                           t.u, comm.rank)
         # 2. whole-step increments, summed along the chain across ranks (ring.py)
         nodes = denoiser_nodes(start, width, terms, lag)
-        if learned:  # the corrector learned per mode (secant.py): two more collectives
-            ell = secant.learn(sec, states, g, pos, valid, t, options.data_bound, ring)
+        if learned:  # the corrector learned per mode (secant.py)
+            ell = secant.learn(sec, states, g, pos, valid, t, options.data_bound,
+                               fold=len(bounds) > 1)
             prefix, y_e, x0hat = secant.rebuild(sec, states, g, xi, start, width, pos, valid,
                                                 t, options.data_bound, bounds, ring)
         else:
@@ -428,7 +429,10 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
         slopes = None
         if learned:  # each point's slope from the rank that holds it, 1 + ell (0: none)
             local[r_idx, 2, c_idx] = np.where(np.isnan(ell), 0.0, ell + 1)[r_idx, s_idx]
-        summed = ring.allreduce_sum(torch.from_numpy(local)).numpy()
+        if learned:  # this round's secants ride along, for the next round's Thetas
+            summed = secant.reduce(sec, torch.from_numpy(local), ring).numpy()
+        else:
+            summed = ring.allreduce_sum(torch.from_numpy(local)).numpy()
         if learned:
             ell_chain = np.where(summed[:, 2] > 0, summed[:, 2] - 1, np.nan)
             slopes = secant.certificate(sec, ell_chain, start[:, None] + np.arange(p), t)

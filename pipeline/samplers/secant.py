@@ -30,19 +30,21 @@ Across the ring's slots (``pipeline.samplers.ring``) the rebuild is a linear rec
 mode, so each run of a rank's consecutive slots is one affine map per mode,
 Yhat_out = A Yhat_in + C (A the product of its Thetas): one Allgather of every rank's maps
 (with Y_b and the denoiser the predictor needs) lets every rank chain them in the window's
-order, and each rank then scans its own slots from its runs' inputs. The secants' sums join
-every rank's in one Allreduce before the rebuild, and the measured slopes ride in the round's
-Allreduce of the points' changes.
+order, and each rank then scans its own slots from its runs' inputs. A round's secants
+join every rank's in the round's Allreduce of the points' changes (with the measured
+slopes) and the variance estimates from the next round on: learning a round late costs no
+collective of its own, and as many rounds (grf, docs/algorithms.md).
 
 Off the Fourier modes (a mixture's, a network's Jacobian) Theta misses part of the step's
 response. A point evaluated in two rounds knows that part along the change it made: the
 secant equation J dY = dPhi holds, so R = dPhi - Theta dY is what Theta misses along dY. The
 rebuild adds R <dY, Yhat - Y> / |dY|^2 to the point's step, a rank-one (Broyden) correction
 that makes the step exact where the new change Yhat - Y (from the first scan) lies along dY,
-carried down the window by a second scan with the same Thetas (one more Allgather, of each
-run's sum: its product of Thetas came with the first scan). The reach is taken from the first
-scan's Yhat, not from the corrected one, so that the correction is affine in each run's input
-like the rest of the scan. Four collectives a round where ``j_max`` takes two.
+carried down the window by a second scan with the same Thetas. The reach is taken from the
+first scan's Yhat, not from the corrected one, so that the correction is affine in each
+run's input like the rest of the scan; across ranks the second scan rides in the first's
+Allgather (``_split_ring``: 2 half-fields a slot more). Two collectives a round, as
+``j_max`` takes.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ import numpy as np
 import torch
 
 from pipeline.fourier import half_weights
-from pipeline.samplers.common import indices
+from pipeline.samplers.common import indices, point_mask
 from pipeline.samplers.ring import run_starts
 
 # A point's measured slope counts MARGIN times, and never less than FLOOR of the bound L_n:
@@ -86,6 +88,11 @@ class Secants:
     known: torch.Tensor
     ell: np.ndarray
     along: torch.Tensor | None = None
+    # where slots are split over ranks, each twice-evaluated point's reach
+    # <dY, Yhat - Y> / |dY|^2 as w dY / |dY|^2 (B, p, *F) complex, to take against Yhat's
+    # transform, and -<dY, Y> / |dY|^2 (B, p) float64 (``learn``, for ``rebuild``)
+    reach: tuple[torch.Tensor, torch.Tensor] | None = None
+    pending: torch.Tensor | None = None  # this round's secant sums (2, B, *F), this rank's
 
 
 def _dims(field: int) -> tuple[int, ...]:
@@ -197,26 +204,6 @@ def _thetas(sec: Secants, rows: np.ndarray, decay, drift, u, v0, bound: float) -
     return col(decay) - col(drift) / (col(np.exp(-np.asarray(u))) * lam + col(v0))
 
 
-def _runs(theta: torch.Tensor, terms: torch.Tensor, high: np.ndarray, products: bool = True):
-    """The affine maps of this rank's two runs of slots (``ring``'s high and low), per mode:
-    (A, C) each (B, 2, *F), for theta (B, M, *F) real and terms (B, M, *F) complex (zero,
-    with theta 1, at points not evaluated) in slot order; high (B, M) bool. A is None
-    without ``products`` (a second scan through the same Thetas has them)."""
-    batch, m = high.shape
-    half = terms.shape[2:]
-    a = torch.ones((batch, 2, *half), dtype=theta.dtype, device=theta.device) if products \
-        else None
-    c = torch.zeros((batch, 2, *half), dtype=terms.dtype, device=terms.device)
-    side = torch.from_numpy(np.where(high, 0, 1)).to(theta.device)
-    rows = torch.arange(batch, device=theta.device)
-    for j in range(m):
-        at = side[:, j]
-        c[rows, at] = theta[:, j] * c[rows, at] + terms[:, j]
-        if products:
-            a[rows, at] = theta[:, j] * a[rows, at]
-    return a, c
-
-
 def _chain(first: np.ndarray, a: torch.Tensor, c: torch.Tensor, base: torch.Tensor):
     """Every run's input state and the window's end state, per mode, the same on every rank:
     runs (B, R) of first chain index ``first`` (p: empty), maps a (B, R, *F) real and
@@ -231,12 +218,15 @@ def _chain(first: np.ndarray, a: torch.Tensor, c: torch.Tensor, base: torch.Tens
     return inputs, state
 
 
-def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm) -> np.ndarray:
-    """Step 1: add the secants of this rank's points evaluated at the same position last round
-    to the variance estimates, summed over ``comm`` (one Allreduce), and measure each such
-    point's R = dPhi - Theta dY (``sec.along``) and slope ell (``slopes``) with the Theta the
-    rebuild then takes: (B, M) float64, NaN at the others. states, g (B, M, *S) this rank's
-    slots, pos, valid (B, M)."""
+def learn(sec: Secants, states, g, pos, valid, t, bound: float, fold: bool = False) -> np.ndarray:
+    """Step 1: sum the secants of this rank's points evaluated at the same position last round
+    into ``sec.pending`` (they join every rank's in the round's Allreduce, ``reduce``, and the
+    variance estimates from the next round on: learning lags a round so that it costs no
+    collective of its own), and measure each such point's R = dPhi - Theta dY
+    (``sec.along``) and slope ell (``slopes``) with the Theta the rebuild then takes:
+    (B, M) float64, NaN at the others. states, g (B, M, *S) this rank's slots, pos, valid
+    (B, M). With ``fold`` (slots split over ranks) it also keeps what the rebuild needs to
+    fold the correction's reach into its one Allgather (``sec.reach``)."""
     twice = valid & (sec.pos == pos)
     pr, ps = twice.nonzero()
     sums = torch.zeros((2, *sec.num.shape), dtype=torch.float64, device=sec.num.device)
@@ -250,18 +240,11 @@ def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm) -> np.ndar
         _learn(sums, dy.to(torch.complex128), dg.to(torch.complex128), rows, t.u[k], t.v0[k],
                t.vs[k], bound)
         diffs.append((part, dy, dg))
-    sums = comm.allreduce_sum(sums)
-    sec.num += sums[0]
-    sec.den += sums[1]
-    # once informed, a mode stays so: the best mode's weight grows by orders of magnitude as
-    # the noise falls (its slope nears -1/v0, weighed as r^4), and measured against it the
-    # largest-variance modes, learned in the first rounds, fell back to S halfway along the
-    # path, where the error they then let through grows to the end of it undamped
-    sec.known |= sec.den > INFORMED * sec.den.flatten(1).amax(1).reshape(
-        -1, *(1,) * (sec.den.dim() - 1))
+    sec.pending = sums
     ell = np.full(pos.shape, np.nan)
     sec.along = torch.zeros((*pos.shape, *sec.num.shape[1:]), device=states.device,
                             dtype=torch.promote_types(states.dtype, torch.complex64))
+    sec.reach = _reach_parts(sec, states, pr, ps, diffs) if fold else None
     for part, dy, dg in diffs:
         k = pos[pr[part], ps[part]]
         theta = _thetas(sec, pr[part], t.decay[k], t.increment[k, 1], t.u[k], t.v0[k], bound)
@@ -273,11 +256,52 @@ def learn(sec: Secants, states, g, pos, valid, t, bound: float, comm) -> np.ndar
     return ell
 
 
+def _reach_parts(sec: Secants, states, pr, ps, diffs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Secants.reach`` of the points (pr, ps) evaluated twice, from ``learn``'s Fourier
+    differences ``diffs``: zero at the other slots."""
+    w = half_weights(tuple(states.shape[2:])).to(states.device)
+    on = torch.zeros_like(sec.along)
+    at = torch.zeros(sec.along.shape[:2], dtype=torch.float64, device=states.device)
+    for part, dy, _ in diffs:
+        r_t, s_t = indices(states, pr[part], ps[part])
+        y = states[r_t, s_t].flatten(1)
+        change = y - sec.y[r_t, s_t].flatten(1)
+        dot = lambda x: (change * x).sum(-1, dtype=torch.float64)  # noqa: E731
+        norm = dot(change).clamp_min(torch.finfo(torch.float64).tiny)
+        on[r_t, s_t] = (dy.to(torch.complex128) * w
+                        / norm.reshape(-1, *(1,) * (dy.dim() - 1))).to(on.dtype)
+        at[r_t, s_t] = -dot(y) / norm
+    return on, at
+
+
+def absorb(sec: Secants, sums: torch.Tensor) -> None:
+    """Add every rank's ``pending`` secant sums (2, B, *F), summed over ranks, to the
+    variance estimates: the next round's Thetas use them."""
+    sec.num += sums[0]
+    sec.den += sums[1]
+    # once informed, a mode stays so: the best mode's weight grows by orders of magnitude as
+    # the noise falls (its slope nears -1/v0, weighed as r^4), and measured against it the
+    # largest-variance modes, learned in the first rounds, fell back to S halfway along the
+    # path, where the error they then let through grows to the end of it undamped
+    sec.known |= sec.den > INFORMED * sec.den.flatten(1).amax(1).reshape(
+        -1, *(1,) * (sec.den.dim() - 1))
+
+
+def reduce(sec: Secants, local: torch.Tensor, comm) -> torch.Tensor:
+    """The round's Allreduce of the points' numbers ``local`` (float64, any shape) with this
+    rank's ``pending`` secant sums in the same buffer; the sums are absorbed. Returns the
+    summed ``local``."""
+    pending = sec.pending.to("cpu")
+    summed = comm.allreduce_sum(torch.cat([local.flatten(), pending.flatten()]))
+    absorb(sec, summed[local.numel():].view(pending.shape).to(sec.num.device))
+    return summed[:local.numel()].view(local.shape)
+
+
 def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: float, bounds, comm):
     """Step 2 with the learned Theta on this rank's slots lo..hi of ``bounds``: (Yhat at each
     own slot (B, M, *S), the state after the window's last point (B, *S), the Tweedie mean at
-    its last point (B, 1, *S)), the second and third the same on every rank. Two Allgathers:
-    every rank's run maps for the first scan, their sums of ``sec.along`` for the second."""
+    its last point (B, 1, *S)), the second and third the same on every rank. One Allgather:
+    every rank's run maps for both scans."""
     start, width = np.asarray(start), np.asarray(width)
     lo, hi = bounds[comm.rank]
     p = bounds[-1][1]
@@ -320,20 +344,20 @@ def rebuild(sec: Secants, states, g, xi, start, width, pos, valid, t, bound: flo
         mean = (states[r_t, s_t] + coef(t.v0[k_last]) * g[r_t, s_t]) * coef(t.tweedie[k_last])
         x0[r_t] = _rfft(mean, holder, len(field))
     high = np.arange(lo, hi)[None] >= head[:, None]
-    if len(bounds) == 1:
-        end, x0hat = _whole_ring(th, terms, base, x0, head, comm)
-    else:
-        end, x0hat, maps = _split_ring(th, terms, base, x0, high, start, bounds, comm)
+    if len(bounds) > 1:  # terms become each slot's Yhat, its correction included
+        end, x0hat = _split_ring(th, terms, along, sec.reach, base, x0, high, start, bounds,
+                                 comm)
+        sec.reach = None
+        return _inverse(terms, field), _inverse(end[:, None], field)[:, 0], \
+            _inverse(x0hat[:, None], field)
+    end, x0hat = _whole_ring(th, terms, base, x0, head, comm)
     # terms now holds each slot's Yhat
     prefix = _inverse(terms, field)
     # the second scan: each point's correction along its last change, as its Yhat from the
     # first one calls for it, carried down the window by the same Thetas
     _scale_along(along, twice, states, sec.y, prefix)
     zero = torch.zeros_like(base)
-    if len(bounds) == 1:
-        shift, _ = _whole_ring(th, along, zero, zero, head, comm)
-    else:
-        shift = _split_shift(th, along, high, maps, comm)
+    shift, _ = _whole_ring(th, along, zero, None, head, comm)
     prefix += _inverse(along, field)
     y_end = _inverse((end + shift)[:, None], field)[:, 0]
     x0_field = _inverse(x0hat[:, None], field)
@@ -360,9 +384,9 @@ def _whole_ring(th, terms, base, x0, head, comm):
     """The rebuild where this rank holds all p slots (one rank, or a replicated window): one
     scan in chain order from Y_b's transform ``base`` (B, *F), as ``_split_ring`` would chain
     its two runs, without their maps, each slot's term (B, p, *F) replaced by its Yhat as it
-    is used. Returns (the end state (B, *F), the denoiser's transform ``x0`` (B, *F)); the
-    Allgather of x0 is kept so that a round makes the same collectives on any
-    communicator."""
+    is used. Returns (the end state (B, *F), the denoiser's transform ``x0`` (B, *F), None
+    where x0 is None); the Allgather of x0 is kept so that a round makes the same
+    collectives on any communicator."""
     batch, p = th.shape[:2]
     rows = torch.arange(batch, device=terms.device)
     order = torch.from_numpy((head[None] + np.arange(p)[:, None]) % p).to(terms.device)
@@ -371,40 +395,124 @@ def _whole_ring(th, terms, base, x0, head, comm):
         term = terms[rows, slot]
         terms[rows, slot] = state
         state = torch.addcmul(term, th[rows, slot], state)
+    if x0 is None:  # the second scan: nothing to gather
+        return state, None
     x0hat = torch.view_as_complex(comm.allgather(torch.view_as_real(x0))[0].contiguous())
     return state, x0hat
 
 
-def _split_ring(th, terms, base, x0, high, start, bounds, comm):
-    """The rebuild across ranks: this rank's two runs of slots as maps per mode, every rank's
-    gathered and chained in the window's order, then this rank's slots scanned from its runs'
-    inputs, each slot's term replaced by its Yhat. Returns (the end state (B, *F), the
-    denoiser's transform (B, *F), the chain for ``_split_shift``: every run's first chain
-    index (B, 2R) and product of Thetas (B, 2R, *F))."""
-    a, c = _runs(th, terms, high)
-    batch, p = len(start), bounds[-1][1]
-    # the two runs' products are real: they travel as one complex half-field
-    parts = torch.cat([torch.complex(a[:, 0], a[:, 1])[:, None], c, base[:, None],
-                       x0[:, None]], 1)
-    gathered = _gather(parts, comm)  # (B, R, 5, *F)
+def _split_ring(th, terms, along, reach, base, x0, high, start, bounds, comm):
+    """The rebuild across ranks in one Allgather: this rank's two runs of slots as maps per
+    mode, every rank's gathered and chained in the window's order, with what the second scan
+    needs to chain the corrections along the points' last changes; then this rank's slots
+    scanned from its runs' inputs. Each slot's term (B, M, *F) is replaced by its Yhat, its
+    correction included, and ``along`` (B, M, *F) by that correction. reach: ``learn``'s
+    ``Secants.reach``. Returns (the end state (B, *F), the denoiser's transform (B, *F)).
+
+    A run's correction is not affine in its input (each point's reach is its new change's
+    projection on its last one, <a_j, x> + b_j in the run's input x), so each rank sends, per
+    slot, a_j = P_j w dY_j / |dY_j|^2 (P_j the run's product of Thetas before the slot) and
+    U_j = T_j R_j (T_j the product after it), 2 half-fields a slot: every rank then forms
+    every run's sum sum_j U_j (<a_j, x> + b_j) once the first chain gave each run its x."""
+    batch, m = high.shape
+    p, ranks, most = bounds[-1][1], len(bounds), max(b - a for a, b in bounds)
+    a, c, before = _local_scan(th, terms, high)  # terms: each slot's state from a zero input
+    on, at = reach
+    at = at + (on.conj() * terms).real.flatten(2).sum(-1, dtype=torch.float64)  # b_j
+    on = on * before  # a_j
+    carried = _carried(th, along, high)  # U_j
+    side = torch.from_numpy(np.where(high, 0, 1)).to(th.device)
+    weighed = carried * _scalars(at, carried)
+    in_high = point_mask(torch.from_numpy(high), weighed)
+    sums = torch.stack([torch.where(in_high, weighed, 0).sum(1),
+                        torch.where(in_high, 0, weighed).sum(1)], 1)  # sum_j U_j b_j per run
+    parts = [torch.complex(a[:, 0], a[:, 1])[:, None], c, base[:, None], x0[:, None], sums,
+             _padded(on, most), _padded(carried, most)]
+    gathered = _gather(torch.cat(parts, 1), comm)  # (B, R, 7 + 2 most, *F)
     first = run_starts(bounds, start, p).reshape(batch, -1)  # (B, 2R): high, low per rank
     maps_a = torch.stack([gathered[:, :, 0].real, gathered[:, :, 0].imag], 2).flatten(1, 2)
     inputs, end = _chain(first, maps_a, gathered[:, :, 1:3].flatten(1, 2),
                          gathered[:, :, 3].sum(1))
-    _scan_own(th, terms, inputs, high, comm.rank)
-    return end, gathered[:, :, 4].sum(1), (first, maps_a)
+    # every rank's reaches against its runs' inputs, and every run's sum of corrections
+    sides = _sides(bounds, start, p, most).to(th.device)  # (B, R, most): 0 high, 1 low
+    x = inputs.view(batch, ranks, 2, *inputs.shape[2:])
+    x_at = torch.gather(x, 2, sides.reshape(*sides.shape, *(1,) * (x.dim() - 3)).expand(
+        *sides.shape, *x.shape[3:]))
+    a_all, u_all = gathered[:, :, 7:7 + most], gathered[:, :, 7 + most:]
+    dots = (a_all.conj() * x_at).real.flatten(3).sum(-1, dtype=torch.float64)  # (B, R, most)
+    runs = gathered[:, :, 5:7].clone()
+    for run in (0, 1):
+        runs[:, :, run] += (u_all * _scalars(dots * (sides == run), u_all)).sum(2)
+    shifts, shift_end = _chain(first, maps_a, runs.flatten(1, 2), torch.zeros_like(end))
+    # this rank's slots: Yhat from its runs' inputs, the corrections from their shifts
+    rows = torch.arange(batch, device=th.device)
+    own = x[:, comm.rank]
+    for j in range(m):
+        terms[:, j] += before[:, j] * own[rows, side[:, j]]
+    along.mul_(_scalars(dots[:, comm.rank, :m] + at, along))
+    _scan_own(th, along, shifts, high, comm.rank)
+    terms += along
+    return end + shift_end, gathered[:, :, 4].sum(1)
 
 
-def _split_shift(th, terms, high, chain, comm):
-    """The second scan across ranks, from zero through the first one's Thetas: only each
-    rank's two run sums travel, the runs' products came with the first scan (``chain``, from
-    ``_split_ring``). Returns the state after the window's last point (B, *F); each slot's
-    term (B, M, *F) replaced by its state."""
-    first, maps_a = chain
-    _, c = _runs(th, terms, high, products=False)
-    inputs, end = _chain(first, maps_a, _gather(c, comm).flatten(1, 2), torch.zeros_like(c[:, 0]))
-    _scan_own(th, terms, inputs, high, comm.rank)
-    return end
+def _scalars(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Numbers x (*L) float64, in ``like``'s real dtype, shaped to broadcast against ``like``
+    (*L, *F)."""
+    return x.to(like.real.dtype).reshape(*x.shape, *(1,) * (like.dim() - x.dim()))
+
+
+def _padded(x: torch.Tensor, most: int) -> torch.Tensor:
+    """Per-slot x (B, M, *F) with zero slots after its M up to ``most``."""
+    if x.shape[1] == most:
+        return x
+    return torch.cat([x, x.new_zeros((x.shape[0], most - x.shape[1], *x.shape[2:]))], 1)
+
+
+def _sides(bounds, start, p: int, most: int) -> torch.Tensor:
+    """Which run each rank's slot is in, 0 high (at or past the window's head) and 1 low,
+    (B, R, most) int64; a rank's padding past its own slots counts as low (it sends zeros)."""
+    head = (np.asarray(start) % p)[:, None, None]
+    slot = np.array([[lo + j for j in range(most)] for lo, _ in bounds])[None]
+    mine = np.arange(most)[None, None] < np.array([hi - lo for lo, hi in bounds])[None, :, None]
+    return torch.from_numpy(np.where(mine & (slot >= head), 0, 1))
+
+
+def _local_scan(th, terms, high):
+    """This rank's two runs (``ring``'s high and low) scanned from a zero input, per mode:
+    returns (their products of Thetas A (B, 2, *F) real, their sums C (B, 2, *F)) and each
+    slot's product of the Thetas before it in its run (B, M, *F); each slot's term
+    (B, M, *F) is replaced by its run's state there from a zero input. theta (B, M, *F),
+    terms zero with theta 1 at points not evaluated; high (B, M) bool."""
+    batch, m = high.shape
+    half = terms.shape[2:]
+    a = torch.ones((batch, 2, *half), dtype=th.dtype, device=th.device)
+    c = torch.zeros((batch, 2, *half), dtype=terms.dtype, device=terms.device)
+    before = torch.empty_like(th)
+    side = torch.from_numpy(np.where(high, 0, 1)).to(th.device)
+    rows = torch.arange(batch, device=th.device)
+    for j in range(m):
+        at = side[:, j]
+        before[:, j] = a[rows, at]
+        term = terms[:, j].clone()
+        terms[:, j] = c[rows, at]
+        c[rows, at] = th[:, j] * c[rows, at] + term
+        a[rows, at] = th[:, j] * a[rows, at]
+    return a, c, before
+
+
+def _carried(th, along, high) -> torch.Tensor:
+    """U_j = T_j R_j (B, M, *F): each slot's ``along`` R_j times the product T_j of the
+    Thetas after it in its run, what its term adds to the run's end."""
+    batch, m = high.shape
+    after = torch.ones((batch, 2, *th.shape[2:]), dtype=th.dtype, device=th.device)
+    out = torch.empty_like(along)
+    side = torch.from_numpy(np.where(high, 0, 1)).to(th.device)
+    rows = torch.arange(batch, device=th.device)
+    for j in reversed(range(m)):
+        at = side[:, j]
+        out[:, j] = after[rows, at] * along[:, j]
+        after[rows, at] = th[:, j] * after[rows, at]
+    return out
 
 
 def _gather(parts: torch.Tensor, comm) -> torch.Tensor:
