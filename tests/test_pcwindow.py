@@ -576,7 +576,7 @@ def test_the_learned_rebuild_chains_every_ranks_runs_as_one_rank_scans_them():
         own.append((high, zero_input, before))
     first = run_starts(bounds, start, p).reshape(batch, -1)
     inputs, end = secant._chain(first, torch.stack(maps_a, 1).flatten(1, 2),
-                                torch.stack(maps_c, 1).flatten(1, 2), base)
+                                torch.stack(maps_c, 1).flatten(1, 2), base, p)
     assert torch.allclose(end, want_end)
     for rank, (lo, hi) in enumerate(bounds):
         high, zero_input, before = own[rank]

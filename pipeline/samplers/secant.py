@@ -204,17 +204,25 @@ def _thetas(sec: Secants, rows: np.ndarray, decay, drift, u, v0, bound: float) -
     return col(decay) - col(drift) / (col(np.exp(-np.asarray(u))) * lam + col(v0))
 
 
-def _chain(first: np.ndarray, a: torch.Tensor, c: torch.Tensor, base: torch.Tensor):
+def _chain(first: np.ndarray, a: torch.Tensor, c: torch.Tensor, base: torch.Tensor, p: int):
     """Every run's input state and the window's end state, per mode, the same on every rank:
     runs (B, R) of first chain index ``first`` (p: empty), maps a (B, R, *F) real and
-    c (B, R, *F) complex, taken in chain order from Y_b's transform ``base`` (B, *F)."""
+    c (B, R, *F) complex, taken in chain order from Y_b's transform ``base`` (B, *F). The
+    maps are put in chain order once and the empty runs (most of them on many ranks: a rank's
+    slots lie on one side of the window's head in most rounds) left out: they would pass the
+    state on unchanged, which is what their inputs are."""
     order = np.argsort(first, axis=1, kind="stable")
-    rows = np.arange(first.shape[0])
-    state, inputs = base, torch.empty_like(c)
-    for i in range(first.shape[1]):
-        r_t, o_t = indices(c, rows, order[:, i])
-        inputs[r_t, o_t] = state
-        state = a[r_t, o_t] * state + c[r_t, o_t]
+    rows = np.arange(first.shape[0])[:, None]
+    busy = int((first < p).sum(1).max())
+    r_t, o_t = indices(c, rows, order)
+    a_in, c_in = a[r_t, o_t], c[r_t, o_t]
+    state, states = base, []
+    for i in range(busy):
+        states.append(state)
+        state = a_in[:, i] * state + c_in[:, i]
+    states += [state] * (first.shape[1] - busy)
+    inputs = torch.empty_like(c)
+    inputs[r_t, o_t] = torch.stack(states, 1)
     return inputs, state
 
 
@@ -421,7 +429,6 @@ def _split_ring(th, terms, along, reach, base, x0, high, start, bounds, comm):
     at = at + (on.conj() * terms).real.flatten(2).sum(-1, dtype=torch.float64)  # b_j
     on = on * before  # a_j
     carried = _carried(th, along, high)  # U_j
-    side = torch.from_numpy(np.where(high, 0, 1)).to(th.device)
     weighed = carried * _scalars(at, carried)
     in_high = point_mask(torch.from_numpy(high), weighed)
     sums = torch.stack([torch.where(in_high, weighed, 0).sum(1),
@@ -432,7 +439,7 @@ def _split_ring(th, terms, along, reach, base, x0, high, start, bounds, comm):
     first = run_starts(bounds, start, p).reshape(batch, -1)  # (B, 2R): high, low per rank
     maps_a = torch.stack([gathered[:, :, 0].real, gathered[:, :, 0].imag], 2).flatten(1, 2)
     inputs, end = _chain(first, maps_a, gathered[:, :, 1:3].flatten(1, 2),
-                         gathered[:, :, 3].sum(1))
+                         gathered[:, :, 3].sum(1), p)
     # every rank's reaches against its runs' inputs, and every run's sum of corrections
     sides = _sides(bounds, start, p, most).to(th.device)  # (B, R, most): 0 high, 1 low
     x = inputs.view(batch, ranks, 2, *inputs.shape[2:])
@@ -443,12 +450,11 @@ def _split_ring(th, terms, along, reach, base, x0, high, start, bounds, comm):
     runs = gathered[:, :, 5:7].clone()
     for run in (0, 1):
         runs[:, :, run] += (u_all * _scalars(dots * (sides == run), u_all)).sum(2)
-    shifts, shift_end = _chain(first, maps_a, runs.flatten(1, 2), torch.zeros_like(end))
+    shifts, shift_end = _chain(first, maps_a, runs.flatten(1, 2), torch.zeros_like(end), p)
     # this rank's slots: Yhat from its runs' inputs, the corrections from their shifts
-    rows = torch.arange(batch, device=th.device)
-    own = x[:, comm.rank]
+    own, run_at = x[:, comm.rank], _run_at(high, th.device)
     for j in range(m):
-        terms[:, j] += before[:, j] * own[rows, side[:, j]]
+        terms[:, j] += before[:, j] * own[run_at(j)]
     along.mul_(_scalars(dots[:, comm.rank, :m] + at, along))
     _scan_own(th, along, shifts, high, comm.rank)
     terms += along
@@ -477,6 +483,18 @@ def _sides(bounds, start, p: int, most: int) -> torch.Tensor:
     return torch.from_numpy(np.where(mine & (slot >= head), 0, 1))
 
 
+def _run_at(high: np.ndarray, device):
+    """Slot j's run in a (B, 2, *F) per-run tensor as an index, for high (B, M) bool: a
+    view (every row's slot on one side of the window's head, as on most ranks in most
+    rounds) or each row's run."""
+    if high.all() or not high.any():
+        run = 0 if high.all() else 1
+        return lambda j: (slice(None), run)
+    side = torch.from_numpy(np.where(high, 0, 1)).to(device)
+    rows = torch.arange(high.shape[0], device=device)
+    return lambda j: (rows, side[:, j])
+
+
 def _local_scan(th, terms, high):
     """This rank's two runs (``ring``'s high and low) scanned from a zero input, per mode:
     returns (their products of Thetas A (B, 2, *F) real, their sums C (B, 2, *F)) and each
@@ -488,15 +506,14 @@ def _local_scan(th, terms, high):
     a = torch.ones((batch, 2, *half), dtype=th.dtype, device=th.device)
     c = torch.zeros((batch, 2, *half), dtype=terms.dtype, device=terms.device)
     before = torch.empty_like(th)
-    side = torch.from_numpy(np.where(high, 0, 1)).to(th.device)
-    rows = torch.arange(batch, device=th.device)
+    run_at = _run_at(high, th.device)
     for j in range(m):
-        at = side[:, j]
-        before[:, j] = a[rows, at]
+        at = run_at(j)
+        before[:, j] = a[at]
         term = terms[:, j].clone()
-        terms[:, j] = c[rows, at]
-        c[rows, at] = th[:, j] * c[rows, at] + term
-        a[rows, at] = th[:, j] * a[rows, at]
+        terms[:, j] = c[at]
+        c[at] = th[:, j] * c[at] + term
+        a[at] = th[:, j] * a[at]
     return a, c, before
 
 
@@ -506,12 +523,11 @@ def _carried(th, along, high) -> torch.Tensor:
     batch, m = high.shape
     after = torch.ones((batch, 2, *th.shape[2:]), dtype=th.dtype, device=th.device)
     out = torch.empty_like(along)
-    side = torch.from_numpy(np.where(high, 0, 1)).to(th.device)
-    rows = torch.arange(batch, device=th.device)
+    run_at = _run_at(high, th.device)
     for j in reversed(range(m)):
-        at = side[:, j]
-        out[:, j] = after[rows, at] * along[:, j]
-        after[rows, at] = th[:, j] * after[rows, at]
+        at = run_at(j)
+        out[:, j] = after[at] * along[:, j]
+        after[at] = th[:, j] * after[at]
     return out
 
 
@@ -526,13 +542,12 @@ def _scan_own(th, terms, inputs, high, rank: int) -> None:
     (B, 2R, *F)), each slot's term (B, M, *F) replaced by its state."""
     batch = high.shape[0]
     cur = inputs.view(batch, -1, 2, *inputs.shape[2:])[:, rank].clone()
-    side = torch.from_numpy(np.where(high, 0, 1)).to(terms.device)
-    rows_t = torch.arange(batch, device=terms.device)
+    run_at = _run_at(high, terms.device)
     for j in range(high.shape[1]):
-        at = side[:, j]
+        at = run_at(j)
         term = terms[:, j].clone()
-        terms[:, j] = cur[rows_t, at]
-        cur[rows_t, at] = th[:, j] * cur[rows_t, at] + term
+        terms[:, j] = cur[at]
+        cur[at] = th[:, j] * cur[at] + term
 
 
 def slopes(dy, missed, field: tuple[int, ...]) -> np.ndarray:
