@@ -33,7 +33,7 @@ Yhat_out = A Yhat_in + C (A the product of its Thetas): one Allgather of every r
 order, and each rank then scans its own slots from its runs' inputs. A round's secants
 join every rank's in the round's Allreduce of the points' changes (with the measured
 slopes) and the variance estimates from the next round on: learning a round late costs no
-collective of its own, and as many rounds (grf, docs/algorithms.md).
+collective of its own, and up to a round (docs/algorithms.md, "Two collectives a round").
 
 Off the Fourier modes (a mixture's, a network's Jacobian) Theta misses part of the step's
 response. A point evaluated in two rounds knows that part along the change it made: the
