@@ -14,9 +14,9 @@ from pipeline.grids import make_grid
 from pipeline.integrators import step_coefficients
 from pipeline.noise import Noise
 from pipeline.samplers import SAMPLERS, Options, PicardDivergence
-from pipeline.samplers import pcwindow, secant
-from pipeline.samplers.pcwindow import (accept, denoiser_nodes, lagrange_weights, lipschitz,
-                                        predict, tables)
+from pipeline.samplers import pcwindow, secant, secant_rebuild
+from pipeline.samplers.pcwindow import accept, lipschitz, tables
+from pipeline.samplers.predictor import denoiser_nodes, lagrange_weights, predict
 from pipeline.samplers.ring import before, chain_index, run_starts
 
 
@@ -436,7 +436,7 @@ def test_secants_of_a_gaussian_field_learn_its_spectrum_and_its_exact_step():
         path.append(st.decay[k] * path[-1] + st.drift[k] * score)
     guess = torch.randn(1, 8, 12, 10, generator=gen, dtype=torch.float64)
     guess[:, 0] = start
-    rebuilt, _, _ = secant.rebuild(sec, guess, model(guess[0], u)[None],
+    rebuilt, _, _ = secant_rebuild.rebuild(sec, guess, model(guess[0], u)[None],
                                    torch.zeros_like(guess), np.array([16]), np.array([8]), pos,
                                    every, t, model.data_bound, [(0, 8)], SerialComm())
     assert torch.allclose(rebuilt[0, 1:], torch.stack(path[1:]), atol=1e-10)
@@ -471,7 +471,7 @@ def test_a_points_correction_along_its_last_change_makes_its_step_exact_there():
     sec.g = model(sec.y[0], u)[None]
     every = np.ones((1, 8), bool)
     secant.learn(sec, states, model(states[0], u)[None], pos, every, t, bound)
-    rebuilt, _, _ = secant.rebuild(sec, states, model(states[0], u)[None],
+    rebuilt, _, _ = secant_rebuild.rebuild(sec, states, model(states[0], u)[None],
                                    torch.zeros_like(states), np.array([16]), np.array([8]), pos,
                                    every, t, bound, [(0, 8)], SerialComm())
     assert torch.allclose(rebuilt[0, 1], exact_1, atol=1e-12)
@@ -479,7 +479,7 @@ def test_a_points_correction_along_its_last_change_makes_its_step_exact_there():
     assert torch.allclose(rebuilt[0, 2], step(17, exact_1), atol=1e-10)
     # without the correction it would not: Theta is not the Jacobian off the Fourier modes
     theta_only = step(17, states[0, 1]) + torch.fft.irfftn(
-        secant._thetas(sec, np.zeros(1, int), t.decay[17:18], t.increment[17:18, 1],
+        secant.thetas(sec, np.zeros(1, int), t.decay[17:18], t.increment[17:18, 1],
                        t.u[17:18], t.v0[17:18], bound)[0]
         * torch.fft.rfftn(exact_1 - states[0, 1], norm="ortho"), s=shape, norm="ortho")
     assert (theta_only - step(17, exact_1)).norm() > 1e-3 * step(17, exact_1).norm()
@@ -506,7 +506,7 @@ def test_a_mode_once_learned_keeps_its_variance_when_others_outweigh_it():
     secant.learn(sec, y, model(y[0], u)[None], pos, ~every, t, model.data_bound)
     secant.absorb(sec, sec.pending)  # no secants: only the informed modes are taken again
     k = pos[0]
-    theta = secant._thetas(sec, np.zeros(8, int), t.decay[k], t.increment[k, 1], t.u[k],
+    theta = secant.thetas(sec, np.zeros(8, int), t.decay[k], t.increment[k, 1], t.u[k],
                            t.v0[k], model.data_bound)
     lam = model.spectrum[None]
     exact = (torch.from_numpy(t.decay[k])[:, None, None] - torch.from_numpy(t.increment[k, 1])[
@@ -570,12 +570,12 @@ def test_the_learned_rebuild_chains_every_ranks_runs_as_one_rank_scans_them():
     for lo, hi in bounds:
         high = np.arange(lo, hi)[None] >= head[:, None]
         zero_input = terms[:, lo:hi].clone()
-        a, c, before = secant._local_scan(theta[:, lo:hi], zero_input, high)
+        a, c, before = secant_rebuild._local_scan(theta[:, lo:hi], zero_input, high)
         maps_a.append(a)
         maps_c.append(c)
         own.append((high, zero_input, before))
     first = run_starts(bounds, start, p).reshape(batch, -1)
-    inputs, end = secant._chain(first, torch.stack(maps_a, 1).flatten(1, 2),
+    inputs, end = secant_rebuild._chain(first, torch.stack(maps_a, 1).flatten(1, 2),
                                 torch.stack(maps_c, 1).flatten(1, 2), base, p)
     assert torch.allclose(end, want_end)
     for rank, (lo, hi) in enumerate(bounds):
@@ -636,7 +636,7 @@ def test_split_slots_rebuild_both_scans_in_one_allgather_as_one_rank_does():
         mine, corr = terms[:, lo:hi].clone(), along[:, lo:hi].clone()
         held = (head >= lo) & (head < hi)  # Y_b and x0 from the ranks that hold them
         own_base = torch.where(torch.from_numpy(held)[:, None, None], base, 0)
-        end, x0hat = secant._split_ring(theta[:, lo:hi], mine, corr,
+        end, x0hat = secant_rebuild._split_ring(theta[:, lo:hi], mine, corr,
                                         (on[:, lo:hi], at[:, lo:hi]), own_base,
                                         x0 if r == 0 else torch.zeros_like(x0), high, start,
                                         bounds, comms[r])

@@ -23,7 +23,7 @@ of W <= p positions b .. b+W-1 starts at the accepted state Y_b. One round:
      Psi_j(y) = decay_j y + drift_j (e^{-u_j/2} x0hat_j - y) / v0_j + noise_j xi_j, where
      x0hat_j is the last evaluated point's Tweedie mean, frozen (SDE), or the quadratic in u
      through the Tweedie means of the window's last point and of every ODE_LAG-th point
-     before it, extrapolated (ODE).
+     before it, extrapolated (ODE) (``pipeline.samplers.predictor``).
 
 As tol -> 0 it is the sequential sampler with the same keyed noise. Every trajectory of a
 batch keeps its own window, so its result does not depend on who shares its batch.
@@ -58,16 +58,12 @@ from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
-from pipeline.samplers import secant
+from pipeline.samplers import secant, secant_rebuild
 from pipeline.samplers.common import check_rows, finish, indices, per_point, point_mask
 from pipeline.samplers.options import PC_WINDOW_POINTS, THETAS, Options, Stats, window_points
+from pipeline.samplers.predictor import ODE_LAG, ODE_TERMS, denoiser_nodes, refill
 from pipeline.samplers.ring import chain_index, chain_prefix, evaluate_shared, evaluate_window
 
-# The ODE's predictor extrapolates the denoiser through its values at the window's last point
-# and every ODE_LAG-th point before it (a quadratic); the SDE's freezes it, since along the
-# reverse SDE the denoiser is a martingale and its own value the best forecast (measured,
-# docs/algorithms.md)
-ODE_TERMS, ODE_LAG = 3, 8
 # The rebuild divides a window's terms by products of theta and multiplies the sums back:
 # theta is kept within e^{+-GROWTH_RANGE / p}, so no product over p steps leaves
 # e^{+-GROWTH_RANGE}, far inside float32's range. Only coarse grids reach the limit (a step
@@ -208,138 +204,9 @@ def accept(delta, y_rms, start, width, t: Tables, tol: float, stochastic: bool,
         return accepted, bound[rows, accepted] / scale[rows, accepted]
 
 
-def lagrange_weights(nodes: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """Weights (B, J, K) float64 with which sum_i w[r, j, i] f(nodes[r, i]) is the polynomial
-    through the points (nodes[r, i], f(nodes[r, i])) evaluated at ``at[r, j]``; nodes (B, K),
-    at (B, J) float64. A NaN node is missing: it weighs 0 and the polynomial goes through the
-    others (none: all weigh 0). Products in the nodes' order, so a row's weights do not depend
-    on the other rows."""
-    nodes, at = np.asarray(nodes, dtype=np.float64), np.asarray(at, dtype=np.float64)
-    have = ~np.isnan(nodes)
-    terms, every = nodes.shape[1], bool(have.all())
-    w = np.ones(at.shape + (terms,))
-    with np.errstate(invalid="ignore", divide="ignore"):  # a missing node's factors are NaN
-        for i in range(terms):
-            for m in range(terms):
-                if m != i:
-                    factor = (at - nodes[:, m, None]) / (nodes[:, i] - nodes[:, m])[:, None]
-                    w[:, :, i] *= factor if every else np.where(have[:, m, None], factor, 1.0)
-    if every:
-        return w
-    w = np.where(have[:, None, :], w, 0.0)
-    few = have.sum(1) <= 1  # a constant (or nothing): the same weights everywhere
-    w[few] = have[few][:, None, :]
-    return w
-
-
-def _coefficients(e: np.ndarray, depth: int, t: Tables,
-                  nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The predictor's Y_{e+j} = A_j Y_e + sum_i C_j[i] x0hat^(i) for j < depth, with the
-    denoiser extrapolated from its values at clocks ``nodes`` (B, K) (NaN: missing):
-    (A (B, depth), C (B, depth, K)) float64, per batch row.
-
-    Psi_j(y) = alpha_j y + beta_j x0hat_j is affine in y, and x0hat_j a fixed combination of
-    the given denoiser values, so a predicted state is a few coefficients per state in closed
-    form: a step-by-step loop over fields would dispatch a few small kernels per step, the
-    bulk of a round's host time on many ranks. The recurrence runs over the steps with every
-    row at once, elementwise in numpy, so a row's values do not depend on the others (a loop
-    per row in plain floats, the same products, cost 1.4 of 3.7 s on 256 gmm members)."""
-    k = e[:, None] + np.arange(depth - 1)[None]
-    weights = lagrange_weights(nodes, t.u[k])  # (B, depth - 1, K)
-    alpha, beta = t.alpha[k], t.beta[k]
-    on_y = np.ones((len(e), depth))
-    on_x = np.zeros((len(e), depth, nodes.shape[1]))
-    for j in range(depth - 1):
-        on_y[:, j + 1] = alpha[:, j] * on_y[:, j]
-        on_x[:, j + 1] = alpha[:, j, None] * on_x[:, j] + beta[:, j, None] * weights[:, j]
-    return on_y, on_x
-
-
-def _combine(on_y: np.ndarray, on_x0: np.ndarray, y: torch.Tensor,
-             x0: torch.Tensor) -> torch.Tensor:
-    """on_y (*P) y + sum_i on_x0 (*P, K)[..., i] x0^(i): fields (*P, *S) from coefficients
-    (float64 numpy) and y (*Q, *S), x0 (*Q, K, *S) with Q broadcasting to P, in y's dtype."""
-    shape = on_y.shape + (1,) * (y.dim() - on_y.ndim)
-    out = torch.from_numpy(on_y).to(y.device, y.dtype).reshape(shape) * y
-    c = torch.from_numpy(on_x0).to(y.device, y.dtype)
-    for i in range(on_x0.shape[-1]):
-        out = out + c[..., i].reshape(shape) * x0.select(on_y.ndim, i)
-    return out
-
-
-def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e, upto, t: Tables, noise: Noise | None,
-            n: int, nodes=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 4: predictor states Y_{e+j} and noise xi_{e+j} for j = 0 .. max(upto), from
-    Y_e = y_e (B, *S) with the denoiser frozen at x0hat (B, *S), or, given ``nodes`` (B, K)
-    float64, extrapolated from its values x0hat (B, K, *S) at those clocks (NaN: missing) by
-    the polynomial through them. e, upto (B,) int; row r needs j <= upto[r] (-1: none).
-    Returns (states, noise), each (B, J + 1, *S); noise is zero past step n or where not
-    needed, and for the ODE (``noise`` None)."""
-    e, upto = np.asarray(e), np.asarray(upto)
-    batch, depth = y_e.shape[0], int(upto.max()) + 1
-    xi = torch.zeros((batch, depth, *y_e.shape[1:]), dtype=y_e.dtype, device=y_e.device)
-    if depth == 0:  # no row needs a point
-        return torch.empty_like(xi), xi
-    if nodes is None:  # one node anywhere: a constant
-        x0hat, nodes = x0hat[:, None], np.zeros((batch, 1))
-    on_y, on_x0 = _coefficients(e, depth, t, np.asarray(nodes, dtype=np.float64))
-    states = _combine(on_y, on_x0, y_e[:, None], x0hat[:, None])
-    if noise is None:
-        return states, xi
-    k = e[:, None] + np.arange(depth - 1)[None]
-    rows, cols = [], []  # every row's steps e .. min(e + upto, n - 1), drawn in one call
-    for r in range(batch):
-        count = max(0, min(int(e[r] + upto[r]) + 1, n) - int(e[r]))
-        rows += [r] * count
-        cols += range(count)
-    if rows:
-        xi[rows, cols] = noise.path_at(rows, [int(e[r]) + c for r, c in zip(rows, cols)]).to(xi)
-    # the noise's part has no closed form as cheap: the steps' own draws, accumulated in place
-    a = per_point(torch.from_numpy(t.alpha[k]), xi).unbind(1)
-    c = per_point(torch.from_numpy(t.noise[k]), xi).unbind(1)
-    acc = torch.zeros_like(states)
-    sums, xs = acc.unbind(1), xi.unbind(1)
-    for j in range(depth - 1):
-        torch.mul(a[j], sums[j], out=sums[j + 1])
-        sums[j + 1].addcmul_(c[j], xs[j])
-    return states.add_(acc), xi
-
-
 def _col(c: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """Per-row coefficients (B,) shaped to broadcast against (B, *S)."""
     return torch.from_numpy(c).to(like.device, like.dtype).reshape(-1, *(1,) * (like.dim() - 1))
-
-
-def denoiser_nodes(start, width, terms: int, lag: int) -> np.ndarray:
-    """Positions (B, terms) int64 of the window points whose denoiser values the predictor
-    extrapolates: the window's last point and every ``lag``-th one before it; -1 where the
-    window (start, width (B,) int) is too short."""
-    start, width = np.asarray(start), np.asarray(width)
-    pos = (start + width - 1)[:, None] - lag * np.arange(terms)[None]
-    return np.where((pos >= start[:, None]) & (width[:, None] > 0), pos, -1)
-
-
-def _refill(states, xi, freed, chain, e, y_e, x0hat, nodes, t, noise, n):
-    """Put the predictor's states and noise into the freed slots: slot with chain index c
-    now holds position e + c (only positions before n matter). The ODE (``noise`` None, no
-    noise kept) forms only its own slots' points."""
-    need = freed & (e[:, None] + chain < n)
-    if not need.any():
-        return states, xi
-    clocks = np.where(nodes >= 0, t.u[np.maximum(nodes, 0)], np.nan)
-    rows, cols = need.nonzero()
-    at = chain[rows, cols]
-    r_t, c_t = indices(states, rows, cols)
-    if noise is None:
-        on_y, on_x0 = _coefficients(e, int(at.max()) + 1, t, clocks)
-        states[r_t, c_t] = _combine(on_y[rows, at], on_x0[rows, at], y_e[r_t], x0hat[r_t])
-        return states, xi
-    upto = np.where(need, chain, -1).max(1)
-    pred, pred_xi = predict(y_e, x0hat, e, upto, t, noise, n, clocks)
-    (a_t,) = indices(states, at)
-    states[r_t, c_t] = pred[r_t, a_t]
-    xi[r_t, c_t] = pred_xi[r_t, a_t]
-    return states, xi
 
 
 def _rebuild(states, g, xi, start, width, pos, valid, nodes, t: Tables, p, bounds, comm):
@@ -374,6 +241,51 @@ def _rebuild(states, g, xi, start, width, pos, valid, nodes, t: Tables, p, bound
     return prefix, y_e, x0hat
 
 
+def _first_guesses(y0, lo: int, hi: int, p: int, terms: int, t: Tables, noise: Noise | None,
+                   n: int):
+    """The first window on this rank's slots lo..hi of p: the predictor's states from y0
+    (B, *S) with the denoiser at the prior mean, 0, and their step noise (``noise`` None: the
+    ODE, none kept). Returns (states (B, hi - lo, *S), xi (B, hi - lo, *S) or None)."""
+    batch, shape = y0.shape[0], y0.shape[1:]
+    start = np.zeros(batch, dtype=np.int64)
+    states = torch.empty((batch, hi - lo, *shape), dtype=y0.dtype, device=y0.device)
+    xi = None if noise is None else torch.zeros_like(states)
+    chain = chain_index(lo, hi, start, p)
+    zero = torch.zeros((batch, terms, *shape), dtype=y0.dtype, device=y0.device)
+    return refill(states, xi, np.ones_like(chain, dtype=bool), chain, start, y0, zero,
+                  np.full((batch, terms), -1), t, noise, n)
+
+
+def _acceptance(prefix, states, y_e, chain, valid, start, width, p: int, ell, sec,
+                t: Tables, tol: float, stochastic: bool, ring):
+    """Step 3 from this rank's slots, in one Allreduce of every point's numbers: (accepted
+    (B,) int64, bound / scale (B,), the RMS of Yhat at chain points 0..p (B, p + 1)), the
+    same on every rank. prefix, states (B, M, *S): Yhat and Y at the rank's slots, of chain
+    indices ``chain`` (B, M), evaluated where ``valid``; y_e (B, *S): the state after the
+    window; ell (B, M): the learned corrector's measured slopes (NaN: none) with its
+    ``secant.Secants`` sec, or both None."""
+    batch = chain.shape[0]
+    learned = sec is not None
+    local = np.zeros((batch, 3 if learned else 2, p))
+    r_idx, s_idx = valid.nonzero()
+    c_idx = chain[r_idx, s_idx]
+    local[r_idx, 0, c_idx] = rms(prefix - states).cpu().numpy()[r_idx, s_idx]
+    local[r_idx, 1, c_idx] = rms(prefix).cpu().numpy()[r_idx, s_idx]
+    slopes = None
+    if learned:  # each point's slope from the rank that holds it, 1 + ell (0: none); this
+        # round's secants ride along in the same buffer, for the next round's Thetas
+        local[r_idx, 2, c_idx] = np.where(np.isnan(ell), 0.0, ell + 1)[r_idx, s_idx]
+        summed = secant.reduce(sec, torch.from_numpy(local), ring).numpy()
+        ell_chain = np.where(summed[:, 2] > 0, summed[:, 2] - 1, np.nan)
+        slopes = secant.certificate(sec, ell_chain, start[:, None] + np.arange(p), t)
+    else:
+        summed = ring.allreduce_sum(torch.from_numpy(local)).numpy()
+    y_rms = np.concatenate([summed[:, 1], np.zeros((batch, 1))], 1)
+    y_rms[np.arange(batch), width] = rms(y_e[:, None]).cpu().numpy()[:, 0]
+    accepted, bound = accept(summed[:, 0], y_rms, start, width, t, tol, stochastic, slopes)
+    return accepted, bound, y_rms
+
+
 def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
                stochastic: bool):
     if options.tol is None:
@@ -389,16 +301,10 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     t = tables(grid, steps, options.data_bound, p, options.theta if stochastic else "one")
     learned = stochastic and options.theta == "secant"
     step_noise = noise if stochastic else None
-    batch, shape = y0.shape[0], y0.shape[1:]
+    batch = y0.shape[0]
     start = np.zeros(batch, dtype=np.int64)
-    states = torch.empty((batch, hi - lo, *shape), dtype=y0.dtype, device=y0.device)
-    xi = torch.zeros_like(states) if stochastic else None
     terms, lag = (1, 1) if stochastic else (ODE_TERMS, min(ODE_LAG, max(1, (p - 1) // 2)))
-    chain = chain_index(lo, hi, start, p)
-    nowhere = np.full((batch, terms), -1)  # the first guesses: the prior mean, 0
-    states, xi = _refill(states, xi, np.ones_like(chain, dtype=bool), chain, start,
-                         y0, torch.zeros((batch, terms, *shape), dtype=y0.dtype,
-                                         device=y0.device), nowhere, t, step_noise, n)
+    states, xi = _first_guesses(y0, lo, hi, p, terms, t, step_noise, n)
     y_out = y0.clone()
     sec = secant.begin(states) if learned else None
     rounds, calls, history, advances = 0, 0, [], []
@@ -412,34 +318,19 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
                                                           t.u, comm.rank)
         # 2. whole-step increments, summed along the chain across ranks (ring.py)
         nodes = denoiser_nodes(start, width, terms, lag)
-        if learned:  # the corrector learned per mode (secant.py)
+        ell = None
+        if learned:  # the corrector learned per mode (secant.py, secant_rebuild.py)
             ell = secant.learn(sec, states, g, pos, valid, t, options.data_bound,
                                fold=len(bounds) > 1)
-            prefix, y_e, x0hat = secant.rebuild(sec, states, g, xi, start, width, pos, valid,
-                                                t, options.data_bound, bounds, ring)
+            prefix, y_e, x0hat = secant_rebuild.rebuild(sec, states, g, xi, start, width, pos,
+                                                        valid, t, options.data_bound, bounds,
+                                                        ring)
         else:
             prefix, y_e, x0hat = _rebuild(states, g, xi, start, width, pos, valid, nodes, t, p,
                                           bounds, ring)
         # 3. certified acceptance, the same on every rank
-        local = np.zeros((batch, 3 if learned else 2, p))
-        r_idx, s_idx = valid.nonzero()
-        c_idx = chain[r_idx, s_idx]
-        local[r_idx, 0, c_idx] = rms(prefix - states).cpu().numpy()[r_idx, s_idx]
-        local[r_idx, 1, c_idx] = rms(prefix).cpu().numpy()[r_idx, s_idx]
-        slopes = None
-        if learned:  # each point's slope from the rank that holds it, 1 + ell (0: none)
-            local[r_idx, 2, c_idx] = np.where(np.isnan(ell), 0.0, ell + 1)[r_idx, s_idx]
-        if learned:  # this round's secants ride along, for the next round's Thetas
-            summed = secant.reduce(sec, torch.from_numpy(local), ring).numpy()
-        else:
-            summed = ring.allreduce_sum(torch.from_numpy(local)).numpy()
-        if learned:
-            ell_chain = np.where(summed[:, 2] > 0, summed[:, 2] - 1, np.nan)
-            slopes = secant.certificate(sec, ell_chain, start[:, None] + np.arange(p), t)
-        y_rms = np.concatenate([summed[:, 1], np.zeros((batch, 1))], 1)
-        y_rms[rows, width] = rms(y_e[:, None]).cpu().numpy()[:, 0]
-        accepted, bound = accept(summed[:, 0], y_rms, start, width, t, options.tol, stochastic,
-                                 slopes)
+        accepted, bound, y_rms = _acceptance(prefix, states, y_e, chain, valid, start, width, p,
+                                             ell, sec, t, options.tol, stochastic, ring)
         active = width > 0
         ok = ~active | np.isfinite(y_rms[rows, accepted])
         check_rows(torch.from_numpy(ok), noise.keys,
@@ -456,7 +347,7 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
             y_out[finished] = y_e[finished]
         e = start + p
         start = start + accepted
-        states, xi = _refill(states, xi, freed, chain, e, y_e, x0hat, nodes, t, step_noise, n)
+        states, xi = refill(states, xi, freed, chain, e, y_e, x0hat, nodes, t, step_noise, n)
         rounds += 1
         calls += int(width.sum())
         history.append(float(bound[active].max()) ** 2)
