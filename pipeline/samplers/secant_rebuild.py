@@ -123,22 +123,28 @@ def _scale_along(along, twice: np.ndarray, states, last, prefix) -> None:
 def _whole_ring(th, terms, base, x0, head, comm):
     """The rebuild where this rank holds all p slots (one rank, or a replicated window): one
     scan in chain order from Y_b's transform ``base`` (B, *F), as ``_split_ring`` would chain
-    its two runs, without their maps, each slot's term (B, p, *F) replaced by its Yhat as it
-    is used. Returns (the end state (B, *F), the denoiser's transform ``x0`` (B, *F), None
-    where x0 is None); the Allgather of x0 is kept so that a round makes the same
-    collectives on any communicator."""
+    its two runs, without their maps, each slot's term (B, p, *F) replaced by its Yhat. Returns
+    (the end state (B, *F), the denoiser's transform ``x0`` (B, *F), None where x0 is None);
+    the Allgather of x0 is kept so that a round makes the same collectives on any
+    communicator.
+
+    The terms and Thetas are taken in chain order once and each state written into a stack of
+    them by one fused product a slot, (p, B, *F): a round's scans are most of its tensor
+    operations otherwise (on a GPU each is a kernel launch)."""
     batch, p = th.shape[:2]
-    rows = torch.arange(batch, device=terms.device)
-    order = torch.from_numpy((head[None] + np.arange(p)[:, None]) % p).to(terms.device)
-    state = base
-    for slot in order:  # the slot of each chain index, per row
-        term = terms[rows, slot]
-        terms[rows, slot] = state
-        state = torch.addcmul(term, th[rows, slot], state)
+    order = (head[None] + np.arange(p)[:, None]) % p  # (p, B): the slot of each chain index
+    o_t, r_t = indices(terms, order, np.tile(np.arange(batch), (p, 1)))
+    th_c, terms_c = th[r_t, o_t].unbind(0), terms[r_t, o_t].unbind(0)
+    states = torch.empty((p + 1, *base.shape), dtype=terms.dtype, device=terms.device)
+    states[0] = base
+    out = states.unbind(0)
+    for j in range(p):
+        torch.addcmul(terms_c[j], th_c[j], out[j], out=out[j + 1])
+    terms[r_t, o_t] = states[:p]
     if x0 is None:  # the second scan: nothing to gather
-        return state, None
+        return states[p], None
     x0hat = torch.view_as_complex(comm.allgather(torch.view_as_real(x0))[0].contiguous())
-    return state, x0hat
+    return states[p], x0hat
 
 
 def _split_ring(th, terms, along, reach, base, x0, high, start, bounds, comm):
