@@ -190,9 +190,9 @@ def _split_ring(th, terms, along, reach, base, x0, high, start, bounds, comm):
         runs[:, :, run] += (u_all * _scalars(dots * (sides == run), u_all)).sum(2)
     shifts, shift_end = _chain(first, maps_a, runs.flatten(1, 2), torch.zeros_like(end), p)
     # this rank's slots: Yhat from its runs' inputs, the corrections from their shifts
-    own, run_at = x[:, comm.rank], _run_at(high, th.device)
-    for j in range(m):
-        terms[:, j] += before[:, j] * own[run_at(j)]
+    own = x[:, comm.rank]
+    own_at = torch.where(point_mask(torch.from_numpy(high), terms), own[:, :1], own[:, 1:])
+    terms += before * own_at
     along.mul_(_scalars(dots[:, comm.rank, :m] + at, along))
     _scan_own(th, along, shifts, high, comm.rank)
     terms += along
@@ -210,15 +210,19 @@ def _chain(first: np.ndarray, a: torch.Tensor, c: torch.Tensor, base: torch.Tens
     rows = np.arange(first.shape[0])[:, None]
     busy = int((first < p).sum(1).max())
     r_t, o_t = indices(c, rows, order)
-    a_in, c_in = a[r_t, o_t], c[r_t, o_t]
-    state, states = base, []
+    maps, sums = a[r_t, o_t].transpose(0, 1).unbind(0), c[r_t, o_t].transpose(0, 1).unbind(0)
+    runs = first.shape[1]
+    states = torch.empty((runs + 1, *base.shape), dtype=c.dtype, device=c.device)
+    x = states.unbind(0)  # each run's input in chain order; x[busy] the end state
+    x[0].copy_(base)
     for i in range(busy):
-        states.append(state)
-        state = a_in[:, i] * state + c_in[:, i]
-    states += [state] * (first.shape[1] - busy)
+        torch.mul(maps[i], x[i], out=x[i + 1])
+        x[i + 1].add_(sums[i])
+    if busy + 1 < runs:  # the empty runs pass the end state on
+        states[busy + 1:runs] = x[busy]
     inputs = torch.empty_like(c)
-    inputs[r_t, o_t] = torch.stack(states, 1)
-    return inputs, state
+    inputs[r_t, o_t] = states[:runs].transpose(0, 1)
+    return inputs, x[busy]
 
 
 def _local_scan(th, terms, high):
@@ -227,47 +231,76 @@ def _local_scan(th, terms, high):
     slot's product of the Thetas before it in its run (B, M, *F); each slot's term
     (B, M, *F) is replaced by its run's state there from a zero input. theta (B, M, *F),
     terms zero with theta 1 at points not evaluated; high (B, M) bool."""
-    batch, m = high.shape
-    half = terms.shape[2:]
-    a = torch.ones((batch, 2, *half), dtype=th.dtype, device=th.device)
-    c = torch.zeros((batch, 2, *half), dtype=terms.dtype, device=terms.device)
-    before = torch.empty_like(th)
-    run_at = _run_at(high, th.device)
-    for j in range(m):
-        at = run_at(j)
-        before[:, j] = a[at]
-        term = terms[:, j].clone()
-        terms[:, j] = c[at]
-        c[at] = th[:, j] * c[at] + term
-        a[at] = th[:, j] * a[at]
+    batch, half = high.shape[0], terms.shape[2:]
+    low = (~high).sum(1)
+    ones = torch.ones((batch, 2, *half), dtype=th.dtype, device=th.device)
+    zeros = torch.zeros((batch, 2, *half), dtype=terms.dtype, device=terms.device)
+    before, a = _scan_runs(th, None, low, ones)
+    states, c = _scan_runs(th, terms, low, zeros)
+    terms.copy_(states)
     return a, c, before
+
+
+def _scan_runs(th, terms, low: np.ndarray, inputs):
+    """x_{j+1} = th_j x_j + terms_j (terms None: a product) over this rank's slots in order,
+    each run from its own input: a row's low run (``ring``'s, before the window's head) is
+    its first low (B,) slots, from inputs[:, 1], its high run the rest, from inputs[:, 0]
+    (inputs (B, 2, *F)). th (B, M, *F) real, terms (B, M, *F). Returns (the state entering
+    each slot (B, M, *F), each run's state after its last slot (B, 2, *F), an empty run's its
+    input).
+
+    The states are written into a stack, (M + 1, B, *F), by a product and a sum a slot, the
+    same as ``th * x + term`` (so the same numbers), where a loop over the runs of every slot
+    took a dozen tensor operations a slot."""
+    batch, m = th.shape[:2]
+    stack = torch.empty((m + 1, batch, *inputs.shape[2:]), dtype=inputs.dtype,
+                        device=inputs.device)
+    stack[0] = torch.where(point_mask(torch.from_numpy(low == 0), inputs[:, 0]), inputs[:, 0],
+                           inputs[:, 1])
+    x, thetas = stack.unbind(0), th.transpose(0, 1).unbind(0)
+    added = None if terms is None else terms.transpose(0, 1).unbind(0)
+    ends = inputs.clone()
+    for j in range(m):
+        (rows,) = np.nonzero(low == j) if j else ((),)
+        if len(rows):  # these rows' high runs start here: their low runs end
+            (r_t,) = indices(inputs, rows)
+            ends[r_t, 1] = x[j][r_t]
+            x[j][r_t] = inputs[r_t, 0]
+        torch.mul(thetas[j], x[j], out=x[j + 1])
+        if added is not None:
+            x[j + 1].add_(added[j])
+    for run, rows in ((1, low == m), (0, low < m)):  # low == m: no high run
+        if m and rows.any():
+            (r_t,) = indices(inputs, np.nonzero(rows)[0])
+            ends[r_t, run] = stack[m][r_t]
+    return stack[:m].transpose(0, 1), ends
 
 
 def _carried(th, along, high) -> torch.Tensor:
     """U_j = T_j R_j (B, M, *F): each slot's ``along`` R_j times the product T_j of the
-    Thetas after it in its run, what its term adds to the run's end."""
+    Thetas after it in its run, what its term adds to the run's end (a stack built from the
+    last slot back, as ``_scan_runs`` builds its states)."""
     batch, m = high.shape
-    after = torch.ones((batch, 2, *th.shape[2:]), dtype=th.dtype, device=th.device)
-    out = torch.empty_like(along)
-    run_at = _run_at(high, th.device)
-    for j in reversed(range(m)):
-        at = run_at(j)
-        out[:, j] = after[at] * along[:, j]
-        after[at] = th[:, j] * after[at]
-    return out
+    low = (~high).sum(1)
+    after = torch.empty((m, batch, *th.shape[2:]), dtype=th.dtype, device=th.device)
+    t, thetas = after.unbind(0), th.transpose(0, 1).unbind(0)
+    if m:
+        t[m - 1].fill_(1)
+    for j in reversed(range(m - 1)):
+        torch.mul(thetas[j + 1], t[j + 1], out=t[j])
+        (rows,) = np.nonzero(low == j + 1)  # the last slot of these rows' low runs
+        if len(rows):
+            t[j][indices(after, rows)[0]] = 1
+    return after.transpose(0, 1) * along
 
 
 def _scan_own(th, terms, inputs, high, rank: int) -> None:
     """Scan this rank's slots from its two runs' inputs (taken from every run's, inputs
     (B, 2R, *F)), each slot's term (B, M, *F) replaced by its state."""
     batch = high.shape[0]
-    cur = inputs.view(batch, -1, 2, *inputs.shape[2:])[:, rank].clone()
-    run_at = _run_at(high, terms.device)
-    for j in range(high.shape[1]):
-        at = run_at(j)
-        term = terms[:, j].clone()
-        terms[:, j] = cur[at]
-        cur[at] = th[:, j] * cur[at] + term
+    own = inputs.view(batch, -1, 2, *inputs.shape[2:])[:, rank]
+    states, _ = _scan_runs(th, terms, (~high).sum(1), own)
+    terms.copy_(states)
 
 
 def _gather(parts: torch.Tensor, comm) -> torch.Tensor:
@@ -296,15 +329,3 @@ def _sides(bounds, start, p: int, most: int) -> torch.Tensor:
     slot = np.array([[lo + j for j in range(most)] for lo, _ in bounds])[None]
     mine = np.arange(most)[None, None] < np.array([hi - lo for lo, hi in bounds])[None, :, None]
     return torch.from_numpy(np.where(mine & (slot >= head), 0, 1))
-
-
-def _run_at(high: np.ndarray, device):
-    """Slot j's run in a (B, 2, *F) per-run tensor as an index, for high (B, M) bool: a
-    view (every row's slot on one side of the window's head, as on most ranks in most
-    rounds) or each row's run."""
-    if high.all() or not high.any():
-        run = 0 if high.all() else 1
-        return lambda j: (slice(None), run)
-    side = torch.from_numpy(np.where(high, 0, 1)).to(device)
-    rows = torch.arange(high.shape[0], device=device)
-    return lambda j: (rows, side[:, j])
