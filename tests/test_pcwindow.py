@@ -586,6 +586,34 @@ def test_the_learned_rebuild_chains_every_ranks_runs_as_one_rank_scans_them():
                 assert torch.allclose(zero_input[r, j] + before[r, j] * x, want[r, lo + j])
 
 
+
+def test_a_ranks_two_runs_scan_as_one_pass_with_the_plain_loops_numbers():
+    """A rank's slots are its low run then its high run: one pass that restarts at the high
+    run's first slot gives each slot's entering state, each run's end (an empty run's input)
+    and the products after each slot, equal bit for bit to a loop over each run alone."""
+    gen = torch.Generator().manual_seed(2)
+    m = 4
+    low = np.arange(m + 1)  # every split, empty low and empty high runs included
+    batch = len(low)
+    theta = torch.rand(batch, m, 3, 2, generator=gen, dtype=torch.float32) + 0.5
+    terms = torch.randn(batch, m, 3, 2, generator=gen, dtype=torch.complex64)
+    inputs = torch.randn(batch, 2, 3, 2, generator=gen, dtype=torch.complex64)
+    along = torch.randn(batch, m, 3, 2, generator=gen, dtype=torch.complex64)
+    states, ends = secant_rebuild._scan_runs(theta, terms, low, inputs)
+    high = np.arange(m)[None] >= low[:, None]
+    carried = secant_rebuild._carried(theta, along, high)
+    for r in range(batch):
+        for run, slots in ((1, range(low[r])), (0, range(low[r], m))):
+            x = inputs[r, run]
+            for j in slots:
+                assert torch.equal(states[r, j], x)
+                x = theta[r, j] * x + terms[r, j]
+            assert torch.equal(ends[r, run], x)
+            after = torch.ones_like(theta[r, 0])
+            for j in reversed(slots):
+                assert torch.equal(carried[r, j], after * along[r, j])
+                after = theta[r, j] * after
+
 class _ThreadComm:
     """Rank ``rank`` of ranks simulated by threads: a real Allgather between them, each call
     recorded with the shape it sent."""
