@@ -230,7 +230,8 @@ def _local_scan(th, terms, high):
     returns (their products of Thetas A (B, 2, *F) real, their sums C (B, 2, *F)) and each
     slot's product of the Thetas before it in its run (B, M, *F); each slot's term
     (B, M, *F) is replaced by its run's state there from a zero input. theta (B, M, *F),
-    terms zero with theta 1 at points not evaluated; high (B, M) bool."""
+    terms zero with theta 1 at points not evaluated; high (B, M) bool, a row's low slots
+    first (the ring's: a rank's slots before the window's head, then those past it)."""
     batch, half = high.shape[0], terms.shape[2:]
     low = (~high).sum(1)
     ones = torch.ones((batch, 2, *half), dtype=th.dtype, device=th.device)
@@ -250,8 +251,8 @@ def _scan_runs(th, terms, low: np.ndarray, inputs):
     input).
 
     The states are written into a stack, (M + 1, B, *F), by a product and a sum a slot, the
-    same as ``th * x + term`` (so the same numbers), where a loop over the runs of every slot
-    took a dozen tensor operations a slot."""
+    same arithmetic as ``th * x + term`` (so the same numbers): two tensor operations a slot,
+    where indexing both runs' states at every slot took a dozen."""
     batch, m = th.shape[:2]
     stack = torch.empty((m + 1, batch, *inputs.shape[2:]), dtype=inputs.dtype,
                         device=inputs.device)
@@ -261,7 +262,7 @@ def _scan_runs(th, terms, low: np.ndarray, inputs):
     added = None if terms is None else terms.transpose(0, 1).unbind(0)
     ends = inputs.clone()
     for j in range(m):
-        (rows,) = np.nonzero(low == j) if j else ((),)
+        rows = np.nonzero(low == j)[0] if j else ()
         if len(rows):  # these rows' high runs start here: their low runs end
             (r_t,) = indices(inputs, rows)
             ends[r_t, 1] = x[j][r_t]
