@@ -7,20 +7,17 @@ window are guessed without a model call, by steps with the denoiser given,
 from the window's end state Y_e, where x0hat_j is the last evaluated point's Tweedie mean,
 frozen (SDE), or the polynomial in u through the Tweedie means at a few of the window's last
 points, extrapolated (ODE). Psi is affine, so a predicted state is a few coefficients per
-given field in closed form; only the SDE's noise is accumulated step by step.
+given field in closed form; only the SDE's noise is accumulated step by step. ``t`` is
+always the window's coefficient tables, ``pcwindow.Tables`` (not imported: pcwindow imports
+this module).
 """
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline.noise import Noise
 from pipeline.samplers.common import indices, per_point
-
-if TYPE_CHECKING:
-    from pipeline.samplers.pcwindow import Tables
 
 # The ODE's predictor extrapolates the denoiser through its values at the window's last point
 # and every ODE_LAG-th point before it (a quadratic); the SDE's freezes it, since along the
@@ -53,7 +50,7 @@ def lagrange_weights(nodes: np.ndarray, at: np.ndarray) -> np.ndarray:
     return w
 
 
-def _coefficients(e: np.ndarray, depth: int, t: Tables,
+def _coefficients(e: np.ndarray, depth: int, t,
                   nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The predictor's Y_{e+j} = A_j Y_e + sum_i C_j[i] x0hat^(i) for j < depth, with the
     denoiser extrapolated from its values at clocks ``nodes`` (B, K) (NaN: missing):
@@ -88,7 +85,7 @@ def _combine(on_y: np.ndarray, on_x0: np.ndarray, y: torch.Tensor,
     return out
 
 
-def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e, upto, t: Tables, noise: Noise | None,
+def predict(y_e: torch.Tensor, x0hat: torch.Tensor, e, upto, t, noise: Noise | None,
             n: int, nodes=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 4: predictor states Y_{e+j} and noise xi_{e+j} for j = 0 .. max(upto), from
     Y_e = y_e (B, *S) with the denoiser frozen at x0hat (B, *S), or, given ``nodes`` (B, K)
