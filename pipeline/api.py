@@ -199,8 +199,8 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
 
 def evaluate(store: str | Path, truth: str | Path, **options) -> xr.Dataset:
     """Score ``store`` against ``truth`` as ``piadm evaluate`` does (same options:
-    truth_variable, truth_range, kmax, cut, out); returns the metrics dataset, whose attributes
-    hold the overall figures."""
+    truth_variable, truth_range, kmax, cut, out, figures); returns the metrics dataset, whose
+    attributes hold the overall figures."""
     from pipeline.errors import EvaluationError, did_you_mean
     from pipeline.scoring import evaluate as _evaluate
 
@@ -215,6 +215,9 @@ def evaluate(store: str | Path, truth: str | Path, **options) -> xr.Dataset:
     _check_path("api.evaluate's truth", truth)
     if options.get("out") is not None:
         _check_path("api.evaluate's out", options["out"], "folder for its files")
+    if not isinstance(options.get("figures", True), bool):
+        raise TypeError(f"api.evaluate's figures={options['figures']!r}: give True (the PNGs "
+                        "too, the default) or False (the scores alone)")
     try:
         metrics, _ = _as_user(lambda: _evaluate(store, truth, **options), "evaluate")
     except EvaluationError as err:  # its messages name the CLI's flags: name the keywords

@@ -232,6 +232,9 @@ def _evaluate_arguments(sp) -> None:
     sp.add_argument("--out", metavar="DIR",
                     help="the folder for metrics.json, metrics.nc and the figures (the table "
                          "is printed; default: STORE without .zarr + _eval)")
+    sp.add_argument("--no-figures", action="store_true",
+                    help="write the scores alone (metrics.json, metrics.nc), not the PNGs: "
+                         "drawing them takes most of a small store's evaluation")
 
 
 # each command's own arguments, after the config and --set of those that take one

@@ -351,7 +351,7 @@ def _cmd_evaluate(args, world) -> int:
                               truth_variable=args.truth_variable,
                               truth_range=tuple(args.truth_range) if args.truth_range else None,
                               kmax=args.kmax, cut=args.cut, out=args.out,
-                              progress=_scoring_progress())
+                              figures=not args.no_figures, progress=_scoring_progress())
     if world.rank == 0:  # --json: the document evaluate saved as metrics.json
         print(files[0].read_text() if args.json else table(metrics), flush=True)
     print0(world, "wrote " + ", ".join(str(f) for f in files))

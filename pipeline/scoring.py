@@ -351,12 +351,13 @@ def _iso(label) -> str:
 
 def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str | None = None,
              truth_range: tuple[str, str] | None = None, kmax: int | None = None,
-             cut: int | None = None, out: str | Path | None = None,
+             cut: int | None = None, out: str | Path | None = None, figures: bool = True,
              progress=None) -> tuple[xr.Dataset, list[Path]]:
     """Score ``store`` against the truth and save metrics.json, metrics.nc and the PNG figures
     in ``out`` (default: next to the store, ``<store>_eval``); returns (metrics, files).
     ``cut``: the finest wavenumber the truth resolves (default: its ``resolved_wavenumber``
-    attribute, which piadm generate-data writes, else all)."""
+    attribute, which piadm generate-data writes, else all). ``figures=False``: the scores
+    alone, without the PNGs (drawing them takes most of a small store's evaluation)."""
     _check_wavenumbers(cut, kmax)
     truth_range = _checked_range(truth_range)
     ens = without_channel(open_ensemble(store))  # the store's own problem said first
@@ -405,7 +406,7 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     if not paired and item_dim != "item":  # a conditioned ensemble: pairing may have been meant
         metrics.attrs["pairing_note"] = f"the truth has no {item_dim} dim to pair by"
     with naming(folder):  # matplotlib's and scipy's writes on a full disk name no file
-        return metrics, _save(metrics, folder, ens, truth, paired, baseline)
+        return metrics, _save(metrics, folder, ens, truth, paired, baseline, figures)
 
 
 def _check_wavenumbers(cut, kmax) -> None:
@@ -477,9 +478,10 @@ def _remove_dead_drafts(folder: Path) -> None:
                 path.unlink()
 
 
-def _save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline) -> list[Path]:
-    """Write metrics.json (it marks the folder as ours), metrics.nc and the figures into
-    ``folder``, removing an earlier evaluation's files this one does not make; the files
+def _save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline,
+          figures: bool) -> list[Path]:
+    """Write metrics.json (it marks the folder as ours), metrics.nc and, with ``figures``, the
+    figures into ``folder``, removing an earlier evaluation's files this one does not make; the files
     written. Each is drafted aside first and moved into place once all are made, so that a
     failure leaves the folder as it was, not a mix of two evaluations' files."""
     from pipeline.figures import fields_figure, rank_figure, residual_figure, spectrum_figure
@@ -504,11 +506,12 @@ def _save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline)
             f"{made} piadm {__version__}: evaluate {metrics.attrs.get('store_path', '')} "
             f"against {metrics.attrs.get('truth_path', '')}")).to_netcdf(
             str(draft("metrics.nc")), engine="scipy")
+        # a figure's None or False: nothing to draw
         drawn = [fields_figure(ens, truth, paired, draft("fields.png"), inputs=baseline),
                  "spectrum_ratio" in metrics and spectrum_figure(metrics, draft("spectrum.png")),
                  "rank_histogram" in metrics and rank_figure(metrics,
                                                              draft("rank_histogram.png")),
-                 residual_figure(ens, draft("residuals.png"))]  # None: nothing to draw
+                 residual_figure(ens, draft("residuals.png"))] if figures else []
     except BaseException:
         for name in OUTPUTS:  # what was drafted, a figure that failed part way's too
             draft(name).unlink(missing_ok=True)

@@ -102,6 +102,8 @@ def test_a_store_or_truth_that_is_no_path_is_a_type_error_naming_it():
         api.evaluate("e.zarr", np.zeros(3))
     with pytest.raises(TypeError, match="api.evaluate's out is a path .* folder .* not int"):
         api.evaluate("e.zarr", "t.zarr", out=3)
+    with pytest.raises(TypeError, match=r"api.evaluate's figures='no': give True .* or False"):
+        api.evaluate("e.zarr", "t.zarr", figures="no")
 
 
 def test_a_comm_that_is_no_communicator_is_a_type_error(tmp_path):
@@ -390,5 +392,5 @@ def test_memory_run_out_outside_a_batch_is_the_same_user_error_as_on_the_command
 def test_evaluate_names_an_unknown_option_and_the_closest(tmp_path):
     with pytest.raises(TypeError, match=r"^api.evaluate has no option 'kmaxx' \(did you mean "
                                         r"'kmax'\?\): it takes truth_variable, truth_range, "
-                                        r"kmax, cut, out$"):
+                                        r"kmax, cut, out, figures$"):
         api.evaluate(tmp_path / "s.zarr", tmp_path / "t.zarr", kmaxx=3)

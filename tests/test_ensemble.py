@@ -1068,7 +1068,7 @@ def test_the_stores_raw_times_are_the_inputs_in_its_units(tmp_path, input_store)
     dates = xr.open_zarr(input_store, consolidated=False).time.values
     assert list(xr.open_zarr(out).time.values) == list(dates[2:4])
     # and the evaluation's metrics.nc counts them as the store does
-    assert main(["evaluate", str(out), "--truth", str(input_store), "--out",
+    assert main(["evaluate", "--no-figures", str(out), "--truth", str(input_store), "--out",
                  str(tmp_path / "e")]) == 0
     scored = xr.open_dataset(tmp_path / "e" / "metrics.nc", engine="scipy", decode_times=False)
     assert list(scored.time.values) == [2, 3]

@@ -54,7 +54,7 @@ def test_paired_scores_reward_the_right_truth(paired, capsys):
     assert good["pairing"] == "paired" and good["items"] == 6 and good["members"] == 6
     assert 0.7 < good["spread_skill"] < 1.4  # the truth is drawn like a member
     assert sum(good["rank_histogram"]) == 6 * 16 * 16
-    assert main(["evaluate", str(ens), "--truth", str(tmp / "shifted.zarr"),
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp / "shifted.zarr"),
                  "--out", str(tmp / "bad")]) == 0
     bad = _metrics(tmp / "bad")
     assert bad["crps"] > 3 * good["crps"] and bad["spread_skill"] < 0.4
@@ -90,6 +90,12 @@ def test_outputs_are_written_and_open(paired, monkeypatch):
                  "--out", str(tmp / "files")]) == 0
     assert not (tmp / "files" / "spectrum.png").exists()  # no stale figure of another store
     assert (tmp / "files" / "notes.txt").read_text() == "mine"  # nor is the user's file touched
+    # the scores alone: the earlier evaluation's figures go with it, as stale
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp / "truth.zarr"),
+                 "--out", str(tmp / "files")]) == 0
+    assert {p.name for p in (tmp / "files").iterdir()} == {"metrics.json", "metrics.nc",
+                                                           "notes.txt"}
+    assert _metrics(tmp / "files")["crps"] == pytest.approx(nc.attrs["crps"])
 
 
 def test_a_truth_stored_with_its_field_dims_swapped_scores_the_same(paired, tmp_path):
@@ -99,7 +105,7 @@ def test_a_truth_stored_with_its_field_dims_swapped_scores_the_same(paired, tmp_
     swapped = xr.open_zarr(tmp / "truth.zarr").load().transpose("time", "x", "y")
     swapped.to_zarr(tmp_path / "xy.zarr", zarr_format=3)
     for truth, out in ((tmp / "truth.zarr", "a"), (tmp_path / "xy.zarr", "b")):
-        assert main(["evaluate", str(ens), "--truth", str(truth),
+        assert main(["evaluate", "--no-figures", str(ens), "--truth", str(truth),
                      "--out", str(tmp_path / out)]) == 0
     a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert a["crps"] == b["crps"] and a["rank_histogram"] == b["rank_histogram"]
@@ -118,7 +124,7 @@ def test_a_truth_named_otherwise_is_met_by_position_only_where_that_is_safe(pair
                                                              zarr_format=3)
     for name in ("truth", "lonlat"):
         where = tmp if name == "truth" else tmp_path
-        assert main(["evaluate", str(ens), "--truth", str(where / f"{name}.zarr"),
+        assert main(["evaluate", "--no-figures", str(ens), "--truth", str(where / f"{name}.zarr"),
                      "--out", str(tmp_path / name)]) == 0
     assert _metrics(tmp_path / "truth")["crps"] == _metrics(tmp_path / "lonlat")["crps"]
     capsys.readouterr()
@@ -143,7 +149,7 @@ def test_a_truth_on_another_grid_of_as_many_points_is_refused(tmp_path, capsys):
     near = np.arange(-0.8, 0.8, 0.1, dtype="float32")
     xr.open_zarr(inp).load().assign_coords(y=near, x=near).to_zarr(tmp_path / "f32.zarr",
                                                                    zarr_format=3)
-    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "f32.zarr"),
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / "f32.zarr"),
                  "--out", str(tmp_path / "f")]) == 0
     truth = xr.open_zarr(inp).load().assign_coords(x=grid * 0.5)
     truth.to_zarr(tmp_path / "half.zarr", zarr_format=3)
@@ -155,16 +161,16 @@ def test_a_truth_on_another_grid_of_as_many_points_is_refused(tmp_path, capsys):
     # the same grid stored the other way round is lined up, and scores the same
     xr.open_zarr(inp).load().isel(y=slice(None, None, -1)).to_zarr(tmp_path / "rev.zarr",
                                                                    zarr_format=3)
-    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "rev.zarr"),
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / "rev.zarr"),
                  "--out", str(tmp_path / "v")]) == 0
-    assert main(["evaluate", str(ens), "--truth", str(inp), "--out", str(tmp_path / "s")]) == 0
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(inp), "--out", str(tmp_path / "s")]) == 0
     scored = [json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("v", "s")]
     assert scored[0]["crps"] == scored[1]["crps"]
     # named lat and lon, north to south as ERA5 stores it: taken as y and x, then lined up
     # and checked as they are (by position it scored upside down, another grid unseen)
     geo = xr.open_zarr(inp).load().rename(y="lat", x="lon")
     geo.isel(lat=slice(None, None, -1)).to_zarr(tmp_path / "geo.zarr", zarr_format=3)
-    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "geo.zarr"),
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / "geo.zarr"),
                  "--out", str(tmp_path / "g")]) == 0
     assert json.loads((tmp_path / "g" / "metrics.json").read_text())["crps"] == scored[1]["crps"]
     geo.assign_coords(lat=geo.lat + 100).to_zarr(tmp_path / "far.zarr", zarr_format=3)
@@ -209,7 +215,7 @@ def test_a_truth_named_as_the_input_is_lined_up_by_those_names(tmp_path, capsys)
     inp.sortby("lat", ascending=False).transpose("time", "lon", "lat").to_zarr(
         tmp_path / "flip.zarr", zarr_format=3)
     for truth, out in (("ll.zarr", "a"), ("flip.zarr", "b")):
-        assert main(["evaluate", str(ens), "--truth", str(tmp_path / truth),
+        assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / truth),
                      "--out", str(tmp_path / out)]) == 0
     a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert a["crps"] == b["crps"] and a["rank_histogram"] == b["rank_histogram"]
@@ -238,7 +244,7 @@ def test_a_truth_holding_the_stores_grid_indices_the_other_way_round_is_lined_up
     indexed.isel(y=slice(None, None, -1)).to_zarr(tmp_path / "flip.zarr", zarr_format=3)
     indexed.to_zarr(tmp_path / "same.zarr", zarr_format=3)
     for truth in ("plain", "flip", "same"):
-        assert main(["evaluate", str(ens), "--truth", str(tmp_path / f"{truth}.zarr"),
+        assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / f"{truth}.zarr"),
                      "--out", str(tmp_path / truth)]) == 0
     flat, flip, same = (_metrics(tmp_path / t) for t in ("plain", "flip", "same"))
     assert flat["crps"] == flip["crps"] == same["crps"]
@@ -254,7 +260,7 @@ def test_a_truth_with_one_level_field_among_others_is_scored(paired, tmp_path):
     truth = xr.open_zarr(tmp / "truth.zarr").load()
     truth.vort[2] = 0.0
     truth.to_zarr(tmp_path / "t.zarr")
-    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "t.zarr"),
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / "t.zarr"),
                  "--out", str(tmp_path / "e")]) == 0
     scores = _metrics(tmp_path / "e")
     assert np.isfinite(scores["crps"]) and np.isfinite(scores["spread_skill"])
@@ -273,7 +279,7 @@ def test_the_ensemble_std_of_fields_far_from_zero_keeps_its_digits(paired, tmp_p
     vort[:] = 1e4 + 0.01 * vort[:].astype(np.float64)
     truth = xr.open_zarr(tmp / "truth.zarr").load()
     (1e4 + 0.01 * truth).to_zarr(tmp_path / "t.zarr")
-    assert main(["evaluate", str(far), "--truth", str(tmp_path / "t.zarr"),
+    assert main(["evaluate", "--no-figures", str(far), "--truth", str(tmp_path / "t.zarr"),
                  "--out", str(tmp_path / "e")]) == 0
     values = zarr.open_group(far, mode="r")["vort"][:].astype(np.float64)
     assert _metrics(tmp_path / "e")["ensemble_std"] == pytest.approx(values.std(), rel=1e-9)
@@ -283,7 +289,7 @@ def test_a_truth_without_the_ensembles_items_is_a_climatology_that_says_why(pair
                                                                            capsys):
     tmp, ens = paired
     xr.open_zarr(tmp / "truth.zarr").rename(time="t").to_zarr(tmp_path / "t.zarr")
-    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "t.zarr"),
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / "t.zarr"),
                  "--out", str(tmp_path / "e")]) == 0
     captured = capsys.readouterr()
     assert "climatological (the truth has no time dim to pair by)" in captured.out + captured.err
@@ -304,9 +310,9 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     fields = xr.open_zarr(truth).field.isel(item=0).rename(member="sample")
     xr.Dataset({"field": fields}).to_zarr(tmp_path / "t.zarr", zarr_format=3)
     xr.Dataset({"field": 2 * fields}).to_zarr(tmp_path / "t2.zarr", zarr_format=3)
-    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "t.zarr"),
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / "t.zarr"),
                  "--truth-range", "0", "31", "--cut", "6", "--out", str(tmp_path / "a")]) == 0
-    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "t2.zarr"),
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / "t2.zarr"),
                  "--out", str(tmp_path / "b")]) == 0
     right, scaled = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert right["pairing"] == "climatological" and right["truth_fields"] == 32
@@ -484,10 +490,10 @@ def test_a_climatology_range_selects_by_value_and_labels_are_dates_in_json(paire
     truth = xr.open_zarr(tmp / "truth.zarr").load()
     climate = truth.rename(time="day").isel(day=slice(None, None, -1))
     climate.to_zarr(tmp_path / "desc.zarr")
-    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "desc.zarr"), "--truth-range",
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / "desc.zarr"), "--truth-range",
                  "2020-01-02", "2020-01-04", "--out", str(tmp_path / "c")]) == 0
     assert _metrics(tmp_path / "c")["truth_fields"] == 3
-    assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp / "truth.zarr"),
                  "--out", str(tmp_path / "p")]) == 0
     assert _metrics(tmp_path / "p")["per_item"]["time"][:2] == ["2020-01-01T00:00:00",
                                                                 "2020-01-02T00:00:00"]
@@ -499,7 +505,7 @@ def test_a_climatology_range_selects_by_value_and_labels_are_dates_in_json(paire
     # a truth repeating a label the ensemble does not take is paired as any other
     extra = truth.isel(time=[0, 1]).assign_coords(time=np.full(2, np.datetime64("2021-01-01")))
     xr.concat([truth, extra], "time").to_zarr(tmp_path / "repeats.zarr")
-    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "repeats.zarr"),
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / "repeats.zarr"),
                  "--out", str(tmp_path / "r")]) == 0
     assert _metrics(tmp_path / "r")["crps"] == _metrics(tmp_path / "p")["crps"]
 
@@ -511,7 +517,7 @@ def test_one_members_spread_skill_is_said_to_need_two(tmp_path, recwarn):
         inp, out, "ensemble.members=1", "ensemble.batch_size=1")]) == 0
     from pipeline.scoring import evaluate, table
 
-    metrics, _ = evaluate(out, inp, out=tmp_path / "e")
+    metrics, _ = evaluate(out, inp, out=tmp_path / "e", figures=False)
     assert "spread/skill" in table(metrics) and "n/a (needs 2 members)" in table(metrics)
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
@@ -528,7 +534,8 @@ def test_a_one_member_climatology_has_no_interval(tmp_path):
             f"output.path={tmp_path / name}"]), [])]) == 0
     fields = xr.open_zarr(tmp_path / "t.zarr").field.isel(item=0).rename(member="sample")
     xr.Dataset({"field": fields.drop_vars("item")}).to_zarr(tmp_path / "truth.zarr")
-    metrics, _ = evaluate(tmp_path / "one.zarr", tmp_path / "truth.zarr", out=tmp_path / "e")
+    metrics, _ = evaluate(tmp_path / "one.zarr", tmp_path / "truth.zarr", out=tmp_path / "e",
+                          figures=False)
     said = table(metrics)
     assert "(one member: no interval)" in said and "[" not in said.split("band k=")[1]
     assert np.isnan(metrics.attrs[f"band_{metrics.attrs['headline_band']}_energy_ratio_lo"])
@@ -542,7 +549,8 @@ def test_fields_that_are_not_square_say_why_they_have_no_spectra(tmp_path):
     assert main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]) == 0
     truth = xr.open_zarr(tmp_path / "r.zarr").field.isel(member=0).drop_vars("member")
     xr.Dataset({"field": truth.rename(item="sample")}).to_zarr(tmp_path / "t.zarr")
-    metrics, _ = evaluate(tmp_path / "r.zarr", tmp_path / "t.zarr", out=tmp_path / "e")
+    metrics, _ = evaluate(tmp_path / "r.zarr", tmp_path / "t.zarr", out=tmp_path / "e",
+                          figures=False)
     assert "spectrum_ratio" not in metrics
     assert "the fields (8, 12) are not square" in table(metrics)
     from pipeline.errors import EvaluationError

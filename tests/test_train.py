@@ -482,7 +482,7 @@ def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path
     ds = xr.open_zarr(out)
     assert ds.vorticity.dims == ("time", "member", "y", "x")  # named as the model's data
     assert ds.vorticity.shape == (2, 4, 16, 16) and list(ds.time.values) == [3.0, 3.25]
-    assert main(["evaluate", str(out), "--truth", str(dataset)]) == 0
+    assert main(["evaluate", "--no-figures", str(out), "--truth", str(dataset)]) == 0
     metrics = xr.open_dataset(tmp_path / "cond_eval" / "metrics.nc", engine="scipy")
     truth = xr.open_zarr(dataset).sel(time=[3.0, 3.25])
     upsampled = np.repeat(np.repeat(truth.vorticity_coarse.values, 4, 1), 4, 2)
@@ -492,7 +492,8 @@ def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path
     # a copy of one of its items: the input is checked as the run selected it, then cut to
     # that item (it was refused as "other fields than those it took")
     ds.isel(time=[1]).to_zarr(tmp_path / "part.zarr", zarr_format=3)
-    assert main(["evaluate", str(tmp_path / "part.zarr"), "--truth", str(dataset)]) == 0
+    assert main(["evaluate", "--no-figures", str(tmp_path / "part.zarr"), "--truth",
+                 str(dataset)]) == 0
     part = xr.open_dataset(tmp_path / "part_eval" / "metrics.nc", engine="scipy")
     assert part.attrs["baseline_mae"] == pytest.approx(
         np.abs(upsampled[1] - truth.vorticity.values[1]).mean(), rel=1e-5)
@@ -501,7 +502,7 @@ def test_piadm_sample_runs_trained_models_unconditional_and_downscaling(tmp_path
     other["vorticity"] = other["vorticity"].roll(x=5, roll_coords=False)
     other.to_zarr(tmp_path / "other.zarr", zarr_format=3, consolidated=False)
     capsys.readouterr()
-    assert main(["evaluate", str(out), "--truth", str(tmp_path / "other.zarr"),
+    assert main(["evaluate", "--no-figures", str(out), "--truth", str(tmp_path / "other.zarr"),
                  "--out", str(tmp_path / "other_eval")]) == 0
     assert "the truth's block averages are" in capsys.readouterr().out
     # a cut at or below the coarse input's resolution (4x4: k <= 2) leaves no added band
@@ -525,7 +526,8 @@ def test_evaluate_takes_the_runs_own_input_or_says_why_not(tmp_path, dataset, co
     args = _sample_args(out, *sets)
     args[1] = str(ROOT / args[1])  # the config, found from any folder
     assert main(args) == 0
-    evaluate = ["evaluate", str(out), "--truth", str(dataset), "--out", str(tmp_path / "ev")]
+    evaluate = ["evaluate", "--no-figures", str(out), "--truth", str(dataset), "--out",
+                str(tmp_path / "ev")]
     assert main(evaluate) == 0  # from the run's folder
     import zarr
 
@@ -538,7 +540,7 @@ def test_evaluate_takes_the_runs_own_input_or_says_why_not(tmp_path, dataset, co
     nudged = xr.open_zarr(dataset).load()
     nudged = nudged.assign_coords(time=nudged.time.values * (1 + 1e-13))
     nudged.to_zarr(tmp_path / "nudged.zarr")
-    assert main(["evaluate", str(out), "--truth", str(tmp_path / "nudged.zarr"),
+    assert main(["evaluate", "--no-figures", str(out), "--truth", str(tmp_path / "nudged.zarr"),
                  "--out", str(tmp_path / "ev2")]) == 0
     same = [json.loads((tmp_path / f / "metrics.json").read_text()) for f in ("ev", "ev2")]
     assert same[0]["crps"] == same[1]["crps"]
