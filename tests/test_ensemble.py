@@ -79,6 +79,10 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_store(tmp_path, input_store,
     assert history[-1].endswith("piadm wrote 26 members (10 already written)")
 
 
+# a window sampler's members do not depend on how many a call holds (a sequential one's move in
+# the last bits, README "Resume and preemption"): the tests of other batch sizes run one
+WINDOW = "sampler.method=pc-window"
+
 def _same_members(a, b):
     """The same fields, seeds and done flags (rounds and calls are a call's, and differ)."""
     x, y = xr.open_zarr(a), xr.open_zarr(b)
@@ -94,11 +98,13 @@ def test_a_store_resumes_at_another_batch_size_in_its_own_batches(tmp_path, inpu
     calls holding several of the store's batches; the members are those of an uninterrupted
     run."""
     clean, cut = tmp_path / "clean.zarr", tmp_path / "cut.zarr"
-    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, clean)]) == 0
-    cfg = load_config("jobs/configs/grf.toml", _overrides(conditional_sets(input_store, cut)))
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(input_store, clean, WINDOW)]) == 0
+    cfg = load_config("jobs/configs/grf.toml",
+                      _overrides(conditional_sets(input_store, cut, WINDOW)))
     assert sample_to_store(cfg, stop=StopAfter(3)).members == 2  # 2 safe points, 1 batch
     one = load_config("jobs/configs/grf.toml", _overrides(conditional_sets(
-        input_store, cut, "ensemble.batch_size=1")))
+        input_store, cut, WINDOW, "ensemble.batch_size=1")))
     capsys.readouterr()
     # safe points: 2 before writing, then before each batch of 2 and between its 2 calls
     summary = sample_to_store(one, stop=StopAfter(5))
@@ -112,7 +118,7 @@ def test_a_store_resumes_at_another_batch_size_in_its_own_batches(tmp_path, inpu
                         lambda model, noise, **kw: calls.append(noise.keys) or sample(
                             model, noise, **kw))
     assert main(["sample", "jobs/configs/grf.toml",
-                 *conditional_sets(input_store, cut, "ensemble.batch_size=4")]) == 0
+                 *conditional_sets(input_store, cut, WINDOW, "ensemble.batch_size=4")]) == 0
     # the 6 members of an item: member 5 left of item 0, then 0 .. 3 of item 1 from two of
     # its batches and 4, 5 (a call never holds two items)
     assert calls[:3] == [((0, 5),), tuple((1, m) for m in range(4)), ((1, 4), (1, 5))]
@@ -629,12 +635,12 @@ def test_a_store_grows_to_more_members_keeping_those_it_holds(tmp_path, input_st
     clean, grown = tmp_path / "clean.zarr", tmp_path / "grown.zarr"
     more = "ensemble.members=9"
     assert main(["sample", "jobs/configs/grf.toml",
-                 *conditional_sets(input_store, clean, more)]) == 0
+                 *conditional_sets(input_store, clean, WINDOW, more)]) == 0
     assert main(["sample", "jobs/configs/grf.toml",
-                 *conditional_sets(input_store, grown, "ensemble.members=5")]) == 0
+                 *conditional_sets(input_store, grown, WINDOW, "ensemble.members=5")]) == 0
     before = xr.open_zarr(grown).load()
     capsys.readouterr()
-    args = ["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, grown, more)]
+    args = ["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, grown, WINDOW, more)]
     assert main([*args, "--dry-run"]) == 0
     assert "would be grown from 5 to 9 members: 30 of 54 members done" in (
         capsys.readouterr().err)
@@ -887,7 +893,7 @@ def test_a_store_whose_chunks_do_not_divide_its_batch_grows_in_batches_of_its_ch
     3 .. 5. The grown store's batches are its chunks."""
     clean, grown = tmp_path / "clean.zarr", tmp_path / "grown.zarr"
     sets = lambda out, members, batch=4: conditional_sets(  # noqa: E731
-        input_store, out, f"ensemble.members={members}", f"ensemble.batch_size={batch}")
+        input_store, out, WINDOW, f"ensemble.members={members}", f"ensemble.batch_size={batch}")
     assert main(["sample", "jobs/configs/grf.toml", *sets(clean, 8)]) == 0
     assert main(["sample", "jobs/configs/grf.toml", *sets(grown, 3, batch=3)]) == 0
     zarr.open_group(grown, mode="r+").attrs["piadm_member_batch"] = 4  # as that piadm left it
