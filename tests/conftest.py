@@ -7,15 +7,16 @@ import xarray as xr
 SHAPE = (16, 16)
 
 
-# The files that took longest (seconds on 2 busy cores, `--durations=0`, 2026-12-03): with
+# The files that took longest (seconds on 2 busy cores, `--junitxml`, 2026-12-07): with
 # `--no-loadscope-reorder` pytest-xdist deals files out in collected order, so these go first,
 # longest first, and the two workers of -n 2 finish together (dealt out by test count instead,
-# the README's one long test came last and ran 70 s on one worker alone).
-LONGEST_FILES = ("test_mpi.py",         # 208
-                 "test_readme.py",      # 150
-                 "test_preemption.py",  # 131
-                 "test_exactness.py",   # 89
-                 "test_train.py")       # 62
+# the README's one long test came last and ran 70 s on one worker alone). The SLURM tests
+# mostly wait on their jobs: started early, another worker's tests fill the core they leave.
+LONGEST_FILES = ("test_mpi.py",         # 185
+                 "test_readme.py",      # 112
+                 "test_slurm.py",       # 95 (where a SLURM answers)
+                 "test_train.py",       # 77
+                 "test_preemption.py")  # 75
 
 
 def pytest_collection_modifyitems(config, items):
