@@ -208,7 +208,7 @@ def test_a_batch_taken_over_samples_only_the_members_its_dead_claimant_did_not_w
 
     from pipeline.comm import SerialComm
     from pipeline.claimed import claimed_calls
-    from pipeline.ensemble import _Tally
+    from pipeline.run_end import Tally
     from pipeline.progress import Progress
 
     out = tmp_path / "e.zarr"
@@ -216,7 +216,7 @@ def test_a_batch_taken_over_samples_only_the_members_its_dead_claimant_did_not_w
     zarr.open_group(out, mode="r+")["done"][0, 1] = 0  # as if the claimant died after member 0
     items = type("I", (), {"dim": "time", "labels": ["t0"]})()
     bar = Progress(SerialComm(), 2, "members", stream=io.StringIO())
-    calls = list(claimed_calls([(0, (0, 1), (0, 1))], 2, SerialComm(), False, _Tally(0.0),
+    calls = list(claimed_calls([(0, (0, 1), (0, 1))], 2, SerialComm(), False, Tally(0.0),
                                bar, items, out, "job-x"))
     assert calls == [(0, (1,))] and bar.done == 1
 
@@ -547,8 +547,11 @@ def test_jobs_with_distinct_items_fill_one_store(tmp_path, input_store, capsys, 
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, clean)]) == 0
     reads = []  # the done flags are a file a batch: read at the start, and at the end only
     # where the members done then and those written since may not be all
-    monkeypatch.setattr(pipeline.ensemble, "done_members", lambda path, read=(
-        pipeline.ensemble.done_members): reads.append(path) or read(path))
+    import pipeline.run_end
+
+    real = pipeline.ensemble.done_members
+    for module in (pipeline.ensemble, pipeline.run_end):  # the start's count, and the end's
+        monkeypatch.setattr(module, "done_members", lambda path: reads.append(path) or real(path))
     for part, read in (("[0, 2, 4]", 2), ("[1, 3, 5]", 1)):
         sets = conditional_sets(input_store, shared, f"parallel.items={part}")
         reads.clear()
@@ -1238,10 +1241,10 @@ def test_a_complete_store_on_a_read_only_mount_reruns_as_nothing_to_do(tmp_path,
 def test_a_store_is_consolidated_from_its_creation(tmp_path, input_store, monkeypatch):
     """Only a run's end consolidated the store: one killed before it ended opened with a
     warning in xarray, and not at all for a reader asking for consolidated metadata."""
-    from pipeline import ensemble
+    from pipeline import run_end
 
     out = tmp_path / "s.zarr"
-    monkeypatch.setattr(ensemble, "_record", lambda *args: None)  # killed before its record
+    monkeypatch.setattr(run_end, "_record", lambda *args: None)  # killed before its record
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0
     assert "piadm wrote" not in zarr.open_group(out, mode="r").attrs["history"]  # no end
     ds = xr.open_zarr(out, consolidated=True)

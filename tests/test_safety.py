@@ -493,11 +493,11 @@ def test_a_full_disk_met_recording_the_run_says_the_members_are_written(tmp_path
     that every member was written and a rerun completes the store."""
     import errno
 
-    from pipeline import ensemble
+    from pipeline import run_end
 
-    real = ensemble.finalize
+    real = run_end.finalize
     full = OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(ensemble, "finalize", lambda *a, **k: (_ for _ in ()).throw(full))
+    monkeypatch.setattr(run_end, "finalize", lambda *a, **k: (_ for _ in ()).throw(full))
     sets = _small(tmp_path, **{"ensemble.members": 2, "sampler.method": "sequential-sde"})
     args = ["sample", "jobs/configs/grf.toml",
             *sum((["--set", f"{k}={v}"] for k, v in sets.items()), [])]
@@ -508,7 +508,7 @@ def test_a_full_disk_met_recording_the_run_says_the_members_are_written(tmp_path
                           "line and the consolidated metadata readers open) failed: No space "
                           "left on device; fix the cause"), err
     assert zarr.open_group(sets["output.path"], mode="r")["done"][:].all()
-    monkeypatch.setattr(ensemble, "finalize", real)
+    monkeypatch.setattr(run_end, "finalize", real)
     assert main(args) == 0
     assert "wrote 0 members (2 already written)" in zarr.open_group(
         sets["output.path"], mode="r").attrs["history"]
