@@ -44,7 +44,6 @@ class Summary:
     held: tuple[int, ...] = ()  # (done, all) in the store as the run ended; () where unread
 
 
-
 class Halt:
     """What stops a group's loop: a stop signal, or a write that failed on this rank (its
     lead's). A failed write stops the group as a signal would (``stop_agreed``), so that
