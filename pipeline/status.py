@@ -12,8 +12,9 @@ from pipeline import __version__
 from pipeline.errors import PiadmError, is_system_error
 from pipeline.inputs import label_text
 from pipeline.signals import finished_before_stopping
-from pipeline.store import (ARRAYS_FIX, NOT_A_GROUP, PER_MEMBER, DamagedRecord, damaged_arrays,
-                            done_members, finalize, read_done_record)
+from pipeline.store import (ARRAYS_FIX, NOT_A_GROUP, PER_MEMBER, DamagedRecord, done_members,
+                            finalize, read_done_record)
+from pipeline.store_damage import damaged_arrays
 from pipeline.target import check_idle, filling_jobs
 
 
@@ -241,7 +242,7 @@ def _damaged_members(arrays: dict, field: str, item: int, start: int, stop: int,
 
 
 def _broken_text(path: str, group: zarr.Group, broken: list[str], as_json: bool) -> str:
-    """``verify``'s answer for a store whose arrays are damaged (``store.damaged_arrays``):
+    """``verify``'s answer for a store whose arrays are damaged (``store_damage.damaged_arrays``):
     what is wrong, and that only a copy or a new store mends it."""
     if as_json:
         return json.dumps({**_progress(path, group, None), "store": path, "sound": False,
