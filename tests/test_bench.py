@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bench import _row, _split_calls, _timed_run, model_waits
+from pipeline.bench import _row
+from pipeline.bench_timing import model_waits, split_calls, timed_run
 from pipeline.cli import main
 from pipeline.comm import SerialComm
 from pipeline.samplers import Stats
@@ -23,7 +24,7 @@ def test_the_time_in_collectives_is_the_fastest_repeats_over_its_own_wall():
         comm.seconds += in_collectives
         return y0, Stats(rounds=1, model_calls=1.0)
 
-    _, stats, timing, _ = _timed_run(sampler, None, torch.zeros(1), None, None, comm=comm,
+    _, stats, timing, _ = timed_run(sampler, None, torch.zeros(1), None, None, comm=comm,
                                      options=None, device=torch.device("cpu"), repeats=2)
     row = _row("m", 0, None, 1, 1, 1, stats, 1.0, None, None, timing)
     assert 0.02 <= row["wall_s"] < 0.1 and row["wall_med_s"] >= 0.1
@@ -45,7 +46,7 @@ def test_waiting_is_split_into_the_last_ranks_extra_model_time_and_the_rest():
 
 class TwoRanks:
     """Rank 0 of two, the other rank's records of the same collectives given: the gathers
-    ``_split_calls`` makes, without MPI."""
+    ``split_calls`` makes, without MPI."""
 
     size, rank = 2, 0
 
@@ -63,7 +64,7 @@ def test_the_split_takes_model_time_between_collectives_on_the_rank_that_waited_
     # rank 0's calls: (kind, seconds in it, model seconds since the run began: 4 ms before the
     # first, 2 more before the second); rank 1 spent 1 ms in each, after 9 and 4 ms of model
     calls = [("Allgather", 0.006, 0.004), ("Allreduce", 0.003, 0.006)]
-    own, wait = _split_calls(TwoRanks([[0.001, 0.009], [0.001, 0.004]]), calls)
+    own, wait = split_calls(TwoRanks([[0.001, 0.009], [0.001, 0.004]]), calls)
     # rank 1 arrived last at both: their own time is its 1 ms. Rank 0, which spent most,
     # waited 5 ms for rank 1's 5 more of model time, then 2 ms for its 2 more (4 less 2)
     assert own == pytest.approx({"Allgather": 0.001, "Allreduce": 0.001})
