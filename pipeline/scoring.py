@@ -481,8 +481,8 @@ def _remove_dead_drafts(folder: Path) -> None:
 def _save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline,
           figures: bool) -> list[Path]:
     """Write metrics.json (it marks the folder as ours), metrics.nc and, with ``figures``, the
-    figures into ``folder``, removing an earlier evaluation's files this one does not make; the files
-    written. Each is drafted aside first and moved into place once all are made, so that a
+    figures into ``folder``, removing an earlier evaluation's files this one does not make;
+    the files written. Each is drafted aside first and moved into place once all are made, so that a
     failure leaves the folder as it was, not a mix of two evaluations' files."""
     from pipeline.figures import fields_figure, rank_figure, residual_figure, spectrum_figure
 

@@ -163,7 +163,8 @@ def test_a_truth_on_another_grid_of_as_many_points_is_refused(tmp_path, capsys):
                                                                    zarr_format=3)
     assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / "rev.zarr"),
                  "--out", str(tmp_path / "v")]) == 0
-    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(inp), "--out", str(tmp_path / "s")]) == 0
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(inp), "--out",
+                 str(tmp_path / "s")]) == 0
     scored = [json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("v", "s")]
     assert scored[0]["crps"] == scored[1]["crps"]
     # named lat and lon, north to south as ERA5 stores it: taken as y and x, then lined up
@@ -244,8 +245,8 @@ def test_a_truth_holding_the_stores_grid_indices_the_other_way_round_is_lined_up
     indexed.isel(y=slice(None, None, -1)).to_zarr(tmp_path / "flip.zarr", zarr_format=3)
     indexed.to_zarr(tmp_path / "same.zarr", zarr_format=3)
     for truth in ("plain", "flip", "same"):
-        assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / f"{truth}.zarr"),
-                     "--out", str(tmp_path / truth)]) == 0
+        assert main(["evaluate", "--no-figures", str(ens), "--truth",
+                     str(tmp_path / f"{truth}.zarr"), "--out", str(tmp_path / truth)]) == 0
     flat, flip, same = (_metrics(tmp_path / t) for t in ("plain", "flip", "same"))
     assert flat["crps"] == flip["crps"] == same["crps"]
     assert flat["rank_histogram"] == flip["rank_histogram"]
@@ -490,8 +491,8 @@ def test_a_climatology_range_selects_by_value_and_labels_are_dates_in_json(paire
     truth = xr.open_zarr(tmp / "truth.zarr").load()
     climate = truth.rename(time="day").isel(day=slice(None, None, -1))
     climate.to_zarr(tmp_path / "desc.zarr")
-    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / "desc.zarr"), "--truth-range",
-                 "2020-01-02", "2020-01-04", "--out", str(tmp_path / "c")]) == 0
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / "desc.zarr"),
+                 "--truth-range", "2020-01-02", "2020-01-04", "--out", str(tmp_path / "c")]) == 0
     assert _metrics(tmp_path / "c")["truth_fields"] == 3
     assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp / "truth.zarr"),
                  "--out", str(tmp_path / "p")]) == 0
