@@ -13,10 +13,10 @@ from pipeline.identity import growth, store_digests
 from pipeline.inputs import label_text
 from pipeline.layout import RankGrid
 from pipeline.memory_check import check_memory
-from pipeline.planner import EQUAL_QUALITY, resumed_batch_size, resumed_time_slices, stored_plan
+from pipeline.plan_store import resumed_batch_size, resumed_time_slices, stored_plan
 from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
-from pipeline.settings import AUTO_METHODS, Config, needs_plan
+from pipeline.settings import AUTO_METHODS, EQUAL_QUALITY, Config, needs_plan
 from pipeline.store import StoreExists, done_members, member_batch, stored_attribute
 from pipeline.work import batch_note, call_batch, work_list
 

@@ -5,7 +5,7 @@ What the cost model needs is measured on this rank's device by ``pipeline.profil
 model's cost curve, and a profile of every candidate sampler setting at the run's tolerance
 (calibrated and cached for ``"auto"``). The sequential sampler with ensemble groups is always
 a candidate, so the plan never picks a layout it predicts to be slower. A store made by a
-plan keeps its choice, and a resumed run takes it again (``stored_plan``).
+plan keeps its choice, and a resumed run takes it again (``pipeline.plan_store``).
 """
 from __future__ import annotations
 
@@ -22,15 +22,16 @@ import torch
 from pipeline.cache import cache_path, read_entry, update_cache
 from pipeline.calibrate import CANNOT_CALIBRATE, calibration_key, resolve_tol
 from pipeline.config import ConfigError, with_settings
-from pipeline.identity import growth, older_of_ours
 from pipeline.layout import cpu_threads
 from pipeline.memory import available_bytes, field_bytes, format_bytes, ranks_sharing, sampler_floor
 from pipeline.plan import Layout, Machine, Prediction, Profile, call_items, layouts, predict, rank
 from pipeline.profiling import cost_curve, profile, state_points
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.samplers.options import REPLICABLE
-from pipeline.settings import AUTO_METHODS, Config
-from pipeline.store import ASKED, read_attrs
+from pipeline.plan_store import (check_unplannable_store, resumed_batch_size,
+                                 resumed_time_slices, stored_plan)
+from pipeline.settings import AUTO_METHODS, EQUAL_QUALITY, Config
+from pipeline.store import ASKED
 
 FAMILIES = {"auto": ("sequential-sde", "piadm-sde", "window", "pc-window"),
             "auto-ode": ("sequential-ode", "piadm-ode", "window-ode", "pc-window-ode"),
@@ -39,7 +40,6 @@ FAMILIES = {"auto": ("sequential-sde", "piadm-sde", "window", "pc-window"),
             # own that reach it (pipeline.equal_quality)
             "auto-quality": ("sequential-ode", "dpmpp-2m", "edm-heun", "sequential-sde",
                              "dpmpp-2m-sde", "pc-window-ode", "pc-window", "dpmpp-2m-window")}
-EQUAL_QUALITY = "auto-quality"
 QUALITY_REFERENCE = "sequential-ode"  # auto-quality: its quality at sampler.steps is the target
 
 # One collective stage when the plan cannot time one (a single process): measured with MPICH
@@ -114,40 +114,6 @@ def _most_slices(cfg: Config, prof: Profile) -> int:
     s = dataclasses.replace(cfg.sampler, method=prof.method,
                             steps=prof.steps or cfg.sampler.steps, **at)
     return max(1, min(REGISTRY[prof.method].points(s).values()))
-
-
-# The settings a plan chooses (``settings``): a store made with others than the config's in
-# any other key is no plan's (sampler.steps too, but for auto-quality, which picks steps)
-PLAN_KEYS = ("sampler.method", "parallel.time_slices", "ensemble.batch_size", "sampler.window",
-             "sampler.block_size", "sampler.window_split", "sampler.tol")
-
-
-def check_unplannable_store(cfg: Config) -> None:
-    """Rank 0, before an ``"auto"`` run's plan, when the store at output.path is not one this
-    configuration's plan made (``stored_plan``): refuse it, naming the settings in which its
-    config differs from ``cfg`` (those a plan picks only when no other differs). Planned
-    first, the run was refused only after every measurement, naming the plan's settings."""
-    from pipeline.identity import check_untold
-    from pipeline.stored import differences_of, format_differences, stored_settings
-    from pipeline.store import StoreExists, read_attrs
-
-    attrs = {} if cfg.output.overwrite else read_attrs(cfg.output.path) or {}
-    text = str(attrs.get("config", ""))
-    if not text:  # none, or not a piadm store: the run's own checks say what to do
-        return
-    chosen = PLAN_KEYS + (("sampler.steps",) if cfg.sampler.method == EQUAL_QUALITY else ())
-    read = stored_settings(text, attrs)
-    every = [] if read is None else differences_of(cfg, read)
-    check_untold(cfg, read)
-    # where only plan keys differ, the store's own pick of a key set to "auto" is no change
-    differ = ([d for d in every if d[0] not in chosen]
-              or [d for d in every if d[2] not in ("auto", *AUTO_METHODS)] or every)
-    if differ:
-        raise StoreExists(
-            f"output {cfg.output.path} was made by a different configuration (it differs in "
-            f"{'; '.join(format_differences(differ))}): rerun its own "
-            "config to resume it, choose another output.path, or set output.overwrite = true "
-            "to replace it")
 
 
 def settings(pred: Prediction) -> dict:
@@ -468,59 +434,6 @@ def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int
     attrs = {"plan_settings": json.dumps(chosen), "plan_config_sha256": cfg.store_digest,
              ASKED: stored[1] if stored else cfg.ensemble.batch_size}
     return with_settings(cfg, chosen), attrs
-
-
-def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
-    """The plan the store at output.path was made with, when it is this ``"auto"``
-    configuration's store: (its settings, the batch size the config asked then; None when
-    not known); else None."""
-    attrs = read_attrs(cfg.output.path) or {}
-    if "plan_settings" not in attrs:
-        return None
-    plan, key = json.loads(attrs["plan_settings"]), attrs.get("plan_config_sha256")
-    if key == cfg.store_digest:
-        return plan, attrs.get(ASKED)
-    grown = growth(cfg)  # other members: growing keeps the plan; fewer are refused as such
-    if key is not None and grown is not None and key == grown.digest:
-        return plan, attrs.get(ASKED)
-    # an older piadm's store: its key counted the batch size the config asked then
-    asked = next((b for b in (cfg.ensemble.batch_size, *range(1, OLDER_ASKED + 1))
-                  if cfg.legacy_store_digest(b) == key), None)
-    if asked is not None:
-        return plan, asked
-    # asked a size past those: the plan is this config's when, applied to it, it gives the
-    # store's digest (an older piadm's, or this version's once another run brought it up to date)
-    try:
-        made = with_settings(cfg, plan)
-    except ConfigError:  # a plan this config cannot take is not its own
-        return None
-    found = attrs.get("piadm_store_digest")
-    if found in (made.store_digest, made.legacy_store_digest(made.ensemble.batch_size)):
-        return plan, None
-    # made before keys added since, which its config lacks (``identity.older_of_ours``)
-    return (plan, None) if older_of_ours(made, found) is not None else None
-
-
-OLDER_ASKED = 1024  # the batch sizes an older store's plan key is tried at (0.1 ms each)
-
-
-def resumed_batch_size(cfg: Config, stored: tuple[dict, int | None]) -> int:
-    """The ensemble.batch_size a resumed ``"auto"`` run of ``cfg`` samples at: the stored
-    plan's, unless the config asks another than when the plan was made."""
-    chosen, asked = stored
-    if cfg.ensemble.batch_size != asked:  # asked None: not known, so the config's
-        return cfg.ensemble.batch_size
-    return chosen["ensemble.batch_size"]
-
-
-def resumed_time_slices(cfg: Config, chosen: dict, ranks: int) -> int:
-    """The time slices a resumed ``"auto"`` run on ``ranks`` ranks takes: the config's when it
-    names them, else the plan's ``chosen``, or the most below them that divide the ranks
-    (the layout is not the store's identity: a resume may run on other ranks)."""
-    if cfg.parallel.time_slices != "auto":
-        return cfg.parallel.time_slices
-    planned = chosen["parallel.time_slices"]
-    return max(t for t in range(1, planned + 1) if ranks % t == 0)
 
 
 def collective_latency(comm, repeats: int = 20) -> float:

@@ -273,7 +273,9 @@ def _settings_digest(settings: dict) -> str:
 PEERS = ("diffusers",)
 
 # sampler.method values that let ``piadm plan`` choose: among the SDE or the ODE samplers.
-AUTO_METHODS = ("auto", "auto-ode", "auto-quality")
+# The one of them that also picks each sampler's steps, at equal quality (``piadm plan``).
+EQUAL_QUALITY = "auto-quality"
+AUTO_METHODS = ("auto", "auto-ode", EQUAL_QUALITY)
 
 
 

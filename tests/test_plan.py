@@ -808,7 +808,7 @@ def test_an_auto_store_of_another_config_is_refused_naming_the_users_change(monk
     """Where only plan keys differ, the store's own pick of the method is not the user's
     change: the refusal names the window the user set, not 'piadm-sde' -> 'auto'."""
     from pipeline.config import load_config
-    from pipeline.planner import check_unplannable_store
+    from pipeline.plan_store import check_unplannable_store
     from pipeline.store import StoreExists
 
     made = load_config("jobs/configs/grf.toml", ["sampler.method=piadm-sde"])  # the plan's pick

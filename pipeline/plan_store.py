@@ -1,0 +1,100 @@
+"""The plan a store keeps: an ``"auto"`` run records its choice in the store's attributes
+(``planner.planned_config``), and a resumed run takes it again. Here: which store is this
+configuration's plan's (``stored_plan``), the refusal of one that is not
+(``check_unplannable_store``), and what a resume on other ranks or at another batch size
+takes of the stored choice.
+"""
+from __future__ import annotations
+
+import json
+
+from pipeline.config import ConfigError, with_settings
+from pipeline.identity import growth, older_of_ours
+from pipeline.settings import AUTO_METHODS, EQUAL_QUALITY, Config
+from pipeline.store import ASKED, read_attrs
+
+# The settings a plan chooses (``planner.settings``): a store made with others than the config's in
+# any other key is no plan's (sampler.steps too, but for auto-quality, which picks steps)
+PLAN_KEYS = ("sampler.method", "parallel.time_slices", "ensemble.batch_size", "sampler.window",
+             "sampler.block_size", "sampler.window_split", "sampler.tol")
+
+
+def check_unplannable_store(cfg: Config) -> None:
+    """Rank 0, before an ``"auto"`` run's plan, when the store at output.path is not one this
+    configuration's plan made (``stored_plan``): refuse it, naming the settings in which its
+    config differs from ``cfg`` (those a plan picks only when no other differs). Planned
+    first, the run was refused only after every measurement, naming the plan's settings."""
+    from pipeline.identity import check_untold
+    from pipeline.stored import differences_of, format_differences, stored_settings
+    from pipeline.store import StoreExists, read_attrs
+
+    attrs = {} if cfg.output.overwrite else read_attrs(cfg.output.path) or {}
+    text = str(attrs.get("config", ""))
+    if not text:  # none, or not a piadm store: the run's own checks say what to do
+        return
+    chosen = PLAN_KEYS + (("sampler.steps",) if cfg.sampler.method == EQUAL_QUALITY else ())
+    read = stored_settings(text, attrs)
+    every = [] if read is None else differences_of(cfg, read)
+    check_untold(cfg, read)
+    # where only plan keys differ, the store's own pick of a key set to "auto" is no change
+    differ = ([d for d in every if d[0] not in chosen]
+              or [d for d in every if d[2] not in ("auto", *AUTO_METHODS)] or every)
+    if differ:
+        raise StoreExists(
+            f"output {cfg.output.path} was made by a different configuration (it differs in "
+            f"{'; '.join(format_differences(differ))}): rerun its own "
+            "config to resume it, choose another output.path, or set output.overwrite = true "
+            "to replace it")
+
+
+def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
+    """The plan the store at output.path was made with, when it is this ``"auto"``
+    configuration's store: (its settings, the batch size the config asked then; None when
+    not known); else None."""
+    attrs = read_attrs(cfg.output.path) or {}
+    if "plan_settings" not in attrs:
+        return None
+    plan, key = json.loads(attrs["plan_settings"]), attrs.get("plan_config_sha256")
+    if key == cfg.store_digest:
+        return plan, attrs.get(ASKED)
+    grown = growth(cfg)  # other members: growing keeps the plan; fewer are refused as such
+    if key is not None and grown is not None and key == grown.digest:
+        return plan, attrs.get(ASKED)
+    # an older piadm's store: its key counted the batch size the config asked then
+    asked = next((b for b in (cfg.ensemble.batch_size, *range(1, OLDER_ASKED + 1))
+                  if cfg.legacy_store_digest(b) == key), None)
+    if asked is not None:
+        return plan, asked
+    # asked a size past those: the plan is this config's when, applied to it, it gives the
+    # store's digest (an older piadm's, or this version's once another run brought it up to date)
+    try:
+        made = with_settings(cfg, plan)
+    except ConfigError:  # a plan this config cannot take is not its own
+        return None
+    found = attrs.get("piadm_store_digest")
+    if found in (made.store_digest, made.legacy_store_digest(made.ensemble.batch_size)):
+        return plan, None
+    # made before keys added since, which its config lacks (``identity.older_of_ours``)
+    return (plan, None) if older_of_ours(made, found) is not None else None
+
+
+OLDER_ASKED = 1024  # the batch sizes an older store's plan key is tried at (0.1 ms each)
+
+
+def resumed_batch_size(cfg: Config, stored: tuple[dict, int | None]) -> int:
+    """The ensemble.batch_size a resumed ``"auto"`` run of ``cfg`` samples at: the stored
+    plan's, unless the config asks another than when the plan was made."""
+    chosen, asked = stored
+    if cfg.ensemble.batch_size != asked:  # asked None: not known, so the config's
+        return cfg.ensemble.batch_size
+    return chosen["ensemble.batch_size"]
+
+
+def resumed_time_slices(cfg: Config, chosen: dict, ranks: int) -> int:
+    """The time slices a resumed ``"auto"`` run on ``ranks`` ranks takes: the config's when it
+    names them, else the plan's ``chosen``, or the most below them that divide the ranks
+    (the layout is not the store's identity: a resume may run on other ranks)."""
+    if cfg.parallel.time_slices != "auto":
+        return cfg.parallel.time_slices
+    planned = chosen["parallel.time_slices"]
+    return max(t for t in range(1, planned + 1) if ranks % t == 0)
