@@ -17,7 +17,8 @@ from pipeline.plan_store import resumed_batch_size, resumed_time_slices, stored_
 from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, EQUAL_QUALITY, Config, needs_plan
-from pipeline.store import StoreExists, done_members, member_batch, stored_attribute
+from pipeline.store import StoreExists, done_members
+from pipeline.store_attrs import member_batch, stored_attribute
 from pipeline.work import batch_note, call_batch, work_list
 
 

@@ -45,8 +45,8 @@ from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.samplers.options import RanksParted
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
-from pipeline.store import (ASKED, StoreSpec, done_members, member_batch, read_attrs,
-                            stored_attribute, write_batch)
+from pipeline.store import ASKED, StoreSpec, done_members, write_batch
+from pipeline.store_attrs import member_batch, read_attrs, stored_attribute
 from pipeline.store_match import check_noise_of, check_output, is_stale
 from pipeline.target import open_or_create, upgrade_identity
 from pipeline.validation import check_variable

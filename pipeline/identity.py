@@ -4,7 +4,7 @@ A store is a configuration's when its digest is ``Config.store_digest``, or the 
 older piadm gave the same settings: one that counted ensemble.batch_size, or one made before
 keys added since, which its config lacks (read as that piadm ran without them): that store
 is resumed, at any batch size, and brought up to date (``target.upgrade_identity``). A store's
-unit of work is its own batch (``store.member_batch``); a run resuming it samples its
+unit of work is its own batch (``store_attrs.member_batch``); a run resuming it samples its
 batches ensemble.batch_size members a call (``work.cut_calls``). A store of the same settings
 with fewer members is the configuration's too: it is grown to ensemble.members.
 """
@@ -16,7 +16,8 @@ import tomllib
 
 from pipeline.config import with_settings
 from pipeline.settings import FILE_KEYS, Config
-from pipeline.store import StoreExists, config_batch, config_members, read_attrs, stored_digest
+from pipeline.store import StoreExists
+from pipeline.store_attrs import config_batch, config_members, read_attrs, stored_digest
 from pipeline.stored import Stored, differences_of, stored_settings, untold_message
 from pipeline.target import Growth, check_target, stored_config
 

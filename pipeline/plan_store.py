@@ -11,7 +11,8 @@ import json
 from pipeline.config import ConfigError, with_settings
 from pipeline.identity import growth, older_of_ours
 from pipeline.settings import AUTO_METHODS, EQUAL_QUALITY, Config
-from pipeline.store import ASKED, read_attrs
+from pipeline.store import ASKED
+from pipeline.store_attrs import read_attrs
 
 # The settings a plan chooses (``planner.settings``): a store made with others than the config's in
 # any other key is no plan's (sampler.steps too, but for auto-quality, which picks steps)
@@ -26,7 +27,8 @@ def check_unplannable_store(cfg: Config) -> None:
     first, the run was refused only after every measurement, naming the plan's settings."""
     from pipeline.identity import check_untold
     from pipeline.stored import differences_of, format_differences, stored_settings
-    from pipeline.store import StoreExists, read_attrs
+    from pipeline.store import StoreExists
+    from pipeline.store_attrs import read_attrs
 
     attrs = {} if cfg.output.overwrite else read_attrs(cfg.output.path) or {}
     text = str(attrs.get("config", ""))

@@ -22,7 +22,8 @@ from pipeline.run import DTYPES, provenance, residual_length, sampler_grid
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.samplers.options import CHURNS, REPLICABLE, Options
 from pipeline.settings import Config
-from pipeline.store import FIELD_SCALE, INPUT_FINGERPRINT, MEMBER_BATCH, StoreSpec, member_chunk
+from pipeline.store import FIELD_SCALE, INPUT_FINGERPRINT, StoreSpec, member_chunk
+from pipeline.store_attrs import MEMBER_BATCH
 
 
 def load_items(cfg: Config, *, check: bool, model=None) -> Items:

@@ -12,8 +12,9 @@ from pipeline import __version__
 from pipeline.errors import PiadmError, is_system_error
 from pipeline.inputs import label_text
 from pipeline.signals import finished_before_stopping
-from pipeline.store import (ARRAYS_FIX, NOT_A_GROUP, PER_MEMBER, DamagedRecord, done_members,
-                            finalize, read_done_record)
+from pipeline.store import (ARRAYS_FIX, PER_MEMBER, DamagedRecord, done_members, finalize,
+                            read_done_record)
+from pipeline.store_attrs import NOT_A_GROUP
 from pipeline.store_damage import damaged_arrays
 from pipeline.target import check_idle, filling_jobs
 

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import time
-import tomllib
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pipeline.choices import FIELD_DIMS
 from pipeline.errors import PiadmError, is_system_error
 from pipeline.processes import left_by_dead, own_name
 from pipeline.signals import settle_zarr_io
+from pipeline.store_attrs import NOT_A_GROUP
 from pipeline.warned import catching
 
 
@@ -76,7 +76,6 @@ CHUNK_BYTES = 64 * 2**20  # the most a chunk holds, when the member batch allows
 RESIDUAL_DTYPE = "float32"  # a residual history's entries, one a round
 RESIDUAL_BYTES = np.dtype(RESIDUAL_DTYPE).itemsize
 MEMBER_LABELS_CHUNK = 2**20  # member labels a chunk of the ``member`` coordinate holds
-MEMBER_BATCH = "piadm_member_batch"  # the attribute of the store's unit of work (``member_batch``)
 INPUT_FINGERPRINT = "input_fingerprint"  # the input fields a store was conditioned on
 FIELD_SCALE = "piadm_field_scale"  # [mean, std]: its fields are mean + std * the model's units
 # The attribute of the ensemble.batch_size an "auto" run's config asked when its plan was made
@@ -177,71 +176,6 @@ def enclosing_store(path: str | Path) -> Path | None:
     folder = Path(os.path.abspath(path)).parent  # "a.zarr/../b.json" lies outside a.zarr
     return next((p for p in (folder, *folder.parents)
                  if (p / "zarr.json").is_file() or (p / ".zgroup").is_file()), None)
-
-
-# What zarr raises opening a path that holds no group (none, a plain folder, an array)
-NOT_A_GROUP = (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError)
-
-
-def read_attrs(path: str | Path) -> dict | None:
-    """The attributes of the Zarr group at ``path``, read once; None if it is not one."""
-    try:
-        return dict(zarr.open_group(path, mode="r").attrs)
-    except NOT_A_GROUP:
-        return None
-
-
-def _ensemble_count(text: str, key: str) -> int | None:
-    """ensemble.``key`` in a store's ``config`` attribute (TOML); None without one."""
-    try:
-        value = tomllib.loads(text).get("ensemble", {}).get(key)
-    except tomllib.TOMLDecodeError:
-        return None
-    return value if isinstance(value, int) and value >= 1 else None
-
-
-def config_batch(text: str) -> int | None:
-    """The ensemble.batch_size in a store's ``config`` attribute (TOML); None without one."""
-    return _ensemble_count(text, "batch_size")
-
-
-def config_members(text: str) -> int | None:
-    """The ensemble.members in a store's ``config`` attribute (TOML); None without one."""
-    return _ensemble_count(text, "members")
-
-
-def member_batch(path: str | Path) -> int:
-    """The store's unit of work: members a run claims, samples and writes together (whole
-    chunks, so writers never share one). A store an older piadm made does not record it:
-    there it is the batch size of the config it was made with."""
-    group = zarr.open_group(path, mode="r")
-    attrs = group.attrs
-    return int(attrs.get(MEMBER_BATCH) or config_batch(str(attrs.get("config", "")))
-               or group["done"].chunks[1])
-
-
-def members_of(path: str | Path) -> int:
-    """The members per item of the store at ``path`` (its done array's width; nothing
-    decoded)."""
-    return zarr.open_group(path, mode="r")["done"].shape[1]
-
-
-def member_chunk_of(path: str | Path) -> int:
-    """The members per chunk of the store at ``path``."""
-    return zarr.open_group(path, mode="r")["done"].chunks[1]
-
-
-def stored_digest(path: str | Path) -> str | None:
-    """The configuration digest of the piadm store at ``path``; None if it is not one."""
-    return (read_attrs(path) or {}).get("piadm_store_digest")
-
-
-def stored_attribute(path: str | Path, digests: tuple[str, ...], name: str):
-    """Attribute ``name`` of the piadm store at ``path`` when that store was made by a
-    configuration with one of ``digests`` (a run that will resume it:
-    ``identity.store_digests``); else None."""
-    attrs = read_attrs(path) or {}
-    return attrs.get(name) if attrs.get("piadm_store_digest") in digests else None
 
 
 def create(spec: StoreSpec) -> bool:

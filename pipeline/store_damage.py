@@ -11,7 +11,8 @@ import numpy as np
 import zarr
 
 from pipeline.errors import is_system_error
-from pipeline.store import PER_MEMBER, config_members
+from pipeline.store import PER_MEMBER
+from pipeline.store_attrs import config_members
 
 
 def damaged_arrays(path: str | Path) -> list[str]:

@@ -24,8 +24,8 @@ from pipeline.run import (DTYPES, HOST_NOISE, MODEL_PLUGIN, MODEL_SIDECAR, MODEL
 from pipeline.samplers import REGISTRY
 from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import (ARRAYS_FIX, FIELD_SCALE, INPUT_FINGERPRINT, PER_MEMBER,
-                            PER_MEMBER_BYTES, DamagedRecord, StoreExists, member_chunk,
-                            members_of, open_store, read_attrs)
+                            PER_MEMBER_BYTES, DamagedRecord, StoreExists, member_chunk, open_store)
+from pipeline.store_attrs import members_of, read_attrs
 from pipeline.store_damage import damaged_arrays
 from pipeline.target import check_idle, check_path_walk, check_room, check_writable
 

@@ -25,9 +25,9 @@ from pipeline.claims import (Heartbeat, claims_dir, clear_batch_claims, holding,
 from pipeline import __version__
 from pipeline.errors import ConfigError
 from pipeline.settings import Config
-from pipeline.store import (ASKED, MEMBER_BATCH, StoreExists, StoreSpec, consolidate,
-                            create, enclosing_store, finalize, fit_members, grow, member_batch,
-                            member_chunk_of, members_fit, read_attrs)
+from pipeline.store import (ASKED, StoreExists, StoreSpec, consolidate, create, enclosing_store,
+                            finalize, fit_members, grow, members_fit)
+from pipeline.store_attrs import MEMBER_BATCH, member_batch, member_chunk_of, read_attrs
 
 
 REPLACER = "replacing-"  # the job ids of runs waiting to replace a store: they write nothing

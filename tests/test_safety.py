@@ -303,7 +303,8 @@ def test_a_run_that_loses_the_race_to_create_its_store_resumes_only_its_own(
     import os
 
     from pipeline import store
-    from pipeline.store import StoreExists, stored_digest
+    from pipeline.store import StoreExists
+    from pipeline.store_attrs import stored_digest
     from pipeline.target import open_or_create
 
     path, rename = tmp_path / "raced.zarr", os.rename
@@ -383,7 +384,7 @@ def test_a_store_creation_cut_short_leaves_nothing_beside_it(tmp_path, monkeypat
 def test_of_two_jobs_replacing_another_configs_store_the_second_resumes_the_firsts(
         tmp_path, monkeypatch):
     from pipeline import target
-    from pipeline.store import stored_digest
+    from pipeline.store_attrs import stored_digest
     from pipeline.target import open_or_create
 
     path, holding = tmp_path / "old.zarr", target.holding
@@ -433,7 +434,8 @@ def test_a_store_a_live_job_fills_is_not_replaced_and_a_replaced_store_is_not_wr
     import numpy as np
 
     from pipeline.claims import Heartbeat, claims_dir
-    from pipeline.store import StoreExists, stored_digest, write_batch
+    from pipeline.store import StoreExists, write_batch
+    from pipeline.store_attrs import stored_digest
     from pipeline.target import open_or_create
     from pipeline.writer import BackgroundWriter
 

@@ -1,0 +1,76 @@
+"""What a store's attributes and its ``done`` array's shape say of it, read without opening
+its data: its config's batch size and members, its unit of work, its digest. The store's
+contents and writes are ``pipeline.store``'s.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import zarr
+
+MEMBER_BATCH = "piadm_member_batch"  # the attribute of the store's unit of work (``member_batch``)
+
+# What zarr raises opening a path that holds no group (none, a plain folder, an array)
+NOT_A_GROUP = (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError)
+
+
+def read_attrs(path: str | Path) -> dict | None:
+    """The attributes of the Zarr group at ``path``, read once; None if it is not one."""
+    try:
+        return dict(zarr.open_group(path, mode="r").attrs)
+    except NOT_A_GROUP:
+        return None
+
+
+def _ensemble_count(text: str, key: str) -> int | None:
+    """ensemble.``key`` in a store's ``config`` attribute (TOML); None without one."""
+    try:
+        value = tomllib.loads(text).get("ensemble", {}).get(key)
+    except tomllib.TOMLDecodeError:
+        return None
+    return value if isinstance(value, int) and value >= 1 else None
+
+
+def config_batch(text: str) -> int | None:
+    """The ensemble.batch_size in a store's ``config`` attribute (TOML); None without one."""
+    return _ensemble_count(text, "batch_size")
+
+
+def config_members(text: str) -> int | None:
+    """The ensemble.members in a store's ``config`` attribute (TOML); None without one."""
+    return _ensemble_count(text, "members")
+
+
+def member_batch(path: str | Path) -> int:
+    """The store's unit of work: members a run claims, samples and writes together (whole
+    chunks, so writers never share one). A store an older piadm made does not record it:
+    there it is the batch size of the config it was made with."""
+    group = zarr.open_group(path, mode="r")
+    attrs = group.attrs
+    return int(attrs.get(MEMBER_BATCH) or config_batch(str(attrs.get("config", "")))
+               or group["done"].chunks[1])
+
+
+def members_of(path: str | Path) -> int:
+    """The members per item of the store at ``path`` (its done array's width; nothing
+    decoded)."""
+    return zarr.open_group(path, mode="r")["done"].shape[1]
+
+
+def member_chunk_of(path: str | Path) -> int:
+    """The members per chunk of the store at ``path``."""
+    return zarr.open_group(path, mode="r")["done"].chunks[1]
+
+
+def stored_digest(path: str | Path) -> str | None:
+    """The configuration digest of the piadm store at ``path``; None if it is not one."""
+    return (read_attrs(path) or {}).get("piadm_store_digest")
+
+
+def stored_attribute(path: str | Path, digests: tuple[str, ...], name: str):
+    """Attribute ``name`` of the piadm store at ``path`` when that store was made by a
+    configuration with one of ``digests`` (a run that will resume it:
+    ``identity.store_digests``); else None."""
+    attrs = read_attrs(path) or {}
+    return attrs.get(name) if attrs.get("piadm_store_digest") in digests else None
