@@ -8,7 +8,7 @@ import math
 from pipeline.config import SAMPLING_PATHS, check_same_config
 from pipeline.console import on_every_rank, on_rank0
 from pipeline.errors import raised_by_every_rank
-from pipeline.validation import check_path_links
+from pipeline.value_checks import check_path_links
 
 
 def start(comm, cfg, who: str, *, mode: str = "", paths: tuple[str, ...] = SAMPLING_PATHS,

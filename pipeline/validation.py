@@ -4,11 +4,8 @@ the key and the fix; ``pipeline.config`` runs ``validate`` on every configuratio
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import re
-from pathlib import Path
 
 from pipeline.choices import (DTYPE_NAMES, FIELD_DIMS, FORMS, GRIDS, NORM_GROUPS, ON_DIVERGENCE,
                               SCHEDULER_GRID, SOURCES, STORE_DIMS, STORE_VARIABLES,
@@ -17,6 +14,7 @@ from pipeline.errors import ConfigError, did_you_mean
 from pipeline.samplers.options import THETAS, WINDOW_SPLITS
 from pipeline.settings import (AUTO_METHODS, WAITS, BenchConfig, Config, DataConfig, ModelConfig,
                                ParallelConfig, SamplerConfig, TrainConfig, open_kind)
+from pipeline.value_checks import INT64_MAX, check, check_values
 
 # The largest sampler.u_max. A parallel sampler's prefix sums over a block or window carry
 # factors up to e^{span/2} of the u it spans, and past about 40 float32 keeps no digit of them:
@@ -30,7 +28,6 @@ U_MAX = 40.0
 # rounds to 0 past 87 (NaN at 120 on grf 8x8); past a few units the velocity is gone anyway.
 MOST_CORRECTOR_DAMPING = 80.0
 MAX_COMPONENTS = 1 << 16  # model.components: 1e8 ran out of memory, not naming the key
-INT64_MAX = 2**63 - 1  # the largest count numpy and dask take for the store's member axis
 # A path's time grid and its samplers' per-step tables are float64 arrays of steps + 1 (a
 # window's tables a few more): 10^8 steps is about 8 GB of them, where samplers take 10 to 10^4
 STEPS_MAX = 10**8
@@ -57,11 +54,6 @@ def unquoted(value) -> str:
     return f": write {value.strip()} without quotes" if number else ""
 
 
-def _check(ok: bool, key: str, problem: str) -> None:
-    if not ok:
-        raise ConfigError(f"config: {key} {problem}")
-
-
 def _check_unique(values: tuple, key: str, why: str) -> None:
     seen, twice = set(), None
     for v in values:  # a set, not a scan of those before: long lists of labels are common
@@ -70,19 +62,19 @@ def _check_unique(values: tuple, key: str, why: str) -> None:
             break
         seen.add(v)
     shown = list(values) if len(values) <= 8 else f"[{len(values)} values]"
-    _check(twice is None, key, f"= {shown} names {twice!r} twice ({why}): list each once")
+    check(twice is None, key, f"= {shown} names {twice!r} twice ({why}): list each once")
 
 
 def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
     """A layout must give every time slice at least one point to own."""
     from pipeline.samplers import REGISTRY
 
-    _check(0 <= p.threads <= 65536, "parallel.threads",
-           f"= {p.threads} must be in [0, 65536] (0: automatic)")
-    _check(p.wait in WAITS, "parallel.wait", f"= {p.wait!r} must be one of {', '.join(WAITS)}")
-    _check(p.time_slices == "auto" or (isinstance(p.time_slices, int) and p.time_slices >= 1),
-           "parallel.time_slices", f"= {p.time_slices!r} must be a number >= 1 or \"auto\""
-           + unquoted(p.time_slices))
+    check(0 <= p.threads <= 65536, "parallel.threads",
+          f"= {p.threads} must be in [0, 65536] (0: automatic)")
+    check(p.wait in WAITS, "parallel.wait", f"= {p.wait!r} must be one of {', '.join(WAITS)}")
+    check(p.time_slices == "auto" or (isinstance(p.time_slices, int) and p.time_slices >= 1),
+          "parallel.time_slices", f"= {p.time_slices!r} must be a number >= 1 or \"auto\""
+          + unquoted(p.time_slices))
     if p.time_slices == "auto" or s.method in AUTO_METHODS:
         return  # the planner picks a layout that fits
     registered = REGISTRY[s.method]
@@ -91,10 +83,10 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
         capped = key != "steps" and asked > s.steps  # the path is shorter than the setting
         more = ("sampler.steps" if capped else f"sampler.steps and sampler.{key}"
                 if key != "steps" and n == s.steps else f"sampler.{key}")
-        _check(p.time_slices <= n, "parallel.time_slices",
-               f"= {p.time_slices} is more than the {n} points of sampler.{key}"
-               + (f" (at most sampler.steps = {s.steps})" if capped else "")
-               + f": use at most {n} time slices, or raise {more}")
+        check(p.time_slices <= n, "parallel.time_slices",
+              f"= {p.time_slices} is more than the {n} points of sampler.{key}"
+              + (f" (at most sampler.steps = {s.steps})" if capped else "")
+              + f": use at most {n} time slices, or raise {more}")
 
 
 # The [model] keys that only some of piadm's own kinds read ("weights": a gmm's list, a
@@ -118,10 +110,10 @@ def _check_model_keys(m: ModelConfig) -> None:
     default = ModelConfig()
     for key, readers in READ_BY.items():
         value = getattr(m, key)
-        _check(m.kind in readers or value == getattr(default, key), f"model.{key}",
-               f"= {value!r} is read by model.kind = {' or '.join(map(repr, readers))}, not "
-               f"{m.kind!r}: remove it"
-               + (" (a factory's own arguments go under [model.args])"
+        check(m.kind in readers or value == getattr(default, key), f"model.{key}",
+              f"= {value!r} is read by model.kind = {' or '.join(map(repr, readers))}, not "
+              f"{m.kind!r}: remove it"
+              + (" (a factory's own arguments go under [model.args])"
                   if m.kind == "module" else
                   " (a diffusers folder's scheduler config says what it predicts, and on "
                   "which schedule)" if m.kind == "diffusers" else ""))
@@ -131,123 +123,124 @@ def _check_model(m: ModelConfig) -> None:
     """Model parameters in their ranges: a NaN or a negative length would sample NaN fields;
     then the keys the model's kind reads (``_check_model_keys``)."""
     finite = math.isfinite
-    _check(finite(m.slope) and 0 <= m.slope <= 100, "model.slope",
-           f"= {m.slope} must be a number in [0, 100] (the spectrum's power-law decay)")
-    _check(finite(m.length) and 0 < m.length <= 1e6, "model.length",
-           f"= {m.length} must be a number in (0, 1e6] (grid points)")
-    _check(1 <= m.components <= MAX_COMPONENTS, "model.components",
-           f"= {m.components} must be in [1, {MAX_COMPONENTS}] (a mixture's modes: its score "
-           "weighs every one for every field of every call)")
-    _check(finite(m.spread) and 0 <= m.spread <= 1e6, "model.spread",
-           f"= {m.spread} must be a number in [0, 1e6] (mode widths)")
-    _check(finite(m.std) and 1e-6 <= m.std <= 1e6, "model.std",
-           f"= {m.std} must be a number in [1e-6, 1e6]")
+    check(finite(m.slope) and 0 <= m.slope <= 100, "model.slope",
+          f"= {m.slope} must be a number in [0, 100] (the spectrum's power-law decay)")
+    check(finite(m.length) and 0 < m.length <= 1e6, "model.length",
+          f"= {m.length} must be a number in (0, 1e6] (grid points)")
+    check(1 <= m.components <= MAX_COMPONENTS, "model.components",
+          f"= {m.components} must be in [1, {MAX_COMPONENTS}] (a mixture's modes: its score "
+          "weighs every one for every field of every call)")
+    check(finite(m.spread) and 0 <= m.spread <= 1e6, "model.spread",
+          f"= {m.spread} must be a number in [0, 1e6] (mode widths)")
+    check(finite(m.std) and 1e-6 <= m.std <= 1e6, "model.std",
+          f"= {m.std} must be a number in [1e-6, 1e6]")
     if isinstance(m.weights, str):  # a state-dict file
-        _check(m.kind == "module", "model.weights", f"= {m.weights!r} must be a list of mode "
-               "weights (a state-dict file is for model.kind = 'module')")
+        check(m.kind == "module", "model.weights", f"= {m.weights!r} must be a list of mode "
+              "weights (a state-dict file is for model.kind = 'module')")
     else:
-        _check(all(finite(w) and w >= 0 for w in m.weights)
-               and (not m.weights or sum(m.weights) > 0), "model.weights",
-               f"= {list(m.weights)} must be finite numbers >= 0, not all zero")
-        _check(not m.weights or len(m.weights) == m.components, "model.weights",
-               f"has {len(m.weights)} values for model.components = {m.components}: give one each")
-    _check(not m.emulate_ms or (len(m.emulate_ms) == 2
-                                and all(finite(v) and v >= 0 for v in m.emulate_ms)),
-           "model.emulate_ms", f"= {list(m.emulate_ms)} must be [latency_ms, per_item_ms], "
-           "finite numbers >= 0, or empty (off)")
-    _check(all(v <= MOST_EMULATED_MS for v in m.emulate_ms), "model.emulate_ms",
-           f"= {list(m.emulate_ms)}: an emulated call of more than {MOST_EMULATED_MS:g} ms "
-           "(latency or per item) is no accelerator's; a run could not stop between its calls")
-    _check(finite(m.guidance) and 1 <= m.guidance <= 20, "model.guidance",
-           f"= {m.guidance} must be a number in [1, 20] (1: the checkpoint alone)")
-    _check(m.kind != "unet" or bool(m.checkpoint), "model.checkpoint",
-           "must name a piadm train checkpoint for model.kind = 'unet' (e.g. "
-           "models/checkpoints/kolmogorov_uncond.pt; a config that trains one before sampling "
-           "names the file train.checkpoint writes)")
-    _check(not m.guide or m.kind == "unet", "model.guide",
-           f"= {m.guide!r} guides a piadm U-Net: it needs model.kind = 'unet'")
-    _check(bool(m.guide) or m.guidance == 1, "model.guidance",
-           f"= {m.guidance} needs a weaker checkpoint to guide away from: set model.guide")
-    _check(not m.guide or m.guidance > 1, "model.guide",
-           f"= {m.guide!r} is unused at model.guidance = 1: set model.guidance > 1 (e.g. 2) "
-           "or drop model.guide")
+        check(all(finite(w) and w >= 0 for w in m.weights)
+              and (not m.weights or sum(m.weights) > 0), "model.weights",
+              f"= {list(m.weights)} must be finite numbers >= 0, not all zero")
+        check(not m.weights or len(m.weights) == m.components, "model.weights",
+              f"has {len(m.weights)} values for model.components = {m.components}: give one each")
+    check(not m.emulate_ms or (len(m.emulate_ms) == 2
+                               and all(finite(v) and v >= 0 for v in m.emulate_ms)),
+          "model.emulate_ms", f"= {list(m.emulate_ms)} must be [latency_ms, per_item_ms], "
+          "finite numbers >= 0, or empty (off)")
+    check(all(v <= MOST_EMULATED_MS for v in m.emulate_ms), "model.emulate_ms",
+          f"= {list(m.emulate_ms)}: an emulated call of more than {MOST_EMULATED_MS:g} ms "
+          "(latency or per item) is no accelerator's; a run could not stop between its calls")
+    check(finite(m.guidance) and 1 <= m.guidance <= 20, "model.guidance",
+          f"= {m.guidance} must be a number in [1, 20] (1: the checkpoint alone)")
+    check(m.kind != "unet" or bool(m.checkpoint), "model.checkpoint",
+          "must name a piadm train checkpoint for model.kind = 'unet' (e.g. "
+          "models/checkpoints/kolmogorov_uncond.pt; a config that trains one before sampling "
+          "names the file train.checkpoint writes)")
+    check(not m.guide or m.kind == "unet", "model.guide",
+          f"= {m.guide!r} guides a piadm U-Net: it needs model.kind = 'unet'")
+    check(bool(m.guide) or m.guidance == 1, "model.guidance",
+          f"= {m.guidance} needs a weaker checkpoint to guide away from: set model.guide")
+    check(not m.guide or m.guidance > 1, "model.guide",
+          f"= {m.guide!r} is unused at model.guidance = 1: set model.guidance > 1 (e.g. 2) "
+          "or drop model.guide")
     _check_model_keys(m)
 
 
 def _check_data(d: DataConfig) -> None:
-    _check(bool(d.path.strip()), "data.path", "must not be empty: name the store to write, "
-           "e.g. out/kolmogorov.zarr")
-    _check(d.resolution >= 8 and d.resolution % 2 == 0, "data.resolution",
-           f"= {d.resolution} must be an even number >= 8")
-    _check(d.coarse_factor >= 1 and d.resolution % d.coarse_factor == 0, "data.coarse_factor",
-           f"= {d.coarse_factor} must divide data.resolution = {d.resolution}")
-    _check(d.viscosity > 0, "data.viscosity", f"= {d.viscosity} must be > 0")
-    _check(d.drag >= 0, "data.drag", f"= {d.drag} must be >= 0")
-    _check(0 < d.cfl <= 1, "data.cfl", f"= {d.cfl} must be in (0, 1]")
-    _check(d.dt_max > 0 and d.interval > 0 and d.spinup >= 0, "data.interval",
-           "and data.dt_max must be > 0, data.spinup >= 0")
-    _check(d.snapshots >= 1 and d.chunk >= 1, "data.snapshots", "and data.chunk must be >= 1")
-    _check(d.interval >= MIN_INTERVAL, "data.interval",
-           f"= {d.interval:g} is below {MIN_INTERVAL:g}: snapshots so close are the same field "
-           "(and their time labels may be too)")
+    check(bool(d.path.strip()), "data.path", "must not be empty: name the store to write, "
+          "e.g. out/kolmogorov.zarr")
+    check(d.resolution >= 8 and d.resolution % 2 == 0, "data.resolution",
+          f"= {d.resolution} must be an even number >= 8")
+    check(d.coarse_factor >= 1 and d.resolution % d.coarse_factor == 0, "data.coarse_factor",
+          f"= {d.coarse_factor} must divide data.resolution = {d.resolution}")
+    check(d.viscosity > 0, "data.viscosity", f"= {d.viscosity} must be > 0")
+    check(d.drag >= 0, "data.drag", f"= {d.drag} must be >= 0")
+    check(0 < d.cfl <= 1, "data.cfl", f"= {d.cfl} must be in (0, 1]")
+    check(d.dt_max > 0 and d.interval > 0 and d.spinup >= 0, "data.interval",
+          "and data.dt_max must be > 0, data.spinup >= 0")
+    check(d.snapshots >= 1 and d.chunk >= 1, "data.snapshots", "and data.chunk must be >= 1")
+    check(d.interval >= MIN_INTERVAL, "data.interval",
+          f"= {d.interval:g} is below {MIN_INTERVAL:g}: snapshots so close are the same field "
+          "(and their time labels may be too)")
     total = d.spinup + d.snapshots * d.interval
-    _check(not math.isfinite(total) or total / d.dt_max <= MOST_STEPS, "data.dt_max",
-           f"= {d.dt_max:g} takes at least {total / d.dt_max:.3g} steps for the "
-           f"{total:g} time units of data.spinup + data.snapshots x data.interval, past "
-           f"{MOST_STEPS:.0e} (days of steps): raise data.dt_max or lower those")
-    _check(not d.forcing < 0, "data.forcing", f"= {d.forcing:g} must be >= 0 (0 turns it off)")
+    check(not math.isfinite(total) or total / d.dt_max <= MOST_STEPS, "data.dt_max",
+          f"= {d.dt_max:g} takes at least {total / d.dt_max:.3g} steps for the "
+          f"{total:g} time units of data.spinup + data.snapshots x data.interval, past "
+          f"{MOST_STEPS:.0e} (days of steps): raise data.dt_max or lower those")
+    check(not d.forcing < 0, "data.forcing", f"= {d.forcing:g} must be >= 0 (0 turns it off)")
     damping = d.viscosity * d.forcing_wavenumber**2 + d.drag
     laminar = d.forcing / damping if damping > 0 else 0.0  # (0: refused below)
-    _check(laminar <= MOST_SPEED, "data.forcing",
-           f"= {d.forcing:g} drives the flow at speeds up to {laminar:.3g} (data.forcing / "
-           f"(data.viscosity x data.forcing_wavenumber^2 + data.drag)), past {MOST_SPEED:g}: "
-           "its time steps would be too short to simulate (or it overflows): lower "
-           "data.forcing, or raise data.viscosity or data.drag")
-    _check(d.forcing_wavenumber >= 1, "data.forcing_wavenumber", "must be >= 1")
+    check(laminar <= MOST_SPEED, "data.forcing",
+          f"= {d.forcing:g} drives the flow at speeds up to {laminar:.3g} (data.forcing / "
+          f"(data.viscosity x data.forcing_wavenumber^2 + data.drag)), past {MOST_SPEED:g}: "
+          "its time steps would be too short to simulate (or it overflows): lower "
+          "data.forcing, or raise data.viscosity or data.drag")
+    check(d.forcing_wavenumber >= 1, "data.forcing_wavenumber", "must be >= 1")
     top = resolved_wavenumber(d.resolution)  # past it the grid aliases the forcing
-    _check(d.forcing_wavenumber <= top, "data.forcing_wavenumber",
-           f"= {d.forcing_wavenumber} is past the largest wavenumber data.resolution = "
-           f"{d.resolution} resolves ({top}): lower it or raise data.resolution")
+    check(d.forcing_wavenumber <= top, "data.forcing_wavenumber",
+          f"= {d.forcing_wavenumber} is past the largest wavenumber data.resolution = "
+          f"{d.resolution} resolves ({top}): lower it or raise data.resolution")
 
 
 def _check_train(t: TrainConfig) -> None:
-    _check(0 < t.validation < 1, "train.validation", f"= {t.validation} must be in (0, 1)")
-    _check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size", "and train.steps must be >= 1")
-    _check(t.lr > 0, "train.lr", f"= {t.lr} must be > 0")
+    check(0 < t.validation < 1, "train.validation", f"= {t.validation} must be in (0, 1)")
+    check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size", "and train.steps must be >= 1")
+    check(t.lr > 0, "train.lr", f"= {t.lr} must be > 0")
     # log sigma of the training noise: EDM's -1.2 and 1.2; past these the levels leave float32
-    _check(math.isfinite(t.p_mean) and abs(t.p_mean) <= 10, "train.p_mean",
-           f"= {t.p_mean} must be in [-10, 10] (the mean log noise level; EDM's is -1.2)")
-    _check(math.isfinite(t.p_std) and 0 < t.p_std <= 5, "train.p_std",
-           f"= {t.p_std} must be in (0, 5] (the spread of log noise levels; EDM's is 1.2)")
-    _check(t.cache_mb >= 0, "train.cache_mb", f"= {t.cache_mb} must be >= 0 (0: read lazily)")
-    _check(0 <= t.ema < 1, "train.ema", f"= {t.ema} must be in [0, 1)")
-    _check(t.val_every >= 1 and t.log_every >= 1, "train.val_every", "and train.log_every must be >= 1")
-    _check(len(t.channels) >= 1 and all(c >= 1 and c % NORM_GROUPS == 0 for c in t.channels),
-           "train.channels", f"= {list(t.channels)}: give one width per level, each a multiple "
-           f"of {NORM_GROUPS} (the U-Net's group norms split it into {NORM_GROUPS} groups)")
-    _check(0 <= t.global_modes <= 16, "train.global_modes",
-           f"= {t.global_modes} must be in [0, 16] (0: no global mixing)")
-    _check(not t.residual or bool(t.condition), "train.residual",
-           "= true needs a coarse field to take the remainder from: set train.condition")
+    check(math.isfinite(t.p_mean) and abs(t.p_mean) <= 10, "train.p_mean",
+          f"= {t.p_mean} must be in [-10, 10] (the mean log noise level; EDM's is -1.2)")
+    check(math.isfinite(t.p_std) and 0 < t.p_std <= 5, "train.p_std",
+          f"= {t.p_std} must be in (0, 5] (the spread of log noise levels; EDM's is 1.2)")
+    check(t.cache_mb >= 0, "train.cache_mb", f"= {t.cache_mb} must be >= 0 (0: read lazily)")
+    check(0 <= t.ema < 1, "train.ema", f"= {t.ema} must be in [0, 1)")
+    check(t.val_every >= 1 and t.log_every >= 1, "train.val_every",
+          "and train.log_every must be >= 1")
+    check(len(t.channels) >= 1 and all(c >= 1 and c % NORM_GROUPS == 0 for c in t.channels),
+          "train.channels", f"= {list(t.channels)}: give one width per level, each a multiple "
+          f"of {NORM_GROUPS} (the U-Net's group norms split it into {NORM_GROUPS} groups)")
+    check(0 <= t.global_modes <= 16, "train.global_modes",
+          f"= {t.global_modes} must be in [0, 16] (0: no global mixing)")
+    check(not t.residual or bool(t.condition), "train.residual",
+          "= true needs a coarse field to take the remainder from: set train.condition")
     for key, value in (("train.data", t.data), ("train.variable", t.variable),
                        ("train.checkpoint", t.checkpoint)):
-        _check(bool(value.strip()), key, "must not be empty")
-    _check(all(path.strip() for path in t.extra), "train.extra",
-           f"= {list(t.extra)} holds an empty path: list the stores' paths")
-    _check(os.path.basename(t.checkpoint) not in (".", "..")
-           and os.path.basename(os.path.normpath(t.checkpoint)) not in (".", ".."),
-           "train.checkpoint", f"= {t.checkpoint!r} names a folder: give the checkpoint's file "
-           "path, e.g. out/unet.pt")
-    _check(not t.condition or t.condition != t.variable, "train.condition",
-           f"= {t.condition!r} is the field the model learns (train.variable): condition on "
-           "its coarse version, e.g. 'vorticity_coarse'")
-    _check(not t.checkpoint.endswith(("/", os.sep)), "train.checkpoint",
-           f"= {t.checkpoint!r} names a folder: give the checkpoint's file path, e.g. "
-           f"{t.checkpoint.rstrip('/' + os.sep) or '.'}/unet.pt")
+        check(bool(value.strip()), key, "must not be empty")
+    check(all(path.strip() for path in t.extra), "train.extra",
+          f"= {list(t.extra)} holds an empty path: list the stores' paths")
+    check(os.path.basename(t.checkpoint) not in (".", "..")
+          and os.path.basename(os.path.normpath(t.checkpoint)) not in (".", ".."),
+          "train.checkpoint", f"= {t.checkpoint!r} names a folder: give the checkpoint's file "
+          "path, e.g. out/unet.pt")
+    check(not t.condition or t.condition != t.variable, "train.condition",
+          f"= {t.condition!r} is the field the model learns (train.variable): condition on "
+          "its coarse version, e.g. 'vorticity_coarse'")
+    check(not t.checkpoint.endswith(("/", os.sep)), "train.checkpoint",
+          f"= {t.checkpoint!r} names a folder: give the checkpoint's file path, e.g. "
+          f"{t.checkpoint.rstrip('/' + os.sep) or '.'}/unet.pt")
     stores = [os.path.realpath(path) for path in (t.data, *t.extra)]
-    _check(len(set(stores)) == len(stores), "train.extra",
-           f"= {list(t.extra)} repeats a store (or train.data, whose held-out times would be "
-           "trained on): list each other store once")
+    check(len(set(stores)) == len(stores), "train.extra",
+          f"= {list(t.extra)} repeats a store (or train.data, whose held-out times would be "
+          "trained on): list each other store once")
 
 
 def _check_sampler(s: SamplerConfig, benched: tuple[str, ...] = ()) -> None:
@@ -255,79 +248,80 @@ def _check_sampler(s: SamplerConfig, benched: tuple[str, ...] = ()) -> None:
     from pipeline.samplers import REGISTRY, SAMPLERS
 
     known = (*SAMPLERS, *AUTO_METHODS)
-    _check(s.method in known, "sampler.method", f"= {s.method!r} is unknown: use one of "
-           f"{', '.join(known)}{did_you_mean(s.method, known)}")
-    _check(1 <= s.steps <= STEPS_MAX, "sampler.steps",
-           f"= {s.steps} must be >= 1 and at most {STEPS_MAX} (its time grid's tables "
-           "alone would outgrow a node's memory)")
-    _check(s.block_size >= 1, "sampler.block_size", f"= {s.block_size} must be >= 1")
-    _check(s.max_sweeps >= 1, "sampler.max_sweeps", f"= {s.max_sweeps} must be >= 1")
-    _check(s.theta in THETAS, "sampler.theta",
-           f"= {s.theta!r}: use one of {', '.join(THETAS)}")
-    _check(s.window_split in WINDOW_SPLITS, "sampler.window_split",
-           f"= {s.window_split!r}: use one of {', '.join(WINDOW_SPLITS)}")
+    check(s.method in known, "sampler.method", f"= {s.method!r} is unknown: use one of "
+          f"{', '.join(known)}{did_you_mean(s.method, known)}")
+    check(1 <= s.steps <= STEPS_MAX, "sampler.steps",
+          f"= {s.steps} must be >= 1 and at most {STEPS_MAX} (its time grid's tables "
+          "alone would outgrow a node's memory)")
+    check(s.block_size >= 1, "sampler.block_size", f"= {s.block_size} must be >= 1")
+    check(s.max_sweeps >= 1, "sampler.max_sweeps", f"= {s.max_sweeps} must be >= 1")
+    check(s.theta in THETAS, "sampler.theta",
+          f"= {s.theta!r}: use one of {', '.join(THETAS)}")
+    check(s.window_split in WINDOW_SPLITS, "sampler.window_split",
+          f"= {s.window_split!r}: use one of {', '.join(WINDOW_SPLITS)}")
     number = isinstance(s.tol, float) and math.isfinite(s.tol) and s.tol >= 0
-    _check(s.tol is None or s.tol == "auto" or number,
-           "sampler.tol", f"= {s.tol!r} must be a finite number >= 0 or \"auto\""
-           + unquoted(s.tol))
+    check(s.tol is None or s.tol == "auto" or number,
+          "sampler.tol", f"= {s.tol!r} must be a finite number >= 0 or \"auto\""
+          + unquoted(s.tol))
     if s.method in REGISTRY:  # what the chosen sampler itself needs (declared with it)
         for key, problem in REGISTRY[s.method].problems(s):
             raise ConfigError(f"config: {key} {problem}")
     # the plan weighs windows, which stop on sampler.tol: without it the plan measured every
     # other sampler (minutes on a network) before the first window refused to run
-    _check(s.method not in AUTO_METHODS or s.tol is not None, "sampler.tol",
-           f"must be set for sampler.method = {s.method!r}, whose plan weighs the sliding "
-           "windows that stop on it: \"auto\" calibrates it for each sampler weighed, or give "
-           "a number")
-    _check(s.window >= 0, "sampler.window", f"= {s.window} must be >= 0 (0: the method's own)")
-    _check(0 < s.distance < 1, "sampler.distance", f"= {s.distance} must be in (0, 1), e.g. 1e-3")
-    _check(math.isfinite(s.u_max) and s.u_max <= U_MAX, "sampler.u_max",
-           f"= {s.u_max} must be a finite number <= {U_MAX:g}: past it a parallel sampler's "
-           "float32 prefix sums keep no digit (members far from the sequential path, or NaN) "
-           f"and add nothing (e^{{-u}} = {math.exp(-U_MAX):.0e} of the data is left at "
-           f"{U_MAX:g}); the default is {SamplerConfig.u_max:g}")
-    _check(s.u_max > 0, "sampler.u_max", f"= {s.u_max} must be > 0: the noise level sampling "
-           f"starts from (the default is {SamplerConfig.u_max:g})")
-    _check(math.isfinite(s.u_min) and 0 < s.u_min < s.u_max, "sampler.u_min",
-           f"= {s.u_min} must be > 0 and below sampler.u_max = {s.u_max}")
-    _check(s.knee > 0, "sampler.knee", f"= {s.knee} must be > 0")
-    _check(s.grid in (*GRIDS, SCHEDULER_GRID), "sampler.grid",
-           f"= {s.grid!r} is unknown: use one of {', '.join((*GRIDS, SCHEDULER_GRID))}")
-    _check(s.form in FORMS, "sampler.form", f"= {s.form!r} is unknown: use one of {', '.join(FORMS)}")
-    _check(s.dtype in DTYPE_NAMES, "sampler.dtype",
-           f"= {s.dtype!r}: use {' or '.join(DTYPE_NAMES)}")
-    _check(s.noise in SOURCES, "sampler.noise",
-           f"= {s.noise!r}: use host (the same draws on every device) or device (fast on GPUs)")
-    _check(s.on_divergence in ON_DIVERGENCE, "sampler.on_divergence",
-           f"= {s.on_divergence!r}: use {' or '.join(map(repr, ON_DIVERGENCE))}")
-    _check(s.seed >= 0, "sampler.seed", f"= {s.seed} must be >= 0")
-    _check(s.corrector_steps >= 0, "sampler.corrector_steps", "must be >= 0 (0 turns it off)")
-    _check(s.corrector_sweeps >= 1, "sampler.corrector_sweeps", "must be >= 1")
-    _check(s.churn >= 0 and math.isfinite(s.churn), "sampler.churn",
-           f"= {s.churn} must be a number >= 0 (EDM's S_churn; 0 turns it off)")
-    _check(s.corrector_length > 0 and s.corrector_gamma > 0, "sampler.corrector_length",
-           "and sampler.corrector_gamma must be > 0")
+    check(s.method not in AUTO_METHODS or s.tol is not None, "sampler.tol",
+          f"must be set for sampler.method = {s.method!r}, whose plan weighs the sliding "
+          "windows that stop on it: \"auto\" calibrates it for each sampler weighed, or give "
+          "a number")
+    check(s.window >= 0, "sampler.window", f"= {s.window} must be >= 0 (0: the method's own)")
+    check(0 < s.distance < 1, "sampler.distance", f"= {s.distance} must be in (0, 1), e.g. 1e-3")
+    check(math.isfinite(s.u_max) and s.u_max <= U_MAX, "sampler.u_max",
+          f"= {s.u_max} must be a finite number <= {U_MAX:g}: past it a parallel sampler's "
+          "float32 prefix sums keep no digit (members far from the sequential path, or NaN) "
+          f"and add nothing (e^{{-u}} = {math.exp(-U_MAX):.0e} of the data is left at "
+          f"{U_MAX:g}); the default is {SamplerConfig.u_max:g}")
+    check(s.u_max > 0, "sampler.u_max", f"= {s.u_max} must be > 0: the noise level sampling "
+          f"starts from (the default is {SamplerConfig.u_max:g})")
+    check(math.isfinite(s.u_min) and 0 < s.u_min < s.u_max, "sampler.u_min",
+          f"= {s.u_min} must be > 0 and below sampler.u_max = {s.u_max}")
+    check(s.knee > 0, "sampler.knee", f"= {s.knee} must be > 0")
+    check(s.grid in (*GRIDS, SCHEDULER_GRID), "sampler.grid",
+          f"= {s.grid!r} is unknown: use one of {', '.join((*GRIDS, SCHEDULER_GRID))}")
+    check(s.form in FORMS, "sampler.form",
+          f"= {s.form!r} is unknown: use one of {', '.join(FORMS)}")
+    check(s.dtype in DTYPE_NAMES, "sampler.dtype",
+          f"= {s.dtype!r}: use {' or '.join(DTYPE_NAMES)}")
+    check(s.noise in SOURCES, "sampler.noise",
+          f"= {s.noise!r}: use host (the same draws on every device) or device (fast on GPUs)")
+    check(s.on_divergence in ON_DIVERGENCE, "sampler.on_divergence",
+          f"= {s.on_divergence!r}: use {' or '.join(map(repr, ON_DIVERGENCE))}")
+    check(s.seed >= 0, "sampler.seed", f"= {s.seed} must be >= 0")
+    check(s.corrector_steps >= 0, "sampler.corrector_steps", "must be >= 0 (0 turns it off)")
+    check(s.corrector_sweeps >= 1, "sampler.corrector_sweeps", "must be >= 1")
+    check(s.churn >= 0 and math.isfinite(s.churn), "sampler.churn",
+          f"= {s.churn} must be a number >= 0 (EDM's S_churn; 0 turns it off)")
+    check(s.corrector_length > 0 and s.corrector_gamma > 0, "sampler.corrector_length",
+          "and sampler.corrector_gamma must be > 0")
     # a step of the Langevin corrector is h = length / steps noise scales, and a direction in
     # which the data hardly vary has a frequency of one per noise scale: a leapfrog-type step
     # is stable there below h = 2 (on grf 8x8 h = 5 still held, 12.5 grew 4x, 125 went NaN)
     # the corrector runs for the method, or for one piadm bench compares (``benched``)
     corrects = any(m in AUTO_METHODS or (m in REGISTRY and REGISTRY[m].corrector)
                    for m in (s.method, *benched))
-    _check(not corrects or not s.corrector_steps or s.corrector_length / s.corrector_steps < 2,
-           "sampler.corrector_length",
-           f"= {s.corrector_length:g} over sampler.corrector_steps = {s.corrector_steps} makes "
-           f"steps of {s.corrector_length / max(s.corrector_steps, 1):.3g} noise scales, past "
-           "2, where the Langevin corrector grows the data's thinnest directions instead of "
-           "damping them: lower it or raise sampler.corrector_steps")
-    _check(not corrects or not s.corrector_steps
-           or s.corrector_gamma * s.corrector_length <= MOST_CORRECTOR_DAMPING,
-           "sampler.corrector_gamma",
-           f"= {s.corrector_gamma:g} times sampler.corrector_length = {s.corrector_length:g} damps "
-           f"the corrector's velocity by e^-{s.corrector_gamma * s.corrector_length:.3g}, past "
-           f"e^-{MOST_CORRECTOR_DAMPING:g}, which float32 rounds to 0 (and the corrector to "
-           "NaN): keep their product at most "
-           f"{MOST_CORRECTOR_DAMPING:g} (the defaults: {SamplerConfig.corrector_gamma:g} and "
-           f"{SamplerConfig.corrector_length:g})")
+    check(not corrects or not s.corrector_steps or s.corrector_length / s.corrector_steps < 2,
+          "sampler.corrector_length",
+          f"= {s.corrector_length:g} over sampler.corrector_steps = {s.corrector_steps} makes "
+          f"steps of {s.corrector_length / max(s.corrector_steps, 1):.3g} noise scales, past "
+          "2, where the Langevin corrector grows the data's thinnest directions instead of "
+          "damping them: lower it or raise sampler.corrector_steps")
+    check(not corrects or not s.corrector_steps
+          or s.corrector_gamma * s.corrector_length <= MOST_CORRECTOR_DAMPING,
+          "sampler.corrector_gamma",
+          f"= {s.corrector_gamma:g} times sampler.corrector_length = {s.corrector_length:g} damps "
+          f"the corrector's velocity by e^-{s.corrector_gamma * s.corrector_length:.3g}, past "
+          f"e^-{MOST_CORRECTOR_DAMPING:g}, which float32 rounds to 0 (and the corrector to "
+          "NaN): keep their product at most "
+          f"{MOST_CORRECTOR_DAMPING:g} (the defaults: {SamplerConfig.corrector_gamma:g} and "
+          f"{SamplerConfig.corrector_length:g})")
 
 
 def _store_names(field_axes: int) -> tuple[str, ...]:
@@ -344,12 +338,12 @@ def check_variable(name: str, item_dim: str, field_axes: int,
     if not name:
         return  # the default name
     taken = (*_store_names(field_axes), item_dim, "zarr.json")
-    _check(name == name.strip() and name not in (".", "..") and "/" not in name,
-           key, f"= {name!r} is not a name a Zarr store can hold: give a plain "
-           "name without '/' or surrounding spaces, e.g. 'vorticity'")
-    _check(name not in taken, key, f"= {name!r} is a name the store uses itself: use none of "
-           f"{', '.join(taken)}" + ("" if key == "output.variable" else
-                                    ", or name the ensemble's field with output.variable"))
+    check(name == name.strip() and name not in (".", "..") and "/" not in name,
+          key, f"= {name!r} is not a name a Zarr store can hold: give a plain "
+          "name without '/' or surrounding spaces, e.g. 'vorticity'")
+    check(name not in taken, key, f"= {name!r} is a name the store uses itself: use none of "
+          f"{', '.join(taken)}" + ("" if key == "output.variable" else
+                                   ", or name the ensemble's field with output.variable"))
 
 
 def _check_conditioning(cfg: Config) -> None:
@@ -357,158 +351,43 @@ def _check_conditioning(cfg: Config) -> None:
     from models import NETWORK_KINDS
 
     m = cfg.model
-    _check(m.condition in ("none", "mean", "coarse"), "model.condition",
-           f"= {m.condition!r} is unknown: use 'none', 'mean' or 'coarse'")
-    _check((m.condition == "none") == (not cfg.input.path), "model.condition",
-           f"= {m.condition!r} and input.path = {cfg.input.path!r}: a conditioned model needs an "
-           "input and an input needs a conditioned model; set both or neither")
-    _check(m.condition != "coarse" or m.kind in NETWORK_KINDS,
-           "model.condition", "= 'coarse' needs a network (model.kind = 'unet', 'module' or "
-           "'diffusers'); exact models condition with 'mean'")
-    _check(cfg.sampler.grid != SCHEDULER_GRID or m.kind == "diffusers", "sampler.grid",
-           "= 'scheduler' samples on a diffusers scheduler's timesteps: it needs "
-           "model.kind = 'diffusers'")
+    check(m.condition in ("none", "mean", "coarse"), "model.condition",
+          f"= {m.condition!r} is unknown: use 'none', 'mean' or 'coarse'")
+    check((m.condition == "none") == (not cfg.input.path), "model.condition",
+          f"= {m.condition!r} and input.path = {cfg.input.path!r}: a conditioned model needs an "
+          "input and an input needs a conditioned model; set both or neither")
+    check(m.condition != "coarse" or m.kind in NETWORK_KINDS,
+          "model.condition", "= 'coarse' needs a network (model.kind = 'unet', 'module' or "
+          "'diffusers'); exact models condition with 'mean'")
+    check(cfg.sampler.grid != SCHEDULER_GRID or m.kind == "diffusers", "sampler.grid",
+          "= 'scheduler' samples on a diffusers scheduler's timesteps: it needs "
+          "model.kind = 'diffusers'")
     # the input's item dimension becomes the store's first, in place of "item": it must not
     # clash with the others
     taken = tuple(name for name in _store_names(len(m.shape)) if name != "item")
-    _check(not cfg.input.path or cfg.input.item_dim not in taken, "input.item_dim",
-           f"= {cfg.input.item_dim!r} is a name the ensemble store uses itself: rename that "
-           f"dimension of the input (xarray's Dataset.rename) to none of {', '.join(taken)}")
+    check(not cfg.input.path or cfg.input.item_dim not in taken, "input.item_dim",
+          f"= {cfg.input.item_dim!r} is a name the ensemble store uses itself: rename that "
+          f"dimension of the input (xarray's Dataset.rename) to none of {', '.join(taken)}")
 
 
 def _check_bench(b: BenchConfig) -> None:
     """The bench's methods, sizes, members, seeds and repeats."""
     from pipeline.samplers import SAMPLERS
 
-    _check(len(b.methods) >= 1, "bench.methods",
-           "is empty: name the methods to bench, e.g. [\"sequential-sde\", \"pc-window\"]")
+    check(len(b.methods) >= 1, "bench.methods",
+          "is empty: name the methods to bench, e.g. [\"sequential-sde\", \"pc-window\"]")
     for method in b.methods:
-        _check(method in SAMPLERS, "bench.methods", f"has unknown method {method!r}: use any "
-               f"of {', '.join(SAMPLERS)}{did_you_mean(method, SAMPLERS)}")
+        check(method in SAMPLERS, "bench.methods", f"has unknown method {method!r}: use any "
+              f"of {', '.join(SAMPLERS)}{did_you_mean(method, SAMPLERS)}")
     _check_unique(tuple(b.methods), "bench.methods", "it would be benched twice")
     for size in b.sizes:
-        _check(1 <= len(size) <= 3 and min(size) >= 2, "bench.sizes",
-               f"has bad shape {list(size)}: each needs 1 to 3 sizes >= 2")
+        check(1 <= len(size) <= 3 and min(size) >= 2, "bench.sizes",
+              f"has bad shape {list(size)}: each needs 1 to 3 sizes >= 2")
     _check_unique(tuple(map(tuple, b.sizes)), "bench.sizes", "it would be benched twice")
-    _check(b.members >= 1, "bench.members", f"= {b.members} must be >= 1")
-    _check(b.quality_members >= 2, "bench.quality_members",
-           f"= {b.quality_members} must be >= 2 (a spectrum's bootstrap resamples them)")
-    _check(b.seeds >= 1 and b.repeats >= 1, "bench.seeds", "and bench.repeats must be >= 1")
-
-
-def _check_numbers(cfg: Config) -> None:
-    """Every number of every section finite (an infinite spin-up runs forever, a NaN forcing
-    blows up with a misleading hint), every seed one numpy and torch both take, and every
-    text written out: no "~" or "$VAR" that a shell would have expanded, no control
-    character, UTF-8 text throughout; every path a file system's, not a URL."""
-    for section in dataclasses.fields(cfg):
-        table = getattr(cfg, section.name)
-        if not dataclasses.is_dataclass(table):
-            continue
-        for f in dataclasses.fields(table):
-            value, key = getattr(table, f.name), f"{section.name}.{f.name}"
-            numbers = value if isinstance(value, (list, tuple)) else (value,)
-            _check(all(math.isfinite(v) for v in numbers if isinstance(v, float)), key,
-                   f"= {value!r} must be finite")
-            if f.name == "seed":
-                _check(0 <= value <= INT64_MAX, key, f"= {value} must be in [0, {INT64_MAX}]")
-            # a path's "~": zarr expands it (to $HOME) and the rest of piadm does not, so a
-            # store was drafted in $HOME and then looked for in a folder named "~"
-            tilde = [v for v in numbers
-                     if isinstance(v, str) and (v == "~" or v.startswith(("~/", "~\\")))]
-            _check(not tilde, key,
-                   f"= {value!r} starts with '~', which piadm does not expand (a TOML file is "
-                   "not a shell): write the path out, e.g. "
-                   f"{os.path.expanduser('~')}{tilde[0][1:] if tilde else ''}")
-            # "$HOME/x.zarr" made a folder named "$HOME" in the working folder
-            shell = [v for v in numbers if isinstance(v, str) and re.search(r"\$[{\w]", v)]
-            _check(not shell, key,
-                   f"= {value!r} names a variable, which piadm does not expand (a TOML file is "
-                   "not a shell): write the path out"
-                   + (f", e.g. {os.path.expandvars(shell[0])}" if shell and
-                      os.path.expandvars(shell[0]) != shell[0] else ""))
-            # a newline at a path's end made a folder whose name ends in one
-            control = [v for v in numbers if isinstance(v, str) and re.search(r"[\x00-\x1f\x7f]", v)]
-            _check(not control, key,
-                   f"= {value!r} holds a control character (a new line or tab): remove it")
-            # a shell's Latin-1 byte arrives as a lone surrogate, which the store's config
-            # text (UTF-8) cannot hold: it failed at the config's digest, a traceback
-            _check(all(_utf8(v) for v in _texts(value)), key,
-                   f"= {value!r} holds a byte that is not UTF-8 text (a name typed in another "
-                   "encoding): write it in UTF-8")
-            if f.name in PATH_FIELDS:
-                _check_local(key, value)
-
-
-# The fields that name files or folders (model.weights where it is a text)
-PATH_FIELDS = ("path", "checkpoint", "guide", "weights", "data", "init", "extra")
-
-
-def _check_local(key: str, value) -> None:
-    """Refuse a path that zarr would open through fsspec ("s3://...", "simplecache::..."):
-    piadm's locks, drafts and renames are a file system's, and such a path failed on a
-    missing package, or made a local folder named "memory:"."""
-    for text in _texts(value):
-        if re.match(r"[A-Za-z][\w+.-]*://", text):
-            _check(False, key, f"= {value!r} is a URL: piadm works on the files of a local or "
-                   "mounted file system only; give a path there")
-        _check("://" not in text and "::" not in text, key,
-               f"= {value!r} holds '://' or '::', which zarr reads as a URL: rename the path")
-        # " out/x.zarr" made a folder named " out"
-        _check(text == text.strip(), key, f"= {value!r} starts or ends with a space: remove it")
-
-
-def check_path_links(cfg: Config, keys) -> None:
-    """Refuse a path among the settings ``keys`` ("output.path", ...) that steps back (``..``)
-    out of a symbolic link to a folder: xarray takes the ``..`` as written, the file system
-    from the link's target, so a store was checked in one place and written in another, or
-    another input read. On the node that runs the command (the files are its), not where a
-    config is only read."""
-    for key in keys:
-        section, name = key.split(".")
-        for text in _texts(getattr(getattr(cfg, section), name)):
-            through = _link_then_back(text)
-            _check(through is None, key,
-                   f"= {text!r} steps back (..) out of {through!r}, a link to another folder: "
-                   "xarray takes the '..' as written and the file system from the link's "
-                   "target, so the two read and write different places: write the path "
-                   "without '..'")
-
-
-def _link_then_back(path: str) -> str | None:
-    """The link in ``path`` out of which a ``..`` leads elsewhere than as written
-    (``link/..`` is the link's folder as text, the target's parent on disk)."""
-    parts = Path(path).parts
-    for i, part in enumerate(parts):
-        if part == ".." and i:
-            walked = os.path.join(*parts[:i + 1])
-            if os.path.realpath(walked) != os.path.realpath(os.path.normpath(walked)):
-                links = [os.path.join(*parts[:j]) for j in range(i, 0, -1)
-                         if os.path.islink(os.path.join(*parts[:j]))]
-                return links[0] if links else os.path.join(*parts[:i])
-    return None
-
-
-def _texts(value):
-    """The strings in ``value``: itself, or those in its lists and tables."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _texts(v)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _texts(k)
-            yield from _texts(v)
-
-
-def _utf8(text: str) -> bool:
-    """Whether ``text`` encodes as UTF-8 (no lone surrogate from undecodable bytes)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    check(b.members >= 1, "bench.members", f"= {b.members} must be >= 1")
+    check(b.quality_members >= 2, "bench.quality_members",
+          f"= {b.quality_members} must be >= 2 (a spectrum's bootstrap resamples them)")
+    check(b.seeds >= 1 and b.repeats >= 1, "bench.seeds", "and bench.repeats must be >= 1")
 
 
 def validate(cfg: Config) -> None:
@@ -517,33 +396,33 @@ def validate(cfg: Config) -> None:
 
     m = cfg.model
     kinds = model_kinds()
-    _check(m.kind in kinds, "model.kind", f"= {m.kind!r} is unknown: use one of "
-           f"{', '.join(kinds)}{did_you_mean(m.kind, kinds)}")
-    _check(not m.args or open_kind(m.kind), "model.args",
-           f"are only for model.kind = 'module' or a plugin's kind, not {m.kind!r}")
+    check(m.kind in kinds, "model.kind", f"= {m.kind!r} is unknown: use one of "
+          f"{', '.join(kinds)}{did_you_mean(m.kind, kinds)}")
+    check(not m.args or open_kind(m.kind), "model.args",
+          f"are only for model.kind = 'module' or a plugin's kind, not {m.kind!r}")
     least = 2 if m.kind in ("grf", "gmm") else 1  # a network may take a channel axis of 1
-    _check(1 <= len(m.shape) <= 3 and min(m.shape) >= least, "model.shape",
-           f"= {list(m.shape)} must have 1 to 3 sizes, each >= {least}")
+    check(1 <= len(m.shape) <= 3 and min(m.shape) >= least, "model.shape",
+          f"= {list(m.shape)} must have 1 to 3 sizes, each >= {least}")
     _check_sampler(cfg.sampler, cfg.bench.methods)
     for key, n in (("ensemble.members", cfg.ensemble.members),
                    ("ensemble.batch_size", cfg.ensemble.batch_size)):
-        _check(n >= 1, key, f"= {n} must be >= 1")
-        _check(n <= INT64_MAX, key, f"= {n} is more than the store's int64 index holds: use at "
-               f"most {INT64_MAX}")
-    _check(bool(cfg.output.path.strip()), "output.path", "must not be empty")
+        check(n >= 1, key, f"= {n} must be >= 1")
+        check(n <= INT64_MAX, key, f"= {n} is more than the store's int64 index holds: use at "
+              f"most {INT64_MAX}")
+    check(bool(cfg.output.path.strip()), "output.path", "must not be empty")
     check_variable(cfg.output.variable, cfg.input.item_dim, len(m.shape))
     _check_conditioning(cfg)
     if m.kind == "module":
         from models.module_check import check_section
 
         check_section(m)
-    _check(not cfg.input.path or bool(cfg.input.variable), "input.variable",
-           "must name the variable to condition on when input.path is set")
-    _check(len(cfg.input.range) in (0, 2), "input.range", "must be [first, last] or empty")
-    _check(not (cfg.input.items and cfg.input.range), "input.items",
-           f"= {list(cfg.input.items)} and input.range = {list(cfg.input.range)} both choose the "
-           "items: give one (e.g. --set 'input.range=[]' to take just input.items)")
-    _check(all(i >= 0 for i in cfg.parallel.items), "parallel.items", "must be item indices >= 0")
+    check(not cfg.input.path or bool(cfg.input.variable), "input.variable",
+          "must name the variable to condition on when input.path is set")
+    check(len(cfg.input.range) in (0, 2), "input.range", "must be [first, last] or empty")
+    check(not (cfg.input.items and cfg.input.range), "input.items",
+          f"= {list(cfg.input.items)} and input.range = {list(cfg.input.range)} both choose the "
+          "items: give one (e.g. --set 'input.range=[]' to take just input.items)")
+    check(all(i >= 0 for i in cfg.parallel.items), "parallel.items", "must be item indices >= 0")
     _check_unique(cfg.parallel.items, "parallel.items", "its members would be sampled twice")
     _check_unique(cfg.input.items, "input.items", "the store would hold it twice")
     _check_data(cfg.data)
@@ -551,14 +430,14 @@ def validate(cfg: Config) -> None:
     _check_parallel(cfg.parallel, cfg.sampler)
     _check_bench(cfg.bench)
     _check_model(m)
-    _check(m.data_bound >= 0 and math.isfinite(m.data_bound), "model.data_bound",
-           f"= {m.data_bound} must be >= 0 and finite (0: the model's own bound)")
+    check(m.data_bound >= 0 and math.isfinite(m.data_bound), "model.data_bound",
+          f"= {m.data_bound} must be >= 0 and finite (0: the model's own bound)")
     c = cfg.calibrate
-    _check(c.members >= 1, "calibrate.members", f"= {c.members} must be >= 1")
-    _check(c.refine >= 0, "calibrate.refine", f"= {c.refine} must be >= 0 (0: the ladder's "
-           "own tolerances only)")
-    _check(len(c.ladder) >= 1 and all(v > 0 for v in c.ladder)
-           and all(a > b for a, b in zip(c.ladder, c.ladder[1:])), "calibrate.ladder",
-           f"= {list(c.ladder)}: give tolerances > 0, loosest first (the first that keeps the "
-           "members close is taken)")
-    _check_numbers(cfg)  # last: the checks above say more of the keys they know
+    check(c.members >= 1, "calibrate.members", f"= {c.members} must be >= 1")
+    check(c.refine >= 0, "calibrate.refine", f"= {c.refine} must be >= 0 (0: the ladder's "
+          "own tolerances only)")
+    check(len(c.ladder) >= 1 and all(v > 0 for v in c.ladder)
+          and all(a > b for a, b in zip(c.ladder, c.ladder[1:])), "calibrate.ladder",
+          f"= {list(c.ladder)}: give tolerances > 0, loosest first (the first that keeps the "
+          "members close is taken)")
+    check_values(cfg)  # last: the checks above say more of the keys they know
