@@ -75,8 +75,8 @@ def _setup(args, world, plan: bool = False, layout: bool = True, stop=None):
     # nodes): every rank must then stop, not wait for it in check_same_config
     cfg = on_every_rank(world, lambda: _load(args))
     options = {k: v for k, v in sorted(vars(args).items()) if k not in ("config", "set")}
-    paths = {"train": TRAINING_PATHS, "generate-data": ("data.path",)}.get(args.command,
-                                                                          SAMPLING_PATHS)
+    paths = {"train": TRAINING_PATHS,
+             "generate-data": ("data.path",)}.get(args.command, SAMPLING_PATHS)
     cfg, ranks, device, attrs = start(world, cfg, f"piadm {args.command}", mode=repr(options),
                                       paths=paths, stored=args.command == "sample", plan=plan,
                                       layout=layout, stop=stop)
@@ -111,46 +111,17 @@ def _cmd_sample(args, world) -> int:
     except Stopped:
         return _stopped_before_sampling(world)
     from pipeline.ensemble import sample_to_store
+    from pipeline.sample_report import closing, fixed_sweeps_note, opening
     from pipeline.samplers import redone
 
-    guided = (f" (autoguided by {cfg.model.guide}, weight {cfg.model.guidance:g})"
-              if cfg.model.guide else "")
-    print0(world, f"piadm sample: {cfg.sampler.method} on {cfg.model.kind} {list(cfg.model.shape)}"
-                  f"{guided}, "
-                  f"{cfg.ensemble.members} members per item -> {cfg.output.path}; {world.size} "
-                  f"rank{'s' if world.size > 1 else ''} = "
-                  f"{ranks.groups} group{'s' if ranks.groups > 1 else ''} x "
-                  f"{cfg.parallel.time_slices} time slice{'s' if ranks.slices.size > 1 else ''}, "
-                  f"{device}")
-    if _fixed_sweeps(cfg):  # the bare defaults' trap: no speed-up, many times the calls
-        print0(world, f"note: sampler.tol is unset, so each block of {cfg.sampler.method} "
-                      "sweeps as many times as it has steps (at most sampler.max_sweeps = "
-                      f"{cfg.sampler.max_sweeps}): as many rounds as the sequential sampler, "
-                      "at many times its calls; set sampler.tol (a number, or \"auto\" to "
-                      "calibrate one)")
+    print0(world, opening(cfg, world.size, ranks, device))
+    note = fixed_sweeps_note(cfg)  # the bare defaults' trap: no speed-up, many times the calls
+    if note:
+        print0(world, note)
     summary = sample_to_store(cfg, ranks=ranks, device=device, stop=stop, attrs=attrs)
     if not summary.began:
         return _stopped_before_sampling(world)
-    share = summary.write_wait_s / summary.seconds if summary.seconds else 0.0
-    where = "" if summary.preempted else f"\n  open with        xarray.open_zarr({summary.path!r})"
-    held = (f"; the store holds {summary.held[0]} of {summary.held[1]}" if summary.held
-            else "")  # other jobs sharing it may have written the rest
-    start_up = time.perf_counter() - began - summary.seconds
-    calls = f"{summary.model_calls:.1f}".removesuffix(".0")  # a mean: 98.5 is not 98
-    figures = (f"  parallel rounds  {summary.rounds} in all, at most {summary.batch_rounds} a "
-               "batch (the slowest group's batches, one after another)\n"
-               f"  model calls      {calls} per member\n"
-               f"{_against_sequential(cfg, summary)}"
-               f"  wall time        {summary.seconds:.2f} s sampling (after {start_up:.1f} s "
-               "of start-up: model, store, calibration or plan); writing "
-               f"{summary.write_s:.2f} s; sampling "
-               # not "of which": the wait also holds the writer thread's turn for a core
-               f"waited {summary.write_wait_s:.2f} s ({100 * share:.1f}%) for the writer"
-               if summary.members else "  no batch was finished before the stop"
-               if summary.preempted else "  no member was left to sample")
-    print0(world, f"{'stopped' if summary.preempted else 'done'}: {summary.members} members "
-                  f"written to {summary.path} ({summary.skipped} were already done{held})\n"
-                  f"{figures}{where}")
+    print0(world, closing(cfg, summary, start_up=time.perf_counter() - began - summary.seconds))
     if summary.fallbacks:
         print0(world, f"note: {redone(summary.fallbacks)}")
     if summary.preempted:
@@ -158,39 +129,6 @@ def _cmd_sample(args, world) -> int:
                       f"(exit {EXIT_PREEMPTED})")
         return EXIT_PREEMPTED
     return 0
-
-
-def _fixed_sweeps(cfg) -> bool:
-    """Whether ``cfg`` runs a Picard block sampler with no tolerance: every block then sweeps
-    as many times as it has points (at most ``sampler.max_sweeps``) whatever its residual."""
-    from pipeline.samplers import REGISTRY
-
-    entry = REGISTRY.get(cfg.sampler.method)
-    return entry is not None and entry.blocked and cfg.sampler.tol is None
-
-
-def _against_sequential(cfg, summary) -> str:
-    """What the parallel sampler bought over the sequential one for the same members: the
-    sequential path takes one round and one model call per step."""
-    from pipeline.samplers import REFERENCE
-
-    s = cfg.sampler
-    if REFERENCE[s.method] == s.method or not summary.members:
-        return ""
-    steps = s.steps + int(s.denoise_final)
-    return (f"  vs sequential    {REFERENCE[s.method]} would take {steps} rounds and {steps} "
-            f"model calls per batch and member; {s.method} took at most {summary.batch_rounds} "
-            f"rounds ({_times(summary.batch_rounds, steps)}) for "
-            f"{summary.model_calls / steps:.1f}x the calls\n")
-
-
-def _times(ours: float, theirs: float) -> str:
-    """``ours`` against ``theirs`` as "2.0x fewer", "1.1x more" or "as many"."""
-    if ours == theirs:
-        return "as many"
-    if ours < theirs:
-        return f"{theirs / max(ours, 1):.1f}x fewer"
-    return f"{ours / theirs:.1f}x more"
 
 
 def _cmd_bench(args, world) -> int:
@@ -204,8 +142,8 @@ def _cmd_bench(args, world) -> int:
     if args.quality is not None:
         from pipeline.equal_quality import parse_quality, run_quality
 
-        run_quality(cfg, parse_quality(args.quality), comm=world, device=device, json_path=args.json,
-                    png_path=args.png)
+        run_quality(cfg, parse_quality(args.quality), comm=world, device=device,
+                    json_path=args.json, png_path=args.png)
         return 0
     if args.renoise:
         from pipeline.renoise import run_renoise

@@ -10,7 +10,7 @@ from pipeline.run_items import checked_items
 from pipeline.store_match import check_output
 from pipeline.equal_quality import check_measurable
 from pipeline.identity import growth, store_digests
-from pipeline.inputs import label_text
+from pipeline.labels import label_text
 from pipeline.layout import RankGrid
 from pipeline.memory_check import check_memory
 from pipeline.plan_store import resumed_batch_size, resumed_time_slices, stored_plan

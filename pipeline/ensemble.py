@@ -28,7 +28,8 @@ from pipeline.comm import SerialComm
 from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
 from pipeline.errors import OutOfMemory, PiadmError, UnitsOverflow, is_out_of_memory, naming
-from pipeline.inputs import Items, label_text
+from pipeline.inputs import Items
+from pipeline.labels import label_text
 from pipeline.identity import exact_model, growth, store_digests, stored_of, target_fate
 from pipeline.layout import RankGrid, made_on, rank_grid
 from pipeline.memory import gpu_identity, ranks_sharing

@@ -91,6 +91,10 @@ def _shared_class(kind: type) -> type:
                                          "__reduce__": reduce})
 
 
+class InputError(ConfigError):
+    """An input store, variable or selection that cannot be used: the message says which."""
+
+
 class OutOfMemory(PiadmError):
     """A rank ran out of memory; the message names the settings that would make the run fit."""
 

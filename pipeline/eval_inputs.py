@@ -15,8 +15,9 @@ import xarray as xr
 
 from pipeline.choices import GEOGRAPHIC
 from pipeline.errors import EvaluationError, is_system_error
-from pipeline.inputs import (InputError, _label, check_real, label_text, same_fingerprint,
-                             select_items, selection_fingerprint, snapped)
+from pipeline.inputs import (InputError, check_real, same_fingerprint, select_items,
+                             selection_fingerprint)
+from pipeline.labels import label_text, label_value, snapped
 from pipeline.store import INPUT_FINGERPRINT, done_members, field_variable, open_store
 
 
@@ -81,7 +82,8 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
     item_dim = ens[name].dims[0]
     shape = ens[name].shape[2:]
     if tuple(truth.shape[-len(shape):]) != tuple(shape):
-        raise EvaluationError(f"the truth's {variable!r} fields are {tuple(truth.shape[-len(shape):])}, "
+        raise EvaluationError(f"the truth's {variable!r} fields are "
+                              f"{tuple(truth.shape[-len(shape):])}, "
                               f"the ensemble's {tuple(shape)}: give the truth at the model's "
                               "resolution")
     paired = item_dim in truth.dims and item_dim != "item"
@@ -147,7 +149,7 @@ def _in_range(truth: xr.DataArray, truth_range: tuple[str, str], path) -> xr.Dat
     """The truth's fields whose labels lie in ``truth_range`` (--truth-range, inclusive)."""
     dim = truth.dims[0]
     try:
-        lo, hi = (_label(t, truth[dim]) for t in truth_range)
+        lo, hi = (label_value(t, truth[dim]) for t in truth_range)
     except InputError as err:  # said of input.items: these are --truth-range's
         raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]}: "
                               f"{str(err).removeprefix('input: ')}") from None
@@ -291,7 +293,8 @@ def check_sound(store, err: Exception | None) -> None:
         dim, labels = item_labels(str(store))
         raise EvaluationError(f"store {store} has {len(found)} damaged member(s) (e.g. {dim} "
                               f"{labels[item]} (item {item}), member {member}: {what}): run piadm "
-                              "status --verify --repair on it, then rerun its sample command") from err
+                              "status --verify --repair on it, then rerun its sample "
+                              "command") from err
 
 
 def without_channel(ens: xr.Dataset) -> xr.Dataset:
@@ -305,7 +308,7 @@ def without_channel(ens: xr.Dataset) -> xr.Dataset:
 
 def _same_labels(wanted: np.ndarray, coord: xr.DataArray) -> np.ndarray:
     """``wanted`` item labels as the truth's coordinate ``coord`` spells them: a float label
-    ``inputs.snapped`` to one of its own, as input.range takes labels; others as they are."""
+    ``labels.snapped`` to one of its own, as input.range takes labels; others as they are."""
     have = np.asarray(coord.values)
     if not (np.issubdtype(wanted.dtype, np.floating) and np.issubdtype(have.dtype, np.floating)):
         return wanted

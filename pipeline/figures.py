@@ -8,7 +8,7 @@ import numpy as np
 import xarray as xr
 
 from pipeline.evaluation import spread_variance
-from pipeline.inputs import label_text
+from pipeline.labels import label_text
 from pipeline.processes import replace_file
 from pipeline.store import field_variable
 

@@ -8,10 +8,7 @@ dask are imported only where a store is opened: an unconditional run's ranks nev
 from __future__ import annotations
 
 import dataclasses
-import decimal
 import math
-import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,15 +16,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
-from pipeline.config import ConfigError
-from pipeline.errors import from_here, is_system_error
+from pipeline.errors import InputError, from_here, is_system_error
+from pipeline.labels import label_text, label_value
 
 if TYPE_CHECKING:
     import xarray as xr
-
-
-class InputError(ConfigError):
-    """An input store, variable or selection that cannot be used: the message says which."""
 
 
 @dataclass(frozen=True)
@@ -106,25 +99,6 @@ def renamed_attrs(dim, name: str, attrs: dict) -> dict:
     return attrs
 
 
-def label_text(label) -> str:
-    """An item label as a person writes it: 2020-01-01, 2020-01-01 06:00:00 or (a lead
-    time) 0 days 06:00:00, where numpy prints nanoseconds or a count of them (a cftime date
-    alike, on its own calendar); a float to 15 digits, which a label typed so names
-    (``LABEL_RTOL``); other numbers and text as they are."""
-    kind = np.asarray(label).dtype.kind
-    if kind == "f" and np.asarray(label).dtype.itemsize >= 8:
-        # 2.5, not the 2.5000000000000004 of a sum of steps (typed, labels snap to it)
-        return str(float(f"{float(label):.15g}"))
-    if kind not in "mM":
-        text = str(label)
-        return text.removesuffix(" 00:00:00") if hasattr(label, "calendar") else text
-    import pandas as pd
-
-    value = pd.Timedelta(label) if kind == "m" else pd.Timestamp(label)
-    text = str(value)
-    return text.removesuffix(" 00:00:00") if kind == "M" else text
-
-
 def unconditional() -> Items:
     """One work item, labelled 0, with no input."""
     return Items("item", np.arange(1))
@@ -132,28 +106,14 @@ def unconditional() -> Items:
 
 KEPT_CHUNK_BYTES = 256 * 2**20  # the largest input chunk kept for its other items (``field``)
 
-# A float label names the coordinate value this close to it, relative to its size: times
-# made as spinup + interval * k carry their sums' rounding (1.7000000000000002 for "1.7")
-LABEL_RTOL = 1e-9
-
-
-def snapped(value: float, values: np.ndarray) -> float:
-    """``value``, or the one of ``values`` (any shape) within ``LABEL_RTOL`` of it (a label
-    written 3.0000000000001 elsewhere) where there is one."""
-    if values.size:
-        nearest = values.flat[np.abs(values - value).argmin()]
-        if abs(nearest - value) <= LABEL_RTOL * max(1.0, abs(value)):
-            return nearest
-    return value
-
-
 def check_real(var: xr.DataArray, what: str, error: type = None) -> None:
     """Refuse fields that are not real numbers (complex, boolean, text): taken as floats, a
     complex field would lose its imaginary part unseen. ``error``: the class raised
     (InputError unless the caller's errors are another kind, evaluate's)."""
     if var.dtype.kind not in "fiu":
-        raise (error or InputError)(f"{what} holds {var.dtype} values: piadm's fields are real numbers; "
-                         "store the field as floats (e.g. its real part, .real)")
+        raise (error or InputError)(f"{what} holds {var.dtype} values: piadm's fields are real "
+                                    "numbers; store the field as floats (e.g. its real part, "
+                                    ".real)")
 
 
 def direction(values) -> int:
@@ -206,80 +166,6 @@ def check_field_order(var: xr.DataArray, what: str) -> None:
                          f"write them in that order, e.g. ds.transpose({order}).to_zarr(...)")
 
 
-# YYYY-MM-DD, then hours and minutes (and seconds) after a space or a T
-CALENDAR_DATE = re.compile(r"(-?\d{1,4})-(\d{1,2})-(\d{1,2})"
-                           r"(?:[ T](\d{1,2}):(\d{2})(?::(\d{2}))?)?")
-
-
-def _calendar_date(text: str, kind, calendar: str):
-    """``text`` as a date of cftime class ``kind`` on ``calendar``, read field by field (not
-    through numpy's Gregorian dates, which hold no 30 February of a 360-day year, nor a year
-    0); ValueError for text that is no such date."""
-    found = CALENDAR_DATE.fullmatch(text.strip())
-    if found is None:
-        raise ValueError(text)
-    parts = [int(p) if p else 0 for p in found.groups()]
-    return kind(*parts, calendar=calendar)
-
-
-# a time-zone designator ending a date and time: Z, +02, -0530, +05:30
-TIME_ZONE = re.compile(r"(?<=\d)(Z|[+-]\d\d(:?\d\d)?)$", re.IGNORECASE)
-
-
-def _datetime(text: str, name) -> np.datetime64:
-    """``text`` as a date and time of a datetime64 coordinate, which holds no time zone: a
-    label with one is refused, naming its UTC equivalent (numpy converted it with a warning,
-    as though every archive's times were UTC)."""
-    timed = re.search(r"\d[T ]\d", text.strip(), re.IGNORECASE)  # a date and a time
-    zone = TIME_ZONE.search(text.strip()) if timed else None
-    if zone is not None:
-        from pipeline.warned import catching
-
-        with catching():
-            warnings.simplefilter("ignore")
-            utc = np.datetime64(text.strip())
-            if np.datetime_data(utc.dtype)[0] in ("h", "D"):  # an offset of minutes: kept
-                utc = np.datetime64(text.strip(), "m")
-        raise InputError(f"input: label {text!r} has a time zone ({zone.group(0)}), which the "
-                         f"{name} coordinate's times do not hold: give the time as the "
-                         f"coordinate counts it, e.g. {str(utc)!r} where that is UTC")
-    return np.datetime64(text)
-
-
-def _label(text: str, coord: xr.DataArray):
-    """A config label (a string) as a value of ``coord``'s dtype; a float one as the
-    coordinate's own value within ``LABEL_RTOL`` of it, where there is one."""
-    kind = coord.dtype.kind
-    try:
-        if kind == "M":
-            return _datetime(text, coord.name)
-        if kind == "m":  # lead times: "6h", "1 days 06:00:00"
-            import pandas as pd
-
-            return pd.to_timedelta(text).to_timedelta64()
-        if kind in "iu":  # "20.0" is 20, as "25" is 25.0 on a float coordinate
-            try:  # exactly: a nanosecond count is past what a float holds
-                if "_" in text:  # Decimal reads "20_0" as 200
-                    raise ValueError(text)
-                value = decimal.Decimal(text.strip())
-                if not value.is_finite() or value % 1 != 0:
-                    raise ValueError(text)
-            except decimal.InvalidOperation:  # not a number, or past what it divides
-                raise ValueError(text) from None
-            return int(value)
-        if kind == "f":
-            return snapped(float(text), np.asarray(coord.values))
-        calendar = getattr(coord.values.flat[0], "calendar", None) if coord.size else None
-        if kind == "O" and calendar:  # a cftime date, on the coordinate's own calendar
-            return _calendar_date(text, type(coord.values.flat[0]), calendar)
-    except InputError:
-        raise
-    except ValueError:
-        raise InputError(f"input: label {text!r} is not a valid {coord.name} value "
-                         f"(dtype {coord.dtype})") from None
-    return text
-
-
 def _open(path: str) -> xr.Dataset:
     if not Path(path).exists():
         raise InputError(f"input.path {path} does not exist{from_here(path)}: point it at a "
@@ -310,7 +196,7 @@ def select_items(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
     ordered = np.sort(values)  # labels of any kind, strings too, in any order
     lo, hi = label_text(ordered[0]), label_text(ordered[-1])
     if items:
-        labels = [_label(t, var[dim]) for t in items]
+        labels = [label_value(t, var[dim]) for t in items]
         at = [np.flatnonzero(values == v) for v in labels]  # each label's positions
         missing = [t for t, where in zip(items, at) if not len(where)]
         if missing:
@@ -326,7 +212,7 @@ def select_items(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
             first[v] = t
         chosen = np.concatenate(at)
     elif span:
-        first_label, last_label = (_label(t, var[dim]) for t in span)
+        first_label, last_label = (label_value(t, var[dim]) for t in span)
         if first_label > last_label:  # as evaluate's --truth-range says it
             raise InputError(f"input.range {list(span)} is reversed: give the earlier label "
                              "first")

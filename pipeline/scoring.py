@@ -27,7 +27,7 @@ from pipeline.bands import band_figures, correlation_block, spectral_bands
 from pipeline.errors import EvaluationError, naming
 from pipeline.evaluation import (crps, energy_spectra, power_spectra, rank_histogram,
                                  spread_variance)
-from pipeline.inputs import label_text
+from pipeline.labels import label_text
 from pipeline.jsontext import finite_or_null
 from pipeline.processes import process_alive
 from pipeline.eval_inputs import (INPUT_MISMATCH, check_shell, check_sound, coarse_input,

@@ -10,7 +10,7 @@ import zarr
 
 from pipeline import __version__
 from pipeline.errors import PiadmError, is_system_error
-from pipeline.inputs import label_text
+from pipeline.labels import label_text
 from pipeline.signals import finished_before_stopping
 from pipeline.store import (ARRAYS_FIX, PER_MEMBER, DamagedRecord, done_members, finalize,
                             read_done_record)

@@ -15,7 +15,8 @@ import torch
 from models import OWN_KINDS
 from pipeline.stored import differences_of, format_differences, stored_settings
 from pipeline.identity import target_fate
-from pipeline.inputs import Items, label_text, same_fingerprint
+from pipeline.inputs import Items, same_fingerprint
+from pipeline.labels import label_text
 from pipeline.layout import arithmetic_kind
 from pipeline.memory import field_bytes
 from pipeline.noise import host_fingerprint

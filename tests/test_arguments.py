@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.cli import _against_sequential, explain, main
+from pipeline.cli import explain, main
+from pipeline.sample_report import against_sequential
 
 TINY = ["--set", "model.shape=[8, 8]", "--set", "sampler.steps=10", "--set",
         "bench.sizes=[[8, 8]]", "--set", "bench.repeats=1"]
@@ -281,5 +282,5 @@ def test_the_sample_summary_says_more_rounds_when_there_were_more(rounds, words)
     cfg = load_config(None, ["sampler.method=piadm-sde", "sampler.steps=20",
                              "sampler.denoise_final=false"])
     summary = SimpleNamespace(members=2, batch_rounds=rounds, model_calls=30.0)
-    line = _against_sequential(cfg, summary)
+    line = against_sequential(cfg, summary)
     assert "would take 20 rounds" in line and words in line and "1.5x the calls" in line

@@ -338,7 +338,7 @@ def test_an_input_in_another_unit_than_the_network_was_trained_in_is_refused(tmp
 def test_float_labels_are_written_to_their_digits_less_a_sums_rounding():
     """A sum of steps' rounding is not a label's text (0.30000000000000004 is 0.3), but the
     digits of a large label are (a millisecond timestamp kept whole)."""
-    from pipeline.inputs import label_text
+    from pipeline.labels import label_text
 
     assert label_text(0.2 + 0.1) == "0.3" and label_text(np.float32(1.7)) == "1.7"
     assert label_text(np.float64(1609459200123.0)) == "1609459200123.0"
@@ -460,30 +460,30 @@ def test_masked_points_are_named_as_masked_not_as_a_generate_data_run_cut_short(
 def test_a_whole_number_written_as_a_float_picks_an_integer_label():
     """"20.0" on an integer coordinate was "not a valid step value", where "25" picks 25.0 on
     a float one."""
-    from pipeline.inputs import _label
+    from pipeline.labels import label_value
 
     coord = xr.DataArray(np.arange(30), dims="step", name="step")
-    assert [_label(t, coord) for t in ("20", "20.0", "2e1")] == [20, 20, 20]
-    assert _label("9007199254740993.0", coord) == 9007199254740993  # not through a float
+    assert [label_value(t, coord) for t in ("20", "20.0", "2e1")] == [20, 20, 20]
+    assert label_value("9007199254740993.0", coord) == 9007199254740993  # not through a float
     with pytest.raises(InputError, match="label '2.5' is not a valid step value"):
-        _label("2.5", coord)
+        label_value("2.5", coord)
 
 
 def test_a_time_label_with_a_time_zone_is_refused_naming_its_utc_time():
     """numpy took "...+02:00" with a warning, as a UTC time; the coordinate holds none."""
     import warnings
 
-    from pipeline.inputs import _label
+    from pipeline.labels import label_value
 
     coord = xr.DataArray(pd.date_range("2020-01-01", periods=3), dims="time", name="time")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _label("2020-01-02T06:00", coord) == np.datetime64("2020-01-02T06:00")
+        assert label_value("2020-01-02T06:00", coord) == np.datetime64("2020-01-02T06:00")
         for text, zone, utc in (("2020-01-02T00:00+02:00", "+02:00", "2020-01-01T22:00"),
                                 ("2020-01-02 00-0530", "-0530", "2020-01-02T05:30"),
                                 ("2020-01-02T00:00Z", "Z", "2020-01-02T00:00")):
             with pytest.raises(InputError) as err:
-                _label(text, coord)
+                label_value(text, coord)
             assert str(err.value) == (
                 f"input: label {text!r} has a time zone ({zone}), which the time coordinate's "
                 f"times do not hold: give the time as the coordinate counts it, e.g. {utc!r} "

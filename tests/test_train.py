@@ -16,7 +16,7 @@ import xarray as xr
 from models.learned import load_unet, unet_score_model
 from pipeline.cli import main
 from pipeline.comm import SerialComm
-from pipeline.inputs import label_text
+from pipeline.labels import label_text
 from pipeline.errors import Interrupted
 from pipeline.grids import make_grid
 from pipeline.noise import Noise
