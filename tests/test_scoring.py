@@ -79,7 +79,7 @@ def test_outputs_are_written_and_open(paired, monkeypatch):
     assert nc.attrs["Conventions"] == "CF-1.10" and f"evaluate {ens} against " in (
         nc.attrs["history"])  # a CF file, saying what made it
     assert "Conventions" not in _metrics(tmp / "files")  # the JSON document as it was
-    from pipeline.scoring import OUTPUTS
+    from pipeline.eval_output import OUTPUTS
 
     assert names == set(OUTPUTS)  # what a later evaluation into the folder clears first
     (tmp / "files" / "notes.txt").write_text("mine")
@@ -465,12 +465,12 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
 
 
 def test_metrics_json_holds_no_nan():
-    from pipeline.scoring import _as_json
+    from pipeline.eval_output import as_json
 
     metrics = xr.Dataset({"crps": (("time",), [0.5, float("nan")])},
                          coords={"time": [0.0, 1.0]},
                          attrs={"spread_skill": float("nan"), "crps": 0.5})
-    doc = json.loads(json.dumps(_as_json(metrics), allow_nan=False))
+    doc = json.loads(json.dumps(as_json(metrics), allow_nan=False))
     assert doc["spread_skill"] is None and doc["per_item"]["crps"] == [0.5, None]
 
 

@@ -1,0 +1,171 @@
+"""Where ``piadm evaluate`` writes and how: the output folder (refused where it is a file, a
+Zarr store, inside one, or holds files of our names that no evaluation wrote), the metrics as
+JSON, and the files drafted aside and moved into place together, so that a failure or a kill
+leaves the folder as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.errors import EvaluationError
+from pipeline.jsontext import finite_or_null
+from pipeline.labels import label_text
+from pipeline.processes import process_alive
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+# every file evaluate writes into its folder (the figures but fields.png only where they apply)
+OUTPUTS = ("metrics.json", "metrics.nc", "fields.png", "spectrum.png", "rank_histogram.png",
+           "residuals.png")
+
+
+def _check_ours(folder: Path) -> None:
+    """Refuse a folder holding files of the names evaluate writes that no evaluation wrote
+    (its metrics.json, naming a store and a truth, tells one): they would be replaced or
+    removed."""
+    there = [name for name in OUTPUTS if (folder / name).exists()]
+    if not there:
+        return
+    try:
+        earlier = json.loads((folder / "metrics.json").read_text())
+        ours = isinstance(earlier, dict) and {"store", "truth"} <= earlier.keys()
+    except FileNotFoundError:
+        ours = False
+    except (OSError, ValueError):
+        raise EvaluationError(f"--out {folder} holds a metrics.json that cannot be read: "
+                              "delete it if it is an evaluation's, or give another folder"
+                              ) from None
+    if not ours:
+        raise EvaluationError(f"--out {folder} holds {', '.join(there)}, not written by piadm "
+                              "evaluate, which would replace them: give a new or empty folder")
+
+
+def as_json(metrics: xr.Dataset) -> dict:
+    """The overall figures at the top level; per-item scores, spectra and ranks below."""
+    out = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.attrs.items()}
+    per_item = [v for v in metrics.data_vars if metrics[v].dims == metrics["crps"].dims] \
+        if "crps" in metrics else []
+    if per_item:
+        dim = metrics["crps"].dims[0]
+        labels = metrics[dim].values
+        # dates as ISO 8601 text (tolist gives a datetime64[ns]'s nanoseconds; cftime alike)
+        out["per_item"] = {dim: ([_iso(v) for v in labels] if labels.dtype.kind in "mMO"
+                                 else labels.tolist()),
+                           **{v: metrics[v].values.tolist() for v in per_item}}
+    if "k" in metrics.coords:
+        out["spectrum_k"] = {"k": metrics["k"].values.tolist(),
+                             **{v.removeprefix("spectrum_"): metrics[v].values.tolist()
+                                for v in ("spectrum_ensemble", "spectrum_truth",
+                                          "spectrum_ratio", "spectrum_ratio_lo",
+                                          "spectrum_ratio_hi")}}
+    if "rank_histogram" in metrics:
+        out["rank_histogram"] = metrics["rank_histogram"].values.tolist()
+    return finite_or_null(out)
+
+
+def _iso(label) -> str:
+    """A date label as ISO 8601 (2020-01-01T06:00:00, midnight too), a cftime date's on its
+    own calendar; a lead time or other label as ``label_text`` writes it."""
+    if np.asarray(label).dtype.kind == "M":
+        return str(np.datetime_as_string(np.datetime64(label, "s")))
+    if hasattr(label, "calendar") and hasattr(label, "isoformat"):
+        return label.isoformat()
+    return label_text(label)
+
+
+def output_folder(store, out) -> Path:
+    """The folder the evaluation writes (``out``, else ``<store>_eval``), refused where it is a
+    file, a Zarr store, or a folder whose files of the names it writes no evaluation wrote."""
+    from pipeline.store import enclosing_store
+
+    named = os.path.normpath(str(store))  # "." in the store's folder: its own name, not "."
+    if os.path.basename(named) in (".", ".."):
+        named = os.path.abspath(named)
+    folder = Path(out) if out else Path(named.removesuffix(".zarr") + "_eval")
+    if folder.is_file() or any((folder / name).exists() for name in ("zarr.json", ".zgroup")):
+        kind = "a file" if folder.is_file() else "a Zarr store"
+        raise EvaluationError(f"--out {folder} is {kind}: give a folder for the table and "
+                              "figures (default: the store's name + _eval)")
+    inside = enclosing_store(folder)
+    if inside is not None:  # its files would sit among the store's own
+        raise EvaluationError(f"--out {folder} is inside the Zarr store {inside}: give a "
+                              "folder outside it (default: the store's name + _eval)")
+    _check_ours(folder)
+    return folder
+
+
+DRAFT_AGE_S = 600  # a draft older than this whose process is gone here was left by a kill
+
+
+def _remove_dead_drafts(folder: Path) -> None:
+    """Delete the drafts (``.PID.NAME``, and the temp file a figure's is written through)
+    that an evaluation killed mid-write left in ``folder`` (kill -9 runs no cleanup): those
+    of a process no longer running on this host, written long enough ago that they are no
+    other host's evaluation at work."""
+    now = time.time()
+    for path in folder.glob(".*.*"):
+        # a draft, or the temp file a figure's draft is written through (..PID.NAME.*.tmp)
+        pid, _, name = path.name.lstrip(".").partition(".")
+        ours = name in OUTPUTS or (name.endswith(".tmp") and any(
+            name.startswith(f"{output}.") for output in OUTPUTS))
+        if not (pid.isdigit() and ours) or int(pid) == os.getpid():
+            continue
+        with contextlib.suppress(OSError, OverflowError):  # gone meanwhile; not a pid
+            if not process_alive(int(pid)) and now - path.stat().st_mtime > DRAFT_AGE_S:
+                path.unlink()
+
+
+def save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline,
+         figures: bool) -> list[Path]:
+    """Write metrics.json (it marks the folder as ours), metrics.nc and, with ``figures``, the
+    figures into ``folder``, removing an earlier evaluation's files this one does not make;
+    the files written. Each is drafted aside first and moved into place once all are made, so that a
+    failure leaves the folder as it was, not a mix of two evaluations' files."""
+    from pipeline.figures import fields_figure, rank_figure, residual_figure, spectrum_figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_dead_drafts(folder)
+
+    def draft(name: str) -> Path:  # the suffix kept: matplotlib takes the format from it
+        return folder / f".{os.getpid()}.{name}"
+
+    try:
+        draft("metrics.json").write_text(json.dumps(as_json(metrics), indent=2, default=str,
+                                                    allow_nan=False))
+        # scipy: NetCDF 3, no extra library; as a CF file, with the line that made it
+        made = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for dim in set(metrics.dims) & set(ens.coords):  # the store's raw times, as it has
+            held = ens[dim].encoding
+            if "units" in held:
+                metrics[dim].encoding.update({k: held[k] for k in ("units", "calendar")
+                                              if k in held})
+        metrics.assign_attrs(Conventions="CF-1.10", history=(
+            f"{made} piadm {__version__}: evaluate {metrics.attrs.get('store_path', '')} "
+            f"against {metrics.attrs.get('truth_path', '')}")).to_netcdf(
+            str(draft("metrics.nc")), engine="scipy")
+        # a figure's None or False: nothing to draw
+        drawn = [fields_figure(ens, truth, paired, draft("fields.png"), inputs=baseline),
+                 "spectrum_ratio" in metrics and spectrum_figure(metrics, draft("spectrum.png")),
+                 "rank_histogram" in metrics and rank_figure(metrics,
+                                                             draft("rank_histogram.png")),
+                 residual_figure(ens, draft("residuals.png"))] if figures else []
+    except BaseException:
+        for name in OUTPUTS:  # what was drafted, a figure that failed part way's too
+            draft(name).unlink(missing_ok=True)
+        raise
+    files = [folder / name for name in ("metrics.json", "metrics.nc")]
+    files += [folder / path.name.split(".", 2)[2] for path in drawn if path]
+    for final in files[1:] + files[:1]:  # metrics.json, the folder's mark, last
+        os.replace(draft(final.name), final)
+    for name in set(OUTPUTS) - {f.name for f in files}:  # an earlier evaluation's
+        (folder / name).unlink(missing_ok=True)
+    return files
