@@ -9,17 +9,12 @@ process ``model.process``; ``models.adapters`` turns that into the score on the 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
 import os
 import pickle
-import re
-import sys
-import sysconfig
-import traceback
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,10 +26,10 @@ from models.adapters import NetworkAdapter
 from models.conditioning import upsample_blocks
 from models.digest import files_digest
 from models.module_check import check_section
+from models.user_code import details, first_line, import_target, raised_at
 from pipeline.clock import (VE, DiscreteVP, Flow, VPCosine, VPLinear,
                             ddpm_alphas_cumprod)
-from pipeline.errors import (ConfigError, OutOfMemory, PiadmError, did_you_mean,
-                             is_out_of_memory)
+from pipeline.errors import ConfigError, OutOfMemory, PiadmError, is_out_of_memory
 
 # model.process: the continuous forward processes ("ddpm" is built from its own table)
 CONTINUOUS = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "ve": VE, "edm": VE, "flow": Flow}
@@ -50,137 +45,13 @@ def process_of(section):
     return CONTINUOUS[name]()
 
 
-def import_target(target: str, key: str = "model.target"):
-    """The object ``package.module:name`` names; a one-line ConfigError when it cannot. A
-    module whose code may not be its file's (``_stale``) is imported anew, with the module
-    defining the object first and then the one that re-exports it, so that the code run is
-    the file a store records."""
-    module, _, name = target.partition(":")
-    try:
-        loaded = set(sys.modules)  # what this process had imported before this call
-        mod = importlib.import_module(module)
-        obj = _attribute(mod, target, name, key)
-        defining = inspect.getmodule(inspect.unwrap(obj))
-        mods = [m for m in dict.fromkeys((defining, mod)) if m is not None]
-        if any([_stale(m, m.__name__ in loaded) for m in mods]):  # every one recorded
-            for m in mods:
-                _reload(m)
-            obj = _attribute(mod, target, name, key)
-    except ConfigError:
-        raise
-    except Exception as err:  # not found, or the module itself failing on import
-        missing = getattr(err, "name", None) if isinstance(err, ModuleNotFoundError) else None
-        if missing and (module == missing or module.startswith(f"{missing}.")):
-            fix = "install it, or put its folder on PYTHONPATH"
-        elif missing:  # found, but a module it imports is not
-            fix = f"it imports {missing!r}, which is not installed: install that"
-        else:  # found, and failing as it runs: the user's code, not the path
-            fix = "fix the module (or what it imports) so that it imports"
-        raise ConfigError(f"config: {key} = {target!r}: cannot import {module!r} "
-                          f"({type(err).__name__}: {_first_line(err)}{_where(err)}): "
-                          f"{fix}") from None
-    if not callable(obj):
-        raise ConfigError(f"config: {key} = {target!r} is not callable: name a function or "
-                          "class that returns a torch.nn.Module")
-    return obj
-
-
-def _attribute(mod, target: str, name: str, key: str):
-    """The object ``name`` (dotted) of module ``mod``; a ConfigError naming it where it lacks one."""
-    obj = mod
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"config: {key} = {target!r}: {mod.__name__!r} has no {name!r}"
-                              f"{did_you_mean(part, dir(obj))}")
-        obj = getattr(obj, part)
-    return obj
-
-
-# The digest of each module file import_target took a target from, as it was then: Python
-# keeps a module once imported, so a file edited afterwards (between two api.sample calls in
-# a notebook) would run its old code while the store records the new file's hash
-_IMPORTED: dict[str, str] = {}
-
-
-def _source(mod) -> str | None:
-    """The file ``mod`` was imported from, where it may be imported anew: none for a script's
-    own ``__main__`` or a module without a file."""
-    path = getattr(mod, "__file__", None)
-    if mod.__name__ == "__main__" or not path or not Path(path).is_file():
-        return None
-    return path
-
-
-def _stale(mod, loaded_before: bool) -> bool:
-    """Whether ``mod``'s code may not be its file's: the file changed since import_target last
-    saw it, or, first seen, the module was imported before (a notebook's own ``import``, the
-    file edited since, perhaps) from a file of one's own rather than an installed package."""
-    path = _source(mod)
-    if path is None:
-        return False
-    now, seen = files_digest([path]), _IMPORTED.get(mod.__name__)
-    _IMPORTED[mod.__name__] = now
-    if seen is None:
-        return loaded_before and not _installed(path)
-    return seen != now
-
-
-def _installed(path: str) -> bool:
-    """Whether the file at ``path`` is Python's own library or an installed package's (any
-    environment's site-packages), not a file of the user's."""
-    stdlib = tuple(f"{Path(d).resolve()}/" for d in {sysconfig.get_paths()["stdlib"],
-                                                    sysconfig.get_paths()["platstdlib"]})
-    return bool({"site-packages", "dist-packages"} & set(Path(path).parts)) or str(
-        Path(path).resolve()).startswith(stdlib)
-
-
-def _reload(mod) -> None:
-    """Import ``mod`` anew from its file (where it has one)."""
-    path = _source(mod)
-    if path is None:
-        return
-    # its bytecode cache is keyed by the file's mtime in seconds and its size, which an edit
-    # within the second that keeps the size (0.1 to 5.0) leaves the same
-    with contextlib.suppress(OSError, TypeError):
-        Path(mod.__cached__).unlink()
-    importlib.reload(mod)
-    _IMPORTED[mod.__name__] = files_digest([path])
-
-
-def _first_line(err: BaseException) -> str:
-    return ((str(err).strip().splitlines() or [type(err).__name__])[0])[:160]
-
-
 def _too_large(what: str, where: str, err: BaseException) -> OutOfMemory:
     """A network that ran out of memory while piadm built it or probed it with 2 items
     (``where``: "on DEVICE ", or "" where the factory placed it itself): too large as it
     stands, whatever the run's batch."""
     return OutOfMemory(f"config: {what}: the network ran out of memory {where}before "
-                       f"sampling ({_first_line(err)}): free that memory (another process may "
+                       f"sampling ({first_line(err)}): free that memory (another process may "
                        "hold it) or take a smaller network")
-
-
-def _where(err: BaseException) -> str:
-    """Where in the user's own code ``err`` was raised, as ", at FILE:LINE in NAME": the
-    deepest frame of its traceback outside piadm, Python's library and installed packages
-    (torch's layers among them), so that a bug in a network's forward names its line (this
-    error is told in one line, without the traceback); "" where no frame is the user's."""
-    here = Path(__file__).resolve().parent  # piadm's own, installed editable or not
-    own = tuple(f"{d}/" for d in (here, here.parent / "pipeline"))
-    found = ""
-    for frame, line in traceback.walk_tb(err.__traceback__):
-        name = frame.f_code.co_filename
-        if not (name.startswith("<") or str(Path(name).resolve()).startswith(own)
-                or _installed(name)):
-            found = f", at {name}:{line} in {frame.f_code.co_name}"
-    return found
-
-
-def _details(err: BaseException, limit: int = 300) -> str:
-    """The first lines of ``err`` on one line, without terminal colours: load_state_dict puts
-    the key or size that does not fit on its second line."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return re.sub(r"\x1b\[[0-9;]*m", "", " ".join(lines[:2]) or type(err).__name__)[:limit]
 
 
 def load_weights(net: torch.nn.Module, path: str, key: str = "model.weights") -> None:
@@ -210,7 +81,7 @@ def load_weights(net: torch.nn.Module, path: str, key: str = "model.weights") ->
                           "instead") from None
     except Exception as err:  # damaged, or not a torch or safetensors file at all
         raise ConfigError(f"config: {key} = {path!r} is not a readable state dict "
-                          f"({type(err).__name__}: {_first_line(err)}): save it with "
+                          f"({type(err).__name__}: {first_line(err)}): save it with "
                           "torch.save(net.state_dict(), path) or safetensors") from None
     nested = [k for k, v in state.items() if isinstance(v, dict)] if isinstance(state, dict) else []
     if nested:
@@ -221,7 +92,7 @@ def load_weights(net: torch.nn.Module, path: str, key: str = "model.weights") ->
         net.load_state_dict(state)
     except Exception as err:  # keys or sizes that do not fit
         raise ConfigError(f"config: {key} = {path!r} does not load into the network "
-                          f"({type(err).__name__}: {_details(err)}): save it from this "
+                          f"({type(err).__name__}: {details(err)}): save it from this "
                           "network's state_dict(), with the same [model] arguments") from None
 
 
@@ -386,7 +257,7 @@ def check_output(model, shape: tuple[int, ...], what: str, takes: str = "(x, t)"
     except Exception as err:
         if is_out_of_memory(err):  # the device's memory, not a mistake in the network
             raise _too_large(what, f"on {x.device} ", err) from None
-        said = _first_line(err)
+        said = first_line(err)
         if "does not require grad" in said:  # a score as an energy's gradient
             advice = ("piadm calls the network under torch.no_grad(): wrap the autograd in "
                       "its forward in torch.enable_grad()")
@@ -397,7 +268,7 @@ def check_output(model, shape: tuple[int, ...], what: str, takes: str = "(x, t)"
         else:
             advice = (f"check model.shape (with its channel axis, e.g. [1, H, W]) and that it "
                       f"takes {takes}")
-        where = _where(err)
+        where = raised_at(err)
         if where:  # a line of the user's own: the bug may be there, whatever the shape
             advice = f"fix the code at that line, or {advice}"
         dims = ", ".join(map(str, shape))
@@ -427,7 +298,7 @@ def load_module(section, device="cpu") -> NetworkModel:
             raise _too_large(f"model.target = {section.target!r}", "", err) from None
         given = ", ".join(section.args) or "none"
         raise ConfigError(f"config: model.target = {section.target!r} raised "
-                          f"{type(err).__name__}: {_first_line(err)}{_where(err)} (keyword "
+                          f"{type(err).__name__}: {first_line(err)}{raised_at(err)} (keyword "
                           f"arguments from "
                           f"[model]: {given}): fix the factory or those keys") from None
     if not isinstance(net, torch.nn.Module):

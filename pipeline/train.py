@@ -8,17 +8,15 @@ kept for sampling; the validation loss (held-out last times, fixed noise) uses t
 Its data splits are opened by ``pipeline.train_data``.
 Checkpoints hold tensors only (``torch.load(weights_only=True)``) plus a JSON sidecar with the
 architecture, normalisation and variables; training resumes from them, once the sidecar shows
-the checkpoint was trained as this run would train (``RESUME_MUST_MATCH``).
+the checkpoint was trained as this run would train (``pipeline.train_start``).
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import pickle
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +24,19 @@ import torch
 import xarray as xr
 
 from models.grid import grid_of
-from models.checkpoint import save_checkpoint, sidecar
-from models.fingerprint import data_probe, same_probe
+from models.checkpoint import save_checkpoint
+from models.fingerprint import data_probe
 from models.unet import Denoiser, UNetConfig
 from pipeline.console import on_every_rank, on_rank0, print0
 from pipeline.decomposition import slice_bounds
-from pipeline.errors import ConfigError, Interrupted, StoppedTogether
+from pipeline.errors import Interrupted, StoppedTogether
 from pipeline.inputs import InputError
 from pipeline.processes import Held, hold_lock
 from pipeline.settings import TrainConfig
 from pipeline.signals import signal_of
 from pipeline.store import enclosing_store, open_store
-from pipeline.train_data import Dataset, check_init_trained_apart, open_dataset
+from pipeline.train_data import Dataset, open_dataset
+from pipeline.train_start import recorded_settings, restore
 
 
 def _draws(seed: int, step: int, batch: int, n: int, shape, t: TrainConfig):
@@ -46,7 +45,8 @@ def _draws(seed: int, step: int, batch: int, n: int, shape, t: TrainConfig):
     times = rng.integers(0, n, batch)
     sigma = np.exp(t.p_mean + t.p_std * rng.standard_normal(batch))
     noise = rng.standard_normal((batch, *shape))
-    return times, torch.as_tensor(sigma, dtype=torch.float32), torch.as_tensor(noise, dtype=torch.float32)
+    return (times, torch.as_tensor(sigma, dtype=torch.float32),
+            torch.as_tensor(noise, dtype=torch.float32))
 
 
 def edm_loss(den: Denoiser, x0, sigma, noise, cond) -> torch.Tensor:
@@ -82,47 +82,6 @@ def validation_loss(ema: Denoiser, val: Dataset, t: TrainConfig, comm, device) -
     return float(comm.allreduce_sum(total)[0]) / n
 
 
-def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device,
-               residual: bool = False) -> dict:
-    """Load the EMA weights of checkpoint ``init`` into both networks, and return its
-    sidecar; raises InputError when it is not a checkpoint of this architecture, or learned
-    the other target (``residual``: the remainder of the upsampled coarse field, not the
-    field)."""
-    from models.checkpoint import load_denoiser
-
-    if not Path(init).is_file():
-        raise InputError(f"train.init = {init!r} is not a file: give a piadm checkpoint to "
-                         "start from, or leave it empty")
-    try:
-        trained, meta = load_denoiser(init, device)
-    except ConfigError as err:  # its sidecar a save ahead: it names the fix
-        raise InputError(f"train.init = {init!r}: {err}") from None
-    except (FileNotFoundError, RuntimeError, ValueError, KeyError, TypeError, OSError) as err:
-        raise InputError(f"train.init = {init!r} is not a readable piadm checkpoint with its "
-                         f".json sidecar ({type(err).__name__}: {str(err)[:120]}): point it at "
-                         "one") from None
-    if bool(meta.get("residual", False)) != residual:
-        learned = "the remainder" if meta.get("residual") else "the field itself"
-        raise InputError(f"train.init = {init!r} learned {learned} (train.residual = "
-                         f"{str(bool(meta.get('residual'))).lower()}), this run "
-                         f"{'the remainder' if residual else 'the field itself'}: set "
-                         "train.residual to match it, or start from another checkpoint")
-    # a residual's sigma_data is measured from the data, which fine-tuning may add to: this
-    # run's own is kept (as on resuming), not a setting the user could match
-    theirs = replace(trained.cfg, sigma_data=ucfg.sigma_data)
-    adds_mix = ucfg.global_modes > 0 and theirs == replace(ucfg, global_modes=0)
-    if theirs != ucfg and not adds_mix:
-        raise InputError(f"train.init = {init!r} is a U-Net {trained.cfg.to_dict()}, this "
-                         f"run's is {ucfg.to_dict()}: set train.channels, condition and "
-                         "global_modes to match it")
-    # a new GlobalMix keeps its own initialisation, whose zero output projection leaves the
-    # trained function unchanged
-    for net in (den, ema):
-        missing, unexpected = net.load_state_dict(trained.state_dict(), strict=not adds_mix)
-        assert not unexpected and all(k.startswith("net.mix.") for k in missing), missing
-    return meta
-
-
 @dataclass
 class TrainResult:
     """Where a training run ended: its last step, the losses there and its seconds."""
@@ -134,7 +93,8 @@ class TrainResult:
 
 
 def _network(t: TrainConfig, trn, shape: tuple[int, ...], device):
-    """The U-Net ``t`` describes, seeded, with its EMA copy and optimiser; (config, den, ema, opt)."""
+    """The U-Net ``t`` describes, seeded, with its EMA copy and optimiser; (config, den, ema,
+    opt)."""
     # each level past the first halves the grid, which must split evenly to be doubled back
     most = 1 + min((n & -n).bit_length() - 1 for n in shape)
     if len(t.channels) > most:
@@ -154,24 +114,6 @@ def _network(t: TrainConfig, trn, shape: tuple[int, ...], device):
     den = Denoiser(ucfg).to(device)
     ema = copy.deepcopy(den).requires_grad_(False)
     return ucfg, den, ema, torch.optim.Adam(den.parameters(), lr=t.lr)
-
-
-# What a resumed run must share with its checkpoint, by sidecar key and the setting it comes
-# from: the network (the weights and optimiser state must fit it) and what it learns (the
-# variable, its condition and residual, the data and its fields' shape, the held-out share:
-# a new share would validate on times already trained on). What resuming is for may change:
-# train.steps and train.lr (more steps, annealing), train.extra (more data), batch_size,
-# ema, seed, p_mean, p_std; train.init is ignored. The normalisation and a residual's
-# sigma_data follow the data (train.extra moves them), so they are not compared.
-RESUME_MUST_MATCH = {"channels": "train.channels", "global_modes": "train.global_modes",
-                     "embed": "the U-Net's embedding width", "variable": "train.variable",
-                     "condition": "train.condition", "cond_channels": "train.condition",
-                     "residual": "train.residual", "data": "train.data",
-                     "shape": "the shape of train.variable's fields",
-                     "validation": "train.validation",
-                     "data_made": "what train.data holds (made anew at its path since?)",
-                     "data_probe": "what train.data holds (its first and last fields: made "
-                                   "anew at its path since?)"}
 
 
 def _data_made(data: xr.Dataset) -> str:
@@ -196,123 +138,6 @@ def _meta(t: TrainConfig, ucfg: UNetConfig, trn: Dataset, shape, config_text: st
             "grid": grid_of(data[t.variable]),
             # the coarse grid: sampling refuses an input on it rolled
             **({"cond_grid": grid_of(data[t.condition])} if t.condition else {})}
-
-
-def _recorded(path: Path) -> dict:
-    """The settings the sidecar of checkpoint ``path`` records, flat (the U-Net's with the
-    rest); raises InputError when there is no readable sidecar."""
-    try:
-        meta = json.loads(sidecar(path).read_text())
-        return {**meta, **UNetConfig.from_dict(meta["unet"]).to_dict()}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(f"train.checkpoint {path} is not a piadm train checkpoint: its sidecar "
-                         f"{sidecar(path).name} is missing or unreadable ({type(err).__name__}):"
-                         " choose another train.checkpoint, or move the file away") from None
-
-
-def _check_same_training(path: Path, meta: dict) -> None:
-    """Raise InputError naming each setting of ``RESUME_MUST_MATCH`` in which this run
-    (``meta``) differs from checkpoint ``path``; a setting its sidecar lacks (an older
-    checkpoint's) is not compared."""
-    theirs, ours = _recorded(path), {**meta, **meta["unet"]}
-    differ = {}
-    for key, setting in RESUME_MUST_MATCH.items():
-        if key not in theirs or setting in differ:
-            continue
-        if key == "data":  # the same path, or (typed from another folder, or the data
-            # moved) the same fields: a relative path names another store elsewhere
-            same = (os.path.realpath(theirs[key]) == os.path.realpath(ours[key])
-                    or ("data_probe" in theirs
-                        and same_probe(theirs["data_probe"], ours["data_probe"])))
-        elif key == "data_probe":
-            same = same_probe(theirs["data_probe"], ours["data_probe"])
-        else:
-            same = theirs[key] == ours[key]
-        if not same:
-            differ[setting] = f"{setting} (checkpoint {theirs[key]!r}, this run {ours[key]!r})"
-    if differ:
-        raise InputError(f"train.checkpoint {path} cannot be resumed by this run, which differs "
-                         f"in {'; '.join(differ.values())}: rerun with the checkpoint's settings, "
-                         "choose another train.checkpoint, or set train.resume = false to start "
-                         "anew, replacing it")
-
-
-STATE = ("model", "ema", "opt", "step", "history")  # what a training checkpoint holds
-
-
-def _check_replaceable(path: Path) -> None:
-    """Starting anew replaces a training checkpoint, never another file: not one without a
-    sidecar, nor an exported (shipped) one, which holds the EMA weights alone."""
-    _recorded(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError):
-        return  # a training checkpoint cut short by a kill: a new run may replace it
-    if not isinstance(state, dict) or not all(key in state for key in STATE):
-        raise InputError(f"train.checkpoint {path} is an exported checkpoint (the EMA weights "
-                         "alone), not a training one, and train.resume = false would replace "
-                         f"it: choose another train.checkpoint (train.init = {str(path)!r} "
-                         "starts from its weights)")
-
-
-def _resume(path: Path, meta: dict, den, ema, opt, device) -> dict:
-    """Load checkpoint ``path`` into the networks and optimiser after checking it was trained
-    as this run (``meta``) would; its state. Raises InputError when it cannot be resumed."""
-    _recorded(path)  # a file of another kind (no sidecar) is said so before it is read
-    try:
-        # on the host: load_state_dict copies each tensor to its parameter's device, and
-        # keeps Adam's step counts where a fresh run keeps them (on a GPU each would cost
-        # its update a sync)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as err:
-        raise InputError(f"train.checkpoint {path} is not a readable piadm train checkpoint "
-                         f"({type(err).__name__}): choose another train.checkpoint, or move "
-                         "the file away") from None
-    if not isinstance(state, dict) or not all(key in state for key in STATE):
-        raise InputError(f"train.checkpoint {path} holds no training state (an exported "
-                         "checkpoint keeps the EMA weights alone): start from it with "
-                         "train.init and another train.checkpoint")
-    # after the state: an exported checkpoint is not offered train.resume = false below
-    _check_same_training(path, meta)
-    try:
-        den.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise InputError(f"train.checkpoint {path} does not fit this run's U-Net "
-                         f"({type(err).__name__}): rerun with the settings in its sidecar, or "
-                         "set train.resume = false to start anew, replacing it") from None
-    return state
-
-
-def _restore(t: TrainConfig, meta: dict, den, ema, opt, device,
-             held: np.ndarray) -> tuple[int, list[float]]:
-    """Resume from ``train.checkpoint`` (with ``train.resume``), or start from the EMA weights
-    of ``train.init``, refused where they were trained on the ``held`` out times of
-    train.data; the step reached and the loss history."""
-    path = Path(t.checkpoint)
-    if path.is_dir():
-        raise InputError(f"train.checkpoint {path} is a folder: give a file path in it, e.g. "
-                         f"{path / 'unet.pt'}")
-    if path.exists() and not t.resume:
-        _check_replaceable(path)
-    if not path.exists() and sidecar(path).exists():  # another's file: replaced at the first save
-        try:  # piadm's own, left by a run killed between its first save's two files: replaced
-            _recorded(path)
-        except InputError:
-            raise InputError(f"train.checkpoint {path}: {sidecar(path)}, where its sidecar goes, "
-                             "is another file, not a piadm sidecar, which training would replace: "
-                             "move it away, or choose another train.checkpoint") from None
-    if t.resume and path.exists():
-        state = _resume(path, meta, den, ema, opt, device)
-        for group in opt.param_groups:  # train.lr wins, so a resumed run can anneal
-            group["lr"] = t.lr
-        return int(state["step"]), state["history"].tolist()
-    if t.init:
-        trained = start_from(den, ema, t.init, UNetConfig.from_dict(meta["unet"]), device,
-                             t.residual)
-        check_init_trained_apart(t, trained, held)
-    return 0, []
 
 
 def loss_text(value: float | None) -> str:
@@ -446,8 +271,8 @@ def _prepare(t: TrainConfig, device, config_text: str):
     shape = tuple(trn.fields.shape[1:])
     ucfg, den, ema, opt = _network(t, trn, shape, device)
     meta = _meta(t, ucfg, trn, shape, config_text)
-    return trn, held, den, ema, opt, meta, _restore(t, meta, den, ema, opt, device,
-                                                    held.fields["time"].values)
+    return trn, held, den, ema, opt, meta, restore(t, meta, den, ema, opt, device,
+                                                   held.fields["time"].values)
 
 
 def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
@@ -460,7 +285,7 @@ def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,
     path = Path(t.checkpoint)
     # until the next validation, a resumed run's is its checkpoint's (unless the sidecar is
     # a save ahead of the weights: a save cut short)
-    recorded = _recorded(path) if step else {}
+    recorded = recorded_settings(path) if step else {}
     val_loss = recorded.get("val_loss") if recorded.get("step") == step else None
     start, loss_sum, summed = time.perf_counter(), 0.0, 0
     lo, hi = slice_bounds(t.batch_size, comm.size, comm.rank)
