@@ -274,6 +274,21 @@ def _check_sampler(s: SamplerConfig, benched: tuple[str, ...] = ()) -> None:
           "a number")
     check(s.window >= 0, "sampler.window", f"= {s.window} must be >= 0 (0: the method's own)")
     check(0 < s.distance < 1, "sampler.distance", f"= {s.distance} must be in (0, 1), e.g. 1e-3")
+    _check_grid(s)
+    check(s.dtype in DTYPE_NAMES, "sampler.dtype",
+          f"= {s.dtype!r}: use {' or '.join(DTYPE_NAMES)}")
+    check(s.noise in SOURCES, "sampler.noise",
+          f"= {s.noise!r}: use host (the same draws on every device) or device (fast on GPUs)")
+    check(s.on_divergence in ON_DIVERGENCE, "sampler.on_divergence",
+          f"= {s.on_divergence!r}: use {' or '.join(map(repr, ON_DIVERGENCE))}")
+    check(s.seed >= 0, "sampler.seed", f"= {s.seed} must be >= 0")
+    check(s.churn >= 0 and math.isfinite(s.churn), "sampler.churn",
+          f"= {s.churn} must be a number >= 0 (EDM's S_churn; 0 turns it off)")
+    _check_corrector(s, benched)
+
+
+def _check_grid(s: SamplerConfig) -> None:
+    """The time grid's keys: the noise levels it spans, its knee, kind and update form."""
     check(math.isfinite(s.u_max) and s.u_max <= U_MAX, "sampler.u_max",
           f"= {s.u_max} must be a finite number <= {U_MAX:g}: past it a parallel sampler's "
           "float32 prefix sums keep no digit (members far from the sequential path, or NaN) "
@@ -288,17 +303,15 @@ def _check_sampler(s: SamplerConfig, benched: tuple[str, ...] = ()) -> None:
           f"= {s.grid!r} is unknown: use one of {', '.join((*GRIDS, SCHEDULER_GRID))}")
     check(s.form in FORMS, "sampler.form",
           f"= {s.form!r} is unknown: use one of {', '.join(FORMS)}")
-    check(s.dtype in DTYPE_NAMES, "sampler.dtype",
-          f"= {s.dtype!r}: use {' or '.join(DTYPE_NAMES)}")
-    check(s.noise in SOURCES, "sampler.noise",
-          f"= {s.noise!r}: use host (the same draws on every device) or device (fast on GPUs)")
-    check(s.on_divergence in ON_DIVERGENCE, "sampler.on_divergence",
-          f"= {s.on_divergence!r}: use {' or '.join(map(repr, ON_DIVERGENCE))}")
-    check(s.seed >= 0, "sampler.seed", f"= {s.seed} must be >= 0")
+
+
+def _check_corrector(s: SamplerConfig, benched: tuple[str, ...]) -> None:
+    """The Langevin corrector's keys, and its step and damping where it runs (for the method,
+    or for one that ``piadm bench`` compares: ``benched``)."""
+    from pipeline.samplers import REGISTRY
+
     check(s.corrector_steps >= 0, "sampler.corrector_steps", "must be >= 0 (0 turns it off)")
     check(s.corrector_sweeps >= 1, "sampler.corrector_sweeps", "must be >= 1")
-    check(s.churn >= 0 and math.isfinite(s.churn), "sampler.churn",
-          f"= {s.churn} must be a number >= 0 (EDM's S_churn; 0 turns it off)")
     check(s.corrector_length > 0 and s.corrector_gamma > 0, "sampler.corrector_length",
           "and sampler.corrector_gamma must be > 0")
     # a step of the Langevin corrector is h = length / steps noise scales, and a direction in
