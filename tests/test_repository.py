@@ -87,6 +87,11 @@ def test_models_import_only_leaf_modules_of_the_pipeline():
             assert {d for d in deps if d.startswith("pipeline")} <= leaves, module
     for leaf in leaves:  # a leaf imports nothing of piadm's but other leaves
         assert graph[leaf] <= leaves, leaf
+    # and the README's code layout names them all, and no other
+    text = (ROOT / "README.md").read_text()
+    said = text[text.index("It imports nothing from `pipeline/`"):].split("\n- ")[0]
+    named = {f"pipeline.{m}" for m in re.findall(r"`(\w+)\.py`", said)}
+    assert named == leaves, f"README's models/ entry names the leaves {sorted(named)}"
 
 
 def test_each_sampler_setting_has_one_default():
