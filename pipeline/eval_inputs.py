@@ -14,9 +14,8 @@ import numpy as np
 import xarray as xr
 
 from pipeline.choices import GEOGRAPHIC
-from pipeline.errors import EvaluationError, is_system_error
-from pipeline.inputs import (InputError, check_real, same_fingerprint, select_items,
-                             selection_fingerprint)
+from pipeline.errors import EvaluationError, InputError, is_system_error
+from pipeline.inputs import check_real, same_fingerprint, select_items, selection_fingerprint
 from pipeline.labels import label_text, label_value, snapped
 from pipeline.store import INPUT_FINGERPRINT, done_members, field_variable, open_store
 

@@ -1,7 +1,7 @@
 """Where ``piadm evaluate`` writes and how: the output folder (refused where it is a file, a
 Zarr store, inside one, or holds files of our names that no evaluation wrote), the metrics as
-JSON, and the files drafted aside and moved into place together, so that a failure or a kill
-leaves the folder as it was.
+JSON, and the files drafted aside and moved into place together, so that a failure leaves
+the folder as it was (a killed evaluation's drafts are removed by a later one).
 """
 from __future__ import annotations
 

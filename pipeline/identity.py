@@ -206,7 +206,8 @@ def _same_selection(cfg: Config, theirs: dict) -> dict:
     where they name another way the same items of the same input (``"25"`` for ``"25.0"``,
     a range reaching past the last item): {} where they are spelled alike, select other items,
     or cannot be read."""
-    from pipeline.inputs import InputError, select_items
+    from pipeline.errors import InputError
+    from pipeline.inputs import select_items
     from pipeline.store import open_store
 
     i = cfg.input

@@ -11,7 +11,7 @@ import json
 from pipeline.config import ConfigError, with_settings
 from pipeline.identity import growth, older_of_ours
 from pipeline.settings import AUTO_METHODS, EQUAL_QUALITY, Config
-from pipeline.store import ASKED
+from pipeline.store import ASKED, StoreExists
 from pipeline.store_attrs import read_attrs
 
 # The settings a plan chooses (``planner.settings``): a store made with others than the config's in
@@ -27,8 +27,6 @@ def check_unplannable_store(cfg: Config) -> None:
     first, the run was refused only after every measurement, naming the plan's settings."""
     from pipeline.identity import check_untold
     from pipeline.stored import differences_of, format_differences, stored_settings
-    from pipeline.store import StoreExists
-    from pipeline.store_attrs import read_attrs
 
     attrs = {} if cfg.output.overwrite else read_attrs(cfg.output.path) or {}
     text = str(attrs.get("config", ""))

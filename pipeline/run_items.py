@@ -15,8 +15,8 @@ from models.conditioning import CONDITIONS
 from pipeline.choices import FIELD_DIMS
 from pipeline.config import ConfigError
 from pipeline.console import say
-from pipeline.inputs import (InputError, Items, direction, open_items, renamed_attrs, rolled,
-                             unconditional)
+from pipeline.errors import InputError
+from pipeline.inputs import Items, direction, open_items, renamed_attrs, rolled, unconditional
 from pipeline.memory import field_bytes
 from pipeline.run import DTYPES, provenance, residual_length, sampler_grid
 from pipeline.samplers import REFERENCE, REGISTRY

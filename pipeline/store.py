@@ -382,7 +382,7 @@ def write_batch(path: str | Path, *, variable: str, item: int, start: int, field
                 residuals: tuple[float, ...] = (), digest: str = "",
                 model: str | None = None, owned=None) -> None:
     """Write members [start, start + len(field)) of item index ``item``, then mark them done.
-    Within one of the store's batches (``member_batch``: whole chunks) that the caller has
+    Within one of the store's batches (``store_attrs.member_batch``: whole chunks) that the caller has
     claimed, and writes to one batch in order, so writers on other ranks or in other jobs
     never share a chunk, nor one writer's part-chunk writes overlap. With
     ``digest`` the store must still be this run's (``still_ours``) when the writing starts

@@ -29,8 +29,7 @@ from models.fingerprint import data_probe
 from models.unet import Denoiser, UNetConfig
 from pipeline.console import on_every_rank, on_rank0, print0
 from pipeline.decomposition import slice_bounds
-from pipeline.errors import Interrupted, StoppedTogether
-from pipeline.inputs import InputError
+from pipeline.errors import InputError, Interrupted, StoppedTogether
 from pipeline.processes import Held, hold_lock
 from pipeline.settings import TrainConfig
 from pipeline.signals import signal_of

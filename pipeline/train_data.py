@@ -21,8 +21,9 @@ from models.bound import largest_mode_power
 from models.fingerprint import PROBE_RTOL, probe
 from models.conditioning import spectral_upsample, upsample_blocks
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
-from pipeline.inputs import (InputError, check_field_order, check_real, direction, masked_by_fill,
-                             rolled, same_points)
+from pipeline.errors import InputError
+from pipeline.inputs import (check_field_order, check_real, direction, masked_by_fill, rolled,
+                             same_points)
 from pipeline.labels import label_text
 from pipeline.settings import TrainConfig
 from pipeline.store import open_store

@@ -21,6 +21,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.settings import TrainConfig
 from pipeline.train_data import check_init_trained_apart
 
+
 def start_from(den: Denoiser, ema: Denoiser, init: str, ucfg: UNetConfig, device,
                residual: bool = False) -> dict:
     """Load the EMA weights of checkpoint ``init`` into both networks, and return its

@@ -1,7 +1,8 @@
 """The checks every configuration value passes whatever its key: numbers finite, seeds
 in range, texts free of what a shell would have expanded, of control characters and of
-bytes that are not UTF-8, paths on a local file system; and ``check``, the one-line
-``ConfigError`` that every check of ``pipeline.validation`` raises.
+bytes that are not UTF-8, paths on a local file system and, where a command uses them, not
+stepping back (``..``) out of a symbolic link; and ``check``, the one-line ``ConfigError``
+that every check of ``pipeline.validation`` raises.
 """
 from __future__ import annotations
 

@@ -1027,7 +1027,8 @@ def test_jobs_of_one_store_calibrate_on_its_first_item_whichever_items_they_fill
 def test_float_labels_name_the_times_a_sum_of_steps_made():
     """generate-data's times are spinup + interval * k: "1.7" must name 1.7000000000000002,
     by input.items and as input.range's inclusive end, and a time between two stays none."""
-    from pipeline.inputs import InputError, select_items
+    from pipeline.errors import InputError
+    from pipeline.inputs import select_items
 
     times = 0.1 * np.arange(15, 18)
     assert times[2] != 1.7  # what xarray prints as 1.7

@@ -1,8 +1,7 @@
 """User errors: work whose inputs are the same on every rank marks its errors collective."""
 import pytest
 
-from pipeline.errors import ConfigError, raised_by_every_rank
-from pipeline.inputs import InputError
+from pipeline.errors import ConfigError, InputError, raised_by_every_rank
 
 
 @pytest.mark.parametrize("kind", [ConfigError, InputError])

@@ -12,7 +12,8 @@ import zarr
 
 from conftest import conditional_sets, make_input
 from pipeline.cli import main
-from pipeline.inputs import InputError, open_items
+from pipeline.errors import InputError
+from pipeline.inputs import open_items
 
 ROOT = Path(__file__).resolve().parents[1]
 

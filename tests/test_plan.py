@@ -812,7 +812,7 @@ def test_an_auto_store_of_another_config_is_refused_naming_the_users_change(monk
     from pipeline.store import StoreExists
 
     made = load_config("jobs/configs/grf.toml", ["sampler.method=piadm-sde"])  # the plan's pick
-    monkeypatch.setattr("pipeline.store_attrs.read_attrs", lambda path: {"config": made.text})
+    monkeypatch.setattr("pipeline.plan_store.read_attrs", lambda path: {"config": made.text})
     now = load_config("jobs/configs/grf.toml", ["sampler.method=auto", "sampler.window=20"])
     with pytest.raises(StoreExists, match=r"differs in sampler.window: 0 -> 20\)") as err:
         check_unplannable_store(now)
