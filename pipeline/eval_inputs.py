@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from pipeline.choices import GEOGRAPHIC
+from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
 from pipeline.errors import EvaluationError, InputError, is_system_error
 from pipeline.inputs import check_real, same_fingerprint, select_items, selection_fingerprint
 from pipeline.labels import label_text, label_value, snapped
@@ -183,6 +183,16 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
                     and GEOGRAPHIC[str(name).lower()] not in (*truth.dims, *renamed.values())})
     truth = truth.rename(renamed) if renamed else truth
     theirs = {ours: name for name, ours in renamed.items()}  # for a message: the truth's names
+    # a field axis the ensemble lacks (a 2-D truth for 1-D members, a level axis) was pooled
+    # with the truth's samples: its fields scored as so many rows, without a word
+    axes = {*FIELD_DIMS[3], *GEOGRAPHIC}
+    extra = [str(name) for name in truth.dims if str(name).lower() in axes and name not in dims]
+    if extra:
+        raise EvaluationError(
+            f"truth {path}'s fields have the axis {', '.join(extra)}, which the ensemble's "
+            f"{tuple(map(str, dims))} lack: its fields would be scored as so many rows; give "
+            f"a truth of fields like the ensemble's, or select one {extra[0]} of it (e.g. "
+            f"ds.isel({extra[0]}=0))")
     if not set(dims) <= set(truth.dims):
         return _by_position(truth, dims, path)
     truth = truth.transpose(..., *dims)

@@ -135,6 +135,21 @@ def test_a_truth_named_otherwise_is_met_by_position_only_where_that_is_safe(pair
     assert not (tmp_path / "xyy").exists()
 
 
+def test_a_truth_with_a_field_axis_the_ensemble_lacks_is_refused(paired, tmp_path, capsys):
+    """A truth of (time, z, y, x) for members of (y, x) had its z pooled with its times,
+    each level scored as another field, exit 0; it is refused, naming the axis."""
+    tmp, ens = paired
+    truth = xr.open_zarr(tmp / "truth.zarr").load()
+    truth.expand_dims(z=2).transpose("time", "z", "y", "x").to_zarr(tmp_path / "z.zarr",
+                                                                      zarr_format=3)
+    capsys.readouterr()
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / "z.zarr"),
+                 "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert "fields have the axis z, which the ensemble's ('y', 'x') lack" in err
+    assert "ds.isel(z=0)" in err and not (tmp_path / "z").exists()
+
+
 def test_a_truth_on_another_grid_of_as_many_points_is_refused(tmp_path, capsys):
     import numpy as np
 
