@@ -98,6 +98,8 @@ def _check_same_training(path: Path, meta: dict) -> None:
     (``meta``) differs from checkpoint ``path``; a setting its sidecar lacks (an older
     checkpoint's) is not compared."""
     theirs, ours = recorded_settings(path), {**meta, **meta["unet"]}
+    # the probe is of train.variable's fields: another variable's tell nothing of the data
+    probed = "data_probe" in theirs and theirs.get("variable") == ours["variable"]
     differ = {}
     for key, setting in RESUME_MUST_MATCH.items():
         if key not in theirs or setting in differ:
@@ -105,14 +107,14 @@ def _check_same_training(path: Path, meta: dict) -> None:
         if key == "data":  # the same path, or (typed from another folder, or the data
             # moved) the same fields: a relative path names another store elsewhere
             same = (os.path.realpath(theirs[key]) == os.path.realpath(ours[key])
-                    or ("data_probe" in theirs
-                        and same_probe(theirs["data_probe"], ours["data_probe"])))
+                    or (probed and same_probe(theirs["data_probe"], ours["data_probe"])))
         elif key == "data_probe":
-            same = same_probe(theirs["data_probe"], ours["data_probe"])
+            same = not probed or same_probe(theirs["data_probe"], ours["data_probe"])
         else:
             same = theirs[key] == ours[key]
-        if not same:
-            differ[setting] = f"{setting} (checkpoint {theirs[key]!r}, this run {ours[key]!r})"
+        if not same:  # the probe's figures (sums of fields) would mean nothing to a reader
+            differ[setting] = setting + ("" if key == "data_probe" else
+                                         f" (checkpoint {theirs[key]!r}, this run {ours[key]!r})")
     if differ:
         raise InputError(f"train.checkpoint {path} cannot be resumed by this run, which differs "
                          f"in {'; '.join(differ.values())}: rerun with the checkpoint's settings, "

@@ -1013,6 +1013,8 @@ def test_a_checkpoint_of_other_settings_is_refused_and_kept(tmp_path, dataset, c
     assert "train.variable (checkpoint 'vorticity', this run 'vorticity_coarse')" in err
     assert "the shape of train.variable's fields (checkpoint [16, 16], this run [4, 4])" in err
     assert "set train.resume = false to start anew, replacing it" in err
+    # the data's probe is of the variable's fields: another variable's do not say it changed
+    assert "made anew" not in err
     err = _refused(_train_args(dataset, ckpt, "train.channels=[8, 16, 32]"), capsys)
     assert "train.channels (checkpoint [8, 16], this run [8, 16, 32])" in err
     err = _refused(_train_args(dataset, ckpt, "train.condition=vorticity_coarse",
@@ -1048,8 +1050,9 @@ def test_a_checkpoint_of_data_made_anew_at_its_path_is_refused(tmp_path, capsys)
     fields.to_zarr(plain, zarr_format=3, consolidated=False)
     assert main(_train_args(plain, tmp_path / "p.pt", "train.steps=3")) == 0
     (fields * 1.5).to_zarr(plain, mode="w", zarr_format=3, consolidated=False)
-    assert "its first and last fields: made anew at its path since?" in _refused(
-        _train_args(plain, tmp_path / "p.pt"), capsys)
+    err = _refused(_train_args(plain, tmp_path / "p.pt"), capsys)
+    assert "what train.data holds (its first and last fields: made anew at its path since?): " \
+        "rerun" in err  # named, without the probe's figures
 
 
 def test_a_resume_may_change_steps_lr_and_extra_stores(tmp_path, dataset, other, capsys):
