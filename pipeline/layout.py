@@ -62,6 +62,16 @@ def _cores() -> tuple[int, int]:
     return allowed or 1, os.cpu_count() or 1
 
 
+def check_threads(requested: int) -> None:
+    """Refuse a ``parallel.threads`` past this node's cores: libgomp fails to start the
+    threads and torch may hang."""
+    total = _cores()[1]
+    if requested > total:
+        raise ConfigError(f"config: parallel.threads = {requested} is more than this node's "
+                          f"{total} cores: give at most {total} (0: the node's cores shared "
+                          "among its ranks)")
+
+
 def cpu_threads(local_size: int, requested: int = 0, field_points: int = 0) -> int:
     """Torch threads per rank so the ranks on a node do not oversubscribe its cores.
 
@@ -69,11 +79,8 @@ def cpu_threads(local_size: int, requested: int = 0, field_points: int = 0) -> i
     (srun --cpus-per-task) is trusted; otherwise the node's cores are shared evenly. Either
     way a field of ``field_points`` (0: unknown) gets at most one thread per
     ``POINTS_PER_THREAD`` points."""
+    check_threads(requested)
     allowed, total = _cores()
-    if requested > total:  # libgomp fails to start the threads and torch may hang
-        raise ConfigError(f"config: parallel.threads = {requested} is more than this node's "
-                          f"{total} cores: give at most {total} (0: the node's cores shared "
-                          "among its ranks)")
     if requested > 0:
         return requested
     share = max(1, allowed) if allowed < total else max(1, total // max(1, local_size))

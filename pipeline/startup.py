@@ -32,7 +32,7 @@ def start(comm, cfg, who: str, *, mode: str = "", paths: tuple[str, ...] = SAMPL
     # torch only now: ranks refused above said so in a fraction of a second, not after its
     # seconds of imports on every rank
     from pipeline.identity import as_stored
-    from pipeline.layout import place_rank, rank_grid
+    from pipeline.layout import check_threads, place_rank, rank_grid
     from pipeline.planner import resolve_plan
     from pipeline.run_items import check_unread_settings
 
@@ -41,6 +41,7 @@ def start(comm, cfg, who: str, *, mode: str = "", paths: tuple[str, ...] = SAMPL
         # of the settings asked, before a plan picks a method that may not read them
         on_rank0(comm, check_unread_settings, cfg)
 
+    on_every_rank(comm, check_threads, cfg.parallel.threads)  # one line, said by rank 0
     device = place_rank(comm, cfg.parallel.threads, math.prod(cfg.model.shape),
                         cfg.parallel.keep_freed, cfg.parallel.wait, cfg.model.tf32)
     attrs = {}

@@ -176,6 +176,19 @@ def test_a_thread_that_cannot_start_on_one_rank_ends_the_job_on_one_line(tmp_pat
     assert "Abort" not in proc.stderr
 
 
+def test_threads_past_the_nodes_cores_are_refused_on_one_line(tmp_path):
+    """Each rank refused parallel.threads past the node's cores on its own: the line twice,
+    from rank 1 and rank 0, and MPI's abort."""
+    proc = mpirun(2, ["-m", "pipeline.cli", "sample", "jobs/configs/grf.toml",
+                      *_sets([f"output.path={tmp_path / 'c.zarr'}",
+                              f"parallel.threads={os.cpu_count() + 1}"])], timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "parallel.threads" in line]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"piadm: error: config: parallel.threads = {os.cpu_count() + 1} is more than"), errors
+    assert "Abort" not in proc.stderr and not (tmp_path / "c.zarr").exists()
+
+
 def test_a_nan_on_one_time_slice_of_a_picard_block_ends_every_rank(tmp_path):
     """MPI's MAX of a NaN and a number depends on the order it meets them: the block's
     residual was NaN on some ranks and a number on others, so some stopped sweeping while the
