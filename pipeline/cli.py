@@ -47,7 +47,8 @@ READS = {"sample": SAMPLING, "plan": SAMPLING, "bench": (*SAMPLING, "bench"),
 
 def _load(args):
     """The config of ``args``, refusing a file that has sections but none of those its
-    command reads (a generate-data config given to sample would run on defaults alone)."""
+    command reads (a generate-data config given to sample would run on defaults alone), and
+    whether the file set no key at all."""
     tree = None
     if args.config is not None:
         tree = read_toml(args.config)  # read once: a file edited meanwhile is not read twice
@@ -59,7 +60,7 @@ def _load(args):
                 f"config file {args.config} has [{'], ['.join(held)}] and none of the sections "
                 f"piadm {args.command} reads ([{'], ['.join(wanted)}]): give a config for "
                 f"{args.command}, e.g. one of jobs/configs/")
-    return _load_settings(args, tree)
+    return _load_settings(args, tree), tree == {}
 
 
 def _setup(args, world, plan: bool = False, layout: bool = True, stop=None):
@@ -73,7 +74,11 @@ def _setup(args, world, plan: bool = False, layout: bool = True, stop=None):
 
     # a config may fail its checks on some ranks only (a PIADM_SET that differs between
     # nodes): every rank must then stop, not wait for it in check_same_config
-    cfg = on_every_rank(world, lambda: _load(args))
+    cfg, empty = on_every_rank(world, lambda: _load(args))
+    if empty:  # a file emptied or cut short by mistake runs on the defaults alone
+        print0(world, f"piadm: warning: config file {args.config} sets no key: every setting "
+                      "not given by --set or PIADM_SET takes its default (piadm config "
+                      f"{args.config} prints them)")
     options = {k: v for k, v in sorted(vars(args).items()) if k not in ("config", "set")}
     paths = {"train": TRAINING_PATHS,
              "generate-data": ("data.path",)}.get(args.command, SAMPLING_PATHS)

@@ -176,6 +176,18 @@ def test_file_and_override_errors_are_one_line(args, needle, capsys, tmp_path):
     assert len(errors) == 1 and needle in errors[0] and errors[0].startswith("piadm: error:")
 
 
+def test_an_empty_config_file_is_said_to_set_nothing(tmp_path, capsys):
+    """A config emptied or cut short by mistake ran quietly on the defaults (a grf 64x64 with
+    piadm-sde): the run says so, and a file with a key does not."""
+    empty, one = tmp_path / "empty.toml", tmp_path / "one.toml"
+    empty.write_text("# nothing yet\n")
+    one.write_text("[sampler]\nsteps = 10\n")
+    for path, said in ((empty, True), (one, False)):
+        assert main(["sample", str(path), "--dry-run"]) == 0
+        err = capsys.readouterr().err
+        assert (f"piadm: warning: config file {path} sets no key" in err) == said, err
+
+
 def test_piadm_set_items_split_at_semicolons_and_lines_but_not_inside_quotes(monkeypatch):
     from pipeline.environment import environment_settings
 
