@@ -22,9 +22,11 @@ import dataclasses
 import inspect
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 
 from pipeline.comm import MPIComm, SerialComm, world_comm
@@ -48,6 +50,14 @@ def load_config(source: str | Path | dict | Config | None = None,
     ``Config`` (e.g. one changed with ``dataclasses.replace``) or None (defaults), with
     ``overrides`` {"section.key": value} applied on top."""
     if isinstance(source, Config):  # from its fields: dataclasses.replace keeps the old text
+        for name, kind in SECTION_TYPES.items():
+            table = getattr(source, name)
+            if not isinstance(table, kind):  # e.g. dataclasses.replace(cfg, sampler=None)
+                raise ConfigError(
+                    f"the Config's {name} is {type(table).__name__} {table!r}, not a "
+                    f"{kind.__name__}: change its keys inside it, e.g. dataclasses.replace("
+                    f"cfg, {name}=dataclasses.replace(cfg.{name}, KEY=VALUE)), or give "
+                    f"load_config(cfg, {{'{name}.KEY': VALUE}})")
         tree = {name: dataclasses.asdict(getattr(source, name)) for name in SECTION_TYPES}
     elif isinstance(source, dict):
         tree = copy.deepcopy(source)
@@ -90,7 +100,12 @@ class _StopWhen:
         self.ask = ask
 
     def __bool__(self) -> bool:
-        return bool(self.ask())
+        said = self.ask()
+        # "no", or an array, is truthy or ambiguous: a stop on a whim, or numpy's error
+        if not (said is None or isinstance(said, (bool, np.bool_))):
+            raise TypeError(f"api.sample's stop function returned {type(said).__name__} "
+                            f"{said!r}: return True to stop the run, False (or None) to go on")
+        return bool(said)
 
 
 def _communicator(comm):
@@ -99,7 +114,8 @@ def _communicator(comm):
         return world()
     if isinstance(comm, (SerialComm, MPIComm)):
         return comm
-    if hasattr(comm, "Get_rank") and hasattr(comm, "Allgather"):  # an mpi4py communicator
+    MPI = sys.modules.get("mpi4py.MPI")  # loaded wherever an mpi4py communicator exists
+    if MPI is not None and isinstance(comm, MPI.Comm):
         if not comm:  # MPI.COMM_NULL: a rank that Split(MPI.UNDEFINED) left out
             raise TypeError("api.sample's comm is MPI.COMM_NULL, which holds no ranks: call "
                             "api.sample only on the ranks of a communicator (a rank left out "
@@ -115,8 +131,9 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     or what ``load_config`` takes, the same on every rank; ``comm`` an mpi4py communicator,
     ``world()`` or None (``world()``); ``stop`` an optional ``pipeline.signals.StopRequest``
     (``.install()`` it for SIGTERM and Ctrl-C; main thread only) or a function of no
-    arguments that returns True once the run should stop, asked during start-up (between
-    calibration rungs) and before each call; anything else is a TypeError."""
+    arguments that returns True once the run should stop (False or None until then), asked
+    during start-up (between calibration rungs) and before each call; anything else is a
+    TypeError."""
     from pipeline.signals import Stopped
     from pipeline.console import on_every_rank
     from pipeline.ensemble import not_begun, sample_to_store
@@ -124,7 +141,15 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     from pipeline.startup import start
 
     comm = _communicator(comm)
-    if callable(stop):
+    if callable(stop) and not isinstance(stop, StopRequest):
+        try:  # asked with no arguments: a function that needs some failed mid start-up
+            inspect.signature(stop).bind()
+        except TypeError:
+            raise TypeError(f"api.sample's stop is a function of no arguments, not {stop!r}, "
+                            f"which takes {inspect.signature(stop)}: e.g. stop=lambda: "
+                            "event.is_set()") from None
+        except ValueError:  # no signature to read (a builtin): asked as it is
+            pass
         stop = _StopWhen(stop)
     elif stop is not None and not isinstance(stop, StopRequest):
         raise TypeError(f"api.sample's stop is a pipeline.signals.StopRequest, a function of "

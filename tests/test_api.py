@@ -122,6 +122,46 @@ def test_a_comm_that_is_no_communicator_is_a_type_error(tmp_path):
     assert not (tmp_path / "d.zarr").exists()
 
 
+def test_a_comm_or_stop_that_only_looks_right_is_a_type_error_naming_it(tmp_path):
+    """An object with Get_rank and Allgather, or the communicator class itself, got past the
+    check into an AttributeError of the wrapper; a stop function that needs an argument, or
+    answers with an array, failed mid start-up with an error of its own."""
+    from mpi4py import MPI
+
+    tree = {"model": {"shape": [8, 8]}, "sampler": {"steps": 10},
+            "ensemble": {"members": 2}, "output": {"path": str(tmp_path / "d.zarr")}}
+
+    class LooksLikeOne:
+        def Get_rank(self):
+            return 0
+
+        def Allgather(self, *args):
+            pass
+
+    for comm, name in ((LooksLikeOne(), "LooksLikeOne"), (MPI.Intracomm, "type")):
+        with pytest.raises(TypeError, match=f"an mpi4py communicator .* not {name}$"):
+            api.sample(tree, comm=comm)
+    with pytest.raises(TypeError, match=r"stop is a function of no arguments, not .* which "
+                                        r"takes \(x\)"):
+        api.sample(tree, stop=lambda x: True)
+    for said in (np.array([0, 1]), "no"):
+        with pytest.raises(TypeError, match=f"stop function returned {type(said).__name__} "
+                                            ".*: return True to stop the run"):
+            api.sample(tree, stop=lambda said=said: said)
+    assert not (tmp_path / "d.zarr").exists()
+    assert not api.sample(tree, stop=lambda: np.bool_(False)).preempted  # numpy's bool is one
+
+
+def test_a_config_whose_section_is_replaced_by_no_section_names_it():
+    import dataclasses
+
+    cfg = api.load_config("jobs/configs/grf.toml")
+    for bad in (None, "x", {"steps": 5}):
+        with pytest.raises(ConfigError, match=f"the Config's sampler is {type(bad).__name__} "
+                                              r".*dataclasses.replace\(cfg, sampler="):
+            api.load_config(dataclasses.replace(cfg, sampler=bad))
+
+
 def test_a_stop_request_outside_the_main_thread_says_what_to_give_instead():
     import threading
 
