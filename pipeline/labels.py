@@ -52,9 +52,10 @@ def snapped(value: float, values: np.ndarray) -> float:
     return value
 
 
-# YYYY-MM-DD, then hours and minutes (and seconds) after a space or a T
+# YYYY-MM-DD, then the hour (and minutes, and seconds) after a space or a T, as numpy reads
+# a datetime64's ("2000-01-04T06" was refused on a noleap calendar, taken on a Gregorian one)
 CALENDAR_DATE = re.compile(r"(-?\d{1,4})-(\d{1,2})-(\d{1,2})"
-                           r"(?:[ T](\d{1,2}):(\d{2})(?::(\d{2}))?)?")
+                           r"(?:[ T](\d{1,2})(?::(\d{2})(?::(\d{2}))?)?)?")
 
 
 def _calendar_date(text: str, kind, calendar: str):
@@ -95,7 +96,7 @@ def _datetime(text: str, name) -> np.datetime64:
 def label_value(text: str, coord: xr.DataArray):
     """A config label (a string) as a value of ``coord``'s dtype; a float one as the
     coordinate's own value within ``LABEL_RTOL`` of it, where there is one."""
-    kind = coord.dtype.kind
+    kind, calendar = coord.dtype.kind, None
     try:
         if kind == "M":
             return _datetime(text, coord.name)
@@ -121,6 +122,8 @@ def label_value(text: str, coord: xr.DataArray):
     except InputError:
         raise
     except ValueError:
+        form = (f", a date of its {calendar} calendar: YYYY-MM-DD, then HH, HH:MM or HH:MM:SS "
+                "after a space or a T" if kind == "O" and calendar else "")
         raise InputError(f"input: label {text!r} is not a valid {coord.name} value "
-                         f"(dtype {coord.dtype})") from None
+                         f"(dtype {coord.dtype}{form})") from None
     return text
