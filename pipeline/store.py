@@ -123,13 +123,16 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
             coords[d] = values
     ds = xr.Dataset({spec.variable: (dims, field), **per_member}, coords=coords)
     created = f"{_now()} piadm {spec.attrs.get('piadm_version', '')}: store created".strip()
-    ds.attrs.update(spec.attrs, piadm_store_digest=spec.digest, Conventions="CF-1.10",
-                    history=created, piadm_history=json.dumps([created]))
-    for d in dims[2:]:
-        ds[d].attrs.update(long_name=f"grid index along {d}", units="1")
+    ds.attrs.update(_recordable(spec.attrs), piadm_store_digest=spec.digest,
+                    Conventions="CF-1.10", history=created, piadm_history=json.dumps([created]))
+    for d in dims[2:]:  # CF's axis, so that cf_xarray and plotting tools find X and Y
+        ds[d].attrs.update(long_name=f"grid index along {d}", units="1", axis=d.upper())
     for d, (values, attrs) in spec.coords.items():
         if d in ds.coords and len(values) == ds.sizes[d]:
             ds[d].attrs = dict(attrs)
+    if spec.item_dim not in spec.coords:
+        ds[spec.item_dim].attrs.setdefault(
+            "long_name", "work item (an unconditional ensemble has one, 0)")
     ds[spec.item_dim].encoding.update(spec.item_encoding)
     ds[spec.variable].attrs.update(spec.field_attrs)
     ds[spec.variable].attrs.setdefault("long_name", f"ensemble of {spec.variable}")
@@ -139,8 +142,10 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
     # for every store's worth of members
     ds["member"].encoding["chunks"] = (MEMBER_LABELS_CHUNK,)
     ds["member"].attrs.update(standard_name="realization", units="1", long_name="ensemble member")
-    ds["done"].attrs.update(long_name="1 once the member's fields are completely written")
-    ds["seed"].attrs.update(long_name="noise key of the member: seed, item and member index")
+    ds["done"].attrs.update(long_name="1 once the member's fields are completely written",
+                            flag_values=[0, 1], flag_meanings="not_written written")
+    ds["seed"].attrs.update(long_name="noise key of the member: seed, item and member index",
+                            units="1")
     # a sampler call runs a batch of members: these are the call's, so they move with
     # ensemble.batch_size where the member's field does not
     ds["rounds"].attrs.update(long_name="sequential model-call rounds of the sampler call "
@@ -156,6 +161,12 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
                       "sampler call; in the units of sampler.tol",
             units="1")
     return ds
+
+
+def _recordable(attrs: dict) -> dict:
+    """``attrs`` without the values None: a store attribute holding null failed every
+    NetCDF export of the store (``ds.to_netcdf``); an attribute not there reads as None."""
+    return {key: value for key, value in attrs.items() if value is not None}
 
 
 def field_variable(ds: xr.Dataset) -> str:
@@ -467,7 +478,7 @@ def finalize(path: str | Path, note: str, attrs: dict | None = None) -> None:
     lines = json.loads(group.attrs.get("piadm_history", "[]")) + [f"{_now()} {note}"]
     # in one write of the group's metadata: attrs.update would write it once a key, and a
     # kill between them would leave a store whose config and identity disagree
-    group.update_attributes({**(attrs or {}), "piadm_history": json.dumps(lines),
+    group.update_attributes({**_recordable(attrs or {}), "piadm_history": json.dumps(lines),
                              "history": "\n".join(lines)})
     consolidate(path)
 

@@ -671,6 +671,24 @@ def test_the_store_carries_the_inputs_grid_and_cf_metadata(tmp_path):
     assert max(last) <= 0.05
 
 
+def test_a_store_of_grid_indices_names_its_axes_and_exports_to_netcdf(tmp_path):
+    """Grid indices carry CF's axis (cf_xarray found none), done its flags, and no attribute
+    is null: a sequential sampler's sampler_tol = None failed every NetCDF export."""
+    import xarray as xr
+
+    out = tmp_path / "g.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", "--set", f"output.path={out}",
+                 "--set", "model.shape=[8, 8]", "--set", "sampler.steps=10",
+                 "--set", "ensemble.members=2", "--set", "sampler.method=sequential-sde"]) == 0
+    ds = xr.open_zarr(out)
+    assert (ds.x.attrs["axis"], ds.y.attrs["axis"]) == ("X", "Y")
+    assert ds.done.attrs["flag_values"] == [0, 1] and ds.item.attrs["long_name"]
+    assert None not in ds.attrs.values() and "sampler_tol" not in ds.attrs
+    ds.drop_vars("seed").to_netcdf(tmp_path / "g.nc", engine="scipy")  # NetCDF 3: no int64
+    back = xr.open_dataset(tmp_path / "g.nc", engine="scipy")
+    assert np.array_equal(back.field.values, ds.field.values)
+
+
 def test_a_learned_models_store_has_its_training_grid(tmp_path):
     import numpy as np
 
