@@ -185,8 +185,9 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
     theirs = {ours: name for name, ours in renamed.items()}  # for a message: the truth's names
     # a field axis the ensemble lacks (a 2-D truth for 1-D members, a level axis) was pooled
     # with the truth's samples: its fields scored as so many rows, without a word
-    axes = {*FIELD_DIMS[3], *GEOGRAPHIC}
-    extra = [str(name) for name in truth.dims if str(name).lower() in axes and name not in dims]
+    axes, ours = {*FIELD_DIMS[3], *GEOGRAPHIC}, {str(d).lower() for d in dims}
+    extra = [str(name) for name in truth.dims  # (time, Y, X) still meets (y, x) by position
+             if str(name).lower() in axes - ours]
     if extra:
         raise EvaluationError(
             f"truth {path}'s fields have the axis {', '.join(extra)}, which the ensemble's "

@@ -148,6 +148,10 @@ def test_a_truth_with_a_field_axis_the_ensemble_lacks_is_refused(paired, tmp_pat
     err = capsys.readouterr().err
     assert "fields have the axis z, which the ensemble's ('y', 'x') lack" in err
     assert "ds.isel(z=0)" in err and not (tmp_path / "z").exists()
+    # the ensemble's own axes under other cases are no extra axis: met by position, as before
+    truth.rename(y="Y", x="X").to_zarr(tmp_path / "upper.zarr", zarr_format=3)
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp_path / "upper.zarr"),
+                 "--out", str(tmp_path / "upper")]) == 0
 
 
 def test_a_truth_on_another_grid_of_as_many_points_is_refused(tmp_path, capsys):
