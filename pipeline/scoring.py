@@ -183,6 +183,8 @@ def _paired_scores(out: xr.Dataset, field: xr.DataArray, per_item: dict, ranks: 
     out = out.assign_coords({item_dim: (item_dim, field[item_dim].values,
                                         dict(field[item_dim].attrs))})
     out["rank_histogram"] = (("rank",), ranks.astype(np.int32))
+    out = out.assign_coords(rank=("rank", np.arange(ranks.size), {  # what the counts are of
+        "long_name": "members below the truth at a point", "units": "1"}))
     with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 where the mean is the truth
         figures = dict(crps=float(np.mean(per_item["crps"])),
                        ensemble_mean_rmse=float(np.sqrt(np.mean(per_item["rmse"] ** 2))),
