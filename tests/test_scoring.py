@@ -73,7 +73,8 @@ def test_outputs_are_written_and_open(paired, monkeypatch):
     nc = xr.open_dataset(tmp / "files" / "metrics.nc", engine="scipy")
     assert nc.attrs["crps"] == pytest.approx(_metrics(tmp / "files")["crps"])
     assert nc.crps.sizes["time"] == 6
-    assert list(nc["rank"].values) == list(range(7)) and nc["rank"].attrs["long_name"]  # 6 members
+    # the counts' coordinate: 0 .. 6 members below the truth
+    assert list(nc["rank"].values) == list(range(7)) and nc["rank"].attrs["long_name"]
     # described for an analyst who opens them without piadm
     assert nc.crps.attrs["long_name"].startswith("CRPS of the members")
     assert nc.spectrum_ratio.attrs["units"] == "1" and "spread" in nc.spread.attrs["long_name"]
