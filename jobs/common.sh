@@ -10,6 +10,11 @@
 piadm_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -n "${PIADM:-}" ]; then
     read -r -a piadm <<<"$PIADM"
+    if ! command -v "${piadm[0]:-}" >/dev/null; then  # else srun's execve error, once a rank
+        echo "piadm: PIADM = '$PIADM' names no command found here: fix it (e.g." \
+             "PIADM=\"python -m pipeline.cli\" with PYTHONPATH set) or unset it" >&2
+        exit 2
+    fi
 elif command -v piadm >/dev/null; then
     piadm=(piadm)
 else

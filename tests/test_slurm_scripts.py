@@ -20,7 +20,7 @@ echo "   WorkDir=$SLURM_SUBMIT_DIR"
 """
 
 
-def _run_copy(tmp_path, script: str, submitted: str, submit_dir: Path):
+def _run_copy(tmp_path, script: str, submitted: str, submit_dir: Path, **env_changes):
     bin_dir, spool = tmp_path / "bin", tmp_path / "spool"
     bin_dir.mkdir(exist_ok=True)
     spool.mkdir(exist_ok=True)
@@ -32,6 +32,8 @@ def _run_copy(tmp_path, script: str, submitted: str, submit_dir: Path):
            "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(submit_dir), "PIADM": "echo piadm"}
     env.pop("PIADM_ROOT", None)
     env.pop("SLURM_ARRAY_TASK_ID", None)
+    env.update(env_changes)
+    env = {key: value for key, value in env.items() if value is not None}
     return subprocess.run(["bash", str(copy), "config.toml", str(tmp_path / "shards")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
 
@@ -55,6 +57,31 @@ def test_where_no_repository_is_found_the_script_says_to_set_piadm_root(tmp_path
     run = _run_copy(tmp_path, "sample.sbatch", "../elsewhere/sample.sbatch c", tmp_path)
     assert run.returncode == 2
     assert f"piadm: no jobs/common.sh in {tmp_path}: set PIADM_ROOT" in run.stderr
+
+
+@pytest.mark.parametrize("script", ["sample.sbatch", "train.sbatch", "generate.sbatch"])
+def test_a_script_run_by_bash_says_to_submit_it_with_sbatch(tmp_path, script):
+    """Run by bash, the scripts stopped at their first use of SLURM_JOB_ID: "unbound
+    variable", exit 1."""
+    run = _run_copy(tmp_path, script, f"{ROOT}/jobs/slurm/{script} c", tmp_path,
+                    SLURM_JOB_ID=None)
+    assert run.returncode == 2 and run.stderr.strip() == (
+        "piadm: slurm_script is a SLURM batch script: submit it with sbatch (its header shows "
+        "how), or run piadm itself outside SLURM"), run.stderr
+
+
+def test_a_piadm_that_names_no_command_is_refused_before_the_ranks_start(tmp_path):
+    """srun said "execve(): /nonexistent/piadm: No such file or directory" once a rank,
+    naming neither PIADM nor the fix; nor is the shard's folder made before piadm runs."""
+    run = _run_copy(tmp_path, "sample.sbatch", f"{ROOT}/jobs/slurm/sample.sbatch c", tmp_path,
+                    PIADM="/nonexistent/piadm --flag")
+    assert run.returncode == 2 and run.stderr.strip().startswith(
+        "piadm: PIADM = '/nonexistent/piadm --flag' names no command found here: fix it"), (
+        run.stderr)
+    run = _run_copy(tmp_path, "generate.sbatch", f"{ROOT}/jobs/slurm/generate.sbatch c s",
+                    tmp_path, SLURM_ARRAY_TASK_ID="3")
+    assert run.returncode == 0 and "data.path=\"" in run.stdout  # PIADM is echo here
+    assert not (tmp_path / "shards").exists()  # piadm makes data.path's folders itself
 
 
 @pytest.mark.parametrize("shown, cancelled", [
