@@ -65,6 +65,9 @@ def load_config(source: str | Path | dict | Config | None = None,
         tree = {}
     elif isinstance(source, (str, Path)):
         tree = read_toml(source)
+        if not tree:  # a file emptied or cut short by mistake runs on the defaults alone
+            warnings.warn(f"config file {source} sets no key: every setting not given in "
+                          "overrides takes its default", stacklevel=2)
     else:
         raise ConfigError(f"load_config takes a TOML path, a dict {{section: {{key: value}}}}, a "
                           f"Config or None, not {type(source).__name__}")

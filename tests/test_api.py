@@ -65,6 +65,21 @@ def test_a_key_outside_every_section_names_the_sections_it_belongs_to(tmp_path):
         api.load_config(tmp_path / "c.toml")
 
 
+def test_an_empty_config_file_is_said_to_set_nothing(tmp_path):
+    """As on the command line: a file emptied by mistake would run quietly on the defaults."""
+    import warnings
+
+    empty, one = tmp_path / "empty.toml", tmp_path / "one.toml"
+    empty.write_text("# nothing yet\n")
+    one.write_text("[sampler]\nsteps = 10\n")
+    with pytest.warns(UserWarning, match=f"config file {empty} sets no key"):
+        assert api.load_config(empty).sampler.steps == api.load_config().sampler.steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert api.load_config(one).sampler.steps == 10
+        api.load_config({})  # a dict of no keys is a choice, not a file cut short
+
+
 def test_a_set_with_spaces_around_the_equals_sign_reads_as_without():
     from pipeline.config import load_config
 
