@@ -126,7 +126,9 @@ def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | 
     for method in cfg.bench.methods:
         mine = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, method=method))
         key, points = min(REGISTRY[method].points(mine.sampler).items(), key=lambda kv: kv[1])
-        if points < comm.size:  # a rank of no points would call the model on nothing
+        # a rank of no points would call the model on nothing (a sequential sampler runs
+        # whole on every rank)
+        if REGISTRY[method].sliced and points < comm.size:
             more = "sampler.steps" if points == cfg.sampler.steps else f"sampler.{key}"
             plural = "s" if points != 1 else ""
             print0(comm, f"left out {method}: its rounds have {points} point{plural} "

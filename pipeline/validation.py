@@ -78,15 +78,18 @@ def _check_parallel(p: ParallelConfig, s: SamplerConfig) -> None:
     if p.time_slices == "auto" or s.method in AUTO_METHODS:
         return  # the planner picks a layout that fits
     registered = REGISTRY[s.method]
+    if not registered.sliced:
+        return  # it runs whole on every slice, whatever its block of noise draws
     for key, n in registered.points(s).items():
         asked = getattr(s, key) or registered.default_window  # 0 only for the window
         capped = key != "steps" and asked > s.steps  # the path is shorter than the setting
         more = ("sampler.steps" if capped else f"sampler.steps and sampler.{key}"
                 if key != "steps" and n == s.steps else f"sampler.{key}")
+        plural = "s" if n != 1 else ""
         check(p.time_slices <= n, "parallel.time_slices",
-              f"= {p.time_slices} is more than the {n} points of sampler.{key}"
+              f"= {p.time_slices} is more than the {n} point{plural} of sampler.{key}"
               + (f" (at most sampler.steps = {s.steps})" if capped else "")
-              + f": use at most {n} time slices, or raise {more}")
+              + f": use at most {n} time slice{plural}, or raise {more}")
 
 
 # The [model] keys that only some of piadm's own kinds read ("weights": a gmm's list, a

@@ -108,6 +108,19 @@ def test_more_time_slices_than_points_is_refused_naming_the_key(sets, key):
         load_config(None, sets)
 
 
+@pytest.mark.parametrize("method", ["sequential-sde", "sequential-ode", "dpmpp-2m", "edm-heun"])
+def test_a_sequential_sampler_takes_any_time_slices_whatever_its_block(method):
+    """It runs whole on every slice: its block_size (the steps whose noise it draws at once)
+    gives no slice points to own, so it does not bound the slices."""
+    cfg = load_config(None, [f"sampler.method={method}", "sampler.block_size=1",
+                             "parallel.time_slices=2"])
+    assert cfg.parallel.time_slices == 2
+    with pytest.raises(ConfigError, match="more than the 1 point of sampler.block_size: use at "
+                                          "most 1 time slice, or"):
+        load_config(None, ["sampler.method=piadm-sde", "sampler.block_size=1",
+                           "parallel.time_slices=2"])
+
+
 def _cuda_float32_modes() -> tuple:
     conv = getattr(torch.backends.cudnn, "conv", None)
     if conv is None or not hasattr(conv, "fp32_precision"):  # torch < 2.9: the older flags

@@ -459,10 +459,12 @@ def test_bench_under_mpiexec_reports_each_kind_of_collective(tmp_path):
 def test_bench_leaves_out_a_method_whose_rounds_have_fewer_points_than_ranks(tmp_path):
     """A window of one point on two ranks: one rank would call the model on no points (an
     FFT error and a traceback on every rank); the method is said and left out, the others
-    run."""
+    run. A sequential sampler runs whole on every rank: its block of one step's noise draws
+    leaves it no fewer points than ranks."""
     err, rows = _bench_two_ranks(tmp_path, "['sequential-sde', 'pc-window']",
-                                 "sampler.tol=1e-3", "sampler.window=1")
+                                 "sampler.tol=1e-3", "sampler.window=1", "sampler.block_size=1")
     assert rows == []  # the sequential reference alone
+    assert "left out sequential-sde" not in err
     assert ("left out pc-window: its rounds have 1 point (sampler.window), fewer than the 2 "
             "ranks, each a time slice: launch at most 1 rank, or raise sampler.window") in err
 

@@ -85,6 +85,11 @@ class Registered:
         """The points of a window set to ``window`` (0: the default) on a path of ``steps``."""
         return window_points(window, self.default_window, steps)
 
+    @property
+    def sliced(self) -> bool:
+        """Whether time slices split its rounds; a sequential sampler runs whole on each."""
+        return self.blocked or self.windowed or self.whole_path
+
     def points(self, s) -> dict[str, int]:
         """The points each ``[sampler]`` setting ``s`` gives a round, by setting name: a layout
         needs at most that many time slices."""
