@@ -35,7 +35,7 @@ from pipeline.processes import replace_text
 from pipeline.run import (DTYPES, model_data_bound, sampler_grid, sampler_options,
                           unbounded_note)
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
-from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, redone
+from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, redone, unsettled
 from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
 
@@ -64,7 +64,8 @@ def _row(method, seed, tol, ranks, steps, d, stats, ref_calls, dist, err, timing
             "own_share": round(own_s / wall, 4) if wall else 0.0,
             "model_wait_share": (None if model_wait_s is None else
                                  round(model_wait_s / wall, 4) if wall else 0.0),
-            "peak_mib": round(peak / 2**20, 1), "fallbacks": stats.fallbacks}
+            "peak_mib": round(peak / 2**20, 1), "fallbacks": stats.fallbacks,
+            "unsettled": stats.unsettled}
 
 
 def worst_row(rows: list[dict]) -> dict:
@@ -228,7 +229,7 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
             # that every row has the same keys for a table reader
             row["window_split"] = s.window_split if method in REPLICABLE else None
             rows[method].append(row)
-            _say_row(comm, row, stats)
+            _say_row(comm, row, stats, s.max_sweeps)
     out = [row for m in methods for row in rows[m]]
     if cfg.bench.seeds > 1:
         for m in methods:
@@ -237,12 +238,15 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
     return out
 
 
-def _say_row(comm, row: dict, stats) -> None:
-    """Print a bench row on rank 0, with a note where blocks were redone step by step and
-    the per-collective report where the run had any."""
+def _say_row(comm, row: dict, stats, max_sweeps: int) -> None:
+    """Print a bench row on rank 0, with a note where blocks were redone step by step or
+    stopped at ``max_sweeps`` above the tolerance, and the per-collective report where the
+    run had any."""
     print0(comm, _format(row))
     if stats.fallbacks:  # its distance is the sequential path's: say why
         print0(comm, f"    note: {redone(stats.fallbacks)}")
+    if stats.unsettled:  # its distance may be past what the tolerance asks: say why
+        print0(comm, f"    warning: {unsettled(stats.unsettled, max_sweeps)}")
     if row["collectives"]:
         print0(comm, "    collectives: " + ", ".join(
             f"{kind} {count} x ({seconds:.3f} s, of which {own:.3f} s its own, "

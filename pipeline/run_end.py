@@ -26,8 +26,8 @@ class Summary:
     took, model calls per member, wall seconds, seconds a writer spent writing and the seconds
     compute waited for it (the most of any group's lead), whether a signal stopped it, the
     Picard blocks that diverged and were redone step by step (``Stats.fallbacks``, summed over
-    the batches), and the store's members done and in all as the run ended (other jobs'
-    included)."""
+    the batches), those that stopped at max_sweeps above the tolerance (``Stats.unsettled``),
+    and the store's members done and in all as the run ended (other jobs' included)."""
 
     path: str
     members: int
@@ -40,6 +40,7 @@ class Summary:
     write_wait_s: float
     preempted: bool
     fallbacks: int = 0
+    unsettled: int = 0
     began: bool = True  # False: a stop signal came during start-up, and nothing was written
     held: tuple[int, ...] = ()  # (done, all) in the store as the run ended; () where unread
 
@@ -75,6 +76,7 @@ class Tally:
     count: int = 0
     stopped: bool = False
     fallbacks: int = 0
+    unsettled: int = 0
     stop_cause: str = "by a signal"  # or "on request": the API's stop function asked
 
     def add(self, members: int, stats) -> None:
@@ -82,6 +84,7 @@ class Tally:
         self.rounds.append(stats.rounds)
         self.calls += stats.model_calls * members
         self.fallbacks += stats.fallbacks
+        self.unsettled += stats.unsettled
 
 
 def _finalize_alone(spec: StoreSpec, note: str, job: str,
@@ -155,6 +158,7 @@ def finish(cfg, spec, ranks, writer, tally: Tally, *, skipped: int, job: str,
                     calls=tally.calls if lead else 0, written=tally.count if lead else 0,
                     batch_rounds=max(tally.rounds, default=0), failed=failed is not None,
                     fallbacks=tally.fallbacks if lead else 0,
+                    unsettled=tally.unsettled if lead else 0,
                     write_s=writer.busy if writer is not None else 0.0,
                     wait_s=writer.waited if writer is not None else 0.0)
     peak, total = _unpacked(world.allreduce_max(local)), _unpacked(world.allreduce_sum(local))
@@ -175,7 +179,7 @@ def finish(cfg, spec, ranks, writer, tally: Tally, *, skipped: int, job: str,
     return Summary(spec.path, written, skipped, int(peak["rounds"]), int(peak["batch_rounds"]),
                    total["calls"] / max(written, 1), time.perf_counter() - tally.start,
                    peak["write_s"], peak["wait_s"], preempted, int(total["fallbacks"]),
-                   held=held)
+                   int(total["unsettled"]), held=held)
 
 
 def raised_by_group(ranks: RankGrid, calls, halt: Halt):
@@ -223,10 +227,11 @@ def _raise_together(world, spec, failed: Exception | None) -> None:
 
 # What the ranks agree on as a run ends, reduced in one tensor by max and by sum: whether
 # any stopped, rounds (a rank's batches' sum, and its largest batch's), model calls, members
-# written, a failure, fallbacks to sequential steps, and the seconds each group's lead spent
-# writing and sampling waited for its writer (the summary says the most of any group)
+# written, a failure, fallbacks to sequential steps, blocks left above the tolerance, and the
+# seconds each group's lead spent writing and sampling waited for its writer (the summary says
+# the most of any group)
 _AGREED = ("stopped", "rounds", "calls", "written", "batch_rounds", "failed", "fallbacks",
-           "write_s", "wait_s")
+           "unsettled", "write_s", "wait_s")
 
 
 def _packed(**values) -> torch.Tensor:

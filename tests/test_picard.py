@@ -50,6 +50,25 @@ def test_tolerance_stops_early_and_stays_close():
     assert _rel(y, y_ref) < 1e-3
 
 
+def test_blocks_that_reach_max_sweeps_above_the_tolerance_are_counted():
+    """A block stopped by max_sweeps short of its points, its residual still above tol, may
+    leave its members further from the sequential path than tol allows: counted, so that the
+    commands warn. Not counted without a tol, nor where max_sweeps reaches the block's
+    points (exact), nor once the block settled."""
+    model, grid, noise, y0 = _setup(steps=48, block=8)
+    count = {}
+    for name, opts in {"short": Options(max_sweeps=2, tol=1e-12),
+                       "no tol": Options(max_sweeps=2),
+                       "exact": Options(max_sweeps=8, tol=1e-12),
+                       "settled": Options(max_sweeps=8, tol=0.5)}.items():
+        _, stats = SAMPLERS["piadm-sde"](model, y0, grid, noise, comm=SerialComm(),
+                                         options=opts)
+        count[name] = (stats.unsettled, stats.rounds)
+    assert count["short"] == (6, 12)
+    assert count["no tol"][0] == count["exact"][0] == 0
+    assert count["settled"][0] == 0 and count["settled"][1] < 48
+
+
 def test_float32_parity_within_roundoff():
     model = GaussianRandomField((16, 16))
     grid = make_grid("ou", 40, u_min=1e-3, u_max=10.0, block_size=10)

@@ -751,6 +751,26 @@ def test_blocks_redone_step_by_step_are_said_by_sample_and_bench(tmp_path, capsy
     assert "    note: 1 Picard block diverged and was finished step by step" in err
 
 
+def test_blocks_left_above_the_tolerance_at_max_sweeps_are_warned_of(tmp_path, capsys):
+    # blocks of 5 swept once at a tolerance none reaches in one sweep: a run ended normally,
+    # its members far from the sequential path, and nothing said so
+    sets = sum((["--set", f"{k}={v}"] for k, v in _small(tmp_path, **{
+        "model.shape": [8, 8], "sampler.steps": 20, "sampler.block_size": 5,
+        "sampler.method": "piadm-sde", "sampler.tol": 1e-9,
+        "sampler.max_sweeps": 1}).items()), [])
+    said = ("4 Picard blocks reached sampler.max_sweeps = 1 sweeps with their residual still "
+            "above sampler.tol")
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    assert f"warning: {said}" in capsys.readouterr().err
+    bench = ["--set", "bench.methods=['sequential-sde', 'piadm-sde']", "--set",
+             "bench.sizes=[[8, 8]]", "--set", "bench.repeats=1"]
+    assert main(["bench", "jobs/configs/grf.toml", *sets, *bench]) == 0
+    assert f"    warning: {said}" in capsys.readouterr().err
+    sets[sets.index("sampler.max_sweeps=1")] = "sampler.max_sweeps=5"  # exact: nothing to say
+    assert main(["sample", "jobs/configs/grf.toml", *sets, "--set", "output.overwrite=true"]) == 0
+    assert "max_sweeps" not in capsys.readouterr().err
+
+
 def test_a_full_disk_met_while_making_the_store_names_it(tmp_path, monkeypatch, capsys):
     """Zarr's writes meet a full disk with an OSError that names no file: the line names
     the store ("cannot use: No space left" said nothing of where)."""

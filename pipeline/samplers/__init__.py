@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pipeline.samplers.options import (PC_WINDOW_POINTS, THETAS, WINDOW_POINTS, Options,
-                                      PicardDivergence, Stats, redone, window_points)
+                                       PicardDivergence, Stats, redone, unsettled,
+                                       window_points)
 
 
 @dataclass(frozen=True)
@@ -181,4 +182,4 @@ SAMPLERS = _Functions()
 REFERENCE = {name: entry.reference for name, entry in REGISTRY.items()}
 
 __all__ = ["REGISTRY", "REFERENCE", "SAMPLERS", "Registered", "Options", "Stats",
-           "PicardDivergence", "redone"]
+           "PicardDivergence", "redone", "unsettled"]

@@ -89,6 +89,8 @@ class Stats:
     residuals: max residual r over the batch after each sweep, in sweep order.
     sweeps: sweeps run in each block (or window advances), per block.
     fallbacks: blocks redone sequentially after a divergence.
+    unsettled: blocks whose members still had a residual above ``tol`` when they reached
+        ``max_sweeps`` sweeps, fewer than their points (where they would have been exact).
     """
 
     rounds: int = 0
@@ -96,6 +98,7 @@ class Stats:
     residuals: tuple[float, ...] = ()
     sweeps: tuple[int, ...] = ()
     fallbacks: int = 0
+    unsettled: int = 0
 
     def __add__(self, other: "Stats") -> "Stats":
         return Stats(
@@ -104,6 +107,7 @@ class Stats:
             self.residuals + other.residuals,
             self.sweeps + other.sweeps,
             self.fallbacks + other.fallbacks,
+            self.unsettled + other.unsettled,
         )
 
 
@@ -115,6 +119,18 @@ def redone(blocks: int) -> str:
     return (f"{blocks} Picard block{'s' if many else ''} diverged and {'were' if many else 'was'}"
             " finished step by step, at up to a sequential sampler's cost: lower "
             "sampler.block_size, or set sampler.on_divergence = 'error' to stop instead")
+
+
+def unsettled(blocks: int, max_sweeps: int) -> str:
+    """What ``Stats.unsettled`` = ``blocks`` > 0 means, as every command that reports it says
+    it: those blocks' members stopped sweeping above the tolerance, so they may lie further
+    from the sequential path than it allows."""
+    many = blocks > 1
+    return (f"{blocks} Picard block{'s' if many else ''} reached sampler.max_sweeps = "
+            f"{max_sweeps} sweeps with {'their' if many else 'its'} residual still above "
+            "sampler.tol, so some members may lie further from the sequential path than it "
+            "allows: raise sampler.max_sweeps (a block of M steps is exact after M sweeps) or "
+            "lower sampler.block_size")
 
 
 class PicardDivergence(PiadmError, RuntimeError):

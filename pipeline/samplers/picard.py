@@ -78,8 +78,10 @@ def picard_block(model, y0, u, steps: Steps, noise: Noise | None, start: int, *,
         rows = rows[keep]
     owner = owner_of(m, comm.size, m - 1)
     y_end = comm.bcast(after[:, -1] if comm.rank == owner else torch.empty_like(y0), owner)
+    # rows left sweeping at max_sweeps, short of the block's points, never reached tol
+    unsettled = int(options.tol is not None and rows.numel() > 0 and sweeps < m)
     stats = Stats(rounds=sweeps, model_calls=calls / batch, residuals=tuple(history),
-                  sweeps=(sweeps,))
+                  sweeps=(sweeps,), unsettled=unsettled)
     if diverged:
         # after k sweeps a block's first k states are exact: the redo starts after the last
         # state every diverged row has exact (the garbage that tripped the threshold lies
