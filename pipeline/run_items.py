@@ -163,7 +163,6 @@ def checked_items(cfg: Config, model):
     model, a conditioned network bound to the first item, and parallel.items."""
     grid = sampler_grid(cfg.sampler, model)
     check_step_lengths(cfg.sampler, grid)
-    check_block_spans(cfg.sampler, grid)
     items = load_items(cfg, check=True, model=model)
     check_input_units(cfg, model, items)
     if cfg.model.condition == "coarse":
@@ -172,28 +171,6 @@ def checked_items(cfg: Config, model):
     check_bound_network(cfg, model, items)
     check_only(cfg.parallel.items, len(items.labels))
     return items
-
-
-# The most OU clock a float32 piadm-ode block may span: its prefix sums carry e^{span/2},
-# whose rounding (eps e^{span/2}) reaches the path: on grf 8x8, 20 steps from u_max = 40,
-# blocks spanning 18.4 ended 4e-4 from the sequential path, 23 3e-3, 27.5 3e-2, 36.7 1.0
-LONGEST_FLOAT32_ODE_BLOCK = 20.0
-
-
-def check_block_spans(s, grid) -> None:
-    """Refuse a float32 ``piadm-ode`` whose blocks span more of the clock than float32's
-    prefix sums keep (``LONGEST_FLOAT32_ODE_BLOCK``; ``s`` the [sampler] settings): its
-    members came out far from the sequential path, certified, without a word."""
-    if s.method != "piadm-ode" or s.dtype != "float32":
-        return
-    span = max(float(grid.u[lo] - grid.u[hi]) for lo, hi in grid.blocks)
-    if span > LONGEST_FLOAT32_ODE_BLOCK:
-        raise ConfigError(
-            f"config: sampler.block_size = {s.block_size} over sampler.steps = {s.steps} from "
-            f"u_max = {s.u_max:g} makes piadm-ode blocks spanning up to {span:.3g} of the OU "
-            f"clock, past {LONGEST_FLOAT32_ODE_BLOCK:g}, where float32's prefix sums keep no "
-            "digit of the path: lower sampler.block_size, raise sampler.steps, lower "
-            "sampler.u_max, or set sampler.dtype = \"float64\"")
 
 
 # The longest step h the SDE's exponential step takes stably: in a direction the noise

@@ -20,8 +20,10 @@ from pipeline.value_checks import INT64_MAX, check, check_values
 # factors up to e^{span/2} of the u it spans, and past about 40 float32 keeps no digit of them:
 # on grf 8x8 at 20 steps piadm-ode (blocks of 8) ended 0.94 from its sequential path at
 # u_max = 80 (every member exactly 0 at 100), pc-window-ode (window 8) 0.57 at 90 and 19 at 100,
-# and window (200 steps) went NaN at 100, all within 4e-4 at 40. No data is left there to
-# sample from: e^{-40} = 4e-18 of it (a noise of e^{20} = 5e8 times its scale).
+# and window (200 steps) went NaN at 100, all within 4e-4 at 40 (piadm's blocks since their
+# sum runs in float64 where it spans a growth past 2^8, picard.SCAN_GROWTH: before, a block of
+# 7 steps from 40 ended 1.0 away). No data is left there to sample from: e^{-40} = 4e-18 of
+# it (a noise of e^{20} = 5e8 times its scale).
 U_MAX = 40.0
 # The most damping the Langevin corrector's velocity may take over its length,
 # corrector_gamma x corrector_length: its prefix sums divide by e^{-that}, which float32

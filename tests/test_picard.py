@@ -93,6 +93,30 @@ class _Exploding:
         return s
 
 
+@pytest.mark.parametrize("u_max,steps", [(20.0, 7), (40.0, 7), (40.0, 100)])
+def test_float32_blocks_that_span_a_large_growth_stay_on_the_path(u_max, steps):
+    """y_m = E_m (y0 + sum b_j / E_{j+1}) keeps y_m / E_m beside y0: across a growth E of
+    e^20 float32 kept no digit of it, and the ODE (its score nearly cancels the growth) ended
+    1.0 from its path. Such a block sums in float64; the usual ones keep float32, bit for bit
+    as before (the default grid's whole path grows by e^5)."""
+    from pipeline.samplers.picard import scan_dtype
+
+    model = GaussianRandomField((8, 8))
+    grid = make_grid("ou", steps, u_min=1e-3, u_max=u_max, block_size=steps)
+    noise, wide = (Noise(3, tuple((0, m) for m in range(4)), (8, 8), dtype)
+                   for dtype in (torch.float32, torch.float64))
+    opts = Options(max_sweeps=steps, corrector_steps=0, divergence_threshold=1e30)
+    y, _ = SAMPLERS["piadm-ode"](model, noise.prior(), grid, noise, comm=SerialComm(),
+                                 options=opts)
+    ref, _ = SAMPLERS["sequential-ode"](model, wide.prior(), grid, wide, comm=SerialComm(),
+                                        options=opts)
+    assert _rel(y.double(), ref) < 1e-4
+    e = torch.exp(torch.tensor([0.0, 5.0], dtype=torch.float64))  # u_max = 10 to 0: e^5
+    assert scan_dtype(e, torch.float32) == torch.float32
+    assert scan_dtype(e * torch.tensor([1.0, 2.0], dtype=torch.float64),
+                      torch.float32) == torch.float64
+
+
 def test_divergence_raises_or_falls_back_to_sequential():
     model, grid, noise, y0 = _setup()
     bad = _Exploding(model)

@@ -25,17 +25,35 @@ from pipeline.samplers.corrector import langevin_corrector
 from pipeline.samplers.options import Options, PicardDivergence, Stats
 
 
-def sweep(model, y0, inputs, u, drift, e, noise_term, *, comm):
+# The most a block's linear part E_m may grow across it for its prefix sum to run in the
+# fields' own float32 (or lower): y_m = E_m (y0 + sum_j b_j / E_{j+1}) holds y_m / E_m beside
+# y0, so a growth of 2^k costs k of float32's 24 bits. The ODE, whose score nearly cancels the
+# growth, ended 1.0 from its path at u_max = 40 (growth e^20); past 2^8 the sum is float64.
+SCAN_GROWTH = 2.0**8
+
+
+def scan_dtype(e: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the prefix sum of a block whose products are e (M+1,) float64, for fields
+    of ``dtype``: theirs, or float64 where their range would cost float32 its digits
+    (``SCAN_GROWTH``). The same on every rank: from the whole block."""
+    wide = dtype != torch.float64 and float(e.max() / e.min()) > SCAN_GROWTH
+    return torch.float64 if wide else dtype
+
+
+def sweep(model, y0, inputs, u, drift, e, noise_term, *, comm, scan=None):
     """One Picard sweep over a rank's slice [lo, hi) of a block (section 3).
 
     y0 (B, *S) block start; inputs (B, n, *S) states y_lo..y_{hi-1} of the previous sweep;
     u (n,) their clocks; drift (n,) and e (n+1,) = E_lo..E_hi float64; noise_term (B, n, *S)
-    or None. Returns (inputs for the next sweep, states y_{lo+1..hi}), both (B, n, *S).
+    or None; scan: the prefix sum's dtype (``scan_dtype``; None: the fields'). Returns
+    (inputs for the next sweep, states y_{lo+1..hi}), both (B, n, *S).
     """
     b = per_point(drift, inputs) * evaluate(model, inputs, u)
     if noise_term is not None:
         b = b + noise_term
-    first, after = prefix_states(y0, b, e, comm=comm)
+    scan = scan or b.dtype
+    first, after = prefix_states(y0.to(scan), b.to(scan), e, comm=comm)
+    first, after = first.to(b.dtype), after.to(b.dtype)
     return torch.cat([first, after[:, :-1]], 1), after
 
 
@@ -49,6 +67,7 @@ def picard_block(model, y0, u, steps: Steps, noise: Noise | None, start: int, *,
     m, batch, shape = u.numel(), y0.shape[0], y0.shape[1:]
     lo, hi = slice_bounds(m, comm.size, comm.rank)
     e = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(steps.decay, 0)])
+    scan = scan_dtype(e, y0.dtype)
     mine = steps.slice(lo, hi)
     noise_term = None
     if noise is not None:
@@ -63,7 +82,7 @@ def picard_block(model, y0, u, steps: Steps, noise: Noise | None, start: int, *,
         # 1. one batched model call at every point of the slice, 2. one prefix sum (Exscan)
         new_inputs, new_after = sweep(
             model, y0[rows], inputs[rows], u[lo:hi], mine.drift, e[lo : hi + 1],
-            None if noise_term is None else noise_term[rows], comm=comm,
+            None if noise_term is None else noise_term[rows], comm=comm, scan=scan,
         )
         # 3. the residual, the same on every rank (one Allreduce); 4. stop the settled rows
         r = comm.allreduce_max(residual(new_after, after[rows], mine.var)).cpu()
