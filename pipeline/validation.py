@@ -31,8 +31,10 @@ U_MAX = 40.0
 MOST_CORRECTOR_DAMPING = 80.0
 MAX_COMPONENTS = 1 << 16  # model.components: 1e8 ran out of memory, not naming the key
 # A path's time grid and its samplers' per-step tables are float64 arrays of steps + 1 (a
-# window's tables a few more): 10^8 steps is about 8 GB of them, where samplers take 10 to 10^4
-STEPS_MAX = 10**8
+# window's tables a few more), where samplers take 10 to 10^4 steps: 10^8 held 9 GB and
+# calibrated for over 9 minutes on grf 8x8 without reaching its first rung's end, the
+# finish a signal waits for (at 10^6: 80 MB and a rung of seconds to minutes)
+STEPS_MAX = 10**6
 
 
 # generate-data: the shortest data.interval (closer snapshots are the same field), the most
@@ -256,8 +258,9 @@ def _check_sampler(s: SamplerConfig, benched: tuple[str, ...] = ()) -> None:
     check(s.method in known, "sampler.method", f"= {s.method!r} is unknown: use one of "
           f"{', '.join(known)}{did_you_mean(s.method, known)}")
     check(1 <= s.steps <= STEPS_MAX, "sampler.steps",
-          f"= {s.steps} must be >= 1 and at most {STEPS_MAX} (its time grid's tables "
-          "alone would outgrow a node's memory)")
+          f"= {s.steps} must be >= 1 and at most {STEPS_MAX} (samplers take 10 to 10^4; "
+          "a longer path's tables fill memory, and its batches and calibration rungs, which a "
+          "stop signal lets finish, run for hours)")
     check(s.block_size >= 1, "sampler.block_size", f"= {s.block_size} must be >= 1")
     check(s.max_sweeps >= 1, "sampler.max_sweeps", f"= {s.max_sweeps} must be >= 1")
     check(s.theta in THETAS, "sampler.theta",

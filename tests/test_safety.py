@@ -44,7 +44,9 @@ def _small(tmp_path, **extra):
                                  "store's int64 index holds: use at most 9223372036854775807"),
     ("ensemble.batch_size", 2**63, "ensemble.batch_size = 9223372036854775808 is more than"),
     ("sampler.steps", 10**23, "sampler.steps = 100000000000000000000000 must be >= 1 and at "
-                              "most 100000000"),
+                              "most 1000000"),
+    ("sampler.steps", 10**8, "sampler.steps = 100000000 must be >= 1 and at most 1000000 "
+                             "(samplers take 10 to 10^4"),
     ("sampler.tol", float("inf"), "sampler.tol = inf must be a finite number >= 0"),
 ])
 def test_model_parameters_are_range_checked(tmp_path, key, value, needle):
