@@ -151,6 +151,22 @@ def test_a_block_whose_transient_trips_the_threshold_takes_no_more_rounds_than_s
     assert _rel(y, ref) <= 1e-12
 
 
+def test_members_diverging_at_different_sweeps_take_no_more_rounds_than_steps():
+    """A block's members trip the threshold at different sweeps, and the others sweep on:
+    redone after the whole block's sweeps, from the earliest of their exact states, a block
+    of 7 steps took 8 rounds (of 50, 51). Each is now stepped on from its own exact state
+    beside the others' sweeps, in the same calls, and ends by round 7."""
+    model = GaussianRandomField((8, 8))
+    grid = make_grid("ou", 7, u_min=1e-3, u_max=10.0, block_size=7)
+    noise = Noise(0, tuple((0, m) for m in range(64)), (8, 8), torch.float32)
+    y, stats = SAMPLERS["piadm-sde"](model, noise.prior(), grid, noise, comm=SerialComm(),
+                                     options=Options(tol=1e-3))
+    ref, _ = SAMPLERS["sequential-sde"](model, noise.prior(), grid, noise, comm=SerialComm())
+    assert stats.fallbacks == 1 and stats.sweeps == (3,)  # some swept on past the first
+    assert stats.rounds == 7
+    assert _rel(y, ref) < 1e-5
+
+
 def test_denoise_final_is_tweedie_mean_of_the_end_state():
     model, grid, noise, y0 = _setup()
     y, s = SAMPLERS["piadm-sde"](model, y0, grid, noise,

@@ -135,11 +135,14 @@ REGISTRY = {
                            calls_per_step=2),
     "dpmpp-2m-window": Registered("pipeline.samplers.highorder:dpmpp_2m_window", "dpmpp-2m",
                                   needs_tol=True, whole_path=True, state=8),
-    # revision 2: a diverging block's redo starts after the states its sweeps made exact
+    # revision 2: a diverging block's redo starts after the states its sweeps made exact;
+    # 3: each diverged member is redone from its own exact state beside the others' sweeps
+    # (a block takes at most its steps in rounds), and a block across which the linear part
+    # grows past 2^8 sums in float64
     "piadm-sde": Registered("pipeline.samplers.picard:piadm_sde", _SDE, blocked=True, state=10,
-                            revision=2),
+                            revision=3),
     "piadm-ode": Registered("pipeline.samplers.picard:piadm_ode", _ODE, blocked=True,
-                            corrector=True, state=8, revision=2),
+                            corrector=True, state=8, revision=3),
     # revision 2: a point's chain offset is its predecessors' sum (ring._plus_before)
     "window": Registered("pipeline.samplers.window:window_sde", _SDE, windowed=True, state=12,
                          default_window=WINDOW_POINTS, revision=2,

@@ -12,15 +12,13 @@ tolerance; its states freeze there, so its result does not depend on who shares 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from pipeline.decomposition import owner_of, slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
 from pipeline.noise import Noise
-from pipeline.samplers.common import finish, evaluate, per_point, prefix_states, residual, run_steps
+from pipeline.samplers.common import finish, evaluate, per_point, prefix_states, residual
 from pipeline.samplers.corrector import langevin_corrector
 from pipeline.samplers.options import Options, PicardDivergence, Stats
 
@@ -40,21 +38,70 @@ def scan_dtype(e: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if wide else dtype
 
 
-def sweep(model, y0, inputs, u, drift, e, noise_term, *, comm, scan=None):
-    """One Picard sweep over a rank's slice [lo, hi) of a block (section 3).
+def sweep(y0, b, e, *, comm, scan=None):
+    """The states of one Picard sweep over a rank's slice [lo, hi) of a block (section 3),
+    from its increments.
 
-    y0 (B, *S) block start; inputs (B, n, *S) states y_lo..y_{hi-1} of the previous sweep;
-    u (n,) their clocks; drift (n,) and e (n+1,) = E_lo..E_hi float64; noise_term (B, n, *S)
-    or None; scan: the prefix sum's dtype (``scan_dtype``; None: the fields'). Returns
-    (inputs for the next sweep, states y_{lo+1..hi}), both (B, n, *S).
+    y0 (B, *S) block start; b (B, n, *S) the increments drift_j g_j + noise_j xi_j at the
+    previous sweep's states; e (n+1,) = E_lo..E_hi float64; scan: the prefix sum's dtype
+    (``scan_dtype``; None: the fields'). Returns (inputs for the next sweep, states
+    y_{lo+1..hi}), both (B, n, *S).
     """
-    b = per_point(drift, inputs) * evaluate(model, inputs, u)
-    if noise_term is not None:
-        b = b + noise_term
     scan = scan or b.dtype
     first, after = prefix_states(y0.to(scan), b.to(scan), e, comm=comm)
     first, after = first.to(b.dtype), after.to(b.dtype)
     return torch.cat([first, after[:, :-1]], 1), after
+
+
+class _Redo:
+    """Members of a block whose sweeps diverged, each run on step by step from the last
+    state its sweeps had made exact, a step a round beside the others' sweeps (in the same
+    batched call), so that a member that diverged at sweep k ends at round k + (M - k) = M:
+    a block takes no more rounds than steps whichever sweeps its members diverge at. Every
+    rank steps them alike."""
+
+    def __init__(self, like: torch.Tensor):
+        self.rows = torch.zeros(0, dtype=torch.long)
+        self.at = torch.zeros(0, dtype=torch.long)  # each member's next step in the block
+        self.y = like.new_zeros((0, *like.shape[1:]))
+
+    def add(self, rows: torch.Tensor, k: int, y: torch.Tensor) -> None:
+        """Members ``rows`` (R,), exact at y (R, *S) after the block's first k steps."""
+        self.rows = torch.cat([self.rows, rows])
+        self.at = torch.cat([self.at, torch.full((rows.numel(),), k, dtype=torch.long)])
+        self.y = torch.cat([self.y, y])
+
+    def moving(self, m: int) -> torch.Tensor:
+        """Which of them still have steps to take in a block of m, (R,) bool."""
+        return self.at < m
+
+    def step(self, g: torch.Tensor, steps: Steps, noise: Noise | None, start: int,
+             m: int) -> None:
+        """One step of the moving members, g (moving, *S) their scores; the step's noise
+        drawn by its key (row, global step), as the sequential sampler's."""
+        moving = self.moving(m)
+        at, y = self.at[moving], self.y[moving]
+        y = per_point(steps.decay[at], y[:, None])[:, 0] * y + \
+            per_point(steps.drift[at], y[:, None])[:, 0] * g
+        if noise is not None:
+            xi = noise.path_at(self.rows[moving].tolist(), (start + at).tolist())
+            y = y + per_point(steps.noise[at], y[:, None])[:, 0] * xi
+        self.y[moving], self.at[moving] = y, at + 1
+
+
+def _scores(model, inputs, u, redo: _Redo, u_block, m: int):
+    """One batched model call: the sweep's points inputs (B, n, *S) at clocks u (n,) and the
+    moving redone members at their next steps' clocks (``u_block`` (M,) the block's).
+    Returns (g (B, n, *S), g of the redone members (moving, *S))."""
+    moving = redo.moving(m)
+    if not bool(moving.any()):  # the usual round: the sweep's own call, as before
+        return evaluate(model, inputs, u), redo.y[:0]
+    b, n, shape = *inputs.shape[:2], inputs.shape[2:]
+    ys = torch.cat([inputs.reshape(b * n, *shape), redo.y[moving]])
+    us = torch.cat([u.to(ys.device, ys.dtype).expand(b, n).reshape(-1),
+                    u_block[redo.at[moving]].to(ys.device, ys.dtype)])
+    g = model(ys, us)
+    return g[: b * n].reshape(inputs.shape), g[b * n:]
 
 
 def picard_block(model, y0, u, steps: Steps, noise: Noise | None, start: int, *, comm,
@@ -76,14 +123,28 @@ def picard_block(model, y0, u, steps: Steps, noise: Noise | None, start: int, *,
     inputs = y0[:, None].expand(batch, hi - lo, *shape).clone()
     after = inputs.clone()
     rows = torch.arange(batch)
-    history, calls, sweeps, diverged = [], 0, 0, []
-    while rows.numel() and sweeps < min(options.max_sweeps, m):
+    redo = _Redo(y0)
+    history, calls, sweeps, rounds = [], 0.0, 0, 0
+    while True:
+        sweeping = rows.numel() > 0 and sweeps < min(options.max_sweeps, m)
+        stepping = int(redo.moving(m).sum())
+        if not sweeping and not stepping:
+            break
+        rounds += 1
+        # 1. one batched model call at every point of the slice (and a redone member's step)
+        g, g_redo = _scores(model, inputs[rows] if sweeping else inputs[:0], u[lo:hi], redo,
+                            u, m)
+        if stepping:
+            redo.step(g_redo, steps, noise, start, m)
+            calls += stepping
+        if not sweeping:
+            continue
         sweeps += 1
-        # 1. one batched model call at every point of the slice, 2. one prefix sum (Exscan)
-        new_inputs, new_after = sweep(
-            model, y0[rows], inputs[rows], u[lo:hi], mine.drift, e[lo : hi + 1],
-            None if noise_term is None else noise_term[rows], comm=comm, scan=scan,
-        )
+        # 2. one prefix sum (Exscan) of the increments
+        b = per_point(mine.drift, g) * g
+        if noise_term is not None:
+            b = b + noise_term[rows]
+        new_inputs, new_after = sweep(y0[rows], b, e[lo : hi + 1], comm=comm, scan=scan)
         # 3. the residual, the same on every rank (one Allreduce); 4. stop the settled rows
         r = comm.allreduce_max(residual(new_after, after[rows], mine.var)).cpu()
         inputs[rows], after[rows] = new_inputs, new_after
@@ -92,66 +153,47 @@ def picard_block(model, y0, u, steps: Steps, noise: Noise | None, start: int, *,
         if options.on_sweep is not None:
             options.on_sweep(start, sweeps, history[-1])
         bad = ~torch.isfinite(r) | (r > options.divergence_threshold)
-        diverged += [(row, sweeps) for row in rows[bad].tolist()]
+        if bool(bad.any()):
+            _diverged(rows[bad], sweeps, after, y0, redo, (start, m, lo), comm=comm,
+                      options=options, history=history)
         keep = ~bad if options.tol is None else ~bad & (r > options.tol**2)
         rows = rows[keep]
     owner = owner_of(m, comm.size, m - 1)
     y_end = comm.bcast(after[:, -1] if comm.rank == owner else torch.empty_like(y0), owner)
+    if redo.rows.numel():
+        if not bool(torch.isfinite(redo.y).all()):
+            raise PicardDivergence(
+                f"the sequential steps from step {start} also give NaN/Inf: the model or the "
+                "grid is broken there (check model output and sampler.u_min)")
+        y_end[redo.rows] = redo.y
     # rows left sweeping at max_sweeps, short of the block's points, never reached tol
     unsettled = int(options.tol is not None and rows.numel() > 0 and sweeps < m)
-    stats = Stats(rounds=sweeps, model_calls=calls / batch, residuals=tuple(history),
-                  sweeps=(sweeps,), unsettled=unsettled)
-    if diverged:
-        # after k sweeps a block's first k states are exact: the redo starts after the last
-        # state every diverged row has exact (the garbage that tripped the threshold lies
-        # further on), from the rank that holds it
-        rows_out, exact = [row for row, _ in diverged], min(k for _, k in diverged)
-        owner = owner_of(m, comm.size, exact - 1)
-        at = comm.bcast(after[rows_out, exact - 1 - lo] if comm.rank == owner else
-                        torch.empty_like(y0[rows_out]), owner)
-        y_end, extra = _fallback(model, _Block(y0, u, steps, noise, start), y_end, rows_out,
-                                 (exact, at), options=options, history=history)
-        stats += extra
-    return y_end, stats
+    return y_end, Stats(rounds=rounds, model_calls=calls / batch, residuals=tuple(history),
+                        sweeps=(sweeps,), fallbacks=int(redo.rows.numel() > 0),
+                        unsettled=unsettled)
 
 
-@dataclass(frozen=True)
-class _Block:
-    """A block as ``picard_block`` was given it: start states, clocks, coefficients, noise
-    (None for the ODE) and the global index of its first step."""
-
-    y0: torch.Tensor
-    u: torch.Tensor
-    steps: Steps
-    noise: Noise | None
-    start: int
-
-
-def _fallback(model, block: _Block, y_end, rows, restart, *, options: Options, history):
-    """Redo the diverged ``rows`` of ``block`` step by step (every rank alike) or raise, per
-    ``on_divergence``; ``y_end`` (B, *S) the block's end states so far; ``restart`` (k, the
-    rows' exact states after the block's first k steps, (len(rows), *S)): the redo runs the
-    steps from k on (from the block start, where those states are not finite)."""
-    y0, u, steps, noise, start = block.y0, block.u, block.steps, block.noise, block.start
+def _diverged(rows, k: int, after, y0, redo: _Redo, block, *, comm, options: Options,
+              history) -> None:
+    """Members ``rows`` whose residual went NaN/Inf or past the threshold at sweep k: run
+    them on step by step from their state after the block's first k steps, which k sweeps
+    made exact (from the block start where it is not finite), or raise, per
+    ``on_divergence``. ``block``: (its first global step, its steps M, this rank's first)."""
+    start, m, lo = block
     if options.on_divergence != "sequential":
         raise PicardDivergence(
             f"Picard residual went NaN/Inf or above {options.divergence_threshold:g} "
             f"(history {history[-3:]}) in the block starting at step {start}: use a smaller "
             "sampler.block_size, or set sampler.on_divergence = 'sequential'"
         )
-    m, (k, at) = u.numel(), restart
+    # the exact state lies in the rank that holds step k (the garbage that tripped the
+    # threshold lies further on)
+    owner = owner_of(m, comm.size, k - 1)
+    at = comm.bcast(after[rows, k - 1 - lo] if comm.rank == owner else
+                    torch.empty_like(y0[rows]), owner)
     if not bool(torch.isfinite(at).all()):  # the model broke at the start: redo it all
         k, at = 0, y0[rows]
-    xi = None if noise is None else noise.path(start + k, start + m, rows)
-    y_end = y_end.clone()
-    y_end[rows] = run_steps(model, at, u[k:], steps.slice(k, m), xi)
-    if not torch.isfinite(y_end[rows]).all():
-        raise PicardDivergence(
-            f"the sequential steps from step {start} also give NaN/Inf: the model or the grid "
-            "is broken there (check model output and sampler.u_min)"
-        )
-    return y_end, Stats(rounds=m - k, model_calls=len(rows) * (m - k) / y0.shape[0],
-                        fallbacks=1)
+    redo.add(rows, k, at)
 
 
 def _piadm(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stochastic: bool):
