@@ -1,7 +1,8 @@
 """Where ``piadm evaluate`` writes and how: the output folder (refused where it is a file, a
 Zarr store, inside one, or holds files of our names that no evaluation wrote), the metrics as
 JSON, and the files drafted aside and moved into place together, so that a failure leaves
-the folder as it was (a killed evaluation's drafts are removed by a later one).
+the folder as it was (a killed evaluation's drafts are removed by a later one), and a kill
+while they move leaves no metrics.json, which a complete evaluation writes last.
 """
 from __future__ import annotations
 
@@ -26,14 +27,18 @@ if TYPE_CHECKING:
 # every file evaluate writes into its folder (the figures but fields.png only where they apply)
 OUTPUTS = ("metrics.json", "metrics.nc", "fields.png", "spectrum.png", "rank_histogram.png",
            "residuals.png")
+# an empty file that marks a folder evaluate writes into, from before its first file moves
+# in: an evaluation killed while moving them in left metrics.nc without metrics.json, and
+# every rerun refused the folder as someone else's
+MARK = ".piadm-evaluate"
 
 
 def _check_ours(folder: Path) -> None:
     """Refuse a folder holding files of the names evaluate writes that no evaluation wrote
-    (its metrics.json, naming a store and a truth, tells one): they would be replaced or
-    removed."""
+    (its ``MARK``, or a metrics.json naming a store and a truth, tells one): they would be
+    replaced or removed."""
     there = [name for name in OUTPUTS if (folder / name).exists()]
-    if not there:
+    if not there or (folder / MARK).is_file():
         return
     try:
         earlier = json.loads((folder / "metrics.json").read_text())
@@ -126,10 +131,12 @@ def _remove_dead_drafts(folder: Path) -> None:
 
 def save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline,
          figures: bool) -> list[Path]:
-    """Write metrics.json (it marks the folder as ours), metrics.nc and, with ``figures``, the
-    figures into ``folder``, removing an earlier evaluation's files this one does not make;
-    the files written. Each is drafted aside first and moved into place once all are made, so that a
-    failure leaves the folder as it was, not a mix of two evaluations' files."""
+    """Write metrics.json, metrics.nc and, with ``figures``, the figures into ``folder``
+    (marked as ours, ``MARK``), removing an earlier evaluation's files this one does not
+    make; the files written. Each is drafted aside first and moved into place once all are
+    made, so that a failure leaves the folder as it was, not a mix of two evaluations' files;
+    metrics.json, which says an evaluation is complete, goes first and comes back last, so
+    that a kill while they move leaves none (rerun the evaluation)."""
     from pipeline.figures import fields_figure, rank_figure, residual_figure, spectrum_figure
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -164,8 +171,11 @@ def save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline,
         raise
     files = [folder / name for name in ("metrics.json", "metrics.nc")]
     files += [folder / path.name.split(".", 2)[2] for path in drawn if path]
-    for final in files[1:] + files[:1]:  # metrics.json, the folder's mark, last
+    (folder / MARK).touch()  # ours from here on, whatever part of it moves in
+    (folder / "metrics.json").unlink(missing_ok=True)  # an earlier evaluation's: not complete
+    for final in files[1:]:
         os.replace(draft(final.name), final)
     for name in set(OUTPUTS) - {f.name for f in files}:  # an earlier evaluation's
         (folder / name).unlink(missing_ok=True)
+    os.replace(draft("metrics.json"), files[0])
     return files

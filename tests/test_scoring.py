@@ -65,7 +65,7 @@ def test_outputs_are_written_and_open(paired, monkeypatch):
     tmp, ens = paired
     assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"),
                  "--out", str(tmp / "files")]) == 0
-    names = {p.name for p in (tmp / "files").iterdir()}
+    names = {p.name for p in (tmp / "files").iterdir()} - {".piadm-evaluate"}  # the mark
     assert names == {"metrics.json", "metrics.nc", "fields.png", "spectrum.png",
                      "rank_histogram.png", "residuals.png"}
     for name in names - {"metrics.json", "metrics.nc"}:
@@ -96,7 +96,7 @@ def test_outputs_are_written_and_open(paired, monkeypatch):
     assert main(["evaluate", "--no-figures", str(ens), "--truth", str(tmp / "truth.zarr"),
                  "--out", str(tmp / "files")]) == 0
     assert {p.name for p in (tmp / "files").iterdir()} == {"metrics.json", "metrics.nc",
-                                                           "notes.txt"}
+                                                           "notes.txt", ".piadm-evaluate"}
     assert _metrics(tmp / "files")["crps"] == pytest.approx(nc.attrs["crps"])
 
 
@@ -634,6 +634,38 @@ def test_a_failed_figure_leaves_the_folder_as_it_was(paired, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="the figure failed"):
         main([*args, "--kmax", "3"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_an_evaluation_killed_while_moving_its_files_in_leaves_no_metrics_json(
+        paired, tmp_path, monkeypatch, earlier):
+    """Killed after its first file moved in: an empty folder kept metrics.nc alone, which
+    every rerun refused as no evaluation's; a folder of an earlier evaluation kept its
+    metrics.json beside the new metrics.nc, a mix that looked complete. Now metrics.json,
+    the sign of a complete evaluation, is gone until the end, and a rerun takes the folder."""
+    import pipeline.eval_output as eval_output
+
+    tmp, ens = paired
+    out = tmp_path / "ev"
+    args = ["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"), "--out", str(out)]
+    if earlier:
+        assert main([*args, "--no-figures"]) == 0
+    moved, replace = [], os.replace
+
+    def killed(src, dst):  # the process dies once its first file is in place
+        replace(src, dst)
+        if not os.path.basename(dst).startswith("."):  # not a figure's draft being made
+            moved.append(dst)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_output.os, "replace", killed)
+    assert main(args) == 130  # as Ctrl-C: the command stops where it is, no cleanup
+    monkeypatch.undo()
+    assert [os.path.basename(p) for p in moved] == ["metrics.nc"]
+    assert not (out / "metrics.json").exists()
+    assert main(args) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert {"store", "truth"} <= doc.keys() and (out / "fields.png").exists()
 
 
 def test_the_drafts_of_an_evaluation_killed_mid_write_go_at_the_next(paired, tmp_path):
