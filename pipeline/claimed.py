@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.claims import batch_key, claim, claims_dir
+from pipeline.claims import STALE_S, batch_key, claim, claims_dir, live_jobs
 from pipeline.errors import PiadmError, WriteFailed
 from pipeline.store import members_left
 from pipeline.work import PAUSE, cut_calls
@@ -42,9 +42,16 @@ def _claims(mine, slices, stop, tally, bar: Progress, items: Items, path, job: s
     ``bar``."""
     folder = claims_dir(path)
     queue, deferred = list(mine), []  # deferred: batches another live job has claimed
+    told = False
     while queue or deferred:
         if not queue:  # what is left is another job's: wait for it, or for it to die
             yield PAUSE  # the members held for a call are sampled first
+            if not told and bar.speak:  # a wait of up to a minute, said once, not in silence
+                jobs = ", ".join(live_jobs(folder)) or "another job"
+                many = "es" if len(deferred) > 1 else ""
+                bar.note(f"waiting for {len(deferred)} batch{many} that {jobs} holds (taken "
+                         f"over if its heartbeat stops for {STALE_S:.0f} s)", now=True)
+            told = True
             if stop_agreed(slices, stop):
                 tally.stopped = True
                 return

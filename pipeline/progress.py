@@ -92,16 +92,16 @@ class Progress:
             self._emit(final=False)
             self._first = False
 
-    def note(self, detail: str, part: float | None = None) -> None:
-        """What the unit in flight is doing (throttled); ``part``: how much of it is done, in
-        units (e.g. 0.5 of a batch of 4 members is 2)."""
+    def note(self, detail: str, part: float | None = None, now: bool = False) -> None:
+        """What the unit in flight is doing (throttled, unless ``now``); ``part``: how much
+        of it is done, in units (e.g. 0.5 of a batch of 4 members is 2)."""
         self.detail = detail
         if part is not None:
             self.part = max(0.0, part)
         if not self.speak:
             return
         wait = self.redraw if self.live else self.every
-        if time.perf_counter() - self._last >= wait:
+        if now or time.perf_counter() - self._last >= wait:
             self._emit(final=False)
 
     def close(self) -> None:

@@ -26,6 +26,36 @@ def test_a_live_jobs_claim_is_respected_and_its_owner_keeps_it(tmp_path):
             beat.stop()
 
 
+def test_a_job_waiting_for_another_jobs_batch_says_for_whom(tmp_path, monkeypatch):
+    """A batch another live job holds is waited for till that job finishes it or its
+    heartbeat stops for STALE_S: a rerun beside a node that died sat a minute in silence."""
+    import io
+    from types import SimpleNamespace
+
+    from pipeline import claimed
+    from pipeline.claims import batch_key, claims_dir
+    from pipeline.comm import SerialComm
+    from pipeline.progress import Progress
+    from pipeline.work import PAUSE
+
+    store = tmp_path / "s.zarr"
+    folder = claims_dir(store)
+    folder.mkdir()
+    beat = Heartbeat(folder, "slurm-9.0").start()
+    try:
+        assert claim(folder, batch_key(0, 0), "slurm-9.0")
+        monkeypatch.setattr(claimed, "members_left", lambda path, item, members: members)
+        said = io.StringIO()
+        bar = Progress(SerialComm(), 2, "members", stream=said)
+        calls = claimed._claims([(0, (0, 1), (0, 1))], SerialComm(), None, None, bar,
+                                SimpleNamespace(dim="time", labels=[0]), store, "slurm-10.0")
+        assert next(calls) is PAUSE and next(calls) is PAUSE  # looked again: still held
+        assert said.getvalue().count("waiting for 1 batch that slurm-9.0 holds (taken over if "
+                                     "its heartbeat stops for 60 s)") == 1
+    finally:
+        beat.stop()
+
+
 def test_a_dead_jobs_claim_goes_to_exactly_one_taker(tmp_path):
     (tmp_path / "0-0.json").write_text(json.dumps({"job": "gone", "time": 0.0}))
     beats = [Heartbeat(tmp_path, job).start() for job in ("a", "b")]
