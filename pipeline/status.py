@@ -32,7 +32,9 @@ def _open(path: str) -> zarr.Group:
                         "not started has no store yet)")
     group = None
     with contextlib.suppress(*NOT_A_GROUP):
-        group = zarr.open_group(path, mode="r")
+        # the arrays as they are, not the consolidated metadata: a growth killed part way
+        # has resized them, and --verify said "24/24, complete" where status said 24/32
+        group = zarr.open_group(path, mode="r", use_consolidated=False)
     if group is None or "piadm_store_digest" not in group.attrs:
         raise NotAStore(f"{path} is not a piadm ensemble store: pass the output.path of a run")
     return group

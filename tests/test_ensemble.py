@@ -540,6 +540,28 @@ def test_verify_of_an_incomplete_store_exits_1_with_its_counts_and_a_live_job_is
         beat.stop()
 
 
+def test_status_and_verify_agree_on_a_store_whose_growth_was_killed(tmp_path, input_store,
+                                                                    capsys):
+    """A growth killed after it resized the arrays, before the consolidated metadata said
+    so: status read the arrays (2/4 members, incomplete) and --verify the consolidated
+    metadata (2/2, complete), so a script polling one got the other's opposite answer."""
+    import zarr
+
+    path = tmp_path / "grown.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, path),
+                 "--set", "ensemble.members=2", "--set", "ensemble.batch_size=2"]) == 0
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    for name, array in group.arrays():
+        names = array.metadata.dimension_names or ()
+        if "member" in names:
+            at = names.index("member")
+            array.resize(tuple(4 if i == at else n for i, n in enumerate(array.shape)))
+    capsys.readouterr()
+    for args in (["status"], ["status", "--verify"]):
+        assert main([*args, str(path)]) == 1
+        assert ": 12/24 members done" in capsys.readouterr().out  # 6 items of 2 of 4
+
+
 def test_jobs_with_distinct_items_fill_one_store(tmp_path, input_store, capsys, monkeypatch):
     import pipeline.ensemble
 
