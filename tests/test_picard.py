@@ -167,6 +167,41 @@ def test_members_diverging_at_different_sweeps_take_no_more_rounds_than_steps():
     assert _rel(y, ref) < 1e-5
 
 
+class _Faults:
+    """The GRF's score but on its first two calls: a huge score at member 1's last point on
+    the first (its sweep 1 trips the threshold, its first state exact), and on the second a
+    NaN at member 0's second point (its states from there on are NaN: it restarts from the
+    block start) and a huge score at member 2's last point (its first two states exact)."""
+
+    def __init__(self, model, m: int):
+        self.model, self.shape, self.m, self.calls = model, model.shape, m, 0
+
+    def __call__(self, x, u):
+        s = self.model(x, u).clone()
+        self.calls += 1
+        if self.calls == 1:
+            s[2 * self.m - 1] = 1e12
+        if self.calls == 2:
+            s[1] = math.nan
+            s[2 * self.m - 1] = s[3 * self.m - 1] = 1e12
+        return s
+
+
+def test_members_redone_from_different_steps_each_take_their_own_step():
+    """Members redone from different steps (one restarted at the block start, where its
+    state was not finite) were each given the first one's step coefficients, and a member
+    flagged beside one with a non-finite state restarted from the block start with it."""
+    model = GaussianRandomField((8, 8))
+    grid = make_grid("ou", 7, u_min=1e-3, u_max=1.0, block_size=7)
+    noise = Noise(0, tuple((0, m) for m in range(4)), (8, 8), torch.float64)
+    y, stats = SAMPLERS["piadm-sde"](_Faults(model, 7), noise.prior(), grid, noise,
+                                     comm=SerialComm(), options=Options())
+    ref, _ = SAMPLERS["sequential-sde"](model, noise.prior(), grid, noise, comm=SerialComm())
+    gaps = (y - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
+    assert float(gaps.max()) < 1e-12, gaps
+    assert stats.fallbacks == 1 and stats.rounds == 2 + 7  # member 0 from step 0 at round 3
+
+
 def test_denoise_final_is_tweedie_mean_of_the_end_state():
     model, grid, noise, y0 = _setup()
     y, s = SAMPLERS["piadm-sde"](model, y0, grid, noise,

@@ -48,14 +48,16 @@ class Options:
         points, one collective a round: balanced calls and one rank's result, to the model's
         rounding for other batch sizes, for the whole window's memory and host work on every
         rank).
-    on_divergence: ``sequential`` (redo the block step by step) or ``error`` when a fixed
-        block's residual is NaN/Inf or exceeds ``divergence_threshold``; the window samplers
-        raise ``PicardDivergence`` on NaN/Inf.
+    on_divergence: ``sequential`` (a member whose residual in a fixed block is NaN/Inf or
+        exceeds ``divergence_threshold`` is stepped on one step a round from the last state
+        its sweeps made exact) or ``error``; the window samplers raise ``PicardDivergence`` on
+        NaN/Inf.
     corrector_*: underdamped Langevin corrector of PIADM-ODE (section 3); steps = 0 turns it off.
     churn: ``edm-heun``'s S_churn: each step first raises the noise level by the factor
         1 + min(churn / steps, sqrt 2 - 1) with fresh keyed noise; 0 (the default) is the ODE.
     denoise_final: return the Tweedie denoised mean E[x_0 | y] at u_min (one more model call).
-    on_sweep: None, or a callable (step, sweep, residual) told after every parallel round: the
+    on_sweep: None, or a callable (step, sweep, residual) told after every parallel round (a
+        Picard block's sweeps: not the rounds in which only its diverged members step): the
         first step of the block (window) in flight, the round within it and max r; the
         exponential-integrator sequential samplers tell it after each block of steps: (the
         next step, the block's steps, 0); the second-order ones do not. Progress reporting
@@ -88,9 +90,11 @@ class Stats:
     model_calls: field-sized model evaluations per trajectory (mean over the batch).
     residuals: max residual r over the batch after each sweep, in sweep order.
     sweeps: sweeps run in each block (or window advances), per block.
-    fallbacks: blocks redone sequentially after a divergence.
-    unsettled: blocks whose members still had a residual above ``tol`` when they reached
-        ``max_sweeps`` sweeps, fewer than their points (where they would have been exact).
+    fallbacks: blocks (each batch's count) with members stepped on one by one after their
+        sweeps diverged.
+    unsettled: blocks (each batch's count) whose members still had a residual above ``tol``
+        when they reached ``max_sweeps`` sweeps, fewer than their points (where they would
+        have been exact).
     """
 
     rounds: int = 0

@@ -81,11 +81,14 @@ class _Redo:
         drawn by its key (row, global step), as the sequential sampler's."""
         moving = self.moving(m)
         at, y = self.at[moving], self.y[moving]
-        y = per_point(steps.decay[at], y[:, None])[:, 0] * y + \
-            per_point(steps.drift[at], y[:, None])[:, 0] * g
+
+        def each(c: torch.Tensor) -> torch.Tensor:  # a member's own step's coefficient
+            return c[at].to(y.device, y.dtype).reshape(-1, *(1,) * (y.dim() - 1))
+
+        y = each(steps.decay) * y + each(steps.drift) * g
         if noise is not None:
             xi = noise.path_at(self.rows[moving].tolist(), (start + at).tolist())
-            y = y + per_point(steps.noise[at], y[:, None])[:, 0] * xi
+            y = y + each(steps.noise) * xi
         self.y[moving], self.at[moving] = y, at + 1
 
 
@@ -177,7 +180,7 @@ def _diverged(rows, k: int, after, y0, redo: _Redo, block, *, comm, options: Opt
               history) -> None:
     """Members ``rows`` whose residual went NaN/Inf or past the threshold at sweep k: run
     them on step by step from their state after the block's first k steps, which k sweeps
-    made exact (from the block start where it is not finite), or raise, per
+    made exact (each from the block start where its state is not finite), or raise, per
     ``on_divergence``. ``block``: (its first global step, its steps M, this rank's first)."""
     start, m, lo = block
     if options.on_divergence != "sequential":
@@ -191,9 +194,11 @@ def _diverged(rows, k: int, after, y0, redo: _Redo, block, *, comm, options: Opt
     owner = owner_of(m, comm.size, k - 1)
     at = comm.bcast(after[rows, k - 1 - lo] if comm.rank == owner else
                     torch.empty_like(y0[rows]), owner)
-    if not bool(torch.isfinite(at).all()):  # the model broke at the start: redo it all
-        k, at = 0, y0[rows]
-    redo.add(rows, k, at)
+    fine = torch.isfinite(at.flatten(1)).all(1)
+    redo.add(rows[fine], k, at[fine])
+    # where the model broke before step k (once: a lasting fault fails the steps too), from
+    # the block start: these take k + M rounds
+    redo.add(rows[~fine], 0, y0[rows[~fine]])
 
 
 def _piadm(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stochastic: bool):
