@@ -7,8 +7,10 @@ while they move leaves no metrics.json, which a complete evaluation writes last.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -111,21 +113,35 @@ def output_folder(store, out) -> Path:
 DRAFT_AGE_S = 600  # a draft older than this whose process is gone here was left by a kill
 
 
+def _host_key() -> str:
+    """This host, as a draft's name carries it: a short hash (a host name may hold dots)."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _draft_owner() -> str:
+    """What a draft's name says of the evaluation writing it: ``PID-HOSTKEY``."""
+    return f"{os.getpid()}-{_host_key()}"
+
+
 def _remove_dead_drafts(folder: Path) -> None:
-    """Delete the drafts (``.PID.NAME``, and the temp file a figure's is written through)
-    that an evaluation killed mid-write left in ``folder`` (kill -9 runs no cleanup): those
-    of a process no longer running on this host, written long enough ago that they are no
-    other host's evaluation at work."""
+    """Delete the drafts (``.PID-HOSTKEY.NAME``, and the temp file a figure's is written
+    through) that an evaluation killed mid-write left in ``folder`` (kill -9 runs no
+    cleanup): this host's, once their process is gone; another host's (or a draft of an
+    older piadm's ``.PID.NAME``), once also written long enough ago that they are no
+    evaluation at work there."""
     now = time.time()
     for path in folder.glob(".*.*"):
-        # a draft, or the temp file a figure's draft is written through (..PID.NAME.*.tmp)
-        pid, _, name = path.name.lstrip(".").partition(".")
+        # a draft, or the temp file a figure's draft is written through (..OWNER.NAME.*.tmp)
+        owner, _, name = path.name.lstrip(".").partition(".")
+        pid, _, host = owner.partition("-")
         ours = name in OUTPUTS or (name.endswith(".tmp") and any(
             name.startswith(f"{output}.") for output in OUTPUTS))
-        if not (pid.isdigit() and ours) or int(pid) == os.getpid():
+        if not (pid.isdigit() and ours) or owner == _draft_owner():
             continue
         with contextlib.suppress(OSError, OverflowError):  # gone meanwhile; not a pid
-            if not process_alive(int(pid)) and now - path.stat().st_mtime > DRAFT_AGE_S:
+            here = host == _host_key()
+            if here and not process_alive(int(pid)) or not here and (
+                    now - path.stat().st_mtime > DRAFT_AGE_S and not process_alive(int(pid))):
                 path.unlink()
 
 
@@ -143,7 +159,7 @@ def save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline,
     _remove_dead_drafts(folder)
 
     def draft(name: str) -> Path:  # the suffix kept: matplotlib takes the format from it
-        return folder / f".{os.getpid()}.{name}"
+        return folder / f".{_draft_owner()}.{name}"
 
     try:
         draft("metrics.json").write_text(json.dumps(as_json(metrics), indent=2, default=str,

@@ -670,26 +670,33 @@ def test_an_evaluation_killed_while_moving_its_files_in_leaves_no_metrics_json(
 
 def test_the_drafts_of_an_evaluation_killed_mid_write_go_at_the_next(paired, tmp_path):
     """kill -9 runs no cleanup: its hidden drafts stayed for good beside the files (three
-    kills, ten drafts). Those of a process gone, written long enough ago, are removed; a
-    running one's are not."""
+    kills, ten drafts). This host's of a process gone are removed at once (a rerun straight
+    after a kill kept them); another host's, or an older piadm's (no host in the name), once
+    written long enough ago; a running one's are not."""
     import subprocess
+
+    from pipeline.eval_output import _host_key
 
     tmp, ens = paired
     out = tmp_path / "ev"
     out.mkdir()
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid no process has now
+    here, there = f"{gone.pid}-{_host_key()}", f"{gone.pid}-0badc0de"
     old = time.time() - 3600
-    left = [out / f".{gone.pid}.metrics.json", out / f".{gone.pid}.spectrum.png",
-            out / f"..{gone.pid}.fields.png.vm-{gone.pid}-0a1b2c3d.tmp"]  # a figure's temp
-    recent, running = out / f".{gone.pid}.fields.png", out / f".{os.getppid()}.metrics.nc"
-    for path in (*left, recent, running):
+    left = [out / f".{gone.pid}.metrics.json", out / f".{there}.spectrum.png",
+            out / f"..{gone.pid}.fields.png.vm-{gone.pid}-0a1b2c3d.tmp",  # a figure's temp
+            out / f".{here}.metrics.nc", out / f"..{here}.fields.png.vm-1-0a1b2c3d.tmp"]
+    recent = [out / f".{gone.pid}.fields.png", out / f".{there}.rank_histogram.png"]
+    running = out / f".{os.getppid()}-{_host_key()}.metrics.json"
+    for path in (*left, *recent, running):
         path.write_text("half")
-        if path is not recent:
+        if path not in recent and here not in path.name:
             os.utime(path, (old, old))
     assert main(["evaluate", str(ens), "--truth", str(tmp / "truth.zarr"), "--out",
                  str(out)]) == 0
-    assert not any(p.exists() for p in left) and recent.exists() and running.exists()
+    assert not any(p.exists() for p in left)
+    assert all(p.exists() for p in recent) and running.exists()
 
 
 def test_a_figure_written_on_a_full_disk_names_the_folder(paired, tmp_path, monkeypatch,
