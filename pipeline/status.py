@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -274,12 +275,47 @@ def _repair(path: str, group, flags: np.ndarray, record, found: list) -> None:
                    + (", ..." if len(found) > 20 else ""))
 
 
+# zarr writes each file through NAME.<32 hex digits>.partial beside it and renames it into
+# place: a write killed part way leaves it there for good
+PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def leftover_writes(path: str) -> list[Path]:
+    """zarr's temp files (``PARTIAL``) in the store at ``path`` while no live job fills it:
+    what writes killed part way left (harmless to readers)."""
+    if filling_jobs(path):  # a live job's writes in flight are no leftovers
+        return []
+    return sorted(p for p in Path(path).rglob("*.partial") if PARTIAL.search(p.name))
+
+
 def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
-    """The text of ``status --verify``: the store's progress (``report``) and whether every
-    member marked done reads back (``damaged``; ``as_json``: one JSON object of both, each
-    damaged member and whether they were marked not done); and whether the store is complete
-    and sound. With ``repair`` the damaged members are marked not done (a damaged chunk of
-    the done record rewritten whole, as not done), so that a rerun samples them again."""
+    """The text of ``status --verify``: the store's progress (``report``), whether every
+    member marked done reads back (``damaged``) and the temp files killed writes left
+    (``leftover_writes``; ``as_json``: one JSON object of all, each damaged member and
+    whether they were marked not done); and whether the store is complete and sound. With
+    ``repair`` the damaged members are marked not done (a damaged chunk of the done record
+    rewritten whole, as not done), so that a rerun samples them again, and the temp files
+    are removed."""
+    left = leftover_writes(path)
+    if left and repair:
+        check_idle(path, "removes temp files")
+        for temp in left:
+            temp.unlink(missing_ok=True)
+    text, ok = _verify(path, repair, as_json)
+    names = [str(temp.relative_to(path)) for temp in left]
+    if as_json:
+        return json.dumps({**json.loads(text), "leftover_writes": names,
+                           "leftover_writes_removed": bool(left and repair)}, indent=1), ok
+    if left:
+        text += (f"\nremoved {len(left)} temp file(s) that writes killed part way left "
+                 "(zarr's *.partial)" if repair else
+                 f"\n{len(left)} temp file(s) that writes killed part way left (zarr's "
+                 f"*.partial, e.g. {names[0]}): harmless to readers; --repair removes them")
+    return text, ok
+
+
+def _verify(path: str, repair: bool, as_json: bool) -> tuple[str, bool]:
+    """``verify`` but for the temp files."""
     group = _open(path)
     broken = damaged_arrays(path)
     if broken:  # read through the consolidated metadata, the members would pass as sound

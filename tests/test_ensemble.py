@@ -562,6 +562,28 @@ def test_status_and_verify_agree_on_a_store_whose_growth_was_killed(tmp_path, in
         assert ": 12/24 members done" in capsys.readouterr().out  # 6 items of 2 of 4
 
 
+def test_verify_counts_the_temp_files_killed_writes_left_and_repair_removes_them(
+        tmp_path, input_store, capsys):
+    """zarr writes a file through NAME.<hex>.partial and renames it: a kill mid-write left
+    them in the store for good, unseen by --verify; the store is sound all the same."""
+    path = tmp_path / "s.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, path)]) == 0
+    temps = [path / f"zarr.{'a' * 32}.partial", path / "done" / f"zarr.{'b' * 32}.partial"]
+    for temp in temps:
+        temp.parent.mkdir(parents=True, exist_ok=True)
+        temp.write_bytes(b"half")
+    (path / "notes.partial").write_text("not zarr's")  # no temp of zarr's: left alone
+    capsys.readouterr()
+    assert main(["status", "--verify", str(path)]) == 0  # complete and sound
+    assert "2 temp file(s) that writes killed part way left" in capsys.readouterr().out
+    assert main(["status", "--verify", "--repair", "--json", str(path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["leftover_writes_removed"] and len(doc["leftover_writes"]) == 2
+    assert not any(t.exists() for t in temps) and (path / "notes.partial").exists()
+    assert main(["status", "--verify", str(path)]) == 0
+    assert "temp file" not in capsys.readouterr().out
+
+
 def test_jobs_with_distinct_items_fill_one_store(tmp_path, input_store, capsys, monkeypatch):
     import pipeline.ensemble
 
