@@ -111,6 +111,17 @@ def check_output_file(flag: str, path: str | None, name: str = "bench.json",
     if p.is_dir():
         raise ConfigError(f"{flag} {path} is a directory: give a file path, e.g. {p / name}",
                           collective=True)
+    if p.exists() and not p.is_file():  # written aside and renamed in: it would be replaced
+        raise ConfigError(f"{flag} {path} is no regular file (a pipe or a device, which a "
+                          f"file written in its place would replace): give a file path, e.g. "
+                          f"{name}", collective=True)
+    from pipeline.cache import cache_path
+
+    cache = cache_path(name).parent
+    if _same_file(p.parent, cache) or any(_same_file(f, cache) for f in p.parent.parents):
+        raise ConfigError(f"{flag} {path} is in piadm's cache folder {cache} (PIADM_CACHE), "
+                          "whose measurements it would replace: give a path outside it, e.g. "
+                          f"{name}", collective=True)
     folder = next(f for f in (p.parent, *p.parent.parents) if f.exists())  # mkdir starts here
     if not folder.is_dir():
         raise ConfigError(f"{flag} {path}: {folder} is a file, so no folder can be made there: "

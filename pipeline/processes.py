@@ -97,6 +97,8 @@ def replace_file(path: str | Path, write) -> None:
     temp file is removed if the write fails; those of dead processes (a kill mid-write) are
     removed by the next write."""
     path = Path(path)
+    if path.is_symlink():  # the link stays: what it names is written (a rename replaced it)
+        path = Path(os.path.realpath(path))
     for left in left_by_dead(path.parent, f".{path.name}.", tail=1, suffix=".tmp"):
         left.unlink(missing_ok=True)
     tmp = _temp(path)

@@ -158,6 +158,31 @@ def test_plan_refuses_a_json_path_that_is_a_directory(tmp_path, capsys):
     assert f"--json {tmp_path} is a directory: give a file path" in _one_error(capsys)
 
 
+def test_a_json_path_of_a_pipe_or_in_the_cache_is_refused_and_a_link_is_written_through(
+        tmp_path, capsys, monkeypatch):
+    """The JSON is written aside and renamed in: a named pipe (its reader hung) or a device
+    became a plain file, a link a file in the link's place, and a path in the cache folder
+    replaced every measurement kept there."""
+    import os
+
+    from pipeline.processes import replace_text
+
+    os.mkfifo(tmp_path / "fifo")
+    args = ["plan", "jobs/configs/grf.toml", "--ranks", "2", "--json"]
+    assert main([*args, str(tmp_path / "fifo")]) == 2
+    assert "is no regular file (a pipe or a device" in _one_error(capsys)
+    assert (tmp_path / "fifo").is_fifo()
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    assert main([*args, str(tmp_path / "cache" / "calibration.json")]) == 2
+    assert "is in piadm's cache folder" in _one_error(capsys)
+    (tmp_path / "real.json").write_text("{}")
+    (tmp_path / "link.json").symlink_to("real.json")
+    replace_text(tmp_path / "link.json", '{"new": 1}')
+    assert (tmp_path / "link.json").is_symlink()
+    assert json.loads((tmp_path / "real.json").read_text()) == {"new": 1}
+
+
 @pytest.mark.parametrize("content, problem", [
     ({"kmax": 3, "crps": 0.1}, 'is not a bench table (it has no "rows" list)'),  # evaluate's
     ({"rows": 5}, 'is not a bench table (it has no "rows" list)'),
