@@ -35,7 +35,8 @@ def rank_grid(world, time_slices: int) -> RankGrid:
     if world.size % time_slices:
         raise ConfigError(
             f"config: parallel.time_slices = {time_slices} does not divide the {world.size} "
-            f"ranks: launch a multiple of {time_slices} ranks, or pick a divisor of {world.size}"
+            f"rank{'s' if world.size != 1 else ''}: launch a multiple of {time_slices} ranks, "
+            f"or pick a divisor of {world.size}"
         )
     group, index = group_of(world.rank, time_slices)
     slices = world.split(group, index) if world.size > 1 else world

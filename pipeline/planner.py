@@ -373,11 +373,17 @@ def _split(lay: Layout) -> str:
     return "repl" if lay.replicated else "slots"
 
 
+def _counted(n: int, what: str) -> str:
+    """``n`` ``what``s: "1 group", "2 groups"."""
+    return f"{n} {what}{'s' if n != 1 else ''}"
+
+
 def describe(plan: Plan) -> str:
     """One line: what was chosen and why."""
     b = plan.best
-    return (f"plan: {b.layout.method} on {b.layout.groups} groups x {b.layout.time_slices} "
-            f"time slices{', each with the whole window' if b.layout.replicated else ''}, "
+    return (f"plan: {b.layout.method} on {_counted(b.layout.groups, 'group')} x "
+            f"{_counted(b.layout.time_slices, 'time slice')}"
+            f"{', each with the whole window' if b.layout.replicated else ''}, "
             f"{b.layout.batch} members a batch: predicted {b.seconds:.2f} s, "
             f"{plan.sequential.seconds / b.seconds:.2f}x the best sequential layout")
 
@@ -407,7 +413,8 @@ def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int
             t = cfg.parallel.time_slices
             if ranks % t:
                 raise ConfigError(f"config: parallel.time_slices = {t} does not divide the "
-                                  f"{ranks} ranks: launch a multiple of {t}, or set it \"auto\"")
+                                  f"{_counted(ranks, 'rank')}: launch a multiple of {t}, or "
+                                  "set it \"auto\"")
         plan = make_plan(cfg, model, device, ranks=ranks, gpus_per_node=gpus_per_node,
                          latency=latency, say=say, stopped=stopped)
         # only what the config leaves open: a named method stays, numbered slices stay
@@ -427,8 +434,9 @@ def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int
         say(describe(plan))
         if freer is not None and plan.best.seconds > FASTER_ELSEWHERE * freer.seconds:
             # `piadm plan` weighs every time-slice count, a run only the ones it is given
-            say(f"plan: parallel.time_slices = \"auto\" would allow {freer.layout.groups} "
-                f"groups x {freer.layout.time_slices} time slices, predicted "
+            say(f"plan: parallel.time_slices = \"auto\" would allow "
+                f"{_counted(freer.layout.groups, 'group')} x "
+                f"{_counted(freer.layout.time_slices, 'time slice')}, predicted "
                 f"{freer.seconds:.2f} s ({plan.best.seconds / freer.seconds:.2f}x faster)")
         chosen = settings(plan.best)
     attrs = {"plan_settings": json.dumps(chosen), "plan_config_sha256": cfg.store_digest,

@@ -182,8 +182,9 @@ def check_unread_settings(cfg: Config) -> None:
     """Warn of a setting asked of a method that does not read it (a config may carry other
     methods' settings at their defaults, which say nothing): sampler.window_split =
     "replicated" (the time slices split the window as they always do) and sampler.churn (no
-    noise is added), sampler.theta other than its default (no corrector reads it) and
-    sampler.window (no window slides)."""
+    noise is added), sampler.theta other than its default (no corrector reads it),
+    sampler.window (no window slides) and time slices of a sequential sampler (each runs the
+    whole path)."""
     s = cfg.sampler
     if s.churn > 0 and s.method in REGISTRY and s.method != CHURNS:
         say(f"piadm: warning: sampler.churn = {s.churn:g} is read by {CHURNS} only: "
@@ -204,6 +205,11 @@ def check_unread_settings(cfg: Config) -> None:
         say(f"piadm: warning: sampler.window_split = \"replicated\" is read by "
             f"{' and '.join(REPLICABLE)} only: sampler.method = {s.method!r} splits its points "
             "over the time slices as always")
+    if (s.method in REGISTRY and not REGISTRY[s.method].sliced and isinstance(slices, int)
+            and slices > 1):
+        say(f"piadm: warning: sampler.method = {s.method!r} runs the whole path on each of "
+            f"the {slices} time slices of a group, which add no speed: set "
+            "parallel.time_slices = 1, which makes every rank an ensemble group")
 
 
 def check_step_lengths(s, grid) -> None:

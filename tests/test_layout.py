@@ -13,7 +13,7 @@ def test_one_rank_is_one_group_of_one_slice():
 
 
 def test_time_slices_must_divide_the_ranks():
-    with pytest.raises(ConfigError, match="parallel.time_slices = 2 does not divide the 1 ranks"):
+    with pytest.raises(ConfigError, match="parallel.time_slices = 2 does not divide the 1 rank: "):
         rank_grid(SerialComm(), 2)
 
 

@@ -430,7 +430,7 @@ def test_a_run_held_to_its_time_slices_says_what_auto_time_slices_would_gain(
                         lambda *a, **k: planner.Plan(ranked, sequential, machine))
     one_slice = next(p.seconds for p in ranked if p.layout.time_slices == 1)
     for slices, chosen, hint in [
-            (1, 1, 'plan: parallel.time_slices = "auto" would allow 1 groups x 8 time slices, '
+            (1, 1, 'plan: parallel.time_slices = "auto" would allow 1 group x 8 time slices, '
                    f"predicted {ranked[0].seconds:.2f} s "
                    f"({one_slice / ranked[0].seconds:.2f}x faster)"),
             ("auto", 8, None)]:

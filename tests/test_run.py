@@ -309,6 +309,14 @@ def test_a_setting_asked_of_a_method_that_does_not_read_it_is_warned(capsys):
         check_unread_settings(load_config(grf, {"sampler.method": method,
                                                  "sampler.theta": "one"}))
         assert capsys.readouterr().err == ""
+    # time slices of a sequential sampler: each runs the whole path, silently
+    check_unread_settings(load_config(grf, {"sampler.method": "sequential-sde",
+                                             "parallel.time_slices": 2}))
+    assert ("sampler.method = 'sequential-sde' runs the whole path on each of the 2 time "
+            "slices of a group, which add no speed") in capsys.readouterr().err
+    check_unread_settings(load_config(grf, {"sampler.method": "piadm-sde",
+                                             "parallel.time_slices": 2}))
+    assert capsys.readouterr().err == ""
 
 
 def test_a_float32_ode_block_spanning_much_of_the_clock_stays_on_its_path(tmp_path):
