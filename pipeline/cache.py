@@ -87,9 +87,18 @@ def read_entry(path: Path, key: str, valid) -> dict | None:
     traceback or a tolerance that is no number."""
     entry = read_cache(path).get(key)
     try:
-        return entry if isinstance(entry, dict) and valid(entry) else None
+        if isinstance(entry, dict) and valid(entry):
+            return entry
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
-        return None
+        pass
+    if entry is not None and (path, key) not in _UNUSABLE:  # said once, not at every read
+        _UNUSABLE.add((path, key))
+        say(f"piadm: warning: the cache {path} holds this measurement's entry in a form piadm "
+            "cannot use (edited or damaged): measuring it again, and the new one replaces it")
+    return None
+
+
+_UNUSABLE: set = set()  # (cache file, key) of entries already said to be unusable
 
 
 def positive(value) -> bool:

@@ -31,6 +31,7 @@ from pipeline.samplers.options import REPLICABLE
 from pipeline.plan_store import (check_unplannable_store, resumed_batch_size,
                                  resumed_time_slices, stored_plan)
 from pipeline.settings import AUTO_METHODS, EQUAL_QUALITY, Config
+from pipeline.validation import STEPS_MAX
 from pipeline.store import ASKED
 
 FAMILIES = {"auto": ("sequential-sde", "piadm-sde", "window", "pc-window"),
@@ -152,11 +153,14 @@ def quality_steps(cfg: Config, model, device, model_sha: str, say,
                                      cfg.bench.quality_members]).encode()).hexdigest()
     path = cache_path("quality_steps.json")
     steps_or_none = lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-                                            and v > 0)
+                                            and 0 < v <= STEPS_MAX)
     searched = {QUALITY_REFERENCE, *(REFERENCE[m] for m in FAMILIES[EQUAL_QUALITY])}
-    # every sampler searched, or one left out would read as out of reach, and unsaid
+    # every sampler searched, or one left out would read as out of reach, and unsaid; the
+    # reference at the config's steps, as the search set it (an edited file's figures would
+    # be refused as the config's sampler.steps)
     cached = read_entry(path, key, lambda e: searched <= e.keys()
-                        and all(map(steps_or_none, e.values())))
+                        and all(map(steps_or_none, e.values()))
+                        and e[QUALITY_REFERENCE] == cfg.sampler.steps)
     if cached is not None:
         say(f"  equal quality: each sampler's steps from {path}: {cached}")
         return cached

@@ -268,7 +268,9 @@ _COLLECTIVES = {0} | {r.round_collectives() for r in REGISTRY.values()}
 def _valid_profile(entry: dict) -> bool:
     """Whether a profile cache entry holds what ``profile`` reads, as numbers."""
     grown = entry["grown"]
+    # a run takes a round and a call a member at least (calls 1e-9 read as "0 calls a member")
     return (positive(entry["rounds"]) and positive(entry["calls"]) and positive(entry["wall"])
+            and entry["rounds"] >= 1 and entry["calls"] >= 1
             and len(entry["host_points"]) == len(entry["host"]) > 0
             and all(positive(v) for v in entry["host_points"])
             and all(positive(v) or v == 0 for v in entry["host"])  # written as max(0, ...)

@@ -830,6 +830,9 @@ def test_a_profile_whose_sizes_repeat_is_measured_again_not_divided_by():
     assert _valid_profile(entry)
     assert not _valid_profile({**entry, "host_points": [65, 65]})
     assert not _valid_profile({**entry, "calls_by_size": [[65, 1e-3], [65, 2e-2]]})
+    # a round and a call a member at least: 1e-9 calls showed as "0 calls a member"
+    assert not _valid_profile({**entry, "calls": 1e-9})
+    assert not _valid_profile({**entry, "rounds": 0.5})
 
 
 def test_a_plan_without_sampler_tol_is_refused_before_it_measures(tmp_path, capsys):
@@ -856,7 +859,8 @@ def test_sample_says_it_plans_before_the_plans_measurements(tmp_path, capsys):
 def test_a_cached_equal_quality_entry_without_a_sampler_is_searched_again(tmp_path,
                                                                           monkeypatch):
     """An entry lacking one of the family's samplers (edited, or written before the family
-    grew) read as that sampler out of reach: the plan left it out, unsaid."""
+    grew) read as that sampler out of reach: the plan left it out, unsaid. An edited entry's
+    steps out of range are searched again too."""
     from models import build_model
     from pipeline import equal_quality, planner
     from pipeline.cache import read_cache, update_cache
@@ -881,6 +885,12 @@ def test_a_cached_equal_quality_entry_without_a_sampler_is_searched_again(tmp_pa
     update_cache(path, key, {k: v for k, v in entry.items() if k != "dpmpp-2m"})
     with pytest.raises(Searched):
         planner.quality_steps(cfg, model, "cpu", "digest", said.append)
+    # steps past what a config may ask were refused as the config's sampler.steps on every
+    # run; a reference at other steps than the config's is not this search's
+    for edit in ({"dpmpp-2m": 10**9}, {planner.QUALITY_REFERENCE: 7}):
+        update_cache(path, key, {**entry, **edit})
+        with pytest.raises(Searched):
+            planner.quality_steps(cfg, model, "cpu", "digest", said.append)
 
 
 def test_a_plan_says_which_profiles_it_measured_and_which_it_read(tmp_path, monkeypatch):
