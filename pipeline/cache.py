@@ -107,7 +107,8 @@ def positive(value) -> bool:
             and math.isfinite(value) and value > 0)
 
 
-_WARNED: dict = {}  # cache folder: why update_cache could not write it, in this process
+_WARNED: dict = {}  # cache folder: why update_cache last could not write it, in this process
+_SAID: set = set()  # (cache folder, why) said already: two files' causes alternated, each said
 
 
 def update_cache(path: Path, key: str, entry) -> bool:
@@ -121,7 +122,8 @@ def update_cache(path: Path, key: str, entry) -> bool:
         return True
     except OSError as err:
         why = _cannot(path, err)
-        if _WARNED.get(path.parent) != why:  # once a folder and cause: a plan measures many
+        if (path.parent, why) not in _SAID:  # once a folder and cause: a plan measures many
+            _SAID.add((path.parent, why))
             where = Path(os.path.realpath(path)).parent  # a link's target's
             say(f"piadm: warning: cannot keep this measurement in {where} ({why}): the next "
                 "run measures it again; set PIADM_CACHE to a folder you may write")

@@ -361,6 +361,21 @@ def test_a_cache_that_cannot_be_written_or_read_costs_a_warning_not_the_run(tmp_
     assert xr.open_zarr(tmp_path / "t.zarr").attrs["sampler_tol_source"] == "calibrated"
 
 
+def test_two_cache_files_that_cannot_be_written_are_each_said_once(tmp_path, capsys):
+    """A plan writes calibrations and profiles in turn: with both files folders, the two
+    causes alternated and each was said again at every write (4 to 6 lines a plan)."""
+    from pipeline.cache import update_cache
+
+    for name in ("calibration.json", "profiles.json"):
+        (tmp_path / name).mkdir()
+    for i in range(3):
+        for name in ("calibration.json", "profiles.json"):
+            assert not update_cache(tmp_path / name, f"k{i}", {"tol": 1.0})
+    err = capsys.readouterr().err
+    for name in ("calibration.json", "profiles.json"):
+        assert err.count(f"({tmp_path / name} is a folder, not a file)") == 1
+
+
 def test_a_calibration_is_kept_apart_per_kind_of_device(monkeypatch):
     """A GPU's kernels round otherwise than the CPU's: a tolerance calibrated on one is not
     read on the other, nor across GPU models."""
