@@ -296,6 +296,7 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
     ``repair`` the damaged members are marked not done (a damaged chunk of the done record
     rewritten whole, as not done), so that a rerun samples them again, and the temp files
     are removed."""
+    _open(path)  # a store, before its files are searched (a mistyped "/" would be walked)
     left = leftover_writes(path)
     if left and repair:
         check_idle(path, "removes temp files")

@@ -582,6 +582,9 @@ def test_verify_counts_the_temp_files_killed_writes_left_and_repair_removes_them
     assert not any(t.exists() for t in temps) and (path / "notes.partial").exists()
     assert main(["status", "--verify", str(path)]) == 0
     assert "temp file" not in capsys.readouterr().out
+    # a path that is no store is refused, the temp files aside
+    assert main(["status", "--verify", str(tmp_path)]) == 2
+    assert "is not a piadm ensemble store" in capsys.readouterr().err
 
 
 def test_jobs_with_distinct_items_fill_one_store(tmp_path, input_store, capsys, monkeypatch):
