@@ -139,9 +139,8 @@ def _remove_dead_drafts(folder: Path) -> None:
         if not (pid.isdigit() and ours) or owner == _draft_owner():
             continue
         with contextlib.suppress(OSError, OverflowError):  # gone meanwhile; not a pid
-            here = host == _host_key()
-            if here and not process_alive(int(pid)) or not here and (
-                    now - path.stat().st_mtime > DRAFT_AGE_S and not process_alive(int(pid))):
+            old = host == _host_key() or now - path.stat().st_mtime > DRAFT_AGE_S
+            if old and not process_alive(int(pid)):
                 path.unlink()
 
 

@@ -296,13 +296,13 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
     ``repair`` the damaged members are marked not done (a damaged chunk of the done record
     rewritten whole, as not done), so that a rerun samples them again, and the temp files
     are removed."""
-    _open(path)  # a store, before its files are searched (a mistyped "/" would be walked)
+    group = _open(path)  # a store, before its files are searched (a mistyped "/" is walked)
     left = leftover_writes(path)
     if left and repair:
         check_idle(path, "removes temp files")
         for temp in left:
             temp.unlink(missing_ok=True)
-    text, ok = _verify(path, repair, as_json)
+    text, ok = _verify(path, group, repair, as_json)
     names = [str(temp.relative_to(path)) for temp in left]
     if as_json:
         return json.dumps({**json.loads(text), "leftover_writes": names,
@@ -315,9 +315,8 @@ def verify(path: str, repair: bool, as_json: bool = False) -> tuple[str, bool]:
     return text, ok
 
 
-def _verify(path: str, repair: bool, as_json: bool) -> tuple[str, bool]:
-    """``verify`` but for the temp files."""
-    group = _open(path)
+def _verify(path: str, group: zarr.Group, repair: bool, as_json: bool) -> tuple[str, bool]:
+    """``verify`` of the open store ``group`` but for the temp files."""
     broken = damaged_arrays(path)
     if broken:  # read through the consolidated metadata, the members would pass as sound
         return _broken_text(path, group, broken, as_json), False
