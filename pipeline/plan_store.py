@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from pipeline.config import ConfigError, with_settings
-from pipeline.identity import growth, older_of_ours
+from pipeline.identity import growth, store_digests
 from pipeline.settings import AUTO_METHODS, EQUAL_QUALITY, Config
 from pipeline.store import ASKED, StoreExists
 from pipeline.store_attrs import read_attrs
@@ -71,11 +71,9 @@ def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
         made = with_settings(cfg, plan)
     except ConfigError:  # a plan this config cannot take is not its own
         return None
-    found = attrs.get("piadm_store_digest")
-    if found in (made.store_digest, made.legacy_store_digest(made.ensemble.batch_size)):
-        return plan, None
-    # made before keys added since, which its config lacks (``identity.older_of_ours``)
-    return (plan, None) if older_of_ours(made, found) is not None else None
+    # under any digest of the store's that names the planned config's settings: an older
+    # piadm's, one made before keys added since, or fewer members to grow (``identity``)
+    return (plan, None) if attrs.get("piadm_store_digest") in store_digests(made) else None
 
 
 OLDER_ASKED = 1024  # the batch sizes an older store's plan key is tried at (0.1 ms each)

@@ -366,6 +366,26 @@ def test_a_resumed_auto_run_takes_time_slices_that_fit_the_ranks_it_has(tmp_path
     assert "(the config's)" in capsys.readouterr().err
 
 
+def test_a_planned_store_of_a_named_method_is_grown_by_an_auto_method_config(
+        tmp_path, capsys, monkeypatch):
+    """A store planned for a named method (its time slices "auto") is taken with its plan by
+    the same config with sampler.method = "auto", at more members too: the plan's window was
+    named as the difference (as 'sampler.window: 32 -> 0') and the growth refused, though the
+    same members were resumed."""
+    from pipeline import planner
+
+    sets = _small(tmp_path, **{"sampler.method": "pc-window", "parallel.time_slices": "auto"})
+    sample(load_config("jobs/configs/grf.toml", sets))
+    plan = xr.open_zarr(sets["output.path"]).attrs["plan_settings"]
+    monkeypatch.setattr(planner, "profile", lambda *a, **k: 1 / 0)  # the store's plan: no other
+    capsys.readouterr()
+    grown = {**sets, "sampler.method": "auto", "ensemble.members": 4}
+    summary = sample(load_config("jobs/configs/grf.toml", grown))
+    assert summary.members == 2 and summary.skipped == 2
+    assert "the store's own choice" in capsys.readouterr().err
+    assert xr.open_zarr(sets["output.path"]).attrs["plan_settings"] == plan
+
+
 def test_a_dry_run_of_an_auto_run_names_the_planner_and_then_the_store_it_would_resume(
         tmp_path, capsys):
     sets = _small(tmp_path, **{"sampler.method": "auto"})
