@@ -285,9 +285,11 @@ def _profiles(cfg: Config, model, device, *, ranks: int, sha: str, steps: dict, 
                 continue  # out of reach (said when searched)
             mine = with_settings(cfg, {"sampler.steps": steps[REFERENCE[method]]})
         named = with_settings(mine, {"sampler.method": method})
-        for param in params_of(mine, method):
+        configured = _width(named, _configured(named, method))
+        # the configured width first: a named sampler's plan ends at once where it has no tol
+        for param in sorted(params_of(mine, method), key=lambda p: p != configured):
             # each window or block at its own tolerance: a narrower one needs a tighter tol
-            own = param == _width(named, _configured(named, method))
+            own = param == configured
             # the configured width as the run keys it
             at = named if own else with_settings(named, _param_setting(method, param))
             if stopped():

@@ -865,6 +865,17 @@ def test_a_plan_without_sampler_tol_is_refused_before_it_measures(tmp_path, caps
     assert "sampler.tol must be set for sampler.method = 'auto', whose plan weighs" in err
 
 
+def test_a_named_samplers_plan_calibrates_its_configured_width_first(tmp_path, capsys):
+    """A plan for a named sampler whose configured width has no tolerance in the ladder
+    ends there: it calibrated the half width first (minutes on a network), then refused."""
+    assert main(["plan", "jobs/configs/grf.toml", "--ranks", "2", "--set", "model.shape=[8, 8]",
+                 "--set", "sampler.steps=40", "--set", "sampler.tol=\"auto\"", "--set",
+                 "calibrate.members=2", "--set", "calibrate.ladder=[1.0]"]) == 2
+    err = capsys.readouterr().err
+    assert "no tolerance in calibrate.ladder keeps pc-window" in err
+    assert "calibrating pc-window (window 40)" in err and "(window 32)" not in err
+
+
 def test_sample_says_it_plans_before_the_plans_measurements(tmp_path, capsys):
     """An "auto" run's log opened with a minute of "profiled ..." lines and no word of what
     they were for; the run's own first line came after the plan."""
