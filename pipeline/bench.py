@@ -35,7 +35,7 @@ from pipeline.processes import replace_text
 from pipeline.run import (DTYPES, model_data_bound, sampler_grid, sampler_options,
                           unbounded_note)
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
-from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, redone, unsettled
+from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, run_notes
 from pipeline.samplers.options import REPLICABLE
 from pipeline.settings import Config
 
@@ -243,10 +243,8 @@ def _say_row(comm, row: dict, stats, max_sweeps: int) -> None:
     stopped at ``max_sweeps`` above the tolerance, and the per-collective report where the
     run had any."""
     print0(comm, _format(row))
-    if stats.fallbacks:  # its distance is the sequential path's: say why
-        print0(comm, f"    note: {redone(stats.fallbacks)}")
-    if stats.unsettled:  # its distance may be past what the tolerance asks: say why
-        print0(comm, f"    warning: {unsettled(stats.unsettled, max_sweeps)}")
+    for line in run_notes(stats.fallbacks, stats.unsettled, max_sweeps):  # its distance: why
+        print0(comm, f"    {line}")
     if row["collectives"]:
         print0(comm, "    collectives: " + ", ".join(
             f"{kind} {count} x ({seconds:.3f} s, of which {own:.3f} s its own, "

@@ -31,7 +31,7 @@ from pipeline.config import ConfigError
 from pipeline.layout import arithmetic_kind
 from pipeline.memory_check import TooLarge, check_memory
 from pipeline.noise import Noise
-from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, Options, redone, unsettled
+from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, Options, run_notes
 from pipeline.settings import Config
 from pipeline.signals import Stopped
 
@@ -290,8 +290,8 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
         rung = Rung(float(tol), stats.rounds, stats.model_calls / ref_stats.model_calls,
                     worst_distance(y, ref))
         rungs.append(rung)
-        notes = [note] * bool(note) + [redone(stats.fallbacks)] * bool(stats.fallbacks) + [
-            unsettled(stats.unsettled, options.max_sweeps)] * bool(stats.unsettled)
+        notes = [note] * bool(note) + run_notes(stats.fallbacks, stats.unsettled,
+                                                options.max_sweeps)
         say(f"{rung.tol:>9.1e} {rung.rounds:>7} {rung.calls_ratio:>12.2f} {rung.worst:>11.2e}"
             + (f"  ({'; '.join(notes)})" if notes else ""))
         return rung, stats

@@ -117,7 +117,7 @@ def _cmd_sample(args, world) -> int:
         return _stopped_before_sampling(world)
     from pipeline.ensemble import sample_to_store
     from pipeline.sample_report import closing, fixed_sweeps_note, opening
-    from pipeline.samplers import redone, unsettled
+    from pipeline.samplers import run_notes
 
     print0(world, opening(cfg, world.size, ranks, device))
     note = fixed_sweeps_note(cfg)  # the bare defaults' trap: no speed-up, many times the calls
@@ -127,10 +127,8 @@ def _cmd_sample(args, world) -> int:
     if not summary.began:
         return _stopped_before_sampling(world)
     print0(world, closing(cfg, summary, start_up=time.perf_counter() - began - summary.seconds))
-    if summary.fallbacks:
-        print0(world, f"note: {redone(summary.fallbacks)}")
-    if summary.unsettled:
-        print0(world, f"warning: {unsettled(summary.unsettled, cfg.sampler.max_sweeps)}")
+    for line in run_notes(summary.fallbacks, summary.unsettled, cfg.sampler.max_sweeps):
+        print0(world, line)
     if summary.preempted:
         print0(world, f"piadm: stopped by a signal; rerun the same command to resume "
                       f"(exit {EXIT_PREEMPTED})")

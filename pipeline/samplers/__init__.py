@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pipeline.samplers.options import (PC_WINDOW_POINTS, THETAS, WINDOW_POINTS, Options,
-                                       PicardDivergence, Stats, redone, unsettled,
+                                       PicardDivergence, Stats, run_notes,
                                        window_points)
 
 
@@ -185,4 +185,4 @@ SAMPLERS = _Functions()
 REFERENCE = {name: entry.reference for name, entry in REGISTRY.items()}
 
 __all__ = ["REGISTRY", "REFERENCE", "SAMPLERS", "Registered", "Options", "Stats",
-           "PicardDivergence", "redone", "unsettled"]
+           "PicardDivergence", "run_notes"]

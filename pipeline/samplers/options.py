@@ -137,6 +137,14 @@ def unsettled(blocks: int, max_sweeps: int) -> str:
             "lower sampler.block_size")
 
 
+def run_notes(fallbacks: int, unsettled_blocks: int, max_sweeps: int) -> list[str]:
+    """The lines ``sample``, ``bench`` and ``calibrate`` say after a run whose ``Stats``
+    counted ``fallbacks`` redone or ``unsettled_blocks`` unsettled blocks: a ``note:`` for
+    the first (the members are right), a ``warning:`` for the second (they may not be)."""
+    return ([f"note: {redone(fallbacks)}"] * bool(fallbacks)
+            + [f"warning: {unsettled(unsettled_blocks, max_sweeps)}"] * bool(unsettled_blocks))
+
+
 class PicardDivergence(PiadmError, RuntimeError):
     """A Picard block produced NaN/Inf or a runaway residual."""
 
