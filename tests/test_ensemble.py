@@ -80,7 +80,7 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_store(tmp_path, input_store,
 
 
 # a window sampler's members do not depend on how many a call holds (a sequential one's move in
-# the last bits, README "Resume and preemption"): the tests of other batch sizes run one
+# the last bits, docs/store.md, "Resume and preemption"): the tests of other batch sizes run one
 WINDOW = "sampler.method=pc-window"
 
 def _same_members(a, b):
