@@ -475,12 +475,31 @@ def finalize(path: str | Path, note: str, attrs: dict | None = None) -> None:
     """Set ``attrs`` (if any), append ``note`` to the history (CF text, newest last, and the
     same lines as a JSON list in ``piadm_history``) and consolidate the metadata."""
     group = zarr.open_group(path, mode="r+")
-    lines = json.loads(group.attrs.get("piadm_history", "[]")) + [f"{_now()} {note}"]
+    lines = history_lines(dict(group.attrs)) + [f"{_now()} {note}"]
     # in one write of the group's metadata: attrs.update would write it once a key, and a
     # kill between them would leave a store whose config and identity disagree
     group.update_attributes({**_recordable(attrs or {}), "piadm_history": json.dumps(lines),
                              "history": "\n".join(lines)})
     consolidate(path)
+
+
+def history_lines(attrs: dict) -> list[str]:
+    """A store's history, oldest first: ``piadm_history`` (a JSON list as text), else the CF
+    ``history``, which a piadm before 2026-11-30 wrote as that JSON list and other tools as
+    lines. Either edited by hand (a real list, text that is no JSON list) is read as it
+    stands, so that no run fails on it and no line of it is lost."""
+    for key in ("piadm_history", "history"):
+        value = attrs.get(key)
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        if isinstance(value, list):
+            return [str(line) for line in value]
+        if isinstance(value, str) and value:
+            return value.splitlines()
+    return []
 
 
 @contextlib.contextmanager

@@ -1380,3 +1380,30 @@ def test_an_older_auto_tolerance_store_is_finished_at_its_own_tolerance(tmp_path
     err = capsys.readouterr().err
     # the store's own tolerance, silently: no calibration (cached or measured) is taken
     assert "sampler.tol = auto" not in err and "2 to sample" in err, err
+
+
+@pytest.mark.parametrize("edit", ["a list", "lines", "older piadm"])
+def test_a_history_edited_by_hand_or_an_older_piadms_is_kept_by_the_next_run(tmp_path, edit):
+    """``piadm_history`` set to a real list (the README calls it a JSON list) or to plain text
+    failed every later run in a traceback, the store half grown; a piadm before 2026-11-30
+    kept the lines only in ``history``, as JSON text, and the next run dropped them."""
+    out = tmp_path / "h.zarr"
+    sets = ["model.shape=[8, 8]", "sampler.steps=20", "sampler.method=sequential-sde",
+            f"output.path={out}"]
+    run = lambda members: main(["sample", "jobs/configs/grf.toml", *sum(  # noqa: E731
+        (["--set", s] for s in [*sets, f"ensemble.members={members}"]), [])])
+    assert run(2) == 0
+    group = zarr.open_group(out, mode="r+")
+    lines = [*json.loads(group.attrs["piadm_history"]), "my note"]
+    if edit == "a list":
+        group.attrs["piadm_history"] = lines
+    elif edit == "lines":
+        group.attrs["piadm_history"] = "\n".join(lines)
+    else:
+        del group.attrs["piadm_history"]
+        group.attrs["history"] = json.dumps(lines)
+    zarr.consolidate_metadata(str(out))
+    assert run(4) == 0
+    kept = json.loads(zarr.open_group(out, mode="r").attrs["piadm_history"])
+    assert kept[:len(lines)] == lines and kept[-1].endswith("wrote 2 members (2 already written)")
+    assert zarr.open_group(out, mode="r").attrs["history"] == "\n".join(kept)
