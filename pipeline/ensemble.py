@@ -48,7 +48,7 @@ from pipeline.settings import Config
 from pipeline.signals import StopRequest
 from pipeline.store import ASKED, StoreSpec, done_members, write_batch
 from pipeline.store_attrs import member_batch, read_attrs, stored_attribute
-from pipeline.store_match import check_noise_of, check_output, is_stale
+from pipeline.store_match import check_noise_of, check_output, is_stale, mixed_revision
 from pipeline.target import open_or_create, upgrade_identity
 from pipeline.validation import check_variable
 from pipeline.work import batch_note, call_batch, work_list, write_runs
@@ -211,8 +211,9 @@ def _open_work(cfg: Config, model, spec: StoreSpec, state: str, ranks: RankGrid)
     scale = field_scale(model, spec.attrs["input_mean"], spec.attrs["input_std"])
     # rank 0 reads, every rank gets the same: another job writing meanwhile must not give two
     # ranks of a group different work lists (they would wait in different collectives)
-    done, unit = on_rank0(ranks.world, lambda: (done_members(spec.path),
-                                                member_batch(spec.path)))
+    done, unit, mixed = on_rank0(ranks.world, lambda: (
+        done_members(spec.path), member_batch(spec.path),
+        mixed_revision(read_attrs(spec.path) or {}, spec.attrs)))
     size = cfg.ensemble.batch_size
     todo = [(i, b, tuple(m for m in b if not done[i, m]))
             for i, b in work_list(done, member_batches(cfg.ensemble.members, unit),
@@ -226,6 +227,10 @@ def _open_work(cfg: Config, model, spec: StoreSpec, state: str, ranks: RankGrid)
     print0(ranks.world, f"store {spec.path} {state}: {int(done.sum())} of {done.size} members "
                         f"done{mine_line}, {left} to sample"
            + (f" in its batches of {unit}{batch_note(unit, size)}" if unit != size else ""))
+    if mixed and left and done.any():
+        print0(ranks.world, f"note: the members left are sampled by {mixed}: both lie within "
+                            "sampler.tol of the same sequential path, and the store's history "
+                            "says which run wrote which")
     return items, scale, done, mine, unit, int(ours.sum())
 
 

@@ -16,6 +16,8 @@ from pipeline.errors import PiadmError, WriteFailed, naming
 from pipeline.layout import RankGrid
 from pipeline.samplers.options import REPLICABLE
 from pipeline.store import StoreExists, StoreSpec, done_members, finalize, still_ours
+from pipeline.store_attrs import read_attrs
+from pipeline.store_match import mixed_revision
 from pipeline.target import delete_leftovers
 
 
@@ -87,15 +89,15 @@ class Tally:
         self.unsettled += stats.unsettled
 
 
-def _finalize_alone(spec: StoreSpec, note: str, job: str,
-                    known: tuple[int, int]) -> tuple[int, int]:
+def _finalize_alone(spec: StoreSpec, note: str, job: str, known: tuple[int, int],
+                    wrote: bool) -> tuple[int, int]:
     """``finalize`` under the store's lock: two jobs finishing together would each read the
     history, append their line and write it back, and one line would be lost. A store that
     another configuration's run replaced meanwhile is not this run's to write its line into
     (``still_ours``): a run that found nothing left to do in it never wrote a batch, the
     check every batch write makes. ``known``: (members done at the run's start plus those it
     wrote, the store's members). Returns the store's members done and in all (another job
-    sharing it may have written some)."""
+    sharing it may have written some). ``wrote``: whether this run wrote members."""
     path = spec.path
     with holding(claims_dir(path), "finalize", job), naming(path):
         try:
@@ -105,6 +107,9 @@ def _finalize_alone(spec: StoreSpec, note: str, job: str,
                               "while this one worked on it: this run's line of its history is "
                               "not written there; rerun it once the other run is done, or on "
                               "another output.path") from None
+        if wrote:  # which revision of the sampler wrote them, where the store's first differ
+            mixed = mixed_revision(read_attrs(path) or {}, spec.attrs)
+            note += f", by {mixed}" if mixed else ""
         finalize(path, note)
         # every member done at the start or written by this run: complete, without reading
         # the store's done flags again (a file a batch: seconds on a store of 10,000 batches)
@@ -128,12 +133,13 @@ def _count_done(path) -> tuple[int, int]:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 
-def _record(spec: StoreSpec, note: str, job: str, known: tuple[int, int]) -> tuple[int, int]:
+def _record(spec: StoreSpec, note: str, job: str, known: tuple[int, int],
+            wrote: bool) -> tuple[int, int]:
     """Rank 0: ``_finalize_alone`` (and its count of the store's members), a disk that takes
     no more (``DISK_FULL``) said as what it is: the members are kept, the store's record of
     the run is what is missing."""
     try:
-        return _finalize_alone(spec, note, job, known)
+        return _finalize_alone(spec, note, job, known, wrote)
     except OSError as err:
         if err.errno not in DISK_FULL:  # a store gone, say: its own words
             raise
@@ -175,7 +181,8 @@ def finish(cfg, spec, ranks, writer, tally: Tally, *, skipped: int, job: str,
                  f" x {slices.size} time slice{'s' if slices.size > 1 else ''}")
         if slices.size > 1 and cfg.sampler.method in REPLICABLE:
             note += f", window split {cfg.sampler.window_split}"
-    held = on_rank0(world, _record, spec, note, job, (before[0] + written, before[1]))
+    held = on_rank0(world, _record, spec, note, job, (before[0] + written, before[1]),
+                    written > 0)
     return Summary(spec.path, written, skipped, int(peak["rounds"]), int(peak["batch_rounds"]),
                    total["calls"] / max(written, 1), time.perf_counter() - tally.start,
                    peak["write_s"], peak["wait_s"], preempted, int(total["fallbacks"]),

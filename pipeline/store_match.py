@@ -175,6 +175,19 @@ def _check_sampler_revision(cfg: Config, held: dict) -> None:
         "true to replace it", why=f"an earlier {method} made its members")
 
 
+def mixed_revision(held: dict, attrs: dict) -> str:
+    """Where the store's members so far (its attributes ``held``) were sampled by another
+    revision of the run's sampler than this run's (its ``attrs``), the words that say so,
+    for the run's history line and its opening: each revision's members are within
+    sampler.tol of the same sequential path, so the store is resumed, but an analyst should
+    be able to tell them apart. "" where they agree, or the store says no revision."""
+    method, then, now = (attrs.get("sampler_method"), held.get("sampler_revision"),
+                         attrs.get("sampler_revision"))
+    if then is None or now is None or then == now or held.get("sampler_method") != method:
+        return ""
+    return f"{method} revision {now} (the store's first members: revision {then})"
+
+
 def _check_same_sidecar(cfg: Config, held: dict) -> None:
     """Refuse to resume or grow, from its attributes ``held``, a store whose U-Net
     checkpoint's sidecar has changed since it was made (its normalisation or data bound S,

@@ -1407,3 +1407,31 @@ def test_a_history_edited_by_hand_or_an_older_piadms_is_kept_by_the_next_run(tmp
     kept = json.loads(zarr.open_group(out, mode="r").attrs["piadm_history"])
     assert kept[:len(lines)] == lines and kept[-1].endswith("wrote 2 members (2 already written)")
     assert zarr.open_group(out, mode="r").attrs["history"] == "\n".join(kept)
+
+
+def test_a_store_grown_by_another_revision_of_its_sampler_says_so(tmp_path, capsys):
+    """A store an earlier revision of ``pc-window`` filled, grown (or resumed) after an
+    upgrade, mixed the two revisions' members with no word: the run says so as it starts,
+    and its history line names the revision that wrote its members."""
+    from pipeline.samplers import REGISTRY
+
+    out = tmp_path / "r.zarr"
+    sets = ["model.shape=[8, 8]", "sampler.steps=20", "sampler.method=pc-window",
+            "sampler.tol=1e-2", f"output.path={out}"]
+    run = lambda members: main(["sample", "jobs/configs/grf.toml", *sum(  # noqa: E731
+        (["--set", s] for s in [*sets, f"ensemble.members={members}"]), [])])
+    assert run(2) == 0
+    now = REGISTRY["pc-window"].revision
+    group = zarr.open_group(out, mode="r+")
+    group.attrs["sampler_revision"] = now - 1  # as an earlier piadm made it
+    zarr.consolidate_metadata(str(out))
+    capsys.readouterr()
+    assert run(4) == 0
+    said = f"pc-window revision {now} (the store's first members: revision {now - 1})"
+    assert f"note: the members left are sampled by {said}" in capsys.readouterr().err
+    history = json.loads(zarr.open_group(out, mode="r").attrs["piadm_history"])
+    assert history[-1].endswith(f"piadm wrote 2 members (2 already written), by {said}")
+    assert run(4) == 0  # nothing left to write: nothing said
+    assert "sampled by" not in capsys.readouterr().err
+    assert "revision" not in json.loads(
+        zarr.open_group(out, mode="r").attrs["piadm_history"])[-1]
