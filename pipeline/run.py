@@ -217,13 +217,20 @@ MODEL_SIDECAR = "model_sidecar_sha256"
 MODEL_PLUGIN = "model_plugin_sha256"
 
 
-def sidecar_digest(m) -> str:
-    """SHA-256 of what the JSON sidecars of a U-Net's checkpoint (and its guide's) say, as
-    sorted JSON (a file written anew with the same content is the same): what the network's
-    fields are scaled by and its data bound S, which ``models.export --data`` changes
-    without the weights; "" for other models."""
+# what a sidecar records of how its network was trained (``models.checkpoint``): it decides
+# nothing a sample draws, so a store resumes after it is edited (training data moved, say)
+SIDECAR_RECORD = ("data", "config", "step", "val_loss")
+# the attribute of what the sidecars say that decides the members (``sidecar_says``)
+MODEL_SIDECAR_SAYS = "model_sidecar"
+
+
+def sidecar_says(m, whole: bool = False) -> list | None:
+    """What the JSON sidecars of a U-Net's checkpoint and its guide (None where none) say of
+    the network: its fields' scaling, data bound S and architecture, which ``models.export
+    --data`` changes without the weights; ``whole``: their training record too
+    (``SIDECAR_RECORD``). None for other models."""
     if m.kind != "unet" or not m.checkpoint:
-        return ""
+        return None
     from models.checkpoint import sidecar
 
     said = []
@@ -232,7 +239,17 @@ def sidecar_digest(m) -> str:
             said.append(json.loads(sidecar(Path(path)).read_text()) if path else None)
         except (OSError, ValueError):  # loading the model names an unreadable sidecar
             said.append(None)
-    return hashlib.sha256(json.dumps(said, sort_keys=True).encode()).hexdigest()
+    return said if whole else [{k: v for k, v in one.items() if k not in SIDECAR_RECORD}
+                               if isinstance(one, dict) else one for one in said]
+
+
+def sidecar_digest(m, whole: bool = False) -> str:
+    """SHA-256 of ``sidecar_says`` as sorted JSON (a file written anew with the same content
+    is the same); ``whole``: of the sidecars whole, as piadm recorded it before 2026-12-07;
+    "" for other models."""
+    said = sidecar_says(m, whole)
+    return "" if said is None else hashlib.sha256(
+        json.dumps(said, sort_keys=True).encode()).hexdigest()
 
 
 def _network_provenance(m) -> dict:
@@ -250,7 +267,8 @@ def _network_provenance(m) -> dict:
 
         return {"model_path": m.path, **describe(m)}
     if m.kind == "unet":
-        return {MODEL_SIDECAR: sidecar_digest(m)}
+        return {MODEL_SIDECAR: sidecar_digest(m),
+                MODEL_SIDECAR_SAYS: json.dumps(sidecar_says(m), sort_keys=True)}
     from models import MODELS, plugin_digest
 
     return {} if m.kind in MODELS else {MODEL_PLUGIN: plugin_digest(m)}

@@ -7,6 +7,7 @@ the problem and the fix, raised before anything is written.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -20,8 +21,9 @@ from pipeline.labels import label_text
 from pipeline.layout import arithmetic_kind
 from pipeline.memory import field_bytes
 from pipeline.noise import host_fingerprint
-from pipeline.run import (DTYPES, HOST_NOISE, MODEL_PLUGIN, MODEL_SIDECAR, MODEL_SOURCE,
-                          model_digest, residual_length, sidecar_digest)
+from pipeline.run import (DTYPES, HOST_NOISE, MODEL_PLUGIN, MODEL_SIDECAR, MODEL_SIDECAR_SAYS,
+                          MODEL_SOURCE, model_digest, residual_length, sidecar_digest,
+                          sidecar_says)
 from pipeline.samplers import REGISTRY
 from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import (ARRAYS_FIX, FIELD_SCALE, INPUT_FINGERPRINT, PER_MEMBER,
@@ -190,19 +192,38 @@ def mixed_revision(held: dict, attrs: dict) -> str:
 
 def _check_same_sidecar(cfg: Config, held: dict) -> None:
     """Refuse to resume or grow, from its attributes ``held``, a store whose U-Net
-    checkpoint's sidecar has changed since it was made (its normalisation or data bound S,
-    e.g. by ``models.export --data``, with the weights unchanged): the rest of its members
-    would be drawn in other units or on another path (a store made before it was recorded is
-    not checked)."""
+    checkpoint's sidecar says otherwise of the network since it was made (its normalisation
+    or data bound S, e.g. by ``models.export --data``, with the weights unchanged): the rest
+    of its members would be drawn in other units or on another path. Its record of training
+    (``run.SIDECAR_RECORD``) may change; a store made before it was recorded is not checked."""
     was = held.get(MODEL_SIDECAR)
-    if not was or was == (now := sidecar_digest(cfg.model)):
+    if not was or was in (sidecar_digest(cfg.model), sidecar_digest(cfg.model, whole=True)):
         return
+    changed = _sidecar_changes(held.get(MODEL_SIDECAR_SAYS), sidecar_says(cfg.model))
     raise StaleStore(
         f"output {cfg.output.path} was made by this configuration with another sidecar of "
-        f"{cfg.model.checkpoint} ({was[:12]}, now {now[:12] or 'none'}: what it says has "
-        "changed since, its normalisation or data bound, say): put the original back to "
-        "resume it, choose another output.path, or set output.overwrite = true to replace it",
+        f"{cfg.model.checkpoint} ("
+        + (f"its {', '.join(changed)} changed since" if changed else
+           "what it says of the network, its normalisation, data bound or architecture, has "
+           "changed since") + "): put the original back to resume it, choose another "
+        "output.path, or set output.overwrite = true to replace it (its members are deleted)",
         why="its checkpoint's sidecar changed since it was made")
+
+
+def _sidecar_changes(then, now: list | None) -> list[str]:
+    """The keys in which the sidecars recorded as ``then`` (``MODEL_SIDECAR_SAYS``'s JSON)
+    and ``now`` (``sidecar_says``) differ, the guide's named so; [] where not recorded."""
+    try:
+        then = json.loads(then) if isinstance(then, str) else None
+    except ValueError:
+        then = None
+    if not isinstance(then, list) or now is None or len(then) != len(now):
+        return []
+    keys = []
+    for whose, (a, b) in zip(("", "guide's "), zip(then, now)):
+        a, b = a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}
+        keys += [f"{whose}{k}" for k in sorted({*a, *b}) if a.get(k) != b.get(k)]
+    return keys
 
 
 def _check_same_plugin(cfg: Config, held: dict) -> None:

@@ -1274,11 +1274,19 @@ def test_a_store_is_not_resumed_once_its_checkpoints_sidecar_has_changed(tmp_pat
     meta = json.loads(sidecar(ckpt).read_text())
     sidecar(ckpt).write_text(json.dumps(meta, indent=4))  # written anew, saying the same
     assert main(_sample_args(out, *sets)) == 0
+    # its record of training edited (the data moved, a note): the members are the same
+    moved = {**meta, "data": "/elsewhere/k.zarr", "note": "moved"}
+    sidecar(ckpt).write_text(json.dumps(moved))
+    assert main(_sample_args(out, *sets, "ensemble.members=3")) == 2  # a key of its own: refused
+    assert "(its note changed since)" in capsys.readouterr().err
+    del moved["note"]
+    sidecar(ckpt).write_text(json.dumps(moved))
+    assert main(_sample_args(out, *sets, "ensemble.members=3")) == 0
     sidecar(ckpt).write_text(json.dumps({**meta, "data_bound": 10 * meta["data_bound"]}))
     capsys.readouterr()
     assert main(_sample_args(out, *sets, "ensemble.members=4")) == 2  # grown: refused
-    assert (f"was made by this configuration with another sidecar of {ckpt}"
-            in capsys.readouterr().err)
+    assert (f"was made by this configuration with another sidecar of {ckpt} (its data_bound "
+            "changed since)" in capsys.readouterr().err)
     assert main(_sample_args(out, *sets, "ensemble.members=4", "output.overwrite=true")) == 0
     assert "replaced (its checkpoint's sidecar changed since it was made)" in capsys.readouterr().err
 
