@@ -1289,6 +1289,19 @@ def test_a_store_is_not_resumed_once_its_checkpoints_sidecar_has_changed(tmp_pat
             "changed since)" in capsys.readouterr().err)
     assert main(_sample_args(out, *sets, "ensemble.members=4", "output.overwrite=true")) == 0
     assert "replaced (its checkpoint's sidecar changed since it was made)" in capsys.readouterr().err
+    # a store made before: its digest was the whole sidecar's, and what it said unrecorded
+    import zarr
+
+    from pipeline.config import load_config
+    from pipeline.run import sidecar_digest
+
+    group = zarr.open_group(out, mode="r+")
+    cfg = load_config("jobs/configs/grf.toml", ["model.kind=unet", "model.shape=[16, 16]",
+                                                f"model.checkpoint={ckpt}"])
+    group.attrs["model_sidecar_sha256"] = sidecar_digest(cfg.model, whole=True)
+    del group.attrs["model_sidecar"]
+    zarr.consolidate_metadata(str(out))
+    assert main(_sample_args(out, *sets, "ensemble.members=5")) == 0
 
 
 @pytest.mark.parametrize("dtype, scale", [("float16", 1.0), ("float32", 1e18), ("float32", 1e-30)])
