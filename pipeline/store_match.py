@@ -144,6 +144,7 @@ def _check_made_alike(cfg: Config, items: Items | None, held: dict) -> None:
         _check_same_items(cfg, items.labels)
         if items.fingerprint:
             _check_same_input(cfg, held, items.fingerprint)
+        _check_same_statistics(cfg, held, items.mean, items.std)
 
 
 def is_stale(cfg: Config, items: Items | None) -> str:
@@ -350,6 +351,33 @@ def _check_same_input(cfg: Config, held: dict, now: tuple[float, ...]) -> None:
         f"({_short(now)}): restore that input, write the ensemble of the new one to "
         "another output.path, or set output.overwrite = true to replace it",
         why="its input changed since it was made")
+
+
+def _check_same_statistics(cfg: Config, held: dict, mean: float, std: float) -> None:
+    """A store made before piadm recorded its input's fingerprint: refuse it where the
+    input's mean and standard deviation over the selected items (``input_mean``,
+    ``input_std``, recorded since the first stores) now differ by more than another piadm's
+    rounding of the same fields could make them."""
+    if held.get(INPUT_FINGERPRINT) is not None:
+        return
+    try:
+        then = (float(held["input_mean"]), float(held["input_std"]))
+    except (KeyError, TypeError, ValueError):
+        return
+    if all(abs(a - b) <= STATISTICS_RTOL * max(then[1], std) for a, b in zip(then, (mean, std))):
+        return
+    raise StaleStore(
+        f"output {cfg.output.path}: its members were conditioned on the {cfg.input.variable} "
+        f"fields of input {cfg.input.path} as they were when it was made (mean "
+        f"{then[0]:.9g}, standard deviation {then[1]:.9g}: the attributes input_mean and "
+        f"input_std), and they have changed since (now {mean:.9g}, {std:.9g}): restore that "
+        "input, write the ensemble of the new one to another output.path, or set "
+        "output.overwrite = true to replace it", why="its input changed since it was made")
+
+
+# how far the same fields' statistics may round apart between piadm versions (float64 sums of
+# float32 data in another order): far below a field regenerated or edited
+STATISTICS_RTOL = 1e-5
 
 
 def _short(values) -> str:

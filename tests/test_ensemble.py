@@ -162,6 +162,28 @@ def test_a_store_whose_input_changed_since_is_not_resumed(tmp_path, input_store,
     assert "resumed: 36 of 36 members done" in capsys.readouterr().err
 
 
+def test_a_store_made_before_fingerprints_is_checked_by_its_inputs_statistics(
+        tmp_path, input_store, capsys):
+    """A store an older piadm made records no fingerprint of its input, only its mean and
+    standard deviation: it was grown on regenerated input with no word. Refused now where
+    they changed; resumed where the input is as it was."""
+    out = tmp_path / "e.zarr"
+    cfg = load_config("jobs/configs/grf.toml", _overrides(conditional_sets(input_store, out)))
+    assert sample_to_store(cfg, stop=StopAfter(3)).members == 2
+    group = zarr.open_group(out, mode="r+")
+    del group.attrs["input_fingerprint"]  # as a piadm before it made it
+    zarr.consolidate_metadata(str(out))
+    args = ["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]
+    data = zarr.open_group(input_store, mode="r+")["vort"]
+    kept = data[:]
+    data[1] = 2.0 * kept[1]
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "(mean " in capsys.readouterr().err  # names what it compared, then and now
+    data[:] = kept
+    assert main(args) == 0
+
+
 def test_the_same_input_values_rechunked_or_widened_resume(tmp_path, input_store):
     """Harmless data maintenance (the same values in other chunks, or as float64) is the
     same input: the store resumes, whatever rounding a float32 mean in other chunks gives."""
