@@ -300,8 +300,14 @@ def _write_outputs(cfg: Config, rows: list[dict], earlier: list[dict], json_path
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
         print0(comm, f"plot: {bench_figure(earlier + one_per_point(rows), Path(png_path))}")
     if json_path:
-        replace_text(json_path, json_text({"config": cfg.text, "rows": rows}, indent=2))
+        replace_text(json_path, json_text({"config": cfg.text, "revisions": _revisions(cfg),
+                                           "rows": rows}, indent=2))
         print0(comm, f"table: {json_path}")
+
+
+def _revisions(cfg: Config) -> dict[str, int]:
+    """The revision of each sampler the bench runs: a table of another's rows is not these."""
+    return {method: REGISTRY[method].revision for method in cfg.bench.methods}
 
 
 def _built(cfg: Config, size: tuple[int, ...], device) -> tuple[Config, object]:
@@ -377,6 +383,10 @@ def _table_rows(path: str, cfg: Config | None = None) -> list[dict]:
         raise ConfigError(f"--compare {path} is not a bench table ({problem}): {fix}",
                           collective=True)
     differ = _differences(cfg, str(doc.get("config", ""))) if cfg is not None else []
+    theirs = doc.get("revisions") if isinstance(doc.get("revisions"), dict) else {}
+    ours = _revisions(cfg) if cfg is not None else {}
+    differ += [f"{m} revision {theirs[m]!r} -> {ours[m]}" for m in ours
+               if m in theirs and theirs[m] != ours[m]]
     if differ:
         raise ConfigError(f"--compare {path} was benched with other settings ("
                           f"{'; '.join(differ[:4])}{'; ...' if len(differ) > 4 else ''}): "

@@ -255,6 +255,15 @@ def test_bench_plots_against_d_and_against_ranks(tmp_path, capsys):
                  str(tmp_path / "two.json"), *base, "--set", "sampler.window_split=replicated",
                  "--set", "sampler.method=pc-window", "--set", "sampler.tol=0.1"]) == 2
     assert "(sampler.tol: 'auto' -> 0.1): compare" in capsys.readouterr().err  # that alone
+    # a table an earlier revision of a sampler benched: its rounds and calls are not these
+    from pipeline.samplers import REGISTRY
+
+    now = REGISTRY["piadm-sde"].revision
+    other["revisions"] = {"piadm-sde": now - 1}
+    (tmp_path / "old.json").write_text(json.dumps(other))
+    assert main(["bench", "jobs/configs/grf.toml", "--png", str(png), "--compare",
+                 str(tmp_path / "old.json"), *base]) == 2
+    assert f"(piadm-sde revision {now - 1} -> {now})" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["grf", "unet"])
