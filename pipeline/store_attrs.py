@@ -9,18 +9,48 @@ from pathlib import Path
 
 import zarr
 
+from pipeline.errors import PiadmError
+
 MEMBER_BATCH = "piadm_member_batch"  # the attribute of the store's unit of work (``member_batch``)
 
 # What zarr raises opening a path that holds no group (none, a plain folder, an array)
 NOT_A_GROUP = (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError)
 
 
+class EditedAttribute(PiadmError):
+    """A piadm store's own attribute holds what piadm never writes there (edited by hand)."""
+
+
 def read_attrs(path: str | Path) -> dict | None:
-    """The attributes of the Zarr group at ``path``, read once; None if it is not one."""
+    """The attributes of the Zarr group at ``path``, read once; None if it is not one. A
+    piadm store's own attributes that piadm reads (``_check_own``) are checked to hold what
+    it wrote: EditedAttribute otherwise, in one line, not a traceback where one is used."""
     try:
-        return dict(zarr.open_group(path, mode="r").attrs)
+        attrs = dict(zarr.open_group(path, mode="r").attrs)
     except NOT_A_GROUP:
         return None
+    _check_own(path, attrs)
+    return attrs
+
+
+def _check_own(path, attrs: dict) -> None:
+    if not any(key.startswith("piadm_") for key in attrs):  # no piadm store: not its own
+        return
+    for key, value in attrs.items():
+        if value is None:  # an older piadm recorded some unknowns as null: read as not said
+            continue
+        text = key in TEXT_ATTRS or key.endswith("_sha256")
+        if text and not isinstance(value, str) or key == MEMBER_BATCH and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise EditedAttribute(
+                f"{path}: its attribute {key} holds {value!r}, not the "
+                f"{'text' if text else 'positive whole number'} piadm wrote there (edited "
+                "by hand?): put back what piadm wrote, or move the store away and sample it "
+                "anew")
+
+
+# a piadm store's attributes of text that piadm reads back (those named *_sha256 too)
+TEXT_ATTRS = ("config", "piadm_store_digest", "plan_settings", "sampler_method")
 
 
 def _ensemble_count(text: str, key: str) -> int | None:

@@ -85,3 +85,25 @@ def test_an_untold_store_that_differs_in_what_can_be_told_is_refused_as_another_
     with pytest.raises(StoreExists, match="was made by a different configuration") as refused:
         target_fate(other, None, overwrite=False)
     assert "cannot tell" not in str(refused.value)
+
+
+@pytest.mark.parametrize("key, value", [("model_sha256", 5), ("piadm_store_digest", 7),
+                                        ("piadm_member_batch", "x"), ("config", ["a"])])
+def test_a_piadm_attribute_edited_to_another_type_is_one_line(tmp_path, capsys, key, value):
+    """A store whose own attribute was edited to what piadm never writes there failed every
+    run in a traceback ('int' object is not subscriptable, invalid literal for int())."""
+    import zarr
+
+    from pipeline.cli import main
+
+    out = tmp_path / "e.zarr"
+    sets = sum((["--set", s] for s in ["model.shape=[8, 8]", "sampler.steps=20",
+                                       "sampler.tol=0.1", "ensemble.members=2",
+                                       f"output.path={out}"]), [])
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    group = zarr.open_group(out, mode="r+")
+    group.attrs[key] = value
+    zarr.consolidate_metadata(str(out))
+    capsys.readouterr()
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 2
+    assert f"its attribute {key} holds {value!r}, not the " in capsys.readouterr().err
