@@ -131,14 +131,18 @@ def _check_units(meta: dict, checkpoint: str, key: str) -> None:
             return math.nan
 
     mean, std, bound = number("mean"), number("std"), number("data_bound")
-    bad = ([f"mean {mean}"] if not math.isfinite(mean) else []) \
-        + ([f"std {std}"] if not (math.isfinite(std) and std > 0) else []) \
-        + ([f"data_bound {bound}"] if not bound > 0 else [])
+    said = lambda name, value: (  # noqa: E731
+        f"{name} {meta[name]!r}" if isinstance(meta.get(name, 0.0), (str, list, dict, type(None)))
+        else f"{name} {value}")
+    bad = ([said("mean", mean)] if not math.isfinite(mean) else []) \
+        + ([said("std", std)] if not (math.isfinite(std) and std > 0) else []) \
+        + ([said("data_bound", bound)] if not bound > 0 else [])
     if bad:
         raise ConfigError(f"config: {key} = {checkpoint!r}: its metadata holds {', '.join(bad)}, "
-                          "no usable normalisation or data bound (its training data overflowed "
-                          "or held NaN/Inf): train it again on finite data, or re-export it "
-                          "with python -m models.export CHECKPOINT OUT --data on finite data")
+                          "no usable normalisation or data bound (its sidecar edited, or its "
+                          "training data overflowed or held NaN/Inf): put back the sidecar "
+                          "piadm wrote, train it again on finite data, or re-export it with "
+                          "python -m models.export CHECKPOINT OUT --data on finite data")
 
 
 def _unit_differences(meta: dict, guide_meta: dict) -> list[str]:

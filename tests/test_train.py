@@ -1338,6 +1338,10 @@ def test_a_sidecar_with_no_usable_normalisation_or_bound_is_refused(tmp_path, pl
     Path(f"{ckpt}.json").write_text(json.dumps({**meta, "data_bound": float("nan")}))
     with pytest.raises(ConfigError, match="its metadata holds data_bound nan, no usable"):
         load_unet(str(ckpt), (16, 16))
+    # edited to no number: said as it stands, an edit named among the causes
+    Path(f"{ckpt}.json").write_text(json.dumps({**meta, "data_bound": None}))
+    with pytest.raises(ConfigError, match=r"holds data_bound None, .*\(its sidecar edited, or"):
+        load_unet(str(ckpt), (16, 16))
     Path(f"{ckpt}.json").write_text(json.dumps(meta))
     load_unet(str(ckpt), (16, 16))
 
