@@ -814,3 +814,34 @@ def test_an_ensemble_equal_to_the_truth_has_no_spread_skill():
     metrics = score(ens, truth, paired=True)
     assert np.isnan(metrics.attrs["spread_skill"]) and metrics.attrs["crps"] < 1e-12
     assert "n/a (the ensemble mean is the truth)" in table(metrics)
+
+
+def test_a_store_replaced_while_it_is_scored_is_refused_not_scored(paired, tmp_path, capsys,
+                                                                   monkeypatch):
+    """A run with output.overwrite = true swapped a new store in while evaluate read the old
+    one lazily: its scores came from the new, half-written store ("n/a", "the ensemble mean
+    is the truth") and it exited 0 with a metrics.json."""
+    import shutil
+
+    from pipeline import scoring
+
+    tmp, ens = paired
+    store = tmp_path / "ens.zarr"
+    shutil.copytree(ens, store)
+    real = scoring.score
+
+    def replaced_meanwhile(*args, **kwargs):
+        shutil.move(store, tmp_path / "aside.zarr")  # as output.overwrite renames a new one in
+        shutil.copytree(ens, store)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score", replaced_meanwhile)
+    out = tmp_path / "ev"
+    args = ["evaluate", str(store), "--truth", str(tmp / "truth.zarr"), "--out", str(out),
+            "--no-figures"]
+    assert main(args) == 2
+    assert "was replaced or changed by another run while it was evaluated" in (
+        capsys.readouterr().err)
+    assert not (out / "metrics.json").exists()
+    monkeypatch.setattr(scoring, "score", real)
+    assert main(args) == 0  # the store as it now is
