@@ -86,10 +86,11 @@ def memory_sharing(world, device) -> int:
 
 def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
              attrs: dict, grid: dict, scale: tuple[float, float],
-             device) -> tuple[StoreSpec, str]:
+             device) -> tuple[StoreSpec, str, Calibration]:
     """Rank 0's creation: open or create the store, with the input's ``stats`` (mean, std,
     fingerprint) that ``_check_early`` measured and the ``scale`` its fields are in; a store
-    it resumes or grows has its noise checked as it is now (``check_noise_of``)."""
+    it resumes or grows has its noise checked as it is now (``check_noise_of``) and gives
+    its calibrated tolerance (``_stored_tol``). Returns (spec, state, the run's tol)."""
     items = measured_items(cfg, stats)
     spec = store_spec(cfg, items, shape, trained_on, grid, scale)
     # a tolerance the planner set (it calibrates each sampler it weighs) is its, not the config's
@@ -110,7 +111,23 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
                            stale=functools.partial(is_stale, cfg, items))
     if state.startswith(("resumed", "grown")):  # another job may have made it meanwhile
         check_noise_of(cfg, device)
-    return spec, state
+        tol = _stored_tol(spec, tol)
+    return spec, state, tol
+
+
+def _stored_tol(spec: StoreSpec, tol: Calibration) -> Calibration:
+    """The tolerance a resumed store's members are sampled at: a calibrated one (``"auto"``)
+    is the store's, where another job of this configuration calibrated on its own and made
+    the store first (the two jobs began together); the rest would have been drawn at this
+    run's, on another path, unsaid."""
+    held = (read_attrs(spec.path) or {}).get("sampler_tol")
+    if tol.source not in ("calibrated", "cache") or not isinstance(held, (int, float)) \
+            or held == tol.tol:
+        return tol
+    say(f"sampler.tol: the store's {held:g}, which the job that made it meanwhile calibrated "
+        f"(not this run's {tol.tol:g}), so that its members share one")
+    spec.attrs.update(sampler_tol=held, sampler_tol_source="store")
+    return Calibration(held, (), "store")
 
 
 def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: bool = True,
@@ -194,7 +211,7 @@ def _start_up(cfg: Config, model, world, stop, device,
     if stop_agreed(world, stop):
         return None
     with naming(cfg.output.path):  # a full disk met making it names no file
-        spec, state = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),
+        spec, state, tol = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),
                                getattr(model, "variable", None), tol,
                                {**attrs, "made_on": made_on(device)},
                                getattr(model, "grid", {}), field_scale(model, *stats[:2]),

@@ -1457,3 +1457,33 @@ def test_a_store_grown_by_another_revision_of_its_sampler_says_so(tmp_path, caps
     assert "sampled by" not in capsys.readouterr().err
     assert "revision" not in json.loads(
         zarr.open_group(out, mode="r").attrs["piadm_history"])[-1]
+
+
+def test_a_job_that_finds_its_store_made_meanwhile_samples_at_the_stores_tolerance(
+        tmp_path, capsys, monkeypatch):
+    """Two jobs of one "auto" configuration started together each calibrate (neither finds a
+    store yet); the one that loses the race to make it resumed it at its own tolerance, and
+    the store mixed members of two tolerances under the other's sampler_tol."""
+    import pipeline.ensemble as ensemble
+
+    def run(out, members, ladder):
+        return main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in [
+            "model.shape=[8, 8]", "sampler.steps=40", "sampler.method=pc-window",
+            "sampler.tol=\"auto\"", "sampler.distance=0.5", "calibrate.members=2",
+            "calibrate.refine=0",
+            f"calibrate.ladder={ladder}", f"ensemble.members={members}",
+            f"output.path={out}"]), [])])
+
+    first, alone = tmp_path / "t.zarr", tmp_path / "alone.zarr"
+    assert run(first, 2, "[0.1]") == 0 and run(alone, 4, "[0.1]") == 0
+    monkeypatch.setattr(ensemble, "stored_attribute", lambda *a: None)  # no store, it saw
+    capsys.readouterr()
+    assert run(first, 4, "[0.05]") == 0
+    assert "sampler.tol: the store's 0.1, which the job that made it meanwhile calibrated " \
+           "(not this run's 0.05)" in capsys.readouterr().err
+    _same_members_of(first, alone)
+
+
+def _same_members_of(a, b):
+    x, y = xr.open_zarr(a), xr.open_zarr(b)
+    assert np.array_equal(x.field.values, y.field.values) and x.attrs["sampler_tol"] == 0.1
