@@ -337,14 +337,15 @@ def _cmd_status(args, world) -> int:
 
 def _status(args) -> tuple[str, bool]:
     """What ``piadm status`` prints, and whether the store is complete."""
-    from pipeline.status import progress, report, verify
+    from pipeline.status import progress, read_through, report, verify
 
-    if args.verify:
-        return verify(args.store, args.repair, args.json)
-    if args.json:
-        state = progress(args.store)
-        return json.dumps(state, indent=1), state["complete"]
-    return report(args.store)
+    with read_through(args.store):
+        if args.verify:
+            return verify(args.store, args.repair, args.json)
+        if args.json:
+            state = progress(args.store)
+            return json.dumps(state, indent=1), state["complete"]
+        return report(args.store)
 
 
 COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "calibrate": _cmd_calibrate,

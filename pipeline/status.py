@@ -24,6 +24,26 @@ class NotAStore(PiadmError, FileNotFoundError):
     """The path is not a piadm ensemble store."""
 
 
+class StoreChanged(PiadmError):
+    """The store changed under the reads: another job replaced, grew or removed it."""
+
+
+@contextlib.contextmanager
+def read_through(path: str):
+    """Where the store at ``path`` changes while ``status`` reads it (a job that replaces it
+    moves it aside and renames a new one in), say so in one line: its arrays vanished
+    mid-read were a traceback, and an exit of 1, which a polling script takes for
+    "incomplete"."""
+    try:
+        yield
+    except NotAStore:
+        raise
+    except (KeyError, FileNotFoundError) as err:
+        raise StoreChanged(f"{path} changed while it was read (a job replacing, growing or "
+                           "removing it?): run piadm status again once that job is done "
+                           f"({type(err).__name__}: {err})") from err
+
+
 def _open(path: str) -> zarr.Group:
     """The piadm ensemble store at ``path``, opened to read; NotAStore where it is none."""
     if not str(path).strip():  # Path("") is the working folder

@@ -1487,3 +1487,27 @@ def test_a_job_that_finds_its_store_made_meanwhile_samples_at_the_stores_toleran
 def _same_members_of(a, b):
     x, y = xr.open_zarr(a), xr.open_zarr(b)
     assert np.array_equal(x.field.values, y.field.values) and x.attrs["sampler_tol"] == 0.1
+
+
+def test_a_store_replaced_while_status_verifies_it_is_one_line(tmp_path, capsys, monkeypatch):
+    """A job replacing the store (output.overwrite) moved it aside while ``status --verify``
+    read it: a traceback (KeyError: 'done') and exit 1, "incomplete" to a polling script."""
+    import shutil
+
+    import pipeline.status as status
+
+    out = tmp_path / "v.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", "--set", "model.shape=[8, 8]", "--set",
+                 "sampler.steps=20", "--set", "sampler.method=sequential-sde", "--set",
+                 "ensemble.members=2", "--set", f"output.path={out}"]) == 0
+    real = status.damaged_arrays
+
+    def moved_aside(path):  # as the replacing job's first step, between two reads
+        found = real(path)
+        shutil.move(out, tmp_path / "aside.zarr")
+        return found
+
+    monkeypatch.setattr(status, "damaged_arrays", moved_aside)
+    capsys.readouterr()
+    assert main(["status", str(out), "--verify"]) == 2
+    assert f"{out} changed while it was read" in capsys.readouterr().err
