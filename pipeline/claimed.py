@@ -47,7 +47,7 @@ def _claims(mine, slices, stop, tally, bar: Progress, items: Items, path, job: s
         if not queue:  # what is left is another job's: wait for it, or for it to die
             yield PAUSE  # the members held for a call are sampled first
             if not told and bar.speak:  # a wait of up to a minute, said once, not in silence
-                jobs = ", ".join(live_jobs(folder)) or "another job"
+                jobs = ", ".join(j for j in live_jobs(folder) if j != job) or "another job"
                 many = "es" if len(deferred) > 1 else ""
                 bar.note(f"waiting for {len(deferred)} batch{many} that {jobs} holds (taken "
                          f"over if its heartbeat stops for {STALE_S:.0f} s)", now=True)

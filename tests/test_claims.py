@@ -28,7 +28,8 @@ def test_a_live_jobs_claim_is_respected_and_its_owner_keeps_it(tmp_path):
 
 def test_a_job_waiting_for_another_jobs_batch_says_for_whom(tmp_path, monkeypatch):
     """A batch another live job holds is waited for till that job finishes it or its
-    heartbeat stops for STALE_S: a rerun beside a node that died sat a minute in silence."""
+    heartbeat stops for STALE_S: a rerun beside a node that died sat a minute in silence.
+    The line named the waiting job itself among the holders."""
     import io
     from types import SimpleNamespace
 
@@ -42,6 +43,7 @@ def test_a_job_waiting_for_another_jobs_batch_says_for_whom(tmp_path, monkeypatc
     folder = claims_dir(store)
     folder.mkdir()
     beat = Heartbeat(folder, "slurm-9.0").start()
+    own = Heartbeat(folder, "slurm-10.0").start()  # the waiting job's own: not named
     try:
         assert claim(folder, batch_key(0, 0), "slurm-9.0")
         monkeypatch.setattr(claimed, "members_left", lambda path, item, members: members)
@@ -54,6 +56,7 @@ def test_a_job_waiting_for_another_jobs_batch_says_for_whom(tmp_path, monkeypatc
                                      "its heartbeat stops for 60 s)") == 1
     finally:
         beat.stop()
+        own.stop()
 
 
 def test_a_dead_jobs_claim_goes_to_exactly_one_taker(tmp_path):
