@@ -142,6 +142,8 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     from pipeline.ensemble import not_begun, sample_to_store
     from pipeline.layout import torch_settings_kept
     from pipeline.startup import start
+    from pipeline.console import print0
+    from pipeline.plan_store import PlannedElsewhere
 
     comm = _communicator(comm)
     if callable(stop) and not isinstance(stop, StopRequest):
@@ -161,13 +163,20 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     # fails on every rank, not on that rank alone while the others wait for it
     cfg = on_every_rank(comm, load_config, cfg)
 
-    def run():
+    def once():
         try:
             started = start(comm, cfg, "api.sample", stored=True, plan=True, stop=stop)
         except Stopped:  # as a stop before the first batch: nothing written
             return not_begun(cfg.output.path)
         planned, ranks, device, attrs = started  # the config with the plan's settings
         return sample_to_store(planned, ranks=ranks, device=device, stop=stop, attrs=attrs)
+
+    def run():
+        try:
+            return once()
+        except PlannedElsewhere as err:  # once: the run that starts again takes its plan
+            print0(comm, f"api.sample: {err}")
+            return once()
 
     with torch_settings_kept():
         return _as_user(run, "sample")

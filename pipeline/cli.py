@@ -97,7 +97,8 @@ def _stopped_before_sampling(world) -> int:
 
 
 def _cmd_sample(args, world) -> int:
-    from pipeline.signals import EXIT_PREEMPTED, StopRequest
+    from pipeline.plan_store import PlannedElsewhere
+    from pipeline.signals import StopRequest
 
     stop = StopRequest(tag(world)).install()
     if args.dry_run:
@@ -108,7 +109,16 @@ def _cmd_sample(args, world) -> int:
         text, runs = on_rank0(world, dry_run, cfg, ranks, device, memory_sharing(world, device))
         print0(world, text)
         return 0 if runs else 2  # a script's pre-check: the run itself would be refused
-    from pipeline.signals import Stopped
+    try:
+        return _sample(args, world, stop)
+    except PlannedElsewhere as err:  # once: the run that starts again takes the store's plan
+        print0(world, f"piadm sample: {err}")
+        return _sample(args, world, stop)
+
+
+def _sample(args, world, stop) -> int:
+    """``piadm sample`` but its dry run, from the config to the closing lines."""
+    from pipeline.signals import EXIT_PREEMPTED, Stopped
 
     began = time.perf_counter()
     try:

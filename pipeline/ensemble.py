@@ -46,7 +46,8 @@ from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.samplers.options import RanksParted
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
-from pipeline.store import ASKED, StoreSpec, done_members, write_batch
+from pipeline.store import ASKED, StoreExists, StoreSpec, done_members, write_batch
+from pipeline.plan_store import PlannedElsewhere, planned_apart
 from pipeline.store_attrs import member_batch, read_attrs, stored_attribute
 from pipeline.store_match import check_noise_of, check_output, is_stale, mixed_revision
 from pipeline.target import open_or_create, upgrade_identity
@@ -82,6 +83,25 @@ def memory_sharing(world, device) -> int:
         return ranks_sharing(world.local_layout()[1], device)
     mine = (platform.node(), gpu_identity(device))
     return sum(other == mine for other in world.allgather_object(mine))
+
+
+@contextlib.contextmanager
+def _planned_elsewhere(world, path: str, attrs: dict):
+    """Every rank: a refusal of the store at ``path`` (collective) that another job of this
+    ``"auto"`` configuration made meanwhile on another plan is raised as PlannedElsewhere,
+    which the sample command meets by starting again on the store's plan."""
+    try:
+        yield
+    except StoreExists as err:
+        if not err.collective or not on_rank0(world, planned_apart, path, attrs):
+            raise
+        raise PlannedElsewhere(PLANNED_ELSEWHERE, collective=True) from err
+
+
+# said by a run that starts again on the plan of a job that made its store meanwhile
+PLANNED_ELSEWHERE = ("another job of this configuration made the store meanwhile with a plan of "
+                     "its own (timings differ between plans made at once): starting again on "
+                     "that plan")
 
 
 def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
@@ -199,7 +219,8 @@ def _start_up(cfg: Config, model, world, stop, device,
     first (nothing written)."""
     from pipeline.signals import Stopped
 
-    stats = on_rank0(world, _check_early, cfg, model, device)  # refused now, not after calibrating
+    with _planned_elsewhere(world, cfg.output.path, attrs):
+        stats = on_rank0(world, _check_early, cfg, model, device)  # refused before calibrating
     # stopped during start-up (before, during or after a calibration): exit before writing
     if stop_agreed(world, stop):
         return None
@@ -210,7 +231,8 @@ def _start_up(cfg: Config, model, world, stop, device,
         return None
     if stop_agreed(world, stop):
         return None
-    with naming(cfg.output.path):  # a full disk met making it names no file
+    # a full disk met making it names no file
+    with naming(cfg.output.path), _planned_elsewhere(world, cfg.output.path, attrs):
         spec, state, tol = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),
                                getattr(model, "variable", None), tol,
                                {**attrs, "made_on": made_on(device)},

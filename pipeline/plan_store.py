@@ -76,6 +76,22 @@ def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
     return (plan, None) if attrs.get("piadm_store_digest") in store_digests(made) else None
 
 
+class PlannedElsewhere(StoreExists):
+    """Another job of this ``"auto"`` configuration made the store while this one planned,
+    with a plan of its own (plans made at once pick by timings, so may pick apart): the
+    command starts again, and takes the store's plan."""
+
+
+def planned_apart(path, attrs: dict) -> bool:
+    """Rank 0, where the store step refused the store at ``path``: whether it was made by a
+    plan of the same configuration as this run's (its ``attrs``: ``planner.planned_config``'s
+    record) that chose otherwise."""
+    held = read_attrs(path) or {}
+    return (bool(attrs.get("plan_settings")) and held.get("plan_settings") is not None
+            and held.get("plan_config_sha256") == attrs.get("plan_config_sha256")
+            and held.get("plan_settings") != attrs["plan_settings"])
+
+
 OLDER_ASKED = 1024  # the batch sizes an older store's plan key is tried at (0.1 ms each)
 
 

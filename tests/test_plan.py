@@ -940,3 +940,50 @@ def test_a_plan_says_which_profiles_it_measured_and_which_it_read(tmp_path, monk
     measured = len(lines(first))
     assert measured > 1 and lines(first) == ["profiled"] * measured
     assert lines(again) == ["cached"] * measured
+
+
+def test_a_job_whose_store_another_jobs_plan_made_meanwhile_takes_that_plan(
+        tmp_path, capsys, monkeypatch):
+    """Two jobs of one "auto" configuration submitted together each plan (neither finds a
+    store), and may pick apart (timings); the one that lost the race to make the store was
+    refused as "made by a different configuration", which it is not. It starts again on the
+    store's plan now."""
+    import zarr
+
+    from pipeline import plan_store, planner
+    from pipeline.config import with_settings
+    from pipeline.store import ASKED
+
+    sets = _small(tmp_path, **{"sampler.method": "auto", "sampler.tol": 0.01,
+                               "ensemble.members": 4})
+    real = planner.planned_config
+
+    def picks(width):
+        def planned(cfg, model, device, *, stored=None, **kw):
+            if stored is not None:
+                return real(cfg, model, device, stored=stored, **kw)
+            chosen = {"sampler.method": "pc-window", "parallel.time_slices": 1,
+                      "ensemble.batch_size": 2, "sampler.window": width,
+                      "sampler.window_split": "slots"}
+            return with_settings(cfg, chosen), {
+                "plan_settings": json.dumps(chosen), "plan_config_sha256": cfg.store_digest,
+                ASKED: cfg.ensemble.batch_size}
+        return planned
+
+    monkeypatch.setattr(planner, "planned_config", picks(16))
+    sample(load_config("jobs/configs/grf.toml", sets))  # the job that made the store
+    first = xr.open_zarr(sets["output.path"]).attrs["plan_settings"]
+    zarr.open_group(sets["output.path"], mode="r+")["done"][0, 2:] = 0  # its last batch
+    looks = iter(["planned before the store was there"])
+    monkeypatch.setattr(planner, "stored_plan", lambda cfg: None if next(looks, None)
+                        else plan_store.stored_plan(cfg))
+    monkeypatch.setattr(planner, "check_unplannable_store", lambda cfg: None)  # none there
+    monkeypatch.setattr(planner, "planned_config", picks(8))
+    capsys.readouterr()
+    args = ["sample", "jobs/configs/grf.toml",
+            *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "another job of this configuration made the store meanwhile" in err
+    assert "the store's own choice" in err and "2 members written" in err
+    assert xr.open_zarr(sets["output.path"]).attrs["plan_settings"] == first
