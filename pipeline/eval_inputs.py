@@ -52,11 +52,12 @@ def open_ensemble(path: str | Path) -> xr.Dataset:
                               "a piadm sample run")
     done = done_members(path)  # a damaged record is said, with its repair
     if not done.all():
-        from pipeline.target import filling_jobs
+        from pipeline.target import filling_jobs, replacing_jobs
 
-        filling = filling_jobs(path)
+        filling, replacing = filling_jobs(path), replacing_jobs(path)
         how = (f"live job(s) {', '.join(filling)} are filling it: wait for them" if filling else
-               "rerun its piadm sample command to finish it")
+               f"live job(s) {', '.join(replacing)} are replacing or growing it: wait for them"
+               if replacing else "rerun its piadm sample command to finish it")
         raise EvaluationError(
             f"store {path} is incomplete ({int(done.sum())} of {done.size} members done): "
             f"{how} (piadm status shows what is left)")

@@ -17,7 +17,7 @@ from pipeline.store import (ARRAYS_FIX, PER_MEMBER, DamagedRecord, done_members,
                             read_done_record)
 from pipeline.store_attrs import NOT_A_GROUP
 from pipeline.store_damage import damaged_arrays
-from pipeline.target import check_idle, filling_jobs
+from pipeline.target import check_idle, filling_jobs, replacing_jobs
 
 
 class NotAStore(PiadmError, FileNotFoundError):
@@ -125,13 +125,14 @@ def _progress(path: str, group: zarr.Group, done: np.ndarray | None) -> dict:
     ``done`` None (a damaged record, kept) the same keys with nothing counted in them."""
     if done is None:
         return {"path": str(path), "item_dim": None, "done": None, "members": None,
-                "complete": False, "filling": filling_jobs(path), "items": []}
+                "complete": False, "filling": filling_jobs(path),
+                "replacing": replacing_jobs(path), "items": []}
     dim = _item_dim(group)
     items = [{"label": label, "done": int(row.sum()), "members": int(row.size)}
              for label, row in zip(_labels(group[dim]), done)]
     return {"path": str(path), "item_dim": dim, "done": int(done.sum()),
             "members": int(done.size), "complete": bool(done.all()),
-            "filling": filling_jobs(path), "items": items}
+            "filling": filling_jobs(path), "replacing": replacing_jobs(path), "items": items}
 
 
 def report(path: str) -> tuple[str, bool]:
@@ -194,6 +195,9 @@ def _to_finish(state: dict) -> str:
                 f"{_indices(left)})" if len(items) > 1 and left else "")
         return (f"being filled by live job(s) {', '.join(state['filling'])}: wait for them "
                 f"(a rerun now would only share their batches){some}")
+    if state.get("replacing"):  # its start-up: no member written, no batch claimed yet
+        return (f"being replaced or grown by live job(s) {', '.join(state['replacing'])}: wait "
+                "for them")
     if len(left) == len(items):
         return "rerun the same config to finish"
     return (f"rerun the same config to finish (items still to do: {_indices(left)}; a job with "

@@ -347,6 +347,12 @@ def filling_jobs(path: str | Path) -> list[str]:
     return [job for job in live_jobs(claims_dir(path)) if not job.startswith(REPLACER)]
 
 
+def replacing_jobs(path: str | Path) -> list[str]:
+    """The live runs replacing (or growing) the store at ``path``: it is theirs to remake."""
+    return [job.removeprefix(REPLACER) for job in live_jobs(claims_dir(path))
+            if job.startswith(REPLACER)]
+
+
 def check_idle(path: str | Path, what: str = "replaces a store") -> None:
     """Raise StoreExists while a live job fills the store at ``path`` (a heartbeat in its
     claims folder): replacing it then would let that job's members land in the new store,

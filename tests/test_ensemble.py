@@ -560,6 +560,18 @@ def test_verify_of_an_incomplete_store_exits_1_with_its_counts_and_a_live_job_is
         assert json.loads(capsys.readouterr().out)["filling"] == ["slurm-7.0"]
     finally:
         beat.stop()
+    # a run replacing it (output.overwrite), in its start-up before its first batch: "rerun"
+    # was said, and evaluate's "rerun its piadm sample command"
+    beat = Heartbeat(claims_dir(path), "replacing-slurm-8.0").start()
+    try:
+        assert main(["status", str(path)]) == 1
+        assert "incomplete: being replaced or grown by live job(s) slurm-8.0: wait" in (
+            capsys.readouterr().out)
+        assert main(["evaluate", str(path), "--truth", str(input_store)]) == 2
+        assert "live job(s) slurm-8.0 are replacing or growing it: wait" in (
+            capsys.readouterr().err)
+    finally:
+        beat.stop()
 
 
 def test_status_and_verify_agree_on_a_store_whose_growth_was_killed(tmp_path, input_store,
