@@ -49,7 +49,8 @@ from pipeline.signals import StopRequest
 from pipeline.store import ASKED, StoreExists, StoreSpec, done_members, write_batch
 from pipeline.plan_store import PlannedElsewhere, planned_apart
 from pipeline.store_attrs import member_batch, read_attrs, stored_attribute
-from pipeline.store_match import check_noise_of, check_output, is_stale, mixed_revision
+from pipeline.store_match import (check_noise_of, check_output, is_stale, mixed_revision,
+                                  store_differences)
 from pipeline.target import open_or_create, upgrade_identity
 from pipeline.validation import check_variable
 from pipeline.work import batch_note, call_batch, work_list, write_runs
@@ -117,8 +118,9 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
     planned = "sampler.tol" in json.loads(attrs.get("plan_settings", "{}"))
     source = "plan" if planned and tol.source == "config" else tol.source
     spec.attrs.update(sampler_tol=tol.tol, sampler_tol_source=source, **attrs)
+    differs = functools.partial(store_differences, cfg)  # a store made meanwhile: named
     fate, legacy = target_fate(cfg, spec.attrs.get("model_sha256"),
-                               overwrite=cfg.output.overwrite)
+                               overwrite=cfg.output.overwrite, differs=differs)
     if fate == "upgrade":
         older = stored_of(cfg)
         lacked = tuple(older.lacked) if older is not None else ()
@@ -128,7 +130,8 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
                          completed=older.config if lacked else None, lacked=lacked)
     state = open_or_create(spec, overwrite=cfg.output.overwrite,
                            growth=functools.partial(growth, cfg),
-                           stale=functools.partial(is_stale, cfg, items))
+                           stale=functools.partial(is_stale, cfg, items),
+                           differs=differs)
     if state.startswith(("resumed", "grown")):  # another job may have made it meanwhile
         check_noise_of(cfg, device)
         tol = _stored_tol(spec, tol)

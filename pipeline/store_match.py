@@ -43,7 +43,7 @@ def check_output(cfg: Config, items: Items | None = None, device="cpu") -> str:
     naming the problem (ConfigError for a path that steps back out of a missing folder)."""
     check_path_walk(cfg.output.path)
     fate, _ = target_fate(cfg, model_digest(cfg), overwrite=cfg.output.overwrite,
-                          differs=lambda text: _differences(cfg, text))
+                          differs=lambda text: store_differences(cfg, text))
     if fate in ("resume", "upgrade", "grow"):
         broken = damaged_arrays(cfg.output.path)
         if broken:  # a run would consolidate the store over them, hiding what readers still see
@@ -86,7 +86,7 @@ def _check_room(cfg: Config, count: int, fate: str) -> None:
                held=count * kept, files=files, replaced=fate == "replace")
 
 
-def _differences(cfg: Config, text: str) -> list[str]:
+def store_differences(cfg: Config, text: str) -> list[str]:
     """How the store's config ``text`` differs from ``cfg`` (``stored.differences_of``), and
     a note where a
     file setting the store spells relative names nothing from here: the same file named from

@@ -261,7 +261,7 @@ def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str |
 
 def open_or_create(spec: StoreSpec, *, overwrite: bool,
                    growth: Callable[[], Growth | None] = lambda: None,
-                   stale: Callable[[], str] = lambda: "") -> str:
+                   stale: Callable[[], str] = lambda: "", differs=()) -> str:
     """Create the store (metadata only) or check an existing one is this run's; returns what
     it did: ``created``, ``resumed``, ``replaced`` or ``grown from M to N members``. Creation
     is built aside and renamed into place, so the path is either absent or complete, and two
@@ -275,11 +275,12 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool,
     ``check_target``; asked again under the lock, since another job may grow it first).
     ``stale`` tells why this configuration's store must be made anew, "" where it need not
     (other network code or input: ``store_match.is_stale``): with ``overwrite`` it is
-    replaced too, and ``replaced (WHY)`` says so."""
+    replaced too, and ``replaced (WHY)`` says so. ``differs``: as ``check_target``'s, for
+    a store another configuration's run made first."""
     delete_leftovers(spec.path)
     # never delete what we did not make
     fate = check_target(spec.path, spec.digest, overwrite=overwrite,
-                        model=spec.attrs.get("model_sha256"), grown=growth())
+                        model=spec.attrs.get("model_sha256"), grown=growth(), differs=differs)
     if fate in ("resume", "grow") and overwrite and stale():
         return _replace(spec, stale, growth)
     if fate == "resume":
@@ -288,7 +289,7 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool,
         return "resumed"
     if fate == "grow":
         return _grow(spec, growth, overwrite, stale)
-    return _replace(spec) if fate == "replace" else _create(spec, overwrite)
+    return _replace(spec) if fate == "replace" else _create(spec, overwrite, differs)
 
 
 def _grow(spec: StoreSpec, growth: Callable[[], Growth | None], overwrite: bool,
@@ -322,14 +323,14 @@ def _grow(spec: StoreSpec, growth: Callable[[], Growth | None], overwrite: bool,
     return open_or_create(spec, overwrite=overwrite, growth=growth, stale=stale)
 
 
-def _create(spec: StoreSpec, overwrite: bool) -> str:
+def _create(spec: StoreSpec, overwrite: bool, differs=()) -> str:
     """Create the store; when another run created it first, use theirs if it is this
-    configuration's (``check_target`` refuses any other)."""
+    configuration's (``check_target`` refuses any other, naming how it ``differs``)."""
     if create(spec):
         return "created"
     try:
         check_target(spec.path, spec.digest, overwrite=False,  # never "resume" another config's
-                     model=spec.attrs.get("model_sha256"))
+                     model=spec.attrs.get("model_sha256"), differs=differs)
     except StoreExists:
         if not overwrite:
             raise
