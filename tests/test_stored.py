@@ -125,3 +125,27 @@ def test_a_store_another_config_made_while_this_run_started_names_the_difference
     capsys.readouterr()
     assert main(["sample", "jobs/configs/grf.toml", *sets(1)]) == 2
     assert "; it differs in sampler.seed: 0 -> 1)" in capsys.readouterr().err
+
+
+def test_an_older_stores_float32_statistics_of_the_same_input_are_not_a_change():
+    """A piadm before 2026-12-04 recorded float32 reductions (a pressure's mean of 101325 Pa
+    rounds to 1e-2 there, a hundredth of its std of 100): the same input must not read as
+    changed; a field regenerated with a std 3% off must."""
+    from types import SimpleNamespace
+
+    import dask.array as da
+    import numpy as np
+
+    from pipeline.store_match import StaleStore, _check_same_statistics
+
+    rng = np.random.default_rng(0)
+    fields = (101325 + 100 * rng.standard_normal((40, 32, 32))).astype("float32")
+    lazy = da.from_array(fields, chunks=(1, 32, 32))
+    wide = fields.astype("float64")
+    worst = float(np.spacing(np.float32(wide.mean()))) / 2  # its float32 rounding at worst
+    held = {"input_mean": float(wide.mean()) + worst, "input_std": float(lazy.std().compute())}
+    cfg = SimpleNamespace(output=SimpleNamespace(path="s.zarr"),
+                          input=SimpleNamespace(path="in.zarr", variable="p"))
+    _check_same_statistics(cfg, held, float(wide.mean()), float(wide.std()))
+    with pytest.raises(StaleStore, match="they have changed since"):
+        _check_same_statistics(cfg, held, float(wide.mean()), 1.03 * float(wide.std()))
