@@ -21,36 +21,56 @@ class EditedAttribute(PiadmError):
     """A piadm store's own attribute holds what piadm never writes there (edited by hand)."""
 
 
+# a piadm store's own attributes that piadm reads back: text, and its unit of work, a count
+TEXT_ATTRS = ("config", "piadm_store_digest", "plan_settings", "sampler_method",
+              "model_sha256", "store_sha256", "config_sha256", "plan_config_sha256",
+              "model_sidecar_sha256", "model_source_sha256", "model_plugin_sha256",
+              "host_noise_sha256")
+
+
 def read_attrs(path: str | Path) -> dict | None:
     """The attributes of the Zarr group at ``path``, read once; None if it is not one. A
-    piadm store's own attributes that piadm reads (``_check_own``) are checked to hold what
-    it wrote: EditedAttribute otherwise, in one line, not a traceback where one is used."""
+    piadm store's own attributes edited to what piadm never writes there (``edited``) read
+    as not said, so that no reader fails on them; a run refuses such a store
+    (``check_unedited``)."""
     try:
         attrs = dict(zarr.open_group(path, mode="r").attrs)
     except NOT_A_GROUP:
         return None
-    _check_own(path, attrs)
-    return attrs
+    wrong = {key for key, _ in edited(attrs)}
+    return {key: value for key, value in attrs.items() if key not in wrong}
 
 
-def _check_own(path, attrs: dict) -> None:
-    if not any(key.startswith("piadm_") for key in attrs):  # no piadm store: not its own
+def edited(attrs: dict) -> list[tuple[str, object]]:
+    """(name, value) of each of a piadm store's own attributes (``TEXT_ATTRS``,
+    ``MEMBER_BATCH``) in ``attrs`` that holds what piadm never writes there; none for a group
+    piadm did not make. A null is an older piadm's "not said"."""
+    if not any(key.startswith("piadm_") for key in attrs):
+        return []
+    count = attrs.get(MEMBER_BATCH)
+    wrong = [(key, attrs[key]) for key in TEXT_ATTRS
+             if attrs.get(key) is not None and not isinstance(attrs[key], str)]
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                              or count < 1):
+        wrong.append((MEMBER_BATCH, count))
+    return wrong
+
+
+def check_unedited(path: str | Path) -> None:
+    """Refuse to resume or grow the piadm store at ``path`` when one of its own attributes
+    was edited to what piadm never writes there (``edited``): read as not said, a digest or
+    a model hash could no longer tell the store apart from another's."""
+    try:
+        wrong = edited(dict(zarr.open_group(path, mode="r").attrs))
+    except NOT_A_GROUP:
         return
-    for key, value in attrs.items():
-        if value is None:  # an older piadm recorded some unknowns as null: read as not said
-            continue
-        text = key in TEXT_ATTRS or key.endswith("_sha256")
-        if text and not isinstance(value, str) or key == MEMBER_BATCH and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise EditedAttribute(
-                f"{path}: its attribute {key} holds {value!r}, not the "
-                f"{'text' if text else 'positive whole number'} piadm wrote there (edited "
-                "by hand?): put back what piadm wrote, or move the store away and sample it "
-                "anew")
-
-
-# a piadm store's attributes of text that piadm reads back (those named *_sha256 too)
-TEXT_ATTRS = ("config", "piadm_store_digest", "plan_settings", "sampler_method")
+    if wrong:
+        key, value = wrong[0]
+        raise EditedAttribute(
+            f"output {path}: its attribute {key} holds {value!r}, not the "
+            f"{'positive whole number' if key == MEMBER_BATCH else 'text'} piadm wrote there "
+            "(edited by hand?): put back what piadm wrote, choose another output.path, or set "
+            "output.overwrite = true to replace it")
 
 
 def _ensemble_count(text: str, key: str) -> int | None:

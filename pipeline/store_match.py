@@ -28,7 +28,7 @@ from pipeline.samplers import REGISTRY
 from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import (ARRAYS_FIX, FIELD_SCALE, INPUT_FINGERPRINT, PER_MEMBER,
                             PER_MEMBER_BYTES, DamagedRecord, StoreExists, member_chunk, open_store)
-from pipeline.store_attrs import members_of, read_attrs
+from pipeline.store_attrs import EditedAttribute, check_unedited, members_of, read_attrs
 from pipeline.store_damage import damaged_arrays
 from pipeline.target import check_idle, check_path_walk, check_room, check_writable
 
@@ -135,7 +135,9 @@ class StaleStore(StoreExists):
 
 def _check_made_alike(cfg: Config, items: Items | None, held: dict) -> None:
     """Raise StaleStore where this configuration's store at output.path (its attributes
-    ``held``) was made with other network code or conditioning input than the run has."""
+    ``held``) was made with other network code or conditioning input than the run has, or
+    one of its own attributes was edited (``store_attrs.edited``)."""
+    _check_unedited(cfg)
     _check_same_network(cfg, held)
     _check_sampler_revision(cfg, held)
     _check_same_sidecar(cfg, held)
@@ -145,6 +147,15 @@ def _check_made_alike(cfg: Config, items: Items | None, held: dict) -> None:
         if items.fingerprint:
             _check_same_input(cfg, held, items.fingerprint)
         _check_same_statistics(cfg, held, items.mean, items.std)
+
+
+def _check_unedited(cfg: Config) -> None:
+    """``store_attrs.check_unedited`` of output.path, as a StaleStore (``output.overwrite``
+    replaces it)."""
+    try:
+        check_unedited(cfg.output.path)
+    except EditedAttribute as err:
+        raise StaleStore(str(err), why="an attribute of its was edited by hand") from None
 
 
 def is_stale(cfg: Config, items: Items | None) -> str:

@@ -91,7 +91,8 @@ def test_an_untold_store_that_differs_in_what_can_be_told_is_refused_as_another_
                                         ("piadm_member_batch", "x"), ("config", ["a"])])
 def test_a_piadm_attribute_edited_to_another_type_is_one_line(tmp_path, capsys, key, value):
     """A store whose own attribute was edited to what piadm never writes there failed every
-    run in a traceback ('int' object is not subscriptable, invalid literal for int())."""
+    run in a traceback ('int' object is not subscriptable, invalid literal for int()); it is
+    refused in one line, and output.overwrite replaces it."""
     import zarr
 
     from pipeline.cli import main
@@ -105,8 +106,15 @@ def test_a_piadm_attribute_edited_to_another_type_is_one_line(tmp_path, capsys, 
     group.attrs[key] = value
     zarr.consolidate_metadata(str(out))
     capsys.readouterr()
+    if key == "piadm_store_digest":  # the store's mark: no piadm store's, so never replaced
+        assert main(["sample", "jobs/configs/grf.toml", *sets]) == 2
+        assert "is not a piadm store" in capsys.readouterr().err
+        return
     assert main(["sample", "jobs/configs/grf.toml", *sets]) == 2
     assert f"its attribute {key} holds {value!r}, not the " in capsys.readouterr().err
+    assert main(["status", str(out)]) == 0  # read as not said: its count is still told
+    assert main(["sample", "jobs/configs/grf.toml", *sets, "--set", "output.overwrite=true"]) == 0
+    assert "replaced" in capsys.readouterr().err
 
 
 def test_a_store_another_config_made_while_this_run_started_names_the_difference(
