@@ -145,13 +145,15 @@ def _remove_dead_drafts(folder: Path) -> None:
 
 
 def save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline,
-         figures: bool) -> list[Path]:
+         figures: bool, check=lambda: None) -> list[Path]:
     """Write metrics.json, metrics.nc and, with ``figures``, the figures into ``folder``
     (marked as ours, ``MARK``), removing an earlier evaluation's files this one does not
     make; the files written. Each is drafted aside first and moved into place once all are
     made, so that a failure leaves the folder as it was, not a mix of two evaluations' files;
     metrics.json, which says an evaluation is complete, goes first and comes back last, so
-    that a kill while they move leaves none (rerun the evaluation)."""
+    that a kill while they move leaves none (rerun the evaluation). ``check``, called once
+    all are drafted, raises where they should not be kept (the figures read ``ens`` lazily:
+    a store replaced meanwhile)."""
     from pipeline.figures import fields_figure, rank_figure, residual_figure, spectrum_figure
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -180,6 +182,7 @@ def save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline,
                  "rank_histogram" in metrics and rank_figure(metrics,
                                                              draft("rank_histogram.png")),
                  residual_figure(ens, draft("residuals.png"))] if figures else []
+        check()
     except BaseException:
         for name in OUTPUTS:  # what was drafted, a figure that failed part way's too
             draft(name).unlink(missing_ok=True)

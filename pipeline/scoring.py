@@ -22,12 +22,13 @@ import xarray as xr
 from pipeline.bands import band_figures, correlation_block, spectral_bands
 from pipeline.errors import EvaluationError, naming
 from pipeline.eval_output import output_folder, save
-from pipeline.store import done_members
 from pipeline.evaluation import (crps, energy_spectra, power_spectra, rank_histogram,
                                  spread_variance)
 from pipeline.eval_inputs import (INPUT_MISMATCH, check_shell, check_sound, coarse_input,
                                   ensemble_variable, input_mismatch, is_square, open_ensemble,
                                   open_truth, upsampled, without_channel)
+from pipeline.store import done_members
+from pipeline.store_attrs import folder_identity
 from pipeline.warned import catching
 
 
@@ -298,7 +299,7 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     alone, without the PNGs (drawing them takes most of a small store's evaluation)."""
     _check_wavenumbers(cut, kmax)
     truth_range = _checked_range(truth_range)
-    opened = _identity(store)  # before it is opened: a replacement meanwhile is told after
+    opened = folder_identity(store)  # before it is opened: a replacement meanwhile is told after
     ens = without_channel(open_ensemble(store))  # the store's own problem said first
     folder = output_folder(store, out)
     check_shell("--kmax", kmax, ens)
@@ -350,24 +351,15 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     if not paired and item_dim != "item":  # a conditioned ensemble: pairing may have been meant
         metrics.attrs["pairing_note"] = f"the truth has no {item_dim} dim to pair by"
     with naming(folder):  # matplotlib's and scipy's writes on a full disk name no file
-        return metrics, save(metrics, folder, ens, truth, paired, baseline, figures)
-
-
-def _identity(store) -> tuple[int, int] | None:
-    """The folder at ``store`` as the file system knows it (device, inode): a store replaced
-    (``output.overwrite``) is another folder renamed into place."""
-    try:
-        found = os.stat(store)
-    except OSError:  # none: open_ensemble says so
-        return None
-    return found.st_dev, found.st_ino
+        return metrics, save(metrics, folder, ens, truth, paired, baseline, figures,
+                             check=lambda: _check_unchanged(store, opened))
 
 
 def _check_unchanged(store, opened: tuple[int, int] | None) -> None:
     """Refuse the scores of ``store`` where another run replaced it while they were read (its
     lazy reads then went to the new store, half written: n/a figures said as a result), or
     its record no longer holds every member done."""
-    if _identity(store) == opened and done_members(store).all():
+    if folder_identity(store) == opened and done_members(store).all():
         return
     raise EvaluationError(f"store {store} was replaced or changed by another run while it was "
                           "evaluated (its scores would mix two stores): evaluate it again once "

@@ -15,7 +15,7 @@ from pipeline.labels import label_text
 from pipeline.signals import finished_before_stopping
 from pipeline.store import (ARRAYS_FIX, PER_MEMBER, DamagedRecord, done_members, finalize,
                             read_done_record)
-from pipeline.store_attrs import NOT_A_GROUP
+from pipeline.store_attrs import NOT_A_GROUP, folder_identity
 from pipeline.store_damage import damaged_arrays
 from pipeline.target import check_idle, filling_jobs, replacing_jobs
 
@@ -33,15 +33,21 @@ def read_through(path: str):
     """Where the store at ``path`` changes while ``status`` reads it (a job that replaces it
     moves it aside and renames a new one in), say so in one line: its arrays vanished
     mid-read were a traceback, and an exit of 1, which a polling script takes for
-    "incomplete"."""
+    "incomplete". An array missing from a store that did not change is damage, said as
+    such."""
+    before = folder_identity(path)
     try:
         yield
     except NotAStore:
         raise
     except (KeyError, FileNotFoundError) as err:
-        raise StoreChanged(f"{path} changed while it was read (a job replacing, growing or "
-                           "removing it?): run piadm status again once that job is done "
-                           f"({type(err).__name__}: {err})") from err
+        what = f"{type(err).__name__}: {err}"
+        if folder_identity(path) != before or replacing_jobs(path):
+            raise StoreChanged(f"{path} changed while it was read (a job replacing, growing or "
+                               "removing it): run piadm status again once that job is done "
+                               f"({what})") from err
+        raise StoreChanged(f"{path}: part of the store cannot be found ({what}): it is "
+                           "damaged; piadm status --verify says what") from err
 
 
 def _open(path: str) -> zarr.Group:

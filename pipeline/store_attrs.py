@@ -4,6 +4,7 @@ contents and writes are ``pipeline.store``'s.
 """
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -71,6 +72,16 @@ def check_unedited(path: str | Path) -> None:
             f"{'positive whole number' if key == MEMBER_BATCH else 'text'} piadm wrote there "
             "(edited by hand?): put back what piadm wrote, choose another output.path, or set "
             "output.overwrite = true to replace it")
+
+
+def folder_identity(path: str | Path) -> tuple[int, int] | None:
+    """The folder at ``path`` as the file system knows it (device, inode; None: none there):
+    a store replaced (``output.overwrite``) is another folder renamed into place."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _ensemble_count(text: str, key: str) -> int | None:

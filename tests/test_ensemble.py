@@ -1523,3 +1523,8 @@ def test_a_store_replaced_while_status_verifies_it_is_one_line(tmp_path, capsys,
     capsys.readouterr()
     assert main(["status", str(out), "--verify"]) == 2
     assert f"{out} changed while it was read" in capsys.readouterr().err
+    # an array missing from a store no job changed is damage: not "run it again" for ever
+    shutil.move(tmp_path / "aside.zarr", out)
+    shutil.rmtree(out / "item")
+    assert main(["status", str(out)]) == 2
+    assert "part of the store cannot be found (KeyError" in capsys.readouterr().err

@@ -845,3 +845,19 @@ def test_a_store_replaced_while_it_is_scored_is_refused_not_scored(paired, tmp_p
     assert not (out / "metrics.json").exists()
     monkeypatch.setattr(scoring, "score", real)
     assert main(args) == 0  # the store as it now is
+    # replaced while the figures read it, after the scores: their drafts are not kept either
+    import pipeline.figures as figures
+
+    drawn = figures.residual_figure
+
+    def replaced_while_drawn(ens, path):
+        shutil.move(store, tmp_path / "aside2.zarr")
+        shutil.copytree(ens_path, store)
+        return drawn(ens, path)
+
+    ens_path = ens
+    monkeypatch.setattr(figures, "residual_figure", replaced_while_drawn)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(args[:-1]) == 2  # with the figures
+    assert "was replaced or changed by another run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
