@@ -850,12 +850,11 @@ def test_a_store_replaced_while_it_is_scored_is_refused_not_scored(paired, tmp_p
 
     drawn = figures.residual_figure
 
-    def replaced_while_drawn(ens, path):
+    def replaced_while_drawn(data, path):
         shutil.move(store, tmp_path / "aside2.zarr")
-        shutil.copytree(ens_path, store)
-        return drawn(ens, path)
+        shutil.copytree(ens, store)
+        return drawn(data, path)
 
-    ens_path = ens
     monkeypatch.setattr(figures, "residual_figure", replaced_while_drawn)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(args[:-1]) == 2  # with the figures
