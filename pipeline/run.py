@@ -220,8 +220,10 @@ MODEL_PLUGIN = "model_plugin_sha256"
 # what a sidecar records of how its network was trained (``models.checkpoint``): it decides
 # nothing a sample draws, so a store resumes after it is edited (training data moved, say)
 SIDECAR_RECORD = ("data", "config", "step", "val_loss")
-# the attribute of what the sidecars say that decides the members (``sidecar_says``)
+# the attribute of what the sidecars say that decides the members (``sidecar_says``), but
+# their grids' coordinates (a list a point: large on large fields; the digest holds them)
 MODEL_SIDECAR_SAYS = "model_sidecar"
+SIDECAR_GRIDS = ("grid", "cond_grid")
 
 
 def sidecar_says(m, whole: bool = False) -> list | None:
@@ -267,8 +269,10 @@ def _network_provenance(m) -> dict:
 
         return {"model_path": m.path, **describe(m)}
     if m.kind == "unet":
-        return {MODEL_SIDECAR: sidecar_digest(m),
-                MODEL_SIDECAR_SAYS: json.dumps(sidecar_says(m), sort_keys=True)}
+        said = [{k: v for k, v in one.items() if k not in SIDECAR_GRIDS}
+                if isinstance(one, dict) else one for one in sidecar_says(m)]
+        return {MODEL_SIDECAR: sidecar_digest(m), MODEL_SIDECAR_SAYS: json.dumps(said,
+                                                                               sort_keys=True)}
     from models import MODELS, plugin_digest
 
     return {} if m.kind in MODELS else {MODEL_PLUGIN: plugin_digest(m)}

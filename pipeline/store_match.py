@@ -211,13 +211,17 @@ def _check_same_sidecar(cfg: Config, held: dict) -> None:
     was = held.get(MODEL_SIDECAR)
     if not was or was in (sidecar_digest(cfg.model), sidecar_digest(cfg.model, whole=True)):
         return
-    changed = _sidecar_changes(held.get(MODEL_SIDECAR_SAYS), sidecar_says(cfg.model))
+    recorded = held.get(MODEL_SIDECAR_SAYS)
+    changed = _sidecar_changes(recorded, sidecar_says(cfg.model))
+    what = (f"its {', '.join(changed)} changed since" if changed else
+            "what it says has changed since: the store, made before 2026-12-07, recorded the "
+            "whole file, its record of training (data, config, step, val_loss) too"
+            if recorded is None else
+            "what it says of the network, its normalisation, grid or architecture, has "
+            "changed since")
     raise StaleStore(
         f"output {cfg.output.path} was made by this configuration with another sidecar of "
-        f"{cfg.model.checkpoint} ("
-        + (f"its {', '.join(changed)} changed since" if changed else
-           "what it says of the network, its normalisation, data bound or architecture, has "
-           "changed since") + "): put the original back to resume it, choose another "
+        f"{cfg.model.checkpoint} ({what}): put the original back to resume it, choose another "
         "output.path, or set output.overwrite = true to replace it (its members are deleted)",
         why="its checkpoint's sidecar changed since it was made")
 

@@ -1302,6 +1302,12 @@ def test_a_store_is_not_resumed_once_its_checkpoints_sidecar_has_changed(tmp_pat
     del group.attrs["model_sidecar"]
     zarr.consolidate_metadata(str(out))
     assert main(_sample_args(out, *sets, "ensemble.members=5")) == 0
+    # its training record edited: refused, saying the whole file was recorded then
+    on_disk = json.loads(sidecar(ckpt).read_text())
+    sidecar(ckpt).write_text(json.dumps({**on_disk, "step": 1}))
+    capsys.readouterr()
+    assert main(_sample_args(out, *sets, "ensemble.members=6")) == 2
+    assert "made before 2026-12-07, recorded the whole file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dtype, scale", [("float16", 1.0), ("float32", 1e18), ("float32", 1e-30)])
