@@ -22,8 +22,8 @@ from pipeline.layout import arithmetic_kind
 from pipeline.memory import field_bytes
 from pipeline.noise import host_fingerprint
 from pipeline.run import (DTYPES, HOST_NOISE, MODEL_PLUGIN, MODEL_SIDECAR, MODEL_SIDECAR_SAYS,
-                          MODEL_SOURCE, model_digest, residual_length, sidecar_digest,
-                          sidecar_says)
+                          MODEL_SOURCE, SIDECAR_GRIDS, model_digest, residual_length,
+                          sidecar_digest, sidecar_says)
 from pipeline.samplers import REGISTRY
 from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import (ARRAYS_FIX, FIELD_SCALE, INPUT_FINGERPRINT, PER_MEMBER,
@@ -238,7 +238,8 @@ def _sidecar_changes(then, now: list | None) -> list[str]:
     keys = []
     for whose, (a, b) in zip(("", "guide's "), zip(then, now)):
         a, b = a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}
-        keys += [f"{whose}{k}" for k in sorted({*a, *b}) if a.get(k) != b.get(k)]
+        keys += [f"{whose}{k}" for k in sorted({*a, *b} - set(SIDECAR_GRIDS))
+                 if a.get(k) != b.get(k)]  # the grids, unrecorded, are said as "what it says"
     return keys
 
 
