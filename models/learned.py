@@ -130,10 +130,12 @@ def _check_units(meta: dict, checkpoint: str, key: str) -> None:
         except (TypeError, ValueError):
             return math.nan
 
+    def said(name, value):  # a value that is no number at all as it stands
+        raw = meta.get(name, 0.0)
+        return f"{name} {raw!r}" if raw is None or isinstance(raw, (str, list, dict)) else \
+            f"{name} {value}"
+
     mean, std, bound = number("mean"), number("std"), number("data_bound")
-    said = lambda name, value: (  # noqa: E731
-        f"{name} {meta[name]!r}" if isinstance(meta.get(name, 0.0), (str, list, dict, type(None)))
-        else f"{name} {value}")
     bad = ([said("mean", mean)] if not math.isfinite(mean) else []) \
         + ([said("std", std)] if not (math.isfinite(std) and std > 0) else []) \
         + ([said("data_bound", bound)] if not bound > 0 else [])

@@ -143,7 +143,7 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
     from pipeline.layout import torch_settings_kept
     from pipeline.startup import start
     from pipeline.console import print0
-    from pipeline.plan_store import PlannedElsewhere
+    from pipeline.plan_store import on_the_stores_plan
 
     comm = _communicator(comm)
     if callable(stop) and not isinstance(stop, StopRequest):
@@ -172,11 +172,7 @@ def sample(cfg: Config | str | Path | dict, *, comm=None, stop=None):
         return sample_to_store(planned, ranks=ranks, device=device, stop=stop, attrs=attrs)
 
     def run():
-        try:
-            return once()
-        except PlannedElsewhere as err:  # once: the run that starts again takes its plan
-            print0(comm, f"api.sample: {err}")
-            return once()
+        return on_the_stores_plan(once, lambda text: print0(comm, f"api.sample: {text}"))
 
     with torch_settings_kept():
         return _as_user(run, "sample")

@@ -97,7 +97,7 @@ def _stopped_before_sampling(world) -> int:
 
 
 def _cmd_sample(args, world) -> int:
-    from pipeline.plan_store import PlannedElsewhere
+    from pipeline.plan_store import on_the_stores_plan
     from pipeline.signals import StopRequest
 
     stop = StopRequest(tag(world)).install()
@@ -109,11 +109,8 @@ def _cmd_sample(args, world) -> int:
         text, runs = on_rank0(world, dry_run, cfg, ranks, device, memory_sharing(world, device))
         print0(world, text)
         return 0 if runs else 2  # a script's pre-check: the run itself would be refused
-    try:
-        return _sample(args, world, stop)
-    except PlannedElsewhere as err:  # once: the run that starts again takes the store's plan
-        print0(world, f"piadm sample: {err}")
-        return _sample(args, world, stop)
+    return on_the_stores_plan(lambda: _sample(args, world, stop),
+                              lambda text: print0(world, f"piadm sample: {text}"))
 
 
 def _sample(args, world, stop) -> int:

@@ -96,13 +96,10 @@ def _planned_elsewhere(world, path: str, attrs: dict):
     except StoreExists as err:
         if not err.collective or not on_rank0(world, planned_apart, path, attrs):
             raise
-        raise PlannedElsewhere(PLANNED_ELSEWHERE, collective=True) from err
-
-
-# said by a run that starts again on the plan of a job that made its store meanwhile
-PLANNED_ELSEWHERE = ("another job of this configuration made the store meanwhile with a plan of "
-                     "its own (timings differ between plans made at once): starting again on "
-                     "that plan")
+        raise PlannedElsewhere(f"output {path} was made meanwhile by another job of this "
+                               "configuration, on a plan of its own (plans made at once pick "
+                               "by timings): a run started again takes that plan",
+                               collective=True) from err
 
 
 def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
@@ -237,10 +234,10 @@ def _start_up(cfg: Config, model, world, stop, device,
     # a full disk met making it names no file
     with naming(cfg.output.path), _planned_elsewhere(world, cfg.output.path, attrs):
         spec, state, tol = on_rank0(world, _prepare, cfg, stats, tuple(model.shape),
-                               getattr(model, "variable", None), tol,
-                               {**attrs, "made_on": made_on(device)},
-                               getattr(model, "grid", {}), field_scale(model, *stats[:2]),
-                               device)
+                                    getattr(model, "variable", None), tol,
+                                    {**attrs, "made_on": made_on(device)},
+                                    getattr(model, "grid", {}), field_scale(model, *stats[:2]),
+                                    device)
     return spec, state, tol
 
 

@@ -82,6 +82,16 @@ class PlannedElsewhere(StoreExists):
     command starts again, and takes the store's plan."""
 
 
+def on_the_stores_plan(run, say):
+    """``run()`` (a sample command's whole run), started once more where it raised
+    PlannedElsewhere, said with ``say``: it then takes the store's plan."""
+    try:
+        return run()
+    except PlannedElsewhere as err:
+        say(f"{err}: starting again")
+        return run()
+
+
 def planned_apart(path, attrs: dict) -> bool:
     """Rank 0, where the store step refused the store at ``path``: whether it was made by a
     plan of the same configuration as this run's (its ``attrs``: ``planner.planned_config``'s

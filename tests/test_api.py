@@ -1,5 +1,5 @@
 """The Python API: dict configs validate like files, and the API's run equals the CLI's (the
-README's example runs in tests/test_readme.py)."""
+example of docs/api.md runs in tests/test_readme.py)."""
 
 import json
 import traceback

@@ -1418,7 +1418,7 @@ def test_an_older_auto_tolerance_store_is_finished_at_its_own_tolerance(tmp_path
 
 @pytest.mark.parametrize("edit", ["a list", "lines", "older piadm"])
 def test_a_history_edited_by_hand_or_an_older_piadms_is_kept_by_the_next_run(tmp_path, edit):
-    """``piadm_history`` set to a real list (the README calls it a JSON list) or to plain text
+    """``piadm_history`` set to a real list (docs/store.md calls it a JSON list) or to plain text
     failed every later run in a traceback, the store half grown; a piadm before 2026-11-30
     kept the lines only in ``history``, as JSON text, and the next run dropped them."""
     out = tmp_path / "h.zarr"

@@ -984,6 +984,8 @@ def test_a_job_whose_store_another_jobs_plan_made_meanwhile_takes_that_plan(
             *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "another job of this configuration made the store meanwhile" in err
+    assert ("was made meanwhile by another job of this configuration, on a plan of its own "
+            "(plans made at once pick by timings): a run started again takes that plan: "
+            "starting again") in err
     assert "the store's own choice" in err and "2 members written" in err
     assert xr.open_zarr(sets["output.path"]).attrs["plan_settings"] == first
