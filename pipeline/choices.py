@@ -30,7 +30,8 @@ STORE_VARIABLES = ("done", "seed", "rounds", "model_calls", "residual")
 STORE_DIMS = ("item", "member", "sweep")
 FIELD_DIMS = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x")}
 # names a field's dims may go by in the data, read as piadm's y and x (lat, lon)
-GEOGRAPHIC = {"lat": "y", "latitude": "y", "lon": "x", "longitude": "x"}
+GEOGRAPHIC = {"lat": "y", "latitude": "y", "lon": "x", "longitude": "x", "rlat": "y", "rlon": "x",
+              "south_north": "y", "west_east": "x"}  # rotated poles', WRF's
 
 # train.channels: the U-Net's group norms (models.unet) split each width into this many groups
 NORM_GROUPS = 8

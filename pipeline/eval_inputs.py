@@ -178,10 +178,11 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
     renamed = {field[dim].attrs["input_dim"]: dim for dim in dims
                if dim in field.coords and field[dim].attrs.get("input_dim") in truth.dims
                and dim not in truth.dims}
-    # lat and lon name y and x where the store recorded no name of its own for them
-    renamed.update({name: GEOGRAPHIC[str(name).lower()] for name in truth.dims
-                    if GEOGRAPHIC.get(str(name).lower()) in dims and name not in renamed
-                    and GEOGRAPHIC[str(name).lower()] not in (*truth.dims, *renamed.values())})
+    # lat and lon name y and x where the store recorded no name of its own for them, and Y and
+    # X do (met by position, a truth stored (X, Y) was scored transposed)
+    renamed.update({name: _axis(name) for name in truth.dims
+                    if _axis(name) in dims and name not in renamed and name not in dims
+                    and _axis(name) not in (*truth.dims, *renamed.values())})
     truth = truth.rename(renamed) if renamed else truth
     theirs = {ours: name for name, ours in renamed.items()}  # for a message: the truth's names
     # a field axis the ensemble lacks (a 2-D truth for 1-D members, a level axis) was pooled
@@ -226,6 +227,13 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
     return truth
 
 
+
+
+def _axis(name) -> str:
+    """The store's name of a truth's field axis ``name``: y and x for the geographic names
+    (``GEOGRAPHIC``), any name in lower case (Y, X)."""
+    low = str(name).lower()
+    return GEOGRAPHIC.get(low, low)
 
 
 def _by_position(truth: xr.DataArray, dims: tuple, path) -> xr.DataArray:

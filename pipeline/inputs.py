@@ -156,11 +156,14 @@ def check_field_order(var: xr.DataArray, what: str) -> None:
         raise InputError(f"{what} has its fields as {dims}, longitude first; piadm's are "
                          f"(y, x), latitude first: write them in that order, e.g. "
                          f"ds.transpose({order}).to_zarr(...)")
-    suffix = next((d[1:] for d in dims[:1]), "")
-    if not names or not all(d[1:] == suffix for d in dims):
+    low = tuple(d.lower() for d in dims)  # (X, Y) as (x, y): case tells no axis apart
+    suffix = next((d[1:] for d in low[:1]), "")
+    if not names or not all(d[1:] == suffix for d in low):
         return
     wanted = tuple(n + suffix for n in names)
-    if set(dims) == set(wanted) and dims != wanted:
+    if set(low) == set(wanted) and low != wanted:
+        spelt = dict(zip(low, dims))
+        wanted = tuple(spelt[w] for w in wanted)
         order = ", ".join(repr(str(d)) for d in (var.dims[0], *wanted))
         raise InputError(f"{what} has its fields as {dims}, piadm's are {wanted}: "
                          f"write them in that order, e.g. ds.transpose({order}).to_zarr(...)")

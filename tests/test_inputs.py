@@ -75,6 +75,13 @@ def test_fields_stored_x_first_are_refused_before_anything_is_written(tmp_path, 
     geo.transpose("time", "lat", "lon").to_zarr(tmp_path / "latlon.zarr", zarr_format=3,
                                                 consolidated=False)
     assert len(_open(tmp_path / "latlon.zarr").labels) == 6  # (lat, lon): taken
+    # in capitals, or a WRF or rotated-pole grid: taken transposed, unseen
+    for name, (y, x) in {"XY": ("Y", "X"), "we": ("south_north", "west_east"),
+                         "rot": ("rlat", "rlon")}.items():
+        ds.rename(y=y, x=x).transpose("time", x, y).to_zarr(
+            tmp_path / f"{name}.zarr", zarr_format=3, consolidated=False)
+        with pytest.raises(InputError, match=rf"has its fields as \('{x}', '{y}'\)"):
+            _open(tmp_path / f"{name}.zarr")
 
 
 def test_field_dims_named_otherwise_keep_their_coordinates_by_position(tmp_path):

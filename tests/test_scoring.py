@@ -106,11 +106,22 @@ def test_a_truth_stored_with_its_field_dims_swapped_scores_the_same(paired, tmp_
     tmp, ens = paired
     swapped = xr.open_zarr(tmp / "truth.zarr").load().transpose("time", "x", "y")
     swapped.to_zarr(tmp_path / "xy.zarr", zarr_format=3)
-    for truth, out in ((tmp / "truth.zarr", "a"), (tmp_path / "xy.zarr", "b")):
+    # named in capitals, or as a WRF or rotated-pole grid, north to south: met by position,
+    # these were scored transposed or flipped (CRPS 4.4 and 3.9 where the truth's is 0.57)
+    swapped.rename(x="X", y="Y").to_zarr(tmp_path / "XY.zarr", zarr_format=3)
+    wrf = swapped.rename(x="west_east", y="south_north").transpose("time", "south_north", ...)
+    wrf.isel(south_north=slice(None, None, -1)).to_zarr(tmp_path / "sn.zarr", zarr_format=3)
+    swapped.rename(x="rlon", y="rlat").to_zarr(tmp_path / "rot.zarr", zarr_format=3)
+    truths = (tmp / "truth.zarr", tmp_path / "xy.zarr", tmp_path / "XY.zarr",
+              tmp_path / "sn.zarr", tmp_path / "rot.zarr")
+    for n, truth in enumerate(truths):
         assert main(["evaluate", "--no-figures", str(ens), "--truth", str(truth),
-                     "--out", str(tmp_path / out)]) == 0
-    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
-    assert a["crps"] == b["crps"] and a["rank_histogram"] == b["rank_histogram"]
+                     "--out", str(tmp_path / f"e{n}")]) == 0
+    first = _metrics(tmp_path / "e0")
+    for n in range(1, len(truths)):
+        other = _metrics(tmp_path / f"e{n}")
+        assert other["crps"] == first["crps"], truths[n]
+        assert other["rank_histogram"] == first["rank_histogram"]
 
 
 def test_a_truth_named_otherwise_is_met_by_position_only_where_that_is_safe(paired, tmp_path,
