@@ -103,7 +103,7 @@ def _label_type(labels: np.ndarray) -> str:
     class of an object array's first (a cftime date)."""
     if labels.dtype.kind == "O" and labels.size:
         return type(labels.flat[0]).__name__
-    return "str" if labels.dtype.kind in "US" else str(labels.dtype)
+    return {"U": "str", "S": "bytes"}.get(labels.dtype.kind, str(labels.dtype))
 
 
 def _paired(truth: xr.DataArray, items: xr.DataArray, field_ndim: int, path,
@@ -113,7 +113,11 @@ def _paired(truth: xr.DataArray, items: xr.DataArray, field_ndim: int, path,
     not one field."""
     item_dim = items.dims[0]
     wanted = _same_labels(items.values, truth[item_dim])
-    missing = np.setdiff1d(wanted, truth[item_dim].values)
+    try:
+        missing = np.setdiff1d(wanted, truth[item_dim].values)
+    except TypeError:  # labels that cannot be compared (cftime dates of two calendars): none
+        missing = wanted  # is found, said with the two types
+
     if missing.size:
         shown = ", ".join(label_text(v) for v in missing[:3])
         more = f" and {missing.size - 3} more" if missing.size > 3 else ""

@@ -871,3 +871,23 @@ def test_a_store_replaced_while_it_is_scored_is_refused_not_scored(paired, tmp_p
     assert main(args[:-1]) == 2  # with the figures
     assert "was replaced or changed by another run" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_truth_on_another_model_calendar_is_one_line(tmp_path, capsys):
+    """cftime dates of two calendars cannot be compared: evaluate ended in a traceback
+    (TypeError from np.setdiff1d) where datetime64 against cftime got its one line."""
+    ds = xr.open_zarr(make_input(tmp_path / "in.zarr")).load()
+    noleap = ds.assign_coords(time=xr.date_range("2000-01-01", periods=6, calendar="noleap",
+                                                 use_cftime=True))
+    noleap.to_zarr(tmp_path / "noleap.zarr", zarr_format=3, consolidated=False)
+    ens = tmp_path / "ens.zarr"
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(tmp_path / "noleap.zarr", ens, "ensemble.members=2")]) == 0
+    ds.assign_coords(time=xr.date_range("2000-01-01", periods=6, calendar="360_day",
+                                        use_cftime=True)).to_zarr(tmp_path / "t360.zarr",
+                                                                  zarr_format=3)
+    capsys.readouterr()
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "t360.zarr"),
+                 "--no-figures"]) == 2
+    err = capsys.readouterr().err
+    assert "labels of type Datetime360Day" in err and "are DatetimeNoLeap" in err
