@@ -6,6 +6,7 @@ floats snapped to the coordinate's value, cftime dates on their own calendar).
 from __future__ import annotations
 
 import decimal
+import math
 import re
 import warnings
 from typing import TYPE_CHECKING
@@ -27,6 +28,8 @@ def label_text(label) -> str:
     if kind == "f" and np.asarray(label).dtype.itemsize >= 8:
         # 2.5, not the 2.5000000000000004 of a sum of steps (typed, labels snap to it)
         return str(float(f"{float(label):.15g}"))
+    if isinstance(label, bytes):  # a netCDF char array's: as its text
+        return label.decode(errors="replace")
     if kind not in "mM":
         text = str(label)
         return text.removesuffix(" 00:00:00") if hasattr(label, "calendar") else text
@@ -115,7 +118,12 @@ def label_value(text: str, coord: xr.DataArray):
                 raise ValueError(text) from None
             return int(value)
         if kind == "f":
-            return snapped(float(text), np.asarray(coord.values))
+            value = float(text)
+            if not math.isfinite(value):  # inf snapped to the first label, within any tolerance
+                raise ValueError(text)
+            return snapped(value, np.asarray(coord.values))
+        if kind == "S":  # bytes, as a netCDF char array's labels come: none equals text
+            return text.encode()
         calendar = getattr(coord.values.flat[0], "calendar", None) if coord.size else None
         if kind == "O" and calendar:  # a cftime date, on the coordinate's own calendar
             return _calendar_date(text, type(coord.values.flat[0]), calendar)

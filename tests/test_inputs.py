@@ -126,6 +126,22 @@ def test_string_and_lead_time_labels_are_picked_by_their_text(tmp_path):
     assert list(_open(names, items=("b", "a")).labels) == ["b", "a"]
     leads = _store(tmp_path / "lead.zarr", pd.to_timedelta([0, 6, 12], unit="h"))
     assert list(_open(leads, items=("6h",)).labels) == [np.timedelta64(6 * 3600 * 10**9, "ns")]
+    # bytes, as a netCDF char array's labels come: no text matched them, a range failed in
+    # a traceback (no ufunc >= for bytes and str)
+    chars = _store(tmp_path / "b.zarr", np.array([b"a", b"c", b"b"]))
+    assert list(_open(chars, items=("b", "a")).labels) == [b"b", b"a"]
+    assert list(_open(chars, span=("a", "b")).labels) == [b"a", b"b"]
+    with pytest.raises(InputError, match=r"are not in time \(it runs a \.\. c\)"):
+        _open(chars, items=("d",))
+
+
+def test_an_infinite_float_label_is_refused_not_snapped_to_the_first(tmp_path):
+    """``inf`` lies within any relative tolerance of every label: input.range [-inf, inf]
+    took the first item alone, exit 0."""
+    path = _store(tmp_path / "f.zarr", np.array([34.0, 38.0, 42.0]))
+    for bad in (("-inf", "inf"), ("1e400", "50")):
+        with pytest.raises(InputError, match=r"is not a valid time value"):
+            _open(path, span=bad)
 
 
 def test_model_calendar_times_are_picked_kept_and_printed_as_dates(tmp_path, capsys):
