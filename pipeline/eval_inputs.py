@@ -15,7 +15,8 @@ import xarray as xr
 
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
 from pipeline.errors import EvaluationError, InputError, is_system_error
-from pipeline.inputs import check_real, same_fingerprint, select_items, selection_fingerprint
+from pipeline.inputs import (check_real, same_fingerprint, select_items, selection_fingerprint,
+                             undecodable_times)
 from pipeline.labels import label_text, label_value, snapped
 from pipeline.store import INPUT_FINGERPRINT, done_members, field_variable, open_store
 
@@ -38,6 +39,9 @@ def _open_zarr(path: str | Path, what: str, fix: str,
     except Exception as err:  # zarr's errors for a non-store are many and unspecific
         if is_system_error(err):  # a store we may not read, a failing disk: told as such
             raise
+        times = undecodable_times(str(err).splitlines()[0] if str(err) else "")
+        if times:
+            raise EvaluationError(f"{what}: {times}") from err
         raise EvaluationError(f"{what} is not a Zarr store: {fix}") from err
 
 

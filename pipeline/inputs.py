@@ -185,11 +185,25 @@ def _open(path: str) -> xr.Dataset:
         if is_system_error(err):
             raise  # a failing disk, a store it may not read: the I/O error names the file
         said = str(err).splitlines()[0] if str(err) else ""
-        if "cftime" in said:
-            raise InputError(f"input.path {path}: its time coordinate is on a calendar numpy "
-                             "cannot hold: pip install cftime") from None
+        times = undecodable_times(said)
+        if times:
+            raise InputError(f"input.path {path}: {times}") from None
         raise InputError(f"input.path {path} is not a readable Zarr store ({type(err).__name__}: "
                          f"{said})") from None
+
+
+def undecodable_times(said: str) -> str:
+    """What to tell of a store whose times xarray could not decode (its error's first line,
+    ``said``): cftime to install, or units no calendar takes ("months since ...", which
+    xarray decodes with no calendar); "" for another error."""
+    if "cftime" not in said and "decode time" not in said:
+        return ""
+    from importlib.util import find_spec
+
+    if find_spec("cftime") is None:
+        return "its time coordinate is on a calendar numpy cannot hold: pip install cftime"
+    return (f"its time coordinate cannot be decoded ({said.split('. Try')[0]}): write its times "
+            "in seconds, hours or days since a date, or as plain numbers")
 
 
 def select_items(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:

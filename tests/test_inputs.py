@@ -542,3 +542,21 @@ def test_coordinates_rolled_or_the_same_points_relabelled():
     assert same_points(relabelled, lon) and not rolled(relabelled, lon)
     assert not rolled(lon[::-1], lon) and not rolled(lon + 10, lon)
     assert same_points([0.0, np.nan], [0.0, np.nan])
+
+
+def test_times_in_units_no_calendar_takes_are_said_as_such(tmp_path, capsys):
+    """"months since 2000-01-01" (xarray decodes no such unit): the input was said to need
+    cftime, installed already, and the same file as a truth was "not a Zarr store"."""
+    ds = xr.Dataset({"vort": (("time", "y", "x"), np.zeros((2, *SHAPE), "float32"))},
+                    coords={"time": ("time", [0, 1], {"units": "months since 2000-01-01"})})
+    ds.to_zarr(tmp_path / "months.zarr", zarr_format=3, consolidated=False)
+    with pytest.raises(InputError, match=r"its time coordinate cannot be decoded \(unable to "
+                                         r"decode time units 'months since 2000-01-01'"):
+        _open(tmp_path / "months.zarr")
+    made = make_input(tmp_path / "in.zarr")
+    ens = tmp_path / "ens.zarr"
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(made, ens, "ensemble.members=2")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "months.zarr")]) == 2
+    assert "its time coordinate cannot be decoded" in capsys.readouterr().err
