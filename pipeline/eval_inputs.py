@@ -15,8 +15,8 @@ import xarray as xr
 
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
 from pipeline.errors import EvaluationError, InputError, is_system_error
-from pipeline.inputs import (check_real, same_fingerprint, select_items, selection_fingerprint,
-                             undecodable_times)
+from pipeline.inputs import (check_real, in_groups, same_fingerprint, select_items,
+                             selection_fingerprint, undecodable_times)
 from pipeline.labels import label_text, label_value, snapped
 from pipeline.store import INPUT_FINGERPRINT, done_members, field_variable, open_store
 
@@ -78,6 +78,9 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
                           "generate-data (or any Zarr store with the truth variable)",
                           consolidated=False)
     if variable not in truth_ds:
+        if not truth_ds.data_vars:
+            raise EvaluationError(f"truth {path} has no variables"
+                                  + in_groups(str(path), "--truth").replace("; its", ": its"))
         raise EvaluationError(f"truth {path} has no variable {variable!r} (it has "
                               f"{', '.join(map(str, truth_ds.data_vars))}): use --truth-variable")
     check_real(truth_ds[variable], f"truth {path}: {variable}", EvaluationError)

@@ -192,6 +192,19 @@ def _open(path: str) -> xr.Dataset:
                          f"{said})") from None
 
 
+def in_groups(path: str, key: str) -> str:
+    """Where the Zarr store at ``path`` holds its data in groups (xarray's ``to_zarr(...,
+    group=...)``), "; its groups ...: set KEY to one" naming them; else ""."""
+    import zarr
+
+    try:
+        groups = sorted(name for name, _ in zarr.open_group(path, mode="r").groups())
+    except Exception:  # not a group, or unreadable: the caller's own words stand
+        return ""
+    return (f"; its data lies in the group(s) {', '.join(groups[:5])}: set {key} to "
+            f"{str(Path(path) / groups[0])!r}, say" if groups else "")
+
+
 def undecodable_times(said: str) -> str:
     """What to tell of a store whose times xarray could not decode (its error's first line,
     ``said``): cftime to install, or units no calendar takes ("months since ...", which
@@ -309,7 +322,8 @@ def _laid_out(ds: xr.Dataset, path: str, variable: str, dim: str) -> xr.DataArra
     one, the fields (y, x)."""
     if variable not in ds.data_vars:
         raise InputError(f"input.variable {variable!r} is not in {path}: it has "
-                         f"{', '.join(map(str, ds.data_vars)) or 'no variables'}")
+                         f"{', '.join(map(str, ds.data_vars)) or 'no variables'}"
+                         + in_groups(path, "input.path"))
     var = ds[variable]
     if var.dims[:1] != (dim,):
         raise InputError(f"input: {variable} has dims {var.dims}; its first dim must be "

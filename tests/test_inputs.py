@@ -560,3 +560,21 @@ def test_times_in_units_no_calendar_takes_are_said_as_such(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(ens), "--truth", str(tmp_path / "months.zarr")]) == 2
     assert "its time coordinate cannot be decoded" in capsys.readouterr().err
+
+
+def test_data_in_a_group_of_the_store_is_pointed_at(tmp_path, capsys):
+    """xarray's to_zarr(..., group="g1") leaves the store's root empty: the input was "not in"
+    it ("it has no variables"), the truth had "no variable 'vort' (it has )"."""
+    xr.open_zarr(make_input(tmp_path / "in.zarr")).load().to_zarr(
+        tmp_path / "grp.zarr", group="g1", zarr_format=3, consolidated=False)
+    with pytest.raises(InputError, match=r"its data lies in the group\(s\) g1: set input.path "
+                                         r"to '.*grp.zarr/g1'"):
+        _open(tmp_path / "grp.zarr")
+    assert len(_open(tmp_path / "grp.zarr" / "g1").labels) == 6
+    ens = tmp_path / "ens.zarr"
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(tmp_path / "in.zarr", ens, "ensemble.members=2")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "grp.zarr")]) == 2
+    assert "has no variables: its data lies in the group(s) g1: set --truth to" in (
+        capsys.readouterr().err)
