@@ -342,6 +342,11 @@ def _same_labels(wanted: np.ndarray, coord: xr.DataArray) -> np.ndarray:
     have = np.asarray(coord.values)
     if not (np.issubdtype(wanted.dtype, np.floating) and np.issubdtype(have.dtype, np.floating)):
         return wanted
+    if wanted.dtype.itemsize < have.dtype.itemsize:  # a store's float32 labels (0.1 as
+        # 0.100000001): the truth's labels that round to them, as the store's input's did
+        narrow = have.astype(wanted.dtype)
+        return np.array([have[narrow == v][0] if (narrow == v).any() else snapped(float(v), have)
+                         for v in wanted], dtype=have.dtype)
     return np.array([snapped(float(v), have) for v in wanted], dtype=have.dtype)
 
 

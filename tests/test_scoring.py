@@ -891,3 +891,19 @@ def test_a_truth_on_another_model_calendar_is_one_line(tmp_path, capsys):
                  "--no-figures"]) == 2
     err = capsys.readouterr().err
     assert "labels of type Datetime360Day" in err and "are DatetimeNoLeap" in err
+
+
+def test_a_stores_float32_labels_meet_the_truths_float64_ones(tmp_path):
+    """An input labelled in float32 (0.1 as 0.100000001) makes a store of those labels; the
+    truth's float64 0.1 lies 1.5e-9 away, past the labels' tolerance of 1e-9: refused as
+    lacking every item, though it is the same data."""
+    ds = xr.open_zarr(make_input(tmp_path / "in.zarr")).load()
+    times = 0.1 * np.arange(1, 7)
+    ds.assign_coords(time=times.astype("float32")).to_zarr(tmp_path / "f32.zarr", zarr_format=3)
+    ens = tmp_path / "ens.zarr"
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(tmp_path / "f32.zarr", ens, "ensemble.members=2")]) == 0
+    ds.assign_coords(time=times).to_zarr(tmp_path / "t64.zarr", zarr_format=3)
+    assert main(["evaluate", str(ens), "--truth", str(tmp_path / "t64.zarr"),
+                 "--no-figures"]) == 0
+    assert _metrics(tmp_path / "ens_eval")["pairing"] == "paired"
