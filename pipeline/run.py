@@ -271,8 +271,8 @@ def _network_provenance(m) -> dict:
     if m.kind == "unet":
         said = [{k: v for k, v in one.items() if k not in SIDECAR_GRIDS}
                 if isinstance(one, dict) else one for one in sidecar_says(m)]
-        return {MODEL_SIDECAR: sidecar_digest(m), MODEL_SIDECAR_SAYS: json.dumps(said,
-                                                                               sort_keys=True)}
+        return {MODEL_SIDECAR: sidecar_digest(m),
+                MODEL_SIDECAR_SAYS: json.dumps(said, sort_keys=True)}
     from models import MODELS, plugin_digest
 
     return {} if m.kind in MODELS else {MODEL_PLUGIN: plugin_digest(m)}
