@@ -1016,14 +1016,19 @@ def test_an_older_piadms_store_of_fewer_members_is_brought_up_to_date_before_it_
     assert _digest_files(out) == before
 
 
+def _sample_members(sets: list[str], members: int) -> int:
+    """``piadm sample`` of grf.toml with the ``--set`` items ``sets`` and ``members``."""
+    return main(["sample", "jobs/configs/grf.toml", *sum(
+        (["--set", s] for s in [*sets, f"ensemble.members={members}"]), [])])
+
+
 def test_an_auto_store_grows_with_the_plan_it_was_made_with(tmp_path, capsys):
     """An "auto" run's members follow its plan: asked for more, the store is grown with
     that plan (its sampler), not planned again for the larger ensemble."""
     out = tmp_path / "auto.zarr"
     sets = ["model.shape=[16, 16]", "sampler.steps=60", "sampler.method=auto",
             "ensemble.batch_size=2", f"output.path={out}"]
-    run = lambda members: main(["sample", "jobs/configs/grf.toml", *sum(  # noqa: E731
-        (["--set", s] for s in [*sets, f"ensemble.members={members}"]), [])])
+    run = functools.partial(_sample_members, sets)
     assert run(2) == 0
     plan = zarr.open_group(out, mode="r").attrs["plan_settings"]
     capsys.readouterr()
@@ -1424,8 +1429,7 @@ def test_a_history_edited_by_hand_or_an_older_piadms_is_kept_by_the_next_run(tmp
     out = tmp_path / "h.zarr"
     sets = ["model.shape=[8, 8]", "sampler.steps=20", "sampler.method=sequential-sde",
             f"output.path={out}"]
-    run = lambda members: main(["sample", "jobs/configs/grf.toml", *sum(  # noqa: E731
-        (["--set", s] for s in [*sets, f"ensemble.members={members}"]), [])])
+    run = functools.partial(_sample_members, sets)
     assert run(2) == 0
     group = zarr.open_group(out, mode="r+")
     lines = [*json.loads(group.attrs["piadm_history"]), "my note"]
@@ -1452,8 +1456,7 @@ def test_a_store_grown_by_another_revision_of_its_sampler_says_so(tmp_path, caps
     out = tmp_path / "r.zarr"
     sets = ["model.shape=[8, 8]", "sampler.steps=20", "sampler.method=pc-window",
             "sampler.tol=1e-2", f"output.path={out}"]
-    run = lambda members: main(["sample", "jobs/configs/grf.toml", *sum(  # noqa: E731
-        (["--set", s] for s in [*sets, f"ensemble.members={members}"]), [])])
+    run = functools.partial(_sample_members, sets)
     assert run(2) == 0
     now = REGISTRY["pc-window"].revision
     group = zarr.open_group(out, mode="r+")
