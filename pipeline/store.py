@@ -42,10 +42,6 @@ from pipeline.warned import catching
 if TYPE_CHECKING:
     import xarray as xr
 
-# zarr warns that text labels (a store's item coordinate of names) have no Zarr v3 data type
-# yet, at every array it opens of them: once a process is enough to say it
-warnings.filterwarnings("once", category=zarr.errors.UnstableSpecificationWarning)
-
 PER_MEMBER = {"seed": "int64", "rounds": "float64", "model_calls": "float64", "done": "int8"}
 PER_MEMBER_BYTES = sum(np.dtype(t).itemsize for t in PER_MEMBER.values())
 
