@@ -338,16 +338,22 @@ def without_channel(ens: xr.Dataset) -> xr.Dataset:
 
 def _same_labels(wanted: np.ndarray, coord: xr.DataArray) -> np.ndarray:
     """``wanted`` item labels as the truth's coordinate ``coord`` spells them: a float label
-    ``labels.snapped`` to one of its own, as input.range takes labels; others as they are."""
+    ``labels.snapped`` to one of its own, as input.range takes labels, or else, for a store's
+    float32 label (0.1 as 0.100000001), the one truth label that rounds to it (where several
+    do, none: the truth lacks it); others as they are."""
     have = np.asarray(coord.values)
     if not (np.issubdtype(wanted.dtype, np.floating) and np.issubdtype(have.dtype, np.floating)):
         return wanted
-    if wanted.dtype.itemsize < have.dtype.itemsize:  # a store's float32 labels (0.1 as
-        # 0.100000001): the truth's labels that round to them, as the store's input's did
-        narrow = have.astype(wanted.dtype)
-        return np.array([have[narrow == v][0] if (narrow == v).any() else snapped(float(v), have)
-                         for v in wanted], dtype=have.dtype)
-    return np.array([snapped(float(v), have) for v in wanted], dtype=have.dtype)
+    narrow = have.astype(wanted.dtype)
+
+    def spelt(v):
+        near = snapped(float(v), have)
+        if near in have or wanted.dtype.itemsize >= have.dtype.itemsize:
+            return near
+        rounding = have[narrow == v]
+        return rounding[0] if rounding.size == 1 else near
+
+    return np.array([spelt(v) for v in wanted], dtype=have.dtype)
 
 
 def coarse_input(ens: xr.Dataset) -> xr.DataArray | None:

@@ -48,7 +48,7 @@ LABEL_RTOL = 1e-9
 def snapped(value: float, values: np.ndarray) -> float:
     """``value``, or the one of ``values`` (any shape) within ``LABEL_RTOL`` of it (a label
     written 3.0000000000001 elsewhere) where there is one."""
-    if values.size:
+    if values.size and math.isfinite(value):  # inf lies within any relative tolerance
         nearest = values.flat[np.abs(values - value).argmin()]
         if abs(nearest - value) <= LABEL_RTOL * max(1.0, abs(value)):
             return nearest
@@ -118,10 +118,7 @@ def label_value(text: str, coord: xr.DataArray):
                 raise ValueError(text) from None
             return int(value)
         if kind == "f":
-            value = float(text)
-            if not math.isfinite(value):  # inf snapped to the first label, within any tolerance
-                raise ValueError(text)
-            return snapped(value, np.asarray(coord.values))
+            return snapped(float(text), np.asarray(coord.values))
         if kind == "S":  # bytes, as a netCDF char array's labels come: none equals text
             return text.encode()
         calendar = getattr(coord.values.flat[0], "calendar", None) if coord.size else None

@@ -135,13 +135,16 @@ def test_string_and_lead_time_labels_are_picked_by_their_text(tmp_path):
         _open(chars, items=("d",))
 
 
-def test_an_infinite_float_label_is_refused_not_snapped_to_the_first(tmp_path):
+def test_an_infinite_float_label_is_not_snapped_to_the_first(tmp_path):
     """``inf`` lies within any relative tolerance of every label: input.range [-inf, inf]
-    took the first item alone, exit 0."""
+    took the first item alone, exit 0. It is an open end now, and a label of its own."""
     path = _store(tmp_path / "f.zarr", np.array([34.0, 38.0, 42.0]))
-    for bad in (("-inf", "inf"), ("1e400", "50")):
-        with pytest.raises(InputError, match=r"is not a valid time value"):
-            _open(path, span=bad)
+    assert list(_open(path, span=("-inf", "inf")).labels) == [34.0, 38.0, 42.0]
+    assert list(_open(path, span=("36", "1e400")).labels) == [38.0, 42.0]
+    with pytest.raises(InputError, match=r"input.items \['inf'\] are not in time"):
+        _open(path, items=("inf",))
+    ends = _store(tmp_path / "e.zarr", np.array([0.0, 6.0, np.inf]))
+    assert list(_open(ends, items=("inf",)).labels) == [np.inf]
 
 
 def test_model_calendar_times_are_picked_kept_and_printed_as_dates(tmp_path, capsys):

@@ -907,3 +907,14 @@ def test_a_stores_float32_labels_meet_the_truths_float64_ones(tmp_path):
     assert main(["evaluate", str(ens), "--truth", str(tmp_path / "t64.zarr"),
                  "--no-figures"]) == 0
     assert _metrics(tmp_path / "ens_eval")["pairing"] == "paired"
+    from pipeline.eval_inputs import _same_labels
+
+    # the exact label first, where the truth has it beside another that rounds alike
+    near = xr.DataArray(np.array([0.50000001, 0.5]), dims="time")
+    assert list(_same_labels(np.array([0.5], "float32"), near)) == [0.5]
+    # float32 hours since 1970 (steps of 128 s there) against a truth every minute: several
+    # round to each, so none is taken (two were paired with the field 60 s before)
+    hours = 1.7e9 + 3600 * np.arange(3)
+    minutes = xr.DataArray(1.7e9 + 60 * np.arange(200), dims="time")
+    taken = _same_labels(hours.astype("float32"), minutes)
+    assert not np.isin(taken[1:], minutes.values).any()
