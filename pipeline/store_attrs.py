@@ -57,10 +57,12 @@ def edited(attrs: dict) -> list[tuple[str, object]]:
     return wrong
 
 
-def check_unedited(path: str | Path) -> None:
+def check_unedited(path: str | Path, replaceable: bool = True) -> None:
     """Refuse to resume or grow the piadm store at ``path`` when one of its own attributes
     was edited to what piadm never writes there (``edited``): read as not said, a digest or
-    a model hash could no longer tell the store apart from another's."""
+    a model hash could no longer tell the store apart from another's. ``replaceable``: the
+    refusal offers output.overwrite (not where the edited one is the store's own mark, its
+    digest, without which piadm deletes no store)."""
     try:
         wrong = edited(dict(zarr.open_group(path, mode="r").attrs))
     except NOT_A_GROUP:
@@ -70,8 +72,8 @@ def check_unedited(path: str | Path) -> None:
         raise EditedAttribute(
             f"output {path}: its attribute {key} holds {value!r}, not the "
             f"{'positive whole number' if key == MEMBER_BATCH else 'text'} piadm wrote there "
-            "(edited by hand?): put back what piadm wrote, choose another output.path, or set "
-            "output.overwrite = true to replace it")
+            "(edited by hand?): put back what piadm wrote, or choose another output.path"
+            + (", or set output.overwrite = true to replace it" if replaceable else ""))
 
 
 def folder_identity(path: str | Path) -> tuple[int, int] | None:

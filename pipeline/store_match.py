@@ -380,8 +380,9 @@ def _check_same_statistics(cfg: Config, held: dict, mean: float, std: float) -> 
         then = (float(held["input_mean"]), float(held["input_std"]))
     except (KeyError, TypeError, ValueError):
         return
-    slack = STATISTICS_RTOL * max(then[1], std) + FLOAT32_RTOL * max(abs(then[0]), abs(mean))
-    if all(abs(a - b) <= slack for a, b in zip(then, (mean, std))):
+    spread = STATISTICS_RTOL * max(then[1], std)  # the std's, and the mean's float32 rounding
+    if (abs(then[0] - mean) <= spread + FLOAT32_RTOL * max(abs(then[0]), abs(mean))
+            and abs(then[1] - std) <= spread):
         return
     raise StaleStore(
         f"output {cfg.output.path}: its members were conditioned on the {cfg.input.variable} "

@@ -27,7 +27,8 @@ from pipeline.errors import ConfigError
 from pipeline.settings import Config
 from pipeline.store import (ASKED, StoreExists, StoreSpec, consolidate, create, enclosing_store,
                             finalize, fit_members, grow, members_fit)
-from pipeline.store_attrs import MEMBER_BATCH, member_batch, member_chunk_of, read_attrs
+from pipeline.store_attrs import (MEMBER_BATCH, check_unedited, member_batch, member_chunk_of,
+                                  read_attrs)
 
 
 REPLACER = "replacing-"  # the job ids of runs waiting to replace a store: they write nothing
@@ -72,6 +73,7 @@ def _fate(path: str | Path, digest: str, overwrite: bool, model: str | None,
     attrs = read_attrs(path) or {}
     found = attrs.get("piadm_store_digest")
     if found is None:
+        check_unedited(path, replaceable=False)  # its mark edited: said, never deleted
         return "foreign", None
     made_with = attrs.get("model_sha256") if model else None
     if legacy is not None and found == legacy and made_with in (None, model):
