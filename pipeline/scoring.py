@@ -351,8 +351,14 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
     if not paired and item_dim != "item":  # a conditioned ensemble: pairing may have been meant
         metrics.attrs["pairing_note"] = f"the truth has no {item_dim} dim to pair by"
     with naming(folder):  # matplotlib's and scipy's writes on a full disk name no file
-        return metrics, save(metrics, folder, ens, truth, paired, baseline, figures,
-                             check=lambda: _check_unchanged(store, opened))
+        try:
+            return metrics, save(metrics, folder, ens, truth, paired, baseline, figures,
+                                 check=lambda: _check_unchanged(store, opened))
+        except EvaluationError:
+            raise
+        except (OSError, RuntimeError, ValueError):  # a figure's read of a store replaced
+            _check_unchanged(store, opened)
+            raise
 
 
 def _check_unchanged(store, opened: tuple[int, int] | None) -> None:

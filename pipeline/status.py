@@ -43,11 +43,12 @@ def read_through(path: str):
     except (KeyError, FileNotFoundError) as err:
         what = f"{type(err).__name__}: {err}"
         if folder_identity(path) != before or replacing_jobs(path):
-            raise StoreChanged(f"{path} changed while it was read (a job replacing, growing or "
-                               "removing it): run piadm status again once that job is done "
+            raise StoreChanged(f"{path} changed while it was read (a job replacing or removing "
+                               "it): run piadm status again once that job is done "
                                f"({what})") from err
-        raise StoreChanged(f"{path}: part of the store cannot be found ({what}): it is "
-                           "damaged; piadm status --verify says what") from err
+        raise StoreChanged(f"{path}: part of the store cannot be found ({what}): it is damaged, "
+                           "or a job changed it as it was read; piadm status --verify says "
+                           "which") from err
 
 
 def _open(path: str) -> zarr.Group:
