@@ -15,10 +15,11 @@ import xarray as xr
 
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
 from pipeline.errors import EvaluationError, InputError, is_system_error
-from pipeline.inputs import (check_real, in_groups, same_fingerprint, select_items,
-                             selection_fingerprint, undecodable_times)
-from pipeline.labels import label_text, label_value, snapped
+from pipeline.inputs import check_real, same_fingerprint, select_items, selection_fingerprint
+from pipeline.labels import label_text
 from pipeline.store import INPUT_FINGERPRINT, done_members, field_variable, open_store
+from pipeline.truth_items import paired_truth, truth_in_range
+from pipeline.unreadable import in_groups, undecodable_times
 
 
 def ensemble_variable(ds: xr.Dataset) -> str:
@@ -80,7 +81,8 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
     if variable not in truth_ds:
         if not truth_ds.data_vars:
             raise EvaluationError(f"truth {path} has no variables"
-                                  + in_groups(str(path), "--truth").replace("; its", ": its"))
+                                  + "".join(f": {w}" for w in [in_groups(str(path), "--truth")]
+                                            if w))
         raise EvaluationError(f"truth {path} has no variable {variable!r} (it has "
                               f"{', '.join(map(str, truth_ds.data_vars))}): use --truth-variable")
     check_real(truth_ds[variable], f"truth {path}: {variable}", EvaluationError)
@@ -98,82 +100,11 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
         raise EvaluationError(f"--truth-range selects a climatology, but {path} pairs each "
                               f"{item_dim} of the ensemble with its own truth: leave it out")
     if paired:
-        truth = _paired(truth, ens[item_dim], len(shape), path, variable)
+        truth = paired_truth(truth, ens[item_dim], len(shape), path, variable)
     elif truth_range is not None:
-        truth = _in_range(truth, truth_range, path)
+        truth = truth_in_range(truth, truth_range, path)
     _check_finite(truth, path, len(shape), paired=paired)
     return truth, paired
-
-
-def _label_type(labels: np.ndarray) -> str:
-    """What kind of labels ``labels`` holds, for a message: the numpy dtype, str, or the
-    class of an object array's first (a cftime date)."""
-    if labels.dtype.kind == "O" and labels.size:
-        return type(labels.flat[0]).__name__
-    return {"U": "str", "S": "bytes"}.get(labels.dtype.kind, str(labels.dtype))
-
-
-def _paired(truth: xr.DataArray, items: xr.DataArray, field_ndim: int, path,
-            variable: str) -> xr.DataArray:
-    """The truth's field of each of the ensemble's ``items`` (its item coordinate), in their
-    order and labelled as they are; EvaluationError where one is missing, labelled twice, or
-    not one field."""
-    item_dim = items.dims[0]
-    wanted = _same_labels(items.values, truth[item_dim])
-    try:
-        missing = np.setdiff1d(wanted, truth[item_dim].values)
-    except TypeError:  # labels that cannot be compared (cftime dates of two calendars): none
-        missing = wanted  # is found, said with the two types
-
-    if missing.size:
-        shown = ", ".join(label_text(v) for v in missing[:3])
-        more = f" and {missing.size - 3} more" if missing.size > 3 else ""
-        theirs = truth[item_dim].values
-        # none found: another type, calendar or offset of the same labels is the likely cause
-        held = (f" (it holds {theirs.size} labels of type {_label_type(theirs)}, "
-                f"{label_text(theirs[0])} .. {label_text(theirs[-1])}, where the ensemble's "
-                f"are {_label_type(np.asarray(items.values))})"
-                if missing.size == len(wanted) and theirs.size else "")
-        raise EvaluationError(f"truth {path} lacks {item_dim} [{shown}]{more} of the "
-                              f"ensemble{held}: give the data the ensemble was conditioned on")
-    at, repeated = {}, set()
-    for i, v in enumerate(truth[item_dim].values):
-        if v in at:
-            repeated.add(v)
-        at.setdefault(v, i)
-    clash = [v for v in wanted if v in repeated]
-    if clash:  # which of the two is the truth?
-        raise EvaluationError(f"truth {path} holds {item_dim} {label_text(clash[0])} more "
-                              "than once: give each of its fields one label")
-    if truth.ndim != 1 + field_ndim:  # e.g. an ensemble store's (time, member, y, x)
-        fields = ", ".join(truth.dims[-field_ndim:])
-        raise EvaluationError(f"truth {path}'s {variable!r} is {truth.dims}, not one field "
-                              f"per {item_dim} ({item_dim}, {fields}): give the data the "
-                              "ensemble was conditioned on, not an ensemble store")
-    # by position (another label may repeat), labelled as the ensemble's, which xarray
-    # aligns them by
-    return truth.isel({item_dim: [at[v] for v in wanted]}).assign_coords(
-        {item_dim: items.values})
-
-
-def _in_range(truth: xr.DataArray, truth_range: tuple[str, str], path) -> xr.DataArray:
-    """The truth's fields whose labels lie in ``truth_range`` (--truth-range, inclusive)."""
-    dim = truth.dims[0]
-    try:
-        lo, hi = (label_value(t, truth[dim]) for t in truth_range)
-    except InputError as err:  # said of input.items: these are --truth-range's
-        raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]}: "
-                              f"{str(err).removeprefix('input: ')}") from None
-    if lo > hi:
-        raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} is reversed: "
-                              "give the earlier label first")
-    values = truth[dim].values  # by value, not by position: it need not be sorted
-    truth = truth.isel({dim: np.flatnonzero((values >= lo) & (values <= hi))})
-    if truth.sizes[dim] == 0:
-        raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} selects no "
-                              f"{dim} of {path}: its {dim} runs {label_text(min(values))} .. "
-                              f"{label_text(max(values))}; pick labels inside it")
-    return truth
 
 
 def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr.DataArray:
@@ -334,26 +265,6 @@ def without_channel(ens: xr.Dataset) -> xr.Dataset:
     if len(dims) == 5 and ens.sizes[dims[2]] == 1:
         return ens.isel({dims[2]: 0})
     return ens
-
-
-def _same_labels(wanted: np.ndarray, coord: xr.DataArray) -> np.ndarray:
-    """``wanted`` item labels as the truth's coordinate ``coord`` spells them: a float label
-    ``labels.snapped`` to one of its own, as input.range takes labels, or else, for a store's
-    float32 label (0.1 as 0.100000001), the one truth label that rounds to it (where several
-    do, none: the truth lacks it); others as they are."""
-    have = np.asarray(coord.values)
-    if not (np.issubdtype(wanted.dtype, np.floating) and np.issubdtype(have.dtype, np.floating)):
-        return wanted
-    narrow = have.astype(wanted.dtype)
-
-    def spelt(v):
-        near = snapped(float(v), have)
-        if near in have or wanted.dtype.itemsize >= have.dtype.itemsize:
-            return near
-        rounding = have[narrow == v]
-        return rounding[0] if rounding.size == 1 else near
-
-    return np.array([spelt(v) for v in wanted], dtype=have.dtype)
 
 
 def coarse_input(ens: xr.Dataset) -> xr.DataArray | None:

@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
 from pipeline.errors import InputError, from_here, is_system_error
 from pipeline.labels import label_text, label_value
+from pipeline.unreadable import in_groups, undecodable_times
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -192,33 +193,6 @@ def _open(path: str) -> xr.Dataset:
                          f"{said})") from None
 
 
-def in_groups(path: str, key: str) -> str:
-    """Where the Zarr store at ``path`` holds its data in groups (xarray's ``to_zarr(...,
-    group=...)``), "; its groups ...: set KEY to one" naming them; else ""."""
-    import zarr
-
-    try:
-        groups = sorted(name for name, _ in zarr.open_group(path, mode="r").groups())
-    except Exception:  # not a group, or unreadable: the caller's own words stand
-        return ""
-    return (f"; its data lies in the group(s) {', '.join(groups[:5])}: set {key} to "
-            f"{str(Path(path) / groups[0])!r}, say" if groups else "")
-
-
-def undecodable_times(said: str) -> str:
-    """What to tell of a store whose times xarray could not decode (its error's first line,
-    ``said``): cftime to install, or units no calendar takes ("months since ...", which
-    xarray decodes with no calendar); "" for another error."""
-    if "cftime" not in said and "decode time" not in said:
-        return ""
-    from importlib.util import find_spec
-
-    if find_spec("cftime") is None:
-        return "its time coordinate is on a calendar numpy cannot hold: pip install cftime"
-    return (f"its time coordinate cannot be decoded ({said.split('. Try')[0]}): write its times "
-            "in seconds, hours or days since a date, or as plain numbers")
-
-
 def select_items(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
     """The items ``items`` (labels, in that order) or ``span`` ([first, last], by value) of
     ``var``, else all; each label must name one item."""
@@ -323,7 +297,7 @@ def _laid_out(ds: xr.Dataset, path: str, variable: str, dim: str) -> xr.DataArra
     if variable not in ds.data_vars:
         raise InputError(f"input.variable {variable!r} is not in {path}: it has "
                          f"{', '.join(map(str, ds.data_vars)) or 'no variables'}"
-                         + in_groups(path, "input.path"))
+                         + "".join(f"; {w}" for w in [in_groups(path, "input.path")] if w))
     var = ds[variable]
     if var.dims[:1] != (dim,):
         raise InputError(f"input: {variable} has dims {var.dims}; its first dim must be "

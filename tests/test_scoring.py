@@ -224,11 +224,11 @@ def test_an_empty_truth_range_over_text_labels_says_where_they_run():
     import numpy as np
 
     from pipeline.errors import EvaluationError
-    from pipeline.eval_inputs import _in_range
+    from pipeline.truth_items import truth_in_range
 
     truth = xr.DataArray(np.zeros((3, 2)), dims=("run", "x"), coords={"run": ["a", "b", "c"]})
     with pytest.raises(EvaluationError, match=r"its run runs a \.\. c; pick labels inside it"):
-        _in_range(truth, ("x", "z"), "t.zarr")
+        truth_in_range(truth, ("x", "z"), "t.zarr")
 
 
 def test_a_truth_named_as_the_input_is_lined_up_by_those_names(tmp_path, capsys):
@@ -907,14 +907,14 @@ def test_a_stores_float32_labels_meet_the_truths_float64_ones(tmp_path):
     assert main(["evaluate", str(ens), "--truth", str(tmp_path / "t64.zarr"),
                  "--no-figures"]) == 0
     assert _metrics(tmp_path / "ens_eval")["pairing"] == "paired"
-    from pipeline.eval_inputs import _same_labels
+    from pipeline.truth_items import same_labels
 
     # the exact label first, where the truth has it beside another that rounds alike
     near = xr.DataArray(np.array([0.50000001, 0.5]), dims="time")
-    assert list(_same_labels(np.array([0.5], "float32"), near)) == [0.5]
+    assert list(same_labels(np.array([0.5], "float32"), near)) == [0.5]
     # float32 hours since 1970 (steps of 128 s there) against a truth every minute: several
     # round to each, so none is taken (two were paired with the field 60 s before)
     hours = 1.7e9 + 3600 * np.arange(3)
     minutes = xr.DataArray(1.7e9 + 60 * np.arange(200), dims="time")
-    taken = _same_labels(hours.astype("float32"), minutes)
+    taken = same_labels(hours.astype("float32"), minutes)
     assert not np.isin(taken[1:], minutes.values).any()
