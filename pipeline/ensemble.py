@@ -96,10 +96,7 @@ def _planned_elsewhere(world, path: str, attrs: dict):
     except StoreExists as err:
         if not err.collective or not on_rank0(world, planned_apart, path, attrs):
             raise
-        raise PlannedElsewhere(f"output {path} was made meanwhile by another job of this "
-                               "configuration, on a plan of its own (plans made at once pick "
-                               "by timings): a run started again takes that plan",
-                               collective=True) from err
+        raise PlannedElsewhere(path) from err
 
 
 def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,

@@ -77,9 +77,19 @@ def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
 
 
 class PlannedElsewhere(StoreExists):
-    """Another job of this ``"auto"`` configuration made the store while this one planned,
-    with a plan of its own (plans made at once pick by timings, so may pick apart): the
-    command starts again, and takes the store's plan."""
+    """Another job of this ``"auto"`` configuration made the store at ``path`` while this one
+    planned, with a plan of its own (plans made at once pick by timings, so may pick apart):
+    the sample command starts again (``on_the_stores_plan``), and takes the store's plan.
+    Raised by every rank together."""
+
+    def __init__(self, path):
+        self.path = path
+        super().__init__(self.said("rerun to take that plan"), collective=True)
+
+    def said(self, then: str) -> str:
+        """What happened, and ``then`` what follows."""
+        return (f"output {self.path} was made meanwhile by another job of this configuration, "
+                f"on a plan of its own (plans made at once pick by timings): {then}")
 
 
 def on_the_stores_plan(run, say):
@@ -88,7 +98,7 @@ def on_the_stores_plan(run, say):
     try:
         return run()
     except PlannedElsewhere as err:
-        say(f"{err}: starting again")
+        say(err.said("starting again on that plan"))
         return run()
 
 

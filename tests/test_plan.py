@@ -985,7 +985,6 @@ def test_a_job_whose_store_another_jobs_plan_made_meanwhile_takes_that_plan(
     assert main(args) == 0
     err = capsys.readouterr().err
     assert ("was made meanwhile by another job of this configuration, on a plan of its own "
-            "(plans made at once pick by timings): a run started again takes that plan: "
-            "starting again") in err
+            "(plans made at once pick by timings): starting again on that plan") in err
     assert "the store's own choice" in err and "2 members written" in err
     assert xr.open_zarr(sets["output.path"]).attrs["plan_settings"] == first
