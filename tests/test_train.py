@@ -1272,6 +1272,11 @@ def test_a_store_is_not_resumed_once_its_checkpoints_sidecar_has_changed(tmp_pat
             "ensemble.members=2"]
     assert main(_sample_args(out, *sets)) == 0
     meta = json.loads(sidecar(ckpt).read_text())
+    import zarr
+
+    said = json.loads(zarr.open_group(out, mode="r").attrs["model_sidecar"])[0]
+    assert said["data_bound"] == meta["data_bound"] and "step" not in said
+    assert "grid" in meta and "grid" not in said  # a list a point: the digest holds it
     sidecar(ckpt).write_text(json.dumps(meta, indent=4))  # written anew, saying the same
     assert main(_sample_args(out, *sets)) == 0
     # its record of training edited (the data moved, a note): the members are the same
@@ -1290,8 +1295,6 @@ def test_a_store_is_not_resumed_once_its_checkpoints_sidecar_has_changed(tmp_pat
     assert main(_sample_args(out, *sets, "ensemble.members=4", "output.overwrite=true")) == 0
     assert "replaced (its checkpoint's sidecar changed since it was made)" in capsys.readouterr().err
     # a store made before: its digest was the whole sidecar's, and what it said unrecorded
-    import zarr
-
     from pipeline.config import load_config
     from pipeline.run import sidecar_digest
 
