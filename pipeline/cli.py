@@ -176,7 +176,7 @@ def _cmd_bench(args, world) -> int:
 
 def _cmd_calibrate(args, world) -> int:
     from models import build_model
-    from pipeline.ensemble import run_tolerance
+    from pipeline.run_start import run_tolerance
     from pipeline.samplers import REFERENCE
 
     cfg, _, device = _setup(args, world, layout=False)

@@ -10,7 +10,7 @@ from models import build_model
 from pipeline.calibrate import cache_file, calibration_key, read_cached
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.ensemble import run_tolerance
+from pipeline.run_start import run_tolerance
 from pipeline.run import model_digest
 
 SMALL = ["model.shape=[12, 12]", "sampler.steps=200", "sampler.method=pc-window",

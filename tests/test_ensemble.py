@@ -1479,7 +1479,7 @@ def test_a_job_that_finds_its_store_made_meanwhile_samples_at_the_stores_toleran
     """Two jobs of one "auto" configuration started together each calibrate (neither finds a
     store yet); the one that loses the race to make it resumed it at its own tolerance, and
     the store mixed members of two tolerances under the other's sampler_tol."""
-    import pipeline.ensemble as ensemble
+    import pipeline.run_start as run_start
 
     def run(out, members, ladder):
         return main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in [
@@ -1491,7 +1491,7 @@ def test_a_job_that_finds_its_store_made_meanwhile_samples_at_the_stores_toleran
 
     first, alone = tmp_path / "t.zarr", tmp_path / "alone.zarr"
     assert run(first, 2, "[0.1]") == 0 and run(alone, 4, "[0.1]") == 0
-    monkeypatch.setattr(ensemble, "stored_attribute", lambda *a: None)  # no store, it saw
+    monkeypatch.setattr(run_start, "stored_attribute", lambda *a: None)  # no store, it saw
     capsys.readouterr()
     assert run(first, 4, "[0.05]") == 0
     assert "sampler.tol: the store's 0.1, which the job that made it meanwhile calibrated " \

@@ -778,12 +778,12 @@ def test_a_full_disk_met_while_making_the_store_names_it(tmp_path, monkeypatch, 
     the store ("cannot use: No space left" said nothing of where)."""
     import errno
 
-    from pipeline import ensemble
+    from pipeline import run_start
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ensemble, "open_or_create", full)
+    monkeypatch.setattr(run_start, "open_or_create", full)
     sets = _small(tmp_path, **{"ensemble.members": 2, "sampler.method": "sequential-sde"})
     assert main(["sample", "jobs/configs/grf.toml",
                  *sum((["--set", f"{k}={v}"] for k, v in sets.items()), [])]) == 2
@@ -978,7 +978,7 @@ def test_a_store_another_job_made_meanwhile_on_another_device_is_not_resumed(tmp
     finds the first's under the lock and resumed it with its own device's noise."""
     import shutil
 
-    from pipeline import ensemble
+    from pipeline import run_start
     from pipeline.store import StoreExists
 
     sets = _small(tmp_path, **{"sampler.method": "sequential-sde", "sampler.noise": "device",
@@ -987,14 +987,14 @@ def test_a_store_another_job_made_meanwhile_on_another_device_is_not_resumed(tmp
     sample(load_config("jobs/configs/grf.toml", firsts))  # the first job's, on another GPU
     zarr.open_group(firsts["output.path"], mode="r+").attrs.update(made_on="cuda: a GPU x1")
     sample(load_config("jobs/configs/grf.toml", {**sets, "sampler.seed": 1}))  # another's
-    real = ensemble.open_or_create
+    real = run_start.open_or_create
 
     def first_job_replaced_it(spec, **kwargs):
         shutil.rmtree(spec.path)
         shutil.copytree(firsts["output.path"], spec.path)
         return real(spec, **kwargs)
 
-    monkeypatch.setattr(ensemble, "open_or_create", first_job_replaced_it)
+    monkeypatch.setattr(run_start, "open_or_create", first_job_replaced_it)
     with pytest.raises(StoreExists, match="sampled with sampler.noise = 'device' on cuda: a GPU"):
         sample(load_config("jobs/configs/grf.toml", sets))
 

@@ -123,7 +123,7 @@ def test_a_store_another_config_made_while_this_run_started_names_the_difference
         tmp_path, capsys, monkeypatch):
     """Two jobs of other seeds started together on one path: the one that found the store
     made meanwhile was refused naming only two digests, where a later start names the key."""
-    from pipeline import ensemble
+    from pipeline import run_start
     from pipeline.cli import main
 
     out = tmp_path / "m.zarr"
@@ -131,7 +131,7 @@ def test_a_store_another_config_made_while_this_run_started_names_the_difference
         "model.shape=[8, 8]", "sampler.steps=20", "sampler.tol=0.1", "ensemble.members=2",
         f"sampler.seed={seed}", f"output.path={out}"]), [])
     assert main(["sample", "jobs/configs/grf.toml", *sets(0)]) == 0
-    monkeypatch.setattr(ensemble, "check_output", lambda *a: "create")  # none, it saw then
+    monkeypatch.setattr(run_start, "check_output", lambda *a: "create")  # none, it saw then
     capsys.readouterr()
     assert main(["sample", "jobs/configs/grf.toml", *sets(1)]) == 2
     assert "; it differs in sampler.seed: 0 -> 1)" in capsys.readouterr().err
