@@ -129,7 +129,7 @@ def run_tolerance(cfg: Config, model, device, *, force: bool = False, store: boo
 
 
 def start_up(cfg: Config, model, world, stop, device,
-              attrs: dict) -> tuple[StoreSpec, str, Calibration] | None:
+             attrs: dict) -> tuple[StoreSpec, str, Calibration] | None:
     """Every rank: rank 0's checks of the input and target, the run's tolerance, then the
     store it creates or opens; returns (spec, state, tol), or None when a stop signal came
     first (nothing written)."""

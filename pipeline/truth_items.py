@@ -20,7 +20,7 @@ def _label_type(labels: np.ndarray) -> str:
 
 
 def paired_truth(truth: xr.DataArray, items: xr.DataArray, field_ndim: int, path,
-            variable: str) -> xr.DataArray:
+                 variable: str) -> xr.DataArray:
     """The truth's field of each of the ensemble's ``items`` (its item coordinate), in their
     order and labelled as they are; EvaluationError where one is missing, labelled twice, or
     not one field."""
