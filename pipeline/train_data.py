@@ -68,6 +68,27 @@ class Dataset:
         return (total / count) ** 0.5  # about the mean: the targets' mean is ~0 either way
 
 
+def _check_time_order(ds: xr.Dataset, path: str) -> None:
+    """Refuse train.data whose times repeat or run out of order: the held-out share is its
+    last times by position, so a copy of a trained field (files joined where they overlap)
+    or a time from the middle of the record (a shuffled store) would be held out, unsaid."""
+    if "time" not in ds.coords or ds.sizes["time"] < 2:
+        return
+    import pandas as pd
+
+    times = pd.Index(ds["time"].values)
+    twice = times[times.duplicated()]
+    if len(twice):
+        raise InputError(f"train.data {path}: its time {label_text(twice[0])} comes more than "
+                         "once (files joined where they overlap?), so the held-out times could "
+                         "copy trained ones: keep one of each (ds.drop_duplicates('time'))")
+    if not times.is_monotonic_increasing:
+        at = next(i for i in range(1, len(times)) if times[i] < times[i - 1])
+        raise InputError(f"train.data {path}: its times are not in order ({label_text(times[at])} "
+                         f"after {label_text(times[at - 1])}), and the held-out share is its "
+                         "last times by position: sort them (ds.sortby('time'))")
+
+
 def held_out_start(n: int, validation: float) -> int:
     """The first held-out time of ``n``: the last ``validation`` share is never trained on."""
     return int(round(n * (1 - validation)))
@@ -305,6 +326,7 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     time of the train.extra stores; raises InputError for a bad dataset."""
     names = [name for name in (t.variable, t.condition) if name]
     ds = open_training_store(t.data, names, "train.data")
+    _check_time_order(ds, t.data)
     n = ds.sizes["time"]
     cut = held_out_start(n, t.validation)
     if cut < 1 or cut >= n:

@@ -1499,3 +1499,25 @@ def test_a_mask_is_told_to_be_filled_and_a_generate_data_run_named_only_for_its_
     assert ("or, for a mask such as land's in every time, fill the points "
             "(ds['vorticity'].fillna(...), e.g. with a climatology)") in err
     assert "generate-data" not in err
+
+
+@pytest.mark.parametrize("edit, said", [
+    ("shuffled", r"its times are not in order \(.* after .*\), and the held-out share is its "
+                 r"last times by position: sort them \(ds.sortby\('time'\)\)"),
+    ("joined", r"its time .* comes more than once .*ds.drop_duplicates\('time'\)")])
+def test_training_times_out_of_order_or_repeated_are_refused(tmp_path, dataset, edit, said):
+    """The held-out share is the store's last times by position: a shuffled store held out
+    times from the whole record (the last days trained on), and files joined where they
+    overlap held out copies of trained fields, both unsaid."""
+    from pipeline.errors import InputError
+    from pipeline.settings import TrainConfig
+    from pipeline.train_data import open_dataset
+
+    ds = xr.open_zarr(dataset).load()[["vorticity"]]
+    n = ds.sizes["time"]
+    bad = (ds.isel(time=np.random.default_rng(0).permutation(n)) if edit == "shuffled" else
+           xr.concat([ds.isel(time=slice(0, n - 4)), ds.isel(time=slice(n - 6, n))], "time"))
+    bad.to_zarr(tmp_path / "bad.zarr")
+    with pytest.raises(InputError, match=said):
+        open_dataset(TrainConfig(data=str(tmp_path / "bad.zarr")))
+    open_dataset(TrainConfig(data=str(dataset)))  # in order, once each: taken
