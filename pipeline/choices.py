@@ -36,6 +36,12 @@ GEOGRAPHIC = {"lat": "y", "latitude": "y", "lon": "x", "longitude": "x", "rlat":
 # train.channels: the U-Net's group norms (models.unet) split each width into this many groups
 NORM_GROUPS = 8
 
+# How far (in training standard deviations) an input may sit from a network's training
+# fields: a thousand is no weather, but another unit (Pa for hPa, a scale factor) or a
+# missing-value code; a network fed such values overflows and its NaN blames the network.
+# Training's condition is normalised by the target's statistics, so the same bound holds it.
+MOST_TRAINING_STDS = 1e3
+
 
 def resolved_wavenumber(n: int) -> int:
     """The largest wavenumber per axis that the 2/3 rule keeps on an n-point grid (k < n/3):

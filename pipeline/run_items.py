@@ -12,7 +12,7 @@ import torch
 
 from models import OWN_KINDS
 from models.conditioning import CONDITIONS
-from pipeline.choices import FIELD_DIMS
+from pipeline.choices import FIELD_DIMS, MOST_TRAINING_STDS
 from pipeline.config import ConfigError
 from pipeline.console import say
 from pipeline.errors import InputError
@@ -234,11 +234,8 @@ def measured_items(cfg: Config, stats: tuple):
                                fingerprint=stats[2])
 
 
-# How far (in training standard deviations) an input may sit from a network's training
-# fields: a thousand is no weather, but another unit (Pa for hPa, a scale factor) or a
-# missing-value code; a network fed such values overflows and its NaN blames the network.
-# Past a hundredth of that, or under another name than the training's, the run is warned.
-MOST_TRAINING_STDS = 1e3
+# Past a hundredth of MOST_TRAINING_STDS, or under another name than the training's, the
+# run is warned.
 
 
 def check_input_units(cfg: Config, model, items) -> None:

@@ -20,7 +20,7 @@ import xarray as xr
 from models.bound import largest_mode_power
 from models.fingerprint import PROBE_RTOL, probe
 from models.conditioning import spectral_upsample, upsample_blocks
-from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
+from pipeline.choices import FIELD_DIMS, GEOGRAPHIC, MOST_TRAINING_STDS
 from pipeline.errors import InputError
 from pipeline.inputs import (check_field_order, check_real, direction, masked_by_fill, rolled,
                              same_points)
@@ -66,6 +66,25 @@ class Dataset:
             x, _ = self.batch(np.arange(a, min(a + 256, n)), device)
             total, count = total + float((x.double() ** 2).sum()), count + x.numel()
         return (total / count) ** 0.5  # about the mean: the targets' mean is ~0 either way
+
+
+def _check_condition_unit(t: TrainConfig, ds: xr.Dataset, mean: float, std: float,
+                          cmean: float, cstd: float) -> None:
+    """Refuse a condition (mean ``cmean``, std ``cstd`` over the training split) in another
+    unit than the target's (``mean``, ``std``): it is normalised by the target's statistics,
+    so the network would learn it so, and piadm sample would then refuse the very field it
+    was trained on, after the whole training run."""
+    far = max(abs(cmean - mean), cstd) / std
+    if not t.condition or far <= MOST_TRAINING_STDS:
+        return
+    units = [str(ds[name].attrs.get("units", "")) for name in (t.condition, t.variable)]
+    said = f" (units {units[0]!r} against {units[1]!r})" if all(units) and units[0] != units[1] \
+        else ""
+    raise InputError(f"train.condition {t.condition!r} of {t.data} has mean {cmean:.4g} and std "
+                     f"{cstd:.4g}, where {t.variable}'s training fields have mean {mean:.4g} "
+                     f"and std {std:.4g}, {far:.3g} of their standard deviations away{said}: "
+                     "the condition is normalised by the target's statistics, so it must be in "
+                     "the target's unit; convert it (or check train.condition)")
 
 
 def _check_time_order(ds: xr.Dataset, path: str) -> None:
@@ -356,8 +375,10 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     held_out, extra = val[t.variable], fields[cut:]
     probes = (probe(held_out), probe(extra)) if extras else ()  # in the same pass
     wide = fields.astype(np.float64)  # a float16 or float32 sum overflows on large data
-    mean, std, *probed = dask.compute(wide.mean(), wide.std(), *probes,
-                                      *(np.isfinite(a).all(a.dims[1:]) for *_, a in splits))
+    coarse = trn[t.condition].astype(np.float64) if t.condition else wide
+    mean, std, cmean, cstd, *probed = dask.compute(
+        wide.mean(), wide.std(), coarse.mean(), coarse.std(), *probes,
+        *(np.isfinite(a).all(a.dims[1:]) for *_, a in splits))
     probed, finite = probed[:len(probes)], probed[len(probes):]
     for (split, name, _), ok in zip(splits, finite):
         _check_finite(t, ds, name, split, np.asarray(ok), cut, extras)
@@ -367,6 +388,7 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     if not std > 0:
         raise InputError(f"train.data {t.data}: {t.variable} is the same value everywhere in the "
                          "training split (its standard deviation is 0): there is nothing to learn")
+    _check_condition_unit(t, ds, mean, std, float(cmean), float(cstd))
     m = fields.sizes["time"]
     bound = largest_mode_power((fields[a : min(a + 256, m)].values for a in range(0, m, 256)),
                                mean, std)

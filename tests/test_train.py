@@ -1521,3 +1521,25 @@ def test_training_times_out_of_order_or_repeated_are_refused(tmp_path, dataset, 
     with pytest.raises(InputError, match=said):
         open_dataset(TrainConfig(data=str(tmp_path / "bad.zarr")))
     open_dataset(TrainConfig(data=str(dataset)))  # in order, once each: taken
+
+
+def test_a_condition_in_another_unit_than_the_target_is_refused_before_training(tmp_path,
+                                                                                dataset):
+    """The condition is normalised by the target's statistics: one in kelvin for a target in
+    Celsius trained to the end, and piadm sample then refused the very field the network was
+    trained on ("3.19e+03 of its standard deviations away")."""
+    from pipeline.errors import InputError
+    from pipeline.settings import TrainConfig
+    from pipeline.train_data import open_dataset
+
+    ds = xr.open_zarr(dataset).load()
+    ds["vorticity"].attrs["units"] = "1/s"
+    ds["vorticity_coarse"] = ds.vorticity_coarse * 1e4
+    ds["vorticity_coarse"].attrs["units"] = "1e-4/s"
+    ds.to_zarr(tmp_path / "units.zarr")
+    config = TrainConfig(data=str(tmp_path / "units.zarr"), condition="vorticity_coarse")
+    with pytest.raises(InputError, match=r"train.condition 'vorticity_coarse' of .* standard "
+                                         r"deviations away \(units '1e-4/s' against '1/s'\): .*"
+                                         r"it must be in the target's unit"):
+        open_dataset(config)
+    open_dataset(TrainConfig(data=str(dataset), condition="vorticity_coarse"))  # the same unit
