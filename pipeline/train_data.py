@@ -21,7 +21,7 @@ from models.bound import largest_mode_power
 from models.fingerprint import PROBE_RTOL, probe
 from models.conditioning import spectral_upsample, upsample_blocks
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC, MOST_TRAINING_STDS
-from pipeline.errors import InputError
+from pipeline.errors import InputError, from_here
 from pipeline.inputs import (check_field_order, check_real, direction, masked_by_fill, rolled,
                              same_points)
 from pipeline.labels import label_text
@@ -116,8 +116,11 @@ def held_out_start(n: int, validation: float) -> int:
 def open_training_store(path: str, names: list[str], key: str) -> xr.Dataset:
     """Variables ``names`` of the store at ``path``; raises InputError when it lacks one."""
     if not Path(path).exists():
-        raise InputError(f"{key} {path} does not exist: make it with piadm generate-data, "
-                         f"whose data.path must then be {path}")
+        raise InputError(f"{key} {path} does not exist{from_here(path)}: point it at your Zarr "
+                         f"store, or make one with piadm generate-data (data.path = {path})")
+    if Path(path).is_file():  # a NetCDF file, most likely: zarr says only "no group found"
+        raise InputError(f"{key} {path} is a file, not a Zarr store (a folder): convert it "
+                         f"once, e.g. xr.open_dataset({str(path)!r}).to_zarr('data.zarr')")
     ds = open_store(path, consolidated=False)  # as listed: times added since trained on too
     for name in names:
         if name not in ds.data_vars:
@@ -177,9 +180,11 @@ def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str],
             if ds[name].shape[1:] != first[name].shape[1:]:
                 fix = ("data.resolution and data.coarse_factor" if name == t.condition
                        else "resolution (data.resolution)")
+                grid = "x".join(map(str, first[name].shape[1:]))
                 raise InputError(f"train.extra {path} holds {name} of shape "
                                  f"{ds[name].shape[1:]}, train.data {first[name].shape[1:]}: "
-                                 f"generate it with train.data's {fix}")
+                                 f"regrid it to {grid} (made by piadm generate-data: make it "
+                                 f"with train.data's {fix})")
             _check_same_grid(path, ds[name], first[name])
         theirs = _trajectory(ds)
         if mine and theirs and all(theirs.get(k) == mine.get(k) for k in SAME_FLOW):
@@ -349,8 +354,10 @@ def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     n = ds.sizes["time"]
     cut = held_out_start(n, t.validation)
     if cut < 1 or cut >= n:
-        raise InputError(f"train.validation = {t.validation} leaves no training or validation "
-                         f"times out of {n}")
+        side = "training" if cut < 1 else "validation"
+        raise InputError(f"train.validation = {t.validation} leaves no {side} time of the {n} "
+                         f"of train.data: choose it so that both keep one (e.g. {1 / n:.3g} "
+                         f"to {1 - 1 / n:.3g}), or give more times")
     if t.condition:
         fine, coarse = ds[t.variable].shape[1:], ds[t.condition].shape[1:]
         if any(c > f or f % c for f, c in zip(fine, coarse)):  # upsampled by whole blocks

@@ -952,8 +952,8 @@ def test_an_extra_stores_bad_fields_are_named_by_store_and_time(tmp_path, datase
             in capsys.readouterr().err)
     assert main(_train_args(dataset, tmp_path / "y.pt", "train.condition=vorticity_coarse",
                             f"train.extra=['{tmp_path / 'cf2.zarr'}']")) == 2
-    assert ("generate it with train.data's data.resolution and data.coarse_factor"
-            in capsys.readouterr().err)
+    assert ("(made by piadm generate-data: make it with train.data's data.resolution and "
+            "data.coarse_factor)" in capsys.readouterr().err)
 
 
 def test_the_same_flow_before_the_held_out_times_or_another_forcing_is_taken(tmp_path,
@@ -1543,3 +1543,25 @@ def test_a_condition_in_another_unit_than_the_target_is_refused_before_training(
                                          r"it must be in the target's unit"):
         open_dataset(config)
     open_dataset(TrainConfig(data=str(dataset), condition="vorticity_coarse"))  # the same unit
+
+
+def test_a_scientists_own_training_data_is_told_in_its_own_terms(tmp_path, dataset):
+    """Messages written for generate-data's stores: a missing train.data said to make it with
+    generate-data (not where a relative path was read from), a NetCDF file was "not a Zarr
+    store" with no way out, and validation = 0.2 of 2 times named no side and no value."""
+    from pipeline.errors import InputError
+    from pipeline.settings import TrainConfig
+    from pipeline.train_data import open_dataset
+
+    with pytest.raises(InputError, match=r"does not exist \(a relative path, read from .*\): "
+                                         r"point it at your Zarr store"):
+        open_dataset(TrainConfig(data="no/such.zarr"))
+    ds = xr.open_zarr(dataset).load()[["vorticity"]]
+    ds.to_netcdf(tmp_path / "k.nc")
+    with pytest.raises(InputError, match=r"is a file, not a Zarr store .*xr.open_dataset"):
+        open_dataset(TrainConfig(data=str(tmp_path / "k.nc")))
+    ds.isel(time=[0, 1]).to_zarr(tmp_path / "two.zarr")
+    with pytest.raises(InputError, match=r"leaves no validation time of the 2 of train.data: "
+                                         r".*\(e.g. 0.5 to 0.5\)"):
+        open_dataset(TrainConfig(data=str(tmp_path / "two.zarr"), validation=0.2))
+    open_dataset(TrainConfig(data=str(tmp_path / "two.zarr"), validation=0.5))
