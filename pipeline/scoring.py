@@ -331,7 +331,7 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
             _check_unchanged(store, opened)
             check_sound(store, err)
             raise
-        _check_unchanged(store, opened)  # before any warning of figures it may have made
+        _check_unchanged(store, opened, record=False)  # before warnings it may have caused
         if not np.isfinite(metrics.attrs.get("ensemble_std", 0.0)):  # a NaN member read back
             check_sound(store, None)
     for w in held:
@@ -361,11 +361,12 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
             raise
 
 
-def _check_unchanged(store, opened: tuple[int, int] | None) -> None:
+def _check_unchanged(store, opened: tuple[int, int] | None, record: bool = True) -> None:
     """Refuse the scores of ``store`` where another run replaced it while they were read (its
-    lazy reads then went to the new store, half written: n/a figures said as a result), or
-    its record no longer holds every member done."""
-    if folder_identity(store) == opened and done_members(store).all():
+    lazy reads then went to the new store, half written: n/a figures said as a result), or,
+    with ``record``, its record no longer holds every member done (a read of the whole
+    ``done`` array: once, as the files are put in place)."""
+    if folder_identity(store) == opened and (not record or done_members(store).all()):
         return
     raise EvaluationError(f"store {store} was replaced or changed by another run while it was "
                           "evaluated (its scores would mix two stores): evaluate it again once "
