@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -322,8 +323,12 @@ def _statistics(var: xr.DataArray, path: str) -> tuple[float, float, tuple[float
     dim, axes = var.dims[0], tuple(range(1, var.ndim))
     finite = np.isfinite(var.data).all(axis=axes)
     try:
-        ok, spreads, *moments = dask.compute(finite, var.data.astype("float64").var(axis=axes),
-                                             *_item_moments(var))
+        # an Inf or a value near float64's range overflows the moments on the way to the
+        # refusal below, and dask's threads would print numpy's warnings before its one line
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ok, spreads, *moments = dask.compute(
+                finite, var.data.astype("float64").var(axis=axes), *_item_moments(var))
     except (OSError, RuntimeError, ValueError) as err:  # a file or codec failing on a chunk
         said = str(err).splitlines()[0] if str(err) else ""
         raise InputError(f"input.path {path}: reading {var.name} failed ({type(err).__name__}: "
@@ -338,6 +343,12 @@ def _statistics(var: xr.DataArray, path: str) -> tuple[float, float, tuple[float
         raise InputError(f"input: {var.name} has {why} at {dim} = {label_text(bad[0])} "
                          f"({len(bad)} item(s)): fix the data or leave those items out{made}")
     moments = np.stack(moments, axis=1)
+    huge = ~(np.isfinite(moments).all(1) & np.isfinite(spreads))
+    if huge.any():  # finite values whose squares overflow float64 (from about 1.3e154)
+        bad = var[dim].values[huge]
+        raise InputError(f"input: {var.name} holds values too large to square in float64 at "
+                         f"{dim} = {label_text(bad[0])} ({len(bad)} item(s)): fix the data, "
+                         "or store it in other units (scale it down)")
     # from each item's float64 mean and variance, whatever the chunks or the dtype stored:
     # items of as many points each, so the whole's variance is the mean of theirs plus the
     # variance of their means

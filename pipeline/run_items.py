@@ -165,6 +165,7 @@ def checked_items(cfg: Config, model):
     check_step_lengths(cfg.sampler, grid)
     items = load_items(cfg, check=True, model=model)
     check_input_units(cfg, model, items)
+    check_scale_fits(cfg, model, items)
     if cfg.model.condition == "coarse":
         check_orientation(items, getattr(model, "grid", {}), cfg.input.path)
         check_not_rolled(items, getattr(model, "cond_grid", {}), cfg.input.path)
@@ -264,6 +265,26 @@ def check_input_units(cfg: Config, model, items) -> None:
                 else "")
         say(f"piadm: warning: {said}{where}: check that the input is the same quantity in "
             "the same unit")
+
+
+# How far past the data's spread (in standard deviations) a member must still fit the store's
+# dtype: a sampled field's values lie within a few tens of them
+HEADROOM_STDS = 1e3
+
+
+def check_scale_fits(cfg: Config, model, items) -> None:
+    """Refuse an input whose scale (``field_scale``: for an exact model the input's own mean
+    and std) the members would overflow ``sampler.dtype`` in, the store's dtype: a field of
+    std 1e40 in float32 was sampled, then failed at its first write."""
+    if not cfg.input.path:
+        return
+    mean, std = field_scale(model, items.mean, items.std)
+    dtype = np.dtype(cfg.sampler.dtype)  # the names are numpy's
+    if abs(mean) + HEADROOM_STDS * std > float(np.finfo(dtype).max):
+        raise InputError(f"input: {cfg.input.variable} of {cfg.input.path} has mean {mean:.4g} "
+                         f"and std {std:.4g}, past what {dtype.name} (sampler.dtype, the "
+                         f"store's) holds: set sampler.dtype = \"float64\", or store the data "
+                         "in other units (scaled down)")
 
 
 def check_bound_network(cfg: Config, model, items) -> None:

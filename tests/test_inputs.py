@@ -581,3 +581,44 @@ def test_data_in_a_group_of_the_store_is_pointed_at(tmp_path, capsys):
     assert main(["evaluate", str(ens), "--truth", str(tmp_path / "grp.zarr")]) == 2
     assert "has no variables: its data lies in the group(s) g1: set --truth to" in (
         capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("value, dtype, needle", [
+    (np.inf, "float32", "has NaN/Inf at time = 2020-01-03"),
+    (1e200, "float32", "holds values too large to square in float64 at time = 2020-01-03"),
+    (1e100, "float32", "past what float32 (sampler.dtype, the store's) holds"),
+])
+def test_values_past_the_stores_range_are_one_line_before_the_store(tmp_path, capsys, value,
+                                                                     dtype, needle):
+    """An Inf, or finite values whose moments overflow float64 or whose members would overflow
+    the store's dtype: one line, with none of numpy's overflow warnings before it, and no
+    store made (values of 1e100 were sampled, then failed at the first write)."""
+    import warnings
+
+    data = np.random.default_rng(0).standard_normal((6, *SHAPE))
+    data[2, 3, 4] = value
+    xr.Dataset({"vort": (("time", "y", "x"), data)},
+               coords={"time": pd.date_range("2020-01-01", periods=6)}).to_zarr(
+        tmp_path / "in.zarr", zarr_format=3, consolidated=False)
+    out = tmp_path / "ens.zarr"
+    sets = conditional_sets(tmp_path / "in.zarr", out, f"sampler.dtype={dtype}")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert main(["sample", "jobs/configs/grf.toml", *sets]) == 2
+    assert not [w for w in said if issubclass(w.category, RuntimeWarning)], said
+    err = capsys.readouterr().err.strip().splitlines()
+    assert needle in err[-1], err
+    assert not out.exists()
+
+
+def test_values_of_1e100_are_sampled_in_float64(tmp_path):
+    data = 1e100 * (5 + np.random.default_rng(0).standard_normal((6, *SHAPE)))
+    xr.Dataset({"vort": (("time", "y", "x"), data)},
+               coords={"time": pd.date_range("2020-01-01", periods=6)}).to_zarr(
+        tmp_path / "in.zarr", zarr_format=3, consolidated=False)
+    out = tmp_path / "ens.zarr"
+    sets = conditional_sets(tmp_path / "in.zarr", out, "sampler.dtype=float64",
+                            "parallel.items=[0]", "ensemble.members=2")
+    assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
+    members = xr.open_zarr(out)["vort"].isel(time=0).values
+    assert np.isfinite(members).all() and 1e99 < np.abs(members).mean() < 1e102
