@@ -267,24 +267,25 @@ def check_input_units(cfg: Config, model, items) -> None:
             "the same unit")
 
 
-# How far past the data's spread (in standard deviations) a member must still fit the store's
-# dtype: a sampled field's values lie within a few tens of them
-HEADROOM_STDS = 1e3
+# How far from the data's mean, in its standard deviations, a member's values must still fit
+# the store's dtype: a sampled field's lie within ten or so of them
+HEADROOM_STDS = 100
 
 
 def check_scale_fits(cfg: Config, model, items) -> None:
-    """Refuse an input whose scale (``field_scale``: for an exact model the input's own mean
-    and std) the members would overflow ``sampler.dtype`` in, the store's dtype: a field of
-    std 1e40 in float32 was sampled, then failed at its first write."""
-    if not cfg.input.path:
-        return
+    """Refuse a scale (``field_scale``: a learned network's training normalisation, else the
+    input's mean and std) that the members would overflow ``sampler.dtype``, the store's
+    dtype, in: a field of std 1e40 in float32 was sampled, then failed at its first write."""
     mean, std = field_scale(model, items.mean, items.std)
     dtype = np.dtype(cfg.sampler.dtype)  # the names are numpy's
-    if abs(mean) + HEADROOM_STDS * std > float(np.finfo(dtype).max):
-        raise InputError(f"input: {cfg.input.variable} of {cfg.input.path} has mean {mean:.4g} "
-                         f"and std {std:.4g}, past what {dtype.name} (sampler.dtype, the "
-                         f"store's) holds: set sampler.dtype = \"float64\", or store the data "
-                         "in other units (scaled down)")
+    if abs(mean) + HEADROOM_STDS * std <= float(np.finfo(dtype).max):
+        return
+    whose = ("the network's training fields have" if getattr(model, "data_mean", None) is not None
+             else f"input: {cfg.input.variable} of {cfg.input.path} has")
+    raise InputError(f"{whose} mean {mean:.4g} and std {std:.4g}: members within "
+                     f"{HEADROOM_STDS} of those standard deviations would pass what {dtype.name} "
+                     f"(sampler.dtype, the store's) holds: set sampler.dtype = \"float64\", or "
+                     "store the data in other units (scaled down)")
 
 
 def check_bound_network(cfg: Config, model, items) -> None:

@@ -1250,9 +1250,11 @@ def test_an_array_whose_metadata_is_lost_is_told_and_the_store_is_not_resumed(tm
     assert "the done array) cannot be opened (KeyError)" in capsys.readouterr().err
 
 
-def test_members_that_overflow_in_the_datas_units_are_refused_not_written(tmp_path, capsys):
+def test_members_that_would_overflow_in_the_datas_units_are_refused_before_the_store(
+        tmp_path, capsys):
     """Finite as sampled, a member times an input's std of 3e38 leaves float32: it must not
-    be written as Inf and marked done (a sidecar whose std had overflowed did just that)."""
+    be written as Inf and marked done (a sidecar whose std had overflowed did just that), nor
+    sampled at all (it was, then refused at its first write): refused before the store."""
     rng = np.random.default_rng(0)
     xr.Dataset({"v": (("time", "y", "x"), rng.standard_normal((1, 8, 8)) * 3e38)},
                coords={"time": [0.0]}).to_zarr(tmp_path / "in.zarr")
@@ -1261,8 +1263,8 @@ def test_members_that_overflow_in_the_datas_units_are_refused_not_written(tmp_pa
             "ensemble.members=2", f"output.path={tmp_path / 'o.zarr'}"]
     assert main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]) == 2
     err = capsys.readouterr().err
-    assert "is finite as sampled but not in the data's units" in err and "RuntimeWarning" not in err
-    assert not zarr.open_group(tmp_path / "o.zarr", mode="r")["done"][:].any()
+    assert "would pass what float32 (sampler.dtype, the store's) holds" in err.splitlines()[-1]
+    assert "RuntimeWarning" not in err and not (tmp_path / "o.zarr").exists()
 
 
 @pytest.mark.parametrize("steps, form, warned", [(5, "exponential", True), (8, "exponential", False),

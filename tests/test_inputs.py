@@ -586,7 +586,7 @@ def test_data_in_a_group_of_the_store_is_pointed_at(tmp_path, capsys):
 @pytest.mark.parametrize("value, dtype, needle", [
     (np.inf, "float32", "has NaN/Inf at time = 2020-01-03"),
     (1e200, "float32", "holds values too large to square in float64 at time = 2020-01-03"),
-    (1e100, "float32", "past what float32 (sampler.dtype, the store's) holds"),
+    (1e100, "float32", "would pass what float32 (sampler.dtype, the store's) holds"),
 ])
 def test_values_past_the_stores_range_are_one_line_before_the_store(tmp_path, capsys, value,
                                                                      dtype, needle):

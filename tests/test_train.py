@@ -1565,3 +1565,23 @@ def test_a_scientists_own_training_data_is_told_in_its_own_terms(tmp_path, datas
                                          r".*\(e.g. 0.5 to 0.5\)"):
         open_dataset(TrainConfig(data=str(tmp_path / "two.zarr"), validation=0.2))
     open_dataset(TrainConfig(data=str(tmp_path / "two.zarr"), validation=0.5))
+
+
+def test_a_networks_scale_past_the_stores_dtype_is_refused_before_the_store(tmp_path, dataset,
+                                                                            capsys):
+    """A network trained on fields of std near float32's largest number (float64 data: its
+    statistics are float64) samples members past float32's range: they were sampled, then
+    refused at their first write; now refused before the store, and sampled in float64."""
+    ds = xr.open_zarr(dataset)
+    path = tmp_path / "huge.zarr"
+    ds[["vorticity"]].assign(vorticity=ds.vorticity.astype("float64") * 1e38).to_zarr(path)
+    ckpt = tmp_path / "huge.pt"
+    assert main(_train_args(path, ckpt)) == 0
+    out = tmp_path / "s.zarr"
+    sets = [f"model.checkpoint={ckpt}", "sampler.method=sequential-sde", "ensemble.members=1"]
+    assert main(_sample_args(out, *sets)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the network's training fields have mean" in err and "would pass what float32" in err
+    assert not out.exists()
+    assert main(_sample_args(out, *sets, "sampler.dtype=float64")) == 0
+    assert 1e37 < float(np.abs(xr.open_zarr(out)["vorticity"].values).mean()) < 1e40
