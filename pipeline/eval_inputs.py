@@ -87,6 +87,13 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
                               f"{', '.join(map(str, truth_ds.data_vars))}): use --truth-variable")
     check_real(truth_ds[variable], f"truth {path}: {variable}", EvaluationError)
     name = ensemble_variable(ens)
+    units = (truth_ds[variable].attrs.get("units"), ens[name].attrs.get("units"))
+    if None not in units and str(units[0]).strip() != str(units[1]).strip():
+        # scored as they stand, K against degC gave a CRPS of 271 labelled K
+        raise EvaluationError(f"truth {path}: {variable} is in {units[0]!r}, the ensemble's "
+                              f"{name} in {units[1]!r}: convert the truth to the ensemble's "
+                              "units (or, where they are the same units spelt otherwise, set "
+                              "its units attribute to the ensemble's)")
     truth = _on_the_ensembles_grid(truth_ds[variable], ens[name], path)
     item_dim = ens[name].dims[0]
     shape = ens[name].shape[2:]

@@ -66,12 +66,14 @@ def spread_skill(ens: np.ndarray, truth: np.ndarray) -> float:
     return float(np.sqrt(spread_variance(ens).mean()) / ensemble_mean_rmse(ens, truth))
 
 
-def rank_histogram(ens: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Counts (M + 1,) of the truth's rank among the members, over every point (ties split
-    at random with a fixed generator)."""
+def rank_histogram(ens: np.ndarray, truth: np.ndarray,
+                   rng: np.random.Generator | None = None) -> np.ndarray:
+    """Counts (M + 1,) of the truth's rank among the members ``ens`` (M, *shape), over every
+    point of ``truth`` (*shape); ties split at random by ``rng`` (a fixed generator if None:
+    a caller scoring several items passes one, so that their ties are not split alike)."""
     m = ens.shape[0]
     below = (ens < truth[None]).sum(0).ravel()
     ties = (ens == truth[None]).sum(0).ravel()
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(0) if rng is None else rng
     rank = below + np.floor(rng.random(below.shape) * (ties + 1)).astype(int)
     return np.bincount(rank, minlength=m + 1)

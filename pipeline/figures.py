@@ -219,6 +219,14 @@ def _whole_ticks(kmax: int) -> list[int]:
     return [t for t in (1, 2, 3, 4, 6, 8, 12, 16, 24) if t <= kmax]
 
 
+def spread_skill_text(ratio: float, members: int, form: str) -> str:
+    """The spread/skill ``ratio`` in ``form``, or why there is none (the table's and the
+    rank histogram's words)."""
+    if np.isfinite(ratio):
+        return form.format(ratio)
+    return "n/a (needs 2 members)" if members < 2 else "n/a (the ensemble mean is the truth)"
+
+
 def rank_figure(metrics: xr.Dataset, path: Path) -> Path:
     """The rank histogram as shares of the points, against the flat line of a reliable
     ensemble."""
@@ -229,8 +237,7 @@ def rank_figure(metrics: xr.Dataset, path: Path) -> Path:
     ax.axhline(1 / h.size, color="k", ls="--", lw=1, label="reliable ensemble")
     ax.set_xlabel("rank of the truth among the members")
     ax.set_ylabel("share of points")
-    ratio = metrics.attrs["spread_skill"]
-    said = f"{ratio:.2f}" if np.isfinite(ratio) else "n/a (needs 2 members)"  # as the table
+    said = spread_skill_text(metrics.attrs["spread_skill"], metrics.attrs["members"], "{:.2f}")
     ax.set_title(f"rank histogram, spread/skill {said}", fontsize=10)
     ax.legend()
     fig.tight_layout()

@@ -27,6 +27,7 @@ from pipeline.evaluation import (crps, energy_spectra, power_spectra, rank_histo
 from pipeline.eval_inputs import (INPUT_MISMATCH, check_shell, check_sound, coarse_input,
                                   ensemble_variable, input_mismatch, is_square, open_ensemble,
                                   open_truth, upsampled, without_channel)
+from pipeline.figures import spread_skill_text
 from pipeline.store import done_members
 from pipeline.store_attrs import folder_identity
 from pipeline.warned import catching
@@ -149,6 +150,9 @@ def _item_by_item(field: xr.DataArray, truth_values: np.ndarray, paired: bool, s
     per_item = {k: np.full(items, np.nan) for k in
                 ("crps", "rmse", "spread", "baseline_mae", "baseline_rmse")}
     ranks = np.zeros(members + 1, dtype=np.int64)
+    # one generator for all items: each its own draws to split ties (a generator made anew
+    # per item split every item's ties alike, a bias more items never averaged out)
+    tie_break = np.random.default_rng(0)
     ens_spectra, moments = [], (0, 0.0, 0.0)
     for i in range(items):
         e = field.isel({field.dims[0]: i}).values.astype(np.float64)
@@ -163,7 +167,7 @@ def _item_by_item(field: xr.DataArray, truth_values: np.ndarray, paired: bool, s
             per_item["rmse"][i] = np.sqrt(((e.mean(0) - t) ** 2).mean())
             if members > 1:  # one member has no spread (NaN: "n/a" in the table)
                 per_item["spread"][i] = np.sqrt(spread_variance(e).mean())
-            ranks += rank_histogram(e, t)
+            ranks += rank_histogram(e, t, tie_break)
             if baseline is not None:
                 b = baseline.isel({baseline.dims[0]: i}).values
                 per_item["baseline_mae"][i] = np.abs(b - t).mean()
@@ -242,12 +246,13 @@ def table(metrics: xr.Dataset) -> str:
                        ("ensemble_std", "ensemble std"), ("truth_std", "truth std"),
                        ("rounds_mean", "parallel rounds of a member's call (mean)"),
                        ("model_calls_mean", "model calls / member")]:
-        if key in a:
-            rows.append((label, f"{a[key]:.4g}" if np.isfinite(a[key]) else
-                         "n/a" if key != "spread_skill" else "n/a (needs 2 members)"
-                         if a["members"] < 2 else "n/a (the ensemble mean is the truth)"))
+        if key == "spread_skill" and key in a:
+            rows.append((label, spread_skill_text(a[key], a["members"], "{:.4g}")))
+        elif key in a:
+            rows.append((label, f"{a[key]:.4g}" if np.isfinite(a[key]) else "n/a"))
     if "spectrum_note" in a:
         rows.append(("spectra", a["spectrum_note"].removeprefix("no spectra: ")))
+    intervals = False  # whether a band row shows one, which the intervals row then explains
     if "spectrum_ratio" in metrics:
         kmax = a["kmax"]
         ratios = " ".join(f"{r:.2f}" for r in metrics["spectrum_ratio"].values[:kmax])
@@ -261,6 +266,7 @@ def table(metrics: xr.Dataset) -> str:
         for name in a["bands"].split(","):
             b = lambda key: a[f"band_{name}_{key}"]  # noqa: E731
             nil = not np.isfinite(b("energy_ratio_lo")) and np.isfinite(b("energy_ratio"))
+            intervals |= bool(np.isfinite(b("energy_ratio_lo")))
             span = lambda key: ("" if nil else  # noqa: E731
                                 f" [{b(key + '_lo'):.2f}, {b(key + '_hi'):.2f}]")
             mark = " (headline)" if name == a["headline_band"] else ""
@@ -271,13 +277,13 @@ def table(metrics: xr.Dataset) -> str:
                          # past the truth's cut its energies are its numerical noise floor
                          + ("; past the truth's resolved scales, where its energy is near "
                             "zero: not part of the headline" if name == "beyond" else "")))
-    if "truth_block" in a:
+    if intervals and "truth_block" in a:
         members = ("; the members item by item (they share their item's input)"
                    + ("; with so few items narrower than 90%" if a["items"] < 8 else "")
                    if a.get("ensemble_block", 1) > 1 else "")
         rows.append(("intervals", f"90% bootstrap, the truth in blocks of {a['truth_block']} "
                                   f"consecutive fields{members}"))
-    elif a["pairing"] == "paired" and 1 < a["items"]:
+    elif intervals and a["pairing"] == "paired" and 1 < a["items"]:
         rows.append(("intervals", "90% bootstrap of the items, each with its truth"
                                   + ("; with so few items narrower than 90%"
                                      if a["items"] < 8 else "")))

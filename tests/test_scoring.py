@@ -3,6 +3,7 @@ spectrum score tells a right from a rescaled truth, the outputs are written and 
 bad input is a one-line error."""
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -571,6 +572,7 @@ def test_a_one_member_climatology_has_no_interval(tmp_path):
                           figures=False)
     said = table(metrics)
     assert "(one member: no interval)" in said and "[" not in said.split("band k=")[1]
+    assert "intervals" not in said  # no band shows one to explain
     assert np.isnan(metrics.attrs[f"band_{metrics.attrs['headline_band']}_energy_ratio_lo"])
 
 
@@ -586,6 +588,7 @@ def test_fields_that_are_not_square_say_why_they_have_no_spectra(tmp_path):
                           figures=False)
     assert "spectrum_ratio" not in metrics
     assert "the fields (8, 12) are not square" in table(metrics)
+    assert "intervals" not in table(metrics)  # no band, so no interval to explain
     from pipeline.errors import EvaluationError
 
     for flag in ("kmax", "cut"):  # neither reaches a spectrum: refused, not ignored
@@ -918,3 +921,57 @@ def test_a_stores_float32_labels_meet_the_truths_float64_ones(tmp_path):
     minutes = xr.DataArray(1.7e9 + 60 * np.arange(200), dims="time")
     taken = same_labels(hours.astype("float32"), minutes)
     assert not np.isin(taken[1:], minutes.values).any()
+
+
+def test_members_tied_with_the_truth_split_their_ties_anew_at_each_item(paired, tmp_path,
+                                                                        monkeypatch):
+    """Members all equal to the truth tie at every point: each item must split its ties with
+    draws of its own (a generator made anew per item split every item's alike, a bias that
+    more items never averaged out), and the figure says why spread/skill is n/a as the table
+    does (it said "needs 2 members" of 6)."""
+    from pipeline import figures
+    from pipeline.scoring import evaluate, table
+
+    tmp, ens = paired
+    tied = tmp_path / "tied.zarr"
+    shutil.copytree(ens, tied)
+    truth = xr.open_zarr(tmp / "truth.zarr").vort.values
+    zarr.open_group(tied)["vort"][:] = np.repeat(truth[:, None], 6, axis=1)
+    titles, save = [], figures._save
+
+    def saved(fig, path):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", saved)
+    metrics, _ = evaluate(tied, tmp / "truth.zarr", out=tmp_path / "e")
+    counts = metrics["rank_histogram"].values
+    assert counts.sum() == 6 * 16 * 16
+    assert (counts % 6).any()  # not six times one item's split
+    assert np.abs(counts / counts.sum() - 1 / 7).max() < 0.04  # 4.5 standard errors
+    assert re.search(r"spread/skill +n/a \(the ensemble mean is the truth\)", table(metrics))
+    assert "rank histogram, spread/skill n/a (the ensemble mean is the truth)" in titles
+
+
+def test_a_truth_in_other_units_than_the_ensemble_is_refused(paired, tmp_path):
+    """K against degC was scored as it stood: a CRPS of 271 labelled K."""
+    from pipeline.errors import EvaluationError
+    from pipeline.scoring import evaluate
+
+    tmp, ens = paired
+    kelvin = tmp_path / "k.zarr"
+    shutil.copytree(ens, kelvin)
+    zarr.open_group(kelvin)["vort"].attrs["units"] = "K"
+    zarr.consolidate_metadata(kelvin)
+    truth = xr.open_zarr(tmp / "truth.zarr")
+    for units, refused in (("degC", True), (" K", False)):
+        path = tmp_path / f"truth_{units.strip()}.zarr"
+        truth.vort.attrs["units"] = units
+        truth.to_zarr(path, zarr_format=3)
+        if refused:
+            with pytest.raises(EvaluationError, match=r"truth .*: vort is in 'degC', the "
+                               r"ensemble's vort in 'K': convert the truth"):
+                evaluate(kelvin, path, out=tmp_path / "e", figures=False)
+            assert not (tmp_path / "e").exists()
+        else:
+            evaluate(kelvin, path, out=tmp_path / "e", figures=False)
