@@ -169,6 +169,17 @@ class BandFigures:
         return out
 
 
+GATHER_BYTES = 32 * 2**20  # a block of resamples gathered at once (all at once: 1.4 GB)
+
+
+def _resampled_means(rows: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """The means (draws, K) of ``rows`` (N, K) over each resample's ``picks`` (draws, n), a
+    block of resamples at a time: each row's sum the same as gathered whole."""
+    step = max(1, GATHER_BYTES // max(1, picks.shape[1] * rows[0].nbytes))
+    return np.concatenate([rows[picks[i:i + step]].mean(1)
+                           for i in range(0, len(picks), step)])
+
+
 def band_figures(ens: np.ndarray, truth: np.ndarray, bands: list[Band], *, paired: bool,
                  draws: int = DRAWS, seed: int = 0, block: int = 1,
                  ens_block: int = 1) -> BandFigures:
@@ -190,8 +201,7 @@ def band_figures(ens: np.ndarray, truth: np.ndarray, bands: list[Band], *, paire
     else:
         pick_e = rng.integers(0, ens.shape[0], (draws, ens.shape[0]))
     pick_t = pick_e if paired else block_picks(rng, truth.shape[0], draws, block)
-    e_draws = ens[pick_e].mean(1)  # (draws, K)
-    t_draws = truth[pick_t].mean(1)
+    e_draws, t_draws = _resampled_means(ens, pick_e), _resampled_means(truth, pick_t)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(t_mean > EMPTY * t_mean.max(), e_mean / t_mean, np.nan)
         ratio_draws = np.where(t_draws > EMPTY * t_draws.max(-1, keepdims=True),
