@@ -3,6 +3,7 @@ rank before it is sampled (``pipeline.claims``), the sampler calls cut from the 
 claimed (``work.cut_calls``), and a stop that any rank of the group saw, agreed by all."""
 from __future__ import annotations
 
+import collections
 import time
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,8 @@ def _claims(mine, slices, stop, tally, bar: Progress, items: Items, path, job: s
     a live job holds waits till the rest are done, one another job finished only advances
     ``bar``."""
     folder = claims_dir(path)
-    queue, deferred = list(mine), []  # deferred: batches another live job has claimed
+    # a deque: 262,144 batches took 4.8 s to pop from the front of a list
+    queue, deferred = collections.deque(mine), []  # deferred: batches another live job holds
     told = False
     while queue or deferred:
         if not queue:  # what is left is another job's: wait for it, or for it to die
@@ -56,8 +58,8 @@ def _claims(mine, slices, stop, tally, bar: Progress, items: Items, path, job: s
                 tally.stopped = True
                 return
             time.sleep(CLAIM_POLL_S)
-            queue, deferred = deferred, []
-        item, members, left = queue.pop(0)
+            queue, deferred = collections.deque(deferred), []
+        item, members, left = queue.popleft()
         state, now = slices.bcast_object(
             _lead_claim(path, folder, item, members, job) if slices.rank == 0 else None, 0)
         if state == "failed":  # the group's ranks together, not its lead alone
