@@ -32,11 +32,11 @@ def ensemble_variable(ds: xr.Dataset) -> str:
 
 
 def _open_zarr(path: str | Path, what: str, fix: str,
-               consolidated: bool | None = None) -> xr.Dataset:
+               consolidated: bool | None = None, dask: bool = True) -> xr.Dataset:
     """The Zarr store at ``path``, opened lazily (``store.open_store``); else an error naming
     ``what`` it is for and the ``fix``."""
     try:
-        return open_store(path, consolidated)
+        return open_store(path, consolidated, dask)
     except Exception as err:  # zarr's errors for a non-store are many and unspecific
         if is_system_error(err):  # a store we may not read, a failing disk: told as such
             raise
@@ -47,11 +47,13 @@ def _open_zarr(path: str | Path, what: str, fix: str,
 
 
 def open_ensemble(path: str | Path) -> xr.Dataset:
-    """The complete store at ``path``, opened lazily."""
+    """The complete store at ``path``, opened lazily, without dask: evaluate reads it an item
+    at a time."""
     if not Path(path).exists():
         raise EvaluationError(f"store {path} does not exist: give the output.path of a "
                               "piadm sample run")
-    ds = _open_zarr(path, f"store {path}", "give the output.path of a piadm sample run")
+    ds = _open_zarr(path, f"store {path}", "give the output.path of a piadm sample run",
+                    dask=False)
     if "done" not in ds or "piadm_store_digest" not in ds.attrs:
         raise EvaluationError(f"{path} is not a piadm ensemble store: give the output.path of "
                               "a piadm sample run")

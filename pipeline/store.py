@@ -514,14 +514,17 @@ def _quiet_consolidated():
         yield
 
 
-def open_store(path: str | Path, consolidated: bool | None = None) -> xr.Dataset:
+def open_store(path: str | Path, consolidated: bool | None = None,
+               dask: bool = True) -> xr.Dataset:
     """The store at ``path`` as a lazy ``xarray.Dataset``; ``consolidated = False`` for a
     store another tool wrote, whose consolidated metadata that tool may have left stale (a
-    variable or times added since, hidden from a reader that trusts it)."""
+    variable or times added since, hidden from a reader that trusts it). ``dask = False``
+    for a reader that takes its selections one at a time: each is read by zarr directly,
+    not through a dask graph of a task a chunk (evaluate's 1024 items: 8 s against 2 s)."""
     import xarray as xr
 
     with _quiet_consolidated():
-        return xr.open_zarr(path, consolidated=consolidated)
+        return xr.open_zarr(path, consolidated=consolidated, **({} if dask else {"chunks": None}))
 
 
 def consolidate(path: str | Path) -> None:
