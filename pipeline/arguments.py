@@ -103,6 +103,9 @@ def check_output_file(flag: str, path: str | None, name: str = "bench.json",
         if other and _same_file(p, Path(other)):  # the config was replaced by the results
             raise ConfigError(f"{flag} {path} is {what}, which it would replace: give another "
                               f"path, e.g. {p.parent / name}", collective=True)
+        if other and Path(other).is_dir() and _inside(p, Path(other)):  # a network's folder
+            raise ConfigError(f"{flag} {path} is inside {what}, whose files it would join or "
+                              f"replace: give a path outside it, e.g. {name}", collective=True)
     store = p if (p / "zarr.json").is_file() or (p / ".zgroup").is_file() else enclosing_store(p)
     if store is not None:  # written there, it would replace or join the store's own files
         where = "is a Zarr store" if store == p else f"is inside the Zarr store {store}"
@@ -137,6 +140,26 @@ def check_output_file(flag: str, path: str | None, name: str = "bench.json",
     except OSError as err:
         raise ConfigError(f"{flag} {path}: cannot write there ({err.strerror}): give another "
                           "path", collective=True) from None
+
+
+def model_files(cfg) -> dict:
+    """The files a config's model is read from ({what it is: path}, for ``check_output_file``):
+    a --json written over a checkpoint replaced the trained weights with the bench's table."""
+    from models.checkpoint import sidecar
+
+    read = {}
+    for key in ("checkpoint", "guide", "weights", "path"):
+        value = getattr(cfg.model, key, "")
+        if value:
+            read[f"model.{key} ({value})"] = value
+            if key in ("checkpoint", "guide"):
+                read[f"model.{key}'s sidecar"] = str(sidecar(Path(value)))
+    return read
+
+
+def _inside(a: Path, folder: Path) -> bool:
+    """Whether ``a`` lies inside ``folder`` (through links, other spellings)."""
+    return Path(os.path.realpath(folder)) in Path(os.path.realpath(a)).parents
 
 
 def _same_file(a: Path, b: Path) -> bool:

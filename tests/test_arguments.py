@@ -93,6 +93,39 @@ def test_an_output_file_that_is_a_file_the_command_reads_is_refused_and_kept(tmp
     assert config.read_text() == text and (tmp_path / "old.json").read_text() == "[]"
 
 
+def test_an_output_file_that_is_the_models_checkpoint_or_its_folder_is_refused_and_kept(
+        tmp_path, capsys):
+    """`--json` naming the checkpoint a bench read replaced the trained weights with its
+    table, exit 0."""
+    import shutil
+
+    shipped = Path(__file__).parents[1] / "models/checkpoints"
+    for name in ("kolmogorov_uncond.pt", "kolmogorov_uncond.pt.json"):
+        shutil.copy(shipped / name, tmp_path / name)
+    ckpt = tmp_path / "kolmogorov_uncond.pt"
+    before = ckpt.read_bytes(), Path(f"{ckpt}.json").read_bytes()
+    sets = ["--set", f"model.checkpoint={ckpt}", "--set", "model.guide=''", "--set",
+            "model.guidance=1.0", "--set", "sampler.steps=10", "--set",
+            "bench.methods=['sequential-sde']", "--set", "bench.members=1"]
+    config = "jobs/configs/kolmogorov_uncond.toml"
+    for argv, said in (
+            (["bench", config, *sets, "--json", str(ckpt)],
+             f"--json {ckpt} is model.checkpoint ({ckpt}), which it would replace"),
+            (["bench", config, *sets, "--json", f"{ckpt}.json"],
+             f"--json {ckpt}.json is model.checkpoint's sidecar, which it would replace"),
+            (["plan", config, "--ranks", "2", *sets, "--json", f"{ckpt}.json"],
+             f"--json {ckpt}.json is model.checkpoint's sidecar")):
+        assert main(argv) == 2
+        assert said in _one_error(capsys)
+    assert (ckpt.read_bytes(), Path(f"{ckpt}.json").read_bytes()) == before
+    # a network's folder (diffusers' save_pretrained): a file inside it joins its files
+    (tmp_path / "net").mkdir()
+    assert main(["bench", "jobs/configs/grf.toml", *TINY, "--set", "model.kind=diffusers",
+                 "--set", f"model.path={tmp_path / 'net'}",
+                 "--json", str(tmp_path / "net" / "b.json")]) == 2
+    assert f"is inside model.path ({tmp_path / 'net'})" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command,flag", [
     (["bench", "jobs/configs/grf.toml", *TINY], "--json"),
     (["bench", "jobs/configs/grf.toml", *TINY], "--png"),
