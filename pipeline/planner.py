@@ -259,14 +259,15 @@ def make_plan(cfg: Config, model, device, *, ranks: int, gpus_per_node: int = 0,
 
 def planned_items(cfg: Config) -> int:
     """The items a run of ``cfg`` fills: its job's parallel.items, else the input selection's
-    (one where it has no input)."""
-    if cfg.parallel.items:
-        return len(cfg.parallel.items)
-    if not cfg.input.path:
-        return 1
-    from pipeline.run_items import load_items
+    (one where it has no input); ConfigError where parallel.items goes past the selection, as
+    the run refuses it (the plan had counted items that would never run)."""
+    from pipeline.run_items import check_only, load_items
 
-    return len(load_items(cfg, check=False).labels)
+    count = len(load_items(cfg, check=False).labels) if cfg.input.path else 1
+    if cfg.parallel.items:
+        check_only(cfg.parallel.items, count)
+        return len(cfg.parallel.items)
+    return count
 
 
 def _profiles(cfg: Config, model, device, *, ranks: int, sha: str, steps: dict, say,

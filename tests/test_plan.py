@@ -259,6 +259,15 @@ def test_plan_rejects_counts_below_their_least(flags, needle, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"piadm: error: {needle}"
 
 
+def test_plan_refuses_parallel_items_past_the_selection_as_the_run_does(capsys):
+    """An unconditional config has one item: [0, 1] was planned as two, exit 0."""
+    assert main(["plan", "jobs/configs/grf.toml", "--ranks", "2", "--set",
+                 "parallel.items=[0, 1]"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "piadm: error: config: parallel.items [0, 1] goes past the 1 items of the input "
+        "selection: use indices 0 .. 0")
+
+
 def test_a_gpu_plan_made_without_a_gpu_says_whose_costs_it_has(tmp_path, capsys, monkeypatch):
     import torch
 
