@@ -349,8 +349,11 @@ def _differences(cfg: Config, text: str) -> list[str]:
     from pipeline.config import config_from_dict
 
     try:
-        theirs = config_from_dict(tomllib.loads(text))
+        tree = tomllib.loads(text)
+        theirs = config_from_dict(tree)
     except (ValueError, TypeError, KeyError):  # ConfigError and TOMLDecodeError among them
+        return []
+    if not tree:  # no config recorded: its defaults would be named as the table's settings
         return []
     ignored = NOT_COMPARED + (("model.shape",) if cfg.bench.sizes else ())  # sizes decide
     keys = [f"{name}.{f.name}" for name in COMPARED
