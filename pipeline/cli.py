@@ -29,7 +29,7 @@ from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noq
 from pipeline.console import fresh_line, on_every_rank, on_rank0, print0, say, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
 from pipeline.errors import (FailedElsewhere, PiadmError, StoppedTogether,  # noqa: E402
-                             as_user_error)
+                             WriteFailed, as_user_error)
 from pipeline.settings import AUTO_METHODS  # noqa: E402
 
 
@@ -179,6 +179,8 @@ def _cmd_bench(args, world) -> int:
 
 def _cmd_calibrate(args, world) -> int:
     from models import build_model
+    from pipeline.cache import not_kept
+    from pipeline.calibrate import cache_file
     from pipeline.run_start import run_tolerance
     from pipeline.samplers import REFERENCE
 
@@ -196,8 +198,18 @@ def _cmd_calibrate(args, world) -> int:
     # cache): that choice is what runs with sampler.tol = "auto" take
     cfg = with_settings(cfg, {"sampler.tol": "auto"})
     model = build_model(cfg.model, device)
-    result = on_rank0(world, run_tolerance, cfg, model, device, force=args.force, store=False,
-                      say=lambda text: print0(world, text))
+    def calibrated():
+        result = run_tolerance(cfg, model, device, force=args.force, store=False,
+                               say=lambda text: print0(world, text))
+        why = not_kept(cache_file()) if result.rungs else ""
+        if why:  # the command's whole purpose: runs with "auto" would measure it again
+            raise WriteFailed(f"calibrate: sampler.tol = {result.tol:g} for "
+                              f"{cfg.sampler.method} could not be cached ({why}): set "
+                              f"sampler.tol = {result.tol:g} in the config, or give "
+                              "PIADM_CACHE a folder piadm can write")
+        return result
+
+    result = on_rank0(world, calibrated)
     uses = ("runs with sampler.tol = \"auto\" and these [sampler], [calibrate] and model "
             "settings use it")
     if result.rungs:

@@ -359,6 +359,12 @@ def test_a_cache_that_cannot_be_written_or_read_costs_a_warning_not_the_run(tmp_
     assert f"piadm: warning: cannot keep this measurement in {blocked}" in err
     assert f"not cached ({blocked} is a file, not a folder)" in err and "cached in" not in err
     assert xr.open_zarr(tmp_path / "t.zarr").attrs["sampler_tol_source"] == "calibrated"
+    # calibrate itself, whose whole purpose is the cache: it said later runs would use it,
+    # exit 0; they would measure it again
+    assert main(["calibrate", "jobs/configs/grf.toml", *_sets(SMALL)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (f"could not be cached ({blocked} is a file, not a folder): set sampler.tol = "
+            in last and "or give PIADM_CACHE a folder piadm can write" in last)
 
 
 def test_two_cache_files_that_cannot_be_written_are_each_said_once(tmp_path, capsys):
