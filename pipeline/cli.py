@@ -343,7 +343,10 @@ def _scoring_progress():
 
 
 def _cmd_config(args, world) -> int:
-    cfg = on_every_rank(world, lambda: _load_settings(args))
+    cfg, empty = on_every_rank(world, lambda: _load(args))
+    if empty:  # the check a script makes before it submits: said here as a run says it
+        print0(world, f"piadm: warning: config file {args.config} sets no key: every setting "
+                      "not given by --set or PIADM_SET takes its default")
     if world.rank == 0:
         print(cfg.text, end="", flush=True)
     return 0

@@ -183,9 +183,10 @@ def test_an_empty_config_file_is_said_to_set_nothing(tmp_path, capsys):
     empty.write_text("# nothing yet\n")
     one.write_text("[sampler]\nsteps = 10\n")
     for path, said in ((empty, True), (one, False)):
-        assert main(["sample", str(path), "--dry-run"]) == 0
-        err = capsys.readouterr().err
-        assert (f"piadm: warning: config file {path} sets no key" in err) == said, err
+        for command in (["sample", str(path), "--dry-run"], ["config", str(path)]):
+            assert main(command) == 0
+            err = capsys.readouterr().err
+            assert (f"piadm: warning: config file {path} sets no key" in err) == said, err
 
 
 def test_piadm_set_items_split_at_semicolons_and_lines_but_not_inside_quotes(monkeypatch):
