@@ -67,7 +67,8 @@ def dry_run(cfg: Config, ranks: RankGrid, device="cpu", sharing: int = 1) -> tup
         + ("; \"auto\" time slices: the planner picks them"
            if planned and stored is None and cfg.parallel.time_slices == "auto"
            else "; from the store's plan" if stored is not None else ""),
-        _sampler_line(shown, planned and stored is None, device)
+        _sampler_line(shown, planned and stored is None, device,
+                      resumed=fate.startswith(("would be resumed", "would be grown")))
         + ("; from the store's plan" if stored is not None else ""),
         f"model      {cfg.model.kind} {list(cfg.model.shape)}"
         + (f" from {cfg.model.checkpoint}" if cfg.model.checkpoint else "")
@@ -174,7 +175,7 @@ def _calibration_short(cfg: Config, device) -> bool:
     return read_unreachable(calibration_key(cfg, model_digest(cfg), device)) is not None
 
 
-def _sampler_line(cfg: Config, planned: bool, device) -> str:
+def _sampler_line(cfg: Config, planned: bool, device, resumed: bool = False) -> str:
     """The sampler settings a run would use; for an ``"auto"`` one, who picks them."""
     from pipeline.calibrate import cache_file, calibration_key, read_cached, read_unreachable
 
@@ -186,7 +187,11 @@ def _sampler_line(cfg: Config, planned: bool, device) -> str:
                 f"at start-up (`piadm plan CONFIG --ranks N` prints its table), "
                 f"{s.steps} steps on the {s.grid} grid, {s.dtype}, seed {s.seed}")
     tol = s.tol if REFERENCE[s.method] != s.method else "none (a sequential sampler)"
-    if tol == "auto":
+    kept = (stored_attribute(cfg.output.path, store_digests(cfg), "sampler_tol")
+            if tol == "auto" and resumed else None)
+    if kept is not None:  # as run_tolerance: a resumed store keeps its own
+        tol = f"auto: {kept:g}, the store's (it keeps the tolerance it was made with)"
+    elif tol == "auto":
         key = calibration_key(cfg, model_digest(cfg), device)
         cached, short = read_cached(key), read_unreachable(key)
         tol = (f"auto: {cached:g}, calibrated earlier ({cache_file()})" if cached is not None

@@ -108,6 +108,10 @@ def test_a_resumed_store_keeps_its_tolerance_whatever_the_cache_says(tmp_path, c
     first = xr.open_zarr(out).attrs["sampler_tol"]
     capsys.readouterr()
     cache_file().write_text("{}")  # forget every calibration
+    grown = _sets([*sets[:-1], "ensemble.members=6"])
+    # its dry run says so too (it said "would be calibrated first")
+    assert main(["sample", "jobs/configs/grf.toml", *grown, "--dry-run"]) == 0
+    assert f"tol auto: {first:g}, the store's" in capsys.readouterr().err
     assert main(["sample", "jobs/configs/grf.toml", *_sets(sets)]) == 0
     assert "worst_dist" not in capsys.readouterr().err  # the store's tolerance, no ladder
     cfg = load_config("jobs/configs/grf.toml", sets)
