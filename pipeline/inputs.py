@@ -316,6 +316,20 @@ def _laid_out(ds: xr.Dataset, path: str, variable: str, dim: str) -> xr.DataArra
 
 
 def _statistics(var: xr.DataArray, path: str) -> tuple[float, float, tuple[float, ...]]:
+    """The mean, std and fingerprint of the selection ``var`` (items, *field), every value of
+    it finite: as kept from an earlier run on the same files (``pipeline.input_cache``), else
+    measured in one pass and kept."""
+    from pipeline.input_cache import keep_statistics, kept_statistics, selection_key
+
+    key = selection_key(var, path)
+    stats = kept_statistics(key)
+    if stats is None:
+        stats = _measured_statistics(var, path)
+        keep_statistics(key, stats)
+    return stats
+
+
+def _measured_statistics(var: xr.DataArray, path: str) -> tuple[float, float, tuple[float, ...]]:
     """One pass over the selection ``var`` (items, *field): its mean, std and fingerprint,
     after checking every value is finite."""
     import dask

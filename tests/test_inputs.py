@@ -622,3 +622,38 @@ def test_values_of_1e100_are_sampled_in_float64(tmp_path):
     assert main(["sample", "jobs/configs/grf.toml", *sets]) == 0
     members = xr.open_zarr(out)["vort"].isel(time=0).values
     assert np.isfinite(members).all() and 1e99 < np.abs(members).mean() < 1e102
+
+
+def test_an_input_selection_is_read_through_once_until_its_files_change(tmp_path,
+                                                                        monkeypatch):
+    """A resume, a grown store and every job of an array after the first streamed over the
+    whole selection again (a minute per 10 GB): its statistics are kept under its files'
+    sizes, times and inodes, and measured again once a file is rewritten."""
+    import os
+
+    from pipeline import inputs
+
+    passes = []
+    measured = inputs._measured_statistics
+    monkeypatch.setattr(inputs, "_measured_statistics",
+                        lambda var, path: passes.append(path) or measured(var, path))
+    path = make_input(tmp_path / "in.zarr")
+    out = tmp_path / "ens.zarr"
+
+    def run(*extra):
+        assert main(["sample", "jobs/configs/grf.toml",
+                     *conditional_sets(path, out, "ensemble.members=2", *extra)]) == 0
+
+    run("parallel.items=[0]")
+    run("parallel.items=[1]")  # another job of the array
+    run("ensemble.members=4")  # the store grown
+    assert len(passes) == 1
+    chunk = next(p for p in Path(path, "vort").rglob("*") if p.is_file() and "c" in p.parts)
+    chunk.write_bytes(chunk.read_bytes())  # rewritten as it was: another mtime
+    os.utime(chunk, ns=(1, 1))
+    run("ensemble.members=4")
+    assert len(passes) == 2
+    other = _store(tmp_path / "other.zarr", pd.date_range("2020-01-01", periods=6))
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(other, tmp_path / "o.zarr", "ensemble.members=2")]) == 0
+    assert len(passes) == 3
