@@ -1,9 +1,9 @@
 """The measurement caches beside each other in ``$PIADM_CACHE`` (default ``~/.cache/piadm``):
 calibrated tolerances, planner profiles, equal-quality steps and input statistics, each a
-JSON object keyed by a hash of what decides the entry. Writes are atomic (temp file, then rename), so concurrent
-runs never leave a half-written file, and each read-modify-write holds a lock file beside
-the cache (``fcntl.flock``), so that runs writing other keys at once lose none of them; the
-last writer of one key wins.
+JSON object keyed by a hash of what decides the entry. Writes are atomic (temp file, then
+rename), so concurrent runs never leave a half-written file, and each read-modify-write
+holds a lock file beside the cache (``fcntl.flock``), so that runs writing other keys at
+once lose none of them; the last writer of one key wins.
 """
 from __future__ import annotations
 
