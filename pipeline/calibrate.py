@@ -240,7 +240,8 @@ def loosest_passing(ladder, passes, refine: int = 0, stopped=lambda: False) -> f
     """The loosest tolerance that ``passes(tol, refined)``: the rungs of ``ladder`` (loosest
     first) until one passes, then ``refine`` times the tolerance halfway (``between``) to the
     looser rung that failed (``refined`` true), keeping the loosest that passes; None where no
-    rung passes. A stop (``stopped``) keeps the rung that passed."""
+    rung passes. A stop (``stopped``) ends the refinement (``run_ladder`` then keeps
+    nothing)."""
     for i, tol in enumerate(ladder):
         if not passes(float(tol), False):
             continue
@@ -310,6 +311,9 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
         return rung.worst <= distance / 2
 
     chosen = loosest_passing(ladder, passes, refine, stopped)
+    if stopped():  # between the rungs, a looser tolerance was left untried: cache nothing
+        raise Stopped(f"calibrate: stopped by a signal before the tolerances between the "
+                      f"rungs were measured")
     if chosen is not None:
         return Calibration(chosen, tuple(rungs), "calibrated")
     raise Unreachable(
