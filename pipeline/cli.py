@@ -5,8 +5,8 @@ import os
 import sys
 import time
 
-from pipeline.signals import (defer_early, ignore_stop_signals, interrupted_by_stop_signals,
-                              settle_zarr_io, stopped_by)
+from pipeline.signals import (allow_interrupts, defer_early, ignore_stop_signals,
+                              interrupted_by_stop_signals, settle_zarr_io, stopped_by)
 
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "piadm":
     defer_early()  # before the heavy imports below: a stop signal now must not kill the job
@@ -431,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     if world.rank > 0:  # every rank loads the same network: its warnings are rank 0's to say
         for said in NETWORK_WARNINGS:
             warnings.filterwarnings("ignore", message=said, category=UserWarning)
+    allow_interrupts()  # Ctrl-C: said below with what the command kept
     try:
         try:
             if args.command in ("sample", "train"):  # they stop gracefully (StopRequest)

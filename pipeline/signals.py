@@ -10,6 +10,7 @@ While sampling, a first Ctrl-C (SIGINT) is a stop request too, and a second stop
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -32,9 +33,28 @@ def _record(signum, frame) -> None:
 
 
 def defer_early() -> None:
-    """Hold SIGTERM and SIGUSR1 until the command decides what they mean (call first)."""
+    """Hold SIGTERM and SIGUSR1 until the command decides what they mean (call first); a
+    Ctrl-C before the command begins (``allow_interrupts``) ends the process at once, in one
+    line: nothing was done yet, and Python's KeyboardInterrupt would show a traceback of the
+    imports it landed in."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _record)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where it was
+        signal.signal(signal.SIGINT, _interrupted_before)  # ignored (nohup, a script's &)
+
+
+def _interrupted_before(signum, frame) -> None:
+    sys.stderr.write("\npiadm: interrupted (Ctrl-C) before the command began: nothing was "
+                     "done\n")
+    sys.stderr.flush()
+    os._exit(128 + signal.SIGINT)
+
+
+def allow_interrupts() -> None:
+    """From here a Ctrl-C raises KeyboardInterrupt, which the command turns into what it
+    kept (where ``defer_early`` had held it: a process of the command line)."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_before:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _interrupt(signum, frame) -> None:

@@ -158,6 +158,25 @@ def test_a_stop_signal_during_another_commands_start_up_says_so_and_exits_128_pl
     assert err.strip().splitlines()[-1] == f"piadm: stopped by {signal.Signals(sig).name}", err
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("command", ["sample", "bench"])
+def test_a_ctrl_c_during_the_imports_is_one_line_not_a_traceback(tmp_path, command):
+    """Python's KeyboardInterrupt in the imports before a command begins printed a traceback
+    of the module it landed in."""
+    proc = start([f"--set=output.path={tmp_path / 'ens.zarr'}", "--set=bench.sizes=[[8, 8]]"],
+                 command=command)
+    deadline = time.monotonic() + 30
+    while not _catches(proc.pid, signal.SIGTERM) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)  # the heavy imports are still to come
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] in (
+        "piadm: interrupted (Ctrl-C) before the command began: nothing was done",
+        "piadm: interrupted (Ctrl-C)"), err  # the second where it landed past the imports
+    assert not (tmp_path / "ens.zarr").exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_after_the_run_finished_does_not_fail_the_job(tmp_path, sig):
     """SLURM's SIGTERM (or a late Ctrl-C) may land while the interpreter shuts down after a
