@@ -150,7 +150,7 @@ def model_files(cfg) -> dict:
     read = {}
     for key in ("checkpoint", "guide", "weights", "path"):
         value = getattr(cfg.model, key, "")
-        if value:
+        if value and isinstance(value, str):  # gmm's weights are the mixture's, no file
             read[f"model.{key} ({value})"] = value
             if key in ("checkpoint", "guide"):
                 read[f"model.{key}'s sidecar"] = str(sidecar(Path(value)))

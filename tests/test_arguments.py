@@ -124,6 +124,11 @@ def test_an_output_file_that_is_the_models_checkpoint_or_its_folder_is_refused_a
                  "--set", f"model.path={tmp_path / 'net'}",
                  "--json", str(tmp_path / "net" / "b.json")]) == 2
     assert f"is inside model.path ({tmp_path / 'net'})" in capsys.readouterr().err
+    # gmm's model.weights are the mixture's numbers, no file: its --json is written
+    assert main(["bench", "jobs/configs/gmm.toml", "--set", "sampler.steps=20", "--set",
+                 "bench.members=1", "--set", "bench.methods=['sequential-sde']",
+                 "--json", str(tmp_path / "g.json")]) == 0
+    assert json.loads((tmp_path / "g.json").read_text())["rows"]
 
 
 @pytest.mark.parametrize("command,flag", [
