@@ -240,8 +240,8 @@ def loosest_passing(ladder, passes, refine: int = 0, stopped=lambda: False) -> f
     """The loosest tolerance that ``passes(tol, refined)``: the rungs of ``ladder`` (loosest
     first) until one passes, then ``refine`` times the tolerance halfway (``between``) to the
     looser rung that failed (``refined`` true), keeping the loosest that passes; None where no
-    rung passes. A stop (``stopped``) ends the refinement (``run_ladder`` then keeps
-    nothing)."""
+    rung passes. A stop (``stopped``) with a tolerance between the rungs still to measure
+    raises ``Stopped``: the rung that passed is not the loosest, and must not be kept."""
     for i, tol in enumerate(ladder):
         if not passes(float(tol), False):
             continue
@@ -251,9 +251,11 @@ def loosest_passing(ladder, passes, refine: int = 0, stopped=lambda: False) -> f
         # took 20 rounds at 1.25x where the rung 1e-2 took 21 at 1.31x)
         for _ in range(refine if loose is not None else 0):
             mid = between(loose, chosen)
-            # rounded onto a rung, nothing is left between
-            if not chosen < mid < loose or stopped():
+            if not chosen < mid < loose:  # rounded onto a rung, nothing is left between
                 break
+            if stopped():
+                raise Stopped("calibrate: stopped by a signal before the tolerances between "
+                              "the rungs were measured")
             if passes(mid, True):
                 chosen = mid
             else:
@@ -311,9 +313,6 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
         return rung.worst <= distance / 2
 
     chosen = loosest_passing(ladder, passes, refine, stopped)
-    if stopped():  # between the rungs, a looser tolerance was left untried: cache nothing
-        raise Stopped(f"calibrate: stopped by a signal before the tolerances between the "
-                      f"rungs were measured")
     if chosen is not None:
         return Calibration(chosen, tuple(rungs), "calibrated")
     raise Unreachable(

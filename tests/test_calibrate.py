@@ -301,13 +301,21 @@ def test_a_stop_before_a_refinement_keeps_nothing():
         return len(asked) > 3
 
     said = []
+
+    def ladder(refine, stop):
+        return run_ladder(model, method="pc-window", grid=grid,
+                          options=Options(tol=0.0, data_bound=model.data_bound), seed=0,
+                          dtype=torch.float64, device="cpu", noise_source="host", members=2,
+                          distance=1e-3, ladder=(0.1, 0.01, 0.001), refine=refine,
+                          stopped=stop, say=said.append)
+
     with pytest.raises(Stopped, match="before the tolerances between the rungs"):
-        run_ladder(model, method="pc-window", grid=grid,
-                   options=Options(tol=0.0, data_bound=model.data_bound), seed=0,
-                   dtype=torch.float64, device="cpu", noise_source="host", members=2,
-                   distance=1e-3, ladder=(0.1, 0.01, 0.001), refine=1, stopped=stop,
-                   say=said.append)
+        ladder(1, stop)
     assert [float(r.split()[0]) for r in said[2:]] == [0.1, 0.01, 0.001]  # the rungs, then no more
+    # nothing left to measure when the stop comes: the calibration is whole, and kept
+    asked.clear()
+    got = ladder(0, stop)
+    assert got.tol == 0.001 and len(asked) == 3
 
 
 def test_processes_writing_other_keys_at_once_lose_none(tmp_path):
