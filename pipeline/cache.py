@@ -59,16 +59,16 @@ def _load(path: Path) -> dict:
 _READ_WARNED: set = set()  # the cache files read_cache warned of in this process
 
 
-def read_cache(path: Path) -> dict:
+def read_cache(path: Path, quiet: bool = False) -> dict:
     """The entries of the JSON cache file ``path``, {} when it is missing, unreadable or no
     JSON object (a file cut short, or another tool's); said once a file where it is there but
-    cannot be read: its entries are measured again."""
+    cannot be read (not where ``quiet``): its entries are measured again."""
     try:
         return _load(path)
     except FileNotFoundError:
         return {}
     except (OSError, Damaged) as err:
-        if path not in _READ_WARNED:
+        if not quiet and path not in _READ_WARNED:
             _READ_WARNED.add(path)
             say(f"piadm: warning: cannot read the cache {path} ({_why(err)}): what it holds is "
                 "measured again")
@@ -80,18 +80,18 @@ def _why(err: Exception) -> str:
     return (err.strerror or str(err)) if isinstance(err, OSError) else str(err)
 
 
-def read_entry(path: Path, key: str, valid) -> dict | None:
+def read_entry(path: Path, key: str, valid, quiet: bool = False) -> dict | None:
     """The entry ``key`` of the JSON cache file ``path`` where it is an object that ``valid``
     accepts (a function of the entry, which may raise), else None: an entry edited or
     damaged by hand is measured again, as a missing one is, rather than read into a
-    traceback or a tolerance that is no number."""
-    entry = read_cache(path).get(key)
+    traceback or a tolerance that is no number (said, but where ``quiet``)."""
+    entry = read_cache(path, quiet).get(key)
     try:
         if isinstance(entry, dict) and valid(entry):
             return entry
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
         pass
-    if entry is not None and (path, key) not in _UNUSABLE:  # said once, not at every read
+    if entry is not None and not quiet and (path, key) not in _UNUSABLE:  # said once
         _UNUSABLE.add((path, key))
         say(f"piadm: warning: the cache {path} holds this measurement's entry in a form piadm "
             "cannot use (edited or damaged): measuring it again, and the new one replaces it")
@@ -107,33 +107,36 @@ def positive(value) -> bool:
             and math.isfinite(value) and value > 0)
 
 
-_WARNED: dict = {}  # cache folder: why update_cache last could not write it, in this process
+_WARNED: dict = {}  # cache file: why update_cache last could not write it, in this process
 _SAID: set = set()  # (cache folder, why) said already: two files' causes alternated, each said
 
 
-def update_cache(path: Path, key: str, entry) -> bool:
+def update_cache(path: Path, key: str, entry, quiet: bool = False) -> bool:
     """Set ``key`` to ``entry`` in the JSON cache file ``path``; whether it was kept. A cache
     that cannot be written (a read-only $PIADM_CACHE or file, a file in its place, one that
     cannot be read, so that writing would lose its other entries) costs the next run a new
-    measurement, not this one what it measured: a warning says so, and the run goes on. A
-    file holding no JSON object is moved aside (said), not written over."""
+    measurement, not this one what it measured: a warning says so (not where ``quiet``: a
+    saving the run does without), and the run goes on. A file holding no JSON object is moved
+    aside (said), not written over."""
     try:
         _update(path, key, entry)
+        _WARNED.pop(path, None)
         return True
     except OSError as err:
         why = _cannot(path, err)
-        if (path.parent, why) not in _SAID:  # once a folder and cause: a plan measures many
-            _SAID.add((path.parent, why))
+        if not quiet and (path.parent, why) not in _SAID:  # once a folder and cause: a plan
+            _SAID.add((path.parent, why))  # measures many
             where = Path(os.path.realpath(path)).parent  # a link's target's
             say(f"piadm: warning: cannot keep this measurement in {where} ({why}): the next "
                 "run measures it again; set PIADM_CACHE to a folder you may write")
-        _WARNED[path.parent] = why
+        _WARNED[path] = why
         return False
 
 
 def not_kept(path: Path) -> str:
-    """Why the last write to ``path``'s cache folder failed in this process ("" if none)."""
-    return _WARNED.get(path.parent, "")
+    """Why the last write to the cache file ``path`` failed in this process ("" if none, or
+    if a later one succeeded)."""
+    return _WARNED.get(path, "")
 
 
 def _cannot(path: Path, err: OSError) -> str:

@@ -177,11 +177,25 @@ def _cmd_bench(args, world) -> int:
     return 0
 
 
-def _cmd_calibrate(args, world) -> int:
-    from models import build_model
+def _cached_calibration(cfg, model, device, force: bool, say):
+    """Rank 0: ``run_tolerance`` of ``cfg`` (``sampler.tol = "auto"``), or WriteFailed where a
+    tolerance measured now could not be cached: keeping it is the command's whole purpose,
+    and runs with "auto" would measure it again."""
     from pipeline.cache import not_kept
     from pipeline.calibrate import cache_file
     from pipeline.run_start import run_tolerance
+
+    result = run_tolerance(cfg, model, device, force=force, store=False, say=say)
+    why = not_kept(cache_file()) if result.rungs else ""
+    if why:
+        raise WriteFailed(f"calibrate: sampler.tol = {result.tol:g} for {cfg.sampler.method} "
+                          f"could not be cached ({why}): set sampler.tol = {result.tol:g} in "
+                          "the config, or give PIADM_CACHE a folder piadm can write")
+    return result
+
+
+def _cmd_calibrate(args, world) -> int:
+    from models import build_model
     from pipeline.samplers import REFERENCE
 
     cfg, _, device = _setup(args, world, layout=False)
@@ -198,18 +212,8 @@ def _cmd_calibrate(args, world) -> int:
     # cache): that choice is what runs with sampler.tol = "auto" take
     cfg = with_settings(cfg, {"sampler.tol": "auto"})
     model = build_model(cfg.model, device)
-    def calibrated():
-        result = run_tolerance(cfg, model, device, force=args.force, store=False,
-                               say=lambda text: print0(world, text))
-        why = not_kept(cache_file()) if result.rungs else ""
-        if why:  # the command's whole purpose: runs with "auto" would measure it again
-            raise WriteFailed(f"calibrate: sampler.tol = {result.tol:g} for "
-                              f"{cfg.sampler.method} could not be cached ({why}): set "
-                              f"sampler.tol = {result.tol:g} in the config, or give "
-                              "PIADM_CACHE a folder piadm can write")
-        return result
-
-    result = on_rank0(world, calibrated)
+    result = on_rank0(world, _cached_calibration, cfg, model, device, args.force,
+                      lambda text: print0(world, text))
     uses = ("runs with sampler.tol = \"auto\" and these [sampler], [calibrate] and model "
             "settings use it")
     if result.rungs:

@@ -621,6 +621,16 @@ def test_a_cache_folder_that_is_a_file_is_called_one(tmp_path, monkeypatch, caps
     assert not update_cache(blocked / "calibration.json", "a", 1)
     assert f"({blocked} is a file, not a folder)" in capsys.readouterr().err
     assert not_kept(blocked / "calibration.json") == f"{blocked} is a file, not a folder"
+    # by file, and until a write of it succeeds: another file of the folder that could not be
+    # written (input statistics) made calibrate say its tolerance was not cached, exit 2
+    folder = tmp_path / "cache"
+    (folder / "input_statistics.json").mkdir(parents=True)
+    assert not update_cache(folder / "input_statistics.json", "a", 1)
+    assert update_cache(folder / "calibration.json", "a", 1)
+    assert not_kept(folder / "calibration.json") == ""
+    (folder / "input_statistics.json").rmdir()
+    assert update_cache(folder / "input_statistics.json", "a", 1)
+    assert not_kept(folder / "input_statistics.json") == ""
 
 
 def test_a_store_whose_recorded_tolerance_is_damaged_is_refused(tmp_path, capsys):

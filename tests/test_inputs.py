@@ -630,9 +630,11 @@ def test_an_input_selection_is_read_through_once_until_its_files_change(tmp_path
     whole selection again (a minute per 10 GB): its statistics are kept under its files'
     sizes, times and inodes, and measured again once a file is rewritten."""
     import os
+    import shutil
 
-    from pipeline import inputs
+    from pipeline import input_cache, inputs
 
+    monkeypatch.setattr(input_cache, "CACHED_FROM_BYTES", 0)  # kept from 64 MiB: these are tiny
     passes = []
     measured = inputs._measured_statistics
     monkeypatch.setattr(inputs, "_measured_statistics",
@@ -657,3 +659,40 @@ def test_an_input_selection_is_read_through_once_until_its_files_change(tmp_path
     assert main(["sample", "jobs/configs/grf.toml",
                  *conditional_sets(other, tmp_path / "o.zarr", "ensemble.members=2")]) == 0
     assert len(passes) == 3
+    # chunks in a linked folder (a store put together from parts): followed, so a chunk
+    # rewritten there is seen (a second reader found such a change read as the old input)
+    shutil.move(Path(other, "vort", "c"), tmp_path / "parts")
+    Path(other, "vort", "c").symlink_to(tmp_path / "parts")
+    linked = tmp_path / "linked.zarr"
+    sample_linked = ["sample", "jobs/configs/grf.toml",
+                     *conditional_sets(other, linked, "ensemble.members=2")]
+    assert main(sample_linked) == 0 and len(passes) == 3  # the same files, moved
+    chunk = next(p for p in (tmp_path / "parts").rglob("*") if p.is_file())
+    os.utime(chunk, ns=(2, 2))
+    assert main(sample_linked) == 0 and len(passes) == 4
+    # a variable of more files than its selection is worth listing, or a small selection:
+    # measured, not kept
+    var = xr.open_zarr(other, consolidated=False)["vort"]
+    assert input_cache.selection_key(var, other) is not None
+    monkeypatch.setattr(input_cache, "LISTED_ANYWAY", 0)
+    monkeypatch.setattr(input_cache, "FILES_PER_MIB", 0)
+    assert input_cache.selection_key(var, other) is None
+    monkeypatch.setattr(input_cache, "CACHED_FROM_BYTES", var.nbytes + 1)
+    assert input_cache.selection_key(var, other) is None
+
+
+def test_an_input_cache_that_cannot_be_kept_is_done_without_unsaid(tmp_path, monkeypatch,
+                                                                    capsys):
+    """A read-only or blocked $PIADM_CACHE (a compute node's HOME) cost every conditioned run
+    two warnings where it had none: the input's statistics are a saving it does without."""
+    from pipeline import input_cache
+
+    monkeypatch.setattr(input_cache, "CACHED_FROM_BYTES", 0)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("PIADM_CACHE", str(blocked))
+    path = make_input(tmp_path / "in.zarr")
+    assert main(["sample", "jobs/configs/grf.toml",
+                 *conditional_sets(path, tmp_path / "ens.zarr", "ensemble.members=2")]) == 0
+    err = capsys.readouterr().err
+    assert "cannot read the cache" not in err and "cannot keep" not in err, err
