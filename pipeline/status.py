@@ -219,8 +219,9 @@ def damaged(path: str) -> list[tuple[int, int, str]]:
     (not finite, or a seed of 0: a chunk file deleted reads as the fill value; a residual
     history is NaN past a batch's last round by design, so it is only read), and every
     member of a chunk of the ``done`` record itself that cannot be read. piadm never marks
-    such a member done, so it was damaged after writing. Reads every done member, one chunk
-    of members at a time."""
+    such a member done, so it was damaged after writing. Reads every done member, items a
+    block of 64 MiB at a time (an item larger than that, and a block that fails, a chunk of
+    members at a time)."""
     group = _open(path)
     return _damaged(group, *read_done_record(group["done"]))
 
@@ -247,8 +248,9 @@ def _damaged(group: zarr.Group, done: np.ndarray, bad: list) -> list[tuple[int, 
         hi = min(lo + rows, done.shape[0])
         if not done[lo:hi].any():
             continue
-        try:
-            blocks = {key: array[lo:hi] for key, array in arrays.items()}
+        try:  # an item larger than a block: chunk by chunk, not all its members at once
+            blocks = (None if item_bytes > VERIFY_BLOCK_BYTES else
+                      {key: array[lo:hi] for key, array in arrays.items()})
         except Exception as err:  # a codec's error on damaged bytes
             if is_system_error(err):
                 raise

@@ -410,6 +410,34 @@ def test_status_of_a_path_that_is_no_store_is_an_error(tmp_path, capsys):
     assert "none.zarr does not exist: pass the output.path of a run" in capsys.readouterr().err
 
 
+def test_verify_reads_blocks_of_items_and_an_item_past_a_block_chunk_by_chunk(
+        tmp_path, input_store, monkeypatch):
+    """--verify reads many chunks a call (a call a chunk took three times the whole read), a
+    block that fails again chunk by chunk to name the damaged one, and an item larger than a
+    block chunk by chunk (a 4 GB item was read whole): the same findings every way."""
+    from pipeline import status
+
+    hurt = tmp_path / "hurt.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, hurt)]) == 0
+    chunks = sorted(p for p in (hurt / "vort" / "c").rglob("*") if p.is_file())
+    chunks[1].unlink()  # reads back as the fill value: no read fails
+    reads = []
+    monkeypatch.setattr(status, "_read_chunk", lambda *a, read=status._read_chunk: (
+        reads.append(a[1:3]) or read(*a)))
+
+    def verified(block: int):
+        monkeypatch.setattr(status, "VERIFY_BLOCK_BYTES", block)
+        reads.clear()
+        return status.damaged(str(hurt)), len(reads)
+
+    found, _ = verified(64 * 2**20)
+    assert len(found) == 2 and verified(64 * 2**20) == (found, 0)  # one block, no chunk read
+    assert verified(1) == (found, 18)  # 6 items of 3 chunks, each larger than a block
+    chunks[-1].write_bytes(chunks[-1].read_bytes()[:20])  # cut short: the block read fails
+    found, count = verified(64 * 2**20)
+    assert len(found) == 4 and count == 18 and verified(1) == (found, 18)
+
+
 def test_verify_finds_members_damaged_after_writing_and_repair_lets_a_rerun_resample_them(
         tmp_path, input_store, capsys):
     import shutil
