@@ -19,6 +19,7 @@ from pipeline.inputs import check_real, same_fingerprint, select_items, selectio
 from pipeline.labels import label_text
 from pipeline.store import INPUT_FINGERPRINT, done_members, field_variable, open_store
 from pipeline.truth_items import paired_truth, truth_in_range
+from pipeline.units import same_units
 from pipeline.unreadable import in_groups, undecodable_times
 
 
@@ -90,7 +91,7 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
     check_real(truth_ds[variable], f"truth {path}: {variable}", EvaluationError)
     name = ensemble_variable(ens)
     units = (truth_ds[variable].attrs.get("units"), ens[name].attrs.get("units"))
-    if None not in units and str(units[0]).strip() != str(units[1]).strip():
+    if None not in units and not same_units(*units):  # m/s is m s-1, K kelvin
         # scored as they stand, K against degC gave a CRPS of 271 labelled K
         raise EvaluationError(f"truth {path}: {variable} is in {units[0]!r}, the ensemble's "
                               f"{name} in {units[1]!r}: convert the truth to the ensemble's "

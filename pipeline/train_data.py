@@ -27,6 +27,7 @@ from pipeline.inputs import (check_field_order, check_real, direction, masked_by
 from pipeline.labels import label_text
 from pipeline.settings import TrainConfig
 from pipeline.store import open_store
+from pipeline.units import same_units
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ def _check_condition_unit(t: TrainConfig, ds: xr.Dataset, mean: float, std: floa
     if not t.condition or far <= MOST_TRAINING_STDS:
         return
     units = [str(ds[name].attrs.get("units", "")) for name in (t.condition, t.variable)]
-    said = f" (units {units[0]!r} against {units[1]!r})" if all(units) and units[0] != units[1] \
-        else ""
+    said = (f" (units {units[0]!r} against {units[1]!r})"
+            if all(units) and not same_units(*units) else "")
     raise InputError(f"train.condition {t.condition!r} of {t.data} has mean {cmean:.4g} and std "
                      f"{cstd:.4g}, where {t.variable}'s training fields have mean {mean:.4g} "
                      f"and std {std:.4g}, {far:.3g} of their standard deviations away{said}: "
@@ -220,7 +221,7 @@ def _check_same_grid(path: str, theirs: xr.DataArray, ours: xr.DataArray) -> Non
         raise InputError(f"{where} on {dim} {a[0]:g} .. {a[-1]:g}, train.data on {dim} "
                          f"{b[0]:g} .. {b[-1]:g}: the fields are joined by position; {fix}")
     units = (theirs.attrs.get("units"), ours.attrs.get("units"))
-    if None not in units and units[0] != units[1]:
+    if None not in units and not same_units(*units):  # m/s is m s-1
         raise InputError(f"{where} in {units[0]!r}, train.data's {name} in {units[1]!r}: "
                          "convert it to train.data's units (or, where they are the same "
                          "units spelt otherwise, set its units attribute to train.data's)")

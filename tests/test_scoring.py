@@ -964,7 +964,7 @@ def test_a_truth_in_other_units_than_the_ensemble_is_refused(paired, tmp_path):
     zarr.open_group(kelvin)["vort"].attrs["units"] = "K"
     zarr.consolidate_metadata(kelvin)
     truth = xr.open_zarr(tmp / "truth.zarr")
-    for units, refused in (("degC", True), (" K", False)):
+    for units, refused in (("degC", True), (" K", False), ("kelvin", False)):
         path = tmp_path / f"truth_{units.strip()}.zarr"
         truth.vort.attrs["units"] = units
         truth.to_zarr(path, zarr_format=3)
