@@ -167,11 +167,25 @@ def load_pretrained(section, device="cpu") -> NetworkModel:
     return model
 
 
+# Files that mark a folder as another tool's output, not part of a network: a Zarr store (an
+# ensemble written into the model's folder), an evaluation's folder
+OUTPUT_MARKS = ("zarr.json", ".zgroup", ".zarray", ".piadm-evaluate")
+
+
 def pretrained_digest(section) -> str:
-    """SHA-256 of the folder's weight files and configs (sorted by path)."""
+    """SHA-256 of the folder's weight files and configs (sorted by path), but those inside a
+    Zarr store or an evaluation's folder within it: a store written into the model's folder
+    changed the digest at its first run, and could never be resumed."""
     root = Path(section.path)
-    files = sorted(p for pattern in (*WEIGHT_FILES, "*.json") for p in root.rglob(pattern))
+    files = sorted(p for pattern in (*WEIGHT_FILES, "*.json") for p in root.rglob(pattern)
+                   if not _in_output(p, root))
     return files_digest(files)
+
+
+def _in_output(path: Path, root: Path) -> bool:
+    """Whether ``path`` lies in a folder under ``root`` that another tool's output marks."""
+    return any((folder / mark).exists() for folder in path.parents
+               if folder != root and root in folder.parents for mark in OUTPUT_MARKS)
 
 
 def describe(section) -> dict:

@@ -909,3 +909,28 @@ def test_a_plugin_kinds_weights_retrained_in_place_or_edited_builder_make_anothe
     group = zarr.open_group(out, mode="r+")  # a store made before the plugin was recorded
     group.attrs.pop("model_plugin_sha256")
     assert run("ensemble.members=4") == 0
+
+def test_a_store_or_evaluation_written_into_the_models_folder_keeps_its_digest(tmp_path):
+    """Every .json under a diffusers folder was hashed: a store written inside it (its
+    zarr.json files) changed the model's digest at its first run, and was never resumed."""
+    from models.pretrained import pretrained_digest
+
+    folder = tmp_path / "net"
+    small_unet().save_pretrained(folder)
+    diffusers.DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(folder)
+    settings = {"model.kind": "diffusers", "model.path": str(folder), "model.shape": [16, 16],
+                "sampler.grid": "scheduler", "sampler.steps": 20,
+                "sampler.method": "sequential-sde", "ensemble.members": 2,
+                "output.path": str(folder / "ens.zarr")}
+    cfg = api.load_config(None, settings)
+    before = pretrained_digest(cfg.model)
+    api.sample(cfg)
+    (folder / "ens_eval").mkdir()
+    (folder / "ens_eval" / ".piadm-evaluate").write_text("")
+    (folder / "ens_eval" / "metrics.json").write_text("{}")
+    assert pretrained_digest(cfg.model) == before
+    grown = api.sample(api.load_config(None, {**settings, "ensemble.members": 4}))
+    assert (grown.members, grown.skipped) == (2, 2)  # grown, not refused: "other model files"
+    (folder / "notes").mkdir()
+    (folder / "notes" / "weights.json").write_text("{}")  # a file of the network's folder
+    assert pretrained_digest(cfg.model) != before
