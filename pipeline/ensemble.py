@@ -21,13 +21,15 @@ import numpy as np
 import torch
 
 from models import build_model
+from models.user_code import first_line, raised_at
 from pipeline.calibrate import Calibration
 from pipeline.claimed import claimed_calls
 from pipeline.claims import Heartbeat, batch_key, claims_dir, holds, new_job_id
 from pipeline.comm import SerialComm
 from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
-from pipeline.errors import OutOfMemory, PiadmError, UnitsOverflow, is_out_of_memory
+from pipeline.errors import (NetworkFailed, OutOfMemory, PiadmError, UnitsOverflow,
+                             is_out_of_memory)
 from pipeline.inputs import Items
 from pipeline.labels import label_text
 from pipeline.layout import RankGrid, rank_grid
@@ -259,9 +261,17 @@ def _sampled(cfg: Config, ranks: RankGrid, spec: StoreSpec, model, noise: Noise,
     except PiadmError as err:  # a member gone NaN/Inf
         failed = err
     except Exception as err:
-        if not is_out_of_memory(err):
+        where = "" if is_out_of_memory(err) else raised_at(err)
+        if where:  # the user's own network failed mid-run (a 2-item probe passed it)
+            failed = NetworkFailed(
+                f"the network failed in a call of {len(noise.keys)} member(s) "
+                f"({type(err).__name__}: {first_line(err)}{where}): fix the code at that line; "
+                "the members written before it are kept, and the same command resumes after "
+                "them")
+        elif not is_out_of_memory(err):
             raise
-        out_of_memory = True
+        else:
+            out_of_memory = True
     if out_of_memory:  # made out of the except: the failed call's frames (its tensors, on
         # a GPU) are let go, not kept in the error's context
         plan = json.loads(spec.attrs.get("plan_settings", "{}"))

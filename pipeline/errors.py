@@ -99,6 +99,10 @@ class OutOfMemory(PiadmError):
     """A rank ran out of memory; the message names the settings that would make the run fit."""
 
 
+class NetworkFailed(PiadmError):
+    """A user's own network raised while sampling: the message names its line."""
+
+
 def from_here(path) -> str:
     """For a message about a file not found: where a relative ``path`` was looked for (the
     current folder, which a job script or a notebook may not have set where the user thinks),

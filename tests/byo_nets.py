@@ -261,3 +261,16 @@ class _WholeStepEmbedding(_Conv):
 
 def whole_step_embedding():
     return _WholeStepEmbedding()
+
+
+class _LateFailure(_Conv):
+    """A network that fails on batches larger than the 2-item probe's."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            raise RuntimeError(f"boom at batch {x.shape[0]}")
+        return self.conv(x)
+
+
+def late_failure():
+    return _LateFailure(1)

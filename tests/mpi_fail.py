@@ -1,6 +1,8 @@
 """Run under ``mpiexec``: ``piadm`` with the model failing on one rank after a few calls, to
 check that every rank ends promptly. Usage: python tests/mpi_fail.py RANK HOW PIADM-ARGS...,
-HOW ``raise`` (the call raises) or ``nan`` (it answers NaN, which only that rank sees), or
+HOW ``raise`` (the call raises, told as a network's failure at its line), ``bug`` (the same,
+raised from piadm's own code: told with its traceback) or ``nan`` (it answers NaN, which only
+that rank sees), or
 ``write``: that rank's second batch write fails as on a full disk, ``claim``: its second
 batch claim does, or ``thread`` (``beat``): its background writer's (heartbeat's) thread
 cannot start.
@@ -23,6 +25,8 @@ def _fail_after(calls: int, how: str):
             raise RuntimeError("injected failure: this rank's model call broke")
         return original(self, x, u)
 
+    if how == "bug":  # its code as if piadm's own file's: no frame of the user's to name
+        failing.__code__ = failing.__code__.replace(co_filename=cli.__file__)
     return failing
 
 

@@ -934,3 +934,18 @@ def test_a_store_or_evaluation_written_into_the_models_folder_keeps_its_digest(t
     (folder / "notes").mkdir()
     (folder / "notes" / "weights.json").write_text("{}")  # a file of the network's folder
     assert pretrained_digest(cfg.model) != before
+
+
+def test_a_network_that_fails_mid_run_is_one_line_naming_its_line(tmp_path, capsys):
+    """Past the 2-item probe, a network's failure was a 73-line traceback, exit 1."""
+    out = tmp_path / "x.zarr"
+    sets = ["model.kind=module", "model.target=byo_nets:late_failure", "model.prediction=eps",
+            "model.process=ddpm", "model.shape=[1, 16, 16]", "sampler.method=sequential-sde",
+            "sampler.steps=10", "ensemble.members=4", "ensemble.batch_size=4",
+            f"output.path={out}"]
+    rc = main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])])
+    err = capsys.readouterr().err
+    line = _line("_LateFailure") - 1  # the raise, above its last line
+    assert rc == 2 and _one_error(err, "the network failed in a call of 4 member(s) "
+                                  f"(RuntimeError: boom at batch 4, at {TESTS / 'byo_nets.py'}:"
+                                  f"{line} in forward): fix the code at that line"), err

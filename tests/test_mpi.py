@@ -119,15 +119,19 @@ def test_sample_on_a_two_by_two_grid_writes_the_serial_store(tmp_path):
     assert (a.rounds.values == b.rounds.values).all()
 
 
-def test_an_exception_on_one_rank_ends_every_rank_promptly(tmp_path):
+@pytest.mark.parametrize("how, said", [
+    ("raise", "piadm: error on rank 2: the network failed in a call of 4 member(s) "
+              "(RuntimeError: injected failure"),  # a frame of the user's: its line named
+    ("bug", "rank 2 failed, aborting all 4 ranks")])  # piadm's own: its traceback
+def test_an_exception_on_one_rank_ends_every_rank_promptly(tmp_path, how, said):
     # a rank left waiting hangs past the timeout (TimeoutExpired): no wall-time bound here,
     # which a loaded machine (3x slower) broke
-    proc = mpirun(4, ["tests/mpi_fail.py", "2", "raise", "sample", "jobs/configs/grf.toml",
+    proc = mpirun(4, ["tests/mpi_fail.py", "2", how, "sample", "jobs/configs/grf.toml",
                       *_sets([f"output.path={tmp_path / 'f.zarr'}", "parallel.time_slices=2",
                               "sampler.tol=1e-3"])],
                   timeout=60)
     assert proc.returncode != 0
-    assert "injected failure" in proc.stderr and "rank 2 failed" in proc.stderr
+    assert "injected failure" in proc.stderr and said in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("how, doing", [("write", "writing members to"),
