@@ -23,6 +23,12 @@ def import_target(target: str, key: str = "model.target"):
     defining the object first and then the one that re-exports it, so that the code run is
     the file a store records."""
     module, _, name = target.partition(":")
+    if "/" in module or module.endswith(".py"):  # a file's path, which Python cannot import
+        stem = module.rsplit("/", 1)[-1].removesuffix(".py")
+        folder = module.rsplit("/", 1)[0] if "/" in module else "."
+        raise ConfigError(f"config: {key} = {target!r} names a file; it takes a module's name and "
+                          f"a factory in it, e.g. {stem}:{name or 'make'}, with the module's folder "
+                          f"({folder}) on PYTHONPATH (export PYTHONPATH={folder})")
     try:
         loaded = set(sys.modules)  # what this process had imported before this call
         mod = importlib.import_module(module)

@@ -193,6 +193,10 @@ def test_a_module_found_but_failing_to_import_is_not_told_to_be_installed(
     (["model.target=no_such_package.nets:unet"], "cannot import 'no_such_package.nets'"),
     (["model.target=byo_nets:small_unett"], "did you mean 'small_unet'"),
     (["model.target=byo_nets:"], "must name a factory as 'package.module:function'"),
+    # a file's path: told "the 'package' argument is required" or "install it"
+    (["model.target=./tests/byo_nets.py:small_unet"], "names a file; it takes a module's name "
+     "and a factory in it, e.g. byo_nets:small_unet, with the module's folder (./tests) on "
+     "PYTHONPATH"),
     (["model.target=byo_nets:whole_step_embedding"],
      "piadm calls it at fractional timesteps (a float t between the training's whole steps)"),
     # where in the user's own code, since the one line has no traceback
