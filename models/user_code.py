@@ -26,9 +26,9 @@ def import_target(target: str, key: str = "model.target"):
     if "/" in module or module.endswith(".py"):  # a file's path, which Python cannot import
         stem = module.rsplit("/", 1)[-1].removesuffix(".py")
         folder = module.rsplit("/", 1)[0] if "/" in module else "."
-        raise ConfigError(f"config: {key} = {target!r} names a file; it takes a module's name and "
-                          f"a factory in it, e.g. {stem}:{name or 'make'}, with the module's folder "
-                          f"({folder}) on PYTHONPATH (export PYTHONPATH={folder})")
+        raise ConfigError(f"config: {key} = {target!r} names a file; it takes a module's name "
+                          f"and a factory in it, e.g. {stem}:{name or 'make'}, with the module's "
+                          f"folder ({folder}) on PYTHONPATH (export PYTHONPATH={folder})")
     try:
         loaded = set(sys.modules)  # what this process had imported before this call
         mod = importlib.import_module(module)
