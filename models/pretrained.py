@@ -11,6 +11,7 @@ scheduler's own timesteps (its ``set_timesteps``) and ends where its last step e
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -159,12 +160,34 @@ def load_pretrained(section, device="cpu") -> NetworkModel:
     # a one-channel network on a 2-D field: the channel axis is added around each call
     channel = len(section.shape) == 2 and config.get("in_channels") == 1
     process = DiscreteVP(num_steps=len(table), alphas_cumprod=table)
+    _warn_unapplied(scheduler, section.path)
     variance = scheduler.get("variance_type") in ("learned", "learned_range")
     model = NetworkModel(_Net(net, channel, variance), tuple(section.shape), process, prediction,
                          scheduler_u=scheduler_grid(scheduler_dir, process))
     if section.condition == "none":
         check_output(model, tuple(section.shape), f"model.path = {section.path!r}")
     return model
+
+
+def _warn_unapplied(scheduler: dict, path: str) -> None:
+    """Warn of the scheduler settings piadm's samplers do not apply, whose loop the sequential
+    samplers then are not: clipping and thresholding of x0, and an SDE step variance other
+    than the posterior's (``fixed_large``: 7.6e-4 from the DDPM loop, where it agrees to
+    1e-12 otherwise)."""
+    said = []
+    if scheduler.get("clip_sample"):
+        bound = scheduler.get("clip_sample_range", 1.0)
+        said.append(f"clip_sample = true (x0 clipped to +-{bound})")
+    if scheduler.get("thresholding"):
+        said.append("thresholding = true")
+    kind = scheduler.get("variance_type")
+    if kind and kind not in ("fixed_small", "learned", "learned_range"):
+        said.append(f"variance_type = {kind!r} (piadm's SDE steps take the posterior variance, "
+                    "diffusers' 'fixed_small')")
+    if said:
+        warnings.warn(f"model.path = {path!r}: its scheduler's {'; '.join(said)} not applied: "
+                      "piadm samples the network's own prediction, so its members differ from "
+                      "that scheduler's pipeline", stacklevel=2)
 
 
 # Files that mark a folder as another tool's output, not part of a network: a Zarr store (an

@@ -408,7 +408,8 @@ def explain(err: Exception, sets: Sequence[str] = ()) -> str:
 
 # The warnings of a brought network that every rank would print alike (models.module)
 NETWORK_WARNINGS = (r"model\.target = .* is defined in no file", r"the network answers in ",
-                    r"model\.weights = .* holds float64 values for the factory")
+                    r"model\.weights = .* holds float64 values for the factory",
+                    r"model\.path = .*: its scheduler's .* not applied")
 
 
 # the commands that load torch (status, config and evaluate do not: they stay quick)

@@ -953,3 +953,24 @@ def test_a_network_that_fails_mid_run_is_one_line_naming_its_line(tmp_path, caps
     assert rc == 2 and _one_error(err, "the network failed in a call of 4 member(s) "
                                   f"(RuntimeError: boom at batch 4, at {TESTS / 'byo_nets.py'}:"
                                   f"{line} in forward): fix the code at that line"), err
+
+
+@pytest.mark.parametrize("settings, said", [
+    ({}, "clip_sample = true (x0 clipped to +-1.0)"),  # DDPMScheduler's default
+    ({"clip_sample": False, "variance_type": "fixed_large"}, "variance_type = 'fixed_large'"),
+    ({"clip_sample": False}, None)])
+def test_scheduler_settings_piadm_does_not_apply_are_warned_of(tmp_path, settings, said):
+    """A DDPM loop with fixed_large variance lies 7.6e-4 from piadm's sequential-sde, and the
+    scheduler's default clipping was dropped unsaid."""
+    import warnings
+
+    folder = tmp_path / "net"
+    small_unet().save_pretrained(folder)
+    diffusers.DDPMScheduler(num_train_timesteps=1000, **settings).save_pretrained(folder)
+    cfg = api.load_config(None, {"model.kind": "diffusers", "model.path": str(folder),
+                                 "model.shape": [16, 16]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_model(cfg.model)
+    texts = [str(w.message) for w in caught if "not applied" in str(w.message)]
+    assert (texts == []) if said is None else (len(texts) == 1 and said in texts[0]), texts
