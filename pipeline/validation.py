@@ -380,6 +380,13 @@ def _check_conditioning(cfg: Config) -> None:
     check(m.condition != "coarse" or m.kind in NETWORK_KINDS,
           "model.condition", "= 'coarse' needs a network (model.kind = 'unet', 'module' or "
           "'diffusers'); exact models condition with 'mean'")
+    # 'mean' shifts an exact model's fields by the item's input; on a network it ran as a
+    # shift of the network's own samples, and one taking a condition was never given it
+    check(m.condition != "mean" or m.kind not in NETWORK_KINDS,
+          "model.condition", f"= 'mean' is for the exact models (each item's input is their "
+                             f"mean): a network (model.kind = {m.kind!r}) is conditioned with "
+                             "'coarse' (the input is given to it) or runs unconditioned "
+                             "('none', with no input.path)")
     check(cfg.sampler.grid != SCHEDULER_GRID or m.kind == "diffusers", "sampler.grid",
           "= 'scheduler' samples on a diffusers scheduler's timesteps: it needs "
           "model.kind = 'diffusers'")

@@ -216,6 +216,10 @@ def test_a_module_found_but_failing_to_import_is_not_told_to_be_installed(
     (["model.target=byo_nets:one_channel", "model.shape=[16, 16]"],
      "calling the network on a (2, 16, 16) input failed"),
     (["model.prediction=noise"], "model.prediction = 'noise' is unknown"),
+    # ran as a shift of the network's own samples (and a conditioned one was never given it)
+    (["model.condition=mean", "input.path=in.zarr", "input.variable=v"],
+     "model.condition = 'mean' is for the exact models (each item's input is their mean): a "
+     "network (model.kind = 'module') is conditioned with 'coarse'"),
     # a factory's argument under an exact model's key never reached the factory
     (["model.std=0.2"], "model.std = 0.2 is read by model.kind = 'gmm', not 'module': remove "
                         "it (a factory's own arguments go under [model.args])"),
