@@ -53,7 +53,10 @@ def test_a_model_that_returns_nan_stops_the_window_naming_the_step_and_the_model
         out = model(x, u)
         return torch.where(u.reshape(-1, *(1,) * (out.dim() - 1)) < 0.5, torch.nan, out)
 
-    with pytest.raises(PicardDivergence, match=r"went NaN/Inf near step \d+: the model returns "
+    # its first NaN state follows step 49's call, the grid's first u < 0.5 (it named the start
+    # of its window, 0 for a network failing late in its path)
+    assert int((grid.u < 0.5).nonzero()[0]) == 49
+    with pytest.raises(PicardDivergence, match=r"went NaN/Inf near step 50: the model returns "
                                                r"non-finite scores there"):
         SAMPLERS["window"](broken, y0, grid, noise,
                            comm=SerialComm(), options=Options(window=20, tol=0.01))

@@ -97,9 +97,10 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
         # fills the freed slots, would carry on into every later step
         nan_start = (first < p) & ~torch.isfinite(r_all[rows_all, first.clamp(max=p - 1)])
         bad = active & (nan_start | ~torch.isfinite(y_end.flatten(1)).all(1).cpu())
-        if bool(bad.any()):
+        if bool(bad.any()):  # named at its first NaN point, not its window's start
+            near = start + torch.where(nan_start, first, width)
             raise PicardDivergence(
-                f"the window sampler went NaN/Inf near step {int(start[bad].min())}: "
+                f"the window sampler went NaN/Inf near step {int(near[bad].min())}: "
                 f"{LIKELY_CAUSE}; if sequential-sde stays finite there, lower sampler.tol")
         # 4. slide: kept points take their new values, freed slots the end state and new noise
         freed = valid & (chain < accept[:, None])
