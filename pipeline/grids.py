@@ -99,10 +99,18 @@ GRIDS = {
 }
 
 
+class RepeatedSteps(ValueError):
+    """A scheduler's timesteps repeat (a second-order scheduler's two calls a step): no
+    number of steps gives a grid of them."""
+
+
 def scheduler_grid(u: torch.Tensor, block_size: int) -> Grid:
     """A blocked grid on the clocks ``u`` (N+1,) a model's scheduler gives, which may end at
     u = 0 (the clean data)."""
     u = u.to(torch.float64)
+    if bool((u[:-1] == u[1:]).any()):
+        raise RepeatedSteps("the scheduler's timesteps repeat (a second-order scheduler, such "
+                            "as Heun, KDPM2 or PNDM's PRK steps, calls twice at one)")
     if not bool((u[:-1] > u[1:]).all()) or float(u[-1]) < 0:
         raise ValueError("the scheduler's timesteps do not make a decreasing noise level")
     return Grid(u=u, edges=block_edges(u.numel() - 1, block_size))

@@ -20,7 +20,7 @@ from pipeline.choices import SCHEDULER_GRID
 from pipeline.clock import trained_top
 from pipeline.comm import SerialComm
 from pipeline.errors import ConfigError
-from pipeline.grids import Grid, make_grid, scheduler_grid
+from pipeline.grids import Grid, RepeatedSteps, make_grid, scheduler_grid
 from pipeline.noise import Noise, host_fingerprint
 from pipeline.samplers import REGISTRY, SAMPLERS, Options, Stats
 from pipeline.samplers.common import check_finite
@@ -67,6 +67,10 @@ def sampler_grid(s: SamplerConfig, model=None) -> Grid:
             return scheduler_grid(model.scheduler_u(s.steps), s.block_size)
         except ConfigError:  # the scheduler's own refusal, which names its fix
             raise
+        except RepeatedSteps as err:  # no sampler.steps mends it
+            raise ConfigError(f"config: sampler.grid = 'scheduler': {err}: take one of piadm's "
+                              "own grids (sampler.grid = \"ou\", \"uniform\" or \"edm\"), "
+                              "whose samplers are piadm's") from None
         except ValueError as err:
             raise ConfigError(f"config: sampler.grid = 'scheduler' at sampler.steps = {s.steps}: "
                               f"{err}: take other sampler.steps, or one of piadm's own grids") \

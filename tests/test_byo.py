@@ -978,3 +978,17 @@ def test_scheduler_settings_piadm_does_not_apply_are_warned_of(tmp_path, setting
         build_model(cfg.model)
     texts = [str(w.message) for w in caught if "not applied" in str(w.message)]
     assert (texts == []) if said is None else (len(texts) == 1 and said in texts[0]), texts
+
+
+def test_a_scheduler_whose_timesteps_repeat_is_told_to_take_piadms_grid(tmp_path, capsys):
+    """Heun's timesteps repeat at every sampler.steps: it was told to take other steps."""
+    folder = tmp_path / "heun"
+    small_unet().save_pretrained(folder)
+    diffusers.HeunDiscreteScheduler(num_train_timesteps=1000).save_pretrained(folder)
+    sets = ["model.kind=diffusers", f"model.path={folder}", "model.shape=[16, 16]",
+            "sampler.grid=scheduler", "sampler.steps=20", "sampler.method=sequential-sde",
+            f"output.path={tmp_path / 'o.zarr'}"]
+    assert main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]) == 2
+    assert _one_error(capsys.readouterr().err, "the scheduler's timesteps repeat (a second-order "
+                      "scheduler, such as Heun, KDPM2 or PNDM's PRK steps, calls twice at one): "
+                      "take one of piadm's own grids")
