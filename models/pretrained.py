@@ -149,13 +149,16 @@ def load_pretrained(section, device="cpu") -> NetworkModel:
     if cls is None:
         raise ConfigError(f"config: model.path = {section.path!r}: diffusers has no model class "
                           f"{config.get('_class_name')!r} (from {model_dir / 'config.json'})")
-    diffusers.utils.logging.set_verbosity_error()  # its advice on optional packages is noise here
+    # its advice on optional packages is noise here, and so is its error-level line for a
+    # folder of .bin weights (it looks for .safetensors first): a failure raises, said below
+    diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)
     try:
         net = cls.from_pretrained(model_dir)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise ConfigError(f"config: model.path = {section.path!r}: {cls.__name__} does not load "
-                          f"({type(err).__name__}: {first})") from None
+                          f"({type(err).__name__}: {first}): save the trained model there "
+                          "with save_pretrained (its config.json and weights)") from None
     net.to(device).eval()
     # a one-channel network on a 2-D field: the channel axis is added around each call
     channel = len(section.shape) == 2 and config.get("in_channels") == 1

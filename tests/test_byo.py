@@ -992,3 +992,34 @@ def test_a_scheduler_whose_timesteps_repeat_is_told_to_take_piadms_grid(tmp_path
     assert _one_error(capsys.readouterr().err, "the scheduler's timesteps repeat (a second-order "
                       "scheduler, such as Heun, KDPM2 or PNDM's PRK steps, calls twice at one): "
                       "take one of piadm's own grids")
+
+
+def test_a_folder_of_bin_weights_loads_without_diffusers_error_line(tmp_path, capsys):
+    """diffusers logged "An error occurred while trying to fetch ..." at error level for a
+    folder of .bin weights, which then loaded; a folder without weights says how to mend it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "bin"
+    small_unet().save_pretrained(folder, safe_serialization=False)
+    diffusers.DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(folder)
+    sets = sum((["--set", s] for s in ["model.kind=diffusers", "model.shape=[16, 16]",
+                                       "sampler.method=sequential-sde", "sampler.steps=10",
+                                       "ensemble.members=2"]), [])
+    root = Path(__file__).resolve().parents[1]
+    # its own process: pytest takes the log records that diffusers' handler would print
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", "jobs/configs/grf.toml",
+                           *sets, "--set", f"model.path={folder}", "--set",
+                           f"output.path={tmp_path / 'a.zarr'}"], cwd=root, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert proc.returncode == 0 and "error" not in proc.stderr.lower(), proc.stderr
+    (tmp_path / "none").mkdir()
+    for name in ("config.json", "scheduler_config.json"):
+        shutil.copy(folder / name, tmp_path / "none" / name)
+    assert main(["sample", "jobs/configs/grf.toml", *sets, "--set",
+                 f"model.path={tmp_path / 'none'}", "--set",
+                 f"output.path={tmp_path / 'b.zarr'}"]) == 2
+    assert _one_error(capsys.readouterr().err, "does not load (OSError: Error no file named "
+                      "diffusion_pytorch_model.bin found")
