@@ -261,17 +261,16 @@ def _sampled(cfg: Config, ranks: RankGrid, spec: StoreSpec, model, noise: Noise,
     except PiadmError as err:  # a member gone NaN/Inf
         failed = err
     except Exception as err:
-        where = "" if is_out_of_memory(err) else raised_at(err)
-        if where:  # the user's own network failed mid-run (a 2-item probe passed it)
+        if is_out_of_memory(err):
+            out_of_memory = True
+        elif where := raised_at(err):  # the user's own network, past its 2-item probe
             failed = NetworkFailed(
                 f"the network failed in a call of {len(noise.keys)} member(s) "
                 f"({type(err).__name__}: {first_line(err)}{where}): fix the code at that line; "
                 "the members written before it are kept, and the same command resumes after "
                 "them")
-        elif not is_out_of_memory(err):
+        else:  # piadm's own: its traceback
             raise
-        else:
-            out_of_memory = True
     if out_of_memory:  # made out of the except: the failed call's frames (its tensors, on
         # a GPU) are let go, not kept in the error's context
         plan = json.loads(spec.attrs.get("plan_settings", "{}"))

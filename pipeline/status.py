@@ -248,13 +248,13 @@ def _damaged(group: zarr.Group, done: np.ndarray, bad: list) -> list[tuple[int, 
         hi = min(lo + rows, done.shape[0])
         if not done[lo:hi].any():
             continue
-        try:  # an item larger than a block: chunk by chunk, not all its members at once
-            blocks = (None if item_bytes > VERIFY_BLOCK_BYTES else
-                      {key: array[lo:hi] for key, array in arrays.items()})
-        except Exception as err:  # a codec's error on damaged bytes
-            if is_system_error(err):
-                raise
-            blocks = None
+        blocks = None  # an item larger than a block: chunk by chunk, not all at once
+        if item_bytes <= VERIFY_BLOCK_BYTES:
+            try:
+                blocks = {key: array[lo:hi] for key, array in arrays.items()}
+            except Exception as err:  # a codec's error on damaged bytes
+                if is_system_error(err):
+                    raise
         for item in range(lo, hi):
             for start in range(0, done.shape[1], step):
                 members = np.flatnonzero(done[item, start:start + step]) + start
