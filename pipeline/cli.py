@@ -28,8 +28,8 @@ from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noq
                              load_config, read_toml, with_settings)
 from pipeline.console import fresh_line, on_every_rank, on_rank0, print0, say, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
-from pipeline.errors import (FailedElsewhere, PiadmError, StoppedTogether,  # noqa: E402
-                             WriteFailed, as_user_error)
+from pipeline.errors import (FailedElsewhere, NetworkFailed, PiadmError,  # noqa: E402
+                             StoppedTogether, WriteFailed, as_user_error, is_out_of_memory)
 from pipeline.settings import AUTO_METHODS  # noqa: E402
 
 
@@ -383,6 +383,24 @@ COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "calibrate": _cmd_calibr
             "generate-data": _cmd_generate, "train": _cmd_train, "evaluate": _cmd_evaluate}
 
 
+def _in_users_code(err: Exception, command: str) -> Exception | None:
+    """``err`` raised in a user's own code (a network's forward past its 2-item probe, in a
+    bench, a calibration or a plan) as one line naming that line, else None: piadm's own
+    failures keep their traceback. ``sample`` names the call that failed itself."""
+    if isinstance(err, (PiadmError, FailedElsewhere)) or command not in MODEL_COMMANDS:
+        return None
+    from models.user_code import first_line, raised_at
+
+    where = raised_at(err)
+    if not where or is_out_of_memory(err):
+        return None
+    return NetworkFailed(f"{command}: the model's code failed ({type(err).__name__}: "
+                         f"{first_line(err)}{where}): fix the code at that line")
+
+
+MODEL_COMMANDS = ("sample", "bench", "calibrate", "plan")  # those that call a model
+
+
 def user_errors() -> tuple:
     """The errors a user's input causes: one line each, no traceback. Only light modules
     (no torch, xarray or dask), so that the error of a light command prints at once."""
@@ -447,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             with interrupted_by_stop_signals():  # the others say what they kept, as on Ctrl-C
                 return COMMANDS[args.command](args, world)
         except Exception as err:
-            mended = as_user_error(err, args.command)
+            mended = _in_users_code(err, args.command) or as_user_error(err, args.command)
             if mended is err:
                 raise
             raise mended from None

@@ -945,7 +945,8 @@ def test_a_store_or_evaluation_written_into_the_models_folder_keeps_its_digest(t
 
 
 def test_a_network_that_fails_mid_run_is_one_line_naming_its_line(tmp_path, capsys):
-    """Past the 2-item probe, a network's failure was a 73-line traceback, exit 1."""
+    """Past the 2-item probe, a network's failure was a 73-line traceback, exit 1, in sample
+    and in bench alike."""
     out = tmp_path / "x.zarr"
     sets = ["model.kind=module", "model.target=byo_nets:late_failure", "model.prediction=eps",
             "model.process=ddpm", "model.shape=[1, 16, 16]", "sampler.method=sequential-sde",
@@ -954,9 +955,12 @@ def test_a_network_that_fails_mid_run_is_one_line_naming_its_line(tmp_path, caps
     rc = main(["sample", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])])
     err = capsys.readouterr().err
     line = _line("_LateFailure") - 1  # the raise, above its last line
-    assert rc == 2 and _one_error(err, "the network failed in a call of 4 member(s) "
-                                  f"(RuntimeError: boom at batch 4, at {TESTS / 'byo_nets.py'}:"
-                                  f"{line} in forward): fix the code at that line"), err
+    raised = (f"(RuntimeError: boom at batch 4, at {TESTS / 'byo_nets.py'}:{line} in forward): "
+              "fix the code at that line")
+    assert rc == 2 and _one_error(err, f"the network failed in a call of 4 member(s) {raised}")
+    bench = [*sets, "bench.members=4", "bench.methods=['sequential-sde']"]
+    assert main(["bench", "jobs/configs/grf.toml", *sum((["--set", s] for s in bench), [])]) == 2
+    assert _one_error(capsys.readouterr().err, f"bench: the model's code failed {raised}")
 
 
 @pytest.mark.parametrize("settings, said", [
