@@ -387,8 +387,8 @@ def _in_users_code(err: Exception, command: str) -> Exception | None:
     """``err`` raised in a user's own code (a network's forward past its 2-item probe, in a
     bench, a calibration or a plan) as one line naming that line, else None: piadm's own
     failures keep their traceback. ``sample`` names the call that failed itself."""
-    if isinstance(err, (PiadmError, FailedElsewhere)) or command not in MODEL_COMMANDS:
-        return None
+    if isinstance(err, (*user_errors(), FailedElsewhere)) or command not in MODEL_COMMANDS:
+        return None  # said as they are (a full disk's OSError names its file)
     from models.user_code import first_line, raised_at
 
     where = raised_at(err)
