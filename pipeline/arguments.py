@@ -99,13 +99,7 @@ def check_output_file(flag: str, path: str | None, name: str = "bench.json",
         raise ConfigError(f"{flag} takes a file path, not '-' (standard output): give a file, "
                           f"e.g. {name}, and read it from there", collective=True)
     p = Path(path)
-    for what, other in (read or {}).items():
-        if other and _same_file(p, Path(other)):  # the config was replaced by the results
-            raise ConfigError(f"{flag} {path} is {what}, which it would replace: give another "
-                              f"path, e.g. {p.parent / name}", collective=True)
-        if other and Path(other).is_dir() and _inside(p, Path(other)):  # a network's folder
-            raise ConfigError(f"{flag} {path} is inside {what}, whose files it would join or "
-                              f"replace: give a path outside it, e.g. {name}", collective=True)
+    check_not_read(flag, path, name, read or {})
     store = p if (p / "zarr.json").is_file() or (p / ".zgroup").is_file() else enclosing_store(p)
     if store is not None:  # written there, it would replace or join the store's own files
         where = "is a Zarr store" if store == p else f"is inside the Zarr store {store}"
@@ -140,6 +134,22 @@ def check_output_file(flag: str, path: str | None, name: str = "bench.json",
     except OSError as err:
         raise ConfigError(f"{flag} {path}: cannot write there ({err.strerror}): give another "
                           "path", collective=True) from None
+
+
+def check_not_read(flag: str, path: str | None, name: str, read: dict) -> None:
+    """Refuse an output ``path`` that is one of the files the command reads (``read``: {what
+    it is: path}) or lies inside one of its folders, which it would replace or join (alone,
+    for files known only once the config is loaded: ``model_files``)."""
+    if path is None:
+        return
+    p = Path(path)
+    for what, other in read.items():
+        if other and _same_file(p, Path(other)):  # the config was replaced by the results
+            raise ConfigError(f"{flag} {path} is {what}, which it would replace: give another "
+                              f"path, e.g. {p.parent / name}", collective=True)
+        if other and Path(other).is_dir() and _inside(p, Path(other)):  # a network's folder
+            raise ConfigError(f"{flag} {path} is inside {what}, whose files it would join or "
+                              f"replace: give a path outside it, e.g. {name}", collective=True)
 
 
 def model_files(cfg) -> dict:

@@ -22,8 +22,8 @@ from collections.abc import Sequence  # noqa: E402
 # Only light modules here: parsing (and --help) must not wait for torch, xarray or zarr;
 # each command imports what it needs.
 from pipeline.arguments import (check_bench_flags, check_figure_file,  # noqa: E402
-                                check_output_file, check_plan_flags, check_status_flags,
-                                model_files, parser)
+                                check_not_read, check_output_file, check_plan_flags,
+                                check_status_flags, model_files, parser)
 from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noqa: E402
                              load_config, read_toml, with_settings)
 from pipeline.console import fresh_line, on_every_rank, on_rank0, print0, say, tag  # noqa: E402
@@ -152,8 +152,9 @@ def _cmd_bench(args, world) -> int:
     check_figure_file("--png", args.png, {**read, "the --json file": args.json})
     # every rank is a time slice of the bench (README): the config's own slices are not its
     cfg, _, device = _setup(args, world, layout=False)
-    check_output_file("--json", args.json, read=model_files(cfg))  # known once the config is
-    check_figure_file("--png", args.png, model_files(cfg))
+    read = model_files(cfg)  # known once the config is: the rest was checked above
+    check_not_read("--json", args.json, "bench.json", read)
+    check_not_read("--png", args.png, "bench.png", read)
     if args.quality is not None:
         from pipeline.equal_quality import parse_quality, run_quality
 
@@ -232,7 +233,7 @@ def _cmd_plan(args, world) -> int:
 
     check_plan_flags(args)
     cfg, _, device = _setup(args, world, layout=False)
-    check_output_file("--json", args.json, "plan.json", model_files(cfg))
+    check_not_read("--json", args.json, "plan.json", model_files(cfg))
     latency = collective_latency(world)  # among the launched ranks; a figure on one
 
     def plan_here():
