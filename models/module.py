@@ -26,7 +26,7 @@ from models.adapters import NetworkAdapter
 from models.conditioning import upsample_blocks
 from models.digest import files_digest
 from models.module_check import check_section
-from models.user_code import details, first_line, import_target, raised_at
+from models.user_code import details, first_line, import_target, one_line, raised_at
 from pipeline.clock import (VE, DiscreteVP, Flow, VPCosine, VPLinear,
                             ddpm_alphas_cumprod)
 from pipeline.errors import ConfigError, OutOfMemory, PiadmError, is_out_of_memory
@@ -273,7 +273,7 @@ def check_output(model, shape: tuple[int, ...], what: str, takes: str = "(x, t)"
             advice = f"fix the code at that line, or {advice}"
         dims = ", ".join(map(str, shape))
         raise ConfigError(f"config: {what}: calling the network on a (2, {dims}) "
-                          f"input failed ({type(err).__name__}: {said}{where}): "
+                          f"input failed ({one_line(err, where)}): "
                           f"{advice}") from None
     if tuple(out.shape) != tuple(x.shape):
         raise ConfigError(f"config: {what}: the network returns shape {list(out.shape)} for input "
@@ -298,7 +298,7 @@ def load_module(section, device="cpu") -> NetworkModel:
             raise _too_large(f"model.target = {section.target!r}", "", err) from None
         given = ", ".join(section.args) or "none"
         raise ConfigError(f"config: model.target = {section.target!r} raised "
-                          f"{type(err).__name__}: {first_line(err)}{raised_at(err)} (keyword "
+                          f"{one_line(err)} (keyword "
                           f"arguments from "
                           f"[model]: {given}): fix the factory or those keys") from None
     if not isinstance(net, torch.nn.Module):

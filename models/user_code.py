@@ -50,7 +50,7 @@ def import_target(target: str, key: str = "model.target"):
         else:  # found, and failing as it runs: the user's code, not the path
             fix = "fix the module (or what it imports) so that it imports"
         raise ConfigError(f"config: {key} = {target!r}: cannot import {module!r} "
-                          f"({type(err).__name__}: {first_line(err)}{raised_at(err)}): "
+                          f"({one_line(err)}): "
                           f"{fix}") from None
     if not callable(obj):
         raise ConfigError(f"config: {key} = {target!r} is not callable: name a function or "
@@ -141,6 +141,13 @@ def raised_at(err: BaseException) -> str:
                 or _installed(name)):
             found = f", at {name}:{line} in {frame.f_code.co_name}"
     return found
+
+
+def one_line(err: BaseException, where: str | None = None) -> str:
+    """``err`` in the words of a one-line error, "Type: first line, at FILE:LINE in NAME"
+    (``where``, where the caller has found it already, else ``raised_at(err)``)."""
+    where = raised_at(err) if where is None else where
+    return f"{type(err).__name__}: {first_line(err)}{where}"
 
 
 def details(err: BaseException, limit: int = 300) -> str:

@@ -390,13 +390,13 @@ def _in_users_code(err: Exception, command: str) -> Exception | None:
     failures keep their traceback. ``sample`` names the call that failed itself."""
     if isinstance(err, (*user_errors(), FailedElsewhere)) or command not in MODEL_COMMANDS:
         return None  # said as they are (a full disk's OSError names its file)
-    from models.user_code import first_line, raised_at
+    from models.user_code import one_line, raised_at
 
     where = raised_at(err)
     if not where or is_out_of_memory(err):
         return None
-    return NetworkFailed(f"{command}: the model's code failed ({type(err).__name__}: "
-                         f"{first_line(err)}{where}): fix the code at that line")
+    return NetworkFailed(f"{command}: the model's code failed ({one_line(err, where)}): fix "
+                         "the code at that line")
 
 
 MODEL_COMMANDS = ("sample", "bench", "calibrate", "plan")  # those that call a model

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from models import build_model
-from models.user_code import first_line, raised_at
+from models.user_code import one_line, raised_at
 from pipeline.calibrate import Calibration
 from pipeline.claimed import claimed_calls
 from pipeline.claims import Heartbeat, batch_key, claims_dir, holds, new_job_id
@@ -266,7 +266,7 @@ def _sampled(cfg: Config, ranks: RankGrid, spec: StoreSpec, model, noise: Noise,
         elif where := raised_at(err):  # the user's own network, past its 2-item probe
             failed = NetworkFailed(
                 f"the network failed in a call of {len(noise.keys)} member(s) "
-                f"({type(err).__name__}: {first_line(err)}{where}): fix the code at that line; "
+                f"({one_line(err, where)}): fix the code at that line; "
                 "the members written before it are kept, and the same command resumes after "
                 "them")
         else:  # piadm's own: its traceback
