@@ -2,7 +2,6 @@
 for everyone with the outcome shared."""
 from __future__ import annotations
 
-import copy
 import os
 import sys
 
@@ -88,11 +87,7 @@ def on_every_rank(comm, fn, *args, **kwargs):
     message = first["message"]
     if len(failed) < comm.size:
         message = f"{message} (on rank(s) {', '.join(map(str, failed))} of {comm.size})"
-    shared = copy.copy(first["error"])  # what its kind carries (a reason, rungs) too
-    shared.args = (message,)
-    shared.collective = True
-    if first["errno"] is not None:  # an OSError's number, which callers may test (not its
-        shared.errno = first["errno"]  # strerror or file: set, they would replace its words)
+    shared = first["error"].everywhere(message)  # what its kind carries (rungs, errno) too
     if error is None or told[comm.rank]["message"] != first["message"]:  # another rank's
         raise shared from error
     # one traceback, through where this rank's error was raised, not the same line twice
@@ -100,10 +95,9 @@ def on_every_rank(comm, fn, *args, **kwargs):
 
 
 def _told(error: Exception) -> dict:
-    """A user error as the other ranks are told it: a copy of the error (what its kind
-    carries: a reason, rungs), its message, and an OSError's number, which a copy loses."""
-    return {"error": copy.copy(error), "message": str(error),
-            "errno": getattr(error, "errno", None)}
+    """A user error as the other ranks are told it: the error (what its kind carries: a
+    reason, rungs, an errno) and its message."""
+    return {"error": error, "message": str(error)}
 
 
 class _PipeSafe:

@@ -19,15 +19,24 @@ class PiadmError(Exception):
 
     def __init__(self, message: str = "", *, collective: bool = False):
         super().__init__(message)
-        self.collective = collective
+        self._collective = collective
 
-    def everywhere(self) -> PiadmError:
-        """This error as raised by every rank together: a copy, so that what a subclass
-        carries (``Unreachable.rungs``) goes with it."""
-        if self.collective:
+    @property
+    def collective(self) -> bool:
+        """Whether every rank raised this error together: fixed when it is made, or by
+        ``everywhere``."""
+        return self._collective
+
+    def everywhere(self, message: str | None = None) -> PiadmError:
+        """This error as raised by every rank together, with ``message`` where given: a copy,
+        so that what a subclass carries (``Unreachable.rungs``, ``WriteFailed.errno``) goes
+        with it."""
+        if self.collective and message is None:
             return self
         shared = copy.copy(self)
-        shared.collective = True
+        if message is not None:
+            shared.args = (message,)
+        shared._collective = True
         return shared
 
 
