@@ -440,7 +440,7 @@ def run_peer(cfg: Config, peer: str, *, comm=SerialComm(),
                 batch=cfg.bench.members, setting="bench.members")
         rows = compare_diffusers(
             model, members=cfg.bench.members, seed=cfg.sampler.seed,
-            dtype=DTYPES[cfg.sampler.dtype], device=device,
+            dtype=DTYPES[cfg.sampler.dtype], device=device, noise_source=cfg.sampler.noise,
             data_bound=model_data_bound(model, cfg.model), ladder=cfg.calibrate.ladder,
             refine=cfg.calibrate.refine, pc_window=cfg.sampler.window, theta=cfg.sampler.theta,
             say=lambda text: print0(comm, text))

@@ -236,7 +236,7 @@ def between(loose: float, tight: float) -> float:
     return float(f"{math.sqrt(loose * tight):.1e}")
 
 
-def loosest_passing(ladder, passes, refine: int = 0, stopped=lambda: False) -> float | None:
+def loosest_passing(ladder, passes, refine: int, stopped=lambda: False) -> float | None:
     """The loosest tolerance that ``passes(tol, refined)``: the rungs of ``ladder`` (loosest
     first) until one passes, then ``refine`` times the tolerance halfway (``between``) to the
     looser rung that failed (``refined`` true), keeping the loosest that passes; None where no
@@ -265,7 +265,7 @@ def loosest_passing(ladder, passes, refine: int = 0, stopped=lambda: False) -> f
 
 
 def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, device,
-               noise_source: str, members: int, distance: float, ladder, refine: int = 0,
+               noise_source: str, members: int, distance: float, ladder, refine: int,
                say=print, stopped=lambda: False, setting: str = "") -> Calibration:
     """Measure ``ladder`` (loosest first) until a tolerance keeps every member within
     ``distance / 2`` of the sequential path, then ``refine`` times the tolerance halfway

@@ -17,6 +17,7 @@ from pipeline.comm import WAIT_POLL_S
 from pipeline.config import ConfigError
 from pipeline.decomposition import group_of
 from pipeline.memory import keep_freed_memory
+from pipeline.settings import ModelConfig, ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,9 @@ def torch_settings_kept():
             setattr(owner(), name, value)
 
 
-def place_rank(world, threads: int = 0, field_points: int = 0, keep_freed: bool = True,
-               wait: str = "auto", tf32: bool = False) -> torch.device:
+def place_rank(world, threads: int = ParallelConfig.threads, field_points: int = 0,
+               keep_freed: bool = ParallelConfig.keep_freed, wait: str = ParallelConfig.wait,
+               tf32: bool = ModelConfig.tf32) -> torch.device:
     """Pick this rank's device, set its torch CPU threads (``cpu_threads``), how it waits
     in collectives (``collective_poll``) and its float32 precision on CUDA
     (``float32_precision``) and, with ``keep_freed``, have the C allocator keep freed memory

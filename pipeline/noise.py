@@ -136,10 +136,10 @@ class Noise:
 
     @classmethod
     def members(cls, seed: int, item: int, members: Sequence[int], shape: Sequence[int],
-                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                source: str = "host") -> "Noise":
-        """The noise of members ``members`` of item index ``item`` of a run with ``seed``."""
-        return cls(seed, tuple((item, m) for m in members), tuple(shape), dtype, device, source)
+                *fields, **named) -> "Noise":
+        """The noise of members ``members`` of item index ``item`` of a run with ``seed``;
+        ``fields`` and ``named``: Noise's own after its shape (dtype, device, source)."""
+        return cls(seed, tuple((item, m) for m in members), tuple(shape), *fields, **named)
 
     def member_seeds(self) -> tuple[int, ...]:
         """The seed of each row's trajectory (stored with the ensemble), (B,)."""

@@ -113,10 +113,9 @@ def sequential(scheduler, eps, x_t: torch.Tensor, xi: torch.Tensor) -> torch.Ten
     return x
 
 
-def compare_diffusers(model, *, members: int, seed: int, dtype, device,
-                      window: int = WINDOW_POINTS, tol: float = 0.1,
-                      data_bound: float = float("inf"), ladder=(), refine: int = 0,
-                      pc_window: int = 0, theta: str = Options.theta, say=print):
+def compare_diffusers(model, *, members: int, seed: int, dtype, device, noise_source: str,
+                      data_bound: float, ladder, refine: int, pc_window: int, theta: str,
+                      window: int = WINDOW_POINTS, tol: float = 0.1, say=print):
     """diffusers' ParaDiGMS against piadm's window and pc-window on DDPM-1000; returns rows
     (method, settings, rounds, calls_ratio, distance). ``window`` and ``tol`` are ParaDiGMS'
     (for both ParaDiGMS samplers); pc-window runs with ``pc_window`` points (0: its own
@@ -128,7 +127,7 @@ def compare_diffusers(model, *, members: int, seed: int, dtype, device,
     scheduler.set_timesteps(1000)
     grid = ddpm_grid()
     n = grid.steps
-    noise = Noise(seed, tuple((0, m) for m in range(members)), tuple(model.shape), dtype, device)
+    noise = Noise.members(seed, 0, range(members), model.shape, dtype, device, noise_source)
     y0, xi = noise.prior(), noise.path(0, n)
     eps = eps_network(model)
     with torch.no_grad():

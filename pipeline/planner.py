@@ -351,7 +351,7 @@ def _fitting(cfg: Config, pairs, device, machine: Machine, gpus_per_node: int, s
     return fits
 
 
-def table(plan: Plan, rows: int = 12) -> str:
+def table(plan: Plan, rows: int) -> str:
     """The ranked plan as text: the fastest ``rows`` and the best sequential layout (with each
     layout's steps when they differ, at equal quality)."""
     seq = plan.sequential

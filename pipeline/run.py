@@ -44,19 +44,20 @@ def model_data_bound(model, section) -> float:
     return section.data_bound or float(getattr(model, "data_bound", float("inf")))
 
 
+# the samplers' options that the [sampler] section sets, by the same name (its defaults are
+# Options'); tol is resolved first
+_CONFIGURED = tuple(sorted({f.name for f in dataclasses.fields(Options)}
+                           & {f.name for f in dataclasses.fields(SamplerConfig)} - {"tol"}))
+
+
 def sampler_options(s: SamplerConfig, *, tol: float | None = None,
                     data_bound: float = float("inf")) -> Options:
     """The sampler's typed options from the sampler section; ``tol`` replaces the configured
     one ("auto" is resolved by ``pipeline.calibrate.resolve_tol``, for the method run)."""
     if tol is None and not isinstance(s.tol, str):
         tol = s.tol
-    return Options(
-        form=s.form, max_sweeps=s.max_sweeps, tol=tol, window=s.window, data_bound=data_bound,
-        theta=s.theta, window_split=s.window_split, on_divergence=s.on_divergence,
-        corrector_steps=s.corrector_steps, corrector_length=s.corrector_length,
-        corrector_gamma=s.corrector_gamma,
-        corrector_sweeps=s.corrector_sweeps, churn=s.churn, denoise_final=s.denoise_final,
-    )
+    return Options(**{name: getattr(s, name) for name in _CONFIGURED}, tol=tol,
+                   data_bound=data_bound)
 
 
 def sampler_grid(s: SamplerConfig, model=None) -> Grid:
