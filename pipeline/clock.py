@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.choices import BETA_SCHEDULES
-
 Tensor = torch.Tensor
 
 
@@ -185,21 +183,35 @@ def trained_top(process) -> float:
     return math.inf
 
 
+def _linear_betas(start: float, end: float, steps: int) -> torch.Tensor:
+    return torch.linspace(start, end, steps, dtype=torch.float32)
+
+
+def _scaled_linear_betas(start: float, end: float, steps: int) -> torch.Tensor:
+    return torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float32) ** 2
+
+
+def _cosine_betas(start: float, end: float, steps: int) -> torch.Tensor:
+    """diffusers' ``squaredcos_cap_v2`` (it takes no start or end)."""
+    bar = [math.cos((i / steps + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(steps + 1)]
+    return torch.tensor([min(1 - bar[i + 1] / bar[i], 0.999) for i in range(steps)],
+                        dtype=torch.float32)
+
+
+# model.beta_schedule: one entry per name of pipeline.choices.BETA_SCHEDULES (which the config
+# is checked against; this module imports nothing of piadm's, so that models/ may use it)
+BETAS = {"linear": _linear_betas, "scaled_linear": _scaled_linear_betas,
+         "cosine": _cosine_betas}
+
+
 def ddpm_alphas_cumprod(schedule: str, beta_start: float, beta_end: float,
                         steps: int) -> tuple[float, ...]:
     """alpha_bar_i, i = 0..steps-1, of a DDPM schedule computed as diffusers computes it (betas
     in float32, ``cosine`` being its ``squaredcos_cap_v2``), so that a network trained there
     sees the same noise levels here: (steps,) floats."""
-    if schedule == "linear":
-        betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float32)
-    elif schedule == "scaled_linear":
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float32) ** 2
-    elif schedule == "cosine":
-        bar = [math.cos((i / steps + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(steps + 1)]
-        betas = torch.tensor([min(1 - bar[i + 1] / bar[i], 0.999) for i in range(steps)],
-                             dtype=torch.float32)
-    else:
-        raise ValueError(f"unknown beta schedule {schedule!r}: use one of {BETA_SCHEDULES}")
+    if schedule not in BETAS:
+        raise ValueError(f"unknown beta schedule {schedule!r}: use one of {', '.join(BETAS)}")
+    betas = BETAS[schedule](beta_start, beta_end, steps)
     return tuple(torch.cumprod(1.0 - betas, 0).double().tolist())
 
 

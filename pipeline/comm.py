@@ -94,6 +94,10 @@ class SerialComm:
         """The ranks of the same ``color``, ordered by ``key``: this one."""
         return self
 
+    def alone(self) -> "SerialComm":
+        """This rank by itself, as a communicator: this one."""
+        return self
+
     def local_layout(self) -> tuple[int, int]:
         """(rank, size) among the ranks on this node."""
         return 0, 1
@@ -240,6 +244,11 @@ class MPIComm:
     def split(self, color: int, key: int) -> "MPIComm":
         """A communicator of the ranks with this ``color``, ordered by ``key`` (collective)."""
         return MPIComm(self._comm.Split(color, key), self.poll_s)
+
+    def alone(self) -> SerialComm:
+        """This rank by itself, as a communicator (not collective): for work every rank
+        does whole, e.g. a replicated window's scans."""
+        return SerialComm()
 
     def local_layout(self) -> tuple[int, int]:
         """(rank, size) among the ranks sharing this node's memory: collective the first time,

@@ -21,7 +21,7 @@ def test_the_checked_names_are_the_implemented_ones():
 
 
 def test_the_module_model_names_are_the_implemented_ones():
-    from pipeline.clock import ddpm_alphas_cumprod
+    from pipeline.clock import BETAS, ddpm_alphas_cumprod
     from pipeline.settings import ModelConfig
 
     assert PREDICTIONS == choices.PREDICTIONS
@@ -30,6 +30,7 @@ def test_the_module_model_names_are_the_implemented_ones():
     assert set(choices.PROCESSES) == {"ddpm", *CONTINUOUS}
     for name in choices.PROCESSES:  # each builds its process
         assert process_of(ModelConfig(kind="module", process=name)) is not None
+    assert tuple(BETAS) == choices.BETA_SCHEDULES
     for schedule in choices.BETA_SCHEDULES:
         assert len(ddpm_alphas_cumprod(schedule, 1e-4, 0.02, 10)) == 10
 

@@ -94,6 +94,19 @@ def test_models_import_only_leaf_modules_of_the_pipeline():
     assert named == leaves, f"README's models/ entry names the leaves {sorted(named)}"
 
 
+def test_samplers_import_only_maths_modules():
+    """A sampler takes its communicator, model and noise as arguments: of the pipeline it
+    imports the maths (grids, steps, noise, decompositions) and the other samplers, no
+    plumbing (the communicator's classes, stores, configs)."""
+    maths = {"pipeline.clock", "pipeline.decomposition", "pipeline.errors", "pipeline.fourier",
+             "pipeline.grids", "pipeline.integrators", "pipeline.noise"}
+    for module, deps in _imports().items():
+        if module.startswith("pipeline.samplers"):
+            outside = {d for d in deps if not d.startswith("pipeline.samplers")
+                       and d.rsplit(".", 1)[0] not in maths}
+            assert outside <= maths, (module, outside - maths)
+
+
 def test_each_sampler_setting_has_one_default():
     """The settings the config shares with the samplers' Options take Options' defaults by
     reference: the default is written once."""

@@ -53,7 +53,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.comm import SerialComm
 from pipeline.decomposition import slice_bounds
 from pipeline.grids import Grid
 from pipeline.integrators import Steps, step_coefficients
@@ -294,7 +293,7 @@ def _pc_window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options,
     p = window_points(options.window, PC_WINDOW_POINTS, n)
     # the ranks that split the ring's slots: replicated, each rank holds them all
     shared = options.window_split == "replicated" and comm.size > 1
-    ring = SerialComm() if shared else comm
+    ring = comm.alone() if shared else comm
     lo, hi = slice_bounds(p, ring.size, ring.rank)
     bounds = [slice_bounds(p, ring.size, r) for r in range(ring.size)]
     steps = step_coefficients(grid.u, stochastic=stochastic, form=options.form)
