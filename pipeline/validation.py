@@ -111,8 +111,9 @@ def _check_model_keys(m: ModelConfig) -> None:
     factory argument written at the top of [model] under a name an exact model uses (std,
     seed) never reached the factory, and a diffusers folder's prediction comes from its
     scheduler, whatever model.prediction said."""
-    kinds = {kind for readers in READ_BY.values() for kind in readers}
-    if m.kind not in kinds:  # a plugin's kind: which keys it reads is its own
+    from models import MODELS
+
+    if m.kind not in MODELS:  # a plugin's kind: which keys it reads is its own
         return
     default = ModelConfig()
     for key, readers in READ_BY.items():

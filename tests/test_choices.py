@@ -20,6 +20,21 @@ def test_the_checked_names_are_the_implemented_ones():
     assert tuple(DTYPES) == choices.DTYPE_NAMES
 
 
+def test_every_registered_sampler_loads_and_reproduces_a_registered_sequential_one():
+    """A typo in a registry entry's target or reference is met here, not as a traceback in a
+    run; and the configuration reference lists every method a config may name."""
+    from pathlib import Path
+
+    from pipeline.samplers import REGISTRY
+
+    methods = Path(__file__).parents[1].joinpath("docs", "configuration.md").read_text()
+    methods = methods[methods.index("`sampler.method`"):methods.index("`auto` | `auto-ode`")]
+    for name, entry in REGISTRY.items():
+        assert callable(entry.load()), name
+        assert REGISTRY[entry.reference].reference == entry.reference, name  # sequential
+        assert f"`{name}`" in methods, f"docs/configuration.md's sampler.method lacks {name}"
+
+
 def test_the_module_model_names_are_the_implemented_ones():
     from pipeline.clock import BETAS, ddpm_alphas_cumprod
     from pipeline.settings import ModelConfig

@@ -436,6 +436,18 @@ def test_a_windowed_sampler_without_tol_is_a_config_error(method):
         load_config(None, [f"sampler.method={method}"])
 
 
+def test_a_new_built_in_kind_is_held_to_the_keys_it_reads(monkeypatch):
+    """A kind added to models.MODELS that reads none of the kind-specific keys is still
+    piadm's own: a grf's key set for it is refused, not ignored as a plugin's would be."""
+    import models
+    from pipeline.config import ConfigError, load_config
+
+    monkeypatch.setitem(models.MODELS, "plain", models.MODELS["grf"])
+    with pytest.raises(ConfigError, match="model.slope = 2.0 is read by model.kind = 'grf', "
+                                          "not 'plain'"):
+        load_config(None, ["model.kind=plain", "model.slope=2.0"])
+
+
 def test_evaluate_json_is_the_metrics_document(tmp_path, capsys):
     import json
 

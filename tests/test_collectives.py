@@ -54,6 +54,16 @@ def test_a_window_round_is_one_allgather_and_one_allreduce(method):
     assert sum(counts.values()) == REGISTRY[method].round_collectives() * stats.rounds
 
 
+@pytest.mark.parametrize("method", [name for name, entry in REGISTRY.items() if entry.windowed])
+def test_every_windowed_samplers_round_makes_the_collectives_it_registers(method):
+    """Whatever the kinds, a window's round makes ``round_collectives`` (two), as the planner
+    counts it: a sampler added to the registry is counted here without being listed."""
+    tol = 1e-4 if REGISTRY[method].reference != "sequential-sde" else 1e-3
+    counts, stats, _ = _run(method, window=24, tol=tol)
+    assert stats.rounds > 5
+    assert sum(counts.values()) == REGISTRY[method].round_collectives() * stats.rounds, counts
+
+
 def test_a_picard_sweep_is_one_scan_and_one_residual_reduction():
     counts, stats, blocks = _run("piadm-sde", max_sweeps=8, tol=1e-3)
     # the block's end state is broadcast once per block, not per sweep

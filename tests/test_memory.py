@@ -3,6 +3,7 @@ import torch
 
 from pipeline.comm import SerialComm
 from pipeline.memory import peak_since, start_peak
+from pipeline.samplers import REGISTRY
 
 
 def test_peak_counts_a_temporary_allocation_above_the_baseline():
@@ -27,10 +28,7 @@ def test_after_keep_freed_memory_a_freed_model_buffer_stays_for_the_next_call():
     assert _status_kib("VmRSS") > held - 8 * 1024
 
 
-@pytest.mark.parametrize("method", ["sequential-sde", "sequential-ode", "piadm-sde",
-                                    "piadm-ode", "window",
-                                    "window-ode", "pc-window", "pc-window+secant",
-                                    "pc-window-ode", "dpmpp-2m-window"])
+@pytest.mark.parametrize("method", [*REGISTRY, "pc-window+secant"])
 def test_each_samplers_registered_state_is_a_floor_of_what_it_holds(method):
     """The refusal of a batch too large (``memory_check.check_memory``) must never refuse one that
     fits: what each sampler registers (its corrector's too) is at most its measured peak,

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 import zarr
+from mpi_samples import CASES
 
 from pipeline.cli import main
 
@@ -50,9 +52,7 @@ def _sets(items):
 
 # On 4 ranks the float64 cases only: the float32 ones repeat their samplers (their own bound
 # is checked on 2 ranks), and 4 ranks oversubscribe the 2 cores tests run on.
-FLOAT64_CASES = ("sde64,ode64,sde64tol,sde64device,window64,windowode64,pcwindow64,"
-                 "pcwindowode64,pcwindowrep64,pcwindowoderep64,pcwindowsecant64,"
-                 "pcwindowsecantrep64,dpmppwindow64")
+FLOAT64_CASES = ",".join(name for name, case in CASES.items() if case[1] == torch.float64)
 
 
 @pytest.fixture(scope="module")
