@@ -35,6 +35,19 @@ def test_every_registered_sampler_loads_and_reproduces_a_registered_sequential_o
         assert f"`{name}`" in methods, f"docs/configuration.md's sampler.method lacks {name}"
 
 
+def test_the_configuration_reference_lists_what_auto_chooses_among():
+    import re
+    from pathlib import Path
+
+    from pipeline.planner import FAMILIES
+
+    text = Path(__file__).parents[1].joinpath("docs", "configuration.md").read_text()
+    auto = text[text.index("`auto` | `auto-ode`:"):text.index("`auto-ode` their ODE forms")]
+    assert re.findall(r"`([\w-]+)`", auto)[2:] == list(FAMILIES["auto"])
+    quality = text[text.index("or `auto-quality`: the fastest of"):text.index("each at the fewest")]
+    assert re.findall(r"`([\w-]+)`", quality)[1:] == list(FAMILIES["auto-quality"])
+
+
 def test_the_module_model_names_are_the_implemented_ones():
     from pipeline.clock import BETAS, ddpm_alphas_cumprod
     from pipeline.settings import ModelConfig
