@@ -306,11 +306,26 @@ class _Parser(argparse.ArgumentParser):
             command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         return known
 
+    def _print_message(self, message: str, file=None) -> None:
+        # parsed before MPI starts, on every rank alike: a mistyped command line (or --help)
+        # is said by the launcher's rank 0 alone, not once per rank
+        if _launched_rank() == 0:
+            super()._print_message(message, file)
+
     def error(self, message: str):
         choice = re.search(r"invalid choice: '([^']*)'", message)
         if choice and self.commands:  # a misspelt command
             message += did_you_mean(choice.group(1), self.commands)
         super().error(message)
+
+
+def _launched_rank() -> int:
+    """This process's rank as its MPI launcher numbered it (Hydra, PMIx, Open MPI); 0 where
+    none did."""
+    for name in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:

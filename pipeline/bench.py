@@ -26,7 +26,7 @@ import torch
 from models import CHANNEL_KINDS, STAT_ERRORS, build_model
 from pipeline.bench_timing import timed_run
 from pipeline.comm import SerialComm
-from pipeline.console import on_rank0, print0
+from pipeline.console import on_rank0, out0, print0
 from pipeline.errors import ConfigError
 from pipeline.jsontext import json_text
 from pipeline.memory_check import check_memory
@@ -90,19 +90,24 @@ def _format(row: dict) -> str:
             f"{row['peak_mib']:>9.1f}")
 
 
-LEGEND = ("columns: rounds = sequential batched model calls (the parallel depth); "
-          "calls_ratio = model calls over those of the sequential sampler whose path it "
-          "follows (a sequential solver's own: 1, Heun's two calls a step included); "
-          "rel_dist = |y - y_seq| / |y_seq| against that path with the same noise; stat_err = the ensemble "
-          "statistics' error against the exact model's target (grf: spectrum, gmm: mode "
-          "weights); w2 = the exact Wasserstein-2 distance of a sequential sampler's law to "
-          "the grf target, relative (docs/algorithms.md section 7); "
-          "wall_s, wall_med_s = min and median over bench.repeats; comm_share = "
-          "time in collectives over wall time in the fastest repeat (the rank that spent "
-          "most); own_share = the collectives' own time over wall time: per call the least "
-          "any rank spent in it, as the last rank to arrive waits for no other (the rest is "
-          "waiting for slower ranks); peak_mib = memory added above the run's start, on the "
-          "rank that added most")
+# What each column of the table means, a line each under "columns:"
+LEGEND = "\n".join(["columns:", *(f"  {name:<12} {meaning}" for name, meaning in (
+    ("rounds", "sequential batched model calls (the parallel depth)"),
+    ("calls_ratio", "model calls over those of the sequential sampler whose path it follows "
+                    "(a sequential solver's own: 1, Heun's two calls a step included)"),
+    ("rel_dist", "|y - y_seq| / |y_seq| against that path with the same noise"),
+    ("stat_err", "the ensemble statistics' error against the exact model's target (grf: "
+                 "spectrum, gmm: mode weights)"),
+    ("w2", "the exact Wasserstein-2 distance of a sequential sampler's law to the grf "
+           "target, relative (docs/algorithms.md section 7)"),
+    ("wall_s", "wall_med_s: min and median over bench.repeats"),
+    ("comm_share", "time in collectives over wall time in the fastest repeat (the rank that "
+                   "spent most)"),
+    ("own_share", "the collectives' own time over wall time: per call the least any rank "
+                  "spent in it, as the last rank to arrive waits for no other (the rest is "
+                  "waiting for slower ranks)"),
+    ("peak_mib", "memory added above the run's start, on the rank that added most"))
+)])
 
 
 def header() -> str:
@@ -234,7 +239,7 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
     if cfg.bench.seeds > 1:
         for m in methods:
             out.append(worst_row(rows[m]))
-            print0(comm, _format(out[-1]))
+            out0(comm, _format(out[-1]))
     return out
 
 
@@ -242,11 +247,11 @@ def _say_row(comm, row: dict, stats, max_sweeps: int) -> None:
     """Print a bench row on rank 0, with a note where blocks were redone step by step or
     stopped at ``max_sweeps`` above the tolerance, and the per-collective report where the
     run had any."""
-    print0(comm, _format(row))
+    out0(comm, _format(row))
     for line in run_notes(stats.fallbacks, stats.unsettled, max_sweeps):  # its distance: why
-        print0(comm, f"    {line}")
+        print0(comm, f"    {line}")  # a warning: on stderr, under its row on a terminal
     if row["collectives"]:
-        print0(comm, "    collectives: " + ", ".join(
+        out0(comm, "    collectives: " + ", ".join(
             f"{kind} {count} x ({seconds:.3f} s, of which {own:.3f} s its own, "
             f"{count / stats.rounds:.1f} a round)"
             for kind, (count, seconds, own) in sorted(row["collectives"].items()))
@@ -281,8 +286,8 @@ def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None
         latency, per_item = cfg.model.emulate_ms
         print0(comm, f"emulating an accelerator: every model call of n items takes at least "
                      f"{latency:g} + n x {per_item:g} ms (model.emulate_ms)")
-    print0(comm, LEGEND)
-    print0(comm, header())
+    out0(comm, LEGEND)
+    out0(comm, header())
     rows = [row for shape, made in zip(shapes, built)
             for row in bench_shape(cfg, shape, comm=comm, device=device, built=made)]
     # a full disk ends every rank together (one line), not rank 0 alone (MPI's abort)
@@ -444,7 +449,7 @@ def run_peer(cfg: Config, peer: str, *, comm=SerialComm(),
             data_bound=model_data_bound(model, cfg.model), ladder=cfg.calibrate.ladder,
             refine=cfg.calibrate.refine, pc_window=cfg.sampler.window, theta=cfg.sampler.theta,
             say=lambda text: print0(comm, text))
-        print0(comm, f"peer {peer}: DDPM-1000 (linear betas 1e-4..0.02, posterior variance), "
+        out0(comm, f"peer {peer}: DDPM-1000 (linear betas 1e-4..0.02, posterior variance), "
                      f"{cfg.model.kind} {list(cfg.model.shape)}, {cfg.bench.members} members, "
                      f"{cfg.sampler.dtype}; pc-window's tol is the loosest of calibrate.ladder "
                      "(and calibrate.refine's between its rungs) at no larger a distance than "

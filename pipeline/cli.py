@@ -26,7 +26,7 @@ from pipeline.arguments import (check_bench_flags, check_figure_file,  # noqa: E
                                 check_status_flags, model_files, parser)
 from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noqa: E402
                              load_config, read_toml, with_settings)
-from pipeline.console import fresh_line, on_every_rank, on_rank0, print0, say, tag  # noqa: E402
+from pipeline.console import fresh_line, on_every_rank, on_rank0, out0, print0, say, tag  # noqa: E402
 from pipeline.environment import environment_settings, from_environment  # noqa: E402
 from pipeline.errors import (FailedElsewhere, NetworkFailed, PiadmError,  # noqa: E402
                              StoppedTogether, WriteFailed, as_user_error, is_out_of_memory)
@@ -218,10 +218,11 @@ def _cmd_calibrate(args, world) -> int:
     uses = ("runs with sampler.tol = \"auto\" and these [sampler], [calibrate] and model "
             "settings use it")
     if result.rungs:
-        print0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} (measured now); "
-                      f"{uses}")
-    else:  # the line above named the cache it came from
-        print0(world, f"{uses}; piadm calibrate --force measures it again")
+        out0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} (measured now); "
+                    f"{uses}")
+    else:  # the line before named the tolerance and the cache it came from
+        out0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} (from the cache); {uses}; "
+                    "piadm calibrate --force measures it again")
     return 0
 
 
@@ -258,9 +259,9 @@ def _cmd_plan(args, world) -> int:
     chosen = settings(plan.best)
     if plan.best.layout.time_slices == 1:  # one slice holds the whole window either way
         chosen.pop("sampler.window_split", None)
-    print0(world, table(plan, rows=args.rows))
-    print0(world, describe(plan))
-    print0(world, "use: " + " ".join(f"--set {k}={v!r}" if isinstance(v, str) else
+    out0(world, table(plan, rows=args.rows))
+    out0(world, describe(plan))
+    out0(world, "use: " + " ".join(f"--set {k}={v!r}" if isinstance(v, str) else
                                      f"--set {k}={v}" for k, v in chosen.items()))
     if args.json:
         rows = [{**dataclasses.asdict(p.layout), "steps": p.profile.steps or cfg.sampler.steps,
@@ -323,8 +324,8 @@ def _cmd_evaluate(args, world) -> int:
                               truth_range=tuple(args.truth_range) if args.truth_range else None,
                               kmax=args.kmax, cut=args.cut, out=args.out,
                               figures=not args.no_figures, progress=_scoring_progress())
-    if world.rank == 0:  # --json: the document evaluate saved as metrics.json
-        print(files[0].read_text() if args.json else table(metrics), flush=True)
+    # --json: the document evaluate saved as metrics.json
+    out0(world, files[0].read_text() if args.json else table(metrics))
     print0(world, "wrote " + ", ".join(str(f) for f in files))
     return 0
 
@@ -352,8 +353,7 @@ def _cmd_config(args, world) -> int:
     if empty:  # the check a script makes before it submits: said here as a run says it
         print0(world, f"piadm: warning: config file {args.config} sets no key: every setting "
                       "not given by --set or PIADM_SET takes its default")
-    if world.rank == 0:
-        print(cfg.text, end="", flush=True)
+    out0(world, cfg.text, end="")
     return 0
 
 
@@ -361,8 +361,7 @@ def _cmd_status(args, world) -> int:
     check_status_flags(args)
     # once, on rank 0: under mpiexec each rank said the same error, and --repair wrote twice
     text, complete = on_rank0(world, _status, args)
-    if world.rank == 0:
-        print(text, flush=True)
+    out0(world, text)
     return 0 if complete else 1
 
 

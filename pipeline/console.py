@@ -35,11 +35,21 @@ def fresh_line() -> str:
 
 
 def print0(comm, *args) -> None:
-    """Print to stderr on rank 0 only, tagged and flushed, so progress shows in batch logs.
+    """Print to stderr on rank 0 only, tagged and flushed, so progress shows in batch logs
+    (a command's result goes to stdout, ``out0``).
     The line and its newline go out in one write: a stop signal between the two (``print``
     writes them apart) would run the next line, the command's last word, onto this one."""
     if comm.rank == 0:
         say(tag(comm) + " ".join(map(str, args)))
+
+
+def out0(comm, text: str, end: str = "\n") -> None:
+    """A command's result (a table, the settings it chose, a document) to stdout on rank 0,
+    in one write, flushed: what ``piadm plan ... > plan.txt`` keeps, where progress, notes and
+    warnings go to stderr (``print0``). Untagged: a result is the job's, not a rank's."""
+    if comm.rank == 0 and sys.stdout is not None:
+        sys.stdout.write(f"{text}{end}")
+        sys.stdout.flush()
 
 
 def on_rank0(comm, fn, *args, idle: bool = False, **kwargs):

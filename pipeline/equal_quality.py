@@ -21,7 +21,7 @@ from typing import Callable
 
 from pipeline.comm import SerialComm
 from pipeline.config import ConfigError
-from pipeline.console import on_rank0, print0
+from pipeline.console import on_rank0, out0, print0
 from pipeline.jsontext import json_text
 from pipeline.processes import replace_text
 from pipeline.quality import DETERMINISTIC, STOCHASTIC, draws_noise, grf_w2
@@ -226,13 +226,13 @@ def run_quality(cfg: Config, quality: float | tuple[str, int], *, comm, device,
                  f"{measure.label} of each reference, {cfg.sampler.grid} grid, u_min "
                  f"{cfg.sampler.u_min:g}")
     found = _references(cfg, measure, quality, comm)
-    print0(comm, LEGEND)
-    print0(comm, header())
+    out0(comm, LEGEND)
+    out0(comm, header())
     rows = _rows_at_steps(cfg, shape, found, measure, quality, comm=comm, device=device)
     if not rows and any(steps is not None for steps, _ in found.values()):
         raise ConfigError("bench --quality: every method of bench.methods was left out at the "
                           "steps found (said above): nothing to bench", collective=True)
-    print0(comm, summary(rows, quality, measure.name))
+    out0(comm, summary(rows, quality, measure.name))
     # a full disk ends every rank together (one line), not rank 0 alone (MPI's abort)
     on_rank0(comm, _save, cfg, rows, found, measure, quality, json_path, png_path, comm)
     return rows

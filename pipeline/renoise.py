@@ -106,7 +106,7 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
     over the resolved shells."""
     from models import build_model
     from pipeline.config import ConfigError
-    from pipeline.console import on_rank0, print0
+    from pipeline.console import on_rank0, out0, print0
     from pipeline.run import DTYPES, sampler_grid, sampler_options
     from pipeline.planner import methods_of
     from pipeline.run_items import check_step_lengths
@@ -145,7 +145,7 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
                  f"to u_min {s.u_min:g}); energy over the same fields' (near 1 for an exact "
                  f"model where the steps are fine enough; {s.steps} steps add {method}'s own "
                  "error):")
-    print0(comm, f"{'u':>7} {'sigma':>8} {'steps':>6} " + " ".join(f"{n:>9}" for n in names))
+    out0(comm, f"{'u':>7} {'sigma':>8} {'steps':>6} " + " ".join(f"{n:>9}" for n in names))
     units = _units(model, coarse, len(pick), draws, comm, device)
     rows = []
     # levels at or below the grid's end have no steps to sample back
@@ -160,8 +160,8 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
         steps = from_level(grid, u).steps
         rows.append({"u": u, "sigma": math.sqrt(math.expm1(u)), "steps": steps,
                      "ratios": dict(zip(names, map(float, ratios)))})
-        print0(comm, f"{u:7.3g} {rows[-1]['sigma']:8.3g} {steps:6d} "
-                     + " ".join(f"{r:9.3f}" for r in ratios))
+        out0(comm, f"{u:7.3g} {rows[-1]['sigma']:8.3g} {steps:6d} "
+                   + " ".join(f"{r:9.3f}" for r in ratios))
     if json_path:  # on_rank0: a full disk ends every rank together
         on_rank0(comm, replace_text, json_path, json_text(
             {"method": method, "fields": len(pick), "draws": draws, "rows": rows}, indent=1))

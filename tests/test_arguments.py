@@ -347,3 +347,19 @@ def test_the_sample_summary_says_more_rounds_when_there_were_more(rounds, words)
     summary = SimpleNamespace(members=2, batch_rounds=rounds, model_calls=30.0)
     line = against_sequential(cfg, summary)
     assert "would take 20 rounds" in line and words in line and "1.5x the calls" in line
+
+
+@pytest.mark.parametrize("variable", ["PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"])
+def test_a_mistyped_command_line_is_said_by_the_launchers_rank_0_alone(variable, monkeypatch,
+                                                                       capsys):
+    """Parsed before MPI starts, on every rank: under mpiexec -n 4 the usage and error came
+    four times."""
+    args = ["sample", "jobs/configs/grf.toml", "--sett", "x=1"]
+    monkeypatch.setenv(variable, "1")
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2 and capsys.readouterr() == ("", "")
+    monkeypatch.setenv(variable, "0")
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "unrecognized arguments: --sett x=1 (did you mean '--set'?)" in capsys.readouterr().err

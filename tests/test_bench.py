@@ -126,7 +126,7 @@ def test_a_jobs_time_slices_do_not_stop_its_config_being_benched_on_one_rank(cap
     sets = ["parallel.time_slices=2", "bench.sizes=[[8, 8]]", "sampler.steps=20",
             'bench.methods=["sequential-sde"]']
     assert main(["bench", "jobs/configs/grf.toml", *sum((["--set", s] for s in sets), [])]) == 0
-    assert "sequential-sde" in capsys.readouterr().err
+    assert "sequential-sde" in capsys.readouterr().out
 
 
 def test_bench_rows_name_their_shape_and_a_size_or_method_named_twice_is_refused(tmp_path,

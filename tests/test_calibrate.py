@@ -39,14 +39,16 @@ def _chosen(err: str) -> float:
 
 def test_calibrate_takes_the_loosest_tolerance_within_half_the_distance(capsys):
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(SMALL)]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     rows = _ladder(err)
     chosen = _chosen(err)
     passed = [float(r[0]) for r in rows if float(r[3]) <= 5e-4]
     assert passed and chosen == max(passed)
     cfg = load_config("jobs/configs/grf.toml", SMALL)
     assert read_cached(calibration_key(cfg, model_digest(cfg), "cpu")) == chosen
-    assert f"sampler.tol = {chosen:g}" in err
+    # the result, alone on stdout (the ladder is the way there, on stderr)
+    assert out.startswith(f"sampler.tol = {chosen:g} for pc-window (measured now)")
+    assert len(out.splitlines()) == 1
     # a looser target stops earlier on the ladder: the choice follows sampler.distance
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(SMALL + ["sampler.distance=0.1"])]) == 0
     loose = _ladder(capsys.readouterr().err)
@@ -78,15 +80,16 @@ def test_calibrate_refines_between_the_passing_rung_and_the_looser_one_that_fail
 def test_calibrate_measures_even_when_the_config_holds_a_number(capsys):
     numeric = [s for s in SMALL if not s.startswith("sampler.tol")] + ["sampler.tol=0.5"]
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(numeric)]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     chosen = _chosen(err)
-    assert chosen != 0.5 and f"sampler.tol = {chosen:g} for pc-window (measured now)" in err
+    assert chosen != 0.5 and f"sampler.tol = {chosen:g} for pc-window (measured now)" in out
     cfg = load_config("jobs/configs/grf.toml", SMALL)  # what sampler.tol = "auto" runs look up
     assert read_cached(calibration_key(cfg, model_digest(cfg), "cpu")) == chosen
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(numeric)]) == 0
-    again = capsys.readouterr().err
+    out, again = capsys.readouterr()
     assert "worst_dist" not in again and again.count("calibrated earlier") == 1  # said once
     assert f"sampler.tol = auto: {chosen:g} for pc-window (window 65), calibrated earlier" in again
+    assert out.startswith(f"sampler.tol = {chosen:g} for pc-window (from the cache)")
 
 
 def test_sample_reuses_the_cached_calibration_and_records_it(tmp_path, capsys):

@@ -158,7 +158,7 @@ def test_bench_at_equal_quality_names_the_fewest_rounds_and_calls(tmp_path, caps
     out = tmp_path / "q.json"
     assert main(["bench", "jobs/configs/grf.toml", "--quality", "0.02", "--json", str(out),
                  "--png", str(tmp_path / "q.png"), *sum((["--set", s] for s in sets), [])]) == 0
-    text = capsys.readouterr().err
+    text = capsys.readouterr().out  # the summary is the result
     doc = json.loads(out.read_text())
     rows = {r["method"]: r for r in doc["rows"]}
     for name in ("sequential-ode", "dpmpp-2m"):  # the fewest steps: W2 reached there, not before

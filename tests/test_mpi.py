@@ -424,8 +424,8 @@ def test_sigterm_while_rank_0_calibrates_for_all_exits_75_on_every_rank(tmp_path
 
 
 def _bench_two_ranks(tmp_path, methods: str, *sets: str):
-    """``piadm bench`` of ``methods`` on a 12x12 GRF on 2 ranks: (its stderr, the rows of the
-    parallel methods)."""
+    """``piadm bench`` of ``methods`` on a 12x12 GRF on 2 ranks: (what it printed, its table
+    on stdout and its notes on stderr, the rows of the parallel methods)."""
     import json
 
     out = tmp_path / "b.json"
@@ -433,7 +433,7 @@ def _bench_two_ranks(tmp_path, methods: str, *sets: str):
                       *_sets(["bench.sizes=[[12, 12]]", "sampler.steps=120",
                               f"bench.methods={methods}", "bench.repeats=1", *sets])])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stderr, json.loads(out.read_text())["rows"][1:]
+    return proc.stdout + proc.stderr, json.loads(out.read_text())["rows"][1:]
 
 
 def test_bench_under_mpiexec_reports_each_kind_of_collective(tmp_path):

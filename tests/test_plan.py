@@ -200,7 +200,7 @@ def test_a_plan_on_one_rank_does_not_name_a_window_split(tmp_path, capsys):
                                "model.emulate_ms": [5, 0]})  # batching pays: a window wins
     args = ["plan", "jobs/configs/grf.toml", "--ranks", "1"]
     assert main(args + sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])) == 0
-    use = [line for line in capsys.readouterr().err.splitlines() if line.startswith("use: ")]
+    use = [line for line in capsys.readouterr().out.splitlines() if line.startswith("use: ")]
     assert len(use) == 1 and "sampler.method='pc-window'" in use[0]
     assert "parallel.time_slices=1" in use[0] and "window_split" not in use[0]
 
@@ -211,8 +211,11 @@ def test_plan_command_prints_a_ranked_table_and_the_settings(tmp_path, capsys):
     out = tmp_path / "plan.json"
     args = ["plan", "jobs/configs/grf.toml", "--ranks", "2", "--json", str(out)]
     assert main(args + sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])) == 0
-    err = capsys.readouterr().err
-    assert "predicted_s" in err and "plan: " in err and "use: --set sampler.method=" in err
+    printed, err = capsys.readouterr()
+    # the plan on stdout, what was measured on the way on stderr
+    assert "predicted_s" in printed and "use: --set sampler.method=" in printed
+    assert "plan: " in err
+    assert "predicted_s" not in err and "use: " not in err
     table = json.loads(out.read_text())
     predicted = [row["predicted_s"] for row in table["layouts"]]
     assert predicted == sorted(predicted)

@@ -168,8 +168,8 @@ def test_bench_peer_runs_diffusers_paradigms_beside_the_piadm_windows(capsys):
     pytest.importorskip("diffusers")
     assert main(["bench", "jobs/configs/grf.toml", "--peer", "diffusers", "--set",
                  "model.shape=[8, 8]", "--set", "bench.members=1"]) == 0
-    err = capsys.readouterr().err
-    rows = {line.split("  ")[0].strip(): line.split() for line in err.splitlines()
+    out, err = capsys.readouterr()
+    rows = {line.split("  ")[0].strip(): line.split() for line in out.splitlines()
             if line.startswith(("diffusers ParaDiGMS", "piadm window", "piadm pc-window"))
             and "/ diffusers" not in line}
     assert set(rows) == {"diffusers ParaDiGMS", "piadm window", "piadm pc-window"}
@@ -188,7 +188,7 @@ def test_bench_peer_runs_pc_window_at_the_configured_window(capsys):
     assert main(["bench", "jobs/configs/grf.toml", "--peer", "diffusers", "--set",
                  "model.shape=[8, 8]", "--set", "bench.members=1", "--set",
                  "sampler.window=90"]) == 0
-    rows = [line.split() for line in capsys.readouterr().err.splitlines()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.startswith(("diffusers ParaDiGMS", "piadm pc-window"))
             and "/ diffusers" not in line]
     assert [row[2] for row in rows] == ["p=100", "p=90"]  # ParaDiGMS keeps its own window
@@ -205,7 +205,7 @@ def test_bench_peer_searches_pc_windows_tolerance_as_calibrate_does(capsys):
     for refine in (0, 1):
         args = [a for s in sets + [f"calibrate.refine={refine}"] for a in ("--set", s)]
         assert main(["bench", "jobs/configs/grf.toml", "--peer", "diffusers", *args]) == 0
-        (row,) = [line.split() for line in capsys.readouterr().err.splitlines()
+        (row,) = [line.split() for line in capsys.readouterr().out.splitlines()
                   if line.startswith("piadm pc-window") and "/ diffusers" not in line]
         picked.append(row[3])
     assert picked == ["tol=0.005", "tol=0.0071"]
