@@ -294,6 +294,7 @@ def _cmd_generate(args, world) -> int:
 
 
 def _cmd_train(args, world) -> int:
+    from pipeline.progress import clock, stamp
     from pipeline.signals import StopRequest
     from pipeline.train import loss_text, train
 
@@ -310,8 +311,9 @@ def _cmd_train(args, world) -> int:
     finally:
         stop.uninstall()
     print0(world, f"done: step {result.step}, last batch's loss {result.train_loss:.4f}, "
-                  f"validation loss {loss_text(result.val_loss)}, {result.seconds:.0f} s; "
-                  f"checkpoint {t.checkpoint}")
+                  f"validation loss {loss_text(result.val_loss)}, {clock(result.seconds)}; "
+                  f"checkpoint {t.checkpoint}; ended {stamp()}; sample with it by "
+                  f"model.kind = \"unet\", model.checkpoint = \"{t.checkpoint}\"")
     return 0
 
 

@@ -26,6 +26,23 @@ def every_for(groups: int) -> float:
     return EVERY_S * max(1.0, groups / LOUD_GROUPS)
 
 
+def clock(seconds: float) -> str:
+    """A duration as a reader takes it in: "42s" below a minute, then "7:30" (minutes and
+    seconds), then "13:03:20" (hours, minutes, seconds)."""
+    whole = round(max(seconds, 0.0))
+    if whole < 60:
+        return f"{whole}s"
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def stamp() -> str:
+    """The local date and time to the second, "2026-12-07 19:30:12": what a batch log's line
+    says of when it was written (a requeued job appends its runs to one log)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
 class Progress:
     """Report ``done`` of ``total`` units; ``detail`` says what the current unit is doing.
 
@@ -51,11 +68,17 @@ class Progress:
         frac = self.done / self.total if self.total else 1.0
         bar = "#" * round(frac * self.width) + "." * (self.width - round(frac * self.width))
         own = self.own + self.part
-        eta = (f"eta {self._left(elapsed, own):.0f}s" if own > 0
+        eta = (f"eta {self._bound(own)}{clock(self._left(elapsed, own))}" if own > 0
                else "eta 0s" if self.done >= self.total else "eta ?")
         detail = f" | {self.detail}" if self.detail else ""
         return (f"{tag(self.comm)}{self.unit} {self.done}/{self.total} [{bar}] {100 * frac:3.0f}%"
-                f"{detail} | {elapsed:.0f}s, {eta}")
+                f"{detail} | {clock(elapsed)}, {eta}")
+
+    def _bound(self, own: float) -> str:
+        """"<" where the pace is still the start's, whose warm-up (a model's first calls, a
+        device's tuning) makes the estimate high: an upper bound, not a forecast."""
+        settled = self._first_end is not None and own > self._first_end[1]
+        return "" if settled or self.done >= self.total else "<"
 
     def _left(self, elapsed: float, own: float) -> float:
         """Seconds left at this work's pace (``own`` units, the part in flight counted): since
@@ -72,7 +95,8 @@ class Progress:
             end = "\n" if final else ""
             print(f"\r\033[K{self._line()}", end=end, file=self.stream, flush=True)
         else:  # one write, as console.print0 does: a stop between text and newline would
-            self.stream.write(self._line() + "\n")  # run the command's last line onto it
+            # run the command's last line onto it; dated, as a batch log's lines are read later
+            self.stream.write(f"{stamp()} {self._line()}\n")
             self.stream.flush()
         self._last = time.perf_counter()
 

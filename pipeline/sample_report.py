@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.progress import stamp
+
 if TYPE_CHECKING:  # names for the annotations alone: the module stays light to import
     from pipeline.layout import RankGrid
     from pipeline.run_end import Summary
@@ -23,7 +25,7 @@ def opening(cfg: Config, ranks_launched: int, ranks: RankGrid, device) -> str:
             f"rank{'s' if ranks_launched > 1 else ''} = "
             f"{ranks.groups} group{'s' if ranks.groups > 1 else ''} x "
             f"{cfg.parallel.time_slices} time slice{'s' if ranks.slices.size > 1 else ''}, "
-            f"{device}")
+            f"{device}; started {stamp()}")
 
 
 def fixed_sweeps_note(cfg: Config) -> str | None:
@@ -46,7 +48,10 @@ def closing(cfg: Config, summary: Summary, *, start_up: float) -> str:
     """The run's summary: members written, rounds, calls (against the sequential sampler's),
     wall time after ``start_up`` seconds, and how to open the store."""
     share = summary.write_wait_s / summary.seconds if summary.seconds else 0.0
-    where = "" if summary.preempted else f"\n  open with        xarray.open_zarr({summary.path!r})"
+    where = "" if summary.preempted else (
+        f"\n  open with        xarray.open_zarr({summary.path!r})\n"
+        f"  then             piadm status {summary.path} (--verify reads every member back); "
+        f"piadm evaluate {summary.path} --truth TRUTH_STORE scores it")
     held = (f"; the store holds {summary.held[0]} of {summary.held[1]}" if summary.held
             else "")  # other jobs sharing it may have written the rest
     calls = f"{summary.model_calls:.1f}".removesuffix(".0")  # a mean: 98.5 is not 98
@@ -54,7 +59,8 @@ def closing(cfg: Config, summary: Summary, *, start_up: float) -> str:
                "batch (the slowest group's batches, one after another)\n"
                f"  model calls      {calls} per member\n"
                f"{against_sequential(cfg, summary)}"
-               f"  wall time        {summary.seconds:.2f} s sampling (after {start_up:.1f} s "
+               f"  wall time        {summary.seconds:.2f} s sampling, "
+               f"{_rate(summary.members, summary.seconds)} (after {start_up:.1f} s "
                "of start-up: model, store, calibration or plan); writing "
                f"{summary.write_s:.2f} s; sampling "
                # not "of which": the wait also holds the writer thread's turn for a core
@@ -63,7 +69,14 @@ def closing(cfg: Config, summary: Summary, *, start_up: float) -> str:
                if summary.preempted else "  no member was left to sample")
     return (f"{'stopped' if summary.preempted else 'done'}: {summary.members} members "
             f"written to {summary.path} ({summary.skipped} were already done{held})\n"
-            f"{figures}{where}")
+            f"{figures}\n  ended            {stamp()}{where}")
+
+
+def _rate(members: int, seconds: float) -> str:
+    """The sampling's pace: members a second, or seconds a member where it is under one."""
+    if seconds <= 0 or members / seconds >= 1:
+        return f"{members / max(seconds, 1e-9):.1f} members/s"
+    return f"{seconds / members:.1f} s a member"
 
 
 def against_sequential(cfg: Config, summary: Summary) -> str:

@@ -349,6 +349,26 @@ def test_the_sample_summary_says_more_rounds_when_there_were_more(rounds, words)
     assert "would take 20 rounds" in line and words in line and "1.5x the calls" in line
 
 
+@pytest.mark.parametrize("members, seconds, pace", [(2400, 77.0, "31.2 members/s"),
+                                                    (6, 30.0, "5.0 s a member")])
+def test_the_sample_summary_says_the_pace_when_it_ended_and_what_to_run_next(members, seconds,
+                                                                               pace):
+    """A batch log read the next day: how fast it went, when it ended, what to do with it."""
+    import re
+
+    from pipeline.config import load_config
+    from pipeline.run_end import Summary
+    from pipeline.sample_report import closing
+
+    cfg = load_config(None, ["sampler.method=sequential-sde"])
+    text = closing(cfg, Summary("out/s.zarr", members, 0, 1, 1, 1.0, seconds, 0.1, 0.0, False),
+                   start_up=2.0)
+    assert f"{seconds:.2f} s sampling, {pace} (after 2.0 s" in text
+    assert re.search(r"\n  ended            \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\n", text)
+    assert text.endswith("piadm status out/s.zarr (--verify reads every member back); piadm "
+                         "evaluate out/s.zarr --truth TRUTH_STORE scores it")
+
+
 @pytest.mark.parametrize("variable", ["PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"])
 def test_a_mistyped_command_line_is_said_by_the_launchers_rank_0_alone(variable, monkeypatch,
                                                                        capsys):
