@@ -156,21 +156,46 @@ SHOWN = 20
 
 def _text(path: str, state: dict) -> str:
     lines = [f"{path}: {state['done']}/{state['members']} members done"]
-    items = state["items"]
-    line = "  {dim} {label}: {done}/{members}".format
+    items = [dict(item, index=n) for n, item in enumerate(state["items"])]
+    dim = state["item_dim"]
     if 1 < len(items) <= SHOWN:
-        lines += [line(dim=state["item_dim"], **i) for i in items]
+        lines += [_run_line(dim, run) for run in _alike(items)]
     elif len(items) > SHOWN:  # a store of thousands of dates: not a line each
-        partial = [i for i in items if i["done"] < i["members"]]
+        partial = _alike([i for i in items if i["done"] < i["members"]])
         shown = ("" if not partial else "; not yet:" if len(partial) <= SHOWN
-                 else f"; not yet (the first {SHOWN}):")
-        lines.append(f"  {len(items) - len(partial)} of {len(items)} items complete{shown}")
-        lines += [line(dim=state["item_dim"], **i) for i in partial[:SHOWN]]
+                 else f"; not yet (the first {SHOWN} runs of items):")
+        complete = sum(i["done"] >= i["members"] for i in items)
+        lines.append(f"  {complete} of {len(items)} items complete{shown}")
+        lines += [_run_line(dim, run) for run in partial[:SHOWN]]
         if len(partial) > SHOWN:
-            lines.append(f"  ... and {len(partial) - SHOWN} more (piadm status --json lists "
-                         "every item)")
+            lines.append(f"  ... and {len(partial) - SHOWN} runs more (piadm status --json "
+                         "lists every item)")
     lines.append("complete" if state["complete"] else "incomplete: " + _to_finish(state))
     return "\n".join(lines)
+
+
+def _alike(items: list[dict]) -> list[list[dict]]:
+    """``items`` cut into runs of three or more neighbours (consecutive indices) with the same
+    members done of as many, the rest one by one: a line for each run, not for each of 20
+    items alike (two alike take two lines, no longer than one of a run)."""
+    runs: list[list[dict]] = []
+    for item in items:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and item["index"] == last["index"] + 1
+                and (item["done"], item["members"]) == (last["done"], last["members"])):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return [part for run in runs for part in ([run] if len(run) > 2 else [[i] for i in run])]
+
+
+def _run_line(dim: str, run: list[dict]) -> str:
+    """``  time 5.9: 0/8`` for one item; ``  time 5.9 .. 7.8 (20 items): 0/8 each`` for a run."""
+    first, last = run[0], run[-1]
+    if len(run) == 1:
+        return f"  {dim} {first['label']}: {first['done']}/{first['members']}"
+    return (f"  {dim} {first['label']} .. {last['label']} ({len(run)} items): "
+            f"{first['done']}/{first['members']} each")
 
 
 def _indices(left: list[int]) -> str:

@@ -782,7 +782,8 @@ def test_a_working_folder_deleted_meanwhile_is_said_in_one_line(tmp_path):
 
 
 def test_status_of_thousands_of_items_counts_them_and_lists_those_left_as_runs():
-    """A store of 2,000 dates printed a line for each, then 558 indices on one line."""
+    """A store of 2,000 dates printed a line for each, then 558 indices on one line; items
+    alike in a row, a line each."""
     from pipeline.status import _text
 
     items = [{"label": f"d{n}", "done": 8 if n < 1442 and n != 7 else 3 * (n == 1442),
@@ -790,20 +791,26 @@ def test_status_of_thousands_of_items_counts_them_and_lists_those_left_as_runs()
     state = {"item_dim": "time", "done": sum(i["done"] for i in items), "members": 16000,
              "complete": False, "filling": [], "items": items}
     lines = _text("s.zarr", state).splitlines()
-    assert lines[1] == "  1441 of 2000 items complete; not yet (the first 20):"
-    assert lines[2:4] == ["  time d7: 0/8", "  time d1442: 3/8"] and len(lines) == 24
-    assert lines[-2] == "  ... and 539 more (piadm status --json lists every item)"
+    assert lines[1:] == [
+        "  1441 of 2000 items complete; not yet:", "  time d7: 0/8", "  time d1442: 3/8",
+        "  time d1443 .. d1999 (557 items): 0/8 each", lines[-1]]
     assert lines[-1] == ("incomplete: rerun the same config to finish (items still to do: 559 "
                          "items: 7, 1442-1999; a job with parallel.items fills only its own)")
-    few = dict(state, items=items[:3], done=24, members=24, complete=True)
+    few = dict(state, items=items[:2], done=16, members=16, complete=True)
     assert _text("s.zarr", few).splitlines()[1:] == ["  time d0: 8/8", "  time d1: 8/8",
-                                                     "  time d2: 8/8", "complete"]
+                                                     "complete"]
+    few = dict(state, items=items[:3], done=24, members=24, complete=True)
+    assert _text("s.zarr", few).splitlines()[1:] == ["  time d0 .. d2 (3 items): 8/8 each",
+                                                     "complete"]
     # 21 items, one left: all of those not complete shown; every other one left: runs capped
     one = [dict(i, done=8) for i in items[:21]]
     one[20]["done"] = 0
     assert _text("s.zarr", dict(state, items=one)).splitlines()[1:3] == [
         "  20 of 21 items complete; not yet:", "  time d20: 0/8"]
     split = [dict(i, done=8 * (n % 2)) for n, i in enumerate(items)]
-    last = _text("s.zarr", dict(state, items=split)).splitlines()[-1]
+    lines = _text("s.zarr", dict(state, items=split)).splitlines()
+    assert lines[1] == "  1000 of 2000 items complete; not yet (the first 20 runs of items):"
+    assert lines[-2] == "  ... and 980 runs more (piadm status --json lists every item)"
+    last = lines[-1]
     assert "(items still to do: 1000 items: 0, 2, 4," in last and len(last) < 400
     assert "38, ... (980 runs more: piadm status --json lists every item)" in last
