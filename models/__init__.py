@@ -50,6 +50,12 @@ OWN_KINDS = ("module", "diffusers")
 NETWORK_KINDS = ("unet", *OWN_KINDS)
 
 
+def exact_kind(kind: str) -> bool:
+    """Whether ``kind`` is one of piadm's exact models (``grf``, ``gmm``): a law known in
+    closed form, defined whole by its [model] section, with no network and no channel axis."""
+    return kind in MODELS and kind not in NETWORK_KINDS
+
+
 def __getattr__(name: str):
     """``STAT_ERRORS``, imported on first use (it needs torch): the error of an ensemble's
     statistics against an exact model's target,

@@ -38,9 +38,9 @@ def _legacy_digests(cfg: Config) -> tuple[str, ...]:
 def exact_model(cfg: Config) -> bool:
     """Whether ``cfg``'s model is an exact one (``grf``, ``gmm``), which its [model] section
     defines whole: its digest is that section's, and a key added to it changes the digest."""
-    from models import MODELS, NETWORK_KINDS
+    from models import exact_kind
 
-    return cfg.model.kind in MODELS and cfg.model.kind not in NETWORK_KINDS
+    return exact_kind(cfg.model.kind)
 
 
 def stored_of(cfg: Config) -> Stored | None:

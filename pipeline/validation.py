@@ -421,7 +421,7 @@ def _check_bench(b: BenchConfig) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
-    from models import model_kinds
+    from models import exact_kind, model_kinds
 
     m = cfg.model
     kinds = model_kinds()
@@ -429,7 +429,7 @@ def validate(cfg: Config) -> None:
           f"{', '.join(kinds)}{did_you_mean(m.kind, kinds)}")
     check(not m.args or open_kind(m.kind), "model.args",
           f"are only for model.kind = 'module' or a plugin's kind, not {m.kind!r}")
-    least = 2 if m.kind in ("grf", "gmm") else 1  # a network may take a channel axis of 1
+    least = 2 if exact_kind(m.kind) else 1  # a network may take a channel axis of 1
     check(1 <= len(m.shape) <= 3 and min(m.shape) >= least, "model.shape",
           f"= {list(m.shape)} must have 1 to 3 sizes, each >= {least}")
     _check_sampler(cfg.sampler, cfg.bench.methods)
