@@ -15,7 +15,8 @@ import xarray as xr
 
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
 from pipeline.errors import EvaluationError, InputError, is_system_error
-from pipeline.inputs import check_real, same_fingerprint, select_items, selection_fingerprint
+from pipeline.inputs import (check_real, same_fingerprint, same_points, select_items,
+                             selection_fingerprint)
 from pipeline.labels import label_text
 from pipeline.store import INPUT_FINGERPRINT, done_members, field_variable, open_store
 from pipeline.truth_items import paired_truth, truth_in_range
@@ -165,7 +166,7 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
                 truth = truth.isel({dim: slice(None, None, -1)})
             continue
         alike = lambda a, b: a.shape == b.shape and (  # noqa: E731
-            _same_points(a, b) if a.dtype.kind in "fiu" else bool((a == b).all()))
+            same_points(a, b) if a.dtype.kind in "fiu" else bool((a == b).all()))
         if not alike(a, b) and alike(a, b[::-1]):  # the same grid, stored the other way round
             truth, b = truth.isel({dim: slice(None, None, -1)}), b[::-1]
         same = alike(a, b)
@@ -201,15 +202,6 @@ def _by_position(truth: xr.DataArray, dims: tuple, path) -> xr.DataArray:
             "neither the names nor the positions line them up: rename the truth's field dims "
             "to the ensemble's")
     return truth
-
-
-def _same_points(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two numeric grid coordinates name the same points: within a thousandth of the
-    spacing (a float32 copy of a float64 grid differs by 1e-7 near zero, which an absolute
-    tolerance of np.allclose's refuses)."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    spacing = np.abs(np.diff(a)).min() if a.size > 1 else max(1.0, abs(float(a[0])))
-    return bool(np.abs(a - b).max() <= 1e-3 * spacing)
 
 
 def _check_finite(truth: xr.DataArray, path, field_ndim: int, *, paired: bool) -> None:

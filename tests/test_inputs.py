@@ -696,3 +696,17 @@ def test_an_input_cache_that_cannot_be_kept_is_done_without_unsaid(tmp_path, mon
                  *conditional_sets(path, tmp_path / "ens.zarr", "ensemble.members=2")]) == 0
     err = capsys.readouterr().err
     assert "cannot read the cache" not in err and "cannot keep" not in err, err
+
+
+def test_a_grid_computed_in_float32_names_the_same_points_as_in_float64():
+    """Near zero a float32 grid is 1e-7 off its float64 twin, which a tolerance relative to
+    the values refused (training's extra stores); evaluate's truth had its own test."""
+    from pipeline.inputs import same_points
+
+    wide = np.arange(64) * 0.1 - 3.2
+    steps = np.full(63, 0.1, dtype=np.float32)  # summed in float32, as a model's grid may be
+    narrow = np.cumsum(np.r_[np.float32(-3.2), steps], dtype=np.float32)
+    assert abs(float(narrow[32]) - wide[32]) > 1e-7 and same_points(narrow, wide)
+    assert same_points(np.arange(-180, 180, 10.0), np.r_[np.arange(180, 360, 10.0),
+                                                         np.arange(0, 180, 10.0)])
+    assert not same_points(wide + 0.05, wide) and not same_points(wide[:-1], wide)
