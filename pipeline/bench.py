@@ -25,7 +25,6 @@ import torch
 
 from models import CHANNEL_KINDS, STAT_ERRORS, build_model
 from pipeline.bench_timing import timed_run
-from pipeline.comm import SerialComm
 from pipeline.console import on_rank0, out0, print0
 from pipeline.errors import ConfigError
 from pipeline.jsontext import json_text
@@ -168,7 +167,7 @@ def shaped_model(cfg: Config, size: tuple[int, ...], device) -> tuple[Config, ob
     return shaped, build_model(shaped.model, device)
 
 
-def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm=SerialComm(),
+def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm,
                 device: torch.device = torch.device("cpu"), name_bound: bool = True,
                 built: tuple[Config, object] | None = None,
                 none_left: bool = False) -> list[dict]:
@@ -261,7 +260,7 @@ def _say_row(comm, row: dict, stats, max_sweeps: int) -> None:
 
 
 def run_bench(cfg: Config, *, json_path: str | None = None, png_path: str | None = None,
-              compare: tuple[str, ...] = (), comm=SerialComm(),
+              compare: tuple[str, ...] = (), comm,
               device: torch.device = torch.device("cpu")) -> list[dict]:
     """Bench every shape in ``bench.sizes`` (or the model's shape); optionally save JSON, and a
     PNG plot of these rows with those of earlier JSON tables ``compare`` (e.g. other rank
@@ -423,7 +422,7 @@ def _rows_problem(rows, keys: tuple[str, ...]) -> str | None:
     return None
 
 
-def run_peer(cfg: Config, peer: str, *, comm=SerialComm(),
+def run_peer(cfg: Config, peer: str, *, comm,
              device: torch.device = torch.device("cpu")) -> list[tuple]:
     """``--peer diffusers``: the peer's parallel sampler beside piadm's on DDPM-1000 with the
     bench's model (``pipeline.peer``); rank 0 runs it, the table is printed there."""

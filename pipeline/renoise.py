@@ -135,8 +135,7 @@ def run_renoise(cfg, *, comm, device, json_path: str | None = None) -> list[dict
     # the sequential sampler first among those a plan weighs: the method's reference, or for
     # a planned method (auto...) its family's sequential sampler
     method, grid, bands = methods_of(cfg)[0], sampler_grid(s, model), octave_bands(kmax)
-    if comm.rank == 0:  # as sample says it: once
-        check_step_lengths(dataclasses.replace(s, method=method), grid)
+    on_rank0(comm, check_step_lengths, dataclasses.replace(s, method=method), grid)  # said once
     options = sampler_options(s)
     names = [f"k={lo}..{hi}" for lo, hi in bands] + [f"k<={kmax}"]
     given = f", {draws} draws each given its coarse field" if coarse_given else ""

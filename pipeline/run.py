@@ -18,7 +18,6 @@ import torch
 from pipeline import __version__
 from pipeline.choices import SCHEDULER_GRID
 from pipeline.clock import trained_top
-from pipeline.comm import SerialComm
 from pipeline.errors import ConfigError
 from pipeline.grids import Grid, RepeatedSteps, make_grid, scheduler_grid
 from pipeline.noise import Noise, host_fingerprint
@@ -141,7 +140,7 @@ class Batch:
 
 
 def sample_batch(model, noise: Noise, *, method: str, grid: Grid, options: Options,
-                 comm=SerialComm()) -> Batch:
+                 comm) -> Batch:
     """Sample the trajectories of ``noise`` (one per key (item, member), see ``Noise.members``)
     with ``method``; ``comm`` holds the time slices that share the Picard blocks. A NaN/Inf
     field raises: it is never written, never marked done."""

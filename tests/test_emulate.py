@@ -6,6 +6,7 @@ import torch
 from models import build_model
 from models.emulate import Emulated
 from models.grf import GaussianRandomField
+from pipeline.comm import SerialComm
 from pipeline.config import load_config
 
 
@@ -37,9 +38,10 @@ def test_bench_reports_the_exact_w2_of_the_model_itself_when_emulating(monkeypat
     monkeypatch.setattr("models.emulate.time.sleep", lambda s: None)
     sets = ["model.shape=[8, 8]", "sampler.steps=40", "bench.members=1",
             'bench.methods=["sequential-sde"]']
-    plain = bench_shape(load_config(None, sets), (8, 8))[0]
+    plain = bench_shape(load_config(None, sets), (8, 8), comm=SerialComm())[0]
     assert calls == []
-    emulated = bench_shape(load_config(None, sets + ["model.emulate_ms=[20, 1]"]), (8, 8))[0]
+    emulated = bench_shape(load_config(None, sets + ["model.emulate_ms=[20, 1]"]), (8, 8),
+                           comm=SerialComm())[0]
     # the timed run's own 40 calls and nothing else; the W2's impulse runs would add more
     assert len(calls) == emulated["model_calls"] == 40
     assert emulated["w2"] == plain["w2"] and plain["w2"] is not None

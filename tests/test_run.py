@@ -5,6 +5,7 @@ import xarray as xr
 
 from models import build_model
 from pipeline.cli import main
+from pipeline.comm import SerialComm
 from pipeline.config import load_config
 from pipeline.noise import Noise
 from pipeline.run import DTYPES, member_batches, sample_batch, sampler_grid, sampler_options
@@ -24,7 +25,7 @@ def test_same_seed_same_members_whatever_the_batch_size(method, source):
         fields = [sample_batch(model, Noise.members(cfg.sampler.seed, 0, members, model.shape,
                                                     DTYPES["float64"], source=cfg.sampler.noise),
                                method=method, grid=sampler_grid(cfg.sampler),
-                               options=sampler_options(cfg.sampler)).fields
+                               options=sampler_options(cfg.sampler), comm=SerialComm()).fields
                   for members in member_batches(5, bs)]
         out[bs] = torch.cat(fields)
     assert torch.equal(out[1], out[2]) and torch.equal(out[1], out[5])
