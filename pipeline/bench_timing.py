@@ -49,6 +49,14 @@ class _ModelClock:
     def __getattr__(self, name):  # shape, data_bound, ... are the model's
         return getattr(self._model, name)
 
+    def elapsed(self) -> float:
+        """Seconds in model calls since ``restart``."""
+        return self._elapsed
+
+    def restart(self) -> None:
+        """Count the model's time from zero (a repeat's start)."""
+        self._elapsed = 0.0
+
     def __call__(self, x, u):
         start = time.perf_counter()
         out = self._model(x, u)
@@ -100,29 +108,28 @@ def timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeats
     of the last). On a GPU an untimed first run pays for kernel loading and FFT plans."""
     if device.type == "cuda":
         sampler(model, y0, grid, noise, comm=comm, options=options)
-    if comm.size > 1:  # the model's time between collectives, for splitting the waits
-        model = _ModelClock(model, device)
-        comm.marker = lambda: model._elapsed
+    # the model's time between collectives, for splitting the waits
+    clock = _ModelClock(model, device) if comm.size > 1 else None
+    model = clock or model
     walls, repeat = [], []
     for _ in range(repeats):
         comm.barrier()
         tally = {k: list(v) for k, v in comm.tally.items()}
         comm_before, baseline = comm.seconds, start_peak(device)
-        comm.calls = []
-        if comm.size > 1:
-            model._elapsed = 0.0
-        start = time.perf_counter()
-        y, stats = sampler(model, y0, grid, noise, comm=comm, options=options)
-        _sync(device)
-        wall = time.perf_counter() - start
-        calls, comm.calls = comm.calls, None
-        mine = _since(comm, tally)  # before the Allreduce below, which is the bench's own
+        if clock is not None:
+            clock.restart()
+        # the sampler's collectives, not the Allreduce below, which is the bench's own
+        with comm.recording(clock.elapsed if clock else None) as calls:
+            start = time.perf_counter()
+            y, stats = sampler(model, y0, grid, noise, comm=comm, options=options)
+            _sync(device)
+            wall = time.perf_counter() - start
+        mine = _since(comm, tally)
         local = torch.tensor([wall, comm.seconds - comm_before, peak_since(device, baseline)],
                              dtype=torch.float64)
         wall, comm_s, peak = (float(v) for v in comm.allreduce_max(local))
         walls.append(wall)
         repeat.append((comm_s, calls, mine))
-    comm.marker = None
     comm_s, calls, mine = repeat[walls.index(min(walls))]  # the same repeat on every rank
     own, model_wait = split_calls(comm, calls)
     return (y, stats, (walls, comm_s, sum(own.values()), model_wait, peak),

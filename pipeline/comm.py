@@ -4,16 +4,17 @@ Samplers receive a communicator explicitly, never a global; a one-rank communica
 code path as many. Tensors passed to the collectives are reduced element-wise and keep their
 shape, dtype and device. ``seconds`` accumulates the wall time spent inside collectives, which
 the bench reports as the communication share, and ``tally`` the count and seconds of each kind
-of collective. Setting an ``MPIComm``'s ``calls`` to a list records every collective's kind,
-seconds and the value of its ``marker`` (a clock of the rank's model time, or 0) in order, so
-that the bench can tell a collective's own time from waiting for other ranks, and waiting for
-their model calls from waiting for the rest of their work.
+of collective. ``with comm.recording(marker) as calls`` records every collective of the block:
+its kind, seconds and the value of ``marker`` (a clock of the rank's model time, or 0) in
+order, so that the bench can tell a collective's own time from waiting for other ranks, and
+waiting for their model calls from waiting for the rest of their work.
 
 torch is imported where a tensor is made, not with the module: `world_comm()` then costs no
 torch import, so `piadm status` answers in a fraction of a second.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -47,8 +48,12 @@ class SerialComm:
 
     rank, size, seconds = 0, 1, 0.0
     tally = types.MappingProxyType({})  # one rank talks to no one (read-only: shared)
-    calls = marker = None
     poll_s = None  # nothing to wait for
+
+    @contextlib.contextmanager
+    def recording(self, marker=None):
+        """The collectives called in the block: none, on one rank."""
+        yield []
 
     def exscan_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Exclusive prefix sum over ranks: sum of x on ranks < this rank (zeros on rank 0)."""
@@ -117,9 +122,10 @@ class MPIComm:
         self._mpi, self._comm = MPI, comm
         self.rank, self.size, self.seconds = comm.Get_rank(), comm.Get_size(), 0.0
         self.tally: dict[str, list] = {}  # kind -> [count, seconds]
-        # a list: each call's (kind, seconds, marker's value), marker a zero-argument callable
-        self.calls: list[tuple[str, float, float]] | None = None
-        self.marker = None
+        # while recording: each call's (kind, seconds, marker's value), marker a zero-argument
+        # callable (``recording``)
+        self._calls: list[tuple[str, float, float]] | None = None
+        self._marker = None
         # None: the buffer collectives wait inside MPI, which spins on the core; seconds: they
         # are started nonblocking and polled with sleeps of this length in between, so that a
         # waiting rank leaves its core to the ranks still computing (``parallel.wait``)
@@ -141,8 +147,19 @@ class MPIComm:
         entry[0] += 1
         entry[1] += spent
         self.seconds += spent
-        if self.calls is not None:
-            self.calls.append((kind, spent, self.marker() if self.marker else 0.0))
+        if self._calls is not None:
+            self._calls.append((kind, spent, self._marker() if self._marker else 0.0))
+
+    @contextlib.contextmanager
+    def recording(self, marker=None):
+        """Record every collective called in the block, in order, into the list it yields:
+        (kind, seconds, ``marker()``), ``marker`` a zero-argument callable (the rank's model
+        clock) or None (0)."""
+        self._calls, self._marker = [], marker
+        try:
+            yield self._calls
+        finally:
+            self._calls, self._marker = None, None
 
     @staticmethod
     def _start(x: torch.Tensor) -> float:
