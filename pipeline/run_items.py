@@ -71,21 +71,27 @@ def _grid_coords(grid: dict, names: tuple[str, ...]) -> dict:
             for d, c in recorded.items() if d in to_ours}
 
 
+def _paired_axes(items: Items, grid: dict, trained) -> list[tuple]:
+    """(input dim, training dim, input values, training values) for each field axis of the
+    input paired by position with the ``trained`` dims of ``grid``, where both have
+    coordinates; none where the axes do not pair one to one."""
+    fields = items.fields.dims[1:] if items.fields is not None else ()
+    if not grid.get("coords") or len(trained) != len(fields):
+        return []
+    return [(dim, name, np.asarray(items.fields[dim].values),
+             np.asarray(grid["coords"][name]["values"]))
+            for dim, name in zip(fields, trained)
+            if dim in items.fields.coords and name in grid["coords"]]
+
+
 def check_orientation(items: Items, grid: dict, path: str) -> None:
     """Refuse a coarse input whose field axis runs the other way than the model's training
     ``grid`` (``models.grid.grid_of``): latitudes 90 .. -90, as archives store them, for a
     model trained on -90 .. 90. By position it would be sampled upside down, and the store's
     coordinates, the training grid's, would label the members so."""
-    fields = items.fields.dims[1:] if items.fields is not None else ()
     # an older sidecar lists only the dims that had coordinates: by position only if all did
-    trained = grid.get("dims") or list(grid.get("coords", {}))
-    if not grid.get("coords") or len(trained) != len(fields):
-        return
-    for dim, name in zip(fields, trained):
-        if dim not in items.fields.coords or name not in grid["coords"]:
-            continue
-        theirs = items.fields[dim].values
-        ours = np.asarray(grid["coords"][name]["values"])
+    for dim, name, theirs, ours in _paired_axes(items, grid, grid.get("dims")
+                                                or list(grid.get("coords", {}))):
         if direction(theirs) * direction(ours) < 0:
             way = "descending" if direction(theirs) < 0 else "ascending"
             raise InputError(
@@ -102,14 +108,7 @@ def check_not_rolled(items: Items, grid: dict, path: str) -> None:
     network trained on longitudes from 0): taken by position, its members would sit rolled
     under the training grid's coordinates. Another grid of the same size (another region)
     is taken as given."""
-    fields = items.fields.dims[1:] if items.fields is not None else ()
-    if not grid.get("coords") or len(grid.get("dims", ())) != len(fields):
-        return
-    for dim, name in zip(fields, grid["dims"]):
-        if dim not in items.fields.coords or name not in grid["coords"]:
-            continue
-        theirs = np.asarray(items.fields[dim].values)
-        ours = np.asarray(grid["coords"][name]["values"])
+    for dim, name, theirs, ours in _paired_axes(items, grid, grid.get("dims", ())):
         if theirs.dtype.kind not in "fiu" or ours.dtype.kind not in "fiu":
             continue
         if rolled(theirs, ours):
