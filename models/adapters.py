@@ -27,12 +27,12 @@ def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def score_from_eps(eps, x, u):
-    """s = -eps / s(u)."""
+    """s = -eps / s(u): eps and x (B, *S), u (B,); returns (B, *S)."""
     return -eps / _bcast(noise_std(u), x)
 
 
 def score_from_x0(x0, x, u):
-    """s = (a x0 - x) / s^2."""
+    """s = (a x0 - x) / s^2: x0 and x (B, *S), u (B,); returns (B, *S)."""
     a, s = _bcast(signal(u), x), _bcast(noise_std(u), x)
     return (a * x0 - x) / s**2
 

@@ -100,5 +100,6 @@ def mode_fractions(model: GaussianMixture, x: torch.Tensor, u: float) -> torch.T
 
 
 def weight_error(model: GaussianMixture, x: torch.Tensor, u: float, denoised: bool = False) -> float:
-    """Largest |sampled mode fraction - mode weight| (the Tweedie mean classifies alike)."""
+    """Largest |sampled mode fraction - mode weight| (the Tweedie mean classifies alike):
+    x (B, *shape) at clock u."""
     return float((mode_fractions(model, x, u) - model.weights).abs().max())

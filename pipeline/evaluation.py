@@ -38,7 +38,7 @@ def power_spectra(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ensemble_mean_rmse(ens: np.ndarray, truth: np.ndarray) -> float:
-    """Root mean square error of the ensemble mean."""
+    """Root mean square error of the ensemble mean: ens (M, *S), truth (*S)."""
     return float(np.sqrt(((ens.mean(0) - truth) ** 2).mean()))
 
 
@@ -62,7 +62,7 @@ def spread_variance(ens: np.ndarray) -> np.ndarray:
 
 def spread_skill(ens: np.ndarray, truth: np.ndarray) -> float:
     """Ensemble spread over ensemble-mean RMSE (``spread_variance``): about 1 for a reliable
-    ensemble."""
+    ensemble. ens (M, *S), truth (*S)."""
     return float(np.sqrt(spread_variance(ens).mean()) / ensemble_mean_rmse(ens, truth))
 
 

@@ -73,7 +73,8 @@ def ou_grid(steps: int, u_min: float, u_max: float, knee: float = OU_KNEE) -> to
 
 
 def uniform_grid(steps: int, u_min: float, u_max: float, process=OU()) -> torch.Tensor:
-    """Uniform in the process's native time between the times of u_max and u_min."""
+    """Uniform in the process's native time between the times of u_max and u_min: u
+    (steps + 1,) float64, decreasing from u_max to u_min."""
     ends = process.t_of_u(torch.tensor([u_max, u_min], dtype=torch.float64))
     t = torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64)
     u = process.u_of_t(t)
@@ -82,7 +83,8 @@ def uniform_grid(steps: int, u_min: float, u_max: float, process=OU()) -> torch.
 
 
 def edm_grid(steps: int, u_min: float, u_max: float, rho: float = EDM_RHO) -> torch.Tensor:
-    """EDM rho-grid: sigma_i^(1/rho) uniform between sigma_max and sigma_min."""
+    """EDM rho-grid: sigma_i^(1/rho) uniform between sigma_max and sigma_min; u (steps + 1,)
+    float64, decreasing from u_max to u_min."""
     smax, smin = math.sqrt(math.expm1(u_max)), math.sqrt(math.expm1(u_min))
     r = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     sigma = (smax ** (1 / rho) + r * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho

@@ -59,7 +59,8 @@ class Spectral:
         return u, v
 
     def tendency(self, w_hat: torch.Tensor) -> torch.Tensor:
-        """Nonlinear and forcing terms -u . grad omega + f, in Fourier space, dealiased."""
+        """Nonlinear and forcing terms -u . grad omega + f, in Fourier space, dealiased:
+        w_hat (..., n, n // 2 + 1) complex -> the same shape."""
         u, v = self.velocity(w_hat)
         wx = torch.fft.irfft2(1j * self.kx * w_hat, s=(self.n, self.n))
         wy = torch.fft.irfft2(1j * self.ky * w_hat, s=(self.n, self.n))
@@ -77,7 +78,8 @@ def step(sp: Spectral, w_hat: torch.Tensor, dt: float) -> torch.Tensor:
 
 
 def stable_dt(sp: Spectral, w_hat: torch.Tensor, cfl: float, dt_max: float) -> float:
-    """The advective time step limit cfl * dx / max|u|, capped at dt_max."""
+    """The advective time step limit cfl * dx / max|u|, capped at dt_max; w_hat
+    (..., n, n // 2 + 1) complex."""
     u, v = sp.velocity(w_hat)
     speed = float(torch.sqrt(u**2 + v**2).max())
     dx = 2 * math.pi / sp.n

@@ -105,7 +105,8 @@ def paradigms(scheduler, eps, x_t: torch.Tensor, xi: torch.Tensor, *, window: in
 
 
 def sequential(scheduler, eps, x_t: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-    """diffusers' DDPM loop: the scheduler's step at every timestep, with noise xi."""
+    """diffusers' DDPM loop: the scheduler's step at every timestep, with noise xi: x_t
+    (B, *S), xi (B, steps, *S); returns (B, *S)."""
     x = x_t
     for j, t in enumerate(scheduler.timesteps):
         var = scheduler._get_variance(int(t)).to(x.dtype)

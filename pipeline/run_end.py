@@ -82,6 +82,7 @@ class Tally:
     stop_cause: str = "by a signal"  # or "on request": the API's stop function asked
 
     def add(self, members: int, stats) -> None:
+        """Count a batch of ``members`` sampled with ``stats`` (its ``Stats``)."""
         self.count += members
         self.rounds.append(stats.rounds)
         self.calls += stats.model_calls * members

@@ -49,7 +49,8 @@ def _draws(seed: int, step: int, batch: int, n: int, shape, t: TrainConfig):
 
 
 def edm_loss(den: Denoiser, x0, sigma, noise, cond) -> torch.Tensor:
-    """Sum over the batch of the EDM-weighted denoising error (per-sample mean over pixels)."""
+    """Sum over the batch of the EDM-weighted denoising error (per-sample mean over pixels):
+    x0 and noise (B, H, W), sigma (B,), cond (B, C, H, W) or None; returns a scalar."""
     sd = den.cfg.sigma_data
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
     pred = den(x0 + sigma[:, None, None] * noise, sigma, cond)

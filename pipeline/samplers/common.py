@@ -44,7 +44,7 @@ def per_point(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def field_mean(x: torch.Tensor, batch_dims: int) -> torch.Tensor:
-    """Mean over every dim after the first ``batch_dims``."""
+    """Mean over every dim after the first ``batch_dims``: x (*batch, *S) -> (*batch)."""
     return x.flatten(batch_dims).mean(-1)
 
 

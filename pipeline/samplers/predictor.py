@@ -135,7 +135,8 @@ def denoiser_nodes(start, width, terms: int, lag: int) -> np.ndarray:
 def refill(states, xi, freed, chain, e, y_e, x0hat, nodes, t, noise, n):
     """Put the predictor's states and noise into the freed slots: slot with chain index c
     now holds position e + c (only positions before n matter). The ODE (``noise`` None, no
-    noise kept) forms only its own slots' points."""
+    noise kept) forms only its own slots' points. states and xi (B, slots, *S), freed and
+    chain (B, slots), e (B,), y_e (B, *S), x0hat (B, nodes, *S); returns (states, xi)."""
     need = freed & (e[:, None] + chain < n)
     if not need.any():
         return states, xi

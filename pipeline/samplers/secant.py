@@ -291,7 +291,8 @@ def certificate(sec: Secants, ell, pos, t) -> np.ndarray:
 
 
 def remember(sec: Secants, states, g, pos, valid) -> None:
-    """Keep this round's evaluated states and scores for the next round's secants."""
+    """Keep this round's evaluated states and scores for the next round's secants: states
+    and g (B, slots, *S), pos and valid (B, slots)."""
     vr, vc = valid.nonzero()
     v_r, v_c = indices(states, vr, vc)
     sec.y[v_r, v_c] = states[v_r, v_c]
