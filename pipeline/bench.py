@@ -449,10 +449,10 @@ def run_peer(cfg: Config, peer: str, *, comm,
             refine=cfg.calibrate.refine, pc_window=cfg.sampler.window, theta=cfg.sampler.theta,
             say=lambda text: print0(comm, text))
         out0(comm, f"peer {peer}: DDPM-1000 (linear betas 1e-4..0.02, posterior variance), "
-                     f"{cfg.model.kind} {list(cfg.model.shape)}, {cfg.bench.members} members, "
-                     f"{cfg.sampler.dtype}; pc-window's tol is the loosest of calibrate.ladder "
-                     "(and calibrate.refine's between its rungs) at no larger a distance than "
-                     "the peer's\n" + format_rows(rows))
+                   f"{cfg.model.kind} {list(cfg.model.shape)}, {cfg.bench.members} members, "
+                   f"{cfg.sampler.dtype}; pc-window's tol is the loosest of calibrate.ladder "
+                   "(and calibrate.refine's between its rungs) at no larger a distance than "
+                   "the peer's\n" + format_rows(rows))
         return rows
 
     return on_rank0(comm, run)

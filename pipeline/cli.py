@@ -221,8 +221,8 @@ def _cmd_calibrate(args, world) -> int:
         out0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} (measured now); "
                     f"{uses}")
     else:  # the line before named the tolerance and the cache it came from
-        out0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} (from the cache); {uses}; "
-                    "piadm calibrate --force measures it again")
+        out0(world, f"sampler.tol = {result.tol:g} for {cfg.sampler.method} (from the cache); "
+                    f"{uses}; piadm calibrate --force measures it again")
     return 0
 
 
@@ -262,7 +262,7 @@ def _cmd_plan(args, world) -> int:
     out0(world, table(plan, rows=args.rows))
     out0(world, describe(plan))
     out0(world, "use: " + " ".join(f"--set {k}={v!r}" if isinstance(v, str) else
-                                     f"--set {k}={v}" for k, v in chosen.items()))
+                                   f"--set {k}={v}" for k, v in chosen.items()))
     if args.json:
         rows = [{**dataclasses.asdict(p.layout), "steps": p.profile.steps or cfg.sampler.steps,
                  "rounds": p.rounds,
