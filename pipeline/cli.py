@@ -369,7 +369,8 @@ def _cmd_status(args, world) -> int:
 
 def _status(args) -> tuple[str, bool]:
     """What ``piadm status`` prints, and whether the store is complete."""
-    from pipeline.status import progress, read_through, report, verify
+    from pipeline.status import progress, read_through, report
+    from pipeline.verify import verify
 
     with read_through(args.store):
         if args.verify:

@@ -248,7 +248,8 @@ def _check_finite(truth: xr.DataArray, path, field_ndim: int, *, paired: bool) -
 def check_sound(store, err: Exception | None) -> None:
     """After ``err`` (or NaN figures) while reading ``store``: raise EvaluationError when
     members marked done are damaged (the likely cause), naming the fix."""
-    from pipeline.status import damaged, item_labels
+    from pipeline.status import item_labels
+    from pipeline.verify import damaged
 
     found = damaged(str(store))
     if found:

@@ -784,7 +784,7 @@ def test_a_working_folder_deleted_meanwhile_is_said_in_one_line(tmp_path):
 def test_status_of_thousands_of_items_counts_them_and_lists_those_left_as_runs():
     """A store of 2,000 dates printed a line for each, then 558 indices on one line; items
     alike in a row, a line each."""
-    from pipeline.status import _text
+    from pipeline.status import state_text as _text
 
     items = [{"label": f"d{n}", "done": 8 if n < 1442 and n != 7 else 3 * (n == 1442),
               "members": 8} for n in range(2000)]

@@ -415,20 +415,20 @@ def test_verify_reads_blocks_of_items_and_an_item_past_a_block_chunk_by_chunk(
     """--verify reads many chunks a call (a call a chunk took three times the whole read), a
     block that fails again chunk by chunk to name the damaged one, and an item larger than a
     block chunk by chunk (a 4 GB item was read whole): the same findings every way."""
-    from pipeline import status
+    from pipeline import verify
 
     hurt = tmp_path / "hurt.zarr"
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, hurt)]) == 0
     chunks = sorted(p for p in (hurt / "vort" / "c").rglob("*") if p.is_file())
     chunks[1].unlink()  # reads back as the fill value: no read fails
     reads = []
-    monkeypatch.setattr(status, "_read_chunk", lambda *a, read=status._read_chunk: (
+    monkeypatch.setattr(verify, "_read_chunk", lambda *a, read=verify._read_chunk: (
         reads.append(a[1:3]) or read(*a)))
 
     def verified(block: int):
-        monkeypatch.setattr(status, "VERIFY_BLOCK_BYTES", block)
+        monkeypatch.setattr(verify, "VERIFY_BLOCK_BYTES", block)
         reads.clear()
-        return status.damaged(str(hurt)), len(reads)
+        return verify.damaged(str(hurt)), len(reads)
 
     found, _ = verified(64 * 2**20)
     assert len(found) == 2 and verified(64 * 2**20) == (found, 0)  # one block, no chunk read
@@ -495,19 +495,19 @@ def test_a_stop_during_a_repair_lets_it_finish_and_record_itself(tmp_path, input
     import os
     import signal
 
-    import pipeline.status
+    import pipeline.verify
 
     hurt = tmp_path / "hurt.zarr"
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, hurt)]) == 0
     chunks = sorted(p for p in (hurt / "vort" / "c").rglob("*") if p.is_file())
     chunks[0].unlink()
-    real = pipeline.status.finalize
+    real = pipeline.verify.finalize
 
     def stopped_meanwhile(path, note):  # the signal lands while the repair writes
         os.kill(os.getpid(), signal.SIGTERM)
         real(path, note)
 
-    monkeypatch.setattr(pipeline.status, "finalize", stopped_meanwhile)
+    monkeypatch.setattr(pipeline.verify, "finalize", stopped_meanwhile)
     capsys.readouterr()
     assert main(["status", "--verify", "--repair", str(hurt)]) == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in capsys.readouterr().err
@@ -1539,20 +1539,20 @@ def test_a_store_replaced_while_status_verifies_it_is_one_line(tmp_path, capsys,
     read it: a traceback (KeyError: 'done') and exit 1, "incomplete" to a polling script."""
     import shutil
 
-    import pipeline.status as status
+    import pipeline.verify as verify
 
     out = tmp_path / "v.zarr"
     assert main(["sample", "jobs/configs/grf.toml", "--set", "model.shape=[8, 8]", "--set",
                  "sampler.steps=20", "--set", "sampler.method=sequential-sde", "--set",
                  "ensemble.members=2", "--set", f"output.path={out}"]) == 0
-    real = status.damaged_arrays
+    real = verify.damaged_arrays
 
     def moved_aside(path):  # as the replacing job's first step, between two reads
         found = real(path)
         shutil.move(out, tmp_path / "aside.zarr")
         return found
 
-    monkeypatch.setattr(status, "damaged_arrays", moved_aside)
+    monkeypatch.setattr(verify, "damaged_arrays", moved_aside)
     capsys.readouterr()
     assert main(["status", str(out), "--verify"]) == 2
     assert f"{out} changed while it was read" in capsys.readouterr().err
