@@ -299,7 +299,7 @@ def _write_outputs(cfg: Config, rows: list[dict], earlier: list[dict], json_path
     """Rank 0: the bench's JSON (with its config) and figure, where asked: the figure, the
     slow one, first, so that a stop while it is drawn leaves both as they were."""
     if png_path:
-        from pipeline.figures import bench_figure, one_per_point
+        from pipeline.bench_figures import bench_figure, one_per_point
 
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
         print0(comm, f"plot: {bench_figure(earlier + one_per_point(rows), Path(png_path))}")
@@ -370,7 +370,7 @@ def _differences(cfg: Config, text: str) -> list[str]:
 
 def _table_rows(path: str, cfg: Config | None = None) -> list[dict]:
     """One ``--compare`` table's rows, or a ConfigError saying what is wrong with the file."""
-    from pipeline.figures import BENCH_ROW_KEYS, one_per_point
+    from pipeline.bench_figures import BENCH_ROW_KEYS, one_per_point
 
     fix = "give JSON tables written by piadm bench --json"
     if Path(path).is_dir():

@@ -291,7 +291,7 @@ def _save(cfg: Config, rows, found: dict, measure, quality: float, json_path, pn
             {"config": cfg.text, "quality": quality, "measure": measure.name, "rows": rows,
              "curves": curves, "intervals": intervals}, indent=2))
     if png_path:
-        from pipeline.figures import quality_figure
+        from pipeline.bench_figures import quality_figure
 
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
         print0(comm, f"plot: {quality_figure(rows, curves, quality, Path(png_path), measure.label)}")

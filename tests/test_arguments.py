@@ -163,7 +163,7 @@ def test_bench_refuses_a_folder_where_no_file_can_be_made(capsys, flag):
 def test_a_bench_of_one_size_draws_both_panels(tmp_path):
     import warnings
 
-    from pipeline.figures import bench_figure
+    from pipeline.bench_figures import bench_figure
 
     rows = [{"method": m, "ranks": 1, "d": 256, "rounds": r, "wall_s": w, "wall_med_s": w}
             for m, r, w in (("sequential-sde", 50, 1.6), ("pc-window", 14, 0.76))]
@@ -176,7 +176,7 @@ def test_a_bench_of_one_size_draws_both_panels(tmp_path):
 def test_the_ranks_panel_shows_the_field_measured_on_several_rank_counts(tmp_path, monkeypatch):
     """A 1-rank table of 16x16 compared with a 2-rank run of 8x8 and 16x16: the panel against
     ranks shows d = 256, where both counts have rows, and none when no d has two."""
-    from pipeline import figures
+    from pipeline import bench_figures as figures
 
     drawn = []
     timed = figures._timed

@@ -108,7 +108,7 @@ def test_a_size_the_network_does_not_take_names_bench_sizes_before_any_output(ca
 
 def test_a_seed_sweep_is_one_point_per_method_and_size_in_the_graph():
     """Its worst row: a line through every seed's row (and the worst) zig-zagged."""
-    from pipeline.figures import one_per_point
+    from pipeline.bench_figures import one_per_point
 
     row = lambda seed, d, ranks=1, wall=1.0: {"method": "pc-window", "seed": seed,  # noqa: E731
                                               "d": d, "ranks": ranks, "rounds": 30,
@@ -214,7 +214,7 @@ def test_the_json_writers_text_has_null_for_nan_and_infinities():
 def test_a_figure_stopped_mid_write_leaves_the_earlier_one(tmp_path):
     """bench --png (and --quality) saved onto the file itself: a Ctrl-C while it was written
     left 0 bytes where the earlier plot was."""
-    from pipeline.figures import _save
+    from pipeline.figures import save as _save
 
     path = tmp_path / "bench.png"
     path.write_bytes(b"the earlier plot")

@@ -937,13 +937,13 @@ def test_members_tied_with_the_truth_split_their_ties_anew_at_each_item(paired, 
     shutil.copytree(ens, tied)
     truth = xr.open_zarr(tmp / "truth.zarr").vort.values
     zarr.open_group(tied)["vort"][:] = np.repeat(truth[:, None], 6, axis=1)
-    titles, save = [], figures._save
+    titles, save = [], figures.save
 
     def saved(fig, path):
         titles.extend(ax.get_title() for ax in fig.axes)
         save(fig, path)
 
-    monkeypatch.setattr(figures, "_save", saved)
+    monkeypatch.setattr(figures, "save", saved)
     metrics, _ = evaluate(tied, tmp / "truth.zarr", out=tmp_path / "e")
     counts = metrics["rank_histogram"].values
     assert counts.sum() == 6 * 16 * 16
