@@ -233,7 +233,7 @@ def test_a_figure_stopped_mid_write_leaves_the_earlier_one(tmp_path):
 def test_a_compare_table_without_a_config_is_not_checked_against_the_defaults():
     """A table with no ``config`` (an older one, or one cut down by hand) was refused as
     "benched with other settings", naming piadm's defaults as its settings."""
-    from pipeline.bench import _differences
+    from pipeline.bench_tables import _differences
     from pipeline.config import load_config
 
     cfg = load_config("jobs/configs/grf.toml", ["sampler.steps=50"])
