@@ -17,7 +17,6 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
 
 # Only light modules here: parsing (and --help) must not wait for torch, xarray or zarr;
 # each command imports what it needs.
@@ -27,9 +26,10 @@ from pipeline.arguments import (check_bench_flags, check_figure_file,  # noqa: E
 from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noqa: E402
                              load_config, read_toml, with_settings)
 from pipeline.console import fresh_line, on_every_rank, on_rank0, out0, print0, say, tag  # noqa: E402
-from pipeline.environment import environment_settings, from_environment  # noqa: E402
-from pipeline.errors import (FailedElsewhere, NetworkFailed, PiadmError,  # noqa: E402
-                             StoppedTogether, WriteFailed, as_user_error, is_out_of_memory)
+from pipeline.environment import environment_settings  # noqa: E402
+from pipeline.errors import (FailedElsewhere, PiadmError, StoppedTogether,  # noqa: E402
+                             WriteFailed, as_user_error)
+from pipeline.failures import explain, in_users_code, user_errors  # noqa: E402
 from pipeline.settings import AUTO_METHODS  # noqa: E402
 
 
@@ -386,47 +386,6 @@ COMMANDS = {"sample": _cmd_sample, "bench": _cmd_bench, "calibrate": _cmd_calibr
             "generate-data": _cmd_generate, "train": _cmd_train, "evaluate": _cmd_evaluate}
 
 
-def _in_users_code(err: Exception, command: str) -> Exception | None:
-    """``err`` raised in a user's own code (a network's forward past its 2-item probe, in a
-    bench, a calibration or a plan) as one line naming that line, else None: piadm's own
-    failures keep their traceback. ``sample`` names the call that failed itself."""
-    if isinstance(err, (*user_errors(), FailedElsewhere)) or command not in MODEL_COMMANDS:
-        return None  # said as they are (a full disk's OSError names its file)
-    from models.user_code import one_line, raised_at
-
-    where = raised_at(err)
-    if not where or is_out_of_memory(err):
-        return None
-    return NetworkFailed(f"{command}: the model's code failed ({one_line(err, where)}): fix "
-                         "the code at that line")
-
-
-MODEL_COMMANDS = ("sample", "bench", "calibrate", "plan")  # those that call a model
-
-
-def user_errors() -> tuple:
-    """The errors a user's input causes: one line each, no traceback. Only light modules
-    (no torch, xarray or dask), so that the error of a light command prints at once."""
-    # every PiadmError (a refused config, store or input, a divergence, a failed write, ...)
-    # and the OSErrors of files a user named
-    return (PiadmError, OSError)
-
-
-def explain(err: Exception, sets: Sequence[str] = ()) -> str:
-    """The one line a user error prints: an I/O failure names its file and what to check; a
-    setting that came from PIADM_SET (not overridden by ``sets``, the --set items) says so."""
-    if not isinstance(err, OSError) or type(err).__module__.startswith("pipeline"):
-        text = str(err)
-        if text.startswith(("PIADM_SET:", "--set ")):  # the message names its item already
-            return text
-        return f"{text}{from_environment(text, sets)}"
-    if type(err).__module__.startswith("zarr"):  # nothing found to read; the message names where
-        return f"cannot read a Zarr store: {err}: check that the path is the store it should be"
-    where = f" {err.filename}" if err.filename else ""
-    return (f"cannot use{where}: {err.strerror or err}: check that the path exists, that you "
-            "may write there and that its disk has space")
-
-
 # The warnings of a brought network that every rank would print alike (models.module)
 NETWORK_WARNINGS = (r"model\.target = .* is defined in no file", r"the network answers in ",
                     r"model\.weights = .* holds float64 values for the factory",
@@ -468,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             with interrupted_by_stop_signals():  # the others say what they kept, as on Ctrl-C
                 return COMMANDS[args.command](args, world)
         except Exception as err:
-            mended = _in_users_code(err, args.command) or as_user_error(err, args.command)
+            mended = in_users_code(err, args.command) or as_user_error(err, args.command)
             if mended is err:
                 raise
             raise mended from None

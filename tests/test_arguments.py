@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.cli import explain, main
+from pipeline.cli import main
+from pipeline.failures import explain
 from pipeline.sample_report import against_sequential
 
 TINY = ["--set", "model.shape=[8, 8]", "--set", "sampler.steps=10", "--set",
