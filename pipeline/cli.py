@@ -228,9 +228,9 @@ def _cmd_calibrate(args, world) -> int:
 
 def _cmd_plan(args, world) -> int:
     from models import build_model
+    from pipeline.plan_text import describe, table
+    from pipeline.planner import collective_latency, make_plan, planned_items, settings
     from pipeline.run_items import first_item_model
-    from pipeline.planner import (collective_latency, describe, make_plan, planned_items,
-                                  settings, table)
 
     check_plan_flags(args)
     cfg, _, device = _setup(args, world, layout=False)

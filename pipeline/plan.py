@@ -165,6 +165,20 @@ class Prediction:
     rounds: int = 0  # a batch's rounds (``Profile.rounds_at``)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Every layout's prediction, fastest first, the best sequential one, and the machine."""
+
+    ranked: list[Prediction]
+    sequential: Prediction
+    machine: Machine
+
+    @property
+    def best(self) -> Prediction:
+        """The layout predicted fastest."""
+        return self.ranked[0]
+
+
 def call_items(layout: Layout, points: float) -> int:
     """Items of the widest model call a rank makes when each member evaluates ``points`` in a
     round: its slots' share of every member's, or an even share of all of them

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -24,12 +23,14 @@ from pipeline.calibrate import CANNOT_CALIBRATE, calibration_key, resolve_tol
 from pipeline.config import ConfigError, with_settings
 from pipeline.layout import cpu_threads
 from pipeline.memory import available_bytes, field_bytes, format_bytes, ranks_sharing, sampler_floor
-from pipeline.plan import Layout, Machine, Prediction, Profile, call_items, layouts, predict, rank
+from pipeline.plan import (Machine, Plan, Prediction, Profile, call_items, layouts, predict,
+                           rank)
 from pipeline.profiling import cost_curve, profile, state_points
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.samplers.options import REPLICABLE
 from pipeline.plan_store import (check_unplannable_store, resumed_batch_size,
                                  resumed_time_slices, stored_plan)
+from pipeline.plan_text import counted, describe, table
 from pipeline.settings import AUTO_METHODS, EQUAL_QUALITY, Config
 from pipeline.validation import STEPS_MAX
 from pipeline.store import ASKED
@@ -49,20 +50,6 @@ DEFAULT_LATENCY = 3e-5
 
 # A run whose parallel.time_slices rule out a layout predicted this many times faster says so
 FASTER_ELSEWHERE = 1.1
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Every layout's prediction, fastest first, the best sequential one, and the machine."""
-
-    ranked: list[Prediction]
-    sequential: Prediction
-    machine: Machine
-
-    @property
-    def best(self) -> Prediction:
-        """The layout predicted fastest."""
-        return self.ranked[0]
 
 
 def methods_of(cfg: Config) -> tuple[str, ...]:
@@ -351,50 +338,6 @@ def _fitting(cfg: Config, pairs, device, machine: Machine, gpus_per_node: int, s
     return fits
 
 
-def table(plan: Plan, rows: int) -> str:
-    """The ranked plan as text: the fastest ``rows`` and the best sequential layout (with each
-    layout's steps when they differ, at equal quality)."""
-    seq = plan.sequential
-    steps = any(p.profile.steps for p in plan.ranked)
-    head = (f"{'#':>3} {'method':<15} {'param':>5} {'groups':>6} {'slices':>6} {'split':>5} "
-            f"{'batch':>5} "
-            + (f"{'steps':>5} " if steps else "")
-            + f"{'rounds':>6} {'calls':>7} {'round_ms':>9} {'predicted_s':>11} {'vs_seq':>6}")
-    lines = [head]
-    shown = plan.ranked[:rows] + ([] if seq in plan.ranked[:rows] else [seq])
-    for p in shown:
-        lay = p.layout
-        place = plan.ranked.index(p) + 1 if p in plan.ranked else "-"  # not a candidate
-        lines.append(f"{place:>3} {lay.method:<15} {lay.param or '-':>5} "
-                     f"{lay.groups:>6} {lay.time_slices:>6} {_split(lay):>5} {lay.batch:>5} "
-                     + (f"{p.profile.steps:>5} " if steps else "")
-                     + f"{p.rounds:>6} {p.profile.calls:>7.0f} {1e3 * p.round_s:>9.2f} "
-                     f"{p.seconds:>11.3f} {seq.seconds / p.seconds:>5.2f}x")
-    return "\n".join(lines)
-
-
-def _split(lay: Layout) -> str:
-    """The table's word for how a layout's time slices share a window."""
-    if lay.time_slices == 1 or lay.method not in REPLICABLE:
-        return "-"
-    return "repl" if lay.replicated else "slots"
-
-
-def _counted(n: int, what: str) -> str:
-    """``n`` ``what``s: "1 group", "2 groups"."""
-    return f"{n} {what}{'s' if n != 1 else ''}"
-
-
-def describe(plan: Plan) -> str:
-    """One line: what was chosen and why."""
-    b = plan.best
-    return (f"plan: {b.layout.method} on {_counted(b.layout.groups, 'group')} x "
-            f"{_counted(b.layout.time_slices, 'time slice')}"
-            f"{', each with the whole window' if b.layout.replicated else ''}, "
-            f"{b.layout.batch} members a batch: predicted {b.seconds:.2f} s, "
-            f"{plan.sequential.seconds / b.seconds:.2f}x the best sequential layout")
-
-
 def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int, latency: float,
                    stored: tuple[dict, int | None] | None, say=print,
                    stopped=lambda: False) -> tuple[Config, dict]:
@@ -420,7 +363,7 @@ def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int
             t = cfg.parallel.time_slices
             if ranks % t:
                 raise ConfigError(f"config: parallel.time_slices = {t} does not divide the "
-                                  f"{_counted(ranks, 'rank')}: launch a multiple of {t}, or "
+                                  f"{counted(ranks, 'rank')}: launch a multiple of {t}, or "
                                   "set it \"auto\"")
         plan = make_plan(cfg, model, device, ranks=ranks, gpus_per_node=gpus_per_node,
                          latency=latency, say=say, stopped=stopped)
@@ -442,8 +385,8 @@ def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int
         if freer is not None and plan.best.seconds > FASTER_ELSEWHERE * freer.seconds:
             # `piadm plan` weighs every time-slice count, a run only the ones it is given
             say(f"plan: parallel.time_slices = \"auto\" would allow "
-                f"{_counted(freer.layout.groups, 'group')} x "
-                f"{_counted(freer.layout.time_slices, 'time slice')}, predicted "
+                f"{counted(freer.layout.groups, 'group')} x "
+                f"{counted(freer.layout.time_slices, 'time slice')}, predicted "
                 f"{freer.seconds:.2f} s ({plan.best.seconds / freer.seconds:.2f}x faster)")
         chosen = settings(plan.best)
     attrs = {"plan_settings": json.dumps(chosen), "plan_config_sha256": cfg.store_digest,

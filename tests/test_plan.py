@@ -8,7 +8,7 @@ import xarray as xr
 
 from pipeline.api import load_config, sample
 from pipeline.cli import main
-from pipeline.plan import CostCurve, Layout, Machine, Profile, layouts, predict, rank
+from pipeline.plan import CostCurve, Layout, Machine, Plan, Profile, layouts, predict, rank
 
 SEQUENTIAL = Profile("sequential-sde", 0, None, 1000, 1000.0, (1,), (0.0,), 0)
 WINDOW = Profile("pc-window", 64, 1e-3, 40, 2400.0, (8, 60), (0.0, 0.0), 2)
@@ -459,7 +459,7 @@ def test_a_run_held_to_its_time_slices_says_what_auto_time_slices_would_gain(
     ranked = _best([SEQUENTIAL, WINDOW], curve, machine, members=1)
     sequential = next(p for p in ranked if p.layout.method == "sequential-sde")
     monkeypatch.setattr(planner, "make_plan",
-                        lambda *a, **k: planner.Plan(ranked, sequential, machine))
+                        lambda *a, **k: Plan(ranked, sequential, machine))
     one_slice = next(p.seconds for p in ranked if p.layout.time_slices == 1)
     for slices, chosen, hint in [
             (1, 1, 'plan: parallel.time_slices = "auto" would allow 1 group x 8 time slices, '
@@ -477,7 +477,7 @@ def test_a_run_held_to_its_time_slices_says_what_auto_time_slices_would_gain(
     close = sorted((dataclasses.replace(p, seconds=max(p.seconds, one_slice / 1.05))
                     if p.layout.time_slices > 1 else p for p in ranked), key=lambda p: p.seconds)
     monkeypatch.setattr(planner, "make_plan",
-                        lambda *a, **k: planner.Plan(close, sequential, machine))
+                        lambda *a, **k: Plan(close, sequential, machine))
     said = []
     planner.planned_config(load_config("jobs/configs/grf.toml", _small(tmp_path, **{
         "sampler.method": "auto"})), None, "cpu", ranks=8, gpus_per_node=0, latency=1e-5,
