@@ -99,7 +99,8 @@ LEGEND = "\n".join(["columns:", *(f"  {name:<12} {meaning}" for name, meaning in
                  "spectrum, gmm: mode weights)"),
     ("w2", "the exact Wasserstein-2 distance of a sequential sampler's law to the grf "
            "target, relative (docs/algorithms.md section 7)"),
-    ("wall_s", "wall_med_s: min and median over bench.repeats"),
+    ("wall_s", "wall time, the fastest of bench.repeats"),
+    ("wall_med_s", "wall time, the median of bench.repeats"),
     ("comm_share", "time in collectives over wall time in the fastest repeat (the rank that "
                    "spent most)"),
     ("own_share", "the collectives' own time over wall time: per call the least any rank "

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.memory import peak_since, start_peak
+from pipeline.watched import Watched
 
 # The bench's records of every collective, gathered once per timed run: (seconds in it, model
 # seconds since the rank's previous collective) per rank and call
@@ -38,31 +39,24 @@ def _collectives(comm, mine: dict, own: dict) -> dict:
 
 
 class _ModelClock:
-    """``model`` whose calls add their wall seconds to ``_elapsed``: the rank's model time
-    between two collectives, for the bench's split of waiting for other ranks
-    (``split_calls``). On a GPU each call is waited for, so that its kernels count as model
-    time; that costs the overlap of a launch-bound loop, under MPI only."""
+    """A rank's seconds in model calls (``Watched`` adds each call's): its model time between
+    two collectives, for the bench's split of waiting for other ranks (``split_calls``). On a
+    GPU each call is waited for, so that its kernels count as model time; that costs the
+    overlap of a launch-bound loop, under MPI only."""
 
-    def __init__(self, model, device: torch.device):
-        self._model, self._device, self._elapsed = model, device, 0.0
+    def __init__(self):
+        self.seconds = 0.0
 
-    def __getattr__(self, name):  # shape, data_bound, ... are the model's
-        return getattr(self._model, name)
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
 
     def elapsed(self) -> float:
         """Seconds in model calls since ``restart``."""
-        return self._elapsed
+        return self.seconds
 
     def restart(self) -> None:
         """Count the model's time from zero (a repeat's start)."""
-        self._elapsed = 0.0
-
-    def __call__(self, x, u):
-        start = time.perf_counter()
-        out = self._model(x, u)
-        _sync(self._device)
-        self._elapsed += time.perf_counter() - start
-        return out
+        self.seconds = 0.0
 
 
 def model_waits(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -109,8 +103,9 @@ def timed_run(sampler, model, y0, grid, noise, *, comm, options, device, repeats
     if device.type == "cuda":
         sampler(model, y0, grid, noise, comm=comm, options=options)
     # the model's time between collectives, for splitting the waits
-    clock = _ModelClock(model, device) if comm.size > 1 else None
-    model = clock or model
+    clock = _ModelClock() if comm.size > 1 else None
+    if clock is not None:
+        model = Watched(model, clock.add, sync=lambda: _sync(device))
     walls, repeat = [], []
     for _ in range(repeats):
         comm.barrier()

@@ -31,10 +31,10 @@ from pipeline.config import ConfigError
 from pipeline.layout import arithmetic_kind
 from pipeline.memory_check import TooLarge, check_memory
 from pipeline.noise import Noise
-from pipeline.progress import clock
 from pipeline.samplers import REFERENCE, REGISTRY, SAMPLERS, Options, run_notes
 from pipeline.settings import Config
 from pipeline.signals import Stopped
+from pipeline.watched import heard
 
 # Calibration members are keyed apart from any ensemble's members (an item index no input
 # reaches), so the choice is not tuned on the very trajectories it will produce.
@@ -265,34 +265,6 @@ def loosest_passing(ladder, passes, refine: int, stopped=lambda: False) -> float
     return None
 
 
-# Seconds of a calibration's run (the sequential path, a rung) between lines that say it is
-# still going: on a network one takes minutes, which a batch log showed as silence
-HEARTBEAT_S = 30.0
-
-
-class _Heard:
-    """``model``, saying every ``HEARTBEAT_S`` s how far the run calling it has come (its
-    model calls and time so far); its attributes are the model's."""
-
-    def __init__(self, model, say, what: str):
-        self._model, self._say, self._what = model, say, what
-        self._calls, self._start = 0, time.perf_counter()
-        self._last = self._start
-
-    def __call__(self, *args, **kwargs):
-        out = self._model(*args, **kwargs)
-        self._calls += 1
-        now = time.perf_counter()
-        if now - self._last >= HEARTBEAT_S:
-            self._say(f"  ... {self._what}: {self._calls} model calls so far, "
-                      f"{clock(now - self._start)}")
-            self._last = now
-        return out
-
-    def __getattr__(self, name: str):
-        return getattr(self._model, name)
-
-
 def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, device,
                noise_source: str, members: int, distance: float, ladder, refine: int,
                say=print, stopped=lambda: False, setting: str = "") -> Calibration:
@@ -309,7 +281,7 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
     say(f"calibrating {method}{setting}: {members} members, {grid.steps} steps, aiming at a "
         f"worst distance <= {distance / 2:.1e} (half of sampler.distance); "
         f"{REFERENCE[method]} first")
-    ref, ref_stats = SAMPLERS[REFERENCE[method]](_Heard(model, say, REFERENCE[method]), y0,
+    ref, ref_stats = SAMPLERS[REFERENCE[method]](heard(model, say, REFERENCE[method]), y0,
                                                  grid, noise, comm=SerialComm(), options=options)
     rungs = []
     say(f"{'tol':>9} {'rounds':>7} {'calls_ratio':>12} {'worst_dist':>11}")
@@ -317,7 +289,7 @@ def run_ladder(model, *, method: str, grid, options: Options, seed: int, dtype, 
     def measure(tol: float, note: str = ""):
         if stopped():
             raise Stopped(f"calibrate: stopped by a signal before tol {tol:g}")
-        y, stats = SAMPLERS[method](_Heard(model, say, f"tol {tol:g}"), y0, grid, noise,
+        y, stats = SAMPLERS[method](heard(model, say, f"tol {tol:g}"), y0, grid, noise,
                                     comm=SerialComm(),
                                     options=dataclasses.replace(options, tol=float(tol)))
         rung = Rung(float(tol), stats.rounds, stats.model_calls / ref_stats.model_calls,

@@ -32,6 +32,8 @@ FIELD_DIMS = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x")}
 # names a field's dims may go by in the data, read as piadm's y and x (lat, lon)
 GEOGRAPHIC = {"lat": "y", "latitude": "y", "lon": "x", "longitude": "x", "rlat": "y", "rlon": "x",
               "south_north": "y", "west_east": "x"}  # rotated poles', WRF's
+# field axes whose values are longitudes in degrees, equal modulo 360 (-180 .. 180, 0 .. 360)
+LONGITUDES = ("lon", "longitude", "rlon")
 
 # train.channels: the U-Net's group norms (models.unet) split each width into this many groups
 NORM_GROUPS = 8

@@ -312,8 +312,9 @@ def _cmd_train(args, world) -> int:
         stop.uninstall()
     print0(world, f"done: step {result.step}, last batch's loss {result.train_loss:.4f}, "
                   f"validation loss {loss_text(result.val_loss)}, {clock(result.seconds)}; "
-                  f"checkpoint {t.checkpoint}; ended {stamp()}; sample with it by "
-                  f"model.kind = \"unet\", model.checkpoint = \"{t.checkpoint}\"")
+                  f"checkpoint {t.checkpoint}; ended {stamp()}; to sample with it: piadm "
+                  f"sample {args.config} --set 'model.checkpoint=\"{t.checkpoint}\"' and an "
+                  "output.path of its own")
     return 0
 
 
@@ -326,8 +327,9 @@ def _cmd_evaluate(args, world) -> int:
                               truth_range=tuple(args.truth_range) if args.truth_range else None,
                               kmax=args.kmax, cut=args.cut, out=args.out,
                               figures=not args.no_figures, progress=_scoring_progress())
-    # --json: the document evaluate saved as metrics.json
-    out0(world, files[0].read_text() if args.json else table(metrics))
+    if world.rank == 0:  # rank 0 scored, and wrote the files (on its disk)
+        # --json: the document evaluate saved as metrics.json
+        out0(world, files[0].read_text() if args.json else table(metrics))
     print0(world, "wrote " + ", ".join(str(f) for f in files))
     return 0
 

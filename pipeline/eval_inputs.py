@@ -15,7 +15,7 @@ import xarray as xr
 
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
 from pipeline.errors import EvaluationError, InputError, is_system_error
-from pipeline.inputs import (check_real, same_fingerprint, same_points, select_items,
+from pipeline.inputs import (check_real, longitude, same_fingerprint, same_points, select_items,
                              selection_fingerprint)
 from pipeline.labels import label_text
 from pipeline.store import INPUT_FINGERPRINT, done_members, field_variable, open_store
@@ -166,7 +166,8 @@ def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr
                 truth = truth.isel({dim: slice(None, None, -1)})
             continue
         alike = lambda a, b: a.shape == b.shape and (  # noqa: E731
-            same_points(a, b) if a.dtype.kind in "fiu" else bool((a == b).all()))
+            same_points(a, b, longitude(dim)) if a.dtype.kind in "fiu"
+            else bool((a == b).all()))
         if not alike(a, b) and alike(a, b[::-1]):  # the same grid, stored the other way round
             truth, b = truth.isel({dim: slice(None, None, -1)}), b[::-1]
         same = alike(a, b)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
+from pipeline.choices import FIELD_DIMS, GEOGRAPHIC, LONGITUDES
 from pipeline.errors import InputError, from_here, is_system_error
 from pipeline.labels import label_text, label_value
 from pipeline.unreadable import in_groups, undecodable_times
@@ -129,29 +129,53 @@ def direction(values) -> int:
     return 1 if (steps > 0).all() else -1 if (steps < 0).all() else 0
 
 
-def same_points(a, b) -> bool:
+def longitude(dim) -> bool:
+    """Whether a field axis named ``dim`` holds longitudes (degrees east, periodic in 360)."""
+    return str(dim).lower() in LONGITUDES
+
+
+def _spacing(a: np.ndarray) -> float:
+    """The smallest step between neighbouring values of ``a`` that are apart (NaN and repeats
+    left out); where none are, the values' own size (at least 1)."""
+    steps = np.abs(np.diff(a.ravel()))
+    steps = steps[np.isfinite(steps) & (steps > 0)]
+    if steps.size:
+        return float(steps.min())
+    finite = np.abs(a[np.isfinite(a)])
+    return max(1.0, float(finite.max())) if finite.size else 1.0
+
+
+def _pairs(a: np.ndarray, b: np.ndarray, periodic: bool) -> tuple:
+    """``(a, b)``, and for longitudes the two modulo 360 too (-180 .. 180 against 0 .. 360)."""
+    return ((a, b), (a % 360, b % 360)) if periodic else ((a, b),)
+
+
+def _alike(v: np.ndarray, w: np.ndarray, within: float) -> bool:
+    return bool(np.isclose(v, w, rtol=0.0, atol=within, equal_nan=True).all())
+
+
+def same_points(a, b, periodic: bool = False) -> bool:
     """Whether numeric coordinate values ``a`` and ``b`` name the same points in the same
     order: within a thousandth of their spacing (a float32 copy of a float64 grid differs by
-    1e-7 near zero, which a tolerance relative to the values refuses), longitudes relabelled
-    from -180 to 0 too (equal modulo 360)."""
+    1e-7 near zero, which a tolerance relative to the values refuses); ``periodic``
+    (longitudes): relabelled from -180 to 0 too, equal modulo 360."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         return False
-    if a.size == 0:
-        return True
-    steps = np.abs(np.diff(a.ravel()))
-    spacing = steps.min() if steps.size else max(1.0, abs(float(a.ravel()[0])))
-    return any(bool(np.isclose(v, w, rtol=0.0, atol=1e-3 * spacing, equal_nan=True).all())
-               for v, w in ((a, b), (a % 360, b % 360)))
+    within = 1e-3 * _spacing(a)
+    return a.size == 0 or any(_alike(v, w, within) for v, w in _pairs(a, b, periodic))
 
 
-def rolled(a, b) -> bool:
-    """Whether coordinate values ``a`` are ``b``'s rolled by one or more places (longitudes
-    from -180 for ``b``'s from 0 too: modulo 360), not the same points in the same order."""
+def rolled(a, b, periodic: bool = False) -> bool:
+    """Whether coordinate values ``a`` are ``b``'s rolled by one or more places, not the same
+    points in the same order (``periodic``, longitudes: from -180 for ``b``'s from 0 too,
+    modulo 360), within ``same_points``' closeness."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return a.shape == b.shape and not same_points(a, b) and any(
-        np.allclose(np.roll(v, k), w) for v, w in ((a, b), (a % 360, b % 360))
-        for k in range(1, len(a)))
+    if a.shape != b.shape or a.size < 2 or same_points(a, b, periodic):
+        return False
+    within = 1e-3 * _spacing(a)
+    return any(_alike(np.roll(v, k), w, within) for v, w in _pairs(a, b, periodic)
+               for k in range(1, len(a)))
 
 
 def check_field_order(var: xr.DataArray, what: str) -> None:

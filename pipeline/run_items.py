@@ -16,7 +16,8 @@ from pipeline.choices import FIELD_DIMS, MOST_TRAINING_STDS
 from pipeline.config import ConfigError
 from pipeline.console import say
 from pipeline.errors import InputError
-from pipeline.inputs import Items, direction, open_items, renamed_attrs, rolled, unconditional
+from pipeline.inputs import (Items, direction, longitude, open_items, renamed_attrs, rolled,
+                             unconditional)
 from pipeline.memory import field_bytes
 from pipeline.run import DTYPES, provenance, residual_length, sampler_grid
 from pipeline.samplers import REFERENCE, REGISTRY
@@ -111,7 +112,7 @@ def check_not_rolled(items: Items, grid: dict, path: str) -> None:
     for dim, name, theirs, ours in _paired_axes(items, grid, grid.get("dims", ())):
         if theirs.dtype.kind not in "fiu" or ours.dtype.kind not in "fiu":
             continue
-        if rolled(theirs, ours):
+        if rolled(theirs, ours, longitude(dim) or longitude(name)):
             raise InputError(
                 f"input: {items.fields.name} of {path} has {dim} {theirs[0]:g} .. "
                 f"{theirs[-1]:g}, the network's training grid rolled ({name} {ours[0]:g} .. "

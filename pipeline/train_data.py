@@ -22,8 +22,8 @@ from models.fingerprint import PROBE_RTOL, probe
 from models.conditioning import spectral_upsample, upsample_blocks
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC, MOST_TRAINING_STDS
 from pipeline.errors import InputError, from_here
-from pipeline.inputs import (check_field_order, check_real, direction, masked_by_fill, rolled,
-                             same_points)
+from pipeline.inputs import (check_field_order, check_real, direction, longitude,
+                             masked_by_fill, rolled, same_points)
 from pipeline.labels import label_text
 from pipeline.settings import TrainConfig
 from pipeline.store import open_store
@@ -213,11 +213,13 @@ def _check_same_grid(path: str, theirs: xr.DataArray, ours: xr.DataArray) -> Non
         a, b = np.asarray(theirs[dim].values), np.asarray(ours[dim].values)
         if a.dtype.kind not in "fiu" or b.dtype.kind not in "fiu":
             continue
-        if same_points(a, b):
+        periodic = longitude(dim)
+        if same_points(a, b, periodic):
             continue
-        fix = (f"flip it (ds.isel({dim}=slice(None, None, -1)))" if same_points(a[::-1], b)
+        fix = (f"flip it (ds.isel({dim}=slice(None, None, -1)))"
+               if same_points(a[::-1], b, periodic)
                else f"roll it to train.data's (ds.roll({dim}=..., roll_coords=True))"
-               if rolled(a, b) else "put it on train.data's grid")
+               if rolled(a, b, periodic) else "put it on train.data's grid")
         raise InputError(f"{where} on {dim} {a[0]:g} .. {a[-1]:g}, train.data on {dim} "
                          f"{b[0]:g} .. {b[-1]:g}: the fields are joined by position; {fix}")
     units = (theirs.attrs.get("units"), ours.attrs.get("units"))

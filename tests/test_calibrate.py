@@ -701,11 +701,12 @@ def test_a_cache_folder_that_cannot_be_searched_costs_a_warning_not_a_traceback(
 def test_a_long_calibration_says_it_is_still_going(monkeypatch, capsys):
     """On a network the sequential path and each rung take minutes: a batch log showed
     nothing between 'calibrating' and the first rung's line."""
-    from pipeline import calibrate
+    from pipeline import watched
 
-    monkeypatch.setattr(calibrate, "HEARTBEAT_S", 0.0)  # every call is overdue
+    monkeypatch.setattr(watched, "HEARTBEAT_S", 0.0)  # every call is overdue
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(SMALL)]) == 0
     err = capsys.readouterr().err
-    assert "  ... sequential-sde: 1 model calls so far, 0s" in err
+    assert "  ... sequential-sde: 1 batched model call so far, 0s" in err
+    assert "  ... sequential-sde: 2 batched model calls so far, 0s" in err
     first = float(_ladder(err)[0][0])
-    assert f"  ... tol {first:g}: 1 model calls so far" in err
+    assert f"  ... tol {first:g}: 1 batched model call so far" in err

@@ -540,11 +540,15 @@ def test_coordinates_rolled_or_the_same_points_relabelled():
     from pipeline.inputs import rolled, same_points
 
     lon = np.arange(0.0, 360.0, 45.0)
-    assert rolled(np.roll(lon, 2), lon) and rolled(np.sort((lon + 180) % 360 - 180), lon)
+    assert rolled(np.roll(lon, 2), lon)
+    assert rolled(np.sort((lon + 180) % 360 - 180), lon, periodic=True)
     relabelled = (lon + 180) % 360 - 180
-    assert same_points(relabelled, lon) and not rolled(relabelled, lon)
+    assert same_points(relabelled, lon, periodic=True) and not rolled(relabelled, lon, True)
     assert not rolled(lon[::-1], lon) and not rolled(lon + 10, lon)
     assert same_points([0.0, np.nan], [0.0, np.nan])
+    # 360 apart is the same only for longitudes: an x of 0 .. 2 is not one of 360 .. 362
+    assert not same_points([0.0, 1.0, 2.0], [360.0, 361.0, 362.0])
+    assert same_points([0.0, 1.0, 2.0], [360.0, 361.0, 362.0], periodic=True)
 
 
 def test_times_in_units_no_calendar_takes_are_said_as_such(tmp_path, capsys):
@@ -701,12 +705,17 @@ def test_an_input_cache_that_cannot_be_kept_is_done_without_unsaid(tmp_path, mon
 def test_a_grid_computed_in_float32_names_the_same_points_as_in_float64():
     """Near zero a float32 grid is 1e-7 off its float64 twin, which a tolerance relative to
     the values refused (training's extra stores); evaluate's truth had its own test."""
-    from pipeline.inputs import same_points
+    from pipeline.inputs import rolled, same_points
 
     wide = np.arange(64) * 0.1 - 3.2
     steps = np.full(63, 0.1, dtype=np.float32)  # summed in float32, as a model's grid may be
     narrow = np.cumsum(np.r_[np.float32(-3.2), steps], dtype=np.float32)
     assert abs(float(narrow[32]) - wide[32]) > 1e-7 and same_points(narrow, wide)
     assert same_points(np.arange(-180, 180, 10.0), np.r_[np.arange(180, 360, 10.0),
-                                                         np.arange(0, 180, 10.0)])
+                                                         np.arange(0, 180, 10.0)], periodic=True)
     assert not same_points(wide + 0.05, wide) and not same_points(wide[:-1], wide)
+    assert rolled(np.roll(narrow, 5), wide)  # rolled, within the same closeness
+    # NaN and repeated values leave the spacing to the points apart
+    gappy = np.array([0.1, 0.2, np.nan, 0.4])
+    assert same_points(gappy.astype(np.float32), gappy)
+    assert same_points(np.float32([0.1, 0.1, 0.2]), [0.1, 0.1, 0.2])

@@ -48,9 +48,10 @@ step() {
     echo "   rc $rc, $(($(date +%s) - t0)) s" | tee -a "$summary"
     grep -E '^(\[rank 0/[0-9]+\] )?(method |(sequential|piadm|window|pc-window)[a-z-]* +[0-9])' \
         "$out/$name.log" >>"$summary" || true
+    # not the bench's column legend, whose lines say "wall time" and "error" too
     grep -E '^ +[0-9]+ [a-z]|error|wall time|chose|plan|parallel rounds|model calls  ' \
-        "$out/$name.log" \
-        >>"$summary" || true
+        "$out/$name.log" | grep -vE '^  (rounds|calls_ratio|rel_dist|stat_err|w2|wall_s|'\
+'wall_med_s|comm_share|own_share|peak_mib) ' >>"$summary" || true
 }
 
 { echo "# piadm GPU bench, $(date -u +%FT%TZ)"; nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
