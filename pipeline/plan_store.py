@@ -86,6 +86,9 @@ class PlannedElsewhere(StoreExists):
         self.path = path
         super().__init__(self.said("rerun to take that plan"), collective=True)
 
+    def __reduce__(self):  # made again from its path (its message is made from it), as a copy
+        return type(self), (self.path,), self.__dict__  # or another rank's unpickling makes it
+
     def said(self, then: str) -> str:
         """What happened, and ``then`` what follows."""
         return (f"output {self.path} was made meanwhile by another job of this configuration, "

@@ -36,6 +36,22 @@ def test_a_write_failures_errno_survives_a_copy_and_a_pickle():
     assert said.everywhere().collective is True
 
 
+def test_errors_made_from_their_fields_survive_a_copy_and_a_pickle():
+    """Another rank's unpickling (on_every_rank) rebuilt PlannedElsewhere from its message as
+    if it were the path: "output output out/x.zarr was made ... was made ..."."""
+    import copy
+    import pickle
+
+    from pipeline.plan_store import PlannedElsewhere
+
+    said = PlannedElsewhere("out/x.zarr")
+    for again in (pickle.loads(pickle.dumps(said)), copy.copy(said)):
+        assert (type(again), str(again), again.collective) == (type(said), str(said), True)
+    assert str(said.everywhere("told")) == "told" and str(said).startswith("output out/x.zarr")
+    with pytest.raises(AttributeError):
+        said.collective = False  # fixed when made: a property of the error
+
+
 def test_two_threads_changing_warning_filters_leave_the_processs_filters_as_they_were():
     """A thread entering piadm's warning block while another is inside waits for it: had both
     been inside at once, the one leaving last put back the other's filters, for good."""
