@@ -46,6 +46,30 @@ def _fill(states, xi, freed, chain, e, y_end, noise: Noise | None, n: int):
     return states, xi
 
 
+def _accept(r, chain, width, start, y_end, tol: float, p: int, comm):
+    """Step 3's acceptance, the same on every rank: the residuals ``r`` (B, own points) of
+    this rank's points at ``chain`` (B, own points) joined by one Allreduce into r_all (B, p),
+    and each row's accepted points, up to its first over ``tol`` (NaN counts as over) and at
+    most its ``width`` (B,). PicardDivergence where the new start is NaN, or the window's
+    end state ``y_end`` (B, *S) is: either would carry on into every later step. Returns
+    (accepted (B,), r_all)."""
+    batch = r.shape[0]
+    local = torch.zeros((batch, p), dtype=torch.float64)
+    local.scatter_(1, chain, r)
+    r_all = comm.allreduce_sum(local)
+    over = ~(r_all <= tol**2)
+    first = torch.where(over.any(1), over.int().argmax(1), p)
+    active = width > 0
+    nan_start = (first < p) & ~torch.isfinite(r_all[torch.arange(batch), first.clamp(max=p - 1)])
+    bad = active & (nan_start | ~torch.isfinite(y_end.flatten(1)).all(1).cpu())
+    if bool(bad.any()):  # named at its first NaN point, not its window's start
+        near = start + torch.where(nan_start, first, width)
+        raise PicardDivergence(
+            f"the window sampler went NaN/Inf near step {int(near[bad].min())}: "
+            f"{LIKELY_CAUSE}; if sequential-sde stays finite there, lower sampler.tol")
+    return torch.minimum(first, width), r_all
+
+
 def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stochastic: bool):
     if options.tol is None:
         raise ValueError("sampler.tol must be set for the window sampler (ParaDiGMS uses 0.1)")
@@ -86,26 +110,11 @@ def _window(model, y0, grid: Grid, noise: Noise, *, comm, options: Options, stoc
         # one Allreduce, and the same acceptance on every rank
         r = field_mean((new - states) ** 2, 2).cpu().double() / var[(pos - 1).clamp(min=0)]
         r = torch.where(valid & (chain > 0), r, torch.zeros_like(r))
-        local = torch.zeros((batch, p), dtype=torch.float64)
-        local.scatter_(1, chain, r)
-        r_all = comm.allreduce_sum(local)
-        over = ~(r_all <= options.tol**2)  # NaN counts as over tolerance
-        first = torch.where(over.any(1), over.int().argmax(1), p)
-        accept = torch.minimum(first, width)
-        active = width > 0
-        # the new start is the first point over tolerance: NaN there, or a NaN end state that
-        # fills the freed slots, would carry on into every later step
-        nan_start = (first < p) & ~torch.isfinite(r_all[rows_all, first.clamp(max=p - 1)])
-        bad = active & (nan_start | ~torch.isfinite(y_end.flatten(1)).all(1).cpu())
-        if bool(bad.any()):  # named at its first NaN point, not its window's start
-            near = start + torch.where(nan_start, first, width)
-            raise PicardDivergence(
-                f"the window sampler went NaN/Inf near step {int(near[bad].min())}: "
-                f"{LIKELY_CAUSE}; if sequential-sde stays finite there, lower sampler.tol")
+        accept, r_all = _accept(r, chain, width, start, y_end, options.tol, p, comm)
         # 4. slide: kept points take their new values, freed slots the end state and new noise
         freed = valid & (chain < accept[:, None])
         states = torch.where(point_mask(valid, new), new, states)
-        done = active & (start + accept >= n)
+        done = (width > 0) & (start + accept >= n)
         y_out[done] = y_end[done]
         e_next = start + p
         start = start + accept
