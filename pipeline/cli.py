@@ -25,7 +25,8 @@ from pipeline.arguments import (check_bench_flags, check_figure_file,  # noqa: E
                                 check_status_flags, model_files, parser)
 from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noqa: E402
                              load_config, read_toml, with_settings)
-from pipeline.console import fresh_line, on_every_rank, on_rank0, out0, print0, say, tag  # noqa: E402
+from pipeline.console import (fresh_line, on_every_rank, on_rank0, out, out0, print0,  # noqa: E402
+                              say, tag)
 from pipeline.environment import environment_settings  # noqa: E402
 from pipeline.errors import (FailedElsewhere, PiadmError, StoppedTogether,  # noqa: E402
                              WriteFailed, as_user_error)
@@ -188,7 +189,8 @@ def _cached_calibration(cfg, model, device, force: bool, say):
 
     result = run_tolerance(cfg, model, device, force=force, store=False, say=say)
     why = not_kept(cache_file()) if result.rungs else ""
-    if why:
+    if why:  # the result still goes where results go, before the error that it was not kept
+        out(f"sampler.tol = {result.tol:g} for {cfg.sampler.method} (measured now; not cached)")
         raise WriteFailed(f"calibrate: sampler.tol = {result.tol:g} for {cfg.sampler.method} "
                           f"could not be cached ({why}): set sampler.tol = {result.tol:g} in "
                           "the config, or give PIADM_CACHE a folder piadm can write")

@@ -47,7 +47,13 @@ def out0(comm, text: str, end: str = "\n") -> None:
     """A command's result (a table, the settings it chose, a document) to stdout on rank 0,
     in one write, flushed: what ``piadm plan ... > plan.txt`` keeps, where progress, notes and
     warnings go to stderr (``print0``). Untagged: a result is the job's, not a rank's."""
-    if comm.rank == 0 and sys.stdout is not None:
+    if comm.rank == 0:
+        out(text, end)
+
+
+def out(text: str, end: str = "\n") -> None:
+    """``out0`` from work only rank 0 does (``on_rank0``'s)."""
+    if sys.stdout is not None:
         sys.stdout.write(f"{text}{end}")
         sys.stdout.flush()
 

@@ -380,9 +380,13 @@ def test_a_cache_that_cannot_be_written_or_read_costs_a_warning_not_the_run(tmp_
     # calibrate itself, whose whole purpose is the cache: it said later runs would use it,
     # exit 0; they would measure it again
     assert main(["calibrate", "jobs/configs/grf.toml", *_sets(SMALL)]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    printed, err = capsys.readouterr()
+    last = err.strip().splitlines()[-1]
     assert (f"could not be cached ({blocked} is a file, not a folder): set sampler.tol = "
             in last and "or give PIADM_CACHE a folder piadm can write" in last)
+    # the result where results go, though it was not kept
+    tol = last.split("set sampler.tol = ")[1].split()[0]
+    assert printed == f"sampler.tol = {tol} for pc-window (measured now; not cached)\n"
 
 
 def test_two_cache_files_that_cannot_be_written_are_each_said_once(tmp_path, capsys):

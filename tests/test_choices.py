@@ -32,6 +32,9 @@ def test_every_registered_sampler_loads_and_reproduces_a_registered_sequential_o
     for name, entry in REGISTRY.items():
         assert callable(entry.load()), name
         assert REGISTRY[entry.reference].reference == entry.reference, name  # sequential
+        # one that reproduces another is parallel: the planner and calibrate take it for so
+        assert entry.reference == name or entry.sliced, name
+        assert not entry.windowed or entry.default_window > 0, name  # its sampler.window = 0
         assert f"`{name}`" in methods, f"docs/configuration.md's sampler.method lacks {name}"
 
 
