@@ -68,7 +68,8 @@ class Progress:
         frac = self.done / self.total if self.total else 1.0
         bar = "#" * round(frac * self.width) + "." * (self.width - round(frac * self.width))
         own = self.own + self.part
-        eta = (f"eta {self._bound(own)}{clock(self._left(elapsed, own))}" if own > 0
+        left = clock(self._left(elapsed, own)) if own > 0 else ""
+        eta = (f"eta {self._bound(own) if left != '0s' else ''}{left}" if own > 0
                else "eta 0s" if self.done >= self.total else "eta ?")
         detail = f" | {self.detail}" if self.detail else ""
         return (f"{tag(self.comm)}{self.unit} {self.done}/{self.total} [{bar}] {100 * frac:3.0f}%"
