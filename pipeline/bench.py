@@ -193,11 +193,8 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm,
                           collective=True)
     grid = sampler_grid(s, model)
     bound = model_data_bound(model, cfg.model)
-    if name_bound and math.isfinite(bound):  # what sets pc-window's rounds (docs/benchmarks.md)
-        print0(comm, f"field {'x'.join(map(str, shape))}: S = {bound:.4g}, the data's largest "
-                     "mode variance (pc-window's rounds grow with log S)")
-    elif name_bound and any(m.startswith("pc-window") for m in tolerances):
-        print0(comm, unbounded_note(shape))
+    if name_bound:
+        _say_bound(comm, shape, bound, tolerances)
     stat_error = STAT_ERRORS.get(cfg.model.kind)  # exact models only: a learned one has none
     methods = sorted(tolerances, key=lambda m: m not in REFERENCE.values())
     rows: dict[str, list[dict]] = {m: [] for m in methods}
@@ -241,6 +238,16 @@ def bench_shape(cfg: Config, shape: tuple[int, ...], *, comm,
             out.append(worst_row(rows[m]))
             out0(comm, _format(out[-1]))
     return out
+
+
+def _say_bound(comm, shape, bound: float, methods) -> None:
+    """Say the field's S, what sets pc-window's rounds (docs/benchmarks.md), or where a
+    pc-window of ``methods`` runs without one, that it has none."""
+    if math.isfinite(bound):
+        print0(comm, f"field {'x'.join(map(str, shape))}: S = {bound:.4g}, the data's largest "
+                     "mode variance (pc-window's rounds grow with log S)")
+    elif any(m.startswith("pc-window") for m in methods):
+        print0(comm, unbounded_note(shape))
 
 
 def _say_row(comm, row: dict, stats, max_sweeps: int) -> None:

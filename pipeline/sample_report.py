@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.progress import stamp
+from pipeline.progress import clock, stamp
 
 if TYPE_CHECKING:  # names for the annotations alone: the module stays light to import
     from pipeline.layout import RankGrid
@@ -59,7 +59,7 @@ def closing(cfg: Config, summary: Summary, *, start_up: float) -> str:
                "batch (the slowest group's batches, one after another)\n"
                f"  model calls      {calls} per member\n"
                f"{against_sequential(cfg, summary)}"
-               f"  wall time        {summary.seconds:.2f} s sampling, "
+               f"  wall time        {summary.seconds:.2f} s{_long(summary.seconds)} sampling, "
                f"{_rate(summary.members, summary.seconds)} (after {start_up:.1f} s "
                "of start-up: model, store, calibration or plan); writing "
                f"{summary.write_s:.2f} s; sampling "
@@ -70,6 +70,11 @@ def closing(cfg: Config, summary: Summary, *, start_up: float) -> str:
     return (f"{'stopped' if summary.preempted else 'done'}: {summary.members} members "
             f"written to {summary.path} ({summary.skipped} were already done{held})\n"
             f"{figures}\n  ended            {stamp()}{where}")
+
+
+def _long(seconds: float) -> str:
+    """`` (3:02:11)`` for a run of a minute or more, read as the log's other durations."""
+    return f" ({clock(seconds)})" if seconds >= 60 else ""
 
 
 def _rate(members: int, seconds: float) -> str:
