@@ -122,6 +122,19 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
         if d in coords and len(values) == len(coords[d]):
             coords[d] = values
     ds = xr.Dataset({spec.variable: (dims, field), **per_member}, coords=coords)
+    _describe(ds, spec, dims)
+    for name, var in ds.data_vars.items():  # the store's chunks: whole fields, m members
+        var.encoding["chunks"] = (1, spec.member_chunk, *var.shape[2:])
+    # one chunk for the member labels however far the store grows (``grow``), not a file
+    # for every store's worth of members
+    ds["member"].encoding["chunks"] = (MEMBER_LABELS_CHUNK,)
+    ds[spec.item_dim].encoding.update(spec.item_encoding)
+    return ds
+
+
+def _describe(ds: xr.Dataset, spec: StoreSpec, dims: tuple[str, ...]) -> None:
+    """The attributes of the new store ``ds`` (its own and its variables', CF where CF has a
+    word for them), so that an analyst's xarray, cf_xarray or ncdump says what each holds."""
     created = f"{_now()} piadm {spec.attrs.get('piadm_version', '')}: store created".strip()
     ds.attrs.update(_recordable(spec.attrs), piadm_store_digest=spec.digest,
                     Conventions="CF-1.10", history=created, piadm_history=json.dumps([created]))
@@ -133,14 +146,8 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
     if spec.item_dim not in spec.coords:
         ds[spec.item_dim].attrs.setdefault(
             "long_name", "work item (an unconditional ensemble has one, 0)")
-    ds[spec.item_dim].encoding.update(spec.item_encoding)
     ds[spec.variable].attrs.update(spec.field_attrs)
     ds[spec.variable].attrs.setdefault("long_name", f"ensemble of {spec.variable}")
-    for name, var in ds.data_vars.items():  # the store's chunks: whole fields, m members
-        var.encoding["chunks"] = (1, spec.member_chunk, *var.shape[2:])
-    # one chunk for the member labels however far the store grows (``grow``), not a file
-    # for every store's worth of members
-    ds["member"].encoding["chunks"] = (MEMBER_LABELS_CHUNK,)
     ds["member"].attrs.update(standard_name="realization", units="1", long_name="ensemble member")
     ds["done"].attrs.update(long_name="1 once the member's fields are completely written",
                             flag_values=[0, 1], flag_meanings="not_written written")
@@ -160,7 +167,6 @@ def _dataset(spec: StoreSpec) -> xr.Dataset:
                       "over the step's noise scale, max over the members of the member's "
                       "sampler call; in the units of sampler.tol",
             units="1")
-    return ds
 
 
 def _recordable(attrs: dict) -> dict:
