@@ -294,6 +294,52 @@ def table(metrics: xr.Dataset) -> str:
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
 
+def _scored(store, opened, ens, truth, paired: bool, **scoring) -> xr.Dataset:
+    """``score`` of the open store ``ens`` (``opened``: its folder's identity before it was
+    opened) against ``truth``, a store replaced or damaged under the reads said as such."""
+    # numpy's warnings of NaN figures are held until a damaged store, their likely cause,
+    # is ruled out: its one-line error says what they would only hint at
+    with catching(record=True, long=True) as held:
+        warnings.simplefilter("default")
+        try:
+            metrics = score(ens, truth, paired, **scoring)
+        except EvaluationError:
+            raise
+        except OSError:  # a chunk gone under the reads: a replacement, said as one
+            _check_unchanged(store, opened)
+            raise
+        except (RuntimeError, ValueError) as err:  # a codec's error on damaged bytes, say
+            _check_unchanged(store, opened)
+            check_sound(store, err)
+            raise
+        _check_unchanged(store, opened, record=False)  # before warnings it may have caused
+        if not np.isfinite(metrics.attrs.get("ensemble_std", 0.0)):  # a NaN member read back
+            check_sound(store, None)
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return metrics
+
+
+def _note(metrics: xr.Dataset, store, truth_path, ens, truth, paired: bool, coarse) -> None:
+    """What ``metrics`` record of where they came from, and what a reader should know: a
+    truth far from the coarse input it should match (``coarse``, where a baseline was made),
+    a conditioned ensemble scored unpaired."""
+    # as given (the "truth" text joins its variable, as before), and absolute with the variable
+    # apart, for a reader of metrics.json in another folder (a workflow's next step)
+    metrics.attrs.update(store=str(store), truth=f"{truth_path}:{truth.name}",
+                         store_path=os.path.abspath(store),
+                         truth_path=os.path.abspath(truth_path), truth_variable=str(truth.name))
+    if coarse is not None:
+        off = input_mismatch(truth, coarse)
+        if off > INPUT_MISMATCH:
+            metrics.attrs["truth_note"] = (
+                f"the truth's block averages are {off:.0%} (rms) off the coarse input the "
+                "ensemble was conditioned on: is it the trajectory that input was made from?")
+    item_dim = ens[ensemble_variable(ens)].dims[0]
+    if not paired and item_dim != "item":  # a conditioned ensemble: pairing may have been meant
+        metrics.attrs["pairing_note"] = f"the truth has no {item_dim} dim to pair by"
+
+
 def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str | None = None,
              truth_range: tuple[str, str] | None = None, kmax: int | None = None,
              cut: int | None = None, out: str | Path | None = None, figures: bool = True,
@@ -320,42 +366,10 @@ def evaluate(store: str | Path, truth_path: str | Path, *, truth_variable: str |
         raise EvaluationError(f"--cut {cut} is within the scales the coarse input resolves (k <= "
                               f"{coarse.shape[-1] // 2}), which would leave no band the model "
                               "adds: give the truth's finest resolved wavenumber")
-    # numpy's warnings of NaN figures are held until a damaged store, their likely cause,
-    # is ruled out: its one-line error says what they would only hint at
-    with catching(record=True, long=True) as held:
-        warnings.simplefilter("default")
-        try:
-            metrics = score(ens, truth, paired, kmax=kmax, baseline=baseline, cut=cut,
-                            input_n=None if coarse is None else coarse.shape[-1],
-                            progress=progress)
-        except EvaluationError:
-            raise
-        except OSError:  # a chunk gone under the reads: a replacement, said as one
-            _check_unchanged(store, opened)
-            raise
-        except (RuntimeError, ValueError) as err:  # a codec's error on damaged bytes, say
-            _check_unchanged(store, opened)
-            check_sound(store, err)
-            raise
-        _check_unchanged(store, opened, record=False)  # before warnings it may have caused
-        if not np.isfinite(metrics.attrs.get("ensemble_std", 0.0)):  # a NaN member read back
-            check_sound(store, None)
-    for w in held:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    # as given (the "truth" text joins its variable, as before), and absolute with the variable
-    # apart, for a reader of metrics.json in another folder (a workflow's next step)
-    metrics.attrs.update(store=str(store), truth=f"{truth_path}:{truth.name}",
-                         store_path=os.path.abspath(store),
-                         truth_path=os.path.abspath(truth_path), truth_variable=str(truth.name))
-    if baseline is not None:
-        off = input_mismatch(truth, coarse)
-        if off > INPUT_MISMATCH:
-            metrics.attrs["truth_note"] = (
-                f"the truth's block averages are {off:.0%} (rms) off the coarse input the "
-                "ensemble was conditioned on: is it the trajectory that input was made from?")
-    item_dim = ens[ensemble_variable(ens)].dims[0]
-    if not paired and item_dim != "item":  # a conditioned ensemble: pairing may have been meant
-        metrics.attrs["pairing_note"] = f"the truth has no {item_dim} dim to pair by"
+    metrics = _scored(store, opened, ens, truth, paired, kmax=kmax, baseline=baseline,
+                      cut=cut, input_n=None if coarse is None else coarse.shape[-1],
+                      progress=progress)
+    _note(metrics, store, truth_path, ens, truth, paired, coarse if baseline is not None else None)
     with naming(folder):  # matplotlib's and scipy's writes on a full disk name no file
         try:
             return metrics, save(metrics, folder, ens, truth, paired, baseline, figures,
