@@ -331,7 +331,7 @@ def _cmd_evaluate(args, world) -> int:
                               figures=not args.no_figures, progress=_scoring_progress())
     if world.rank == 0:  # rank 0 scored, and wrote the files (on its disk)
         # --json: the document evaluate saved as metrics.json
-        out0(world, files[0].read_text() if args.json else table(metrics))
+        out(files[0].read_text() if args.json else table(metrics))
     print0(world, "wrote " + ", ".join(str(f) for f in files))
     return 0
 
