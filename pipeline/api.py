@@ -32,10 +32,11 @@ import xarray as xr
 from pipeline.comm import MPIComm, SerialComm, world_comm
 from pipeline.config import (ConfigError, config_from_dict, place_setting, read_toml,
                              setting_keys)
+from pipeline.done_record import done_members
 from pipeline.errors import PiadmError, as_user_error, is_system_error  # user errors: PiadmError
 from pipeline.settings import SECTION_TYPES, Config
 from pipeline.signals import StopRequest
-from pipeline.store import StoreExists, done_members, field_variable, open_store
+from pipeline.store import StoreExists, field_variable, open_store
 
 __all__ = ["load_config", "sample", "open_ensemble", "evaluate", "world", "PiadmError",
            "ConfigError", "StoreExists"]

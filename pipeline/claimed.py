@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline.claims import STALE_S, batch_key, claim, claims_dir, live_jobs
+from pipeline.done_record import members_left
 from pipeline.errors import PiadmError, WriteFailed
-from pipeline.store import members_left
 from pipeline.work import PAUSE, cut_calls
 
 if TYPE_CHECKING:

@@ -6,6 +6,7 @@ import torch
 
 from models import build_model
 from pipeline.config import ConfigError, with_settings
+from pipeline.done_record import done_members
 from pipeline.run_items import checked_items
 from pipeline.store_match import check_output
 from pipeline.equal_quality import check_measurable
@@ -17,7 +18,7 @@ from pipeline.plan_store import resumed_batch_size, resumed_time_slices, stored_
 from pipeline.run import member_batches, model_digest
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.settings import AUTO_METHODS, EQUAL_QUALITY, Config, needs_plan
-from pipeline.store import StoreExists, done_members
+from pipeline.store import StoreExists
 from pipeline.store_attrs import member_batch, stored_attribute
 from pipeline.work import batch_note, call_batch, work_list
 

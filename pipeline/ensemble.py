@@ -28,6 +28,7 @@ from pipeline.claims import Heartbeat, batch_key, claims_dir, holds, new_job_id
 from pipeline.comm import SerialComm
 from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
+from pipeline.done_record import done_members, write_batch
 from pipeline.errors import (NetworkFailed, OutOfMemory, PiadmError, UnitsOverflow,
                              is_out_of_memory)
 from pipeline.inputs import Items
@@ -46,7 +47,7 @@ from pipeline.samplers import REGISTRY
 from pipeline.samplers.options import RanksParted
 from pipeline.settings import Config
 from pipeline.signals import StopRequest
-from pipeline.store import ASKED, StoreSpec, done_members, write_batch
+from pipeline.store import ASKED, StoreSpec
 from pipeline.store_attrs import member_batch, read_attrs
 from pipeline.store_match import mixed_revision
 from pipeline.work import batch_note, call_batch, work_list, write_runs
@@ -313,7 +314,7 @@ def _submit(writer, spec: StoreSpec, item: int, members, batch, rows: slice, sca
     """Hand the ``rows`` of ``batch`` (fields (call members, *shape), normalised), the
     consecutive ``members`` of one of the store's batches, to ``writer``, back in the data's
     units ``scale`` (mean, std) and the store's dtype; ``owned``: whether this job still holds
-    the claim on that store batch (``store.write_batch``)."""
+    the claim on that store batch (``done_record.write_batch``)."""
     mean, std = scale
     with np.errstate(over="ignore", invalid="ignore"):  # said below, once
         field = (batch.fields[rows].cpu().numpy() * std + mean).astype(spec.dtype)

@@ -14,11 +14,12 @@ import numpy as np
 import xarray as xr
 
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
+from pipeline.done_record import done_members
 from pipeline.errors import EvaluationError, InputError, is_system_error
 from pipeline.inputs import (check_real, longitude, same_fingerprint, same_points, select_items,
                              selection_fingerprint)
 from pipeline.labels import label_text
-from pipeline.store import INPUT_FINGERPRINT, done_members, field_variable, open_store
+from pipeline.store import INPUT_FINGERPRINT, field_variable, open_store
 from pipeline.truth_items import paired_truth, truth_in_range
 from pipeline.units import same_units
 from pipeline.unreadable import in_groups, undecodable_times

@@ -12,10 +12,11 @@ import torch
 
 from pipeline.claims import claims_dir, clear_batch_claims, clear_left_by_dead, holding
 from pipeline.console import on_every_rank, on_rank0
+from pipeline.done_record import done_members, still_ours
 from pipeline.errors import PiadmError, WriteFailed, naming
 from pipeline.layout import RankGrid
 from pipeline.samplers.options import REPLICABLE
-from pipeline.store import StoreExists, StoreSpec, done_members, finalize, still_ours
+from pipeline.store import StoreExists, StoreSpec, finalize
 from pipeline.store_attrs import read_attrs
 from pipeline.store_match import mixed_revision
 from pipeline.target import delete_leftovers

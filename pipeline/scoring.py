@@ -20,6 +20,7 @@ import numpy as np
 import xarray as xr
 
 from pipeline.bands import band_figures, correlation_block, spectral_bands
+from pipeline.done_record import done_members
 from pipeline.errors import EvaluationError, naming
 from pipeline.eval_output import output_folder, save
 from pipeline.evaluation import (crps, energy_spectra, power_spectra, rank_histogram,
@@ -28,7 +29,6 @@ from pipeline.eval_inputs import (INPUT_MISMATCH, check_shell, check_sound, coar
                                   ensemble_variable, input_mismatch, is_square, open_ensemble,
                                   open_truth, upsampled, without_channel)
 from pipeline.figures import spread_skill_text
-from pipeline.store import done_members
 from pipeline.store_attrs import folder_identity
 from pipeline.warned import catching
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from pipeline.done_record import ARRAYS_FIX, DamagedRecord, done_members
 from pipeline.errors import PiadmError, is_system_error
 from pipeline.labels import label_text
-from pipeline.store import ARRAYS_FIX, DamagedRecord, done_members
 from pipeline.store_attrs import NOT_A_GROUP, folder_identity
 from pipeline.target import filling_jobs, replacing_jobs
 

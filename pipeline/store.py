@@ -7,11 +7,8 @@ that member's data is written; chunked like the fields), and ``residual`` (item,
 sweep): the Picard residual of the member's batch after each parallel round in the units of
 the tolerance, NaN-padded. The field dims carry the coordinates and attributes the run knows
 (``StoreSpec.coords``), under CF conventions. Provenance and the store's configuration digest
-are attributes. The interface is small and explicit: open or create, see what is done, write
-a batch, mark it done, finalize.
-
-Completion lives in ``done``, written after the data: a member killed mid-write is not done,
-and Zarr's atomic chunk writes mean a rerun simply rewrites it.
+are attributes. The interface is small and explicit: create (or open), grow, finalize here;
+see what is done and write a batch in ``pipeline.done_record``.
 """
 from __future__ import annotations
 
@@ -32,10 +29,9 @@ import numpy as np
 import zarr
 
 from pipeline.choices import FIELD_DIMS
-from pipeline.errors import PiadmError, is_system_error
+from pipeline.errors import PiadmError
 from pipeline.processes import left_by_dead, own_name
 from pipeline.signals import settle_zarr_io
-from pipeline.store_attrs import NOT_A_GROUP
 from pipeline.warned import catching
 
 
@@ -245,185 +241,6 @@ def _leads_to(link: Path) -> str:
     return f"to {link.parent / os.readlink(link)}, which does not exist"
 
 
-class DamagedRecord(PiadmError):
-    """The store's ``done`` array, its record of the members finished, cannot be read (a
-    chunk cut short or overwritten after writing): the message names the chunks and the fix."""
-
-
-# What mends a store whose arrays' metadata is damaged: nothing in piadm rewrites it
-ARRAYS_FIX = ("restore the store from a copy, or move it away and rerun the sample command to "
-              "sample it anew")
-
-
-def read_done_record(done: zarr.Array) -> tuple[np.ndarray, list[tuple[slice, slice]]]:
-    """The ``done`` record (a store's ``done`` array) read chunk by chunk: (items, members)
-    bool flags, False in the chunks that fail to decode, and those chunks' (items, members)
-    regions (empty for a sound record). A chunk file deleted reads as not done (the fill
-    value), not as damaged."""
-    rows, cols = done.chunks
-    flags, bad = np.zeros(done.shape, bool), []
-    for i in range(0, done.shape[0], rows):
-        for j in range(0, done.shape[1], cols):
-            region = (slice(i, min(i + rows, done.shape[0])),
-                      slice(j, min(j + cols, done.shape[1])))
-            try:
-                flags[region] = done[region] == 1
-            except Exception as err:  # a codec's error on damaged bytes
-                if is_system_error(err):
-                    raise
-                bad.append(region)
-    return flags, bad
-
-
-# Opened groups and arrays, each kept with the bytes of the metadata files it was made from
-# (the group's zarr.json, and for the done array its own): a batch's write or claim re-reads
-# those small files (microseconds) instead of parsing the consolidated metadata and making the
-# arrays again (1.5 to 2 ms each time, twice a batch). What the files hold now is what a fresh
-# open would see: a store replaced, grown or deleted reads other bytes, or none.
-_OPENED: dict = {}
-_OPENED_MOST = 16  # stores one process writes at a time: a few
-
-
-def _metadata_bytes(path: str | Path, files: tuple[str, ...]) -> tuple[bytes, ...] | None:
-    """The bytes of ``files`` (paths within the store at ``path``); None where one cannot be
-    read."""
-    try:
-        return tuple(Path(path, name).read_bytes() for name in files)
-    except OSError:
-        return None
-
-
-def _opened(path: str | Path, kind: str, files: tuple[str, ...], make):
-    """``make()``, an open of the store at ``path``, or the one made before from metadata
-    ``files`` that still hold the same bytes; a new one is kept only where the files did not
-    change while it was made. Any failure is ``make``'s own."""
-    key = (os.fspath(path), kind)
-    before = _metadata_bytes(path, files)
-    kept = _OPENED.get(key)
-    if before is not None and kept is not None and kept[0] == before:
-        return kept[1]
-    made = make()
-    if before is not None and _metadata_bytes(path, files) == before:
-        if len(_OPENED) >= _OPENED_MOST and key not in _OPENED:
-            _OPENED.clear()
-        _OPENED[key] = (before, made)
-    return made
-
-
-def _writable(path: str | Path) -> tuple[zarr.Group, dict]:
-    """The store at ``path`` opened for writing, and its arrays by name (``_opened``)."""
-    def make():
-        group = zarr.open_group(path, mode="r+")
-        return group, dict(group.arrays())
-
-    return _opened(path, "r+", ("zarr.json",), make)
-
-
-def _read_done(path: str | Path, region=slice(None)) -> np.ndarray:
-    """``done[region]``, or DamagedRecord naming the damaged chunks and the repair."""
-    try:
-        # its own metadata, not the consolidated copy: a done array deleted since read as all
-        # fill value there, a store "incomplete: rerun" that the rerun then refused
-        done = _opened(path, "done", ("zarr.json", "done/zarr.json"), lambda: zarr.open_group(
-            path, mode="r", use_consolidated=False)["done"])
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        raise  # the store itself is gone: the caller says what that means for it
-    except Exception as err:  # zarr's errors for unreadable metadata are many
-        raise DamagedRecord(f"store {path}: its record of finished members (the done array) "
-                            f"cannot be opened ({type(err).__name__}): {ARRAYS_FIX}") from None
-    try:
-        return done[region]
-    except Exception as err:
-        _, bad = read_done_record(done)
-        if not bad:
-            raise
-        where = ", ".join(f"items {r.start}..{r.stop - 1} members {c.start}..{c.stop - 1}"
-                          for r, c in bad[:3])
-        more = f" and {len(bad) - 3} more chunks" if len(bad) > 3 else ""
-        said = str(err).strip().splitlines()[0] if str(err).strip() else "cannot decode"
-        raise DamagedRecord(
-            f"store {path}: its record of finished members (the done array) is damaged at "
-            f"{where}{more} ({type(err).__name__}: {said}): run `piadm status --verify "
-            f"--repair {path}` to mark those members not done, then rerun the sample command "
-            "to sample them again") from None
-
-
-def done_members(path: str | Path) -> np.ndarray:
-    """(items, members) bool: which members are completely written; DamagedRecord where the
-    record cannot be read."""
-    return _read_done(path) == 1
-
-
-def members_left(path: str | Path, item: int, members) -> tuple[int, ...]:
-    """The members of ``members`` (consecutive) of item index ``item`` not yet written;
-    StoreExists where the store is gone (another run replaced it meanwhile)."""
-    try:
-        done = _read_done(path, (item, slice(members[0], members[-1] + 1)))
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        raise StoreExists(f"output {path} was replaced or deleted by another run while this "
-                          "one worked on it: this run's remaining members are not written; "
-                          "rerun it once the other run is done, or on another output.path"
-                          ) from None
-    return tuple(m for m, flag in zip(members, done) if flag != 1)
-
-
-def still_ours(path: str | Path, digest: str, model: str | None):
-    """The store at ``path`` opened for writing, after checking it is still the one this run
-    writes: made by the configuration with ``digest`` and the model with digest ``model``.
-    Raises StoreExists when another run replaced (or deleted) it meanwhile."""
-    return _ours(path, digest, model)[0]
-
-
-def _ours(path: str | Path, digest: str, model: str | None) -> tuple[zarr.Group, dict]:
-    """``still_ours``'s group, and its arrays by name."""
-    try:
-        group, arrays = _writable(path)
-        attrs = group.attrs
-        ours = (attrs.get("piadm_store_digest") == digest
-                and (model is None or attrs.get("model_sha256") in (None, model)))
-    except NOT_A_GROUP:
-        ours = False
-    if not ours:
-        raise StoreExists(f"output {path} was replaced, grown or deleted by another run while "
-                          "this one wrote to it: this run's remaining members are not written; "
-                          "rerun it once the other run is done, or on another output.path")
-    return group, arrays
-
-
-class BatchTaken(StoreExists):
-    """Another job took over the batch this one was writing (its heartbeat looked dead)."""
-
-
-def write_batch(path: str | Path, *, variable: str, item: int, start: int, field: np.ndarray,
-                seed: np.ndarray, rounds: float, model_calls: float,
-                residuals: tuple[float, ...] = (), digest: str = "",
-                model: str | None = None, owned=None) -> None:
-    """Write members [start, start + len(field)) of item index ``item``, then mark them done.
-    Within one of the store's batches (``store_attrs.member_batch``: whole chunks) that the caller has
-    claimed, and writes to one batch in order, so writers on other ranks or in other jobs
-    never share a chunk, nor one writer's part-chunk writes overlap. With
-    ``digest`` the store must still be this run's (``still_ours``) when the writing starts
-    and again before the members are marked done; so must the batch's claim, with ``owned``
-    (a callable: whether this job still holds it), since a second writer's part-chunk writes
-    into the same chunks would lose one of the two."""
-    _check_owned(owned, path, item, start)
-    arrays = (_ours(path, digest, model) if digest else _writable(path))[1]
-    stop = start + field.shape[0]
-    arrays[variable][item, start:stop] = field
-    arrays["seed"][item, start:stop] = seed
-    arrays["rounds"][item, start:stop] = rounds
-    arrays["model_calls"][item, start:stop] = model_calls
-    if "residual" in arrays:
-        kept = arrays["residual"].shape[-1]
-        history = np.full(kept, np.nan, dtype=RESIDUAL_DTYPE)
-        history[: min(kept, len(residuals))] = np.sqrt(residuals[:kept])  # tol's units
-        arrays["residual"][item, start:stop] = np.broadcast_to(history, (stop - start, kept))
-    if digest:
-        arrays = _ours(path, digest, model)[1]
-    _check_owned(owned, path, item, start)
-    arrays["done"][item, start:stop] = 1  # last: only now do these members count as done
-
-
 def members_fit(path: str | Path, members: int) -> bool:
     """Whether every member-indexed array of the store holds ``members`` members (not so
     after a growth cut short)."""
@@ -468,13 +285,6 @@ def grow(path: str | Path, members: int, note: str, attrs: dict) -> None:
     fit_members(path, members)
     consolidate(path)  # what readers (and ``finalize``) open: the sizes before the identity
     finalize(path, note, attrs)
-
-
-def _check_owned(owned, path, item: int, start: int) -> None:
-    if owned is not None and not owned():
-        raise BatchTaken(f"output {path}: another job took over the batch of item index {item} "
-                         f"from member {start} (this job's heartbeat looked dead to it): this "
-                         "job stops writing; rerun it once the other is done to finish the rest")
 
 
 def finalize(path: str | Path, note: str, attrs: dict | None = None) -> None:

@@ -1,7 +1,7 @@
 """What a store's arrays show of damage as they are on disk: metadata (a zarr.json) lost or
 unreadable, an array every store holds missing, and coordinates that read as a deleted
 chunk's fill values. ``piadm status --verify`` and a run about to resume a store ask here;
-the ``done`` record's own damage is read with it (``store.read_done_record``)."""
+the ``done`` record's own damage is read with it (``done_record.read_done_record``)."""
 from __future__ import annotations
 
 import json

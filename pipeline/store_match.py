@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from models import OWN_KINDS
+from pipeline.done_record import ARRAYS_FIX, DamagedRecord
 from pipeline.stored import differences_of, format_differences, stored_settings
 from pipeline.identity import target_fate
 from pipeline.inputs import Items, same_fingerprint
@@ -26,8 +27,8 @@ from pipeline.run import (DTYPES, HOST_NOISE, MODEL_PLUGIN, MODEL_SIDECAR, MODEL
                           sidecar_digest, sidecar_says)
 from pipeline.samplers import REGISTRY
 from pipeline.settings import FILE_KEYS, Config
-from pipeline.store import (ARRAYS_FIX, FIELD_SCALE, INPUT_FINGERPRINT, PER_MEMBER,
-                            PER_MEMBER_BYTES, DamagedRecord, StoreExists, member_chunk, open_store)
+from pipeline.store import (FIELD_SCALE, INPUT_FINGERPRINT, PER_MEMBER, PER_MEMBER_BYTES,
+                            StoreExists, member_chunk, open_store)
 from pipeline.store_attrs import EditedAttribute, check_unedited, members_of, read_attrs
 from pipeline.store_damage import damaged_arrays
 from pipeline.target import check_idle, check_path_walk, check_room, check_writable

@@ -12,10 +12,11 @@ import numpy as np
 import zarr
 
 from pipeline import __version__
+from pipeline.done_record import ARRAYS_FIX, read_done_record
 from pipeline.errors import is_system_error
 from pipeline.signals import finished_before_stopping
 from pipeline.status import item_dim, labels_of, open_ensemble, state_of, state_text
-from pipeline.store import ARRAYS_FIX, PER_MEMBER, finalize, read_done_record
+from pipeline.store import PER_MEMBER, finalize
 from pipeline.store_damage import damaged_arrays
 from pipeline.target import check_idle, filling_jobs
 

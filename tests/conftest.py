@@ -92,7 +92,7 @@ def input_store(tmp_path):
 
 
 def second_write_fails(write):
-    """``write`` (``store.write_batch``) whose second call fails as a full disk does."""
+    """``write`` (``done_record.write_batch``) whose second call fails as a full disk does."""
     import errno
 
     calls = [0]

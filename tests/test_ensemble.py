@@ -16,7 +16,8 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.ensemble import sample_to_store
 from pipeline.signals import StopRequest
-from pipeline.store import StoreExists, done_members
+from pipeline.done_record import done_members
+from pipeline.store import StoreExists
 
 
 def assert_same_store(a, b):
@@ -246,7 +247,7 @@ def test_a_batch_taken_over_samples_only_the_members_its_dead_claimant_did_not_w
 def test_a_job_whose_batch_was_taken_over_writes_no_more_of_it(tmp_path, input_store):
     """A live job whose heartbeat looked dead loses its claim; its next write into the
     batch's chunks (a part-chunk write) would race the new holder's, so it stops instead."""
-    from pipeline.store import BatchTaken, write_batch
+    from pipeline.done_record import BatchTaken, write_batch
 
     out = tmp_path / "e.zarr"
     assert main(["sample", "jobs/configs/grf.toml", *conditional_sets(input_store, out)]) == 0

@@ -409,9 +409,10 @@ def test_of_two_jobs_replacing_another_configs_store_the_second_resumes_the_firs
 
 def test_a_store_replaced_after_a_write_is_seen_by_the_next_write_and_claim(tmp_path):
     """The group and done array a batch write or claim opened are kept between batches
-    (store._opened) only while their metadata files read the same: a store replaced at the
+    (done_record._opened) only while their metadata files read the same: a store replaced at the
     same path after a write is checked anew, not through what was opened before."""
-    from pipeline.store import StoreExists, members_left, write_batch
+    from pipeline.done_record import members_left, write_batch
+    from pipeline.store import StoreExists
     from pipeline.target import open_or_create
 
     path = tmp_path / "s.zarr"
@@ -436,7 +437,8 @@ def test_a_store_a_live_job_fills_is_not_replaced_and_a_replaced_store_is_not_wr
     import numpy as np
 
     from pipeline.claims import Heartbeat, claims_dir
-    from pipeline.store import StoreExists, write_batch
+    from pipeline.done_record import write_batch
+    from pipeline.store import StoreExists
     from pipeline.store_attrs import stored_digest
     from pipeline.target import open_or_create
     from pipeline.writer import BackgroundWriter
@@ -964,7 +966,8 @@ def test_a_store_gone_while_a_run_claims_its_batches_is_said_to_be_replaced(tmp_
     """Renamed aside by another configuration's replacement while this run looked for its
     next batch: the run's line said "cannot use: ... does not exist: check that the path
     exists", blaming the user's path."""
-    from pipeline.store import StoreExists, members_left
+    from pipeline.done_record import members_left
+    from pipeline.store import StoreExists
 
     with pytest.raises(StoreExists, match="was replaced or deleted by another run while this "
                                           "one worked on it"):
