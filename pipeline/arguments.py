@@ -309,7 +309,7 @@ class _Parser(argparse.ArgumentParser):
     def _print_message(self, message: str, file=None) -> None:
         # parsed before MPI starts, on every rank alike: a mistyped command line (or --help)
         # is said by the launcher's rank 0 alone, not once per rank
-        if _launched_rank() == 0:
+        if launched_rank() == 0:
             super()._print_message(message, file)
 
     def error(self, message: str):
@@ -319,7 +319,7 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def _launched_rank() -> int:
+def launched_rank() -> int:
     """This process's rank as its MPI launcher numbered it (Hydra, PMIx, Open MPI); 0 where
     none did."""
     for name in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"):

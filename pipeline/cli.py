@@ -20,7 +20,7 @@ import warnings  # noqa: E402
 
 # Only light modules here: parsing (and --help) must not wait for torch, xarray or zarr;
 # each command imports what it needs.
-from pipeline.arguments import (check_bench_flags, check_figure_file,  # noqa: E402
+from pipeline.arguments import (check_bench_flags, check_figure_file, launched_rank,  # noqa: E402
                                 check_not_read, check_output_file, check_plan_flags,
                                 check_status_flags, model_files, parser)
 from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noqa: E402
@@ -414,8 +414,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         world = world_comm()
-    except PiadmError as err:  # PIADM_MPI set to what it does not take: no world to stop yet
-        print(f"piadm: error: {err}", file=sys.stderr)
+    except PiadmError as err:  # PIADM_MPI set to what it does not take, no mpi4py: no world
+        if launched_rank() == 0:  # to stop yet, and every rank alike: said once
+            print(f"piadm: error: {err}", file=sys.stderr)
         return 2
     if world.rank > 0:  # every rank loads the same network: its warnings are rank 0's to say
         for said in NETWORK_WARNINGS:

@@ -319,12 +319,21 @@ def _say_if_srun_joined_none() -> None:
 
 
 def world_comm():
-    """MPI.COMM_WORLD when an MPI launcher started us, else the serial communicator."""
+    """MPI.COMM_WORLD when an MPI launcher started us, else the serial communicator; a
+    ConfigError where a launcher did but mpi4py cannot be imported."""
     if not launched_by_mpi():
         _say_if_srun_joined_none()
         return SerialComm()
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except ImportError as err:  # not installed, or its MPI library not found
+        from pipeline.errors import ConfigError
 
+        told = ("PIADM_MPI=1" if os.environ.get("PIADM_MPI") == "1" else
+                next(f"{v} is set" for v in LAUNCHER_VARS if v in os.environ))
+        raise ConfigError(f"started by an MPI launcher ({told}), but mpi4py cannot be "
+                          f"imported ({err}): install it in this environment (pip install "
+                          "'piadm[mpi]'), or run without mpiexec/srun for one process") from None
     return MPIComm(MPI.COMM_WORLD)
 
 

@@ -814,3 +814,22 @@ def test_status_of_thousands_of_items_counts_them_and_lists_those_left_as_runs()
     last = lines[-1]
     assert "(items still to do: 1000 items: 0, 2, 4," in last and len(last) < 400
     assert "38, ... (980 runs more: piadm status --json lists every item)" in last
+
+
+def test_a_launcher_without_mpi4py_is_one_line_said_by_its_rank_0(monkeypatch, capsys):
+    """Started under mpiexec in an environment without mpi4py, every command (and the API's
+    world) raised a bare ModuleNotFoundError, a traceback on every rank."""
+    from pipeline import api
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # its import fails, as when missing
+    monkeypatch.setenv("PMI_RANK", "0")
+    assert main(["config", "jobs/configs/grf.toml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("piadm: error: started by an MPI launcher "
+                                                   "(PMI_RANK is set), but mpi4py cannot be")
+    assert "pip install 'piadm[mpi]'" in err
+    monkeypatch.setenv("PMI_RANK", "1")  # the launcher's other ranks say nothing
+    assert main(["config", "jobs/configs/grf.toml"]) == 2
+    assert capsys.readouterr().err == ""
+    with pytest.raises(api.PiadmError, match="mpi4py cannot be imported"):
+        api.world()
