@@ -165,9 +165,25 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def _same_model(cfg: Config) -> bool:
+    """Whether the store at output.path records the digest of ``cfg``'s model files (their
+    bytes, not their paths): the same network, wherever its files are now."""
+    from pipeline.run import model_digest
+
+    made_with = (read_attrs(cfg.output.path) or {}).get("model_sha256")
+    try:
+        return made_with is not None and made_with == model_digest(cfg)
+    except OSError:  # a file gone or unreadable: loading the model says which
+        return False
+
+
 def as_stored(cfg: Config) -> Config:
     """``cfg`` with each file it names spelled as the config of the store at output.path
     spells the same file (``./x`` or ``x/`` for ``x``, a path made absolute or relative),
+    and its model's files (checkpoint, guide, weights, folder), where their paths differ but
+    their bytes are the store's model's (a virtual environment made anew, with the shipped
+    networks in it; a checkpoint copied to another file system), as the store's in its
+    identity alone (``Config.stored_as``),
     and its input selection as the store spells the same items, and output.variable unset
     where the store made without it holds a field of that name: a spelling is not a setting,
     and would otherwise make the store another configuration's. What the files hold is
@@ -176,13 +192,18 @@ def as_stored(cfg: Config) -> Config:
         theirs = tomllib.loads(stored_config(cfg.output.path))
     except tomllib.TOMLDecodeError:
         return cfg
-    respelled = {}
+    respelled, moved = {}, {}
     for key in FILE_KEYS:
         section, name = key.split(".")
         ours, then = getattr(getattr(cfg, section), name), theirs.get(section, {}).get(name)
-        if (isinstance(ours, str) and isinstance(then, str) and ours and then and ours != then
-                and _same_file(ours, then)):
-            respelled[key] = then
+        if isinstance(ours, str) and isinstance(then, str) and ours and then and ours != then:
+            (respelled if _same_file(ours, then) else moved)[key] = then
+    model_files = tuple((k, v) for k, v in moved.items() if k.startswith("model."))
+    if model_files and _same_model(cfg):  # the store's model, found elsewhere: loaded there
+        # and in its record of the config, which a growth writes again: the store keeps
+        # naming its files as it did, and so its identity
+        cfg = dataclasses.replace(cfg, stored_as=model_files,
+                                  text=with_settings(cfg, dict(model_files)).text)
     named = cfg.output.variable
     if named and not theirs.get("output", {}).get("variable") and named == _store_field(cfg):
         respelled["output.variable"] = ""  # the name the store took unasked, now written out

@@ -229,6 +229,10 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     text: str = ""  # the effective configuration as TOML-like text, for provenance
+    # (key, path) of model files found elsewhere than the store at output.path names them,
+    # with its model's bytes (``identity.as_stored``): the store's spelling in its identity
+    # and ``text``, while the model loads from where the files are now
+    stored_as: tuple[tuple[str, str], ...] = ()
 
     @property
     def digest(self) -> str:
@@ -239,10 +243,14 @@ class Config:
         """What decides the store's contents, {section: {key: value}}: every key except where
         it lives, the rank layout, the members per batch, the job's share of items, the
         writer and the bench."""
-        return {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items()
-                       if (name, k) not in LAYOUT_KEYS}
-                for name in SECTION_TYPES
-                if name not in ("parallel", "data", "train", "bench", "calibrate")}
+        settings = {name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items()
+                           if (name, k) not in LAYOUT_KEYS}
+                    for name in SECTION_TYPES
+                    if name not in ("parallel", "data", "train", "bench", "calibrate")}
+        for key, path in self.stored_as:
+            section, name = key.split(".")
+            settings[section][name] = path
+        return settings
 
     @property
     def store_digest(self) -> str:

@@ -151,3 +151,45 @@ def test_the_shipped_unconditional_model_is_autoguided_in_its_own_units():
     model = build_model(cfg.model)  # refuses a guide in other units
     assert isinstance(model.den, Guided) and model.den.guidance == cfg.model.guidance
     assert model.den.strong.cfg.channels != model.den.weak.cfg.channels
+
+
+def test_the_same_networks_found_elsewhere_resume_their_store_and_others_are_refused(
+        tmp_path, capsys):
+    """A store's checkpoint paths were compared as text: with the shipped networks in a
+    virtual environment made anew (another site-packages path), the store was 'a different
+    configuration', and only output.overwrite (losing its members) went on. Files of the same
+    bytes are the store's model wherever they are; other bytes at the new path are not."""
+    import shutil
+
+    import zarr
+
+    first, second = tmp_path / "env1", tmp_path / "env2"
+    first.mkdir()
+    strong = _checkpoint(first / "strong.pt", 0)
+    weak = _checkpoint(first / "weak.pt", 1)
+    out = tmp_path / "ens.zarr"
+
+    def run(folder, members):
+        sets = {"model.checkpoint": f"{folder}/strong.pt", "model.guide": f"{folder}/weak.pt",
+                "model.shape": list(SHAPE), "sampler.method": "sequential-sde",
+                "sampler.steps": 4, "ensemble.members": members, "ensemble.batch_size": 1,
+                "output.path": str(out)}
+        args = ["sample", "jobs/configs/kolmogorov_uncond.toml"]
+        for key, value in sets.items():
+            args += ["--set", f"{key}={json.dumps(value)}"]
+        return main(args)
+
+    assert run(first, 2) == 0
+    shutil.copytree(first, second)
+    shutil.rmtree(first)  # the old environment is gone
+    capsys.readouterr()
+    assert run(second, 3) == 0, capsys.readouterr().err  # grown, not refused
+    assert (zarr.open_group(out, mode="r")["done"][:] == 1).all()
+    assert f'checkpoint = "{strong}"' in zarr.open_group(out, mode="r").attrs["config"]
+    assert run(second, 3) == 0  # and resumed again after the growth wrote its config
+    assert "0 members written" in capsys.readouterr().err
+    _checkpoint(second / "weak.pt", 2)  # another guide at that path
+    capsys.readouterr()
+    assert run(second, 3) == 2
+    assert "different configuration" in capsys.readouterr().err
+    assert weak and (zarr.open_group(out, mode="r")["done"][:] == 1).all()
