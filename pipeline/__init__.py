@@ -11,6 +11,6 @@ def __getattr__(name: str):
     try:
         value = version("piadm")
     except PackageNotFoundError:  # running from a source tree without installation
-        value = "0.1.0+src"
+        value = "0+src"
     globals()["__version__"] = value
     return value
