@@ -79,26 +79,36 @@ class LearnedUNet:
         return replace(self, cond=up(coarse.float(), self.shape)[None])
 
 
+def _missing(checkpoint: str, key: str) -> str | None:
+    """What is wrong with ``checkpoint`` (config key ``key``) as a file, in one line; None
+    where it is one."""
+    from pipeline.errors import from_here
+
+    if checkpoint and os.path.isfile(checkpoint):  # Path drops a trailing "/"
+        return None
+    # a shipped config's path, run outside the repository (an installed wheel): the
+    # shipped networks are here
+    given = Path(checkpoint)
+    shipped = Path(__file__).parent / "checkpoints" / given.name
+    ours = given.parent == Path("models", "checkpoints") and shipped.is_file()
+    where = f"; piadm's own {shipped.name} is {shipped}" if checkpoint and ours else ""
+    if checkpoint.endswith(("/", os.sep)) and os.path.isfile(checkpoint.rstrip("/" + os.sep)):
+        return f"config: {key} = {checkpoint!r} names a file as a folder: remove the trailing '/'"
+    return (f"config: {key} = {checkpoint!r} is not a file"
+            f"{from_here(checkpoint) if checkpoint else ''}: point it at a piadm "
+            "train checkpoint (e.g. models/checkpoints/kolmogorov_uncond.pt, from "
+            f"the repository's folder){where}")
+
+
 def _read(checkpoint: str, key: str, device):
     """(denoiser, metadata) of a piadm train checkpoint; raises ConfigError naming config key
     ``key`` when it is missing or unreadable."""
     from models.checkpoint import load_denoiser
-    from pipeline.errors import ConfigError, from_here
+    from pipeline.errors import ConfigError
 
-    if not checkpoint or not os.path.isfile(checkpoint):  # Path drops a trailing "/"
-        # a shipped config's path, run outside the repository (an installed wheel): the
-        # shipped networks are here
-        given = Path(checkpoint)
-        shipped = Path(__file__).parent / "checkpoints" / given.name
-        ours = given.parent == Path("models", "checkpoints") and shipped.is_file()
-        where = f"; piadm's own {shipped.name} is {shipped}" if checkpoint and ours else ""
-        if checkpoint.endswith(("/", os.sep)) and os.path.isfile(checkpoint.rstrip("/" + os.sep)):
-            raise ConfigError(f"config: {key} = {checkpoint!r} names a file as a folder: "
-                              "remove the trailing '/'")
-        raise ConfigError(f"config: {key} = {checkpoint!r} is not a file"
-                          f"{from_here(checkpoint) if checkpoint else ''}: point it at a piadm "
-                          "train checkpoint (e.g. models/checkpoints/kolmogorov_uncond.pt, from "
-                          f"the repository's folder){where}")
+    said = _missing(checkpoint, key)
+    if said:
+        raise ConfigError(said)
     try:
         den, meta = load_denoiser(checkpoint, device)
     except ConfigError:  # it names its fix
@@ -179,6 +189,9 @@ def load_unet(checkpoint: str, shape: tuple[int, ...], device="cpu", guide: str 
     config's; None for a caller that binds conditioning fields itself) when they do not fit."""
     from pipeline.errors import ConfigError
 
+    both = [_missing(checkpoint, "model.checkpoint"), guide and _missing(guide, "model.guide")]
+    if all(both):  # both said at once: one fix, not one a run
+        raise ConfigError(f"{both[0]}; and {both[1].removeprefix('config: ')}")
     den, meta = _read(checkpoint, "model.checkpoint", device)
     if tuple(meta["shape"]) != tuple(shape):
         raise ConfigError(f"config: model.shape = {list(shape)} but {checkpoint} was trained on "

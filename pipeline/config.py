@@ -314,7 +314,11 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is a directory: a config must be a TOML file, "
                           "e.g. jobs/configs/grf.toml")
     if not path.exists():
-        raise ConfigError(f"config file {path} not found: pass an existing TOML file")
+        shipped = path.parts[:2] == ("jobs", "configs") and not Path("jobs", "configs").is_dir()
+        raise ConfigError(f"config file {path} not found: pass an existing TOML file" + (
+            "; jobs/configs/ comes with piadm's repository (and its source distribution), not "
+            "with an installed copy: run from the repository's folder, or write a config of "
+            "your own (docs/configuration.md)" if shipped else ""))
     try:  # a pipe (a shell's <(...)) reads as a file does
         raw = path.read_bytes()
     except OSError as err:

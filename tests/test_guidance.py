@@ -1,6 +1,7 @@
 """Autoguidance (models/guidance.py): the guided score, its checks and its identity."""
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from pipeline.config import ConfigError
 from pipeline.run import model_digest
 
 SHAPE = (8, 8)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _checkpoint(path, seed, channels=(4, 8), **meta):
@@ -123,6 +125,23 @@ def test_a_missing_guide_is_one_line_before_anything_is_written(tmp_path, capsys
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "model.guide = " in errors[0] and "is not a file" in errors[0]
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_shipped_pair_not_found_from_here_is_said_at_once_naming_both(tmp_path, capsys,
+                                                                        monkeypatch):
+    """Outside the repository (an installed copy) the unconditional config's checkpoint
+    and guide were refused one per run: the second only after the first was fixed. The
+    config named there is not found either, and says where it comes from."""
+    config = str(ROOT / "jobs/configs/kolmogorov_uncond.toml")
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", config, "--set", "output.path='out.zarr'"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "model.checkpoint = 'models/checkpoints/kolmogorov_uncond.pt'" \
+        " is not a file" in errors[0] and "; and model.guide = 'models/checkpoints/" \
+        "kolmogorov_uncond_guide.pt' is not a file" in errors[0]
+    assert not (tmp_path / "out.zarr").exists()
+    assert main(["config", "jobs/configs/kolmogorov_uncond.toml"]) == 2
+    assert "jobs/configs/ comes with piadm's repository" in capsys.readouterr().err
 
 
 def test_the_model_identity_covers_the_guide_and_its_weight(tmp_path):
