@@ -33,6 +33,9 @@ def read_done_record(done: zarr.Array) -> tuple[np.ndarray, list[tuple[slice, sl
     bool flags, False in the chunks that fail to decode, and those chunks' (items, members)
     regions (empty for a sound record). A chunk file deleted reads as not done (the fill
     value), not as damaged."""
+    whole = from_chunk_files(done)
+    if whole is not None:  # every chunk decoded: none is damaged
+        return whole == 1, []
     rows, cols = done.chunks
     flags, bad = np.zeros(done.shape, bool), []
     for i in range(0, done.shape[0], rows):
@@ -46,6 +49,46 @@ def read_done_record(done: zarr.Array) -> tuple[np.ndarray, list[tuple[slice, sl
                     raise
                 bad.append(region)
     return flags, bad
+
+
+def from_chunk_files(done: zarr.Array) -> np.ndarray | None:
+    """The whole ``done`` array (items, members) int8, read from its chunk files directly:
+    one per (item, store batch), 100,000 on a store of 100,000 items, which zarr reads at
+    130 to 250 us each (13 to 25 s) and this at about 12 us (1.2 s). Only for the layout
+    piadm writes (a local folder, default chunk keys, raw bytes or Zstandard, no sharding);
+    None for any other, or where a chunk file does not decode to its shape: zarr reads it
+    then, and names what is damaged. A chunk without a file holds the fill value, 0: not
+    done (zarr writes no chunk equal to it, so a file's absence says nothing else)."""
+    meta = done.metadata
+    codecs = [type(c).__name__ for c in meta.codecs]
+    root = getattr(done.store, "root", None)
+    encoding = meta.chunk_key_encoding
+    if (root is None or codecs not in (["BytesCodec"], ["BytesCodec", "ZstdCodec"])
+            or type(encoding).__name__ != "DefaultChunkKeyEncoding" or encoding.separator != "/"
+            or np.dtype(done.dtype) != np.int8 or meta.fill_value != 0 or done.ndim != 2):
+        return None
+    import numcodecs
+
+    decode = numcodecs.Zstd().decode if len(codecs) == 2 else bytes
+    rows, cols = done.chunks
+    flags = np.zeros(done.shape, np.int8)
+    try:
+        folders = list(os.scandir(Path(root, done.path, "c")))
+    except FileNotFoundError:  # no chunk written yet
+        return flags
+    try:
+        for folder in folders:
+            for entry in os.scandir(folder.path):
+                if not (folder.name.isdigit() and entry.name.isdigit()):
+                    continue  # a write's temporary file, or another tool's: not a chunk
+                i, j = int(folder.name) * rows, int(entry.name) * cols
+                with open(entry.path, "rb") as f:
+                    chunk = np.frombuffer(decode(f.read()), np.int8).reshape(rows, cols)
+                block = flags[i:i + rows, j:j + cols]
+                block[...] = chunk[:block.shape[0], :block.shape[1]]
+    except (ValueError, RuntimeError, NotADirectoryError, IsADirectoryError):
+        return None  # a chunk that does not decode, a folder where a chunk's file goes
+    return flags
 
 
 # Opened groups and arrays, each kept with the bytes of the metadata files it was made from
@@ -104,6 +147,9 @@ def _read_done(path: str | Path, region=slice(None)) -> np.ndarray:
     except Exception as err:  # zarr's errors for unreadable metadata are many
         raise DamagedRecord(f"store {path}: its record of finished members (the done array) "
                             f"cannot be opened ({type(err).__name__}): {ARRAYS_FIX}") from None
+    whole = from_chunk_files(done) if region == slice(None) else None
+    if whole is not None:
+        return whole
     try:
         return done[region]
     except Exception as err:

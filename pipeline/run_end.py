@@ -183,10 +183,11 @@ def finish(cfg, spec, ranks, writer, tally: Tally, *, skipped: int, job: str,
                  f" x {slices.size} time slice{'s' if slices.size > 1 else ''}")
         if slices.size > 1 and cfg.sampler.method in REPLICABLE:
             note += f", window split {cfg.sampler.window_split}"
+    seconds = time.perf_counter() - tally.start  # the sampling's, not the record's below
     held = on_rank0(world, _record, spec, note, job, (before[0] + written, before[1]),
                     written > 0)
     return Summary(spec.path, written, skipped, int(peak["rounds"]), int(peak["batch_rounds"]),
-                   total["calls"] / max(written, 1), time.perf_counter() - tally.start,
+                   total["calls"] / max(written, 1), seconds,
                    peak["write_s"], peak["wait_s"], preempted, int(total["fallbacks"]),
                    int(total["unsettled"]), held=held)
 
