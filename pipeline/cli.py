@@ -345,9 +345,10 @@ def _scoring_progress():
     bar = []
 
     def progress(done: int, total: int) -> None:
-        if not bar:
+        if not bar:  # at the scoring's start (done 0), whose clock the pace is taken by
             bar.append(Progress(SerialComm(), total, "items scored"))
-        bar[0].advance(done - bar[0].done)
+        if done > bar[0].done:
+            bar[0].advance(done - bar[0].done)
         if done >= total:
             bar[0].close()
 

@@ -154,6 +154,8 @@ def _item_by_item(field: xr.DataArray, truth_values: np.ndarray, paired: bool, s
     # per item split every item's ties alike, a bias more items never averaged out)
     tie_break = np.random.default_rng(0)
     ens_spectra, moments = [], (0, 0.0, 0.0)
+    if progress is not None:  # its clock starts now: the first item's time is the pace
+        progress(0, items)
     for i in range(items):
         e = field.isel({field.dims[0]: i}).values.astype(np.float64)
         centre = e.mean()

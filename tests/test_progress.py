@@ -190,3 +190,18 @@ def test_durations_read_as_seconds_minutes_and_hours():
 
     assert [clock(t) for t in (0, 42.4, 59.6, 60, 450, 3599, 3600, 47000)] == [
         "0s", "42s", "1:00", "1:00", "7:30", "59:59", "1:00:00", "13:03:20"]
+
+
+def test_evaluates_first_line_takes_its_pace_from_the_scorings_start(capsys):
+    """The bar was made at the first item's end, so its clock had run for nothing: the
+    first line of 10,000 items said "eta 0s"."""
+    import time
+
+    from pipeline.cli import _scoring_progress
+
+    progress = _scoring_progress()
+    progress(0, 10)  # the scoring starts
+    time.sleep(0.2)  # 9 more at that pace: about 2 s
+    progress(1, 10)
+    line = capsys.readouterr().err.strip()
+    assert "items scored 1/10" in line and "eta <" in line and "eta 0s" not in line
