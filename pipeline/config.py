@@ -296,12 +296,27 @@ def config_from_dict(tree: dict) -> Config:
 
 
 def with_settings(cfg: Config, settings: dict) -> Config:
-    """``cfg`` with ``{"section.key": value}`` replaced, validated again."""
+    """``cfg`` with ``{"section.key": value}`` replaced, validated again; the files it names
+    as its store does (``stored_as``) still so named, but those ``settings`` replace."""
     tree = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTION_TYPES}
     for dotted, value in settings.items():
         section, key = dotted.split(".")
         tree[section][key] = value
-    return config_from_dict(tree)
+    kept = tuple((key, path) for key, path in cfg.stored_as if key not in settings)
+    return stored_as(config_from_dict(tree), kept)
+
+
+def stored_as(cfg: Config, files: tuple[tuple[str, str], ...]) -> Config:
+    """``cfg`` loading its files where it names them, but naming them as ``files`` ((key,
+    path) pairs: the store's spelling of model files found elsewhere) in its identity and
+    its text, the config a store records (``Config.stored_as``)."""
+    if not files:  # its own spelling again, in its text too
+        return dataclasses.replace(cfg, stored_as=(), text=_text(cfg)) if cfg.stored_as else cfg
+    tree = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTION_TYPES}
+    for dotted, path in files:
+        section, key = dotted.split(".")
+        tree[section][key] = path
+    return dataclasses.replace(cfg, stored_as=files, text=_text(config_from_dict(tree)))
 
 
 def read_toml(path: str | Path) -> dict:

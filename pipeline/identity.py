@@ -14,7 +14,7 @@ import dataclasses
 import os
 import tomllib
 
-from pipeline.config import with_settings
+from pipeline.config import stored_as, with_settings
 from pipeline.settings import FILE_KEYS, Config
 from pipeline.store import StoreExists
 from pipeline.store_attrs import config_batch, config_members, read_attrs, stored_digest
@@ -198,18 +198,18 @@ def as_stored(cfg: Config) -> Config:
         ours, then = getattr(getattr(cfg, section), name), theirs.get(section, {}).get(name)
         if isinstance(ours, str) and isinstance(then, str) and ours and then and ours != then:
             (respelled if _same_file(ours, then) else moved)[key] = then
-    model_files = tuple((k, v) for k, v in moved.items() if k.startswith("model."))
-    if model_files and _same_model(cfg):  # the store's model, found elsewhere: loaded there
-        # and in its record of the config, which a growth writes again: the store keeps
-        # naming its files as it did, and so its identity
-        cfg = dataclasses.replace(cfg, stored_as=model_files,
-                                  text=with_settings(cfg, dict(model_files)).text)
     named = cfg.output.variable
     if named and not theirs.get("output", {}).get("variable") and named == _store_field(cfg):
         respelled["output.variable"] = ""  # the name the store took unasked, now written out
     cfg = with_settings(cfg, respelled) if respelled else cfg
     selection = _same_selection(cfg, theirs.get("input", {}))
-    return with_settings(cfg, selection) if selection else cfg
+    cfg = with_settings(cfg, selection) if selection else cfg
+    model_files = tuple((k, v) for k, v in moved.items() if k.startswith("model."))
+    if model_files and _same_model(cfg):  # the store's model, found elsewhere: loaded there,
+        # named as the store names it in the identity and in the config a growth records
+        # (a store that other settings make another's, replaced, names them anew: run_start)
+        return stored_as(cfg, model_files)
+    return cfg
 
 
 def _store_field(cfg: Config) -> str | None:

@@ -15,6 +15,7 @@ import json
 from pipeline.calibrate import Calibration, resolve_tol
 from pipeline.claimed import stop_agreed
 from pipeline.console import on_rank0, print0, say
+from pipeline.config import stored_as
 from pipeline.errors import naming
 from pipeline.identity import exact_model, growth, store_digests, stored_of, target_fate
 from pipeline.layout import made_on
@@ -76,6 +77,9 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
     differs = functools.partial(store_differences, cfg)  # a store made meanwhile: named
     fate, legacy = target_fate(cfg, spec.attrs.get("model_sha256"),
                                overwrite=cfg.output.overwrite, differs=differs)
+    if fate == "replace" and cfg.stored_as:  # a new store names the files where they are
+        return _prepare(stored_as(cfg, ()), stats, shape, trained_on, tol, attrs, grid, scale,
+                        device)
     if fate == "upgrade":
         older = stored_of(cfg)
         lacked = tuple(older.lacked) if older is not None else ()

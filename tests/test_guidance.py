@@ -177,7 +177,9 @@ def test_the_same_networks_found_elsewhere_resume_their_store_and_others_are_ref
     """A store's checkpoint paths were compared as text: with the shipped networks in a
     virtual environment made anew (another site-packages path), the store was 'a different
     configuration', and only output.overwrite (losing its members) went on. Files of the same
-    bytes are the store's model wherever they are; other bytes at the new path are not."""
+    bytes are the store's model wherever they are, an "auto" run's too (its plan is applied
+    over the config); other bytes at the new path are not; and a store replaced names the
+    files where they are now."""
     import shutil
 
     import zarr
@@ -185,18 +187,21 @@ def test_the_same_networks_found_elsewhere_resume_their_store_and_others_are_ref
     first, second = tmp_path / "env1", tmp_path / "env2"
     first.mkdir()
     strong = _checkpoint(first / "strong.pt", 0)
-    weak = _checkpoint(first / "weak.pt", 1)
+    _checkpoint(first / "weak.pt", 1)
     out = tmp_path / "ens.zarr"
 
-    def run(folder, members):
+    def run(folder, members, **more):
         sets = {"model.checkpoint": f"{folder}/strong.pt", "model.guide": f"{folder}/weak.pt",
-                "model.shape": list(SHAPE), "sampler.method": "sequential-sde",
-                "sampler.steps": 4, "ensemble.members": members, "ensemble.batch_size": 1,
-                "output.path": str(out)}
+                "model.shape": list(SHAPE), "sampler.method": "auto", "sampler.steps": 4,
+                "ensemble.members": members, "ensemble.batch_size": 1,
+                "output.path": str(out), **more}
         args = ["sample", "jobs/configs/kolmogorov_uncond.toml"]
         for key, value in sets.items():
             args += ["--set", f"{key}={json.dumps(value)}"]
         return main(args)
+
+    def config():
+        return zarr.open_group(out, mode="r").attrs["config"]
 
     assert run(first, 2) == 0
     shutil.copytree(first, second)
@@ -204,11 +209,13 @@ def test_the_same_networks_found_elsewhere_resume_their_store_and_others_are_ref
     capsys.readouterr()
     assert run(second, 3) == 0, capsys.readouterr().err  # grown, not refused
     assert (zarr.open_group(out, mode="r")["done"][:] == 1).all()
-    assert f'checkpoint = "{strong}"' in zarr.open_group(out, mode="r").attrs["config"]
+    assert f'checkpoint = "{strong}"' in config()
     assert run(second, 3) == 0  # and resumed again after the growth wrote its config
     assert "0 members written" in capsys.readouterr().err
     _checkpoint(second / "weak.pt", 2)  # another guide at that path
-    capsys.readouterr()
     assert run(second, 3) == 2
     assert "different configuration" in capsys.readouterr().err
-    assert weak and (zarr.open_group(out, mode="r")["done"][:] == 1).all()
+    assert (zarr.open_group(out, mode="r")["done"][:] == 1).all()
+    _checkpoint(second / "weak.pt", 1)  # the store's guide again, and another seed: replaced
+    assert run(second, 3, **{"sampler.seed": 5, "output.overwrite": True}) == 0
+    assert f'checkpoint = "{second}/strong.pt"' in config()
