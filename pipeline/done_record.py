@@ -60,6 +60,8 @@ def from_chunk_files(done: zarr.Array) -> np.ndarray | None:
     then, and names what is damaged. A chunk without a file holds the fill value, 0: not
     done (zarr writes no chunk equal to it, so a file's absence says nothing else)."""
     meta = done.metadata
+    if getattr(meta, "zarr_format", None) != 3:  # a format 2 array: other keys and codecs
+        return None
     codecs = [type(c).__name__ for c in meta.codecs]
     root = getattr(done.store, "root", None)
     encoding = meta.chunk_key_encoding
@@ -73,22 +75,41 @@ def from_chunk_files(done: zarr.Array) -> np.ndarray | None:
     rows, cols = done.chunks
     flags = np.zeros(done.shape, np.int8)
     try:
-        folders = list(os.scandir(Path(root, done.path, "c")))
-    except FileNotFoundError:  # no chunk written yet
-        return flags
-    try:
-        for folder in folders:
-            for entry in os.scandir(folder.path):
-                if not (folder.name.isdigit() and entry.name.isdigit()):
-                    continue  # a write's temporary file, or another tool's: not a chunk
-                i, j = int(folder.name) * rows, int(entry.name) * cols
-                with open(entry.path, "rb") as f:
-                    chunk = np.frombuffer(decode(f.read()), np.int8).reshape(rows, cols)
-                block = flags[i:i + rows, j:j + cols]
-                block[...] = chunk[:block.shape[0], :block.shape[1]]
+        for i, j, data in _chunk_files(Path(root, done.path, "c")):
+            chunk = np.frombuffer(decode(data), np.int8).reshape(rows, cols)
+            block = flags[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols]
+            block[...] = chunk[:block.shape[0], :block.shape[1]]
     except (ValueError, RuntimeError, NotADirectoryError, IsADirectoryError):
         return None  # a chunk that does not decode, a folder where a chunk's file goes
     return flags
+
+
+def _chunk_files(folder: Path):
+    """(i, j, bytes) of each chunk file ``folder/i/j`` of a 2-d array; none where the folder
+    is not (no chunk written). A chunk removed while it is listed (a repair writing zeros,
+    which zarr stores as no file) holds the fill value, as zarr reads it: it is skipped."""
+    try:
+        rows = os.scandir(folder)
+    except FileNotFoundError:
+        return
+    with rows:
+        for row in rows:
+            if not row.name.isdigit():
+                continue
+            try:
+                cells = os.scandir(row.path)
+            except FileNotFoundError:
+                continue
+            with cells:
+                for cell in cells:
+                    if not cell.name.isdigit():
+                        continue  # a write's temporary file, or another tool's: not a chunk
+                    try:
+                        with open(cell.path, "rb") as f:
+                            data = f.read()
+                    except FileNotFoundError:
+                        continue
+                    yield int(row.name), int(cell.name), data
 
 
 # Opened groups and arrays, each kept with the bytes of the metadata files it was made from

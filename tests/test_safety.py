@@ -1094,3 +1094,7 @@ def test_the_done_record_read_from_its_chunk_files_is_zarrs_and_damage_falls_bac
         "done", shape=(3, 4), chunks=(1, 4), dtype="int8", fill_value=0, compressors=None)
     raw[1] = 1
     assert (from_chunk_files(raw) == np.array([[0] * 4, [1] * 4, [0] * 4])).all()
+    older = zarr.open_group(tmp_path / "v2.zarr", mode="w", zarr_format=2).create_array(
+        "done", shape=(3, 4), chunks=(1, 4), dtype="int8", fill_value=0)
+    older[1] = 1
+    assert from_chunk_files(older) is None  # its keys and codecs are another format's: zarr's
