@@ -10,6 +10,7 @@ All functions take and return float64 tensors of any shape.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -118,7 +119,7 @@ class DiscreteVP:
     def u_of_t(self, t: Tensor) -> Tensor:
         """u at the fractional index t, linear between the table's integers (t clamped to
         [0, T - 1])."""
-        table = self.table().to(t.device)  # built on the host; a GPU's t indexes it there
+        table = _table_on(self, str(t.device))
         t = t.to(torch.float64).clamp(0, self.num_steps - 1)
         i = t.floor().clamp(max=self.num_steps - 2).long()
         w = t - i
@@ -126,7 +127,7 @@ class DiscreteVP:
 
     def t_of_u(self, u: Tensor) -> Tensor:
         """The fractional index whose u is u: the inverse of u_of_t."""
-        table = self.table().to(u.device)
+        table = _table_on(self, str(u.device))
         i = (torch.searchsorted(table, u.contiguous()) - 1).clamp(0, self.num_steps - 2)
         w = (u - table[i]) / (table[i + 1] - table[i])
         return i + w
@@ -224,3 +225,10 @@ PROCESSES = {
     "edm": VE,
     "flow": Flow,
 }
+
+
+@functools.lru_cache(maxsize=8)
+def _table_on(schedule: DiscreteVP, device: str) -> Tensor:
+    """``schedule.table()`` on ``device``, made once: built on the host and copied at every
+    model call, the copy made the host wait for a GPU's queued work each time. Read only."""
+    return schedule.table().to(device)

@@ -194,7 +194,8 @@ def _diverged(rows, k: int, after, y0, redo: _Redo, block, *, comm, options: Opt
     owner = owner_of(m, comm.size, k - 1)
     at = comm.bcast(after[rows, k - 1 - lo] if comm.rank == owner else
                     torch.empty_like(y0[rows]), owner)
-    fine = torch.isfinite(at.flatten(1)).all(1)
+    # on the host, as ``rows`` is: a GPU mask cannot index a host tensor
+    fine = torch.isfinite(at.flatten(1)).all(1).cpu()
     redo.add(rows[fine], k, at[fine])
     # where the model broke before step k (once: a lasting fault fails the steps too), from
     # the block start: these take k + M rounds
