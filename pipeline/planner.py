@@ -408,6 +408,21 @@ def collective_latency(comm, repeats: int = 20) -> float:
     return float(comm.allreduce_max(torch.tensor([median]))[0]) / math.ceil(math.log2(comm.size))
 
 
+def gpus_on_node(world, device) -> int:
+    """Every rank (collective): the GPUs the ranks on rank 0's node hold (0 on a CPU),
+    counted by their identity: a job that gives each task its own GPU (``--gpus-per-task=1``)
+    shows each rank one device, which ``torch.cuda.device_count()`` took for the node's."""
+    import platform
+
+    from pipeline.memory import gpu_identity
+
+    device = torch.device(device)
+    # every rank takes part, a CPU rank too: a collective some ranks skip would hang
+    held = world.allgather_object((platform.node(), gpu_identity(device)
+                                   if device.type == "cuda" else None))
+    return len({gpu for node, gpu in held if node == held[0][0] and gpu is not None})
+
+
 def resolve_plan(cfg: Config, world, device, stopped=lambda: False) -> tuple[Config, dict]:
     """Every rank: the concrete config of an ``"auto"`` run, planned on rank 0 for the world's
     ranks (the other ranks sleep meanwhile, leaving it the cores), and the store attributes
@@ -418,7 +433,7 @@ def resolve_plan(cfg: Config, world, device, stopped=lambda: False) -> tuple[Con
     from pipeline.run_items import first_item_model
 
     latency = collective_latency(world)
-    gpus = torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
+    gpus = gpus_on_node(world, device)
 
     def plan_here():
         stored = stored_plan(cfg)  # a store this config made is resumed: its plan is kept

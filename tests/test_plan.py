@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 import xarray as xr
 
 from pipeline.api import load_config, sample
@@ -1000,3 +1001,21 @@ def test_a_job_whose_store_another_jobs_plan_made_meanwhile_takes_that_plan(
             "(plans made at once pick by timings): starting again on that plan") in err
     assert "the store's own choice" in err and "2 members written" in err
     assert xr.open_zarr(sets["output.path"]).attrs["plan_settings"] == first
+
+
+def test_the_gpus_of_a_node_are_counted_by_the_ranks_that_hold_them(monkeypatch):
+    """``torch.cuda.device_count()`` was taken for the node's GPUs: a job giving each task
+    its own GPU (--gpus-per-task=1) shows each rank one, and its plan was made for one rank
+    a node. The ranks on rank 0's node are asked which GPU each holds."""
+    from pipeline import memory, planner
+    from pipeline.comm import SerialComm
+
+    class FourRanks(SerialComm):
+        def allgather_object(self, obj):
+            return [("node-a", "GPU-0"), ("node-a", "GPU-1"), ("node-a", "GPU-1"),
+                    ("node-b", "GPU-0")]
+
+    monkeypatch.setattr(memory, "gpu_identity", lambda device: "GPU-0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert planner.gpus_on_node(FourRanks(), "cuda:0") == 2
+    assert planner.gpus_on_node(SerialComm(), "cpu") == 0
