@@ -92,12 +92,13 @@ def _missing(checkpoint: str, key: str) -> str | None:
     shipped = Path(__file__).parent / "checkpoints" / given.name
     ours = given.parent == Path("models", "checkpoints") and shipped.is_file()
     where = f"; piadm's own {shipped.name} is {shipped}" if checkpoint and ours else ""
+    example = "kolmogorov_uncond_guide.pt" if key == "model.guide" else "kolmogorov_uncond.pt"
     if checkpoint.endswith(("/", os.sep)) and os.path.isfile(checkpoint.rstrip("/" + os.sep)):
         return f"config: {key} = {checkpoint!r} names a file as a folder: remove the trailing '/'"
     return (f"config: {key} = {checkpoint!r} is not a file"
             f"{from_here(checkpoint) if checkpoint else ''}: point it at a piadm "
-            "train checkpoint (e.g. models/checkpoints/kolmogorov_uncond.pt, from "
-            f"the repository's folder){where}")
+            f"train checkpoint (e.g. models/checkpoints/{example}, from the repository's "
+            f"folder){where}")
 
 
 def _read(checkpoint: str, key: str, device):

@@ -93,7 +93,8 @@ def load_config(source: str | Path | dict | Config | None = None,
 
 
 def world():
-    """MPI.COMM_WORLD wrapped when an MPI launcher started this process, else a serial one."""
+    """MPI.COMM_WORLD wrapped when an MPI launcher started this process, else a serial one;
+    a ConfigError (a ``PiadmError``) where a launcher did but mpi4py cannot be imported."""
     return world_comm()
 
 

@@ -20,9 +20,9 @@ import warnings  # noqa: E402
 
 # Only light modules here: parsing (and --help) must not wait for torch, xarray or zarr;
 # each command imports what it needs.
-from pipeline.arguments import (check_bench_flags, check_figure_file, launched_rank,  # noqa: E402
+from pipeline.arguments import (check_bench_flags, check_figure_file,  # noqa: E402
                                 check_not_read, check_output_file, check_plan_flags,
-                                check_status_flags, model_files, parser)
+                                check_status_flags, launched_rank, model_files, parser)
 from pipeline.config import (SAMPLING_PATHS, TRAINING_PATHS, ConfigError,  # noqa: E402
                              load_config, read_toml, with_settings)
 from pipeline.console import (fresh_line, on_every_rank, on_rank0, out, out0, print0,  # noqa: E402

@@ -833,3 +833,18 @@ def test_a_launcher_without_mpi4py_is_one_line_said_by_its_rank_0(monkeypatch, c
     assert capsys.readouterr().err == ""
     with pytest.raises(api.PiadmError, match="mpi4py cannot be imported"):
         api.world()
+
+
+def test_the_version_names_the_commit_checked_out_not_the_last_install():
+    """An editable install (jobs/local/setup.sh makes one) recorded its version when it was
+    set up: `piadm --version` and every store's piadm_version named that commit long after,
+    whatever code ran."""
+    import pipeline
+
+    head = subprocess.run(["git", "rev-parse", "--short=9", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git work tree")
+    version = pipeline._checked_out("0.2.1.dev5+gdeadbeef0")
+    assert version.startswith("0.2.1.dev") and f"+g{head.stdout.strip()}" in version
+    assert version != "0.2.1.dev5+gdeadbeef0"

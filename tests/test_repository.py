@@ -13,10 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def _tracked(*paths: str) -> list[str]:
     """The files git tracks (under ``paths``); the test skips outside a git work tree (an
     unpacked source distribution), where nothing tells them from what a run left."""
-    listed = subprocess.run(["git", "ls-files", *paths], cwd=ROOT, capture_output=True,
-                            text=True)
-    if listed.returncode != 0:
-        pytest.skip("not a git work tree: the tracked files cannot be listed")
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT,
+                             capture_output=True, text=True)
+        listed = subprocess.run(["git", "ls-files", *paths], cwd=ROOT, capture_output=True,
+                                text=True)
+    except OSError:  # no git installed
+        pytest.skip("git cannot be run here: the tracked files cannot be listed")
+    # inside another repository's work tree (an unpacked copy in a checkout) nothing is ours
+    if listed.returncode != 0 or Path(top.stdout.strip() or "/nowhere").resolve() != ROOT:
+        pytest.skip("not the repository's own git work tree: its tracked files cannot be listed")
     return listed.stdout.split()
 
 
