@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
-from pipeline import __version__
 from pipeline.config import ConfigError
 from pipeline.errors import did_you_mean
 from pipeline.settings import PEERS
@@ -319,6 +319,17 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+class _Version(argparse.Action):
+    """``--version``: the version asked only when it is printed (where piadm runs from a
+    checkout, finding it runs git)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import pipeline
+
+        parser._print_message(f"piadm {pipeline.__version__}\n", sys.stdout)  # as argparse's
+        parser.exit()
+
+
 def launched_rank() -> int:
     """This process's rank as its MPI launcher numbered it (Hydra, PMIx, Open MPI); 0 where
     none did."""
@@ -342,7 +353,8 @@ def parser() -> argparse.ArgumentParser:
         "disk, memory) that keeps the members written, 75 sample stopped by a signal (rerun "
         "to resume), 130 stopped at once by Ctrl-C, 143 or 138 any other command stopped by "
         "SIGTERM or SIGUSR1.")
-    p.add_argument("-V", "--version", action="version", version=f"piadm {__version__}")
+    p.add_argument("-V", "--version", action=_Version, nargs=0,
+                   help="show the version of the code that runs and exit")
     sub = p.add_subparsers(dest="command", required=True)
     helps = {"sample": "sample an ensemble into a Zarr store (resumes an unfinished one, grows "
                        "one of fewer members)",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline import __version__
+import pipeline
 from pipeline.errors import EvaluationError
 from pipeline.jsontext import finite_or_null
 from pipeline.labels import label_text
@@ -173,7 +173,7 @@ def save(metrics: xr.Dataset, folder: Path, ens, truth, paired: bool, baseline,
                 metrics[dim].encoding.update({k: held[k] for k in ("units", "calendar")
                                               if k in held})
         metrics.assign_attrs(Conventions="CF-1.10", history=(
-            f"{made} piadm {__version__}: evaluate {metrics.attrs.get('store_path', '')} "
+            f"{made} piadm {pipeline.__version__}: evaluate {metrics.attrs.get('store_path', '')} "
             f"against {metrics.attrs.get('truth_path', '')}")).to_netcdf(
             str(draft("metrics.nc")), engine="scipy")
         # a figure's None or False: nothing to draw

@@ -24,7 +24,7 @@ import torch
 import xarray as xr
 import zarr
 
-from pipeline import __version__
+import pipeline
 from pipeline.config import config_from_dict
 from pipeline.console import on_terminal
 from pipeline.errors import Interrupted, naming
@@ -148,10 +148,10 @@ def _empty(d: DataConfig, config_text: str) -> xr.Dataset:
     ds.vorticity_coarse.attrs.update(long_name=f"relative vorticity, {d.coarse_factor}x"
                                      f"{d.coarse_factor} block average", units="1")
     ds.attrs.update(Conventions="CF-1.10", title="Kolmogorov flow, 2-D incompressible "
-                    "Navier-Stokes", source=f"piadm {__version__} generate-data",
+                    "Navier-Stokes", source=f"piadm {pipeline.__version__} generate-data",
                     config=config_text, history=f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} "
                     "created by piadm generate-data")
-    ds.attrs[MARKER] = f"{__version__} {d.snapshots}x{n}x{n}"
+    ds.attrs[MARKER] = f"{pipeline.__version__} {d.snapshots}x{n}x{n}"
     # the flow's parameters as plain attributes, for a reader without piadm's config
     ds.attrs.update(
         equation="d omega/dt + u . grad omega = viscosity lap omega - drag omega "

@@ -47,6 +47,12 @@ def check_unplannable_store(cfg: Config) -> None:
             "to replace it")
 
 
+# Not a store attribute: what ``plan_config_sha256`` reads for a config that names its model
+# files where they are now rather than as its store does (``Config.stored_as``), which a
+# store replaced by the run records instead (``run_start._prepare``)
+PLAN_KEY_ANEW = "plan_config_sha256 of the files where they are"
+
+
 def stored_plan(cfg: Config) -> tuple[dict, int | None] | None:
     """The plan the store at output.path was made with, when it is this ``"auto"``
     configuration's store: (its settings, the batch size the config asked then; None when

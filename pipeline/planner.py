@@ -20,7 +20,7 @@ import torch
 
 from pipeline.cache import cache_path, read_entry, update_cache
 from pipeline.calibrate import CANNOT_CALIBRATE, calibration_key, resolve_tol
-from pipeline.config import ConfigError, with_settings
+from pipeline.config import ConfigError, stored_as, with_settings
 from pipeline.layout import cpu_threads
 from pipeline.memory import available_bytes, field_bytes, format_bytes, ranks_sharing, sampler_floor
 from pipeline.plan import (Machine, Plan, Prediction, Profile, call_items, layouts, predict,
@@ -28,7 +28,7 @@ from pipeline.plan import (Machine, Plan, Prediction, Profile, call_items, layou
 from pipeline.profiling import cost_curve, profile, state_points
 from pipeline.samplers import REFERENCE, REGISTRY
 from pipeline.samplers.options import REPLICABLE
-from pipeline.plan_store import (check_unplannable_store, resumed_batch_size,
+from pipeline.plan_store import (PLAN_KEY_ANEW, check_unplannable_store, resumed_batch_size,
                                  resumed_time_slices, stored_plan)
 from pipeline.plan_text import counted, describe, table
 from pipeline.settings import AUTO_METHODS, EQUAL_QUALITY, Config
@@ -391,6 +391,8 @@ def planned_config(cfg: Config, model, device, *, ranks: int, gpus_per_node: int
         chosen = settings(plan.best)
     attrs = {"plan_settings": json.dumps(chosen), "plan_config_sha256": cfg.store_digest,
              ASKED: stored[1] if stored else cfg.ensemble.batch_size}
+    if cfg.stored_as:  # the key a store replaced by this run records (``PLAN_KEY_ANEW``)
+        attrs[PLAN_KEY_ANEW] = stored_as(cfg, ()).store_digest
     return with_settings(cfg, chosen), attrs
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import __version__
+import pipeline
 from pipeline.choices import SCHEDULER_GRID
 from pipeline.clock import trained_top
 from pipeline.errors import ConfigError
@@ -177,7 +177,7 @@ def provenance(cfg: Config) -> dict:
     s = cfg.sampler
     return {
         "title": "piadm ensemble",
-        "piadm_version": __version__,
+        "piadm_version": pipeline.__version__,
         "config": cfg.text,
         "config_sha256": cfg.digest,
         "sampler_method": s.method,

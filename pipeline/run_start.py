@@ -19,7 +19,7 @@ from pipeline.config import stored_as
 from pipeline.errors import naming
 from pipeline.identity import exact_model, growth, store_digests, stored_of, target_fate
 from pipeline.layout import made_on
-from pipeline.plan_store import PlannedElsewhere, planned_apart
+from pipeline.plan_store import PLAN_KEY_ANEW, PlannedElsewhere, planned_apart
 from pipeline.run_items import (bind_first_item, checked_items, field_scale, first_item_model,
                                 measured_items, store_spec, store_variable)
 from pipeline.samplers import REFERENCE
@@ -68,6 +68,8 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
     fingerprint) that ``_check_early`` measured and the ``scale`` its fields are in; a store
     it resumes or grows has its noise checked as it is now (``check_noise_of``) and gives
     its calibrated tolerance (``_stored_tol``). Returns (spec, state, the run's tol)."""
+    anew = attrs.get(PLAN_KEY_ANEW)
+    attrs = {key: value for key, value in attrs.items() if key != PLAN_KEY_ANEW}
     items = measured_items(cfg, stats)
     spec = store_spec(cfg, items, shape, trained_on, grid, scale)
     # a tolerance the planner set (it calibrates each sampler it weighs) is its, not the config's
@@ -77,9 +79,11 @@ def _prepare(cfg: Config, stats: tuple, shape, trained_on, tol: Calibration,
     differs = functools.partial(store_differences, cfg)  # a store made meanwhile: named
     fate, legacy = target_fate(cfg, spec.attrs.get("model_sha256"),
                                overwrite=cfg.output.overwrite, differs=differs)
-    if fate == "replace" and cfg.stored_as:  # a new store names the files where they are
-        return _prepare(stored_as(cfg, ()), stats, shape, trained_on, tol, attrs, grid, scale,
-                        device)
+    if fate == "replace" and cfg.stored_as:  # a new store names the files where they are,
+        # its plan's key too
+        plan = {"plan_config_sha256": anew} if anew else {}
+        return _prepare(stored_as(cfg, ()), stats, shape, trained_on, tol, {**attrs, **plan},
+                        grid, scale, device)
     if fate == "upgrade":
         older = stored_of(cfg)
         lacked = tuple(older.lacked) if older is not None else ()

@@ -20,9 +20,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import pipeline
 from pipeline.claims import (Heartbeat, claims_dir, clear_batch_claims, holding, live_jobs,
                              new_job_id)
-from pipeline import __version__
 from pipeline.errors import ConfigError
 from pipeline.settings import Config
 from pipeline.store import (ASKED, StoreExists, StoreSpec, consolidate, create, enclosing_store,
@@ -196,8 +196,8 @@ def upgrade_identity(path: str | Path, legacy: str, digest: str, *, plan: str | 
         why = (f"its config lacked {', '.join(lacked)}, keys added since, read as the piadm "
                "that made it ran without them" if lacked else
                "the store's identity no longer counts ensemble.batch_size")
-        finalize(path, f"piadm {__version__}: {why}; its batches of {unit} stay its unit of "
-                       "work", {**changes, MEMBER_BATCH: unit})
+        finalize(path, f"piadm {pipeline.__version__}: {why}; its batches of {unit} stay its "
+                       "unit of work", {**changes, MEMBER_BATCH: unit})
 
 
 def stored_config(path: str | Path) -> str:
@@ -319,7 +319,7 @@ def _grow(spec: StoreSpec, growth: Callable[[], Growth | None], overwrite: bool,
             if unit % chunk:  # an older piadm cut the chunks of a store smaller than a batch
                 attrs[MEMBER_BATCH] = chunk  # batches of whole chunks: writers never share
             grow(spec.path, spec.members,
-                 f"piadm {__version__}: grown from {grown.made} to {spec.members} "
+                 f"piadm {pipeline.__version__}: grown from {grown.made} to {spec.members} "
                  "members (ensemble.members)", {**attrs, "piadm_store_digest": spec.digest})
             return f"grown from {grown.made} to {spec.members} members"
     return open_or_create(spec, overwrite=overwrite, growth=growth, stale=stale)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline import __version__
+import pipeline
 from pipeline.done_record import ARRAYS_FIX, read_done_record
 from pipeline.errors import is_system_error
 from pipeline.signals import finished_before_stopping
@@ -142,7 +142,7 @@ def _repair(path: str, group, flags: np.ndarray, record, found: list) -> None:
     # in the store's history, as its writes are: the members a rerun samples again
     dim = item_dim(group)
     labels = labels_of(group[dim])
-    finalize(path, f"piadm {__version__}: status --verify --repair marked {len(found)} "
+    finalize(path, f"piadm {pipeline.__version__}: status --verify --repair marked {len(found)} "
                    "damaged member(s) not done: "
                    + ", ".join(f"{dim} {labels[i]} member {m}" for i, m, _ in found[:20])
                    + (", ..." if len(found) > 20 else ""))

@@ -219,3 +219,7 @@ def test_the_same_networks_found_elsewhere_resume_their_store_and_others_are_ref
     _checkpoint(second / "weak.pt", 1)  # the store's guide again, and another seed: replaced
     assert run(second, 3, **{"sampler.seed": 5, "output.overwrite": True}) == 0
     assert f'checkpoint = "{second}/strong.pt"' in config()
+    capsys.readouterr()
+    assert run(second, 3, **{"sampler.seed": 5}) == 0  # its plan found under its key
+    err = capsys.readouterr().err
+    assert "0 members written" in err and "not recorded" not in err
