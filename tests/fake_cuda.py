@@ -3,7 +3,8 @@
 ``cuda:0``, and what a real GPU refuses or pays for is recorded instead of raised: a host
 tensor indexed by a device index, host and device tensors combined, ``.numpy()`` of a device
 tensor (``problems``), and each copy from the host to the device (``uploads``), which makes
-the host wait for the device's queued work. The tests run every sampler under it."""
+the host wait for the device's queued work. The tests run every sampler under it. A mode
+is its thread's: work in threads the code under test starts is not watched."""
 from __future__ import annotations
 
 import collections
@@ -126,10 +127,23 @@ class FakeCuda(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         if func in _INDEXING:
             index = _tensors([args[1]] if len(args) > 1 else [], [])
+            values = _tensors(list(args[2:]), [])
             if not on_device(args[0]) and any(on_device(i) for i in index):
                 self.problems[("a host tensor indexed by a device index", _where())] += 1
-        elif device and host and name != "copy_":
+            if not on_device(args[0]) and any(on_device(v) for v in values):
+                self.problems[("device values stored into a host tensor", _where())] += 1
+            if on_device(args[0]) and any(not on_device(v) and v.dim() > 0 for v in values):
+                if any(i.dtype in (torch.bool, torch.long) for i in index):
+                    self.problems[("host values stored at a device tensor's index",
+                                   _where())] += 1
+                self.uploads[_where()] += 1
+        elif name == "copy_":
+            if on_device(args[0]) and not on_device(args[1]):
+                self.uploads[_where()] += 1
+        elif device and host:
             self.problems[(f"host and device tensors in {name}", _where())] += 1
+        if made_there and name in ("tensor", "as_tensor", "asarray"):
+            self.uploads[_where()] += 1  # a device tensor made of host data
         out = func(*_to_cpu(list(args)), **kwargs)
         if func is _T.__setitem__ or (name.endswith("_") and not name.startswith("__")):
             return out  # in place: the tensor keeps its device

@@ -146,3 +146,24 @@ def test_a_ddpm_schedules_table_goes_to_the_device_once():
             u = schedule.u_of_t(t)
             assert on_device(u) and on_device(schedule.t_of_u(u))
     assert sum(mode.uploads.values()) <= 1 and dict(mode.problems) == {}
+
+
+def test_the_fake_device_records_what_a_gpu_refuses_and_each_copy_to_it():
+    """The mode the tests above rely on: were it blind, they would pass on anything."""
+    with FakeCuda() as mode:
+        host = torch.zeros(4)
+        dev = torch.ones(4, device=CUDA)
+        mask = dev > 0
+        assert on_device(dev) and on_device(mask) and not on_device(host)
+        _ = host + dev  # a GPU refuses each of these
+        _ = host[mask]
+        host[0:2] = dev[0:2]
+        dev.numpy()
+        moved = host.to(CUDA)  # and pays for each of these
+        dev.copy_(host)
+        _ = torch.tensor([1.0, 2.0], device=CUDA)
+        assert on_device(moved) and not on_device(moved.cpu())
+    said = {what for what, _ in mode.problems}
+    assert said == {"host and device tensors in add", "a host tensor indexed by a device index",
+                    "device values stored into a host tensor", "numpy() of a device tensor"}
+    assert sum(mode.uploads.values()) == 3
