@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import os
-import platform
 import time
 
 import numpy as np
@@ -34,7 +33,7 @@ from pipeline.errors import (NetworkFailed, OutOfMemory, PiadmError, UnitsOverfl
 from pipeline.inputs import Items
 from pipeline.labels import label_text
 from pipeline.layout import RankGrid, rank_grid
-from pipeline.memory import gpu_identity, ranks_sharing
+from pipeline.memory import gpus_held, ranks_sharing
 from pipeline.memory_check import check_memory, round_points
 from pipeline.noise import Noise
 from pipeline.progress import Progress, every_for
@@ -62,8 +61,8 @@ def memory_sharing(world, device) -> int:
     device = torch.device(device)
     if device.type != "cuda":
         return ranks_sharing(world.local_layout()[1], device)
-    mine = (platform.node(), gpu_identity(device))
-    return sum(other == mine for other in world.allgather_object(mine))
+    held = gpus_held(world, device)
+    return sum(other == held[world.rank] for other in held)
 
 
 def takes_writes(path: str) -> bool:

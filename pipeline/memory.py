@@ -186,6 +186,16 @@ def ranks_sharing(local_ranks: int, device: torch.device) -> int:
     return -(-local_ranks // max(1, gpus))
 
 
+def gpus_held(world, device) -> list[tuple[str, str | None]]:
+    """Every rank (collective, a CPU rank's too: a collective some ranks skipped would hang):
+    each rank's (node, the identity of the GPU it holds, None on a CPU), in rank order."""
+    import platform
+
+    device = torch.device(device)
+    return world.allgather_object((platform.node(), gpu_identity(device)
+                                   if device.type == "cuda" else None))
+
+
 def gpu_identity(device: torch.device) -> str:
     """Which physical GPU ``device`` is: its UUID, or where torch gives none the devices this
     process may see and the index among them."""

@@ -22,7 +22,8 @@ from pipeline.cache import cache_path, read_entry, update_cache
 from pipeline.calibrate import CANNOT_CALIBRATE, calibration_key, resolve_tol
 from pipeline.config import ConfigError, stored_as, with_settings
 from pipeline.layout import cpu_threads
-from pipeline.memory import available_bytes, field_bytes, format_bytes, ranks_sharing, sampler_floor
+from pipeline.memory import (available_bytes, field_bytes, format_bytes, gpus_held, ranks_sharing,
+                             sampler_floor)
 from pipeline.plan import (Machine, Plan, Prediction, Profile, call_items, layouts, predict,
                            rank)
 from pipeline.profiling import cost_curve, profile, state_points
@@ -414,14 +415,7 @@ def gpus_on_node(world, device) -> int:
     """Every rank (collective): the GPUs the ranks on rank 0's node hold (0 on a CPU),
     counted by their identity: a job that gives each task its own GPU (``--gpus-per-task=1``)
     shows each rank one device, which ``torch.cuda.device_count()`` took for the node's."""
-    import platform
-
-    from pipeline.memory import gpu_identity
-
-    device = torch.device(device)
-    # every rank takes part, a CPU rank too: a collective some ranks skip would hang
-    held = world.allgather_object((platform.node(), gpu_identity(device)
-                                   if device.type == "cuda" else None))
+    held = gpus_held(world, device)
     return len({gpu for node, gpu in held if node == held[0][0] and gpu is not None})
 
 
