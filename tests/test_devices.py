@@ -15,7 +15,7 @@ from pipeline.noise import Noise
 from pipeline.samplers import REGISTRY, SAMPLERS, Options
 from tests.fake_cuda import CUDA, FakeCuda, on_device
 
-STEPS = 40
+STEPS = 24
 
 
 class _ThreadRanks:
@@ -79,7 +79,7 @@ def _on_device(method, options: Options, ranks: int = 1):
         try:
             with mode:
                 model = GaussianRandomField((8, 8), device=CUDA)
-                grid = make_grid("ou", STEPS, u_min=1e-3, u_max=10.0, block_size=10)
+                grid = make_grid("ou", STEPS, u_min=1e-3, u_max=10.0, block_size=8)
                 noise = Noise(3, ((0, 0), (0, 1), (0, 2)), (8, 8), torch.float32, CUDA)
                 opts = Options(**{**options.__dict__, "data_bound": model.data_bound})
                 y, _ = SAMPLERS[method](model, noise.prior(), grid, noise, comm=comm,
