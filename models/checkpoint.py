@@ -71,21 +71,20 @@ def load_denoiser(path: str | Path, device="cpu") -> tuple[Denoiser, dict]:
         ["every key"]
     if missing:
         raise ValueError(f"its metadata {sidecar(path).name} lacks {', '.join(missing)}")
-    den = Denoiser(UNetConfig.from_dict(meta["unet"])).to(device)
-    # on the host: the whole training state (both Adam moments too) need not visit the GPU
-    # for the EMA weights, which alone go to the network's device
+    den = Denoiser(UNetConfig.from_dict(meta["unet"]))
+    # on the host: the whole training state (both Adam moments too) need not visit the GPU;
+    # the network filled there goes to its device once (not its initial weights, then these)
     state = torch.load(path, map_location="cpu", weights_only=True)
     problem = units_problem(path, state, meta)
     if problem:
         raise ConfigError(problem)
-    weights = {k: v.to(device) for k, v in state["ema"].items()}
     try:
-        den.load_state_dict(weights)
+        den.load_state_dict(state["ema"])
     except RuntimeError as err:  # sizes or keys: the second line names the first that differs
         raise ConfigError(f"checkpoint {path}: its weights do not fit the network its metadata "
                           f"{sidecar(path)} describes ({_first_misfit(err)}): put back the "
                           ".json that came with them") from None
-    return den.eval(), meta
+    return den.to(device).eval(), meta
 
 
 def _first_misfit(err: RuntimeError) -> str:

@@ -3,11 +3,15 @@
 ``cuda:0``, and what a real GPU refuses or pays for is recorded instead of raised: a host
 tensor indexed by a device index, host and device tensors combined, ``.numpy()`` of a device
 tensor (``problems``), and each copy from the host to the device (``uploads``), which makes
-the host wait for the device's queued work. The tests run every sampler under it. A mode
-is its thread's: work in threads the code under test starts is not watched."""
+the host wait for the device's queued work. The tests run every sampler under it, and the
+learned networks and training. A mode is its thread's: work in threads the code under test
+starts is not watched. While it is on, what a CPU build of torch lacks for a GPU is stood in
+for: a CUDA generator (made on the CPU), and ``torch.cuda``'s synchronisation and memory
+figures (no-ops, a 16 GiB device)."""
 from __future__ import annotations
 
 import collections
+import threading
 import traceback
 
 import torch
@@ -67,6 +71,64 @@ def _where() -> str:
                        f"{f.lineno}" for f in reversed(frames[-3:]))
 
 
+# Calls passed through as they are: torch.device("cuda") itself (the mode would make its
+# "cuda" the CPU), Module.to's parsing of its device, and a check Module.to makes
+_PASSED = (torch.device, torch._C._nn._parse_to, torch._has_compatible_shallow_copy_type)
+
+
+class _Generator:
+    """``torch.Generator(device="cuda")``, which a CPU build lacks: a CPU generator."""
+
+    def __new__(cls, device="cpu"):
+        return _REAL_GENERATOR("cpu" if _is_cuda(device) else device)
+
+
+_REAL_GENERATOR = torch.Generator
+_CUDA_STANDINS = {"synchronize": lambda *a, **k: None, "empty_cache": lambda *a, **k: None,
+                  "reset_peak_memory_stats": lambda *a, **k: None,
+                  "memory_allocated": lambda *a, **k: 0,
+                  "max_memory_allocated": lambda *a, **k: 0,
+                  "memory_reserved": lambda *a, **k: 0,
+                  "mem_get_info": lambda *a, **k: (16 << 30, 16 << 30),
+                  "device_count": lambda: 1,
+                  "get_device_properties": lambda *a, **k: type("Props", (), {
+                      "uuid": "GPU-fake", "total_memory": 16 << 30, "name": "fake"})()}
+
+
+def _parameter_copy(copy):
+    def copied(self, memo):  # made by _make_subclass, which no torch function sees
+        out = copy(self, memo)
+        out._fake_cuda = on_device(self)
+        return out
+
+    return copied
+
+
+_ENTERED = [0]  # modes on, in all threads (thread ranks enter one each)
+_REAL: dict = {}
+_LOCK = threading.Lock()
+
+
+def _stand_in(entering: bool) -> None:
+    """Put the stand-ins in place as the first mode is entered, the real ones back as the
+    last is left (one thread's exit must not undo another's)."""
+    with _LOCK:
+        _ENTERED[0] += 1 if entering else -1
+        if entering and _ENTERED[0] == 1:
+            _REAL.update({name: getattr(torch.cuda, name) for name in _CUDA_STANDINS},
+                         deepcopy=torch.nn.Parameter.__deepcopy__)
+            for name, standin in _CUDA_STANDINS.items():
+                setattr(torch.cuda, name, standin)
+            # train's EMA copy of a network: the copies keep their device
+            torch.nn.Parameter.__deepcopy__ = _parameter_copy(_REAL["deepcopy"])
+            torch.Generator = _Generator
+        elif not entering and _ENTERED[0] == 0:
+            for name in _CUDA_STANDINS:
+                setattr(torch.cuda, name, _REAL[name])
+            torch.nn.Parameter.__deepcopy__ = _REAL["deepcopy"]
+            torch.Generator = _REAL_GENERATOR
+
+
 class FakeCuda(TorchFunctionMode):
     """The fake device's mode: ``problems`` {(what, where): count}, ``uploads`` and
     ``host_reads`` {where: count}."""
@@ -76,6 +138,14 @@ class FakeCuda(TorchFunctionMode):
         self.problems = collections.Counter()
         self.uploads = collections.Counter()
         self.host_reads = collections.Counter()
+
+    def __enter__(self):
+        _stand_in(True)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _stand_in(False)
+        return super().__exit__(*exc)
 
     def _moved(self, func, args, kwargs):
         tensor, rest, target = args[0], list(args[1:]), None
@@ -100,6 +170,12 @@ class FakeCuda(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func in _PASSED:
+            return func(*args, **kwargs)
+        if func == _T.data.__set__:  # Module.to's param.data = moved: the parameter follows
+            out = func(*args, **kwargs)
+            args[0]._fake_cuda = on_device(args[1])
+            return out
         if func == _T.device.__get__:
             return CUDA if on_device(args[0]) else torch.device("cpu")
         if func == _T.is_cuda.__get__:

@@ -167,3 +167,86 @@ def test_the_fake_device_records_what_a_gpu_refuses_and_each_copy_to_it():
     assert said == {"host and device tensors in add", "a host tensor indexed by a device index",
                     "device values stored into a host tensor", "numpy() of a device tensor"}
     assert sum(mode.uploads.values()) == 3
+
+
+def _learned(tmp_path, name, seed, channels=(4, 8), cond=0, **meta):
+    """A tiny U-Net checkpoint of 8x8 fields (``cond`` channels of 4x4 coarse fields)."""
+    from models.checkpoint import save_checkpoint
+    from models.unet import Denoiser, UNetConfig
+
+    torch.manual_seed(seed)
+    den = Denoiser(UNetConfig(channels=channels, embed=8, cond_channels=cond))
+    info = {"unet": den.cfg.to_dict(), "mean": 0.5, "std": 2.0, "variable": "vorticity",
+            "condition": "coarse_v" if cond else "", "residual": False, "shape": [8, 8],
+            "data_bound": 10.0, **({"cond_shape": [4, 4]} if cond else {}), **meta}
+    save_checkpoint(tmp_path / f"{name}.pt", {"ema": den.state_dict()}, info)
+    return str(tmp_path / f"{name}.pt")
+
+
+def _networks(model) -> list:
+    """The torch modules a built model holds (a guided pair's two, a plugin's one)."""
+    found = []
+    for obj in (model, getattr(model, "den", None), getattr(model, "net", None)):
+        found += [x for x in (obj, *(getattr(obj, a, None) for a in ("strong", "weak", "net")))
+                  if isinstance(x, torch.nn.Module)]
+    return found
+
+
+@pytest.mark.parametrize("kind", ["guided", "downscaler", "residual", "module"])
+def test_a_learned_or_brought_network_samples_on_a_device(tmp_path, kind):
+    """Built on the device, its weights there, bound to a coarse field there, sampled by
+    the sequential sampler and the window without a host tensor meeting a device one."""
+    from models import build_model
+    from pipeline.run_items import bind_field
+    from pipeline.settings import ModelConfig
+
+    coarse = np.arange(16, dtype=np.float64).reshape(4, 4) / 16
+    section = {
+        "guided": lambda: ModelConfig(kind="unet", shape=(8, 8),
+                                      checkpoint=_learned(tmp_path, "strong", 0, (8, 16)),
+                                      guide=_learned(tmp_path, "weak", 1), guidance=2.0),
+        "downscaler": lambda: ModelConfig(kind="unet", shape=(8, 8), condition="coarse",
+                                          checkpoint=_learned(tmp_path, "down", 0, cond=1)),
+        "residual": lambda: ModelConfig(kind="unet", shape=(8, 8), condition="coarse",
+                                        checkpoint=_learned(tmp_path, "res", 0, cond=1,
+                                                            residual=True)),
+        "module": lambda: ModelConfig(kind="module", target="tests.byo_nets:ConditionPlusOne",
+                                      prediction="x0", process="edm", shape=(8, 8),
+                                      condition="coarse"),
+    }[kind]()
+    with FakeCuda() as mode:
+        model = build_model(section, "cuda")
+        if section.condition == "coarse":
+            model = bind_field(model, "coarse", coarse, "cuda")
+        weights = [t for net in _networks(model) for t in (*net.parameters(), *net.buffers())]
+        assert weights and all(on_device(t) for t in weights)
+        grid = make_grid("ou", STEPS, u_min=1e-3, u_max=10.0, block_size=8)
+        noise = Noise(3, ((0, 0), (0, 1)), (8, 8), torch.float32, CUDA)
+        for method, options in (("sequential-sde", Options()),
+                                ("pc-window", Options(tol=1e-3, window=8, theta="secant",
+                                                      data_bound=model.data_bound))):
+            y, _ = SAMPLERS[method](model, noise.prior(), grid, noise, comm=SerialComm(),
+                                    options=options)
+            assert on_device(y)
+    assert dict(mode.problems) == {}
+
+
+def test_training_runs_on_a_device(tmp_path):
+    """Two steps of a conditioned network's training, its validation and its checkpoint."""
+    from pipeline import api
+    from pipeline.cli import main
+    from pipeline.train import train
+
+    data = tmp_path / "k.zarr"
+    sets = ["data.resolution=16", "data.spinup=0.5", "data.interval=0.25", "data.snapshots=12",
+            "data.chunk=4", f"data.path={data}"]
+    assert main(["generate-data", "jobs/configs/kolmogorov.toml",
+                 *sum((["--set", s] for s in sets), [])]) == 0
+    cfg = api.load_config("jobs/configs/kolmogorov.toml", {
+        "train.steps": 2, "train.batch_size": 4, "train.channels": [8, 16],
+        "train.val_every": 2, "train.log_every": 1, "train.validation": 0.25,
+        "train.data": str(data), "train.checkpoint": str(tmp_path / "t.pt"),
+        "train.condition": "vorticity_coarse"})
+    with FakeCuda() as mode:
+        result = train(cfg.train, comm=SerialComm(), device=torch.device("cuda"))
+    assert result.step == 2 and dict(mode.problems) == {}
