@@ -53,10 +53,15 @@ def _damaged(group: zarr.Group, done: np.ndarray, bad: list) -> list[tuple[int, 
     # which tells the damaged chunk
     item_bytes = sum(a.dtype.itemsize * math.prod(a.shape[1:]) for a in arrays.values())
     rows = max(1, VERIFY_BLOCK_BYTES // max(1, item_bytes))
-    for lo in range(0, done.shape[0], rows):
-        hi = min(lo + rows, done.shape[0])
-        if not done[lo:hi].any():
-            continue
+    # a block runs from an item with members done to the last such item within its reach:
+    # the items around, with none done, have no chunks to read (a store of 100,000 items, 4%
+    # done: 53 s of 56 went to looking for the missing chunks of whole blocks' other items)
+    with_done = np.flatnonzero(done.any(1))
+    k = 0
+    while k < with_done.size:
+        lo = int(with_done[k])
+        k = int(np.searchsorted(with_done, lo + rows))
+        hi = int(with_done[k - 1]) + 1
         blocks = None  # an item larger than a block: chunk by chunk, not all at once
         if item_bytes <= VERIFY_BLOCK_BYTES:
             try:
