@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.claims import STALE_S, batch_key, claim, claims_dir, live_jobs
+from pipeline.claims import STALE_S, batch_key, claim, claims_dir, live_jobs, release
 from pipeline.done_record import members_left
 from pipeline.errors import PiadmError, WriteFailed
 from pipeline.work import PAUSE, cut_calls
@@ -94,7 +94,10 @@ def _claim_state(path, folder, item: int, members, job: str) -> tuple[str, tuple
         return "done", ()
     if not claim(folder, batch_key(item, members[0]), job):
         return "theirs", ()
-    return "ours", members_left(path, item, members)  # read now that no one else writes it
+    now = members_left(path, item, members)  # read now that no one else writes it
+    if not now:  # another job's, written between the two looks: nothing to hold it for
+        release(folder, batch_key(item, members[0]), job)
+    return "ours", now
 
 
 def stop_agreed(comm, stop) -> bool:

@@ -340,6 +340,14 @@ def holding(folder: Path, name: str, job: str):
         _give_back(folder, name, job)
 
 
+def release(folder: Path, key: str, job: str) -> None:
+    """Give claim ``key`` back once its batch is written and marked done: the store's
+    record tells every job so from then on, and the claims of finished batches piled up,
+    a file a batch (100,000 on a store of 100,000 batches) until the store was complete,
+    in the folder every job lists to find the live ones."""
+    _give_back(folder, key, job)
+
+
 def _give_back(folder: Path, key: str, job: str) -> None:
     """Remove claim ``key`` when ``job`` still holds it (one taken over meanwhile is
     another's now), under the takeover lock: a takeover between the look and the removal

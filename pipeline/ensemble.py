@@ -23,7 +23,7 @@ from models import build_model
 from models.user_code import one_line, raised_at
 from pipeline.calibrate import Calibration
 from pipeline.claimed import claimed_calls
-from pipeline.claims import Heartbeat, batch_key, claims_dir, holds, new_job_id
+from pipeline.claims import Heartbeat, batch_key, claims_dir, holds, new_job_id, release
 from pipeline.comm import SerialComm
 from pipeline.console import on_every_rank, on_rank0, print0, say
 from pipeline.decomposition import share
@@ -180,6 +180,7 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     halt = Halt(stop)
     folder = claims_dir(spec.path)
     job = on_rank0(world, new_job_id, folder)
+    last = {(item, batch[0]): max(left) for item, batch, left in mine if left}
     beat = None
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
         beat = _started(world, world.rank == 0, lambda: Heartbeat(folder, job).start(),
@@ -203,9 +204,12 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
                 break
             for lo, hi in write_runs(members, unit) if writer is not None else ():
                 start = members[lo] - members[lo] % unit  # the store batch's claim
-                owned = functools.partial(holds, folder, batch_key(item, start), job)
+                key = batch_key(item, start)
+                owned = functools.partial(holds, folder, key, job)
                 halt.attempt(_submit, writer, spec, item, members[lo:hi], batch, slice(lo, hi),
                              scale, owned)
+                if members[hi - 1] == last.get((item, start)):  # the batch's last: given
+                    halt.attempt(writer.submit, release, folder, key, job)  # back once written
             tally.add(len(members), batch.stats)
             label = label_text(items.labels[item])
             bar.advance(len(members), f"{items.dim} {label}: {batch.stats.rounds} rounds")

@@ -400,3 +400,29 @@ def test_a_store_replaced_under_a_claim_keeps_its_own_refusal(tmp_path, monkeypa
     with pytest.raises(StoreExists, match=r"^output .*r.zarr was replaced or deleted by another "
                                           r"run$"):
         sample(cfg)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_batchs_claim_is_given_back_once_it_is_written(tmp_path, background):
+    """The claims of finished batches stayed until the whole store was done: a file a batch
+    (100,000 on a store of 100,000 batches, stopped part way) in the folder every job lists
+    to find the live ones. Each goes once its batch is written and marked done."""
+    import zarr
+
+    from pipeline import api
+    from pipeline.claims import claims_dir
+
+    store = tmp_path / "d.zarr"
+    tree = {"model": {"shape": [8, 8]}, "sampler": {"steps": 6, "block_size": 3},
+            "ensemble": {"members": 8, "batch_size": 1},
+            "output": {"path": str(store), "background": background}}
+
+    def after_three():
+        return store.exists() and int(zarr.open_group(store, mode="r")["done"][:].sum()) >= 3
+
+    stopped = api.sample(tree, stop=after_three)
+    assert stopped.preempted and 3 <= stopped.members < 8
+    done = zarr.open_group(store, mode="r")["done"][0]
+    held = [int(p.stem.split("-")[1]) for p in claims_dir(store).glob("*-*.json")]
+    # at most the batch claimed for the call the stop came before, not written
+    assert len(held) <= 1 and not any(done[m] for m in held)
