@@ -47,3 +47,20 @@ def test_crps_is_the_members_empirical_distributions():
     expected = (np.abs(ens - truth).mean(0) - spread / 2).mean()
     assert crps(ens, truth) == pytest.approx(expected, rel=1e-12)
     assert crps(ens[:1], truth) == pytest.approx(np.abs(ens[0] - truth).mean(), rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [8, 9, 32])
+def test_the_shells_are_summed_point_by_point_as_their_definition_says(n):
+    """The shells were summed by a one-hot (n*n, n/2) matrix, n^3/2 values: 4 GB of it for a
+    1024 x 1024 field. Summed run by run now, each shell |k| = 1 .. n/2 (rounded) holds the
+    density of exactly its points."""
+    from pipeline.evaluation import power_spectra
+
+    fields = np.random.default_rng(n).standard_normal((3, n, n))
+    k, spectra = power_spectra(fields)
+    k1 = np.fft.fftfreq(n, 1.0 / n)
+    shell = np.rint(np.hypot(k1[:, None], k1[None, :]))
+    density = np.abs(np.fft.fft2(fields, norm="forward")) ** 2
+    wanted = np.stack([[d[shell == s].sum() for s in k] for d in density])
+    np.testing.assert_allclose(spectra, wanted, rtol=1e-12)
+    assert list(k) == list(range(1, n // 2 + 1))
