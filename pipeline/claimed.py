@@ -92,11 +92,12 @@ def _claim_state(path, folder, item: int, members, job: str) -> tuple[str, tuple
     have written part of it; (``theirs``, ()) while a live job is on it."""
     if not members_left(path, item, members):
         return "done", ()
-    if not claim(folder, batch_key(item, members[0]), job):
+    key = batch_key(item, members[0])
+    if not claim(folder, key, job):
         return "theirs", ()
     now = members_left(path, item, members)  # read now that no one else writes it
     if not now:  # another job's, written between the two looks: nothing to hold it for
-        release(folder, batch_key(item, members[0]), job)
+        release(folder, key, job)
     return "ours", now
 
 

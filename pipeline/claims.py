@@ -337,23 +337,17 @@ def holding(folder: Path, name: str, job: str):
     try:
         yield
     finally:
-        _give_back(folder, name, job)
+        release(folder, name, job)
 
 
 def release(folder: Path, key: str, job: str) -> None:
-    """Give claim ``key`` back once its batch is written and marked done: the store's
-    record tells every job so from then on, and the claims of finished batches piled up,
-    a file a batch (100,000 on a store of 100,000 batches) until the store was complete,
-    in the folder every job lists to find the live ones."""
-    _give_back(folder, key, job)
-
-
-def _give_back(folder: Path, key: str, job: str) -> None:
     """Remove claim ``key`` when ``job`` still holds it (one taken over meanwhile is
-    another's now), under the takeover lock: a takeover between the look and the removal
-    would otherwise lose the taker's claim. A folder that cannot be reached (a lost mount)
-    leaves the claim, to be taken over as a dead job's, rather than hide the error the block
-    may be leaving with."""
+    another's now): a lock's on leaving it, a batch's once it is written and marked done
+    (the store's record tells every job so from then on; kept, the claims of finished
+    batches piled up a file a batch until the store was complete). Under the takeover
+    lock: a takeover between the look and the removal would otherwise lose the taker's
+    claim. A folder that cannot be reached (a lost mount) leaves the claim, to be taken
+    over as a dead job's, rather than hide the error the block may be leaving with."""
     try:
         while not _lock_takeover(folder / f"{key}.takeover"):
             time.sleep(LOCK_POLL_S)

@@ -298,12 +298,8 @@ def config_from_dict(tree: dict) -> Config:
 def with_settings(cfg: Config, settings: dict) -> Config:
     """``cfg`` with ``{"section.key": value}`` replaced, validated again; the files it names
     as its store does (``stored_as``) still so named, but those ``settings`` replace."""
-    tree = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTION_TYPES}
-    for dotted, value in settings.items():
-        section, key = dotted.split(".")
-        tree[section][key] = value
     kept = tuple((key, path) for key, path in cfg.stored_as if key not in settings)
-    return stored_as(config_from_dict(tree), kept)
+    return stored_as(_replaced(cfg, settings.items()), kept)
 
 
 def stored_as(cfg: Config, files: tuple[tuple[str, str], ...]) -> Config:
@@ -312,11 +308,17 @@ def stored_as(cfg: Config, files: tuple[tuple[str, str], ...]) -> Config:
     its text, the config a store records (``Config.stored_as``)."""
     if not files:  # its own spelling again, in its text too
         return dataclasses.replace(cfg, stored_as=(), text=_text(cfg)) if cfg.stored_as else cfg
+    return dataclasses.replace(cfg, stored_as=files, text=_text(_replaced(cfg, files)))
+
+
+def _replaced(cfg: Config, pairs) -> Config:
+    """A new config of ``cfg``'s sections with each ("section.key", value) of ``pairs`` set,
+    validated again (no ``stored_as``)."""
     tree = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTION_TYPES}
-    for dotted, path in files:
+    for dotted, value in pairs:
         section, key = dotted.split(".")
-        tree[section][key] = path
-    return dataclasses.replace(cfg, stored_as=files, text=_text(config_from_dict(tree)))
+        tree[section][key] = value
+    return config_from_dict(tree)
 
 
 def read_toml(path: str | Path) -> dict:
