@@ -130,22 +130,27 @@ class Heartbeat:
 
     def start(self) -> "Heartbeat":
         """Beat once now, then every ``HEARTBEAT_S`` on a daemon thread; OutOfMemory
-        (``errors.thread_failed``), leaving no beat file, where the thread cannot start."""
-        self._beat()
+        (``errors.thread_failed``), leaving no beat file, where the thread cannot start. A
+        Ctrl-C while it starts leaves neither a beat file nor a thread to write one: a beat
+        outliving its run (in a notebook's process) would keep the store busy."""
         try:
-            self._thread.start()
-        except RuntimeError as err:  # "can't start new thread"
-            self.path.unlink(missing_ok=True)  # no beat left to outlive the job
-            with contextlib.suppress(OSError):  # nor the folder the beat made, if empty
-                self.path.parent.rmdir()
-            raise thread_failed("the claims' heartbeat thread", err) from None
+            self._beat()
+            try:
+                self._thread.start()
+            except RuntimeError as err:  # "can't start new thread"
+                raise thread_failed("the claims' heartbeat thread", err) from None
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
         """Stop beating and remove the beat file: the job holds no claim from now on. The
-        claims folder goes too once nothing is left in it (a finished store's)."""
+        claims folder goes too once nothing is left in it (a finished store's). Also for a
+        heartbeat that never started, or did not finish starting."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         self.path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # not empty: another job's, or claims still held
             self.path.parent.rmdir()

@@ -166,8 +166,6 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     group's lead rank writing them; then agree what the run did (``run_end.finish``)."""
     world, slices, s = ranks.world, ranks.slices, cfg.sampler
     mean, std = scale
-    writer = _started(world, slices.rank == 0, lambda: make_writer(cfg.output.background),
-                      lambda made: made.close())
     grid = sampler_grid(s, model)
     options = sampler_options(s, tol=tol.tol, data_bound=model_data_bound(model, cfg.model))
     tally = Tally(time.perf_counter(),
@@ -181,10 +179,11 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     folder = claims_dir(spec.path)
     job = on_rank0(world, new_job_id, folder)
     last = {(item, batch[0]): max(left) for item, batch, left in mine if left}
-    beat = None
+    writer = beat = None
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
-        beat = _started(world, world.rank == 0, lambda: Heartbeat(folder, job).start(),
-                        Heartbeat.stop)
+        writer = _started(world, slices.rank == 0, lambda: make_writer(cfg.output.background),
+                          lambda made: made.close())
+        beat = _started(world, world.rank == 0, lambda: Heartbeat(folder, job), Heartbeat.stop)
         for item, members in raised_by_group(ranks, claimed_calls(
                 mine, cfg.ensemble.batch_size, slices, halt, tally, bar, items, spec.path, job),
                 halt):
@@ -233,14 +232,20 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
             beat.stop()
 
 
-def _started(world, here: bool, start, stop):
-    """``start()`` (a writer, a heartbeat: work on a thread of its own) on the ranks where
-    ``here``, None elsewhere; its failure to start (no room for a thread's stack) raised on
-    every rank of ``world`` together (``on_every_rank``: one line, not one rank's abort),
-    each rank first undoing with ``stop`` what it started."""
+def _started(world, here: bool, make, stop):
+    """``make()`` (a writer, a heartbeat: work on a thread of its own), started, on the
+    ranks where ``here``, None elsewhere; its failure to start (no room for a thread's stack)
+    raised on every rank of ``world`` together (``on_every_rank``: one line, not one rank's
+    abort), each rank first undoing with ``stop`` what it made (started or not: a Ctrl-C may
+    come at any moment)."""
     made = []
+
+    def begin():
+        made.append(make())
+        made[0].start()
+
     try:
-        on_every_rank(world, lambda: made.append(start()) if here else None)
+        on_every_rank(world, begin if here else lambda: None)
     except BaseException:
         for thing in made:
             with contextlib.suppress(Exception):

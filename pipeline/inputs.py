@@ -20,6 +20,7 @@ from pipeline.choices import FIELD_DIMS, GEOGRAPHIC, LONGITUDES
 from pipeline.errors import InputError, from_here, is_system_error
 from pipeline.labels import label_text, label_value
 from pipeline.unreadable import in_groups, undecodable_times
+from pipeline.warned import catching
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -371,7 +372,7 @@ def _measured_statistics(var: xr.DataArray, path: str) -> tuple[float, float, tu
     try:
         # an Inf or a value near float64's range overflows the moments on the way to the
         # refusal below, and dask's threads would print numpy's warnings before its one line
-        with warnings.catch_warnings():
+        with catching(long=True):
             warnings.simplefilter("ignore", RuntimeWarning)
             ok, spreads, *moments = dask.compute(
                 finite, var.data.astype("float64").var(axis=axes), *_item_moments(var))

@@ -47,16 +47,17 @@ _VECTOR_DRAWS = 32
 _LOCAL = threading.local()  # each thread's own Philox, re-keyed for every draw
 
 
-@functools.cache
 def _workers() -> int:
-    """Threads that fill large draws: this rank's share of the cores (``place_rank``)."""
+    """Threads that fill large draws: this rank's share of the cores (``place_rank``), read
+    at each draw: a later run in the same process may set ``parallel.threads`` otherwise."""
     return max(1, torch.get_num_threads())
 
 
 @functools.cache
-def _pool() -> ThreadPoolExecutor:
-    """One pool per process, ``_workers`` wide."""
-    return ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="piadm-noise")
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The process's pool ``workers`` wide: one per width asked (its threads are made as
+    draws need them), none shut down under a run of another width in another thread."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="piadm-noise")
 
 
 Index = int | tuple[int, ...]  # a draw's place in its stream: a step, or (block, step)
@@ -177,7 +178,7 @@ class Noise:
         workers = _workers()
         if workers > 1 and len(pairs) > 1 and out.size >= _THREADED_SIZE:
             # a share a thread: a task per draw costs more than a small draw
-            list(_pool().map(fill, [range(w, len(pairs), workers) for w in range(workers)]))
+            list(_pool(workers).map(fill, [range(w, len(pairs), workers) for w in range(workers)]))
         else:
             fill(range(len(pairs)))
         return torch.from_numpy(out).to(device=self.device, dtype=self.dtype)

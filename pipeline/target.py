@@ -56,8 +56,9 @@ def _replacing(path: str | Path, *locks: str):
     replacer job of the store at ``path``, beating while it holds them (a live holder: waiting
     jobs never take its locks); yields the job id."""
     folder, job = claims_dir(path), f"{REPLACER}{new_job_id(unique=True)}"
-    beat = Heartbeat(folder, job).start()
+    beat = Heartbeat(folder, job)
     try:
+        beat.start()
         with ExitStack() as held:
             for lock in locks:
                 held.enter_context(holding(folder, lock, job))
@@ -291,7 +292,8 @@ def open_or_create(spec: StoreSpec, *, overwrite: bool,
         return "resumed"
     if fate == "grow":
         return _grow(spec, growth, overwrite, stale)
-    return _replace(spec) if fate == "replace" else _create(spec, overwrite, differs)
+    return (_replace(spec) if fate == "replace"
+            else _create(spec, overwrite, differs, growth, stale))
 
 
 def _grow(spec: StoreSpec, growth: Callable[[], Growth | None], overwrite: bool,
@@ -325,22 +327,26 @@ def _grow(spec: StoreSpec, growth: Callable[[], Growth | None], overwrite: bool,
     return open_or_create(spec, overwrite=overwrite, growth=growth, stale=stale)
 
 
-def _create(spec: StoreSpec, overwrite: bool, differs=()) -> str:
+def _create(spec: StoreSpec, overwrite: bool, differs=(),
+            growth: Callable[[], Growth | None] = lambda: None,
+            stale: Callable[[], str] = lambda: "") -> str:
     """Create the store; when another run created it first, use theirs if it is this
-    configuration's (``check_target`` refuses any other, naming how it ``differs``)."""
+    configuration's, growing it where it holds fewer members than this run asks
+    (``check_target`` refuses any other, naming how it ``differs``, or that it holds more)."""
     if create(spec):
         return "created"
-    try:
-        check_target(spec.path, spec.digest, overwrite=False,  # never "resume" another config's
-                     model=spec.attrs.get("model_sha256"), differs=differs)
-    except StoreExists:
-        if not overwrite:
-            raise
+    grown = growth()
+    fate, _ = _fate(spec.path, spec.digest, False, spec.attrs.get("model_sha256"), None, grown)
+    if fate == "grow":
+        return _grow(spec, growth, overwrite, stale)
+    if overwrite and fate in ("other", "weights", "fewer"):
         # the other run is filling it now: replacing it would lose its members
-        raise StoreExists(f"output {spec.path} was made just now by another job of another "
-                          "configuration (or other model files), which is filling it: "
-                          "output.overwrite replaces a store only when no job writes to it: "
-                          "wait for that job to end (or stop it), then rerun") from None
+        raise StoreExists(f"output {spec.path} was made just now by another job (another "
+                          "configuration, other model files, or more members), which is filling "
+                          "it: output.overwrite replaces a store only when no job writes to it: "
+                          "wait for that job to end (or stop it), then rerun")
+    check_target(spec.path, spec.digest, overwrite=False,  # never "resume" another config's
+                 model=spec.attrs.get("model_sha256"), differs=differs, grown=grown)
     return "resumed"
 
 
@@ -404,7 +410,7 @@ def _replace(spec: StoreSpec, stale: Callable[[], str] = lambda: "",
             return "resumed"
         if fate == "replace":
             return _moved_aside(spec, job, why)
-        if fate != "grow":
+        if fate != "grow":  # (not grown under this lock: _grow takes it)
             return _create(spec, overwrite=True)
     # this configuration's at fewer members, made anew meanwhile: grown, under its own lock
     return _grow(spec, growth, True, stale)

@@ -21,6 +21,10 @@ class InlineWriter:
     def __init__(self):
         self.busy = self.waited = 0.0
 
+    def start(self) -> "InlineWriter":
+        """Nothing to start: returns itself, as ``BackgroundWriter.start``."""
+        return self
+
     def submit(self, fn, *args, **kwargs) -> None:
         """Run ``fn(*args, **kwargs)`` now; its time counts as busy and as waited."""
         start = time.perf_counter()
@@ -45,11 +49,19 @@ class BackgroundWriter:
         self._error: BaseException | None = None
         self.busy = self.waited = 0.0
         self._thread = threading.Thread(target=self._run, name="piadm-writer", daemon=True)
+
+    def start(self) -> "BackgroundWriter":
+        """Start the worker thread; returns itself. A Ctrl-C while it starts leaves no thread
+        behind to wait for jobs forever (a notebook's process outlives the run)."""
         try:
             self._thread.start()
         except RuntimeError as err:  # "can't start new thread": no room for its stack
             raise thread_failed("the background writer's thread", err, "raise it or set "
                                 "output.background = false") from None
+        except BaseException:
+            self._jobs.put(None)
+            raise
+        return self
 
     def _run(self) -> None:
         while True:
@@ -80,7 +92,7 @@ class BackgroundWriter:
         """Wait for every submitted job; raise the first error."""
         start = time.perf_counter()
         self._jobs.put(None)
-        self._thread.join()
+        _join(self._thread)
         self.waited += time.perf_counter() - start
         self._raise()
 
@@ -94,9 +106,15 @@ class BackgroundWriter:
                 self._jobs.get_nowait()
         self._jobs.put(None)
         if wait:
-            self._thread.join()
+            _join(self._thread)
+
+
+def _join(thread: threading.Thread) -> None:
+    """Wait for ``thread`` where it runs (not one that never started)."""
+    if thread.is_alive():
+        thread.join()
 
 
 def make_writer(background: bool):
-    """The writer for ``output.background``."""
+    """The writer for ``output.background``, not yet started (``start``)."""
     return BackgroundWriter() if background else InlineWriter()

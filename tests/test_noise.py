@@ -246,3 +246,20 @@ def test_device_draws_are_standard_normal_keyed_and_not_the_host_draws(dtype):
 def test_an_unknown_noise_source_is_refused():
     with pytest.raises(ValueError, match="noise source 'gpu'"):
         Noise(0, KEYS, SHAPE, source="gpu")
+
+
+def test_large_draws_share_out_over_each_runs_own_thread_count(monkeypatch):
+    """A process may run one run after another with other parallel.threads (the API in a
+    notebook): each run's draws use its own width, not the first run's."""
+    from pipeline import noise as noise_module
+
+    widths, pool = [], noise_module._pool
+    monkeypatch.setattr(noise_module, "_pool", lambda w: widths.append(w) or pool(w))
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 3, 2):
+            torch.set_num_threads(threads)
+            Noise(5, tuple((0, m) for m in range(8)), (64, 64)).path(0, 9)
+    finally:
+        torch.set_num_threads(before)
+    assert widths == [2, 3, 2]

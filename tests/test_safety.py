@@ -319,13 +319,48 @@ def test_a_run_that_loses_the_race_to_create_its_store_resumes_only_its_own(
     monkeypatch.setattr(store.os, "rename", late)
     if outcome == "refused":
         # never replaces the winner, and does not ask for the output.overwrite it has set
-        with pytest.raises(StoreExists, match="made just now by another job of another "
+        with pytest.raises(StoreExists, match=r"made just now by another job \(another "
                                               "configuration") as err:
             open_or_create(_spec(path, "a" * 64), overwrite=True)
         assert "set output.overwrite" not in str(err.value)
     else:
         assert open_or_create(_spec(path, "a" * 64), overwrite=False) == "resumed"
     assert stored_digest(path) == racer and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("first, then", [(2, 4), (4, 2)])
+def test_a_run_that_loses_the_race_to_its_own_config_at_other_members_grows_it_or_says_why(
+        tmp_path, monkeypatch, first, then):
+    """Two runs differing in ensemble.members alone, started together on a new store: the
+    one asking more was refused as "a different configuration" instead of growing the
+    winner's store, the one asking fewer was not told that piadm never cuts a store."""
+    import os
+
+    from pipeline import store
+    from pipeline.config import load_config
+    from pipeline.store import StoreExists
+
+    out, rename = tmp_path / "m.zarr", os.rename
+
+    def cfg(members):
+        return load_config("jobs/configs/grf.toml", ["model.shape=[8, 8]", "sampler.steps=10",
+                                                     "sampler.tol=0.1", f"output.path={out}",
+                                                     f"ensemble.members={members}"])
+
+    def late(src, dst):  # the other run makes and fills the store before our rename
+        monkeypatch.setattr(store.os, "rename", rename)
+        sample(cfg(first))
+        rename(src, dst)
+
+    monkeypatch.setattr(store.os, "rename", late)
+    if then < first:
+        with pytest.raises(StoreExists, match=f"holds {first} members of this configuration "
+                                              "and this run asks ensemble.members = 2: piadm "
+                                              "grows a store but never cuts one"):
+            sample(cfg(then))
+    else:
+        summary = sample(cfg(then))
+        assert summary.members == then - first and summary.held == (then, then)
 
 
 def test_a_store_its_folder_refuses_is_an_error_not_a_resumed_store(tmp_path, monkeypatch):
@@ -462,7 +497,7 @@ def test_a_store_a_live_job_fills_is_not_replaced_and_a_replaced_store_is_not_wr
     write_batch(path, **batch, digest="a" * 64)
     assert zarr.open_group(path, mode="r")["done"][:].all()
     # a write's own error (a full disk) comes back as it was raised: a one-line OSError
-    writer = BackgroundWriter()
+    writer = BackgroundWriter().start()
     writer.submit(lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(OSError, match="No space left"):
         writer.close()

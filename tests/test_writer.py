@@ -15,7 +15,7 @@ def test_a_writer_thread_that_cannot_start_is_a_one_line_error(monkeypatch):
 
     monkeypatch.setattr(threading.Thread, "start", no_room)
     with pytest.raises(OutOfMemory, match=r"raise it or set output.background = false"):
-        BackgroundWriter()
+        BackgroundWriter().start()
 
 
 def test_any_other_thread_that_cannot_start_is_one_line_naming_the_limit():
@@ -100,3 +100,41 @@ def test_a_ctrl_c_through_the_api_writes_nothing_after_the_call_has_raised(tmp_p
     done = int(zarr.open_group(out, mode="r")["done"][:].sum())
     time.sleep(0.7)
     assert int(zarr.open_group(out, mode="r")["done"][:].sum()) == done
+
+
+@pytest.mark.parametrize("name", ["piadm-writer", "piadm-heartbeat"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_ctrl_c_as_a_thread_starts_leaves_no_thread_and_no_beat(tmp_path, monkeypatch, name,
+                                                                   overwrite):
+    """A Ctrl-C that lands while ``Thread.start`` waits for the new thread (a timer or a
+    notebook's interrupt): the thread ran on for the rest of the process, a heartbeat kept
+    its store "being filled by a live job", and every later run on it was refused. Run
+    anew, and with output.overwrite over another configuration's store (a replacement's own
+    heartbeat, taken first)."""
+    import threading
+
+    from pipeline import api
+    from pipeline.config import load_config
+
+    start = threading.Thread.start
+
+    def interrupted(thread):
+        start(thread)
+        if thread.name == name:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "c.zarr"
+    sets = ["model.shape=[8, 8]", "sampler.steps=10", "ensemble.members=2", "sampler.tol=0.1",
+            f"output.path={out}"]
+    if overwrite:
+        api.sample(load_config("jobs/configs/grf.toml", [*sets, "sampler.seed=7"]))
+        sets.append("output.overwrite=true")
+    cfg = load_config("jobs/configs/grf.toml", sets)
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        api.sample(cfg)
+    monkeypatch.undo()
+    assert not [t for t in threading.enumerate() if t.name == name and t.is_alive()]
+    assert not list(tmp_path.glob("c.zarr.claims/job-*"))
+    summary = api.sample(cfg)  # and the store is the next run's at once
+    assert summary.members + summary.skipped == 2 and summary.held == (2, 2)
