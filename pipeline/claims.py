@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -27,12 +28,31 @@ HEARTBEAT_S = 10.0
 STALE_S = 60.0
 LOCK_POLL_S = 0.05  # a lock is held for one metadata update: look again soon
 WRITE_S = 10.0  # a claim file is written, and a takeover done, within milliseconds
+LOCKS = ("replace", "finalize")  # the locks held in a claims folder besides batch claims
+# What piadm makes in a claims folder: heartbeats (and their drafts), and locks and batch
+# claims (ITEM-START), each with its takeover lock and a taker's draft (KEY.JOB.tmp)
+_KEY = rf"(?:\d+-\d+|{'|'.join(LOCKS)})"
+_OURS = re.compile(rf"job-.+\.alive(?:\.\d+\.tmp)?|{_KEY}\.(?:json|takeover)|{_KEY}\..+\.tmp")
 
 
 def claims_dir(store: str | Path) -> Path:
     """The folder of claims on ``store``'s batches (beside it, never inside; the same for
     every name of the store: a link, a trailing slash)."""
     return Path(f"{os.path.realpath(store)}.claims")
+
+
+def ours(name: str) -> bool:
+    """Whether a file of this name in a claims folder is one piadm makes there."""
+    return _OURS.fullmatch(name) is not None
+
+
+def strange_entries(folder: Path) -> list[str]:
+    """The entries of the claims folder ``folder`` that piadm does not make (a folder of the
+    user's that happens to bear the name), sorted; [] where it is absent."""
+    try:
+        return sorted(e.name for e in os.scandir(folder) if not (e.is_file() and ours(e.name)))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _in_folder(folder: Path, act):
@@ -280,6 +300,8 @@ def clear_left_by_dead(folder: Path) -> int:
     the last live job's heartbeat only once nothing else is left in it. The files removed."""
     removed = 0
     for path in folder.iterdir() if folder.is_dir() else ():
+        if not ours(path.name):  # never another's file (checked before the run, too)
+            continue
         if path.name.startswith("job-") and path.name.endswith(".alive"):
             dead = not _alive(folder, {"job": path.name[4:-len(".alive")]})
         elif path.suffix in (".tmp", ".takeover"):

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 
 import pipeline
 from pipeline.claims import (Heartbeat, claims_dir, clear_batch_claims, holding, live_jobs,
-                             new_job_id)
+                             new_job_id, strange_entries)
 from pipeline.errors import ConfigError
 from pipeline.settings import Config
 from pipeline.store import (ASKED, StoreExists, StoreSpec, consolidate, create, enclosing_store,
@@ -206,6 +206,22 @@ def stored_config(path: str | Path) -> str:
     return str((read_attrs(path) or {}).get("config", ""))
 
 
+def check_claims_folder(path: str | Path) -> None:
+    """Refuse a store whose claims folder (``STORE.claims``, beside it) is something piadm
+    did not make: a file, or a folder holding others' files (another store named so, a
+    user's folder), which piadm would write into and clean up after its runs."""
+    folder = claims_dir(path)
+    fix = "move it away (piadm keeps this store's claims there), or choose another output.path"
+    if folder.exists() and not folder.is_dir():
+        raise StoreExists(f"output {path}: {folder} is a file, not piadm's folder of claims on "
+                          f"the store's batches: {fix}")
+    strange = strange_entries(folder)
+    if strange:
+        more = f" and {len(strange) - 3} more" if len(strange) > 3 else ""
+        raise StoreExists(f"output {path}: {folder} holds {', '.join(strange[:3])}{more}, "
+                          f"which piadm did not make there: {fix}")
+
+
 def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str | None = None,
                  differs=(), legacy: str | None = None, grown: Growth | None = None) -> str:
     """Refuse, before any costly start-up work, an output that ``open_or_create`` would refuse;
@@ -220,6 +236,7 @@ def check_target(path: str | Path, digest: str, *, overwrite: bool, model: str |
     replacement through a symbolic link. ``model``: the run's model digest (None: not
     compared); ``differs``: a callable giving the settings in which another configuration's
     store differs, for the message."""
+    check_claims_folder(path)
     fate, found = _fate(path, digest, overwrite, model, legacy, grown)
     if fate == "fewer":
         made, asked = grown.made, grown.asked

@@ -426,3 +426,17 @@ def test_a_batchs_claim_is_given_back_once_it_is_written(tmp_path, background):
     held = [int(p.stem.split("-")[1]) for p in claims_dir(store).glob("*-*.json")]
     # at most the batch claimed for the call the stop came before, not written
     assert len(held) <= 1 and not any(done[m] for m in held)
+
+
+def test_clearing_what_dead_jobs_left_removes_only_what_piadm_makes(tmp_path):
+    """A *.json without a live "job" read as a dead job's lock: a store's zarr.json went."""
+    from pipeline.claims import clear_left_by_dead, ours
+
+    (tmp_path / "zarr.json").write_text('{"zarr_format": 3}')
+    (tmp_path / "finalize.json").write_text('{"job": "gone"}')  # a dead job's lock
+    (tmp_path / "notes.tmp").write_text("")
+    os.utime(tmp_path / "notes.tmp", (0, 0))  # old, as a dead job's draft would be
+    assert clear_left_by_dead(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp", "zarr.json"]
+    assert [ours(n) for n in ("job-slurm-9.0.alive", "3-0.json", "replace.takeover",
+                              "3-0.slurm-9.0.tmp", "job-a.alive.12.tmp")] == [True] * 5

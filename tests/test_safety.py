@@ -363,6 +363,40 @@ def test_a_run_that_loses_the_race_to_its_own_config_at_other_members_grows_it_o
         assert summary.members == then - first and summary.held == (then, then)
 
 
+@pytest.mark.parametrize("there", ["a store", "a folder of files", "a file"])
+def test_a_claims_folders_name_taken_by_what_piadm_did_not_make_is_refused_and_kept(
+        tmp_path, there):
+    """piadm keeps a store's claims in STORE.claims beside it, and cleaned up after its runs
+    every *.json there whose "job" was not alive: a store named so lost its zarr.json, a
+    user's folder its files; a file there failed the run after its store was made."""
+    from pipeline.config import load_config
+    from pipeline.store import StoreExists
+
+    out, taken = tmp_path / "a.zarr", tmp_path / "a.zarr.claims"
+
+    def cfg(path):
+        return load_config("jobs/configs/grf.toml", ["model.shape=[8, 8]", "sampler.steps=10",
+                                                     "sampler.tol=0.1", "ensemble.members=2",
+                                                     f"output.path={path}"])
+
+    if there == "a store":
+        sample(cfg(taken))
+    elif there == "a folder of files":
+        taken.mkdir()
+        (taken / "settings.json").write_text("{}")
+        (taken / "run-1.json").write_text('{"step": 1}')
+    else:
+        taken.write_text("notes")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(StoreExists, match=r"a.zarr.claims (is a file, not piadm's folder|holds "
+                                          r"(run-1.json, settings.json|done, field, item and \d+ more), "
+                                          "which piadm did not make there)"):
+        sample(cfg(out))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    if there == "a store":
+        assert xr.open_zarr(taken)["field"].shape[:2] == (1, 2)
+
+
 def test_a_store_its_folder_refuses_is_an_error_not_a_resumed_store(tmp_path, monkeypatch):
     from pipeline import store
     from pipeline.target import open_or_create
