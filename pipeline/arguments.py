@@ -304,6 +304,7 @@ class _Parser(argparse.ArgumentParser):
             hint = (f" (a flag of piadm {known.command}: put it after the command)"
                     if first in flags else did_you_mean(first, flags) if first else "")
             command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        _check_tildes(self.commands.get(getattr(known, "command", None), self), known)
         return known
 
     def _print_message(self, message: str, file=None) -> None:
@@ -317,6 +318,25 @@ class _Parser(argparse.ArgumentParser):
         if choice and self.commands:  # a misspelt command
             message += did_you_mean(choice.group(1), self.commands)
         super().error(message)
+
+
+# The arguments that name files: a shell expands "~" only at a word's start, so
+# --out=~/ev reached piadm as written; xarray expands it and the rest of piadm does not, and
+# an evaluation was left half in "./~/ev", half in $HOME/ev
+_PATHS = {"config": "the config", "store": "the store", "out": "--out", "json": "--json",
+          "png": "--png", "compare": "--compare", "truth": "--truth"}
+
+
+def _check_tildes(command: argparse.ArgumentParser, known: argparse.Namespace) -> None:
+    """A usage error for a path argument that starts with an unexpanded ``~``."""
+    for name, flag in _PATHS.items():
+        values = getattr(known, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and (value == "~" or value.startswith(("~/", "~\\"))):
+                command.error(f"{flag} {value!r} starts with '~', which piadm does not expand "
+                              "(the shell expands it only at a word's start and unquoted: not "
+                              f"in --out=~/ev or '~/ev'): write the path out, e.g. "
+                              f"{os.path.expanduser('~')}{value[1:]}")
 
 
 class _Version(argparse.Action):

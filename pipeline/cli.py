@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 
@@ -312,10 +313,11 @@ def _cmd_train(args, world) -> int:
         result = train(t, comm=world, device=device, config_text=cfg.text, stop=stop)
     finally:
         stop.uninstall()
+    use = shlex.quote(f'model.checkpoint="{t.checkpoint}"')  # to paste: a path may hold spaces
     print0(world, f"done: step {result.step}, last batch's loss {result.train_loss:.4f}, "
                   f"validation loss {loss_text(result.val_loss)}, {clock(result.seconds)}; "
                   f"checkpoint {t.checkpoint}; ended {stamp()}; to sample with it: piadm "
-                  f"sample {args.config} --set 'model.checkpoint=\"{t.checkpoint}\"' and an "
+                  f"sample {shlex.quote(args.config)} --set {use} and an "
                   "output.path of its own")
     return 0
 

@@ -107,7 +107,24 @@ def output_folder(store, out) -> Path:
         raise EvaluationError(f"--out {folder} is inside the Zarr store {inside}: give a "
                               "folder outside it (default: the store's name + _eval)")
     _check_ours(folder)
+    if not out:
+        _check_same_store(folder, named)
     return folder
+
+
+def _check_same_store(folder: Path, store: str) -> None:
+    """Refuse the default folder where it holds the evaluation of another store that still
+    stands: ``a.zarr`` and ``a`` both evaluate into ``a_eval``, and the second replaced the
+    first's results. (A store moved with its folder is evaluated there again.)"""
+    try:
+        earlier = json.loads((folder / "metrics.json").read_text()).get("store_path")
+    except (OSError, ValueError, AttributeError):
+        return
+    if (isinstance(earlier, str) and os.path.exists(earlier)
+            and os.path.realpath(earlier) != os.path.realpath(store)):
+        raise EvaluationError(f"{folder} (the default --out: the store's name + _eval) holds "
+                              f"the evaluation of another store, {earlier}: give --out a "
+                              "folder of this store's own")
 
 
 DRAFT_AGE_S = 600  # a draft older than this whose process is gone here was left by a kill

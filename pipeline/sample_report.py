@@ -5,6 +5,8 @@ same members.
 """
 from __future__ import annotations
 
+import shlex
+
 from typing import TYPE_CHECKING
 
 from pipeline.progress import clock, stamp
@@ -48,10 +50,11 @@ def closing(cfg: Config, summary: Summary, *, start_up: float) -> str:
     """The run's summary: members written, rounds, calls (against the sequential sampler's),
     wall time after ``start_up`` seconds, and how to open the store."""
     share = summary.write_wait_s / summary.seconds if summary.seconds else 0.0
+    store = shlex.quote(str(summary.path))  # to paste: a path may hold spaces
     where = "" if summary.preempted else (
         f"\n  open with        xarray.open_zarr({summary.path!r})\n"
-        f"  then             piadm status {summary.path} (--verify reads every member back); "
-        f"piadm evaluate {summary.path} --truth TRUTH_STORE scores it")
+        f"  then             piadm status {store} (--verify reads every member back); "
+        f"piadm evaluate {store} --truth TRUTH_STORE scores it")
     held = (f"; the store holds {summary.held[0]} of {summary.held[1]}" if summary.held
             else "")  # other jobs sharing it may have written the rest
     calls = f"{summary.model_calls:.1f}".removesuffix(".0")  # a mean: 98.5 is not 98

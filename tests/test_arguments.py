@@ -369,6 +369,10 @@ def test_the_sample_summary_says_the_pace_when_it_ended_and_what_to_run_next(mem
     assert re.search(r"\n  ended            \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\n", text)
     assert text.endswith("piadm status out/s.zarr (--verify reads every member back); piadm "
                          "evaluate out/s.zarr --truth TRUTH_STORE scores it")
+    # a path to paste into a shell: quoted where it holds a space
+    text = closing(cfg, Summary("my runs/s.zarr", members, 0, 1, 1, 1.0, seconds, 0.1, 0.0,
+                                False), start_up=2.0)
+    assert "piadm status 'my runs/s.zarr' (--verify" in text
 
 
 @pytest.mark.parametrize("variable", ["PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"])
@@ -385,3 +389,28 @@ def test_a_mistyped_command_line_is_said_by_the_launchers_rank_0_alone(variable,
     with pytest.raises(SystemExit):
         main(args)
     assert "unrecognized arguments: --sett x=1 (did you mean '--set'?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "s.zarr", "--truth", "t.zarr", "--out=~/ev"],
+    ["evaluate", "s.zarr", "--truth=~/t.zarr"],
+    ["bench", "jobs/configs/grf.toml", "--json=~/b.json"],
+    ["bench", "jobs/configs/grf.toml", "--png=~/b.png"],
+    ["bench", "jobs/configs/grf.toml", "--compare", "a.json", "~/b.json"],
+    ["plan", "jobs/configs/grf.toml", "--ranks", "2", "--json=~"],
+    ["status", "~/s.zarr"],
+    ["sample", "~/c.toml"],
+])
+def test_a_path_argument_starting_with_a_tilde_is_a_usage_error(tmp_path, monkeypatch, capsys,
+                                                                  argv):
+    """The shell leaves "~" as written after "=" or in quotes: evaluate --out=~/ev wrote its
+    figures to ./~/ev and its NetCDF (expanded by xarray) to $HOME/ev, then failed."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "starts with '~', which piadm does not expand" in err
+    assert f"e.g. {tmp_path / 'home'}/" in err or err.rstrip().endswith(str(tmp_path / "home"))
+    assert list(tmp_path.iterdir()) == []

@@ -1017,3 +1017,29 @@ def test_an_items_ties_are_split_alike_in_blocks_and_whole(monkeypatch):
     np.testing.assert_allclose(blocked, whole, rtol=1e-14)
     np.testing.assert_array_equal(ranks_blocked, ranks_whole)
     assert ranks_whole.sum() == t.size and (e == t).any()
+
+
+def test_two_stores_of_one_default_folder_do_not_replace_each_others_scores(paired, tmp_path):
+    """pre/a.zarr and pre/a both evaluate into pre/a_eval: the second replaced the first's
+    results without a word."""
+    import shutil
+
+    from pipeline.errors import EvaluationError
+    from pipeline.scoring import evaluate
+
+    tmp, ens = paired
+    for name in ("a.zarr", "a"):
+        shutil.copytree(ens, tmp_path / name)
+    truth = tmp / "truth.zarr"
+    evaluate(tmp_path / "a.zarr", truth, figures=False)
+    first = (tmp_path / "a_eval" / "metrics.json").read_text()
+    with pytest.raises(EvaluationError, match=r"a_eval \(the default --out: the store's name \+ "
+                                              r"_eval\) holds the evaluation of another store, "
+                                              r".*a\.zarr: give --out"):
+        evaluate(tmp_path / "a", truth, figures=False)
+    assert (tmp_path / "a_eval" / "metrics.json").read_text() == first
+    evaluate(tmp_path / "a.zarr", truth, figures=False)  # its own again, as before
+    evaluate(tmp_path / "a", truth, out=tmp_path / "b_eval", figures=False)
+    shutil.rmtree(tmp_path / "a.zarr")  # gone (or moved with its folder): the folder is free
+    evaluate(tmp_path / "a", truth, figures=False)
+    assert _metrics(tmp_path / "a_eval")["store_path"] == str(tmp_path / "a")
