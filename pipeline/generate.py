@@ -27,7 +27,7 @@ import zarr
 import pipeline
 from pipeline.config import config_from_dict
 from pipeline.console import on_terminal
-from pipeline.errors import Interrupted, naming
+from pipeline.errors import Interrupted, PiadmError, WriteFailed, naming
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
                                  resolved_wavenumber)
 from pipeline.processes import Held, hold_lock, left_by_dead, own_name
@@ -255,28 +255,38 @@ def _generate(d: DataConfig, path: Path, config_text: str, device, progress) -> 
             shutil.rmtree(target, ignore_errors=True)
         if made is not None:  # stopped while making it, before it was renamed into place
             shutil.rmtree(made, ignore_errors=True)
+        left = _left(path, replacing, target, written, d.snapshots)
+        if isinstance(err, OSError) and not isinstance(err, PiadmError):
+            # a full disk, a lost mount: what data.path holds now, as for a Ctrl-C
+            cause = f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+            raise WriteFailed(f"generate-data: writing failed: {cause}; fix the cause (free "
+                              f"space, the mount): {left}", errno=err.errno) from None
         if not isinstance(err, KeyboardInterrupt):
             raise
         # Ctrl-C, or a stop signal (pipeline.signals)
-        if replacing:
-            raise Interrupted(f"data.path {path} was not replaced ({written} of its "
-                              f"{d.snapshots} new snapshots made, now deleted) and still holds "
-                              "the dataset it held before: rerun with data.overwrite = true "
-                              "to replace it", signal_of(err)) from None
-        if not target.exists():  # stopped in the spin-up, before the store was made
-            raise Interrupted(f"generate-data stopped during the spin-up: nothing was written "
-                              f"to data.path {path}; rerun the same command to start again",
-                              signal_of(err)) from None
-        raise Interrupted(f"data.path {path} holds {written} of its {d.snapshots} snapshots, "
-                          "the rest NaN; generate-data does not resume: rerun it with "
-                          "data.overwrite = true to make the dataset anew",
-                          signal_of(err)) from None
+        spinup = not replacing and not target.exists()  # before the store was made
+        raise Interrupted(("generate-data stopped during the spin-up: " if spinup else "")
+                          + left, signal_of(err)) from None
     if replacing:  # the old one moved aside, the new one into place, then the old deleted
         aside = _beside(path, ASIDE)
         os.rename(path, aside)
         os.rename(target, path)
         shutil.rmtree(aside, ignore_errors=True)
     return str(path)
+
+
+def _left(path: Path, replacing: bool, target: Path, written: int, snapshots: int) -> str:
+    """What data.path holds after a stop or a failure part way, and the command that goes
+    on."""
+    if replacing:
+        return (f"data.path {path} was not replaced ({written} of its {snapshots} new "
+                "snapshots made, now deleted) and still holds the dataset it held before: "
+                "rerun with data.overwrite = true to replace it")
+    if not target.exists():
+        return f"nothing was written to data.path {path}; rerun the same command to start again"
+    return (f"data.path {path} holds {written} of its {snapshots} snapshots, the rest NaN; "
+            "generate-data does not resume: rerun it with data.overwrite = true to make the "
+            "dataset anew")
 
 
 def _spinup_line(t: float, spinup: float, elapsed: float) -> str:

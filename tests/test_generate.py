@@ -266,6 +266,44 @@ def test_an_overwrite_that_fails_keeps_the_dataset_it_was_to_replace(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == [".k.zarr.lock", "k.zarr"]  # its lock
 
 
+@pytest.mark.parametrize("replacing", [False, True])
+def test_a_full_disk_part_way_says_what_data_path_holds_and_the_command_that_goes_on(
+        tmp_path, capsys, monkeypatch, replacing):
+    """A new dataset was left at data.path, every value NaN past the chunks written, under
+    "cannot use PATH: No space left on device: check that the path exists"."""
+    import errno
+
+    path = tmp_path / "k.zarr"
+    if replacing:
+        assert _run(path, *SHORT) == 0
+    before = _contents(path) if replacing else None
+    real, writes = xr.Dataset.to_zarr, []
+
+    def full(self, *args, **kwargs):
+        if kwargs.get("region") is not None:
+            writes.append(1)
+            if len(writes) > 1:  # the first chunk fits
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", full)
+    capsys.readouterr()
+    extra = ("data.overwrite=true",) if replacing else ()
+    assert _run(path, *extra, "data.chunk=2", "data.snapshots=6") == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"piadm: error: generate-data: writing failed: No space left on "
+                           f"device ({path}); fix the cause (free space, the mount): ")
+    if replacing:
+        assert line.endswith(f"data.path {path} was not replaced (2 of its 6 new snapshots "
+                             "made, now deleted) and still holds the dataset it held before: "
+                             "rerun with data.overwrite = true to replace it")
+        assert _contents(path) == before
+    else:
+        assert line.endswith(f"data.path {path} holds 2 of its 6 snapshots, the rest NaN; "
+                             "generate-data does not resume: rerun it with data.overwrite = "
+                             "true to make the dataset anew")
+
+
 def test_leftovers_of_a_killed_overwrite_on_this_host_are_deleted(tmp_path):
     """A generate-data killed while replacing leaves its draft (or the dataset it moved aside)
     beside data.path: the next run on the host deletes those whose process is gone, and keeps
