@@ -100,9 +100,10 @@ def check_output_file(flag: str, path: str | None, name: str = "bench.json",
                           f"e.g. {name}, and read it from there", collective=True)
     p = Path(path)
     check_not_read(flag, path, name, read or {})
-    store = p if (p / "zarr.json").is_file() or (p / ".zgroup").is_file() else enclosing_store(p)
+    store = enclosing_store(p / "file")  # ``p`` itself, or a store it lies inside
     if store is not None:  # written there, it would replace or join the store's own files
-        where = "is a Zarr store" if store == p else f"is inside the Zarr store {store}"
+        where = ("is a Zarr store" if store == Path(os.path.abspath(p))
+                 else f"is inside the Zarr store {store}")
         raise ConfigError(f"{flag} {path} {where}: give a path outside it, e.g. "
                           f"{Path(os.path.abspath(store)).parent / name}", collective=True)
     if p.is_dir():

@@ -185,10 +185,13 @@ def _now() -> str:
 
 def enclosing_store(path: str | Path) -> Path | None:
     """The Zarr store that ``path`` would lie inside, or None: a file or store written there
-    would be taken for part of that store, and lost when it is replaced."""
+    would be taken for part of that store, and lost when it is replaced. The outermost: an
+    array's folder holds a zarr.json too, and a path beside it is still inside the store."""
     folder = Path(os.path.abspath(path)).parent  # "a.zarr/../b.json" lies outside a.zarr
-    return next((p for p in (folder, *folder.parents)
-                 if (p / "zarr.json").is_file() or (p / ".zgroup").is_file()), None)
+    nodes = [p for p in (folder, *folder.parents)
+             if (p / "zarr.json").is_file() or (p / ".zgroup").is_file()
+             or (p / ".zarray").is_file()]
+    return nodes[-1] if nodes else None
 
 
 def create(spec: StoreSpec) -> bool:

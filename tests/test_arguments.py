@@ -147,6 +147,14 @@ def test_a_json_or_figure_inside_a_zarr_store_is_refused_and_the_store_kept(
     assert f"{flag} {target} is inside the Zarr store {store}: give a path outside it" in (
         _one_error(capsys))
     assert json.loads((store / "zarr.json").read_text())["node_type"] == "group"
+    # in an array's folder (a zarr.json of its own): the store is the one named, and the
+    # path suggested lies beside it, not in the store's folder
+    (store / "field").mkdir()
+    (store / "field" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "array"}')
+    for target in (store / "field" / "b.png", store / "field"):
+        assert main([*command, flag, str(target)]) == 2
+        assert (f"{flag} {target} is inside the Zarr store {store}: give a path outside it, "
+                f"e.g. {tmp_path}/") in _one_error(capsys)
     if flag == "--json":  # beside the store, by way of "..": written, the store kept
         beside = store / ".." / "beside.json"
         assert main([*command, flag, str(beside)]) == 0 and (tmp_path / "beside.json").is_file()
