@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,7 +110,21 @@ def output_folder(store, out) -> Path:
     _check_ours(folder)
     if not out:
         _check_same_store(folder, named)
+    _check_writable(folder)
     return folder
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse, before the scoring (minutes on a large store), a folder that cannot be written:
+    the nearest existing folder at or above it must take a new entry (tried with an empty
+    folder, removed at once)."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".piadm-check-", dir=existing))
+    except OSError as err:  # /proc: a folder that exists says "no such file" to a new one
+        raise EvaluationError(f"--out {folder} cannot be written ({err.strerror} on making a "
+                              f"folder in {existing}): give --out a folder you can write"
+                              ) from None
 
 
 def _check_same_store(folder: Path, store: str) -> None:

@@ -383,6 +383,9 @@ def test_climatological_spectrum_tells_a_rescaled_truth(tmp_path):
     ("out into a store", "is a Zarr store: give a folder"),
     ("out inside a store", "/ev is inside the Zarr store "),
     ("out onto a file", "is a file: give a folder"),
+    # refused before the scoring, not after it (a store's minutes lost)
+    ("out unwritable", "--out /proc/piadm_eval cannot be written (No such file or directory on "
+                       "making a folder in /proc): give --out a folder you can write"),
     ("truth not finite", "has 2 of the 6 fields scored not finite (e.g. time 2020-01-03, "
                          "2020-01-05), every point NaN or inf: a generate-data run stopped part "
                          "way"),
@@ -437,6 +440,8 @@ def test_bad_evaluate_input_is_a_one_line_error(paired, tmp_path, capsys, case, 
         args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--out", str(ens)]
     if case == "out inside a store":  # among the store's own files
         args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--out", f"{ens}/vort/ev"]
+    if case == "out unwritable":
+        args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--out", "/proc/piadm_eval"]
     if case == "out onto a file":
         (tmp_path / "notes.txt").write_text("mine")
         args[case] = [str(ens), "--truth", str(tmp / "truth.zarr"), "--out",
