@@ -55,10 +55,58 @@ def from_chunk_files(done: zarr.Array) -> np.ndarray | None:
     """The whole ``done`` array (items, members) int8, read from its chunk files directly:
     one per (item, store batch), 100,000 on a store of 100,000 items, which zarr reads at
     130 to 250 us each (13 to 25 s) and this at about 12 us (1.2 s). Only for the layout
-    piadm writes (a local folder, default chunk keys, raw bytes or Zstandard, no sharding);
-    None for any other, or where a chunk file does not decode to its shape: zarr reads it
-    then, and names what is damaged. A chunk without a file holds the fill value, 0: not
-    done (zarr writes no chunk equal to it, so a file's absence says nothing else)."""
+    piadm writes (``_direct``); None for any other, or where a chunk file does not decode to
+    its shape: zarr reads it then, and names what is damaged. A chunk without a file holds
+    the fill value, 0: not done (zarr writes no chunk equal to it, so a file's absence says
+    nothing else)."""
+    direct = _direct(done)
+    if direct is None:
+        return None
+    folder, decode = direct
+    rows, cols = done.chunks
+    flags = np.zeros(done.shape, np.int8)
+    try:
+        for i, j, data in _chunk_files(folder):
+            chunk = np.frombuffer(decode(data), np.int8).reshape(rows, cols)
+            block = flags[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols]
+            block[...] = chunk[:block.shape[0], :block.shape[1]]
+    except (ValueError, RuntimeError, NotADirectoryError, IsADirectoryError):
+        return None  # a chunk that does not decode, a folder where a chunk's file goes
+    return flags
+
+
+def row_from_chunk_files(done: zarr.Array, item: int, members: slice) -> np.ndarray | None:
+    """``done[item, members]`` (a batch's flags, read twice a batch as its claim is made)
+    from the chunk files that hold it, as ``from_chunk_files`` reads them: 20 to 50 us where
+    zarr takes about 2 ms. None where ``from_chunk_files`` would give None."""
+    direct = _direct(done)
+    if direct is None or not 0 <= item < done.shape[0]:
+        return None
+    folder, decode = direct
+    rows, cols = done.chunks
+    lo, hi, _ = members.indices(done.shape[1])
+    flags = np.zeros(max(hi - lo, 0), np.int8)
+    i, r = divmod(item, rows)
+    for j in range(lo // cols, (hi - 1) // cols + 1 if hi > lo else 0):
+        try:
+            data = Path(folder, str(i), str(j)).read_bytes()
+        except FileNotFoundError:
+            continue  # the fill value: not done
+        except (NotADirectoryError, IsADirectoryError):
+            return None
+        try:
+            chunk = np.frombuffer(decode(data), np.int8).reshape(rows, cols)
+        except (ValueError, RuntimeError):
+            return None
+        a, b = max(lo, j * cols), min(hi, (j + 1) * cols)
+        flags[a - lo:b - lo] = chunk[r, a - j * cols:b - j * cols]
+    return flags
+
+
+def _direct(done: zarr.Array):
+    """(the folder of ``done``'s chunk files, their decoder) for the layout piadm writes (a
+    local folder, default chunk keys, raw bytes or Zstandard, no sharding, int8 of fill value
+    0, format 3); None for any other."""
     meta = done.metadata
     if getattr(meta, "zarr_format", None) != 3:  # a format 2 array: other keys and codecs
         return None
@@ -71,17 +119,7 @@ def from_chunk_files(done: zarr.Array) -> np.ndarray | None:
         return None
     import numcodecs
 
-    decode = numcodecs.Zstd().decode if len(codecs) == 2 else bytes
-    rows, cols = done.chunks
-    flags = np.zeros(done.shape, np.int8)
-    try:
-        for i, j, data in _chunk_files(Path(root, done.path, "c")):
-            chunk = np.frombuffer(decode(data), np.int8).reshape(rows, cols)
-            block = flags[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols]
-            block[...] = chunk[:block.shape[0], :block.shape[1]]
-    except (ValueError, RuntimeError, NotADirectoryError, IsADirectoryError):
-        return None  # a chunk that does not decode, a folder where a chunk's file goes
-    return flags
+    return Path(root, done.path, "c"), numcodecs.Zstd().decode if len(codecs) == 2 else bytes
 
 
 def _chunk_files(folder: Path):
@@ -168,7 +206,10 @@ def _read_done(path: str | Path, region=slice(None)) -> np.ndarray:
     except Exception as err:  # zarr's errors for unreadable metadata are many
         raise DamagedRecord(f"store {path}: its record of finished members (the done array) "
                             f"cannot be opened ({type(err).__name__}): {ARRAYS_FIX}") from None
-    whole = from_chunk_files(done) if region == slice(None) else None
+    if region == slice(None):
+        whole = from_chunk_files(done)
+    else:  # a batch's: (item, members)
+        whole = row_from_chunk_files(done, *region)
     if whole is not None:
         return whole
     try:

@@ -4,6 +4,7 @@ contents and writes are ``pipeline.store``'s.
 """
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -34,12 +35,30 @@ def read_attrs(path: str | Path) -> dict | None:
     piadm store's own attributes edited to what piadm never writes there (``edited``) read
     as not said, so that no reader fails on them; a run refuses such a store
     (``check_unedited``)."""
-    try:
-        attrs = dict(zarr.open_group(path, mode="r").attrs)
-    except NOT_A_GROUP:
-        return None
+    attrs = _group_attributes(path)
+    if attrs is None:
+        try:
+            attrs = dict(zarr.open_group(path, mode="r").attrs)
+        except NOT_A_GROUP:
+            return None
     wrong = {key for key, _ in edited(attrs)}
     return {key: value for key, value in attrs.items() if key not in wrong}
+
+
+def _group_attributes(path: str | Path) -> dict | None:
+    """The attributes a format 3 group at ``path`` keeps in its zarr.json, read from that
+    file (tens of us; zarr's open takes about 2 ms, and a run reads them ten times and more);
+    None for anything else (no such file, another format, an array, a file that does not
+    parse), which zarr then opens or refuses as it does."""
+    try:
+        meta = json.loads(Path(path, "zarr.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(meta, dict) or meta.get("zarr_format") != 3
+            or meta.get("node_type") != "group"):
+        return None
+    attrs = meta.get("attributes", {})
+    return dict(attrs) if isinstance(attrs, dict) else None
 
 
 def edited(attrs: dict) -> list[tuple[str, object]]:
