@@ -30,9 +30,11 @@ LOCK_POLL_S = 0.05  # a lock is held for one metadata update: look again soon
 WRITE_S = 10.0  # a claim file is written, and a takeover done, within milliseconds
 LOCKS = ("replace", "finalize")  # the locks held in a claims folder besides batch claims
 # What piadm makes in a claims folder: heartbeats (and their drafts), and locks and batch
-# claims (ITEM-START), each with its takeover lock and a taker's draft (KEY.JOB.tmp)
+# claims (ITEM-START), each with its takeover lock (KEY.JOB.takeover in piadm before 0.2) and a
+# taker's draft (KEY.JOB.tmp)
 _KEY = rf"(?:\d+-\d+|{'|'.join(LOCKS)})"
-_OURS = re.compile(rf"job-.+\.alive(?:\.\d+\.tmp)?|{_KEY}\.(?:json|takeover)|{_KEY}\..+\.tmp")
+_OURS = re.compile(rf"job-.+\.alive(?:\.\d+\.tmp)?|{_KEY}\.(?:json|takeover)"
+                   rf"|{_KEY}\..+\.(?:tmp|takeover)")
 
 
 def claims_dir(store: str | Path) -> Path:
@@ -46,13 +48,20 @@ def ours(name: str) -> bool:
     return _OURS.fullmatch(name) is not None
 
 
-def strange_entries(folder: Path) -> list[str]:
-    """The entries of the claims folder ``folder`` that piadm does not make (a folder of the
-    user's that happens to bear the name), sorted; [] where it is absent."""
+def strange_entries(folder: Path) -> tuple[list[str], bool]:
+    """The entries of the claims folder ``folder`` that piadm does not make (a store or a
+    folder of the user's that happens to bear the name), sorted, and whether piadm's own
+    are there too; ([], False) where it is absent. Hidden files (``.DS_Store``, an NFS
+    client's ``.nfsXXXX`` of a file removed while open) are let be: never among piadm's,
+    never removed."""
     try:
-        return sorted(e.name for e in os.scandir(folder) if not (e.is_file() and ours(e.name)))
+        with os.scandir(folder) as entries:
+            found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
     except (FileNotFoundError, NotADirectoryError):
-        return []
+        return [], False
+    strange = sorted(name for name, is_dir in found
+                     if not name.startswith(".") and (is_dir or not ours(name)))
+    return strange, any(ours(name) and not is_dir for name, is_dir in found)
 
 
 def _in_folder(folder: Path, act):

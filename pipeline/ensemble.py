@@ -177,13 +177,16 @@ def _fill(cfg: Config, ranks: RankGrid, model, tol: Calibration, spec: StoreSpec
     bound, bound_item = model, None
     halt = Halt(stop)
     folder = claims_dir(spec.path)
-    job = on_rank0(world, new_job_id, folder)
     last = {(item, batch[0]): max(left) for item, batch, left in mine if left}
     writer = beat = None
     try:  # the heartbeat lasts until every group is done: their claims stay alive till then
         writer = _started(world, slices.rank == 0, lambda: make_writer(cfg.output.background),
                           lambda made: made.close())
-        beat = _started(world, world.rank == 0, lambda: Heartbeat(folder, job), Heartbeat.stop)
+        job = on_rank0(world, new_job_id, folder)
+        # made at once: under SLURM new_job_id has made its beat file, which the heartbeat's
+        # stop removes whether or not it started
+        beat = Heartbeat(folder, job) if world.rank == 0 else None
+        _started(world, world.rank == 0, lambda: beat, Heartbeat.stop)
         for item, members in raised_by_group(ranks, claimed_calls(
                 mine, cfg.ensemble.batch_size, slices, halt, tally, bar, items, spec.path, job),
                 halt):

@@ -99,7 +99,8 @@ def output_folder(store, out) -> Path:
     if os.path.basename(named) in (".", ".."):
         named = os.path.abspath(named)
     folder = Path(out) if out else Path(named.removesuffix(".zarr") + "_eval")
-    if folder.is_file() or any((folder / name).exists() for name in ("zarr.json", ".zgroup")):
+    if folder.is_file() or any((folder / name).exists()
+                               for name in ("zarr.json", ".zgroup", ".zarray")):
         kind = "a file" if folder.is_file() else "a Zarr store"
         raise EvaluationError(f"--out {folder} is {kind}: give a folder for the table and "
                               "figures (default: the store's name + _eval)")

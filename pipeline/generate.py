@@ -260,7 +260,8 @@ def _generate(d: DataConfig, path: Path, config_text: str, device, progress) -> 
             # a full disk, a lost mount: what data.path holds now, as for a Ctrl-C
             cause = f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
             raise WriteFailed(f"generate-data: writing failed: {cause}; fix the cause (free "
-                              f"space, the mount): {left}", errno=err.errno) from None
+                              f"space, permissions, the mount): {left}", errno=err.errno
+                              ) from None
         if not isinstance(err, KeyboardInterrupt):
             raise
         # Ctrl-C, or a stop signal (pipeline.signals)

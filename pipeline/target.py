@@ -211,13 +211,18 @@ def check_claims_folder(path: str | Path) -> None:
     did not make: a file, or a folder holding others' files (another store named so, a
     user's folder), which piadm would write into and clean up after its runs."""
     folder = claims_dir(path)
-    fix = "move it away (piadm keeps this store's claims there), or choose another output.path"
     if folder.exists() and not folder.is_dir():
         raise StoreExists(f"output {path}: {folder} is a file, not piadm's folder of claims on "
-                          f"the store's batches: {fix}")
-    strange = strange_entries(folder)
+                          "the store's batches: move it away (piadm keeps the store's claims "
+                          "there), or choose another output.path")
+    strange, claims = strange_entries(folder)
     if strange:
         more = f" and {len(strange) - 3} more" if len(strange) > 3 else ""
+        # piadm's claims among them (jobs may be filling the store): the strangers go, not
+        # the folder, whose heartbeats keep a replacement off a store being filled
+        fix = ("remove what piadm did not make from it" if claims else
+               "move it away (piadm keeps the store's claims there), or choose another "
+               "output.path")
         raise StoreExists(f"output {path}: {folder} holds {', '.join(strange[:3])}{more}, "
                           f"which piadm did not make there: {fix}")
 

@@ -83,6 +83,8 @@ class BackgroundWriter:
     def submit(self, fn, *args, **kwargs) -> None:
         """Queue ``fn(*args, **kwargs)``, blocking while ``depth`` jobs wait; first raise an
         earlier job's error."""
+        if self._thread.ident is None:  # its jobs would wait forever, and then block it
+            raise RuntimeError("BackgroundWriter.submit before start()")
         self._raise()
         start = time.perf_counter()
         self._jobs.put((fn, args, kwargs))

@@ -292,7 +292,8 @@ def test_a_full_disk_part_way_says_what_data_path_holds_and_the_command_that_goe
     assert _run(path, *extra, "data.chunk=2", "data.snapshots=6") == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"piadm: error: generate-data: writing failed: No space left on "
-                           f"device ({path}); fix the cause (free space, the mount): ")
+                           f"device ({path}); fix the cause (free space, permissions, the "
+                           "mount): ")
     if replacing:
         assert line.endswith(f"data.path {path} was not replaced (2 of its 6 new snapshots "
                              "made, now deleted) and still holds the dataset it held before: "

@@ -397,6 +397,32 @@ def test_a_claims_folders_name_taken_by_what_piadm_did_not_make_is_refused_and_k
         assert xr.open_zarr(taken)["field"].shape[:2] == (1, 2)
 
 
+def test_a_claims_folder_with_hidden_files_is_used_and_one_with_a_strangers_file_named(
+        tmp_path):
+    """A .DS_Store (the folder browsed in a file manager) or an NFS client's .nfsXXXX in a
+    store's claims folder is no stranger's store: the run goes on and leaves them. A file of
+    another name among piadm's own claims is named, and the fix is to remove it, not to move
+    the folder (its heartbeats keep a replacement off a store being filled)."""
+    from pipeline.config import load_config
+    from pipeline.store import StoreExists
+
+    out, folder = tmp_path / "a.zarr", tmp_path / "a.zarr.claims"
+    cfg = load_config("jobs/configs/grf.toml", ["model.shape=[8, 8]", "sampler.steps=10",
+                                                "sampler.tol=0.1", "ensemble.members=2",
+                                                f"output.path={out}"])
+    folder.mkdir()
+    (folder / ".DS_Store").write_text("finder")
+    (folder / ".nfs000000001").write_text("")
+    assert sample(cfg).held == (2, 2)
+    assert sorted(p.name for p in folder.iterdir()) == [".DS_Store", ".nfs000000001"]
+    (folder / "job-slurm-9.0.alive").write_text("")  # a job starting this instant
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(StoreExists, match=r"a.zarr.claims holds notes.txt, which piadm did not "
+                                          r"make there: remove what piadm did not make from "
+                                          r"it$"):
+        sample(cfg)
+
+
 def test_a_store_its_folder_refuses_is_an_error_not_a_resumed_store(tmp_path, monkeypatch):
     from pipeline import store
     from pipeline.target import open_or_create

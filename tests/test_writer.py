@@ -104,13 +104,17 @@ def test_a_ctrl_c_through_the_api_writes_nothing_after_the_call_has_raised(tmp_p
 
 @pytest.mark.parametrize("name", ["piadm-writer", "piadm-heartbeat"])
 @pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("slurm", [False, True])
 def test_a_ctrl_c_as_a_thread_starts_leaves_no_thread_and_no_beat(tmp_path, monkeypatch, name,
-                                                                   overwrite):
+                                                                   overwrite, slurm):
     """A Ctrl-C that lands while ``Thread.start`` waits for the new thread (a timer or a
     notebook's interrupt): the thread ran on for the rest of the process, a heartbeat kept
     its store "being filled by a live job", and every later run on it was refused. Run
     anew, and with output.overwrite over another configuration's store (a replacement's own
-    heartbeat, taken first)."""
+    heartbeat, taken first); under SLURM, where the job's id is taken by making its beat
+    file before either thread starts."""
+    if slurm:
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
     import threading
 
     from pipeline import api
