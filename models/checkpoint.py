@@ -47,7 +47,7 @@ def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
     before = sidecar(path).read_text() if sidecar(path).exists() else None
     save_sidecar(path, meta)
     try:
-        replace_file(path, lambda tmp: tmp.write_bytes(data.getbuffer()))
+        replace_file(path, lambda tmp: tmp.write_bytes(data.getvalue()))  # no view left open
     except OSError:
         try:  # the tensors stay the last save's: so does what describes them
             if before is None or not path.exists():  # no tensors (a save anew removed them)

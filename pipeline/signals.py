@@ -37,10 +37,11 @@ def defer_early() -> None:
     Ctrl-C before the command begins (``allow_interrupts``) ends the process at once, in one
     line: nothing was done yet, and Python's KeyboardInterrupt would show a traceback of the
     imports it landed in."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _record)
+    # SIGINT's first: a script (or a test) that sees SIGTERM caught may send a Ctrl-C next
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where it was
         signal.signal(signal.SIGINT, _interrupted_before)  # ignored (nohup, a script's &)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _record)
 
 
 def _interrupted_before(signum, frame) -> None:
