@@ -192,11 +192,13 @@ def _set_argument(model: dict, name: str, value, *, under_args: bool) -> None:
 
 def _value(dotted: str, raw: str, source: str):
     """The value of ``dotted=raw`` (TOML, or a bare word as a string)."""
+    # said on one line: a value holding a new line (a shell's $'...') is shown escaped
+    shown = raw.encode("unicode_escape").decode() if re.search(r"[\x00-\x1f\x7f]", raw) else raw
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError as err:
         if raw[:1] in ("'", '"'):  # no bare word: a quoted string left open, or quoted twice
-            raise ConfigError(f"{source} {dotted}={raw}: the value starts a quoted string that "
+            raise ConfigError(f"{source} {dotted}={shown}: the value starts a quoted string that "
                               "is not one: close its quote (and quote it once)") from None
         if raw[:1] in ("[", "{"):
             reason = str(err).split(" (at ")[0]
@@ -205,26 +207,27 @@ def _value(dotted: str, raw: str, source: str):
             fix = ("quote its words, e.g. [\"pc-window\", \"window\"] (in the shell: '"
                    + dotted + "=[\"...\"]')" if re.search(r"[A-Za-z_]", bare)
                    else "check its brackets and commas, e.g. [16, 16]")
-            raise ConfigError(f"{source} {dotted}={raw}: not a TOML list or table "
+            raise ConfigError(f"{source} {dotted}={shown}: not a TOML list or table "
                               f"({reason}): {fix}") from None
         # a bare word: a string. " #" in it is a comment or a path's own ("run #1.zarr"): the
         # value was cut there, and a run wrote elsewhere than named
         value = raw.rstrip()
         if re.search(r"\s#", value):
-            raise ConfigError(f"{source} {dotted}={raw}: an unquoted value holding ' #' (a "
+            raise ConfigError(f"{source} {dotted}={shown}: an unquoted value holding ' #' (a "
                               "comment, or part of a path?): quote the value, in TOML's single "
                               f"quotes, which keep a backslash (in the shell: \"{dotted}='...'\"), "
                               "and leave any comment out") from None
         if re.search(r"[,;\s]\s*\w+\.\w+\s*=", value):
-            raise ConfigError(f"{source} {dotted}={raw}: this holds another setting: separate "
+            raise ConfigError(f"{source} {dotted}={shown}: this holds another setting: separate "
                               "PIADM_SET items with ';' or new lines, and give each --set "
                               "its own") from None
     except ValueError:  # an integer of more digits than Python converts
-        raise ConfigError(f"{source} {dotted}: the value {raw[:20]}... is too large") from None
+        raise ConfigError(f"{source} {dotted}: the value {shown[:20]}... is too large") from None
     if isinstance(value, str) and re.search(r"[\x00-\x1f\x7f]", value):
-        raise ConfigError(f"{source} {dotted}={raw}: the value holds a control character (a "
-                          "backslash escape in a double-quoted string, such as \\n): write "
-                          "paths with / or in single quotes") from None
+        raise ConfigError(f"{source} {dotted}={shown}: the value holds a control character (a "
+                          "new line or tab, or a backslash escape in a double-quoted string, "
+                          "such as \\n): take it out; write paths with / or in single quotes"
+                          ) from None
     return value
 
 

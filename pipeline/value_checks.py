@@ -18,6 +18,15 @@ from pipeline.settings import Config
 INT64_MAX = 2**63 - 1  # the largest count numpy and dask take for the store's member axis
 
 
+def _integers(value):
+    """The integers in a setting's value, lists of lists included (booleans are not)."""
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _integers(v)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        yield value
+
+
 def check(ok: bool, key: str, problem: str) -> None:
     """Raise ``ConfigError("config: KEY PROBLEM")`` unless ``ok``."""
     if not ok:
@@ -40,6 +49,10 @@ def check_values(cfg: Config) -> None:
                   f"= {value!r} must be finite")
             if f.name == "seed":
                 check(0 <= value <= INT64_MAX, key, f"= {value} must be in [0, {INT64_MAX}]")
+            # a count past int64 is no array's size or loop's: numpy and torch overflowed
+            # in C (a traceback) where a shape, a resolution or a batch size was 2**70
+            check(all(abs(v) <= INT64_MAX for v in _integers(value)), key,
+                  f"= {value!r} is past the largest integer piadm takes ({INT64_MAX})")
             # a path's "~": zarr expands it (to $HOME) and the rest of piadm does not, so a
             # store was drafted in $HOME and then looked for in a folder named "~"
             tilde = [v for v in numbers

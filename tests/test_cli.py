@@ -165,6 +165,17 @@ def test_version_and_the_installed_entry_point():
      "(did you mean 'pc-window'?)"),
     (["sample", "jobs/configs/grf.toml", "--set", "parallel.time_slices=2.0"],
      "parallel.time_slices must be int or str, got float 2.0: write 2 (a whole number"),
+    # a count past int64 overflowed in numpy or torch (a traceback)
+    (["sample", "jobs/configs/grf.toml", "--dry-run", "--set", f"model.shape=[{2**70}]"],
+     f"model.shape = ({2**70},) is past the largest integer piadm takes"),
+    (["bench", "jobs/configs/grf.toml", "--set", f"bench.sizes=[[{2**70}, 8]]"],
+     "bench.sizes = ((1180591620717411303424, 8),) is past the largest integer"),
+    # a subnormal u_min drew fields of std 35 where 1 is right, without a word
+    (["sample", "jobs/configs/grf.toml", "--set", "sampler.u_min=5e-324"],
+     "sampler.u_min = 4.94066e-324 must be at least 1e-10"),
+    # a value holding a new line (a shell's $'...') was echoed as two lines
+    (["sample", "jobs/configs/grf.toml", "--set", "sampler.steps=a\nb"],
+     "--set sampler.steps=a\\nb: the value holds a control character (a new line or tab"),
     # a config for another command
     (["sample", "jobs/configs/kolmogorov.toml"],
      "config file jobs/configs/kolmogorov.toml has [data] and none of the sections piadm "
