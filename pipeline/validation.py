@@ -26,6 +26,7 @@ from pipeline.value_checks import INT64_MAX, check, check_values
 # it (a noise of e^{20} = 5e8 times its scale).
 U_MAX = 40.0
 U_MIN_FLOOR = 1e-10  # the smallest sampler.u_min: see _check_grid
+CFL_LEAST = 1e-3  # the smallest data.cfl: 500 times the default's steps
 # The most damping the Langevin corrector's velocity may take over its length,
 # corrector_gamma x corrector_length: its prefix sums divide by e^{-that}, which float32
 # rounds to 0 past 87 (NaN at 120 on grf 8x8); past a few units the velocity is gone anyway.
@@ -184,7 +185,8 @@ def _check_data(d: DataConfig) -> None:
           f"= {d.coarse_factor} must divide data.resolution = {d.resolution}")
     check(d.viscosity > 0, "data.viscosity", f"= {d.viscosity} must be > 0")
     check(d.drag >= 0, "data.drag", f"= {d.drag} must be >= 0")
-    check(0 < d.cfl <= 1, "data.cfl", f"= {d.cfl} must be in (0, 1]")
+    # a tiny one makes the steps so short that the spin-up never ends (5e-324 ran on)
+    check(CFL_LEAST <= d.cfl <= 1, "data.cfl", f"= {d.cfl} must be in [{CFL_LEAST:g}, 1]")
     check(d.dt_max > 0 and d.interval > 0 and d.spinup >= 0, "data.interval",
           "and data.dt_max must be > 0, data.spinup >= 0")
     check(d.snapshots >= 1 and d.chunk >= 1, "data.snapshots", "and data.chunk must be >= 1")
@@ -214,7 +216,9 @@ def _check_data(d: DataConfig) -> None:
 def _check_train(t: TrainConfig) -> None:
     check(0 < t.validation < 1, "train.validation", f"= {t.validation} must be in (0, 1)")
     check(t.batch_size >= 1 and t.steps >= 1, "train.batch_size", "and train.steps must be >= 1")
-    check(t.lr > 0, "train.lr", f"= {t.lr} must be > 0")
+    # past 1 Adam's steps throw the weights out of float32 (1e300: a traceback in its step)
+    check(0 < t.lr <= 1, "train.lr", f"= {t.lr} must be in (0, 1] (Adam's step size: U-Nets "
+          "train at 1e-4 to 1e-3)")
     # log sigma of the training noise: EDM's -1.2 and 1.2; past these the levels leave float32
     check(math.isfinite(t.p_mean) and abs(t.p_mean) <= 10, "train.p_mean",
           f"= {t.p_mean} must be in [-10, 10] (the mean log noise level; EDM's is -1.2)")

@@ -176,6 +176,11 @@ def test_version_and_the_installed_entry_point():
     # a value holding a new line (a shell's $'...') was echoed as two lines
     (["sample", "jobs/configs/grf.toml", "--set", "sampler.steps=a\nb"],
      "--set sampler.steps=a\\nb: the value holds a control character (a new line or tab"),
+    # past float32 in Adam's step (a traceback); steps too short to ever end
+    (["train", "jobs/configs/kolmogorov.toml", "--set", "train.lr=1e300"],
+     "train.lr = 1e+300 must be in (0, 1]"),
+    (["generate-data", "jobs/configs/kolmogorov.toml", "--set", "data.cfl=5e-324"],
+     "data.cfl = 5e-324 must be in [0.001, 1]"),
     # a config for another command
     (["sample", "jobs/configs/kolmogorov.toml"],
      "config file jobs/configs/kolmogorov.toml has [data] and none of the sections piadm "
