@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,11 +116,12 @@ def output_folder(store, out) -> Path:
 
 def _check_writable(folder: Path) -> None:
     """Refuse, before the scoring (minutes on a large store), a folder that cannot be written:
-    the nearest existing folder at or above it must take a new entry (tried with an empty
-    folder, removed at once)."""
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    the nearest existing folder at or above it must take a new entry."""
+    from pipeline.store import nearest_existing, try_new_entry
+
+    existing = nearest_existing(folder / "metrics.json")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".piadm-check-", dir=existing))
+        try_new_entry(existing)
     except OSError as err:  # /proc: a folder that exists says "no such file" to a new one
         raise EvaluationError(f"--out {folder} cannot be written ({err.strerror} on making a "
                               f"folder in {existing}): give --out a folder you can write"

@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 import warnings
@@ -192,6 +193,19 @@ def enclosing_store(path: str | Path) -> Path | None:
              if (p / "zarr.json").is_file() or (p / ".zgroup").is_file()
              or (p / ".zarray").is_file()]
     return nodes[-1] if nodes else None
+
+
+def nearest_existing(path: str | Path) -> Path:
+    """The nearest folder above ``path`` that exists: where making it starts."""
+    folder = Path(path).parent.absolute()
+    return next(p for p in (folder, *folder.parents) if p.exists())
+
+
+def try_new_entry(folder: Path) -> None:
+    """Raise the OSError of making a new entry in ``folder`` (an empty folder, made and
+    removed at once): whether piadm may write there, asked before the work whose result it
+    writes."""
+    os.rmdir(tempfile.mkdtemp(prefix=".piadm-check-", dir=folder))
 
 
 def create(spec: StoreSpec) -> bool:

@@ -15,7 +15,6 @@ import errno
 import glob
 import os
 import shutil
-import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -26,7 +25,8 @@ from pipeline.claims import (Heartbeat, claims_dir, clear_batch_claims, holding,
 from pipeline.errors import ConfigError
 from pipeline.settings import Config
 from pipeline.store import (ASKED, StoreExists, StoreSpec, consolidate, create, enclosing_store,
-                            finalize, fit_members, grow, members_fit)
+                            finalize, fit_members, grow, members_fit, nearest_existing,
+                            try_new_entry)
 from pipeline.store_attrs import (MEMBER_BATCH, check_unedited, member_batch, member_chunk_of,
                                   read_attrs)
 
@@ -109,11 +109,11 @@ def check_writable(path: str | Path) -> None:
     if store is not None:
         raise StoreExists(f"output {path} is inside the Zarr store {store}: choose an "
                           "output.path outside it")
-    existing = _nearest_existing(path)
+    existing = nearest_existing(path)
     if not existing.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".piadm-check-", dir=existing))
+        try_new_entry(existing)
     except OSError as err:  # /proc: a folder that exists says "no such file" to a new one
         raise OSError(err.errno, f"{err.strerror} on making a folder in it, so output.path "
                                  f"{path} cannot be made there", str(existing)) from None
@@ -137,7 +137,7 @@ def check_room(path: str | Path, member_bytes: int, members: int, *, held: int =
     written) counted free."""
     from pipeline.memory import format_bytes
 
-    existing = _nearest_existing(path)
+    existing = nearest_existing(path)
     free = shutil.disk_usage(existing).free + (_bytes_under(path) if replaced else 0)
     needed = member_bytes * (members - held) + FILE_BLOCK * files
     if needed > ROOM_FACTOR * free:
@@ -148,12 +148,6 @@ def check_room(path: str | Path, member_bytes: int, members: int, *, held: int =
             f"{existing} has {format_bytes(free)} free"
             f"{' with the store it replaces' if replaced else ''}: lower ensemble.members (or "
             "select fewer items), or choose an output.path on a disk with room")
-
-
-def _nearest_existing(path: str | Path) -> Path:
-    """The nearest folder above ``path`` that exists: where making it starts."""
-    folder = Path(path).parent.absolute()
-    return next(p for p in (folder, *folder.parents) if p.exists())
 
 
 def _bytes_under(path: str | Path) -> int:
