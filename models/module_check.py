@@ -30,13 +30,19 @@ def check_section(section) -> None:
         raise ConfigError("config: model.weights must be a file path for model.kind = 'module'")
 
 
+# DDPM trains on 1000 timesteps, improved DDPM on 4000; the schedule's tables hold a few floats
+# a timestep, so 1e9 of them took every byte of the host before a word was said
+MOST_TRAIN_STEPS = 100_000
+
+
 def _check_ddpm_schedule(section) -> None:
     """The DDPM schedule a module network was trained on: a noise level per timestep that
     rises and never reaches one (else a clean signal fraction of zero or less, and NaN)."""
-    if not (isinstance(section.train_steps, int) and section.train_steps >= 1):
+    if not (isinstance(section.train_steps, int)
+            and 1 <= section.train_steps <= MOST_TRAIN_STEPS):
         raise ConfigError(f"config: model.train_steps = {section.train_steps!r} must be a whole "
-                          "number >= 1 (the timesteps of the schedule the network was trained "
-                          "on, e.g. 1000)")
+                          f"number in [1, {MOST_TRAIN_STEPS}] (the timesteps of the schedule the "
+                          "network was trained on, e.g. 1000)")
     if not 0 < section.beta_start <= section.beta_end < 1:
         raise ConfigError(f"config: model.beta_start = {section.beta_start} and model.beta_end = "
                           f"{section.beta_end} must satisfy 0 < beta_start <= beta_end < 1 "

@@ -125,7 +125,7 @@ def method_tolerances(cfg: Config, model, *, comm, device) -> dict[str, float | 
     falls short of ``sampler.distance``, is said and left out."""
     from pipeline.calibrate import CANNOT_CALIBRATE, resolve_tol
 
-    from pipeline.ensemble import memory_sharing
+    from pipeline.memory import memory_sharing
 
     sharing = memory_sharing(comm, device)  # collective: before rank 0 alone checks
     out = {}

@@ -107,7 +107,7 @@ def _cmd_sample(args, world) -> int:
     if args.dry_run:
         cfg, ranks, device = _setup(args, world)
         from pipeline.dry_run import dry_run
-        from pipeline.ensemble import memory_sharing
+        from pipeline.memory import memory_sharing
 
         text, runs = on_rank0(world, dry_run, cfg, ranks, device, memory_sharing(world, device))
         print0(world, text)
@@ -287,11 +287,11 @@ def _cmd_generate(args, world) -> int:
 
     cfg, _, device = _setup(args, world, layout=False)
     d = cfg.data
-    print0(world, f"piadm generate-data: Kolmogorov flow {d.resolution}x{d.resolution}, "
-                  f"nu {d.viscosity}, {d.snapshots} snapshots every {d.interval} after "
-                  f"{d.spinup} of spin-up -> {d.path}")
+    banner = (f"piadm generate-data: Kolmogorov flow {d.resolution}x{d.resolution}, "
+              f"nu {d.viscosity}, {d.snapshots} snapshots every {d.interval} after "
+              f"{d.spinup} of spin-up -> {d.path}")
     path = on_rank0(world, generate, d, config_text=cfg.text, device=device,
-                    progress=lambda text: print0(world, text))
+                    progress=lambda text: print0(world, text), banner=banner)
     print0(world, f"done: open with xarray.open_zarr({path!r})")
     return 0
 
@@ -304,13 +304,15 @@ def _cmd_train(args, world) -> int:
     cfg, _, device = _setup(args, world, layout=False)
     t = cfg.train
     mix = f" + global mixing of k <= {t.global_modes}" if t.global_modes else ""
-    print0(world, f"piadm train: U-Net {list(t.channels)}{mix} on {t.data}:{t.variable}"
-                  f"{' | ' + t.condition if t.condition else ''}"
-                  f"{f' (+ {len(t.extra)} more stores)' if t.extra else ''}, {t.steps} steps of "
-                  f"{t.batch_size} over {world.size} ranks -> {t.checkpoint}")
+    banner = (f"piadm train: U-Net {list(t.channels)}{mix} on {t.data}:{t.variable}"
+              f"{' | ' + t.condition if t.condition else ''}"
+              f"{f' (+ {len(t.extra)} more stores)' if t.extra else ''}, {t.steps} steps of "
+              f"{t.batch_size} over {world.size} rank{'s' if world.size > 1 else ''} -> "
+              f"{t.checkpoint}")
     stop = StopRequest(tag(world), "the step").install()  # one every rank ends on: no abort
     try:
-        result = train(t, comm=world, device=device, config_text=cfg.text, stop=stop)
+        result = train(t, comm=world, device=device, config_text=cfg.text, stop=stop,
+                       banner=banner)
     finally:
         stop.uninstall()
     use = shlex.quote(f'model.checkpoint="{t.checkpoint}"')  # to paste: a path may hold spaces

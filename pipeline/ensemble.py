@@ -33,7 +33,7 @@ from pipeline.errors import (NetworkFailed, OutOfMemory, PiadmError, UnitsOverfl
 from pipeline.inputs import Items
 from pipeline.labels import label_text
 from pipeline.layout import RankGrid, rank_grid
-from pipeline.memory import gpus_held, ranks_sharing
+from pipeline.memory import memory_sharing
 from pipeline.memory_check import check_memory, round_points
 from pipeline.noise import Noise
 from pipeline.progress import Progress, every_for
@@ -51,18 +51,6 @@ from pipeline.store_attrs import member_batch, read_attrs
 from pipeline.store_match import mixed_revision
 from pipeline.work import batch_note, call_batch, work_list, write_runs
 from pipeline.writer import make_writer
-
-
-def memory_sharing(world, device) -> int:
-    """Every rank (collective): how many ranks share this rank's memory, the node's host
-    memory or, on GPUs, one GPU's: counted by the GPU each rank holds, since a job that gives
-    each task its own GPU (``--gpus-per-task=1``) shows every rank one device, which a count
-    of the node's devices took for one GPU shared by all its ranks."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return ranks_sharing(world.local_layout()[1], device)
-    held = gpus_held(world, device)
-    return sum(other == held[world.rank] for other in held)
 
 
 def takes_writes(path: str) -> bool:

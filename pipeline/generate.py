@@ -210,9 +210,11 @@ def _dead_leftovers(path: Path, kind: str) -> list[Path]:
     return left_by_dead(path.parent, f".{path.name}.{kind}-")
 
 
-def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=print) -> str:
+def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=print,
+             banner: str = "") -> str:
     """Simulate and write the dataset of ``d``; returns its path. An existing dataset (with
-    ``data.overwrite``) is replaced only once the new one is complete."""
+    ``data.overwrite``) is replaced only once the new one is complete. ``banner``: a line
+    given to ``progress`` once the checks have passed (a refusal is then the only line)."""
     path = Path(d.path)
     store = enclosing_store(path)
     if store is not None:  # before the lock, whose file would go inside it
@@ -225,13 +227,14 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
                           f"({busy.holder}): wait for it to end, or choose another "
                           "data.path") from None
     try:
-        return _generate(d, path, config_text, device, progress)
+        return _generate(d, path, config_text, device, progress, banner)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _generate(d: DataConfig, path: Path, config_text: str, device, progress) -> str:
+def _generate(d: DataConfig, path: Path, config_text: str, device, progress,
+              banner: str = "") -> str:
     """``generate`` once it holds data.path's lock."""
     _delete_leftovers(path)  # first: a dataset it puts back is then judged as any other
     if already_made(d):
@@ -239,6 +242,8 @@ def _generate(d: DataConfig, path: Path, config_text: str, device, progress) -> 
                  "finished): nothing to do (data.overwrite = true makes it anew)")
         return str(path)
     _check_target(d)  # never delete what generate-data did not make
+    if banner:
+        progress(banner)
     replacing = path.exists()
     target = _beside(path, DRAFT) if replacing else path
     written = 0

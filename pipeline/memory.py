@@ -186,6 +186,18 @@ def ranks_sharing(local_ranks: int, device: torch.device) -> int:
     return -(-local_ranks // max(1, gpus))
 
 
+def memory_sharing(world, device) -> int:
+    """Every rank (collective): how many ranks share this rank's memory, the node's host
+    memory or, on GPUs, one GPU's: counted by the GPU each rank holds, since a job that gives
+    each task its own GPU (``--gpus-per-task=1``) shows every rank one device, which a count
+    of the node's devices took for one GPU shared by all its ranks."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ranks_sharing(world.local_layout()[1], device)
+    held = gpus_held(world, device)
+    return sum(other == held[world.rank] for other in held)
+
+
 def gpus_held(world, device) -> list[tuple[str, str | None]]:
     """Every rank (collective, a CPU rank's too: a collective some ranks skipped would hang):
     each rank's (node, the identity of the GPU it holds, None on a CPU), in rank order."""

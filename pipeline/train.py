@@ -30,11 +30,13 @@ from models.unet import Denoiser, UNetConfig
 from pipeline.console import on_every_rank, on_rank0, print0
 from pipeline.decomposition import slice_bounds
 from pipeline.errors import InputError, Interrupted, StoppedTogether
+from pipeline.memory import memory_sharing
 from pipeline.processes import Held, hold_lock
 from pipeline.settings import TrainConfig
 from pipeline.signals import signal_of
 from pipeline.store import enclosing_store, open_store
 from pipeline.train_data import Dataset, open_dataset
+from pipeline.train_memory import check_train_memory
 from pipeline.train_start import recorded_settings, restore
 
 
@@ -222,11 +224,12 @@ def _hold_checkpoint(path: Path):
 
 
 def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "",
-          stop=None) -> TrainResult:
+          stop=None, banner: str = "") -> TrainResult:
     """Run (or resume) the training of ``t``; checkpoints on rank 0, which holds
     train.checkpoint's lock for the run once its inputs have passed their checks. ``stop``:
     a ``pipeline.signals.StopRequest``; once any rank's is set, every rank ends after the
-    same step, which is saved, and raises ``StoppedTogether``."""
+    same step, which is saved, and raises ``StoppedTogether``. ``banner``: a line said once
+    the checks have passed (a refusal is then the only line)."""
     def outside_stores():
         store = enclosing_store(t.checkpoint)
         if store is not None:
@@ -237,7 +240,8 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "",
     path = Path(t.checkpoint)
     before = _signature(path)  # the checkpoint as _prepare will read it
     # the same config on every rank, and files that should be, unless a node's differ
-    prepared = on_every_rank(comm, _prepare, t, device, config_text)
+    sharing = memory_sharing(comm, device)  # collective: before each rank checks its own
+    prepared = on_every_rank(comm, _prepare, t, device, config_text, comm.size, sharing)
     held = []  # taken once nothing is refused: a bad input leaves no folder or lock behind
 
     def hold():
@@ -251,6 +255,8 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "",
 
     on_rank0(comm, hold)
     step = prepared[-1][0]  # said once the run holds the checkpoint, not before a refusal
+    if banner:
+        print0(comm, banner)
     if step:
         print0(comm, f"resuming {path} at step {step}")
     elif t.init:
@@ -263,13 +269,15 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "",
                 lock.close()
 
 
-def _prepare(t: TrainConfig, device, config_text: str):
+def _prepare(t: TrainConfig, device, config_text: str, ranks: int, sharing: int):
     """(training split, held-out split, network, EMA copy, optimiser, sidecar, (step,
-    history)) of ``t``: a new run's, or its checkpoint's restored; runs no collective and
-    prints nothing."""
+    history)) of ``t``: a new run's, or its checkpoint's restored, once a step of its batch
+    split over ``ranks`` is found to fit in memory (``sharing`` ranks sharing this rank's);
+    runs no collective and prints nothing."""
     trn, held = open_dataset(t)
     shape = tuple(trn.fields.shape[1:])
     ucfg, den, ema, opt = _network(t, trn, shape, device)
+    check_train_memory(t, den, shape, device, ranks, sharing)
     meta = _meta(t, ucfg, trn, shape, config_text)
     return trn, held, den, ema, opt, meta, restore(t, meta, den, ema, opt, device,
                                                    held.fields["time"].values)

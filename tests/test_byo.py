@@ -224,8 +224,11 @@ def test_a_module_found_but_failing_to_import_is_not_told_to_be_installed(
     (["model.std=0.2"], "model.std = 0.2 is read by model.kind = 'gmm', not 'module': remove "
                         "it (a factory's own arguments go under [model.args])"),
     (["model.process=ddim"], "model.process = 'ddim' is unknown"),
-    (["model.train_steps=-5"], "model.train_steps = -5 must be a whole number >= 1"),
-    (["model.train_steps=0"], "model.train_steps = 0 must be a whole number >= 1"),
+    (["model.train_steps=-5"], "model.train_steps = -5 must be a whole number in [1, 100000]"),
+    (["model.train_steps=0"], "model.train_steps = 0 must be a whole number in [1, 100000]"),
+    # 1e9 timesteps' tables took every byte of the host (killed) before a word was said
+    (["model.train_steps=1000000000"], "model.train_steps = 1000000000 must be a whole number "
+                                       "in [1, 100000]"),
     (["model.beta_end=0.0"], "must satisfy 0 < beta_start <= beta_end < 1"),
     (["model.beta_end=2.0"], "model.beta_end = 2.0 must satisfy 0 < beta_start <= beta_end < 1"),
     # a schedule of less noise than sampler.u_max (Stable Diffusion's): the network would be

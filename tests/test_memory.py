@@ -293,7 +293,7 @@ def test_a_replicated_window_means_nothing_to_samplers_that_split_no_window(tmp_
 def test_ranks_sharing_a_gpu_are_counted_by_the_gpu_each_holds(monkeypatch, gpus, sharing):
     """With --gpus-per-task=1 every rank sees one device: counting the node's devices took
     four ranks for four sharing one GPU, and the memory check gave each a quarter of its own."""
-    from pipeline import ensemble, memory
+    from pipeline import memory
 
     class Rank:  # four ranks of one node, each holding the GPU ``gpus`` names
         def __init__(self, r):
@@ -304,7 +304,7 @@ def test_ranks_sharing_a_gpu_are_counted_by_the_gpu_each_holds(monkeypatch, gpus
 
     for r, want in enumerate(sharing):
         monkeypatch.setattr(memory, "gpu_identity", lambda device, r=r: f"GPU-{gpus[r]}")
-        assert ensemble.memory_sharing(Rank(r), torch.device("cuda", 0)) == want
+        assert memory.memory_sharing(Rank(r), torch.device("cuda", 0)) == want
 
 
 @pytest.mark.parametrize("text", ["CUDA error: out of memory",

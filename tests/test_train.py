@@ -618,9 +618,63 @@ def test_a_network_the_fields_cannot_hold_is_a_one_line_error(tmp_path, dataset,
                                                              channels, needle):
     ckpt = tmp_path / "bad.pt"
     assert main(_train_args(dataset, ckpt, f"train.channels={channels}")) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert needle in lines[-1] and all(line.startswith("piadm train:") for line in lines[:-1])
+    (line,) = capsys.readouterr().err.strip().splitlines()  # no banner before it
+    assert needle in line
     assert not ckpt.exists()
+
+
+def test_a_batch_too_large_for_memory_is_refused_naming_one_that_leaves_room(
+        tmp_path, dataset, capsys, monkeypatch):
+    """train.batch_size = 100000 on 16 x 16 fields was killed by the kernel, with no word,
+    after taking every byte of the node: refused now before anything is written, naming the
+    most that leaves room for a step's floor (the draws and the activations kept)."""
+    from pipeline import train_memory
+
+    room = 256 << 20
+    monkeypatch.setattr(train_memory, "available_bytes",
+                        lambda device, sharing=1: (room, "available on this node's host"))
+    ckpt = tmp_path / "c.pt"
+    assert main(_train_args(dataset, ckpt, "train.batch_size=100000")) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("piadm: error: config: train.batch_size = 100000 on 1 rank needs at "
+                           "least "), line
+    fits, tried = map(int, re.search(r"at most (\d+) would leave room for that alone, and the "
+                                     r"backward needs more besides, so try (\d+)", line).groups())
+    assert not list(tmp_path.iterdir())  # no checkpoint, no lock beside it
+    # the bound is the floor's: a batch of ``fits`` fits it, one more does not
+    den = load_denoiser_like(dataset)
+    per = train_memory.saved_per_sample(den, (16, 16), False, "cpu")
+    assert train_memory.step_floor(fits, fits, (16, 16), per) <= room
+    assert train_memory.step_floor(fits + 1, fits + 1, (16, 16), per) > room
+    assert tried == fits // 2
+    assert main(_train_args(dataset, ckpt, f"train.batch_size={tried}", "train.steps=1",
+                            "train.val_every=1")) == 0  # and the batch it suggests trains
+
+
+def load_denoiser_like(dataset):
+    """The tiny run's (``TINY``) untrained U-Net on the fields of ``dataset``."""
+    from models.unet import Denoiser, UNetConfig
+
+    torch.manual_seed(0)
+    return Denoiser(UNetConfig(channels=(8, 16), cond_channels=0, sigma_data=1.0))
+
+
+def test_the_activations_a_sample_keeps_are_measured_without_touching_the_network():
+    """Per sample, what the forward pass keeps for the backward grows with the field's points
+    (four times the points, nearly four times the bytes: a sample's noise-level embedding
+    does not grow; the weights drop out) and the network
+    is left as it was: no gradient taken, no weight changed."""
+    from models.unet import Denoiser, UNetConfig
+    from pipeline.train_memory import saved_per_sample
+
+    torch.manual_seed(0)
+    den = Denoiser(UNetConfig(channels=(8, 16), cond_channels=1, sigma_data=1.0))
+    weights = [p.detach().clone() for p in den.parameters()]
+    small, large = (saved_per_sample(den, shape, True, "cpu") for shape in ((16, 16), (32, 32)))
+    assert small > 8 * 16 * 16 * 4  # at least the first level's activations, in float32
+    assert 3.5 * small < large <= 4 * small
+    assert all(p.grad is None for p in den.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(weights, den.parameters()))
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
