@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC, LONGITUDES
 from pipeline.errors import InputError, from_here, is_system_error
 from pipeline.labels import label_text, label_value
-from pipeline.unreadable import in_groups, undecodable_times
+from pipeline.unreadable import in_groups, not_a_store
 from pipeline.warned import catching
 
 if TYPE_CHECKING:
@@ -219,12 +219,7 @@ def _open(path: str) -> xr.Dataset:
     except Exception as err:  # zarr and xarray raise many kinds for a store they cannot read
         if is_system_error(err):
             raise  # a failing disk, a store it may not read: the I/O error names the file
-        said = str(err).splitlines()[0] if str(err) else ""
-        times = undecodable_times(said)
-        if times:
-            raise InputError(f"input.path {path}: {times}") from None
-        raise InputError(f"input.path {path} is not a readable Zarr store ({type(err).__name__}: "
-                         f"{said})") from None
+        raise InputError(not_a_store(path, "input.path", err)) from None
 
 
 def select_items(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
@@ -234,7 +229,7 @@ def select_items(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
     ordered = np.sort(values)  # labels of any kind, strings too, in any order
     lo, hi = label_text(ordered[0]), label_text(ordered[-1])
     if items:
-        labels = [label_value(t, var[dim]) for t in items]
+        labels = [label_value(t, var[dim], "input.items") for t in items]
         at = [np.flatnonzero(values == v) for v in labels]  # each label's positions
         missing = [t for t, where in zip(items, at) if not len(where)]
         if missing:
@@ -250,7 +245,7 @@ def select_items(var: xr.DataArray, dim: str, items, span) -> xr.DataArray:
             first[v] = t
         chosen = np.concatenate(at)
     elif span:
-        first_label, last_label = (label_value(t, var[dim]) for t in span)
+        first_label, last_label = (label_value(t, var[dim], "input.range") for t in span)
         if first_label > last_label:  # as evaluate's --truth-range says it
             raise InputError(f"input.range {list(span)} is reversed: give the earlier label "
                              "first")

@@ -76,7 +76,7 @@ def _calendar_date(text: str, kind, calendar: str):
 TIME_ZONE = re.compile(r"(?<=\d)(Z|[+-]\d\d(:?\d\d)?)$", re.IGNORECASE)
 
 
-def _datetime(text: str, name) -> np.datetime64:
+def _datetime(text: str, name, key: str = "input") -> np.datetime64:
     """``text`` as a date and time of a datetime64 coordinate, which holds no time zone: a
     label with one is refused, naming its UTC equivalent (numpy converted it with a warning,
     as though every archive's times were UTC)."""
@@ -90,19 +90,20 @@ def _datetime(text: str, name) -> np.datetime64:
             utc = np.datetime64(text.strip())
             if np.datetime_data(utc.dtype)[0] in ("h", "D"):  # an offset of minutes: kept
                 utc = np.datetime64(text.strip(), "m")
-        raise InputError(f"input: label {text!r} has a time zone ({zone.group(0)}), which the "
+        raise InputError(f"{key}: label {text!r} has a time zone ({zone.group(0)}), which the "
                          f"{name} coordinate's times do not hold: give the time as the "
                          f"coordinate counts it, e.g. {str(utc)!r} where that is UTC")
     return np.datetime64(text)
 
 
-def label_value(text: str, coord: xr.DataArray):
+def label_value(text: str, coord: xr.DataArray, key: str = "input"):
     """A config label (a string) as a value of ``coord``'s dtype; a float one as the
-    coordinate's own value within ``LABEL_RTOL`` of it, where there is one."""
+    coordinate's own value within ``LABEL_RTOL`` of it, where there is one. ``key``: the
+    setting that gave it, named by the error for a label that is none."""
     kind, calendar = coord.dtype.kind, None
     try:
         if kind == "M":
-            return _datetime(text, coord.name)
+            return _datetime(text, coord.name, key)
         if kind == "m":  # lead times: "6h", "1 days 06:00:00"
             import pandas as pd
 
@@ -129,6 +130,8 @@ def label_value(text: str, coord: xr.DataArray):
     except ValueError:
         form = (f", a date of its {calendar} calendar: YYYY-MM-DD, then HH, HH:MM or HH:MM:SS "
                 "after a space or a T" if kind == "O" and calendar else "")
-        raise InputError(f"input: label {text!r} is not a valid {coord.name} value "
-                         f"(dtype {coord.dtype}{form})") from None
+        first = f", e.g. {label_text(coord.values.flat[0])!r}" if coord.size else ""
+        raise InputError(f"{key}: label {text!r} is not a valid {coord.name} value "
+                         f"(dtype {coord.dtype}{form}): give one of its labels{first}"
+                         ) from None
     return text

@@ -67,7 +67,8 @@ class SamplerConfig:
     dtype: str = "float32"
     noise: str = "host"
     window: int = Options.window  # window points; 0: the method's own (window 100, pc-window 65)
-    theta: str = Options.theta  # pc-window's corrector: "j_max" or "one" (docs/algorithms.md)
+    # pc-window's corrector: "j_max", "one" or "secant" (docs/algorithms.md)
+    theta: str = Options.theta
     # how pc-window's time slices share its window: "slots" or "replicated" (docs/algorithms.md)
     window_split: str = Options.window_split
     distance: float = 1e-3  # what tol = "auto" aims at: relative distance to the sequential path

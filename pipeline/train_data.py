@@ -21,12 +21,13 @@ from models.bound import largest_mode_power
 from models.fingerprint import PROBE_RTOL, probe
 from models.conditioning import spectral_upsample, upsample_blocks
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC, MOST_TRAINING_STDS
-from pipeline.errors import InputError, from_here
+from pipeline.errors import InputError, from_here, is_system_error
 from pipeline.inputs import (check_field_order, check_real, direction, longitude,
                              masked_by_fill, rolled, same_points)
 from pipeline.labels import label_text
 from pipeline.settings import TrainConfig
 from pipeline.store import open_store
+from pipeline.unreadable import not_a_store
 from pipeline.units import same_units
 
 
@@ -114,18 +115,26 @@ def held_out_start(n: int, validation: float) -> int:
     return int(round(n * (1 - validation)))
 
 
-def open_training_store(path: str, names: list[str], key: str) -> xr.Dataset:
-    """Variables ``names`` of the store at ``path``; raises InputError when it lacks one."""
+def open_training_store(path: str, fields: dict[str, str], key: str) -> xr.Dataset:
+    """The variables of the store at ``path`` (setting ``key``) that ``fields`` names, each
+    mapped to the setting naming it; raises InputError when it lacks one."""
+    names = list(fields)
     if not Path(path).exists():
         raise InputError(f"{key} {path} does not exist{from_here(path)}: point it at your Zarr "
                          f"store, or make one with piadm generate-data (data.path = {path})")
     if Path(path).is_file():  # a NetCDF file, most likely: zarr says only "no group found"
         raise InputError(f"{key} {path} is a file, not a Zarr store (a folder): convert it "
                          f"once, e.g. xr.open_dataset({str(path)!r}).to_zarr('data.zarr')")
-    ds = open_store(path, consolidated=False)  # as listed: times added since trained on too
-    for name in names:
+    try:  # as listed: times added since trained on too
+        ds = open_store(path, consolidated=False)
+    except Exception as err:  # zarr and xarray raise many kinds for a store they cannot read
+        if is_system_error(err):
+            raise  # a failing disk, a store it may not read: the I/O error names the file
+        raise InputError(not_a_store(path, key, err)) from None
+    for name, setting in fields.items():
         if name not in ds.data_vars:
-            raise InputError(f"train: {name!r} is not in {path}: it has {', '.join(ds.data_vars)}")
+            raise InputError(f"{setting} = {name!r} is not in {key} {path}: it has "
+                             f"{', '.join(ds.data_vars)}")
         dims = ds[name].dims
         if len(dims) != 3 or dims[0] != "time":  # e.g. an ensemble store's 4 dims
             raise InputError(f"train: {name!r} of {path} is {dims}: piadm trains on one 2-D "
@@ -176,7 +185,7 @@ def _extra_stores(t: TrainConfig, first: xr.Dataset, names: list[str],
     field shapes, and not a stretch of the same trajectory reaching its held-out times."""
     extras, mine = [], _trajectory(first)
     for path in t.extra:
-        ds = open_training_store(path, names, "train.extra")
+        ds = open_training_store(path, training_fields(t), "train.extra")
         for name in names:
             if ds[name].shape[1:] != first[name].shape[1:]:
                 fix = ("data.resolution and data.coarse_factor" if name == t.condition
@@ -348,11 +357,17 @@ def _check_finite(t: TrainConfig, ds: xr.Dataset, name: str, split: str, ok: np.
                      f"(ds[{name!r}].fillna(...), e.g. with a climatology){made}")
 
 
+def training_fields(t: TrainConfig) -> dict[str, str]:
+    """The variables a training store must hold, each mapped to the setting naming it."""
+    return {name: key for name, key in ((t.variable, "train.variable"),
+                                        (t.condition, "train.condition")) if name}
+
+
 def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     """(training, validation): train.data split by time, the training split followed by every
     time of the train.extra stores; raises InputError for a bad dataset."""
-    names = [name for name in (t.variable, t.condition) if name]
-    ds = open_training_store(t.data, names, "train.data")
+    names = list(training_fields(t))
+    ds = open_training_store(t.data, training_fields(t), "train.data")
     _check_time_order(ds, t.data)
     n = ds.sizes["time"]
     cut = held_out_start(n, t.validation)

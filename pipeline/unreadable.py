@@ -28,3 +28,15 @@ def undecodable_times(said: str) -> str:
                 "times in seconds, hours or days since a date, or as plain numbers")
     return ("its time coordinate is on a calendar numpy cannot hold: pip install cftime"
             if "cftime" in said else "")
+
+
+def not_a_store(path: str, key: str, err: Exception) -> str:
+    """What to tell of the store ``path`` (the setting ``key``) that xarray failed to open
+    with ``err`` (zarr raises many kinds for a folder that is no store): its times, or that it
+    is no readable store, with zarr's own first line."""
+    said = str(err).splitlines()[0] if str(err) else ""
+    times = undecodable_times(said)
+    if times:
+        return f"{key} {path}: {times}"
+    return (f"{key} {path} is not a readable Zarr store ({type(err).__name__}: {said}): point "
+            f"{key} at a store of xarray's to_zarr or piadm generate-data")

@@ -53,7 +53,7 @@ def test_fields_stored_x_first_are_refused_before_anything_is_written(tmp_path, 
     from pipeline.train_data import open_training_store
 
     with pytest.raises(InputError, match=r"train.data .*xy.zarr: vort has its fields as"):
-        open_training_store(str(tmp_path / "xy.zarr"), ["vort"], "train.data")
+        open_training_store(str(tmp_path / "xy.zarr"), {"vort": "train.variable"}, "train.data")
     # axes with a suffix, as generate-data names a coarse field's: the same refusal
     coarse = ds.rename(y="y_coarse", x="x_coarse").transpose("time", "x_coarse", "y_coarse")
     coarse.to_zarr(tmp_path / "xyc.zarr", zarr_format=3, consolidated=False)
@@ -61,10 +61,10 @@ def test_fields_stored_x_first_are_refused_before_anything_is_written(tmp_path, 
                                          r"piadm's are \('y_coarse', 'x_coarse'\)"):
         _open(tmp_path / "xyc.zarr")
     with pytest.raises(InputError, match=r"train.data .*xyc.zarr: vort has its fields as"):
-        open_training_store(str(tmp_path / "xyc.zarr"), ["vort"], "train.data")
+        open_training_store(str(tmp_path / "xyc.zarr"), {"vort": "train.variable"}, "train.data")
     coarse.transpose("time", "y_coarse", "x_coarse").to_zarr(
         tmp_path / "yxc.zarr", zarr_format=3, consolidated=False)
-    open_training_store(str(tmp_path / "yxc.zarr"), ["vort"], "train.data")  # (y, x): taken
+    open_training_store(str(tmp_path / "yxc.zarr"), {"vort": "train.variable"}, "train.data")  # (y, x): taken
     # (lon, lat) was taken transposed, its longitudes labelling the store's y
     geo = ds.rename(y="lat", x="lon").transpose("time", "lon", "lat")
     geo.to_zarr(tmp_path / "lonlat.zarr", zarr_format=3, consolidated=False)
@@ -318,7 +318,7 @@ def test_fields_that_are_not_real_numbers_are_refused(tmp_path, dtype):
     with pytest.raises(InputError, match=f"holds {dtype} values: piadm's fields are real"):
         _open(tmp_path / "odd.zarr")
     with pytest.raises(InputError, match=f"train.data .*odd.zarr: vort holds {dtype} values"):
-        open_training_store(str(tmp_path / "odd.zarr"), ["vort"], "train.data")
+        open_training_store(str(tmp_path / "odd.zarr"), {"vort": "train.variable"}, "train.data")
 
 
 def test_an_input_in_another_unit_than_the_network_was_trained_in_is_refused(tmp_path, capsys):
@@ -424,7 +424,7 @@ def test_training_data_and_truth_are_read_as_listed_not_as_stale_consolidated_me
     ds.isel(time=slice(4, 6)).to_zarr(path, append_dim="time", zarr_format=2,
                                       consolidated=False)
     assert xr.open_zarr(path).sizes["time"] == 4  # what the stale metadata says
-    assert open_training_store(str(path), ["vort"], "train.data").sizes["time"] == 6
+    assert open_training_store(str(path), {"vort": "train.variable"}, "train.data").sizes["time"] == 6
     ens = xr.Dataset({"vort": (("time", "member", "y", "x"), np.zeros((6, 1, 16, 16)))},
                      coords={"time": ds.time.values})
     truth, paired = open_truth(path, "vort", ens)
@@ -719,3 +719,19 @@ def test_a_grid_computed_in_float32_names_the_same_points_as_in_float64():
     gappy = np.array([0.1, 0.2, np.nan, 0.4])
     assert same_points(gappy.astype(np.float32), gappy)
     assert same_points(np.float32([0.1, 0.1, 0.2]), [0.1, 0.1, 0.2])
+
+
+@pytest.mark.parametrize("kwargs, said", [
+    ({"items": ("1.0", "banana")}, "input.items: label 'banana' is not a valid time value "
+                                   "(dtype float64): give one of its labels, e.g. '1.0'"),
+    ({"span": ("x", "3.0")}, "input.range: label 'x' is not a valid time value (dtype "
+                             "float64): give one of its labels, e.g. '1.0'"),
+])
+def test_a_label_that_is_no_value_of_the_items_names_its_setting_and_a_label(
+        tmp_path, kwargs, said):
+    """It said "input: label 'banana' is not a valid time value (dtype float64)": which
+    setting, and what a label looks like, left to guess."""
+    path = _store(tmp_path / "v.zarr", np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(InputError) as err:
+        _open(path, **kwargs)
+    assert str(err.value) == said

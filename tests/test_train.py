@@ -884,6 +884,29 @@ def test_a_residual_run_without_a_condition_is_a_one_line_error(tmp_path, datase
     assert not (tmp_path / "r.pt").exists()
 
 
+@pytest.mark.parametrize("sets, said", [
+    (["train.data={folder}"], "train.data {folder} is not a readable Zarr store "
+                              "(GroupNotFoundError: "),
+    (['train.extra=["{folder}"]'], "train.extra {folder} is not a readable Zarr store "),
+    (["train.variable=vort"], "train.variable = 'vort' is not in train.data {data}: it has "
+                              "vorticity, vorticity_coarse"),
+    (["train.condition=coarse"], "train.condition = 'coarse' is not in train.data {data}: "),
+])
+def test_a_store_or_a_variable_that_is_not_there_is_named_by_its_setting(
+        tmp_path, dataset, capsys, sets, said):
+    """A folder that is no store said only "cannot read a Zarr store: No group found", and a
+    missing variable "train: 'vort' is not in ...": neither said which setting to mend."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("not a store")
+    ckpt = tmp_path / "x.pt"
+    sets = [s.format(folder=folder) for s in sets]
+    assert main(_train_args(dataset, ckpt, *sets)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("piadm: error: " + said.format(folder=folder, data=dataset)), line
+    assert not ckpt.exists() and sorted(os.listdir(folder)) == ["readme.txt"]
+
+
 def test_extra_stores_are_trained_on_and_the_held_out_split_stays_train_datas(dataset, other):
     from pipeline.settings import TrainConfig
     from pipeline.train_data import open_dataset
