@@ -265,6 +265,12 @@ def _profiles(cfg: Config, model, device, *, ranks: int, sha: str, steps: dict, 
     ``model``; ``steps``: each sequential reference's steps for equal quality, where searched."""
     from pipeline.signals import Stopped
 
+    if cfg.parallel.time_slices != "auto":
+        # a profile is the path's rounds and calls, the same on every layout: taken on one
+        # slice, so that a width (or an equal-quality plan's steps) too narrow for the named
+        # slices is profiled and then left out of the layouts (``_most_slices``), not
+        # refused as though the user had set it
+        cfg = with_settings(cfg, {"parallel.time_slices": 1})
     base = getattr(model, "base", model)
     profiles, largest = [], max(_batch_sizes(cfg))
     for method in methods_of(cfg):

@@ -1019,3 +1019,23 @@ def test_the_gpus_of_a_node_are_counted_by_the_ranks_that_hold_them(monkeypatch)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert planner.gpus_on_node(FourRanks(), "cuda:0") == 2
     assert planner.gpus_on_node(SerialComm(), "cpu") == 0
+
+
+def test_a_candidate_width_narrower_than_the_named_time_slices_is_left_out_not_refused(
+        tmp_path, capsys, monkeypatch):
+    """A job's config on 3 time slices with blocks of 5: the plan's candidate half block (2
+    points) was validated with the job's 3 slices, and the plan stopped with "time_slices = 3
+    is more than the 2 points of sampler.block_size", naming a block size the user never set.
+    It is profiled on one slice now, and no layout gives it more slices than it has points."""
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    sets = _small(tmp_path, **{"sampler.method": "piadm-sde", "parallel.time_slices": 3,
+                               "sampler.block_size": 5, "sampler.tol": 1e-3,
+                               "ensemble.members": 1, "ensemble.batch_size": 1})
+    out = tmp_path / "plan.json"
+    assert main(["plan", "jobs/configs/grf.toml", "--ranks", "3", "--json", str(out),
+                 *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])]) == 0
+    rows = json.loads(out.read_text())["layouts"]
+    blocks = {row["param"] for row in rows if row["method"] == "piadm-sde"}
+    assert 5 in blocks and min(blocks) < 3  # the narrow candidate was profiled ...
+    assert all(row["param"] >= row["time_slices"] for row in rows  # ... and fits its slices
+               if row["method"] == "piadm-sde")
