@@ -76,7 +76,7 @@ def _calendar_date(text: str, kind, calendar: str):
 TIME_ZONE = re.compile(r"(?<=\d)(Z|[+-]\d\d(:?\d\d)?)$", re.IGNORECASE)
 
 
-def _datetime(text: str, name, key: str = "input") -> np.datetime64:
+def _datetime(text: str, name, key: str) -> np.datetime64:
     """``text`` as a date and time of a datetime64 coordinate, which holds no time zone: a
     label with one is refused, naming its UTC equivalent (numpy converted it with a warning,
     as though every archive's times were UTC)."""
@@ -96,7 +96,7 @@ def _datetime(text: str, name, key: str = "input") -> np.datetime64:
     return np.datetime64(text)
 
 
-def label_value(text: str, coord: xr.DataArray, key: str = "input"):
+def label_value(text: str, coord: xr.DataArray, key: str):
     """A config label (a string) as a value of ``coord``'s dtype; a float one as the
     coordinate's own value within ``LABEL_RTOL`` of it, where there is one. ``key``: the
     setting that gave it, named by the error for a label that is none."""

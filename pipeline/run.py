@@ -116,14 +116,10 @@ def _check_within_schedule(s: SamplerConfig, top: float, has_scheduler: bool) ->
 def residual_length(s: SamplerConfig) -> int:
     """Rounds of residual history a store keeps per member: none for the sequential samplers;
     otherwise at most one round per step (a sweep or a window advance settles at least one
-    step), plus the corrector's sweeps after each block: at most one per corrector step (its
-    Picard sweeps are exact after that many, and stop there)."""
+    step). ``piadm-ode``'s corrector sweeps a fixed number of times and keeps no residual:
+    stores made before this kept room for them (NaN), which their runs still fill alike."""
     entry = REGISTRY[s.method]
-    if entry.reference == s.method:
-        return 0
-    blocks = -(-s.steps // s.block_size)
-    sweeps = min(s.corrector_sweeps, s.corrector_steps)
-    return s.steps + (blocks * sweeps if entry.corrector else 0)
+    return 0 if entry.reference == s.method else s.steps
 
 
 def member_batches(members: int, batch_size: int) -> list[tuple[int, ...]]:

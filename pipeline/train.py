@@ -17,6 +17,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -72,16 +73,35 @@ def validation_loss(ema: Denoiser, val: Dataset, t: TrainConfig, comm, device) -
     """Mean EDM loss over the held-out times with fixed noise, split over ranks."""
     n = val.fields.sizes["time"]
     shape = tuple(val.fields.shape[1:])
-    _, sigma, noise = _draws(t.seed + 1, 0, n, n, shape, t)
     times = np.arange(n)  # every held-out time once, with fixed noise levels and noise
     lo, hi = slice_bounds(n, comm.size, comm.rank)
     total = torch.zeros(1, dtype=torch.float64)
     with torch.no_grad():
-        for a in range(lo, hi, 64):
-            b = min(a + 64, hi)
-            x, c = val.batch(times[a:b], device)
-            total += float(edm_loss(ema, x, sigma[a:b].to(device), noise[a:b].to(device), c))
+        for a, sigma, noise in held_out_draws(t, n, shape, lo, hi):
+            x, c = val.batch(times[a:a + len(sigma)], device)
+            total += float(edm_loss(ema, x, sigma.to(device), noise.to(device), c))
     return float(comm.allreduce_sum(total)[0]) / n
+
+
+# Held-out rows scored at once: their noise is drawn a chunk at a time, so that a large
+# held-out split (10000 times of 256 x 256: 7.8 GB drawn at once) costs a chunk
+VALIDATION_CHUNK = 64
+
+
+def held_out_draws(t: TrainConfig, n: int, shape: tuple[int, ...], lo: int, hi: int,
+                   chunk: int = VALIDATION_CHUNK):
+    """The fixed noise of the ``n`` held-out times, rows lo..hi-1 in chunks of at most
+    ``chunk``: (first row, sigma (m,), noise (m, *shape)), each row's the same as ``_draws``
+    of all n at once gives it (the stream drawn in order, the rows before lo dropped)."""
+    rng = np.random.default_rng(np.random.SeedSequence(t.seed + 1, spawn_key=(0,)))
+    rng.integers(0, n, n)  # the times ``_draws`` begins with: validation takes each in order
+    sigma = np.exp(t.p_mean + t.p_std * rng.standard_normal(n))
+    edges = [*range(0, lo, chunk), *range(lo, hi, chunk), hi]
+    for a, b in zip(edges, edges[1:]):
+        noise = rng.standard_normal((b - a, *shape))
+        if a >= lo:
+            yield (a, torch.as_tensor(sigma[a:b], dtype=torch.float32),
+                   torch.as_tensor(noise, dtype=torch.float32))
 
 
 @dataclass
@@ -240,7 +260,8 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "",
     path = Path(t.checkpoint)
     before = _signature(path)  # the checkpoint as _prepare will read it
     # the same config on every rank, and files that should be, unless a node's differ
-    sharing = memory_sharing(comm, device)  # collective: before each rank checks its own
+    # collective: before each rank checks its own (a GPU's ranks, and its host's)
+    sharing = (memory_sharing(comm, device), memory_sharing(comm, "cpu"))
     prepared = on_every_rank(comm, _prepare, t, device, config_text, comm.size, sharing)
     held = []  # taken once nothing is refused: a bad input leaves no folder or lock behind
 
@@ -269,15 +290,17 @@ def train(t: TrainConfig, *, comm, device="cpu", config_text: str = "",
                 lock.close()
 
 
-def _prepare(t: TrainConfig, device, config_text: str, ranks: int, sharing: int):
+def _prepare(t: TrainConfig, device, config_text: str, ranks: int,
+             sharing: tuple[int, int]):
     """(training split, held-out split, network, EMA copy, optimiser, sidecar, (step,
     history)) of ``t``: a new run's, or its checkpoint's restored, once a step of its batch
-    split over ``ranks`` is found to fit in memory (``sharing`` ranks sharing this rank's);
-    runs no collective and prints nothing."""
+    split over ``ranks`` is found to fit in memory (``sharing``: the ranks sharing this
+    rank's device, and its host); runs no collective and prints nothing."""
     trn, held = open_dataset(t)
     shape = tuple(trn.fields.shape[1:])
     ucfg, den, ema, opt = _network(t, trn, shape, device)
-    check_train_memory(t, den, shape, device, ranks, sharing)
+    check_train_memory(t.batch_size, partial(edm_loss, den), bool(t.condition), shape, device,
+                       ranks, *sharing)
     meta = _meta(t, ucfg, trn, shape, config_text)
     return trn, held, den, ema, opt, meta, restore(t, meta, den, ema, opt, device,
                                                    held.fields["time"].values)

@@ -134,7 +134,7 @@ def open_training_store(path: str, fields: dict[str, str], key: str) -> xr.Datas
     for name, setting in fields.items():
         if name not in ds.data_vars:
             raise InputError(f"{setting} = {name!r} is not in {key} {path}: it has "
-                             f"{', '.join(ds.data_vars)}")
+                             f"{', '.join(sorted(map(str, ds.data_vars)))}")
         dims = ds[name].dims
         if len(dims) != 3 or dims[0] != "time":  # e.g. an ensemble store's 4 dims
             raise InputError(f"train: {name!r} of {path} is {dims}: piadm trains on one 2-D "

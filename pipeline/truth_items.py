@@ -66,10 +66,10 @@ def truth_in_range(truth: xr.DataArray, truth_range: tuple[str, str], path) -> x
     """The truth's fields whose labels lie in ``truth_range`` (--truth-range, inclusive)."""
     dim = truth.dims[0]
     try:
-        lo, hi = (label_value(t, truth[dim]) for t in truth_range)
-    except InputError as err:  # said of input.items: these are --truth-range's
-        raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]}: "
-                              f"{str(err).removeprefix('input: ')}") from None
+        lo, hi = (label_value(t, truth[dim], f"--truth-range {truth_range[0]} {truth_range[1]}")
+                  for t in truth_range)
+    except InputError as err:  # evaluate's kind of error, with its exit status
+        raise EvaluationError(str(err)) from None
     if lo > hi:
         raise EvaluationError(f"--truth-range {truth_range[0]} {truth_range[1]} is reversed: "
                               "give the earlier label first")

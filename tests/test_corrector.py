@@ -78,16 +78,3 @@ def test_corrector_keeps_the_exact_marginal_invariant():
     assert torch.allclose(out, true, rtol=3e-3), out / true
     assert float(gain[0].abs().max()) < 0.999  # it does move the state
 
-
-def test_a_store_keeps_no_more_corrector_rounds_than_the_corrector_can_sweep():
-    """The corrector stops after as many sweeps as it has steps (exact there), so a store
-    kept room for that many: corrector_sweeps = 1e9 made piadm-ode's store a 977 MB residual
-    history of NaN for two 8 x 8 members."""
-    from pipeline.run import residual_length
-    from pipeline.settings import SamplerConfig
-
-    s = SamplerConfig(method="piadm-ode", steps=100, block_size=50, corrector_steps=8)
-    assert residual_length(s) == 100 + 2 * 4  # the default 4 sweeps of each block's 8 steps
-    assert residual_length(SamplerConfig(**{**s.__dict__, "corrector_sweeps": 10**9})) == 116
-    assert residual_length(SamplerConfig(**{**s.__dict__, "corrector_sweeps": 10**9,
-                                            "corrector_steps": 0})) == 100

@@ -64,7 +64,8 @@ def test_fields_stored_x_first_are_refused_before_anything_is_written(tmp_path, 
         open_training_store(str(tmp_path / "xyc.zarr"), {"vort": "train.variable"}, "train.data")
     coarse.transpose("time", "y_coarse", "x_coarse").to_zarr(
         tmp_path / "yxc.zarr", zarr_format=3, consolidated=False)
-    open_training_store(str(tmp_path / "yxc.zarr"), {"vort": "train.variable"}, "train.data")  # (y, x): taken
+    # (y, x): taken
+    open_training_store(str(tmp_path / "yxc.zarr"), {"vort": "train.variable"}, "train.data")
     # (lon, lat) was taken transposed, its longitudes labelling the store's y
     geo = ds.rename(y="lat", x="lon").transpose("time", "lon", "lat")
     geo.to_zarr(tmp_path / "lonlat.zarr", zarr_format=3, consolidated=False)
@@ -424,7 +425,8 @@ def test_training_data_and_truth_are_read_as_listed_not_as_stale_consolidated_me
     ds.isel(time=slice(4, 6)).to_zarr(path, append_dim="time", zarr_format=2,
                                       consolidated=False)
     assert xr.open_zarr(path).sizes["time"] == 4  # what the stale metadata says
-    assert open_training_store(str(path), {"vort": "train.variable"}, "train.data").sizes["time"] == 6
+    opened = open_training_store(str(path), {"vort": "train.variable"}, "train.data")
+    assert opened.sizes["time"] == 6
     ens = xr.Dataset({"vort": (("time", "member", "y", "x"), np.zeros((6, 1, 16, 16)))},
                      coords={"time": ds.time.values})
     truth, paired = open_truth(path, "vort", ens)
@@ -494,10 +496,11 @@ def test_a_whole_number_written_as_a_float_picks_an_integer_label():
     from pipeline.labels import label_value
 
     coord = xr.DataArray(np.arange(30), dims="step", name="step")
-    assert [label_value(t, coord) for t in ("20", "20.0", "2e1")] == [20, 20, 20]
-    assert label_value("9007199254740993.0", coord) == 9007199254740993  # not through a float
+    key = "input.items"
+    assert [label_value(t, coord, key) for t in ("20", "20.0", "2e1")] == [20, 20, 20]
+    assert label_value("9007199254740993.0", coord, key) == 9007199254740993  # not via a float
     with pytest.raises(InputError, match="label '2.5' is not a valid step value"):
-        label_value("2.5", coord)
+        label_value("2.5", coord, "input.items")
 
 
 def test_a_time_label_with_a_time_zone_is_refused_naming_its_utc_time():
@@ -509,16 +512,17 @@ def test_a_time_label_with_a_time_zone_is_refused_naming_its_utc_time():
     coord = xr.DataArray(pd.date_range("2020-01-01", periods=3), dims="time", name="time")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert label_value("2020-01-02T06:00", coord) == np.datetime64("2020-01-02T06:00")
+        assert (label_value("2020-01-02T06:00", coord, "input.items")
+                == np.datetime64("2020-01-02T06:00"))
         for text, zone, utc in (("2020-01-02T00:00+02:00", "+02:00", "2020-01-01T22:00"),
                                 ("2020-01-02 00-0530", "-0530", "2020-01-02T05:30"),
                                 ("2020-01-02T00:00Z", "Z", "2020-01-02T00:00")):
             with pytest.raises(InputError) as err:
-                label_value(text, coord)
+                label_value(text, coord, "input.items")
             assert str(err.value) == (
-                f"input: label {text!r} has a time zone ({zone}), which the time coordinate's "
-                f"times do not hold: give the time as the coordinate counts it, e.g. {utc!r} "
-                "where that is UTC")
+                f"input.items: label {text!r} has a time zone ({zone}), which the time "
+                f"coordinate's times do not hold: give the time as the coordinate counts it, "
+                f"e.g. {utc!r} where that is UTC")
 
 
 def test_an_axis_runs_one_way_only_where_every_step_does():

@@ -348,3 +348,32 @@ def test_a_float32_ode_block_spanning_much_of_the_clock_stays_on_its_path(tmp_pa
         out[method] = xr.open_zarr(path)["field"].values
     gap = np.linalg.norm(out["piadm-ode"] - out["sequential-ode"])
     assert gap / np.linalg.norm(out["sequential-ode"]) < 1e-4
+
+
+def test_a_store_keeps_a_round_of_residual_a_step_and_none_for_the_corrector():
+    """The corrector's sweeps record no residual, yet a store kept a column for each, always
+    NaN: corrector_sweeps = 1e9 made piadm-ode's store a 977 MB residual history for two 8 x 8
+    members. A sequential sampler keeps none."""
+    from pipeline.run import residual_length
+    from pipeline.settings import SamplerConfig
+
+    for sweeps in (4, 10**9):
+        s = SamplerConfig(method="piadm-ode", steps=100, block_size=50, corrector_steps=8,
+                          corrector_sweeps=sweeps)
+        assert residual_length(s) == 100
+    assert residual_length(SamplerConfig(method="sequential-ode", steps=100)) == 0
+
+
+def test_a_piadm_ode_history_fits_its_store_with_the_corrector_on(tmp_path):
+    """Every round the sampler records lands in the store's history: the corrector's
+    sweeps add rounds (and calls) but no residual."""
+    out = tmp_path / "ode.zarr"
+    assert main(["sample", "jobs/configs/grf.toml", "--set", "model.shape=[8, 8]",
+                 "--set", "sampler.method=piadm-ode", "--set", "sampler.steps=40",
+                 "--set", "sampler.block_size=20", "--set", "sampler.tol=1e-3",
+                 "--set", "ensemble.members=2", "--set", f"output.path={out}"]) == 0
+    ds = xr.open_zarr(out)
+    history = ds.residual.values.reshape(-1, ds.sizes["sweep"])
+    kept = np.isfinite(history).sum(1)
+    assert ds.sizes["sweep"] == 40 and kept.min() >= 2  # at least a sweep a block
+    assert (ds.rounds.values.reshape(-1) > kept).all()  # the corrector's rounds, unrecorded
