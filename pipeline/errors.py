@@ -229,8 +229,9 @@ LOWER_TO_FIT = {
     "generate-data": "lower data.resolution or data.chunk (the snapshots held before a write)",
     "train": "lower train.batch_size, train.channels or the fields' size (train.data), or "
              "add ranks (each takes a slice of the batch)",
-    "evaluate": "evaluate holds one item's members and truth at a time: run it where more "
-                "memory is free",
+    "evaluate": "evaluate holds the truth's fields it scores, and one item's members at a "
+                "time: score fewer truth times (--truth-range), or run it where more memory is "
+                "free",
 }
 
 
@@ -242,8 +243,8 @@ def as_user_error(err: Exception, command: str) -> Exception:
         return err
     if type(err) is RuntimeError and "can't start new thread" in str(err):
         return thread_failed(f"{command}: a thread", err)  # zarr's or torch's, say
-    if "torch" not in sys.modules:  # nothing could have allocated through it
-        return err
+    if "torch" not in sys.modules and not isinstance(err, MemoryError):
+        return err  # nothing could have allocated through torch: numpy's and Python's are these
     if isinstance(err, OutOfMemory) or not is_out_of_memory(err):
         return err
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -115,8 +115,25 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
         truth = paired_truth(truth, ens[item_dim], len(shape), path, variable)
     elif truth_range is not None:
         truth = truth_in_range(truth, truth_range, path)
+    _check_fits(truth, path, paired)
     _check_finite(truth, path, len(shape), paired=paired)
     return truth, paired
+
+
+def _check_fits(truth: xr.DataArray, path, paired: bool) -> None:
+    """Refuse a truth whose fields scored cannot be held at once (scoring reads them whole),
+    before reading any: a truth of 400000 times of 64 x 64 ended in a MemoryError traceback."""
+    from pipeline.host_memory import format_bytes, host_room
+
+    room = host_room()
+    if room is None or truth.nbytes <= room[0]:
+        return
+    fewer = ("sample fewer items (input.items or input.range) and score them" if paired else
+             "score a stretch of its times (--truth-range FIRST LAST)")
+    raise EvaluationError(f"truth {path}: the {truth.sizes[truth.dims[0]]} fields scored take "
+                          f"{format_bytes(truth.nbytes)} read at once, and "
+                          f"{format_bytes(room[0])} is {room[1]}: {fewer}, or run it where more "
+                          "memory is free")
 
 
 def _on_the_ensembles_grid(truth: xr.DataArray, field: xr.DataArray, path) -> xr.DataArray:

@@ -3,8 +3,8 @@ run (or a calibration) starts, naming the setting to lower."""
 from __future__ import annotations
 
 from pipeline.errors import ConfigError
-from pipeline.memory import (LEAST_FIELDS, available_bytes, field_bytes, format_bytes,
-                             sampler_floor)
+from pipeline.host_memory import format_bytes
+from pipeline.memory import LEAST_FIELDS, available_bytes, field_bytes, sampler_floor
 from pipeline.run import DTYPES
 from pipeline.samplers import REGISTRY
 from pipeline.samplers.options import REPLICABLE

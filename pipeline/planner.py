@@ -22,7 +22,8 @@ from pipeline.cache import cache_path, read_entry, update_cache
 from pipeline.calibrate import CANNOT_CALIBRATE, calibration_key, resolve_tol
 from pipeline.config import ConfigError, stored_as, with_settings
 from pipeline.layout import cpu_threads
-from pipeline.memory import (available_bytes, field_bytes, format_bytes, gpus_held, ranks_sharing,
+from pipeline.host_memory import format_bytes
+from pipeline.memory import (available_bytes, field_bytes, gpus_held, ranks_sharing,
                              sampler_floor)
 from pipeline.plan import (Machine, Plan, Prediction, Profile, call_items, layouts, predict,
                            rank)

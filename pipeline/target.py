@@ -135,7 +135,7 @@ def check_room(path: str | Path, member_bytes: int, members: int, *, held: int =
     free space of the disk that ``path`` is on: less the ``held`` members a grown store has
     written already, and with the bytes of a ``replaced`` store (deleted before a field is
     written) counted free."""
-    from pipeline.memory import format_bytes
+    from pipeline.host_memory import format_bytes
 
     existing = nearest_existing(path)
     free = shutil.disk_usage(existing).free + (_bytes_under(path) if replaced else 0)

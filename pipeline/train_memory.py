@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import ConfigError, is_out_of_memory
-from pipeline.memory import available_bytes, format_bytes
+from pipeline.host_memory import format_bytes
+from pipeline.memory import available_bytes
 
 # A sample's noise drawn in float64 (freed once drawn) and kept in float32, and its time and
 # noise level with a temporary each, in float64

@@ -324,7 +324,7 @@ def test_cgroup_limits_of_v1_v2_and_hybrid_hosts_are_read(tmp_path):
     """Only a v2 first line was read: on a v1 host (its first line another controller's,
     the memory limit in memory.limit_in_bytes) a 2.5 GiB job limit went unseen, and the
     run the check passed was killed by the kernel without a word."""
-    from pipeline.memory import NO_CGROUP_LIMIT, cgroup_room
+    from pipeline.host_memory import NO_CGROUP_LIMIT, cgroup_room
 
     def host(lines, files):
         proc, root = tmp_path / "proc", tmp_path / "sys"

@@ -1048,3 +1048,45 @@ def test_two_stores_of_one_default_folder_do_not_replace_each_others_scores(pair
     shutil.rmtree(tmp_path / "a.zarr")  # gone (or moved with its folder): the folder is free
     evaluate(tmp_path / "a", truth, figures=False)
     assert _metrics(tmp_path / "a_eval")["store_path"] == str(tmp_path / "a")
+
+
+@pytest.mark.parametrize("climatology", [False, True])
+def test_a_truth_too_large_to_hold_is_refused_before_it_is_read(paired, tmp_path, capsys,
+                                                                monkeypatch, climatology):
+    """Scoring reads the truth's fields whole: 400000 times of 64 x 64 ended in a MemoryError
+    traceback. The fields scored are weighed against the host's memory first, and the line
+    says how to score fewer."""
+    import pipeline.host_memory as host_memory
+
+    tmp, ens = paired
+    truth = tmp / "truth.zarr"
+    if climatology:  # fields along another dim than the ensemble's items: a climatology
+        truth = tmp_path / "clim.zarr"
+        xr.open_zarr(tmp / "truth.zarr").load().rename(time="sample").to_zarr(truth,
+                                                                               zarr_format=3)
+    monkeypatch.setattr(host_memory, "host_room", lambda sharing=1: (1000, "available on this "
+                                                                            "node's host"))
+    capsys.readouterr()
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--no-figures", str(ens), "--truth", str(truth),
+                 "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"piadm: error: truth {truth}: the ") and "read at once, and" in line
+    assert ("score a stretch of its times (--truth-range FIRST LAST)" if climatology else
+            "sample fewer items (input.items or input.range)") in line
+    assert not out.exists()
+
+
+def test_an_allocation_numpy_could_not_make_is_one_line_naming_what_to_lower(monkeypatch):
+    """evaluate imports no torch: a MemoryError there was let through as a traceback."""
+    import sys
+
+    from pipeline.errors import OutOfMemory, as_user_error
+
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    err = as_user_error(MemoryError("Unable to allocate 6.25 GiB for an array"), "evaluate")
+    assert isinstance(err, OutOfMemory)
+    assert str(err) == ("evaluate: out of memory (Unable to allocate 6.25 GiB for an array): "
+                        "evaluate holds the truth's fields it scores, and one item's members at "
+                        "a time: score fewer truth times (--truth-range), or run it where more "
+                        "memory is free")
