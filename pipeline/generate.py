@@ -27,7 +27,7 @@ import zarr
 import pipeline
 from pipeline.config import config_from_dict
 from pipeline.console import on_terminal
-from pipeline.errors import Interrupted, PiadmError, WriteFailed, naming
+from pipeline.errors import ConfigError, Interrupted, PiadmError, WriteFailed, naming
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
                                  resolved_wavenumber)
 from pipeline.processes import Held, hold_lock, left_by_dead, own_name
@@ -220,6 +220,7 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
     if store is not None:  # before the lock, whose file would go inside it
         raise StoreExists(f"data.path {path} is inside the Zarr store {store}: choose a "
                           "data.path outside it")
+    check_chunk_memory(d, torch.device(device))  # before anything is made
     try:  # then: a live run's store is neither finished nor an interrupted one's
         lock = hold_lock(path)
     except Held as busy:
@@ -231,6 +232,38 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
     finally:
         if lock is not None:
             lock.close()
+
+
+# Bytes a chunk holds a point of its fine fields: float64 as simulated (on the device), then
+# float32 for the write (on the host)
+CHUNK_DEVICE_BYTES, CHUNK_HOST_BYTES = 8, 4
+
+
+def check_chunk_memory(d: DataConfig, device: torch.device) -> None:
+    """Refuse a data.chunk whose snapshots, held until their write, cannot fit in memory (a
+    floor: their fine and coarse fields, the solver's own arrays left out): 1000 snapshots of
+    1024 x 1024 ran out of memory after 90 s, leaving a dataset of metadata behind."""
+    from pipeline.host_memory import format_bytes
+    from pipeline.memory import available_bytes
+
+    points = d.resolution**2 + (d.resolution // d.coarse_factor) ** 2
+    parts = ([(device, CHUNK_DEVICE_BYTES), (torch.device("cpu"), CHUNK_HOST_BYTES)]
+             if device.type == "cuda" else
+             [(device, CHUNK_DEVICE_BYTES + CHUNK_HOST_BYTES)])
+    held = min(d.chunk, d.snapshots)
+    for where, per_point in parts:
+        room = available_bytes(where)
+        need = held * points * per_point
+        if room is None or need <= room[0]:
+            continue
+        fits = room[0] // (points * per_point)
+        fix = (f"lower data.chunk to at most {fits} (the snapshots written at once: fewer "
+               "only make more writes)" if fits >= 1 else
+               "lower data.resolution: one snapshot does not fit")
+        raise ConfigError(f"config: data.chunk = {d.chunk} holds {held} snapshot"
+                          f"{'s' if held > 1 else ''} of {d.resolution}x{d.resolution} until "
+                          f"their write: at least {format_bytes(need)}, and "
+                          f"{format_bytes(room[0])} is {room[1]}: {fix}")
 
 
 def _generate(d: DataConfig, path: Path, config_text: str, device, progress,
@@ -324,14 +357,16 @@ def _simulate(d: DataConfig, path: Path, config_text: str, device, progress,
     start = time.perf_counter()
     for lo in range(0, d.snapshots, d.chunk):
         hi = min(lo + d.chunk, d.snapshots)
-        frames = []
+        w = None  # the chunk's fields, each put in place as made (a list and a stack: twice)
         for i in range(lo, hi):
             w_hat = advance(sp, w_hat, d.interval, cfl=d.cfl, dt_max=d.dt_max)
-            frames.append(torch.fft.irfft2(w_hat, s=(d.resolution, d.resolution)))
+            frame = torch.fft.irfft2(w_hat, s=(d.resolution, d.resolution))
+            if w is None:
+                w = frame.new_empty((hi - lo, *frame.shape))
+            w[i - lo] = frame
             elapsed = time.perf_counter() - start
             say(f"snapshots {i + 1}/{d.snapshots}  elapsed {elapsed:.1f}s (after {spun:.1f}s of "
                 f"spin-up)  eta {elapsed / (i + 1) * (d.snapshots - i - 1):.1f}s")
-        w = torch.stack(frames)
         part = xr.Dataset({
             "vorticity": (("time", "y", "x"), w.cpu().numpy().astype("float32")),
             "vorticity_coarse": (("time", "y_coarse", "x_coarse"),

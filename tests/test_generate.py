@@ -443,3 +443,26 @@ def test_a_second_run_on_a_data_path_being_made_is_refused_naming_the_first(tmp_
         "data.path")
     assert not path.exists()
     assert _run(path, *SHORT) == 0  # the lock is free again
+
+
+def test_a_chunk_that_cannot_be_held_until_its_write_is_refused_before_the_spin_up(
+        tmp_path, capsys, monkeypatch):
+    """1000 snapshots of 1024 x 1024 a chunk ran out of memory after 90 s, leaving a dataset
+    of metadata behind: the chunk's fields are weighed against the memory first, naming the
+    most snapshots a chunk can hold; nothing is made, not even the lock beside data.path."""
+    import pipeline.memory as memory
+
+    points = 16 * 16 + 4 * 4  # SMALL's fine and coarse fields
+    room = 5 * points * 12 + 3  # five snapshots, float64 then float32
+    monkeypatch.setattr(memory, "available_bytes",
+                        lambda device, sharing=1: (room, "available on this node's host"))
+    path = tmp_path / "k.zarr"
+    assert _run(path, "data.chunk=8") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    # SMALL's 6 snapshots all in one chunk
+    assert line == ("piadm: error: config: data.chunk = 8 holds 6 snapshots of 16x16 until "
+                    f"their write: at least {6 * points * 12 / 2**20:.1f} MiB, and "
+                    f"{room / 2**20:.1f} MiB is available on this node's host: lower data.chunk "
+                    "to at most 5 (the snapshots written at once: fewer only make more writes)")
+    assert not list(tmp_path.iterdir())
+    assert _run(path, "data.chunk=5") == 0  # the chunk it names is made
