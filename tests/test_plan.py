@@ -1039,3 +1039,26 @@ def test_a_candidate_width_narrower_than_the_named_time_slices_is_left_out_not_r
     assert 5 in blocks and min(blocks) < 3  # the narrow candidate was profiled ...
     assert all(row["param"] >= row["time_slices"] for row in rows  # ... and fits its slices
                if row["method"] == "piadm-sde")
+
+
+def test_a_named_sampler_whose_one_member_cannot_fit_ends_the_plan_before_any_profile(
+        tmp_path, monkeypatch, capsys):
+    """At 2048 x 2048 the plan profiled the sequential sampler for 116 s, then refused the
+    named pc-window's calibration; with a fixed tol it profiled for 20 s, then ran out of
+    memory. The named sampler's own width is weighed first: one member's state must fit."""
+    from pipeline.config import load_config
+    from pipeline.memory import sampler_floor
+
+    monkeypatch.setenv("PIADM_CACHE", str(tmp_path / "cache"))
+    sets = _small(tmp_path, **{"sampler.method": "pc-window", "sampler.tol": 0.05})
+    s = load_config("jobs/configs/grf.toml", [f"{k}={json.dumps(v)}" for k, v in sets.items()]
+                    ).sampler
+    one = sampler_floor("pc-window", 60, 1, 8 * 8 * 4, theta=s.theta)  # 60 of 60 steps
+    monkeypatch.setattr("pipeline.memory_check.available_bytes",
+                        lambda device, sharing=1: (one - 1, "available on this node's host"))
+    args = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])
+    assert main(["plan", "jobs/configs/grf.toml", "--ranks", "1", *args]) == 2
+    err = capsys.readouterr().err
+    assert "profiled" not in err and "cached" not in err  # nothing was profiled first
+    assert err.strip().splitlines()[-1].startswith(
+        "piadm: error: config: 1 member a batch of pc-window (60 points of sampler.window"), err
