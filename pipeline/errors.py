@@ -229,6 +229,14 @@ LOWER_TO_FIT = {
     "generate-data": "lower data.resolution or data.chunk (the snapshots held before a write)",
     "train": "lower train.batch_size, train.channels or the fields' size (train.data), or "
              "add ranks (each takes a slice of the batch)",
+    "plan": "the plan runs each sampler of its families on one member at each width, and "
+            "calibrates it on calibrate.members: lower the field (model.shape), "
+            "calibrate.members, sampler.window or sampler.block_size",
+    "bench": "the bench runs bench.members at once (calibrate.members where sampler.tol = "
+             "'auto'): lower them, sampler.window or sampler.block_size, or the fields "
+             "(bench.sizes, model.shape)",
+    "calibrate": "calibrate runs calibrate.members at once: lower it, sampler.window or "
+                 "sampler.block_size, or the field (model.shape)",
     "evaluate": "evaluate holds the truth's fields it scores, and one item's members at a "
                 "time: score fewer truth times (--truth-range), or run it where more memory is "
                 "free",

@@ -1090,3 +1090,20 @@ def test_an_allocation_numpy_could_not_make_is_one_line_naming_what_to_lower(mon
                         "evaluate holds the truth's fields it scores, and one item's members at "
                         "a time: score fewer truth times (--truth-range), or run it where more "
                         "memory is free")
+
+
+@pytest.mark.parametrize("command, names", [
+    ("plan", "calibrate.members, sampler.window or sampler.block_size"),
+    ("bench", "the bench runs bench.members at once (calibrate.members where sampler.tol = "
+              "'auto')"),
+    ("calibrate", "calibrate runs calibrate.members at once: lower it"),
+    ("sample", "lower what runs at once (ensemble.batch_size"),
+])
+def test_out_of_memory_names_what_the_command_runs_at_once(command, names):
+    """plan and bench out of memory gave sample's list (ensemble.batch_size first, which
+    neither runs); each names its own now."""
+    from pipeline.errors import as_user_error
+
+    err = as_user_error(RuntimeError("DefaultCPUAllocator: can't allocate memory"), command)
+    assert str(err).startswith(f"{command}: out of memory (DefaultCPUAllocator: can't allocate "
+                               "memory): ") and names in str(err), str(err)
