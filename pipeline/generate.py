@@ -220,7 +220,8 @@ def generate(d: DataConfig, *, config_text: str = "", device="cpu", progress=pri
     if store is not None:  # before the lock, whose file would go inside it
         raise StoreExists(f"data.path {path} is inside the Zarr store {store}: choose a "
                           "data.path outside it")
-    check_chunk_memory(d, torch.device(device))  # before anything is made
+    if not already_made(d):  # before anything is made; a finished dataset needs no room
+        check_chunk_memory(d, torch.device(device))
     try:  # then: a live run's store is neither finished nor an interrupted one's
         lock = hold_lock(path)
     except Held as busy:

@@ -466,3 +466,8 @@ def test_a_chunk_that_cannot_be_held_until_its_write_is_refused_before_the_spin_
                     "to at most 5 (the snapshots written at once: fewer only make more writes)")
     assert not list(tmp_path.iterdir())
     assert _run(path, "data.chunk=5") == 0  # the chunk it names is made
+    monkeypatch.setattr(memory, "available_bytes",
+                        lambda device, sharing=1: (1, "available on this node's host"))
+    capsys.readouterr()
+    assert _run(path, "data.chunk=5") == 0  # made already: a rerun needs no room
+    assert "already holds this dataset" in capsys.readouterr().err
