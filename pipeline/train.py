@@ -299,11 +299,12 @@ def _prepare(t: TrainConfig, device, config_text: str, ranks: int,
     trn, held = open_dataset(t)
     shape = tuple(trn.fields.shape[1:])
     ucfg, den, ema, opt = _network(t, trn, shape, device)
-    check_train_memory(t.batch_size, partial(edm_loss, den), bool(t.condition), shape, device,
-                       ranks, *sharing)
     meta = _meta(t, ucfg, trn, shape, config_text)
-    return trn, held, den, ema, opt, meta, restore(t, meta, den, ema, opt, device,
-                                                   held.fields["time"].values)
+    restored = restore(t, meta, den, ema, opt, device, held.fields["time"].values)
+    if restored[0] < t.steps:  # a finished run's rerun has no step to fit
+        check_train_memory(t.batch_size, partial(edm_loss, den), bool(t.condition), shape,
+                           device, ranks, *sharing)
+    return trn, held, den, ema, opt, meta, restored
 
 
 def _train(t: TrainConfig, comm, device, trn, held, den, ema, opt, meta,

@@ -657,6 +657,25 @@ def test_a_batch_too_large_for_memory_is_refused_naming_one_that_leaves_room(
                             "train.val_every=1")) == 0  # and the batch it suggests trains
 
 
+def test_a_finished_runs_rerun_needs_no_room_for_a_step(tmp_path, dataset, plain, capsys,
+                                                       monkeypatch):
+    """A rerun of a training that holds its steps has nothing to train: it says so, wherever
+    it runs, rather than weigh a step it will not take."""
+    import shutil
+
+    from pipeline import train_memory
+
+    for name in (plain.name, plain.name + ".json"):
+        shutil.copy(plain.parent / name, tmp_path / name)
+    monkeypatch.setattr(train_memory, "available_bytes",
+                        lambda device, sharing=1: (1, "available on this node's host"))
+    capsys.readouterr()
+    assert main(_train_args(dataset, tmp_path / plain.name)) == 0
+    assert "nothing to train" in capsys.readouterr().err
+    assert main(_train_args(dataset, tmp_path / plain.name, "train.steps=7")) == 2  # one more
+    assert "train.batch_size = 6 on 1 rank needs at least" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("sets, said", [
     (["train.data={folder}"], "train.data {folder} is not a readable Zarr store "
                               "(GroupNotFoundError: "),
