@@ -16,6 +16,7 @@ import xarray as xr
 from pipeline.choices import FIELD_DIMS, GEOGRAPHIC
 from pipeline.done_record import done_members
 from pipeline.errors import EvaluationError, InputError, is_system_error
+from pipeline.host_memory import format_bytes, host_room
 from pipeline.inputs import (check_real, longitude, same_fingerprint, same_points, select_items,
                              selection_fingerprint)
 from pipeline.labels import label_text
@@ -123,8 +124,6 @@ def open_truth(path: str | Path, variable: str, ens: xr.Dataset,
 def _check_fits(truth: xr.DataArray, path, paired: bool) -> None:
     """Refuse a truth whose fields scored cannot be held at once (scoring reads them whole),
     before reading any: a truth of 400000 times of 64 x 64 ended in a MemoryError traceback."""
-    from pipeline.host_memory import format_bytes, host_room
-
     room = host_room()
     if room is None or truth.nbytes <= room[0]:
         return

@@ -28,8 +28,10 @@ import pipeline
 from pipeline.config import config_from_dict
 from pipeline.console import on_terminal
 from pipeline.errors import ConfigError, Interrupted, PiadmError, WriteFailed, naming
+from pipeline.host_memory import format_bytes
 from pipeline.kolmogorov import (Flow, Spectral, advance, coarse_grain, random_vorticity,
                                  resolved_wavenumber)
+from pipeline.memory import available_bytes
 from pipeline.processes import Held, hold_lock, left_by_dead, own_name
 from pipeline.settings import DataConfig
 from pipeline.signals import signal_of
@@ -244,9 +246,6 @@ def check_chunk_memory(d: DataConfig, device: torch.device) -> None:
     """Refuse a data.chunk whose snapshots, held until their write, cannot fit in memory (a
     floor: their fine and coarse fields, the solver's own arrays left out): 1000 snapshots of
     1024 x 1024 ran out of memory after 90 s, leaving a dataset of metadata behind."""
-    from pipeline.host_memory import format_bytes
-    from pipeline.memory import available_bytes
-
     points = d.resolution**2 + (d.resolution // d.coarse_factor) ** 2
     parts = ([(device, CHUNK_DEVICE_BYTES), (torch.device("cpu"), CHUNK_HOST_BYTES)]
              if device.type == "cuda" else

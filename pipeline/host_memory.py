@@ -9,7 +9,7 @@ from pathlib import Path
 _STATUS = Path("/proc/self/status")
 
 
-def _status_kib(field: str, path: Path = _STATUS) -> int | None:
+def status_kib(field: str, path: Path = _STATUS) -> int | None:
     """A ``field: N kB`` line of a /proc file (this process's status by default), in KiB."""
     try:
         for line in path.read_text().splitlines():
@@ -79,11 +79,11 @@ def host_room(sharing: int = 1) -> tuple[int, str] | None:
     the node sharing its memory evenly: the host's available memory within the cgroups'
     limits, and within the process's own address-space limit (``ulimit -v``, which each rank
     has whole); None when unknown."""
-    free = _status_kib("MemAvailable", Path("/proc/meminfo"))
+    free = status_kib("MemAvailable", Path("/proc/meminfo"))
     shared = [b for b in (None if free is None else 1024 * free, cgroup_room()) if b is not None]
     room = [max(0, min(shared)) // max(1, sharing)] if shared else []
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    size = _status_kib("VmSize")
+    size = status_kib("VmSize")
     if soft != resource.RLIM_INFINITY and size is not None:  # each process's own, not shared
         room.append(max(0, soft - 1024 * size))
     if not room:

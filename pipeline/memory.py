@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.host_memory import _status_kib, host_room
+from pipeline.host_memory import status_kib, host_room
 
 _CLEAR = Path("/proc/self/clear_refs")
 
@@ -73,7 +73,7 @@ def start_peak(device: torch.device) -> int:
         _CLEAR.write_text("5")
     except OSError:
         pass  # no reset: the peak below is then the process's lifetime peak
-    rss = _status_kib("VmRSS")
+    rss = status_kib("VmRSS")
     return 1024 * rss if rss is not None else 0
 
 
@@ -82,7 +82,7 @@ def peak_since(device: torch.device, baseline: int) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - baseline
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     if hwm is None:
         hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return max(0, 1024 * hwm - baseline)

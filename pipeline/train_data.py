@@ -366,8 +366,9 @@ def training_fields(t: TrainConfig) -> dict[str, str]:
 def open_dataset(t: TrainConfig) -> tuple[Dataset, Dataset]:
     """(training, validation): train.data split by time, the training split followed by every
     time of the train.extra stores; raises InputError for a bad dataset."""
-    names = list(training_fields(t))
-    ds = open_training_store(t.data, training_fields(t), "train.data")
+    fields = training_fields(t)
+    names = list(fields)
+    ds = open_training_store(t.data, fields, "train.data")
     _check_time_order(ds, t.data)
     n = ds.sizes["time"]
     cut = held_out_start(n, t.validation)

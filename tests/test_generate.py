@@ -450,11 +450,11 @@ def test_a_chunk_that_cannot_be_held_until_its_write_is_refused_before_the_spin_
     """1000 snapshots of 1024 x 1024 a chunk ran out of memory after 90 s, leaving a dataset
     of metadata behind: the chunk's fields are weighed against the memory first, naming the
     most snapshots a chunk can hold; nothing is made, not even the lock beside data.path."""
-    import pipeline.memory as memory
+    import pipeline.generate as generate
 
     points = 16 * 16 + 4 * 4  # SMALL's fine and coarse fields
     room = 5 * points * 12 + 3  # five snapshots, float64 then float32
-    monkeypatch.setattr(memory, "available_bytes",
+    monkeypatch.setattr(generate, "available_bytes",
                         lambda device, sharing=1: (room, "available on this node's host"))
     path = tmp_path / "k.zarr"
     assert _run(path, "data.chunk=8") == 2
@@ -466,7 +466,7 @@ def test_a_chunk_that_cannot_be_held_until_its_write_is_refused_before_the_spin_
                     "to at most 5 (the snapshots written at once: fewer only make more writes)")
     assert not list(tmp_path.iterdir())
     assert _run(path, "data.chunk=5") == 0  # the chunk it names is made
-    monkeypatch.setattr(memory, "available_bytes",
+    monkeypatch.setattr(generate, "available_bytes",
                         lambda device, sharing=1: (1, "available on this node's host"))
     capsys.readouterr()
     assert _run(path, "data.chunk=5") == 0  # made already: a rerun needs no room

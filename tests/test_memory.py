@@ -17,15 +17,16 @@ def test_peak_counts_a_temporary_allocation_above_the_baseline():
 
 
 def test_after_keep_freed_memory_a_freed_model_buffer_stays_for_the_next_call():
-    from pipeline.memory import _status_kib, keep_freed_memory
+    from pipeline.host_memory import status_kib
+    from pipeline.memory import keep_freed_memory
 
     if not keep_freed_memory():
         pytest.skip("not glibc: the allocator is left as it is")
     x = torch.ones(48 * 2**20 // 4)  # 48 MiB touched: above glibc's largest default threshold
-    held = _status_kib("VmRSS")
+    held = status_kib("VmRSS")
     del x
     # kept for reuse, not handed back to the kernel (to be faulted in again by the next call)
-    assert _status_kib("VmRSS") > held - 8 * 1024
+    assert status_kib("VmRSS") > held - 8 * 1024
 
 
 @pytest.mark.parametrize("method", [*REGISTRY, "pc-window+secant"])
@@ -355,8 +356,9 @@ def test_an_address_space_limit_is_each_ranks_own_not_shared():
     """``ulimit -v`` limits each process: it was divided among a node's ranks as if they
     shared it, halving what each of 2 ranks was told it had."""
     code = ("import resource, torch\n"
-            "from pipeline.memory import _status_kib, available_bytes\n"
-            "size = 1024 * _status_kib('VmSize')\n"
+            "from pipeline.host_memory import status_kib\n"
+            "from pipeline.memory import available_bytes\n"
+            "size = 1024 * status_kib('VmSize')\n"
             "resource.setrlimit(resource.RLIMIT_AS, (size + 2**29, resource.RLIM_INFINITY))\n"
             "one, two = (available_bytes(torch.device('cpu'), n)[0] for n in (1, 2))\n"
             "print(one, two)\n")

@@ -1056,7 +1056,7 @@ def test_a_truth_too_large_to_hold_is_refused_before_it_is_read(paired, tmp_path
     """Scoring reads the truth's fields whole: 400000 times of 64 x 64 ended in a MemoryError
     traceback. The fields scored are weighed against the host's memory first, and the line
     says how to score fewer."""
-    import pipeline.host_memory as host_memory
+    import pipeline.eval_inputs as eval_inputs
 
     tmp, ens = paired
     truth = tmp / "truth.zarr"
@@ -1064,7 +1064,7 @@ def test_a_truth_too_large_to_hold_is_refused_before_it_is_read(paired, tmp_path
         truth = tmp_path / "clim.zarr"
         xr.open_zarr(tmp / "truth.zarr").load().rename(time="sample").to_zarr(truth,
                                                                                zarr_format=3)
-    monkeypatch.setattr(host_memory, "host_room", lambda sharing=1: (1000, "available on this "
+    monkeypatch.setattr(eval_inputs, "host_room", lambda sharing=1: (1000, "available on this "
                                                                             "node's host"))
     capsys.readouterr()
     out = tmp_path / "ev"
